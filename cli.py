@@ -1,0 +1,236 @@
+"""The `nanoswarm` command: parses options and calls the rooms (shards, node, client, keys).
+
+Results go to stdout; logs and progress to stderr. A failure exits non-zero with one line.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads must sleep rather than spin: local nodes and the client share the cores.
+# Read once when torch loads, so it is set before any import of torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import click  # noqa: E402
+
+
+def _range(value: str | None, what: str) -> tuple[int, int] | None:
+    """'4:8' -> (4, 8): half-open, like a Python slice."""
+    if value is None:
+        return None
+    try:
+        a, b = (int(x) for x in value.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{what} must look like START:STOP, e.g. 4:8") from None
+    if not 0 <= a < b:
+        raise click.BadParameter(f"{what} {value} is empty or negative")
+    return a, b
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+class _CleanErrors(click.Group):
+    """Expected failures print one line, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - the top of the program
+            if os.environ.get("NANOSWARM_DEBUG"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_CleanErrors)
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """nanoswarm: run a GPT across peers that each hold a slice of it."""
+    _setup_logging(verbose)
+
+
+# ----- shards ------------------------------------------------------------------------------
+@main.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--layers-per-shard", type=int, default=1, show_default=True)
+@click.option("--head-groups", type=int, default=None, help="Also write head-sliced files, G groups.")
+@click.option("--heads", "heads_spec", default=None, help="Explicit head split, e.g. 0:6,6:12.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Storage dtype of the shard files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int | None,
+          heads_spec: str | None, dtype: str, as_json: bool) -> None:
+    """Cut a checkpoint (nanoGPT ckpt.pt or Hugging Face GPT-2 dir) into a model directory."""
+    import torch
+
+    from nanoswarm.shards.loaders import load_checkpoint
+    from nanoswarm.shards.manifest import parse_head_splits, write_model_dir
+
+    config, state = load_checkpoint(source)
+    splits = parse_head_splits(heads_spec, head_groups, config.n_head)
+    manifest = write_model_dir(config, state, out_dir, layers_per_shard, splits, getattr(torch, dtype))
+    if as_json:
+        click.echo(json.dumps({"model_id": manifest.model_id, **json.loads(manifest.to_json())}))
+    else:
+        click.echo(f"{out_dir}: model {manifest.model_id[:16]}, {len(manifest.files)} files")
+
+
+# ----- node --------------------------------------------------------------------------------
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--layers", default=None, help="Blocks to serve, half-open: 4:8 is blocks 4-7.")
+@click.option("--heads", default=None, help="Serve only these heads of each block: 0:6 is heads 0-5.")
+@click.option("--listen", default="tcp://127.0.0.1:*", show_default=True,
+              help="ZeroMQ endpoint; a port of * picks a free one.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+@click.option("--max-sessions", type=int, default=None)
+@click.option("--kv-budget-mb", type=int, default=None, help="Total KV-cache memory for sessions.")
+@click.option("--max-session-length", type=int, default=None)
+@click.option("--max-tokens-per-step", type=int, default=None)
+@click.option("--max-message-mb", type=int, default=None)
+@click.option("--max-inflight", type=int, default=None, help="Requests in flight per peer.")
+@click.option("--idle-timeout", type=float, default=None, help="Seconds before an idle session is reclaimed.")
+def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, device: str,
+         dtype: str, threads: int | None, max_sessions, kv_budget_mb, max_session_length,
+         max_tokens_per_step, max_message_mb, max_inflight, idle_timeout) -> None:
+    """Serve blocks of MODEL_DIR to the swarm until SIGTERM or Ctrl-C."""
+    import dataclasses
+
+    from nanoswarm.node.daemon import NodeOptions, run_node
+    from nanoswarm.node.sessions import NodeLimits
+
+    overrides = {k: v for k, v in {
+        "max_sessions": max_sessions,
+        "kv_budget_bytes": kv_budget_mb * 2**20 if kv_budget_mb else None,
+        "max_session_length": max_session_length, "max_tokens_per_step": max_tokens_per_step,
+        "max_message_bytes": max_message_mb * 2**20 if max_message_mb else None,
+        "max_inflight_per_peer": max_inflight, "idle_timeout": idle_timeout}.items() if v is not None}
+    limits = dataclasses.replace(NodeLimits(), **overrides)
+    logging.getLogger("nanoswarm").setLevel(min(logging.getLogger().level, logging.INFO))
+    run_node(NodeOptions(model_dir, _range(layers, "--layers"), _range(heads, "--heads"), listen,
+                         device, dtype, threads, limits))
+
+
+# ----- client ------------------------------------------------------------------------------
+def _peer_list(peers: str | None) -> list[str]:
+    return [p.strip() for p in (peers or "").split(",") if p.strip()]
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--peers", default=None, help="Comma-separated node addresses.")
+@click.option("--max-new-tokens", type=int, default=50, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per peer answer.")
+@click.option("--wire", type=click.Choice(["float32", "float16", "bfloat16", "q80"]), default="float32",
+              show_default=True, help="Format of hidden states on the wire (float32 is exact).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
+def generate(prompt: str, model_dir: Path, peers: str | None, max_new_tokens: int, temperature: float,
+             top_k: int | None, top_p: float | None, seed: int | None, timeout: float, wire: str,
+             as_json: bool) -> None:
+    """Generate text from PROMPT through the swarm, streaming it to stdout."""
+    from nanoswarm.client.api import SwarmModel
+    from nanoswarm.client.generate import SamplingParams
+    from nanoswarm.client.swarm import SwarmOptions
+
+    addresses = _peer_list(peers)
+    if not addresses:
+        raise click.UsageError("give --peers")
+    model = SwarmModel.connect(model_dir, peers=addresses, options=SwarmOptions(timeout=timeout, wire=wire))
+    try:
+        _run_generation(model, prompt, max_new_tokens,
+                        SamplingParams(temperature, top_k, top_p, seed), as_json)
+    finally:
+        model.close()
+
+
+def _run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: bool) -> dict:
+    from nanoswarm.client.api import GenerationResult
+    from nanoswarm.client.generate import GenerationStats
+
+    result = GenerationResult(prompt, [], [], "", [], GenerationStats())
+    notices = lambda line: click.echo(line, err=True)  # noqa: E731
+    stream = model.stream(prompt, max_new_tokens, sampling, result, on_failover=notices)
+    if as_json:
+        for _ in stream:
+            pass
+        click.echo(json.dumps(result.to_json()))
+    else:
+        first = True
+        for piece in stream:
+            if first:
+                click.echo(_route_line(result.route), err=True)
+                click.echo(prompt, nl=False)
+                first = False
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        s = result.stats
+        click.echo(f"[{s.new_tokens} tokens, first after {s.time_to_first_token * 1000:.0f} ms, "
+                   f"{s.tokens_per_second:.1f} tokens/s]", err=True)
+    return result.to_json()
+
+
+def _route_line(route: list[dict]) -> str:
+    parts = []
+    for stage in route:
+        a, b = stage["layers"]
+        heads = f" heads {stage['heads']}" if stage.get("heads") else ""
+        parts.append(f"{a}:{b} @ {','.join(stage['peers'])}{heads}")
+    return "route: " + " -> ".join(parts)
+
+
+# ----- the local harness -------------------------------------------------------------------
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--nodes", type=int, default=3, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per node.")
+def cluster(model_dir: Path, nodes: int, threads: int) -> None:
+    """Start NODES local node processes with an even split of the blocks; Ctrl-C stops them."""
+    from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
+    from nanoswarm.shards.manifest import read_manifest
+
+    n_layer = read_manifest(model_dir).config.n_layer
+    harness = LocalCluster(model_dir, [NodeSpec(r) for r in even_split(n_layer, nodes)], threads)
+    _stop_on_sigterm()
+    try:
+        harness.start()
+        for n in harness.nodes:
+            click.echo(f"{n.address} layers {n.spec.layers[0]}:{n.spec.layers[1]} pid {n.pid}")
+        click.echo("ready")
+        sys.stdout.flush()
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        harness.stop()
+
+
+def _stop_on_sigterm() -> None:
+    def raise_interrupt(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, raise_interrupt)
+
+
+if __name__ == "__main__":
+    main()

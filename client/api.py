@@ -1,0 +1,119 @@
+"""The client's Python API: connect to a swarm (or run locally) and generate text.
+
+    model = SwarmModel.connect("models/demo", peers=["tcp://127.0.0.1:5555", ...])
+    result = model.generate("ROMEO:", max_new_tokens=50, sampling=SamplingParams(temperature=0))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanoswarm.shards.manifest import Manifest, load_blocks, load_embeddings, load_head, read_manifest
+from nanoswarm.shards.tokenizer import EOT_TOKEN, get_encoding
+
+from .generate import ClientModel, GenerationStats, SamplingParams, TextStream, generate_ids
+from .session import InferenceSession
+from .stages import LocalStage
+from .swarm import Swarm, SwarmOptions
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    prompt_ids: list[int]
+    ids: list[int]
+    text: str
+    route: list[dict]
+    stats: GenerationStats
+    failovers: int = 0
+    logits: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "prompt_ids": self.prompt_ids, "ids": self.ids,
+                "text": self.text, "route": self.route, "failovers": self.failovers,
+                "time_to_first_token": self.stats.time_to_first_token,
+                "tokens_per_second": self.stats.tokens_per_second}
+
+
+class SwarmModel:
+    """A model whose blocks run on peers (or, with `local`, in this process)."""
+
+    def __init__(self, model_dir: str | Path, manifest: Manifest, swarm: Swarm | None,
+                 local_stage: LocalStage | None = None):
+        self.model_dir = Path(model_dir)
+        self.manifest = manifest
+        self.config = manifest.config
+        self.swarm = swarm
+        self._local = local_stage
+        self.client = ClientModel(load_embeddings(model_dir, manifest), load_head(model_dir, manifest))
+        self.encoding = get_encoding()
+
+    @classmethod
+    def connect(cls, model_dir: str | Path, peers: list[str] | None = None,
+                bootstrap: list[str] | None = None, options: SwarmOptions | None = None) -> SwarmModel:
+        manifest = read_manifest(model_dir)
+        swarm = Swarm(manifest.model_id, manifest.config.n_layer, manifest.config.n_head,
+                      options or SwarmOptions())
+        if bootstrap:
+            from .discovery import add_from_bootstrap
+            add_from_bootstrap(swarm, bootstrap)
+        if peers:
+            swarm.add_addresses(peers)
+        return cls(model_dir, manifest, swarm)
+
+    @classmethod
+    def local(cls, model_dir: str | Path) -> SwarmModel:
+        """Everything in this process: the reference the swarm must match."""
+        manifest = read_manifest(model_dir)
+        blocks = load_blocks(model_dir, 0, manifest.config.n_layer, manifest=manifest)
+        return cls(model_dir, manifest, None, LocalStage(blocks))
+
+    def session(self, max_length: int, on_failover: Callable[[str], None] | None = None) -> InferenceSession:
+        if self._local is not None:
+            self._local.open(max_length)
+            return InferenceSession([self._local], max_length)
+        return InferenceSession.open(self.swarm, max_length, on_failover=on_failover)
+
+    def stream(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
+               result: GenerationResult | None = None, keep_logits: bool = False,
+               on_failover: Callable[[str], None] | None = None) -> Iterator[str]:
+        """Yields text pieces as tokens arrive; fills `result` if given."""
+        ids = self.encoding.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
+        max_new_tokens = max(1, min(max_new_tokens, self.config.block_size - len(ids)))
+        if len(ids) >= self.config.block_size:
+            raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {self.config.block_size}")
+        result = result if result is not None else GenerationResult(prompt, ids, [], "", [], GenerationStats())
+        result.prompt, result.prompt_ids = prompt, ids
+        session = self.session(len(ids) + max_new_tokens, on_failover)
+        text = TextStream(self.encoding)
+        try:
+            result.route = session.describe()
+            for token in generate_ids(self.client, session, ids, max_new_tokens,
+                                      sampling or SamplingParams(), EOT_TOKEN, result.stats,
+                                      result.logits if keep_logits else None):
+                result.ids.append(token)
+                piece = text.push(token)
+                result.text += piece
+                if piece:
+                    yield piece
+            tail = text.flush()
+            result.text += tail
+            if tail:
+                yield tail
+        finally:
+            result.route = session.describe()
+            result.failovers = session.failovers
+            session.close()
+
+    def generate(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
+                 keep_logits: bool = False) -> GenerationResult:
+        result = GenerationResult(prompt, [], [], "", [], GenerationStats())
+        for _ in self.stream(prompt, max_new_tokens, sampling, result, keep_logits):
+            pass
+        return result
+
+    def close(self) -> None:
+        if self.swarm is not None:
+            self.swarm.close()

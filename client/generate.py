@@ -1,0 +1,134 @@
+"""Generation on the client: embeddings in, hidden states through the session, head and
+sampling here. Peers only ever see hidden states; all sampling state stays with the client."""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoswarm.shards.model import Embeddings, Head
+
+from .session import InferenceSession
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0   # 0 means greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """Next token id from the last position's logits ([vocab])."""
+        p = self.params
+        logits = logits.float()
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        # top-k first: the softmax then runs over k values instead of the whole vocabulary
+        if p.top_k is not None and p.top_k < logits.numel():
+            values, ids = torch.topk(logits, p.top_k)
+        else:
+            values, ids = torch.sort(logits, descending=True)
+        probs = torch.softmax(values / p.temperature, dim=-1)
+        if p.top_p is not None and p.top_p < 1:
+            if p.top_k is not None:  # topk output is sorted already, but be explicit
+                probs, order = torch.sort(probs, descending=True)
+                ids = ids[order]
+            keep = torch.cumsum(probs, dim=-1) - probs < p.top_p  # always keeps the first
+            probs = probs * keep
+        choice = torch.multinomial(probs, 1, generator=self.generator)
+        return int(ids[choice])
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    time_to_first_token: float = 0.0
+    total_seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        decode = self.total_seconds - self.time_to_first_token
+        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
+
+
+class ClientModel:
+    """The pieces a client runs itself: embeddings, final norm and head."""
+
+    def __init__(self, embeddings: Embeddings, head: Head):
+        self.embeddings, self.head = embeddings, head
+
+    def embed(self, ids: list[int], start: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.embeddings(torch.tensor([ids], dtype=torch.long), start)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.head(hidden[:, -1:, :])[0, -1]
+
+
+def generate_ids(model: ClientModel, session: InferenceSession, prompt: list[int],
+                 max_new_tokens: int, sampling: SamplingParams, stop_token: int | None = None,
+                 stats: GenerationStats | None = None, logits_out: list | None = None) -> Iterator[int]:
+    """Yields new token ids one by one (prefill, then one decode step per token)."""
+    if not prompt:
+        raise ValueError("the prompt must hold at least one token")
+    sampler = Sampler(sampling)
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt)
+    t0 = time.perf_counter()
+    hidden = session.step(model.embed(prompt, 0))
+    for i in range(max_new_tokens):
+        logits = model.logits(hidden)
+        if logits_out is not None:
+            logits_out.append(logits)
+        token = sampler(logits)
+        now = time.perf_counter()
+        if i == 0:
+            stats.time_to_first_token = now - t0
+        stats.new_tokens += 1
+        stats.total_seconds = now - t0
+        yield token
+        if token == stop_token or i + 1 == max_new_tokens:
+            break
+        t1 = time.perf_counter()
+        hidden = session.step(model.embed([token], session.pos))
+        stats.step_seconds.append(time.perf_counter() - t1)
+
+
+class TextStream:
+    """Token ids to text as they come: holds back bytes of a half-finished UTF-8 character."""
+
+    def __init__(self, encoding):
+        self.encoding = encoding
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self.decoder.decode(self.encoding.decode_single_token_bytes(token))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)

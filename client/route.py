@@ -1,0 +1,121 @@
+"""Route building: choose stages that cover blocks [start, stop) in order.
+
+Cost of a route, compared in this order: round trips per token (a layer stage is one; a head
+group is two per block, its members answering in parallel), then the summed measured round
+trip time, then the lowest load. Shortest path over block boundaries; the swarm is small
+enough (blocks x peers) that a plain dynamic program is instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PeerInfo:
+    """What the client knows of one peer: from its `info` reply or its signed record."""
+
+    address: str
+    peer_id: str
+    model_id: str
+    layers: tuple[int, int]
+    heads: tuple[int, int] | None = None
+    throughput: float = 0.0
+    load: float = 0.0
+    rtt: float = 0.0                 # seconds, measured by the client; 0 when unknown
+    curve_key: bytes | None = None   # CURVE public key from the signed record
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class StagePlan:
+    start: int
+    stop: int
+    peers: list[PeerInfo]            # one for a layer stage, several for a head group
+    heads: list[tuple[int, int]] | None = None
+
+    @property
+    def is_head_group(self) -> bool:
+        return self.heads is not None
+
+    def round_trips(self) -> int:
+        return 2 * (self.stop - self.start) if self.is_head_group else 1
+
+    def rtt(self) -> float:
+        return max(p.rtt for p in self.peers) * (self.round_trips() if self.is_head_group else 1)
+
+
+class RouteError(Exception):
+    """No set of peers covers the asked blocks; names the uncovered layers."""
+
+    def __init__(self, uncovered: list[int], detail: str = ""):
+        self.uncovered = uncovered
+        super().__init__(f"no peer serves layers {format_layers(uncovered)}{detail}")
+
+
+def format_layers(layers: list[int]) -> str:
+    """[3, 4, 5, 9] -> '3:6, 9:10' (half-open, like the CLI)."""
+    spans, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            spans.append(f"{start}:{layer + 1}")
+            start = None
+    return ", ".join(spans)
+
+
+def _head_partition(peers: list[PeerInfo], n_head: int) -> tuple[list[PeerInfo], list[tuple[int, int]]] | None:
+    """Fewest peers whose head ranges exactly tile 0..n_head, lowest rtt among equals."""
+    best: dict[int, tuple[tuple[int, float], list[PeerInfo]]] = {0: ((0, 0.0), [])}
+    for h in range(n_head):
+        if h not in best:
+            continue
+        (count, rtt), chosen = best[h]
+        for p in peers:
+            if p.heads and p.heads[0] == h:
+                end = p.heads[1]
+                cand = ((count + 1, max(rtt, p.rtt)), chosen + [p])
+                if end not in best or cand[0] < best[end][0]:
+                    best[end] = cand
+    if n_head not in best:
+        return None
+    chosen = best[n_head][1]
+    return chosen, [p.heads for p in chosen]  # type: ignore[misc]
+
+
+def candidate_stages(peers: list[PeerInfo], pos: int, stop: int, n_head: int) -> list[StagePlan]:
+    """Every stage that can start at block `pos`, running as far as its peers go (<= stop)."""
+    out = []
+    for p in peers:
+        if p.heads is None and p.layers[0] <= pos < p.layers[1]:
+            out.append(StagePlan(pos, min(p.layers[1], stop), [p]))
+    groups: dict[tuple[int, int], list[PeerInfo]] = {}
+    for p in peers:
+        if p.heads is not None and p.layers[0] <= pos < p.layers[1]:
+            groups.setdefault(p.layers, []).append(p)
+    for layers, members in groups.items():
+        found = _head_partition(members, n_head)
+        if found:
+            out.append(StagePlan(pos, min(layers[1], stop), found[0], found[1]))
+    return out
+
+
+def build_route(peers: list[PeerInfo], n_layer: int, n_head: int,
+                start: int = 0, stop: int | None = None) -> list[StagePlan]:
+    """The cheapest list of stages covering [start, stop); RouteError names any gap."""
+    stop = n_layer if stop is None else stop
+    best: dict[int, tuple[tuple, list[StagePlan]]] = {start: ((0, 0.0, 0.0), [])}
+    for pos in range(start, stop):
+        if pos not in best:
+            continue
+        cost, stages = best[pos]
+        for plan in candidate_stages(peers, pos, stop, n_head):
+            load = max(p.load for p in plan.peers)
+            new = (cost[0] + plan.round_trips(), cost[1] + plan.rtt(), cost[2] + load)
+            if plan.stop not in best or new < best[plan.stop][0]:
+                best[plan.stop] = (new, stages + [plan])
+    if stop in best:
+        return best[stop][1]
+    # Every servable block starts some stage, so blocks are reachable exactly when covered.
+    raise RouteError([i for i in range(start, stop) if not candidate_stages(peers, i, stop, n_head)])

@@ -1,0 +1,146 @@
+"""An inference session: hidden states through a route's stages, with failover.
+
+For every stage the session keeps the hidden states it sent (one row per position so far). When a
+stage fails (error reply, disconnect, timeout) or announces that it is leaving, the session bans
+its peer, plans a replacement for exactly that stage's blocks (one peer or several), replays the
+history into them to rebuild their KV caches, and carries on with the same step. Positions and
+sampling state live outside the stages, so the tokens are those of a run without the failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .route import RouteError
+from .stages import Stage
+from .swarm import Swarm
+from .transport import PeerError
+
+log = logging.getLogger(__name__)
+
+REPLAY_CHUNK = 512  # positions per replay step (well under a node's max tokens per step)
+
+
+class SessionError(Exception):
+    pass
+
+
+class InferenceSession:
+    def __init__(self, stages: list[Stage], max_length: int, swarm: Swarm | None = None,
+                 max_failovers: int = 8, on_failover=None):
+        self.stages = stages
+        self.max_length = max_length
+        self.swarm = swarm
+        self.max_failovers = max_failovers
+        self.on_failover = on_failover  # callable(str) for the user's one-line notice
+        self.history: list[list[torch.Tensor]] = [[] for _ in stages]
+        self.pos = 0
+        self.failovers = 0
+
+    @classmethod
+    def open(cls, swarm: Swarm, max_length: int, **kwargs) -> InferenceSession:
+        session = cls([], max_length, swarm, **kwargs)
+        for plan in swarm.plan():
+            session._append_opened(plan)
+        return session
+
+    def _append_opened(self, plan) -> None:
+        while True:
+            stage = self.swarm.make_stage(plan)
+            try:
+                stage.open(self.max_length)
+                break
+            except PeerError as e:
+                self._strike(e)
+                plan = self.swarm.plan(plan.start, plan.stop)[0]
+        self.stages.append(stage)
+        self.history.append([])
+
+    def _strike(self, e: PeerError) -> None:
+        self.failovers += 1
+        if self.failovers > self.max_failovers:
+            raise SessionError(f"gave up after {self.max_failovers} failovers; last: {e}") from e
+        self.swarm.ban(e.address, f"{e.code}: {e.message}")
+
+    def describe(self) -> list[dict]:
+        return [s.describe() for s in self.stages]
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Positions pos..pos+T-1 through every stage; returns the last stage's output."""
+        T = hidden.shape[1]
+        if self.pos + T > self.max_length:
+            raise SessionError(f"session is full: {self.pos + T} positions > max_length {self.max_length}")
+        i = 0
+        while i < len(self.stages):
+            stage = self.stages[i]
+            if self.swarm is not None and stage.leaving:
+                self._replace(i, PeerError(stage.peers[0], "leaving", "peer announced it is leaving"))
+                continue
+            try:
+                out = stage.step(hidden, self.pos)
+            except PeerError as e:
+                if self.swarm is None:
+                    raise
+                self._replace(i, e)
+                continue
+            self.history[i].append(hidden)
+            hidden = out
+            i += 1
+        self.pos += T
+        return hidden
+
+    def _replace(self, i: int, error: PeerError) -> None:
+        """Swap stage i for fresh stages over the same blocks, rebuilt from its history."""
+        old = self.stages[i]
+        self._strike(error)
+        old.close()
+        t0 = time.perf_counter()
+        while True:
+            try:
+                plans = self.swarm.plan(old.start, old.stop)
+            except RouteError as e:
+                raise SessionError(f"{e} (after {error.address} failed: {error.code})") from e
+            try:
+                new_stages, new_history = self._rebuild(plans, self.history[i])
+                break
+            except PeerError as e:  # the replacement failed too: ban it and plan again
+                self._strike(e)
+        self.stages[i:i + 1] = new_stages
+        self.history[i:i + 1] = new_history
+        ms = (time.perf_counter() - t0) * 1000
+        notice = (f"failover: {error.address} (layers {old.start}:{old.stop}) {error.code}; "
+                  f"replayed {self.pos} positions to {', '.join(p for s in new_stages for p in s.peers)} "
+                  f"in {ms:.0f} ms")
+        log.warning(notice)
+        if self.on_failover:
+            self.on_failover(notice)
+
+    def _rebuild(self, plans, history: list[torch.Tensor]) -> tuple[list[Stage], list[list]]:
+        hidden = torch.cat(history, dim=1) if history else None
+        stages, histories = [], []
+        try:
+            for plan in plans:
+                stage = self.swarm.make_stage(plan)
+                stages.append(stage)
+                stage.open(self.max_length)
+                histories.append([hidden] if hidden is not None else [])
+                if hidden is not None:
+                    hidden = self._replay(stage, hidden)
+        except PeerError:
+            for stage in stages:
+                stage.close()
+            raise
+        return stages, histories
+
+    @staticmethod
+    def _replay(stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
+        outs = [stage.step(hidden[:, a:a + REPLAY_CHUNK], a)
+                for a in range(0, hidden.shape[1], REPLAY_CHUNK)]
+        return torch.cat(outs, dim=1)
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.close()

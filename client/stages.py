@@ -1,0 +1,168 @@
+"""Stages: the steps of a route. Every stage runs blocks [start, stop) on the hidden states of
+new positions and keeps its own KV cache (remote or local); all expose the same interface."""
+
+from __future__ import annotations
+
+import torch
+
+from nanoswarm.shards.model import Blocks
+
+from .transport import PeerConnection, PeerError
+
+
+class Stage:
+    start: int
+    stop: int
+    max_length: int = 0
+
+    def open(self, max_length: int) -> None:
+        raise NotImplementedError
+
+    def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        """Run this stage's blocks on `hidden` ([1, T, C], positions pos..pos+T-1)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def peers(self) -> list[str]:
+        return []
+
+    @property
+    def leaving(self) -> bool:
+        return False
+
+    def describe(self) -> dict:
+        return {"layers": [self.start, self.stop], "peers": self.peers}
+
+
+class LocalStage(Stage):
+    """Blocks run in this process: the single-process reference and a fallback."""
+
+    def __init__(self, blocks: Blocks, start: int | None = None, stop: int | None = None):
+        self.blocks = blocks
+        self.start = blocks.start if start is None else start
+        self.stop = blocks.stop if stop is None else stop
+        self.cache = None
+
+    def open(self, max_length: int) -> None:
+        self.max_length = max_length
+        self.cache = self.blocks.new_cache(max_length, self.stop - self.start)
+
+    def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.blocks(hidden, [self.cache], self.start, self.stop)
+
+    def describe(self) -> dict:
+        return {"layers": [self.start, self.stop], "peers": ["local"]}
+
+
+def _check_reply(conn: PeerConnection, msg, like: torch.Tensor) -> torch.Tensor:
+    """A peer's tensor must have the shape we sent, and be finite: peers are untrusted."""
+    if len(msg.tensors) != 1 or msg.tensors[0].shape != like.shape:
+        got = [list(t.shape) for t in msg.tensors]
+        raise PeerError(conn.address, "bad_reply", f"expected one tensor {list(like.shape)}, got {got}")
+    y = msg.tensors[0]
+    if not bool(torch.isfinite(y).all()):
+        raise PeerError(conn.address, "bad_reply", "reply holds NaN or Inf")
+    return y.to(like.device, like.dtype)
+
+
+class RemoteLayerStage(Stage):
+    """One peer running whole blocks [start, stop) in a session on its side."""
+
+    def __init__(self, conn: PeerConnection, start: int, stop: int, model_id: str,
+                 wire: str = "float32", timeout: float | None = None):
+        self.conn, self.start, self.stop = conn, start, stop
+        self.model_id, self.wire, self.timeout = model_id, wire, timeout
+        self.session: str | None = None
+
+    def open(self, max_length: int) -> None:
+        self.max_length = max_length
+        reply = self.conn.request("open", {"model_id": self.model_id, "max_length": max_length,
+                                           "layers": [self.start, self.stop]}, timeout=self.timeout)
+        self.session = reply.fields["session"]
+
+    def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        reply = self.conn.request("step", {"session": self.session, "pos": pos, "wire": self.wire},
+                                  [hidden], self.wire, timeout=self.timeout)
+        return _check_reply(self.conn, reply, hidden)
+
+    def close(self) -> None:
+        if self.session is not None:
+            try:
+                self.conn.send("close", {"session": self.session})
+            except Exception:  # closing is best effort: the node reclaims idle sessions anyway
+                pass
+            self.session = None
+
+    @property
+    def peers(self) -> list[str]:
+        return [self.conn.address]
+
+    @property
+    def leaving(self) -> bool:
+        self.conn.poll_notices()
+        return self.conn.leaving
+
+
+class HeadGroupStage(Stage):
+    """Peers whose head ranges partition all heads of blocks [start, stop).
+
+    Per block the hidden states fan out to every member twice: after attention and after the
+    MLP the members' partial sums are added to the residual here. The member holding head 0
+    carries the output biases, so the plain sum is the block's exact output.
+    """
+
+    def __init__(self, members: list[tuple[PeerConnection, tuple[int, int]]], start: int, stop: int,
+                 model_id: str, wire: str = "float32", timeout: float | None = None):
+        self.members = sorted(members, key=lambda m: m[1][0])  # fixed order: same sums every time
+        self.start, self.stop, self.model_id = start, stop, model_id
+        self.wire, self.timeout = wire, timeout
+        self.sessions: list[str] = []
+
+    def open(self, max_length: int) -> None:
+        self.max_length = max_length
+        self.sessions = []
+        for conn, _ in self.members:
+            reply = conn.request("open", {"model_id": self.model_id, "max_length": max_length,
+                                          "layers": [self.start, self.stop]}, timeout=self.timeout)
+            self.sessions.append(reply.fields["session"])
+
+    def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:
+        ids = [conn.send("step", {"session": sid, "pos": pos, "phase": phase, "block": block,
+                                  "wire": self.wire}, [hidden], self.wire)
+               for (conn, _), sid in zip(self.members, self.sessions)]
+        total = hidden
+        for (conn, _), req_id in zip(self.members, ids):
+            total = total + _check_reply(conn, conn.recv(req_id, self.timeout), hidden)
+        return total
+
+    def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        for block in range(self.start, self.stop):
+            hidden = self._fan_out(hidden, pos, "attn", block)
+            hidden = self._fan_out(hidden, pos, "mlp", block)
+        return hidden
+
+    def close(self) -> None:
+        for (conn, _), sid in zip(self.members, self.sessions):
+            try:
+                conn.send("close", {"session": sid})
+            except Exception:
+                pass
+        self.sessions = []
+
+    @property
+    def peers(self) -> list[str]:
+        return [conn.address for conn, _ in self.members]
+
+    @property
+    def leaving(self) -> bool:
+        for conn, _ in self.members:
+            conn.poll_notices()
+        return any(conn.leaving for conn, _ in self.members)
+
+    def describe(self) -> dict:
+        return {"layers": [self.start, self.stop],
+                "peers": self.peers, "heads": [list(h) for _, h in self.members]}

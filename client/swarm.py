@@ -1,0 +1,109 @@
+"""The client's view of the swarm: which peers serve what, connections to them, and who is
+banned for misbehaving. Peers come from `--peers` addresses (asked for `info`) or from the
+signed records of a bootstrap peer's table."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .route import PeerInfo, StagePlan, build_route
+from .stages import HeadGroupStage, RemoteLayerStage, Stage
+from .transport import PeerConnection, PeerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ban:
+    until: float
+    strikes: int
+
+
+@dataclass
+class SwarmOptions:
+    timeout: float = 30.0        # seconds a peer may take to answer one step
+    wire: str = "float32"        # format of hidden states on the wire
+    ban_seconds: float = 30.0    # first ban; doubles with every further strike
+    client_keys: tuple[bytes, bytes] | None = None
+    insecure: bool = False       # connect without CURVE even when a peer has a key
+
+
+@dataclass
+class Swarm:
+    model_id: str
+    n_layer: int
+    n_head: int
+    options: SwarmOptions = field(default_factory=SwarmOptions)
+    peers: dict[str, PeerInfo] = field(default_factory=dict)     # by address
+    bans: dict[str, Ban] = field(default_factory=dict)
+    _conns: dict[str, PeerConnection] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)       # address -> why it was not used
+
+    # ----- discovery ----------------------------------------------------------------------
+    def add_addresses(self, addresses: list[str], timeout: float = 5.0) -> None:
+        """Ask each address for `info`; keep those serving our model."""
+        for address in addresses:
+            try:
+                conn = self.connection(address)
+                t0 = time.perf_counter()
+                reply = conn.request("info", timeout=timeout)
+                rtt = time.perf_counter() - t0
+            except PeerError as e:
+                self.rejected[address] = f"{e.code}: {e.message}"
+                log.warning("peer %s: %s", address, e)
+                continue
+            self.add_info(address, reply.fields, rtt)
+
+    def add_info(self, address: str, info: dict, rtt: float = 0.0, curve_key: bytes | None = None) -> None:
+        if info.get("model_id") != self.model_id:
+            self.rejected[address] = f"serves model {str(info.get('model_id'))[:12]}, not ours"
+            return
+        heads = info.get("heads")
+        self.peers[address] = PeerInfo(
+            address=address, peer_id=str(info.get("peer_id")), model_id=self.model_id,
+            layers=tuple(info["layers"]), heads=tuple(heads) if heads else None,
+            throughput=float(info.get("throughput") or 0.0), load=float(info.get("load") or 0.0),
+            rtt=rtt, curve_key=curve_key, extra=info)
+
+    def available(self) -> list[PeerInfo]:
+        now = time.monotonic()
+        return [p for a, p in self.peers.items() if a not in self.bans or self.bans[a].until <= now]
+
+    # ----- failure bookkeeping ------------------------------------------------------------
+    def ban(self, address: str, why: str) -> None:
+        strikes = self.bans[address].strikes + 1 if address in self.bans else 1
+        seconds = self.options.ban_seconds * 2 ** (strikes - 1)
+        self.bans[address] = Ban(time.monotonic() + seconds, strikes)
+        log.info("banned %s for %.0fs: %s", address, seconds, why)
+        conn = self._conns.pop(address, None)
+        if conn is not None:  # a fresh socket later: no stale replies, no queued requests
+            conn.close()
+
+    # ----- connections and stages ---------------------------------------------------------
+    def connection(self, address: str) -> PeerConnection:
+        conn = self._conns.get(address)
+        if conn is None:
+            info = self.peers.get(address)
+            key = None if self.options.insecure or info is None else info.curve_key
+            conn = PeerConnection(address, self.options.timeout, server_key=key,
+                                  client_keys=self.options.client_keys)
+            self._conns[address] = conn
+        return conn
+
+    def plan(self, start: int = 0, stop: int | None = None) -> list[StagePlan]:
+        return build_route(self.available(), self.n_layer, self.n_head, start, stop)
+
+    def make_stage(self, plan: StagePlan) -> Stage:
+        if plan.is_head_group:
+            members = [(self.connection(p.address), h) for p, h in zip(plan.peers, plan.heads)]
+            return HeadGroupStage(members, plan.start, plan.stop, self.model_id,
+                                  self.options.wire, self.options.timeout)
+        return RemoteLayerStage(self.connection(plan.peers[0].address), plan.start, plan.stop,
+                                self.model_id, self.options.wire, self.options.timeout)
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()

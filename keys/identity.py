@@ -1,0 +1,294 @@
+"""Node identities: an Ed25519 signing key plus a ZeroMQ CURVE key pair, kept in one key file.
+
+The Ed25519 key is the node's long-term name (its peer id is derived from it and it signs the
+node's announcements); the CURVE pair encrypts and authenticates ZeroMQ connections.  Keeping both
+in one file means one thing to back up and one thing to protect.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from zmq.utils import z85
+
+log = logging.getLogger(__name__)
+
+KEY_FILE_VERSION = 1
+PEER_ID_PREFIX = "ns-"
+SIGN_PUBLIC_LEN = 32
+Z85_KEY_LEN = 40
+# A key file is a few hundred bytes; reading more than this means it is not ours.
+_MAX_KEY_FILE_BYTES = 64 * 1024
+_Z85_ALPHABET = frozenset(z85.Z85CHARS.decode("ascii"))
+
+
+class KeyFileError(Exception):
+    """A key file (or allowed-keys file) is missing, unsafe or corrupt; the message is one line."""
+
+
+def peer_id_for(sign_public: bytes) -> str:
+    """Derive the peer id from a raw 32-byte Ed25519 public key.
+
+    80 bits of sha256 is plenty to tell peers apart and short enough to read in logs; verifiers
+    recompute it so a record cannot claim someone else's id.
+    """
+    if not isinstance(sign_public, bytes) or len(sign_public) != SIGN_PUBLIC_LEN:
+        raise ValueError("an Ed25519 public key is 32 raw bytes")
+    digest = hashlib.sha256(sign_public).digest()[:10]
+    # 10 bytes is a multiple of 5, so base32 has no padding to strip.
+    return PEER_ID_PREFIX + base64.b32encode(digest).decode("ascii").lower()
+
+
+def is_z85_key(value: object) -> bool:
+    """True for a 40-character z85 CURVE key (bytes) that actually decodes to 32 bytes."""
+    if not isinstance(value, bytes) or len(value) != Z85_KEY_LEN:
+        return False
+    if not set(value.decode("latin-1")) <= _Z85_ALPHABET:
+        return False
+    try:
+        # Some in-alphabet strings overflow a 32-bit group; decoding is the only full check.
+        return len(z85.decode(value)) == 32
+    except Exception:  # z85.decode raises struct.error or KeyError on junk
+        return False
+
+
+def _raw_public(private: Ed25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _raw_private(private: Ed25519PrivateKey) -> bytes:
+    return private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A node's keys.  Secrets are left out of repr so an identity can be logged safely."""
+
+    signing_key: Ed25519PrivateKey = field(repr=False)
+    curve_secret: bytes = field(repr=False)
+    curve_public: bytes
+
+    def __post_init__(self) -> None:
+        # A mismatched CURVE pair would only fail later at handshake time, far from the cause.
+        if not is_z85_key(self.curve_secret) or not is_z85_key(self.curve_public):
+            raise ValueError("CURVE keys must be 40-character z85 bytes")
+        if zmq.curve_public(self.curve_secret) != self.curve_public:
+            raise ValueError("CURVE public key does not match the secret key")
+
+    @property
+    def sign_public(self) -> bytes:
+        """Raw 32-byte Ed25519 public key."""
+        return _raw_public(self.signing_key)
+
+    @property
+    def peer_id(self) -> str:
+        return peer_id_for(self.sign_public)
+
+    def sign(self, data: bytes) -> bytes:
+        """Ed25519 signature (64 bytes) over data."""
+        return self.signing_key.sign(data)
+
+    def __str__(self) -> str:
+        return self.peer_id
+
+
+def generate_identity() -> Identity:
+    public, secret = zmq.curve_keypair()
+    return Identity(Ed25519PrivateKey.generate(), secret, public)
+
+
+def describe_identity(identity: Identity) -> dict[str, str]:
+    """The public parts only, for `nanoswarm keys show` and for handing to other operators."""
+    return {
+        "peer_id": identity.peer_id,
+        "ed25519_public": identity.sign_public.hex(),
+        "curve_public": identity.curve_public.decode("ascii"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Key file
+
+
+def _encode_key_file(identity: Identity) -> bytes:
+    doc = {
+        "version": KEY_FILE_VERSION,
+        "peer_id": identity.peer_id,  # informational only; recomputed on load
+        "ed25519_private": base64.b64encode(_raw_private(identity.signing_key)).decode("ascii"),
+        "curve_secret": identity.curve_secret.decode("ascii"),
+        "curve_public": identity.curve_public.decode("ascii"),
+    }
+    return (json.dumps(doc, indent=2) + "\n").encode("ascii")
+
+
+def _write_new(path: Path, data: bytes, flags: int) -> None:
+    # Mode 0600 is given to open() so the secret is never readable by others, not even briefly.
+    fd = os.open(path, flags | os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def save_identity(identity: Identity, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Write identity to path with mode 0600.  Refuses to replace an existing file unless overwrite."""
+    path = Path(path)
+    data = _encode_key_file(identity)
+    if not overwrite:
+        try:
+            _write_new(path, data, os.O_EXCL)
+        except FileExistsError:
+            raise KeyFileError(f"key file {path} already exists; refusing to overwrite it") from None
+        return path
+    # Write a fresh 0600 file and rename it over the old one: atomic, and the old file's
+    # (possibly too open) mode is not inherited.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # left over from a crash of this same pid number
+    _write_new(tmp, data, os.O_EXCL)
+    os.replace(tmp, path)
+    return path
+
+
+def _read_private_file(path: Path) -> bytes:
+    """Read a key file, refusing one that others could read or write (checked on the open fd)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {path} does not exist") from None
+    except OSError as e:
+        raise KeyFileError(f"cannot open key file {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"key file {path} is not a regular file")
+        mode = stat.S_IMODE(st.st_mode)
+        if os.name == "posix" and mode & 0o077:
+            raise KeyFileError(
+                f"UNPROTECTED PRIVATE KEY FILE: permissions {mode:04o} for '{path}' are too open; "
+                f"it must not be accessible by group or others (run: chmod 600 '{path}')"
+            )
+        return f.read(_MAX_KEY_FILE_BYTES + 1)
+
+
+def _field(doc: dict[str, Any], name: str) -> str:
+    value = doc.get(name)
+    if not isinstance(value, str):
+        raise ValueError(f"field {name!r} is missing or not a string")
+    return value
+
+
+def _parse_key_file(data: bytes) -> Identity:
+    """Parse key file contents; every problem is a ValueError with a short reason."""
+    if len(data) > _MAX_KEY_FILE_BYTES:
+        raise ValueError("file is too large to be a key file")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    if doc.get("version") != KEY_FILE_VERSION:
+        raise ValueError(f"unsupported version {doc.get('version')!r} (expected {KEY_FILE_VERSION})")
+    try:
+        raw = base64.b64decode(_field(doc, "ed25519_private"), validate=True)
+    except binascii.Error:
+        raise ValueError("ed25519_private is not valid base64") from None
+    if len(raw) != 32:
+        raise ValueError(f"ed25519_private is {len(raw)} bytes, expected 32")
+    secret = _field(doc, "curve_secret").encode("utf-8")
+    public = _field(doc, "curve_public").encode("utf-8")
+    if not is_z85_key(secret) or not is_z85_key(public):
+        raise ValueError("CURVE keys must be 40-character z85 strings")
+    if zmq.curve_public(secret) != public:
+        raise ValueError("curve_public does not match curve_secret")
+    return Identity(Ed25519PrivateKey.from_private_bytes(raw), secret, public)
+
+
+def load_identity(path: str | os.PathLike[str]) -> Identity:
+    """Load a key file, raising KeyFileError (one clear line naming the file) on any problem."""
+    path = Path(path)
+    data = _read_private_file(path)
+    try:
+        return _parse_key_file(data)
+    except ValueError as e:
+        raise KeyFileError(f"corrupt key file {path}: {e}") from None
+
+
+def default_key_path() -> Path:
+    """$NANOSWARM_KEY_FILE, else ${XDG_CONFIG_HOME:-~/.config}/nanoswarm/node.key."""
+    explicit = os.environ.get("NANOSWARM_KEY_FILE")
+    if explicit:
+        return Path(explicit).expanduser()
+    # The XDG spec says a relative XDG_CONFIG_HOME is invalid and must be ignored.
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".config"
+    return base / "nanoswarm" / "node.key"
+
+
+def load_or_create_identity(path: str | os.PathLike[str] | None = None) -> Identity:
+    """Load the node's key file, generating and saving a new identity on first use."""
+    path = Path(path) if path is not None else default_key_path()
+    if path.exists():
+        return load_identity(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    identity = generate_identity()
+    try:
+        save_identity(identity, path)
+    except KeyFileError:
+        # Another process created it between our check and our write: use theirs.
+        return load_identity(path)
+    log.info("created new node identity %s in %s", identity.peer_id, path)
+    return identity
+
+
+# ---------------------------------------------------------------------------------------------
+# Allowed keys
+
+
+def _parse_allowed_line(path: Path, lineno: int, line: str) -> bytes | None:
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    # '#' is a z85 character, so only whole-line comments are possible; anything after the key
+    # (separated by whitespace, which z85 never uses) is a free-form label, as in authorized_keys.
+    token = text.split(None, 1)[0]
+    key = token.encode("utf-8")
+    if not is_z85_key(key):
+        shown = token if len(token) <= 48 else token[:45] + "..."
+        raise KeyFileError(f"{path}:{lineno}: not a CURVE public key (expected 40 z85 characters): {shown!r}")
+    return key
+
+
+def read_allowed_keys(path: str | os.PathLike[str]) -> set[bytes]:
+    """Read CURVE public keys (z85, one per line; blank lines and # comments allowed)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KeyFileError(f"allowed-keys file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KeyFileError(f"cannot read allowed-keys file {path}: {e}") from None
+    keys: set[bytes] = set()
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        key = _parse_allowed_line(path, lineno, line)
+        if key is not None:
+            keys.add(key)
+    return keys

@@ -1,0 +1,176 @@
+"""The swarm table: the verified, latest record of every known peer, ready to gossip onward.
+
+Rules (per peer_id):
+* A record is accepted only if it verifies (see records.verify_record) and its seq is higher than
+  any seq held for that peer, whether from a live record or from a departure ("stale_seq"
+  otherwise).  So replaying an old record can neither roll a peer back nor resurrect one that left.
+* A verified departure with a newer seq removes the peer and leaves a tombstone holding that seq.
+  The tombstone is kept until every record the peer signed before leaving must have expired
+  (its last record's expiry, and at least max_ttl after the departure), after which an old record
+  would be rejected as "expired" anyway.
+* A rejected offer never changes the table.  Expired entries are invisible to readers and dropped
+  by `expire()`.
+
+Not thread-safe: each socket loop owns its own table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .records import DEFAULT_MAX_TTL, Record, RecordRejected, verify_wire
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = "accepted"
+DEPARTED = "departed"
+STALE_SEQ = "stale_seq"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    record: Record
+    wire: dict[str, bytes]  # the exact signed form, re-sent as is
+
+
+@dataclass(frozen=True)
+class _Tombstone:
+    seq: int
+    until: float  # drop after this; older records are expired by then
+    departure: _Entry | None  # the signed departure, gossiped while receivers still accept it
+
+
+class RecordTable:
+    """Latest verified record per peer.  `offer` is the only way in from the network."""
+
+    def __init__(self, max_ttl: float = DEFAULT_MAX_TTL, clock: Callable[[], float] = time.time) -> None:
+        self.max_ttl = max_ttl
+        self.clock = clock
+        self.accepted = 0
+        self.departed = 0
+        self.rejected: Counter[str] = Counter()
+        self._entries: dict[str, _Entry] = {}
+        self._tombstones: dict[str, _Tombstone] = {}
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def offer(self, wire: object) -> str:
+        """Verify and apply a wire record.  Returns "accepted", "departed" or a rejection reason."""
+        now = self.clock()
+        try:
+            # verify_wire hands back its own copy of the wire, so a caller mutating its dict
+            # later cannot change what we gossip.
+            verified = verify_wire(wire, now=now, max_ttl=self.max_ttl)
+        except RecordRejected as e:
+            return self._reject(e.reason, e.detail)
+        record = verified.record
+        held = self._held_seq(record.peer_id, now)
+        if held is not None and record.seq <= held:
+            return self._reject(STALE_SEQ, f"{record.peer_id} seq {record.seq} <= {held}")
+        entry = _Entry(record, verified.wire)
+        if record.departing:
+            return self._depart(entry, now)
+        self._entries[record.peer_id] = entry
+        stone = self._tombstones.get(record.peer_id)
+        if stone is not None:
+            # The peer is back: stop gossiping its departure, but keep the seq floor until the
+            # tombstone would have lapsed anyway.
+            self._tombstones[record.peer_id] = _Tombstone(stone.seq, stone.until, None)
+        self.accepted += 1
+        return ACCEPTED
+
+    def _reject(self, reason: str, detail: str = "") -> str:
+        self.rejected[reason] += 1
+        log.debug("rejected record: %s %s", reason, detail)
+        return reason
+
+    def _depart(self, departure: _Entry, now: float) -> str:
+        record = departure.record
+        old = self._entries.pop(record.peer_id, None)
+        # Honest records live at most max_ttl past signing, and were signed before the departure.
+        until = max(now, record.expires) + self.max_ttl
+        if old is not None:
+            until = max(until, old.record.expires)
+        self._tombstones[record.peer_id] = _Tombstone(record.seq, until, departure)
+        self.departed += 1
+        log.info("peer %s departed (seq %d)", record.peer_id, record.seq)
+        return DEPARTED
+
+    def _held_seq(self, peer_id: str, now: float) -> int | None:
+        """Highest seq that still blocks older records for this peer, or None."""
+        seqs = []
+        entry = self._entries.get(peer_id)
+        if entry is not None and not entry.record.is_expired(now):
+            seqs.append(entry.record.seq)
+        stone = self._tombstones.get(peer_id)
+        if stone is not None and stone.until > now:
+            seqs.append(stone.seq)
+        return max(seqs) if seqs else None
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _live(self, now: float) -> list[_Entry]:
+        live = [e for e in self._entries.values() if not e.record.is_expired(now)]
+        return sorted(live, key=lambda e: e.record.peer_id)
+
+    def records(self, model_id: str | None = None) -> list[Record]:
+        """Non-expired records, sorted by peer_id, optionally only those serving model_id."""
+        live = (e.record for e in self._live(self.clock()))
+        return [r for r in live if model_id is None or r.model_id == model_id]
+
+    def wires(self) -> list[dict[str, bytes]]:
+        """Signed wire forms to gossip: every live record, plus departures still verifiable.
+
+        Departures are included so that a leave spreads through the swarm like a join does;
+        receivers handle both through `offer`.
+        """
+        now = self.clock()
+        out = [dict(e.wire) for e in self._live(now)]
+        for stone in self._tombstones.values():
+            # Same window verify_wire applies to departures, so we never gossip one peers reject.
+            if stone.departure is not None and stone.departure.record.expires > now - self.max_ttl:
+                out.append(dict(stone.departure.wire))
+        return out
+
+    def get(self, peer_id: str) -> Record | None:
+        entry = self._entries.get(peer_id)
+        if entry is None or entry.record.is_expired(self.clock()):
+            return None
+        return entry.record
+
+    def __len__(self) -> int:
+        return len(self._live(self.clock()))
+
+    def __contains__(self, peer_id: object) -> bool:
+        return isinstance(peer_id, str) and self.get(peer_id) is not None
+
+    # -- housekeeping ---------------------------------------------------------------------------
+
+    def expire(self) -> int:
+        """Drop expired entries and tombstones that no longer protect anything; returns how many."""
+        now = self.clock()
+        dead = [p for p, e in self._entries.items() if e.record.is_expired(now)]
+        for peer_id in dead:
+            del self._entries[peer_id]
+        gone = [p for p, t in self._tombstones.items() if t.until <= now]
+        for peer_id in gone:
+            del self._tombstones[peer_id]
+        return len(dead) + len(gone)
+
+    def remove(self, peer_id: str) -> bool:
+        """Forget a peer locally (e.g. it stopped answering).  Returns whether it was present.
+
+        Its current record is remembered as a tombstone until it expires, so the same record
+        gossiped back by others does not re-add it; a newer announcement from the peer does.
+        """
+        entry = self._entries.pop(peer_id, None)
+        if entry is None:
+            return False
+        stone = self._tombstones.get(peer_id)
+        if stone is None or stone.seq < entry.record.seq:
+            self._tombstones[peer_id] = _Tombstone(entry.record.seq, entry.record.expires, None)
+        return True

@@ -1,0 +1,331 @@
+"""Request handling on a node: validate every message, then run the blocks. No sockets here, so
+the fuzz tests can drive it directly; node/server.py feeds it from the ROUTER socket."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nanoswarm.protocol.errors import ErrorCode, ProtocolError
+from nanoswarm.protocol.messages import (
+    PROTOCOL_VERSION,
+    Message,
+    check_finite,
+    decode,
+    encode,
+    error_frames,
+    parse_range,
+    peek_id,
+)
+from nanoswarm.protocol.tensors import WIRE_FORMATS
+from nanoswarm.shards.model import Blocks, KVCache
+
+from .sessions import NodeLimits, Session, SessionStore
+
+log = logging.getLogger(__name__)
+
+Reply = tuple[bytes, list]  # (peer identity, frames)
+
+
+@dataclass
+class _Pending:
+    """A validated step waiting for its batch."""
+
+    peer: bytes
+    msg: Message
+    session: Session
+    x: torch.Tensor
+    wire: str
+
+
+@dataclass
+class NodeStats:
+    throughput: float = 0.0          # tokens/s through all served blocks, measured at start-up
+    steps: int = 0
+    tokens: int = 0
+    busy_seconds: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class RequestHandler:
+    def __init__(self, blocks: Blocks, model_id: str, peer_id: str,
+                 limits: NodeLimits | None = None):
+        self.blocks = blocks
+        self.config = blocks.config
+        self.model_id = model_id
+        self.peer_id = peer_id
+        self.limits = limits or NodeLimits()
+        self.sessions = SessionStore(self.limits)
+        self.stats = NodeStats()
+        self.head_shard = blocks.heads != (0, self.config.n_head)
+        param = next(blocks.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.leaving = False
+        self.extra_info: dict[str, Any] = {}  # set by the server: address, keys, records
+        self.on_records = None  # callable(list) -> list, set by the gossip layer
+        # Recently seen request ids per peer, to refuse duplicates (a replayed request must not
+        # run a step twice and corrupt a KV cache).
+        self._seen: dict[bytes, OrderedDict[int, None]] = defaultdict(OrderedDict)
+
+    # ----- entry points -------------------------------------------------------------------
+    def handle_batch(self, batch: list[tuple[bytes, list]]) -> list[Reply]:
+        """Handle every message of `batch`; decode steps of different sessions run together."""
+        replies: list[Reply] = []
+        pending: list[_Pending] = []
+        per_peer: dict[bytes, int] = defaultdict(int)
+        for peer, frames in batch:
+            req_id = 0
+            try:
+                msg = decode(frames, self.limits.max_message_bytes)
+                req_id = msg.id
+                self._admit(peer, msg, per_peer)
+                if msg.type == "step":
+                    pending.append(self._validate_step(peer, msg))
+                else:
+                    replies.append((peer, self._handle_simple(peer, msg)))
+            except ProtocolError as e:
+                req_id = req_id or (peek_id(frames[0]) if frames else 0)
+                replies.append((peer, self._error(req_id, e.code, e.message)))
+            except Exception as e:  # a bug must not take the node down
+                log.exception("internal error handling a request")
+                replies.append((peer, self._error(req_id, ErrorCode.INTERNAL, type(e).__name__)))
+        if pending:
+            replies.extend(self._run_steps(pending))
+        return replies
+
+    def handle(self, peer: bytes, frames: list) -> list:
+        """One message, one reply (tests and the fuzzer)."""
+        return self.handle_batch([(peer, frames)])[0][1]
+
+    # ----- admission ----------------------------------------------------------------------
+    def _admit(self, peer: bytes, msg: Message, per_peer: dict[bytes, int]) -> None:
+        if msg.type not in ("info", "forward", "open", "step", "close", "records"):
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.type!r} is a reply, not a request")
+        seen = self._seen[peer]
+        if msg.id in seen:
+            raise ProtocolError(ErrorCode.DUPLICATE_REQUEST, f"request id {msg.id} was already used")
+        seen[msg.id] = None
+        if len(seen) > 1024:
+            seen.popitem(last=False)
+        if len(self._seen) > 4096:  # forget the oldest peers rather than grow without bound
+            self._seen.pop(next(iter(self._seen)))
+        per_peer[peer] += 1
+        if per_peer[peer] > self.limits.max_inflight_per_peer:
+            raise ProtocolError(ErrorCode.BUSY, f"more than {self.limits.max_inflight_per_peer} "
+                                "requests in flight from this peer")
+
+    def _error(self, req_id: int, code: ErrorCode, message: str) -> list:
+        self.stats.errors[code.value] += 1
+        return error_frames(req_id, code, message)
+
+    # ----- simple requests ----------------------------------------------------------------
+    def _handle_simple(self, peer: bytes, msg: Message) -> list:
+        if msg.type == "info":
+            return encode("info_reply", msg.id, self.info())
+        if msg.type == "open":
+            return self._open(peer, msg)
+        if msg.type == "close":
+            self.sessions.close(msg.fields["session"])
+            return encode("closed", msg.id, {"session": msg.fields["session"]})
+        if msg.type == "forward":
+            return self._forward(msg)
+        if msg.type == "records":
+            if self.on_records is None:
+                raise ProtocolError(ErrorCode.NOT_SERVED, "this node keeps no swarm table")
+            return encode("records_reply", msg.id, {"records": self.on_records(msg)})
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unhandled type {msg.type!r}")
+
+    def info(self) -> dict[str, Any]:
+        uptime = max(time.monotonic() - self.stats.started, 1e-9)
+        return {
+            "peer_id": self.peer_id, "model_id": self.model_id, "protocol": PROTOCOL_VERSION,
+            "layers": [self.blocks.start, self.blocks.stop],
+            "heads": list(self.blocks.heads) if self.head_shard else None,
+            "config": self.config.to_dict(),
+            "throughput": self.stats.throughput,
+            "load": min(1.0, self.stats.busy_seconds / uptime),
+            "sessions": len(self.sessions.sessions),
+            "kv_bytes": self.sessions.kv_bytes,
+            "kv_budget": self.limits.kv_budget_bytes,
+            "max_length": self._max_length(),
+            "leaving": self.leaving,
+            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            **self.extra_info,
+        }
+
+    def _max_length(self) -> int:
+        return min(self.limits.max_session_length, self.config.block_size)
+
+    def _check_model(self, msg: Message) -> None:
+        model_id = msg.get("model_id")
+        if model_id is not None and model_id != self.model_id:
+            raise ProtocolError(ErrorCode.WRONG_MODEL, f"this node serves model {self.model_id[:16]}, "
+                                f"not {model_id[:16]}")
+
+    def _layers(self, msg: Message) -> tuple[int, int]:
+        if msg.get("layers") is None:
+            return self.blocks.start, self.blocks.stop
+        a, b = parse_range(msg.fields["layers"], self.config.n_layer, "layers")
+        if not (self.blocks.start <= a and b <= self.blocks.stop):
+            raise ProtocolError(ErrorCode.NOT_SERVED, f"layers {a}:{b} are not within the served "
+                                f"{self.blocks.start}:{self.blocks.stop}")
+        return a, b
+
+    def _open(self, peer: bytes, msg: Message) -> list:
+        if self.leaving:
+            raise ProtocolError(ErrorCode.LEAVING, "node is leaving the swarm")
+        self._check_model(msg)
+        a, b = self._layers(msg)
+        max_length = msg.fields["max_length"]
+        if not 1 <= max_length <= self._max_length():
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"max_length {max_length} is outside 1..{self._max_length()}")
+        n_heads = self.blocks.heads[1] - self.blocks.heads[0]
+        need = KVCache.bytes_for(b - a, n_heads, self.config.head_dim, max_length, self.dtype)
+        self.sessions.reserve_check(need)
+        session = self.sessions.add(a, b, self.blocks.new_cache(max_length, b - a), peer)
+        return encode("opened", msg.id, {"session": session.id, "layers": [a, b],
+                                         "kv_bytes": session.cache.nbytes})
+
+    def _hidden(self, msg: Message, max_batch: int) -> torch.Tensor:
+        if len(msg.tensors) != 1:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"expected 1 tensor, got {len(msg.tensors)}")
+        x = msg.tensors[0]
+        if x.dim() != 3 or x.shape[2] != self.config.n_embd or not 1 <= x.shape[0] <= max_batch:
+            raise ProtocolError(ErrorCode.BAD_SHAPE, f"hidden states must be [batch<={max_batch}, "
+                                f"tokens, {self.config.n_embd}], got {list(x.shape)}")
+        if not 1 <= x.shape[1] <= self.limits.max_tokens_per_step:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{x.shape[1]} tokens in one step; the limit is "
+                                f"1..{self.limits.max_tokens_per_step}")
+        check_finite(x)
+        return x.to(self.device, self.dtype)
+
+    @staticmethod
+    def _reply_wire(msg: Message) -> str:
+        wire = msg.get("wire") or "float32"
+        if wire not in WIRE_FORMATS:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"unknown reply format {wire[:32]!r}")
+        return wire
+
+    def _forward(self, msg: Message) -> list:
+        if self.head_shard:
+            raise ProtocolError(ErrorCode.NOT_SERVED, "stateless forward runs whole blocks; this node "
+                                "serves a head shard")
+        self._check_model(msg)
+        a, b = self._layers(msg)
+        wire = self._reply_wire(msg)
+        x = self._hidden(msg, max_batch=64)
+        if x.shape[1] > self._max_length():
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{x.shape[1]} positions exceed {self._max_length()}")
+        with torch.inference_mode():
+            y = self._timed(lambda: self.blocks(x, None, a, b), x.shape[0] * x.shape[1])
+        return encode("result", msg.id, {}, [y], wire)
+
+    # ----- steps --------------------------------------------------------------------------
+    def _validate_step(self, peer: bytes, msg: Message) -> _Pending:
+        session = self.sessions.get(msg.fields["session"])
+        pos = msg.fields["pos"]
+        wire = self._reply_wire(msg)
+        x = self._hidden(msg, max_batch=1)
+        T = x.shape[1]
+        phase, block = msg.get("phase"), msg.get("block")
+        # An MLP partial is stateless; every other step extends the cache at `pos`.
+        if phase != "mlp" and pos != session.length:
+            raise ProtocolError(ErrorCode.BAD_POSITION, f"step at position {pos}, but the session "
+                                f"holds {session.length} positions")
+        if pos + T > session.cache.max_length:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"positions {pos}..{pos + T - 1} exceed the "
+                                f"session's max_length {session.cache.max_length}")
+        if self.head_shard or phase is not None:
+            self._check_head_step(session, phase, block)
+        return _Pending(peer, msg, session, x, wire)
+
+    def _check_head_step(self, session: Session, phase: Any, block: Any) -> None:
+        if phase not in ("attn", "mlp") or not isinstance(block, int):
+            raise ProtocolError(ErrorCode.MALFORMED, "head-shard steps need phase 'attn' or 'mlp' and a block")
+        if not session.start <= block < session.stop:
+            raise ProtocolError(ErrorCode.NOT_SERVED, f"block {block} is not in this session's "
+                                f"{session.start}:{session.stop}")
+        if phase == "attn" and block != session.start + session.next_block:
+            raise ProtocolError(ErrorCode.BAD_POSITION, f"attention of block {block} out of order; "
+                                f"expected block {session.start + session.next_block}")
+
+    def _run_steps(self, pending: list[_Pending]) -> list[Reply]:
+        replies: list[Reply] = []
+        # Decode steps of different sessions over the same blocks share one forward pass:
+        # decode is bound by reading the weights, so a batch of N costs little more than one.
+        groups: dict[tuple, list[_Pending]] = defaultdict(list)
+        for p in pending:
+            batchable = p.x.shape[1] == 1 and p.msg.get("phase") is None
+            key = (p.session.start, p.session.stop) if batchable else (id(p),)
+            groups[key].append(p)
+        for group in groups.values():
+            try:
+                outputs = self._compute(group)
+                replies.extend((p.peer, encode("result", p.msg.id, {}, [y], p.wire))
+                               for p, y in zip(group, outputs))
+            except Exception as e:
+                log.exception("internal error in a step")
+                replies.extend((p.peer, self._error(p.msg.id, ErrorCode.INTERNAL, type(e).__name__))
+                               for p in group)
+        return replies
+
+    def _compute(self, group: list[_Pending]) -> list[torch.Tensor]:
+        first = group[0]
+        phase = first.msg.get("phase")
+        with torch.inference_mode():
+            if phase is None:
+                x = torch.cat([p.x for p in group]) if len(group) > 1 else first.x
+                caches = [p.session.cache for p in group]
+                y = self._timed(lambda: self.blocks(x, caches, first.session.start,
+                                                    first.session.stop), len(group) * x.shape[1])
+                return list(y.split(1))
+            s, block = first.session, first.msg.fields["block"]
+            layer = self.blocks.h[str(block)]
+            if phase == "mlp":
+                return [self._timed(lambda: layer.mlp_partial(first.x), first.x.shape[1])]
+            y = self._timed(lambda: layer.attn_partial(first.x, [s.cache], block - s.start),
+                            first.x.shape[1])
+            s.next_block += 1
+            if s.start + s.next_block == s.stop:  # every block has stored this position
+                s.cache.length += first.x.shape[1]
+                s.next_block = 0
+            return [y]
+
+    def _timed(self, fn, tokens: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        y = fn()
+        self.stats.busy_seconds += time.perf_counter() - t0
+        self.stats.steps += 1
+        self.stats.tokens += tokens
+        return y
+
+    def expire_idle(self) -> list[str]:
+        expired = self.sessions.expire_idle()
+        if expired:
+            log.info("reclaimed %d idle sessions", len(expired))
+        return expired
+
+    def measure_throughput(self, seconds: float = 0.3) -> float:
+        """Tokens/s of one-token steps through all served blocks (advertised to clients)."""
+        cache = self.blocks.new_cache(64)
+        x = torch.zeros(1, 1, self.config.n_embd, device=self.device, dtype=self.dtype)
+        n, t0 = 0, time.perf_counter()
+        with torch.inference_mode():
+            while n < 64 and (n < 3 or time.perf_counter() - t0 < seconds):
+                if self.head_shard:
+                    for i in range(self.blocks.start, self.blocks.stop):
+                        layer = self.blocks.h[str(i)]
+                        layer.attn_partial(x, [cache], i - self.blocks.start)
+                        layer.mlp_partial(x)
+                    cache.length += 1
+                else:
+                    self.blocks(x, [cache])
+                n += 1
+        self.stats.throughput = n / (time.perf_counter() - t0)
+        return self.stats.throughput

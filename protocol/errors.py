@@ -1,0 +1,33 @@
+"""Error codes: the stable names a peer puts in an `error` reply (docs/protocol.md lists them)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    MALFORMED = "malformed"                # not msgpack, header not a map, a field missing or ill-typed
+    BAD_VERSION = "bad_version"            # protocol version we do not speak
+    UNKNOWN_TYPE = "unknown_type"          # message type we do not know
+    BAD_TENSOR = "bad_tensor"              # tensor frame count, dtype or byte length does not match
+    BAD_SHAPE = "bad_shape"                # tensor shape does not fit the model or the request
+    BAD_VALUE = "bad_value"                # NaN or Inf in a tensor
+    BAD_POSITION = "bad_position"          # position negative, out of order, or past the session
+    UNKNOWN_SESSION = "unknown_session"    # no such session on this node
+    SESSION_CLOSED = "session_closed"      # the session was closed or expired
+    WRONG_MODEL = "wrong_model"            # request names another model id
+    NOT_SERVED = "not_served"              # blocks or heads this node does not serve
+    TOO_LARGE = "too_large"                # message, step or session over a configured maximum
+    BUSY = "busy"                          # capacity limit (sessions, KV memory, requests in flight)
+    DUPLICATE_REQUEST = "duplicate_request"  # request id already seen from this peer
+    LEAVING = "leaving"                    # node is shutting down; move elsewhere
+    INTERNAL = "internal"                  # a bug on the node; the node keeps serving
+
+
+class ProtocolError(Exception):
+    """A request (or reply) that cannot be served, with the code to send back."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message

@@ -1,0 +1,185 @@
+"""Messages: a msgpack header frame plus one raw frame per tensor.
+
+Header: {"v": PROTOCOL_VERSION, "id": request id, "type": message type, ...fields,
+         "tensors": [[wire format, [shape...]], ...]}
+Replies carry the request's id. docs/protocol.md describes every type and field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+
+from .errors import ErrorCode, ProtocolError
+from .tensors import WIRE_FORMATS, from_frame, to_frame
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSORS = 8
+MAX_DIMS = 4
+
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+_BYTES = (bytes,)
+_LIST = (list,)
+_DICT = (dict,)
+_BOOL = (bool,)
+_OPT_STR = (str, type(None))
+_OPT_LIST = (list, type(None))
+
+# type -> {field: (allowed python types, required)}. Checked before anything reads the fields.
+SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    # requests
+    "info": {},
+    "forward": {"model_id": (_OPT_STR, False), "layers": (_OPT_LIST, False)},
+    "open": {"model_id": (_OPT_STR, False), "max_length": (_INT, True),
+             "layers": (_OPT_LIST, False)},
+    "step": {"session": (_STR, True), "pos": (_INT, True),
+             "phase": (_OPT_STR, False), "block": ((int, type(None)), False),
+             "wire": (_OPT_STR, False)},
+    "close": {"session": (_STR, True)},
+    "records": {"records": (_LIST, False), "want": (_BOOL, False)},
+    # replies
+    "info_reply": {"peer_id": (_STR, True), "model_id": (_STR, True), "layers": (_LIST, True),
+                   "heads": (_OPT_LIST, False)},
+    "opened": {"session": (_STR, True), "layers": (_LIST, True)},
+    "result": {},
+    "closed": {"session": (_STR, True)},
+    "records_reply": {"records": (_LIST, True)},
+    "leaving": {"sessions": (_LIST, False)},
+    "error": {"code": (_STR, True), "message": (_STR, True)},
+}
+REQUEST_TYPES = ("info", "forward", "open", "step", "close", "records")
+
+
+@dataclass
+class Message:
+    type: str
+    id: int
+    fields: dict[str, Any] = field(default_factory=dict)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.fields.get(name, default)
+
+
+def encode(msg_type: str, req_id: int, fields: dict[str, Any] | None = None,
+           tensors: list[torch.Tensor] | tuple = (), wire: str = "float32") -> list:
+    """Frames for a message; tensor frames are buffers, not copies, where possible."""
+    header = {"v": PROTOCOL_VERSION, "id": req_id, "type": msg_type, **(fields or {})}
+    frames: list = [b""]
+    if tensors:
+        header["tensors"] = [[wire, list(t.shape)] for t in tensors]
+        frames.extend(to_frame(t, wire) for t in tensors)
+    frames[0] = msgpack.packb(header, use_bin_type=True)
+    return frames
+
+
+def error_frames(req_id: int, code: ErrorCode, message: str) -> list:
+    return encode("error", req_id, {"code": code.value, "message": message})
+
+
+def peek_id(header_bytes: bytes) -> int:
+    """Best-effort request id of a message that failed to decode, so the error reply can carry it."""
+    try:
+        header = msgpack.unpackb(header_bytes, raw=False, max_bin_len=0, max_array_len=64,
+                                 max_map_len=64, max_str_len=1024)
+        rid = header.get("id", 0) if isinstance(header, dict) else 0
+        return rid if isinstance(rid, int) and not isinstance(rid, bool) else 0
+    except Exception:  # any garbage: reply with id 0
+        return 0
+
+
+def decode(frames: list, max_message_bytes: int | None = None) -> Message:
+    """Parse and type-check one message; raises ProtocolError with the code to reply with."""
+    if not frames:
+        raise ProtocolError(ErrorCode.MALFORMED, "empty message")
+    if max_message_bytes is not None:
+        total = sum(len(f) for f in frames)
+        if total > max_message_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE,
+                                f"message is {total} bytes, the limit is {max_message_bytes}")
+    raw = frames[0]
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"header is {len(raw)} bytes, limit {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True,
+                                 max_bin_len=MAX_HEADER_BYTES, max_str_len=MAX_HEADER_BYTES)
+    except Exception as e:  # msgpack raises several types for bad input
+        raise ProtocolError(ErrorCode.MALFORMED, f"header is not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, "header is not a map")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise ProtocolError(ErrorCode.BAD_VERSION,
+                            f"protocol version {version!r} is not supported (this peer speaks {PROTOCOL_VERSION})")
+    req_id, msg_type = header.get("id"), header.get("type")
+    if not isinstance(req_id, int) or isinstance(req_id, bool) or not 0 <= req_id < 2**63:
+        raise ProtocolError(ErrorCode.MALFORMED, "field 'id' must be a non-negative integer")
+    if not isinstance(msg_type, str):
+        raise ProtocolError(ErrorCode.MALFORMED, "field 'type' must be a string")
+    schema = SCHEMAS.get(msg_type)
+    if schema is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type[:64]!r}")
+    fields = {k: v for k, v in header.items() if k not in ("v", "id", "type", "tensors")}
+    _check_fields(msg_type, schema, fields)
+    tensors = _decode_tensors(header.get("tensors", []), frames[1:])
+    return Message(msg_type, req_id, fields, tensors)
+
+
+def _check_fields(msg_type: str, schema: dict, fields: dict) -> None:
+    for name, (types, required) in schema.items():
+        if name not in fields:
+            if required:
+                raise ProtocolError(ErrorCode.MALFORMED, f"{msg_type}: field {name!r} is missing")
+            continue
+        value = fields[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = "/".join(t.__name__ for t in types)
+            raise ProtocolError(ErrorCode.MALFORMED,
+                                f"{msg_type}: field {name!r} must be {names}, got {type(value).__name__}")
+
+
+def _decode_tensors(specs: Any, frames: list) -> list[torch.Tensor]:
+    if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
+        raise ProtocolError(ErrorCode.BAD_TENSOR, f"'tensors' must be a list of at most {MAX_TENSORS}")
+    if len(specs) != len(frames):
+        raise ProtocolError(ErrorCode.BAD_TENSOR,
+                            f"header describes {len(specs)} tensors but {len(frames)} frames came")
+    out = []
+    for spec, frame in zip(specs, frames):
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+                and isinstance(spec[1], list)):
+            raise ProtocolError(ErrorCode.BAD_TENSOR, "a tensor spec must be [format, shape]")
+        wire, shape = spec
+        if wire not in WIRE_FORMATS:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"unknown tensor format {wire[:32]!r}")
+        if (len(shape) > MAX_DIMS or not all(isinstance(d, int) and not isinstance(d, bool)
+                                             and 0 <= d < 2**31 for d in shape)):
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"bad tensor shape {shape[:8]!r}")
+        buf = frame.buffer if hasattr(frame, "buffer") else frame
+        out.append(from_frame(buf, wire, tuple(shape)))
+    return out
+
+
+def check_finite(t: torch.Tensor) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ProtocolError(ErrorCode.BAD_VALUE, "tensor holds NaN or Inf")
+
+
+def parse_range(value: Any, limit: int, what: str) -> tuple[int, int]:
+    """A half-open [a, b) range from the wire, checked against 0..limit."""
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or not 0 <= value[0] < value[1] <= limit):
+        raise ProtocolError(ErrorCode.MALFORMED, f"{what} must be [a, b) with 0 <= a < b <= {limit}")
+    return value[0], value[1]
+
+
+def finite_float(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

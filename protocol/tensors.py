@@ -1,0 +1,90 @@
+"""Tensors on the wire: each tensor is one raw ZeroMQ frame, described in the header.
+
+Wire formats:
+- float32, float16, bfloat16: the tensor's bytes, little-endian, C order. float32 is exact.
+- q80: blockwise int8 like distributed-llama's Q80: groups of 32 values share one float16 scale
+  (absmax / 127). The frame is all scales (float16) followed by all int8 values; the element
+  count is padded to a multiple of 32 with zeros. Error per element <= absmax(group) / 127.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from .errors import ErrorCode, ProtocolError
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WIRE_FORMATS = (*TORCH_DTYPES, "q80")
+Q80_GROUP = 32
+
+# torch.frombuffer warns on read-only buffers (ZeroMQ frames are); we never write into them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+def nbytes_for(wire: str, shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    if wire == "q80":
+        groups = -(-n // Q80_GROUP)
+        return groups * 2 + groups * Q80_GROUP
+    return n * TORCH_DTYPES[wire].itemsize
+
+
+def to_frame(t: torch.Tensor, wire: str = "float32") -> memoryview:
+    """A buffer for `t` in the wire format, without copying when it is already contiguous CPU
+    data of that dtype (ZeroMQ sends buffer-protocol objects as they are)."""
+    if wire == "q80":
+        return _q80_encode(t)
+    t = t.detach().to("cpu", TORCH_DTYPES[wire]).contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bits as int16
+        t = t.view(torch.int16)
+    # Not bytes(t.untyped_storage()): that is a per-element Python loop (ms per KB).
+    return memoryview(t.numpy()).cast("B")
+
+
+def from_frame(buf, wire: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor in `buf` (bytes, memoryview or zmq.Frame buffer); float32 for q80."""
+    expected = nbytes_for(wire, shape)
+    if len(buf) != expected:
+        raise ProtocolError(ErrorCode.BAD_TENSOR,
+                            f"tensor frame has {len(buf)} bytes, {wire}{list(shape)} needs {expected}")
+    if expected == 0:
+        return torch.zeros(shape, dtype=torch.float32 if wire == "q80" else TORCH_DTYPES[wire])
+    if wire == "q80":
+        return _q80_decode(buf, shape)
+    return torch.frombuffer(buf, dtype=TORCH_DTYPES[wire]).view(shape)
+
+
+def _q80_encode(t: torch.Tensor) -> memoryview:
+    flat = t.detach().to("cpu", torch.float32).reshape(-1)
+    pad = (-flat.numel()) % Q80_GROUP
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, Q80_GROUP)
+    scale = (groups.abs().amax(dim=1) / 127.0).to(torch.float16)
+    safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny)
+    q = torch.round(groups / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    out = np.empty(scale.numel() * 2 + q.numel(), dtype=np.uint8)
+    out[: scale.numel() * 2] = scale.view(torch.int16).numpy().view(np.uint8)
+    out[scale.numel() * 2:] = q.numpy().view(np.uint8).reshape(-1)
+    return memoryview(out)
+
+
+def _q80_decode(buf, shape: tuple[int, ...]) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    groups = -(-n // Q80_GROUP)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    scale = raw[: groups * 2].view(torch.float16).float()
+    q = raw[groups * 2:].view(torch.int8).float().view(groups, Q80_GROUP)
+    return (q * scale[:, None]).reshape(-1)[:n].view(shape)
+
+
+def q80_error_bound(t: torch.Tensor) -> float:
+    """The largest error q80 may cause for `t`: one quantisation step of its widest group."""
+    return float(t.detach().float().abs().max()) / 127.0 if t.numel() else 0.0

@@ -1,0 +1,270 @@
+"""Read (and write) GPT-2 checkpoints in the two layouts people have: nanoGPT's ckpt.pt and a
+Hugging Face GPT-2 directory. Both come out as one "flat" form: GPT-2 names without prefixes
+(wte.weight, h.0.attn.c_attn.weight, ln_f.bias, ...), nn.Linear layout ([out, in]), float32;
+lm_head.weight only when it is not tied to wte. That is what GPT.load_flat_state_dict and the
+shard writer (manifest.py) take.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from .model import ModelConfig
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+GPT2_VOCAB = 50257
+# Hugging Face's GPT-2 uses Conv1D, which stores weights [in, out]; these names need a transpose.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Causal-mask buffers that old nanoGPT and HF checkpoints save next to the weights.
+_BUFFER_RE = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+HF_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "exact"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: unknown layout, missing or misshapen weights."""
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight of the flat form (tied lm_head excluded) and its nn.Linear-layout shape."""
+    E, bias = config.n_embd, config.bias
+    shapes: dict[str, tuple[int, ...]] = {
+        "wte.weight": (config.vocab_size, E), "wpe.weight": (config.block_size, E),
+        "ln_f.weight": (E,),
+    }
+    per_layer = {
+        "ln_1.weight": (E,), "attn.c_attn.weight": (3 * E, E), "attn.c_proj.weight": (E, E),
+        "ln_2.weight": (E,), "mlp.c_fc.weight": (4 * E, E), "mlp.c_proj.weight": (E, 4 * E),
+    }
+    if bias:
+        shapes["ln_f.bias"] = (E,)
+        per_layer.update({"ln_1.bias": (E,), "attn.c_attn.bias": (3 * E,), "attn.c_proj.bias": (E,),
+                          "ln_2.bias": (E,), "mlp.c_fc.bias": (4 * E,), "mlp.c_proj.bias": (E,)})
+    for i in range(config.n_layer):
+        shapes.update({f"h.{i}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
+def validate_flat_state_dict(config: ModelConfig, sd: StateDict, source: str) -> None:
+    """Raise CheckpointError naming missing or misshapen weights (so a wrong layout fails here
+    and not as a cryptic matmul error on some peer later)."""
+    expected = expected_shapes(config)
+    if "lm_head.weight" in sd:
+        expected["lm_head.weight"] = (config.vocab_size, config.n_embd)
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{source}: missing weights: {shown}")
+    bad = [f"{k} {tuple(sd[k].shape)} (expected {v})" for k, v in expected.items()
+           if tuple(sd[k].shape) != v]
+    if bad:
+        raise CheckpointError(f"{source}: wrong shapes: {'; '.join(bad[:8])}")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected weights: {', '.join(extra[:8])}")
+
+
+def _strip(name: str, prefixes: tuple[str, ...]) -> str:
+    changed = True
+    while changed:  # prefixes can stack: _orig_mod.transformer.h.0...
+        changed = False
+        for p in prefixes:
+            if name.startswith(p):
+                name, changed = name[len(p):], True
+    return name
+
+
+def _finish(config: ModelConfig, raw: StateDict, source: str,
+            transpose_conv1d: bool) -> tuple[ModelConfig, StateDict]:
+    """Shared tail of both layouts: drop buffers, transpose Conv1D, untie, crop vocab, check."""
+    sd: StateDict = {}
+    for key, t in raw.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{source}: {key} is not a tensor")
+        name = _strip(key, ("_orig_mod.", "module.", "transformer."))
+        if _BUFFER_RE.match(name):
+            continue
+        t = t.detach().to(torch.float32)
+        if transpose_conv1d and name.endswith(CONV1D_WEIGHTS) and t.dim() == 2:
+            t = t.t()
+        sd[name] = t.contiguous()
+    wte, head = sd.get("wte.weight"), sd.get("lm_head.weight")
+    if wte is not None and head is not None and head.shape == wte.shape and torch.equal(head, wte):
+        del sd["lm_head.weight"]  # tied to wte, as in GPT-2: the flat form stores it once
+    if config.vocab_size > GPT2_VOCAB:
+        # nanoGPT pads the vocabulary to 50304 (a multiple of 64) for speed. The extra rows are
+        # never real tokens: cropping them leaves the logits of the 50257 real tokens unchanged
+        # (each logit is its own row's dot product) and keeps unencodable ids from being sampled.
+        log.info("%s: cropping the padded vocabulary %d to %d", source, config.vocab_size, GPT2_VOCAB)
+        for k in ("wte.weight", "lm_head.weight"):
+            if k in sd:
+                sd[k] = sd[k][:GPT2_VOCAB].clone()  # clone: free the padded storage
+        config = ModelConfig(**{**config.to_dict(), "vocab_size": GPT2_VOCAB})
+    validate_flat_state_dict(config, sd, source)
+    return config, sd
+
+
+def _config(source: str, **fields) -> ModelConfig:
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: bad model config: {exc}") from exc
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        # weights_only: a checkpoint from a stranger must not be able to run code on unpickling.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a bad or unsafe file
+        raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True): {exc}") from exc
+
+
+def load_nanogpt(path: Path, gelu: str | None = None) -> tuple[ModelConfig, StateDict]:
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise CheckpointError(f"{path}: not a nanoGPT checkpoint (needs 'model' and 'model_args')")
+    args = ckpt["model_args"]
+    needed = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+    missing = [k for k in needed if k not in args]
+    if missing:
+        raise CheckpointError(f"{path}: model_args lacks {', '.join(missing)}")
+    # nanoGPT's MLP uses nn.GELU() (exact erf); our own writer records the form it trained with.
+    form = gelu or ckpt.get("gelu") or "exact"
+    config = _config(str(path), **{k: args[k] for k in needed}, bias=bool(args.get("bias", True)),
+                     gelu=form)
+    return _finish(config, ckpt["model"], str(path), transpose_conv1d=False)
+
+
+def _hf_config(path: Path, gelu: str | None) -> ModelConfig:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read config: {exc}") from exc
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing)}")
+    act = cfg.get("activation_function", "gelu_new")
+    if gelu is None and act not in HF_ACTIVATIONS:
+        raise CheckpointError(f"{path}: unsupported activation_function {act!r}")
+    # Architecture switches our Block does not implement: refuse rather than compute wrong logits.
+    if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
+        raise CheckpointError(f"{path}: n_inner {cfg['n_inner']} is not 4 * n_embd")
+    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights") is False:
+        raise CheckpointError(f"{path}: non-standard attention scaling is not supported")
+    if abs(cfg.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise CheckpointError(f"{path}: layer_norm_epsilon must be 1e-5")
+    block_size = cfg.get("n_positions", cfg.get("n_ctx"))
+    return _config(str(path), n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                   vocab_size=cfg["vocab_size"], block_size=block_size, bias=True,
+                   gelu=gelu or HF_ACTIVATIONS[act])
+
+
+def _hf_weights(directory: Path) -> StateDict:
+    from safetensors.torch import load_file
+
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():  # sharded safetensors: weight_map says which file holds each tensor
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for f in files for k, v in load_file(directory / f).items()}
+    if (directory / "pytorch_model.bin").is_file():
+        sd = _torch_load(directory / "pytorch_model.bin")
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{directory}/pytorch_model.bin does not hold a state dict")
+        return sd.get("state_dict", sd)
+    raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def load_hf(directory: Path, gelu: str | None = None) -> tuple[ModelConfig, StateDict]:
+    config = _hf_config(directory / "config.json", gelu)
+    return _finish(config, _hf_weights(directory), str(directory), transpose_conv1d=True)
+
+
+def load_checkpoint(source: str | Path, gelu: str | None = None) -> tuple[ModelConfig, StateDict]:
+    """Config and flat float32 weights of a nanoGPT ckpt.pt (or its out_dir) or a Hugging Face
+    GPT-2 directory. `gelu` overrides the GELU form the layout implies."""
+    path = Path(source)
+    if gelu is not None and gelu not in ("tanh", "exact"):
+        raise CheckpointError(f"gelu must be 'tanh' or 'exact', got {gelu!r}")
+    if path.is_file() and path.name in ("config.json", "model.safetensors", "pytorch_model.bin"):
+        path = path.parent  # a file of a Hugging Face directory: take the directory
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return load_hf(path, gelu)
+        if (path / "ckpt.pt").is_file():
+            return load_nanogpt(path / "ckpt.pt", gelu)
+        raise CheckpointError(f"{path}: neither a Hugging Face GPT-2 directory (config.json) "
+                              "nor a nanoGPT out_dir (ckpt.pt)")
+    if path.is_file():
+        return load_nanogpt(path, gelu)
+    raise CheckpointError(f"{source}: no such checkpoint file or directory")
+
+
+# ---- writers: create checkpoints in both layouts (tests, and the training script) ----
+
+def save_nanogpt_checkpoint(config: ModelConfig, flat_sd: StateDict, path: str | Path,
+                            extra: dict | None = None) -> Path:
+    """Write nanoGPT's ckpt.pt layout. `extra` adds top-level entries (iter_num, optimizer, ...).
+    The GELU form goes in a top-level "gelu" key: nanoGPT's own GPTConfig(**model_args) would
+    reject an unknown model_args field, while it ignores extra top-level keys."""
+    validate_flat_state_dict(config, flat_sd, "state dict to save")
+    model = {f"transformer.{k}": v for k, v in flat_sd.items() if k != "lm_head.weight"}
+    model["lm_head.weight"] = flat_sd.get("lm_head.weight", flat_sd["wte.weight"])
+    args = {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias",
+                                             "vocab_size")}
+    ckpt = {**(extra or {}), "model": model, "model_args": {**args, "dropout": 0.0}, "gelu": config.gelu}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def _hf_buffers(config: ModelConfig, i: int) -> StateDict:
+    n = config.block_size
+    mask = torch.tril(torch.ones(n, n, dtype=torch.bool)).view(1, 1, n, n)
+    return {f"h.{i}.attn.bias": mask, f"h.{i}.attn.masked_bias": torch.tensor(-1e4)}
+
+
+def save_hf_checkpoint(config: ModelConfig, flat_sd: StateDict, directory: str | Path,
+                       use_transformer_prefix: bool = True, safetensors: bool = True,
+                       include_buffers: bool = False) -> Path:
+    """Write a Hugging Face GPT-2 directory: config.json plus model.safetensors (tied lm_head left
+    out, as HF does) or pytorch_model.bin (lm_head saved, as HF did). Conv1D weights [in, out]."""
+    if not config.bias:
+        raise CheckpointError("Hugging Face GPT-2 has no bias-free variant")
+    validate_flat_state_dict(config, flat_sd, "state dict to save")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix = "transformer." if use_transformer_prefix else ""
+    out: StateDict = {}
+    for k, v in flat_sd.items():
+        if k == "lm_head.weight":
+            continue
+        v = v.t() if k.endswith(CONV1D_WEIGHTS) else v
+        out[prefix + k] = v.detach().contiguous().clone()
+    for i in range(config.n_layer) if include_buffers else []:
+        out.update({prefix + k: v for k, v in _hf_buffers(config, i).items()})
+    head = flat_sd.get("lm_head.weight")
+    if head is not None or not safetensors:
+        out["lm_head.weight"] = (head if head is not None else flat_sd["wte.weight"]).detach().clone()
+    cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": config.n_layer,
+           "n_head": config.n_head, "n_embd": config.n_embd, "vocab_size": config.vocab_size,
+           "n_positions": config.block_size, "n_ctx": config.block_size, "n_inner": None,
+           "layer_norm_epsilon": 1e-5, "tie_word_embeddings": head is None,
+           "activation_function": "gelu_new" if config.gelu == "tanh" else "gelu"}
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file(out, directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        torch.save(out, directory / "pytorch_model.bin")
+    return directory

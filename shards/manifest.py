@@ -1,0 +1,432 @@
+"""The model directory: weights cut into safetensors files plus a manifest.json that lists them.
+
+A peer downloads and loads only the files for the blocks (and heads) it serves, so every file is
+hash-checked on load against the manifest: a corrupted or tampered shard is refused instead of
+quietly producing wrong activations for other people's prompts. The manifest's own hash is the
+model id that peers and clients compare to be sure they run the same weights.
+
+Files: embeddings.safetensors (wte, wpe), head.safetensors (ln_f; lm_head only if untied),
+blocks-{a}-{b}.safetensors (layers [a, b)) and, optionally, head-sliced
+blocks-{a}-{b}-heads-{i}-{j}.safetensors. Tensor names are the flat GPT-2 names (loaders.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .loaders import StateDict, load_checkpoint, validate_flat_state_dict
+from .model import GPT, Blocks, Embeddings, Head, ModelConfig, head_slice_width
+
+log = logging.getLogger(__name__)
+
+FORMAT = "nanoswarm-model/1"
+MANIFEST_NAME = "manifest.json"
+ROLES = ("embeddings", "head", "blocks")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_LAYER_RE = re.compile(r"^h\.(\d+)\.(.+)$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+Range = tuple[int, int]
+
+
+class ManifestError(ValueError):
+    """manifest.json is missing or invalid, or does not list what was asked for."""
+
+
+class ShardIntegrityError(Exception):
+    """A weight file is missing or its bytes do not match the manifest."""
+
+
+# ---- manifest data ----
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    role: str
+    layers: Range | None  # half-open block range, blocks files only
+    heads: Range | None  # half-open head range; None = all heads
+    sha256: str
+    size: int
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "role": self.role, "sha256": self.sha256, "size": self.size,
+                "layers": list(self.layers) if self.layers else None,
+                "heads": list(self.heads) if self.heads else None}
+
+
+@dataclass
+class Manifest:
+    config: ModelConfig
+    tokenizer: str = "gpt2"
+    dtype: str = "float32"  # storage dtype of the files
+    files: list[FileEntry] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "config": self.config.to_dict(), "tokenizer": self.tokenizer,
+                "dtype": self.dtype, "files": [f.to_dict() for f in self.files]}
+
+    @property
+    def model_id(self) -> str:
+        # Canonical JSON, so the id depends on the content only, not on formatting or key order.
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps({**self.to_dict(), "model_id": self.model_id}, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            d = json.loads(text)
+        except ValueError as exc:
+            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: object) -> Manifest:
+        d = _as(d, dict, "manifest must be a JSON object")
+        _require(d.get("format") == FORMAT, f"unsupported manifest format {d.get('format')!r}")
+        unknown = set(d) - {"format", "config", "tokenizer", "dtype", "files", "model_id"}
+        _require(not unknown, f"unknown manifest fields: {sorted(unknown)}")
+        config = _config_from(d.get("config"))
+        _require(d.get("tokenizer") == "gpt2", f"unsupported tokenizer {d.get('tokenizer')!r}")
+        _require(d.get("dtype") in tuple(DTYPES), f"dtype must be one of {sorted(DTYPES)}")
+        files = _as(d.get("files"), list, "files must be a list")
+        m = cls(config=config, dtype=d["dtype"], files=[_entry_from(f, config) for f in files])
+        _check_files(m)
+        if "model_id" in d:
+            _require(d["model_id"] == m.model_id, "model_id does not match the manifest content")
+        return m
+
+    def entry(self, role: str) -> FileEntry:
+        return next(f for f in self.files if f.role == role)  # from_dict ensured exactly one
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ManifestError(message)
+
+
+def _as(value: object, kind: type, message: str):
+    """`value` if it is a `kind`, else a ManifestError (JSON from elsewhere can hold anything)."""
+    _require(isinstance(value, kind), message)
+    return value
+
+
+def _range(v: object, limit: int, what: str) -> Range | None:
+    if v is None:
+        return None
+    message = f"{what} must be [start, stop] integers, got {v!r}"
+    v = _as(v, list, message)
+    _require(len(v) == 2 and all(type(x) is int for x in v), message)
+    _require(0 <= v[0] < v[1] <= limit, f"{what} {v} is outside 0:{limit}")
+    return v[0], v[1]
+
+
+def _config_from(d: object) -> ModelConfig:
+    d = _as(d, dict, "config must be an object")
+    names = set(ModelConfig().to_dict())
+    # Every field must be present: a default filled in silently (say gelu) would change logits.
+    _require(set(d) == names, f"config fields must be exactly {sorted(names)}")
+    _require(isinstance(d["bias"], bool), "config.bias must be true or false")
+    try:
+        return ModelConfig(**d)
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"bad config: {exc}") from exc
+
+
+def _entry_from(d: object, config: ModelConfig) -> FileEntry:
+    d = _as(d, dict, "each file entry must be an object")
+    keys = {"name", "role", "layers", "heads", "sha256", "size"}
+    _require(set(d) == keys, f"file entry fields must be exactly {sorted(keys)}, got {sorted(d)}")
+    name = d["name"]
+    # A bare file name: a manifest from elsewhere must not make us read outside the directory.
+    _require(isinstance(name, str) and name == Path(name).name and not name.startswith("."),
+             f"bad file name {name!r}")
+    _require(d["role"] in ROLES, f"{name}: role must be one of {ROLES}")
+    _require(isinstance(d["sha256"], str) and bool(_SHA_RE.match(d["sha256"])),
+             f"{name}: sha256 must be 64 lowercase hex digits")
+    _require(type(d["size"]) is int and d["size"] >= 0, f"{name}: bad size")
+    layers = _range(d["layers"], config.n_layer, f"{name}: layers")
+    heads = _range(d["heads"], config.n_head, f"{name}: heads")
+    _require((layers is not None) == (d["role"] == "blocks"), f"{name}: only blocks files have layers")
+    _require(heads is None or d["role"] == "blocks", f"{name}: only blocks files have heads")
+    return FileEntry(name, d["role"], layers, heads, d["sha256"], d["size"])
+
+
+def _check_files(m: Manifest) -> None:
+    names = [f.name for f in m.files]
+    _require(len(names) == len(set(names)), "file names repeat")
+    for role in ("embeddings", "head"):
+        _require(sum(f.role == role for f in m.files) == 1, f"need exactly one {role} file")
+
+
+# ---- head splits ----
+
+def validate_head_splits(splits: list[Range], n_head: int) -> list[Range]:
+    """The splits sorted; they must partition heads 0..n_head into non-empty ranges."""
+    ordered = sorted((int(a), int(b)) for a, b in splits)
+    pos = 0
+    for a, b in ordered:
+        if a != pos or b <= a:
+            raise ValueError(f"head splits {ordered} must partition 0:{n_head} into non-empty ranges")
+        pos = b
+    if pos != n_head:
+        raise ValueError(f"head splits {ordered} must cover all heads 0:{n_head}")
+    return ordered
+
+
+def parse_head_splits(spec: str | None, groups: int | None, n_head: int) -> list[Range] | None:
+    """"0:6,6:12" (half-open, a partition of all heads) or `groups` near-equal groups; None if
+    neither is given."""
+    if spec and groups:
+        raise ValueError("give head splits either as ranges or as a number of groups, not both")
+    if groups:
+        if not 1 <= groups <= n_head:
+            raise ValueError(f"head groups must be in 1..{n_head}, got {groups}")
+        base, extra = divmod(n_head, groups)
+        sizes = [base + (g < extra) for g in range(groups)]  # sizes differ by at most one
+        starts = [sum(sizes[:g]) for g in range(groups)]
+        return [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
+    if not spec:
+        return None
+    try:
+        pairs = [tuple(int(x) for x in part.split(":")) for part in spec.split(",")]
+    except ValueError as exc:
+        raise ValueError(f"head splits {spec!r} must look like 0:6,6:12") from exc
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"head splits {spec!r} must look like 0:6,6:12")
+    return validate_head_splits(pairs, n_head)  # type: ignore[arg-type]
+
+
+def slice_block_weights(flat_block_sd: StateDict, config: ModelConfig, heads: Range) -> StateDict:
+    """The share of full-block weights (h.{i}.* keys, any layers) that serves heads [a, b); what
+    Blocks(config, start, stop, heads).load_state_dict takes. See model.Block for the rules."""
+    a, b = heads
+    if not 0 <= a < b <= config.n_head:
+        raise ValueError(f"head range {a}:{b} is outside 0:{config.n_head}")
+    E, hd = config.n_embd, config.head_dim
+    q0, q1 = a * hd, b * hd
+    f0, f1 = head_slice_width(config, heads)
+    out: StateDict = {}
+    for name, t in flat_block_sd.items():
+        m = _LAYER_RE.match(name)
+        if not m:
+            raise ValueError(f"{name} is not a block weight")
+        part = m.group(2)
+        if part in ("attn.c_attn.weight", "attn.c_attn.bias"):  # rows q | k | v, each E wide
+            t = torch.cat([t[s * E + q0:s * E + q1] for s in range(3)])
+        elif part == "attn.c_proj.weight":
+            t = t[:, q0:q1]
+        elif part in ("mlp.c_fc.weight", "mlp.c_fc.bias"):
+            t = t[f0:f1]
+        elif part == "mlp.c_proj.weight":
+            t = t[:, f0:f1]
+        elif part in ("attn.c_proj.bias", "mlp.c_proj.bias"):
+            if a != 0:
+                continue  # only the slice with head 0 adds the output bias, so the sum has it once
+        elif not part.startswith(("ln_1.", "ln_2.")):
+            raise ValueError(f"unknown block weight {name}")
+        out[name] = t.contiguous().clone()
+    return out
+
+
+# ---- writing ----
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, dt in DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ValueError(f"storage dtype must be one of {sorted(DTYPES)}, got {dtype}")
+
+
+def _layer_of(name: str) -> int | None:
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _write_file(out_dir: Path, name: str, tensors: StateDict, dtype: torch.dtype) -> tuple[str, int]:
+    # clone(): safetensors refuses tensors that share storage (views of one parameter).
+    data = st_save({k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in tensors.items()},
+                   metadata={"format": "pt"})
+    tmp = out_dir / f".{name}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, out_dir / name)  # a reader never sees a half-written shard
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def write_model_dir(config: ModelConfig, flat_sd: StateDict, out_dir: str | Path, layers_per_shard: int,
+                    head_splits: list[Range] | None = None, dtype: torch.dtype = torch.float32,
+                    progress: bool = True) -> Manifest:
+    """Cut flat weights into the model directory and write its manifest.json."""
+    validate_flat_state_dict(config, flat_sd, "weights to shard")
+    if layers_per_shard < 1:
+        raise ValueError(f"layers_per_shard must be at least 1, got {layers_per_shard}")
+    splits = [s for s in validate_head_splits(head_splits or [(0, config.n_head)], config.n_head)
+              if s != (0, config.n_head)]  # the full-head split is the blocks file itself
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    level = logging.INFO if progress else logging.DEBUG
+    plan: list[tuple[str, str, Range | None, Range | None, StateDict]] = [
+        ("embeddings.safetensors", "embeddings", None, None,
+         {k: flat_sd[k] for k in ("wte.weight", "wpe.weight")}),
+        ("head.safetensors", "head", None, None,
+         {k: v for k, v in flat_sd.items() if k.startswith(("ln_f.", "lm_head."))}),
+    ]
+    for a in range(0, config.n_layer, layers_per_shard):
+        b = min(a + layers_per_shard, config.n_layer)
+        block_sd = {k: v for k, v in flat_sd.items() if (i := _layer_of(k)) is not None and a <= i < b}
+        plan.append((f"blocks-{a}-{b}.safetensors", "blocks", (a, b), None, block_sd))
+        for i, j in splits:
+            plan.append((f"blocks-{a}-{b}-heads-{i}-{j}.safetensors", "blocks", (a, b), (i, j),
+                         slice_block_weights(block_sd, config, (i, j))))
+    files = []
+    for n, (name, role, layers, heads, tensors) in enumerate(plan, start=1):
+        sha, size = _write_file(out, name, tensors, dtype)
+        log.log(level, "[%d/%d] wrote %s (%.1f MB)", n, len(plan), name, size / 1e6)
+        files.append(FileEntry(name, role, layers, heads, sha, size))
+    manifest = Manifest(config=config, dtype=_dtype_name(dtype), files=files)
+    tmp = out / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, out / MANIFEST_NAME)
+    log.log(level, "wrote %s: model id %s", out / MANIFEST_NAME, manifest.model_id)
+    return manifest
+
+
+def shard_checkpoint(source: str | Path, out_dir: str | Path, layers_per_shard: int,
+                     head_splits: list[Range] | None = None, dtype: torch.dtype = torch.float32,
+                     gelu: str | None = None, progress: bool = True) -> Manifest:
+    """A nanoGPT or Hugging Face checkpoint turned into a model directory."""
+    config, flat_sd = load_checkpoint(source, gelu=gelu)
+    return write_model_dir(config, flat_sd, out_dir, layers_per_shard, head_splits, dtype, progress)
+
+
+# ---- reading ----
+
+def read_manifest(model_dir: str | Path) -> Manifest:
+    path = Path(model_dir) / MANIFEST_NAME
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from exc
+    try:
+        return Manifest.from_json(text)
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: {exc}") from exc
+
+
+def read_verified(model_dir: str | Path, entry: FileEntry) -> StateDict:
+    """The tensors of one file, after checking its bytes against the manifest's sha256."""
+    try:
+        data = (Path(model_dir) / entry.name).read_bytes()
+    except OSError as exc:
+        raise ShardIntegrityError(f"{entry.name}: cannot read it from {model_dir}: {exc}") from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != entry.sha256:
+        raise ShardIntegrityError(f"{entry.name}: sha256 {actual[:16]}... does not match the manifest's "
+                                  f"{entry.sha256[:16]}...; the file is corrupted or was modified")
+    return st_load(data)
+
+
+def _materialize(module: torch.nn.Module, sd: StateDict, device, dtype: torch.dtype):
+    # Modules are built on the meta device and take the loaded tensors by assignment: no random
+    # init and no second copy of the weights, which matters for the big layers.
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    module.load_state_dict(sd, strict=True, assign=True)
+    module.eval().requires_grad_(False)
+    return module
+
+
+def _embeddings_from(sd: StateDict, config: ModelConfig, device, dtype) -> Embeddings:
+    with torch.device("meta"):
+        module = Embeddings(config)
+    return _materialize(module, sd, device, dtype)
+
+
+def _head_from(sd: StateDict, wte: torch.Tensor, config: ModelConfig, device, dtype) -> Head:
+    with torch.device("meta"):
+        module = Head(config)
+    sd = sd if "lm_head.weight" in sd else {**sd, "lm_head.weight": wte}  # tied to wte
+    head = _materialize(module, sd, device, dtype)
+    head.freeze_for_inference()
+    return head
+
+
+def load_embeddings(model_dir: str | Path, manifest: Manifest | None = None, device="cpu",
+                    dtype: torch.dtype = torch.float32) -> Embeddings:
+    manifest = manifest or read_manifest(model_dir)
+    sd = read_verified(model_dir, manifest.entry("embeddings"))
+    return _embeddings_from(sd, manifest.config, device, dtype)
+
+
+def load_head(model_dir: str | Path, manifest: Manifest | None = None, device="cpu",
+              dtype: torch.dtype = torch.float32) -> Head:
+    manifest = manifest or read_manifest(model_dir)
+    sd = read_verified(model_dir, manifest.entry("head"))
+    wte = None
+    if "lm_head.weight" not in sd:
+        wte = read_verified(model_dir, manifest.entry("embeddings"))["wte.weight"]
+    return _head_from(sd, wte, manifest.config, device, dtype)
+
+
+def _find_file(manifest: Manifest, layer: int, heads: Range | None) -> FileEntry | None:
+    full = (0, manifest.config.n_head)
+    for f in manifest.files:
+        if f.role == "blocks" and f.layers[0] <= layer < f.layers[1] and (f.heads or full) == (heads or full):
+            return f
+    return None
+
+
+def _plan_blocks(manifest: Manifest, start: int, stop: int, heads: Range) -> dict[FileEntry, list[int]]:
+    """Which file gives each layer: an exactly matching head-sliced file if there is one, else a
+    full-layer file (sliced in memory). Files in layer order, each read once."""
+    plan: dict[FileEntry, list[int]] = {}
+    for layer in range(start, stop):
+        entry = _find_file(manifest, layer, heads) or _find_file(manifest, layer, None)
+        if entry is None:
+            raise ManifestError(f"layer {layer} (heads {heads[0]}:{heads[1]}) is in no file of the manifest")
+        plan.setdefault(entry, []).append(layer)
+    return plan
+
+
+def load_blocks(model_dir: str | Path, start: int, stop: int, heads: Range | None = None,
+                manifest: Manifest | None = None, device="cpu",
+                dtype: torch.dtype = torch.float32) -> Blocks:
+    """Blocks [start, stop) (heads [a, b) of each), from only the files that hold them."""
+    manifest = manifest or read_manifest(model_dir)
+    config = manifest.config
+    heads = tuple(heads) if heads is not None else (0, config.n_head)
+    with torch.device("meta"):
+        module = Blocks(config, start, stop, heads)  # validates the ranges
+    sd: StateDict = {}
+    for entry, layers in _plan_blocks(manifest, start, stop, heads).items():
+        wanted = {k: v for k, v in read_verified(model_dir, entry).items() if _layer_of(k) in layers}
+        if (entry.heads or (0, config.n_head)) != heads:
+            wanted = slice_block_weights(wanted, config, heads)
+        sd.update(wanted)
+    return _materialize(module, sd, device, dtype)
+
+
+def load_model(model_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> GPT:
+    """The whole model in one process, eval mode: the reference and local generation."""
+    manifest = read_manifest(model_dir)
+    config = manifest.config
+    embeddings = _embeddings_from(read_verified(model_dir, manifest.entry("embeddings")),
+                                  config, device, dtype)
+    head_sd = read_verified(model_dir, manifest.entry("head"))
+    # Passing the wte Parameter itself keeps the tie: one tensor, not a copy.
+    head = _head_from(head_sd, embeddings.wte.weight, config, device, dtype)
+    blocks = load_blocks(model_dir, 0, config.n_layer, manifest=manifest, device=device, dtype=dtype)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.embeddings, model.blocks, model.head = embeddings, blocks, head
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,68 @@
+"""Shared fixtures: random-weight model directories and real local swarms."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # node processes and the test share 2 cores
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from nanoswarm.node.cluster import LocalCluster, NodeSpec  # noqa: E402
+from nanoswarm.shards.manifest import write_model_dir  # noqa: E402
+from nanoswarm.shards.model import GPT, ModelConfig  # noqa: E402
+
+TINY = ModelConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=50257, block_size=128, gelu="tanh")
+SMALL12 = ModelConfig(n_layer=12, n_head=12, n_embd=96, vocab_size=50257, block_size=256, gelu="exact")
+GPT2_SMALL = ModelConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)
+
+
+def make_model_dir(path: Path, config: ModelConfig, seed: int = 0, layers_per_shard: int = 1,
+                   head_splits=None) -> Path:
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():  # larger than init values so that every block matters in the logits
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    write_model_dir(config, model.flat_state_dict(), path, layers_per_shard, head_splits,
+                    progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny"), TINY, head_splits=[(0, 2), (2, 4)])
+
+
+@pytest.fixture(scope="session")
+def small12_model_dir(tmp_path_factory) -> Path:
+    """12 blocks, 12 heads: for failover and head-group tests; head files 5+4+3 and 6+6."""
+    return make_model_dir(tmp_path_factory.mktemp("small12"), SMALL12, seed=1)
+
+
+@pytest.fixture(scope="session")
+def gpt2_small_model_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("gpt2small"), GPT2_SMALL, seed=2, layers_per_shard=3)
+
+
+def start_cluster(model_dir: Path, specs: list[NodeSpec], **kwargs) -> LocalCluster:
+    return LocalCluster(model_dir, specs, **kwargs).start()
+
+
+@pytest.fixture
+def cluster_factory():
+    """Start swarms inside a test; every node is stopped afterwards, whatever happens."""
+    started: list[LocalCluster] = []
+
+    def factory(model_dir: Path, specs: list[NodeSpec], **kwargs) -> LocalCluster:
+        c = LocalCluster(model_dir, specs, **kwargs)
+        started.append(c)
+        return c.start()
+
+    yield factory
+    for c in started:
+        c.stop()

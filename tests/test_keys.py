@@ -1,0 +1,484 @@
+"""Tests for node identities, key files, signed records and the swarm table."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import replace
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanoswarm.keys.identity import (
+    Identity,
+    KeyFileError,
+    default_key_path,
+    describe_identity,
+    generate_identity,
+    load_identity,
+    load_or_create_identity,
+    peer_id_for,
+    read_allowed_keys,
+    save_identity,
+)  # fmt: skip
+from nanoswarm.keys.records import (
+    REASONS,
+    Record,
+    RecordRejected,
+    encode_record,
+    sign_departure,
+    sign_record,
+    verify_record,
+    verify_wire,
+)  # fmt: skip
+from nanoswarm.keys.table import RecordTable
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture(scope="module")
+def alice() -> Identity:
+    return generate_identity()
+
+
+@pytest.fixture(scope="module")
+def bob() -> Identity:
+    return generate_identity()
+
+
+def make_wire(identity: Identity, seq: int = 1, expires: float = NOW + 60, **extra: object) -> dict:
+    fields: dict = {"address": "tcp://127.0.0.1:5555", "model_id": "gpt2", "layers": (0, 6)}
+    fields.update(extra)
+    return sign_record(identity, seq=seq, expires=expires, **fields)
+
+
+def reason_of(wire: object, now: float = NOW) -> str:
+    with pytest.raises(RecordRejected) as info:
+        verify_record(wire, now=now)
+    return info.value.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity and key file
+
+
+def test_peer_id_is_stable_and_derived_from_sign_key(alice: Identity, bob: Identity) -> None:
+    assert alice.peer_id == peer_id_for(alice.sign_public)
+    assert alice.peer_id == alice.peer_id
+    assert alice.peer_id != bob.peer_id
+    assert alice.peer_id.startswith("ns-") and len(alice.peer_id) == 19
+    assert len(alice.sign_public) == 32 and len(alice.curve_public) == 40
+    with pytest.raises(ValueError):
+        peer_id_for(b"short")
+
+
+def test_key_file_created_0600_and_round_trips(tmp_path: Path, alice: Identity) -> None:
+    path = tmp_path / "node.key"
+    save_identity(alice, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = load_identity(path)
+    assert loaded.peer_id == alice.peer_id
+    assert loaded.curve_public == alice.curve_public
+    assert loaded.curve_secret == alice.curve_secret
+    assert loaded.sign(b"x") == alice.sign(b"x")  # Ed25519 is deterministic
+
+
+def test_save_refuses_existing_unless_overwrite(tmp_path: Path, alice: Identity, bob: Identity) -> None:
+    path = tmp_path / "node.key"
+    save_identity(alice, path)
+    with pytest.raises(KeyFileError, match="already exists"):
+        save_identity(bob, path)
+    os.chmod(path, 0o644)
+    save_identity(bob, path, overwrite=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_identity(path).peer_id == bob.peer_id
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o606, 0o660])
+def test_open_permissions_refused(tmp_path: Path, alice: Identity, mode: int) -> None:
+    path = tmp_path / "node.key"
+    save_identity(alice, path)
+    os.chmod(path, mode)
+    with pytest.raises(KeyFileError) as info:
+        load_identity(path)
+    message = str(info.value)
+    assert "permissions" in message and f"{mode:04o}" in message and str(path) in message
+    assert "\n" not in message
+
+
+def _with(**changes: object):
+    return lambda text: json.dumps(dict(json.loads(text), **changes))
+
+
+CORRUPTIONS = {
+    "garbage": lambda text: "\x00\xffnot a key file at all",
+    "truncated": lambda text: text[: len(text) // 2],
+    "not_object": lambda text: "[1, 2, 3]",
+    "wrong_curve_public": _with(curve_public=zmq.curve_keypair()[0].decode()),
+    "short_ed25519": _with(ed25519_private="AAAA"),
+    "bad_base64": _with(ed25519_private="!!!!"),
+    "missing_field": _with(curve_secret=None),
+    "version": _with(version=99),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_corrupt_key_file_refused(tmp_path: Path, alice: Identity, corruption: str) -> None:
+    path = tmp_path / "node.key"
+    save_identity(alice, path)
+    path.write_text(CORRUPTIONS[corruption](path.read_text()), encoding="latin-1")
+    with pytest.raises(KeyFileError) as info:
+        load_identity(path)
+    message = str(info.value)
+    assert message.startswith(f"corrupt key file {path}:") and "\n" not in message
+
+
+def test_missing_key_file_is_clear(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="does not exist"):
+        load_identity(tmp_path / "nope.key")
+
+
+def test_default_path_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NANOSWARM_KEY_FILE", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    assert default_key_path() == tmp_path / "cfg" / "nanoswarm" / "node.key"
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/ignored")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_key_path() == tmp_path / "home" / ".config" / "nanoswarm" / "node.key"
+    monkeypatch.setenv("NANOSWARM_KEY_FILE", str(tmp_path / "explicit.key"))
+    assert default_key_path() == tmp_path / "explicit.key"
+
+
+def test_load_or_create_first_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("NANOSWARM_KEY_FILE", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    with caplog.at_level("INFO", logger="nanoswarm.keys.identity"):
+        first = load_or_create_identity()
+    path = tmp_path / "cfg" / "nanoswarm" / "node.key"
+    assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert first.peer_id in caplog.text
+    assert load_or_create_identity().peer_id == first.peer_id
+    assert load_or_create_identity(path).curve_public == first.curve_public
+
+
+def test_describe_identity_has_public_parts_only(alice: Identity) -> None:
+    info = describe_identity(alice)
+    assert info == {
+        "peer_id": alice.peer_id,
+        "ed25519_public": alice.sign_public.hex(),
+        "curve_public": alice.curve_public.decode(),
+    }
+    assert alice.curve_secret.decode() not in json.dumps(info) + repr(alice) + str(alice)
+
+
+def test_read_allowed_keys(tmp_path: Path, alice: Identity, bob: Identity) -> None:
+    path = tmp_path / "allowed"
+    path.write_text(
+        f"# trusted nodes\n\n{alice.curve_public.decode()}\n  {bob.curve_public.decode()}  bob's box\n"
+    )
+    assert read_allowed_keys(path) == {alice.curve_public, bob.curve_public}
+
+
+@pytest.mark.parametrize("bad", ["short", "x" * 41, " " * 2 + "%" * 40, "é" * 40])
+def test_read_allowed_keys_bad_line(tmp_path: Path, alice: Identity, bad: str) -> None:
+    path = tmp_path / "allowed"
+    path.write_text(f"# header\n{alice.curve_public.decode()}\n{bad}\n", encoding="utf-8")
+    with pytest.raises(KeyFileError, match=r":3: not a CURVE public key"):
+        read_allowed_keys(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+def test_signed_record_verifies(alice: Identity) -> None:
+    wire = make_wire(alice, seq=7, heads=(0, 6), throughput=12.5, load=0.25, insecure=True)
+    assert msgpack.unpackb(msgpack.packb(wire), raw=False) == wire  # wire form is msgpack-clean
+    record = verify_record(wire, now=NOW)
+    assert record.peer_id == alice.peer_id and record.sign_key == alice.sign_public
+    assert record.curve_key == alice.curve_public
+    assert (record.layers, record.heads, record.seq) == ((0, 6), (0, 6), 7)
+    assert (record.throughput, record.load, record.insecure, record.departing) == (12.5, 0.25, True, False)
+    assert verify_wire(wire, now=NOW).wire == wire
+
+
+def test_sign_record_rejects_bad_local_fields(alice: Identity) -> None:
+    with pytest.raises(ValueError, match="malformed"):
+        make_wire(alice, layers=(6, 2))
+    with pytest.raises(ValueError, match="malformed"):
+        make_wire(alice, address="not an address")
+
+
+@pytest.mark.parametrize("part", ["body", "sig"])
+def test_flipped_byte_is_bad_signature(alice: Identity, part: str) -> None:
+    wire = make_wire(alice)
+    blob = bytearray(wire[part])
+    # Flip the last byte of the expires float so the body still parses canonically.
+    index = wire["body"].index(msgpack.packb(NOW + 60)) + 8 if part == "body" else 5
+    blob[index] ^= 0x01
+    forged = dict(wire, **{part: bytes(blob)})
+    assert reason_of(forged) == "bad_signature"
+
+
+def _forge(signer: Identity, record: Record) -> dict:
+    body = encode_record(record)
+    return {"body": body, "sig": signer.sign(body)}
+
+
+def test_peer_id_mismatch_and_key_swap(alice: Identity, bob: Identity) -> None:
+    genuine = verify_record(make_wire(alice), now=NOW)
+    # Validly signed by A, with A's key, but claiming B's peer id.
+    assert reason_of(_forge(alice, replace(genuine, peer_id=bob.peer_id))) == "peer_id_mismatch"
+    # Claims B entirely (id and key) but signed by A: the signature cannot check out.
+    impostor = replace(genuine, peer_id=bob.peer_id, sign_key=bob.sign_public)
+    assert reason_of(_forge(alice, impostor)) == "bad_signature"
+
+
+def test_expired_and_too_far_future(alice: Identity) -> None:
+    assert reason_of(make_wire(alice, expires=NOW)) == "expired"
+    assert reason_of(make_wire(alice, expires=NOW - 1)) == "expired"
+    assert reason_of(make_wire(alice, expires=NOW + 301)) == "too_far_future"
+    assert verify_record(make_wire(alice, expires=NOW + 300), now=NOW).expires == NOW + 300
+    with pytest.raises(RecordRejected) as info:
+        verify_record(make_wire(alice, expires=NOW + 100), now=NOW, max_ttl=50)
+    assert info.value.reason == "too_far_future"
+
+
+def test_departure_window(alice: Identity) -> None:
+    last = verify_record(make_wire(alice, seq=3), now=NOW)
+    departure = sign_departure(alice, last, now=NOW)
+    record = verify_record(departure, now=NOW + 10)
+    assert record.departing and record.seq == 4
+    assert reason_of(departure, now=NOW + 301) == "expired"
+
+
+MALFORMED_WIRES = [
+    None, 42, b"bytes", [], {}, {"body": b"x"}, {"body": b"x", "sig": b"y" * 64, "extra": 1},
+    {"body": "str", "sig": b"y" * 64}, {"body": b"\xc1", "sig": b"y" * 64},
+    {"body": b"y" * 100_000, "sig": b"y" * 64}, {b"body": b"x", b"sig": b"y" * 64},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("junk", MALFORMED_WIRES)
+def test_malformed_wire(junk: object) -> None:
+    assert reason_of(junk) == "malformed"
+
+
+BAD_FIELDS = {
+    "peer_id": [1, "x" * 10_000, ""],
+    "sign_key": [b"k" * 31, "k" * 32, None],
+    "curve_key": [b"%" * 40, b"a" * 39, "a" * 40],
+    "address": ["", "a" * 1000, "tcp://a b", 5, "no-scheme"],
+    "model_id": ["", "m" * 10_000, b"gpt2", "a\nb"],
+    "layers": [[0], [1, 1], [2, 1], [-1, 3], [0, True], (0, "6"), None, [0, 2**64 - 1]],
+    "heads": [[3, 3], "0-6", [0, 1, 2]],
+    "throughput": [1, -1.0, float("nan"), float("inf"), "fast", True],
+    "load": [-0.5, None],
+    "seq": [-1, 1.0, True, 2**64 - 1, "1"],
+    "expires": [None, 1, float("inf")],
+    "insecure": [0, None, "yes"],
+    "departing": [1, None],
+    "v": [2, True, None],
+}
+
+
+def _body_map(wire: dict) -> dict:
+    return msgpack.unpackb(wire["body"], raw=False)
+
+
+@pytest.mark.parametrize("name,value", [(k, v) for k, vs in BAD_FIELDS.items() for v in vs])
+def test_malformed_fields_signed_by_real_key(alice: Identity, name: str, value: object) -> None:
+    # Signed correctly, so only strict field validation can catch it.
+    fields = _body_map(make_wire(alice))
+    fields[name] = value
+    body = msgpack.packb(fields, use_bin_type=True)
+    assert reason_of({"body": body, "sig": alice.sign(body)}) == "malformed"
+
+
+def test_missing_extra_and_noncanonical_bodies(alice: Identity) -> None:
+    good = _body_map(make_wire(alice))
+    missing = {k: v for k, v in good.items() if k != "load"}
+    extra = dict(good, bonus=1)
+    reordered = dict(reversed(list(good.items())))
+    for fields in (missing, extra, reordered, [good], "text"):
+        body = msgpack.packb(fields, use_bin_type=True)
+        assert reason_of({"body": body, "sig": alice.sign(body)}) == "malformed"
+    float32 = msgpack.packb(good, use_bin_type=True, use_single_float=True)
+    assert reason_of({"body": float32, "sig": alice.sign(float32)}) == "malformed"
+    trailing = make_wire(alice)["body"] + b"\x00"
+    assert reason_of({"body": trailing, "sig": alice.sign(trailing)}) == "malformed"
+
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=50),
+    st.binary(max_size=80),
+)
+_junk = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5),
+        st.dictionaries(st.one_of(st.text(max_size=10), st.integers(-(2**63), 2**63)), inner),
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    junk=_junk,
+    body=st.one_of(st.binary(max_size=300), _junk.map(lambda j: msgpack.packb(j, use_bin_type=True))),
+    sig=st.one_of(st.binary(min_size=64, max_size=64), _junk),
+)
+def test_fuzz_only_record_rejected(junk: object, body: bytes, sig: object) -> None:
+    for candidate in (junk, {"body": body, "sig": sig}, {"body": junk, "sig": sig}):
+        with pytest.raises(RecordRejected) as info:
+            verify_record(candidate, now=NOW)
+        assert info.value.reason in REASONS
+        assert RecordTable(clock=lambda: NOW).offer(candidate) == info.value.reason
+
+
+FIELD_NAMES = sorted(BAD_FIELDS)
+_SIGNER = generate_identity()
+_GOOD_FIELDS = _body_map(make_wire(_SIGNER))
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from(FIELD_NAMES), value=_junk, flip=st.integers(min_value=-1, max_value=400))
+def test_fuzz_validly_signed_junk_fields(name: str, value: object, flip: int) -> None:
+    # Correctly signed bodies reach the field validators, which random bytes rarely do.
+    fields = dict(_GOOD_FIELDS, **{name: value})
+    body = bytearray(msgpack.packb(fields, use_bin_type=True))
+    if 0 <= flip < len(body):
+        body[flip] ^= 0x5A
+    wire = {"body": bytes(body), "sig": _SIGNER.sign(bytes(body))}
+    try:
+        record = verify_record(wire, now=NOW)
+    except RecordRejected as e:
+        assert e.reason in REASONS
+    else:
+        assert record.peer_id == _SIGNER.peer_id
+    assert RecordTable(clock=Clock()).offer(wire) in (*REASONS, "accepted", "departed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Table
+
+
+class Clock:
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def snapshot(table: RecordTable) -> tuple:
+    return (table.records(), table.wires(), len(table))
+
+
+def test_table_accepts_replaces_and_rejects_stale(alice: Identity, bob: Identity) -> None:
+    table = RecordTable(clock=Clock())
+    assert table.offer(make_wire(alice, seq=5)) == "accepted"
+    assert table.offer(make_wire(bob, seq=1, model_id="other")) == "accepted"
+    before = snapshot(table)
+    assert table.offer(make_wire(alice, seq=4)) == "stale_seq"
+    assert table.offer(make_wire(alice, seq=5)) == "stale_seq"  # exact replay
+    assert snapshot(table) == before
+    newer = make_wire(alice, seq=6, load=0.5)
+    assert table.offer(newer) == "accepted"
+    assert table.get(alice.peer_id).seq == 6 and table.get(alice.peer_id).load == 0.5
+    assert len(table) == 2 and alice.peer_id in table
+    assert [r.peer_id for r in table.records("gpt2")] == [alice.peer_id]
+    assert newer in table.wires()
+    assert (table.accepted, table.rejected["stale_seq"]) == (3, 2)
+
+
+def test_table_wire_is_exact_and_independent(alice: Identity) -> None:
+    table = RecordTable(clock=Clock())
+    wire = make_wire(alice)
+    table.offer(wire)
+    wire["body"] = b"mutated"
+    [sent] = table.wires()
+    assert verify_record(sent, now=NOW).peer_id == alice.peer_id
+    assert RecordTable(clock=Clock()).offer(msgpack.unpackb(msgpack.packb(sent), raw=False)) == "accepted"
+
+
+def test_departure_removes_and_blocks_replay(alice: Identity, bob: Identity) -> None:
+    clock = Clock()
+    table = RecordTable(clock=clock)
+    old = make_wire(alice, seq=10)
+    table.offer(old)
+    table.offer(make_wire(bob, seq=1))
+    departure = sign_departure(alice, verify_record(old, now=NOW), now=NOW + 1)
+    clock.now = NOW + 2
+    assert table.offer(departure) == "departed"
+    assert table.get(alice.peer_id) is None and len(table) == 1
+    assert departure in table.wires()  # departures gossip onward
+    before = snapshot(table)
+    assert table.offer(old) == "stale_seq"
+    assert table.offer(departure) == "stale_seq"
+    assert snapshot(table) == before
+    # Other tables learn the departure from gossip too.
+    other = RecordTable(clock=clock)
+    other.offer(old)
+    for wire in table.wires():
+        other.offer(wire)
+    assert other.get(alice.peer_id) is None
+    # The peer may come back with a newer seq.
+    assert table.offer(make_wire(alice, seq=12)) == "accepted"
+    assert departure not in table.wires()
+
+
+def test_expiry_and_remove(alice: Identity, bob: Identity) -> None:
+    clock = Clock()
+    table = RecordTable(clock=clock)
+    table.offer(make_wire(alice, seq=1, expires=NOW + 10))
+    bob_wire = make_wire(bob, seq=1, expires=NOW + 100)
+    table.offer(bob_wire)
+    clock.now = NOW + 20
+    assert [r.peer_id for r in table.records()] == [bob.peer_id]
+    assert table.get(alice.peer_id) is None and len(table.wires()) == 1
+    assert table.expire() == 1
+    assert table.remove(bob.peer_id) and not table.remove(bob.peer_id)
+    assert table.offer(bob_wire) == "stale_seq"  # gossip echo does not re-add it
+    assert table.offer(make_wire(bob, seq=2, expires=NOW + 100)) == "accepted"
+
+
+def test_counters_count_each_reason(alice: Identity, bob: Identity) -> None:
+    table = RecordTable(clock=Clock())
+    genuine = verify_record(make_wire(alice), now=NOW)
+    flipped = dict(make_wire(alice), sig=bytes(64))
+    offers = {
+        "malformed": [None, {"body": b"", "sig": b""}],
+        "bad_signature": [flipped],
+        "peer_id_mismatch": [_forge(alice, replace(genuine, peer_id=bob.peer_id))],
+        "expired": [make_wire(alice, expires=NOW - 5)],
+        "too_far_future": [make_wire(alice, expires=NOW + 1000)],
+    }
+    for reason, wires in offers.items():
+        for wire in wires:
+            assert table.offer(wire) == reason
+    assert len(table) == 0 and table.accepted == 0
+    assert table.offer(make_wire(alice, seq=3)) == "accepted"
+    assert table.offer(make_wire(alice, seq=3)) == "stale_seq"
+    assert dict(table.rejected) == {
+        "malformed": 2,
+        "bad_signature": 1,
+        "peer_id_mismatch": 1,
+        "expired": 1,
+        "too_far_future": 1,
+        "stale_seq": 1,
+    }
+    assert table.accepted == 1

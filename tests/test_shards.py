@@ -1,0 +1,318 @@
+"""Checkpoint loaders, the model directory (sharding, hashes, head slices) and the tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanoswarm.shards import manifest as mf
+from nanoswarm.shards.loaders import (
+    CheckpointError,
+    load_checkpoint,
+    save_hf_checkpoint,
+    save_nanogpt_checkpoint,
+)
+from nanoswarm.shards.model import GPT, ModelConfig
+from nanoswarm.shards.tokenizer import (
+    EOT_TOKEN,
+    TokenizerFileError,
+    decode,
+    encode,
+    get_encoding,
+    load_bpe_ranks,
+)
+
+SMALL = ModelConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=1000, block_size=64, gelu="tanh")
+TWELVE_HEADS = ModelConfig(n_layer=2, n_head=12, n_embd=96, vocab_size=500, block_size=32, gelu="exact")
+
+
+def make_gpt(config: ModelConfig, seed: int = 0) -> GPT:
+    """A random GPT whose every weight matters: non-zero biases (so slicing them is tested) and
+    MLP pre-activations of order 1 (so the GELU form changes the output)."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            elif "ln_" in name:
+                p.normal_(1.0, 0.1)
+            elif "c_fc.weight" in name:
+                p.normal_(0.0, 0.15)
+    return model.eval()
+
+
+def from_flat(config: ModelConfig, sd: dict[str, torch.Tensor]) -> GPT:
+    model = GPT(config)
+    model.load_flat_state_dict(sd)
+    return model.eval()
+
+
+def ids_for(config: ModelConfig, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (2, 12), generator=g)
+
+
+@torch.no_grad()
+def max_diff(a: GPT, b: GPT, ids: torch.Tensor) -> float:
+    return (a(ids) - b(ids)).abs().max().item()
+
+
+# ---- tokenizer ----
+
+def test_tokenizer_known_sentence():
+    ids = encode("Hello world, this is GPT-2.")
+    assert ids == [15496, 995, 11, 428, 318, 402, 11571, 12, 17, 13]
+    assert decode(ids) == "Hello world, this is GPT-2."
+    assert get_encoding().n_vocab == 50257
+    assert encode("<|endoftext|>", allow_eot=True) == [EOT_TOKEN]
+    assert EOT_TOKEN not in encode("<|endoftext|>")  # user text cannot inject the special token
+
+
+def test_tokenizer_refuses_wrong_hash():
+    with pytest.raises(TokenizerFileError, match="sha256"):
+        load_bpe_ranks(expected_sha256="0" * 64)
+
+
+# ---- checkpoint layouts ----
+
+@pytest.mark.parametrize("prefix,use_safetensors", [(True, True), (False, True), (True, False)])
+def test_hf_layout_loads_to_same_logits(tmp_path, prefix, use_safetensors):
+    model = make_gpt(SMALL)
+    save_hf_checkpoint(SMALL, model.flat_state_dict(), tmp_path, use_transformer_prefix=prefix,
+                       safetensors=use_safetensors, include_buffers=True)
+    config, sd = load_checkpoint(tmp_path)
+    assert config == SMALL
+    assert "lm_head.weight" not in sd  # tied copy in pytorch_model.bin is recognised and dropped
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    assert max_diff(from_flat(config, sd), model, ids_for(SMALL)) <= 1e-5
+
+
+def test_hf_conv1d_weights_are_stored_transposed(tmp_path):
+    save_hf_checkpoint(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path)
+    raw = load_file(tmp_path / "model.safetensors")
+    assert raw["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)  # [in, out]
+    assert raw["transformer.h.0.mlp.c_proj.weight"].shape == (256, 64)
+
+
+@pytest.fixture(scope="module")
+def padded_nanogpt(tmp_path_factory):
+    """A nanoGPT ckpt.pt as torch.compile'd training leaves it: `_orig_mod.` keys, vocabulary
+    padded to 50304 with random extra rows, tied lm_head, old causal-mask buffers, exact GELU."""
+    config = ModelConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, block_size=32, gelu="exact")
+    model = make_gpt(config, seed=3)
+    flat = model.flat_state_dict()
+    wte = torch.cat([flat.pop("wte.weight"), torch.randn(50304 - 50257, 64)])
+    sd = {f"_orig_mod.transformer.{k}": v for k, v in flat.items()}
+    sd.update({"_orig_mod.transformer.wte.weight": wte, "_orig_mod.lm_head.weight": wte})
+    sd.update({f"_orig_mod.transformer.h.{i}.attn.bias": torch.ones(1, 1, 32, 32).tril() for i in range(2)})
+    args = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, "bias": True,
+            "vocab_size": 50304, "dropout": 0.0}
+    path = tmp_path_factory.mktemp("nanogpt") / "ckpt.pt"
+    torch.save({"model": sd, "model_args": args, "iter_num": 5, "best_val_loss": 3.0}, path)
+    return path, model
+
+
+def test_nanogpt_padded_vocab_loads_to_reference_logits(padded_nanogpt):
+    path, model = padded_nanogpt
+    config, sd = load_checkpoint(path)
+    assert config.vocab_size == 50257 and config.gelu == "exact"
+    assert sd["wte.weight"].shape == (50257, 64) and "lm_head.weight" not in sd
+    assert max_diff(from_flat(config, sd), model, ids_for(config)) <= 1e-5
+
+
+def test_gelu_form_matters(padded_nanogpt):
+    path, model = padded_nanogpt
+    config, sd = load_checkpoint(path, gelu="tanh")
+    assert config.gelu == "tanh"
+    assert max_diff(from_flat(config, sd), model, ids_for(config)) > 1e-4
+
+
+def test_nanogpt_without_bias_round_trips(tmp_path):
+    config = ModelConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=300, block_size=32, bias=False,
+                         gelu="tanh")
+    model = make_gpt(config)
+    save_nanogpt_checkpoint(config, model.flat_state_dict(), tmp_path / "out" / "ckpt.pt",
+                            extra={"iter_num": 1})
+    loaded, sd = load_checkpoint(tmp_path / "out")  # nanoGPT out_dir works as well as the file
+    assert loaded == config  # the writer records the GELU form it was given
+    assert not any(k.endswith("bias") for k in sd)
+    assert max_diff(from_flat(loaded, sd), model, ids_for(config)) <= 1e-5
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="neither"):
+        load_checkpoint(tmp_path)
+    sd = make_gpt(SMALL).flat_state_dict()
+    del sd["h.2.mlp.c_fc.weight"]
+    with pytest.raises(CheckpointError, match=r"h\.2\.mlp\.c_fc\.weight"):
+        save_hf_checkpoint(SMALL, sd, tmp_path / "hf")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+# ---- model directory ----
+
+def test_model_dir_round_trip(tmp_path):
+    model = make_gpt(SMALL)
+    manifest = mf.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=3)
+    names = sorted(f.name for f in manifest.files)
+    assert names == ["blocks-0-3.safetensors", "blocks-3-4.safetensors", "embeddings.safetensors",
+                     "head.safetensors"]
+    assert mf.read_manifest(tmp_path) == manifest
+    loaded = mf.load_model(tmp_path)
+    assert loaded.head.lm_head.weight is loaded.embeddings.wte.weight  # still tied, one tensor
+    assert max_diff(loaded, model, ids_for(SMALL)) <= 1e-5
+
+
+def test_untied_head_round_trips(tmp_path):
+    model = make_gpt(SMALL)
+    sd = {**model.flat_state_dict(), "lm_head.weight": torch.randn(1000, 64)}
+    save_hf_checkpoint(SMALL, sd, tmp_path / "hf")
+    config, loaded_sd = load_checkpoint(tmp_path / "hf")
+    assert torch.equal(loaded_sd["lm_head.weight"], sd["lm_head.weight"])
+    mf.write_model_dir(config, loaded_sd, tmp_path / "dir", layers_per_shard=2)
+    head = mf.load_head(tmp_path / "dir")
+    assert torch.equal(head.lm_head.weight, sd["lm_head.weight"])
+    gpt = mf.load_model(tmp_path / "dir")
+    assert torch.equal(gpt.head.lm_head.weight, sd["lm_head.weight"])
+    assert torch.equal(gpt.embeddings.wte.weight, sd["wte.weight"])
+
+
+def test_load_blocks_across_file_boundary(tmp_path):
+    model = make_gpt(SMALL)
+    mf.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=2)
+    blocks = mf.load_blocks(tmp_path, 1, 3)
+    assert not blocks.training and not any(p.requires_grad for p in blocks.parameters())
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        expected = model.blocks.h["2"](model.blocks.h["1"](x))
+        assert (blocks(x) - expected).abs().max().item() <= 1e-5
+
+
+def test_tampered_shard_is_refused(tmp_path):
+    model = make_gpt(SMALL)
+    mf.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=2)
+    path = tmp_path / "blocks-2-4.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(mf.ShardIntegrityError, match=r"blocks-2-4\.safetensors"):
+        mf.load_blocks(tmp_path, 2, 4)
+    with pytest.raises(mf.ShardIntegrityError, match=r"blocks-2-4\.safetensors"):
+        mf.load_model(tmp_path)
+    mf.load_blocks(tmp_path, 0, 2)  # only the files a load needs are checked
+    mf.load_embeddings(tmp_path)
+    mf.load_head(tmp_path)
+
+
+def test_missing_layer_is_a_clear_error(tmp_path):
+    manifest = mf.write_model_dir(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path, layers_per_shard=2)
+    manifest.files = [f for f in manifest.files if f.name != "blocks-2-4.safetensors"]
+    with pytest.raises(mf.ManifestError, match="layer 2"):
+        mf.load_blocks(tmp_path, 1, 3, manifest=manifest)
+
+
+@torch.no_grad()
+def assert_slices_sum_to_blocks(model: GPT, slices: list, config: ModelConfig) -> None:
+    x = torch.randn(2, 7, config.n_embd)
+    for i in range(config.n_layer):
+        parts = [s.h[str(i)] for s in slices]
+        h = x + sum(p.attn_partial(x, None, 0) for p in parts)
+        out = h + sum(p.mlp_partial(h) for p in parts)
+        assert (out - model.blocks.h[str(i)](x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("config,splits", [(SMALL, [(0, 2), (2, 4)]),
+                                           (TWELVE_HEADS, [(0, 5), (5, 9), (9, 12)])])
+@pytest.mark.parametrize("from_files", [True, False])
+def test_head_slices_sum_to_full_block(tmp_path, config, splits, from_files):
+    model = make_gpt(config)
+    manifest = mf.write_model_dir(config, model.flat_state_dict(), tmp_path, layers_per_shard=1,
+                                  head_splits=splits if from_files else None)
+    sliced = {f.name for f in manifest.files if f.heads}
+    if from_files:
+        assert f"blocks-0-1-heads-{splits[1][0]}-{splits[1][1]}.safetensors" in sliced
+        assert len(sliced) == config.n_layer * len(splits)
+        for f in manifest.files:  # prove the head-sliced files are the ones used
+            if f.role == "blocks" and f.heads is None:
+                (tmp_path / f.name).unlink()
+    else:
+        assert not sliced
+    slices = [mf.load_blocks(tmp_path, 0, config.n_layer, heads=s) for s in splits]
+    assert [s.h["0"].attn.c_proj.bias is not None for s in slices] == [True] + [False] * (len(splits) - 1)
+    assert_slices_sum_to_blocks(model, slices, config)
+
+
+def test_float16_storage_round_trip(tmp_path):
+    model = make_gpt(SMALL)
+    manifest = mf.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=2,
+                                  dtype=torch.float16)
+    assert manifest.dtype == "float16"
+    assert load_file(tmp_path / "blocks-0-2.safetensors")["h.0.ln_1.weight"].dtype == torch.float16
+    rounded = from_flat(SMALL, {k: v.half().float() for k, v in model.flat_state_dict().items()})
+    ids = ids_for(SMALL)
+    assert max_diff(mf.load_model(tmp_path), rounded, ids) <= 1e-5
+    assert max_diff(mf.load_model(tmp_path), model, ids) <= 5e-2
+    assert mf.load_blocks(tmp_path, 0, 2, dtype=torch.float16).h["0"].ln_1.weight.dtype == torch.float16
+
+
+def test_model_id_depends_on_weights_only(tmp_path):
+    sd = make_gpt(SMALL).flat_state_dict()
+    a = mf.write_model_dir(SMALL, sd, tmp_path / "a", layers_per_shard=2)
+    b = mf.write_model_dir(SMALL, sd, tmp_path / "b", layers_per_shard=2, progress=False)
+    other = make_gpt(SMALL, seed=9).flat_state_dict()
+    c = mf.write_model_dir(SMALL, other, tmp_path / "c", layers_per_shard=2)
+    assert a.model_id == b.model_id != c.model_id
+    assert len(a.model_id) == 64
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["model_id"] == a.model_id
+    assert mf.Manifest.from_json(a.to_json()).model_id == a.model_id
+
+
+def test_manifest_validation(tmp_path):
+    manifest = mf.write_model_dir(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path, layers_per_shard=2)
+    good = json.loads(manifest.to_json())
+
+    def broken(change) -> str:
+        d = json.loads(json.dumps(good))
+        change(d)
+        return json.dumps(d)
+
+    with pytest.raises(mf.ManifestError, match="model_id"):
+        mf.Manifest.from_json(broken(lambda d: d["config"].update(gelu="exact")))
+    with pytest.raises(mf.ManifestError, match="file name"):
+        mf.Manifest.from_json(broken(lambda d: d["files"][0].update(name="../x")))
+    with pytest.raises(mf.ManifestError, match="config fields"):
+        mf.Manifest.from_json(broken(lambda d: d["config"].pop("gelu")))
+    with pytest.raises(mf.ManifestError, match="layers"):
+        mf.Manifest.from_json(broken(lambda d: d["files"][2].update(layers=[3, 9])))
+    with pytest.raises(mf.ManifestError, match="JSON"):
+        mf.Manifest.from_json("{")
+    with pytest.raises(mf.ManifestError, match="manifest.json"):
+        mf.read_manifest(tmp_path / "nowhere")
+
+
+def test_parse_head_splits():
+    assert mf.parse_head_splits("0:6,6:12", None, 12) == [(0, 6), (6, 12)]
+    assert mf.parse_head_splits(None, 5, 12) == [(0, 3), (3, 6), (6, 8), (8, 10), (10, 12)]
+    assert mf.parse_head_splits(None, None, 12) is None
+    for spec in ("0:6,7:12", "0:6", "a:b", "0:6:9", "6:6,0:6,6:12"):
+        with pytest.raises(ValueError):
+            mf.parse_head_splits(spec, None, 12)
+    with pytest.raises(ValueError):
+        mf.parse_head_splits("0:12", 2, 12)
+    with pytest.raises(ValueError):
+        mf.parse_head_splits(None, 13, 12)
+
+
+def test_shard_checkpoint_from_nanogpt(tmp_path, padded_nanogpt):
+    path, model = padded_nanogpt
+    manifest = mf.shard_checkpoint(path, tmp_path, layers_per_shard=1, head_splits=[(0, 1), (1, 4)])
+    assert manifest.config.vocab_size == 50257 and manifest.config.gelu == "exact"
+    assert max_diff(mf.load_model(tmp_path), model, ids_for(manifest.config)) <= 1e-5
