@@ -40,8 +40,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def small12_model_dir(tmp_path_factory) -> Path:
-    """12 blocks, 12 heads: for failover and head-group tests; head files 5+4+3 and 6+6."""
-    return make_model_dir(tmp_path_factory.mktemp("small12"), SMALL12, seed=1)
+    """12 blocks, 12 heads: for failover and head-group tests; head-sliced files 5+4+3 (other
+    splits are sliced in memory at load)."""
+    return make_model_dir(tmp_path_factory.mktemp("small12"), SMALL12, seed=1, layers_per_shard=4,
+                          head_splits=[(0, 5), (5, 9), (9, 12)])
 
 
 @pytest.fixture(scope="session")

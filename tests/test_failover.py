@@ -1,0 +1,108 @@
+"""Failover: a generation survives peers dying, freezing or leaving, with identical tokens."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from nanoswarm.client.api import GenerationResult, SwarmModel
+from nanoswarm.client.generate import GenerationStats, SamplingParams
+from nanoswarm.client.session import SessionError
+from nanoswarm.client.swarm import SwarmOptions
+from nanoswarm.node.cluster import LocalCluster, NodeSpec
+
+SEEDED = SamplingParams(temperature=1.0, top_k=200, seed=1234)
+PROMPT, N_TOKENS, FAIL_AT = "Once upon a time", 64, 20
+TIMEOUT = 3.0
+
+
+@pytest.fixture(scope="module")
+def expected_ids(small12_model_dir) -> list[int]:
+    """The no-failure run (the single-process model gives the same tokens as a swarm)."""
+    ids = SwarmModel.local(small12_model_dir).generate(PROMPT, N_TOKENS, SEEDED).ids
+    assert len(ids) == N_TOKENS
+    return ids
+
+
+def generate_with_fault(model_dir, swarm: LocalCluster, fault, notices: list[str]) -> GenerationResult:
+    """Seeded generation; after FAIL_AT tokens `fault(index of a node on the route)` runs."""
+    model = SwarmModel.connect(model_dir, peers=swarm.addresses,
+                               options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
+    result = GenerationResult(PROMPT, [], [], "", [], GenerationStats())
+    try:
+        for _ in model.stream(PROMPT, N_TOKENS, SEEDED, result, on_failover=notices.append):
+            if len(result.ids) == FAIL_AT:
+                fault(swarm.addresses.index(result.route[0]["peers"][0]))
+    finally:
+        model.close()
+    return result
+
+
+def two_by_two() -> list[NodeSpec]:
+    return [NodeSpec((0, 6)), NodeSpec((0, 6)), NodeSpec((6, 12)), NodeSpec((6, 12))]
+
+
+def test_sigkill_mid_generation(small12_model_dir, cluster_factory, expected_ids):
+    swarm = cluster_factory(small12_model_dir, two_by_two())
+    notices: list[str] = []
+    result = generate_with_fault(small12_model_dir, swarm, lambda i: swarm.kill(i, signal.SIGKILL), notices)
+    assert result.ids == expected_ids
+    assert result.failovers == 1 and len(notices) == 1 and "failover" in notices[0]
+    assert "layers 0:6" in notices[0]
+
+
+def test_frozen_peer_times_out_and_fails_over(small12_model_dir, cluster_factory, expected_ids):
+    swarm = cluster_factory(small12_model_dir, two_by_two())
+    frozen = []
+
+    def freeze(i):
+        frozen.append(i)
+        swarm.kill(i, signal.SIGSTOP)
+
+    notices: list[str] = []
+    t0 = time.monotonic()
+    try:
+        result = generate_with_fault(small12_model_dir, swarm, freeze, notices)
+    finally:
+        for i in frozen:
+            swarm.kill(i, signal.SIGCONT)
+    assert result.ids == expected_ids
+    assert result.failovers == 1 and "timeout" in notices[0]
+    assert time.monotonic() - t0 < 60
+
+
+def test_replacement_covers_the_range_differently(small12_model_dir, cluster_factory, expected_ids):
+    # The route takes 0:6 in one hop; when it dies, 0:4 + 4:6 on two peers replace it.
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((0, 4)), NodeSpec((4, 6)),
+                                                NodeSpec((6, 12))])
+    notices: list[str] = []
+    result = generate_with_fault(small12_model_dir, swarm, lambda i: swarm.kill(i, signal.SIGKILL), notices)
+    assert result.ids == expected_ids
+    assert [s["layers"] for s in result.route] == [[0, 4], [4, 6], [6, 12]]
+
+
+def test_sigterm_peer_leaves_gracefully(small12_model_dir, cluster_factory, expected_ids):
+    swarm = cluster_factory(small12_model_dir, two_by_two())
+    notices: list[str] = []
+    result = generate_with_fault(small12_model_dir, swarm, lambda i: swarm.kill(i, signal.SIGTERM), notices)
+    assert result.ids == expected_ids
+    assert len(notices) == 1 and "leaving" in notices[0]
+
+
+def test_only_holder_dies_gives_clear_error(small12_model_dir, cluster_factory):
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((6, 12))])
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
+                               options=SwarmOptions(timeout=TIMEOUT))
+    result = GenerationResult(PROMPT, [], [], "", [], GenerationStats())
+    t0 = None
+    try:
+        with pytest.raises(SessionError, match=r"no peer serves layers 6:12"):
+            for _ in model.stream(PROMPT, N_TOKENS, SEEDED, result):
+                if len(result.ids) == FAIL_AT:
+                    swarm.kill(1, signal.SIGKILL)
+                    t0 = time.monotonic()
+        assert time.monotonic() - t0 < TIMEOUT + 5
+    finally:
+        model.close()

@@ -1,0 +1,79 @@
+"""Head shards: one block split across peers by attention heads, summed by the client."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.route import PeerInfo, build_route
+from nanoswarm.client.transport import PeerConnection
+from nanoswarm.node.cluster import NodeSpec
+from nanoswarm.shards.model import KVCache
+from test_swarm import PROMPT_LEN, DECODE_STEPS, random_ids, reference_logits, swarm_logits
+
+SPLITS = {
+    "2 groups 6+6": [(0, 6), (6, 12)],
+    "3 groups 5+4+3": [(0, 5), (5, 9), (9, 12)],
+    "12 groups of one head": [(h, h + 1) for h in range(12)],
+}
+
+
+@pytest.mark.parametrize("name", list(SPLITS))
+def test_head_group_logits_match(small12_model_dir, cluster_factory, name):
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 12), h) for h in SPLITS[name]])
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses)
+    try:
+        plan = model.swarm.plan()
+        assert len(plan) == 1 and plan[0].heads == SPLITS[name]
+        ids = random_ids(PROMPT_LEN + DECODE_STEPS, seed=4)
+        got = swarm_logits(model, ids)
+        want = reference_logits(small12_model_dir, ids)[PROMPT_LEN - 1:]
+        assert (got - want).abs().max().item() <= 1e-5
+    finally:
+        model.close()
+
+
+def test_mixed_route_of_layer_stages_and_a_head_group(small12_model_dir, cluster_factory):
+    specs = [NodeSpec((0, 4)), NodeSpec((4, 8), (0, 6)), NodeSpec((4, 8), (6, 12)), NodeSpec((8, 12))]
+    swarm = cluster_factory(small12_model_dir, specs)
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses)
+    local = SwarmModel.local(small12_model_dir)
+    try:
+        route = [(p.start, p.stop, p.is_head_group) for p in model.swarm.plan()]
+        assert route == [(0, 4, False), (4, 8, True), (8, 12, False)]
+        ids = random_ids(PROMPT_LEN + DECODE_STEPS, seed=5)
+        got = swarm_logits(model, ids)
+        assert (got - reference_logits(small12_model_dir, ids)[PROMPT_LEN - 1:]).abs().max().item() <= 1e-5
+        greedy = SamplingParams(temperature=0)
+        assert model.generate("Split heads", 20, greedy).ids == local.generate("Split heads", 20, greedy).ids
+    finally:
+        model.close()
+
+
+def test_kv_cache_holds_only_the_nodes_heads(small12_model_dir, cluster_factory):
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 12), (0, 5)), NodeSpec((0, 12), (5, 12))])
+    config = SwarmModel.local(small12_model_dir).config
+    for address, (a, b) in zip(swarm.addresses, [(0, 5), (5, 12)]):
+        conn = PeerConnection(address, timeout=10)
+        try:
+            opened = conn.request("open", {"max_length": 64})
+            want = KVCache.bytes_for(12, b - a, config.head_dim, 64)
+            assert opened.fields["kv_bytes"] == want
+            info = conn.request("info").fields
+            assert info["heads"] == [a, b] and info["kv_bytes"] == want
+            assert want < KVCache.bytes_for(12, config.n_head, config.head_dim, 64)
+        finally:
+            conn.close()
+
+
+def test_route_prefers_fewer_round_trips():
+    def peer(addr, layers, heads=None, rtt=0.001):
+        return PeerInfo(addr, addr, "m", layers, heads, rtt=rtt)
+
+    peers = [peer("a", (0, 4)), peer("b", (4, 8), rtt=0.01), peer("h1", (4, 8), (0, 6)),
+             peer("h2", (4, 8), (6, 12)), peer("c", (8, 12))]
+    route = build_route(peers, 12, 12)
+    assert [p.peers[0].address for p in route] == ["a", "b", "c"]  # slower, but 1 round trip
+    route = build_route([p for p in peers if p.address != "b"], 12, 12)
+    assert route[1].heads == [(0, 6), (6, 12)]
