@@ -226,6 +226,41 @@ def cluster(model_dir: Path, nodes: int, threads: int) -> None:
         harness.stop()
 
 
+@main.command()
+@click.argument("prompt", default="ROMEO:")
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Model directory (default: the demo model shipped with nanoswarm).")
+@click.option("--nodes", type=int, default=3, show_default=True)
+@click.option("--max-new-tokens", type=int, default=120, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.option("--top-k", type=int, default=40, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
+def demo(prompt: str, model_dir: Path | None, nodes: int, max_new_tokens: int, temperature: float,
+         top_k: int, seed: int | None, as_json: bool) -> None:
+    """Start a local swarm of NODES nodes on the demo model and generate from PROMPT."""
+    from nanoswarm.client.api import SwarmModel
+    from nanoswarm.client.generate import SamplingParams
+    from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
+    from nanoswarm.shards.demo import demo_model_dir
+    from nanoswarm.shards.manifest import read_manifest
+
+    model_dir = model_dir or demo_model_dir()
+    n_layer = read_manifest(model_dir).config.n_layer
+    harness = LocalCluster(model_dir, [NodeSpec(r) for r in even_split(n_layer, nodes)], threads=1)
+    _stop_on_sigterm()
+    click.echo(f"starting {nodes} local nodes for {model_dir} ...", err=True)
+    with harness:
+        for n in harness.nodes:
+            click.echo(f"  node {n.address} layers {n.spec.layers[0]}:{n.spec.layers[1]}", err=True)
+        model = SwarmModel.connect(model_dir, peers=harness.addresses)
+        try:
+            _run_generation(model, prompt, max_new_tokens, SamplingParams(temperature, top_k, None, seed),
+                            as_json)
+        finally:
+            model.close()
+
+
 def _stop_on_sigterm() -> None:
     def raise_interrupt(*_):
         raise KeyboardInterrupt
