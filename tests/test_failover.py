@@ -26,15 +26,17 @@ def expected_ids(small12_model_dir) -> list[int]:
     return ids
 
 
-def generate_with_fault(model_dir, swarm: LocalCluster, fault, notices: list[str]) -> GenerationResult:
-    """Seeded generation; after FAIL_AT tokens `fault(index of a node on the route)` runs."""
+def generate_with_fault(model_dir, swarm: LocalCluster, fault, notices: list[str],
+                        pick=lambda route: route[0]["peers"][0]) -> GenerationResult:
+    """Seeded generation; after FAIL_AT tokens `fault(index of a node on the route)` runs: the
+    first peer of the first stage, or with `pick` the peer that `pick(route)` names."""
     model = SwarmModel.connect(model_dir, peers=swarm.addresses,
                                options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
     result = GenerationResult(PROMPT, [], [], "", [], GenerationStats())
     try:
         for _ in model.stream(PROMPT, N_TOKENS, SEEDED, result, on_failover=notices.append):
             if len(result.ids) == FAIL_AT:
-                fault(swarm.addresses.index(result.route[0]["peers"][0]))
+                fault(swarm.addresses.index(pick(result.route)))
     finally:
         model.close()
     return result
@@ -106,3 +108,14 @@ def test_only_holder_dies_gives_clear_error(small12_model_dir, cluster_factory):
         assert time.monotonic() - t0 < TIMEOUT + 5
     finally:
         model.close()
+
+
+def test_dead_head_group_member_is_replaced(small12_model_dir, cluster_factory, expected_ids):
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 12), (0, 6)), NodeSpec((0, 12), (6, 12)),
+                                                NodeSpec((0, 12), (6, 12))])
+    notices: list[str] = []
+    result = generate_with_fault(small12_model_dir, swarm, lambda i: swarm.kill(i, signal.SIGKILL), notices,
+                                 pick=lambda route: route[0]["peers"][1])  # the member with heads 6:12
+    assert result.ids == expected_ids
+    assert result.failovers == 1
+    assert result.route[0]["heads"] == [[0, 6], [6, 12]]
