@@ -1,0 +1,81 @@
+"""How long a failover adds to one decode step, at several positions.
+
+    .venv/bin/python scripts/bench_failover.py [--shape gpt2-small|tiny] [--positions 20,200,800]
+
+Swarm: two nodes serve blocks 0:n/2 and two serve n/2:n. A session decodes to each position,
+then the route's first peer is SIGKILLed; the next step detects the drop (TCP close), plans a
+replacement, replays the history into it and finishes. Prints the failing step's time, a normal
+step's time, and the difference: the time the failover adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from nanoswarm.client.api import SwarmModel  # noqa: E402
+from nanoswarm.client.swarm import SwarmOptions  # noqa: E402
+from nanoswarm.node.cluster import LocalCluster, NodeSpec  # noqa: E402
+from nanoswarm.shards.manifest import write_model_dir  # noqa: E402
+from nanoswarm.shards.model import GPT, ModelConfig  # noqa: E402
+
+SHAPES = {
+    "gpt2-small": ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "tiny": ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=1024),
+}
+
+
+def measure(model_dir: Path, n_layer: int, position: int) -> tuple[float, float]:
+    half = n_layer // 2
+    specs = [NodeSpec((0, half)), NodeSpec((0, half)), NodeSpec((half, n_layer)), NodeSpec((half, n_layer))]
+    with LocalCluster(model_dir, specs, threads=1) as swarm:
+        model = SwarmModel.connect(model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=30))
+        session = model.session(position + 8)
+        embed = model.client.embed
+        session.step(embed([1] * position, 0))
+        normal = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            session.step(embed([2], session.pos))
+            normal.append(time.perf_counter() - t0)
+        victim = swarm.addresses.index(session.stages[0].peers[0])
+        swarm.kill(victim, signal.SIGKILL)
+        t0 = time.perf_counter()
+        session.step(embed([3], session.pos))
+        failing = time.perf_counter() - t0
+        assert session.failovers == 1
+        session.close()
+        model.close()
+    return failing, statistics.median(normal)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
+    ap.add_argument("--positions", default="20,200,800")
+    args = ap.parse_args()
+    config = SHAPES[args.shape]
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_model_dir(config, GPT(config).flat_state_dict(), tmp, 3, progress=False)
+        print(f"shape {args.shape}: failover by SIGKILL of the first stage's peer "
+              f"(blocks 0:{config.n_layer // 2}), torch {torch.__version__}, 1 thread per node")
+        print(f"{'position':>9} {'failing step ms':>16} {'normal step ms':>15} {'added ms':>9}")
+        for pos in (int(p) for p in args.positions.split(",")):
+            failing, normal = measure(Path(tmp), config.n_layer, pos)
+            print(f"{pos:>9} {failing * 1000:>16.1f} {normal * 1000:>15.1f} {(failing - normal) * 1000:>9.1f}")
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
