@@ -106,9 +106,24 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
 @click.option("--max-message-mb", type=int, default=None)
 @click.option("--max-inflight", type=int, default=None, help="Requests in flight per peer.")
 @click.option("--idle-timeout", type=float, default=None, help="Seconds before an idle session is reclaimed.")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Node identity (default: one in the user config dir, created on first run).")
+@click.option("--bootstrap", multiple=True, help="Contact (ADDRESS#KEY) of a swarm node; repeat or comma-separate.")
+@click.option("--allow-keys", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Private swarm: accept only these CURVE public keys (one a line).")
+@click.option("--insecure", is_flag=True, help="No encryption on this node's socket (ZeroMQ CURVE off).")
+@click.option("--num-blocks", type=int, default=None, help="Without --layers: serve this many blocks.")
+@click.option("--memory-budget-mb", type=int, default=None,
+              help="Without --layers: memory for weights (default: a quarter of available RAM).")
+@click.option("--ttl", type=float, default=60.0, show_default=True, help="Lifetime of the node's signed record.")
+@click.option("--gossip-interval", type=float, default=1.0, show_default=True, help="Seconds between gossip rounds.")
+@click.option("--rebalance-interval", type=float, default=30.0, show_default=True,
+              help="Without --layers: seconds between checks whether to serve other blocks.")
 def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, device: str,
          dtype: str, threads: int | None, max_sessions, kv_budget_mb, max_session_length,
-         max_tokens_per_step, max_message_mb, max_inflight, idle_timeout) -> None:
+         max_tokens_per_step, max_message_mb, max_inflight, idle_timeout, key_file: Path | None,
+         bootstrap: tuple[str, ...], allow_keys: Path | None, insecure: bool, num_blocks: int | None,
+         memory_budget_mb: int | None, ttl: float, gossip_interval: float, rebalance_interval: float) -> None:
     """Serve blocks of MODEL_DIR to the swarm until SIGTERM or Ctrl-C."""
     import dataclasses
 
@@ -124,7 +139,10 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, de
     limits = dataclasses.replace(NodeLimits(), **overrides)
     logging.getLogger("nanoswarm").setLevel(min(logging.getLogger().level, logging.INFO))
     run_node(NodeOptions(model_dir, _range(layers, "--layers"), _range(heads, "--heads"), listen,
-                         device, dtype, threads, limits))
+                         device, dtype, threads, limits, key_file=key_file,
+                         bootstrap=_peer_list(",".join(bootstrap)), allow_keys=allow_keys, insecure=insecure,
+                         ttl=ttl, gossip_interval=gossip_interval, num_blocks=num_blocks,
+                         memory_budget_mb=memory_budget_mb, rebalance_interval=rebalance_interval))
 
 
 # ----- client ------------------------------------------------------------------------------
@@ -135,7 +153,11 @@ def _peer_list(peers: str | None) -> list[str]:
 @main.command()
 @click.argument("prompt")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--peers", default=None, help="Comma-separated node addresses.")
+@click.option("--peers", default=None, help="Comma-separated node contacts (ADDRESS#KEY, as nodes print them).")
+@click.option("--bootstrap", multiple=True, help="Contact of any swarm node: the route comes from its table.")
+@click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Use this identity's CURVE key (private swarms); default: a fresh key per run.")
+@click.option("--insecure", is_flag=True, help="Allow unencrypted links to nodes that run without a key.")
 @click.option("--max-new-tokens", type=int, default=50, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=int, default=None)
@@ -145,7 +167,8 @@ def _peer_list(peers: str | None) -> list[str]:
 @click.option("--wire", type=click.Choice(["float32", "float16", "bfloat16", "q80"]), default="float32",
               show_default=True, help="Format of hidden states on the wire (float32 is exact).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
-def generate(prompt: str, model_dir: Path, peers: str | None, max_new_tokens: int, temperature: float,
+def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[str, ...], key_file: Path | None,
+             insecure: bool, max_new_tokens: int, temperature: float,
              top_k: int | None, top_p: float | None, seed: int | None, timeout: float, wire: str,
              as_json: bool) -> None:
     """Generate text from PROMPT through the swarm, streaming it to stdout."""
@@ -153,15 +176,26 @@ def generate(prompt: str, model_dir: Path, peers: str | None, max_new_tokens: in
     from nanoswarm.client.generate import SamplingParams
     from nanoswarm.client.swarm import SwarmOptions
 
-    addresses = _peer_list(peers)
-    if not addresses:
-        raise click.UsageError("give --peers")
-    model = SwarmModel.connect(model_dir, peers=addresses, options=SwarmOptions(timeout=timeout, wire=wire))
+    addresses, bootstraps = _peer_list(peers), _peer_list(",".join(bootstrap))
+    if not addresses and not bootstraps:
+        raise click.UsageError("give --bootstrap or --peers")
+    options = SwarmOptions(timeout=timeout, wire=wire, client_keys=_client_keys(key_file), insecure=insecure)
+    model = SwarmModel.connect(model_dir, peers=addresses, bootstrap=bootstraps, options=options)
     try:
         _run_generation(model, prompt, max_new_tokens,
                         SamplingParams(temperature, top_k, top_p, seed), as_json)
     finally:
         model.close()
+
+
+def _client_keys(key_file: Path | None) -> tuple[bytes, bytes] | None:
+    """(CURVE public, secret) of an identity file, for private swarms; None: ephemeral keys."""
+    if key_file is None:
+        return None
+    from nanoswarm.keys.identity import load_identity
+
+    identity = load_identity(key_file)
+    return identity.curve_public, identity.curve_secret
 
 
 def _run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: bool) -> dict:
@@ -198,6 +232,75 @@ def _route_line(route: list[dict]) -> str:
         heads = f" heads {stage['heads']}" if stage.get("heads") else ""
         parts.append(f"{a}:{b} @ {','.join(stage['peers'])}{heads}")
     return "route: " + " -> ".join(parts)
+
+
+# ----- discovery and identities -----------------------------------------------------------
+@main.command()
+@click.option("--bootstrap", multiple=True, required=True, help="Contact (ADDRESS#KEY) of any swarm node.")
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Only this model's peers; its block count shows gaps at the end too.")
+@click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Use this identity's CURVE key (private swarms).")
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | None, timeout: float,
+          as_json: bool) -> None:
+    """Print the swarm as a bootstrap node sees it: peers, coverage per block, gaps."""
+    from nanoswarm.client.discovery import fetch_table, format_report, swarm_report
+
+    fetched = fetch_table(_peer_list(",".join(bootstrap)), timeout, _client_keys(key_file))
+    if not fetched.answered:
+        raise click.ClickException("no bootstrap node answered: " + "; ".join(fetched.errors.values()))
+    n_layers, model_id = None, None
+    if model_dir is not None:
+        from nanoswarm.shards.manifest import read_manifest
+
+        manifest = read_manifest(model_dir)
+        model_id, n_layers = manifest.model_id, {manifest.model_id: manifest.config.n_layer}
+    report = swarm_report(fetched.table, n_layers, model_id)
+    if as_json:
+        click.echo(json.dumps({"models": report, "rejected": dict(fetched.table.rejected),
+                               "bootstrap": fetched.answered}))
+    else:
+        click.echo(format_report(report))
+        if fetched.table.rejected:
+            click.echo(f"rejected records: {dict(fetched.table.rejected)}")
+
+
+@main.group()
+def keys() -> None:
+    """Node identities: an Ed25519 signing key and a CURVE key pair in one 0600 file."""
+
+
+@keys.command("generate")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Key file to write (default: the node's default key file).")
+@click.option("--force", is_flag=True, help="Replace an existing file.")
+def keys_generate(out: Path | None, force: bool) -> None:
+    """Create a new identity and print its public parts."""
+    from nanoswarm.keys.identity import default_key_path, describe_identity, generate_identity, save_identity
+
+    path = out or default_key_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    identity = generate_identity()
+    save_identity(identity, path, overwrite=force)
+    info = describe_identity(identity)
+    click.echo(f"peer id     {info['peer_id']}\ncurve key   {info['curve_public']}\nkey file    {path}")
+
+
+@keys.command("show")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def keys_show(file: Path, as_json: bool) -> None:
+    """Print the public parts of a key file (peer id, Ed25519 and CURVE public keys)."""
+    from nanoswarm.keys.identity import describe_identity, load_identity
+
+    info = describe_identity(load_identity(file))
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        click.echo(f"peer id         {info['peer_id']}\ned25519 public  {info['ed25519_public']}\n"
+                   f"curve public    {info['curve_public']}")
 
 
 # ----- the local harness -------------------------------------------------------------------
@@ -265,6 +368,68 @@ def _stop_on_sigterm() -> None:
     def raise_interrupt(*_):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, raise_interrupt)
+
+
+# ----- benchmark ---------------------------------------------------------------------------
+@main.command()
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Benchmark this model directory instead of random weights of --shape.")
+@click.option("--shape", type=click.Choice(["gpt2-small", "tiny"]), default="gpt2-small", show_default=True)
+@click.option("--stages", default="1,2,4", show_default=True, help="Layer stages (nodes) to try.")
+@click.option("--sessions", default="1,8", show_default=True, help="Concurrent sessions to try.")
+@click.option("--head-groups", type=int, default=2, show_default=True, help="Head-shard nodes in a group; 0 skips.")
+@click.option("--wires", default="float16,bfloat16,q80", show_default=True,
+              help="Wire formats tried besides float32, on the largest route.")
+@click.option("--tokens", type=int, default=32, show_default=True, help="Decode steps per round.")
+@click.option("--prompt-len", type=int, default=128, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="Rounds per side and route.")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch threads, here and per node.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep random-weight model dirs here (reused next time) instead of a temp dir.")
+@click.option("--quick", is_flag=True, help="A few tokens only: a smoke test, not a measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def bench(model_dir: Path | None, shape: str, stages: str, sessions: str, head_groups: int, wires: str,
+          tokens: int, prompt_len: int, repeats: int, threads: int, work_dir: Path | None, quick: bool,
+          as_json: bool) -> None:
+    """Local vs swarm speed on loopback: decode, prefill, per-stage overhead, bytes, batching."""
+    from nanoswarm.bench import BenchOptions, format_report, parse_ints, parse_names, run_bench
+
+    if quick:
+        tokens, prompt_len, repeats = min(tokens, 4), min(prompt_len, 16), 1
+    opts = BenchOptions(model_dir, shape, parse_ints(stages), parse_ints(sessions), head_groups,
+                        parse_names(wires), tokens, prompt_len, repeats, session_tokens=4 if quick else 16,
+                        threads=threads, work_dir=work_dir)
+    result = run_bench(opts)
+    click.echo(json.dumps(result) if as_json else format_report(result))
+
+
+# ----- load --------------------------------------------------------------------------------
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--peers", default=None, help="Comma-separated node contacts; default: start a local swarm.")
+@click.option("--nodes", type=int, default=2, show_default=True, help="Size of the local swarm.")
+@click.option("--node-args", default="", help="Options for the started nodes, e.g. '--max-sessions 32'.")
+@click.option("--sessions", type=int, default=16, show_default=True, help="Concurrent client sessions.")
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds.")
+@click.option("--prompt-tokens", type=int, default=8, show_default=True)
+@click.option("--new-tokens", type=int, default=16, show_default=True, help="Decode steps per session.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per request.")
+@click.option("--no-verify", is_flag=True, help="Skip comparing every step's logits to a solo run.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+def load(model_dir: Path, peers: str | None, nodes: int, node_args: str, sessions: int, duration: float,
+         prompt_tokens: int, new_tokens: int, timeout: float, no_verify: bool, as_json: bool) -> None:
+    """Concurrent sessions against a swarm: served, refused, failed, latency, node memory.
+    Exits 1 unless nothing failed, no node crashed, memory stayed bounded and logits matched."""
+    import shlex
+
+    from nanoswarm.client.load import LoadOptions, format_report, run_load
+
+    report = run_load(LoadOptions(model_dir, _peer_list(peers), nodes, shlex.split(node_args),
+                                  sessions=sessions, duration=duration, prompt_tokens=prompt_tokens,
+                                  new_tokens=new_tokens, timeout=timeout, verify=not no_verify))
+    click.echo(json.dumps(report.to_json()) if as_json else format_report(report))
+    if not report.ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

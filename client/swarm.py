@@ -8,6 +8,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from nanoswarm.keys.contact import split_contact
+
 from .route import PeerInfo, StagePlan, build_route
 from .stages import HeadGroupStage, RemoteLayerStage, Stage
 from .transport import PeerConnection, PeerError
@@ -26,8 +28,8 @@ class SwarmOptions:
     timeout: float = 30.0        # seconds a peer may take to answer one step
     wire: str = "float32"        # format of hidden states on the wire
     ban_seconds: float = 30.0    # first ban; doubles with every further strike
-    client_keys: tuple[bytes, bytes] | None = None
-    insecure: bool = False       # connect without CURVE even when a peer has a key
+    client_keys: tuple[bytes, bytes] | None = None  # (public, secret); None: ephemeral per link
+    insecure: bool = False       # allow unencrypted links to peers that have no CURVE key
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Swarm:
                 self.rejected[address] = f"{e.code}: {e.message}"
                 log.warning("peer %s: %s", address, e)
                 continue
-            self.add_info(address, reply.fields, rtt)
+            self.add_info(address, reply.fields, rtt, curve_key=split_contact(address)[1])
 
     def add_info(self, address: str, info: dict, rtt: float = 0.0, curve_key: bytes | None = None) -> None:
         if info.get("model_id") != self.model_id:
@@ -83,10 +85,15 @@ class Swarm:
 
     # ----- connections and stages ---------------------------------------------------------
     def connection(self, address: str) -> PeerConnection:
+        """The link to `address` (a contact string, endpoint#key): CURVE with the peer's key from
+        its signed record or its contact; a peer without a key only with options.insecure."""
         conn = self._conns.get(address)
         if conn is None:
             info = self.peers.get(address)
-            key = None if self.options.insecure or info is None else info.curve_key
+            key = info.curve_key if info is not None and info.curve_key is not None else split_contact(address)[1]
+            if key is None and not self.options.insecure:
+                raise PeerError(address, "insecure", "no CURVE key for this peer: give its contact "
+                                "(ADDRESS#KEY, printed by the node) or allow unencrypted links with --insecure")
             conn = PeerConnection(address, self.options.timeout, server_key=key,
                                   client_keys=self.options.client_keys)
             self._conns[address] = conn

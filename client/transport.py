@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import zmq
 
+from nanoswarm.keys.contact import split_contact
 from nanoswarm.protocol.errors import ProtocolError
 from nanoswarm.protocol.messages import Message, decode, encode
 
@@ -40,6 +41,9 @@ class PeerConnection:
                  ctx: zmq.Context | None = None):
         self.address = address
         self.timeout = timeout
+        # `address` may be a contact string (endpoint#key, keys/contact.py): it carries the key.
+        endpoint, contact_key = split_contact(address)
+        server_key = server_key if server_key is not None else contact_key
         self.socket = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         if server_key is not None:  # CURVE: only the holder of the node's secret can answer
@@ -47,7 +51,13 @@ class PeerConnection:
             self.socket.curve_serverkey = server_key
             self.socket.curve_publickey = public
             self.socket.curve_secretkey = secret
-        self.socket.connect(address)
+        # A peer that dies closes its TCP connection: the monitor reports that at once, so a
+        # killed peer costs milliseconds, not the whole timeout.
+        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.Poller()
+        self._poller.register(self.socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self.socket.connect(endpoint)
         self._ids = itertools.count(random.randrange(1, 2**31))
         self.leaving = False  # set when the peer announced it is going away
         self.bytes_sent = 0
@@ -67,8 +77,15 @@ class PeerConnection:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.socket.poll(max(1, int(left * 1000))):
+            ready = dict(self._poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
+            if self._monitor in ready:
+                self._monitor.recv_multipart()
+                if not self.socket.poll(0):  # replies that arrived before the drop still count
+                    raise PeerError(self.address, "disconnected", "connection closed by the peer")
+            if not ready:
                 raise PeerTimeout(self.address, timeout)
+            if self.socket not in ready and not self.socket.poll(0):
+                continue
             frames = self.socket.recv_multipart(copy=False)
             self.bytes_received += sum(len(f) for f in frames)
             try:
@@ -101,4 +118,6 @@ class PeerConnection:
                 pass
 
     def close(self) -> None:
+        self.socket.disable_monitor()
+        self._monitor.close(linger=0)
         self.socket.close(linger=0)

@@ -6,9 +6,11 @@ import ctypes
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,8 +51,9 @@ def _die_with_parent() -> None:
 class NodeProcess:
     spec: NodeSpec
     proc: subprocess.Popen
-    address: str = ""
+    address: str = ""  # the node's contact string: endpoint#curvekey (keys/contact.py)
     lines: queue.Queue = field(default_factory=queue.Queue)
+    key_file: Path | None = None  # the identity the harness made for it, if any
 
     @property
     def pid(self) -> int:
@@ -60,14 +63,18 @@ class NodeProcess:
 class LocalCluster:
     def __init__(self, model_dir: str | Path, specs: list[NodeSpec], threads: int | None = 1,
                  args: list[str] | None = None, env: dict[str, str] | None = None,
-                 stderr=None):
+                 stderr=None, bootstrap: bool = True):
         self.model_dir = Path(model_dir)
         self.specs = specs
         self.threads = threads
         self.args = args or []
         self.env = env or {}
         self.stderr = stderr
+        # Nodes started together are introduced to each other once they listen; a node added
+        # later bootstraps from the first one.  Gossip takes it from there.
+        self.bootstrap = bootstrap
         self.nodes: list[NodeProcess] = []
+        self._key_dir: str | None = None
 
     @property
     def addresses(self) -> list[str]:
@@ -93,13 +100,27 @@ class LocalCluster:
         # Idle OpenMP threads must sleep, not spin: several nodes share two cores here
         # (docs/performance.md measured 0.63 of local speed with spinning threads).
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1", **self.env}
-        proc = subprocess.Popen(self.command(spec), stdout=subprocess.PIPE, stderr=self.stderr,
+        cmd = self.command(spec)
+        key_file = None
+        if "--key-file" not in cmd:  # every node needs its own identity (peer id, CURVE key)
+            key_file = self._new_key_file()
+            cmd += ["--key-file", str(key_file)]
+        if self.bootstrap and self.nodes and self.nodes[0].address and "--bootstrap" not in cmd:
+            cmd += ["--bootstrap", self.nodes[0].address]  # a node added to a running swarm
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr,
                                 stdin=subprocess.DEVNULL, env=env, text=True,
                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        node = NodeProcess(spec, proc)
+        node = NodeProcess(spec, proc, key_file=key_file)
         threading.Thread(target=self._pump, args=(node,), daemon=True).start()
         self.nodes.append(node)
         return node
+
+    def _new_key_file(self) -> Path:
+        from nanoswarm.keys.identity import generate_identity, save_identity
+
+        if self._key_dir is None:
+            self._key_dir = tempfile.mkdtemp(prefix="nanoswarm-keys-")
+        return save_identity(generate_identity(), Path(self._key_dir) / f"node{len(self.nodes)}.key")
 
     @staticmethod
     def _pump(node: NodeProcess) -> None:
@@ -127,6 +148,8 @@ class LocalCluster:
             for node in [self._spawn(spec) for spec in self.specs]:
                 node.address = self._wait_listening(node, timeout)
             self.wait_ready(timeout)
+            if self.bootstrap:
+                self.introduce()
         except BaseException:
             self.stop()
             raise
@@ -142,6 +165,19 @@ class LocalCluster:
             except PeerError as e:
                 raise RuntimeError(f"node at {node.address} is not answering: {e}") from e
             finally:
+                conn.close()
+
+    def introduce(self, timeout: float = 10.0) -> None:
+        """Hand every node the signed records of all the others (relayed unchanged, as gossip
+        does), so nodes started in parallel form one swarm at once."""
+        from nanoswarm.client.transport import PeerConnection
+        conns = [PeerConnection(n.address, timeout=timeout, **self._conn_kwargs(n)) for n in self.nodes]
+        try:
+            wires = [w for c in conns for w in c.request("records", {"want": True}).fields["records"]]
+            for conn in conns:
+                conn.request("records", {"records": wires, "want": False})
+        finally:
+            for conn in conns:
                 conn.close()
 
     def _conn_kwargs(self, node: NodeProcess) -> dict:
@@ -166,6 +202,9 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 node.proc.kill()
                 node.proc.wait()
+        if self._key_dir is not None:
+            shutil.rmtree(self._key_dir, ignore_errors=True)
+            self._key_dir = None
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -10,9 +11,13 @@ from pathlib import Path
 
 import torch
 
+from nanoswarm.keys.contact import format_contact
+from nanoswarm.keys.identity import Identity, load_or_create_identity, read_allowed_keys
 from nanoswarm.shards.manifest import load_blocks, read_manifest
 
+from .gossip import Gossip, GossipOptions
 from .handler import RequestHandler
+from .placement import Rebalancer, blocks_for_budget, choose_start, coverage, default_memory_budget
 from .server import NodeServer
 from .sessions import NodeLimits
 
@@ -29,7 +34,18 @@ class NodeOptions:
     dtype: str = "float32"
     threads: int | None = None
     limits: NodeLimits = field(default_factory=NodeLimits)
-    peer_id: str | None = None
+    peer_id: str | None = None           # default: the identity's peer id
+    # Identity, gossip and links (docs/discovery.md).
+    key_file: Path | None = None         # None: the default key file, created on first use
+    bootstrap: list[str] = field(default_factory=list)  # contact strings of known nodes
+    allow_keys: Path | None = None       # private swarm: only these CURVE keys may connect
+    insecure: bool = False               # no CURVE on our socket (tests, trusted networks)
+    ttl: float = 60.0                    # lifetime of our signed record
+    gossip_interval: float = 1.0
+    # Automatic block choice, used when neither layers nor heads are given.
+    num_blocks: int | None = None        # default: what the memory budget holds
+    memory_budget_mb: int | None = None  # default: a quarter of the available memory
+    rebalance_interval: float = 30.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -55,14 +71,69 @@ def build_handler(opts: NodeOptions) -> RequestHandler:
     return handler
 
 
+def _choose_layers(opts: NodeOptions, identity: Identity) -> tuple[tuple[int, int], int, list]:
+    """Blocks for a node started without --layers: (range, number of blocks, wires learned)."""
+    manifest = read_manifest(opts.model_dir)
+    config = manifest.config
+    if opts.num_blocks is not None:
+        n_blocks = max(1, min(opts.num_blocks, config.n_layer))
+    else:
+        budget = opts.memory_budget_mb * 2**20 if opts.memory_budget_mb else default_memory_budget()
+        n_blocks = blocks_for_budget(config, budget, getattr(torch, opts.dtype))
+    if n_blocks >= config.n_layer:
+        return (0, config.n_layer), config.n_layer, []
+    from nanoswarm.client.discovery import fetch_table
+
+    fetched = fetch_table(opts.bootstrap, timeout=5.0,
+                          client_keys=(identity.curve_public, identity.curve_secret)) if opts.bootstrap else None
+    records = fetched.table.records(manifest.model_id) if fetched else []
+    others = [r for r in records if r.peer_id != identity.peer_id]
+    guess = sum(r.throughput for r in others) / len(others) if others else 1.0
+    start = choose_start(coverage(others, config.n_layer, config.n_head), n_blocks, guess)
+    log.info("chose blocks %d:%d (%d blocks; %d peers of this model known)", start, start + n_blocks,
+             n_blocks, len(others))
+    return (start, start + n_blocks), n_blocks, fetched.table.wires() if fetched else []
+
+
 def run_node(opts: NodeOptions) -> None:
-    """Serve until SIGTERM/Ctrl-C. Prints `listening ADDRESS` on stdout once ready (the harness
-    reads it to learn the port when the listen address ends in `:*`)."""
+    """Serve until SIGTERM/Ctrl-C. Prints `listening CONTACT` on stdout once ready and announced:
+    the contact is ADDRESS#CURVEKEY (keys/contact.py); the harness reads it to learn the port
+    when the listen address ends in `:*`, and the key to connect."""
+    identity = load_or_create_identity(opts.key_file)  # first: a bad key file fails at once
+    allow = read_allowed_keys(opts.allow_keys) if opts.allow_keys else None
+    if allow is not None and opts.insecure:
+        raise ValueError("--allow-keys needs encrypted links; it cannot be combined with --insecure")
+    auto = opts.layers is None and opts.heads is None
+    learned: list = []
+    n_blocks = 0
+    if auto:
+        layers, n_blocks, learned = _choose_layers(opts, identity)
+        opts = dataclasses.replace(opts, layers=layers)
+    opts = dataclasses.replace(opts, peer_id=opts.peer_id or identity.peer_id)
     handler = build_handler(opts)
-    server = NodeServer(handler, opts.listen)
+    secret, public = (None, None) if opts.insecure else (identity.curve_secret, identity.curve_public)
+    server = NodeServer(handler, opts.listen, curve_secret=secret, curve_public=public, allow_keys=allow)
+    gossip = Gossip(identity, handler, server.address,
+                    GossipOptions(list(opts.bootstrap), opts.ttl, opts.gossip_interval), opts.insecure)
+    gossip.offer_all(learned)
+    gossip.refresh()
+    gossip.attach(server)
+    if auto and n_blocks < handler.config.n_layer:
+        manifest = read_manifest(opts.model_dir)
+        rebalancer = Rebalancer(handler, gossip, n_blocks, lambda a, b: load_blocks(
+            opts.model_dir, a, b, manifest=manifest, device=resolve_device(opts.device),
+            dtype=getattr(torch, opts.dtype)), opts.rebalance_interval, settle=3 * opts.gossip_interval)
+        server.add_timer(min(opts.gossip_interval, opts.rebalance_interval) / 4, rebalancer.check)
+    if opts.bootstrap and not gossip.exchange_now(opts.bootstrap):
+        log.warning("no bootstrap node answered; serving anyway and retrying in the background")
+    contact = format_contact(server.address, public)
+    handler.extra_info.update(address=server.address, contact=contact, insecure=opts.insecure,
+                              curve_key=None if public is None else public.decode("ascii"))
     server.install_signal_handlers()
-    handler.extra_info["address"] = server.address
-    print(f"listening {server.address}", flush=True)
+    print(f"listening {contact}", flush=True)
     sys.stdout.flush()
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        gossip.close()
     log.info("node stopped")

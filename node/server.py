@@ -25,6 +25,11 @@ POLL_MS = 50
 MAX_BATCH = 64
 
 
+def zmq_max_msgsize(max_message_bytes: int) -> int:
+    """ZeroMQ's per-frame limit for a node whose message limit is `max_message_bytes`."""
+    return 2 * max_message_bytes
+
+
 class NodeServer:
     def __init__(self, handler: RequestHandler, listen: str,
                  curve_secret: bytes | None = None, curve_public: bytes | None = None,
@@ -34,7 +39,10 @@ class NodeServer:
         self.socket = self.ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 500)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished client must not block us
-        self.socket.setsockopt(zmq.MAXMSGSIZE, handler.limits.max_message_bytes)
+        # libzmq drops the connection, without a reply, on a frame over MAXMSGSIZE; leave room
+        # above our own limit so that most oversized messages get a clear `too_large` reply from
+        # decode() (docs/reliability.md).
+        self.socket.setsockopt(zmq.MAXMSGSIZE, zmq_max_msgsize(handler.limits.max_message_bytes))
         self.socket.setsockopt(zmq.SNDHWM, 10000)
         self.socket.setsockopt(zmq.RCVHWM, 10000)
         self._auth = None
@@ -43,8 +51,9 @@ class NodeServer:
                 from zmq.auth.thread import ThreadAuthenticator
                 self._auth = ThreadAuthenticator(self.ctx)
                 self._auth.start()
-                self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
-                self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowList(allow_keys))
+                # The callback alone decides (configure_curve_callback turns allow-any off); it is
+                # registered for the exact domain our socket asks ZAP about.
+                self._auth.configure_curve_callback(domain="nanoswarm", credentials_provider=_AllowList(allow_keys))
                 self.socket.zap_domain = b"nanoswarm"
             self.socket.curve_secretkey = curve_secret
             self.socket.curve_publickey = curve_public
@@ -141,11 +150,10 @@ class _AllowList:
     """ZAP credentials callback: accept exactly the listed CURVE public keys (z85)."""
 
     def __init__(self, keys: set[bytes]):
-        from zmq.utils import z85
-        self.raw = {z85.decode(k) for k in keys}
+        self.keys = set(keys)
 
     def callback(self, domain: str, key: bytes) -> bool:
-        ok = key in self.raw
+        ok = key in self.keys  # pyzmq's authenticator hands over the client key in z85
         if not ok:
             log.warning("refused a client key not in --allow-keys")
         return ok

@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import torch
+from conftest import TINY
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.shards.loaders import save_nanogpt_checkpoint
 from nanoswarm.shards.model import GPT
-
-from conftest import TINY
 
 CLI = [sys.executable, "-m", "nanoswarm"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from test_swarm import DECODE_STEPS, PROMPT_LEN, random_ids, reference_logits, swarm_logits
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
@@ -10,7 +11,6 @@ from nanoswarm.client.route import PeerInfo, build_route
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.shards.model import KVCache
-from test_swarm import PROMPT_LEN, DECODE_STEPS, random_ids, reference_logits, swarm_logits
 
 SPLITS = {
     "2 groups 6+6": [(0, 6), (6, 12)],

@@ -1,0 +1,175 @@
+"""Finding the swarm from one bootstrap contact: fetch its table of signed records, verify them.
+
+Nothing a bootstrap node says is trusted as such: every record is verified here (signature,
+peer id, lifetime; keys/records.py) and only then used, and each peer is reached with the CURVE
+key from its own signed record, so a bootstrap cannot send us to an impostor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from nanoswarm.keys.contact import format_contact
+from nanoswarm.keys.records import Record
+from nanoswarm.keys.table import RecordTable
+
+from .transport import PeerConnection, PeerError
+
+log = logging.getLogger(__name__)
+
+
+class DiscoveryError(Exception):
+    """No bootstrap contact answered."""
+
+
+@dataclass
+class Fetched:
+    table: RecordTable
+    answered: list[str]  # bootstrap contacts that replied
+    rtt: dict[str, float]  # contact -> seconds for the records request
+    errors: dict[str, str]  # contact -> why it failed
+
+
+def record_contact(record: Record) -> str:
+    """How to reach the node behind a record: endpoint#key, or the bare endpoint if --insecure."""
+    return format_contact(record.address, None if record.insecure else record.curve_key)
+
+
+def record_age(record: Record, now: float | None = None) -> float:
+    """Seconds since the record was signed: nodes use wall-clock microseconds as seq (seq_now)."""
+    now = time.time() if now is None else now
+    return max(0.0, now - record.seq / 1e6)
+
+
+def fetch_wires(contact: str, timeout: float = 5.0,
+                client_keys: tuple[bytes, bytes] | None = None) -> tuple[list, float]:
+    """One `records` request (want=True, nothing pushed); returns the raw wires and the rtt."""
+    conn = PeerConnection(contact, timeout, client_keys=client_keys)
+    try:
+        t0 = time.perf_counter()
+        reply = conn.request("records", {"records": [], "want": True})
+        return reply.fields["records"], time.perf_counter() - t0
+    finally:
+        conn.close()
+
+
+def fetch_table(bootstrap: list[str], timeout: float = 5.0,
+                client_keys: tuple[bytes, bytes] | None = None) -> Fetched:
+    """Ask every bootstrap contact for its table; verified records from all of them, merged."""
+    table = RecordTable()
+    fetched = Fetched(table, [], {}, {})
+    for contact in bootstrap:
+        try:
+            wires, rtt = fetch_wires(contact, timeout, client_keys)
+        except (PeerError, ValueError) as e:
+            fetched.errors[contact] = str(e)
+            log.warning("bootstrap %s: %s", contact, e)
+            continue
+        fetched.answered.append(contact)
+        fetched.rtt[contact] = rtt
+        for wire in wires:
+            table.offer(wire)  # verifies; a bad record is counted in table.rejected and dropped
+    if table.rejected:
+        log.warning("bootstrap sent records that failed verification: %s", dict(table.rejected))
+    return fetched
+
+
+def record_info(record: Record) -> dict:
+    """The `info`-like fields the route builder needs, from a verified record."""
+    return {"peer_id": record.peer_id, "model_id": record.model_id, "layers": list(record.layers),
+            "heads": list(record.heads) if record.heads else None, "throughput": record.throughput,
+            "load": record.load, "insecure": record.insecure, "expires": record.expires,
+            "seq": record.seq, "source": "record"}
+
+
+def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int:
+    """Fill `swarm` (client/swarm.py) with the peers of its model from the bootstraps' tables.
+
+    Peers are keyed by their contact string (endpoint#key).  Records of --insecure nodes are
+    skipped unless the swarm allows insecure links.  Returns how many peers were added; raises
+    DiscoveryError if no bootstrap answered.
+    """
+    fetched = fetch_table(bootstrap, timeout, swarm.options.client_keys)
+    if not fetched.answered:
+        detail = "; ".join(f"{c}: {e}" for c, e in fetched.errors.items())
+        raise DiscoveryError(f"no bootstrap node answered ({detail})")
+    rtt = min(fetched.rtt.values())  # a stand-in until the first real exchange with each peer
+    added = 0
+    for record in fetched.table.records(swarm.model_id):
+        contact = record_contact(record)
+        if record.insecure and not swarm.options.insecure:
+            swarm.rejected[contact] = "node runs without encryption (--insecure); not used"
+            continue
+        swarm.add_info(contact, record_info(record), rtt, curve_key=None if record.insecure else record.curve_key)
+        added += 1
+    log.info("bootstrap: %d records, %d peers for model %s", len(fetched.table), added, swarm.model_id[:12])
+    return added
+
+
+# ----- `nanoswarm peers` ------------------------------------------------------------------
+def _spans(blocks: list[int]) -> list[str]:
+    from .route import format_layers
+
+    return format_layers(blocks).split(", ") if blocks else []
+
+
+def swarm_report(table: RecordTable, n_layers: dict[str, int] | None = None, model_id: str | None = None,
+                 now: float | None = None) -> list[dict]:
+    """Per model: its peers and the coverage of every block (summed tokens/s) with the gaps.
+
+    `n_layers` gives a model's block count (from its manifest); otherwise it is the highest block
+    any record serves, so gaps after the last served block cannot be seen.
+    """
+    now = time.time() if now is None else now
+    by_model: dict[str, list[Record]] = {}
+    for r in table.records(model_id):
+        by_model.setdefault(r.model_id, []).append(r)
+    if model_id is not None:
+        by_model.setdefault(model_id, [])
+    out = []
+    for mid, records in sorted(by_model.items()):
+        known = (n_layers or {}).get(mid)
+        n_layer = known or max((r.layers[1] for r in records), default=0)
+        cover = [[0.0, 0] for _ in range(n_layer)]
+        for r in records:
+            tps = r.throughput if r.heads is None else 0.0  # a head shard alone runs no block
+            for i in range(r.layers[0], min(r.layers[1], n_layer)):
+                cover[i][0] += tps
+                cover[i][1] += 1
+        out.append({
+            "model_id": mid, "n_layer": n_layer, "n_layer_known": known is not None,
+            "peers": [{"peer_id": r.peer_id, "contact": record_contact(r), "address": r.address,
+                       "layers": list(r.layers), "heads": list(r.heads) if r.heads else None,
+                       "throughput": r.throughput, "load": r.load, "age": record_age(r, now),
+                       "expires_in": r.expires - now, "insecure": r.insecure}
+                      for r in sorted(records, key=lambda r: (r.layers, r.peer_id))],
+            "coverage": [{"block": i, "throughput": t, "peers": n} for i, (t, n) in enumerate(cover)],
+            "gaps": _spans([i for i, (_, n) in enumerate(cover) if n == 0]),
+        })
+    return out
+
+
+def format_report(report: list[dict]) -> str:
+    """The report as readable tables."""
+    lines: list[str] = []
+    for m in report:
+        extent = f"{m['n_layer']} blocks" + ("" if m["n_layer_known"] else " seen")
+        lines.append(f"model {m['model_id'][:16]} ({extent}, {len(m['peers'])} peers)")
+        lines.append(f"  {'PEER':<28} {'ADDRESS':<24} {'LAYERS':<7} {'HEADS':<6} {'TOK/S':>8} {'LOAD':>5} {'AGE':>6}")
+        for p in m["peers"]:
+            heads = f"{p['heads'][0]}:{p['heads'][1]}" if p["heads"] else "all"
+            lines.append(f"  {p['peer_id']:<28} {p['address']:<24} {p['layers'][0]}:{p['layers'][1]:<5} "
+                         f"{heads:<6} {p['throughput']:>8.1f} {p['load']:>5.2f} {p['age']:>5.0f}s")
+        lines.append("  coverage (tokens/s of the peers serving each block, whole-block peers only):")
+        cov, i = m["coverage"], 0
+        while i < len(cov):  # group runs of blocks with the same coverage
+            j = i
+            while j + 1 < len(cov) and (cov[j + 1]["throughput"], cov[j + 1]["peers"]) == (
+                    cov[i]["throughput"], cov[i]["peers"]):
+                j += 1
+            lines.append(f"    blocks {i}:{j + 1:<4} {cov[i]['throughput']:>8.1f} tokens/s  {cov[i]['peers']} peers")
+            i = j + 1
+        lines.append(f"  gaps: {', '.join(m['gaps']) if m['gaps'] else 'none'}")
+    return "\n".join(lines) if lines else "no records"

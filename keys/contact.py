@@ -1,0 +1,53 @@
+"""Contact addresses: a ZeroMQ endpoint plus the CURVE public key of the node behind it.
+
+    tcp://127.0.0.1:5555#<64 hex digits>     a node with CURVE (the default)
+    tcp://127.0.0.1:5555                     a node started with --insecure (no key)
+
+CURVE needs the server's public key before connecting, so an address alone is not enough to
+reach a node; the contact string carries both.  The key is printed as hex so the string can be
+pasted into a shell unquoted (z85 uses `$`, `&`, `<`, ...); a 40-character z85 key after the
+`#` is accepted too.  Nodes print their contact on the `listening` line and `nanoswarm cluster`
+prints one per node; `--peers` and `--bootstrap` take them.
+"""
+
+from __future__ import annotations
+
+import binascii
+
+from zmq.utils import z85
+
+from .identity import is_z85_key
+
+_HEX_LEN = 64
+
+
+def split_contact(contact: str) -> tuple[str, bytes | None]:
+    """'tcp://h:p#KEY' -> ('tcp://h:p', z85 key bytes); a plain endpoint -> (endpoint, None).
+
+    Raises ValueError for a key part that is neither 64 hex digits nor a 40-character z85 key.
+    """
+    endpoint, sep, key = contact.strip().partition("#")
+    if not sep:
+        return endpoint, None
+    if len(key) == _HEX_LEN:
+        try:
+            raw = binascii.unhexlify(key)
+        except binascii.Error:
+            raise ValueError(f"contact {contact!r}: the key after '#' is not valid hex") from None
+        return endpoint, z85.encode(raw)
+    z = key.encode("ascii", "replace")
+    if is_z85_key(z):
+        return endpoint, z
+    raise ValueError(f"contact {contact!r}: expected a CURVE key after '#' (64 hex digits or 40 z85 characters)")
+
+
+def format_contact(endpoint: str, curve_key: bytes | None) -> str:
+    """The printable contact of a node: endpoint#hexkey, or the bare endpoint without a key."""
+    if curve_key is None:
+        return endpoint
+    return f"{endpoint}#{z85.decode(curve_key).hex()}"
+
+
+def endpoint_of(contact: str) -> str:
+    """The ZeroMQ endpoint part of a contact string (no validation of the key)."""
+    return contact.strip().partition("#")[0]

@@ -1,0 +1,256 @@
+"""Gossip of signed records between nodes (push-pull over the existing `records` request).
+
+Every node owns a RecordTable (keys/table.py) holding the latest verified record of every peer,
+its own included.  A round (every `interval` seconds) sends our wires to `fanout` random known
+peers, plus the bootstrap nodes while we know few peers (and every tenth round after), in one
+`records` request with want=True; the reply carries their table, offered to ours.  Both sides
+learn from one exchange, so a record reaches all N nodes in about log(N) rounds.
+
+Everything here runs on the server thread (server timers), so the DEALER sockets are never
+shared between threads.  Requests are sent without blocking and replies are read by a separate
+fast timer: a dead peer never stalls serving; after `peer_timeout` without an answer its link is
+dropped and its record forgotten locally (a newer record from it brings it back).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from nanoswarm.client.discovery import record_contact
+from nanoswarm.client.transport import PeerConnection
+from nanoswarm.keys.contact import endpoint_of
+from nanoswarm.keys.identity import Identity
+from nanoswarm.keys.records import DEFAULT_MAX_TTL, seq_now, sign_departure, sign_record
+from nanoswarm.keys.table import RecordTable
+from nanoswarm.protocol.errors import ProtocolError
+from nanoswarm.protocol.messages import Message, decode
+
+if TYPE_CHECKING:
+    from .handler import RequestHandler
+    from .server import NodeServer
+
+log = logging.getLogger(__name__)
+
+MAX_WIRES = 128  # records taken from one message
+WIRE_BUDGET = 48 * 1024  # bytes of records per message, under the 64 KiB header limit
+
+
+@dataclass
+class GossipOptions:
+    bootstrap: list[str] = field(default_factory=list)  # contact strings
+    ttl: float = 60.0            # lifetime of our record; re-signed every ttl/3
+    interval: float = 1.0        # seconds between rounds
+    fanout: int = 3              # random known peers per round
+    peer_timeout: float = 10.0   # seconds without an answer before a link is dropped
+    max_ttl: float = DEFAULT_MAX_TTL
+
+
+@dataclass
+class _Link:
+    conn: PeerConnection
+    peer_id: str | None = None
+    pending: dict[int, float] = field(default_factory=dict)  # request id -> time sent
+
+
+class Gossip:
+    def __init__(self, identity: Identity, handler: RequestHandler, address: str,
+                 options: GossipOptions | None = None, insecure: bool = False):
+        self.identity = identity
+        self.handler = handler
+        self.address = address  # our endpoint, as announced
+        self.options = options or GossipOptions()
+        if not 0 < self.options.ttl <= self.options.max_ttl:
+            raise ValueError(f"--ttl must be in (0, {self.options.max_ttl:.0f}] seconds")
+        if not self.options.interval > 0:
+            raise ValueError("--gossip-interval must be positive")
+        self.insecure = insecure
+        self.table = RecordTable(max_ttl=self.options.max_ttl)
+        self.own: dict[str, bytes] | None = None
+        self.departed = False
+        self.rounds = 0
+        self._links: dict[str, _Link] = {}  # by endpoint
+        self.stats: dict[str, Any] = {}
+        handler.on_records = self.on_records
+        handler.extra_info["gossip"] = self.stats  # the same dict, kept current by _update_stats
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    def attach(self, server: NodeServer) -> None:
+        server.add_timer(self.options.interval, self.round)
+        server.add_timer(min(0.1, self.options.interval / 3), self.drain)
+        server.add_timer(self.options.ttl / 3, self.refresh)
+        server.on_leave.append(self.depart)
+
+    # ----- our record ---------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Sign a fresh record of what we serve now; it replaces the old one everywhere."""
+        if self.departed:
+            return
+        blocks, info = self.handler.blocks, self.handler.info()
+        self.own = sign_record(
+            self.identity, address=self.address, model_id=self.handler.model_id,
+            layers=(blocks.start, blocks.stop), heads=tuple(blocks.heads) if self.handler.head_shard else None,
+            throughput=float(self.handler.stats.throughput), load=float(info.get("load") or 0.0),
+            seq=seq_now(), expires=time.time() + self.options.ttl, insecure=self.insecure)
+        result = self.table.offer(self.own)
+        if result != "accepted":
+            log.warning("our own record was not accepted by our table: %s", result)
+        self._update_stats()
+
+    def depart(self) -> None:
+        """On SIGTERM: sign a departure (expires now) and push it to every peer we know.
+
+        Not waiting here: the server keeps polling through its leave grace period, during which
+        the messages go out and their acknowledgements are read (other nodes may be leaving too,
+        and must not wait on each other).
+        """
+        if self.departed or self.own is None:
+            return
+        last = self.table.get(self.peer_id)
+        if last is None:
+            return
+        departure = sign_departure(self.identity, last, seq=max(seq_now(), last.seq + 1))
+        self.table.offer(departure)
+        self.departed = True
+        targets = list(dict.fromkeys(self._known_contacts() + self.options.bootstrap))
+        for contact in targets:
+            self._send(contact, [departure], want=False)
+        log.info("announced departure to %d peers", len(targets))
+
+    # ----- serving the records request ----------------------------------------------------
+    def on_records(self, msg: Message) -> list:
+        """Handler hook: offer the pushed wires to our table; return our table if asked."""
+        self.offer_all(msg.get("records") or [])
+        return self._wires() if msg.get("want") else []
+
+    def offer_all(self, wires: list) -> dict[str, int]:
+        results: dict[str, int] = {}
+        for wire in wires[: 2 * MAX_WIRES]:
+            result = self.table.offer(wire)
+            results[result] = results.get(result, 0) + 1
+        self._update_stats()
+        return results
+
+    def _wires(self) -> list:
+        """What we gossip: our own record first, then the others (a random part of them when they
+        would not fit one message; other rounds carry the rest)."""
+        wires = self.table.wires()
+        own = [w for w in wires if self.own is not None and w["body"] == self.own["body"]]
+        others = [w for w in wires if not own or w["body"] != own[0]["body"]]
+        random.shuffle(others)
+        out, size = [], 0
+        for wire in own + others:
+            size += len(wire["body"]) + len(wire["sig"]) + 16  # msgpack framing
+            if size > WIRE_BUDGET or len(out) == MAX_WIRES:
+                break
+            out.append(wire)
+        return out
+
+    def _update_stats(self) -> None:
+        self.stats.update(records=len(self.table), rounds=self.rounds, accepted=self.table.accepted,
+                          departed=self.table.departed, rejected=dict(self.table.rejected),
+                          links=len(self._links))
+
+    # ----- rounds -------------------------------------------------------------------------
+    def _known_contacts(self) -> list[str]:
+        return [record_contact(r) for r in self.table.records() if r.peer_id != self.peer_id]
+
+    def round(self) -> None:
+        if self.departed:
+            return
+        self.rounds += 1
+        self.table.expire()
+        known = self._known_contacts()
+        targets = random.sample(known, min(self.options.fanout, len(known)))
+        if len(known) < self.options.fanout or self.rounds % 10 == 1:
+            targets += self.options.bootstrap
+        wires = self._wires()
+        for contact in dict.fromkeys(targets):
+            self._send(contact, wires, want=True)
+        self._update_stats()
+
+    def exchange_now(self, contacts: list[str], timeout: float = 3.0) -> int:
+        """Push and pull with `contacts`, waiting up to `timeout` for the answers (start-up, before
+        serving: the swarm knows us when `listening` is printed).  Returns how many answered."""
+        for contact in contacts:
+            self._send(contact, self._wires(), want=True)
+        answered = 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(link.pending for link in self._links.values()):
+            answered += self.drain()
+            time.sleep(0.01)
+        return answered + self.drain()
+
+    def _link(self, contact: str) -> _Link | None:
+        endpoint = endpoint_of(contact)
+        if endpoint == self.address:
+            return None
+        link = self._links.get(endpoint)
+        if link is None:
+            try:
+                conn = PeerConnection(contact, timeout=self.options.peer_timeout,
+                                      client_keys=(self.identity.curve_public, self.identity.curve_secret))
+            except ValueError as e:
+                log.warning("cannot gossip with %s: %s", contact, e)
+                return None
+            conn.socket.setsockopt(zmq.SNDTIMEO, 0)  # never block the server thread on a send
+            link = self._links[endpoint] = _Link(conn)
+        return link
+
+    def _send(self, contact: str, wires: list, want: bool) -> None:
+        link = self._link(contact)
+        if link is None:
+            return
+        try:
+            req_id = link.conn.send("records", {"records": wires, "want": want})
+        except zmq.ZMQError as e:  # queue full: the peer is not reading
+            log.debug("gossip to %s not sent: %s", contact, e)
+            return
+        if want or self.departed:
+            link.pending[req_id] = time.monotonic()
+
+    def drain(self) -> int:
+        """Read every reply that has arrived; drop links silent for too long.  Returns replies read."""
+        got = 0
+        now = time.monotonic()
+        for endpoint, link in list(self._links.items()):
+            while link.conn.socket.poll(0):
+                frames = link.conn.socket.recv_multipart(copy=False)
+                try:
+                    msg = decode(frames)
+                except ProtocolError as e:
+                    log.debug("bad gossip reply from %s: %s", endpoint, e.message)
+                    continue
+                if link.pending.pop(msg.id, None) is None:
+                    continue  # a notice, or a reply to a link we gave up on
+                got += 1
+                if msg.type == "records_reply":
+                    self.offer_all(msg.fields["records"])
+                elif msg.type == "error":
+                    log.debug("gossip to %s refused: %s", endpoint, msg.fields.get("message"))
+            if link.pending and now - min(link.pending.values()) > self.options.peer_timeout:
+                self._drop(endpoint, link)
+        return got
+
+    def _drop(self, endpoint: str, link: _Link) -> None:
+        link.conn.close()
+        del self._links[endpoint]
+        for r in self.table.records():
+            if r.address == endpoint and r.peer_id != self.peer_id:
+                self.table.remove(r.peer_id)
+                log.info("peer %s at %s stopped answering; forgotten until it announces again",
+                         r.peer_id, endpoint)
+        self._update_stats()
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.conn.close()
+        self._links.clear()

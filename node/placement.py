@@ -1,0 +1,177 @@
+"""Automatic block choice: how many blocks a node serves, which ones, and when to move.
+
+Coverage of a block is the summed advertised throughput (tokens/s) of the live records that
+serve it (a head shard counts with the fraction of heads it holds).  The rules:
+
+* size: as many blocks as the memory budget holds (`--num-blocks` overrides), at least one;
+* start: the window that makes the swarm's coverage vector, sorted ascending, largest in
+  lexicographic order ("leximin": raise the weakest block first, then the next weakest...);
+  ties go to the lowest start.  An empty swarm therefore gets 0:n, the next node n:2n, ...;
+* moving (checked now and then): only to the leximin-best window, only if no block we leave
+  would become uncovered, and only if it helps a lot: fewer uncovered blocks when some are
+  uncovered, else the weakest block's coverage rising by at least `gain` (1.5x).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+from nanoswarm.keys.records import Record
+from nanoswarm.shards.model import ModelConfig
+
+if TYPE_CHECKING:
+    from .gossip import Gossip
+    from .handler import RequestHandler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET_FRACTION = 0.25
+MOVE_GAIN = 1.5
+_MIN_COVER = 1e-3  # a record advertising 0 tokens/s still covers its blocks
+
+
+# ----- how many blocks --------------------------------------------------------------------
+def block_bytes(config: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
+    """Weight bytes of one block: attention (4 C^2 + 4 C), MLP (8 C^2 + 5 C), two layer norms (4 C)."""
+    c = config.n_embd
+    params = 12 * c * c + 13 * c
+    return params * torch.empty((), dtype=dtype).element_size()
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_memory_budget() -> int:
+    return int(available_memory() * DEFAULT_BUDGET_FRACTION)
+
+
+def blocks_for_budget(config: ModelConfig, budget_bytes: int, dtype: torch.dtype = torch.float32) -> int:
+    """How many whole blocks fit the budget, between 1 and n_layer."""
+    return max(1, min(config.n_layer, budget_bytes // max(1, block_bytes(config, dtype))))
+
+
+# ----- where ------------------------------------------------------------------------------
+def coverage(records: Iterable[Record], n_layer: int, n_head: int, exclude: str | None = None) -> list[float]:
+    """Summed throughput per block of `records` (those of one model), leaving out peer `exclude`."""
+    cov = [0.0] * n_layer
+    for r in records:
+        if r.peer_id == exclude or r.departing:
+            continue
+        share = 1.0 if r.heads is None else (r.heads[1] - r.heads[0]) / n_head
+        for i in range(max(0, r.layers[0]), min(n_layer, r.layers[1])):
+            cov[i] += max(r.throughput, _MIN_COVER) * share
+    return cov
+
+
+def with_us(cov: list[float], start: int, n_blocks: int, throughput: float) -> list[float]:
+    out = list(cov)
+    for i in range(start, start + n_blocks):
+        out[i] += max(throughput, _MIN_COVER)
+    return out
+
+
+def choose_start(cov: list[float], n_blocks: int, throughput: float = 1.0) -> int:
+    """The leximin-best start for a window of n_blocks over coverage `cov` (see the module doc)."""
+    n_blocks = min(n_blocks, len(cov))
+    best, best_key = 0, None
+    for start in range(len(cov) - n_blocks + 1):
+        key = sorted(with_us(cov, start, n_blocks, throughput))
+        if best_key is None or key > best_key:
+            best, best_key = start, key
+    return best
+
+
+def plan_move(cov_others: list[float], start: int, n_blocks: int, throughput: float,
+              gain: float = MOVE_GAIN) -> int | None:
+    """The new start if moving from `start` is worth it (see the module doc), else None."""
+    target = choose_start(cov_others, n_blocks, throughput)
+    if target == start:
+        return None
+    leaving = set(range(start, start + n_blocks)) - set(range(target, target + n_blocks))
+    if any(cov_others[i] <= 0 for i in leaving):
+        return None  # never uncover a block
+    now = with_us(cov_others, start, n_blocks, throughput)
+    after = with_us(cov_others, target, n_blocks, throughput)
+    gaps_now, gaps_after = sum(c <= 0 for c in now), sum(c <= 0 for c in after)
+    if gaps_now:
+        return target if gaps_after < gaps_now else None
+    return target if min(after) >= gain * min(now) else None
+
+
+# ----- moving a running node --------------------------------------------------------------
+class Rebalancer:
+    """Timer body: now and then, check whether this node should serve other blocks, and move.
+
+    A move loads the new blocks, then swaps them into the handler only while no session is open
+    (a session's KV cache belongs to the old blocks); otherwise it waits for the next check.
+    Decisions are taken only on a settled view (the layers of this model's peers unchanged for
+    `settle` seconds plus a random part of `interval`), so that two nodes rarely leave the same
+    blocks at once; if they do, the next checks repair it.
+    """
+
+    def __init__(self, handler: RequestHandler, gossip: Gossip, n_blocks: int,
+                 load: Callable[[int, int], object], interval: float, settle: float = 1.0):
+        self.handler = handler
+        self.gossip = gossip
+        self.n_blocks = n_blocks
+        self.load = load  # (start, stop) -> Blocks
+        self.interval = interval
+        self.settle = settle
+        self.moves = 0
+        self._next = time.monotonic() + self._jitter()
+        self._view: frozenset = frozenset()
+
+    def _jitter(self) -> float:
+        # Randomized, so that two nodes seeing the same gap rarely move into it together.
+        return self.interval * random.uniform(0.5, 1.5)
+
+    def check(self) -> int | None:
+        """Called often by a server timer; acts only when its randomized time has come."""
+        records = self.gossip.table.records(self.handler.model_id)
+        view = frozenset((r.peer_id, r.layers, r.heads) for r in records)
+        now = time.monotonic()
+        if view != self._view:
+            # The swarm changed: decide again once it has settled, each node at its own random
+            # moment, so that the first mover's new record reaches the others before they decide.
+            self._view = view
+            self._next = now + self.settle + random.uniform(0, self.interval)
+        if now < self._next or self.gossip.departed or self.handler.leaving:
+            return None
+        self._next = now + self._jitter()
+        if self.handler.sessions.sessions:
+            return None  # moving would strand open sessions; try again later
+        cfg = self.handler.config
+        cov = coverage(records, cfg.n_layer, cfg.n_head, exclude=self.gossip.peer_id)
+        start = self.handler.blocks.start
+        target = plan_move(cov, start, self.n_blocks, self.handler.stats.throughput)
+        if target is None:
+            return None
+        self.move(target)
+        return target
+
+    def move(self, start: int) -> None:
+        old = self.handler.blocks
+        t0 = time.perf_counter()
+        self.handler.blocks = self.load(start, start + self.n_blocks)
+        self.handler.measure_throughput()
+        self.moves += 1
+        log.info("moved from blocks %d:%d to %d:%d in %.1fs (%.1f tokens/s)", old.start, old.stop,
+                 start, start + self.n_blocks, time.perf_counter() - t0, self.handler.stats.throughput)
+        self.gossip.refresh()
+        self.gossip.round()  # tell the swarm at once, so nobody else moves into the same place

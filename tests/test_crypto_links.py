@@ -1,0 +1,186 @@
+"""Encrypted and authenticated links through real node processes: CURVE by default, private
+swarms with --allow-keys, key files that are refused, and a byte capture proving encryption."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from nanoswarm.client.transport import PeerConnection, PeerError
+from nanoswarm.keys.contact import format_contact, split_contact
+from nanoswarm.keys.identity import generate_identity, save_identity
+from nanoswarm.node.cluster import LocalCluster, NodeSpec
+from nanoswarm.shards.manifest import read_manifest
+
+CLI = [sys.executable, "-m", "nanoswarm"]
+
+
+def start_node(model_dir, *args: str) -> LocalCluster:
+    """One node; waits for its `listening` line only (its own checks may refuse our ephemeral key)."""
+    harness = LocalCluster(model_dir, [], args=list(args), bootstrap=False)
+    try:
+        harness.start_node(NodeSpec((0, 4)))
+    except BaseException:
+        harness.stop()
+        raise
+    return harness
+
+
+class Relay:
+    """A plain TCP relay on 127.0.0.1 that records every byte passing through, both ways."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream = upstream_port
+        self.captured = bytearray()
+        self.lock = threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.server]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                with self.lock:
+                    self.captured += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close()
+
+
+def forward_through_relay(model_dir, harness: LocalCluster, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    endpoint, key = split_contact(harness.addresses[0])
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    conn = PeerConnection(format_contact(f"tcp://127.0.0.1:{relay.port}", key), timeout=20)
+    try:
+        reply = conn.request("forward", {"model_id": read_manifest(model_dir).model_id}, [x])
+        with relay.lock:
+            return bytes(relay.captured), reply.tensors[0]
+    finally:
+        conn.close()
+        relay.close()
+
+
+def test_activations_never_cross_the_wire_in_clear(tiny_model_dir):
+    x = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(11))
+    secure = start_node(tiny_model_dir)
+    try:
+        captured, y = forward_through_relay(tiny_model_dir, secure, x)
+    finally:
+        secure.stop()
+    assert len(captured) > x.numel() * 4  # the tensors did pass through the relay...
+    assert x.numpy().tobytes() not in captured  # ...but neither input nor output in clear
+    assert y.numpy().tobytes() not in captured
+
+    plain = start_node(tiny_model_dir, "--insecure")
+    try:
+        assert split_contact(plain.addresses[0])[1] is None  # an --insecure node has no key to give
+        captured, y = forward_through_relay(tiny_model_dir, plain, x)
+    finally:
+        plain.stop()
+    assert x.numpy().tobytes() in captured  # the check above can fail: without CURVE it is all there
+    assert y.numpy().tobytes() in captured
+
+
+def test_allow_keys_admits_listed_clients_only(tiny_model_dir, tmp_path):
+    friend, stranger = generate_identity(), generate_identity()
+    allow = tmp_path / "allowed"
+    allow.write_text(f"# friends\n{friend.curve_public.decode()} friend\n")
+    harness = start_node(tiny_model_dir, "--allow-keys", str(allow))
+    try:
+        contact = harness.addresses[0]
+        conn = PeerConnection(contact, timeout=10, client_keys=(friend.curve_public, friend.curve_secret))
+        try:
+            assert conn.request("info").fields["layers"] == [0, 4]
+        finally:
+            conn.close()
+        for keys in [(stranger.curve_public, stranger.curve_secret), None]:  # listed nowhere; ephemeral
+            conn = PeerConnection(contact, timeout=2, client_keys=keys)
+            try:
+                with pytest.raises(PeerError):  # refused: a disconnect or no answer
+                    conn.request("info")
+            finally:
+                conn.close()
+    finally:
+        harness.stop()
+
+
+def test_a_wrong_server_key_gets_no_answer(tiny_model_dir):
+    """Whoever lacks the node's secret key cannot answer for it: a client holding another key for
+    the same address (an impostor's, say) never completes the handshake."""
+    harness = start_node(tiny_model_dir)
+    try:
+        endpoint, _ = split_contact(harness.addresses[0])
+        conn = PeerConnection(format_contact(endpoint, generate_identity().curve_public), timeout=2)
+        try:
+            with pytest.raises(PeerError):  # refused: a disconnect or no answer
+                conn.request("info")
+        finally:
+            conn.close()
+        conn = PeerConnection(harness.addresses[0], timeout=10)
+        try:
+            assert conn.request("info").fields["layers"] == [0, 4]  # the right key does get in
+        finally:
+            conn.close()
+    finally:
+        harness.stop()
+
+
+def test_node_refuses_a_key_file_others_can_read(tiny_model_dir, tmp_path):
+    key = save_identity(generate_identity(), tmp_path / "node.key")
+    os.chmod(key, 0o644)
+    out = subprocess.run([*CLI, "node", str(tiny_model_dir), "--layers", "0:4", "--key-file", str(key)],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert "0644" in lines[0] and "too open" in lines[0] and str(key) in lines[0]
+    assert "listening" not in out.stdout
+
+    key.write_text("not a key file")
+    os.chmod(key, 0o600)
+    out = subprocess.run([*CLI, "node", str(tiny_model_dir), "--layers", "0:4", "--key-file", str(key)],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode != 0 and "corrupt key file" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_keys_generate_and_show(tmp_path):
+    path = tmp_path / "id.key"
+    out = subprocess.run([*CLI, "keys", "generate", "--out", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    show = subprocess.run([*CLI, "keys", "show", str(path), "--json"], capture_output=True, text=True, timeout=60)
+    assert show.returncode == 0, show.stderr
+    info = json.loads(show.stdout)
+    assert info["peer_id"].startswith("ns-") and info["peer_id"] in out.stdout
+    assert info["curve_public"] in out.stdout and "secret" not in show.stdout
+    again = subprocess.run([*CLI, "keys", "generate", "--out", str(path)], capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and "already exists" in again.stderr

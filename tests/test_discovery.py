@@ -1,0 +1,286 @@
+"""Discovery through real node processes: signed records, gossip, departures, bootstrap clients,
+and automatic block choice (plus unit tests of the placement rule)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import SMALL12
+
+from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.transport import PeerConnection
+from nanoswarm.keys.contact import format_contact, split_contact
+from nanoswarm.keys.identity import generate_identity
+from nanoswarm.keys.records import Record, encode_record, sign_record, verify_record
+from nanoswarm.node.cluster import LocalCluster, NodeSpec
+from nanoswarm.node.placement import block_bytes, blocks_for_budget, choose_start, coverage, plan_move
+from nanoswarm.shards.manifest import read_manifest
+
+FAST = ["--gossip-interval", "0.3"]
+SPECS = [NodeSpec((0, 2)), NodeSpec((2, 4)), NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4))]
+
+
+def request(contact: str, msg_type: str, fields: dict | None = None, timeout: float = 10.0):
+    conn = PeerConnection(contact, timeout)
+    try:
+        return conn.request(msg_type, fields or {})
+    finally:
+        conn.close()
+
+
+def table_of(contact: str) -> dict[str, Record]:
+    """A node's table over its records endpoint, every record verified here."""
+    wires = request(contact, "records", {"records": [], "want": True}).fields["records"]
+    records = [verify_record(w, max_ttl=300.0 * 2) for w in wires]
+    return {r.peer_id: r for r in records if not r.departing}
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_model_dir):
+    """Five nodes: the first started alone, the other four given only its contact (in parallel)."""
+    first = LocalCluster(tiny_model_dir, SPECS[:1], args=FAST, bootstrap=False).start()
+    rest = LocalCluster(tiny_model_dir, SPECS[1:], args=FAST + ["--bootstrap", first.addresses[0]],
+                        bootstrap=False)
+    try:
+        rest.start()
+        yield first.nodes + rest.nodes
+    finally:
+        rest.stop()
+        first.stop()
+
+
+def test_five_nodes_converge_and_a_bootstrap_client_generates(swarm, tiny_model_dir):
+    contacts = [n.address for n in swarm]
+    ids = {request(c, "info").fields["peer_id"] for c in contacts}
+    assert len(ids) == 5  # every node has its own identity
+    rounds_at_start = [request(c, "info").fields["gossip"]["rounds"] for c in contacts]
+    wait_for(lambda: all(set(table_of(c)) >= ids for c in contacts), 15, "all 5 records on all 5 nodes")
+    rounds = [request(c, "info").fields["gossip"]["rounds"] - r0 for c, r0 in zip(contacts, rounds_at_start)]
+    assert max(rounds) <= 8, rounds  # a few rounds (at 0.3 s each), not a slow trickle
+
+    local = SwarmModel.local(tiny_model_dir)
+    model = SwarmModel.connect(tiny_model_dir, bootstrap=[contacts[0]])
+    try:
+        assert len(model.swarm.peers) == 5
+        assert set(model.swarm.peers) == set(contacts)  # keyed by the contact from the signed record
+        greedy = SamplingParams(temperature=0)
+        assert model.generate("The swarm", 16, greedy).ids == local.generate("The swarm", 16, greedy).ids
+    finally:
+        model.close()
+
+
+def test_forged_records_are_rejected_over_the_socket(swarm):
+    contact = swarm[0].address
+    forger, other = generate_identity(), generate_identity()
+    now = time.time()
+
+    def signed(seq: int, **kw) -> dict:
+        fields = dict(address="tcp://127.0.0.1:9", model_id="forgery-test", layers=(0, 1), seq=seq,
+                      expires=now + 60)
+        fields.update(kw)
+        return sign_record(forger, **fields)
+
+    def push(wire: dict) -> None:
+        request(contact, "records", {"records": [wire], "want": False})
+
+    push(signed(100))
+    before = table_of(contact)
+    assert before[forger.peer_id].seq == 100
+    rejected0 = request(contact, "info").fields["gossip"]["rejected"]
+
+    bad_sig = signed(200)
+    bad_sig["sig"] = bytes([bad_sig["sig"][0] ^ 1]) + bad_sig["sig"][1:]
+    body = encode_record(Record(peer_id=other.peer_id, sign_key=forger.sign_public, curve_key=forger.curve_public,
+                                address="tcp://127.0.0.1:9", model_id="forgery-test", layers=(0, 1), heads=None,
+                                throughput=0.0, load=0.0, seq=300, expires=now + 60))
+    mismatched = {"body": body, "sig": forger.sign(body)}
+    expired = signed(400, expires=now - 5)
+    older = signed(50)
+    for wire in (bad_sig, mismatched, expired, older, signed(100)):
+        push(wire)
+
+    after = table_of(contact)
+    assert set(after) == set(before)
+    assert after[forger.peer_id].seq == 100 and other.peer_id not in after
+    rejected = request(contact, "info").fields["gossip"]["rejected"]
+    grew = {k: rejected.get(k, 0) - rejected0.get(k, 0) for k in rejected}
+    assert grew == {"bad_signature": 1, "peer_id_mismatch": 1, "expired": 1, "stale_seq": 2}
+
+
+def test_departure_removes_a_stopped_node_everywhere(swarm, tiny_model_dir):
+    contacts = [n.address for n in swarm]
+    extra = LocalCluster(tiny_model_dir, [NodeSpec((1, 2))], args=FAST + ["--bootstrap", contacts[0]],
+                         bootstrap=False)
+    try:
+        extra.start()
+        leaver = request(extra.addresses[0], "info").fields["peer_id"]
+        wait_for(lambda: all(leaver in table_of(c) for c in contacts), 15, "the new node everywhere")
+        departed0 = request(contacts[0], "info").fields["gossip"]["departed"]
+    finally:
+        extra.stop()  # SIGTERM: the node signs and sends its departure before exiting
+    t0 = time.monotonic()
+    wait_for(lambda: all(leaver not in table_of(c) for c in contacts), 8, "the departure everywhere")
+    assert time.monotonic() - t0 < 8  # far sooner than the record's 60 s expiry
+    assert request(contacts[0], "info").fields["gossip"]["departed"] > departed0
+
+
+def test_peers_and_generate_commands_with_one_bootstrap(swarm, tiny_model_dir):
+    contact = swarm[0].address
+    cli = [sys.executable, "-m", "nanoswarm"]
+    out = subprocess.run([*cli, "peers", "--bootstrap", contact, "--model", str(tiny_model_dir), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (model,) = json.loads(out.stdout)["models"]
+    assert len(model["peers"]) >= 5 and model["gaps"] == [] and model["n_layer"] == 4
+    assert all(p["throughput"] > 0 and p["age"] >= 0 for p in model["peers"])
+    table = subprocess.run([*cli, "peers", "--bootstrap", contact], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and "gaps: none" in table.stdout and "ns-" in table.stdout
+
+    local = SwarmModel.local(tiny_model_dir).generate("To be", 8, SamplingParams(temperature=0))
+    gen = subprocess.run([*cli, "generate", "To be", "--model", str(tiny_model_dir), "--bootstrap", contact,
+                          "--temperature", "0", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=60)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout == "To be" + local.text + "\n"
+
+
+# ----- automatic block choice ---------------------------------------------------------------
+def test_four_nodes_without_layers_cover_all_twelve_blocks(small12_model_dir):
+    harness = LocalCluster(small12_model_dir, [], args=FAST + ["--num-blocks", "3", "--rebalance-interval", "2"])
+    try:
+        for _ in range(4):  # one after another, each bootstrapping from the first
+            harness.start_node(NodeSpec())
+        contact = harness.addresses[0]
+
+        def covered() -> bool:
+            served = [r.layers for r in table_of(contact).values() if r.model_id == model_id]
+            return len(served) == 4 and {i for a, b in served for i in range(a, b)} == set(range(12))
+
+        model_id = read_manifest(small12_model_dir).model_id
+        wait_for(covered, 30, "four nodes to cover blocks 0:12")
+        layers = sorted(tuple(request(c, "info").fields["layers"]) for c in harness.addresses)
+        assert layers == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    finally:
+        harness.stop()
+
+
+def test_leximin_start_fills_gaps_first():
+    assert choose_start([0.0] * 12, 3) == 0
+    assert choose_start([5, 5, 5] + [0.0] * 9, 3) == 3
+    assert choose_start([5.0] * 9 + [0, 0, 0], 3) == 9
+    assert choose_start([5, 5, 1, 1, 1, 5], 3, 1.0) == 2  # the weakest blocks, not just a gap
+    assert choose_start([0.0] * 4, 8) == 0  # more blocks than the model: everything
+
+
+def test_move_only_when_it_helps_a_lot_and_uncovers_nothing():
+    # Two nodes on 3:6, nothing on 9:12: one of them should move there (others cover 3:6).
+    others = [5, 5, 5, 5, 5, 5, 5, 5, 5, 0, 0, 0]
+    assert plan_move(others, 3, 3, 5.0) == 9
+    # Leaving would uncover 3:6: stay, even though 9:12 is a gap.
+    assert plan_move([5, 5, 5, 0, 0, 0, 5, 5, 5, 0, 0, 0], 3, 3, 5.0) is None
+    # Covered everywhere; moving gains less than 1.5x on the weakest block: stay.
+    assert plan_move([10, 10, 10, 8, 8, 8], 0, 3, 5.0) is None
+    # Weakest block 4 -> 10 by moving to where it is weak: a move.
+    assert plan_move([10, 10, 10, 4, 4, 4], 0, 3, 6.0) == 3
+    assert plan_move([10, 10, 10, 4, 4, 4], 3, 3, 6.0) is None  # already there
+
+
+def test_memory_budget_sets_the_number_of_blocks():
+    per_block = block_bytes(SMALL12)
+    assert per_block == (12 * 96 * 96 + 13 * 96) * 4
+    assert blocks_for_budget(SMALL12, per_block * 3 + 1) == 3
+    assert blocks_for_budget(SMALL12, 1) == 1
+    assert blocks_for_budget(SMALL12, per_block * 100) == 12
+
+
+def test_coverage_sums_throughput_and_shares_head_shards():
+    ident = generate_identity()
+
+    def rec(layers, tps, heads=None, peer=ident.peer_id):
+        return Record(peer_id=peer, sign_key=ident.sign_public, curve_key=ident.curve_public, address="tcp://x:1",
+                      model_id="m", layers=layers, heads=heads, throughput=tps, load=0.0, seq=1, expires=0.0)
+
+    cov = coverage([rec((0, 2), 10.0), rec((1, 3), 4.0), rec((2, 3), 6.0, heads=(0, 6))], 4, 12)
+    assert cov == [10.0, 14.0, 7.0, 0.0]
+    assert coverage([rec((0, 2), 10.0)], 4, 12, exclude=ident.peer_id) == [0.0] * 4
+
+
+def test_contact_strings_round_trip():
+    ident = generate_identity()
+    contact = format_contact("tcp://127.0.0.1:5555", ident.curve_public)
+    assert contact.startswith("tcp://127.0.0.1:5555#") and len(contact.split("#")[1]) == 64
+    assert split_contact(contact) == ("tcp://127.0.0.1:5555", ident.curve_public)
+    z85_form = "tcp://127.0.0.1:5555#" + ident.curve_public.decode()
+    assert split_contact(z85_form) == ("tcp://127.0.0.1:5555", ident.curve_public)
+    assert split_contact("tcp://127.0.0.1:5555") == ("tcp://127.0.0.1:5555", None)
+    with pytest.raises(ValueError, match="CURVE key"):
+        split_contact("tcp://127.0.0.1:5555#nothex")
+
+
+def test_nodes_that_chose_the_same_blocks_spread_out(small12_model_dir):
+    """Four nodes started together all pick 0:3 (none knows the others yet); once introduced,
+    the periodic check moves them apart until every block is covered."""
+    harness = LocalCluster(small12_model_dir, [NodeSpec() for _ in range(4)],
+                           args=FAST + ["--num-blocks", "3", "--rebalance-interval", "2"])
+    try:
+        harness.start()
+        model_id = read_manifest(small12_model_dir).model_id
+
+        def covered() -> bool:
+            served = [r.layers for r in table_of(harness.addresses[0]).values() if r.model_id == model_id]
+            return {i for a, b in served for i in range(a, b)} == set(range(12))
+
+        wait_for(covered, 40, "the nodes to spread over blocks 0:12", interval=0.3)
+        moves = [request(c, "info").fields["layers"] for c in harness.addresses]
+        assert sorted(map(tuple, moves)) == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    finally:
+        harness.stop()
+
+
+class _StubHandler:
+    """Just what Gossip reads from a RequestHandler."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.blocks = SimpleNamespace(start=0, stop=2, heads=(0, 4))
+        self.head_shard = False
+        self.model_id = "m"
+        self.stats = SimpleNamespace(throughput=50.0)
+        self.extra_info: dict = {}
+        self.on_records = None
+
+    def info(self) -> dict:
+        return {"load": 0.25}
+
+
+def test_gossip_messages_stay_small_and_lead_with_our_record():
+    from nanoswarm.node.gossip import WIRE_BUDGET, Gossip
+
+    handler = _StubHandler()
+    gossip = Gossip(generate_identity(), handler, "tcp://127.0.0.1:1")
+    gossip.refresh()
+    now = time.time()
+    many = [sign_record(generate_identity(), address=f"tcp://127.0.0.1:{1000 + i}", model_id="m" * 100,
+                        layers=(0, 1), seq=1, expires=now + 60) for i in range(300)]
+    assert gossip.offer_all(many) == {"accepted": 256}  # at most 2 * MAX_WIRES taken from one message
+    wires = gossip._wires()
+    assert wires[0]["body"] == gossip.own["body"]
+    assert sum(len(w["body"]) + len(w["sig"]) for w in wires) <= WIRE_BUDGET
+    assert handler.extra_info["gossip"]["records"] == 257
+    assert handler.on_records is not None
