@@ -119,3 +119,36 @@ def test_dead_head_group_member_is_replaced(small12_model_dir, cluster_factory, 
     assert result.ids == expected_ids
     assert result.failovers == 1
     assert result.route[0]["heads"] == [[0, 6], [6, 12]]
+
+
+def test_restarted_node_with_same_key_is_used_again(small12_model_dir, cluster_factory, expected_ids):
+    from nanoswarm.client.discovery import fetch_table
+    from nanoswarm.keys.contact import split_contact
+
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((6, 12))])
+    bootstrap = [swarm.addresses[0]]
+    old = swarm.nodes[1]
+    old_key = split_contact(old.address)[1]
+    old.proc.terminate()  # SIGTERM: graceful leave with a departure record
+    assert old.proc.wait(15) == 0
+
+    def table_peers() -> set[str]:
+        return {r.peer_id for r in fetch_table(bootstrap).table.records()}
+
+    deadline = time.monotonic() + 15
+    while len(table_peers()) != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(table_peers()) == 1  # the departure reached the bootstrap's table
+
+    new = swarm.start_node(NodeSpec((6, 12), args=["--key-file", str(old.key_file)]))
+    assert split_contact(new.address)[1] == old_key  # same identity, new port
+    deadline = time.monotonic() + 15
+    while len(table_peers()) != 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    model = SwarmModel.connect(small12_model_dir, bootstrap=bootstrap)
+    try:
+        result = model.generate(PROMPT, N_TOKENS, SEEDED)
+        assert result.ids == expected_ids
+        assert result.route[1]["peers"] == [new.address]
+    finally:
+        model.close()
