@@ -15,6 +15,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
@@ -86,6 +87,32 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
         click.echo(json.dumps({"model_id": manifest.model_id, **json.loads(manifest.to_json())}))
     else:
         click.echo(f"{out_dir}: model {manifest.model_id[:16]}, {len(manifest.files)} files")
+
+
+@main.command()
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("out/ckpt.pt"), show_default=True,
+              help="Where to write the nanoGPT-style checkpoint (the best by validation loss).")
+@click.option("--text", "text_path", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Training text (default: tiny Shakespeare shipped with nanoswarm).")
+@click.option("--n-layer", type=int, default=4, show_default=True)
+@click.option("--n-head", type=int, default=4, show_default=True)
+@click.option("--n-embd", type=int, default=192, show_default=True)
+@click.option("--block-size", type=int, default=128, show_default=True)
+@click.option("--max-iters", type=int, default=700, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--seed", type=int, default=1337, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True)
+def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_embd: int, block_size: int,
+          max_iters: int, batch_size: int, lr: float, seed: int, threads: int) -> None:
+    """Train a small GPT-2-architecture model on a text file, on the CPU (progress on stderr)."""
+    from nanoswarm.shards import train as training
+    from nanoswarm.shards.model import ModelConfig
+
+    config = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, gelu="exact")
+    summary = training.train(text_path or training.DEFAULT_TEXT, out_path, config, max_iters=max_iters,
+                             batch_size=batch_size, lr=lr, seed=seed, threads=threads)
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 
 # ----- node --------------------------------------------------------------------------------
@@ -226,11 +253,13 @@ def _run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: 
 
 
 def _route_line(route: list[dict]) -> str:
+    from nanoswarm.keys.contact import endpoint_of
+
     parts = []
-    for stage in route:
+    for stage in route:  # endpoints only: the keys are in --json
         a, b = stage["layers"]
         heads = f" heads {stage['heads']}" if stage.get("heads") else ""
-        parts.append(f"{a}:{b} @ {','.join(stage['peers'])}{heads}")
+        parts.append(f"{a}:{b} @ {','.join(endpoint_of(p) for p in stage['peers'])}{heads}")
     return "route: " + " -> ".join(parts)
 
 
@@ -344,18 +373,25 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, max_new_tokens: int, t
     """Start a local swarm of NODES nodes on the demo model and generate from PROMPT."""
     from nanoswarm.client.api import SwarmModel
     from nanoswarm.client.generate import SamplingParams
+    from nanoswarm.keys.contact import endpoint_of
     from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
     from nanoswarm.shards.demo import demo_model_dir
     from nanoswarm.shards.manifest import read_manifest
 
     model_dir = model_dir or demo_model_dir()
     n_layer = read_manifest(model_dir).config.n_layer
-    harness = LocalCluster(model_dir, [NodeSpec(r) for r in even_split(n_layer, nodes)], threads=1)
+    # The nodes' own logs would drown the text on the terminal: they go to a file unless -v.
+    verbose = logging.getLogger().level < logging.WARNING
+    log_file = None if verbose else tempfile.NamedTemporaryFile("w", prefix="nanoswarm-demo-", suffix=".log",
+                                                                delete=False)
+    harness = LocalCluster(model_dir, [NodeSpec(r) for r in even_split(n_layer, nodes)], threads=1,
+                           stderr=log_file)
     _stop_on_sigterm()
-    click.echo(f"starting {nodes} local nodes for {model_dir} ...", err=True)
+    click.echo(f"starting {nodes} local nodes for {model_dir}"
+               + (f" (node logs: {log_file.name})" if log_file else "") + " ...", err=True)
     with harness:
         for n in harness.nodes:
-            click.echo(f"  node {n.address} layers {n.spec.layers[0]}:{n.spec.layers[1]}", err=True)
+            click.echo(f"  node {endpoint_of(n.address)} layers {n.spec.layers[0]}:{n.spec.layers[1]}", err=True)
         model = SwarmModel.connect(model_dir, peers=harness.addresses)
         try:
             _run_generation(model, prompt, max_new_tokens, SamplingParams(temperature, top_k, None, seed),
@@ -413,11 +449,14 @@ def bench(model_dir: Path | None, shape: str, stages: str, sessions: str, head_g
 @click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds.")
 @click.option("--prompt-tokens", type=int, default=8, show_default=True)
 @click.option("--new-tokens", type=int, default=16, show_default=True, help="Decode steps per session.")
+@click.option("--max-length", type=int, default=None,
+              help="KV cache each session reserves (default: the positions it uses).")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per request.")
 @click.option("--no-verify", is_flag=True, help="Skip comparing every step's logits to a solo run.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 def load(model_dir: Path, peers: str | None, nodes: int, node_args: str, sessions: int, duration: float,
-         prompt_tokens: int, new_tokens: int, timeout: float, no_verify: bool, as_json: bool) -> None:
+         prompt_tokens: int, new_tokens: int, max_length: int | None, timeout: float, no_verify: bool,
+         as_json: bool) -> None:
     """Concurrent sessions against a swarm: served, refused, failed, latency, node memory.
     Exits 1 unless nothing failed, no node crashed, memory stayed bounded and logits matched."""
     import shlex
@@ -426,7 +465,8 @@ def load(model_dir: Path, peers: str | None, nodes: int, node_args: str, session
 
     report = run_load(LoadOptions(model_dir, _peer_list(peers), nodes, shlex.split(node_args),
                                   sessions=sessions, duration=duration, prompt_tokens=prompt_tokens,
-                                  new_tokens=new_tokens, timeout=timeout, verify=not no_verify))
+                                  new_tokens=new_tokens, max_length=max_length, timeout=timeout,
+                                  verify=not no_verify))
     click.echo(json.dumps(report.to_json()) if as_json else format_report(report))
     if not report.ok:
         sys.exit(1)

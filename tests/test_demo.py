@@ -1,0 +1,74 @@
+"""The demo model shipped in the repository, and `nanoswarm demo` as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.generate import SamplingParams
+from nanoswarm.shards import train
+from nanoswarm.shards.demo import demo_model_dir
+from nanoswarm.shards.manifest import load_model, read_manifest, read_verified
+
+HELD_OUT_TOKENS = 4096
+
+
+def demo_node_pids() -> set[int]:
+    """Node processes serving the demo model, found through /proc."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"node" in cmd and any(arg.endswith(b"shards/demo") for arg in cmd):
+            pids.add(int(proc.name))
+    return pids
+
+
+def test_demo_model_is_intact_and_small():
+    model_dir = demo_model_dir()
+    manifest = read_manifest(model_dir)
+    config = manifest.config
+    assert config.n_layer >= 4 and config.n_head >= 4 and config.vocab_size == 50257
+    total = sum(f.stat().st_size for f in model_dir.iterdir())
+    assert total <= 40 * 10**6
+    for entry in manifest.files:  # every shard file matches the SHA-256 in the manifest
+        assert read_verified(model_dir, entry)
+
+
+def test_demo_model_beats_the_unigram_baseline():
+    ids = train.tokenize_file(train.DEFAULT_TEXT)
+    train_ids, val_ids = train.split_ids(ids, 0.1)
+    unigram = train.unigram_val_loss(train_ids, val_ids[:HELD_OUT_TOKENS], 50257)
+    gpt = load_model(demo_model_dir())
+    with torch.inference_mode():
+        loss = train.eval_loss(gpt, val_ids[:HELD_OUT_TOKENS], gpt.config.block_size)
+    assert loss < unigram - 1.0, (loss, unigram)
+
+
+def test_demo_command_streams_text_and_matches_single_process():
+    before = demo_node_pids()
+    out = subprocess.run([sys.executable, "-m", "nanoswarm", "demo", "ROMEO:", "--seed", "3",
+                          "--max-new-tokens", "40", "--json"], capture_output=True, text=True, timeout=180,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    local = SwarmModel.local(demo_model_dir()).generate(
+        "ROMEO:", 40, SamplingParams(temperature=0.8, top_k=40, seed=3))
+    assert result["ids"] == local.ids and result["text"] == local.text and len(local.text) > 20
+    assert [s["layers"] for s in result["route"]] == [[0, 2], [2, 3], [3, 4]]
+    assert demo_node_pids() <= before, "the demo left a node process behind"
+
+    plain = subprocess.run([sys.executable, "-m", "nanoswarm", "demo", "--seed", "3", "--max-new-tokens", "40"],
+                           capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == "ROMEO:" + local.text + "\n"  # the default prompt, text streamed to stdout
+    assert "tokens/s" in plain.stderr and "route:" in plain.stderr
