@@ -120,7 +120,11 @@ def test_forged_records_are_rejected_over_the_socket(swarm):
     assert after[forger.peer_id].seq == 100 and other.peer_id not in after
     rejected = request(contact, "info").fields["gossip"]["rejected"]
     grew = {k: rejected.get(k, 0) - rejected0.get(k, 0) for k in rejected}
-    assert grew == {"bad_signature": 1, "peer_id_mismatch": 1, "expired": 1, "stale_seq": 2}
+    # Gossip from the other nodes re-offers records this node already holds (counted as
+    # stale_seq too), so that count can only be bounded from below.
+    assert {k: v for k, v in grew.items() if k != "stale_seq" and v} == {
+        "bad_signature": 1, "peer_id_mismatch": 1, "expired": 1}
+    assert grew["stale_seq"] >= 2
 
 
 def test_departure_removes_a_stopped_node_everywhere(swarm, tiny_model_dir):
