@@ -42,22 +42,23 @@ class InferenceSession:
 
     @classmethod
     def open(cls, swarm: Swarm, max_length: int, **kwargs) -> InferenceSession:
+        """Open a session on a route over all blocks; a peer that refuses is banned and the rest
+        of the route is planned again without it."""
         session = cls([], max_length, swarm, **kwargs)
-        for plan in swarm.plan():
-            session._append_opened(plan)
-        return session
-
-    def _append_opened(self, plan) -> None:
-        while True:
-            stage = self.swarm.make_stage(plan)
+        pos = 0
+        while pos < swarm.n_layer:
+            plan = swarm.plan(pos)[0]
+            stage = swarm.make_stage(plan)
             try:
-                stage.open(self.max_length)
-                break
+                stage.open(max_length)
             except PeerError as e:
-                self._strike(e)
-                plan = self.swarm.plan(plan.start, plan.stop)[0]
-        self.stages.append(stage)
-        self.history.append([])
+                stage.close()
+                session._strike(e)
+                continue
+            session.stages.append(stage)
+            session.history.append([])
+            pos = plan.stop
+        return session
 
     def _strike(self, e: PeerError) -> None:
         self.failovers += 1

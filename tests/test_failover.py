@@ -152,3 +152,18 @@ def test_restarted_node_with_same_key_is_used_again(small12_model_dir, cluster_f
         assert result.route[1]["peers"] == [new.address]
     finally:
         model.close()
+
+
+def test_peer_refusing_open_is_routed_around(small12_model_dir, cluster_factory, expected_ids):
+    # The one-hop route's only peer refuses this session (too_large: its sessions are at most 8
+    # positions); the rest of the route is planned without it.
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 12), args=["--max-session-length", "8"]),
+                                                NodeSpec((0, 6)), NodeSpec((6, 12))])
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses)
+    try:
+        assert len(model.swarm.plan()) == 1
+        result = model.generate(PROMPT, N_TOKENS, SEEDED)
+        assert result.ids == expected_ids
+        assert [s["layers"] for s in result.route] == [[0, 6], [6, 12]] and result.failovers == 1
+    finally:
+        model.close()
