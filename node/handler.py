@@ -3,7 +3,12 @@ the fuzz tests can drive it directly; node/server.py feeds it from the ROUTER so
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import os
+import resource
+import sys
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -22,14 +27,35 @@ from nanoswarm.protocol.messages import (
     parse_range,
     peek_id,
 )
-from nanoswarm.protocol.tensors import WIRE_FORMATS
+from nanoswarm.protocol.tensors import WIRE_FORMATS, abs_max
 from nanoswarm.shards.model import Blocks, KVCache
 
-from .sessions import NodeLimits, Session, SessionStore
+from .sessions import NodeLimits, Session, SessionStore, mapped_cache
 
 log = logging.getLogger(__name__)
 
 Reply = tuple[bytes, list]  # (peer identity, frames)
+# Largest magnitude a reply format can carry (q80: a float16 scale times 127).
+_WIRE_MAX = {"float16": 65504.0, "q80": 65504.0 * 127}
+
+
+def memory_usage() -> dict[str, int]:
+    """This process's peak and current resident memory, in bytes (for `info` and load runs)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux
+        pass
+    return out
+
+
+def _fits(y: torch.Tensor, wire: str) -> bool:
+    """Whether `y` is finite and stays finite in the reply format."""
+    limit = _WIRE_MAX.get(wire)
+    m = abs_max(y)  # NaN or inf when y holds one
+    return math.isfinite(m) and (limit is None or m <= limit)
 
 
 @dataclass
@@ -49,6 +75,8 @@ class NodeStats:
     steps: int = 0
     tokens: int = 0
     busy_seconds: float = 0.0
+    batched_steps: int = 0           # forward passes that ran decode steps of several sessions
+    max_batch: int = 0               # most sessions in one forward pass so far
     started: float = field(default_factory=time.monotonic)
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -67,6 +95,8 @@ class RequestHandler:
         param = next(blocks.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.leaving = False
+        self._batch_started = time.perf_counter()  # when handle_batch began (see _overloaded)
+        self._batch_computed = False                # whether this batch has run any blocks yet
         self.extra_info: dict[str, Any] = {}  # set by the server: address, keys, records
         self.on_records = None  # callable(list) -> list, set by the gossip layer
         # Recently seen request ids per peer, to refuse duplicates (a replayed request must not
@@ -79,12 +109,19 @@ class RequestHandler:
         replies: list[Reply] = []
         pending: list[_Pending] = []
         per_peer: dict[bytes, int] = defaultdict(int)
+        self._batch_started, self._batch_computed = time.perf_counter(), False
         for peer, frames in batch:
             req_id = 0
             try:
                 msg = decode(frames, self.limits.max_message_bytes)
                 req_id = msg.id
                 self._admit(peer, msg, per_peer)
+                if msg.type in ("step", "close") and any(p.msg.fields["session"] == msg.fields["session"]
+                                                         for p in pending):
+                    # A pipelined step (or close) of a session already in this batch: its
+                    # position is only valid once the earlier step has run.
+                    replies.extend(self._run_steps(pending))
+                    pending = []
                 if msg.type == "step":
                     pending.append(self._validate_step(peer, msg))
                 else:
@@ -155,7 +192,12 @@ class RequestHandler:
             "kv_budget": self.limits.kv_budget_bytes,
             "max_length": self._max_length(),
             "leaving": self.leaving,
+            "stats": {"steps": self.stats.steps, "tokens": self.stats.tokens,
+                      "busy_seconds": self.stats.busy_seconds, "batched_steps": self.stats.batched_steps,
+                      "max_batch": self.stats.max_batch},
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "limits": dataclasses.asdict(self.limits), "errors": dict(self.stats.errors),
+            **memory_usage(),
             **self.extra_info,
         }
 
@@ -188,7 +230,7 @@ class RequestHandler:
         n_heads = self.blocks.heads[1] - self.blocks.heads[0]
         need = KVCache.bytes_for(b - a, n_heads, self.config.head_dim, max_length, self.dtype)
         self.sessions.reserve_check(need)
-        session = self.sessions.add(a, b, self.blocks.new_cache(max_length, b - a), peer)
+        session = self.sessions.add(a, b, mapped_cache(self.blocks, max_length, b - a), peer)
         return encode("opened", msg.id, {"session": session.id, "layers": [a, b],
                                          "kv_bytes": session.cache.nbytes})
 
@@ -199,17 +241,19 @@ class RequestHandler:
         if x.dim() != 3 or x.shape[2] != self.config.n_embd or not 1 <= x.shape[0] <= max_batch:
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"hidden states must be [batch<={max_batch}, "
                                 f"tokens, {self.config.n_embd}], got {list(x.shape)}")
-        if not 1 <= x.shape[1] <= self.limits.max_tokens_per_step:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"{x.shape[1]} tokens in one step; the limit is "
-                                f"1..{self.limits.max_tokens_per_step}")
+        if x.shape[1] < 1:
+            raise ProtocolError(ErrorCode.BAD_SHAPE, "hidden states hold no positions")
+        if x.shape[0] * x.shape[1] > self.limits.max_tokens_per_step:  # bounds the work of one request
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{x.shape[0] * x.shape[1]} tokens in one request; "
+                                f"the limit is {self.limits.max_tokens_per_step}")
         check_finite(x)
         return x.to(self.device, self.dtype)
 
     @staticmethod
     def _reply_wire(msg: Message) -> str:
         wire = msg.get("wire") or "float32"
-        if wire not in WIRE_FORMATS:
-            raise ProtocolError(ErrorCode.BAD_TENSOR, f"unknown reply format {wire[:32]!r}")
+        if not isinstance(wire, str) or wire not in WIRE_FORMATS:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"unknown reply format {str(wire)[:32]!r}")
         return wire
 
     def _forward(self, msg: Message) -> list:
@@ -220,16 +264,22 @@ class RequestHandler:
         a, b = self._layers(msg)
         wire = self._reply_wire(msg)
         x = self._hidden(msg, max_batch=64)
+        if self._overloaded():
+            raise ProtocolError(ErrorCode.BUSY, self._overload_message())
         if x.shape[1] > self._max_length():
             raise ProtocolError(ErrorCode.TOO_LARGE, f"{x.shape[1]} positions exceed {self._max_length()}")
         with torch.inference_mode():
             y = self._timed(lambda: self.blocks(x, None, a, b), x.shape[0] * x.shape[1])
+        if not _fits(y, wire):
+            raise ProtocolError(ErrorCode.BAD_VALUE, f"the result does not fit {wire} (overflow to NaN or Inf)")
         return encode("result", msg.id, {}, [y], wire)
 
     # ----- steps --------------------------------------------------------------------------
     def _validate_step(self, peer: bytes, msg: Message) -> _Pending:
         session = self.sessions.get(msg.fields["session"])
         pos = msg.fields["pos"]
+        if pos < 0:
+            raise ProtocolError(ErrorCode.BAD_POSITION, f"negative position {pos}")
         wire = self._reply_wire(msg)
         x = self._hidden(msg, max_batch=1)
         T = x.shape[1]
@@ -265,15 +315,37 @@ class RequestHandler:
             key = (p.session.start, p.session.stop) if batchable else (id(p),)
             groups[key].append(p)
         for group in groups.values():
+            if self._overloaded():  # refuse what cannot start in time; the sessions are untouched
+                replies.extend((p.peer, self._error(p.msg.id, ErrorCode.BUSY, self._overload_message()))
+                               for p in group)
+                continue
             try:
                 outputs = self._compute(group)
-                replies.extend((p.peer, encode("result", p.msg.id, {}, [y], p.wire))
-                               for p, y in zip(group, outputs))
+                replies.extend((p.peer, self._result(p, y)) for p, y in zip(group, outputs))
             except Exception as e:
                 log.exception("internal error in a step")
                 replies.extend((p.peer, self._error(p.msg.id, ErrorCode.INTERNAL, type(e).__name__))
                                for p in group)
         return replies
+
+    def _overloaded(self) -> bool:
+        """This batch has computed for max_batch_seconds: its other requests, and those queued behind
+        it, would wait past what clients wait for. Refusing them (`busy`) answers them now. The
+        first computation of a batch always runs, so the node makes progress."""
+        return self._batch_computed and time.perf_counter() - self._batch_started > self.limits.max_batch_seconds
+
+    def _overload_message(self) -> str:
+        return (f"node overloaded: this batch has computed for {self.limits.max_batch_seconds:g} s; "
+                "retry the same request later")
+
+    def _result(self, p: _Pending, y: torch.Tensor) -> list:
+        """The reply to a step; extreme (finite) inputs can overflow, and NaN/Inf must not be sent."""
+        if not _fits(y, p.wire):
+            if p.msg.get("phase") is None:  # undo the step, so the session can carry on
+                p.session.cache.length -= y.shape[1]
+            return self._error(p.msg.id, ErrorCode.BAD_VALUE, f"the result does not fit {p.wire} "
+                               "(overflow to NaN or Inf)")
+        return encode("result", p.msg.id, {}, [y], p.wire)
 
     def _compute(self, group: list[_Pending]) -> list[torch.Tensor]:
         first = group[0]
@@ -282,6 +354,8 @@ class RequestHandler:
             if phase is None:
                 x = torch.cat([p.x for p in group]) if len(group) > 1 else first.x
                 caches = [p.session.cache for p in group]
+                self.stats.max_batch = max(self.stats.max_batch, len(group))
+                self.stats.batched_steps += len(group) > 1
                 y = self._timed(lambda: self.blocks(x, caches, first.session.start,
                                                     first.session.stop), len(group) * x.shape[1])
                 return list(y.split(1))
@@ -300,6 +374,7 @@ class RequestHandler:
     def _timed(self, fn, tokens: int) -> torch.Tensor:
         t0 = time.perf_counter()
         y = fn()
+        self._batch_computed = True
         self.stats.busy_seconds += time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.tokens += tokens

@@ -15,7 +15,7 @@ import msgpack
 import torch
 
 from .errors import ErrorCode, ProtocolError
-from .tensors import WIRE_FORMATS, from_frame, to_frame
+from .tensors import WIRE_FORMATS, all_finite, from_frame, to_frame
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -36,7 +36,7 @@ _OPT_LIST = (list, type(None))
 SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     # requests
     "info": {},
-    "forward": {"model_id": (_OPT_STR, False), "layers": (_OPT_LIST, False)},
+    "forward": {"model_id": (_OPT_STR, False), "layers": (_OPT_LIST, False), "wire": (_OPT_STR, False)},
     "open": {"model_id": (_OPT_STR, False), "max_length": (_INT, True),
              "layers": (_OPT_LIST, False)},
     "step": {"session": (_STR, True), "pos": (_INT, True),
@@ -90,7 +90,7 @@ def peek_id(header_bytes: bytes) -> int:
         header = msgpack.unpackb(header_bytes, raw=False, max_bin_len=0, max_array_len=64,
                                  max_map_len=64, max_str_len=1024)
         rid = header.get("id", 0) if isinstance(header, dict) else 0
-        return rid if isinstance(rid, int) and not isinstance(rid, bool) else 0
+        return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63 else 0
     except Exception:  # any garbage: reply with id 0
         return 0
 
@@ -168,7 +168,7 @@ def _decode_tensors(specs: Any, frames: list) -> list[torch.Tensor]:
 
 
 def check_finite(t: torch.Tensor) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if t.numel() and not all_finite(t):
         raise ProtocolError(ErrorCode.BAD_VALUE, "tensor holds NaN or Inf")
 
 

@@ -1,0 +1,388 @@
+"""Load runs (`nanoswarm load`): many concurrent client sessions against a swarm for a fixed time.
+
+Each session is one client thread with its own sockets (a Swarm of its own). It opens a session
+on every stage of the route, prefills a fixed prompt, then runs decode steps feeding fixed token
+ids (so the input, and therefore the right logits, is known), computes the logits of every step
+as a real client would, and closes. Refusals at the door (`busy`, `too_large`, `leaving`) are
+counted by reason and the session is retried after a short pause; a step that an overloaded node
+refuses (`busy`, the session untouched) is counted too and sent again after a pause. Anything
+else (a timeout, a disconnect, `internal`, a bad reply) is a failure. Before the load, every distinct input runs once
+alone ("solo"); every served step's logits are compared to the solo run's.
+
+The report: requests served, refused by reason, failed by reason, request and step latency
+(p50/p99), sessions completed, logits checked and the largest difference from solo, and each
+node's peak resident memory: VmHWM from /proc for nodes this run started, else the `info` reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanoswarm.keys.contact import split_contact
+from nanoswarm.shards.manifest import load_embeddings, load_head, read_manifest
+
+from .generate import ClientModel
+from .stages import Stage
+from .swarm import Swarm, SwarmOptions
+from .transport import PeerConnection, PeerError
+
+log = logging.getLogger(__name__)
+
+REFUSALS = ("busy", "too_large", "leaving")  # clean refusals: the client may retry or go elsewhere
+MEMORY_OVERHEAD = 512 * 2**20  # Python, torch and buffers on top of weights and KV caches
+
+
+@dataclass
+class LoadOptions:
+    model_dir: Path
+    peers: list[str] = field(default_factory=list)      # node contacts; empty: start a local swarm
+    nodes: int = 2                                       # size of the local swarm
+    node_args: list[str] = field(default_factory=list)   # further `nanoswarm node` options (limits)
+    node_threads: int = 1                                # torch threads per started node
+    sessions: int = 16                                   # concurrent client sessions
+    duration: float = 10.0                               # seconds
+    prompt_tokens: int = 8
+    new_tokens: int = 16                                 # decode steps per session
+    max_length: int | None = None                        # KV cache each session reserves; default: what it uses
+    inputs: int = 8                                      # distinct inputs; session i uses i % inputs
+    timeout: float = 30.0                                # seconds per request
+    wire: str = "float32"
+    verify: bool = True
+    tolerance: float = 1e-5                              # largest |logit - solo logit| allowed
+
+
+@dataclass
+class NodeReport:
+    address: str
+    layers: list[int]
+    alive: bool
+    peak_rss_bytes: int | None
+    source: str                   # "VmHWM" (process we started) or "info"
+    weight_bytes: int
+    kv_budget_bytes: int | None
+    errors: dict = field(default_factory=dict)
+
+    @property
+    def memory_bound(self) -> int | None:
+        if self.kv_budget_bytes is None:
+            return None
+        return self.kv_budget_bytes + self.weight_bytes + MEMORY_OVERHEAD
+
+
+@dataclass
+class LoadReport:
+    sessions: int
+    duration: float
+    served: int = 0
+    refused: Counter = field(default_factory=Counter)
+    failed: Counter = field(default_factory=Counter)
+    failure_samples: list[str] = field(default_factory=list)
+    request_latency: list[float] = field(default_factory=list)
+    step_latency: list[float] = field(default_factory=list)
+    sessions_completed: int = 0
+    steps_checked: int = 0
+    mismatches: int = 0
+    max_logit_diff: float = 0.0
+    nodes: list[NodeReport] = field(default_factory=list)
+
+    @property
+    def crashed(self) -> list[str]:
+        return [n.address for n in self.nodes if not n.alive]
+
+    @property
+    def ok(self) -> bool:
+        within = all(n.memory_bound is None or n.peak_rss_bytes is None or n.peak_rss_bytes <= n.memory_bound
+                     for n in self.nodes)
+        return not self.failed and not self.crashed and not self.mismatches and within
+
+    def to_json(self) -> dict:
+        return {
+            "sessions": self.sessions, "duration": self.duration, "served": self.served,
+            "refused": dict(self.refused), "failed": dict(self.failed),
+            "failure_samples": self.failure_samples[:10],
+            "latency_ms": {"request_p50": _pct(self.request_latency, 50), "request_p99": _pct(self.request_latency, 99),
+                           "step_p50": _pct(self.step_latency, 50), "step_p99": _pct(self.step_latency, 99)},
+            "requests_per_second": self.served / self.duration if self.duration else 0.0,
+            "sessions_completed": self.sessions_completed, "steps_checked": self.steps_checked,
+            "mismatches": self.mismatches, "max_logit_diff": self.max_logit_diff,
+            "crashed": self.crashed, "ok": self.ok,
+            "nodes": [{"address": n.address, "layers": n.layers, "alive": n.alive,
+                       "peak_rss_bytes": n.peak_rss_bytes, "peak_rss_source": n.source,
+                       "weight_bytes": n.weight_bytes, "kv_budget_bytes": n.kv_budget_bytes,
+                       "memory_bound_bytes": n.memory_bound, "errors": n.errors} for n in self.nodes],
+        }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return 1000 * ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} ms"
+
+
+def format_report(report: LoadReport) -> str:
+    j = report.to_json()
+    lat = j["latency_ms"]
+    refused = ", ".join(f"{k} {v}" for k, v in sorted(report.refused.items())) or "none"
+    failed = ", ".join(f"{k} {v}" for k, v in sorted(report.failed.items())) or "none"
+    lines = [
+        f"{report.sessions} sessions for {report.duration:.0f} s",
+        f"requests served: {report.served} ({j['requests_per_second']:.1f}/s)",
+        f"refused: {refused}",
+        f"failed: {failed}",
+        f"latency per request: p50 {_ms(lat['request_p50'])}, p99 {_ms(lat['request_p99'])}; "
+        f"per token (whole route): p50 {_ms(lat['step_p50'])}, p99 {_ms(lat['step_p99'])}",
+        f"sessions completed: {report.sessions_completed}; steps checked against solo runs: "
+        f"{report.steps_checked}, mismatches {report.mismatches}, max |diff| {report.max_logit_diff:.2e}",
+    ]
+    for n in report.nodes:
+        peak = "?" if n.peak_rss_bytes is None else f"{n.peak_rss_bytes / 2**20:.0f} MiB"
+        bound = "" if n.memory_bound is None else f" (bound {n.memory_bound / 2**20:.0f} MiB = KV budget " \
+            f"{n.kv_budget_bytes / 2**20:.0f} + weights {n.weight_bytes / 2**20:.0f} + overhead " \
+            f"{MEMORY_OVERHEAD / 2**20:.0f})"
+        lines.append(f"node {n.address.partition('#')[0]} layers {n.layers[0]}:{n.layers[1]}: "
+                     f"{'alive' if n.alive else 'CRASHED'}, peak RSS {peak} [{n.source}]{bound}")
+    lines.append("OK" if report.ok else "NOT OK")
+    return "\n".join(lines)
+
+
+# ----- the run ------------------------------------------------------------------------------
+def input_ids(k: int, n: int) -> list[int]:
+    return torch.randint(0, 50257, (n,), generator=torch.Generator().manual_seed(1000 + k)).tolist()
+
+
+class _Worker:
+    """One client session after another, on sockets of its own, until the deadline."""
+
+    def __init__(self, index: int, opts: LoadOptions, infos: dict[str, dict], client: ClientModel,
+                 meta: tuple[str, int, int], solo: dict[int, torch.Tensor], deadline: float):
+        self.index, self.opts, self.client, self.solo, self.deadline = index, opts, client, solo, deadline
+        self.swarm = Swarm(*meta, SwarmOptions(timeout=opts.timeout, wire=opts.wire))
+        for address, info in infos.items():  # asked once for all workers; each connects on its own
+            self.swarm.add_info(address, info, curve_key=split_contact(address)[1])
+        self.out = LoadReport(opts.sessions, opts.duration)
+        self.rng = random.Random(index)
+
+    def run(self) -> None:
+        try:
+            n = 0
+            while time.monotonic() < self.deadline:
+                self._session((self.index + n * self.opts.sessions) % self.opts.inputs)
+                n += 1
+        except Exception as e:  # a bug here must show up as a failure, not vanish with the thread
+            log.exception("load worker %d", self.index)
+            self._fail("client_error", f"{type(e).__name__}: {e}")
+        finally:
+            self.swarm.close()
+
+    def _fail(self, code: str, message: str) -> None:
+        self.out.failed[code] += 1
+        self.out.failure_samples.append(f"{code}: {message}"[:200])
+
+    def _timed(self, fn):
+        t0 = time.perf_counter()
+        result = fn()
+        self.out.request_latency.append(time.perf_counter() - t0)
+        self.out.served += 1
+        return result
+
+    def _session(self, k: int) -> None:
+        opts = self.opts
+        ids = input_ids(k, opts.prompt_tokens + opts.new_tokens)
+        stages: list[Stage] = []
+        failed = False
+        try:
+            for plan in self.swarm.plan():
+                stage = self.swarm.make_stage(plan)
+                self._timed(lambda s=stage: s.open(max(len(ids), opts.max_length or 0)))
+                stages.append(stage)
+            pos, chunk = 0, ids[:opts.prompt_tokens]
+            for step in range(opts.new_tokens + 1):
+                if time.monotonic() >= self.deadline:
+                    return
+                t0 = time.perf_counter()
+                hidden = self.client.embed(chunk, pos)
+                for stage in stages:
+                    hidden = self._step(stage, hidden, pos)
+                self.out.step_latency.append(time.perf_counter() - t0)
+                self._check(k, step, self.client.logits(hidden))
+                pos += len(chunk)
+                if step < opts.new_tokens:
+                    chunk = [ids[pos]]
+            self.out.sessions_completed += 1
+        except PeerError as e:
+            if e.code in REFUSALS:
+                self.out.refused[e.code] += 1
+                time.sleep(self.rng.uniform(0.05, 0.25))  # back off, then try a new session
+            else:
+                self._fail(e.code, str(e))
+                failed = True
+        finally:
+            for stage in stages:  # tell the nodes; after a failure, then start on fresh sockets
+                stage.close()
+            if failed:
+                self._reset()
+
+    def _step(self, stage: Stage, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        """One stage's step; an overloaded node refuses it (`busy`) untouched, so wait and retry."""
+        while True:
+            try:
+                return self._timed(lambda: stage.step(hidden, pos))
+            except PeerError as e:
+                if e.code != "busy" or time.monotonic() >= self.deadline:
+                    raise
+                self.out.refused[e.code] += 1
+                time.sleep(self.rng.uniform(0.05, 0.25))
+
+    def _reset(self) -> None:
+        """After a failure, fresh sockets (made again on first use): no late replies."""
+        self.swarm.close()
+
+    def _check(self, k: int, step: int, logits: torch.Tensor) -> None:
+        if not self.opts.verify:
+            return
+        diff = (logits - self.solo[k][step]).abs().max().item()
+        self.out.steps_checked += 1
+        self.out.max_logit_diff = max(self.out.max_logit_diff, diff)
+        if not diff <= self.opts.tolerance:  # NaN counts as a mismatch
+            self.out.mismatches += 1
+
+
+def _peer_infos(contacts: list[str], timeout: float) -> dict[str, dict]:
+    infos = {}
+    for address in contacts:
+        conn = PeerConnection(address, timeout=timeout)
+        try:
+            infos[address] = conn.request("info").fields
+        finally:
+            conn.close()
+    return infos
+
+
+def _solo_logits(opts: LoadOptions, infos: dict[str, dict], client: ClientModel, meta) -> dict[int, torch.Tensor]:
+    """Every distinct input through the swarm alone, before the load: [steps, vocab] each."""
+    worker = _Worker(0, opts, infos, client, meta, {}, float("inf"))
+    captured: list[torch.Tensor] = []
+    worker._check = lambda k, step, logits: captured.append(logits)  # type: ignore[method-assign]
+    solo = {}
+    try:
+        for k in range(opts.inputs):
+            captured.clear()
+            worker._session(k)
+            if worker.out.failed or len(captured) != opts.new_tokens + 1:
+                why = worker.out.failure_samples or dict(worker.out.refused)
+                raise RuntimeError(f"the solo run of input {k} failed: {why}")
+            solo[k] = torch.stack(captured)
+    finally:
+        worker.swarm.close()
+    return solo
+
+
+def _block_bytes(config, n_blocks: int, itemsize: int = 4) -> int:
+    C = config.n_embd
+    return n_blocks * (12 * C * C + 13 * C) * itemsize
+
+
+def _node_reports(contacts: list[str], pids: dict[str, int], config, timeout: float) -> list[NodeReport]:
+    reports = []
+    for address in contacts:
+        info: dict = {}
+        conn = PeerConnection(address, timeout=timeout)
+        try:
+            info = conn.request("info", timeout=timeout).fields
+            alive = True
+        except PeerError as e:
+            log.warning("node %s did not answer info after the load: %s", address, e)
+            alive = False
+        finally:
+            conn.close()
+        layers = info.get("layers") or [0, 0]
+        itemsize = {"float16": 2, "bfloat16": 2}.get(info.get("dtype", ""), 4)
+        peak, source = info.get("peak_rss_bytes"), "info"
+        pid = pids.get(address)
+        if pid is not None:
+            peak, source = _vm_hwm(pid) or peak, "VmHWM"
+        reports.append(NodeReport(address, layers, alive, peak, source, _block_bytes(config, layers[1] - layers[0],
+                                                                                     itemsize),
+                                  info.get("kv_budget"), info.get("errors", {})))
+    return reports
+
+
+def _vm_hwm(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_load(opts: LoadOptions) -> LoadReport:
+    """Start a local swarm unless peers are given, run the load, report."""
+    manifest = read_manifest(opts.model_dir)
+    config = manifest.config
+    if max(opts.prompt_tokens + opts.new_tokens, opts.max_length or 0) > config.block_size:
+        raise ValueError(f"sessions would be longer than the model's context {config.block_size}")
+    cluster = None
+    contacts, pids = list(opts.peers), {}
+    if not contacts:
+        from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
+        cluster = LocalCluster(opts.model_dir, [NodeSpec(r) for r in even_split(config.n_layer, opts.nodes)],
+                               threads=opts.node_threads, args=list(opts.node_args)).start()
+        contacts = cluster.addresses
+        pids = {n.address: n.pid for n in cluster.nodes}
+    try:
+        client = ClientModel(load_embeddings(opts.model_dir, manifest), load_head(opts.model_dir, manifest))
+        client.head.freeze_for_inference()  # as fast as a client can be: the nodes get the load
+        meta = (manifest.model_id, config.n_layer, config.n_head)
+        infos = _peer_infos(contacts, opts.timeout)
+        solo = _solo_logits(opts, infos, client, meta) if opts.verify else {}
+        deadline = time.monotonic() + opts.duration
+        workers = [_Worker(i, opts, infos, client, meta, solo, deadline) for i in range(opts.sessions)]
+        threads = [threading.Thread(target=w.run, name=f"load-{w.index}", daemon=True) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(opts.duration + 10 * opts.timeout)
+        report = _merge(opts, workers)
+        report.nodes = _node_reports(contacts, pids, config, min(opts.timeout, 10.0))
+        if cluster is not None:
+            for node in cluster.nodes:  # a node that died shows in its exit code too
+                if node.proc.poll() is not None:
+                    for n in report.nodes:
+                        n.alive = n.alive and n.address != node.address
+        return report
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def _merge(opts: LoadOptions, workers: list[_Worker]) -> LoadReport:
+    report = LoadReport(opts.sessions, opts.duration)
+    for w in workers:
+        o = w.out
+        report.served += o.served
+        report.refused.update(o.refused)
+        report.failed.update(o.failed)
+        report.failure_samples += o.failure_samples
+        report.request_latency += o.request_latency
+        report.step_latency += o.step_latency
+        report.sessions_completed += o.sessions_completed
+        report.steps_checked += o.steps_checked
+        report.mismatches += o.mismatches
+        report.max_logit_diff = max(report.max_logit_diff, o.max_logit_diff)
+    return report

@@ -1,0 +1,304 @@
+"""Property-based fuzzing of a node's request handling, in process (no sockets).
+
+Hypothesis generates batches of messages: random bytes, valid requests of every type, and valid
+requests with one thing broken (truncated or flipped header bytes, a field of the wrong type, a
+missing field, a wrong version, a reused id, a tensor frame cut short or lengthened, extreme
+shapes, NaN/Inf or huge values). Every message must get exactly one well-formed reply: a result of
+the right kind, or an error with a known code (never `internal`). Session memory must stay within
+the limits throughout, and afterwards the node must still serve a session with exact logits.
+
+The default run tries a few hundred cases; the dedicated run (docs/reliability.md) sets
+NANOSWARM_FUZZ_CASES=10000.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+
+import msgpack
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nanoswarm.client.generate import ClientModel
+from nanoswarm.node.handler import RequestHandler
+from nanoswarm.node.sessions import NodeLimits
+from nanoswarm.protocol.errors import ErrorCode
+from nanoswarm.protocol.messages import PROTOCOL_VERSION, decode, encode
+from nanoswarm.protocol.tensors import WIRE_FORMATS
+from nanoswarm.shards.manifest import load_blocks, load_embeddings, load_head, load_model, read_manifest
+
+CASES = int(os.environ.get("NANOSWARM_FUZZ_CASES", "300"))
+N_EMBD = 64  # tests/conftest.TINY
+# Small limits, so that generated messages run into every one of them.
+# A tiny-model session costs 512 bytes of KV cache per position: the budget holds two of the longest.
+LIMITS = NodeLimits(max_message_bytes=64 * 1024, max_tokens_per_step=48, max_sessions=6,
+                    kv_budget_bytes=2 * 96 * 512, max_session_length=96,
+                    max_inflight_per_peer=4, idle_timeout=60.0)
+KNOWN_CODES = {c.value for c in ErrorCode} - {ErrorCode.INTERNAL.value}
+REPLY_TYPE = {"info": "info_reply", "open": "opened", "step": "result", "forward": "result",
+              "close": "closed", "records": "records_reply"}
+
+ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.integers(-3, 300),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=24), st.binary(max_size=24),
+    st.lists(st.integers(-3, 300), max_size=4), st.dictionaries(st.text(max_size=4), st.integers(-5, 5), max_size=3),
+    st.lists(st.lists(st.text(max_size=4), max_size=2), max_size=2))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Node:
+    """A fresh handler over shared (read-only) blocks, plus what the fuzzer knows about it."""
+
+    def __init__(self, blocks, model_id: str):
+        self.handler = RequestHandler(blocks, model_id, "fuzz", LIMITS)
+        self.clock = FakeClock()
+        self.handler.sessions.clock = self.clock
+        self.next_id = 1
+        self.used: list[int] = []
+
+    def fresh_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir) -> list[tuple]:
+    """Blocks of a whole-block node and of a head-shard node (blocks 1:3, heads 0:2)."""
+    model_id = read_manifest(tiny_model_dir).model_id
+    return [(load_blocks(tiny_model_dir, 0, 4), model_id),
+            (load_blocks(tiny_model_dir, 1, 3, heads=(0, 2)), model_id)]
+
+
+# ----- message generation ----------------------------------------------------------------
+def draw_tensor(data, T: int) -> tuple[torch.Tensor, str]:
+    shape = data.draw(st.one_of(
+        st.just([1, T, N_EMBD]), st.just([1, T, N_EMBD]), st.just([1, T, N_EMBD]),
+        st.lists(st.sampled_from([0, 1, 2, 3, N_EMBD - 1, N_EMBD, N_EMBD + 1, 65]), max_size=5)))
+    n = 1
+    for d in shape:
+        n *= d
+    if n > 16384:
+        shape, n = [1, T, N_EMBD], T * N_EMBD
+    scale = data.draw(st.sampled_from([1.0, 1.0, 1.0, 1e-30, 1e4, 1e30, 3e38]))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99)))) * scale
+    if n and data.draw(st.integers(0, 9)) == 0:
+        x.view(-1)[data.draw(st.integers(0, n - 1))] = data.draw(st.sampled_from([float("nan"), float("inf"),
+                                                                                   float("-inf")]))
+    wire = data.draw(st.sampled_from([*WIRE_FORMATS, "float32", "float32", "float32"]))
+    return x, wire
+
+
+def draw_reply_wire(data, wire: str) -> str:
+    return data.draw(st.one_of(st.just(wire), st.just(wire), st.just(wire), st.sampled_from(["int8", "", "f32"])))
+
+
+def draw_request(data, node: Node) -> tuple[str, dict, list[torch.Tensor], str]:
+    h = node.handler
+    kind = data.draw(st.sampled_from(["info", "open", "open", "step", "step", "step", "step", "close",
+                                      "forward", "records"]))
+    fields: dict = {}
+    tensors: list[torch.Tensor] = []
+    wire = "float32"
+    layers = [h.blocks.start, h.blocks.stop]
+    if kind == "open":
+        fields = {"model_id": h.model_id, "layers": layers,
+                  "max_length": data.draw(st.one_of(st.integers(1, 40), st.integers(-2, 2000)))}
+    elif kind in ("step", "close"):
+        sessions = list(h.sessions.sessions.values())
+        session = data.draw(st.sampled_from(sessions)) if sessions and data.draw(st.integers(0, 7)) else None
+        sid = session.id if session else data.draw(st.text(max_size=24))
+        fields = {"session": sid}
+        if kind == "step":
+            length = session.length if session else 0
+            T = data.draw(st.one_of(st.integers(1, 3), st.integers(1, 60)))
+            pos = data.draw(st.one_of(st.just(length), st.just(length), st.just(length), st.integers(-3, 100),
+                                      st.integers(-(2**63), 2**63 - 1)))
+            x, wire = draw_tensor(data, T)
+            tensors = [x]
+            fields.update({"pos": pos, "wire": draw_reply_wire(data, wire)})
+            if h.head_shard and session is not None:
+                phase = data.draw(st.sampled_from(["attn", "attn", "mlp", "bogus"]))
+                block = session.start + session.next_block
+                fields.update({"phase": phase, "block": data.draw(st.one_of(st.just(block), st.integers(-1, 5)))})
+    elif kind == "forward":
+        x, wire = draw_tensor(data, data.draw(st.integers(1, 8)))
+        tensors = [x]
+        fields = {"model_id": h.model_id, "layers": layers, "wire": draw_reply_wire(data, wire)}
+    elif kind == "records":
+        fields = {"want": True}
+    return kind, fields, tensors, wire
+
+
+def build_frames(msg_type: str, req_id: int, fields: dict, tensors: list, wire: str) -> list[bytes]:
+    return [bytes(f) for f in encode(msg_type, req_id, fields, tensors, wire)]
+
+
+def mutate(data, frames: list[bytes], header: dict) -> tuple[list[bytes], bool]:
+    """One thing broken (or nothing); returns the frames and whether the header is still intact."""
+    how = data.draw(st.sampled_from(["none"] * 14 + ["truncate", "flip", "field", "drop", "junk", "version",
+                                                     "tensor_cut", "tensor_grow", "frame_drop", "frame_add",
+                                                     "spec", "dtype"]))
+    if how == "none":
+        return frames, True
+    if how in ("truncate", "flip"):
+        raw = bytearray(frames[0])
+        if how == "truncate":
+            raw = raw[:data.draw(st.integers(0, max(0, len(raw) - 1)))]
+        else:
+            for _ in range(data.draw(st.integers(1, 3))):
+                raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        return [bytes(raw), *frames[1:]], False
+    if how == "dtype" and header.get("tensors"):  # a wrong dtype string, the shape kept
+        header = {**header, "tensors": [[data.draw(st.sampled_from(["int8", "float64", "F32", ""])), spec[1]]
+                                        for spec in header["tensors"]]}
+        return [msgpack.packb(header, use_bin_type=True), *frames[1:]], False
+    if how in ("field", "drop", "junk", "version", "spec", "dtype"):
+        header = dict(header)
+        keys = sorted(header)
+        if how == "field":
+            header[data.draw(st.sampled_from(keys))] = data.draw(ANY_VALUE)
+        elif how == "drop":
+            del header[data.draw(st.sampled_from(keys))]
+        elif how == "junk":
+            header[data.draw(st.text(max_size=8))] = data.draw(ANY_VALUE)
+        elif how == "version":
+            header["v"] = data.draw(st.one_of(ANY_VALUE, st.just(PROTOCOL_VERSION + 1), st.just(0)))
+        else:
+            header["tensors"] = data.draw(st.one_of(ANY_VALUE, st.lists(st.lists(ANY_VALUE, max_size=3), max_size=3)))
+        return [msgpack.packb(header, use_bin_type=True), *frames[1:]], False
+    tail = frames[1:]
+    if how == "frame_drop" and tail:
+        tail = tail[:-1]
+    elif how == "frame_add":
+        tail = [*tail, data.draw(st.binary(max_size=300))]
+    elif tail:
+        t = tail[0]
+        cut = data.draw(st.integers(0, max(0, len(t) - 1)))
+        tail = [t[:cut] if how == "tensor_cut" else t + data.draw(st.binary(min_size=1, max_size=64)), *tail[1:]]
+    return [frames[0], *tail], True
+
+
+def draw_message(data, node: Node) -> tuple[list[bytes], int | None]:
+    """Frames of one message and the id its reply must carry (None when the header is broken)."""
+    if data.draw(st.integers(0, 9)) == 0:  # pure garbage
+        return data.draw(st.lists(st.binary(max_size=200), max_size=4)), None
+    kind, fields, tensors, wire = draw_request(data, node)
+    if node.used and data.draw(st.integers(0, 11)) == 0:
+        req_id = data.draw(st.sampled_from(node.used))
+    else:
+        req_id = node.fresh_id()
+    frames = build_frames(kind, req_id, fields, tensors, wire)
+    header = msgpack.unpackb(frames[0], raw=False)
+    frames, intact = mutate(data, frames, header)
+    node.used.append(req_id)
+    return frames, req_id if intact else None
+
+
+# ----- checks ----------------------------------------------------------------------------
+def check_reply(frames: list, n_embd: int, seen: Counter) -> dict:
+    msg = decode(frames)  # a node reply must always decode
+    if msg.type == "error":
+        code = msg.fields["code"]
+        assert code in KNOWN_CODES, f"error reply with code {code!r}: {msg.fields['message']}"
+        seen[code] += 1
+    else:
+        assert msg.type in REPLY_TYPE.values(), msg.type
+        seen[msg.type] += 1
+        if msg.type == "result":
+            assert len(msg.tensors) == 1
+            y = msg.tensors[0]
+            assert y.dim() == 3 and y.shape[2] == n_embd
+            assert bool(torch.isfinite(y).all())
+    return {"id": msg.id, "type": msg.type, "fields": msg.fields}
+
+
+def check_memory(node: Node) -> None:
+    store, limits = node.handler.sessions, node.handler.limits
+    assert store.kv_bytes == sum(s.cache.nbytes for s in store.sessions.values())
+    assert store.kv_bytes <= limits.kv_budget_bytes
+    assert len(store.sessions) <= limits.max_sessions
+    for s in store.sessions.values():
+        assert 0 <= s.length <= s.cache.max_length <= limits.max_session_length
+
+
+@pytest.mark.fuzz
+def test_fuzz_request_handling(served, tiny_model_dir):
+    """Each case: a fresh handler (the blocks are shared) and 1-6 batches of 1-6 messages."""
+    seen: Counter = Counter()
+    counts: Counter = Counter()
+    last: list[Node] = [Node(*served[0])]
+
+    @settings(max_examples=CASES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def one_case(data) -> None:
+        node = Node(*served[data.draw(st.integers(0, 1))])
+        for _ in range(data.draw(st.integers(1, 6))):
+            if data.draw(st.integers(0, 9)) == 0:  # time passes: idle sessions are reclaimed
+                node.clock.now += data.draw(st.sampled_from([1.0, LIMITS.idle_timeout + 1]))
+                node.handler.expire_idle()
+            peers = [b"peer-a", b"peer-b", data.draw(st.binary(min_size=1, max_size=8))]
+            batch, expect = [], []
+            for _ in range(data.draw(st.integers(1, 8))):
+                peer = data.draw(st.sampled_from(peers))
+                frames, req_id = draw_message(data, node)
+                batch.append((peer, frames))
+                expect.append(req_id)
+            replies = node.handler.handle_batch(batch)
+            counts["messages"] += len(batch)
+            assert len(replies) == len(batch), "every message gets exactly one reply"
+            got_ids = Counter(check_reply(f, node.handler.config.n_embd, seen)["id"] for _, f in replies)
+            for req_id in expect:
+                assert req_id is None or got_ids[req_id] > 0, f"no reply carries request id {req_id}"
+            check_memory(node)
+        counts["cases"] += 1
+        if node.handler.blocks is served[0][0]:
+            last[0] = node
+
+    t0 = time.perf_counter()
+    one_case()
+    seconds = time.perf_counter() - t0
+    print(f"\nfuzz: {counts['cases']} cases, {counts['messages']} messages, 0 crashes, {seconds:.1f} s; "
+          f"replies: {dict(sorted(seen.items()))}")
+    assert counts["cases"] >= min(CASES, 100)
+    # The fuzzer must reach real work, not only refusals at the door.
+    assert seen["result"] > 0 and seen["opened"] > 0 and seen["malformed"] > 0
+    assert_still_serves(last[0], tiny_model_dir)
+
+
+def assert_still_serves(node: Node, model_dir) -> None:
+    """After the storm, on the last fuzzed whole-block handler: its sessions closed, a fresh
+    session's logits equal the single-process model's."""
+    for sid in list(node.handler.sessions.sessions):
+        node.handler.sessions.close(sid)
+    assert node.handler.sessions.kv_bytes == 0
+    client = ClientModel(load_embeddings(model_dir), load_head(model_dir))
+    ids = torch.randint(0, 50257, (20,), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        want = load_model(model_dir)(ids[None])[0][7:]
+    sid = _request(node, "open", {"max_length": 20})["fields"]["session"]
+    got = [client.logits(_step(node, sid, 0, client.embed(ids[:8].tolist(), 0)))]
+    for t in range(8, 20):
+        got.append(client.logits(_step(node, sid, t, client.embed([int(ids[t])], t))))
+    assert (torch.stack(got) - want).abs().max().item() <= 1e-5
+
+
+def _request(node: Node, msg_type: str, fields: dict, tensors=()) -> dict:
+    frames = node.handler.handle(b"checker", encode(msg_type, node.fresh_id(), fields, tensors))
+    msg = decode(frames)
+    assert msg.type != "error", msg.fields
+    return {"fields": msg.fields, "tensors": msg.tensors}
+
+
+def _step(node: Node, sid: str, pos: int, x: torch.Tensor) -> torch.Tensor:
+    return _request(node, "step", {"session": sid, "pos": pos}, [x])["tensors"][0]

@@ -1,0 +1,375 @@
+"""Hostile input against nodes: every refusal is a specific error, nothing kills the node.
+
+The first half drives RequestHandler in process, one limit at a time (fast and exact); the
+second sends hostile frames over a raw ZeroMQ DEALER socket to a real node process, and then
+checks that the node still serves a session with exact logits. docs/reliability.md has the table.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.transport import PeerConnection, PeerError
+from nanoswarm.keys.contact import split_contact
+from nanoswarm.node.cluster import NodeSpec
+from nanoswarm.node.handler import RequestHandler
+from nanoswarm.node.server import zmq_max_msgsize
+from nanoswarm.node.sessions import NodeLimits
+from nanoswarm.protocol.messages import PROTOCOL_VERSION, Message, decode, encode
+from nanoswarm.shards.manifest import load_blocks, load_model, read_manifest
+
+N_EMBD = 64  # tests/conftest.TINY
+KV_PER_POSITION = 2 * 4 * N_EMBD * 4  # k and v, 4 blocks, float32: 512 bytes
+
+
+def hidden(T: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, T, N_EMBD, generator=torch.Generator().manual_seed(seed))
+
+
+# ----- in process: one limit at a time -----------------------------------------------------
+class Driver:
+    """Requests to a RequestHandler as if from peer `peer`, with fresh ids."""
+
+    def __init__(self, handler: RequestHandler):
+        self.h = handler
+        self.next_id = 0
+
+    def frames(self, msg_type: str, fields: dict | None = None, tensors=(), req_id: int | None = None) -> list:
+        self.next_id += 1
+        return encode(msg_type, self.next_id if req_id is None else req_id, fields, tensors)
+
+    def ask(self, msg_type: str, fields: dict | None = None, tensors=(), peer: bytes = b"p") -> Message:
+        return decode(self.h.handle(peer, self.frames(msg_type, fields, tensors)))
+
+    def ok(self, msg_type: str, fields: dict | None = None, tensors=()) -> Message:
+        msg = self.ask(msg_type, fields, tensors)
+        assert msg.type != "error", msg.fields
+        return msg
+
+    def code(self, msg_type: str, fields: dict | None = None, tensors=()) -> str:
+        msg = self.ask(msg_type, fields, tensors)
+        assert msg.type == "error", f"expected an error, got {msg.type}"
+        return msg.fields["code"]
+
+    def refuses(self, code: str, part: str, msg_type: str, fields: dict | None = None, tensors=()) -> None:
+        """The request gets an error reply with `code` whose message says `part`."""
+        msg = self.ask(msg_type, fields, tensors)
+        assert msg.type == "error", f"expected an error, got {msg.type}"
+        assert (msg.fields["code"], part in msg.fields["message"]) == (code, True), msg.fields
+
+    def open(self, max_length: int = 16) -> str:
+        return self.ok("open", {"max_length": max_length}).fields["session"]
+
+
+@pytest.fixture(scope="module")
+def blocks(tiny_model_dir):
+    return load_blocks(tiny_model_dir, 0, 4), read_manifest(tiny_model_dir).model_id
+
+
+def make_driver(blocks, **limits) -> Driver:
+    return Driver(RequestHandler(blocks[0], blocks[1], "test", NodeLimits(**limits)))
+
+
+def test_each_limit_refuses_cleanly_and_spares_other_sessions(blocks):
+    d = make_driver(blocks, max_sessions=4, kv_budget_bytes=34 * KV_PER_POSITION, max_session_length=32,
+                    max_tokens_per_step=4, max_message_bytes=2048)
+    keep = d.open(16)  # a session that must survive every refusal below
+    d.ok("step", {"session": keep, "pos": 0}, [hidden(2)])
+    d.refuses("too_large", "max_length", "open", {"max_length": 33})        # session length
+    d.refuses("too_large", "max_length", "open", {"max_length": 0})
+    d.refuses("busy", "KV cache budget", "open", {"max_length": 32})        # 16 + 32 > 34
+    short = d.open(4)
+    d.open(4)
+    d.refuses("busy", "KV cache budget", "open", {"max_length": 16})        # 24 + 16 > 34
+    d.open(2)
+    d.refuses("busy", "maximum of 4 sessions", "open", {"max_length": 1})   # open sessions
+    d.refuses("too_large", "tokens in one", "step", {"session": short, "pos": 0}, [hidden(5)])
+    d.refuses("too_large", "tokens in one", "forward", {}, [torch.randn(2, 3, N_EMBD)])
+    d.refuses("too_large", "the limit is 2048", "step", {"session": short, "pos": 0}, [hidden(8)])
+    d.ok("step", {"session": short, "pos": 0}, [hidden(3)])
+    d.refuses("too_large", "exceed the session", "step", {"session": short, "pos": 3}, [hidden(2)])
+    y = d.ok("step", {"session": keep, "pos": 2}, [hidden(1)]).tensors[0]
+    assert y.shape == (1, 1, N_EMBD) and d.h.sessions.sessions[keep].length == 3
+    assert d.h.sessions.kv_bytes == 26 * KV_PER_POSITION
+    assert d.h.info()["errors"] == {"too_large": 6, "busy": 3}
+
+
+def test_requests_in_flight_per_peer(blocks):
+    d = make_driver(blocks, max_inflight_per_peer=4)
+    batch = [(b"greedy", d.frames("info")) for _ in range(6)] + [(b"polite", d.frames("info"))]
+    replies = [(peer, decode(frames)) for peer, frames in d.h.handle_batch(batch)]
+    codes = [m.fields.get("code", m.type) for peer, m in replies if peer == b"greedy"]
+    assert sorted(codes) == ["busy", "busy"] + ["info_reply"] * 4
+    assert [m.type for peer, m in replies if peer == b"polite"] == ["info_reply"]
+
+
+def test_overloaded_batch_refuses_the_rest_busy_and_leaves_sessions_untouched(blocks):
+    """Work queued behind max_batch_seconds of compute is refused at once, not left to time out."""
+    d = make_driver(blocks, max_batch_seconds=1e-6)
+    sessions = [d.open(8) for _ in range(3)]
+    batch = [(b"p", d.frames("step", {"session": sid, "pos": 0}, [hidden(2, i)])) for i, sid in enumerate(sessions)]
+    batch.append((b"q", d.frames("forward", {}, [hidden(2)])))
+    replies = [decode(f) for _, f in d.h.handle_batch(batch)]
+    # The forward runs at once (the batch's first computation); the steps would come after it.
+    assert [m.fields.get("code", m.type) for m in replies] == ["result", "busy", "busy", "busy"]
+    assert "overloaded" in replies[1].fields["message"]
+    assert [d.h.sessions.sessions[sid].length for sid in sessions] == [0, 0, 0]
+    batch = [(b"p", d.frames("step", {"session": sid, "pos": 0}, [hidden(2, i)])) for i, sid in enumerate(sessions)]
+    assert [decode(f).fields.get("code", "result") for _, f in d.h.handle_batch(batch)] == ["result", "busy", "busy"]
+    y = d.ok("step", {"session": sessions[1], "pos": 0}, [hidden(2, 1)]).tensors[0]  # the retry is served
+    assert y.shape == (1, 2, N_EMBD)
+
+
+def test_specific_codes_for_bad_requests(blocks):
+    d = make_driver(blocks)
+    sid = d.open(16)
+    bad_nan = hidden(1)
+    bad_nan[0, 0, 3] = float("nan")
+    bad_inf = hidden(1)
+    bad_inf[0, 0, 0] = float("-inf")
+    assert d.code("step", {"session": sid, "pos": 0}, [bad_nan]) == "bad_value"
+    assert d.code("step", {"session": sid, "pos": 0}, [bad_inf]) == "bad_value"
+    assert d.code("step", {"session": sid, "pos": -1}, [hidden(1)]) == "bad_position"
+    assert d.code("step", {"session": sid, "pos": 3}, [hidden(1)]) == "bad_position"  # out of order
+    assert d.code("step", {"session": sid, "pos": 0}, [torch.randn(1, 1, N_EMBD + 1)]) == "bad_shape"
+    assert d.code("step", {"session": sid, "pos": 0}, [torch.randn(2, 1, N_EMBD)]) == "bad_shape"
+    assert d.code("step", {"session": sid, "pos": 0}, [hidden(1), hidden(1)]) == "bad_tensor"
+    assert d.code("step", {"session": "nope", "pos": 0}, [hidden(1)]) == "unknown_session"
+    assert d.code("step", {"session": sid, "pos": "0"}, [hidden(1)]) == "malformed"
+    assert d.code("open", {"max_length": 8, "model_id": "f" * 64}) == "wrong_model"
+    assert d.code("open", {"max_length": 8, "layers": [0, 5]}) == "malformed"
+    assert d.code("result", {}) == "unknown_type"  # a reply type sent as a request
+    assert d.code("frobnicate", {}) == "unknown_type"
+    frames = d.frames("info")
+    assert decode(d.h.handle(b"p", frames)).type == "info_reply"
+    assert decode(d.h.handle(b"p", frames)).fields["code"] == "duplicate_request"
+    assert decode(d.h.handle(b"other", frames)).type == "info_reply"  # ids are per peer
+    d.ok("close", {"session": sid})
+    assert d.code("step", {"session": sid, "pos": 0}, [hidden(1)]) == "session_closed"
+
+
+def test_overflowing_values_are_refused_and_the_step_undone(blocks):
+    d = make_driver(blocks)
+    sid = d.open(16)
+    assert d.code("step", {"session": sid, "pos": 0, "wire": "float16"}, [hidden(2) * 1e30]) == "bad_value"
+    assert d.h.sessions.sessions[sid].length == 0  # the refused step left no trace
+    y = d.ok("step", {"session": sid, "pos": 0}, [hidden(2)]).tensors[0]
+    assert bool(torch.isfinite(y).all())
+
+
+def test_pipelined_steps_of_one_session_in_one_batch(blocks):
+    d = make_driver(blocks)
+    a, b = d.open(8), d.open(8)
+    x = [hidden(1, s) for s in range(3)]
+    for t in range(3):
+        d.ok("step", {"session": b, "pos": t}, [x[t]])
+    batch = [(b"p", d.frames("step", {"session": a, "pos": t}, [x[t]])) for t in range(3)]
+    batch.append((b"p", d.frames("close", {"session": a})))
+    replies = [decode(f) for _, f in d.h.handle_batch(batch)]
+    assert [m.type for m in replies] == ["result", "result", "result", "closed"]
+    # Same positions as the session stepped one request at a time: same cache, same outputs.
+    c = d.open(8)
+    for t in range(3):
+        want = d.ok("step", {"session": c, "pos": t}, [x[t]]).tensors[0]
+        assert torch.equal(want, replies[t].tensors[0])
+
+
+def test_idle_sessions_expire_in_process(blocks):
+    d = make_driver(blocks, idle_timeout=10.0)
+    clock = [0.0]
+    d.h.sessions.clock = lambda: clock[0]
+    idle, busy = d.open(8), d.open(8)
+    clock[0] = 6.0
+    d.ok("step", {"session": busy, "pos": 0}, [hidden(1)])
+    clock[0] = 12.0
+    assert d.h.expire_idle() == [idle]
+    assert d.code("step", {"session": idle, "pos": 0}, [hidden(1)]) == "session_closed"
+    assert d.h.sessions.kv_bytes == 8 * KV_PER_POSITION
+    clock[0] = 17.0
+    assert d.h.expire_idle() == [busy] and d.h.sessions.kv_bytes == 0
+
+
+# ----- over a real socket, to a real node process ------------------------------------------
+class RawPeer:
+    """A bare DEALER socket: sends whatever frames it is given, returns the decoded reply."""
+
+    def __init__(self, contact: str):
+        endpoint, key = split_contact(contact)
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if key is not None:  # the node runs CURVE: any client key will do
+            public, secret = zmq.curve_keypair()
+            self.socket.curve_serverkey, self.socket.curve_publickey, self.socket.curve_secretkey = key, public, secret
+        self.socket.connect(endpoint)
+        self.next_id = 1000
+
+    def header(self, msg_type: str, req_id: int | None = None, **fields) -> tuple[int, bytes]:
+        self.next_id += 1
+        req_id = self.next_id if req_id is None else req_id
+        return req_id, msgpack.packb({"v": PROTOCOL_VERSION, "id": req_id, "type": msg_type, **fields})
+
+    def send(self, frames: list) -> None:
+        self.socket.send_multipart(frames)
+
+    def recv(self, timeout: float = 10.0) -> Message | None:
+        if not self.socket.poll(int(timeout * 1000)):
+            return None
+        return decode(self.socket.recv_multipart())
+
+    def ask(self, msg_type: str, tensors=(), **fields) -> Message:
+        self.next_id += 1
+        self.send(encode(msg_type, self.next_id, fields, tensors))
+        reply = self.recv()
+        assert reply is not None and reply.id == self.next_id, reply
+        return reply
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def reference_logits(model_dir, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return load_model(model_dir)(ids[None])[0]
+
+
+def assert_serves_exact_logits(model_dir, contacts: list[str]) -> None:
+    """A whole session through the swarm: prefill 8, then 12 decode steps; logits within 1e-5."""
+    ids = torch.randint(0, 50257, (20,), generator=torch.Generator().manual_seed(11))
+    model = SwarmModel.connect(model_dir, peers=contacts)
+    try:
+        session = model.session(len(ids))
+        got = [model.client.logits(session.step(model.client.embed(ids[:8].tolist(), 0)))]
+        for t in range(8, len(ids)):
+            got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
+        session.close()
+    finally:
+        model.close()
+    want = reference_logits(model_dir, ids)[7:]
+    assert (torch.stack(got) - want).abs().max().item() <= 1e-5
+
+
+def test_hostile_frames_to_a_node_process(tiny_model_dir, cluster_factory):
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=[
+        "--max-message-mb", "1", "--max-inflight", "4", "--max-tokens-per-step", "16"])])
+    node, contact = swarm.nodes[0], swarm.addresses[0]
+    peer, bystander = RawPeer(contact), RawPeer(contact)
+    try:
+        victim = bystander.ask("open", max_length=16).fields["session"]  # must survive all of this
+        bystander.ask("step", [hidden(2)], session=victim, pos=0)
+        sid = peer.ask("open", max_length=16).fields["session"]
+        closed = peer.ask("open", max_length=16).fields["session"]
+        peer.ask("close", session=closed)
+        x = hidden(1)
+        nan = hidden(1)
+        nan[0, 0, 5] = float("nan")
+        raw = bytes(memoryview(x.numpy()).cast("B"))
+        spec = [["float32", [1, 1, N_EMBD]]]
+        cases = {  # name: (frames, expected code, whether the reply can carry our id)
+            "not msgpack": ([b"\xc1 this is not msgpack"], "malformed", False),
+            "header not a map": ([msgpack.packb([1, 2, 3])], "malformed", False),
+            "unknown type": ([peer.header("frobnicate")[1]], "unknown_type", True),
+            "bad version": ([msgpack.packb({"v": 99, "id": 5, "type": "info"})], "bad_version", True),
+            "wrong tensor shape": ([peer.header("step", session=sid, pos=0,
+                                                tensors=[["float32", [1, 1, N_EMBD - 1]]])[1], raw[:-4]],
+                                   "bad_shape", True),
+            "wrong dtype string": ([peer.header("step", session=sid, pos=0,
+                                                tensors=[["int8", [1, 1, N_EMBD]]])[1], raw], "bad_tensor", True),
+            "frame count": ([peer.header("step", session=sid, pos=0, tensors=spec)[1]], "bad_tensor", True),
+            "short frame": ([peer.header("step", session=sid, pos=0, tensors=spec)[1], raw[:100]],
+                            "bad_tensor", True),
+            "unknown session": ([peer.header("step", session="no-such", pos=0, tensors=spec)[1], raw],
+                                "unknown_session", True),
+            "oversized (under MAXMSGSIZE)": ([peer.header("info")[1], b"\0" * (3 * 2**19)], "too_large", True),
+            "NaN tensor": ([peer.header("step", session=sid, pos=0, tensors=spec)[1],
+                            bytes(memoryview(nan.numpy()).cast("B"))], "bad_value", True),
+            "negative position": ([peer.header("step", session=sid, pos=-1, tensors=spec)[1], raw],
+                                  "bad_position", True),
+            "position out of order": ([peer.header("step", session=sid, pos=4, tensors=spec)[1], raw],
+                                      "bad_position", True),
+            "too many tokens": (encode("step", 9001, {"session": sid, "pos": 0}, [hidden(17)]), "too_large", True),
+            "session too long": ([peer.header("open", max_length=10**6)[1]], "too_large", True),
+            "step on a closed session": ([peer.header("step", session=closed, pos=0, tensors=spec)[1], raw],
+                                         "session_closed", True),
+            "id reused": ([peer.header("info", req_id=1001)[1]], "duplicate_request", True),  # ask() used 1001
+        }
+        for name, (frames, code, has_id) in cases.items():
+            peer.send(frames)
+            reply = peer.recv()
+            assert reply is not None, f"{name}: no reply"
+            assert reply.type == "error" and reply.fields["code"] == code, f"{name}: {reply.fields}"
+            if has_id:
+                assert reply.id == msgpack.unpackb(frames[0])["id"], name
+        _check_inflight_limit(node.pid, peer)
+        _check_over_maxmsgsize(contact)
+        assert node.proc.poll() is None, "the node died"
+        # Every refusal left the bystander's session intact, and the node serves new sessions exactly.
+        assert bystander.ask("step", [hidden(1)], session=victim, pos=2).type == "result"
+        assert_serves_exact_logits(tiny_model_dir, swarm.addresses)
+        info = peer.ask("info").fields
+        assert info["sessions"] == 2 and info["errors"]["bad_tensor"] == 3
+    finally:
+        peer.close()
+        bystander.close()
+
+
+def _check_inflight_limit(pid: int, peer: RawPeer) -> None:
+    """Requests queued while the node is frozen arrive as one batch: past 4 from one peer, `busy`."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(12):
+            peer.send([peer.header("info")[1]])
+        time.sleep(0.2)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    replies = [peer.recv() for _ in range(12)]
+    assert all(r is not None for r in replies), "every queued request gets a reply"
+    codes = Counter(r.fields.get("code", r.type) for r in replies)
+    assert set(codes) == {"info_reply", "busy"} and codes["busy"] >= 1, codes
+
+
+def _check_over_maxmsgsize(contact: str) -> None:
+    """A frame over ZeroMQ's MAXMSGSIZE (2x the message limit): libzmq drops the connection
+    without a reply. The client sees `disconnected` (or a timeout), and its socket reconnects."""
+    conn = PeerConnection(contact, timeout=5.0)
+    try:
+        with pytest.raises(PeerError) as e:
+            conn.request("info", tensors=[torch.zeros(zmq_max_msgsize(2**20) // 4 + 1)], timeout=3.0)
+        assert e.value.code in ("disconnected", "timeout")
+        assert conn.request("info").type == "info_reply"  # the same socket, reconnected
+    finally:
+        conn.close()
+
+
+def test_idle_sessions_reclaimed_by_a_node_process(small12_model_dir, cluster_factory):
+    """Sessions whose clients vanish without closing are reclaimed after --idle-timeout: the
+    node's sessions and KV bytes return to zero and its resident memory to about the baseline."""
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 12), args=["--idle-timeout", "1.5"])])
+    peer = RawPeer(swarm.addresses[0])
+    try:
+        base = peer.ask("info").fields
+        assert (base["sessions"], base["kv_bytes"]) == (0, 0)
+        sessions = [peer.ask("open", max_length=256).fields["session"] for _ in range(12)]
+        x = torch.randn(1, 256, 96)  # every position written: cache pages are taken as they are used
+        for sid in sessions:
+            assert peer.ask("step", [x], session=sid, pos=0).type == "result"
+        held = peer.ask("info").fields
+        kv = 12 * 2 * 12 * 256 * 96 * 4  # 12 sessions of 12 blocks, 256 positions, k and v
+        assert (held["sessions"], held["kv_bytes"]) == (12, kv)
+        assert held["rss_bytes"] - base["rss_bytes"] >= 0.9 * kv
+        deadline = time.monotonic() + 10
+        while (info := peer.ask("info").fields)["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert (info["sessions"], info["kv_bytes"]) == (0, 0)
+        assert info["rss_bytes"] - base["rss_bytes"] <= 0.25 * kv, (base["rss_bytes"], info["rss_bytes"])
+        assert peer.ask("step", [x[:, :1]], session=sessions[0], pos=256).fields["code"] == "session_closed"
+    finally:
+        peer.close()

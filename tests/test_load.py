@@ -1,0 +1,44 @@
+"""Short load runs (client/load.py): concurrent sessions against real node processes.
+
+The long run (GPT-2-small shape, 64 sessions, 60 s) is a manual one; docs/reliability.md has the
+command and its figures. These check the same properties on the tiny model in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from nanoswarm.cli import main
+from nanoswarm.client.load import LoadOptions, run_load
+from nanoswarm.node.cluster import NodeSpec
+
+
+def test_load_served_or_cleanly_refused_and_logits_match_solo(tiny_model_dir):
+    """16 sessions for 5 s on a two-node swarm the run starts itself; the first node holds at
+    most 12 sessions, so some sessions are refused (`busy`) and retried."""
+    report = run_load(LoadOptions(tiny_model_dir, nodes=2, node_args=["--max-sessions", "12"], sessions=16,
+                                  duration=5.0, prompt_tokens=8, new_tokens=16, timeout=20.0))
+    assert not report.failed, report.failure_samples[:5]
+    assert not report.crashed
+    assert report.served > 100 and report.sessions_completed > 16
+    assert set(report.refused) <= {"busy"} and report.refused["busy"] > 0
+    assert report.steps_checked > 100 and report.mismatches == 0
+    assert report.max_logit_diff <= 1e-5
+    for node in report.nodes:
+        assert node.source == "VmHWM" and node.peak_rss_bytes <= node.memory_bound
+    assert report.ok
+
+
+def test_load_command_against_given_peers(tiny_model_dir, cluster_factory):
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 4))])
+    result = CliRunner().invoke(main, ["load", str(tiny_model_dir), "--peers", ",".join(swarm.addresses),
+                                       "--sessions", "4", "--duration", "2", "--new-tokens", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["ok"] and report["failed"] == {} and report["served"] > 0
+    assert report["latency_ms"]["request_p99"] >= report["latency_ms"]["request_p50"] > 0
+    assert [n["layers"] for n in report["nodes"]] == [[0, 1], [1, 4]]
+    assert all(n["peak_rss_source"] == "info" and n["peak_rss_bytes"] > 0 for n in report["nodes"])
+    assert all(p.proc.poll() is None for p in swarm.nodes)
