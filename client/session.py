@@ -21,6 +21,7 @@ from .transport import PeerError
 
 log = logging.getLogger(__name__)
 
+BUSY_RETRIES = 3  # a `busy` step is retried on the same peer this often (0.1, 0.2, 0.4 s) before failover
 REPLAY_CHUNK = 512  # positions per replay step (well under a node's max tokens per step)
 
 
@@ -74,7 +75,7 @@ class InferenceSession:
         T = hidden.shape[1]
         if self.pos + T > self.max_length:
             raise SessionError(f"session is full: {self.pos + T} positions > max_length {self.max_length}")
-        i = 0
+        i, busy_retries = 0, 0
         while i < len(self.stages):
             stage = self.stages[i]
             if self.swarm is not None and stage.leaving:
@@ -85,6 +86,12 @@ class InferenceSession:
             except PeerError as e:
                 if self.swarm is None:
                     raise
+                if e.code == "busy" and busy_retries < BUSY_RETRIES:
+                    # An overloaded peer left the session as it was: wait a little and ask again
+                    # before giving its blocks to someone else.
+                    busy_retries += 1
+                    time.sleep(0.05 * 2 ** busy_retries)
+                    continue
                 self._replace(i, e)
                 continue
             self.history[i].append(hidden)
