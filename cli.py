@@ -133,6 +133,8 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
 @click.option("--max-message-mb", type=int, default=None)
 @click.option("--max-inflight", type=int, default=None, help="Requests in flight per peer.")
 @click.option("--idle-timeout", type=float, default=None, help="Seconds before an idle session is reclaimed.")
+@click.option("--max-batch-seconds", type=float, default=None,
+              help="Compute per batch before its remaining requests are refused busy.")
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Node identity (default: one in the user config dir, created on first run).")
 @click.option("--bootstrap", multiple=True, help="Contact (ADDRESS#KEY) of a swarm node; repeat or comma-separate.")
@@ -148,7 +150,7 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
               help="Without --layers: seconds between checks whether to serve other blocks.")
 def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, device: str,
          dtype: str, threads: int | None, max_sessions, kv_budget_mb, max_session_length,
-         max_tokens_per_step, max_message_mb, max_inflight, idle_timeout, key_file: Path | None,
+         max_tokens_per_step, max_message_mb, max_inflight, idle_timeout, max_batch_seconds, key_file: Path | None,
          bootstrap: tuple[str, ...], allow_keys: Path | None, insecure: bool, num_blocks: int | None,
          memory_budget_mb: int | None, ttl: float, gossip_interval: float, rebalance_interval: float) -> None:
     """Serve blocks of MODEL_DIR to the swarm until SIGTERM or Ctrl-C."""
@@ -162,7 +164,8 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, de
         "kv_budget_bytes": kv_budget_mb * 2**20 if kv_budget_mb else None,
         "max_session_length": max_session_length, "max_tokens_per_step": max_tokens_per_step,
         "max_message_bytes": max_message_mb * 2**20 if max_message_mb else None,
-        "max_inflight_per_peer": max_inflight, "idle_timeout": idle_timeout}.items() if v is not None}
+        "max_inflight_per_peer": max_inflight, "idle_timeout": idle_timeout,
+        "max_batch_seconds": max_batch_seconds}.items() if v is not None}
     limits = dataclasses.replace(NodeLimits(), **overrides)
     logging.getLogger("nanoswarm").setLevel(min(logging.getLogger().level, logging.INFO))
     run_node(NodeOptions(model_dir, _range(layers, "--layers"), _range(heads, "--heads"), listen,

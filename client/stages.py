@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from nanoswarm.protocol.tensors import all_finite
 from nanoswarm.shards.model import Blocks
 
 from .transport import PeerConnection, PeerError
@@ -64,7 +65,7 @@ def _check_reply(conn: PeerConnection, msg, like: torch.Tensor) -> torch.Tensor:
         got = [list(t.shape) for t in msg.tensors]
         raise PeerError(conn.address, "bad_reply", f"expected one tensor {list(like.shape)}, got {got}")
     y = msg.tensors[0]
-    if not bool(torch.isfinite(y).all()):
+    if not all_finite(y):
         raise PeerError(conn.address, "bad_reply", "reply holds NaN or Inf")
     return y.to(like.device, like.dtype)
 

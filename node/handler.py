@@ -97,6 +97,7 @@ class RequestHandler:
         self.leaving = False
         self._batch_started = time.perf_counter()  # when handle_batch began (see _overloaded)
         self._batch_computed = False                # whether this batch has run any blocks yet
+        self._last_busy = 0.0                       # seconds of the last forward pass
         self.extra_info: dict[str, Any] = {}  # set by the server: address, keys, records
         self.on_records = None  # callable(list) -> list, set by the gossip layer
         # Recently seen request ids per peer, to refuse duplicates (a replayed request must not
@@ -345,7 +346,9 @@ class RequestHandler:
                 p.session.cache.length -= y.shape[1]
             return self._error(p.msg.id, ErrorCode.BAD_VALUE, f"the result does not fit {p.wire} "
                                "(overflow to NaN or Inf)")
-        return encode("result", p.msg.id, {}, [y], p.wire)
+        # busy_us: the compute of the forward pass this step ran in, so a client can tell the
+        # node's compute from the time on the wire (nanoswarm bench's per-stage overhead).
+        return encode("result", p.msg.id, {"busy_us": int(self._last_busy * 1e6)}, [y], p.wire)
 
     def _compute(self, group: list[_Pending]) -> list[torch.Tensor]:
         first = group[0]
@@ -375,7 +378,8 @@ class RequestHandler:
         t0 = time.perf_counter()
         y = fn()
         self._batch_computed = True
-        self.stats.busy_seconds += time.perf_counter() - t0
+        self._last_busy = time.perf_counter() - t0
+        self.stats.busy_seconds += self._last_busy
         self.stats.steps += 1
         self.stats.tokens += tokens
         return y
@@ -402,5 +406,7 @@ class RequestHandler:
                 else:
                     self.blocks(x, [cache])
                 n += 1
+                if self.device.type == "cuda":  # kernels run asynchronously: time them finished
+                    torch.cuda.synchronize(self.device)
         self.stats.throughput = n / (time.perf_counter() - t0)
         return self.stats.throughput
