@@ -77,3 +77,26 @@ def test_route_prefers_fewer_round_trips():
     assert [p.peers[0].address for p in route] == ["a", "b", "c"]  # slower, but 1 round trip
     route = build_route([p for p in peers if p.address != "b"], 12, 12)
     assert route[1].heads == [(0, 6), (6, 12)]
+
+
+def test_head_shards_announce_their_heads_in_records(tiny_model_dir, cluster_factory):
+    """A client that knows only a bootstrap builds the head group from the signed records."""
+    import time
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), (0, 2)), NodeSpec((0, 4), (2, 4))])
+    deadline = time.monotonic() + 15
+    while True:
+        model = SwarmModel.connect(tiny_model_dir, bootstrap=[swarm.addresses[0]])
+        if len(model.swarm.peers) == 2 or time.monotonic() > deadline:
+            break
+        model.close()
+        time.sleep(0.3)
+    try:
+        assert sorted(p.heads for p in model.swarm.peers.values()) == [(0, 2), (2, 4)]
+        plan = model.swarm.plan()
+        assert len(plan) == 1 and plan[0].heads == [(0, 2), (2, 4)]
+        greedy = SamplingParams(temperature=0)
+        local = SwarmModel.local(tiny_model_dir)
+        assert model.generate("Heads", 12, greedy).ids == local.generate("Heads", 12, greedy).ids
+    finally:
+        model.close()
