@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 50
 MAX_BATCH = 64
+# A batch waits for the rest of a burst of decode steps (docs/performance.md) while more
+# sessions are active than have sent, as long as messages keep coming less than GATHER_GAP_MS
+# apart, and starts no new wait after GATHER_SECONDS or half a forward pass (zmq polls in whole
+# milliseconds). A lone session never waits; steps that do not come in bursts cost one gap.
+GATHER_SECONDS = 0.003
+GATHER_GAP_MS = 1  # sleeping in poll, not spinning: a spin takes the core the sender needs
+ACTIVE_SECONDS = 1.0  # a session that stepped this recently is expected to step again
 
 
 def zmq_max_msgsize(max_message_bytes: int) -> int:
@@ -100,7 +107,13 @@ class NodeServer:
             self.close()
 
     def _serve_ready(self) -> None:
-        batch = []
+        batch: list = []
+        self._drain(batch)
+        self._gather(batch)
+        for peer, reply in self.handler.handle_batch(batch):
+            self._send(peer, reply)
+
+    def _drain(self, batch: list) -> None:
         while len(batch) < MAX_BATCH:
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -109,8 +122,21 @@ class NodeServer:
             if len(frames) < 2:  # a ROUTER message is [peer identity, header, ...]
                 continue
             batch.append((frames[0].bytes, frames[1:]))
-        for peer, reply in self.handler.handle_batch(batch):
-            self._send(peer, reply)
+
+    def _gather(self, batch: list) -> None:
+        """Wait briefly for the rest of a burst: the steps of sessions driven together (one client
+        stepping several sessions, or a previous stage answering a batch) reach us a little
+        apart, and one forward pass for all costs about what one costs for one (decode reads
+        every weight either way)."""
+        since = time.monotonic() - ACTIVE_SECONDS
+        active = sum(1 for s in self.handler.sessions.sessions.values() if s.last_used > since)
+        stats = self.handler.stats
+        wait = min(GATHER_SECONDS, 0.5 * stats.busy_seconds / stats.steps if stats.steps else 0.0)
+        deadline = time.perf_counter() + wait
+        while len(batch) < min(active, MAX_BATCH) and time.perf_counter() < deadline:
+            if not self.socket.poll(GATHER_GAP_MS):
+                break  # the burst is over
+            self._drain(batch)
 
     def _send(self, peer: bytes, frames: list) -> None:
         try:

@@ -1,0 +1,8 @@
+"""The benchmark behind `nanoswarm bench`: local vs swarm speed, overhead, bytes, batching."""
+
+from .models import SHAPES, make_random_model_dir
+from .report import format_report, targets
+from .runner import BenchOptions, parse_ints, parse_names, run_bench
+
+__all__ = ["SHAPES", "BenchOptions", "format_report", "make_random_model_dir", "parse_ints", "parse_names",
+           "run_bench", "targets"]

@@ -1,0 +1,310 @@
+"""`nanoswarm bench`: one process measures the local reference and swarms of real node processes
+on loopback, with the same torch thread settings, and returns one JSON-able dict.
+
+Local and swarm rounds alternate (local, swarm, local, swarm, ...) so that a swarm's ratio is
+taken against local rounds measured at the same time: other load on the machine then shifts
+both sides alike instead of skewing the ratio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from nanoswarm.client.generate import ClientModel
+from nanoswarm.client.session import InferenceSession
+from nanoswarm.client.stages import LocalStage
+from nanoswarm.client.swarm import Swarm, SwarmOptions
+from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
+from nanoswarm.shards.manifest import Manifest, load_blocks, load_embeddings, load_head, read_manifest
+
+from .measure import RoundResult, median, node_stats, percentile, run_concurrent, run_lockstep, run_round
+from .models import SHAPES, make_random_model_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchOptions:
+    model_dir: Path | None = None       # a model directory; else random weights of `shape`
+    shape: str = "gpt2-small"
+    stages: tuple[int, ...] = (1, 2, 4)
+    sessions: tuple[int, ...] = (1, 8)
+    head_groups: int = 2                # one stage of this many head-shard nodes; 0 skips it
+    wires: tuple[str, ...] = ("float16", "bfloat16", "q80")  # also run the largest route with these
+    tokens: int = 32                    # decode steps per round
+    prompt_len: int = 128
+    repeats: int = 3                    # rounds per side and run
+    session_tokens: int = 16            # decode steps per session in the concurrent runs
+    session_threads: int | None = None  # torch threads here during concurrent runs (default: threads)
+    threads: int = 2                    # torch threads, here and in every node
+    node_args: tuple[str, ...] = ()     # further `nanoswarm node` options
+    work_dir: Path | None = None        # where random model dirs are written (default: a temp dir)
+    seed: int = 0
+
+
+@dataclass
+class _Group:
+    """One cluster and the runs made on it."""
+
+    route: str                          # "layers" or "heads"
+    specs: list[NodeSpec]
+    wires: list[str]
+    stages: int
+
+
+def machine_info(threads: int) -> dict:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"platform": platform.platform(), "cpu": model, "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "threads": threads,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "loadavg_start": os.getloadavg()[0]}
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU time all processes on the machine have used (Linux /proc/stat), in seconds."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()  # this process and its reaped children (the nodes, once stopped)
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def bench_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
+    """n token ids of English text (the bundled tinyshakespeare), so that a trained model's hidden
+    states look like real use (they set the lossy wire formats' errors); random ids without it."""
+    import nanoswarm.shards as shards
+    from nanoswarm.shards.tokenizer import get_encoding
+
+    try:
+        text = (Path(shards.__file__).parent / "data" / "tinyshakespeare.txt").read_text()
+        ids = get_encoding().encode(text[1000 * seed:1000 * seed + 8 * n])
+        if len(ids) >= n and max(ids) < vocab_size:
+            return ids[:n]
+    except (OSError, ValueError) as e:
+        log.info("no text for token ids (%s); using random ids", e)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (n,), generator=gen).tolist()
+
+
+def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
+    stages = [s for s in opts.stages if 1 <= s <= n_layer]
+    if len(stages) != len(opts.stages):
+        log.warning("skipping stage counts outside 1..%d", n_layer)
+    groups = [_Group("layers", [NodeSpec(r) for r in even_split(n_layer, s)], ["float32"], s) for s in stages]
+    if groups and opts.wires:
+        groups[-1].wires += [w for w in opts.wires if w != "float32"]
+    if opts.head_groups:
+        g = min(opts.head_groups, n_head)
+        base, extra = divmod(n_head, g)
+        bounds = [0]
+        for i in range(g):
+            bounds.append(bounds[-1] + base + (i < extra))
+        specs = [NodeSpec((0, n_layer), heads=(a, b)) for a, b in zip(bounds, bounds[1:])]
+        groups.append(_Group("heads", specs, ["float32"], 1))
+    return groups
+
+
+class Bench:
+    def __init__(self, opts: BenchOptions, model_dir: Path):
+        self.opts = opts
+        self.model_dir = model_dir
+        self.manifest: Manifest = read_manifest(model_dir)
+        self.config = self.manifest.config
+        self.max_length = opts.prompt_len + opts.tokens
+        if self.max_length > self.config.block_size:
+            raise ValueError(f"prompt {opts.prompt_len} + {opts.tokens} tokens exceed the context "
+                             f"of {self.config.block_size}")
+        self.client = ClientModel(load_embeddings(model_dir, self.manifest), load_head(model_dir, self.manifest))
+        self.local_stage = LocalStage(load_blocks(model_dir, 0, self.config.n_layer, manifest=self.manifest))
+        self.ids = bench_ids(self.max_length, self.config.vocab_size, opts.seed)
+        self.local_rounds: list[RoundResult] = []
+        self.reference: RoundResult | None = None
+
+    # ----- sides ------------------------------------------------------------------------------
+    def local_round(self, keep_logits: bool = False, steps: int | None = None) -> RoundResult:
+        self.local_stage.open(self.max_length)
+        session = InferenceSession([self.local_stage], self.max_length)
+        return run_round(self.client, session, self.ids, self.opts.prompt_len,
+                         self.opts.tokens if steps is None else steps, keep_logits)
+
+    def swarm(self, addresses: list[str], wire: str) -> Swarm:
+        swarm = Swarm(self.manifest.model_id, self.config.n_layer, self.config.n_head,
+                      SwarmOptions(timeout=60.0, wire=wire))
+        swarm.add_addresses(addresses, timeout=30.0)
+        return swarm
+
+    def swarm_round(self, swarm: Swarm, keep_logits: bool = False, steps: int | None = None) -> RoundResult:
+        session = InferenceSession.open(swarm, self.max_length)
+        try:
+            return run_round(self.client, session, self.ids, self.opts.prompt_len,
+                             self.opts.tokens if steps is None else steps, keep_logits)
+        finally:
+            session.close()
+
+    # ----- runs -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        opts = self.opts
+        self.local_round(steps=2)  # warm-up
+        self.reference = self.local_round(keep_logits=True)
+        runs = []
+        for group in _groups(opts, self.config.n_layer, self.config.n_head):
+            log.info("starting %d nodes for %s", len(group.specs), group.route)
+            with LocalCluster(self.model_dir, group.specs, threads=opts.threads,
+                              args=list(opts.node_args)) as cluster:
+                for wire in group.wires:
+                    runs.append(self._measure(group, cluster, wire, with_sessions=wire == "float32"))
+        local_steps = [t for r in self.local_rounds for t in r.step_seconds]
+        local_prefill = [r.prefill_seconds for r in self.local_rounds]
+        return {
+            "local": {"decode_tps": 1 / median(local_steps), "decode_ms": 1000 * median(local_steps),
+                      "prefill_tps": opts.prompt_len / median(local_prefill),
+                      "prefill_ms": 1000 * median(local_prefill), "rounds": len(self.local_rounds)},
+            "runs": runs,
+        }
+
+    def _measure(self, group: _Group, cluster: LocalCluster, wire: str, with_sessions: bool) -> dict:
+        opts = self.opts
+        swarm = self.swarm(cluster.addresses, wire)
+        try:
+            self.swarm_round(swarm, steps=2)  # warm-up: first steps allocate on the nodes
+            local, remote = [], []
+            for i in range(opts.repeats):
+                local.append(self.local_round())
+                remote.append(self.swarm_round(swarm, keep_logits=i == 0))
+            self.local_rounds += local
+            result = self._summary(group, wire, local, remote)
+            if with_sessions:
+                result["sessions"] = self._sessions(swarm, group.route)
+                stats = [node_stats(swarm.connection(a)) for a in cluster.addresses]
+                result["node_max_batch"] = max((s.get("max_batch", 0) for s in stats), default=0)
+                result["node_batched_steps"] = sum(s.get("batched_steps", 0) for s in stats)
+            log.info("%s %d stages %s: decode ratio %.3f, prefill ratio %.3f", group.route, group.stages,
+                     wire, result["decode_ratio"], result["prefill_ratio"])
+            return result
+        finally:
+            swarm.close()
+
+    def _summary(self, group: _Group, wire: str, local: list[RoundResult], remote: list[RoundResult]) -> dict:
+        opts = self.opts
+        l_step = median([t for r in local for t in r.step_seconds])
+        s_step = median([t for r in remote for t in r.step_seconds])
+        l_pre = median([r.prefill_seconds for r in local])
+        s_pre = median([r.prefill_seconds for r in remote])
+        per_stage = [[] for _ in remote[0].stage_seconds]
+        for r in remote:
+            for i, samples in enumerate(r.overheads()):
+                per_stage[i] += samples
+        pooled = [t for s in per_stage for t in s]
+        assert self.reference is not None
+        err = max(float((a - b).abs().max()) for a, b in zip(remote[0].logits, self.reference.logits))
+        steps = sum(len(r.step_seconds) for r in remote)
+        return {
+            "route": group.route, "stages": group.stages, "nodes": len(group.specs), "wire": wire,
+            "decode_tps": 1 / s_step, "decode_ms": 1000 * s_step, "local_decode_tps": 1 / l_step,
+            "decode_ratio": l_step / s_step,
+            "prefill_tps": opts.prompt_len / s_pre, "prefill_ms": 1000 * s_pre,
+            "local_prefill_tps": opts.prompt_len / l_pre, "prefill_ratio": l_pre / s_pre,
+            "overhead_ms_median": 1000 * median(pooled), "overhead_ms_p99": 1000 * percentile(pooled, 99),
+            "overhead_ms_per_stage": [1000 * median(s) for s in per_stage],
+            "bytes_per_token": sum(r.decode_bytes for r in remote) / steps,
+            "bytes_per_prefill_token": sum(r.prefill_bytes for r in remote) / (len(remote) * opts.prompt_len),
+            "max_logit_error": err,
+        }
+
+    @staticmethod
+    def _node_stats(swarm: Swarm) -> list[dict]:
+        return [node_stats(swarm.connection(address)) for address in swarm.peers]
+
+    def _sessions(self, swarm: Swarm, route: str) -> list[dict]:
+        """Aggregate decode speed of n sessions at once, two ways: `independent` clients (a thread,
+        socket and lm_head of their own each, so their steps reach a node whenever they come),
+        and `one_client` driving them in step (its steps arrive together; one batched lm_head)."""
+        out = []
+        modes = ["independent", "one_client"] if route == "layers" else ["independent"]
+        for mode in modes:
+            for n in self.opts.sessions:
+                out.append({"mode": mode, **self._concurrent(swarm, n, mode)})
+        for r in out:
+            single = next((x["aggregate_tps"] for x in out if x["sessions"] == 1 and x["mode"] == r["mode"]), None)
+            r["speedup"] = r["aggregate_tps"] / single if single else None
+        return out
+
+    def _concurrent(self, swarm: Swarm, n: int, mode: str) -> dict:
+        sessions, swarms = [], []
+        prompts = [self.ids[i:i + 8 + i % 5] for i in range(n)]  # different lengths and contents
+        try:
+            for prompt in prompts:
+                own = Swarm(swarm.model_id, swarm.n_layer, swarm.n_head, swarm.options)
+                own.peers.update(swarm.peers)  # the same route, but a socket of its own
+                swarms.append(own)
+                sessions.append(InferenceSession.open(own, len(prompt) + self.opts.session_tokens))
+            torch.set_num_threads(self.opts.session_threads or self.opts.threads)
+            before: list[dict] = []
+            run = run_concurrent if mode == "independent" else run_lockstep
+            result = run(self.client, sessions, prompts, self.opts.session_tokens,
+                         lambda b=before: b.extend(self._node_stats(swarm)))
+            after = self._node_stats(swarm)
+            passes = sum(a.get("steps", 0) - b.get("steps", 0) for a, b in zip(after, before))
+            rows = sum(a.get("tokens", 0) - b.get("tokens", 0) for a, b in zip(after, before))
+            result["node_mean_batch"] = rows / passes if passes else None  # sessions per forward pass
+            return result
+        finally:
+            torch.set_num_threads(self.opts.threads)
+            for s in sessions:
+                s.close()
+            for s in swarms:
+                s.close()
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    """Measure everything `opts` asks for; the dict `--json` prints."""
+    torch.set_num_threads(opts.threads)
+    started = time.time()
+    busy0, own0 = _busy_cpu_seconds(), _own_cpu_seconds()
+    with contextlib.ExitStack() as stack:
+        model_dir = opts.model_dir
+        if model_dir is None:
+            if opts.shape not in SHAPES:
+                raise ValueError(f"unknown shape {opts.shape!r}; known: {', '.join(SHAPES)}")
+            root = opts.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nanoswarm-bench-")))
+            model_dir = make_random_model_dir(Path(root) / opts.shape, SHAPES[opts.shape], seed=opts.seed)
+        machine = machine_info(opts.threads)
+        bench = Bench(opts, Path(model_dir))
+        result = bench.run()
+    machine["loadavg_end"] = os.getloadavg()[0]
+    busy1, own1, wall = _busy_cpu_seconds(), _own_cpu_seconds(), time.time() - started
+    # Cores' worth of CPU that other processes used while the benchmark ran: the noise in it.
+    machine["other_load"] = (None if busy0 is None or busy1 is None
+                             else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall)
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+    return {"model": str(opts.model_dir) if opts.model_dir else None,
+            "shape": None if opts.model_dir else opts.shape, "config": bench.config.to_dict(),
+            "options": options, "machine": machine, "seconds": time.time() - started, **result}
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+

@@ -1,0 +1,100 @@
+"""Decode steps of different sessions that reach a node together run as one forward pass, and
+every session gets the logits it would get alone."""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+
+from nanoswarm.client.generate import ClientModel
+from nanoswarm.client.stages import RemoteLayerStage
+from nanoswarm.client.transport import PeerConnection
+from nanoswarm.node.cluster import NodeSpec
+from nanoswarm.node.handler import RequestHandler
+from nanoswarm.protocol.messages import decode, encode
+from nanoswarm.shards.manifest import load_blocks, load_embeddings, load_head, load_model, read_manifest
+
+PROMPTS = [5, 9, 2, 13]  # prompt lengths: the sessions' caches hold different numbers of positions
+DECODE_STEPS = 6
+
+
+def token_ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 50257, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def reference_logits(model_dir, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return load_model(model_dir)(torch.tensor([ids]))[0]
+
+
+def test_handler_batches_decode_steps_exactly(tiny_model_dir):
+    """In process: one handle_batch call with a step of every session, against solo runs."""
+    manifest = read_manifest(tiny_model_dir)
+    blocks = load_blocks(tiny_model_dir, 0, 4, manifest=manifest)
+    handler = RequestHandler(blocks, manifest.model_id, "test")
+    solo = load_blocks(tiny_model_dir, 0, 4, manifest=manifest)
+    ids = iter(range(1, 10**6))
+    sessions, solo_caches, inputs = [], [], []
+    for n in PROMPTS:
+        reply = decode(handler.handle(b"c", encode("open", next(ids), {"max_length": 32})))
+        sessions.append(reply.fields["session"])
+        x = torch.randn(1, n, manifest.config.n_embd)
+        out = decode(handler.handle(b"c", encode("step", next(ids), {"session": sessions[-1], "pos": 0}, [x])))
+        solo_caches.append(solo.new_cache(32))
+        with torch.inference_mode():
+            assert torch.equal(out.tensors[0], solo(x, [solo_caches[-1]]))
+        inputs.append(torch.randn(1, 1, manifest.config.n_embd))
+    batch = [(f"client{i}".encode(), encode("step", next(ids), {"session": s, "pos": n}, [x]))
+             for i, (s, n, x) in enumerate(zip(sessions, PROMPTS, inputs))]
+    replies = handler.handle_batch(batch)
+    assert handler.stats.max_batch == len(PROMPTS) and handler.stats.batched_steps == 1
+    assert [peer for peer, _ in replies] == [peer for peer, _ in batch]
+    for (_, frames), x, cache in zip(replies, inputs, solo_caches):
+        with torch.inference_mode():
+            want = solo(x, [cache])
+        assert (decode(frames).tensors[0] - want).abs().max().item() <= 1e-5
+    assert handler.info()["stats"]["max_batch"] == len(PROMPTS)
+
+
+def test_concurrent_sessions_through_real_nodes(tiny_model_dir, cluster_factory):
+    """Several clients (a socket each) send their decode steps at the same moment to two real
+    node processes; the nodes batch them, and each client's logits match a solo run."""
+    cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    manifest = read_manifest(tiny_model_dir)
+    client = ClientModel(load_embeddings(tiny_model_dir, manifest), load_head(tiny_model_dir, manifest))
+    seqs = [token_ids(n + DECODE_STEPS, seed) for seed, n in enumerate(PROMPTS)]
+    routes = [[RemoteLayerStage(PeerConnection(a, timeout=30), *layers, manifest.model_id)
+               for a, layers in zip(cluster.addresses, [(0, 2), (2, 4)])] for _ in PROMPTS]
+    try:
+        got: list[list[torch.Tensor]] = [[] for _ in PROMPTS]
+        for i, (route, seq, n) in enumerate(zip(routes, seqs, PROMPTS)):  # prefills one by one
+            hidden = client.embed(seq[:n], 0)
+            for stage in route:
+                stage.open(len(seq))
+                hidden = stage.step(hidden, 0)
+            got[i].append(client.logits(hidden))
+        for t in range(DECODE_STEPS):
+            hidden = [client.embed([seq[n + t]], n + t) for seq, n in zip(seqs, PROMPTS)]
+            for j in range(len(cluster.addresses)):
+                if t == 0:  # a paused node finds every step queued when it wakes: a sure batch
+                    cluster.kill(j, signal.SIGSTOP)
+                sent = [(route[j], route[j].conn.send("step", {"session": route[j].session, "pos": n + t},
+                                                      [h])) for route, h, n in zip(routes, hidden, PROMPTS)]
+                if t == 0:
+                    cluster.kill(j, signal.SIGCONT)
+                hidden = [stage.conn.recv(req_id).tensors[0] for stage, req_id in sent]
+            for i, h in enumerate(hidden):
+                got[i].append(client.logits(h))
+        for i, (seq, n) in enumerate(zip(seqs, PROMPTS)):
+            want = reference_logits(tiny_model_dir, seq)[n - 1:n + DECODE_STEPS]
+            assert (torch.stack(got[i]) - want).abs().max().item() <= 1e-5
+        for route in routes[:1]:
+            for stage in route:
+                stats = stage.conn.request("info").fields["stats"]
+                assert stats["max_batch"] >= 2 and stats["batched_steps"] >= 1
+    finally:
+        for route in routes:
+            for stage in route:
+                stage.close()
+                stage.conn.close()

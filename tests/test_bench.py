@@ -1,0 +1,52 @@
+"""`nanoswarm bench` in quick mode: it runs end to end and its JSON has every field (no
+assertion on speed: the test machine's load is not ours to know)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from click.testing import CliRunner
+
+from nanoswarm.bench import format_report, targets
+from nanoswarm.cli import main
+
+RUN_FIELDS = {
+    "route", "stages", "nodes", "wire", "decode_tps", "decode_ms", "local_decode_tps", "decode_ratio",
+    "prefill_tps", "prefill_ms", "local_prefill_tps", "prefill_ratio", "overhead_ms_median", "overhead_ms_p99",
+    "overhead_ms_per_stage", "bytes_per_token", "bytes_per_prefill_token", "max_logit_error",
+}
+
+
+def test_quick_bench_json_has_every_field(tmp_path):
+    args = ["bench", "--shape", "tiny", "--quick", "--json", "--stages", "2", "--sessions", "1,2",
+            "--wires", "float16,q80", "--threads", "1", "--work-dir", str(tmp_path)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert {"config", "options", "machine", "local", "runs", "seconds"} <= set(out)
+    assert out["shape"] == "tiny" and out["config"]["n_embd"] == 128
+    assert {"cpu", "cores", "torch", "threads", "loadavg_start", "loadavg_end"} <= set(out["machine"])
+    assert all(out["local"][k] > 0 for k in ("decode_tps", "prefill_tps", "decode_ms", "prefill_ms"))
+    runs = {(r["route"], r["stages"], r["wire"]): r for r in out["runs"]}
+    assert set(runs) == {("layers", 2, "float32"), ("layers", 2, "float16"), ("layers", 2, "q80"),
+                         ("heads", 1, "float32")}
+    for key, run in runs.items():
+        assert RUN_FIELDS <= set(run), key
+        assert run["decode_tps"] > 0 and run["prefill_tps"] > 0 and run["bytes_per_token"] > 0
+        assert all(math.isfinite(run[k]) for k in ("overhead_ms_median", "overhead_ms_p99", "max_logit_error"))
+        assert len(run["overhead_ms_per_stage"]) == run["stages"]
+    assert runs[("layers", 2, "float32")]["max_logit_error"] <= 1e-4  # float32 is exact up to batching
+    assert runs[("layers", 2, "q80")]["bytes_per_token"] < runs[("layers", 2, "float16")]["bytes_per_token"]
+    assert runs[("layers", 2, "float16")]["bytes_per_token"] < runs[("layers", 2, "float32")]["bytes_per_token"]
+    expected_modes = {("layers", 2, "float32"): ["independent", "one_client"], ("heads", 1, "float32"): ["independent"]}
+    for key, modes in expected_modes.items():
+        sessions = runs[key]["sessions"]
+        assert [(s["mode"], s["sessions"]) for s in sessions] == [(m, n) for m in modes for n in (1, 2)]
+        assert all(s["aggregate_tps"] > 0 and s["speedup"] > 0 and "node_mean_batch" in s for s in sessions)
+        assert "node_max_batch" in runs[key]
+    in_step = runs[("layers", 2, "float32")]["sessions"][-1]
+    assert in_step["node_mean_batch"] > 1  # two sessions stepped together share forward passes
+    table = format_report(out)
+    assert "2 stages" in table and "head group x2" in table and "q80" in table
+    assert isinstance(targets(out), list)

@@ -1,0 +1,147 @@
+"""Wire formats round-trip within their stated error bounds; float32 is exact."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from nanoswarm.protocol.errors import ProtocolError
+from nanoswarm.protocol.messages import decode, encode
+from nanoswarm.protocol.tensors import (
+    Q80_GROUP,
+    WIRE_FORMATS,
+    abs_max,
+    all_finite,
+    from_frame,
+    nbytes_for,
+    q80_error_bound,
+    to_frame,
+)
+
+FP16_MAX = 65504.0
+# q80 scales are float16: one below 2**-14 loses precision (float16 subnormals are 2**-24 apart)
+# and one under 2**-25 rounds to 0. An absolute 2**-17 covers both; for activations (groups
+# with absmax above ~1e-3) the relative bound absmax / 127 alone holds.
+Q80_ABS_SLACK = 2.0**-17
+Q80_MAX = float(np.float32(FP16_MAX * 126))  # beyond ~FP16_MAX * 127 the scale overflows float16
+
+
+def shapes() -> st.SearchStrategy:
+    return hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=70)
+
+
+def arrays(max_abs: float, width: int = 32) -> st.SearchStrategy:
+    return shapes().flatmap(lambda shape: hnp.arrays(
+        np.float32, shape, elements=st.floats(-max_abs, max_abs, allow_nan=False, width=width)))
+
+
+def roundtrip(x: torch.Tensor, wire: str) -> torch.Tensor:
+    frame = to_frame(x, wire)
+    assert len(frame) == nbytes_for(wire, tuple(x.shape))
+    return from_frame(bytes(frame), wire, tuple(x.shape)).float()
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(float(np.finfo(np.float32).max)))
+def test_float32_is_exact(a):
+    x = torch.from_numpy(a)
+    y = roundtrip(x, "float32")
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert torch.equal(y.view(torch.int32), x.view(torch.int32))  # bit for bit, -0.0 included
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(FP16_MAX))
+def test_float16_within_half_an_ulp(a):
+    x = torch.from_numpy(a)
+    err = (roundtrip(x, "float16") - x).abs()
+    assert bool((err <= x.abs() * 2.0**-11 + 2.0**-25).all())  # round to nearest, 11-bit mantissa
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(float(np.float32(3.0e38))))
+def test_bfloat16_within_half_an_ulp(a):
+    x = torch.from_numpy(a)
+    err = (roundtrip(x, "bfloat16") - x).abs()
+    assert bool((err <= x.abs() * 2.0**-8 + 2.0**-133).all())  # 8-bit mantissa, float32's range
+
+
+def _q80_groups(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % Q80_GROUP
+    return torch.cat([flat, flat.new_zeros(pad)]).view(-1, Q80_GROUP)
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrays(Q80_MAX))
+def test_q80_within_one_step_of_its_group(a):
+    x = torch.from_numpy(a)
+    y = roundtrip(x, "q80")
+    assert y.shape == x.shape
+    err = _q80_groups(y - x).abs()
+    bound = _q80_groups(x).abs().amax(dim=1, keepdim=True) / 127 + Q80_ABS_SLACK
+    assert bool((err <= bound).all())
+    assert float((y - x).abs().max()) <= q80_error_bound(x) + Q80_ABS_SLACK
+
+
+@settings(max_examples=100, deadline=None)
+@given(shapes(), st.floats(1e-3, 3e3), st.integers(0, 2**31))
+def test_q80_relative_bound_for_activation_sized_groups(shape, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * scale
+    groups = _q80_groups(x)
+    absmax = groups.abs().amax(dim=1, keepdim=True)
+    err = _q80_groups(roundtrip(x, "q80") - x).abs()
+    assert bool((err[absmax[:, 0] >= 1e-3] <= absmax[absmax[:, 0] >= 1e-3] / 127).all())
+
+
+@pytest.mark.parametrize("wire", WIRE_FORMATS)
+def test_bytes_per_format(wire):
+    x = torch.randn(1, 3, 768)
+    sizes = {"float32": 4 * 2304, "float16": 2 * 2304, "bfloat16": 2 * 2304, "q80": 2304 // 32 * 34}
+    assert len(to_frame(x, wire)) == nbytes_for(wire, (1, 3, 768)) == sizes[wire]
+
+
+@pytest.mark.parametrize("wire", WIRE_FORMATS)
+def test_through_a_message(wire):
+    x = torch.randn(2, 5, 33) * 10
+    msg = decode([bytes(f) for f in encode("result", 7, {}, [x], wire)])
+    y = msg.tensors[0].float()
+    bound = {"float32": 0.0, "float16": float(x.abs().max()) * 2.0**-11,
+             "bfloat16": float(x.abs().max()) * 2.0**-8, "q80": q80_error_bound(x)}[wire]
+    assert float((y - x).abs().max()) <= bound
+
+
+@pytest.mark.parametrize("wire", WIRE_FORMATS)
+def test_wrong_length_is_refused(wire):
+    frame = bytes(to_frame(torch.randn(4, 40), wire))
+    with pytest.raises(ProtocolError):
+        from_frame(frame[:-1], wire, (4, 40))
+    with pytest.raises(ProtocolError):
+        from_frame(frame, wire, (4, 41))
+
+
+def test_float32_frame_is_not_a_copy():
+    x = torch.randn(1, 1, 768)
+    frame = to_frame(x, "float32")
+    x[0, 0, 0] = 12.5  # the frame views the tensor's memory: no per-step copy on the hot path
+    assert torch.frombuffer(frame, dtype=torch.float32)[0].item() == 12.5
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(float(np.finfo(np.float32).max)), st.sampled_from([None, float("nan"), float("inf"), -float("inf")]),
+       st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_fast_finite_checks_agree_with_torch(a, bad, dtype):
+    x = torch.from_numpy(a).to(dtype)
+    if bad is not None:
+        x.view(-1)[len(x.view(-1)) // 2] = bad
+    assert all_finite(x) == bool(torch.isfinite(x).all())
+    want = float(x.float().abs().max())
+    got = abs_max(x)
+    assert (math.isnan(got) and math.isnan(want)) or got == want
