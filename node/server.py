@@ -157,9 +157,10 @@ class NodeServer:
     def _begin_leaving(self) -> float:
         """Tell every client with an open session that we are going; returns the grace time."""
         self.handler.leaving = True
-        peers = {s.peer: s.id for s in self.handler.sessions.sessions.values()}
-        for peer in peers:
-            sessions = [s.id for s in self.handler.sessions.sessions.values() if s.peer == peer]
+        peers: dict[bytes, list[str]] = {}
+        for session in self.handler.sessions.sessions.values():
+            peers.setdefault(session.peer, []).append(session.id)
+        for peer, sessions in peers.items():
             self._send(peer, encode("leaving", 0, {"sessions": sessions}))
         log.info("leaving: told %d clients, draining for %.1fs", len(peers), self.leave_grace)
         for hook in self.on_leave:
