@@ -103,8 +103,8 @@ class InferenceSession:
     def _replace(self, i: int, error: PeerError) -> None:
         """Swap stage i for fresh stages over the same blocks, rebuilt from its history."""
         old = self.stages[i]
+        old.close()  # before the ban closes its socket: a live peer frees the KV cache at once
         self._strike(error)
-        old.close()
         t0 = time.perf_counter()
         while True:
             try:

@@ -51,10 +51,6 @@ def gpt2_small_model_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("gpt2small"), GPT2_SMALL, seed=2, layers_per_shard=3)
 
 
-def start_cluster(model_dir: Path, specs: list[NodeSpec], **kwargs) -> LocalCluster:
-    return LocalCluster(model_dir, specs, **kwargs).start()
-
-
 @pytest.fixture
 def cluster_factory():
     """Start swarms inside a test; every node is stopped afterwards, whatever happens."""
