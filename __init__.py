@@ -1,3 +1,26 @@
 """nanoswarm: peer-to-peer volunteer compute sharing for GPT inference."""
 
+import os as _os
+
 __version__ = "0.1.0"
+
+
+def openmp_defaults(env: dict | None = None) -> dict:
+    """OpenMP wait settings for processes that share cores with other nanoswarm processes.
+
+    libgomp reads them once, when torch loads, so they are set on import of this package (before
+    any torch import of ours). An idle OpenMP worker spins for GOMP_SPINCOUNT iterations (here
+    10,000: ~0.35 ms) before it sleeps. Long enough to stay awake between the parallel regions of
+    one forward pass: a worker woken from sleep for every region made a 3-block decode step take
+    ~9 ms instead of ~6.3 (docs/performance.md). Short enough that a node idle between tokens gives
+    its core back: libgomp's own default (300,000, ~10 ms) kept every idle node spinning, and
+    OMP_WAIT_POLICY=PASSIVE (sleep at once) pays a wake-up per region. Values the user set win.
+    """
+    env = _os.environ if env is None else env
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # runtimes other than libgomp: sleep when idle
+    if "GOMP_SPINCOUNT" not in env and env.get("OMP_WAIT_POLICY") == "PASSIVE":
+        env["GOMP_SPINCOUNT"] = "10000"
+    return env
+
+
+openmp_defaults()

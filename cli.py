@@ -5,20 +5,16 @@ Results go to stdout; logs and progress to stderr. A failure exits non-zero with
 
 from __future__ import annotations
 
+# The package's __init__ has set the OpenMP wait defaults before anything imports torch.
+import json
+import logging
 import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
 
-# Idle OpenMP threads must sleep rather than spin: local nodes and the client share the cores.
-# Read once when torch loads, so it is set before any import of torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import json  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import click  # noqa: E402
+import click
 
 
 def _range(value: str | None, what: str) -> tuple[int, int] | None:

@@ -20,9 +20,8 @@ import torch
 
 from nanoswarm.client.generate import ClientModel
 from nanoswarm.client.session import InferenceSession
-from nanoswarm.client.stages import HeadGroupStage, RemoteLayerStage, Stage
+from nanoswarm.client.stages import HeadGroupStage, RemoteLayerStage, Stage, check_reply
 from nanoswarm.client.transport import PeerConnection, PeerError
-from nanoswarm.protocol.tensors import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +205,7 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
                 raise ValueError("lockstep runs drive layer stages only")
             sent = [st.conn.send("step", {"session": st.session, "pos": s.pos, "wire": st.wire}, [h], st.wire)
                     for st, s, h in zip(stages, sessions, hidden)]
-            hidden = [_checked(st.conn, st.conn.recv(req_id, st.timeout), h)
+            hidden = [check_reply(st.conn, st.conn.recv(req_id, st.timeout), h)
                       for st, req_id, h in zip(stages, sent, hidden)]
         with torch.inference_mode():
             logits = client.head(torch.cat(hidden))[:, -1]
@@ -216,12 +215,6 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
     wall = time.perf_counter() - t0
     return {"sessions": n, "tokens": n * steps, "seconds": wall, "aggregate_tps": n * steps / wall,
             "per_session_tps": steps / wall}
-
-
-def _checked(conn: PeerConnection, msg, like: torch.Tensor) -> torch.Tensor:
-    if len(msg.tensors) != 1 or msg.tensors[0].shape != like.shape or not all_finite(msg.tensors[0]):
-        raise PeerError(conn.address, "bad_reply", "not one finite tensor of the step's shape")
-    return msg.tensors[0].to(like.dtype)
 
 
 def median(values: list[float]) -> float:

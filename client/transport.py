@@ -89,7 +89,7 @@ class PeerConnection:
             frames = self.socket.recv_multipart(copy=False)
             self.bytes_received += sum(len(f) for f in frames)
             try:
-                msg = decode(frames)
+                msg = decode(frames, finite=True)  # peers are untrusted: no NaN or Inf gets past here
             except ProtocolError as e:
                 raise PeerError(self.address, "bad_reply", e.message) from None
             if msg.type == "leaving":
@@ -106,16 +106,6 @@ class PeerConnection:
                 tensors: list[torch.Tensor] | tuple = (), wire: str = "float32",
                 timeout: float | None = None) -> Message:
         return self.recv(self.send(msg_type, fields, tensors, wire), timeout)
-
-    def poll_notices(self) -> None:
-        """Read any unsolicited messages (a `leaving` notice) without blocking."""
-        while self.socket.poll(0):
-            frames = self.socket.recv_multipart(copy=False)
-            try:
-                if decode(frames).type == "leaving":
-                    self.leaving = True
-            except ProtocolError:
-                pass
 
     def close(self) -> None:
         self.socket.disable_monitor()

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoswarm import openmp_defaults
+
 log = logging.getLogger(__name__)
 
 
@@ -97,9 +99,9 @@ class LocalCluster:
         return node
 
     def _spawn(self, spec: NodeSpec) -> NodeProcess:
-        # Idle OpenMP threads must sleep, not spin: several nodes share two cores here
-        # (docs/performance.md measured 0.63 of local speed with spinning threads).
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1", **self.env}
+        # Idle OpenMP threads spin only briefly, then sleep: several nodes share the cores
+        # (nanoswarm.openmp_defaults, docs/performance.md).
+        env = openmp_defaults({**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         cmd = self.command(spec)
         key_file = None
         if "--key-file" not in cmd:  # every node needs its own identity (peer id, CURVE key)

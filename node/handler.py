@@ -20,14 +20,13 @@ from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import (
     PROTOCOL_VERSION,
     Message,
-    check_finite,
     decode,
     encode,
     error_frames,
     parse_range,
     peek_id,
 )
-from nanoswarm.protocol.tensors import WIRE_FORMATS, abs_max
+from nanoswarm.protocol.tensors import WIRE_FORMATS, abs_max, all_finite, frame_finite
 from nanoswarm.shards.model import Blocks, KVCache
 
 from .sessions import NodeLimits, Session, SessionStore, mapped_cache
@@ -54,8 +53,28 @@ def memory_usage() -> dict[str, int]:
 def _fits(y: torch.Tensor, wire: str) -> bool:
     """Whether `y` is finite and stays finite in the reply format."""
     limit = _WIRE_MAX.get(wire)
+    if limit is None:
+        return all_finite(y)
     m = abs_max(y)  # NaN or inf when y holds one
-    return math.isfinite(m) and (limit is None or m <= limit)
+    return math.isfinite(m) and m <= limit
+
+
+def _unsendable(x: torch.Tensor, y: torch.Tensor, wire: str, frame) -> str | None:
+    """Why the result `y` of input `x`, encoded as `frame`, cannot be sent, or None when it can.
+
+    Inputs are checked here, after the forward pass, not before it: a NaN or Inf in an input row
+    makes that row of the output non-finite (LayerNorm spreads it over the row, and every later op
+    is row-wise or attends from that row), and rows of different sessions never mix. So a finite
+    output proves a finite input, and the checks that used to run first, the costliest calls of a
+    step that wakes a node with cold caches (docs/performance.md), now run only on failure. The
+    caller undoes the step's change to the session.
+    """
+    finite = frame_finite(frame, wire)  # numpy on the bytes that go out: no further torch call
+    if finite or (finite is None and _fits(y, wire)):
+        return None
+    if not all_finite(x):
+        return "tensor holds NaN or Inf"
+    return f"the result does not fit {wire} (overflow to NaN or Inf)"
 
 
 @dataclass
@@ -67,6 +86,8 @@ class _Pending:
     session: Session
     x: torch.Tensor
     wire: str
+    length: int = 0        # the session's state before the step, restored if the step fails
+    next_block: int = 0
 
 
 @dataclass
@@ -236,6 +257,7 @@ class RequestHandler:
                                          "kv_bytes": session.cache.nbytes})
 
     def _hidden(self, msg: Message, max_batch: int) -> torch.Tensor:
+        """The hidden states of a request, shape-checked (finiteness: see _unsendable)."""
         if len(msg.tensors) != 1:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"expected 1 tensor, got {len(msg.tensors)}")
         x = msg.tensors[0]
@@ -247,8 +269,9 @@ class RequestHandler:
         if x.shape[0] * x.shape[1] > self.limits.max_tokens_per_step:  # bounds the work of one request
             raise ProtocolError(ErrorCode.TOO_LARGE, f"{x.shape[0] * x.shape[1]} tokens in one request; "
                                 f"the limit is {self.limits.max_tokens_per_step}")
-        check_finite(x)
-        return x.to(self.device, self.dtype)
+        if x.dtype != self.dtype or x.device != self.device:
+            x = x.to(self.device, self.dtype)
+        return x
 
     @staticmethod
     def _reply_wire(msg: Message) -> str:
@@ -271,9 +294,11 @@ class RequestHandler:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"{x.shape[1]} positions exceed {self._max_length()}")
         with torch.inference_mode():
             y = self._timed(lambda: self.blocks(x, None, a, b), x.shape[0] * x.shape[1])
-        if not _fits(y, wire):
-            raise ProtocolError(ErrorCode.BAD_VALUE, f"the result does not fit {wire} (overflow to NaN or Inf)")
-        return encode("result", msg.id, {}, [y], wire)
+        frames = encode("result", msg.id, {}, [y], wire)
+        problem = _unsendable(x, y, wire, frames[1])
+        if problem:
+            raise ProtocolError(ErrorCode.BAD_VALUE, problem)
+        return frames
 
     # ----- steps --------------------------------------------------------------------------
     def _validate_step(self, peer: bytes, msg: Message) -> _Pending:
@@ -294,7 +319,7 @@ class RequestHandler:
                                 f"session's max_length {session.cache.max_length}")
         if self.head_shard or phase is not None:
             self._check_head_step(session, phase, block)
-        return _Pending(peer, msg, session, x, wire)
+        return _Pending(peer, msg, session, x, wire, session.cache.length, session.next_block)
 
     def _check_head_step(self, session: Session, phase: Any, block: Any) -> None:
         if phase not in ("attn", "mlp") or not isinstance(block, int):
@@ -340,15 +365,15 @@ class RequestHandler:
                 "retry the same request later")
 
     def _result(self, p: _Pending, y: torch.Tensor) -> list:
-        """The reply to a step; extreme (finite) inputs can overflow, and NaN/Inf must not be sent."""
-        if not _fits(y, p.wire):
-            if p.msg.get("phase") is None:  # undo the step, so the session can carry on
-                p.session.cache.length -= y.shape[1]
-            return self._error(p.msg.id, ErrorCode.BAD_VALUE, f"the result does not fit {p.wire} "
-                               "(overflow to NaN or Inf)")
+        """The reply to a step: NaN/Inf must not be sent (from a bad input, or an overflow)."""
         # busy_us: the compute of the forward pass this step ran in, so a client can tell the
         # node's compute from the time on the wire (nanoswarm bench's per-stage overhead).
-        return encode("result", p.msg.id, {"busy_us": int(self._last_busy * 1e6)}, [y], p.wire)
+        frames = encode("result", p.msg.id, {"busy_us": int(self._last_busy * 1e6)}, [y], p.wire)
+        problem = _unsendable(p.x, y, p.wire, frames[1])
+        if problem:  # undo the step, so the session can carry on
+            p.session.cache.length, p.session.next_block = p.length, p.next_block
+            return self._error(p.msg.id, ErrorCode.BAD_VALUE, problem)
+        return frames
 
     def _compute(self, group: list[_Pending]) -> list[torch.Tensor]:
         first = group[0]
@@ -361,7 +386,7 @@ class RequestHandler:
                 self.stats.batched_steps += len(group) > 1
                 y = self._timed(lambda: self.blocks(x, caches, first.session.start,
                                                     first.session.stop), len(group) * x.shape[1])
-                return list(y.split(1))
+                return list(y.split(1)) if len(group) > 1 else [y]
             s, block = first.session, first.msg.fields["block"]
             layer = self.blocks.h[str(block)]
             if phase == "mlp":

@@ -114,11 +114,10 @@ class NodeServer:
             self._send(peer, reply)
 
     def _drain(self, batch: list) -> None:
-        while len(batch) < MAX_BATCH:
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
+        # Asking for EVENTS, not reading until zmq.Again: an exception per batch is slow to raise
+        # in a process that wakes with cold caches (docs/performance.md).
+        while len(batch) < MAX_BATCH and self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+            frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             if len(frames) < 2:  # a ROUTER message is [peer identity, header, ...]
                 continue
             batch.append((frames[0].bytes, frames[1:]))

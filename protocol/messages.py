@@ -15,7 +15,7 @@ import msgpack
 import torch
 
 from .errors import ErrorCode, ProtocolError
-from .tensors import WIRE_FORMATS, all_finite, from_frame, to_frame
+from .tensors import WIRE_FORMATS, all_finite, frame_finite, from_frame, to_frame
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -95,8 +95,10 @@ def peek_id(header_bytes: bytes) -> int:
         return 0
 
 
-def decode(frames: list, max_message_bytes: int | None = None) -> Message:
-    """Parse and type-check one message; raises ProtocolError with the code to reply with."""
+def decode(frames: list, max_message_bytes: int | None = None, finite: bool = False) -> Message:
+    """Parse and type-check one message; raises ProtocolError with the code to reply with.
+    With `finite`, a tensor holding NaN or Inf is refused too (nodes check theirs after the
+    forward pass instead: node/handler.py)."""
     if not frames:
         raise ProtocolError(ErrorCode.MALFORMED, "empty message")
     if max_message_bytes is not None:
@@ -108,7 +110,7 @@ def decode(frames: list, max_message_bytes: int | None = None) -> Message:
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"header is {len(raw)} bytes, limit {MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True,
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True,  # a zmq.Frame is a buffer
                                  max_bin_len=MAX_HEADER_BYTES, max_str_len=MAX_HEADER_BYTES)
     except Exception as e:  # msgpack raises several types for bad input
         raise ProtocolError(ErrorCode.MALFORMED, f"header is not valid msgpack ({type(e).__name__})") from None
@@ -126,10 +128,10 @@ def decode(frames: list, max_message_bytes: int | None = None) -> Message:
     schema = SCHEMAS.get(msg_type)
     if schema is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type[:64]!r}")
-    fields = {k: v for k, v in header.items() if k not in ("v", "id", "type", "tensors")}
-    _check_fields(msg_type, schema, fields)
-    tensors = _decode_tensors(header.get("tensors", []), frames[1:])
-    return Message(msg_type, req_id, fields, tensors)
+    del header["v"], header["id"], header["type"]
+    specs = header.pop("tensors", [])
+    _check_fields(msg_type, schema, header)  # what is left are the message's own fields
+    return Message(msg_type, req_id, header, _decode_tensors(specs, frames[1:], finite))
 
 
 def _check_fields(msg_type: str, schema: dict, fields: dict) -> None:
@@ -145,7 +147,7 @@ def _check_fields(msg_type: str, schema: dict, fields: dict) -> None:
                                 f"{msg_type}: field {name!r} must be {names}, got {type(value).__name__}")
 
 
-def _decode_tensors(specs: Any, frames: list) -> list[torch.Tensor]:
+def _decode_tensors(specs: Any, frames: list, finite: bool) -> list[torch.Tensor]:
     if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
         raise ProtocolError(ErrorCode.BAD_TENSOR, f"'tensors' must be a list of at most {MAX_TENSORS}")
     if len(specs) != len(frames):
@@ -164,12 +166,11 @@ def _decode_tensors(specs: Any, frames: list) -> list[torch.Tensor]:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"bad tensor shape {shape[:8]!r}")
         buf = frame.buffer if hasattr(frame, "buffer") else frame
         out.append(from_frame(buf, wire, tuple(shape)))
+        if finite:
+            ok = frame_finite(buf, wire)  # numpy on the bytes: no torch call on the hot path
+            if not (ok or (ok is None and all_finite(out[-1]))):
+                raise ProtocolError(ErrorCode.BAD_VALUE, "tensor holds NaN or Inf")
     return out
-
-
-def check_finite(t: torch.Tensor) -> None:
-    if t.numel() and not all_finite(t):
-        raise ProtocolError(ErrorCode.BAD_VALUE, "tensor holds NaN or Inf")
 
 
 def parse_range(value: Any, limit: int, what: str) -> tuple[int, int]:

@@ -11,7 +11,6 @@ step's time, and the difference: the time the failover adds.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import statistics
 import sys
@@ -19,15 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
 
-import torch  # noqa: E402
+# isort: split
+import torch
 
-from nanoswarm.client.api import SwarmModel  # noqa: E402
-from nanoswarm.client.swarm import SwarmOptions  # noqa: E402
-from nanoswarm.node.cluster import LocalCluster, NodeSpec  # noqa: E402
-from nanoswarm.shards.manifest import write_model_dir  # noqa: E402
-from nanoswarm.shards.model import GPT, ModelConfig  # noqa: E402
+from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.swarm import SwarmOptions
+from nanoswarm.node.cluster import LocalCluster, NodeSpec
+from nanoswarm.shards.manifest import write_model_dir
+from nanoswarm.shards.model import GPT, ModelConfig
 
 SHAPES = {
     "gpt2-small": ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),

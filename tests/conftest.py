@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # node processes and the test share 2 cores
+import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
 
-from pathlib import Path  # noqa: E402
+# isort: split
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from nanoswarm.node.cluster import LocalCluster, NodeSpec  # noqa: E402
-from nanoswarm.shards.manifest import write_model_dir  # noqa: E402
-from nanoswarm.shards.model import GPT, ModelConfig  # noqa: E402
+from nanoswarm.node.cluster import LocalCluster, NodeSpec
+from nanoswarm.shards.manifest import write_model_dir
+from nanoswarm.shards.model import GPT, ModelConfig
 
 TINY = ModelConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=50257, block_size=128, gelu="tanh")
 SMALL12 = ModelConfig(n_layer=12, n_head=12, n_embd=96, vocab_size=50257, block_size=256, gelu="exact")

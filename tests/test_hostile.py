@@ -166,6 +166,43 @@ def test_overflowing_values_are_refused_and_the_step_undone(blocks):
     assert bool(torch.isfinite(y).all())
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_bad_value_leaves_the_session_as_it_was(blocks, tiny_model_dir, bad):
+    """Inputs are checked after the forward pass (node/handler.py `_unsendable`): the refused step
+    must still leave no trace, in a whole-block session and in a head shard mid-block, and must not
+    touch another session batched with it."""
+    d = make_driver(blocks)
+    sid, other = d.open(16), d.open(16)
+    d.ok("step", {"session": sid, "pos": 0}, [hidden(3)])
+    d.ok("step", {"session": other, "pos": 0}, [hidden(3)])
+    x = hidden(1, 7)
+    x[0, 0, 5] = bad
+    batch = [(b"p", d.frames("step", {"session": sid, "pos": 3}, [x])),
+             (b"q", d.frames("step", {"session": other, "pos": 3}, [hidden(1, 8)]))]
+    replies = [decode(f) for _, f in d.h.handle_batch(batch)]
+    assert replies[0].fields["code"] == "bad_value" and "NaN or Inf" in replies[0].fields["message"]
+    assert d.h.sessions.sessions[sid].length == 3
+    fresh = d.open(16)
+    d.ok("step", {"session": fresh, "pos": 0}, [hidden(3)])
+    solo = d.ok("step", {"session": fresh, "pos": 3}, [hidden(1, 8)]).tensors[0]
+    assert (replies[1].tensors[0] - solo).abs().max() <= 1e-5  # batched with the bad row, unharmed
+    y = d.ok("step", {"session": sid, "pos": 3}, [hidden(1, 9)]).tensors[0]
+    again = d.open(16)
+    d.ok("step", {"session": again, "pos": 0}, [hidden(3)])
+    assert torch.equal(y, d.ok("step", {"session": again, "pos": 3}, [hidden(1, 9)]).tensors[0])
+
+    heads = make_driver((load_blocks(tiny_model_dir, 0, 2, heads=(0, 2)), blocks[1]))
+    hs = heads.open(8)
+    step = {"session": hs, "pos": 0, "phase": "attn", "block": 0}
+    heads.ok("step", step, [hidden(1)])
+    heads.ok("step", {**step, "phase": "mlp"}, [hidden(1)])
+    assert heads.code("step", {**step, "block": 1}, [x]) == "bad_value"
+    session = heads.h.sessions.sessions[hs]
+    assert (session.length, session.next_block) == (0, 1)  # still expecting block 1's attention
+    heads.ok("step", {**step, "block": 1}, [hidden(1)])
+    assert (session.length, session.next_block) == (1, 0)
+
+
 def test_pipelined_steps_of_one_session_in_one_batch(blocks):
     d = make_driver(blocks)
     a, b = d.open(8), d.open(8)
