@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
@@ -89,12 +90,13 @@ class Identity:
         if zmq.curve_public(self.curve_secret) != self.curve_public:
             raise ValueError("CURVE public key does not match the secret key")
 
-    @property
+    # Cached: derived from the key, and read for every record of every gossip round.
+    @functools.cached_property
     def sign_public(self) -> bytes:
         """Raw 32-byte Ed25519 public key."""
         return _raw_public(self.signing_key)
 
-    @property
+    @functools.cached_property
     def peer_id(self) -> str:
         return peer_id_for(self.sign_public)
 

@@ -54,6 +54,7 @@ class RecordTable:
         self.departed = 0
         self.rejected: Counter[str] = Counter()
         self._entries: dict[str, _Entry] = {}
+        self._signed: dict[bytes, bytes] = {}  # body -> signature of every entry (see offer)
         self._tombstones: dict[str, _Tombstone] = {}
 
     # -- intake ---------------------------------------------------------------------------------
@@ -61,6 +62,10 @@ class RecordTable:
     def offer(self, wire: object) -> str:
         """Verify and apply a wire record.  Returns "accepted", "departed" or a rejection reason."""
         now = self.clock()
+        body = wire.get("body") if isinstance(wire, dict) else None
+        if isinstance(body, bytes) and body in self._signed and self._signed[body] == wire.get("sig"):
+            # Gossip mostly re-offers what we hold: the very bytes we verified, no seq above ours.
+            return self._reject(STALE_SEQ, "already held")
         try:
             # verify_wire hands back its own copy of the wire, so a caller mutating its dict
             # later cannot change what we gossip.
@@ -74,7 +79,9 @@ class RecordTable:
         entry = _Entry(record, verified.wire)
         if record.departing:
             return self._depart(entry, now)
+        self._pop(record.peer_id)
         self._entries[record.peer_id] = entry
+        self._signed[entry.wire["body"]] = entry.wire["sig"]
         stone = self._tombstones.get(record.peer_id)
         if stone is not None:
             # The peer is back: stop gossiping its departure, but keep the seq floor until the
@@ -90,7 +97,7 @@ class RecordTable:
 
     def _depart(self, departure: _Entry, now: float) -> str:
         record = departure.record
-        old = self._entries.pop(record.peer_id, None)
+        old = self._pop(record.peer_id)
         # Honest records live at most max_ttl past signing, and were signed before the departure.
         until = max(now, record.expires) + self.max_ttl
         if old is not None:
@@ -155,11 +162,17 @@ class RecordTable:
         now = self.clock()
         dead = [p for p, e in self._entries.items() if e.record.is_expired(now)]
         for peer_id in dead:
-            del self._entries[peer_id]
+            self._pop(peer_id)
         gone = [p for p, t in self._tombstones.items() if t.until <= now]
         for peer_id in gone:
             del self._tombstones[peer_id]
         return len(dead) + len(gone)
+
+    def _pop(self, peer_id: str) -> _Entry | None:
+        entry = self._entries.pop(peer_id, None)
+        if entry is not None:
+            self._signed.pop(entry.wire["body"], None)
+        return entry
 
     def remove(self, peer_id: str) -> bool:
         """Forget a peer locally (e.g. it stopped answering).  Returns whether it was present.
@@ -167,7 +180,7 @@ class RecordTable:
         Its current record is remembered as a tombstone until it expires, so the same record
         gossiped back by others does not re-add it; a newer announcement from the peer does.
         """
-        entry = self._entries.pop(peer_id, None)
+        entry = self._pop(peer_id)
         if entry is None:
             return False
         stone = self._tombstones.get(peer_id)

@@ -7,9 +7,10 @@ peers, plus the bootstrap nodes while we know few peers (and every tenth round a
 learn from one exchange, so a record reaches all N nodes in about log(N) rounds.
 
 Everything here runs on the server thread (server timers), so the DEALER sockets are never
-shared between threads.  Requests are sent without blocking and replies are read by a separate
-fast timer: a dead peer never stalls serving; after `peer_timeout` without an answer its link is
-dropped and its record forgotten locally (a newer record from it brings it back).
+shared between threads.  Requests are sent without blocking and replies are read when the server
+loop sees them arrive (each link's socket is watched): a dead peer never stalls serving; after
+`peer_timeout` without an answer its link is dropped and its record forgotten locally (a newer
+record from it brings it back).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Gossip:
         self.departed = False
         self.rounds = 0
         self._links: dict[str, _Link] = {}  # by endpoint
+        self._server: NodeServer | None = None  # watches the links' sockets once attached
         self.stats: dict[str, Any] = {}
         handler.on_records = self.on_records
         handler.extra_info["gossip"] = self.stats  # the same dict, kept current by _update_stats
@@ -84,8 +86,10 @@ class Gossip:
         return self.identity.peer_id
 
     def attach(self, server: NodeServer) -> None:
+        self._server = server
+        for link in self._links.values():
+            server.watch(link.conn.socket, self.drain)
         server.add_timer(self.options.interval, self.round)
-        server.add_timer(min(0.1, self.options.interval / 3), self.drain)
         server.add_timer(self.options.ttl / 3, self.refresh)
         server.on_leave.append(self.depart)
 
@@ -166,6 +170,7 @@ class Gossip:
     def round(self) -> None:
         if self.departed:
             return
+        self.drain()  # drops links silent for longer than peer_timeout
         self.rounds += 1
         self.table.expire()
         known = self._known_contacts()
@@ -203,6 +208,8 @@ class Gossip:
                 return None
             conn.socket.setsockopt(zmq.SNDTIMEO, 0)  # never block the server thread on a send
             link = self._links[endpoint] = _Link(conn)
+            if self._server is not None:
+                self._server.watch(conn.socket, self.drain)
         return link
 
     def _send(self, contact: str, wires: list, want: bool) -> None:
@@ -241,6 +248,8 @@ class Gossip:
         return got
 
     def _drop(self, endpoint: str, link: _Link) -> None:
+        if self._server is not None:
+            self._server.unwatch(link.conn.socket)
         link.conn.close()
         del self._links[endpoint]
         for r in self.table.records():
@@ -252,5 +261,7 @@ class Gossip:
 
     def close(self) -> None:
         for link in self._links.values():
+            if self._server is not None:
+                self._server.unwatch(link.conn.socket)
             link.conn.close()
         self._links.clear()

@@ -1,14 +1,18 @@
 """The node's socket loop: one ROUTER socket, polled with a timeout, owned by one thread.
 
 Everything readable is drained before computing, so decode steps of several sessions that
-arrive together run as one batch (node/handler.py). Timers (idle-session expiry, gossip) run
-between polls, on the same thread, so no socket is ever shared between threads.
+arrive together run as one batch (node/handler.py). Timers (idle-session expiry, gossip) and
+other watched sockets (gossip links) are served between polls, on the same thread, so no socket
+is ever shared between threads. An idle node sleeps until its next timer is due or something
+arrives: on a machine shared with other nodes, every needless wake-up takes a core from the one
+that computes (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +25,7 @@ from .handler import RequestHandler
 
 log = logging.getLogger(__name__)
 
-POLL_MS = 50
+MAX_SLEEP_MS = 5000  # longest poll; timers, messages, signals and stop() all wake it sooner
 MAX_BATCH = 64
 # A batch waits for the rest of a burst of decode steps (docs/performance.md) while more
 # sessions are active than have sent, as long as messages keep coming less than GATHER_GAP_MS
@@ -72,26 +76,54 @@ class NodeServer:
         self._leave_requested = threading.Event()
         self._timers: list[tuple[float, Callable[[], None], list[float]]] = []
         self.on_leave: list[Callable[[], None]] = []  # e.g. publish a departure record
-        self.add_timer(1.0, handler.expire_idle)
+        self._poller = zmq.Poller()
+        self._poller.register(self.socket, zmq.POLLIN)
+        self._watched: dict[zmq.Socket, Callable[[], object]] = {}
+        # Signals and stop() write a byte here, so a long poll ends at once.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._signal_wakeups = False
+        self.add_timer(min(5.0, max(0.1, handler.limits.idle_timeout / 4)), handler.expire_idle)
 
     def add_timer(self, every: float, fn: Callable[[], object]) -> None:
         self._timers.append((every, fn, [time.monotonic() + every]))
 
+    def watch(self, sock: zmq.Socket, on_readable: Callable[[], object]) -> None:
+        """Call `on_readable` from the loop whenever `sock` (owned by this thread) has input."""
+        self._watched[sock] = on_readable
+        self._poller.register(sock, zmq.POLLIN)
+
+    def unwatch(self, sock: zmq.Socket) -> None:
+        if self._watched.pop(sock, None) is not None:
+            self._poller.unregister(sock)
+
     def stop(self) -> None:
         """Stop at once (tests, Ctrl-C)."""
         self._stop.set()
+        self._wake()
 
     def leave(self) -> None:
         """Graceful leave (SIGTERM): refuse new sessions, tell clients, drain, then stop."""
         self._leave_requested.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"w")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.leave())
         signal.signal(signal.SIGINT, lambda *_: self.leave())
+        # A signal arriving during poll() runs its handler only when poll returns; the wake-up fd
+        # makes it return at once.
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self._signal_wakeups = True
 
     def serve_forever(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
         deadline = None
         log.info("serving %s on %s", self.handler.peer_id, self.address)
         try:
@@ -100,11 +132,31 @@ class NodeServer:
                     deadline = time.monotonic() + self._begin_leaving()
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                if poller.poll(POLL_MS):
+                ready = dict(self._poller.poll(self._sleep_ms(deadline)))
+                if self.socket in ready:
                     self._serve_ready()
+                for sock, on_readable in list(self._watched.items()):
+                    if sock in ready:
+                        on_readable()
+                if self._wake_r.fileno() in ready:
+                    self._drain_wakeups()
                 self._run_timers()
         finally:
             self.close()
+
+    def _sleep_ms(self, deadline: float | None) -> int:
+        """Until the next timer (or the end of a leave), in whole ms, rounded up."""
+        due = min((d[0] for _, _, d in self._timers), default=time.monotonic() + MAX_SLEEP_MS / 1000)
+        if deadline is not None:
+            due = min(due, deadline)
+        return max(0, min(MAX_SLEEP_MS, int((due - time.monotonic()) * 1000) + 1))
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:  # nothing left
+            pass
 
     def _serve_ready(self) -> None:
         batch: list = []
@@ -167,6 +219,10 @@ class NodeServer:
         return self.leave_grace if peers else min(self.leave_grace, 0.2)
 
     def close(self) -> None:
+        if self._signal_wakeups:
+            signal.set_wakeup_fd(-1)  # before its socket closes
+        self._wake_r.close()
+        self._wake_w.close()
         self.socket.close(linger=200)
         if self._auth is not None:
             self._auth.stop()
