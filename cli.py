@@ -415,6 +415,9 @@ def _stop_on_sigterm() -> None:
 @click.option("--head-groups", type=int, default=2, show_default=True, help="Head-shard nodes in a group; 0 skips.")
 @click.option("--wires", default="float16,bfloat16,q80", show_default=True,
               help="Wire formats tried besides float32, on the largest route.")
+@click.option("--links", default="relay,star", show_default=True,
+              help="relay (nodes pass steps on) or star (every stage answers the client): the first on "
+                   "every route, the others on the largest too.")
 @click.option("--tokens", type=int, default=32, show_default=True, help="Decode steps per round.")
 @click.option("--prompt-len", type=int, default=128, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True, help="Rounds per side and route.")
@@ -424,15 +427,18 @@ def _stop_on_sigterm() -> None:
 @click.option("--quick", is_flag=True, help="A few tokens only: a smoke test, not a measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def bench(model_dir: Path | None, shape: str, stages: str, sessions: str, head_groups: int, wires: str,
-          tokens: int, prompt_len: int, repeats: int, threads: int, work_dir: Path | None, quick: bool,
+          links: str, tokens: int, prompt_len: int, repeats: int, threads: int, work_dir: Path | None, quick: bool,
           as_json: bool) -> None:
     """Local vs swarm speed on loopback: decode, prefill, per-stage overhead, bytes, batching."""
     from nanoswarm.bench import BenchOptions, format_report, parse_ints, parse_names, run_bench
 
     if quick:
         tokens, prompt_len, repeats = min(tokens, 4), min(prompt_len, 16), 1
+    patterns = parse_names(links)
+    if not patterns or set(patterns) - {"relay", "star"}:
+        raise click.BadParameter("--links takes relay and/or star, e.g. relay,star")
     opts = BenchOptions(model_dir, shape, parse_ints(stages), parse_ints(sessions), head_groups,
-                        parse_names(wires), tokens, prompt_len, repeats, session_tokens=4 if quick else 16,
+                        parse_names(wires), patterns, tokens, prompt_len, repeats, session_tokens=4 if quick else 16,
                         threads=threads, work_dir=work_dir)
     result = run_bench(opts)
     click.echo(json.dumps(result) if as_json else format_report(result))

@@ -29,17 +29,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class RoundResult:
     prefill_seconds: float
-    step_seconds: list[float]
-    stage_seconds: list[list[float]]        # per stage: wall time of each decode step
-    stage_busy: list[list[float | None]]    # per stage: node compute in each decode step (busy_us)
+    step_seconds: list[float]               # per decode step: the token's time (embed, route, head)
+    route_seconds: list[float]              # per decode step: the route's part (session.step)
+    route_busy: list[float]                 # per decode step: compute the nodes reported (busy_us)
+    stages: int
     prefill_bytes: int = 0
     decode_bytes: int = 0
     logits: list[torch.Tensor] = field(default_factory=list)  # prefill's last, then every step
 
-    def overheads(self) -> list[list[float]]:
-        """Per stage, per decode step: time not spent computing blocks on the node(s)."""
-        return [[t - b for t, b in zip(times, busy) if b is not None]
-                for times, busy in zip(self.stage_seconds, self.stage_busy)]
+    def overheads(self) -> list[float]:
+        """Per decode step, per stage: time not spent computing blocks on the nodes. Measured for
+        the whole route (a relayed step has no per-stage times on the client)."""
+        return [(t - b) / self.stages for t, b in zip(self.route_seconds, self.route_busy)]
 
 
 def stage_connections(stage: Stage) -> list[PeerConnection]:
@@ -50,9 +51,18 @@ def stage_connections(stage: Stage) -> list[PeerConnection]:
     return []
 
 
-def wire_bytes(stages: list[Stage]) -> int:
-    """Bytes of message frames sent and received so far over these stages' connections."""
-    return sum(c.bytes_sent + c.bytes_received for s in stages for c in stage_connections(s))
+def _connections(session: InferenceSession) -> list[PeerConnection]:
+    return [c for s in session.stages for c in stage_connections(s)]
+
+
+def wire_bytes(session: InferenceSession) -> int:
+    """Bytes of message frames sent and received so far over the session's connections."""
+    return sum(c.bytes_sent + c.bytes_received for c in _connections(session))
+
+
+def node_busy(session: InferenceSession) -> float:
+    """Compute the session's nodes have reported so far (busy_us of every reply), in seconds."""
+    return sum(c.busy_seconds for c in _connections(session))
 
 
 def node_stats(conn: PeerConnection) -> dict:
@@ -62,55 +72,6 @@ def node_stats(conn: PeerConnection) -> dict:
     except PeerError as e:
         log.warning("no stats from %s: %s", conn.address, e)
         return {}
-
-
-class _StageTimer:
-    """Records each stage step's wall time and the compute its node(s) reported (`busy_us` of
-    every reply, summed over a head group's fan-outs). Wraps stage.step and the connections'
-    recv on the instances (the session calls them); the wrappers are removed on exit."""
-
-    def __init__(self, stages: list[Stage]):
-        self.stages = stages
-        self.times: list[list[float]] = [[] for _ in stages]
-        self.busy: list[list[float | None]] = [[] for _ in stages]
-        self._acc: list[float | None] = [0.0] * len(stages)
-
-    def __enter__(self) -> _StageTimer:
-        for i, stage in enumerate(self.stages):
-            stage.step = self._wrap_step(stage.step, i)  # type: ignore[method-assign]
-            for conn in stage_connections(stage):
-                conn.recv = self._wrap_recv(conn.recv, i)  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for stage in self.stages:
-            del stage.step  # back to the class's methods
-            for conn in stage_connections(stage):
-                del conn.recv
-
-    def _wrap_step(self, step: Callable, i: int) -> Callable:
-        def timed(hidden: torch.Tensor, pos: int) -> torch.Tensor:
-            self._acc[i] = 0.0
-            t0 = time.perf_counter()
-            y = step(hidden, pos)
-            self.times[i].append(time.perf_counter() - t0)
-            self.busy[i].append(self._acc[i])
-            return y
-        return timed
-
-    def _wrap_recv(self, recv: Callable, i: int) -> Callable:
-        def counted(req_id: int, timeout: float | None = None):
-            msg = recv(req_id, timeout)
-            busy = msg.fields.get("busy_us")
-            acc = self._acc[i]
-            self._acc[i] = acc + busy / 1e6 if isinstance(busy, int) and acc is not None else None
-            return msg
-        return counted
-
-    def reset(self) -> None:
-        for t, b in zip(self.times, self.busy):
-            t.clear()
-            b.clear()
 
 
 def _next_token(client: ClientModel, hidden: torch.Tensor, keep: list | None) -> int:
@@ -125,24 +86,26 @@ def run_round(client: ClientModel, session: InferenceSession, ids: list[int], pr
     """Prefill ids[:prompt_len], then `steps` decode steps on the following ids."""
     if len(ids) < prompt_len + steps:
         raise ValueError(f"need {prompt_len + steps} ids, got {len(ids)}")
-    stages = list(session.stages)
     keep: list | None = [] if keep_logits else None
     gc.collect()
-    with _StageTimer(stages) as timer:
-        b0 = wire_bytes(stages)
-        t0 = time.perf_counter()
-        _next_token(client, session.step(client.embed(ids[:prompt_len], 0)), keep)
-        prefill = time.perf_counter() - t0
-        b1 = wire_bytes(stages)
-        timer.reset()
-        step_seconds = []
-        for pos in range(prompt_len, prompt_len + steps):
-            t = time.perf_counter()
-            _next_token(client, session.step(client.embed([ids[pos]], pos)), keep)
-            step_seconds.append(time.perf_counter() - t)
-        b2 = wire_bytes(stages)
-    return RoundResult(prefill, step_seconds, [list(t) for t in timer.times], [list(b) for b in timer.busy],
-                       b1 - b0, b2 - b1, keep or [])
+    b0 = wire_bytes(session)
+    t0 = time.perf_counter()
+    _next_token(client, session.step(client.embed(ids[:prompt_len], 0)), keep)
+    prefill = time.perf_counter() - t0
+    b1 = wire_bytes(session)
+    step_seconds, route_seconds, route_busy = [], [], []
+    for pos in range(prompt_len, prompt_len + steps):
+        busy = node_busy(session)
+        t = time.perf_counter()
+        hidden = client.embed([ids[pos]], pos)
+        r = time.perf_counter()
+        hidden = session.step(hidden)
+        route_seconds.append(time.perf_counter() - r)
+        _next_token(client, hidden, keep)
+        step_seconds.append(time.perf_counter() - t)
+        route_busy.append(node_busy(session) - busy)
+    return RoundResult(prefill, step_seconds, route_seconds, route_busy, len(session.stages), b1 - b0,
+                       wire_bytes(session) - b1, keep or [])
 
 
 def run_concurrent(client: ClientModel, sessions: list[InferenceSession], prompts: list[list[int]],

@@ -40,6 +40,7 @@ class BenchOptions:
     sessions: tuple[int, ...] = (1, 8)
     head_groups: int = 2                # one stage of this many head-shard nodes; 0 skips it
     wires: tuple[str, ...] = ("float16", "bfloat16", "q80")  # also run the largest route with these
+    links: tuple[str, ...] = ("relay", "star")  # the first on every route, the others on the largest too
     tokens: int = 32                    # decode steps per round
     prompt_len: int = 128
     repeats: int = 3                    # rounds per side and run
@@ -57,7 +58,7 @@ class _Group:
 
     route: str                          # "layers" or "heads"
     specs: list[NodeSpec]
-    wires: list[str]
+    variants: list[tuple[str, str]]     # (wire, links) of each run
     stages: int
 
 
@@ -109,9 +110,12 @@ def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
     stages = [s for s in opts.stages if 1 <= s <= n_layer]
     if len(stages) != len(opts.stages):
         log.warning("skipping stage counts outside 1..%d", n_layer)
-    groups = [_Group("layers", [NodeSpec(r) for r in even_split(n_layer, s)], ["float32"], s) for s in stages]
-    if groups and opts.wires:
-        groups[-1].wires += [w for w in opts.wires if w != "float32"]
+    links = opts.links[0] if opts.links else "relay"
+    groups = [_Group("layers", [NodeSpec(r) for r in even_split(n_layer, s)], [("float32", links)], s)
+              for s in stages]
+    if groups:
+        groups[-1].variants += [("float32", x) for x in opts.links[1:]]
+        groups[-1].variants += [(w, links) for w in opts.wires if w != "float32"]
     if opts.head_groups:
         g = min(opts.head_groups, n_head)
         base, extra = divmod(n_head, g)
@@ -119,7 +123,7 @@ def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
         for i in range(g):
             bounds.append(bounds[-1] + base + (i < extra))
         specs = [NodeSpec((0, n_layer), heads=(a, b)) for a, b in zip(bounds, bounds[1:])]
-        groups.append(_Group("heads", specs, ["float32"], 1))
+        groups.append(_Group("heads", specs, [("float32", links)], 1))
     return groups
 
 
@@ -146,9 +150,9 @@ class Bench:
         return run_round(self.client, session, self.ids, self.opts.prompt_len,
                          self.opts.tokens if steps is None else steps, keep_logits)
 
-    def swarm(self, addresses: list[str], wire: str) -> Swarm:
+    def swarm(self, addresses: list[str], wire: str, links: str = "relay") -> Swarm:
         swarm = Swarm(self.manifest.model_id, self.config.n_layer, self.config.n_head,
-                      SwarmOptions(timeout=60.0, wire=wire))
+                      SwarmOptions(timeout=60.0, wire=wire, relay=links == "relay"))
         swarm.add_addresses(addresses, timeout=30.0)
         return swarm
 
@@ -170,8 +174,8 @@ class Bench:
             log.info("starting %d nodes for %s", len(group.specs), group.route)
             with LocalCluster(self.model_dir, group.specs, threads=opts.threads,
                               args=list(opts.node_args)) as cluster:
-                for wire in group.wires:
-                    runs.append(self._measure(group, cluster, wire, with_sessions=wire == "float32"))
+                for i, (wire, links) in enumerate(group.variants):
+                    runs.append(self._measure(group, cluster, wire, links, with_sessions=i == 0))
         local_steps = [t for r in self.local_rounds for t in r.step_seconds]
         local_prefill = [r.prefill_seconds for r in self.local_rounds]
         return {
@@ -181,9 +185,9 @@ class Bench:
             "runs": runs,
         }
 
-    def _measure(self, group: _Group, cluster: LocalCluster, wire: str, with_sessions: bool) -> dict:
+    def _measure(self, group: _Group, cluster: LocalCluster, wire: str, links: str, with_sessions: bool) -> dict:
         opts = self.opts
-        swarm = self.swarm(cluster.addresses, wire)
+        swarm = self.swarm(cluster.addresses, wire, links)
         try:
             self.swarm_round(swarm, steps=2)  # warm-up: first steps allocate on the nodes
             local, remote = [], []
@@ -191,40 +195,40 @@ class Bench:
                 local.append(self.local_round())
                 remote.append(self.swarm_round(swarm, keep_logits=i == 0))
             self.local_rounds += local
-            result = self._summary(group, wire, local, remote)
+            result = self._summary(group, wire, links, local, remote)
             if with_sessions:
                 result["sessions"] = self._sessions(swarm, group.route)
                 stats = [node_stats(swarm.connection(a)) for a in cluster.addresses]
                 result["node_max_batch"] = max((s.get("max_batch", 0) for s in stats), default=0)
                 result["node_batched_steps"] = sum(s.get("batched_steps", 0) for s in stats)
-            log.info("%s %d stages %s: decode ratio %.3f, prefill ratio %.3f", group.route, group.stages,
-                     wire, result["decode_ratio"], result["prefill_ratio"])
+            log.info("%s %d stages %s %s: decode ratio %.3f, prefill ratio %.3f", group.route, group.stages,
+                     wire, links, result["decode_ratio"], result["prefill_ratio"])
             return result
         finally:
             swarm.close()
 
-    def _summary(self, group: _Group, wire: str, local: list[RoundResult], remote: list[RoundResult]) -> dict:
+    def _summary(self, group: _Group, wire: str, links: str, local: list[RoundResult],
+                 remote: list[RoundResult]) -> dict:
         opts = self.opts
         l_step = median([t for r in local for t in r.step_seconds])
         s_step = median([t for r in remote for t in r.step_seconds])
         l_pre = median([r.prefill_seconds for r in local])
         s_pre = median([r.prefill_seconds for r in remote])
-        per_stage = [[] for _ in remote[0].stage_seconds]
-        for r in remote:
-            for i, samples in enumerate(r.overheads()):
-                per_stage[i] += samples
-        pooled = [t for s in per_stage for t in s]
+        pooled = [t for r in remote for t in r.overheads()]
         assert self.reference is not None
         err = max(float((a - b).abs().max()) for a, b in zip(remote[0].logits, self.reference.logits))
         steps = sum(len(r.step_seconds) for r in remote)
         return {
             "route": group.route, "stages": group.stages, "nodes": len(group.specs), "wire": wire,
+            # relay: consecutive layer stages pass each step on (client/relay.py); star: every
+            # stage answers the client. The same with one stage, or a head group.
+            "links": links if group.route == "layers" and group.stages > 1 else "star",
             "decode_tps": 1 / s_step, "decode_ms": 1000 * s_step, "local_decode_tps": 1 / l_step,
             "decode_ratio": l_step / s_step,
             "prefill_tps": opts.prompt_len / s_pre, "prefill_ms": 1000 * s_pre,
             "local_prefill_tps": opts.prompt_len / l_pre, "prefill_ratio": l_pre / s_pre,
             "overhead_ms_median": 1000 * median(pooled), "overhead_ms_p99": 1000 * percentile(pooled, 99),
-            "overhead_ms_per_stage": [1000 * median(s) for s in per_stage],
+            "node_ms_per_step": 1000 * median([b for r in remote for b in r.route_busy]),
             "bytes_per_token": sum(r.decode_bytes for r in remote) / steps,
             "bytes_per_prefill_token": sum(r.prefill_bytes for r in remote) / (len(remote) * opts.prompt_len),
             "max_logit_error": err,

@@ -5,6 +5,10 @@ stage fails (error reply, disconnect, timeout) or announces that it is leaving, 
 its peer, plans a replacement for exactly that stage's blocks (one peer or several), replays the
 history into them to rebuild their KV caches, and carries on with the same step. Positions and
 sampling state live outside the stages, so the tokens are those of a run without the failure.
+
+Consecutive layer stages are driven by relay (client/relay.py): one request, the nodes pass the
+step along, and the result carries every hop's output for the history. A relayed step that
+breaks off is done again one stage at a time, the stages redoing the position if they hold it.
 """
 
 from __future__ import annotations
@@ -14,13 +18,18 @@ import time
 
 import torch
 
+from .relay import Chain, ChainBroken
 from .route import RouteError
-from .stages import Stage
+from .stages import RemoteLayerStage, Stage
 from .swarm import Swarm
 from .transport import PeerError
 
 log = logging.getLogger(__name__)
 
+# A relayed step brings back every hop's output (client/relay.py): 3 KB a hop for a decode step
+# of the GPT-2-small shape, but 384 KB a hop for a 128-token prefill, re-encrypted at every link,
+# which made prefill through 4 relayed stages slower than stage by stage (docs/performance.md).
+RELAY_MAX_POSITIONS = 32
 BUSY_RETRIES = 3  # a `busy` step is retried on the same peer this often (0.1, 0.2, 0.4 s) before failover
 REPLAY_CHUNK = 512  # positions per replay step (well under a node's max tokens per step)
 
@@ -37,9 +46,14 @@ class InferenceSession:
         self.swarm = swarm
         self.max_failovers = max_failovers
         self.on_failover = on_failover  # callable(str) for the user's one-line notice
-        self.history: list[list[torch.Tensor]] = [[] for _ in stages]
+        # Per stage, the hidden states sent to it; an entry may be a function that makes the tensor
+        # (a relayed step's intermediate outputs: client/relay.py).
+        self.history: list[list] = [[] for _ in stages]
         self.pos = 0
         self.failovers = 0
+        self.relay = swarm is not None and swarm.options.relay
+        self._no_relay: set[int] = set()  # ids of stages whose node would not relay to the next
+        self._chains: dict[tuple[int, ...], Chain] = {}  # by the ids of their stages
 
     @classmethod
     def open(cls, swarm: Swarm, max_length: int, **kwargs) -> InferenceSession:
@@ -76,13 +90,27 @@ class InferenceSession:
         if self.pos + T > self.max_length:
             raise SessionError(f"session is full: {self.pos + T} positions > max_length {self.max_length}")
         i, busy_retries = 0, 0
+        relay, rewind = self.relay, set()  # rewind: ids of stages that may hold this position already
         while i < len(self.stages):
             stage = self.stages[i]
             if self.swarm is not None and stage.leaving:
                 self._replace(i, PeerError(stage.peers[0], "leaving", "peer announced it is leaving"))
                 continue
+            chain = self._chain(i) if relay and T <= RELAY_MAX_POSITIONS else None
+            if chain is not None:
+                try:
+                    outputs = chain.step(hidden, self.pos, self.swarm.options.timeout)
+                except ChainBroken as e:
+                    relay = False  # the rest of this step one stage at a time
+                    rewind.update(id(s) for s in chain.stages)
+                    self._chain_broken(chain, e.error)
+                    continue
+                for out in outputs:
+                    self.history[i].append(hidden)
+                    hidden, i = out, i + 1
+                continue
             try:
-                out = stage.step(hidden, self.pos)
+                out = stage.step(hidden, self.pos, rewind=id(stage) in rewind)
             except PeerError as e:
                 if self.swarm is None:
                     raise
@@ -99,6 +127,44 @@ class InferenceSession:
             i += 1
         self.pos += T
         return hidden
+
+    def _chain(self, i: int) -> Chain | None:
+        """Stages i.. that one relayed step can run (consecutive layer stages, none leaving), if
+        there are two or more."""
+        stages: list[RemoteLayerStage] = []
+        for stage in self.stages[i:]:
+            if not isinstance(stage, RemoteLayerStage) or stage.leaving:
+                break
+            stages.append(stage)
+            if id(stage) in self._no_relay:
+                break
+        if len(stages) < 2:
+            return None
+        key = tuple(id(s) for s in stages)
+        if key not in self._chains:
+            current = {id(s) for s in self.stages}  # forget chains with a stage failover replaced
+            self._chains = {k: c for k, c in self._chains.items() if current.issuperset(k)}
+            self._chains[key] = Chain(stages)
+        return self._chains[key]
+
+    def _chain_broken(self, chain: Chain, error: PeerError) -> None:
+        """A relayed step did not come back; its stages will be asked one by one. A node that will
+        not relay is not asked again (not_served: it does not know the next hop; relay_failed: it
+        could not reach it). A dropped stage is replaced now (its drop was seen once, while
+        waiting for the chain); after a timeout, the stage that does not answer `info` quickly is.
+        Other errors show again when the stage is asked alone, and are handled there."""
+        by = next((s for s in chain.stages if error.address in s.peers), None)
+        if error.code in ("relay_failed", "not_served") and by is not None:
+            self._no_relay.add(id(by))
+        elif error.code == "disconnected" and by is not None:
+            self._replace(self.stages.index(by), error)
+        elif error.code == "timeout":
+            for stage in chain.stages:
+                try:
+                    stage.conn.request("info", timeout=min(1.0, self.swarm.options.timeout))
+                except PeerError as e:
+                    self._replace(self.stages.index(stage), e)
+                    break
 
     def _replace(self, i: int, error: PeerError) -> None:
         """Swap stage i for fresh stages over the same blocks, rebuilt from its history."""
@@ -126,8 +192,8 @@ class InferenceSession:
         if self.on_failover:
             self.on_failover(notice)
 
-    def _rebuild(self, plans, history: list[torch.Tensor]) -> tuple[list[Stage], list[list]]:
-        hidden = torch.cat(history, dim=1) if history else None
+    def _rebuild(self, plans, history: list) -> tuple[list[Stage], list[list]]:
+        hidden = torch.cat([h() if callable(h) else h for h in history], dim=1) if history else None
         stages, histories = [], []
         try:
             for plan in plans:

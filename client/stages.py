@@ -3,6 +3,8 @@ new positions and keeps its own KV cache (remote or local); all expose the same 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from nanoswarm.shards.model import Blocks
@@ -18,8 +20,10 @@ class Stage:
     def open(self, max_length: int) -> None:
         raise NotImplementedError
 
-    def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
-        """Run this stage's blocks on `hidden` ([1, T, C], positions pos..pos+T-1)."""
+    def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
+        """Run this stage's blocks on `hidden` ([1, T, C], positions pos..pos+T-1). With `rewind`
+        the stage may hold these positions already (a relayed step broke off): it drops them
+        first."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -50,7 +54,9 @@ class LocalStage(Stage):
         self.max_length = max_length
         self.cache = self.blocks.new_cache(max_length, self.stop - self.start)
 
-    def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
+        if rewind:
+            self.cache.length = pos
         with torch.inference_mode():
             return self.blocks(hidden, [self.cache], self.start, self.stop)
 
@@ -60,11 +66,23 @@ class LocalStage(Stage):
 
 def check_reply(conn: PeerConnection, msg, like: torch.Tensor) -> torch.Tensor:
     """A peer's tensor must have the shape we sent (and be finite: see recv): peers are untrusted."""
-    if len(msg.tensors) != 1 or msg.tensors[0].shape != like.shape:
-        got = [list(t.shape) for t in msg.tensors]
-        raise PeerError(conn.address, "bad_reply", f"expected one tensor {list(like.shape)}, got {got}")
-    y = msg.tensors[0]  # finite: PeerConnection.recv decodes with finite=True
-    return y if y.dtype == like.dtype and y.device == like.device else y.to(like.device, like.dtype)
+    return reply_tensors(conn, msg, like, 1)[0]
+
+
+def reply_tensors(conn: PeerConnection, msg, like: torch.Tensor, count: int) -> list:
+    """The `count` tensors of a reply, each of `like`'s shape, in `like`'s dtype and device. All
+    but the last come as functions that make the tensor: a relayed step's outputs of its earlier
+    hops are kept for failover replay only, so they need not cost torch calls now."""
+    shape = tuple(like.shape)
+    if len(msg.specs) != count or any(s != shape for _, s in msg.specs):
+        raise PeerError(conn.address, "bad_reply", f"expected {count} tensors {list(shape)}, "
+                        f"got {[list(s) for _, s in msg.specs]}")
+
+    def tensor(i: int) -> torch.Tensor:
+        y = msg.tensor(i)
+        return y if y.dtype == like.dtype and y.device == like.device else y.to(like.device, like.dtype)
+
+    return [functools.partial(tensor, i) for i in range(count - 1)] + [tensor(count - 1)]
 
 
 class RemoteLayerStage(Stage):
@@ -82,9 +100,11 @@ class RemoteLayerStage(Stage):
                                            "layers": [self.start, self.stop]}, timeout=self.timeout)
         self.session = reply.fields["session"]
 
-    def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
-        reply = self.conn.request("step", {"session": self.session, "pos": pos, "wire": self.wire},
-                                  [hidden], self.wire, timeout=self.timeout)
+    def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
+        fields = {"session": self.session, "pos": pos, "wire": self.wire}
+        if rewind:
+            fields["rewind"] = True
+        reply = self.conn.request("step", fields, [hidden], self.wire, timeout=self.timeout)
         return check_reply(self.conn, reply, hidden)
 
     def close(self) -> None:
@@ -139,7 +159,8 @@ class HeadGroupStage(Stage):
             total = total + check_reply(conn, conn.recv(req_id, self.timeout), hidden)
         return total
 
-    def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
+        # Never part of a relayed step, so never holds a position it is asked for.
         for block in range(self.start, self.stop):
             hidden = self._fan_out(hidden, pos, "attn", block)
             hidden = self._fan_out(hidden, pos, "mlp", block)

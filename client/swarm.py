@@ -30,6 +30,7 @@ class SwarmOptions:
     ban_seconds: float = 30.0    # first ban; doubles with every further strike
     client_keys: tuple[bytes, bytes] | None = None  # (public, secret); None: ephemeral per link
     insecure: bool = False       # allow unencrypted links to peers that have no CURVE key
+    relay: bool = True           # consecutive layer stages pass steps node to node (client/relay.py)
 
 
 @dataclass

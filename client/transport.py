@@ -18,6 +18,13 @@ from nanoswarm.protocol.messages import Message, decode, encode
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
+# Request ids are unique across all connections of this process, not only per connection: the
+# replies of a relayed step arrive on several connections with the id of its first request.
+_request_ids = itertools.count(random.randrange(1, 2**31))
+
+
+def next_request_id() -> int:
+    return next(_request_ids)
 
 
 class PeerError(Exception):
@@ -53,19 +60,23 @@ class PeerConnection:
             self.socket.curve_secretkey = secret
         # A peer that dies closes its TCP connection: the monitor reports that at once, so a
         # killed peer costs milliseconds, not the whole timeout.
-        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._poller = zmq.Poller()
-        self._poller.register(self.socket, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
+        self.register(self._poller)
         self.socket.connect(endpoint)
-        self._ids = itertools.count(random.randrange(1, 2**31))
         self.leaving = False  # set when the peer announced it is going away
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.busy_seconds = 0.0  # compute the peer reported in its replies (busy_us)
+
+    def register(self, poller: zmq.Poller) -> None:
+        """Have `poller` wake for this connection's replies and for its drop."""
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
 
     def send(self, msg_type: str, fields: dict[str, Any] | None = None,
-             tensors: list[torch.Tensor] | tuple = (), wire: str = "float32") -> int:
-        req_id = next(self._ids)
+             tensors: list[torch.Tensor] | tuple = (), wire: str = "float32", req_id: int | None = None) -> int:
+        req_id = next_request_id() if req_id is None else req_id
         frames = encode(msg_type, req_id, fields, tensors, wire)
         self.bytes_sent += sum(len(f) for f in frames)
         self.socket.send_multipart(frames, copy=False)
@@ -77,30 +88,49 @@ class PeerConnection:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            ready = dict(self._poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
-            if self._monitor in ready:
-                self._monitor.recv_multipart()
-                if not self.socket.poll(0):  # replies that arrived before the drop still count
-                    raise PeerError(self.address, "disconnected", "connection closed by the peer")
-            if not ready:
+            if left > 0:
+                self._poller.poll(max(1, int(left * 1000)))
+            msg = self.take(req_id)
+            if msg is not None:
+                return msg
+            if left <= 0:
                 raise PeerTimeout(self.address, timeout)
-            if self.socket not in ready and not self.socket.poll(0):
-                continue
-            frames = self.socket.recv_multipart(copy=False)
-            self.bytes_received += sum(len(f) for f in frames)
-            try:
-                msg = decode(frames, finite=True)  # peers are untrusted: no NaN or Inf gets past here
-            except ProtocolError as e:
-                raise PeerError(self.address, "bad_reply", e.message) from None
-            if msg.type == "leaving":
-                self.leaving = True
-                log.info("%s announced it is leaving", self.address)
-                continue
-            if msg.id != req_id:  # a late reply to a request we gave up on
-                continue
-            if msg.type == "error":
-                raise PeerError(self.address, msg.fields["code"], msg.fields["message"])
-            return msg
+
+    def take(self, req_id: int) -> Message | None:
+        """The reply to `req_id` if it has come (an error reply raises PeerError), without waiting;
+        other messages read meanwhile are notices or late replies, and are dropped. A drop of the
+        connection raises PeerError("disconnected") once (the socket reconnects by itself)."""
+        while True:
+            if self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+                msg = self._read()
+                if msg is not None and msg.id == req_id:  # else a late reply to a request we gave up on
+                    if msg.type == "error":
+                        raise PeerError(self.address, msg.fields["code"], msg.fields["message"])
+                    return msg
+            elif self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
+                self.monitor.recv_multipart()
+                if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:  # replies that came first still count
+                    raise PeerError(self.address, "disconnected", "connection closed by the peer")
+            else:
+                return None
+
+    def _read(self) -> Message | None:
+        frames = self.socket.recv_multipart(copy=False)
+        self.bytes_received += sum(len(f) for f in frames)
+        try:
+            msg = decode(frames, finite=True)  # peers are untrusted: no NaN or Inf gets past here
+        except ProtocolError as e:
+            raise PeerError(self.address, "bad_reply", e.message) from None
+        if msg.type == "leaving":
+            self.leaving = True
+            log.info("%s announced it is leaving", self.address)
+            return None
+        busy = msg.fields.get("busy")  # a relayed step's result: every hop's busy_us
+        if isinstance(busy, list):
+            self.busy_seconds += sum(b for b in busy if type(b) is int) / 1e6
+        elif type(busy := msg.fields.get("busy_us")) is int:
+            self.busy_seconds += busy / 1e6
+        return msg
 
     def request(self, msg_type: str, fields: dict[str, Any] | None = None,
                 tensors: list[torch.Tensor] | tuple = (), wire: str = "float32",
@@ -109,5 +139,5 @@ class PeerConnection:
 
     def close(self) -> None:
         self.socket.disable_monitor()
-        self._monitor.close(linger=0)
+        self.monitor.close(linger=0)
         self.socket.close(linger=0)

@@ -25,7 +25,7 @@ import zmq
 
 from nanoswarm.client.discovery import record_contact
 from nanoswarm.client.transport import PeerConnection
-from nanoswarm.keys.contact import endpoint_of
+from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.identity import Identity
 from nanoswarm.keys.records import DEFAULT_MAX_TTL, seq_now, sign_departure, sign_record
 from nanoswarm.keys.table import RecordTable
@@ -78,7 +78,9 @@ class Gossip:
         self._links: dict[str, _Link] = {}  # by endpoint
         self._server: NodeServer | None = None  # watches the links' sockets once attached
         self.stats: dict[str, Any] = {}
+        self._known: set[tuple[str, bytes | None]] = set()  # (endpoint, CURVE key) of live records
         handler.on_records = self.on_records
+        handler.can_relay = self.knows
         handler.extra_info["gossip"] = self.stats  # the same dict, kept current by _update_stats
 
     @property
@@ -158,7 +160,15 @@ class Gossip:
             out.append(wire)
         return out
 
+    def knows(self, contact: str) -> bool:
+        """Whether `contact` is a peer of our table: the only peers we relay steps to."""
+        try:
+            return split_contact(contact) in self._known
+        except ValueError:
+            return False
+
     def _update_stats(self) -> None:
+        self._known = {(r.address, None if r.insecure else r.curve_key) for r in self.table.records()}
         self.stats.update(records=len(self.table), rounds=self.rounds, accepted=self.table.accepted,
                           departed=self.table.departed, rejected=dict(self.table.rejected),
                           links=len(self._links))

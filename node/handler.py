@@ -18,22 +18,26 @@ import torch
 
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import (
+    MAX_HOPS,
     PROTOCOL_VERSION,
     Message,
     decode,
     encode,
+    encode_frames,
     error_frames,
+    parse_next,
     parse_range,
     peek_id,
 )
 from nanoswarm.protocol.tensors import WIRE_FORMATS, abs_max, all_finite, frame_finite
 from nanoswarm.shards.model import Blocks, KVCache
 
+from .relay import Relay, next_hop_id
 from .sessions import NodeLimits, Session, SessionStore, mapped_cache
 
 log = logging.getLogger(__name__)
 
-Reply = tuple[bytes, list]  # (peer identity, frames)
+Reply = tuple[bytes | Relay, list]  # (peer identity, or the next hop of a relayed step; frames)
 # Largest magnitude a reply format can carry (q80: a float16 scale times 127).
 _WIRE_MAX = {"float16": 65504.0, "q80": 65504.0 * 127}
 
@@ -88,6 +92,8 @@ class _Pending:
     wire: str
     length: int = 0        # the session's state before the step, restored if the step fails
     next_block: int = 0
+    reply_to: tuple[bytes, int] = (b"", 0)   # who gets the replies, with which id (_reply_route)
+    hops: list[tuple[str, str]] | None = None  # a relayed step: the rest of the chain
 
 
 @dataclass
@@ -98,6 +104,7 @@ class NodeStats:
     busy_seconds: float = 0.0
     batched_steps: int = 0           # forward passes that ran decode steps of several sessions
     max_batch: int = 0               # most sessions in one forward pass so far
+    relayed: int = 0                 # steps passed on to a next hop (node/relay.py)
     started: float = field(default_factory=time.monotonic)
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -121,6 +128,7 @@ class RequestHandler:
         self._last_busy = 0.0                       # seconds of the last forward pass
         self.extra_info: dict[str, Any] = {}  # set by the server: address, keys, records
         self.on_records = None  # callable(list) -> list, set by the gossip layer
+        self.can_relay = None   # callable(contact) -> bool, set by the gossip layer (node/relay.py)
         # Recently seen request ids per peer, to refuse duplicates (a replayed request must not
         # run a step twice and corrupt a KV cache).
         self._seen: dict[bytes, OrderedDict[int, None]] = defaultdict(OrderedDict)
@@ -133,10 +141,10 @@ class RequestHandler:
         per_peer: dict[bytes, int] = defaultdict(int)
         self._batch_started, self._batch_computed = time.perf_counter(), False
         for peer, frames in batch:
-            req_id = 0
+            req_id, to = 0, peer
             try:
                 msg = decode(frames, self.limits.max_message_bytes)
-                req_id = msg.id
+                to, req_id = self._reply_route(peer, msg)
                 self._admit(peer, msg, per_peer)
                 if msg.type in ("step", "close") and any(p.msg.fields["session"] == msg.fields["session"]
                                                          for p in pending):
@@ -150,10 +158,10 @@ class RequestHandler:
                     replies.append((peer, self._handle_simple(peer, msg)))
             except ProtocolError as e:
                 req_id = req_id or (peek_id(frames[0]) if frames else 0)
-                replies.append((peer, self._error(req_id, e.code, e.message)))
+                replies.append((to, self._error(req_id, e.code, e.message)))
             except Exception as e:  # a bug must not take the node down
                 log.exception("internal error handling a request")
-                replies.append((peer, self._error(req_id, ErrorCode.INTERNAL, type(e).__name__)))
+                replies.append((to, self._error(req_id, ErrorCode.INTERNAL, type(e).__name__)))
         if pending:
             replies.extend(self._run_steps(pending))
         return replies
@@ -163,7 +171,18 @@ class RequestHandler:
         return self.handle_batch([(peer, frames)])[0][1]
 
     # ----- admission ----------------------------------------------------------------------
-    def _admit(self, peer: bytes, msg: Message, per_peer: dict[bytes, int]) -> None:
+    def _reply_route(self, peer: bytes, msg: Message) -> tuple[bytes, int]:
+        """Where the replies to a request go, with which id: to its sender, except for a relayed
+        step (one carrying `reply`) of a session we hold: to the session's owner, with the id the
+        owner gave the chain (node/relay.py). Nobody else can be made to receive them."""
+        reply = msg.get("reply")
+        if msg.type == "step" and type(reply) is int and 0 <= reply < 2**63:
+            session = self.sessions.sessions.get(msg.fields["session"])
+            if session is not None:
+                return session.peer, reply
+        return peer, msg.id
+
+    def _admit(self, peer: bytes, msg: Message, per_peer: dict) -> None:
         if msg.type not in ("info", "forward", "open", "step", "close", "records"):
             raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.type!r} is a reply, not a request")
         seen = self._seen[peer]
@@ -174,8 +193,10 @@ class RequestHandler:
             seen.popitem(last=False)
         if len(self._seen) > 4096:  # forget the oldest peers rather than grow without bound
             self._seen.pop(next(iter(self._seen)))
-        per_peer[peer] += 1
-        if per_peer[peer] > self.limits.max_inflight_per_peer:
+        # A relaying node carries the steps of many sessions: those count per session.
+        key = msg.fields["session"] if msg.type == "step" and msg.get("reply") is not None else peer
+        per_peer[key] += 1
+        if per_peer[key] > self.limits.max_inflight_per_peer:
             raise ProtocolError(ErrorCode.BUSY, f"more than {self.limits.max_inflight_per_peer} "
                                 "requests in flight from this peer")
 
@@ -216,7 +237,7 @@ class RequestHandler:
             "leaving": self.leaving,
             "stats": {"steps": self.stats.steps, "tokens": self.stats.tokens,
                       "busy_seconds": self.stats.busy_seconds, "batched_steps": self.stats.batched_steps,
-                      "max_batch": self.stats.max_batch},
+                      "max_batch": self.stats.max_batch, "relayed": self.stats.relayed},
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "limits": dataclasses.asdict(self.limits), "errors": dict(self.stats.errors),
             **memory_usage(),
@@ -256,11 +277,15 @@ class RequestHandler:
         return encode("opened", msg.id, {"session": session.id, "layers": [a, b],
                                          "kv_bytes": session.cache.nbytes})
 
-    def _hidden(self, msg: Message, max_batch: int) -> torch.Tensor:
-        """The hidden states of a request, shape-checked (finiteness: see _unsendable)."""
-        if len(msg.tensors) != 1:
-            raise ProtocolError(ErrorCode.BAD_TENSOR, f"expected 1 tensor, got {len(msg.tensors)}")
-        x = msg.tensors[0]
+    def _hidden(self, msg: Message, max_batch: int, count: int = 1) -> torch.Tensor:
+        """The hidden states of a request, shape-checked (finiteness: see _unsendable): its last
+        tensor of `count`. The ones before it, the outputs of a relayed step's earlier hops, must
+        have the same shape; they are passed on, never made into tensors here."""
+        if len(msg.frames) != count:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"expected {count} tensors, got {len(msg.frames)}")
+        if any(shape != msg.specs[-1][1] for _, shape in msg.specs):
+            raise ProtocolError(ErrorCode.BAD_SHAPE, "a relayed step's tensors must all have one shape")
+        x = msg.tensor(count - 1)
         if x.dim() != 3 or x.shape[2] != self.config.n_embd or not 1 <= x.shape[0] <= max_batch:
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"hidden states must be [batch<={max_batch}, "
                                 f"tokens, {self.config.n_embd}], got {list(x.shape)}")
@@ -307,11 +332,17 @@ class RequestHandler:
         if pos < 0:
             raise ProtocolError(ErrorCode.BAD_POSITION, f"negative position {pos}")
         wire = self._reply_wire(msg)
-        x = self._hidden(msg, max_batch=1)
+        hops, hop = self._chain(msg)
+        x = self._hidden(msg, max_batch=1, count=max(1, hop))
         T = x.shape[1]
         phase, block = msg.get("phase"), msg.get("block")
+        # `rewind` lets a client redo positions the session already holds (after a relayed step
+        # broke off midway, some stages may hold it and some not); without it a repeat is refused.
+        rewind = msg.get("rewind") is True
+        if rewind and (phase is not None or self.head_shard):
+            raise ProtocolError(ErrorCode.MALFORMED, "head-shard steps cannot rewind")
         # An MLP partial is stateless; every other step extends the cache at `pos`.
-        if phase != "mlp" and pos != session.length:
+        if phase != "mlp" and not (pos <= session.length if rewind else pos == session.length):
             raise ProtocolError(ErrorCode.BAD_POSITION, f"step at position {pos}, but the session "
                                 f"holds {session.length} positions")
         if pos + T > session.cache.max_length:
@@ -319,7 +350,29 @@ class RequestHandler:
                                 f"session's max_length {session.cache.max_length}")
         if self.head_shard or phase is not None:
             self._check_head_step(session, phase, block)
-        return _Pending(peer, msg, session, x, wire, session.cache.length, session.next_block)
+        return _Pending(peer, msg, session, x, wire, pos if rewind else session.cache.length, session.next_block,
+                        (session.peer, msg.fields["reply"]) if hops is not None else (peer, msg.id), hops)
+
+    def _chain(self, msg: Message) -> tuple[list[tuple[str, str]] | None, int]:
+        """A relayed step's hops after this node and this node's place in the chain (node/relay.py);
+        (None, 0) for a plain step."""
+        reply, hop = msg.get("reply"), msg.get("hop") or 0
+        if reply is None:
+            if msg.get("next") is not None or hop:
+                raise ProtocolError(ErrorCode.MALFORMED, "'next' and 'hop' belong to a relayed step, with 'reply'")
+            return None, 0
+        if not 0 <= reply < 2**63 or not 0 <= hop <= MAX_HOPS:
+            raise ProtocolError(ErrorCode.MALFORMED, f"'reply' must be >= 0 and 'hop' in 0..{MAX_HOPS}")
+        busy = msg.get("busy", [])
+        if len(busy) > MAX_HOPS or not all(type(b) is int and 0 <= b < 2**40 for b in busy):
+            raise ProtocolError(ErrorCode.MALFORMED, "'busy' must be a short list of microseconds")
+        if msg.get("phase") is not None or self.head_shard:
+            raise ProtocolError(ErrorCode.MALFORMED, "head-shard steps are not relayed")
+        hops = parse_next(msg.get("next") or [])
+        if hops and not (self.can_relay and self.can_relay(hops[0][0])):
+            raise ProtocolError(ErrorCode.NOT_SERVED, f"this node does not relay to {hops[0][0][:80]!r}: "
+                                "it relays only to peers in its table of signed records")
+        return hops, hop
 
     def _check_head_step(self, session: Session, phase: Any, block: Any) -> None:
         if phase not in ("attn", "mlp") or not isinstance(block, int):
@@ -342,15 +395,16 @@ class RequestHandler:
             groups[key].append(p)
         for group in groups.values():
             if self._overloaded():  # refuse what cannot start in time; the sessions are untouched
-                replies.extend((p.peer, self._error(p.msg.id, ErrorCode.BUSY, self._overload_message()))
+                replies.extend((p.reply_to[0], self._error(p.reply_to[1], ErrorCode.BUSY, self._overload_message()))
                                for p in group)
                 continue
             try:
                 outputs = self._compute(group)
-                replies.extend((p.peer, self._result(p, y)) for p, y in zip(group, outputs))
+                for p, y in zip(group, outputs):
+                    replies.extend(self._result(p, y))
             except Exception as e:
                 log.exception("internal error in a step")
-                replies.extend((p.peer, self._error(p.msg.id, ErrorCode.INTERNAL, type(e).__name__))
+                replies.extend((p.reply_to[0], self._error(p.reply_to[1], ErrorCode.INTERNAL, type(e).__name__))
                                for p in group)
         return replies
 
@@ -364,22 +418,40 @@ class RequestHandler:
         return (f"node overloaded: this batch has computed for {self.limits.max_batch_seconds:g} s; "
                 "retry the same request later")
 
-    def _result(self, p: _Pending, y: torch.Tensor) -> list:
-        """The reply to a step: NaN/Inf must not be sent (from a bad input, or an overflow)."""
+    def _result(self, p: _Pending, y: torch.Tensor) -> list[Reply]:
+        """The reply to a step: its result; for a relayed step, the step sent on to the next hop
+        or, from the last hop, the result to the client, either carrying the outputs of every
+        hop so far. NaN/Inf must not be sent (from a bad input, or an overflow)."""
+        to, reply_id = p.reply_to
         # busy_us: the compute of the forward pass this step ran in, so a client can tell the
         # node's compute from the time on the wire (nanoswarm bench's per-stage overhead).
-        frames = encode("result", p.msg.id, {"busy_us": int(self._last_busy * 1e6)}, [y], p.wire)
+        frames = encode("result", reply_id, {"busy_us": int(self._last_busy * 1e6)}, [y], p.wire)
         problem = _unsendable(p.x, y, p.wire, frames[1])
         if problem:  # undo the step, so the session can carry on
             p.session.cache.length, p.session.next_block = p.length, p.next_block
-            return self._error(p.msg.id, ErrorCode.BAD_VALUE, problem)
-        return frames
+            return [(to, self._error(reply_id, ErrorCode.BAD_VALUE, problem))]
+        if p.hops is None:
+            return [(to, frames)]
+        hop = p.msg.get("hop") or 0
+        specs = [*(p.msg.specs if hop else []), (p.wire, tuple(y.shape))]
+        tensors = [*(p.msg.frames if hop else []), frames[1]]
+        busy = [*p.msg.get("busy", [])[:hop], int(self._last_busy * 1e6)]  # every hop's busy_us
+        if not p.hops:  # the last hop
+            return [(to, encode_frames("result", reply_id, {"busy_us": busy[-1], "busy": busy}, specs, tensors))]
+        (contact, session), rest = p.hops[0], p.hops[1:]
+        relay = Relay(contact, to, reply_id, next_hop_id())
+        self.stats.relayed += 1
+        fields = {"session": session, "pos": p.msg.fields["pos"], "wire": p.wire, "reply": reply_id,
+                  "next": [list(h) for h in rest], "hop": hop + 1, "busy": busy}
+        return [(relay, encode_frames("step", relay.hop_id, fields, specs, tensors))]
 
     def _compute(self, group: list[_Pending]) -> list[torch.Tensor]:
         first = group[0]
         phase = first.msg.get("phase")
         with torch.inference_mode():
             if phase is None:
+                for p in group:  # a rewinding step drops what the session held from its position on
+                    p.session.cache.length = p.length
                 x = torch.cat([p.x for p in group]) if len(group) > 1 else first.x
                 caches = [p.session.cache for p in group]
                 self.stats.max_batch = max(self.stats.max_batch, len(group))

@@ -19,9 +19,11 @@ from collections.abc import Callable
 
 import zmq
 
-from nanoswarm.protocol.messages import encode
+from nanoswarm.protocol.errors import ErrorCode
+from nanoswarm.protocol.messages import encode, error_frames
 
 from .handler import RequestHandler
+from .relay import Relay, RelayLinks
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,9 @@ class NodeServer:
         self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self._signal_wakeups = False
         self.add_timer(min(5.0, max(0.1, handler.limits.idle_timeout / 4)), handler.expire_idle)
+        self.relays = RelayLinks(self.ctx, (curve_public, curve_secret) if curve_secret is not None else None)
+        self.relays.on_open = lambda link: self.watch(link, lambda: self._send_all(self.relays.bounced(link)))
+        self.relays.on_close = self.unwatch
 
     def add_timer(self, every: float, fn: Callable[[], object]) -> None:
         self._timers.append((every, fn, [time.monotonic() + every]))
@@ -162,8 +167,7 @@ class NodeServer:
         batch: list = []
         self._drain(batch)
         self._gather(batch)
-        for peer, reply in self.handler.handle_batch(batch):
-            self._send(peer, reply)
+        self._send_all(self.handler.handle_batch(batch))
 
     def _drain(self, batch: list) -> None:
         # Asking for EVENTS, not reading until zmq.Again: an exception per batch is slow to raise
@@ -188,6 +192,18 @@ class NodeServer:
             if not self.socket.poll(GATHER_GAP_MS):
                 break  # the burst is over
             self._drain(batch)
+
+    def _send_all(self, replies: list) -> None:
+        failed = []
+        for to, frames in replies:
+            if isinstance(to, Relay):  # a relayed step on to its next hop (node/relay.py)
+                why = self.relays.send(to, frames)
+                if why is not None:
+                    failed.append((to.owner, error_frames(to.reply, ErrorCode.RELAY_FAILED, why)))
+            else:
+                self._send(to, frames)
+        for to, frames in failed:  # after the copies: the client learns how far the step got first
+            self._send(to, frames)
 
     def _send(self, peer: bytes, frames: list) -> None:
         try:
@@ -223,6 +239,7 @@ class NodeServer:
             signal.set_wakeup_fd(-1)  # before its socket closes
         self._wake_r.close()
         self._wake_w.close()
+        self.relays.close()
         self.socket.close(linger=200)
         if self._auth is not None:
             self._auth.stop()

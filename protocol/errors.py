@@ -21,6 +21,7 @@ class ErrorCode(str, Enum):
     BUSY = "busy"                          # capacity limit (sessions, KV memory, requests in flight)
     DUPLICATE_REQUEST = "duplicate_request"  # request id already seen from this peer
     LEAVING = "leaving"                    # node is shutting down; move elsewhere
+    RELAY_FAILED = "relay_failed"          # the next hop of a relayed step could not be reached or refused it
     INTERNAL = "internal"                  # a bug on the node; the node keeps serving
 
 

@@ -7,6 +7,7 @@ Replies carry the request's id. docs/protocol.md describes every type and field.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,12 +16,13 @@ import msgpack
 import torch
 
 from .errors import ErrorCode, ProtocolError
-from .tensors import WIRE_FORMATS, all_finite, frame_finite, from_frame, to_frame
+from .tensors import WIRE_FORMATS, all_finite, check_frame, frame_finite, from_frame, to_frame
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
-MAX_TENSORS = 8
 MAX_DIMS = 4
+MAX_HOPS = 64  # entries of a relayed step's `next`
+MAX_TENSORS = MAX_HOPS + 1  # a relayed step carries the outputs of the hops before it
 
 _INT = (int,)
 _NUM = (int, float)
@@ -41,14 +43,18 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
              "layers": (_OPT_LIST, False)},
     "step": {"session": (_STR, True), "pos": (_INT, True),
              "phase": (_OPT_STR, False), "block": ((int, type(None)), False),
-             "wire": (_OPT_STR, False)},
+             "wire": (_OPT_STR, False),
+             # relay (node/relay.py): the id the chain's replies carry, the hops after this node,
+             # and this node's place in the chain
+             "reply": ((int, type(None)), False), "next": (_OPT_LIST, False),
+             "hop": ((int, type(None)), False), "busy": (_OPT_LIST, False), "rewind": (_BOOL, False)},
     "close": {"session": (_STR, True)},
     "records": {"records": (_LIST, False), "want": (_BOOL, False)},
     # replies
     "info_reply": {"peer_id": (_STR, True), "model_id": (_STR, True), "layers": (_LIST, True),
                    "heads": (_OPT_LIST, False)},
     "opened": {"session": (_STR, True), "layers": (_LIST, True)},
-    "result": {},
+    "result": {"busy_us": ((int, type(None)), False), "busy": (_OPT_LIST, False)},
     "closed": {"session": (_STR, True)},
     "records_reply": {"records": (_LIST, True)},
     "leaving": {"sessions": (_LIST, False)},
@@ -59,25 +65,41 @@ REQUEST_TYPES = ("info", "forward", "open", "step", "close", "records")
 
 @dataclass
 class Message:
+    """A decoded message. Its tensor frames are checked (format, shape, byte length) but become
+    torch tensors only when asked for: a node relaying a step passes most of them on untouched."""
+
     type: str
     id: int
     fields: dict[str, Any] = field(default_factory=dict)
-    tensors: list[torch.Tensor] = field(default_factory=list)
+    specs: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)  # format, shape
+    frames: list = field(default_factory=list)  # the tensors' raw buffers
 
     def get(self, name: str, default: Any = None) -> Any:
         return self.fields.get(name, default)
+
+    def tensor(self, i: int) -> torch.Tensor:
+        return from_frame(self.frames[i], *self.specs[i])
+
+    @functools.cached_property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.tensor(i) for i in range(len(self.frames))]
 
 
 def encode(msg_type: str, req_id: int, fields: dict[str, Any] | None = None,
            tensors: list[torch.Tensor] | tuple = (), wire: str = "float32") -> list:
     """Frames for a message; tensor frames are buffers, not copies, where possible."""
+    return encode_frames(msg_type, req_id, fields, [(wire, list(t.shape)) for t in tensors],
+                         [to_frame(t, wire) for t in tensors])
+
+
+def encode_frames(msg_type: str, req_id: int, fields: dict[str, Any] | None,
+                  specs: list[tuple[str, list[int]]], tensor_frames: list) -> list:
+    """Frames for a message whose tensors are encoded already (`specs`: format and shape each),
+    e.g. one tensor frame sent in two messages."""
     header = {"v": PROTOCOL_VERSION, "id": req_id, "type": msg_type, **(fields or {})}
-    frames: list = [b""]
-    if tensors:
-        header["tensors"] = [[wire, list(t.shape)] for t in tensors]
-        frames.extend(to_frame(t, wire) for t in tensors)
-    frames[0] = msgpack.packb(header, use_bin_type=True)
-    return frames
+    if specs:
+        header["tensors"] = [list(spec) for spec in specs]
+    return [msgpack.packb(header, use_bin_type=True), *tensor_frames]
 
 
 def error_frames(req_id: int, code: ErrorCode, message: str) -> list:
@@ -86,9 +108,10 @@ def error_frames(req_id: int, code: ErrorCode, message: str) -> list:
 
 def peek_id(header_bytes: bytes) -> int:
     """Best-effort request id of a message that failed to decode, so the error reply can carry it."""
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        return 0
     try:
-        header = msgpack.unpackb(header_bytes, raw=False, max_bin_len=0, max_array_len=64,
-                                 max_map_len=64, max_str_len=1024)
+        header = msgpack.unpackb(header_bytes, raw=False)  # msgpack bounds lengths by the input's
         rid = header.get("id", 0) if isinstance(header, dict) else 0
         return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63 else 0
     except Exception:  # any garbage: reply with id 0
@@ -131,7 +154,8 @@ def decode(frames: list, max_message_bytes: int | None = None, finite: bool = Fa
     del header["v"], header["id"], header["type"]
     specs = header.pop("tensors", [])
     _check_fields(msg_type, schema, header)  # what is left are the message's own fields
-    return Message(msg_type, req_id, header, _decode_tensors(specs, frames[1:], finite))
+    specs, buffers = _check_tensors(specs, frames[1:], finite)
+    return Message(msg_type, req_id, header, specs, buffers)
 
 
 def _check_fields(msg_type: str, schema: dict, fields: dict) -> None:
@@ -147,30 +171,32 @@ def _check_fields(msg_type: str, schema: dict, fields: dict) -> None:
                                 f"{msg_type}: field {name!r} must be {names}, got {type(value).__name__}")
 
 
-def _decode_tensors(specs: Any, frames: list, finite: bool) -> list[torch.Tensor]:
+def _check_tensors(specs: Any, frames: list, finite: bool) -> tuple[list, list]:
     if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
         raise ProtocolError(ErrorCode.BAD_TENSOR, f"'tensors' must be a list of at most {MAX_TENSORS}")
     if len(specs) != len(frames):
         raise ProtocolError(ErrorCode.BAD_TENSOR,
                             f"header describes {len(specs)} tensors but {len(frames)} frames came")
-    out = []
+    checked, buffers = [], []
     for spec, frame in zip(specs, frames):
         if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
                 and isinstance(spec[1], list)):
             raise ProtocolError(ErrorCode.BAD_TENSOR, "a tensor spec must be [format, shape]")
-        wire, shape = spec
+        wire, shape = spec[0], tuple(spec[1])
         if wire not in WIRE_FORMATS:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"unknown tensor format {wire[:32]!r}")
         if (len(shape) > MAX_DIMS or not all(isinstance(d, int) and not isinstance(d, bool)
                                              and 0 <= d < 2**31 for d in shape)):
-            raise ProtocolError(ErrorCode.BAD_TENSOR, f"bad tensor shape {shape[:8]!r}")
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"bad tensor shape {list(shape[:8])!r}")
         buf = frame.buffer if hasattr(frame, "buffer") else frame
-        out.append(from_frame(buf, wire, tuple(shape)))
+        check_frame(buf, wire, shape)
         if finite:
             ok = frame_finite(buf, wire)  # numpy on the bytes: no torch call on the hot path
-            if not (ok or (ok is None and all_finite(out[-1]))):
+            if not (ok or (ok is None and all_finite(from_frame(buf, wire, shape)))):
                 raise ProtocolError(ErrorCode.BAD_VALUE, "tensor holds NaN or Inf")
-    return out
+        checked.append((wire, shape))
+        buffers.append(buf)
+    return checked, buffers
 
 
 def parse_range(value: Any, limit: int, what: str) -> tuple[int, int]:
@@ -180,6 +206,20 @@ def parse_range(value: Any, limit: int, what: str) -> tuple[int, int]:
             or not 0 <= value[0] < value[1] <= limit):
         raise ProtocolError(ErrorCode.MALFORMED, f"{what} must be [a, b) with 0 <= a < b <= {limit}")
     return value[0], value[1]
+
+
+def parse_next(value: Any) -> list[tuple[str, str]]:
+    """A relayed step's `next`: [[contact, session], ...], at most MAX_HOPS (the contacts are the
+    node's to judge: it relays only to peers it knows)."""
+    if not isinstance(value, list) or len(value) > MAX_HOPS:
+        raise ProtocolError(ErrorCode.MALFORMED, f"'next' must be a list of at most {MAX_HOPS} hops")
+    hops = []
+    for hop in value:
+        if not (isinstance(hop, list) and len(hop) == 2 and isinstance(hop[0], str) and isinstance(hop[1], str)
+                and len(hop[0]) <= 512 and len(hop[1]) <= 64):
+            raise ProtocolError(ErrorCode.MALFORMED, "a hop in 'next' must be [contact, session]")
+        hops.append((hop[0], hop[1]))
+    return hops
 
 
 def finite_float(x: Any) -> bool:

@@ -57,13 +57,18 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return (t.detach() if t.requires_grad else t).numpy()
 
 
-def from_frame(buf, wire: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """The tensor in `buf` (bytes, memoryview or zmq.Frame buffer); float32 for q80."""
+def check_frame(buf, wire: str, shape: tuple[int, ...]) -> None:
+    """A frame's byte length must be what its format and shape need."""
     expected = nbytes_for(wire, shape)
     if len(buf) != expected:
         raise ProtocolError(ErrorCode.BAD_TENSOR,
                             f"tensor frame has {len(buf)} bytes, {wire}{list(shape)} needs {expected}")
-    if expected == 0:
+
+
+def from_frame(buf, wire: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor in `buf` (bytes, memoryview or zmq.Frame buffer); float32 for q80."""
+    check_frame(buf, wire, shape)
+    if len(buf) == 0:
         return torch.zeros(shape, dtype=torch.float32 if wire == "q80" else TORCH_DTYPES[wire])
     if wire == "q80":
         return _q80_decode(buf, shape)

@@ -1,11 +1,12 @@
 """Property-based fuzzing of a node's request handling, in process (no sockets).
 
-Hypothesis generates batches of messages: random bytes, valid requests of every type, and valid
-requests with one thing broken (truncated or flipped header bytes, a field of the wrong type, a
-missing field, a wrong version, a reused id, a tensor frame cut short or lengthened, extreme
-shapes, NaN/Inf or huge values). Every message must get exactly one well-formed reply: a result of
-the right kind, or an error with a known code (never `internal`). Session memory must stay within
-the limits throughout, and afterwards the node must still serve a session with exact logits.
+Hypothesis generates batches of messages: random bytes, valid requests of every type (steps
+also as relayed steps: node/relay.py), and valid requests with one thing broken (truncated or
+flipped header bytes, a field of the wrong type, a missing field, a wrong version, a reused id, a
+tensor frame cut short or lengthened, extreme shapes, NaN/Inf or huge values). Every message must
+get exactly one well-formed reply (or, relayed, one well-formed step for the next hop): a result
+of the right kind, or an error with a known code (never `internal`). Session memory must stay
+within the limits throughout, and afterwards the node must still serve a session with exact logits.
 
 The default run tries a few hundred cases; the dedicated run (docs/reliability.md) sets
 NANOSWARM_FUZZ_CASES=10000.
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 
 from nanoswarm.client.generate import ClientModel
 from nanoswarm.node.handler import RequestHandler
+from nanoswarm.node.relay import Relay
 from nanoswarm.node.sessions import NodeLimits
 from nanoswarm.protocol.errors import ErrorCode
 from nanoswarm.protocol.messages import PROTOCOL_VERSION, decode, encode
@@ -32,6 +34,7 @@ from nanoswarm.protocol.tensors import WIRE_FORMATS
 from nanoswarm.shards.manifest import load_blocks, load_embeddings, load_head, load_model, read_manifest
 
 CASES = int(os.environ.get("NANOSWARM_FUZZ_CASES", "300"))
+KNOWN_PEER = "tcp://127.0.0.1:5999#" + "ab" * 32  # the one contact fuzzed nodes relay to
 N_EMBD = 64  # tests/conftest.TINY
 # Small limits, so that generated messages run into every one of them.
 # A tiny-model session costs 512 bytes of KV cache per position: the budget holds two of the longest.
@@ -62,6 +65,7 @@ class Node:
 
     def __init__(self, blocks, model_id: str):
         self.handler = RequestHandler(blocks, model_id, "fuzz", LIMITS)
+        self.handler.can_relay = lambda contact: contact == KNOWN_PEER
         self.clock = FakeClock()
         self.handler.sessions.clock = self.clock
         self.next_id = 1
@@ -127,6 +131,21 @@ def draw_request(data, node: Node) -> tuple[str, dict, list[torch.Tensor], str]:
             x, wire = draw_tensor(data, T)
             tensors = [x]
             fields.update({"pos": pos, "wire": draw_reply_wire(data, wire)})
+            if session is not None and data.draw(st.integers(0, 3)) == 0:  # relayed: first or last hop
+                hop = data.draw(st.integers(0, 3))
+                tensors = [x] * max(1, hop)
+                fields.update({"reply": data.draw(st.integers(0, 2**63 - 1)), "hop": hop,
+                               "next": data.draw(st.sampled_from([[], [[KNOWN_PEER, "next-session"]]]))})
+            elif data.draw(st.integers(0, 3)) == 0:  # a relayed step or a rewind, every field drawn
+                hop = data.draw(st.one_of(st.just(0), st.integers(0, 3), st.integers(-2, 80)))
+                tensors = [x] * data.draw(st.one_of(st.just(max(1, hop)), st.integers(0, 4)))
+                fields.update({k: v for k, v in {
+                    "reply": data.draw(st.one_of(st.integers(0, 2**63 - 1), ANY_VALUE)),
+                    "next": data.draw(st.one_of(st.just([]), st.just([[KNOWN_PEER, "next-session"]]),
+                                                st.just([["tcp://10.0.0.9:1", "s"]]), ANY_VALUE)),
+                    "hop": hop, "rewind": data.draw(st.one_of(st.booleans(), ANY_VALUE)),
+                    "busy": data.draw(st.one_of(st.lists(st.integers(0, 10**6), max_size=4), ANY_VALUE)),
+                }.items() if data.draw(st.booleans())})
             if h.head_shard and session is not None:
                 phase = data.draw(st.sampled_from(["attn", "attn", "mlp", "bogus"]))
                 block = session.start + session.next_block
@@ -189,8 +208,9 @@ def mutate(data, frames: list[bytes], header: dict) -> tuple[list[bytes], bool]:
     return [frames[0], *tail], True
 
 
-def draw_message(data, node: Node) -> tuple[list[bytes], int | None]:
-    """Frames of one message and the id its reply must carry (None when the header is broken)."""
+def draw_message(data, node: Node) -> tuple[list[bytes], set[int] | None]:
+    """Frames of one message and the ids its reply may carry (None when the header is broken): its
+    own, or for a relayed step the `reply` it names (when its session is held)."""
     if data.draw(st.integers(0, 9)) == 0:  # pure garbage
         return data.draw(st.lists(st.binary(max_size=200), max_size=4)), None
     kind, fields, tensors, wire = draw_request(data, node)
@@ -202,7 +222,9 @@ def draw_message(data, node: Node) -> tuple[list[bytes], int | None]:
     header = msgpack.unpackb(frames[0], raw=False)
     frames, intact = mutate(data, frames, header)
     node.used.append(req_id)
-    return frames, req_id if intact else None
+    if not intact:
+        return frames, None
+    return frames, {req_id, header["reply"]} if isinstance(header.get("reply"), int) else {req_id}
 
 
 # ----- checks ----------------------------------------------------------------------------
@@ -215,9 +237,9 @@ def check_reply(frames: list, n_embd: int, seen: Counter) -> dict:
     else:
         assert msg.type in REPLY_TYPE.values(), msg.type
         seen[msg.type] += 1
-        if msg.type == "result":
-            assert len(msg.tensors) == 1
-            y = msg.tensors[0]
+        if msg.type == "result":  # a relayed step's last hop also returns the hops before it
+            assert 1 <= len(msg.tensors) <= 65
+            y = msg.tensors[-1]
             assert y.dim() == 3 and y.shape[2] == n_embd
             assert bool(torch.isfinite(y).all())
     return {"id": msg.id, "type": msg.type, "fields": msg.fields}
@@ -256,10 +278,18 @@ def test_fuzz_request_handling(served, tiny_model_dir):
                 expect.append(req_id)
             replies = node.handler.handle_batch(batch)
             counts["messages"] += len(batch)
-            assert len(replies) == len(batch), "every message gets exactly one reply"
-            got_ids = Counter(check_reply(f, node.handler.config.n_embd, seen)["id"] for _, f in replies)
-            for req_id in expect:
-                assert req_id is None or got_ids[req_id] > 0, f"no reply carries request id {req_id}"
+            assert len(replies) == len(batch), "every message gets exactly one reply (or is relayed)"
+            got_ids = Counter()
+            for to, f in replies:
+                if isinstance(to, Relay):  # passed on: a well-formed step for the known next hop
+                    msg = decode(f)
+                    assert msg.type == "step" and to.contact == KNOWN_PEER and msg.fields["hop"] >= 1
+                    got_ids[to.reply] += 1
+                    seen["relayed"] += 1
+                else:
+                    got_ids[check_reply(f, node.handler.config.n_embd, seen)["id"]] += 1
+            for ids in expect:
+                assert ids is None or any(got_ids[i] for i in ids), f"no reply carries request id {ids}"
             check_memory(node)
         counts["cases"] += 1
         if node.handler.blocks is served[0][0]:

@@ -1,0 +1,65 @@
+"""One step through a chain of layer stages by node-to-node relay (node/relay.py has the node's
+side): the client sends the step to the chain's first node with the rest of the chain, each node
+sends it on to the next, and the last node returns the result together with the output of every
+hop before it. A stage boundary then costs one link instead of a reply plus a new request, and
+the client sleeps until the token is through: on cores shared with the nodes, a client woken at
+every hop takes them from the node computing next.
+
+The hops' outputs are what failover needs: every stage's input for every position
+(client/session.py replays them into a replacement). When a relayed step breaks off, the session
+finishes it one stage at a time, and the stages, which may hold the position already, redo it
+(`rewind`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import zmq
+
+from .stages import RemoteLayerStage, reply_tensors
+from .transport import PeerError, PeerTimeout, next_request_id
+
+
+class ChainBroken(Exception):
+    """A relayed step did not come back: `error` says why, and names the peer that said so."""
+
+    def __init__(self, error: PeerError):
+        super().__init__(f"relayed step broke off: {error}")
+        self.error = error
+
+
+class Chain:
+    """Consecutive layer stages run by relayed steps. Made once per route (the session keeps it
+    until a stage changes): its poller and hop list are the same for every step."""
+
+    def __init__(self, stages: list[RemoteLayerStage]):
+        self.stages = stages
+        self.next = [[stage.conn.address, stage.session] for stage in stages[1:]]
+        self.poller = zmq.Poller()
+        for stage in stages:  # any hop may answer with an error; a dropped link shows on its monitor
+            stage.conn.register(self.poller)
+
+    def step(self, hidden: torch.Tensor, pos: int, timeout: float) -> list[torch.Tensor]:
+        """Positions pos.. of `hidden` through every stage; returns each stage's output (the
+        last one a tensor, the others read from the reply's frames when first used)."""
+        first, last = self.stages[0], self.stages[-1]
+        rid = next_request_id()
+        try:
+            first.conn.send("step", {"session": first.session, "pos": pos, "wire": first.wire, "reply": rid,
+                                     "next": self.next}, [hidden], first.wire, req_id=rid)
+            deadline = time.monotonic() + timeout
+            while True:
+                msg = last.conn.take(rid)  # an error reply, or a dropped link, raises PeerError
+                if msg is not None:
+                    return reply_tensors(last.conn, msg, hidden, len(self.stages))
+                for stage in self.stages[:-1]:  # the hops before answer only to refuse
+                    if stage.conn.take(rid) is not None:
+                        raise PeerError(stage.conn.address, "bad_reply", "a reply from the middle of a relayed step")
+                left = deadline - time.monotonic()
+                if left <= 0:  # which hop holds the step is unknown: the caller finds out stage by stage
+                    raise PeerTimeout(last.conn.address, timeout)
+                self.poller.poll(max(1, int(left * 1000)))
+        except PeerError as e:
+            raise ChainBroken(e) from e

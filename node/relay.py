@@ -1,0 +1,121 @@
+"""Relaying: a node passes its output for a step straight to the next node of the client's route
+(a ring instead of a star), so a token crosses one link per stage boundary instead of two.
+
+The client names the chain in its step (`next`: [[contact, session], ...], `reply`: its id);
+each node runs its blocks, sends the step on to the next hop, and sends the client a copy of its
+output (`relayed`): the client keeps every stage's input for failover replay, and knows how far
+a step got when something breaks. The last node sends `result`. Replies and errors of a relayed
+step go to the session's owner (the client that opened it), never to the node that relayed it.
+
+A node relays only to peers in its own table of signed records (node/gossip.py): a client
+cannot make it connect anywhere else. The links are DEALER sockets owned by the server thread,
+with the node's own CURVE keys (so private swarms, whose allow lists hold node keys, work).
+Whatever a next hop sends back on a link is an error it could not route to the owner (an
+unknown session, a malformed message): it reaches the client as `relay_failed`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import zmq
+
+from nanoswarm.keys.contact import split_contact
+from nanoswarm.protocol.errors import ErrorCode, ProtocolError
+from nanoswarm.protocol.messages import decode, error_frames
+
+log = logging.getLogger(__name__)
+
+MAX_LINKS = 64        # links kept open; the least recently used one closes beyond that
+MAX_REMEMBERED = 4096  # relayed steps whose bounced errors can still be routed to their owner
+
+
+@dataclass(frozen=True)
+class Relay:
+    """Where a step goes next: the destination of a reply that is not for a ROUTER peer."""
+
+    contact: str
+    owner: bytes      # ROUTER identity of the session's client
+    reply: int        # the id the client's replies for this chain carry
+    hop_id: int       # the id of the relayed message on the link
+
+
+_hop_ids = itertools.count(random.randrange(1, 2**31))
+
+
+def next_hop_id() -> int:
+    return next(_hop_ids)
+
+
+class RelayLinks:
+    """The server thread's DEALER links to next hops. `send` never blocks."""
+
+    def __init__(self, ctx: zmq.Context, curve_keys: tuple[bytes, bytes] | None):
+        self.ctx = ctx
+        self.curve_keys = curve_keys  # (public, secret) of this node, or None when --insecure
+        self._links: OrderedDict[str, zmq.Socket] = OrderedDict()
+        self._sent: OrderedDict[tuple[str, int], Relay] = OrderedDict()
+        self.on_open = None   # callable(socket), set by the server to watch a new link
+        self.on_close = None  # callable(socket)
+
+    def send(self, relay: Relay, frames: list) -> str | None:
+        """Queue `frames` for the next hop; returns why it could not be, or None."""
+        try:
+            link = self._link(relay.contact)
+            link.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except (zmq.ZMQError, ValueError) as e:  # queue full, or a link that cannot be made
+            return f"cannot reach the next hop {relay.contact[:80]}: {e}"
+        self._sent[(relay.contact, relay.hop_id)] = relay
+        while len(self._sent) > MAX_REMEMBERED:
+            self._sent.popitem(last=False)
+        return None
+
+    def _link(self, contact: str) -> zmq.Socket:
+        link = self._links.get(contact)
+        if link is not None:
+            self._links.move_to_end(contact)
+            return link
+        endpoint, server_key = split_contact(contact)
+        link = self.ctx.socket(zmq.DEALER)
+        link.setsockopt(zmq.LINGER, 0)
+        link.setsockopt(zmq.SNDHWM, 10000)
+        if server_key is not None:
+            public, secret = self.curve_keys or zmq.curve_keypair()
+            link.curve_serverkey, link.curve_publickey, link.curve_secretkey = server_key, public, secret
+        link.connect(endpoint)
+        self._links[contact] = link
+        if self.on_open:
+            self.on_open(link)
+        while len(self._links) > MAX_LINKS:
+            self._close(*self._links.popitem(last=False))
+        return link
+
+    def bounced(self, link: zmq.Socket) -> list[tuple[bytes, list]]:
+        """Errors a next hop sent back on `link`, turned into `relay_failed` for their owners."""
+        contact = next((c for c, s in self._links.items() if s is link), None)
+        out = []
+        while link.get(zmq.EVENTS) & zmq.POLLIN:
+            frames = link.recv_multipart(zmq.NOBLOCK, copy=False)
+            try:
+                msg = decode(frames)
+            except ProtocolError:
+                continue
+            relay = self._sent.pop((contact, msg.id), None) if contact else None
+            if relay is None or msg.type != "error":
+                continue
+            why = f"the next hop {contact[:80]} refused the step: {msg.get('code')}: {msg.get('message')}"
+            out.append((relay.owner, error_frames(relay.reply, ErrorCode.RELAY_FAILED, why[:500])))
+        return out
+
+    def _close(self, contact: str, link: zmq.Socket) -> None:
+        if self.on_close:
+            self.on_close(link)
+        link.close(linger=0)
+
+    def close(self) -> None:
+        while self._links:
+            self._close(*self._links.popitem())
