@@ -192,11 +192,13 @@ def _peer_list(peers: str | None) -> list[str]:
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per peer answer.")
 @click.option("--wire", type=click.Choice(["float32", "float16", "bfloat16", "q80"]), default="float32",
               show_default=True, help="Format of hidden states on the wire (float32 is exact).")
+@click.option("--relay/--no-relay", default=True, show_default=True,
+              help="Nodes pass decode steps on to the next stage themselves (one link per stage boundary).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
 def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[str, ...], key_file: Path | None,
              insecure: bool, max_new_tokens: int, temperature: float,
              top_k: int | None, top_p: float | None, seed: int | None, timeout: float, wire: str,
-             as_json: bool) -> None:
+             relay: bool, as_json: bool) -> None:
     """Generate text from PROMPT through the swarm, streaming it to stdout."""
     from nanoswarm.client.api import SwarmModel
     from nanoswarm.client.generate import SamplingParams
@@ -205,7 +207,8 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
     addresses, bootstraps = _peer_list(peers), _peer_list(",".join(bootstrap))
     if not addresses and not bootstraps:
         raise click.UsageError("give --bootstrap or --peers")
-    options = SwarmOptions(timeout=timeout, wire=wire, client_keys=_client_keys(key_file), insecure=insecure)
+    options = SwarmOptions(timeout=timeout, wire=wire, client_keys=_client_keys(key_file), insecure=insecure,
+                           relay=relay)
     model = SwarmModel.connect(model_dir, peers=addresses, bootstrap=bootstraps, options=options)
     try:
         _run_generation(model, prompt, max_new_tokens,

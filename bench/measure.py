@@ -60,9 +60,17 @@ def wire_bytes(session: InferenceSession) -> int:
     return sum(c.bytes_sent + c.bytes_received for c in _connections(session))
 
 
-def node_busy(session: InferenceSession) -> float:
-    """Compute the session's nodes have reported so far (busy_us of every reply), in seconds."""
-    return sum(c.busy_seconds for c in _connections(session))
+def node_busy(session: InferenceSession) -> dict[PeerConnection, float]:
+    """Compute each of the session's nodes has reported so far (busy_us of its replies), seconds."""
+    return {c: c.busy_seconds for c in _connections(session)}
+
+
+def busy_since(session: InferenceSession, before: dict[PeerConnection, float]) -> float:
+    """The compute on the route's critical path since `before`: per stage, its slowest node (a
+    head group's members compute side by side), summed over the stages. A relayed step reports
+    every hop's compute in its last hop's reply, which this sums the same way."""
+    return sum(max((c.busy_seconds - before.get(c, 0.0) for c in stage_connections(s)), default=0.0)
+               for s in session.stages)
 
 
 def node_stats(conn: PeerConnection) -> dict:
@@ -103,7 +111,7 @@ def run_round(client: ClientModel, session: InferenceSession, ids: list[int], pr
         route_seconds.append(time.perf_counter() - r)
         _next_token(client, hidden, keep)
         step_seconds.append(time.perf_counter() - t)
-        route_busy.append(node_busy(session) - busy)
+        route_busy.append(busy_since(session, busy))
     return RoundResult(prefill, step_seconds, route_seconds, route_busy, len(session.stages), b1 - b0,
                        wire_bytes(session) - b1, keep or [])
 

@@ -71,7 +71,8 @@ def machine_info(threads: int) -> dict:
                 break
     return {"platform": platform.platform(), "cpu": model, "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": threads,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "loadavg_start": os.getloadavg()[0]}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""), "loadavg_start": os.getloadavg()[0]}
 
 
 def _busy_cpu_seconds() -> float | None:

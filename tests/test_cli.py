@@ -74,12 +74,13 @@ def test_cluster_generate_and_clean_stop(tiny_model_dir):
         assert out.stdout == "To be" + local.text + "\n"  # stdout carries only the text
         assert "route:" in out.stderr
 
-        out = run_cli("generate", "To be", "--model", str(tiny_model_dir), "--peers", ",".join(addresses),
-                      "--temperature", "0", "--max-new-tokens", "12", "--json")
-        assert out.returncode == 0, out.stderr
-        result = json.loads(out.stdout)
-        assert result["ids"] == local.ids and result["text"] == local.text
-        assert [s["layers"] for s in result["route"]] == [[0, 2], [2, 3], [3, 4]]
+        for links in ("--relay", "--no-relay"):
+            out = run_cli("generate", "To be", "--model", str(tiny_model_dir), "--peers", ",".join(addresses),
+                          "--temperature", "0", "--max-new-tokens", "12", "--json", links)
+            assert out.returncode == 0, out.stderr
+            result = json.loads(out.stdout)
+            assert result["ids"] == local.ids and result["text"] == local.text
+            assert [s["layers"] for s in result["route"]] == [[0, 2], [2, 3], [3, 4]]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
