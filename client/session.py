@@ -52,8 +52,8 @@ class InferenceSession:
         self.pos = 0
         self.failovers = 0
         self.relay = swarm is not None and swarm.options.relay
-        self._no_relay: set[int] = set()  # ids of stages whose node would not relay to the next
-        self._chains: dict[tuple[int, ...], Chain] = {}  # by the ids of their stages
+        self._no_relay: set[Stage] = set()  # stages whose node would not relay to the next
+        self._chains: dict[tuple[Stage, ...], Chain] = {}  # by their stages
 
     @classmethod
     def open(cls, swarm: Swarm, max_length: int, **kwargs) -> InferenceSession:
@@ -90,7 +90,7 @@ class InferenceSession:
         if self.pos + T > self.max_length:
             raise SessionError(f"session is full: {self.pos + T} positions > max_length {self.max_length}")
         i, busy_retries = 0, 0
-        relay, rewind = self.relay, set()  # rewind: ids of stages that may hold this position already
+        relay, rewind = self.relay, set()  # rewind: stages that may hold this position already
         while i < len(self.stages):
             stage = self.stages[i]
             if self.swarm is not None and stage.leaving:
@@ -102,7 +102,7 @@ class InferenceSession:
                     outputs = chain.step(hidden, self.pos, self.swarm.options.timeout)
                 except ChainBroken as e:
                     relay = False  # the rest of this step one stage at a time
-                    rewind.update(id(s) for s in chain.stages)
+                    rewind.update(chain.stages)
                     self._chain_broken(chain, e.error)
                     continue
                 for out in outputs:
@@ -110,7 +110,7 @@ class InferenceSession:
                     hidden, i = out, i + 1
                 continue
             try:
-                out = stage.step(hidden, self.pos, rewind=id(stage) in rewind)
+                out = stage.step(hidden, self.pos, rewind=stage in rewind)
             except PeerError as e:
                 if self.swarm is None:
                     raise
@@ -136,13 +136,13 @@ class InferenceSession:
             if not isinstance(stage, RemoteLayerStage) or stage.leaving:
                 break
             stages.append(stage)
-            if id(stage) in self._no_relay:
+            if stage in self._no_relay:
                 break
         if len(stages) < 2:
             return None
-        key = tuple(id(s) for s in stages)
+        key = tuple(stages)
         if key not in self._chains:
-            current = {id(s) for s in self.stages}  # forget chains with a stage failover replaced
+            current = set(self.stages)  # forget chains with a stage that failover replaced
             self._chains = {k: c for k, c in self._chains.items() if current.issuperset(k)}
             self._chains[key] = Chain(stages)
         return self._chains[key]
@@ -155,7 +155,7 @@ class InferenceSession:
         Other errors show again when the stage is asked alone, and are handled there."""
         by = next((s for s in chain.stages if error.address in s.peers), None)
         if error.code in ("relay_failed", "not_served") and by is not None:
-            self._no_relay.add(id(by))
+            self._no_relay.add(by)
         elif error.code == "disconnected" and by is not None:
             self._replace(self.stages.index(by), error)
         elif error.code == "timeout":

@@ -29,7 +29,7 @@ from nanoswarm.protocol.messages import (
     parse_range,
     peek_id,
 )
-from nanoswarm.protocol.tensors import WIRE_FORMATS, abs_max, all_finite, frame_finite
+from nanoswarm.protocol.tensors import WIRE_FORMATS, abs_max, all_finite, frame_finite, to_frame
 from nanoswarm.shards.model import Blocks, KVCache
 
 from .relay import Relay, next_hop_id
@@ -85,14 +85,13 @@ def _unsendable(x: torch.Tensor, y: torch.Tensor, wire: str, frame) -> str | Non
 class _Pending:
     """A validated step waiting for its batch."""
 
-    peer: bytes
+    reply_to: tuple[bytes, int]  # who gets the replies, with which id (_reply_route)
     msg: Message
     session: Session
     x: torch.Tensor
     wire: str
     length: int = 0        # the session's state before the step, restored if the step fails
     next_block: int = 0
-    reply_to: tuple[bytes, int] = (b"", 0)   # who gets the replies, with which id (_reply_route)
     hops: list[tuple[str, str]] | None = None  # a relayed step: the rest of the chain
 
 
@@ -153,7 +152,7 @@ class RequestHandler:
                     replies.extend(self._run_steps(pending))
                     pending = []
                 if msg.type == "step":
-                    pending.append(self._validate_step(peer, msg))
+                    pending.append(self._validate_step((to, req_id), msg))
                 else:
                     replies.append((peer, self._handle_simple(peer, msg)))
             except ProtocolError as e:
@@ -319,14 +318,14 @@ class RequestHandler:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"{x.shape[1]} positions exceed {self._max_length()}")
         with torch.inference_mode():
             y = self._timed(lambda: self.blocks(x, None, a, b), x.shape[0] * x.shape[1])
-        frames = encode("result", msg.id, {}, [y], wire)
-        problem = _unsendable(x, y, wire, frames[1])
+        frame = to_frame(y, wire)
+        problem = _unsendable(x, y, wire, frame)
         if problem:
             raise ProtocolError(ErrorCode.BAD_VALUE, problem)
-        return frames
+        return encode_frames("result", msg.id, {}, [(wire, tuple(y.shape))], [frame])
 
     # ----- steps --------------------------------------------------------------------------
-    def _validate_step(self, peer: bytes, msg: Message) -> _Pending:
+    def _validate_step(self, reply_to: tuple[bytes, int], msg: Message) -> _Pending:
         session = self.sessions.get(msg.fields["session"])
         pos = msg.fields["pos"]
         if pos < 0:
@@ -350,8 +349,8 @@ class RequestHandler:
                                 f"session's max_length {session.cache.max_length}")
         if self.head_shard or phase is not None:
             self._check_head_step(session, phase, block)
-        return _Pending(peer, msg, session, x, wire, pos if rewind else session.cache.length, session.next_block,
-                        (session.peer, msg.fields["reply"]) if hops is not None else (peer, msg.id), hops)
+        return _Pending(reply_to, msg, session, x, wire, pos if rewind else session.cache.length,
+                        session.next_block, hops)
 
     def _chain(self, msg: Message) -> tuple[list[tuple[str, str]] | None, int]:
         """A relayed step's hops after this node and this node's place in the chain (node/relay.py);
@@ -423,21 +422,22 @@ class RequestHandler:
         or, from the last hop, the result to the client, either carrying the outputs of every
         hop so far. NaN/Inf must not be sent (from a bad input, or an overflow)."""
         to, reply_id = p.reply_to
-        # busy_us: the compute of the forward pass this step ran in, so a client can tell the
-        # node's compute from the time on the wire (nanoswarm bench's per-stage overhead).
-        frames = encode("result", reply_id, {"busy_us": int(self._last_busy * 1e6)}, [y], p.wire)
-        problem = _unsendable(p.x, y, p.wire, frames[1])
+        frame = to_frame(y, p.wire)
+        problem = _unsendable(p.x, y, p.wire, frame)
         if problem:  # undo the step, so the session can carry on
             p.session.cache.length, p.session.next_block = p.length, p.next_block
             return [(to, self._error(reply_id, ErrorCode.BAD_VALUE, problem))]
+        # busy_us: the compute of the forward pass this step ran in, so a client can tell the
+        # node's compute from the time on the wire (nanoswarm bench's per-stage overhead).
+        busy_us = int(self._last_busy * 1e6)
         if p.hops is None:
-            return [(to, frames)]
+            return [(to, encode_frames("result", reply_id, {"busy_us": busy_us}, [(p.wire, tuple(y.shape))], [frame]))]
         hop = p.msg.get("hop") or 0
         specs = [*(p.msg.specs if hop else []), (p.wire, tuple(y.shape))]
-        tensors = [*(p.msg.frames if hop else []), frames[1]]
-        busy = [*p.msg.get("busy", [])[:hop], int(self._last_busy * 1e6)]  # every hop's busy_us
+        tensors = [*(p.msg.frames if hop else []), frame]
+        busy = [*p.msg.get("busy", [])[:hop], busy_us]  # every hop's busy_us
         if not p.hops:  # the last hop
-            return [(to, encode_frames("result", reply_id, {"busy_us": busy[-1], "busy": busy}, specs, tensors))]
+            return [(to, encode_frames("result", reply_id, {"busy_us": busy_us, "busy": busy}, specs, tensors))]
         (contact, session), rest = p.hops[0], p.hops[1:]
         relay = Relay(contact, to, reply_id, next_hop_id())
         self.stats.relayed += 1

@@ -2,10 +2,10 @@
 (a ring instead of a star), so a token crosses one link per stage boundary instead of two.
 
 The client names the chain in its step (`next`: [[contact, session], ...], `reply`: its id);
-each node runs its blocks, sends the step on to the next hop, and sends the client a copy of its
-output (`relayed`): the client keeps every stage's input for failover replay, and knows how far
-a step got when something breaks. The last node sends `result`. Replies and errors of a relayed
-step go to the session's owner (the client that opened it), never to the node that relayed it.
+each node runs its blocks and sends the step on to the next hop with its output added to the
+outputs of the hops before it; the last node sends the client `result` with all of them (the
+client keeps every stage's input for failover replay). Replies and errors of a relayed step go
+to the session's owner (the client that opened it), never to the node that relayed it.
 
 A node relays only to peers in its own table of signed records (node/gossip.py): a client
 cannot make it connect anywhere else. The links are DEALER sockets owned by the server thread,

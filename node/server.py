@@ -194,16 +194,13 @@ class NodeServer:
             self._drain(batch)
 
     def _send_all(self, replies: list) -> None:
-        failed = []
         for to, frames in replies:
             if isinstance(to, Relay):  # a relayed step on to its next hop (node/relay.py)
                 why = self.relays.send(to, frames)
                 if why is not None:
-                    failed.append((to.owner, error_frames(to.reply, ErrorCode.RELAY_FAILED, why)))
+                    self._send(to.owner, error_frames(to.reply, ErrorCode.RELAY_FAILED, why))
             else:
                 self._send(to, frames)
-        for to, frames in failed:  # after the copies: the client learns how far the step got first
-            self._send(to, frames)
 
     def _send(self, peer: bytes, frames: list) -> None:
         try:
