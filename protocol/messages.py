@@ -16,7 +16,7 @@ import msgpack
 import torch
 
 from .errors import ErrorCode, ProtocolError
-from .tensors import WIRE_FORMATS, all_finite, check_frame, frame_finite, from_frame, to_frame
+from .tensors import WIRE_FORMATS, all_finite, check_frame, frame_finite, frame_tensor, from_frame, to_frame
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -78,7 +78,7 @@ class Message:
         return self.fields.get(name, default)
 
     def tensor(self, i: int) -> torch.Tensor:
-        return from_frame(self.frames[i], *self.specs[i])
+        return frame_tensor(self.frames[i], *self.specs[i])  # decode checked its length
 
     @functools.cached_property
     def tensors(self) -> list[torch.Tensor]:

@@ -68,6 +68,11 @@ def check_frame(buf, wire: str, shape: tuple[int, ...]) -> None:
 def from_frame(buf, wire: str, shape: tuple[int, ...]) -> torch.Tensor:
     """The tensor in `buf` (bytes, memoryview or zmq.Frame buffer); float32 for q80."""
     check_frame(buf, wire, shape)
+    return frame_tensor(buf, wire, shape)
+
+
+def frame_tensor(buf, wire: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """from_frame for a frame whose length was checked already (protocol/messages.py decode)."""
     if len(buf) == 0:
         return torch.zeros(shape, dtype=torch.float32 if wire == "q80" else TORCH_DTYPES[wire])
     if wire == "q80":
