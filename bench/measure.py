@@ -91,11 +91,13 @@ def _next_token(client: ClientModel, hidden: torch.Tensor, keep: list | None) ->
 
 def run_round(client: ClientModel, session: InferenceSession, ids: list[int], prompt_len: int,
               steps: int, keep_logits: bool = False) -> RoundResult:
-    """Prefill ids[:prompt_len], then `steps` decode steps on the following ids."""
+    """Prefill ids[:prompt_len], then `steps` decode steps on the following ids. The prefill
+    follows the session's opening at once, as in `generate`: collect garbage before opening (a
+    collection between the two is a pause no user has, and a swarm pays more for a pause than
+    one process does: docs/performance.md)."""
     if len(ids) < prompt_len + steps:
         raise ValueError(f"need {prompt_len + steps} ids, got {len(ids)}")
     keep: list | None = [] if keep_logits else None
-    gc.collect()
     b0 = wire_bytes(session)
     t0 = time.perf_counter()
     _next_token(client, session.step(client.embed(ids[:prompt_len], 0)), keep)

@@ -9,6 +9,7 @@ both sides alike instead of skewing the ratio.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import platform
@@ -146,6 +147,7 @@ class Bench:
 
     # ----- sides ------------------------------------------------------------------------------
     def local_round(self, keep_logits: bool = False, steps: int | None = None) -> RoundResult:
+        gc.collect()  # before the session opens (run_round)
         self.local_stage.open(self.max_length)
         session = InferenceSession([self.local_stage], self.max_length)
         return run_round(self.client, session, self.ids, self.opts.prompt_len,
@@ -158,6 +160,7 @@ class Bench:
         return swarm
 
     def swarm_round(self, swarm: Swarm, keep_logits: bool = False, steps: int | None = None) -> RoundResult:
+        gc.collect()  # before the session opens (run_round)
         session = InferenceSession.open(swarm, self.max_length)
         try:
             return run_round(self.client, session, self.ids, self.opts.prompt_len,

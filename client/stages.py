@@ -79,8 +79,8 @@ def reply_tensors(conn: PeerConnection, msg, like: torch.Tensor, count: int) -> 
                         f"got {[list(s) for _, s in msg.specs]}")
 
     def tensor(i: int) -> torch.Tensor:
-        y = msg.tensor(i)
-        return y if y.dtype == like.dtype and y.device == like.device else y.to(like.device, like.dtype)
+        y = msg.tensor(i)  # on the CPU: made from the frame's bytes
+        return y if y.dtype is like.dtype and like.is_cpu else y.to(like.device, like.dtype)
 
     return [functools.partial(tensor, i) for i in range(count - 1)] + [tensor(count - 1)]
 

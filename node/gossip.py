@@ -79,6 +79,7 @@ class Gossip:
         self._server: NodeServer | None = None  # watches the links' sockets once attached
         self.stats: dict[str, Any] = {}
         self._known: set[tuple[str, bytes | None]] = set()  # (endpoint, CURVE key) of live records
+        self._knows: dict[str, bool] = {}  # knows() by contact string, until the table changes
         handler.on_records = self.on_records
         handler.can_relay = self.knows
         handler.extra_info["gossip"] = self.stats  # the same dict, kept current by _update_stats
@@ -161,14 +162,23 @@ class Gossip:
         return out
 
     def knows(self, contact: str) -> bool:
-        """Whether `contact` is a peer of our table: the only peers we relay steps to."""
-        try:
-            return split_contact(contact) in self._known
-        except ValueError:
-            return False
+        """Whether `contact` is a peer of our table: the only peers we relay steps to. Asked for
+        every relayed step: answered from a cache, as parsing a contact's key takes a Python loop."""
+        known = self._knows.get(contact)
+        if known is None:
+            try:
+                known = split_contact(contact) in self._known
+            except ValueError:
+                known = False
+            if len(self._knows) >= 1024:  # contacts come from clients: keep the cache bounded
+                self._knows.clear()
+            self._knows[contact] = known
+        return known
 
     def _update_stats(self) -> None:
-        self._known = {(r.address, None if r.insecure else r.curve_key) for r in self.table.records()}
+        known = {(r.address, None if r.insecure else r.curve_key) for r in self.table.records()}
+        if known != self._known:
+            self._known, self._knows = known, {}
         self.stats.update(records=len(self.table), rounds=self.rounds, accepted=self.table.accepted,
                           departed=self.table.departed, rejected=dict(self.table.rejected),
                           links=len(self._links))

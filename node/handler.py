@@ -29,7 +29,7 @@ from nanoswarm.protocol.messages import (
     parse_range,
     peek_id,
 )
-from nanoswarm.protocol.tensors import WIRE_FORMATS, abs_max, all_finite, frame_finite, to_frame
+from nanoswarm.protocol.tensors import WIRE_FORMATS, abs_max, all_finite, frame_dtype, frame_finite, to_frame
 from nanoswarm.shards.model import Blocks, KVCache
 
 from .relay import Relay, next_hop_id
@@ -121,6 +121,7 @@ class RequestHandler:
         self.head_shard = blocks.heads != (0, self.config.n_head)
         param = next(blocks.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self._cpu = self.device.type == "cpu"
         self.leaving = False
         self._batch_started = time.perf_counter()  # when handle_batch began (see _overloaded)
         self._batch_computed = False                # whether this batch has run any blocks yet
@@ -282,18 +283,21 @@ class RequestHandler:
         have the same shape; they are passed on, never made into tensors here."""
         if len(msg.frames) != count:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"expected {count} tensors, got {len(msg.frames)}")
-        if any(shape != msg.specs[-1][1] for _, shape in msg.specs):
+        wire, shape = msg.specs[-1]
+        if any(s != shape for _, s in msg.specs):
             raise ProtocolError(ErrorCode.BAD_SHAPE, "a relayed step's tensors must all have one shape")
-        x = msg.tensor(count - 1)
-        if x.dim() != 3 or x.shape[2] != self.config.n_embd or not 1 <= x.shape[0] <= max_batch:
+        # Checked on the header's shape, before a tensor exists: every torch call costs tens of us
+        # in a process that wakes with cold caches (docs/performance.md).
+        if len(shape) != 3 or shape[2] != self.config.n_embd or not 1 <= shape[0] <= max_batch:
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"hidden states must be [batch<={max_batch}, "
-                                f"tokens, {self.config.n_embd}], got {list(x.shape)}")
-        if x.shape[1] < 1:
+                                f"tokens, {self.config.n_embd}], got {list(shape)}")
+        if shape[1] < 1:
             raise ProtocolError(ErrorCode.BAD_SHAPE, "hidden states hold no positions")
-        if x.shape[0] * x.shape[1] > self.limits.max_tokens_per_step:  # bounds the work of one request
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"{x.shape[0] * x.shape[1]} tokens in one request; "
+        if shape[0] * shape[1] > self.limits.max_tokens_per_step:  # bounds the work of one request
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{shape[0] * shape[1]} tokens in one request; "
                                 f"the limit is {self.limits.max_tokens_per_step}")
-        if x.dtype != self.dtype or x.device != self.device:
+        x = msg.tensor(count - 1)
+        if not (self._cpu and frame_dtype(wire) is self.dtype):
             x = x.to(self.device, self.dtype)
         return x
 

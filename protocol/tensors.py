@@ -37,13 +37,19 @@ def nbytes_for(wire: str, shape: tuple[int, ...]) -> int:
 def to_frame(t: torch.Tensor, wire: str = "float32") -> memoryview:
     """A buffer for `t` in the wire format, without copying when it is already contiguous CPU
     data of that dtype (ZeroMQ sends buffer-protocol objects as they are)."""
+    if wire == "q80":
+        return _q80_encode(t) if t.numel() else memoryview(b"")
+    dtype = TORCH_DTYPES[wire]
+    # The hot path (a float32 step on CPU) takes two torch calls: every call costs tens of us
+    # when the process wakes with cold caches (docs/performance.md). numpy() refuses tensors on
+    # a GPU, with grad, or in bfloat16; the cast refuses non-contiguous and empty ones.
+    if t.dtype is dtype:
+        try:
+            return memoryview(t.numpy()).cast("B")
+        except (TypeError, RuntimeError):
+            pass
     if t.numel() == 0:  # memoryview cannot cast an empty shape
         return memoryview(b"")
-    if wire == "q80":
-        return _q80_encode(t)
-    dtype = TORCH_DTYPES[wire]
-    # The hot path (a float32 step on CPU) takes one torch call: every call costs tens of us when
-    # the process wakes with cold caches (docs/performance.md).
     if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
         t = t.to("cpu", dtype).contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bits as int16
@@ -78,6 +84,11 @@ def frame_tensor(buf, wire: str, shape: tuple[int, ...]) -> torch.Tensor:
     if wire == "q80":
         return _q80_decode(buf, shape)
     return torch.frombuffer(buf, dtype=TORCH_DTYPES[wire]).view(shape)
+
+
+def frame_dtype(wire: str) -> torch.dtype:
+    """The dtype of the tensor frame_tensor makes from a frame of `wire` format."""
+    return TORCH_DTYPES.get(wire, torch.float32)  # q80 decodes to float32
 
 
 def _q80_encode(t: torch.Tensor) -> memoryview:

@@ -51,3 +51,22 @@ def test_quick_bench_json_has_every_field(tmp_path):
     table = format_report(out)
     assert "2 stages" in table and "head group x2" in table and "q80" in table and "relay" in table
     assert isinstance(targets(out), list)
+
+
+def test_bare_pipeline_floor_runs(tmp_path):
+    """scripts/bench_floor.py (the floor a bare pipeline reaches on this machine) runs end to end and
+    its bare swarm computes what one process computes."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_floor.py"
+    out = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--work-dir", str(tmp_path),
+                          "--stages", "2", "--rounds", "1", "--tokens", "4", "--prompt-len", "8", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if "ratio" in line]
+    assert [line.split()[0] for line in lines] == ["ring", "star"]
+    for line in lines:
+        assert float(re.search(r"max \|dlogit\| (\S+)", line).group(1)) <= 1e-4

@@ -288,3 +288,24 @@ def test_gossip_messages_stay_small_and_lead_with_our_record():
     assert sum(len(w["body"]) + len(w["sig"]) for w in wires) <= WIRE_BUDGET
     assert handler.extra_info["gossip"]["records"] == 257
     assert handler.on_records is not None
+
+
+def test_relay_targets_follow_the_table():
+    """A node relays only to peers of its table; its cached answers change when the table does."""
+    from nanoswarm.keys.records import sign_departure
+    from nanoswarm.node.gossip import Gossip
+
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
+    peer = generate_identity()
+    wire = sign_record(peer, address="tcp://127.0.0.1:2000", model_id="m", layers=(0, 1), seq=1,
+                       expires=time.time() + 60)
+    contact = format_contact("tcp://127.0.0.1:2000", peer.curve_public)
+    stranger = format_contact("tcp://127.0.0.1:2000", generate_identity().curve_public)
+    assert not gossip.knows(contact)
+    assert gossip.offer_all([wire]) == {"accepted": 1}
+    for _ in range(2):  # the second answer comes from the cache
+        assert gossip.knows(contact)
+        assert not gossip.knows(stranger)  # same address, another key
+        assert not gossip.knows("tcp://127.0.0.1:2000#not-a-key")
+    gossip.offer_all([sign_departure(peer, verify_record(wire))])
+    assert not gossip.knows(contact)

@@ -47,6 +47,25 @@ def roundtrip(x: torch.Tensor, wire: str) -> torch.Tensor:
     return from_frame(bytes(frame), wire, tuple(x.shape)).float()
 
 
+@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16", "q80"])
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(3, 5),
+    lambda: torch.randn(5, 3).t(),                     # not contiguous
+    lambda: torch.randn(3, 5, requires_grad=True),     # numpy() refuses it
+    lambda: torch.randn(3, 5).half(),                  # another dtype than the wire's
+    lambda: torch.randn(3, 5).bfloat16(),              # no numpy dtype at all
+    lambda: torch.zeros(0, 5),                         # empty
+], ids=["plain", "transposed", "grad", "half", "bf16", "empty"])
+def test_any_tensor_makes_a_frame(make, wire):
+    """to_frame's fast path (numpy() of the tensor as it is) falls back for everything it cannot take."""
+    t = make()
+    back = from_frame(to_frame(t, wire), wire, tuple(t.shape))
+    assert back.shape == t.shape
+    if t.numel():
+        ref = t.detach().float()
+        assert float((back.float() - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+
+
 @settings(max_examples=100, deadline=None)
 @given(arrays(float(np.finfo(np.float32).max)))
 def test_float32_is_exact(a):

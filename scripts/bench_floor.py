@@ -1,0 +1,193 @@
+"""The floor for a local pipeline on this machine: the same blocks in bare node processes against
+one process, with nothing of nanoswarm's between them.
+
+    .venv/bin/python scripts/bench_floor.py [--shape gpt2-small|tiny | --model DIR] [--stages 4]
+                                            [--links ring,star] [--rounds 3] [--tokens 48]
+
+Each bare node holds its blocks and one KV cache, reads raw ZeroMQ frames (a 12-byte header and
+the float32 activations: no msgpack, no CURVE, no validation, no sessions), runs its blocks and
+sends the output on: to the next node (ring: the last one pushes to the client) or back to the
+client (star). The client embeds, runs ln_f + lm_head and argmax like `nanoswarm bench`, with the
+same torch threads and OpenMP settings in every process, and rounds alternate with one process.
+What `nanoswarm bench` measures above these figures is the cost of nanoswarm itself (protocol,
+checks, encryption); what these figures lose against one process is the machine's
+(docs/performance.md, "The floor on this machine").
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
+
+# isort: split
+import torch
+import zmq
+
+from nanoswarm.bench.models import SHAPES, make_random_model_dir
+from nanoswarm.node.cluster import even_split
+from nanoswarm.shards.manifest import load_blocks, load_embeddings, load_head, read_manifest
+
+HEADER = struct.Struct("<ii")  # positions in this step; the length of a new cache, or 0
+
+
+def node_main(model_dir: str, start: int, stop: int, threads: int, port: int, to: tuple[str, int] | None,
+              ready) -> None:
+    """A bare node: recv, blocks, send. `to`: (socket type, port) to pass the output to, or None
+    to answer the sender (star)."""
+    torch.set_num_threads(threads)
+    blocks = load_blocks(model_dir, start, stop)
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.ROUTER)
+    inbox.bind(f"tcp://127.0.0.1:{port}")
+    out = None
+    if to is not None:
+        out = ctx.socket(zmq.DEALER if to[0] == "node" else zmq.PUSH)
+        out.connect(f"tcp://127.0.0.1:{to[1]}")
+    cache = None
+    ready.set()
+    with torch.inference_mode():
+        while True:
+            frames = inbox.recv_multipart(copy=False)
+            if len(frames) != 3:  # the client's stop message
+                break
+            peer, header, data = frames
+            n, fresh = HEADER.unpack(header.bytes)
+            if fresh:
+                cache = blocks.new_cache(fresh)
+            x = torch.frombuffer(data.buffer, dtype=torch.float32).view(1, n, -1)
+            y = memoryview(blocks(x, [cache]).numpy()).cast("B")
+            if out is None:
+                inbox.send_multipart([peer.bytes, y], copy=False)
+            elif to[0] == "node":
+                out.send_multipart([header, y], copy=False)
+            else:
+                out.send(y, copy=False)
+
+
+class BareSwarm:
+    def __init__(self, model_dir: Path, stages: int, threads: int, links: str):
+        n_layer = read_manifest(model_dir).config.n_layer
+        base = 20000 + (os.getpid() * 16) % 40000
+        spawn = mp.get_context("spawn")
+        self.links, self.procs = links, []
+        events = []
+        for i, (a, b) in enumerate(even_split(n_layer, stages)):
+            to = None
+            if links == "ring":
+                to = ("node", base + i + 1) if i + 1 < stages else ("client", base + stages)
+            ready = spawn.Event()
+            p = spawn.Process(target=node_main, args=(str(model_dir), a, b, threads, base + i, to, ready), daemon=True)
+            p.start()
+            self.procs.append(p)
+            events.append(ready)
+        for ready in events:
+            if not ready.wait(120):
+                raise RuntimeError("a bare node did not start")
+        self.ctx = zmq.Context()
+        self.socks = []
+        for i in range(stages):
+            s = self.ctx.socket(zmq.DEALER)
+            s.connect(f"tcp://127.0.0.1:{base + i}")
+            self.socks.append(s)
+        self.back = None
+        if links == "ring":
+            self.back = self.ctx.socket(zmq.PULL)
+            self.back.bind(f"tcp://127.0.0.1:{base + stages}")
+
+    def step(self, x: torch.Tensor, fresh: int) -> torch.Tensor:
+        n, width = x.shape[1], x.shape[2]
+        header = HEADER.pack(n, fresh)
+        if self.back is not None:
+            self.socks[0].send_multipart([header, memoryview(x.numpy()).cast("B")], copy=False)
+            data = self.back.recv(copy=False)
+        else:
+            for s in self.socks:
+                s.send_multipart([header, memoryview(x.numpy()).cast("B")], copy=False)
+                data = s.recv(copy=False)
+                x = torch.frombuffer(data.buffer, dtype=torch.float32).view(1, n, width)
+        return torch.frombuffer(data.buffer, dtype=torch.float32).view(1, n, width)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.send(b"stop")
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+        self.ctx.destroy(linger=0)
+
+
+def run_round(step, embed, head, ids: list[int], prompt_len: int, tokens: int) -> tuple[float, float, torch.Tensor]:
+    """Prefill then decode through `step(x, fresh)` (fresh: a new cache's length, or 0);
+    (prefill seconds, median token seconds, the last logits)."""
+    times = []
+    for t in range(tokens + 1):
+        a, b = (0, prompt_len) if t == 0 else (prompt_len + t - 1, prompt_len + t)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            hidden = step(embed(torch.tensor([ids[a:b]]), a), 0 if t else prompt_len + tokens)
+            logits = head(hidden[:, -1:])
+            int(logits.argmax())
+        times.append(time.perf_counter() - t0)
+    return times[0], statistics.median(times[1:]), logits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="gpt2-small", choices=sorted(SHAPES))
+    ap.add_argument("--model", type=Path, help="a model dir instead of random weights of --shape")
+    ap.add_argument("--work-dir", type=Path, help="where the random-weight model dir is kept")
+    ap.add_argument("--stages", type=int, default=4)
+    ap.add_argument("--links", default="ring,star")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=48)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="nanoswarm-floor-") as tmp:
+        model_dir = args.model or make_random_model_dir((args.work_dir or Path(tmp)) / args.shape, SHAPES[args.shape])
+        manifest = read_manifest(model_dir)
+        config = manifest.config
+        embed, head = load_embeddings(model_dir, manifest), load_head(model_dir, manifest)
+        local = load_blocks(model_dir, 0, config.n_layer)
+        ids = torch.randint(0, config.vocab_size, (args.prompt_len + args.tokens,),
+                            generator=torch.Generator().manual_seed(0)).tolist()
+        cache = [None]
+
+        def local_step(x: torch.Tensor, fresh: int) -> torch.Tensor:
+            if fresh:
+                cache[0] = local.new_cache(fresh)
+            return local(x, [cache[0]])
+
+        print(f"{config.n_layer} blocks, {config.n_embd} wide; {args.stages} bare stages, "
+              f"{args.threads} torch threads per process, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
+        for links in args.links.split(","):
+            swarm = BareSwarm(model_dir, args.stages, args.threads, links)
+            try:
+                run_round(swarm.step, embed, head, ids, args.prompt_len, 4)  # warm-up
+                run_round(local_step, embed, head, ids, args.prompt_len, 4)
+                mine, theirs = [], []
+                for _ in range(args.rounds):
+                    mine.append(run_round(local_step, embed, head, ids, args.prompt_len, args.tokens))
+                    theirs.append(run_round(swarm.step, embed, head, ids, args.prompt_len, args.tokens))
+            finally:
+                swarm.close()
+            lp, ld = (statistics.median(r[i] for r in mine) for i in (0, 1))
+            sp, sd = (statistics.median(r[i] for r in theirs) for i in (0, 1))
+            err = float((mine[-1][2] - theirs[-1][2]).abs().max())  # the same pipeline: the same logits
+            print(f"{links:5s} decode: one process {ld * 1e3:.2f} ms, bare swarm {sd * 1e3:.2f} ms, ratio {ld / sd:.3f}"
+                  f" | prefill {args.prompt_len}: {lp * 1e3:.0f} / {sp * 1e3:.0f} ms, ratio {lp / sp:.3f}"
+                  f" | max |dlogit| {err:.1e}")
+
+
+if __name__ == "__main__":
+    main()
