@@ -110,7 +110,7 @@ class RemoteLayerStage(Stage):
     def close(self) -> None:
         if self.session is not None:
             try:
-                self.conn.send("close", {"session": self.session})
+                self.conn.send("close", {"session": self.session}, timeout=0)
             except Exception:  # closing is best effort: the node reclaims idle sessions anyway
                 pass
             self.session = None
@@ -169,8 +169,8 @@ class HeadGroupStage(Stage):
     def close(self) -> None:
         for (conn, _), sid in zip(self.members, self.sessions):
             try:
-                conn.send("close", {"session": sid})
-            except Exception:
+                conn.send("close", {"session": sid}, timeout=0)
+            except Exception:  # best effort, as above
                 pass
         self.sessions = []
 

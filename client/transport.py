@@ -75,11 +75,25 @@ class PeerConnection:
         poller.register(self.monitor, zmq.POLLIN)
 
     def send(self, msg_type: str, fields: dict[str, Any] | None = None,
-             tensors: list[torch.Tensor] | tuple = (), wire: str = "float32", req_id: int | None = None) -> int:
+             tensors: list[torch.Tensor] | tuple = (), wire: str = "float32", req_id: int | None = None,
+             timeout: float | None = None) -> int:
+        """Queue a request; returns its id. Waits at most `timeout` (default: the connection's) for
+        room to queue it, then raises PeerTimeout: a DEALER has nowhere to queue once ZeroMQ has
+        dropped a connection whose handshake the peer refused (a key not on its allow list, a
+        wrong server key), and a plain send would then block forever."""
         req_id = next_request_id() if req_id is None else req_id
         frames = encode(msg_type, req_id, fields, tensors, wire)
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            wait = self.timeout if timeout is None else timeout
+            try:
+                if not (wait > 0 and self.socket.poll(max(1, int(wait * 1000)), zmq.POLLOUT)):
+                    raise zmq.Again()
+                self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                raise PeerTimeout(self.address, wait) from None
         self.bytes_sent += sum(len(f) for f in frames)
-        self.socket.send_multipart(frames, copy=False)
         return req_id
 
     def recv(self, req_id: int, timeout: float | None = None) -> Message:
@@ -135,7 +149,7 @@ class PeerConnection:
     def request(self, msg_type: str, fields: dict[str, Any] | None = None,
                 tensors: list[torch.Tensor] | tuple = (), wire: str = "float32",
                 timeout: float | None = None) -> Message:
-        return self.recv(self.send(msg_type, fields, tensors, wire), timeout)
+        return self.recv(self.send(msg_type, fields, tensors, wire, timeout=timeout), timeout)
 
     def close(self) -> None:
         self.socket.disable_monitor()

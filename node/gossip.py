@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from nanoswarm.client.discovery import record_contact
-from nanoswarm.client.transport import PeerConnection
+from nanoswarm.client.transport import PeerConnection, PeerError
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.identity import Identity
 from nanoswarm.keys.records import DEFAULT_MAX_TTL, seq_now, sign_departure, sign_record
@@ -226,7 +226,6 @@ class Gossip:
             except ValueError as e:
                 log.warning("cannot gossip with %s: %s", contact, e)
                 return None
-            conn.socket.setsockopt(zmq.SNDTIMEO, 0)  # never block the server thread on a send
             link = self._links[endpoint] = _Link(conn)
             if self._server is not None:
                 self._server.watch(conn.socket, self.drain)
@@ -237,8 +236,9 @@ class Gossip:
         if link is None:
             return
         try:
-            req_id = link.conn.send("records", {"records": wires, "want": want})
-        except zmq.ZMQError as e:  # queue full: the peer is not reading
+            # timeout=0: never block the server thread on a send
+            req_id = link.conn.send("records", {"records": wires, "want": want}, timeout=0)
+        except (zmq.ZMQError, PeerError) as e:  # queue full, or no connection to queue on
             log.debug("gossip to %s not sent: %s", contact, e)
             return
         if want or self.departed:

@@ -38,21 +38,21 @@ from nanoswarm.shards.manifest import load_blocks, load_embeddings, load_head, r
 HEADER = struct.Struct("<ii")  # positions in this step; the length of a new cache, or 0
 
 
-def node_main(model_dir: str, start: int, stop: int, threads: int, port: int, to: tuple[str, int] | None,
+def node_main(model_dir: str, start: int, stop: int, threads: int, to: tuple[str, int] | None,
               ready) -> None:
     """A bare node: recv, blocks, send. `to`: (socket type, port) to pass the output to, or None
-    to answer the sender (star)."""
+    to answer the sender (star). Puts the port it listens on into the queue `ready`."""
     torch.set_num_threads(threads)
     blocks = load_blocks(model_dir, start, stop)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.ROUTER)
-    inbox.bind(f"tcp://127.0.0.1:{port}")
+    port = inbox.bind_to_random_port("tcp://127.0.0.1")
     out = None
     if to is not None:
         out = ctx.socket(zmq.DEALER if to[0] == "node" else zmq.PUSH)
         out.connect(f"tcp://127.0.0.1:{to[1]}")
     cache = None
-    ready.set()
+    ready.put(port)
     with torch.inference_mode():
         while True:
             frames = inbox.recv_multipart(copy=False)
@@ -75,32 +75,29 @@ def node_main(model_dir: str, start: int, stop: int, threads: int, port: int, to
 class BareSwarm:
     def __init__(self, model_dir: Path, stages: int, threads: int, links: str):
         n_layer = read_manifest(model_dir).config.n_layer
-        base = 20000 + (os.getpid() * 16) % 40000
         spawn = mp.get_context("spawn")
         self.links, self.procs = links, []
-        events = []
-        for i, (a, b) in enumerate(even_split(n_layer, stages)):
-            to = None
-            if links == "ring":
-                to = ("node", base + i + 1) if i + 1 < stages else ("client", base + stages)
-            ready = spawn.Event()
-            p = spawn.Process(target=node_main, args=(str(model_dir), a, b, threads, base + i, to, ready), daemon=True)
+        self.ctx = zmq.Context()
+        self.back = None
+        to = None
+        if links == "ring":  # the last node pushes to the client
+            self.back = self.ctx.socket(zmq.PULL)
+            to = ("client", self.back.bind_to_random_port("tcp://127.0.0.1"))
+        ports = []
+        # Last stage first: in a ring each node connects to the next one's port.
+        for a, b in reversed(even_split(n_layer, stages)):
+            ready = spawn.Queue()
+            p = spawn.Process(target=node_main, args=(str(model_dir), a, b, threads, to, ready), daemon=True)
             p.start()
             self.procs.append(p)
-            events.append(ready)
-        for ready in events:
-            if not ready.wait(120):
-                raise RuntimeError("a bare node did not start")
-        self.ctx = zmq.Context()
+            ports.insert(0, ready.get(timeout=120))
+            if links == "ring":
+                to = ("node", ports[0])
         self.socks = []
-        for i in range(stages):
+        for port in ports:
             s = self.ctx.socket(zmq.DEALER)
-            s.connect(f"tcp://127.0.0.1:{base + i}")
+            s.connect(f"tcp://127.0.0.1:{port}")
             self.socks.append(s)
-        self.back = None
-        if links == "ring":
-            self.back = self.ctx.socket(zmq.PULL)
-            self.back.bind(f"tcp://127.0.0.1:{base + stages}")
 
     def step(self, x: torch.Tensor, fresh: int) -> torch.Tensor:
         n, width = x.shape[1], x.shape[2]

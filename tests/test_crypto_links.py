@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -184,3 +185,26 @@ def test_keys_generate_and_show(tmp_path):
     assert info["curve_public"] in out.stdout and "secret" not in show.stdout
     again = subprocess.run([*CLI, "keys", "generate", "--out", str(path)], capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_a_refused_handshake_never_blocks_a_send(tiny_model_dir, tmp_path):
+    """Once a node has refused a client's handshake, ZeroMQ drops the connection and a DEALER has
+    nowhere to queue: a request must still end in PeerError within its timeout, not block forever
+    (it did when the refusal came before the first send)."""
+    allow = tmp_path / "allowed"
+    allow.write_text(f"{generate_identity().curve_public.decode()} someone else\n")
+    harness = start_node(tiny_model_dir, "--allow-keys", str(allow))
+    try:
+        conn = PeerConnection(harness.addresses[0], timeout=1.0)  # an ephemeral key, not listed
+        try:
+            time.sleep(1.0)  # the handshake is refused before anything is sent
+            t0 = time.monotonic()
+            with pytest.raises(PeerError):
+                conn.request("info")
+            assert time.monotonic() - t0 < 5.0
+            with pytest.raises(PeerError):
+                conn.send("close", {"session": "x"}, timeout=0)  # best-effort sends return at once
+        finally:
+            conn.close()
+    finally:
+        harness.stop()
