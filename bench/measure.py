@@ -176,7 +176,8 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
             stages = [s.stages[j] for s in sessions]
             if not all(isinstance(st, RemoteLayerStage) for st in stages):
                 raise ValueError("lockstep runs drive layer stages only")
-            sent = [st.conn.send("step", {"session": st.session, "pos": s.pos, "wire": st.wire}, [h], st.wire)
+            sent = [st.conn.send("step", {"session": st.session, "pos": s.pos, "wire": st.wire}, [h], st.wire,
+                                 timeout=st.timeout)
                     for st, s, h in zip(stages, sessions, hidden)]
             hidden = [check_reply(st.conn, st.conn.recv(req_id, st.timeout), h)
                       for st, req_id, h in zip(stages, sent, hidden)]

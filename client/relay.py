@@ -46,10 +46,10 @@ class Chain:
         last one a tensor, the others read from the reply's frames when first used)."""
         first, last = self.stages[0], self.stages[-1]
         rid = next_request_id()
+        deadline = time.monotonic() + timeout
         try:
             first.conn.send("step", {"session": first.session, "pos": pos, "wire": first.wire, "reply": rid,
-                                     "next": self.next}, [hidden], first.wire, req_id=rid)
-            deadline = time.monotonic() + timeout
+                                     "next": self.next}, [hidden], first.wire, req_id=rid, timeout=timeout)
             while True:
                 msg = last.conn.take(rid)  # an error reply, or a dropped link, raises PeerError
                 if msg is not None:

@@ -152,7 +152,7 @@ class HeadGroupStage(Stage):
 
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:
         ids = [conn.send("step", {"session": sid, "pos": pos, "phase": phase, "block": block,
-                                  "wire": self.wire}, [hidden], self.wire)
+                                  "wire": self.wire}, [hidden], self.wire, timeout=self.timeout)
                for (conn, _), sid in zip(self.members, self.sessions)]
         total = hidden
         for (conn, _), req_id in zip(self.members, ids):

@@ -36,8 +36,8 @@ class PeerError(Exception):
 
 
 class PeerTimeout(PeerError):
-    def __init__(self, address: str, seconds: float):
-        super().__init__(address, "timeout", f"no answer within {seconds:.1f}s")
+    def __init__(self, address: str, seconds: float, what: str = "no answer"):
+        super().__init__(address, "timeout", f"{what} within {seconds:.1f}s")
 
 
 class PeerConnection:
@@ -92,7 +92,7 @@ class PeerConnection:
                     raise zmq.Again()
                 self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                raise PeerTimeout(self.address, wait) from None
+                raise PeerTimeout(self.address, wait, "no connection to queue the request on") from None
         self.bytes_sent += sum(len(f) for f in frames)
         return req_id
 
@@ -149,7 +149,13 @@ class PeerConnection:
     def request(self, msg_type: str, fields: dict[str, Any] | None = None,
                 tensors: list[torch.Tensor] | tuple = (), wire: str = "float32",
                 timeout: float | None = None) -> Message:
-        return self.recv(self.send(msg_type, fields, tensors, wire, timeout=timeout), timeout)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout  # one timeout for queueing and answering together
+        req_id = self.send(msg_type, fields, tensors, wire, timeout=timeout)
+        try:
+            return self.recv(req_id, max(0.0, deadline - time.monotonic()))
+        except PeerTimeout:
+            raise PeerTimeout(self.address, timeout) from None
 
     def close(self) -> None:
         self.socket.disable_monitor()

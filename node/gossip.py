@@ -238,8 +238,11 @@ class Gossip:
         try:
             # timeout=0: never block the server thread on a send
             req_id = link.conn.send("records", {"records": wires, "want": want}, timeout=0)
-        except (zmq.ZMQError, PeerError) as e:  # queue full, or no connection to queue on
+        except (zmq.ZMQError, PeerError) as e:
+            # The queue is full (the peer is not reading), or ZeroMQ dropped the connection for
+            # good after a refused handshake: the next round starts a fresh one.
             log.debug("gossip to %s not sent: %s", contact, e)
+            self._close_link(endpoint_of(contact), link)
             return
         if want or self.departed:
             link.pending[req_id] = time.monotonic()
@@ -267,11 +270,14 @@ class Gossip:
                 self._drop(endpoint, link)
         return got
 
-    def _drop(self, endpoint: str, link: _Link) -> None:
+    def _close_link(self, endpoint: str, link: _Link) -> None:
         if self._server is not None:
             self._server.unwatch(link.conn.socket)
         link.conn.close()
         del self._links[endpoint]
+
+    def _drop(self, endpoint: str, link: _Link) -> None:
+        self._close_link(endpoint, link)
         for r in self.table.records():
             if r.address == endpoint and r.peer_id != self.peer_id:
                 self.table.remove(r.peer_id)

@@ -68,6 +68,10 @@ class RelayLinks:
             link = self._link(relay.contact)
             link.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except (zmq.ZMQError, ValueError) as e:  # queue full, or a link that cannot be made
+            if isinstance(e, zmq.Again):
+                # Full (the next hop is not reading), or dropped for good by ZeroMQ after a refused
+                # handshake: the next step to this hop gets a fresh link.
+                self._close(relay.contact, self._links.pop(relay.contact))
             return f"cannot reach the next hop {relay.contact[:80]}: {e}"
         self._sent[(relay.contact, relay.hop_id)] = relay
         while len(self._sent) > MAX_REMEMBERED:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import struct
 import tempfile
@@ -36,12 +37,14 @@ from nanoswarm.node.cluster import even_split
 from nanoswarm.shards.manifest import load_blocks, load_embeddings, load_head, read_manifest
 
 HEADER = struct.Struct("<ii")  # positions in this step; the length of a new cache, or 0
+WAIT_MS = 120_000  # the longest the client waits for a node (start-up, a prefill on a slow machine)
 
 
 def node_main(model_dir: str, start: int, stop: int, threads: int, to: tuple[str, int] | None,
-              ready) -> None:
+              ready, parent: int) -> None:
     """A bare node: recv, blocks, send. `to`: (socket type, port) to pass the output to, or None
-    to answer the sender (star). Puts the port it listens on into the queue `ready`."""
+    to answer the sender (star). Puts the port it listens on into the queue `ready`; exits when
+    the client process `parent` is gone."""
     torch.set_num_threads(threads)
     blocks = load_blocks(model_dir, start, stop)
     ctx = zmq.Context()
@@ -55,6 +58,10 @@ def node_main(model_dir: str, start: int, stop: int, threads: int, to: tuple[str
     ready.put(port)
     with torch.inference_mode():
         while True:
+            if not inbox.poll(1000):
+                if os.getppid() != parent:  # the client is gone (killed): do not linger
+                    break
+                continue
             frames = inbox.recv_multipart(copy=False)
             if len(frames) != 3:  # the client's stop message
                 break
@@ -75,29 +82,55 @@ def node_main(model_dir: str, start: int, stop: int, threads: int, to: tuple[str
 class BareSwarm:
     def __init__(self, model_dir: Path, stages: int, threads: int, links: str):
         n_layer = read_manifest(model_dir).config.n_layer
-        spawn = mp.get_context("spawn")
-        self.links, self.procs = links, []
+        self.links, self.procs, self.socks = links, [], []
         self.ctx = zmq.Context()
         self.back = None
+        try:
+            self._start(model_dir, n_layer, stages, threads, links)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, model_dir: Path, n_layer: int, stages: int, threads: int, links: str) -> None:
+        spawn = mp.get_context("spawn")
         to = None
         if links == "ring":  # the last node pushes to the client
-            self.back = self.ctx.socket(zmq.PULL)
+            self.back = self._socket(zmq.PULL)
             to = ("client", self.back.bind_to_random_port("tcp://127.0.0.1"))
-        ports = []
+        ports: list[int] = []
         # Last stage first: in a ring each node connects to the next one's port.
         for a, b in reversed(even_split(n_layer, stages)):
             ready = spawn.Queue()
-            p = spawn.Process(target=node_main, args=(str(model_dir), a, b, threads, to, ready), daemon=True)
+            p = spawn.Process(target=node_main, args=(str(model_dir), a, b, threads, to, ready, os.getpid()),
+                              daemon=True)
             p.start()
             self.procs.append(p)
-            ports.insert(0, ready.get(timeout=120))
+            ports.insert(0, self._port(p, ready))
             if links == "ring":
                 to = ("node", ports[0])
-        self.socks = []
         for port in ports:
-            s = self.ctx.socket(zmq.DEALER)
+            s = self._socket(zmq.DEALER)
             s.connect(f"tcp://127.0.0.1:{port}")
             self.socks.append(s)
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.RCVTIMEO, WAIT_MS)  # a node that died raises zmq.Again, not a hang
+        s.setsockopt(zmq.LINGER, 0)
+        return s
+
+    @staticmethod
+    def _port(p: mp.Process, ready) -> int:
+        deadline = time.monotonic() + WAIT_MS / 1000
+        try:
+            while True:
+                try:
+                    return ready.get(timeout=1)
+                except queue.Empty:
+                    if not p.is_alive() or time.monotonic() > deadline:
+                        raise RuntimeError(f"a bare node did not start (exit code {p.exitcode})") from None
+        finally:
+            ready.close()
 
     def step(self, x: torch.Tensor, fresh: int) -> torch.Tensor:
         n, width = x.shape[1], x.shape[2]
@@ -114,11 +147,15 @@ class BareSwarm:
 
     def close(self) -> None:
         for s in self.socks:
-            s.send(b"stop")
+            try:
+                s.send(b"stop", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
         for p in self.procs:
             p.join(5)
             if p.is_alive():
                 p.kill()
+                p.join(5)
         self.ctx.destroy(linger=0)
 
 

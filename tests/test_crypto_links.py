@@ -188,9 +188,10 @@ def test_keys_generate_and_show(tmp_path):
 
 
 def test_a_refused_handshake_never_blocks_a_send(tiny_model_dir, tmp_path):
-    """Once a node has refused a client's handshake, ZeroMQ drops the connection and a DEALER has
-    nowhere to queue: a request must still end in PeerError within its timeout, not block forever
-    (it did when the refusal came before the first send)."""
+    """Once a node has refused a client's handshake, ZeroMQ may drop the connection for good and a
+    DEALER then has nowhere to queue (or, depending on timing, it reconnects): either way a request
+    must end in PeerError within its timeout, not block forever (it did when the refusal came
+    before the first send)."""
     allow = tmp_path / "allowed"
     allow.write_text(f"{generate_identity().curve_public.decode()} someone else\n")
     harness = start_node(tiny_model_dir, "--allow-keys", str(allow))
@@ -202,8 +203,12 @@ def test_a_refused_handshake_never_blocks_a_send(tiny_model_dir, tmp_path):
             with pytest.raises(PeerError):
                 conn.request("info")
             assert time.monotonic() - t0 < 5.0
-            with pytest.raises(PeerError):
-                conn.send("close", {"session": "x"}, timeout=0)  # best-effort sends return at once
+            t0 = time.monotonic()
+            try:  # best-effort sends return at once: queued (a reconnect under way) or refused
+                conn.send("close", {"session": "x"}, timeout=0)
+            except PeerError:
+                pass
+            assert time.monotonic() - t0 < 0.5
         finally:
             conn.close()
     finally:
