@@ -83,18 +83,20 @@ class PeerConnection:
         wrong server key), and a plain send would then block forever."""
         req_id = next_request_id() if req_id is None else req_id
         frames = encode(msg_type, req_id, fields, tensors, wire)
+        if not self._queue(frames):
+            wait = self.timeout if timeout is None else timeout
+            if not (wait > 0 and self.socket.poll(max(1, int(wait * 1000)), zmq.POLLOUT) and self._queue(frames)):
+                raise PeerTimeout(self.address, wait, "no connection to queue the request on")
+        self.bytes_sent += sum(len(f) for f in frames)
+        return req_id
+
+    def _queue(self, frames: list) -> bool:
+        """Hand `frames` to ZeroMQ without blocking; False when it has no room for them."""
         try:
             self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            wait = self.timeout if timeout is None else timeout
-            try:
-                if not (wait > 0 and self.socket.poll(max(1, int(wait * 1000)), zmq.POLLOUT)):
-                    raise zmq.Again()
-                self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                raise PeerTimeout(self.address, wait, "no connection to queue the request on") from None
-        self.bytes_sent += sum(len(f) for f in frames)
-        return req_id
+            return False
+        return True
 
     def recv(self, req_id: int, timeout: float | None = None) -> Message:
         """The reply to `req_id`; raises PeerError for an error reply, PeerTimeout after timeout."""

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -56,11 +60,6 @@ def test_quick_bench_json_has_every_field(tmp_path):
 def test_bare_pipeline_floor_runs(tmp_path):
     """scripts/bench_floor.py (the floor a bare pipeline reaches on this machine) runs end to end and
     its bare swarm computes what one process computes."""
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench_floor.py"
     out = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--work-dir", str(tmp_path),
                           "--stages", "2", "--rounds", "1", "--tokens", "4", "--prompt-len", "8", "--threads", "1"],
