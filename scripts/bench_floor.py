@@ -1,17 +1,18 @@
 """The floor for a local pipeline on this machine: the same blocks in bare node processes against
-one process, with nothing of nanoswarm's between them.
+one process, with nothing of nanoswarm's between them, and nanoswarm's own routes in the same run.
 
     .venv/bin/python scripts/bench_floor.py [--shape gpt2-small|tiny | --model DIR] [--stages 4]
-                                            [--links ring,star] [--rounds 3] [--tokens 48]
+        [--links ring,star] [--nanoswarm relay,star] [--rounds 3] [--tokens 48]
 
-Each bare node holds its blocks and one KV cache, reads raw ZeroMQ frames (a 12-byte header and
+Each bare node holds its blocks and one KV cache, reads raw ZeroMQ frames (an 8-byte header and
 the float32 activations: no msgpack, no CURVE, no validation, no sessions), runs its blocks and
 sends the output on: to the next node (ring: the last one pushes to the client) or back to the
 client (star). The client embeds, runs ln_f + lm_head and argmax like `nanoswarm bench`, with the
-same torch threads and OpenMP settings in every process, and rounds alternate with one process.
-What `nanoswarm bench` measures above these figures is the cost of nanoswarm itself (protocol,
-checks, encryption); what these figures lose against one process is the machine's
-(docs/performance.md, "The floor on this machine").
+same torch threads and OpenMP settings in every process. nanoswarm's routes (real nodes, CURVE,
+sessions; relayed or stage by stage) run beside them, and all routes take turns round by round,
+so each waits as long between its rounds: what nanoswarm loses against the bare pipeline is the
+cost of nanoswarm itself (protocol, checks, encryption); what the bare pipeline loses against
+one process is the machine's (docs/performance.md, "The floor on this machine").
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import multiprocessing as mp
 import os
 import queue
+import random
 import statistics
 import struct
 import tempfile
@@ -33,7 +35,9 @@ import torch
 import zmq
 
 from nanoswarm.bench.models import SHAPES, make_random_model_dir
-from nanoswarm.node.cluster import even_split
+from nanoswarm.client.session import InferenceSession
+from nanoswarm.client.swarm import Swarm, SwarmOptions
+from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
 from nanoswarm.shards.manifest import load_blocks, load_embeddings, load_head, read_manifest
 
 HEADER = struct.Struct("<ii")  # positions in this step; the length of a new cache, or 0
@@ -159,19 +163,91 @@ class BareSwarm:
         self.ctx.destroy(linger=0)
 
 
-def run_round(step, embed, head, ids: list[int], prompt_len: int, tokens: int) -> tuple[float, float, torch.Tensor]:
-    """Prefill then decode through `step(x, fresh)` (fresh: a new cache's length, or 0);
-    (prefill seconds, median token seconds, the last logits)."""
+class LocalRoute:
+    """One process: every block, one KV cache."""
+
+    def __init__(self, model_dir: Path):
+        self.blocks = load_blocks(model_dir, 0, read_manifest(model_dir).config.n_layer)
+        self.cache = None
+
+    def open(self, length: int) -> None:
+        self.cache = self.blocks.new_cache(length)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x, [self.cache])
+
+    def close(self) -> None:
+        pass
+
+
+class BareRoute:
+    """A BareSwarm driven like the others: the new cache's length travels with the next step."""
+
+    def __init__(self, model_dir: Path, stages: int, threads: int, links: str):
+        self.swarm = BareSwarm(model_dir, stages, threads, links)
+        self.fresh = 0
+
+    def open(self, length: int) -> None:
+        self.fresh = length
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        fresh, self.fresh = self.fresh, 0
+        return self.swarm.step(x, fresh)
+
+    def close(self) -> None:
+        self.swarm.close()
+
+
+class NanoswarmRoute:
+    """nanoswarm itself: real node processes (CURVE, checks, sessions) and an InferenceSession,
+    relayed or stage by stage, so that its cost above the bare pipeline shows in the same run."""
+
+    def __init__(self, model_dir: Path, stages: int, threads: int, links: str, insecure: bool = False):
+        config = read_manifest(model_dir).config
+        self.cluster = LocalCluster(model_dir, [NodeSpec(r) for r in even_split(config.n_layer, stages)],
+                                    threads=threads, args=["--insecure"] if insecure else []).start()
+        try:
+            self.swarm = Swarm(read_manifest(model_dir).model_id, config.n_layer, config.n_head,
+                               SwarmOptions(timeout=WAIT_MS / 1000, relay=links == "relay", insecure=insecure))
+            self.swarm.add_addresses(self.cluster.addresses, timeout=30.0)
+        except BaseException:
+            self.cluster.stop()
+            raise
+        self.session: InferenceSession | None = None
+
+    def open(self, length: int) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.session = InferenceSession.open(self.swarm, length)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        return self.session.step(x)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.swarm.close()
+        self.cluster.stop()
+
+
+def run_round(route, embed, head, ids: list[int], prompt_len: int, tokens: int) -> tuple[float, float, torch.Tensor]:
+    """A fresh cache, then prefill and decode through `route`; (prefill seconds, median token
+    seconds, the last logits)."""
+    route.open(prompt_len + tokens)
     times = []
     for t in range(tokens + 1):
         a, b = (0, prompt_len) if t == 0 else (prompt_len + t - 1, prompt_len + t)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            hidden = step(embed(torch.tensor([ids[a:b]]), a), 0 if t else prompt_len + tokens)
+            hidden = route.step(embed(torch.tensor([ids[a:b]]), a))
             logits = head(hidden[:, -1:])
             int(logits.argmax())
         times.append(time.perf_counter() - t0)
     return times[0], statistics.median(times[1:]), logits
+
+
+def _names(value: str) -> list[str]:
+    return [x for x in value.split(",") if x]
 
 
 def main() -> None:
@@ -180,7 +256,10 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="a model dir instead of random weights of --shape")
     ap.add_argument("--work-dir", type=Path, help="where the random-weight model dir is kept")
     ap.add_argument("--stages", type=int, default=4)
-    ap.add_argument("--links", default="ring,star")
+    ap.add_argument("--links", default="ring,star", help="bare pipelines to run ('' for none)")
+    ap.add_argument("--nanoswarm", default="relay,star",
+                    help="nanoswarm routes to run in the same rotation: relay, star, and either with "
+                    "'-insecure' (no CURVE: its share of the cost); '' for none")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -192,35 +271,47 @@ def main() -> None:
         manifest = read_manifest(model_dir)
         config = manifest.config
         embed, head = load_embeddings(model_dir, manifest), load_head(model_dir, manifest)
-        local = load_blocks(model_dir, 0, config.n_layer)
         ids = torch.randint(0, config.vocab_size, (args.prompt_len + args.tokens,),
                             generator=torch.Generator().manual_seed(0)).tolist()
-        cache = [None]
-
-        def local_step(x: torch.Tensor, fresh: int) -> torch.Tensor:
-            if fresh:
-                cache[0] = local.new_cache(fresh)
-            return local(x, [cache[0]])
-
-        print(f"{config.n_layer} blocks, {config.n_embd} wide; {args.stages} bare stages, "
+        print(f"{config.n_layer} blocks, {config.n_embd} wide; {args.stages} stages, "
               f"{args.threads} torch threads per process, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
-        for links in args.links.split(","):
-            swarm = BareSwarm(model_dir, args.stages, args.threads, links)
-            try:
-                run_round(swarm.step, embed, head, ids, args.prompt_len, 4)  # warm-up
-                run_round(local_step, embed, head, ids, args.prompt_len, 4)
-                mine, theirs = [], []
-                for _ in range(args.rounds):
-                    mine.append(run_round(local_step, embed, head, ids, args.prompt_len, args.tokens))
-                    theirs.append(run_round(swarm.step, embed, head, ids, args.prompt_len, args.tokens))
-            finally:
-                swarm.close()
-            lp, ld = (statistics.median(r[i] for r in mine) for i in (0, 1))
-            sp, sd = (statistics.median(r[i] for r in theirs) for i in (0, 1))
-            err = float((mine[-1][2] - theirs[-1][2]).abs().max())  # the same pipeline: the same logits
-            print(f"{links:5s} decode: one process {ld * 1e3:.2f} ms, bare swarm {sd * 1e3:.2f} ms, ratio {ld / sd:.3f}"
-                  f" | prefill {args.prompt_len}: {lp * 1e3:.0f} / {sp * 1e3:.0f} ms, ratio {lp / sp:.3f}"
-                  f" | max |dlogit| {err:.1e}")
+        routes = {"one process": LocalRoute(model_dir)}
+        try:
+            for links in _names(args.links):
+                routes[f"bare {links}"] = BareRoute(model_dir, args.stages, args.threads, links)
+            for name in _names(args.nanoswarm):
+                links, _, mode = name.partition("-")
+                if links not in ("relay", "star") or mode not in ("", "insecure"):
+                    ap.error(f"unknown nanoswarm route {name!r}")
+                routes[f"nanoswarm {name}"] = NanoswarmRoute(model_dir, args.stages, args.threads, links,
+                                                             insecure=mode == "insecure")
+            results = rotate(routes, embed, head, ids, args)
+        finally:
+            for route in routes.values():
+                route.close()
+    local = results["one process"]
+    lp, ld = (statistics.median(r[i] for r in local) for i in (0, 1))
+    for name, rounds in results.items():
+        p, d = (statistics.median(r[i] for r in rounds) for i in (0, 1))
+        err = float((local[-1][2] - rounds[-1][2]).abs().max())  # the same blocks: the same logits
+        print(f"{name:24s} decode {d * 1e3:6.2f} ms, ratio {ld / d:.3f} | prefill {args.prompt_len}: "
+              f"{p * 1e3:4.0f} ms, ratio {lp / p:.3f} | max |dlogit| {err:.1e}")
+
+
+def rotate(routes: dict, embed, head, ids: list[int], args) -> dict[str, list]:
+    """Every route once a round, in a new random order each round: a node that waited computes
+    slower here (docs/performance.md), so a fixed order would favour the route that always
+    follows the same one; shuffled, every route meets every predecessor and gap alike."""
+    names = list(routes)
+    for name in names:  # warm-up
+        run_round(routes[name], embed, head, ids, args.prompt_len, 4)
+    results: dict[str, list] = {name: [] for name in names}
+    order = random.Random(0)
+    for _ in range(args.rounds):
+        order.shuffle(names)
+        for name in names:
+            results[name].append(run_round(routes[name], embed, head, ids, args.prompt_len, args.tokens))
+    return results
 
 
 if __name__ == "__main__":

@@ -58,14 +58,16 @@ def test_quick_bench_json_has_every_field(tmp_path):
 
 
 def test_bare_pipeline_floor_runs(tmp_path):
-    """scripts/bench_floor.py (the floor a bare pipeline reaches on this machine) runs end to end and
-    its bare swarm computes what one process computes."""
+    """scripts/bench_floor.py (the floor a bare pipeline reaches on this machine, and nanoswarm in
+    the same run) runs end to end, and every route computes what one process computes."""
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench_floor.py"
     out = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--work-dir", str(tmp_path),
-                          "--stages", "2", "--rounds", "1", "--tokens", "4", "--prompt-len", "8", "--threads", "1"],
+                          "--stages", "2", "--rounds", "1", "--tokens", "4", "--prompt-len", "8", "--threads", "1",
+                          "--nanoswarm", "relay"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if "ratio" in line]
-    assert [line.split()[0] for line in lines] == ["ring", "star"]
+    assert [line.split(" decode")[0].strip() for line in lines] == [
+        "one process", "bare ring", "bare star", "nanoswarm relay"]
     for line in lines:
         assert float(re.search(r"max \|dlogit\| (\S+)", line).group(1)) <= 1e-4
