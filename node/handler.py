@@ -30,10 +30,10 @@ from nanoswarm.protocol.messages import (
     peek_id,
 )
 from nanoswarm.protocol.tensors import WIRE_FORMATS, abs_max, all_finite, frame_dtype, frame_finite, to_frame
-from nanoswarm.shards.model import Blocks, KVCache
+from nanoswarm.shards.model import Blocks
 
 from .relay import Relay, next_hop_id
-from .sessions import NodeLimits, Session, SessionStore, mapped_cache
+from .sessions import NodeLimits, Session, SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,7 @@ class RequestHandler:
             "load": min(1.0, self.stats.busy_seconds / uptime),
             "sessions": len(self.sessions.sessions),
             "kv_bytes": self.sessions.kv_bytes,
+            "kv_pool_bytes": self.sessions.pool.nbytes,  # closed sessions' cache memory kept for reuse
             "kv_budget": self.limits.kv_budget_bytes,
             "max_length": self._max_length(),
             "leaving": self.leaving,
@@ -270,10 +271,7 @@ class RequestHandler:
         max_length = msg.fields["max_length"]
         if not 1 <= max_length <= self._max_length():
             raise ProtocolError(ErrorCode.TOO_LARGE, f"max_length {max_length} is outside 1..{self._max_length()}")
-        n_heads = self.blocks.heads[1] - self.blocks.heads[0]
-        need = KVCache.bytes_for(b - a, n_heads, self.config.head_dim, max_length, self.dtype)
-        self.sessions.reserve_check(need)
-        session = self.sessions.add(a, b, mapped_cache(self.blocks, max_length, b - a), peer)
+        session = self.sessions.open(self.blocks, a, b, max_length, peer)
         return encode("opened", msg.id, {"session": session.id, "layers": [a, b],
                                          "kv_bytes": session.cache.nbytes})
 

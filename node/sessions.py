@@ -14,31 +14,90 @@ import torch
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.shards.model import Blocks, KVCache
 
+POOL_KEEP_SECONDS = 30.0  # how long a closed session's cache memory waits for the next session
 
-def _mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+
+def _map_size(nbytes: int) -> int:
+    """`nbytes` rounded up to a size class, four per doubling (at least 64 KiB), so that sessions
+    of about the same length share maps; a whole number of pages."""
+    size = max(nbytes, 1 << 16)
+    step = 1 << (size.bit_length() - 3)
+    return -(-size // step) * step
+
+
+class MapPool:
+    """The KV-cache memory maps of closed sessions, kept for the sessions that follow.
+
+    A fresh map costs a page fault for every page a session first writes, and on a VM whose
+    freed pages go back to the host far more than that: a 128-token prefill of 3 GPT-2-small
+    blocks took 3-5 ms longer per node in fresh maps than in reused memory (docs/performance.md).
+    A closed session's map, its pages still resident, serves the next session of its size class
+    instead. Its old contents are never read: attention reads positions below the session's
+    length only, each written by the session itself. The session store keeps the pool within
+    what the KV budget leaves free and within its own bound, and the pool gives back maps unused
+    for POOL_KEEP_SECONDS, so an idle node returns to its baseline memory.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._maps: list[tuple[float, mmap.mmap]] = []  # (when it was given back, map), oldest first
+        self.nbytes = 0
+
+    def take(self, nbytes: int) -> mmap.mmap:
+        """A map of at least `nbytes`: the most recently given back of its size class, or a new one."""
+        size = _map_size(nbytes)
+        for i in range(len(self._maps) - 1, -1, -1):
+            if len(self._maps[i][1]) == size:
+                self.nbytes -= size
+                m = self._maps.pop(i)[1]
+                # Pages past the new tensor's end may hold a longer session's positions: freed, so
+                # that a session holds no more memory than the KV budget counts for it.
+                used = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+                if used < size and hasattr(mmap, "MADV_DONTNEED"):  # not on Windows
+                    m.madvise(mmap.MADV_DONTNEED, used, size - used)
+                return m
+        return mmap.mmap(-1, size)
+
+    def give(self, m: mmap.mmap, room: int, now: float) -> None:
+        """Keep `m` for a later session, within `room` bytes and the pool's bound."""
+        self._maps.append((now, m))
+        self.nbytes += len(m)
+        self.trim(room)
+
+    def trim(self, room: int, older_than: float | None = None) -> None:
+        """Give back the oldest maps until the pool fits in `room` bytes and its bound, and every
+        map given to the pool before `older_than`."""
+        limit = min(room, self.max_bytes)
+        while self._maps and (self.nbytes > limit or (older_than is not None and self._maps[0][0] < older_than)):
+            self.nbytes -= len(self._maps.pop(0)[1])  # unmapped once the last tensor over it is gone
+
+
+def _map_tensor(m: mmap.mmap, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     n = 1
     for d in shape:
         n *= d
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
-    # The tensor holds a reference to the map: unmapped when the last view of it is gone.
-    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=n).view(shape)
+    # The tensor holds a reference to the map, which outlives it in the pool or goes with it.
+    return torch.frombuffer(m, dtype=dtype, count=n).view(shape)
 
 
-def mapped_cache(blocks: Blocks, max_length: int, n_blocks: int) -> KVCache:
-    """A session's KV cache with k and v in anonymous memory maps of their own (CPU).
+def mapped_cache(blocks: Blocks, max_length: int, n_blocks: int, pool: MapPool) -> tuple[KVCache, tuple]:
+    """A session's KV cache with k and v in anonymous memory maps of their own (CPU), and the
+    maps (to give back to `pool` when the session closes; none on a GPU).
 
     From the heap (torch.zeros), session churn fragmented memory: with a full KV budget a node's
-    RSS grew 250 MiB past its live caches (docs/reliability.md). A map of its own is returned to
-    the OS whole when the session ends, and its pages, zero until written, cost memory only as
-    positions are stored.
+    RSS grew 250 MiB past its live caches (docs/reliability.md). A map of its own goes back whole,
+    to the pool or the OS, when the session ends, and its pages cost memory only as positions are
+    stored. A map's contents are not zeroed: positions are read only after they were written.
     """
     cache = blocks.new_cache(0, n_blocks)  # the right device, dtype and layout, no memory yet
     if cache.k.device.type != "cpu":
-        return blocks.new_cache(max_length, n_blocks)
+        return blocks.new_cache(max_length, n_blocks), ()
     shape = (*cache.k.shape[:3], max_length, cache.k.shape[4])
-    cache.k, cache.v = _mapped_zeros(shape, cache.k.dtype), _mapped_zeros(shape, cache.v.dtype)
+    nbytes = cache.k.element_size() * shape[0] * shape[1] * shape[2] * shape[3] * shape[4]
+    maps = (pool.take(nbytes), pool.take(nbytes))
+    cache.k, cache.v = (_map_tensor(m, shape, cache.k.dtype) for m in maps)
     cache.max_length = max_length
-    return cache
+    return cache, maps
 
 
 @dataclass(frozen=True)
@@ -69,6 +128,7 @@ class Session:
     peer: bytes            # ROUTER identity of the client that opened it
     last_used: float = field(default_factory=time.monotonic)
     next_block: int = 0    # head shards: next block whose attention this position expects
+    maps: tuple = ()       # the memory maps under the cache (mapped_cache), for the pool
 
     @property
     def length(self) -> int:
@@ -84,6 +144,7 @@ class SessionStore:
         # Ids of sessions that ended recently, so a late step gets `session_closed`, not
         # `unknown_session`: the client then knows to replay rather than suspect a bad id.
         self._ended: OrderedDict[str, str] = OrderedDict()
+        self.pool = MapPool(limits.kv_budget_bytes // 4)
 
     def reserve_check(self, nbytes: int) -> None:
         if len(self.sessions) >= self.limits.max_sessions:
@@ -92,10 +153,16 @@ class SessionStore:
             raise ProtocolError(ErrorCode.BUSY, f"KV cache budget exhausted ({self.kv_bytes} of "
                                 f"{self.limits.kv_budget_bytes} bytes in use, session needs {nbytes})")
 
-    def add(self, start: int, stop: int, cache: KVCache, peer: bytes) -> Session:
-        session = Session(secrets.token_hex(12), start, stop, cache, peer, self.clock())
+    def open(self, blocks: Blocks, start: int, stop: int, max_length: int, peer: bytes) -> Session:
+        """A new session over blocks [start, stop) of `blocks`, if the limits allow it."""
+        n_heads = blocks.heads[1] - blocks.heads[0]
+        p = next(blocks.parameters())
+        self.reserve_check(KVCache.bytes_for(stop - start, n_heads, blocks.config.head_dim, max_length, p.dtype))
+        cache, maps = mapped_cache(blocks, max_length, stop - start, self.pool)
+        session = Session(secrets.token_hex(12), start, stop, cache, peer, self.clock(), maps=maps)
         self.sessions[session.id] = session
         self.kv_bytes += cache.nbytes
+        self.pool.trim(self.limits.kv_budget_bytes - self.kv_bytes)  # live caches come first
         return session
 
     def get(self, session_id: str) -> Session:
@@ -112,6 +179,12 @@ class SessionStore:
         session = self.sessions.pop(session_id, None)
         if session is not None:
             self.kv_bytes -= session.cache.nbytes
+            # The tensors go (a stale reference fails loudly instead of writing into a map that
+            # another session uses); a closed session's maps wait in the pool for the next one, an
+            # expired session's go back to the OS: its client vanished, and the node is idle.
+            session.cache.k = session.cache.v = None
+            for m in session.maps if why == "closed" else ():
+                self.pool.give(m, self.limits.kv_budget_bytes - self.kv_bytes, self.clock())
             self._ended[session_id] = why
             while len(self._ended) > 4096:
                 self._ended.popitem(last=False)
@@ -122,4 +195,5 @@ class SessionStore:
         stale = [s.id for s in self.sessions.values() if s.last_used < cutoff]
         for sid in stale:
             self.close(sid, "expired")
+        self.pool.trim(self.limits.kv_budget_bytes - self.kv_bytes, older_than=self.clock() - POOL_KEEP_SECONDS)
         return stale

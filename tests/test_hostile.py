@@ -7,6 +7,7 @@ checks that the node still serves a session with exact logits. docs/reliability.
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import time
@@ -23,7 +24,7 @@ from nanoswarm.keys.contact import split_contact
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.server import zmq_max_msgsize
-from nanoswarm.node.sessions import NodeLimits
+from nanoswarm.node.sessions import NodeLimits, _map_size
 from nanoswarm.protocol.messages import PROTOCOL_VERSION, Message, decode, encode
 from nanoswarm.shards.manifest import load_blocks, load_model, read_manifest
 
@@ -233,6 +234,55 @@ def test_idle_sessions_expire_in_process(blocks):
     assert d.h.sessions.kv_bytes == 8 * KV_PER_POSITION
     clock[0] = 17.0
     assert d.h.expire_idle() == [busy] and d.h.sessions.kv_bytes == 0
+
+
+def test_a_closed_sessions_cache_memory_serves_the_next_session_exactly(blocks):
+    """A closed session's KV-cache maps wait in the pool and serve the next session; what they
+    held is never read: the next session computes exactly what it computes in fresh memory."""
+    d, fresh = make_driver(blocks), make_driver(blocks)
+    first = d.open(16)
+    d.ok("step", {"session": first, "pos": 0}, [hidden(12, seed=1)])  # more positions than below
+    maps = {id(m) for m in d.h.sessions.sessions[first].maps}
+    d.ok("close", {"session": first})
+    assert d.h.sessions.kv_bytes == 0 and d.h.sessions.pool.nbytes > 0
+    second, ref = d.open(16), fresh.open(16)
+    assert {id(m) for m in d.h.sessions.sessions[second].maps} == maps and d.h.sessions.pool.nbytes == 0
+    for pos, T in ((0, 3), (3, 1), (4, 2)):
+        x = hidden(T, seed=pos + 2)
+        y = d.ok("step", {"session": second, "pos": pos}, [x]).tensors[0]
+        assert torch.equal(y, fresh.ok("step", {"session": ref, "pos": pos}, [x]).tensors[0])
+    assert d.h.info()["kv_pool_bytes"] == 0
+
+
+def test_the_cache_pool_stays_within_the_kv_budget_and_empties_when_idle(blocks):
+    session = 64 * KV_PER_POSITION  # k and v of a 64-position session: one 64 KiB map each
+    d = make_driver(blocks, kv_budget_bytes=4 * session, idle_timeout=10.0)
+    clock = [0.0]
+    store = d.h.sessions
+    store.clock = lambda: clock[0]
+    a, b, c = d.open(64), d.open(64), d.open(64)
+    d.ok("close", {"session": a})
+    assert store.pool.nbytes == session  # its bound: a quarter of the budget
+    d.ok("close", {"session": b})
+    assert store.pool.nbytes == session  # the older maps went back to the OS
+    d.open(100)  # another size class: live caches come first, the pool gives way
+    assert store.kv_bytes == session + 100 * KV_PER_POSITION
+    assert store.pool.nbytes <= 4 * session - store.kv_bytes
+    d.ok("close", {"session": c})
+    assert store.pool.nbytes == session
+    clock[0] = 16.0
+    # An expired session's maps are not kept (its client is gone, the node idles); c's, 16 s old, are.
+    assert len(d.h.expire_idle()) == 1 and store.pool.nbytes == session
+    clock[0] = 31.0
+    d.h.expire_idle()
+    assert store.pool.nbytes == 0 and store.kv_bytes == 0  # unused for POOL_KEEP_SECONDS
+
+
+@pytest.mark.parametrize("nbytes", [1, 4095, 65536, 65537, 100_000, 2**20 + 1, 1_474_560, 10**9])
+def test_cache_map_size_classes(nbytes):
+    size = _map_size(nbytes)
+    assert size >= nbytes and size % mmap.PAGESIZE == 0
+    assert size <= max(65536, 1.25 * nbytes)
 
 
 # ----- over a real socket, to a real node process ------------------------------------------
