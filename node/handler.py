@@ -350,7 +350,13 @@ class RequestHandler:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"positions {pos}..{pos + T - 1} exceed the "
                                 f"session's max_length {session.cache.max_length}")
         if self.head_shard or phase is not None:
-            self._check_head_step(session, phase, block)
+            self._check_head_step(session, phase, block, T)
+        elif session.next_block:
+            # Blocks before next_block hold this position, the rest do not: a plain step now
+            # would make the session's length count positions some blocks never stored.
+            raise ProtocolError(ErrorCode.BAD_POSITION, f"position {session.length} is half stored "
+                                f"(attention of block {session.start + session.next_block} comes next); "
+                                "finish it with attn steps")
         return _Pending(reply_to, msg, session, x, wire, pos if rewind else session.cache.length,
                         session.next_block, hops)
 
@@ -375,7 +381,7 @@ class RequestHandler:
                                 "it relays only to peers in its table of signed records")
         return hops, hop
 
-    def _check_head_step(self, session: Session, phase: Any, block: Any) -> None:
+    def _check_head_step(self, session: Session, phase: Any, block: Any, tokens: int) -> None:
         if phase not in ("attn", "mlp") or not isinstance(block, int):
             raise ProtocolError(ErrorCode.MALFORMED, "head-shard steps need phase 'attn' or 'mlp' and a block")
         if not session.start <= block < session.stop:
@@ -384,6 +390,11 @@ class RequestHandler:
         if phase == "attn" and block != session.start + session.next_block:
             raise ProtocolError(ErrorCode.BAD_POSITION, f"attention of block {block} out of order; "
                                 f"expected block {session.start + session.next_block}")
+        # Every block must store the same positions; otherwise the length counted when the last
+        # block is done would cover cache rows that some block never wrote.
+        if phase == "attn" and session.next_block and tokens != session.pending_tokens:
+            raise ProtocolError(ErrorCode.BAD_SHAPE, f"attention of block {block} over {tokens} tokens, but "
+                                f"this position's earlier blocks stored {session.pending_tokens}")
 
     def _run_steps(self, pending: list[_Pending]) -> list[Reply]:
         replies: list[Reply] = []
@@ -467,6 +478,8 @@ class RequestHandler:
                 return [self._timed(lambda: layer.mlp_partial(first.x), first.x.shape[1])]
             y = self._timed(lambda: layer.attn_partial(first.x, [s.cache], block - s.start),
                             first.x.shape[1])
+            if s.next_block == 0:
+                s.pending_tokens = first.x.shape[1]
             s.next_block += 1
             if s.start + s.next_block == s.stop:  # every block has stored this position
                 s.cache.length += first.x.shape[1]

@@ -252,6 +252,10 @@ def check_memory(node: Node) -> None:
     assert len(store.sessions) <= limits.max_sessions
     for s in store.sessions.values():
         assert 0 <= s.length <= s.cache.max_length <= limits.max_session_length
+    # The pool of closed sessions' maps fits in what live caches leave, and no map serves twice.
+    assert store.pool.nbytes <= min(store.pool.max_bytes, limits.kv_budget_bytes - store.kv_bytes)
+    maps = [m for s in store.sessions.values() for m in s.maps] + [m for _, m in store.pool._maps]
+    assert len({id(m) for m in maps}) == len(maps)
 
 
 @pytest.mark.fuzz

@@ -242,16 +242,64 @@ def test_a_closed_sessions_cache_memory_serves_the_next_session_exactly(blocks):
     d, fresh = make_driver(blocks), make_driver(blocks)
     first = d.open(16)
     d.ok("step", {"session": first, "pos": 0}, [hidden(12, seed=1)])  # more positions than below
-    maps = {id(m) for m in d.h.sessions.sessions[first].maps}
+    held = d.h.sessions.sessions[first].maps  # held, so their ids cannot be reused
     d.ok("close", {"session": first})
     assert d.h.sessions.kv_bytes == 0 and d.h.sessions.pool.nbytes > 0
     second, ref = d.open(16), fresh.open(16)
-    assert {id(m) for m in d.h.sessions.sessions[second].maps} == maps and d.h.sessions.pool.nbytes == 0
+    assert sorted(map(id, d.h.sessions.sessions[second].maps)) == sorted(map(id, held))
+    assert d.h.sessions.pool.nbytes == 0
     for pos, T in ((0, 3), (3, 1), (4, 2)):
         x = hidden(T, seed=pos + 2)
         y = d.ok("step", {"session": second, "pos": pos}, [x]).tensors[0]
         assert torch.equal(y, fresh.ok("step", {"session": ref, "pos": pos}, [x]).tensors[0])
     assert d.h.info()["kv_pool_bytes"] == 0
+
+
+def _reused_cache(d: Driver, head_blocks: int = 0) -> str:
+    """A session on memory an earlier session filled with large values (from the pool)."""
+    earlier, x = d.open(16), hidden(8, seed=99) * 50
+    for block in range(head_blocks):  # a head shard stores positions block by block
+        d.ok("step", {"session": earlier, "pos": 0, "phase": "attn", "block": block}, [x])
+    if not head_blocks:
+        d.ok("step", {"session": earlier, "pos": 0}, [x])
+    d.ok("close", {"session": earlier})
+    return d.open(16)
+
+
+def test_a_half_stored_position_refuses_a_plain_step(blocks):
+    """After attention of block 0 only, blocks 1-3 do not hold position 0: a plain step there
+    would count it as held by all, and a later step would read what the pool's earlier session
+    left in those rows."""
+    d = make_driver(blocks)
+    sid = _reused_cache(d)
+    d.ok("step", {"session": sid, "pos": 0, "phase": "attn", "block": 0}, [hidden(1, 1)])
+    for rewind in (False, True):
+        d.refuses("bad_position", "half stored", "step", {"session": sid, "pos": 0, "rewind": rewind}, [hidden(1, 2)])
+    assert d.h.sessions.sessions[sid].length == 0
+    # The session carries on once the position is finished block by block.
+    for block in (1, 2, 3):
+        d.ok("step", {"session": sid, "pos": 0, "phase": "attn", "block": block}, [hidden(1, 3)])
+    assert d.h.sessions.sessions[sid].length == 1
+    d.ok("step", {"session": sid, "pos": 1}, [hidden(1, 4)])
+
+
+def test_head_shard_attention_of_one_position_stores_as_many_tokens_in_every_block(tiny_model_dir):
+    """A position stored over a different number of tokens per block would leave rows of some
+    blocks unwritten below the session's length."""
+    shard = load_blocks(tiny_model_dir, 0, 2, heads=(0, 2)), read_manifest(tiny_model_dir).model_id
+    d, fresh = make_driver(shard), make_driver(shard)
+    sid, ref = _reused_cache(d, head_blocks=2), fresh.open(16)
+    for s, drv in ((sid, d), (ref, fresh)):
+        drv.ok("step", {"session": s, "pos": 0, "phase": "attn", "block": 0}, [hidden(1, 1)])
+    d.refuses("bad_shape", "stored 1", "step", {"session": sid, "pos": 0, "phase": "attn", "block": 1},
+              [hidden(3, 2)])
+    # The same step with as many tokens is taken, and reads nothing the earlier session left.
+    for s, drv in ((sid, d), (ref, fresh)):
+        drv.ok("step", {"session": s, "pos": 0, "phase": "attn", "block": 1}, [hidden(1, 2)])
+    assert d.h.sessions.sessions[sid].length == 1
+    ys = [drv.ok("step", {"session": s, "pos": 1, "phase": "attn", "block": 0}, [hidden(2, 3)]).tensors[0]
+          for s, drv in ((sid, d), (ref, fresh))]
+    assert torch.equal(*ys)
 
 
 def test_the_cache_pool_stays_within_the_kv_budget_and_empties_when_idle(blocks):
