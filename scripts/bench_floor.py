@@ -24,6 +24,7 @@ import queue
 import random
 import statistics
 import struct
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,10 +72,13 @@ def node_main(model_dir: str, start: int, stop: int, threads: int, to: tuple[str
                 break
             peer, header, data = frames
             n, fresh = HEADER.unpack(header.bytes)
-            if fresh:
+            if fresh:  # a new cache, allocated before the timed steps (like a session's open)
                 cache = blocks.new_cache(fresh)
-            x = torch.frombuffer(data.buffer, dtype=torch.float32).view(1, n, -1)
-            y = memoryview(blocks(x, [cache]).numpy()).cast("B")
+            if n:
+                x = torch.frombuffer(data.buffer, dtype=torch.float32).view(1, n, -1)
+                y = memoryview(blocks(x, [cache]).numpy()).cast("B")
+            else:
+                y = data
             if out is None:
                 inbox.send_multipart([peer.bytes, y], copy=False)
             elif to[0] == "node":
@@ -136,18 +140,23 @@ class BareSwarm:
         finally:
             ready.close()
 
-    def step(self, x: torch.Tensor, fresh: int) -> torch.Tensor:
-        n, width = x.shape[1], x.shape[2]
-        header = HEADER.pack(n, fresh)
+    def open(self, length: int) -> None:
+        """A new cache of `length` positions on every node (a step of no positions)."""
+        self._pass(HEADER.pack(0, length), b"")
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        data = self._pass(HEADER.pack(x.shape[1], 0), memoryview(x.numpy()).cast("B"))
+        return torch.frombuffer(data.buffer, dtype=torch.float32).view(x.shape)
+
+    def _pass(self, header: bytes, payload) -> zmq.Frame:
+        """`payload` through every node, in a ring or one node at a time; the last one's output."""
         if self.back is not None:
-            self.socks[0].send_multipart([header, memoryview(x.numpy()).cast("B")], copy=False)
-            data = self.back.recv(copy=False)
-        else:
-            for s in self.socks:
-                s.send_multipart([header, memoryview(x.numpy()).cast("B")], copy=False)
-                data = s.recv(copy=False)
-                x = torch.frombuffer(data.buffer, dtype=torch.float32).view(1, n, width)
-        return torch.frombuffer(data.buffer, dtype=torch.float32).view(1, n, width)
+            self.socks[0].send_multipart([header, payload], copy=False)
+            return self.back.recv(copy=False)
+        for s in self.socks:
+            s.send_multipart([header, payload], copy=False)
+            payload = s.recv(copy=False)
+        return payload
 
     def close(self) -> None:
         for s in self.socks:
@@ -181,21 +190,11 @@ class LocalRoute:
 
 
 class BareRoute:
-    """A BareSwarm driven like the others: the new cache's length travels with the next step."""
+    """A BareSwarm driven like the others."""
 
     def __init__(self, model_dir: Path, stages: int, threads: int, links: str):
         self.swarm = BareSwarm(model_dir, stages, threads, links)
-        self.fresh = 0
-
-    def open(self, length: int) -> None:
-        self.fresh = length
-
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        fresh, self.fresh = self.fresh, 0
-        return self.swarm.step(x, fresh)
-
-    def close(self) -> None:
-        self.swarm.close()
+        self.open, self.step, self.close = self.swarm.open, self.swarm.step, self.swarm.close
 
 
 class NanoswarmRoute:
@@ -230,11 +229,12 @@ class NanoswarmRoute:
         self.cluster.stop()
 
 
-def run_round(route, embed, head, ids: list[int], prompt_len: int, tokens: int) -> tuple[float, float, torch.Tensor]:
+def run_round(route, embed, head, ids: list[int], prompt_len: int,
+              tokens: int) -> tuple[float, float, list[torch.Tensor]]:
     """A fresh cache, then prefill and decode through `route`; (prefill seconds, median token
-    seconds, the last logits)."""
+    seconds, the logits of the prefill and of the last token)."""
     route.open(prompt_len + tokens)
-    times = []
+    times, outputs = [], []
     for t in range(tokens + 1):
         a, b = (0, prompt_len) if t == 0 else (prompt_len + t - 1, prompt_len + t)
         t0 = time.perf_counter()
@@ -243,7 +243,8 @@ def run_round(route, embed, head, ids: list[int], prompt_len: int, tokens: int) 
             logits = head(hidden[:, -1:])
             int(logits.argmax())
         times.append(time.perf_counter() - t0)
-    return times[0], statistics.median(times[1:]), logits
+        outputs.append(logits)
+    return times[0], statistics.median(times[1:]), [outputs[0], outputs[-1]]
 
 
 def _names(value: str) -> list[str]:
@@ -265,6 +266,14 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=48)
     args = ap.parse_args()
+    bare, ours = _names(args.links), _names(args.nanoswarm)
+    for name in bare:
+        if name not in ("ring", "star"):
+            ap.error(f"unknown bare pipeline {name!r}")
+    for name in ours:
+        links, _, mode = name.partition("-")
+        if links not in ("relay", "star") or mode not in ("", "insecure"):
+            ap.error(f"unknown nanoswarm route {name!r}")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="nanoswarm-floor-") as tmp:
         model_dir = args.model or make_random_model_dir((args.work_dir or Path(tmp)) / args.shape, SHAPES[args.shape])
@@ -277,31 +286,33 @@ def main() -> None:
               f"{args.threads} torch threads per process, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
         routes = {"one process": LocalRoute(model_dir)}
         try:
-            for links in _names(args.links):
+            for links in bare:
                 routes[f"bare {links}"] = BareRoute(model_dir, args.stages, args.threads, links)
-            for name in _names(args.nanoswarm):
+            for name in ours:
                 links, _, mode = name.partition("-")
-                if links not in ("relay", "star") or mode not in ("", "insecure"):
-                    ap.error(f"unknown nanoswarm route {name!r}")
                 routes[f"nanoswarm {name}"] = NanoswarmRoute(model_dir, args.stages, args.threads, links,
                                                              insecure=mode == "insecure")
             results = rotate(routes, embed, head, ids, args)
         finally:
-            for route in routes.values():
-                route.close()
+            for name, route in routes.items():
+                try:  # every route's processes are stopped, even if one route's close fails
+                    route.close()
+                except Exception as e:
+                    print(f"closing {name}: {type(e).__name__}: {e}", file=sys.stderr)
     local = results["one process"]
     lp, ld = (statistics.median(r[i] for r in local) for i in (0, 1))
     for name, rounds in results.items():
         p, d = (statistics.median(r[i] for r in rounds) for i in (0, 1))
-        err = float((local[-1][2] - rounds[-1][2]).abs().max())  # the same blocks: the same logits
+        # The same blocks: the same logits, of the prefill and of the last token.
+        err = max(float((a - b).abs().max()) for a, b in zip(local[-1][2], rounds[-1][2]))
         print(f"{name:24s} decode {d * 1e3:6.2f} ms, ratio {ld / d:.3f} | prefill {args.prompt_len}: "
-              f"{p * 1e3:4.0f} ms, ratio {lp / p:.3f} | max |dlogit| {err:.1e}")
+              f"{p * 1e3:6.1f} ms, ratio {lp / p:.3f} | max |dlogit| {err:.1e}")
 
 
 def rotate(routes: dict, embed, head, ids: list[int], args) -> dict[str, list]:
     """Every route once a round, in a new random order each round: a node that waited computes
     slower here (docs/performance.md), so a fixed order would favour the route that always
-    follows the same one; shuffled, every route meets every predecessor and gap alike."""
+    follows the same one; shuffled, no route keeps one predecessor over the rounds."""
     names = list(routes)
     for name in names:  # warm-up
         run_round(routes[name], embed, head, ids, args.prompt_len, 4)
