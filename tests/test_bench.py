@@ -71,3 +71,12 @@ def test_bare_pipeline_floor_runs(tmp_path):
         "one process", "bare ring", "bare star", "nanoswarm relay"]
     for line in lines:
         assert float(re.search(r"max \|dlogit\| (\S+)", line).group(1)) <= 1e-4
+
+
+def test_bench_curve_runs(tmp_path):
+    """scripts/bench_curve.py (what CURVE costs a link here) runs end to end."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_curve.py"
+    out = subprocess.run([sys.executable, str(script), "--sizes", "1024", "--repeats", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "CURVE" in out.stdout and "AESGCM" in out.stdout
