@@ -57,7 +57,7 @@ class MapPool:
                 if used < size and hasattr(mmap, "MADV_DONTNEED"):  # not on Windows
                     m.madvise(mmap.MADV_DONTNEED, used, size - used)
                 return m
-        return mmap.mmap(-1, size)
+        return _anonymous_map(size)
 
     def give(self, m: mmap.mmap, room: int, now: float) -> None:
         """Keep `m` for a later session, within `room` bytes and the pool's bound."""
@@ -71,6 +71,15 @@ class MapPool:
         limit = min(room, self.max_bytes)
         while self._maps and (self.nbytes > limit or (older_than is not None and self._maps[0][0] < older_than)):
             self.nbytes -= len(self._maps.pop(0)[1])  # unmapped once the last tensor over it is gone
+
+
+def _anonymous_map(size: int) -> mmap.mmap:
+    """A private anonymous map: Python's default for fileno -1 is MAP_SHARED, whose pages
+    MADV_DONTNEED only unmaps (they stay in shared memory, contents and all), where a private
+    map's pages are freed and read back as zeros."""
+    if hasattr(mmap, "MAP_PRIVATE"):  # not on Windows, whose maps have no such flags
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, size)
 
 
 def _map_tensor(m: mmap.mmap, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

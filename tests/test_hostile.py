@@ -326,6 +326,24 @@ def test_the_cache_pool_stays_within_the_kv_budget_and_empties_when_idle(blocks)
     assert store.pool.nbytes == 0 and store.kv_bytes == 0  # unused for POOL_KEEP_SECONDS
 
 
+@pytest.mark.skipif(not hasattr(mmap, "MADV_DONTNEED"), reason="no MADV_DONTNEED on this platform")
+def test_a_reused_maps_pages_past_the_new_cache_are_freed(blocks):
+    """A session reusing a longer session's map of its size class holds only its own cache's
+    pages: the rest go back to the OS (a private map's freed pages read back as zeros; a shared
+    one's would keep the old session's data in shared memory)."""
+    d = make_driver(blocks)
+    first = d.open(128)
+    d.ok("step", {"session": first, "pos": 0}, [hidden(128, seed=1)])
+    held = d.h.sessions.sessions[first].maps
+    d.ok("close", {"session": first})
+    second = d.open(113)  # the same size class as 128 positions
+    maps = d.h.sessions.sessions[second].maps
+    assert sorted(map(id, maps)) == sorted(map(id, held))
+    used = -(-113 * KV_PER_POSITION // 2 // mmap.PAGESIZE) * mmap.PAGESIZE  # k or v: half of it
+    for m in maps:
+        assert len(m) > used and m[used:] == bytes(len(m) - used)
+
+
 @pytest.mark.parametrize("nbytes", [1, 4095, 65536, 65537, 100_000, 2**20 + 1, 1_474_560, 10**9])
 def test_cache_map_size_classes(nbytes):
     size = _map_size(nbytes)
