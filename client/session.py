@@ -20,7 +20,7 @@ import torch
 
 from .relay import Chain, ChainBroken
 from .route import RouteError
-from .stages import RemoteLayerStage, Stage
+from .stages import BUSY_RETRIES, RemoteLayerStage, Stage
 from .swarm import Swarm
 from .transport import PeerError
 
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 # of the GPT-2-small shape, but 384 KB a hop for a 128-token prefill, re-encrypted at every link,
 # which made prefill through 4 relayed stages slower than stage by stage (docs/performance.md).
 RELAY_MAX_POSITIONS = 32
-BUSY_RETRIES = 3  # a `busy` step is retried on the same peer this often (0.1, 0.2, 0.4 s) before failover
 REPLAY_CHUNK = 512  # positions per replay step (well under a node's max tokens per step)
 
 
@@ -114,7 +113,7 @@ class InferenceSession:
             except PeerError as e:
                 if self.swarm is None:
                     raise
-                if e.code == "busy" and busy_retries < BUSY_RETRIES:
+                if e.code == "busy" and busy_retries < BUSY_RETRIES and not stage.retries_busy:
                     # An overloaded peer left the session as it was: wait a little and ask again
                     # before giving its blocks to someone else.
                     busy_retries += 1

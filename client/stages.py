@@ -4,6 +4,7 @@ new positions and keeps its own KV cache (remote or local); all expose the same 
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 
@@ -11,11 +12,16 @@ from nanoswarm.shards.model import Blocks
 
 from .transport import PeerConnection, PeerError
 
+BUSY_RETRIES = 3  # a `busy` step is retried on the same peer this often (0.1, 0.2, 0.4 s) before failover
+
 
 class Stage:
     start: int
     stop: int
     max_length: int = 0
+    # A stage whose step is several requests retries a `busy` one itself: the rest of the step
+    # has already been stored by its other peers, so asking for the whole step again would fail.
+    retries_busy: bool = False
 
     def open(self, max_length: int) -> None:
         raise NotImplementedError
@@ -135,6 +141,8 @@ class HeadGroupStage(Stage):
     carries the output biases, so the plain sum is the block's exact output.
     """
 
+    retries_busy = True
+
     def __init__(self, members: list[tuple[PeerConnection, tuple[int, int]]], start: int, stop: int,
                  model_id: str, wire: str = "float32", timeout: float | None = None):
         self.members = sorted(members, key=lambda m: m[1][0])  # fixed order: same sums every time
@@ -151,12 +159,31 @@ class HeadGroupStage(Stage):
             self.sessions.append(reply.fields["session"])
 
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:
-        ids = [conn.send("step", {"session": sid, "pos": pos, "phase": phase, "block": block,
-                                  "wire": self.wire}, [hidden], self.wire, timeout=self.timeout)
-               for (conn, _), sid in zip(self.members, self.sessions)]
+        partials: list[torch.Tensor | None] = [None] * len(self.members)
+        waiting = list(range(len(self.members)))
+        for retry in range(BUSY_RETRIES + 1):
+            ids = {k: self.members[k][0].send("step", {"session": self.sessions[k], "pos": pos, "phase": phase,
+                                                       "block": block, "wire": self.wire},
+                                              [hidden], self.wire, timeout=self.timeout)
+                   for k in waiting}
+            busy = []
+            for k in waiting:
+                conn = self.members[k][0]
+                try:
+                    partials[k] = check_reply(conn, conn.recv(ids[k], self.timeout), hidden)
+                except PeerError as e:
+                    # An overloaded member left its session as it was, while the others have
+                    # stored this block: ask it alone again, a little later.
+                    if e.code != "busy" or retry == BUSY_RETRIES:
+                        raise
+                    busy.append(k)
+            if not busy:
+                break
+            waiting = busy
+            time.sleep(0.05 * 2 ** (retry + 1))
         total = hidden
-        for (conn, _), req_id in zip(self.members, ids):
-            total = total + check_reply(conn, conn.recv(req_id, self.timeout), hidden)
+        for partial in partials:  # in member order: the same sums every time
+            total = total + partial
         return total
 
     def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:

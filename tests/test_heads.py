@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+import torch
 from test_swarm import DECODE_STEPS, PROMPT_LEN, random_ids, reference_logits, swarm_logits
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.route import PeerInfo, build_route
+from nanoswarm.client.stages import HeadGroupStage
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.cluster import NodeSpec
+from nanoswarm.node.handler import RequestHandler
+from nanoswarm.node.server import NodeServer
+from nanoswarm.node.sessions import NodeLimits
+from nanoswarm.protocol.errors import ErrorCode, ProtocolError
+from nanoswarm.shards.manifest import load_blocks, read_manifest
 from nanoswarm.shards.model import KVCache
 
 SPLITS = {
@@ -100,3 +109,50 @@ def test_head_shards_announce_their_heads_in_records(tiny_model_dir, cluster_fac
         assert model.generate("Heads", 12, greedy).ids == local.generate("Heads", 12, greedy).ids
     finally:
         model.close()
+
+
+class _BusyOnce(RequestHandler):
+    """A member that refuses its first attention step of `block` as overloaded (`busy`), the way
+    a node does: before touching the session."""
+
+    def __init__(self, *args, block: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.block, self.refused = block, 0
+
+    def _validate_step(self, reply_to, msg):
+        if msg.get("phase") == "attn" and msg.get("block") == self.block and not self.refused:
+            self.refused += 1
+            raise ProtocolError(ErrorCode.BUSY, "node overloaded (test)")
+        return super()._validate_step(reply_to, msg)
+
+
+def test_a_busy_head_group_member_is_asked_again_alone(tiny_model_dir):
+    """The other member has stored the block's attention by then: asking the whole group for the
+    step again would be refused (`bad_position`) and end in a failover of an honest member."""
+    model_id = read_manifest(tiny_model_dir).model_id
+    handlers = [RequestHandler(load_blocks(tiny_model_dir, 0, 4, heads=(0, 2)), model_id, "a", NodeLimits()),
+                _BusyOnce(load_blocks(tiny_model_dir, 0, 4, heads=(2, 4)), model_id, "b", NodeLimits(), block=2)]
+    servers = [NodeServer(h, "tcp://127.0.0.1:*") for h in handlers]  # real sockets, in threads
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    conns = [PeerConnection(s.address, 10.0) for s in servers]
+    try:
+        stage = HeadGroupStage([(conns[0], (0, 2)), (conns[1], (2, 4))], 0, 4, model_id)
+        stage.open(8)
+        blocks = load_blocks(tiny_model_dir, 0, 4)
+        cache = blocks.new_cache(8)
+        x = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(3))
+        for a, b in ((0, 5), (5, 6), (6, 7)):  # a prefill (refused once at block 2), then decode
+            got = stage.step(x[:, a:b], a)
+            with torch.inference_mode():
+                want = blocks(x[:, a:b], [cache])
+            assert (got - want).abs().max().item() <= 1e-5
+        assert handlers[1].refused == 1
+    finally:
+        for conn in conns:
+            conn.close()
+        for s in servers:
+            s.stop()
+        for t in threads:
+            t.join(5)
