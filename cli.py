@@ -157,9 +157,9 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, de
 
     overrides = {k: v for k, v in {
         "max_sessions": max_sessions,
-        "kv_budget_bytes": kv_budget_mb * 2**20 if kv_budget_mb else None,
+        "kv_budget_bytes": kv_budget_mb * 2**20 if kv_budget_mb is not None else None,
         "max_session_length": max_session_length, "max_tokens_per_step": max_tokens_per_step,
-        "max_message_bytes": max_message_mb * 2**20 if max_message_mb else None,
+        "max_message_bytes": max_message_mb * 2**20 if max_message_mb is not None else None,
         "max_inflight_per_peer": max_inflight, "idle_timeout": idle_timeout,
         "max_batch_seconds": max_batch_seconds}.items() if v is not None}
     limits = dataclasses.replace(NodeLimits(), **overrides)

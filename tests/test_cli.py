@@ -112,3 +112,11 @@ def test_node_refuses_a_tampered_shard(tiny_model_dir, tmp_path):
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "blocks-1-2.safetensors" in last
+
+
+def test_node_refuses_a_zero_limit(tiny_model_dir):
+    """0 is a limit, not "not given": the node refuses it rather than fall back to the default."""
+    for option in ("--kv-budget-mb", "--max-message-mb", "--max-sessions"):
+        out = run_cli("node", str(tiny_model_dir), "--layers", "0:4", "--insecure", option, "0", timeout=60)
+        last = out.stderr.strip().splitlines()[-1]
+        assert out.returncode != 0 and last.startswith("error:") and "must be a positive number" in last, out.stderr

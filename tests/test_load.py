@@ -16,8 +16,8 @@ from nanoswarm.node.cluster import NodeSpec
 
 
 def test_load_served_or_cleanly_refused_and_logits_match_solo(tiny_model_dir):
-    """16 sessions for 5 s on a two-node swarm the run starts itself; the first node holds at
-    most 12 sessions, so some sessions are refused (`busy`) and retried."""
+    """16 sessions for 5 s on a two-node swarm the run starts itself; each node holds at most
+    12 sessions, so some sessions are refused (`busy`) and retried."""
     report = run_load(LoadOptions(tiny_model_dir, nodes=2, node_args=["--max-sessions", "12"], sessions=16,
                                   duration=5.0, prompt_tokens=8, new_tokens=16, timeout=20.0))
     assert not report.failed, report.failure_samples[:5]
