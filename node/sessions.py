@@ -34,9 +34,9 @@ class MapPool:
     A closed session's map, its pages still resident, serves the next session of its size class
     instead. Its old contents are never read: attention reads positions below the session's
     length only, and a position counts in the length only once every block of the session has
-    stored it (the handler refuses steps that would skip a block's rows). The session store keeps the pool within
-    what the KV budget leaves free and within its own bound, and the pool gives back maps unused
-    for POOL_KEEP_SECONDS, so an idle node returns to its baseline memory.
+    stored it (the handler refuses steps that would skip a block's rows). The session store
+    keeps the pool within what the KV budget leaves free and within its own bound, and the pool
+    gives back maps unused for POOL_KEEP_SECONDS, so an idle node returns to its baseline memory.
     """
 
     def __init__(self, max_bytes: int):
@@ -137,8 +137,8 @@ class Session:
     cache: KVCache
     peer: bytes            # ROUTER identity of the client that opened it
     last_used: float = field(default_factory=time.monotonic)
-    next_block: int = 0    # head shards: next block whose attention this position expects
-    pending_tokens: int = 0  # head shards: tokens of that position (every block must store as many)
+    next_block: int = 0    # phase steps: next block whose attention this position expects
+    pending_tokens: int = 0  # phase steps: tokens of that position (every block must store as many)
     maps: tuple = ()       # the memory maps under the cache (mapped_cache), for the pool
 
     @property
