@@ -20,7 +20,7 @@ import torch
 
 from .relay import Chain, ChainBroken
 from .route import RouteError
-from .stages import BUSY_RETRIES, RemoteLayerStage, Stage
+from .stages import BUSY_RETRIES, RemoteLayerStage, Stage, busy_pause
 from .swarm import Swarm
 from .transport import PeerError
 
@@ -117,7 +117,7 @@ class InferenceSession:
                     # An overloaded peer left the session as it was: wait a little and ask again
                     # before giving its blocks to someone else.
                     busy_retries += 1
-                    time.sleep(0.05 * 2 ** busy_retries)
+                    busy_pause(busy_retries)
                     continue
                 self._replace(i, e)
                 continue

@@ -15,6 +15,11 @@ from .transport import PeerConnection, PeerError
 BUSY_RETRIES = 3  # a `busy` step is retried on the same peer this often (0.1, 0.2, 0.4 s) before failover
 
 
+def busy_pause(retry: int) -> None:
+    """The wait before the `retry`-th (1..BUSY_RETRIES) request to a peer that answered `busy`."""
+    time.sleep(0.05 * 2 ** retry)
+
+
 class Stage:
     start: int
     stop: int
@@ -180,7 +185,7 @@ class HeadGroupStage(Stage):
             if not busy:
                 break
             waiting = busy
-            time.sleep(0.05 * 2 ** (retry + 1))
+            busy_pause(retry + 1)
         total = hidden
         for partial in partials:  # in member order: the same sums every time
             total = total + partial
