@@ -1,7 +1,7 @@
 """The node's socket loop: one ROUTER socket, polled with a timeout, owned by one thread.
 
 Everything readable is drained before computing, so decode steps of several sessions that
-arrive together run as one batch (node/handler.py). Timers (idle-session expiry, gossip) and
+arrive together run as one batch (node/steps.py). Timers (idle-session expiry, gossip) and
 other watched sockets (gossip links) are served between polls, on the same thread, so no socket
 is ever shared between threads. An idle node sleeps until its next timer is due or something
 arrives: on a machine shared with other nodes, every needless wake-up takes a core from the one

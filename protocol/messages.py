@@ -121,7 +121,7 @@ def peek_id(header_bytes: bytes) -> int:
 def decode(frames: list, max_message_bytes: int | None = None, finite: bool = False) -> Message:
     """Parse and type-check one message; raises ProtocolError with the code to reply with.
     With `finite`, a tensor holding NaN or Inf is refused too (nodes check theirs after the
-    forward pass instead: node/handler.py)."""
+    forward pass instead: node/steps.py)."""
     if not frames:
         raise ProtocolError(ErrorCode.MALFORMED, "empty message")
     if max_message_bytes is not None:

@@ -252,6 +252,14 @@ def test_nodes_that_chose_the_same_blocks_spread_out(small12_model_dir):
         wait_for(covered, 40, "the nodes to spread over blocks 0:12", interval=0.3)
         moves = [request(c, "info").fields["layers"] for c in harness.addresses]
         assert sorted(map(tuple, moves)) == [(0, 3), (3, 6), (6, 9), (9, 12)]
+        # The nodes that moved compute the blocks they now advertise: a swarm of them is exact.
+        local = SwarmModel.local(small12_model_dir)
+        model = SwarmModel.connect(small12_model_dir, peers=harness.addresses)
+        try:
+            greedy = SamplingParams(temperature=0)
+            assert model.generate("Moved", 8, greedy).ids == local.generate("Moved", 8, greedy).ids
+        finally:
+            model.close()
     finally:
         harness.stop()
 

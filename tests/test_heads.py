@@ -118,12 +118,15 @@ class _BusyOnce(RequestHandler):
     def __init__(self, *args, block: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.block, self.refused = block, 0
+        validate = self.steps.validate
 
-    def _validate_step(self, reply_to, msg):
-        if msg.get("phase") == "attn" and msg.get("block") == self.block and not self.refused:
-            self.refused += 1
-            raise ProtocolError(ErrorCode.BUSY, "node overloaded (test)")
-        return super()._validate_step(reply_to, msg)
+        def validate_or_refuse(reply_to, msg):
+            if msg.get("phase") == "attn" and msg.get("block") == self.block and not self.refused:
+                self.refused += 1
+                raise ProtocolError(ErrorCode.BUSY, "node overloaded (test)")
+            return validate(reply_to, msg)
+
+        self.steps.validate = validate_or_refuse
 
 
 def test_a_busy_head_group_member_is_asked_again_alone(tiny_model_dir):

@@ -169,7 +169,7 @@ def test_overflowing_values_are_refused_and_the_step_undone(blocks):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_bad_value_leaves_the_session_as_it_was(blocks, tiny_model_dir, bad):
-    """Inputs are checked after the forward pass (node/handler.py `_unsendable`): the refused step
+    """Inputs are checked after the forward pass (node/steps.py `_unsendable`): the refused step
     must still leave no trace, in a whole-block session and in a head shard mid-block, and must not
     touch another session batched with it."""
     d = make_driver(blocks)
