@@ -62,11 +62,13 @@ class InferenceSession:
         pos = 0
         while pos < swarm.n_layer:
             plan = swarm.plan(pos)[0]
-            stage = swarm.make_stage(plan)
+            stage = None
             try:
+                stage = swarm.make_stage(plan)
                 stage.open(max_length)
-            except PeerError as e:
-                stage.close()
+            except PeerError as e:  # a peer that cannot be reached or refuses is banned
+                if stage is not None:
+                    stage.close()
                 session._strike(e)
                 continue
             session.stages.append(stage)

@@ -8,6 +8,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import zmq
+
 from nanoswarm.keys.contact import split_contact
 
 from .route import PeerInfo, StagePlan, build_route
@@ -91,12 +93,18 @@ class Swarm:
         conn = self._conns.get(address)
         if conn is None:
             info = self.peers.get(address)
-            key = info.curve_key if info is not None and info.curve_key is not None else split_contact(address)[1]
+            try:
+                key = info.curve_key if info is not None and info.curve_key is not None else split_contact(address)[1]
+            except ValueError as e:
+                raise PeerError(address, "bad_contact", str(e)) from None
             if key is None and not self.options.insecure:
                 raise PeerError(address, "insecure", "no CURVE key for this peer: give its contact "
                                 "(ADDRESS#KEY, printed by the node) or allow unencrypted links with --insecure")
-            conn = PeerConnection(address, self.options.timeout, server_key=key,
-                                  client_keys=self.options.client_keys)
+            try:
+                conn = PeerConnection(address, self.options.timeout, server_key=key,
+                                      client_keys=self.options.client_keys)
+            except (ValueError, zmq.ZMQError) as e:  # an endpoint ZeroMQ cannot connect to
+                raise PeerError(address, "bad_contact", f"cannot connect: {e}") from None
             self._conns[address] = conn
         return conn
 

@@ -25,6 +25,7 @@ Lifetime rules
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -138,10 +139,18 @@ def _text(value: object, name: str, max_len: int) -> str:
     return value
 
 
+# What peers connect to: a TCP endpoint, nothing else. Anything ZeroMQ cannot connect to (another
+# transport, a `#` that makes the contact string ambiguous, a port of `*`) would fail in every
+# node and client that picks the record; ipc:// and inproc:// would point into the receiver's
+# own machine or process.
+_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):([0-9]{1,5})")
+
+
 def _address(value: object) -> str:
     text = _text(value, "address", MAX_ADDRESS_LEN)
-    if not text.isascii() or any(c.isspace() for c in text) or "://" not in text:
-        raise _Malformed("address must be an ASCII endpoint like tcp://host:port")
+    m = _ADDRESS.fullmatch(text)
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise _Malformed("address must be a TCP endpoint tcp://host:port")
     return text
 
 

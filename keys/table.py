@@ -10,6 +10,11 @@ Rules (per peer_id):
   would be rejected as "expired" anyway.
 * A rejected offer never changes the table.  Expired entries are invisible to readers and dropped
   by `expire()`.
+* The table holds at most `max_peers` peers and as many tombstones: anyone can sign records with
+  keys of their own, so without a bound a flood of them would grow memory and every gossip
+  exchange without end.  When full, a record of a peer not held is refused ("table_full") until
+  entries expire or are forgotten (gossip forgets peers that do not answer); peers already held
+  keep updating, and a departure of a held peer pushes out the tombstone that lapses first.
 
 Not thread-safe: each socket loop owns its own table.
 """
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 ACCEPTED = "accepted"
 DEPARTED = "departed"
 STALE_SEQ = "stale_seq"
+TABLE_FULL = "table_full"
+DEFAULT_MAX_PEERS = 4096
 
 
 @dataclass(frozen=True)
@@ -47,8 +54,10 @@ class _Tombstone:
 class RecordTable:
     """Latest verified record per peer.  `offer` is the only way in from the network."""
 
-    def __init__(self, max_ttl: float = DEFAULT_MAX_TTL, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, max_ttl: float = DEFAULT_MAX_TTL, clock: Callable[[], float] = time.time,
+                 max_peers: int = DEFAULT_MAX_PEERS) -> None:
         self.max_ttl = max_ttl
+        self.max_peers = max_peers
         self.clock = clock
         self.accepted = 0
         self.departed = 0
@@ -56,6 +65,7 @@ class RecordTable:
         self._entries: dict[str, _Entry] = {}
         self._signed: dict[bytes, bytes] = {}  # body -> signature of every entry (see offer)
         self._tombstones: dict[str, _Tombstone] = {}
+        self._full_since = float("-inf")  # when a full table last dropped its expired entries
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -77,6 +87,8 @@ class RecordTable:
         if held is not None and record.seq <= held:
             return self._reject(STALE_SEQ, f"{record.peer_id} seq {record.seq} <= {held}")
         entry = _Entry(record, verified.wire)
+        if not self._has_room(record, now):
+            return self._reject(TABLE_FULL, f"{len(self._entries)} peers, {len(self._tombstones)} tombstones")
         if record.departing:
             return self._depart(entry, now)
         self._pop(record.peer_id)
@@ -89,6 +101,27 @@ class RecordTable:
             self._tombstones[record.peer_id] = _Tombstone(stone.seq, stone.until, None)
         self.accepted += 1
         return ACCEPTED
+
+    def _has_room(self, record: Record, now: float) -> bool:
+        """Whether a verified, newer record may go in without passing the bounds."""
+        peer_id = record.peer_id
+        if not record.departing:
+            return peer_id in self._entries or self._free(self._entries, now)
+        if peer_id in self._tombstones or self._free(self._tombstones, now):
+            return True
+        if peer_id not in self._entries:
+            return False  # the departure of a peer we do not hold: nothing to remove
+        # A held peer leaves: its tombstone pushes out the one that lapses first.
+        del self._tombstones[min(self._tombstones, key=lambda p: self._tombstones[p].until)]
+        return True
+
+    def _free(self, pool: dict, now: float) -> bool:
+        """Whether `pool` has room; when full, expired entries are dropped first (at most once a
+        second: a flood of offers must not cost a pass over the table each)."""
+        if len(pool) >= self.max_peers and now >= self._full_since + 1.0:
+            self._full_since = now
+            self.expire()
+        return len(pool) < self.max_peers
 
     def _reject(self, reason: str, detail: str = "") -> str:
         self.rejected[reason] += 1
@@ -184,6 +217,8 @@ class RecordTable:
         if entry is None:
             return False
         stone = self._tombstones.get(peer_id)
+        if stone is None and not self._free(self._tombstones, self.clock()):
+            return True  # no room to remember it: forgotten, and taken again if offered again
         if stone is None or stone.seq < entry.record.seq:
             self._tombstones[peer_id] = _Tombstone(entry.record.seq, entry.record.expires, None)
         return True

@@ -99,6 +99,8 @@ def run_node(opts: NodeOptions) -> None:
     """Serve until SIGTERM/Ctrl-C. Prints `listening CONTACT` on stdout once ready and announced:
     the contact is ADDRESS#CURVEKEY (keys/contact.py); the harness reads it to learn the port
     when the listen address ends in `:*`, and the key to connect."""
+    if not opts.listen.startswith("tcp://"):  # peers reach nodes by the TCP endpoint in their record
+        raise ValueError(f"--listen must be a TCP endpoint (tcp://HOST:PORT or tcp://HOST:*), not {opts.listen!r}")
     identity = load_or_create_identity(opts.key_file)  # first: a bad key file fails at once
     allow = read_allowed_keys(opts.allow_keys) if opts.allow_keys else None
     if allow is not None and opts.insecure:

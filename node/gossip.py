@@ -11,6 +11,11 @@ shared between threads.  Requests are sent without blocking and replies are read
 loop sees them arrive (each link's socket is watched): a dead peer never stalls serving; after
 `peer_timeout` without an answer its link is dropped and its record forgotten locally (a newer
 record from it brings it back).
+
+Links are keyed by contact (endpoint and CURVE key), not by endpoint: a record that claims another
+node's endpoint with a key of its own gets a link of its own, whose failure forgets only that
+record. At most MAX_LINKS stay open (the least recently used one closes), so a large table cannot
+use up the process's sockets.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_WIRES = 128  # records taken from one message
+MAX_LINKS = 64   # gossip links kept open (a round uses `fanout` of them)
+DEPART_FANOUT = 16  # known peers told directly of our departure; gossip carries it on
 WIRE_BUDGET = 48 * 1024  # bytes of records per message, under the 64 KiB header limit
 
 
@@ -75,7 +83,7 @@ class Gossip:
         self.own: dict[str, bytes] | None = None
         self.departed = False
         self.rounds = 0
-        self._links: dict[str, _Link] = {}  # by endpoint
+        self._links: OrderedDict[str, _Link] = OrderedDict()  # by contact, least recently used first
         self._server: NodeServer | None = None  # watches the links' sockets once attached
         self.stats: dict[str, Any] = {}
         self._known: set[tuple[str, bytes | None]] = set()  # (endpoint, CURVE key) of live records
@@ -127,7 +135,11 @@ class Gossip:
         departure = sign_departure(self.identity, last, seq=max(seq_now(), last.seq + 1))
         self.table.offer(departure)
         self.departed = True
-        targets = list(dict.fromkeys(self._known_contacts() + self.options.bootstrap))
+        known = self._known_contacts()
+        # A sample, not everyone: the peers told pass the departure on like any record, and a
+        # link per peer of a large table would use up the process's sockets.
+        sample = random.sample(known, min(DEPART_FANOUT, len(known)))
+        targets = list(dict.fromkeys(sample + self.options.bootstrap[:DEPART_FANOUT]))
         for contact in targets:
             self._send(contact, [departure], want=False)
         log.info("announced departure to %d peers", len(targets))
@@ -215,20 +227,23 @@ class Gossip:
         return answered + self.drain()
 
     def _link(self, contact: str) -> _Link | None:
-        endpoint = endpoint_of(contact)
-        if endpoint == self.address:
+        if endpoint_of(contact) == self.address:
             return None
-        link = self._links.get(endpoint)
-        if link is None:
-            try:
-                conn = PeerConnection(contact, timeout=self.options.peer_timeout,
-                                      client_keys=(self.identity.curve_public, self.identity.curve_secret))
-            except ValueError as e:
-                log.warning("cannot gossip with %s: %s", contact, e)
-                return None
-            link = self._links[endpoint] = _Link(conn)
-            if self._server is not None:
-                self._server.watch(conn.socket, self.drain)
+        link = self._links.get(contact)
+        if link is not None:
+            self._links.move_to_end(contact)
+            return link
+        try:
+            conn = PeerConnection(contact, timeout=self.options.peer_timeout,
+                                  client_keys=(self.identity.curve_public, self.identity.curve_secret))
+        except (ValueError, zmq.ZMQError) as e:  # a contact ZeroMQ cannot connect to: skip only it
+            log.warning("cannot gossip with %s: %s", contact[:120], e)
+            return None
+        link = self._links[contact] = _Link(conn)
+        if self._server is not None:
+            self._server.watch(conn.socket, self.drain)
+        while len(self._links) > MAX_LINKS:
+            self._close_link(*next(iter(self._links.items())))
         return link
 
     def _send(self, contact: str, wires: list, want: bool) -> None:
@@ -242,7 +257,7 @@ class Gossip:
             # The queue is full (the peer is not reading), or ZeroMQ dropped the connection for
             # good after a refused handshake: the next round starts a fresh one.
             log.debug("gossip to %s not sent: %s", contact, e)
-            self._close_link(endpoint_of(contact), link)
+            self._close_link(contact, link)
             return
         if want or self.departed:
             link.pending[req_id] = time.monotonic()
@@ -251,13 +266,13 @@ class Gossip:
         """Read every reply that has arrived; drop links silent for too long.  Returns replies read."""
         got = 0
         now = time.monotonic()
-        for endpoint, link in list(self._links.items()):
+        for contact, link in list(self._links.items()):
             while link.conn.socket.poll(0):
                 frames = link.conn.socket.recv_multipart(copy=False)
                 try:
                     msg = decode(frames)
                 except ProtocolError as e:
-                    log.debug("bad gossip reply from %s: %s", endpoint, e.message)
+                    log.debug("bad gossip reply from %s: %s", contact, e.message)
                     continue
                 if link.pending.pop(msg.id, None) is None:
                     continue  # a notice, or a reply to a link we gave up on
@@ -265,24 +280,30 @@ class Gossip:
                 if msg.type == "records_reply":
                     self.offer_all(msg.fields["records"])
                 elif msg.type == "error":
-                    log.debug("gossip to %s refused: %s", endpoint, msg.fields.get("message"))
+                    log.debug("gossip to %s refused: %s", contact, msg.fields.get("message"))
             if link.pending and now - min(link.pending.values()) > self.options.peer_timeout:
-                self._drop(endpoint, link)
+                self._drop(contact, link)
         return got
 
-    def _close_link(self, endpoint: str, link: _Link) -> None:
+    def _close_link(self, contact: str, link: _Link) -> None:
         if self._server is not None:
             self._server.unwatch(link.conn.socket)
         link.conn.close()
-        del self._links[endpoint]
+        del self._links[contact]
 
-    def _drop(self, endpoint: str, link: _Link) -> None:
-        self._close_link(endpoint, link)
+    def _drop(self, contact: str, link: _Link) -> None:
+        """Forget the records behind a contact that stopped answering: those with its endpoint
+        and its key, not others that merely claim the same endpoint."""
+        self._close_link(contact, link)
+        try:
+            silent = split_contact(contact)
+        except ValueError:
+            silent = None
         for r in self.table.records():
-            if r.address == endpoint and r.peer_id != self.peer_id:
+            if (r.address, None if r.insecure else r.curve_key) == silent and r.peer_id != self.peer_id:
                 self.table.remove(r.peer_id)
                 log.info("peer %s at %s stopped answering; forgotten until it announces again",
-                         r.peer_id, endpoint)
+                         r.peer_id, r.address)
         self._update_stats()
 
     def close(self) -> None:

@@ -317,3 +317,85 @@ def test_relay_targets_follow_the_table():
         assert not gossip.knows("tcp://127.0.0.1:2000#not-a-key")
     gossip.offer_all([sign_departure(peer, verify_record(wire))])
     assert not gossip.knows(contact)
+
+
+# ----- what anyone can put in a table: bad contacts, claimed endpoints, many peers ----------
+@pytest.mark.parametrize("bad", ["bogus://x", "tcp://127.0.0.1:1#x"])
+def test_a_client_bans_a_peer_it_cannot_connect_to_and_routes_around_it(swarm, tiny_model_dir, bad):
+    """A peer whose contact ZeroMQ cannot connect to (from an older node's table, or --peers)
+    is banned like a peer that fails, not a crash of the client."""
+    import dataclasses
+
+    model = SwarmModel.connect(tiny_model_dir, peers=[n.address for n in swarm])
+    try:
+        honest = next(iter(model.swarm.peers.values()))
+        model.swarm.peers[bad] = dataclasses.replace(honest, address=bad, peer_id="ns-fake", layers=(0, 4),
+                                                     throughput=1e9)  # the route's first choice
+        greedy = SamplingParams(temperature=0)
+        local = SwarmModel.local(tiny_model_dir).generate("Bad contact", 6, greedy)
+        assert model.generate("Bad contact", 6, greedy).ids == local.ids
+        assert bad in model.swarm.bans
+    finally:
+        model.close()
+
+
+def _signed_at(identity, address: str) -> dict:
+    return sign_record(identity, address=address, model_id="m", layers=(0, 1), seq=1, expires=time.time() + 60)
+
+
+def test_a_gossip_round_survives_contacts_zeromq_cannot_connect_to():
+    from nanoswarm.node.gossip import Gossip, GossipOptions
+
+    good = format_contact("tcp://127.0.0.1:2", generate_identity().curve_public)
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1",
+                    GossipOptions(bootstrap=["bogus://x", "tcp://127.0.0.1:3#x", good]))
+    try:
+        gossip.refresh()
+        for _ in range(3):
+            gossip.round()
+        gossip.depart()
+        assert list(gossip._links) == [good]
+    finally:
+        gossip.close()
+
+
+def test_a_record_claiming_another_nodes_endpoint_gets_a_link_of_its_own():
+    """Links are per contact: when the one of a record that claims B's endpoint with another key
+    goes silent, only that record is forgotten, not B's."""
+    from nanoswarm.node.gossip import Gossip
+
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
+    b, impostor = generate_identity(), generate_identity()
+    try:
+        assert gossip.offer_all([_signed_at(b, "tcp://127.0.0.1:2"),
+                                 _signed_at(impostor, "tcp://127.0.0.1:2")]) == {"accepted": 2}
+        b_contact = format_contact("tcp://127.0.0.1:2", b.curve_public)
+        fake_contact = format_contact("tcp://127.0.0.1:2", impostor.curve_public)
+        fake_link = gossip._link(fake_contact)
+        assert gossip._link(b_contact) is not fake_link
+        gossip._drop(fake_contact, fake_link)  # what drain() does after peer_timeout of silence
+        assert b.peer_id in gossip.table and impostor.peer_id not in gossip.table
+        assert gossip.knows(b_contact) and not gossip.knows(fake_contact)
+    finally:
+        gossip.close()
+
+
+def test_links_and_a_departure_stay_bounded_with_a_large_table():
+    """A node knowing many peers keeps at most MAX_LINKS gossip links and tells a sample of them
+    that it leaves (each link is two ZeroMQ sockets; a process has about a thousand)."""
+    from nanoswarm.node.gossip import DEPART_FANOUT, MAX_LINKS, Gossip
+
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
+    try:
+        others = [generate_identity() for _ in range(3 * MAX_LINKS)]
+        gossip.offer_all([_signed_at(p, f"tcp://127.0.0.1:{20000 + i}") for i, p in enumerate(others)])
+        gossip.refresh()
+        for r in gossip.table.records():
+            gossip._link(format_contact(r.address, r.curve_key))
+        assert len(gossip._links) == MAX_LINKS
+        gossip.close()
+        gossip.depart()
+        assert len(gossip._links) == DEPART_FANOUT
+        assert all(link.pending for link in gossip._links.values())  # each was sent the departure
+    finally:
+        gossip.close()

@@ -482,3 +482,57 @@ def test_counters_count_each_reason(alice: Identity, bob: Identity) -> None:
         "stale_seq": 1,
     }
     assert table.accepted == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Addresses and bounds: what anyone can sign with keys of their own
+
+
+@pytest.mark.parametrize("address", ["bogus://x", "tcp://127.0.0.1:1#x", "ipc:///tmp/node", "inproc://node",
+                                     "tcp://127.0.0.1:*", "tcp://127.0.0.1:0", "tcp://127.0.0.1:70000",
+                                     "tcp://:5555", "tcp://127.0.0.1"])
+def test_a_record_names_a_tcp_endpoint_peers_can_connect_to(alice: Identity, address: str) -> None:
+    """A record whose address ZeroMQ cannot connect to would break every node and client that
+    picks it: refused when signing, and when a body signed anyway arrives."""
+    with pytest.raises(ValueError, match="malformed"):
+        make_wire(alice, address=address)
+    genuine = verify_record(make_wire(alice), now=NOW)
+    assert reason_of(_forge(alice, replace(genuine, address=address))) == "malformed"
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:5555", "tcp://[::1]:5555", "tcp://node-1.example.org:80"])
+def test_tcp_endpoints_are_accepted(alice: Identity, address: str) -> None:
+    assert verify_record(make_wire(alice, address=address), now=NOW).address == address
+
+
+def test_the_table_is_bounded_and_keeps_serving_the_peers_it_holds() -> None:
+    clock = Clock()
+    table = RecordTable(clock=clock, max_peers=4)
+    peers = [generate_identity() for _ in range(7)]
+
+    def departure(p: Identity, seq: int) -> dict:
+        return sign_departure(p, verify_record(make_wire(p, seq=seq - 1), now=NOW), seq=seq, now=clock.now)
+
+    for p in peers[:4]:
+        assert table.offer(make_wire(p, seq=1, expires=NOW + 30)) == "accepted"
+    assert table.offer(make_wire(peers[4], seq=1)) == "table_full"  # a new peer: no room
+    assert table.offer(make_wire(peers[0], seq=2, expires=NOW + 30)) == "accepted"  # a held peer still updates
+    assert len(table) == 4 and table.rejected["table_full"] == 1
+    # Every held peer leaves: four tombstones. The departure of a peer we never held would need
+    # a fifth: refused.
+    for p in peers[:4]:
+        assert table.offer(departure(p, 5)) == "departed"
+    assert len(table) == 0 and len(table._tombstones) == 4
+    assert table.offer(departure(peers[6], 2)) == "table_full"
+    # A held peer's departure pushes out the tombstone that lapses first.
+    assert table.offer(make_wire(peers[4], seq=1, expires=NOW + 60)) == "accepted"
+    lapses_first = min(table._tombstones, key=lambda p: table._tombstones[p].until)
+    assert table.offer(departure(peers[4], 2)) == "departed"
+    assert len(table._tombstones) == 4 and lapses_first not in table._tombstones
+    # Expired entries make room in a full table.
+    for p in peers[:4]:
+        assert table.offer(make_wire(p, seq=9, expires=NOW + 10)) == "accepted"
+    assert table.offer(make_wire(peers[5], seq=1, expires=NOW + 60)) == "table_full"
+    clock.now = NOW + 11
+    assert table.offer(make_wire(peers[5], seq=1, expires=NOW + 60)) == "accepted"
+    assert table.records() == [verify_record(make_wire(peers[5], seq=1, expires=NOW + 60), now=clock.now)]
