@@ -24,9 +24,9 @@ def _range(value: str | None, what: str) -> tuple[int, int] | None:
     try:
         a, b = (int(x) for x in value.split(":"))
     except ValueError:
-        raise click.BadParameter(f"{what} must look like START:STOP, e.g. 4:8") from None
+        raise click.UsageError(f"{what} {value} must look like START:STOP, e.g. 4:8") from None
     if not 0 <= a < b:
-        raise click.BadParameter(f"{what} {value} is empty or negative")
+        raise click.UsageError(f"{what} {value} is empty or negative")
     return a, b
 
 
@@ -36,19 +36,33 @@ def _setup_logging(verbose: int) -> None:
                         datefmt="%H:%M:%S")
 
 
+def _fail(message: str, code: int) -> None:
+    """Exit with one `error:` line: an exception's text can span lines (torch's do) or be empty
+    (MemoryError's), and either way the user gets one line that says something."""
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+# click >= 8.2 signals "no arguments: show the help" as a UsageError; that is no failure.
+_NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class _CleanErrors(click.Group):
-    """Expected failures print one line, not a traceback."""
+    """Expected failures print one line, not a traceback or a usage block."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except _NO_ARGS_HELP:
+            raise  # `nanoswarm keys` alone: the help is what was asked for
+        except click.UsageError as e:  # bad options of a subcommand; exit code 2, as click's
+            _fail(e.format_message(), e.exit_code)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - the top of the program
             if os.environ.get("NANOSWARM_DEBUG"):
                 raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+            _fail(str(e) or type(e).__name__, 1)
 
 
 @click.group(cls=_CleanErrors)
@@ -73,10 +87,11 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
     """Cut a checkpoint (nanoGPT ckpt.pt or Hugging Face GPT-2 dir) into a model directory."""
     import torch
 
-    from nanoswarm.shards.loaders import load_checkpoint
+    from nanoswarm.shards.loaders import check_tokenizer_vocab, load_checkpoint
     from nanoswarm.shards.manifest import parse_head_splits, write_model_dir
 
     config, state = load_checkpoint(source)
+    check_tokenizer_vocab(config, str(source))
     splits = parse_head_splits(heads_spec, head_groups, config.n_head)
     manifest = write_model_dir(config, state, out_dir, layers_per_shard, splits, getattr(torch, dtype))
     if as_json:
@@ -184,7 +199,7 @@ def _peer_list(peers: str | None) -> list[str]:
 @click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Use this identity's CURVE key (private swarms); default: a fresh key per run.")
 @click.option("--insecure", is_flag=True, help="Allow unencrypted links to nodes that run without a key.")
-@click.option("--max-new-tokens", type=int, default=50, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=50, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
@@ -207,12 +222,12 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
     addresses, bootstraps = _peer_list(peers), _peer_list(",".join(bootstrap))
     if not addresses and not bootstraps:
         raise click.UsageError("give --bootstrap or --peers")
+    sampling = SamplingParams(temperature, top_k, top_p, seed)  # bad values fail before connecting
     options = SwarmOptions(timeout=timeout, wire=wire, client_keys=_client_keys(key_file), insecure=insecure,
                            relay=relay)
     model = SwarmModel.connect(model_dir, peers=addresses, bootstrap=bootstraps, options=options)
     try:
-        _run_generation(model, prompt, max_new_tokens,
-                        SamplingParams(temperature, top_k, top_p, seed), as_json)
+        _run_generation(model, prompt, max_new_tokens, sampling, as_json)
     finally:
         model.close()
 
@@ -247,6 +262,8 @@ def _run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: 
                 first = False
             click.echo(piece, nl=False)
             sys.stdout.flush()
+        if first:  # no new text (--max-new-tokens 0): the output is still prompt + new text
+            click.echo(prompt, nl=False)
         click.echo()
         s = result.stats
         click.echo(f"[{s.new_tokens} tokens, first after {s.time_to_first_token * 1000:.0f} ms, "
@@ -365,7 +382,7 @@ def cluster(model_dir: Path, nodes: int, threads: int) -> None:
 @click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Model directory (default: the demo model shipped with nanoswarm).")
 @click.option("--nodes", type=int, default=3, show_default=True)
-@click.option("--max-new-tokens", type=int, default=120, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=120, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--top-k", type=int, default=40, show_default=True)
 @click.option("--seed", type=int, default=None)
@@ -380,6 +397,7 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, max_new_tokens: int, t
     from nanoswarm.shards.demo import demo_model_dir
     from nanoswarm.shards.manifest import read_manifest
 
+    sampling = SamplingParams(temperature, top_k, None, seed)  # bad values fail before any node starts
     model_dir = model_dir or demo_model_dir()
     n_layer = read_manifest(model_dir).config.n_layer
     # The nodes' own logs would drown the text on the terminal: they go to a file unless -v.
@@ -396,8 +414,7 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, max_new_tokens: int, t
             click.echo(f"  node {endpoint_of(n.address)} layers {n.spec.layers[0]}:{n.spec.layers[1]}", err=True)
         model = SwarmModel.connect(model_dir, peers=harness.addresses)
         try:
-            _run_generation(model, prompt, max_new_tokens, SamplingParams(temperature, top_k, None, seed),
-                            as_json)
+            _run_generation(model, prompt, max_new_tokens, sampling, as_json)
         finally:
             model.close()
 

@@ -81,12 +81,14 @@ class SwarmModel:
                on_failover: Callable[[str], None] | None = None) -> Iterator[str]:
         """Yields text pieces as tokens arrive; fills `result` if given."""
         ids = self.encoding.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
-        max_new_tokens = max(1, min(max_new_tokens, self.config.block_size - len(ids)))
-        if len(ids) >= self.config.block_size:
-            raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {self.config.block_size}")
+        max_new_tokens = self._new_tokens(ids, max_new_tokens)
         result = result if result is not None else GenerationResult(prompt, ids, [], "", [], GenerationStats())
         result.prompt, result.prompt_ids = prompt, ids
-        session = self.session(len(ids) + max_new_tokens, on_failover)
+        result.stats.prompt_tokens = len(ids)
+        if max_new_tokens == 0:
+            return  # nothing to compute: no session, no peer asked for one
+        # The last sampled token is never fed back (generate_ids), so it needs no position.
+        session = self.session(len(ids) + max_new_tokens - 1, on_failover)
         text = TextStream(self.encoding)
         try:
             result.route = session.describe()
@@ -106,6 +108,22 @@ class SwarmModel:
             result.route = session.describe()
             result.failovers = session.failovers
             session.close()
+
+    def _new_tokens(self, ids: list[int], max_new_tokens: int) -> int:
+        """How many tokens to generate: max_new_tokens, capped by the context. ValueError for a
+        prompt the model cannot take."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        vocab, context = self.config.vocab_size, self.config.block_size
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:  # the embedding has no row for it: say so before any peer is asked
+            raise ValueError(f"prompt token {bad} ({self.encoding.decode([bad])!r}) is outside the "
+                             f"model's vocabulary of {vocab} ids")
+        if len(ids) > context:
+            raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {context}")
+        # Positions 0..context-1 hold the prompt and all new tokens but the last, which is only
+        # sampled: a prompt of `context` tokens still gets one.
+        return min(max_new_tokens, context - len(ids) + 1)
 
     def generate(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
                  keep_logits: bool = False) -> GenerationResult:

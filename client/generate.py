@@ -4,6 +4,7 @@ sampling here. Peers only ever see hidden states; all sampling state stays with 
 from __future__ import annotations
 
 import codecs
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,12 +24,13 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        # NaN fails every comparison, so `< 0` alone would let it through to the sampler.
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError("top_k must be >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 class Sampler:
@@ -97,6 +99,10 @@ def generate_ids(model: ClientModel, session: InferenceSession, prompt: list[int
     """Yields new token ids one by one (prefill, then one decode step per token)."""
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens == 0:
+        return  # not even the prefill: nothing would use it
     sampler = Sampler(sampling)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt)

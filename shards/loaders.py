@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -118,12 +120,31 @@ def _config(source: str, **fields) -> ModelConfig:
         raise CheckpointError(f"{source}: bad model config: {exc}") from exc
 
 
+def check_tokenizer_vocab(config: ModelConfig, source: str) -> None:
+    """CheckpointError unless the model can embed every id of the GPT-2 tokenizer, the only one
+    nanoswarm has: a smaller vocabulary (nanoGPT's character-level 65, say) was trained on other
+    ids, and its prompts would fail or mean something else. A padded one was cropped to 50257."""
+    if config.vocab_size < GPT2_VOCAB:
+        raise CheckpointError(f"{source}: vocab_size {config.vocab_size} is smaller than the GPT-2 "
+                              f"tokenizer's {GPT2_VOCAB} ids; nanoswarm serves GPT-2-tokenized models only")
+
+
 def _torch_load(path: Path) -> dict:
     try:
-        # weights_only: a checkpoint from a stranger must not be able to run code on unpickling.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a bad or unsafe file
-        raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True): {exc}") from exc
+        with warnings.catch_warnings():  # noise on stderr; any problem is in the error below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # weights_only: a checkpoint from a stranger must not be able to run code on unpickling.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message suggests weights_only=False, i.e. running the file's code: we never do.
+        # Keep only what it found (say "Unsupported global: GLOBAL x.Y"), not that advice or
+        # the allowlisting advice after it.
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+        detail = f" ({found.group(1).split('. Please')[0].strip()})" if found else ""
+        raise CheckpointError(f"{path}: not a checkpoint of plain tensors and settings{detail}") from exc
+    except Exception as exc:  # torch raises many kinds for a bad file
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CheckpointError(f"{path}: cannot load it as a checkpoint: {first}") from exc
 
 
 def load_nanogpt(path: Path, gelu: str | None = None) -> tuple[ModelConfig, StateDict]:

@@ -12,11 +12,13 @@ blocks-{a}-{b}-heads-{i}-{j}.safetensors. Tensor names are the flat GPT-2 names 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,14 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .loaders import StateDict, load_checkpoint, validate_flat_state_dict
+from .loaders import (
+    GPT2_VOCAB,
+    StateDict,
+    check_tokenizer_vocab,
+    expected_shapes,
+    load_checkpoint,
+    validate_flat_state_dict,
+)
 from .model import GPT, Blocks, Embeddings, Head, ModelConfig, head_slice_width
 
 log = logging.getLogger(__name__)
@@ -35,6 +44,9 @@ ROLES = ("embeddings", "head", "blocks")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _LAYER_RE = re.compile(r"^h\.(\d+)\.(.+)$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+# Far above any GPT-2-family model, yet low enough that a manifest from elsewhere cannot make a
+# loader build millions of modules (a hang) before a single file is read.
+CONFIG_LIMITS = {"n_layer": 1024, "n_head": 1024, "n_embd": 1 << 16, "block_size": 1 << 20}
 Range = tuple[int, int]
 
 
@@ -139,9 +151,22 @@ def _config_from(d: object) -> ModelConfig:
     _require(set(d) == names, f"config fields must be exactly {sorted(names)}")
     _require(isinstance(d["bias"], bool), "config.bias must be true or false")
     try:
-        return ModelConfig(**d)
+        config = ModelConfig(**d)
+        check_config_limits(config)
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"bad config: {exc}") from exc
+    return config
+
+
+def check_config_limits(config: ModelConfig) -> None:
+    """ValueError for a config no model directory may have (see CONFIG_LIMITS)."""
+    for name, limit in CONFIG_LIMITS.items():
+        if getattr(config, name) > limit:
+            raise ValueError(f"{name} {getattr(config, name)} is above the limit {limit}")
+    # The gpt2 tokenizer decodes ids < 50257 only: a larger vocabulary could sample ids it cannot
+    # decode (the loaders crop nanoGPT's padded 50304 to 50257 for that reason).
+    if config.vocab_size > GPT2_VOCAB:
+        raise ValueError(f"vocab_size {config.vocab_size} is above the gpt2 tokenizer's {GPT2_VOCAB} ids")
 
 
 def _entry_from(d: object, config: ModelConfig) -> FileEntry:
@@ -168,6 +193,14 @@ def _check_files(m: Manifest) -> None:
     _require(len(names) == len(set(names)), "file names repeat")
     for role in ("embeddings", "head"):
         _require(sum(f.role == role for f in m.files) == 1, f"need exactly one {role} file")
+    # Every layer needs a full-head file: head-sliced files are optional extras, and a layer no
+    # file holds would only fail later, on some peer, after it built its modules.
+    covered = 0
+    for a, b in sorted(f.layers for f in m.files if f.role == "blocks" and f.heads is None):
+        _require(a <= covered, f"layers {covered}:{a} are in no full-head blocks file")
+        covered = max(covered, b)
+    _require(covered == m.config.n_layer,
+             f"layers {covered}:{m.config.n_layer} are in no full-head blocks file")
 
 
 # ---- head splits ----
@@ -188,9 +221,9 @@ def validate_head_splits(splits: list[Range], n_head: int) -> list[Range]:
 def parse_head_splits(spec: str | None, groups: int | None, n_head: int) -> list[Range] | None:
     """"0:6,6:12" (half-open, a partition of all heads) or `groups` near-equal groups; None if
     neither is given."""
-    if spec and groups:
+    if spec and groups is not None:
         raise ValueError("give head splits either as ranges or as a number of groups, not both")
-    if groups:
+    if groups is not None:  # 0 is a (bad) value, not "not given"
         if not 1 <= groups <= n_head:
             raise ValueError(f"head groups must be in 1..{n_head}, got {groups}")
         base, extra = divmod(n_head, groups)
@@ -269,6 +302,7 @@ def write_model_dir(config: ModelConfig, flat_sd: StateDict, out_dir: str | Path
                     progress: bool = True) -> Manifest:
     """Cut flat weights into the model directory and write its manifest.json."""
     validate_flat_state_dict(config, flat_sd, "weights to shard")
+    check_config_limits(config)  # never write a directory that read_manifest would refuse
     if layers_per_shard < 1:
         raise ValueError(f"layers_per_shard must be at least 1, got {layers_per_shard}")
     splits = [s for s in validate_head_splits(head_splits or [(0, config.n_head)], config.n_head)
@@ -307,6 +341,7 @@ def shard_checkpoint(source: str | Path, out_dir: str | Path, layers_per_shard: 
                      gelu: str | None = None, progress: bool = True) -> Manifest:
     """A nanoGPT or Hugging Face checkpoint turned into a model directory."""
     config, flat_sd = load_checkpoint(source, gelu=gelu)
+    check_tokenizer_vocab(config, str(source))
     return write_model_dir(config, flat_sd, out_dir, layers_per_shard, head_splits, dtype, progress)
 
 
@@ -324,17 +359,79 @@ def read_manifest(model_dir: str | Path) -> Manifest:
         raise ManifestError(f"{path}: {exc}") from exc
 
 
-def read_verified(model_dir: str | Path, entry: FileEntry) -> StateDict:
-    """The tensors of one file, after checking its bytes against the manifest's sha256."""
+def _read_exactly(path: Path, size: int) -> bytes:
+    """The file's bytes if it is a regular file of `size` bytes. Checked on the open descriptor
+    before reading: a symlink to /dev/zero or a FIFO must not be read without end (O_NONBLOCK
+    keeps open() of a FIFO from waiting for a writer)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # Windows has no FIFOs to fear
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError("not a regular file")
+        if st.st_size != size:
+            raise OSError(f"it is {st.st_size} bytes, the manifest says {size}")
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"read {len(data)} bytes, the manifest says {size}")
+    return data
+
+
+def read_verified(model_dir: str | Path, entry: FileEntry, manifest: Manifest | None = None) -> StateDict:
+    """The tensors of one file, after checking its size and sha256 against the manifest and, with
+    `manifest`, its tensor names, shapes and dtype against the manifest's config."""
     try:
-        data = (Path(model_dir) / entry.name).read_bytes()
+        data = _read_exactly(Path(model_dir) / entry.name, entry.size)
     except OSError as exc:
         raise ShardIntegrityError(f"{entry.name}: cannot read it from {model_dir}: {exc}") from exc
     actual = hashlib.sha256(data).hexdigest()
     if actual != entry.sha256:
         raise ShardIntegrityError(f"{entry.name}: sha256 {actual[:16]}... does not match the manifest's "
                                   f"{entry.sha256[:16]}...; the file is corrupted or was modified")
-    return st_load(data)
+    try:
+        sd = st_load(data)
+    except Exception as exc:  # safetensors raises its own error type for malformed files
+        raise ShardIntegrityError(f"{entry.name}: not a safetensors file: {_first_line(exc)}") from exc
+    if manifest is not None:
+        _check_tensors(entry, sd, manifest)
+    return sd
+
+
+def _first_line(exc: Exception) -> str:
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def _expected_tensors(entry: FileEntry, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor the file must hold (an untied lm_head aside)."""
+    # One layer's shapes, renumbered below: a file holds a few layers, not all n_layer.
+    one = expected_shapes(dataclasses.replace(config, n_layer=1))
+    if entry.role == "embeddings":
+        return {k: one[k] for k in ("wte.weight", "wpe.weight")}
+    if entry.role == "head":
+        return {k: v for k, v in one.items() if k.startswith("ln_f.")}
+    a, b = entry.layers
+    shapes = {f"h.{i}.{k[4:]}": v for i in range(a, b) for k, v in one.items() if k.startswith("h.0.")}
+    if entry.heads is not None:  # slice meta tensors: the writer's own rules, and no memory
+        meta = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+        shapes = {k: tuple(t.shape) for k, t in slice_block_weights(meta, config, entry.heads).items()}
+    return shapes
+
+
+def _check_tensors(entry: FileEntry, sd: StateDict, manifest: Manifest) -> None:
+    """ShardIntegrityError naming the file unless it holds exactly the tensors the config needs:
+    a file can match its hash and still be wrong if whoever made the manifest got it wrong."""
+    config = manifest.config
+    shapes = _expected_tensors(entry, config)
+    if entry.role == "head" and "lm_head.weight" in sd:  # an untied head is stored with ln_f
+        shapes["lm_head.weight"] = (config.vocab_size, config.n_embd)
+    missing, extra = sorted(set(shapes) - set(sd)), sorted(set(sd) - set(shapes))
+    problems = [f"missing {', '.join(missing[:4])}"] if missing else []
+    problems += [f"unexpected {', '.join(extra[:4])}"] if extra else []
+    problems += [f"{k} has shape {tuple(t.shape)}, the config needs {shapes[k]}"
+                 for k, t in sd.items() if k in shapes and tuple(t.shape) != shapes[k]][:4]
+    problems += [f"{k} is {t.dtype}, the manifest says {manifest.dtype}"
+                 for k, t in sd.items() if t.dtype != DTYPES[manifest.dtype]][:1]
+    if problems:
+        raise ShardIntegrityError(f"{entry.name}: tensors do not match the manifest: {'; '.join(problems)}")
 
 
 def _materialize(module: torch.nn.Module, sd: StateDict, device, dtype: torch.dtype):
@@ -364,17 +461,17 @@ def _head_from(sd: StateDict, wte: torch.Tensor, config: ModelConfig, device, dt
 def load_embeddings(model_dir: str | Path, manifest: Manifest | None = None, device="cpu",
                     dtype: torch.dtype = torch.float32) -> Embeddings:
     manifest = manifest or read_manifest(model_dir)
-    sd = read_verified(model_dir, manifest.entry("embeddings"))
+    sd = read_verified(model_dir, manifest.entry("embeddings"), manifest)
     return _embeddings_from(sd, manifest.config, device, dtype)
 
 
 def load_head(model_dir: str | Path, manifest: Manifest | None = None, device="cpu",
               dtype: torch.dtype = torch.float32) -> Head:
     manifest = manifest or read_manifest(model_dir)
-    sd = read_verified(model_dir, manifest.entry("head"))
+    sd = read_verified(model_dir, manifest.entry("head"), manifest)
     wte = None
     if "lm_head.weight" not in sd:
-        wte = read_verified(model_dir, manifest.entry("embeddings"))["wte.weight"]
+        wte = read_verified(model_dir, manifest.entry("embeddings"), manifest)["wte.weight"]
     return _head_from(sd, wte, manifest.config, device, dtype)
 
 
@@ -405,11 +502,15 @@ def load_blocks(model_dir: str | Path, start: int, stop: int, heads: Range | Non
     manifest = manifest or read_manifest(model_dir)
     config = manifest.config
     heads = tuple(heads) if heads is not None else (0, config.n_head)
+    if not 0 <= start < stop <= config.n_layer:
+        raise ValueError(f"block range {start}:{stop} is outside 0:{config.n_layer}")
+    plan = _plan_blocks(manifest, start, stop, heads)  # a missing layer fails before any work
     with torch.device("meta"):
-        module = Blocks(config, start, stop, heads)  # validates the ranges
+        module = Blocks(config, start, stop, heads)  # validates the head range
     sd: StateDict = {}
-    for entry, layers in _plan_blocks(manifest, start, stop, heads).items():
-        wanted = {k: v for k, v in read_verified(model_dir, entry).items() if _layer_of(k) in layers}
+    for entry, layers in plan.items():
+        wanted = {k: v for k, v in read_verified(model_dir, entry, manifest).items()
+                  if _layer_of(k) in layers}
         if (entry.heads or (0, config.n_head)) != heads:
             wanted = slice_block_weights(wanted, config, heads)
         sd.update(wanted)
@@ -420,9 +521,9 @@ def load_model(model_dir: str | Path, device="cpu", dtype: torch.dtype = torch.f
     """The whole model in one process, eval mode: the reference and local generation."""
     manifest = read_manifest(model_dir)
     config = manifest.config
-    embeddings = _embeddings_from(read_verified(model_dir, manifest.entry("embeddings")),
+    embeddings = _embeddings_from(read_verified(model_dir, manifest.entry("embeddings"), manifest),
                                   config, device, dtype)
-    head_sd = read_verified(model_dir, manifest.entry("head"))
+    head_sd = read_verified(model_dir, manifest.entry("head"), manifest)
     # Passing the wte Parameter itself keeps the tie: one tensor, not a copy.
     head = _head_from(head_sd, embeddings.wte.weight, config, device, dtype)
     blocks = load_blocks(model_dir, 0, config.n_layer, manifest=manifest, device=device, dtype=dtype)

@@ -120,3 +120,110 @@ def test_node_refuses_a_zero_limit(tiny_model_dir):
         out = run_cli("node", str(tiny_model_dir), "--layers", "0:4", "--insecure", option, "0", timeout=60)
         last = out.stderr.strip().splitlines()[-1]
         assert out.returncode != 0 and last.startswith("error:") and "must be a positive number" in last, out.stderr
+
+
+def one_error_line(out: subprocess.CompletedProcess, logs: bool = False) -> str:
+    """The failure's one line, last on stderr: no traceback, no usage block. With `logs`, log
+    lines may come before it (a node logs that it created its key file)."""
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and lines and lines[-1].startswith("error: "), out.stderr
+    before = [line for line in lines[:-1] if not logs or line.startswith(("error", "Traceback", "Usage"))]
+    assert not before, out.stderr
+    return lines[-1]
+
+
+def test_bad_ranges_fail_in_one_line(tiny_model_dir, tmp_path):
+    for value, why in (("8:4", "is empty or negative"), ("-1:2", "is empty or negative"),
+                       ("0:0", "is empty or negative"), ("0:2:1", "must look like START:STOP")):
+        out = run_cli("node", str(tiny_model_dir), "--layers", value, "--insecure", "--key-file",
+                      str(tmp_path / "k.key"), timeout=60)
+        assert one_error_line(out) == f"error: --layers {value} {why}" + (", e.g. 4:8" if "look" in why else "")
+
+
+def test_generate_checks_its_settings_before_connecting(tiny_model_dir):
+    """One line and nothing else: connecting would log about the (keyless) peer first."""
+    for option, value, message in (("--max-new-tokens", "-1", "'--max-new-tokens': -1 is not in the range"),
+                                   ("--temperature", "nan", "temperature must be a finite number >= 0, got nan"),
+                                   ("--top-p", "inf", "top_p must be in (0, 1], got inf")):
+        out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9",
+                      option, value, timeout=60)
+        assert message in one_error_line(out)
+
+
+def test_generate_zero_new_tokens_asks_no_peer(tiny_model_dir):
+    # no node listens there: any session would fail
+    args = ["generate", "To be", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9",
+            "--max-new-tokens", "0", "--timeout", "2"]
+    out = run_cli(*args, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "To be\n"
+    out = run_cli(*args, "--json", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["ids"] == []
+
+
+def test_shard_refuses_bad_input_in_one_line(tmp_path):
+    from nanoswarm.shards.model import ModelConfig
+
+    (tmp_path / "text.pt").write_text("{}")
+    line = one_error_line(run_cli("shard", str(tmp_path / "text.pt"), str(tmp_path / "m")))
+    assert "not a checkpoint of plain tensors" in line and "weights_only=False" not in line
+    chars = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=65, block_size=16, gelu="exact")
+    save_nanogpt_checkpoint(chars, GPT(chars).flat_state_dict(), tmp_path / "chars.pt")
+    line = one_error_line(run_cli("shard", str(tmp_path / "chars.pt"), str(tmp_path / "m")))
+    assert "vocab_size 65 is smaller than the GPT-2 tokenizer's 50257 ids" in line
+    torch.manual_seed(0)
+    save_nanogpt_checkpoint(TINY, GPT(TINY).flat_state_dict(), tmp_path / "ckpt.pt")
+    line = one_error_line(run_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--head-groups", "0"))
+    assert "head groups must be in 1..4, got 0" in line
+    assert not (tmp_path / "m").exists()
+
+
+def test_node_names_a_shard_with_wrong_tensors(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load, save
+    from test_shards import rewrite_file
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    sd = load((copy / "blocks-1-2.safetensors").read_bytes())
+    sd["h.1.attn.c_attn.weight"] = torch.zeros(10, 64)
+    rewrite_file(copy, "blocks-1-2.safetensors", save(sd))  # the hash matches, the tensors do not
+    out = run_cli("node", str(copy), "--layers", "0:2", "--insecure", "--key-file", str(tmp_path / "k.key"),
+                  timeout=60)
+    line = one_error_line(out, logs=True)
+    assert line.startswith("error: blocks-1-2.safetensors: tensors do not match the manifest")
+    assert "h.1.attn.c_attn.weight has shape (10, 64)" in line
+
+
+def test_node_refuses_a_shard_linked_to_dev_zero(tiny_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    (copy / "blocks-1-2.safetensors").unlink()
+    os.symlink("/dev/zero", copy / "blocks-1-2.safetensors")
+    # the memory limit keeps a regression (reading /dev/zero without end) from hurting the machine
+    out = subprocess.run(["bash", "-c", 'ulimit -v 4000000; exec "$@"', "_", *CLI, "node", str(copy),
+                          "--layers", "0:2", "--insecure", "--key-file", str(tmp_path / "k.key")],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    line = one_error_line(out, logs=True)
+    assert "blocks-1-2.safetensors" in line and "not a regular file" in line
+
+
+def test_an_error_without_a_message_still_says_something(tmp_path, monkeypatch):
+    """MemoryError() has an empty str: the line names the type rather than say nothing."""
+    from click.testing import CliRunner
+
+    from nanoswarm import cli
+    from nanoswarm.shards import loaders
+
+    def out_of_memory(*_args, **_kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(loaders, "load_checkpoint", out_of_memory)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    result = CliRunner().invoke(cli.main, ["shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m")])
+    assert result.exit_code == 1
+    assert result.stderr == "error: MemoryError\n"

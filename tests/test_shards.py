@@ -316,3 +316,138 @@ def test_shard_checkpoint_from_nanogpt(tmp_path, padded_nanogpt):
     manifest = mf.shard_checkpoint(path, tmp_path, layers_per_shard=1, head_splits=[(0, 1), (1, 4)])
     assert manifest.config.vocab_size == 50257 and manifest.config.gelu == "exact"
     assert max_diff(mf.load_model(tmp_path), model, ids_for(manifest.config)) <= 1e-5
+
+
+# ---- what a model directory may hold (hostile or broken input) ----
+
+def rewrite_file(model_dir, name: str, data: bytes) -> None:
+    """Replace one file and update its hash and size in the manifest, so that only the file's
+    contents are wrong (as if whoever made the manifest got them wrong)."""
+    import hashlib
+
+    (model_dir / name).write_bytes(data)
+    d = json.loads((model_dir / "manifest.json").read_text())
+    entry = next(f for f in d["files"] if f["name"] == name)
+    entry["sha256"], entry["size"] = hashlib.sha256(data).hexdigest(), len(data)
+    d.pop("model_id")
+    (model_dir / "manifest.json").write_text(json.dumps(d))
+
+
+@pytest.fixture
+def small_dir(tmp_path):
+    mf.write_model_dir(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path, layers_per_shard=2,
+                       head_splits=[(0, 2), (2, 4)])
+    return tmp_path
+
+
+@pytest.mark.parametrize("name,change,message", [
+    ("blocks-0-2.safetensors", lambda sd: sd.update({"h.0.attn.c_attn.weight": torch.zeros(10, 64)}),
+     r"h\.0\.attn\.c_attn\.weight has shape \(10, 64\), the config needs \(192, 64\)"),
+    ("blocks-0-2.safetensors", lambda sd: sd.pop("h.1.mlp.c_fc.bias"), r"missing h\.1\.mlp\.c_fc\.bias"),
+    ("blocks-0-2.safetensors", lambda sd: sd.update({"h.0.attn.bogus": torch.zeros(3)}),
+     r"unexpected h\.0\.attn\.bogus"),
+    ("blocks-0-2.safetensors", lambda sd: sd.update({"h.0.ln_1.weight": torch.ones(64, dtype=torch.float16)}),
+     r"h\.0\.ln_1\.weight is torch\.float16, the manifest says float32"),
+    # a head-sliced file holding a full block's weights
+    ("blocks-0-2-heads-2-4.safetensors", lambda sd: sd.update({"h.0.mlp.c_fc.weight": torch.zeros(256, 64)}),
+     r"h\.0\.mlp\.c_fc\.weight has shape \(256, 64\), the config needs \(128, 64\)"),
+])
+def test_shard_files_with_wrong_tensors_are_named(small_dir, name, change, message):
+    from safetensors.torch import load, save
+
+    sd = load((small_dir / name).read_bytes())
+    change(sd)
+    rewrite_file(small_dir, name, save(sd))
+    heads = (2, 4) if "heads" in name else None
+    with pytest.raises(mf.ShardIntegrityError, match=rf"^{name}: tensors do not match the manifest: .*{message}"):
+        mf.load_blocks(small_dir, 0, 2, heads=heads)
+    mf.load_blocks(small_dir, 2, 4)  # the other files are fine
+
+
+def test_shard_file_that_is_not_safetensors_is_named(small_dir):
+    rewrite_file(small_dir, "embeddings.safetensors", b"not safetensors at all")
+    with pytest.raises(mf.ShardIntegrityError, match=r"^embeddings\.safetensors: not a safetensors file"):
+        mf.load_embeddings(small_dir)
+
+
+def test_untied_head_and_bias_free_dirs_pass_the_tensor_checks(tmp_path):
+    config = ModelConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=300, block_size=32, bias=False)
+    model = make_gpt(config)
+    sd = {**model.flat_state_dict(), "lm_head.weight": torch.randn(300, 64)}
+    mf.write_model_dir(config, sd, tmp_path, layers_per_shard=1, head_splits=[(0, 1), (1, 4)])
+    assert torch.equal(mf.load_model(tmp_path).head.lm_head.weight, sd["lm_head.weight"])
+    mf.load_blocks(tmp_path, 0, 2, heads=(1, 4))
+
+
+# /dev/zero is tested in a subprocess with a memory limit (test_cli.py): a regression would
+# read it until this process ran out of memory.
+@pytest.mark.timeout(30)  # a regression would wait on the FIFO forever
+@pytest.mark.parametrize("kind", ["fifo", "longer", "shorter"])
+def test_shard_file_must_be_a_regular_file_of_the_manifest_size(small_dir, kind):
+    import os
+
+    path = small_dir / "blocks-2-4.safetensors"
+    data = path.read_bytes()
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)  # no writer: a plain open() would wait forever
+    else:
+        path.write_bytes(data + b"\0" if kind == "longer" else data[:-1])
+    expected = "not a regular file" if kind == "fifo" else "bytes, the manifest says"
+    with pytest.raises(mf.ShardIntegrityError, match=rf"^blocks-2-4\.safetensors: .*{expected}"):
+        mf.load_blocks(small_dir, 2, 4)
+
+
+def test_manifest_config_is_bounded_and_its_layers_covered(small_dir):
+    good = json.loads((small_dir / "manifest.json").read_text())
+    good.pop("model_id")
+
+    def refused(change) -> str:
+        d = json.loads(json.dumps(good))
+        change(d)
+        (small_dir / "manifest.json").write_text(json.dumps(d))
+        with pytest.raises(mf.ManifestError) as info:
+            mf.load_model(small_dir)  # used to build every Block before looking at the files
+        return str(info.value)
+
+    assert "n_layer 1000000 is above the limit" in refused(lambda d: d["config"].update(n_layer=10**6))
+    assert "n_embd" in refused(lambda d: d["config"].update(n_embd=1 << 20, n_head=4))
+    assert "vocab_size 50304 is above the gpt2 tokenizer's 50257" in refused(
+        lambda d: d["config"].update(vocab_size=50304))
+    assert "layers 4:6 are in no full-head blocks file" in refused(lambda d: d["config"].update(n_layer=6))
+    # head-sliced files alone do not cover a layer
+    assert "layers 0:2 are in no full-head blocks file" in refused(
+        lambda d: d.update(files=[f for f in d["files"] if f["name"] != "blocks-0-2.safetensors"]))
+    with pytest.raises(ValueError, match="vocab_size 50304"):
+        mf.write_model_dir(ModelConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=50304, block_size=8),
+                           GPT(ModelConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=50304,
+                                           block_size=8)).flat_state_dict(), small_dir / "x", 1)
+
+
+def test_head_groups_zero_is_refused():
+    with pytest.raises(ValueError, match="head groups must be in 1..12, got 0"):
+        mf.parse_head_splits(None, 0, 12)
+    with pytest.raises(ValueError, match="not both"):
+        mf.parse_head_splits("0:12", 0, 12)
+
+
+def test_shard_refuses_a_vocabulary_the_tokenizer_does_not_fit(tmp_path):
+    """A character-level nanoGPT (vocab 65) was trained on other ids than GPT-2's tokenizer gives."""
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=65, block_size=16, gelu="exact")
+    save_nanogpt_checkpoint(config, make_gpt(config).flat_state_dict(), tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="vocab_size 65 is smaller than the GPT-2 tokenizer's 50257"):
+        mf.shard_checkpoint(tmp_path / "ckpt.pt", tmp_path / "m", 1, progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_pickle_that_needs_code_is_refused_in_one_line(tmp_path):
+    import fractions
+
+    torch.save({"model": fractions.Fraction(1, 3)}, tmp_path / "code.pt")
+    (tmp_path / "text.pt").write_text("{}")
+    for name, found in (("code.pt", "fractions.Fraction"), ("text.pt", "Unsupported operand")):
+        with pytest.raises(CheckpointError, match="not a checkpoint of plain tensors") as info:
+            load_checkpoint(tmp_path / name)
+        message = str(info.value)
+        assert found in message and "\n" not in message
+        assert "weights_only=False" not in message and "add_safe_globals" not in message

@@ -1,0 +1,98 @@
+"""What the client accepts before it generates: token budgets, the context, the vocabulary and
+sampling settings. Runs the real local path (SwarmModel.local) on random-weight models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import TINY, make_model_dir
+
+from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.generate import SamplingParams
+from nanoswarm.shards.model import ModelConfig
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir) -> SwarmModel:
+    return SwarmModel.local(tiny_model_dir)
+
+
+def record_sessions(model: SwarmModel) -> list[int]:
+    """The max_length of every session the model opens from now on."""
+    opened: list[int] = []
+    real = model.session
+
+    def session(max_length: int, on_failover=None):
+        opened.append(max_length)
+        return real(max_length, on_failover)
+
+    model.session = session
+    return opened
+
+
+def prompt_of(model: SwarmModel, n: int) -> str:
+    """A prompt that encodes to exactly n tokens (" the" repeated)."""
+    prompt = model.encoding.decode([262] * n)
+    assert len(model.encoding.encode(prompt)) == n
+    return prompt
+
+
+def test_zero_new_tokens_generate_nothing_and_open_no_session(tiny_model_dir):
+    model = SwarmModel.local(tiny_model_dir)
+    opened = record_sessions(model)
+    result = model.generate("ROMEO:", 0, GREEDY)
+    assert result.ids == [] and result.text == "" and opened == []
+    assert result.prompt_ids == model.encoding.encode("ROMEO:")
+
+
+def test_negative_new_tokens_are_refused(tiny):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        tiny.generate("ROMEO:", -5, GREEDY)
+
+
+def test_a_full_context_prompt_still_gets_one_token(tiny_model_dir):
+    model = SwarmModel.local(tiny_model_dir)
+    opened = record_sessions(model)
+    result = model.generate(prompt_of(model, TINY.block_size), 5, GREEDY)
+    assert len(result.ids) == 1
+    assert opened == [TINY.block_size]  # positions 0..block_size-1: the new token needs none
+
+
+def test_new_tokens_are_capped_by_the_context(tiny_model_dir):
+    model = SwarmModel.local(tiny_model_dir)
+    opened = record_sessions(model)
+    n = TINY.block_size - 3
+    result = model.generate(prompt_of(model, n), 50, GREEDY)
+    # 4 tokens: three are fed back (positions n..block_size-1), the last is only sampled
+    assert opened == [TINY.block_size]
+    assert len(result.ids) == 4
+
+
+def test_a_prompt_longer_than_the_context_is_refused(tiny):
+    with pytest.raises(ValueError, match=f"prompt is {TINY.block_size + 1} tokens; the model's context is"):
+        tiny.generate(prompt_of(tiny, TINY.block_size + 1), 1, GREEDY)
+
+
+def test_prompt_tokens_outside_a_small_vocabulary_are_named(tmp_path):
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=1000, block_size=32, gelu="tanh")
+    model = SwarmModel.local(make_model_dir(tmp_path, config))
+    assert max(model.encoding.encode(" the the")) < 1000
+    assert len(model.generate(" the the", 3, GREEDY).ids) == 3  # ids the model has: fine
+    ids = model.encoding.encode("ROMEO:")
+    bad = next(t for t in ids if t >= 1000)
+    with pytest.raises(ValueError, match=rf"prompt token {bad} .* vocabulary of 1000 ids"):
+        model.generate("ROMEO:", 3, GREEDY)
+    with pytest.raises(ValueError, match="prompt token 50256 .*endoftext"):
+        model.generate("", 3, GREEDY)  # an empty prompt starts from <|endoftext|>
+
+
+@pytest.mark.parametrize("kwargs,what", [
+    ({"temperature": math.nan}, "temperature"), ({"temperature": math.inf}, "temperature"),
+    ({"temperature": -1.0}, "temperature"), ({"top_p": math.nan}, "top_p"), ({"top_p": 0.0}, "top_p"),
+])
+def test_sampling_params_refuse_bad_values(kwargs, what):
+    with pytest.raises(ValueError, match=what):
+        SamplingParams(**kwargs)
