@@ -25,7 +25,8 @@ from nanoswarm.client.session import InferenceSession
 from nanoswarm.client.stages import LocalStage
 from nanoswarm.client.swarm import Swarm, SwarmOptions
 from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
-from nanoswarm.shards.manifest import Manifest, load_blocks, load_embeddings, load_head, read_manifest
+from nanoswarm.shards.manifest import Manifest, read_manifest
+from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
 from .measure import RoundResult, median, node_stats, percentile, run_concurrent, run_lockstep, run_round
 from .models import SHAPES, make_random_model_dir

@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanoswarm.shards.manifest import Manifest, load_blocks, load_embeddings, load_head, read_manifest
+from nanoswarm.shards.manifest import Manifest, read_manifest
 from nanoswarm.shards.tokenizer import EOT_TOKEN, get_encoding
+from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
 from .generate import ClientModel, GenerationStats, SamplingParams, TextStream, generate_ids
 from .session import InferenceSession

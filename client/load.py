@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from nanoswarm.keys.contact import split_contact
-from nanoswarm.shards.manifest import load_embeddings, load_head, read_manifest
+from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.weights import load_embeddings, load_head
 
 from .generate import ClientModel
 from .stages import Stage

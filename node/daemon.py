@@ -13,7 +13,8 @@ import torch
 
 from nanoswarm.keys.contact import format_contact
 from nanoswarm.keys.identity import Identity, load_or_create_identity, read_allowed_keys
-from nanoswarm.shards.manifest import load_blocks, read_manifest
+from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.weights import load_blocks
 
 from .gossip import Gossip, GossipOptions
 from .handler import RequestHandler

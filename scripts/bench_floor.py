@@ -39,7 +39,8 @@ from nanoswarm.bench.models import SHAPES, make_random_model_dir
 from nanoswarm.client.session import InferenceSession
 from nanoswarm.client.swarm import Swarm, SwarmOptions
 from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
-from nanoswarm.shards.manifest import load_blocks, load_embeddings, load_head, read_manifest
+from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
 HEADER = struct.Struct("<ii")  # positions in this step; the length of a new cache, or 0
 WAIT_MS = 120_000  # the longest the client waits for a node (start-up, a prefill on a slow machine)

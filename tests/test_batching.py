@@ -13,7 +13,8 @@ from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.protocol.messages import decode, encode
-from nanoswarm.shards.manifest import load_blocks, load_embeddings, load_head, load_model, read_manifest
+from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head, load_model
 
 PROMPTS = [5, 9, 2, 13]  # prompt lengths: the sessions' caches hold different numbers of positions
 DECODE_STEPS = 6

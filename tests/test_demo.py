@@ -13,7 +13,8 @@ from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.shards import train
 from nanoswarm.shards.demo import demo_model_dir
-from nanoswarm.shards.manifest import load_model, read_manifest, read_verified
+from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.weights import load_model, read_verified
 
 HELD_OUT_TOKENS = 4096
 

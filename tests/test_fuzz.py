@@ -31,7 +31,8 @@ from nanoswarm.node.sessions import NodeLimits
 from nanoswarm.protocol.errors import ErrorCode
 from nanoswarm.protocol.messages import PROTOCOL_VERSION, decode, encode
 from nanoswarm.protocol.tensors import WIRE_FORMATS
-from nanoswarm.shards.manifest import load_blocks, load_embeddings, load_head, load_model, read_manifest
+from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head, load_model
 
 CASES = int(os.environ.get("NANOSWARM_FUZZ_CASES", "300"))
 KNOWN_PEER = "tcp://127.0.0.1:5999#" + "ab" * 32  # the one contact fuzzed nodes relay to

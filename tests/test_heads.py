@@ -18,8 +18,9 @@ from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.server import NodeServer
 from nanoswarm.node.sessions import NodeLimits
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
-from nanoswarm.shards.manifest import load_blocks, read_manifest
+from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.model import KVCache
+from nanoswarm.shards.weights import load_blocks
 
 SPLITS = {
     "2 groups 6+6": [(0, 6), (6, 12)],

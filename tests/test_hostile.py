@@ -26,7 +26,8 @@ from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.server import zmq_max_msgsize
 from nanoswarm.node.sessions import NodeLimits, _map_size
 from nanoswarm.protocol.messages import PROTOCOL_VERSION, Message, decode, encode
-from nanoswarm.shards.manifest import load_blocks, load_model, read_manifest
+from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.weights import load_blocks, load_model
 
 N_EMBD = 64  # tests/conftest.TINY
 KV_PER_POSITION = 2 * 4 * N_EMBD * 4  # k and v, 4 blocks, float32: 512 bytes

@@ -19,7 +19,8 @@ from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.relay import Relay
 from nanoswarm.protocol.messages import decode, encode
-from nanoswarm.shards.manifest import load_blocks, load_model, read_manifest
+from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.weights import load_blocks, load_model
 
 GREEDY = SamplingParams(temperature=0)
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from nanoswarm.shards import manifest as mf
+from nanoswarm.shards import weights
 from nanoswarm.shards.loaders import (
     CheckpointError,
     load_checkpoint,
@@ -166,7 +167,7 @@ def test_model_dir_round_trip(tmp_path):
     assert names == ["blocks-0-3.safetensors", "blocks-3-4.safetensors", "embeddings.safetensors",
                      "head.safetensors"]
     assert mf.read_manifest(tmp_path) == manifest
-    loaded = mf.load_model(tmp_path)
+    loaded = weights.load_model(tmp_path)
     assert loaded.head.lm_head.weight is loaded.embeddings.wte.weight  # still tied, one tensor
     assert max_diff(loaded, model, ids_for(SMALL)) <= 1e-5
 
@@ -178,9 +179,9 @@ def test_untied_head_round_trips(tmp_path):
     config, loaded_sd = load_checkpoint(tmp_path / "hf")
     assert torch.equal(loaded_sd["lm_head.weight"], sd["lm_head.weight"])
     mf.write_model_dir(config, loaded_sd, tmp_path / "dir", layers_per_shard=2)
-    head = mf.load_head(tmp_path / "dir")
+    head = weights.load_head(tmp_path / "dir")
     assert torch.equal(head.lm_head.weight, sd["lm_head.weight"])
-    gpt = mf.load_model(tmp_path / "dir")
+    gpt = weights.load_model(tmp_path / "dir")
     assert torch.equal(gpt.head.lm_head.weight, sd["lm_head.weight"])
     assert torch.equal(gpt.embeddings.wte.weight, sd["wte.weight"])
 
@@ -188,7 +189,7 @@ def test_untied_head_round_trips(tmp_path):
 def test_load_blocks_across_file_boundary(tmp_path):
     model = make_gpt(SMALL)
     mf.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=2)
-    blocks = mf.load_blocks(tmp_path, 1, 3)
+    blocks = weights.load_blocks(tmp_path, 1, 3)
     assert not blocks.training and not any(p.requires_grad for p in blocks.parameters())
     x = torch.randn(2, 10, 64)
     with torch.no_grad():
@@ -204,19 +205,19 @@ def test_tampered_shard_is_refused(tmp_path):
     data[-3] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(mf.ShardIntegrityError, match=r"blocks-2-4\.safetensors"):
-        mf.load_blocks(tmp_path, 2, 4)
+        weights.load_blocks(tmp_path, 2, 4)
     with pytest.raises(mf.ShardIntegrityError, match=r"blocks-2-4\.safetensors"):
-        mf.load_model(tmp_path)
-    mf.load_blocks(tmp_path, 0, 2)  # only the files a load needs are checked
-    mf.load_embeddings(tmp_path)
-    mf.load_head(tmp_path)
+        weights.load_model(tmp_path)
+    weights.load_blocks(tmp_path, 0, 2)  # only the files a load needs are checked
+    weights.load_embeddings(tmp_path)
+    weights.load_head(tmp_path)
 
 
 def test_missing_layer_is_a_clear_error(tmp_path):
     manifest = mf.write_model_dir(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path, layers_per_shard=2)
     manifest.files = [f for f in manifest.files if f.name != "blocks-2-4.safetensors"]
     with pytest.raises(mf.ManifestError, match="layer 2"):
-        mf.load_blocks(tmp_path, 1, 3, manifest=manifest)
+        weights.load_blocks(tmp_path, 1, 3, manifest=manifest)
 
 
 @torch.no_grad()
@@ -245,7 +246,7 @@ def test_head_slices_sum_to_full_block(tmp_path, config, splits, from_files):
                 (tmp_path / f.name).unlink()
     else:
         assert not sliced
-    slices = [mf.load_blocks(tmp_path, 0, config.n_layer, heads=s) for s in splits]
+    slices = [weights.load_blocks(tmp_path, 0, config.n_layer, heads=s) for s in splits]
     assert [s.h["0"].attn.c_proj.bias is not None for s in slices] == [True] + [False] * (len(splits) - 1)
     assert_slices_sum_to_blocks(model, slices, config)
 
@@ -258,9 +259,9 @@ def test_float16_storage_round_trip(tmp_path):
     assert load_file(tmp_path / "blocks-0-2.safetensors")["h.0.ln_1.weight"].dtype == torch.float16
     rounded = from_flat(SMALL, {k: v.half().float() for k, v in model.flat_state_dict().items()})
     ids = ids_for(SMALL)
-    assert max_diff(mf.load_model(tmp_path), rounded, ids) <= 1e-5
-    assert max_diff(mf.load_model(tmp_path), model, ids) <= 5e-2
-    assert mf.load_blocks(tmp_path, 0, 2, dtype=torch.float16).h["0"].ln_1.weight.dtype == torch.float16
+    assert max_diff(weights.load_model(tmp_path), rounded, ids) <= 1e-5
+    assert max_diff(weights.load_model(tmp_path), model, ids) <= 5e-2
+    assert weights.load_blocks(tmp_path, 0, 2, dtype=torch.float16).h["0"].ln_1.weight.dtype == torch.float16
 
 
 def test_model_id_depends_on_weights_only(tmp_path):
@@ -315,7 +316,7 @@ def test_shard_checkpoint_from_nanogpt(tmp_path, padded_nanogpt):
     path, model = padded_nanogpt
     manifest = mf.shard_checkpoint(path, tmp_path, layers_per_shard=1, head_splits=[(0, 1), (1, 4)])
     assert manifest.config.vocab_size == 50257 and manifest.config.gelu == "exact"
-    assert max_diff(mf.load_model(tmp_path), model, ids_for(manifest.config)) <= 1e-5
+    assert max_diff(weights.load_model(tmp_path), model, ids_for(manifest.config)) <= 1e-5
 
 
 # ---- what a model directory may hold (hostile or broken input) ----
@@ -360,14 +361,14 @@ def test_shard_files_with_wrong_tensors_are_named(small_dir, name, change, messa
     rewrite_file(small_dir, name, save(sd))
     heads = (2, 4) if "heads" in name else None
     with pytest.raises(mf.ShardIntegrityError, match=rf"^{name}: tensors do not match the manifest: .*{message}"):
-        mf.load_blocks(small_dir, 0, 2, heads=heads)
-    mf.load_blocks(small_dir, 2, 4)  # the other files are fine
+        weights.load_blocks(small_dir, 0, 2, heads=heads)
+    weights.load_blocks(small_dir, 2, 4)  # the other files are fine
 
 
 def test_shard_file_that_is_not_safetensors_is_named(small_dir):
     rewrite_file(small_dir, "embeddings.safetensors", b"not safetensors at all")
     with pytest.raises(mf.ShardIntegrityError, match=r"^embeddings\.safetensors: not a safetensors file"):
-        mf.load_embeddings(small_dir)
+        weights.load_embeddings(small_dir)
 
 
 def test_untied_head_and_bias_free_dirs_pass_the_tensor_checks(tmp_path):
@@ -375,8 +376,8 @@ def test_untied_head_and_bias_free_dirs_pass_the_tensor_checks(tmp_path):
     model = make_gpt(config)
     sd = {**model.flat_state_dict(), "lm_head.weight": torch.randn(300, 64)}
     mf.write_model_dir(config, sd, tmp_path, layers_per_shard=1, head_splits=[(0, 1), (1, 4)])
-    assert torch.equal(mf.load_model(tmp_path).head.lm_head.weight, sd["lm_head.weight"])
-    mf.load_blocks(tmp_path, 0, 2, heads=(1, 4))
+    assert torch.equal(weights.load_model(tmp_path).head.lm_head.weight, sd["lm_head.weight"])
+    weights.load_blocks(tmp_path, 0, 2, heads=(1, 4))
 
 
 # /dev/zero is tested in a subprocess with a memory limit (test_cli.py): a regression would
@@ -395,7 +396,7 @@ def test_shard_file_must_be_a_regular_file_of_the_manifest_size(small_dir, kind)
         path.write_bytes(data + b"\0" if kind == "longer" else data[:-1])
     expected = "not a regular file" if kind == "fifo" else "bytes, the manifest says"
     with pytest.raises(mf.ShardIntegrityError, match=rf"^blocks-2-4\.safetensors: .*{expected}"):
-        mf.load_blocks(small_dir, 2, 4)
+        weights.load_blocks(small_dir, 2, 4)
 
 
 def test_manifest_config_is_bounded_and_its_layers_covered(small_dir):
@@ -407,7 +408,7 @@ def test_manifest_config_is_bounded_and_its_layers_covered(small_dir):
         change(d)
         (small_dir / "manifest.json").write_text(json.dumps(d))
         with pytest.raises(mf.ManifestError) as info:
-            mf.load_model(small_dir)  # used to build every Block before looking at the files
+            weights.load_model(small_dir)  # used to build every Block before looking at the files
         return str(info.value)
 
     assert "n_layer 1000000 is above the limit" in refused(lambda d: d["config"].update(n_layer=10**6))

@@ -9,7 +9,8 @@ from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.route import RouteError
 from nanoswarm.node.cluster import NodeSpec, even_split
-from nanoswarm.shards.manifest import load_model, read_manifest
+from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.weights import load_model
 
 PROMPT_LEN, DECODE_STEPS = 12, 32
 

@@ -8,8 +8,9 @@ import torch
 
 from nanoswarm.shards import train
 from nanoswarm.shards.loaders import load_checkpoint
-from nanoswarm.shards.manifest import load_model, write_model_dir
+from nanoswarm.shards.manifest import write_model_dir
 from nanoswarm.shards.model import ModelConfig
+from nanoswarm.shards.weights import load_model
 
 
 def test_unigram_baseline_by_hand():
