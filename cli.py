@@ -324,7 +324,8 @@ def keys() -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Key file to write (default: the node's default key file).")
 @click.option("--force", is_flag=True, help="Replace an existing file.")
-def keys_generate(out: Path | None, force: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the public parts and the file as JSON.")
+def keys_generate(out: Path | None, force: bool, as_json: bool) -> None:
     """Create a new identity and print its public parts."""
     from nanoswarm.keys.identity import default_key_path, describe_identity, generate_identity, save_identity
 
@@ -333,7 +334,10 @@ def keys_generate(out: Path | None, force: bool) -> None:
     identity = generate_identity()
     save_identity(identity, path, overwrite=force)
     info = describe_identity(identity)
-    click.echo(f"peer id     {info['peer_id']}\ncurve key   {info['curve_public']}\nkey file    {path}")
+    if as_json:
+        click.echo(json.dumps({**info, "key_file": str(path)}))
+    else:
+        click.echo(f"peer id     {info['peer_id']}\ncurve key   {info['curve_public']}\nkey file    {path}")
 
 
 @keys.command("show")

@@ -194,14 +194,26 @@ def _hf_weights(directory: Path) -> StateDict:
     if single.is_file():
         return load_file(single)
     if index.is_file():  # sharded safetensors: weight_map says which file holds each tensor
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for f in files for k, v in load_file(directory / f).items()}
+        return {k: v for f in _index_files(index) for k, v in load_file(directory / f).items()}
     if (directory / "pytorch_model.bin").is_file():
         sd = _torch_load(directory / "pytorch_model.bin")
         if not isinstance(sd, dict):
             raise CheckpointError(f"{directory}/pytorch_model.bin does not hold a state dict")
         return sd.get("state_dict", sd)
     raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def _index_files(index: Path) -> list[str]:
+    """The weight files a sharded checkpoint's index names: plain names in its own directory."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({type(exc).__name__})") from None
+    bad = [f for f in files if not isinstance(f, str) or Path(f).name != f or f.startswith(".")]
+    if bad:
+        raise CheckpointError(f"{index}: weight_map names files outside its directory: {bad[:3]}")
+    return files
 
 
 def load_hf(directory: Path, gelu: str | None = None) -> tuple[ModelConfig, StateDict]:

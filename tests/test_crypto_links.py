@@ -185,6 +185,13 @@ def test_keys_generate_and_show(tmp_path):
     assert info["curve_public"] in out.stdout and "secret" not in show.stdout
     again = subprocess.run([*CLI, "keys", "generate", "--out", str(path)], capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "already exists" in again.stderr
+    other = tmp_path / "other.key"
+    as_json = subprocess.run([*CLI, "keys", "generate", "--out", str(other), "--json"], capture_output=True,
+                             text=True, timeout=60)
+    assert as_json.returncode == 0, as_json.stderr
+    generated = json.loads(as_json.stdout)
+    shown = subprocess.run([*CLI, "keys", "show", str(other), "--json"], capture_output=True, text=True, timeout=60)
+    assert generated == {**json.loads(shown.stdout), "key_file": str(other)}
 
 
 def test_a_refused_handshake_never_blocks_a_send(tiny_model_dir, tmp_path):

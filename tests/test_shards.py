@@ -92,6 +92,31 @@ def test_hf_layout_loads_to_same_logits(tmp_path, prefix, use_safetensors):
     assert max_diff(from_flat(config, sd), model, ids_for(SMALL)) <= 1e-5
 
 
+def test_hf_sharded_index_loads_and_bad_indexes_are_refused(tmp_path):
+    """A sharded HF checkpoint (model.safetensors.index.json) loads like a single file; an index
+    without a weight_map, or naming files outside its directory, is refused in one line."""
+    from safetensors.torch import save_file
+
+    model = make_gpt(SMALL)
+    save_hf_checkpoint(SMALL, model.flat_state_dict(), tmp_path)
+    raw = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    names = sorted(raw)
+    halves = {"part-1.safetensors": names[: len(names) // 2], "part-2.safetensors": names[len(names) // 2:]}
+    for file, keys in halves.items():
+        save_file({k: raw[k] for k in keys}, tmp_path / file)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: f for f, keys in halves.items() for k in keys}}))
+    config, sd = load_checkpoint(tmp_path)
+    assert max_diff(from_flat(config, sd), model, ids_for(SMALL)) <= 1e-5
+    for bad, why in [({"metadata": {}}, "weight_map"), ({"weight_map": {"wte.weight": "../x.safetensors"}}, "outside"),
+                     ({"weight_map": ["x"]}, "weight_map")]:
+        index.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=why) as info:
+            load_checkpoint(tmp_path)
+        assert "\n" not in str(info.value)
+
+
 def test_hf_conv1d_weights_are_stored_transposed(tmp_path):
     save_hf_checkpoint(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path)
     raw = load_file(tmp_path / "model.safetensors")
