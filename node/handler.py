@@ -152,7 +152,9 @@ class RequestHandler:
         if msg.type == "open":
             return self._open(peer, msg)
         if msg.type == "close":
-            self.sessions.close(msg.fields["session"])
+            # Only the client that opened a session closes it; to anyone else, an id that is not
+            # theirs looks like one that does not exist (closing those is a no-op).
+            self.sessions.close(msg.fields["session"], peer=peer)
             return encode("closed", msg.id, {"session": msg.fields["session"]})
         if msg.type == "forward":
             return self._forward(msg)

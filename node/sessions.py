@@ -176,8 +176,12 @@ class SessionStore:
         self.pool.trim(self.limits.kv_budget_bytes - self.kv_bytes)  # live caches come first
         return session
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, peer: bytes | None = None) -> Session:
+        """The open session `session_id`; with `peer`, only if that peer opened it (others get
+        `unknown_session`, as for an id that does not exist)."""
         session = self.sessions.get(session_id)
+        if session is not None and peer is not None and session.peer != peer:
+            session = None
         if session is None:
             why = self._ended.get(session_id)
             if why is not None:
@@ -186,7 +190,10 @@ class SessionStore:
         session.last_used = self.clock()
         return session
 
-    def close(self, session_id: str, why: str = "closed") -> Session | None:
+    def close(self, session_id: str, why: str = "closed", peer: bytes | None = None) -> Session | None:
+        """Close `session_id` (with `peer`: only if that peer opened it); None if nothing closed."""
+        if peer is not None and getattr(self.sessions.get(session_id), "peer", peer) != peer:
+            return None
         session = self.sessions.pop(session_id, None)
         if session is not None:
             self.kv_bytes -= session.cache.nbytes

@@ -165,12 +165,17 @@ class StepRunner:
         return encode_frames("result", msg.id, {}, [(wire, tuple(y.shape))], [frame])
 
     def validate(self, reply_to: tuple[bytes, int], msg: Message) -> PendingStep:
-        session = self.sessions.get(msg.fields["session"])
+        # A plain step comes from the session's owner; a relayed one from the hop before us (its
+        # replies still go to the owner: handler._reply_route). Session ids travel in relayed
+        # steps' `next`, so an earlier hop knows them: it may only append the next position
+        # (no rewind), which the owner's next step would notice, never silently rewrite the cache.
+        hops, hop = self._chain(msg)
+        relayed = hops is not None
+        session = self.sessions.get(msg.fields["session"], None if relayed else reply_to[0])
         pos = msg.fields["pos"]
         if pos < 0:
             raise ProtocolError(ErrorCode.BAD_POSITION, f"negative position {pos}")
         wire = self.reply_wire(msg)
-        hops, hop = self._chain(msg)
         x = self.hidden(msg, max_batch=1, count=max(1, hop))
         T = x.shape[1]
         phase, block = msg.get("phase"), msg.get("block")
@@ -179,6 +184,8 @@ class StepRunner:
         rewind = msg.get("rewind") is True
         if rewind and (phase is not None or self.head_shard):
             raise ProtocolError(ErrorCode.MALFORMED, "head-shard steps cannot rewind")
+        if rewind and relayed:
+            raise ProtocolError(ErrorCode.MALFORMED, "a relayed step cannot rewind")
         # An MLP partial is stateless; every other step extends the cache at `pos`.
         if phase != "mlp" and not (pos <= session.length if rewind else pos == session.length):
             raise ProtocolError(ErrorCode.BAD_POSITION, f"step at position {pos}, but the session "

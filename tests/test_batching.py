@@ -37,11 +37,12 @@ def test_handler_batches_decode_steps_exactly(tiny_model_dir):
     solo = load_blocks(tiny_model_dir, 0, 4, manifest=manifest)
     ids = iter(range(1, 10**6))
     sessions, solo_caches, inputs = [], [], []
-    for n in PROMPTS:
-        reply = decode(handler.handle(b"c", encode("open", next(ids), {"max_length": 32})))
+    for i, n in enumerate(PROMPTS):  # a client each: only a session's owner steps it
+        client = f"client{i}".encode()
+        reply = decode(handler.handle(client, encode("open", next(ids), {"max_length": 32})))
         sessions.append(reply.fields["session"])
         x = torch.randn(1, n, manifest.config.n_embd)
-        out = decode(handler.handle(b"c", encode("step", next(ids), {"session": sessions[-1], "pos": 0}, [x])))
+        out = decode(handler.handle(client, encode("step", next(ids), {"session": sessions[-1], "pos": 0}, [x])))
         solo_caches.append(solo.new_cache(32))
         with torch.inference_mode():
             assert torch.equal(out.tensors[0], solo(x, [solo_caches[-1]]))

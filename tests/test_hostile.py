@@ -180,7 +180,7 @@ def test_a_bad_value_leaves_the_session_as_it_was(blocks, tiny_model_dir, bad):
     x = hidden(1, 7)
     x[0, 0, 5] = bad
     batch = [(b"p", d.frames("step", {"session": sid, "pos": 3}, [x])),
-             (b"q", d.frames("step", {"session": other, "pos": 3}, [hidden(1, 8)]))]
+             (b"p", d.frames("step", {"session": other, "pos": 3}, [hidden(1, 8)]))]
     replies = [decode(f) for _, f in d.h.handle_batch(batch)]
     assert replies[0].fields["code"] == "bad_value" and "NaN or Inf" in replies[0].fields["message"]
     assert d.h.sessions.sessions[sid].length == 3
@@ -203,6 +203,27 @@ def test_a_bad_value_leaves_the_session_as_it_was(blocks, tiny_model_dir, bad):
     assert (session.length, session.next_block) == (0, 1)  # still expecting block 1's attention
     heads.ok("step", {**step, "block": 1}, [hidden(1)])
     assert (session.length, session.next_block) == (1, 0)
+
+
+def test_only_the_owner_steps_or_closes_a_session_and_relayed_steps_cannot_rewind(blocks):
+    """Session ids travel in relayed steps (`next`), so the hops before a node know them: another
+    peer's plain step or close looks like one for an unknown id, and a relayed step (which may
+    come from any earlier hop) may append the next position but never rewrite held ones."""
+    d = make_driver(blocks)
+    sid = d.open(16)
+    first = d.ok("step", {"session": sid, "pos": 0}, [hidden(3)]).tensors[0]
+    stranger = decode(d.h.handle(b"stranger", d.frames("step", {"session": sid, "pos": 3}, [hidden(1)])))
+    assert (stranger.type, stranger.fields.get("code")) == ("error", "unknown_session")
+    decode(d.h.handle(b"stranger", d.frames("step", {"session": sid, "pos": 0, "rewind": True}, [hidden(3, 9)])))
+    assert decode(d.h.handle(b"stranger", d.frames("close", {"session": sid}))).type == "closed"
+    assert sid in d.h.sessions.sessions and d.h.sessions.sessions[sid].length == 3
+    relayed = decode(d.h.handle(b"stranger", d.frames("step", {"session": sid, "pos": 0, "rewind": True,
+                                                               "reply": 5}, [hidden(3, 9)])))
+    assert relayed.fields["code"] == "malformed" and "cannot rewind" in relayed.fields["message"]
+    # The owner's session is as it was: redoing position 0 gives the first result again.
+    again = d.ok("step", {"session": sid, "pos": 0, "rewind": True}, [hidden(3)]).tensors[0]
+    assert torch.equal(again, first)
+    assert d.ask("close", {"session": sid}).type == "closed" and sid not in d.h.sessions.sessions
 
 
 def test_pipelined_steps_of_one_session_in_one_batch(blocks):
