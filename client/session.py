@@ -59,22 +59,29 @@ class InferenceSession:
         """Open a session on a route over all blocks; a peer that refuses is banned and the rest
         of the route is planned again without it."""
         session = cls([], max_length, swarm, **kwargs)
+        try:
+            session._open_route(max_length)
+        except BaseException:  # close what was opened: each holds a KV reservation on its node
+            session.close()
+            raise
+        return session
+
+    def _open_route(self, max_length: int) -> None:
         pos = 0
-        while pos < swarm.n_layer:
-            plan = swarm.plan(pos)[0]
+        while pos < self.swarm.n_layer:
+            plan = self.swarm.plan(pos)[0]
             stage = None
             try:
-                stage = swarm.make_stage(plan)
+                stage = self.swarm.make_stage(plan)
                 stage.open(max_length)
             except PeerError as e:  # a peer that cannot be reached or refuses is banned
                 if stage is not None:
                     stage.close()
-                session._strike(e)
+                self._strike(e)
                 continue
-            session.stages.append(stage)
-            session.history.append([])
+            self.stages.append(stage)
+            self.history.append([])
             pos = plan.stop
-        return session
 
     def _strike(self, e: PeerError) -> None:
         self.failovers += 1
@@ -90,12 +97,12 @@ class InferenceSession:
         T = hidden.shape[1]
         if self.pos + T > self.max_length:
             raise SessionError(f"session is full: {self.pos + T} positions > max_length {self.max_length}")
-        i, busy_retries = 0, 0
+        i, busy_retries, reopened = 0, 0, set()
         relay, rewind = self.relay, set()  # rewind: stages that may hold this position already
         while i < len(self.stages):
             stage = self.stages[i]
             if self.swarm is not None and stage.leaving:
-                self._replace(i, PeerError(stage.peers[0], "leaving", "peer announced it is leaving"))
+                self._replace(i, PeerError(stage.leaving_peer, "leaving", "peer announced it is leaving"))
                 continue
             chain = self._chain(i) if relay and T <= RELAY_MAX_POSITIONS else None
             if chain is not None:
@@ -121,6 +128,12 @@ class InferenceSession:
                     busy_retries += 1
                     busy_pause(busy_retries)
                     continue
+                if e.code == "session_closed" and stage not in reopened:
+                    # The node reclaimed our session after its idle timeout (the reader paused):
+                    # nothing failed. Open a new one there, rebuilt from the history, no strike.
+                    reopened.add(stage)
+                    if self._reopen(i):
+                        continue
                 self._replace(i, e)
                 continue
             self.history[i].append(hidden)
@@ -166,6 +179,22 @@ class InferenceSession:
                 except PeerError as e:
                     self._replace(self.stages.index(stage), e)
                     break
+
+    def _reopen(self, i: int) -> bool:
+        """A new session for stage i on the same peers, replayed from the history; False if
+        that fails too (the caller then replaces the stage)."""
+        stage = self.stages[i]
+        try:
+            stage.close()  # whatever of the old session is left (a head group's other members)
+            stage.open(self.max_length)
+            if self.history[i]:
+                self._replay(stage, torch.cat([h() if callable(h) else h for h in self.history[i]], dim=1))
+        except PeerError as e:
+            log.info("reopening a reclaimed session on %s failed: %s", ", ".join(stage.peers), e)
+            return False
+        self._chains = {}  # they name the old session ids
+        log.info("reopened a reclaimed session on %s (%d positions replayed)", ", ".join(stage.peers), self.pos)
+        return True
 
     def _replace(self, i: int, error: PeerError) -> None:
         """Swap stage i for fresh stages over the same blocks, rebuilt from its history."""

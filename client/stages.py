@@ -45,8 +45,13 @@ class Stage:
         return []
 
     @property
+    def leaving_peer(self) -> str | None:
+        """The address of a peer of this stage that announced it is leaving, if one did."""
+        return None
+
+    @property
     def leaving(self) -> bool:
-        return False
+        return self.leaving_peer is not None
 
     def describe(self) -> dict:
         return {"layers": [self.start, self.stop], "peers": self.peers}
@@ -131,11 +136,11 @@ class RemoteLayerStage(Stage):
         return [self.conn.address]
 
     @property
-    def leaving(self) -> bool:
+    def leaving_peer(self) -> str | None:
         # Set when a `leaving` notice was read; notices arrive before the replies that follow them,
         # so one that came while we were idle is seen with the next step's reply (the node still
         # serves during its grace period), and the session moves on before the step after.
-        return self.conn.leaving
+        return self.conn.address if self.conn.leaving else None
 
 
 class HeadGroupStage(Stage):
@@ -211,8 +216,8 @@ class HeadGroupStage(Stage):
         return [conn.address for conn, _ in self.members]
 
     @property
-    def leaving(self) -> bool:
-        return any(conn.leaving for conn, _ in self.members)  # see RemoteLayerStage.leaving
+    def leaving_peer(self) -> str | None:  # the member that is leaving, not the group's first
+        return next((conn.address for conn, _ in self.members if conn.leaving), None)
 
     def describe(self) -> dict:
         return {"layers": [self.start, self.stop],

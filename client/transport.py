@@ -81,6 +81,7 @@ class PeerConnection:
         room to queue it, then raises PeerTimeout: a DEALER has nowhere to queue once ZeroMQ has
         dropped a connection whose handshake the peer refused (a key not on its allow list, a
         wrong server key), and a plain send would then block forever."""
+        self._check_open()
         req_id = next_request_id() if req_id is None else req_id
         frames = encode(msg_type, req_id, fields, tensors, wire)
         if not self._queue(frames):
@@ -105,6 +106,7 @@ class PeerConnection:
         while True:
             left = deadline - time.monotonic()
             if left > 0:
+                self._check_open()  # polling a closed socket would raise ZMQError
                 self._poller.poll(max(1, int(left * 1000)))
             msg = self.take(req_id)
             if msg is not None:
@@ -116,6 +118,7 @@ class PeerConnection:
         """The reply to `req_id` if it has come (an error reply raises PeerError), without waiting;
         other messages read meanwhile are notices or late replies, and are dropped. A drop of the
         connection raises PeerError("disconnected") once (the socket reconnects by itself)."""
+        self._check_open()
         while True:
             if self.socket.get(zmq.EVENTS) & zmq.POLLIN:
                 msg = self._read()
@@ -129,6 +132,12 @@ class PeerConnection:
                     raise PeerError(self.address, "disconnected", "connection closed by the peer")
             else:
                 return None
+
+    def _check_open(self) -> None:
+        """A connection closed here (its peer was banned, by another session of the same swarm
+        perhaps) fails like a dropped one, so the session that still uses it fails over."""
+        if self.socket.closed:
+            raise PeerError(self.address, "disconnected", "the connection was closed (its peer was banned)")
 
     def _read(self) -> Message | None:
         frames = self.socket.recv_multipart(copy=False)
@@ -160,6 +169,8 @@ class PeerConnection:
             raise PeerTimeout(self.address, timeout) from None
 
     def close(self) -> None:
+        if self.socket.closed:
+            return
         self.socket.disable_monitor()
         self.monitor.close(linger=0)
         self.socket.close(linger=0)

@@ -192,7 +192,8 @@ def _check_files(m: Manifest) -> None:
     # Every layer needs a full-head file: head-sliced files are optional extras, and a layer no
     # file holds would only fail later, on some peer, after it built its modules.
     covered = 0
-    for a, b in sorted(f.layers for f in m.files if f.role == "blocks" and f.heads is None):
+    full = (None, (0, m.config.n_head))  # an entry may also name all heads explicitly
+    for a, b in sorted(f.layers for f in m.files if f.role == "blocks" and f.heads in full):
         _require(a <= covered, f"layers {covered}:{a} are in no full-head blocks file")
         covered = max(covered, b)
     _require(covered == m.config.n_layer,

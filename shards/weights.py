@@ -32,7 +32,8 @@ def _read_exactly(path: Path, size: int) -> bytes:
     """The file's bytes if it is a regular file of `size` bytes. Checked on the open descriptor
     before reading: a symlink to /dev/zero or a FIFO must not be read without end (O_NONBLOCK
     keeps open() of a FIFO from waiting for a writer)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # Windows has no FIFOs to fear
+    # O_BINARY: on Windows os.open defaults to text mode (CRLF turned to LF, 0x1A read as the end).
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     with open(fd, "rb") as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

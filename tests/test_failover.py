@@ -167,3 +167,91 @@ def test_peer_refusing_open_is_routed_around(small12_model_dir, cluster_factory,
         assert [s["layers"] for s in result.route] == [[0, 6], [6, 12]] and result.failovers == 1
     finally:
         model.close()
+
+
+# ----- found in review (sixth session): wrong bans, a shared connection, reclaimed sessions ---
+SHORT = 16
+
+
+def test_a_leaving_head_group_member_is_the_one_banned(small12_model_dir, cluster_factory, expected_ids):
+    """The group's first member (the only holder of heads 0:6) must not be banned for another
+    member's `leaving` notice: the generation would die with 'no peer serves layers 0:12'."""
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 12), (0, 6)), NodeSpec((0, 12), (6, 12)),
+                                                NodeSpec((0, 12), (6, 12))])
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
+                               options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
+    result = GenerationResult(PROMPT, [], [], "", [], GenerationStats())
+    try:
+        for _ in model.stream(PROMPT, SHORT, SEEDED, result):
+            if len(result.ids) == 8:
+                first, leaver = result.route[0]["peers"][:2]
+                swarm.kill(swarm.addresses.index(leaver), signal.SIGTERM)
+        assert result.ids == expected_ids[:SHORT]
+        assert leaver in model.swarm.bans and first not in model.swarm.bans
+    finally:
+        model.close()
+
+
+def test_a_ban_by_one_session_fails_the_other_over_too(small12_model_dir, cluster_factory, expected_ids):
+    """Two generations on one SwarmModel share a connection per peer: when one bans a dead peer
+    (closing that connection), the other fails over as well instead of crashing on the socket."""
+    swarm = cluster_factory(small12_model_dir, two_by_two())
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
+                               options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
+    r1, r2 = (GenerationResult(PROMPT, [], [], "", [], GenerationStats()) for _ in range(2))
+    try:
+        g1, g2 = model.stream(PROMPT, SHORT, SEEDED, r1), model.stream(PROMPT, SHORT, SEEDED, r2)
+        while len(r1.ids) < 8:
+            next(g1)
+            next(g2)
+        assert r1.route[0]["peers"] == r2.route[0]["peers"]
+        swarm.kill(swarm.addresses.index(r1.route[0]["peers"][0]), signal.SIGKILL)
+        for _ in g1:
+            pass
+        for _ in g2:
+            pass
+        assert r1.ids == r2.ids == expected_ids[:SHORT]
+    finally:
+        model.close()
+
+
+def test_a_failed_open_closes_the_stages_it_opened(small12_model_dir, cluster_factory):
+    """When the rest of a route cannot be opened, the sessions already opened are closed, not
+    left holding their KV reservation until the idle timeout."""
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)),
+                                                NodeSpec((6, 12), args=["--max-session-length", "8"])])
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses)
+    try:
+        for _ in range(2):
+            with pytest.raises(Exception, match="layers 6:12|gave up"):
+                model.generate(PROMPT, SHORT, SEEDED)
+    finally:
+        model.close()
+
+    def sessions_on(address: str) -> int:
+        from nanoswarm.client.transport import PeerConnection
+        conn = PeerConnection(address, timeout=5)
+        try:
+            return conn.request("info").fields["sessions"]
+        finally:
+            conn.close()
+
+    deadline = time.monotonic() + 5
+    while sessions_on(swarm.addresses[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the close is a message: give the node a moment to read it
+    assert sessions_on(swarm.addresses[0]) == 0
+
+
+def test_a_session_reclaimed_while_the_reader_paused_is_reopened_not_banned(
+        small12_model_dir, cluster_factory, expected_ids):
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((6, 12))], args=["--idle-timeout", "1"])
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    result = GenerationResult(PROMPT, [], [], "", [], GenerationStats())
+    try:
+        for _ in model.stream(PROMPT, SHORT, SEEDED, result):
+            if len(result.ids) == 4:
+                time.sleep(2.5)  # the reader is slow: both nodes reclaim the idle session
+        assert result.ids == expected_ids[:SHORT]
+        assert not model.swarm.bans and result.failovers == 0
+    finally:
+        model.close()

@@ -444,6 +444,13 @@ def test_manifest_config_is_bounded_and_its_layers_covered(small_dir):
     # head-sliced files alone do not cover a layer
     assert "layers 0:2 are in no full-head blocks file" in refused(
         lambda d: d.update(files=[f for f in d["files"] if f["name"] != "blocks-0-2.safetensors"]))
+    # ...but a file that names all heads explicitly is a full-head file
+    explicit = json.loads(json.dumps(good))
+    for f in explicit["files"]:
+        if f["name"] == "blocks-0-2.safetensors":
+            f["heads"] = [0, explicit["config"]["n_head"]]
+    (small_dir / "manifest.json").write_text(json.dumps(explicit))
+    assert mf.read_manifest(small_dir).config.n_layer == good["config"]["n_layer"]
     with pytest.raises(ValueError, match="vocab_size 50304"):
         mf.write_model_dir(ModelConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=50304, block_size=8),
                            GPT(ModelConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=50304,
