@@ -23,6 +23,8 @@ from .steps import NodeStats, PendingStep, Reply, StepRunner
 
 log = logging.getLogger(__name__)
 
+MAX_SEEN_IDS = 65536  # request ids remembered for duplicate detection, all peers together (~10 MiB)
+
 
 def memory_usage() -> dict[str, int]:
     """This process's peak and current resident memory, in bytes (for `info` and load runs)."""
@@ -52,8 +54,11 @@ class RequestHandler:
         self.extra_info: dict[str, Any] = {}  # set by the server: address, keys, records
         self.on_records = None  # callable(list) -> list, set by the gossip layer
         # Recently seen request ids per peer, to refuse duplicates (a replayed request must not
-        # run a step twice and corrupt a KV cache).
-        self._seen: dict[bytes, OrderedDict[int, None]] = defaultdict(OrderedDict)
+        # run a step twice and corrupt a KV cache): the last 1,024 of each peer, at most
+        # MAX_SEEN_IDS in all (peers that reconnect get new identities: the least recently
+        # active ones are forgotten first).
+        self._seen: OrderedDict[bytes, OrderedDict[int, None]] = OrderedDict()
+        self._seen_total = 0
 
     # ----- entry points -------------------------------------------------------------------
     def handle_batch(self, batch: list[tuple[bytes, list]]) -> list[Reply]:
@@ -68,10 +73,13 @@ class RequestHandler:
                 msg = decode(frames, self.limits.max_message_bytes)
                 to, req_id = self._reply_route(peer, msg)
                 self._admit(peer, msg, per_peer)
-                if msg.type in ("step", "close") and any(p.msg.fields["session"] == msg.fields["session"]
-                                                         for p in pending):
-                    # A pipelined step (or close) of a session already in this batch: its
-                    # position is only valid once the earlier step has run.
+                if pending and (msg.type == "forward" or msg.type in ("step", "close") and any(
+                        p.msg.fields["session"] == msg.fields["session"] for p in pending)):
+                    # Run the steps read so far first: a forward is computed as it is read, and
+                    # computing it ahead of earlier steps let a flood of forwards use up the
+                    # batch's time and get other clients' steps refused `busy`; a pipelined step
+                    # (or close) of a session already in this batch is only valid once the
+                    # earlier step has run.
                     replies.extend(self.steps.run(pending))
                     pending = []
                 if msg.type == "step":
@@ -127,14 +135,20 @@ class RequestHandler:
     def _admit(self, peer: bytes, msg: Message, per_peer: dict) -> None:
         if msg.type not in ("info", "forward", "open", "step", "close", "records"):
             raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.type!r} is a reply, not a request")
-        seen = self._seen[peer]
+        seen = self._seen.get(peer)
+        if seen is None:
+            seen = self._seen[peer] = OrderedDict()
+        self._seen.move_to_end(peer)
         if msg.id in seen:
             raise ProtocolError(ErrorCode.DUPLICATE_REQUEST, f"request id {msg.id} was already used")
         seen[msg.id] = None
+        self._seen_total += 1
         if len(seen) > 1024:
             seen.popitem(last=False)
-        if len(self._seen) > 4096:  # forget the oldest peers rather than grow without bound
-            self._seen.pop(next(iter(self._seen)))
+            self._seen_total -= 1
+        while self._seen_total > MAX_SEEN_IDS:  # memory stays bounded however many peers come
+            _, oldest = self._seen.popitem(last=False)
+            self._seen_total -= len(oldest)
         # A relaying node carries the steps of many sessions: those count per session.
         key = msg.fields["session"] if msg.type == "step" and msg.get("reply") is not None else peer
         per_peer[key] += 1

@@ -31,6 +31,7 @@ from nanoswarm.protocol.messages import decode, error_frames
 log = logging.getLogger(__name__)
 
 MAX_LINKS = 64        # links kept open; the least recently used one closes beyond that
+LINK_QUEUE = 64       # relayed steps queued on one link before sends fail
 MAX_REMEMBERED = 4096  # relayed steps whose bounced errors can still be routed to their owner
 
 
@@ -86,7 +87,9 @@ class RelayLinks:
         endpoint, server_key = split_contact(contact)
         link = self.ctx.socket(zmq.DEALER)
         link.setsockopt(zmq.LINGER, 0)
-        link.setsockopt(zmq.SNDHWM, 10000)
+        # A next hop that does not read (anyone can sign a record for such an endpoint) must not
+        # make steps pile up here: past this, sends fail and the client hears `relay_failed`.
+        link.setsockopt(zmq.SNDHWM, LINK_QUEUE)
         if server_key is not None:
             public, secret = self.curve_keys or zmq.curve_keypair()
             link.curve_serverkey, link.curve_publickey, link.curve_secretkey = server_key, public, secret

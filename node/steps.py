@@ -214,7 +214,7 @@ class StepRunner:
             return None, 0
         if not 0 <= reply < 2**63 or not 0 <= hop <= MAX_HOPS:
             raise ProtocolError(ErrorCode.MALFORMED, f"'reply' must be >= 0 and 'hop' in 0..{MAX_HOPS}")
-        busy = msg.get("busy", [])
+        busy = msg.get("busy") or []
         if len(busy) > MAX_HOPS or not all(type(b) is int and 0 <= b < 2**40 for b in busy):
             raise ProtocolError(ErrorCode.MALFORMED, "'busy' must be a short list of microseconds")
         if msg.get("phase") is not None or self.head_shard:
@@ -292,7 +292,7 @@ class StepRunner:
         hop = p.msg.get("hop") or 0
         specs = [*(p.msg.specs if hop else []), (p.wire, tuple(y.shape))]
         tensors = [*(p.msg.frames if hop else []), frame]
-        busy = [*p.msg.get("busy", [])[:hop], busy_us]  # every hop's busy_us
+        busy = [*(p.msg.get("busy") or [])[:hop], busy_us]  # every hop's busy_us
         if not p.hops:  # the last hop
             return [(to, encode_frames("result", reply_id, {"busy_us": busy_us, "busy": busy}, specs, tensors))]
         (contact, session), rest = p.hops[0], p.hops[1:]

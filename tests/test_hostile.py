@@ -114,19 +114,41 @@ def test_requests_in_flight_per_peer(blocks):
     assert [m.type for peer, m in replies if peer == b"polite"] == ["info_reply"]
 
 
+def test_request_ids_remembered_stay_bounded_however_many_peers_come(blocks, monkeypatch):
+    """Every reconnect is a new ROUTER identity: duplicate detection keeps at most MAX_SEEN_IDS
+    ids in all (4,096 peers x 1,024 ids took a node 440 MiB past its memory bound), forgetting
+    the least recently active peers, and still refuses the active peer's repeats."""
+    from nanoswarm.node import handler as handler_module
+
+    monkeypatch.setattr(handler_module, "MAX_SEEN_IDS", 500)
+    d = make_driver(blocks)
+    for i in range(60):
+        for _ in range(20):
+            assert decode(d.h.handle(f"peer-{i}".encode(), d.frames("info"))).type == "info_reply"
+    assert d.h._seen_total == sum(len(v) for v in d.h._seen.values()) <= 500
+    assert b"peer-59" in d.h._seen and b"peer-0" not in d.h._seen
+    repeat = d.frames("info", req_id=d.next_id)  # the id peer-59 used last
+    assert decode(d.h.handle(b"peer-59", repeat)).fields["code"] == "duplicate_request"
+
+
 def test_overloaded_batch_refuses_the_rest_busy_and_leaves_sessions_untouched(blocks):
-    """Work queued behind max_batch_seconds of compute is refused at once, not left to time out."""
+    """Work queued behind max_batch_seconds of compute is refused at once, not left to time out;
+    requests are computed in arrival order, so a forward that came later cannot push earlier
+    steps over the limit (another peer's flood of forwards starved them that way)."""
     d = make_driver(blocks, max_batch_seconds=1e-6)
     sessions = [d.open(8) for _ in range(3)]
     batch = [(b"p", d.frames("step", {"session": sid, "pos": 0}, [hidden(2, i)])) for i, sid in enumerate(sessions)]
     batch.append((b"q", d.frames("forward", {}, [hidden(2)])))
     replies = [decode(f) for _, f in d.h.handle_batch(batch)]
-    # The forward runs at once (the batch's first computation); the steps would come after it.
+    # The first step is the batch's first computation; everything after it is refused.
     assert [m.fields.get("code", m.type) for m in replies] == ["result", "busy", "busy", "busy"]
     assert "overloaded" in replies[1].fields["message"]
-    assert [d.h.sessions.sessions[sid].length for sid in sessions] == [0, 0, 0]
-    batch = [(b"p", d.frames("step", {"session": sid, "pos": 0}, [hidden(2, i)])) for i, sid in enumerate(sessions)]
-    assert [decode(f).fields.get("code", "result") for _, f in d.h.handle_batch(batch)] == ["result", "busy", "busy"]
+    assert [d.h.sessions.sessions[sid].length for sid in sessions] == [2, 0, 0]
+    forward_first = [(b"q", d.frames("forward", {}, [hidden(2)]))]
+    forward_first += [(b"p", d.frames("step", {"session": sid, "pos": 0}, [hidden(2, i)]))
+                      for i, sid in enumerate(sessions[1:])]
+    assert [decode(f).fields.get("code", "result") for _, f in d.h.handle_batch(forward_first)] == \
+        ["result", "busy", "busy"]
     y = d.ok("step", {"session": sessions[1], "pos": 0}, [hidden(2, 1)]).tensors[0]  # the retry is served
     assert y.shape == (1, 2, N_EMBD)
 

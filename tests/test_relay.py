@@ -238,3 +238,11 @@ def test_head_shards_neither_relay_nor_rewind(tiny_model_dir):
     step = {"session": sid, "pos": 0, "phase": "attn", "block": 0}
     assert ask(h, b"c", "step", {**step, "reply": 1, "next": [[KNOWN, "s"]]}, [x()])[1].fields["code"] == "malformed"
     assert ask(h, b"c", "step", {**step, "rewind": True}, [x()])[1].fields["code"] == "malformed"
+
+
+def test_a_relayed_step_with_busy_null_is_served(handler):
+    """`busy` may be null on the wire (the schema allows it); it used to be an internal error
+    (len(None)), found by the fuzzer once steps reached the relay checks more often."""
+    sid = ask(handler, b"owner", "open", {"max_length": 16})[1].fields["session"]
+    to, reply = ask(handler, b"owner", "step", {"session": sid, "pos": 0, "reply": 9, "busy": None}, [x()])
+    assert (to, reply.type, reply.id) == (b"owner", "result", 9) and len(reply.fields["busy"]) == 1
