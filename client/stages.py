@@ -117,6 +117,19 @@ class RemoteLayerStage(Stage):
         self.session = reply.fields["session"]
 
     def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
+        try:
+            return self._step(hidden, pos, rewind)
+        except PeerError as e:
+            T = hidden.shape[1]
+            if e.code != "too_large" or T < 2:
+                raise
+            # The node takes fewer positions a step (its --max-tokens-per-step, or its message
+            # limit): a refusal leaves the session as it was, so send the positions in halves.
+            h = T // 2
+            first = self.step(hidden[:, :h], pos, rewind)
+            return torch.cat([first, self.step(hidden[:, h:], pos + h, rewind)], dim=1)
+
+    def _step(self, hidden: torch.Tensor, pos: int, rewind: bool) -> torch.Tensor:
         fields = {"session": self.session, "pos": pos, "wire": self.wire}
         if rewind:
             fields["rewind"] = True

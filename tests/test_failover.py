@@ -255,3 +255,27 @@ def test_a_session_reclaimed_while_the_reader_paused_is_reopened_not_banned(
         assert not model.swarm.bans and result.failovers == 0
     finally:
         model.close()
+
+
+def test_nodes_that_take_fewer_positions_a_step_get_the_prompt_in_pieces(small12_model_dir, cluster_factory):
+    """A node's --max-tokens-per-step below the prompt (or a replay chunk) answers too_large,
+    which leaves its session as it was: the client sends the positions in halves instead of
+    banning an honest node (it used to end with 'no peer serves layers')."""
+    prompt = "Once upon a time there was a little swarm of nodes that served a model"
+    expected = SwarmModel.local(small12_model_dir).generate(prompt, 4, SEEDED).ids
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((6, 12))],
+                            args=["--max-tokens-per-step", "5"])
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        assert model.generate(prompt, 4, SEEDED).ids == expected
+        assert not model.swarm.bans
+    finally:
+        model.close()
+
+
+def test_a_replay_into_a_node_that_takes_fewer_positions_a_step(small12_model_dir, cluster_factory, expected_ids):
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((0, 6)), NodeSpec((6, 12))],
+                            args=["--max-tokens-per-step", "8"])
+    notices: list[str] = []
+    result = generate_with_fault(small12_model_dir, swarm, lambda i: swarm.kill(i, signal.SIGKILL), notices)
+    assert result.ids == expected_ids and len(notices) == 1  # 20+ positions replayed in pieces
