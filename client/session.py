@@ -37,6 +37,12 @@ class SessionError(Exception):
     pass
 
 
+def _joined(history: list) -> torch.Tensor:
+    """A stage's history as one tensor of every position (entries may be functions that make
+    theirs: a relayed step's intermediate outputs)."""
+    return torch.cat([h() if callable(h) else h for h in history], dim=1)
+
+
 class InferenceSession:
     def __init__(self, stages: list[Stage], max_length: int, swarm: Swarm | None = None,
                  max_failovers: int = 8, on_failover=None):
@@ -188,7 +194,7 @@ class InferenceSession:
             stage.close()  # whatever of the old session is left (a head group's other members)
             stage.open(self.max_length)
             if self.history[i]:
-                self._replay(stage, torch.cat([h() if callable(h) else h for h in self.history[i]], dim=1))
+                self._replay(stage, _joined(self.history[i]))
         except PeerError as e:
             log.info("reopening a reclaimed session on %s failed: %s", ", ".join(stage.peers), e)
             return False
@@ -223,7 +229,7 @@ class InferenceSession:
             self.on_failover(notice)
 
     def _rebuild(self, plans, history: list) -> tuple[list[Stage], list[list]]:
-        hidden = torch.cat([h() if callable(h) else h for h in history], dim=1) if history else None
+        hidden = _joined(history) if history else None
         stages, histories = [], []
         try:
             for plan in plans:

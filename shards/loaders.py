@@ -120,6 +120,12 @@ def _config(source: str, **fields) -> ModelConfig:
         raise CheckpointError(f"{source}: bad model config: {exc}") from exc
 
 
+def first_line(exc: Exception) -> str:
+    """The first non-empty line of an exception's message (torch's and safetensors' run to
+    several), or its type name: error messages here are one line."""
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 def check_tokenizer_vocab(config: ModelConfig, source: str) -> None:
     """CheckpointError unless the model can embed every id of the GPT-2 tokenizer, the only one
     nanoswarm has: a smaller vocabulary (nanoGPT's character-level 65, say) was trained on other
@@ -143,8 +149,7 @@ def _torch_load(path: Path) -> dict:
         detail = f" ({found.group(1).split('. Please')[0].strip()})" if found else ""
         raise CheckpointError(f"{path}: not a checkpoint of plain tensors and settings{detail}") from exc
     except Exception as exc:  # torch raises many kinds for a bad file
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise CheckpointError(f"{path}: cannot load it as a checkpoint: {first}") from exc
+        raise CheckpointError(f"{path}: cannot load it as a checkpoint: {first_line(exc)}") from exc
 
 
 def load_nanogpt(path: Path, gelu: str | None = None) -> tuple[ModelConfig, StateDict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as st_load
 
-from .loaders import StateDict, expected_shapes
+from .loaders import StateDict, expected_shapes, first_line
 from .manifest import (
     DTYPES,
     FileEntry,
@@ -60,14 +60,10 @@ def read_verified(model_dir: str | Path, entry: FileEntry, manifest: Manifest | 
     try:
         sd = st_load(data)
     except Exception as exc:  # safetensors raises its own error type for malformed files
-        raise ShardIntegrityError(f"{entry.name}: not a safetensors file: {_first_line(exc)}") from exc
+        raise ShardIntegrityError(f"{entry.name}: not a safetensors file: {first_line(exc)}") from exc
     if manifest is not None:
         _check_tensors(entry, sd, manifest)
     return sd
-
-
-def _first_line(exc: Exception) -> str:
-    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def _expected_tensors(entry: FileEntry, config: ModelConfig) -> dict[str, tuple[int, ...]]:
