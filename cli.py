@@ -50,6 +50,15 @@ _NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 class _CleanErrors(click.Group):
     """Expected failures print one line, not a traceback or a usage block."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        # The top-level options are parsed here, before invoke(): `nanoswarm --bogus`.
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _NO_ARGS_HELP:
+            raise
+        except click.UsageError as e:
+            _fail(e.format_message(), e.exit_code)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

@@ -227,3 +227,12 @@ def test_an_error_without_a_message_still_says_something(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli.main, ["shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m")])
     assert result.exit_code == 1
     assert result.stderr == "error: MemoryError\n"
+
+
+def test_option_errors_of_the_top_level_command_fail_in_one_line():
+    """Parsed before any subcommand runs: click's own handler would print its usage block."""
+    out = run_cli("--bogus", timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == ["error: No such option '--bogus'. Did you mean '--verbose'?"]
+    out = run_cli("--help", timeout=60)  # help is no failure
+    assert out.returncode == 0 and "Commands:" in out.stdout
