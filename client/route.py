@@ -85,20 +85,32 @@ def _head_partition(peers: list[PeerInfo], n_head: int) -> tuple[list[PeerInfo],
 
 
 def candidate_stages(peers: list[PeerInfo], pos: int, stop: int, n_head: int) -> list[StagePlan]:
-    """Every stage that can start at block `pos`, running as far as its peers go (<= stop)."""
+    """Every stage that can start at block `pos`: a layer peer as far as it goes (<= stop); a head
+    group ending at any block its members all reach, because a group costs two round trips a
+    block and handing over to a layer stage part-way can be cheaper."""
     out = []
     for p in peers:
         if p.heads is None and p.layers[0] <= pos < p.layers[1]:
             out.append(StagePlan(pos, min(p.layers[1], stop), [p]))
-    groups: dict[tuple[int, int], list[PeerInfo]] = {}
-    for p in peers:
-        if p.heads is not None and p.layers[0] <= pos < p.layers[1]:
-            groups.setdefault(p.layers, []).append(p)
-    for layers, members in groups.items():
-        found = _head_partition(members, n_head)
+    # Members need not serve the same blocks: a node opens a session on any part of its range,
+    # so head peers that all reach block `end` form a group over pos:end.
+    heads = [p for p in peers if p.heads is not None and p.layers[0] <= pos < p.layers[1]]
+    reach = sorted({min(p.layers[1], stop) for p in heads})
+    lo = pos + 1
+    for end in reach:  # the members reaching `end` are those that reach every block up to it
+        found = _head_partition([p for p in heads if p.layers[1] >= end], n_head)
         if found:
-            out.append(StagePlan(pos, min(layers[1], stop), found[0], found[1]))
+            out.extend(StagePlan(pos, e, found[0], found[1]) for e in range(lo, end + 1))
+        lo = end + 1
     return out
+
+
+def _uncovered_detail(peers: list[PeerInfo], uncovered: list[int]) -> str:
+    """Say so when head shards serve an uncovered block but do not add up to all its heads."""
+    partial = [i for i in uncovered if any(p.heads is not None and p.layers[0] <= i < p.layers[1] for p in peers)]
+    if not partial:
+        return ""
+    return f" (head shards of layers {format_layers(partial)} do not cover every head)"
 
 
 def build_route(peers: list[PeerInfo], n_layer: int, n_head: int,
@@ -118,4 +130,5 @@ def build_route(peers: list[PeerInfo], n_layer: int, n_head: int,
     if stop in best:
         return best[stop][1]
     # Every servable block starts some stage, so blocks are reachable exactly when covered.
-    raise RouteError([i for i in range(start, stop) if not candidate_stages(peers, i, stop, n_head)])
+    uncovered = [i for i in range(start, stop) if not candidate_stages(peers, i, stop, n_head)]
+    raise RouteError(uncovered, _uncovered_detail(peers, uncovered))

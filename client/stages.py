@@ -101,6 +101,21 @@ def reply_tensors(conn: PeerConnection, msg, like: torch.Tensor, count: int) -> 
     return [functools.partial(tensor, i) for i in range(count - 1)] + [tensor(count - 1)]
 
 
+# Room for a step's header and the frames' framing within a node's message limit.
+HEADER_ROOM = 64 * 1024
+
+
+def positions_per_request(opened: dict, width: int) -> int:
+    """The most positions of `width`-wide float32 (the widest wire) hidden states one request to
+    a peer may carry, from the limits its `opened` reply states; at least one."""
+    n = opened.get("max_tokens_per_step")
+    n = n if isinstance(n, int) and n > 0 else 1 << 30
+    size = opened.get("max_message_bytes")
+    if isinstance(size, int) and size > 0:
+        n = min(n, (size - HEADER_ROOM) // (4 * width))
+    return max(1, n)
+
+
 class RemoteLayerStage(Stage):
     """One peer running whole blocks [start, stop) in a session on its side."""
 
@@ -175,11 +190,12 @@ class HeadGroupStage(Stage):
 
     def open(self, max_length: int) -> None:
         self.max_length = max_length
-        self.sessions = []
+        self.sessions, self.limits = [], []
         for conn, _ in self.members:
             reply = conn.request("open", {"model_id": self.model_id, "max_length": max_length,
                                           "layers": [self.start, self.stop]}, timeout=self.timeout)
             self.sessions.append(reply.fields["session"])
+            self.limits.append(reply.fields)
 
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:
         partials: list[torch.Tensor | None] = [None] * len(self.members)
@@ -210,7 +226,12 @@ class HeadGroupStage(Stage):
         return total
 
     def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
-        # Never part of a relayed step, so never holds a position it is asked for.
+        # Never part of a relayed step, so never holds a position it is asked for. Positions go in
+        # pieces every member takes: halving after a refusal (as a layer stage does) cannot work
+        # here, because the members that took the first block have stored it.
+        n = min(positions_per_request(fields, hidden.shape[2]) for fields in self.limits)
+        if hidden.shape[1] > n:
+            return torch.cat([self.step(hidden[:, i:i + n], pos + i) for i in range(0, hidden.shape[1], n)], dim=1)
         for block in range(self.start, self.stop):
             hidden = self._fan_out(hidden, pos, "attn", block)
             hidden = self._fan_out(hidden, pos, "mlp", block)

@@ -227,7 +227,9 @@ class RequestHandler:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"max_length {max_length} is outside 1..{self.steps.max_length()}")
         session = self.sessions.open(self.blocks, a, b, max_length, peer)
         return encode("opened", msg.id, {"session": session.id, "layers": [a, b],
-                                         "kv_bytes": session.cache.nbytes})
+                                         "kv_bytes": session.cache.nbytes,
+                                         "max_tokens_per_step": self.limits.max_tokens_per_step,
+                                         "max_message_bytes": self.limits.max_message_bytes})
 
     def _forward(self, msg: Message) -> list:
         if self.head_shard:

@@ -53,7 +53,8 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     # replies
     "info_reply": {"peer_id": (_STR, True), "model_id": (_STR, True), "layers": (_LIST, True),
                    "heads": (_OPT_LIST, False)},
-    "opened": {"session": (_STR, True), "layers": (_LIST, True)},
+    "opened": {"session": (_STR, True), "layers": (_LIST, True),
+               "max_tokens_per_step": (_INT, False), "max_message_bytes": (_INT, False)},
     "result": {"busy_us": ((int, type(None)), False), "busy": (_OPT_LIST, False)},
     "closed": {"session": (_STR, True)},
     "records_reply": {"records": (_LIST, True)},

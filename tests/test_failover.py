@@ -121,6 +121,19 @@ def test_dead_head_group_member_is_replaced(small12_model_dir, cluster_factory, 
     assert result.route[0]["heads"] == [[0, 6], [6, 12]]
 
 
+def test_a_dead_member_is_replaced_by_one_serving_more_blocks(small12_model_dir, cluster_factory, expected_ids):
+    """The spare serves heads 6:12 of every block: it joins the survivor over the group's 0:6."""
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6), (0, 6)), NodeSpec((0, 6), (6, 12)),
+                                                NodeSpec((6, 12)), NodeSpec((0, 12), (6, 12))])
+    notices: list[str] = []
+    spare = swarm.addresses[3]
+    result = generate_with_fault(small12_model_dir, swarm, lambda i: swarm.kill(i, signal.SIGKILL), notices,
+                                 pick=lambda route: route[0]["peers"][1])
+    assert result.ids == expected_ids
+    assert result.failovers == 1
+    assert result.route[0] == {"layers": [0, 6], "peers": [swarm.addresses[0], spare], "heads": [[0, 6], [6, 12]]}
+
+
 def test_restarted_node_with_same_key_is_used_again(small12_model_dir, cluster_factory, expected_ids):
     from nanoswarm.client.discovery import fetch_table
     from nanoswarm.keys.contact import split_contact

@@ -10,7 +10,7 @@ from test_swarm import DECODE_STEPS, PROMPT_LEN, random_ids, reference_logits, s
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
-from nanoswarm.client.route import PeerInfo, build_route
+from nanoswarm.client.route import PeerInfo, RouteError, build_route
 from nanoswarm.client.stages import HeadGroupStage
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.cluster import NodeSpec
@@ -87,6 +87,40 @@ def test_route_prefers_fewer_round_trips():
     assert [p.peers[0].address for p in route] == ["a", "b", "c"]  # slower, but 1 round trip
     route = build_route([p for p in peers if p.address != "b"], 12, 12)
     assert route[1].heads == [(0, 6), (6, 12)]
+
+
+def test_route_groups_members_that_serve_different_blocks():
+    """A node opens a session on any part of its blocks, so members need only share the group's."""
+    def peer(addr, layers, heads=None):
+        return PeerInfo(addr, addr, "m", layers, heads)
+
+    def plan(peers):
+        return [(p.start, p.stop, [q.address for q in p.peers]) for p in build_route(peers, 6, 12)]
+
+    assert plan([peer("A", (0, 6), (0, 6)), peer("B", (0, 3), (6, 12)), peer("C", (3, 6), (6, 12))]) == \
+        [(0, 3, ["A", "B"]), (3, 6, ["A", "C"])]
+    assert plan([peer("A", (0, 3), (0, 6)), peer("D", (0, 6), (6, 12)), peer("L", (3, 6))]) == \
+        [(0, 3, ["A", "D"]), (3, 6, ["L"])]
+    # a group costs two round trips a block: hand over to a layer stage as soon as one serves
+    assert plan([peer("G1", (0, 6), (0, 6)), peer("G2", (0, 6), (6, 12)), peer("L", (3, 6))]) == \
+        [(0, 3, ["G1", "G2"]), (3, 6, ["L"])]
+    with pytest.raises(RouteError, match=r"layers 0:6 \(head shards of layers 0:6 do not cover every head\)"):
+        build_route([peer("A", (0, 6), (0, 6)), peer("B", (0, 6), (7, 12))], 6, 12)
+
+
+def test_members_that_take_few_positions_a_step_get_them_in_pieces(tiny_model_dir, cluster_factory):
+    """Every member states its limit when the session opens; the group sends what all take
+    (a refusal cannot be halved: the members that took a block have stored it)."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), (0, 1)), NodeSpec((0, 4), (1, 4))],
+                            args=["--max-tokens-per-step", "5"])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    try:
+        ids = random_ids(PROMPT_LEN + DECODE_STEPS, seed=6)  # the prompt is longer than 5
+        got = swarm_logits(model, ids)
+        assert (got - reference_logits(tiny_model_dir, ids)[PROMPT_LEN - 1:]).abs().max().item() <= 1e-5
+        assert not model.swarm.bans
+    finally:
+        model.close()
 
 
 def test_head_shards_announce_their_heads_in_records(tiny_model_dir, cluster_factory):
