@@ -30,6 +30,24 @@ def _range(value: str | None, what: str) -> tuple[int, int] | None:
     return a, b
 
 
+class _Seconds(click.ParamType):
+    """A positive, finite number of seconds (a float option would take 0, -1, nan and inf)."""
+
+    name = "seconds"
+
+    def convert(self, value, param, ctx) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not 0 < seconds < float("inf"):
+            self.fail(f"{value!r} must be a positive, finite number of seconds", param, ctx)
+        return seconds
+
+
+SECONDS = _Seconds()
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
@@ -56,7 +74,7 @@ class _CleanErrors(click.Group):
             return super().make_context(info_name, args, parent=parent, **extra)
         except _NO_ARGS_HELP:
             raise
-        except click.UsageError as e:
+        except click.ClickException as e:
             _fail(e.format_message(), e.exit_code)
 
     def invoke(self, ctx):
@@ -64,9 +82,9 @@ class _CleanErrors(click.Group):
             return super().invoke(ctx)
         except _NO_ARGS_HELP:
             raise  # `nanoswarm keys` alone: the help is what was asked for
-        except click.UsageError as e:  # bad options of a subcommand; exit code 2, as click's
+        except click.ClickException as e:  # bad options of a subcommand (exit code 2, as click's), or ours
             _fail(e.format_message(), e.exit_code)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+        except (click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - the top of the program
             if os.environ.get("NANOSWARM_DEBUG"):
@@ -213,7 +231,7 @@ def _peer_list(peers: str | None) -> list[str]:
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--seed", type=int, default=None)
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per peer answer.")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="Seconds per peer answer.")
 @click.option("--wire", type=click.Choice(["float32", "float16", "bfloat16", "q80"]), default="float32",
               show_default=True, help="Format of hidden states on the wire (float32 is exact).")
 @click.option("--relay/--no-relay", default=True, show_default=True,
@@ -298,7 +316,7 @@ def _route_line(route: list[dict]) -> str:
               help="Only this model's peers; its block count shows gaps at the end too.")
 @click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Use this identity's CURVE key (private swarms).")
-@click.option("--timeout", type=float, default=5.0, show_default=True)
+@click.option("--timeout", type=SECONDS, default=5.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | None, timeout: float,
           as_json: bool) -> None:
@@ -489,7 +507,7 @@ def bench(model_dir: Path | None, shape: str, stages: str, sessions: str, head_g
 @click.option("--new-tokens", type=int, default=16, show_default=True, help="Decode steps per session.")
 @click.option("--max-length", type=int, default=None,
               help="KV cache each session reserves (default: the positions it uses).")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per request.")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="Seconds per request.")
 @click.option("--no-verify", is_flag=True, help="Skip comparing every step's logits to a solo run.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 def load(model_dir: Path, peers: str | None, nodes: int, node_args: str, sessions: int, duration: float,

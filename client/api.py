@@ -38,6 +38,9 @@ class GenerationResult:
                 "tokens_per_second": self.stats.tokens_per_second}
 
 
+DISCOVERY_SECONDS = 5.0  # the longest wait for a peer's `info` or a bootstrap's records
+
+
 class SwarmModel:
     """A model whose blocks run on peers (or, with `local`, in this process)."""
 
@@ -57,11 +60,14 @@ class SwarmModel:
         manifest = read_manifest(model_dir)
         swarm = Swarm(manifest.model_id, manifest.config.n_layer, manifest.config.n_head,
                       options or SwarmOptions())
+        # Asking who serves what is quick work for a peer: at most DISCOVERY_SECONDS, or the
+        # (shorter) time the options give a peer for any answer.
+        timeout = min(DISCOVERY_SECONDS, swarm.options.timeout)
         if bootstrap:
             from .discovery import add_from_bootstrap
-            add_from_bootstrap(swarm, bootstrap)
+            add_from_bootstrap(swarm, bootstrap, timeout)
         if peers:
-            swarm.add_addresses(peers)
+            swarm.add_addresses(peers, timeout)
         return cls(model_dir, manifest, swarm)
 
     @classmethod

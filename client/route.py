@@ -49,7 +49,7 @@ class RouteError(Exception):
     """No set of peers covers the asked blocks; names the uncovered layers."""
 
     def __init__(self, uncovered: list[int], detail: str = ""):
-        self.uncovered = uncovered
+        self.uncovered, self.detail = uncovered, detail
         super().__init__(f"no peer serves layers {format_layers(uncovered)}{detail}")
 
 

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from nanoswarm.keys.contact import split_contact
+from nanoswarm.keys.contact import endpoint_of, split_contact
+from nanoswarm.keys.records import check_endpoint
 
-from .route import PeerInfo, StagePlan, build_route
+from .route import PeerInfo, RouteError, StagePlan, build_route
 from .stages import HeadGroupStage, RemoteLayerStage, Stage
 from .transport import PeerConnection, PeerError
 
@@ -33,6 +34,10 @@ class SwarmOptions:
     client_keys: tuple[bytes, bytes] | None = None  # (public, secret); None: ephemeral per link
     insecure: bool = False       # allow unencrypted links to peers that have no CURVE key
     relay: bool = True           # consecutive layer stages pass steps node to node (client/relay.py)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.timeout, (int, float)) and 0 < self.timeout < float("inf")):
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout}")
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Swarm:
                 rtt = time.perf_counter() - t0
             except PeerError as e:
                 self.rejected[address] = f"{e.code}: {e.message}"
-                log.warning("peer %s: %s", address, e)
+                log.warning("peer %s", e)  # the error names the address
                 continue
             self.add_info(address, reply.fields, rtt, curve_key=split_contact(address)[1])
 
@@ -94,6 +99,7 @@ class Swarm:
         if conn is None:
             info = self.peers.get(address)
             try:
+                check_endpoint(endpoint_of(address))
                 key = info.curve_key if info is not None and info.curve_key is not None else split_contact(address)[1]
             except ValueError as e:
                 raise PeerError(address, "bad_contact", str(e)) from None
@@ -109,7 +115,15 @@ class Swarm:
         return conn
 
     def plan(self, start: int = 0, stop: int | None = None) -> list[StagePlan]:
-        return build_route(self.available(), self.n_layer, self.n_head, start, stop)
+        try:
+            return build_route(self.available(), self.n_layer, self.n_head, start, stop)
+        except RouteError as e:
+            if not self.rejected:
+                raise
+            # The peers we were given but could not use are the likely cause: say why.
+            why = [f"{a}: {r}" for a, r in list(self.rejected.items())[:3]]
+            more = f" and {len(self.rejected) - 3} more" if len(self.rejected) > 3 else ""
+            raise RouteError(e.uncovered, f"{e.detail}; not used: {'; '.join(why)}{more}") from None
 
     def make_stage(self, plan: StagePlan) -> Stage:
         if plan.is_head_group:

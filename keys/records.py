@@ -154,6 +154,17 @@ def _address(value: object) -> str:
     return text
 
 
+def check_endpoint(text: str) -> str:
+    """`text` if peers can connect to it the way records require (tcp://HOST:PORT, port
+    1-65535); ValueError saying so otherwise. For contacts given on the command line."""
+    m = _ADDRESS.fullmatch(text)
+    if m is None or len(text) > MAX_ADDRESS_LEN:
+        raise ValueError(f"{text[:MAX_ADDRESS_LEN]!r} is not a TCP endpoint tcp://HOST:PORT")
+    if not 0 < int(m.group(2)) < 65536:
+        raise ValueError(f"{text!r}: the port must be 1-65535")
+    return text
+
+
 def _span(value: object, name: str, limit: int) -> tuple[int, int]:
     if not isinstance(value, list) or len(value) != 2 or not all(_is_int(v) for v in value):
         raise _Malformed(f"{name} must be a list of two integers")

@@ -5,14 +5,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: there two nodes sharing a key file are not caught
+    fcntl = None  # type: ignore[assignment]
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from nanoswarm.keys.contact import format_contact
-from nanoswarm.keys.identity import Identity, load_or_create_identity, read_allowed_keys
+from nanoswarm.keys.contact import endpoint_of, format_contact, split_contact
+from nanoswarm.keys.identity import Identity, default_key_path, load_or_create_identity, read_allowed_keys
+from nanoswarm.keys.records import check_endpoint
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_blocks
 
@@ -96,13 +102,55 @@ def _choose_layers(opts: NodeOptions, identity: Identity) -> tuple[tuple[int, in
     return (start, start + n_blocks), n_blocks, fetched.table.wires() if fetched else []
 
 
+def check_contacts(opts: NodeOptions) -> None:
+    """Refuse, before anything loads, addresses no peer could use: ours is advertised in our
+    record (so a wildcard host or a port ZeroMQ would wrap is no use to anyone), and a bootstrap
+    we cannot reach would be retried every gossip round for as long as we run."""
+    host, _, port = opts.listen.removeprefix("tcp://").rpartition(":")
+    if not opts.listen.startswith("tcp://") or not host:  # peers reach nodes by the endpoint in the record
+        raise ValueError(f"--listen must be a TCP endpoint (tcp://HOST:PORT or tcp://HOST:*), not {opts.listen!r}")
+    if host in ("*", "0.0.0.0", "[::]", "[::0]"):
+        raise ValueError(f"--listen {opts.listen}: peers connect to the address a node advertises, so "
+                         "give the address they reach this machine at, not a wildcard")
+    if port != "*":
+        try:
+            check_endpoint(opts.listen)
+        except ValueError as e:
+            raise ValueError(f"--listen: {e}") from None
+    for contact in opts.bootstrap:
+        try:
+            check_endpoint(endpoint_of(contact))
+            key = split_contact(contact)[1]
+        except ValueError as e:
+            raise ValueError(f"--bootstrap: {e}") from None
+        if key is None and not opts.insecure:
+            raise ValueError(f"--bootstrap {contact} has no key: give the contact the node printed "
+                             "(tcp://HOST:PORT#KEY)")
+
+
+def hold_key_file(path: Path, identity: Identity) -> int | None:
+    """Lock the key file for this node's lifetime (the lock goes with the process, however it
+    ends). Two nodes with one identity would be one peer id at two endpoints: each one's record
+    replaces the other's in every table, so the swarm would see one of them at a time."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"key file {path} (peer id {identity.peer_id[:16]}) is in use by another node "
+                         "on this machine: give each node its own --key-file") from None
+    return fd
+
+
 def run_node(opts: NodeOptions) -> None:
     """Serve until SIGTERM/Ctrl-C. Prints `listening CONTACT` on stdout once ready and announced:
     the contact is ADDRESS#CURVEKEY (keys/contact.py); the harness reads it to learn the port
     when the listen address ends in `:*`, and the key to connect."""
-    if not opts.listen.startswith("tcp://"):  # peers reach nodes by the TCP endpoint in their record
-        raise ValueError(f"--listen must be a TCP endpoint (tcp://HOST:PORT or tcp://HOST:*), not {opts.listen!r}")
+    check_contacts(opts)
     identity = load_or_create_identity(opts.key_file)  # first: a bad key file fails at once
+    key_lock = hold_key_file(opts.key_file or default_key_path(), identity)  # noqa: F841 - held until we exit
     allow = read_allowed_keys(opts.allow_keys) if opts.allow_keys else None
     if allow is not None and opts.insecure:
         raise ValueError("--allow-keys needs encrypted links; it cannot be combined with --insecure")

@@ -236,3 +236,41 @@ def test_option_errors_of_the_top_level_command_fail_in_one_line():
     assert out.stderr.strip().splitlines() == ["error: No such option '--bogus'. Did you mean '--verbose'?"]
     out = run_cli("--help", timeout=60)  # help is no failure
     assert out.returncode == 0 and "Commands:" in out.stdout
+
+
+def test_a_second_node_with_the_same_key_file_is_refused(tiny_model_dir, cluster_factory, tmp_path):
+    """One identity at two endpoints: each record would replace the other's in every table."""
+    from nanoswarm.node.cluster import NodeSpec
+
+    key = tmp_path / "node.key"
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--key-file", str(key)])])
+    out = run_cli("node", str(tiny_model_dir), "--layers", "2:4", "--key-file", str(key), timeout=60)
+    line = one_error_line(out, logs=True)
+    assert line.startswith(f"error: key file {key} (peer id ") and "give each node its own --key-file" in line
+    assert swarm.nodes[0].proc.poll() is None  # the first node serves on
+
+
+def test_generate_says_why_the_peers_it_was_given_were_not_used(tiny_model_dir):
+    key = "ab" * 32
+    out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--timeout", "2",
+                  "--peers", f"garbage,tcp://127.0.0.1:99999#{key},tcp://127.0.0.1:9", timeout=60)
+    line = one_error_line(out, logs=True)
+    assert line.startswith("error: no peer serves layers 0:4; not used: garbage: bad_contact: 'garbage' is not")
+    assert f"tcp://127.0.0.1:99999#{key}: bad_contact: 'tcp://127.0.0.1:99999': the port must be 1-65535" in line
+    assert "tcp://127.0.0.1:9: insecure: no CURVE key" in line
+    for bad in ("0", "-1", "nan", "inf"):
+        out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9",
+                      "--timeout", bad, timeout=60)
+        assert "must be a positive, finite number of seconds" in one_error_line(out)
+
+
+def test_node_refuses_addresses_no_peer_could_use(tiny_model_dir, tmp_path):
+    """Checked before anything loads: the listen address is advertised in the node's record, and a
+    bootstrap that cannot work would be retried every gossip round."""
+    key = str(tmp_path / "k.key")
+    for args, why in ((["--listen", "tcp://127.0.0.1:99999"], "error: --listen: 'tcp://127.0.0.1:99999': the port"),
+                      (["--listen", "tcp://0.0.0.0:5555"], "error: --listen tcp://0.0.0.0:5555: peers connect to"),
+                      (["--bootstrap", "garbage"], "error: --bootstrap: 'garbage' is not a TCP endpoint"),
+                      (["--bootstrap", "tcp://127.0.0.1:5555"], "error: --bootstrap tcp://127.0.0.1:5555 has no key")):
+        out = run_cli("node", str(tiny_model_dir), "--layers", "0:2", "--key-file", key, *args, timeout=60)
+        assert one_error_line(out, logs=True).startswith(why), out.stderr
