@@ -65,6 +65,12 @@ def _fail(message: str, code: int) -> None:
 _NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
+def _help(e: click.UsageError) -> None:
+    """`nanoswarm` or `nanoswarm keys` alone: the help is what was asked for, on stdout."""
+    click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
+    sys.exit(0)
+
+
 class _CleanErrors(click.Group):
     """Expected failures print one line, not a traceback or a usage block."""
 
@@ -72,16 +78,16 @@ class _CleanErrors(click.Group):
         # The top-level options are parsed here, before invoke(): `nanoswarm --bogus`.
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
-        except _NO_ARGS_HELP:
-            raise
+        except _NO_ARGS_HELP as e:
+            _help(e)
         except click.ClickException as e:
             _fail(e.format_message(), e.exit_code)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except _NO_ARGS_HELP:
-            raise  # `nanoswarm keys` alone: the help is what was asked for
+        except _NO_ARGS_HELP as e:
+            _help(e)
         except click.ClickException as e:  # bad options of a subcommand (exit code 2, as click's), or ours
             _fail(e.format_message(), e.exit_code)
         except (click.exceptions.Exit, click.Abort, KeyboardInterrupt):
@@ -103,7 +109,7 @@ def main(verbose: int) -> None:
 @main.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--layers-per-shard", type=int, default=1, show_default=True)
+@click.option("--layers-per-shard", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--head-groups", type=int, default=None, help="Also write head-sliced files, G groups.")
 @click.option("--heads", "heads_spec", default=None, help="Explicit head split, e.g. 0:6,6:12.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
@@ -163,15 +169,20 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True)
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
-@click.option("--max-sessions", type=int, default=None)
-@click.option("--kv-budget-mb", type=int, default=None, help="Total KV-cache memory for sessions.")
-@click.option("--max-session-length", type=int, default=None)
-@click.option("--max-tokens-per-step", type=int, default=None)
-@click.option("--max-message-mb", type=int, default=None)
-@click.option("--max-inflight", type=int, default=None, help="Requests in flight per peer.")
-@click.option("--idle-timeout", type=float, default=None, help="Seconds before an idle session is reclaimed.")
-@click.option("--max-batch-seconds", type=float, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's choice).")
+# Limits (node/sessions.py NodeLimits; the shown defaults are its own, tests/test_cli.py checks).
+@click.option("--max-sessions", type=click.IntRange(min=1), default=None, show_default="128")
+@click.option("--kv-budget-mb", type=click.IntRange(min=1), default=None, show_default="2048",
+              help="Total KV-cache memory for sessions.")
+@click.option("--max-session-length", type=click.IntRange(min=1), default=None,
+              show_default="4096, at most the context", help="Positions one session may hold.")
+@click.option("--max-tokens-per-step", type=click.IntRange(min=1), default=None, show_default="1024")
+@click.option("--max-message-mb", type=click.IntRange(min=1), default=None, show_default="64")
+@click.option("--max-inflight", type=click.IntRange(min=1), default=None, show_default="16",
+              help="Requests in flight per peer.")
+@click.option("--idle-timeout", type=SECONDS, default=None, show_default="300",
+              help="Seconds before an idle session is reclaimed.")
+@click.option("--max-batch-seconds", type=SECONDS, default=None, show_default="5",
               help="Compute per batch before its remaining requests are refused busy.")
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Node identity (default: one in the user config dir, created on first run).")
@@ -440,14 +451,24 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, max_new_tokens: int, t
     _stop_on_sigterm()
     click.echo(f"starting {nodes} local nodes for {model_dir}"
                + (f" (node logs: {log_file.name})" if log_file else "") + " ...", err=True)
-    with harness:
-        for n in harness.nodes:
-            click.echo(f"  node {endpoint_of(n.address)} layers {n.spec.layers[0]}:{n.spec.layers[1]}", err=True)
-        model = SwarmModel.connect(model_dir, peers=harness.addresses)
-        try:
-            _run_generation(model, prompt, max_new_tokens, sampling, as_json)
-        finally:
-            model.close()
+    done = False
+    try:
+        with harness:
+            for n in harness.nodes:
+                click.echo(f"  node {endpoint_of(n.address)} layers {n.spec.layers[0]}:{n.spec.layers[1]}", err=True)
+            model = SwarmModel.connect(model_dir, peers=harness.addresses)
+            try:
+                _run_generation(model, prompt, max_new_tokens, sampling, as_json)
+            finally:
+                model.close()
+        done = True
+    finally:
+        if log_file is not None:  # the nodes' logs matter only when something went wrong
+            log_file.close()
+            if done:
+                os.unlink(log_file.name)
+            else:
+                click.echo(f"node logs kept in {log_file.name}", err=True)
 
 
 def _stop_on_sigterm() -> None:
@@ -463,16 +484,20 @@ def _stop_on_sigterm() -> None:
 @click.option("--shape", type=click.Choice(["gpt2-small", "tiny"]), default="gpt2-small", show_default=True)
 @click.option("--stages", default="1,2,4", show_default=True, help="Layer stages (nodes) to try.")
 @click.option("--sessions", default="1,8", show_default=True, help="Concurrent sessions to try.")
-@click.option("--head-groups", type=int, default=2, show_default=True, help="Head-shard nodes in a group; 0 skips.")
+@click.option("--head-groups", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Head-shard nodes in a group; 0 skips.")
 @click.option("--wires", default="float16,bfloat16,q80", show_default=True,
               help="Wire formats tried besides float32, on the largest route.")
 @click.option("--links", default="relay,star", show_default=True,
               help="relay (nodes pass steps on) or star (every stage answers the client): the first on "
                    "every route, the others on the largest too.")
-@click.option("--tokens", type=int, default=32, show_default=True, help="Decode steps per round.")
-@click.option("--prompt-len", type=int, default=128, show_default=True)
-@click.option("--repeats", type=int, default=3, show_default=True, help="Rounds per side and route.")
-@click.option("--threads", type=int, default=2, show_default=True, help="torch threads, here and per node.")
+@click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Decode steps per round.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Rounds per side and route.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="torch threads, here and per node.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep random-weight model dirs here (reused next time) instead of a temp dir.")
 @click.option("--quick", is_flag=True, help="A few tokens only: a smoke test, not a measurement.")
@@ -485,10 +510,20 @@ def bench(model_dir: Path | None, shape: str, stages: str, sessions: str, head_g
 
     if quick:
         tokens, prompt_len, repeats = min(tokens, 4), min(prompt_len, 16), 1
+    from nanoswarm.protocol.tensors import WIRE_FORMATS
+
     patterns = parse_names(links)
     if not patterns or set(patterns) - {"relay", "star"}:
         raise click.BadParameter("--links takes relay and/or star, e.g. relay,star")
-    opts = BenchOptions(model_dir, shape, parse_ints(stages), parse_ints(sessions), head_groups,
+    unknown = set(parse_names(wires)) - set(WIRE_FORMATS)
+    if unknown:
+        raise click.BadParameter(f"--wires: unknown {', '.join(sorted(unknown))}; "
+                                 f"formats are {', '.join(WIRE_FORMATS)}")
+    try:
+        counts = parse_ints(stages, "--stages"), parse_ints(sessions, "--sessions")
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    opts = BenchOptions(model_dir, shape, *counts, head_groups,
                         parse_names(wires), patterns, tokens, prompt_len, repeats, session_tokens=4 if quick else 16,
                         threads=threads, work_dir=work_dir)
     result = run_bench(opts)
@@ -499,13 +534,15 @@ def bench(model_dir: Path | None, shape: str, stages: str, sessions: str, head_g
 @main.command()
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--peers", default=None, help="Comma-separated node contacts; default: start a local swarm.")
-@click.option("--nodes", type=int, default=2, show_default=True, help="Size of the local swarm.")
+@click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True, help="Size of the local swarm.")
 @click.option("--node-args", default="", help="Options for the started nodes, e.g. '--max-sessions 32'.")
-@click.option("--sessions", type=int, default=16, show_default=True, help="Concurrent client sessions.")
-@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds.")
-@click.option("--prompt-tokens", type=int, default=8, show_default=True)
-@click.option("--new-tokens", type=int, default=16, show_default=True, help="Decode steps per session.")
-@click.option("--max-length", type=int, default=None,
+@click.option("--sessions", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Concurrent client sessions.")
+@click.option("--duration", type=SECONDS, default=10.0, show_default=True, help="Seconds.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Decode steps per session.")
+@click.option("--max-length", type=click.IntRange(min=1), default=None,
               help="KV cache each session reserves (default: the positions it uses).")
 @click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="Seconds per request.")
 @click.option("--no-verify", is_flag=True, help="Skip comparing every step's logits to a solo run.")

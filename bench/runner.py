@@ -110,14 +110,16 @@ def bench_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
 
 
 def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
-    stages = [s for s in opts.stages if 1 <= s <= n_layer]
-    if len(stages) != len(opts.stages):
-        log.warning("skipping stage counts outside 1..%d", n_layer)
+    stages = list(opts.stages)
+    if not all(1 <= s <= n_layer for s in stages):
+        raise ValueError(f"--stages {','.join(map(str, stages))}: the model has {n_layer} blocks, "
+                         f"so 1..{n_layer}")
     links = opts.links[0] if opts.links else "relay"
     groups = [_Group("layers", [NodeSpec(r) for r in even_split(n_layer, s)], [("float32", links)], s)
               for s in stages]
     if groups:
-        groups[-1].variants += [("float32", x) for x in opts.links[1:]]
+        if groups[-1].stages > 1:  # one stage always answers the client itself: no relay to compare
+            groups[-1].variants += [("float32", x) for x in opts.links[1:]]
         groups[-1].variants += [(w, links) for w in opts.wires if w != "float32"]
     if opts.head_groups:
         g = min(opts.head_groups, n_head)
@@ -259,7 +261,8 @@ class Bench:
 
     def _concurrent(self, swarm: Swarm, n: int, mode: str) -> dict:
         sessions, swarms = [], []
-        prompts = [self.ids[i:i + 8 + i % 5] for i in range(n)]  # different lengths and contents
+        ids = bench_ids(n + 12, self.config.vocab_size, self.opts.seed + 1)  # whatever --prompt-len is
+        prompts = [ids[i:i + 8 + i % 5] for i in range(n)]  # different lengths and contents
         try:
             for prompt in prompts:
                 own = Swarm(swarm.model_id, swarm.n_layer, swarm.n_head, swarm.options)
@@ -310,8 +313,15 @@ def run_bench(opts: BenchOptions) -> dict:
             "options": options, "machine": machine, "seconds": time.time() - started, **result}
 
 
-def parse_ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+def parse_ints(text: str, what: str = "the list") -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4): at least one, each positive; ValueError naming `what` otherwise."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{what} {text!r} must be comma-separated whole numbers, e.g. 1,2,4") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{what} {text!r} must name at least one number, each 1 or more")
+    return values
 
 
 def parse_names(text: str) -> tuple[str, ...]:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ class GenerationResult:
                 "time_to_first_token": self.stats.time_to_first_token,
                 "tokens_per_second": self.stats.tokens_per_second}
 
+
+log = logging.getLogger(__name__)
 
 DISCOVERY_SECONDS = 5.0  # the longest wait for a peer's `info` or a bootstrap's records
 
@@ -130,7 +133,11 @@ class SwarmModel:
             raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {context}")
         # Positions 0..context-1 hold the prompt and all new tokens but the last, which is only
         # sampled: a prompt of `context` tokens still gets one.
-        return min(max_new_tokens, context - len(ids) + 1)
+        room = context - len(ids) + 1
+        if max_new_tokens > room:
+            log.warning("generating %d tokens, not %d: the model's context is %d and the prompt is %d",
+                        room, max_new_tokens, context, len(ids))
+        return min(max_new_tokens, room)
 
     def generate(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
                  keep_logits: bool = False) -> GenerationResult:

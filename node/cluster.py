@@ -28,6 +28,14 @@ class NodeSpec:
     args: list[str] = field(default_factory=list)  # further `nanoswarm node` options
 
 
+def _span(spec: NodeSpec) -> str:
+    """'layers 0:2 heads 0:6', half-open like the CLI; 'auto' for a node that chooses."""
+    if spec.layers is None:
+        return "auto"
+    text = f"layers {spec.layers[0]}:{spec.layers[1]}"
+    return text if spec.heads is None else f"{text} heads {spec.heads[0]}:{spec.heads[1]}"
+
+
 def even_split(n_layer: int, n_nodes: int) -> list[tuple[int, int]]:
     """Blocks 0..n_layer split into n_nodes contiguous ranges whose sizes differ by at most 1."""
     if not 1 <= n_nodes <= n_layer:
@@ -137,9 +145,9 @@ class LocalCluster:
             try:
                 line = node.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise TimeoutError(f"node {node.spec.layers} did not start within {timeout:.0f}s") from None
+                raise TimeoutError(f"node {_span(node.spec)} did not start within {timeout:.0f}s") from None
             if line is None:
-                raise RuntimeError(f"node {node.spec.layers} exited with code {node.proc.wait()} "
+                raise RuntimeError(f"node {_span(node.spec)} exited with code {node.proc.wait()} "
                                    "before listening")
             if line.startswith("listening "):
                 return line.split(" ", 1)[1].strip()

@@ -330,7 +330,20 @@ def write_model_dir(config: ModelConfig, flat_sd: StateDict, out_dir: str | Path
     tmp.write_text(manifest.to_json())
     os.replace(tmp, out / MANIFEST_NAME)
     log.log(level, "wrote %s: model id %s", out / MANIFEST_NAME, manifest.model_id)
+    _remove_stale_shards(out, {f.name for f in files})
     return manifest
+
+
+_SHARD_NAME = re.compile(r"^(embeddings|head|blocks-\d+-\d+(-heads-\d+-\d+)?)\.safetensors$")
+
+
+def _remove_stale_shards(out: Path, keep: set[str]) -> None:
+    """Shard files of an earlier model written to the same directory: the manifest no longer
+    names them, and left there they look like part of this one. Only our own file names."""
+    for path in out.iterdir():
+        if _SHARD_NAME.match(path.name) and path.name not in keep and path.is_file():
+            path.unlink()
+            log.info("removed %s: not part of the new model", path)
 
 
 def shard_checkpoint(source: str | Path, out_dir: str | Path, layers_per_shard: int,

@@ -80,3 +80,27 @@ def test_bench_curve_runs(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "CURVE" in out.stdout and "AESGCM" in out.stdout
+
+
+def test_bad_options_fail_in_one_line_before_anything_starts(tmp_path):
+    for args, message in ((["--stages", "a"], "--stages 'a' must be comma-separated whole numbers"),
+                          (["--sessions", "0"], "--sessions '0' must name at least one number, each 1 or more"),
+                          (["--wires", "bogus"], "--wires: unknown bogus; formats are float32"),
+                          (["--tokens", "0"], "'--tokens': 0 is not in the range x>=1"),
+                          (["--head-groups", "-1"], "'--head-groups': -1 is not in the range x>=0"),
+                          (["--stages", "5"], "--stages 5: the model has 4 blocks, so 1..4")):
+        out = subprocess.run([sys.executable, "-m", "nanoswarm", "bench", "--shape", "tiny", "--quick",
+                              "--work-dir", str(tmp_path), *args], capture_output=True, text=True, timeout=120)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode != 0 and out.stdout == "" and message in lines[-1], out.stderr
+
+
+def test_one_stage_is_measured_once_whatever_the_links():
+    """One stage always answers the client: relay and star would be the same run twice."""
+    from nanoswarm.bench.runner import BenchOptions, _groups
+
+    groups = _groups(BenchOptions(stages=(1,), wires=(), head_groups=0), 4, 4)
+    assert [g.variants for g in groups] == [[("float32", "relay")]]
+    groups = _groups(BenchOptions(stages=(1, 2), wires=("q80",), head_groups=0), 4, 4)
+    assert [g.variants for g in groups] == [[("float32", "relay")],
+                                            [("float32", "relay"), ("float32", "star"), ("q80", "relay")]]

@@ -118,8 +118,26 @@ def test_node_refuses_a_zero_limit(tiny_model_dir):
     """0 is a limit, not "not given": the node refuses it rather than fall back to the default."""
     for option in ("--kv-budget-mb", "--max-message-mb", "--max-sessions"):
         out = run_cli("node", str(tiny_model_dir), "--layers", "0:4", "--insecure", option, "0", timeout=60)
-        last = out.stderr.strip().splitlines()[-1]
-        assert out.returncode != 0 and last.startswith("error:") and "must be a positive number" in last, out.stderr
+        assert one_error_line(out) == f"error: Invalid value for '{option}': 0 is not in the range x>=1."
+
+
+def test_node_help_shows_the_limits_defaults():
+    """The options default to None (NodeLimits decides); their help states NodeLimits' values."""
+    import re
+
+    from click.testing import CliRunner
+
+    from nanoswarm import cli
+    from nanoswarm.node.sessions import NodeLimits
+
+    shown = dict(re.findall(r"--([a-z-]+) [A-Z ]+(?:(?!--).)*?\[default: \((\d+)", " ".join(
+        CliRunner().invoke(cli.main, ["node", "--help"], terminal_width=1000).output.split())))
+    limits = NodeLimits()
+    assert {k: int(v) for k, v in shown.items()} == {
+        "max-sessions": limits.max_sessions, "kv-budget-mb": limits.kv_budget_bytes >> 20,
+        "max-session-length": limits.max_session_length, "max-tokens-per-step": limits.max_tokens_per_step,
+        "max-message-mb": limits.max_message_bytes >> 20, "max-inflight": limits.max_inflight_per_peer,
+        "idle-timeout": limits.idle_timeout, "max-batch-seconds": limits.max_batch_seconds}
 
 
 def one_error_line(out: subprocess.CompletedProcess, logs: bool = False) -> str:
@@ -234,8 +252,9 @@ def test_option_errors_of_the_top_level_command_fail_in_one_line():
     out = run_cli("--bogus", timeout=60)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == ["error: No such option '--bogus'. Did you mean '--verbose'?"]
-    out = run_cli("--help", timeout=60)  # help is no failure
-    assert out.returncode == 0 and "Commands:" in out.stdout
+    for args in (["--help"], [], ["keys"]):  # help is no failure, asked for or not
+        out = run_cli(*args, timeout=60)
+        assert out.returncode == 0 and "Commands:" in out.stdout and out.stderr == "", args
 
 
 def test_a_second_node_with_the_same_key_file_is_refused(tiny_model_dir, cluster_factory, tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +75,5 @@ def test_demo_command_streams_text_and_matches_single_process():
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout == "ROMEO:" + local.text + "\n"  # the default prompt, text streamed to stdout
     assert "tokens/s" in plain.stderr and "route:" in plain.stderr
+    log_file = re.search(r"\(node logs: (\S+)\)", plain.stderr).group(1)
+    assert not os.path.exists(log_file), "a demo that went well keeps no log file"

@@ -197,6 +197,15 @@ def test_model_dir_round_trip(tmp_path):
     assert max_diff(loaded, model, ids_for(SMALL)) <= 1e-5
 
 
+def test_sharding_again_into_a_directory_removes_the_old_shards(tmp_path):
+    model = make_gpt(SMALL)
+    mf.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=1, head_splits=[(0, 2), (2, 4)])
+    (tmp_path / "notes.txt").write_text("mine")
+    manifest = mf.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=3)
+    on_disk = sorted(p.name for p in tmp_path.iterdir())
+    assert on_disk == sorted([f.name for f in manifest.files] + ["manifest.json", "notes.txt"])
+
+
 def test_untied_head_round_trips(tmp_path):
     model = make_gpt(SMALL)
     sd = {**model.flat_state_dict(), "lm_head.weight": torch.randn(1000, 64)}
