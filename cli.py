@@ -146,9 +146,10 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--seed", type=int, default=1337, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the run's summary as one JSON object.")
 def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_embd: int, block_size: int,
-          max_iters: int, batch_size: int, lr: float, seed: int, threads: int) -> None:
+          max_iters: int, batch_size: int, lr: float, seed: int, threads: int, as_json: bool) -> None:
     """Train a small GPT-2-architecture model on a text file, on the CPU (progress on stderr)."""
     from nanoswarm.shards import train as training
     from nanoswarm.shards.model import ModelConfig
@@ -156,7 +157,11 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
     config = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, gelu="exact")
     summary = training.train(text_path or training.DEFAULT_TEXT, out_path, config, max_iters=max_iters,
                              batch_size=batch_size, lr=lr, seed=seed, threads=threads)
-    click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    else:
+        click.echo(f"{summary['out_path']}: {summary['n_params']:,} parameters, validation loss "
+                   f"{summary['val_loss']:.4f} (unigram {summary['unigram_val_loss']:.4f})")
 
 
 # ----- node --------------------------------------------------------------------------------
