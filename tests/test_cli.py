@@ -293,3 +293,16 @@ def test_node_refuses_addresses_no_peer_could_use(tiny_model_dir, tmp_path):
                       (["--bootstrap", "tcp://127.0.0.1:5555"], "error: --bootstrap tcp://127.0.0.1:5555 has no key")):
         out = run_cli("node", str(tiny_model_dir), "--layers", "0:2", "--key-file", key, *args, timeout=60)
         assert one_error_line(out, logs=True).startswith(why), out.stderr
+
+
+def test_train_prints_one_line_or_json(tmp_path):
+    from nanoswarm.shards.train import DEFAULT_TEXT
+
+    text = tmp_path / "text.txt"
+    text.write_text(DEFAULT_TEXT.read_text()[:20_000])
+    args = ["train", "--text", str(text), "--out", str(tmp_path / "ckpt.pt"), "--n-layer", "1", "--n-head", "1",
+            "--n-embd", "16", "--block-size", "16", "--max-iters", "2", "--batch-size", "2"]
+    out = run_cli(*args)
+    assert out.returncode == 0 and out.stdout.startswith(f"{tmp_path / 'ckpt.pt'}: ") and out.stdout.count("\n") == 1
+    out = run_cli(*args, "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["out_path"] == str(tmp_path / "ckpt.pt")
