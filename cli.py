@@ -342,13 +342,14 @@ def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | N
     fetched = fetch_table(_peer_list(",".join(bootstrap)), timeout, _client_keys(key_file))
     if not fetched.answered:
         raise click.ClickException("no bootstrap node answered: " + "; ".join(fetched.errors.values()))
-    n_layers, model_id = None, None
+    n_layers, n_heads, model_id = None, None, None
     if model_dir is not None:
         from nanoswarm.shards.manifest import read_manifest
 
         manifest = read_manifest(model_dir)
         model_id, n_layers = manifest.model_id, {manifest.model_id: manifest.config.n_layer}
-    report = swarm_report(fetched.table, n_layers, model_id)
+        n_heads = {manifest.model_id: manifest.config.n_head}
+    report = swarm_report(fetched.table, n_layers, model_id, n_heads=n_heads)
     if as_json:
         click.echo(json.dumps({"models": report, "rejected": dict(fetched.table.rejected),
                                "bootstrap": fetched.answered}))

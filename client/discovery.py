@@ -64,8 +64,8 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
         try:
             wires, rtt = fetch_wires(contact, timeout, client_keys)
         except (PeerError, ValueError) as e:
-            fetched.errors[contact] = str(e)
-            log.warning("bootstrap %s: %s", contact, e)
+            fetched.errors[contact] = str(e) if isinstance(e, PeerError) else f"{contact}: {e}"
+            log.warning("bootstrap %s", fetched.errors[contact])  # a PeerError names the contact
             continue
         fetched.answered.append(contact)
         fetched.rtt[contact] = rtt
@@ -115,12 +115,28 @@ def _spans(blocks: list[int]) -> list[str]:
     return format_layers(blocks).split(", ") if blocks else []
 
 
+def routable_blocks(records: list[Record], n_layer: int, n_head: int) -> list[bool]:
+    """Per block: whether a client can route through it, by the route planner's own rule.
+
+    A whole-block peer serves a block; head shards do only if their head ranges tile 0..n_head
+    exactly, so a block served by `heads 0:6` alone (of 12) is a gap.
+    """
+    from .route import PeerInfo, candidate_stages
+
+    peers = [PeerInfo(r.address, r.peer_id, r.model_id, tuple(r.layers), tuple(r.heads) if r.heads else None)
+             for r in records]
+    return [bool(candidate_stages(peers, i, n_layer, n_head)) for i in range(n_layer)]
+
+
 def swarm_report(table: RecordTable, n_layers: dict[str, int] | None = None, model_id: str | None = None,
-                 now: float | None = None) -> list[dict]:
+                 now: float | None = None, n_heads: dict[str, int] | None = None) -> list[dict]:
     """Per model: its peers and the coverage of every block (summed tokens/s) with the gaps.
 
     `n_layers` gives a model's block count (from its manifest); otherwise it is the highest block
-    any record serves, so gaps after the last served block cannot be seen.
+    any record serves, so gaps after the last served block cannot be seen.  `n_heads` likewise
+    gives its head count; otherwise it is the highest head any record serves, so a block whose
+    head shards all stop short of the last head is not seen as a gap unless a record elsewhere
+    serves that head.  A gap is a block no route can pass (see routable_blocks).
     """
     now = time.time() if now is None else now
     by_model: dict[str, list[Record]] = {}
@@ -132,6 +148,8 @@ def swarm_report(table: RecordTable, n_layers: dict[str, int] | None = None, mod
     for mid, records in sorted(by_model.items()):
         known = (n_layers or {}).get(mid)
         n_layer = known or max((r.layers[1] for r in records), default=0)
+        n_head = (n_heads or {}).get(mid) or max((r.heads[1] for r in records if r.heads), default=0)
+        routable = routable_blocks(records, n_layer, n_head)
         cover = [[0.0, 0] for _ in range(n_layer)]
         for r in records:
             tps = r.throughput if r.heads is None else 0.0  # a head shard alone runs no block
@@ -146,7 +164,7 @@ def swarm_report(table: RecordTable, n_layers: dict[str, int] | None = None, mod
                        "expires_in": r.expires - now, "insecure": r.insecure}
                       for r in sorted(records, key=lambda r: (r.layers, r.peer_id))],
             "coverage": [{"block": i, "throughput": t, "peers": n} for i, (t, n) in enumerate(cover)],
-            "gaps": _spans([i for i, (_, n) in enumerate(cover) if n == 0]),
+            "gaps": _spans([i for i, ok in enumerate(routable) if not ok]),
         })
     return out
 

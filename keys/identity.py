@@ -172,7 +172,9 @@ def save_identity(identity: Identity, path: str | os.PathLike[str], overwrite: b
 def _read_private_file(path: Path) -> bytes:
     """Read a key file, refusing one that others could read or write (checked on the open fd)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever, before
+        # the fstat below could refuse it.  Symlinks are still followed, as before.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise KeyFileError(f"key file {path} does not exist") from None
     except OSError as e:
@@ -265,6 +267,31 @@ def load_or_create_identity(path: str | os.PathLike[str] | None = None) -> Ident
 # Allowed keys
 
 
+_HEX_KEY_LEN = 64
+_ALLOWED_FORMATS = "40 z85 characters, 64 hex digits or a contact tcp://HOST:PORT#KEY"
+
+
+def _allowed_key(token: str) -> bytes | None:
+    """The z85 CURVE key a token of an allowed-keys file names, or None if it names none."""
+    key = token.encode("utf-8")
+    if is_z85_key(key):
+        return key
+    if len(token) == _HEX_KEY_LEN:  # the form nodes print after the '#' of their contacts
+        try:
+            return z85.encode(binascii.unhexlify(token))
+        except ValueError:  # binascii.Error, or non-ASCII text
+            return None
+    if "://" in token and "#" in token:  # a whole contact, as a node prints it
+        # Imported here: contact.py imports this module.
+        from .contact import split_contact
+
+        try:
+            return split_contact(token)[1]
+        except ValueError:
+            return None
+    return None
+
+
 def _parse_allowed_line(path: Path, lineno: int, line: str) -> bytes | None:
     text = line.strip()
     if not text or text.startswith("#"):
@@ -272,15 +299,18 @@ def _parse_allowed_line(path: Path, lineno: int, line: str) -> bytes | None:
     # '#' is a z85 character, so only whole-line comments are possible; anything after the key
     # (separated by whitespace, which z85 never uses) is a free-form label, as in authorized_keys.
     token = text.split(None, 1)[0]
-    key = token.encode("utf-8")
-    if not is_z85_key(key):
+    key = _allowed_key(token)
+    if key is None:
         shown = token if len(token) <= 48 else token[:45] + "..."
-        raise KeyFileError(f"{path}:{lineno}: not a CURVE public key (expected 40 z85 characters): {shown!r}")
+        raise KeyFileError(f"{path}:{lineno}: not a CURVE public key (expected {_ALLOWED_FORMATS}): {shown!r}")
     return key
 
 
 def read_allowed_keys(path: str | os.PathLike[str]) -> set[bytes]:
-    """Read CURVE public keys (z85, one per line; blank lines and # comments allowed)."""
+    """Read CURVE public keys, one per line: z85, hex or a node's contact (tcp://HOST:PORT#KEY).
+
+    Blank lines and whole-line # comments are skipped; text after the key is a label.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

@@ -12,11 +12,13 @@ import pytest
 from conftest import SMALL12
 
 from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.discovery import format_report, swarm_report
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.keys.contact import format_contact, split_contact
 from nanoswarm.keys.identity import generate_identity
 from nanoswarm.keys.records import Record, encode_record, sign_record, verify_record
+from nanoswarm.keys.table import RecordTable
 from nanoswarm.node.cluster import LocalCluster, NodeSpec
 from nanoswarm.node.placement import block_bytes, blocks_for_budget, choose_start, coverage, plan_move
 from nanoswarm.shards.manifest import read_manifest
@@ -161,6 +163,45 @@ def test_peers_and_generate_commands_with_one_bootstrap(swarm, tiny_model_dir):
                           "--temperature", "0", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=60)
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout == "To be" + local.text + "\n"
+
+
+def _report_of(specs: list[tuple[tuple[int, int], tuple[int, int] | None]], **kwargs) -> dict:
+    """swarm_report over signed records, one identity per (layers, heads) spec, model "m"."""
+    table = RecordTable()
+    for i, (layers, heads) in enumerate(specs):
+        assert table.offer(sign_record(generate_identity(), address=f"tcp://127.0.0.1:{7000 + i}", model_id="m",
+                                       layers=layers, heads=heads, throughput=5.0, seq=1)) == "accepted"
+    (model,) = swarm_report(table, **kwargs)
+    return model
+
+
+def test_peers_counts_head_shards_only_when_they_cover_every_head():
+    whole = ((0, 6), None)
+    # Only heads 0:6 of 12 serve blocks 6:12: no route passes them, whatever the peer count says.
+    # Without n_heads the head count is the highest head any record serves (here 12, on 0:6).
+    model = _report_of([whole, ((6, 12), (0, 6)), ((0, 6), (6, 12))])
+    assert model["gaps"] == ["6:12"] and model["coverage"][6]["peers"] == 1
+    assert "gaps: 6:12" in format_report([model])
+    assert _report_of([whole, ((6, 12), (0, 6))], n_layers={"m": 12}, n_heads={"m": 12})["gaps"] == ["6:12"]
+    # Overlapping head ranges do not tile 0:12 either.
+    assert _report_of([whole, ((6, 12), (0, 6)), ((6, 12), (4, 12))], n_heads={"m": 12})["gaps"] == ["6:12"]
+    # Ranges that tile every head cover the block, even from members with different block ranges.
+    tiled = _report_of([whole, ((6, 12), (0, 6)), ((6, 9), (6, 12)), ((9, 12), (6, 12))], n_heads={"m": 12})
+    assert tiled["gaps"] == [] and "gaps: none" in format_report([tiled])
+    assert _report_of([whole, ((6, 9), (0, 12))], n_layers={"m": 12}, n_heads={"m": 12})["gaps"] == ["9:12"]
+
+
+def test_peers_command_shows_blocks_of_partial_head_shards_as_a_gap(cluster_factory, tiny_model_dir):
+    # Blocks 2:4 are served only by heads 0:2 of 4 (heads 2:4 exist, on blocks 0:2).
+    specs = [NodeSpec((0, 2)), NodeSpec((2, 4), heads=(0, 2)), NodeSpec((0, 2), heads=(2, 4))]
+    contact = cluster_factory(tiny_model_dir, specs, args=FAST).addresses[0]
+    wait_for(lambda: len(table_of(contact)) == 3, 30, "the first node to hold all three records")
+    cli = [sys.executable, "-m", "nanoswarm", "peers", "--bootstrap", contact, "--model", str(tiny_model_dir)]
+    out = subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["models"][0]["gaps"] == ["2:4"]
+    table = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and "gaps: 2:4" in table.stdout
 
 
 # ----- automatic block choice ---------------------------------------------------------------

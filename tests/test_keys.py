@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +16,9 @@ import pytest
 import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from zmq.utils import z85
 
+from nanoswarm.keys.contact import format_contact
 from nanoswarm.keys.identity import (
     Identity,
     KeyFileError,
@@ -138,6 +143,54 @@ def test_corrupt_key_file_refused(tmp_path: Path, alice: Identity, corruption: s
     assert message.startswith(f"corrupt key file {path}:") and "\n" not in message
 
 
+def _unblock_fifo(path: Path) -> None:
+    """Give a reader stuck opening a FIFO its writer, so a failing test does not hang the run."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+@pytest.mark.parametrize("load", [load_identity, load_or_create_identity])
+def test_fifo_key_file_is_refused_without_hanging(tmp_path: Path, load) -> None:
+    path = tmp_path / "node.key"
+    os.mkfifo(path, 0o600)
+    outcome: list[BaseException | Identity] = []
+
+    def run() -> None:
+        try:
+            outcome.append(load(path))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread to assert on
+            outcome.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(5.0)
+    if worker.is_alive():
+        _unblock_fifo(path)
+        worker.join(5.0)
+        pytest.fail(f"{load.__name__} blocked opening a FIFO")
+    (error,) = outcome
+    assert isinstance(error, KeyFileError)
+    assert str(error) == f"key file {path} is not a regular file"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_keys_show_on_a_fifo_fails_fast(tmp_path: Path) -> None:
+    path = tmp_path / "node.key"
+    os.mkfifo(path, 0o600)
+    try:
+        out = subprocess.run([sys.executable, "-m", "nanoswarm", "keys", "show", str(path)],
+                             capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        _unblock_fifo(path)
+        pytest.fail("`nanoswarm keys show` blocked opening a FIFO")
+    assert out.returncode != 0 and out.stdout == ""
+    assert f"key file {path} is not a regular file" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_missing_key_file_is_clear(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="does not exist"):
         load_identity(tmp_path / "nope.key")
@@ -187,12 +240,25 @@ def test_read_allowed_keys(tmp_path: Path, alice: Identity, bob: Identity) -> No
     assert read_allowed_keys(path) == {alice.curve_public, bob.curve_public}
 
 
-@pytest.mark.parametrize("bad", ["short", "x" * 41, " " * 2 + "%" * 40, "é" * 40])
+def test_read_allowed_keys_takes_hex_keys_and_contacts(tmp_path: Path, alice: Identity, bob: Identity) -> None:
+    # What nodes print is a contact with the key in hex; either part pasted whole must work.
+    contact = format_contact("tcp://127.0.0.1:5555", bob.curve_public)
+    path = tmp_path / "allowed"
+    path.write_text(f"{z85.decode(alice.curve_public).hex().upper()} alice\n{contact}  bob's box\n")
+    assert read_allowed_keys(path) == {alice.curve_public, bob.curve_public}
+
+
+@pytest.mark.parametrize("bad", [
+    "short", "x" * 41, " " * 2 + "%" * 40, "é" * 40, "g" * 64, "é" * 64, "ab" * 33,
+    "tcp://127.0.0.1:5555", "tcp://127.0.0.1:5555#" + "g" * 64, "tcp://127.0.0.1:5555#",
+])
 def test_read_allowed_keys_bad_line(tmp_path: Path, alice: Identity, bad: str) -> None:
     path = tmp_path / "allowed"
     path.write_text(f"# header\n{alice.curve_public.decode()}\n{bad}\n", encoding="utf-8")
-    with pytest.raises(KeyFileError, match=r":3: not a CURVE public key"):
+    with pytest.raises(KeyFileError, match=r":3: not a CURVE public key") as info:
         read_allowed_keys(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:3:") and "64 hex digits" in message and "\n" not in message
 
 
 # ---------------------------------------------------------------------------------------------
