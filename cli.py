@@ -488,7 +488,8 @@ def _stop_on_sigterm() -> None:
 @click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Benchmark this model directory instead of random weights of --shape.")
 @click.option("--shape", type=click.Choice(["gpt2-small", "tiny"]), default="gpt2-small", show_default=True)
-@click.option("--stages", default="1,2,4", show_default=True, help="Layer stages (nodes) to try.")
+@click.option("--stages", default=None, show_default="1,2,4, as many as the model has blocks for",
+              help="Layer stages (nodes) to try.")
 @click.option("--sessions", default="1,8", show_default=True, help="Concurrent sessions to try.")
 @click.option("--head-groups", type=click.IntRange(min=0), default=2, show_default=True,
               help="Head-shard nodes in a group; 0 skips.")
@@ -508,7 +509,7 @@ def _stop_on_sigterm() -> None:
               help="Keep random-weight model dirs here (reused next time) instead of a temp dir.")
 @click.option("--quick", is_flag=True, help="A few tokens only: a smoke test, not a measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def bench(model_dir: Path | None, shape: str, stages: str, sessions: str, head_groups: int, wires: str,
+def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str, head_groups: int, wires: str,
           links: str, tokens: int, prompt_len: int, repeats: int, threads: int, work_dir: Path | None, quick: bool,
           as_json: bool) -> None:
     """Local vs swarm speed on loopback: decode, prefill, per-stage overhead, bytes, batching."""
@@ -526,7 +527,7 @@ def bench(model_dir: Path | None, shape: str, stages: str, sessions: str, head_g
         raise click.BadParameter(f"--wires: unknown {', '.join(sorted(unknown))}; "
                                  f"formats are {', '.join(WIRE_FORMATS)}")
     try:
-        counts = parse_ints(stages, "--stages"), parse_ints(sessions, "--sessions")
+        counts = (None if stages is None else parse_ints(stages, "--stages")), parse_ints(sessions, "--sessions")
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     opts = BenchOptions(model_dir, shape, *counts, head_groups,

@@ -34,11 +34,14 @@ from .models import SHAPES, make_random_model_dir
 log = logging.getLogger(__name__)
 
 
+DEFAULT_STAGES = (1, 2, 4)
+
+
 @dataclass
 class BenchOptions:
     model_dir: Path | None = None       # a model directory; else random weights of `shape`
     shape: str = "gpt2-small"
-    stages: tuple[int, ...] = (1, 2, 4)
+    stages: tuple[int, ...] | None = None  # None: 1, 2 and 4, as many of them as the model has blocks for
     sessions: tuple[int, ...] = (1, 8)
     head_groups: int = 2                # one stage of this many head-shard nodes; 0 skips it
     wires: tuple[str, ...] = ("float16", "bfloat16", "q80")  # also run the largest route with these
@@ -110,7 +113,7 @@ def bench_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
 
 
 def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
-    stages = list(opts.stages)
+    stages = [s for s in DEFAULT_STAGES if s <= n_layer] if opts.stages is None else list(opts.stages)
     if not all(1 <= s <= n_layer for s in stages):
         raise ValueError(f"--stages {','.join(map(str, stages))}: the model has {n_layer} blocks, "
                          f"so 1..{n_layer}")

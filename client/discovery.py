@@ -93,7 +93,7 @@ def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int
     """
     fetched = fetch_table(bootstrap, timeout, swarm.options.client_keys)
     if not fetched.answered:
-        detail = "; ".join(f"{c}: {e}" for c, e in fetched.errors.items())
+        detail = "; ".join(fetched.errors.values())  # each names its contact
         raise DiscoveryError(f"no bootstrap node answered ({detail})")
     rtt = min(fetched.rtt.values())  # a stand-in until the first real exchange with each peer
     added = 0

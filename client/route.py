@@ -2,8 +2,9 @@
 
 Cost of a route, compared in this order: round trips per token (a layer stage is one; a head
 group is two per block, its members answering in parallel), then the summed measured round
-trip time, then the lowest load. Shortest path over block boundaries; the swarm is small
-enough (blocks x peers) that a plain dynamic program is instant.
+trip time, then the fewest stages (each holds a session on its peers), then the lowest load.
+Shortest path over block boundaries; the swarm is small enough (blocks x peers) that a plain
+dynamic program is instant.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ class StagePlan:
         return 2 * (self.stop - self.start) if self.is_head_group else 1
 
     def rtt(self) -> float:
-        return max(p.rtt for p in self.peers) * (self.round_trips() if self.is_head_group else 1)
+        return max(p.rtt for p in self.peers) * self.round_trips()
+
+    def rtt_us(self) -> int:
+        """rtt() in whole microseconds, rounded per round trip so that sums compare exactly."""
+        return round(max(p.rtt for p in self.peers) * 1e6) * self.round_trips()
 
 
 class RouteError(Exception):
@@ -84,10 +89,16 @@ def _head_partition(peers: list[PeerInfo], n_head: int) -> tuple[list[PeerInfo],
     return chosen, [p.heads for p in chosen]  # type: ignore[misc]
 
 
-def candidate_stages(peers: list[PeerInfo], pos: int, stop: int, n_head: int) -> list[StagePlan]:
+def stage_starts(peers: list[PeerInfo]) -> set[int]:
+    """Blocks where some stage could start: any block of a layer peer, a head peer's first."""
+    return {b for p in peers for b in (range(*p.layers) if p.heads is None else (p.layers[0],))}
+
+
+def candidate_stages(peers: list[PeerInfo], pos: int, stop: int, n_head: int,
+                     starts: set[int] | None = None) -> list[StagePlan]:
     """Every stage that can start at block `pos`: a layer peer as far as it goes (<= stop); a head
-    group ending at any block its members all reach, because a group costs two round trips a
-    block and handing over to a layer stage part-way can be cheaper."""
+    group as far as its members all reach, or ending early where another stage could take over
+    (a group costs two round trips a block, a layer stage one for all its blocks)."""
     out = []
     for p in peers:
         if p.heads is None and p.layers[0] <= pos < p.layers[1]:
@@ -95,12 +106,16 @@ def candidate_stages(peers: list[PeerInfo], pos: int, stop: int, n_head: int) ->
     # Members need not serve the same blocks: a node opens a session on any part of its range,
     # so head peers that all reach block `end` form a group over pos:end.
     heads = [p for p in peers if p.heads is not None and p.layers[0] <= pos < p.layers[1]]
+    if not heads:
+        return out
     reach = sorted({min(p.layers[1], stop) for p in heads})
+    starts = stage_starts(peers) if starts is None else starts
     lo = pos + 1
     for end in reach:  # the members reaching `end` are those that reach every block up to it
         found = _head_partition([p for p in heads if p.layers[1] >= end], n_head)
         if found:
-            out.extend(StagePlan(pos, e, found[0], found[1]) for e in range(lo, end + 1))
+            out.extend(StagePlan(pos, e, found[0], found[1]) for e in range(lo, end + 1)
+                       if e == end or e in starts)
         lo = end + 1
     return out
 
@@ -117,14 +132,18 @@ def build_route(peers: list[PeerInfo], n_layer: int, n_head: int,
                 start: int = 0, stop: int | None = None) -> list[StagePlan]:
     """The cheapest list of stages covering [start, stop); RouteError names any gap."""
     stop = n_layer if stop is None else stop
-    best: dict[int, tuple[tuple, list[StagePlan]]] = {start: ((0, 0.0, 0.0), [])}
+    starts = stage_starts(peers)
+    # Round trip times compare in whole microseconds: summed as floats, one stage over blocks
+    # 0:12 and the same peers as two stages 0:6 and 6:12 would differ by rounding alone, and
+    # the fewer stages (sessions held on the peers, requests to open them) must win that tie.
+    best: dict[int, tuple[tuple, list[StagePlan]]] = {start: ((0, 0, 0, 0.0), [])}
     for pos in range(start, stop):
         if pos not in best:
             continue
         cost, stages = best[pos]
-        for plan in candidate_stages(peers, pos, stop, n_head):
+        for plan in candidate_stages(peers, pos, stop, n_head, starts):
             load = max(p.load for p in plan.peers)
-            new = (cost[0] + plan.round_trips(), cost[1] + plan.rtt(), cost[2] + load)
+            new = (cost[0] + plan.round_trips(), cost[1] + plan.rtt_us(), cost[2] + 1, cost[3] + load)
             if plan.stop not in best or new < best[plan.stop][0]:
                 best[plan.stop] = (new, stages + [plan])
     if stop in best:

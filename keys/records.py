@@ -143,7 +143,8 @@ def _text(value: object, name: str, max_len: int) -> str:
 # transport, a `#` that makes the contact string ambiguous, a port of `*`) would fail in every
 # node and client that picks the record; ipc:// and inproc:// would point into the receiver's
 # own machine or process.
-_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):([0-9]{1,5})")
+# Hostnames may hold `_` (container and compose service names do).
+_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*):([0-9]{1,5})")
 
 
 def _address(value: object) -> str:

@@ -105,14 +105,14 @@ def _choose_layers(opts: NodeOptions, identity: Identity) -> tuple[tuple[int, in
 def check_contacts(opts: NodeOptions) -> None:
     """Refuse, before anything loads, addresses no peer could use: ours is advertised in our
     record (so a wildcard host or a port ZeroMQ would wrap is no use to anyone), and a bootstrap
-    we cannot reach would be retried every gossip round for as long as we run."""
+    ZeroMQ cannot connect to would be retried every gossip round for as long as we run."""
     host, _, port = opts.listen.removeprefix("tcp://").rpartition(":")
     if not opts.listen.startswith("tcp://") or not host:  # peers reach nodes by the endpoint in the record
         raise ValueError(f"--listen must be a TCP endpoint (tcp://HOST:PORT or tcp://HOST:*), not {opts.listen!r}")
     if host in ("*", "0.0.0.0", "[::]", "[::0]"):
         raise ValueError(f"--listen {opts.listen}: peers connect to the address a node advertises, so "
                          "give the address they reach this machine at, not a wildcard")
-    if port != "*":
+    if port not in ("*", "0"):  # both let the system choose a free port
         try:
             check_endpoint(opts.listen)
         except ValueError as e:
@@ -123,9 +123,9 @@ def check_contacts(opts: NodeOptions) -> None:
             key = split_contact(contact)[1]
         except ValueError as e:
             raise ValueError(f"--bootstrap: {e}") from None
-        if key is None and not opts.insecure:
-            raise ValueError(f"--bootstrap {contact} has no key: give the contact the node printed "
-                             "(tcp://HOST:PORT#KEY)")
+        if key is None and not opts.insecure:  # a node started --insecure prints no key
+            log.warning("--bootstrap %s has no key: gossip with it is not encrypted (a node that "
+                        "runs with encryption prints its contact as tcp://HOST:PORT#KEY)", contact)
 
 
 def hold_key_file(path: Path, identity: Identity) -> int | None:
@@ -141,6 +141,10 @@ def hold_key_file(path: Path, identity: Identity) -> int | None:
         os.close(fd)
         raise ValueError(f"key file {path} (peer id {identity.peer_id[:16]}) is in use by another node "
                          "on this machine: give each node its own --key-file") from None
+    except OSError as e:  # a file system without locks (NFS without lockd, some FUSE): serve anyway
+        os.close(fd)
+        log.warning("cannot lock key file %s (%s): two nodes started with it would not be caught", path, e)
+        return None
     return fd
 
 

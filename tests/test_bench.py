@@ -104,3 +104,6 @@ def test_one_stage_is_measured_once_whatever_the_links():
     groups = _groups(BenchOptions(stages=(1, 2), wires=("q80",), head_groups=0), 4, 4)
     assert [g.variants for g in groups] == [[("float32", "relay")],
                                             [("float32", "relay"), ("float32", "star"), ("q80", "relay")]]
+
+    # not given: 1, 2 and 4 stages, as many as the model has blocks for
+    assert [g.stages for g in _groups(BenchOptions(wires=(), head_groups=0), 2, 4)] == [1, 2]

@@ -289,8 +289,9 @@ def test_node_refuses_addresses_no_peer_could_use(tiny_model_dir, tmp_path):
     key = str(tmp_path / "k.key")
     for args, why in ((["--listen", "tcp://127.0.0.1:99999"], "error: --listen: 'tcp://127.0.0.1:99999': the port"),
                       (["--listen", "tcp://0.0.0.0:5555"], "error: --listen tcp://0.0.0.0:5555: peers connect to"),
+                      (["--listen", "tcp://127.0.0.1:0x1"], "error: --listen: 'tcp://127.0.0.1:0x1' is not a TCP"),
                       (["--bootstrap", "garbage"], "error: --bootstrap: 'garbage' is not a TCP endpoint"),
-                      (["--bootstrap", "tcp://127.0.0.1:5555"], "error: --bootstrap tcp://127.0.0.1:5555 has no key")):
+                      (["--bootstrap", "tcp://h:1#zz"], "error: --bootstrap: contact 'tcp://h:1#zz': expected a")):
         out = run_cli("node", str(tiny_model_dir), "--layers", "0:2", "--key-file", key, *args, timeout=60)
         assert one_error_line(out, logs=True).startswith(why), out.stderr
 
@@ -306,3 +307,16 @@ def test_train_prints_one_line_or_json(tmp_path):
     assert out.returncode == 0 and out.stdout.startswith(f"{tmp_path / 'ckpt.pt'}: ") and out.stdout.count("\n") == 1
     out = run_cli(*args, "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["out_path"] == str(tmp_path / "ckpt.pt")
+
+
+def test_node_takes_every_address_form_peers_can_use(tmp_path, caplog):
+    from nanoswarm.node.daemon import NodeOptions, check_contacts
+
+    key = "ab" * 32
+    for listen in ("tcp://127.0.0.1:*", "tcp://127.0.0.1:0", "tcp://[::1]:5555", "tcp://localhost:5555",
+                   "tcp://node_1:5555"):
+        check_contacts(NodeOptions(tmp_path, listen=listen))
+    check_contacts(NodeOptions(tmp_path, bootstrap=[f"tcp://node_1:5555#{key}", f"tcp://[::1]:1#{key}"]))
+    caplog.clear()
+    check_contacts(NodeOptions(tmp_path, bootstrap=["tcp://127.0.0.1:5555"]))  # as an --insecure node prints it
+    assert "gossip with it is not encrypted" in caplog.text

@@ -104,6 +104,11 @@ def test_route_groups_members_that_serve_different_blocks():
     # a group costs two round trips a block: hand over to a layer stage as soon as one serves
     assert plan([peer("G1", (0, 6), (0, 6)), peer("G2", (0, 6), (6, 12)), peer("L", (3, 6))]) == \
         [(0, 3, ["G1", "G2"]), (3, 6, ["L"])]
+    # a tie in round trips and time keeps one stage: each stage holds a session on every member
+    for rtt in (0.008988, 0.00684, 0.0013, 0.0029):
+        same = [PeerInfo("A", "A", "m", (0, 48), (0, 6), rtt=rtt),
+                PeerInfo("B", "B", "m", (0, 48), (6, 12), rtt=0.00684)]
+        assert [(p.start, p.stop) for p in build_route(same, 48, 12)] == [(0, 48)]
     with pytest.raises(RouteError, match=r"layers 0:6 \(head shards of layers 0:6 do not cover every head\)"):
         build_route([peer("A", (0, 6), (0, 6)), peer("B", (0, 6), (7, 12))], 6, 12)
 

@@ -566,7 +566,8 @@ def test_a_record_names_a_tcp_endpoint_peers_can_connect_to(alice: Identity, add
     assert reason_of(_forge(alice, replace(genuine, address=address))) == "malformed"
 
 
-@pytest.mark.parametrize("address", ["tcp://127.0.0.1:5555", "tcp://[::1]:5555", "tcp://node-1.example.org:80"])
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:5555", "tcp://[::1]:5555", "tcp://node-1.example.org:80",
+                                     "tcp://node_1:5555"])
 def test_tcp_endpoints_are_accepted(alice: Identity, address: str) -> None:
     assert verify_record(make_wire(alice, address=address), now=NOW).address == address
 
