@@ -171,6 +171,9 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
 @click.option("--heads", default=None, help="Serve only these heads of each block: 0:6 is heads 0-5.")
 @click.option("--listen", default="tcp://127.0.0.1:*", show_default=True,
               help="ZeroMQ endpoint; a port of * picks a free one.")
+@click.option("--advertise", default=None,
+              help="tcp://HOST[:PORT] peers reach this node at, if not --listen's (NAT, port mapping, "
+                   "a wildcard --listen); the port defaults to the one bound.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True)
@@ -202,7 +205,7 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
 @click.option("--gossip-interval", type=float, default=1.0, show_default=True, help="Seconds between gossip rounds.")
 @click.option("--rebalance-interval", type=float, default=30.0, show_default=True,
               help="Without --layers: seconds between checks whether to serve other blocks.")
-def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, device: str,
+def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, advertise: str | None, device: str,
          dtype: str, threads: int | None, max_sessions, kv_budget_mb, max_session_length,
          max_tokens_per_step, max_message_mb, max_inflight, idle_timeout, max_batch_seconds, key_file: Path | None,
          bootstrap: tuple[str, ...], allow_keys: Path | None, insecure: bool, num_blocks: int | None,
@@ -226,7 +229,8 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, de
                          device, dtype, threads, limits, key_file=key_file,
                          bootstrap=_peer_list(",".join(bootstrap)), allow_keys=allow_keys, insecure=insecure,
                          ttl=ttl, gossip_interval=gossip_interval, num_blocks=num_blocks,
-                         memory_budget_mb=memory_budget_mb, rebalance_interval=rebalance_interval))
+                         memory_budget_mb=memory_budget_mb, rebalance_interval=rebalance_interval,
+                         advertise=advertise))
 
 
 # ----- client ------------------------------------------------------------------------------

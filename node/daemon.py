@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 
 try:
     import fcntl
@@ -47,6 +48,7 @@ class NodeOptions:
     bootstrap: list[str] = field(default_factory=list)  # contact strings of known nodes
     allow_keys: Path | None = None       # private swarm: only these CURVE keys may connect
     insecure: bool = False               # no CURVE on our socket (tests, trusted networks)
+    advertise: str | None = None         # tcp://HOST[:PORT] peers reach us at, when not `listen`
     ttl: float = 60.0                    # lifetime of our signed record
     gossip_interval: float = 1.0
     # Automatic block choice, used when neither layers nor heads are given.
@@ -102,6 +104,22 @@ def _choose_layers(opts: NodeOptions, identity: Identity) -> tuple[tuple[int, in
     return (start, start + n_blocks), n_blocks, fetched.table.wires() if fetched else []
 
 
+WILDCARDS = ("*", "0.0.0.0", "[::]", "[::0]")
+_ADVERTISE = re.compile(r"tcp://(\[[^\]]*\]|[^:\[\]]+)(?::([0-9]+|\*))?")
+
+
+def advertised_address(advertise: str | None, bound: str) -> str:
+    """The endpoint our record and contact name: `bound` (where the socket listens), or
+    --advertise's host with its port, or the bound port where it gives none (or `*`)."""
+    if advertise is None:
+        return bound
+    m = _ADVERTISE.fullmatch(advertise)
+    if m is None or m.group(1) in WILDCARDS:
+        raise ValueError(f"{advertise!r} must look like tcp://HOST or tcp://HOST:PORT, HOST not a wildcard")
+    port = m.group(2) if m.group(2) not in (None, "*") else bound.rpartition(":")[2]
+    return check_endpoint(f"tcp://{m.group(1)}:{port}")
+
+
 def check_contacts(opts: NodeOptions) -> None:
     """Refuse, before anything loads, addresses no peer could use: ours is advertised in our
     record (so a wildcard host or a port ZeroMQ would wrap is no use to anyone), and a bootstrap
@@ -109,12 +127,19 @@ def check_contacts(opts: NodeOptions) -> None:
     host, _, port = opts.listen.removeprefix("tcp://").rpartition(":")
     if not opts.listen.startswith("tcp://") or not host:  # peers reach nodes by the endpoint in the record
         raise ValueError(f"--listen must be a TCP endpoint (tcp://HOST:PORT or tcp://HOST:*), not {opts.listen!r}")
-    if host in ("*", "0.0.0.0", "[::]", "[::0]"):
-        raise ValueError(f"--listen {opts.listen}: peers connect to the address a node advertises, so "
-                         "give the address they reach this machine at, not a wildcard")
+    if opts.advertise is not None:
+        try:
+            advertised_address(opts.advertise, "tcp://127.0.0.1:1")  # the port may come from the bind
+        except ValueError as e:
+            raise ValueError(f"--advertise: {e}") from None
+    elif host in WILDCARDS:
+        raise ValueError(f"--listen {opts.listen}: peers connect to the address a node advertises; give "
+                         "the address they reach this machine at, or --advertise it")
+    if host in WILDCARDS:
+        host = "127.0.0.1"  # to check the port alone
     if port not in ("*", "0"):  # both let the system choose a free port
         try:
-            check_endpoint(opts.listen)
+            check_endpoint(f"tcp://{host}:{port}")
         except ValueError as e:
             raise ValueError(f"--listen: {e}") from None
     for contact in opts.bootstrap:
@@ -168,7 +193,8 @@ def run_node(opts: NodeOptions) -> None:
     handler = build_handler(opts)
     secret, public = (None, None) if opts.insecure else (identity.curve_secret, identity.curve_public)
     server = NodeServer(handler, opts.listen, curve_secret=secret, curve_public=public, allow_keys=allow)
-    gossip = Gossip(identity, handler, server.address,
+    address = advertised_address(opts.advertise, server.address)
+    gossip = Gossip(identity, handler, address,
                     GossipOptions(list(opts.bootstrap), opts.ttl, opts.gossip_interval), opts.insecure)
     gossip.offer_all(learned)
     gossip.refresh()
@@ -181,8 +207,8 @@ def run_node(opts: NodeOptions) -> None:
         server.add_timer(min(opts.gossip_interval, opts.rebalance_interval) / 4, rebalancer.check)
     if opts.bootstrap and not gossip.exchange_now(opts.bootstrap):
         log.warning("no bootstrap node answered; serving anyway and retrying in the background")
-    contact = format_contact(server.address, public)
-    handler.extra_info.update(address=server.address, contact=contact, insecure=opts.insecure,
+    contact = format_contact(address, public)
+    handler.extra_info.update(address=address, contact=contact, insecure=opts.insecure,
                               curve_key=None if public is None else public.decode("ascii"))
     server.install_signal_handlers()
     print(f"listening {contact}", flush=True)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TINY
 
@@ -320,3 +321,29 @@ def test_node_takes_every_address_form_peers_can_use(tmp_path, caplog):
     caplog.clear()
     check_contacts(NodeOptions(tmp_path, bootstrap=["tcp://127.0.0.1:5555"]))  # as an --insecure node prints it
     assert "gossip with it is not encrypted" in caplog.text
+
+
+def test_advertised_address_is_what_records_and_contacts_name(tiny_model_dir, cluster_factory, tmp_path):
+    from nanoswarm.node.cluster import NodeSpec
+    from nanoswarm.node.daemon import NodeOptions, advertised_address, check_contacts
+
+    bound = "tcp://127.0.0.1:40001"
+    assert advertised_address(None, bound) == bound
+    assert advertised_address("tcp://203.0.113.5", bound) == "tcp://203.0.113.5:40001"
+    assert advertised_address("tcp://203.0.113.5:*", bound) == "tcp://203.0.113.5:40001"
+    assert advertised_address("tcp://node_1:7000", bound) == "tcp://node_1:7000"
+    assert advertised_address("tcp://[2001:db8::1]", bound) == "tcp://[2001:db8::1]:40001"
+    check_contacts(NodeOptions(tmp_path, listen="tcp://0.0.0.0:*", advertise="tcp://203.0.113.5"))
+    for bad in ("tcp://0.0.0.0", "203.0.113.5", "tcp://a:b:c", "tcp://h:99999"):
+        with pytest.raises(ValueError, match="--advertise"):
+            check_contacts(NodeOptions(tmp_path, advertise=bad))
+
+    # a real node: it binds 127.0.0.1 and advertises the same machine by name
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--advertise", "tcp://localhost"])])
+    contact = swarm.addresses[0]
+    assert contact.startswith("tcp://localhost:")
+    out = run_cli("peers", "--bootstrap", contact, "--json", timeout=60)
+    assert [p["address"] for p in json.loads(out.stdout)["models"][0]["peers"]] == [contact.partition("#")[0]]
+    out = run_cli("generate", "To be", "--model", str(tiny_model_dir), "--bootstrap", contact,
+                  "--max-new-tokens", "4", "--temperature", "0", timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("To be"), out.stderr
