@@ -198,12 +198,13 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
 @click.option("--allow-keys", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Private swarm: accept only these CURVE public keys (one a line).")
 @click.option("--insecure", is_flag=True, help="No encryption on this node's socket (ZeroMQ CURVE off).")
-@click.option("--num-blocks", type=int, default=None, help="Without --layers: serve this many blocks.")
-@click.option("--memory-budget-mb", type=int, default=None,
+@click.option("--num-blocks", type=click.IntRange(min=1), default=None,
+              help="Without --layers: serve this many blocks.")
+@click.option("--memory-budget-mb", type=click.IntRange(min=1), default=None,
               help="Without --layers: memory for weights (default: a quarter of available RAM).")
-@click.option("--ttl", type=float, default=60.0, show_default=True, help="Lifetime of the node's signed record.")
-@click.option("--gossip-interval", type=float, default=1.0, show_default=True, help="Seconds between gossip rounds.")
-@click.option("--rebalance-interval", type=float, default=30.0, show_default=True,
+@click.option("--ttl", type=SECONDS, default=60.0, show_default=True, help="Lifetime of the node's signed record.")
+@click.option("--gossip-interval", type=SECONDS, default=1.0, show_default=True, help="Seconds between gossip rounds.")
+@click.option("--rebalance-interval", type=SECONDS, default=30.0, show_default=True,
               help="Without --layers: seconds between checks whether to serve other blocks.")
 def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, advertise: str | None, device: str,
          dtype: str, threads: int | None, max_sessions, kv_budget_mb, max_session_length,

@@ -68,6 +68,7 @@ class SwarmModel:
         timeout = min(DISCOVERY_SECONDS, swarm.options.timeout)
         if bootstrap:
             from .discovery import add_from_bootstrap
+            swarm.bootstraps = list(bootstrap)
             add_from_bootstrap(swarm, bootstrap, timeout)
         if peers:
             swarm.add_addresses(peers, timeout)

@@ -26,6 +26,9 @@ class Ban:
     strikes: int
 
 
+REFRESH_SECONDS = 2.0  # the least time between two refreshes of the peer table (Swarm.refresh)
+
+
 @dataclass
 class SwarmOptions:
     timeout: float = 30.0        # seconds a peer may take to answer one step
@@ -50,6 +53,8 @@ class Swarm:
     bans: dict[str, Ban] = field(default_factory=dict)
     _conns: dict[str, PeerConnection] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)       # address -> why it was not used
+    bootstraps: list[str] = field(default_factory=list)          # asked again when no route is found
+    _refreshed: float = -REFRESH_SECONDS
 
     # ----- discovery ----------------------------------------------------------------------
     def add_addresses(self, addresses: list[str], timeout: float = 5.0) -> None:
@@ -114,7 +119,42 @@ class Swarm:
             self._conns[address] = conn
         return conn
 
+    def refresh(self) -> bool:
+        """Ask again who serves what: peers join after we connected, and move to other blocks
+        (node/placement.py). From the bootstraps' tables when we came through one, else from
+        each known peer. A banned peer whose blocks changed is banned no more: it moved, it did
+        not fail. False, asking nothing, if we asked less than REFRESH_SECONDS ago."""
+        now = time.monotonic()
+        if now - self._refreshed < REFRESH_SECONDS:
+            return False
+        self._refreshed = now
+        before = {a: (p.layers, p.heads) for a, p in self.peers.items()}
+        if self.bootstraps:
+            from .discovery import DiscoveryError, add_from_bootstrap
+
+            try:
+                add_from_bootstrap(self, self.bootstraps, min(5.0, self.options.timeout))
+            except DiscoveryError as e:
+                log.warning("refreshing the peer table: %s", e)
+        else:
+            self.add_addresses(list(self.peers), min(1.0, self.options.timeout))
+        moved = [a for a, p in self.peers.items() if a in self.bans and before.get(a, (p.layers, p.heads))
+                 != (p.layers, p.heads)]
+        for address in moved:
+            del self.bans[address]
+        log.info("refreshed the peer table: %d peers (%d new, %d moved)", len(self.peers),
+                 len(set(self.peers) - set(before)), len(moved))
+        return True
+
     def plan(self, start: int = 0, stop: int | None = None) -> list[StagePlan]:
+        try:
+            return self._plan(start, stop)
+        except RouteError:
+            if not self.refresh():
+                raise
+            return self._plan(start, stop)
+
+    def _plan(self, start: int, stop: int | None) -> list[StagePlan]:
         try:
             return build_route(self.available(), self.n_layer, self.n_head, start, stop)
         except RouteError as e:

@@ -25,7 +25,15 @@ from nanoswarm.shards.weights import load_blocks
 
 from .gossip import Gossip, GossipOptions
 from .handler import RequestHandler
-from .placement import Rebalancer, blocks_for_budget, choose_start, coverage, default_memory_budget
+from .placement import (
+    MAX_COVER,
+    Rebalancer,
+    block_bytes,
+    blocks_for_budget,
+    choose_start,
+    coverage,
+    default_memory_budget,
+)
 from .server import NodeServer
 from .sessions import NodeLimits
 
@@ -87,8 +95,10 @@ def _choose_layers(opts: NodeOptions, identity: Identity) -> tuple[tuple[int, in
     if opts.num_blocks is not None:
         n_blocks = max(1, min(opts.num_blocks, config.n_layer))
     else:
-        budget = opts.memory_budget_mb * 2**20 if opts.memory_budget_mb else default_memory_budget()
+        budget = opts.memory_budget_mb * 2**20 if opts.memory_budget_mb is not None else default_memory_budget()
         n_blocks = blocks_for_budget(config, budget, getattr(torch, opts.dtype))
+        if budget < block_bytes(config, getattr(torch, opts.dtype)):
+            log.warning("a memory budget of %d MiB holds no whole block; serving one anyway", budget >> 20)
     if n_blocks >= config.n_layer:
         return (0, config.n_layer), config.n_layer, []
     from nanoswarm.client.discovery import fetch_table
@@ -97,7 +107,7 @@ def _choose_layers(opts: NodeOptions, identity: Identity) -> tuple[tuple[int, in
                           client_keys=(identity.curve_public, identity.curve_secret)) if opts.bootstrap else None
     records = fetched.table.records(manifest.model_id) if fetched else []
     others = [r for r in records if r.peer_id != identity.peer_id]
-    guess = sum(r.throughput for r in others) / len(others) if others else 1.0
+    guess = min(sum(r.throughput for r in others) / len(others), MAX_COVER) if others else 1.0
     start = choose_start(coverage(others, config.n_layer, config.n_head), n_blocks, guess)
     log.info("chose blocks %d:%d (%d blocks; %d peers of this model known)", start, start + n_blocks,
              n_blocks, len(others))
@@ -184,6 +194,9 @@ def run_node(opts: NodeOptions) -> None:
     if allow is not None and opts.insecure:
         raise ValueError("--allow-keys needs encrypted links; it cannot be combined with --insecure")
     auto = opts.layers is None and opts.heads is None
+    if not auto and (opts.num_blocks is not None or opts.memory_budget_mb is not None):
+        log.warning("--num-blocks and --memory-budget-mb choose blocks for a node without --layers/--heads; "
+                    "ignored")
     learned: list = []
     n_blocks = 0
     if auto:

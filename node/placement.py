@@ -1,7 +1,10 @@
 """Automatic block choice: how many blocks a node serves, which ones, and when to move.
 
 Coverage of a block is the summed advertised throughput (tokens/s) of the live records that
-serve it (a head shard counts with the fraction of heads it holds).  The rules:
+serve it whole, plus, where head shards hold every head between them (ranges that tile
+0..n_head, as a route needs), the slowest member of the best such group; head shards that do
+not add up to every head cover nothing.  Advertised figures are self-asserted: each is capped
+at MAX_COVER.  The rules:
 
 * size: as many blocks as the memory budget holds (`--num-blocks` overrides), at least one;
 * start: the window that makes the swarm's coverage vector, sorted ascending, largest in
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BUDGET_FRACTION = 0.25
 MOVE_GAIN = 1.5
 _MIN_COVER = 1e-3  # a record advertising 0 tokens/s still covers its blocks
+MAX_COVER = 1e6   # tokens/s: a record claiming more counts as this much (sums stay finite)
 
 
 # ----- how many blocks --------------------------------------------------------------------
@@ -68,15 +72,34 @@ def blocks_for_budget(config: ModelConfig, budget_bytes: int, dtype: torch.dtype
 
 # ----- where ------------------------------------------------------------------------------
 def coverage(records: Iterable[Record], n_layer: int, n_head: int, exclude: str | None = None) -> list[float]:
-    """Summed throughput per block of `records` (those of one model), leaving out peer `exclude`."""
+    """Per block, the throughput of `records` (those of one model) that a route could use,
+    leaving out peer `exclude` (see the module doc)."""
     cov = [0.0] * n_layer
+    heads: list[list[tuple[int, int, float]]] = [[] for _ in range(n_layer)]
     for r in records:
         if r.peer_id == exclude or r.departing:
             continue
-        share = 1.0 if r.heads is None else (r.heads[1] - r.heads[0]) / n_head
+        tps = min(max(r.throughput, _MIN_COVER), MAX_COVER)
         for i in range(max(0, r.layers[0]), min(n_layer, r.layers[1])):
-            cov[i] += max(r.throughput, _MIN_COVER) * share
+            if r.heads is None:
+                cov[i] += tps
+            elif 0 <= r.heads[0] < r.heads[1] <= n_head:
+                heads[i].append((r.heads[0], r.heads[1], tps))
+    for i, shards in enumerate(heads):
+        cov[i] += _head_group_cover(shards, n_head)
     return cov
+
+
+def _head_group_cover(shards: list[tuple[int, int, float]], n_head: int) -> float:
+    """The slowest member's throughput in the best set of shards tiling heads 0..n_head; 0 if
+    none tiles them (the route planner's rule: client/route.py)."""
+    best = {0: float("inf")}  # first head not yet held -> the best group's slowest member so far
+    for h in range(n_head):
+        if h in best:
+            for a, b, tps in shards:
+                if a == h:
+                    best[b] = max(best.get(b, 0.0), min(best[h], tps))
+    return best.get(n_head, 0.0)
 
 
 def with_us(cov: list[float], start: int, n_blocks: int, throughput: float) -> list[float]:
@@ -134,6 +157,7 @@ class Rebalancer:
         self.interval = interval
         self.settle = settle
         self.moves = 0
+        self.failures = 0  # loads that failed in a row (each doubles the wait before the next check)
         self._next = time.monotonic() + self._jitter()
         self._view: frozenset = frozenset()
 
@@ -160,18 +184,28 @@ class Rebalancer:
         cov = coverage(records, cfg.n_layer, cfg.n_head, exclude=self.gossip.peer_id)
         start = self.handler.blocks.start
         target = plan_move(cov, start, self.n_blocks, self.handler.stats.throughput)
-        if target is None:
+        if target is None or not self.move(target):
             return None
-        self.move(target)
         return target
 
-    def move(self, start: int) -> None:
+    def move(self, start: int) -> bool:
         old = self.handler.blocks
         t0 = time.perf_counter()
-        self.handler.blocks = self.load(start, start + self.n_blocks)
+        try:
+            new = self.load(start, start + self.n_blocks)
+        except Exception as e:  # noqa: BLE001 - e.g. a shard file gone or damaged since start
+            # Keep serving what we have; ask again later, less often each time it fails.
+            self.failures += 1
+            self._next = time.monotonic() + self.interval * min(2 ** self.failures, 64)
+            log.warning("staying on blocks %d:%d: cannot load %d:%d: %s", old.start, old.stop, start,
+                        start + self.n_blocks, " ".join(str(e).split())[:300] or type(e).__name__)
+            return False
+        self.failures = 0
+        self.handler.blocks = new
         self.handler.measure_throughput()
         self.moves += 1
         log.info("moved from blocks %d:%d to %d:%d in %.1fs (%.1f tokens/s)", old.start, old.stop,
                  start, start + self.n_blocks, time.perf_counter() - t0, self.handler.stats.throughput)
         self.gossip.refresh()
         self.gossip.round()  # tell the swarm at once, so nobody else moves into the same place
+        return True

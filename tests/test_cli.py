@@ -347,3 +347,14 @@ def test_advertised_address_is_what_records_and_contacts_name(tiny_model_dir, cl
     out = run_cli("generate", "To be", "--model", str(tiny_model_dir), "--bootstrap", contact,
                   "--max-new-tokens", "4", "--temperature", "0", timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("To be"), out.stderr
+
+
+def test_node_placement_and_gossip_options_are_checked(tiny_model_dir, tmp_path):
+    """-1 s between rebalance checks made an idle node spin a core; 0 blocks served one."""
+    for option, value, why in (("--rebalance-interval", "-1", "must be a positive, finite number of seconds"),
+                               ("--gossip-interval", "0", "must be a positive, finite number of seconds"),
+                               ("--ttl", "nan", "must be a positive, finite number of seconds"),
+                               ("--num-blocks", "0", "0 is not in the range x>=1"),
+                               ("--memory-budget-mb", "0", "0 is not in the range x>=1")):
+        out = run_cli("node", str(tiny_model_dir), "--key-file", str(tmp_path / "k.key"), option, value, timeout=60)
+        assert why in one_error_line(out), out.stderr

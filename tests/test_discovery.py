@@ -20,7 +20,14 @@ from nanoswarm.keys.identity import generate_identity
 from nanoswarm.keys.records import Record, encode_record, sign_record, verify_record
 from nanoswarm.keys.table import RecordTable
 from nanoswarm.node.cluster import LocalCluster, NodeSpec
-from nanoswarm.node.placement import block_bytes, blocks_for_budget, choose_start, coverage, plan_move
+from nanoswarm.node.placement import (
+    MAX_COVER,
+    block_bytes,
+    blocks_for_budget,
+    choose_start,
+    coverage,
+    plan_move,
+)
 from nanoswarm.shards.manifest import read_manifest
 
 FAST = ["--gossip-interval", "0.3"]
@@ -253,7 +260,7 @@ def test_memory_budget_sets_the_number_of_blocks():
     assert blocks_for_budget(SMALL12, per_block * 100) == 12
 
 
-def test_coverage_sums_throughput_and_shares_head_shards():
+def test_coverage_sums_throughput_and_counts_head_shards_that_hold_every_head():
     ident = generate_identity()
 
     def rec(layers, tps, heads=None, peer=ident.peer_id):
@@ -261,8 +268,28 @@ def test_coverage_sums_throughput_and_shares_head_shards():
                       model_id="m", layers=layers, heads=heads, throughput=tps, load=0.0, seq=1, expires=0.0)
 
     cov = coverage([rec((0, 2), 10.0), rec((1, 3), 4.0), rec((2, 3), 6.0, heads=(0, 6))], 4, 12)
-    assert cov == [10.0, 14.0, 7.0, 0.0]
+    assert cov == [10.0, 14.0, 4.0, 0.0]  # half the heads of block 2 cover nothing
     assert coverage([rec((0, 2), 10.0)], 4, 12, exclude=ident.peer_id) == [0.0] * 4
+    # a group counts at its slowest member, the best group of those that tile the heads
+    shards = [rec((0, 4), 6.0, (0, 6)), rec((0, 4), 2.0, (6, 12)), rec((0, 2), 3.0, (6, 9)),
+              rec((0, 2), 5.0, (9, 12)), rec((0, 4), 9.0, (0, 6)), rec((0, 4), 9.0, (0, 1))]
+    assert coverage(shards, 4, 12) == [3.0, 3.0, 2.0, 2.0]
+    # many copies of the same heads are still half a block; self-asserted figures are capped
+    assert coverage([rec((0, 4), 50.0, (0, 6))] * 4, 4, 12) == [0.0] * 4
+    assert coverage([rec((0, 1), 1.7e308)] * 2 + [rec((0, 1), 1e300, (0, 1000))], 1, 12) == [2 * MAX_COVER]
+
+
+def test_a_node_does_not_move_off_the_only_whole_copy_of_some_heads():
+    """Four shards of heads 0:6 on blocks 2:4 leave heads 6:12 to us: moving would break every route."""
+    ident = generate_identity()
+    records = [Record(peer_id=f"p{i}", sign_key=ident.sign_public, curve_key=ident.curve_public,
+                      address="tcp://x:1", model_id="m", layers=(2, 4), heads=(0, 6), throughput=100.0,
+                      load=0.0, seq=1, expires=0.0) for i in range(4)]
+    records.append(Record(peer_id="x", sign_key=ident.sign_public, curve_key=ident.curve_public,
+                          address="tcp://x:1", model_id="m", layers=(0, 2), heads=None, throughput=1.0,
+                          load=0.0, seq=1, expires=0.0))
+    assert plan_move(coverage(records, 4, 12), 2, 2, 5.0) is None
+    assert choose_start(coverage(records, 4, 12), 2) == 2  # a new node fills the heads that are missing
 
 
 def test_contact_strings_round_trip():
@@ -440,3 +467,21 @@ def test_links_and_a_departure_stay_bounded_with_a_large_table():
         assert all(link.pending for link in gossip._links.values())  # each was sent the departure
     finally:
         gossip.close()
+
+
+def test_a_move_whose_blocks_fail_to_load_keeps_the_old_ones(caplog):
+    import time as _time
+    from types import SimpleNamespace
+
+    from nanoswarm.node.placement import Rebalancer
+
+    def load(a, b):
+        raise FileNotFoundError(f"blocks-{a}-{b}.safetensors\nis gone")
+
+    old = SimpleNamespace(start=0, stop=2)
+    handler = SimpleNamespace(blocks=old)
+    rebalancer = Rebalancer(handler, SimpleNamespace(), 2, load, interval=10.0)
+    for failures in (1, 2):
+        assert rebalancer.move(2) is False and handler.blocks is old and rebalancer.moves == 0
+        assert rebalancer.failures == failures and rebalancer._next > _time.monotonic() + 10.0 * 2 ** failures - 1
+    assert "staying on blocks 0:2: cannot load 2:4: blocks-2-4.safetensors is gone" in caplog.text

@@ -292,3 +292,28 @@ def test_a_replay_into_a_node_that_takes_fewer_positions_a_step(small12_model_di
     notices: list[str] = []
     result = generate_with_fault(small12_model_dir, swarm, lambda i: swarm.kill(i, signal.SIGKILL), notices)
     assert result.ids == expected_ids and len(notices) == 1  # 20+ positions replayed in pieces
+
+
+def test_a_peer_that_joined_after_connecting_takes_over(small12_model_dir, cluster_factory, expected_ids):
+    """The client's table is from when it connected; the only spare joined later. When no
+    route is left, the client asks its bootstrap again (and would find a peer that moved)."""
+    from nanoswarm.client.discovery import fetch_table
+
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((6, 12))])
+    bootstrap = swarm.addresses[1]
+    model = SwarmModel.connect(small12_model_dir, bootstrap=[bootstrap],
+                               options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
+    result = GenerationResult(PROMPT, [], [], "", [], GenerationStats())
+    notices: list[str] = []
+    try:
+        for _ in model.stream(PROMPT, N_TOKENS, SEEDED, result, on_failover=notices.append):
+            if len(result.ids) == FAIL_AT:
+                swarm.kill(0, signal.SIGKILL)
+                spare = swarm.start_node(NodeSpec((0, 6), args=["--bootstrap", bootstrap]))
+                deadline = time.monotonic() + 15
+                while len(fetch_table([bootstrap]).table.records()) != 3 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+    finally:
+        model.close()
+    assert result.ids == expected_ids
+    assert result.failovers == 1 and result.route[0]["peers"] == [spare.address]
