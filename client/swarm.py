@@ -76,6 +76,7 @@ class Swarm:
             self.rejected[address] = f"serves model {str(info.get('model_id'))[:12]}, not ours"
             return
         heads = info.get("heads")
+        self.rejected.pop(address, None)  # it answered this time (a refresh asks again)
         self.peers[address] = PeerInfo(
             address=address, peer_id=str(info.get("peer_id")), model_id=self.model_id,
             layers=tuple(info["layers"]), heads=tuple(heads) if heads else None,
