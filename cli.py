@@ -30,22 +30,25 @@ def _range(value: str | None, what: str) -> tuple[int, int] | None:
     return a, b
 
 
-class _Seconds(click.ParamType):
-    """A positive, finite number of seconds (a float option would take 0, -1, nan and inf)."""
+class _Positive(click.ParamType):
+    """A positive, finite number (a float option would take 0, -1, nan and inf)."""
 
-    name = "seconds"
+    def __init__(self, what: str):
+        self.what = what
+        self.name = what.split()[-1]
 
     def convert(self, value, param, ctx) -> float:
         try:
-            seconds = float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        if not 0 < seconds < float("inf"):
-            self.fail(f"{value!r} must be a positive, finite number of seconds", param, ctx)
-        return seconds
+            self.fail(f"{value!r} is not a {self.what}", param, ctx)
+        if not 0 < number < float("inf"):
+            self.fail(f"{value!r} must be a positive, finite {self.what}", param, ctx)
+        return number
 
 
-SECONDS = _Seconds()
+SECONDS = _Positive("number of seconds")
+POSITIVE = _Positive("number")
 
 
 def _setup_logging(verbose: int) -> None:
@@ -138,21 +141,27 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
               help="Where to write the nanoGPT-style checkpoint (the best by validation loss).")
 @click.option("--text", "text_path", type=click.Path(exists=True, path_type=Path), default=None,
               help="Training text (default: tiny Shakespeare shipped with nanoswarm).")
-@click.option("--n-layer", type=int, default=4, show_default=True)
-@click.option("--n-head", type=int, default=4, show_default=True)
-@click.option("--n-embd", type=int, default=192, show_default=True)
-@click.option("--block-size", type=int, default=128, show_default=True)
-@click.option("--max-iters", type=int, default=700, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--n-layer", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--n-head", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--n-embd", type=click.IntRange(min=1), default=192, show_default=True)
+@click.option("--block-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--max-iters", type=click.IntRange(min=0), default=700, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=POSITIVE, default=2e-3, show_default=True)
 @click.option("--seed", type=int, default=1337, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --out (the run writes its first checkpoint within seconds).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as one JSON object.")
 def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_embd: int, block_size: int,
-          max_iters: int, batch_size: int, lr: float, seed: int, threads: int, as_json: bool) -> None:
+          max_iters: int, batch_size: int, lr: float, seed: int, threads: int, overwrite: bool,
+          as_json: bool) -> None:
     """Train a small GPT-2-architecture model on a text file, on the CPU (progress on stderr)."""
     from nanoswarm.shards import train as training
     from nanoswarm.shards.model import ModelConfig
+
+    if out_path.exists() and not overwrite:
+        raise click.ClickException(f"{out_path} exists: pass --overwrite to replace it")
 
     config = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, gelu="exact")
     summary = training.train(text_path or training.DEFAULT_TEXT, out_path, config, max_iters=max_iters,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
 import warnings
@@ -261,7 +262,11 @@ def save_nanogpt_checkpoint(config: ModelConfig, flat_sd: StateDict, path: str |
     ckpt = {**(extra or {}), "model": model, "model_args": {**args, "dropout": 0.0}, "gelu": config.gelu}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
+    # Whole or not at all: training rewrites its checkpoint at every new best, and a run killed
+    # mid-write must leave the previous best, not a truncated file.
+    partial = path.with_name(f".{path.name}.partial")
+    torch.save(ckpt, partial)
+    os.replace(partial, path)
     return path
 
 

@@ -47,7 +47,10 @@ HEAD_CHUNK = 128
 
 def tokenize_file(path: str | Path) -> torch.Tensor:
     """GPT-2 BPE ids of a UTF-8 text file, as int64 (what nn.Embedding and cross_entropy take)."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return torch.tensor(get_encoding().encode_ordinary(text), dtype=torch.long)
 
 

@@ -306,8 +306,18 @@ def test_train_prints_one_line_or_json(tmp_path):
             "--n-embd", "16", "--block-size", "16", "--max-iters", "2", "--batch-size", "2"]
     out = run_cli(*args)
     assert out.returncode == 0 and out.stdout.startswith(f"{tmp_path / 'ckpt.pt'}: ") and out.stdout.count("\n") == 1
-    out = run_cli(*args, "--json")
+    out = run_cli(*args, "--json")  # a second run must not silently replace the first one's model
+    assert one_error_line(out) == f"error: {tmp_path / 'ckpt.pt'} exists: pass --overwrite to replace it"
+    out = run_cli(*args, "--json", "--overwrite")
     assert out.returncode == 0 and json.loads(out.stdout)["out_path"] == str(tmp_path / "ckpt.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "text.txt"]  # no partial file left
+    for bad, why in ((["--max-iters", "-1"], "--max-iters"), (["--batch-size", "0"], "--batch-size"),
+                     (["--lr", "inf"], "--lr"), (["--n-embd", "0"], "--n-embd")):
+        out = run_cli(*args, "--overwrite", *bad)
+        assert out.returncode == 2 and why in one_error_line(out)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    out = run_cli(*args[:1], "--text", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "x.pt"), *args[5:])
+    assert one_error_line(out).startswith(f"error: {tmp_path / 'latin1.txt'}: not UTF-8 text")
 
 
 def test_node_takes_every_address_form_peers_can_use(tmp_path, caplog):
