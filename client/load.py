@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,9 +31,10 @@ from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_embeddings, load_head
 
 from .generate import ClientModel
+from .route import RouteError
 from .stages import Stage
 from .swarm import Swarm, SwarmOptions
-from .transport import PeerConnection, PeerError
+from .transport import PeerError
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,19 @@ class LoadOptions:
     wire: str = "float32"
     verify: bool = True
     tolerance: float = 1e-5                              # largest |logit - solo logit| allowed
+    client_keys: tuple[bytes, bytes] | None = None       # CURVE identity (private swarms); None: ephemeral
+    insecure: bool = False                               # allow nodes that run without a key
+
+    def swarm_options(self) -> SwarmOptions:
+        return SwarmOptions(timeout=self.timeout, wire=self.wire, client_keys=self.client_keys,
+                            insecure=self.insecure)
 
 
 @dataclass
 class NodeReport:
     address: str
     layers: list[int]
+    heads: list[int] | None       # a head shard's heads, None for whole blocks
     alive: bool
     peak_rss_bytes: int | None
     source: str                   # "VmHWM" (process we started) or "info"
@@ -99,10 +107,26 @@ class LoadReport:
         return [n.address for n in self.nodes if not n.alive]
 
     @property
+    def problems(self) -> list[str]:
+        """Why the run is not OK; empty when it is."""
+        out = []
+        if not self.sessions_completed:
+            out.append("no session completed")
+        if self.failed:
+            out.append(f"{sum(self.failed.values())} requests failed")
+        if self.crashed:
+            out.append(f"{len(self.crashed)} nodes crashed")
+        if self.mismatches:
+            out.append(f"{self.mismatches} steps differ from their solo runs")
+        over = [n.address.partition("#")[0] for n in self.nodes if n.memory_bound is not None
+                and n.peak_rss_bytes is not None and n.peak_rss_bytes > n.memory_bound]
+        if over:
+            out.append(f"memory above the bound on {', '.join(over)}")
+        return out
+
+    @property
     def ok(self) -> bool:
-        within = all(n.memory_bound is None or n.peak_rss_bytes is None or n.peak_rss_bytes <= n.memory_bound
-                     for n in self.nodes)
-        return not self.failed and not self.crashed and not self.mismatches and within
+        return not self.problems
 
     def to_json(self) -> dict:
         return {
@@ -114,8 +138,8 @@ class LoadReport:
             "requests_per_second": self.served / self.duration if self.duration else 0.0,
             "sessions_completed": self.sessions_completed, "steps_checked": self.steps_checked,
             "mismatches": self.mismatches, "max_logit_diff": self.max_logit_diff,
-            "crashed": self.crashed, "ok": self.ok,
-            "nodes": [{"address": n.address, "layers": n.layers, "alive": n.alive,
+            "crashed": self.crashed, "ok": self.ok, "problems": self.problems,
+            "nodes": [{"address": n.address, "layers": n.layers, "heads": n.heads, "alive": n.alive,
                        "peak_rss_bytes": n.peak_rss_bytes, "peak_rss_source": n.source,
                        "weight_bytes": n.weight_bytes, "kv_budget_bytes": n.kv_budget_bytes,
                        "memory_bound_bytes": n.memory_bound, "errors": n.errors} for n in self.nodes],
@@ -153,9 +177,10 @@ def format_report(report: LoadReport) -> str:
         bound = "" if n.memory_bound is None else f" (bound {n.memory_bound / 2**20:.0f} MiB = KV budget " \
             f"{n.kv_budget_bytes / 2**20:.0f} + weights {n.weight_bytes / 2**20:.0f} + overhead " \
             f"{MEMORY_OVERHEAD / 2**20:.0f})"
-        lines.append(f"node {n.address.partition('#')[0]} layers {n.layers[0]}:{n.layers[1]}: "
+        heads = "" if n.heads is None else f" heads {n.heads[0]}:{n.heads[1]}"
+        lines.append(f"node {n.address.partition('#')[0]} layers {n.layers[0]}:{n.layers[1]}{heads}: "
                      f"{'alive' if n.alive else 'CRASHED'}, peak RSS {peak} [{n.source}]{bound}")
-    lines.append("OK" if report.ok else "NOT OK")
+    lines.append("OK" if report.ok else f"NOT OK: {'; '.join(report.problems)}")
     return "\n".join(lines)
 
 
@@ -170,11 +195,12 @@ class _Worker:
     def __init__(self, index: int, opts: LoadOptions, infos: dict[str, dict], client: ClientModel,
                  meta: tuple[str, int, int], solo: dict[int, torch.Tensor], deadline: float):
         self.index, self.opts, self.client, self.solo, self.deadline = index, opts, client, solo, deadline
-        self.swarm = Swarm(*meta, SwarmOptions(timeout=opts.timeout, wire=opts.wire))
+        self.swarm = Swarm(*meta, opts.swarm_options())
         for address, info in infos.items():  # asked once for all workers; each connects on its own
             self.swarm.add_info(address, info, curve_key=split_contact(address)[1])
         self.out = LoadReport(opts.sessions, opts.duration)
         self.rng = random.Random(index)
+        self.backoff = 0.0  # seconds slept on `busy` steps: not part of a step's latency
 
     def run(self) -> None:
         try:
@@ -207,17 +233,17 @@ class _Worker:
         try:
             for plan in self.swarm.plan():
                 stage = self.swarm.make_stage(plan)
-                self._timed(lambda s=stage: s.open(max(len(ids), opts.max_length or 0)))
+                self._timed(lambda s=stage: s.open(opts.max_length or len(ids)))
                 stages.append(stage)
             pos, chunk = 0, ids[:opts.prompt_tokens]
             for step in range(opts.new_tokens + 1):
                 if time.monotonic() >= self.deadline:
                     return
-                t0 = time.perf_counter()
+                t0, slept = time.perf_counter(), self.backoff
                 hidden = self.client.embed(chunk, pos)
                 for stage in stages:
                     hidden = self._step(stage, hidden, pos)
-                self.out.step_latency.append(time.perf_counter() - t0)
+                self.out.step_latency.append(time.perf_counter() - t0 - (self.backoff - slept))
                 self._check(k, step, self.client.logits(hidden))
                 pos += len(chunk)
                 if step < opts.new_tokens:
@@ -230,6 +256,9 @@ class _Worker:
             else:
                 self._fail(e.code, str(e))
                 failed = True
+        except RouteError as e:  # the peers stopped covering the model (one died, or moved)
+            self._fail("no_route", str(e))
+            failed = True
         finally:
             for stage in stages:  # tell the nodes; after a failure, then start on fresh sockets
                 stage.close()
@@ -245,7 +274,9 @@ class _Worker:
                 if e.code != "busy" or time.monotonic() >= self.deadline:
                     raise
                 self.out.refused[e.code] += 1
-                time.sleep(self.rng.uniform(0.05, 0.25))
+                pause = self.rng.uniform(0.05, 0.25)
+                time.sleep(pause)
+                self.backoff += pause
 
     def _reset(self) -> None:
         """After a failure, fresh sockets (made again on first use): no late replies."""
@@ -261,15 +292,20 @@ class _Worker:
             self.out.mismatches += 1
 
 
-def _peer_infos(contacts: list[str], timeout: float) -> dict[str, dict]:
-    infos = {}
-    for address in contacts:
-        conn = PeerConnection(address, timeout=timeout)
-        try:
-            infos[address] = conn.request("info").fields
-        finally:
-            conn.close()
-    return infos
+def _peer_infos(opts: LoadOptions, meta: tuple[str, int, int]) -> dict[str, dict]:
+    """Every peer's `info`, asked once for all workers; a peer that cannot be used (a bad
+    contact, no key, another model, no answer) stops the run before the load."""
+    probe = Swarm(*meta, opts.swarm_options())
+    try:
+        probe.add_addresses(opts.peers, min(opts.timeout, 10.0))
+        if probe.rejected:
+            raise ValueError("; ".join(f"{a[:80]}: {why}" for a, why in probe.rejected.items()))
+        probe.plan()  # the peers must cover the model: one clear error, not one per session
+        return {address: p.extra for address, p in probe.peers.items()}
+    except RouteError as e:
+        raise ValueError(str(e)) from None
+    finally:
+        probe.close()
 
 
 def _solo_logits(opts: LoadOptions, infos: dict[str, dict], client: ClientModel, meta) -> dict[int, torch.Tensor]:
@@ -296,28 +332,32 @@ def _block_bytes(config, n_blocks: int, itemsize: int = 4) -> int:
     return n_blocks * (12 * C * C + 13 * C) * itemsize
 
 
-def _node_reports(contacts: list[str], pids: dict[str, int], config, timeout: float) -> list[NodeReport]:
+def _node_reports(opts: LoadOptions, meta, before: dict[str, dict], pids: dict[str, int], config) -> list[NodeReport]:
+    """Each node's state after the load; a node that no longer answers keeps what it served
+    before (its blocks and weights) and is reported crashed."""
     reports = []
-    for address in contacts:
-        info: dict = {}
-        conn = PeerConnection(address, timeout=timeout)
-        try:
-            info = conn.request("info", timeout=timeout).fields
-            alive = True
-        except PeerError as e:
-            log.warning("node %s did not answer info after the load: %s", address, e)
-            alive = False
-        finally:
-            conn.close()
-        layers = info.get("layers") or [0, 0]
-        itemsize = {"float16": 2, "bfloat16": 2}.get(info.get("dtype", ""), 4)
-        peak, source = info.get("peak_rss_bytes"), "info"
-        pid = pids.get(address)
-        if pid is not None:
-            peak, source = _vm_hwm(pid) or peak, "VmHWM"
-        reports.append(NodeReport(address, layers, alive, peak, source, _block_bytes(config, layers[1] - layers[0],
-                                                                                     itemsize),
-                                  info.get("kv_budget"), info.get("errors", {})))
+    probe = Swarm(*meta, opts.swarm_options())
+    try:
+        for address, earlier in before.items():
+            try:
+                info, alive = probe.connection(address).request("info", timeout=min(opts.timeout, 10.0)).fields, True
+            except PeerError as e:
+                log.warning("node %s did not answer info after the load: %s", address, e)
+                info, alive = {}, False
+            layers, heads = earlier["layers"], earlier.get("heads")
+            itemsize = {"float16": 2, "bfloat16": 2}.get(earlier.get("dtype", ""), 4)
+            weights = _block_bytes(config, layers[1] - layers[0], itemsize)
+            if heads:  # a head shard holds its heads' columns and rows of every matrix
+                weights = weights * (heads[1] - heads[0]) // config.n_head
+            peak, source = info.get("peak_rss_bytes"), "info"
+            pid = pids.get(address)
+            if pid is not None:
+                peak, source = _vm_hwm(pid) or peak, "VmHWM"
+            reports.append(NodeReport(address, list(layers), list(heads) if heads else None, alive, peak, source,
+                                      weights, info.get("kv_budget", earlier.get("kv_budget")),
+                                      info.get("errors", {})))
+    finally:
+        probe.close()
     return reports
 
 
@@ -336,8 +376,14 @@ def run_load(opts: LoadOptions) -> LoadReport:
     """Start a local swarm unless peers are given, run the load, report."""
     manifest = read_manifest(opts.model_dir)
     config = manifest.config
-    if max(opts.prompt_tokens + opts.new_tokens, opts.max_length or 0) > config.block_size:
+    used = opts.prompt_tokens + opts.new_tokens
+    if max(used, opts.max_length or 0) > config.block_size:
         raise ValueError(f"sessions would be longer than the model's context {config.block_size}")
+    if opts.max_length is not None and opts.max_length < used:
+        raise ValueError(f"--max-length {opts.max_length} is shorter than a session's {used} positions "
+                         "(prompt plus new tokens)")
+    if opts.peers and opts.node_args:
+        raise ValueError("--node-args applies to the swarm load starts, not to --peers")
     cluster = None
     contacts, pids = list(opts.peers), {}
     if not contacts:
@@ -350,7 +396,7 @@ def run_load(opts: LoadOptions) -> LoadReport:
         client = ClientModel(load_embeddings(opts.model_dir, manifest), load_head(opts.model_dir, manifest))
         client.head.freeze_for_inference()  # as fast as a client can be: the nodes get the load
         meta = (manifest.model_id, config.n_layer, config.n_head)
-        infos = _peer_infos(contacts, opts.timeout)
+        infos = _peer_infos(replace(opts, peers=contacts), meta)
         solo = _solo_logits(opts, infos, client, meta) if opts.verify else {}
         deadline = time.monotonic() + opts.duration
         workers = [_Worker(i, opts, infos, client, meta, solo, deadline) for i in range(opts.sessions)]
@@ -360,7 +406,7 @@ def run_load(opts: LoadOptions) -> LoadReport:
         for t in threads:
             t.join(opts.duration + 10 * opts.timeout)
         report = _merge(opts, workers)
-        report.nodes = _node_reports(contacts, pids, config, min(opts.timeout, 10.0))
+        report.nodes = _node_reports(opts, meta, infos, pids, config)
         if cluster is not None:
             for node in cluster.nodes:  # a node that died shows in its exit code too
                 if node.proc.poll() is not None:

@@ -42,3 +42,44 @@ def test_load_command_against_given_peers(tiny_model_dir, cluster_factory):
     assert [n["layers"] for n in report["nodes"]] == [[0, 1], [1, 4]]
     assert all(n["peak_rss_source"] == "info" and n["peak_rss_bytes"] > 0 for n in report["nodes"])
     assert all(p.proc.poll() is None for p in swarm.nodes)
+
+
+def test_load_refuses_what_it_cannot_run_in_one_line(tiny_model_dir, cluster_factory):
+    """Checked before any load: options that cannot hold, a keyless node without --insecure,
+    peers that do not cover the model (with --no-verify too: one line, not a traceback a session)."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1))], args=["--insecure"])
+    base = ["load", str(tiny_model_dir), "--sessions", "2", "--duration", "1", "--new-tokens", "4"]
+    for args, why in ((["--max-length", "3"], "--max-length 3 is shorter than a session's 12 positions"),
+                      (["--peers", swarm.addresses[0], "--node-args", "--max-sessions 2"], "--node-args applies"),
+                      (["--peers", "garbage"], "garbage"),
+                      (["--peers", swarm.addresses[0]], "--insecure"),
+                      (["--peers", swarm.addresses[0], "--insecure", "--no-verify"], "no peer serves layers 1:4")):
+        result = CliRunner().invoke(main, base + args)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+        assert why in lines[0], lines[0]
+
+
+def test_a_run_that_completes_no_session_is_not_ok(tiny_model_dir):
+    report = run_load(LoadOptions(tiny_model_dir, nodes=1, node_args=["--max-session-length", "4"], sessions=2,
+                                  duration=1.0, prompt_tokens=4, new_tokens=4, verify=False))
+    assert report.sessions_completed == 0 and report.refused["too_large"] > 0
+    assert not report.ok and report.problems == ["no session completed"]
+
+
+def test_a_node_that_died_keeps_its_blocks_in_the_report(tiny_model_dir, cluster_factory):
+    import signal
+
+    from nanoswarm.client.load import _node_reports, _peer_infos
+    from nanoswarm.shards.manifest import read_manifest
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 4))])
+    manifest = read_manifest(tiny_model_dir)
+    meta = (manifest.model_id, manifest.config.n_layer, manifest.config.n_head)
+    opts = LoadOptions(tiny_model_dir, peers=swarm.addresses, timeout=2.0)
+    infos = _peer_infos(opts, meta)
+    swarm.kill(1, signal.SIGKILL)
+    swarm.nodes[1].proc.wait()
+    reports = _node_reports(opts, meta, infos, {}, manifest.config)
+    assert [(n.layers, n.alive) for n in reports] == [([0, 1], True), ([1, 4], False)]
+    assert reports[1].weight_bytes == 3 * reports[0].weight_bytes > 0
