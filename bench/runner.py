@@ -30,6 +30,7 @@ from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
 from .measure import RoundResult, median, node_stats, percentile, run_concurrent, run_lockstep, run_round
 from .models import SHAPES, make_random_model_dir
+from .report import targets
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,13 @@ def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
     links = opts.links[0] if opts.links else "relay"
     groups = [_Group("layers", [NodeSpec(r) for r in even_split(n_layer, s)], [("float32", links)], s)
               for s in stages]
-    if groups:
-        if groups[-1].stages > 1:  # one stage always answers the client itself: no relay to compare
-            groups[-1].variants += [("float32", x) for x in opts.links[1:]]
-        groups[-1].variants += [(w, links) for w in opts.wires if w != "float32"]
+    if groups:  # the other links and wires: on the longest route, where they matter most
+        longest = max(groups, key=lambda g: g.stages)
+        if longest.stages > 1:  # one stage always answers the client itself: no relay to compare
+            longest.variants += [("float32", x) for x in opts.links[1:]]
+        longest.variants += [(w, links) for w in opts.wires if w != "float32"]
+    if opts.head_groups == 1:
+        raise ValueError("--head-groups 1 would be a plain layer stage: give 0 (none) or 2 or more members")
     if opts.head_groups:
         g = min(opts.head_groups, n_head)
         base, extra = divmod(n_head, g)
@@ -133,6 +137,12 @@ def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
         specs = [NodeSpec((0, n_layer), heads=(a, b)) for a, b in zip(bounds, bounds[1:])]
         groups.append(_Group("heads", specs, [("float32", links)], 1))
     return groups
+
+
+def concurrent_prompts(ids: list[int], n: int) -> list[list[int]]:
+    """The prompts of n concurrent sessions: different lengths (8-12) and contents, whatever
+    --prompt-len is. `ids` needs n + 12 entries."""
+    return [ids[i:i + 8 + i % 5] for i in range(n)]
 
 
 class Bench:
@@ -145,6 +155,10 @@ class Bench:
         if self.max_length > self.config.block_size:
             raise ValueError(f"prompt {opts.prompt_len} + {opts.tokens} tokens exceed the context "
                              f"of {self.config.block_size}")
+        longest = max((len(p) for n in opts.sessions for p in concurrent_prompts([0] * (n + 12), n)), default=0)
+        if longest and longest + opts.session_tokens > self.config.block_size:
+            raise ValueError(f"concurrent sessions need {longest} prompt + {opts.session_tokens} tokens, more "
+                             f"than the context of {self.config.block_size}")
         self.client = ClientModel(load_embeddings(model_dir, self.manifest), load_head(model_dir, self.manifest))
         self.local_stage = LocalStage(load_blocks(model_dir, 0, self.config.n_layer, manifest=self.manifest))
         self.ids = bench_ids(self.max_length, self.config.vocab_size, opts.seed)
@@ -264,8 +278,7 @@ class Bench:
 
     def _concurrent(self, swarm: Swarm, n: int, mode: str) -> dict:
         sessions, swarms = [], []
-        ids = bench_ids(n + 12, self.config.vocab_size, self.opts.seed + 1)  # whatever --prompt-len is
-        prompts = [ids[i:i + 8 + i % 5] for i in range(n)]  # different lengths and contents
+        prompts = concurrent_prompts(bench_ids(n + 12, self.config.vocab_size, self.opts.seed + 1), n)
         try:
             for prompt in prompts:
                 own = Swarm(swarm.model_id, swarm.n_layer, swarm.n_head, swarm.options)
@@ -311,9 +324,11 @@ def run_bench(opts: BenchOptions) -> dict:
     machine["other_load"] = (None if busy0 is None or busy1 is None
                              else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall)
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
-    return {"model": str(opts.model_dir) if opts.model_dir else None,
-            "shape": None if opts.model_dir else opts.shape, "config": bench.config.to_dict(),
-            "options": options, "machine": machine, "seconds": time.time() - started, **result}
+    out = {"model": str(opts.model_dir) if opts.model_dir else None,
+           "shape": None if opts.model_dir else opts.shape, "config": bench.config.to_dict(),
+           "options": options, "machine": machine, "seconds": time.time() - started, **result}
+    out["targets"] = targets(out)  # the issue's targets this run has figures for, met or not
+    return out
 
 
 def parse_ints(text: str, what: str = "the list") -> tuple[int, ...]:

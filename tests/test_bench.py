@@ -54,7 +54,7 @@ def test_quick_bench_json_has_every_field(tmp_path):
     assert in_step["node_mean_batch"] > 1  # two sessions stepped together share forward passes
     table = format_report(out)
     assert "2 stages" in table and "head group x2" in table and "q80" in table and "relay" in table
-    assert isinstance(targets(out), list)
+    assert out["targets"] == targets(out) and all({"name", "value", "met"} <= set(t) for t in out["targets"])
 
 
 def test_bare_pipeline_floor_runs(tmp_path):
@@ -88,7 +88,8 @@ def test_bad_options_fail_in_one_line_before_anything_starts(tmp_path):
                           (["--wires", "bogus"], "--wires: unknown bogus; formats are float32"),
                           (["--tokens", "0"], "'--tokens': 0 is not in the range x>=1"),
                           (["--head-groups", "-1"], "'--head-groups': -1 is not in the range x>=0"),
-                          (["--stages", "5"], "--stages 5: the model has 4 blocks, so 1..4")):
+                          (["--stages", "5"], "--stages 5: the model has 4 blocks, so 1..4"),
+                          (["--head-groups", "1"], "--head-groups 1 would be a plain layer stage")):
         out = subprocess.run([sys.executable, "-m", "nanoswarm", "bench", "--shape", "tiny", "--quick",
                               "--work-dir", str(tmp_path), *args], capture_output=True, text=True, timeout=120)
         lines = out.stderr.strip().splitlines()
@@ -107,3 +108,34 @@ def test_one_stage_is_measured_once_whatever_the_links():
 
     # not given: 1, 2 and 4 stages, as many as the model has blocks for
     assert [g.stages for g in _groups(BenchOptions(wires=(), head_groups=0), 2, 4)] == [1, 2]
+
+
+def test_other_links_and_wires_go_on_the_longest_route():
+    from nanoswarm.bench.runner import BenchOptions, _groups
+
+    groups = _groups(BenchOptions(stages=(2, 1), wires=("q80",), head_groups=0), 4, 4)
+    assert [(g.stages, g.variants) for g in groups] == [
+        (2, [("float32", "relay"), ("float32", "star"), ("q80", "relay")]), (1, [("float32", "relay")])]
+
+
+def test_percentile_is_nearest_rank():
+    from nanoswarm.bench.measure import percentile
+
+    assert percentile(list(range(1, 101)), 99) == 99 and percentile(list(range(1, 101)), 100) == 100
+    assert percentile([1, 2], 50) == 1 and percentile([1, 2], 51) == 2 and percentile([5], 0) == 5
+
+
+def test_concurrent_sessions_must_fit_the_context(tmp_path):
+    """They were checked only when the nodes refused them, after every other run, as 'no peer
+    serves layers': now before anything starts."""
+    from dataclasses import replace
+
+    from conftest import TINY, make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "m", replace(TINY, n_layer=1, block_size=16))
+    out = subprocess.run([sys.executable, "-m", "nanoswarm", "bench", "--model", str(model_dir), "--prompt-len", "8",
+                          "--tokens", "4", "--stages", "1", "--sessions", "8", "--head-groups", "0", "--wires", ""],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().splitlines()[-1] == ("error: concurrent sessions need 12 prompt + 16 tokens, more "
+                                                  "than the context of 16"), out.stderr
