@@ -17,12 +17,13 @@ import logging
 import time
 
 import torch
+import zmq
 
 from .relay import Chain, ChainBroken
 from .route import RouteError
 from .stages import BUSY_RETRIES, RemoteLayerStage, Stage, busy_pause
 from .swarm import Swarm
-from .transport import PeerError
+from .transport import PeerError, PeerTimeout
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,44 @@ REPLAY_CHUNK = 512  # positions per replay step (well under a node's max tokens 
 
 class SessionError(Exception):
     pass
+
+
+STALL_SECONDS = 1.0  # a stage that answers `info` within this (or 3x its slowest sibling) is alive
+
+
+def stalled_stage(stages: list[RemoteLayerStage], timeout: float) -> tuple[RemoteLayerStage, PeerError] | None:
+    """The stage of a timed-out relayed step that is stuck, with why; None if all answer.
+
+    Every stage is asked for `info` at once. A stuck node never answers; a busy machine makes
+    healthy ones slow too, so the wait is STALL_SECONDS or three times the slowest answer so far,
+    and while several are silent, up to `timeout`: a slow first hop is not taken for the frozen
+    one after it."""
+    asked: dict[RemoteLayerStage, int] = {}
+    poller = zmq.Poller()
+    for stage in stages:
+        try:
+            asked[stage] = stage.conn.send("info", timeout=min(STALL_SECONDS, timeout))
+        except PeerError as e:
+            return stage, e
+        stage.conn.register(poller)
+    t0 = time.monotonic()
+    wait = min(STALL_SECONDS, timeout)
+    while asked:
+        for stage, req_id in list(asked.items()):
+            try:
+                if stage.conn.take(req_id) is not None:
+                    del asked[stage]
+                    wait = min(max(wait, 3 * (time.monotonic() - t0)), timeout)
+            except PeerError as e:
+                return stage, e
+        left = t0 + (wait if len(asked) == 1 else timeout) - time.monotonic()
+        if asked and left <= 0:
+            stage = next(s for s in stages if s in asked)  # the first in the chain that is silent
+            return stage, PeerTimeout(stage.conn.address, time.monotonic() - t0,
+                                      "no answer to info after a step timed out")
+        if asked:
+            poller.poll(max(1, int(left * 1000)))
+    return None
 
 
 def _joined(history: list) -> torch.Tensor:
@@ -171,7 +210,8 @@ class InferenceSession:
         """A relayed step did not come back; its stages will be asked one by one. A node that will
         not relay is not asked again (not_served: it does not know the next hop; relay_failed: it
         could not reach it). A dropped stage is replaced now (its drop was seen once, while
-        waiting for the chain); after a timeout, the stage that does not answer `info` quickly is.
+        waiting for the chain); after a timeout, the stage that does not answer `info` is
+        (stalled_stage).
         Other errors show again when the stage is asked alone, and are handled there."""
         by = next((s for s in chain.stages if error.address in s.peers), None)
         if error.code in ("relay_failed", "not_served") and by is not None:
@@ -179,12 +219,9 @@ class InferenceSession:
         elif error.code == "disconnected" and by is not None:
             self._replace(self.stages.index(by), error)
         elif error.code == "timeout":
-            for stage in chain.stages:
-                try:
-                    stage.conn.request("info", timeout=min(1.0, self.swarm.options.timeout))
-                except PeerError as e:
-                    self._replace(self.stages.index(stage), e)
-                    break
+            stalled = stalled_stage(chain.stages, self.swarm.options.timeout)
+            if stalled is not None:
+                self._replace(self.stages.index(stalled[0]), stalled[1])
 
     def _reopen(self, i: int) -> bool:
         """A new session for stage i on the same peers, replayed from the history; False if

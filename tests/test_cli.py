@@ -97,7 +97,8 @@ def test_generate_names_uncovered_layers(tiny_model_dir, cluster_factory):
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2))])
     out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", swarm.addresses[0])
     assert out.returncode != 0
-    assert out.stderr.strip().splitlines()[-1] == "error: no peer serves layers 2:4"
+    # A peer slow to answer the refresh (Swarm.refresh) would add "; not used: ..." to the line.
+    assert out.stderr.strip().splitlines()[-1].startswith("error: no peer serves layers 2:4")
 
 
 def test_node_refuses_a_tampered_shard(tiny_model_dir, tmp_path):

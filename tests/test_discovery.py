@@ -312,14 +312,20 @@ def test_nodes_that_chose_the_same_blocks_spread_out(small12_model_dir):
     try:
         harness.start()
         model_id = read_manifest(small12_model_dir).model_id
+        split = [(0, 3), (3, 6), (6, 9), (9, 12)]
 
-        def covered() -> bool:
+        def spread() -> bool:
+            # From the nodes themselves: a table may show one mover's new record beside another's
+            # old one for a moment (two nodes that took the same gap at once look like a split).
+            return sorted(tuple(request(c, "info").fields["layers"]) for c in harness.addresses) == split
+
+        wait_for(spread, 40, "the nodes to spread over blocks 0:12", interval=0.3)
+
+        def in_the_table() -> bool:
             served = [r.layers for r in table_of(harness.addresses[0]).values() if r.model_id == model_id]
-            return {i for a, b in served for i in range(a, b)} == set(range(12))
+            return sorted(map(tuple, served)) == split
 
-        wait_for(covered, 40, "the nodes to spread over blocks 0:12", interval=0.3)
-        moves = [request(c, "info").fields["layers"] for c in harness.addresses]
-        assert sorted(map(tuple, moves)) == [(0, 3), (3, 6), (6, 9), (9, 12)]
+        wait_for(in_the_table, 10, "node 0's table to show the split", interval=0.3)
         # The nodes that moved compute the blocks they now advertise: a swarm of them is exact.
         local = SwarmModel.local(small12_model_dir)
         model = SwarmModel.connect(small12_model_dir, peers=harness.addresses)

@@ -246,3 +246,38 @@ def test_a_relayed_step_with_busy_null_is_served(handler):
     sid = ask(handler, b"owner", "open", {"max_length": 16})[1].fields["session"]
     to, reply = ask(handler, b"owner", "step", {"session": sid, "pos": 0, "reply": 9, "busy": None}, [x()])
     assert (to, reply.type, reply.id) == (b"owner", "result", 9) and len(reply.fields["busy"]) == 1
+
+
+def test_the_stalled_stage_is_the_silent_one_even_behind_a_slow_one(tiny_model_dir, cluster_factory):
+    """After a relayed step times out, every stage is asked for `info` at once: a first hop that
+    answers late (a busy machine) is not taken for the frozen hop behind it, and when all answer
+    nobody is blamed."""
+    import threading
+
+    from nanoswarm.client.session import STALL_SECONDS, stalled_stage
+    from nanoswarm.client.stages import RemoteLayerStage
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 2)), NodeSpec((2, 4))])
+    model_id = read_manifest(tiny_model_dir).model_id
+    stages = [RemoteLayerStage(PeerConnection(a, timeout=10.0), *span, model_id)
+              for a, span in zip(swarm.addresses, [(0, 1), (1, 2), (2, 4)])]
+    try:
+        assert stalled_stage(stages, 10.0) is None
+        swarm.kill(1, signal.SIGSTOP)  # frozen for good
+        swarm.kill(0, signal.SIGSTOP)  # slow: answers after 1.5 s
+        thaw = threading.Timer(1.5 * STALL_SECONDS, swarm.kill, (0, signal.SIGCONT))
+        thaw.start()
+        t0 = time.monotonic()
+        stage, error = stalled_stage(stages, 10.0)
+        assert stage is stages[1] and error.code == "timeout" and error.address == swarm.addresses[1]
+        assert time.monotonic() - t0 < 8
+        thaw.join()
+        swarm.kill(1, signal.SIGCONT)
+        swarm.kill(2, signal.SIGSTOP)
+        stage, error = stalled_stage(stages, 10.0)
+        assert stage is stages[2]
+    finally:
+        for i in range(3):
+            swarm.kill(i, signal.SIGCONT)
+        for stage in stages:
+            stage.conn.close()
