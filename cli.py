@@ -567,13 +567,16 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
               help="KV cache each session reserves (default: the positions it uses).")
 @click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="Seconds per request.")
 @click.option("--no-verify", is_flag=True, help="Skip comparing every step's logits to a solo run.")
+@click.option("--tolerance", type=POSITIVE, default=None,
+              help="Largest logit difference from a solo run that counts as equal (default: by the nodes' "
+                   "device and dtype, 1e-5 for float32 on a CPU).")
 @click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Use this identity's CURVE key (private swarms); default: fresh keys.")
 @click.option("--insecure", is_flag=True, help="Allow unencrypted links to nodes that run without a key.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 def load(model_dir: Path, peers: str | None, nodes: int, node_args: str, sessions: int, duration: float,
          prompt_tokens: int, new_tokens: int, max_length: int | None, timeout: float, no_verify: bool,
-         key_file: Path | None, insecure: bool, as_json: bool) -> None:
+         tolerance: float | None, key_file: Path | None, insecure: bool, as_json: bool) -> None:
     """Concurrent sessions against a swarm: served, refused, failed, latency, node memory.
     Exits 1 unless nothing failed, no node crashed, memory stayed bounded and logits matched."""
     import shlex
@@ -583,7 +586,8 @@ def load(model_dir: Path, peers: str | None, nodes: int, node_args: str, session
     report = run_load(LoadOptions(model_dir, _peer_list(peers), nodes, shlex.split(node_args),
                                   sessions=sessions, duration=duration, prompt_tokens=prompt_tokens,
                                   new_tokens=new_tokens, max_length=max_length, timeout=timeout,
-                                  verify=not no_verify, client_keys=_client_keys(key_file), insecure=insecure))
+                                  verify=not no_verify, tolerance=tolerance, client_keys=_client_keys(key_file),
+                                  insecure=insecure))
     click.echo(json.dumps(report.to_json()) if as_json else format_report(report))
     if not report.ok:
         sys.exit(1)

@@ -66,9 +66,24 @@ class NodeOptions:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    """cpu, cuda or cuda:N, checked against the GPUs torch sees (before any weights are read)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
         raise RuntimeError(f"--device {device} was asked for, but torch sees no CUDA device")
-    return torch.device(device)
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"--device {device}: torch sees {count} CUDA device{'s' if count > 1 else ''} "
+                         f"(cuda:0..cuda:{count - 1})")
+    dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    torch.cuda.set_device(dev)  # contexts and default allocations on this GPU, not on cuda:0
+    return dev
 
 
 def build_handler(opts: NodeOptions) -> RequestHandler:
@@ -95,7 +110,8 @@ def _choose_layers(opts: NodeOptions, identity: Identity) -> tuple[tuple[int, in
     if opts.num_blocks is not None:
         n_blocks = max(1, min(opts.num_blocks, config.n_layer))
     else:
-        budget = opts.memory_budget_mb * 2**20 if opts.memory_budget_mb is not None else default_memory_budget()
+        budget = (opts.memory_budget_mb * 2**20 if opts.memory_budget_mb is not None
+                  else default_memory_budget(resolve_device(opts.device), opts.limits.kv_budget_bytes))
         n_blocks = blocks_for_budget(config, budget, getattr(torch, opts.dtype))
         if budget < block_bytes(config, getattr(torch, opts.dtype)):
             log.warning("a memory budget of %d MiB holds no whole block; serving one anyway", budget >> 20)
@@ -188,6 +204,7 @@ def run_node(opts: NodeOptions) -> None:
     the contact is ADDRESS#CURVEKEY (keys/contact.py); the harness reads it to learn the port
     when the listen address ends in `:*`, and the key to connect."""
     check_contacts(opts)
+    resolve_device(opts.device)  # before a key file is made or a bootstrap asked
     identity = load_or_create_identity(opts.key_file)  # first: a bad key file fails at once
     key_lock = hold_key_file(opts.key_file or default_key_path(), identity)  # noqa: F841 - held until we exit
     allow = read_allowed_keys(opts.allow_keys) if opts.allow_keys else None

@@ -14,6 +14,8 @@ import time
 from collections import OrderedDict, defaultdict
 from typing import Any
 
+import torch
+
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import PROTOCOL_VERSION, Message, decode, encode, parse_range, peek_id
 from nanoswarm.shards.model import Blocks
@@ -26,10 +28,15 @@ log = logging.getLogger(__name__)
 MAX_SEEN_IDS = 65536  # request ids remembered for duplicate detection, all peers together (~10 MiB)
 
 
-def memory_usage() -> dict[str, int]:
-    """This process's peak and current resident memory, in bytes (for `info` and load runs)."""
+def memory_usage(device: torch.device | None = None) -> dict[str, int | None]:
+    """This process's peak and current resident memory, in bytes (for `info` and load runs), and
+    on a GPU what torch's allocator holds there (weights and KV caches live there, not in RSS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    out = {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}
+    out: dict[str, int | None] = {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024,
+                                  "device_bytes": None, "device_peak_bytes": None}
+    if device is not None and device.type == "cuda":
+        out["device_bytes"] = torch.cuda.memory_reserved(device)
+        out["device_peak_bytes"] = torch.cuda.max_memory_reserved(device)
     try:
         with open("/proc/self/statm") as f:
             out["rss_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -198,7 +205,7 @@ class RequestHandler:
                       "max_batch": self.stats.max_batch, "relayed": self.stats.relayed},
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "limits": dataclasses.asdict(self.limits), "errors": dict(self.stats.errors),
-            **memory_usage(),
+            **memory_usage(self.device),
             **self.extra_info,
         }
 

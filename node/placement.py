@@ -61,7 +61,12 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def default_memory_budget() -> int:
+def default_memory_budget(device: torch.device | None = None, kv_budget_bytes: int = 0) -> int:
+    """Weight bytes a node without --layers may take: a quarter of the host's available memory,
+    or on a GPU what is free on it less the KV budget (the caches live there too)."""
+    if device is not None and device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return max(0, free - kv_budget_bytes)
     return int(available_memory() * DEFAULT_BUDGET_FRACTION)
 
 

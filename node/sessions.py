@@ -169,7 +169,11 @@ class SessionStore:
         n_heads = blocks.heads[1] - blocks.heads[0]
         p = next(blocks.parameters())
         self.reserve_check(KVCache.bytes_for(stop - start, n_heads, blocks.config.head_dim, max_length, p.dtype))
-        cache, maps = mapped_cache(blocks, max_length, stop - start, self.pool)
+        try:
+            cache, maps = mapped_cache(blocks, max_length, stop - start, self.pool)
+        except torch.OutOfMemoryError:  # a GPU whose memory other work took: a refusal, not a fault
+            raise ProtocolError(ErrorCode.BUSY, f"no {p.device} memory for a KV cache of {max_length} "
+                                "positions now; retry later or elsewhere") from None
         session = Session(secrets.token_hex(12), start, stop, cache, peer, self.clock(), maps=maps)
         self.sessions[session.id] = session
         self.kv_bytes += cache.nbytes

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 Reply = tuple[bytes | Relay, list]  # (peer identity, or the next hop of a relayed step; frames)
 # Largest magnitude a reply format can carry (q80: a float16 scale times 127).
 _WIRE_MAX = {"float16": 65504.0, "q80": 65504.0 * 127}
+WARM_UP = 2  # untimed one-token steps before the throughput a node advertises is measured
 
 
 def _fits(y: torch.Tensor, wire: str) -> bool:
@@ -52,6 +53,8 @@ def _unsendable(x: torch.Tensor, y: torch.Tensor, wire: str, frame) -> str | Non
     if finite or (finite is None and _fits(y, wire)):
         return None
     if not all_finite(x):
+        if x.dtype == torch.float16:  # the input may have been finite before this node's conversion
+            return "tensor holds NaN or Inf in this node's float16 (values beyond 65504 overflow)"
         return "tensor holds NaN or Inf"
     return f"the result does not fit {wire} (overflow to NaN or Inf)"
 
@@ -258,6 +261,10 @@ class StepRunner:
                 outputs = self._compute(group)
                 for p, y in zip(group, outputs):
                     replies.extend(self._result(p, y))
+            except torch.OutOfMemoryError:  # device memory taken meanwhile: the sessions are untouched
+                replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.BUSY,
+                                                          f"out of {self.device} memory; retry later"))
+                               for p in group)
             except Exception as e:
                 log.exception("internal error in a step")
                 replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.INTERNAL, type(e).__name__))
@@ -333,6 +340,8 @@ class StepRunner:
     def _timed(self, fn, tokens: int) -> torch.Tensor:
         t0 = time.perf_counter()
         y = fn()
+        if self.device.type == "cuda":  # kernels run asynchronously: busy time is time to finish
+            torch.cuda.synchronize(self.device)
         self._batch_computed = True
         self._last_busy = time.perf_counter() - t0
         self.stats.busy_seconds += self._last_busy
@@ -342,21 +351,27 @@ class StepRunner:
 
     def measure_throughput(self, seconds: float = 0.3) -> float:
         """Tokens/s of one-token steps through all served blocks (advertised to clients)."""
-        cache = self.blocks.new_cache(64)
+        cache = self.blocks.new_cache(64 + WARM_UP)
         x = torch.zeros(1, 1, self.config.n_embd, device=self.device, dtype=self.dtype)
-        n, t0 = 0, time.perf_counter()
+
+        def one_token() -> None:
+            if self.head_shard:
+                for i in range(self.blocks.start, self.blocks.stop):
+                    layer = self.blocks.h[str(i)]
+                    layer.attn_partial(x, [cache], i - self.blocks.start)
+                    layer.mlp_partial(x)
+                cache.length += 1
+            else:
+                self.blocks(x, [cache])
+            if self.device.type == "cuda":  # kernels run asynchronously: time them finished
+                torch.cuda.synchronize(self.device)
+
         with torch.inference_mode():
+            for _ in range(WARM_UP):  # first use: allocator, kernel loading, cuBLAS set-up
+                one_token()
+            n, t0 = 0, time.perf_counter()
             while n < 64 and (n < 3 or time.perf_counter() - t0 < seconds):
-                if self.head_shard:
-                    for i in range(self.blocks.start, self.blocks.stop):
-                        layer = self.blocks.h[str(i)]
-                        layer.attn_partial(x, [cache], i - self.blocks.start)
-                        layer.mlp_partial(x)
-                    cache.length += 1
-                else:
-                    self.blocks(x, [cache])
+                one_token()
                 n += 1
-                if self.device.type == "cuda":  # kernels run asynchronously: time them finished
-                    torch.cuda.synchronize(self.device)
         self.stats.throughput = n / (time.perf_counter() - t0)
         return self.stats.throughput

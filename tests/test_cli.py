@@ -298,6 +298,24 @@ def test_node_refuses_addresses_no_peer_could_use(tiny_model_dir, tmp_path):
         assert one_error_line(out, logs=True).startswith(why), out.stderr
 
 
+def test_node_refuses_a_device_it_cannot_use_before_anything_else(tiny_model_dir, tmp_path):
+    """Checked first: no key file is made and no shard is read for a node that cannot run."""
+    import torch
+
+    cases = [(["--device", "meta"], "error: --device 'meta': expected cpu, cuda or cuda:N"),
+             (["--device", "cpu:1"], "error: --device 'cpu:1': expected cpu, cuda or cuda:N")]
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        cases.append((["--device", f"cuda:{n}"], f"error: --device cuda:{n}: torch sees {n} CUDA device"))
+    else:
+        cases.append((["--device", "cuda:0"], "error: --device cuda:0 was asked for, but torch sees no CUDA device"))
+    for args, why in cases:
+        key = tmp_path / "k.key"
+        out = run_cli("node", str(tiny_model_dir), "--layers", "0:2", "--key-file", str(key), *args, timeout=60)
+        assert one_error_line(out).startswith(why), out.stderr
+        assert not key.exists()
+
+
 def test_train_prints_one_line_or_json(tmp_path):
     from nanoswarm.shards.train import DEFAULT_TEXT
 

@@ -83,3 +83,21 @@ def test_a_node_that_died_keeps_its_blocks_in_the_report(tiny_model_dir, cluster
     reports = _node_reports(opts, meta, infos, {}, manifest.config)
     assert [(n.layers, n.alive) for n in reports] == [([0, 1], True), ([1, 4], False)]
     assert reports[1].weight_bytes == 3 * reports[0].weight_bytes > 0
+
+
+def test_half_precision_nodes_are_checked_with_a_tolerance_for_their_dtype(tiny_model_dir):
+    """Batched float16 steps round differently from solo ones (1e-4 on the tiny model): that is not
+    a mismatch. The tolerance comes from the nodes' `info` (device, dtype) unless given."""
+    report = run_load(LoadOptions(tiny_model_dir, nodes=2, node_args=["--dtype", "float16"], sessions=4,
+                                  duration=3.0, prompt_tokens=4, new_tokens=8, timeout=20.0))
+    assert report.tolerance == 2e-2 and report.to_json()["tolerance"] == 2e-2
+    assert report.ok, report.problems
+    assert report.steps_checked > 0 and report.max_logit_diff <= 2e-2
+
+
+def test_default_tolerance_follows_the_loosest_node():
+    from nanoswarm.client.load import default_tolerance
+
+    assert default_tolerance([{"device": "cpu", "dtype": "float32"}]) == 1e-5
+    assert default_tolerance([{"device": "cpu", "dtype": "float32"}, {"device": "cuda:0", "dtype": "float32"}]) == 1e-4
+    assert default_tolerance([{"device": "cuda:1", "dtype": "bfloat16"}]) == 1e-1
