@@ -160,6 +160,9 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
     from nanoswarm.shards import train as training
     from nanoswarm.shards.model import ModelConfig
 
+    if out_path.is_dir():
+        raise click.ClickException(f"--out {out_path} is a directory; give the checkpoint file, e.g. "
+                                   f"{out_path / 'ckpt.pt'}")
     if out_path.exists() and not overwrite:
         raise click.ClickException(f"{out_path} exists: pass --overwrite to replace it")
 
@@ -210,7 +213,8 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
 @click.option("--num-blocks", type=click.IntRange(min=1), default=None,
               help="Without --layers: serve this many blocks.")
 @click.option("--memory-budget-mb", type=click.IntRange(min=1), default=None,
-              help="Without --layers: memory for weights (default: a quarter of available RAM).")
+              help="Without --layers: memory for weights (default: a quarter of available RAM; on a GPU, "
+                   "45% of its free memory less the KV budget).")
 @click.option("--ttl", type=SECONDS, default=60.0, show_default=True, help="Lifetime of the node's signed record.")
 @click.option("--gossip-interval", type=SECONDS, default=1.0, show_default=True, help="Seconds between gossip rounds.")
 @click.option("--rebalance-interval", type=SECONDS, default=30.0, show_default=True,

@@ -126,8 +126,6 @@ def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
         if longest.stages > 1:  # one stage always answers the client itself: no relay to compare
             longest.variants += [("float32", x) for x in opts.links[1:]]
         longest.variants += [(w, links) for w in opts.wires if w != "float32"]
-    if opts.head_groups == 1:
-        raise ValueError("--head-groups 1 would be a plain layer stage: give 0 (none) or 2 or more members")
     if opts.head_groups:
         g = min(opts.head_groups, n_head)
         base, extra = divmod(n_head, g)
@@ -305,6 +303,8 @@ class Bench:
 
 def run_bench(opts: BenchOptions) -> dict:
     """Measure everything `opts` asks for; the dict `--json` prints."""
+    if opts.head_groups == 1:  # before any model is made or measured
+        raise ValueError("--head-groups 1 would be a plain layer stage: give 0 (none) or 2 or more members")
     torch.set_num_threads(opts.threads)
     started = time.time()
     busy0, own0 = _busy_cpu_seconds(), _own_cpu_seconds()

@@ -172,16 +172,17 @@ def format_report(report: LoadReport) -> str:
         f"per token (whole route): p50 {_ms(lat['step_p50'])}, p99 {_ms(lat['step_p99'])}",
         f"sessions completed: {report.sessions_completed}; steps checked against solo runs: "
         f"{report.steps_checked}, mismatches {report.mismatches}, max |diff| {report.max_logit_diff:.2e}"
-        + ("" if report.tolerance is None else f" (tolerance {report.tolerance:.0e})"),
+        + (f" (tolerance {report.tolerance:.0e})" if report.steps_checked and report.tolerance else ""),
     ]
     for n in report.nodes:
         peak = "?" if n.peak_rss_bytes is None else f"{n.peak_rss_bytes / 2**20:.0f} MiB"
+        what = "peak device memory" if n.source == "device" else "peak RSS"
         bound = "" if n.memory_bound is None else f" (bound {n.memory_bound / 2**20:.0f} MiB = KV budget " \
             f"{n.kv_budget_bytes / 2**20:.0f} + weights {n.weight_bytes / 2**20:.0f} + overhead " \
             f"{MEMORY_OVERHEAD / 2**20:.0f})"
         heads = "" if n.heads is None else f" heads {n.heads[0]}:{n.heads[1]}"
         lines.append(f"node {n.address.partition('#')[0]} layers {n.layers[0]}:{n.layers[1]}{heads}: "
-                     f"{'alive' if n.alive else 'CRASHED'}, peak RSS {peak} [{n.source}]{bound}")
+                     f"{'alive' if n.alive else 'CRASHED'}, {what} {peak} [{n.source}]{bound}")
     lines.append("OK" if report.ok else f"NOT OK: {'; '.join(report.problems)}")
     return "\n".join(lines)
 
@@ -362,8 +363,9 @@ def _node_reports(opts: LoadOptions, meta, before: dict[str, dict], pids: dict[s
             except PeerError as e:
                 log.warning("node %s did not answer info after the load: %s", address, e)
                 info, alive = {}, False
-            layers, heads = earlier["layers"], earlier.get("heads")
-            itemsize = {"float16": 2, "bfloat16": 2}.get(earlier.get("dtype", ""), 4)
+            now = info or earlier  # a node may have moved to other blocks meanwhile (placement)
+            layers, heads = now["layers"], now.get("heads")
+            itemsize = {"float16": 2, "bfloat16": 2}.get(now.get("dtype", ""), 4)
             weights = _block_bytes(config, layers[1] - layers[0], itemsize)
             if heads:  # a head shard holds its heads' columns and rows of every matrix
                 weights = weights * (heads[1] - heads[0]) // config.n_head

@@ -61,7 +61,7 @@ class NodeOptions:
     gossip_interval: float = 1.0
     # Automatic block choice, used when neither layers nor heads are given.
     num_blocks: int | None = None        # default: what the memory budget holds
-    memory_budget_mb: int | None = None  # default: a quarter of the available memory
+    memory_budget_mb: int | None = None  # default: placement.default_memory_budget (RAM or GPU)
     rebalance_interval: float = 30.0
 
 

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET_FRACTION = 0.25
+# On a GPU: of its free memory less the KV budget. Below half, so that a move (which loads the new
+# blocks before it lets the old ones go, Rebalancer.move) still fits.
+GPU_BUDGET_FRACTION = 0.45
 MOVE_GAIN = 1.5
 _MIN_COVER = 1e-3  # a record advertising 0 tokens/s still covers its blocks
 MAX_COVER = 1e6   # tokens/s: a record claiming more counts as this much (sums stay finite)
@@ -63,10 +66,11 @@ def available_memory() -> int:
 
 def default_memory_budget(device: torch.device | None = None, kv_budget_bytes: int = 0) -> int:
     """Weight bytes a node without --layers may take: a quarter of the host's available memory,
-    or on a GPU what is free on it less the KV budget (the caches live there too)."""
+    or on a GPU a share of what is free there once the KV budget (the caches live there too) is
+    set aside: the rest is for activations, cuBLAS workspaces and kernels."""
     if device is not None and device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return max(0, free - kv_budget_bytes)
+        return max(0, int((free - kv_budget_bytes) * GPU_BUDGET_FRACTION))
     return int(available_memory() * DEFAULT_BUDGET_FRACTION)
 
 

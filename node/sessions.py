@@ -171,7 +171,7 @@ class SessionStore:
         self.reserve_check(KVCache.bytes_for(stop - start, n_heads, blocks.config.head_dim, max_length, p.dtype))
         try:
             cache, maps = mapped_cache(blocks, max_length, stop - start, self.pool)
-        except torch.OutOfMemoryError:  # a GPU whose memory other work took: a refusal, not a fault
+        except torch.cuda.OutOfMemoryError:  # a GPU whose memory other work took: a refusal, not a fault
             raise ProtocolError(ErrorCode.BUSY, f"no {p.device} memory for a KV cache of {max_length} "
                                 "positions now; retry later or elsewhere") from None
         session = Session(secrets.token_hex(12), start, stop, cache, peer, self.clock(), maps=maps)

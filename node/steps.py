@@ -261,7 +261,7 @@ class StepRunner:
                 outputs = self._compute(group)
                 for p, y in zip(group, outputs):
                     replies.extend(self._result(p, y))
-            except torch.OutOfMemoryError:  # device memory taken meanwhile: the sessions are untouched
+            except torch.cuda.OutOfMemoryError:  # device memory taken meanwhile: the sessions are untouched
                 replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.BUSY,
                                                           f"out of {self.device} memory; retry later"))
                                for p in group)
