@@ -340,8 +340,10 @@ class StepRunner:
     def _timed(self, fn, tokens: int) -> torch.Tensor:
         t0 = time.perf_counter()
         y = fn()
-        if self.device.type == "cuda":  # kernels run asynchronously: busy time is time to finish
-            torch.cuda.synchronize(self.device)
+        if self.device.type != "cpu":
+            # Replies leave from host memory: one copy for the whole batch (not one a session),
+            # and it waits for the kernels, so the busy time is the time to finish.
+            y = y.cpu()
         self._batch_computed = True
         self._last_busy = time.perf_counter() - t0
         self.stats.busy_seconds += self._last_busy
