@@ -399,7 +399,8 @@ def keys_generate(out: Path | None, force: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({**info, "key_file": str(path)}))
     else:
-        click.echo(f"peer id     {info['peer_id']}\ncurve key   {info['curve_public']}\nkey file    {path}")
+        click.echo(f"peer id     {info['peer_id']}\ncurve key   {info['curve_public_hex']} (z85 "
+                   f"{info['curve_public']})\nkey file    {path}")
 
 
 @keys.command("show")
@@ -414,7 +415,7 @@ def keys_show(file: Path, as_json: bool) -> None:
         click.echo(json.dumps(info))
     else:
         click.echo(f"peer id         {info['peer_id']}\ned25519 public  {info['ed25519_public']}\n"
-                   f"curve public    {info['curve_public']}")
+                   f"curve public    {info['curve_public_hex']} (z85 {info['curve_public']})")
 
 
 # ----- the local harness -------------------------------------------------------------------
@@ -468,10 +469,10 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, max_new_tokens: int, t
     n_layer = read_manifest(model_dir).config.n_layer
     # The nodes' own logs would drown the text on the terminal: they go to a file unless -v.
     verbose = logging.getLogger().level < logging.WARNING
+    specs = [NodeSpec(r) for r in even_split(n_layer, nodes)]  # a bad --nodes fails before the log exists
     log_file = None if verbose else tempfile.NamedTemporaryFile("w", prefix="nanoswarm-demo-", suffix=".log",
                                                                 delete=False)
-    harness = LocalCluster(model_dir, [NodeSpec(r) for r in even_split(n_layer, nodes)], threads=1,
-                           stderr=log_file)
+    harness = LocalCluster(model_dir, specs, threads=1, stderr=log_file)
     _stop_on_sigterm()
     click.echo(f"starting {nodes} local nodes for {model_dir}"
                + (f" (node logs: {log_file.name})" if log_file else "") + " ...", err=True)
@@ -525,7 +526,8 @@ def _stop_on_sigterm() -> None:
               help="torch threads, here and per node.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep random-weight model dirs here (reused next time) instead of a temp dir.")
-@click.option("--quick", is_flag=True, help="A few tokens only: a smoke test, not a measurement.")
+@click.option("--quick", is_flag=True, help="A smoke test, not a measurement: --tokens 4 --prompt-len 16 "
+              "--repeats 1 unless given.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str, head_groups: int, wires: str,
           links: str, tokens: int, prompt_len: int, repeats: int, threads: int, work_dir: Path | None, quick: bool,
@@ -533,8 +535,12 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
     """Local vs swarm speed on loopback: decode, prefill, per-stage overhead, bytes, batching."""
     from nanoswarm.bench import BenchOptions, format_report, parse_ints, parse_names, run_bench
 
-    if quick:
-        tokens, prompt_len, repeats = min(tokens, 4), min(prompt_len, 16), 1
+    if quick:  # smaller defaults; what the user gave stays
+        given = click.get_current_context().get_parameter_source
+        default = click.core.ParameterSource.DEFAULT
+        tokens = 4 if given("tokens") == default else tokens
+        prompt_len = 16 if given("prompt_len") == default else prompt_len
+        repeats = 1 if given("repeats") == default else repeats
     from nanoswarm.protocol.tensors import WIRE_FORMATS
 
     patterns = parse_names(links)

@@ -11,8 +11,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from nanoswarm.keys.contact import format_contact
-from nanoswarm.keys.records import Record
+import zmq
+
+from nanoswarm.keys.contact import endpoint_of, format_contact, split_contact
+from nanoswarm.keys.records import Record, check_endpoint
 from nanoswarm.keys.table import RecordTable
 
 from .transport import PeerConnection, PeerError
@@ -45,8 +47,14 @@ def record_age(record: Record, now: float | None = None) -> float:
 
 def fetch_wires(contact: str, timeout: float = 5.0,
                 client_keys: tuple[bytes, bytes] | None = None) -> tuple[list, float]:
-    """One `records` request (want=True, nothing pushed); returns the raw wires and the rtt."""
-    conn = PeerConnection(contact, timeout, client_keys=client_keys)
+    """One `records` request (want=True, nothing pushed); returns the raw wires and the rtt.
+    A contact that is not tcp://HOST:PORT[#KEY] raises ValueError before anything connects."""
+    check_endpoint(endpoint_of(contact))
+    split_contact(contact)  # the key, if any, must be one
+    try:
+        conn = PeerConnection(contact, timeout, client_keys=client_keys)
+    except zmq.ZMQError as e:
+        raise ValueError(f"cannot connect: {e}") from None
     try:
         t0 = time.perf_counter()
         reply = conn.request("records", {"records": [], "want": True})
@@ -64,7 +72,11 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
         try:
             wires, rtt = fetch_wires(contact, timeout, client_keys)
         except (PeerError, ValueError) as e:
-            fetched.errors[contact] = str(e) if isinstance(e, PeerError) else f"{contact}: {e}"
+            fetched.errors[contact] = str(e) if isinstance(e, PeerError) else f"{contact}: bad_contact: {e}"
+            if isinstance(e, PeerError) and e.code == "disconnected":  # the node dropped our handshake
+                fetched.errors[contact] += (" (the contact has no #KEY: give the whole contact the node printed)"
+                                            if split_contact(contact)[1] is None else
+                                            " (a private swarm that does not allow this client's key? --key-file)")
             log.warning("bootstrap %s", fetched.errors[contact])  # a PeerError names the contact
             continue
         fetched.answered.append(contact)
@@ -150,11 +162,13 @@ def swarm_report(table: RecordTable, n_layers: dict[str, int] | None = None, mod
         n_layer = known or max((r.layers[1] for r in records), default=0)
         n_head = (n_heads or {}).get(mid) or max((r.heads[1] for r in records if r.heads), default=0)
         routable = routable_blocks(records, n_layer, n_head)
-        cover = [[0.0, 0] for _ in range(n_layer)]
+        # Throughput by the placement rule: whole-block peers, plus the slowest member of the best
+        # head group that holds every head (a head shard alone runs no block).
+        from nanoswarm.node.placement import coverage
+
+        cover = [[tps, 0] for tps in coverage(records, n_layer, n_head)]
         for r in records:
-            tps = r.throughput if r.heads is None else 0.0  # a head shard alone runs no block
             for i in range(r.layers[0], min(r.layers[1], n_layer)):
-                cover[i][0] += tps
                 cover[i][1] += 1
         out.append({
             "model_id": mid, "n_layer": n_layer, "n_layer_known": known is not None,
@@ -174,20 +188,24 @@ def format_report(report: list[dict]) -> str:
     lines: list[str] = []
     for m in report:
         extent = f"{m['n_layer']} blocks" + ("" if m["n_layer_known"] else " seen")
-        lines.append(f"model {m['model_id'][:16]} ({extent}, {len(m['peers'])} peers)")
+        n = len(m["peers"])
+        lines.append(f"model {m['model_id'][:16]} ({extent}, {n} peer{'' if n == 1 else 's'})")
         lines.append(f"  {'PEER':<28} {'ADDRESS':<24} {'LAYERS':<7} {'HEADS':<6} {'TOK/S':>8} {'LOAD':>5} {'AGE':>6}")
         for p in m["peers"]:
             heads = f"{p['heads'][0]}:{p['heads'][1]}" if p["heads"] else "all"
             lines.append(f"  {p['peer_id']:<28} {p['address']:<24} {p['layers'][0]}:{p['layers'][1]:<5} "
                          f"{heads:<6} {p['throughput']:>8.1f} {p['load']:>5.2f} {p['age']:>5.0f}s")
-        lines.append("  coverage (tokens/s of the peers serving each block, whole-block peers only):")
+        lines.append("  coverage (tokens/s through each block: whole-block peers plus the slowest member of a "
+                     "head group holding every head; peers serving any of it):")
         cov, i = m["coverage"], 0
         while i < len(cov):  # group runs of blocks with the same coverage
             j = i
             while j + 1 < len(cov) and (cov[j + 1]["throughput"], cov[j + 1]["peers"]) == (
                     cov[i]["throughput"], cov[i]["peers"]):
                 j += 1
-            lines.append(f"    blocks {i}:{j + 1:<4} {cov[i]['throughput']:>8.1f} tokens/s  {cov[i]['peers']} peers")
+            n = cov[i]["peers"]
+            lines.append(f"    blocks {i}:{j + 1:<4} {cov[i]['throughput']:>8.1f} tokens/s  "
+                         f"{n} peer{'' if n == 1 else 's'}")
             i = j + 1
         lines.append(f"  gaps: {', '.join(m['gaps']) if m['gaps'] else 'none'}")
     return "\n".join(lines) if lines else "no records"

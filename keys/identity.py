@@ -119,6 +119,8 @@ def describe_identity(identity: Identity) -> dict[str, str]:
         "peer_id": identity.peer_id,
         "ed25519_public": identity.sign_public.hex(),
         "curve_public": identity.curve_public.decode("ascii"),
+        # The form contacts (ADDRESS#KEY) and --allow-keys use: hex is safe to paste into a shell.
+        "curve_public_hex": zmq.utils.z85.decode(identity.curve_public).hex(),
     }
 
 
@@ -133,6 +135,8 @@ def _encode_key_file(identity: Identity) -> bytes:
         "ed25519_private": base64.b64encode(_raw_private(identity.signing_key)).decode("ascii"),
         "curve_secret": identity.curve_secret.decode("ascii"),
         "curve_public": identity.curve_public.decode("ascii"),
+        # The form contacts (ADDRESS#KEY) and --allow-keys use: hex is safe to paste into a shell.
+        "curve_public_hex": zmq.utils.z85.decode(identity.curve_public).hex(),
     }
     return (json.dumps(doc, indent=2) + "\n").encode("ascii")
 

@@ -86,6 +86,15 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def check_span(opts: NodeOptions) -> None:
+    """--layers and --heads within the model (its manifest), before anything is made or read."""
+    config = read_manifest(opts.model_dir).config
+    if opts.layers is not None and not 0 <= opts.layers[0] < opts.layers[1] <= config.n_layer:
+        raise ValueError(f"block range {opts.layers[0]}:{opts.layers[1]} is outside 0:{config.n_layer}")
+    if opts.heads is not None and not 0 <= opts.heads[0] < opts.heads[1] <= config.n_head:
+        raise ValueError(f"head range {opts.heads[0]}:{opts.heads[1]} is outside 0:{config.n_head}")
+
+
 def build_handler(opts: NodeOptions) -> RequestHandler:
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -205,6 +214,7 @@ def run_node(opts: NodeOptions) -> None:
     when the listen address ends in `:*`, and the key to connect."""
     check_contacts(opts)
     resolve_device(opts.device)  # before a key file is made or a bootstrap asked
+    check_span(opts)
     identity = load_or_create_identity(opts.key_file)  # first: a bad key file fails at once
     key_lock = hold_key_file(opts.key_file or default_key_path(), identity)  # noqa: F841 - held until we exit
     allow = read_allowed_keys(opts.allow_keys) if opts.allow_keys else None

@@ -60,7 +60,7 @@ def measure(model_dir: Path, n_layer: int, position: int) -> tuple[float, float]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     ap.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
     ap.add_argument("--positions", default="20,200,800")
     args = ap.parse_args()

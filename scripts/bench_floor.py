@@ -253,7 +253,7 @@ def _names(value: str) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     ap.add_argument("--shape", default="gpt2-small", choices=sorted(SHAPES))
     ap.add_argument("--model", type=Path, help="a model dir instead of random weights of --shape")
     ap.add_argument("--work-dir", type=Path, help="where the random-weight model dir is kept")

@@ -325,6 +325,7 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
 
     # Report on the checkpoint that was written, not on the last iterate.
     model.load_state_dict(best_state)
+    _progress(progress, f"loss of the best checkpoint over all {len(train_ids)} training tokens ...")
     train_loss = eval_loss(model, train_ids, config.block_size)
     wall = time.monotonic() - start
     summary = {"out_path": str(out_path), "config": config.to_dict(), "n_params": n_params,

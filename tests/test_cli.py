@@ -298,12 +298,14 @@ def test_node_refuses_addresses_no_peer_could_use(tiny_model_dir, tmp_path):
         assert one_error_line(out, logs=True).startswith(why), out.stderr
 
 
-def test_node_refuses_a_device_it_cannot_use_before_anything_else(tiny_model_dir, tmp_path):
+def test_node_refuses_a_device_or_span_it_cannot_use_before_anything_else(tiny_model_dir, tmp_path):
     """Checked first: no key file is made and no shard is read for a node that cannot run."""
     import torch
 
     cases = [(["--device", "meta"], "error: --device 'meta': expected cpu, cuda or cuda:N"),
-             (["--device", "cpu:1"], "error: --device 'cpu:1': expected cpu, cuda or cuda:N")]
+             (["--device", "cpu:1"], "error: --device 'cpu:1': expected cpu, cuda or cuda:N"),
+             (["--layers", "0:9"], "error: block range 0:9 is outside 0:4"),
+             (["--heads", "2:8"], "error: head range 2:8 is outside 0:4")]
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         cases.append((["--device", f"cuda:{n}"], f"error: --device cuda:{n}: torch sees {n} CUDA device"))

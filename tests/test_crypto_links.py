@@ -183,6 +183,7 @@ def test_keys_generate_and_show(tmp_path):
     info = json.loads(show.stdout)
     assert info["peer_id"].startswith("ns-") and info["peer_id"] in out.stdout
     assert info["curve_public"] in out.stdout and "secret" not in show.stdout
+    assert info["curve_public_hex"] in out.stdout and len(info["curve_public_hex"]) == 64  # the contact's form
     again = subprocess.run([*CLI, "keys", "generate", "--out", str(path)], capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "already exists" in again.stderr
     other = tmp_path / "other.key"

@@ -491,3 +491,15 @@ def test_a_move_whose_blocks_fail_to_load_keeps_the_old_ones(caplog):
         assert rebalancer.move(2) is False and handler.blocks is old and rebalancer.moves == 0
         assert rebalancer.failures == failures and rebalancer._next > _time.monotonic() + 10.0 * 2 ** failures - 1
     assert "staying on blocks 0:2: cannot load 2:4: blocks-2-4.safetensors is gone" in caplog.text
+
+
+def test_bootstrap_contacts_are_checked_and_a_dropped_handshake_says_why(tiny_model_dir, cluster_factory):
+    from nanoswarm.client.discovery import fetch_table
+
+    fetched = fetch_table(["foo", "tcp://127.0.0.1:5#zz"], 1.0)
+    assert fetched.errors["foo"] == "foo: bad_contact: 'foo' is not a TCP endpoint tcp://HOST:PORT"
+    assert "expected a CURVE key after '#'" in fetched.errors["tcp://127.0.0.1:5#zz"]
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    endpoint = swarm.addresses[0].partition("#")[0]  # the contact without its key
+    fetched = fetch_table([endpoint], 3.0)
+    assert not fetched.answered and "give the whole contact the node printed" in fetched.errors[endpoint]
