@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from nanoswarm.bench import format_report, targets
@@ -22,6 +23,7 @@ RUN_FIELDS = {
 }
 
 
+@pytest.mark.slow
 def test_quick_bench_json_has_every_field(tmp_path):
     args = ["bench", "--shape", "tiny", "--quick", "--json", "--stages", "2", "--sessions", "1,2",
             "--wires", "float16,q80", "--threads", "1", "--work-dir", str(tmp_path)]
@@ -57,6 +59,7 @@ def test_quick_bench_json_has_every_field(tmp_path):
     assert out["targets"] == targets(out) and all({"name", "value", "met"} <= set(t) for t in out["targets"])
 
 
+@pytest.mark.slow
 def test_bare_pipeline_floor_runs(tmp_path):
     """scripts/bench_floor.py (the floor a bare pipeline reaches on this machine, and nanoswarm in
     the same run) runs end to end, and every route computes what one process computes."""
@@ -82,6 +85,7 @@ def test_bench_curve_runs(tmp_path):
     assert "CURVE" in out.stdout and "AESGCM" in out.stdout
 
 
+@pytest.mark.slow
 def test_bad_options_fail_in_one_line_before_anything_starts(tmp_path):
     for args, message in ((["--stages", "a"], "--stages 'a' must be comma-separated whole numbers"),
                           (["--sessions", "0"], "--sessions '0' must name at least one number, each 1 or more"),

@@ -52,6 +52,7 @@ def test_shard_command_writes_a_model_dir(tmp_path):
     assert (tmp_path / "m" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_cluster_generate_and_clean_stop(tiny_model_dir):
     proc = subprocess.Popen([*CLI, "cluster", str(tiny_model_dir), "--nodes", "3"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
@@ -152,6 +153,7 @@ def one_error_line(out: subprocess.CompletedProcess, logs: bool = False) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow
 def test_bad_ranges_fail_in_one_line(tiny_model_dir, tmp_path):
     for value, why in (("8:4", "is empty or negative"), ("-1:2", "is empty or negative"),
                        ("0:0", "is empty or negative"), ("0:2:1", "must look like START:STOP")):
@@ -285,6 +287,7 @@ def test_generate_says_why_the_peers_it_was_given_were_not_used(tiny_model_dir):
         assert "must be a positive, finite number of seconds" in one_error_line(out)
 
 
+@pytest.mark.slow
 def test_node_refuses_addresses_no_peer_could_use(tiny_model_dir, tmp_path):
     """Checked before anything loads: the listen address is advertised in the node's record, and a
     bootstrap that cannot work would be retried every gossip round."""
@@ -318,6 +321,7 @@ def test_node_refuses_a_device_or_span_it_cannot_use_before_anything_else(tiny_m
         assert not key.exists()
 
 
+@pytest.mark.slow
 def test_train_prints_one_line_or_json(tmp_path):
     from nanoswarm.shards.train import DEFAULT_TEXT
 

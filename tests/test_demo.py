@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from nanoswarm.client.api import SwarmModel
@@ -57,6 +58,7 @@ def test_demo_model_beats_the_unigram_baseline():
     assert loss < unigram - 1.0, (loss, unigram)
 
 
+@pytest.mark.slow
 def test_demo_command_streams_text_and_matches_single_process():
     before = demo_node_pids()
     out = subprocess.run([sys.executable, "-m", "nanoswarm", "demo", "ROMEO:", "--seed", "3",

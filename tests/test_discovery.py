@@ -304,6 +304,7 @@ def test_contact_strings_round_trip():
         split_contact("tcp://127.0.0.1:5555#nothex")
 
 
+@pytest.mark.slow
 def test_nodes_that_chose_the_same_blocks_spread_out(small12_model_dir):
     """Four nodes started together all pick 0:3 (none knows the others yet); once introduced,
     the periodic check moves them apart until every block is covered."""

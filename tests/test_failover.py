@@ -57,6 +57,7 @@ def test_sigkill_mid_generation(small12_model_dir, cluster_factory, expected_ids
     assert "layers 0:6" in notices[0]
 
 
+@pytest.mark.slow
 def test_frozen_peer_times_out_and_fails_over(small12_model_dir, cluster_factory, expected_ids):
     swarm = cluster_factory(small12_model_dir, two_by_two())
     frozen = []

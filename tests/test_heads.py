@@ -29,7 +29,8 @@ SPLITS = {
 }
 
 
-@pytest.mark.parametrize("name", list(SPLITS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("12") else n
+                                  for n in SPLITS])
 def test_head_group_logits_match(small12_model_dir, cluster_factory, name):
     swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 12), h) for h in SPLITS[name]])
     model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses)

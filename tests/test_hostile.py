@@ -546,6 +546,7 @@ def _check_over_maxmsgsize(contact: str) -> None:
         conn.close()
 
 
+@pytest.mark.slow
 def test_idle_sessions_reclaimed_by_a_node_process(small12_model_dir, cluster_factory):
     """Sessions whose clients vanish without closing are reclaimed after --idle-timeout: the
     node's sessions and KV bytes return to zero and its resident memory to about the baseline."""

@@ -228,6 +228,7 @@ def test_describe_identity_has_public_parts_only(alice: Identity) -> None:
         "peer_id": alice.peer_id,
         "ed25519_public": alice.sign_public.hex(),
         "curve_public": alice.curve_public.decode(),
+        "curve_public_hex": zmq.utils.z85.decode(alice.curve_public).hex(),
     }
     assert alice.curve_secret.decode() not in json.dumps(info) + repr(alice) + str(alice)
 

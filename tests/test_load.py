@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from nanoswarm.cli import main
@@ -15,6 +16,7 @@ from nanoswarm.client.load import LoadOptions, run_load
 from nanoswarm.node.cluster import NodeSpec
 
 
+@pytest.mark.slow
 def test_load_served_or_cleanly_refused_and_logits_match_solo(tiny_model_dir):
     """16 sessions for 5 s on a two-node swarm the run starts itself; each node holds at most
     12 sessions, so some sessions are refused (`busy`) and retried."""

@@ -95,6 +95,7 @@ def test_killed_hop_mid_generation(small12_model_dir, cluster_factory, expected,
     assert result.route[pick]["peers"][0] not in killed  # the spare took over
 
 
+@pytest.mark.slow
 def test_frozen_middle_hop_is_found_and_replaced(small12_model_dir, cluster_factory, expected):
     """A frozen hop stalls the whole relayed step: after the timeout the client asks each stage
     for `info`, replaces the one that does not answer, and the tokens are unchanged."""
@@ -248,6 +249,7 @@ def test_a_relayed_step_with_busy_null_is_served(handler):
     assert (to, reply.type, reply.id) == (b"owner", "result", 9) and len(reply.fields["busy"]) == 1
 
 
+@pytest.mark.slow
 def test_the_stalled_stage_is_the_silent_one_even_behind_a_slow_one(tiny_model_dir, cluster_factory):
     """After a relayed step times out, every stage is asked for `info` at once: a first hop that
     answers late (a busy machine) is not taken for the frozen hop behind it, and when all answer

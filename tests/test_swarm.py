@@ -54,6 +54,7 @@ def test_logits_match_single_process(tiny_model_dir, cluster_factory, n_nodes):
         model.close()
 
 
+@pytest.mark.slow
 def test_gpt2_small_shape_through_four_nodes(gpt2_small_model_dir, cluster_factory):
     swarm = cluster_factory(gpt2_small_model_dir, [NodeSpec(r) for r in even_split(12, 4)])
     model = SwarmModel.connect(gpt2_small_model_dir, peers=swarm.addresses)
