@@ -152,10 +152,12 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing --out (the run writes its first checkpoint within seconds).")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted run that wrote --out (the same settings), from its best eval point.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as one JSON object.")
 def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_embd: int, block_size: int,
           max_iters: int, batch_size: int, lr: float, seed: int, threads: int, overwrite: bool,
-          as_json: bool) -> None:
+          resume: bool, as_json: bool) -> None:
     """Train a small GPT-2-architecture model on a text file, on the CPU (progress on stderr)."""
     from nanoswarm.shards import train as training
     from nanoswarm.shards.model import ModelConfig
@@ -163,12 +165,16 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
     if out_path.is_dir():
         raise click.ClickException(f"--out {out_path} is a directory; give the checkpoint file, e.g. "
                                    f"{out_path / 'ckpt.pt'}")
-    if out_path.exists() and not overwrite:
-        raise click.ClickException(f"{out_path} exists: pass --overwrite to replace it")
+    if resume and overwrite:
+        raise click.UsageError("--resume continues --out; --overwrite replaces it: give one")
+    if resume and not out_path.is_file():
+        raise click.ClickException(f"--resume: no checkpoint at {out_path}")
+    if out_path.exists() and not (overwrite or resume):
+        raise click.ClickException(f"{out_path} exists: pass --resume to continue it or --overwrite to replace it")
 
     config = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, gelu="exact")
     summary = training.train(text_path or training.DEFAULT_TEXT, out_path, config, max_iters=max_iters,
-                             batch_size=batch_size, lr=lr, seed=seed, threads=threads)
+                             batch_size=batch_size, lr=lr, seed=seed, threads=threads, resume=resume)
     if as_json:
         click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     else:

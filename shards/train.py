@@ -228,10 +228,45 @@ def _progress(enabled: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _save(model: GPT, out_path: Path, it: int, best_val: float, settings: dict) -> None:
+def _save(model: GPT, out_path: Path, it: int, best_val: float, settings: dict,
+          optimizer: torch.optim.Optimizer, generator: torch.Generator, history: list[dict]) -> None:
+    """The checkpoint at eval point `it`, taken before that iteration's training step: weights
+    (nanoGPT's layout), and what a resumed run needs to continue exactly as this one would have
+    (optimizer moments, the batch generator's state, the settings it must keep)."""
     # torch.save writes the tensors out before returning, so no copy of the weights is needed.
     save_nanogpt_checkpoint(model.config, model.flat_state_dict(), out_path,
-                            extra={"iter_num": it, "best_val_loss": best_val, "config": settings})
+                            extra={"iter_num": it, "best_val_loss": best_val, "config": settings,
+                                   "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                                   "history": history})
+
+
+# Settings a resumed run may change: they do not alter the numbers (threads only the speed).
+_RESUMABLE_CHANGES = {"threads"}
+
+
+def _resume(out_path: Path, model: GPT, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+            settings: dict) -> tuple[int, float, list[dict]]:
+    """Load the checkpoint a run of the same settings left at `out_path` (weights, optimizer,
+    generator); returns (its eval iteration, its validation loss, the history so far)."""
+    from .loaders import CheckpointError, _torch_load, load_nanogpt
+
+    ckpt = _torch_load(out_path)  # weights_only: plain tensors and settings, nothing that runs
+    needed = ("optimizer", "generator", "iter_num", "best_val_loss", "config")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+        raise CheckpointError(f"{out_path}: not a checkpoint `nanoswarm train` can resume (it keeps no "
+                              "optimizer state)")
+    changed = sorted(k for k in settings.keys() | ckpt["config"].keys()
+                     if k not in _RESUMABLE_CHANGES and settings.get(k) != ckpt["config"].get(k))
+    config, flat = load_nanogpt(out_path)
+    if config != model.config:
+        changed.append(f"model shape ({config} there)")
+    if changed:
+        raise ValueError(f"{out_path} was trained with other settings: {', '.join(changed)}; resume with "
+                         "the same ones, or start afresh with --overwrite")
+    model.load_flat_state_dict(flat)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    generator.set_state(ckpt["generator"])
+    return int(ckpt["iter_num"]), float(ckpt["best_val_loss"]), list(ckpt.get("history") or [])
 
 
 # ---- the training run ----
@@ -241,13 +276,15 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
           lr: float = 2e-3, warmup: int = 50, eval_interval: int = 100, eval_iters: int = 5,
           seed: int = 1337, threads: int = 1, val_fraction: float = 0.1, progress: bool = True,
           weight_decay: float = 0.1, min_lr: float | None = None, log_interval: int = 10,
-          grad_clip: float = 1.0) -> dict:
+          grad_clip: float = 1.0, resume: bool = False) -> dict:
     """Train a GPT of shape `config` on `text_path` and write the best checkpoint (lowest
     validation loss at an eval point) to `out_path` in nanoGPT's format. Returns a summary.
 
     Validation loss at every eval point is eval_loss over the whole validation split (it is
     small), so the checkpoint choice does not ride on sampling noise; the train loss shown there
     is an `eval_iters`-batch estimate. `threads` sets torch's intra-op threads for the run.
+    With `resume`, the run continues from the checkpoint at `out_path` that an interrupted run
+    of the same settings left (its best eval point), and ends where that run would have.
 
     The defaults are the run that produced the demo model (docs/demo-model.md). The train-loss
     estimate draws its batches from the same seeded generator as training, so eval_interval and
@@ -284,11 +321,16 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
 
     best_val, best_iter, best_state = math.inf, -1, None
     history: list[dict] = []
+    first = 0
+    if resume:
+        first, best_val, history = _resume(out_path, model, optimizer, generator, settings)
+        best_iter, best_state = first, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        _progress(progress, f"resuming at iter {first} (val {best_val:.4f}) from {out_path}")
     start = time.monotonic()
     train_time = 0.0  # excludes evaluations, so tokens/s measures training alone
     window_time, window_tokens, loss_sum, loss_n = 0.0, 0, 0.0, 0
-    for it in range(max_iters + 1):
-        if it % eval_interval == 0 or it == max_iters:
+    for it in range(first, max_iters + 1):
+        if (it % eval_interval == 0 or it == max_iters) and not (resume and it == first):  # done before
             val = eval_loss(model, val_ids, config.block_size)
             est = estimate_train_loss(model, train_ids, eval_iters, batch_size, generator)
             history.append({"iter": it, "train_loss_est": est, "val_loss": val,
@@ -296,7 +338,7 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
             if val < best_val:
                 best_val, best_iter = val, it
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                _save(model, out_path, it, best_val, settings)
+                _save(model, out_path, it, best_val, settings, optimizer, generator, history)
             _progress(progress, f"iter {it:5d} | eval: train~{est:.4f} val {val:.4f} "
                                 f"(best {best_val:.4f} @ {best_iter}) | {time.monotonic() - start:7.1f}s")
         if it == max_iters:
@@ -332,7 +374,8 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
                "max_iters": max_iters, "best_iter": best_iter, "val_loss": best_val,
                "train_loss": train_loss, "unigram_val_loss": unigram,
                "n_train_tokens": len(train_ids), "n_val_tokens": len(val_ids),
-               "tokens_per_s": max_iters * batch_size * config.block_size / max(train_time, 1e-9),
+               "tokens_per_s": (max_iters - first) * batch_size * config.block_size / max(train_time, 1e-9),
+               "resumed_from": first if resume else None,
                "train_time_s": train_time, "wall_time_s": wall, "settings": settings,
                "history": history}
     log.info("done in %.1fs: best val loss %.4f at iter %d (unigram %.4f), train loss %.4f; wrote %s",

@@ -332,7 +332,8 @@ def test_train_prints_one_line_or_json(tmp_path):
     out = run_cli(*args)
     assert out.returncode == 0 and out.stdout.startswith(f"{tmp_path / 'ckpt.pt'}: ") and out.stdout.count("\n") == 1
     out = run_cli(*args, "--json")  # a second run must not silently replace the first one's model
-    assert one_error_line(out) == f"error: {tmp_path / 'ckpt.pt'} exists: pass --overwrite to replace it"
+    assert one_error_line(out) == (f"error: {tmp_path / 'ckpt.pt'} exists: pass --resume to continue it or "
+                                   "--overwrite to replace it")
     out = run_cli(*args, "--json", "--overwrite")
     assert out.returncode == 0 and json.loads(out.stdout)["out_path"] == str(tmp_path / "ckpt.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "text.txt"]  # no partial file left

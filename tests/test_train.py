@@ -38,3 +38,38 @@ def test_short_training_run_learns_and_shards(tmp_path):
     with torch.inference_mode():
         loss = train.eval_loss(model, ids, config.block_size)
     assert math.isfinite(loss)
+
+
+def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """Killed after its eval at iteration 4 wrote a checkpoint, a run resumed from that checkpoint
+    ends with the weights an uninterrupted run ends with, exactly; other settings are refused."""
+    import pytest
+
+    text = tmp_path / "text.txt"
+    text.write_text(train.DEFAULT_TEXT.read_text()[:20_000])
+    config = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, gelu="exact")
+    kwargs = dict(max_iters=8, batch_size=4, lr=3e-3, warmup=2, eval_interval=2, eval_iters=1, seed=0,
+                  threads=1, progress=False)
+    whole = train.train(text, tmp_path / "whole.pt", config, **kwargs)
+
+    real_loss, steps = train.training_loss, []
+
+    def dies_at_iteration_5(*args):
+        steps.append(1)
+        if len(steps) == 6:  # the step of iteration 5, after iteration 4's checkpoint
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(train, "training_loss", dies_at_iteration_5)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(text, tmp_path / "cut.pt", config, **kwargs)
+    monkeypatch.setattr(train, "training_loss", real_loss)
+    assert torch.load(tmp_path / "cut.pt", weights_only=True)["iter_num"] == 4
+    with pytest.raises(ValueError, match="other settings: lr"):
+        train.train(text, tmp_path / "cut.pt", config, **{**kwargs, "lr": 1e-3}, resume=True)
+    resumed = train.train(text, tmp_path / "cut.pt", config, **kwargs, resume=True)
+    assert resumed["resumed_from"] == 4 and resumed["best_iter"] == whole["best_iter"]
+    assert resumed["history"] == [{**h, "elapsed_s": r["elapsed_s"]} for h, r in zip(whole["history"],
+                                                                                      resumed["history"])]
+    a, b = load_checkpoint(tmp_path / "whole.pt")[1], load_checkpoint(tmp_path / "cut.pt")[1]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
