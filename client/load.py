@@ -204,7 +204,6 @@ class _Worker:
         self.out = LoadReport(opts.sessions, opts.duration)
         self.rng = random.Random(index)
         self.backoff = 0.0  # seconds slept on `busy` steps: not part of a step's latency
-        self.tolerance = opts.tolerance if opts.tolerance is not None else default_tolerance(infos.values())
 
     def run(self) -> None:
         try:
@@ -292,7 +291,7 @@ class _Worker:
         diff = (logits - self.solo[k][step]).abs().max().item()
         self.out.steps_checked += 1
         self.out.max_logit_diff = max(self.out.max_logit_diff, diff)
-        if not diff <= self.tolerance:  # NaN counts as a mismatch
+        if not diff <= self.opts.tolerance:  # NaN counts as a mismatch
             self.out.mismatches += 1
 
 
@@ -419,6 +418,8 @@ def run_load(opts: LoadOptions) -> LoadReport:
         client.head.freeze_for_inference()  # as fast as a client can be: the nodes get the load
         meta = (manifest.model_id, config.n_layer, config.n_head)
         infos = _peer_infos(replace(opts, peers=contacts), meta)
+        if opts.tolerance is None:  # once for the run, from the nodes' device and dtype
+            opts = replace(opts, tolerance=default_tolerance(infos.values()))
         solo = _solo_logits(opts, infos, client, meta) if opts.verify else {}
         deadline = time.monotonic() + opts.duration
         workers = [_Worker(i, opts, infos, client, meta, solo, deadline) for i in range(opts.sessions)]
@@ -442,7 +443,7 @@ def run_load(opts: LoadOptions) -> LoadReport:
 
 def _merge(opts: LoadOptions, workers: list[_Worker]) -> LoadReport:
     report = LoadReport(opts.sessions, opts.duration)
-    report.tolerance = workers[0].tolerance if workers else opts.tolerance
+    report.tolerance = opts.tolerance
     for w in workers:
         o = w.out
         report.served += o.served
