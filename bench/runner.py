@@ -26,6 +26,7 @@ from nanoswarm.client.stages import LocalStage
 from nanoswarm.client.swarm import Swarm, SwarmOptions
 from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
 from nanoswarm.shards.manifest import Manifest, read_manifest
+from nanoswarm.shards.model import onednn_linear
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
 from .measure import RoundResult, median, node_stats, percentile, run_concurrent, run_lockstep, run_round
@@ -78,7 +79,8 @@ def machine_info(threads: int) -> dict:
     return {"platform": platform.platform(), "cpu": model, "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""), "loadavg_start": os.getloadavg()[0]}
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""), "loadavg_start": os.getloadavg()[0],
+            "linear": "oneDNN" if onednn_linear() is not None else "F.linear"}  # shards/model.py
 
 
 def _busy_cpu_seconds() -> float | None:

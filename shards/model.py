@@ -11,7 +11,9 @@ training and as the single-process reference.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -56,6 +58,47 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+@functools.cache
+def onednn_linear():
+    """oneDNN's linear kernel (the op torch.compile emits for CPU linears), or None where this
+    torch lacks it or it disagrees with F.linear. Checked once, on first use."""
+    if os.environ.get("NANOSWARM_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise.default
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)  # not the global generator: sampling seeds it
+            x, w, b = (torch.randn(*shape, generator=g, dtype=torch.float32) for shape in ((3, 64), (48, 64), (48,)))
+            if torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), rtol=1e-5, atol=1e-5):
+                return op
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, through oneDNN for float32 inference on CPU.
+
+    torch's float32 CPU linear calls MKL, whose matrix-vector path (a one-token step) runs on one
+    thread here and whose matrix path runs slowly on AMD CPUs; oneDNN's kernel took 2-2.5x less
+    time for GPT-2-small blocks and head on this repository's 2-core VM, for decode, batched
+    decode and prefill alike (docs/performance.md). It has no backward, so training keeps
+    F.linear. NANOSWARM_ONEDNN=0 turns it off.
+    """
+    if x.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32 and not torch.is_grad_enabled():
+        op = onednn_linear()
+        if op is not None:
+            return op(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoints) whose inference runs through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class KVCache:
     """Keys and values of one session for a run of consecutive blocks, preallocated.
 
@@ -98,8 +141,8 @@ class CausalSelfAttention(nn.Module):
         self.n_local = heads[1] - heads[0]
         self.head_dim = config.head_dim
         width = self.n_local * self.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * width, bias=config.bias)
-        self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias and heads[0] == 0)
+        self.c_attn = Linear(config.n_embd, 3 * width, bias=config.bias)
+        self.c_proj = Linear(width, config.n_embd, bias=config.bias and heads[0] == 0)
 
     def forward(self, x: torch.Tensor, caches: list[KVCache] | None, block: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -137,8 +180,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, heads: tuple[int, int]):
         super().__init__()
         lo, hi = head_slice_width(config, heads)
-        self.c_fc = nn.Linear(config.n_embd, hi - lo, bias=config.bias)
-        self.c_proj = nn.Linear(hi - lo, config.n_embd, bias=config.bias and heads[0] == 0)
+        self.c_fc = Linear(config.n_embd, hi - lo, bias=config.bias)
+        self.c_proj = Linear(hi - lo, config.n_embd, bias=config.bias and heads[0] == 0)
         self.approximate = "tanh" if config.gelu == "tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,15 +270,17 @@ class Head(nn.Module):
         self._weight_t: torch.Tensor | None = None
 
     def freeze_for_inference(self) -> None:
-        # x @ W^T with W^T stored contiguous runs ~2x faster than nn.Linear on CPU for the
-        # 50257-wide head (docs/performance.md); worth the extra copy at load time.
-        self._weight_t = self.lm_head.weight.detach().t().contiguous()
+        # Where oneDNN is missing (see `linear`), x @ W^T with W^T stored contiguous runs ~2x
+        # faster than MKL's F.linear for the 50257-wide head; worth a copy of the weight then.
+        w = self.lm_head.weight
+        if w.is_cpu and w.dtype is torch.float32 and onednn_linear() is None:
+            self._weight_t = w.detach().t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_f(x)
         if self._weight_t is not None:
             return x @ self._weight_t
-        return self.lm_head(x)
+        return linear(x, self.lm_head.weight, None)
 
 
 class GPT(nn.Module):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .loaders import save_nanogpt_checkpoint
-from .model import GPT, ModelConfig
+from .model import GPT, ModelConfig, linear, onednn_linear
 from .tokenizer import get_encoding
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,10 @@ def eval_loss(model: GPT, ids: torch.Tensor, block_size: int, batch_size: int = 
     All float32; max_windows caps the work for quick checks."""
     was_training = model.training
     model.eval()
-    # x @ W^T against a contiguous copy of W^T is ~2x faster than nn.Linear's layout on CPU for
-    # the 50257-wide head (as Head.freeze_for_inference does); the numbers are the same.
-    weight_t = model.head.lm_head.weight.t().contiguous()
+    # The head as Head.forward runs it in inference: through oneDNN, or without it x @ W^T
+    # against a contiguous copy of W^T (both ~2x faster than F.linear on CPU; shards/model.py).
+    weight = model.head.lm_head.weight
+    weight_t = weight.t().contiguous() if onednn_linear() is None else None
     n_windows = (len(ids) - 1 + block_size - 1) // block_size  # the last one may be shorter
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
@@ -109,9 +110,10 @@ def eval_loss(model: GPT, ids: torch.Tensor, block_size: int, batch_size: int = 
             length = min(block_size, len(ids) - 1 - group[0])
             x = torch.stack([ids[s:s + length] for s in group])
             y = torch.stack([ids[s + 1:s + 1 + length] for s in group]).reshape(-1)
-            h = model.head.ln_f(model.blocks(model.embeddings(x))).reshape(-1, weight_t.shape[0])
+            h = model.head.ln_f(model.blocks(model.embeddings(x))).reshape(-1, weight.shape[1])
             for c in range(0, len(y), HEAD_CHUNK):  # chunks keep the logits near the cache
-                logits = h[c:c + HEAD_CHUNK] @ weight_t
+                chunk = h[c:c + HEAD_CHUNK]
+                logits = linear(chunk, weight, None) if weight_t is None else chunk @ weight_t
                 total += float(F.cross_entropy(logits, y[c:c + HEAD_CHUNK], reduction="sum"))
             count += len(y)
     model.train(was_training)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from nanoswarm.shards import manifest as mf
-from nanoswarm.shards import weights
+from nanoswarm.shards import model, weights
 from nanoswarm.shards.loaders import (
     CheckpointError,
     load_checkpoint,
@@ -493,3 +496,38 @@ def test_a_pickle_that_needs_code_is_refused_in_one_line(tmp_path):
         message = str(info.value)
         assert found in message and "\n" not in message
         assert "weights_only=False" not in message and "add_safe_globals" not in message
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 96), (5, 1, 96), (1, 37, 96), (2, 0, 96)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_linear_matches_f_linear(shape, bias):
+    """Blocks and head run their linear layers through oneDNN in inference (shards/model.py
+    `linear`): the same numbers as F.linear up to float32 rounding, and training keeps F.linear
+    (the oneDNN op has no backward)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    w, b = torch.randn(80, 96, generator=g), (torch.randn(80, generator=g) if bias else None)
+    with torch.inference_mode():
+        y = model.linear(x, w, b)
+    assert y.shape == (*shape[:-1], 80)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    wg = w.clone().requires_grad_()
+    model.linear(x, wg, b).sum().backward()  # grad enabled: F.linear, which has a backward
+    torch.testing.assert_close(wg.grad, x.reshape(-1, 96).sum(0).expand(80, 96).contiguous())
+
+
+def test_head_keeps_no_transposed_copy_when_onednn_runs_it():
+    head = model.Head(ModelConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=300, block_size=16))
+    x = torch.randn(1, 3, 32)
+    with torch.inference_mode():
+        before = head(x)
+        head.freeze_for_inference()
+        torch.testing.assert_close(head(x), before, rtol=1e-5, atol=1e-5)
+    assert (head._weight_t is None) == (model.onednn_linear() is not None)
+
+
+def test_onednn_can_be_turned_off():
+    code = "from nanoswarm.shards.model import onednn_linear; print(onednn_linear() is None)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NANOSWARM_ONEDNN": "0"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
