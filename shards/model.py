@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import platform
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -61,8 +62,10 @@ class ModelConfig:
 @functools.cache
 def onednn_linear():
     """oneDNN's linear kernel (the op torch.compile emits for CPU linears), or None where this
-    torch lacks it or it disagrees with F.linear. Checked once, on first use."""
-    if os.environ.get("NANOSWARM_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+    torch lacks it or it disagrees with F.linear. Checked once, on first use. x86-64 only: the
+    only CPUs it was measured on (ARM builds have other BLAS choices)."""
+    if (os.environ.get("NANOSWARM_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available()
+            or platform.machine().lower() not in ("x86_64", "amd64")):
         return None
     try:
         op = torch.ops.mkldnn._linear_pointwise.default
@@ -71,7 +74,7 @@ def onednn_linear():
             x, w, b = (torch.randn(*shape, generator=g, dtype=torch.float32) for shape in ((3, 64), (48, 64), (48,)))
             if torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), rtol=1e-5, atol=1e-5):
                 return op
-    except (AttributeError, RuntimeError):
+    except Exception:  # no such op in this build, or another signature: F.linear it is
         pass
     return None
 
