@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanoswarm import openmp_defaults
+from nanoswarm import runtime_defaults
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,8 @@ class LocalCluster:
 
     def _spawn(self, spec: NodeSpec) -> NodeProcess:
         # Idle OpenMP threads spin only briefly, then sleep: several nodes share the cores
-        # (nanoswarm.openmp_defaults, docs/performance.md).
-        env = openmp_defaults({**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+        # (nanoswarm.runtime_defaults, docs/performance.md).
+        env = runtime_defaults({**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         cmd = self.command(spec)
         key_file = None
         if "--key-file" not in cmd:  # every node needs its own identity (peer id, CURVE key)

@@ -83,12 +83,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """F.linear, through oneDNN for float32 inference on CPU.
 
     torch's float32 CPU linear calls MKL, whose matrix-vector path (a one-token step) runs on one
-    thread here and whose matrix path runs slowly on AMD CPUs; oneDNN's kernel took 2-2.5x less
-    time for GPT-2-small blocks and head on this repository's 2-core VM, for decode, batched
-    decode and prefill alike (docs/performance.md). It has no backward, so training keeps
-    F.linear. NANOSWARM_ONEDNN=0 turns it off.
+    thread here and whose matrix path runs slowly on AMD CPUs; with oneDNN's kernel GPT-2-small
+    blocks took about half the time on this repository's 2-core VM, for decode, batched decode
+    and prefill alike, and the head 0.6x (docs/performance.md). It has no backward, so training
+    keeps F.linear. It ignores a bias's strides, so only a contiguous bias goes to it (ours all
+    are). NANOSWARM_ONEDNN=0 turns it off; nanoswarm.onednn_defaults bounds its kernel caches.
     """
-    if x.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32 and not torch.is_grad_enabled():
+    if (x.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32 and not torch.is_grad_enabled()
+            and (bias is None or bias.is_contiguous())):
         op = onednn_linear()
         if op is not None:
             return op(x, weight, bias, "none", [], "")

@@ -531,3 +531,33 @@ def test_onednn_can_be_turned_off():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NANOSWARM_ONEDNN": "0"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_inference_linear_takes_a_strided_bias_exactly():
+    # oneDNN's op reads a bias as if contiguous: a strided one must go the F.linear way.
+    g = torch.Generator().manual_seed(1)
+    x, w, wide = torch.randn(1, 4, 96, generator=g), torch.randn(80, 96, generator=g), torch.randn(160, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.linear(x, w, wide[::2]), torch.nn.functional.linear(x, w, wide[::2]))
+
+
+def test_onednn_kernel_caches_stay_bounded_over_many_prompt_lengths():
+    """oneDNN keeps kernels per input shape; nanoswarm caps its caches on import
+    (nanoswarm.onednn_defaults). Uncapped, this grew by ~270 MB here."""
+    code = """
+import nanoswarm, torch
+from nanoswarm.shards.model import linear
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
+w, b = torch.randn(3072, 768), torch.randn(3072)
+with torch.inference_mode():
+    linear(torch.randn(1, 1, 768), w, b)
+    before = rss()
+    for t in range(1, 401):
+        linear(torch.randn(1, t, 768), w, b)
+print(rss() - before)
+"""
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("reads RSS from /proc (Linux)")
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) < 100 * 2**20
