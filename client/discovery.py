@@ -99,8 +99,9 @@ def record_info(record: Record) -> dict:
 def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int:
     """Fill `swarm` (client/swarm.py) with the peers of its model from the bootstraps' tables.
 
-    Peers are keyed by their contact string (endpoint#key).  Records of --insecure nodes are
-    skipped unless the swarm allows insecure links.  Returns how many peers were added; raises
+    Peers are keyed by their contact string (endpoint#key); where records of several peer ids
+    name one contact, the node behind it says which is its own (`_owner`). Records of --insecure
+    nodes are skipped unless the swarm allows insecure links.  Returns how many peers were added; raises
     DiscoveryError if no bootstrap answered.
     """
     fetched = fetch_table(bootstrap, timeout, swarm.options.client_keys)
@@ -108,16 +109,42 @@ def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int
         detail = "; ".join(fetched.errors.values())  # each names its contact
         raise DiscoveryError(f"no bootstrap node answered ({detail})")
     rtt = min(fetched.rtt.values())  # a stand-in until the first real exchange with each peer
-    added = 0
+    claims: dict[str, list[Record]] = {}
     for record in fetched.table.records(swarm.model_id):
-        contact = record_contact(record)
-        if record.insecure and not swarm.options.insecure:
+        claims.setdefault(record_contact(record), []).append(record)
+    added = 0
+    for contact, records in claims.items():
+        if records[0].insecure and not swarm.options.insecure:
             swarm.rejected[contact] = "node runs without encryption (--insecure); not used"
+            continue
+        record = records[0] if len(records) == 1 else _owner(swarm, contact, records, timeout)
+        if record is None:
             continue
         swarm.add_info(contact, record_info(record), rtt, curve_key=None if record.insecure else record.curve_key)
         added += 1
     log.info("bootstrap: %d records, %d peers for model %s", len(fetched.table), added, swarm.model_id[:12])
     return added
+
+
+def _owner(swarm, contact: str, records: list[Record], timeout: float) -> Record | None:
+    """Of several records (of different peer ids) naming one contact, the node's own: anyone can
+    copy a node's public endpoint and CURVE key into a record they sign, to make clients take it
+    for a node serving other blocks. Only the node holding that key's secret can answer `info`
+    over it, so its answer says whose record it is. None (the contact not used) if it does not
+    answer or names none of them."""
+    why = f"records of {len(records)} peer ids name this contact"
+    try:
+        peer_id = swarm.connection(contact).request("info", timeout=timeout).fields.get("peer_id")
+    except PeerError as e:
+        swarm.rejected[contact] = f"{why}, and it did not answer info ({e.code})"
+        return None
+    record = next((r for r in records if r.peer_id == peer_id), None)
+    if record is None:
+        swarm.rejected[contact] = f"{why}, and none is the peer id it gives"
+    else:
+        log.warning("bootstrap: %d records claim %s; kept the one of %s, which it confirmed", len(records),
+                    contact, peer_id)
+    return record
 
 
 # ----- `nanoswarm peers` ------------------------------------------------------------------

@@ -12,6 +12,8 @@ import zmq
 
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import check_endpoint
+from nanoswarm.protocol.errors import ErrorCode, ProtocolError
+from nanoswarm.protocol.messages import finite_float, parse_range
 
 from .route import PeerInfo, RouteError, StagePlan, build_route
 from .stages import HeadGroupStage, RemoteLayerStage, Stage
@@ -75,12 +77,22 @@ class Swarm:
         if info.get("model_id") != self.model_id:
             self.rejected[address] = f"serves model {str(info.get('model_id'))[:12]}, not ours"
             return
-        heads = info.get("heads")
+        try:  # a peer's own `info` is untrusted: what it claims must make sense before it is used
+            layers = parse_range(info.get("layers"), self.n_layer, "layers")
+            heads = info.get("heads")
+            heads = parse_range(heads, self.n_head, "heads") if heads else None
+            throughput, load = info.get("throughput") or 0.0, info.get("load") or 0.0
+            if not (finite_float(throughput) and finite_float(load) and throughput >= 0 and load >= 0):
+                raise ProtocolError(ErrorCode.MALFORMED, "throughput and load must be numbers >= 0")
+        except ProtocolError as e:
+            self.rejected[address] = f"bad_reply: its info is malformed: {e.message}"
+            self.peers.pop(address, None)
+            log.warning("peer %s: %s", address, self.rejected[address])
+            return
         self.rejected.pop(address, None)  # it answered this time (a refresh asks again)
         self.peers[address] = PeerInfo(
             address=address, peer_id=str(info.get("peer_id")), model_id=self.model_id,
-            layers=tuple(info["layers"]), heads=tuple(heads) if heads else None,
-            throughput=float(info.get("throughput") or 0.0), load=float(info.get("load") or 0.0),
+            layers=layers, heads=heads, throughput=float(throughput), load=float(load),
             rtt=rtt, curve_key=curve_key, extra=info)
 
     def available(self) -> list[PeerInfo]:

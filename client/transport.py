@@ -18,6 +18,9 @@ from nanoswarm.protocol.messages import Message, decode, encode
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
+# The largest frame a peer may send us; libzmq drops the connection on a bigger one, before it is
+# buffered. Twice a node's default message limit (64 MiB), as nodes set for what they receive.
+MAX_FRAME_BYTES = 128 * 1024 * 1024
 # Request ids are unique across all connections of this process, not only per connection: the
 # replies of a relayed step arrive on several connections with the id of its first request.
 _request_ids = itertools.count(random.randrange(1, 2**31))
@@ -45,7 +48,7 @@ class PeerConnection:
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT,
                  server_key: bytes | None = None, client_keys: tuple[bytes, bytes] | None = None,
-                 ctx: zmq.Context | None = None):
+                 ctx: zmq.Context | None = None, max_frame: int = MAX_FRAME_BYTES):
         self.address = address
         self.timeout = timeout
         # `address` may be a contact string (endpoint#key, keys/contact.py): it carries the key.
@@ -53,6 +56,7 @@ class PeerConnection:
         server_key = server_key if server_key is not None else contact_key
         self.socket = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_frame)  # per frame: libzmq bounds nothing else
         if server_key is not None:  # CURVE: only the holder of the node's secret can answer
             public, secret = client_keys or zmq.curve_keypair()
             self.socket.curve_serverkey = server_key

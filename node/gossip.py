@@ -36,7 +36,7 @@ from nanoswarm.keys.identity import Identity
 from nanoswarm.keys.records import DEFAULT_MAX_TTL, seq_now, sign_departure, sign_record
 from nanoswarm.keys.table import RecordTable
 from nanoswarm.protocol.errors import ProtocolError
-from nanoswarm.protocol.messages import Message, decode
+from nanoswarm.protocol.messages import MAX_HEADER_BYTES, Message, decode
 
 if TYPE_CHECKING:
     from .handler import RequestHandler
@@ -48,6 +48,7 @@ MAX_WIRES = 128  # records taken from one message
 MAX_LINKS = 64   # gossip links kept open (a round uses `fanout` of them)
 DEPART_FANOUT = 16  # known peers told directly of our departure; gossip carries it on
 WIRE_BUDGET = 48 * 1024  # bytes of records per message, under the 64 KiB header limit
+LINK_MAX_FRAME = 2 * MAX_HEADER_BYTES  # gossip messages are one header frame: nothing larger is read
 
 
 @dataclass
@@ -235,7 +236,8 @@ class Gossip:
             return link
         try:
             conn = PeerConnection(contact, timeout=self.options.peer_timeout,
-                                  client_keys=(self.identity.curve_public, self.identity.curve_secret))
+                                  client_keys=(self.identity.curve_public, self.identity.curve_secret),
+                                  max_frame=LINK_MAX_FRAME)
         except (ValueError, zmq.ZMQError) as e:  # a contact ZeroMQ cannot connect to: skip only it
             log.warning("cannot gossip with %s: %s", contact[:120], e)
             return None

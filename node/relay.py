@@ -26,7 +26,7 @@ import zmq
 
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
-from nanoswarm.protocol.messages import decode, error_frames
+from nanoswarm.protocol.messages import MAX_HEADER_BYTES, decode, error_frames
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class RelayLinks:
         # A next hop that does not read (anyone can sign a record for such an endpoint) must not
         # make steps pile up here: past this, sends fail and the client hears `relay_failed`.
         link.setsockopt(zmq.SNDHWM, LINK_QUEUE)
+        # What comes back on a link is only a bounced error (one header frame): nothing larger is read.
+        link.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_HEADER_BYTES)
         if server_key is not None:
             public, secret = self.curve_keys or zmq.curve_keypair()
             link.curve_serverkey, link.curve_publickey, link.curve_secretkey = server_key, public, secret

@@ -504,3 +504,29 @@ def test_bootstrap_contacts_are_checked_and_a_dropped_handshake_says_why(tiny_mo
     endpoint = swarm.addresses[0].partition("#")[0]  # the contact without its key
     fetched = fetch_table([endpoint], 3.0)
     assert not fetched.answered and "give the whole contact the node printed" in fetched.errors[endpoint]
+
+
+def test_a_record_copying_a_nodes_contact_does_not_change_what_a_client_routes_to(tiny_model_dir, cluster_factory):
+    """Anyone can sign a record with a node's public endpoint and CURVE key but other blocks. A
+    bootstrap client that gets both asks the node which peer id is its own (review repro: the
+    forged claim replaced the node's blocks and `generate` found no route)."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))], args=FAST)
+    a, b = nodes.addresses
+    wait_for(lambda: len(table_of(a)) == 2, 15, "both records on node A")
+    real = next(r for r in table_of(a).values() if format_contact(r.address, r.curve_key) == b)
+    for _ in range(2):  # whichever peer id sorts first, the client must keep the real one
+        forger = generate_identity()
+        fake = Record(peer_id=forger.peer_id, sign_key=forger.sign_public, curve_key=real.curve_key,
+                      address=real.address, model_id=real.model_id, layers=(0, 2), heads=None,
+                      throughput=1e9, load=0.0, seq=int(time.time() * 1e6), expires=time.time() + 60)
+        body = encode_record(fake)
+        request(a, "records", {"records": [{"body": body, "sig": forger.sign(body)}], "want": False})
+    wait_for(lambda: len(table_of(a)) == 4, 5, "the forged records on node A")
+    local = SwarmModel.local(tiny_model_dir)
+    model = SwarmModel.connect(tiny_model_dir, bootstrap=[a])
+    try:
+        assert model.swarm.peers[b].peer_id == real.peer_id and model.swarm.peers[b].layers == (2, 4)
+        greedy = SamplingParams(temperature=0)
+        assert model.generate("The swarm", 8, greedy).ids == local.generate("The swarm", 8, greedy).ids
+    finally:
+        model.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import signal
+import threading
 import time
 from collections import Counter
 
@@ -572,3 +573,76 @@ def test_idle_sessions_reclaimed_by_a_node_process(small12_model_dir, cluster_fa
         assert peer.ask("step", [x[:, :1]], session=sessions[0], pos=256).fields["code"] == "session_closed"
     finally:
         peer.close()
+
+
+@pytest.mark.parametrize("claims", [{"throughput": "x"}, {"layers": [3, 9]}, {"layers": ["a", "b"]},
+                                    {"heads": [0, 99]}, {"load": float("nan")}])
+def test_a_peer_whose_info_makes_no_sense_is_rejected_with_a_reason(claims):
+    """A `--peers` contact answering `info` with claims outside the model (or not numbers) is not
+    used, and says why; it used to stop the client with a bare Python error."""
+    from nanoswarm.client.swarm import Swarm
+    from nanoswarm.keys.contact import format_contact
+
+    public, secret = zmq.curve_keypair()
+    server = zmq.Context.instance().socket(zmq.ROUTER)
+    server.curve_server, server.curve_publickey, server.curve_secretkey = True, public, secret
+    server.setsockopt(zmq.LINGER, 0)
+    contact = format_contact(f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}", public)
+    swarm = Swarm("m" * 64, 4, 4)
+    try:
+        def answer() -> None:
+            if server.poll(10000):
+                peer, header = server.recv_multipart()
+                req = msgpack.unpackb(header)
+                fields = {"peer_id": "p", "model_id": "m" * 64, "layers": [0, 4], **claims}
+                server.send_multipart([peer, msgpack.packb({"v": PROTOCOL_VERSION, "id": req["id"],
+                                                           "type": "info_reply", **fields})])
+
+        t = threading.Thread(target=answer)
+        t.start()
+        swarm.add_addresses([contact], timeout=10.0)
+        t.join()
+        assert contact not in swarm.peers
+        assert swarm.rejected[contact].startswith("bad_reply: its info is malformed")
+    finally:
+        swarm.close()
+        server.close()
+
+
+def test_a_peer_that_answers_with_an_oversized_frame_is_dropped_unread():
+    """Clients and gossip links cap the frames they accept (MAXMSGSIZE: client/transport.py,
+    node/gossip.py), so a peer cannot make them buffer a frame of any size."""
+    from nanoswarm.client.transport import MAX_FRAME_BYTES
+    from nanoswarm.node.gossip import LINK_MAX_FRAME
+
+    server = zmq.Context.instance().socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    address = f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def answer(size: int) -> None:
+        if server.poll(10000):
+            peer, header = server.recv_multipart()
+            req = msgpack.unpackb(header)
+            server.send_multipart([peer, msgpack.packb({"v": PROTOCOL_VERSION, "id": req["id"], "type": "info_reply",
+                                                       "peer_id": "p" * size, "model_id": "m", "layers": [0, 1]})])
+
+    try:
+        for size, expect in ((100, None), (4 * LINK_MAX_FRAME, "disconnected")):
+            conn = PeerConnection(address, 5.0, max_frame=LINK_MAX_FRAME)
+            t = threading.Thread(target=answer, args=(size,))
+            t.start()
+            try:
+                if expect is None:
+                    assert conn.request("info").fields["peer_id"] == "p" * size
+                else:
+                    with pytest.raises(PeerError) as info:
+                        conn.request("info")
+                    assert info.value.code == expect
+            finally:
+                t.join()
+                conn.close()
+        conn = PeerConnection(address, 1.0)
+        assert conn.socket.getsockopt(zmq.MAXMSGSIZE) == MAX_FRAME_BYTES
+        conn.close()
+    finally:
+        server.close()
