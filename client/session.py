@@ -82,6 +82,21 @@ def stalled_stage(stages: list[RemoteLayerStage], timeout: float) -> tuple[Remot
     return None
 
 
+def _step_retrying_busy(stage: Stage, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+    """stage.step, asked again after a pause when the peer answers `busy` (it left the session as
+    it was), as InferenceSession.step does: a replacement that is briefly overloaded while it is
+    replayed into is not banned for it."""
+    retry = 0
+    while True:
+        try:
+            return stage.step(hidden, pos)
+        except PeerError as e:
+            retry += 1
+            if e.code != "busy" or retry > BUSY_RETRIES or stage.retries_busy:
+                raise
+            busy_pause(retry)
+
+
 def _joined(history: list) -> torch.Tensor:
     """A stage's history as one tensor of every position (entries may be functions that make
     theirs: a relayed step's intermediate outputs)."""
@@ -138,6 +153,9 @@ class InferenceSession:
         self.failovers += 1
         if self.failovers > self.max_failovers:
             raise SessionError(f"gave up after {self.max_failovers} failovers; last: {e}") from e
+        ban = self.swarm.bans.get(e.address)
+        if ban is not None and ban.until > time.monotonic():
+            return  # banned already (another session's failover dropped the link): one fault, one strike
         self.swarm.ban(e.address, f"{e.code}: {e.message}")
 
     def describe(self) -> list[dict]:
@@ -242,6 +260,8 @@ class InferenceSession:
             log.info("reopening a reclaimed session on %s failed: %s", ", ".join(stage.peers), e)
             return False
         self._chains = {}  # they name the old session ids
+        if i > 0:  # the hop before relayed to the reclaimed session and was refused: not its fault
+            self._no_relay.discard(self.stages[i - 1])
         log.info("reopened a reclaimed session on %s (%d positions replayed)", ", ".join(stage.peers), self.pos)
         return True
 
@@ -290,7 +310,7 @@ class InferenceSession:
 
     @staticmethod
     def _replay(stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
-        outs = [stage.step(hidden[:, a:a + REPLAY_CHUNK], a)
+        outs = [_step_retrying_busy(stage, hidden[:, a:a + REPLAY_CHUNK], a)
                 for a in range(0, hidden.shape[1], REPLAY_CHUNK)]
         return torch.cat(outs, dim=1)
 

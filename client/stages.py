@@ -130,6 +130,7 @@ class RemoteLayerStage(Stage):
         reply = self.conn.request("open", {"model_id": self.model_id, "max_length": max_length,
                                            "layers": [self.start, self.stop]}, timeout=self.timeout)
         self.session = reply.fields["session"]
+        self.conn.sessions.add(self.session)
 
     def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
         try:
@@ -153,6 +154,7 @@ class RemoteLayerStage(Stage):
 
     def close(self) -> None:
         if self.session is not None:
+            self.conn.sessions.discard(self.session)
             try:
                 self.conn.send("close", {"session": self.session}, timeout=0)
             except Exception:  # closing is best effort: the node reclaims idle sessions anyway
@@ -196,6 +198,7 @@ class HeadGroupStage(Stage):
                                           "layers": [self.start, self.stop]}, timeout=self.timeout)
             self.sessions.append(reply.fields["session"])
             self.limits.append(reply.fields)
+            conn.sessions.add(reply.fields["session"])
 
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:
         partials: list[torch.Tensor | None] = [None] * len(self.members)
@@ -239,6 +242,7 @@ class HeadGroupStage(Stage):
 
     def close(self) -> None:
         for (conn, _), sid in zip(self.members, self.sessions):
+            conn.sessions.discard(sid)
             try:
                 conn.send("close", {"session": sid}, timeout=0)
             except Exception:  # best effort, as above

@@ -107,7 +107,12 @@ class Swarm:
         log.info("banned %s for %.0fs: %s", address, seconds, why)
         conn = self._conns.pop(address, None)
         if conn is not None:  # a fresh socket later: no stale replies, no queued requests
-            conn.close()
+            # Other sessions on this peer (of other InferenceSessions sharing the swarm) lose
+            # their link with it: close them now, or a live peer holds their KV cache until its
+            # idle timeout (a stalled one reads the closes when it resumes).
+            queued = bool(conn.sessions)
+            conn.close_sessions()
+            conn.close(linger_ms=200 if queued else 0)
 
     # ----- connections and stages ---------------------------------------------------------
     def connection(self, address: str) -> PeerConnection:

@@ -72,6 +72,10 @@ class PeerConnection:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.busy_seconds = 0.0  # compute the peer reported in its replies (busy_us)
+        # Sessions opened over this connection and not closed (client/stages.py): only this
+        # connection can close them (a node takes `close` from a session's own client), so a
+        # ban that drops it closes them first (Swarm.ban).
+        self.sessions: set[str] = set()
 
     def register(self, poller: zmq.Poller) -> None:
         """Have `poller` wake for this connection's replies and for its drop."""
@@ -172,9 +176,19 @@ class PeerConnection:
         except PeerTimeout:
             raise PeerTimeout(self.address, timeout) from None
 
-    def close(self) -> None:
+    def close_sessions(self) -> None:
+        """Queue `close` for every session still open over this connection (best effort)."""
+        for session in list(self.sessions):
+            try:
+                self.send("close", {"session": session}, timeout=0)
+            except PeerError:
+                pass
+        self.sessions.clear()
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the socket; with `linger_ms`, messages still queued get that long to leave."""
         if self.socket.closed:
             return
         self.socket.disable_monitor()
         self.monitor.close(linger=0)
-        self.socket.close(linger=0)
+        self.socket.close(linger=linger_ms)

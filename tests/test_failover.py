@@ -329,3 +329,92 @@ def test_a_peer_that_joined_after_connecting_takes_over(small12_model_dir, clust
         model.close()
     assert result.ids == expected_ids
     assert result.failovers == 1 and result.route[0]["peers"] == [spare.address]
+
+
+def _sessions_on(address: str) -> int:
+    from nanoswarm.client.transport import PeerConnection
+
+    conn = PeerConnection(address, 5.0)
+    try:
+        return conn.request("info").fields["sessions"]
+    finally:
+        conn.close()
+
+
+def test_a_ban_closes_the_other_sessions_on_that_peer_and_strikes_once(tiny_model_dir, cluster_factory):
+    """A failover bans its peer and drops the swarm's link to it, which other sessions on that peer
+    also used: their sessions are closed with it (a review found them held on the live node until
+    its idle timeout), and their own failover then adds no second strike."""
+    from nanoswarm.client.transport import PeerError
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    x = nodes.addresses[0]
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        a, b = model.session(16), model.session(16)
+        for s in (a, b):
+            s.step(model.client.embed([1, 2, 3], 0))
+        assert _sessions_on(x) == 2
+        model.swarm.ban(x, "a failover of another session")
+        deadline = time.monotonic() + 5
+        while _sessions_on(x) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _sessions_on(x) == 0
+        b._strike(PeerError(x, "disconnected", "the connection was closed (its peer was banned)"))
+        assert model.swarm.bans[x].strikes == 1 and b.failovers == 1
+    finally:
+        model.close()
+
+
+def test_relay_comes_back_after_a_reclaimed_session_is_reopened(tiny_model_dir, cluster_factory):
+    """A hop whose next hop had reclaimed the session (idle timeout) gets relay_failed; once the
+    session there is reopened, relaying resumes (it stayed off for the rest of the session)."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4), args=["--idle-timeout", "1"])])
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    local = SwarmModel.local(tiny_model_dir)
+
+    def relayed() -> int:
+        return model.swarm.connection(nodes.addresses[0]).request("info").fields["stats"]["relayed"]
+
+    try:
+        s, ref = model.session(24), local.session(24)
+        for pos in range(6):
+            s.step(model.client.embed([pos + 1], pos)), ref.step(local.client.embed([pos + 1], pos))
+        time.sleep(2.5)  # the second node reclaims its session
+        before = relayed()
+        for pos in range(6, 12):
+            got, want = s.step(model.client.embed([pos + 1], pos)), ref.step(local.client.embed([pos + 1], pos))
+            assert (got - want).abs().max() < 1e-4
+        assert s.failovers == 0 and relayed() - before >= 5  # all but the step that found the reclaim
+    finally:
+        model.close()
+
+
+def test_a_busy_answer_while_replaying_into_a_replacement_is_asked_again(monkeypatch):
+    """Replay into a replacement retries `busy` as a step does (a review: one `busy` from a
+    briefly loaded spare banned it, and with no other spare the generation ended)."""
+    import torch
+
+    from nanoswarm.client import session as session_mod
+    from nanoswarm.client.stages import BUSY_RETRIES, Stage
+    from nanoswarm.client.transport import PeerError
+
+    monkeypatch.setattr(session_mod, "busy_pause", lambda retry: None)
+
+    class Spare(Stage):  # a unit test of the session's retry rule: no peer behind it
+        start, stop = 0, 1
+
+        def __init__(self, busy: int):
+            self.busy, self.calls = busy, 0
+
+        def step(self, hidden, pos, rewind=False):
+            self.calls += 1
+            if self.calls <= self.busy:
+                raise PeerError("spare", "busy", "node overloaded")
+            return hidden + 1
+
+    x = torch.zeros(1, 3, 4)
+    spare = Spare(busy=2)
+    assert torch.equal(session_mod.InferenceSession._replay(spare, x), x + 1) and spare.calls == 3
+    with pytest.raises(PeerError):
+        session_mod.InferenceSession._replay(Spare(busy=BUSY_RETRIES + 1), x)
