@@ -100,7 +100,7 @@ def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int
     """Fill `swarm` (client/swarm.py) with the peers of its model from the bootstraps' tables.
 
     Peers are keyed by their contact string (endpoint#key); where records of several peer ids
-    name one contact, the node behind it says which is its own (`_owner`). Records of --insecure
+    name one contact, the node behind it says which is its own (`_owners`). Records of --insecure
     nodes are skipped unless the swarm allows insecure links.  Returns how many peers were added; raises
     DiscoveryError if no bootstrap answered.
     """
@@ -112,12 +112,13 @@ def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int
     claims: dict[str, list[Record]] = {}
     for record in fetched.table.records(swarm.model_id):
         claims.setdefault(record_contact(record), []).append(record)
+    for contact in [c for c, records in claims.items() if records[0].insecure and not swarm.options.insecure]:
+        swarm.rejected[contact] = "node runs without encryption (--insecure); not used"
+        del claims[contact]
+    owners = _owners(swarm, {c: r for c, r in claims.items() if len(r) > 1}, timeout)
     added = 0
     for contact, records in claims.items():
-        if records[0].insecure and not swarm.options.insecure:
-            swarm.rejected[contact] = "node runs without encryption (--insecure); not used"
-            continue
-        record = records[0] if len(records) == 1 else _owner(swarm, contact, records, timeout)
+        record = records[0] if len(records) == 1 else owners.get(contact)
         if record is None:
             continue
         swarm.add_info(contact, record_info(record), rtt, curve_key=None if record.insecure else record.curve_key)
@@ -126,25 +127,51 @@ def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int
     return added
 
 
-def _owner(swarm, contact: str, records: list[Record], timeout: float) -> Record | None:
-    """Of several records (of different peer ids) naming one contact, the node's own: anyone can
+def _owners(swarm, disputed: dict[str, list[Record]], timeout: float) -> dict[str, Record]:
+    """For each contact that records of several peer ids name, the node's own record: anyone can
     copy a node's public endpoint and CURVE key into a record they sign, to make clients take it
     for a node serving other blocks. Only the node holding that key's secret can answer `info`
-    over it, so its answer says whose record it is. None (the contact not used) if it does not
-    answer or names none of them."""
-    why = f"records of {len(records)} peer ids name this contact"
-    try:
-        peer_id = swarm.connection(contact).request("info", timeout=timeout).fields.get("peer_id")
-    except PeerError as e:
-        swarm.rejected[contact] = f"{why}, and it did not answer info ({e.code})"
-        return None
-    record = next((r for r in records if r.peer_id == peer_id), None)
-    if record is None:
-        swarm.rejected[contact] = f"{why}, and none is the peer id it gives"
-    else:
-        log.warning("bootstrap: %d records claim %s; kept the one of %s, which it confirmed", len(records),
-                    contact, peer_id)
-    return record
+    over it, so its answer says whose record it is. All are asked at once, within one `timeout`;
+    a contact that does not answer, or names none of its records, is not used."""
+    asked: dict[str, tuple] = {}
+    for contact, records in disputed.items():
+        try:
+            conn = swarm.connection(contact)
+            asked[contact] = (conn, conn.send("info", timeout=0), records)
+        except PeerError as e:
+            swarm.forget(contact, f"records of {len(records)} peer ids name this contact; {e.code}")
+    owners: dict[str, Record] = {}
+    deadline = time.monotonic() + timeout
+    while asked:
+        for contact, (conn, req_id, records) in list(asked.items()):
+            why = f"records of {len(records)} peer ids name this contact"
+            try:
+                reply = conn.take(req_id)
+            except PeerError as e:
+                del asked[contact]
+                swarm.forget(contact, f"{why}, and it did not answer info ({e.code})")
+                continue
+            if reply is None:
+                continue
+            del asked[contact]
+            owner = next((r for r in records if r.peer_id == reply.fields.get("peer_id")), None)
+            if owner is None:
+                swarm.forget(contact, f"{why}, and none is the peer id it gives")
+            else:
+                owners[contact] = owner
+                log.warning("bootstrap: %d records claim %s; kept the one of %s, which it confirmed",
+                            len(records), contact, owner.peer_id)
+        left = deadline - time.monotonic()
+        if not asked or left <= 0:
+            break
+        poller = zmq.Poller()
+        for conn, _, _ in asked.values():
+            conn.register(poller)
+        poller.poll(max(1, int(left * 1000)))
+    for contact, (_, _, records) in asked.items():
+        swarm.forget(contact, f"records of {len(records)} peer ids name this contact, and it did not "
+                              f"answer info within {timeout:g}s")
+    return owners
 
 
 # ----- `nanoswarm peers` ------------------------------------------------------------------

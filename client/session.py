@@ -89,7 +89,9 @@ def _step_retrying_busy(stage: Stage, hidden: torch.Tensor, pos: int) -> torch.T
     retry = 0
     while True:
         try:
-            return stage.step(hidden, pos)
+            # A retry may redo positions: a step split after `too_large` can be refused `busy` in
+            # its second half, its first half stored. A layer stage drops them first (rewind).
+            return stage.step(hidden, pos, rewind=retry > 0 and isinstance(stage, RemoteLayerStage))
         except PeerError as e:
             retry += 1
             if e.code != "busy" or retry > BUSY_RETRIES or stage.retries_busy:
@@ -196,6 +198,8 @@ class InferenceSession:
                     # before giving its blocks to someone else.
                     busy_retries += 1
                     busy_pause(busy_retries)
+                    if isinstance(stage, RemoteLayerStage):
+                        rewind.add(stage)  # a split step's first half may be stored (_step_retrying_busy)
                     continue
                 if e.code == "session_closed" and stage not in reopened:
                     # The node reclaimed our session after its idle timeout (the reader paused):
@@ -260,7 +264,9 @@ class InferenceSession:
             log.info("reopening a reclaimed session on %s failed: %s", ", ".join(stage.peers), e)
             return False
         self._chains = {}  # they name the old session ids
-        if i > 0:  # the hop before relayed to the reclaimed session and was refused: not its fault
+        if i > 0:
+            # Most likely the hop before was refused relaying to the reclaimed session, which was
+            # not its fault; if it was for another reason, one relayed step finds that out again.
             self._no_relay.discard(self.stages[i - 1])
         log.info("reopened a reclaimed session on %s (%d positions replayed)", ", ".join(stage.peers), self.pos)
         return True

@@ -10,7 +10,7 @@ import torch
 
 from nanoswarm.shards.model import Blocks
 
-from .transport import PeerConnection, PeerError
+from .transport import MAX_FRAME_BYTES, PeerConnection, PeerError
 
 BUSY_RETRIES = 3  # a `busy` step is retried on the same peer this often (0.1, 0.2, 0.4 s) before failover
 
@@ -111,8 +111,9 @@ def positions_per_request(opened: dict, width: int) -> int:
     n = opened.get("max_tokens_per_step")
     n = n if isinstance(n, int) and n > 0 else 1 << 30
     size = opened.get("max_message_bytes")
-    if isinstance(size, int) and size > 0:
-        n = min(n, (size - HEADER_ROOM) // (4 * width))
+    # A reply has the request's shape: it must also fit the frames this client accepts.
+    size = min(size, MAX_FRAME_BYTES) if isinstance(size, int) and size > 0 else MAX_FRAME_BYTES
+    n = min(n, (size - HEADER_ROOM) // (4 * width))
     return max(1, n)
 
 

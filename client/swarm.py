@@ -114,6 +114,14 @@ class Swarm:
             conn.close_sessions()
             conn.close(linger_ms=200 if queued else 0)
 
+    def forget(self, address: str, why: str) -> None:
+        """Stop using `address` (not a ban: it did nothing wrong we know of) and close our link."""
+        self.rejected[address] = why
+        self.peers.pop(address, None)
+        conn = self._conns.pop(address, None)
+        if conn is not None:
+            conn.close()
+
     # ----- connections and stages ---------------------------------------------------------
     def connection(self, address: str) -> PeerConnection:
         """The link to `address` (a contact string, endpoint#key): CURVE with the peer's key from

@@ -14,7 +14,9 @@ Rules (per peer_id):
   keys of their own, so without a bound a flood of them would grow memory and every gossip
   exchange without end.  When full, a record of a peer not held is refused ("table_full") until
   entries expire or are forgotten (gossip forgets peers that do not answer); peers already held
-  keep updating, and a departure of a held peer pushes out the tombstone that lapses first.
+  keep updating. With the tombstones full a departure is refused too: the peer's record stays
+  until it expires, and no tombstone is pushed out for it (else throw-away departures could
+  bring back a peer that left).
 
 Not thread-safe: each socket loop owns its own table.
 """

@@ -134,7 +134,8 @@ class Gossip:
         if last is None:
             return
         departure = sign_departure(self.identity, last, seq=max(seq_now(), last.seq + 1))
-        self.table.offer(departure)
+        if self.table.offer(departure) != "departed":  # a table whose tombstones are full refuses it
+            self.table.remove(self.peer_id)  # still, we no longer offer our own record to anyone
         self.departed = True
         known = self._known_contacts()
         # A sample, not everyone: the peers told pass the departure on like any record, and a

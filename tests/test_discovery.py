@@ -530,3 +530,60 @@ def test_a_record_copying_a_nodes_contact_does_not_change_what_a_client_routes_t
         assert model.generate("The swarm", 8, greedy).ids == local.generate("The swarm", 8, greedy).ids
     finally:
         model.close()
+
+
+def test_disputed_contacts_are_asked_at_once_and_dropped_when_silent():
+    """Records of several peer ids naming one contact cost one info round for all such contacts
+    together, and a contact that does not answer is dropped with its link (a review: each cost a
+    full timeout in turn, and a peer known from before stayed routable)."""
+    import zmq
+
+    from nanoswarm.client.discovery import _owners
+    from nanoswarm.client.route import PeerInfo
+    from nanoswarm.client.swarm import Swarm
+
+    silent, contacts = [], []
+    for _ in range(3):  # CURVE servers that take the handshake and never answer
+        public, secret = zmq.curve_keypair()
+        s = zmq.Context.instance().socket(zmq.ROUTER)
+        s.curve_server, s.curve_publickey, s.curve_secretkey = True, public, secret
+        s.setsockopt(zmq.LINGER, 0)
+        contacts.append(format_contact(f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}", public))
+        silent.append(s)
+    swarm = Swarm("m" * 64, 4, 4)
+    swarm.peers[contacts[0]] = PeerInfo(contacts[0], "earlier", "m" * 64, (0, 4), None)  # from a refresh
+    a, b = generate_identity(), generate_identity()
+    disputed = {c: [verify_record(_signed_at(a, c.partition("#")[0]), max_ttl=600),
+                    verify_record(_signed_at(b, c.partition("#")[0]), max_ttl=600)] for c in contacts}
+    try:
+        t0 = time.monotonic()
+        assert _owners(swarm, disputed, timeout=0.5) == {}
+        assert time.monotonic() - t0 < 1.2  # one timeout for all three, not three in turn
+        assert not swarm.peers and not swarm._conns
+        assert all("did not answer info" in swarm.rejected[c] for c in contacts)
+    finally:
+        swarm.close()
+        for s in silent:
+            s.close()
+
+
+def test_a_leaving_node_stops_offering_its_record_even_when_its_table_refuses_the_departure():
+    """With its tombstones full, a table refuses departures (keys/table.py): a node's own one too,
+    which used to leave its record first in every reply through its leave grace period."""
+    from nanoswarm.keys.records import sign_departure
+    from nanoswarm.node.gossip import Gossip
+
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
+    try:
+        gossip.refresh()
+        gossip.table.max_peers = 2
+        for i in range(2):  # two peers come and leave: two tombstones fill the pool
+            peer = generate_identity()
+            wire = _signed_at(peer, f"tcp://127.0.0.1:{2000 + i}")
+            assert gossip.table.offer(wire) == "accepted"
+            left = sign_departure(peer, verify_record(wire), seq=2)
+            assert gossip.table.offer(left) == "departed"
+        gossip.depart()
+        assert gossip.departed and not any(w["body"] == gossip.own["body"] for w in gossip._wires())
+    finally:
+        gossip.close()
