@@ -45,32 +45,52 @@ def record_age(record: Record, now: float | None = None) -> float:
     return max(0.0, now - record.seq / 1e6)
 
 
-def fetch_wires(contact: str, timeout: float = 5.0,
-                client_keys: tuple[bytes, bytes] | None = None) -> tuple[list, float]:
-    """One `records` request (want=True, nothing pushed); returns the raw wires and the rtt.
-    A contact that is not tcp://HOST:PORT[#KEY] raises ValueError before anything connects."""
+MAX_PAGES = 64  # pages of one model's records asked of a bootstrap (a table holds <= 4,096 peers)
+
+
+def fetch_wires(contact: str, timeout: float = 5.0, client_keys: tuple[bytes, bytes] | None = None,
+                model_id: str | None = None) -> tuple[list, float]:
+    """The raw wires of a bootstrap's table (nothing pushed) and the first request's rtt. With
+    `model_id`, that model's live records, page after page (node/gossip.py on_records): all of
+    them, however many other records (of other models, or thrown in to crowd ours out) the table
+    holds; without, the sample a node gossips. A contact that is not tcp://HOST:PORT[#KEY]
+    raises ValueError before anything connects."""
     check_endpoint(endpoint_of(contact))
     split_contact(contact)  # the key, if any, must be one
     try:
         conn = PeerConnection(contact, timeout, client_keys=client_keys)
     except zmq.ZMQError as e:
         raise ValueError(f"cannot connect: {e}") from None
+    fields: dict = {"records": [], "want": True}
+    if model_id is not None:
+        fields["model_id"] = model_id
+    wires: list = []
+    rtt = 0.0
     try:
-        t0 = time.perf_counter()
-        reply = conn.request("records", {"records": [], "want": True})
-        return reply.fields["records"], time.perf_counter() - t0
+        for page in range(MAX_PAGES):
+            t0 = time.perf_counter()
+            reply = conn.request("records", fields)
+            if page == 0:
+                rtt = time.perf_counter() - t0
+            wires += reply.fields["records"]
+            after = reply.fields.get("after")
+            if model_id is None or not after or after <= (fields.get("after") or ""):
+                break  # the last page (or a node that does not page, or a cursor that does not move on)
+            fields["after"] = after
+        return wires, rtt
     finally:
         conn.close()
 
 
 def fetch_table(bootstrap: list[str], timeout: float = 5.0,
-                client_keys: tuple[bytes, bytes] | None = None) -> Fetched:
-    """Ask every bootstrap contact for its table; verified records from all of them, merged."""
+                client_keys: tuple[bytes, bytes] | None = None, model_id: str | None = None) -> Fetched:
+    """Ask every bootstrap contact for its table (with `model_id`: that model's records, all
+    pages); verified records from all of them, merged."""
     table = RecordTable()
     fetched = Fetched(table, [], {}, {})
     for contact in bootstrap:
         try:
-            wires, rtt = fetch_wires(contact, timeout, client_keys)
+            wires, rtt = fetch_wires(contact, timeout, client_keys, model_id)
         except (PeerError, ValueError) as e:
             fetched.errors[contact] = str(e) if isinstance(e, PeerError) else f"{contact}: bad_contact: {e}"
             if isinstance(e, PeerError) and e.code == "disconnected":  # the node dropped our handshake
@@ -104,7 +124,7 @@ def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int
     nodes are skipped unless the swarm allows insecure links.  Returns how many peers were added; raises
     DiscoveryError if no bootstrap answered.
     """
-    fetched = fetch_table(bootstrap, timeout, swarm.options.client_keys)
+    fetched = fetch_table(bootstrap, timeout, swarm.options.client_keys, swarm.model_id)
     if not fetched.answered:
         detail = "; ".join(fetched.errors.values())  # each names its contact
         raise DiscoveryError(f"no bootstrap node answered ({detail})")

@@ -161,6 +161,10 @@ class RecordTable:
         live = (e.record for e in self._live(self.clock()))
         return [r for r in live if model_id is None or r.model_id == model_id]
 
+    def live_wires(self, model_id: str) -> list[tuple[Record, dict[str, bytes]]]:
+        """Non-expired records of `model_id` with their signed wire forms, sorted by peer_id."""
+        return [(e.record, dict(e.wire)) for e in self._live(self.clock()) if e.record.model_id == model_id]
+
     def wires(self) -> list[dict[str, bytes]]:
         """Signed wire forms to gossip: every live record, plus departures still verifiable.
 

@@ -147,10 +147,28 @@ class Gossip:
         log.info("announced departure to %d peers", len(targets))
 
     # ----- serving the records request ----------------------------------------------------
-    def on_records(self, msg: Message) -> list:
-        """Handler hook: offer the pushed wires to our table; return our table if asked."""
+    def on_records(self, msg: Message) -> dict:
+        """Handler hook: offer the pushed wires to our table; return our table if asked (the
+        `records_reply` fields). With `model_id` (a client's request), the live records of that
+        model only, in pages by peer id from `after`; `after` in the reply is where the next page
+        starts, absent after the last one. Without it (gossip), a sample of every record: a table
+        of many peers (or of many throw-away records) would otherwise crowd a client's peers out."""
         self.offer_all(msg.get("records") or [])
-        return self._wires() if msg.get("want") else []
+        if not msg.get("want"):
+            return {"records": []}
+        model_id = msg.get("model_id")
+        if model_id is None:
+            return {"records": self._wires()}
+        after = msg.get("after") or ""
+        page, size = [], 0
+        for record, wire in self.table.live_wires(model_id):
+            if record.peer_id <= after:
+                continue
+            size += len(wire["body"]) + len(wire["sig"]) + 16  # msgpack framing
+            if size > WIRE_BUDGET or len(page) == MAX_WIRES:
+                return {"records": [w for _, w in page], "after": page[-1][0]}
+            page.append((record.peer_id, wire))
+        return {"records": [w for _, w in page]}
 
     def offer_all(self, wires: list) -> dict[str, int]:
         results: dict[str, int] = {}

@@ -59,7 +59,7 @@ class RequestHandler:
         self.device, self.dtype = self.steps.device, self.steps.dtype
         self.leaving = False
         self.extra_info: dict[str, Any] = {}  # set by the server: address, keys, records
-        self.on_records = None  # callable(list) -> list, set by the gossip layer
+        self.on_records = None  # callable(Message) -> records_reply fields, set by the gossip layer
         # Recently seen request ids per peer, to refuse duplicates (a replayed request must not
         # run a step twice and corrupt a KV cache): the last 1,024 of each peer, at most
         # MAX_SEEN_IDS in all (peers that reconnect get new identities: the least recently
@@ -182,7 +182,7 @@ class RequestHandler:
         if msg.type == "records":
             if self.on_records is None:
                 raise ProtocolError(ErrorCode.NOT_SERVED, "this node keeps no swarm table")
-            return encode("records_reply", msg.id, {"records": self.on_records(msg)})
+            return encode("records_reply", msg.id, self.on_records(msg))
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unhandled type {msg.type!r}")
 
     def info(self) -> dict[str, Any]:

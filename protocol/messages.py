@@ -49,7 +49,9 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
              "reply": ((int, type(None)), False), "next": (_OPT_LIST, False),
              "hop": ((int, type(None)), False), "busy": (_OPT_LIST, False), "rewind": (_BOOL, False)},
     "close": {"session": (_STR, True)},
-    "records": {"records": (_LIST, False), "want": (_BOOL, False)},
+    "records": {"records": (_LIST, False), "want": (_BOOL, False),
+                # a client's request: that model's records only, in pages by peer id
+                "model_id": (_OPT_STR, False), "after": (_OPT_STR, False)},
     # replies
     "info_reply": {"peer_id": (_STR, True), "model_id": (_STR, True), "layers": (_LIST, True),
                    "heads": (_OPT_LIST, False)},
@@ -57,7 +59,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                "max_tokens_per_step": (_INT, False), "max_message_bytes": (_INT, False)},
     "result": {"busy_us": ((int, type(None)), False), "busy": (_OPT_LIST, False)},
     "closed": {"session": (_STR, True)},
-    "records_reply": {"records": (_LIST, True)},
+    "records_reply": {"records": (_LIST, True), "after": (_OPT_STR, False)},
     "leaving": {"sessions": (_LIST, False)},
     "error": {"code": (_STR, True), "message": (_STR, True)},
 }

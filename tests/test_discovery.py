@@ -587,3 +587,31 @@ def test_a_leaving_node_stops_offering_its_record_even_when_its_table_refuses_th
         assert gossip.departed and not any(w["body"] == gossip.own["body"] for w in gossip._wires())
     finally:
         gossip.close()
+
+
+def test_a_client_gets_all_of_its_models_records_in_pages(tiny_model_dir, cluster_factory):
+    """A bootstrap answers a client's `records` request with that model's records only, in pages
+    (a review: 3,000 records of another model crowded a swarm's peers out of the 128 a reply
+    carries, and `generate` found no route)."""
+    from nanoswarm.client.discovery import fetch_wires
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    contact = nodes.addresses[0]
+    model_id = read_manifest(tiny_model_dir).model_id
+    now = time.time()
+    ours, others = [], []
+    for i in range(300):
+        for model, out in ((model_id, ours), ("another-model", others)):
+            out.append(sign_record(generate_identity(), address=f"tcp://127.0.0.1:{3000 + i}", model_id=model,
+                                   layers=(0, 1), seq=1, expires=now + 60))
+    wires = ours + others
+    for i in range(0, len(wires), 100):
+        request(contact, "records", {"records": wires[i:i + 100], "want": False})
+    first = request(contact, "records", {"records": [], "want": True, "model_id": model_id})
+    assert first.fields.get("after") and len(first.fields["records"]) < 301  # more than one page
+    got, _ = fetch_wires(contact, 5.0, model_id=model_id)
+    records = [verify_record(w, max_ttl=600) for w in got]
+    assert len(records) == 301 and {r.model_id for r in records} == {model_id}
+    assert {r.peer_id for r in records} >= {verify_record(w).peer_id for w in ours}
+    sample, _ = fetch_wires(contact, 5.0)  # gossip's unfiltered sample, as before
+    assert len(sample) < 601
