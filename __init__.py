@@ -4,6 +4,13 @@ import os as _os
 
 __version__ = "0.1.0"
 
+# The CPUs this process may run on, read on import, before torch loads: with OMP_PROC_BIND set
+# (the local harness sets it for its nodes: node/cluster.py), libgomp binds the main thread to
+# its first place when torch loads, and threads started after that (ZeroMQ's) inherit that one
+# core unless told otherwise (node/daemon.py).
+START_CPUS: frozenset[int] = (frozenset(_os.sched_getaffinity(0)) if hasattr(_os, "sched_getaffinity")
+                              else frozenset())
+
 
 def openmp_defaults(env: dict | None = None) -> dict:
     """OpenMP wait settings for processes that share cores with other nanoswarm processes.

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from nanoswarm import runtime_defaults
 
+from .affinity import bind_openmp, unbind_child
+
 log = logging.getLogger(__name__)
 
 
@@ -49,12 +51,16 @@ def even_split(n_layer: int, n_nodes: int) -> list[tuple[int, int]]:
     return out
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the harness dies, even by SIGKILL (Linux prctl)."""
+def _prepare_child() -> None:
+    """In the child, before exec: get SIGTERM when the harness dies, even by SIGKILL (Linux prctl),
+    and start on every core."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    # A child starts with the affinity of the thread that forked it: in a harness whose torch was
+    # loaded with OMP_PROC_BIND set, that is one core, and every node would compute on it.
+    unbind_child()
 
 
 @dataclass
@@ -110,6 +116,8 @@ class LocalCluster:
         # Idle OpenMP threads spin only briefly, then sleep: several nodes share the cores
         # (nanoswarm.runtime_defaults, docs/performance.md).
         env = runtime_defaults({**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+        # Each OpenMP thread of a node on a core of its own (node/affinity.py).
+        env = bind_openmp(env, len(self.nodes), self.threads)
         cmd = self.command(spec)
         key_file = None
         if "--key-file" not in cmd:  # every node needs its own identity (peer id, CURVE key)
@@ -119,7 +127,7 @@ class LocalCluster:
             cmd += ["--bootstrap", self.nodes[0].address]  # a node added to a running swarm
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr,
                                 stdin=subprocess.DEVNULL, env=env, text=True,
-                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                preexec_fn=_prepare_child if sys.platform == "linux" else None)
         node = NodeProcess(spec, proc, key_file=key_file)
         threading.Thread(target=self._pump, args=(node,), daemon=True).start()
         self.nodes.append(node)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import zmq
 
 from nanoswarm.keys.contact import endpoint_of, format_contact, split_contact
 from nanoswarm.keys.identity import Identity, default_key_path, load_or_create_identity, read_allowed_keys
@@ -23,6 +24,7 @@ from nanoswarm.keys.records import check_endpoint
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_blocks
 
+from .affinity import float_io_threads
 from .gossip import Gossip, GossipOptions
 from .handler import RequestHandler
 from .placement import (
@@ -212,6 +214,7 @@ def run_node(opts: NodeOptions) -> None:
     """Serve until SIGTERM/Ctrl-C. Prints `listening CONTACT` on stdout once ready and announced:
     the contact is ADDRESS#CURVEKEY (keys/contact.py); the harness reads it to learn the port
     when the listen address ends in `:*`, and the key to connect."""
+    float_io_threads(zmq.Context.instance())  # before any socket of ours
     check_contacts(opts)
     resolve_device(opts.device)  # before a key file is made or a bootstrap asked
     check_span(opts)

@@ -38,6 +38,7 @@ import zmq
 from nanoswarm.bench.models import SHAPES, make_random_model_dir
 from nanoswarm.client.session import InferenceSession
 from nanoswarm.client.swarm import Swarm, SwarmOptions
+from nanoswarm.node.affinity import bind_openmp, float_io_threads
 from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
@@ -54,6 +55,7 @@ def node_main(model_dir: str, start: int, stop: int, threads: int, to: tuple[str
     torch.set_num_threads(threads)
     blocks = load_blocks(model_dir, start, stop)
     ctx = zmq.Context()
+    float_io_threads(ctx)  # as nanoswarm's nodes do
     inbox = ctx.socket(zmq.ROUTER)
     port = inbox.bind_to_random_port("tcp://127.0.0.1")
     out = None
@@ -112,7 +114,15 @@ class BareSwarm:
             ready = spawn.Queue()
             p = spawn.Process(target=node_main, args=(str(model_dir), a, b, threads, to, ready, os.getpid()),
                               daemon=True)
-            p.start()
+            # The same OpenMP binding as nanoswarm's harness gives its nodes: a spawned process
+            # starts with this process's environment.
+            saved = dict(os.environ)
+            bind_openmp(os.environ, len(self.procs), threads)
+            try:
+                p.start()
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
             self.procs.append(p)
             ports.insert(0, self._port(p, ready))
             if links == "ring":
