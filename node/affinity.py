@@ -32,16 +32,20 @@ def openmp_places(index: int, threads: int, cpus: list[int]) -> str:
     return ",".join(f"{{{cpus[(index * threads + j) % n]}}}" for j in range(min(threads, n)))
 
 
+# Variables by which a user binds OpenMP threads themselves (libgomp's, the standard's, Intel's).
+BINDING_VARS = ("OMP_PLACES", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
+
+
 def bind_openmp(env: dict, index: int, threads: int | None) -> dict:
-    """Set the OpenMP binding of the `index`-th node in `env` (the environment it will start
-    with), unless binding is off (NANOSWARM_BIND=0), the environment already names one (the
-    user's choice wins), or the node runs one thread (nothing to keep apart, and a bound single
-    thread could not move off a busy core)."""
-    if env.get("NANOSWARM_BIND", "1") == "0" or "OMP_PLACES" in env or "OMP_PROC_BIND" in env:
+    """Set the OpenMP binding of the `index`-th node, which runs `threads` torch threads, in
+    `env` (the environment it will start with), unless binding is off (NANOSWARM_BIND=0), the
+    environment already binds (the user's choice wins), or the node runs one thread (nothing to
+    keep apart, and a bound single thread could not move off a busy core) or torch's default
+    (None: how many that is depends on torch's count of physical cores)."""
+    if env.get("NANOSWARM_BIND", "1") == "0" or any(k in env for k in BINDING_VARS):
         return env
     cpus = sorted(START_CPUS)  # not this thread's own, which OpenMP may have bound to one core
-    threads = threads or len(cpus)
-    if threads < 2 or len(cpus) < 2:
+    if threads is None or threads < 2 or len(cpus) < 2:
         return env
     env["OMP_PLACES"] = openmp_places(index, threads, cpus)
     env["OMP_PROC_BIND"] = "close"
@@ -57,11 +61,14 @@ def float_io_threads(ctx: zmq.Context) -> None:
             ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, cpu)
 
 
-def unbind_child() -> None:
-    """In a child process before exec: back to every core this package saw at import (the fork
-    copied the affinity of the forking thread, which OpenMP may have bound to one core)."""
-    if START_CPUS and hasattr(os, "sched_setaffinity"):
-        try:
-            os.sched_setaffinity(0, START_CPUS)
-        except OSError:
-            pass
+def child_cpus(env: dict) -> frozenset[int] | None:
+    """The cores a child process should start on instead of the calling thread's: a forked child
+    inherits the affinity of the thread that forked it, and where this process loaded torch with
+    an OpenMP binding (one of BINDING_VARS in its environment) that thread may be bound to one
+    core, so every node would compute on it. Then the cores this package saw at import; None to
+    leave the child as forked (no binding here, NANOSWARM_BIND=0 in `env`, or a restriction the
+    user made on purpose)."""
+    if (env.get("NANOSWARM_BIND", "1") == "0" or not START_CPUS or not hasattr(os, "sched_getaffinity")
+            or not any(k in os.environ for k in BINDING_VARS)):
+        return None
+    return START_CPUS if os.sched_getaffinity(0) != START_CPUS else None

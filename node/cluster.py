@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import queue
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from nanoswarm import runtime_defaults
 
-from .affinity import bind_openmp, unbind_child
+from .affinity import bind_openmp, child_cpus
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +52,41 @@ def even_split(n_layer: int, n_nodes: int) -> list[tuple[int, int]]:
     return out
 
 
-def _prepare_child() -> None:
-    """In the child, before exec: get SIGTERM when the harness dies, even by SIGKILL (Linux prctl),
-    and start on every core."""
+@functools.cache
+def _libc():
+    """The C library, loaded in the harness: a forked child of a threaded process must not load
+    one (the loader's lock may be held by a thread that did not come along)."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
-        pass
-    # A child starts with the affinity of the thread that forked it: in a harness whose torch was
-    # loaded with OMP_PROC_BIND set, that is one core, and every node would compute on it.
-    unbind_child()
+        return None
+
+
+def _child_setup(cpus: frozenset[int] | None):
+    """What a node's process runs after the fork, before exec: get SIGTERM when the harness dies,
+    even by SIGKILL (Linux prctl), and start on `cpus` if given (node/affinity.py `child_cpus`)."""
+    libc = _libc()
+
+    def setup() -> None:
+        if libc is not None:
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if cpus:
+            try:
+                os.sched_setaffinity(0, cpus)
+            except OSError:
+                pass
+    return setup
+
+
+def threads_of(cmd: list[str]) -> int | None:
+    """The torch threads a node command asks for: its last --threads (click keeps the last)."""
+    threads = None
+    for i, arg in enumerate(cmd):
+        value = cmd[i + 1] if arg == "--threads" and i + 1 < len(cmd) else (
+            arg.split("=", 1)[1] if arg.startswith("--threads=") else None)
+        if value is not None:
+            threads = int(value) if value.isdigit() else None
+    return threads
 
 
 @dataclass
@@ -116,9 +142,9 @@ class LocalCluster:
         # Idle OpenMP threads spin only briefly, then sleep: several nodes share the cores
         # (nanoswarm.runtime_defaults, docs/performance.md).
         env = runtime_defaults({**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
-        # Each OpenMP thread of a node on a core of its own (node/affinity.py).
-        env = bind_openmp(env, len(self.nodes), self.threads)
         cmd = self.command(spec)
+        # Each OpenMP thread of a node on a core of its own (node/affinity.py).
+        env = bind_openmp(env, len(self.nodes), threads_of(cmd))
         key_file = None
         if "--key-file" not in cmd:  # every node needs its own identity (peer id, CURVE key)
             key_file = self._new_key_file()
@@ -127,7 +153,7 @@ class LocalCluster:
             cmd += ["--bootstrap", self.nodes[0].address]  # a node added to a running swarm
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr,
                                 stdin=subprocess.DEVNULL, env=env, text=True,
-                                preexec_fn=_prepare_child if sys.platform == "linux" else None)
+                                preexec_fn=_child_setup(child_cpus(env)) if sys.platform == "linux" else None)
         node = NodeProcess(spec, proc, key_file=key_file)
         threading.Thread(target=self._pump, args=(node,), daemon=True).start()
         self.nodes.append(node)

@@ -7,12 +7,19 @@ import os
 import sys
 
 import pytest
+import zmq
 from test_swarm import PROMPT_LEN, random_ids, reference_logits, swarm_logits  # the same check
 
 from nanoswarm import START_CPUS
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.node.affinity import bind_openmp, openmp_places
-from nanoswarm.node.cluster import NodeSpec
+from nanoswarm.node.cluster import NodeSpec, threads_of
+
+
+def test_a_node_command_threads_are_its_last_threads_option():
+    assert threads_of(["nanoswarm", "node", "m", "--threads", "2", "--threads", "1"]) == 1
+    assert threads_of(["nanoswarm", "node", "m", "--threads=3"]) == 3
+    assert threads_of(["nanoswarm", "node", "m"]) is None
 
 
 def test_places_give_each_thread_a_core_in_turn():
@@ -28,6 +35,8 @@ def test_binding_leaves_the_users_choice_and_single_threads_alone():
     assert bind_openmp({"OMP_PROC_BIND": "false"}, 0, 2) == {"OMP_PROC_BIND": "false"}
     assert bind_openmp({"OMP_PLACES": "cores"}, 0, 2) == {"OMP_PLACES": "cores"}
     assert "OMP_PLACES" not in bind_openmp({}, 0, 1)
+    assert "OMP_PLACES" not in bind_openmp({}, 0, None)  # torch's default count: not known here
+    assert bind_openmp({"GOMP_CPU_AFFINITY": "1 0"}, 0, 2) == {"GOMP_CPU_AFFINITY": "1 0"}
     env = bind_openmp({}, 0, 2)
     if len(os.sched_getaffinity(0)) >= 2:
         assert env["OMP_PROC_BIND"] == "close" and env["OMP_PLACES"].count("{") == 2
@@ -45,29 +54,61 @@ def _affinities(pid: int) -> dict[int, tuple[str, set[int]]]:
     return out
 
 
-@pytest.mark.skipif(sys.platform != "linux" or len(START_CPUS) < 2, reason="needs Linux affinity and 2 CPUs")
-def test_nodes_bind_openmp_threads_and_float_zeromq_threads(tiny_model_dir, cluster_factory):
-    """Two 2-thread nodes started by a harness whose own main thread is bound to one core (as
-    OpenMP binds it when torch loads with OMP_PROC_BIND set): each node still gets every core,
-    binds its main thread and its OpenMP worker to two different ones, leaves ZeroMQ's I/O
-    threads on all, and computes exact logits."""
-    cpus = sorted(START_CPUS)
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpus[-1]})
-    try:
-        cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))], threads=2)
-    finally:
-        os.sched_setaffinity(0, before)
-    model = SwarmModel.connect(tiny_model_dir, peers=cluster.addresses)
+def _places(index: int, threads: int) -> list[set[int]]:
+    return [{int(p.strip("{}"))} for p in openmp_places(index, threads, sorted(START_CPUS)).split(",")]
+
+
+def _check_node(pid: int, places: list[set[int]]) -> None:
+    """The main thread on the node's first place, its OpenMP worker on the second, and ZeroMQ's
+    I/O threads on every core."""
+    threads = _affinities(pid)
+    assert threads[pid][1] == places[0], threads
+    assert any(cpu == places[1] for tid, (_, cpu) in threads.items() if tid != pid), threads
+    zmq_threads = [cpu for name, cpu in threads.values() if name.startswith("ZMQbg")]
+    assert zmq_threads and all(cpu == START_CPUS for cpu in zmq_threads), threads
+
+
+def _exact(model_dir, addresses: list[str]) -> None:
+    model = SwarmModel.connect(model_dir, peers=addresses)
     try:
         ids = random_ids(PROMPT_LEN + 8)
-        got, want = swarm_logits(model, ids), reference_logits(tiny_model_dir, ids)[PROMPT_LEN - 1:]
+        got, want = swarm_logits(model, ids), reference_logits(model_dir, ids)[PROMPT_LEN - 1:]
         assert (got - want).abs().max().item() <= 1e-5
     finally:
         model.close()
-    for node in cluster.nodes:
-        threads = _affinities(node.pid)
-        assert threads[node.pid][1] == {cpus[0]}, threads  # the main thread: the node's first place
-        assert any(cpu == {cpus[1]} for _, cpu in threads.values()), threads  # its OpenMP worker
-        zmq_threads = [cpu for name, cpu in threads.values() if name.startswith("ZMQbg")]
-        assert zmq_threads and all(cpu == START_CPUS for cpu in zmq_threads), threads
+
+
+needs_two_cpus = pytest.mark.skipif(sys.platform != "linux" or len(START_CPUS) < 2,
+                                    reason="needs Linux affinity and 2 CPUs")
+
+
+@needs_two_cpus
+def test_nodes_bind_openmp_threads_and_float_zeromq_threads(tiny_model_dir, cluster_factory):
+    """Three 2-thread nodes (one started with --threads 1 in its own args: left unbound): each
+    bound node's main thread and OpenMP worker on the cores openmp_places gives it, ZeroMQ's
+    I/O threads on all, exact logits."""
+    cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4)),
+                                               NodeSpec((0, 4), args=["--threads", "1"])], threads=2)
+    _exact(tiny_model_dir, cluster.addresses[:2])
+    for index, node in enumerate(cluster.nodes[:2]):
+        _check_node(node.pid, _places(index, 2))
+    assert all(cpu == START_CPUS for _, cpu in _affinities(cluster.nodes[2].pid).values())
+
+
+@needs_two_cpus
+def test_a_bound_harness_starts_nodes_on_every_core(tiny_model_dir, cluster_factory, monkeypatch):
+    """A harness process that loaded torch with an OpenMP binding of the user's (here: its main
+    thread bound to one core, the binding in its environment) starts its nodes on every core it
+    had, so they bind as that environment says instead of all computing on the one core."""
+    cpus = sorted(START_CPUS)
+    zmq.Context.instance().socket(zmq.DEALER).close()  # this process's I/O threads: started unbound
+    monkeypatch.setenv("OMP_PROC_BIND", "close")
+    monkeypatch.setenv("OMP_PLACES", f"{{{cpus[1]}}},{{{cpus[0]}}}")
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[-1]})
+    try:
+        cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))], threads=2)
+    finally:
+        os.sched_setaffinity(0, before)
+    _exact(tiny_model_dir, cluster.addresses)
+    _check_node(cluster.nodes[0].pid, [{cpus[1]}, {cpus[0]}])
