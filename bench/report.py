@@ -34,7 +34,8 @@ def format_report(result: dict) -> str:
         f"{what}: {c['n_layer']} blocks, {c['n_embd']} wide, {c['n_head']} heads, vocab {c['vocab_size']}, float32",
         f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} torch threads per process, "
         f"OMP_WAIT_POLICY={m['omp_wait_policy'] or 'default'}, GOMP_SPINCOUNT={m.get('gomp_spincount') or 'default'}, "
-        f"linear layers through {m.get('linear', 'F.linear')}, load {m['loadavg_start']:.2f} -> "
+        f"linear layers through {m.get('linear', 'F.linear')}, nodes' OpenMP threads bound: "
+        f"{m.get('node_binding', 'none')}, load {m['loadavg_start']:.2f} -> "
         f"{m.get('loadavg_end', float('nan')):.2f}, other processes used {_other(m)} cores meanwhile",
         f"rounds: {o['repeats']} x (prefill {o['prompt_len']} + decode {o['tokens']}) per side and route, "
         f"local and swarm alternating; {o['session_tokens']} tokens per session in the concurrent runs",

@@ -24,6 +24,7 @@ from nanoswarm.client.generate import ClientModel
 from nanoswarm.client.session import InferenceSession
 from nanoswarm.client.stages import LocalStage
 from nanoswarm.client.swarm import Swarm, SwarmOptions
+from nanoswarm.node.affinity import BINDING_VARS, bind_openmp
 from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
 from nanoswarm.shards.manifest import Manifest, read_manifest
 from nanoswarm.shards.model import onednn_linear
@@ -80,7 +81,19 @@ def machine_info(threads: int) -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "threads": threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
             "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""), "loadavg_start": os.getloadavg()[0],
-            "linear": "oneDNN" if onednn_linear() is not None else "F.linear"}  # shards/model.py
+            "linear": "oneDNN" if onednn_linear() is not None else "F.linear",  # shards/model.py
+            "node_binding": node_binding(threads)}
+
+
+def node_binding(threads: int) -> str:
+    """How the harness binds the nodes' OpenMP threads (node/affinity.py): the first node's
+    places, the user's own binding, or none."""
+    env = dict(os.environ)
+    user = [f"{k}={env[k]}" for k in BINDING_VARS if k in env]
+    if user:
+        return "user's " + " ".join(user)
+    places = bind_openmp(env, 0, threads).get("OMP_PLACES")
+    return f"OMP_PLACES={places} (first node)" if places else "none"
 
 
 def _busy_cpu_seconds() -> float | None:

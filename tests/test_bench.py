@@ -32,7 +32,8 @@ def test_quick_bench_json_has_every_field(tmp_path):
     out = json.loads(result.stdout)
     assert {"config", "options", "machine", "local", "runs", "seconds"} <= set(out)
     assert out["shape"] == "tiny" and out["config"]["n_embd"] == 128
-    assert {"cpu", "cores", "torch", "threads", "loadavg_start", "loadavg_end", "linear"} <= set(out["machine"])
+    assert {"cpu", "cores", "torch", "threads", "loadavg_start", "loadavg_end", "linear",
+            "node_binding"} <= set(out["machine"])
     assert all(out["local"][k] > 0 for k in ("decode_tps", "prefill_tps", "decode_ms", "prefill_ms"))
     assert [(r["route"], r["wire"], r["links"]) for r in out["runs"]] == [
         ("layers", "float32", "relay"), ("layers", "float32", "star"), ("layers", "float16", "relay"),
