@@ -66,10 +66,11 @@ def _child_setup(cpus: frozenset[int] | None):
     """What a node's process runs after the fork, before exec: get SIGTERM when the harness dies,
     even by SIGKILL (Linux prctl), and start on `cpus` if given (node/affinity.py `child_cpus`)."""
     libc = _libc()
+    prctl = libc.prctl if libc is not None else None  # looked up here too, not after the fork
 
     def setup() -> None:
-        if libc is not None:
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if cpus:
             try:
                 os.sched_setaffinity(0, cpus)
@@ -85,7 +86,10 @@ def threads_of(cmd: list[str]) -> int | None:
         value = cmd[i + 1] if arg == "--threads" and i + 1 < len(cmd) else (
             arg.split("=", 1)[1] if arg.startswith("--threads=") else None)
         if value is not None:
-            threads = int(value) if value.isdigit() else None
+            try:
+                threads = int(value)
+            except ValueError:  # click refuses the node's command anyway
+                threads = None
     return threads
 
 

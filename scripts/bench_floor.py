@@ -116,13 +116,14 @@ class BareSwarm:
                               daemon=True)
             # The same OpenMP binding as nanoswarm's harness gives its nodes: a spawned process
             # starts with this process's environment.
-            saved = dict(os.environ)
-            bind_openmp(os.environ, len(self.procs), threads)
+            env = bind_openmp(dict(os.environ), len(self.procs), threads)
+            added = {k: env[k] for k in ("OMP_PLACES", "OMP_PROC_BIND") if k in env and k not in os.environ}
+            os.environ.update(added)
             try:
                 p.start()
             finally:
-                os.environ.clear()
-                os.environ.update(saved)
+                for k in added:
+                    del os.environ[k]
             self.procs.append(p)
             ports.insert(0, self._port(p, ready))
             if links == "ring":
