@@ -8,8 +8,14 @@ __version__ = "0.1.0"
 # (the local harness sets it for its nodes: node/cluster.py), libgomp binds the main thread to
 # its first place when torch loads, and threads started after that (ZeroMQ's) inherit that one
 # core unless told otherwise (node/daemon.py).
-START_CPUS: frozenset[int] = (frozenset(_os.sched_getaffinity(0)) if hasattr(_os, "sched_getaffinity")
-                              else frozenset())
+def _start_cpus() -> frozenset[int]:
+    try:
+        return frozenset(_os.sched_getaffinity(0)) if hasattr(_os, "sched_getaffinity") else frozenset()
+    except OSError:  # a sandbox that refuses the call: no binding, nothing handed back
+        return frozenset()
+
+
+START_CPUS: frozenset[int] = _start_cpus()
 
 
 def openmp_defaults(env: dict | None = None) -> dict:
