@@ -6,7 +6,7 @@ machine, Linux sometimes wakes a node's worker thread on the core its main threa
 on (the other core was busy for a moment: another node's thread finishing, a ZeroMQ thread), and
 it leaves the two there for the rest of the pass: one computes while the other waits for the core
 or spins at the barrier. On the 2-core test VM about one 128-token prefill pass in two, on a
-random node of a 4-stage swarm, took 28-50 ms instead of 16-18, its two threads each ~12-16 ms
+random node of a 4-stage swarm, took 28-50 ms instead of 16-18, its two threads each 5-18 ms
 runnable but not running (docs/performance.md). Binding each OpenMP thread of a node to a core of
 its own (OMP_PLACES, OMP_PROC_BIND) makes that impossible.
 
