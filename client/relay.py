@@ -18,7 +18,7 @@ import time
 import torch
 import zmq
 
-from .stages import RemoteLayerStage, reply_tensors
+from .stages import RemoteLayerStage, positions_per_request, reply_tensors
 from .transport import PeerError, PeerTimeout, next_request_id
 
 
@@ -41,19 +41,26 @@ class Chain:
         for stage in stages:  # any hop may answer with an error; a dropped link shows on its monitor
             stage.conn.register(self.poller)
 
-    def step(self, hidden: torch.Tensor, pos: int, timeout: float) -> list[torch.Tensor]:
+    def max_positions(self, width: int) -> int:
+        """The most positions one relayed step may carry: what every node of the chain takes."""
+        return min(positions_per_request(stage.opened, width) for stage in self.stages)
+
+    def step(self, hidden: torch.Tensor, pos: int, timeout: float, trail: bool = True) -> list[torch.Tensor]:
         """Positions pos.. of `hidden` through every stage; returns each stage's output (the
-        last one a tensor, the others read from the reply's frames when first used)."""
+        last one a tensor, the others read from the reply's frames when first used), or with
+        `trail` off only the last stage's: the nodes pass on only their own output."""
         first, last = self.stages[0], self.stages[-1]
         rid = next_request_id()
         deadline = time.monotonic() + timeout
+        fields = {"session": first.session, "pos": pos, "wire": first.wire, "reply": rid, "next": self.next}
+        if not trail:
+            fields["trail"] = False
         try:
-            first.conn.send("step", {"session": first.session, "pos": pos, "wire": first.wire, "reply": rid,
-                                     "next": self.next}, [hidden], first.wire, req_id=rid, timeout=timeout)
+            first.conn.send("step", fields, [hidden], first.wire, req_id=rid, timeout=timeout)
             while True:
                 msg = last.conn.take(rid)  # an error reply, or a dropped link, raises PeerError
                 if msg is not None:
-                    return reply_tensors(last.conn, msg, hidden, len(self.stages))
+                    return reply_tensors(last.conn, msg, hidden, len(self.stages) if trail else 1)
                 for stage in self.stages[:-1]:  # the hops before answer only to refuse
                     if stage.conn.take(rid) is not None:
                         raise PeerError(stage.conn.address, "bad_reply", "a reply from the middle of a relayed step")

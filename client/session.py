@@ -7,8 +7,10 @@ history into them to rebuild their KV caches, and carries on with the same step.
 sampling state live outside the stages, so the tokens are those of a run without the failure.
 
 Consecutive layer stages are driven by relay (client/relay.py): one request, the nodes pass the
-step along, and the result carries every hop's output for the history. A relayed step that
-breaks off is done again one stage at a time, the stages redoing the position if they hold it.
+step along, and the result of a decode step carries every hop's output for the history. A
+prefill's does not (it would cross every link again): those positions are recomputed by the stage
+before when a failover needs them (`_recover`). A relayed step that breaks off is done again one
+stage at a time, the stages redoing the position if they hold it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 import torch
 import zmq
 
+from .history import History, Unkept
 from .relay import Chain, ChainBroken
 from .route import RouteError
 from .stages import BUSY_RETRIES, RemoteLayerStage, Stage, busy_pause
@@ -27,10 +30,11 @@ from .transport import PeerError, PeerTimeout
 
 log = logging.getLogger(__name__)
 
-# A relayed step brings back every hop's output (client/relay.py): 3 KB a hop for a decode step
-# of the GPT-2-small shape, but 384 KB a hop for a 128-token prefill, re-encrypted at every link,
-# which made prefill through 4 relayed stages slower than stage by stage (docs/performance.md).
-RELAY_MAX_POSITIONS = 32
+# A relayed step of up to this many positions brings back every hop's output (client/relay.py):
+# 3 KB a hop for a decode step of the GPT-2-small shape. A longer one (a prefill) brings back only
+# the last: 384 KB a hop for a 128-token prompt, re-encrypted at every link, made prefill through
+# 4 relayed stages slower than stage by stage (docs/performance.md).
+TRAIL_MAX_POSITIONS = 32
 REPLAY_CHUNK = 512  # positions per replay step (well under a node's max tokens per step)
 
 
@@ -82,7 +86,7 @@ def stalled_stage(stages: list[RemoteLayerStage], timeout: float) -> tuple[Remot
     return None
 
 
-def _step_retrying_busy(stage: Stage, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+def _step_retrying_busy(stage: Stage, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
     """stage.step, asked again after a pause when the peer answers `busy` (it left the session as
     it was), as InferenceSession.step does: a replacement that is briefly overloaded while it is
     replayed into is not banned for it."""
@@ -91,18 +95,12 @@ def _step_retrying_busy(stage: Stage, hidden: torch.Tensor, pos: int) -> torch.T
         try:
             # A retry may redo positions: a step split after `too_large` can be refused `busy` in
             # its second half, its first half stored. A layer stage drops them first (rewind).
-            return stage.step(hidden, pos, rewind=retry > 0 and isinstance(stage, RemoteLayerStage))
+            return stage.step(hidden, pos, rewind=(rewind or retry > 0) and isinstance(stage, RemoteLayerStage))
         except PeerError as e:
             retry += 1
             if e.code != "busy" or retry > BUSY_RETRIES or stage.retries_busy:
                 raise
             busy_pause(retry)
-
-
-def _joined(history: list) -> torch.Tensor:
-    """A stage's history as one tensor of every position (entries may be functions that make
-    theirs: a relayed step's intermediate outputs)."""
-    return torch.cat([h() if callable(h) else h for h in history], dim=1)
 
 
 class InferenceSession:
@@ -113,9 +111,7 @@ class InferenceSession:
         self.swarm = swarm
         self.max_failovers = max_failovers
         self.on_failover = on_failover  # callable(str) for the user's one-line notice
-        # Per stage, the hidden states sent to it; an entry may be a function that makes the tensor
-        # (a relayed step's intermediate outputs: client/relay.py).
-        self.history: list[list] = [[] for _ in stages]
+        self.history: list[History] = [History() for _ in stages]  # per stage, what it was sent
         self.pos = 0
         self.failovers = 0
         self.relay = swarm is not None and swarm.options.relay
@@ -148,7 +144,7 @@ class InferenceSession:
                 self._strike(e)
                 continue
             self.stages.append(stage)
-            self.history.append([])
+            self.history.append(History())
             pos = plan.stop
 
     def _strike(self, e: PeerError) -> None:
@@ -173,20 +169,25 @@ class InferenceSession:
         while i < len(self.stages):
             stage = self.stages[i]
             if self.swarm is not None and stage.leaving:
-                self._replace(i, PeerError(stage.leaving_peer, "leaving", "peer announced it is leaving"))
+                i = self._replace(i, PeerError(stage.leaving_peer, "leaving", "peer announced it is leaving"))
                 continue
-            chain = self._chain(i) if relay and T <= RELAY_MAX_POSITIONS else None
+            chain = self._chain(i) if relay else None
+            if chain is not None and T > TRAIL_MAX_POSITIONS and T > chain.max_positions(hidden.shape[2]):
+                chain = None  # a node takes fewer positions a step: stage by stage, in pieces
             if chain is not None:
+                trail = T <= TRAIL_MAX_POSITIONS
                 try:
-                    outputs = chain.step(hidden, self.pos, self.swarm.options.timeout)
+                    outputs = chain.step(hidden, self.pos, self.swarm.options.timeout, trail)
                 except ChainBroken as e:
                     relay = False  # the rest of this step one stage at a time
                     rewind.update(chain.stages)
                     self._chain_broken(chain, e.error)
+                    i = self._at(stage.start)  # failover may have replaced stages before it too
                     continue
-                for out in outputs:
-                    self.history[i].append(hidden)
-                    hidden, i = out, i + 1
+                self.history[i].append(hidden, T)
+                for k in range(1, len(chain.stages)):
+                    self.history[i + k].append(outputs[k - 1] if trail else Unkept(T), T)
+                hidden, i = outputs[-1], i + len(chain.stages)
                 continue
             try:
                 out = stage.step(hidden, self.pos, rewind=stage in rewind)
@@ -206,14 +207,19 @@ class InferenceSession:
                     # nothing failed. Open a new one there, rebuilt from the history, no strike.
                     reopened.add(stage)
                     if self._reopen(i):
+                        i = self._at(stage.start)
                         continue
-                self._replace(i, e)
+                i = self._replace(i, e)
                 continue
-            self.history[i].append(hidden)
+            self.history[i].append(hidden, T)
             hidden = out
             i += 1
         self.pos += T
         return hidden
+
+    def _at(self, block: int) -> int:
+        """The index of the stage that starts at `block` (failover may have changed indices)."""
+        return next(k for k, s in enumerate(self.stages) if s.start == block)
 
     def _chain(self, i: int) -> Chain | None:
         """Stages i.. that one relayed step can run (consecutive layer stages, none leaving), if
@@ -255,11 +261,13 @@ class InferenceSession:
         """A new session for stage i on the same peers, replayed from the history; False if
         that fails too (the caller then replaces the stage)."""
         stage = self.stages[i]
+        self._recover_for(stage)
+        i = self.stages.index(stage)
         try:
             stage.close()  # whatever of the old session is left (a head group's other members)
             stage.open(self.max_length)
-            if self.history[i]:
-                self._replay(stage, _joined(self.history[i]))
+            if self.history[i].positions:
+                self._fill_unkept(i + 1, self._replay(stage, self.history[i].tensor()))
         except PeerError as e:
             log.info("reopening a reclaimed session on %s failed: %s", ", ".join(stage.peers), e)
             return False
@@ -271,24 +279,28 @@ class InferenceSession:
         log.info("reopened a reclaimed session on %s (%d positions replayed)", ", ".join(stage.peers), self.pos)
         return True
 
-    def _replace(self, i: int, error: PeerError) -> None:
-        """Swap stage i for fresh stages over the same blocks, rebuilt from its history."""
+    def _replace(self, i: int, error: PeerError) -> int:
+        """Swap stage i for fresh stages over the same blocks, rebuilt from its history; returns
+        the index of the first of them."""
         old = self.stages[i]
         old.close()  # before the ban closes its socket: a live peer frees the KV cache at once
         self._strike(error)
         t0 = time.perf_counter()
+        self._recover_for(old)
+        i = self.stages.index(old)
         while True:
             try:
                 plans = self.swarm.plan(old.start, old.stop)
             except RouteError as e:
                 raise SessionError(f"{e} (after {error.address} failed: {error.code})") from e
             try:
-                new_stages, new_history = self._rebuild(plans, self.history[i])
+                new_stages, new_history, out = self._rebuild(plans, self.history[i])
                 break
             except PeerError as e:  # the replacement failed too: ban it and plan again
                 self._strike(e)
         self.stages[i:i + 1] = new_stages
         self.history[i:i + 1] = new_history
+        self._fill_unkept(i + len(new_stages), out)
         ms = (time.perf_counter() - t0) * 1000
         notice = (f"failover: {error.address} (layers {old.start}:{old.stop}) {error.code}; "
                   f"replayed {self.pos} positions to {', '.join(p for s in new_stages for p in s.peers)} "
@@ -296,27 +308,74 @@ class InferenceSession:
         log.warning(notice)
         if self.on_failover:
             self.on_failover(notice)
+        return i
 
-    def _rebuild(self, plans, history: list) -> tuple[list[Stage], list[list]]:
-        hidden = _joined(history) if history else None
+    def _rebuild(self, plans, history: History) -> tuple[list[Stage], list[History], torch.Tensor | None]:
+        """New stages for `plans`, each replayed into from `history`; with the last one's output
+        for every position (None when there are none)."""
+        hidden = history.tensor() if history.positions else None
         stages, histories = [], []
         try:
             for plan in plans:
                 stage = self.swarm.make_stage(plan)
                 stages.append(stage)
                 stage.open(self.max_length)
-                histories.append([hidden] if hidden is not None else [])
+                histories.append(History.of(hidden))
                 if hidden is not None:
                     hidden = self._replay(stage, hidden)
         except PeerError:
             for stage in stages:
                 stage.close()
             raise
-        return stages, histories
+        return stages, histories, hidden
+
+    def _recover_for(self, stage: Stage) -> None:
+        """Make `stage`'s history whole (_recover). An earlier stage that fails meanwhile is failed
+        over like any other (that may replace stages before `stage` and change its index)."""
+        reopened = set()
+        while True:
+            i = self.stages.index(stage)
+            try:
+                return self._recover(i)
+            except PeerError as e:
+                j = next((k for k in range(i) if e.address in self.stages[k].peers), None)
+                if j is None:
+                    raise
+                if e.code == "session_closed" and self.stages[j] not in reopened:
+                    reopened.add(self.stages[j])
+                    if self._reopen(j):
+                        continue
+                self._replace(j, e)
+
+    def _recover(self, i: int) -> None:
+        """Recompute the positions of stage i's history that a relayed prefill did not bring back
+        (history.Unkept). The stage before holds them: it is asked for them again from the first
+        one on (rewind: it drops them and computes the same values again), after its own history
+        is made whole. Raises PeerError when that stage fails."""
+        start = self.history[i].first_unkept()
+        if start is None:
+            return
+        before = self.stages[i - 1] if i > 0 else None
+        if not isinstance(before, RemoteLayerStage):  # unkept positions come only from relayed steps
+            raise SessionError(f"internal: stage {i} has unkept positions but no layer stage before it")
+        self._recover(i - 1)
+        t0 = time.perf_counter()
+        out = self._replay(before, self.history[i - 1].tensor()[:, start:], start, rewind=True)
+        self.history[i].recovered(start, out)
+        log.info("recomputed positions %d.. of layers %d:%d on %s in %.0f ms", start, before.start, before.stop,
+                 before.conn.address, (time.perf_counter() - t0) * 1000)
+
+    def _fill_unkept(self, i: int, out: torch.Tensor | None) -> None:
+        """Stage i's input, `out`, from a replay into the stage before it: what its history did
+        not keep need not be recomputed."""
+        if out is not None and i < len(self.stages) and self.history[i].first_unkept() is not None:
+            self.history[i].recovered(0, out)
 
     @staticmethod
-    def _replay(stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
-        outs = [_step_retrying_busy(stage, hidden[:, a:a + REPLAY_CHUNK], a)
+    def _replay(stage: Stage, hidden: torch.Tensor, start: int = 0, rewind: bool = False) -> torch.Tensor:
+        """Positions start.. of `hidden` into `stage`, in pieces; its output. With `rewind` the stage
+        drops what it holds from `start` on first."""
+        outs = [_step_retrying_busy(stage, hidden[:, a:a + REPLAY_CHUNK], start + a, rewind)
                 for a in range(0, hidden.shape[1], REPLAY_CHUNK)]
         return torch.cat(outs, dim=1)
 

@@ -131,6 +131,7 @@ class RemoteLayerStage(Stage):
         reply = self.conn.request("open", {"model_id": self.model_id, "max_length": max_length,
                                            "layers": [self.start, self.stop]}, timeout=self.timeout)
         self.session = reply.fields["session"]
+        self.opened = reply.fields  # its limits: positions_per_request
         self.conn.sessions.add(self.session)
 
     def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:

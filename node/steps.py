@@ -179,7 +179,9 @@ class StepRunner:
         if pos < 0:
             raise ProtocolError(ErrorCode.BAD_POSITION, f"negative position {pos}")
         wire = self.reply_wire(msg)
-        x = self.hidden(msg, max_batch=1, count=max(1, hop))
+        # A relayed step carries the outputs of the hops before this one, unless it keeps no trail
+        # (a prefill: only the previous hop's output travels on, client/history.py).
+        x = self.hidden(msg, max_batch=1, count=max(1, hop) if msg.get("trail") is not False else 1)
         T = x.shape[1]
         phase, block = msg.get("phase"), msg.get("block")
         # `rewind` lets a client redo positions the session already holds (after a relayed step
@@ -212,8 +214,9 @@ class StepRunner:
         (None, 0) for a plain step."""
         reply, hop = msg.get("reply"), msg.get("hop") or 0
         if reply is None:
-            if msg.get("next") is not None or hop:
-                raise ProtocolError(ErrorCode.MALFORMED, "'next' and 'hop' belong to a relayed step, with 'reply'")
+            if msg.get("next") is not None or hop or msg.get("trail") is not None:
+                raise ProtocolError(ErrorCode.MALFORMED, "'next', 'hop' and 'trail' belong to a relayed step, "
+                                    "with 'reply'")
             return None, 0
         if not 0 <= reply < 2**63 or not 0 <= hop <= MAX_HOPS:
             raise ProtocolError(ErrorCode.MALFORMED, f"'reply' must be >= 0 and 'hop' in 0..{MAX_HOPS}")
@@ -284,7 +287,8 @@ class StepRunner:
     def _result(self, p: PendingStep, y: torch.Tensor) -> list[Reply]:
         """The reply to a step: its result; for a relayed step, the step sent on to the next hop
         or, from the last hop, the result to the client, either carrying the outputs of every
-        hop so far. NaN/Inf must not be sent (from a bad input, or an overflow)."""
+        hop so far (with `trail` false only this hop's). NaN/Inf must not be sent (from a bad
+        input, or an overflow)."""
         to, reply_id = p.reply_to
         frame = to_frame(y, p.wire)
         problem = _unsendable(p.x, y, p.wire, frame)
@@ -297,8 +301,9 @@ class StepRunner:
         if p.hops is None:
             return [(to, encode_frames("result", reply_id, {"busy_us": busy_us}, [(p.wire, tuple(y.shape))], [frame]))]
         hop = p.msg.get("hop") or 0
-        specs = [*(p.msg.specs if hop else []), (p.wire, tuple(y.shape))]
-        tensors = [*(p.msg.frames if hop else []), frame]
+        trail = p.msg.get("trail") is not False
+        specs = [*(p.msg.specs if hop and trail else []), (p.wire, tuple(y.shape))]
+        tensors = [*(p.msg.frames if hop and trail else []), frame]
         busy = [*(p.msg.get("busy") or [])[:hop], busy_us]  # every hop's busy_us
         if not p.hops:  # the last hop
             return [(to, encode_frames("result", reply_id, {"busy_us": busy_us, "busy": busy}, specs, tensors))]
@@ -307,6 +312,8 @@ class StepRunner:
         self.stats.relayed += 1
         fields = {"session": session, "pos": p.msg.fields["pos"], "wire": p.wire, "reply": reply_id,
                   "next": [list(h) for h in rest], "hop": hop + 1, "busy": busy}
+        if not trail:
+            fields["trail"] = False
         return [(relay, encode_frames("step", relay.hop_id, fields, specs, tensors))]
 
     def _compute(self, group: list[PendingStep]) -> list[torch.Tensor]:

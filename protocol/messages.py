@@ -47,7 +47,8 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
              # relay (node/relay.py): the id the chain's replies carry, the hops after this node,
              # and this node's place in the chain
              "reply": ((int, type(None)), False), "next": (_OPT_LIST, False),
-             "hop": ((int, type(None)), False), "busy": (_OPT_LIST, False), "rewind": (_BOOL, False)},
+             "hop": ((int, type(None)), False), "busy": (_OPT_LIST, False), "rewind": (_BOOL, False),
+             "trail": (_BOOL, False)},
     "close": {"session": (_STR, True)},
     "records": {"records": (_LIST, False), "want": (_BOOL, False),
                 # a client's request: that model's records only, in pages by peer id

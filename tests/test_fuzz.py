@@ -147,9 +147,12 @@ def draw_request(data, node: Node) -> tuple[str, dict, list[torch.Tensor], str]:
             fields.update({"pos": pos, "wire": draw_reply_wire(data, wire)})
             if session is not None and data.draw(st.integers(0, 3)) == 0:  # relayed: first or last hop
                 hop = data.draw(st.integers(0, 3))
-                tensors = [x] * max(1, hop)
+                trail = data.draw(st.booleans())  # without: only the previous hop's output comes
+                tensors = [x] * (max(1, hop) if trail else 1)
                 fields.update({"reply": data.draw(st.integers(0, 2**63 - 1)), "hop": hop,
                                "next": data.draw(st.sampled_from([[], [[KNOWN_PEER, "next-session"]]]))})
+                if not trail:
+                    fields["trail"] = False
             elif data.draw(st.integers(0, 3)) == 0:  # a relayed step or a rewind, every field drawn
                 hop = data.draw(st.one_of(st.just(0), st.integers(0, 3), st.integers(-2, 80)))
                 tensors = [x] * data.draw(st.one_of(st.just(max(1, hop)), st.integers(0, 4)))
@@ -158,6 +161,7 @@ def draw_request(data, node: Node) -> tuple[str, dict, list[torch.Tensor], str]:
                     "next": data.draw(st.one_of(st.just([]), st.just([[KNOWN_PEER, "next-session"]]),
                                                 st.just([["tcp://10.0.0.9:1", "s"]]), ANY_VALUE)),
                     "hop": hop, "rewind": data.draw(st.one_of(st.booleans(), ANY_VALUE)),
+                    "trail": data.draw(st.one_of(st.booleans(), ANY_VALUE)),
                     "busy": data.draw(st.one_of(st.lists(st.integers(0, 10**6), max_size=4), ANY_VALUE)),
                 }.items() if data.draw(st.booleans())})
             # Head-shard nodes take phase steps only; whole-block nodes take them too, and must

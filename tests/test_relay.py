@@ -43,11 +43,11 @@ def test_relayed_steps_are_exact_and_relayed(tiny_model_dir, cluster_factory):
         for t in range(8, len(ids)):
             got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
         assert (torch.stack(got) - want).abs().max().item() <= 1e-5
-        assert len(session.stages) == 3 and all(len(h) == len(ids) - 7 for h in session.history)
+        assert len(session.stages) == 3 and all(len(h.entries) == len(ids) - 7 for h in session.history)
         # Every stage's history holds what it was sent (replayed on failover): the hops' outputs.
         hidden = model.client.embed(ids.tolist(), 0)
         for stage, history in zip(session.stages, session.history):
-            sent = torch.cat([h() if callable(h) else h for h in history], dim=1)
+            sent = history.tensor()
             with torch.inference_mode():
                 assert (sent - hidden).abs().max().item() <= 1e-5
                 hidden = model.swarm.connection(stage.peers[0]).request(
@@ -187,6 +187,8 @@ def test_relay_fields_are_checked(handler):
         ({"reply": 5, "next": [["tcp://10.0.0.1:1#" + "cd" * 32, "s"]]}, [x()], "not_served", True),  # a stranger
         ({"reply": 5, "hop": 2}, [x()], "bad_tensor", True),                   # hop 2 carries 2 tensors
         ({"reply": 5, "hop": 2}, [x(2), x(1)], "bad_shape", True),
+        ({"reply": 5, "hop": 2, "trail": False}, [x(), x()], "bad_tensor", True),  # no trail: one tensor
+        ({"trail": False}, [x()], "malformed", False),                         # trail without reply
     ]
     for extra, tensors, code, to_owner in cases:
         to, reply = ask(handler, b"relayer", "step", {**step, **extra}, tensors)
@@ -216,6 +218,24 @@ def test_a_relayed_step_goes_on_and_the_last_hop_answers_the_owner(handler):
     sid3 = ask(handler, b"owner", "open", {"max_length": 16})[1].fields["session"]
     alone = ask(handler, b"owner", "step", {"session": sid3, "pos": 0}, [trail[1]])[1].tensors[0]
     assert torch.equal(res.tensors[2], alone)  # its own output: the blocks on its input, the last one
+
+
+def test_a_relayed_step_without_trail_passes_on_only_its_own_output(handler):
+    """A relayed prefill (`trail` false): every hop gets one tensor, the previous hop's output, and
+    sends on one, its own; the last hop's result carries only the chain's output."""
+    sid = ask(handler, b"owner", "open", {"max_length": 16})[1].fields["session"]
+    chain = {"reply": 44, "next": [[KNOWN, "s2"]], "trail": False}
+    to, out = ask(handler, b"owner", "step", {"session": sid, "pos": 0, **chain}, [x(3)])
+    assert isinstance(to, Relay) and out.fields["hop"] == 1 and out.fields["trail"] is False
+    assert len(out.tensors) == 1
+    sid2 = ask(handler, b"owner", "open", {"max_length": 16})[1].fields["session"]
+    to, res = ask(handler, b"node-before", "step", {"session": sid2, "pos": 0, "reply": 44, "hop": 2,
+                                                    "busy": [10, 20], "trail": False}, [x(3, 1)])
+    assert (to, res.type, res.id) == (b"owner", "result", 44)
+    assert len(res.tensors) == 1 and res.fields["busy"][:2] == [10, 20] and len(res.fields["busy"]) == 3
+    sid3 = ask(handler, b"owner", "open", {"max_length": 16})[1].fields["session"]
+    alone = ask(handler, b"owner", "step", {"session": sid3, "pos": 0}, [x(3, 1)])[1].tensors[0]
+    assert torch.equal(res.tensors[0], alone)
 
 
 def test_rewind_redoes_positions_and_only_when_asked(handler):

@@ -1,0 +1,185 @@
+"""Relayed prefill (client/history.py): a step of more than TRAIL_MAX_POSITIONS positions crosses
+a chain of layer stages keeping no trail, so the client never sees what the stages after the first
+were sent. A failover recomputes those positions from the stage before, which holds them; results
+and tokens stay those of the single-process model. Real node processes, real sockets."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+
+from nanoswarm.client.api import GenerationResult, SwarmModel
+from nanoswarm.client.generate import GenerationStats, SamplingParams
+from nanoswarm.client.history import History, Unkept
+from nanoswarm.client.session import TRAIL_MAX_POSITIONS
+from nanoswarm.client.swarm import SwarmOptions
+from nanoswarm.node.cluster import NodeSpec
+from nanoswarm.shards.tokenizer import encode
+from nanoswarm.shards.weights import load_model
+
+SEEDED = SamplingParams(temperature=1.0, top_k=200, seed=1234)
+LONG_PROMPT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First "
+               "Citizen: You are all resolved rather to die than to famish? All: Resolved. resolved.")
+N_TOKENS, FAIL_AT = 24, 6
+TIMEOUT = 3.0
+
+
+def test_the_prompt_is_long_enough_to_keep_no_trail():
+    assert len(encode(LONG_PROMPT)) > TRAIL_MAX_POSITIONS
+
+
+def test_history_keeps_recovers_and_refuses_what_it_lacks():
+    h = History()
+    h.append(torch.zeros(1, 2, 3), 2)
+    h.append(Unkept(4), 4)
+    h.append(lambda: torch.ones(1, 1, 3), 1)
+    assert h.positions == 7 and h.first_unkept() == 2
+    with pytest.raises(ValueError):
+        h.tensor()
+    with pytest.raises(ValueError):
+        h.recovered(3, torch.ones(1, 5, 3))  # not where an entry starts
+    with pytest.raises(ValueError):
+        h.recovered(2, torch.ones(1, 4, 3))  # fewer positions than it replaces
+    h.recovered(2, torch.full((1, 9, 3), 5.0))  # more: the rest is not this stage's (yet)
+    assert h.first_unkept() is None and h.positions == 7
+    assert torch.equal(h.tensor()[0, :, 0], torch.tensor([0, 0, 5, 5, 5, 5, 5.0]))
+
+
+def _index(swarm, address: str) -> int:
+    return swarm.addresses.index(address)
+
+
+def test_relayed_prefill_is_exact_keeps_no_trail_and_is_recovered_on_failover(tiny_model_dir, cluster_factory):
+    """The prefill is relayed with no trail (the later stages' histories hold Unkept); killing the
+    last stage and then the middle one, each failover recomputes what it needs and the logits
+    still equal the single-process model's."""
+    specs = [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4)), NodeSpec((1, 3)), NodeSpec((3, 4))]
+    swarm = cluster_factory(tiny_model_dir, specs)
+    ids = torch.randint(0, 50257, (48,), generator=torch.Generator().manual_seed(5))
+    P = 40
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0][P - 1:]
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
+                               options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
+    try:
+        session = model.session(len(ids))
+        got = [model.client.logits(session.step(model.client.embed(ids[:P].tolist(), 0)))]
+        assert len(session.stages) == 3
+        assert [h.first_unkept() for h in session.history] == [None, 0, 0]  # no trail came back
+        relayed = [model.swarm.connection(s.peers[0]).request("info").fields["stats"]["relayed"]
+                   for s in session.stages]
+        assert relayed == [1, 1, 0]
+        for t in range(P, len(ids)):
+            if t == P + 2:  # the last stage dies: its history is recomputed through both before it
+                swarm.kill(_index(swarm, session.stages[2].peers[0]), signal.SIGKILL)
+            if t == P + 5:  # then the middle one (its replacement was replayed from the first's)
+                swarm.kill(_index(swarm, session.stages[1].peers[0]), signal.SIGKILL)
+            got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
+        assert session.failovers == 2
+        assert all(h.first_unkept() is None for h in session.history)
+        assert (torch.stack(got) - want).abs().max().item() <= 1e-5
+    finally:
+        model.close()
+
+
+def test_a_reclaimed_session_after_a_relayed_prefill_is_reopened_exactly(tiny_model_dir, cluster_factory):
+    """The last node reclaims the session while the reader pauses; in the next step the stages
+    before it have stored the position when it refuses. Reopening it recomputes its unkept
+    input through them (rewinding the position they just stored) and the logits stay exact."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)),
+                                             NodeSpec((3, 4), args=["--idle-timeout", "1"])])
+    ids = torch.randint(0, 50257, (44,), generator=torch.Generator().manual_seed(6))
+    P = 40
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0][P - 1:]
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        session = model.session(len(ids))
+        got = [model.client.logits(session.step(model.client.embed(ids[:P].tolist(), 0)))]
+        time.sleep(2.5)  # the last node reclaims its session
+        for t in range(P, len(ids)):
+            got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
+        assert session.failovers == 0
+        assert (torch.stack(got) - want).abs().max().item() <= 1e-5
+    finally:
+        model.close()
+
+
+def test_a_stage_that_fails_while_recomputing_for_another_is_replaced_first(tiny_model_dir, cluster_factory,
+                                                                             monkeypatch):
+    """The last stage dies while the middle one is frozen: recomputing the last stage's unkept
+    input needs the middle one, which times out, so the middle one is replaced inside the last
+    one's failover (its replay gives the last one's input too), and the logits stay exact."""
+    from nanoswarm.client.session import InferenceSession
+
+    depth, nested = [0], []
+    replace = InferenceSession._replace
+
+    def spy(self, i, error):  # records a replacement that starts while another is under way
+        nested.append(depth[0])
+        depth[0] += 1
+        try:
+            return replace(self, i, error)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(InferenceSession, "_replace", spy)
+    specs = [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4)), NodeSpec((1, 3)), NodeSpec((3, 4))]
+    swarm = cluster_factory(tiny_model_dir, specs)
+    ids = torch.randint(0, 50257, (44,), generator=torch.Generator().manual_seed(7))
+    P = 40
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0][P - 1:]
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
+                               options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
+    frozen = None
+    try:
+        session = model.session(len(ids))
+        got = [model.client.logits(session.step(model.client.embed(ids[:P].tolist(), 0)))]
+        for t in range(P, len(ids)):
+            if t == P + 2:
+                frozen = _index(swarm, session.stages[1].peers[0])
+                swarm.kill(frozen, signal.SIGSTOP)
+                swarm.kill(_index(swarm, session.stages[2].peers[0]), signal.SIGKILL)
+                time.sleep(0.5)  # the client sees the drop before the step's timeout
+            got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
+        assert session.failovers == 2 and nested == [0, 1]
+        assert (torch.stack(got) - want).abs().max().item() <= 1e-5
+    finally:
+        if frozen is not None:
+            swarm.kill(frozen, signal.SIGCONT)
+        model.close()
+
+
+def three_stages_with_spares() -> list[NodeSpec]:
+    return [NodeSpec((0, 4)), NodeSpec((4, 8)), NodeSpec((8, 12)), NodeSpec((4, 8)), NodeSpec((8, 12))]
+
+
+@pytest.fixture(scope="module")
+def expected_long(small12_model_dir) -> list[int]:
+    return SwarmModel.local(small12_model_dir).generate(LONG_PROMPT, N_TOKENS, SEEDED).ids
+
+
+@pytest.mark.parametrize("picks", [[1], [2], [1, 2]], ids=["middle hop", "last hop", "both"])
+def test_killed_hops_after_a_relayed_prefill_give_the_same_tokens(small12_model_dir, cluster_factory,
+                                                                  expected_long, picks):
+    swarm = cluster_factory(small12_model_dir, three_stages_with_spares())
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
+                               options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
+    result = GenerationResult(LONG_PROMPT, [], [], "", [], GenerationStats())
+    notices: list[str] = []
+    killed: list[str] = []
+    try:
+        for _ in model.stream(LONG_PROMPT, N_TOKENS, SEEDED, result, on_failover=notices.append):
+            if len(result.ids) == FAIL_AT:
+                for pick in picks:
+                    killed.append(result.route[pick]["peers"][0])
+                    swarm.kill(_index(swarm, killed[-1]), signal.SIGKILL)
+    finally:
+        model.close()
+    assert result.ids == expected_long
+    assert result.failovers == len(picks) and len(notices) == len(picks)
+    assert not set(killed) & {p for stage in result.route for p in stage["peers"]}  # spares took over
