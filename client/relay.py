@@ -41,8 +41,11 @@ class Chain:
         for stage in stages:  # any hop may answer with an error; a dropped link shows on its monitor
             stage.conn.register(self.poller)
 
-    def max_positions(self, width: int) -> int:
-        """The most positions one relayed step may carry: what every node of the chain takes."""
+    def max_untrailed(self, width: int) -> int:
+        """The most positions one relayed step without trail may carry: what every node of the
+        chain takes; 0 if one of them does not know such steps (an earlier version)."""
+        if not all(stage.opened.get("trail_optional") is True for stage in self.stages):
+            return 0
         return min(positions_per_request(stage.opened, width) for stage in self.stages)
 
     def step(self, hidden: torch.Tensor, pos: int, timeout: float, trail: bool = True) -> list[torch.Tensor]:

@@ -172,12 +172,14 @@ class InferenceSession:
                 i = self._replace(i, PeerError(stage.leaving_peer, "leaving", "peer announced it is leaving"))
                 continue
             chain = self._chain(i) if relay else None
-            if chain is not None and T > TRAIL_MAX_POSITIONS and T > chain.max_positions(hidden.shape[2]):
+            if chain is not None and T > TRAIL_MAX_POSITIONS and T > chain.max_untrailed(hidden.shape[2]):
                 chain = None  # a node takes fewer positions a step: stage by stage, in pieces
             if chain is not None:
                 trail = T <= TRAIL_MAX_POSITIONS
+                # A prefill's hops each compute for a while: each gets the time a stage step gets.
+                timeout = self.swarm.options.timeout * (1 if trail else len(chain.stages))
                 try:
-                    outputs = chain.step(hidden, self.pos, self.swarm.options.timeout, trail)
+                    outputs = chain.step(hidden, self.pos, timeout, trail)
                 except ChainBroken as e:
                     relay = False  # the rest of this step one stage at a time
                     rewind.update(chain.stages)
@@ -209,7 +211,8 @@ class InferenceSession:
                     if self._reopen(i):
                         i = self._at(stage.start)
                         continue
-                i = self._replace(i, e)
+                # A failed reopen may have replaced stages before this one: its index moved.
+                i = self._replace(self.stages.index(stage), e)
                 continue
             self.history[i].append(hidden, T)
             hidden = out
@@ -341,11 +344,12 @@ class InferenceSession:
                 j = next((k for k in range(i) if e.address in self.stages[k].peers), None)
                 if j is None:
                     raise
-                if e.code == "session_closed" and self.stages[j] not in reopened:
-                    reopened.add(self.stages[j])
+                failing = self.stages[j]
+                if e.code == "session_closed" and failing not in reopened:
+                    reopened.add(failing)
                     if self._reopen(j):
                         continue
-                self._replace(j, e)
+                self._replace(self.stages.index(failing), e)  # a failed reopen may move it
 
     def _recover(self, i: int) -> None:
         """Recompute the positions of stage i's history that a relayed prefill did not bring back

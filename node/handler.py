@@ -236,7 +236,8 @@ class RequestHandler:
         return encode("opened", msg.id, {"session": session.id, "layers": [a, b],
                                          "kv_bytes": session.cache.nbytes,
                                          "max_tokens_per_step": self.limits.max_tokens_per_step,
-                                         "max_message_bytes": self.limits.max_message_bytes})
+                                         "max_message_bytes": self.limits.max_message_bytes,
+                                         "trail_optional": True})  # relayed steps may keep no trail
 
     def _forward(self, msg: Message) -> list:
         if self.head_shard:

@@ -154,6 +154,79 @@ def test_a_stage_that_fails_while_recomputing_for_another_is_replaced_first(tiny
         model.close()
 
 
+def test_a_failed_reopen_after_a_split_replacement_replaces_the_stage_that_failed(tiny_model_dir, cluster_factory,
+                                                                                  monkeypatch):
+    """From a review: the last node reclaims the session; as the client reopens it, the first
+    node and the last one die. Recomputing the last stage's input replaces the first stage by two
+    (a split: every later index moves), then the reopen fails: the stage to replace is the one
+    that failed, not the healthy one now at its old index."""
+    from nanoswarm.client.session import InferenceSession
+
+    specs = [NodeSpec((0, 2)), NodeSpec((2, 3)), NodeSpec((3, 4), args=["--idle-timeout", "1"]),
+             NodeSpec((0, 1)), NodeSpec((1, 2)), NodeSpec((3, 4), args=["--idle-timeout", "1"])]
+    swarm = cluster_factory(tiny_model_dir, specs)  # whichever 3:4 node the route takes reclaims
+    ids = torch.randint(0, 50257, (44,), generator=torch.Generator().manual_seed(8))
+    P = 40
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0][P - 1:]
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
+                               options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
+    reopen, fired = InferenceSession._reopen, []
+
+    def reopen_as_two_nodes_die(self, i):
+        if not fired:
+            fired.append([s.peers[0] for s in self.stages])
+            swarm.kill(_index(swarm, self.stages[0].peers[0]), signal.SIGKILL)
+            swarm.kill(_index(swarm, self.stages[i].peers[0]), signal.SIGKILL)
+            time.sleep(0.5)  # both drops seen before the reopen asks them
+        return reopen(self, i)
+
+    monkeypatch.setattr(InferenceSession, "_reopen", reopen_as_two_nodes_die)
+    try:
+        session = model.session(len(ids))
+        got = [model.client.logits(session.step(model.client.embed(ids[:P].tolist(), 0)))]
+        assert [s.start for s in session.stages] == [0, 2, 3]
+        time.sleep(2.5)  # the last node reclaims its session
+        for t in range(P, len(ids)):
+            got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
+        assert fired, "the last node did not reclaim the session"
+        first, healthy, last = fired[0]
+        assert session.failovers == 2 and set(model.swarm.bans) == {first, last}
+        assert [s.start for s in session.stages] == [0, 1, 2, 3] and session.stages[2].peers == [healthy]
+        assert (torch.stack(got) - want).abs().max().item() <= 1e-5
+    finally:
+        model.close()
+
+
+def test_each_hop_of_a_relayed_prefill_gets_the_timeout(tiny_model_dir, cluster_factory):
+    """From a review: a relayed prefill's hops compute one after another, so the step may take the
+    client's timeout once per hop (stage by stage, each stage had its own). A middle node stopped
+    for longer than the timeout and the probe after it (~2.5 s: `stalled_stage`) but less than
+    the chain's 4.5 s is waited for, not banned."""
+    import threading
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4))])
+    ids = torch.randint(0, 50257, (40,), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0][-1]
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=1.5))
+    try:
+        session = model.session(len(ids))
+        middle = _index(swarm, session.stages[1].peers[0])
+        swarm.kill(middle, signal.SIGSTOP)
+        wake = threading.Timer(3.2, swarm.kill, (middle, signal.SIGCONT))
+        wake.start()
+        t0 = time.monotonic()
+        try:
+            got = model.client.logits(session.step(model.client.embed(ids.tolist(), 0)))
+        finally:
+            wake.join()
+        assert time.monotonic() - t0 >= 3.0 and session.failovers == 0
+        assert (got - want).abs().max().item() <= 1e-5
+    finally:
+        model.close()
+
+
 def three_stages_with_spares() -> list[NodeSpec]:
     return [NodeSpec((0, 4)), NodeSpec((4, 8)), NodeSpec((8, 12)), NodeSpec((4, 8)), NodeSpec((8, 12))]
 
