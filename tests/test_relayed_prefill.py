@@ -52,37 +52,65 @@ def _index(swarm, address: str) -> int:
     return swarm.addresses.index(address)
 
 
+P = 40  # prompt positions: more than TRAIL_MAX_POSITIONS, so the prompt is relayed without trail
+
+
+class Run:
+    """A session over `swarm` fed n random token ids (a P-position prompt, then one at a time),
+    checked against the single-process model's logits."""
+
+    def __init__(self, model_dir, swarm, n: int, seed: int, timeout: float = TIMEOUT):
+        self.ids = torch.randint(0, 50257, (n,), generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            self.want = load_model(model_dir)(self.ids[None])[0][P - 1:]
+        self.model = SwarmModel.connect(model_dir, peers=swarm.addresses,
+                                        options=SwarmOptions(timeout=timeout, ban_seconds=60))
+        self.session = self.model.session(n)
+        self.got: list[torch.Tensor] = []
+
+    def step(self, t: int) -> None:
+        """The prompt (t == 0), or position t."""
+        tokens = self.ids[:P].tolist() if t == 0 else [int(self.ids[t])]
+        self.got.append(self.model.client.logits(self.session.step(self.model.client.embed(tokens, t))))
+
+    def rest(self, before=lambda t: None) -> None:
+        """Every position after the prompt, `before(t)` ahead of each."""
+        for t in range(P, len(self.ids)):
+            before(t)
+            self.step(t)
+
+    def error(self) -> float:
+        return (torch.stack(self.got) - self.want[:len(self.got)]).abs().max().item()
+
+
 def test_relayed_prefill_is_exact_keeps_no_trail_and_is_recovered_on_failover(tiny_model_dir, cluster_factory):
     """The prefill is relayed with no trail (the later stages' histories hold Unkept); killing the
     last stage and then the middle one, each failover recomputes what it needs and the logits
     still equal the single-process model's."""
     specs = [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4)), NodeSpec((1, 3)), NodeSpec((3, 4))]
     swarm = cluster_factory(tiny_model_dir, specs)
-    ids = torch.randint(0, 50257, (48,), generator=torch.Generator().manual_seed(5))
-    P = 40
-    with torch.inference_mode():
-        want = load_model(tiny_model_dir)(ids[None])[0][P - 1:]
-    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
-                               options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
+    run = Run(tiny_model_dir, swarm, 48, seed=5)
+    session = run.session
+
+    def kill(t: int) -> None:
+        if t == P + 2:  # the last stage dies: its history is recomputed through both before it
+            swarm.kill(_index(swarm, session.stages[2].peers[0]), signal.SIGKILL)
+        if t == P + 5:  # then the middle one (its replacement was replayed from the first's)
+            swarm.kill(_index(swarm, session.stages[1].peers[0]), signal.SIGKILL)
+
     try:
-        session = model.session(len(ids))
-        got = [model.client.logits(session.step(model.client.embed(ids[:P].tolist(), 0)))]
+        run.step(0)
         assert len(session.stages) == 3
         assert [h.first_unkept() for h in session.history] == [None, 0, 0]  # no trail came back
-        relayed = [model.swarm.connection(s.peers[0]).request("info").fields["stats"]["relayed"]
+        relayed = [run.model.swarm.connection(s.peers[0]).request("info").fields["stats"]["relayed"]
                    for s in session.stages]
         assert relayed == [1, 1, 0]
-        for t in range(P, len(ids)):
-            if t == P + 2:  # the last stage dies: its history is recomputed through both before it
-                swarm.kill(_index(swarm, session.stages[2].peers[0]), signal.SIGKILL)
-            if t == P + 5:  # then the middle one (its replacement was replayed from the first's)
-                swarm.kill(_index(swarm, session.stages[1].peers[0]), signal.SIGKILL)
-            got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
+        run.rest(kill)
         assert session.failovers == 2
         assert all(h.first_unkept() is None for h in session.history)
-        assert (torch.stack(got) - want).abs().max().item() <= 1e-5
+        assert run.error() <= 1e-5
     finally:
-        model.close()
+        run.model.close()
 
 
 def test_a_reclaimed_session_after_a_relayed_prefill_is_reopened_exactly(tiny_model_dir, cluster_factory):
@@ -91,21 +119,15 @@ def test_a_reclaimed_session_after_a_relayed_prefill_is_reopened_exactly(tiny_mo
     input through them (rewinding the position they just stored) and the logits stay exact."""
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)),
                                              NodeSpec((3, 4), args=["--idle-timeout", "1"])])
-    ids = torch.randint(0, 50257, (44,), generator=torch.Generator().manual_seed(6))
-    P = 40
-    with torch.inference_mode():
-        want = load_model(tiny_model_dir)(ids[None])[0][P - 1:]
-    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    run = Run(tiny_model_dir, swarm, 44, seed=6)
     try:
-        session = model.session(len(ids))
-        got = [model.client.logits(session.step(model.client.embed(ids[:P].tolist(), 0)))]
+        run.step(0)
         time.sleep(2.5)  # the last node reclaims its session
-        for t in range(P, len(ids)):
-            got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
-        assert session.failovers == 0
-        assert (torch.stack(got) - want).abs().max().item() <= 1e-5
+        run.rest()
+        assert run.session.failovers == 0
+        assert run.error() <= 1e-5
     finally:
-        model.close()
+        run.model.close()
 
 
 def test_a_stage_that_fails_while_recomputing_for_another_is_replaced_first(tiny_model_dir, cluster_factory,
@@ -129,29 +151,25 @@ def test_a_stage_that_fails_while_recomputing_for_another_is_replaced_first(tiny
     monkeypatch.setattr(InferenceSession, "_replace", spy)
     specs = [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4)), NodeSpec((1, 3)), NodeSpec((3, 4))]
     swarm = cluster_factory(tiny_model_dir, specs)
-    ids = torch.randint(0, 50257, (44,), generator=torch.Generator().manual_seed(7))
-    P = 40
-    with torch.inference_mode():
-        want = load_model(tiny_model_dir)(ids[None])[0][P - 1:]
-    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
-                               options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
-    frozen = None
+    run = Run(tiny_model_dir, swarm, 44, seed=7)
+    frozen = []
+
+    def freeze_and_kill(t: int) -> None:
+        if t == P + 2:
+            frozen.append(_index(swarm, run.session.stages[1].peers[0]))
+            swarm.kill(frozen[0], signal.SIGSTOP)
+            swarm.kill(_index(swarm, run.session.stages[2].peers[0]), signal.SIGKILL)
+            time.sleep(0.5)  # the client sees the drop before the step's timeout
+
     try:
-        session = model.session(len(ids))
-        got = [model.client.logits(session.step(model.client.embed(ids[:P].tolist(), 0)))]
-        for t in range(P, len(ids)):
-            if t == P + 2:
-                frozen = _index(swarm, session.stages[1].peers[0])
-                swarm.kill(frozen, signal.SIGSTOP)
-                swarm.kill(_index(swarm, session.stages[2].peers[0]), signal.SIGKILL)
-                time.sleep(0.5)  # the client sees the drop before the step's timeout
-            got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
-        assert session.failovers == 2 and nested == [0, 1]
-        assert (torch.stack(got) - want).abs().max().item() <= 1e-5
+        run.step(0)
+        run.rest(freeze_and_kill)
+        assert run.session.failovers == 2 and nested == [0, 1]
+        assert run.error() <= 1e-5
     finally:
-        if frozen is not None:
-            swarm.kill(frozen, signal.SIGCONT)
-        model.close()
+        for i in frozen:
+            swarm.kill(i, signal.SIGCONT)
+        run.model.close()
 
 
 def test_a_failed_reopen_after_a_split_replacement_replaces_the_stage_that_failed(tiny_model_dir, cluster_factory,
@@ -165,12 +183,7 @@ def test_a_failed_reopen_after_a_split_replacement_replaces_the_stage_that_faile
     specs = [NodeSpec((0, 2)), NodeSpec((2, 3)), NodeSpec((3, 4), args=["--idle-timeout", "1"]),
              NodeSpec((0, 1)), NodeSpec((1, 2)), NodeSpec((3, 4), args=["--idle-timeout", "1"])]
     swarm = cluster_factory(tiny_model_dir, specs)  # whichever 3:4 node the route takes reclaims
-    ids = torch.randint(0, 50257, (44,), generator=torch.Generator().manual_seed(8))
-    P = 40
-    with torch.inference_mode():
-        want = load_model(tiny_model_dir)(ids[None])[0][P - 1:]
-    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
-                               options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
+    run = Run(tiny_model_dir, swarm, 44, seed=8)
     reopen, fired = InferenceSession._reopen, []
 
     def reopen_as_two_nodes_die(self, i):
@@ -182,20 +195,19 @@ def test_a_failed_reopen_after_a_split_replacement_replaces_the_stage_that_faile
         return reopen(self, i)
 
     monkeypatch.setattr(InferenceSession, "_reopen", reopen_as_two_nodes_die)
+    session = run.session
     try:
-        session = model.session(len(ids))
-        got = [model.client.logits(session.step(model.client.embed(ids[:P].tolist(), 0)))]
+        run.step(0)
         assert [s.start for s in session.stages] == [0, 2, 3]
         time.sleep(2.5)  # the last node reclaims its session
-        for t in range(P, len(ids)):
-            got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
+        run.rest()
         assert fired, "the last node did not reclaim the session"
         first, healthy, last = fired[0]
-        assert session.failovers == 2 and set(model.swarm.bans) == {first, last}
+        assert session.failovers == 2 and set(run.model.swarm.bans) == {first, last}
         assert [s.start for s in session.stages] == [0, 1, 2, 3] and session.stages[2].peers == [healthy]
-        assert (torch.stack(got) - want).abs().max().item() <= 1e-5
+        assert run.error() <= 1e-5
     finally:
-        model.close()
+        run.model.close()
 
 
 def test_each_hop_of_a_relayed_prefill_gets_the_timeout(tiny_model_dir, cluster_factory):
@@ -206,25 +218,21 @@ def test_each_hop_of_a_relayed_prefill_gets_the_timeout(tiny_model_dir, cluster_
     import threading
 
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4))])
-    ids = torch.randint(0, 50257, (40,), generator=torch.Generator().manual_seed(9))
-    with torch.inference_mode():
-        want = load_model(tiny_model_dir)(ids[None])[0][-1]
-    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=1.5))
+    run = Run(tiny_model_dir, swarm, P, seed=9, timeout=1.5)
     try:
-        session = model.session(len(ids))
-        middle = _index(swarm, session.stages[1].peers[0])
+        middle = _index(swarm, run.session.stages[1].peers[0])
         swarm.kill(middle, signal.SIGSTOP)
         wake = threading.Timer(3.2, swarm.kill, (middle, signal.SIGCONT))
         wake.start()
         t0 = time.monotonic()
         try:
-            got = model.client.logits(session.step(model.client.embed(ids.tolist(), 0)))
+            run.step(0)
         finally:
             wake.join()
-        assert time.monotonic() - t0 >= 3.0 and session.failovers == 0
-        assert (got - want).abs().max().item() <= 1e-5
+        assert time.monotonic() - t0 >= 3.0 and run.session.failovers == 0
+        assert run.error() <= 1e-5
     finally:
-        model.close()
+        run.model.close()
 
 
 def three_stages_with_spares() -> list[NodeSpec]:
