@@ -85,8 +85,8 @@ class Run:
 
 def test_relayed_prefill_is_exact_keeps_no_trail_and_is_recovered_on_failover(tiny_model_dir, cluster_factory):
     """The prefill is relayed with no trail (the later stages' histories hold Unkept); killing the
-    last stage and then the middle one, each failover recomputes what it needs and the logits
-    still equal the single-process model's."""
+    last stage recomputes its input through both stages before it, killing the middle one after
+    that replays what is now kept, and the logits still equal the single-process model's."""
     specs = [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4)), NodeSpec((1, 3)), NodeSpec((3, 4))]
     swarm = cluster_factory(tiny_model_dir, specs)
     run = Run(tiny_model_dir, swarm, 48, seed=5)
@@ -102,9 +102,7 @@ def test_relayed_prefill_is_exact_keeps_no_trail_and_is_recovered_on_failover(ti
         run.step(0)
         assert len(session.stages) == 3
         assert [h.first_unkept() for h in session.history] == [None, 0, 0]  # no trail came back
-        relayed = [run.model.swarm.connection(s.peers[0]).request("info").fields["stats"]["relayed"]
-                   for s in session.stages]
-        assert relayed == [1, 1, 0]
+        assert relayed_counts(run) == [1, 1, 0]
         run.rest(kill)
         assert session.failovers == 2
         assert all(h.first_unkept() is None for h in session.history)
@@ -113,18 +111,61 @@ def test_relayed_prefill_is_exact_keeps_no_trail_and_is_recovered_on_failover(ti
         run.model.close()
 
 
-def test_a_reclaimed_session_after_a_relayed_prefill_is_reopened_exactly(tiny_model_dir, cluster_factory):
+def relayed_counts(run: Run) -> list[int]:
+    return [run.model.swarm.connection(s.peers[0]).request("info").fields["stats"]["relayed"]
+            for s in run.session.stages]
+
+
+def test_a_prompt_goes_stage_by_stage_when_a_node_takes_fewer_positions(tiny_model_dir, cluster_factory):
+    """A node of the chain takes fewer positions a step than the prompt has (its opened limits):
+    the prompt goes stage by stage, in pieces, with every stage's input kept; decode is relayed."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3), args=["--max-tokens-per-step", "16"]),
+                                             NodeSpec((3, 4))])
+    run = Run(tiny_model_dir, swarm, 43, seed=10)
+    try:
+        run.step(0)
+        assert relayed_counts(run) == [0, 0, 0]
+        assert all(h.first_unkept() is None for h in run.session.history)
+        run.rest()
+        assert relayed_counts(run) == [3, 3, 0] and run.error() <= 1e-5
+    finally:
+        run.model.close()
+
+
+def test_a_chain_with_a_node_that_does_not_say_trail_optional_is_not_sent_steps_without_trail():
+    from types import SimpleNamespace
+
+    from nanoswarm.client.relay import Chain
+
+    limits = {"max_tokens_per_step": 1024, "max_message_bytes": 64 << 20}
+    now = SimpleNamespace(opened={**limits, "trail_optional": True})
+    earlier = SimpleNamespace(opened=limits)  # a node of an earlier version
+    assert Chain.max_untrailed(SimpleNamespace(stages=[now, now]), 768) == 1024
+    assert Chain.max_untrailed(SimpleNamespace(stages=[now, earlier]), 768) == 0
+
+
+def test_a_reclaimed_session_after_a_relayed_prefill_is_reopened_exactly(tiny_model_dir, cluster_factory,
+                                                                        monkeypatch):
     """The last node reclaims the session while the reader pauses; in the next step the stages
     before it have stored the position when it refuses. Reopening it recomputes its unkept
     input through them (rewinding the position they just stored) and the logits stay exact."""
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)),
                                              NodeSpec((3, 4), args=["--idle-timeout", "1"])])
+    from nanoswarm.client.session import InferenceSession
+
+    reopen, reopened = InferenceSession._reopen, []
+
+    def spy(self, i):
+        reopened.append(reopen(self, i))
+        return reopened[-1]
+
+    monkeypatch.setattr(InferenceSession, "_reopen", spy)
     run = Run(tiny_model_dir, swarm, 44, seed=6)
     try:
         run.step(0)
         time.sleep(2.5)  # the last node reclaims its session
         run.rest()
-        assert run.session.failovers == 0
+        assert reopened == [True] and run.session.failovers == 0
         assert run.error() <= 1e-5
     finally:
         run.model.close()
