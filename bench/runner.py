@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import platform
+import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -211,8 +212,7 @@ class Bench:
             log.info("starting %d nodes for %s", len(group.specs), group.route)
             with LocalCluster(self.model_dir, group.specs, threads=opts.threads,
                               args=list(opts.node_args)) as cluster:
-                for i, (wire, links) in enumerate(group.variants):
-                    runs.append(self._measure(group, cluster, wire, links, with_sessions=i == 0))
+                runs += self._measure(group, cluster)
         local_steps = [t for r in self.local_rounds for t in r.step_seconds]
         local_prefill = [r.prefill_seconds for r in self.local_rounds]
         return {
@@ -222,27 +222,40 @@ class Bench:
             "runs": runs,
         }
 
-    def _measure(self, group: _Group, cluster: LocalCluster, wire: str, links: str, with_sessions: bool) -> dict:
+    def _measure(self, group: _Group, cluster: LocalCluster) -> list[dict]:
+        """Every variant (wire, links) of `group` on its cluster. The variants take turns within
+        each repeat, in a new (seeded) order each repeat, each swarm round next to a local round:
+        measured one after another, whichever ran first on a fresh cluster tended to lose a few
+        percent (docs/performance.md), which favoured the later ones."""
         opts = self.opts
-        swarm = self.swarm(cluster.addresses, wire, links)
+        swarms = [self.swarm(cluster.addresses, wire, links) for wire, links in group.variants]
         try:
-            self.swarm_round(swarm, steps=2)  # warm-up: first steps allocate on the nodes
-            local, remote = [], []
+            for swarm in swarms:
+                self.swarm_round(swarm, steps=2)  # warm-up: first steps allocate on the nodes
+            local: list[list[RoundResult]] = [[] for _ in swarms]
+            remote: list[list[RoundResult]] = [[] for _ in swarms]
+            order, rng = list(range(len(swarms))), random.Random(opts.seed)
             for i in range(opts.repeats):
-                local.append(self.local_round())
-                remote.append(self.swarm_round(swarm, keep_logits=i == 0))
-            self.local_rounds += local
-            result = self._summary(group, wire, links, local, remote)
-            if with_sessions:
-                result["sessions"] = self._sessions(swarm, group.route)
-                stats = [node_stats(swarm.connection(a)) for a in cluster.addresses]
-                result["node_max_batch"] = max((s.get("max_batch", 0) for s in stats), default=0)
-                result["node_batched_steps"] = sum(s.get("batched_steps", 0) for s in stats)
-            log.info("%s %d stages %s %s: decode ratio %.3f, prefill ratio %.3f", group.route, group.stages,
-                     wire, links, result["decode_ratio"], result["prefill_ratio"])
-            return result
+                rng.shuffle(order)
+                for v in order:
+                    local[v].append(self.local_round())
+                    remote[v].append(self.swarm_round(swarms[v], keep_logits=i == 0))
+            results = []
+            for v, (wire, links) in enumerate(group.variants):
+                self.local_rounds += local[v]
+                result = self._summary(group, wire, links, local[v], remote[v])
+                log.info("%s %d stages %s %s: decode ratio %.3f, prefill ratio %.3f", group.route, group.stages,
+                         wire, links, result["decode_ratio"], result["prefill_ratio"])
+                results.append(result)
+            # Concurrent sessions on the first variant (the default links, exact wire).
+            results[0]["sessions"] = self._sessions(swarms[0], group.route)
+            stats = [node_stats(swarms[0].connection(a)) for a in cluster.addresses]
+            results[0]["node_max_batch"] = max((s.get("max_batch", 0) for s in stats), default=0)
+            results[0]["node_batched_steps"] = sum(s.get("batched_steps", 0) for s in stats)
+            return results
         finally:
-            swarm.close()
+            for swarm in swarms:
+                swarm.close()
 
     def _summary(self, group: _Group, wire: str, links: str, local: list[RoundResult],
                  remote: list[RoundResult]) -> dict:
