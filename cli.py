@@ -597,7 +597,8 @@ def load(model_dir: Path, peers: str | None, nodes: int, node_args: str, session
     Exits 1 unless nothing failed, no node crashed, memory stayed bounded and logits matched."""
     import shlex
 
-    from nanoswarm.client.load import LoadOptions, format_report, run_load
+    from nanoswarm.client.load import LoadOptions, run_load
+    from nanoswarm.client.load_report import format_report
 
     report = run_load(LoadOptions(model_dir, _peer_list(peers), nodes, shlex.split(node_args),
                                   sessions=sessions, duration=duration, prompt_tokens=prompt_tokens,
