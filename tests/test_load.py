@@ -103,3 +103,25 @@ def test_default_tolerance_follows_the_loosest_node():
     assert default_tolerance([{"device": "cpu", "dtype": "float32"}]) == 1e-5
     assert default_tolerance([{"device": "cpu", "dtype": "float32"}, {"device": "cuda:0", "dtype": "float32"}]) == 1e-4
     assert default_tolerance([{"device": "cuda:1", "dtype": "bfloat16"}]) == 1e-1
+
+
+def test_the_text_report_says_what_the_json_says():
+    """`nanoswarm load` without --json (client/load_report.py): one line a figure, a node a line,
+    and the verdict last."""
+    from collections import Counter
+
+    from nanoswarm.client.load_report import LoadReport, NodeReport, format_report
+
+    node = NodeReport("tcp://127.0.0.1:5000#key", [0, 4], None, True, 300 * 2**20, "VmHWM",
+                      100 * 2**20, 64 * 2**20)
+    report = LoadReport(4, 2.0, served=10, refused=Counter(busy=3), request_latency=[0.001, 0.003],
+                        step_latency=[0.004], sessions_completed=2, steps_checked=8, tolerance=1e-5, nodes=[node])
+    text = format_report(report).splitlines()
+    assert text[0] == "4 sessions for 2 s" and text[1] == "requests served: 10 (5.0/s)"
+    assert text[2] == "refused: busy 3" and text[3] == "failed: none"
+    assert "p50 1.0 ms, p99 3.0 ms" in text[4] and "per token (whole route): p50 4.0 ms" in text[4]
+    assert text[6].startswith("node tcp://127.0.0.1:5000 layers 0:4: alive, peak RSS 300 MiB [VmHWM]")
+    assert "bound 676 MiB" in text[6] and text[-1] == "OK"
+    node.alive = False
+    report.failed["timeout"] = 1
+    assert format_report(report).splitlines()[-1] == "NOT OK: 1 requests failed; 1 nodes crashed"
