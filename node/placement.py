@@ -102,6 +102,8 @@ def coverage(records: Iterable[Record], n_layer: int, n_head: int, exclude: str 
 def _head_group_cover(shards: list[tuple[int, int, float]], n_head: int) -> float:
     """The slowest member's throughput in the best set of shards tiling heads 0..n_head; 0 if
     none tiles them (the route planner's rule: client/route.py)."""
+    if not shards or n_head < 1:  # no head shards (n_head unknown then): no group, not an endless one
+        return 0.0
     best = {0: float("inf")}  # first head not yet held -> the best group's slowest member so far
     for h in range(n_head):
         if h in best:

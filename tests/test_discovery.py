@@ -182,6 +182,15 @@ def _report_of(specs: list[tuple[tuple[int, int], tuple[int, int] | None]], **kw
     return model
 
 
+def test_peers_coverage_of_whole_block_peers_alone_is_their_throughput():
+    """Without head shards and without the model's head count, coverage is what the whole-block
+    peers give, not infinite (`--json` printed Infinity, which is not JSON)."""
+    model = _report_of([((0, 2), None), ((2, 4), None), ((2, 4), None)])
+    assert [c["throughput"] for c in model["coverage"]] == [5.0, 5.0, 10.0, 10.0]
+    json.dumps(model, allow_nan=False)
+    assert "inf" not in format_report([model])
+
+
 def test_peers_counts_head_shards_only_when_they_cover_every_head():
     whole = ((0, 6), None)
     # Only heads 0:6 of 12 serve blocks 6:12: no route passes them, whatever the peer count says.
