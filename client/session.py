@@ -308,9 +308,11 @@ class InferenceSession:
         notice = (f"failover: {error.address} (layers {old.start}:{old.stop}) {error.code}; "
                   f"replayed {self.pos} positions to {', '.join(p for s in new_stages for p in s.peers)} "
                   f"in {ms:.0f} ms")
-        log.warning(notice)
-        if self.on_failover:
+        if self.on_failover:  # the user's own notice (the CLI's stderr line): not logged twice
+            log.info(notice)
             self.on_failover(notice)
+        else:
+            log.warning(notice)
         return i
 
     def _rebuild(self, plans, history: History) -> tuple[list[Stage], list[History], torch.Tensor | None]:

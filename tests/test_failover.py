@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 
@@ -48,13 +49,18 @@ def two_by_two() -> list[NodeSpec]:
     return [NodeSpec((0, 6)), NodeSpec((0, 6)), NodeSpec((6, 12)), NodeSpec((6, 12))]
 
 
-def test_sigkill_mid_generation(small12_model_dir, cluster_factory, expected_ids):
+def test_sigkill_mid_generation(small12_model_dir, cluster_factory, expected_ids, caplog):
     swarm = cluster_factory(small12_model_dir, two_by_two())
     notices: list[str] = []
-    result = generate_with_fault(small12_model_dir, swarm, lambda i: swarm.kill(i, signal.SIGKILL), notices)
+    with caplog.at_level(logging.INFO, logger="nanoswarm.client.session"):
+        result = generate_with_fault(small12_model_dir, swarm, lambda i: swarm.kill(i, signal.SIGKILL), notices)
     assert result.ids == expected_ids
     assert result.failovers == 1 and len(notices) == 1 and "failover" in notices[0]
     assert "layers 0:6" in notices[0]
+    # The notice went to the caller (the CLI prints it); the log has it below WARNING, so a
+    # user at the default log level sees it once.
+    logged = [r for r in caplog.records if r.getMessage() == notices[0]]
+    assert [r.levelno for r in logged] == [logging.INFO]
 
 
 @pytest.mark.slow
