@@ -366,6 +366,7 @@ def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | N
     fetched = fetch_table(_peer_list(",".join(bootstrap)), timeout, _client_keys(key_file))
     if not fetched.answered:
         raise click.ClickException("no bootstrap node answered: " + "; ".join(fetched.errors.values()))
+    fetched.warn_unanswered()
     n_layers, n_heads, model_id = None, None, None
     if model_dir is not None:
         from nanoswarm.shards.manifest import read_manifest

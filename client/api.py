@@ -72,6 +72,7 @@ class SwarmModel:
             add_from_bootstrap(swarm, bootstrap, timeout)
         if peers:
             swarm.add_addresses(peers, timeout)
+        swarm.warn_rejected()
         return cls(model_dir, manifest, swarm)
 
     @classmethod

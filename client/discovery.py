@@ -33,6 +33,13 @@ class Fetched:
     rtt: dict[str, float]  # contact -> seconds for the records request
     errors: dict[str, str]  # contact -> why it failed
 
+    def warn_unanswered(self) -> None:
+        """Log, as warnings, the bootstraps that failed when others answered. When none answered,
+        the caller's one error line says why for each, so they are not also logged above INFO."""
+        if self.answered:
+            for why in self.errors.values():
+                log.warning("bootstrap %s", why)  # a PeerError names the contact
+
 
 def record_contact(record: Record) -> str:
     """How to reach the node behind a record: endpoint#key, or the bare endpoint if --insecure."""
@@ -97,7 +104,7 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
                 fetched.errors[contact] += (" (the contact has no #KEY: give the whole contact the node printed)"
                                             if split_contact(contact)[1] is None else
                                             " (a private swarm that does not allow this client's key? --key-file)")
-            log.warning("bootstrap %s", fetched.errors[contact])  # a PeerError names the contact
+            log.info("bootstrap %s", fetched.errors[contact])  # a PeerError names the contact
             continue
         fetched.answered.append(contact)
         fetched.rtt[contact] = rtt
@@ -128,6 +135,7 @@ def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int
     if not fetched.answered:
         detail = "; ".join(fetched.errors.values())  # each names its contact
         raise DiscoveryError(f"no bootstrap node answered ({detail})")
+    fetched.warn_unanswered()
     rtt = min(fetched.rtt.values())  # a stand-in until the first real exchange with each peer
     claims: dict[str, list[Record]] = {}
     for record in fetched.table.records(swarm.model_id):

@@ -196,7 +196,7 @@ def _peer_infos(opts: LoadOptions, meta: tuple[str, int, int]) -> dict[str, dict
     try:
         probe.add_addresses(opts.peers, min(opts.timeout, 10.0))
         if probe.rejected:
-            raise ValueError("; ".join(f"{a[:80]}: {why}" for a, why in probe.rejected.items()))
+            raise ValueError("; ".join(f"{a}: {why}" for a, why in probe.rejected.items()))
         probe.plan()  # the peers must cover the model: one clear error, not one per session
         return {address: p.extra for address, p in probe.peers.items()}
     except RouteError as e:

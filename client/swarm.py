@@ -69,9 +69,16 @@ class Swarm:
                 rtt = time.perf_counter() - t0
             except PeerError as e:
                 self.rejected[address] = f"{e.code}: {e.message}"
-                log.warning("peer %s", e)  # the error names the address
+                log.info("peer %s", e)  # the error names the address; warn_rejected tells the user
                 continue
             self.add_info(address, reply.fields, rtt, curve_key=split_contact(address)[1])
+
+    def warn_rejected(self) -> None:
+        """Log, as warnings, the peers that were not taken while others were. With none taken,
+        the error that no route exists says why for each, so they are not also logged above INFO."""
+        if self.peers:
+            for address, why in self.rejected.items():
+                log.warning("peer %s: %s", address, why)
 
     def add_info(self, address: str, info: dict, rtt: float = 0.0, curve_key: bytes | None = None) -> None:
         if info.get("model_id") != self.model_id:
@@ -87,7 +94,7 @@ class Swarm:
         except ProtocolError as e:
             self.rejected[address] = f"bad_reply: its info is malformed: {e.message}"
             self.peers.pop(address, None)
-            log.warning("peer %s: %s", address, self.rejected[address])
+            log.info("peer %s: %s", address, self.rejected[address])
             return
         self.rejected.pop(address, None)  # it answered this time (a refresh asks again)
         self.peers[address] = PeerInfo(

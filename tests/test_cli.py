@@ -172,6 +172,15 @@ def test_generate_checks_its_settings_before_connecting(tiny_model_dir):
         assert message in one_error_line(out)
 
 
+def test_a_bad_contact_fails_in_one_line_without_a_log_line_repeating_it(tiny_model_dir):
+    """The error names each contact and why; the same reason is not logged above it as well."""
+    model = ["--model", str(tiny_model_dir)]
+    for args in (["generate", "x", *model, "--bootstrap", "garbage"], ["generate", "x", *model, "--peers", "garbage"],
+                 ["peers", "--bootstrap", "garbage"], ["peers", "--bootstrap", "garbage", "--json"]):
+        out = run_cli(*args, timeout=60)
+        assert "garbage" in one_error_line(out) and out.stdout == "", (args, out.stderr)
+
+
 def test_generate_zero_new_tokens_asks_no_peer(tiny_model_dir):
     # no node listens there: any session would fail
     args = ["generate", "To be", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9",

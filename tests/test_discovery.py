@@ -4,6 +4,7 @@ and automatic block choice (plus unit tests of the placement rule)."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -624,3 +625,18 @@ def test_a_client_gets_all_of_its_models_records_in_pages(tiny_model_dir, cluste
     assert {r.peer_id for r in records} >= {verify_record(w).peer_id for w in ours}
     sample, _ = fetch_wires(contact, 5.0)  # gossip's unfiltered sample, as before
     assert len(sample) < 601
+
+
+def test_failed_bootstraps_are_warned_about_only_beside_ones_that_answered(caplog):
+    """When none answered, the caller's one error line says why for each (tests/test_cli.py);
+    when some did, the others are warnings."""
+    from nanoswarm.client.discovery import Fetched
+
+    failed = Fetched(RecordTable(), [], {}, {"tcp://127.0.0.1:9": "tcp://127.0.0.1:9: timeout: no answer"})
+    with caplog.at_level(logging.INFO, logger="nanoswarm.client.discovery"):
+        failed.warn_unanswered()
+        assert not caplog.records
+        failed.answered.append("tcp://127.0.0.1:8")
+        failed.warn_unanswered()
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "bootstrap tcp://127.0.0.1:9: timeout: no answer")]
