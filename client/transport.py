@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import zmq
 
-from nanoswarm.keys.contact import split_contact
+from nanoswarm.keys.contact import allow_ipv6, split_contact
 from nanoswarm.protocol.errors import ProtocolError
 from nanoswarm.protocol.messages import Message, decode, encode
 
@@ -67,6 +67,7 @@ class PeerConnection:
         self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._poller = zmq.Poller()
         self.register(self._poller)
+        allow_ipv6(self.socket, endpoint)
         self.socket.connect(endpoint)
         self.leaving = False  # set when the peer announced it is going away
         self.bytes_sent = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import binascii
 
+import zmq
 from zmq.utils import z85
 
 from .identity import is_z85_key
@@ -51,3 +52,10 @@ def format_contact(endpoint: str, curve_key: bytes | None) -> str:
 def endpoint_of(contact: str) -> str:
     """The ZeroMQ endpoint part of a contact string (no validation of the key)."""
     return contact.strip().partition("#")[0]
+
+
+def allow_ipv6(sock: zmq.Socket, endpoint: str) -> None:
+    """Let `sock` bind or connect to `endpoint` if its host is an IPv6 address (tcp://[::1]:5555):
+    ZeroMQ sockets take IPv4 only unless told otherwise. Call it before bind/connect."""
+    if endpoint.strip().startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from nanoswarm.keys.contact import split_contact
+from nanoswarm.keys.contact import allow_ipv6, split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import MAX_HEADER_BYTES, decode, error_frames
 
@@ -95,6 +95,7 @@ class RelayLinks:
         if server_key is not None:
             public, secret = self.curve_keys or zmq.curve_keypair()
             link.curve_serverkey, link.curve_publickey, link.curve_secretkey = server_key, public, secret
+        allow_ipv6(link, endpoint)
         link.connect(endpoint)
         self._links[contact] = link
         if self.on_open:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import zmq
 
+from nanoswarm.keys.contact import allow_ipv6
 from nanoswarm.protocol.errors import ErrorCode
 from nanoswarm.protocol.messages import encode, error_frames
 
@@ -80,6 +81,7 @@ class NodeServer:
             self.socket.curve_secretkey = curve_secret
             self.socket.curve_publickey = curve_public
             self.socket.curve_server = True
+        allow_ipv6(self.socket, listen)
         self.socket.bind(listen)
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.leave_grace = leave_grace

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zmq.utils import z85
 
-from nanoswarm.keys.contact import format_contact
+from nanoswarm.keys.contact import allow_ipv6, format_contact
 from nanoswarm.keys.identity import (
     Identity,
     KeyFileError,
@@ -605,3 +605,19 @@ def test_the_table_is_bounded_and_keeps_serving_the_peers_it_holds() -> None:
     clock.now = NOW + 11
     assert table.offer(make_wire(peers[5], seq=1, expires=NOW + 60)) == "accepted"
     assert sorted(r.peer_id for r in table.records()) == sorted([peers[4].peer_id, peers[5].peer_id])
+
+
+def test_sockets_take_ipv6_endpoints_when_the_contact_has_one():
+    """`--listen tcp://[::1]:PORT` failed with 'No such device': ZeroMQ sockets are IPv4-only
+    unless IPV6 is set. Binding only: no traffic leaves for any address."""
+    ctx = zmq.Context.instance()
+    v4, v6 = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    try:
+        allow_ipv6(v4, "tcp://127.0.0.1:0")
+        allow_ipv6(v6, "tcp://[::1]:0")
+        assert v4.getsockopt(zmq.IPV6) == 0 and v6.getsockopt(zmq.IPV6) == 1
+        v6.bind("tcp://[::1]:0")
+        assert v6.getsockopt_string(zmq.LAST_ENDPOINT).startswith("tcp://[::1]:")
+    finally:
+        v4.close(linger=0)
+        v6.close(linger=0)
