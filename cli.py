@@ -563,7 +563,7 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
         raise click.BadParameter(str(e)) from None
     opts = BenchOptions(model_dir, shape, *counts, head_groups,
                         parse_names(wires), patterns, tokens, prompt_len, repeats, session_tokens=4 if quick else 16,
-                        threads=threads, work_dir=work_dir)
+                        threads=threads, work_dir=work_dir, progress=lambda line: click.echo(line, err=True))
     result = run_bench(opts)
     click.echo(json.dumps(result) if as_json else format_report(result))
 

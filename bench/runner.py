@@ -16,6 +16,7 @@ import platform
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class BenchOptions:
     node_args: tuple[str, ...] = ()     # further `nanoswarm node` options
     work_dir: Path | None = None        # where random model dirs are written (default: a temp dir)
     seed: int = 0
+    progress: Callable[[str], object] | None = None  # a line per cluster and run (the CLI: stderr)
 
 
 @dataclass
@@ -69,6 +71,9 @@ class _Group:
     specs: list[NodeSpec]
     variants: list[tuple[str, str]]     # (wire, links) of each run
     stages: int
+
+    def __str__(self) -> str:
+        return f"{self.route}, {self.stages} stage{'s' * (self.stages > 1)}"
 
 
 def machine_info(threads: int) -> dict:
@@ -202,6 +207,11 @@ class Bench:
         finally:
             session.close()
 
+    def _progress(self, line: str) -> None:
+        log.info("%s", line)
+        if self.opts.progress is not None:
+            self.opts.progress(line)
+
     # ----- runs -------------------------------------------------------------------------------
     def run(self) -> dict:
         opts = self.opts
@@ -209,7 +219,7 @@ class Bench:
         self.reference = self.local_round(keep_logits=True)
         runs = []
         for group in _groups(opts, self.config.n_layer, self.config.n_head):
-            log.info("starting %d nodes for %s", len(group.specs), group.route)
+            self._progress(f"{group}: starting {len(group.specs)} nodes")
             with LocalCluster(self.model_dir, group.specs, threads=opts.threads,
                               args=list(opts.node_args)) as cluster:
                 runs += self._measure(group, cluster)
@@ -244,10 +254,11 @@ class Bench:
             for v, (wire, links) in enumerate(group.variants):
                 self.local_rounds += local[v]
                 result = self._summary(group, wire, links, local[v], remote[v])
-                log.info("%s %d stages %s %s: decode ratio %.3f, prefill ratio %.3f", group.route, group.stages,
-                         wire, links, result["decode_ratio"], result["prefill_ratio"])
+                self._progress(f"{group}, {wire}, {links}: decode ratio {result['decode_ratio']:.3f}, "
+                               f"prefill ratio {result['prefill_ratio']:.3f}")
                 results.append(result)
             # Concurrent sessions on the first variant (the default links, exact wire).
+            self._progress(f"{group}: concurrent sessions {','.join(map(str, opts.sessions))}")
             results[0]["sessions"] = self._sessions(swarms[0], group.route)
             stats = [node_stats(swarms[0].connection(a)) for a in cluster.addresses]
             results[0]["node_max_batch"] = max((s.get("max_batch", 0) for s in stats), default=0)
@@ -351,7 +362,7 @@ def run_bench(opts: BenchOptions) -> dict:
     # Cores' worth of CPU that other processes used while the benchmark ran: the noise in it.
     machine["other_load"] = (None if busy0 is None or busy1 is None
                              else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall)
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k != "progress"}
     out = {"model": str(opts.model_dir) if opts.model_dir else None,
            "shape": None if opts.model_dir else opts.shape, "config": bench.config.to_dict(),
            "options": options, "machine": machine, "seconds": time.time() - started, **result}

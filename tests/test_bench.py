@@ -55,6 +55,9 @@ def test_quick_bench_json_has_every_field(tmp_path):
         assert "node_max_batch" in runs[key]
     in_step = runs[("layers", 2, "float32")]["sessions"][-1]
     assert in_step["node_mean_batch"] > 1  # two sessions stepped together share forward passes
+    progress = result.stderr.splitlines()  # a line per cluster and run, as the runs go
+    assert "layers, 2 stages: starting 2 nodes" in progress and "heads, 1 stage: starting 2 nodes" in progress
+    assert sum(line.startswith("layers, 2 stages, ") and "decode ratio" in line for line in progress) == 4
     table = format_report(out)
     assert "2 stages" in table and "head group x2" in table and "q80" in table and "relay" in table
     assert out["targets"] == targets(out) and all({"name", "value", "met"} <= set(t) for t in out["targets"])
