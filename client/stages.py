@@ -156,11 +156,7 @@ class RemoteLayerStage(Stage):
 
     def close(self) -> None:
         if self.session is not None:
-            self.conn.sessions.discard(self.session)
-            try:
-                self.conn.send("close", {"session": self.session}, timeout=0)
-            except Exception:  # closing is best effort: the node reclaims idle sessions anyway
-                pass
+            self.conn.close_session(self.session)
             self.session = None
 
     @property
@@ -244,11 +240,7 @@ class HeadGroupStage(Stage):
 
     def close(self) -> None:
         for (conn, _), sid in zip(self.members, self.sessions):
-            conn.sessions.discard(sid)
-            try:
-                conn.send("close", {"session": sid}, timeout=0)
-            except Exception:  # best effort, as above
-                pass
+            conn.close_session(sid)
         self.sessions = []
 
     @property

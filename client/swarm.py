@@ -116,10 +116,11 @@ class Swarm:
         if conn is not None:  # a fresh socket later: no stale replies, no queued requests
             # Other sessions on this peer (of other InferenceSessions sharing the swarm) lose
             # their link with it: close them now, or a live peer holds their KV cache until its
-            # idle timeout (a stalled one reads the closes when it resumes).
-            queued = bool(conn.sessions)
+            # idle timeout (a stalled one reads the closes when it resumes). The socket lingers
+            # for those and for any close queued before (InferenceSession._replace closes the
+            # failed stage first).
             conn.close_sessions()
-            conn.close(linger_ms=200 if queued else 0)
+            conn.close(linger_ms=200 if conn.closes_queued else 0)
 
     def forget(self, address: str, why: str) -> None:
         """Stop using `address` (not a ban: it did nothing wrong we know of) and close our link."""

@@ -77,6 +77,7 @@ class PeerConnection:
         # connection can close them (a node takes `close` from a session's own client), so a
         # ban that drops it closes them first (Swarm.ban).
         self.sessions: set[str] = set()
+        self.closes_queued = False  # a `close` was sent: closing the socket must let it leave
 
     def register(self, poller: zmq.Poller) -> None:
         """Have `poller` wake for this connection's replies and for its drop."""
@@ -177,14 +178,19 @@ class PeerConnection:
         except PeerTimeout:
             raise PeerTimeout(self.address, timeout) from None
 
+    def close_session(self, session: str) -> None:
+        """Queue `close` for `session` (best effort: a node reclaims idle sessions anyway)."""
+        self.sessions.discard(session)
+        try:
+            self.send("close", {"session": session}, timeout=0)
+            self.closes_queued = True
+        except Exception:  # a closed socket, a full queue: the node reclaims idle sessions anyway
+            pass
+
     def close_sessions(self) -> None:
-        """Queue `close` for every session still open over this connection (best effort)."""
+        """Queue `close` for every session still open over this connection."""
         for session in list(self.sessions):
-            try:
-                self.send("close", {"session": session}, timeout=0)
-            except PeerError:
-                pass
-        self.sessions.clear()
+            self.close_session(session)
 
     def close(self, linger_ms: int = 0) -> None:
         """Close the socket; with `linger_ms`, messages still queued get that long to leave."""

@@ -424,3 +424,27 @@ def test_a_busy_answer_while_replaying_into_a_replacement_is_asked_again(monkeyp
     assert torch.equal(session_mod.InferenceSession._replay(spare, x), x + 1) and spare.calls == 3
     with pytest.raises(PeerError):
         session_mod.InferenceSession._replay(Spare(busy=BUSY_RETRIES + 1), x)
+
+
+def test_a_replaced_stage_s_close_reaches_its_live_peer_before_the_ban_drops_the_link(
+        tiny_model_dir, cluster_factory):
+    """_replace closes the old stage, then bans its peer, which closes the swarm's socket to it:
+    a close still queued there must be sent (the socket lingers), or a live peer (one that
+    answered too late, say) holds the session's KV cache until its idle timeout."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    x = nodes.addresses[0]
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        for attempt in range(5):
+            session = model.session(16)
+            session.step(model.client.embed([1, 2, 3], 0))
+            (stage,) = session.stages
+            stage.close()
+            model.swarm.ban(x, "a failover")
+            model.swarm.bans.clear()  # usable again for the next attempt
+            deadline = time.monotonic() + 3
+            while _sessions_on(x) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _sessions_on(x) == 0, f"attempt {attempt}: the close was dropped with the socket"
+    finally:
+        model.close()
