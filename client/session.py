@@ -304,6 +304,8 @@ class InferenceSession:
         self.stages[i:i + 1] = new_stages
         self.history[i:i + 1] = new_history
         self._fill_unkept(i + len(new_stages), out)
+        if i > 0:  # the hop before may have refused to relay to the old peer: try the new ones
+            self._no_relay.discard(self.stages[i - 1])
         ms = (time.perf_counter() - t0) * 1000
         notice = (f"failover: {error.address} (layers {old.start}:{old.stop}) {error.code}; "
                   f"replayed {self.pos} positions to {', '.join(p for s in new_stages for p in s.peers)} "

@@ -132,6 +132,30 @@ def test_nodes_relay_only_to_peers_they_know(small12_model_dir, cluster_factory,
         model.close()
 
 
+def test_a_hop_that_would_not_relay_to_a_replaced_stage_is_asked_again(tiny_model_dir, cluster_factory):
+    """A refuses to relay to C, a stranger to it (not_served), so the client goes A, C stage by
+    stage; when C dies and B, whom A knows, replaces it, the steps are relayed again."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))], bootstrap=False)
+    a, c = swarm.addresses
+    b = swarm.start_node(NodeSpec((2, 4), args=["--bootstrap", a])).address
+    ids = torch.randint(0, 50257, (16,), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0]
+    model = SwarmModel.connect(tiny_model_dir, peers=[a, c], options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        session = model.session(len(ids))  # B told A about itself before it printed `listening`
+        got = [model.client.logits(session.step(model.client.embed([int(ids[t])], t))) for t in range(4)]
+        assert stats(model, a)["relayed"] == 0 and session.stages[1].peers == [c]
+        swarm.kill(1)
+        model.swarm.add_addresses([b])
+        got += [model.client.logits(session.step(model.client.embed([int(ids[t])], t))) for t in range(4, 16)]
+        assert session.stages[1].peers == [b]
+        assert (torch.stack([g.reshape(-1) for g in got]) - want).abs().max().item() <= 1e-5
+        assert stats(model, a)["relayed"] >= 10  # steps 4-15, less one that found C gone
+    finally:
+        model.close()
+
+
 def test_a_next_hop_that_refuses_reaches_the_client_as_relay_failed(tiny_model_dir, cluster_factory):
     """The next hop cannot route an error for a session it does not hold to the session's owner;
     it answers the relaying node, which tells the client."""
