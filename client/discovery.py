@@ -140,6 +140,10 @@ def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int
     claims: dict[str, list[Record]] = {}
     for record in fetched.table.records(swarm.model_id):
         claims.setdefault(record_contact(record), []).append(record)
+    if not claims:  # the likely mistake: bootstraps of another model's swarm (or --model of another model)
+        for contact in fetched.answered:
+            swarm.rejected.setdefault(contact, f"knows no peer of model {swarm.model_id[:12]} "
+                                      "(`nanoswarm peers --bootstrap` lists what it knows)")
     for contact in [c for c, records in claims.items() if records[0].insecure and not swarm.options.insecure]:
         swarm.rejected[contact] = "node runs without encryption (--insecure); not used"
         del claims[contact]

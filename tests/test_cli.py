@@ -16,6 +16,7 @@ from conftest import TINY
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
+from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.shards.loaders import save_nanogpt_checkpoint
 from nanoswarm.shards.model import GPT
 
@@ -93,8 +94,6 @@ def test_cluster_generate_and_clean_stop(tiny_model_dir):
 
 
 def test_generate_names_uncovered_layers(tiny_model_dir, cluster_factory):
-    from nanoswarm.node.cluster import NodeSpec
-
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2))])
     out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", swarm.addresses[0])
     assert out.returncode != 0
@@ -179,6 +178,13 @@ def test_a_bad_contact_fails_in_one_line_without_a_log_line_repeating_it(tiny_mo
                  ["peers", "--bootstrap", "garbage"], ["peers", "--bootstrap", "garbage", "--json"]):
         out = run_cli(*args, timeout=60)
         assert "garbage" in one_error_line(out) and out.stdout == "", (args, out.stderr)
+
+
+def test_generate_for_another_model_than_the_swarm_s_says_so(tiny_model_dir, small12_model_dir, cluster_factory):
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    out = run_cli("generate", "x", "--model", str(small12_model_dir), "--bootstrap", swarm.addresses[0], timeout=60)
+    line = one_error_line(out)
+    assert "no peer serves layers 0:12" in line and f"{swarm.addresses[0]}: knows no peer of model" in line
 
 
 def test_generate_zero_new_tokens_asks_no_peer(tiny_model_dir):
