@@ -17,7 +17,15 @@ from typing import Any
 import torch
 
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
-from nanoswarm.protocol.messages import PROTOCOL_VERSION, Message, decode, encode, parse_range, peek_id
+from nanoswarm.protocol.messages import (
+    PROTOCOL_VERSION,
+    REQUEST_TYPES,
+    Message,
+    decode,
+    encode,
+    parse_range,
+    peek_id,
+)
 from nanoswarm.shards.model import Blocks
 
 from .sessions import NodeLimits, SessionStore
@@ -77,7 +85,7 @@ class RequestHandler:
         for peer, frames in batch:
             req_id, to = 0, peer
             try:
-                msg = decode(frames, self.limits.max_message_bytes)
+                msg = decode(frames, self.limits.max_message_bytes, types=REQUEST_TYPES)
                 to, req_id = self._reply_route(peer, msg)
                 self._admit(peer, msg, per_peer)
                 if pending and (msg.type == "forward" or msg.type in ("step", "close") and any(
@@ -140,8 +148,6 @@ class RequestHandler:
         return peer, msg.id
 
     def _admit(self, peer: bytes, msg: Message, per_peer: dict) -> None:
-        if msg.type not in ("info", "forward", "open", "step", "close", "records"):
-            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.type!r} is a reply, not a request")
         seen = self._seen.get(peer)
         if seen is None:
             seen = self._seen[peer] = OrderedDict()

@@ -123,10 +123,16 @@ def peek_id(header_bytes: bytes) -> int:
         return 0
 
 
-def decode(frames: list, max_message_bytes: int | None = None, finite: bool = False) -> Message:
+# What a node takes; every other type is a reply (or a notice) and is `unknown_type` there.
+REQUEST_TYPES = frozenset({"info", "forward", "open", "step", "close", "records"})
+
+
+def decode(frames: list, max_message_bytes: int | None = None, finite: bool = False,
+           types: frozenset[str] | None = None) -> Message:
     """Parse and type-check one message; raises ProtocolError with the code to reply with.
     With `finite`, a tensor holding NaN or Inf is refused too (nodes check theirs after the
-    forward pass instead: node/steps.py)."""
+    forward pass instead: node/steps.py). With `types`, any other type is `unknown_type`, before
+    its fields are looked at (a node takes requests only: REQUEST_TYPES)."""
     if not frames:
         raise ProtocolError(ErrorCode.MALFORMED, "empty message")
     if max_message_bytes is not None:
@@ -156,6 +162,8 @@ def decode(frames: list, max_message_bytes: int | None = None, finite: bool = Fa
     schema = SCHEMAS.get(msg_type)
     if schema is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type[:64]!r}")
+    if types is not None and msg_type not in types:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg_type!r} is a reply, not a request")
     del header["v"], header["id"], header["type"]
     specs = header.pop("tensors", [])
     _check_fields(msg_type, schema, header)  # what is left are the message's own fields

@@ -172,7 +172,10 @@ def test_specific_codes_for_bad_requests(blocks):
     assert d.code("step", {"session": sid, "pos": "0"}, [hidden(1)]) == "malformed"
     assert d.code("open", {"max_length": 8, "model_id": "f" * 64}) == "wrong_model"
     assert d.code("open", {"max_length": 8, "layers": [0, 5]}) == "malformed"
-    assert d.code("result", {}) == "unknown_type"  # a reply type sent as a request
+    # A reply type sent as a request, whatever its fields (they were checked first, and a bare
+    # info_reply was `malformed`).
+    for reply in ("result", "info_reply", "opened", "closed", "error", "records_reply", "leaving"):
+        assert d.code(reply, {}) == "unknown_type", reply
     assert d.code("frobnicate", {}) == "unknown_type"
     frames = d.frames("info")
     assert decode(d.h.handle(b"p", frames)).type == "info_reply"
