@@ -138,7 +138,7 @@ def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
     stages = [s for s in DEFAULT_STAGES if s <= n_layer] if opts.stages is None else list(opts.stages)
     if not all(1 <= s <= n_layer for s in stages):
         raise ValueError(f"--stages {','.join(map(str, stages))}: the model has {n_layer} blocks, "
-                         f"so 1..{n_layer}")
+                         f"so from 1 to {n_layer}")
     links = opts.links[0] if opts.links else "relay"
     groups = [_Group("layers", [NodeSpec(r) for r in even_split(n_layer, s)], [("float32", links)], s)
               for s in stages]

@@ -237,7 +237,8 @@ class RequestHandler:
         a, b = self._layers(msg)
         max_length = msg.fields["max_length"]
         if not 1 <= max_length <= self.steps.max_length():
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"max_length {max_length} is outside 1..{self.steps.max_length()}")
+            raise ProtocolError(ErrorCode.TOO_LARGE,
+                                f"max_length {max_length} is not from 1 to {self.steps.max_length()}")
         session = self.sessions.open(self.blocks, a, b, max_length, peer)
         return encode("opened", msg.id, {"session": session.id, "layers": [a, b],
                                          "kv_bytes": session.cache.nbytes,

@@ -196,7 +196,7 @@ class StepRunner:
             raise ProtocolError(ErrorCode.BAD_POSITION, f"step at position {pos}, but the session "
                                 f"holds {session.length} positions")
         if pos + T > session.cache.max_length:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"positions {pos}..{pos + T - 1} exceed the "
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"positions {pos}:{pos + T} exceed the "
                                 f"session's max_length {session.cache.max_length}")
         if self.head_shard or phase is not None:
             self._check_head_step(session, phase, block, T)
@@ -219,7 +219,7 @@ class StepRunner:
                                     "with 'reply'")
             return None, 0
         if not 0 <= reply < 2**63 or not 0 <= hop <= MAX_HOPS:
-            raise ProtocolError(ErrorCode.MALFORMED, f"'reply' must be >= 0 and 'hop' in 0..{MAX_HOPS}")
+            raise ProtocolError(ErrorCode.MALFORMED, f"'reply' must be >= 0 and 'hop' from 0 to {MAX_HOPS}")
         busy = msg.get("busy") or []
         if len(busy) > MAX_HOPS or not all(type(b) is int and 0 <= b < 2**40 for b in busy):
             raise ProtocolError(ErrorCode.MALFORMED, "'busy' must be a short list of microseconds")

@@ -222,7 +222,7 @@ def parse_head_splits(spec: str | None, groups: int | None, n_head: int) -> list
         raise ValueError("give head splits either as ranges or as a number of groups, not both")
     if groups is not None:  # 0 is a (bad) value, not "not given"
         if not 1 <= groups <= n_head:
-            raise ValueError(f"head groups must be in 1..{n_head}, got {groups}")
+            raise ValueError(f"head groups must be from 1 to {n_head}, got {groups}")
         base, extra = divmod(n_head, groups)
         sizes = [base + (g < extra) for g in range(groups)]  # sizes differ by at most one
         starts = [sum(sizes[:g]) for g in range(groups)]

@@ -96,7 +96,7 @@ def test_bad_options_fail_in_one_line_before_anything_starts(tmp_path):
                           (["--wires", "bogus"], "--wires: unknown bogus; formats are float32"),
                           (["--tokens", "0"], "'--tokens': 0 is not in the range x>=1"),
                           (["--head-groups", "-1"], "'--head-groups': -1 is not in the range x>=0"),
-                          (["--stages", "5"], "--stages 5: the model has 4 blocks, so 1..4"),
+                          (["--stages", "5"], "--stages 5: the model has 4 blocks, so from 1 to 4"),
                           (["--head-groups", "1"], "--head-groups 1 would be a plain layer stage")):
         out = subprocess.run([sys.executable, "-m", "nanoswarm", "bench", "--shape", "tiny", "--quick",
                               "--work-dir", str(tmp_path), *args], capture_output=True, text=True, timeout=120)

@@ -212,7 +212,7 @@ def test_shard_refuses_bad_input_in_one_line(tmp_path):
     torch.manual_seed(0)
     save_nanogpt_checkpoint(TINY, GPT(TINY).flat_state_dict(), tmp_path / "ckpt.pt")
     line = one_error_line(run_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--head-groups", "0"))
-    assert "head groups must be in 1..4, got 0" in line
+    assert "head groups must be from 1 to 4, got 0" in line
     assert not (tmp_path / "m").exists()
 
 
