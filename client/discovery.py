@@ -90,12 +90,19 @@ def fetch_wires(contact: str, timeout: float = 5.0, client_keys: tuple[bytes, by
 
 
 def fetch_table(bootstrap: list[str], timeout: float = 5.0,
-                client_keys: tuple[bytes, bytes] | None = None, model_id: str | None = None) -> Fetched:
+                client_keys: tuple[bytes, bytes] | None = None, model_id: str | None = None,
+                insecure: bool = True) -> Fetched:
     """Ask every bootstrap contact for its table (with `model_id`: that model's records, all
-    pages); verified records from all of them, merged."""
+    pages); verified records from all of them, merged. Without `insecure`, a contact without a
+    key is not asked (a client's rule for every peer: client/swarm.py)."""
     table = RecordTable()
     fetched = Fetched(table, [], {}, {})
     for contact in bootstrap:
+        if not insecure and "#" not in contact:
+            fetched.errors[contact] = (f"{contact}: insecure: no CURVE key for this bootstrap: give its whole "
+                                       "contact (ADDRESS#KEY, printed by the node) or allow unencrypted links "
+                                       "with --insecure")
+            continue
         try:
             wires, rtt = fetch_wires(contact, timeout, client_keys, model_id)
         except (PeerError, ValueError) as e:
@@ -131,7 +138,7 @@ def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int
     nodes are skipped unless the swarm allows insecure links.  Returns how many peers were added; raises
     DiscoveryError if no bootstrap answered.
     """
-    fetched = fetch_table(bootstrap, timeout, swarm.options.client_keys, swarm.model_id)
+    fetched = fetch_table(bootstrap, timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
     if not fetched.answered:
         detail = "; ".join(fetched.errors.values())  # each names its contact
         raise DiscoveryError(f"no bootstrap node answered ({detail})")

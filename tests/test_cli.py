@@ -180,6 +180,11 @@ def test_a_bad_contact_fails_in_one_line_without_a_log_line_repeating_it(tiny_mo
         assert "garbage" in one_error_line(out) and out.stdout == "", (args, out.stderr)
 
 
+def test_generate_refuses_a_keyless_bootstrap_without_insecure_at_once(tiny_model_dir):
+    out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--bootstrap", "tcp://127.0.0.1:9", timeout=60)
+    assert "tcp://127.0.0.1:9: insecure: no CURVE key for this bootstrap" in one_error_line(out)
+
+
 def test_generate_for_another_model_than_the_swarm_s_says_so(tiny_model_dir, small12_model_dir, cluster_factory):
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
     out = run_cli("generate", "x", "--model", str(small12_model_dir), "--bootstrap", swarm.addresses[0], timeout=60)
