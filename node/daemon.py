@@ -216,6 +216,8 @@ def run_node(opts: NodeOptions) -> None:
     when the listen address ends in `:*`, and the key to connect."""
     float_io_threads(zmq.Context.instance())  # before any socket of ours
     check_contacts(opts)
+    gossip_options = GossipOptions(list(opts.bootstrap), opts.ttl, opts.gossip_interval)
+    gossip_options.check()
     resolve_device(opts.device)  # before a key file is made or a bootstrap asked
     check_span(opts)
     identity = load_or_create_identity(opts.key_file)  # first: a bad key file fails at once
@@ -237,8 +239,7 @@ def run_node(opts: NodeOptions) -> None:
     secret, public = (None, None) if opts.insecure else (identity.curve_secret, identity.curve_public)
     server = NodeServer(handler, opts.listen, curve_secret=secret, curve_public=public, allow_keys=allow)
     address = advertised_address(opts.advertise, server.address)
-    gossip = Gossip(identity, handler, address,
-                    GossipOptions(list(opts.bootstrap), opts.ttl, opts.gossip_interval), opts.insecure)
+    gossip = Gossip(identity, handler, address, gossip_options, opts.insecure)
     gossip.offer_all(learned)
     gossip.refresh()
     gossip.attach(server)

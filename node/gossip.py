@@ -60,6 +60,13 @@ class GossipOptions:
     peer_timeout: float = 10.0   # seconds without an answer before a link is dropped
     max_ttl: float = DEFAULT_MAX_TTL
 
+    def check(self) -> None:
+        """ValueError naming the option that cannot hold (the node checks before it loads blocks)."""
+        if not 0 < self.ttl <= self.max_ttl:
+            raise ValueError(f"--ttl must be in (0, {self.max_ttl:.0f}] seconds")
+        if not self.interval > 0:
+            raise ValueError("--gossip-interval must be positive")
+
 
 @dataclass
 class _Link:
@@ -75,10 +82,7 @@ class Gossip:
         self.handler = handler
         self.address = address  # our endpoint, as announced
         self.options = options or GossipOptions()
-        if not 0 < self.options.ttl <= self.options.max_ttl:
-            raise ValueError(f"--ttl must be in (0, {self.options.max_ttl:.0f}] seconds")
-        if not self.options.interval > 0:
-            raise ValueError("--gossip-interval must be positive")
+        self.options.check()
         self.insecure = insecure
         self.table = RecordTable(max_ttl=self.options.max_ttl)
         self.own: dict[str, bytes] | None = None

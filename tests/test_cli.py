@@ -410,7 +410,9 @@ def test_node_placement_and_gossip_options_are_checked(tiny_model_dir, tmp_path)
     for option, value, why in (("--rebalance-interval", "-1", "must be a positive, finite number of seconds"),
                                ("--gossip-interval", "0", "must be a positive, finite number of seconds"),
                                ("--ttl", "nan", "must be a positive, finite number of seconds"),
+                               ("--ttl", "1000", "--ttl must be in (0, 300] seconds"),
                                ("--num-blocks", "0", "0 is not in the range x>=1"),
                                ("--memory-budget-mb", "0", "0 is not in the range x>=1")):
         out = run_cli("node", str(tiny_model_dir), "--key-file", str(tmp_path / "k.key"), option, value, timeout=60)
         assert why in one_error_line(out), out.stderr
+    assert not (tmp_path / "k.key").exists()  # refused before a key file was made or blocks loaded
