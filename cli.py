@@ -225,11 +225,15 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
 @click.option("--gossip-interval", type=SECONDS, default=1.0, show_default=True, help="Seconds between gossip rounds.")
 @click.option("--rebalance-interval", type=SECONDS, default=30.0, show_default=True,
               help="Without --layers: seconds between checks whether to serve other blocks.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Once serving, print one JSON object (listening, peer_id, model_id, layers, heads) "
+                   "instead of `listening CONTACT`.")
 def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, advertise: str | None, device: str,
          dtype: str, threads: int | None, max_sessions, kv_budget_mb, max_session_length,
          max_tokens_per_step, max_message_mb, max_inflight, idle_timeout, max_batch_seconds, key_file: Path | None,
          bootstrap: tuple[str, ...], allow_keys: Path | None, insecure: bool, num_blocks: int | None,
-         memory_budget_mb: int | None, ttl: float, gossip_interval: float, rebalance_interval: float) -> None:
+         memory_budget_mb: int | None, ttl: float, gossip_interval: float, rebalance_interval: float,
+         as_json: bool) -> None:
     """Serve blocks of MODEL_DIR to the swarm until SIGTERM or Ctrl-C."""
     import dataclasses
 
@@ -250,7 +254,7 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
                          bootstrap=_peer_list(",".join(bootstrap)), allow_keys=allow_keys, insecure=insecure,
                          ttl=ttl, gossip_interval=gossip_interval, num_blocks=num_blocks,
                          memory_budget_mb=memory_budget_mb, rebalance_interval=rebalance_interval,
-                         advertise=advertise))
+                         advertise=advertise, json_ready=as_json))
 
 
 # ----- client ------------------------------------------------------------------------------
@@ -430,7 +434,9 @@ def keys_show(file: Path, as_json: bool) -> None:
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--nodes", type=int, default=3, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per node.")
-def cluster(model_dir: Path, nodes: int, threads: int) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Once every node serves, print one JSON object (nodes: contact, layers, pid), not lines.")
+def cluster(model_dir: Path, nodes: int, threads: int, as_json: bool) -> None:
     """Start NODES local node processes with an even split of the blocks; Ctrl-C stops them."""
     from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
     from nanoswarm.shards.manifest import read_manifest
@@ -440,9 +446,13 @@ def cluster(model_dir: Path, nodes: int, threads: int) -> None:
     _stop_on_sigterm()
     try:
         harness.start()
-        for n in harness.nodes:
-            click.echo(f"{n.address} layers {n.spec.layers[0]}:{n.spec.layers[1]} pid {n.pid}")
-        click.echo("ready")
+        if as_json:
+            click.echo(json.dumps({"nodes": [{"contact": n.address, "layers": list(n.spec.layers), "pid": n.pid}
+                                             for n in harness.nodes]}))
+        else:
+            for n in harness.nodes:
+                click.echo(f"{n.address} layers {n.spec.layers[0]}:{n.spec.layers[1]} pid {n.pid}")
+            click.echo("ready")
         sys.stdout.flush()
         signal.pause()
     except KeyboardInterrupt:

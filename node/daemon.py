@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -65,6 +66,7 @@ class NodeOptions:
     num_blocks: int | None = None        # default: what the memory budget holds
     memory_budget_mb: int | None = None  # default: placement.default_memory_budget (RAM or GPU)
     rebalance_interval: float = 30.0
+    json_ready: bool = False             # print the ready line as one JSON object (`node --json`)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -255,7 +257,12 @@ def run_node(opts: NodeOptions) -> None:
     handler.extra_info.update(address=address, contact=contact, insecure=opts.insecure,
                               curve_key=None if public is None else public.decode("ascii"))
     server.install_signal_handlers()
-    print(f"listening {contact}", flush=True)
+    if opts.json_ready:
+        info = handler.info()
+        print(json.dumps({"listening": contact, "peer_id": info["peer_id"], "model_id": info["model_id"],
+                          "layers": info["layers"], "heads": info["heads"]}), flush=True)
+    else:
+        print(f"listening {contact}", flush=True)
     sys.stdout.flush()
     try:
         server.serve_forever()

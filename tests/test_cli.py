@@ -93,6 +93,20 @@ def test_cluster_generate_and_clean_stop(tiny_model_dir):
     assert not any(pid_alive(p) for p in pids), "a node process was left behind"
 
 
+def test_cluster_json_is_one_object_once_every_node_serves(tiny_model_dir):
+    proc = subprocess.Popen([*CLI, "cluster", str(tiny_model_dir), "--nodes", "2", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert [n["layers"] for n in ready["nodes"]] == [[0, 2], [2, 4]]
+        assert all(pid_alive(n["pid"]) and "#" in n["contact"] for n in ready["nodes"])
+        out = run_cli("peers", "--bootstrap", ready["nodes"][0]["contact"], "--json", timeout=60)
+        assert len(json.loads(out.stdout)["models"][0]["peers"]) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
 def test_generate_names_uncovered_layers(tiny_model_dir, cluster_factory):
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2))])
     out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", swarm.addresses[0])
@@ -416,3 +430,19 @@ def test_node_placement_and_gossip_options_are_checked(tiny_model_dir, tmp_path)
         out = run_cli("node", str(tiny_model_dir), "--key-file", str(tmp_path / "k.key"), option, value, timeout=60)
         assert why in one_error_line(out), out.stderr
     assert not (tmp_path / "k.key").exists()  # refused before a key file was made or blocks loaded
+
+
+def test_node_json_ready_line_and_an_ipv6_listen_address(tiny_model_dir, tmp_path):
+    """`node --json` prints one JSON object once serving; `--listen tcp://[::1]:*` binds (ZeroMQ
+    needs IPV6 set for it). Nothing connects to it: no traffic goes to any address."""
+    proc = subprocess.Popen([*CLI, "node", str(tiny_model_dir), "--layers", "1:3", "--json", "--listen",
+                             "tcp://[::1]:*", "--key-file", str(tmp_path / "k.key")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert ready["listening"].startswith("tcp://[::1]:") and "#" in ready["listening"]
+        assert ready["layers"] == [1, 3] and ready["heads"] is None
+        assert ready["peer_id"].startswith("ns-") and len(ready["model_id"]) == 64
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
