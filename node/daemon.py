@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
 import re
+import socket
 
 try:
     import fcntl
@@ -181,6 +183,7 @@ def check_contacts(opts: NodeOptions) -> None:
             check_endpoint(f"tcp://{host}:{port}")
         except ValueError as e:
             raise ValueError(f"--listen: {e}") from None
+        _check_port_free(host, int(port))
     for contact in opts.bootstrap:
         try:
             check_endpoint(endpoint_of(contact))
@@ -190,6 +193,21 @@ def check_contacts(opts: NodeOptions) -> None:
         if key is None and not opts.insecure:  # a node started --insecure prints no key
             log.warning("--bootstrap %s has no key: gossip with it is not encrypted (a node that "
                         "runs with encryption prints its contact as tcp://HOST:PORT#KEY)", contact)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a --listen port another process holds now, before a key file is made or blocks load
+    (the bind itself comes after both). Only a port in use is refused here: any other trouble is
+    left to ZeroMQ's bind, which reports it."""
+    host = host.strip("[]")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
+            probe.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"--listen tcp://{host}:{port}: the port is in use by another process") from None
 
 
 def hold_key_file(path: Path, identity: Identity) -> int | None:

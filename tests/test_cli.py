@@ -446,3 +446,16 @@ def test_node_json_ready_line_and_an_ipv6_listen_address(tiny_model_dir, tmp_pat
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_node_refuses_a_port_in_use_before_making_a_key_or_loading_blocks(tiny_model_dir, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run_cli("node", str(tiny_model_dir), "--layers", "0:4", "--listen", f"tcp://127.0.0.1:{port}",
+                      "--key-file", str(tmp_path / "k.key"), timeout=60)
+    assert one_error_line(out) == f"error: --listen tcp://127.0.0.1:{port}: the port is in use by another process"
+    assert not (tmp_path / "k.key").exists()
