@@ -189,7 +189,7 @@ def test_a_bad_contact_fails_in_one_line_without_a_log_line_repeating_it(tiny_mo
     """The error names each contact and why; the same reason is not logged above it as well."""
     model = ["--model", str(tiny_model_dir)]
     for args in (["generate", "x", *model, "--bootstrap", "garbage"], ["generate", "x", *model, "--peers", "garbage"],
-                 ["peers", "--bootstrap", "garbage"], ["peers", "--bootstrap", "garbage", "--json"]):
+                 ["peers", "--bootstrap", "garbage", "--json"]):
         out = run_cli(*args, timeout=60)
         assert "garbage" in one_error_line(out) and out.stdout == "", (args, out.stderr)
 
