@@ -254,7 +254,7 @@ class Bench:
             for v, (wire, links) in enumerate(group.variants):
                 self.local_rounds += local[v]
                 result = self._summary(group, wire, links, local[v], remote[v])
-                self._progress(f"{group}, {wire}, {links}: decode ratio {result['decode_ratio']:.3f}, "
+                self._progress(f"{group}, {wire}, {result['links']}: decode ratio {result['decode_ratio']:.3f}, "
                                f"prefill ratio {result['prefill_ratio']:.3f}")
                 results.append(result)
             # Concurrent sessions on the first variant (the default links, exact wire).

@@ -57,6 +57,7 @@ def test_quick_bench_json_has_every_field(tmp_path):
     assert in_step["node_mean_batch"] > 1  # two sessions stepped together share forward passes
     progress = result.stderr.splitlines()  # a line per cluster and run, as the runs go
     assert "layers, 2 stages: starting 2 nodes" in progress and "heads, 1 stage: starting 2 nodes" in progress
+    assert any(line.startswith("heads, 1 stage, float32, star: decode ratio") for line in progress)
     assert sum(line.startswith("layers, 2 stages, ") and "decode ratio" in line for line in progress) == 4
     table = format_report(out)
     assert "2 stages" in table and "head group x2" in table and "q80" in table and "relay" in table
