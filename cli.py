@@ -279,7 +279,7 @@ def _peer_list(peers: str | None) -> list[str]:
 @click.option("--wire", type=click.Choice(["float32", "float16", "bfloat16", "q80"]), default="float32",
               show_default=True, help="Format of hidden states on the wire (float32 is exact).")
 @click.option("--relay/--no-relay", default=True, show_default=True,
-              help="Nodes pass decode steps on to the next stage themselves (one link per stage boundary).")
+              help="Nodes pass steps (prompts too) on to the next stage themselves (one link per stage boundary).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
 def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[str, ...], key_file: Path | None,
              insecure: bool, max_new_tokens: int, temperature: float,
