@@ -10,7 +10,9 @@ that computes (docs/performance.md).
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
 import socket
 import threading
@@ -39,6 +41,19 @@ GATHER_GAP_MS = 1  # sleeping in poll, not spinning: a spin takes the core the s
 ACTIVE_SECONDS = 1.0  # a session that stepped this recently is expected to step again
 
 
+def seed_routing_ids() -> None:
+    """Make the routing ids libzmq gives connections unguessable. A ROUTER names each connection
+    that does not name itself 0x00 plus a counter that starts at libc's rand(), which nothing
+    seeds: the same start in every node process. A peer that claims the next ids itself
+    (ZMQ_ROUTING_ID) made libzmq assert, and the node abort, when the counter reached them
+    (docs/reliability.md). Seeding libc's rand() from os.urandom before the socket is made leaves
+    such a peer 64 guesses in 2**32."""
+    try:
+        ctypes.CDLL(None).srand(int.from_bytes(os.urandom(4), "little"))
+    except (OSError, AttributeError) as e:  # no libc to seed (not Linux/macOS): nothing to do
+        log.debug("libc srand not reachable: %s", e)
+
+
 def zmq_max_msgsize(max_message_bytes: int) -> int:
     """ZeroMQ's per-frame limit for a node whose message limit is `max_message_bytes`."""
     return 2 * max_message_bytes
@@ -56,6 +71,7 @@ class NodeServer:
                  allow_keys: set[bytes] | None = None, leave_grace: float = 1.0):
         self.handler = handler
         self.ctx = zmq.Context.instance()
+        seed_routing_ids()  # before the ROUTER draws its first id
         self.socket = self.ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 500)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished client must not block us

@@ -649,3 +649,38 @@ def test_a_peer_that_answers_with_an_oversized_frame_is_dropped_unread():
         conn.close()
     finally:
         server.close()
+
+
+def test_peers_that_claim_the_next_routing_ids_do_not_abort_the_node(tiny_model_dir, cluster_factory):
+    """libzmq names a connection that does not name itself 0x00 + a counter starting at libc's
+    rand(); unseeded, that start was 0x6b8b4567 in every node, and peers holding the next ids
+    (ZMQ_ROUTING_ID) made libzmq assert when the counter reached them: SIGABRT, every session
+    lost. Nodes seed rand() (node/server.py seed_routing_ids)."""
+    import struct
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    contact = nodes.addresses[0]
+    endpoint, key = split_contact(contact)
+    bystander = RawPeer(contact)
+    squatters = []
+    try:
+        assert bystander.ask("info").type == "info_reply"  # takes the first id
+        for i in range(64):
+            s = zmq.Context.instance().socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.ROUTING_ID, b"\x00" + struct.pack(">I", 0x6B8B4567 + i))
+            public, secret = zmq.curve_keypair()
+            s.curve_serverkey, s.curve_publickey, s.curve_secretkey = key, public, secret
+            s.connect(endpoint)
+            squatters.append(s)
+        time.sleep(1.0)  # their handshakes are done: the node holds those ids
+        fresh = RawPeer(contact)  # an ordinary client connecting now draws the next id
+        try:
+            assert fresh.ask("info").type == "info_reply"
+        finally:
+            fresh.close()
+        assert nodes.nodes[0].proc.poll() is None
+    finally:
+        for s in squatters:
+            s.close(linger=0)
+        bystander.close()
