@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gc
 import json
 import logging
 import os
@@ -282,6 +283,10 @@ def run_node(opts: NodeOptions) -> None:
     else:
         print(f"listening {contact}", flush=True)
     sys.stdout.flush()
+    # What start-up made (torch, the blocks: ~170,000 objects) lives as long as the node: out of
+    # the collector's reach, so its full passes do not walk it again whenever a request makes
+    # many objects (a 64 KiB header of empty arrays cost ~70 ms of collection, ~4 ms after this).
+    gc.freeze()
     try:
         server.serve_forever()
     finally:

@@ -51,6 +51,9 @@ WIRE_BUDGET = 48 * 1024  # bytes of records per message, under the 64 KiB header
 LINK_MAX_FRAME = 2 * MAX_HEADER_BYTES  # gossip messages are one header frame: nothing larger is read
 
 
+MAX_READS = 64  # messages read from one gossip link per turn of the server loop
+
+
 @dataclass
 class GossipOptions:
     bootstrap: list[str] = field(default_factory=list)  # contact strings
@@ -288,11 +291,15 @@ class Gossip:
             link.pending[req_id] = time.monotonic()
 
     def drain(self) -> int:
-        """Read every reply that has arrived; drop links silent for too long.  Returns replies read."""
+        """Read the replies that have arrived, at most MAX_READS a link (the server loop comes back
+        for the rest after serving its own socket: a peer flooding its link must not hold the
+        node's loop); drop links silent for too long.  Returns replies read."""
         got = 0
         now = time.monotonic()
         for contact, link in list(self._links.items()):
-            while link.conn.socket.poll(0):
+            for _ in range(MAX_READS):
+                if not link.conn.socket.poll(0):
+                    break
                 frames = link.conn.socket.recv_multipart(copy=False)
                 try:
                     msg = decode(frames)

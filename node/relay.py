@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_LINKS = 64        # links kept open; the least recently used one closes beyond that
 LINK_QUEUE = 64       # relayed steps queued on one link before sends fail
+MAX_READS = 64       # messages read from one link per turn of the server loop
 MAX_REMEMBERED = 4096  # relayed steps whose bounced errors can still be routed to their owner
 
 
@@ -105,10 +106,14 @@ class RelayLinks:
         return link
 
     def bounced(self, link: zmq.Socket) -> list[tuple[bytes, list]]:
-        """Errors a next hop sent back on `link`, turned into `relay_failed` for their owners."""
+        """Errors a next hop sent back on `link`, turned into `relay_failed` for their owners; at
+        most MAX_READS a call (the server loop comes back for the rest after serving its own
+        socket: a next hop flooding the link must not hold the node's loop)."""
         contact = next((c for c, s in self._links.items() if s is link), None)
         out = []
-        while link.get(zmq.EVENTS) & zmq.POLLIN:
+        for _ in range(MAX_READS):
+            if not link.get(zmq.EVENTS) & zmq.POLLIN:
+                break
             frames = link.recv_multipart(zmq.NOBLOCK, copy=False)
             try:
                 msg = decode(frames)

@@ -640,3 +640,35 @@ def test_failed_bootstraps_are_warned_about_only_beside_ones_that_answered(caplo
         failed.warn_unanswered()
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.WARNING, "bootstrap tcp://127.0.0.1:9: timeout: no answer")]
+
+
+def test_a_peer_flooding_its_gossip_link_is_read_a_batch_at_a_time():
+    """Anyone who pushes a record gets a gossip link; one that then sends on it without end must
+    not hold the node's loop: a drain reads at most MAX_READS a link, the loop comes back."""
+    import zmq
+
+    from nanoswarm.node.gossip import MAX_READS, Gossip
+    from nanoswarm.protocol.messages import encode
+
+    peer = zmq.Context.instance().socket(zmq.ROUTER)
+    port = peer.bind_to_random_port("tcp://127.0.0.1")
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
+    try:
+        gossip._send(f"tcp://127.0.0.1:{port}", [], want=True)
+        assert peer.poll(5000)
+        who = peer.recv_multipart()[0]
+        for i in range(3 * MAX_READS):
+            peer.send_multipart([who, *encode("records_reply", 10_000 + i, {"records": []})])
+        (link,) = gossip._links.values()
+        deadline = time.monotonic() + 5
+        while not link.conn.socket.poll(0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # all of them queued on the link
+        assert gossip.drain() == 0  # replies to nothing it asked: dropped
+        assert link.conn.socket.poll(0)  # the rest waits for the next turn
+        gossip.drain()
+        gossip.drain()
+        assert not link.conn.socket.poll(0)
+    finally:
+        gossip.close()
+        peer.close(linger=0)

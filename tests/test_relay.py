@@ -329,3 +329,35 @@ def test_the_stalled_stage_is_the_silent_one_even_behind_a_slow_one(tiny_model_d
             swarm.kill(i, signal.SIGCONT)
         for stage in stages:
             stage.conn.close()
+
+
+def test_a_next_hop_flooding_its_link_is_read_a_batch_at_a_time():
+    """A next hop (anyone who signs a record) that sends on its link without end must not hold the
+    node's loop: each turn reads at most MAX_READS messages, then the loop serves its own socket."""
+    import zmq
+
+    from nanoswarm.node.relay import MAX_READS, RelayLinks
+
+    ctx = zmq.Context.instance()
+    hop = ctx.socket(zmq.ROUTER)
+    port = hop.bind_to_random_port("tcp://127.0.0.1")
+    links = RelayLinks(ctx, None)
+    try:
+        assert links.send(Relay(f"tcp://127.0.0.1:{port}", b"owner", 1, 2), [encode("step", 2, {})[0]]) is None
+        assert hop.poll(5000)
+        who = hop.recv_multipart()[0]
+        for i in range(3 * MAX_READS):
+            hop.send_multipart([who, encode("error", 10_000 + i, {"code": "x", "message": "y"})[0]])
+        (link,) = links._links.values()
+        deadline = time.monotonic() + 5
+        while link.get(zmq.EVENTS) & zmq.POLLIN == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # all of them queued on the link
+        assert links.bounced(link) == []  # replies to nothing it sent: dropped
+        assert link.get(zmq.EVENTS) & zmq.POLLIN  # the rest waits for the next turn
+        for _ in range(2):
+            links.bounced(link)
+        assert not link.get(zmq.EVENTS) & zmq.POLLIN
+    finally:
+        links.close()
+        hop.close(linger=0)
