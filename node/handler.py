@@ -162,8 +162,13 @@ class RequestHandler:
         while self._seen_total > MAX_SEEN_IDS:  # memory stays bounded however many peers come
             _, oldest = self._seen.popitem(last=False)
             self._seen_total -= len(oldest)
-        # A relaying node carries the steps of many sessions: those count per session.
-        key = msg.fields["session"] if msg.type == "step" and msg.get("reply") is not None else peer
+        # A relaying node carries the steps of many sessions (not its own): those count per
+        # session. A session's owner counts as one peer however it marks its steps.
+        key = peer
+        if msg.type == "step" and msg.get("reply") is not None:
+            session = self.sessions.sessions.get(msg.fields["session"])
+            if session is not None and session.peer != peer:
+                key = msg.fields["session"]
         per_peer[key] += 1
         if per_peer[key] > self.limits.max_inflight_per_peer:
             raise ProtocolError(ErrorCode.BUSY, f"more than {self.limits.max_inflight_per_peer} "

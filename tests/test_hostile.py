@@ -684,3 +684,26 @@ def test_peers_that_claim_the_next_routing_ids_do_not_abort_the_node(tiny_model_
         for s in squatters:
             s.close(linger=0)
         bystander.close()
+
+
+def test_a_client_marking_its_own_steps_relayed_still_counts_as_one_peer(tiny_model_dir, cluster_factory):
+    """Steps carrying `reply` count per session (a relaying node carries many clients' steps),
+    but a session's owner adding `reply` to its own steps got past --max-inflight that way."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--max-inflight", "4"])])
+    peer = RawPeer(nodes.addresses[0])
+    try:
+        sessions = [peer.ask("open", max_length=8).fields["session"] for _ in range(12)]
+        os.kill(nodes.nodes[0].pid, signal.SIGSTOP)
+        try:
+            for sid in sessions:
+                peer.next_id += 1
+                peer.send(encode("step", peer.next_id, {"session": sid, "pos": 0, "reply": peer.next_id},
+                                 [hidden(1)]))
+            time.sleep(0.5)  # all 12 reach the frozen node's queue: one batch
+        finally:
+            os.kill(nodes.nodes[0].pid, signal.SIGCONT)
+        replies = [peer.recv() for _ in range(12)]
+        codes = Counter(r.fields.get("code", r.type) for r in replies if r is not None)
+        assert codes == {"result": 4, "busy": 8}, codes
+    finally:
+        peer.close()
