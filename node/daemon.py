@@ -15,6 +15,10 @@ try:
     import fcntl
 except ImportError:  # not on Windows: there two nodes sharing a key file are not caught
     fcntl = None  # type: ignore[assignment]
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +215,21 @@ def _check_port_free(host: str, port: int) -> None:
             raise ValueError(f"--listen tcp://{host}:{port}: the port is in use by another process") from None
 
 
+def raise_fd_limit() -> None:
+    """Take the hard limit on open files as the soft one: every connection is a descriptor, and at
+    the common soft limit of 1024 a thousand idle TCP connections (no handshake needed) left
+    libzmq retrying a failed accept at full speed and new clients unanswered (docs/reliability.md)."""
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as e:
+            log.debug("open-file limit stays %d: %s", soft, e)
+
+
 def hold_key_file(path: Path, identity: Identity) -> int | None:
     """Lock the key file for this node's lifetime (the lock goes with the process, however it
     ends). Two nodes with one identity would be one peer id at two endpoints: each one's record
@@ -236,6 +255,7 @@ def run_node(opts: NodeOptions) -> None:
     the contact is ADDRESS#CURVEKEY (keys/contact.py); the harness reads it to learn the port
     when the listen address ends in `:*`, and the key to connect."""
     float_io_threads(zmq.Context.instance())  # before any socket of ours
+    raise_fd_limit()
     check_contacts(opts)
     gossip_options = GossipOptions(list(opts.bootstrap), opts.ttl, opts.gossip_interval)
     gossip_options.check()

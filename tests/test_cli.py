@@ -459,3 +459,24 @@ def test_node_refuses_a_port_in_use_before_making_a_key_or_loading_blocks(tiny_m
                       "--key-file", str(tmp_path / "k.key"), timeout=60)
     assert one_error_line(out) == f"error: --listen tcp://127.0.0.1:{port}: the port is in use by another process"
     assert not (tmp_path / "k.key").exists()
+
+
+def test_a_node_takes_the_hard_open_file_limit(tiny_model_dir, tmp_path):
+    """Each connection is a descriptor: at a soft limit of 1024, a thousand idle TCP connections
+    left new clients unanswered. A node raises its soft limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, soft)
+    proc = subprocess.Popen([*CLI, "node", str(tiny_model_dir), "--layers", "0:4", "--json",
+                             "--key-file", str(tmp_path / "k.key")], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard)))
+    try:
+        json.loads(proc.stdout.readline())  # serving
+        line = next(x for x in open(f"/proc/{proc.pid}/limits") if x.startswith("Max open files"))
+        soft_now = line.split()[3]
+        assert (int(soft_now) >= 1 << 20 if hard == resource.RLIM_INFINITY else soft_now == str(hard)), line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
