@@ -152,9 +152,9 @@ class RecordTable:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def _live(self, now: float) -> list[_Entry]:
+    def _live(self, now: float, ordered: bool = True) -> list[_Entry]:
         live = [e for e in self._entries.values() if not e.record.is_expired(now)]
-        return sorted(live, key=lambda e: e.record.peer_id)
+        return sorted(live, key=lambda e: e.record.peer_id) if ordered else live
 
     def records(self, model_id: str | None = None) -> list[Record]:
         """Non-expired records, sorted by peer_id, optionally only those serving model_id."""
@@ -172,7 +172,7 @@ class RecordTable:
         receivers handle both through `offer`.
         """
         now = self.clock()
-        out = [dict(e.wire) for e in self._live(now)]
+        out = [dict(e.wire) for e in self._live(now, ordered=False)]  # in no order: gossip shuffles them
         for stone in self._tombstones.values():
             # Same window verify_wire applies to departures, so we never gossip one peers reject.
             if stone.departure is not None and stone.departure.record.expires > now - self.max_ttl:

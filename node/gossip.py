@@ -182,7 +182,8 @@ class Gossip:
         for wire in wires[: 2 * MAX_WIRES]:
             result = self.table.offer(wire)
             results[result] = results.get(result, 0) + 1
-        self._update_stats()
+        if results:  # a pass over the whole table: not for a request that only asks
+            self._update_stats()
         return results
 
     def _wires(self) -> list:
