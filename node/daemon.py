@@ -204,9 +204,10 @@ def _check_port_free(host: str, port: int) -> None:
     """Refuse a --listen port another process holds now, before a key file is made or blocks load
     (the bind itself comes after both). Only a port in use is refused here: any other trouble is
     left to ZeroMQ's bind, which reports it."""
+    # ZeroMQ binds a bracketed host over IPv6 (allow_ipv6) and any other over IPv4 only.
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
     host = host.strip("[]")
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
             probe.bind((host, port))
