@@ -238,8 +238,10 @@ class Bench:
         measured one after another, whichever ran first on a fresh cluster tended to lose a few
         percent (docs/performance.md), which favoured the later ones."""
         opts = self.opts
-        swarms = [self.swarm(cluster.addresses, wire, links) for wire, links in group.variants]
+        swarms: list[Swarm] = []
         try:
+            for wire, links in group.variants:
+                swarms.append(self.swarm(cluster.addresses, wire, links))
             for swarm in swarms:
                 self.swarm_round(swarm, steps=2)  # warm-up: first steps allocate on the nodes
             local: list[list[RoundResult]] = [[] for _ in swarms]

@@ -26,6 +26,9 @@ class DiscoveryError(Exception):
     """No bootstrap contact answered."""
 
 
+NO_PEER_OF_MODEL = "knows no peer of model"
+
+
 @dataclass
 class Fetched:
     table: RecordTable
@@ -147,10 +150,12 @@ def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int
     claims: dict[str, list[Record]] = {}
     for record in fetched.table.records(swarm.model_id):
         claims.setdefault(record_contact(record), []).append(record)
-    if not claims:  # the likely mistake: bootstraps of another model's swarm (or --model of another model)
-        for contact in fetched.answered:
-            swarm.rejected.setdefault(contact, f"knows no peer of model {swarm.model_id[:12]} "
+    for contact in fetched.answered:
+        if not claims:  # the likely mistake: bootstraps of another model's swarm (or --model of another one)
+            swarm.rejected.setdefault(contact, f"{NO_PEER_OF_MODEL} {swarm.model_id[:12]} "
                                       "(`nanoswarm peers --bootstrap` lists what it knows)")
+        elif swarm.rejected.get(contact, "").startswith(NO_PEER_OF_MODEL):  # a refresh found some
+            del swarm.rejected[contact]
     for contact in [c for c, records in claims.items() if records[0].insecure and not swarm.options.insecure]:
         swarm.rejected[contact] = "node runs without encryption (--insecure); not used"
         del claims[contact]

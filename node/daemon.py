@@ -223,12 +223,17 @@ def raise_fd_limit() -> None:
     if resource is None:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < want:
+    if soft == resource.RLIM_INFINITY:
+        return
+    # An infinite hard limit is not a soft one every kernel takes (macOS caps it near 10,240).
+    for want in ([hard] if hard != resource.RLIM_INFINITY else [1 << 20, 1 << 16, 10240]):
+        if want <= soft:
+            return
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return
         except (ValueError, OSError) as e:
-            log.debug("open-file limit stays %d: %s", soft, e)
+            log.debug("open-file limit %d refused: %s", want, e)
 
 
 def hold_key_file(path: Path, identity: Identity) -> int | None:

@@ -48,9 +48,11 @@ def seed_routing_ids() -> None:
     (ZMQ_ROUTING_ID) made libzmq assert, and the node abort, when the counter reached them
     (docs/reliability.md). Seeding libc's rand() from os.urandom before the socket is made leaves
     such a peer 64 guesses in 2**32."""
+    if os.name == "nt":  # libzmq's rand() is its own C runtime's there: nothing reachable to seed
+        return
     try:
         ctypes.CDLL(None).srand(int.from_bytes(os.urandom(4), "little"))
-    except (OSError, AttributeError) as e:  # no libc to seed (not Linux/macOS): nothing to do
+    except (OSError, AttributeError, TypeError) as e:  # no libc symbols to seed: nothing to do
         log.debug("libc srand not reachable: %s", e)
 
 
