@@ -38,6 +38,8 @@ from nanoswarm.keys.table import RecordTable
 from nanoswarm.protocol.errors import ProtocolError
 from nanoswarm.protocol.messages import MAX_HEADER_BYTES, Message, decode
 
+from .relay import MAX_READS  # the same bound for every link the server thread reads
+
 if TYPE_CHECKING:
     from .handler import RequestHandler
     from .server import NodeServer
@@ -49,9 +51,6 @@ MAX_LINKS = 64   # gossip links kept open (a round uses `fanout` of them)
 DEPART_FANOUT = 16  # known peers told directly of our departure; gossip carries it on
 WIRE_BUDGET = 48 * 1024  # bytes of records per message, under the 64 KiB header limit
 LINK_MAX_FRAME = 2 * MAX_HEADER_BYTES  # gossip messages are one header frame: nothing larger is read
-
-
-MAX_READS = 64  # messages read from one gossip link per turn of the server loop
 
 
 @dataclass

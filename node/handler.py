@@ -87,7 +87,7 @@ class RequestHandler:
             try:
                 msg = decode(frames, self.limits.max_message_bytes, types=REQUEST_TYPES)
                 to, req_id = self._reply_route(peer, msg)
-                self._admit(peer, msg, per_peer)
+                self._admit(peer, msg, per_peer, reply_to=to)
                 if pending and (msg.type == "forward" or msg.type in ("step", "close") and any(
                         p.msg.fields["session"] == msg.fields["session"] for p in pending)):
                     # Run the steps read so far first: a forward is computed as it is read, and
@@ -147,7 +147,7 @@ class RequestHandler:
                 return session.peer, reply
         return peer, msg.id
 
-    def _admit(self, peer: bytes, msg: Message, per_peer: dict) -> None:
+    def _admit(self, peer: bytes, msg: Message, per_peer: dict, reply_to: bytes) -> None:
         seen = self._seen.get(peer)
         if seen is None:
             seen = self._seen[peer] = OrderedDict()
@@ -162,13 +162,10 @@ class RequestHandler:
         while self._seen_total > MAX_SEEN_IDS:  # memory stays bounded however many peers come
             _, oldest = self._seen.popitem(last=False)
             self._seen_total -= len(oldest)
-        # A relaying node carries the steps of many sessions (not its own): those count per
-        # session. A session's owner counts as one peer however it marks its steps.
-        key = peer
-        if msg.type == "step" and msg.get("reply") is not None:
-            session = self.sessions.sessions.get(msg.fields["session"])
-            if session is not None and session.peer != peer:
-                key = msg.fields["session"]
+        # A relaying node carries the steps of many sessions (not its own; their replies go to
+        # their owners: _reply_route): those count per session. A session's owner counts as one
+        # peer however it marks its steps.
+        key = msg.fields["session"] if reply_to != peer else peer
         per_peer[key] += 1
         if per_peer[key] > self.limits.max_inflight_per_peer:
             raise ProtocolError(ErrorCode.BUSY, f"more than {self.limits.max_inflight_per_peer} "

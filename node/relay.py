@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_LINKS = 64        # links kept open; the least recently used one closes beyond that
 LINK_QUEUE = 64       # relayed steps queued on one link before sends fail
-MAX_READS = 64       # messages read from one link per turn of the server loop
+MAX_READS = 64       # messages read from one link (relay or gossip) per turn of the server loop
 MAX_REMEMBERED = 4096  # relayed steps whose bounced errors can still be routed to their owner
 
 
