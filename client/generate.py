@@ -31,6 +31,8 @@ class SamplingParams:
             raise ValueError("top_k must be >= 1")
         if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:  # torch's generator takes 64 bits
+            raise ValueError(f"seed must be from 0 to 2**64 - 1, got {self.seed}")
 
 
 class Sampler:

@@ -92,6 +92,7 @@ def test_prompt_tokens_outside_a_small_vocabulary_are_named(tmp_path):
 @pytest.mark.parametrize("kwargs,what", [
     ({"temperature": math.nan}, "temperature"), ({"temperature": math.inf}, "temperature"),
     ({"temperature": -1.0}, "temperature"), ({"top_p": math.nan}, "top_p"), ({"top_p": 0.0}, "top_p"),
+    ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"),
 ])
 def test_sampling_params_refuse_bad_values(kwargs, what):
     with pytest.raises(ValueError, match=what):

@@ -82,6 +82,11 @@ class Run:
     def error(self) -> float:
         return (torch.stack(self.got) - self.want[:len(self.got)]).abs().max().item()
 
+    def close(self) -> None:
+        """The session first (its nodes free the caches at once), then the connections."""
+        self.session.close()
+        self.model.close()
+
 
 def test_relayed_prefill_is_exact_keeps_no_trail_and_is_recovered_on_failover(tiny_model_dir, cluster_factory):
     """The prefill is relayed with no trail (the later stages' histories hold Unkept); killing the
@@ -108,7 +113,7 @@ def test_relayed_prefill_is_exact_keeps_no_trail_and_is_recovered_on_failover(ti
         assert all(h.first_unkept() is None for h in session.history)
         assert run.error() <= 1e-5
     finally:
-        run.model.close()
+        run.close()
 
 
 def relayed_counts(run: Run) -> list[int]:
@@ -129,7 +134,7 @@ def test_a_prompt_goes_stage_by_stage_when_a_node_takes_fewer_positions(tiny_mod
         run.rest()
         assert relayed_counts(run) == [3, 3, 0] and run.error() <= 1e-5
     finally:
-        run.model.close()
+        run.close()
 
 
 def test_a_chain_with_a_node_that_does_not_say_trail_optional_is_not_sent_steps_without_trail():
@@ -168,7 +173,7 @@ def test_a_reclaimed_session_after_a_relayed_prefill_is_reopened_exactly(tiny_mo
         assert reopened == [True] and run.session.failovers == 0
         assert run.error() <= 1e-5
     finally:
-        run.model.close()
+        run.close()
 
 
 def test_a_stage_that_fails_while_recomputing_for_another_is_replaced_first(tiny_model_dir, cluster_factory,
@@ -210,7 +215,7 @@ def test_a_stage_that_fails_while_recomputing_for_another_is_replaced_first(tiny
     finally:
         for i in frozen:
             swarm.kill(i, signal.SIGCONT)
-        run.model.close()
+        run.close()
 
 
 def test_a_failed_reopen_after_a_split_replacement_replaces_the_stage_that_failed(tiny_model_dir, cluster_factory,
@@ -248,7 +253,7 @@ def test_a_failed_reopen_after_a_split_replacement_replaces_the_stage_that_faile
         assert [s.start for s in session.stages] == [0, 1, 2, 3] and session.stages[2].peers == [healthy]
         assert run.error() <= 1e-5
     finally:
-        run.model.close()
+        run.close()
 
 
 def test_each_hop_of_a_relayed_prefill_gets_the_timeout(tiny_model_dir, cluster_factory):
@@ -273,7 +278,7 @@ def test_each_hop_of_a_relayed_prefill_gets_the_timeout(tiny_model_dir, cluster_
         assert time.monotonic() - t0 >= 3.0 and run.session.failovers == 0
         assert run.error() <= 1e-5
     finally:
-        run.model.close()
+        run.close()
 
 
 def three_stages_with_spares() -> list[NodeSpec]:
