@@ -104,6 +104,8 @@ class RequestHandler:
             except ProtocolError as e:
                 req_id = req_id or (peek_id(frames[0]) if frames else 0)
                 replies.append((to, self._error(req_id, e.code, e.message)))
+            except torch.cuda.OutOfMemoryError:  # copying a step's input to the device, or a forward
+                replies.append((to, self._error(req_id, ErrorCode.BUSY, self.steps.out_of_memory())))
             except Exception as e:  # a bug must not take the node down
                 log.exception("internal error handling a request")
                 replies.append((to, self._error(req_id, ErrorCode.INTERNAL, type(e).__name__)))

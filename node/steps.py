@@ -56,6 +56,8 @@ def _unsendable(x: torch.Tensor, y: torch.Tensor, wire: str, frame) -> str | Non
         if x.dtype == torch.float16:  # the input may have been finite before this node's conversion
             return "tensor holds NaN or Inf in this node's float16 (values beyond 65504 overflow)"
         return "tensor holds NaN or Inf"
+    if x.dtype in (torch.float16, torch.bfloat16) and not all_finite(y):  # not the wire's doing
+        return f"this node's {str(x.dtype).removeprefix('torch.')} computation overflowed to NaN or Inf"
     return f"the result does not fit {wire} (overflow to NaN or Inf)"
 
 
@@ -265,8 +267,7 @@ class StepRunner:
                 for p, y in zip(group, outputs):
                     replies.extend(self._result(p, y))
             except torch.cuda.OutOfMemoryError:  # device memory taken meanwhile: the sessions are untouched
-                replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.BUSY,
-                                                          f"out of {self.device} memory; retry later"))
+                replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.BUSY, self.out_of_memory()))
                                for p in group)
             except Exception as e:
                 log.exception("internal error in a step")
@@ -279,6 +280,11 @@ class StepRunner:
         it, would wait past what clients wait for. Refusing them (`busy`) answers them now. The
         first computation of a batch always runs, so the node makes progress."""
         return self._batch_computed and time.perf_counter() - self._batch_started > self.limits.max_batch_seconds
+
+    def out_of_memory(self) -> str:
+        """`busy`'s message when device memory ran out (other work on the GPU took it): nothing of
+        a session was changed, so asking again later is right, not a failover."""
+        return f"out of {self.device} memory; retry later"
 
     def _overload_message(self) -> str:
         return (f"node overloaded: this batch has computed for {self.limits.max_batch_seconds:g} s; "

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import SMALL12
 
 from nanoswarm.client.api import SwarmModel
@@ -502,6 +503,30 @@ def test_a_move_whose_blocks_fail_to_load_keeps_the_old_ones(caplog):
         assert rebalancer.move(2) is False and handler.blocks is old and rebalancer.moves == 0
         assert rebalancer.failures == failures and rebalancer._next > _time.monotonic() + 10.0 * 2 ** failures - 1
     assert "staying on blocks 0:2: cannot load 2:4: blocks-2-4.safetensors is gone" in caplog.text
+
+
+def test_a_move_whose_speed_cannot_be_measured_still_tells_the_swarm(caplog):
+    """The new blocks serve and the record says so even when measuring them fails (on a GPU:
+    device memory taken meanwhile); the node does not advertise blocks it no longer holds."""
+    from types import SimpleNamespace
+
+    from nanoswarm.node.placement import Rebalancer
+
+    caplog.set_level(logging.INFO, "nanoswarm.node.placement")
+
+    def measure():
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    told = []
+    new = SimpleNamespace(start=2, stop=4)
+    handler = SimpleNamespace(blocks=SimpleNamespace(start=0, stop=2), device=torch.device("cpu"),
+                              measure_throughput=measure, stats=SimpleNamespace(throughput=50.0))
+    gossip = SimpleNamespace(refresh=lambda: told.append("refresh"), round=lambda: told.append("round"))
+    rebalancer = Rebalancer(handler, gossip, 2, lambda a, b: new, interval=10.0)
+    assert rebalancer.move(2) is True and handler.blocks is new and rebalancer.moves == 1
+    assert told == ["refresh", "round"]
+    assert "measuring blocks 2:4 failed: OutOfMemoryError" in caplog.text
+    assert "moved from blocks 0:2 to 2:4" in caplog.text
 
 
 def test_bootstrap_contacts_are_checked_and_a_dropped_handshake_says_why(tiny_model_dir, cluster_factory):

@@ -269,6 +269,31 @@ def test_pipelined_steps_of_one_session_in_one_batch(blocks):
         assert torch.equal(want, replies[t].tensors[0])
 
 
+def test_device_memory_running_out_is_busy_and_leaves_the_session_as_it_was(blocks, monkeypatch):
+    """A GPU whose memory other work took refuses `busy` (the client asks again later) wherever
+    the allocation fails: in a step's compute, in a forward's, or copying a step's input to the
+    device; none of them bans a healthy node as `internal` would. Simulated on the CPU."""
+    d = make_driver(blocks)
+    sid, x = d.open(8), [hidden(1, s) for s in range(2)]
+    d.ok("step", {"session": sid, "pos": 0}, [x[0]])
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with monkeypatch.context() as m:
+        m.setattr(blocks[0], "forward", out_of_memory)
+        d.refuses("busy", "memory", "step", {"session": sid, "pos": 1}, [x[1]])
+        d.refuses("busy", "memory", "forward", {}, [x[1]])
+    with monkeypatch.context() as m:
+        m.setattr(d.h.steps, "hidden", out_of_memory)
+        d.refuses("busy", "memory", "step", {"session": sid, "pos": 1}, [x[1]])
+    assert d.h.sessions.sessions[sid].length == 1
+    got = d.ok("step", {"session": sid, "pos": 1}, [x[1]]).tensors[0]
+    fresh = d.open(8)
+    d.ok("step", {"session": fresh, "pos": 0}, [x[0]])
+    assert torch.equal(got, d.ok("step", {"session": fresh, "pos": 1}, [x[1]]).tensors[0])
+
+
 def test_idle_sessions_expire_in_process(blocks):
     d = make_driver(blocks, idle_timeout=10.0)
     clock = [0.0]

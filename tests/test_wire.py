@@ -164,3 +164,21 @@ def test_fast_finite_checks_agree_with_torch(a, bad, dtype):
     want = float(x.float().abs().max())
     got = abs_max(x)
     assert (math.isnan(got) and math.isnan(want)) or got == want
+
+
+def test_a_half_precision_nodes_own_overflow_is_not_blamed_on_the_wire():
+    """A float16 node whose computation overflows answers bad_value saying so, not that float32
+    could not carry the result; an input already out of range says that instead."""
+    from nanoswarm.node.steps import _unsendable
+    from nanoswarm.protocol.tensors import to_frame
+
+    x = torch.ones(1, 1, 8, dtype=torch.float16)
+    y = torch.ones(1, 1, 8, dtype=torch.float16)
+    y[0, 0, 3] = math.inf
+    assert _unsendable(x, y, "float32", to_frame(y, "float32")) == \
+        "this node's float16 computation overflowed to NaN or Inf"
+    x[0, 0, 0] = math.inf
+    assert "this node's float16 (values beyond 65504 overflow)" in _unsendable(x, y, "float32", to_frame(y, "float32"))
+    big = torch.full((1, 1, 8), 1e6)  # a float32 node's finite result that float16 cannot carry
+    assert _unsendable(big, big, "float16", to_frame(big, "float16")) == \
+        "the result does not fit float16 (overflow to NaN or Inf)"
