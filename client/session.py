@@ -21,6 +21,8 @@ import time
 import torch
 import zmq
 
+from nanoswarm.protocol.tensors import fits_wire
+
 from .history import History, Unkept
 from .relay import Chain, ChainBroken
 from .route import RouteError
@@ -40,6 +42,12 @@ REPLAY_CHUNK = 512  # positions per replay step (well under a node's max tokens 
 
 class SessionError(Exception):
     pass
+
+
+# Answers to `open`, or to the replay into a new stage, that say a peer cannot take this session
+# now (at its session count or KV budget, a session longer than it takes, about to leave), not
+# that it failed.
+REFUSALS = ("busy", "too_large", "leaving")
 
 
 STALL_SECONDS = 1.0  # a stage that answers `info` within this (or 3x its slowest sibling) is alive
@@ -131,21 +139,31 @@ class InferenceSession:
         return session
 
     def _open_route(self, max_length: int) -> None:
-        pos = 0
+        pos, refused = 0, {}
         while pos < self.swarm.n_layer:
-            plan = self.swarm.plan(pos)[0]
+            plan = self.swarm.plan(pos, max_length=max_length, refused=refused)[0]
             stage = None
             try:
                 stage = self.swarm.make_stage(plan)
                 stage.open(max_length)
-            except PeerError as e:  # a peer that cannot be reached or refuses is banned
+            except PeerError as e:  # planned again without that peer
                 if stage is not None:
                     stage.close()
-                self._strike(e)
+                self._refused_or_strike(e, refused)
                 continue
             self.stages.append(stage)
             self.history.append(History())
             pos = plan.stop
+
+    def _refused_or_strike(self, e: PeerError, refused: dict[str, str]) -> None:
+        """A peer that cannot take this session now (REFUSALS: full, too short, leaving) is left out
+        of this planning, with no ban and no failover counted: it is honest, and other sessions
+        may still use it. Anything else is a fault (_strike)."""
+        if e.code in REFUSALS and e.address not in refused:
+            refused[e.address] = f"{e.code}: {e.message}"
+            log.info("peer %s", e)
+        else:
+            self._strike(e)
 
     def _strike(self, e: PeerError) -> None:
         self.failovers += 1
@@ -196,6 +214,11 @@ class InferenceSession:
             except PeerError as e:
                 if self.swarm is None:
                     raise
+                if e.code == "bad_value" and not fits_wire(hidden, self.swarm.options.wire):
+                    # The caller's input, not the peer: nothing to fail over, and the node left the
+                    # session as it was (checked only now: the hot path makes no extra pass).
+                    raise SessionError(f"hidden states for layers {stage.start}:{stage.stop} hold NaN or Inf, or "
+                                       f"do not fit the {self.swarm.options.wire} wire ({e.message})") from e
                 if e.code == "busy" and busy_retries < BUSY_RETRIES and not stage.retries_busy:
                     # An overloaded peer left the session as it was: wait a little and ask again
                     # before giving its blocks to someone else.
@@ -291,16 +314,17 @@ class InferenceSession:
         t0 = time.perf_counter()
         self._recover_for(old)
         i = self.stages.index(old)
+        refused: dict[str, str] = {}
         while True:
             try:
-                plans = self.swarm.plan(old.start, old.stop)
+                plans = self.swarm.plan(old.start, old.stop, self.max_length, refused)
             except RouteError as e:
                 raise SessionError(f"{e} (after {error.address} failed: {error.code})") from e
             try:
                 new_stages, new_history, out = self._rebuild(plans, self.history[i])
                 break
-            except PeerError as e:  # the replacement failed too: ban it and plan again
-                self._strike(e)
+            except PeerError as e:  # the replacement failed or refused too: plan again without it
+                self._refused_or_strike(e, refused)
         self.stages[i:i + 1] = new_stages
         self.history[i:i + 1] = new_history
         self._fill_unkept(i + len(new_stages), out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import zmq
@@ -20,6 +21,13 @@ from .stages import HeadGroupStage, RemoteLayerStage, Stage
 from .transport import PeerConnection, PeerError
 
 log = logging.getLogger(__name__)
+
+
+def takes(peer: PeerInfo, max_length: int) -> bool:
+    """Whether `peer` opens sessions of `max_length` positions, as far as its `info` said (a
+    peer known only from its signed record did not say: it is asked)."""
+    limit = peer.extra.get("max_length")
+    return not (type(limit) is int and limit < max_length)
 
 
 @dataclass
@@ -102,9 +110,12 @@ class Swarm:
             layers=layers, heads=heads, throughput=float(throughput), load=float(load),
             rtt=rtt, curve_key=curve_key, extra=info)
 
-    def available(self) -> list[PeerInfo]:
+    def available(self, max_length: int | None = None, refused: Collection[str] = ()) -> list[PeerInfo]:
+        """Peers a route may use: not banned, not among `refused`, and, for a session of
+        `max_length` positions, not one whose `info` said it takes fewer."""
         now = time.monotonic()
-        return [p for a, p in self.peers.items() if a not in self.bans or self.bans[a].until <= now]
+        return [p for a, p in self.peers.items() if (a not in self.bans or self.bans[a].until <= now)
+                and a not in refused and (max_length is None or takes(p, max_length))]
 
     # ----- failure bookkeeping ------------------------------------------------------------
     def ban(self, address: str, why: str) -> None:
@@ -180,23 +191,29 @@ class Swarm:
                  len(set(self.peers) - set(before)), len(moved))
         return True
 
-    def plan(self, start: int = 0, stop: int | None = None) -> list[StagePlan]:
+    def plan(self, start: int = 0, stop: int | None = None, max_length: int | None = None,
+             refused: dict[str, str] | None = None) -> list[StagePlan]:
+        """The cheapest route over blocks [start, stop) for a session of `max_length` positions,
+        leaving out the peers that `refused` it (address -> why) as well as banned ones."""
         try:
-            return self._plan(start, stop)
+            return self._plan(start, stop, max_length, refused or {})
         except RouteError:
             if not self.refresh():
                 raise
-            return self._plan(start, stop)
+            return self._plan(start, stop, max_length, refused or {})
 
-    def _plan(self, start: int, stop: int | None) -> list[StagePlan]:
+    def _plan(self, start: int, stop: int | None, max_length: int | None, refused: dict[str, str]) -> list[StagePlan]:
         try:
-            return build_route(self.available(), self.n_layer, self.n_head, start, stop)
+            return build_route(self.available(max_length, refused), self.n_layer, self.n_head, start, stop)
         except RouteError as e:
-            if not self.rejected:
-                raise
             # The peers we were given but could not use are the likely cause: say why.
-            why = [f"{a}: {r}" for a, r in list(self.rejected.items())[:3]]
-            more = f" and {len(self.rejected) - 3} more" if len(self.rejected) > 3 else ""
+            unused = {**self.rejected, **refused}
+            unused.update((p.address, f"takes sessions of at most {p.extra['max_length']} positions, "
+                           f"not {max_length}") for p in self.available() if max_length and not takes(p, max_length))
+            if not unused:
+                raise
+            why = [f"{a}: {r}" for a, r in list(unused.items())[:3]]
+            more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
             raise RouteError(e.uncovered, f"{e.detail}; not used: {'; '.join(why)}{more}") from None
 
     def make_stage(self, plan: StagePlan) -> Stage:

@@ -6,7 +6,6 @@ hands requests over, node/server.py owns the socket)."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ import torch
 
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import MAX_HOPS, Message, encode_frames, error_frames, parse_next
-from nanoswarm.protocol.tensors import WIRE_FORMATS, abs_max, all_finite, frame_dtype, frame_finite, to_frame
+from nanoswarm.protocol.tensors import WIRE_FORMATS, all_finite, fits_wire, frame_dtype, frame_finite, to_frame
 from nanoswarm.shards.model import Blocks
 
 from .relay import Relay, next_hop_id
@@ -25,18 +24,7 @@ from .sessions import NodeLimits, Session, SessionStore
 log = logging.getLogger(__name__)
 
 Reply = tuple[bytes | Relay, list]  # (peer identity, or the next hop of a relayed step; frames)
-# Largest magnitude a reply format can carry (q80: a float16 scale times 127).
-_WIRE_MAX = {"float16": 65504.0, "q80": 65504.0 * 127}
 WARM_UP = 2  # untimed one-token steps before the throughput a node advertises is measured
-
-
-def _fits(y: torch.Tensor, wire: str) -> bool:
-    """Whether `y` is finite and stays finite in the reply format."""
-    limit = _WIRE_MAX.get(wire)
-    if limit is None:
-        return all_finite(y)
-    m = abs_max(y)  # NaN or inf when y holds one
-    return math.isfinite(m) and m <= limit
 
 
 def _unsendable(x: torch.Tensor, y: torch.Tensor, wire: str, frame) -> str | None:
@@ -50,7 +38,7 @@ def _unsendable(x: torch.Tensor, y: torch.Tensor, wire: str, frame) -> str | Non
     caller undoes the step's change to the session.
     """
     finite = frame_finite(frame, wire)  # numpy on the bytes that go out: no further torch call
-    if finite or (finite is None and _fits(y, wire)):
+    if finite or (finite is None and fits_wire(y, wire)):
         return None
     if not all_finite(x):
         if x.dtype == torch.float16:  # the input may have been finite before this node's conversion

@@ -9,6 +9,7 @@ Wire formats:
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -150,6 +151,19 @@ def all_finite(t: torch.Tensor) -> bool:
     if t.is_cpu and t.dtype in _NUMPY_FLOATS:
         return bool(np.isfinite(_numpy(t)).all())
     return bool(torch.isfinite(t).all())
+
+
+# Largest magnitude a format can carry (q80: a float16 scale times 127); the others carry float32's.
+WIRE_MAX = {"float16": 65504.0, "q80": 65504.0 * 127}
+
+
+def fits_wire(t: torch.Tensor, wire: str) -> bool:
+    """Whether `t` is finite and stays finite in the format `wire`."""
+    limit = WIRE_MAX.get(wire)
+    if limit is None:
+        return all_finite(t)
+    m = abs_max(t)  # NaN or inf when t holds one
+    return math.isfinite(m) and m <= limit
 
 
 def q80_error_bound(t: torch.Tensor) -> float:

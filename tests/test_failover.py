@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 
@@ -10,6 +11,7 @@ import pytest
 
 from nanoswarm.client.api import GenerationResult, SwarmModel
 from nanoswarm.client.generate import GenerationStats, SamplingParams
+from nanoswarm.client.route import RouteError
 from nanoswarm.client.session import SessionError
 from nanoswarm.client.swarm import SwarmOptions
 from nanoswarm.node.cluster import LocalCluster, NodeSpec
@@ -185,17 +187,18 @@ def test_restarted_node_with_same_key_is_used_again(small12_model_dir, cluster_f
         model.close()
 
 
-def test_peer_refusing_open_is_routed_around(small12_model_dir, cluster_factory, expected_ids):
-    # The one-hop route's only peer refuses this session (too_large: its sessions are at most 8
-    # positions); the rest of the route is planned without it.
+def test_peer_too_short_for_a_session_is_routed_around(small12_model_dir, cluster_factory, expected_ids):
+    # The one-hop route's only peer takes sessions of at most 8 positions (its `info` says so):
+    # a longer session is planned without it, and it is not banned for that.
     swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 12), args=["--max-session-length", "8"]),
                                                 NodeSpec((0, 6)), NodeSpec((6, 12))])
     model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses)
     try:
-        assert len(model.swarm.plan()) == 1
+        assert len(model.swarm.plan()) == 1 and len(model.swarm.plan(max_length=8)) == 1
         result = model.generate(PROMPT, N_TOKENS, SEEDED)
         assert result.ids == expected_ids
-        assert [s["layers"] for s in result.route] == [[0, 6], [6, 12]] and result.failovers == 1
+        assert [s["layers"] for s in result.route] == [[0, 6], [6, 12]] and result.failovers == 0
+        assert model.swarm.bans == {}
     finally:
         model.close()
 
@@ -249,8 +252,11 @@ def test_a_ban_by_one_session_fails_the_other_over_too(small12_model_dir, cluste
 def test_a_failed_open_closes_the_stages_it_opened(small12_model_dir, cluster_factory):
     """When the rest of a route cannot be opened, the sessions already opened are closed, not
     left holding their KV reservation until the idle timeout."""
-    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)),
-                                                NodeSpec((6, 12), args=["--max-session-length", "8"])])
+    from nanoswarm.client.transport import PeerConnection
+
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((6, 12), args=["--max-sessions", "1"])])
+    squatter = PeerConnection(swarm.addresses[1], timeout=5)  # holds the second node's one session
+    squatter.request("open", {"max_length": 8})
     model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses)
     try:
         for _ in range(2):
@@ -258,9 +264,9 @@ def test_a_failed_open_closes_the_stages_it_opened(small12_model_dir, cluster_fa
                 model.generate(PROMPT, SHORT, SEEDED)
     finally:
         model.close()
+        squatter.close()
 
     def sessions_on(address: str) -> int:
-        from nanoswarm.client.transport import PeerConnection
         conn = PeerConnection(address, timeout=5)
         try:
             return conn.request("info").fields["sessions"]
@@ -448,3 +454,58 @@ def test_a_replaced_stage_s_close_reaches_its_live_peer_before_the_ban_drops_the
             assert _sessions_on(x) == 0, f"attempt {attempt}: the close was dropped with the socket"
     finally:
         model.close()
+
+
+# ----- found in review (thirteenth session): honest refusals and the caller's own input --------
+
+
+def test_a_peer_that_cannot_take_a_session_is_left_out_not_banned(tiny_model_dir, cluster_factory):
+    """`busy` (full) and `too_large` (longer than it takes, from its `info`) say a peer cannot take
+    this session, not that it failed: the route is planned without it, the error names why, no
+    failover is counted and nobody is banned, so the next session that fits uses it at once (the
+    review's repro: both banned an honest peer for 30 s, and a head group lost all its members)."""
+    nodes = cluster_factory(tiny_model_dir, [
+        NodeSpec((0, 4), args=["--max-sessions", "1", "--max-session-length", "16"]),
+        NodeSpec((0, 4), (0, 2), args=["--max-sessions", "1"]), NodeSpec((0, 4), (2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    layer_node = nodes.addresses[0]
+    try:
+        assert [p.address for p in model.swarm.plan(max_length=8)[0].peers] == [layer_node]
+        assert layer_node not in [p.address for p in model.swarm.plan(max_length=40)[0].peers]
+        first, second = model.session(8), model.session(8)  # the layer node, then the head group
+        assert first.describe()[0]["peers"] == [layer_node] != second.describe()[0]["peers"]
+        with pytest.raises(RouteError, match=r"busy: .*maximum of 1 sessions"):
+            model.session(8)
+        with pytest.raises(RouteError, match="takes sessions of at most 16 positions, not 40"):
+            model.session(40)
+        assert model.swarm.bans == {}
+        first.close()
+        third = model.session(8)
+        assert third.failovers == 0 and third.describe()[0]["peers"] == [layer_node]
+        third.close()
+        second.close()
+    finally:
+        model.close()
+
+
+def test_a_callers_non_finite_input_is_its_own_error_not_a_peers(tiny_model_dir, cluster_factory):
+    """Hidden states holding NaN, or beyond float16 on a float16 wire, are refused `bad_value` by the
+    node; the session raises SessionError instead of banning honest peers one after another, and
+    stays usable."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((0, 2)), NodeSpec((2, 4))])
+    for wire, bad in (("float32", math.nan), ("float16", 1e6)):
+        model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses,
+                                   options=SwarmOptions(timeout=TIMEOUT, wire=wire))
+        try:
+            session = model.session(8)
+            x = model.client.embed([1, 2], 0)
+            y = x.clone()
+            y[0, 1, 3] = bad
+            with pytest.raises(SessionError, match="layers 0:2 hold NaN or Inf, or do not fit"):
+                session.step(y)
+            assert session.failovers == 0 and model.swarm.bans == {} and session.pos == 0
+            session.step(x)
+            assert session.pos == 2
+            session.close()
+        finally:
+            model.close()
