@@ -126,6 +126,8 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
     from nanoswarm.shards.loaders import check_tokenizer_vocab, load_checkpoint
     from nanoswarm.shards.manifest import parse_head_splits, write_model_dir
 
+    shards_log = logging.getLogger("nanoswarm.shards")  # its progress lines, -v or not
+    shards_log.setLevel(min(shards_log.getEffectiveLevel(), logging.INFO))
     config, state = load_checkpoint(source)
     check_tokenizer_vocab(config, str(source))
     splits = parse_head_splits(heads_spec, head_groups, config.n_head)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ import zmq
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from zmq.utils import z85
+
+from nanoswarm.files import read_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -158,19 +161,32 @@ def save_identity(identity: Identity, path: str | os.PathLike[str], overwrite: b
     """Write identity to path with mode 0600.  Refuses to replace an existing file unless overwrite."""
     path = Path(path)
     data = _encode_key_file(identity)
-    if not overwrite:
-        try:
-            _write_new(path, data, os.O_EXCL)
-        except FileExistsError:
-            raise KeyFileError(f"key file {path} already exists; refusing to overwrite it") from None
-        return path
-    # Write a fresh 0600 file and rename it over the old one: atomic, and the old file's
-    # (possibly too open) mode is not inherited.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)  # left over from a crash of this same pid number
+    # A fresh 0600 file written in full beside the target, then put in place: a reader never sees
+    # a half-written key (processes starting together on a new key file read the winner's; a
+    # loser read it empty before, "corrupt key file"), and the old file's mode is not inherited.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     _write_new(tmp, data, os.O_EXCL)
-    os.replace(tmp, path)
+    try:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path, data)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _link_new(tmp: Path, path: Path, data: bytes) -> None:
+    """`tmp` at `path` as well, unless `path` exists: a hard link appears whole, and fails if taken."""
+    try:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: create it in place, still exclusively
+            _write_new(path, data, os.O_EXCL)
+    except FileExistsError:
+        raise KeyFileError(f"key file {path} already exists; refusing to overwrite it") from None
 
 
 def _read_private_file(path: Path) -> bytes:
@@ -317,7 +333,7 @@ def read_allowed_keys(path: str | os.PathLike[str]) -> set[bytes]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_file(path).decode("utf-8")
     except FileNotFoundError:
         raise KeyFileError(f"allowed-keys file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:

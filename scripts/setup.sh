@@ -13,7 +13,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         echo "setup: GPU found, installing torch with CUDA" >&2
-        "${PIP[@]}" install "torch>=2.1"
+        "${PIP[@]}" install "torch>=2.10"
     else
         # No GPU: take the CPU build. On our machines torch==2.13.0 resolves to the CPU wheel on
         # local disk; elsewhere point TORCH_INDEX_URL at a CPU wheel index.

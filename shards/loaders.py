@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from nanoswarm.files import read_regular_file
+
 from .model import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,19 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # Causal-mask buffers that old nanoGPT and HF checkpoints save next to the weights.
 _BUFFER_RE = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 HF_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "exact"}
+
+
+# Far above any GPT-2-family model, yet low enough that a manifest or checkpoint from elsewhere
+# cannot make a loader build millions of modules or names (a hang, or memory without end) before
+# its weights are looked at.
+CONFIG_LIMITS = {"n_layer": 1024, "n_head": 1024, "n_embd": 1 << 16, "block_size": 1 << 20}
+
+
+def check_size_limits(config: ModelConfig) -> None:
+    """ValueError for a config above CONFIG_LIMITS."""
+    for name, limit in CONFIG_LIMITS.items():
+        if getattr(config, name) > limit:
+            raise ValueError(f"{name} {getattr(config, name)} is above the limit {limit}")
 
 
 class CheckpointError(ValueError):
@@ -94,7 +109,12 @@ def _finish(config: ModelConfig, raw: StateDict, source: str,
         name = _strip(key, ("_orig_mod.", "module.", "transformer."))
         if _BUFFER_RE.match(name):
             continue
+        if not t.is_floating_point():  # ints, bools, complex: not weights, and a cast would hide it
+            kind = str(t.dtype).removeprefix("torch.")
+            raise CheckpointError(f"{source}: {key} holds {kind}, not floating-point weights")
         t = t.detach().to(torch.float32)
+        if not torch.isfinite(t).all():  # a node would refuse every step through it (bad_value)
+            raise CheckpointError(f"{source}: {key} holds NaN or Inf")
         if transpose_conv1d and name.endswith(CONV1D_WEIGHTS) and t.dim() == 2:
             t = t.t()
         sd[name] = t.contiguous()
@@ -116,7 +136,9 @@ def _finish(config: ModelConfig, raw: StateDict, source: str,
 
 def _config(source: str, **fields) -> ModelConfig:
     try:
-        return ModelConfig(**fields)
+        config = ModelConfig(**fields)
+        check_size_limits(config)  # before expected_shapes names 12 weights a layer
+        return config
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: bad model config: {exc}") from exc
 
@@ -136,7 +158,16 @@ def check_tokenizer_vocab(config: ModelConfig, source: str) -> None:
                               f"tokenizer's {GPT2_VOCAB} ids; nanoswarm serves GPT-2-tokenized models only")
 
 
+# torch.load(weights_only=True) ran code from a crafted file before 2.6 (CVE-2025-32434) and could
+# corrupt memory before 2.10 (CVE-2026-24747, GHSA-63cw-57p8-fm3p): older versions are not asked to
+# unpickle a stranger's checkpoint at all. pyproject.toml asks for 2.10 too.
+SAFE_TORCH_LOAD = (2, 10)
+
+
 def _torch_load(path: Path) -> dict:
+    if torch.__version__ < SAFE_TORCH_LOAD:
+        raise CheckpointError(f"{path}: torch {torch.__version__} cannot read pickled checkpoints safely; "
+                              f"upgrade to torch>={'.'.join(map(str, SAFE_TORCH_LOAD))} or give safetensors weights")
     try:
         with warnings.catch_warnings():  # noise on stderr; any problem is in the error below
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -149,8 +180,9 @@ def _torch_load(path: Path) -> dict:
         found = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
         detail = f" ({found.group(1).split('. Please')[0].strip()})" if found else ""
         raise CheckpointError(f"{path}: not a checkpoint of plain tensors and settings{detail}") from exc
-    except Exception as exc:  # torch raises many kinds for a bad file
-        raise CheckpointError(f"{path}: cannot load it as a checkpoint: {first_line(exc)}") from exc
+    except Exception as exc:  # torch raises many kinds for a bad file (a text file: KeyError 101)
+        raise CheckpointError(f"{path}: cannot load it as a checkpoint: {type(exc).__name__}: "
+                              f"{first_line(exc)}") from exc
 
 
 def load_nanogpt(path: Path, gelu: str | None = None) -> tuple[ModelConfig, StateDict]:
@@ -158,6 +190,8 @@ def load_nanogpt(path: Path, gelu: str | None = None) -> tuple[ModelConfig, Stat
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise CheckpointError(f"{path}: not a nanoGPT checkpoint (needs 'model' and 'model_args')")
     args = ckpt["model_args"]
+    if not isinstance(args, dict) or not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: 'model' and 'model_args' must be dictionaries")
     needed = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
     missing = [k for k in needed if k not in args]
     if missing:
@@ -171,9 +205,11 @@ def load_nanogpt(path: Path, gelu: str | None = None) -> tuple[ModelConfig, Stat
 
 def _hf_config(path: Path, gelu: str | None) -> ModelConfig:
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        cfg = json.loads(read_regular_file(path))
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: cannot read config: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
     missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k not in cfg]
     if missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}")
@@ -185,7 +221,8 @@ def _hf_config(path: Path, gelu: str | None) -> ModelConfig:
         raise CheckpointError(f"{path}: n_inner {cfg['n_inner']} is not 4 * n_embd")
     if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights") is False:
         raise CheckpointError(f"{path}: non-standard attention scaling is not supported")
-    if abs(cfg.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+    eps = cfg.get("layer_norm_epsilon", 1e-5)
+    if type(eps) not in (int, float) or abs(eps - 1e-5) > 1e-12:
         raise CheckpointError(f"{path}: layer_norm_epsilon must be 1e-5")
     block_size = cfg.get("n_positions", cfg.get("n_ctx"))
     return _config(str(path), n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
@@ -193,14 +230,21 @@ def _hf_config(path: Path, gelu: str | None) -> ModelConfig:
                    gelu=gelu or HF_ACTIVATIONS[act])
 
 
-def _hf_weights(directory: Path) -> StateDict:
+def _load_safetensors(path: Path) -> StateDict:
     from safetensors.torch import load_file
 
+    try:
+        return load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own kinds for a bad file
+        raise CheckpointError(f"{path}: not a readable safetensors file: {first_line(exc)}") from exc
+
+
+def _hf_weights(directory: Path) -> StateDict:
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(single)
+        return _load_safetensors(single)
     if index.is_file():  # sharded safetensors: weight_map says which file holds each tensor
-        return {k: v for f in _index_files(index) for k, v in load_file(directory / f).items()}
+        return {k: v for f in _index_files(index) for k, v in _load_safetensors(directory / f).items()}
     if (directory / "pytorch_model.bin").is_file():
         sd = _torch_load(directory / "pytorch_model.bin")
         if not isinstance(sd, dict):
@@ -212,9 +256,9 @@ def _hf_weights(directory: Path) -> StateDict:
 def _index_files(index: Path) -> list[str]:
     """The weight files a sharded checkpoint's index names: plain names in its own directory."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(read_regular_file(index))["weight_map"]
         files = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({type(exc).__name__})") from None
     bad = [f for f in files if not isinstance(f, str) or Path(f).name != f or f.startswith(".")]
     if bad:
@@ -233,6 +277,7 @@ def load_checkpoint(source: str | Path, gelu: str | None = None) -> tuple[ModelC
     path = Path(source)
     if gelu is not None and gelu not in ("tanh", "exact"):
         raise CheckpointError(f"gelu must be 'tanh' or 'exact', got {gelu!r}")
+    log.info("reading checkpoint %s", source)
     if path.is_file() and path.name in ("config.json", "model.safetensors", "pytorch_model.bin"):
         path = path.parent  # a file of a Hugging Face directory: take the directory
     if path.is_dir():

@@ -23,9 +23,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
+from nanoswarm.files import read_regular_file
+
 from .loaders import (
     GPT2_VOCAB,
     StateDict,
+    check_size_limits,
     check_tokenizer_vocab,
     load_checkpoint,
     validate_flat_state_dict,
@@ -40,9 +43,6 @@ ROLES = ("embeddings", "head", "blocks")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _LAYER_RE = re.compile(r"^h\.(\d+)\.(.+)$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-# Far above any GPT-2-family model, yet low enough that a manifest from elsewhere cannot make a
-# loader build millions of modules (a hang) before a single file is read.
-CONFIG_LIMITS = {"n_layer": 1024, "n_head": 1024, "n_embd": 1 << 16, "block_size": 1 << 20}
 Range = tuple[int, int]
 
 
@@ -95,8 +95,8 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         try:
             d = json.loads(text)
-        except ValueError as exc:
-            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than Python's stack
+            raise ManifestError(f"manifest is not valid JSON: {type(exc).__name__}: {exc}") from exc
         return cls.from_dict(d)
 
     @classmethod
@@ -155,14 +155,16 @@ def _config_from(d: object) -> ModelConfig:
 
 
 def check_config_limits(config: ModelConfig) -> None:
-    """ValueError for a config no model directory may have (see CONFIG_LIMITS)."""
-    for name, limit in CONFIG_LIMITS.items():
-        if getattr(config, name) > limit:
-            raise ValueError(f"{name} {getattr(config, name)} is above the limit {limit}")
+    """ValueError for a config no model directory may have (loaders.CONFIG_LIMITS, the vocabulary)."""
+    check_size_limits(config)
     # The gpt2 tokenizer decodes ids < 50257 only: a larger vocabulary could sample ids it cannot
     # decode (the loaders crop nanoGPT's padded 50304 to 50257 for that reason).
     if config.vocab_size > GPT2_VOCAB:
         raise ValueError(f"vocab_size {config.vocab_size} is above the gpt2 tokenizer's {GPT2_VOCAB} ids")
+
+
+# What a shard file may be called: no path separators, NUL, leading dot or empty name.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]{0,254}")
 
 
 def _entry_from(d: object, config: ModelConfig) -> FileEntry:
@@ -170,9 +172,8 @@ def _entry_from(d: object, config: ModelConfig) -> FileEntry:
     keys = {"name", "role", "layers", "heads", "sha256", "size"}
     _require(set(d) == keys, f"file entry fields must be exactly {sorted(keys)}, got {sorted(d)}")
     name = d["name"]
-    # A bare file name: a manifest from elsewhere must not make us read outside the directory.
-    _require(isinstance(name, str) and name == Path(name).name and not name.startswith("."),
-             f"bad file name {name!r}")
+    # A plain file name: a manifest from elsewhere must not make us read outside the directory.
+    _require(isinstance(name, str) and bool(_FILE_NAME.fullmatch(name)), f"bad file name {name!r}"[:200])
     _require(d["role"] in ROLES, f"{name}: role must be one of {ROLES}")
     _require(isinstance(d["sha256"], str) and bool(_SHA_RE.match(d["sha256"])),
              f"{name}: sha256 must be 64 lowercase hex digits")
@@ -286,8 +287,12 @@ def layer_of(name: str) -> int | None:
 
 def _write_file(out_dir: Path, name: str, tensors: StateDict, dtype: torch.dtype) -> tuple[str, int]:
     # clone(): safetensors refuses tensors that share storage (views of one parameter).
-    data = st_save({k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in tensors.items()},
-                   metadata={"format": "pt"})
+    stored = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in tensors.items()}
+    for k, t in stored.items():  # the source was finite (loaders): only the conversion can overflow
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{k} is not finite in {_dtype_name(dtype)} (float16 holds at most 65504): "
+                             "shard it as bfloat16 or float32")
+    data = st_save(stored, metadata={"format": "pt"})
     tmp = out_dir / f".{name}.tmp"
     tmp.write_bytes(data)
     os.replace(tmp, out_dir / name)  # a reader never sees a half-written shard
@@ -360,8 +365,8 @@ def shard_checkpoint(source: str | Path, out_dir: str | Path, layers_per_shard: 
 def read_manifest(model_dir: str | Path) -> Manifest:
     path = Path(model_dir) / MANIFEST_NAME
     try:
-        text = path.read_text()
-    except OSError as exc:
+        text = read_regular_file(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"cannot read {path}: {exc}") from exc
     try:
         return Manifest.from_json(text)

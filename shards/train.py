@@ -15,6 +15,7 @@ the summary.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import sys
@@ -311,8 +312,10 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
     n_params = sum(p.numel() for p in model.parameters())  # the tied head counts once
     optimizer = make_optimizer(model, lr, weight_decay, betas=(0.9, 0.99))
     head_dtype = head_matmul_dtype()
-    settings = {"text_path": str(text_path), "max_iters": max_iters, "batch_size": batch_size,
-                "lr": lr, "min_lr": min_lr, "warmup": warmup, "weight_decay": weight_decay,
+    # The text's token ids, hashed: a resumed run must see the same text, not only the same path.
+    text_sha256 = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+    settings = {"text_path": str(text_path), "text_sha256": text_sha256, "max_iters": max_iters,
+                "batch_size": batch_size, "lr": lr, "min_lr": min_lr, "warmup": warmup, "weight_decay": weight_decay,
                 "betas": [0.9, 0.99], "grad_clip": grad_clip, "eval_interval": eval_interval,
                 "eval_iters": eval_iters, "seed": seed, "threads": threads,
                 "val_fraction": val_fraction, "head_matmul_dtype": str(head_dtype)}

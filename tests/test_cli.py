@@ -51,6 +51,8 @@ def test_shard_command_writes_a_model_dir(tmp_path):
     roles = sorted(f["role"] for f in manifest["files"])
     assert roles == ["blocks", "blocks", "embeddings", "head"]
     assert (tmp_path / "m" / "manifest.json").exists()
+    # progress on stderr without -v: long work shows it
+    assert "reading checkpoint" in out.stderr and "[4/4] wrote" in out.stderr
 
 
 @pytest.mark.slow
@@ -222,15 +224,16 @@ def test_shard_refuses_bad_input_in_one_line(tmp_path):
     from nanoswarm.shards.model import ModelConfig
 
     (tmp_path / "text.pt").write_text("{}")
-    line = one_error_line(run_cli("shard", str(tmp_path / "text.pt"), str(tmp_path / "m")))
+    line = one_error_line(run_cli("shard", str(tmp_path / "text.pt"), str(tmp_path / "m")), logs=True)
     assert "not a checkpoint of plain tensors" in line and "weights_only=False" not in line
     chars = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=65, block_size=16, gelu="exact")
     save_nanogpt_checkpoint(chars, GPT(chars).flat_state_dict(), tmp_path / "chars.pt")
-    line = one_error_line(run_cli("shard", str(tmp_path / "chars.pt"), str(tmp_path / "m")))
+    line = one_error_line(run_cli("shard", str(tmp_path / "chars.pt"), str(tmp_path / "m")), logs=True)
     assert "vocab_size 65 is smaller than the GPT-2 tokenizer's 50257 ids" in line
     torch.manual_seed(0)
     save_nanogpt_checkpoint(TINY, GPT(TINY).flat_state_dict(), tmp_path / "ckpt.pt")
-    line = one_error_line(run_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--head-groups", "0"))
+    line = one_error_line(run_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--head-groups", "0"),
+                          logs=True)
     assert "head groups must be from 1 to 4, got 0" in line
     assert not (tmp_path / "m").exists()
 

@@ -621,3 +621,47 @@ def test_sockets_take_ipv6_endpoints_when_the_contact_has_one():
     finally:
         v4.close(linger=0)
         v6.close(linger=0)
+
+
+def test_a_process_starting_while_another_writes_a_new_key_file_never_reads_it_half_written(tmp_path, monkeypatch):
+    """Two nodes starting together on one new key file: while the first is still writing, the
+    second must not find the file there half-written ("corrupt key file": the review's repro, 8
+    of 240 processes). It is put in place whole, so the second makes its own and the first, whose
+    write then loses, uses that one."""
+    path = tmp_path / "node.key"
+    writing, go_on = threading.Event(), threading.Event()
+    real_fdopen = os.fdopen
+
+    def slow_fdopen(fd, *args, **kwargs):  # the file is created, nothing is written to it yet
+        if threading.current_thread().name == "first":
+            writing.set()
+            go_on.wait(10)
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", slow_fdopen)
+    got = {}
+
+    def start(name):
+        try:
+            got[name] = load_or_create_identity(path).peer_id
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            got[name] = repr(e)
+
+    first = threading.Thread(target=start, args=("first",), name="first")
+    first.start()
+    assert writing.wait(10)
+    start("second")
+    go_on.set()
+    first.join(10)
+    assert got["first"] == got["second"] == load_identity(path).peer_id
+    assert [p.name for p in tmp_path.iterdir()] == ["node.key"]  # no temporary file left
+
+
+@pytest.mark.timeout(30)  # a regression would wait on the FIFO forever
+def test_an_allowed_keys_file_that_is_not_a_regular_file_is_refused(tmp_path):
+    fifo = tmp_path / "allowed"
+    os.mkfifo(fifo)  # no writer: a plain open() would wait forever
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        read_allowed_keys(fifo)
+    with pytest.raises(KeyFileError, match="cannot read allowed-keys file"):
+        read_allowed_keys(tmp_path)

@@ -561,3 +561,89 @@ print(rss() - before)
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout.strip()) < 100 * 2**20
+
+
+# ---- files a stranger hands us (found in review, thirteenth session) ----
+
+def _nanogpt_file(path, model_sd: dict, **args) -> None:
+    """A nanoGPT ckpt.pt written directly, so its parts can disagree with each other."""
+    model_args = {"n_layer": SMALL.n_layer, "n_head": SMALL.n_head, "n_embd": SMALL.n_embd,
+                  "block_size": SMALL.block_size, "vocab_size": SMALL.vocab_size, **args}
+    torch.save({"model": model_sd, "model_args": model_args}, path)
+
+
+def test_a_checkpoint_claiming_a_huge_model_is_refused_before_building_its_weight_names(tmp_path):
+    """A 1e9-layer config over a small state dict made `shard` build 12e9 expected names (a 3 MB
+    file took the process past 3.4 GB)."""
+    _nanogpt_file(tmp_path / "ckpt.pt", make_gpt(SMALL).flat_state_dict(), n_layer=10**9)
+    with pytest.raises(CheckpointError, match="n_layer 1000000000 is above the limit 1024"):
+        load_checkpoint(tmp_path / "ckpt.pt")
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t.to(torch.int64), "holds int64, not floating-point weights"),
+    (lambda t: t.to(torch.complex64), "holds complex64, not floating-point weights"),
+    (lambda t: t.index_fill(0, torch.tensor([1]), float("nan")), "holds NaN or Inf"),
+])
+def test_checkpoint_weights_that_are_not_finite_floats_are_refused(tmp_path, change, message):
+    sd = make_gpt(SMALL).flat_state_dict()
+    sd["h.1.mlp.c_fc.weight"] = change(sd["h.1.mlp.c_fc.weight"])
+    _nanogpt_file(tmp_path / "ckpt.pt", sd)
+    with pytest.raises(CheckpointError, match=rf"h\.1\.mlp\.c_fc\.weight {message}"):
+        load_checkpoint(tmp_path / "ckpt.pt")
+
+
+def test_a_weight_float16_cannot_hold_is_refused_not_stored_as_inf(tmp_path):
+    sd = make_gpt(SMALL).flat_state_dict()
+    sd["h.0.mlp.c_fc.weight"][0, 0] = 1e5
+    with pytest.raises(ValueError, match=r"h\.0\.mlp\.c_fc\.weight is not finite in float16 .* bfloat16"):
+        mf.write_model_dir(SMALL, sd, tmp_path / "half", layers_per_shard=2, dtype=torch.float16)
+    mf.write_model_dir(SMALL, sd, tmp_path / "bf16", layers_per_shard=2, dtype=torch.bfloat16)
+
+
+def test_pickled_checkpoints_need_a_torch_whose_weights_only_load_is_safe(tmp_path, monkeypatch):
+    from nanoswarm.shards import loaders
+
+    _nanogpt_file(tmp_path / "ckpt.pt", make_gpt(SMALL).flat_state_dict())
+    monkeypatch.setattr(loaders, "SAFE_TORCH_LOAD", (99, 0))
+    with pytest.raises(CheckpointError, match=r"cannot read pickled checkpoints safely; upgrade to torch>=99\.0"):
+        load_checkpoint(tmp_path / "ckpt.pt")
+
+
+@pytest.mark.timeout(30)  # a regression would wait on the FIFO forever
+def test_a_manifest_that_is_not_a_small_utf8_json_file_is_refused_naming_it(small_dir):
+    path = small_dir / "manifest.json"
+    good = path.read_text()
+    path.unlink()
+    os.mkfifo(path)  # no writer: a plain open() would wait forever
+    with pytest.raises(mf.ManifestError, match=r"manifest\.json: not a regular file"):
+        mf.read_manifest(small_dir)
+    path.unlink()
+    path.write_bytes(b"\xff" + good.encode())
+    with pytest.raises(mf.ManifestError, match=r"manifest\.json: 'utf-8' codec"):
+        mf.read_manifest(small_dir)
+    path.write_text("[" * 100_000)
+    with pytest.raises(mf.ManifestError, match=r"manifest\.json: manifest is not valid JSON: RecursionError"):
+        mf.read_manifest(small_dir)
+    for name in ("", "a\x00b", "x\\y"):
+        d = json.loads(good)
+        d.pop("model_id")
+        d["files"][0]["name"] = name
+        path.write_text(json.dumps(d))
+        with pytest.raises(mf.ManifestError, match="bad file name"):
+            mf.read_manifest(small_dir)
+
+
+def test_malformed_checkpoint_parts_are_named_in_one_line(tmp_path):
+    torch.save({"model": [1], "model_args": {}}, tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match=r"list\.pt: 'model' and 'model_args' must be dictionaries"):
+        load_checkpoint(tmp_path / "list.pt")
+    hf = tmp_path / "hf"
+    save_hf_checkpoint(SMALL, make_gpt(SMALL).flat_state_dict(), hf)
+    (hf / "model.safetensors").write_bytes(b"garbage!garbage!")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_checkpoint(hf)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": "1e-5"}))
+    with pytest.raises(CheckpointError, match=r"config\.json: layer_norm_epsilon must be 1e-5"):
+        load_checkpoint(hf)

@@ -67,6 +67,11 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "cut.pt", weights_only=True)["iter_num"] == 4
     with pytest.raises(ValueError, match="other settings: lr"):
         train.train(text, tmp_path / "cut.pt", config, **{**kwargs, "lr": 1e-3}, resume=True)
+    original = text.read_text()
+    text.write_text(original[::-1])  # the same path, other text
+    with pytest.raises(ValueError, match="other settings: text_sha256"):
+        train.train(text, tmp_path / "cut.pt", config, **kwargs, resume=True)
+    text.write_text(original)
     resumed = train.train(text, tmp_path / "cut.pt", config, **kwargs, resume=True)
     assert resumed["resumed_from"] == 4 and resumed["best_iter"] == whole["best_iter"]
     assert resumed["history"] == [{**h, "elapsed_s": r["elapsed_s"]} for h, r in zip(whole["history"],
