@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -387,7 +388,10 @@ def test_node_takes_every_address_form_peers_can_use(tmp_path, caplog):
     from nanoswarm.node.daemon import NodeOptions, check_contacts
 
     key = "ab" * 32
-    for listen in ("tcp://127.0.0.1:*", "tcp://127.0.0.1:0", "tcp://[::1]:5555", "tcp://localhost:5555",
+    with socket.socket() as s:  # a port nothing listens on (checked forms bind it for a moment)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for listen in ("tcp://127.0.0.1:*", "tcp://127.0.0.1:0", f"tcp://[::1]:{port}", f"tcp://localhost:{port}",
                    "tcp://node_1:5555"):
         check_contacts(NodeOptions(tmp_path, listen=listen))
     check_contacts(NodeOptions(tmp_path, bootstrap=[f"tcp://node_1:5555#{key}", f"tcp://[::1]:1#{key}"]))

@@ -121,6 +121,7 @@ def test_only_holder_dies_gives_clear_error(small12_model_dir, cluster_factory):
         model.close()
 
 
+@pytest.mark.slow
 def test_dead_head_group_member_is_replaced(small12_model_dir, cluster_factory, expected_ids):
     swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 12), (0, 6)), NodeSpec((0, 12), (6, 12)),
                                                 NodeSpec((0, 12), (6, 12))])
@@ -132,6 +133,7 @@ def test_dead_head_group_member_is_replaced(small12_model_dir, cluster_factory, 
     assert result.route[0]["heads"] == [[0, 6], [6, 12]]
 
 
+@pytest.mark.slow
 def test_a_dead_member_is_replaced_by_one_serving_more_blocks(small12_model_dir, cluster_factory, expected_ids):
     """The spare serves heads 6:12 of every block: it joins the survivor over the group's 0:6.
     It starts only once the route is fixed (a spare present from the start may win the first
@@ -281,15 +283,27 @@ def test_a_failed_open_closes_the_stages_it_opened(small12_model_dir, cluster_fa
 
 def test_a_session_reclaimed_while_the_reader_paused_is_reopened_not_banned(
         small12_model_dir, cluster_factory, expected_ids):
+    from nanoswarm.client.session import InferenceSession
+
     swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((6, 12))], args=["--idle-timeout", "1"])
     model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=TIMEOUT))
     result = GenerationResult(PROMPT, [], [], "", [], GenerationStats())
+    reopened: list[bool] = []
+    real_reopen = InferenceSession._reopen
+
+    def spy(self, i: int) -> bool:
+        reopened.append(real_reopen(self, i))
+        return reopened[-1]
+
     try:
-        for _ in model.stream(PROMPT, SHORT, SEEDED, result):
-            if len(result.ids) == 4:
-                time.sleep(2.5)  # the reader is slow: both nodes reclaim the idle session
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(InferenceSession, "_reopen", spy)
+            for _ in model.stream(PROMPT, SHORT, SEEDED, result):
+                if len(result.ids) == 4:
+                    time.sleep(2.5)  # the reader is slow: both nodes reclaim the idle session
         assert result.ids == expected_ids[:SHORT]
         assert not model.swarm.bans and result.failovers == 0
+        assert reopened and all(reopened)  # the reclaim happened, and was mended by reopening
     finally:
         model.close()
 
@@ -398,6 +412,8 @@ def test_relay_comes_back_after_a_reclaimed_session_is_reopened(tiny_model_dir, 
             got, want = s.step(model.client.embed([pos + 1], pos)), ref.step(local.client.embed([pos + 1], pos))
             assert (got - want).abs().max() < 1e-4
         assert s.failovers == 0 and relayed() - before >= 5  # all but the step that found the reclaim
+        errors = model.swarm.connection(nodes.addresses[1]).request("info").fields["errors"]
+        assert errors.get("session_closed", 0) >= 1  # the reclaim did happen
     finally:
         model.close()
 

@@ -579,21 +579,23 @@ def _check_over_maxmsgsize(contact: str) -> None:
 def test_idle_sessions_reclaimed_by_a_node_process(small12_model_dir, cluster_factory):
     """Sessions whose clients vanish without closing are reclaimed after --idle-timeout: the
     node's sessions and KV bytes return to zero and its resident memory to about the baseline."""
-    # 5 s: the last session opened waits idle while the other 11 prefill (0.5-1.3 s under load).
-    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 12), args=["--idle-timeout", "5"])])
+    # 12 s: the first session waits idle while the other 11 open and prefill (0.5-1.3 s each on a
+    # busy machine; 5 s was too short when the test processes got a tenth of a core each).
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 12), args=["--idle-timeout", "12"])])
     peer = RawPeer(swarm.addresses[0])
     try:
         base = peer.ask("info").fields
         assert (base["sessions"], base["kv_bytes"]) == (0, 0)
-        sessions = [peer.ask("open", max_length=256).fields["session"] for _ in range(12)]
         x = torch.randn(1, 256, 96)  # every position written: cache pages are taken as they are used
-        for sid in sessions:
-            assert peer.ask("step", [x], session=sid, pos=0).type == "result"
+        sessions = []
+        for _ in range(12):
+            sessions.append(peer.ask("open", max_length=256).fields["session"])
+            assert peer.ask("step", [x], session=sessions[-1], pos=0).type == "result"
         held = peer.ask("info").fields
         kv = 12 * 2 * 12 * 256 * 96 * 4  # 12 sessions of 12 blocks, 256 positions, k and v
         assert (held["sessions"], held["kv_bytes"]) == (12, kv)
         assert held["rss_bytes"] - base["rss_bytes"] >= 0.9 * kv
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 40
         while (info := peer.ask("info").fields)["sessions"] and time.monotonic() < deadline:
             time.sleep(0.25)
         assert (info["sessions"], info["kv_bytes"]) == (0, 0)
@@ -724,11 +726,13 @@ def test_a_client_marking_its_own_steps_relayed_still_counts_as_one_peer(tiny_mo
                 peer.next_id += 1
                 peer.send(encode("step", peer.next_id, {"session": sid, "pos": 0, "reply": peer.next_id},
                                  [hidden(1)]))
-            time.sleep(0.5)  # all 12 reach the frozen node's queue: one batch
+            time.sleep(0.5)  # all 12 reach the frozen node's queue: mostly one batch
         finally:
             os.kill(nodes.nodes[0].pid, signal.SIGCONT)
         replies = [peer.recv() for _ in range(12)]
         codes = Counter(r.fields.get("code", r.type) for r in replies if r is not None)
-        assert codes == {"result": 4, "busy": 8}, codes
+        # One batch gives exactly 4 results and 8 busy (test_requests_in_flight_per_peer checks
+        # that in process); a starved node may read the 12 in two or three batches, each limited.
+        assert codes["result"] + codes["busy"] == 12 and codes["busy"] >= 1 and codes["result"] >= 4, codes
     finally:
         peer.close()

@@ -74,7 +74,7 @@ def reason_of(wire: object, now: float = NOW) -> str:
 
 def test_peer_id_is_stable_and_derived_from_sign_key(alice: Identity, bob: Identity) -> None:
     assert alice.peer_id == peer_id_for(alice.sign_public)
-    assert alice.peer_id == alice.peer_id
+    assert Identity(alice.signing_key, alice.curve_secret, alice.curve_public).peer_id == alice.peer_id
     assert alice.peer_id != bob.peer_id
     assert alice.peer_id.startswith("ns-") and len(alice.peer_id) == 19
     assert len(alice.sign_public) == 32 and len(alice.curve_public) == 40
