@@ -150,7 +150,7 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
 @click.option("--max-iters", type=click.IntRange(min=0), default=700, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr", type=POSITIVE, default=2e-3, show_default=True)
-@click.option("--seed", type=int, default=1337, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=1337, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing --out (the run writes its first checkpoint within seconds).")

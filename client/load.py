@@ -32,13 +32,14 @@ from nanoswarm.shards.weights import load_embeddings, load_head
 from .generate import ClientModel
 from .load_report import LoadReport, NodeReport
 from .route import RouteError
+from .session import CANNOT_TAKE
 from .stages import Stage
 from .swarm import Swarm, SwarmOptions
 from .transport import PeerError
 
 log = logging.getLogger(__name__)
 
-REFUSALS = ("busy", "too_large", "leaving")  # clean refusals: the client may retry or go elsewhere
+REFUSALS = (*CANNOT_TAKE, "leaving")  # clean refusals: the client may retry or go elsewhere
 
 
 @dataclass
@@ -113,7 +114,7 @@ class _Worker:
         stages: list[Stage] = []
         failed = False
         try:
-            for plan in self.swarm.plan():
+            for plan in self.swarm.plan(max_length=opts.max_length or len(ids)):
                 stage = self.swarm.make_stage(plan)
                 self._timed(lambda s=stage: s.open(opts.max_length or len(ids)))
                 stages.append(stage)

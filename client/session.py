@@ -44,10 +44,10 @@ class SessionError(Exception):
     pass
 
 
-# Answers to `open`, or to the replay into a new stage, that say a peer cannot take this session
-# now (at its session count or KV budget, a session longer than it takes, about to leave), not
-# that it failed.
-REFUSALS = ("busy", "too_large", "leaving")
+# Answers to `open`, or to the replay into a new stage or a reopened one, that say a peer cannot
+# take this session now (at its session count or KV budget, or a session longer than it takes),
+# not that it failed. (`leaving` is not one: that peer is going, and is banned like one that went.)
+CANNOT_TAKE = ("busy", "too_large")
 
 
 STALL_SECONDS = 1.0  # a stage that answers `info` within this (or 3x its slowest sibling) is alive
@@ -128,8 +128,8 @@ class InferenceSession:
 
     @classmethod
     def open(cls, swarm: Swarm, max_length: int, **kwargs) -> InferenceSession:
-        """Open a session on a route over all blocks; a peer that refuses is banned and the rest
-        of the route is planned again without it."""
+        """Open a session on a route over all blocks; a peer that cannot take it (CANNOT_TAKE) is
+        left out, one that fails is banned, and the rest of the route is planned again without it."""
         session = cls([], max_length, swarm, **kwargs)
         try:
             session._open_route(max_length)
@@ -156,10 +156,10 @@ class InferenceSession:
             pos = plan.stop
 
     def _refused_or_strike(self, e: PeerError, refused: dict[str, str]) -> None:
-        """A peer that cannot take this session now (REFUSALS: full, too short, leaving) is left out
+        """A peer that cannot take this session now (CANNOT_TAKE: full, or too short) is left out
         of this planning, with no ban and no failover counted: it is honest, and other sessions
         may still use it. Anything else is a fault (_strike)."""
-        if e.code in REFUSALS and e.address not in refused:
+        if e.code in CANNOT_TAKE and e.address not in refused:
             refused[e.address] = f"{e.code}: {e.message}"
             log.info("peer %s", e)
         else:
@@ -182,6 +182,11 @@ class InferenceSession:
         T = hidden.shape[1]
         if self.pos + T > self.max_length:
             raise SessionError(f"session is full: {self.pos + T} positions > max_length {self.max_length}")
+        if T > 1 and self.swarm is not None and not fits_wire(hidden, self.swarm.options.wire):
+            # Checked first for a step a stage may send in pieces (a refused half, a head group's
+            # pieces): a bad later piece would leave an earlier one stored. A one-position step
+            # (the per-token path) is checked only if a node refuses it, below.
+            raise SessionError(self._unfit(hidden, self.stages[0]))
         i, busy_retries, reopened = 0, 0, set()
         relay, rewind = self.relay, set()  # rewind: stages that may hold this position already
         while i < len(self.stages):
@@ -216,9 +221,8 @@ class InferenceSession:
                     raise
                 if e.code == "bad_value" and not fits_wire(hidden, self.swarm.options.wire):
                     # The caller's input, not the peer: nothing to fail over, and the node left the
-                    # session as it was (checked only now: the hot path makes no extra pass).
-                    raise SessionError(f"hidden states for layers {stage.start}:{stage.stop} hold NaN or Inf, or "
-                                       f"do not fit the {self.swarm.options.wire} wire ({e.message})") from e
+                    # session as it was.
+                    raise SessionError(f"{self._unfit(hidden, stage)} ({e.message})") from e
                 if e.code == "busy" and busy_retries < BUSY_RETRIES and not stage.retries_busy:
                     # An overloaded peer left the session as it was: wait a little and ask again
                     # before giving its blocks to someone else.
@@ -231,8 +235,12 @@ class InferenceSession:
                     # The node reclaimed our session after its idle timeout (the reader paused):
                     # nothing failed. Open a new one there, rebuilt from the history, no strike.
                     reopened.add(stage)
-                    if self._reopen(i):
+                    failed = self._reopen(i)
+                    if failed is None:
                         i = self._at(stage.start)
+                        continue
+                    if failed.code in CANNOT_TAKE:  # it filled up meanwhile: go elsewhere, no strike
+                        i = self._replace(self.stages.index(stage), failed, strike=False)
                         continue
                 # A failed reopen may have replaced stages before this one: its index moved.
                 i = self._replace(self.stages.index(stage), e)
@@ -283,9 +291,13 @@ class InferenceSession:
             if stalled is not None:
                 self._replace(self.stages.index(stalled[0]), stalled[1])
 
-    def _reopen(self, i: int) -> bool:
-        """A new session for stage i on the same peers, replayed from the history; False if
-        that fails too (the caller then replaces the stage)."""
+    def _unfit(self, hidden: torch.Tensor, stage: Stage) -> str:
+        return (f"hidden states for layers {stage.start}:{stage.stop} hold NaN or Inf, or do not fit the "
+                f"{self.swarm.options.wire} wire")
+
+    def _reopen(self, i: int) -> PeerError | None:
+        """A new session for stage i on the same peers, replayed from the history; None if that
+        worked, else why not (the caller then replaces the stage)."""
         stage = self.stages[i]
         self._recover_for(stage)
         i = self.stages.index(stage)
@@ -296,25 +308,29 @@ class InferenceSession:
                 self._fill_unkept(i + 1, self._replay(stage, self.history[i].tensor()))
         except PeerError as e:
             log.info("reopening a reclaimed session on %s failed: %s", ", ".join(stage.peers), e)
-            return False
+            return e
         self._chains = {}  # they name the old session ids
         if i > 0:
             # Most likely the hop before was refused relaying to the reclaimed session, which was
             # not its fault; if it was for another reason, one relayed step finds that out again.
             self._no_relay.discard(self.stages[i - 1])
         log.info("reopened a reclaimed session on %s (%d positions replayed)", ", ".join(stage.peers), self.pos)
-        return True
+        return None
 
-    def _replace(self, i: int, error: PeerError) -> int:
+    def _replace(self, i: int, error: PeerError, strike: bool = True) -> int:
         """Swap stage i for fresh stages over the same blocks, rebuilt from its history; returns
-        the index of the first of them."""
+        the index of the first of them. Without `strike` the peer that said `error` is only left
+        out of this replacement (it could not take the session: CANNOT_TAKE)."""
         old = self.stages[i]
         old.close()  # before the ban closes its socket: a live peer frees the KV cache at once
-        self._strike(error)
+        refused: dict[str, str] = {}
+        if strike:
+            self._strike(error)
+        else:
+            refused[error.address] = f"{error.code}: {error.message}"
         t0 = time.perf_counter()
         self._recover_for(old)
         i = self.stages.index(old)
-        refused: dict[str, str] = {}
         while True:
             try:
                 plans = self.swarm.plan(old.start, old.stop, self.max_length, refused)
@@ -375,7 +391,11 @@ class InferenceSession:
                 failing = self.stages[j]
                 if e.code == "session_closed" and failing not in reopened:
                     reopened.add(failing)
-                    if self._reopen(j):
+                    failed = self._reopen(j)
+                    if failed is None:
+                        continue
+                    if failed.code in CANNOT_TAKE:  # it filled up meanwhile: go elsewhere, no strike
+                        self._replace(self.stages.index(failing), failed, strike=False)
                         continue
                 self._replace(self.stages.index(failing), e)  # a failed reopen may move it
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from zmq.utils import z85
 
-from nanoswarm.files import read_regular_file
+from nanoswarm.files import open_regular_file, read_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -192,17 +192,14 @@ def _link_new(tmp: Path, path: Path, data: bytes) -> None:
 def _read_private_file(path: Path) -> bytes:
     """Read a key file, refusing one that others could read or write (checked on the open fd)."""
     try:
-        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever, before
-        # the fstat below could refuse it.  Symlinks are still followed, as before.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        f, st = open_regular_file(path)  # symlinks are followed; FIFOs and devices refused
     except FileNotFoundError:
         raise KeyFileError(f"key file {path} does not exist") from None
     except OSError as e:
+        if e.strerror is None:  # ours: not a regular file
+            raise KeyFileError(f"key file {path} is {e}") from None
         raise KeyFileError(f"cannot open key file {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"key file {path} is not a regular file")
+    with f:
         mode = stat.S_IMODE(st.st_mode)
         if os.name == "posix" and mode & 0o077:
             raise KeyFileError(

@@ -219,7 +219,7 @@ class Rebalancer:
             torch.cuda.empty_cache()  # and back to the device, for the other processes on it
         try:
             self.handler.measure_throughput()
-        except Exception as e:  # noqa: BLE001 - e.g. device memory taken meanwhile: the record still moves
+        except RuntimeError as e:  # device memory taken meanwhile (OutOfMemoryError): the record still moves
             log.warning("kept the old speed figure: measuring blocks %d:%d failed: %s", start,
                         start + self.n_blocks, type(e).__name__)
         self.moves += 1

@@ -10,7 +10,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+# torch 2.10 or later (pyproject.toml says why); an older one in .venv is replaced here, by the
+# same rules, rather than by pip's resolver (which would take a CUDA build from the index).
+if ! .venv/bin/python -c "import sys, torch; from torch.torch_version import Version; \
+sys.exit(Version(torch.__version__).release[:2] < (2, 10))" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         echo "setup: GPU found, installing torch with CUDA" >&2
         "${PIP[@]}" install "torch>=2.10"

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.torch_version import InvalidVersion, Version
 
 from nanoswarm.files import read_regular_file
 
@@ -164,8 +165,16 @@ def check_tokenizer_vocab(config: ModelConfig, source: str) -> None:
 SAFE_TORCH_LOAD = (2, 10)
 
 
+def _torch_release() -> tuple[int, ...]:
+    """torch's version as numbers: 2.10.0a0+git... and 2.10.0+cpu are both (2, 10, 0)."""
+    try:
+        return Version(torch.__version__).release
+    except (InvalidVersion, TypeError):  # a build that names itself oddly: take it as current
+        return SAFE_TORCH_LOAD
+
+
 def _torch_load(path: Path) -> dict:
-    if torch.__version__ < SAFE_TORCH_LOAD:
+    if _torch_release()[:2] < SAFE_TORCH_LOAD:
         raise CheckpointError(f"{path}: torch {torch.__version__} cannot read pickled checkpoints safely; "
                               f"upgrade to torch>={'.'.join(map(str, SAFE_TORCH_LOAD))} or give safetensors weights")
     try:

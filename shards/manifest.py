@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from nanoswarm.files import read_regular_file
+from nanoswarm.protocol.tensors import abs_max
 
 from .loaders import (
     GPT2_VOCAB,
@@ -285,14 +287,23 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def check_storable(flat_sd: StateDict, dtype: torch.dtype) -> None:
+    """ValueError naming a weight that is not finite, or that `dtype` cannot hold (float16 ends
+    at 65504): written as inf, every step through it would be refused (`bad_value`)."""
+    largest = torch.finfo(dtype).max
+    for k, v in flat_sd.items():
+        m = abs_max(v)
+        if not math.isfinite(m):
+            raise ValueError(f"{k} holds NaN or Inf")
+        if m > largest:
+            raise ValueError(f"{k} holds {m:g}, beyond {_dtype_name(dtype)}'s {largest:g}: shard it as float32"
+                             + (" or bfloat16" if dtype == torch.float16 else ""))
+
+
 def _write_file(out_dir: Path, name: str, tensors: StateDict, dtype: torch.dtype) -> tuple[str, int]:
     # clone(): safetensors refuses tensors that share storage (views of one parameter).
-    stored = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in tensors.items()}
-    for k, t in stored.items():  # the source was finite (loaders): only the conversion can overflow
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{k} is not finite in {_dtype_name(dtype)} (float16 holds at most 65504): "
-                             "shard it as bfloat16 or float32")
-    data = st_save(stored, metadata={"format": "pt"})
+    data = st_save({k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in tensors.items()},
+                   metadata={"format": "pt"})
     tmp = out_dir / f".{name}.tmp"
     tmp.write_bytes(data)
     os.replace(tmp, out_dir / name)  # a reader never sees a half-written shard
@@ -305,6 +316,7 @@ def write_model_dir(config: ModelConfig, flat_sd: StateDict, out_dir: str | Path
     """Cut flat weights into the model directory and write its manifest.json."""
     validate_flat_state_dict(config, flat_sd, "weights to shard")
     check_config_limits(config)  # never write a directory that read_manifest would refuse
+    check_storable(flat_sd, dtype)  # before any file is written: a half-written directory is broken
     if layers_per_shard < 1:
         raise ValueError(f"layers_per_shard must be at least 1, got {layers_per_shard}")
     splits = [s for s in validate_head_splits(head_splits or [(0, config.n_head)], config.n_head)

@@ -258,8 +258,11 @@ def _resume(out_path: Path, model: GPT, optimizer: torch.optim.Optimizer, genera
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
         raise CheckpointError(f"{out_path}: not a checkpoint `nanoswarm train` can resume (it keeps no "
                               "optimizer state)")
+    unchecked = {"text_sha256"} - ckpt["config"].keys()  # a checkpoint from before texts were hashed
+    if unchecked:
+        log.warning("%s predates text hashing: resuming without checking that --text is the same text", out_path)
     changed = sorted(k for k in settings.keys() | ckpt["config"].keys()
-                     if k not in _RESUMABLE_CHANGES and settings.get(k) != ckpt["config"].get(k))
+                     if k not in _RESUMABLE_CHANGES | unchecked and settings.get(k) != ckpt["config"].get(k))
     config, flat = load_nanogpt(out_path)
     if config != model.config:
         changed.append(f"model shape ({config} there)")

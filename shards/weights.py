@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import stat
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
+
+from nanoswarm.files import open_regular_file
 
 from .loaders import StateDict, expected_shapes, first_line
 from .manifest import (
@@ -29,15 +29,10 @@ from .model import GPT, Blocks, Embeddings, Head, ModelConfig
 
 
 def _read_exactly(path: Path, size: int) -> bytes:
-    """The file's bytes if it is a regular file of `size` bytes. Checked on the open descriptor
-    before reading: a symlink to /dev/zero or a FIFO must not be read without end (O_NONBLOCK
-    keeps open() of a FIFO from waiting for a writer)."""
-    # O_BINARY: on Windows os.open defaults to text mode (CRLF turned to LF, 0x1A read as the end).
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    with open(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError("not a regular file")
+    """The file's bytes if it is a regular file of `size` bytes (a symlink to /dev/zero or a FIFO
+    must not be read without end: nanoswarm.files)."""
+    f, st = open_regular_file(path)
+    with f:
         if st.st_size != size:
             raise OSError(f"it is {st.st_size} bytes, the manifest says {size}")
         data = f.read(size)

@@ -509,19 +509,49 @@ def test_a_callers_non_finite_input_is_its_own_error_not_a_peers(tiny_model_dir,
     node; the session raises SessionError instead of banning honest peers one after another, and
     stays usable."""
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((0, 2)), NodeSpec((2, 4))])
-    for wire, bad in (("float32", math.nan), ("float16", 1e6)):
+    # Two positions are checked before sending, one after the node's refusal.
+    for wire, bad, tokens in (("float32", math.nan, [1, 2]), ("float16", 1e6, [1, 2]),
+                              ("float32", math.inf, [1]), ("float16", -1e6, [1])):
         model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses,
                                    options=SwarmOptions(timeout=TIMEOUT, wire=wire))
         try:
             session = model.session(8)
-            x = model.client.embed([1, 2], 0)
+            x = model.client.embed(tokens, 0)
             y = x.clone()
-            y[0, 1, 3] = bad
+            y[0, -1, 3] = bad
             with pytest.raises(SessionError, match="layers 0:2 hold NaN or Inf, or do not fit"):
                 session.step(y)
             assert session.failovers == 0 and model.swarm.bans == {} and session.pos == 0
             session.step(x)
-            assert session.pos == 2
+            assert session.pos == len(tokens)
             session.close()
         finally:
             model.close()
+
+
+def test_a_reclaimed_session_whose_node_filled_up_meanwhile_goes_elsewhere_without_a_ban(
+        tiny_model_dir, cluster_factory):
+    """The node reclaimed our idle session and gave its one slot to someone else: reopening there
+    is refused `busy`, so the stage moves to another peer, and the honest node is not banned."""
+    from nanoswarm.client.transport import PeerConnection
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--idle-timeout", "1", "--max-sessions", "1"]),
+                                             NodeSpec((0, 4))])
+    full, spare = nodes.addresses
+    model = SwarmModel.connect(tiny_model_dir, peers=[full], options=SwarmOptions(timeout=TIMEOUT))
+    local = SwarmModel.local(tiny_model_dir)
+    squatter = PeerConnection(full, timeout=5)
+    try:
+        s, ref = model.session(8), local.session(8)
+        x = model.client.embed([1, 2, 3], 0)
+        s.step(x), ref.step(x)
+        time.sleep(2.5)  # the node reclaims it...
+        squatter.request("open", {"max_length": 8})  # ...and its one slot is taken
+        model.swarm.add_addresses([spare])
+        x = model.client.embed([4], 3)
+        assert (s.step(x) - ref.step(x)).abs().max() <= 1e-5
+        assert s.describe()[0]["peers"] == [spare] and s.failovers == 0 and model.swarm.bans == {}
+        s.close()
+    finally:
+        squatter.close()
+        model.close()

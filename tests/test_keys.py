@@ -657,11 +657,12 @@ def test_a_process_starting_while_another_writes_a_new_key_file_never_reads_it_h
     assert [p.name for p in tmp_path.iterdir()] == ["node.key"]  # no temporary file left
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 @pytest.mark.timeout(30)  # a regression would wait on the FIFO forever
 def test_an_allowed_keys_file_that_is_not_a_regular_file_is_refused(tmp_path):
     fifo = tmp_path / "allowed"
     os.mkfifo(fifo)  # no writer: a plain open() would wait forever
     with pytest.raises(KeyFileError, match="not a regular file"):
         read_allowed_keys(fifo)
-    with pytest.raises(KeyFileError, match="cannot read allowed-keys file"):
-        read_allowed_keys(tmp_path)
+    with pytest.raises(KeyFileError, match="cannot read allowed-keys file .*: not a regular file"):
+        read_allowed_keys(tmp_path)  # a directory opens on Linux: refused on its stat, no descriptor kept

@@ -595,10 +595,17 @@ def test_checkpoint_weights_that_are_not_finite_floats_are_refused(tmp_path, cha
 
 def test_a_weight_float16_cannot_hold_is_refused_not_stored_as_inf(tmp_path):
     sd = make_gpt(SMALL).flat_state_dict()
-    sd["h.0.mlp.c_fc.weight"][0, 0] = 1e5
-    with pytest.raises(ValueError, match=r"h\.0\.mlp\.c_fc\.weight is not finite in float16 .* bfloat16"):
+    good = mf.write_model_dir(SMALL, sd, tmp_path / "half", layers_per_shard=2, dtype=torch.float16)
+    sd["h.3.mlp.c_fc.weight"][0, 0] = 1e5
+    with pytest.raises(ValueError, match=r"h\.3\.mlp\.c_fc\.weight holds 100000, beyond float16's 65504: "
+                                         "shard it as float32 or bfloat16"):
         mf.write_model_dir(SMALL, sd, tmp_path / "half", layers_per_shard=2, dtype=torch.float16)
+    weights.load_model(tmp_path / "half")  # refused before any file was written: still whole
+    assert mf.read_manifest(tmp_path / "half").model_id == good.model_id
     mf.write_model_dir(SMALL, sd, tmp_path / "bf16", layers_per_shard=2, dtype=torch.bfloat16)
+    sd["h.0.ln_1.weight"][0] = float("nan")
+    with pytest.raises(ValueError, match=r"h\.0\.ln_1\.weight holds NaN or Inf"):
+        mf.write_model_dir(SMALL, sd, tmp_path / "f32", layers_per_shard=2)
 
 
 def test_pickled_checkpoints_need_a_torch_whose_weights_only_load_is_safe(tmp_path, monkeypatch):
@@ -610,6 +617,7 @@ def test_pickled_checkpoints_need_a_torch_whose_weights_only_load_is_safe(tmp_pa
         load_checkpoint(tmp_path / "ckpt.pt")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 @pytest.mark.timeout(30)  # a regression would wait on the FIFO forever
 def test_a_manifest_that_is_not_a_small_utf8_json_file_is_refused_naming_it(small_dir):
     path = small_dir / "manifest.json"
