@@ -114,7 +114,8 @@ class _Worker:
         stages: list[Stage] = []
         failed = False
         try:
-            for plan in self.swarm.plan(max_length=opts.max_length or len(ids)):
+            # Not planned by max_length: the nodes are asked, and their refusals counted (too_large).
+            for plan in self.swarm.plan():
                 stage = self.swarm.make_stage(plan)
                 self._timed(lambda s=stage: s.open(opts.max_length or len(ids)))
                 stages.append(stage)
