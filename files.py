@@ -5,6 +5,7 @@ command waiting for a writer, and a link to /dev/zero must not be read until mem
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from pathlib import Path
@@ -22,9 +23,14 @@ def open_regular_file(path: str | os.PathLike[str]) -> tuple[BinaryIO, os.stat_r
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError("not a regular file")
-        return open(fd, "rb"), st
+        raw = io.FileIO(fd, "rb")  # owns the descriptor from here on
     except BaseException:
         os.close(fd)
+        raise
+    try:
+        return io.BufferedReader(raw), st
+    except BaseException:
+        raw.close()
         raise
 
 

@@ -125,6 +125,7 @@ class InferenceSession:
         self.relay = swarm is not None and swarm.options.relay
         self._no_relay: set[Stage] = set()  # stages whose node would not relay to the next
         self._chains: dict[tuple[Stage, ...], Chain] = {}  # by their stages
+        self._moved_unstruck: set[str] = set()  # peers replaced without a strike (_replace_unreopened)
 
     @classmethod
     def open(cls, swarm: Swarm, max_length: int, **kwargs) -> InferenceSession:
@@ -239,10 +240,9 @@ class InferenceSession:
                     if failed is None:
                         i = self._at(stage.start)
                         continue
-                    if failed.code in CANNOT_TAKE:  # it filled up meanwhile: go elsewhere, no strike
-                        i = self._replace(self.stages.index(stage), failed, strike=False)
-                        continue
-                # A failed reopen may have replaced stages before this one: its index moved.
+                    # A failed reopen may have replaced stages before this one: its index moved.
+                    i = self._replace_unreopened(self.stages.index(stage), failed, e)
+                    continue
                 i = self._replace(self.stages.index(stage), e)
                 continue
             self.history[i].append(hidden, T)
@@ -316,6 +316,16 @@ class InferenceSession:
             self._no_relay.discard(self.stages[i - 1])
         log.info("reopened a reclaimed session on %s (%d positions replayed)", ", ".join(stage.peers), self.pos)
         return None
+
+    def _replace_unreopened(self, i: int, failed: PeerError, error: PeerError) -> int:
+        """Replace stage i, whose reclaimed session (`error`) could not be reopened (`failed`). A
+        peer that filled up meanwhile (CANNOT_TAKE) is not struck, once a session: one that keeps
+        reclaiming and refusing is a fault after that (two such peers would pass the stage back
+        and forth without end)."""
+        if failed.code in CANNOT_TAKE and failed.address not in self._moved_unstruck:
+            self._moved_unstruck.add(failed.address)
+            return self._replace(i, failed, strike=False)
+        return self._replace(i, error)
 
     def _replace(self, i: int, error: PeerError, strike: bool = True) -> int:
         """Swap stage i for fresh stages over the same blocks, rebuilt from its history; returns
@@ -394,10 +404,9 @@ class InferenceSession:
                     failed = self._reopen(j)
                     if failed is None:
                         continue
-                    if failed.code in CANNOT_TAKE:  # it filled up meanwhile: go elsewhere, no strike
-                        self._replace(self.stages.index(failing), failed, strike=False)
-                        continue
-                self._replace(self.stages.index(failing), e)  # a failed reopen may move it
+                    self._replace_unreopened(self.stages.index(failing), failed, e)  # a failed reopen may move it
+                    continue
+                self._replace(self.stages.index(failing), e)
 
     def _recover(self, i: int) -> None:
         """Recompute the positions of stage i's history that a relayed prefill did not bring back

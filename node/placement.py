@@ -219,12 +219,13 @@ class Rebalancer:
             torch.cuda.empty_cache()  # and back to the device, for the other processes on it
         try:
             self.handler.measure_throughput()
-        except RuntimeError as e:  # device memory taken meanwhile (OutOfMemoryError): the record still moves
+        except RuntimeError as e:  # device memory taken meanwhile (OutOfMemoryError)
             log.warning("kept the old speed figure: measuring blocks %d:%d failed: %s", start,
                         start + self.n_blocks, type(e).__name__)
-        self.moves += 1
-        log.info("moved from blocks %s to %d:%d in %.1fs (%.1f tokens/s)", was, start, start + self.n_blocks,
-                 time.perf_counter() - t0, self.handler.stats.throughput)
-        self.gossip.refresh()
-        self.gossip.round()  # tell the swarm at once, so nobody else moves into the same place
+        finally:  # whatever the measurement did, the record says what this node now serves
+            self.moves += 1
+            log.info("moved from blocks %s to %d:%d in %.1fs (%.1f tokens/s)", was, start, start + self.n_blocks,
+                     time.perf_counter() - t0, self.handler.stats.throughput)
+            self.gossip.refresh()
+            self.gossip.round()  # tell the swarm at once, so nobody else moves into the same place
         return True

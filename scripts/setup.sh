@@ -13,7 +13,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # torch 2.10 or later (pyproject.toml says why); an older one in .venv is replaced here, by the
 # same rules, rather than by pip's resolver (which would take a CUDA build from the index).
 if ! .venv/bin/python -c "import sys, torch; from torch.torch_version import Version; \
-sys.exit(Version(torch.__version__).release[:2] < (2, 10))" 2>/dev/null; then
+sys.exit(Version(torch.__version__) < Version('2.10'))" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         echo "setup: GPU found, installing torch with CUDA" >&2
         "${PIP[@]}" install "torch>=2.10"
@@ -22,7 +22,7 @@ sys.exit(Version(torch.__version__).release[:2] < (2, 10))" 2>/dev/null; then
         # local disk; elsewhere point TORCH_INDEX_URL at a CPU wheel index.
         echo "setup: no GPU, installing torch's CPU build" >&2
         if [ -n "${TORCH_INDEX_URL:-}" ]; then
-            "${PIP[@]}" install torch --index-url "$TORCH_INDEX_URL"
+            "${PIP[@]}" install "torch>=2.10" --index-url "$TORCH_INDEX_URL"
         else
             "${PIP[@]}" install "torch==2.13.0"
         fi

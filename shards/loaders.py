@@ -165,16 +165,17 @@ def check_tokenizer_vocab(config: ModelConfig, source: str) -> None:
 SAFE_TORCH_LOAD = (2, 10)
 
 
-def _torch_release() -> tuple[int, ...]:
-    """torch's version as numbers: 2.10.0a0+git... and 2.10.0+cpu are both (2, 10, 0)."""
+def _torch_load_is_safe() -> bool:
+    """By PEP 440, as pip reads pyproject's torch>=2.10: 2.10.0+cpu is, a 2.10.0a0 nightly (which
+    may predate the fix) is not, and a version that does not parse is not either."""
     try:
-        return Version(torch.__version__).release
-    except (InvalidVersion, TypeError):  # a build that names itself oddly: take it as current
-        return SAFE_TORCH_LOAD
+        return Version(torch.__version__) >= Version(".".join(map(str, SAFE_TORCH_LOAD)))
+    except (InvalidVersion, TypeError):
+        return False
 
 
 def _torch_load(path: Path) -> dict:
-    if _torch_release()[:2] < SAFE_TORCH_LOAD:
+    if not _torch_load_is_safe():
         raise CheckpointError(f"{path}: torch {torch.__version__} cannot read pickled checkpoints safely; "
                               f"upgrade to torch>={'.'.join(map(str, SAFE_TORCH_LOAD))} or give safetensors weights")
     try:

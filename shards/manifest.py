@@ -290,14 +290,13 @@ def layer_of(name: str) -> int | None:
 def check_storable(flat_sd: StateDict, dtype: torch.dtype) -> None:
     """ValueError naming a weight that is not finite, or that `dtype` cannot hold (float16 ends
     at 65504): written as inf, every step through it would be refused (`bad_value`)."""
-    largest = torch.finfo(dtype).max
+    instead = {torch.float16: ": shard it as float32 or bfloat16", torch.bfloat16: ": shard it as float32"}
     for k, v in flat_sd.items():
         m = abs_max(v)
         if not math.isfinite(m):
             raise ValueError(f"{k} holds NaN or Inf")
-        if m > largest:
-            raise ValueError(f"{k} holds {m:g}, beyond {_dtype_name(dtype)}'s {largest:g}: shard it as float32"
-                             + (" or bfloat16" if dtype == torch.float16 else ""))
+        if not math.isfinite(torch.tensor(m, dtype=torch.float64).to(dtype).item()):  # as the file would
+            raise ValueError(f"{k} holds {m:g}, which {_dtype_name(dtype)} cannot hold{instead.get(dtype, '')}")
 
 
 def _write_file(out_dir: Path, name: str, tensors: StateDict, dtype: torch.dtype) -> tuple[str, int]:

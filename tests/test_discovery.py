@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -190,7 +191,7 @@ def test_peers_coverage_of_whole_block_peers_alone_is_their_throughput():
     model = _report_of([((0, 2), None), ((2, 4), None), ((2, 4), None)])
     assert [c["throughput"] for c in model["coverage"]] == [5.0, 5.0, 10.0, 10.0]
     json.dumps(model, allow_nan=False)
-    assert "inf" not in format_report([model])
+    assert not re.search(r"\binf\b", format_report([model]))  # a word: random peer ids may hold "inf"
 
 
 def test_peers_counts_head_shards_only_when_they_cover_every_head():

@@ -509,12 +509,17 @@ def test_a_callers_non_finite_input_is_its_own_error_not_a_peers(tiny_model_dir,
     """Hidden states holding NaN, or beyond float16 on a float16 wire, are refused `bad_value` by the
     node; the session raises SessionError instead of banning honest peers one after another, and
     stays usable."""
-    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((0, 2)), NodeSpec((2, 4))])
-    # Two positions are checked before sending, one after the node's refusal.
+    # One position a step on the first stage: two go in pieces, and a bad second piece would leave
+    # the first stored (the next step there was refused bad_position: a failover). Two positions
+    # are checked before sending; one after the node's refusal.
+    one_a_step = ["--max-tokens-per-step", "1"]
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=one_a_step), NodeSpec((0, 2), args=one_a_step),
+                                             NodeSpec((2, 4))])
     for wire, bad, tokens in (("float32", math.nan, [1, 2]), ("float16", 1e6, [1, 2]),
                               ("float32", math.inf, [1]), ("float16", -1e6, [1])):
+        # No relay: a relayed step that breaks off is sent again with rewind, which would hide it.
         model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses,
-                                   options=SwarmOptions(timeout=TIMEOUT, wire=wire))
+                                   options=SwarmOptions(timeout=TIMEOUT, wire=wire, relay=False))
         try:
             session = model.session(8)
             x = model.client.embed(tokens, 0)
@@ -524,7 +529,7 @@ def test_a_callers_non_finite_input_is_its_own_error_not_a_peers(tiny_model_dir,
                 session.step(y)
             assert session.failovers == 0 and model.swarm.bans == {} and session.pos == 0
             session.step(x)
-            assert session.pos == len(tokens)
+            assert session.pos == len(tokens) and session.failovers == 0 and model.swarm.bans == {}
             session.close()
         finally:
             model.close()
@@ -536,7 +541,7 @@ def test_a_reclaimed_session_whose_node_filled_up_meanwhile_goes_elsewhere_witho
     is refused `busy`, so the stage moves to another peer, and the honest node is not banned."""
     from nanoswarm.client.transport import PeerConnection
 
-    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--idle-timeout", "1", "--max-sessions", "1"]),
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--idle-timeout", "3", "--max-sessions", "1"]),
                                              NodeSpec((0, 4))])
     full, spare = nodes.addresses
     model = SwarmModel.connect(tiny_model_dir, peers=[full], options=SwarmOptions(timeout=TIMEOUT))
@@ -546,9 +551,9 @@ def test_a_reclaimed_session_whose_node_filled_up_meanwhile_goes_elsewhere_witho
         s, ref = model.session(8), local.session(8)
         x = model.client.embed([1, 2, 3], 0)
         s.step(x), ref.step(x)
-        time.sleep(2.5)  # the node reclaims it...
-        squatter.request("open", {"max_length": 8})  # ...and its one slot is taken
         model.swarm.add_addresses([spare])
+        time.sleep(4.5)  # the node reclaims it...
+        squatter.request("open", {"max_length": 8})  # ...and its one slot is taken, for 3 s at least
         x = model.client.embed([4], 3)
         assert (s.step(x) - ref.step(x)).abs().max() <= 1e-5
         assert s.describe()[0]["peers"] == [spare] and s.failovers == 0 and model.swarm.bans == {}
