@@ -282,23 +282,27 @@ def _peer_list(peers: str | None) -> list[str]:
               show_default=True, help="Format of hidden states on the wire (float32 is exact).")
 @click.option("--relay/--no-relay", default=True, show_default=True,
               help="Nodes pass steps (prompts too) on to the next stage themselves (one link per stage boundary).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where this client runs the model's head: cpu, cuda or cuda:N (nodes choose their own).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
 def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[str, ...], key_file: Path | None,
              insecure: bool, max_new_tokens: int, temperature: float,
              top_k: int | None, top_p: float | None, seed: int | None, timeout: float, wire: str,
-             relay: bool, as_json: bool) -> None:
+             relay: bool, device: str, as_json: bool) -> None:
     """Generate text from PROMPT through the swarm, streaming it to stdout."""
     from nanoswarm.client.api import SwarmModel
     from nanoswarm.client.generate import SamplingParams
     from nanoswarm.client.swarm import SwarmOptions
+    from nanoswarm.node.daemon import resolve_device
 
     addresses, bootstraps = _peer_list(peers), _peer_list(",".join(bootstrap))
     if not addresses and not bootstraps:
         raise click.UsageError("give --bootstrap or --peers")
     sampling = SamplingParams(temperature, top_k, top_p, seed)  # bad values fail before connecting
+    head_device = resolve_device(device)
     options = SwarmOptions(timeout=timeout, wire=wire, client_keys=_client_keys(key_file), insecure=insecure,
                            relay=relay)
-    model = SwarmModel.connect(model_dir, peers=addresses, bootstrap=bootstraps, options=options)
+    model = SwarmModel.connect(model_dir, peers=addresses, bootstrap=bootstraps, options=options, device=head_device)
     try:
         _run_generation(model, prompt, max_new_tokens, sampling, as_json)
     finally:

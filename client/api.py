@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from nanoswarm.shards.manifest import Manifest, read_manifest
 from nanoswarm.shards.tokenizer import EOT_TOKEN, get_encoding
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
@@ -48,18 +50,21 @@ class SwarmModel:
     """A model whose blocks run on peers (or, with `local`, in this process)."""
 
     def __init__(self, model_dir: str | Path, manifest: Manifest, swarm: Swarm | None,
-                 local_stage: LocalStage | None = None):
+                 local_stage: LocalStage | None = None, device: torch.device | str = "cpu"):
         self.model_dir = Path(model_dir)
         self.manifest = manifest
         self.config = manifest.config
         self.swarm = swarm
         self._local = local_stage
-        self.client = ClientModel(load_embeddings(model_dir, manifest), load_head(model_dir, manifest))
+        self.client = ClientModel(load_embeddings(model_dir, manifest),
+                                  load_head(model_dir, manifest, device=device), device)
         self.encoding = get_encoding()
 
     @classmethod
     def connect(cls, model_dir: str | Path, peers: list[str] | None = None,
-                bootstrap: list[str] | None = None, options: SwarmOptions | None = None) -> SwarmModel:
+                bootstrap: list[str] | None = None, options: SwarmOptions | None = None,
+                device: torch.device | str = "cpu") -> SwarmModel:
+        """The swarm's peers from `peers` contacts or `bootstrap` tables; the head runs on `device`."""
         manifest = read_manifest(model_dir)
         swarm = Swarm(manifest.model_id, manifest.config.n_layer, manifest.config.n_head,
                       options or SwarmOptions())
@@ -73,7 +78,7 @@ class SwarmModel:
         if peers:
             swarm.add_addresses(peers, timeout)
         swarm.warn_rejected()
-        return cls(model_dir, manifest, swarm)
+        return cls(model_dir, manifest, swarm, device=device)
 
     @classmethod
     def local(cls, model_dir: str | Path) -> SwarmModel:
