@@ -187,7 +187,7 @@ class InferenceSession:
             # Checked first for a step a stage may send in pieces (a refused half, a head group's
             # pieces): a bad later piece would leave an earlier one stored. A one-position step
             # (the per-token path) is checked only if a node refuses it, below.
-            raise SessionError(self._unfit(hidden, self.stages[0]))
+            raise SessionError(self._unfit(self.stages[0]))
         i, busy_retries, reopened = 0, 0, set()
         relay, rewind = self.relay, set()  # rewind: stages that may hold this position already
         while i < len(self.stages):
@@ -223,7 +223,7 @@ class InferenceSession:
                 if e.code == "bad_value" and not fits_wire(hidden, self.swarm.options.wire):
                     # The caller's input, not the peer: nothing to fail over, and the node left the
                     # session as it was.
-                    raise SessionError(f"{self._unfit(hidden, stage)} ({e.message})") from e
+                    raise SessionError(f"{self._unfit(stage)} ({e.message})") from e
                 if e.code == "busy" and busy_retries < BUSY_RETRIES and not stage.retries_busy:
                     # An overloaded peer left the session as it was: wait a little and ask again
                     # before giving its blocks to someone else.
@@ -291,7 +291,7 @@ class InferenceSession:
             if stalled is not None:
                 self._replace(self.stages.index(stalled[0]), stalled[1])
 
-    def _unfit(self, hidden: torch.Tensor, stage: Stage) -> str:
+    def _unfit(self, stage: Stage) -> str:
         return (f"hidden states for layers {stage.start}:{stage.stop} hold NaN or Inf, or do not fit the "
                 f"{self.swarm.options.wire} wire")
 
