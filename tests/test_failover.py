@@ -561,3 +561,67 @@ def test_a_reclaimed_session_whose_node_filled_up_meanwhile_goes_elsewhere_witho
     finally:
         squatter.close()
         model.close()
+
+
+def test_peers_that_reclaim_and_refuse_in_turn_are_struck_after_one_free_move():
+    """A peer whose reopen is refused `busy` is moved off without a strike, once a session: two
+    peers that each reclaim (session_closed) and then refuse passed a stage back and forth without
+    end (the re-review's repro, fake stages: 51 plans, no ban)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from nanoswarm.client.session import InferenceSession
+    from nanoswarm.client.stages import Stage
+    from nanoswarm.client.transport import PeerError
+
+    class Reclaiming(Stage):  # serves position 0, then reclaims; every later open is refused busy
+        start, stop, retries_busy, leaving = 0, 1, False, False
+
+        def __init__(self, address: str):
+            self.address, self.opens = address, 0
+
+        @property
+        def peers(self):
+            return [self.address]
+
+        def open(self, max_length: int) -> None:
+            self.opens += 1
+            if self.opens > 1:
+                raise PeerError(self.address, "busy", "full")
+
+        def step(self, hidden, pos, rewind=False):
+            if pos > 0:
+                raise PeerError(self.address, "session_closed", "reclaimed")
+            return hidden
+
+        def close(self) -> None:
+            pass
+
+    plans = []
+
+    class TwoPeers:
+        n_layer, bans = 1, {}
+        options = SimpleNamespace(relay=False, wire="float32", timeout=1.0)
+
+        def ban(self, address, why):
+            self.bans[address] = SimpleNamespace(until=float("inf"), strikes=1)
+
+        def plan(self, start=0, stop=None, max_length=None, refused=None):
+            plans.append(1)
+            assert len(plans) < 20, "the stage went back and forth without end"
+            free = [a for a in ("A", "B") if a not in (refused or {}) and a not in self.bans]
+            if not free:
+                raise RouteError([0], "")
+            return [free[0]]
+
+        def make_stage(self, address):
+            return Reclaiming(address)
+
+    swarm = TwoPeers()
+    session = InferenceSession([Reclaiming("A")], 8, swarm)
+    session.stages[0].opens = 1
+    session.step(torch.zeros(1, 1, 4))
+    with pytest.raises(SessionError):
+        session.step(torch.zeros(1, 1, 4))
+    assert swarm.bans and len(plans) < 20
