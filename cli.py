@@ -566,19 +566,19 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
         repeats = 1 if given("repeats") == default else repeats
     from nanoswarm.protocol.tensors import WIRE_FORMATS
 
-    patterns = parse_names(links)
-    if not patterns or set(patterns) - {"relay", "star"}:
-        raise click.BadParameter("--links takes relay and/or star, e.g. relay,star")
-    unknown = set(parse_names(wires)) - set(WIRE_FORMATS)
-    if unknown:
-        raise click.BadParameter(f"--wires: unknown {', '.join(sorted(unknown))}; "
-                                 f"formats are {', '.join(WIRE_FORMATS)}")
     try:
+        patterns, wire_names = parse_names(links, "--links"), parse_names(wires, "--wires")
         counts = (None if stages is None else parse_ints(stages, "--stages")), parse_ints(sessions, "--sessions")
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+    if not patterns or set(patterns) - {"relay", "star"}:
+        raise click.BadParameter("--links takes relay and/or star, e.g. relay,star")
+    unknown = set(wire_names) - set(WIRE_FORMATS)
+    if unknown:
+        raise click.BadParameter(f"--wires: unknown {', '.join(sorted(unknown))}; "
+                                 f"formats are {', '.join(WIRE_FORMATS)}")
     opts = BenchOptions(model_dir, shape, *counts, head_groups,
-                        parse_names(wires), patterns, tokens, prompt_len, repeats, session_tokens=4 if quick else 16,
+                        wire_names, patterns, tokens, prompt_len, repeats, session_tokens=4 if quick else 16,
                         threads=threads, work_dir=work_dir, progress=lambda line: click.echo(line, err=True))
     result = run_bench(opts)
     click.echo(json.dumps(result) if as_json else format_report(result))

@@ -380,9 +380,17 @@ def parse_ints(text: str, what: str = "the list") -> tuple[int, ...]:
         raise ValueError(f"{what} {text!r} must be comma-separated whole numbers, e.g. 1,2,4") from None
     if not values or min(values) < 1:
         raise ValueError(f"{what} {text!r} must name at least one number, each 1 or more")
+    return _once(values, what, text)
+
+
+def parse_names(text: str, what: str = "the list") -> tuple[str, ...]:
+    return _once(tuple(x.strip() for x in text.split(",") if x.strip()), what, text)
+
+
+def _once(values: tuple, what: str, text: str) -> tuple:
+    """Each value once: a repeat would run the same row twice (and compare a run with itself)."""
+    repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if repeated is not None:
+        raise ValueError(f"{what} {text!r} names {repeated} twice")
     return values
-
-
-def parse_names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
 

@@ -33,7 +33,7 @@ from .generate import ClientModel
 from .load_report import LoadReport, NodeReport
 from .route import RouteError
 from .session import CANNOT_TAKE
-from .stages import Stage
+from .stages import RemoteLayerStage, Stage
 from .swarm import Swarm, SwarmOptions
 from .transport import PeerError
 
@@ -127,7 +127,9 @@ class _Worker:
                 hidden = self.client.embed(chunk, pos)
                 for stage in stages:
                     hidden = self._step(stage, hidden, pos)
-                self.out.step_latency.append(time.perf_counter() - t0 - (self.backoff - slept))
+                # The prompt's step apart: a 1,000-position prefill is not a token's latency.
+                latency = self.out.step_latency if step else self.out.prefill_latency
+                latency.append(time.perf_counter() - t0 - (self.backoff - slept))
                 self._check(k, step, self.client.logits(hidden))
                 pos += len(chunk)
                 if step < opts.new_tokens:
@@ -150,13 +152,21 @@ class _Worker:
                 self._reset()
 
     def _step(self, stage: Stage, hidden: torch.Tensor, pos: int) -> torch.Tensor:
-        """One stage's step; an overloaded node refuses it (`busy`) untouched, so wait and retry."""
+        """One stage's step; an overloaded node refuses it (`busy`) untouched, so wait and retry.
+        A stage's step may be several node requests (a prompt split after `too_large`): a layer
+        stage's retry drops what the first ones stored (rewind), as a session's does; a head group
+        asks its busy member again itself (retries_busy), and its `busy` ends the session as a
+        refusal. (Those inner requests and retries are not counted here: `served` and `refused`
+        count stage steps.)"""
+        retry = False
         while True:
             try:
-                return self._timed(lambda: stage.step(hidden, pos))
+                rewind = retry and isinstance(stage, RemoteLayerStage)
+                return self._timed(lambda r=rewind: stage.step(hidden, pos, rewind=r))
             except PeerError as e:
-                if e.code != "busy" or time.monotonic() >= self.deadline:
+                if e.code != "busy" or time.monotonic() >= self.deadline or stage.retries_busy:
                     raise
+                retry = True
                 self.out.refused[e.code] += 1
                 pause = self.rng.uniform(0.05, 0.25)
                 time.sleep(pause)
@@ -333,6 +343,7 @@ def _merge(opts: LoadOptions, workers: list[_Worker]) -> LoadReport:
         report.failure_samples += o.failure_samples
         report.request_latency += o.request_latency
         report.step_latency += o.step_latency
+        report.prefill_latency += o.prefill_latency
         report.sessions_completed += o.sessions_completed
         report.steps_checked += o.steps_checked
         report.mismatches += o.mismatches

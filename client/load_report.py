@@ -38,7 +38,8 @@ class LoadReport:
     failed: Counter = field(default_factory=Counter)
     failure_samples: list[str] = field(default_factory=list)
     request_latency: list[float] = field(default_factory=list)
-    step_latency: list[float] = field(default_factory=list)
+    step_latency: list[float] = field(default_factory=list)     # decode steps: one token, whole route
+    prefill_latency: list[float] = field(default_factory=list)  # each session's prompt, whole route
     sessions_completed: int = 0
     steps_checked: int = 0
     mismatches: int = 0
@@ -78,7 +79,9 @@ class LoadReport:
             "refused": dict(self.refused), "failed": dict(self.failed),
             "failure_samples": self.failure_samples[:10],
             "latency_ms": {"request_p50": _pct(self.request_latency, 50), "request_p99": _pct(self.request_latency, 99),
-                           "step_p50": _pct(self.step_latency, 50), "step_p99": _pct(self.step_latency, 99)},
+                           "step_p50": _pct(self.step_latency, 50), "step_p99": _pct(self.step_latency, 99),
+                           "prefill_p50": _pct(self.prefill_latency, 50),
+                           "prefill_p99": _pct(self.prefill_latency, 99)},
             "requests_per_second": self.served / self.duration if self.duration else 0.0,
             "sessions_completed": self.sessions_completed, "steps_checked": self.steps_checked,
             "mismatches": self.mismatches, "max_logit_diff": self.max_logit_diff, "tolerance": self.tolerance,
@@ -107,12 +110,13 @@ def format_report(report: LoadReport) -> str:
     refused = ", ".join(f"{k} {v}" for k, v in sorted(report.refused.items())) or "none"
     failed = ", ".join(f"{k} {v}" for k, v in sorted(report.failed.items())) or "none"
     lines = [
-        f"{report.sessions} sessions for {report.duration:.0f} s",
+        f"{report.sessions} sessions for {report.duration:g} s",
         f"requests served: {report.served} ({j['requests_per_second']:.1f}/s)",
         f"refused: {refused}",
         f"failed: {failed}",
         f"latency per request: p50 {_ms(lat['request_p50'])}, p99 {_ms(lat['request_p99'])}; "
-        f"per token (whole route): p50 {_ms(lat['step_p50'])}, p99 {_ms(lat['step_p99'])}",
+        f"per token (whole route): p50 {_ms(lat['step_p50'])}, p99 {_ms(lat['step_p99'])}; "
+        f"per prompt: p50 {_ms(lat['prefill_p50'])}, p99 {_ms(lat['prefill_p99'])}",
         f"sessions completed: {report.sessions_completed}; steps checked against solo runs: "
         f"{report.steps_checked}, mismatches {report.mismatches}, max |diff| {report.max_logit_diff:.2e}"
         + (f" (tolerance {report.tolerance:.0e})" if report.steps_checked and report.tolerance else ""),

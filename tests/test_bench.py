@@ -95,6 +95,8 @@ def test_bad_options_fail_in_one_line_before_anything_starts(tmp_path):
     for args, message in ((["--stages", "a"], "--stages 'a' must be comma-separated whole numbers"),
                           (["--sessions", "0"], "--sessions '0' must name at least one number, each 1 or more"),
                           (["--wires", "bogus"], "--wires: unknown bogus; formats are float32"),
+                          (["--stages", "2,2"], "--stages '2,2' names 2 twice"),
+                          (["--links", "relay,relay"], "--links 'relay,relay' names relay twice"),
                           (["--tokens", "0"], "'--tokens': 0 is not in the range x>=1"),
                           (["--head-groups", "-1"], "'--head-groups': -1 is not in the range x>=0"),
                           (["--stages", "5"], "--stages 5: the model has 4 blocks, so from 1 to 4"),

@@ -115,13 +115,27 @@ def test_the_text_report_says_what_the_json_says():
     node = NodeReport("tcp://127.0.0.1:5000#key", [0, 4], None, True, 300 * 2**20, "VmHWM",
                       100 * 2**20, 64 * 2**20)
     report = LoadReport(4, 2.0, served=10, refused=Counter(busy=3), request_latency=[0.001, 0.003],
-                        step_latency=[0.004], sessions_completed=2, steps_checked=8, tolerance=1e-5, nodes=[node])
+                        step_latency=[0.004], prefill_latency=[0.02], sessions_completed=2, steps_checked=8,
+                        tolerance=1e-5, nodes=[node])
     text = format_report(report).splitlines()
     assert text[0] == "4 sessions for 2 s" and text[1] == "requests served: 10 (5.0/s)"
     assert text[2] == "refused: busy 3" and text[3] == "failed: none"
     assert "p50 1.0 ms, p99 3.0 ms" in text[4] and "per token (whole route): p50 4.0 ms" in text[4]
+    assert "per prompt: p50 20.0 ms" in text[4]
     assert text[6].startswith("node tcp://127.0.0.1:5000 layers 0:4: alive, peak RSS 300 MiB [VmHWM]")
     assert "bound 676 MiB" in text[6] and text[-1] == "OK"
     node.alive = False
     report.failed["timeout"] = 1
     assert format_report(report).splitlines()[-1] == "NOT OK: 1 requests failed; 1 nodes crashed"
+
+
+def test_overloaded_nodes_under_split_prompts_are_refusals_not_failures(tiny_model_dir):
+    """A prompt a node takes in pieces (--max-tokens-per-step) whose second piece is refused `busy`
+    was sent again whole, and the node refused the repeat bad_position: load reported failures,
+    NOT OK, for what was only overload (review repro). A retry now rewinds, as a session's does."""
+    report = run_load(LoadOptions(tiny_model_dir, nodes=2, sessions=6, duration=3.0, prompt_tokens=16, new_tokens=4,
+                                  node_args=["--max-tokens-per-step", "4", "--max-batch-seconds", "0.0001"],
+                                  timeout=20.0))
+    assert not report.failed, report.failure_samples[:3]
+    assert report.sessions_completed > 0 and report.mismatches == 0
+    assert len(report.prefill_latency) >= report.sessions_completed
