@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from nanoswarm.keys.contact import allow_ipv6, split_contact
 from nanoswarm.protocol.errors import ProtocolError
@@ -63,8 +64,11 @@ class PeerConnection:
             self.socket.curve_publickey = public
             self.socket.curve_secretkey = secret
         # A peer that dies closes its TCP connection: the monitor reports that at once, so a
-        # killed peer costs milliseconds, not the whole timeout.
-        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # killed peer costs milliseconds, not the whole timeout. So does an address where nothing
+        # listens (a record of a peer that died or moved): its connect is refused and retried.
+        self.monitor = self.socket.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        self._connected = False  # once: a later refusal is a drop, reported as one
         self._poller = zmq.Poller()
         self.register(self._poller)
         allow_ipv6(self.socket, endpoint)
@@ -137,8 +141,13 @@ class PeerConnection:
                         raise PeerError(self.address, msg.fields["code"], msg.fields["message"])
                     return msg
             elif self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
-                self.monitor.recv_multipart()
-                if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:  # replies that came first still count
+                event = parse_monitor_message(self.monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_CONNECTED:
+                    self._connected = True
+                elif event == zmq.EVENT_CONNECT_RETRIED:
+                    if not self._connected:  # never reached: nothing listens there
+                        raise PeerError(self.address, "unreachable", "connection refused: nothing listens there")
+                elif not self.socket.get(zmq.EVENTS) & zmq.POLLIN:  # replies that came first still count
                     raise PeerError(self.address, "disconnected", "connection closed by the peer")
             else:
                 return None

@@ -625,3 +625,36 @@ def test_peers_that_reclaim_and_refuse_in_turn_are_struck_after_one_free_move():
     with pytest.raises(SessionError):
         session.step(torch.zeros(1, 1, 4))
     assert swarm.bans and len(plans) < 20
+
+
+def test_an_address_where_nothing_listens_fails_at_once_not_after_the_timeout(tiny_model_dir, cluster_factory):
+    """A record of a peer that died or moved names an address nobody listens at: its refused
+    connect is reported at once (it cost the whole 30 s timeout: a churn review's repro), and a
+    session routed there fails over to the live peer without that wait."""
+    import socket
+
+    from nanoswarm.client.transport import PeerConnection, PeerError
+
+    live = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}#{live.partition('#')[2]}"
+    conn = PeerConnection(dead, timeout=20.0)
+    t0 = time.monotonic()
+    with pytest.raises(PeerError, match="unreachable"):
+        conn.request("info")
+    conn.close()
+    assert time.monotonic() - t0 < 5.0
+    model = SwarmModel.connect(tiny_model_dir, peers=[live], options=SwarmOptions(timeout=20.0))
+    try:
+        info = model.swarm.peers[live]
+        model.swarm.add_info(dead, info.extra, rtt=0.0, curve_key=info.curve_key)  # as a stale record would
+        model.swarm.peers[live].rtt = 1.0  # the dead address is the cheaper choice
+        t0 = time.monotonic()
+        session = model.session(4)
+        session.step(model.client.embed([1], 0))
+        assert time.monotonic() - t0 < 5.0 and dead in model.swarm.bans
+        assert session.describe()[0]["peers"] == [live]
+        session.close()
+    finally:
+        model.close()
