@@ -160,15 +160,20 @@ def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int
         swarm.rejected[contact] = "node runs without encryption (--insecure); not used"
         del claims[contact]
     owners = _owners(swarm, {c: r for c, r in claims.items() if len(r) > 1}, timeout)
-    added = 0
+    added: dict[str, str] = {}  # peer id -> its contact now
     for contact, records in claims.items():
         record = records[0] if len(records) == 1 else owners.get(contact)
         if record is None:
             continue
         swarm.add_info(contact, record_info(record), rtt, curve_key=None if record.insecure else record.curve_key)
-        added += 1
-    log.info("bootstrap: %d records, %d peers for model %s", len(fetched.table), added, swarm.model_id[:12])
-    return added
+        added[record.peer_id] = contact
+    # A peer that restarted elsewhere (its signed record, newer, names a new contact): its old
+    # contact is forgotten, not kept to fail over from whenever its ban runs out.
+    for address, peer in list(swarm.peers.items()):
+        if added.get(peer.peer_id, address) != address:
+            swarm.forget(address, f"peer {peer.peer_id} is now at {added[peer.peer_id]}")
+    log.info("bootstrap: %d records, %d peers for model %s", len(fetched.table), len(added), swarm.model_id[:12])
+    return len(added)
 
 
 def _owners(swarm, disputed: dict[str, list[Record]], timeout: float) -> dict[str, Record]:

@@ -37,6 +37,7 @@ class Ban:
 
 
 REFRESH_SECONDS = 2.0  # the least time between two refreshes of the peer table (Swarm.refresh)
+REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answers
 
 
 @dataclass
@@ -180,7 +181,17 @@ class Swarm:
             try:
                 add_from_bootstrap(self, self.bootstraps, min(5.0, self.options.timeout))
             except DiscoveryError as e:
-                log.warning("refreshing the peer table: %s", e)
+                # Every node keeps the swarm's table: with the bootstraps gone, the peers still
+                # in use know the swarm as well (a churn review: the only bootstrap died, and a
+                # spare that joined later was never learned).
+                others = [p.address for p in self.available() if p.address not in self.bootstraps][:REFRESH_PEERS]
+                try:
+                    if not others:
+                        raise
+                    add_from_bootstrap(self, others, min(5.0, self.options.timeout))
+                    log.info("refreshed the peer table from %d known peers: %s", len(others), e)
+                except DiscoveryError as again:
+                    log.warning("refreshing the peer table: %s", again)
         else:
             self.add_addresses(list(self.peers), min(1.0, self.options.timeout))
         moved = [a for a, p in self.peers.items() if a in self.bans and before.get(a, (p.layers, p.heads))

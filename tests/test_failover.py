@@ -658,3 +658,52 @@ def test_an_address_where_nothing_listens_fails_at_once_not_after_the_timeout(ti
         session.close()
     finally:
         model.close()
+
+
+def test_a_peer_restarted_at_a_new_port_replaces_its_old_contact_on_refresh(tiny_model_dir, cluster_factory):
+    """Same key, new port: the bootstrap's table has the new signed record, and a client's refresh
+    forgets the old contact (it kept it, and failed over from it each time its ban ran out)."""
+    from nanoswarm.client.discovery import fetch_table
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    bootstrap, old = [swarm.addresses[0]], swarm.nodes[1]
+    model = SwarmModel.connect(tiny_model_dir, bootstrap=bootstrap, options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        assert old.address in model.swarm.peers
+        old.proc.kill()
+        old.proc.wait(15)
+        new = swarm.start_node(NodeSpec((2, 4), args=["--key-file", str(old.key_file)]))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and new.address.partition("#")[0] not in {
+                r.address for r in fetch_table(bootstrap).table.records()}:
+            time.sleep(0.2)
+        model.swarm._refreshed = -1e9  # as if the last refresh were long ago
+        assert model.swarm.refresh()
+        assert new.address in model.swarm.peers and old.address not in model.swarm.peers
+        result = model.generate(PROMPT, 4, SEEDED)
+        assert result.failovers == 0 and result.route[1]["peers"] == [new.address]
+    finally:
+        model.close()
+
+
+def test_with_its_only_bootstrap_gone_a_client_learns_the_swarm_from_its_peers(tiny_model_dir, cluster_factory):
+    """The bootstrap died; a spare joined after the client connected. A refresh asks the known
+    peers for their tables instead (every node keeps one), so the client learns the spare (it
+    learned nothing, and failed with 'no peer serves layers 2:4' when the last holder died)."""
+    from nanoswarm.client.discovery import fetch_table
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((0, 2)), NodeSpec((2, 4))])
+    bootstrap, other = swarm.addresses[0], swarm.addresses[1]
+    model = SwarmModel.connect(tiny_model_dir, bootstrap=[bootstrap], options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        spare = swarm.start_node(NodeSpec((2, 4)))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and spare.address.partition("#")[0] not in {
+                r.address for r in fetch_table([other]).table.records()}:
+            time.sleep(0.2)
+        swarm.kill(0, signal.SIGKILL)
+        model.swarm._refreshed = -1e9  # as if the last refresh were long ago
+        assert model.swarm.refresh()
+        assert spare.address in model.swarm.peers
+    finally:
+        model.close()
