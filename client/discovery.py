@@ -15,7 +15,7 @@ import zmq
 
 from nanoswarm.keys.contact import endpoint_of, format_contact, split_contact
 from nanoswarm.keys.records import Record, check_endpoint
-from nanoswarm.keys.table import RecordTable
+from nanoswarm.keys.table import STALE_SEQ, RecordTable
 
 from .transport import PeerConnection, PeerError
 
@@ -120,8 +120,10 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
         fetched.rtt[contact] = rtt
         for wire in wires:
             table.offer(wire)  # verifies; a bad record is counted in table.rejected and dropped
-    if table.rejected:
-        log.warning("bootstrap sent records that failed verification: %s", dict(table.rejected))
+    # stale_seq is no failure: a second bootstrap's copy of a record, or an older one during churn.
+    failed = {why: n for why, n in table.rejected.items() if why != STALE_SEQ}
+    if failed:
+        log.warning("bootstrap sent records that failed verification: %s", failed)
     return fetched
 
 

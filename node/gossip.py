@@ -68,6 +68,9 @@ class GossipOptions:
             raise ValueError(f"--ttl must be in (0, {self.max_ttl:.0f}] seconds")
         if not self.interval > 0:
             raise ValueError("--gossip-interval must be positive")
+        if self.ttl < 3 * self.interval:  # tables came up mostly empty with --ttl 2 --gossip-interval 3
+            raise ValueError(f"--ttl {self.ttl:g} is shorter than three gossip intervals ({3 * self.interval:g} s): "
+                             "records would expire before they spread")
 
 
 @dataclass

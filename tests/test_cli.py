@@ -432,6 +432,7 @@ def test_node_placement_and_gossip_options_are_checked(tiny_model_dir, tmp_path)
                                ("--gossip-interval", "0", "must be a positive, finite number of seconds"),
                                ("--ttl", "nan", "must be a positive, finite number of seconds"),
                                ("--ttl", "1000", "--ttl must be in (0, 300] seconds"),
+                               ("--ttl", "2", "--ttl 2 is shorter than three gossip intervals (3 s)"),
                                ("--num-blocks", "0", "0 is not in the range x>=1"),
                                ("--memory-budget-mb", "0", "0 is not in the range x>=1")):
         out = run_cli("node", str(tiny_model_dir), "--key-file", str(tmp_path / "k.key"), option, value, timeout=60)
