@@ -490,12 +490,13 @@ def test_a_node_takes_the_hard_open_file_limit(tiny_model_dir, tmp_path):
         assert proc.wait(30) == 0
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_generate_device_is_checked_before_any_peer_is_asked(tiny_model_dir):
     """`generate --device` puts the client's head there; one that does not exist fails in one line
     before connecting (here nothing listens at the contact: the check comes first)."""
     contact = "tcp://127.0.0.1:9#" + "ab" * 32
-    for device, why in (("cuda", "torch sees no CUDA device"), ("tpu", "expected cpu, cuda or cuda:N")):
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = (f"cuda:{gpus}", f"torch sees {gpus} CUDA device") if gpus else ("cuda", "torch sees no CUDA device")
+    for device, why in (missing, ("tpu", "expected cpu, cuda or cuda:N")):
         out = run_cli("generate", "--model", str(tiny_model_dir), "--peers", contact, "--device", device, "hi",
                       timeout=60)
         assert why in one_error_line(out)
