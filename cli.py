@@ -319,11 +319,10 @@ def _client_keys(key_file: Path | None) -> tuple[bytes, bytes] | None:
     return identity.curve_public, identity.curve_secret
 
 
-def _run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: bool) -> dict:
+def _run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: bool) -> None:
     from nanoswarm.client.api import GenerationResult
-    from nanoswarm.client.generate import GenerationStats
 
-    result = GenerationResult(prompt, [], [], "", [], GenerationStats())
+    result = GenerationResult(prompt)
     notices = lambda line: click.echo(line, err=True)  # noqa: E731
     stream = model.stream(prompt, max_new_tokens, sampling, result, on_failover=notices)
     if as_json:
@@ -345,7 +344,6 @@ def _run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: 
         s = result.stats
         click.echo(f"[{s.new_tokens} tokens, first after {s.time_to_first_token * 1000:.0f} ms, "
                    f"{s.tokens_per_second:.1f} tokens/s]", err=True)
-    return result.to_json()
 
 
 def _route_line(route: list[dict]) -> str:
@@ -438,8 +436,8 @@ def keys_show(file: Path, as_json: bool) -> None:
 # ----- the local harness -------------------------------------------------------------------
 @main.command()
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--nodes", type=int, default=3, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per node.")
+@click.option("--nodes", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per node.")
 @click.option("--json", "as_json", is_flag=True,
               help="Once every node serves, print one JSON object (nodes: contact, layers, pid), not lines.")
 def cluster(model_dir: Path, nodes: int, threads: int, as_json: bool) -> None:
@@ -471,7 +469,7 @@ def cluster(model_dir: Path, nodes: int, threads: int, as_json: bool) -> None:
 @click.argument("prompt", default="ROMEO:")
 @click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Model directory (default: the demo model shipped with nanoswarm).")
-@click.option("--nodes", type=int, default=3, show_default=True)
+@click.option("--nodes", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=120, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--top-k", type=int, default=40, show_default=True)

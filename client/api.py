@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from nanoswarm.shards.manifest import Manifest, read_manifest
-from nanoswarm.shards.tokenizer import EOT_TOKEN, get_encoding
+from nanoswarm.shards.tokenizer import EOT_TOKEN, encode, get_encoding
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
 from .generate import ClientModel, GenerationStats, SamplingParams, TextStream, generate_ids
@@ -25,12 +25,12 @@ from .swarm import Swarm, SwarmOptions
 
 @dataclass
 class GenerationResult:
-    prompt: str
-    prompt_ids: list[int]
-    ids: list[int]
-    text: str
-    route: list[dict]
-    stats: GenerationStats
+    prompt: str = ""
+    prompt_ids: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    route: list[dict] = field(default_factory=list)
+    stats: GenerationStats = field(default_factory=GenerationStats)
     failovers: int = 0
     logits: list = field(default_factory=list)
 
@@ -97,9 +97,11 @@ class SwarmModel:
                result: GenerationResult | None = None, keep_logits: bool = False,
                on_failover: Callable[[str], None] | None = None) -> Iterator[str]:
         """Yields text pieces as tokens arrive; fills `result` if given."""
-        ids = self.encoding.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
+        # "<|endoftext|>" in the prompt is plain text: text an application passes on from its
+        # users cannot end a document early. An empty prompt starts from the special token.
+        ids = encode(prompt) or [EOT_TOKEN]
         max_new_tokens = self._new_tokens(ids, max_new_tokens)
-        result = result if result is not None else GenerationResult(prompt, ids, [], "", [], GenerationStats())
+        result = result if result is not None else GenerationResult(prompt, ids)
         result.prompt, result.prompt_ids = prompt, ids
         result.stats.prompt_tokens = len(ids)
         if max_new_tokens == 0:
@@ -148,7 +150,7 @@ class SwarmModel:
 
     def generate(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
                  keep_logits: bool = False) -> GenerationResult:
-        result = GenerationResult(prompt, [], [], "", [], GenerationStats())
+        result = GenerationResult(prompt)
         for _ in self.stream(prompt, max_new_tokens, sampling, result, keep_logits):
             pass
         return result

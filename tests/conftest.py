@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
@@ -17,6 +20,20 @@ from nanoswarm.shards.model import GPT, ModelConfig
 TINY = ModelConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=50257, block_size=128, gelu="tanh")
 SMALL12 = ModelConfig(n_layer=12, n_head=12, n_embd=96, vocab_size=50257, block_size=256, gelu="exact")
 GPT2_SMALL = ModelConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)
+CLI = [sys.executable, "-m", "nanoswarm"]
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`nanoswarm ARGS` as a user runs it: a subprocess, its output and exit code."""
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def run_clis(*arg_lists: list[str], timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Several `nanoswarm` runs at once, results in order: each spends most of its second
+    importing torch, so cases that fail before doing anything need not wait for each other."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda args: run_cli(*args, timeout=timeout), arg_lists))
 
 
 def make_model_dir(path: Path, config: ModelConfig, seed: int = 0, layers_per_shard: int = 1,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import run_clis
 
 from nanoswarm.bench import format_report, targets
 from nanoswarm.cli import main
@@ -92,6 +93,7 @@ def test_bench_curve_runs(tmp_path):
 
 @pytest.mark.slow
 def test_bad_options_fail_in_one_line_before_anything_starts(tmp_path):
+    runs = []
     for args, message in ((["--stages", "a"], "--stages 'a' must be comma-separated whole numbers"),
                           (["--sessions", "0"], "--sessions '0' must name at least one number, each 1 or more"),
                           (["--wires", "bogus"], "--wires: unknown bogus; formats are float32"),
@@ -101,8 +103,8 @@ def test_bad_options_fail_in_one_line_before_anything_starts(tmp_path):
                           (["--head-groups", "-1"], "'--head-groups': -1 is not in the range x>=0"),
                           (["--stages", "5"], "--stages 5: the model has 4 blocks, so from 1 to 4"),
                           (["--head-groups", "1"], "--head-groups 1 would be a plain layer stage")):
-        out = subprocess.run([sys.executable, "-m", "nanoswarm", "bench", "--shape", "tiny", "--quick",
-                              "--work-dir", str(tmp_path), *args], capture_output=True, text=True, timeout=120)
+        runs.append((["bench", "--shape", "tiny", "--quick", "--work-dir", str(tmp_path), *args], message))
+    for (_, message), out in zip(runs, run_clis(*(args for args, _ in runs))):
         lines = out.stderr.strip().splitlines()
         assert out.returncode != 0 and out.stdout == "" and message in lines[-1], out.stderr
 

@@ -7,26 +7,18 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import CLI, TINY, run_cli, run_clis
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.shards.loaders import save_nanogpt_checkpoint
 from nanoswarm.shards.model import GPT
-
-CLI = [sys.executable, "-m", "nanoswarm"]
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 def pid_alive(pid: int) -> bool:
@@ -135,8 +127,10 @@ def test_node_refuses_a_tampered_shard(tiny_model_dir, tmp_path):
 
 def test_node_refuses_a_zero_limit(tiny_model_dir):
     """0 is a limit, not "not given": the node refuses it rather than fall back to the default."""
-    for option in ("--kv-budget-mb", "--max-message-mb", "--max-sessions"):
-        out = run_cli("node", str(tiny_model_dir), "--layers", "0:4", "--insecure", option, "0", timeout=60)
+    options = ("--kv-budget-mb", "--max-message-mb", "--max-sessions")
+    outs = run_clis(*(["node", str(tiny_model_dir), "--layers", "0:4", "--insecure", option, "0"]
+                      for option in options), timeout=60)
+    for option, out in zip(options, outs):
         assert one_error_line(out) == f"error: Invalid value for '{option}': 0 is not in the range x>=1."
 
 
@@ -171,29 +165,31 @@ def one_error_line(out: subprocess.CompletedProcess, logs: bool = False) -> str:
 
 @pytest.mark.slow
 def test_bad_ranges_fail_in_one_line(tiny_model_dir, tmp_path):
-    for value, why in (("8:4", "is empty or negative"), ("-1:2", "is empty or negative"),
-                       ("0:0", "is empty or negative"), ("0:2:1", "must look like START:STOP")):
-        out = run_cli("node", str(tiny_model_dir), "--layers", value, "--insecure", "--key-file",
-                      str(tmp_path / "k.key"), timeout=60)
+    cases = (("8:4", "is empty or negative"), ("-1:2", "is empty or negative"),
+             ("0:0", "is empty or negative"), ("0:2:1", "must look like START:STOP"))
+    outs = run_clis(*(["node", str(tiny_model_dir), "--layers", value, "--insecure", "--key-file",
+                       str(tmp_path / f"k{i}.key")] for i, (value, _) in enumerate(cases)), timeout=60)
+    for (value, why), out in zip(cases, outs):
         assert one_error_line(out) == f"error: --layers {value} {why}" + (", e.g. 4:8" if "look" in why else "")
 
 
 def test_generate_checks_its_settings_before_connecting(tiny_model_dir):
     """One line and nothing else: connecting would log about the (keyless) peer first."""
-    for option, value, message in (("--max-new-tokens", "-1", "'--max-new-tokens': -1 is not in the range"),
-                                   ("--temperature", "nan", "temperature must be a finite number >= 0, got nan"),
-                                   ("--top-p", "inf", "top_p must be in (0, 1], got inf")):
-        out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9",
-                      option, value, timeout=60)
+    cases = (("--max-new-tokens", "-1", "'--max-new-tokens': -1 is not in the range"),
+             ("--temperature", "nan", "temperature must be a finite number >= 0, got nan"),
+             ("--top-p", "inf", "top_p must be in (0, 1], got inf"))
+    outs = run_clis(*(["generate", "x", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9", option, value]
+                      for option, value, _ in cases), timeout=60)
+    for (_, _, message), out in zip(cases, outs):
         assert message in one_error_line(out)
 
 
 def test_a_bad_contact_fails_in_one_line_without_a_log_line_repeating_it(tiny_model_dir):
     """The error names each contact and why; the same reason is not logged above it as well."""
     model = ["--model", str(tiny_model_dir)]
-    for args in (["generate", "x", *model, "--bootstrap", "garbage"], ["generate", "x", *model, "--peers", "garbage"],
-                 ["peers", "--bootstrap", "garbage", "--json"]):
-        out = run_cli(*args, timeout=60)
+    cases = (["generate", "x", *model, "--bootstrap", "garbage"], ["generate", "x", *model, "--peers", "garbage"],
+             ["peers", "--bootstrap", "garbage", "--json"])
+    for args, out in zip(cases, run_clis(*cases, timeout=60)):
         assert "garbage" in one_error_line(out) and out.stdout == "", (args, out.stderr)
 
 
@@ -213,10 +209,10 @@ def test_generate_zero_new_tokens_asks_no_peer(tiny_model_dir):
     # no node listens there: any session would fail
     args = ["generate", "To be", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9",
             "--max-new-tokens", "0", "--timeout", "2"]
-    out = run_cli(*args, timeout=60)
+    out, out_json = run_clis(args, [*args, "--json"], timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "To be\n"
-    out = run_cli(*args, "--json", timeout=60)
+    out = out_json
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["ids"] == []
 
@@ -225,17 +221,17 @@ def test_shard_refuses_bad_input_in_one_line(tmp_path):
     from nanoswarm.shards.model import ModelConfig
 
     (tmp_path / "text.pt").write_text("{}")
-    line = one_error_line(run_cli("shard", str(tmp_path / "text.pt"), str(tmp_path / "m")), logs=True)
-    assert "not a checkpoint of plain tensors" in line and "weights_only=False" not in line
     chars = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=65, block_size=16, gelu="exact")
     save_nanogpt_checkpoint(chars, GPT(chars).flat_state_dict(), tmp_path / "chars.pt")
-    line = one_error_line(run_cli("shard", str(tmp_path / "chars.pt"), str(tmp_path / "m")), logs=True)
-    assert "vocab_size 65 is smaller than the GPT-2 tokenizer's 50257 ids" in line
     torch.manual_seed(0)
     save_nanogpt_checkpoint(TINY, GPT(TINY).flat_state_dict(), tmp_path / "ckpt.pt")
-    line = one_error_line(run_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--head-groups", "0"),
-                          logs=True)
-    assert "head groups must be from 1 to 4, got 0" in line
+    text, chars, heads = (one_error_line(out, logs=True) for out in run_clis(
+        ["shard", str(tmp_path / "text.pt"), str(tmp_path / "m")],
+        ["shard", str(tmp_path / "chars.pt"), str(tmp_path / "m")],
+        ["shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--head-groups", "0"]))
+    assert "not a checkpoint of plain tensors" in text and "weights_only=False" not in text
+    assert "vocab_size 65 is smaller than the GPT-2 tokenizer's 50257 ids" in chars
+    assert "head groups must be from 1 to 4, got 0" in heads
     assert not (tmp_path / "m").exists()
 
 
@@ -294,9 +290,19 @@ def test_option_errors_of_the_top_level_command_fail_in_one_line():
     out = run_cli("--bogus", timeout=60)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == ["error: No such option '--bogus'. Did you mean '--verbose'?"]
-    for args in (["--help"], [], ["keys"]):  # help is no failure, asked for or not
-        out = run_cli(*args, timeout=60)
+    cases = (["--help"], [], ["keys"])  # help is no failure, asked for or not
+    for args, out in zip(cases, run_clis(*cases, timeout=60)):
         assert out.returncode == 0 and "Commands:" in out.stdout and out.stderr == "", args
+
+
+def test_harness_counts_are_checked_before_any_node_starts(tiny_model_dir):
+    """--threads 0 was passed on to each node, which refused it: cluster then blamed the node."""
+    model = str(tiny_model_dir)
+    cases = ((["cluster", model, "--nodes", "0"], "'--nodes': 0 is not in the range x>=1"),
+             (["cluster", model, "--threads", "0"], "'--threads': 0 is not in the range x>=1"),
+             (["demo", "--model", model, "--nodes", "0"], "'--nodes': 0 is not in the range x>=1"))
+    for (_, why), out in zip(cases, run_clis(*(args for args, _ in cases), timeout=60)):
+        assert why in one_error_line(out) and out.stdout == "", out.stderr
 
 
 def test_a_second_node_with_the_same_key_file_is_refused(tiny_model_dir, cluster_factory, tmp_path):
@@ -319,9 +325,8 @@ def test_generate_says_why_the_peers_it_was_given_were_not_used(tiny_model_dir):
     assert line.startswith("error: no peer serves layers 0:4; not used: garbage: bad_contact: 'garbage' is not")
     assert f"tcp://127.0.0.1:99999#{key}: bad_contact: 'tcp://127.0.0.1:99999': the port must be 1-65535" in line
     assert "tcp://127.0.0.1:9: insecure: no CURVE key" in line
-    for bad in ("0", "-1", "nan", "inf"):
-        out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9",
-                      "--timeout", bad, timeout=60)
+    for out in run_clis(*(["generate", "x", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9",
+                           "--timeout", bad] for bad in ("0", "-1", "nan", "inf")), timeout=60):
         assert "must be a positive, finite number of seconds" in one_error_line(out)
 
 
@@ -329,13 +334,14 @@ def test_generate_says_why_the_peers_it_was_given_were_not_used(tiny_model_dir):
 def test_node_refuses_addresses_no_peer_could_use(tiny_model_dir, tmp_path):
     """Checked before anything loads: the listen address is advertised in the node's record, and a
     bootstrap that cannot work would be retried every gossip round."""
-    key = str(tmp_path / "k.key")
-    for args, why in ((["--listen", "tcp://127.0.0.1:99999"], "error: --listen: 'tcp://127.0.0.1:99999': the port"),
-                      (["--listen", "tcp://0.0.0.0:5555"], "error: --listen tcp://0.0.0.0:5555: peers connect to"),
-                      (["--listen", "tcp://127.0.0.1:0x1"], "error: --listen: 'tcp://127.0.0.1:0x1' is not a TCP"),
-                      (["--bootstrap", "garbage"], "error: --bootstrap: 'garbage' is not a TCP endpoint"),
-                      (["--bootstrap", "tcp://h:1#zz"], "error: --bootstrap: contact 'tcp://h:1#zz': expected a")):
-        out = run_cli("node", str(tiny_model_dir), "--layers", "0:2", "--key-file", key, *args, timeout=60)
+    cases = ((["--listen", "tcp://127.0.0.1:99999"], "error: --listen: 'tcp://127.0.0.1:99999': the port"),
+             (["--listen", "tcp://0.0.0.0:5555"], "error: --listen tcp://0.0.0.0:5555: peers connect to"),
+             (["--listen", "tcp://127.0.0.1:0x1"], "error: --listen: 'tcp://127.0.0.1:0x1' is not a TCP"),
+             (["--bootstrap", "garbage"], "error: --bootstrap: 'garbage' is not a TCP endpoint"),
+             (["--bootstrap", "tcp://h:1#zz"], "error: --bootstrap: contact 'tcp://h:1#zz': expected a"))
+    outs = run_clis(*(["node", str(tiny_model_dir), "--layers", "0:2", "--key-file", str(tmp_path / f"k{i}.key"), *args]
+                      for i, (args, _) in enumerate(cases)), timeout=60)
+    for (_, why), out in zip(cases, outs):
         assert one_error_line(out, logs=True).startswith(why), out.stderr
 
 
@@ -352,11 +358,12 @@ def test_node_refuses_a_device_or_span_it_cannot_use_before_anything_else(tiny_m
         cases.append((["--device", f"cuda:{n}"], f"error: --device cuda:{n}: torch sees {n} CUDA device"))
     else:
         cases.append((["--device", "cuda:0"], "error: --device cuda:0 was asked for, but torch sees no CUDA device"))
-    for args, why in cases:
-        key = tmp_path / "k.key"
-        out = run_cli("node", str(tiny_model_dir), "--layers", "0:2", "--key-file", str(key), *args, timeout=60)
+    key = tmp_path / "k.key"
+    outs = run_clis(*(["node", str(tiny_model_dir), "--layers", "0:2", "--key-file", str(key), *args]
+                      for args, _ in cases), timeout=60)
+    for (_, why), out in zip(cases, outs):
         assert one_error_line(out).startswith(why), out.stderr
-        assert not key.exists()
+    assert not key.exists()
 
 
 @pytest.mark.slow
@@ -375,9 +382,9 @@ def test_train_prints_one_line_or_json(tmp_path):
     out = run_cli(*args, "--json", "--overwrite")
     assert out.returncode == 0 and json.loads(out.stdout)["out_path"] == str(tmp_path / "ckpt.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "text.txt"]  # no partial file left
-    for bad, why in ((["--max-iters", "-1"], "--max-iters"), (["--batch-size", "0"], "--batch-size"),
-                     (["--lr", "inf"], "--lr"), (["--n-embd", "0"], "--n-embd")):
-        out = run_cli(*args, "--overwrite", *bad)
+    cases = ((["--max-iters", "-1"], "--max-iters"), (["--batch-size", "0"], "--batch-size"),
+             (["--lr", "inf"], "--lr"), (["--n-embd", "0"], "--n-embd"))
+    for (_, why), out in zip(cases, run_clis(*([*args, "--overwrite", *bad] for bad, _ in cases))):
         assert out.returncode == 2 and why in one_error_line(out)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
     out = run_cli(*args[:1], "--text", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "x.pt"), *args[5:])
@@ -428,14 +435,16 @@ def test_advertised_address_is_what_records_and_contacts_name(tiny_model_dir, cl
 
 def test_node_placement_and_gossip_options_are_checked(tiny_model_dir, tmp_path):
     """-1 s between rebalance checks made an idle node spin a core; 0 blocks served one."""
-    for option, value, why in (("--rebalance-interval", "-1", "must be a positive, finite number of seconds"),
-                               ("--gossip-interval", "0", "must be a positive, finite number of seconds"),
-                               ("--ttl", "nan", "must be a positive, finite number of seconds"),
-                               ("--ttl", "1000", "--ttl must be in (0, 300] seconds"),
-                               ("--ttl", "2", "--ttl 2 is shorter than three gossip intervals (3 s)"),
-                               ("--num-blocks", "0", "0 is not in the range x>=1"),
-                               ("--memory-budget-mb", "0", "0 is not in the range x>=1")):
-        out = run_cli("node", str(tiny_model_dir), "--key-file", str(tmp_path / "k.key"), option, value, timeout=60)
+    cases = (("--rebalance-interval", "-1", "must be a positive, finite number of seconds"),
+             ("--gossip-interval", "0", "must be a positive, finite number of seconds"),
+             ("--ttl", "nan", "must be a positive, finite number of seconds"),
+             ("--ttl", "1000", "--ttl must be in (0, 300] seconds"),
+             ("--ttl", "2", "--ttl 2 is shorter than three gossip intervals (3 s)"),
+             ("--num-blocks", "0", "0 is not in the range x>=1"),
+             ("--memory-budget-mb", "0", "0 is not in the range x>=1"))
+    outs = run_clis(*(["node", str(tiny_model_dir), "--key-file", str(tmp_path / "k.key"), option, value]
+                      for option, value, _ in cases), timeout=60)
+    for (_, _, why), out in zip(cases, outs):
         assert why in one_error_line(out), out.stderr
     assert not (tmp_path / "k.key").exists()  # refused before a key file was made or blocks loaded
 
@@ -496,7 +505,8 @@ def test_generate_device_is_checked_before_any_peer_is_asked(tiny_model_dir):
     contact = "tcp://127.0.0.1:9#" + "ab" * 32
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     missing = (f"cuda:{gpus}", f"torch sees {gpus} CUDA device") if gpus else ("cuda", "torch sees no CUDA device")
-    for device, why in (missing, ("tpu", "expected cpu, cuda or cuda:N")):
-        out = run_cli("generate", "--model", str(tiny_model_dir), "--peers", contact, "--device", device, "hi",
-                      timeout=60)
+    cases = (missing, ("tpu", "expected cpu, cuda or cuda:N"))
+    outs = run_clis(*(["generate", "--model", str(tiny_model_dir), "--peers", contact, "--device", device, "hi"]
+                      for device, _ in cases), timeout=60)
+    for (_, why), out in zip(cases, outs):
         assert why in one_error_line(out)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from nanoswarm.client.api import GenerationResult, SwarmModel
-from nanoswarm.client.generate import GenerationStats, SamplingParams
+from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.route import RouteError
 from nanoswarm.client.session import SessionError
 from nanoswarm.client.swarm import SwarmOptions
@@ -37,7 +37,7 @@ def generate_with_fault(model_dir, swarm: LocalCluster, fault, notices: list[str
     knows the swarm from `bootstrap` if given, else from every node's address."""
     model = SwarmModel.connect(model_dir, peers=None if bootstrap else swarm.addresses, bootstrap=bootstrap,
                                options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
-    result = GenerationResult(PROMPT, [], [], "", [], GenerationStats())
+    result = GenerationResult(PROMPT)
     try:
         for _ in model.stream(PROMPT, N_TOKENS, SEEDED, result, on_failover=notices.append):
             if len(result.ids) == FAIL_AT:
@@ -108,7 +108,7 @@ def test_only_holder_dies_gives_clear_error(small12_model_dir, cluster_factory):
     swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((6, 12))])
     model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
                                options=SwarmOptions(timeout=TIMEOUT))
-    result = GenerationResult(PROMPT, [], [], "", [], GenerationStats())
+    result = GenerationResult(PROMPT)
     t0 = None
     try:
         with pytest.raises(SessionError, match=r"no peer serves layers 6:12"):
@@ -216,7 +216,7 @@ def test_a_leaving_head_group_member_is_the_one_banned(small12_model_dir, cluste
                                                 NodeSpec((0, 12), (6, 12))])
     model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
                                options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
-    result = GenerationResult(PROMPT, [], [], "", [], GenerationStats())
+    result = GenerationResult(PROMPT)
     try:
         for _ in model.stream(PROMPT, SHORT, SEEDED, result):
             if len(result.ids) == 8:
@@ -234,7 +234,7 @@ def test_a_ban_by_one_session_fails_the_other_over_too(small12_model_dir, cluste
     swarm = cluster_factory(small12_model_dir, two_by_two())
     model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
                                options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
-    r1, r2 = (GenerationResult(PROMPT, [], [], "", [], GenerationStats()) for _ in range(2))
+    r1, r2 = (GenerationResult(PROMPT) for _ in range(2))
     try:
         g1, g2 = model.stream(PROMPT, SHORT, SEEDED, r1), model.stream(PROMPT, SHORT, SEEDED, r2)
         while len(r1.ids) < 8:
@@ -287,7 +287,7 @@ def test_a_session_reclaimed_while_the_reader_paused_is_reopened_not_banned(
 
     swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((6, 12))], args=["--idle-timeout", "1"])
     model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=TIMEOUT))
-    result = GenerationResult(PROMPT, [], [], "", [], GenerationStats())
+    result = GenerationResult(PROMPT)
     reopened: list[bool] = []
     real_reopen = InferenceSession._reopen
 
@@ -342,7 +342,7 @@ def test_a_peer_that_joined_after_connecting_takes_over(small12_model_dir, clust
     bootstrap = swarm.addresses[1]
     model = SwarmModel.connect(small12_model_dir, bootstrap=[bootstrap],
                                options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
-    result = GenerationResult(PROMPT, [], [], "", [], GenerationStats())
+    result = GenerationResult(PROMPT)
     notices: list[str] = []
     try:
         for _ in model.stream(PROMPT, N_TOKENS, SEEDED, result, on_failover=notices.append):

@@ -11,6 +11,7 @@ from conftest import TINY, make_model_dir
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.shards.model import ModelConfig
+from nanoswarm.shards.tokenizer import EOT_TOKEN
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -87,6 +88,14 @@ def test_prompt_tokens_outside_a_small_vocabulary_are_named(tmp_path):
         model.generate("ROMEO:", 3, GREEDY)
     with pytest.raises(ValueError, match="prompt token 50256 .*endoftext"):
         model.generate("", 3, GREEDY)  # an empty prompt starts from <|endoftext|>
+
+
+def test_end_of_text_in_a_prompt_is_plain_text(tiny):
+    """Text an application passes on from its users cannot end the document early."""
+    result = tiny.generate("ROMEO:<|endoftext|>JULIET:", 2, GREEDY)
+    assert EOT_TOKEN not in result.prompt_ids
+    assert result.prompt_ids == tiny.encoding.encode_ordinary("ROMEO:<|endoftext|>JULIET:")
+    assert tiny.generate("", 1, GREEDY).prompt_ids == [EOT_TOKEN]  # an empty prompt starts from it
 
 
 @pytest.mark.parametrize("kwargs,what", [

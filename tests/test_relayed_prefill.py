@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanoswarm.client.api import GenerationResult, SwarmModel
-from nanoswarm.client.generate import GenerationStats, SamplingParams
+from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.history import History, Unkept
 from nanoswarm.client.session import TRAIL_MAX_POSITIONS
 from nanoswarm.client.swarm import SwarmOptions
@@ -297,7 +297,7 @@ def test_killed_hops_after_a_relayed_prefill_give_the_same_tokens(small12_model_
     swarm = cluster_factory(small12_model_dir, three_stages_with_spares())
     model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
                                options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
-    result = GenerationResult(LONG_PROMPT, [], [], "", [], GenerationStats())
+    result = GenerationResult(LONG_PROMPT)
     notices: list[str] = []
     killed: list[str] = []
     try:
