@@ -39,7 +39,7 @@ def make_random_model_dir(path: str | Path, config: ModelConfig, seed: int = 0, 
         try:
             if read_manifest(path).config == config:
                 return path
-        except Exception:  # a broken leftover: write it again
+        except (ValueError, OSError):  # a broken leftover (ManifestError is a ValueError): write it again
             log.info("rewriting unreadable model dir %s", path)
     write_model_dir(config, random_state_dict(config, seed), path, layers_per_shard, head_splits,
                     progress=False)

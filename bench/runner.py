@@ -28,6 +28,7 @@ from nanoswarm.client.stages import LocalStage
 from nanoswarm.client.swarm import Swarm, SwarmOptions
 from nanoswarm.node.affinity import BINDING_VARS, bind_openmp
 from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
+from nanoswarm.protocol.tensors import WIRE_FORMATS
 from nanoswarm.shards.manifest import Manifest, read_manifest
 from nanoswarm.shards.model import onednn_linear
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
@@ -344,8 +345,7 @@ class Bench:
 
 def run_bench(opts: BenchOptions) -> dict:
     """Measure everything `opts` asks for; the dict `--json` prints."""
-    if opts.head_groups == 1:  # before any model is made or measured
-        raise ValueError("--head-groups 1 would be a plain layer stage: give 0 (none) or 2 or more members")
+    _check_options(opts)  # before any model is made or measured
     torch.set_num_threads(opts.threads)
     started = time.time()
     busy0, own0 = _busy_cpu_seconds(), _own_cpu_seconds()
@@ -370,6 +370,17 @@ def run_bench(opts: BenchOptions) -> dict:
            "options": options, "machine": machine, "seconds": time.time() - started, **result}
     out["targets"] = targets(out)  # the issue's targets this run has figures for, met or not
     return out
+
+
+def _check_options(opts: BenchOptions) -> None:
+    """ValueError, in the CLI's terms, for options no run can use."""
+    if opts.head_groups == 1:
+        raise ValueError("--head-groups 1 would be a plain layer stage: give 0 (none) or 2 or more members")
+    if not opts.links or set(opts.links) - {"relay", "star"}:
+        raise ValueError("--links takes relay and/or star, e.g. relay,star")
+    unknown = set(opts.wires) - set(WIRE_FORMATS)
+    if unknown:
+        raise ValueError(f"--wires: unknown {', '.join(sorted(unknown))}; formats are {', '.join(WIRE_FORMATS)}")
 
 
 def parse_ints(text: str, what: str = "the list") -> tuple[int, ...]:

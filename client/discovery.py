@@ -1,4 +1,4 @@
-"""Finding the swarm from one bootstrap contact: fetch its table of signed records, verify them.
+"""Finding the swarm from bootstrap contacts: fetch their tables of signed records, verify them.
 
 Nothing a bootstrap node says is trusted as such: every record is verified here (signature,
 peer id, lifetime; keys/records.py) and only then used, and each peer is reached with the CURVE
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import zmq
 
-from nanoswarm.keys.contact import endpoint_of, format_contact, split_contact
-from nanoswarm.keys.records import Record, check_endpoint
+from nanoswarm.keys.contact import endpoint_of, split_contact
+from nanoswarm.keys.records import Record, check_endpoint, record_contact
 from nanoswarm.keys.table import STALE_SEQ, RecordTable
 
 from .transport import PeerConnection, PeerError
@@ -42,17 +42,6 @@ class Fetched:
         if self.answered:
             for why in self.errors.values():
                 log.warning("bootstrap %s", why)  # a PeerError names the contact
-
-
-def record_contact(record: Record) -> str:
-    """How to reach the node behind a record: endpoint#key, or the bare endpoint if --insecure."""
-    return format_contact(record.address, None if record.insecure else record.curve_key)
-
-
-def record_age(record: Record, now: float | None = None) -> float:
-    """Seconds since the record was signed: nodes use wall-clock microseconds as seq (seq_now)."""
-    now = time.time() if now is None else now
-    return max(0.0, now - record.seq / 1e6)
 
 
 MAX_PAGES = 64  # pages of one model's records asked of a bootstrap (a table holds <= 4,096 peers)
@@ -223,94 +212,3 @@ def _owners(swarm, disputed: dict[str, list[Record]], timeout: float) -> dict[st
         swarm.forget(contact, f"records of {len(records)} peer ids name this contact, and it did not "
                               f"answer info within {timeout:g}s")
     return owners
-
-
-# ----- `nanoswarm peers` ------------------------------------------------------------------
-def _spans(blocks: list[int]) -> list[str]:
-    from .route import format_layers
-
-    return format_layers(blocks).split(", ") if blocks else []
-
-
-def routable_blocks(records: list[Record], n_layer: int, n_head: int) -> list[bool]:
-    """Per block: whether a client can route through it, by the route planner's own rule.
-
-    A whole-block peer serves a block; head shards do only if their head ranges tile 0..n_head
-    exactly, so a block served by `heads 0:6` alone (of 12) is a gap.
-    """
-    from .route import PeerInfo, candidate_stages
-
-    peers = [PeerInfo(r.address, r.peer_id, r.model_id, tuple(r.layers), tuple(r.heads) if r.heads else None)
-             for r in records]
-    return [bool(candidate_stages(peers, i, n_layer, n_head)) for i in range(n_layer)]
-
-
-def swarm_report(table: RecordTable, n_layers: dict[str, int] | None = None, model_id: str | None = None,
-                 now: float | None = None, n_heads: dict[str, int] | None = None) -> list[dict]:
-    """Per model: its peers and the coverage of every block (summed tokens/s) with the gaps.
-
-    `n_layers` gives a model's block count (from its manifest); otherwise it is the highest block
-    any record serves, so gaps after the last served block cannot be seen.  `n_heads` likewise
-    gives its head count; otherwise it is the highest head any record serves, so a block whose
-    head shards all stop short of the last head is not seen as a gap unless a record elsewhere
-    serves that head.  A gap is a block no route can pass (see routable_blocks).
-    """
-    now = time.time() if now is None else now
-    by_model: dict[str, list[Record]] = {}
-    for r in table.records(model_id):
-        by_model.setdefault(r.model_id, []).append(r)
-    if model_id is not None:
-        by_model.setdefault(model_id, [])
-    out = []
-    for mid, records in sorted(by_model.items()):
-        known = (n_layers or {}).get(mid)
-        n_layer = known or max((r.layers[1] for r in records), default=0)
-        n_head = (n_heads or {}).get(mid) or max((r.heads[1] for r in records if r.heads), default=0)
-        routable = routable_blocks(records, n_layer, n_head)
-        # Throughput by the placement rule: whole-block peers, plus the slowest member of the best
-        # head group that holds every head (a head shard alone runs no block).
-        from nanoswarm.node.placement import coverage
-
-        cover = [[tps, 0] for tps in coverage(records, n_layer, n_head)]
-        for r in records:
-            for i in range(r.layers[0], min(r.layers[1], n_layer)):
-                cover[i][1] += 1
-        out.append({
-            "model_id": mid, "n_layer": n_layer, "n_layer_known": known is not None,
-            "peers": [{"peer_id": r.peer_id, "contact": record_contact(r), "address": r.address,
-                       "layers": list(r.layers), "heads": list(r.heads) if r.heads else None,
-                       "throughput": r.throughput, "load": r.load, "age": record_age(r, now),
-                       "expires_in": r.expires - now, "insecure": r.insecure}
-                      for r in sorted(records, key=lambda r: (r.layers, r.peer_id))],
-            "coverage": [{"block": i, "throughput": t, "peers": n} for i, (t, n) in enumerate(cover)],
-            "gaps": _spans([i for i, ok in enumerate(routable) if not ok]),
-        })
-    return out
-
-
-def format_report(report: list[dict]) -> str:
-    """The report as readable tables."""
-    lines: list[str] = []
-    for m in report:
-        extent = f"{m['n_layer']} blocks" + ("" if m["n_layer_known"] else " seen")
-        n = len(m["peers"])
-        lines.append(f"model {m['model_id'][:16]} ({extent}, {n} peer{'' if n == 1 else 's'})")
-        lines.append(f"  {'PEER':<28} {'ADDRESS':<24} {'LAYERS':<7} {'HEADS':<6} {'TOK/S':>8} {'LOAD':>5} {'AGE':>6}")
-        for p in m["peers"]:
-            heads = f"{p['heads'][0]}:{p['heads'][1]}" if p["heads"] else "all"
-            lines.append(f"  {p['peer_id']:<28} {p['address']:<24} {p['layers'][0]}:{p['layers'][1]:<5} "
-                         f"{heads:<6} {p['throughput']:>8.1f} {p['load']:>5.2f} {p['age']:>5.0f}s")
-        lines.append("  coverage (tokens/s through each block: whole-block peers plus the slowest member of a "
-                     "head group holding every head; peers serving any of it):")
-        cov, i = m["coverage"], 0
-        while i < len(cov):  # group runs of blocks with the same coverage
-            j = i
-            while j + 1 < len(cov) and (cov[j + 1]["throughput"], cov[j + 1]["peers"]) == (
-                    cov[i]["throughput"], cov[i]["peers"]):
-                j += 1
-            n = cov[i]["peers"]
-            lines.append(f"    blocks {i}:{j + 1:<4} {cov[i]['throughput']:>8.1f} tokens/s  "
-                         f"{n} peer{'' if n == 1 else 's'}")
-            i = j + 1
-        lines.append(f"  gaps: {', '.join(m['gaps']) if m['gaps'] else 'none'}")
-    return "\n".join(lines) if lines else "no records"

@@ -73,3 +73,47 @@ class Chain:
                 self.poller.poll(max(1, int(left * 1000)))
         except PeerError as e:
             raise ChainBroken(e) from e
+
+
+STALL_SECONDS = 1.0  # a stage that answers `info` within this (or 3x its slowest sibling) is alive
+
+
+def stalled_stage(stages: list[RemoteLayerStage], timeout: float) -> tuple[RemoteLayerStage, PeerError] | None:
+    """The stage of a timed-out relayed step that is stuck, with why; None if all answer.
+
+    Every stage is asked for `info` at once. A stuck node never answers; a busy machine makes
+    healthy ones slow too, so the wait is STALL_SECONDS or three times the slowest answer so far,
+    and while several are silent, up to `timeout`: a slow first hop is not taken for the frozen
+    one after it. Any answer, an error reply too, shows a node alive; a dropped connection does not."""
+    asked: dict[RemoteLayerStage, int] = {}
+    for stage in stages:
+        try:
+            asked[stage] = stage.conn.send("info", timeout=min(STALL_SECONDS, timeout))
+        except PeerError as e:
+            return stage, e
+    t0 = time.monotonic()
+    wait = min(STALL_SECONDS, timeout)
+    while asked:
+        for stage, req_id in list(asked.items()):
+            try:
+                answered = stage.conn.take(req_id) is not None
+            except PeerError as e:
+                if e.code == "disconnected":
+                    return stage, e
+                answered = True  # an error reply: the node is there to send it
+            if answered:
+                del asked[stage]
+                wait = min(max(wait, 3 * (time.monotonic() - t0)), timeout)
+        left = t0 + (wait if len(asked) == 1 else timeout) - time.monotonic()
+        if asked and left <= 0:
+            stage = next(s for s in stages if s in asked)  # the first in the chain that is silent
+            return stage, PeerTimeout(stage.conn.address, time.monotonic() - t0,
+                                      "no answer to info after a step timed out")
+        if asked:
+            # Only the silent hops: an answered one may get more (the late step, a notice), and
+            # a level-triggered poll on it would spin.
+            poller = zmq.Poller()
+            for stage in asked:
+                stage.conn.register(poller)
+            poller.poll(max(1, int(left * 1000)))
+    return None

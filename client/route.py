@@ -42,11 +42,9 @@ class StagePlan:
     def round_trips(self) -> int:
         return 2 * (self.stop - self.start) if self.is_head_group else 1
 
-    def rtt(self) -> float:
-        return max(p.rtt for p in self.peers) * self.round_trips()
-
     def rtt_us(self) -> int:
-        """rtt() in whole microseconds, rounded per round trip so that sums compare exactly."""
+        """The slowest peer's round trip times the stage's round trips, in whole microseconds,
+        rounded per round trip so that sums compare exactly."""
         return round(max(p.rtt for p in self.peers) * 1e6) * self.round_trips()
 
 

@@ -19,16 +19,15 @@ import logging
 import time
 
 import torch
-import zmq
 
 from nanoswarm.protocol.tensors import fits_wire
 
 from .history import History, Unkept
-from .relay import Chain, ChainBroken
+from .relay import Chain, ChainBroken, stalled_stage
 from .route import RouteError
-from .stages import BUSY_RETRIES, RemoteLayerStage, Stage, busy_pause
+from .stages import BUSY_RETRIES, RemoteLayerStage, Stage, busy_pause, step_retrying_busy
 from .swarm import Swarm
-from .transport import PeerError, PeerTimeout
+from .transport import PeerError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,9 @@ log = logging.getLogger(__name__)
 # the last: 384 KB a hop for a 128-token prompt, re-encrypted at every link, made prefill through
 # 4 relayed stages slower than stage by stage (docs/performance.md).
 TRAIL_MAX_POSITIONS = 32
-REPLAY_CHUNK = 512  # positions per replay step (well under a node's max tokens per step)
+# Positions per replay step: half the default --max-tokens-per-step; a node with a lower limit
+# refuses the step too_large and it is sent again in halves.
+REPLAY_CHUNK = 512
 
 
 class SessionError(Exception):
@@ -48,67 +49,6 @@ class SessionError(Exception):
 # take this session now (at its session count or KV budget, or a session longer than it takes),
 # not that it failed. (`leaving` is not one: that peer is going, and is banned like one that went.)
 CANNOT_TAKE = ("busy", "too_large")
-
-
-STALL_SECONDS = 1.0  # a stage that answers `info` within this (or 3x its slowest sibling) is alive
-
-
-def stalled_stage(stages: list[RemoteLayerStage], timeout: float) -> tuple[RemoteLayerStage, PeerError] | None:
-    """The stage of a timed-out relayed step that is stuck, with why; None if all answer.
-
-    Every stage is asked for `info` at once. A stuck node never answers; a busy machine makes
-    healthy ones slow too, so the wait is STALL_SECONDS or three times the slowest answer so far,
-    and while several are silent, up to `timeout`: a slow first hop is not taken for the frozen
-    one after it. Any answer, an error reply too, shows a node alive; a dropped connection does not."""
-    asked: dict[RemoteLayerStage, int] = {}
-    for stage in stages:
-        try:
-            asked[stage] = stage.conn.send("info", timeout=min(STALL_SECONDS, timeout))
-        except PeerError as e:
-            return stage, e
-    t0 = time.monotonic()
-    wait = min(STALL_SECONDS, timeout)
-    while asked:
-        for stage, req_id in list(asked.items()):
-            try:
-                answered = stage.conn.take(req_id) is not None
-            except PeerError as e:
-                if e.code == "disconnected":
-                    return stage, e
-                answered = True  # an error reply: the node is there to send it
-            if answered:
-                del asked[stage]
-                wait = min(max(wait, 3 * (time.monotonic() - t0)), timeout)
-        left = t0 + (wait if len(asked) == 1 else timeout) - time.monotonic()
-        if asked and left <= 0:
-            stage = next(s for s in stages if s in asked)  # the first in the chain that is silent
-            return stage, PeerTimeout(stage.conn.address, time.monotonic() - t0,
-                                      "no answer to info after a step timed out")
-        if asked:
-            # Only the silent hops: an answered one may get more (the late step, a notice), and
-            # a level-triggered poll on it would spin.
-            poller = zmq.Poller()
-            for stage in asked:
-                stage.conn.register(poller)
-            poller.poll(max(1, int(left * 1000)))
-    return None
-
-
-def _step_retrying_busy(stage: Stage, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
-    """stage.step, asked again after a pause when the peer answers `busy` (it left the session as
-    it was), as InferenceSession.step does: a replacement that is briefly overloaded while it is
-    replayed into is not banned for it."""
-    retry = 0
-    while True:
-        try:
-            # A retry may redo positions: a step split after `too_large` can be refused `busy` in
-            # its second half, its first half stored. A layer stage drops them first (rewind).
-            return stage.step(hidden, pos, rewind=(rewind or retry > 0) and isinstance(stage, RemoteLayerStage))
-        except PeerError as e:
-            retry += 1
-            if e.code != "busy" or retry > BUSY_RETRIES or stage.retries_busy:
-                raise
-            busy_pause(retry)
 
 
 class InferenceSession:
@@ -230,7 +170,7 @@ class InferenceSession:
                     busy_retries += 1
                     busy_pause(busy_retries)
                     if isinstance(stage, RemoteLayerStage):
-                        rewind.add(stage)  # a split step's first half may be stored (_step_retrying_busy)
+                        rewind.add(stage)  # a split step's first half may be stored (step_retrying_busy)
                     continue
                 if e.code == "session_closed" and stage not in reopened:
                     # The node reclaimed our session after its idle timeout (the reader paused):
@@ -436,7 +376,7 @@ class InferenceSession:
     def _replay(stage: Stage, hidden: torch.Tensor, start: int = 0, rewind: bool = False) -> torch.Tensor:
         """Positions start.. of `hidden` into `stage`, in pieces; its output. With `rewind` the stage
         drops what it holds from `start` on first."""
-        outs = [_step_retrying_busy(stage, hidden[:, a:a + REPLAY_CHUNK], start + a, rewind)
+        outs = [step_retrying_busy(stage, hidden[:, a:a + REPLAY_CHUNK], start + a, rewind)
                 for a in range(0, hidden.shape[1], REPLAY_CHUNK)]
         return torch.cat(outs, dim=1)
 

@@ -20,6 +20,23 @@ def busy_pause(retry: int) -> None:
     time.sleep(0.05 * 2 ** retry)
 
 
+def step_retrying_busy(stage: Stage, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
+    """stage.step, asked again after a pause when the peer answers `busy` (it left the session as
+    it was), as InferenceSession.step does: a replacement that is briefly overloaded while it is
+    replayed into is not banned for it."""
+    retry = 0
+    while True:
+        try:
+            # A retry may redo positions: a step split after `too_large` can be refused `busy` in
+            # its second half, its first half stored. A layer stage drops them first (rewind).
+            return stage.step(hidden, pos, rewind=(rewind or retry > 0) and isinstance(stage, RemoteLayerStage))
+        except PeerError as e:
+            retry += 1
+            if e.code != "busy" or retry > BUSY_RETRIES or stage.retries_busy:
+                raise
+            busy_pause(retry)
+
+
 class Stage:
     start: int
     stop: int
@@ -81,7 +98,8 @@ class LocalStage(Stage):
 
 
 def check_reply(conn: PeerConnection, msg, like: torch.Tensor) -> torch.Tensor:
-    """A peer's tensor must have the shape we sent (and be finite: see recv): peers are untrusted."""
+    """A peer's tensor must have the shape we sent: peers are untrusted. (Finiteness was checked
+    when the reply was read: PeerConnection._read decodes with finite=True.)"""
     return reply_tensors(conn, msg, like, 1)[0]
 
 

@@ -193,7 +193,7 @@ class PeerConnection:
         try:
             self.send("close", {"session": session}, timeout=0)
             self.closes_queued = True
-        except Exception:  # a closed socket, a full queue: the node reclaims idle sessions anyway
+        except (PeerError, zmq.ZMQError):  # closed, or no room: the node reclaims idle sessions anyway
             pass
 
     def close_sessions(self) -> None:

@@ -34,6 +34,7 @@ import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from .contact import format_contact
 from .identity import SIGN_PUBLIC_LEN, Identity, is_z85_key, peer_id_for
 
 RECORD_VERSION = 1
@@ -348,3 +349,14 @@ def sign_departure(
         insecure=last.insecure,
         departing=True,
     )
+
+
+def record_contact(record: Record) -> str:
+    """How to reach the node behind a record: endpoint#key, or the bare endpoint if --insecure."""
+    return format_contact(record.address, None if record.insecure else record.curve_key)
+
+
+def record_age(record: Record, now: float | None = None) -> float:
+    """Seconds since the record was signed: nodes use wall-clock microseconds as seq (seq_now)."""
+    now = time.time() if now is None else now
+    return max(0.0, now - record.seq / 1e6)

@@ -207,7 +207,7 @@ class LocalCluster:
         """Every node answers `info` (the same request a client starts with)."""
         from nanoswarm.client.transport import PeerConnection, PeerError
         for node in self.nodes:
-            conn = PeerConnection(node.address, timeout=timeout, **self._conn_kwargs(node))
+            conn = PeerConnection(node.address, timeout=timeout)
             try:
                 conn.request("info")
             except PeerError as e:
@@ -219,7 +219,7 @@ class LocalCluster:
         """Hand every node the signed records of all the others (relayed unchanged, as gossip
         does), so nodes started in parallel form one swarm at once."""
         from nanoswarm.client.transport import PeerConnection
-        conns = [PeerConnection(n.address, timeout=timeout, **self._conn_kwargs(n)) for n in self.nodes]
+        conns = [PeerConnection(n.address, timeout=timeout) for n in self.nodes]
         try:
             wires = [w for c in conns for w in c.request("records", {"want": True}).fields["records"]]
             for conn in conns:
@@ -227,9 +227,6 @@ class LocalCluster:
         finally:
             for conn in conns:
                 conn.close()
-
-    def _conn_kwargs(self, node: NodeProcess) -> dict:
-        return {}
 
     def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
         os.kill(self.nodes[index].pid, sig)

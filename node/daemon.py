@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gc
-import json
 import logging
 import os
 import re
 import socket
+from collections.abc import Callable
 
 try:
     import fcntl
@@ -19,7 +19,6 @@ try:
     import resource
 except ImportError:  # Windows
     resource = None  # type: ignore[assignment]
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,7 +72,6 @@ class NodeOptions:
     num_blocks: int | None = None        # default: what the memory budget holds
     memory_budget_mb: int | None = None  # default: placement.default_memory_budget (RAM or GPU)
     rebalance_interval: float = 30.0
-    json_ready: bool = False             # print the ready line as one JSON object (`node --json`)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -256,10 +254,11 @@ def hold_key_file(path: Path, identity: Identity) -> int | None:
     return fd
 
 
-def run_node(opts: NodeOptions) -> None:
-    """Serve until SIGTERM/Ctrl-C. Prints `listening CONTACT` on stdout once ready and announced:
-    the contact is ADDRESS#CURVEKEY (keys/contact.py); the harness reads it to learn the port
-    when the listen address ends in `:*`, and the key to connect."""
+def run_node(opts: NodeOptions, on_ready: Callable[[dict], None] | None = None) -> None:
+    """Serve until SIGTERM/Ctrl-C. Once ready and announced, calls `on_ready` with the node's
+    `contact` (ADDRESS#CURVEKEY, keys/contact.py: how peers reach it, with the port chosen for a
+    listen address ending in `:*`), peer_id, model_id, layers and heads; the CLI prints them
+    for the harness."""
     float_io_threads(zmq.Context.instance())  # before any socket of ours
     raise_fd_limit()
     check_contacts(opts)
@@ -302,13 +301,11 @@ def run_node(opts: NodeOptions) -> None:
     handler.extra_info.update(address=address, contact=contact, insecure=opts.insecure,
                               curve_key=None if public is None else public.decode("ascii"))
     server.install_signal_handlers()
-    if opts.json_ready:
-        info = handler.info()
-        print(json.dumps({"listening": contact, "peer_id": info["peer_id"], "model_id": info["model_id"],
-                          "layers": info["layers"], "heads": info["heads"]}), flush=True)
-    else:
-        print(f"listening {contact}", flush=True)
-    sys.stdout.flush()
+    info = handler.info()
+    log.info("listening %s", contact)
+    if on_ready is not None:
+        on_ready({"contact": contact, "peer_id": info["peer_id"], "model_id": info["model_id"],
+                  "layers": info["layers"], "heads": info["heads"]})
     # What start-up made (torch, the blocks: ~170,000 objects) lives as long as the node: out of
     # the collector's reach, so its full passes do not walk it again whenever a request makes
     # many objects (a 64 KiB header of empty arrays cost ~70 ms of collection, ~4 ms after this).

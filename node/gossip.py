@@ -29,11 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from nanoswarm.client.discovery import record_contact
 from nanoswarm.client.transport import PeerConnection, PeerError
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.identity import Identity
-from nanoswarm.keys.records import DEFAULT_MAX_TTL, seq_now, sign_departure, sign_record
+from nanoswarm.keys.records import DEFAULT_MAX_TTL, record_contact, seq_now, sign_departure, sign_record
 from nanoswarm.keys.table import RecordTable
 from nanoswarm.protocol.errors import ProtocolError
 from nanoswarm.protocol.messages import MAX_HEADER_BYTES, Message, decode

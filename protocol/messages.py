@@ -25,11 +25,8 @@ MAX_HOPS = 64  # entries of a relayed step's `next`
 MAX_TENSORS = MAX_HOPS + 1  # a relayed step carries the outputs of the hops before it
 
 _INT = (int,)
-_NUM = (int, float)
 _STR = (str,)
-_BYTES = (bytes,)
 _LIST = (list,)
-_DICT = (dict,)
 _BOOL = (bool,)
 _OPT_STR = (str, type(None))
 _OPT_LIST = (list, type(None))
@@ -65,7 +62,6 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "leaving": {"sessions": (_LIST, False)},
     "error": {"code": (_STR, True), "message": (_STR, True)},
 }
-REQUEST_TYPES = ("info", "forward", "open", "step", "close", "records")
 
 
 @dataclass

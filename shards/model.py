@@ -12,14 +12,17 @@ training and as the single-process reference.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import platform
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
 
 GELU_FORMS = ("tanh", "exact")
 
@@ -53,11 +56,6 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
 
 @functools.cache
 def onednn_linear():
@@ -74,8 +72,8 @@ def onednn_linear():
             x, w, b = (torch.randn(*shape, generator=g, dtype=torch.float32) for shape in ((3, 64), (48, 64), (48,)))
             if torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), rtol=1e-5, atol=1e-5):
                 return op
-    except Exception:  # no such op in this build, or another signature: F.linear it is
-        pass
+    except Exception as exc:  # no such op in this build, or another signature: F.linear it is
+        log.debug("oneDNN linear unavailable (%s: %s); using F.linear", type(exc).__name__, exc)
     return None
 
 

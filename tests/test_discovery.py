@@ -15,8 +15,8 @@ import torch
 from conftest import SMALL12
 
 from nanoswarm.client.api import SwarmModel
-from nanoswarm.client.discovery import format_report, swarm_report
 from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.peers_report import format_report, swarm_report
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.keys.contact import format_contact, split_contact
 from nanoswarm.keys.identity import generate_identity

@@ -425,10 +425,11 @@ def test_a_busy_answer_while_replaying_into_a_replacement_is_asked_again(monkeyp
     import torch
 
     from nanoswarm.client import session as session_mod
+    from nanoswarm.client import stages as stages_mod
     from nanoswarm.client.stages import BUSY_RETRIES, Stage
     from nanoswarm.client.transport import PeerError
 
-    monkeypatch.setattr(session_mod, "busy_pause", lambda retry: None)
+    monkeypatch.setattr(stages_mod, "busy_pause", lambda retry: None)
 
     class Spare(Stage):  # a unit test of the session's retry rule: no peer behind it
         start, stop = 0, 1

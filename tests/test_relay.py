@@ -300,7 +300,7 @@ def test_the_stalled_stage_is_the_silent_one_even_behind_a_slow_one(tiny_model_d
     nobody is blamed."""
     import threading
 
-    from nanoswarm.client.session import STALL_SECONDS, stalled_stage
+    from nanoswarm.client.relay import STALL_SECONDS, stalled_stage
     from nanoswarm.client.stages import RemoteLayerStage
 
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 2)), NodeSpec((2, 4))])
