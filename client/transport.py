@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
-import random
+import secrets
 import time
 from typing import Any
 
@@ -22,13 +21,15 @@ DEFAULT_TIMEOUT = 30.0
 # The largest frame a peer may send us; libzmq drops the connection on a bigger one, before it is
 # buffered. Twice a node's default message limit (64 MiB), as nodes set for what they receive.
 MAX_FRAME_BYTES = 128 * 1024 * 1024
-# Request ids are unique across all connections of this process, not only per connection: the
-# replies of a relayed step arrive on several connections with the id of its first request.
-_request_ids = itertools.count(random.randrange(1, 2**31))
 
 
 def next_request_id() -> int:
-    return next(_request_ids)
+    """A request id no peer can predict, unique across all connections of this process (the
+    replies of a relayed step arrive on several connections with the id of its first request;
+    62 random bits make a repeat among the requests in flight vanishingly unlikely). A counter
+    let any node that had seen one id name the client's next: a stranger holding a session id
+    could then send a relayed step whose result the client took for its own (a review)."""
+    return secrets.randbits(62) + 1
 
 
 class PeerError(Exception):

@@ -37,6 +37,7 @@ ACCEPTED = "accepted"
 DEPARTED = "departed"
 STALE_SEQ = "stale_seq"
 TABLE_FULL = "table_full"
+NOT_ALLOWED = "not_allowed"
 DEFAULT_MAX_PEERS = 4096
 
 
@@ -57,9 +58,10 @@ class RecordTable:
     """Latest verified record per peer.  `offer` is the only way in from the network."""
 
     def __init__(self, max_ttl: float = DEFAULT_MAX_TTL, clock: Callable[[], float] = time.time,
-                 max_peers: int = DEFAULT_MAX_PEERS) -> None:
+                 max_peers: int = DEFAULT_MAX_PEERS, admits: Callable[[Record], bool] | None = None) -> None:
         self.max_ttl = max_ttl
         self.max_peers = max_peers
+        self.admits = admits  # a private swarm's rule (--allow-keys): verified records it refuses stay out
         self.clock = clock
         self.accepted = 0
         self.departed = 0
@@ -85,6 +87,8 @@ class RecordTable:
         except RecordRejected as e:
             return self._reject(e.reason, e.detail)
         record = verified.record
+        if self.admits is not None and not self.admits(record):
+            return self._reject(NOT_ALLOWED, f"{record.peer_id} is not on the allow list")
         held = self._held_seq(record.peer_id, now)
         if held is not None and record.seq <= held:
             return self._reject(STALE_SEQ, f"{record.peer_id} seq {record.seq} <= {held}")

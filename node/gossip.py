@@ -81,14 +81,20 @@ class _Link:
 
 class Gossip:
     def __init__(self, identity: Identity, handler: RequestHandler, address: str,
-                 options: GossipOptions | None = None, insecure: bool = False):
+                 options: GossipOptions | None = None, insecure: bool = False,
+                 allow_keys: set[bytes] | None = None):
         self.identity = identity
         self.handler = handler
         self.address = address  # our endpoint, as announced
         self.options = options or GossipOptions()
         self.options.check()
         self.insecure = insecure
-        self.table = RecordTable(max_ttl=self.options.max_ttl)
+        # A private swarm (--allow-keys) keeps only records of its own members (and ours): the
+        # allow list guards the node's socket, and without this a member could still hand it an
+        # outsider's record, which it would then gossip with, relay steps to, and name to clients.
+        admits = None if allow_keys is None else (
+            lambda r: r.peer_id == identity.peer_id or (not r.insecure and r.curve_key in allow_keys))
+        self.table = RecordTable(max_ttl=self.options.max_ttl, admits=admits)
         self.own: dict[str, bytes] | None = None
         self.departed = False
         self.rounds = 0

@@ -134,6 +134,45 @@ def test_allow_keys_admits_listed_clients_only(tiny_model_dir, tmp_path):
         harness.stop()
 
 
+def test_request_ids_cannot_be_predicted():
+    """A counter let a node that had seen one of a client's request ids name its next one: a
+    stranger holding a session id (any earlier hop of a chain) could then inject a relayed step
+    whose result the client took as the answer to its own next step (a review's repro)."""
+    from nanoswarm.client.transport import next_request_id
+
+    ids = [next_request_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids) and all(0 < i < 2**63 for i in ids)
+    assert sum(abs(b - a) < 2**32 for a, b in zip(ids, ids[1:])) <= 1
+
+
+def test_a_private_swarm_keeps_outsiders_records_out(tiny_model_dir, tmp_path):
+    """--allow-keys guards the node's socket; a member could still hand it an outsider's record,
+    which it then gossiped with, relayed steps to and named to clients (a review's repro: a
+    client's route went through the outsider). Only members' records go in now."""
+    from nanoswarm.keys.records import seq_now, sign_record
+
+    member, outsider = generate_identity(), generate_identity()
+    allow = tmp_path / "allowed"
+    allow.write_text(f"{member.curve_public.decode()} member\n")
+    harness = start_node(tiny_model_dir, "--allow-keys", str(allow))
+    conn = PeerConnection(harness.addresses[0], timeout=10, client_keys=(member.curve_public, member.curve_secret))
+    try:
+        model_id = conn.request("info").fields["model_id"]
+        wires = [sign_record(who, address=f"tcp://127.0.0.1:{port}", model_id=model_id, layers=(0, 4),
+                             seq=seq_now(), expires=time.time() + 30)
+                 for who, port in ((member, 9), (outsider, 10))]
+        conn.request("records", {"records": wires, "want": False})
+        table = conn.request("records", {"model_id": model_id, "want": True}).fields["records"]
+        from nanoswarm.keys.records import verify_wire
+
+        held = {verify_wire(w).record.peer_id for w in table}
+        assert member.peer_id in held and outsider.peer_id not in held
+        assert conn.request("info").fields["gossip"]["rejected"].get("not_allowed") == 1
+    finally:
+        conn.close()
+        harness.stop()
+
+
 def test_a_wrong_server_key_gets_no_answer(tiny_model_dir):
     """Whoever lacks the node's secret key cannot answer for it: a client holding another key for
     the same address (an impostor's, say) never completes the handshake."""
