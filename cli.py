@@ -295,11 +295,14 @@ def _peer_list(peers: str | None) -> list[str]:
               help="Nodes pass steps (prompts too) on to the next stage themselves (one link per stage boundary).")
 @click.option("--device", default="cpu", show_default=True,
               help="Where this client runs the model's head: cpu, cuda or cuda:N (nodes choose their own).")
+@click.option("--verify", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of steps after which one stage's work is redone here with --model's blocks; a peer "
+                   "that computed wrong is banned and its work redone.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
 def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[str, ...], key_file: Path | None,
              insecure: bool, max_new_tokens: int, temperature: float,
              top_k: int | None, top_p: float | None, seed: int | None, timeout: float, wire: str,
-             relay: bool, device: str, as_json: bool) -> None:
+             relay: bool, device: str, verify: float, as_json: bool) -> None:
     """Generate text from PROMPT through the swarm, streaming it to stdout."""
     from nanoswarm.client.api import SwarmModel
     from nanoswarm.client.generate import SamplingParams
@@ -312,7 +315,7 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
     sampling = SamplingParams(temperature, top_k, top_p, seed)  # bad values fail before connecting
     head_device = resolve_device(device)
     options = SwarmOptions(timeout=timeout, wire=wire, client_keys=_client_keys(key_file), insecure=insecure,
-                           relay=relay)
+                           relay=relay, verify=verify)
     model = SwarmModel.connect(model_dir, peers=addresses, bootstrap=bootstraps, options=options, device=head_device)
     try:
         _run_generation(model, prompt, max_new_tokens, sampling, as_json)
@@ -353,8 +356,10 @@ def _run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: 
             click.echo(prompt, nl=False)
         click.echo()
         s = result.stats
+        checks = (f", {result.spot_checks} spot checks, {result.wrong_results} found wrong"
+                  if result.spot_checks else "")
         click.echo(f"[{s.new_tokens} tokens, first after {s.time_to_first_token * 1000:.0f} ms, "
-                   f"{s.tokens_per_second:.1f} tokens/s]", err=True)
+                   f"{s.tokens_per_second:.1f} tokens/s{checks}]", err=True)
 
 
 def _route_line(route: list[dict]) -> str:

@@ -21,6 +21,7 @@ from .generate import ClientModel, GenerationStats, SamplingParams, TextStream, 
 from .session import InferenceSession
 from .stages import LocalStage
 from .swarm import Swarm, SwarmOptions
+from .verify import SpotChecker
 
 
 @dataclass
@@ -32,11 +33,14 @@ class GenerationResult:
     route: list[dict] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
     failovers: int = 0
+    spot_checks: int = 0    # stages' work redone here (SwarmOptions.verify)
+    wrong_results: int = 0  # of them, found wrong (each peer failed over)
     logits: list = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "prompt_ids": self.prompt_ids, "ids": self.ids,
                 "text": self.text, "route": self.route, "failovers": self.failovers,
+                "spot_checks": self.spot_checks, "wrong_results": self.wrong_results,
                 "time_to_first_token": self.stats.time_to_first_token,
                 "tokens_per_second": self.stats.tokens_per_second}
 
@@ -78,6 +82,8 @@ class SwarmModel:
         if peers:
             swarm.add_addresses(peers, timeout)
         swarm.warn_rejected()
+        if swarm.options.verify > 0:
+            swarm.checker = SpotChecker(model_dir, manifest, swarm.options.verify)
         return cls(model_dir, manifest, swarm, device=device)
 
     @classmethod
@@ -126,6 +132,7 @@ class SwarmModel:
         finally:
             result.route = session.describe()
             result.failovers = session.failovers
+            result.spot_checks, result.wrong_results = session.spot_checks, session.wrong_results
             session.close()
 
     def _new_tokens(self, ids: list[int], max_new_tokens: int) -> int:

@@ -66,6 +66,10 @@ class InferenceSession:
         self._no_relay: set[Stage] = set()  # stages whose node would not relay to the next
         self._chains: dict[tuple[Stage, ...], Chain] = {}  # by their stages
         self._moved_unstruck: set[str] = set()  # peers replaced without a strike (_replace_unreopened)
+        self.checker = swarm.checker if swarm is not None else None
+        self.outputs = History()  # the last stage's outputs, for spot checks of it (client/verify.py)
+        self.spot_checks = 0
+        self.wrong_results = 0  # spot checks a stage failed (each failed over)
 
     @classmethod
     def open(cls, swarm: Swarm, max_length: int, **kwargs) -> InferenceSession:
@@ -189,6 +193,63 @@ class InferenceSession:
             hidden = out
             i += 1
         self.pos += T
+        if self.checker is not None:
+            self.outputs.append(hidden, T)
+            if self.checker.due():
+                hidden = self._spot_check(T, hidden)
+        return hidden
+
+    def _spot_check(self, T: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Redo one random layer stage's work for every position so far here (client/verify.py);
+        returns this step's output, redone from that stage on if the stage's was wrong."""
+        layer_stages = [k for k, s in enumerate(self.stages) if isinstance(s, RemoteLayerStage)]
+        if not layer_stages:
+            return hidden
+        stage = self.stages[self.checker.pick(layer_stages)]
+        known = self.swarm.peers.get(stage.conn.address)
+        dtype = self.checker.dtype_of(stage.conn.address, known.extra if known else {},
+                                      lambda: stage.conn.request("info", timeout=stage.timeout).fields)
+        if dtype is None:
+            return hidden
+        self._recover_for(stage)  # its inputs, whole
+        i = self.stages.index(stage)
+        last = i + 1 == len(self.stages)
+        if not last:
+            self._recover_for(self.stages[i + 1])  # its outputs, whole (asked of the stage itself)
+            i = self.stages.index(stage)
+        reference = self.checker.reference(stage.start, stage.stop, self.history[i].tensor())
+        got = self.outputs.tensor() if last else self.history[i + 1].tensor()
+        diff = self.checker.difference(reference, got)
+        tolerance = self.checker.tolerance(dtype, self.swarm.options.wire)
+        self.spot_checks += 1
+        if diff <= tolerance:
+            return hidden
+        self.wrong_results += 1
+        error = PeerError(stage.conn.address, "wrong_result",
+                          f"layers {stage.start}:{stage.stop} differ from the client's own computation by "
+                          f"{diff:.3g} of their scale (an honest {dtype} node on a {self.swarm.options.wire} "
+                          f"wire: at most {tolerance:.3g})")
+        return self._redo_after_wrong(i, error, reference)[:, -T:]
+
+    def _redo_after_wrong(self, i: int, error: PeerError, reference: torch.Tensor) -> torch.Tensor:
+        """Stage i computed wrong: ban its peer, give its blocks to others, and rebuild every stage
+        after it from the right inputs (the client's own `reference`; their caches hold the wrong
+        ones). Returns the last stage's output for every position."""
+        stop = self.stages[i].stop
+        self._replace(i, error)
+        hidden = reference
+        after = next((k for k, s in enumerate(self.stages) if s.start == stop), len(self.stages))
+        self._chains = {}  # the stages after are reopened: their chains name old session ids
+        try:
+            for k in range(after, len(self.stages)):
+                stage = self.stages[k]
+                self.history[k] = History.of(hidden)
+                stage.close()
+                stage.open(self.max_length)
+                hidden = self._replay(stage, hidden)
+        except PeerError as e:
+            raise SessionError(f"redoing the work after a wrong result ({error}) failed: {e}") from e
+        self.outputs = History.of(hidden)
         return hidden
 
     def _at(self, block: int) -> int:

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -15,6 +16,9 @@ from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import check_endpoint
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import finite_float, parse_range
+
+if TYPE_CHECKING:
+    from .verify import SpotChecker
 
 from .route import PeerInfo, RouteError, StagePlan, build_route
 from .stages import HeadGroupStage, RemoteLayerStage, Stage
@@ -48,10 +52,13 @@ class SwarmOptions:
     client_keys: tuple[bytes, bytes] | None = None  # (public, secret); None: ephemeral per link
     insecure: bool = False       # allow unencrypted links to peers that have no CURVE key
     relay: bool = True           # consecutive layer stages pass steps node to node (client/relay.py)
+    verify: float = 0.0          # share of steps after which one stage's work is redone here (client/verify.py)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.timeout, (int, float)) and 0 < self.timeout < float("inf")):
             raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout}")
+        if not (isinstance(self.verify, (int, float)) and 0 <= self.verify <= 1):
+            raise ValueError(f"verify must be a fraction of steps from 0 to 1, got {self.verify}")
 
 
 @dataclass
@@ -66,6 +73,7 @@ class Swarm:
     rejected: dict[str, str] = field(default_factory=dict)       # address -> why it was not used
     bootstraps: list[str] = field(default_factory=list)          # asked again when no route is found
     _refreshed: float = -REFRESH_SECONDS
+    checker: SpotChecker | None = None  # set by SwarmModel.connect when options.verify > 0
 
     # ----- discovery ----------------------------------------------------------------------
     def add_addresses(self, addresses: list[str], timeout: float = 5.0) -> None:

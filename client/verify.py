@@ -1,0 +1,88 @@
+"""Spot checks: the client redoes a random share of a stage's work with its own copy of the blocks.
+
+Peers are untrusted. Everything they send is checked for form (client/stages.py), but a node
+that returns plausible, wrong hidden states would change the text silently. With
+`SwarmOptions(verify=F)` (`generate --verify F`), after a fraction F of the steps the session
+picks one of its layer stages at random and recomputes, from that stage's inputs, its outputs
+for every position so far, with the blocks from the client's own model directory. A stage
+whose outputs differ by more than its node's dtype and the wire can explain is failed over like
+a dead one: banned, its blocks on other peers, and everything after it redone
+(InferenceSession._spot_check). Which steps are checked is drawn from the OS's randomness, so a
+peer cannot tell a checked step from another.
+
+The cost is the client's: the checked stage's blocks in memory (loaded on first use) and one
+pass over all positions per check.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from nanoswarm.shards.manifest import Manifest
+from nanoswarm.shards.model import Blocks
+from nanoswarm.shards.weights import load_blocks
+
+from .transport import PeerError
+
+log = logging.getLogger(__name__)
+
+# The largest difference, relative to the largest |value| of the reference, that an honest node
+# explains: by its dtype (float32 batched against one position at a time: ~1e-6 here) and by
+# the wire's rounding of its inputs and outputs. Measured in tests/test_verify.py.
+DTYPE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
+WIRE_TOLERANCE = {"float32": 0.0, "float16": 2e-2, "bfloat16": 1e-1, "q80": 1e-1}
+
+
+class SpotChecker:
+    def __init__(self, model_dir: str | Path, manifest: Manifest, fraction: float):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"verify must be a fraction of steps from 0 to 1, got {fraction}")
+        self.model_dir, self.manifest, self.fraction = Path(model_dir), manifest, fraction
+        self._rng = random.SystemRandom()  # peers must not predict which steps are checked
+        self._blocks: dict[tuple[int, int], Blocks] = {}
+        self._dtypes: dict[str, str] = {}  # by peer address
+
+    def due(self) -> bool:
+        return self.fraction > 0 and (self.fraction >= 1 or self._rng.random() < self.fraction)
+
+    def pick(self, choices: list[int]) -> int:
+        return self._rng.choice(choices)
+
+    def reference(self, start: int, stop: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Blocks [start, stop) on every position of `hidden` [1, T, C], in this process."""
+        blocks = self._blocks.get((start, stop))
+        if blocks is None:
+            log.info("loading blocks %d:%d for spot checks", start, stop)
+            blocks = load_blocks(self.model_dir, start, stop, manifest=self.manifest)
+            self._blocks[(start, stop)] = blocks
+        with torch.inference_mode():
+            return blocks(hidden.to(torch.float32))
+
+    def tolerance(self, dtype: str, wire: str) -> float:
+        return max(DTYPE_TOLERANCE.get(dtype, max(DTYPE_TOLERANCE.values())), WIRE_TOLERANCE.get(wire, 1e-1))
+
+    @staticmethod
+    def difference(reference: torch.Tensor, got: torch.Tensor) -> float:
+        """Largest |reference - got|, relative to the largest |reference| (at least 1)."""
+        got = got.to(torch.float32)
+        scale = max(1.0, float(reference.abs().max()))
+        return float((reference - got).abs().max()) / scale
+
+    def dtype_of(self, address: str, known: dict, ask) -> str | None:
+        """A peer's dtype: from what the swarm knows of it (`known`: its `info`), else asked once
+        (`ask()`: its `info` reply's fields); None when it cannot be learned."""
+        dtype = self._dtypes.get(address) or known.get("dtype")
+        if dtype is None:
+            try:
+                dtype = ask().get("dtype")
+            except PeerError as e:  # a peer that does not answer is found out by its next step
+                log.info("no dtype from %s for a spot check: %s", address, e)
+                return None
+        if isinstance(dtype, str):
+            self._dtypes[address] = dtype
+            return dtype
+        return None

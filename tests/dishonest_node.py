@@ -1,0 +1,30 @@
+"""A node that computes wrong, for tests/test_verify.py: `nanoswarm node` whose blocks add a
+rolled copy of their output (plausible hidden states, the wrong ones), and which claims a huge
+throughput so that routes prefer it. Run as a real process, like `python -m nanoswarm node`."""
+
+import sys
+
+import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
+from nanoswarm.cli import main
+from nanoswarm.node import steps
+from nanoswarm.shards.model import Blocks
+
+_forward = Blocks.forward
+_measure = steps.StepRunner.measure_throughput
+
+
+def wrong(self, x, caches=None, start=None, stop=None):
+    y = _forward(self, x, caches, start, stop)
+    return y + 0.5 * y.roll(1, dims=-1)
+
+
+def claimed(self, seconds=0.3):
+    _measure(self, seconds)
+    self.stats.throughput = 1e6
+    return 1e6
+
+
+Blocks.forward = wrong
+steps.StepRunner.measure_throughput = claimed
+sys.argv = ["nanoswarm", *sys.argv[1:]]
+main()

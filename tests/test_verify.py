@@ -1,0 +1,141 @@
+"""Spot checks (client/verify.py): a node that computes wrong is caught, failed over, and the
+text is the one an honest swarm gives; honest nodes pass every check. Real node processes; the
+dishonest one is `nanoswarm node` with its blocks patched (tests/dishonest_node.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_clis
+
+from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.session import SessionError
+from nanoswarm.client.swarm import SwarmOptions
+from nanoswarm.node.cluster import LocalCluster, NodeSpec
+
+GREEDY = SamplingParams(temperature=0)
+PROMPT, N_TOKENS = "To be, or not to be, that is the question", 8
+# Past the 32 positions a relayed step brings back every hop's output for (client/relay.py): the
+# check first has the liar recompute what it passed on (InferenceSession._recover).
+LONG_PROMPT = PROMPT + ": whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune"
+DISHONEST = str(Path(__file__).with_name("dishonest_node.py"))
+
+
+class SwarmWithALiar(LocalCluster):
+    """Nodes whose spec's args start with "--dishonest" run tests/dishonest_node.py."""
+
+    def command(self, spec: NodeSpec) -> list[str]:
+        cmd = super().command(spec)
+        if "--dishonest" in cmd:
+            cmd.remove("--dishonest")
+            cmd[:3] = [sys.executable, DISHONEST]
+        return cmd
+
+
+@pytest.fixture()
+def liar_swarm(tiny_model_dir):
+    """Blocks 0:2 on a liar and on an honest node; blocks 2:4 on an honest node."""
+    swarm = SwarmWithALiar(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest"]), NodeSpec((0, 2)),
+                                            NodeSpec((2, 4))])
+    swarm.start()
+    yield swarm
+    swarm.stop()
+
+
+def generate(model_dir, swarm: LocalCluster, verify: float, relay: bool = True, prompt: str = PROMPT):
+    """A greedy generation whose route takes the liar (nodes[0]) for blocks 0:2 first."""
+    model = SwarmModel.connect(model_dir, peers=swarm.addresses,
+                               options=SwarmOptions(timeout=10, verify=verify, relay=relay))
+    try:
+        for address, peer in model.swarm.peers.items():  # routes prefer the lowest round trip
+            if address != swarm.addresses[0] and peer.layers == (0, 2):
+                peer.rtt = 1.0
+        if verify:  # the stage checked is drawn at random: here, always the first
+            model.swarm.checker.pick = lambda choices: choices[0]
+        return model.generate(prompt, N_TOKENS, GREEDY, keep_logits=True)
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("relay,prompt", [(True, PROMPT), (True, LONG_PROMPT), (False, PROMPT)],
+                         ids=["relay", "relay, a prompt past the trail", "stage by stage"])
+def test_a_node_that_computes_wrong_is_caught_and_the_text_is_exact(tiny_model_dir, liar_swarm, relay, prompt):
+    expected = SwarmModel.local(tiny_model_dir).generate(prompt, N_TOKENS, GREEDY, keep_logits=True)
+    liar = liar_swarm.addresses[0]
+
+    unchecked = generate(tiny_model_dir, liar_swarm, verify=0.0, relay=relay, prompt=prompt)
+    assert unchecked.route[0]["peers"] == [liar] and unchecked.ids != expected.ids  # its arithmetic counts
+
+    checked = generate(tiny_model_dir, liar_swarm, verify=1.0, relay=relay, prompt=prompt)
+    assert checked.wrong_results == 1 and checked.failovers == 1 and checked.spot_checks == N_TOKENS
+    assert liar not in [p for stage in checked.route for p in stage["peers"]]
+    assert checked.ids == expected.ids
+    diff = max(float((a - b).abs().max()) for a, b in zip(checked.logits, expected.logits))
+    assert diff < 1e-4, diff  # the first token's logits come from the client's own redo
+
+
+@pytest.mark.parametrize("dtype,wire", [("float32", "float32"), ("float32", "q80"), ("bfloat16", "float16")])
+def test_honest_nodes_pass_every_check(tiny_model_dir, cluster_factory, dtype, wire):
+    """The tolerance covers an honest node's dtype and the wire's rounding: no false alarm."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dtype", dtype]), NodeSpec((2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
+                               options=SwarmOptions(timeout=10, verify=1.0, wire=wire))
+    try:
+        result = model.generate(PROMPT, N_TOKENS, GREEDY)
+    finally:
+        model.close()
+    assert result.spot_checks == N_TOKENS and result.wrong_results == 0 and result.failovers == 0
+
+
+def test_a_last_stage_that_computes_wrong_is_caught_too(tiny_model_dir):
+    """The last stage's outputs are checked against what the client kept of them."""
+    swarm = SwarmWithALiar(tiny_model_dir, [NodeSpec((2, 4), args=["--dishonest"]), NodeSpec((0, 2)),
+                                            NodeSpec((2, 4))])
+    swarm.start()
+    try:
+        model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=10, verify=1.0))
+        try:
+            model.swarm.peers[swarm.addresses[2]].rtt = 1.0  # the liar first
+            model.swarm.checker.pick = lambda choices: choices[-1]
+            result = model.generate(PROMPT, N_TOKENS, GREEDY)
+        finally:
+            model.close()
+    finally:
+        swarm.stop()
+    assert result.wrong_results == 1 and swarm.addresses[0] not in result.route[-1]["peers"]
+    assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, N_TOKENS, GREEDY).ids
+
+
+def test_with_no_honest_peer_for_the_blocks_the_generation_ends_with_the_reason(tiny_model_dir):
+    swarm = SwarmWithALiar(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest"]), NodeSpec((2, 4))])
+    swarm.start()
+    try:
+        with pytest.raises(SessionError, match="no peer serves layers 0:2 .*failed: wrong_result"):
+            generate(tiny_model_dir, swarm, verify=1.0)
+    finally:
+        swarm.stop()
+
+
+def test_verify_is_a_fraction(tiny_model_dir):
+    with pytest.raises(ValueError, match="verify must be a fraction of steps from 0 to 1"):
+        SwarmOptions(verify=1.5)
+    out, = run_clis(["generate", "x", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9",
+                     "--verify", "-0.1"], timeout=60)
+    assert out.returncode == 2 and "'--verify': -0.1 is not in the range 0<=x<=1" in out.stderr
+
+
+def test_the_difference_is_relative_to_the_reference_s_scale(tiny_model_dir):
+    from nanoswarm.client.verify import SpotChecker
+    from nanoswarm.shards.manifest import read_manifest
+
+    reference = torch.tensor([[[100.0, -50.0, 0.5]]])
+    assert SpotChecker.difference(reference, reference) == 0.0
+    assert SpotChecker.difference(reference, reference + 1.0) == pytest.approx(0.01)
+    assert SpotChecker.difference(reference / 1000, reference / 1000 + 0.01) == pytest.approx(0.01)  # scale >= 1
+    checker = SpotChecker(tiny_model_dir, read_manifest(tiny_model_dir), 0.5)
+    assert checker.tolerance("float32", "float32") == 1e-4
+    assert checker.tolerance("float32", "q80") == checker.tolerance("bfloat16", "float32") == 1e-1
