@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +34,14 @@ class GenerationResult:
     route: list[dict] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
     failovers: int = 0
+    stop_reason: str = ""   # "eot" (the model ended the text), "length" (max_new_tokens), "context" (full)
     spot_checks: int = 0    # stages' work redone here (SwarmOptions.verify)
     wrong_results: int = 0  # of them, found wrong (each peer failed over)
     logits: list = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "prompt_ids": self.prompt_ids, "ids": self.ids,
-                "text": self.text, "route": self.route, "failovers": self.failovers,
+                "text": self.text, "stop_reason": self.stop_reason, "route": self.route, "failovers": self.failovers,
                 "spot_checks": self.spot_checks, "wrong_results": self.wrong_results,
                 "time_to_first_token": self.stats.time_to_first_token,
                 "tokens_per_second": self.stats.tokens_per_second}
@@ -63,6 +65,10 @@ class SwarmModel:
         self.client = ClientModel(load_embeddings(model_dir, manifest),
                                   load_head(model_dir, manifest, device=device), device)
         self.encoding = get_encoding()
+        # Sessions share the swarm's sockets, which ZeroMQ lets one thread use at a time: the
+        # generations of several threads take turns, a step each (stream).
+        self._lock = threading.RLock()
+        self.closed = False
 
     @classmethod
     def connect(cls, model_dir: str | Path, peers: list[str] | None = None,
@@ -94,33 +100,49 @@ class SwarmModel:
         return cls(model_dir, manifest, None, LocalStage(blocks))
 
     def session(self, max_length: int, on_failover: Callable[[str], None] | None = None) -> InferenceSession:
-        if self._local is not None:
-            self._local.open(max_length)
-            return InferenceSession([self._local], max_length)
-        return InferenceSession.open(self.swarm, max_length, on_failover=on_failover)
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("this SwarmModel is closed")
+            if self._local is not None:
+                stage = LocalStage(self._local.blocks)  # a cache of its own: sessions may interleave
+                stage.open(max_length)
+                return InferenceSession([stage], max_length)
+            return InferenceSession.open(self.swarm, max_length, on_failover=on_failover)
 
     def stream(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
                result: GenerationResult | None = None, keep_logits: bool = False,
                on_failover: Callable[[str], None] | None = None) -> Iterator[str]:
-        """Yields text pieces as tokens arrive; fills `result` if given."""
+        """Yields text pieces as tokens arrive; fills `result` if given. Several threads may
+        stream from one SwarmModel at once (their steps take turns); `close` ends them all."""
         # "<|endoftext|>" in the prompt is plain text: text an application passes on from its
         # users cannot end a document early. An empty prompt starts from the special token.
         ids = encode(prompt) or [EOT_TOKEN]
-        max_new_tokens = self._new_tokens(ids, max_new_tokens)
+        requested, max_new_tokens = max_new_tokens, self._new_tokens(ids, max_new_tokens)
         result = result if result is not None else GenerationResult(prompt, ids)
         result.prompt, result.prompt_ids = prompt, ids
         result.stats.prompt_tokens = len(ids)
         if max_new_tokens == 0:
+            result.stop_reason = "length"
             return  # nothing to compute: no session, no peer asked for one
         # The last sampled token is never fed back (generate_ids), so it needs no position.
         session = self.session(len(ids) + max_new_tokens - 1, on_failover)
         text = TextStream(self.encoding)
+        tokens = generate_ids(self.client, session, ids, max_new_tokens, sampling or SamplingParams(),
+                              EOT_TOKEN, result.stats, result.logits if keep_logits else None)
         try:
             result.route = session.describe()
-            for token in generate_ids(self.client, session, ids, max_new_tokens,
-                                      sampling or SamplingParams(), EOT_TOKEN, result.stats,
-                                      result.logits if keep_logits else None):
+            result.stop_reason = "context" if max_new_tokens < requested else "length"
+            while True:
+                with self._lock:  # one step: the swarm's sockets are this thread's meanwhile
+                    if self.closed:
+                        raise RuntimeError("this SwarmModel was closed during the generation")
+                    token = next(tokens, None)
+                if token is None:
+                    break
                 result.ids.append(token)
+                if token == EOT_TOKEN:  # the end of the document: no text of its own
+                    result.stop_reason = "eot"
+                    continue
                 piece = text.push(token)
                 result.text += piece
                 if piece:
@@ -130,10 +152,12 @@ class SwarmModel:
             if tail:
                 yield tail
         finally:
-            result.route = session.describe()
-            result.failovers = session.failovers
-            result.spot_checks, result.wrong_results = session.spot_checks, session.wrong_results
-            session.close()
+            with self._lock:
+                tokens.close()
+                result.route = session.describe()
+                result.failovers = session.failovers
+                result.spot_checks, result.wrong_results = session.spot_checks, session.wrong_results
+                session.close()
 
     def _new_tokens(self, ids: list[int], max_new_tokens: int) -> int:
         """How many tokens to generate: max_new_tokens, capped by the context. ValueError for a
@@ -163,5 +187,9 @@ class SwarmModel:
         return result
 
     def close(self) -> None:
-        if self.swarm is not None:
-            self.swarm.close()
+        """Close the peers' links, and every session still open on them (the nodes free their
+        KV caches at once); a generation still running ends with RuntimeError."""
+        with self._lock:
+            self.closed = True
+            if self.swarm is not None:
+                self.swarm.close()

@@ -35,6 +35,9 @@ class SamplingParams:
             raise ValueError(f"seed must be from 0 to 2**64 - 1, got {self.seed}")
 
 
+MIN_TEMPERATURE = 1e-30  # below it sampling is greedy: float32 logits over it overflow to inf
+
+
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
@@ -48,14 +51,15 @@ class Sampler:
         """Next token id from the last position's logits ([vocab])."""
         p = self.params
         logits = logits.float()
-        if p.temperature == 0:
+        if p.temperature < MIN_TEMPERATURE:  # 0, or so small that float32 cannot divide by it
             return int(torch.argmax(logits))
         # top-k first: the softmax then runs over k values instead of the whole vocabulary
         if p.top_k is not None and p.top_k < logits.numel():
             values, ids = torch.topk(logits, p.top_k)
         else:
             values, ids = torch.sort(logits, descending=True)
-        probs = torch.softmax(values / p.temperature, dim=-1)
+        # Shifted so the largest is 0: a tiny temperature makes the others -inf, never inf - inf.
+        probs = torch.softmax((values - values[0]) / p.temperature, dim=-1)
         if p.top_p is not None and p.top_p < 1:
             if p.top_k is not None:  # topk output is sorted already, but be explicit
                 probs, order = torch.sort(probs, descending=True)

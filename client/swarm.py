@@ -245,5 +245,6 @@ class Swarm:
 
     def close(self) -> None:
         for conn in self._conns.values():
-            conn.close()
+            conn.close_sessions()  # whatever a caller left open: its nodes free the KV caches now
+            conn.close(linger_ms=200 if conn.closes_queued else 0)
         self._conns.clear()

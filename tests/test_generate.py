@@ -69,7 +69,7 @@ def test_new_tokens_are_capped_by_the_context(tiny_model_dir):
     result = model.generate(prompt_of(model, n), 50, GREEDY)
     # 4 tokens: three are fed back (positions n..block_size-1), the last is only sampled
     assert opened == [TINY.block_size]
-    assert len(result.ids) == 4
+    assert len(result.ids) == 4 and result.stop_reason == "context"
 
 
 def test_a_prompt_longer_than_the_context_is_refused(tiny):
@@ -96,6 +96,47 @@ def test_end_of_text_in_a_prompt_is_plain_text(tiny):
     assert EOT_TOKEN not in result.prompt_ids
     assert result.prompt_ids == tiny.encoding.encode_ordinary("ROMEO:<|endoftext|>JULIET:")
     assert tiny.generate("", 1, GREEDY).prompt_ids == [EOT_TOKEN]  # an empty prompt starts from it
+
+
+def test_a_tiny_temperature_is_greedy_not_a_crash(tiny):
+    """1e-40 divided float32 logits into inf - inf: "probability tensor contains inf, nan"."""
+    greedy = tiny.generate("ROMEO:", 6, GREEDY)
+    for temperature in (1e-40, 5e-324, 1e-20):
+        assert tiny.generate("ROMEO:", 6, SamplingParams(temperature=temperature, seed=1)).ids == greedy.ids
+    assert greedy.stop_reason == "length"
+
+
+def test_a_sampled_end_of_text_ends_the_text_without_printing_itself(tiny, monkeypatch):
+    from nanoswarm.client import generate as generate_mod
+
+    picks = iter([262, 262, EOT_TOKEN])
+    monkeypatch.setattr(generate_mod.Sampler, "__call__", lambda self, logits: next(picks))
+    result = tiny.generate("ROMEO:", 10, GREEDY)
+    assert result.ids == [262, 262, EOT_TOKEN] and result.stop_reason == "eot"
+    assert result.text == " the the" and "<|endoftext|>" not in result.text
+
+
+def test_threads_may_share_a_model_and_close_ends_their_generations(tiny_model_dir):
+    """A local model's sessions each have their own cache: interleaved generations agree."""
+    import threading
+
+    model = SwarmModel.local(tiny_model_dir)
+    expected = model.generate("ROMEO:", 12, GREEDY).ids
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(model.generate("ROMEO:", 12, GREEDY).ids))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 3
+    stream = model.stream("ROMEO:", 12, GREEDY)
+    next(stream)
+    model.close()
+    with pytest.raises(RuntimeError, match="closed during the generation"):
+        list(stream)
+    with pytest.raises(RuntimeError, match="this SwarmModel is closed"):
+        model.generate("ROMEO:", 2, GREEDY)
 
 
 @pytest.mark.parametrize("kwargs,what", [

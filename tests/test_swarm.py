@@ -103,3 +103,41 @@ def test_peer_of_another_model_is_ignored(tiny_model_dir, small12_model_dir, clu
         assert other.addresses[0] in model.swarm.rejected
     finally:
         model.close()
+
+
+def test_threads_share_one_model_and_close_frees_the_nodes_sessions(tiny_model_dir, cluster_factory):
+    """Sessions share the swarm's sockets: several threads' generations take turns a step each
+    (a review: two threads on one model failed, banned a healthy peer and left sessions open).
+    `close` during a generation closes its sessions on the nodes at once and ends it."""
+    import threading
+
+    from nanoswarm.client.transport import PeerConnection
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    seeded = SamplingParams(temperature=1.0, top_k=50, seed=7)
+    expected = SwarmModel.local(tiny_model_dir).generate("To be", 16, seeded).ids
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(model.generate("To be", 16, seeded)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [r.ids for r in results] == [expected] * 3 and not any(r.failovers for r in results)
+    assert not model.swarm.bans
+
+    stream = model.stream("To be", 16, seeded)
+    next(stream)
+    probe = PeerConnection(swarm.addresses[0], timeout=10)
+    try:
+        assert probe.request("info").fields["sessions"] == 1
+        model.close()
+        with pytest.raises(RuntimeError, match="closed during the generation"):
+            list(stream)
+        for _ in range(50):  # the close is queued as the socket closes: read by the node at once
+            if probe.request("info").fields["sessions"] == 0:
+                break
+        assert probe.request("info").fields["sessions"] == 0
+    finally:
+        probe.close()
