@@ -232,7 +232,17 @@ class Gossip:
 
     # ----- rounds -------------------------------------------------------------------------
     def _known_contacts(self) -> list[str]:
-        return [record_contact(r) for r in self.table.records() if r.peer_id != self.peer_id]
+        return list(dict.fromkeys(record_contact(r) for r in self.table.records() if r.peer_id != self.peer_id))
+
+    def _round_targets(self, known: list[str]) -> list[str]:
+        """Up to `fanout` contacts at distinct endpoints, each endpoint as likely as another: 4,100
+        throw-away identities naming one endpoint drew nearly every round to it, and honest
+        peers' records lapsed unrefreshed (a review; then `table_full` kept them out)."""
+        by_endpoint: dict[str, list[str]] = {}
+        for contact in known:
+            by_endpoint.setdefault(endpoint_of(contact), []).append(contact)
+        endpoints = random.sample(list(by_endpoint), min(self.options.fanout, len(by_endpoint)))
+        return [random.choice(by_endpoint[e]) for e in endpoints]
 
     def round(self) -> None:
         if self.departed:
@@ -241,7 +251,7 @@ class Gossip:
         self.rounds += 1
         self.table.expire()
         known = self._known_contacts()
-        targets = random.sample(known, min(self.options.fanout, len(known)))
+        targets = self._round_targets(known)
         if len(known) < self.options.fanout or self.rounds % 10 == 1:
             targets += self.options.bootstrap
         wires = self._wires()

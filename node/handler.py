@@ -33,7 +33,8 @@ from .steps import NodeStats, PendingStep, Reply, StepRunner
 
 log = logging.getLogger(__name__)
 
-MAX_SEEN_IDS = 65536  # request ids remembered for duplicate detection, all peers together (~10 MiB)
+MAX_SEEN_IDS = 65536  # request ids remembered for duplicate detection, all peers together
+MAX_SEEN_PEERS = 4096  # peers they are remembered for (each costs a map of its own): ~12 MiB in all
 
 
 def memory_usage(device: torch.device | None = None) -> dict[str, int | None]:
@@ -161,7 +162,7 @@ class RequestHandler:
         if len(seen) > 1024:
             seen.popitem(last=False)
             self._seen_total -= 1
-        while self._seen_total > MAX_SEEN_IDS:  # memory stays bounded however many peers come
+        while self._seen_total > MAX_SEEN_IDS or len(self._seen) > MAX_SEEN_PEERS:  # however many peers come
             _, oldest = self._seen.popitem(last=False)
             self._seen_total -= len(oldest)
         # A relaying node carries the steps of many sessions (not its own; their replies go to

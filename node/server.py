@@ -85,7 +85,12 @@ class NodeServer:
         # reads must not grow it without end (10,000 queued forwards took a node from 244 MiB to
         # ~2 GiB). Past this many, ROUTER drops that peer's replies and the peer times out.
         self.socket.setsockopt(zmq.SNDHWM, reply_queue_limit(handler.limits))
-        self.socket.setsockopt(zmq.RCVHWM, 10000)
+        # Requests queue in libzmq, per connection, until the loop reads them: 10,000 a connection
+        # let 200 connections of 22-byte `info` requests take a node to 1.8 GB, never given back
+        # (a review). Past this many libzmq stops reading that connection and the sender waits.
+        # A node takes max_inflight_per_peer requests of a peer at a time anyway, and a relay
+        # link carries at most a step per session the node holds.
+        self.socket.setsockopt(zmq.RCVHWM, max(reply_queue_limit(handler.limits), handler.limits.max_sessions))
         self._auth = None
         if curve_secret is not None:
             if allow_keys is not None:

@@ -406,6 +406,21 @@ def test_relay_targets_follow_the_table():
     assert not gossip.knows(contact)
 
 
+def test_gossip_rounds_pick_among_contacts_not_records():
+    """4,100 throw-away identities naming one endpoint drew nearly every round to it, and honest
+    peers' records lapsed unrefreshed (then table_full kept them out: a review)."""
+    from nanoswarm.node.gossip import Gossip
+
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
+    junk = [_signed_at(generate_identity(), "tcp://127.0.0.1:2000") for _ in range(40)]
+    honest = _signed_at(generate_identity(), "tcp://127.0.0.1:2001")
+    assert gossip.offer_all([*junk, honest]) == {"accepted": 41}
+    honest_contact = format_contact("tcp://127.0.0.1:2001", verify_record(honest).curve_key)
+    for _ in range(20):
+        targets = gossip._round_targets(gossip._known_contacts())
+        assert len(targets) == 2 and honest_contact in targets
+
+
 # ----- what anyone can put in a table: bad contacts, claimed endpoints, many peers ----------
 @pytest.mark.parametrize("bad", ["bogus://x", "tcp://127.0.0.1:1#x"])
 def test_a_client_bans_a_peer_it_cannot_connect_to_and_routes_around_it(swarm, tiny_model_dir, bad):

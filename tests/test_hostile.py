@@ -132,6 +132,51 @@ def test_request_ids_remembered_stay_bounded_however_many_peers_come(blocks, mon
     assert decode(d.h.handle(b"peer-59", repeat)).fields["code"] == "duplicate_request"
 
 
+def test_peers_remembered_stay_bounded_too(blocks, monkeypatch):
+    """Each peer costs a map of its own: 65,536 peers of one request each took 34 MiB."""
+    from nanoswarm.node import handler as handler_module
+
+    monkeypatch.setattr(handler_module, "MAX_SEEN_PEERS", 50)
+    d = make_driver(blocks)
+    for i in range(80):
+        assert decode(d.h.handle(f"peer-{i}".encode(), d.frames("info"))).type == "info_reply"
+    assert len(d.h._seen) == 50 and b"peer-79" in d.h._seen and b"peer-29" not in d.h._seen
+
+
+def test_a_flood_of_small_requests_is_held_back_not_buffered(tiny_model_dir, cluster_factory):
+    """libzmq queued 10,000 requests a connection before the node read them: 200 connections of
+    `info` took a node to 1.8 GB, never given back (a review). Now each connection's queue is
+    short and the senders wait; the node stays small and answers a real client meanwhile."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    node = swarm.nodes[0]
+
+    def rss_mb() -> float:
+        for line in open(f"/proc/{node.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    before = rss_mb()
+    flooders = [PeerConnection(node.address, timeout=10) for _ in range(40)]
+    probe = PeerConnection(node.address, timeout=10)
+    try:
+        payload = encode("info", 1, {})
+        for conn in flooders:
+            conn.request("info")  # connected: the handshake is done
+        for _ in range(6000):  # never read: replies past the node's SNDHWM are dropped
+            for conn in flooders:
+                try:
+                    conn.socket.send_multipart(payload, zmq.NOBLOCK)
+                except zmq.Again:  # held back: what this test is about
+                    pass
+        grown = rss_mb() - before
+        assert probe.request("info").type == "info_reply"
+        assert grown < 20, f"the node grew {grown:.0f} MB under the flood"  # 47 MB with the old queue
+    finally:
+        for conn in [*flooders, probe]:
+            conn.close()
+
+
 def test_overloaded_batch_refuses_the_rest_busy_and_leaves_sessions_untouched(blocks):
     """Work queued behind max_batch_seconds of compute is refused at once, not left to time out;
     requests are computed in arrival order, so a forward that came later cannot push earlier
