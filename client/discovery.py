@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -18,6 +19,9 @@ from nanoswarm.keys.records import Record, check_endpoint, record_contact
 from nanoswarm.keys.table import STALE_SEQ, RecordTable
 
 from .transport import PeerConnection, PeerError
+
+if TYPE_CHECKING:
+    from .swarm import Swarm
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +128,7 @@ def record_info(record: Record) -> dict:
             "seq": record.seq, "source": "record"}
 
 
-def add_from_bootstrap(swarm, bootstrap: list[str], timeout: float = 5.0) -> int:
+def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0) -> int:
     """Fill `swarm` (client/swarm.py) with the peers of its model from the bootstraps' tables.
 
     Peers are keyed by their contact string (endpoint#key); where records of several peer ids

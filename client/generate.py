@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import tiktoken
 import torch
 
 from nanoswarm.shards.model import Embeddings, Head
@@ -141,7 +142,7 @@ def generate_ids(model: ClientModel, session: InferenceSession, prompt: list[int
 class TextStream:
     """Token ids to text as they come: holds back bytes of a half-finished UTF-8 character."""
 
-    def __init__(self, encoding):
+    def __init__(self, encoding: tiktoken.Encoding):
         self.encoding = encoding
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 

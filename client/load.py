@@ -20,6 +20,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -191,7 +192,7 @@ class _Worker:
 TOLERANCE = {("cpu", "float32"): 1e-5, ("cuda", "float32"): 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 
 
-def default_tolerance(infos) -> float:
+def default_tolerance(infos: Iterable[dict]) -> float:
     """The largest logit difference from a solo run that counts as the same result, for the
     loosest node of the route (by its device and dtype, from `info`)."""
     worst = 1e-5

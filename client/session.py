@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -53,7 +54,7 @@ CANNOT_TAKE = ("busy", "too_large")
 
 class InferenceSession:
     def __init__(self, stages: list[Stage], max_length: int, swarm: Swarm | None = None,
-                 max_failovers: int = 8, on_failover=None):
+                 max_failovers: int = 8, on_failover: Callable[[str], None] | None = None):
         self.stages = stages
         self.max_length = max_length
         self.swarm = swarm

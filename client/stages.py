@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from nanoswarm.protocol.messages import Message
 from nanoswarm.shards.model import Blocks
 
 from .transport import MAX_FRAME_BYTES, PeerConnection, PeerError
@@ -97,13 +98,13 @@ class LocalStage(Stage):
         return {"layers": [self.start, self.stop], "peers": ["local"]}
 
 
-def check_reply(conn: PeerConnection, msg, like: torch.Tensor) -> torch.Tensor:
+def check_reply(conn: PeerConnection, msg: Message, like: torch.Tensor) -> torch.Tensor:
     """A peer's tensor must have the shape we sent: peers are untrusted. (Finiteness was checked
     when the reply was read: PeerConnection._read decodes with finite=True.)"""
     return reply_tensors(conn, msg, like, 1)[0]
 
 
-def reply_tensors(conn: PeerConnection, msg, like: torch.Tensor, count: int) -> list:
+def reply_tensors(conn: PeerConnection, msg: Message, like: torch.Tensor, count: int) -> list:
     """The `count` tensors of a reply, each of `like`'s shape, in `like`'s dtype and device. All
     but the last come as functions that make the tensor: a relayed step's outputs of its earlier
     hops are kept for failover replay only, so they need not cost torch calls now."""

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from nanoswarm import runtime_defaults
 
@@ -109,7 +110,7 @@ class NodeProcess:
 class LocalCluster:
     def __init__(self, model_dir: str | Path, specs: list[NodeSpec], threads: int | None = 1,
                  args: list[str] | None = None, env: dict[str, str] | None = None,
-                 stderr=None, bootstrap: bool = True):
+                 stderr: IO[str] | int | None = None, bootstrap: bool = True):
         self.model_dir = Path(model_dir)
         self.specs = specs
         self.threads = threads

@@ -27,6 +27,7 @@ from nanoswarm.protocol.messages import encode, error_frames
 
 from .handler import RequestHandler
 from .relay import Relay, RelayLinks
+from .sessions import NodeLimits
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def zmq_max_msgsize(max_message_bytes: int) -> int:
     return 2 * max_message_bytes
 
 
-def reply_queue_limit(limits) -> int:
+def reply_queue_limit(limits: NodeLimits) -> int:
     """Replies queued for one connection before ZeroMQ drops further ones: a few batches' worth
     of a peer's requests in flight."""
     return max(64, 4 * limits.max_inflight_per_peer)

@@ -7,6 +7,7 @@ import mmap
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -147,7 +148,7 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, limits: NodeLimits, clock=time.monotonic):
+    def __init__(self, limits: NodeLimits, clock: Callable[[], float] = time.monotonic):
         self.limits = limits
         self.clock = clock
         self.sessions: dict[str, Session] = {}

@@ -17,6 +17,9 @@ import torch
 
 from .errors import ErrorCode, ProtocolError
 
+# A frame as received or sent: bytes, or anything else with the buffer protocol (zmq.Frame).
+Buffer = bytes | bytearray | memoryview
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WIRE_FORMATS = (*TORCH_DTYPES, "q80")
 Q80_GROUP = 32
@@ -64,7 +67,7 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return (t.detach() if t.requires_grad else t).numpy()
 
 
-def check_frame(buf, wire: str, shape: tuple[int, ...]) -> None:
+def check_frame(buf: Buffer, wire: str, shape: tuple[int, ...]) -> None:
     """A frame's byte length must be what its format and shape need."""
     expected = nbytes_for(wire, shape)
     if len(buf) != expected:
@@ -72,13 +75,13 @@ def check_frame(buf, wire: str, shape: tuple[int, ...]) -> None:
                             f"tensor frame has {len(buf)} bytes, {wire}{list(shape)} needs {expected}")
 
 
-def from_frame(buf, wire: str, shape: tuple[int, ...]) -> torch.Tensor:
+def from_frame(buf: Buffer, wire: str, shape: tuple[int, ...]) -> torch.Tensor:
     """The tensor in `buf` (bytes, memoryview or zmq.Frame buffer); float32 for q80."""
     check_frame(buf, wire, shape)
     return frame_tensor(buf, wire, shape)
 
 
-def frame_tensor(buf, wire: str, shape: tuple[int, ...]) -> torch.Tensor:
+def frame_tensor(buf: Buffer, wire: str, shape: tuple[int, ...]) -> torch.Tensor:
     """from_frame for a frame whose length was checked already (protocol/messages.py decode)."""
     if len(buf) == 0:
         return torch.zeros(shape, dtype=torch.float32 if wire == "q80" else TORCH_DTYPES[wire])
@@ -136,7 +139,7 @@ def abs_max(t: torch.Tensor) -> float:
     return float(t.detach().abs().max())
 
 
-def frame_finite(buf, wire: str) -> bool | None:
+def frame_finite(buf: Buffer, wire: str) -> bool | None:
     """Whether a tensor frame holds only finite values, read from its bytes with numpy (no torch
     call, and an overflow to float16's inf is seen); None for formats numpy cannot read."""
     dtype = _NUMPY_WIRES.get(wire)

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -58,7 +59,7 @@ class ModelConfig:
 
 
 @functools.cache
-def onednn_linear():
+def onednn_linear() -> Callable[..., torch.Tensor] | None:
     """oneDNN's linear kernel (the op torch.compile emits for CPU linears), or None where this
     torch lacks it or it disagrees with F.linear. Checked once, on first use. x86-64 only: the
     only CPUs it was measured on (ARM builds have other BLAS choices)."""

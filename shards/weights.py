@@ -119,14 +119,14 @@ def _head_from(sd: StateDict, wte: torch.Tensor, config: ModelConfig, device, dt
     return head
 
 
-def load_embeddings(model_dir: str | Path, manifest: Manifest | None = None, device="cpu",
+def load_embeddings(model_dir: str | Path, manifest: Manifest | None = None, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> Embeddings:
     manifest = manifest or read_manifest(model_dir)
     sd = read_verified(model_dir, manifest.entry("embeddings"), manifest)
     return _embeddings_from(sd, manifest.config, device, dtype)
 
 
-def load_head(model_dir: str | Path, manifest: Manifest | None = None, device="cpu",
+def load_head(model_dir: str | Path, manifest: Manifest | None = None, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> Head:
     manifest = manifest or read_manifest(model_dir)
     sd = read_verified(model_dir, manifest.entry("head"), manifest)
@@ -157,7 +157,7 @@ def _plan_blocks(manifest: Manifest, start: int, stop: int, heads: Range) -> dic
 
 
 def load_blocks(model_dir: str | Path, start: int, stop: int, heads: Range | None = None,
-                manifest: Manifest | None = None, device="cpu",
+                manifest: Manifest | None = None, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> Blocks:
     """Blocks [start, stop) (heads [a, b) of each), from only the files that hold them."""
     manifest = manifest or read_manifest(model_dir)
@@ -178,7 +178,7 @@ def load_blocks(model_dir: str | Path, start: int, stop: int, heads: Range | Non
     return _materialize(module, sd, device, dtype)
 
 
-def load_model(model_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> GPT:
+def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
     """The whole model in one process, eval mode: the reference and local generation."""
     manifest = read_manifest(model_dir)
     config = manifest.config
