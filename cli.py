@@ -13,6 +13,8 @@ import os
 import signal
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import click
@@ -94,7 +96,9 @@ class _CleanErrors(click.Group):
             _help(e)
         except click.ClickException as e:  # bad options of a subcommand (exit code 2, as click's), or ours
             _fail(e.format_message(), e.exit_code)
-        except (click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (Interrupted): cleaned up on the way
+            sys.exit(128 + getattr(e, "signum", signal.SIGINT))  # the shell's convention: 130 for Ctrl-C
+        except (click.exceptions.Exit, click.Abort):
             raise
         except Exception as e:  # noqa: BLE001 - the top of the program
             if os.environ.get("NANOSWARM_DEBUG"):
@@ -107,6 +111,24 @@ class _CleanErrors(click.Group):
 def main(verbose: int) -> None:
     """nanoswarm: run a GPT across peers that each hold a slice of it."""
     _setup_logging(verbose)
+    # `kill`, `timeout`, a service manager or a closed terminal end a command as Ctrl-C does, so
+    # its cleanup runs: nodes stopped, key files and temporary models removed, sessions closed
+    # on the nodes. (A node installs its own handlers: it leaves the swarm gracefully.)
+    if threading.current_thread() is threading.main_thread():  # (click's test runner may call us elsewhere)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _interrupt)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, like Ctrl-C's KeyboardInterrupt."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 # ----- shards ------------------------------------------------------------------------------
@@ -464,7 +486,7 @@ def cluster(model_dir: Path, nodes: int, threads: int, as_json: bool) -> None:
 
     n_layer = read_manifest(model_dir).config.n_layer
     harness = LocalCluster(model_dir, [NodeSpec(r) for r in even_split(n_layer, nodes)], threads)
-    _stop_on_sigterm()
+    ready = False
     try:
         harness.start()
         if as_json:
@@ -475,9 +497,16 @@ def cluster(model_dir: Path, nodes: int, threads: int, as_json: bool) -> None:
                 click.echo(f"{n.address} layers {n.spec.layers[0]}:{n.spec.layers[1]} pid {n.pid}")
             click.echo("ready")
         sys.stdout.flush()
-        signal.pause()
+        ready = True
+        while True:  # until Ctrl-C (or SIGTERM): the normal way to stop a cluster, exit code 0
+            dead = next((n for n in harness.nodes if n.proc.poll() is not None), None)
+            if dead is not None:
+                raise click.ClickException(f"node layers {dead.spec.layers[0]}:{dead.spec.layers[1]} (pid "
+                                           f"{dead.pid}) exited with code {dead.proc.returncode}; stopping the cluster")
+            time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
+        if not ready:  # interrupted while starting: not a cluster that ran
+            raise
     finally:
         harness.stop()
 
@@ -511,7 +540,6 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, max_new_tokens: int, t
     log_file = None if verbose else tempfile.NamedTemporaryFile("w", prefix="nanoswarm-demo-", suffix=".log",
                                                                 delete=False)
     harness = LocalCluster(model_dir, specs, threads=1, stderr=log_file)
-    _stop_on_sigterm()
     click.echo(f"starting {nodes} local nodes for {model_dir}"
                + (f" (node logs: {log_file.name})" if log_file else "") + " ...", err=True)
     done = False
@@ -525,6 +553,9 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, max_new_tokens: int, t
             finally:
                 model.close()
         done = True
+    except KeyboardInterrupt:
+        done = True  # the user stopped it: nothing went wrong that the nodes' logs would show
+        raise
     finally:
         if log_file is not None:  # the nodes' logs matter only when something went wrong
             log_file.close()
@@ -532,12 +563,6 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, max_new_tokens: int, t
                 os.unlink(log_file.name)
             else:
                 click.echo(f"node logs kept in {log_file.name}", err=True)
-
-
-def _stop_on_sigterm() -> None:
-    def raise_interrupt(*_):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, raise_interrupt)
 
 
 # ----- benchmark ---------------------------------------------------------------------------

@@ -94,6 +94,11 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
     table = RecordTable()
     fetched = Fetched(table, [], {}, {})
     for contact in bootstrap:
+        try:
+            check_endpoint(endpoint_of(contact))  # what is wrong with "garbage" is not its key
+        except ValueError as e:
+            fetched.errors[contact] = f"{contact}: bad_contact: {e}"
+            continue
         if not insecure and "#" not in contact:
             fetched.errors[contact] = (f"{contact}: insecure: no CURVE key for this bootstrap: give its whole "
                                        "contact (ADDRESS#KEY, printed by the node) or allow unencrypted links "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import os
 import queue
@@ -53,25 +51,12 @@ def even_split(n_layer: int, n_nodes: int) -> list[tuple[int, int]]:
     return out
 
 
-@functools.cache
-def _libc():
-    """The C library, loaded in the harness: a forked child of a threaded process must not load
-    one (the loader's lock may be held by a thread that did not come along)."""
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
 def _child_setup(cpus: frozenset[int] | None):
-    """What a node's process runs after the fork, before exec: get SIGTERM when the harness dies,
-    even by SIGKILL (Linux prctl), and start on `cpus` if given (node/affinity.py `child_cpus`)."""
-    libc = _libc()
-    prctl = libc.prctl if libc is not None else None  # looked up here too, not after the fork
-
+    """What a node's process runs after the fork, before exec: start on `cpus` if given
+    (node/affinity.py `child_cpus`). (Linux's PR_SET_PDEATHSIG, used before to stop nodes with
+    the harness, fires when the *thread* that started the node ends: a cluster started from a
+    worker thread lost every node with it. Nodes watch the harness's pid instead: HARNESS_ENV.)"""
     def setup() -> None:
-        if prctl is not None:
-            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if cpus:
             try:
                 os.sched_setaffinity(0, cpus)
@@ -105,6 +90,10 @@ class NodeProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+
+# A node started by the harness watches that its parent is still this process (node/daemon.py).
+HARNESS_ENV = "NANOSWARM_HARNESS_PID"
 
 
 class LocalCluster:
@@ -146,7 +135,8 @@ class LocalCluster:
     def _spawn(self, spec: NodeSpec) -> NodeProcess:
         # Idle OpenMP threads spin only briefly, then sleep: several nodes share the cores
         # (nanoswarm.runtime_defaults, docs/performance.md).
-        env = runtime_defaults({**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+        env = runtime_defaults({**os.environ, "PYTHONUNBUFFERED": "1", **self.env,
+                                HARNESS_ENV: str(os.getpid())})  # the node leaves when we are gone
         cmd = self.command(spec)
         # Each OpenMP thread of a node on a core of its own (node/affinity.py).
         env = bind_openmp(env, len(self.nodes), threads_of(cmd))
@@ -242,15 +232,17 @@ class LocalCluster:
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + timeout
-        for node in self.nodes:
-            try:
-                node.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
-                node.proc.wait()
-        if self._key_dir is not None:
-            shutil.rmtree(self._key_dir, ignore_errors=True)
-            self._key_dir = None
+        try:
+            for node in self.nodes:
+                try:
+                    node.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    node.proc.kill()
+                    node.proc.wait()
+        finally:  # a second Ctrl-C while waiting: the nodes still go (they watch us), the keys too
+            if self._key_dir is not None:
+                shutil.rmtree(self._key_dir, ignore_errors=True)
+                self._key_dir = None
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import gc
 import logging
 import os
@@ -32,6 +33,7 @@ from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_blocks
 
 from .affinity import float_io_threads
+from .cluster import HARNESS_ENV
 from .gossip import Gossip, GossipOptions
 from .handler import RequestHandler
 from .placement import (
@@ -186,7 +188,7 @@ def check_contacts(opts: NodeOptions) -> None:
             check_endpoint(f"tcp://{host}:{port}")
         except ValueError as e:
             raise ValueError(f"--listen: {e}") from None
-        _check_port_free(host, int(port))
+    _check_port_free(host, 0 if port in ("*", "0") else int(port))
     for contact in opts.bootstrap:
         try:
             check_endpoint(endpoint_of(contact))
@@ -199,9 +201,10 @@ def check_contacts(opts: NodeOptions) -> None:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """Refuse a --listen port another process holds now, before a key file is made or blocks load
-    (the bind itself comes after both). Only a port in use is refused here: any other trouble is
-    left to ZeroMQ's bind, which reports it."""
+    """Refuse a --listen address this process could not bind now, before a key file is made or
+    blocks load (the bind itself comes after both): a port another process holds, a host name
+    that does not resolve, an address not of this machine. (ZeroMQ's own errors for the last
+    two came after loading, and read "No such device".)"""
     # ZeroMQ binds a bracketed host over IPv6 (allow_ipv6) and any other over IPv4 only.
     family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
     host = host.strip("[]")
@@ -209,9 +212,20 @@ def _check_port_free(host: str, port: int) -> None:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
             probe.bind((host, port))
+    except socket.gaierror as e:
+        raise ValueError(f"--listen: host {host!r} does not resolve ({e.strerror})") from None
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise ValueError(f"--listen tcp://{host}:{port}: the port is in use by another process") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise ValueError(f"--listen: {host} is not an address of this machine (give one of its own "
+                             "addresses, and --advertise the one peers reach it at)") from None
+
+
+def _leave_without_harness(server: NodeServer, harness_pid: int) -> None:
+    if os.getppid() != harness_pid and not server.leaving:
+        log.warning("the local harness (pid %d) is gone: leaving", harness_pid)
+        server.leave()
 
 
 def raise_fd_limit() -> None:
@@ -301,6 +315,9 @@ def run_node(opts: NodeOptions, on_ready: Callable[[dict], None] | None = None) 
     handler.extra_info.update(address=address, contact=contact, insecure=opts.insecure,
                               curve_key=None if public is None else public.decode("ascii"))
     server.install_signal_handlers()
+    harness = os.environ.get(HARNESS_ENV, "")
+    if harness.isdigit():  # started by LocalCluster: leave with it, however it ended (SIGKILL too)
+        server.add_timer(0.5, functools.partial(_leave_without_harness, server, int(harness)))
     info = handler.info()
     log.info("listening %s", contact)
     if on_ready is not None:

@@ -144,6 +144,10 @@ class NodeServer:
         self._stop.set()
         self._wake()
 
+    @property
+    def leaving(self) -> bool:
+        return self._leave_requested.is_set()
+
     def leave(self) -> None:
         """Graceful leave (SIGTERM): refuse new sessions, tell clients, drain, then stop."""
         self._leave_requested.set()
@@ -156,8 +160,8 @@ class NodeServer:
             pass
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self.leave())
-        signal.signal(signal.SIGINT, lambda *_: self.leave())
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # a closed terminal too
+            signal.signal(signum, lambda *_: self.leave())
         # A signal arriving during poll() runs its handler only when poll returns; the wake-up fd
         # makes it return at once.
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)

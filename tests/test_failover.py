@@ -602,7 +602,7 @@ def test_peers_that_reclaim_and_refuse_in_turn_are_struck_after_one_free_move():
     plans = []
 
     class TwoPeers:
-        n_layer, bans = 1, {}
+        n_layer, bans, checker = 1, {}, None
         options = SimpleNamespace(relay=False, wire="float32", timeout=1.0)
 
         def ban(self, address, why):
