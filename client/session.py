@@ -63,7 +63,10 @@ class InferenceSession:
         self.history: list[History] = [History() for _ in stages]  # per stage, what it was sent
         self.pos = 0
         self.failovers = 0
-        self.relay = swarm is not None and swarm.options.relay
+        # Spot checks need every stage's outputs from the stage itself: a relayed step brings the
+        # earlier hops' outputs back through the later hops, which could alter them (and so have
+        # an honest node blamed), and a relayed prompt's not at all (client/verify.py).
+        self.relay = swarm is not None and swarm.options.relay and swarm.checker is None
         self._no_relay: set[Stage] = set()  # stages whose node would not relay to the next
         self._chains: dict[tuple[Stage, ...], Chain] = {}  # by their stages
         self._moved_unstruck: set[str] = set()  # peers replaced without a strike (_replace_unreopened)

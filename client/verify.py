@@ -11,7 +11,10 @@ a dead one: banned, its blocks on other peers, and everything after it redone
 peer cannot tell a checked step from another.
 
 The cost is the client's: the checked stage's blocks in memory (loaded on first use) and one
-pass over all positions per check.
+pass over all positions per check. A checking session does not relay: each stage answers the
+client itself, so the outputs checked are the ones the stage sent (in a relayed step, the
+earlier hops' outputs come back through the later hops, which could alter them and have an
+honest node blamed; a relayed prompt's do not come back at all).
 """
 
 from __future__ import annotations

@@ -19,8 +19,7 @@ from nanoswarm.node.cluster import LocalCluster, NodeSpec
 
 GREEDY = SamplingParams(temperature=0)
 PROMPT, N_TOKENS = "To be, or not to be, that is the question", 8
-# Past the 32 positions a relayed step brings back every hop's output for (client/relay.py): the
-# check first has the liar recompute what it passed on (InferenceSession._recover).
+# Past the 32 positions a relayed step brings back every hop's output for (client/relay.py).
 LONG_PROMPT = PROMPT + ": whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune"
 DISHONEST = str(Path(__file__).with_name("dishonest_node.py"))
 
@@ -62,8 +61,9 @@ def generate(model_dir, swarm: LocalCluster, verify: float, relay: bool = True, 
 
 
 @pytest.mark.parametrize("relay,prompt", [(True, PROMPT), (True, LONG_PROMPT), (False, PROMPT)],
-                         ids=["relay", "relay, a prompt past the trail", "stage by stage"])
+                         ids=["relay asked for", "relay asked for, a prompt past the trail", "stage by stage"])
 def test_a_node_that_computes_wrong_is_caught_and_the_text_is_exact(tiny_model_dir, liar_swarm, relay, prompt):
+    """A checking session runs stage by stage whatever the options say (client/verify.py)."""
     expected = SwarmModel.local(tiny_model_dir).generate(prompt, N_TOKENS, GREEDY, keep_logits=True)
     liar = liar_swarm.addresses[0]
 
@@ -108,6 +108,20 @@ def test_a_last_stage_that_computes_wrong_is_caught_too(tiny_model_dir):
         swarm.stop()
     assert result.wrong_results == 1 and swarm.addresses[0] not in result.route[-1]["peers"]
     assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, N_TOKENS, GREEDY).ids
+
+
+def test_a_checking_session_does_not_relay(tiny_model_dir, cluster_factory):
+    from nanoswarm.client.session import InferenceSession
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    for verify, relays in ((0.0, True), (0.5, False)):
+        model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(verify=verify))
+        try:
+            session = InferenceSession.open(model.swarm, 8)
+            assert session.relay is relays
+            session.close()
+        finally:
+            model.close()
 
 
 def test_with_no_honest_peer_for_the_blocks_the_generation_ends_with_the_reason(tiny_model_dir):
