@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from nanoswarm.keys.contact import split_contact
+from nanoswarm.node.placement import block_bytes
 from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.tokenizer import N_VOCAB
 from nanoswarm.shards.weights import load_embeddings, load_head
 
 from .generate import ClientModel
@@ -70,7 +72,7 @@ class LoadOptions:
 
 # ----- the run ------------------------------------------------------------------------------
 def input_ids(k: int, n: int) -> list[int]:
-    return torch.randint(0, 50257, (n,), generator=torch.Generator().manual_seed(1000 + k)).tolist()
+    return torch.randint(0, N_VOCAB, (n,), generator=torch.Generator().manual_seed(1000 + k)).tolist()
 
 
 class _Worker:
@@ -237,11 +239,6 @@ def _solo_logits(opts: LoadOptions, infos: dict[str, dict], client: ClientModel,
     return solo
 
 
-def _block_bytes(config, n_blocks: int, itemsize: int = 4) -> int:
-    C = config.n_embd
-    return n_blocks * (12 * C * C + 13 * C) * itemsize
-
-
 def _node_reports(opts: LoadOptions, meta, before: dict[str, dict], pids: dict[str, int], config) -> list[NodeReport]:
     """Each node's state after the load; a node that no longer answers keeps what it served
     before (its blocks and weights) and is reported crashed."""
@@ -256,8 +253,8 @@ def _node_reports(opts: LoadOptions, meta, before: dict[str, dict], pids: dict[s
                 info, alive = {}, False
             now = info or earlier  # a node may have moved to other blocks meanwhile (placement)
             layers, heads = now["layers"], now.get("heads")
-            itemsize = {"float16": 2, "bfloat16": 2}.get(now.get("dtype", ""), 4)
-            weights = _block_bytes(config, layers[1] - layers[0], itemsize)
+            dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(now.get("dtype", ""), torch.float32)
+            weights = (layers[1] - layers[0]) * block_bytes(config, dtype)
             if heads:  # a head shard holds its heads' columns and rows of every matrix
                 weights = weights * (heads[1] - heads[0]) // config.n_head
             peak, source = info.get("peak_rss_bytes"), "info"

@@ -150,10 +150,10 @@ _ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*):(
 
 def _address(value: object) -> str:
     text = _text(value, "address", MAX_ADDRESS_LEN)
-    m = _ADDRESS.fullmatch(text)
-    if m is None or not 0 < int(m.group(2)) < 65536:
-        raise _Malformed("address must be a TCP endpoint tcp://host:port")
-    return text
+    try:
+        return check_endpoint(text)
+    except ValueError:
+        raise _Malformed("address must be a TCP endpoint tcp://host:port") from None
 
 
 def check_endpoint(text: str) -> str:

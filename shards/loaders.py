@@ -21,12 +21,13 @@ from torch.torch_version import InvalidVersion, Version
 from nanoswarm.files import read_regular_file
 
 from .model import ModelConfig
+from .tokenizer import N_VOCAB
 
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
-GPT2_VOCAB = 50257
+GPT2_VOCAB = N_VOCAB  # the tokenizer's ids
 # Hugging Face's GPT-2 uses Conv1D, which stores weights [in, out]; these names need a transpose.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Causal-mask buffers that old nanoGPT and HF checkpoints save next to the weights.
