@@ -59,23 +59,34 @@ def test_demo_model_beats_the_unigram_baseline():
 
 
 @pytest.mark.slow
-def test_demo_command_streams_text_and_matches_single_process():
+def test_demo_command_streams_text_and_matches_single_process(tmp_path):
+    """`demo --json` gives the single-process text; a plain demo streams it to stdout and, stopped
+    by the user with Ctrl-C, exits 130 and leaves no node log (it was kept as if something had
+    failed) and no key files behind."""
+    import signal
+
     before = demo_node_pids()
-    out = subprocess.run([sys.executable, "-m", "nanoswarm", "demo", "ROMEO:", "--seed", "3",
-                          "--max-new-tokens", "40", "--json"], capture_output=True, text=True, timeout=180,
-                         stdin=subprocess.DEVNULL)
+    demo = [sys.executable, "-m", "nanoswarm", "demo"]
+    out = subprocess.run([*demo, "ROMEO:", "--seed", "3", "--max-new-tokens", "40", "--json"], capture_output=True,
+                         text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     local = SwarmModel.local(demo_model_dir()).generate(
         "ROMEO:", 40, SamplingParams(temperature=0.8, top_k=40, seed=3))
     assert result["ids"] == local.ids and result["text"] == local.text and len(local.text) > 20
     assert [s["layers"] for s in result["route"]] == [[0, 2], [2, 3], [3, 4]]
+    log_file = re.search(r"\(node logs: (\S+)\)", out.stderr).group(1)
+    assert not os.path.exists(log_file), "a demo that went well keeps no log file"
     assert demo_node_pids() <= before, "the demo left a node process behind"
 
-    plain = subprocess.run([sys.executable, "-m", "nanoswarm", "demo", "--seed", "3", "--max-new-tokens", "40"],
-                           capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
-    assert plain.returncode == 0, plain.stderr
-    assert plain.stdout == "ROMEO:" + local.text + "\n"  # the default prompt, text streamed to stdout
-    assert "tokens/s" in plain.stderr and "route:" in plain.stderr
-    log_file = re.search(r"\(node logs: (\S+)\)", plain.stderr).group(1)
-    assert not os.path.exists(log_file), "a demo that went well keeps no log file"
+    plain = subprocess.Popen([*demo, "--seed", "3", "--max-new-tokens", "40"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(tmp_path)})
+    first = plain.stdout.read(len("ROMEO:") + 1)  # the default prompt, then text as it streams
+    plain.send_signal(signal.SIGINT)
+    rest, err = plain.communicate(timeout=60)
+    assert plain.returncode == 130, err
+    assert ("ROMEO:" + local.text).startswith((first + rest).decode().rstrip("\n"))
+    log_file = re.search(r"\(node logs: (\S+)\)", err.decode()).group(1)
+    assert not os.path.exists(log_file), "the user stopped it: no log kept"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("nanoswarm")] == []  # no key files
+    assert demo_node_pids() <= before, "the demo left a node process behind"
