@@ -80,7 +80,8 @@ def test_demo_command_streams_text_and_matches_single_process(tmp_path):
     assert demo_node_pids() <= before, "the demo left a node process behind"
 
     plain = subprocess.Popen([*demo, "--seed", "3", "--max-new-tokens", "40"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(tmp_path)})
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                             env={**os.environ, "TMPDIR": str(tmp_path)})
     first = plain.stdout.read(len("ROMEO:") + 1)  # the default prompt, then text as it streams
     plain.send_signal(signal.SIGINT)
     rest, err = plain.communicate(timeout=60)
