@@ -131,7 +131,8 @@ class SwarmModel:
                               EOT_TOKEN, result.stats, result.logits if keep_logits else None)
         try:
             result.route = session.describe()
-            result.stop_reason = "context" if max_new_tokens < requested else "length"
+            result.stop_reason = ""  # until it ends as it should: not after an error, nor if stopped
+            reason = "context" if max_new_tokens < requested else "length"
             while True:
                 with self._lock:  # one step: the swarm's sockets are this thread's meanwhile
                     if self.closed:
@@ -141,7 +142,7 @@ class SwarmModel:
                     break
                 result.ids.append(token)
                 if token == EOT_TOKEN:  # the end of the document: no text of its own
-                    result.stop_reason = "eot"
+                    reason = "eot"
                     continue
                 piece = text.push(token)
                 result.text += piece
@@ -149,6 +150,7 @@ class SwarmModel:
                     yield piece
             tail = text.flush()
             result.text += tail
+            result.stop_reason = reason
             if tail:
                 yield tail
         finally:

@@ -71,6 +71,8 @@ class InferenceSession:
         self._chains: dict[tuple[Stage, ...], Chain] = {}  # by their stages
         self._moved_unstruck: set[str] = set()  # peers replaced without a strike (_replace_unreopened)
         self.checker = swarm.checker if swarm is not None else None
+        if swarm is not None and swarm.options.verify and self.checker is None:
+            raise ValueError("SwarmOptions.verify needs the client's own blocks: connect with SwarmModel.connect")
         self.outputs = History()  # the last stage's outputs, for spot checks of it (client/verify.py)
         self.spot_checks = 0
         self.wrong_results = 0  # spot checks a stage failed (each failed over)
@@ -211,10 +213,10 @@ class InferenceSession:
             return hidden
         stage = self.stages[self.checker.pick(layer_stages)]
         known = self.swarm.peers.get(stage.conn.address)
+        # The tolerance follows the dtype the node states; one it does not state (or that makes
+        # no sense) gets float32's, the strictest: a liar that left it out went unchecked.
         dtype = self.checker.dtype_of(stage.conn.address, known.extra if known else {},
                                       lambda: stage.conn.request("info", timeout=stage.timeout).fields)
-        if dtype is None:
-            return hidden
         self._recover_for(stage)  # its inputs, whole
         i = self.stages.index(stage)
         last = i + 1 == len(self.stages)
@@ -233,7 +235,8 @@ class InferenceSession:
         self.wrong_results += 1
         error = PeerError(stage.conn.address, "wrong_result",
                           f"layers {stage.start}:{stage.stop} differ from the client's own computation by "
-                          f"{diff:.3g} of their scale (an honest {dtype} node on a {self.swarm.options.wire} "
+                          f"{diff:.3g} of their scale (an honest {dtype or 'float32'} node on a "
+                          f"{self.swarm.options.wire} "
                           f"wire: at most {tolerance:.3g})")
         return self._redo_after_wrong(i, error, reference)[:, -T:]
 
@@ -312,7 +315,7 @@ class InferenceSession:
             stage.close()  # whatever of the old session is left (a head group's other members)
             stage.open(self.max_length)
             if self.history[i].positions:
-                self._fill_unkept(i + 1, self._replay(stage, self.history[i].tensor()))
+                self._replayed_outputs(i + 1, self._replay(stage, self.history[i].tensor()))
         except PeerError as e:
             log.info("reopening a reclaimed session on %s failed: %s", ", ".join(stage.peers), e)
             return e
@@ -360,7 +363,7 @@ class InferenceSession:
                 self._refused_or_strike(e, refused)
         self.stages[i:i + 1] = new_stages
         self.history[i:i + 1] = new_history
-        self._fill_unkept(i + len(new_stages), out)
+        self._replayed_outputs(i + len(new_stages), out)
         if i > 0:  # the hop before may have refused to relay to the old peer: try the new ones
             self._no_relay.discard(self.stages[i - 1])
         ms = (time.perf_counter() - t0) * 1000
@@ -433,11 +436,21 @@ class InferenceSession:
         log.info("recomputed positions %d.. of layers %d:%d on %s in %.0f ms", start, before.start, before.stop,
                  before.conn.address, (time.perf_counter() - t0) * 1000)
 
-    def _fill_unkept(self, i: int, out: torch.Tensor | None) -> None:
-        """Stage i's input, `out`, from a replay into the stage before it: what its history did
-        not keep need not be recomputed."""
-        if out is not None and i < len(self.stages) and self.history[i].first_unkept() is not None:
-            self.history[i].recovered(0, out)
+    def _replayed_outputs(self, i: int, out: torch.Tensor | None) -> None:
+        """`out`, the outputs of a replay into the stage before stage i (a replacement, or a
+        reopened session), for every position: stage i's history takes them (what it did not
+        keep need not be recomputed), and so do the last stage's outputs (self.outputs) when
+        there is no stage i. Spot checks compare a stage with these: after a failover they are
+        the new peer's own (a check had judged an honest replacement on the old peer's)."""
+        if out is None:
+            return
+        if i < len(self.stages):
+            if out.shape[1] == self.history[i].positions:
+                self.history[i] = History.of(out)
+            elif self.history[i].first_unkept() is not None:
+                self.history[i].recovered(0, out)
+        elif self.checker is not None and out.shape[1] == self.outputs.positions:
+            self.outputs = History.of(out)
 
     @staticmethod
     def _replay(stage: Stage, hidden: torch.Tensor, start: int = 0, rewind: bool = False) -> torch.Tensor:

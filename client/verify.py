@@ -65,8 +65,10 @@ class SpotChecker:
         with torch.inference_mode():
             return blocks(hidden.to(torch.float32))
 
-    def tolerance(self, dtype: str, wire: str) -> float:
-        return max(DTYPE_TOLERANCE.get(dtype, max(DTYPE_TOLERANCE.values())), WIRE_TOLERANCE.get(wire, 1e-1))
+    def tolerance(self, dtype: str | None, wire: str) -> float:
+        """The slack of an honest node of `dtype` (as it states it: None or one we do not know
+        gets float32's, the strictest) on a `wire` of that format."""
+        return max(DTYPE_TOLERANCE.get(dtype or "float32", DTYPE_TOLERANCE["float32"]), WIRE_TOLERANCE.get(wire, 1e-1))
 
     @staticmethod
     def difference(reference: torch.Tensor, got: torch.Tensor) -> float:
@@ -77,7 +79,8 @@ class SpotChecker:
 
     def dtype_of(self, address: str, known: dict, ask) -> str | None:
         """A peer's dtype: from what the swarm knows of it (`known`: its `info`), else asked once
-        (`ask()`: its `info` reply's fields); None when it cannot be learned."""
+        (`ask()`: its `info` reply's fields); None when it cannot be learned (the check then
+        uses the strictest tolerance)."""
         dtype = self._dtypes.get(address) or known.get("dtype")
         if dtype is None:
             try:

@@ -1,12 +1,13 @@
 """A node that computes wrong, for tests/test_verify.py: `nanoswarm node` whose blocks add a
 rolled copy of their output (plausible hidden states, the wrong ones), and which claims a huge
-throughput so that routes prefer it. Run as a real process, like `python -m nanoswarm node`."""
+throughput so that routes prefer it. Run as a real process, like `python -m nanoswarm node`;
+with --hide-dtype its `info` does not say its dtype (so that checks cannot know its slack)."""
 
 import sys
 
 import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
 from nanoswarm.cli import main
-from nanoswarm.node import steps
+from nanoswarm.node import handler, steps
 from nanoswarm.shards.model import Blocks
 
 _forward = Blocks.forward
@@ -26,5 +27,9 @@ def claimed(self, seconds=0.3):
 
 Blocks.forward = wrong
 steps.StepRunner.measure_throughput = claimed
+if "--hide-dtype" in sys.argv:
+    sys.argv.remove("--hide-dtype")
+    _info = handler.RequestHandler.info
+    handler.RequestHandler.info = lambda self: {k: v for k, v in _info(self).items() if k != "dtype"}
 sys.argv = ["nanoswarm", *sys.argv[1:]]
 main()

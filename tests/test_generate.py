@@ -130,11 +130,15 @@ def test_threads_may_share_a_model_and_close_ends_their_generations(tiny_model_d
     for t in threads:
         t.join()
     assert results == [expected] * 3
-    stream = model.stream("ROMEO:", 12, GREEDY)
+    from nanoswarm.client.api import GenerationResult
+
+    result = GenerationResult()
+    stream = model.stream("ROMEO:", 12, GREEDY, result)
     next(stream)
     model.close()
     with pytest.raises(RuntimeError, match="closed during the generation"):
         list(stream)
+    assert result.stop_reason == ""  # it did not end as a generation ends
     with pytest.raises(RuntimeError, match="this SwarmModel is closed"):
         model.generate("ROMEO:", 2, GREEDY)
 

@@ -25,7 +25,7 @@ DISHONEST = str(Path(__file__).with_name("dishonest_node.py"))
 
 
 class SwarmWithALiar(LocalCluster):
-    """Nodes whose spec's args start with "--dishonest" run tests/dishonest_node.py."""
+    """Nodes whose spec's args hold "--dishonest" run tests/dishonest_node.py."""
 
     def command(self, spec: NodeSpec) -> list[str]:
         cmd = super().command(spec)
@@ -76,6 +76,48 @@ def test_a_node_that_computes_wrong_is_caught_and_the_text_is_exact(tiny_model_d
     assert checked.ids == expected.ids
     diff = max(float((a - b).abs().max()) for a, b in zip(checked.logits, expected.logits))
     assert diff < 1e-4, diff  # the first token's logits come from the client's own redo
+
+
+def test_a_liar_that_hides_its_dtype_gets_the_strictest_tolerance(tiny_model_dir):
+    """A node whose `info` left its dtype out was never checked (a review): it now gets float32's."""
+    swarm = SwarmWithALiar(tiny_model_dir, [NodeSpec((0, 4), args=["--dishonest", "--hide-dtype"]),
+                                            NodeSpec((0, 4))])
+    swarm.start()
+    try:
+        model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=10, verify=1.0))
+        try:
+            model.swarm.peers[swarm.addresses[1]].rtt = 1.0  # the liar first
+            assert "dtype" not in model.swarm.peers[swarm.addresses[0]].extra
+            result = model.generate(PROMPT, N_TOKENS, GREEDY)
+        finally:
+            model.close()
+    finally:
+        swarm.stop()
+    assert result.wrong_results == 1 and result.route[0]["peers"] == [swarm.addresses[1]]
+    assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, N_TOKENS, GREEDY).ids
+
+
+def test_a_replacement_is_judged_on_its_own_outputs(tiny_model_dir, cluster_factory):
+    """After a failover the next check compared the new peer with the old one's outputs: an
+    honest float32 node that replaced an honest bfloat16 one was banned as wrong (a review)."""
+    import signal
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--dtype", "bfloat16"]), NodeSpec((0, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=10, verify=1.0))
+    try:
+        model.swarm.peers[swarm.addresses[1]].rtt = 1.0  # the bfloat16 node first
+        from nanoswarm.client.api import GenerationResult
+
+        result = GenerationResult()
+        stream = model.stream(PROMPT, 12, GREEDY, result)
+        for _ in range(4):
+            next(stream)
+        swarm.kill(0, signal.SIGKILL)
+        list(stream)
+    finally:
+        model.close()
+    assert result.failovers == 1 and result.wrong_results == 0 and result.spot_checks == 12
+    assert result.route[0]["peers"] == [swarm.addresses[1]] and result.stop_reason == "length"
 
 
 @pytest.mark.parametrize("dtype,wire", [("float32", "float32"), ("float32", "q80"), ("bfloat16", "float16")])
