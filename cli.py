@@ -648,7 +648,9 @@ def load(model_dir: Path, peers: str | None, nodes: int, node_args: str, session
 
     from nanoswarm.client.load import LoadOptions, run_load
     from nanoswarm.client.load_report import format_report
+    from nanoswarm.node.daemon import raise_fd_limit
 
+    raise_fd_limit()  # every session holds a link (and its monitor) to each node of its route
     report = run_load(LoadOptions(model_dir, _peer_list(peers), nodes, shlex.split(node_args),
                                   sessions=sessions, duration=duration, prompt_tokens=prompt_tokens,
                                   new_tokens=new_tokens, max_length=max_length, timeout=timeout,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
@@ -21,6 +22,20 @@ DEFAULT_TIMEOUT = 30.0
 # The largest frame a peer may send us; libzmq drops the connection on a bigger one, before it is
 # buffered. Twice a node's default message limit (64 MiB), as nodes set for what they receive.
 MAX_FRAME_BYTES = 128 * 1024 * 1024
+
+
+@functools.cache
+def shared_context() -> zmq.Context:
+    """The process's ZeroMQ context, allowed as many sockets as libzmq can hold. Its default of
+    1,023 stopped `load --sessions 200` on 3 nodes with "Too many open files" whatever the
+    descriptor limit (a link is a socket and its monitor). Takes effect only before the context's
+    first socket, so it is set on first use."""
+    ctx = zmq.Context.instance()
+    try:
+        ctx.set(zmq.MAX_SOCKETS, ctx.get(zmq.SOCKET_LIMIT))
+    except zmq.ZMQError:  # an old libzmq without the options: its default stays
+        pass
+    return ctx
 
 
 def next_request_id() -> int:
@@ -56,7 +71,7 @@ class PeerConnection:
         # `address` may be a contact string (endpoint#key, keys/contact.py): it carries the key.
         endpoint, contact_key = split_contact(address)
         server_key = server_key if server_key is not None else contact_key
-        self.socket = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+        self.socket = (ctx or shared_context()).socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_frame)  # per frame: libzmq bounds nothing else
         if server_key is not None:  # CURVE: only the holder of the node's secret can answer

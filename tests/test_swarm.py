@@ -141,3 +141,26 @@ def test_threads_share_one_model_and_close_frees_the_nodes_sessions(tiny_model_d
         assert probe.request("info").fields["sessions"] == 0
     finally:
         probe.close()
+
+
+def test_a_client_process_may_hold_more_than_a_thousand_sockets():
+    """libzmq's default of 1,023 sockets a context stopped `load --sessions 200` on 3 nodes with
+    "Too many open files" (a review): client links come from a context allowed libzmq's limit."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, zmq
+from nanoswarm.client.transport import shared_context
+from nanoswarm.node.daemon import raise_fd_limit
+raise_fd_limit()
+ctx = shared_context()
+assert ctx.get(zmq.MAX_SOCKETS) == ctx.get(zmq.SOCKET_LIMIT) > 1023
+if resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 1300:  # a descriptor each (their mailboxes)
+    sockets = [ctx.socket(zmq.DEALER) for _ in range(1100)]
+    for s in sockets:
+        s.close()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
