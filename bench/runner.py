@@ -216,10 +216,11 @@ class Bench:
     # ----- runs -------------------------------------------------------------------------------
     def run(self) -> dict:
         opts = self.opts
+        groups = _groups(opts, self.config.n_layer, self.config.n_head)  # bad --stages: before any round
         self.local_round(steps=2)  # warm-up
         self.reference = self.local_round(keep_logits=True)
         runs = []
-        for group in _groups(opts, self.config.n_layer, self.config.n_head):
+        for group in groups:
             self._progress(f"{group}: starting {len(group.specs)} nodes")
             with LocalCluster(self.model_dir, group.specs, threads=opts.threads,
                               args=list(opts.node_args)) as cluster:

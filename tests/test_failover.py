@@ -603,7 +603,7 @@ def test_peers_that_reclaim_and_refuse_in_turn_are_struck_after_one_free_move():
 
     class TwoPeers:
         n_layer, bans, checker = 1, {}, None
-        options = SimpleNamespace(relay=False, wire="float32", timeout=1.0)
+        options = SimpleNamespace(relay=False, wire="float32", timeout=1.0, verify=0.0)
 
         def ban(self, address, why):
             self.bans[address] = SimpleNamespace(until=float("inf"), strikes=1)
