@@ -19,6 +19,7 @@ from typing import IO
 from nanoswarm import runtime_defaults
 
 from .affinity import bind_openmp, child_cpus
+from .launcher import ForkedNode, launcher_for
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def threads_of(cmd: list[str]) -> int | None:
 @dataclass
 class NodeProcess:
     spec: NodeSpec
-    proc: subprocess.Popen
+    proc: subprocess.Popen | ForkedNode  # a process of its own, or forked by the launcher
     address: str = ""  # the node's contact string: endpoint#curvekey (keys/contact.py)
     lines: queue.Queue = field(default_factory=queue.Queue)
     key_file: Path | None = None  # the identity the harness made for it, if any
@@ -92,7 +93,8 @@ class NodeProcess:
         return self.proc.pid
 
 
-# A node started by the harness watches that its parent is still this process (node/daemon.py).
+# A node started by the harness watches that its parent is still this process, or the launcher
+# that forked it (node/daemon.py, node/launcher.py).
 HARNESS_ENV = "NANOSWARM_HARNESS_PID"
 
 
@@ -135,8 +137,8 @@ class LocalCluster:
     def _spawn(self, spec: NodeSpec) -> NodeProcess:
         # Idle OpenMP threads spin only briefly, then sleep: several nodes share the cores
         # (nanoswarm.runtime_defaults, docs/performance.md).
-        env = runtime_defaults({**os.environ, "PYTHONUNBUFFERED": "1", **self.env,
-                                HARNESS_ENV: str(os.getpid())})  # the node leaves when we are gone
+        default_env = runtime_defaults({**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = runtime_defaults({**default_env, **self.env})
         cmd = self.command(spec)
         # Each OpenMP thread of a node on a core of its own (node/affinity.py).
         env = bind_openmp(env, len(self.nodes), threads_of(cmd))
@@ -146,13 +148,40 @@ class LocalCluster:
             cmd += ["--key-file", str(key_file)]
         if self.bootstrap and self.nodes and self.nodes[0].address and "--bootstrap" not in cmd:
             cmd += ["--bootstrap", self.nodes[0].address]  # a node added to a running swarm
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr,
-                                stdin=subprocess.DEVNULL, env=env, text=True,
-                                preexec_fn=_child_setup(child_cpus(env)) if sys.platform == "linux" else None)
-        node = NodeProcess(spec, proc, key_file=key_file)
+        node = NodeProcess(spec, self._fork(cmd, env, default_env) or self._exec(cmd, env),
+                           key_file=key_file)
         threading.Thread(target=self._pump, args=(node,), daemon=True).start()
         self.nodes.append(node)
         return node
+
+    def _fork(self, cmd: list[str], env: dict, default_env: dict) -> ForkedNode | None:
+        """The node forked from the launcher, which has torch loaded already (node/launcher.py),
+        or None where it must start as a process of its own."""
+        stderr = self.stderr
+        if stderr is None:
+            stderr = sys.stderr
+        if stderr == subprocess.DEVNULL:
+            with open(os.devnull, "w") as devnull:
+                return self._fork_to(cmd, env, default_env, devnull.fileno())
+        if not isinstance(stderr, int):
+            try:
+                stderr = stderr.fileno()
+            except (AttributeError, OSError, ValueError):  # a stream with no descriptor
+                return None
+        return self._fork_to(cmd, env, default_env, stderr) if stderr >= 0 else None
+
+    @staticmethod
+    def _fork_to(cmd: list[str], env: dict, default_env: dict, stderr: int) -> ForkedNode | None:
+        launcher = launcher_for(cmd, env, default_env, HARNESS_ENV)
+        if launcher is None:
+            return None
+        return launcher.spawn(cmd, {**env, HARNESS_ENV: str(launcher.pid)}, stderr)  # its parent
+
+    def _exec(self, cmd: list[str], env: dict) -> subprocess.Popen:
+        env = {**env, HARNESS_ENV: str(os.getpid())}  # the node leaves when we are gone
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr,
+                                stdin=subprocess.DEVNULL, env=env, text=True,
+                                preexec_fn=_child_setup(child_cpus(env)) if sys.platform == "linux" else None)
 
     def _new_key_file(self) -> Path:
         from nanoswarm.keys.identity import generate_identity, save_identity

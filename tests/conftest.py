@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,18 @@ def run_clis(*arg_lists: list[str], timeout: float = 120) -> list[subprocess.Com
     importing torch, so cases that fail before doing anything need not wait for each other."""
     with ThreadPoolExecutor(max_workers=4) as pool:
         return list(pool.map(lambda args: run_cli(*args, timeout=timeout), arg_lists))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` is a running process (a zombie, ended but not reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def make_model_dir(path: Path, config: ModelConfig, seed: int = 0, layers_per_shard: int = 1,

@@ -1,0 +1,98 @@
+"""The harness's launcher: nodes forked from one process that has loaded torch already
+(node/launcher.py), with the exit codes, output and departure of nodes started on their own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import pid_alive
+
+from nanoswarm import START_CPUS, runtime_defaults
+from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.generate import SamplingParams
+from nanoswarm.node.cluster import HARNESS_ENV, LocalCluster, NodeSpec
+from nanoswarm.node.launcher import ForkedNode, Launcher, launcher_for
+
+NODE = [sys.executable, "-m", "nanoswarm", "node"]
+
+
+def _default_env() -> dict:
+    return runtime_defaults({**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_only_nodes_that_would_start_the_same_are_forked():
+    default = _default_env()
+
+    def forked(cmd: list[str], **changes: str) -> bool:
+        return launcher_for(cmd, {**default, **changes}, default, HARNESS_ENV) is not None
+
+    # What is read later, from the node's own environment, may differ.
+    assert forked(NODE, **{HARNESS_ENV: "1", "TMPDIR": "/elsewhere", "PYTEST_CURRENT_TEST": "x"})
+    # What Python, libgomp or oneDNN read as the process starts or torch loads may not.
+    assert not forked(NODE, GOMP_SPINCOUNT="5")
+    assert not forked(NODE, PYTHONHASHSEED="7")
+    assert not forked(NODE, ONEDNN_PRIMITIVE_CACHE_CAPACITY="2")
+    assert not forked(NODE, OMP_PLACES="{0},{1}", OMP_PROC_BIND="close")  # a node bound to cores
+    assert not forked(NODE, NANOSWARM_FORK="0")
+    assert not forked([sys.executable, "tests/dishonest_node.py"])  # not `python -m nanoswarm`
+
+
+def test_bound_and_other_nodes_start_on_their_own(tiny_model_dir, cluster_factory):
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4), args=["--threads", "2"])],
+                            threads=None)
+    forked, bound = (n.proc for n in swarm.nodes)
+    assert isinstance(forked, ForkedNode)
+    assert isinstance(bound, subprocess.Popen) == (len(START_CPUS) >= 2)  # bound where it can be
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    try:
+        assert len(model.generate("To be", 3, SamplingParams(temperature=0)).ids) == 3
+    finally:
+        model.close()
+
+
+def test_forked_nodes_report_exit_codes_and_output(tiny_model_dir):
+    swarm = LocalCluster(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4))]).start()
+    try:
+        left, killed = (n.proc for n in swarm.nodes)
+        assert isinstance(left, ForkedNode) and isinstance(killed, ForkedNode)
+        assert left.poll() is None
+        with pytest.raises(subprocess.TimeoutExpired):
+            left.wait(0.2)
+        killed.kill()
+        assert killed.wait(10) == -signal.SIGKILL and killed.returncode == -signal.SIGKILL
+        left.terminate()  # SIGTERM: the node leaves the swarm gracefully
+        assert left.wait(15) == 0
+        for node in swarm.nodes:  # their stdout pipes end with them (no copy of a write end kept)
+            while node.lines.get(timeout=10) is not None:
+                pass
+    finally:
+        swarm.stop()
+
+
+def test_forked_nodes_leave_when_their_launcher_is_gone(tiny_model_dir, tmp_path):
+    """Nodes watch their parent: for a forked node the launcher, which exits with the harness
+    (test_cli.py test_signals_end_commands_as_ctrl_c_does kills a cluster with SIGKILL)."""
+    launcher = Launcher(_default_env())  # not the shared one: other tests' nodes use it
+    cmd = [*NODE, str(tiny_model_dir), "--layers", "0:4", "--listen", "tcp://127.0.0.1:*", "--insecure",
+           "--key-file", str(tmp_path / "node.key")]
+    with open(os.devnull, "w") as devnull:
+        node = launcher.spawn(cmd, {**launcher.env, HARNESS_ENV: str(launcher.pid)}, devnull.fileno())
+    try:
+        assert node.stdout.readline().startswith("listening ")
+        assert node.poll() is None
+        launcher.proc.kill()
+        launcher.proc.wait(10)
+        assert node.wait(15) == 1  # its code is lost with the launcher; that it ended is not
+        deadline = time.monotonic() + 10
+        while pid_alive(node.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(node.pid)
+    finally:
+        if pid_alive(node.pid):
+            os.kill(node.pid, signal.SIGKILL)
+        node.stdout.close()
