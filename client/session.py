@@ -243,23 +243,26 @@ class InferenceSession:
     def _redo_after_wrong(self, i: int, error: PeerError, reference: torch.Tensor) -> torch.Tensor:
         """Stage i computed wrong: ban its peer, give its blocks to others, and rebuild every stage
         after it from the right inputs (the client's own `reference`; their caches hold the wrong
-        ones). Returns the last stage's output for every position."""
+        ones), failing over any that fails meanwhile. Returns the last stage's output for every
+        position."""
         stop = self.stages[i].stop
         self._replace(i, error)
-        hidden = reference
-        after = next((k for k, s in enumerate(self.stages) if s.start == stop), len(self.stages))
         self._chains = {}  # the stages after are reopened: their chains name old session ids
-        try:
-            for k in range(after, len(self.stages)):
-                stage = self.stages[k]
-                self.history[k] = History.of(hidden)
-                stage.close()
-                stage.open(self.max_length)
-                hidden = self._replay(stage, hidden)
-        except PeerError as e:
-            raise SessionError(f"redoing the work after a wrong result ({error}) failed: {e}") from e
-        self.outputs = History.of(hidden)
-        return hidden
+        k = self._after(stop)
+        if k is None:
+            return reference
+        self.history[k] = History.of(reference)
+        while k is not None:
+            stage = self.stages[k]
+            failed = self._reopen(k)  # replayed from its history; the next one's history follows
+            if failed is not None:  # its blocks to other peers, rebuilt from the same history
+                self._replace_unreopened(self.stages.index(stage), failed, failed)
+            k = self._after(stage.stop)
+        return self.outputs.tensor()
+
+    def _after(self, block: int) -> int | None:
+        """The index of the stage that starts at `block`, None past the last block."""
+        return next((k for k, s in enumerate(self.stages) if s.start == block), None)
 
     def _at(self, block: int) -> int:
         """The index of the stage that starts at `block` (failover may have changed indices)."""
@@ -306,8 +309,9 @@ class InferenceSession:
                 f"{self.swarm.options.wire} wire")
 
     def _reopen(self, i: int) -> PeerError | None:
-        """A new session for stage i on the same peers, replayed from the history; None if that
-        worked, else why not (the caller then replaces the stage)."""
+        """A new session for stage i on the same peers, replayed from the history (after the node
+        reclaimed the old one, or after the stage before computed wrong); None if that worked,
+        else why not (the caller then replaces the stage)."""
         stage = self.stages[i]
         self._recover_for(stage)
         i = self.stages.index(stage)
@@ -317,14 +321,14 @@ class InferenceSession:
             if self.history[i].positions:
                 self._replayed_outputs(i + 1, self._replay(stage, self.history[i].tensor()))
         except PeerError as e:
-            log.info("reopening a reclaimed session on %s failed: %s", ", ".join(stage.peers), e)
+            log.info("reopening a session on %s failed: %s", ", ".join(stage.peers), e)
             return e
         self._chains = {}  # they name the old session ids
         if i > 0:
             # Most likely the hop before was refused relaying to the reclaimed session, which was
             # not its fault; if it was for another reason, one relayed step finds that out again.
             self._no_relay.discard(self.stages[i - 1])
-        log.info("reopened a reclaimed session on %s (%d positions replayed)", ", ".join(stage.peers), self.pos)
+        log.info("reopened a session on %s (%d positions replayed)", ", ".join(stage.peers), self.pos)
         return None
 
     def _replace_unreopened(self, i: int, failed: PeerError, error: PeerError) -> int:

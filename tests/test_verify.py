@@ -154,6 +154,40 @@ def test_a_last_stage_that_computes_wrong_is_caught_too(tiny_model_dir):
     assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, N_TOKENS, GREEDY).ids
 
 
+def test_a_stage_that_fails_while_the_work_is_redone_is_failed_over_too(tiny_model_dir, monkeypatch):
+    """After a wrong result the stages after the liar are reopened and replayed; one whose peer
+    died just then ended the generation (a known gap): it is now failed over like any other."""
+    from nanoswarm.client.session import InferenceSession
+
+    swarm = SwarmWithALiar(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest"]), NodeSpec((0, 2)),
+                                            NodeSpec((2, 4)), NodeSpec((2, 4))])
+    replace = InferenceSession._replace
+
+    def replace_then_kill_the_next(self, i, error, strike=True):
+        index = replace(self, i, error, strike)
+        if error.code == "wrong_result":
+            swarm.kill(2)  # the route's peer for blocks 2:4, before it is reopened
+        return index
+
+    monkeypatch.setattr(InferenceSession, "_replace", replace_then_kill_the_next)
+    swarm.start()
+    try:
+        model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
+                                   options=SwarmOptions(timeout=2, verify=1.0))
+        try:
+            for far in (1, 3):  # routes prefer the lowest round trip: the liar and node 2 first
+                model.swarm.peers[swarm.addresses[far]].rtt = 1.0
+            model.swarm.checker.pick = lambda choices: choices[0]
+            result = model.generate(PROMPT, N_TOKENS, GREEDY)
+        finally:
+            model.close()
+    finally:
+        swarm.stop()
+    assert result.wrong_results == 1 and result.failovers == 2
+    assert [stage["peers"] for stage in result.route] == [[swarm.addresses[1]], [swarm.addresses[3]]]
+    assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, N_TOKENS, GREEDY).ids
+
+
 def test_with_no_honest_peer_for_the_blocks_the_generation_ends_with_the_reason(tiny_model_dir):
     swarm = SwarmWithALiar(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest"]), NodeSpec((2, 4))])
     swarm.start()
