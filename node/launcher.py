@@ -15,8 +15,10 @@ environment as its own. Any other node, such as one whose OpenMP threads are bou
 its own, as before. NANOSWARM_FORK=0 turns forking off.
 
 The launcher is a child of the harness process; it forks its nodes, reaps them and reports each
-one's exit code. When the harness process goes, however it ends, the launcher reads the end of
-its socket and exits too, and its nodes, which watch their parent's pid, leave the swarm.
+one's exit code (by request, not by pid: pids are reused). When the harness process goes,
+however it ends, the launcher sees its socket end or its parent change and exits too, and its
+nodes, which watch their parent's pid, leave the swarm. A forked node runs the code the launcher
+imported, and `ps` shows it with the launcher's command line.
 """
 
 from __future__ import annotations
@@ -48,24 +50,30 @@ class ForkedNode:
     """A node process forked by the launcher, with the part of `subprocess.Popen`'s interface
     the harness uses (pid, stdout, poll, wait, send_signal, terminate, kill, returncode)."""
 
-    def __init__(self, launcher: Launcher, args: list[str], pid: int, stdout: IO[str]):
+    def __init__(self, launcher: Launcher, args: list[str], number: int, pid: int, stdout: IO[str]):
         self.launcher = launcher
         self.args = args
+        self.number = number  # the launcher's request number: exits are reported by it, not by pid
         self.pid = pid
         self.stdout = stdout
+        self.started = _start_time(pid)  # tells this process from a later one with its pid
+        self._code: int | None = None
 
     @property
     def returncode(self) -> int | None:
-        return self.launcher.exit_code(self.pid)
+        if self._code is None:
+            self._code = self.launcher.exit_code(self)
+        return self._code
 
     def poll(self) -> int | None:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        code = self.launcher.wait_exit(self.pid, timeout)
-        if code is None:
+        if self._code is None:
+            self._code = self.launcher.wait_exit(self, timeout)
+        if self._code is None:
             raise subprocess.TimeoutExpired(self.args, timeout)
-        return code
+        return self._code
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:  # as Popen: never signal a pid that may have been reused
@@ -80,21 +88,22 @@ class ForkedNode:
 
 class Launcher:
     """The harness's side of one launcher process: spawn() forks a node from it; a thread reads
-    the launcher's reports (a node's pid, a node's exit code)."""
+    the launcher's reports (a node forked, or why not; a node's exit code)."""
 
     def __init__(self, env: dict[str, str]):
         self.env = dict(env)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nanoswarm.node.launcher", str(theirs.fileno())],
-            stdin=subprocess.DEVNULL, env=self.env, pass_fds=[theirs.fileno()])
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=self.env,
+            pass_fds=[theirs.fileno()], preexec_fn=_ignore_ctrl_c)
         theirs.close()
         self.pid = self.proc.pid
         self._sock = ours
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
-        self._spawned: dict[int, int] = {}  # request number -> pid
-        self._exits: dict[int, int] = {}  # pid -> exit code (negative: the signal that ended it)
+        self._spawned: dict[int, int | str] = {}  # request number -> pid, or why it was not forked
+        self._exits: dict[int, int] = {}  # request number -> exit code (negative: the signal)
         self._next_request = 0
         self.alive = True
         threading.Thread(target=self._read_reports, name="nanoswarm-launcher", daemon=True).start()
@@ -102,14 +111,14 @@ class Launcher:
     def spawn(self, args: list[str], env: dict[str, str], stderr: int,
               timeout: float = 60.0) -> ForkedNode:
         """Fork `python -m nanoswarm ARGS[3:]` with `env`, its stdout a new pipe (returned as the
-        node's `stdout`), its stderr the descriptor `stderr`."""
+        node's `stdout`), its stderr the descriptor `stderr`, on the calling thread's cores."""
         read_end, write_end = os.pipe()
         try:
             with self._send_lock:
                 self._next_request += 1
                 number = self._next_request
                 request = {"request": number, "argv": ["nanoswarm", *args[3:]], "env": env,
-                           "cwd": os.getcwd()}
+                           "cwd": os.getcwd(), "cpus": sorted(os.sched_getaffinity(0))}
                 socket.send_fds(self._sock, [json.dumps(request).encode()], [write_end, stderr])
         except BaseException:
             os.close(read_end)
@@ -122,19 +131,20 @@ class Launcher:
                 stdout.close()
                 raise TimeoutError(f"the node launcher did not fork within {timeout:.0f}s")
             pid = self._spawned.pop(number, None)
-        if pid is None:
+        if not isinstance(pid, int):
             stdout.close()
-            raise RuntimeError(f"the node launcher exited with code {self.proc.poll()}")
-        return ForkedNode(self, args, pid, stdout)
+            raise RuntimeError(f"could not fork a node: {pid}" if pid else
+                               f"the node launcher exited with code {self.proc.poll()}")
+        return ForkedNode(self, args, number, pid, stdout)
 
-    def exit_code(self, pid: int) -> int | None:
+    def exit_code(self, node: ForkedNode) -> int | None:
         with self._cond:
-            return self._code(pid)
+            return self._code(node)
 
-    def wait_exit(self, pid: int, timeout: float | None) -> int | None:
+    def wait_exit(self, node: ForkedNode, timeout: float | None) -> int | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while (code := self._code(pid)) is None:
+            while (code := self._code(node)) is None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
@@ -142,12 +152,11 @@ class Launcher:
                 self._cond.wait(left if self.alive else min(0.05, left or 0.05))
             return code
 
-    def _code(self, pid: int) -> int | None:
-        if pid not in self._exits and not self.alive:
-            code = _orphan_exit(pid)
-            if code is not None:
-                self._exits[pid] = code
-        return self._exits.get(pid)
+    def _code(self, node: ForkedNode) -> int | None:
+        code = self._exits.pop(node.number, None)  # the node keeps it from here on
+        if code is None and not self.alive and not _same_process(node.pid, node.started):
+            code = 1  # gone while no launcher was left to say how: its code is lost
+        return code
 
     def _read_reports(self) -> None:
         while True:
@@ -164,24 +173,33 @@ class Launcher:
                 if "exited" in report:
                     self._exits[report["exited"]] = report["code"]
                 else:
-                    self._spawned[report["request"]] = report["pid"]
+                    self._spawned[report["request"]] = report.get("pid", report.get("error"))
                 self._cond.notify_all()
 
 
-def _orphan_exit(pid: int) -> int | None:
-    """A node of a launcher that died: no exit code can come, so it is 1 once the node is gone
-    (its pid free, or a zombie that its new parent has not reaped)."""
+def _ignore_ctrl_c() -> None:
+    """In the launcher before it starts: Ctrl-C goes to the whole terminal's process group, and
+    the harness and the nodes act on it; the launcher, mid-import, would print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # kept across exec; Python then leaves it
+
+
+def _start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return 1
+            fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return 1 if state in ("Z", "X") else None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
-_launcher: Launcher | None = None
+def _same_process(pid: int, started: int | None) -> bool:
+    """Whether `pid` is still the running process that started at `started` (not a zombie, not a
+    later process that was given the same pid)."""
+    return started is not None and _start_time(pid) == started
+
+
+_launchers: dict[frozenset, Launcher] = {}  # by the load-time environment they started with
 _launcher_lock = threading.Lock()
 
 
@@ -204,25 +222,30 @@ def launcher_for(args: list[str], env: dict[str, str], default_env: dict[str, st
     environment when nothing is asked of it), or None where the node must be a process of its
     own: forking off, not a `python -m nanoswarm` command, an OpenMP binding, an environment
     whose LOAD_TIME_VARS (but `harness_key`) differ from the launcher's, or no fork here."""
-    global _launcher
     if (sys.platform != "linux" or not hasattr(socket, "send_fds") or env.get(FORK_ENV, "1") == "0"
             or args[:3] != [sys.executable, "-m", "nanoswarm"]
             or any(k in env or k in default_env for k in BINDING_VARS)):
         return None
+    key = frozenset(_load_time(default_env, harness_key).items())
+    if frozenset(_load_time(env, harness_key).items()) != key:
+        return None
     with _launcher_lock:
-        if (_launcher is None or not _launcher.alive or _launcher.proc.poll() is not None
-                or _load_time(_launcher.env, harness_key) != _load_time(default_env, harness_key)):
-            _launcher = Launcher(default_env)  # (one whose environment changed serves its nodes on)
-        launcher = _launcher
-    same = _load_time(env, harness_key) == _load_time(launcher.env, harness_key)
-    return launcher if same else None
+        # One launcher per environment the harness has had (a test that sets a variable for a
+        # while makes a second, which stays for when it comes back); a dead one is replaced.
+        launcher = _launchers.get(key)
+        if launcher is None or not launcher.alive or launcher.proc.poll() is not None:
+            launcher = _launchers[key] = Launcher(default_env)
+        return launcher
 
 
 # ---- the launcher process ------------------------------------------------------------------
 
 def _serve(sock: socket.socket) -> None:
-    """Fork a node for each request, report its pid, and each node's exit code when it ends.
-    Returns when the harness closes its end."""
+    """Fork a node for each request, report its pid (or why it could not be forked), and each
+    node's exit code when it ends. Returns when the harness is gone: its end of the socket
+    closed, or this process's parent changed (a process forked from the harness, such as a
+    multiprocessing worker, holds a copy of that end and could keep it open long after)."""
+    harness = os.getppid()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -230,30 +253,45 @@ def _serve(sock: socket.socket) -> None:
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
-    while True:
-        for key, _ in selector.select():
-            if key.fileobj is sock:
+    numbers: dict[int, int] = {}  # pid -> request number, for the exit reports
+    try:
+        while os.getppid() == harness:
+            for key, _ in selector.select(timeout=0.5):
+                if key.fileobj is not sock:
+                    os.read(wake_r, 4096)
+                    continue
                 data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 2)
                 if not data:
                     return
-                request = json.loads(data)
-                pid = os.fork()
+                request = None
+                try:
+                    request = json.loads(data)
+                    number = int(request["request"])
+                    pid = os.fork()
+                except (OSError, ValueError, KeyError, TypeError) as e:  # e.g. no process left to fork
+                    for fd in fds:
+                        os.close(fd)
+                    number = request.get("request") if isinstance(request, dict) else None
+                    sock.send(json.dumps({"request": number, "error": str(e) or type(e).__name__}).encode())
+                    continue
                 if pid == 0:
                     selector.close()
                     _run_node(request, fds, [sock.fileno(), wake_r, wake_w])
                 for fd in fds:
                     os.close(fd)
-                sock.send(json.dumps({"request": request["request"], "pid": pid}).encode())
-            else:
-                os.read(wake_r, 4096)
-        while True:  # reap every node that ended, whichever wake-up told us
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            sock.send(json.dumps({"exited": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
+                numbers[pid] = number
+                sock.send(json.dumps({"request": number, "pid": pid}).encode())
+            while True:  # reap every node that ended, whichever wake-up told us
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                code = os.waitstatus_to_exitcode(status)
+                sock.send(json.dumps({"exited": numbers.pop(pid, None), "code": code}).encode())
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the harness went while we were telling it something
 
 
 def _run_node(request: dict, fds: list[int], close: list[int]) -> None:
@@ -269,7 +307,15 @@ def _run_node(request: dict, fds: list[int], close: list[int]) -> None:
         os.dup2(fds[0], 1)
         os.dup2(fds[1], 2)
         for fd in fds:
-            os.close(fd)
+            if fd > 2:
+                os.close(fd)
+        if sys.stderr is None:  # the harness started us without a stderr: the node has one now
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+        if request.get("cpus"):
+            try:
+                os.sched_setaffinity(0, request["cpus"])
+            except OSError:  # cores this process may not use: stay where the launcher runs
+                pass
         os.environ.clear()
         os.environ.update(request["env"])
         tempfile.tempdir = None  # read TMPDIR again, should the imports have read it
@@ -295,7 +341,7 @@ def _run_node(request: dict, fds: list[int], close: list[int]) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the nodes and the harness
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (already, from the harness: _ignore_ctrl_c)
     sock = socket.socket(fileno=int(sys.argv[1]))
     # What every node imports (torch among them), once, before the first fork.
     import nanoswarm.cli  # noqa: F401

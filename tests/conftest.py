@@ -49,6 +49,18 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def children_of(pid: int) -> list[int]:
+    """The pids of the processes whose parent is `pid`."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass  # a process that ended meanwhile
+    return kids
+
+
 def make_model_dir(path: Path, config: ModelConfig, seed: int = 0, layers_per_shard: int = 1,
                    head_splits=None) -> Path:
     torch.manual_seed(seed)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLI, TINY, pid_alive, run_cli, run_clis
+from conftest import CLI, TINY, children_of, pid_alive, run_cli, run_clis
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
@@ -103,17 +103,6 @@ def _gone(pids: list[int], seconds: float = 10) -> bool:
     return not any(pid_alive(p) for p in pids)
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
-            pass  # a process that ended meanwhile
-    return kids
-
-
 def test_signals_end_commands_as_ctrl_c_does(tiny_model_dir, tmp_path):
     """SIGTERM or SIGHUP (kill, timeout, a closed terminal) skipped every command's cleanup but
     cluster's and demo's: key files and bench's models were left, and generate's sessions stayed
@@ -132,7 +121,7 @@ def test_signals_end_commands_as_ctrl_c_does(tiny_model_dir, tmp_path):
         assert probe.request("info").fields["sessions"] == 0  # closed on the way out, not in 300 s
     finally:
         probe.close()
-        children = _children(proc.pid)  # the node launcher among them (node/launcher.py)
+        children = children_of(proc.pid)  # the node launcher among them (node/launcher.py)
         proc.kill()  # nothing can clean up after SIGKILL; its nodes still go (they watch it)
         proc.wait()
     assert children and _gone(pids + children)

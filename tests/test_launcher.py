@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import pid_alive
+from conftest import children_of, pid_alive
 
 from nanoswarm import START_CPUS, runtime_defaults
 from nanoswarm.client.api import SwarmModel
@@ -96,3 +97,59 @@ def test_forked_nodes_leave_when_their_launcher_is_gone(tiny_model_dir, tmp_path
         if pid_alive(node.pid):
             os.kill(node.pid, signal.SIGKILL)
         node.stdout.close()
+
+
+def test_a_request_the_launcher_cannot_serve_is_refused_and_it_serves_on(tiny_model_dir, tmp_path):
+    """A request it cannot fork for (here malformed; a fork refused for want of processes takes
+    the same path) is answered with the reason instead of ending the launcher and every node."""
+    launcher = Launcher(_default_env())
+    read_end, write_end = os.pipe()
+    try:
+        socket.send_fds(launcher._sock, [b'{"no": "request number"}'], [write_end, write_end])
+        cmd = [*NODE, str(tiny_model_dir), "--layers", "0:4", "--listen", "tcp://127.0.0.1:*", "--insecure",
+               "--key-file", str(tmp_path / "node.key")]
+        with open(os.devnull, "w") as devnull:
+            node = launcher.spawn(cmd, {**launcher.env, HARNESS_ENV: str(launcher.pid)}, devnull.fileno())
+        assert node.stdout.readline().startswith("listening ")
+        node.terminate()
+        assert node.wait(15) == 0 and launcher.proc.poll() is None
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        launcher.proc.kill()
+        launcher.proc.wait(10)
+
+
+HARNESS_THAT_FORKS = """
+import os, sys, time
+from nanoswarm.node.cluster import LocalCluster, NodeSpec
+swarm = LocalCluster(sys.argv[1], [NodeSpec((0, 4))]).start()
+if os.fork() == 0:  # a child of the harness (a multiprocessing worker, say) outlives it
+    time.sleep(60)
+    os._exit(0)
+print(swarm.nodes[0].pid, swarm.nodes[0].proc.launcher.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_launcher_goes_with_the_harness_even_while_a_child_of_the_harness_lives(tiny_model_dir):
+    """The child holds a copy of the harness's end of the launcher's socket, so the launcher saw
+    no end of it and kept its nodes for as long as the child lived (a review)."""
+    harness = subprocess.Popen([sys.executable, "-c", HARNESS_THAT_FORKS, str(tiny_model_dir)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    pids = [int(p) for p in harness.stdout.readline().split()]
+    child = next(p for p in children_of(harness.pid) if p not in pids)
+    try:
+        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+        harness.kill()
+        harness.wait(10)
+        deadline = time.monotonic() + 10
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(pid_alive(p) for p in pids) and pid_alive(child)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        for p in pids:
+            if pid_alive(p):
+                os.kill(p, signal.SIGKILL)
+
