@@ -94,7 +94,7 @@ class Launcher:
         self.env = dict(env)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nanoswarm.node.launcher", str(theirs.fileno())],
+            [sys.executable, "-m", "nanoswarm.node.launcher", str(theirs.fileno()), str(os.getpid())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=self.env,
             pass_fds=[theirs.fileno()], preexec_fn=_ignore_ctrl_c)
         theirs.close()
@@ -240,12 +240,11 @@ def launcher_for(args: list[str], env: dict[str, str], default_env: dict[str, st
 
 # ---- the launcher process ------------------------------------------------------------------
 
-def _serve(sock: socket.socket) -> None:
+def _serve(sock: socket.socket, harness: int) -> None:
     """Fork a node for each request, report its pid (or why it could not be forked), and each
     node's exit code when it ends. Returns when the harness is gone: its end of the socket
     closed, or this process's parent changed (a process forked from the harness, such as a
     multiprocessing worker, holds a copy of that end and could keep it open long after)."""
-    harness = os.getppid()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -267,6 +266,8 @@ def _serve(sock: socket.socket) -> None:
                 try:
                     request = json.loads(data)
                     number = int(request["request"])
+                    if len(fds) != 2:
+                        raise ValueError(f"{len(fds)} descriptors with the request, not 2")
                     pid = os.fork()
                 except (OSError, ValueError, KeyError, TypeError) as e:  # e.g. no process left to fork
                     for fd in fds:
@@ -343,10 +344,13 @@ def _run_node(request: dict, fds: list[int], close: list[int]) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (already, from the harness: _ignore_ctrl_c)
     sock = socket.socket(fileno=int(sys.argv[1]))
+    harness = int(sys.argv[2])  # our parent: given, since it may be gone before we look
+    if os.getppid() != harness:
+        return
     # What every node imports (torch among them), once, before the first fork.
     import nanoswarm.cli  # noqa: F401
     import nanoswarm.node.daemon  # noqa: F401
-    _serve(sock)
+    _serve(sock, harness)
 
 
 if __name__ == "__main__":
