@@ -153,3 +153,42 @@ def test_the_launcher_goes_with_the_harness_even_while_a_child_of_the_harness_li
             if pid_alive(p):
                 os.kill(p, signal.SIGKILL)
 
+
+
+HARNESS_THAT_DIES_AT_ONCE = """
+import os, signal, sys, threading, time
+from nanoswarm import runtime_defaults
+from nanoswarm.node.cluster import HARNESS_ENV
+from nanoswarm.node.launcher import Launcher
+launcher = Launcher(runtime_defaults({**os.environ, "PYTHONUNBUFFERED": "1"}))
+cmd = [sys.executable, "-m", "nanoswarm", "node", sys.argv[1], "--layers", "0:4", "--insecure",
+       "--listen", "tcp://127.0.0.1:*", "--key-file", sys.argv[2]]
+threading.Thread(target=launcher.spawn, daemon=True,
+                 args=(cmd, {**launcher.env, HARNESS_ENV: str(launcher.pid)}, 2)).start()
+child = os.fork()
+if child == 0:  # holds the harness's end of the socket open
+    time.sleep(30)
+    os._exit(0)
+print(launcher.pid, child, flush=True)
+time.sleep(0.3)
+os.kill(os.getpid(), signal.SIGKILL)  # while the launcher still imports torch
+"""
+
+
+def test_a_harness_gone_before_its_launcher_started_gets_no_node(tiny_model_dir, tmp_path):
+    """The launcher took its parent's pid after importing torch: a harness already gone by then
+    left it serving under init, forking the node asked for (a review)."""
+    key_file = tmp_path / "node.key"  # what the node would make first thing
+    harness = subprocess.Popen([sys.executable, "-c", HARNESS_THAT_DIES_AT_ONCE, str(tiny_model_dir), str(key_file)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    launcher, child = (int(p) for p in harness.stdout.readline().split())
+    try:
+        harness.wait(10)
+        deadline = time.monotonic() + 15
+        while pid_alive(launcher) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(launcher)
+        time.sleep(1)
+        assert not key_file.exists(), "the launcher forked a node for a harness that was gone"
+    finally:
+        os.kill(child, signal.SIGKILL)
