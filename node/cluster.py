@@ -158,8 +158,12 @@ class LocalCluster:
         """The node forked from the launcher, which has torch loaded already (node/launcher.py),
         or None where it must start as a process of its own."""
         stderr = self.stderr
-        if stderr is None:
-            stderr = sys.stderr
+        if stderr is None:  # as a process of its own: this process's fd 2, where there is one
+            try:
+                os.fstat(2)
+                stderr = 2
+            except OSError:
+                stderr = subprocess.DEVNULL
         if stderr == subprocess.DEVNULL:
             with open(os.devnull, "w") as devnull:
                 return self._fork_to(cmd, env, default_env, devnull.fileno())
