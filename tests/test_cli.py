@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLI, TINY, children_of, pid_alive, run_cli, run_clis
+from conftest import CLI, TINY, all_gone, children_of, pid_alive, run_cli, run_clis
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
@@ -70,7 +70,7 @@ def test_cluster_generate_and_clean_stop(tiny_model_dir, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    assert _gone(pids), "a node process was left behind"
+    assert all_gone(pids), "a node process was left behind"
     assert list(tmp_path.iterdir()) == []  # the nodes' key files are removed (SIGTERM: as Ctrl-C)
 
 
@@ -96,13 +96,6 @@ def _cluster(model_dir, tmp: Path, *args: str) -> tuple[subprocess.Popen, dict]:
     return proc, json.loads(proc.stdout.readline())
 
 
-def _gone(pids: list[int], seconds: float = 10) -> bool:
-    deadline = time.monotonic() + seconds
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return not any(pid_alive(p) for p in pids)
-
-
 def test_signals_end_commands_as_ctrl_c_does(tiny_model_dir, tmp_path):
     """SIGTERM or SIGHUP (kill, timeout, a closed terminal) skipped every command's cleanup but
     cluster's and demo's: key files and bench's models were left, and generate's sessions stayed
@@ -124,7 +117,7 @@ def test_signals_end_commands_as_ctrl_c_does(tiny_model_dir, tmp_path):
         children = children_of(proc.pid)  # the node launcher among them (node/launcher.py)
         proc.kill()  # nothing can clean up after SIGKILL; its nodes still go (they watch it)
         proc.wait()
-    assert children and _gone(pids + children)
+    assert children and all_gone(pids + children)
 
 
 def test_a_cluster_whose_node_dies_says_so_and_stops(tiny_model_dir, tmp_path):
@@ -133,7 +126,7 @@ def test_a_cluster_whose_node_dies_says_so_and_stops(tiny_model_dir, tmp_path):
     os.kill(pids[1], signal.SIGKILL)
     assert proc.wait(30) == 1
     assert f"error: node layers 2:4 (pid {pids[1]}) exited with code -9" in proc.stderr.read()
-    assert _gone(pids) and list((tmp_path / "a").iterdir()) == []
+    assert all_gone(pids) and list((tmp_path / "a").iterdir()) == []
 
 
 def test_harness_nodes_outlive_the_thread_that_started_them_not_the_process(tiny_model_dir, tmp_path):

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import children_of, pid_alive
+from conftest import all_gone, pid_alive
 
 from nanoswarm import START_CPUS, runtime_defaults
 from nanoswarm.client.api import SwarmModel
@@ -89,10 +89,7 @@ def test_forked_nodes_leave_when_their_launcher_is_gone(tiny_model_dir, tmp_path
         launcher.proc.kill()
         launcher.proc.wait(10)
         assert node.wait(15) == 1  # its code is lost with the launcher; that it ended is not
-        deadline = time.monotonic() + 10
-        while pid_alive(node.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not pid_alive(node.pid)
+        assert all_gone([node.pid])
     finally:
         if pid_alive(node.pid):
             os.kill(node.pid, signal.SIGKILL)
@@ -124,10 +121,11 @@ HARNESS_THAT_FORKS = """
 import os, sys, time
 from nanoswarm.node.cluster import LocalCluster, NodeSpec
 swarm = LocalCluster(sys.argv[1], [NodeSpec((0, 4))]).start()
-if os.fork() == 0:  # a child of the harness (a multiprocessing worker, say) outlives it
+child = os.fork()
+if child == 0:  # a child of the harness (a multiprocessing worker, say) outlives it
     time.sleep(60)
     os._exit(0)
-print(swarm.nodes[0].pid, swarm.nodes[0].proc.launcher.pid, flush=True)
+print(swarm.nodes[0].pid, swarm.nodes[0].proc.launcher.pid, child, flush=True)
 time.sleep(60)
 """
 
@@ -137,16 +135,12 @@ def test_the_launcher_goes_with_the_harness_even_while_a_child_of_the_harness_li
     no end of it and kept its nodes for as long as the child lived (a review)."""
     harness = subprocess.Popen([sys.executable, "-c", HARNESS_THAT_FORKS, str(tiny_model_dir)],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    pids = [int(p) for p in harness.stdout.readline().split()]
-    child = next(p for p in children_of(harness.pid) if p not in pids)
+    *pids, child = (int(p) for p in harness.stdout.readline().split())
     try:
         assert len(pids) == 2 and all(pid_alive(p) for p in pids)
         harness.kill()
         harness.wait(10)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(pid_alive(p) for p in pids) and pid_alive(child)
+        assert all_gone(pids) and pid_alive(child)
     finally:
         os.kill(child, signal.SIGKILL)
         for p in pids:
@@ -184,10 +178,7 @@ def test_a_harness_gone_before_its_launcher_started_gets_no_node(tiny_model_dir,
     launcher, child = (int(p) for p in harness.stdout.readline().split())
     try:
         harness.wait(10)
-        deadline = time.monotonic() + 15
-        while pid_alive(launcher) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not pid_alive(launcher)
+        assert all_gone([launcher], 15)
         time.sleep(1)
         assert not key_file.exists(), "the launcher forked a node for a harness that was gone"
     finally:
