@@ -75,6 +75,50 @@ class Chain:
             raise ChainBroken(e) from e
 
 
+def relays(before: object, after: object, no_relay: set) -> bool:
+    """Whether a relayed step may pass from stage `before` to stage `after`: both run whole
+    blocks, `before` has not refused to relay, and if `after`'s node checks who relays to it,
+    so does `before`'s (a node of an earlier version does not say which session it relays, and
+    an --insecure one relays with a key of the moment: neither can be pinned)."""
+    return (isinstance(before, RemoteLayerStage) and isinstance(after, RemoteLayerStage) and before not in no_relay
+            and (after.opened.get("admits") is not True
+                 or before.opened.get("admits") is True and before.conn.server_key is not None))
+
+
+def pin_route(stages: list, no_relay: set, timeout: float) -> tuple[RemoteLayerStage, PeerError] | None:
+    """Pin every session of the route whose node checks senders (`admits`) to the hops its
+    relayed steps may come from and go on to: the stages before and after it, where a step may
+    pass between them (`relays`), else none. Such a node takes a relayed step only from the hop
+    before (its CURVE key, relaying its session) and passes it only to the hop after or back to
+    the client (node/handler.py), so no earlier hop can step a later session, directly or through
+    the hops between. Asked only where the pins changed (a new route, a replaced or reopened
+    stage: one whose old peer keeps no way in), all at once. Returns the first stage that did not
+    take them, with why."""
+    asked, deadline = [], time.monotonic() + timeout
+    for k, stage in enumerate(stages):
+        if not isinstance(stage, RemoteLayerStage) or stage.opened.get("admits") is not True:
+            continue
+        before, after = stages[k - 1] if k else None, stages[k + 1] if k + 1 < len(stages) else None
+        pins = ([before.conn.server_key.decode(), before.session] if relays(before, stage, no_relay)
+                else None,
+                [after.conn.address, after.session] if relays(stage, after, no_relay) else None)
+        if pins == stage.pins:
+            continue
+        try:
+            rid = stage.conn.send("admit", {"session": stage.session, "relay_from": pins[0], "relay_to": pins[1]},
+                                  timeout=timeout)
+        except PeerError as e:
+            return stage, e
+        asked.append((stage, pins, rid))
+    for stage, pins, rid in asked:
+        try:
+            stage.conn.recv(rid, max(0.0, deadline - time.monotonic()))
+        except PeerError as e:
+            return stage, e
+        stage.pins = pins
+    return None
+
+
 STALL_SECONDS = 1.0  # a stage that answers `info` within this (or 3x its slowest sibling) is alive
 
 

@@ -24,7 +24,7 @@ import torch
 from nanoswarm.protocol.tensors import fits_wire
 
 from .history import History, Unkept
-from .relay import Chain, ChainBroken, stalled_stage
+from .relay import Chain, ChainBroken, pin_route, relays, stalled_stage
 from .route import RouteError
 from .stages import BUSY_RETRIES, RemoteLayerStage, Stage, busy_pause, step_retrying_busy
 from .swarm import Swarm
@@ -40,6 +40,10 @@ TRAIL_MAX_POSITIONS = 32
 # Positions per replay step: half the default --max-tokens-per-step; a node with a lower limit
 # refuses the step too_large and it is sent again in halves.
 REPLAY_CHUNK = 512
+# Rounds of pinning relayed steps (client/relay.py pin_route) a session may see fail before it
+# stops relaying: each costs a step stage by stage, and a timed-out one the timeout.
+PIN_TRIES = 3
+UNPIN_SECONDS = 1.0  # for dropping the pins when a session stops relaying
 
 
 class SessionError(Exception):
@@ -69,6 +73,9 @@ class InferenceSession:
         self.relay = swarm is not None and swarm.options.relay and swarm.checker is None
         self._no_relay: set[Stage] = set()  # stages whose node would not relay to the next
         self._chains: dict[tuple[Stage, ...], Chain] = {}  # by their stages
+        self._pinned: tuple | None = None  # the route (stages, sessions, no_relay) last pinned (_pin)
+        self._pin_failures = 0  # steps in a row whose pinning failed
+        self._pin_failed = False  # in this step
         self._moved_unstruck: set[str] = set()  # peers replaced without a strike (_replace_unreopened)
         self.checker = swarm.checker if swarm is not None else None
         if swarm is not None and swarm.options.verify and self.checker is None:
@@ -84,6 +91,8 @@ class InferenceSession:
         session = cls([], max_length, swarm, **kwargs)
         try:
             session._open_route(max_length)
+            if session.relay:
+                session._chain(0)  # the sessions pinned now, not in the prompt's step (_pin)
         except BaseException:  # close what was opened: each holds a KV reservation on its node
             session.close()
             raise
@@ -140,6 +149,7 @@ class InferenceSession:
             raise SessionError(self._unfit(self.stages[0]))
         i, busy_retries, reopened = 0, 0, set()
         relay, rewind = self.relay, set()  # rewind: stages that may hold this position already
+        self._pin_failed = False  # pinning is tried at most once a step (_pin)
         while i < len(self.stages):
             stage = self.stages[i]
             if self.swarm is not None and stage.leaving:
@@ -269,16 +279,18 @@ class InferenceSession:
         return next(k for k, s in enumerate(self.stages) if s.start == block)
 
     def _chain(self, i: int) -> Chain | None:
-        """Stages i.. that one relayed step can run (consecutive layer stages, none leaving), if
-        there are two or more."""
+        """Stages i.. that one relayed step can run (consecutive layer stages, none leaving, each
+        passing steps to the next: client/relay.py `relays`), if there are two or more; the
+        route's sessions pinned to their relay hops first (`_pin`)."""
         stages: list[RemoteLayerStage] = []
-        for stage in self.stages[i:]:
+        for k in range(i, len(self.stages)):
+            stage = self.stages[k]
             if not isinstance(stage, RemoteLayerStage) or stage.leaving:
                 break
             stages.append(stage)
-            if stage in self._no_relay:
+            if not relays(stage, self.stages[k + 1] if k + 1 < len(self.stages) else None, self._no_relay):
                 break
-        if len(stages) < 2:
+        if not self._pin() or len(stages) < 2:
             return None
         key = tuple(stages)
         if key not in self._chains:
@@ -286,6 +298,32 @@ class InferenceSession:
             self._chains = {k: c for k, c in self._chains.items() if current.issuperset(k)}
             self._chains[key] = Chain(stages)
         return self._chains[key]
+
+    def _pin(self) -> bool:
+        """Pin the route's sessions to the hops their relayed steps come from and go to, where the
+        route changed since (pin_route: a replaced or reopened stage's old peer loses its way in).
+        False if a node did not take it: the rest of this step goes stage by stage, and the next
+        step asks again; after PIN_TRIES such steps in a row the session stops relaying and
+        drops its pins (a stage in trouble shows it when stepped alone, and is failed over then)."""
+        route = tuple((s, getattr(s, "session", None)) for s in self.stages), frozenset(self._no_relay)
+        if route == self._pinned:
+            return True
+        if self._pin_failed:
+            return False
+        refused = pin_route(self.stages, self._no_relay, self.swarm.options.timeout)
+        if refused is None:
+            self._pinned, self._pin_failures = route, 0
+            return True
+        self._pin_failed, self._pin_failures = True, self._pin_failures + 1
+        log.info("pinning relayed steps on %s: %s", ", ".join(refused[0].peers), refused[1])
+        if self._pin_failures >= PIN_TRIES:
+            log.warning("this session stops relaying: %d steps in a row could not pin its relayed steps",
+                        self._pin_failures)
+            self.relay = False
+            # Best effort: pinned hops keep no way in (a hop that steps the next session while the
+            # client does not relay makes the client's next step there fail as the node's fault).
+            pin_route(self.stages, set(self.stages), UNPIN_SECONDS)
+        return False
 
     def _chain_broken(self, chain: Chain, error: PeerError) -> None:
         """A relayed step did not come back; its stages will be asked one by one. A node that will

@@ -144,12 +144,13 @@ class RemoteLayerStage(Stage):
         self.conn, self.start, self.stop = conn, start, stop
         self.model_id, self.wire, self.timeout = model_id, wire, timeout
         self.session: str | None = None
+        self.pins: tuple = (None, None)  # its relayed steps' hops before and after, as pinned (client/relay.py)
 
     def open(self, max_length: int) -> None:
         self.max_length = max_length
         reply = self.conn.request("open", {"model_id": self.model_id, "max_length": max_length,
                                            "layers": [self.start, self.stop]}, timeout=self.timeout)
-        self.session = reply.fields["session"]
+        self.session, self.pins = reply.fields["session"], (None, None)
         self.opened = reply.fields  # its limits: positions_per_request
         self.conn.sessions.add(self.session)
 

@@ -71,6 +71,7 @@ class PeerConnection:
         # `address` may be a contact string (endpoint#key, keys/contact.py): it carries the key.
         endpoint, contact_key = split_contact(address)
         server_key = server_key if server_key is not None else contact_key
+        self.server_key = server_key  # z85, or None: no CURVE on this link
         self.socket = (ctx or shared_context()).socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_frame)  # per frame: libzmq bounds nothing else

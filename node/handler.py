@@ -1,5 +1,5 @@
 """Request handling on a node: decode and admit every message, answer the simple ones (info, open,
-close, records) and hand steps and forwards to the StepRunner (node/steps.py), which validates
+close, admit, records) and hand steps and forwards to the StepRunner (node/steps.py), which validates
 and computes them. No sockets here, so the fuzz tests can drive it directly; node/server.py feeds
 it from the ROUTER socket."""
 
@@ -12,10 +12,12 @@ import resource
 import sys
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from nanoswarm.keys.identity import is_z85_key
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import (
     PROTOCOL_VERSION,
@@ -23,12 +25,13 @@ from nanoswarm.protocol.messages import (
     Message,
     decode,
     encode,
+    parse_next,
     parse_range,
     peek_id,
 )
 from nanoswarm.shards.model import Blocks
 
-from .sessions import NodeLimits, SessionStore
+from .sessions import NodeLimits, Session, SessionStore
 from .steps import NodeStats, PendingStep, Reply, StepRunner
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,9 @@ class RequestHandler:
         self.leaving = False
         self.extra_info: dict[str, Any] = {}  # set by the server: address, keys, records
         self.on_records = None  # callable(Message) -> records_reply fields, set by the gossip layer
+        # callable(frames) -> the sender's CURVE key (z85 text, from ZAP), set by a server with
+        # CURVE: relayed steps are then taken only from the peer a session's owner admitted.
+        self.sender_key: Callable[[list], str | None] | None = None
         # Recently seen request ids per peer, to refuse duplicates (a replayed request must not
         # run a step twice and corrupt a KV cache): the last 1,024 of each peer, at most
         # MAX_SEEN_IDS in all (peers that reconnect get new identities: the least recently
@@ -87,7 +93,7 @@ class RequestHandler:
             req_id, to = 0, peer
             try:
                 msg = decode(frames, self.limits.max_message_bytes, types=REQUEST_TYPES)
-                to, req_id = self._reply_route(peer, msg)
+                to, req_id = self._reply_route(peer, msg, frames)
                 self._admit(peer, msg, per_peer, reply_to=to)
                 if pending and (msg.type == "forward" or msg.type in ("step", "close") and any(
                         p.msg.fields["session"] == msg.fields["session"] for p in pending)):
@@ -99,7 +105,8 @@ class RequestHandler:
                     replies.extend(self.steps.run(pending))
                     pending = []
                 if msg.type == "step":
-                    pending.append(self.steps.validate((to, req_id), msg))
+                    # Steps relayed by the hop before go on only as the owner pinned (`admit`).
+                    pending.append(self.steps.validate((to, req_id), msg, pinned=to != peer and self.checks_senders))
                 else:
                     replies.append((peer, self._handle_simple(peer, msg)))
             except ProtocolError as e:
@@ -139,16 +146,35 @@ class RequestHandler:
         self.steps.can_relay = fn
 
     # ----- admission ----------------------------------------------------------------------
-    def _reply_route(self, peer: bytes, msg: Message) -> tuple[bytes, int]:
+    @property
+    def checks_senders(self) -> bool:
+        """Whether this node knows who sent a message (CURVE with ZAP): then a session takes
+        relayed steps only as its owner pinned them (`admit`)."""
+        return self.sender_key is not None
+
+    def _reply_route(self, peer: bytes, msg: Message, frames: list) -> tuple[bytes, int]:
         """Where the replies to a request go, with which id: to its sender, except for a relayed
-        step (one carrying `reply`) of a session we hold: to the session's owner, with the id the
-        owner gave the chain (node/relay.py). Nobody else can be made to receive them."""
+        step (one carrying `reply`) of a session we hold that comes from its owner or from the
+        hop before that the owner admitted: to the owner, with the id the owner gave the chain
+        (node/relay.py). Nobody else can be made to receive them, and a relayed step from anyone
+        else is answered to its sender as a step of a session it does not own
+        (StepRunner.validate: `unknown_session`)."""
         reply = msg.get("reply")
         if msg.type == "step" and type(reply) is int and 0 <= reply < 2**63:
             session = self.sessions.sessions.get(msg.fields["session"])
-            if session is not None:
+            if session is not None and (peer == session.peer or self._admitted(session, msg, frames)):
                 return session.peer, reply
         return peer, msg.id
+
+    def _admitted(self, session: Session, msg: Message, frames: list) -> bool:
+        """Whether a relayed step comes from the hop before that the session's owner admitted:
+        that peer's CURVE key, relaying that peer's session (`from`), so that a peer on another
+        route, or one of its own sessions, cannot pass a step on here. A node without CURVE
+        knows no sender's key: there every holder of the session id is admitted."""
+        if not self.checks_senders:
+            return True
+        return (session.relay_from is not None and msg.get("from") == session.relay_from[1]
+                and self.sender_key(frames) == session.relay_from[0])
 
     def _admit(self, peer: bytes, msg: Message, per_peer: dict, reply_to: bytes) -> None:
         seen = self._seen.get(peer)
@@ -188,6 +214,8 @@ class RequestHandler:
             # theirs looks like one that does not exist (closing those is a no-op).
             self.sessions.close(msg.fields["session"], peer=peer)
             return encode("closed", msg.id, {"session": msg.fields["session"]})
+        if msg.type == "admit":
+            return self._admit_relays(peer, msg)
         if msg.type == "forward":
             return self._forward(msg)
         if msg.type == "records":
@@ -249,7 +277,28 @@ class RequestHandler:
                                          "kv_bytes": session.cache.nbytes,
                                          "max_tokens_per_step": self.limits.max_tokens_per_step,
                                          "max_message_bytes": self.limits.max_message_bytes,
-                                         "trail_optional": True})  # relayed steps may keep no trail
+                                         "trail_optional": True,  # relayed steps may keep no trail
+                                         # relayed steps only as the client pins them (`admit`)
+                                         "admits": self.checks_senders})
+
+    def _admit_relays(self, peer: bytes, msg: Message) -> list:
+        """The session's owner pins its relayed steps: they come from the stage before on its
+        route (that peer's CURVE key and session) and go on only to the stage after (contact
+        and session); null: from nobody but the owner, to nobody. Every earlier hop of a chain
+        learns the later hops' session ids: with the pins, none of them can step those
+        sessions, directly or through the hops between (docs/protocol.md)."""
+        session = self.sessions.get(msg.fields["session"], peer)
+        relay_from, relay_to = msg.fields["relay_from"], msg.fields["relay_to"]
+        if relay_from is not None:
+            [(key, _)] = parse_next([relay_from], "'relay_from' must be [CURVE key, session]")
+            if not (key.isascii() and is_z85_key(key.encode("ascii"))):
+                raise ProtocolError(ErrorCode.MALFORMED, "'relay_from' must begin with a CURVE public key: "
+                                    "40 z85 characters")
+        if relay_to is not None:
+            [relay_to] = parse_next([relay_to], "'relay_to' must be [contact, session]")
+        session.relay_from = None if relay_from is None else tuple(relay_from)
+        session.relay_to = relay_to
+        return encode("admitted", msg.id, {"session": session.id})
 
     def _forward(self, msg: Message) -> list:
         if self.head_shard:

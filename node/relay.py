@@ -5,7 +5,9 @@ The client names the chain in its step (`next`: [[contact, session], ...], `repl
 each node runs its blocks and sends the step on to the next hop with its output added to the
 outputs of the hops before it; the last node sends the client `result` with all of them (the
 client keeps every stage's input for failover replay). Replies and errors of a relayed step go
-to the session's owner (the client that opened it), never to the node that relayed it.
+to the session's owner (the client that opened it), never to the node that relayed it. With
+CURVE a session takes relayed steps only as its owner pinned them (`admit`: from the hop before,
+on to the hop after; node/handler.py).
 
 A node relays only to peers in its own table of signed records (node/gossip.py): a client
 cannot make it connect anywhere else. The links are DEALER sockets owned by the server thread,

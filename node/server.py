@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from nanoswarm.keys.contact import allow_ipv6
 from nanoswarm.protocol.errors import ErrorCode
@@ -94,14 +95,16 @@ class NodeServer:
         self.socket.setsockopt(zmq.RCVHWM, max(reply_queue_limit(handler.limits), handler.limits.max_sessions))
         self._auth = None
         if curve_secret is not None:
-            if allow_keys is not None:
-                from zmq.auth.thread import ThreadAuthenticator
-                self._auth = ThreadAuthenticator(self.ctx)
-                self._auth.start()
-                # The callback alone decides (configure_curve_callback turns allow-any off); it is
-                # registered for the exact domain our socket asks ZAP about.
-                self._auth.configure_curve_callback(domain="nanoswarm", credentials_provider=_AllowList(allow_keys))
-                self.socket.zap_domain = b"nanoswarm"
+            # ZAP: every connection's CURVE key is checked here (against --allow-keys, if given)
+            # and every message then carries its sender's key as "User-Id", which is how a session
+            # knows that a relayed step comes from the peer its owner admitted (handler._admitted).
+            # The callback alone decides (configure_curve_callback turns allow-any off); it is
+            # registered for the exact domain our socket asks ZAP about.
+            self._auth = ThreadAuthenticator(self.ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback(domain="nanoswarm", credentials_provider=_ClientKeys(allow_keys))
+            self.socket.zap_domain = b"nanoswarm"
+            handler.sender_key = sender_key
             self.socket.curve_secretkey = curve_secret
             self.socket.curve_publickey = curve_public
             self.socket.curve_server = True
@@ -281,14 +284,24 @@ class NodeServer:
             self._auth.stop()
 
 
-class _AllowList:
-    """ZAP credentials callback: accept exactly the listed CURVE public keys (z85)."""
+def sender_key(frames: list) -> str | None:
+    """The CURVE key (z85) a message came with, as ZAP gave it (None without ZAP, or for frames
+    that are not ZeroMQ's)."""
+    try:
+        return frames[0].get("User-Id")
+    except (AttributeError, zmq.ZMQError):  # bytes (in-process callers), or no such property
+        return None
 
-    def __init__(self, keys: set[bytes]):
-        self.keys = set(keys)
+
+class _ClientKeys:
+    """ZAP credentials callback: accept exactly the listed CURVE public keys (z85), or any key
+    when there is no list (then ZAP only names each connection's key)."""
+
+    def __init__(self, keys: set[bytes] | None):
+        self.keys = None if keys is None else set(keys)
 
     def callback(self, domain: str, key: bytes) -> bool:
-        ok = key in self.keys  # pyzmq's authenticator hands over the client key in z85
+        ok = self.keys is None or key in self.keys  # pyzmq's authenticator hands over the key in z85
         if not ok:
             log.warning("refused a client key not in --allow-keys")
         return ok

@@ -141,6 +141,10 @@ class Session:
     next_block: int = 0    # phase steps: next block whose attention this position expects
     pending_tokens: int = 0  # phase steps: tokens of that position (every block must store as many)
     maps: tuple = ()       # the memory maps under the cache (mapped_cache), for the pool
+    # Relayed steps (node/relay.py) as its owner pinned them (`admit`): from the hop before (its
+    # CURVE key, z85, and its session) and on to the hop after (contact, session).
+    relay_from: tuple[str, str] | None = None
+    relay_to: tuple[str, str] | None = None
 
     @property
     def length(self) -> int:

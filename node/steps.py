@@ -157,14 +157,23 @@ class StepRunner:
             raise ProtocolError(ErrorCode.BAD_VALUE, problem)
         return encode_frames("result", msg.id, {}, [(wire, tuple(y.shape))], [frame])
 
-    def validate(self, reply_to: tuple[bytes, int], msg: Message) -> PendingStep:
-        # A plain step comes from the session's owner; a relayed one from the hop before us (its
-        # replies still go to the owner: handler._reply_route). Session ids travel in relayed
-        # steps' `next`, so an earlier hop knows them: it may only append the next position
-        # (no rewind), which the owner's next step would notice, never silently rewrite the cache.
+    def validate(self, reply_to: tuple[bytes, int], msg: Message, pinned: bool = False) -> PendingStep:
+        # A plain step comes from the session's owner; a relayed one from the owner or the hop
+        # before us that the owner admitted. handler._reply_route sends the replies of those to
+        # the owner, and of anything else to its sender, so a step whose replies do not go to the
+        # owner is not the owner's. Session ids travel in relayed steps' `next`, so on a node
+        # without CURVE (where senders' keys are unknown) an earlier hop may step a later hop's
+        # session: it may only append the next position (no rewind), which the owner's next step
+        # would notice, never silently rewrite the cache.
+        # With `pinned` (a step the hop before relayed, on a node that knows senders) it goes on
+        # only to the hop the owner pinned, or ends here: a hop cannot send the session's output
+        # anywhere else, not even through the honest hops after it.
         hops, hop = self._chain(msg)
         relayed = hops is not None
-        session = self.sessions.get(msg.fields["session"], None if relayed else reply_to[0])
+        session = self.sessions.get(msg.fields["session"], reply_to[0])
+        if pinned and hops and hops[0] != session.relay_to:
+            raise ProtocolError(ErrorCode.NOT_SERVED, "this session passes relayed steps on only to the hop "
+                                "its client named")
         pos = msg.fields["pos"]
         if pos < 0:
             raise ProtocolError(ErrorCode.BAD_POSITION, f"negative position {pos}")
@@ -204,9 +213,9 @@ class StepRunner:
         (None, 0) for a plain step."""
         reply, hop = msg.get("reply"), msg.get("hop") or 0
         if reply is None:
-            if msg.get("next") is not None or hop or msg.get("trail") is not None:
-                raise ProtocolError(ErrorCode.MALFORMED, "'next', 'hop' and 'trail' belong to a relayed step, "
-                                    "with 'reply'")
+            if msg.get("next") is not None or hop or msg.get("trail") is not None or msg.get("from") is not None:
+                raise ProtocolError(ErrorCode.MALFORMED, "'next', 'hop', 'trail' and 'from' belong to a relayed "
+                                    "step, with 'reply'")
             return None, 0
         if not 0 <= reply < 2**63 or not 0 <= hop <= MAX_HOPS:
             raise ProtocolError(ErrorCode.MALFORMED, f"'reply' must be >= 0 and 'hop' from 0 to {MAX_HOPS}")
@@ -305,7 +314,7 @@ class StepRunner:
         relay = Relay(contact, to, reply_id, next_hop_id())
         self.stats.relayed += 1
         fields = {"session": session, "pos": p.msg.fields["pos"], "wire": p.wire, "reply": reply_id,
-                  "next": [list(h) for h in rest], "hop": hop + 1, "busy": busy}
+                  "next": [list(h) for h in rest], "hop": hop + 1, "busy": busy, "from": p.session.id}
         if not trail:
             fields["trail"] = False
         return [(relay, encode_frames("step", relay.hop_id, fields, specs, tensors))]

@@ -45,8 +45,11 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
              # and this node's place in the chain
              "reply": ((int, type(None)), False), "next": (_OPT_LIST, False),
              "hop": ((int, type(None)), False), "busy": (_OPT_LIST, False), "rewind": (_BOOL, False),
-             "trail": (_BOOL, False)},
+             "trail": (_BOOL, False), "from": (_OPT_STR, False)},
     "close": {"session": (_STR, True)},
+    # the hop before (its CURVE key, z85, and its session) whose relayed steps the session
+    # takes, and the hop after ([contact, session]) it passes them on to; null: none
+    "admit": {"session": (_STR, True), "relay_from": (_OPT_LIST, True), "relay_to": (_OPT_LIST, True)},
     "records": {"records": (_LIST, False), "want": (_BOOL, False),
                 # a client's request: that model's records only, in pages by peer id
                 "model_id": (_OPT_STR, False), "after": (_OPT_STR, False)},
@@ -55,9 +58,10 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                    "heads": (_OPT_LIST, False)},
     "opened": {"session": (_STR, True), "layers": (_LIST, True),
                "max_tokens_per_step": (_INT, False), "max_message_bytes": (_INT, False),
-               "trail_optional": (_BOOL, False)},
+               "trail_optional": (_BOOL, False), "admits": (_BOOL, False)},
     "result": {"busy_us": ((int, type(None)), False), "busy": (_OPT_LIST, False)},
     "closed": {"session": (_STR, True)},
+    "admitted": {"session": (_STR, True)},
     "records_reply": {"records": (_LIST, True), "after": (_OPT_STR, False)},
     "leaving": {"sessions": (_LIST, False)},
     "error": {"code": (_STR, True), "message": (_STR, True)},
@@ -120,7 +124,7 @@ def peek_id(header_bytes: bytes) -> int:
 
 
 # What a node takes; every other type is a reply (or a notice) and is `unknown_type` there.
-REQUEST_TYPES = frozenset({"info", "forward", "open", "step", "close", "records"})
+REQUEST_TYPES = frozenset({"info", "forward", "open", "step", "close", "admit", "records"})
 
 
 def decode(frames: list, max_message_bytes: int | None = None, finite: bool = False,
@@ -217,7 +221,7 @@ def parse_range(value: Any, limit: int, what: str) -> tuple[int, int]:
     return value[0], value[1]
 
 
-def parse_next(value: Any) -> list[tuple[str, str]]:
+def parse_next(value: Any, why: str = "a hop in 'next' must be [contact, session]") -> list[tuple[str, str]]:
     """A relayed step's `next`: [[contact, session], ...], at most MAX_HOPS (the contacts are the
     node's to judge: it relays only to peers it knows)."""
     if not isinstance(value, list) or len(value) > MAX_HOPS:
@@ -226,7 +230,7 @@ def parse_next(value: Any) -> list[tuple[str, str]]:
     for hop in value:
         if not (isinstance(hop, list) and len(hop) == 2 and isinstance(hop[0], str) and isinstance(hop[1], str)
                 and len(hop[0]) <= 512 and len(hop[1]) <= 64):
-            raise ProtocolError(ErrorCode.MALFORMED, "a hop in 'next' must be [contact, session]")
+            raise ProtocolError(ErrorCode.MALFORMED, why)
         hops.append((hop[0], hop[1]))
     return hops
 

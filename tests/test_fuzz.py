@@ -44,7 +44,8 @@ LIMITS = NodeLimits(max_message_bytes=64 * 1024, max_tokens_per_step=48, max_ses
                     max_inflight_per_peer=4, idle_timeout=60.0)
 KNOWN_CODES = {c.value for c in ErrorCode} - {ErrorCode.INTERNAL.value}
 REPLY_TYPE = {"info": "info_reply", "open": "opened", "step": "result", "forward": "result",
-              "close": "closed", "records": "records_reply"}
+              "close": "closed", "admit": "admitted", "records": "records_reply"}
+SENDER_KEYS = ["a" * 40, "b" * 40]  # CURVE keys (z85) that messages come with, as ZAP names them
 
 ANY_VALUE = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.integers(-3, 300),
@@ -72,6 +73,12 @@ class Node:
         self._poison_cache_memory()
         self.next_id = 1
         self.used: list[int] = []
+        self.senders: dict[int, str | None] = {}  # id(header frame) -> the key it came with
+
+    def check_senders(self) -> None:
+        """Take relayed steps as a node with CURVE does: only from the key a session's owner
+        admitted (the key of each message is drawn with it)."""
+        self.handler.sender_key = lambda frames: self.senders.get(id(frames[0]))
 
     def _poison_cache_memory(self) -> None:
         """Every map the pool hands out (new or reused) starts full of NaN bytes, so a session
@@ -124,7 +131,7 @@ def draw_reply_wire(data, wire: str) -> str:
 def draw_request(data, node: Node) -> tuple[str, dict, list[torch.Tensor], str]:
     h = node.handler
     kind = data.draw(st.sampled_from(["info", "open", "open", "step", "step", "step", "step", "close",
-                                      "forward", "records"]))
+                                      "admit", "forward", "records"]))
     fields: dict = {}
     tensors: list[torch.Tensor] = []
     wire = "float32"
@@ -132,11 +139,16 @@ def draw_request(data, node: Node) -> tuple[str, dict, list[torch.Tensor], str]:
     if kind == "open":
         fields = {"model_id": h.model_id, "layers": layers,
                   "max_length": data.draw(st.one_of(st.integers(1, 40), st.integers(-2, 2000)))}
-    elif kind in ("step", "close"):
+    elif kind in ("step", "close", "admit"):
         sessions = list(h.sessions.sessions.values())
         session = data.draw(st.sampled_from(sessions)) if sessions and data.draw(st.integers(0, 7)) else None
         sid = session.id if session else data.draw(st.text(max_size=24))
         fields = {"session": sid}
+        if kind == "admit":  # pins: from a sender's key relaying its session "sa", on to the known peer
+            good = st.sampled_from([[k, "sa"] for k in SENDER_KEYS] + [None])
+            fields["relay_from"] = data.draw(st.one_of(good, good, good, st.lists(st.text(max_size=41), max_size=3)))
+            good = st.sampled_from([[KNOWN_PEER, "next-session"], None])
+            fields["relay_to"] = data.draw(st.one_of(good, good, good, ANY_VALUE))
         if kind == "step":
             length = session.length if session else 0
             T = data.draw(st.one_of(st.integers(1, 3), st.integers(1, 60)))
@@ -150,7 +162,9 @@ def draw_request(data, node: Node) -> tuple[str, dict, list[torch.Tensor], str]:
                 trail = data.draw(st.booleans())  # without: only the previous hop's output comes
                 tensors = [x] * (max(1, hop) if trail else 1)
                 fields.update({"reply": data.draw(st.integers(0, 2**63 - 1)), "hop": hop,
-                               "next": data.draw(st.sampled_from([[], [[KNOWN_PEER, "next-session"]]]))})
+                               "next": data.draw(st.sampled_from([[], [[KNOWN_PEER, "next-session"]],
+                                                                  [[KNOWN_PEER, "elsewhere"]]])),
+                               "from": data.draw(st.sampled_from(["sa", "sb", None]))})
                 if not trail:
                     fields["trail"] = False
             elif data.draw(st.integers(0, 3)) == 0:  # a relayed step or a rewind, every field drawn
@@ -292,6 +306,8 @@ def test_fuzz_request_handling(served, tiny_model_dir):
     @given(st.data())
     def one_case(data) -> None:
         node = Node(*served[data.draw(st.integers(0, 1))])
+        if data.draw(st.booleans()):
+            node.check_senders()
         for _ in range(data.draw(st.integers(1, 6))):
             if data.draw(st.integers(0, 9)) == 0:  # time passes: idle sessions are reclaimed
                 node.clock.now += data.draw(st.sampled_from([1.0, LIMITS.idle_timeout + 1]))
@@ -303,6 +319,8 @@ def test_fuzz_request_handling(served, tiny_model_dir):
             for _ in range(data.draw(st.integers(1, 8))):
                 peer = data.draw(st.sampled_from(peers))
                 frames, req_id = draw_message(data, node)
+                if frames:
+                    node.senders[id(frames[0])] = data.draw(st.sampled_from([*SENDER_KEYS, None]))
                 batch.append((peer, frames))
                 expect.append(req_id)
             replies = node.handler.handle_batch(batch)
@@ -349,6 +367,8 @@ def test_fuzz_sessions_read_only_cache_rows_they_wrote(served):
     @given(st.data())
     def one_case(data) -> None:
         node = Node(*served[data.draw(st.integers(0, 1))])
+        if data.draw(st.booleans()):
+            node.check_senders()
         h = node.handler
         for _ in range(data.draw(st.integers(1, 12))):
             batch = [(b"peer", _near_valid_request(data, node, seen)) for _ in range(data.draw(st.integers(1, 4)))]

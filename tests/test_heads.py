@@ -161,11 +161,11 @@ class _BusyOnce(RequestHandler):
         self.block, self.refused = block, 0
         validate = self.steps.validate
 
-        def validate_or_refuse(reply_to, msg):
+        def validate_or_refuse(reply_to, msg, **kwargs):
             if msg.get("phase") == "attn" and msg.get("block") == self.block and not self.refused:
                 self.refused += 1
                 raise ProtocolError(ErrorCode.BUSY, "node overloaded (test)")
-            return validate(reply_to, msg)
+            return validate(reply_to, msg, **kwargs)
 
         self.steps.validate = validate_or_refuse
 

@@ -9,12 +9,16 @@ import time
 
 import pytest
 import torch
-from test_failover import N_TOKENS, PROMPT, SEEDED, TIMEOUT, generate_with_fault  # the same fault harness
+import zmq
+from test_failover import FAIL_AT, N_TOKENS, PROMPT, SEEDED, TIMEOUT, generate_with_fault  # the same fault harness
 
+import nanoswarm.client.session as session_module
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.swarm import SwarmOptions
 from nanoswarm.client.transport import PeerConnection, PeerError
+from nanoswarm.keys.contact import split_contact
+from nanoswarm.keys.identity import load_identity
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.relay import Relay
@@ -93,6 +97,15 @@ def test_killed_hop_mid_generation(small12_model_dir, cluster_factory, expected,
     assert result.ids == expected
     assert result.failovers == 1 and "disconnected" in notices[0] and killed[0] in notices[0]
     assert result.route[pick]["peers"][0] not in killed  # the spare took over
+    if pick == 1:  # the stage after the replaced one took its relayed steps: it was pinned to the spare
+        spare = PeerConnection(result.route[1]["peers"][0], timeout=10)
+        after = PeerConnection(result.route[2]["peers"][0], timeout=10)
+        try:
+            assert spare.request("info").fields["stats"]["relayed"] >= N_TOKENS - FAIL_AT - 1
+            assert not {"unknown_session", "not_served"} & set(after.request("info").fields["errors"])
+        finally:
+            spare.close()
+            after.close()
 
 
 @pytest.mark.slow
@@ -175,6 +188,118 @@ def test_a_next_hop_that_refuses_reaches_the_client_as_relay_failed(tiny_model_d
         conn.close()
 
 
+def test_relayed_steps_come_and_go_only_as_the_owner_pinned_them(tiny_model_dir, cluster_factory):
+    """Every earlier hop of a chain learns the later hops' session ids (`next`). With CURVE a node
+    knows each sender's key, and takes a session's relayed steps only from its owner or the hop
+    before that the owner pinned, and passes them on only to the pinned hop after: the first
+    hop, which knows the last stage's session, can step it neither directly nor through the
+    honest middle hop, nor can a stranger; the owner's generation stays exact."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4))])
+    ids = torch.randint(0, 50257, (12,), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0][3:]
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    first = load_identity(swarm.nodes[0].key_file)
+    try:
+        session = model.session(len(ids))
+        got = [model.client.logits(session.step(model.client.embed(ids[:4].tolist(), 0)))]
+        a, b, c = session.stages
+        assert c.opened["admits"] is True and c.pins == ([split_contact(b.conn.address)[1].decode(), b.session], None)
+        for keys in [(first.curve_public, first.curve_secret), zmq.curve_keypair()]:
+            conn = PeerConnection(c.conn.address, timeout=10, client_keys=keys)
+            try:
+                rid = conn.send("step", {"session": c.session, "pos": session.pos, "reply": 99, "hop": 1,
+                                         "busy": [1], "from": b.session}, [torch.randn(1, 1, 64)])
+                with pytest.raises(PeerError) as e:  # answered to the sender, under its own id
+                    conn.recv(rid)
+                assert e.value.code == "unknown_session"
+                with pytest.raises(PeerError) as e:  # nor may it pin the session
+                    conn.request("admit", {"session": c.session, "relay_from": [keys[0].decode(), "s"],
+                                           "relay_to": None})
+                assert e.value.code == "unknown_session"
+            finally:
+                conn.close()
+        # Through the middle hop, where the first is pinned: on to C, and from C back to itself.
+        refused = stats_errors(model, c.conn.address).get("not_served", 0)
+        conn = PeerConnection(b.conn.address, timeout=10, client_keys=(first.curve_public, first.curve_secret))
+        try:
+            conn.send("step", {"session": b.session, "pos": session.pos, "reply": 98, "hop": 1, "busy": [1],
+                               "from": a.session, "next": [[c.conn.address, c.session], [a.conn.address, "x"]]},
+                      [torch.randn(1, 1, 64)])
+            deadline = time.monotonic() + 10
+            while stats_errors(model, c.conn.address).get("not_served", 0) == refused:
+                assert time.monotonic() < deadline, "C never refused the step"
+                time.sleep(0.05)
+        finally:
+            conn.close()
+        for t in range(4, len(ids)):
+            got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
+        assert (torch.stack([g.reshape(-1) for g in got]) - want).abs().max().item() <= 1e-5
+        assert session.failovers == 0 and stats(model, b.conn.address)["relayed"] >= len(ids) - 5
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("failing", [1, 3])
+def test_pins_a_node_does_not_take_are_asked_for_once_a_step(tiny_model_dir, cluster_factory, monkeypatch, failing):
+    """When a node does not take its pins (here: the first `failing` rounds are made to fail, on
+    real nodes), the step goes stage by stage and the next step asks again, once; after three
+    steps in a row the session stops relaying and drops its pins. Tokens stay exact."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4))])
+    ids = torch.randint(0, 50257, (10,), generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0][3:]
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    calls: list[int] = []
+    real = session_module.pin_route
+
+    def pin_route(stages, no_relay, timeout):
+        calls.append(len(no_relay))
+        if len(calls) <= failing:
+            return stages[1], PeerError(stages[1].conn.address, "timeout", "no answer (test)")
+        return real(stages, no_relay, timeout)
+
+    try:
+        session = model.session(len(ids))
+        got = [model.client.logits(session.step(model.client.embed(ids[:4].tolist(), 0)))]
+        assert session._reopen(1) is None  # a new session on B: the route's pins change
+        monkeypatch.setattr(session_module, "pin_route", pin_route)
+        b = session.stages[1]
+        for t in range(4, len(ids)):
+            got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
+            if t < 4 + failing:
+                assert calls.count(0) == t - 3  # once a step (3: the drop of every pin)
+        assert (torch.stack([g.reshape(-1) for g in got]) - want).abs().max().item() <= 1e-5
+        if failing == 1:  # the second step pinned: relaying goes on
+            assert session.relay and calls == [0, 0] and b.pins[1] is not None
+        else:  # stopped relaying, pins dropped (no_relay: every stage)
+            assert not session.relay and calls == [0, 0, 0, 3]
+            assert all(s.pins == (None, None) for s in session.stages)
+        assert session.failovers == 0
+    finally:
+        model.close()
+
+
+def stats_errors(model: SwarmModel, address: str) -> dict:
+    return model.swarm.connection(address).request("info").fields["errors"]
+
+
+def test_an_insecure_hop_is_not_asked_to_relay_to_a_node_that_checks(tiny_model_dir, cluster_factory):
+    """An --insecure node relays with a CURVE key of the moment, which no client can admit: the
+    client runs that boundary stage by stage from the start, without a refused step first."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--insecure"]), NodeSpec((2, 4))])
+    local = SwarmModel.local(tiny_model_dir).generate(PROMPT, 8, GREEDY).ids
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(insecure=True))
+    try:
+        assert model.generate(PROMPT, 8, GREEDY).ids == local
+        first, second = (model.swarm.connection(a).request("info").fields for a in swarm.addresses)
+        assert first["insecure"] and not second["insecure"]
+        assert first["stats"]["relayed"] == 0 and second["stats"]["steps"] > 0
+        assert "relay_failed" not in first["errors"] and "unknown_session" not in second["errors"]
+    finally:
+        model.close()
+
+
 # ----- the node's side, in process ---------------------------------------------------------
 KNOWN = "tcp://127.0.0.1:5999#" + "ab" * 32
 
@@ -220,6 +345,55 @@ def test_relay_fields_are_checked(handler):
         # A relayed step of a session held here: its owner hears of the refusal, with its id.
         assert ((to, reply.id) == (b"owner", 5)) is to_owner, extra
     assert handler.sessions.sessions[sid].length == 0
+
+
+def test_admit_pins_where_a_sessions_relayed_steps_come_from_and_go(handler):
+    """A node with CURVE (here: the sender's key as ZAP would give it) takes a session's relayed
+    steps from its owner, and from the hop before that the owner pinned (its key, relaying its
+    session); anyone else is answered as a stranger to the session, under their own request id.
+    A step from the hop before goes on only to the pinned hop after, or ends here."""
+    sender = {b"node-a": "a" * 40, b"node-b": "b" * 40}
+    current = [b""]  # who sends the next message
+    handler.sender_key = lambda frames: sender.get(current[0])
+
+    def relayed(peer: bytes, sid: str, pos: int, frm: str = "sa", hops: list | None = None):
+        current[0] = peer
+        return ask(handler, peer, "step", {"session": sid, "pos": pos, "reply": 7, "hop": 1, "busy": [1],
+                                           "from": frm, "next": hops or []}, [x()])
+
+    sid = ask(handler, b"owner", "open", {"max_length": 16})[1].fields["session"]
+    assert ask(handler, b"owner", "open", {"max_length": 16})[1].fields["admits"] is True
+    to, err = relayed(b"node-a", sid, 0)  # nothing pinned yet
+    assert (to, err.fields["code"]) == (b"node-a", "unknown_session") and err.id != 7
+    pins = {"relay_from": ["a" * 40, "sa"], "relay_to": [KNOWN, "s-next"]}
+    for peer, fields, code in [
+            (b"node-a", {}, "unknown_session"),  # only the owner pins
+            (b"owner", {"relay_from": ["a" * 40]}, "malformed"),
+            (b"owner", {"relay_from": ["not a key", "sa"]}, "malformed"),
+            (b"owner", {"relay_from": ["a" * 39 + "é", "sa"]}, "malformed"),
+            (b"owner", {"relay_from": ["a" * 39 + "\U000aac8d", "sa"]}, "malformed"),
+            (b"owner", {"relay_to": "tcp://x"}, "malformed"),
+            (b"owner", {"relay_to": [KNOWN, 5]}, "malformed")]:
+        current[0] = peer
+        assert ask(handler, peer, "admit", {"session": sid, **pins, **fields})[1].fields["code"] == code, fields
+    assert ask(handler, b"owner", "admit", {"session": sid, **pins})[1].type == "admitted"
+    to, res = relayed(b"node-a", sid, 0)  # it ends here: the result to the owner
+    assert (to, res.type, res.id) == (b"owner", "result", 7)
+    for peer, frm in [(b"node-b", "sa"), (b"node-a", "another-session-of-a")]:
+        to, err = relayed(peer, sid, 1, frm)
+        assert (to, err.fields["code"]) == (peer, "unknown_session")
+    to, err = relayed(b"node-a", sid, 1, hops=[[KNOWN, "elsewhere"]])  # not the pinned hop after
+    assert (to, err.fields["code"], err.id) == (b"owner", "not_served", 7)
+    to, out = relayed(b"node-a", sid, 1, hops=[[KNOWN, "s-next"]])
+    assert isinstance(to, Relay) and out.fields["session"] == "s-next" and out.fields["from"] == sid
+    to, out = ask(handler, b"owner", "step", {"session": sid, "pos": 2, "reply": 8, "next": [[KNOWN, "any"]]}, [x()])
+    assert isinstance(to, Relay) and out.fields["session"] == "any"  # the owner names its own chains
+    current[0] = b"owner"
+    assert ask(handler, b"owner", "admit", {"session": sid, "relay_from": None, "relay_to": None})[1].type == "admitted"
+    assert relayed(b"node-a", sid, 3)[1].fields["code"] == "unknown_session"
+    assert handler.sessions.sessions[sid].length == 3
+    to, err = ask(handler, b"owner", "step", {"session": sid, "pos": 3, "from": "sa"}, [x()])
+    assert err.fields["code"] == "malformed"  # `from` belongs to a relayed step
 
 
 def test_a_relayed_step_goes_on_and_the_last_hop_answers_the_owner(handler):
