@@ -90,10 +90,10 @@ def pin_route(stages: list, no_relay: set, timeout: float) -> tuple[RemoteLayerS
     relayed steps may come from and go on to: the stages before and after it, where a step may
     pass between them (`relays`), else none. Such a node takes a relayed step only from the hop
     before (its CURVE key, relaying its session) and passes it only to the hop after or back to
-    the client (node/handler.py), so no earlier hop can step a later session, directly or through
-    the hops between. Asked only where the pins changed (a new route, a replaced or reopened
-    stage: one whose old peer keeps no way in), all at once. Returns the first stage that did not
-    take them, with why."""
+    the client (node/handler.py), so an earlier hop reaches a later session only along this
+    route, every result going to the client. Asked only where the pins changed (a new route, a
+    replaced or reopened stage: one whose old peer keeps no way in), all at once. Returns the
+    first stage that did not take them, with why."""
     asked, deadline = [], time.monotonic() + timeout
     for k, stage in enumerate(stages):
         if not isinstance(stage, RemoteLayerStage) or stage.opened.get("admits") is not True:

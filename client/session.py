@@ -40,8 +40,8 @@ TRAIL_MAX_POSITIONS = 32
 # Positions per replay step: half the default --max-tokens-per-step; a node with a lower limit
 # refuses the step too_large and it is sent again in halves.
 REPLAY_CHUNK = 512
-# Rounds of pinning relayed steps (client/relay.py pin_route) a session may see fail before it
-# stops relaying: each costs a step stage by stage, and a timed-out one the timeout.
+# Steps in a row whose pinning of relayed steps (client/relay.py pin_route) fails before a session
+# stops relaying: each goes stage by stage, and a timed-out pinning costs the timeout.
 PIN_TRIES = 3
 UNPIN_SECONDS = 1.0  # for dropping the pins when a session stops relaying
 

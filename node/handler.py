@@ -73,7 +73,7 @@ class RequestHandler:
         self.extra_info: dict[str, Any] = {}  # set by the server: address, keys, records
         self.on_records = None  # callable(Message) -> records_reply fields, set by the gossip layer
         # callable(frames) -> the sender's CURVE key (z85 text, from ZAP), set by a server with
-        # CURVE: relayed steps are then taken only from the peer a session's owner admitted.
+        # CURVE: relayed steps are then taken only as a session's owner pinned them (`admit`).
         self.sender_key: Callable[[list], str | None] | None = None
         # Recently seen request ids per peer, to refuse duplicates (a replayed request must not
         # run a step twice and corrupt a KV cache): the last 1,024 of each peer, at most
@@ -285,8 +285,8 @@ class RequestHandler:
         """The session's owner pins its relayed steps: they come from the stage before on its
         route (that peer's CURVE key and session) and go on only to the stage after (contact
         and session); null: from nobody but the owner, to nobody. Every earlier hop of a chain
-        learns the later hops' session ids: with the pins, none of them can step those
-        sessions, directly or through the hops between (docs/protocol.md)."""
+        learns the later hops' session ids: with the pins it reaches those sessions only along
+        the owner's route, every result going to the owner (docs/protocol.md)."""
         session = self.sessions.get(msg.fields["session"], peer)
         relay_from, relay_to = msg.fields["relay_from"], msg.fields["relay_to"]
         if relay_from is not None:

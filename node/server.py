@@ -97,7 +97,7 @@ class NodeServer:
         if curve_secret is not None:
             # ZAP: every connection's CURVE key is checked here (against --allow-keys, if given)
             # and every message then carries its sender's key as "User-Id", which is how a session
-            # knows that a relayed step comes from the peer its owner admitted (handler._admitted).
+            # knows that a relayed step comes from the hop its owner pinned (handler._admitted).
             # The callback alone decides (configure_curve_callback turns allow-any off); it is
             # registered for the exact domain our socket asks ZAP about.
             self._auth = ThreadAuthenticator(self.ctx)
