@@ -92,9 +92,9 @@ def pin_route(stages: list, no_relay: set, timeout: float) -> tuple[RemoteLayerS
     before (its CURVE key, relaying its session) and passes it only to the hop after or back to
     the client (node/handler.py), so an earlier hop reaches a later session only along this
     route, every result going to the client. Asked only where the pins changed (a new route, a
-    replaced or reopened stage: one whose old peer keeps no way in), all at once. Returns the
-    first stage that did not take them, with why."""
-    asked, deadline = [], time.monotonic() + timeout
+    replaced or reopened stage: one whose old peer keeps no way in), all at once, within one
+    `timeout`. Returns the first stage that did not take them, with why (the others' are taken)."""
+    asked, deadline, failed = [], time.monotonic() + timeout, None
     for k, stage in enumerate(stages):
         if not isinstance(stage, RemoteLayerStage) or stage.opened.get("admits") is not True:
             continue
@@ -104,19 +104,20 @@ def pin_route(stages: list, no_relay: set, timeout: float) -> tuple[RemoteLayerS
                 [after.conn.address, after.session] if relays(stage, after, no_relay) else None)
         if pins == stage.pins:
             continue
+        stage.pins = None  # unknown until the node says it took them: asked again next time
         try:
             rid = stage.conn.send("admit", {"session": stage.session, "relay_from": pins[0], "relay_to": pins[1]},
-                                  timeout=timeout)
+                                  timeout=max(0.0, deadline - time.monotonic()))
+            asked.append((stage, pins, rid))
         except PeerError as e:
-            return stage, e
-        asked.append((stage, pins, rid))
-    for stage, pins, rid in asked:
+            failed = failed or (stage, e)
+    for stage, pins, rid in asked:  # every answer read, so that each stage's pins are known
         try:
             stage.conn.recv(rid, max(0.0, deadline - time.monotonic()))
+            stage.pins = pins
         except PeerError as e:
-            return stage, e
-        stage.pins = pins
-    return None
+            failed = failed or (stage, e)
+    return failed
 
 
 STALL_SECONDS = 1.0  # a stage that answers `info` within this (or 3x its slowest sibling) is alive

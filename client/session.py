@@ -76,6 +76,7 @@ class InferenceSession:
         self._pinned: tuple | None = None  # the route (stages, sessions, no_relay) last pinned (_pin)
         self._pin_failures = 0  # steps in a row whose pinning failed
         self._pin_failed = False  # in this step
+        self._dropped: tuple[Stage, PeerError] | None = None  # a drop that pinning saw, failed over next
         self._moved_unstruck: set[str] = set()  # peers replaced without a strike (_replace_unreopened)
         self.checker = swarm.checker if swarm is not None else None
         if swarm is not None and swarm.options.verify and self.checker is None:
@@ -152,6 +153,12 @@ class InferenceSession:
         self._pin_failed = False  # pinning is tried at most once a step (_pin)
         while i < len(self.stages):
             stage = self.stages[i]
+            if self._dropped is not None:  # a stage's connection dropped while pinning (_pin)
+                (dropped, error), self._dropped = self._dropped, None
+                if dropped in self.stages:
+                    self._replace(self.stages.index(dropped), error)
+                    i = self._at(stage.start)  # a replacement starts where the stage it replaced did
+                continue
             if self.swarm is not None and stage.leaving:
                 i = self._replace(i, PeerError(stage.leaving_peer, "leaving", "peer announced it is leaving"))
                 continue
@@ -303,8 +310,9 @@ class InferenceSession:
         """Pin the route's sessions to the hops their relayed steps come from and go to, where the
         route changed since (pin_route: a replaced or reopened stage's old peer loses its way in).
         False if a node did not take it: the rest of this step goes stage by stage, and the next
-        step asks again; after PIN_TRIES such steps in a row the session stops relaying and
-        drops its pins (a stage in trouble shows it when stepped alone, and is failed over then)."""
+        step asks again; after PIN_TRIES such rounds in a row (the one at open counts) the session
+        stops relaying and drops its pins (a stage in trouble shows it when stepped alone, and is
+        failed over then; one whose connection dropped meanwhile, at the next stage of the step)."""
         route = tuple((s, getattr(s, "session", None)) for s in self.stages), frozenset(self._no_relay)
         if route == self._pinned:
             return True
@@ -316,6 +324,8 @@ class InferenceSession:
             return True
         self._pin_failed, self._pin_failures = True, self._pin_failures + 1
         log.info("pinning relayed steps on %s: %s", ", ".join(refused[0].peers), refused[1])
+        if refused[1].code == "disconnected":  # seen once only: failed over at once, as in a chain
+            self._dropped = refused
         if self._pin_failures >= PIN_TRIES:
             log.warning("this session stops relaying: %d steps in a row could not pin its relayed steps",
                         self._pin_failures)

@@ -144,7 +144,7 @@ class RemoteLayerStage(Stage):
         self.conn, self.start, self.stop = conn, start, stop
         self.model_id, self.wire, self.timeout = model_id, wire, timeout
         self.session: str | None = None
-        self.pins: tuple = (None, None)  # its relayed steps' hops before and after, as pinned (client/relay.py)
+        self.pins: tuple | None = (None, None)  # its relayed steps' hops before and after (client/relay.py)
 
     def open(self, max_length: int) -> None:
         self.max_length = max_length

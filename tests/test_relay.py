@@ -15,6 +15,8 @@ from test_failover import FAIL_AT, N_TOKENS, PROMPT, SEEDED, TIMEOUT, generate_w
 import nanoswarm.client.session as session_module
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.relay import pin_route
+from nanoswarm.client.stages import RemoteLayerStage
 from nanoswarm.client.swarm import SwarmOptions
 from nanoswarm.client.transport import PeerConnection, PeerError
 from nanoswarm.keys.contact import split_contact
@@ -220,14 +222,14 @@ def test_relayed_steps_come_and_go_only_as_the_owner_pinned_them(tiny_model_dir,
             finally:
                 conn.close()
         # Through the middle hop, where the first is pinned: on to C, and from C back to itself.
-        refused = stats_errors(model, c.conn.address).get("not_served", 0)
+        refused = errors_of(c.conn).get("not_served", 0)
         conn = PeerConnection(b.conn.address, timeout=10, client_keys=(first.curve_public, first.curve_secret))
         try:
             conn.send("step", {"session": b.session, "pos": session.pos, "reply": 98, "hop": 1, "busy": [1],
                                "from": a.session, "next": [[c.conn.address, c.session], [a.conn.address, "x"]]},
                       [torch.randn(1, 1, 64)])
             deadline = time.monotonic() + 10
-            while stats_errors(model, c.conn.address).get("not_served", 0) == refused:
+            while errors_of(c.conn).get("not_served", 0) == refused:
                 assert time.monotonic() < deadline, "C never refused the step"
                 time.sleep(0.05)
         finally:
@@ -280,8 +282,61 @@ def test_pins_a_node_does_not_take_are_asked_for_once_a_step(tiny_model_dir, clu
         model.close()
 
 
-def stats_errors(model: SwarmModel, address: str) -> dict:
-    return model.swarm.connection(address).request("info").fields["errors"]
+def test_pinning_records_what_every_node_took_when_one_does_not_answer(tiny_model_dir, cluster_factory):
+    """Pins go to every node at once; when one does not answer in time, the others' are still
+    recorded as taken (so they can be dropped later), and the silent one's as unknown: it alone
+    is asked again."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4))])
+    model_id = read_manifest(tiny_model_dir).model_id
+    stages = [RemoteLayerStage(PeerConnection(a, timeout=10.0), *span, model_id)
+              for a, span in zip(swarm.addresses, [(0, 1), (1, 3), (3, 4)])]
+    try:
+        for stage in stages:
+            stage.open(8)
+        a, b, c = stages
+        want = [(None, [b.conn.address, b.session]),
+                ([a.conn.server_key.decode(), a.session], [c.conn.address, c.session]),
+                ([b.conn.server_key.decode(), b.session], None)]
+        swarm.kill(1, signal.SIGSTOP)
+        try:
+            stage, error = pin_route(stages, set(), 1.5)
+        finally:
+            swarm.kill(1, signal.SIGCONT)
+        assert stage is b and error.code == "timeout"
+        assert (a.pins, b.pins, c.pins) == (want[0], None, want[2])
+        assert pin_route(stages, set(), 10.0) is None and [s.pins for s in stages] == want
+        before = [errors_of(s.conn) for s in stages]
+        assert pin_route(stages, {a, b}, 10.0) is None  # no relaying past A or B: C keeps no way in
+        assert [s.pins for s in stages] == [(None, None)] * 3 and before == [errors_of(s.conn) for s in stages]
+    finally:
+        for stage in stages:
+            stage.conn.close()
+
+
+def errors_of(conn: PeerConnection) -> dict:
+    return conn.request("info").fields["errors"]
+
+
+def test_a_stage_dropped_while_pinning_is_failed_over_at_once(small12_model_dir, cluster_factory):
+    """The drop of a connection shows once: when pinning sees it, the stage is failed over right
+    away, not after the timeout its next step would wait."""
+    swarm = cluster_factory(small12_model_dir, three_stages_with_spares())
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
+                               options=SwarmOptions(timeout=30, ban_seconds=60))
+    try:
+        ids = torch.randint(0, 50257, (6,), generator=torch.Generator().manual_seed(2)).tolist()
+        session = model.session(len(ids) + 4)
+        hidden = session.step(model.client.embed(ids, 0))
+        assert session._reopen(1) is None  # the middle stage's new session: the route is pinned again
+        last = session.stages[2].conn.address
+        swarm.kill(swarm.addresses.index(last), signal.SIGKILL)
+        t0 = time.monotonic()
+        session.step(model.client.embed([int(model.client.logits(hidden).argmax())], len(ids)))
+        assert time.monotonic() - t0 < 15 and session.failovers == 1 and session.stages[2].conn.address != last
+    finally:
+        model.close()
+
+
 
 
 def test_an_insecure_hop_is_not_asked_to_relay_to_a_node_that_checks(tiny_model_dir, cluster_factory):
@@ -475,7 +530,6 @@ def test_the_stalled_stage_is_the_silent_one_even_behind_a_slow_one(tiny_model_d
     import threading
 
     from nanoswarm.client.relay import STALL_SECONDS, stalled_stage
-    from nanoswarm.client.stages import RemoteLayerStage
 
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 2)), NodeSpec((2, 4))])
     model_id = read_manifest(tiny_model_dir).model_id
