@@ -40,8 +40,9 @@ TRAIL_MAX_POSITIONS = 32
 # Positions per replay step: half the default --max-tokens-per-step; a node with a lower limit
 # refuses the step too_large and it is sent again in halves.
 REPLAY_CHUNK = 512
-# Steps in a row whose pinning of relayed steps (client/relay.py pin_route) fails before a session
-# stops relaying: each goes stage by stage, and a timed-out pinning costs the timeout.
+# Rounds in a row of pinning relayed steps (client/relay.py pin_route; one at open, then at most one
+# a step) that fail before a session stops relaying: each step's rest goes stage by stage, and a
+# timed-out round costs the timeout.
 PIN_TRIES = 3
 UNPIN_SECONDS = 1.0  # for dropping the pins when a session stops relaying
 
@@ -74,7 +75,7 @@ class InferenceSession:
         self._no_relay: set[Stage] = set()  # stages whose node would not relay to the next
         self._chains: dict[tuple[Stage, ...], Chain] = {}  # by their stages
         self._pinned: tuple | None = None  # the route (stages, sessions, no_relay) last pinned (_pin)
-        self._pin_failures = 0  # steps in a row whose pinning failed
+        self._pin_failures = 0  # rounds of pinning in a row that failed
         self._pin_failed = False  # in this step
         self._dropped: tuple[Stage, PeerError] | None = None  # a drop that pinning saw, failed over next
         self._moved_unstruck: set[str] = set()  # peers replaced without a strike (_replace_unreopened)
@@ -327,7 +328,7 @@ class InferenceSession:
         if refused[1].code == "disconnected":  # seen once only: failed over at once, as in a chain
             self._dropped = refused
         if self._pin_failures >= PIN_TRIES:
-            log.warning("this session stops relaying: %d steps in a row could not pin its relayed steps",
+            log.warning("this session stops relaying: %d rounds in a row could not pin its relayed steps",
                         self._pin_failures)
             self.relay = False
             # Best effort: pinned hops keep no way in (a hop that steps the next session while the

@@ -282,14 +282,19 @@ def test_pins_a_node_does_not_take_are_asked_for_once_a_step(tiny_model_dir, clu
         model.close()
 
 
+def stages_alone(model_dir, cluster_factory, spans: list[tuple[int, int]]) -> tuple:
+    """A node per span and a stage on each, with no session around them."""
+    swarm = cluster_factory(model_dir, [NodeSpec(span) for span in spans])
+    model_id = read_manifest(model_dir).model_id
+    return swarm, [RemoteLayerStage(PeerConnection(a, timeout=10.0), *span, model_id)
+                   for a, span in zip(swarm.addresses, spans)]
+
+
 def test_pinning_records_what_every_node_took_when_one_does_not_answer(tiny_model_dir, cluster_factory):
     """Pins go to every node at once; when one does not answer in time, the others' are still
     recorded as taken (so they can be dropped later), and the silent one's as unknown: it alone
     is asked again."""
-    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4))])
-    model_id = read_manifest(tiny_model_dir).model_id
-    stages = [RemoteLayerStage(PeerConnection(a, timeout=10.0), *span, model_id)
-              for a, span in zip(swarm.addresses, [(0, 1), (1, 3), (3, 4)])]
+    swarm, stages = stages_alone(tiny_model_dir, cluster_factory, [(0, 1), (1, 3), (3, 4)])
     try:
         for stage in stages:
             stage.open(8)
@@ -531,10 +536,7 @@ def test_the_stalled_stage_is_the_silent_one_even_behind_a_slow_one(tiny_model_d
 
     from nanoswarm.client.relay import STALL_SECONDS, stalled_stage
 
-    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 2)), NodeSpec((2, 4))])
-    model_id = read_manifest(tiny_model_dir).model_id
-    stages = [RemoteLayerStage(PeerConnection(a, timeout=10.0), *span, model_id)
-              for a, span in zip(swarm.addresses, [(0, 1), (1, 2), (2, 4)])]
+    swarm, stages = stages_alone(tiny_model_dir, cluster_factory, [(0, 1), (1, 2), (2, 4)])
     try:
         for stage in stages:  # connected and warm: the first probe is not a handshake
             stage.conn.request("info")
