@@ -13,6 +13,7 @@ finishes it one stage at a time, and the stages, which may hold the position alr
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -20,6 +21,8 @@ import zmq
 
 from .stages import RemoteLayerStage, positions_per_request, reply_tensors
 from .transport import PeerError, PeerTimeout, next_request_id
+
+log = logging.getLogger(__name__)
 
 
 class ChainBroken(Exception):
@@ -118,6 +121,99 @@ def pin_route(stages: list, no_relay: set, timeout: float) -> tuple[RemoteLayerS
         except PeerError as e:
             failed = failed or (stage, e)
     return failed
+
+
+# Rounds in a row of pinning relayed steps (pin_route; one at open, then at most one a step) that
+# fail before a session stops relaying: each step's rest goes stage by stage, and a timed-out round
+# costs the timeout.
+PIN_TRIES = 3
+UNPIN_SECONDS = 1.0  # for dropping the pins when a session stops relaying
+
+
+class SessionRelay:
+    """What one session relays: which boundaries of its route pass steps on (`relays`), the chains
+    of stages that one relayed step runs, and the route's pins (pin_route), kept current. The
+    session asks `chain` before each stage of a step, and tells it which hop refused to relay
+    (`refused`) and where the route changed (`retry_before`, `forget_chains`)."""
+
+    def __init__(self, on: bool, timeout: float):
+        self.on = on  # off for good once PIN_TRIES rounds of pinning in a row failed
+        self.timeout = timeout
+        self.no_relay: set = set()  # stages whose node would not relay to the next
+        self._chains: dict[tuple, Chain] = {}  # by their stages
+        self._pinned: tuple | None = None  # the route (stages, sessions, no_relay) last pinned
+        self._failures = 0  # rounds of pinning in a row that failed
+        self._failed_this_step = False
+        # A stage whose connection dropped while pinning, with why: ZeroMQ reports a drop once,
+        # so the session fails it over at its next stage rather than wait a step's timeout on it.
+        self.dropped: tuple[RemoteLayerStage, PeerError] | None = None
+
+    def new_step(self) -> None:
+        self._failed_this_step = False  # pinning is tried at most once a step
+
+    def refused(self, stage: object) -> None:
+        """`stage`'s node would not relay to the next (not_served, relay_failed): not asked again."""
+        self.no_relay.add(stage)
+
+    def retry_before(self, stages: list, i: int) -> None:
+        """Stage i is new (replaced, or a reopened session): the hop before may have refused to
+        relay to the old one, which was not its fault; if it was for another reason, one relayed
+        step finds that out again."""
+        if i > 0:
+            self.no_relay.discard(stages[i - 1])
+
+    def forget_chains(self) -> None:
+        self._chains = {}  # after stages were reopened: the chains name their old session ids
+
+    def chain(self, stages: list, i: int) -> Chain | None:
+        """Stages i.. that one relayed step can run (consecutive layer stages, none leaving, each
+        passing steps to the next), if there are two or more; the route pinned first (`pin`)."""
+        run: list[RemoteLayerStage] = []
+        for k in range(i, len(stages)):
+            stage = stages[k]
+            if not isinstance(stage, RemoteLayerStage) or stage.leaving:
+                break
+            run.append(stage)
+            if not relays(stage, stages[k + 1] if k + 1 < len(stages) else None, self.no_relay):
+                break
+        if not self.pin(stages) or len(run) < 2:
+            return None
+        key = tuple(run)
+        if key not in self._chains:
+            current = set(stages)  # forget chains with a stage that failover replaced
+            self._chains = {k: c for k, c in self._chains.items() if current.issuperset(k)}
+            self._chains[key] = Chain(run)
+        return self._chains[key]
+
+    def pin(self, stages: list) -> bool:
+        """Pin the route's sessions to the hops their relayed steps come from and go to, where the
+        route changed since (pin_route: a replaced or reopened stage's old peer loses its way in).
+        False if a node did not take it: the rest of this step goes stage by stage, and the next
+        step asks again; after PIN_TRIES such rounds in a row (the one at open counts) the session
+        stops relaying and drops its pins (a stage in trouble shows it when stepped alone, and is
+        failed over then; one whose connection dropped meanwhile, at the next stage of the step:
+        `dropped`)."""
+        route = tuple((s, getattr(s, "session", None)) for s in stages), frozenset(self.no_relay)
+        if route == self._pinned:
+            return True
+        if self._failed_this_step:
+            return False
+        refused = pin_route(stages, self.no_relay, self.timeout)
+        if refused is None:
+            self._pinned, self._failures = route, 0
+            return True
+        self._failed_this_step, self._failures = True, self._failures + 1
+        log.info("pinning relayed steps on %s: %s", ", ".join(refused[0].peers), refused[1])
+        if refused[1].code == "disconnected":
+            self.dropped = refused
+        if self._failures >= PIN_TRIES:
+            log.warning("this session stops relaying: %d rounds in a row could not pin its relayed steps",
+                        self._failures)
+            self.on = False
+            # Best effort: pinned hops keep no way in (a hop that steps the next session while the
+            # client does not relay makes the client's next step there fail as the node's fault).
+            pin_route(stages, set(stages), UNPIN_SECONDS)
+        return False
 
 
 STALL_SECONDS = 1.0  # a stage that answers `info` within this (or 3x its slowest sibling) is alive

@@ -24,7 +24,7 @@ import torch
 from nanoswarm.protocol.tensors import fits_wire
 
 from .history import History, Unkept
-from .relay import Chain, ChainBroken, pin_route, relays, stalled_stage
+from .relay import Chain, ChainBroken, SessionRelay, stalled_stage
 from .route import RouteError
 from .stages import BUSY_RETRIES, RemoteLayerStage, Stage, busy_pause, step_retrying_busy
 from .swarm import Swarm
@@ -40,11 +40,6 @@ TRAIL_MAX_POSITIONS = 32
 # Positions per replay step: half the default --max-tokens-per-step; a node with a lower limit
 # refuses the step too_large and it is sent again in halves.
 REPLAY_CHUNK = 512
-# Rounds in a row of pinning relayed steps (client/relay.py pin_route; one at open, then at most one
-# a step) that fail before a session stops relaying: each step's rest goes stage by stage, and a
-# timed-out round costs the timeout.
-PIN_TRIES = 3
-UNPIN_SECONDS = 1.0  # for dropping the pins when a session stops relaying
 
 
 class SessionError(Exception):
@@ -71,13 +66,8 @@ class InferenceSession:
         # Spot checks need every stage's outputs from the stage itself: a relayed step brings the
         # earlier hops' outputs back through the later hops, which could alter them (and so have
         # an honest node blamed), and a relayed prompt's not at all (client/verify.py).
-        self.relay = swarm is not None and swarm.options.relay and swarm.checker is None
-        self._no_relay: set[Stage] = set()  # stages whose node would not relay to the next
-        self._chains: dict[tuple[Stage, ...], Chain] = {}  # by their stages
-        self._pinned: tuple | None = None  # the route (stages, sessions, no_relay) last pinned (_pin)
-        self._pin_failures = 0  # rounds of pinning in a row that failed
-        self._pin_failed = False  # in this step
-        self._dropped: tuple[Stage, PeerError] | None = None  # a drop that pinning saw, failed over next
+        self.relaying = SessionRelay(swarm is not None and swarm.options.relay and swarm.checker is None,
+                                     swarm.options.timeout if swarm is not None else 0.0)
         self._moved_unstruck: set[str] = set()  # peers replaced without a strike (_replace_unreopened)
         self.checker = swarm.checker if swarm is not None else None
         if swarm is not None and swarm.options.verify and self.checker is None:
@@ -94,7 +84,7 @@ class InferenceSession:
         try:
             session._open_route(max_length)
             if session.relay:
-                session._chain(0)  # the sessions pinned now, not in the prompt's step (_pin)
+                session.relaying.pin(session.stages)  # now, not in the prompt's step
         except BaseException:  # close what was opened: each holds a KV reservation on its node
             session.close()
             raise
@@ -136,6 +126,11 @@ class InferenceSession:
             return  # banned already (another session's failover dropped the link): one fault, one strike
         self.swarm.ban(e.address, f"{e.code}: {e.message}")
 
+    @property
+    def relay(self) -> bool:
+        """Whether consecutive layer stages pass this session's steps on (client/relay.py)."""
+        return self.relaying.on
+
     def describe(self) -> list[dict]:
         return [s.describe() for s in self.stages]
 
@@ -151,11 +146,11 @@ class InferenceSession:
             raise SessionError(self._unfit(self.stages[0]))
         i, busy_retries, reopened = 0, 0, set()
         relay, rewind = self.relay, set()  # rewind: stages that may hold this position already
-        self._pin_failed = False  # pinning is tried at most once a step (_pin)
+        self.relaying.new_step()
         while i < len(self.stages):
             stage = self.stages[i]
-            if self._dropped is not None:  # a stage's connection dropped while pinning (_pin)
-                (dropped, error), self._dropped = self._dropped, None
+            if self.relaying.dropped is not None:  # a stage's connection dropped while pinning
+                (dropped, error), self.relaying.dropped = self.relaying.dropped, None
                 if dropped in self.stages:
                     self._replace(self.stages.index(dropped), error)
                     i = self._at(stage.start)  # a replacement starts where the stage it replaced did
@@ -163,7 +158,7 @@ class InferenceSession:
             if self.swarm is not None and stage.leaving:
                 i = self._replace(i, PeerError(stage.leaving_peer, "leaving", "peer announced it is leaving"))
                 continue
-            chain = self._chain(i) if relay else None
+            chain = self.relaying.chain(self.stages, i) if relay else None
             if chain is not None and T > TRAIL_MAX_POSITIONS and T > chain.max_untrailed(hidden.shape[2]):
                 chain = None  # a node takes fewer positions a step: stage by stage, in pieces
             if chain is not None:
@@ -265,7 +260,7 @@ class InferenceSession:
         position."""
         stop = self.stages[i].stop
         self._replace(i, error)
-        self._chains = {}  # the stages after are reopened: their chains name old session ids
+        self.relaying.forget_chains()  # the stages after are reopened
         k = self._after(stop)
         if k is None:
             return reference
@@ -286,56 +281,6 @@ class InferenceSession:
         """The index of the stage that starts at `block` (failover may have changed indices)."""
         return next(k for k, s in enumerate(self.stages) if s.start == block)
 
-    def _chain(self, i: int) -> Chain | None:
-        """Stages i.. that one relayed step can run (consecutive layer stages, none leaving, each
-        passing steps to the next: client/relay.py `relays`), if there are two or more; the
-        route's sessions pinned to their relay hops first (`_pin`)."""
-        stages: list[RemoteLayerStage] = []
-        for k in range(i, len(self.stages)):
-            stage = self.stages[k]
-            if not isinstance(stage, RemoteLayerStage) or stage.leaving:
-                break
-            stages.append(stage)
-            if not relays(stage, self.stages[k + 1] if k + 1 < len(self.stages) else None, self._no_relay):
-                break
-        if not self._pin() or len(stages) < 2:
-            return None
-        key = tuple(stages)
-        if key not in self._chains:
-            current = set(self.stages)  # forget chains with a stage that failover replaced
-            self._chains = {k: c for k, c in self._chains.items() if current.issuperset(k)}
-            self._chains[key] = Chain(stages)
-        return self._chains[key]
-
-    def _pin(self) -> bool:
-        """Pin the route's sessions to the hops their relayed steps come from and go to, where the
-        route changed since (pin_route: a replaced or reopened stage's old peer loses its way in).
-        False if a node did not take it: the rest of this step goes stage by stage, and the next
-        step asks again; after PIN_TRIES such rounds in a row (the one at open counts) the session
-        stops relaying and drops its pins (a stage in trouble shows it when stepped alone, and is
-        failed over then; one whose connection dropped meanwhile, at the next stage of the step)."""
-        route = tuple((s, getattr(s, "session", None)) for s in self.stages), frozenset(self._no_relay)
-        if route == self._pinned:
-            return True
-        if self._pin_failed:
-            return False
-        refused = pin_route(self.stages, self._no_relay, self.swarm.options.timeout)
-        if refused is None:
-            self._pinned, self._pin_failures = route, 0
-            return True
-        self._pin_failed, self._pin_failures = True, self._pin_failures + 1
-        log.info("pinning relayed steps on %s: %s", ", ".join(refused[0].peers), refused[1])
-        if refused[1].code == "disconnected":  # seen once only: failed over at once, as in a chain
-            self._dropped = refused
-        if self._pin_failures >= PIN_TRIES:
-            log.warning("this session stops relaying: %d rounds in a row could not pin its relayed steps",
-                        self._pin_failures)
-            self.relay = False
-            # Best effort: pinned hops keep no way in (a hop that steps the next session while the
-            # client does not relay makes the client's next step there fail as the node's fault).
-            pin_route(self.stages, set(self.stages), UNPIN_SECONDS)
-        return False
-
     def _chain_broken(self, chain: Chain, error: PeerError) -> None:
         """A relayed step did not come back; its stages will be asked one by one. A node that will
         not relay is not asked again (not_served: it does not know the next hop; relay_failed: it
@@ -345,7 +290,7 @@ class InferenceSession:
         Other errors show again when the stage is asked alone, and are handled there."""
         by = next((s for s in chain.stages if error.address in s.peers), None)
         if error.code in ("relay_failed", "not_served") and by is not None:
-            self._no_relay.add(by)
+            self.relaying.refused(by)
         elif error.code == "disconnected" and by is not None:
             self._replace(self.stages.index(by), error)
         elif error.code == "timeout":
@@ -372,11 +317,8 @@ class InferenceSession:
         except PeerError as e:
             log.info("reopening a session on %s failed: %s", ", ".join(stage.peers), e)
             return e
-        self._chains = {}  # they name the old session ids
-        if i > 0:
-            # Most likely the hop before was refused relaying to the reclaimed session, which was
-            # not its fault; if it was for another reason, one relayed step finds that out again.
-            self._no_relay.discard(self.stages[i - 1])
+        self.relaying.forget_chains()  # they name the old session ids
+        self.relaying.retry_before(self.stages, i)
         log.info("reopened a session on %s (%d positions replayed)", ", ".join(stage.peers), self.pos)
         return None
 
@@ -417,8 +359,7 @@ class InferenceSession:
         self.stages[i:i + 1] = new_stages
         self.history[i:i + 1] = new_history
         self._replayed_outputs(i + len(new_stages), out)
-        if i > 0:  # the hop before may have refused to relay to the old peer: try the new ones
-            self._no_relay.discard(self.stages[i - 1])
+        self.relaying.retry_before(self.stages, i)
         ms = (time.perf_counter() - t0) * 1000
         notice = (f"failover: {error.address} (layers {old.start}:{old.stop}) {error.code}; "
                   f"replayed {self.pos} positions to {', '.join(p for s in new_stages for p in s.peers)} "

@@ -12,7 +12,7 @@ import torch
 import zmq
 from test_failover import FAIL_AT, N_TOKENS, PROMPT, SEEDED, TIMEOUT, generate_with_fault  # the same fault harness
 
-import nanoswarm.client.session as session_module
+import nanoswarm.client.relay as relay_module
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.relay import pin_route
@@ -253,7 +253,7 @@ def test_pins_a_node_does_not_take_are_asked_for_once_a_step(tiny_model_dir, clu
         want = load_model(tiny_model_dir)(ids[None])[0][3:]
     model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
     calls: list[int] = []
-    real = session_module.pin_route
+    real = relay_module.pin_route
 
     def pin_route(stages, no_relay, timeout):
         calls.append(len(no_relay))
@@ -265,7 +265,7 @@ def test_pins_a_node_does_not_take_are_asked_for_once_a_step(tiny_model_dir, clu
         session = model.session(len(ids))
         got = [model.client.logits(session.step(model.client.embed(ids[:4].tolist(), 0)))]
         assert session._reopen(1) is None  # a new session on B: the route's pins change
-        monkeypatch.setattr(session_module, "pin_route", pin_route)
+        monkeypatch.setattr(relay_module, "pin_route", pin_route)
         b = session.stages[1]
         for t in range(4, len(ids)):
             got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
