@@ -1,0 +1,101 @@
+"""The `nanoswarm` command: parses options and calls the rooms (shards, node, client, keys).
+
+Results go to stdout; logs and progress to stderr. A failure exits non-zero with one line. This
+module holds the top-level group and how it reports failures; each room's commands have a module
+of their own here (shards, node, client, keys, harness), and params.py the parsers they share.
+"""
+
+from __future__ import annotations
+
+# The package's __init__ has set the OpenMP wait defaults before anything imports torch.
+import logging
+import os
+import signal
+import sys
+import threading
+
+import click
+
+from . import client, harness, keys, node, shards
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _fail(message: str, code: int) -> None:
+    """Exit with one `error:` line: an exception's text can span lines (torch's do) or be empty
+    (MemoryError's), and either way the user gets one line that says something."""
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+# click >= 8.2 signals "no arguments: show the help" as a UsageError; that is no failure.
+_NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _help(e: click.UsageError) -> None:
+    """`nanoswarm` or `nanoswarm keys` alone: the help is what was asked for, on stdout."""
+    click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
+    sys.exit(0)
+
+
+class _CleanErrors(click.Group):
+    """Expected failures print one line, not a traceback or a usage block."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        # The top-level options are parsed here, before invoke(): `nanoswarm --bogus`.
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _NO_ARGS_HELP as e:
+            _help(e)
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _NO_ARGS_HELP as e:
+            _help(e)
+        except click.ClickException as e:  # bad options of a subcommand (exit code 2, as click's), or ours
+            _fail(e.format_message(), e.exit_code)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (Interrupted): cleaned up on the way
+            sys.exit(128 + getattr(e, "signum", signal.SIGINT))  # the shell's convention: 130 for Ctrl-C
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the top of the program
+            if os.environ.get("NANOSWARM_DEBUG"):
+                raise
+            _fail(str(e) or type(e).__name__, 1)
+
+
+@click.group(cls=_CleanErrors)
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """nanoswarm: run a GPT across peers that each hold a slice of it."""
+    _setup_logging(verbose)
+    # `kill`, `timeout`, a service manager or a closed terminal end a command as Ctrl-C does, so
+    # its cleanup runs: nodes stopped, key files and temporary models removed, sessions closed
+    # on the nodes. (A node installs its own handlers: it leaves the swarm gracefully.)
+    if threading.current_thread() is threading.main_thread():  # (click's test runner may call us elsewhere)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _interrupt)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, like Ctrl-C's KeyboardInterrupt."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+for command in (shards.shard, shards.train, node.node, client.generate, client.peers, keys.keys,
+                harness.cluster, harness.demo, harness.bench, harness.load):
+    main.add_command(command)

@@ -1,0 +1,134 @@
+"""`nanoswarm generate` and `nanoswarm peers`: a client of the swarm."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .params import SECONDS, client_keys, peer_list
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--peers", default=None, help="Comma-separated node contacts (ADDRESS#KEY, as nodes print them).")
+@click.option("--bootstrap", multiple=True, help="Contact of any swarm node: the route comes from its table.")
+@click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Use this identity's CURVE key (private swarms); default: a fresh key per run.")
+@click.option("--insecure", is_flag=True, help="Allow unencrypted links to nodes that run without a key.")
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=50, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="Seconds per peer answer.")
+@click.option("--wire", type=click.Choice(["float32", "float16", "bfloat16", "q80"]), default="float32",
+              show_default=True, help="Format of hidden states on the wire (float32 is exact).")
+@click.option("--relay/--no-relay", default=True, show_default=True,
+              help="Nodes pass steps (prompts too) on to the next stage themselves (one link per stage boundary).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where this client runs the model's head: cpu, cuda or cuda:N (nodes choose their own).")
+@click.option("--verify", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of steps after which one stage's work is redone here with --model's blocks; a peer "
+                   "that computed wrong is banned and its work redone.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
+def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[str, ...], key_file: Path | None,
+             insecure: bool, max_new_tokens: int, temperature: float,
+             top_k: int | None, top_p: float | None, seed: int | None, timeout: float, wire: str,
+             relay: bool, device: str, verify: float, as_json: bool) -> None:
+    """Generate text from PROMPT through the swarm, streaming it to stdout."""
+    from nanoswarm.client.api import SwarmModel
+    from nanoswarm.client.generate import SamplingParams
+    from nanoswarm.client.swarm import SwarmOptions
+    from nanoswarm.node.daemon import resolve_device
+
+    addresses, bootstraps = peer_list(peers), peer_list(",".join(bootstrap))
+    if not addresses and not bootstraps:
+        raise click.UsageError("give --bootstrap or --peers")
+    sampling = SamplingParams(temperature, top_k, top_p, seed)  # bad values fail before connecting
+    head_device = resolve_device(device)
+    options = SwarmOptions(timeout=timeout, wire=wire, client_keys=client_keys(key_file), insecure=insecure,
+                           relay=relay, verify=verify)
+    model = SwarmModel.connect(model_dir, peers=addresses, bootstrap=bootstraps, options=options, device=head_device)
+    try:
+        run_generation(model, prompt, max_new_tokens, sampling, as_json)
+    finally:
+        model.close()
+
+
+def run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: bool) -> None:
+    from nanoswarm.client.api import GenerationResult
+
+    result = GenerationResult(prompt)
+    notices = lambda line: click.echo(line, err=True)  # noqa: E731
+    stream = model.stream(prompt, max_new_tokens, sampling, result, on_failover=notices)
+    if as_json:
+        for _ in stream:
+            pass
+        click.echo(json.dumps(result.to_json()))
+    else:
+        first = True
+        for piece in stream:
+            if first:
+                click.echo(_route_line(result.route), err=True)
+                click.echo(prompt, nl=False)
+                first = False
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        if first:  # no new text (--max-new-tokens 0): the output is still prompt + new text
+            click.echo(prompt, nl=False)
+        click.echo()
+        s = result.stats
+        checks = (f", {result.spot_checks} spot checks, {result.wrong_results} found wrong"
+                  if result.spot_checks else "")
+        click.echo(f"[{s.new_tokens} tokens, first after {s.time_to_first_token * 1000:.0f} ms, "
+                   f"{s.tokens_per_second:.1f} tokens/s{checks}]", err=True)
+
+
+def _route_line(route: list[dict]) -> str:
+    from nanoswarm.keys.contact import endpoint_of
+
+    parts = []
+    for stage in route:  # endpoints only: the keys are in --json
+        a, b = stage["layers"]
+        heads = f" heads {stage['heads']}" if stage.get("heads") else ""
+        parts.append(f"{a}:{b} @ {','.join(endpoint_of(p) for p in stage['peers'])}{heads}")
+    return "route: " + " -> ".join(parts)
+
+
+@click.command()
+@click.option("--bootstrap", multiple=True, required=True, help="Contact (ADDRESS#KEY) of any swarm node.")
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Only this model's peers; its block count shows gaps at the end too.")
+@click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Use this identity's CURVE key (private swarms).")
+@click.option("--timeout", type=SECONDS, default=5.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | None, timeout: float,
+          as_json: bool) -> None:
+    """Print the swarm as a bootstrap node sees it: peers, coverage per block, gaps."""
+    from nanoswarm.client.discovery import fetch_table
+    from nanoswarm.client.peers_report import format_report, swarm_report
+
+    fetched = fetch_table(peer_list(",".join(bootstrap)), timeout, client_keys(key_file))
+    if not fetched.answered:
+        raise click.ClickException("no bootstrap node answered: " + "; ".join(fetched.errors.values()))
+    fetched.warn_unanswered()
+    n_layers, n_heads, model_id = None, None, None
+    if model_dir is not None:
+        from nanoswarm.shards.manifest import read_manifest
+
+        manifest = read_manifest(model_dir)
+        model_id, n_layers = manifest.model_id, {manifest.model_id: manifest.config.n_layer}
+        n_heads = {manifest.model_id: manifest.config.n_head}
+    report = swarm_report(fetched.table, n_layers, model_id, n_heads=n_heads)
+    if as_json:
+        click.echo(json.dumps({"models": report, "rejected": dict(fetched.table.rejected),
+                               "bootstrap": fetched.answered}))
+    else:
+        click.echo(format_report(report))
+        if fetched.table.rejected:
+            click.echo(f"rejected records: {dict(fetched.table.rejected)}")

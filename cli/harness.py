@@ -1,0 +1,202 @@
+"""The local harness: `nanoswarm cluster`, `demo`, `bench` and `load` start swarms on this machine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from .client import run_generation
+from .params import POSITIVE, SECONDS, client_keys, peer_list
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--nodes", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per node.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Once every node serves, print one JSON object (nodes: contact, layers, pid), not lines.")
+def cluster(model_dir: Path, nodes: int, threads: int, as_json: bool) -> None:
+    """Start NODES local node processes with an even split of the blocks; Ctrl-C stops them."""
+    from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
+    from nanoswarm.shards.manifest import read_manifest
+
+    n_layer = read_manifest(model_dir).config.n_layer
+    harness = LocalCluster(model_dir, [NodeSpec(r) for r in even_split(n_layer, nodes)], threads)
+    ready = False
+    try:
+        harness.start()
+        if as_json:
+            click.echo(json.dumps({"nodes": [{"contact": n.address, "layers": list(n.spec.layers), "pid": n.pid}
+                                             for n in harness.nodes]}))
+        else:
+            for n in harness.nodes:
+                click.echo(f"{n.address} layers {n.spec.layers[0]}:{n.spec.layers[1]} pid {n.pid}")
+            click.echo("ready")
+        sys.stdout.flush()
+        ready = True
+        while True:  # until Ctrl-C (or SIGTERM): the normal way to stop a cluster, exit code 0
+            dead = next((n for n in harness.nodes if n.proc.poll() is not None), None)
+            if dead is not None:
+                raise click.ClickException(f"node layers {dead.spec.layers[0]}:{dead.spec.layers[1]} (pid "
+                                           f"{dead.pid}) exited with code {dead.proc.returncode}; stopping the cluster")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        if not ready:  # interrupted while starting: not a cluster that ran
+            raise
+    finally:
+        harness.stop()
+
+
+@click.command()
+@click.argument("prompt", default="ROMEO:")
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Model directory (default: the demo model shipped with nanoswarm).")
+@click.option("--nodes", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=120, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.option("--top-k", type=int, default=40, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
+def demo(prompt: str, model_dir: Path | None, nodes: int, max_new_tokens: int, temperature: float,
+         top_k: int, seed: int | None, as_json: bool) -> None:
+    """Start a local swarm of NODES nodes on the demo model and generate from PROMPT."""
+    from nanoswarm.client.api import SwarmModel
+    from nanoswarm.client.generate import SamplingParams
+    from nanoswarm.keys.contact import endpoint_of
+    from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
+    from nanoswarm.shards.demo import demo_model_dir
+    from nanoswarm.shards.manifest import read_manifest
+
+    sampling = SamplingParams(temperature, top_k, None, seed)  # bad values fail before any node starts
+    model_dir = model_dir or demo_model_dir()
+    n_layer = read_manifest(model_dir).config.n_layer
+    # The nodes' own logs would drown the text on the terminal: they go to a file unless -v.
+    verbose = logging.getLogger().level < logging.WARNING
+    specs = [NodeSpec(r) for r in even_split(n_layer, nodes)]  # a bad --nodes fails before the log exists
+    log_file = None if verbose else tempfile.NamedTemporaryFile("w", prefix="nanoswarm-demo-", suffix=".log",
+                                                                delete=False)
+    harness = LocalCluster(model_dir, specs, threads=1, stderr=log_file)
+    click.echo(f"starting {nodes} local nodes for {model_dir}"
+               + (f" (node logs: {log_file.name})" if log_file else "") + " ...", err=True)
+    done = False
+    try:
+        with harness:
+            for n in harness.nodes:
+                click.echo(f"  node {endpoint_of(n.address)} layers {n.spec.layers[0]}:{n.spec.layers[1]}", err=True)
+            model = SwarmModel.connect(model_dir, peers=harness.addresses)
+            try:
+                run_generation(model, prompt, max_new_tokens, sampling, as_json)
+            finally:
+                model.close()
+        done = True
+    except KeyboardInterrupt:
+        done = True  # the user stopped it: nothing went wrong that the nodes' logs would show
+        raise
+    finally:
+        if log_file is not None:  # the nodes' logs matter only when something went wrong
+            log_file.close()
+            if done:
+                os.unlink(log_file.name)
+            else:
+                click.echo(f"node logs kept in {log_file.name}", err=True)
+
+
+@click.command()
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Benchmark this model directory instead of random weights of --shape.")
+@click.option("--shape", type=click.Choice(["gpt2-small", "tiny"]), default="gpt2-small", show_default=True)
+@click.option("--stages", default=None, show_default="1,2,4, as many as the model has blocks for",
+              help="Layer stages (nodes) to try.")
+@click.option("--sessions", default="1,8", show_default=True, help="Concurrent sessions to try.")
+@click.option("--head-groups", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Head-shard nodes in a group; 0 skips.")
+@click.option("--wires", default="float16,bfloat16,q80", show_default=True,
+              help="Wire formats tried besides float32, on the largest route.")
+@click.option("--links", default="relay,star", show_default=True,
+              help="relay (nodes pass steps on) or star (every stage answers the client): the first on "
+                   "every route, the others on the largest too.")
+@click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Decode steps per round.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Rounds per side and route.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="torch threads, here and per node.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep random-weight model dirs here (reused next time) instead of a temp dir.")
+@click.option("--quick", is_flag=True, help="A smoke test, not a measurement: --tokens 4 --prompt-len 16 "
+              "--repeats 1 unless given.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str, head_groups: int, wires: str,
+          links: str, tokens: int, prompt_len: int, repeats: int, threads: int, work_dir: Path | None, quick: bool,
+          as_json: bool) -> None:
+    """Local vs swarm speed on loopback: decode, prefill, per-stage overhead, bytes, batching."""
+    from nanoswarm.bench import BenchOptions, format_report, parse_ints, parse_names, run_bench
+
+    if quick:  # smaller defaults; what the user gave stays
+        given = click.get_current_context().get_parameter_source
+        default = click.core.ParameterSource.DEFAULT
+        tokens = 4 if given("tokens") == default else tokens
+        prompt_len = 16 if given("prompt_len") == default else prompt_len
+        repeats = 1 if given("repeats") == default else repeats
+    try:
+        patterns, wire_names = parse_names(links, "--links"), parse_names(wires, "--wires")
+        counts = (None if stages is None else parse_ints(stages, "--stages")), parse_ints(sessions, "--sessions")
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    opts = BenchOptions(model_dir, shape, *counts, head_groups,
+                        wire_names, patterns, tokens, prompt_len, repeats, session_tokens=4 if quick else 16,
+                        threads=threads, work_dir=work_dir, progress=lambda line: click.echo(line, err=True))
+    result = run_bench(opts)
+    click.echo(json.dumps(result) if as_json else format_report(result))
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--peers", default=None, help="Comma-separated node contacts; default: start a local swarm.")
+@click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True, help="Size of the local swarm.")
+@click.option("--node-args", default="", help="Options for the started nodes, e.g. '--max-sessions 32'.")
+@click.option("--sessions", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Concurrent client sessions.")
+@click.option("--duration", type=SECONDS, default=10.0, show_default=True, help="Seconds.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Decode steps per session.")
+@click.option("--max-length", type=click.IntRange(min=1), default=None,
+              help="KV cache each session reserves (default: the positions it uses).")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="Seconds per request.")
+@click.option("--no-verify", is_flag=True, help="Skip comparing every step's logits to a solo run.")
+@click.option("--tolerance", type=POSITIVE, default=None,
+              help="Largest logit difference from a solo run that counts as equal (default: by the nodes' "
+                   "device and dtype, 1e-5 for float32 on a CPU).")
+@click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Use this identity's CURVE key (private swarms); default: fresh keys.")
+@click.option("--insecure", is_flag=True, help="Allow unencrypted links to nodes that run without a key.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+def load(model_dir: Path, peers: str | None, nodes: int, node_args: str, sessions: int, duration: float,
+         prompt_tokens: int, new_tokens: int, max_length: int | None, timeout: float, no_verify: bool,
+         tolerance: float | None, key_file: Path | None, insecure: bool, as_json: bool) -> None:
+    """Concurrent sessions against a swarm: served, refused, failed, latency, node memory.
+    Exits 1 unless nothing failed, no node crashed, memory stayed bounded and logits matched."""
+    import shlex
+
+    from nanoswarm.client.load import LoadOptions, run_load
+    from nanoswarm.client.load_report import format_report
+    from nanoswarm.node.daemon import raise_fd_limit
+
+    raise_fd_limit()  # every session holds a link (and its monitor) to each node of its route
+    report = run_load(LoadOptions(model_dir, peer_list(peers), nodes, shlex.split(node_args),
+                                  sessions=sessions, duration=duration, prompt_tokens=prompt_tokens,
+                                  new_tokens=new_tokens, max_length=max_length, timeout=timeout,
+                                  verify=not no_verify, tolerance=tolerance, client_keys=client_keys(key_file),
+                                  insecure=insecure))
+    click.echo(json.dumps(report.to_json()) if as_json else format_report(report))
+    if not report.ok:
+        sys.exit(1)

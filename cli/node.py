@@ -1,0 +1,97 @@
+"""`nanoswarm node`: serve blocks of a model to the swarm."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .params import SECONDS, parse_range, peer_list
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--layers", default=None, help="Blocks to serve, half-open: 4:8 is blocks 4-7.")
+@click.option("--heads", default=None, help="Serve only these heads of each block: 0:6 is heads 0-5.")
+@click.option("--listen", default="tcp://127.0.0.1:*", show_default=True,
+              help="ZeroMQ endpoint; a port of * picks a free one.")
+@click.option("--advertise", default=None,
+              help="tcp://HOST[:PORT] peers reach this node at, if not --listen's (NAT, port mapping, "
+                   "a wildcard --listen); the port defaults to the one bound.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's choice).")
+# Limits (node/sessions.py NodeLimits; the shown defaults are its own, tests/test_cli.py checks).
+@click.option("--max-sessions", type=click.IntRange(min=1), default=None, show_default="128")
+@click.option("--kv-budget-mb", type=click.IntRange(min=1), default=None, show_default="2048",
+              help="Total KV-cache memory for sessions.")
+@click.option("--max-session-length", type=click.IntRange(min=1), default=None,
+              show_default="4096, at most the context", help="Positions one session may hold.")
+@click.option("--max-tokens-per-step", type=click.IntRange(min=1), default=None, show_default="1024")
+@click.option("--max-message-mb", type=click.IntRange(min=1), default=None, show_default="64")
+@click.option("--max-inflight", type=click.IntRange(min=1), default=None, show_default="16",
+              help="Requests in flight per peer.")
+@click.option("--idle-timeout", type=SECONDS, default=None, show_default="300",
+              help="Seconds before an idle session is reclaimed.")
+@click.option("--max-batch-seconds", type=SECONDS, default=None, show_default="5",
+              help="Compute per batch before its remaining requests are refused busy.")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Node identity (default: one in the user config dir, created on first run).")
+@click.option("--bootstrap", multiple=True, help="Contact (ADDRESS#KEY) of a swarm node; repeat or comma-separate.")
+@click.option("--allow-keys", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Private swarm: accept only these CURVE public keys (one a line).")
+@click.option("--insecure", is_flag=True, help="No encryption on this node's socket (ZeroMQ CURVE off).")
+@click.option("--num-blocks", type=click.IntRange(min=1), default=None,
+              help="Without --layers: serve this many blocks.")
+@click.option("--memory-budget-mb", type=click.IntRange(min=1), default=None,
+              help="Without --layers: memory for weights (default: a quarter of available RAM; on a GPU, "
+                   "45% of its free memory less the KV budget).")
+@click.option("--ttl", type=SECONDS, default=60.0, show_default=True, help="Lifetime of the node's signed record.")
+@click.option("--gossip-interval", type=SECONDS, default=1.0, show_default=True, help="Seconds between gossip rounds.")
+@click.option("--rebalance-interval", type=SECONDS, default=30.0, show_default=True,
+              help="Without --layers: seconds between checks whether to serve other blocks.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Once serving, print one JSON object (listening, peer_id, model_id, layers, heads) "
+                   "instead of `listening CONTACT`.")
+def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, advertise: str | None, device: str,
+         dtype: str, threads: int | None, max_sessions, kv_budget_mb, max_session_length,
+         max_tokens_per_step, max_message_mb, max_inflight, idle_timeout, max_batch_seconds, key_file: Path | None,
+         bootstrap: tuple[str, ...], allow_keys: Path | None, insecure: bool, num_blocks: int | None,
+         memory_budget_mb: int | None, ttl: float, gossip_interval: float, rebalance_interval: float,
+         as_json: bool) -> None:
+    """Serve blocks of MODEL_DIR to the swarm until SIGTERM or Ctrl-C."""
+    import dataclasses
+
+    from nanoswarm.node.daemon import NodeOptions, run_node
+    from nanoswarm.node.sessions import NodeLimits
+
+    overrides = {k: v for k, v in {
+        "max_sessions": max_sessions,
+        "kv_budget_bytes": kv_budget_mb * 2**20 if kv_budget_mb is not None else None,
+        "max_session_length": max_session_length, "max_tokens_per_step": max_tokens_per_step,
+        "max_message_bytes": max_message_mb * 2**20 if max_message_mb is not None else None,
+        "max_inflight_per_peer": max_inflight, "idle_timeout": idle_timeout,
+        "max_batch_seconds": max_batch_seconds}.items() if v is not None}
+    limits = dataclasses.replace(NodeLimits(), **overrides)
+    logging.getLogger("nanoswarm").setLevel(min(logging.getLogger().level, logging.INFO))
+    run_node(NodeOptions(model_dir, parse_range(layers, "--layers"), parse_range(heads, "--heads"), listen,
+                         device, dtype, threads, limits, key_file=key_file,
+                         bootstrap=peer_list(",".join(bootstrap)), allow_keys=allow_keys, insecure=insecure,
+                         ttl=ttl, gossip_interval=gossip_interval, num_blocks=num_blocks,
+                         memory_budget_mb=memory_budget_mb, rebalance_interval=rebalance_interval,
+                         advertise=advertise), functools.partial(_print_ready, as_json))
+
+
+def _print_ready(as_json: bool, ready: dict) -> None:
+    """The node's one line on stdout once it serves: what the harness and scripts read."""
+    if as_json:
+        ready = {"listening": ready["contact"], **{k: v for k, v in ready.items() if k != "contact"}}
+        click.echo(json.dumps(ready))
+    else:
+        click.echo(f"listening {ready['contact']}")
+    sys.stdout.flush()

@@ -1,0 +1,86 @@
+"""`nanoswarm shard` and `nanoswarm train`: model directories and the models in them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from .params import POSITIVE
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--layers-per-shard", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--head-groups", type=int, default=None, help="Also write head-sliced files, G groups.")
+@click.option("--heads", "heads_spec", default=None, help="Explicit head split, e.g. 0:6,6:12.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Storage dtype of the shard files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int | None,
+          heads_spec: str | None, dtype: str, as_json: bool) -> None:
+    """Cut a checkpoint (nanoGPT ckpt.pt or Hugging Face GPT-2 dir) into a model directory."""
+    import torch
+
+    from nanoswarm.shards.loaders import check_tokenizer_vocab, load_checkpoint
+    from nanoswarm.shards.manifest import parse_head_splits, write_model_dir
+
+    shards_log = logging.getLogger("nanoswarm.shards")  # its progress lines, -v or not
+    shards_log.setLevel(min(shards_log.getEffectiveLevel(), logging.INFO))
+    config, state = load_checkpoint(source)
+    check_tokenizer_vocab(config, str(source))
+    splits = parse_head_splits(heads_spec, head_groups, config.n_head)
+    manifest = write_model_dir(config, state, out_dir, layers_per_shard, splits, getattr(torch, dtype))
+    if as_json:
+        click.echo(json.dumps({"model_id": manifest.model_id, **json.loads(manifest.to_json())}))
+    else:
+        click.echo(f"{out_dir}: model {manifest.model_id[:16]}, {len(manifest.files)} files")
+
+
+@click.command()
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("out/ckpt.pt"), show_default=True,
+              help="Where to write the nanoGPT-style checkpoint (the best by validation loss).")
+@click.option("--text", "text_path", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Training text (default: tiny Shakespeare shipped with nanoswarm).")
+@click.option("--n-layer", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--n-head", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--n-embd", type=click.IntRange(min=1), default=192, show_default=True)
+@click.option("--block-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--max-iters", type=click.IntRange(min=0), default=700, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=POSITIVE, default=2e-3, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=1337, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --out (the run writes its first checkpoint within seconds).")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted run that wrote --out (the same settings), from its best eval point.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's summary as one JSON object.")
+def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_embd: int, block_size: int,
+          max_iters: int, batch_size: int, lr: float, seed: int, threads: int, overwrite: bool,
+          resume: bool, as_json: bool) -> None:
+    """Train a small GPT-2-architecture model on a text file, on the CPU (progress on stderr)."""
+    from nanoswarm.shards import train as training
+    from nanoswarm.shards.model import ModelConfig
+
+    if out_path.is_dir():
+        raise click.ClickException(f"--out {out_path} is a directory; give the checkpoint file, e.g. "
+                                   f"{out_path / 'ckpt.pt'}")
+    if resume and overwrite:
+        raise click.UsageError("--resume continues --out; --overwrite replaces it: give one")
+    if resume and not out_path.is_file():
+        raise click.ClickException(f"--resume: no checkpoint at {out_path}")
+    if out_path.exists() and not (overwrite or resume):
+        raise click.ClickException(f"{out_path} exists: pass --resume to continue it or --overwrite to replace it")
+
+    config = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, gelu="exact")
+    summary = training.train(text_path or training.DEFAULT_TEXT, out_path, config, max_iters=max_iters,
+                             batch_size=batch_size, lr=lr, seed=seed, threads=threads, resume=resume)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    else:
+        click.echo(f"{summary['out_path']}: {summary['n_params']:,} parameters, validation loss "
+                   f"{summary['val_loss']:.4f} (unigram {summary['unigram_val_loss']:.4f})")
