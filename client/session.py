@@ -26,7 +26,7 @@ from nanoswarm.protocol.tensors import fits_wire
 from .history import History, Unkept
 from .relay import Chain, ChainBroken, SessionRelay, stalled_stage
 from .route import RouteError
-from .stages import BUSY_RETRIES, RemoteLayerStage, Stage, busy_pause, step_retrying_busy
+from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause, step_retrying_busy
 from .swarm import Swarm
 from .transport import PeerError
 
@@ -219,39 +219,75 @@ class InferenceSession:
         return hidden
 
     def _spot_check(self, T: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Redo one random layer stage's work for every position so far here (client/verify.py);
-        returns this step's output, redone from that stage on if the stage's was wrong."""
-        layer_stages = [k for k, s in enumerate(self.stages) if isinstance(s, RemoteLayerStage)]
-        if not layer_stages:
+        """Redo one random stage's work here (client/verify.py): a layer stage's for every position
+        so far, a head group's members' for this step. Returns this step's output, redone from
+        that stage on if the stage's was wrong."""
+        checkable = [k for k, s in enumerate(self.stages) if isinstance(s, RemoteLayerStage)
+                     or isinstance(s, HeadGroupStage) and s.record is not None and s.record.partials]
+        if not checkable:
             return hidden
-        stage = self.stages[self.checker.pick(layer_stages)]
-        known = self.swarm.peers.get(stage.conn.address)
-        # The tolerance follows the dtype the node states; one it does not state (or that makes
-        # no sense) gets float32's, the strictest: a liar that left it out went unchecked.
-        dtype = self.checker.dtype_of(stage.conn.address, known.extra if known else {},
-                                      lambda: stage.conn.request("info", timeout=stage.timeout).fields)
+        stage = self.stages[self.checker.pick(checkable)]
         self._recover_for(stage)  # its inputs, whole
         i = self.stages.index(stage)
+        if isinstance(stage, HeadGroupStage):
+            error = self._wrong_member(stage)
+        else:
+            error = self._wrong_layers(i, stage)
+            if stage not in self.stages:  # it failed while its outputs were recovered, and was failed over
+                return hidden
+            i = self.stages.index(stage)
+        self.spot_checks += 1
+        if error is None:
+            return hidden
+        self.wrong_results += 1
+        reference = self.checker.reference(stage.start, stage.stop, self.history[i].tensor())
+        return self._redo_after_wrong(i, error, reference)[:, -T:]
+
+    def _wrong_layers(self, i: int, stage: RemoteLayerStage) -> PeerError | None:
+        """Stage i's outputs for every position so far against the client's own; the error to fail
+        it over with if they differ beyond what its dtype and the wire explain."""
+        dtype = self._dtype_of(stage.conn)
         last = i + 1 == len(self.stages)
         if not last:
             self._recover_for(self.stages[i + 1])  # its outputs, whole (asked of the stage itself)
-            if stage not in self.stages:  # it failed doing so, and was failed over
-                return hidden
+            if stage not in self.stages:
+                return None
             i = self.stages.index(stage)
         reference = self.checker.reference(stage.start, stage.stop, self.history[i].tensor())
         got = self.outputs.tensor() if last else self.history[i + 1].tensor()
-        diff = self.checker.difference(reference, got)
+        return self._judge(stage.conn.address, f"layers {stage.start}:{stage.stop}", dtype,
+                           self.checker.difference(reference, got))
+
+    def _wrong_member(self, group: HeadGroupStage) -> PeerError | None:
+        """Every member's partial sums of the group's last step against the client's own, from the
+        inputs the client sent; the error for the first member found wrong, if any (blamed alone:
+        what it returned depends only on what it was sent and holds)."""
+        record = group.record
+        for block in range(group.start, group.stop):
+            for phase in ("attn", "mlp"):
+                for (conn, heads), partial in zip(group.members, record.partials.get((block, phase), [])):
+                    diff = self.checker.difference(self.checker.member_reference(block, heads, phase, record), partial)
+                    error = self._judge(conn.address, f"heads {heads[0]}:{heads[1]} of layer {block} ({phase})",
+                                        self._dtype_of(conn), diff)
+                    if error is not None:
+                        return error
+        return None
+
+    def _dtype_of(self, conn) -> str | None:
+        """The dtype a peer states: the tolerance follows it; one it does not state (or that makes
+        no sense) gets float32's, the strictest: a liar that left it out went unchecked."""
+        known = self.swarm.peers.get(conn.address)
+        return self.checker.dtype_of(conn.address, known.extra if known else {},
+                                     lambda: conn.request("info", timeout=self.swarm.options.timeout).fields)
+
+    def _judge(self, address: str, work: str, dtype: str | None, diff: float) -> PeerError | None:
         tolerance = self.checker.tolerance(dtype, self.swarm.options.wire)
-        self.spot_checks += 1
         if diff <= tolerance:
-            return hidden
-        self.wrong_results += 1
-        error = PeerError(stage.conn.address, "wrong_result",
-                          f"layers {stage.start}:{stage.stop} differ from the client's own computation by "
-                          f"{diff:.3g} of their scale (an honest {dtype or 'float32'} node on a "
-                          f"{self.swarm.options.wire} "
-                          f"wire: at most {tolerance:.3g})")
-        return self._redo_after_wrong(i, error, reference)[:, -T:]
+            return None
+        return PeerError(address, "wrong_result",
+                         f"{work} differ from the client's own computation by {diff:.3g} of their scale "
+                         f"(an honest {dtype or 'float32'} node on a {self.swarm.options.wire} wire: "
+                         f"at most {tolerance:.3g})")
 
     def _redo_after_wrong(self, i: int, error: PeerError, reference: torch.Tensor) -> torch.Tensor:
         """Stage i computed wrong: ban its peer, give its blocks to others, and rebuild every stage

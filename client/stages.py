@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from nanoswarm.protocol.messages import Message
 from nanoswarm.shards.model import Blocks
 
 from .transport import MAX_FRAME_BYTES, PeerConnection, PeerError
+
+if TYPE_CHECKING:
+    from .verify import FanOutRecord
 
 BUSY_RETRIES = 3  # a `busy` step is retried on the same peer this often (0.1, 0.2, 0.4 s) before failover
 
@@ -207,8 +211,14 @@ class HeadGroupStage(Stage):
         self.start, self.stop, self.model_id = start, stop, model_id
         self.wire, self.timeout = wire, timeout
         self.sessions: list[str] = []
+        self.record: FanOutRecord | None = None  # what members were sent and answered, if spot-checked
 
     def open(self, max_length: int) -> None:
+        if self.record is not None:
+            self.record.reset()
+        self._open(max_length)
+
+    def _open(self, max_length: int) -> None:
         self.max_length = max_length
         self.sessions, self.limits = [], []
         for conn, _ in self.members:
@@ -219,6 +229,8 @@ class HeadGroupStage(Stage):
             conn.sessions.add(reply.fields["session"])
 
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:
+        if self.record is not None:
+            self.record.sent(block, phase, hidden)
         partials: list[torch.Tensor | None] = [None] * len(self.members)
         waiting = list(range(len(self.members)))
         for retry in range(BUSY_RETRIES + 1):
@@ -241,6 +253,8 @@ class HeadGroupStage(Stage):
                 break
             waiting = busy
             busy_pause(retry + 1)
+        if self.record is not None:
+            self.record.answered(block, phase, partials)
         total = hidden
         for partial in partials:  # in member order: the same sums every time
             total = total + partial
@@ -253,6 +267,8 @@ class HeadGroupStage(Stage):
         n = min(positions_per_request(fields, hidden.shape[2]) for fields in self.limits)
         if hidden.shape[1] > n:
             return torch.cat([self.step(hidden[:, i:i + n], pos + i) for i in range(0, hidden.shape[1], n)], dim=1)
+        if self.record is not None:
+            self.record.begin(hidden.shape[1])
         for block in range(self.start, self.stop):
             hidden = self._fan_out(hidden, pos, "attn", block)
             hidden = self._fan_out(hidden, pos, "mlp", block)

@@ -8,7 +8,6 @@ import logging
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import zmq
 
@@ -17,12 +16,10 @@ from nanoswarm.keys.records import check_endpoint
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import finite_float, parse_range
 
-if TYPE_CHECKING:
-    from .verify import SpotChecker
-
 from .route import PeerInfo, RouteError, StagePlan, build_route
 from .stages import HeadGroupStage, RemoteLayerStage, Stage
 from .transport import PeerConnection, PeerError
+from .verify import FanOutRecord, SpotChecker
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +235,11 @@ class Swarm:
     def make_stage(self, plan: StagePlan) -> Stage:
         if plan.is_head_group:
             members = [(self.connection(p.address), h) for p, h in zip(plan.peers, plan.heads)]
-            return HeadGroupStage(members, plan.start, plan.stop, self.model_id,
-                                  self.options.wire, self.options.timeout)
+            group = HeadGroupStage(members, plan.start, plan.stop, self.model_id,
+                                   self.options.wire, self.options.timeout)
+            if self.checker is not None:  # spot checks need each member's partials (client/verify.py)
+                group.record = FanOutRecord()
+            return group
         return RemoteLayerStage(self.connection(plan.peers[0].address), plan.start, plan.stop,
                                 self.model_id, self.options.wire, self.options.timeout)
 

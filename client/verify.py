@@ -15,6 +15,14 @@ pass over all positions per check. A checking session does not relay: each stage
 client itself, so the outputs checked are the ones the stage sent (in a relayed step, the
 earlier hops' outputs come back through the later hops, which could alter them and have an
 honest node blamed; a relayed prompt's do not come back at all).
+
+A head group is checked member by member, for the step just taken: the group's output is a sum
+of its members' partial sums, so only a member's own partials can show which one computed wrong.
+A group of a checking session keeps what it sent and got back (`FanOutRecord`): every block's
+attention inputs for every position (a member's attention reads its cache of them) and, for the
+last step only, the MLP inputs and every member's partials. The check redoes each member's share
+of every block from the inputs the client actually sent, so an honest member is never blamed for
+another's earlier lie; a member's lie is caught on a checked step, not on a later one.
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ from pathlib import Path
 import torch
 
 from nanoswarm.shards.manifest import Manifest
-from nanoswarm.shards.model import Blocks
+from nanoswarm.shards.model import Block, Blocks
 from nanoswarm.shards.weights import load_blocks
 
+from .history import History
 from .transport import PeerError
 
 log = logging.getLogger(__name__)
@@ -47,6 +56,7 @@ class SpotChecker:
         self.model_dir, self.manifest, self.fraction = Path(model_dir), manifest, fraction
         self._rng = random.SystemRandom()  # peers must not predict which steps are checked
         self._blocks: dict[int, Blocks] = {}  # one module a block: routes split them differently over time
+        self._slices: dict[tuple[int, tuple[int, int]], Block] = {}  # a block's heads, for head groups
         self._dtypes: dict[str, str] = {}  # by peer address
 
     def due(self) -> bool:
@@ -67,6 +77,21 @@ class SpotChecker:
             for i in range(start, stop):
                 x = self._blocks[i](x)
         return x
+
+    def member_reference(self, block: int, heads: tuple[int, int], phase: str, record: FanOutRecord) -> torch.Tensor:
+        """What the member holding `heads` of `block` should have answered in the record's last
+        step: its partial sum of attention ("attn") or of the MLP ("mlp")."""
+        key = (block, tuple(heads))
+        if key not in self._slices:
+            log.info("loading heads %d:%d of block %d for spot checks", heads[0], heads[1], block)
+            blocks = load_blocks(self.model_dir, block, block + 1, heads=heads, manifest=self.manifest)
+            self._slices[key] = blocks.h[str(block)]
+        layer = self._slices[key]
+        with torch.inference_mode():
+            if phase == "attn":  # every position so far: this step's queries attend to all of them
+                x = record.attn_inputs[block].tensor().to(torch.float32)
+                return layer.attn_partial(x, None, 0)[:, -record.positions:]
+            return layer.mlp_partial(record.mlp_inputs[block].to(torch.float32))
 
     def tolerance(self, dtype: str | None, wire: str) -> float:
         """The slack of an honest node of `dtype` (as it states it: None or one we do not know
@@ -95,3 +120,33 @@ class SpotChecker:
             self._dtypes[address] = dtype
             return dtype
         return None
+
+
+class FanOutRecord:
+    """What a head group of a checking session sent its members and got back: every block's
+    attention inputs for every position so far, and for its last step (or the last piece of one)
+    the MLP inputs and every member's partial sums, by block and phase (client/stages.py
+    HeadGroupStage fills it; SpotChecker.member_reference reads it)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """A new session on the members: nothing sent yet."""
+        self.attn_inputs: dict[int, History] = {}
+        self.begin(0)
+
+    def begin(self, positions: int) -> None:
+        """A step of `positions` positions starts: the last one's MLP inputs and partials go."""
+        self.positions = positions
+        self.mlp_inputs: dict[int, torch.Tensor] = {}
+        self.partials: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+    def sent(self, block: int, phase: str, hidden: torch.Tensor) -> None:
+        if phase == "attn":
+            self.attn_inputs.setdefault(block, History()).append(hidden, hidden.shape[1])
+        else:
+            self.mlp_inputs[block] = hidden
+
+    def answered(self, block: int, phase: str, partials: list[torch.Tensor]) -> None:
+        self.partials[(block, phase)] = list(partials)

@@ -1,14 +1,16 @@
 """A node that computes wrong, for tests/test_verify.py: `nanoswarm node` whose blocks add a
 rolled copy of their output (plausible hidden states, the wrong ones), and which claims a huge
 throughput so that routes prefer it. Run as a real process, like `python -m nanoswarm node`;
-with --hide-dtype its `info` does not say its dtype (so that checks cannot know its slack)."""
+with --hide-dtype its `info` does not say its dtype (so that checks cannot know its slack). As a
+head shard it computes right unless given --wrong-heads (its attention partial sums get the same
+error on every step) or --wrong-heads-prompt (only on steps of more than one position)."""
 
 import sys
 
 import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
 from nanoswarm.cli import main
 from nanoswarm.node import handler, steps
-from nanoswarm.shards.model import Blocks
+from nanoswarm.shards.model import Block, Blocks
 
 _forward = Blocks.forward
 _measure = steps.StepRunner.measure_throughput
@@ -25,7 +27,19 @@ def claimed(self, seconds=0.3):
     return 1e6
 
 
+def wrong_partial(when):
+    def attn_partial(self, x, caches, block):
+        y = _attn_partial(self, x, caches, block)
+        return y + 0.5 * y.roll(1, dims=-1) if not self.full and when(x) else y
+    return attn_partial
+
+
+_attn_partial = Block.attn_partial
 Blocks.forward = wrong
+for flag, when in (("--wrong-heads", lambda x: True), ("--wrong-heads-prompt", lambda x: x.shape[1] > 1)):
+    if flag in sys.argv:
+        sys.argv.remove(flag)
+        Block.attn_partial = wrong_partial(when)
 steps.StepRunner.measure_throughput = claimed
 if "--hide-dtype" in sys.argv:
     sys.argv.remove("--hide-dtype")

@@ -217,3 +217,91 @@ def test_the_difference_is_relative_to_the_reference_s_scale(tiny_model_dir):
     checker = SpotChecker(tiny_model_dir, read_manifest(tiny_model_dir), 0.5)
     assert checker.tolerance("float32", "float32") == 1e-4
     assert checker.tolerance("float32", "q80") == checker.tolerance("bfloat16", "float32") == 1e-1
+
+
+def group_run(model_dir, liar_flag: str, due=None):
+    """A greedy generation through a head group whose member for heads 0:2 lies (`liar_flag`,
+    tests/dishonest_node.py); an honest node for heads 0:2 looks far away, so it is the
+    replacement. `due(model)` may replace the checker's draw."""
+    swarm = SwarmWithALiar(model_dir, [NodeSpec((0, 4), (0, 2), args=["--dishonest", liar_flag]),
+                                       NodeSpec((0, 4), (2, 4)), NodeSpec((0, 4), (0, 2))])
+    swarm.start()
+    try:
+        model = SwarmModel.connect(model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=10, verify=1.0))
+        try:
+            model.swarm.peers[swarm.addresses[2]].rtt = 1.0
+            if due is not None:
+                model.swarm.checker.due = due
+            return model.generate(PROMPT, N_TOKENS, GREEDY, keep_logits=True), swarm.addresses
+        finally:
+            model.close()
+    finally:
+        swarm.stop()
+
+
+def test_a_head_group_member_that_computes_wrong_is_caught_and_blamed_alone(tiny_model_dir):
+    """A group's output is a sum of its members' partials: the check redoes each member's share
+    and bans only the member that lied; the other member serves on, and the text is exact."""
+    expected = SwarmModel.local(tiny_model_dir).generate(PROMPT, N_TOKENS, GREEDY, keep_logits=True)
+    result, (liar, honest, replacement) = group_run(tiny_model_dir, "--wrong-heads")
+    assert result.wrong_results == 1 and result.failovers == 1 and result.spot_checks == N_TOKENS
+    assert result.route == [{"layers": [0, 4], "peers": [replacement, honest], "heads": [[0, 2], [2, 4]]}]
+    assert result.ids == expected.ids
+    diff = max(float((a - b).abs().max()) for a, b in zip(result.logits, expected.logits))
+    assert diff < 1e-4, diff
+
+
+def test_a_member_s_unchecked_lie_gets_no_member_blamed_later(tiny_model_dir):
+    """The liar lies in the prompt's step only, which is not checked; the later steps' attention
+    of every member reads caches built from that lie's sums. Each member is judged on the inputs
+    the client sent it, so none is blamed (redone from the group's inputs instead, every member's
+    later attention differs, and whichever was checked first, honest or not, would be banned)."""
+    draws = iter([False] + [True] * N_TOKENS)
+    result, _ = group_run(tiny_model_dir, "--wrong-heads-prompt", due=lambda: next(draws))
+    assert result.spot_checks == N_TOKENS - 1 and result.wrong_results == 0 and result.failovers == 0
+    honest = SwarmModel.local(tiny_model_dir).generate(PROMPT, N_TOKENS, GREEDY, keep_logits=True)
+    assert max(float((a - b).abs().max()) for a, b in zip(result.logits, honest.logits)) > 1e-2  # the lie counted
+
+
+def test_honest_head_group_members_pass_every_check(tiny_model_dir, cluster_factory):
+    """A bfloat16 member on a float16 wire, and float32 on float32: within their tolerance."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), (0, 1), args=["--dtype", "bfloat16"]),
+                                             NodeSpec((0, 4), (1, 4))])
+    for wire in ("float32", "float16"):
+        model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
+                                   options=SwarmOptions(timeout=10, verify=1.0, wire=wire))
+        try:
+            result = model.generate(PROMPT, N_TOKENS, GREEDY)
+        finally:
+            model.close()
+        assert result.route[0]["heads"] == [[0, 1], [1, 4]]
+        assert result.spot_checks == N_TOKENS and result.wrong_results == 0 and result.failovers == 0, wire
+
+
+def test_a_member_s_share_is_redone_as_its_node_computes_it(tiny_model_dir):
+    """member_reference, from the record of a step, against a head shard's cached steps."""
+    from nanoswarm.client.verify import FanOutRecord, SpotChecker
+    from nanoswarm.shards.manifest import read_manifest
+    from nanoswarm.shards.weights import load_blocks
+
+    manifest = read_manifest(tiny_model_dir)
+    checker = SpotChecker(tiny_model_dir, manifest, 1.0)
+    shard = load_blocks(tiny_model_dir, 1, 2, heads=(1, 3))
+    layer, cache, record = shard.h["1"], shard.new_cache(16), FanOutRecord()
+    x = torch.randn(1, 9, manifest.config.n_embd, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        for a, b in ((0, 6), (6, 7), (7, 9)):  # a prompt, then two steps
+            record.begin(b - a)
+            record.sent(1, "attn", x[:, a:b])
+            attn = layer.attn_partial(x[:, a:b], [cache], 0)
+            cache.length = b
+            record.sent(1, "mlp", x[:, a:b] + attn)
+            record.answered(1, "attn", [attn])
+            record.answered(1, "mlp", [layer.mlp_partial(x[:, a:b] + attn)])
+    for phase in ("attn", "mlp"):
+        want = record.partials[(1, phase)][0]
+        got = checker.member_reference(1, (1, 3), phase, record)
+        assert got.shape == want.shape == (1, 2, manifest.config.n_embd)
+        assert (got - want).abs().max().item() < 1e-5, phase
+    record.reset()
+    assert record.attn_inputs == {} and record.partials == {} and record.positions == 0
