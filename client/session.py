@@ -28,7 +28,7 @@ from .relay import Chain, ChainBroken, SessionRelay, stalled_stage
 from .route import RouteError
 from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause, step_retrying_busy
 from .swarm import Swarm
-from .transport import PeerError
+from .transport import PeerConnection, PeerError
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,9 @@ class InferenceSession:
             self.outputs.append(hidden, T)
             if self.checker.due():
                 hidden = self._spot_check(T, hidden)
+            for stage in self.stages:  # a step's partials serve only its own check
+                if isinstance(stage, HeadGroupStage) and stage.record is not None:
+                    stage.record.drop_step()
         return hidden
 
     def _spot_check(self, T: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -223,16 +226,18 @@ class InferenceSession:
         so far, a head group's members' for this step. Returns this step's output, redone from
         that stage on if the stage's was wrong."""
         checkable = [k for k, s in enumerate(self.stages) if isinstance(s, RemoteLayerStage)
-                     or isinstance(s, HeadGroupStage) and s.record is not None and s.record.partials]
+                     or isinstance(s, HeadGroupStage) and s.record is not None and s.record.has_step]
         if not checkable:
             return hidden
         stage = self.stages[self.checker.pick(checkable)]
         self._recover_for(stage)  # its inputs, whole
         i = self.stages.index(stage)
+        reference = None  # the stage's right outputs for every position, once computed
         if isinstance(stage, HeadGroupStage):
-            error = self._wrong_member(stage)
+            dtypes = [self._dtype_of(conn) for conn, _ in stage.members]  # asked once a check
+            error = self.checker.wrong_member(stage, dtypes, self.swarm.options.wire)
         else:
-            error = self._wrong_layers(i, stage)
+            error, reference = self._wrong_layers(i, stage)
             if stage not in self.stages:  # it failed while its outputs were recovered, and was failed over
                 return hidden
             i = self.stages.index(stage)
@@ -240,54 +245,31 @@ class InferenceSession:
         if error is None:
             return hidden
         self.wrong_results += 1
-        reference = self.checker.reference(stage.start, stage.stop, self.history[i].tensor())
+        if reference is None:
+            reference = self.checker.reference(stage.start, stage.stop, self.history[i].tensor())
         return self._redo_after_wrong(i, error, reference)[:, -T:]
 
-    def _wrong_layers(self, i: int, stage: RemoteLayerStage) -> PeerError | None:
-        """Stage i's outputs for every position so far against the client's own; the error to fail
-        it over with if they differ beyond what its dtype and the wire explain."""
+    def _wrong_layers(self, i: int, stage: RemoteLayerStage) -> tuple[PeerError | None, torch.Tensor | None]:
+        """Stage i's outputs for every position so far against the client's own: the error to fail
+        it over with if they differ beyond what its dtype and the wire explain, and the client's."""
         dtype = self._dtype_of(stage.conn)
         last = i + 1 == len(self.stages)
         if not last:
             self._recover_for(self.stages[i + 1])  # its outputs, whole (asked of the stage itself)
             if stage not in self.stages:
-                return None
+                return None, None
             i = self.stages.index(stage)
         reference = self.checker.reference(stage.start, stage.stop, self.history[i].tensor())
         got = self.outputs.tensor() if last else self.history[i + 1].tensor()
-        return self._judge(stage.conn.address, f"layers {stage.start}:{stage.stop}", dtype,
-                           self.checker.difference(reference, got))
+        return self.checker.judge(stage.conn.address, f"layers {stage.start}:{stage.stop}", dtype,
+                                  self.swarm.options.wire, self.checker.difference(reference, got)), reference
 
-    def _wrong_member(self, group: HeadGroupStage) -> PeerError | None:
-        """Every member's partial sums of the group's last step against the client's own, from the
-        inputs the client sent; the error for the first member found wrong, if any (blamed alone:
-        what it returned depends only on what it was sent and holds)."""
-        record = group.record
-        for block in range(group.start, group.stop):
-            for phase in ("attn", "mlp"):
-                for (conn, heads), partial in zip(group.members, record.partials.get((block, phase), [])):
-                    diff = self.checker.difference(self.checker.member_reference(block, heads, phase, record), partial)
-                    error = self._judge(conn.address, f"heads {heads[0]}:{heads[1]} of layer {block} ({phase})",
-                                        self._dtype_of(conn), diff)
-                    if error is not None:
-                        return error
-        return None
-
-    def _dtype_of(self, conn) -> str | None:
+    def _dtype_of(self, conn: PeerConnection) -> str | None:
         """The dtype a peer states: the tolerance follows it; one it does not state (or that makes
         no sense) gets float32's, the strictest: a liar that left it out went unchecked."""
         known = self.swarm.peers.get(conn.address)
         return self.checker.dtype_of(conn.address, known.extra if known else {},
                                      lambda: conn.request("info", timeout=self.swarm.options.timeout).fields)
-
-    def _judge(self, address: str, work: str, dtype: str | None, diff: float) -> PeerError | None:
-        tolerance = self.checker.tolerance(dtype, self.swarm.options.wire)
-        if diff <= tolerance:
-            return None
-        return PeerError(address, "wrong_result",
-                         f"{work} differ from the client's own computation by {diff:.3g} of their scale "
-                         f"(an honest {dtype or 'float32'} node on a {self.swarm.options.wire} wire: "
-                         f"at most {tolerance:.3g})")
 
     def _redo_after_wrong(self, i: int, error: PeerError, reference: torch.Tensor) -> torch.Tensor:
         """Stage i computed wrong: ban its peer, give its blocks to others, and rebuild every stage

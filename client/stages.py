@@ -264,11 +264,12 @@ class HeadGroupStage(Stage):
         # Never part of a relayed step, so never holds a position it is asked for. Positions go in
         # pieces every member takes: halving after a refusal (as a layer stage does) cannot work
         # here, because the members that took the first block have stored it.
-        n = min(positions_per_request(fields, hidden.shape[2]) for fields in self.limits)
-        if hidden.shape[1] > n:
-            return torch.cat([self.step(hidden[:, i:i + n], pos + i) for i in range(0, hidden.shape[1], n)], dim=1)
-        if self.record is not None:
+        if self.record is not None:  # every piece of the step is kept: a check covers them all
             self.record.begin(hidden.shape[1])
+        n = min(positions_per_request(fields, hidden.shape[2]) for fields in self.limits)
+        return torch.cat([self._step_piece(hidden[:, i:i + n], pos + i) for i in range(0, hidden.shape[1], n)], dim=1)
+
+    def _step_piece(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
         for block in range(self.start, self.stop):
             hidden = self._fan_out(hidden, pos, "attn", block)
             hidden = self._fan_out(hidden, pos, "mlp", block)

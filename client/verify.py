@@ -3,7 +3,7 @@
 Peers are untrusted. Everything they send is checked for form (client/stages.py), but a node
 that returns plausible, wrong hidden states would change the text silently. With
 `SwarmOptions(verify=F)` (`generate --verify F`), after a fraction F of the steps the session
-picks one of its layer stages at random and recomputes, from that stage's inputs, its outputs
+picks one of its stages at random and recomputes, from that stage's inputs, its outputs
 for every position so far, with the blocks from the client's own model directory. A stage
 whose outputs differ by more than its node's dtype and the wire can explain is failed over like
 a dead one: banned, its blocks on other peers, and everything after it redone
@@ -16,13 +16,14 @@ client itself, so the outputs checked are the ones the stage sent (in a relayed 
 earlier hops' outputs come back through the later hops, which could alter them and have an
 honest node blamed; a relayed prompt's do not come back at all).
 
-A head group is checked member by member, for the step just taken: the group's output is a sum
-of its members' partial sums, so only a member's own partials can show which one computed wrong.
-A group of a checking session keeps what it sent and got back (`FanOutRecord`): every block's
-attention inputs for every position (a member's attention reads its cache of them) and, for the
-last step only, the MLP inputs and every member's partials. The check redoes each member's share
-of every block from the inputs the client actually sent, so an honest member is never blamed for
-another's earlier lie; a member's lie is caught on a checked step, not on a later one.
+A head group is checked member by member, for the step just taken (every piece of it): the
+group's output is a sum of its members' partial sums, so only a member's own partials can show
+which one computed wrong. A group of a checking session keeps what it sent and got back
+(`FanOutRecord`): every block's attention inputs for every position (a member's attention reads
+its cache of them) and, during a step, the MLP inputs and every member's partials. The check
+redoes each member's share of every block from the inputs the client actually sent, so an honest
+member is never blamed for another's earlier lie; a lie in what a member returned is caught on a
+checked step, not on a later one (a member whose cache went wrong shows it on every later step).
 """
 
 from __future__ import annotations
@@ -91,7 +92,47 @@ class SpotChecker:
             if phase == "attn":  # every position so far: this step's queries attend to all of them
                 x = record.attn_inputs[block].tensor().to(torch.float32)
                 return layer.attn_partial(x, None, 0)[:, -record.positions:]
-            return layer.mlp_partial(record.mlp_inputs[block].to(torch.float32))
+            return layer.mlp_partial(record.step_input(block, "mlp").to(torch.float32))
+
+    @staticmethod
+    def partial_difference(reference: torch.Tensor, got: torch.Tensor, sent: torch.Tensor) -> float:
+        """Largest |reference - got| of a member's partial sum, relative to the larger of its own
+        largest |value| and a hundredth of the largest |value| it was sent. Partials are often far
+        below 1 (a member without the output biases: 0.02-0.03 in the tests' model), where
+        `difference`'s floor of 1 let a member add 50% to every partial under bfloat16's slack;
+        an honest member's error scales with its partial (at most ~1% of it measured, on a q80
+        wire), and the hundredth of the input keeps a partial near zero from being judged on noise."""
+        got = got.to(torch.float32)
+        scale = max(float(reference.abs().max()), 0.01 * float(sent.abs().max()), 1e-6)
+        return float((reference - got).abs().max()) / scale
+
+    def wrong_member(self, group, dtypes: list[str | None], wire: str) -> PeerError | None:
+        """Every member's partial sums of a head group's last step (client/stages.py
+        HeadGroupStage, its `record`) against the client's own, from the inputs the client sent;
+        the error to fail the group over with for the first member found wrong, if any (blamed
+        alone: what it returned depends only on what it was sent and holds). `dtypes`: what each
+        member states."""
+        record = group.record
+        for block in range(group.start, group.stop):
+            for phase in ("attn", "mlp"):
+                sent = record.step_input(block, phase)
+                for (conn, heads), dtype, got in zip(group.members, dtypes, record.step_partials(block, phase)):
+                    diff = self.partial_difference(self.member_reference(block, heads, phase, record), got, sent)
+                    error = self.judge(conn.address, f"heads {heads[0]}:{heads[1]} of layer {block} ({phase})",
+                                       dtype, wire, diff)
+                    if error is not None:
+                        return error
+        return None
+
+    def judge(self, address: str, work: str, dtype: str | None, wire: str, diff: float) -> PeerError | None:
+        """The error for a peer whose `work` differs from the client's by `diff` (relative), if
+        that is more than its dtype and the wire explain."""
+        tolerance = self.tolerance(dtype, wire)
+        if diff <= tolerance:
+            return None
+        return PeerError(address, "wrong_result",
+                         f"{work} differ from the client's own computation by {diff:.3g} of their scale "
+                         f"(an honest {dtype or 'float32'} node on a {wire} wire: at most {tolerance:.3g})")
 
     def tolerance(self, dtype: str | None, wire: str) -> float:
         """The slack of an honest node of `dtype` (as it states it: None or one we do not know
@@ -124,9 +165,10 @@ class SpotChecker:
 
 class FanOutRecord:
     """What a head group of a checking session sent its members and got back: every block's
-    attention inputs for every position so far, and for its last step (or the last piece of one)
-    the MLP inputs and every member's partial sums, by block and phase (client/stages.py
-    HeadGroupStage fills it; SpotChecker.member_reference reads it)."""
+    attention inputs for every position so far, and for its last step (every piece of it) the MLP
+    inputs and every member's partial sums, by block and phase (client/stages.py HeadGroupStage
+    fills it; SpotChecker.wrong_member reads it). The session drops the last step's part when it
+    does not check that step (`drop_step`)."""
 
     def __init__(self) -> None:
         self.reset()
@@ -139,14 +181,33 @@ class FanOutRecord:
     def begin(self, positions: int) -> None:
         """A step of `positions` positions starts: the last one's MLP inputs and partials go."""
         self.positions = positions
-        self.mlp_inputs: dict[int, torch.Tensor] = {}
-        self.partials: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self._mlp_inputs: dict[int, list[torch.Tensor]] = {}  # by block: one tensor a piece
+        self._partials: dict[tuple[int, str], list[list[torch.Tensor]]] = {}  # by (block, phase): a list a piece
+
+    def drop_step(self) -> None:
+        """The last step will not be checked: its MLP inputs and partials need not stay in memory."""
+        self.begin(0)
+
+    @property
+    def has_step(self) -> bool:
+        return self.positions > 0 and bool(self._partials)
 
     def sent(self, block: int, phase: str, hidden: torch.Tensor) -> None:
         if phase == "attn":
             self.attn_inputs.setdefault(block, History()).append(hidden, hidden.shape[1])
         else:
-            self.mlp_inputs[block] = hidden
+            self._mlp_inputs.setdefault(block, []).append(hidden)
 
     def answered(self, block: int, phase: str, partials: list[torch.Tensor]) -> None:
-        self.partials[(block, phase)] = list(partials)
+        self._partials.setdefault((block, phase), []).append(list(partials))
+
+    def step_input(self, block: int, phase: str) -> torch.Tensor:
+        """What the members were sent for `block` and `phase` in the last step, every position."""
+        if phase == "attn":
+            return self.attn_inputs[block].tensor()[:, -self.positions:]
+        return torch.cat(self._mlp_inputs[block], dim=1)
+
+    def step_partials(self, block: int, phase: str) -> list[torch.Tensor]:
+        """Every member's partial sums for `block` and `phase` in the last step, in member order."""
+        pieces = self._partials[(block, phase)]
+        return [torch.cat([piece[k] for piece in pieces], dim=1) for k in range(len(pieces[0]))]

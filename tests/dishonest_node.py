@@ -3,7 +3,8 @@ rolled copy of their output (plausible hidden states, the wrong ones), and which
 throughput so that routes prefer it. Run as a real process, like `python -m nanoswarm node`;
 with --hide-dtype its `info` does not say its dtype (so that checks cannot know its slack). As a
 head shard it computes right unless given --wrong-heads (its attention partial sums get the same
-error on every step) or --wrong-heads-prompt (only on steps of more than one position)."""
+error on every step), --wrong-heads-prompt (only on steps of more than one position) or
+--wrong-heads-of N (only on steps of exactly N positions)."""
 
 import sys
 
@@ -40,6 +41,11 @@ for flag, when in (("--wrong-heads", lambda x: True), ("--wrong-heads-prompt", l
     if flag in sys.argv:
         sys.argv.remove(flag)
         Block.attn_partial = wrong_partial(when)
+if "--wrong-heads-of" in sys.argv:
+    at = sys.argv.index("--wrong-heads-of")
+    positions = int(sys.argv[at + 1])
+    del sys.argv[at:at + 2]
+    Block.attn_partial = wrong_partial(lambda x: x.shape[1] == positions)
 steps.StepRunner.measure_throughput = claimed
 if "--hide-dtype" in sys.argv:
     sys.argv.remove("--hide-dtype")
