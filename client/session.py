@@ -214,11 +214,13 @@ class InferenceSession:
         self.pos += T
         if self.checker is not None:
             self.outputs.append(hidden, T)
-            if self.checker.due():
-                hidden = self._spot_check(T, hidden)
-            for stage in self.stages:  # a step's partials serve only its own check
-                if isinstance(stage, HeadGroupStage) and stage.record is not None:
-                    stage.record.drop_step()
+            try:
+                if self.checker.due():
+                    hidden = self._spot_check(T, hidden)
+            finally:
+                for stage in self.stages:  # a step's partials serve only its own check
+                    if isinstance(stage, HeadGroupStage) and stage.record is not None:
+                        stage.record.drop_step()
         return hidden
 
     def _spot_check(self, T: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -230,14 +232,22 @@ class InferenceSession:
         if not checkable:
             return hidden
         stage = self.stages[self.checker.pick(checkable)]
+        group = isinstance(stage, HeadGroupStage)
+        try:  # the tolerance follows the dtypes the peers state
+            dtypes = [self._dtype_of(conn) for conn in ([c for c, _ in stage.members] if group else [stage.conn])]
+        except PeerError as e:
+            # A peer that does not answer is failed over like one whose step timed out. Judged on
+            # float32's slack instead, an honest bfloat16 node was banned as wrong (a review);
+            # left unchecked, a liar that never answers `info` would never be checked.
+            self._replace(self.stages.index(stage), e)
+            return hidden
         self._recover_for(stage)  # its inputs, whole
         i = self.stages.index(stage)
         reference = None  # the stage's right outputs for every position, once computed
-        if isinstance(stage, HeadGroupStage):
-            dtypes = [self._dtype_of(conn) for conn, _ in stage.members]  # asked once a check
+        if group:
             error = self.checker.wrong_member(stage, dtypes, self.swarm.options.wire)
         else:
-            error, reference = self._wrong_layers(i, stage)
+            error, reference = self._wrong_layers(i, stage, dtypes[0])
             if stage not in self.stages:  # it failed while its outputs were recovered, and was failed over
                 return hidden
             i = self.stages.index(stage)
@@ -249,10 +259,10 @@ class InferenceSession:
             reference = self.checker.reference(stage.start, stage.stop, self.history[i].tensor())
         return self._redo_after_wrong(i, error, reference)[:, -T:]
 
-    def _wrong_layers(self, i: int, stage: RemoteLayerStage) -> tuple[PeerError | None, torch.Tensor | None]:
+    def _wrong_layers(self, i: int, stage: RemoteLayerStage,
+                      dtype: str | None) -> tuple[PeerError | None, torch.Tensor | None]:
         """Stage i's outputs for every position so far against the client's own: the error to fail
-        it over with if they differ beyond what its dtype and the wire explain, and the client's."""
-        dtype = self._dtype_of(stage.conn)
+        it over with if they differ beyond what its `dtype` and the wire explain, and the client's."""
         last = i + 1 == len(self.stages)
         if not last:
             self._recover_for(self.stages[i + 1])  # its outputs, whole (asked of the stage itself)
@@ -265,8 +275,9 @@ class InferenceSession:
                                   self.swarm.options.wire, self.checker.difference(reference, got)), reference
 
     def _dtype_of(self, conn: PeerConnection) -> str | None:
-        """The dtype a peer states: the tolerance follows it; one it does not state (or that makes
-        no sense) gets float32's, the strictest: a liar that left it out went unchecked."""
+        """The dtype a peer states (None: it answered without one, or with one that makes no
+        sense; its check gets float32's slack, the strictest: a liar that left it out went
+        unchecked). Raises PeerError when it did not answer."""
         known = self.swarm.peers.get(conn.address)
         return self.checker.dtype_of(conn.address, known.extra if known else {},
                                      lambda: conn.request("info", timeout=self.swarm.options.timeout).fields)

@@ -229,8 +229,6 @@ class HeadGroupStage(Stage):
             conn.sessions.add(reply.fields["session"])
 
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:
-        if self.record is not None:
-            self.record.sent(block, phase, hidden)
         partials: list[torch.Tensor | None] = [None] * len(self.members)
         waiting = list(range(len(self.members)))
         for retry in range(BUSY_RETRIES + 1):
@@ -253,7 +251,8 @@ class HeadGroupStage(Stage):
                 break
             waiting = busy
             busy_pause(retry + 1)
-        if self.record is not None:
+        if self.record is not None:  # once every member took it (a refused input is stored nowhere)
+            self.record.sent(block, phase, hidden)
             self.record.answered(block, phase, partials)
         total = hidden
         for partial in partials:  # in member order: the same sums every time

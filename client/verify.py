@@ -58,7 +58,7 @@ class SpotChecker:
         self._rng = random.SystemRandom()  # peers must not predict which steps are checked
         self._blocks: dict[int, Blocks] = {}  # one module a block: routes split them differently over time
         self._slices: dict[tuple[int, tuple[int, int]], Block] = {}  # a block's heads, for head groups
-        self._dtypes: dict[str, str] = {}  # by peer address
+        self._dtypes: dict[str, str | None] = {}  # by peer address: what it states, None if nothing
 
     def due(self) -> bool:
         return self.fraction > 0 and (self.fraction >= 1 or self._rng.random() < self.fraction)
@@ -148,19 +148,16 @@ class SpotChecker:
 
     def dtype_of(self, address: str, known: dict, ask) -> str | None:
         """A peer's dtype: from what the swarm knows of it (`known`: its `info`), else asked once
-        (`ask()`: its `info` reply's fields); None when it cannot be learned (the check then
-        uses the strictest tolerance)."""
-        dtype = self._dtypes.get(address) or known.get("dtype")
+        (`ask()`: its `info` reply's fields); None when it answered without one, or with one that
+        makes no sense (the check then uses the strictest tolerance). A PeerError from `ask` (no
+        answer) goes to the caller, which fails the peer over."""
+        if address in self._dtypes:
+            return self._dtypes[address]
+        dtype = known.get("dtype")
         if dtype is None:
-            try:
-                dtype = ask().get("dtype")
-            except PeerError as e:  # a peer that does not answer is found out by its next step
-                log.info("no dtype from %s for a spot check: %s", address, e)
-                return None
-        if isinstance(dtype, str):
-            self._dtypes[address] = dtype
-            return dtype
-        return None
+            dtype = ask().get("dtype")
+        self._dtypes[address] = dtype if isinstance(dtype, str) else None
+        return self._dtypes[address]
 
 
 class FanOutRecord:

@@ -326,3 +326,59 @@ def test_a_member_s_share_is_redone_as_its_node_computes_it(tiny_model_dir):
     assert not record.has_step and record.attn_inputs[1].positions == 9  # the attention inputs stay
     record.reset()
     assert record.attn_inputs == {} and not record.has_step
+
+
+def test_a_callers_bad_input_to_a_checked_head_group_gets_no_member_blamed(tiny_model_dir, cluster_factory):
+    """Members refuse a NaN `bad_value` and store nothing; the group's record must not keep it
+    either (it did: the next check judged every member on a position they never took, and banned
+    an honest one; a review)."""
+    from nanoswarm.client.session import SessionError
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), (0, 2)), NodeSpec((0, 4), (2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=10, verify=1.0))
+    try:
+        session = model.session(8)
+        x = model.client.embed([1], 0)
+        bad = x.clone()
+        bad[0, 0, 3] = float("nan")
+        with pytest.raises(SessionError, match="hold NaN or Inf"):
+            session.step(bad)
+        for t in range(3):
+            session.step(model.client.embed([1 + t], t))
+        assert session.spot_checks == 3 and session.wrong_results == 0 and session.failovers == 0
+        assert model.swarm.bans == {}
+        session.close()
+    finally:
+        model.close()
+
+
+def test_a_peer_that_does_not_say_its_dtype_in_time_is_not_judged_on_float32_s_slack(tiny_model_dir, cluster_factory,
+                                                                                    monkeypatch):
+    """A bfloat16 node known from a record (no dtype there) whose `info` times out is failed over
+    as a timeout, not judged with float32's tolerance, which banned it as wrong (a review), nor
+    left unchecked, which a liar could use. The text stays exact."""
+    from nanoswarm.client.transport import PeerConnection, PeerTimeout
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--dtype", "bfloat16"]), NodeSpec((0, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=10, verify=1.0))
+    try:
+        model.swarm.peers[swarm.addresses[1]].rtt = 1.0  # the bfloat16 node first
+        model.swarm.peers[swarm.addresses[0]].extra.pop("dtype")
+        unanswered = []
+        request = PeerConnection.request
+
+        def request_without_info_at_first(conn, kind, *args, **kwargs):
+            if kind == "info" and conn.address == swarm.addresses[0]:
+                unanswered.append(kind)
+                raise PeerTimeout(conn.address, 1.0)
+            return request(conn, kind, *args, **kwargs)
+
+        monkeypatch.setattr(PeerConnection, "request", request_without_info_at_first)
+        result = model.generate(PROMPT, N_TOKENS, GREEDY)
+        banned = set(model.swarm.bans)
+    finally:
+        model.close()
+    assert unanswered == ["info"] and banned == {swarm.addresses[0]}
+    assert result.wrong_results == 0 and result.failovers == 1 and result.spot_checks == N_TOKENS - 1
+    assert result.route[0]["peers"] == [swarm.addresses[1]]
+    assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, N_TOKENS, GREEDY).ids
