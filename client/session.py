@@ -40,6 +40,11 @@ TRAIL_MAX_POSITIONS = 32
 # Positions per replay step: half the default --max-tokens-per-step; a node with a lower limit
 # refuses the step too_large and it is sent again in halves.
 REPLAY_CHUNK = 512
+# After a failover in a checking session, a replacement's outputs that differ from what the next
+# stage was sent by more than this (relative, as spot checks measure) mean the stages after it
+# hold caches built on other inputs: they are rebuilt (InferenceSession._replace). Float32 replays
+# of the same blocks differ by ~1e-7 to 1e-6; a peer of another dtype, or one that lied, by more.
+DIVERGED = 1e-5
 
 
 class SessionError(Exception):
@@ -288,19 +293,25 @@ class InferenceSession:
         ones), failing over any that fails meanwhile. Returns the last stage's output for every
         position."""
         stop = self.stages[i].stop
-        self._replace(i, error)
-        self.relaying.forget_chains()  # the stages after are reopened
+        self._replace(i, error, reopen_after=False)  # reopened here, from the client's own outputs
         k = self._after(stop)
         if k is None:
             return reference
         self.history[k] = History.of(reference)
+        self._reopen_from(k)
+        return self.outputs.tensor()
+
+    def _reopen_from(self, k: int | None) -> None:
+        """Reopen stage k and every stage after it, each replayed from its history (each one's
+        outputs become the next one's history), failing over any that fails meanwhile: their
+        caches were built on inputs other than the ones their histories now hold."""
+        self.relaying.forget_chains()  # they name the old session ids
         while k is not None:
             stage = self.stages[k]
-            failed = self._reopen(k)  # replayed from its history; the next one's history follows
+            failed = self._reopen(k)
             if failed is not None:  # its blocks to other peers, rebuilt from the same history
                 self._replace_unreopened(self.stages.index(stage), failed, failed)
             k = self._after(stage.stop)
-        return self.outputs.tensor()
 
     def _after(self, block: int) -> int | None:
         """The index of the stage that starts at `block`, None past the last block."""
@@ -361,10 +372,14 @@ class InferenceSession:
             return self._replace(i, failed, strike=False)
         return self._replace(i, error)
 
-    def _replace(self, i: int, error: PeerError, strike: bool = True) -> int:
+    def _replace(self, i: int, error: PeerError, strike: bool = True, reopen_after: bool = True) -> int:
         """Swap stage i for fresh stages over the same blocks, rebuilt from its history; returns
         the index of the first of them. Without `strike` the peer that said `error` is only left
-        out of this replacement (it could not take the session: CANNOT_TAKE)."""
+        out of this replacement (it could not take the session: CANNOT_TAKE). In a checking
+        session whose replacement's outputs differ from what the next stage was sent (`DIVERGED`:
+        the old peer ran another dtype, or lied unseen), the stages after it are reopened from the
+        new outputs unless `reopen_after` is off: judged on outputs they were never sent, honest
+        ones were banned as wrong."""
         old = self.stages[i]
         old.close()  # before the ban closes its socket: a live peer frees the KV cache at once
         refused: dict[str, str] = {}
@@ -387,7 +402,9 @@ class InferenceSession:
                 self._refused_or_strike(e, refused)
         self.stages[i:i + 1] = new_stages
         self.history[i:i + 1] = new_history
-        self._replayed_outputs(i + len(new_stages), out)
+        k = i + len(new_stages)
+        diverged = reopen_after and self._diverged(k, out)
+        self._replayed_outputs(k, out)
         self.relaying.retry_before(self.stages, i)
         ms = (time.perf_counter() - t0) * 1000
         notice = (f"failover: {error.address} (layers {old.start}:{old.stop}) {error.code}; "
@@ -398,7 +415,21 @@ class InferenceSession:
             self.on_failover(notice)
         else:
             log.warning(notice)
+        if diverged:
+            log.info("the replacement's outputs differ from what layers %d: were sent: reopening the stages after it",
+                     old.stop)
+            self._reopen_from(k)
         return i
+
+    def _diverged(self, k: int, out: torch.Tensor | None) -> bool:
+        """Whether `out`, a replacement's outputs for every position, differ from what stage k was
+        sent (in a checking session, where checks would judge stage k on them)."""
+        if self.checker is None or out is None or k >= len(self.stages):
+            return False
+        sent = self.history[k]
+        if sent.positions != out.shape[1] or sent.first_unkept() is not None:
+            return False
+        return self.checker.difference(sent.tensor(), out) > DIVERGED
 
     def _rebuild(self, plans, history: History) -> tuple[list[Stage], list[History], torch.Tensor | None]:
         """New stages for `plans`, each replayed into from `history`; with the last one's output

@@ -187,11 +187,11 @@ def test_a_stage_that_fails_while_recomputing_for_another_is_replaced_first(tiny
     depth, nested = [0], []
     replace = InferenceSession._replace
 
-    def spy(self, i, error):  # records a replacement that starts while another is under way
+    def spy(self, i, error, *args, **kwargs):  # records a replacement that starts while another is under way
         nested.append(depth[0])
         depth[0] += 1
         try:
-            return replace(self, i, error)
+            return replace(self, i, error, *args, **kwargs)
         finally:
             depth[0] -= 1
 

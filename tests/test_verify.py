@@ -163,8 +163,8 @@ def test_a_stage_that_fails_while_the_work_is_redone_is_failed_over_too(tiny_mod
                                             NodeSpec((2, 4)), NodeSpec((2, 4))])
     replace = InferenceSession._replace
 
-    def replace_then_kill_the_next(self, i, error, strike=True):
-        index = replace(self, i, error, strike)
+    def replace_then_kill_the_next(self, i, error, *args, **kwargs):
+        index = replace(self, i, error, *args, **kwargs)
         if error.code == "wrong_result":
             swarm.kill(2)  # the route's peer for blocks 2:4, before it is reopened
         return index
@@ -382,3 +382,31 @@ def test_a_peer_that_does_not_say_its_dtype_in_time_is_not_judged_on_float32_s_s
     assert result.wrong_results == 0 and result.failovers == 1 and result.spot_checks == N_TOKENS - 1
     assert result.route[0]["peers"] == [swarm.addresses[1]]
     assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, N_TOKENS, GREEDY).ids
+
+
+def test_the_stages_after_a_replacement_that_computes_otherwise_are_rebuilt_before_they_are_judged(
+        tiny_model_dir, cluster_factory):
+    """A bfloat16 first stage dies and a float32 one replaces it. Its outputs become what the next
+    stage is judged on, but that stage's cache was built on the bfloat16 ones: checks banned the
+    honest float32 stage as wrong (and with no other peer for its blocks, the generation ended).
+    It is now reopened from the replacement's outputs first."""
+    import signal
+
+    from nanoswarm.client.api import GenerationResult
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dtype", "bfloat16"]), NodeSpec((2, 4)),
+                                             NodeSpec((0, 2))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=10, verify=1.0))
+    try:
+        model.swarm.peers[swarm.addresses[2]].rtt = 1.0  # the bfloat16 node first
+        model.swarm.checker.pick = lambda choices: choices[-1]  # the stage after it, every step
+        result = GenerationResult()
+        stream = model.stream(PROMPT, 12, GREEDY, result)
+        for _ in range(4):
+            next(stream)
+        swarm.kill(0, signal.SIGKILL)
+        list(stream)
+    finally:
+        model.close()
+    assert result.failovers == 1 and result.wrong_results == 0 and result.spot_checks == 12
+    assert [stage["peers"] for stage in result.route] == [[swarm.addresses[2]], [swarm.addresses[1]]]
