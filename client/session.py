@@ -29,6 +29,7 @@ from .route import RouteError
 from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause, step_retrying_busy
 from .swarm import Swarm
 from .transport import PeerConnection, PeerError
+from .verify import WIRE_TOLERANCE
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,11 @@ TRAIL_MAX_POSITIONS = 32
 # Positions per replay step: half the default --max-tokens-per-step; a node with a lower limit
 # refuses the step too_large and it is sent again in halves.
 REPLAY_CHUNK = 512
-# After a failover in a checking session, a replacement's outputs that differ from what the next
-# stage was sent by more than this (relative, as spot checks measure) mean the stages after it
-# hold caches built on other inputs: they are rebuilt (InferenceSession._replace). Float32 replays
-# of the same blocks differ by ~1e-7 to 1e-6; a peer of another dtype, or one that lied, by more.
+# After a failover or a reopen in a checking session, replayed outputs that differ from what the
+# next stage was sent by more than this (relative, as spot checks measure), or a tenth of the
+# wire's tolerance, mean the stages after it hold caches built on other inputs: they are rebuilt
+# (InferenceSession._replace, _reopen). Float32 replays of the same blocks differ by ~1e-7 to
+# 1e-6 (on a float16 wire, up to ~5e-4: one rounding step); another dtype, or a lie, by more.
 DIVERGED = 1e-5
 
 
@@ -245,7 +247,7 @@ class InferenceSession:
             # float32's slack instead, an honest bfloat16 node was banned as wrong (a review);
             # left unchecked, a liar that never answers `info` would never be checked.
             self._replace(self.stages.index(stage), e)
-            return hidden
+            return self.outputs.tensor()[:, -T:]  # redone if the replacement's outputs differ
         self._recover_for(stage)  # its inputs, whole
         i = self.stages.index(stage)
         reference = None  # the stage's right outputs for every position, once computed
@@ -306,11 +308,11 @@ class InferenceSession:
         outputs become the next one's history), failing over any that fails meanwhile: their
         caches were built on inputs other than the ones their histories now hold."""
         self.relaying.forget_chains()  # they name the old session ids
-        while k is not None:
+        while k is not None:  # each one reopened here: none of them reopens those after it
             stage = self.stages[k]
-            failed = self._reopen(k)
+            failed = self._reopen(k, reopen_after=False)
             if failed is not None:  # its blocks to other peers, rebuilt from the same history
-                self._replace_unreopened(self.stages.index(stage), failed, failed)
+                self._replace_unreopened(self.stages.index(stage), failed, failed, reopen_after=False)
             k = self._after(stage.stop)
 
     def _after(self, block: int) -> int | None:
@@ -342,35 +344,42 @@ class InferenceSession:
         return (f"hidden states for layers {stage.start}:{stage.stop} hold NaN or Inf, or do not fit the "
                 f"{self.swarm.options.wire} wire")
 
-    def _reopen(self, i: int) -> PeerError | None:
+    def _reopen(self, i: int, reopen_after: bool = True) -> PeerError | None:
         """A new session for stage i on the same peers, replayed from the history (after the node
         reclaimed the old one, or after the stage before computed wrong); None if that worked,
-        else why not (the caller then replaces the stage)."""
+        else why not (the caller then replaces the stage). Replayed outputs that differ from what
+        the next stage was sent get the stages after it reopened too, as after a failover
+        (`_replace`): a peer that lied on its steps and replays honestly had the next stage banned."""
         stage = self.stages[i]
         self._recover_for(stage)
         i = self.stages.index(stage)
+        diverged = False
         try:
             stage.close()  # whatever of the old session is left (a head group's other members)
             stage.open(self.max_length)
             if self.history[i].positions:
-                self._replayed_outputs(i + 1, self._replay(stage, self.history[i].tensor()))
+                out = self._replay(stage, self.history[i].tensor())
+                diverged = reopen_after and self._diverged(i + 1, out)
+                self._replayed_outputs(i + 1, out)
         except PeerError as e:
             log.info("reopening a session on %s failed: %s", ", ".join(stage.peers), e)
             return e
         self.relaying.forget_chains()  # they name the old session ids
         self.relaying.retry_before(self.stages, i)
         log.info("reopened a session on %s (%d positions replayed)", ", ".join(stage.peers), self.pos)
+        if diverged:
+            self._reopen_after(i + 1)
         return None
 
-    def _replace_unreopened(self, i: int, failed: PeerError, error: PeerError) -> int:
+    def _replace_unreopened(self, i: int, failed: PeerError, error: PeerError, reopen_after: bool = True) -> int:
         """Replace stage i, whose reclaimed session (`error`) could not be reopened (`failed`). A
         peer that filled up meanwhile (CANNOT_TAKE) is not struck, once a session: one that keeps
         reclaiming and refusing is a fault after that (two such peers would pass the stage back
         and forth without end)."""
         if failed.code in CANNOT_TAKE and failed.address not in self._moved_unstruck:
             self._moved_unstruck.add(failed.address)
-            return self._replace(i, failed, strike=False)
-        return self._replace(i, error)
+            return self._replace(i, failed, strike=False, reopen_after=reopen_after)
+        return self._replace(i, error, reopen_after=reopen_after)
 
     def _replace(self, i: int, error: PeerError, strike: bool = True, reopen_after: bool = True) -> int:
         """Swap stage i for fresh stages over the same blocks, rebuilt from its history; returns
@@ -416,10 +425,13 @@ class InferenceSession:
         else:
             log.warning(notice)
         if diverged:
-            log.info("the replacement's outputs differ from what layers %d: were sent: reopening the stages after it",
-                     old.stop)
-            self._reopen_from(k)
+            self._reopen_after(k)
         return i
+
+    def _reopen_after(self, k: int) -> None:
+        log.info("a replay's outputs differ from what layers %d: were sent: reopening the stages from there",
+                 self.stages[k].start)
+        self._reopen_from(k)
 
     def _diverged(self, k: int, out: torch.Tensor | None) -> bool:
         """Whether `out`, a replacement's outputs for every position, differ from what stage k was
@@ -429,7 +441,8 @@ class InferenceSession:
         sent = self.history[k]
         if sent.positions != out.shape[1] or sent.first_unkept() is not None:
             return False
-        return self.checker.difference(sent.tensor(), out) > DIVERGED
+        wire = self.swarm.options.wire  # a 16-bit wire rounds values ~1e-7 apart to a step apart
+        return self.checker.difference(sent.tensor(), out) > max(DIVERGED, WIRE_TOLERANCE.get(wire, 0.1) / 10)
 
     def _rebuild(self, plans, history: History) -> tuple[list[Stage], list[History], torch.Tensor | None]:
         """New stages for `plans`, each replayed into from `history`; with the last one's output

@@ -1,6 +1,7 @@
 """A node that computes wrong, for tests/test_verify.py: `nanoswarm node` whose blocks add a
-rolled copy of their output (plausible hidden states, the wrong ones), and which claims a huge
-throughput so that routes prefer it. Run as a real process, like `python -m nanoswarm node`;
+rolled copy of their output (plausible hidden states, the wrong ones; with --wrong-decode only on
+one-position steps, so that its replays are right), and which claims a huge throughput so that
+routes prefer it. Run as a real process, like `python -m nanoswarm node`;
 with --hide-dtype its `info` does not say its dtype (so that checks cannot know its slack). As a
 head shard it computes right unless given --wrong-heads (its attention partial sums get the same
 error on every step), --wrong-heads-prompt (only on steps of more than one position) or
@@ -19,7 +20,13 @@ _measure = steps.StepRunner.measure_throughput
 
 def wrong(self, x, caches=None, start=None, stop=None):
     y = _forward(self, x, caches, start, stop)
-    return y + 0.5 * y.roll(1, dims=-1)
+    return y + 0.5 * y.roll(1, dims=-1) if lies(x) else y
+
+
+lies = lambda x: True  # noqa: E731
+if "--wrong-decode" in sys.argv:
+    sys.argv.remove("--wrong-decode")
+    lies = lambda x: x.shape[1] == 1  # noqa: E731
 
 
 def claimed(self, seconds=0.3):
