@@ -11,6 +11,13 @@ step along, and the result of a decode step carries every hop's output for the h
 prefill's does not (it would cross every link again): those positions are recomputed by the stage
 before when a failover needs them (`_recover`). A relayed step that breaks off is done again one
 stage at a time, the stages redoing the position if they hold it.
+
+With spot checks on (client/verify.py) the session does not relay, and after a share of the steps
+redoes one stage's work itself (`_spot_check`); a stage found wrong is failed over and every stage
+after it rebuilt from the client's own outputs. Replays then matter twice: a stage is judged on
+the history its predecessor's replay left, so stages whose caches were built on other inputs are
+reopened from it (`_diverged`), and a reclaimed stage's replay is held against its own earlier
+outputs (`_reopen`).
 """
 
 from __future__ import annotations
@@ -42,10 +49,11 @@ TRAIL_MAX_POSITIONS = 32
 # refuses the step too_large and it is sent again in halves.
 REPLAY_CHUNK = 512
 # After a failover or a reopen in a checking session, replayed outputs that differ from what the
-# next stage was sent by more than this (relative, as spot checks measure), or a tenth of the
-# wire's tolerance, mean the stages after it hold caches built on other inputs: they are rebuilt
-# (InferenceSession._replace, _reopen). Float32 replays of the same blocks differ by ~1e-7 to
-# 1e-6 (on a float16 wire, up to ~5e-4: one rounding step); another dtype, or a lie, by more.
+# next stage was sent by more than this (relative, as spot checks measure) or a tenth of the
+# wire's tolerance, whichever is larger, mean the stages after it hold caches built on other
+# inputs: they are rebuilt (InferenceSession._replace, _reopen). Float32 replays of the same
+# blocks differ by ~1e-7 to 1e-6 (on a float16 wire, up to ~5e-4: one rounding step); another
+# dtype, or a lie, by more.
 DIVERGED = 1e-5
 
 
@@ -243,9 +251,9 @@ class InferenceSession:
         try:  # the tolerance follows the dtypes the peers state
             dtypes = [self._dtype_of(conn) for conn in ([c for c, _ in stage.members] if group else [stage.conn])]
         except PeerError as e:
-            # A peer that does not answer is failed over like one whose step timed out. Judged on
-            # float32's slack instead, an honest bfloat16 node was banned as wrong (a review);
-            # left unchecked, a liar that never answers `info` would never be checked.
+            # A peer that does not answer (or answers with an error) is failed over like one whose
+            # step failed. Judged on float32's slack instead, an honest bfloat16 node was banned as
+            # wrong (a review); left unchecked, a liar that never answers `info` would never be checked.
             self._replace(self.stages.index(stage), e)
             return self.outputs.tensor()[:, -T:]  # redone if the replacement's outputs differ
         self._recover_for(stage)  # its inputs, whole
@@ -310,9 +318,10 @@ class InferenceSession:
         self.relaying.forget_chains()  # they name the old session ids
         while k is not None:  # each one reopened here: none of them reopens those after it
             stage = self.stages[k]
-            failed = self._reopen(k, reopen_after=False)
+            failed = self._reopen(k, reclaimed=False)
             if failed is not None:  # its blocks to other peers, rebuilt from the same history
-                self._replace_unreopened(self.stages.index(stage), failed, failed, reopen_after=False)
+                self._replace(self.stages.index(stage), failed, strike=failed.code not in CANNOT_TAKE,
+                              reopen_after=False)
             k = self._after(stage.stop)
 
     def _after(self, block: int) -> int | None:
@@ -344,12 +353,16 @@ class InferenceSession:
         return (f"hidden states for layers {stage.start}:{stage.stop} hold NaN or Inf, or do not fit the "
                 f"{self.swarm.options.wire} wire")
 
-    def _reopen(self, i: int, reopen_after: bool = True) -> PeerError | None:
-        """A new session for stage i on the same peers, replayed from the history (after the node
-        reclaimed the old one, or after the stage before computed wrong); None if that worked,
-        else why not (the caller then replaces the stage). Replayed outputs that differ from what
-        the next stage was sent get the stages after it reopened too, as after a failover
-        (`_replace`): a peer that lied on its steps and replays honestly had the next stage banned."""
+    def _reopen(self, i: int, reclaimed: bool = True) -> PeerError | None:
+        """A new session for stage i on the same peers, replayed from its history; None if that
+        worked, else why not (the caller then replaces the stage). `reclaimed`: the node reclaimed
+        the old session and the history is the one the stage was stepped with; otherwise the
+        history changed (the stage before was redone: `_reopen_from`) and the caller reopens the
+        stages after. In a checking session a reclaimed stage's replay is held against what it
+        returned before, for the same inputs: differing beyond its dtype's and the wire's slack,
+        it lied on one of them (else a liar could erase the record of its lies by answering
+        `session_closed`), and the error is `wrong_result`; differing at all (`_diverged`), the
+        stages after it are reopened too (their caches hold results of its old outputs)."""
         stage = self.stages[i]
         self._recover_for(stage)
         i = self.stages.index(stage)
@@ -359,7 +372,11 @@ class InferenceSession:
             stage.open(self.max_length)
             if self.history[i].positions:
                 out = self._replay(stage, self.history[i].tensor())
-                diverged = reopen_after and self._diverged(i + 1, out)
+                if reclaimed and (diverged := self._diverged(i + 1, out)):
+                    wrong = self._contradicts(stage, i + 1, out)
+                    if wrong is not None:
+                        self.wrong_results += 1
+                        return wrong
                 self._replayed_outputs(i + 1, out)
         except PeerError as e:
             log.info("reopening a session on %s failed: %s", ", ".join(stage.peers), e)
@@ -371,15 +388,30 @@ class InferenceSession:
             self._reopen_after(i + 1)
         return None
 
-    def _replace_unreopened(self, i: int, failed: PeerError, error: PeerError, reopen_after: bool = True) -> int:
+    def _contradicts(self, stage: Stage, k: int, out: torch.Tensor) -> PeerError | None:
+        """The error for `stage` if its replayed outputs `out` differ from the ones it returned
+        before (stage k's history) by more than its peers' dtypes and the wire explain."""
+        conns = [c for c, _ in stage.members] if isinstance(stage, HeadGroupStage) else [stage.conn]
+        dtypes = [self._dtype_of(conn) for conn in conns]  # a PeerError: the reopen failed
+        wire = self.swarm.options.wire
+        slack = max(self.checker.tolerance(dtype, wire) for dtype in dtypes)
+        diff = self.checker.difference(self.history[k].tensor(), out)
+        if diff <= slack:
+            return None
+        return PeerError(conns[0].address, "wrong_result",
+                         f"layers {stage.start}:{stage.stop} replayed after a reclaimed session differ from what "
+                         f"they returned before by {diff:.3g} of their scale (at most {slack:.3g} for the same inputs)")
+
+    def _replace_unreopened(self, i: int, failed: PeerError, error: PeerError) -> int:
         """Replace stage i, whose reclaimed session (`error`) could not be reopened (`failed`). A
         peer that filled up meanwhile (CANNOT_TAKE) is not struck, once a session: one that keeps
         reclaiming and refusing is a fault after that (two such peers would pass the stage back
-        and forth without end)."""
+        and forth without end). One whose replay contradicted its earlier outputs is struck for
+        that (`wrong_result`)."""
         if failed.code in CANNOT_TAKE and failed.address not in self._moved_unstruck:
             self._moved_unstruck.add(failed.address)
-            return self._replace(i, failed, strike=False, reopen_after=reopen_after)
-        return self._replace(i, error, reopen_after=reopen_after)
+            return self._replace(i, failed, strike=False)
+        return self._replace(i, failed if failed.code == "wrong_result" else error)
 
     def _replace(self, i: int, error: PeerError, strike: bool = True, reopen_after: bool = True) -> int:
         """Swap stage i for fresh stages over the same blocks, rebuilt from its history; returns
@@ -434,8 +466,9 @@ class InferenceSession:
         self._reopen_from(k)
 
     def _diverged(self, k: int, out: torch.Tensor | None) -> bool:
-        """Whether `out`, a replacement's outputs for every position, differ from what stage k was
-        sent (in a checking session, where checks would judge stage k on them)."""
+        """Whether `out`, the replayed outputs of the stage before stage k (a replacement, or a
+        reopened session) for every position, differ from what stage k was sent, in a checking
+        session (checks would judge stage k on them)."""
         if self.checker is None or out is None or k >= len(self.stages):
             return False
         sent = self.history[k]

@@ -412,22 +412,25 @@ def test_the_stages_after_a_replacement_that_computes_otherwise_are_rebuilt_befo
     assert [stage["peers"] for stage in result.route] == [[swarm.addresses[2]], [swarm.addresses[1]]]
 
 
-def test_a_stage_that_lied_then_replays_right_after_a_reclaim_gets_the_next_one_rebuilt_not_banned(tiny_model_dir):
+def test_a_stage_that_lied_then_replays_right_after_a_reclaim_is_caught_by_its_replay(tiny_model_dir):
     """A node lies on its one-token steps, lets its idle session be reclaimed, and replays the
     history right when the client reopens it. Its replay became the next stage's history, on
-    which checks banned that honest stage (its cache holds the lies' results; a review). The
-    stages after a reopened one whose outputs differ are now reopened too."""
+    which checks banned that honest stage (its cache holds the lies' results), and it erased the
+    record of the lies (reviews). A reclaimed stage's replay is now held against what it returned
+    before for the same inputs: the liar is failed over as wrong, the stages after it rebuilt."""
     import time
 
     from nanoswarm.client.api import GenerationResult
 
     swarm = SwarmWithALiar(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest", "--wrong-decode",
-                                                                   "--idle-timeout", "1"]), NodeSpec((2, 4))])
+                                                                   "--idle-timeout", "1"]),
+                                            NodeSpec((2, 4)), NodeSpec((0, 2))])
     swarm.start()
     try:
         model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=10, verify=1.0))
         try:
-            model.swarm.checker.pick = lambda choices: choices[-1]  # the honest stage, every step
+            model.swarm.peers[swarm.addresses[2]].rtt = 1.0  # the liar first
+            model.swarm.checker.pick = lambda choices: choices[-1]  # the honest stage after it, every step
             result = GenerationResult()
             stream = model.stream(PROMPT, 10, GREEDY, result)
             for _ in range(5):
@@ -439,5 +442,7 @@ def test_a_stage_that_lied_then_replays_right_after_a_reclaim_gets_the_next_one_
             model.close()
     finally:
         swarm.stop()
+    liar, honest, spare = swarm.addresses
     assert result.stop_reason == "length" and result.spot_checks == 10
-    assert result.wrong_results == 0 and result.failovers == 0 and banned == set()
+    assert result.wrong_results == 1 and result.failovers == 1 and banned == {liar}
+    assert [stage["peers"] for stage in result.route] == [[spare], [honest]]
