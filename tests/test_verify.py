@@ -78,6 +78,19 @@ def test_a_node_that_computes_wrong_is_caught_and_the_text_is_exact(tiny_model_d
     assert diff < 1e-4, diff  # the first token's logits come from the client's own redo
 
 
+def interrupted(model, interrupt, tokens: int = 12, after: int = 4):
+    """A greedy generation of `tokens` tokens with `interrupt()` called after the first `after`."""
+    from nanoswarm.client.api import GenerationResult
+
+    result = GenerationResult()
+    stream = model.stream(PROMPT, tokens, GREEDY, result)
+    for _ in range(after):
+        next(stream)
+    interrupt()
+    list(stream)
+    return result
+
+
 def checked_run(model_dir, specs: list[NodeSpec], far: int, before=None):
     """A greedy generation with every step checked, through a swarm of `specs` whose node `far`
     is made to look far away (routes prefer the lowest round trip), so that the liar goes first."""
@@ -116,23 +129,20 @@ def test_a_replacement_is_judged_on_its_own_outputs(tiny_model_dir, cluster_fact
     model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=10, verify=1.0))
     try:
         model.swarm.peers[swarm.addresses[1]].rtt = 1.0  # the bfloat16 node first
-        from nanoswarm.client.api import GenerationResult
-
-        result = GenerationResult()
-        stream = model.stream(PROMPT, 12, GREEDY, result)
-        for _ in range(4):
-            next(stream)
-        swarm.kill(0, signal.SIGKILL)
-        list(stream)
+        result = interrupted(model, lambda: swarm.kill(0, signal.SIGKILL))
     finally:
         model.close()
     assert result.failovers == 1 and result.wrong_results == 0 and result.spot_checks == 12
     assert result.route[0]["peers"] == [swarm.addresses[1]] and result.stop_reason == "length"
 
 
-def test_honest_nodes_pass_every_check(tiny_model_dir, cluster_factory):
-    """The tolerance covers an honest node's dtype and the wire's rounding: no false alarm."""
-    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dtype", "bfloat16"]), NodeSpec((2, 4))])
+@pytest.mark.parametrize("specs", [
+    [NodeSpec((0, 2), args=["--dtype", "bfloat16"]), NodeSpec((2, 4))],
+    [NodeSpec((0, 4), (0, 1), args=["--dtype", "bfloat16"]), NodeSpec((0, 4), (1, 4))],
+], ids=["layer stages", "a head group"])
+def test_honest_nodes_pass_every_check(tiny_model_dir, cluster_factory, specs):
+    """The tolerance covers an honest node's (or member's) dtype and the wire's rounding: no false alarm."""
+    swarm = cluster_factory(tiny_model_dir, specs)
     for wire in ("float32", "q80", "float16"):
         model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
                                    options=SwarmOptions(timeout=10, verify=1.0, wire=wire))
@@ -140,6 +150,7 @@ def test_honest_nodes_pass_every_check(tiny_model_dir, cluster_factory):
             result = model.generate(PROMPT, N_TOKENS, GREEDY)
         finally:
             model.close()
+        assert ("heads" in result.route[0]) == (specs[0].heads is not None)
         assert result.spot_checks == N_TOKENS and result.wrong_results == 0 and result.failovers == 0, wire
 
 
@@ -281,21 +292,6 @@ def test_a_member_s_unchecked_lie_gets_no_member_blamed_later(tiny_model_dir):
     assert max(float((a - b).abs().max()) for a, b in zip(result.logits, honest.logits)) > 1e-2  # the lie counted
 
 
-def test_honest_head_group_members_pass_every_check(tiny_model_dir, cluster_factory):
-    """A bfloat16 member and a float32 one, on every wire: within their tolerance."""
-    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), (0, 1), args=["--dtype", "bfloat16"]),
-                                             NodeSpec((0, 4), (1, 4))])
-    for wire in ("float32", "float16", "q80"):
-        model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
-                                   options=SwarmOptions(timeout=10, verify=1.0, wire=wire))
-        try:
-            result = model.generate(PROMPT, N_TOKENS, GREEDY)
-        finally:
-            model.close()
-        assert result.route[0]["heads"] == [[0, 1], [1, 4]]
-        assert result.spot_checks == N_TOKENS and result.wrong_results == 0 and result.failovers == 0, wire
-
-
 def test_a_member_s_share_is_redone_as_its_node_computes_it(tiny_model_dir):
     """member_reference, from the record of a step, against a head shard's cached steps."""
     from nanoswarm.client.verify import FanOutRecord, SpotChecker
@@ -392,7 +388,6 @@ def test_the_stages_after_a_replacement_that_computes_otherwise_are_rebuilt_befo
     It is now reopened from the replacement's outputs first."""
     import signal
 
-    from nanoswarm.client.api import GenerationResult
 
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dtype", "bfloat16"]), NodeSpec((2, 4)),
                                              NodeSpec((0, 2))])
@@ -400,12 +395,7 @@ def test_the_stages_after_a_replacement_that_computes_otherwise_are_rebuilt_befo
     try:
         model.swarm.peers[swarm.addresses[2]].rtt = 1.0  # the bfloat16 node first
         model.swarm.checker.pick = lambda choices: choices[-1]  # the stage after it, every step
-        result = GenerationResult()
-        stream = model.stream(PROMPT, 12, GREEDY, result)
-        for _ in range(4):
-            next(stream)
-        swarm.kill(0, signal.SIGKILL)
-        list(stream)
+        result = interrupted(model, lambda: swarm.kill(0, signal.SIGKILL))
     finally:
         model.close()
     assert result.failovers == 1 and result.wrong_results == 0 and result.spot_checks == 12
@@ -420,7 +410,6 @@ def test_a_stage_that_lied_then_replays_right_after_a_reclaim_is_caught_by_its_r
     before for the same inputs: the liar is failed over as wrong, the stages after it rebuilt."""
     import time
 
-    from nanoswarm.client.api import GenerationResult
 
     swarm = SwarmWithALiar(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest", "--wrong-decode",
                                                                    "--idle-timeout", "1"]),
@@ -431,12 +420,8 @@ def test_a_stage_that_lied_then_replays_right_after_a_reclaim_is_caught_by_its_r
         try:
             model.swarm.peers[swarm.addresses[2]].rtt = 1.0  # the liar first
             model.swarm.checker.pick = lambda choices: choices[-1]  # the honest stage after it, every step
-            result = GenerationResult()
-            stream = model.stream(PROMPT, 10, GREEDY, result)
-            for _ in range(5):
-                next(stream)
-            time.sleep(2.5)  # the liar reclaims the idle session; the next step reopens it
-            list(stream)
+            # The liar reclaims the idle session while the client sleeps; the next step reopens it.
+            result = interrupted(model, lambda: time.sleep(2.5), tokens=10, after=5)
             banned = set(model.swarm.bans)
         finally:
             model.close()
