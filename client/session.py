@@ -389,16 +389,18 @@ class InferenceSession:
         return None
 
     def _contradicts(self, stage: Stage, k: int, out: torch.Tensor) -> PeerError | None:
-        """The error for `stage` if its replayed outputs `out` differ from the ones it returned
-        before (stage k's history) by more than its peers' dtypes and the wire explain."""
-        conns = [c for c, _ in stage.members] if isinstance(stage, HeadGroupStage) else [stage.conn]
-        dtypes = [self._dtype_of(conn) for conn in conns]  # a PeerError: the reopen failed
-        wire = self.swarm.options.wire
-        slack = max(self.checker.tolerance(dtype, wire) for dtype in dtypes)
+        """The error for layer stage `stage` if its replayed outputs `out` differ from the ones it
+        returned before (stage k's history) by more than its dtype and the wire explain. Not for
+        a head group: its sums do not say which member lied, and its checks cover one step, so
+        there is no record of earlier lies for a reclaim to erase."""
+        if not isinstance(stage, RemoteLayerStage):
+            return None
+        dtype = self._dtype_of(stage.conn)  # a PeerError: the reopen failed
+        slack = self.checker.tolerance(dtype, self.swarm.options.wire)
         diff = self.checker.difference(self.history[k].tensor(), out)
         if diff <= slack:
             return None
-        return PeerError(conns[0].address, "wrong_result",
+        return PeerError(stage.conn.address, "wrong_result",
                          f"layers {stage.start}:{stage.stop} replayed after a reclaimed session differ from what "
                          f"they returned before by {diff:.3g} of their scale (at most {slack:.3g} for the same inputs)")
 

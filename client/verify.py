@@ -164,8 +164,8 @@ class FanOutRecord:
     """What a head group of a checking session sent its members and got back: every block's
     attention inputs for every position so far, and for its last step (every piece of it) the MLP
     inputs and every member's partial sums, by block and phase (client/stages.py HeadGroupStage
-    fills it; SpotChecker.wrong_member reads it). The session drops the last step's part when it
-    does not check that step (`drop_step`)."""
+    fills it; SpotChecker.wrong_member reads it). The session drops the last step's part once
+    that step's check is over, or at once when it has none (`drop_step`)."""
 
     def __init__(self) -> None:
         self.reset()
@@ -182,7 +182,7 @@ class FanOutRecord:
         self._partials: dict[tuple[int, str], list[list[torch.Tensor]]] = {}  # by (block, phase): a list a piece
 
     def drop_step(self) -> None:
-        """The last step will not be checked: its MLP inputs and partials need not stay in memory."""
+        """The last step's check is over (or it had none): its MLP inputs and partials go."""
         self.begin(0)
 
     @property
