@@ -266,6 +266,8 @@ class HeadGroupStage(Stage):
         if self.record is not None:  # every piece of the step is kept: a check covers them all
             self.record.begin(hidden.shape[1])
         n = min(positions_per_request(fields, hidden.shape[2]) for fields in self.limits)
+        if hidden.shape[1] <= n:  # a decode step: no copy
+            return self._step_piece(hidden, pos)
         return torch.cat([self._step_piece(hidden[:, i:i + n], pos + i) for i in range(0, hidden.shape[1], n)], dim=1)
 
     def _step_piece(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:

@@ -79,20 +79,22 @@ class SpotChecker:
                 x = self._blocks[i](x)
         return x
 
-    def member_reference(self, block: int, heads: tuple[int, int], phase: str, record: FanOutRecord) -> torch.Tensor:
-        """What the member holding `heads` of `block` should have answered in the record's last
-        step: its partial sum of attention ("attn") or of the MLP ("mlp")."""
+    def member_reference(self, block: int, heads: tuple[int, int], phase: str, x: torch.Tensor,
+                         positions: int) -> torch.Tensor:
+        """What the member holding `heads` of `block` should have answered for the last `positions`
+        positions of `x` (FanOutRecord.inputs): its partial sum of attention ("attn") or of the MLP
+        ("mlp")."""
         key = (block, tuple(heads))
         if key not in self._slices:
             log.info("loading heads %d:%d of block %d for spot checks", heads[0], heads[1], block)
             blocks = load_blocks(self.model_dir, block, block + 1, heads=heads, manifest=self.manifest)
             self._slices[key] = blocks.h[str(block)]
         layer = self._slices[key]
+        x = x.to(torch.float32)
         with torch.inference_mode():
             if phase == "attn":  # every position so far: this step's queries attend to all of them
-                x = record.attn_inputs[block].tensor().to(torch.float32)
-                return layer.attn_partial(x, None, 0)[:, -record.positions:]
-            return layer.mlp_partial(record.step_input(block, "mlp").to(torch.float32))
+                return layer.attn_partial(x, None, 0)[:, -positions:]
+            return layer.mlp_partial(x[:, -positions:])
 
     @staticmethod
     def partial_difference(reference: torch.Tensor, got: torch.Tensor, sent: torch.Tensor) -> float:
@@ -115,9 +117,11 @@ class SpotChecker:
         record = group.record
         for block in range(group.start, group.stop):
             for phase in ("attn", "mlp"):
-                sent = record.step_input(block, phase)
+                x = record.inputs(block, phase)  # once for every member
+                sent = x[:, -record.positions:]
                 for (conn, heads), dtype, got in zip(group.members, dtypes, record.step_partials(block, phase)):
-                    diff = self.partial_difference(self.member_reference(block, heads, phase, record), got, sent)
+                    reference = self.member_reference(block, heads, phase, x, record.positions)
+                    diff = self.partial_difference(reference, got, sent)
                     error = self.judge(conn.address, f"heads {heads[0]}:{heads[1]} of layer {block} ({phase})",
                                        dtype, wire, diff)
                     if error is not None:
@@ -198,10 +202,15 @@ class FanOutRecord:
     def answered(self, block: int, phase: str, partials: list[torch.Tensor]) -> None:
         self._partials.setdefault((block, phase), []).append(list(partials))
 
-    def step_input(self, block: int, phase: str) -> torch.Tensor:
-        """What the members were sent for `block` and `phase` in the last step, every position."""
+    def inputs(self, block: int, phase: str) -> torch.Tensor:
+        """What the members' answers of the last step depend on, for `block` and `phase`: the
+        attention inputs of every position so far (kept as one tensor from then on, so that a
+        later check does not join every step's again), or the step's MLP inputs."""
         if phase == "attn":
-            return self.attn_inputs[block].tensor()[:, -self.positions:]
+            history = self.attn_inputs[block]
+            if len(history.entries) > 1:
+                self.attn_inputs[block] = history = History.of(history.tensor())
+            return history.entries[0]
         return torch.cat(self._mlp_inputs[block], dim=1)
 
     def step_partials(self, block: int, phase: str) -> list[torch.Tensor]:

@@ -314,11 +314,12 @@ def test_a_member_s_share_is_redone_as_its_node_computes_it(tiny_model_dir):
             record.answered(1, "mlp", [layer.mlp_partial(x[:, a:b] + attn)])
     for phase in ("attn", "mlp"):
         want = record.step_partials(1, phase)[0]
-        got = checker.member_reference(1, (1, 3), phase, record)
+        got = checker.member_reference(1, (1, 3), phase, record.inputs(1, phase), record.positions)
         assert got.shape == want.shape == (1, 2, manifest.config.n_embd)
         assert (got - want).abs().max().item() < 1e-5, phase
     assert record.has_step
     record.drop_step()
+    assert len(record.attn_inputs[1].entries) == 1  # joined once by the check, kept joined
     assert not record.has_step and record.attn_inputs[1].positions == 9  # the attention inputs stay
     record.reset()
     assert record.attn_inputs == {} and not record.has_step
