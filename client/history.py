@@ -1,5 +1,5 @@
 """What a session sent one stage: the hidden states of every position so far, which failover
-replays into the stage's replacement (client/session.py).
+replays into the stage's replacement (client/failover.py).
 
 An entry is a tensor; a function that makes one (a relayed decode step's outputs of its earlier
 hops, made into tensors only if a failover needs them); or `Unkept`: positions that a relayed

@@ -6,7 +6,7 @@ the client sleeps until the token is through: on cores shared with the nodes, a 
 every hop takes them from the node computing next.
 
 The hops' outputs are what failover needs: every stage's input for every position
-(client/session.py replays them into a replacement). When a relayed step breaks off, the session
+(client/failover.py replays them into a replacement). When a relayed step breaks off, the session
 finishes it one stage at a time, and the stages, which may hold the position already, redo it
 (`rewind`).
 """

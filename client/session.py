@@ -2,72 +2,50 @@
 
 For every stage the session keeps the hidden states it sent (one row per position so far). When a
 stage fails (error reply, disconnect, timeout) or announces that it is leaving, the session bans
-its peer, plans a replacement for exactly that stage's blocks (one peer or several), replays the
-history into them to rebuild their KV caches, and carries on with the same step. Positions and
-sampling state live outside the stages, so the tokens are those of a run without the failure.
+its peer, has a replacement for exactly that stage's blocks rebuilt from that history
+(client/failover.py), and carries on with the same step. Positions and sampling state live
+outside the stages, so the tokens are those of a run without the failure.
 
 Consecutive layer stages are driven by relay (client/relay.py): one request, the nodes pass the
 step along, and the result of a decode step carries every hop's output for the history. A
 prefill's does not (it would cross every link again): those positions are recomputed by the stage
-before when a failover needs them (`_recover`). A relayed step that breaks off is done again one
-stage at a time, the stages redoing the position if they hold it.
+before when a failover needs them. A relayed step that breaks off is done again one stage at a
+time, the stages redoing the position if they hold it.
 
 With spot checks on (client/verify.py) the session does not relay, and after a share of the steps
 redoes one stage's work itself (`_spot_check`); a stage found wrong is failed over and every stage
-after it rebuilt from the client's own outputs. Replays then matter twice: a stage is judged on
-the history its predecessor's replay left, so stages whose caches were built on other inputs are
-reopened from it (`_diverged`), and a reclaimed stage's replay is held against its own earlier
-outputs (`_reopen`).
+after it rebuilt from the client's own outputs.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
 
 import torch
 
 from nanoswarm.protocol.tensors import fits_wire
 
+from .failover import CANNOT_TAKE, REPLAY_CHUNK, Failover, SessionError
 from .history import History, Unkept
 from .relay import Chain, ChainBroken, SessionRelay, stalled_stage
-from .route import RouteError
-from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause, step_retrying_busy
+from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause
 from .swarm import Swarm
-from .transport import PeerConnection, PeerError
-from .verify import WIRE_TOLERANCE
+from .transport import PeerError
 
-log = logging.getLogger(__name__)
+__all__ = ["CANNOT_TAKE", "REPLAY_CHUNK", "TRAIL_MAX_POSITIONS", "InferenceSession", "SessionError"]
 
 # A relayed step of up to this many positions brings back every hop's output (client/relay.py):
 # 3 KB a hop for a decode step of the GPT-2-small shape. A longer one (a prefill) brings back only
 # the last: 384 KB a hop for a 128-token prompt, re-encrypted at every link, made prefill through
 # 4 relayed stages slower than stage by stage (docs/performance.md).
 TRAIL_MAX_POSITIONS = 32
-# Positions per replay step: half the default --max-tokens-per-step; a node with a lower limit
-# refuses the step too_large and it is sent again in halves.
-REPLAY_CHUNK = 512
-# After a failover or a reopen in a checking session, replayed outputs that differ from what the
-# next stage was sent by more than this (relative, as spot checks measure) or a tenth of the
-# wire's tolerance, whichever is larger, mean the stages after it hold caches built on other
-# inputs: they are rebuilt (InferenceSession._replace, _reopen). Float32 replays of the same
-# blocks differ by ~1e-7 to 1e-6 (on a float16 wire, up to ~5e-4: one rounding step); another
-# dtype, or a lie, by more.
-DIVERGED = 1e-5
 
 
-class SessionError(Exception):
-    pass
+class InferenceSession(Failover):
+    """One generation's KV caches on a route: its stages, what each was sent, and how many
+    positions are in. `step` sends the next positions through every stage; the base class
+    (client/failover.py) rebuilds stages that fail, leave or are found wrong."""
 
-
-# Answers to `open`, or to the replay into a new stage or a reopened one, that say a peer cannot
-# take this session now (at its session count or KV budget, or a session longer than it takes),
-# not that it failed. (`leaving` is not one: that peer is going, and is banned like one that went.)
-CANNOT_TAKE = ("busy", "too_large")
-
-
-class InferenceSession:
     def __init__(self, stages: list[Stage], max_length: int, swarm: Swarm | None = None,
                  max_failovers: int = 8, on_failover: Callable[[str], None] | None = None):
         self.stages = stages
@@ -121,25 +99,6 @@ class InferenceSession:
             self.stages.append(stage)
             self.history.append(History())
             pos = plan.stop
-
-    def _refused_or_strike(self, e: PeerError, refused: dict[str, str]) -> None:
-        """A peer that cannot take this session now (CANNOT_TAKE: full, or too short) is left out
-        of this planning, with no ban and no failover counted: it is honest, and other sessions
-        may still use it. Anything else is a fault (_strike)."""
-        if e.code in CANNOT_TAKE and e.address not in refused:
-            refused[e.address] = f"{e.code}: {e.message}"
-            log.info("peer %s", e)
-        else:
-            self._strike(e)
-
-    def _strike(self, e: PeerError) -> None:
-        self.failovers += 1
-        if self.failovers > self.max_failovers:
-            raise SessionError(f"gave up after {self.max_failovers} failovers; last: {e}") from e
-        ban = self.swarm.bans.get(e.address)
-        if ban is not None and ban.until > time.monotonic():
-            return  # banned already (another session's failover dropped the link): one fault, one strike
-        self.swarm.ban(e.address, f"{e.code}: {e.message}")
 
     @property
     def relay(self) -> bool:
@@ -289,14 +248,6 @@ class InferenceSession:
         return self.checker.judge(stage.conn.address, f"layers {stage.start}:{stage.stop}", dtype,
                                   self.swarm.options.wire, self.checker.difference(reference, got)), reference
 
-    def _dtype_of(self, conn: PeerConnection) -> str | None:
-        """The dtype a peer states (None: it answered without one, or with one that makes no
-        sense; its check gets float32's slack, the strictest: a liar that left it out went
-        unchecked). Raises PeerError when it did not answer."""
-        known = self.swarm.peers.get(conn.address)
-        return self.checker.dtype_of(conn.address, known.extra if known else {},
-                                     lambda: conn.request("info", timeout=self.swarm.options.timeout).fields)
-
     def _redo_after_wrong(self, i: int, error: PeerError, reference: torch.Tensor) -> torch.Tensor:
         """Stage i computed wrong: ban its peer, give its blocks to others, and rebuild every stage
         after it from the right inputs (the client's own `reference`; their caches hold the wrong
@@ -310,27 +261,6 @@ class InferenceSession:
         self.history[k] = History.of(reference)
         self._reopen_from(k)
         return self.outputs.tensor()
-
-    def _reopen_from(self, k: int | None) -> None:
-        """Reopen stage k and every stage after it, each replayed from its history (each one's
-        outputs become the next one's history), failing over any that fails meanwhile: their
-        caches were built on inputs other than the ones their histories now hold."""
-        self.relaying.forget_chains()  # they name the old session ids
-        while k is not None:  # each one reopened here: none of them reopens those after it
-            stage = self.stages[k]
-            failed = self._reopen(k, reclaimed=False)
-            if failed is not None:  # its blocks to other peers, rebuilt from the same history
-                self._replace(self.stages.index(stage), failed, strike=failed.code not in CANNOT_TAKE,
-                              reopen_after=False)
-            k = self._after(stage.stop)
-
-    def _after(self, block: int) -> int | None:
-        """The index of the stage that starts at `block`, None past the last block."""
-        return next((k for k, s in enumerate(self.stages) if s.start == block), None)
-
-    def _at(self, block: int) -> int:
-        """The index of the stage that starts at `block` (failover may have changed indices)."""
-        return next(k for k, s in enumerate(self.stages) if s.start == block)
 
     def _chain_broken(self, chain: Chain, error: PeerError) -> None:
         """A relayed step did not come back; its stages will be asked one by one. A node that will
@@ -352,215 +282,6 @@ class InferenceSession:
     def _unfit(self, stage: Stage) -> str:
         return (f"hidden states for layers {stage.start}:{stage.stop} hold NaN or Inf, or do not fit the "
                 f"{self.swarm.options.wire} wire")
-
-    def _reopen(self, i: int, reclaimed: bool = True) -> PeerError | None:
-        """A new session for stage i on the same peers, replayed from its history; None if that
-        worked, else why not (the caller then replaces the stage). `reclaimed`: the node reclaimed
-        the old session and the history is the one the stage was stepped with; otherwise the
-        history changed (the stage before was redone: `_reopen_from`) and the caller reopens the
-        stages after. In a checking session a reclaimed stage's replay is held against what it
-        returned before, for the same inputs: differing beyond its dtype's and the wire's slack,
-        it lied on one of them (else a liar could erase the record of its lies by answering
-        `session_closed`), and the error is `wrong_result`; differing at all (`_diverged`), the
-        stages after it are reopened too (their caches hold results of its old outputs)."""
-        stage = self.stages[i]
-        self._recover_for(stage)
-        i = self.stages.index(stage)
-        diverged = False
-        try:
-            stage.close()  # whatever of the old session is left (a head group's other members)
-            stage.open(self.max_length)
-            if self.history[i].positions:
-                out = self._replay(stage, self.history[i].tensor())
-                if reclaimed and (diverged := self._diverged(i + 1, out)):
-                    wrong = self._contradicts(stage, i + 1, out)
-                    if wrong is not None:
-                        self.wrong_results += 1
-                        return wrong
-                self._replayed_outputs(i + 1, out)
-        except PeerError as e:
-            log.info("reopening a session on %s failed: %s", ", ".join(stage.peers), e)
-            return e
-        self.relaying.forget_chains()  # they name the old session ids
-        self.relaying.retry_before(self.stages, i)
-        log.info("reopened a session on %s (%d positions replayed)", ", ".join(stage.peers), self.pos)
-        if diverged:
-            self._reopen_after(i + 1)
-        return None
-
-    def _contradicts(self, stage: Stage, k: int, out: torch.Tensor) -> PeerError | None:
-        """The error for layer stage `stage` if its replayed outputs `out` differ from the ones it
-        returned before (stage k's history) by more than its dtype and the wire explain. Not for
-        a head group: its sums do not say which member lied, and its checks cover one step, so
-        there is no record of earlier lies for a reclaim to erase."""
-        if not isinstance(stage, RemoteLayerStage):
-            return None
-        dtype = self._dtype_of(stage.conn)  # a PeerError: the reopen failed
-        slack = self.checker.tolerance(dtype, self.swarm.options.wire)
-        diff = self.checker.difference(self.history[k].tensor(), out)
-        if diff <= slack:
-            return None
-        return PeerError(stage.conn.address, "wrong_result",
-                         f"layers {stage.start}:{stage.stop} replayed after a reclaimed session differ from what "
-                         f"they returned before by {diff:.3g} of their scale (at most {slack:.3g} for the same inputs)")
-
-    def _replace_unreopened(self, i: int, failed: PeerError, error: PeerError) -> int:
-        """Replace stage i, whose reclaimed session (`error`) could not be reopened (`failed`). A
-        peer that filled up meanwhile (CANNOT_TAKE) is not struck, once a session: one that keeps
-        reclaiming and refusing is a fault after that (two such peers would pass the stage back
-        and forth without end). One whose replay contradicted its earlier outputs is struck for
-        that (`wrong_result`)."""
-        if failed.code in CANNOT_TAKE and failed.address not in self._moved_unstruck:
-            self._moved_unstruck.add(failed.address)
-            return self._replace(i, failed, strike=False)
-        return self._replace(i, failed if failed.code == "wrong_result" else error)
-
-    def _replace(self, i: int, error: PeerError, strike: bool = True, reopen_after: bool = True) -> int:
-        """Swap stage i for fresh stages over the same blocks, rebuilt from its history; returns
-        the index of the first of them. Without `strike` the peer that said `error` is only left
-        out of this replacement (it could not take the session: CANNOT_TAKE). In a checking
-        session whose replacement's outputs differ from what the next stage was sent (`DIVERGED`:
-        the old peer ran another dtype, or lied unseen), the stages after it are reopened from the
-        new outputs unless `reopen_after` is off: judged on outputs they were never sent, honest
-        ones were banned as wrong."""
-        old = self.stages[i]
-        old.close()  # before the ban closes its socket: a live peer frees the KV cache at once
-        refused: dict[str, str] = {}
-        if strike:
-            self._strike(error)
-        else:
-            refused[error.address] = f"{error.code}: {error.message}"
-        t0 = time.perf_counter()
-        self._recover_for(old)
-        i = self.stages.index(old)
-        while True:
-            try:
-                plans = self.swarm.plan(old.start, old.stop, self.max_length, refused)
-            except RouteError as e:
-                raise SessionError(f"{e} (after {error.address} failed: {error.code})") from e
-            try:
-                new_stages, new_history, out = self._rebuild(plans, self.history[i])
-                break
-            except PeerError as e:  # the replacement failed or refused too: plan again without it
-                self._refused_or_strike(e, refused)
-        self.stages[i:i + 1] = new_stages
-        self.history[i:i + 1] = new_history
-        k = i + len(new_stages)
-        diverged = reopen_after and self._diverged(k, out)
-        self._replayed_outputs(k, out)
-        self.relaying.retry_before(self.stages, i)
-        ms = (time.perf_counter() - t0) * 1000
-        notice = (f"failover: {error.address} (layers {old.start}:{old.stop}) {error.code}; "
-                  f"replayed {self.pos} positions to {', '.join(p for s in new_stages for p in s.peers)} "
-                  f"in {ms:.0f} ms")
-        if self.on_failover:  # the user's own notice (the CLI's stderr line): not logged twice
-            log.info(notice)
-            self.on_failover(notice)
-        else:
-            log.warning(notice)
-        if diverged:
-            self._reopen_after(k)
-        return i
-
-    def _reopen_after(self, k: int) -> None:
-        log.info("a replay's outputs differ from what layers %d: were sent: reopening the stages from there",
-                 self.stages[k].start)
-        self._reopen_from(k)
-
-    def _diverged(self, k: int, out: torch.Tensor | None) -> bool:
-        """Whether `out`, the replayed outputs of the stage before stage k (a replacement, or a
-        reopened session) for every position, differ from what stage k was sent, in a checking
-        session (checks would judge stage k on them)."""
-        if self.checker is None or out is None or k >= len(self.stages):
-            return False
-        sent = self.history[k]
-        if sent.positions != out.shape[1] or sent.first_unkept() is not None:
-            return False
-        wire = self.swarm.options.wire  # a 16-bit wire rounds values ~1e-7 apart to a step apart
-        return self.checker.difference(sent.tensor(), out) > max(DIVERGED, WIRE_TOLERANCE.get(wire, 0.1) / 10)
-
-    def _rebuild(self, plans, history: History) -> tuple[list[Stage], list[History], torch.Tensor | None]:
-        """New stages for `plans`, each replayed into from `history`; with the last one's output
-        for every position (None when there are none)."""
-        hidden = history.tensor() if history.positions else None
-        stages, histories = [], []
-        try:
-            for plan in plans:
-                stage = self.swarm.make_stage(plan)
-                stages.append(stage)
-                stage.open(self.max_length)
-                histories.append(History.of(hidden))
-                if hidden is not None:
-                    hidden = self._replay(stage, hidden)
-        except PeerError:
-            for stage in stages:
-                stage.close()
-            raise
-        return stages, histories, hidden
-
-    def _recover_for(self, stage: Stage) -> None:
-        """Make `stage`'s history whole (_recover). An earlier stage that fails meanwhile is failed
-        over like any other (that may replace stages before `stage` and change its index)."""
-        reopened = set()
-        while True:
-            i = self.stages.index(stage)
-            try:
-                return self._recover(i)
-            except PeerError as e:
-                j = next((k for k in range(i) if e.address in self.stages[k].peers), None)
-                if j is None:
-                    raise
-                failing = self.stages[j]
-                if e.code == "session_closed" and failing not in reopened:
-                    reopened.add(failing)
-                    failed = self._reopen(j)
-                    if failed is None:
-                        continue
-                    self._replace_unreopened(self.stages.index(failing), failed, e)  # a failed reopen may move it
-                    continue
-                self._replace(self.stages.index(failing), e)
-
-    def _recover(self, i: int) -> None:
-        """Recompute the positions of stage i's history that a relayed prefill did not bring back
-        (history.Unkept). The stage before holds them: it is asked for them again from the first
-        one on (rewind: it drops them and computes the same values again), after its own history
-        is made whole. Raises PeerError when that stage fails."""
-        start = self.history[i].first_unkept()
-        if start is None:
-            return
-        before = self.stages[i - 1] if i > 0 else None
-        if not isinstance(before, RemoteLayerStage):  # unkept positions come only from relayed steps
-            raise SessionError(f"internal: stage {i} has unkept positions but no layer stage before it")
-        self._recover(i - 1)
-        t0 = time.perf_counter()
-        out = self._replay(before, self.history[i - 1].tensor()[:, start:], start, rewind=True)
-        self.history[i].recovered(start, out)
-        log.info("recomputed positions %d.. of layers %d:%d on %s in %.0f ms", start, before.start, before.stop,
-                 before.conn.address, (time.perf_counter() - t0) * 1000)
-
-    def _replayed_outputs(self, i: int, out: torch.Tensor | None) -> None:
-        """`out`, the outputs of a replay into the stage before stage i (a replacement, or a
-        reopened session), for every position: stage i's history takes them (what it did not
-        keep need not be recomputed), and so do the last stage's outputs (self.outputs) when
-        there is no stage i. Spot checks compare a stage with these: after a failover they are
-        the new peer's own (a check had judged an honest replacement on the old peer's)."""
-        if out is None:
-            return
-        if i < len(self.stages):
-            if out.shape[1] == self.history[i].positions:
-                self.history[i] = History.of(out)
-            elif self.history[i].first_unkept() is not None:
-                self.history[i].recovered(0, out)
-        elif self.checker is not None and out.shape[1] == self.outputs.positions:
-            self.outputs = History.of(out)
-
-    @staticmethod
-    def _replay(stage: Stage, hidden: torch.Tensor, start: int = 0, rewind: bool = False) -> torch.Tensor:
-        """Positions start.. of `hidden` into `stage`, in pieces; its output. With `rewind` the stage
-        drops what it holds from `start` on first."""
-        outs = [step_retrying_busy(stage, hidden[:, a:a + REPLAY_CHUNK], start + a, rewind)
-                for a in range(0, hidden.shape[1], REPLAY_CHUNK)]
-        return torch.cat(outs, dim=1)
 
     def close(self) -> None:
         for stage in self.stages:

@@ -54,7 +54,7 @@ def two_by_two() -> list[NodeSpec]:
 def test_sigkill_mid_generation(small12_model_dir, cluster_factory, expected_ids, caplog):
     swarm = cluster_factory(small12_model_dir, two_by_two())
     notices: list[str] = []
-    with caplog.at_level(logging.INFO, logger="nanoswarm.client.session"):
+    with caplog.at_level(logging.INFO, logger="nanoswarm.client.failover"):
         result = generate_with_fault(small12_model_dir, swarm, lambda i: swarm.kill(i, signal.SIGKILL), notices)
     assert result.ids == expected_ids
     assert result.failovers == 1 and len(notices) == 1 and "failover" in notices[0]
