@@ -37,7 +37,8 @@ from .params import SECONDS, parse_range, peer_list
 @click.option("--max-inflight", type=click.IntRange(min=1), default=None, show_default="16",
               help="Requests in flight per peer.")
 @click.option("--idle-timeout", type=SECONDS, default=None, show_default="300",
-              help="Seconds before an idle session is reclaimed.")
+              help="Seconds before an idle session is reclaimed (stated to clients at open; "
+                   "under 1, clients take its reclaims as faults).")
 @click.option("--max-batch-seconds", type=SECONDS, default=None, show_default="5",
               help="Compute per batch before its remaining requests are refused busy.")
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -46,6 +46,14 @@ REPLAY_CHUNK = 512
 DIVERGED = 1e-5
 
 
+# A `session_closed` that comes sooner than this after the stage's last request, or sooner than
+# the idle timeout its node stated when it opened the session, is taken as a fault, not as the
+# node reclaiming an idle session (Failover._takes_reclaim): a node could otherwise have the
+# client replay the whole history into it on every other step, and never be struck. Nodes whose
+# --idle-timeout is shorter than this reclaim sessions of clients that are merely slow.
+RECLAIM_MIN_IDLE = 1.0
+
+
 class SessionError(Exception):
     pass
 
@@ -205,6 +213,22 @@ class Failover:
             self._reopen_after(i + 1)
         return None
 
+    def _takes_reclaim(self, stage: Stage, error: PeerError, reopened: set[Stage]) -> bool:
+        """Whether `stage`'s `session_closed` (`error`) is taken as its node having reclaimed an
+        idle session, to be reopened on the same peers with no strike: once a step (a second
+        one in the same step is a fault), and only when the stage has sent the session nothing
+        for RECLAIM_MIN_IDLE and for the idle timeout its node stated. Otherwise the caller
+        fails the stage over."""
+        if stage in reopened:
+            return False
+        idle, keeps = time.monotonic() - stage.sent_at, max(RECLAIM_MIN_IDLE, stage.idle_timeout)
+        if idle < keeps:
+            log.info("%s answered session_closed %.2f s after its last request (it keeps idle sessions %.0f s): "
+                     "a fault, not a reclaim", error.address, idle, keeps)
+            return False
+        reopened.add(stage)
+        return True
+
     def _contradicts(self, stage: Stage, k: int, out: torch.Tensor) -> PeerError | None:
         """The error for layer stage `stage` if its replayed outputs `out` differ from the ones it
         returned before (stage k's history) by more than its dtype and the wire explain. Not for
@@ -280,8 +304,7 @@ class Failover:
                 if j is None:
                     raise
                 failing = self.stages[j]
-                if e.code == "session_closed" and failing not in reopened:
-                    reopened.add(failing)
+                if e.code == "session_closed" and self._takes_reclaim(failing, e, reopened):
                     failed = self._reopen(j)
                     if failed is None:
                         continue

@@ -61,12 +61,16 @@ class Chain:
         fields = {"session": first.session, "pos": pos, "wire": first.wire, "reply": rid, "next": self.next}
         if not trail:
             fields["trail"] = False
+        sent = time.monotonic()
         try:
             first.conn.send("step", fields, [hidden], first.wire, req_id=rid, timeout=timeout)
             while True:
                 msg = last.conn.take(rid)  # an error reply, or a dropped link, raises PeerError
                 if msg is not None:
-                    return reply_tensors(last.conn, msg, hidden, len(self.stages) if trail else 1)
+                    outputs = reply_tensors(last.conn, msg, hidden, len(self.stages) if trail else 1)
+                    for stage in self.stages:
+                        stage.sent_at = sent
+                    return outputs
                 for stage in self.stages[:-1]:  # the hops before answer only to refuse
                     if stage.conn.take(rid) is not None:
                         raise PeerError(stage.conn.address, "bad_reply", "a reply from the middle of a relayed step")

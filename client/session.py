@@ -169,10 +169,9 @@ class InferenceSession(Failover):
                     if isinstance(stage, RemoteLayerStage):
                         rewind.add(stage)  # a split step's first half may be stored (step_retrying_busy)
                     continue
-                if e.code == "session_closed" and stage not in reopened:
+                if e.code == "session_closed" and self._takes_reclaim(stage, e, reopened):
                     # The node reclaimed our session after its idle timeout (the reader paused):
                     # nothing failed. Open a new one there, rebuilt from the history, no strike.
-                    reopened.add(stage)
                     failed = self._reopen(i)
                     if failed is None:
                         i = self._at(stage.start)

@@ -49,6 +49,10 @@ class Stage:
     # A stage whose step is several requests retries a `busy` one itself: the rest of the step
     # has already been stored by its other peers, so asking for the whole step again would fail.
     retries_busy: bool = False
+    # time.monotonic() when this stage sent the last request its session answered (open or step;
+    # a relayed step's, when the chain was sent): a node reclaims a session only when no request
+    # came for its idle timeout, so an earlier `session_closed` is a fault (Failover._takes_reclaim).
+    sent_at: float = 0.0
 
     def open(self, max_length: int) -> None:
         raise NotImplementedError
@@ -75,6 +79,11 @@ class Stage:
     def leaving(self) -> bool:
         return self.leaving_peer is not None
 
+    @property
+    def idle_timeout(self) -> float:
+        """The shortest idle timeout its peers stated when the session opened (0: none stated)."""
+        return 0.0
+
     def describe(self) -> dict:
         return {"layers": [self.start, self.stop], "peers": self.peers}
 
@@ -100,6 +109,12 @@ class LocalStage(Stage):
 
     def describe(self) -> dict:
         return {"layers": [self.start, self.stop], "peers": ["local"]}
+
+
+def stated_idle_timeout(opened: dict) -> float:
+    """The idle timeout an `opened` reply states; 0.0 when it states none that makes sense."""
+    t = opened.get("idle_timeout")
+    return float(t) if type(t) in (int, float) and 0 < t < float("inf") else 0.0
 
 
 def check_reply(conn: PeerConnection, msg: Message, like: torch.Tensor) -> torch.Tensor:
@@ -152,9 +167,10 @@ class RemoteLayerStage(Stage):
 
     def open(self, max_length: int) -> None:
         self.max_length = max_length
+        sent = time.monotonic()
         reply = self.conn.request("open", {"model_id": self.model_id, "max_length": max_length,
                                            "layers": [self.start, self.stop]}, timeout=self.timeout)
-        self.session, self.pins = reply.fields["session"], (None, None)
+        self.session, self.pins, self.sent_at = reply.fields["session"], (None, None), sent
         self.opened = reply.fields  # its limits: positions_per_request
         self.conn.sessions.add(self.session)
 
@@ -175,7 +191,9 @@ class RemoteLayerStage(Stage):
         fields = {"session": self.session, "pos": pos, "wire": self.wire}
         if rewind:
             fields["rewind"] = True
+        sent = time.monotonic()
         reply = self.conn.request("step", fields, [hidden], self.wire, timeout=self.timeout)
+        self.sent_at = sent
         return check_reply(self.conn, reply, hidden)
 
     def close(self) -> None:
@@ -186,6 +204,10 @@ class RemoteLayerStage(Stage):
     @property
     def peers(self) -> list[str]:
         return [self.conn.address]
+
+    @property
+    def idle_timeout(self) -> float:
+        return stated_idle_timeout(self.opened) if self.session is not None else 0.0
 
     @property
     def leaving_peer(self) -> str | None:
@@ -211,6 +233,7 @@ class HeadGroupStage(Stage):
         self.start, self.stop, self.model_id = start, stop, model_id
         self.wire, self.timeout = wire, timeout
         self.sessions: list[str] = []
+        self.limits: list[dict] = []  # the members' `opened` replies
         self.record: FanOutRecord | None = None  # what members were sent and answered, if spot-checked
 
     def open(self, max_length: int) -> None:
@@ -221,12 +244,14 @@ class HeadGroupStage(Stage):
     def _open(self, max_length: int) -> None:
         self.max_length = max_length
         self.sessions, self.limits = [], []
+        sent = time.monotonic()
         for conn, _ in self.members:
             reply = conn.request("open", {"model_id": self.model_id, "max_length": max_length,
                                           "layers": [self.start, self.stop]}, timeout=self.timeout)
             self.sessions.append(reply.fields["session"])
             self.limits.append(reply.fields)
             conn.sessions.add(reply.fields["session"])
+        self.sent_at = sent
 
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:
         partials: list[torch.Tensor | None] = [None] * len(self.members)
@@ -271,9 +296,11 @@ class HeadGroupStage(Stage):
         return torch.cat([self._step_piece(hidden[:, i:i + n], pos + i) for i in range(0, hidden.shape[1], n)], dim=1)
 
     def _step_piece(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        sent = time.monotonic()  # before the piece's first request to each member
         for block in range(self.start, self.stop):
             hidden = self._fan_out(hidden, pos, "attn", block)
             hidden = self._fan_out(hidden, pos, "mlp", block)
+        self.sent_at = sent
         return hidden
 
     def close(self) -> None:
@@ -284,6 +311,10 @@ class HeadGroupStage(Stage):
     @property
     def peers(self) -> list[str]:
         return [conn.address for conn, _ in self.members]
+
+    @property
+    def idle_timeout(self) -> float:
+        return min((stated_idle_timeout(fields) for fields in self.limits), default=0.0)
 
     @property
     def leaving_peer(self) -> str | None:  # the member that is leaving, not the group's first

@@ -277,6 +277,8 @@ class RequestHandler:
                                          "kv_bytes": session.cache.nbytes,
                                          "max_tokens_per_step": self.limits.max_tokens_per_step,
                                          "max_message_bytes": self.limits.max_message_bytes,
+                                         # how long it keeps the session idle (client/failover.py)
+                                         "idle_timeout": self.limits.idle_timeout,
                                          "trail_optional": True,  # relayed steps may keep no trail
                                          # relayed steps only as the client pins them (`admit`)
                                          "admits": self.checks_senders})

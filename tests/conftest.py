@@ -23,6 +23,18 @@ TINY = ModelConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=50257, block_size=
 SMALL12 = ModelConfig(n_layer=12, n_head=12, n_embd=96, vocab_size=50257, block_size=256, gelu="exact")
 GPT2_SMALL = ModelConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)
 CLI = [sys.executable, "-m", "nanoswarm"]
+DISHONEST = str(Path(__file__).with_name("dishonest_node.py"))
+
+
+class SwarmWithALiar(LocalCluster):
+    """Nodes whose spec's args hold "--dishonest" run tests/dishonest_node.py."""
+
+    def command(self, spec: NodeSpec) -> list[str]:
+        cmd = super().command(spec)
+        if "--dishonest" in cmd:
+            cmd.remove("--dishonest")
+            cmd[:3] = [sys.executable, DISHONEST]
+        return cmd
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

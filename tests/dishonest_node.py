@@ -5,13 +5,15 @@ routes prefer it. Run as a real process, like `python -m nanoswarm node`;
 with --hide-dtype its `info` does not say its dtype (so that checks cannot know its slack). As a
 head shard it computes right unless given --wrong-heads (its attention partial sums get the same
 error on every step), --wrong-heads-prompt (only on steps of more than one position) or
---wrong-heads-of N (only on steps of exactly N positions)."""
+--wrong-heads-of N (only on steps of exactly N positions). With --reclaim-held it computes right
+but answers `session_closed` to the second request that finds a session holding positions, as
+if it had reclaimed it idle: every other token its client replays the whole history into it."""
 
 import sys
 
 import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
 from nanoswarm.cli import main
-from nanoswarm.node import handler, steps
+from nanoswarm.node import handler, sessions, steps
 from nanoswarm.shards.model import Block, Blocks
 
 _forward = Blocks.forward
@@ -27,6 +29,23 @@ lies = lambda x: True  # noqa: E731
 if "--wrong-decode" in sys.argv:
     sys.argv.remove("--wrong-decode")
     lies = lambda x: x.shape[1] == 1  # noqa: E731
+
+
+def reclaiming_get(self, session_id, peer=None):
+    session = _get(self, session_id, peer)
+    if session.length > 0:
+        held[session_id] = held.get(session_id, 0) + 1
+        if held[session_id] >= 2:
+            self.close(session_id, "expired")
+            return _get(self, session_id, peer)  # session_closed
+    return session
+
+
+_get, held = sessions.SessionStore.get, {}
+if "--reclaim-held" in sys.argv:
+    sys.argv.remove("--reclaim-held")
+    lies = lambda x: False  # noqa: E731
+    sessions.SessionStore.get = reclaiming_get
 
 
 def claimed(self, seconds=0.3):

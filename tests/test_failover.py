@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+from conftest import SwarmWithALiar
 
 from nanoswarm.client.api import GenerationResult, SwarmModel
 from nanoswarm.client.generate import SamplingParams
@@ -308,6 +309,58 @@ def test_a_session_reclaimed_while_the_reader_paused_is_reopened_not_banned(
     finally:
         model.close()
 
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relayed", "stage by stage"])
+def test_a_node_that_answers_session_closed_right_after_a_step_is_failed_over(small12_model_dir, expected_ids, relay):
+    """A node that answers `session_closed` to a session it served a moment ago, never twice in
+    one step, had its client replay the whole history into it every other token, unstruck (a
+    known gap). A reclaim comes only after the idle timeout the node stated at `open`, and never
+    within a second of a request: an earlier one is a fault, failed over like any other."""
+    swarm = SwarmWithALiar(small12_model_dir, [NodeSpec((0, 6), args=["--dishonest", "--reclaim-held"]),
+                                               NodeSpec((0, 6)), NodeSpec((6, 12))])
+    swarm.start()
+    try:
+        model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
+                                   options=SwarmOptions(timeout=TIMEOUT, relay=relay))
+        try:
+            model.swarm.peers[swarm.addresses[1]].rtt = 1.0  # the liar first
+            result = model.generate(PROMPT, SHORT, SEEDED)
+            banned = set(model.swarm.bans)
+        finally:
+            model.close()
+    finally:
+        swarm.stop()
+    liar, spare, last = swarm.addresses
+    assert result.ids == expected_ids[:SHORT]
+    assert result.failovers == 1 and banned == {liar}
+    assert [stage["peers"] for stage in result.route] == [[spare], [last]]
+
+
+def test_a_reclaim_is_taken_only_after_the_idle_timeout_the_node_stated():
+    """The rule behind the test above: `session_closed` reopens the session, unstruck, only once a
+    step, and only when the stage sent it nothing for the idle timeout its node stated when it
+    opened the session (bad or missing statements count as none), and for at least a second."""
+    from nanoswarm.client.failover import RECLAIM_MIN_IDLE, Failover
+    from nanoswarm.client.stages import Stage, stated_idle_timeout
+    from nanoswarm.client.transport import PeerError
+
+    class Reclaimed(Stage):
+        idle_timeout = 0.0
+
+    closed = PeerError("node", "session_closed", "session 1234 was expired")
+    failover, stage = Failover(), Reclaimed()
+    for stated, idle, taken in [(300.0, 5.0, False), (300.0, 301.0, True), (2.0, 2.5, True), (2.0, 1.5, False),
+                                (0.0, RECLAIM_MIN_IDLE - 0.2, False), (0.0, RECLAIM_MIN_IDLE + 0.2, True),
+                                (0.1, 0.5, False)]:
+        stage.idle_timeout, stage.sent_at, reopened = stated, time.monotonic() - idle, set()
+        assert failover._takes_reclaim(stage, closed, reopened) is taken, (stated, idle)
+        assert reopened == ({stage} if taken else set())
+        assert failover._takes_reclaim(stage, closed, reopened) is False  # twice in one step: a fault
+    for fields, stated in [({"idle_timeout": 300}, 300.0), ({"idle_timeout": 2.5}, 2.5), ({}, 0.0),
+                           ({"idle_timeout": "300"}, 0.0), ({"idle_timeout": True}, 0.0),
+                           ({"idle_timeout": -1}, 0.0), ({"idle_timeout": math.inf}, 0.0)]:
+        assert stated_idle_timeout(fields) == stated
 
 def test_nodes_that_take_fewer_positions_a_step_get_the_prompt_in_pieces(small12_model_dir, cluster_factory):
     """A node's --max-tokens-per-step below the prompt (or a replay chunk) answers too_large,

@@ -71,6 +71,7 @@ def test_kv_cache_holds_only_the_nodes_heads(small12_model_dir, cluster_factory)
             opened = conn.request("open", {"max_length": 64})
             want = KVCache.bytes_for(12, b - a, config.head_dim, 64)
             assert opened.fields["kv_bytes"] == want
+            assert opened.fields["idle_timeout"] == 300.0  # the default; clients hold reclaims to it
             info = conn.request("info").fields
             assert info["heads"] == [a, b] and info["kv_bytes"] == want
             assert want < KVCache.bytes_for(12, config.n_head, config.head_dim, 64)

@@ -4,12 +4,9 @@ dishonest one is `nanoswarm node` with its blocks patched (tests/dishonest_node.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import run_clis
+from conftest import SwarmWithALiar, run_clis
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
@@ -21,18 +18,6 @@ GREEDY = SamplingParams(temperature=0)
 PROMPT, N_TOKENS = "To be, or not to be, that is the question", 8
 # Past the 32 positions a relayed step brings back every hop's output for (client/relay.py).
 LONG_PROMPT = PROMPT + ": whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune"
-DISHONEST = str(Path(__file__).with_name("dishonest_node.py"))
-
-
-class SwarmWithALiar(LocalCluster):
-    """Nodes whose spec's args hold "--dishonest" run tests/dishonest_node.py."""
-
-    def command(self, spec: NodeSpec) -> list[str]:
-        cmd = super().command(spec)
-        if "--dishonest" in cmd:
-            cmd.remove("--dishonest")
-            cmd[:3] = [sys.executable, DISHONEST]
-        return cmd
 
 
 @pytest.fixture(scope="module")
