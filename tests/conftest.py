@@ -118,8 +118,9 @@ def cluster_factory():
     """Start swarms inside a test; every node is stopped afterwards, whatever happens."""
     started: list[LocalCluster] = []
 
-    def factory(model_dir: Path, specs: list[NodeSpec], **kwargs) -> LocalCluster:
-        c = LocalCluster(model_dir, specs, **kwargs)
+    def factory(model_dir: Path, specs: list[NodeSpec], cluster: type[LocalCluster] = LocalCluster,
+                **kwargs) -> LocalCluster:
+        c = cluster(model_dir, specs, **kwargs)
         started.append(c)
         return c.start()
 

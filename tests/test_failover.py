@@ -312,25 +312,22 @@ def test_a_session_reclaimed_while_the_reader_paused_is_reopened_not_banned(
 
 
 @pytest.mark.parametrize("relay", [True, False], ids=["relayed", "stage by stage"])
-def test_a_node_that_answers_session_closed_right_after_a_step_is_failed_over(small12_model_dir, expected_ids, relay):
+def test_a_node_that_answers_session_closed_right_after_a_step_is_failed_over(small12_model_dir, cluster_factory,
+                                                                             expected_ids, relay):
     """A node that answers `session_closed` to a session it served a moment ago, never twice in
     one step, had its client replay the whole history into it every other token, unstruck (a
     known gap). A reclaim comes only after the idle timeout the node stated at `open`, and never
     within a second of a request: an earlier one is a fault, failed over like any other."""
-    swarm = SwarmWithALiar(small12_model_dir, [NodeSpec((0, 6), args=["--dishonest", "--reclaim-held"]),
-                                               NodeSpec((0, 6)), NodeSpec((6, 12))])
-    swarm.start()
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6), args=["--dishonest", "--reclaim-held"]),
+                                                NodeSpec((0, 6)), NodeSpec((6, 12))], cluster=SwarmWithALiar)
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
+                               options=SwarmOptions(timeout=TIMEOUT, relay=relay))
     try:
-        model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
-                                   options=SwarmOptions(timeout=TIMEOUT, relay=relay))
-        try:
-            model.swarm.peers[swarm.addresses[1]].rtt = 1.0  # the liar first
-            result = model.generate(PROMPT, SHORT, SEEDED)
-            banned = set(model.swarm.bans)
-        finally:
-            model.close()
+        model.swarm.peers[swarm.addresses[1]].rtt = 1.0  # the liar first
+        result = model.generate(PROMPT, SHORT, SEEDED)
+        banned = set(model.swarm.bans)
     finally:
-        swarm.stop()
+        model.close()
     liar, spare, last = swarm.addresses
     assert result.ids == expected_ids[:SHORT]
     assert result.failovers == 1 and banned == {liar}
