@@ -27,7 +27,7 @@ import torch
 from .history import History
 from .relay import SessionRelay
 from .route import RouteError
-from .stages import RemoteLayerStage, Stage, step_retrying_busy
+from .stages import RemoteLayerStage, Stage, idle_clock, step_retrying_busy
 from .swarm import Swarm
 from .transport import PeerConnection, PeerError
 from .verify import WIRE_TOLERANCE, SpotChecker
@@ -46,12 +46,16 @@ REPLAY_CHUNK = 512
 DIVERGED = 1e-5
 
 
-# A `session_closed` that comes sooner than this after the stage's last request, or sooner than
-# the idle timeout its node stated when it opened the session, is taken as a fault, not as the
-# node reclaiming an idle session (Failover._takes_reclaim): a node could otherwise have the
-# client replay the whole history into it on every other step, and never be struck. Nodes whose
-# --idle-timeout is shorter than this reclaim sessions of clients that are merely slow.
+# A `session_closed` to a request sent sooner than this after the stage's last answered one, or
+# sooner than the idle timeout its node stated when it opened the session, is taken as a fault,
+# not as the node reclaiming an idle session (Failover._takes_reclaim): a node could otherwise
+# have the client replay the whole history into it on every other step, and never be struck.
+# Nodes whose --idle-timeout is shorter than this reclaim sessions of clients that are merely slow.
 RECLAIM_MIN_IDLE = 1.0
+# A node may reclaim a session while the request for it waits in its queue (behind another
+# session's long batch): the idle time a request saw counts the time its answer took, up to this
+# share of the idle timeout (a liar that answers late gains no more), and clocks' drift too.
+RECLAIM_SLACK, CLOCK_DRIFT = 0.1, 1e-3
 
 
 class SessionError(Exception):
@@ -216,15 +220,17 @@ class Failover:
     def _takes_reclaim(self, stage: Stage, error: PeerError, reopened: set[Stage]) -> bool:
         """Whether `stage`'s `session_closed` (`error`) is taken as its node having reclaimed an
         idle session, to be reopened on the same peers with no strike: once a step (a second
-        one in the same step is a fault), and only when the stage has sent the session nothing
-        for RECLAIM_MIN_IDLE and for the idle timeout its node stated. Otherwise the caller
-        fails the stage over."""
+        one in the same step is a fault), and only when the request it answered was sent
+        RECLAIM_MIN_IDLE and the idle timeout its node stated after the last one it answered
+        (give or take the slack above). Otherwise the caller fails the stage over."""
         if stage in reopened:
             return False
-        idle, keeps = time.monotonic() - stage.sent_at, max(RECLAIM_MIN_IDLE, stage.idle_timeout)
-        if idle < keeps:
-            log.info("%s answered session_closed %.2f s after its last request (it keeps idle sessions %.0f s): "
-                     "a fault, not a reclaim", error.address, idle, keeps)
+        keeps = max(RECLAIM_MIN_IDLE, stage.idle_timeout)
+        idle = stage.asked_at - stage.sent_at  # not until the answer came: a liar could take its time
+        slack = min(idle_clock() - stage.asked_at, RECLAIM_SLACK * keeps) + CLOCK_DRIFT * keeps
+        if idle + slack < keeps:
+            log.info("%s answered session_closed to a request sent %.2f s after its last one (it keeps idle "
+                     "sessions %.0f s): a fault, not a reclaim", error.address, idle, keeps)
             return False
         reopened.add(stage)
         return True

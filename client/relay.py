@@ -19,7 +19,7 @@ import time
 import torch
 import zmq
 
-from .stages import RemoteLayerStage, positions_per_request, reply_tensors
+from .stages import RemoteLayerStage, idle_clock, positions_per_request, reply_tensors
 from .transport import PeerError, PeerTimeout, next_request_id
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Chain:
         fields = {"session": first.session, "pos": pos, "wire": first.wire, "reply": rid, "next": self.next}
         if not trail:
             fields["trail"] = False
-        sent = time.monotonic()
+        sent = idle_clock()
         try:
             first.conn.send("step", fields, [hidden], first.wire, req_id=rid, timeout=timeout)
             while True:

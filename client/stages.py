@@ -17,6 +17,15 @@ from .transport import MAX_FRAME_BYTES, PeerConnection, PeerError
 if TYPE_CHECKING:
     from .verify import FanOutRecord
 
+# Idle times (Failover._takes_reclaim) run on a clock that counts a suspended machine's sleep
+# where there is one (Linux): a laptop that slept past a node's idle timeout was idle that long.
+_IDLE_CLOCK = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def idle_clock() -> float:
+    return time.clock_gettime(_IDLE_CLOCK) if _IDLE_CLOCK is not None else time.monotonic()
+
+
 BUSY_RETRIES = 3  # a `busy` step is retried on the same peer this often (0.1, 0.2, 0.4 s) before failover
 
 
@@ -49,10 +58,12 @@ class Stage:
     # A stage whose step is several requests retries a `busy` one itself: the rest of the step
     # has already been stored by its other peers, so asking for the whole step again would fail.
     retries_busy: bool = False
-    # time.monotonic() when this stage sent the last request its session answered (open or step;
-    # a relayed step's, when the chain was sent): a node reclaims a session only when no request
-    # came for its idle timeout, so an earlier `session_closed` is a fault (Failover._takes_reclaim).
+    # idle_clock() when this stage sent the last request its session answered (open or step; a
+    # relayed step's, when the chain was sent), and when it sent its latest request, answered or
+    # not: a node reclaims a session only when no request came for its idle timeout, so a
+    # `session_closed` to a request sent sooner is a fault (Failover._takes_reclaim).
     sent_at: float = 0.0
+    asked_at: float = 0.0
 
     def open(self, max_length: int) -> None:
         raise NotImplementedError
@@ -167,7 +178,7 @@ class RemoteLayerStage(Stage):
 
     def open(self, max_length: int) -> None:
         self.max_length = max_length
-        sent = time.monotonic()
+        sent = idle_clock()
         reply = self.conn.request("open", {"model_id": self.model_id, "max_length": max_length,
                                            "layers": [self.start, self.stop]}, timeout=self.timeout)
         self.session, self.pins, self.sent_at = reply.fields["session"], (None, None), sent
@@ -191,7 +202,7 @@ class RemoteLayerStage(Stage):
         fields = {"session": self.session, "pos": pos, "wire": self.wire}
         if rewind:
             fields["rewind"] = True
-        sent = time.monotonic()
+        self.asked_at = sent = idle_clock()
         reply = self.conn.request("step", fields, [hidden], self.wire, timeout=self.timeout)
         self.sent_at = sent
         return check_reply(self.conn, reply, hidden)
@@ -244,7 +255,7 @@ class HeadGroupStage(Stage):
     def _open(self, max_length: int) -> None:
         self.max_length = max_length
         self.sessions, self.limits = [], []
-        sent = time.monotonic()
+        sent = idle_clock()
         for conn, _ in self.members:
             reply = conn.request("open", {"model_id": self.model_id, "max_length": max_length,
                                           "layers": [self.start, self.stop]}, timeout=self.timeout)
@@ -256,7 +267,9 @@ class HeadGroupStage(Stage):
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:
         partials: list[torch.Tensor | None] = [None] * len(self.members)
         waiting = list(range(len(self.members)))
+        sent = idle_clock()  # every member's session has had a request since
         for retry in range(BUSY_RETRIES + 1):
+            self.asked_at = idle_clock()
             ids = {k: self.members[k][0].send("step", {"session": self.sessions[k], "pos": pos, "phase": phase,
                                                        "block": block, "wire": self.wire},
                                               [hidden], self.wire, timeout=self.timeout)
@@ -276,6 +289,7 @@ class HeadGroupStage(Stage):
                 break
             waiting = busy
             busy_pause(retry + 1)
+        self.sent_at = sent
         if self.record is not None:  # once every member took it (a refused input is stored nowhere)
             self.record.sent(block, phase, hidden)
             self.record.answered(block, phase, partials)
@@ -296,11 +310,9 @@ class HeadGroupStage(Stage):
         return torch.cat([self._step_piece(hidden[:, i:i + n], pos + i) for i in range(0, hidden.shape[1], n)], dim=1)
 
     def _step_piece(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
-        sent = time.monotonic()  # before the piece's first request to each member
         for block in range(self.start, self.stop):
             hidden = self._fan_out(hidden, pos, "attn", block)
             hidden = self._fan_out(hidden, pos, "mlp", block)
-        self.sent_at = sent
         return hidden
 
     def close(self) -> None:

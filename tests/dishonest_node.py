@@ -7,9 +7,12 @@ head shard it computes right unless given --wrong-heads (its attention partial s
 error on every step), --wrong-heads-prompt (only on steps of more than one position) or
 --wrong-heads-of N (only on steps of exactly N positions). With --reclaim-held it computes right
 but answers `session_closed` to the second request that finds a session holding positions, as
-if it had reclaimed it idle: every other token its client replays the whole history into it."""
+if it had reclaimed it idle: every other token its client replays the whole history into it;
+with --late too it answers that 1.1 s late, and states an idle timeout of 1 ms at `open`."""
 
+import dataclasses
 import sys
+import time
 
 import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
 from nanoswarm.cli import main
@@ -37,15 +40,29 @@ def reclaiming_get(self, session_id, peer=None):
         held[session_id] = held.get(session_id, 0) + 1
         if held[session_id] >= 2:
             self.close(session_id, "expired")
+            time.sleep(late)
             return _get(self, session_id, peer)  # session_closed
     return session
 
 
-_get, held = sessions.SessionStore.get, {}
+def stating_open(self, peer, msg):
+    real = self.limits
+    self.limits = dataclasses.replace(real, idle_timeout=0.001)
+    try:
+        return _open(self, peer, msg)
+    finally:
+        self.limits = real
+
+
+_get, _open, held, late = sessions.SessionStore.get, handler.RequestHandler._open, {}, 0.0
 if "--reclaim-held" in sys.argv:
     sys.argv.remove("--reclaim-held")
     lies = lambda x: False  # noqa: E731
     sessions.SessionStore.get = reclaiming_get
+if "--late" in sys.argv:
+    sys.argv.remove("--late")
+    late = 1.1
+    handler.RequestHandler._open = stating_open
 
 
 def claimed(self, seconds=0.3):

@@ -311,14 +311,18 @@ def test_a_session_reclaimed_while_the_reader_paused_is_reopened_not_banned(
 
 
 
-@pytest.mark.parametrize("relay", [True, False], ids=["relayed", "stage by stage"])
+@pytest.mark.parametrize("relay,late", [(True, False), (False, False), (False, True)],
+                         ids=["relayed", "stage by stage", "answered late"])
 def test_a_node_that_answers_session_closed_right_after_a_step_is_failed_over(small12_model_dir, cluster_factory,
-                                                                             expected_ids, relay):
+                                                                             expected_ids, relay, late):
     """A node that answers `session_closed` to a session it served a moment ago, never twice in
     one step, had its client replay the whole history into it every other token, unstruck (a
     known gap). A reclaim comes only after the idle timeout the node stated at `open`, and never
-    within a second of a request: an earlier one is a fault, failed over like any other."""
-    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6), args=["--dishonest", "--reclaim-held"]),
+    within a second of a request: an earlier one is a fault, failed over like any other. Idle
+    time runs to when the request was sent: a liar that states a tiny idle timeout and answers
+    a second late (a review's) had every token replayed, unstruck, when it ran to the answer."""
+    liar = ["--dishonest", "--reclaim-held", *(["--late"] if late else [])]
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6), args=liar),
                                                 NodeSpec((0, 6)), NodeSpec((6, 12))], cluster=SwarmWithALiar)
     model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
                                options=SwarmOptions(timeout=TIMEOUT, relay=relay))
@@ -339,7 +343,7 @@ def test_a_reclaim_is_taken_only_after_the_idle_timeout_the_node_stated():
     step, and only when the stage sent it nothing for the idle timeout its node stated when it
     opened the session (bad or missing statements count as none), and for at least a second."""
     from nanoswarm.client.failover import RECLAIM_MIN_IDLE, Failover
-    from nanoswarm.client.stages import Stage, stated_idle_timeout
+    from nanoswarm.client.stages import Stage, idle_clock, stated_idle_timeout
     from nanoswarm.client.transport import PeerError
 
     class Reclaimed(Stage):
@@ -347,11 +351,18 @@ def test_a_reclaim_is_taken_only_after_the_idle_timeout_the_node_stated():
 
     closed = PeerError("node", "session_closed", "session 1234 was expired")
     failover, stage = Failover(), Reclaimed()
-    for stated, idle, taken in [(300.0, 5.0, False), (300.0, 301.0, True), (2.0, 2.5, True), (2.0, 1.5, False),
-                                (0.0, RECLAIM_MIN_IDLE - 0.2, False), (0.0, RECLAIM_MIN_IDLE + 0.2, True),
-                                (0.1, 0.5, False)]:
-        stage.idle_timeout, stage.sent_at, reopened = stated, time.monotonic() - idle, set()
-        assert failover._takes_reclaim(stage, closed, reopened) is taken, (stated, idle)
+    # (stated idle timeout, seconds from the last answered request to the one refused, seconds
+    # the refusal took): a late answer counts up to a tenth of the timeout (the request may have
+    # waited in the node's queue while it reclaimed), not more (a liar could take its time).
+    for stated, idle, answer, taken in [
+            (300.0, 5.0, 0.0, False), (300.0, 301.0, 0.0, True), (300.0, 295.0, 6.0, True),
+            (300.0, 200.0, 101.0, False),
+            (2.0, 2.5, 0.0, True), (2.0, 1.5, 0.0, False), (2.0, 0.2, 1.9, False),
+            (0.0, RECLAIM_MIN_IDLE - 0.2, 0.0, False), (0.0, RECLAIM_MIN_IDLE + 0.2, 0.0, True),
+            (0.001, 0.1, 1.1, False), (0.1, 0.5, 0.0, False)]:
+        stage.asked_at = idle_clock() - answer
+        stage.idle_timeout, stage.sent_at, reopened = stated, stage.asked_at - idle, set()
+        assert failover._takes_reclaim(stage, closed, reopened) is taken, (stated, idle, answer)
         assert reopened == ({stage} if taken else set())
         assert failover._takes_reclaim(stage, closed, reopened) is False  # twice in one step: a fault
     for fields, stated in [({"idle_timeout": 300}, 300.0), ({"idle_timeout": 2.5}, 2.5), ({}, 0.0),
