@@ -331,4 +331,6 @@ def run_node(opts: NodeOptions, on_ready: Callable[[dict], None] | None = None) 
         server.serve_forever()
     finally:
         gossip.close()
+    if server.failure is not None:
+        raise RuntimeError(server.failure)
     log.info("node stopped")

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 from nanoswarm.keys.contact import allow_ipv6
 from nanoswarm.protocol.errors import ErrorCode
@@ -29,6 +28,7 @@ from nanoswarm.protocol.messages import encode, error_frames
 from .handler import RequestHandler
 from .relay import Relay, RelayLinks
 from .sessions import NodeLimits
+from .zap import ZapHandler
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ MAX_BATCH = 64
 # milliseconds). A lone session never waits; steps that do not come in bursts cost one gap.
 GATHER_SECONDS = 0.003
 GATHER_GAP_MS = 1  # sleeping in poll, not spinning: a spin takes the core the sender needs
+ZAP_CHECK_SECONDS = 5.0  # how often the node looks whether its ZAP handler still runs
 ACTIVE_SECONDS = 1.0  # a session that stepped this recently is expected to step again
 
 
@@ -98,11 +99,9 @@ class NodeServer:
             # ZAP: every connection's CURVE key is checked here (against --allow-keys, if given)
             # and every message then carries its sender's key as "User-Id", which is how a session
             # knows that a relayed step comes from the hop its owner pinned (handler._admitted).
-            # The callback alone decides (configure_curve_callback turns allow-any off); it is
-            # registered for the exact domain our socket asks ZAP about.
-            self._auth = ThreadAuthenticator(self.ctx)
+            # The handler answers in a thread of its own (node/zap.py); bound before the socket is.
+            self._auth = ZapHandler(self.ctx, _ClientKeys(allow_keys))
             self._auth.start()
-            self._auth.configure_curve_callback(domain="nanoswarm", credentials_provider=_ClientKeys(allow_keys))
             self.socket.zap_domain = b"nanoswarm"
             handler.sender_key = sender_key
             self.socket.curve_secretkey = curve_secret
@@ -126,6 +125,9 @@ class NodeServer:
         self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self._signal_wakeups = False
         self.add_timer(min(5.0, max(0.1, handler.limits.idle_timeout / 4)), handler.expire_idle)
+        self.failure: str | None = None  # why serve_forever stopped, if the node cannot go on
+        if self._auth is not None:
+            self.add_timer(ZAP_CHECK_SECONDS, self._check_zap)
         self.relays = RelayLinks(self.ctx, (curve_public, curve_secret) if curve_secret is not None else None)
         self.relays.on_open = lambda link: self.watch(link, lambda: self._send_all(self.relays.bounced(link)))
         self.relays.on_close = self.unwatch
@@ -250,6 +252,14 @@ class NodeServer:
         except zmq.ZMQError as e:  # peer gone: its loss, not ours
             log.debug("reply to a vanished peer dropped: %s", e)
 
+    def _check_zap(self) -> None:
+        """A node whose ZAP handler ended takes no new connection, ever (each waits for an
+        answer): it stops with the reason rather than serve on, unreachable."""
+        if not self._auth.alive:
+            self.failure = "the ZAP handler thread ended: this node can take no new connection"
+            log.error(self.failure)
+            self._stop.set()
+
     def _run_timers(self) -> None:
         now = time.monotonic()
         for every, fn, due in self._timers:
@@ -294,14 +304,14 @@ def sender_key(frames: list) -> str | None:
 
 
 class _ClientKeys:
-    """ZAP credentials callback: accept exactly the listed CURVE public keys (z85), or any key
+    """Which clients ZAP lets connect: exactly the listed CURVE public keys (z85), or any key
     when there is no list (then ZAP only names each connection's key)."""
 
     def __init__(self, keys: set[bytes] | None):
         self.keys = None if keys is None else set(keys)
 
-    def callback(self, domain: str, key: bytes) -> bool:
-        ok = self.keys is None or key in self.keys  # pyzmq's authenticator hands over the key in z85
+    def __call__(self, key: bytes) -> bool:
+        ok = self.keys is None or key in self.keys
         if not ok:
             log.warning("refused a client key not in --allow-keys")
         return ok

@@ -1,0 +1,119 @@
+"""ZAP (ZeroMQ RFC 27) for a node's CURVE socket: which client keys may connect, and the
+"User-Id" every message of a connection then carries (its sender's CURVE key, z85), which is how
+a session knows that a relayed step comes from the hop its owner pinned (node/handler.py).
+
+libzmq asks the handler bound at inproc://zeromq.zap.01 of the socket's context about every CURVE
+handshake, and the connection waits until it answers. The handler here is the ZeroMQ guide's
+pattern: one thread that makes, uses and closes its own REP socket, blocked in a poll that a pipe
+wakes when the node stops. (pyzmq's ThreadAuthenticator, used before, runs an asyncio loop around
+a socket made in another thread; a node that used it stopped taking connections after ~15 idle
+minutes, and then hung in its stop() on SIGTERM: a review, docs/reliability.md.)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import zmq
+from zmq.utils import z85
+
+log = logging.getLogger(__name__)
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_VERSION = b"1.0"
+
+
+def _reply(request_id: bytes, status: bytes, text: bytes, user_id: bytes = b"") -> list[bytes]:
+    return [ZAP_VERSION, request_id, status, text, user_id, b""]
+
+
+class ZapHandler:
+    """Answers the ZAP requests of a context's CURVE sockets in a thread of its own: a client
+    whose key `allowed(z85 key)` accepts connects, with that key as its messages' User-Id."""
+
+    def __init__(self, ctx: zmq.Context, allowed: Callable[[bytes], bool]):
+        self.ctx, self.allowed = ctx, allowed
+        self._pipe_endpoint = f"inproc://nanoswarm-zap-{id(self)}"
+        self._pipe: zmq.Socket | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._failed: Exception | None = None
+
+    def start(self) -> None:
+        """Bind the handler (before any CURVE socket of the context takes connections)."""
+        self._pipe = self.ctx.socket(zmq.PAIR)
+        self._pipe.linger = 0
+        self._pipe.bind(self._pipe_endpoint)
+        self._thread = threading.Thread(target=self._run, name="zap", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._failed is not None:
+            self.stop()
+            raise RuntimeError(f"ZAP handler: {self._failed}")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """End the thread; never blocks past `timeout` (a thread that ended already does not read
+        the pipe)."""
+        if self._pipe is None:
+            return
+        try:
+            self._pipe.send(b"stop", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._pipe.close()
+        self._pipe = None
+
+    def _run(self) -> None:
+        zap = self.ctx.socket(zmq.REP)
+        pipe = self.ctx.socket(zmq.PAIR)
+        zap.linger = pipe.linger = 0
+        try:
+            zap.bind(ZAP_ENDPOINT)
+            pipe.connect(self._pipe_endpoint)
+        except zmq.ZMQError as e:  # another handler holds the endpoint in this context
+            self._failed = e
+            zap.close()
+            pipe.close()
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(zap, zmq.POLLIN)
+        poller.register(pipe, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll())
+                if pipe in events:
+                    return
+                if zap in events:
+                    zap.send_multipart(self.answer(zap.recv_multipart()))
+        except zmq.ContextTerminated:
+            return
+        finally:
+            zap.close()
+            pipe.close()
+
+    def answer(self, request: list[bytes]) -> list[bytes]:
+        """RFC 27: [version, request id, domain, address, routing id, mechanism, credentials...]
+        -> [version, request id, status code, status text, user id, metadata]. Every request gets
+        an answer (a REP socket that skips one answers no later request)."""
+        request_id = request[1] if len(request) > 1 else b""
+        if len(request) != 7 or request[0] != ZAP_VERSION or request[5] != b"CURVE" or len(request[6]) != 32:
+            return _reply(request_id, b"400", b"not a CURVE request")
+        key = z85.encode(request[6])
+        try:
+            allowed = self.allowed(key)
+        except Exception:  # a bug in the check must not end the thread: every later handshake would wait
+            log.exception("checking a client key failed")
+            return _reply(request_id, b"500", b"internal error")
+        if not allowed:
+            return _reply(request_id, b"400", b"Unknown key")
+        return _reply(request_id, b"200", b"OK", key)

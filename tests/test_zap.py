@@ -1,0 +1,147 @@
+"""The node's ZAP handler (node/zap.py): which CURVE clients connect, the key their messages
+carry, answers to malformed requests, a stop that never blocks, and a node that stops with the
+reason when its handler has ended (a review's node stopped taking connections, then hung on
+SIGTERM, with pyzmq's ThreadAuthenticator). Real CURVE sockets in this process."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import zmq
+
+from nanoswarm.node import server as server_module
+from nanoswarm.node.zap import ZapHandler
+from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.weights import load_blocks
+
+ALLOWED_PUBLIC, ALLOWED_SECRET = zmq.curve_keypair()
+REFUSED_PUBLIC, REFUSED_SECRET = zmq.curve_keypair()
+
+
+def curve_server(ctx: zmq.Context) -> tuple[zmq.Socket, str, bytes]:
+    public, secret = zmq.curve_keypair()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.zap_domain, sock.curve_secretkey, sock.curve_publickey, sock.curve_server = b"nanoswarm", secret, public, True
+    sock.linger = 0
+    sock.bind("tcp://127.0.0.1:*")
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT), public
+
+
+def say_hello(ctx: zmq.Context, endpoint: str, server_key: bytes, public: bytes, secret: bytes) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
+    sock.linger = 0
+    sock.connect(endpoint)
+    sock.send(b"hello")
+    return sock
+
+
+def test_only_allowed_keys_connect_and_their_messages_carry_their_key():
+    ctx = zmq.Context()
+    zap = ZapHandler(ctx, lambda key: key == ALLOWED_PUBLIC)
+    zap.start()
+    server, endpoint, server_key = curve_server(ctx)
+    clients = zmq.Context()
+    try:
+        refused = say_hello(clients, endpoint, server_key, REFUSED_PUBLIC, REFUSED_SECRET)
+        for _ in range(50):  # many handshakes in a row, each answered
+            allowed = say_hello(clients, endpoint, server_key, ALLOWED_PUBLIC, ALLOWED_SECRET)
+            assert server.poll(5000), "an allowed client's message did not arrive"
+            frames = server.recv_multipart(copy=False)
+            assert frames[1].bytes == b"hello" and frames[1].get("User-Id") == ALLOWED_PUBLIC.decode()
+            allowed.close()
+        assert not server.poll(300)  # the refused client's hello never came
+        refused.close()
+        assert zap.alive
+    finally:
+        server.close()
+        zap.stop()
+        clients.term()
+        ctx.term()
+    assert not zap.alive
+
+
+def test_every_request_gets_an_answer_with_its_id():
+    key = bytes(range(32))
+    checked: list[bytes] = []
+
+    def allowed(z85_key: bytes) -> bool:
+        checked.append(z85_key)
+        if len(checked) == 3:
+            raise ValueError("a bug in the check")
+        return len(checked) == 1
+
+    zap = ZapHandler(zmq.Context.instance(), allowed)
+    ok = [b"1.0", b"7", b"nanoswarm", b"127.0.0.1", b"", b"CURVE", key]
+    assert zap.answer(ok) == [b"1.0", b"7", b"200", b"OK", zmq.utils.z85.encode(key), b""]
+    assert zap.answer(ok)[2:4] == [b"400", b"Unknown key"]
+    assert zap.answer(ok)[2] == b"500"  # the check raised: answered, not lost
+    for bad in ([b"1.0", b"8", b"d", b"a", b"", b"PLAIN", b"user", b"password"], [b"2.0", *ok[1:]],
+                [*ok[:6], key[:31]], [*ok, b"more"], [b"1.0", b"9"]):
+        reply = zap.answer(bad)
+        assert reply[1] == bad[1] and reply[2] == b"400" and reply[4] == b""
+    assert zap.answer([b"1.0"])[1:3] == [b"", b"400"]
+    assert len(checked) == 3  # malformed requests never reach the check
+
+
+def test_stop_returns_when_the_thread_has_ended_on_its_own():
+    """pyzmq's authenticator stopped by a blocking send on its pipe: with the thread gone, SIGTERM
+    left the node hanging there."""
+    ctx = zmq.Context()
+    zap = ZapHandler(ctx, lambda key: True)
+    zap.start()
+    zap._pipe.send(b"stop")  # the thread ends, behind stop()'s back
+    deadline = time.monotonic() + 5
+    while zap.alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not zap.alive
+    t0 = time.monotonic()
+    zap.stop()
+    zap.stop()  # twice: nothing left to do
+    assert time.monotonic() - t0 < 1.0
+    ctx.term()
+
+
+def test_a_node_whose_zap_handler_ended_stops_with_the_reason(tiny_model_dir, monkeypatch):
+    from nanoswarm.node.handler import RequestHandler
+    from nanoswarm.node.sessions import NodeLimits
+
+    monkeypatch.setattr(server_module, "ZAP_CHECK_SECONDS", 0.1)
+    handler = RequestHandler(load_blocks(tiny_model_dir, 0, 4), read_manifest(tiny_model_dir).model_id, "a",
+                             NodeLimits())
+    public, secret = zmq.curve_keypair()
+    node = server_module.NodeServer(handler, "tcp://127.0.0.1:*", curve_secret=secret, curve_public=public)
+    serving = threading.Thread(target=node.serve_forever, daemon=True)
+    serving.start()
+    try:
+        time.sleep(0.3)
+        assert serving.is_alive() and node.failure is None  # a live handler: nothing to report
+        node._auth.stop()  # as if its thread had ended
+        serving.join(5)
+        assert not serving.is_alive()
+        assert node.failure is not None and "ZAP" in node.failure
+    finally:
+        node.stop()
+        serving.join(5)
+
+
+@pytest.mark.parametrize("taken", [True, False])
+def test_a_second_handler_in_one_context_fails_to_start(taken):
+    ctx = zmq.Context()
+    first = ZapHandler(ctx, lambda key: True)
+    if taken:
+        first.start()
+    second = ZapHandler(ctx, lambda key: True)
+    try:
+        if taken:
+            with pytest.raises(RuntimeError, match="ZAP handler"):
+                second.start()
+        else:
+            second.start()
+            assert second.alive
+    finally:
+        first.stop()
+        second.stop()
+        ctx.term()
