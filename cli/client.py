@@ -66,21 +66,27 @@ def run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: b
     notices = lambda line: click.echo(line, err=True)  # noqa: E731
     stream = model.stream(prompt, max_new_tokens, sampling, result, on_failover=notices)
     if as_json:
-        for _ in stream:
-            pass
-        click.echo(json.dumps(result.to_json()))
+        try:
+            for _ in stream:
+                pass
+        finally:  # stopped (Ctrl-C, SIGTERM) or failed too: what came so far, with stop_reason ""
+            click.echo(json.dumps(result.to_json()))
     else:
         first = True
-        for piece in stream:
-            if first:
-                click.echo(_route_line(result.route), err=True)
+        try:
+            for piece in stream:
+                if first:
+                    click.echo(_route_line(result.route), err=True)
+                    click.echo(prompt, nl=False)
+                    first = False
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+            if first:  # no new text (--max-new-tokens 0): the output is still prompt + new text
                 click.echo(prompt, nl=False)
                 first = False
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
-        if first:  # no new text (--max-new-tokens 0): the output is still prompt + new text
-            click.echo(prompt, nl=False)
-        click.echo()
+        finally:  # the text's line ends, however the generation did
+            if not first:
+                click.echo()
         s = result.stats
         checks = (f", {result.spot_checks} spot checks, {result.wrong_results} found wrong"
                   if result.spot_checks else "")

@@ -111,7 +111,19 @@ def test_signals_end_commands_as_ctrl_c_does(tiny_model_dir, tmp_path):
         assert probe.request("info").fields["sessions"] == 1
         gen.send_signal(signal.SIGHUP)
         assert gen.wait(30) == 128 + signal.SIGHUP
+        assert gen.stdout.read().endswith("\n")  # the text's line ends
         assert probe.request("info").fields["sessions"] == 0  # closed on the way out, not in 300 s
+        # --json prints what came so far, with an empty stop_reason (it printed nothing)
+        gen = subprocess.Popen([*CLI, "generate", "To be", "--model", str(tiny_model_dir), "--peers", contact,
+                                "--max-new-tokens", "100000", "--temperature", "0", "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + 30
+        while probe.request("info").fields["stats"]["tokens"] < 50 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        gen.send_signal(signal.SIGTERM)
+        assert gen.wait(30) == 128 + signal.SIGTERM
+        partial = json.loads(gen.stdout.read())
+        assert partial["stop_reason"] == "" and partial["ids"] and partial["text"]
     finally:
         probe.close()
         children = children_of(proc.pid)  # the node launcher among them (node/launcher.py)
