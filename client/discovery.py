@@ -18,7 +18,7 @@ from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import Record, check_endpoint, record_contact
 from nanoswarm.keys.table import STALE_SEQ, RecordTable
 
-from .transport import PeerConnection, PeerError
+from .transport import PeerConnection, PeerError, why_dropped
 
 if TYPE_CHECKING:
     from .swarm import Swarm
@@ -109,9 +109,7 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
         except (PeerError, ValueError) as e:
             fetched.errors[contact] = str(e) if isinstance(e, PeerError) else f"{contact}: bad_contact: {e}"
             if isinstance(e, PeerError) and e.code == "disconnected":  # the node dropped our handshake
-                fetched.errors[contact] += (" (the contact has no #KEY: give the whole contact the node printed)"
-                                            if split_contact(contact)[1] is None else
-                                            " (a private swarm that does not allow this client's key? --key-file)")
+                fetched.errors[contact] += why_dropped(contact)
             log.info("bootstrap %s", fetched.errors[contact])  # a PeerError names the contact
             continue
         fetched.answered.append(contact)
@@ -153,7 +151,8 @@ def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0)
     for contact in fetched.answered:
         if not claims:  # the likely mistake: bootstraps of another model's swarm (or --model of another one)
             swarm.rejected.setdefault(contact, f"{NO_PEER_OF_MODEL} {swarm.model_id[:12]} "
-                                      "(`nanoswarm peers --bootstrap` lists what it knows)")
+                                      "(`nanoswarm peers --bootstrap` lists what it knows; the same "
+                                      "checkpoint sharded with other options has another model id)")
         elif swarm.rejected.get(contact, "").startswith(NO_PEER_OF_MODEL):  # a refresh found some
             del swarm.rejected[contact]
     for contact in [c for c, records in claims.items() if records[0].insecure and not swarm.options.insecure]:

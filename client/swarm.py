@@ -18,7 +18,7 @@ from nanoswarm.protocol.messages import finite_float, parse_range
 
 from .route import PeerInfo, RouteError, StagePlan, build_route
 from .stages import HeadGroupStage, RemoteLayerStage, Stage
-from .transport import PeerConnection, PeerError
+from .transport import PeerConnection, PeerError, why_dropped
 from .verify import FanOutRecord, SpotChecker
 
 log = logging.getLogger(__name__)
@@ -82,17 +82,22 @@ class Swarm:
                 reply = conn.request("info", timeout=timeout)
                 rtt = time.perf_counter() - t0
             except PeerError as e:
-                self.rejected[address] = f"{e.code}: {e.message}"
+                self.rejected[address] = f"{e.code}: {e.message}" + (why_dropped(address) if e.code == "disconnected"
+                                                                     else "")
                 log.info("peer %s", e)  # the error names the address; warn_rejected tells the user
                 continue
             self.add_info(address, reply.fields, rtt, curve_key=split_contact(address)[1])
 
     def warn_rejected(self) -> None:
-        """Log, as warnings, the peers that were not taken while others were. With none taken,
-        the error that no route exists says why for each, so they are not also logged above INFO."""
-        if self.peers:
-            for address, why in self.rejected.items():
-                log.warning("peer %s: %s", address, why)
+        """Log, as warnings, the peers that were not taken while the others cover every block.
+        Otherwise the error that no route exists says why for each, so they are not also logged
+        above INFO."""
+        try:
+            build_route(self.available(), self.n_layer, self.n_head)
+        except RouteError:
+            return
+        for address, why in self.rejected.items():
+            log.warning("peer %s: %s", address, why)
 
     def add_info(self, address: str, info: dict, rtt: float = 0.0, curve_key: bytes | None = None) -> None:
         if info.get("model_id") != self.model_id:

@@ -55,6 +55,14 @@ class PeerError(Exception):
         self.address, self.code, self.message = address, code, message
 
 
+def why_dropped(contact: str) -> str:
+    """What a node that closed the connection during our handshake (`disconnected` before any
+    answer) most likely meant, for the user's error line."""
+    if split_contact(contact)[1] is None:
+        return " (the contact has no #KEY: give the whole contact the node printed)"
+    return " (a private swarm that does not allow this client's key? --key-file)"
+
+
 class PeerTimeout(PeerError):
     def __init__(self, address: str, seconds: float, what: str = "no answer"):
         super().__init__(address, "timeout", f"{what} within {seconds:.1f}s")

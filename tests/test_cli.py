@@ -393,6 +393,20 @@ def test_generate_says_why_the_peers_it_was_given_were_not_used(tiny_model_dir):
         assert "must be a positive, finite number of seconds" in one_error_line(out)
 
 
+
+def test_a_route_that_fails_for_a_peer_it_could_not_use_says_so_once(tiny_model_dir, cluster_factory):
+    """A peer left out while the others do not cover every block is named in the error line only:
+    it was also logged as a warning before, two lines saying the same (a walkthrough review)."""
+    from nanoswarm.keys.contact import endpoint_of
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    keyless = endpoint_of(swarm.addresses[0])
+    out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--timeout", "5",
+                  "--peers", f"{keyless},{swarm.addresses[1]}", timeout=60)
+    line = one_error_line(out)
+    assert line.startswith("error: no peer serves layers 0:2") and f"{keyless}: insecure: no CURVE key" in line
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
 @pytest.mark.slow
 def test_node_refuses_addresses_no_peer_could_use(tiny_model_dir, tmp_path):
     """Checked before anything loads: the listen address is advertised in the node's record, and a

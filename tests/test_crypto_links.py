@@ -130,6 +130,10 @@ def test_allow_keys_admits_listed_clients_only(tiny_model_dir, tmp_path):
                     conn.request("info")
             finally:
                 conn.close()
+        # generate says why, as `peers` does (a walkthrough found only "connection closed by the peer")
+        gen = subprocess.run([*CLI, "generate", "x", "--model", str(tiny_model_dir), "--peers", contact,
+                              "--timeout", "5"], capture_output=True, text=True, timeout=120)
+        assert gen.returncode == 1 and "a private swarm that does not allow this client's key" in gen.stderr
     finally:
         harness.stop()
 
