@@ -66,7 +66,7 @@ def cluster(model_dir: Path, nodes: int, threads: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
 def demo(prompt: str, model_dir: Path | None, nodes: int, max_new_tokens: int, temperature: float,
          top_k: int, seed: int | None, as_json: bool) -> None:
-    """Start a local swarm of NODES nodes on the demo model and generate from PROMPT."""
+    """Start a local swarm of NODES nodes on the demo model and generate from PROMPT (default "ROMEO:")."""
     from nanoswarm.client.api import SwarmModel
     from nanoswarm.client.generate import SamplingParams
     from nanoswarm.keys.contact import endpoint_of
