@@ -69,8 +69,9 @@ def run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: b
         try:
             for _ in stream:
                 pass
-        finally:  # stopped (Ctrl-C, SIGTERM) or failed too: what came so far, with stop_reason ""
-            click.echo(json.dumps(result.to_json()))
+        finally:  # stopped (Ctrl-C, SIGTERM) or failed midway too: what came so far, stop_reason ""
+            if result.route or result.stop_reason:  # a generation began (not a bad prompt, no route)
+                click.echo(json.dumps(result.to_json()))
     else:
         first = True
         try:

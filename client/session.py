@@ -110,6 +110,8 @@ class InferenceSession(Failover):
 
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Positions pos..pos+T-1 through every stage; returns the last stage's output."""
+        if self.swarm is not None:
+            self.swarm.drain_events()
         T = hidden.shape[1]
         if self.pos + T > self.max_length:
             raise SessionError(f"session is full: {self.pos + T} positions > max_length {self.max_length}")

@@ -38,6 +38,7 @@ class Ban:
 
 
 REFRESH_SECONDS = 2.0  # the least time between two refreshes of the peer table (Swarm.refresh)
+DRAIN_SECONDS = 5.0  # the most time between two reads of every connection's events (Swarm.drain_events)
 REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answers
 
 
@@ -70,6 +71,7 @@ class Swarm:
     rejected: dict[str, str] = field(default_factory=dict)       # address -> why it was not used
     bootstraps: list[str] = field(default_factory=list)          # asked again when no route is found
     _refreshed: float = -REFRESH_SECONDS
+    _drained: float = -DRAIN_SECONDS
     checker: SpotChecker | None = None  # set by SwarmModel.connect when options.verify > 0
 
     # ----- discovery ----------------------------------------------------------------------
@@ -175,6 +177,18 @@ class Swarm:
             self._conns[address] = conn
         return conn
 
+    def drain_events(self) -> None:
+        """Read every connection's monitor events (PeerConnection.drain_events), at most every
+        DRAIN_SECONDS (each session step asks): a connection to a peer that is on no route is read
+        by nothing else, and a dead peer's unread reconnect events would end up blocking ZeroMQ's
+        I/O thread, and with it every link of this client."""
+        now = time.monotonic()
+        if now - self._drained < DRAIN_SECONDS:
+            return
+        self._drained = now
+        for conn in list(self._conns.values()):
+            conn.drain_events()
+
     def refresh(self) -> bool:
         """Ask again who serves what: peers join after we connected, and move to other blocks
         (node/placement.py). From the bootstraps' tables when we came through one, else from
@@ -216,6 +230,7 @@ class Swarm:
              refused: dict[str, str] | None = None) -> list[StagePlan]:
         """The cheapest route over blocks [start, stop) for a session of `max_length` positions,
         leaving out the peers that `refused` it (address -> why) as well as banned ones."""
+        self.drain_events()
         try:
             return self._plan(start, stop, max_length, refused or {})
         except RouteError:

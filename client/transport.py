@@ -22,6 +22,12 @@ DEFAULT_TIMEOUT = 30.0
 # The largest frame a peer may send us; libzmq drops the connection on a bigger one, before it is
 # buffered. Twice a node's default message limit (64 MiB), as nodes set for what they receive.
 MAX_FRAME_BYTES = 128 * 1024 * 1024
+# A connection to an address where nothing listens is retried, and every retry is an event on its
+# monitor. Events wait in the monitor's queue until read; when it is full (1,000), libzmq's I/O
+# thread blocks on it, and every socket of the context stalls: a node with a gossip link to a
+# departed peer stopped answering anyone after a few minutes (docs/reliability.md). Retries back
+# off to this interval, and whoever holds idle connections reads their events (drain_events).
+RECONNECT_MAX_MS = 10_000
 
 
 @functools.cache
@@ -93,7 +99,9 @@ class PeerConnection:
         # listens (a record of a peer that died or moved): its connect is refused and retried.
         self.monitor = self.socket.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         self._connected = False  # once: a later refusal is a drop, reported as one
+        self._dropped: tuple[str, str] | None = None  # what the monitor said, until take() reports it
         self._poller = zmq.Poller()
         self.register(self._poller)
         allow_ipv6(self.socket, endpoint)
@@ -156,7 +164,8 @@ class PeerConnection:
     def take(self, req_id: int) -> Message | None:
         """The reply to `req_id` if it has come (an error reply raises PeerError), without waiting;
         other messages read meanwhile are notices or late replies, and are dropped. A drop of the
-        connection raises PeerError("disconnected") once (the socket reconnects by itself)."""
+        connection raises PeerError("disconnected") once (the socket reconnects by itself), after
+        the replies that came before it."""
         self._check_open()
         while True:
             if self.socket.get(zmq.EVENTS) & zmq.POLLIN:
@@ -165,17 +174,35 @@ class PeerConnection:
                     if msg.type == "error":
                         raise PeerError(self.address, msg.fields["code"], msg.fields["message"])
                     return msg
-            elif self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
-                event = parse_monitor_message(self.monitor.recv_multipart())["event"]
-                if event == zmq.EVENT_CONNECTED:
-                    self._connected = True
-                elif event == zmq.EVENT_CONNECT_RETRIED:
-                    if not self._connected:  # never reached: nothing listens there
-                        raise PeerError(self.address, "unreachable", "connection refused: nothing listens there")
-                elif not self.socket.get(zmq.EVENTS) & zmq.POLLIN:  # replies that came first still count
-                    raise PeerError(self.address, "disconnected", "connection closed by the peer")
+                continue
+            self.drain_events()
+            if self.socket.get(zmq.EVENTS) & zmq.POLLIN:  # replies that came first still count
+                continue
+            if self._dropped is not None:
+                (code, message), self._dropped = self._dropped, None
+                raise PeerError(self.address, code, message)
+            return None
+
+    def drain_events(self) -> None:
+        """Read the monitor's events, keeping a drop for take() to report. Holders of connections
+        that may sit unused call this now and then: unread events fill the monitor's queue, and
+        then libzmq's I/O thread blocks (RECONNECT_MAX_MS)."""
+        if self.socket.closed:
+            return
+        while self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
+            event = parse_monitor_message(self.monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self._connected = True
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                if not self._connected and self._dropped is None:  # never reached: nothing listens there
+                    self._dropped = ("unreachable", "connection refused: nothing listens there")
             else:
-                return None
+                self._dropped = ("disconnected", "connection closed by the peer")
+
+    @property
+    def dropped(self) -> bool:
+        """Whether the monitor said the connection dropped (or never came up), not yet reported."""
+        return self._dropped is not None
 
     def _check_open(self) -> None:
         """A connection closed here (its peer was banned, by another session of the same swarm

@@ -8,9 +8,10 @@ learn from one exchange, so a record reaches all N nodes in about log(N) rounds.
 
 Everything here runs on the server thread (server timers), so the DEALER sockets are never
 shared between threads.  Requests are sent without blocking and replies are read when the server
-loop sees them arrive (each link's socket is watched): a dead peer never stalls serving; after
-`peer_timeout` without an answer its link is dropped and its record forgotten locally (a newer
-record from it brings it back).
+loop sees them arrive (each link's socket is watched, and its connection's events): a dead peer
+never stalls serving; after `peer_timeout` without an answer, or a link that drops while a request
+waits, its link is closed and its record forgotten locally (a newer record from it brings it
+back). A link that drops with nothing waiting is closed only: the next round to it links again.
 
 Links are keyed by contact (endpoint and CURVE key), not by endpoint: a record that claims another
 node's endpoint with a key of its own gets a link of its own, whose failure forgets only that
@@ -114,7 +115,7 @@ class Gossip:
     def attach(self, server: NodeServer) -> None:
         self._server = server
         for link in self._links.values():
-            server.watch(link.conn.socket, self.drain)
+            self._watch(link)
         server.add_timer(self.options.interval, self.round)
         server.add_timer(self.options.ttl / 3, self.refresh)
         server.on_leave.append(self.depart)
@@ -286,8 +287,7 @@ class Gossip:
             log.warning("cannot gossip with %s: %s", contact[:120], e)
             return None
         link = self._links[contact] = _Link(conn)
-        if self._server is not None:
-            self._server.watch(conn.socket, self.drain)
+        self._watch(link)
         while len(self._links) > MAX_LINKS:
             self._close_link(*next(iter(self._links.items())))
         return link
@@ -307,6 +307,19 @@ class Gossip:
             return
         if want or self.departed:
             link.pending[req_id] = time.monotonic()
+
+    def _watch(self, link: _Link) -> None:
+        """The server loop reads a link's replies and its monitor's events as they come: a link
+        to a departed peer retries its connection, and unread retry events end up blocking ZeroMQ's
+        I/O thread, and with it the whole node (client/transport.py RECONNECT_MAX_MS)."""
+        if self._server is not None:
+            self._server.watch(link.conn.socket, self.drain)
+            self._server.watch(link.conn.monitor, self.drain)
+
+    def _unwatch(self, link: _Link) -> None:
+        if self._server is not None:
+            self._server.unwatch(link.conn.socket)
+            self._server.unwatch(link.conn.monitor)
 
     def drain(self) -> int:
         """Read the replies that have arrived, at most MAX_READS a link (the server loop comes back
@@ -331,13 +344,15 @@ class Gossip:
                     self.offer_all(msg.fields["records"])
                 elif msg.type == "error":
                     log.debug("gossip to %s refused: %s", contact, msg.fields.get("message"))
-            if link.pending and now - min(link.pending.values()) > self.options.peer_timeout:
+            link.conn.drain_events()
+            if link.conn.dropped and not link.pending:  # gone, or never there: a later round links again
+                self._close_link(contact, link)
+            elif link.pending and (link.conn.dropped or now - min(link.pending.values()) > self.options.peer_timeout):
                 self._drop(contact, link)
         return got
 
     def _close_link(self, contact: str, link: _Link) -> None:
-        if self._server is not None:
-            self._server.unwatch(link.conn.socket)
+        self._unwatch(link)
         link.conn.close()
         del self._links[contact]
 
@@ -358,7 +373,6 @@ class Gossip:
 
     def close(self) -> None:
         for link in self._links.values():
-            if self._server is not None:
-                self._server.unwatch(link.conn.socket)
+            self._unwatch(link)
             link.conn.close()
         self._links.clear()

@@ -76,6 +76,15 @@ class NodeServer:
                  allow_keys: set[bytes] | None = None, leave_grace: float = 1.0):
         self.handler = handler
         self.ctx = zmq.Context.instance()
+        self._auth = None
+        if curve_secret is not None:
+            # ZAP: every connection's CURVE key is checked (against --allow-keys, if given) by a
+            # handler of our own, in a thread of its own (node/zap.py), bound before our socket
+            # exists; every message then carries its sender's key as "User-Id", which is how a
+            # session knows that a relayed step comes from the hop its owner pinned
+            # (handler._admitted).
+            self._auth = ZapHandler(self.ctx, _ClientKeys(allow_keys))
+            self._auth.start()
         seed_routing_ids()  # before the ROUTER draws its first id
         self.socket = self.ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 500)
@@ -94,14 +103,7 @@ class NodeServer:
         # A node takes max_inflight_per_peer requests of a peer at a time anyway, and a relay
         # link carries at most a step per session the node holds.
         self.socket.setsockopt(zmq.RCVHWM, max(reply_queue_limit(handler.limits), handler.limits.max_sessions))
-        self._auth = None
         if curve_secret is not None:
-            # ZAP: every connection's CURVE key is checked here (against --allow-keys, if given)
-            # and every message then carries its sender's key as "User-Id", which is how a session
-            # knows that a relayed step comes from the hop its owner pinned (handler._admitted).
-            # The handler answers in a thread of its own (node/zap.py); bound before the socket is.
-            self._auth = ZapHandler(self.ctx, _ClientKeys(allow_keys))
-            self._auth.start()
             self.socket.zap_domain = b"nanoswarm"
             handler.sender_key = sender_key
             self.socket.curve_secretkey = curve_secret
@@ -254,11 +256,12 @@ class NodeServer:
 
     def _check_zap(self) -> None:
         """A node whose ZAP handler ended takes no new connection, ever (each waits for an
-        answer): it stops with the reason rather than serve on, unreachable."""
-        if not self._auth.alive:
-            self.failure = "the ZAP handler thread ended: this node can take no new connection"
-            log.error(self.failure)
-            self._stop.set()
+        answer): it leaves (telling its clients and peers) and stops with the reason, rather than
+        serve on unreachable."""
+        if not self._auth.alive and self.failure is None:
+            self.failure = (f"the ZAP handler thread ended ({self._auth.why_ended}): this node can take no "
+                            "new connection")
+            self.leave()  # its clients and peers are told, as on SIGTERM
 
     def _run_timers(self) -> None:
         now = time.monotonic()

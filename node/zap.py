@@ -12,6 +12,7 @@ minutes, and then hung in its stop() on SIGTERM: a review, docs/reliability.md.)
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_VERSION = b"1.0"
+_pipes = itertools.count()  # each handler's stop pipe gets a name of its own
 
 
 def _reply(request_id: bytes, status: bytes, text: bytes, user_id: bytes = b"") -> list[bytes]:
@@ -35,17 +37,22 @@ class ZapHandler:
 
     def __init__(self, ctx: zmq.Context, allowed: Callable[[bytes], bool]):
         self.ctx, self.allowed = ctx, allowed
-        self._pipe_endpoint = f"inproc://nanoswarm-zap-{id(self)}"
+        self._pipe_endpoint = f"inproc://nanoswarm-zap-{next(_pipes)}"
         self._pipe: zmq.Socket | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self._failed: Exception | None = None
+        self._failed: BaseException | None = None
 
     def start(self) -> None:
         """Bind the handler (before any CURVE socket of the context takes connections)."""
         self._pipe = self.ctx.socket(zmq.PAIR)
         self._pipe.linger = 0
-        self._pipe.bind(self._pipe_endpoint)
+        try:
+            self._pipe.bind(self._pipe_endpoint)
+        except zmq.ZMQError as e:
+            self._pipe.close()
+            self._pipe = None
+            raise RuntimeError(f"ZAP handler: {e}") from None
         self._thread = threading.Thread(target=self._run, name="zap", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -56,6 +63,10 @@ class ZapHandler:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def why_ended(self) -> str:
+        return "stopped" if self._failed is None else f"{type(self._failed).__name__}: {self._failed}"
 
     def stop(self, timeout: float = 2.0) -> None:
         """End the thread; never blocks past `timeout` (a thread that ended already does not read
@@ -97,7 +108,14 @@ class ZapHandler:
                     zap.send_multipart(self.answer(zap.recv_multipart()))
         except zmq.ContextTerminated:
             return
+        except BaseException as e:  # the node sees the thread gone (NodeServer._check_zap) and says why
+            self._failed = e
+            log.exception("the ZAP handler failed")
         finally:
+            try:  # an inproc endpoint goes with its socket only when libzmq reaps it: now, for a next handler
+                zap.unbind(ZAP_ENDPOINT)
+            except zmq.ZMQError:
+                pass
             zap.close()
             pipe.close()
 

@@ -406,6 +406,10 @@ def test_a_route_that_fails_for_a_peer_it_could_not_use_says_so_once(tiny_model_
     line = one_error_line(out)
     assert line.startswith("error: no peer serves layers 0:2") and f"{keyless}: insecure: no CURVE key" in line
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    # --json prints a generation's partial result only once it began: not for a bad prompt
+    out = run_cli("generate", "x " * 200, "--model", str(tiny_model_dir), "--json",
+                  "--peers", ",".join(swarm.addresses), timeout=60)
+    assert "tokens; the model's context is" in one_error_line(out) and out.stdout == ""
 
 @pytest.mark.slow
 def test_node_refuses_addresses_no_peer_could_use(tiny_model_dir, tmp_path):

@@ -156,6 +156,40 @@ def test_departure_removes_a_stopped_node_everywhere(swarm, tiny_model_dir):
     assert request(contacts[0], "info").fields["gossip"]["departed"] > departed0
 
 
+
+def test_a_node_closes_its_gossip_link_to_a_peer_that_left(tiny_model_dir, cluster_factory):
+    """A gossip link to a departed peer retried its connection for as long as the node ran, each
+    retry an event on the link's monitor that nothing read; when the monitor's queue was full
+    (1,000 events), ZeroMQ's I/O thread blocked on it and the node answered no one again (a
+    walkthrough's node, minutes after two peers had left; reproduced in a soak). The node now
+    reads its links' events as they come and closes a link whose peer went."""
+    import socket
+
+    from nanoswarm.keys.contact import endpoint_of
+
+    contact = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))], args=FAST).addresses[0]
+    extra = LocalCluster(tiny_model_dir, [NodeSpec((0, 2))], args=FAST + ["--bootstrap", contact], bootstrap=False)
+    try:
+        extra.start()
+        leaver = request(extra.addresses[0], "info").fields["peer_id"]
+        wait_for(lambda: leaver in table_of(contact), 15, "the new node in the first one's table")
+        time.sleep(1.0)  # the first node's gossip rounds (0.3 s) link to it
+        port = int(endpoint_of(extra.addresses[0]).rsplit(":", 1)[1])
+    finally:
+        extra.stop()
+    # Whatever still links to the departed node's port connects to it again: listen there, count.
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        listener.settimeout(0.2)
+        accepted, deadline = 0, time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            try:
+                listener.accept()[0].close()
+                accepted += 1
+            except TimeoutError:
+                pass
+    assert accepted == 0
+    assert request(contact, "info").fields["peer_id"]  # it serves on
+
 def test_peers_and_generate_commands_with_one_bootstrap(swarm, tiny_model_dir):
     contact = swarm[0].address
     cli = [sys.executable, "-m", "nanoswarm"]

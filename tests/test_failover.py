@@ -669,6 +669,9 @@ def test_peers_that_reclaim_and_refuse_in_turn_are_struck_after_one_free_move():
         def ban(self, address, why):
             self.bans[address] = SimpleNamespace(until=float("inf"), strikes=1)
 
+        def drain_events(self):
+            pass
+
         def plan(self, start=0, stop=None, max_length=None, refused=None):
             plans.append(1)
             assert len(plans) < 20, "the stage went back and forth without end"
@@ -688,6 +691,38 @@ def test_peers_that_reclaim_and_refuse_in_turn_are_struck_after_one_free_move():
         session.step(torch.zeros(1, 1, 4))
     assert swarm.bans and len(plans) < 20
 
+
+
+def test_a_client_reads_the_events_of_connections_it_does_not_use(tiny_model_dir, cluster_factory):
+    """A connection to a peer on no route is read by nothing else: a dead peer's reconnect events
+    filled its monitor's queue, and then ZeroMQ's I/O thread blocked on it, and every link of the
+    client with it (a node froze so: tests/test_discovery.py). Session steps read every
+    connection's events (at most every DRAIN_SECONDS), a connection keeps a drop so read for its
+    next request, and retries back off."""
+    import socket
+
+    import zmq
+
+    from nanoswarm.client.transport import RECONNECT_MAX_MS, PeerError
+
+    live = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}#{live.partition('#')[2]}"
+    model = SwarmModel.connect(tiny_model_dir, peers=[live], options=SwarmOptions(timeout=20.0))
+    try:
+        idle = model.swarm.connection(dead)  # on no route: nothing asks it anything
+        assert idle.socket.getsockopt(zmq.RECONNECT_IVL_MAX) == RECONNECT_MAX_MS
+        time.sleep(0.5)
+        assert idle.monitor.poll(0)  # its refused connects wait to be read
+        model.generate(PROMPT, 2, SEEDED)
+        assert not idle.monitor.poll(0) and idle.dropped
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match="unreachable"):  # what was read is still said
+            idle.request("info")
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        model.close()
 
 def test_an_address_where_nothing_listens_fails_at_once_not_after_the_timeout(tiny_model_dir, cluster_factory):
     """A record of a peer that died or moved names an address nobody listens at: its refused
