@@ -5,7 +5,7 @@ An entry is a tensor; a function that makes one (a relayed decode step's outputs
 hops, made into tensors only if a failover needs them); or `Unkept`: positions that a relayed
 prefill passed from node to node without bringing them back (client/relay.py), so that 384 KB
 a hop cross one link instead of three. Unkept positions are recomputed only when a failover
-needs them, by the stage before, which holds them (InferenceSession._recover).
+needs them, by the stage before, which holds them (Failover._recover, client/failover.py).
 """
 
 from __future__ import annotations

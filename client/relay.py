@@ -19,7 +19,7 @@ import time
 import torch
 import zmq
 
-from .stages import RemoteLayerStage, idle_clock, positions_per_request, reply_tensors
+from .stages import RemoteLayerStage, positions_per_request, reply_tensors
 from .transport import PeerError, PeerTimeout, next_request_id
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,15 @@ class Chain:
         fields = {"session": first.session, "pos": pos, "wire": first.wire, "reply": rid, "next": self.next}
         if not trail:
             fields["trail"] = False
-        sent = idle_clock()
+        sent = [stage.asking() for stage in self.stages]  # each before its hop's request arrives
         try:
             first.conn.send("step", fields, [hidden], first.wire, req_id=rid, timeout=timeout)
             while True:
                 msg = last.conn.take(rid)  # an error reply, or a dropped link, raises PeerError
                 if msg is not None:
                     outputs = reply_tensors(last.conn, msg, hidden, len(self.stages) if trail else 1)
-                    for stage in self.stages:
-                        stage.sent_at = sent
+                    for stage, at in zip(self.stages, sent):
+                        stage.sent_at = at
                     return outputs
                 for stage in self.stages[:-1]:  # the hops before answer only to refuse
                     if stage.conn.take(rid) is not None:
@@ -113,15 +113,16 @@ def pin_route(stages: list, no_relay: set, timeout: float) -> tuple[RemoteLayerS
             continue
         stage.pins = None  # unknown until the node says it took them: asked again next time
         try:
+            sent = stage.asking()
             rid = stage.conn.send("admit", {"session": stage.session, "relay_from": pins[0], "relay_to": pins[1]},
                                   timeout=max(0.0, deadline - time.monotonic()))
-            asked.append((stage, pins, rid))
+            asked.append((stage, pins, rid, sent))
         except PeerError as e:
             failed = failed or (stage, e)
-    for stage, pins, rid in asked:  # every answer read, so that each stage's pins are known
+    for stage, pins, rid, sent in asked:  # every answer read, so that each stage's pins are known
         try:
             stage.conn.recv(rid, max(0.0, deadline - time.monotonic()))
-            stage.pins = pins
+            stage.pins, stage.sent_at = pins, sent
         except PeerError as e:
             failed = failed or (stage, e)
     return failed

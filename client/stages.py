@@ -58,12 +58,20 @@ class Stage:
     # A stage whose step is several requests retries a `busy` one itself: the rest of the step
     # has already been stored by its other peers, so asking for the whole step again would fail.
     retries_busy: bool = False
-    # idle_clock() when this stage sent the last request its session answered (open or step; a
-    # relayed step's, when the chain was sent), and when it sent its latest request, answered or
-    # not: a node reclaims a session only when no request came for its idle timeout, so a
-    # `session_closed` to a request sent sooner is a fault (Failover._takes_reclaim).
+    # idle_clock() when this stage sent the last request its session answered (open, step, a
+    # relayed step or `admit`), and when it sent the first one since that is not answered yet (a
+    # retry does not move it): a node reclaims a session only when no request came for its idle
+    # timeout, so a `session_closed` to a request sent sooner is a fault (Failover._takes_reclaim).
     sent_at: float = 0.0
     asked_at: float = 0.0
+
+    def asking(self) -> float:
+        """A request for this stage's session is being sent: the time, noted as `asked_at` unless
+        an earlier one is still unanswered. The caller sets `sent_at` to it once answered."""
+        now = idle_clock()
+        if self.asked_at <= self.sent_at:
+            self.asked_at = now
+        return now
 
     def open(self, max_length: int) -> None:
         raise NotImplementedError
@@ -202,7 +210,7 @@ class RemoteLayerStage(Stage):
         fields = {"session": self.session, "pos": pos, "wire": self.wire}
         if rewind:
             fields["rewind"] = True
-        self.asked_at = sent = idle_clock()
+        sent = self.asking()
         reply = self.conn.request("step", fields, [hidden], self.wire, timeout=self.timeout)
         self.sent_at = sent
         return check_reply(self.conn, reply, hidden)
@@ -267,9 +275,8 @@ class HeadGroupStage(Stage):
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:
         partials: list[torch.Tensor | None] = [None] * len(self.members)
         waiting = list(range(len(self.members)))
-        sent = idle_clock()  # every member's session has had a request since
+        sent = self.asking()  # every member's session has had a request since
         for retry in range(BUSY_RETRIES + 1):
-            self.asked_at = idle_clock()
             ids = {k: self.members[k][0].send("step", {"session": self.sessions[k], "pos": pos, "phase": phase,
                                                        "block": block, "wire": self.wire},
                                               [hidden], self.wire, timeout=self.timeout)

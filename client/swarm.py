@@ -84,8 +84,9 @@ class Swarm:
                 reply = conn.request("info", timeout=timeout)
                 rtt = time.perf_counter() - t0
             except PeerError as e:
-                self.rejected[address] = f"{e.code}: {e.message}" + (why_dropped(address) if e.code == "disconnected"
-                                                                     else "")
+                self.rejected[address] = f"{e.code}: {e.message}"
+                if e.code == "disconnected":  # the node dropped our handshake
+                    self.rejected[address] += why_dropped(address)
                 log.info("peer %s", e)  # the error names the address; warn_rejected tells the user
                 continue
             self.add_info(address, reply.fields, rtt, curve_key=split_contact(address)[1])
@@ -141,7 +142,7 @@ class Swarm:
             # Other sessions on this peer (of other InferenceSessions sharing the swarm) lose
             # their link with it: close them now, or a live peer holds their KV cache until its
             # idle timeout (a stalled one reads the closes when it resumes). The socket lingers
-            # for those and for any close queued before (InferenceSession._replace closes the
+            # for those and for any close queued before (Failover._replace closes the
             # failed stage first).
             conn.close_sessions()
             conn.close(linger_ms=200 if conn.closes_queued else 0)

@@ -9,9 +9,9 @@ learn from one exchange, so a record reaches all N nodes in about log(N) rounds.
 Everything here runs on the server thread (server timers), so the DEALER sockets are never
 shared between threads.  Requests are sent without blocking and replies are read when the server
 loop sees them arrive (each link's socket is watched, and its connection's events): a dead peer
-never stalls serving; after `peer_timeout` without an answer, or a link that drops while a request
-waits, its link is closed and its record forgotten locally (a newer record from it brings it
-back). A link that drops with nothing waiting is closed only: the next round to it links again.
+never stalls serving; after `peer_timeout` without an answer its link is closed and its record
+forgotten locally (a newer record from it brings it back). A link that drops with nothing waiting
+is closed only: the next round to it links again.
 
 Links are keyed by contact (endpoint and CURVE key), not by endpoint: a record that claims another
 node's endpoint with a key of its own gets a link of its own, whose failure forgets only that
@@ -347,8 +347,8 @@ class Gossip:
             link.conn.drain_events()
             if link.conn.dropped and not link.pending:  # gone, or never there: a later round links again
                 self._close_link(contact, link)
-            elif link.pending and (link.conn.dropped or now - min(link.pending.values()) > self.options.peer_timeout):
-                self._drop(contact, link)
+            elif link.pending and now - min(link.pending.values()) > self.options.peer_timeout:
+                self._drop(contact, link)  # a drop alone forgets nothing: it may reconnect and answer
         return got
 
     def _close_link(self, contact: str, link: _Link) -> None:

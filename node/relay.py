@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from nanoswarm.client.transport import RECONNECT_MAX_MS
 from nanoswarm.keys.contact import allow_ipv6, split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import MAX_HEADER_BYTES, decode, error_frames
@@ -90,6 +91,7 @@ class RelayLinks:
         endpoint, server_key = split_contact(contact)
         link = self.ctx.socket(zmq.DEALER)
         link.setsockopt(zmq.LINGER, 0)
+        link.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)  # a next hop that went is retried rarely
         # A next hop that does not read (anyone can sign a record for such an endpoint) must not
         # make steps pile up here: past this, sends fail and the client hears `relay_failed`.
         link.setsockopt(zmq.SNDHWM, LINK_QUEUE)

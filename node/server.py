@@ -110,7 +110,13 @@ class NodeServer:
             self.socket.curve_publickey = curve_public
             self.socket.curve_server = True
         allow_ipv6(self.socket, listen)
-        self.socket.bind(listen)
+        try:
+            self.socket.bind(listen)
+        except zmq.ZMQError:  # taken, or not ours: nothing of this node may stay (a next one binds ZAP)
+            self.socket.close(linger=0)
+            if self._auth is not None:
+                self._auth.stop()
+            raise
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.leave_grace = leave_grace
         self._stop = threading.Event()

@@ -6,8 +6,8 @@ libzmq asks the handler bound at inproc://zeromq.zap.01 of the socket's context 
 handshake, and the connection waits until it answers. The handler here is the ZeroMQ guide's
 pattern: one thread that makes, uses and closes its own REP socket, blocked in a poll that a pipe
 wakes when the node stops. (pyzmq's ThreadAuthenticator, used before, runs an asyncio loop around
-a socket made in another thread; a node that used it stopped taking connections after ~15 idle
-minutes, and then hung in its stop() on SIGTERM: a review, docs/reliability.md.)
+a socket made in another thread, and its stop() sends with a blocking send: a node whose ZeroMQ
+I/O thread had blocked on an unread socket monitor then hung on SIGTERM; docs/reliability.md.)
 """
 
 from __future__ import annotations
@@ -83,16 +83,18 @@ class ZapHandler:
         self._pipe = None
 
     def _run(self) -> None:
-        zap = self.ctx.socket(zmq.REP)
-        pipe = self.ctx.socket(zmq.PAIR)
-        zap.linger = pipe.linger = 0
+        zap = pipe = None
         try:
+            zap = self.ctx.socket(zmq.REP)
+            pipe = self.ctx.socket(zmq.PAIR)
+            zap.linger = pipe.linger = 0
             zap.bind(ZAP_ENDPOINT)
             pipe.connect(self._pipe_endpoint)
-        except zmq.ZMQError as e:  # another handler holds the endpoint in this context
+        except zmq.ZMQError as e:  # another handler holds the endpoint in this context, or no sockets left
             self._failed = e
-            zap.close()
-            pipe.close()
+            for sock in (zap, pipe):
+                if sock is not None:
+                    sock.close()
             self._ready.set()
             return
         self._ready.set()

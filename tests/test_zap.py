@@ -1,7 +1,7 @@
 """The node's ZAP handler (node/zap.py): which CURVE clients connect, the key their messages
-carry, answers to malformed requests, a stop that never blocks, and a node that stops with the
-reason when its handler has ended (a review's node stopped taking connections, then hung on
-SIGTERM, with pyzmq's ThreadAuthenticator). Real CURVE sockets in this process."""
+carry, answers to malformed requests, a stop that never blocks (pyzmq's ThreadAuthenticator hung
+a node on SIGTERM in its stop), and a node that leaves with the reason when its handler has
+ended. Real CURVE sockets in this process."""
 
 from __future__ import annotations
 
@@ -158,3 +158,22 @@ def test_handlers_started_one_after_another_in_one_context():
             zap.stop()
     finally:
         ctx.term()
+
+
+def test_a_node_that_cannot_bind_leaves_no_zap_handler_behind(tiny_model_dir):
+    """Its ZAP handler starts before its socket binds: a bind that fails (the port is taken) must
+    stop it, or the next node of the process finds ZAP's endpoint taken (a review)."""
+    import socket
+
+    from nanoswarm.node.handler import RequestHandler
+    from nanoswarm.node.sessions import NodeLimits
+
+    handler = RequestHandler(load_blocks(tiny_model_dir, 0, 4), read_manifest(tiny_model_dir).model_id, "a",
+                             NodeLimits())
+    public, secret = zmq.curve_keypair()
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        with pytest.raises(zmq.ZMQError):
+            server_module.NodeServer(handler, f"tcp://127.0.0.1:{taken.getsockname()[1]}", curve_secret=secret,
+                                     curve_public=public)
+    node = server_module.NodeServer(handler, "tcp://127.0.0.1:*", curve_secret=secret, curve_public=public)
+    node.close()
