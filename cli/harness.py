@@ -174,8 +174,8 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
 @click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="Seconds per request.")
 @click.option("--no-verify", is_flag=True, help="Skip comparing every step's logits to a solo run.")
 @click.option("--tolerance", type=POSITIVE, default=None,
-              help="Largest logit difference from a solo run that counts as equal (default: by the nodes' "
-                   "device and dtype, 1e-5 for float32 on a CPU).")
+              help="Largest logit difference from a solo run, over the largest solo logit (at least 1), "
+                   "that counts as equal (default: by the nodes' device and dtype, 1e-5 for float32 on a CPU).")
 @click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Use this identity's CURVE key (private swarms); default: fresh keys.")
 @click.option("--insecure", is_flag=True, help="Allow unencrypted links to nodes that run without a key.")

@@ -61,7 +61,7 @@ class LoadOptions:
     timeout: float = 30.0                                # seconds per request
     wire: str = "float32"
     verify: bool = True
-    tolerance: float | None = None                       # largest |logit - solo logit|; None: by node dtype
+    tolerance: float | None = None  # largest |logit - solo logit| / max(1, |solo logits|); None: by node dtype
     client_keys: tuple[bytes, bytes] | None = None       # CURVE identity (private swarms); None: ephemeral
     insecure: bool = False                               # allow nodes that run without a key
 
@@ -144,6 +144,9 @@ class _Worker:
                 time.sleep(self.rng.uniform(0.05, 0.25))  # back off, then try a new session
             else:
                 self._fail(e.code, str(e))
+                # Routed around from now on, as a client's failover does: new sessions went
+                # straight back to a killed node, ~600 failures a second (a review).
+                self.swarm.ban(e.address, f"{e.code}: {e.message}")
                 failed = True
         except RouteError as e:  # the peers stopped covering the model (one died, or moved)
             self._fail("no_route", str(e))
@@ -153,6 +156,7 @@ class _Worker:
                 stage.close()
             if failed:
                 self._reset()
+                time.sleep(self.rng.uniform(0.05, 0.25))  # and a new session a little later
 
     def _step(self, stage: Stage, hidden: torch.Tensor, pos: int) -> torch.Tensor:
         """One stage's step; an overloaded node refuses it (`busy`) untouched, so wait and retry.
@@ -182,10 +186,13 @@ class _Worker:
     def _check(self, k: int, step: int, logits: torch.Tensor) -> None:
         if not self.opts.verify:
             return
-        diff = (logits - self.solo[k][step]).abs().max().item()
+        solo = self.solo[k][step]
+        diff = (logits - solo).abs().max().item()
+        relative = diff / max(1.0, solo.abs().max().item())  # rounding grows with the logits' size
         self.out.steps_checked += 1
         self.out.max_logit_diff = max(self.out.max_logit_diff, diff)
-        if not diff <= self.opts.tolerance:  # NaN counts as a mismatch
+        self.out.max_relative_diff = max(self.out.max_relative_diff, relative)
+        if not relative <= self.opts.tolerance:  # NaN counts as a mismatch
             self.out.mismatches += 1
 
 
@@ -346,4 +353,5 @@ def _merge(opts: LoadOptions, workers: list[_Worker]) -> LoadReport:
         report.steps_checked += o.steps_checked
         report.mismatches += o.mismatches
         report.max_logit_diff = max(report.max_logit_diff, o.max_logit_diff)
+        report.max_relative_diff = max(report.max_relative_diff, o.max_relative_diff)
     return report

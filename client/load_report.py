@@ -44,6 +44,7 @@ class LoadReport:
     steps_checked: int = 0
     mismatches: int = 0
     max_logit_diff: float = 0.0
+    max_relative_diff: float = 0.0  # the same, over the largest solo logit (at least 1): what the tolerance bounds
     tolerance: float | None = None
     nodes: list[NodeReport] = field(default_factory=list)
 
@@ -84,7 +85,8 @@ class LoadReport:
                            "prefill_p99": _pct(self.prefill_latency, 99)},
             "requests_per_second": self.served / self.duration if self.duration else 0.0,
             "sessions_completed": self.sessions_completed, "steps_checked": self.steps_checked,
-            "mismatches": self.mismatches, "max_logit_diff": self.max_logit_diff, "tolerance": self.tolerance,
+            "mismatches": self.mismatches, "max_logit_diff": self.max_logit_diff,
+            "max_relative_diff": self.max_relative_diff, "tolerance": self.tolerance,
             "crashed": self.crashed, "ok": self.ok, "problems": self.problems,
             "nodes": [{"address": n.address, "layers": n.layers, "heads": n.heads, "alive": n.alive,
                        "peak_rss_bytes": n.peak_rss_bytes, "peak_rss_source": n.source,
@@ -118,8 +120,9 @@ def format_report(report: LoadReport) -> str:
         f"per token (whole route): p50 {_ms(lat['step_p50'])}, p99 {_ms(lat['step_p99'])}; "
         f"per prompt: p50 {_ms(lat['prefill_p50'])}, p99 {_ms(lat['prefill_p99'])}",
         f"sessions completed: {report.sessions_completed}; steps checked against solo runs: "
-        f"{report.steps_checked}, mismatches {report.mismatches}, max |diff| {report.max_logit_diff:.2e}"
-        + (f" (tolerance {report.tolerance:.0e})" if report.steps_checked and report.tolerance else ""),
+        f"{report.steps_checked}, mismatches {report.mismatches}, max |diff| {report.max_logit_diff:.3g}, "
+        f"{report.max_relative_diff:.3g} of the largest logit"
+        + (f" (tolerance {report.tolerance:.0e} of it)" if report.steps_checked and report.tolerance else ""),
     ]
     for n in report.nodes:
         peak = "?" if n.peak_rss_bytes is None else f"{n.peak_rss_bytes / 2**20:.0f} MiB"
