@@ -24,7 +24,9 @@ from .params import SECONDS, client_keys, peer_list
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--seed", type=int, default=None)
-@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="Seconds per peer answer.")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True,
+              help="Seconds per peer answer; a peer that stops answering heartbeats for a third of it "
+                   "(at least 5 s) counts as gone sooner.")
 @click.option("--wire", type=click.Choice(["float32", "float16", "bfloat16", "q80"]), default="float32",
               show_default=True, help="Format of hidden states on the wire (float32 is exact).")
 @click.option("--relay/--no-relay", default=True, show_default=True,

@@ -39,6 +39,9 @@ class Ban:
 
 REFRESH_SECONDS = 2.0  # the least time between two refreshes of the peer table (Swarm.refresh)
 DRAIN_SECONDS = 5.0  # the most time between two reads of every connection's events (Swarm.drain_events)
+# The least heartbeat by default: one reply frame must arrive within it (client/transport.py), and
+# a node's I/O thread on a loaded machine must get a core; tests run with short step timeouts.
+HEARTBEAT_MIN_SECONDS = 5.0
 REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answers
 
 
@@ -51,12 +54,26 @@ class SwarmOptions:
     insecure: bool = False       # allow unencrypted links to peers that have no CURVE key
     relay: bool = True           # consecutive layer stages pass steps node to node (client/relay.py)
     verify: float = 0.0          # share of steps after which one stage's work is redone here (client/verify.py)
+    # Seconds a peer's connection may stay silent, heartbeats unanswered, before it counts as
+    # dropped (client/transport.py); None: a third of `timeout`, at least HEARTBEAT_MIN_SECONDS.
+    heartbeat: float | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.timeout, (int, float)) and 0 < self.timeout < float("inf")):
             raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout}")
         if not (isinstance(self.verify, (int, float)) and 0 <= self.verify <= 1):
             raise ValueError(f"verify must be a fraction of steps from 0 to 1, got {self.verify}")
+        if self.heartbeat is not None and not (isinstance(self.heartbeat, (int, float))
+                                               and 0.1 <= self.heartbeat <= 3600):
+            raise ValueError(f"heartbeat must be 0.1 to 3600 seconds, got {self.heartbeat}")
+
+    @property
+    def silence(self) -> float:
+        """Seconds of silence after which a peer's connection counts as dropped: a frozen peer,
+        or one whose machine left the network, is replaced after this, not after `timeout`."""
+        if self.heartbeat is not None:
+            return float(self.heartbeat)
+        return max(HEARTBEAT_MIN_SECONDS, self.timeout / 3)
 
 
 @dataclass
@@ -172,7 +189,7 @@ class Swarm:
                                 "(ADDRESS#KEY, printed by the node) or allow unencrypted links with --insecure")
             try:
                 conn = PeerConnection(address, self.options.timeout, server_key=key,
-                                      client_keys=self.options.client_keys)
+                                      client_keys=self.options.client_keys, heartbeat=self.options.silence)
             except (ValueError, zmq.ZMQError) as e:  # an endpoint ZeroMQ cannot connect to
                 raise PeerError(address, "bad_contact", f"cannot connect: {e}") from None
             self._conns[address] = conn

@@ -28,6 +28,14 @@ MAX_FRAME_BYTES = 128 * 1024 * 1024
 # departed peer stopped answering anyone after a few minutes (docs/reliability.md). Retries back
 # off to this interval, and whoever holds idle connections reads their events (drain_events).
 RECONNECT_MAX_MS = 10_000
+# A peer that stops without closing its connection (a frozen process, a machine that left the
+# network) says nothing; a request to it would wait its whole timeout. With heartbeats, ZeroMQ's
+# I/O thread pings the peer (the peer's own I/O thread answers, even in the
+# middle of a forward pass) and drops the connection when nothing at all has come back for the
+# heartbeat, as a closed one: the monitor reports it at once. Nothing comes back while one frame
+# is still arriving either (libzmq cancels the wait per whole message), so a heartbeat must be
+# longer than the largest reply takes on the slowest link (SwarmOptions.silence). Pings go every
+# quarter heartbeat: a peer that stops is noticed within 1-1.25 heartbeats.
 
 
 @functools.cache
@@ -79,8 +87,10 @@ class PeerConnection:
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT,
                  server_key: bytes | None = None, client_keys: tuple[bytes, bytes] | None = None,
-                 ctx: zmq.Context | None = None, max_frame: int = MAX_FRAME_BYTES):
+                 ctx: zmq.Context | None = None, max_frame: int = MAX_FRAME_BYTES,
+                 heartbeat: float | None = None):
         self.address = address
+        self.heartbeat = heartbeat  # seconds of silence after which the link counts as dropped
         self.timeout = timeout
         # `address` may be a contact string (endpoint#key, keys/contact.py): it carries the key.
         endpoint, contact_key = split_contact(address)
@@ -100,6 +110,9 @@ class PeerConnection:
         self.monitor = self.socket.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
+        if heartbeat is not None:
+            self.socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat * 1000 / 4))
+            self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat * 1000))
         self._connected = False  # once: a later refusal is a drop, reported as one
         self._dropped: tuple[str, str] | None = None  # what the monitor said, until take() reports it
         self._poller = zmq.Poller()
@@ -196,8 +209,11 @@ class PeerConnection:
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 if not self._connected and self._dropped is None:  # never reached: nothing listens there
                     self._dropped = ("unreachable", "connection refused: nothing listens there")
-            else:
+            elif self.heartbeat is None:
                 self._dropped = ("disconnected", "connection closed by the peer")
+            else:
+                self._dropped = ("disconnected", "connection lost: closed by the peer, or no answer "
+                                 f"to heartbeats for {self.heartbeat:g}s")
 
     @property
     def dropped(self) -> bool:

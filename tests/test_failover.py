@@ -32,12 +32,13 @@ def expected_ids(small12_model_dir) -> list[int]:
 
 def generate_with_fault(model_dir, swarm: LocalCluster, fault, notices: list[str],
                         pick=lambda route: route[0]["peers"][0],
-                        bootstrap: list[str] | None = None) -> GenerationResult:
+                        bootstrap: list[str] | None = None,
+                        options: SwarmOptions | None = None) -> GenerationResult:
     """Seeded generation; after FAIL_AT tokens `fault(index of a node on the route)` runs: the
     first peer of the first stage, or with `pick` the peer that `pick(route)` names. The client
     knows the swarm from `bootstrap` if given, else from every node's address."""
     model = SwarmModel.connect(model_dir, peers=None if bootstrap else swarm.addresses, bootstrap=bootstrap,
-                               options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
+                               options=options or SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
     result = GenerationResult(PROMPT)
     try:
         for _ in model.stream(PROMPT, N_TOKENS, SEEDED, result, on_failover=notices.append):
@@ -85,6 +86,35 @@ def test_frozen_peer_times_out_and_fails_over(small12_model_dir, cluster_factory
     assert result.ids == expected_ids
     assert result.failovers == 1 and "timeout" in notices[0]
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relay", [True, False], ids=["relayed", "stage-by-stage"])
+def test_frozen_peer_is_dropped_by_heartbeat_long_before_the_timeout(small12_model_dir, cluster_factory,
+                                                                    expected_ids, relay):
+    """A peer that stops without closing its connection (frozen here; a machine that left the
+    network looks the same) stops answering ZeroMQ's heartbeats: its connection counts as dropped
+    after `heartbeat` seconds, not the step's 60 s timeout, and the tokens are unchanged."""
+    swarm = cluster_factory(small12_model_dir, two_by_two())
+    frozen = []
+
+    def freeze(i):
+        frozen.append(i)
+        swarm.kill(i, signal.SIGSTOP)
+
+    notices: list[str] = []
+    t0 = time.monotonic()
+    try:
+        result = generate_with_fault(small12_model_dir, swarm, freeze, notices, options=SwarmOptions(
+            timeout=60, heartbeat=1.0, ban_seconds=60, relay=relay))
+    finally:
+        for i in frozen:
+            swarm.kill(i, signal.SIGCONT)
+    assert result.ids == expected_ids
+    assert result.failovers == 1 and "disconnected" in notices[0]
+    assert swarm.addresses[frozen[0]] in notices[0]
+    print(f"generation with a frozen peer: {time.monotonic() - t0:.1f}s")
+    assert time.monotonic() - t0 < 15  # a default heartbeat (20 s here) or the timeout would not do
 
 
 def test_replacement_covers_the_range_differently(small12_model_dir, cluster_factory, expected_ids):
@@ -808,3 +838,46 @@ def test_with_its_only_bootstrap_gone_a_client_learns_the_swarm_from_its_peers(t
         assert spare.address in model.swarm.peers
     finally:
         model.close()
+
+
+def test_heartbeats_drop_an_idle_link_to_a_frozen_peer_and_say_so():
+    """An idle link notices a peer that stopped (frozen, or its machine gone) from heartbeats
+    alone, and its next request fails at once with why; the default heartbeat is a third of the
+    step timeout, at least HEARTBEAT_MIN_SECONDS."""
+    import os
+    import subprocess
+    import sys
+
+    import zmq
+
+    from nanoswarm.client.swarm import HEARTBEAT_MIN_SECONDS
+    from nanoswarm.client.transport import PeerConnection, PeerError
+
+    assert SwarmOptions(timeout=30).silence == 10 and SwarmOptions(heartbeat=2).silence == 2
+    assert SwarmOptions(timeout=3).silence == HEARTBEAT_MIN_SECONDS
+    for bad in (0, -1, float("nan"), "5"):
+        with pytest.raises(ValueError, match="heartbeat must be"):
+            SwarmOptions(heartbeat=bad)
+    peer = subprocess.Popen([sys.executable, "-c", "import sys, zmq\n"
+                             "s = zmq.Context().socket(zmq.ROUTER)\n"
+                             "print(s.bind_to_random_port('tcp://127.0.0.1'), flush=True)\n"
+                             "while True: s.send_multipart(s.recv_multipart())"],
+                            stdout=subprocess.PIPE, text=True)
+    conn = None
+    try:
+        conn = PeerConnection(f"tcp://127.0.0.1:{peer.stdout.readline().strip()}", timeout=30.0,
+                              heartbeat=0.5)
+        assert conn.socket.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 500
+        assert conn.request("info").type == "info"  # echoed: the link is up
+        os.kill(peer.pid, signal.SIGSTOP)
+        time.sleep(1.5)  # idle: no request waits on the link
+        assert conn.dropped or conn.monitor.poll(0)
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match="no answer to heartbeats for 0.5s") as e:
+            conn.request("info")
+        assert e.value.code == "disconnected" and time.monotonic() - t0 < 1.0
+    finally:
+        peer.kill()
+        peer.wait()
+        if conn is not None:
+            conn.close()
