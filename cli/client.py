@@ -45,7 +45,7 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
     from nanoswarm.client.api import SwarmModel
     from nanoswarm.client.generate import SamplingParams
     from nanoswarm.client.swarm import SwarmOptions
-    from nanoswarm.node.daemon import resolve_device
+    from nanoswarm.shards.device import resolve_device
 
     addresses, bootstraps = peer_list(peers), peer_list(",".join(bootstrap))
     if not addresses and not bootstraps:

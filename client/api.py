@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from nanoswarm.shards.device import resolve_device
 from nanoswarm.shards.manifest import Manifest, read_manifest
 from nanoswarm.shards.tokenizer import EOT_TOKEN, encode, get_encoding
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
@@ -62,6 +63,7 @@ class SwarmModel:
         self.config = manifest.config
         self.swarm = swarm
         self._local = local_stage
+        device = resolve_device(str(device))  # a clear error for a GPU that is not there
         self.client = ClientModel(load_embeddings(model_dir, manifest),
                                   load_head(model_dir, manifest, device=device), device)
         self.encoding = get_encoding()

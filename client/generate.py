@@ -93,7 +93,10 @@ class ClientModel:
     takes hidden states from, and logits come back to it as float32 for the sampler."""
 
     def __init__(self, embeddings: Embeddings, head: Head, device: torch.device | str = "cpu"):
-        self.embeddings, self.head, self.device = embeddings, head, torch.device(device)
+        self.embeddings, self.head = embeddings, head
+        # Where the head's weights are: a bare "cuda" names the current device of whichever
+        # thread asks, which need not be the one the head was loaded on.
+        self.device = next(head.parameters(), torch.empty(0, device=device)).device
 
     def embed(self, ids: list[int], start: int) -> torch.Tensor:
         with torch.inference_mode():

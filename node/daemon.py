@@ -29,6 +29,7 @@ import zmq
 from nanoswarm.keys.contact import endpoint_of, format_contact, split_contact
 from nanoswarm.keys.identity import Identity, default_key_path, load_or_create_identity, read_allowed_keys
 from nanoswarm.keys.records import check_endpoint
+from nanoswarm.shards.device import check_dtype, resolve_device
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_blocks
 
@@ -74,27 +75,6 @@ class NodeOptions:
     num_blocks: int | None = None        # default: what the memory budget holds
     memory_budget_mb: int | None = None  # default: placement.default_memory_budget (RAM or GPU)
     rebalance_interval: float = 30.0
-
-
-def resolve_device(device: str) -> torch.device:
-    """cpu, cuda or cuda:N, checked against the GPUs torch sees (before any weights are read)."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
-        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
-    if dev.type == "cpu":
-        return torch.device("cpu")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise RuntimeError(f"--device {device} was asked for, but torch sees no CUDA device")
-    if dev.index is not None and dev.index >= count:
-        raise ValueError(f"--device {device}: torch sees {count} CUDA device{'s' if count > 1 else ''} "
-                         f"(cuda:0..cuda:{count - 1})")
-    dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
-    torch.cuda.set_device(dev)  # contexts and default allocations on this GPU, not on cuda:0
-    return dev
 
 
 def check_span(opts: NodeOptions) -> None:
@@ -278,7 +258,8 @@ def run_node(opts: NodeOptions, on_ready: Callable[[dict], None] | None = None) 
     check_contacts(opts)
     gossip_options = GossipOptions(list(opts.bootstrap), opts.ttl, opts.gossip_interval)
     gossip_options.check()
-    resolve_device(opts.device)  # before a key file is made or a bootstrap asked
+    # Before a key file is made or a bootstrap asked:
+    check_dtype(resolve_device(opts.device), getattr(torch, opts.dtype))
     check_span(opts)
     identity = load_or_create_identity(opts.key_file)  # first: a bad key file fails at once
     key_lock = hold_key_file(opts.key_file or default_key_path(), identity)  # noqa: F841 - held until we exit

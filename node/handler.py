@@ -116,6 +116,7 @@ class RequestHandler:
                 replies.append((to, self._error(req_id, ErrorCode.BUSY, self.steps.out_of_memory())))
             except Exception as e:  # a bug must not take the node down
                 log.exception("internal error handling a request")
+                self.steps.note_error(e)
                 replies.append((to, self._error(req_id, ErrorCode.INTERNAL, type(e).__name__)))
         if pending:
             replies.extend(self.steps.run(pending))
@@ -146,6 +147,11 @@ class RequestHandler:
         self.steps.can_relay = fn
 
     # ----- admission ----------------------------------------------------------------------
+    @property
+    def device_failure(self) -> str | None:
+        """Why this node's device can compute no more (a lost CUDA context), if it cannot."""
+        return self.steps.device_failure
+
     @property
     def checks_senders(self) -> bool:
         """Whether this node knows who sent a message (CURVE with ZAP): then a session takes
@@ -314,6 +320,12 @@ class RequestHandler:
         expired = self.sessions.expire_idle()
         if expired:
             log.info("reclaimed %d idle sessions", len(expired))
+        if self.device.type == "cuda" and not self.sessions.sessions and \
+                torch.cuda.memory_reserved(self.device) > torch.cuda.memory_allocated(self.device):
+            # Closed sessions' caches stay in torch's caching allocator, held from every other
+            # process on the GPU until this one exits; an idle node gives them back, as a CPU
+            # node returns its unused cache maps to the OS (node/sessions.py).
+            torch.cuda.empty_cache()
         return expired
 
     def measure_throughput(self, seconds: float = 0.3) -> float:

@@ -220,6 +220,12 @@ class NodeServer:
         self._drain(batch)
         self._gather(batch)
         self._send_all(self.handler.handle_batch(batch))
+        if self.handler.device_failure is not None and self.failure is None:
+            # Its clients got `internal` and fail over; without leaving, the node would stay in
+            # every peer's table and on new routes, failing every step it is sent.
+            self.failure = f"the device failed ({self.handler.device_failure}): this node can compute no more"
+            log.error("%s; leaving", self.failure)
+            self.leave()
 
     def _drain(self, batch: list) -> None:
         # Asking for EVENTS, not reading until zmq.Again: an exception per batch is slow to raise

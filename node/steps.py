@@ -21,6 +21,11 @@ from nanoswarm.shards.model import Blocks
 from .relay import Relay, next_hop_id
 from .sessions import NodeLimits, Session, SessionStore
 
+# An illegal memory access, a device-side assert or a hardware fault poisons the process's CUDA
+# context: every later kernel fails too. torch raises these as AcceleratorError (a RuntimeError).
+DEVICE_ERRORS: tuple[type[Exception], ...] = tuple(
+    t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
+
 log = logging.getLogger(__name__)
 
 Reply = tuple[bytes | Relay, list]  # (peer identity, or the next hop of a relayed step; frames)
@@ -96,6 +101,7 @@ class StepRunner:
         self._batch_computed = False                # whether this batch has run any blocks yet
         self._last_busy = 0.0                       # seconds of the last forward pass
         self.can_relay = None   # callable(contact) -> bool, set by the gossip layer (node/relay.py)
+        self.device_failure: str | None = None  # why the device can compute no more (DEVICE_ERRORS)
 
     def begin_batch(self) -> None:
         self._batch_started, self._batch_computed = time.perf_counter(), False
@@ -268,9 +274,17 @@ class StepRunner:
                                for p in group)
             except Exception as e:
                 log.exception("internal error in a step")
+                self.note_error(e)
                 replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.INTERNAL, type(e).__name__))
                                for p in group)
         return replies
+
+    def note_error(self, e: Exception) -> None:
+        """Keep why the device failed, if `e` says it did: the node then has to stop (its server
+        reads `device_failure`), or it would stay on every route and answer `internal` forever."""
+        if isinstance(e, DEVICE_ERRORS) and self.device_failure is None:
+            first = str(e).strip().splitlines()[:1]
+            self.device_failure = f"{type(e).__name__} on {self.device}" + (f": {first[0]}" if first else "")
 
     def _overloaded(self) -> bool:
         """This batch has computed for max_batch_seconds: its other requests, and those queued behind

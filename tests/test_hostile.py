@@ -792,3 +792,44 @@ def test_a_client_marking_its_own_steps_relayed_still_counts_as_one_peer(tiny_mo
         assert codes["result"] + codes["busy"] == 12 and codes["busy"] >= 1 and codes["result"] >= 4, codes
     finally:
         peer.close()
+
+
+def test_a_node_whose_device_failed_leaves_with_the_reason(tiny_model_dir, monkeypatch):
+    """A lost CUDA context (an illegal memory access, a device-side assert) fails every later
+    kernel: the step that met it is answered `internal`, the node tells its clients it leaves and
+    stops with the reason, instead of staying on every route and failing every step. Raised here
+    by hand: torch.AcceleratorError is what CUDA's errors are."""
+    from nanoswarm.node.server import NodeServer
+
+    handler = RequestHandler(load_blocks(tiny_model_dir, 0, 4), read_manifest(tiny_model_dir).model_id, "a",
+                             NodeLimits())
+
+    def lost(group):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors ...")
+
+    node = NodeServer(handler, "tcp://127.0.0.1:*")
+    serving = threading.Thread(target=node.serve_forever, daemon=True)
+    serving.start()
+    conn = PeerConnection(node.address, timeout=5.0)
+    try:
+        session = conn.request("open", {"max_length": 8}).fields["session"]
+        assert conn.request("step", {"session": session, "pos": 0}, [hidden(1)]).type == "result"
+        serving.join(0.3)
+        assert serving.is_alive() and node.failure is None  # a step that went well: nothing to report
+        monkeypatch.setattr(handler.steps, "_compute", lost)
+        with pytest.raises(PeerError) as e:
+            conn.request("step", {"session": session, "pos": 1}, [hidden(1)])
+        assert e.value.code == "internal"
+        serving.join(10)
+        assert not serving.is_alive()
+        try:
+            conn.take(0)  # reads its notice (and perhaps its close)
+        except PeerError:
+            pass
+        assert conn.leaving  # told, as on SIGTERM
+        assert "AcceleratorError" in node.failure and "illegal memory access was encountered" in node.failure
+        assert "CUDA kernel errors" not in node.failure  # one line
+    finally:
+        conn.close()
+        node.stop()
+        serving.join(5)

@@ -658,3 +658,43 @@ def test_malformed_checkpoint_parts_are_named_in_one_line(tmp_path):
     (hf / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": "1e-5"}))
     with pytest.raises(CheckpointError, match=r"config\.json: layer_norm_epsilon must be 1e-5"):
         load_checkpoint(hf)
+
+
+def test_gpu_settings_checked_without_a_gpu(tiny_model_dir, monkeypatch):
+    """What only a GPU would show, with torch.cuda's answers given by hand: bfloat16 on a GPU
+    without it is refused in one line; an idle GPU node gives the cache memory of closed sessions
+    back; an API client with a GPU that is not there gets the CLI's error, not a traceback."""
+    from nanoswarm.client.api import SwarmModel
+    from nanoswarm.node.handler import RequestHandler
+    from nanoswarm.node.sessions import NodeLimits
+    from nanoswarm.shards.device import check_dtype
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    with pytest.raises(ValueError, match=r"--dtype bfloat16: cuda:0 \(Tesla T4\) has no native bfloat16"):
+        check_dtype(gpu, torch.bfloat16)
+    check_dtype(gpu, torch.float16)
+    check_dtype(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    check_dtype(gpu, torch.bfloat16)
+
+    handler = RequestHandler(weights.load_blocks(tiny_model_dir, 0, 4), "m", "a", NodeLimits())
+    handler.device = gpu
+    emptied, held = [], {"reserved": 8 << 20, "allocated": 2 << 20}
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: held["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: held["allocated"])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    session = handler.sessions.open(handler.blocks, 0, 4, 8, b"peer")
+    handler.expire_idle()
+    assert emptied == []  # a session is open: its next step may need the memory
+    handler.sessions.close(session.id)
+    handler.expire_idle()
+    assert emptied == [1]
+    held["reserved"] = held["allocated"]
+    handler.expire_idle()
+    assert emptied == [1]  # nothing cached to give back
+
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+            SwarmModel.connect(tiny_model_dir, device="cuda")
