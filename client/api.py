@@ -65,7 +65,7 @@ class SwarmModel:
         self._local = local_stage
         device = resolve_device(str(device))  # a clear error for a GPU that is not there
         self.client = ClientModel(load_embeddings(model_dir, manifest),
-                                  load_head(model_dir, manifest, device=device), device)
+                                  load_head(model_dir, manifest, device=device))
         self.encoding = get_encoding()
         # Sessions share the swarm's sockets, which ZeroMQ lets one thread use at a time: the
         # generations of several threads take turns, a step each (stream).

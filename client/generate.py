@@ -92,11 +92,11 @@ class ClientModel:
     GPT-2 small, ~6 ms a token on two CPU cores). Embeddings stay on the CPU, where the wire
     takes hidden states from, and logits come back to it as float32 for the sampler."""
 
-    def __init__(self, embeddings: Embeddings, head: Head, device: torch.device | str = "cpu"):
+    def __init__(self, embeddings: Embeddings, head: Head):
         self.embeddings, self.head = embeddings, head
-        # Where the head's weights are: a bare "cuda" names the current device of whichever
-        # thread asks, which need not be the one the head was loaded on.
-        self.device = next(head.parameters(), torch.empty(0, device=device)).device
+        # Where the head's weights are (load_head's device): a bare "cuda" would name the current
+        # device of whichever thread asks, which need not be the one the head was loaded on.
+        self.device = next(head.parameters()).device
 
     def embed(self, ids: list[int], start: int) -> torch.Tensor:
         with torch.inference_mode():
