@@ -27,7 +27,7 @@ from nanoswarm.client.session import InferenceSession
 from nanoswarm.client.stages import LocalStage
 from nanoswarm.client.swarm import Swarm, SwarmOptions
 from nanoswarm.node.affinity import BINDING_VARS, bind_openmp
-from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
+from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split, swarm_specs
 from nanoswarm.protocol.tensors import WIRE_FORMATS
 from nanoswarm.shards.manifest import Manifest, read_manifest
 from nanoswarm.shards.model import onednn_linear
@@ -149,13 +149,9 @@ def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
             longest.variants += [("float32", x) for x in opts.links[1:]]
         longest.variants += [(w, links) for w in opts.wires if w != "float32"]
     if opts.head_groups:
-        g = min(opts.head_groups, n_head)
-        base, extra = divmod(n_head, g)
-        bounds = [0]
-        for i in range(g):
-            bounds.append(bounds[-1] + base + (i < extra))
-        specs = [NodeSpec((0, n_layer), heads=(a, b)) for a, b in zip(bounds, bounds[1:])]
-        groups.append(_Group("heads", specs, [("float32", links)], 1))
+        if opts.head_groups > n_head:
+            raise ValueError(f"--head-groups {opts.head_groups}: the model has {n_head} heads, so from 2 to {n_head}")
+        groups.append(_Group("heads", swarm_specs(n_layer, n_head, 1, opts.head_groups), [("float32", links)], 1))
     return groups
 
 

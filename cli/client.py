@@ -36,11 +36,13 @@ from .params import SECONDS, client_keys, peer_list
 @click.option("--verify", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of steps after which one stage's work is redone here with --model's blocks; a peer "
                    "that computed wrong is banned and its work redone.")
+@click.option("--local", is_flag=True,
+              help="Run every block in this process, no swarm: the reference a swarm's output must match.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
 def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[str, ...], key_file: Path | None,
              insecure: bool, max_new_tokens: int, temperature: float,
              top_k: int | None, top_p: float | None, seed: int | None, timeout: float, wire: str,
-             relay: bool, device: str, verify: float, as_json: bool) -> None:
+             relay: bool, device: str, verify: float, local: bool, as_json: bool) -> None:
     """Generate text from PROMPT through the swarm, streaming it to stdout."""
     from nanoswarm.client.api import SwarmModel
     from nanoswarm.client.generate import SamplingParams
@@ -48,10 +50,19 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
     from nanoswarm.shards.device import resolve_device
 
     addresses, bootstraps = peer_list(peers), peer_list(",".join(bootstrap))
-    if not addresses and not bootstraps:
-        raise click.UsageError("give --bootstrap or --peers")
+    if local and (addresses or bootstraps):
+        raise click.UsageError("--local runs without a swarm: give it no --peers or --bootstrap")
+    if not addresses and not bootstraps and not local:
+        raise click.UsageError("give --bootstrap or --peers (or --local)")
     sampling = SamplingParams(temperature, top_k, top_p, seed)  # bad values fail before connecting
     head_device = resolve_device(device)
+    if local:
+        model = SwarmModel.local(model_dir, device=head_device)
+        try:
+            run_generation(model, prompt, max_new_tokens, sampling, as_json)
+        finally:
+            model.close()
+        return
     options = SwarmOptions(timeout=timeout, wire=wire, client_keys=client_keys(key_file), insecure=insecure,
                            relay=relay, verify=verify)
     model = SwarmModel.connect(model_dir, peers=addresses, bootstrap=bootstraps, options=options, device=head_device)

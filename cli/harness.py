@@ -18,34 +18,42 @@ from .params import POSITIVE, SECONDS, client_keys, peer_list
 
 @click.command()
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--nodes", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--nodes", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Layer spans: an even split of the blocks, each served by one node (or a head group).")
+@click.option("--head-groups", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Nodes that split each span's attention heads and MLP (a head group); 1: whole blocks.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per node.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Once every node serves, print one JSON object (nodes: contact, layers, pid), not lines.")
-def cluster(model_dir: Path, nodes: int, threads: int, as_json: bool) -> None:
-    """Start NODES local node processes with an even split of the blocks; Ctrl-C stops them."""
-    from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
+              help="Once every node serves, print one JSON object (nodes: contact, layers, heads, pid), not lines.")
+def cluster(model_dir: Path, nodes: int, head_groups: int, threads: int, as_json: bool) -> None:
+    """Start local node processes for NODES even spans of the blocks; Ctrl-C stops them."""
+    from nanoswarm.node.cluster import LocalCluster, span_of, swarm_specs
     from nanoswarm.shards.manifest import read_manifest
 
-    n_layer = read_manifest(model_dir).config.n_layer
-    harness = LocalCluster(model_dir, [NodeSpec(r) for r in even_split(n_layer, nodes)], threads)
+    config = read_manifest(model_dir).config
+    try:
+        specs = swarm_specs(config.n_layer, config.n_head, nodes, head_groups)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    harness = LocalCluster(model_dir, specs, threads)
     ready = False
     try:
         harness.start()
         if as_json:
-            click.echo(json.dumps({"nodes": [{"contact": n.address, "layers": list(n.spec.layers), "pid": n.pid}
+            click.echo(json.dumps({"nodes": [{"contact": n.address, "layers": list(n.spec.layers),
+                                              "heads": list(n.spec.heads) if n.spec.heads else None, "pid": n.pid}
                                              for n in harness.nodes]}))
         else:
             for n in harness.nodes:
-                click.echo(f"{n.address} layers {n.spec.layers[0]}:{n.spec.layers[1]} pid {n.pid}")
+                click.echo(f"{n.address} {span_of(n.spec)} pid {n.pid}")
             click.echo("ready")
         sys.stdout.flush()
         ready = True
         while True:  # until Ctrl-C (or SIGTERM): the normal way to stop a cluster, exit code 0
             dead = next((n for n in harness.nodes if n.proc.poll() is not None), None)
             if dead is not None:
-                raise click.ClickException(f"node layers {dead.spec.layers[0]}:{dead.spec.layers[1]} (pid "
-                                           f"{dead.pid}) exited with code {dead.proc.returncode}; stopping the cluster")
+                raise click.ClickException(f"node {span_of(dead.spec)} (pid {dead.pid}) exited with code "
+                                           f"{dead.proc.returncode}; stopping the cluster")
             time.sleep(0.5)
     except KeyboardInterrupt:
         if not ready:  # interrupted while starting: not a cluster that ran
@@ -58,38 +66,44 @@ def cluster(model_dir: Path, nodes: int, threads: int, as_json: bool) -> None:
 @click.argument("prompt", default="ROMEO:")
 @click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Model directory (default: the demo model shipped with nanoswarm).")
-@click.option("--nodes", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--nodes", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Layer spans: an even split of the blocks, each served by one node (or a head group).")
+@click.option("--head-groups", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Nodes that split each span's attention heads and MLP (a head group); 1: whole blocks.")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=120, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--top-k", type=int, default=40, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
-def demo(prompt: str, model_dir: Path | None, nodes: int, max_new_tokens: int, temperature: float,
+def demo(prompt: str, model_dir: Path | None, nodes: int, head_groups: int, max_new_tokens: int, temperature: float,
          top_k: int, seed: int | None, as_json: bool) -> None:
     """Start a local swarm of NODES nodes on the demo model and generate from PROMPT (default "ROMEO:")."""
     from nanoswarm.client.api import SwarmModel
     from nanoswarm.client.generate import SamplingParams
     from nanoswarm.keys.contact import endpoint_of
-    from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
+    from nanoswarm.node.cluster import LocalCluster, span_of, swarm_specs
     from nanoswarm.shards.demo import demo_model_dir
     from nanoswarm.shards.manifest import read_manifest
 
     sampling = SamplingParams(temperature, top_k, None, seed)  # bad values fail before any node starts
     model_dir = model_dir or demo_model_dir()
-    n_layer = read_manifest(model_dir).config.n_layer
+    config = read_manifest(model_dir).config
     # The nodes' own logs would drown the text on the terminal: they go to a file unless -v.
     verbose = logging.getLogger().level < logging.WARNING
-    specs = [NodeSpec(r) for r in even_split(n_layer, nodes)]  # a bad --nodes fails before the log exists
+    try:  # a bad --nodes or --head-groups fails before the log exists
+        specs = swarm_specs(config.n_layer, config.n_head, nodes, head_groups)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     log_file = None if verbose else tempfile.NamedTemporaryFile("w", prefix="nanoswarm-demo-", suffix=".log",
                                                                 delete=False)
     harness = LocalCluster(model_dir, specs, threads=1, stderr=log_file)
-    click.echo(f"starting {nodes} local nodes for {model_dir}"
+    click.echo(f"starting {len(specs)} local nodes for {model_dir}"
                + (f" (node logs: {log_file.name})" if log_file else "") + " ...", err=True)
     done = False
     try:
         with harness:
             for n in harness.nodes:
-                click.echo(f"  node {endpoint_of(n.address)} layers {n.spec.layers[0]}:{n.spec.layers[1]}", err=True)
+                click.echo(f"  node {endpoint_of(n.address)} {span_of(n.spec)}", err=True)
             model = SwarmModel.connect(model_dir, peers=harness.addresses)
             try:
                 run_generation(model, prompt, max_new_tokens, sampling, as_json)
@@ -161,7 +175,10 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
 @click.command()
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--peers", default=None, help="Comma-separated node contacts; default: start a local swarm.")
-@click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True, help="Size of the local swarm.")
+@click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Layer spans of the local swarm, each served by one node (or a head group).")
+@click.option("--head-groups", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Nodes that split each span's attention heads and MLP (a head group); 1: whole blocks.")
 @click.option("--node-args", default="", help="Options for the started nodes, e.g. '--max-sessions 32'.")
 @click.option("--sessions", type=click.IntRange(min=1), default=16, show_default=True,
               help="Concurrent client sessions.")
@@ -180,8 +197,8 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
               help="Use this identity's CURVE key (private swarms); default: fresh keys.")
 @click.option("--insecure", is_flag=True, help="Allow unencrypted links to nodes that run without a key.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
-def load(model_dir: Path, peers: str | None, nodes: int, node_args: str, sessions: int, duration: float,
-         prompt_tokens: int, new_tokens: int, max_length: int | None, timeout: float, no_verify: bool,
+def load(model_dir: Path, peers: str | None, nodes: int, head_groups: int, node_args: str, sessions: int,
+         duration: float, prompt_tokens: int, new_tokens: int, max_length: int | None, timeout: float, no_verify: bool,
          tolerance: float | None, key_file: Path | None, insecure: bool, as_json: bool) -> None:
     """Concurrent sessions against a swarm: served, refused, failed, latency, node memory.
     Exits 1 unless nothing failed, no node crashed, memory stayed bounded and logits matched."""
@@ -192,7 +209,7 @@ def load(model_dir: Path, peers: str | None, nodes: int, node_args: str, session
     from nanoswarm.node.daemon import raise_fd_limit
 
     raise_fd_limit()  # every session holds a link (and its monitor) to each node of its route
-    report = run_load(LoadOptions(model_dir, peer_list(peers), nodes, shlex.split(node_args),
+    report = run_load(LoadOptions(model_dir, peer_list(peers), nodes, head_groups, shlex.split(node_args),
                                   sessions=sessions, duration=duration, prompt_tokens=prompt_tokens,
                                   new_tokens=new_tokens, max_length=max_length, timeout=timeout,
                                   verify=not no_verify, tolerance=tolerance, client_keys=client_keys(key_file),

@@ -95,11 +95,12 @@ class SwarmModel:
         return cls(model_dir, manifest, swarm, device=device)
 
     @classmethod
-    def local(cls, model_dir: str | Path) -> SwarmModel:
-        """Everything in this process: the reference the swarm must match."""
+    def local(cls, model_dir: str | Path, device: torch.device | str = "cpu") -> SwarmModel:
+        """Everything in this process: the reference the swarm must match. The blocks run on the
+        CPU, the head on `device`, as a swarm client's."""
         manifest = read_manifest(model_dir)
         blocks = load_blocks(model_dir, 0, manifest.config.n_layer, manifest=manifest)
-        return cls(model_dir, manifest, None, LocalStage(blocks))
+        return cls(model_dir, manifest, None, LocalStage(blocks), device=device)
 
     def session(self, max_length: int, on_failover: Callable[[str], None] | None = None) -> InferenceSession:
         with self._lock:

@@ -49,7 +49,8 @@ REFUSALS = (*CANNOT_TAKE, "leaving")  # clean refusals: the client may retry or 
 class LoadOptions:
     model_dir: Path
     peers: list[str] = field(default_factory=list)      # node contacts; empty: start a local swarm
-    nodes: int = 2                                       # size of the local swarm
+    nodes: int = 2                                       # layer spans of the local swarm
+    head_groups: int = 1                                 # nodes that split each span's heads; 1: whole
     node_args: list[str] = field(default_factory=list)   # further `nanoswarm node` options (limits)
     node_threads: int = 1                                # torch threads per started node
     sessions: int = 16                                   # concurrent client sessions
@@ -299,13 +300,13 @@ def run_load(opts: LoadOptions) -> LoadReport:
     if opts.max_length is not None and opts.max_length < used:
         raise ValueError(f"--max-length {opts.max_length} is shorter than a session's {used} positions "
                          "(prompt plus new tokens)")
-    if opts.peers and opts.node_args:
-        raise ValueError("--node-args applies to the swarm load starts, not to --peers")
+    if opts.peers and (opts.node_args or opts.head_groups != 1):
+        raise ValueError("--node-args and --head-groups apply to the swarm load starts, not to --peers")
     cluster = None
     contacts, pids = list(opts.peers), {}
     if not contacts:
-        from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
-        cluster = LocalCluster(opts.model_dir, [NodeSpec(r) for r in even_split(config.n_layer, opts.nodes)],
+        from nanoswarm.node.cluster import LocalCluster, swarm_specs
+        cluster = LocalCluster(opts.model_dir, swarm_specs(config.n_layer, config.n_head, opts.nodes, opts.head_groups),
                                threads=opts.node_threads, args=list(opts.node_args)).start()
         contacts = cluster.addresses
         pids = {n.address: n.pid for n in cluster.nodes}

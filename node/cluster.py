@@ -31,7 +31,7 @@ class NodeSpec:
     args: list[str] = field(default_factory=list)  # further `nanoswarm node` options
 
 
-def _span(spec: NodeSpec) -> str:
+def span_of(spec: NodeSpec) -> str:
     """'layers 0:2 heads 0:6', half-open like the CLI; 'auto' for a node that chooses."""
     if spec.layers is None:
         return "auto"
@@ -39,10 +39,11 @@ def _span(spec: NodeSpec) -> str:
     return text if spec.heads is None else f"{text} heads {spec.heads[0]}:{spec.heads[1]}"
 
 
-def even_split(n_layer: int, n_nodes: int) -> list[tuple[int, int]]:
-    """Blocks 0..n_layer split into n_nodes contiguous ranges whose sizes differ by at most 1."""
+def even_split(n_layer: int, n_nodes: int, what: str = "blocks") -> list[tuple[int, int]]:
+    """Blocks (or heads) 0..n_layer split into n_nodes contiguous ranges whose sizes differ by at
+    most 1."""
     if not 1 <= n_nodes <= n_layer:
-        raise ValueError(f"cannot split {n_layer} blocks over {n_nodes} nodes")
+        raise ValueError(f"cannot split {n_layer} {what} over {n_nodes} nodes")
     base, extra = divmod(n_layer, n_nodes)
     out, start = [], 0
     for i in range(n_nodes):
@@ -50,6 +51,17 @@ def even_split(n_layer: int, n_nodes: int) -> list[tuple[int, int]]:
         out.append((start, stop))
         start = stop
     return out
+
+
+def swarm_specs(n_layer: int, n_head: int, spans: int, head_groups: int = 1) -> list[NodeSpec]:
+    """A local swarm: the blocks split evenly into `spans` layer ranges, each served whole, or
+    with `head_groups` > 1 by that many nodes that split its heads evenly (a head group)."""
+    if not 1 <= spans <= n_layer:
+        raise ValueError(f"--nodes {spans}: the model has {n_layer} blocks, so from 1 to {n_layer}")
+    if not 1 <= head_groups <= n_head:
+        raise ValueError(f"--head-groups {head_groups}: the model has {n_head} heads, so from 1 to {n_head}")
+    heads = [None] if head_groups == 1 else even_split(n_head, head_groups, "heads")
+    return [NodeSpec(r, h) for r in even_split(n_layer, spans) for h in heads]
 
 
 def _child_setup(cpus: frozenset[int] | None):
@@ -207,9 +219,9 @@ class LocalCluster:
             try:
                 line = node.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise TimeoutError(f"node {_span(node.spec)} did not start within {timeout:.0f}s") from None
+                raise TimeoutError(f"node {span_of(node.spec)} did not start within {timeout:.0f}s") from None
             if line is None:
-                raise RuntimeError(f"node {_span(node.spec)} exited with code {node.proc.wait()} "
+                raise RuntimeError(f"node {span_of(node.spec)} exited with code {node.proc.wait()} "
                                    "before listening")
             if line.startswith("listening "):
                 return line.split(" ", 1)[1].strip()

@@ -101,7 +101,8 @@ def test_bad_options_fail_in_one_line_before_anything_starts(tmp_path):
                           (["--tokens", "0"], "'--tokens': 0 is not in the range x>=1"),
                           (["--head-groups", "-1"], "'--head-groups': -1 is not in the range x>=0"),
                           (["--stages", "5"], "--stages 5: the model has 4 blocks, so from 1 to 4"),
-                          (["--head-groups", "1"], "--head-groups 1 would be a plain layer stage")):
+                          (["--head-groups", "1"], "--head-groups 1 would be a plain layer stage"),
+                          (["--head-groups", "5"], "--head-groups 5: the model has 4 heads, so from 2 to 4")):
         runs.append((["bench", "--shape", "tiny", "--quick", "--work-dir", str(tmp_path), *args], message))
     # In this process (the same click group and failure reporting as the command's): nine
     # subprocesses spent ~11 s importing torch, for failures that come before any work.

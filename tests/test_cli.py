@@ -58,6 +58,12 @@ def test_cluster_generate_and_clean_stop(tiny_model_dir, tmp_path):
         args = ["generate", "To be", "--model", str(tiny_model_dir), "--peers", ",".join(addresses),
                 "--temperature", "0", "--max-new-tokens", "12"]
         out, *json_outs = run_clis(args, [*args, "--json", "--relay"], [*args, "--json", "--no-relay"])
+        from click.testing import CliRunner
+
+        from nanoswarm import cli
+        alone = CliRunner().invoke(cli.main, ["generate", "To be", "--model", str(tiny_model_dir), "--local",
+                                              "--temperature", "0", "--max-new-tokens", "12"])
+        assert alone.exit_code == 0 and alone.stdout == out.stdout, alone.stderr  # the reference, from the CLI
         assert out.returncode == 0, out.stderr
         assert out.stdout == "To be" + local.text + "\n"  # stdout carries only the text
         assert "route:" in out.stderr
@@ -75,11 +81,12 @@ def test_cluster_generate_and_clean_stop(tiny_model_dir, tmp_path):
 
 
 def test_cluster_json_is_one_object_once_every_node_serves(tiny_model_dir):
-    proc = subprocess.Popen([*CLI, "cluster", str(tiny_model_dir), "--nodes", "2", "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    # One span served by a head group of two (--head-groups): each node holds half the heads.
+    proc = subprocess.Popen([*CLI, "cluster", str(tiny_model_dir), "--nodes", "1", "--head-groups", "2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         ready = json.loads(proc.stdout.readline())
-        assert [n["layers"] for n in ready["nodes"]] == [[0, 2], [2, 4]]
+        assert [(n["layers"], n["heads"]) for n in ready["nodes"]] == [([0, 4], [0, 2]), ([0, 4], [2, 4])]
         assert all(pid_alive(n["pid"]) and "#" in n["contact"] for n in ready["nodes"])
         out = run_cli("peers", "--bootstrap", ready["nodes"][0]["contact"], "--json", timeout=60)
         assert len(json.loads(out.stdout)["models"][0]["peers"]) == 2
