@@ -47,7 +47,8 @@ def swarm_report(table: RecordTable, n_layers: dict[str, int] | None = None, mod
     for mid, records in sorted(by_model.items()):
         known = (n_layers or {}).get(mid)
         n_layer = known or max((r.layers[1] for r in records), default=0)
-        n_head = (n_heads or {}).get(mid) or max((r.heads[1] for r in records if r.heads), default=0)
+        head_known = (n_heads or {}).get(mid)
+        n_head = head_known or max((r.heads[1] for r in records if r.heads), default=0)
         routable = routable_blocks(records, n_layer, n_head)
         # Throughput by the placement rule: whole-block peers, plus the slowest member of the best
         # head group that holds every head (a head shard alone runs no block).
@@ -57,6 +58,8 @@ def swarm_report(table: RecordTable, n_layers: dict[str, int] | None = None, mod
                 cover[i][1] += 1
         out.append({
             "model_id": mid, "n_layer": n_layer, "n_layer_known": known is not None,
+            # 0: no head shards, and no head count was given
+            "n_head": n_head, "n_head_known": head_known is not None,
             "peers": [{"peer_id": r.peer_id, "contact": record_contact(r), "address": r.address,
                        "layers": list(r.layers), "heads": list(r.heads) if r.heads else None,
                        "throughput": r.throughput, "load": r.load, "age": record_age(r, now),
@@ -92,5 +95,7 @@ def format_report(report: list[dict]) -> str:
             lines.append(f"    blocks {i}:{j + 1:<4} {cov[i]['throughput']:>8.1f} tokens/s  "
                          f"{n} peer{'' if n == 1 else 's'}")
             i = j + 1
-        lines.append(f"  gaps: {', '.join(m['gaps']) if m['gaps'] else 'none'}")
+        guessed = "" if m["n_head_known"] or not any(p["heads"] for p in m["peers"]) else (
+            f" (if the model has {m['n_head']} heads, the most any head shard serves: --model to know)")
+        lines.append(f"  gaps: {', '.join(m['gaps']) if m['gaps'] else 'none'}{guessed}")
     return "\n".join(lines) if lines else "no records"
