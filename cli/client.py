@@ -79,12 +79,16 @@ def run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: b
     notices = lambda line: click.echo(line, err=True)  # noqa: E731
     stream = model.stream(prompt, max_new_tokens, sampling, result, on_failover=notices)
     if as_json:
+        error = None
         try:
             for _ in stream:
                 pass
+        except Exception as e:
+            error = str(e)  # on stderr as well, as the command's one error line
+            raise
         finally:  # stopped (Ctrl-C, SIGTERM) or failed midway too: what came so far, stop_reason ""
             if result.route or result.stop_reason:  # a generation began (not a bad prompt, no route)
-                click.echo(json.dumps(result.to_json()))
+                click.echo(json.dumps(result.to_json() | ({"error": error} if error else {})))
     else:
         first = True
         try:

@@ -130,7 +130,7 @@ def test_signals_end_commands_as_ctrl_c_does(tiny_model_dir, tmp_path):
         gen.send_signal(signal.SIGTERM)
         assert gen.wait(30) == 128 + signal.SIGTERM
         partial = json.loads(gen.stdout.read())
-        assert partial["stop_reason"] == "" and partial["ids"] and partial["text"]
+        assert partial["stop_reason"] == "" and partial["ids"] and partial["text"] and "error" not in partial
     finally:
         probe.close()
         children = children_of(proc.pid)  # the node launcher among them (node/launcher.py)
@@ -417,6 +417,25 @@ def test_a_route_that_fails_for_a_peer_it_could_not_use_says_so_once(tiny_model_
     out = run_cli("generate", "x " * 200, "--model", str(tiny_model_dir), "--json",
                   "--peers", ",".join(swarm.addresses), timeout=60)
     assert "tokens; the model's context is" in one_error_line(out) and out.stdout == ""
+    # Failed midway (the only peer of blocks 2:4 killed): what came so far, and why it ended
+    probe = PeerConnection(swarm.addresses[1], timeout=10)
+    try:
+        before = probe.request("info").fields["stats"]["tokens"]
+        gen = subprocess.Popen([*CLI, "generate", "To be", "--model", str(tiny_model_dir), "--json", "--peers",
+                                ",".join(swarm.addresses), "--max-new-tokens", "100000", "--temperature", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        # (closely watched: its 125 tokens take the tiny model well under a second)
+        while probe.request("info").fields["stats"]["tokens"] < before + 3 and time.monotonic() < deadline:
+            time.sleep(0.002)
+    finally:
+        probe.close()
+    swarm.kill(1, signal.SIGKILL)
+    out, err = gen.communicate(timeout=60)
+    assert out, err
+    failed = json.loads(out)
+    assert gen.returncode == 1 and failed["stop_reason"] == "" and failed["ids"]
+    assert "no peer serves layers 2:4" in failed["error"] and err.splitlines()[-1] == f"error: {failed['error']}"
 
 @pytest.mark.slow
 def test_node_refuses_addresses_no_peer_could_use(tiny_model_dir, tmp_path):
