@@ -121,7 +121,9 @@ class Failover:
         self._replayed_outputs(k, out)
         self.relaying.retry_before(self.stages, i)
         ms = (time.perf_counter() - t0) * 1000
-        notice = (f"failover: {error.address} (layers {old.start}:{old.stop}) {error.code}; "
+        heads = next((f" heads {h[0]}:{h[1]}" for conn, h in getattr(old, "members", ())
+                      if conn.address == error.address), "")  # a head group's member: which heads it held
+        notice = (f"failover: {error.address} (layers {old.start}:{old.stop}{heads}) {error.code}; "
                   f"replayed {self.pos} positions to {', '.join(p for s in new_stages for p in s.peers)} "
                   f"in {ms:.0f} ms")
         if self.on_failover:  # the user's own notice (the CLI's stderr line): not logged twice
