@@ -118,12 +118,18 @@ def candidate_stages(peers: list[PeerInfo], pos: int, stop: int, n_head: int,
     return out
 
 
-def _uncovered_detail(peers: list[PeerInfo], uncovered: list[int]) -> str:
-    """Say so when head shards serve an uncovered block but do not add up to all its heads."""
+def _uncovered_detail(peers: list[PeerInfo], uncovered: list[int], n_head: int) -> str:
+    """Say so when head shards serve an uncovered block but do not add up to all its heads, and
+    which heads no one serves there (at the first such block)."""
     partial = [i for i in uncovered if any(p.heads is not None and p.layers[0] <= i < p.layers[1] for p in peers)]
     if not partial:
         return ""
-    return f" (head shards of layers {format_layers(partial)} do not cover every head)"
+    served = {h for p in peers if p.heads is not None and p.layers[0] <= partial[0] < p.layers[1]
+              for h in range(*p.heads)}
+    missing = [h for h in range(n_head) if h not in served]
+    why = (f": heads {format_layers(missing)} of layer {partial[0]} served by no one" if missing
+           else ": their head ranges overlap without partitioning them")
+    return f" (head shards of layers {format_layers(partial)} do not cover every head{why})"
 
 
 def build_route(peers: list[PeerInfo], n_layer: int, n_head: int,
@@ -148,4 +154,4 @@ def build_route(peers: list[PeerInfo], n_layer: int, n_head: int,
         return best[stop][1]
     # Every servable block starts some stage, so blocks are reachable exactly when covered.
     uncovered = [i for i in range(start, stop) if not candidate_stages(peers, i, stop, n_head)]
-    raise RouteError(uncovered, _uncovered_detail(peers, uncovered))
+    raise RouteError(uncovered, _uncovered_detail(peers, uncovered, n_head))

@@ -111,8 +111,14 @@ def test_route_groups_members_that_serve_different_blocks():
         same = [PeerInfo("A", "A", "m", (0, 48), (0, 6), rtt=rtt),
                 PeerInfo("B", "B", "m", (0, 48), (6, 12), rtt=0.00684)]
         assert [(p.start, p.stop) for p in build_route(same, 48, 12)] == [(0, 48)]
-    with pytest.raises(RouteError, match=r"layers 0:6 \(head shards of layers 0:6 do not cover every head\)"):
+    with pytest.raises(RouteError, match=r"layers 0:6 \(head shards of layers 0:6 do not cover every head: "
+                                         r"heads 6:7 of layer 0 served by no one\)"):
         build_route([peer("A", (0, 6), (0, 6)), peer("B", (0, 6), (7, 12))], 6, 12)
+    with pytest.raises(RouteError, match=r"layers 3:6 \(head shards of layers 3:6 do not cover every head: "
+                                         r"heads 0:6 of layer 3 served by no one\)"):
+        build_route([peer("A", (0, 3)), peer("B", (3, 6), (6, 12))], 6, 12)
+    with pytest.raises(RouteError, match=r"their head ranges overlap without partitioning them\)"):
+        build_route([peer("A", (0, 6), (0, 7)), peer("B", (0, 6), (6, 12))], 6, 12)
 
 
 def test_members_that_take_few_positions_a_step_get_them_in_pieces(tiny_model_dir, cluster_factory):
