@@ -301,7 +301,8 @@ def run_load(opts: LoadOptions) -> LoadReport:
         raise ValueError(f"--max-length {opts.max_length} is shorter than a session's {used} positions "
                          "(prompt plus new tokens)")
     if opts.peers and (opts.node_args or opts.head_groups != 1):
-        raise ValueError("--node-args and --head-groups apply to the swarm load starts, not to --peers")
+        given = "--node-args applies" if opts.node_args else "--head-groups applies"
+        raise ValueError(f"{given} to the swarm load starts, not to --peers")
     cluster = None
     contacts, pids = list(opts.peers), {}
     if not contacts:

@@ -53,6 +53,7 @@ def test_load_refuses_what_it_cannot_run_in_one_line(tiny_model_dir, cluster_fac
     base = ["load", str(tiny_model_dir), "--sessions", "2", "--duration", "1", "--new-tokens", "4"]
     for args, why in ((["--max-length", "3"], "--max-length 3 is shorter than a session's 12 positions"),
                       (["--peers", swarm.addresses[0], "--node-args", "--max-sessions 2"], "--node-args applies"),
+                      (["--peers", swarm.addresses[0], "--head-groups", "2"], "--head-groups applies"),
                       (["--peers", "garbage"], "garbage"),
                       (["--peers", swarm.addresses[0]], "--insecure"),
                       (["--peers", swarm.addresses[0], "--insecure", "--no-verify"], "no peer serves layers 1:4")):
