@@ -26,8 +26,9 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
     import torch
 
     from nanoswarm.shards.loaders import check_tokenizer_vocab, load_checkpoint
-    from nanoswarm.shards.manifest import parse_head_splits, write_model_dir
+    from nanoswarm.shards.manifest import head_split_pairs, parse_head_splits, write_model_dir
 
+    head_split_pairs(heads_spec, head_groups)  # what can fail before a checkpoint is read
     shards_log = logging.getLogger("nanoswarm.shards")  # its progress lines, -v or not
     shards_log.setLevel(min(shards_log.getEffectiveLevel(), logging.INFO))
     config, state = load_checkpoint(source)

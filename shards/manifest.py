@@ -218,26 +218,37 @@ def validate_head_splits(splits: list[Range], n_head: int) -> list[Range]:
     return ordered
 
 
-def parse_head_splits(spec: str | None, groups: int | None, n_head: int) -> list[Range] | None:
-    """"0:6,6:12" (half-open, a partition of all heads) or `groups` near-equal groups; None if
-    neither is given."""
+def head_split_pairs(spec: str | None, groups: int | None) -> list[tuple[int, ...]]:
+    """What can be checked of a head split before the model's head count is known (the CLI checks
+    it before reading a checkpoint): one form, not both; at least one group; "0:6,6:12" syntax."""
     if spec and groups is not None:
         raise ValueError("give head splits either as ranges or as a number of groups, not both")
-    if groups is not None:  # 0 is a (bad) value, not "not given"
-        if not 1 <= groups <= n_head:
-            raise ValueError(f"head groups must be from 1 to {n_head}, got {groups}")
-        base, extra = divmod(n_head, groups)
-        sizes = [base + (g < extra) for g in range(groups)]  # sizes differ by at most one
-        starts = [sum(sizes[:g]) for g in range(groups)]
-        return [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
+    if groups is not None and groups < 1:  # 0 is a (bad) value, not "not given"
+        raise ValueError(f"head groups must be 1 or more, got {groups}")
     if not spec:
-        return None
+        return []
     try:
         pairs = [tuple(int(x) for x in part.split(":")) for part in spec.split(",")]
     except ValueError as exc:
         raise ValueError(f"head splits {spec!r} must look like 0:6,6:12") from exc
     if any(len(p) != 2 for p in pairs):
         raise ValueError(f"head splits {spec!r} must look like 0:6,6:12")
+    return pairs
+
+
+def parse_head_splits(spec: str | None, groups: int | None, n_head: int) -> list[Range] | None:
+    """"0:6,6:12" (half-open, a partition of all heads) or `groups` near-equal groups; None if
+    neither is given."""
+    pairs = head_split_pairs(spec, groups)
+    if groups is not None:
+        if not 1 <= groups <= n_head:
+            raise ValueError(f"head groups must be from 1 to {n_head}, got {groups}")
+        base, extra = divmod(n_head, groups)
+        sizes = [base + (g < extra) for g in range(groups)]  # sizes differ by at most one
+        starts = [sum(sizes[:g]) for g in range(groups)]
+        return [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
+    if not pairs:
+        return None
     return validate_head_splits(pairs, n_head)  # type: ignore[arg-type]
 
 

@@ -295,13 +295,16 @@ def test_shard_refuses_bad_input_in_one_line(tmp_path):
     save_nanogpt_checkpoint(chars, GPT(chars).flat_state_dict(), tmp_path / "chars.pt")
     torch.manual_seed(0)
     save_nanogpt_checkpoint(TINY, GPT(TINY).flat_state_dict(), tmp_path / "ckpt.pt")
-    text, chars, heads = (one_error_line(out, logs=True) for out in run_clis(
-        ["shard", str(tmp_path / "text.pt"), str(tmp_path / "m")],
-        ["shard", str(tmp_path / "chars.pt"), str(tmp_path / "m")],
-        ["shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--head-groups", "0"]))
+    outs = run_clis(["shard", str(tmp_path / "text.pt"), str(tmp_path / "m")],
+                    ["shard", str(tmp_path / "chars.pt"), str(tmp_path / "m")],
+                    ["shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--head-groups", "5"],
+                    ["shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--heads", "0:2,x"])
+    text, chars, heads, syntax = (one_error_line(out, logs=True) for out in outs)
     assert "not a checkpoint of plain tensors" in text and "weights_only=False" not in text
     assert "vocab_size 65 is smaller than the GPT-2 tokenizer's 50257 ids" in chars
-    assert "head groups must be from 1 to 4, got 0" in heads
+    assert "head groups must be from 1 to 4, got 5" in heads
+    assert "head splits '0:2,x' must look like 0:6,6:12" in syntax
+    assert "reading checkpoint" not in outs[3].stderr  # refused before the checkpoint is read
     assert not (tmp_path / "m").exists()
 
 

@@ -470,8 +470,10 @@ def test_manifest_config_is_bounded_and_its_layers_covered(small_dir):
 
 
 def test_head_groups_zero_is_refused():
-    with pytest.raises(ValueError, match="head groups must be from 1 to 12, got 0"):
+    with pytest.raises(ValueError, match="head groups must be 1 or more, got 0"):
         mf.parse_head_splits(None, 0, 12)
+    with pytest.raises(ValueError, match="head groups must be from 1 to 12, got 13"):
+        mf.parse_head_splits(None, 13, 12)
     with pytest.raises(ValueError, match="not both"):
         mf.parse_head_splits("0:12", 0, 12)
 
