@@ -68,8 +68,9 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
     """Serve blocks of MODEL_DIR to the swarm until SIGTERM or Ctrl-C."""
     import dataclasses
 
-    from nanoswarm.node.daemon import NodeOptions, run_node
+    from nanoswarm.node.daemon import NodeOptions, check_span, run_node
     from nanoswarm.node.sessions import NodeLimits
+    from nanoswarm.shards.manifest import ManifestError
 
     overrides = {k: v for k, v in {
         "max_sessions": max_sessions,
@@ -80,12 +81,19 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
         "max_batch_seconds": max_batch_seconds}.items() if v is not None}
     limits = dataclasses.replace(NodeLimits(), **overrides)
     logging.getLogger("nanoswarm").setLevel(min(logging.getLogger().level, logging.INFO))
-    run_node(NodeOptions(model_dir, parse_range(layers, "--layers"), parse_range(heads, "--heads"), listen,
-                         device, dtype, threads, limits, key_file=key_file,
-                         bootstrap=peer_list(",".join(bootstrap)), allow_keys=allow_keys, insecure=insecure,
-                         ttl=ttl, gossip_interval=gossip_interval, num_blocks=num_blocks,
-                         memory_budget_mb=memory_budget_mb, rebalance_interval=rebalance_interval,
-                         advertise=advertise), functools.partial(_print_ready, as_json))
+    opts = NodeOptions(model_dir, parse_range(layers, "--layers"), parse_range(heads, "--heads"), listen,
+                       device, dtype, threads, limits, key_file=key_file,
+                       bootstrap=peer_list(",".join(bootstrap)), allow_keys=allow_keys, insecure=insecure,
+                       ttl=ttl, gossip_interval=gossip_interval, num_blocks=num_blocks,
+                       memory_budget_mb=memory_budget_mb, rebalance_interval=rebalance_interval,
+                       advertise=advertise)
+    try:  # a range beyond the model is a usage error (exit code 2), as a malformed one is
+        check_span(opts)
+    except ManifestError:
+        raise
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    run_node(opts, functools.partial(_print_ready, as_json))
 
 
 def _print_ready(as_json: bool, ready: dict) -> None:

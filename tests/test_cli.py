@@ -471,8 +471,9 @@ def test_node_refuses_a_device_or_span_it_cannot_use_before_anything_else(tiny_m
     key = tmp_path / "k.key"
     outs = run_clis(*(["node", str(tiny_model_dir), "--layers", "0:2", "--key-file", str(key), *args]
                       for args, _ in cases), timeout=60)
-    for (_, why), out in zip(cases, outs):
+    for (args, why), out in zip(cases, outs):
         assert one_error_line(out).startswith(why), out.stderr
+        assert out.returncode == (2 if args[0] in ("--layers", "--heads") else 1)  # ranges: usage errors
     assert not key.exists()
 
 
