@@ -32,10 +32,11 @@ RECONNECT_MAX_MS = 10_000
 # network) says nothing; a request to it would wait its whole timeout. With heartbeats, ZeroMQ's
 # I/O thread pings the peer (the peer's own I/O thread answers, even in the
 # middle of a forward pass) and drops the connection when nothing at all has come back for the
-# heartbeat, as a closed one: the monitor reports it at once. Nothing comes back while one frame
-# is still arriving either (libzmq cancels the wait per whole message), so a heartbeat must be
-# longer than the largest reply takes on the slowest link (SwarmOptions.silence). Pings go every
-# quarter heartbeat: a peer that stops is noticed within 1-1.25 heartbeats.
+# heartbeat, as a closed one: the monitor reports it at once. Nothing counts while one frame is
+# still arriving (libzmq cancels the wait per whole frame), so tensors travel in frames of at most
+# 256 KiB (protocol/messages.py PART_BYTES): 2 s at 1 Mbit/s, well within a heartbeat of 5 s or
+# more (SwarmOptions.silence). Pings go every quarter heartbeat: a peer that stops is noticed
+# within 1-1.25 heartbeats.
 
 
 @functools.cache

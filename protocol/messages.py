@@ -1,4 +1,4 @@
-"""Messages: a msgpack header frame plus one raw frame per tensor.
+"""Messages: a msgpack header frame plus each tensor's raw bytes, in frames of at most PART_BYTES.
 
 Header: {"v": PROTOCOL_VERSION, "id": request id, "type": message type, ...fields,
          "tensors": [[wire format, [shape...]], ...]}
@@ -16,9 +16,23 @@ import msgpack
 import torch
 
 from .errors import ErrorCode, ProtocolError
-from .tensors import WIRE_FORMATS, all_finite, check_frame, frame_finite, frame_tensor, from_frame, to_frame
+from .tensors import (
+    WIRE_FORMATS,
+    all_finite,
+    check_frame,
+    frame_finite,
+    frame_tensor,
+    from_frame,
+    nbytes_for,
+    to_frame,
+)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: a tensor of more than PART_BYTES comes in several frames
+# A tensor's bytes go in consecutive frames of PART_BYTES, the last holding the rest. ZeroMQ's
+# heartbeats (client/transport.py) count only whole frames as signs of life: one frame of a
+# long prompt's hidden states took longer than a heartbeat on a slow link, and the link was
+# dropped mid-transfer (2.5 MB over 1 Mbit/s: 21 s). A part takes 2 s at 1 Mbit/s.
+PART_BYTES = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_DIMS = 4
 MAX_HOPS = 64  # entries of a relayed step's `next`
@@ -104,7 +118,23 @@ def encode_frames(msg_type: str, req_id: int, fields: dict[str, Any] | None,
     header = {"v": PROTOCOL_VERSION, "id": req_id, "type": msg_type, **(fields or {})}
     if specs:
         header["tensors"] = [list(spec) for spec in specs]
-    return [msgpack.packb(header, use_bin_type=True), *tensor_frames]
+    return [msgpack.packb(header, use_bin_type=True), *(part for f in tensor_frames for part in _parts(f))]
+
+
+def _parts(buf) -> list:
+    """A tensor's frame as the frames it is sent in: itself up to PART_BYTES, else views of
+    PART_BYTES (no copies)."""
+    view = memoryview(buf)
+    if view.nbytes <= PART_BYTES:
+        return [buf]
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return [view[i:i + PART_BYTES] for i in range(0, view.nbytes, PART_BYTES)]
+
+
+def part_count(nbytes: int) -> int:
+    """How many frames a tensor of `nbytes` comes in (one, also when empty)."""
+    return max(1, -(-nbytes // PART_BYTES))
 
 
 def error_frames(req_id: int, code: ErrorCode, message: str) -> list:
@@ -187,29 +217,40 @@ def _check_fields(msg_type: str, schema: dict, fields: dict) -> None:
 def _check_tensors(specs: Any, frames: list, finite: bool) -> tuple[list, list]:
     if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
         raise ProtocolError(ErrorCode.BAD_TENSOR, f"'tensors' must be a list of at most {MAX_TENSORS}")
-    if len(specs) != len(frames):
-        raise ProtocolError(ErrorCode.BAD_TENSOR,
-                            f"header describes {len(specs)} tensors but {len(frames)} frames came")
-    checked, buffers = [], []
-    for spec, frame in zip(specs, frames):
-        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
-                and isinstance(spec[1], list)):
-            raise ProtocolError(ErrorCode.BAD_TENSOR, "a tensor spec must be [format, shape]")
-        wire, shape = spec[0], tuple(spec[1])
-        if wire not in WIRE_FORMATS:
-            raise ProtocolError(ErrorCode.BAD_TENSOR, f"unknown tensor format {wire[:32]!r}")
-        if (len(shape) > MAX_DIMS or not all(isinstance(d, int) and not isinstance(d, bool)
-                                             and 0 <= d < 2**31 for d in shape)):
-            raise ProtocolError(ErrorCode.BAD_TENSOR, f"bad tensor shape {list(shape[:8])!r}")
-        buf = frame.buffer if hasattr(frame, "buffer") else frame
-        check_frame(buf, wire, shape)
+    checked = [_check_spec(spec) for spec in specs]
+    sizes = [nbytes_for(wire, shape) for wire, shape in checked]
+    counts = [1 if n <= PART_BYTES else part_count(n) for n in sizes]
+    if sum(counts) != len(frames):
+        raise ProtocolError(ErrorCode.BAD_TENSOR, f"header describes {len(specs)} tensors in {sum(counts)} "
+                            f"frames (of at most {PART_BYTES} bytes) but {len(frames)} frames came")
+    buffers, first = [], 0
+    for (wire, shape), size, count in zip(checked, sizes, counts):
+        if count == 1:
+            buf = frames[first].buffer if hasattr(frames[first], "buffer") else frames[first]
+        else:  # one copy, of a long prompt's states only
+            buf = b"".join(f.buffer if hasattr(f, "buffer") else f for f in frames[first:first + count])
+        first += count
+        if len(buf) != size:
+            check_frame(buf, wire, shape)  # raises, saying what was expected
         if finite:
             ok = frame_finite(buf, wire)  # numpy on the bytes: no torch call on the hot path
             if not (ok or (ok is None and all_finite(from_frame(buf, wire, shape)))):
                 raise ProtocolError(ErrorCode.BAD_VALUE, "tensor holds NaN or Inf")
-        checked.append((wire, shape))
         buffers.append(buf)
     return checked, buffers
+
+
+def _check_spec(spec: Any) -> tuple[str, tuple[int, ...]]:
+    if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+            and isinstance(spec[1], list)):
+        raise ProtocolError(ErrorCode.BAD_TENSOR, "a tensor spec must be [format, shape]")
+    wire, shape = spec[0], tuple(spec[1])
+    if wire not in WIRE_FORMATS:
+        raise ProtocolError(ErrorCode.BAD_TENSOR, f"unknown tensor format {wire[:32]!r}")
+    if (len(shape) > MAX_DIMS or not all(isinstance(d, int) and not isinstance(d, bool)
+                                         and 0 <= d < 2**31 for d in shape)):
+        raise ProtocolError(ErrorCode.BAD_TENSOR, f"bad tensor shape {list(shape[:8])!r}")
+    return wire, shape
 
 
 def parse_range(value: Any, limit: int, what: str) -> tuple[int, int]:

@@ -610,9 +610,16 @@ def _check_over_maxmsgsize(contact: str) -> None:
     without a reply. The client sees `disconnected` (or a timeout), and its socket reconnects."""
     conn = PeerConnection(contact, timeout=5.0)
     try:
+        # Sent by hand: our own encoder splits a tensor into frames of PART_BYTES.
+        size = zmq_max_msgsize(2**20) // 4 + 1
+        header = msgpack.packb({"v": PROTOCOL_VERSION, "id": 7, "type": "info", "tensors": [["float32", [size]]]})
+        conn.socket.send_multipart([header, bytes(4 * size)])
         with pytest.raises(PeerError) as e:
-            conn.request("info", tensors=[torch.zeros(zmq_max_msgsize(2**20) // 4 + 1)], timeout=3.0)
+            conn.recv(7, timeout=3.0)
         assert e.value.code in ("disconnected", "timeout")
+        # Split into parts, the same bytes are a message like any other: refused, as too large
+        with pytest.raises(PeerError, match="too_large"):
+            conn.request("info", tensors=[torch.zeros(size)], timeout=3.0)
         assert conn.request("info").type == "info_reply"  # the same socket, reconnected
     finally:
         conn.close()

@@ -138,6 +138,31 @@ def test_through_a_message(wire):
 
 
 @pytest.mark.parametrize("wire", WIRE_FORMATS)
+def test_a_large_tensor_goes_in_parts_and_comes_back_whole(wire):
+    """Frames of at most PART_BYTES (ZeroMQ's heartbeats see only whole frames arrive), views of
+    the tensor's bytes, not copies; joined on arrival. A wrong frame count is refused."""
+    from nanoswarm.protocol.messages import PART_BYTES
+
+    small, x = torch.randn(1, 1, 768), torch.randn(1, 400, 768)  # 3 KB; 1.2 MB in float32, 326 KB in q80
+    frames = encode("result", 7, {}, [small, x, small], wire)
+    whole = nbytes_for(wire, tuple(x.shape))
+    parts = frames[2:-1]
+    assert len(parts) == -(-whole // PART_BYTES) and [len(p) for p in parts[:-1]] == [PART_BYTES] * (len(parts) - 1)
+    assert sum(len(p) for p in parts) == whole and len(parts) > 1
+    msg = decode([bytes(f) for f in frames])
+    assert [t.shape for t in msg.tensors] == [small.shape, x.shape, small.shape]
+    assert torch.equal(msg.tensors[1], decode(encode("result", 7, {}, [x], wire)).tensors[0])
+    if wire == "float32":
+        assert torch.equal(msg.tensors[1], x) and torch.equal(msg.tensors[2], small)
+        x.view(-1)[0] = 12.5  # the parts view the tensor's memory
+        assert torch.frombuffer(parts[0], dtype=torch.float32)[0].item() == 12.5
+    for bad in (frames[:-2] + frames[-1:], frames + [b""], [frames[0], *frames[1:2], b"".join(map(bytes, parts)),
+                                                          *frames[-1:]]):
+        with pytest.raises(ProtocolError, match=r"header describes 3 tensors in \d+ frames"):
+            decode(bad)
+
+
+@pytest.mark.parametrize("wire", WIRE_FORMATS)
 def test_wrong_length_is_refused(wire):
     frame = bytes(to_frame(torch.randn(4, 40), wire))
     with pytest.raises(ProtocolError):
