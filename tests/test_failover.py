@@ -67,25 +67,33 @@ def test_sigkill_mid_generation(small12_model_dir, cluster_factory, expected_ids
     assert [r.levelno for r in logged] == [logging.INFO]
 
 
-@pytest.mark.slow
-def test_frozen_peer_times_out_and_fails_over(small12_model_dir, cluster_factory, expected_ids):
-    swarm = cluster_factory(small12_model_dir, two_by_two())
+def generate_with_a_frozen_peer(model_dir, swarm: LocalCluster, notices: list[str],
+                                **kwargs) -> tuple[GenerationResult, int, float]:
+    """generate_with_fault whose fault is a SIGSTOP (undone afterwards): the result, the index
+    of the frozen node and the seconds the whole generation took."""
     frozen = []
 
     def freeze(i):
         frozen.append(i)
         swarm.kill(i, signal.SIGSTOP)
 
-    notices: list[str] = []
     t0 = time.monotonic()
     try:
-        result = generate_with_fault(small12_model_dir, swarm, freeze, notices)
+        result = generate_with_fault(model_dir, swarm, freeze, notices, **kwargs)
     finally:
         for i in frozen:
             swarm.kill(i, signal.SIGCONT)
+    return result, frozen[0], time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_frozen_peer_times_out_and_fails_over(small12_model_dir, cluster_factory, expected_ids):
+    swarm = cluster_factory(small12_model_dir, two_by_two())
+    notices: list[str] = []
+    result, _, seconds = generate_with_a_frozen_peer(small12_model_dir, swarm, notices)
     assert result.ids == expected_ids
     assert result.failovers == 1 and "timeout" in notices[0]
-    assert time.monotonic() - t0 < 60
+    assert seconds < 60
 
 
 @pytest.mark.slow
@@ -96,26 +104,15 @@ def test_frozen_peer_is_dropped_by_heartbeat_long_before_the_timeout(small12_mod
     network looks the same) stops answering ZeroMQ's heartbeats: its connection counts as dropped
     after `heartbeat` seconds, not the step's 60 s timeout, and the tokens are unchanged."""
     swarm = cluster_factory(small12_model_dir, two_by_two())
-    frozen = []
-
-    def freeze(i):
-        frozen.append(i)
-        swarm.kill(i, signal.SIGSTOP)
-
     notices: list[str] = []
-    t0 = time.monotonic()
-    try:
-        # Relayed: the last hop, whose link the step's result would come back on.
-        result = generate_with_fault(small12_model_dir, swarm, freeze, notices,
-                                     pick=lambda route: route[-1 if relay else 0]["peers"][0],
-                                     options=SwarmOptions(timeout=60, heartbeat=1.0, ban_seconds=60, relay=relay))
-    finally:
-        for i in frozen:
-            swarm.kill(i, signal.SIGCONT)
+    # Relayed: the last hop, whose link the step's result would come back on.
+    result, frozen, seconds = generate_with_a_frozen_peer(
+        small12_model_dir, swarm, notices, pick=lambda route: route[-1 if relay else 0]["peers"][0],
+        options=SwarmOptions(timeout=60, heartbeat=1.0, ban_seconds=60, relay=relay))
     assert result.ids == expected_ids
     assert result.failovers == 1 and "disconnected" in notices[0]
-    assert swarm.addresses[frozen[0]] in notices[0] and ("layers 6:12" if relay else "layers 0:6") in notices[0]
-    assert time.monotonic() - t0 < 15  # a default heartbeat (20 s here) or the timeout would not do
+    assert swarm.addresses[frozen] in notices[0] and ("layers 6:12" if relay else "layers 0:6") in notices[0]
+    assert seconds < 15  # a default heartbeat (20 s here) or the timeout would not do
 
 
 def test_replacement_covers_the_range_differently(small12_model_dir, cluster_factory, expected_ids):
