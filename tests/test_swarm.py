@@ -8,7 +8,7 @@ import torch
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.route import RouteError
-from nanoswarm.node.cluster import NodeSpec, even_split
+from nanoswarm.node.cluster import NodeSpec, even_split, swarm_specs
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_model
 
@@ -164,3 +164,15 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_harness_swarms_split_blocks_then_heads():
+    """`cluster`, `demo` and `load`: NODES spans of blocks, each one node or a head group."""
+    assert swarm_specs(4, 4, 2) == [NodeSpec((0, 2)), NodeSpec((2, 4))]
+    assert swarm_specs(4, 3, 2, 2) == [NodeSpec((0, 2), (0, 2)), NodeSpec((0, 2), (2, 3)),
+                                       NodeSpec((2, 4), (0, 2)), NodeSpec((2, 4), (2, 3))]
+    for args, why in (((4, 4, 5), "--nodes 5: the model has 4 blocks, so from 1 to 4"),
+                      ((4, 4, 0), "--nodes 0"), ((4, 4, 1, 5), "--head-groups 5: the model has 4 heads"),
+                      ((4, 4, 1, 0), "--head-groups 0")):
+        with pytest.raises(ValueError, match=why):
+            swarm_specs(*args)
