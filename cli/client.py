@@ -84,7 +84,7 @@ def run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: b
             for _ in stream:
                 pass
         except Exception as e:
-            error = str(e)  # on stderr as well, as the command's one error line
+            error = " ".join((str(e) or type(e).__name__).split())  # as the command's error line says it
             raise
         finally:  # stopped (Ctrl-C, SIGTERM) or failed midway too: what came so far, stop_reason ""
             if result.route or result.stop_reason:  # a generation began (not a bad prompt, no route)

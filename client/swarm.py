@@ -42,6 +42,7 @@ DRAIN_SECONDS = 5.0  # the most time between two reads of every connection's eve
 # The least heartbeat by default: one reply frame must arrive within it (client/transport.py), and
 # a node's I/O thread on a loaded machine must get a core; tests run with short step timeouts.
 HEARTBEAT_MIN_SECONDS = 5.0
+MAX_HEARTBEAT_SECONDS = 3600.0  # libzmq takes the heartbeat in ms as a C int
 REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answers
 
 
@@ -64,8 +65,9 @@ class SwarmOptions:
         if not (isinstance(self.verify, (int, float)) and 0 <= self.verify <= 1):
             raise ValueError(f"verify must be a fraction of steps from 0 to 1, got {self.verify}")
         if self.heartbeat is not None and not (isinstance(self.heartbeat, (int, float))
-                                               and 0.1 <= self.heartbeat <= 3600):
-            raise ValueError(f"heartbeat must be 0.1 to 3600 seconds, got {self.heartbeat}")
+                                               and not isinstance(self.heartbeat, bool)
+                                               and 0.1 <= self.heartbeat <= MAX_HEARTBEAT_SECONDS):
+            raise ValueError(f"heartbeat must be 0.1 to {MAX_HEARTBEAT_SECONDS:g} seconds, got {self.heartbeat}")
 
     @property
     def silence(self) -> float:
@@ -73,7 +75,7 @@ class SwarmOptions:
         or one whose machine left the network, is replaced after this, not after `timeout`."""
         if self.heartbeat is not None:
             return float(self.heartbeat)
-        return max(HEARTBEAT_MIN_SECONDS, self.timeout / 3)
+        return min(MAX_HEARTBEAT_SECONDS, max(HEARTBEAT_MIN_SECONDS, self.timeout / 3))
 
 
 @dataclass

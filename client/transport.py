@@ -109,12 +109,16 @@ class PeerConnection:
         # killed peer costs milliseconds, not the whole timeout. So does an address where nothing
         # listens (a record of a peer that died or moved): its connect is refused and retried.
         self.monitor = self.socket.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         if heartbeat is not None:
             self.socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat * 1000 / 4))
             self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat * 1000))
+            # Heartbeats start after the handshake: a peer frozen before it (its kernel still
+            # takes the TCP connection) gets as long to finish the handshake, not 30 s.
+            self.socket.setsockopt(zmq.HANDSHAKE_IVL, int(heartbeat * 1000))
         self._connected = False  # once: a later refusal is a drop, reported as one
+        self._handshaken = False  # the current connection finished its handshake: heartbeats run
         self._dropped: tuple[str, str] | None = None  # what the monitor said, until take() reports it
         self._poller = zmq.Poller()
         self.register(self._poller)
@@ -207,14 +211,21 @@ class PeerConnection:
             event = parse_monitor_message(self.monitor.recv_multipart())["event"]
             if event == zmq.EVENT_CONNECTED:
                 self._connected = True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshaken = True
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 if not self._connected and self._dropped is None:  # never reached: nothing listens there
                     self._dropped = ("unreachable", "connection refused: nothing listens there")
-            elif self.heartbeat is None:
-                self._dropped = ("disconnected", "connection closed by the peer")
-            else:
-                self._dropped = ("disconnected", "connection lost: closed by the peer, or no answer "
-                                 f"to heartbeats for {self.heartbeat:g}s")
+            else:  # the first drop until reported: reconnects to a frozen peer drop again, in the handshake
+                self._dropped = self._dropped or ("disconnected", self._why_dropped())
+                self._handshaken = False
+
+    def _why_dropped(self) -> str:
+        if self.heartbeat is None:
+            return "connection closed by the peer"
+        if self._handshaken:
+            return f"connection lost: closed by the peer, or no answer to heartbeats for {self.heartbeat:g}s"
+        return f"connection closed during the handshake: refused by the peer, or no answer for {self.heartbeat:g}s"
 
     @property
     def dropped(self) -> bool:

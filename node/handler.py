@@ -65,6 +65,7 @@ class RequestHandler:
         self.peer_id = peer_id
         self.limits = limits or NodeLimits()
         self.sessions = SessionStore(self.limits)
+        self._emptied_at = -1  # reserved GPU bytes after the last empty_cache (expire_idle)
         self.stats = NodeStats()
         self.steps = StepRunner(blocks, self.sessions, self.limits, self.stats)
         self.head_shard = self.steps.head_shard
@@ -320,12 +321,15 @@ class RequestHandler:
         expired = self.sessions.expire_idle()
         if expired:
             log.info("reclaimed %d idle sessions", len(expired))
-        if self.device.type == "cuda" and not self.sessions.sessions and \
-                torch.cuda.memory_reserved(self.device) > torch.cuda.memory_allocated(self.device):
-            # Closed sessions' caches stay in torch's caching allocator, held from every other
-            # process on the GPU until this one exits; an idle node gives them back, as a CPU
-            # node returns its unused cache maps to the OS (node/sessions.py).
-            torch.cuda.empty_cache()
+        if self.device.type == "cuda" and not self.sessions.sessions:
+            reserved = torch.cuda.memory_reserved(self.device)
+            if reserved > torch.cuda.memory_allocated(self.device) and reserved != self._emptied_at:
+                # Closed sessions' caches stay in torch's caching allocator, held from every other
+                # process on the GPU until this one exits; an idle node gives them back, as a CPU
+                # node returns its unused cache maps to the OS (node/sessions.py). Once for what
+                # is held: free space within segments the weights use cannot be given back.
+                torch.cuda.empty_cache()
+                self._emptied_at = torch.cuda.memory_reserved(self.device)
         return expired
 
     def measure_throughput(self, seconds: float = 0.3) -> float:

@@ -282,9 +282,20 @@ class StepRunner:
     def note_error(self, e: Exception) -> None:
         """Keep why the device failed, if `e` says it did: the node then has to stop (its server
         reads `device_failure`), or it would stay on every route and answer `internal` forever."""
-        if isinstance(e, DEVICE_ERRORS) and self.device_failure is None:
+        if isinstance(e, DEVICE_ERRORS) and self.device_failure is None and not self.device_works():
             first = str(e).strip().splitlines()[:1]
             self.device_failure = f"{type(e).__name__} on {self.device}" + (f": {first[0]}" if first else "")
+
+    def device_works(self) -> bool:
+        """Whether a tiny kernel still runs: some CUDA errors (a launch out of resources, a bad
+        configuration) end one call only; a lost context fails every later one."""
+        try:
+            torch.ones(1, device=self.device).add_(1)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return True
+        except Exception:  # noqa: BLE001 - any failure says the device is gone
+            return False
 
     def _overloaded(self) -> bool:
         """This batch has computed for max_batch_seconds: its other requests, and those queued behind

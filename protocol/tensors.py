@@ -1,4 +1,5 @@
-"""Tensors on the wire: each tensor is one raw ZeroMQ frame, described in the header.
+"""Tensors on the wire: each tensor's raw bytes, described in the header (sent in frames of at
+most 256 KiB: protocol/messages.py).
 
 Wire formats:
 - float32, float16, bfloat16: the tensor's bytes, little-endian, C order. float32 is exact.

@@ -853,7 +853,8 @@ def test_heartbeats_drop_an_idle_link_to_a_frozen_peer_and_say_so():
 
     assert SwarmOptions(timeout=30).silence == 10 and SwarmOptions(heartbeat=2).silence == 2
     assert SwarmOptions(timeout=3).silence == HEARTBEAT_MIN_SECONDS
-    for bad in (0, -1, float("nan"), "5"):
+    assert SwarmOptions(timeout=1e7).silence == 3600  # libzmq's ms are a C int
+    for bad in (0, -1, float("nan"), "5", True, 1e7):
         with pytest.raises(ValueError, match="heartbeat must be"):
             SwarmOptions(heartbeat=bad)
     peer = subprocess.Popen([sys.executable, "-c", "import sys, zmq\n"
@@ -874,6 +875,17 @@ def test_heartbeats_drop_an_idle_link_to_a_frozen_peer_and_say_so():
         with pytest.raises(PeerError, match="no answer to heartbeats for 0.5s") as e:
             conn.request("info")
         assert e.value.code == "disconnected" and time.monotonic() - t0 < 1.0
+        # A link made after the peer froze: its kernel takes the TCP connection, the handshake
+        # never ends, and heartbeats would start only after it: it gets as long as a heartbeat.
+        late = PeerConnection(conn.address, timeout=30.0, heartbeat=0.5)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(PeerError, match="closed during the handshake: refused by the peer, or no answer "
+                                                "for 0.5s") as e:
+                late.request("info")
+        finally:
+            late.close()
+        assert e.value.code == "disconnected" and time.monotonic() - t0 < 5.0
     finally:
         peer.kill()
         peer.wait()

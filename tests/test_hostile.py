@@ -824,6 +824,12 @@ def test_a_node_whose_device_failed_leaves_with_the_reason(tiny_model_dir, monke
         serving.join(0.3)
         assert serving.is_alive() and node.failure is None  # a step that went well: nothing to report
         monkeypatch.setattr(handler.steps, "_compute", lost)
+        # An error that ends one call only (a tiny kernel still runs): answered, the node stays
+        with pytest.raises(PeerError, match="internal"):
+            conn.request("step", {"session": session, "pos": 1}, [hidden(1)])
+        serving.join(0.3)
+        assert serving.is_alive() and node.failure is None
+        monkeypatch.setattr(handler.steps, "device_works", lambda: False)  # the context is lost
         with pytest.raises(PeerError) as e:
             conn.request("step", {"session": session, "pos": 1}, [hidden(1)])
         assert e.value.code == "internal"
