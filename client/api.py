@@ -103,14 +103,23 @@ class SwarmModel:
         return cls(model_dir, manifest, None, LocalStage(blocks), device=device)
 
     def session(self, max_length: int, on_failover: Callable[[str], None] | None = None) -> InferenceSession:
+        """A session of up to `max_length` positions, stepped by hand (`step`, then `close`). Its
+        steps take turns with other threads' (the model's lock)."""
+        context = self.config.block_size
+        if type(max_length) is not int or not 1 <= max_length <= context:
+            raise ValueError(f"max_length must be a whole number from 1 to the model's context {context}, "
+                             f"got {max_length!r}")
         with self._lock:
             if self.closed:
                 raise RuntimeError("this SwarmModel is closed")
             if self._local is not None:
                 stage = LocalStage(self._local.blocks)  # a cache of its own: sessions may interleave
                 stage.open(max_length)
-                return InferenceSession([stage], max_length)
-            return InferenceSession.open(self.swarm, max_length, on_failover=on_failover)
+                session = InferenceSession([stage], max_length)
+            else:
+                session = InferenceSession.open(self.swarm, max_length, on_failover=on_failover)
+            session.width, session.lock = self.config.n_embd, self._lock
+            return session
 
     def stream(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
                result: GenerationResult | None = None, keep_logits: bool = False,
@@ -119,6 +128,10 @@ class SwarmModel:
         stream from one SwarmModel at once (their steps take turns); `close` ends them all."""
         # "<|endoftext|>" in the prompt is plain text: text an application passes on from its
         # users cannot end a document early. An empty prompt starts from the special token.
+        if not isinstance(prompt, str):
+            raise TypeError(f"the prompt must be text (str), got {type(prompt).__name__}")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
         ids = encode(prompt) or [EOT_TOKEN]
         requested, max_new_tokens = max_new_tokens, self._new_tokens(ids, max_new_tokens)
         result = result if result is not None else GenerationResult(prompt, ids)
@@ -167,8 +180,8 @@ class SwarmModel:
     def _new_tokens(self, ids: list[int], max_new_tokens: int) -> int:
         """How many tokens to generate: max_new_tokens, capped by the context. ValueError for a
         prompt the model cannot take."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if type(max_new_tokens) is not int or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
         vocab, context = self.config.vocab_size, self.config.block_size
         bad = next((t for t in ids if t >= vocab), None)
         if bad is not None:  # the embedding has no row for it: say so before any peer is asked

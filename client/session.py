@@ -19,6 +19,8 @@ after it rebuilt from the client's own outputs.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 
 import torch
@@ -68,6 +70,11 @@ class InferenceSession(Failover):
         self.outputs = History()  # the last stage's outputs, for spot checks of it (client/verify.py)
         self.spot_checks = 0
         self.wrong_results = 0  # spot checks a stage failed (each failed over)
+        self.width: int | None = None  # the model's n_embd, when known: a step's input is checked here
+        # The swarm's sockets are one thread's at a time: SwarmModel.session gives its sessions the
+        # model's lock, so hand-stepped sessions take turns with other threads' generations.
+        self.lock: threading.RLock | contextlib.nullcontext = contextlib.nullcontext()
+        self.closed = False
 
     @classmethod
     def open(cls, swarm: Swarm, max_length: int, **kwargs) -> InferenceSession:
@@ -110,6 +117,24 @@ class InferenceSession(Failover):
 
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Positions pos..pos+T-1 through every stage; returns the last stage's output."""
+        self._check_input(hidden)
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("this session is closed")
+            return self._step(hidden)
+
+    def _check_input(self, hidden: object) -> None:
+        """A caller's mistake is the caller's, refused here: sent, a node would refuse it, and its
+        peer would be failed over and banned as if it had erred."""
+        width = self.width if self.width is not None else "n_embd"
+        if not (isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and hidden.dim() == 3
+                and hidden.shape[0] == 1 and hidden.shape[1] >= 1
+                and (self.width is None or hidden.shape[2] == self.width)):
+            got = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise ValueError(f"a step takes hidden states of shape [1, positions >= 1, {width}] "
+                             f"(floating point), got {got}")
+
+    def _step(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.swarm is not None:
             self.swarm.drain_events()
         T = hidden.shape[1]
@@ -285,5 +310,7 @@ class InferenceSession(Failover):
                 f"{self.swarm.options.wire} wire")
 
     def close(self) -> None:
-        for stage in self.stages:
-            stage.close()
+        with self.lock:
+            self.closed = True
+            for stage in self.stages:
+                stage.close()

@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from conftest import TINY, make_model_dir
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
+from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.shards.model import ModelConfig
 from nanoswarm.shards.tokenizer import EOT_TOKEN
 
@@ -50,8 +52,38 @@ def test_zero_new_tokens_generate_nothing_and_open_no_session(tiny_model_dir):
 
 
 def test_negative_new_tokens_are_refused(tiny):
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+    with pytest.raises(ValueError, match="max_new_tokens must be a whole number >= 0, got -5"):
         tiny.generate("ROMEO:", -5, GREEDY)
+
+
+def test_a_callers_mistakes_are_refused_before_any_peer_is_asked(tiny_model_dir, cluster_factory):
+    """Sent, a node would refuse them, and the client would fail its honest peer over and ban
+    it: the model stopped working for the ban's 30 s after one `generate(prompt, 5.5)` (a review)."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    try:
+        for call, error, why in ((lambda: model.generate("x", 5.5), ValueError, "max_new_tokens must be a whole"),
+                                 (lambda: model.generate("x", True), ValueError, "max_new_tokens"),
+                                 (lambda: model.generate(b"x", 5), TypeError, "the prompt must be text"),
+                                 (lambda: model.generate("x", 5, {"temperature": 0}), TypeError, "SamplingParams"),
+                                 (lambda: model.session(0), ValueError, "max_length must be a whole number from 1"),
+                                 (lambda: model.session(TINY.block_size + 1), ValueError, "max_length"),
+                                 (lambda: model.session(5.5), ValueError, "max_length")):
+            with pytest.raises(error, match=why):
+                call()
+        session = model.session(8)
+        x = model.client.embed([1, 2, 3], 0)
+        for bad in (torch.zeros(1, 3, 7), x[:, :0], x[0], x.long(), "x"):
+            with pytest.raises(ValueError, match=r"a step takes hidden states of shape \[1, positions >= 1, 64\]"):
+                session.step(bad)
+        assert session.step(x).shape == x.shape
+        session.close()
+        with pytest.raises(RuntimeError, match="this session is closed"):
+            session.step(model.client.embed([4], 3))
+        assert model.swarm.bans == {}  # nothing blamed on the peer
+        assert model.generate("x", 3, GREEDY).ids == SwarmModel.local(tiny_model_dir).generate("x", 3, GREEDY).ids
+    finally:
+        model.close()
 
 
 def test_a_full_context_prompt_still_gets_one_token(tiny_model_dir):
