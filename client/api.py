@@ -1,6 +1,6 @@
 """The client's Python API: connect to a swarm (or run locally) and generate text.
 
-    model = SwarmModel.connect("models/demo", peers=["tcp://127.0.0.1:5555", ...])
+    model = SwarmModel.connect("models/demo", peers=["tcp://127.0.0.1:5555#<node's key>", ...])
     result = model.generate("ROMEO:", max_new_tokens=50, sampling=SamplingParams(temperature=0))
 """
 
@@ -77,6 +77,9 @@ class SwarmModel:
                 bootstrap: list[str] | None = None, options: SwarmOptions | None = None,
                 device: torch.device | str = "cpu") -> SwarmModel:
         """The swarm's peers from `peers` contacts or `bootstrap` tables; the head runs on `device`."""
+        for name, given in (("peers", peers), ("bootstrap", bootstrap)):
+            if isinstance(given, (str, bytes)):  # a list was meant: one contact is a list of one
+                raise TypeError(f"{name} must be a list of contacts, got a single {type(given).__name__}")
         manifest = read_manifest(model_dir)
         swarm = Swarm(manifest.model_id, manifest.config.n_layer, manifest.config.n_head,
                       options or SwarmOptions())
@@ -203,6 +206,12 @@ class SwarmModel:
         for _ in self.stream(prompt, max_new_tokens, sampling, result, keep_logits):
             pass
         return result
+
+    def __enter__(self) -> SwarmModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Close the peers' links, and every session still open on them (the nodes free their

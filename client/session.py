@@ -309,6 +309,12 @@ class InferenceSession(Failover):
         return (f"hidden states for layers {stage.start}:{stage.stop} hold NaN or Inf, or do not fit the "
                 f"{self.swarm.options.wire} wire")
 
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         with self.lock:
             self.closed = True

@@ -15,6 +15,7 @@ from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import check_endpoint
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import finite_float, parse_range
+from nanoswarm.protocol.tensors import WIRE_FORMATS
 
 from .route import PeerInfo, RouteError, StagePlan, build_route
 from .stages import HeadGroupStage, RemoteLayerStage, Stage
@@ -60,8 +61,18 @@ class SwarmOptions:
     heartbeat: float | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.timeout, (int, float)) and 0 < self.timeout < float("inf")):
-            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout}")
+        def seconds(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+        if not seconds(self.timeout):
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        if not seconds(self.ban_seconds):
+            raise ValueError(f"ban_seconds must be a positive number of seconds, got {self.ban_seconds!r}")
+        if self.wire not in WIRE_FORMATS:
+            raise ValueError(f"wire must be one of {', '.join(WIRE_FORMATS)}, got {self.wire!r}")
+        for name in ("insecure", "relay"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not (isinstance(self.verify, (int, float)) and 0 <= self.verify <= 1):
             raise ValueError(f"verify must be a fraction of steps from 0 to 1, got {self.verify}")
         if self.heartbeat is not None and not (isinstance(self.heartbeat, (int, float))

@@ -11,6 +11,7 @@ from conftest import TINY, make_model_dir
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.swarm import SwarmOptions
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.shards.model import ModelConfig
 from nanoswarm.shards.tokenizer import EOT_TOKEN
@@ -81,6 +82,15 @@ def test_a_callers_mistakes_are_refused_before_any_peer_is_asked(tiny_model_dir,
         with pytest.raises(RuntimeError, match="this session is closed"):
             session.step(model.client.embed([4], 3))
         assert model.swarm.bans == {}  # nothing blamed on the peer
+        for args, why in (({"wire": "bogus"}, "wire must be one of float32"), ({"ban_seconds": -1}, "ban_seconds"),
+                          ({"relay": "no"}, "relay must be True or False"), ({"timeout": True}, "timeout")):
+            with pytest.raises(ValueError, match=why):
+                SwarmOptions(**args)
+        with pytest.raises(TypeError, match="peers must be a list of contacts, got a single str"):
+            SwarmModel.connect(tiny_model_dir, peers=swarm.addresses[0])
+        with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as other, other.session(4) as alone:
+            alone.step(x[:, :1])
+        assert alone.closed and other.closed
         assert model.generate("x", 3, GREEDY).ids == SwarmModel.local(tiny_model_dir).generate("x", 3, GREEDY).ids
     finally:
         model.close()
