@@ -58,14 +58,11 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
     head_device = resolve_device(device)
     if local:
         model = SwarmModel.local(model_dir, device=head_device)
-        try:
-            run_generation(model, prompt, max_new_tokens, sampling, as_json)
-        finally:
-            model.close()
-        return
-    options = SwarmOptions(timeout=timeout, wire=wire, client_keys=client_keys(key_file), insecure=insecure,
-                           relay=relay, verify=verify)
-    model = SwarmModel.connect(model_dir, peers=addresses, bootstrap=bootstraps, options=options, device=head_device)
+    else:
+        options = SwarmOptions(timeout=timeout, wire=wire, client_keys=client_keys(key_file), insecure=insecure,
+                               relay=relay, verify=verify)
+        model = SwarmModel.connect(model_dir, peers=addresses, bootstrap=bootstraps, options=options,
+                                   device=head_device)
     try:
         run_generation(model, prompt, max_new_tokens, sampling, as_json)
     finally:

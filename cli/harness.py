@@ -27,15 +27,9 @@ from .params import POSITIVE, SECONDS, client_keys, peer_list
               help="Once every node serves, print one JSON object (nodes: contact, layers, heads, pid), not lines.")
 def cluster(model_dir: Path, nodes: int, head_groups: int, threads: int, as_json: bool) -> None:
     """Start local node processes for NODES even spans of the blocks; Ctrl-C stops them."""
-    from nanoswarm.node.cluster import LocalCluster, span_of, swarm_specs
-    from nanoswarm.shards.manifest import read_manifest
+    from nanoswarm.node.cluster import LocalCluster, span_of
 
-    config = read_manifest(model_dir).config
-    try:
-        specs = swarm_specs(config.n_layer, config.n_head, nodes, head_groups)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    harness = LocalCluster(model_dir, specs, threads)
+    harness = LocalCluster(model_dir, _specs(model_dir, nodes, head_groups), threads)
     ready = False
     try:
         harness.start()
@@ -62,6 +56,19 @@ def cluster(model_dir: Path, nodes: int, head_groups: int, threads: int, as_json
         harness.stop()
 
 
+def _specs(model_dir: Path, nodes: int, head_groups: int) -> list:
+    """The nodes of a local swarm of `nodes` spans (node/cluster.py swarm_specs); bad counts are
+    usage errors."""
+    from nanoswarm.node.cluster import swarm_specs
+    from nanoswarm.shards.manifest import read_manifest
+
+    config = read_manifest(model_dir).config
+    try:
+        return swarm_specs(config.n_layer, config.n_head, nodes, head_groups)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
 @click.command()
 @click.argument("prompt", default="ROMEO:")
 @click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -81,19 +88,14 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, head_groups: int, max_
     from nanoswarm.client.api import SwarmModel
     from nanoswarm.client.generate import SamplingParams
     from nanoswarm.keys.contact import endpoint_of
-    from nanoswarm.node.cluster import LocalCluster, span_of, swarm_specs
+    from nanoswarm.node.cluster import LocalCluster, span_of
     from nanoswarm.shards.demo import demo_model_dir
-    from nanoswarm.shards.manifest import read_manifest
 
     sampling = SamplingParams(temperature, top_k, None, seed)  # bad values fail before any node starts
     model_dir = model_dir or demo_model_dir()
-    config = read_manifest(model_dir).config
     # The nodes' own logs would drown the text on the terminal: they go to a file unless -v.
     verbose = logging.getLogger().level < logging.WARNING
-    try:  # a bad --nodes or --head-groups fails before the log exists
-        specs = swarm_specs(config.n_layer, config.n_head, nodes, head_groups)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
+    specs = _specs(model_dir, nodes, head_groups)  # a bad --nodes or --head-groups fails before the log exists
     log_file = None if verbose else tempfile.NamedTemporaryFile("w", prefix="nanoswarm-demo-", suffix=".log",
                                                                 delete=False)
     harness = LocalCluster(model_dir, specs, threads=1, stderr=log_file)
