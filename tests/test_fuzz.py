@@ -34,7 +34,7 @@ from nanoswarm.protocol.tensors import WIRE_FORMATS
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head, load_model
 
-CASES = int(os.environ.get("NANOSWARM_FUZZ_CASES", "300"))
+CASES = int(os.environ.get("NANOSWARM_FUZZ_CASES", "200"))
 KNOWN_PEER = "tcp://127.0.0.1:5999#" + "ab" * 32  # the one contact fuzzed nodes relay to
 N_EMBD = 64  # tests/conftest.TINY
 # Small limits, so that generated messages run into every one of them.
