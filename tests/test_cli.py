@@ -550,10 +550,10 @@ def test_advertised_address_is_what_records_and_contacts_name(tiny_model_dir, cl
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--advertise", "tcp://localhost"])])
     contact = swarm.addresses[0]
     assert contact.startswith("tcp://localhost:")
-    out = run_cli("peers", "--bootstrap", contact, "--json", timeout=60)
-    assert [p["address"] for p in json.loads(out.stdout)["models"][0]["peers"]] == [contact.partition("#")[0]]
-    out = run_cli("generate", "To be", "--model", str(tiny_model_dir), "--bootstrap", contact,
-                  "--max-new-tokens", "4", "--temperature", "0", timeout=60)
+    peers, out = run_clis(["peers", "--bootstrap", contact, "--json"],
+                          ["generate", "To be", "--model", str(tiny_model_dir), "--bootstrap", contact,
+                           "--max-new-tokens", "4", "--temperature", "0"], timeout=60)
+    assert [p["address"] for p in json.loads(peers.stdout)["models"][0]["peers"]] == [contact.partition("#")[0]]
     assert out.returncode == 0 and out.stdout.startswith("To be"), out.stderr
 
 

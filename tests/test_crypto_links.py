@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from conftest import invoke_cli
 
 from nanoswarm.client.transport import PeerConnection, PeerError
 from nanoswarm.keys.contact import format_contact, split_contact
@@ -211,8 +212,7 @@ def test_node_refuses_a_key_file_others_can_read(tiny_model_dir, tmp_path):
 
     key.write_text("not a key file")
     os.chmod(key, 0o600)
-    out = subprocess.run([*CLI, "node", str(tiny_model_dir), "--layers", "0:4", "--key-file", str(key)],
-                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    out = invoke_cli("node", str(tiny_model_dir), "--layers", "0:4", "--key-file", str(key))  # (in this process)
     assert out.returncode != 0 and "corrupt key file" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 

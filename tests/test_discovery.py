@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import re
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import SMALL12
+from conftest import SMALL12, run_clis
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
@@ -192,19 +190,17 @@ def test_a_node_closes_its_gossip_link_to_a_peer_that_left(tiny_model_dir, clust
 
 def test_peers_and_generate_commands_with_one_bootstrap(swarm, tiny_model_dir):
     contact = swarm[0].address
-    cli = [sys.executable, "-m", "nanoswarm"]
-    out = subprocess.run([*cli, "peers", "--bootstrap", contact, "--model", str(tiny_model_dir), "--json"],
-                         capture_output=True, text=True, timeout=60)
+    out, table, gen = run_clis(["peers", "--bootstrap", contact, "--model", str(tiny_model_dir), "--json"],
+                               ["peers", "--bootstrap", contact],
+                               ["generate", "To be", "--model", str(tiny_model_dir), "--bootstrap", contact,
+                                "--temperature", "0", "--max-new-tokens", "8"], timeout=60)
     assert out.returncode == 0, out.stderr
     (model,) = json.loads(out.stdout)["models"]
     assert len(model["peers"]) >= 5 and model["gaps"] == [] and model["n_layer"] == 4
     assert all(p["throughput"] > 0 and p["age"] >= 0 for p in model["peers"])
-    table = subprocess.run([*cli, "peers", "--bootstrap", contact], capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and "gaps: none" in table.stdout and "ns-" in table.stdout
 
     local = SwarmModel.local(tiny_model_dir).generate("To be", 8, SamplingParams(temperature=0))
-    gen = subprocess.run([*cli, "generate", "To be", "--model", str(tiny_model_dir), "--bootstrap", contact,
-                          "--temperature", "0", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=60)
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout == "To be" + local.text + "\n"
 
@@ -256,11 +252,10 @@ def test_peers_command_shows_blocks_of_partial_head_shards_as_a_gap(cluster_fact
     specs = [NodeSpec((0, 2)), NodeSpec((2, 4), heads=(0, 2)), NodeSpec((0, 2), heads=(2, 4))]
     contact = cluster_factory(tiny_model_dir, specs, args=FAST).addresses[0]
     wait_for(lambda: len(table_of(contact)) == 3, 30, "the first node to hold all three records")
-    cli = [sys.executable, "-m", "nanoswarm", "peers", "--bootstrap", contact, "--model", str(tiny_model_dir)]
-    out = subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=60)
+    cli = ["peers", "--bootstrap", contact, "--model", str(tiny_model_dir)]
+    out, table = run_clis([*cli, "--json"], cli, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["models"][0]["gaps"] == ["2:4"]
-    table = subprocess.run(cli, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and "gaps: 2:4" in table.stdout
 
 
