@@ -17,7 +17,8 @@ from .params import SECONDS, client_keys, peer_list
 @click.option("--peers", default=None, help="Comma-separated node contacts (ADDRESS#KEY, as nodes print them).")
 @click.option("--bootstrap", multiple=True, help="Contact of any swarm node: the route comes from its table.")
 @click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Use this identity's CURVE key (private swarms); default: a fresh key per run.")
+              help="Use this identity's CURVE key, the one a private swarm's --allow-keys lists (every run: "
+                   "$NANOSWARM_KEY_FILE is for nodes); default: a fresh key per link.")
 @click.option("--insecure", is_flag=True, help="Allow unencrypted links to nodes that run without a key.")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=50, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="0 is greedy.")

@@ -44,8 +44,9 @@ from .params import SECONDS, parse_range, peer_list
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Node identity (default: one in the user config dir, created on first run).")
 @click.option("--bootstrap", multiple=True, help="Contact (ADDRESS#KEY) of a swarm node; repeat or comma-separate.")
-@click.option("--allow-keys", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Private swarm: accept only these CURVE public keys (one a line).")
+@click.option("--allow-keys", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
+              help="Private swarm: accept only the CURVE public keys in this file (one a line: the nodes' "
+                   "and the clients'); repeat for several files.")
 @click.option("--insecure", is_flag=True, help="No encryption on this node's socket (ZeroMQ CURVE off).")
 @click.option("--num-blocks", type=click.IntRange(min=1), default=None,
               help="Without --layers: serve this many blocks.")
@@ -62,7 +63,7 @@ from .params import SECONDS, parse_range, peer_list
 def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, advertise: str | None, device: str,
          dtype: str, threads: int | None, max_sessions, kv_budget_mb, max_session_length,
          max_tokens_per_step, max_message_mb, max_inflight, idle_timeout, max_batch_seconds, key_file: Path | None,
-         bootstrap: tuple[str, ...], allow_keys: Path | None, insecure: bool, num_blocks: int | None,
+         bootstrap: tuple[str, ...], allow_keys: tuple[Path, ...], insecure: bool, num_blocks: int | None,
          memory_budget_mb: int | None, ttl: float, gossip_interval: float, rebalance_interval: float,
          as_json: bool) -> None:
     """Serve blocks of MODEL_DIR to the swarm until SIGTERM or Ctrl-C."""

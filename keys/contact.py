@@ -17,7 +17,7 @@ import binascii
 import zmq
 from zmq.utils import z85
 
-from .identity import is_z85_key
+from .identity import curve_key_hex, is_z85_key
 
 _HEX_LEN = 64
 
@@ -46,7 +46,7 @@ def format_contact(endpoint: str, curve_key: bytes | None) -> str:
     """The printable contact of a node: endpoint#hexkey, or the bare endpoint without a key."""
     if curve_key is None:
         return endpoint
-    return f"{endpoint}#{z85.decode(curve_key).hex()}"
+    return f"{endpoint}#{curve_key_hex(curve_key)}"
 
 
 def endpoint_of(contact: str) -> str:

@@ -116,6 +116,12 @@ def generate_identity() -> Identity:
     return Identity(Ed25519PrivateKey.generate(), secret, public)
 
 
+def curve_key_hex(curve_key: bytes) -> str:
+    """A z85 CURVE public key in the form contacts (ADDRESS#KEY), `keys show` and --allow-keys
+    use: hex is safe to paste into a shell."""
+    return z85.decode(curve_key).hex()
+
+
 def describe_identity(identity: Identity) -> dict[str, str]:
     """The public parts only, for `nanoswarm keys show` and for handing to other operators."""
     return {
@@ -123,7 +129,7 @@ def describe_identity(identity: Identity) -> dict[str, str]:
         "ed25519_public": identity.sign_public.hex(),
         "curve_public": identity.curve_public.decode("ascii"),
         # The form contacts (ADDRESS#KEY) and --allow-keys use: hex is safe to paste into a shell.
-        "curve_public_hex": zmq.utils.z85.decode(identity.curve_public).hex(),
+        "curve_public_hex": curve_key_hex(identity.curve_public),
     }
 
 
@@ -139,7 +145,7 @@ def _encode_key_file(identity: Identity) -> bytes:
         "curve_secret": identity.curve_secret.decode("ascii"),
         "curve_public": identity.curve_public.decode("ascii"),
         # The form contacts (ADDRESS#KEY) and --allow-keys use: hex is safe to paste into a shell.
-        "curve_public_hex": zmq.utils.z85.decode(identity.curve_public).hex(),
+        "curve_public_hex": curve_key_hex(identity.curve_public),
     }
     return (json.dumps(doc, indent=2) + "\n").encode("ascii")
 
@@ -186,7 +192,7 @@ def _link_new(tmp: Path, path: Path, data: bytes) -> None:
         except OSError:  # a file system without hard links: create it in place, still exclusively
             _write_new(path, data, os.O_EXCL)
     except FileExistsError:
-        raise KeyFileError(f"key file {path} already exists; refusing to overwrite it") from None
+        raise KeyFileError(f"key file {path} already exists; refusing to overwrite it (--force replaces it)") from None
 
 
 def _read_private_file(path: Path) -> bytes:
@@ -226,6 +232,8 @@ def _parse_key_file(data: bytes) -> Identity:
         raise ValueError(f"not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
+    if "ed25519_private" not in doc and "peer_id" in doc:  # `keys show --json` saved to a file
+        raise ValueError("it holds only public keys (as `keys show` prints them), not a key file")
     if doc.get("version") != KEY_FILE_VERSION:
         raise ValueError(f"unsupported version {doc.get('version')!r} (expected {KEY_FILE_VERSION})")
     try:
@@ -319,7 +327,8 @@ def _parse_allowed_line(path: Path, lineno: int, line: str) -> bytes | None:
     key = _allowed_key(token)
     if key is None:
         shown = token if len(token) <= 48 else token[:45] + "..."
-        raise KeyFileError(f"{path}:{lineno}: not a CURVE public key (expected {_ALLOWED_FORMATS}): {shown!r}")
+        raise KeyFileError(f"{path}:{lineno}: not a CURVE public key (expected {_ALLOWED_FORMATS}, first on "
+                           f"the line; `nanoswarm keys show FILE` prints it after 'curve public'): {shown!r}")
     return key
 
 
@@ -330,7 +339,7 @@ def read_allowed_keys(path: str | os.PathLike[str]) -> set[bytes]:
     """
     path = Path(path)
     try:
-        text = read_regular_file(path).decode("utf-8")
+        text = read_regular_file(path).decode("utf-8-sig")  # (a byte-order mark, as Windows editors write)
     except FileNotFoundError:
         raise KeyFileError(f"allowed-keys file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -27,7 +27,13 @@ import torch
 import zmq
 
 from nanoswarm.keys.contact import endpoint_of, format_contact, split_contact
-from nanoswarm.keys.identity import Identity, default_key_path, load_or_create_identity, read_allowed_keys
+from nanoswarm.keys.identity import (
+    Identity,
+    curve_key_hex,
+    default_key_path,
+    load_or_create_identity,
+    read_allowed_keys,
+)
 from nanoswarm.keys.records import check_endpoint
 from nanoswarm.shards.device import check_dtype, resolve_device
 from nanoswarm.shards.manifest import read_manifest
@@ -66,7 +72,7 @@ class NodeOptions:
     # Identity, gossip and links (docs/discovery.md).
     key_file: Path | None = None         # None: the default key file, created on first use
     bootstrap: list[str] = field(default_factory=list)  # contact strings of known nodes
-    allow_keys: Path | None = None       # private swarm: only these CURVE keys may connect
+    allow_keys: tuple[Path, ...] = ()    # private swarm: only the CURVE keys in these files may connect
     insecure: bool = False               # no CURVE on our socket (tests, trusted networks)
     advertise: str | None = None         # tcp://HOST[:PORT] peers reach us at, when not `listen`
     ttl: float = 60.0                    # lifetime of our signed record
@@ -239,13 +245,27 @@ def hold_key_file(path: Path, identity: Identity) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ValueError(f"key file {path} (peer id {identity.peer_id[:16]}) is in use by another node "
+        raise ValueError(f"key file {path} (peer id {identity.peer_id}) is in use by another node "
                          "on this machine: give each node its own --key-file") from None
     except OSError as e:  # a file system without locks (NFS without lockd, some FUSE): serve anyway
         os.close(fd)
         log.warning("cannot lock key file %s (%s): two nodes started with it would not be caught", path, e)
         return None
     return fd
+
+
+def read_allow_lists(paths: tuple[Path, ...], insecure: bool) -> set[bytes] | None:
+    """The keys of every --allow-keys file (None: no list, every key may connect). A list that
+    names no key would admit no one: refused, as is a list on a node without encryption."""
+    if not paths:
+        return None
+    if insecure:
+        raise ValueError("--allow-keys needs encrypted links; it cannot be combined with --insecure")
+    allow = set().union(*(read_allowed_keys(p) for p in paths))
+    if not allow:
+        raise ValueError(f"--allow-keys {', '.join(map(str, paths))}: no key listed, so no client or peer "
+                         "could connect")
+    return allow
 
 
 def run_node(opts: NodeOptions, on_ready: Callable[[dict], None] | None = None) -> None:
@@ -261,11 +281,12 @@ def run_node(opts: NodeOptions, on_ready: Callable[[dict], None] | None = None) 
     # Before a key file is made or a bootstrap asked:
     check_dtype(resolve_device(opts.device), getattr(torch, opts.dtype))
     check_span(opts)
+    allow = read_allow_lists(opts.allow_keys, opts.insecure)
     identity = load_or_create_identity(opts.key_file)  # first: a bad key file fails at once
     key_lock = hold_key_file(opts.key_file or default_key_path(), identity)  # noqa: F841 - held until we exit
-    allow = read_allowed_keys(opts.allow_keys) if opts.allow_keys else None
-    if allow is not None and opts.insecure:
-        raise ValueError("--allow-keys needs encrypted links; it cannot be combined with --insecure")
+    if allow is not None and identity.curve_public not in allow:
+        log.warning("this node's own key (%s) is not on its --allow-keys list: nodes that share that list "
+                    "will refuse it", curve_key_hex(identity.curve_public))
     auto = opts.layers is None and opts.heads is None
     if not auto and (opts.num_blocks is not None or opts.memory_budget_mb is not None):
         log.warning("--num-blocks and --memory-budget-mb choose blocks for a node without --layers/--heads; "
@@ -291,7 +312,9 @@ def run_node(opts: NodeOptions, on_ready: Callable[[dict], None] | None = None) 
             dtype=getattr(torch, opts.dtype)), opts.rebalance_interval, settle=3 * opts.gossip_interval)
         server.add_timer(min(opts.gossip_interval, opts.rebalance_interval) / 4, rebalancer.check)
     if opts.bootstrap and not gossip.exchange_now(opts.bootstrap):
-        log.warning("no bootstrap node answered; serving anyway and retrying in the background")
+        log.warning("no bootstrap node answered (down, unreachable, or refusing this node's key %s: the "
+                    "--allow-keys of a private swarm's nodes must list it); serving anyway and retrying in the "
+                    "background", curve_key_hex(identity.curve_public))
     contact = format_contact(address, public)
     handler.extra_info.update(address=address, contact=contact, insecure=opts.insecure,
                               curve_key=None if public is None else public.decode("ascii"))

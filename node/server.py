@@ -22,6 +22,7 @@ from collections.abc import Callable
 import zmq
 
 from nanoswarm.keys.contact import allow_ipv6
+from nanoswarm.keys.identity import curve_key_hex
 from nanoswarm.protocol.errors import ErrorCode
 from nanoswarm.protocol.messages import encode, error_frames
 
@@ -322,11 +323,18 @@ class _ClientKeys:
     """Which clients ZAP lets connect: exactly the listed CURVE public keys (z85), or any key
     when there is no list (then ZAP only names each connection's key)."""
 
+    MAX_LOGGED = 64  # refused keys named in the log: a flood of fresh keys must not flood it
+
     def __init__(self, keys: set[bytes] | None):
         self.keys = None if keys is None else set(keys)
+        self.refused: set[bytes] = set()
 
     def __call__(self, key: bytes) -> bool:
         ok = self.keys is None or key in self.keys
-        if not ok:
-            log.warning("refused a client key not in --allow-keys")
+        if not ok and key not in self.refused and len(self.refused) < self.MAX_LOGGED:
+            # Once per key (a refused peer retries every few seconds), named as lists write it:
+            # how an operator finds the typo, or the member missing from the list.
+            self.refused.add(key)
+            log.warning("refused CURVE key %s: not in --allow-keys (further refusals of it are not logged)",
+                        curve_key_hex(key))
         return ok

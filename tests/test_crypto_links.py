@@ -24,9 +24,9 @@ from nanoswarm.shards.manifest import read_manifest
 CLI = [sys.executable, "-m", "nanoswarm"]
 
 
-def start_node(model_dir, *args: str) -> LocalCluster:
+def start_node(model_dir, *args: str, stderr=None) -> LocalCluster:
     """One node; waits for its `listening` line only (its own checks may refuse our ephemeral key)."""
-    harness = LocalCluster(model_dir, [], args=list(args), bootstrap=False)
+    harness = LocalCluster(model_dir, [], args=list(args), bootstrap=False, stderr=stderr)
     try:
         harness.start_node(NodeSpec((0, 4)))
     except BaseException:
@@ -113,18 +113,26 @@ def test_activations_never_cross_the_wire_in_clear(tiny_model_dir):
 
 
 def test_allow_keys_admits_listed_clients_only(tiny_model_dir, tmp_path):
-    friend, stranger = generate_identity(), generate_identity()
-    allow = tmp_path / "allowed"
+    from nanoswarm.keys.identity import curve_key_hex
+
+    friend, other_friend, stranger = generate_identity(), generate_identity(), generate_identity()
+    allow, more = tmp_path / "allowed", tmp_path / "clients.txt"
     allow.write_text(f"# friends\n{friend.curve_public.decode()} friend\n")
-    harness = start_node(tiny_model_dir, "--allow-keys", str(allow))
+    # a second file (both count: the first was dropped), hex, as a Windows editor saves it
+    more.write_bytes(f"\ufeff# clients\r\n{curve_key_hex(other_friend.curve_public)}\r\n".encode())
+    log = tmp_path / "node.log"
+    with open(log, "w") as stderr:
+        harness = start_node(tiny_model_dir, "--allow-keys", str(allow), "--allow-keys", str(more), stderr=stderr)
     try:
         contact = harness.addresses[0]
-        conn = PeerConnection(contact, timeout=10, client_keys=(friend.curve_public, friend.curve_secret))
-        try:
-            assert conn.request("info").fields["layers"] == [0, 4]
-        finally:
-            conn.close()
-        for keys in [(stranger.curve_public, stranger.curve_secret), None]:  # listed nowhere; ephemeral
+        for who in (friend, other_friend):
+            conn = PeerConnection(contact, timeout=10, client_keys=(who.curve_public, who.curve_secret))
+            try:
+                assert conn.request("info").fields["layers"] == [0, 4]
+            finally:
+                conn.close()
+        strangers = (stranger.curve_public, stranger.curve_secret)
+        for keys in [strangers, strangers, None]:  # listed nowhere (twice: retries); ephemeral
             conn = PeerConnection(contact, timeout=2, client_keys=keys)
             try:
                 with pytest.raises(PeerError):  # refused: a disconnect or no answer
@@ -135,6 +143,9 @@ def test_allow_keys_admits_listed_clients_only(tiny_model_dir, tmp_path):
         gen = subprocess.run([*CLI, "generate", "x", "--model", str(tiny_model_dir), "--peers", contact,
                               "--timeout", "5"], capture_output=True, text=True, timeout=120)
         assert gen.returncode == 1 and "a private swarm that does not allow this client's key" in gen.stderr
+        # The node names the key it refused (how its operator finds a typo), once however often it retries
+        assert log.read_text().count(f"refused CURVE key {curve_key_hex(stranger.curve_public)}") == 1
+        assert "this node's own key (" in log.read_text()  # on neither list: it warns (its peers would refuse it)
     finally:
         harness.stop()
 
@@ -228,7 +239,7 @@ def test_keys_generate_and_show(tmp_path):
     assert info["curve_public"] in out.stdout and "secret" not in show.stdout
     assert info["curve_public_hex"] in out.stdout and len(info["curve_public_hex"]) == 64  # the contact's form
     again = subprocess.run([*CLI, "keys", "generate", "--out", str(path)], capture_output=True, text=True, timeout=60)
-    assert again.returncode != 0 and "already exists" in again.stderr
+    assert again.returncode != 0 and "already exists" in again.stderr and "--force replaces it" in again.stderr
     other = tmp_path / "other.key"
     as_json = subprocess.run([*CLI, "keys", "generate", "--out", str(other), "--json"], capture_output=True,
                              text=True, timeout=60)
@@ -264,3 +275,30 @@ def test_a_refused_handshake_never_blocks_a_send(tiny_model_dir, tmp_path):
             conn.close()
     finally:
         harness.stop()
+
+
+def test_allow_lists_that_admit_no_one_are_refused_before_a_key_file_is_made(tiny_model_dir, tmp_path):
+    """An empty or comments-only list served on, admitting no one, without a word; and with
+    --insecure the error came after the default key file was created (a walkthrough review)."""
+    empty, comments, key = tmp_path / "empty.txt", tmp_path / "comments.txt", tmp_path / "new.key"
+    empty.write_text("")
+    comments.write_text("# the team's keys go here\n\n")
+    node = ["node", str(tiny_model_dir), "--layers", "0:4", "--key-file", str(key)]
+    out = invoke_cli(*node, "--allow-keys", str(empty), "--allow-keys", str(comments))
+    assert out.returncode == 1 and out.stderr.strip() == (
+        f"error: --allow-keys {empty}, {comments}: no key listed, so no client or peer could connect")
+    listed = tmp_path / "listed.txt"
+    listed.write_text(generate_identity().curve_public.decode() + "\n")
+    out = invoke_cli(*node, "--allow-keys", str(listed), "--insecure")
+    assert out.returncode == 1 and "cannot be combined with --insecure" in out.stderr
+    assert not key.exists()
+
+
+def test_a_public_listing_given_as_a_key_file_says_what_it_is(tmp_path):
+    from nanoswarm.keys.identity import KeyFileError, describe_identity, load_identity
+
+    shown = tmp_path / "shown.json"  # `keys show --json > shown.json`, then used as --key-file
+    shown.write_text(json.dumps(describe_identity(generate_identity())))
+    os.chmod(shown, 0o600)
+    with pytest.raises(KeyFileError, match="holds only public keys .as `keys show` prints them., not a key file"):
+        load_identity(shown)
