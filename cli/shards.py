@@ -38,31 +38,56 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
     if as_json:
         click.echo(json.dumps({"model_id": manifest.model_id, **json.loads(manifest.to_json())}))
     else:
-        click.echo(f"{out_dir}: model {manifest.model_id[:16]}, {len(manifest.files)} files")
+        click.echo(f"{out_dir}: model {manifest.model_id[:16]}, {len(manifest.files)} weight files")
+
+
+def _check_writable(out_path: Path) -> None:
+    """--out's directory exists or can be made, and takes a file: found at once, not at the first
+    eval point, after the text was read and the model built (in torch's words there)."""
+    import tempfile
+
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise click.ClickException(f"--out {out_path}: cannot write there: {e.strerror or e}") from None
 
 
 @click.command()
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("out/ckpt.pt"), show_default=True,
               help="Where to write the nanoGPT-style checkpoint (the best by validation loss).")
-@click.option("--text", "text_path", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Training text (default: tiny Shakespeare shipped with nanoswarm).")
-@click.option("--n-layer", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--n-head", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--n-embd", type=click.IntRange(min=1), default=192, show_default=True)
-@click.option("--block-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--max-iters", type=click.IntRange(min=0), default=700, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lr", type=POSITIVE, default=2e-3, show_default=True)
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=1337, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Training text, UTF-8 (default: tiny Shakespeare shipped with nanoswarm).")
+@click.option("--n-layer", type=click.IntRange(min=1), default=4, show_default=True, help="Transformer blocks.")
+@click.option("--n-head", type=click.IntRange(min=1), default=4, show_default=True, help="Attention heads a block.")
+@click.option("--n-embd", type=click.IntRange(min=1), default=192, show_default=True,
+              help="Width (a multiple of --n-head).")
+@click.option("--block-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Context length in tokens.")
+@click.option("--max-iters", type=click.IntRange(min=0), default=700, show_default=True,
+              help="Training steps (the defaults take ~30 min on one core).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Sequences a step.")
+@click.option("--lr", type=POSITIVE, default=2e-3, show_default=True,
+              help="Peak learning rate, after --warmup steps; cosine decay to a tenth of it at --max-iters.")
+@click.option("--warmup", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Steps of linear warmup (lower it for short runs).")
+@click.option("--eval-interval", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Steps between validation evals; each writes --out if its loss is the best so far, "
+                   "which is where --resume continues from.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=1337, show_default=True,
+              help="Seed of the weights and batches: the same settings give the same model.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch threads (speed only: the numbers are the same).")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an existing --out (the run writes its first checkpoint within seconds).")
+              help="Replace an existing --out (the run writes its first checkpoint at its first eval).")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted run that wrote --out (the same settings), from its best eval point.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as one JSON object.")
 def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_embd: int, block_size: int,
-          max_iters: int, batch_size: int, lr: float, seed: int, threads: int, overwrite: bool,
-          resume: bool, as_json: bool) -> None:
+          max_iters: int, batch_size: int, lr: float, warmup: int, eval_interval: int, seed: int, threads: int,
+          overwrite: bool, resume: bool, as_json: bool) -> None:
     """Train a small GPT-2-architecture model on a text file, on the CPU (progress on stderr)."""
     from nanoswarm.shards import train as training
     from nanoswarm.shards.model import ModelConfig
@@ -77,9 +102,17 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
     if out_path.exists() and not (overwrite or resume):
         raise click.ClickException(f"{out_path} exists: pass --resume to continue it or --overwrite to replace it")
 
+    _check_writable(out_path)
     config = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, gelu="exact")
-    summary = training.train(text_path or training.DEFAULT_TEXT, out_path, config, max_iters=max_iters,
-                             batch_size=batch_size, lr=lr, seed=seed, threads=threads, resume=resume)
+    try:
+        summary = training.train(text_path or training.DEFAULT_TEXT, out_path, config, max_iters=max_iters,
+                                 batch_size=batch_size, lr=lr, warmup=warmup, eval_interval=eval_interval,
+                                 seed=seed, threads=threads, resume=resume)
+    except KeyboardInterrupt:
+        if out_path.is_file():  # the next step a user takes
+            click.echo(f"interrupted: the same command with --resume continues from {out_path}'s eval point",
+                       err=True)
+        raise
     if as_json:
         click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     else:

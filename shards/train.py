@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .loaders import save_nanogpt_checkpoint
+from .loaders import check_size_limits, save_nanogpt_checkpoint
 from .model import GPT, ModelConfig, linear, onednn_linear
 from .tokenizer import get_encoding
 
@@ -243,6 +244,10 @@ def _save(model: GPT, out_path: Path, it: int, best_val: float, settings: dict,
                                    "history": history})
 
 
+class TrainingDiverged(ValueError):
+    """The loss went to NaN or Inf: the run's result is not a model worth using."""
+
+
 # Settings a resumed run may change: they do not alter the numbers (threads only the speed).
 _RESUMABLE_CHANGES = {"threads"}
 
@@ -261,8 +266,12 @@ def _resume(out_path: Path, model: GPT, optimizer: torch.optim.Optimizer, genera
     unchecked = {"text_sha256"} - ckpt["config"].keys()  # a checkpoint from before texts were hashed
     if unchecked:
         log.warning("%s predates text hashing: resuming without checking that --text is the same text", out_path)
-    changed = sorted(k for k in settings.keys() | ckpt["config"].keys()
-                     if k not in _RESUMABLE_CHANGES | unchecked and settings.get(k) != ckpt["config"].get(k))
+    # The text is its token ids' hash: the same text under another path (or from another
+    # directory) is the same run.
+    free = _RESUMABLE_CHANGES | unchecked | ({"text_path"} if not unchecked else set())
+    changed = [f"{k} ({ckpt['config'].get(k)!r} there, {settings.get(k)!r} now)"
+               for k in sorted(settings.keys() | ckpt["config"].keys())
+               if k not in free and settings.get(k) != ckpt["config"].get(k)]
     config, flat = load_nanogpt(out_path)
     if config != model.config:
         changed.append(f"model shape ({config} there)")
@@ -273,6 +282,33 @@ def _resume(out_path: Path, model: GPT, optimizer: torch.optim.Optimizer, genera
     optimizer.load_state_dict(ckpt["optimizer"])
     generator.set_state(ckpt["generator"])
     return int(ckpt["iter_num"]), float(ckpt["best_val_loss"]), list(ckpt.get("history") or [])
+
+
+def training_bytes(config: ModelConfig, batch_size: int) -> int:
+    """Roughly what a training run holds at its peak: float32 weights, gradients and AdamW's two
+    moments, plus one batch's activations (the logits over the vocabulary, each block's
+    intermediates and attention matrices). An estimate, to refuse at once what cannot fit."""
+    c = config
+    params = 12 * c.n_layer * c.n_embd ** 2 + (c.vocab_size + c.block_size) * c.n_embd
+    tokens = batch_size * c.block_size
+    activations = tokens * (3 * c.vocab_size + c.n_layer * (20 * c.n_embd + 2 * c.n_head * c.block_size))
+    return 4 * (4 * params + activations)
+
+
+def check_fits(config: ModelConfig, batch_size: int) -> None:
+    """ValueError for a run this machine's memory cannot hold, before anything is allocated
+    (it allocated for a minute or more, then failed with torch's words), and for a model shape
+    that `nanoswarm shard` would refuse."""
+    check_size_limits(config)
+    need = training_bytes(config, batch_size)
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not reported here: nothing to compare with
+        return
+    if need > have:
+        raise ValueError(f"training this model needs about {need / 2**30:.1f} GiB (weights, optimizer state and "
+                         f"one batch), more than this machine's {have / 2**30:.1f} GiB: lower --n-layer, "
+                         "--n-embd, --batch-size or --block-size")
 
 
 # ---- the training run ----
@@ -303,6 +339,7 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
     min_lr = lr / 10 if min_lr is None else min_lr  # nanoGPT's choice (Chinchilla's ~lr/10)
     if config.vocab_size < get_encoding().n_vocab:
         raise ValueError(f"vocab_size {config.vocab_size} cannot hold GPT-2's {get_encoding().n_vocab} ids")
+    check_fits(config, batch_size)
 
     ids = tokenize_file(text_path)
     train_ids, val_ids = split_ids(ids, val_fraction)
@@ -373,6 +410,11 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
                                 f"{time.monotonic() - start:7.1f}s")
             window_time, window_tokens, loss_sum, loss_n = 0.0, 0, 0.0, 0
 
+    last = history[-1]["val_loss"] if history else best_val
+    if not math.isfinite(last):  # its best eval point is written, but the run went nowhere from there
+        first_bad = next(h["iter"] for h in history if not math.isfinite(h["val_loss"]))
+        raise TrainingDiverged(f"training diverged: validation loss {last} from iter {first_bad} (lower --lr); "
+                               f"{out_path} holds the best eval point, iter {best_iter} (val {best_val:.4f})")
     # Report on the checkpoint that was written, not on the last iterate.
     model.load_state_dict(best_state)
     _progress(progress, f"loss of the best checkpoint over all {len(train_ids)} training tokens ...")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from nanoswarm.shards import train
@@ -65,16 +66,62 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
         train.train(text, tmp_path / "cut.pt", config, **kwargs)
     monkeypatch.setattr(train, "training_loss", real_loss)
     assert torch.load(tmp_path / "cut.pt", weights_only=True)["iter_num"] == 4
-    with pytest.raises(ValueError, match="other settings: lr"):
+    with pytest.raises(ValueError, match=r"other settings: lr \(0.003 there, 0.001 now\), min_lr"):
         train.train(text, tmp_path / "cut.pt", config, **{**kwargs, "lr": 1e-3}, resume=True)
     original = text.read_text()
     text.write_text(original[::-1])  # the same path, other text
     with pytest.raises(ValueError, match="other settings: text_sha256"):
         train.train(text, tmp_path / "cut.pt", config, **kwargs, resume=True)
     text.write_text(original)
-    resumed = train.train(text, tmp_path / "cut.pt", config, **kwargs, resume=True)
+    # the same text under another path (or the same path from elsewhere) is the same run
+    elsewhere = tmp_path / "copy of the text.txt"
+    elsewhere.write_text(original)
+    resumed = train.train(elsewhere, tmp_path / "cut.pt", config, **kwargs, resume=True)
     assert resumed["resumed_from"] == 4 and resumed["best_iter"] == whole["best_iter"]
     assert resumed["history"] == [{**h, "elapsed_s": r["elapsed_s"]} for h, r in zip(whole["history"],
                                                                                       resumed["history"])]
     a, b = load_checkpoint(tmp_path / "whole.pt")[1], load_checkpoint(tmp_path / "cut.pt")[1]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_that_cannot_fit_or_write_fails_before_any_work(tmp_path):
+    """A review's runs allocated for 25-87 s before torch failed (n_layer 100000, batch 10^8), or
+    failed at the first eval with torch's words for a bad --out; a shape `shard` refuses trained."""
+    from conftest import invoke_cli
+
+    args = ["train", "--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--block-size", "8", "--max-iters", "2"]
+    for more, why in ((["--n-embd", "100000", "--n-head", "1"], "n_embd 100000 is above the limit 65536"),
+                      (["--n-layer", "1025"], "n_layer 1025 is above the limit 1024"),
+                      (["--batch-size", "100000000"], "training this model needs about")):
+        out = invoke_cli(*args, *more, "--out", str(tmp_path / "a.pt"))
+        assert out.returncode == 1 and why in out.stderr.strip().splitlines()[-1], out.stderr
+    (tmp_path / "file").write_text("")
+    out = invoke_cli(*args, "--out", str(tmp_path / "file" / "ckpt.pt"))
+    assert out.returncode == 1 and out.stderr.startswith(f"error: --out {tmp_path / 'file' / 'ckpt.pt'}: cannot "
+                                                         "write there: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_run_whose_loss_diverges_says_so(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(train.DEFAULT_TEXT.read_text()[:20_000])
+    config = ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=16, gelu="exact")
+    with pytest.raises(train.TrainingDiverged, match=r"validation loss nan from iter 2 \(lower --lr\); .* holds the "
+                                                     r"best eval point, iter 0"):
+        train.train(text, tmp_path / "ckpt.pt", config, max_iters=4, batch_size=2, lr=1e30, warmup=0,
+                    eval_interval=2, eval_iters=1, seed=0, progress=False)
+    assert (tmp_path / "ckpt.pt").exists()
+
+
+def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch):
+    from conftest import invoke_cli
+
+    def interrupted(text_path, out_path, *args, **kwargs):
+        out_path.write_bytes(b"a checkpoint")  # its first eval point was written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", interrupted)
+    out = invoke_cli("train", "--out", str(tmp_path / "ckpt.pt"))
+    assert out.returncode == 130
+    assert out.stderr.strip() == (f"interrupted: the same command with --resume continues from {tmp_path / 'ckpt.pt'}"
+                                  "'s eval point")
