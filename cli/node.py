@@ -100,7 +100,8 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
 def _print_ready(as_json: bool, ready: dict) -> None:
     """The node's one line on stdout once it serves: what the harness and scripts read."""
     if as_json:
-        ready = {"listening": ready["contact"], **{k: v for k, v in ready.items() if k != "contact"}}
+        # `contact`, as `cluster --json` names it; `listening` too, as the plain line says it
+        ready = {"listening": ready["contact"], **ready}
         click.echo(json.dumps(ready))
     else:
         click.echo(f"listening {ready['contact']}")

@@ -582,6 +582,7 @@ def test_node_json_ready_line_and_an_ipv6_listen_address(tiny_model_dir, tmp_pat
     try:
         ready = json.loads(proc.stdout.readline())
         assert ready["listening"].startswith("tcp://[::1]:") and "#" in ready["listening"]
+        assert ready["contact"] == ready["listening"]  # the field `cluster --json` has
         assert ready["layers"] == [1, 3] and ready["heads"] is None
         assert ready["peer_id"].startswith("ns-") and len(ready["model_id"]) == 64
     finally:
