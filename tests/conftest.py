@@ -52,9 +52,11 @@ def run_clis(*arg_lists: list[str], timeout: float = 120) -> list[subprocess.Com
 
 def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     """`nanoswarm ARGS` in this process (the same click group and failure reporting), for cases
-    that fail before any work: a subprocess spends ~2.5 s importing torch for each. What the
-    command changes process-wide (signal handlers, log levels, torch's threads) is put back. Each command's
-    real-process failure path is still tested by a subprocess case of its own."""
+    that fail before any work: a subprocess spends ~2.5 s importing torch for each. Its log lines
+    go to its stderr, as in a process of its own (the command's own logging set-up, with pytest's
+    handlers set aside meanwhile). What the command changes process-wide (signal handlers, log
+    levels, torch's threads) is put back. Each command's real-process failure path is still
+    tested by a subprocess case of its own."""
     import logging
     import signal
 
@@ -67,13 +69,18 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
               if isinstance(logger, logging.Logger)}
     levels[""] = logging.root.level
     threads = torch.get_num_threads()
+    root_handlers = logging.root.handlers[:]
+    logging.root.handlers.clear()  # so that the command's logging.basicConfig writes to its stderr
     try:
         result = CliRunner().invoke(main, list(args))
     finally:
+        logging.root.handlers[:] = root_handlers
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if isinstance(logger, logging.Logger):  # (one the command made, e.g. "nanoswarm": NOTSET before)
+                logger.setLevel(levels.get(name, logging.NOTSET))
+        logging.root.setLevel(levels[""])
         torch.set_num_threads(threads)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # a bug, not a failure the command reports

@@ -89,7 +89,7 @@ def test_cluster_json_is_one_object_once_every_node_serves(tiny_model_dir):
         ready = json.loads(proc.stdout.readline())
         assert [(n["layers"], n["heads"]) for n in ready["nodes"]] == [([0, 4], [0, 2]), ([0, 4], [2, 4])]
         assert all(pid_alive(n["pid"]) and "#" in n["contact"] for n in ready["nodes"])
-        out = run_cli("peers", "--bootstrap", ready["nodes"][0]["contact"], "--json", timeout=60)
+        out = invoke_cli("peers", "--bootstrap", ready["nodes"][0]["contact"], "--json")
         assert len(json.loads(out.stdout)["models"][0]["peers"]) == 2
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -179,7 +179,7 @@ def test_harness_nodes_outlive_the_thread_that_started_them_not_the_process(tiny
 
 def test_generate_names_uncovered_layers(tiny_model_dir, cluster_factory):
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2))])
-    out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", swarm.addresses[0])
+    out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", swarm.addresses[0])
     assert out.returncode != 0
     # A peer slow to answer the refresh (Swarm.refresh) would add "; not used: ..." to the line.
     assert out.stderr.strip().splitlines()[-1].startswith("error: no peer serves layers 2:4")
@@ -194,7 +194,7 @@ def test_node_refuses_a_tampered_shard(tiny_model_dir, tmp_path):
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))
-    out = run_cli("node", str(copy), "--layers", "0:2", timeout=60)
+    out = invoke_cli("node", str(copy), "--layers", "0:2", "--key-file", str(tmp_path / "k.key"))
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "blocks-1-2.safetensors" in last
@@ -263,18 +263,19 @@ def test_a_bad_contact_fails_in_one_line_without_a_log_line_repeating_it(tiny_mo
     model = ["--model", str(tiny_model_dir)]
     cases = (["generate", "x", *model, "--bootstrap", "garbage"], ["generate", "x", *model, "--peers", "garbage"],
              ["peers", "--bootstrap", "garbage", "--json"])
-    for args, out in zip(cases, run_clis(*cases, timeout=60)):
+    for args in cases:
+        out = invoke_cli(*args)  # (its log lines go to its stderr too)
         assert "garbage" in one_error_line(out) and out.stdout == "", (args, out.stderr)
 
 
 def test_generate_refuses_a_keyless_bootstrap_without_insecure_at_once(tiny_model_dir):
-    out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--bootstrap", "tcp://127.0.0.1:9", timeout=60)
+    out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--bootstrap", "tcp://127.0.0.1:9")
     assert "tcp://127.0.0.1:9: insecure: no CURVE key for this bootstrap" in one_error_line(out)
 
 
 def test_generate_for_another_model_than_the_swarm_s_says_so(tiny_model_dir, small12_model_dir, cluster_factory):
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
-    out = run_cli("generate", "x", "--model", str(small12_model_dir), "--bootstrap", swarm.addresses[0], timeout=60)
+    out = invoke_cli("generate", "x", "--model", str(small12_model_dir), "--bootstrap", swarm.addresses[0])
     line = one_error_line(out)
     assert "no peer serves layers 0:12" in line and f"{swarm.addresses[0]}: knows no peer of model" in line
 
@@ -283,7 +284,7 @@ def test_generate_zero_new_tokens_asks_no_peer(tiny_model_dir):
     # no node listens there: any session would fail
     args = ["generate", "To be", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9",
             "--max-new-tokens", "0", "--timeout", "2"]
-    out, out_json = run_cli(*args, timeout=60), invoke_cli(*args, "--json")
+    out, out_json = invoke_cli(*args), invoke_cli(*args, "--json")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "To be\n"
     out = out_json
@@ -324,8 +325,7 @@ def test_node_names_a_shard_with_wrong_tensors(tiny_model_dir, tmp_path):
     sd = load((copy / "blocks-1-2.safetensors").read_bytes())
     sd["h.1.attn.c_attn.weight"] = torch.zeros(10, 64)
     rewrite_file(copy, "blocks-1-2.safetensors", save(sd))  # the hash matches, the tensors do not
-    out = run_cli("node", str(copy), "--layers", "0:2", "--insecure", "--key-file", str(tmp_path / "k.key"),
-                  timeout=60)
+    out = invoke_cli("node", str(copy), "--layers", "0:2", "--insecure", "--key-file", str(tmp_path / "k.key"))
     line = one_error_line(out, logs=True)
     assert line.startswith("error: blocks-1-2.safetensors: tensors do not match the manifest")
     assert "h.1.attn.c_attn.weight has shape (10, 64)" in line
@@ -397,8 +397,8 @@ def test_a_second_node_with_the_same_key_file_is_refused(tiny_model_dir, cluster
 
 def test_generate_says_why_the_peers_it_was_given_were_not_used(tiny_model_dir):
     key = "ab" * 32
-    out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--timeout", "2",
-                  "--peers", f"garbage,tcp://127.0.0.1:99999#{key},tcp://127.0.0.1:9", timeout=60)
+    out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--timeout", "2",
+                     "--peers", f"garbage,tcp://127.0.0.1:99999#{key},tcp://127.0.0.1:9")
     line = one_error_line(out, logs=True)
     assert line.startswith("error: no peer serves layers 0:4; not used: garbage: bad_contact: 'garbage' is not")
     assert f"tcp://127.0.0.1:99999#{key}: bad_contact: 'tcp://127.0.0.1:99999': the port must be 1-65535" in line
@@ -417,8 +417,8 @@ def test_a_route_that_fails_for_a_peer_it_could_not_use_says_so_once(tiny_model_
 
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
     keyless = endpoint_of(swarm.addresses[0])
-    out = run_cli("generate", "x", "--model", str(tiny_model_dir), "--timeout", "5",
-                  "--peers", f"{keyless},{swarm.addresses[1]}", timeout=60)
+    out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--timeout", "5",
+                     "--peers", f"{keyless},{swarm.addresses[1]}")  # (its log lines go to its stderr too)
     line = one_error_line(out)
     assert line.startswith("error: no peer serves layers 0:2") and f"{keyless}: insecure: no CURVE key" in line
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
@@ -550,9 +550,9 @@ def test_advertised_address_is_what_records_and_contacts_name(tiny_model_dir, cl
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--advertise", "tcp://localhost"])])
     contact = swarm.addresses[0]
     assert contact.startswith("tcp://localhost:")
-    peers, out = run_clis(["peers", "--bootstrap", contact, "--json"],
-                          ["generate", "To be", "--model", str(tiny_model_dir), "--bootstrap", contact,
-                           "--max-new-tokens", "4", "--temperature", "0"], timeout=60)
+    peers = invoke_cli("peers", "--bootstrap", contact, "--json")
+    out = invoke_cli("generate", "To be", "--model", str(tiny_model_dir), "--bootstrap", contact,
+                     "--max-new-tokens", "4", "--temperature", "0")
     assert [p["address"] for p in json.loads(peers.stdout)["models"][0]["peers"]] == [contact.partition("#")[0]]
     assert out.returncode == 0 and out.stdout.startswith("To be"), out.stderr
 
@@ -566,8 +566,8 @@ def test_node_placement_and_gossip_options_are_checked(tiny_model_dir, tmp_path)
              ("--ttl", "2", "--ttl 2 is shorter than three gossip intervals (3 s)"),
              ("--num-blocks", "0", "0 is not in the range x>=1"),
              ("--memory-budget-mb", "0", "0 is not in the range x>=1"))
-    outs = run_clis(*(["node", str(tiny_model_dir), "--key-file", str(tmp_path / "k.key"), option, value]
-                      for option, value, _ in cases), timeout=60)
+    outs = [invoke_cli("node", str(tiny_model_dir), "--key-file", str(tmp_path / "k.key"), option, value)
+            for option, value, _ in cases]
     for (_, _, why), out in zip(cases, outs):
         assert why in one_error_line(out), out.stderr
     assert not (tmp_path / "k.key").exists()  # refused before a key file was made or blocks loaded
@@ -631,7 +631,7 @@ def test_generate_device_is_checked_before_any_peer_is_asked(tiny_model_dir):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     missing = (f"cuda:{gpus}", f"torch sees {gpus} CUDA device") if gpus else ("cuda", "torch sees no CUDA device")
     cases = (missing, ("tpu", "expected cpu, cuda or cuda:N"))
-    outs = run_clis(*(["generate", "--model", str(tiny_model_dir), "--peers", contact, "--device", device, "hi"]
-                      for device, _ in cases), timeout=60)
+    outs = [invoke_cli("generate", "--model", str(tiny_model_dir), "--peers", contact, "--device", device, "hi")
+            for device, _ in cases]
     for (_, why), out in zip(cases, outs):
         assert why in one_error_line(out)
