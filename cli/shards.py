@@ -42,16 +42,21 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
 
 
 def _check_writable(out_path: Path) -> None:
-    """--out's directory exists or can be made, and takes a file: found at once, not at the first
-    eval point, after the text was read and the model built (in torch's words there)."""
+    """--out can be written: its nearest existing directory takes a file (the rest is made at the
+    first save). Found at once, not at the first eval point, after the text was read and the
+    model built (in torch's words there); nothing is left behind."""
     import tempfile
 
+    existing = out_path.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise click.ClickException(f"--out {out_path}: {existing} is not a directory")
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".probe"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=f".{out_path.name}.", suffix=".probe"):
             pass
     except OSError as e:
-        raise click.ClickException(f"--out {out_path}: cannot write there: {e.strerror or e}") from None
+        raise click.ClickException(f"--out {out_path}: cannot write in {existing}: {e.strerror or e}") from None
 
 
 @click.command()
@@ -79,7 +84,7 @@ def _check_writable(out_path: Path) -> None:
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=1337, show_default=True,
               help="Seed of the weights and batches: the same settings give the same model.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="torch threads (speed only: the numbers are the same).")
+              help="torch threads (speed; other counts may change the last bits of the results).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing --out (the run writes its first checkpoint at its first eval).")
 @click.option("--resume", is_flag=True,
@@ -102,14 +107,17 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
     if out_path.exists() and not (overwrite or resume):
         raise click.ClickException(f"{out_path} exists: pass --resume to continue it or --overwrite to replace it")
 
-    _check_writable(out_path)
     config = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, gelu="exact")
+    training.check_fits(config, batch_size)
+    _check_writable(out_path)
+    before = out_path.stat().st_mtime_ns if out_path.exists() else None
     try:
         summary = training.train(text_path or training.DEFAULT_TEXT, out_path, config, max_iters=max_iters,
                                  batch_size=batch_size, lr=lr, warmup=warmup, eval_interval=eval_interval,
                                  seed=seed, threads=threads, resume=resume)
     except KeyboardInterrupt:
-        if out_path.is_file():  # the next step a user takes
+        if out_path.is_file() and (resume or out_path.stat().st_mtime_ns != before):  # this run wrote it
+            # the next step a user takes
             click.echo(f"interrupted: the same command with --resume continues from {out_path}'s eval point",
                        err=True)
         raise

@@ -195,6 +195,18 @@ def _link_new(tmp: Path, path: Path, data: bytes) -> None:
         raise KeyFileError(f"key file {path} already exists; refusing to overwrite it (--force replaces it)") from None
 
 
+_PUBLIC_LISTING = "holds only public keys (as `keys show` prints them), not a key file"
+
+
+def _is_public_listing(data: bytes) -> bool:
+    """`keys show --json` saved to a file: public parts, no private key."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(doc, dict) and "peer_id" in doc and "ed25519_private" not in doc
+
+
 def _read_private_file(path: Path) -> bytes:
     """Read a key file, refusing one that others could read or write (checked on the open fd)."""
     try:
@@ -208,6 +220,8 @@ def _read_private_file(path: Path) -> bytes:
     with f:
         mode = stat.S_IMODE(st.st_mode)
         if os.name == "posix" and mode & 0o077:
+            if _is_public_listing(f.read(_MAX_KEY_FILE_BYTES + 1)):  # nothing secret to protect: say what it is
+                raise KeyFileError(f"key file {path} {_PUBLIC_LISTING}")
             raise KeyFileError(
                 f"UNPROTECTED PRIVATE KEY FILE: permissions {mode:04o} for '{path}' are too open; "
                 f"it must not be accessible by group or others (run: chmod 600 '{path}')"
@@ -232,8 +246,8 @@ def _parse_key_file(data: bytes) -> Identity:
         raise ValueError(f"not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
-    if "ed25519_private" not in doc and "peer_id" in doc:  # `keys show --json` saved to a file
-        raise ValueError("it holds only public keys (as `keys show` prints them), not a key file")
+    if _is_public_listing(data):
+        raise ValueError(_PUBLIC_LISTING)
     if doc.get("version") != KEY_FILE_VERSION:
         raise ValueError(f"unsupported version {doc.get('version')!r} (expected {KEY_FILE_VERSION})")
     try:

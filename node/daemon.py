@@ -72,7 +72,7 @@ class NodeOptions:
     # Identity, gossip and links (docs/discovery.md).
     key_file: Path | None = None         # None: the default key file, created on first use
     bootstrap: list[str] = field(default_factory=list)  # contact strings of known nodes
-    allow_keys: tuple[Path, ...] = ()    # private swarm: only the CURVE keys in these files may connect
+    allow_keys: tuple[Path, ...] = ()    # private swarm: only the CURVE keys in these files (or one) may connect
     insecure: bool = False               # no CURVE on our socket (tests, trusted networks)
     advertise: str | None = None         # tcp://HOST[:PORT] peers reach us at, when not `listen`
     ttl: float = 60.0                    # lifetime of our signed record
@@ -254,9 +254,11 @@ def hold_key_file(path: Path, identity: Identity) -> int | None:
     return fd
 
 
-def read_allow_lists(paths: tuple[Path, ...], insecure: bool) -> set[bytes] | None:
+def read_allow_lists(paths: tuple[Path, ...] | str | os.PathLike[str], insecure: bool) -> set[bytes] | None:
     """The keys of every --allow-keys file (None: no list, every key may connect). A list that
     names no key would admit no one: refused, as is a list on a node without encryption."""
+    if isinstance(paths, (str, os.PathLike)):  # one file, as NodeOptions took before lists repeated
+        paths = (Path(paths),)
     if not paths:
         return None
     if insecure:
@@ -282,8 +284,18 @@ def run_node(opts: NodeOptions, on_ready: Callable[[dict], None] | None = None) 
     check_dtype(resolve_device(opts.device), getattr(torch, opts.dtype))
     check_span(opts)
     allow = read_allow_lists(opts.allow_keys, opts.insecure)
-    identity = load_or_create_identity(opts.key_file)  # first: a bad key file fails at once
-    key_lock = hold_key_file(opts.key_file or default_key_path(), identity)  # noqa: F841 - held until we exit
+    identity = load_or_create_identity(opts.key_file)  # before anything is loaded: a bad key file fails at once
+    key_lock = hold_key_file(opts.key_file or default_key_path(), identity)
+    try:  # released however we end: a caller in this process may start a node with the file again
+        _serve(opts, identity, allow, on_ready, gossip_options)
+    finally:
+        if key_lock is not None:
+            os.close(key_lock)
+
+
+def _serve(opts: NodeOptions, identity: Identity, allow: set[bytes] | None,
+           on_ready: Callable[[dict], None] | None, gossip_options: GossipOptions) -> None:
+    """run_node once the node's identity is settled: load, announce, serve until told to stop."""
     if allow is not None and identity.curve_public not in allow:
         log.warning("this node's own key (%s) is not on its --allow-keys list: nodes that share that list "
                     "will refuse it", curve_key_hex(identity.curve_public))

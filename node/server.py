@@ -323,18 +323,31 @@ class _ClientKeys:
     """Which clients ZAP lets connect: exactly the listed CURVE public keys (z85), or any key
     when there is no list (then ZAP only names each connection's key)."""
 
-    MAX_LOGGED = 64  # refused keys named in the log: a flood of fresh keys must not flood it
+    MAX_LOGGED = 64  # refused keys named in the log an hour: a flood of fresh keys must not flood it
+    FORGET_SECONDS = 3600.0
 
     def __init__(self, keys: set[bytes] | None):
         self.keys = None if keys is None else set(keys)
-        self.refused: set[bytes] = set()
+        self.refused: dict[bytes, float] = {}  # key -> when it was logged
 
     def __call__(self, key: bytes) -> bool:
         ok = self.keys is None or key in self.keys
-        if not ok and key not in self.refused and len(self.refused) < self.MAX_LOGGED:
-            # Once per key (a refused peer retries every few seconds), named as lists write it:
-            # how an operator finds the typo, or the member missing from the list.
-            self.refused.add(key)
-            log.warning("refused CURVE key %s: not in --allow-keys (further refusals of it are not logged)",
-                        curve_key_hex(key))
+        if not ok:
+            self._log_refusal(key)
         return ok
+
+    def _log_refusal(self, key: bytes) -> None:
+        """Once per key an hour (a refused peer retries every few seconds), named as lists write
+        it: how an operator finds the typo, or the member missing from the list. Clients without
+        --key-file bring a fresh key per link, so the names are capped, and forgotten in time."""
+        now = time.monotonic()
+        if key in self.refused and now - self.refused[key] < self.FORGET_SECONDS:
+            return
+        if len(self.refused) >= self.MAX_LOGGED:
+            self.refused = {k: t for k, t in self.refused.items() if now - t < self.FORGET_SECONDS}
+            if len(self.refused) >= self.MAX_LOGGED:
+                return
+        self.refused[key] = now
+        log.warning("refused CURVE key %s: not in --allow-keys (its refusals this hour are not logged again%s)",
+                    curve_key_hex(key), f"; nor other keys': that makes {self.MAX_LOGGED}"
+                    if len(self.refused) == self.MAX_LOGGED else "")

@@ -286,12 +286,14 @@ def _resume(out_path: Path, model: GPT, optimizer: torch.optim.Optimizer, genera
 
 def training_bytes(config: ModelConfig, batch_size: int) -> int:
     """Roughly what a training run holds at its peak: float32 weights, gradients and AdamW's two
-    moments, plus one batch's activations (the logits over the vocabulary, each block's
-    intermediates and attention matrices). An estimate, to refuse at once what cannot fit."""
+    moments, plus one batch's activations: the fused head loss's one row of the vocabulary per
+    token (_FusedHeadLoss; float32 at most) and each block's saved intermediates (attention
+    goes through SDPA, which keeps no T x T matrices on the CPU). An estimate, on the high side,
+    to refuse at once what cannot fit."""
     c = config
     params = 12 * c.n_layer * c.n_embd ** 2 + (c.vocab_size + c.block_size) * c.n_embd
     tokens = batch_size * c.block_size
-    activations = tokens * (3 * c.vocab_size + c.n_layer * (20 * c.n_embd + 2 * c.n_head * c.block_size))
+    activations = tokens * (c.vocab_size + 20 * c.n_layer * c.n_embd)
     return 4 * (4 * params + activations)
 
 
@@ -305,7 +307,7 @@ def check_fits(config: ModelConfig, batch_size: int) -> None:
         have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not reported here: nothing to compare with
         return
-    if need > have:
+    if have > 0 and need > have:  # (-1: indeterminate)
         raise ValueError(f"training this model needs about {need / 2**30:.1f} GiB (weights, optimizer state and "
                          f"one batch), more than this machine's {have / 2**30:.1f} GiB: lower --n-layer, "
                          "--n-embd, --batch-size or --block-size")
@@ -380,6 +382,12 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
             est = estimate_train_loss(model, train_ids, eval_iters, batch_size, generator)
             history.append({"iter": it, "train_loss_est": est, "val_loss": val,
                             "elapsed_s": time.monotonic() - start})
+            if not math.isfinite(val):  # NaN weights never recover: stop now, not at --max-iters
+                _progress(progress, f"iter {it:5d} | eval: val {val}")
+                raise TrainingDiverged(
+                    f"training diverged: validation loss {val} at iter {it}; start afresh with --overwrite and a "
+                    "lower --lr (" + (f"{out_path} holds the best eval point, iter {best_iter} (val {best_val:.4f})"
+                                      if best_state is not None else f"nothing was written to {out_path}") + ")")
             if val < best_val:
                 best_val, best_iter = val, it
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -410,11 +418,6 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
                                 f"{time.monotonic() - start:7.1f}s")
             window_time, window_tokens, loss_sum, loss_n = 0.0, 0, 0.0, 0
 
-    last = history[-1]["val_loss"] if history else best_val
-    if not math.isfinite(last):  # its best eval point is written, but the run went nowhere from there
-        first_bad = next(h["iter"] for h in history if not math.isfinite(h["val_loss"]))
-        raise TrainingDiverged(f"training diverged: validation loss {last} from iter {first_bad} (lower --lr); "
-                               f"{out_path} holds the best eval point, iter {best_iter} (val {best_val:.4f})")
     # Report on the checkpoint that was written, not on the last iterate.
     model.load_state_dict(best_state)
     _progress(progress, f"loss of the best checkpoint over all {len(train_ids)} training tokens ...")

@@ -55,9 +55,10 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     that fail before any work: a subprocess spends ~2.5 s importing torch for each. Its log lines
     go to its stderr, as in a process of its own (the command's own logging set-up, with pytest's
     handlers set aside meanwhile). What the command changes process-wide (signal handlers, log
-    levels, torch's threads) is put back. Each command's real-process failure path is still
+    levels, torch's threads and RNG, the open-file limit) is put back. Each command's real-process failure path is still
     tested by a subprocess case of its own."""
     import logging
+    import resource
     import signal
 
     from click.testing import CliRunner
@@ -68,7 +69,8 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
               if isinstance(logger, logging.Logger)}
     levels[""] = logging.root.level
-    threads = torch.get_num_threads()
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)  # (a node raises its soft limit)
     root_handlers = logging.root.handlers[:]
     logging.root.handlers.clear()  # so that the command's logging.basicConfig writes to its stderr
     try:
@@ -82,6 +84,8 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
                 logger.setLevel(levels.get(name, logging.NOTSET))
         logging.root.setLevel(levels[""])
         torch.set_num_threads(threads)
+        torch.random.set_rng_state(rng)  # (train seeds it)
+        resource.setrlimit(resource.RLIMIT_NOFILE, files)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # a bug, not a failure the command reports
     return subprocess.CompletedProcess(["nanoswarm", *args], result.exit_code, result.stdout, result.stderr)

@@ -299,6 +299,7 @@ def test_a_public_listing_given_as_a_key_file_says_what_it_is(tmp_path):
 
     shown = tmp_path / "shown.json"  # `keys show --json > shown.json`, then used as --key-file
     shown.write_text(json.dumps(describe_identity(generate_identity())))
-    os.chmod(shown, 0o600)
-    with pytest.raises(KeyFileError, match="holds only public keys .as `keys show` prints them., not a key file"):
-        load_identity(shown)
+    for mode in (0o644, 0o600):  # (as the shell wrote it: no "protect it" before the real mistake)
+        os.chmod(shown, mode)
+        with pytest.raises(KeyFileError, match="holds only public keys .as `keys show` prints them., not a key file"):
+            load_identity(shown)

@@ -97,19 +97,21 @@ def test_a_run_that_cannot_fit_or_write_fails_before_any_work(tmp_path):
         assert out.returncode == 1 and why in out.stderr.strip().splitlines()[-1], out.stderr
     (tmp_path / "file").write_text("")
     out = invoke_cli(*args, "--out", str(tmp_path / "file" / "ckpt.pt"))
-    assert out.returncode == 1 and out.stderr.startswith(f"error: --out {tmp_path / 'file' / 'ckpt.pt'}: cannot "
-                                                         "write there: ")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert out.returncode == 1 and out.stderr.strip() == (f"error: --out {tmp_path / 'file' / 'ckpt.pt'}: "
+                                                          f"{tmp_path / 'file'} is not a directory")
+    out = invoke_cli(*args, "--n-layer", "1025", "--out", str(tmp_path / "new" / "sub" / "ckpt.pt"))
+    assert out.returncode == 1 and "n_layer 1025" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no directory made, no probe left
 
 
 def test_a_run_whose_loss_diverges_says_so(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(train.DEFAULT_TEXT.read_text()[:20_000])
     config = ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=16, gelu="exact")
-    with pytest.raises(train.TrainingDiverged, match=r"validation loss nan from iter 2 \(lower --lr\); .* holds the "
-                                                     r"best eval point, iter 0"):
-        train.train(text, tmp_path / "ckpt.pt", config, max_iters=4, batch_size=2, lr=1e30, warmup=0,
-                    eval_interval=2, eval_iters=1, seed=0, progress=False)
+    with pytest.raises(train.TrainingDiverged, match=r"validation loss nan at iter 2; start afresh with --overwrite "
+                                                     r"and a lower --lr \(.* holds the best eval point, iter 0"):
+        train.train(text, tmp_path / "ckpt.pt", config, max_iters=400, batch_size=2, lr=1e30, warmup=0,
+                    eval_interval=2, eval_iters=1, seed=0, progress=False)  # (stops at once, not at 400)
     assert (tmp_path / "ckpt.pt").exists()
 
 
@@ -125,3 +127,11 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch):
     assert out.returncode == 130
     assert out.stderr.strip() == (f"interrupted: the same command with --resume continues from {tmp_path / 'ckpt.pt'}"
                                   "'s eval point")
+
+    def interrupted_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # --overwrite, stopped before its first eval: the file is the earlier run's, not one to resume
+    monkeypatch.setattr(train, "train", interrupted_at_once)
+    out = invoke_cli("train", "--out", str(tmp_path / "ckpt.pt"), "--overwrite")
+    assert out.returncode == 130 and out.stderr == ""

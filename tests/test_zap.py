@@ -5,6 +5,7 @@ ended. Real CURVE sockets in this process."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -177,3 +178,22 @@ def test_a_node_that_cannot_bind_leaves_no_zap_handler_behind(tiny_model_dir):
                                      curve_public=public)
     node = server_module.NodeServer(handler, "tcp://127.0.0.1:*", curve_secret=secret, curve_public=public)
     node.close()
+
+
+def test_refused_keys_are_named_once_an_hour_and_at_most_64(caplog):
+    """How an operator finds a mistyped or missing key; clients without --key-file bring a fresh
+    key per link, so the names are capped (and forgotten after an hour)."""
+    from nanoswarm.node.server import _ClientKeys
+
+    keys = [zmq.curve_keypair()[0] for _ in range(70)]
+    check = _ClientKeys({keys[0]})
+    with caplog.at_level(logging.WARNING, logger="nanoswarm.node.server"):
+        assert check(keys[0])
+        assert not any(check(k) for k in keys[1:] + keys[1:3])  # 69 strangers, two of them again
+    named = [r.getMessage() for r in caplog.records if "refused CURVE key" in r.getMessage()]
+    assert len(named) == 64 and "that makes 64" in named[-1] and "that makes" not in named[0]
+    caplog.clear()
+    check.refused = {k: t - 3601 for k, t in check.refused.items()}  # an hour later
+    with caplog.at_level(logging.WARNING, logger="nanoswarm.node.server"):
+        assert not check(keys[1])
+    assert len(caplog.records) == 1
