@@ -43,6 +43,7 @@ from .transport import PeerError
 log = logging.getLogger(__name__)
 
 REFUSALS = (*CANNOT_TAKE, "leaving")  # clean refusals: the client may retry or go elsewhere
+SOLO_ATTEMPTS = 3  # a solo run refused (busy) or cut by a node that died is run again, elsewhere
 
 
 @dataclass
@@ -236,11 +237,16 @@ def _solo_logits(opts: LoadOptions, infos: dict[str, dict], client: ClientModel,
     solo = {}
     try:
         for k in range(opts.inputs):
-            captured.clear()
-            worker._session(k)
-            if worker.out.failed or len(captured) != opts.new_tokens + 1:
+            for attempt in range(SOLO_ATTEMPTS):
+                captured.clear()
+                worker.out = LoadReport(opts.sessions, opts.duration)
+                worker._session(k)  # a node that failed is routed around from then on
+                if not worker.out.failed and len(captured) == opts.new_tokens + 1:
+                    break
                 why = worker.out.failure_samples or dict(worker.out.refused)
-                raise RuntimeError(f"the solo run of input {k} failed: {why}")
+                if attempt + 1 == SOLO_ATTEMPTS:
+                    raise RuntimeError(f"the solo run of input {k} failed {SOLO_ATTEMPTS} times, last: {why}")
+                log.warning("the solo run of input %d failed (%s); again", k, why)
             solo[k] = torch.stack(captured)
     finally:
         worker.swarm.close()

@@ -379,6 +379,8 @@ def test_fuzz_sessions_read_only_cache_rows_they_wrote(served):
             check_memory(node)
 
     one_case()
+    if not seen["attn after the first block"]:  # 100 cases once had none: 100 more
+        one_case()
     # It must get steps through, phase steps after the first block of a position included.
     assert seen["result"] > 0 and seen["attn after the first block"] > 0, dict(seen)
 
@@ -397,7 +399,9 @@ def _near_valid_request(data, node: Node, seen: Counter) -> list:
     T = data.draw(st.sampled_from([1, 1, 2, 3, s.pending_tokens or 1]))
     pos = data.draw(st.one_of(st.just(s.length), st.just(s.length), st.just(s.length), st.integers(0, s.length + 1)))
     fields = {"session": s.id, "pos": pos}
-    if h.head_shard or data.draw(st.integers(0, 2)) == 0:
+    # A session part-way through a position's phases goes on with them half the time (a client
+    # always does); a third of the time, as at a position's start, was too rare to rely on.
+    if h.head_shard or data.draw(st.integers(0, 1 if s.next_block else 2)) == 0:
         expected = s.start + s.next_block
         block = data.draw(st.one_of(st.just(expected), st.just(expected), st.integers(s.start, s.stop - 1)))
         fields.update(phase=data.draw(st.sampled_from(["attn", "attn", "mlp"])), block=block)
