@@ -217,7 +217,7 @@ class Bench:
         self.reference = self.local_round(keep_logits=True)
         runs = []
         for group in groups:
-            self._progress(f"{group}: starting {len(group.specs)} nodes")
+            self._progress(f"{group}: starting {len(group.specs)} node{'s' * (len(group.specs) > 1)}")
             with LocalCluster(self.model_dir, group.specs, threads=opts.threads,
                               args=list(opts.node_args)) as cluster:
                 runs += self._measure(group, cluster)
@@ -382,8 +382,9 @@ def _check_options(opts: BenchOptions) -> None:
 
 def parse_ints(text: str, what: str = "the list") -> tuple[int, ...]:
     """'1,2,4' -> (1, 2, 4): at least one, each positive; ValueError naming `what` otherwise."""
+    items = _items(text, what)
     try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
+        values = tuple(int(x) for x in items)
     except ValueError:
         raise ValueError(f"{what} {text!r} must be comma-separated whole numbers, e.g. 1,2,4") from None
     if not values or min(values) < 1:
@@ -392,7 +393,15 @@ def parse_ints(text: str, what: str = "the list") -> tuple[int, ...]:
 
 
 def parse_names(text: str, what: str = "the list") -> tuple[str, ...]:
-    return _once(tuple(x.strip() for x in text.split(",") if x.strip()), what, text)
+    return _once(_items(text, what), what, text)
+
+
+def _items(text: str, what: str) -> tuple[str, ...]:
+    """'a, b' -> ('a', 'b'); an empty item ('1,,2', '1,') is refused, as a likely typo."""
+    items = tuple(x.strip() for x in text.split(","))
+    if len(items) > 1 and not all(items):
+        raise ValueError(f"{what} {text!r} has an empty item")
+    return tuple(x for x in items if x)
 
 
 def _once(values: tuple, what: str, text: str) -> tuple:

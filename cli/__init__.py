@@ -8,6 +8,7 @@ of their own here (shards, node, client, keys, harness), and params.py the parse
 from __future__ import annotations
 
 # The package's __init__ has set the OpenMP wait defaults before anything imports torch.
+import atexit
 import logging
 import os
 import signal
@@ -82,6 +83,23 @@ def main(verbose: int) -> None:
     if threading.current_thread() is threading.main_thread():  # (click's test runner may call us elsewhere)
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _interrupt)
+        global _quiet_exit_registered
+        if not _quiet_exit_registered:  # (once: tests call main many times in one process)
+            _quiet_exit_registered = True
+            atexit.register(_quiet_exit)
+
+
+_quiet_exit_registered = False
+
+
+def _quiet_exit() -> None:
+    """At exit, after the command: a signal just ends the process. A node that load or cluster
+    stops while it exits by itself (a bad option) printed the Interrupted raised in torch's
+    atexit finalizers as a traceback. (atexit runs this before the finalizers registered
+    earlier, at torch's import.)"""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
 
 
 class Interrupted(KeyboardInterrupt):

@@ -99,7 +99,7 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, head_groups: int, max_
     log_file = None if verbose else tempfile.NamedTemporaryFile("w", prefix="nanoswarm-demo-", suffix=".log",
                                                                 delete=False)
     harness = LocalCluster(model_dir, specs, threads=1, stderr=log_file)
-    click.echo(f"starting {len(specs)} local nodes for {model_dir}"
+    click.echo(f"starting {len(specs)} local node{'s' * (len(specs) > 1)} for {model_dir}"
                + (f" (node logs: {log_file.name})" if log_file else "") + " ...", err=True)
     done = False
     try:
@@ -156,9 +156,11 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
     """Local vs swarm speed on loopback: decode, prefill, per-stage overhead, bytes, batching."""
     from nanoswarm.bench import BenchOptions, format_report, parse_ints, parse_names, run_bench
 
+    given = click.get_current_context().get_parameter_source
+    default = click.core.ParameterSource.DEFAULT
+    if model_dir is not None and given("shape") != default:
+        raise click.UsageError("--shape is for random weights; --model benchmarks that model's shape")
     if quick:  # smaller defaults; what the user gave stays
-        given = click.get_current_context().get_parameter_source
-        default = click.core.ParameterSource.DEFAULT
         tokens = 4 if given("tokens") == default else tokens
         prompt_len = 16 if given("prompt_len") == default else prompt_len
         repeats = 1 if given("repeats") == default else repeats
@@ -171,6 +173,10 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
                         wire_names, patterns, tokens, prompt_len, repeats, session_tokens=4 if quick else 16,
                         threads=threads, work_dir=work_dir, progress=lambda line: click.echo(line, err=True))
     result = run_bench(opts)
+    if quick:  # its figures say nothing about the targets
+        result["quick"] = True
+        for t in result["targets"]:
+            t["met"] = None
     click.echo(json.dumps(result) if as_json else format_report(result))
 
 
@@ -181,7 +187,8 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
               help="Layer spans of the local swarm, each served by one node (or a head group).")
 @click.option("--head-groups", type=click.IntRange(min=1), default=1, show_default=True,
               help="Nodes that split each span's attention heads and MLP (a head group); 1: whole blocks.")
-@click.option("--node-args", default="", help="Options for the started nodes, e.g. '--max-sessions 32'.")
+@click.option("--node-args", default="", help="Options for the started nodes, e.g. '--max-sessions 32' "
+              "(not those load sets: --listen, --layers, --heads, --key-file, --json).")
 @click.option("--sessions", type=click.IntRange(min=1), default=16, show_default=True,
               help="Concurrent client sessions.")
 @click.option("--duration", type=SECONDS, default=10.0, show_default=True, help="Seconds.")
@@ -194,7 +201,8 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
 @click.option("--no-verify", is_flag=True, help="Skip comparing every step's logits to a solo run.")
 @click.option("--tolerance", type=POSITIVE, default=None,
               help="Largest logit difference from a solo run, over the largest solo logit (at least 1), "
-                   "that counts as equal (default: by the nodes' device and dtype, 1e-5 for float32 on a CPU).")
+                   "that counts as equal; above 0 (default: by the nodes' device and dtype, 1e-5 for float32 "
+                   "on a CPU).")
 @click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Use this identity's CURVE key (private swarms); default: fresh keys.")
 @click.option("--insecure", is_flag=True, help="Allow unencrypted links to nodes that run without a key.")
@@ -203,8 +211,15 @@ def load(model_dir: Path, peers: str | None, nodes: int, head_groups: int, node_
          duration: float, prompt_tokens: int, new_tokens: int, max_length: int | None, timeout: float, no_verify: bool,
          tolerance: float | None, key_file: Path | None, insecure: bool, as_json: bool) -> None:
     """Concurrent sessions against a swarm: served, refused, failed, latency, node memory.
-    Exits 1 unless nothing failed, no node crashed, memory stayed bounded and logits matched."""
+    Exits 1 unless a session completed, nothing failed, every node still answers (a crash and a
+    leave look the same), memory stayed bounded and logits matched."""
     import shlex
+
+    if peers is not None:
+        if not peer_list(peers):
+            raise click.UsageError("--peers: no contact given (leave it out to start a local swarm)")
+        if click.get_current_context().get_parameter_source("nodes") != click.core.ParameterSource.DEFAULT:
+            raise click.UsageError("--nodes applies to the swarm load starts, not to --peers")
 
     from nanoswarm.client.load import LoadOptions, run_load
     from nanoswarm.client.load_report import format_report

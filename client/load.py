@@ -43,6 +43,7 @@ from .transport import PeerError
 log = logging.getLogger(__name__)
 
 REFUSALS = (*CANNOT_TAKE, "leaving")  # clean refusals: the client may retry or go elsewhere
+HARNESS_SETS = ("--listen", "--layers", "--heads", "--key-file", "--json")  # for each node it starts
 SOLO_ATTEMPTS = 3  # a solo run refused (busy) or cut by a node that died is run again, elsewhere
 
 
@@ -243,9 +244,10 @@ def _solo_logits(opts: LoadOptions, infos: dict[str, dict], client: ClientModel,
                 worker._session(k)  # a node that failed is routed around from then on
                 if not worker.out.failed and len(captured) == opts.new_tokens + 1:
                     break
-                why = worker.out.failure_samples or dict(worker.out.refused)
+                why = "; ".join(worker.out.failure_samples) or "refused " + ", ".join(worker.out.refused)
                 if attempt + 1 == SOLO_ATTEMPTS:
-                    raise RuntimeError(f"the solo run of input {k} failed {SOLO_ATTEMPTS} times, last: {why}")
+                    raise RuntimeError(f"the solo run of input {k} (its reference logits, before the load) "
+                                       f"failed {SOLO_ATTEMPTS} times, the last: {why}")
                 log.warning("the solo run of input %d failed (%s); again", k, why)
             solo[k] = torch.stack(captured)
     finally:
@@ -255,7 +257,7 @@ def _solo_logits(opts: LoadOptions, infos: dict[str, dict], client: ClientModel,
 
 def _node_reports(opts: LoadOptions, meta, before: dict[str, dict], pids: dict[str, int], config) -> list[NodeReport]:
     """Each node's state after the load; a node that no longer answers keeps what it served
-    before (its blocks and weights) and is reported crashed."""
+    before (its blocks and weights) and is reported gone (a leave and a crash look the same)."""
     reports = []
     probe = Swarm(*meta, opts.swarm_options())
     try:
@@ -302,13 +304,18 @@ def run_load(opts: LoadOptions) -> LoadReport:
     config = manifest.config
     used = opts.prompt_tokens + opts.new_tokens
     if max(used, opts.max_length or 0) > config.block_size:
-        raise ValueError(f"sessions would be longer than the model's context {config.block_size}")
+        what = (f"--max-length {opts.max_length}" if (opts.max_length or 0) > config.block_size
+                else f"a session's {used} positions (prompt plus new tokens)")
+        raise ValueError(f"{what} is longer than the model's context, {config.block_size} positions")
     if opts.max_length is not None and opts.max_length < used:
         raise ValueError(f"--max-length {opts.max_length} is shorter than a session's {used} positions "
                          "(prompt plus new tokens)")
     if opts.peers and (opts.node_args or opts.head_groups != 1):
         given = "--node-args applies" if opts.node_args else "--head-groups applies"
         raise ValueError(f"{given} to the swarm load starts, not to --peers")
+    for arg in opts.node_args:  # (the harness sets these; --json would hide the line it waits for)
+        if arg.partition("=")[0] in HARNESS_SETS:
+            raise ValueError(f"--node-args {arg.partition('=')[0]}: load sets that itself for the nodes it starts")
     cluster = None
     contacts, pids = list(opts.peers), {}
     if not contacts:
@@ -325,14 +332,15 @@ def run_load(opts: LoadOptions) -> LoadReport:
         if opts.tolerance is None:  # once for the run, from the nodes' device and dtype
             opts = replace(opts, tolerance=default_tolerance(infos.values()))
         solo = _solo_logits(opts, infos, client, meta) if opts.verify else {}
-        deadline = time.monotonic() + opts.duration
-        workers = [_Worker(i, opts, infos, client, meta, solo, deadline) for i in range(opts.sessions)]
+        start = time.monotonic()
+        workers = [_Worker(i, opts, infos, client, meta, solo, start + opts.duration) for i in range(opts.sessions)]
         threads = [threading.Thread(target=w.run, name=f"load-{w.index}", daemon=True) for w in workers]
         for t in threads:
             t.start()
         for t in threads:
             t.join(opts.duration + 10 * opts.timeout)
         report = _merge(opts, workers)
+        report.elapsed = time.monotonic() - start  # (steps under way at the deadline finish)
         report.nodes = _node_reports(opts, meta, infos, pids, config)
         if cluster is not None:
             for node in cluster.nodes:  # a node that died shows in its exit code too

@@ -33,6 +33,7 @@ class NodeReport:
 class LoadReport:
     sessions: int
     duration: float
+    elapsed: float | None = None  # seconds the load ran (the deadline, and the steps under way then)
     served: int = 0
     refused: Counter = field(default_factory=Counter)
     failed: Counter = field(default_factory=Counter)
@@ -50,6 +51,7 @@ class LoadReport:
 
     @property
     def crashed(self) -> list[str]:
+        """Nodes that did not answer after the load: crashed, or left (the two look the same)."""
         return [n.address for n in self.nodes if not n.alive]
 
     @property
@@ -59,9 +61,9 @@ class LoadReport:
         if not self.sessions_completed:
             out.append("no session completed")
         if self.failed:
-            out.append(f"{sum(self.failed.values())} requests failed")
+            out.append(_count(sum(self.failed.values()), "request") + " failed")
         if self.crashed:
-            out.append(f"{len(self.crashed)} nodes crashed")
+            out.append(_count(len(self.crashed), "node") + " gone (no answer after the load: crashed or left)")
         if self.mismatches:
             out.append(f"{self.mismatches} steps differ from their solo runs")
         over = [n.address.partition("#")[0] for n in self.nodes if n.memory_bound is not None
@@ -69,6 +71,11 @@ class LoadReport:
         if over:
             out.append(f"memory above the bound on {', '.join(over)}")
         return out
+
+    @property
+    def seconds(self) -> float:
+        """What the rates are over: the time the load ran, else the duration asked for."""
+        return self.elapsed if self.elapsed is not None else self.duration
 
     @property
     def ok(self) -> bool:
@@ -83,7 +90,8 @@ class LoadReport:
                            "step_p50": _pct(self.step_latency, 50), "step_p99": _pct(self.step_latency, 99),
                            "prefill_p50": _pct(self.prefill_latency, 50),
                            "prefill_p99": _pct(self.prefill_latency, 99)},
-            "requests_per_second": self.served / self.duration if self.duration else 0.0,
+            "elapsed": self.seconds,
+            "requests_per_second": self.served / self.seconds if self.seconds else 0.0,
             "sessions_completed": self.sessions_completed, "steps_checked": self.steps_checked,
             "mismatches": self.mismatches, "max_logit_diff": self.max_logit_diff,
             "max_relative_diff": self.max_relative_diff, "tolerance": self.tolerance,
@@ -93,6 +101,10 @@ class LoadReport:
                        "weight_bytes": n.weight_bytes, "kv_budget_bytes": n.kv_budget_bytes,
                        "memory_bound_bytes": n.memory_bound, "errors": n.errors} for n in self.nodes],
         }
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -112,7 +124,8 @@ def format_report(report: LoadReport) -> str:
     refused = ", ".join(f"{k} {v}" for k, v in sorted(report.refused.items())) or "none"
     failed = ", ".join(f"{k} {v}" for k, v in sorted(report.failed.items())) or "none"
     lines = [
-        f"{report.sessions} sessions for {report.duration:g} s",
+        f"{_count(report.sessions, 'session')} for {report.duration:g} s"
+        + ("" if report.elapsed is None else f" (ran {report.elapsed:.2f} s)"),
         f"requests served: {report.served} ({j['requests_per_second']:.1f}/s)",
         f"refused: {refused}",
         f"failed: {failed}",
@@ -132,6 +145,6 @@ def format_report(report: LoadReport) -> str:
             f"{MEMORY_OVERHEAD / 2**20:.0f})"
         heads = "" if n.heads is None else f" heads {n.heads[0]}:{n.heads[1]}"
         lines.append(f"node {n.address.partition('#')[0]} layers {n.layers[0]}:{n.layers[1]}{heads}: "
-                     f"{'alive' if n.alive else 'CRASHED'}, {what} {peak} [{n.source}]{bound}")
+                     f"{'alive' if n.alive else 'GONE'}, {what} {peak} [{n.source}]{bound}")
     lines.append("OK" if report.ok else f"NOT OK: {'; '.join(report.problems)}")
     return "\n".join(lines)

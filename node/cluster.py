@@ -154,12 +154,16 @@ class LocalCluster:
         cmd = self.command(spec)
         # Each OpenMP thread of a node on a core of its own (node/affinity.py).
         env = bind_openmp(env, len(self.nodes), threads_of(cmd))
-        key_file = None
+        key_file, ours = None, []
         if "--key-file" not in cmd:  # every node needs its own identity (peer id, CURVE key)
             key_file = self._new_key_file()
-            cmd += ["--key-file", str(key_file)]
+            ours += ["--key-file", str(key_file)]
         if self.bootstrap and self.nodes and self.nodes[0].address and "--bootstrap" not in cmd:
-            cmd += ["--bootstrap", self.nodes[0].address]  # a node added to a running swarm
+            ours += ["--bootstrap", self.nodes[0].address]  # a node added to a running swarm
+        # Before the caller's options, so that one of them missing its value gets click's
+        # "requires an argument", not ours as its value.
+        at = cmd.index("--listen") if "--listen" in cmd else len(cmd)
+        cmd[at:at] = ours
         node = NodeProcess(spec, self._fork(cmd, env, default_env) or self._exec(cmd, env),
                            key_file=key_file)
         threading.Thread(target=self._pump, args=(node,), daemon=True).start()

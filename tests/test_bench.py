@@ -62,7 +62,11 @@ def test_quick_bench_json_has_every_field(tmp_path):
     assert sum(line.startswith("layers, 2 stages, ") and "decode ratio" in line for line in progress) == 4
     table = format_report(out)
     assert "2 stages" in table and "head group x2" in table and "q80" in table and "relay" in table
-    assert out["targets"] == targets(out) and all({"name", "value", "met"} <= set(t) for t in out["targets"])
+    # A --quick run's figures say nothing about the targets: shown, not judged.
+    assert out["quick"] is True and out["targets"] == [{**t, "met": None} for t in targets(out)]
+    assert out["targets"] and all({"name", "value", "met"} <= set(t) for t in out["targets"])
+    assert "(a --quick smoke test: not judged):" in table and " met\n" not in table + "\n"
+    assert " MISSED" not in table
 
 
 @pytest.mark.slow
@@ -103,7 +107,10 @@ def test_bad_options_fail_in_one_line_before_anything_starts(tmp_path):
                           (["--head-groups", "-1"], "'--head-groups': -1 is not in the range x>=0"),
                           (["--stages", "5"], "--stages 5: the model has 4 blocks, so from 1 to 4"),
                           (["--head-groups", "1"], "--head-groups 1 would be a plain layer stage"),
-                          (["--head-groups", "5"], "--head-groups 5: the model has 4 heads, so from 2 to 4")):
+                          (["--head-groups", "5"], "--head-groups 5: the model has 4 heads, so from 2 to 4"),
+                          (["--stages", "1,,2"], "--stages '1,,2' has an empty item"),
+                          (["--links", "relay,"], "--links 'relay,' has an empty item"),
+                          (["--model", str(tmp_path)], "--shape is for random weights; --model benchmarks")):
         runs.append((["bench", "--shape", "tiny", "--quick", "--work-dir", str(tmp_path), *args], message))
     # In this process (the same click group and failure reporting as the command's): nine
     # subprocesses spent ~11 s importing torch, for failures that come before any work.

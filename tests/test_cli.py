@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -630,3 +631,18 @@ def test_generate_device_is_checked_before_any_peer_is_asked(tiny_model_dir):
             for device, _ in cases]
     for (_, why), out in zip(cases, outs):
         assert why in one_error_line(out)
+
+
+def test_a_signal_while_a_command_exits_ends_it_without_a_traceback(tmp_path):
+    """A node that load stopped (SIGTERM) while it was exiting by itself after a bad option
+    printed a traceback: our handler raised Interrupted inside torch's atexit finalizers (a
+    review). Here an exit hook registered before the command, as torch's are, sends the signal."""
+    script = ("import atexit, os, signal, time, sys\n"
+              "import nanoswarm.cli\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(2)))\n"
+              "sys.argv = ['nanoswarm', 'node', sys.argv[1], '--max-sessions', '0']\n"
+              "nanoswarm.cli.main()\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == -signal.SIGTERM, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr and "Interrupted" not in out.stderr, out.stderr
+    assert "--max-sessions" in out.stderr.strip().splitlines()[-1]

@@ -183,3 +183,26 @@ def test_a_harness_gone_before_its_launcher_started_gets_no_node(tiny_model_dir,
         assert not key_file.exists(), "the launcher forked a node for a harness that was gone"
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_the_harness_puts_its_own_options_before_the_caller_s(tiny_model_dir):
+    """A caller's option missing its value (`--node-args '--max-sessions'`) took the harness's
+    `--key-file` that followed it as its value: "'--key-file' is not a valid integer range" (a
+    review). The harness's options now come first, so click says the value is missing."""
+    from nanoswarm.node.cluster import LocalCluster, NodeSpec
+
+    class Captured(Exception):
+        pass
+
+    class Recorder(LocalCluster):
+        def _fork(self, cmd, env, default_env):
+            raise Captured(cmd)
+
+    harness = Recorder(tiny_model_dir, [NodeSpec((0, 4))], args=["--max-sessions"])
+    try:
+        harness._spawn(harness.specs[0])
+    except Captured as e:
+        cmd = e.args[0]
+    finally:
+        harness.stop()
+    assert cmd[-1] == "--max-sessions" and "--key-file" in cmd

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from conftest import invoke_cli
 
 from nanoswarm.cli import main
 from nanoswarm.client.load import LoadOptions, run_load
@@ -60,11 +61,23 @@ def test_load_refuses_what_it_cannot_run_in_one_line(tiny_model_dir, cluster_fac
                       (["--peers", swarm.addresses[0], "--head-groups", "2"], "--head-groups applies"),
                       (["--peers", "garbage"], "garbage"),
                       (["--peers", swarm.addresses[0]], "--insecure"),
-                      (["--peers", swarm.addresses[0], "--insecure", "--no-verify"], "no peer serves layers 1:4")):
+                      (["--peers", swarm.addresses[0], "--insecure", "--no-verify"], "no peer serves layers 1:4"),
+                      (["--max-length", "129"], "--max-length 129 is longer than the model's context, 128"),
+                      (["--prompt-tokens", "120", "--new-tokens", "9"],
+                       "a session's 129 positions (prompt plus new tokens) is longer than the model's context"),
+                      # (the harness sets these; --json hid the line it waits for: 120 s, then "did not start")
+                      (["--node-args", "--max-sessions 4 --json"], "--node-args --json: load sets that itself"),
+                      (["--node-args", "--layers=0:4"], "--node-args --layers: load sets that itself")):
         result = CliRunner().invoke(main, base + args)
         lines = result.output.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
         assert why in lines[0], lines[0]
+    # Options that do not go with --peers: usage errors (exit 2), as click's own are.
+    for args, why in ((["--peers", ""], "--peers: no contact given (leave it out to start a local swarm)"),
+                      (["--peers", swarm.addresses[0], "--nodes", "3"],
+                       "--nodes applies to the swarm load starts, not to --peers")):
+        result = invoke_cli(*base, *args)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {why}"], result.stderr
 
 
 def test_a_run_that_completes_no_session_is_not_ok(tiny_model_dir):
@@ -163,7 +176,11 @@ def test_the_text_report_says_what_the_json_says():
     assert "bound 676 MiB" in text[6] and text[-1] == "OK"
     node.alive = False
     report.failed["timeout"] = 1
-    assert format_report(report).splitlines()[-1] == "NOT OK: 1 requests failed; 1 nodes crashed"
+    last = "NOT OK: 1 request failed; 1 node gone (no answer after the load: crashed or left)"
+    assert format_report(report).splitlines()[-1] == last
+    assert "layers 0:4: GONE, peak RSS" in format_report(report)
+    report.elapsed = 4.0  # the rate is over the time the load ran
+    assert format_report(report).splitlines()[:2] == ["4 sessions for 2 s (ran 4.00 s)", "requests served: 10 (2.5/s)"]
 
 
 def test_overloaded_nodes_under_split_prompts_are_refusals_not_failures(tiny_model_dir):
