@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -102,7 +103,13 @@ def _print_ready(as_json: bool, ready: dict) -> None:
     if as_json:
         # `contact`, as `cluster --json` names it; `listening` too, as the plain line says it
         ready = {"listening": ready["contact"], **ready}
-        click.echo(json.dumps(ready))
-    else:
-        click.echo(f"listening {ready['contact']}")
-    sys.stdout.flush()
+    try:
+        click.echo(json.dumps(ready) if as_json else f"listening {ready['contact']}")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # No one reads it any more (a harness stopped by Ctrl-C while this node started): the
+        # node serves on, and stays quiet there. (It ended with "error: [Errno 32] Broken pipe".)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        logging.getLogger(__name__).warning("stdout is closed: the line with the node's contact went nowhere")

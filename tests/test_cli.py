@@ -17,7 +17,7 @@ from conftest import CLI, TINY, all_gone, children_of, invoke_cli, pid_alive, ru
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
-from nanoswarm.client.transport import PeerConnection
+from nanoswarm.client.transport import PeerConnection, PeerError
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.shards.loaders import save_nanogpt_checkpoint
 from nanoswarm.shards.model import GPT
@@ -646,3 +646,36 @@ def test_a_signal_while_a_command_exits_ends_it_without_a_traceback(tmp_path):
     assert out.returncode == -signal.SIGTERM, (out.returncode, out.stderr)
     assert "Traceback" not in out.stderr and "Interrupted" not in out.stderr, out.stderr
     assert "--max-sessions" in out.stderr.strip().splitlines()[-1]
+
+
+def test_a_node_whose_stdout_is_closed_serves_on_quietly(tiny_model_dir, tmp_path):
+    """A harness stopped by Ctrl-C while its nodes started closed the pipe a node was about to
+    print its contact to: the node ended with "error: [Errno 32] Broken pipe" (a review). The
+    line goes nowhere now, with a warning, and the node serves."""
+    key = tmp_path / "k.key"
+    curve = json.loads(invoke_cli("keys", "generate", "--out", str(key), "--json").stdout)["curve_public_hex"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # no one will read the node's stdout
+    proc = subprocess.Popen([*CLI, "node", str(tiny_model_dir), "--layers", "0:4", "--key-file", str(key),
+                             "--listen", f"tcp://127.0.0.1:{port}"], stdout=write_end, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+    os.close(write_end)
+    try:
+        deadline, info = time.monotonic() + 60, None
+        while info is None and proc.poll() is None and time.monotonic() < deadline:
+            probe = PeerConnection(f"tcp://127.0.0.1:{port}#{curve}", timeout=10)
+            try:
+                info = probe.request("info").fields
+            except PeerError:  # not listening yet
+                time.sleep(0.2)
+            finally:
+                probe.close()
+        assert info is not None and info["layers"] == [0, 4], proc.poll()  # serving
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    err = proc.stderr.read()
+    assert "stdout is closed: the line with the node's contact went nowhere" in err and "Broken pipe" not in err
