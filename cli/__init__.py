@@ -57,7 +57,11 @@ class _CleanErrors(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            finally:
+                atexit.unregister(_quiet_exit)  # (the command may have registered hooks: torch's)
+                atexit.register(_quiet_exit)
         except _NO_ARGS_HELP as e:
             _help(e)
         except click.ClickException as e:  # bad options of a subcommand (exit code 2, as click's), or ours
@@ -83,20 +87,13 @@ def main(verbose: int) -> None:
     if threading.current_thread() is threading.main_thread():  # (click's test runner may call us elsewhere)
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _interrupt)
-        global _quiet_exit_registered
-        if not _quiet_exit_registered:  # (once: tests call main many times in one process)
-            _quiet_exit_registered = True
-            atexit.register(_quiet_exit)
-
-
-_quiet_exit_registered = False
 
 
 def _quiet_exit() -> None:
     """At exit, after the command: a signal just ends the process. A node that load or cluster
     stops while it exits by itself (a bad option) printed the Interrupted raised in torch's
-    atexit finalizers as a traceback. (atexit runs this before the finalizers registered
-    earlier, at torch's import.)"""
+    atexit finalizers as a traceback. (Registered again as each command ends, so that it runs
+    before every exit hook, torch's included: atexit runs the last registered first.)"""
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)

@@ -217,9 +217,9 @@ def load(model_dir: Path, peers: str | None, nodes: int, head_groups: int, node_
 
     if peers is not None:
         if not peer_list(peers):
-            raise click.UsageError("--peers: no contact given (leave it out to start a local swarm)")
+            raise click.ClickException("--peers: no contact given (leave it out to start a local swarm)")
         if click.get_current_context().get_parameter_source("nodes") != click.core.ParameterSource.DEFAULT:
-            raise click.UsageError("--nodes applies to the swarm load starts, not to --peers")
+            raise click.ClickException("--nodes applies to the swarm load starts, not to --peers")
 
     from nanoswarm.client.load import LoadOptions, run_load
     from nanoswarm.client.load_report import format_report

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 REFUSALS = (*CANNOT_TAKE, "leaving")  # clean refusals: the client may retry or go elsewhere
 HARNESS_SETS = ("--listen", "--layers", "--heads", "--key-file", "--json")  # for each node it starts
-SOLO_ATTEMPTS = 3  # a solo run refused (busy) or cut by a node that died is run again, elsewhere
+SOLO_ATTEMPTS = 3  # a solo run refused (busy) or cut by a node that died (then routed around) is run again
 
 
 @dataclass
@@ -340,7 +340,7 @@ def run_load(opts: LoadOptions) -> LoadReport:
         for t in threads:
             t.join(opts.duration + 10 * opts.timeout)
         report = _merge(opts, workers)
-        report.elapsed = time.monotonic() - start  # (steps under way at the deadline finish)
+        report.elapsed = time.monotonic() - start  # (steps under way at the deadline finish; sessions close)
         report.nodes = _node_reports(opts, meta, infos, pids, config)
         if cluster is not None:
             for node in cluster.nodes:  # a node that died shows in its exit code too

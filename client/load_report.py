@@ -90,7 +90,7 @@ class LoadReport:
                            "step_p50": _pct(self.step_latency, 50), "step_p99": _pct(self.step_latency, 99),
                            "prefill_p50": _pct(self.prefill_latency, 50),
                            "prefill_p99": _pct(self.prefill_latency, 99)},
-            "elapsed": self.seconds,
+            "elapsed": self.elapsed,
             "requests_per_second": self.served / self.seconds if self.seconds else 0.0,
             "sessions_completed": self.sessions_completed, "steps_checked": self.steps_checked,
             "mismatches": self.mismatches, "max_logit_diff": self.max_logit_diff,

@@ -633,19 +633,31 @@ def test_generate_device_is_checked_before_any_peer_is_asked(tiny_model_dir):
         assert why in one_error_line(out)
 
 
-def test_a_signal_while_a_command_exits_ends_it_without_a_traceback(tmp_path):
+@pytest.mark.parametrize("bad, why", [(["--max-sessions", "0"], "--max-sessions"), (["--layers", "0:99"], "0:99")],
+                         ids=["refused by click", "refused after torch's import"])
+def test_a_signal_while_a_command_exits_ends_it_without_a_traceback(tiny_model_dir, tmp_path, bad, why):
     """A node that load stopped (SIGTERM) while it was exiting by itself after a bad option
     printed a traceback: our handler raised Interrupted inside torch's atexit finalizers (a
-    review). Here an exit hook registered before the command, as torch's are, sends the signal."""
+    review). Here the signal comes in an exit hook that runs just before the first one the
+    command registered (torch's, at its import) or, if it registered none, before ours."""
     script = ("import atexit, os, signal, time, sys\n"
               "import nanoswarm.cli\n"
-              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(2)))\n"
-              "sys.argv = ['nanoswarm', 'node', sys.argv[1], '--max-sessions', '0']\n"
+              "kill = lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(2))\n"
+              "register, armed = atexit.register, []\n"
+              "def wrapped(f, *a, **k):\n"
+              "    register(f, *a, **k)\n"
+              "    if f is not nanoswarm.cli._quiet_exit and not armed:\n"
+              "        armed.append(register(kill))\n"
+              "    return f\n"
+              "atexit.register = wrapped\n"
+              "register(kill)\n"
+              "sys.argv = ['nanoswarm', 'node', *sys.argv[1:]]\n"
               "nanoswarm.cli.main()\n")
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir), "--key-file", str(tmp_path / "k.key"),
+                          *bad], capture_output=True, text=True, timeout=60)
     assert out.returncode == -signal.SIGTERM, (out.returncode, out.stderr)
     assert "Traceback" not in out.stderr and "Interrupted" not in out.stderr, out.stderr
-    assert "--max-sessions" in out.stderr.strip().splitlines()[-1]
+    assert why in out.stderr.strip().splitlines()[-1], out.stderr
 
 
 def test_a_node_whose_stdout_is_closed_serves_on_quietly(tiny_model_dir, tmp_path):
