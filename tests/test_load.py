@@ -112,8 +112,8 @@ def test_a_node_killed_during_a_run_is_routed_around(tiny_model_dir, cluster_fac
     """Each session that hits a killed node fails once; the worker then routes around it, as a
     client's failover does. New sessions went straight back to it: ~600 failures a second for
     the rest of a run (a review: `unreachable 21261`). A solo run (the reference logits, one
-    session at a time before the load) that it cuts is run again elsewhere: the whole run
-    stopped with a traceback if the node died in its first seconds."""
+    session at a time before the load) that it cuts is run again, routed around it: the whole
+    run stopped with an error if the node died in its first seconds."""
     import signal
     import threading
 
