@@ -43,7 +43,6 @@ from .transport import PeerError
 log = logging.getLogger(__name__)
 
 REFUSALS = (*CANNOT_TAKE, "leaving")  # clean refusals: the client may retry or go elsewhere
-HARNESS_SETS = ("--listen", "--layers", "--heads", "--key-file", "--json")  # for each node it starts
 SOLO_ATTEMPTS = 3  # a solo run refused (busy) or cut by a node that died (then routed around) is run again
 
 
@@ -313,13 +312,14 @@ def run_load(opts: LoadOptions) -> LoadReport:
     if opts.peers and (opts.node_args or opts.head_groups != 1):
         given = "--node-args applies" if opts.node_args else "--head-groups applies"
         raise ValueError(f"{given} to the swarm load starts, not to --peers")
-    for arg in opts.node_args:  # (the harness sets these; --json would hide the line it waits for)
-        if arg.partition("=")[0] in HARNESS_SETS:
+    from nanoswarm.node.cluster import HARNESS_OPTIONS, LocalCluster, swarm_specs
+
+    for arg in opts.node_args:
+        if arg.partition("=")[0] in HARNESS_OPTIONS:
             raise ValueError(f"--node-args {arg.partition('=')[0]}: load sets that itself for the nodes it starts")
     cluster = None
     contacts, pids = list(opts.peers), {}
     if not contacts:
-        from nanoswarm.node.cluster import LocalCluster, swarm_specs
         cluster = LocalCluster(opts.model_dir, swarm_specs(config.n_layer, config.n_head, opts.nodes, opts.head_groups),
                                threads=opts.node_threads, args=list(opts.node_args)).start()
         contacts = cluster.addresses

@@ -108,6 +108,9 @@ class NodeProcess:
 # A node started by the harness watches that its parent is still this process, or the launcher
 # that forked it (node/daemon.py, node/launcher.py).
 HARNESS_ENV = "NANOSWARM_HARNESS_PID"
+# What the harness sets for each node (command() below), and --json, which would hide the plain
+# "listening" line it waits for: not for callers' args (load's --node-args).
+HARNESS_OPTIONS = ("--listen", "--layers", "--heads", "--key-file", "--json")
 
 
 class LocalCluster:
