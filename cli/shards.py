@@ -14,26 +14,35 @@ from .params import POSITIVE
 @click.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--layers-per-shard", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--head-groups", type=int, default=None, help="Also write head-sliced files, G groups.")
-@click.option("--heads", "heads_spec", default=None, help="Explicit head split, e.g. 0:6,6:12.")
+@click.option("--layers-per-shard", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Blocks in each weight file (a node loads the files of the blocks it serves).")
+@click.option("--head-groups", type=int, default=None,
+              help="Also write head-sliced files for G near-equal groups of heads (head shards load only theirs).")
+@click.option("--heads", "heads_spec", default=None,
+              help="Also write head-sliced files for these head ranges, half-open, covering every head once: "
+                   "0:6,6:12.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True, help="Storage dtype of the shard files.")
+@click.option("--overwrite", is_flag=True,
+              help="Write into OUT_DIR although it is not empty (an earlier model's shard files there are removed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int | None,
-          heads_spec: str | None, dtype: str, as_json: bool) -> None:
-    """Cut a checkpoint (nanoGPT ckpt.pt or Hugging Face GPT-2 dir) into a model directory."""
+          heads_spec: str | None, dtype: str, overwrite: bool, as_json: bool) -> None:
+    """Cut a checkpoint (nanoGPT ckpt.pt or Hugging Face GPT-2 dir) into a model directory.
+
+    OUT_DIR is made if needed; one that is not empty is refused without --overwrite."""
     import torch
 
     from nanoswarm.shards.loaders import check_tokenizer_vocab, load_checkpoint
     from nanoswarm.shards.manifest import head_split_pairs, parse_head_splits, write_model_dir
 
-    head_split_pairs(heads_spec, head_groups)  # what can fail before a checkpoint is read
+    _head_option_errors(head_split_pairs, heads_spec, head_groups)  # before a checkpoint is read
+    _check_out_dir(out_dir, overwrite)
     shards_log = logging.getLogger("nanoswarm.shards")  # its progress lines, -v or not
     shards_log.setLevel(min(shards_log.getEffectiveLevel(), logging.INFO))
     config, state = load_checkpoint(source)
     check_tokenizer_vocab(config, str(source))
-    splits = parse_head_splits(heads_spec, head_groups, config.n_head)
+    splits = _head_option_errors(parse_head_splits, heads_spec, head_groups, config.n_head)
     manifest = write_model_dir(config, state, out_dir, layers_per_shard, splits, getattr(torch, dtype))
     if as_json:
         click.echo(json.dumps({"model_id": manifest.model_id, **json.loads(manifest.to_json())}))
@@ -41,22 +50,58 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
         click.echo(f"{out_dir}: model {manifest.model_id[:16]}, {len(manifest.files)} weight files")
 
 
+def _head_option_errors(check, spec: str | None, groups: int | None, *more):
+    """`check(spec, groups, ...)`, its refusals worded as option errors (exit 2, like click's)."""
+    try:
+        return check(spec, groups, *more)
+    except ValueError as e:
+        if spec and groups is not None:
+            raise click.UsageError(str(e)) from None
+        raise click.BadParameter(str(e), param_hint="'--heads'" if spec else "'--head-groups'") from None
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """OUT_DIR can take the model, found before a checkpoint is read (a large one takes minutes):
+    a directory (or none yet, under one that can be written), and an empty one unless
+    --overwrite. Writing into a full directory unasked removed an earlier model's files or put
+    shards beside the checkpoint they were cut from (a review)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise click.ClickException(f"{out_dir} is not a directory: give a new or empty directory as OUT_DIR")
+    if out_dir.is_dir():
+        if any(out_dir.iterdir()) and not overwrite:
+            raise click.ClickException(f"{out_dir} is not empty: pass --overwrite to write the model there "
+                                       "(an earlier model's shard files in it are removed)")
+        probe_dir = out_dir
+    else:
+        probe_dir = out_dir.absolute().parent
+        while not probe_dir.exists():
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise click.ClickException(f"{out_dir}: {probe_dir} is not a directory")
+    _probe(probe_dir, f"{out_dir}:")
+
+
+def _probe(directory: Path, what: str) -> None:
+    """A ClickException unless a file can be made in `directory` (removed at once)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".nanoswarm.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise click.ClickException(f"{what} cannot write in {directory}: {e.strerror or e}") from None
+
+
 def _check_writable(out_path: Path) -> None:
     """--out can be written: its nearest existing directory takes a file (the rest is made at the
     first save). Found at once, not at the first eval point, after the text was read and the
     model built (in torch's words there); nothing is left behind."""
-    import tempfile
-
     existing = out_path.absolute().parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise click.ClickException(f"--out {out_path}: {existing} is not a directory")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=f".{out_path.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        raise click.ClickException(f"--out {out_path}: cannot write in {existing}: {e.strerror or e}") from None
+    _probe(existing, f"--out {out_path}:")
 
 
 @click.command()

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 
 GPT2_VOCAB = N_VOCAB  # the tokenizer's ids
+# The most rows a vocabulary padded for speed has: 50257 rounded up to a multiple of 1024
+# (nanoGPT pads to 50304, a multiple of 64). More is a model of another tokenizer.
+MAX_PADDED_VOCAB = -(-GPT2_VOCAB // 1024) * 1024
+NANOGPT_PADDED_VOCAB = 50304
 # Hugging Face's GPT-2 uses Conv1D, which stores weights [in, out]; these names need a transpose.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Causal-mask buffers that old nanoGPT and HF checkpoints save next to the weights.
@@ -123,11 +127,18 @@ def _finish(config: ModelConfig, raw: StateDict, source: str,
     wte, head = sd.get("wte.weight"), sd.get("lm_head.weight")
     if wte is not None and head is not None and head.shape == wte.shape and torch.equal(head, wte):
         del sd["lm_head.weight"]  # tied to wte, as in GPT-2: the flat form stores it once
+    if config.vocab_size > MAX_PADDED_VOCAB:
+        raise CheckpointError(f"{source}: vocab_size {config.vocab_size} is neither the GPT-2 tokenizer's "
+                              f"{GPT2_VOCAB} nor it padded (up to {MAX_PADDED_VOCAB}): a model of another "
+                              "tokenizer; nanoswarm serves GPT-2-tokenized models only")
     if config.vocab_size > GPT2_VOCAB:
         # nanoGPT pads the vocabulary to 50304 (a multiple of 64) for speed. The extra rows are
         # never real tokens: cropping them leaves the logits of the 50257 real tokens unchanged
         # (each logit is its own row's dot product) and keeps unencodable ids from being sampled.
-        log.info("%s: cropping the padded vocabulary %d to %d", source, config.vocab_size, GPT2_VOCAB)
+        # Past 50304 they may be tokens a fine-tune added, which the GPT-2 tokenizer has no ids for.
+        log.log(logging.INFO if config.vocab_size <= NANOGPT_PADDED_VOCAB else logging.WARNING,
+                "%s: cropping the vocabulary %d to the GPT-2 tokenizer's %d (rows past it are padding, "
+                "or tokens it cannot write)", source, config.vocab_size, GPT2_VOCAB)
         for k in ("wte.weight", "lm_head.weight"):
             if k in sd:
                 sd[k] = sd[k][:GPT2_VOCAB].clone()  # clone: free the padded storage
@@ -175,10 +186,29 @@ def _torch_load_is_safe() -> bool:
         return False
 
 
+def _check_torch_file(path: Path) -> None:
+    """CheckpointError for what torch.load would fail on with an unhelpful word ("EOFError",
+    "KeyError: 101"): an empty file, or one that is neither torch.save's zip archive nor a
+    legacy pickle."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    if not head:
+        raise CheckpointError(f"{path}: empty file")
+    if path.suffix == ".safetensors":
+        raise CheckpointError(f"{path}: safetensors weights alone have no config: give the Hugging Face "
+                              "directory that holds them with its config.json")
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise CheckpointError(f"{path}: not a torch checkpoint (torch.save writes a zip archive)")
+
+
 def _torch_load(path: Path) -> dict:
     if not _torch_load_is_safe():
         raise CheckpointError(f"{path}: torch {torch.__version__} cannot read pickled checkpoints safely; "
                               f"upgrade to torch>={'.'.join(map(str, SAFE_TORCH_LOAD))} or give safetensors weights")
+    _check_torch_file(path)
     try:
         with warnings.catch_warnings():  # noise on stderr; any problem is in the error below
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -188,7 +218,8 @@ def _torch_load(path: Path) -> dict:
         # torch's message suggests weights_only=False, i.e. running the file's code: we never do.
         # Keep only what it found (say "Unsupported global: GLOBAL x.Y"), not that advice or
         # the allowlisting advice after it.
-        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+        found = (re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+                 or re.search(r"^(Trying to load unsupported .+?)\.?$", str(exc), re.MULTILINE))  # torch 2.13
         detail = f" ({found.group(1).split('. Please')[0].strip()})" if found else ""
         raise CheckpointError(f"{path}: not a checkpoint of plain tensors and settings{detail}") from exc
     except Exception as exc:  # torch raises many kinds for a bad file (a text file: KeyError 101)
@@ -279,7 +310,18 @@ def _index_files(index: Path) -> list[str]:
 
 def load_hf(directory: Path, gelu: str | None = None) -> tuple[ModelConfig, StateDict]:
     config = _hf_config(directory / "config.json", gelu)
-    return _finish(config, _hf_weights(directory), str(directory), transpose_conv1d=True)
+    weights = _hf_weights(directory)
+    if not _hf_tied(directory / "config.json") and not any(
+            _strip(k, ("_orig_mod.", "module.", "transformer.")) == "lm_head.weight" for k in weights):
+        # Hugging Face would make up a random head here; serving wte as the head is no better.
+        raise CheckpointError(f"{directory}: config.json says tie_word_embeddings false, but the weights "
+                              "have no lm_head.weight")
+    return _finish(config, weights, str(directory), transpose_conv1d=True)
+
+
+def _hf_tied(path: Path) -> bool:
+    """Whether a (readable: _hf_config read it) config.json ties the head to wte, HF's default."""
+    return json.loads(read_regular_file(path)).get("tie_word_embeddings", True) is not False
 
 
 def load_checkpoint(source: str | Path, gelu: str | None = None) -> tuple[ModelConfig, StateDict]:
@@ -300,6 +342,8 @@ def load_checkpoint(source: str | Path, gelu: str | None = None) -> tuple[ModelC
                               "nor a nanoGPT out_dir (ckpt.pt)")
     if path.is_file():
         return load_nanogpt(path, gelu)
+    if path.exists():  # a FIFO, a device: reading one may never end
+        raise CheckpointError(f"{source}: not a regular file or a directory")
     raise CheckpointError(f"{source}: no such checkpoint file or directory")
 
 

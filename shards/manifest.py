@@ -208,13 +208,14 @@ def _check_files(m: Manifest) -> None:
 def validate_head_splits(splits: list[Range], n_head: int) -> list[Range]:
     """The splits sorted; they must partition heads 0..n_head into non-empty ranges."""
     ordered = sorted((int(a), int(b)) for a, b in splits)
+    written = ",".join(f"{a}:{b}" for a, b in ordered)  # as the CLI takes them
     pos = 0
     for a, b in ordered:
         if a != pos or b <= a:
-            raise ValueError(f"head splits {ordered} must partition 0:{n_head} into non-empty ranges")
+            raise ValueError(f"head splits {written} must partition 0:{n_head} into non-empty ranges")
         pos = b
     if pos != n_head:
-        raise ValueError(f"head splits {ordered} must cover all heads 0:{n_head}")
+        raise ValueError(f"head splits {written} must cover all heads 0:{n_head}")
     return ordered
 
 

@@ -293,25 +293,68 @@ def test_generate_zero_new_tokens_asks_no_peer(tiny_model_dir):
 
 
 def test_shard_refuses_bad_input_in_one_line(tmp_path):
+    import pickle
+
     from nanoswarm.shards.model import ModelConfig
 
     (tmp_path / "text.pt").write_text("{}")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "code.pt").write_bytes(pickle.dumps(os.system, protocol=2))  # unpickled: a callable
+    os.mkfifo(tmp_path / "fifo.pt")  # reading it would wait forever
     chars = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=65, block_size=16, gelu="exact")
     save_nanogpt_checkpoint(chars, GPT(chars).flat_state_dict(), tmp_path / "chars.pt")
     torch.manual_seed(0)
     save_nanogpt_checkpoint(TINY, GPT(TINY).flat_state_dict(), tmp_path / "ckpt.pt")
-    # the last in a process of its own, as a user runs it (its stderr holds the progress lines)
-    outs = [invoke_cli("shard", str(tmp_path / "text.pt"), str(tmp_path / "m")),
-            invoke_cli("shard", str(tmp_path / "chars.pt"), str(tmp_path / "m")),
-            invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--head-groups", "5"),
-            run_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--heads", "0:2,x")]
-    text, chars, heads, syntax = (one_error_line(out, logs=True) for out in outs)
-    assert "not a checkpoint of plain tensors" in text and "weights_only=False" not in text
-    assert "vocab_size 65 is smaller than the GPT-2 tokenizer's 50257 ids" in chars
-    assert "head groups must be from 1 to 4, got 5" in heads
-    assert "head splits '0:2,x' must look like 0:6,6:12" in syntax
-    assert "reading checkpoint" not in outs[3].stderr  # refused before the checkpoint is read
+    cases = {"text.pt": "not a torch checkpoint (torch.save writes a zip archive)",
+             "empty.pt": "empty file", "fifo.pt": "fifo.pt: not a regular file or a directory",
+             "code.pt": "not a checkpoint of plain tensors and settings (Trying to load unsupported GLOBAL",
+             "chars.pt": "vocab_size 65 is smaller than the GPT-2 tokenizer's 50257 ids"}
+    for name, why in cases.items():
+        line = one_error_line(invoke_cli("shard", str(tmp_path / name), str(tmp_path / "m")), logs=True)
+        assert why in line and "weights_only=False" not in line, line
+    # option errors name the option and exit 2, as click's own do; the last in a process of its
+    # own, as a user runs it (its stderr holds the progress lines)
+    heads = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--head-groups", "5")
+    overlap = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--heads", "0:2,1:4")
+    syntax = run_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--heads", "0:2,x")
+    assert [o.returncode for o in (heads, overlap, syntax)] == [2, 2, 2]
+    assert "'--head-groups': head groups must be from 1 to 4, got 5" in one_error_line(heads, logs=True)
+    assert ("'--heads': head splits 0:2,1:4 must partition 0:4 into non-empty ranges"
+            in one_error_line(overlap, logs=True))
+    assert "'--heads': head splits '0:2,x' must look like 0:6,6:12" in one_error_line(syntax, logs=True)
+    assert "reading checkpoint" not in syntax.stderr  # refused before the checkpoint is read
     assert not (tmp_path / "m").exists()
+
+
+def test_shard_writes_into_a_full_directory_only_when_asked(tmp_path):
+    """OUT_DIR is checked before the checkpoint is read: a file, or a directory with anything in
+    it, is refused without --overwrite (an earlier model's files would go, or shards would land
+    beside the checkpoint); with it, the earlier model's shard files go and the others stay."""
+    torch.manual_seed(0)
+    save_nanogpt_checkpoint(TINY, GPT(TINY).flat_state_dict(), tmp_path / "ckpt.pt")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    (tmp_path / "full" / "blocks-0-9.safetensors").write_bytes(b"an earlier model's")
+    (tmp_path / "empty").mkdir()
+    refusals = {"afile": "afile is not a directory: give a new or empty directory as OUT_DIR",
+                "full": "full is not empty: pass --overwrite to write the model there",
+                "ckpt.pt/m": "ckpt.pt is not a directory"}
+    for out_dir, why in refusals.items():
+        out = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / out_dir))
+        line = one_error_line(out, logs=True)
+        assert why in line and "reading checkpoint" not in out.stderr, out.stderr
+    assert os.listdir(tmp_path / "full") == ["notes.txt", "blocks-0-9.safetensors"] or sorted(
+        os.listdir(tmp_path / "full")) == ["blocks-0-9.safetensors", "notes.txt"]
+    for out_dir, extra in (("empty", ()), ("new/m", ()), ("full", ("--overwrite",))):
+        out = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / out_dir), *extra)
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / out_dir / "manifest.json").is_file()
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "full" / "blocks-0-9.safetensors").exists()
+    again = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "empty"))  # now holds a model
+    assert "empty is not empty: pass --overwrite" in one_error_line(again, logs=True)
+    assert not [p for p in tmp_path.rglob("*.probe")]
 
 
 def test_node_names_a_shard_with_wrong_tensors(tiny_model_dir, tmp_path):

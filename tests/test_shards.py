@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -151,6 +152,35 @@ def test_nanogpt_padded_vocab_loads_to_reference_logits(padded_nanogpt):
     assert config.vocab_size == 50257 and config.gelu == "exact"
     assert sd["wte.weight"].shape == (50257, 64) and "lm_head.weight" not in sd
     assert max_diff(from_flat(config, sd), model, ids_for(config)) <= 1e-5
+
+
+@pytest.mark.parametrize("vocab", [50400, 60000])
+def test_a_vocabulary_past_padding_is_another_tokenizer(tmp_path, caplog, vocab):
+    """Padding for speed ends at 50257 rounded up to 1024 (51200): rows past 50304 may be tokens a
+    fine-tune added (cropped, with a warning); 60000 is a model of another tokenizer, which the
+    GPT-2 one would feed wrong ids (refused; it was cropped and served before)."""
+    config = ModelConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=vocab, block_size=8, gelu="exact")
+    save_nanogpt_checkpoint(config, make_gpt(config).flat_state_dict(), tmp_path / "ckpt.pt")
+    if vocab > 51200:
+        with pytest.raises(CheckpointError, match=f"vocab_size {vocab} is neither the GPT-2 tokenizer's 50257 "
+                                                  "nor it padded \\(up to 51200\\)"):
+            load_checkpoint(tmp_path / "ckpt.pt")
+        return
+    with caplog.at_level("INFO", logger="nanoswarm.shards.loaders"):
+        loaded, sd = load_checkpoint(tmp_path / "ckpt.pt")
+    assert loaded.vocab_size == 50257 and sd["wte.weight"].shape == (50257, 16)
+    assert [r.levelname for r in caplog.records if "cropping the vocabulary 50400" in r.getMessage()] == ["WARNING"]
+
+
+def test_an_untied_config_without_a_head_is_refused(tmp_path):
+    """tie_word_embeddings false and no lm_head.weight: Hugging Face would make up a random head;
+    serving wte as one would be as wrong, silently."""
+    save_hf_checkpoint(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path)  # tied: no lm_head saved
+    load_checkpoint(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    with pytest.raises(CheckpointError, match="tie_word_embeddings false, but the weights have no lm_head.weight"):
+        load_checkpoint(tmp_path)
 
 
 def test_gelu_form_matters(padded_nanogpt):
@@ -491,12 +521,16 @@ def test_a_pickle_that_needs_code_is_refused_in_one_line(tmp_path):
     import fractions
 
     torch.save({"model": fractions.Fraction(1, 3)}, tmp_path / "code.pt")
+    (tmp_path / "frame.pt").write_bytes(pickle.dumps({"model": 1}, protocol=4))  # a pickle torch cannot read
     (tmp_path / "text.pt").write_text("{}")
-    for name, found in (("code.pt", "fractions.Fraction"), ("text.pt", "Unsupported operand")):
-        with pytest.raises(CheckpointError, match="not a checkpoint of plain tensors") as info:
+    for name, found in (("code.pt", "not a checkpoint of plain tensors and settings (Unsupported global: GLOBAL "
+                                    "fractions.Fraction"),
+                        ("frame.pt", "not a checkpoint of plain tensors and settings (Unsupported operand 149)"),
+                        ("text.pt", "text.pt: not a torch checkpoint (torch.save writes a zip archive)")):
+        with pytest.raises(CheckpointError) as info:
             load_checkpoint(tmp_path / name)
         message = str(info.value)
-        assert found in message and "\n" not in message
+        assert found in message and "\n" not in message, message
         assert "weights_only=False" not in message and "add_safe_globals" not in message
 
 
