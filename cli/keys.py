@@ -20,10 +20,16 @@ def keys() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the public parts and the file as JSON.")
 def keys_generate(out: Path | None, force: bool, as_json: bool) -> None:
     """Create a new identity and print its public parts."""
-    from nanoswarm.keys.identity import default_key_path, describe_identity, generate_identity, save_identity
+    from nanoswarm.keys.identity import (
+        create_key_dir,
+        default_key_path,
+        describe_identity,
+        generate_identity,
+        save_identity,
+    )
 
     path = out or default_key_path()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    create_key_dir(path)
     identity = generate_identity()
     save_identity(identity, path, overwrite=force)
     info = describe_identity(identity)

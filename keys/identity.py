@@ -163,10 +163,51 @@ def _write_new(path: Path, data: bytes, flags: int) -> None:
         raise
 
 
+def key_file_in_use(path: str | os.PathLike[str]) -> bool:
+    """Whether a running node holds `path` (its lock, node/daemon.py hold_key_file)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): nodes there hold no lock either
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # none there, or unreadable: nothing of ours holds it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without locks: nothing can tell
+        return False
+    finally:
+        os.close(fd)  # and with it the lock, if we got it
+    return False
+
+
 def save_identity(identity: Identity, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Write identity to path with mode 0600.  Refuses to replace an existing file unless overwrite."""
+    """Write identity to path with mode 0600.  Refuses to replace an existing file unless overwrite,
+    and one a running node holds even then: that node's lock would stay on the old file, so a
+    second node could take the path, and the old secret (its peer id) would be gone."""
     path = Path(path)
     data = _encode_key_file(identity)
+    if overwrite and key_file_in_use(path):
+        raise KeyFileError(f"key file {path} is in use by a running node: stop it before replacing its identity")
+    try:
+        return _save(path, data, overwrite)
+    except OSError as e:  # a read-only or full file system, a file where a directory should be
+        raise KeyFileError(f"cannot write key file {path}: {e.strerror or e}") from None
+
+
+def create_key_dir(path: Path) -> None:
+    """The directory a new key file goes in, made 0700 (KeyFileError when it cannot be)."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:  # FileExistsError: a file where the directory should be
+        why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror or e
+        raise KeyFileError(f"cannot create the directory of key file {path}: {why}") from None
+
+
+def _save(path: Path, data: bytes, overwrite: bool) -> Path:
     # A fresh 0600 file written in full beside the target, then put in place: a reader never sees
     # a half-written key (processes starting together on a new key file read the winner's; a
     # loser read it empty before, "corrupt key file"), and the old file's mode is not inherited.
@@ -240,6 +281,8 @@ def _parse_key_file(data: bytes) -> Identity:
     """Parse key file contents; every problem is a ValueError with a short reason."""
     if len(data) > _MAX_KEY_FILE_BYTES:
         raise ValueError("file is too large to be a key file")
+    if not data.strip():
+        raise ValueError("the file is empty")
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -291,11 +334,13 @@ def load_or_create_identity(path: str | os.PathLike[str] | None = None) -> Ident
     path = Path(path) if path is not None else default_key_path()
     if path.exists():
         return load_identity(path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    create_key_dir(path)
     identity = generate_identity()
     try:
         save_identity(identity, path)
     except KeyFileError:
+        if not path.exists():  # it could not be written (a read-only file system): say why
+            raise
         # Another process created it between our check and our write: use theirs.
         return load_identity(path)
     log.info("created new node identity %s in %s", identity.peer_id, path)
@@ -339,6 +384,9 @@ def _parse_allowed_line(path: Path, lineno: int, line: str) -> bytes | None:
     # (separated by whitespace, which z85 never uses) is a free-form label, as in authorized_keys.
     token = text.split(None, 1)[0]
     key = _allowed_key(token)
+    if key is None and text.startswith("{"):  # JSON: a key file (or `keys show --json`), not a list
+        raise KeyFileError(f"{path}:{lineno}: JSON, not a list of keys: give each node's curve public key, "
+                           "which `nanoswarm keys show KEY_FILE` prints after 'curve public'")
     if key is None:
         shown = token if len(token) <= 48 else token[:45] + "..."
         raise KeyFileError(f"{path}:{lineno}: not a CURVE public key (expected {_ALLOWED_FORMATS}, first on "

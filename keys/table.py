@@ -143,6 +143,11 @@ class RecordTable:
         log.info("peer %s departed (seq %d)", record.peer_id, record.seq)
         return DEPARTED
 
+    def held_seq(self, peer_id: str) -> int | None:
+        """The highest seq this table holds for `peer_id` (a live record or a departure's
+        tombstone): a record of that peer needs a higher one to get in."""
+        return self._held_seq(peer_id, self.clock())
+
     def _held_seq(self, peer_id: str, now: float) -> int | None:
         """Highest seq that still blocks older records for this peer, or None."""
         seqs = []

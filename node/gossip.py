@@ -51,6 +51,7 @@ MAX_LINKS = 64   # gossip links kept open (a round uses `fanout` of them)
 DEPART_FANOUT = 16  # known peers told directly of our departure; gossip carries it on
 WIRE_BUDGET = 48 * 1024  # bytes of records per message, under the 64 KiB header limit
 LINK_MAX_FRAME = 2 * MAX_HEADER_BYTES  # gossip messages are one header frame: nothing larger is read
+OVERTAKEN_WARN_SECONDS = 60.0  # how often a node says again that records of its identity overtake its own
 
 
 @dataclass
@@ -97,6 +98,9 @@ class Gossip:
             lambda r: r.peer_id == identity.peer_id or (not r.insecure and r.curve_key in allow_keys))
         self.table = RecordTable(max_ttl=self.options.max_ttl, admits=admits)
         self.own: dict[str, bytes] | None = None
+        self._own_seq = -1  # the seq of self.own
+        self._overtaken = float("-inf")  # when we last signed above a record of our identity not ours
+        self._overtaken_warned = float("-inf")
         self.departed = False
         self.rounds = 0
         self._links: OrderedDict[str, _Link] = OrderedDict()  # by contact, least recently used first
@@ -126,11 +130,15 @@ class Gossip:
         if self.departed:
             return
         blocks, info = self.handler.blocks, self.handler.info()
+        # Above any seq held for our identity: wall-clock microseconds grow across restarts only
+        # while the clock does (see _check_overtaken).
+        held = self.table.held_seq(self.peer_id)
+        self._own_seq = seq_now() if held is None else max(seq_now(), held + 1)
         self.own = sign_record(
             self.identity, address=self.address, model_id=self.handler.model_id,
             layers=(blocks.start, blocks.stop), heads=tuple(blocks.heads) if self.handler.head_shard else None,
             throughput=float(self.handler.stats.throughput), load=float(info.get("load") or 0.0),
-            seq=seq_now(), expires=time.time() + self.options.ttl, insecure=self.insecure)
+            seq=self._own_seq, expires=time.time() + self.options.ttl, insecure=self.insecure)
         result = self.table.offer(self.own)
         if result != "accepted":
             log.warning("our own record was not accepted by our table: %s", result)
@@ -190,9 +198,42 @@ class Gossip:
         for wire in wires[: 2 * MAX_WIRES]:
             result = self.table.offer(wire)
             results[result] = results.get(result, 0) + 1
+        if results.keys() & {"accepted", "departed"}:
+            self._check_overtaken()
         if results:  # a pass over the whole table: not for a request that only asks
             self._update_stats()
         return results
+
+    def _check_overtaken(self) -> None:
+        """A record of our identity that we did not sign, with a seq above ours, got into our
+        table: signed by this node's earlier run on a clock ahead of ours now (another host, or
+        the clock stepped back), whose record or departure would hide us from the swarm until it
+        lapses (minutes: a review), or by another node started with a copy of our key file. We
+        sign above it at once (and at most once per ttl/3 after that: two nodes with one key
+        would take turns at every exchange), and say so, naming what overtook us."""
+        if self.own is None or self.departed:
+            return
+        held = self.table.held_seq(self.peer_id)
+        if held is None or held <= self._own_seq:
+            return
+        now = time.monotonic()
+        self.stats["overtaken"] = self.stats.get("overtaken", 0) + 1
+        if now - self._overtaken_warned >= OVERTAKEN_WARN_SECONDS:
+            self._overtaken_warned = now
+            other = self.table.get(self.peer_id)
+            what = (f"a departure of this node's identity ({self.peer_id})" if other is None else
+                    f"a record of this node's identity ({self.peer_id}) at {other.address}, blocks "
+                    f"{other.layers[0]}:{other.layers[1]},")
+            ahead = (held - seq_now()) / 1e6
+            # Signed in our future: a clock ahead of ours. Else two nodes sign with one key now.
+            why = (f"was signed {ahead:.1f} s ahead of this node's clock (its earlier run, on another host or "
+                   "before the clock stepped back, or another node with a copy of this key file)"
+                   if ahead > 0 else "overtook ours: another node runs with a copy of this node's key file "
+                   "(give each node its own --key-file)")
+            log.warning("%s %s; signing our record above it", what, why)
+        if now - self._overtaken >= self.options.ttl / 3:
+            self._overtaken = now
+            self.refresh()
 
     def _wires(self) -> list:
         """What we gossip: our own record first, then the others (a random part of them when they

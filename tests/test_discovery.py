@@ -749,3 +749,86 @@ def test_a_peer_flooding_its_gossip_link_is_read_a_batch_at_a_time():
     finally:
         gossip.close()
         peer.close(linger=0)
+
+
+@pytest.mark.parametrize("earlier", ["departure", "record elsewhere", "record here"])
+def test_a_node_signs_above_its_earlier_run_on_a_clock_ahead_of_its_own(earlier, caplog):
+    """Restarted with the same key on a clock 60 s behind its earlier run's (another host, or
+    the clock stepped back), a node's records had lower seqs than the earlier run's departure or
+    last record: every table refused them as stale, and the node was hidden from the swarm for
+    minutes, its log saying only `stale_seq` (a review). It signs above them, says why, and the
+    other nodes take its new record."""
+    from nanoswarm.keys.records import seq_now, sign_departure
+    from nanoswarm.node.gossip import Gossip
+
+    me, here = generate_identity(), "tcp://127.0.0.1:1"
+    address = here if earlier == "record here" else "tcp://127.0.0.1:7"
+    ahead = seq_now() + 60_000_000
+    old = sign_record(me, address=address, model_id="m", layers=(2, 4), seq=ahead - 5_000_000,
+                      expires=time.time() + 60)
+    wires = [old, sign_departure(me, verify_record(old), seq=ahead)] if earlier == "departure" else [
+        sign_record(me, address=address, model_id="m", layers=(2, 4), seq=ahead, expires=time.time() + 60)]
+    other = RecordTable()  # a peer that learnt of the earlier run
+    assert [other.offer(w) for w in wires][-1] == ("departed" if earlier == "departure" else "accepted")
+    gossip = Gossip(me, _StubHandler(), here)
+    try:
+        gossip.refresh()
+        assert other.offer(gossip.own) == "stale_seq"  # what hid the node
+        with caplog.at_level(logging.WARNING, logger="nanoswarm.node.gossip"):
+            gossip.offer_all(wires)
+        mine = gossip.table.get(me.peer_id)
+        assert mine is not None and mine.address == here and mine.seq == ahead + 1
+        assert other.offer(gossip.own) == "accepted" and other.get(me.peer_id).address == here
+        assert gossip.stats["overtaken"] == 1
+        [warning] = [r.getMessage() for r in caplog.records]
+        assert "ahead of this node's clock" in warning and "signing our record above it" in warning
+        assert warning.startswith("a departure of this node's identity" if earlier == "departure" else
+                                  f"a record of this node's identity ({me.peer_id}) at {address}")
+        gossip.refresh()  # and later records stay above it, though the clock is behind
+        assert gossip.table.get(me.peer_id).seq == ahead + 2
+    finally:
+        gossip.close()
+
+
+def test_two_nodes_with_one_key_say_so_and_take_turns_slowly(caplog):
+    """A copy of a key file run as a second node: each one's records replaced the other's in
+    every table, silently (a review). Each says what overtook it, signs above it at once, then
+    at most once per ttl/3 (not at every exchange), and warns at most once a minute."""
+    from nanoswarm.keys.records import seq_now
+    from nanoswarm.node.gossip import Gossip
+
+    me = generate_identity()
+    gossip = Gossip(me, _StubHandler(), "tcp://127.0.0.1:1")
+    try:
+        gossip.refresh()
+        with caplog.at_level(logging.WARNING, logger="nanoswarm.node.gossip"):
+            for _ in range(3):  # the copy signs above whatever it last saw of ours
+                held = gossip.table.held_seq(me.peer_id)
+                assert gossip.offer_all([sign_record(me, address="tcp://127.0.0.1:9", model_id="m", layers=(0, 2),
+                                                     seq=held + 1, expires=time.time() + 60)]) == {"accepted": 1}
+                assert gossip.table.held_seq(me.peer_id) <= seq_now()
+        assert gossip.stats["overtaken"] == 3
+        assert gossip.table.get(me.peer_id).address == "tcp://127.0.0.1:9"  # the second and third waited
+        [warning] = [r.getMessage() for r in caplog.records]
+        assert "at tcp://127.0.0.1:9, blocks 0:2, overtook ours: another node runs with a copy" in warning
+        gossip.refresh()  # the next timed refresh takes the table back
+        assert gossip.table.get(me.peer_id).address == "tcp://127.0.0.1:1"
+    finally:
+        gossip.close()
+
+
+def test_a_node_started_with_a_copy_of_anothers_key_file_is_named(tiny_model_dir, cluster_factory, tmp_path):
+    """Through real nodes: the lock on a key file keeps a second node off the same file, not off a
+    copy of it, and the two used to replace each other's record everywhere without a word."""
+    import shutil
+
+    from nanoswarm.keys.identity import save_identity
+
+    save_identity(generate_identity(), tmp_path / "a.key")
+    shutil.copy2(tmp_path / "a.key", tmp_path / "copy.key")
+    with open(tmp_path / "nodes.log", "w") as log_file:
+        cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--key-file", str(tmp_path / "a.key")]),
+                                         NodeSpec((2, 4), args=["--key-file", str(tmp_path / "copy.key")])],
+                        args=FAST, stderr=log_file)
+        wait_for(lambda: "another node runs with a copy of this node's key file" in
+                 (tmp_path / "nodes.log").read_text(), 20, "a warning naming the copied key file")

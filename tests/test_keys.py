@@ -666,3 +666,54 @@ def test_an_allowed_keys_file_that_is_not_a_regular_file_is_refused(tmp_path):
         read_allowed_keys(fifo)
     with pytest.raises(KeyFileError, match="cannot read allowed-keys file .*: not a regular file"):
         read_allowed_keys(tmp_path)  # a directory opens on Linux: refused on its stat, no descriptor kept
+
+
+def test_a_key_file_a_running_node_holds_is_not_replaced(tmp_path: Path, alice: Identity, bob: Identity) -> None:
+    """`keys generate --force` swapped the file under a running node: the node's lock stayed on
+    the old file (so a second node could start on the path) and its secret was gone."""
+    from conftest import invoke_cli
+
+    from nanoswarm.node.daemon import hold_key_file
+
+    path = tmp_path / "node.key"
+    save_identity(alice, path)
+    fd = hold_key_file(path, alice)  # what a running node holds
+    try:
+        with pytest.raises(KeyFileError, match="is in use by a running node: stop it before replacing"):
+            save_identity(bob, path, overwrite=True)
+        out = invoke_cli("keys", "generate", "--force", "--out", str(path))
+        assert out.returncode == 1 and "is in use by a running node" in out.stderr
+        assert load_identity(path).peer_id == alice.peer_id
+    finally:
+        os.close(fd)
+    save_identity(bob, path, overwrite=True)  # the node stopped: --force may replace it
+    assert load_identity(path).peer_id == bob.peer_id
+
+
+def test_a_key_file_that_cannot_be_created_says_why_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    """A file where the key's directory should be, or a directory that cannot take a file,
+    gave Python's `[Errno 20] Not a directory: ...` or named a temporary file (a review)."""
+    from conftest import invoke_cli
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "afile"))
+    monkeypatch.delenv("NANOSWARM_KEY_FILE", raising=False)
+    with pytest.raises(KeyFileError, match="cannot create the directory of key file .*afile/nanoswarm/node.key"):
+        load_or_create_identity()
+    out = invoke_cli("keys", "generate", "--out", str(tmp_path / "afile" / "new.key"))
+    assert out.returncode == 1
+    assert out.stderr.strip().endswith("new.key: a file is in the way") and "Errno" not in out.stderr
+    with pytest.raises(KeyFileError, match=r"^cannot write key file /proc/self/x\.key: ") as info:
+        save_identity(generate_identity(), "/proc/self/x.key")  # no file can be made there, even by root
+    assert ".tmp" not in str(info.value)
+
+
+def test_an_empty_key_file_and_a_key_file_as_an_allow_list_are_named(tmp_path: Path, alice: Identity) -> None:
+    path = tmp_path / "node.key"
+    path.write_bytes(b"")
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError, match=f"^corrupt key file {path}: the file is empty$"):
+        load_identity(path)
+    save_identity(alice, tmp_path / "a.key")
+    with pytest.raises(KeyFileError, match="a.key:1: JSON, not a list of keys: give each node's curve public key"):
+        read_allowed_keys(tmp_path / "a.key")
