@@ -71,14 +71,19 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         if any(out_dir.iterdir()) and not overwrite:
             raise click.ClickException(f"{out_dir} is not empty: pass --overwrite to write the model there "
                                        "(an earlier model's shard files in it are removed)")
-        probe_dir = out_dir
+        _probe(out_dir, f"{out_dir}:")
     else:
-        probe_dir = out_dir.absolute().parent
-        while not probe_dir.exists():
-            probe_dir = probe_dir.parent
-        if not probe_dir.is_dir():
-            raise click.ClickException(f"{out_dir}: {probe_dir} is not a directory")
-    _probe(probe_dir, f"{out_dir}:")
+        _probe_nearest(out_dir, f"{out_dir}:")
+
+
+def _probe_nearest(path: Path, what: str) -> None:
+    """`_probe` of the nearest existing directory above `path` (the rest is made when written)."""
+    existing = path.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise click.ClickException(f"{what} {existing} is not a directory")
+    _probe(existing, what)
 
 
 def _probe(directory: Path, what: str) -> None:
@@ -96,12 +101,7 @@ def _check_writable(out_path: Path) -> None:
     """--out can be written: its nearest existing directory takes a file (the rest is made at the
     first save). Found at once, not at the first eval point, after the text was read and the
     model built (in torch's words there); nothing is left behind."""
-    existing = out_path.absolute().parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise click.ClickException(f"--out {out_path}: {existing} is not a directory")
-    _probe(existing, f"--out {out_path}:")
+    _probe_nearest(out_path, f"--out {out_path}:")
 
 
 @click.command()
