@@ -233,6 +233,12 @@ class PeerConnection:
         """Whether the monitor said the connection dropped (or never came up), not yet reported."""
         return self._dropped is not None
 
+    @property
+    def drop_reason(self) -> str | None:
+        """What the monitor said of a drop not yet reported ("unreachable: connection refused: ..."),
+        or None; unlike take(), it leaves the drop to be reported."""
+        return None if self._dropped is None else ": ".join(self._dropped)
+
     def _check_open(self) -> None:
         """A connection closed here (its peer was banned, by another session of the same swarm
         perhaps) fails like a dropped one, so the session that still uses it fails over."""

@@ -234,6 +234,20 @@ def raise_fd_limit() -> None:
             log.debug("open-file limit %d refused: %s", want, e)
 
 
+def _warn_unanswered(why: dict[str, str], asked: int, identity: Identity) -> None:
+    """One warning for the bootstrap nodes that did not answer at start-up, each with its reason."""
+    if not why:
+        return
+    reasons = "; ".join(f"{contact[:120]}: {reason}" for contact, reason in why.items())
+    if any(reason.startswith("disconnected") for reason in why.values()):  # the handshake was closed
+        reasons += (f"; a node that closes the handshake may be of a private swarm whose --allow-keys lacks "
+                    f"this node's key {curve_key_hex(identity.curve_public)}")
+    if len(why) < asked:
+        log.warning("a bootstrap node did not answer (%s)", reasons)
+    else:
+        log.warning("no bootstrap node answered (%s); serving anyway and retrying in the background", reasons)
+
+
 def hold_key_file(path: Path, identity: Identity) -> int | None:
     """Lock the key file for this node's lifetime (the lock goes with the process, however it
     ends). Two nodes with one identity would be one peer id at two endpoints: each one's record
@@ -323,10 +337,8 @@ def _serve(opts: NodeOptions, identity: Identity, allow: set[bytes] | None,
             opts.model_dir, a, b, manifest=manifest, device=resolve_device(opts.device),
             dtype=getattr(torch, opts.dtype)), opts.rebalance_interval, settle=3 * opts.gossip_interval)
         server.add_timer(min(opts.gossip_interval, opts.rebalance_interval) / 4, rebalancer.check)
-    if opts.bootstrap and not gossip.exchange_now(opts.bootstrap):
-        log.warning("no bootstrap node answered (down, unreachable, or refusing this node's key %s: the "
-                    "--allow-keys of a private swarm's nodes must list it); serving anyway and retrying in the "
-                    "background", curve_key_hex(identity.curve_public))
+    if opts.bootstrap:
+        _warn_unanswered(gossip.exchange_now(opts.bootstrap), len(set(opts.bootstrap)), identity)
     contact = format_contact(address, public)
     handler.extra_info.update(address=address, contact=contact, insecure=opts.insecure,
                               curve_key=None if public is None else public.decode("ascii"))

@@ -79,6 +79,7 @@ class _Link:
     conn: PeerConnection
     peer_id: str | None = None
     pending: dict[int, float] = field(default_factory=dict)  # request id -> time sent
+    answers: int = 0
 
 
 class Gossip:
@@ -301,17 +302,22 @@ class Gossip:
             self._send(contact, wires, want=True)
         self._update_stats()
 
-    def exchange_now(self, contacts: list[str], timeout: float = 3.0) -> int:
+    def exchange_now(self, contacts: list[str], timeout: float = 3.0) -> dict[str, str]:
         """Push and pull with `contacts`, waiting up to `timeout` for the answers (start-up, before
-        serving: the swarm knows us when `listening` is printed).  Returns how many answered."""
+        serving: the swarm knows us when `listening` is printed), or until every contact not yet
+        answered is known unreachable. Returns why each contact that did not answer did not."""
+        sent = {contact: self._link(contact) for contact in contacts}
         for contact in contacts:
             self._send(contact, self._wires(), want=True)
-        answered = 0
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(link.pending for link in self._links.values()):
-            answered += self.drain()
+        waiting = lambda: [link for link in sent.values() if link is not None and link.pending]  # noqa: E731
+        while time.monotonic() < deadline and any(not link.conn.dropped for link in waiting()):
+            self.drain()
             time.sleep(0.01)
-        return answered + self.drain()
+        self.drain()
+        return {contact: "not a contact to link to" if link is None else
+                link.conn.drop_reason or f"timeout: no answer within {timeout:g}s"
+                for contact, link in sent.items() if link is None or not link.answers}
 
     def _link(self, contact: str) -> _Link | None:
         if endpoint_of(contact) == self.address:
@@ -378,9 +384,17 @@ class Gossip:
                 except ProtocolError as e:
                     log.debug("bad gossip reply from %s: %s", contact, e.message)
                     continue
-                if link.pending.pop(msg.id, None) is None:
+                if msg.id not in link.pending:
                     continue  # a notice, or a reply to a link we gave up on
+                # Replies come in order on a link: requests sent before this one and still waiting
+                # were lost (the peer restarted at the same address, say). Left pending, they timed
+                # the answering peer out and forgot its new record (a churn review).
+                for req_id in list(link.pending):  # in the order sent
+                    del link.pending[req_id]
+                    if req_id == msg.id:
+                        break
                 got += 1
+                link.answers += 1
                 if msg.type == "records_reply":
                     self.offer_all(msg.fields["records"])
                 elif msg.type == "error":

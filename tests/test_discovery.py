@@ -832,3 +832,86 @@ def test_a_node_started_with_a_copy_of_anothers_key_file_is_named(tiny_model_dir
                         args=FAST, stderr=log_file)
         wait_for(lambda: "another node runs with a copy of this node's key file" in
                  (tmp_path / "nodes.log").read_text(), 20, "a warning naming the copied key file")
+
+
+def test_a_peer_that_answers_is_not_timed_out_for_a_request_it_lost():
+    """A node killed and restarted at the same address never answers the requests its earlier
+    run took; the link's oldest one timed the answering peer out, and its new record was
+    forgotten for up to ttl/3 (a churn review: 14 s, every time after a hang). An answer to a later
+    request on the link shows the peer is there."""
+    import zmq
+
+    from nanoswarm.node.gossip import Gossip, GossipOptions
+    from nanoswarm.protocol.messages import decode, encode
+
+    peer = generate_identity()
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.curve_server, router.curve_publickey, router.curve_secretkey = True, peer.curve_public, peer.curve_secret
+    router.setsockopt(zmq.LINGER, 0)
+    address = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    contact = format_contact(address, peer.curve_public)
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1", GossipOptions(peer_timeout=0.5))
+    try:
+        gossip.refresh()
+        assert gossip.table.offer(_signed_at(peer, address)) == "accepted"
+        gossip._send(contact, [], want=True)
+        assert router.poll(5000)
+        router.recv_multipart()  # taken by the run that died: never answered
+        time.sleep(0.3)
+        gossip._send(contact, [], want=True)
+        assert router.poll(5000)
+        who, *frames = router.recv_multipart(copy=False)
+        router.send_multipart([who.bytes, *encode("records_reply", decode(frames).id, {"records": []})])
+        time.sleep(0.4)  # the first request is past peer_timeout now
+        wait_for(lambda: gossip.drain(), 5, "the answer")
+        gossip.drain()
+        assert peer.peer_id in gossip.table and contact in gossip._links
+        assert not gossip._links[contact].pending
+    finally:
+        gossip.close()
+        router.close()
+
+
+def test_a_node_says_why_each_bootstrap_did_not_answer_and_waits_only_for_live_ones(caplog):
+    """A node given a dead bootstrap waited its whole start-up exchange (3 s) and then named
+    every cause it could think of, --allow-keys included (a churn review); a client said
+    `connection refused`. The node now stops waiting for a contact known unreachable and names
+    each one's reason."""
+    import socket
+
+    import zmq
+
+    from nanoswarm.node.daemon import _warn_unanswered
+    from nanoswarm.node.gossip import Gossip
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = format_contact(f"tcp://127.0.0.1:{s.getsockname()[1]}", generate_identity().curve_public)
+    public, secret = zmq.curve_keypair()
+    silent = zmq.Context.instance().socket(zmq.ROUTER)  # takes the handshake, never answers
+    silent.curve_server, silent.curve_publickey, silent.curve_secretkey = True, public, secret
+    silent.setsockopt(zmq.LINGER, 0)
+    quiet = format_contact(f"tcp://127.0.0.1:{silent.bind_to_random_port('tcp://127.0.0.1')}", public)
+    me = generate_identity()
+    gossip = Gossip(me, _StubHandler(), "tcp://127.0.0.1:1")
+    try:
+        gossip.refresh()
+        t0 = time.monotonic()
+        assert gossip.exchange_now([dead], timeout=10.0) == {
+            dead: "unreachable: connection refused: nothing listens there"}
+        assert time.monotonic() - t0 < 5.0  # not the whole 10 s
+        why = gossip.exchange_now([dead, quiet], timeout=0.5)
+        assert why == {dead: "unreachable: connection refused: nothing listens there",
+                       quiet: "timeout: no answer within 0.5s"}
+        with caplog.at_level(logging.WARNING, logger="nanoswarm.node.daemon"):
+            _warn_unanswered(why, 2, me)
+            _warn_unanswered({quiet: "disconnected: connection closed by the peer"}, 2, me)
+        none, some = [r.getMessage() for r in caplog.records]
+        assert none == (f"no bootstrap node answered ({dead}: unreachable: connection refused: nothing listens "
+                        f"there; {quiet}: timeout: no answer within 0.5s); serving anyway and retrying "
+                        "in the background")
+        assert some.startswith(f"a bootstrap node did not answer ({quiet}: disconnected: connection closed "
+                               "by the peer; a node that closes the handshake may be of a private swarm")
+    finally:
+        gossip.close()
+        silent.close()
