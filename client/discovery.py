@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ class DiscoveryError(Exception):
 
 
 NO_PEER_OF_MODEL = "knows no peer of model"
+MAX_PARALLEL_FETCHES = 8  # bootstrap contacts asked at once
 
 
 @dataclass
@@ -93,7 +95,8 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
     key is not asked (a client's rule for every peer: client/swarm.py)."""
     table = RecordTable()
     fetched = Fetched(table, [], {}, {})
-    for contact in bootstrap:
+    asked = []
+    for contact in dict.fromkeys(bootstrap):
         try:
             check_endpoint(endpoint_of(contact))  # what is wrong with "garbage" is not its key
         except ValueError as e:
@@ -104,8 +107,14 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
                                        "contact (ADDRESS#KEY, printed by the node) or allow unencrypted links "
                                        "with --insecure")
             continue
+        asked.append(contact)
+    # All at once, each on a thread (and socket) of its own: asked in turn, a frozen bootstrap
+    # listed first cost its whole timeout before the next was asked (a churn review).
+    with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL_FETCHES, len(asked)))) as pool:
+        futures = {contact: pool.submit(fetch_wires, contact, timeout, client_keys, model_id) for contact in asked}
+    for contact, future in futures.items():
         try:
-            wires, rtt = fetch_wires(contact, timeout, client_keys, model_id)
+            wires, rtt = future.result()
         except (PeerError, ValueError) as e:
             fetched.errors[contact] = str(e) if isinstance(e, PeerError) else f"{contact}: bad_contact: {e}"
             if isinstance(e, PeerError) and e.code == "disconnected":  # the node dropped our handshake

@@ -915,3 +915,30 @@ def test_a_node_says_why_each_bootstrap_did_not_answer_and_waits_only_for_live_o
     finally:
         gossip.close()
         silent.close()
+
+
+def test_bootstraps_are_asked_at_once(tiny_model_dir, cluster_factory):
+    """A frozen bootstrap listed first cost a client its whole timeout before the next one was
+    asked (a churn review); all are asked at once, so three silent ones cost one timeout."""
+    import zmq
+
+    from nanoswarm.client.discovery import fetch_table
+
+    live = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
+    silent, contacts = [], []
+    for _ in range(3):  # take the handshake, never answer
+        public, secret = zmq.curve_keypair()
+        s = zmq.Context.instance().socket(zmq.ROUTER)
+        s.curve_server, s.curve_publickey, s.curve_secretkey = True, public, secret
+        s.setsockopt(zmq.LINGER, 0)
+        contacts.append(format_contact(f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}", public))
+        silent.append(s)
+    try:
+        t0 = time.monotonic()
+        fetched = fetch_table([*contacts, live], 1.0)
+        assert time.monotonic() - t0 < 2.5  # asked in turn: 3 s at least
+        assert fetched.answered == [live] and len(fetched.table.records()) == 1
+        assert all("timeout: no answer within 1.0s" in fetched.errors[c] for c in contacts)
+    finally:
+        for s in silent:
+            s.close()
