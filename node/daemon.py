@@ -234,15 +234,17 @@ def raise_fd_limit() -> None:
             log.debug("open-file limit %d refused: %s", want, e)
 
 
-def _warn_unanswered(why: dict[str, str], asked: int, identity: Identity) -> None:
-    """One warning for the bootstrap nodes that did not answer at start-up, each with its reason."""
+def _warn_unanswered(asked: dict[str, str | None], identity: Identity) -> None:
+    """One warning for the bootstrap nodes that did not answer at start-up (`asked`: contact ->
+    None if it answered, else why not), each with its reason."""
+    why = {contact: reason for contact, reason in asked.items() if reason is not None}
     if not why:
         return
     reasons = "; ".join(f"{contact[:120]}: {reason}" for contact, reason in why.items())
     if any(reason.startswith("disconnected") for reason in why.values()):  # the handshake was closed
         reasons += (f"; a node that closes the handshake may be of a private swarm whose --allow-keys lacks "
                     f"this node's key {curve_key_hex(identity.curve_public)}")
-    if len(why) < asked:
+    if len(why) < len(asked):
         log.warning("a bootstrap node did not answer (%s)", reasons)
     else:
         log.warning("no bootstrap node answered (%s); serving anyway and retrying in the background", reasons)
@@ -338,7 +340,7 @@ def _serve(opts: NodeOptions, identity: Identity, allow: set[bytes] | None,
             dtype=getattr(torch, opts.dtype)), opts.rebalance_interval, settle=3 * opts.gossip_interval)
         server.add_timer(min(opts.gossip_interval, opts.rebalance_interval) / 4, rebalancer.check)
     if opts.bootstrap:
-        _warn_unanswered(gossip.exchange_now(opts.bootstrap), len(set(opts.bootstrap)), identity)
+        _warn_unanswered(gossip.exchange_now(opts.bootstrap), identity)
     contact = format_contact(address, public)
     handler.extra_info.update(address=address, contact=contact, insecure=opts.insecure,
                               curve_key=None if public is None else public.decode("ascii"))

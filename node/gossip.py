@@ -302,12 +302,14 @@ class Gossip:
             self._send(contact, wires, want=True)
         self._update_stats()
 
-    def exchange_now(self, contacts: list[str], timeout: float = 3.0) -> dict[str, str]:
+    def exchange_now(self, contacts: list[str], timeout: float = 3.0) -> dict[str, str | None]:
         """Push and pull with `contacts`, waiting up to `timeout` for the answers (start-up, before
         serving: the swarm knows us when `listening` is printed), or until every contact not yet
-        answered is known unreachable. Returns why each contact that did not answer did not."""
-        sent = {contact: self._link(contact) for contact in contacts}
-        for contact in contacts:
+        answered is known unreachable. Returns, for each contact asked (not our own: one list of
+        bootstraps may be given to every node), None if it answered, else why not."""
+        sent = {contact: self._link(contact) for contact in dict.fromkeys(contacts)
+                if endpoint_of(contact) != self.address}
+        for contact in sent:
             self._send(contact, self._wires(), want=True)
         deadline = time.monotonic() + timeout
         waiting = lambda: [link for link in sent.values() if link is not None and link.pending]  # noqa: E731
@@ -315,9 +317,10 @@ class Gossip:
             self.drain()
             time.sleep(0.01)
         self.drain()
-        return {contact: "not a contact to link to" if link is None else
+        return {contact: None if link is not None and link.answers else
+                "not a contact to link to" if link is None else
                 link.conn.drop_reason or f"timeout: no answer within {timeout:g}s"
-                for contact, link in sent.items() if link is None or not link.answers}
+                for contact, link in sent.items()}
 
     def _link(self, contact: str) -> _Link | None:
         if endpoint_of(contact) == self.address:

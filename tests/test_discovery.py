@@ -900,12 +900,15 @@ def test_a_node_says_why_each_bootstrap_did_not_answer_and_waits_only_for_live_o
         assert gossip.exchange_now([dead], timeout=10.0) == {
             dead: "unreachable: connection refused: nothing listens there"}
         assert time.monotonic() - t0 < 5.0  # not the whole 10 s
-        why = gossip.exchange_now([dead, quiet], timeout=0.5)
+        ours = format_contact("tcp://127.0.0.1:1", me.curve_public)  # one list for every node: not asked
+        why = gossip.exchange_now([dead, quiet, ours, dead], timeout=0.5)
         assert why == {dead: "unreachable: connection refused: nothing listens there",
                        quiet: "timeout: no answer within 0.5s"}
         with caplog.at_level(logging.WARNING, logger="nanoswarm.node.daemon"):
-            _warn_unanswered(why, 2, me)
-            _warn_unanswered({quiet: "disconnected: connection closed by the peer"}, 2, me)
+            _warn_unanswered(why, me)
+            _warn_unanswered({quiet: "disconnected: connection closed by the peer", ours: None}, me)
+            _warn_unanswered({ours: None}, me)
+            _warn_unanswered({}, me)
         none, some = [r.getMessage() for r in caplog.records]
         assert none == (f"no bootstrap node answered ({dead}: unreachable: connection refused: nothing listens "
                         f"there; {quiet}: timeout: no answer within 0.5s); serving anyway and retrying "
