@@ -8,8 +8,9 @@ key from its own signed record, so a bootstrap cannot send us to an impostor.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -87,6 +88,32 @@ def fetch_wires(contact: str, timeout: float = 5.0, client_keys: tuple[bytes, by
         conn.close()
 
 
+def _fetch_all(contacts: list[str], timeout: float, client_keys: tuple[bytes, bytes] | None,
+               model_id: str | None) -> dict[str, tuple[list, float] | BaseException]:
+    """`fetch_wires` of every contact, MAX_PARALLEL_FETCHES at a time, each on a thread (and a
+    socket) of its own: asked in turn, a frozen bootstrap listed first cost its whole timeout
+    before the next was asked (a churn review). Daemon threads, waited on from this one: Ctrl-C
+    here ends the wait at once, and exit does not wait for their timeouts (a pool's workers it
+    joins did: a diff review)."""
+    results: queue.Queue = queue.Queue()
+
+    def fetch(contact: str) -> None:
+        try:
+            results.put((contact, fetch_wires(contact, timeout, client_keys, model_id)))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, raised there
+            results.put((contact, e))
+
+    out: dict[str, tuple[list, float] | BaseException] = {}
+    for i in range(0, len(contacts), MAX_PARALLEL_FETCHES):
+        batch = contacts[i:i + MAX_PARALLEL_FETCHES]
+        for contact in batch:
+            threading.Thread(target=fetch, args=(contact,), daemon=True, name="nanoswarm-bootstrap").start()
+        for _ in batch:
+            contact, result = results.get()
+            out[contact] = result
+    return out
+
+
 def fetch_table(bootstrap: list[str], timeout: float = 5.0,
                 client_keys: tuple[bytes, bytes] | None = None, model_id: str | None = None,
                 insecure: bool = True) -> Fetched:
@@ -108,13 +135,13 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
                                        "with --insecure")
             continue
         asked.append(contact)
-    # All at once, each on a thread (and socket) of its own: asked in turn, a frozen bootstrap
-    # listed first cost its whole timeout before the next was asked (a churn review).
-    with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL_FETCHES, len(asked)))) as pool:
-        futures = {contact: pool.submit(fetch_wires, contact, timeout, client_keys, model_id) for contact in asked}
-    for contact, future in futures.items():
+    results = _fetch_all(asked, timeout, client_keys, model_id)
+    for contact in asked:
         try:
-            wires, rtt = future.result()
+            result = results[contact]
+            if isinstance(result, BaseException):
+                raise result
+            wires, rtt = result
         except (PeerError, ValueError) as e:
             fetched.errors[contact] = str(e) if isinstance(e, PeerError) else f"{contact}: bad_contact: {e}"
             if isinstance(e, PeerError) and e.code == "disconnected":  # the node dropped our handshake

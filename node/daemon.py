@@ -245,7 +245,7 @@ def _warn_unanswered(asked: dict[str, str | None], identity: Identity) -> None:
         reasons += (f"; a node that closes the handshake may be of a private swarm whose --allow-keys lacks "
                     f"this node's key {curve_key_hex(identity.curve_public)}")
     if len(why) < len(asked):
-        log.warning("a bootstrap node did not answer (%s)", reasons)
+        log.warning("%d of %d bootstrap nodes did not answer (%s)", len(why), len(asked), reasons)
     else:
         log.warning("no bootstrap node answered (%s); serving anyway and retrying in the background", reasons)
 
@@ -330,8 +330,8 @@ def _serve(opts: NodeOptions, identity: Identity, allow: set[bytes] | None,
     server = NodeServer(handler, opts.listen, curve_secret=secret, curve_public=public, allow_keys=allow)
     address = advertised_address(opts.advertise, server.address)
     gossip = Gossip(identity, handler, address, gossip_options, opts.insecure, allow_keys=allow)
+    gossip.refresh()  # first: what `learned` holds of our own identity is then checked (_check_overtaken)
     gossip.offer_all(learned)
-    gossip.refresh()
     gossip.attach(server)
     if auto and n_blocks < handler.config.n_layer:
         manifest = read_manifest(opts.model_dir)

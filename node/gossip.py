@@ -51,6 +51,7 @@ MAX_LINKS = 64   # gossip links kept open (a round uses `fanout` of them)
 DEPART_FANOUT = 16  # known peers told directly of our departure; gossip carries it on
 WIRE_BUDGET = 48 * 1024  # bytes of records per message, under the 64 KiB header limit
 LINK_MAX_FRAME = 2 * MAX_HEADER_BYTES  # gossip messages are one header frame: nothing larger is read
+UNREACHABLE_GRACE = 1.0  # seconds a start-up exchange still waits for a contact that refused to connect
 OVERTAKEN_WARN_SECONDS = 60.0  # how often a node says again that records of its identity overtake its own
 
 
@@ -100,8 +101,9 @@ class Gossip:
         self.table = RecordTable(max_ttl=self.options.max_ttl, admits=admits)
         self.own: dict[str, bytes] | None = None
         self._own_seq = -1  # the seq of self.own
-        self._overtaken = float("-inf")  # when we last signed above a record of our identity not ours
-        self._overtaken_warned = float("-inf")
+        self._overtaken = float("-inf")  # when a live copy's record last made us sign above it
+        self._overtaken_seq = -1  # the highest seq of our identity not ours that we have seen
+        self._warned: dict[str, float] = {}  # warning kind -> when last logged
         self.departed = False
         self.rounds = 0
         self._links: OrderedDict[str, _Link] = OrderedDict()  # by contact, least recently used first
@@ -210,30 +212,40 @@ class Gossip:
         table: signed by this node's earlier run on a clock ahead of ours now (another host, or
         the clock stepped back), whose record or departure would hide us from the swarm until it
         lapses (minutes: a review), or by another node started with a copy of our key file. We
-        sign above it at once (and at most once per ttl/3 after that: two nodes with one key
-        would take turns at every exchange), and say so, naming what overtook us."""
+        sign above it at once, except above a live record signed in our past: that is a copy
+        signing now, and the two would take turns at every exchange, so then at most once per
+        ttl/3 (the timed refresh signs above it anyway). Warned about, naming what overtook us."""
         if self.own is None or self.departed:
             return
         held = self.table.held_seq(self.peer_id)
-        if held is None or held <= self._own_seq:
+        if held is None or held <= self._own_seq or held == self._overtaken_seq:
             return
-        now = time.monotonic()
+        again = self._overtaken_seq > 0  # overtaken before, since this run signed above the first
+        self._overtaken_seq = held
         self.stats["overtaken"] = self.stats.get("overtaken", 0) + 1
-        if now - self._overtaken_warned >= OVERTAKEN_WARN_SECONDS:
-            self._overtaken_warned = now
-            other = self.table.get(self.peer_id)
-            what = (f"a departure of this node's identity ({self.peer_id})" if other is None else
-                    f"a record of this node's identity ({self.peer_id}) at {other.address}, blocks "
-                    f"{other.layers[0]}:{other.layers[1]},")
-            ahead = (held - seq_now()) / 1e6
-            # Signed in our future: a clock ahead of ours. Else two nodes sign with one key now.
-            why = (f"was signed {ahead:.1f} s ahead of this node's clock (its earlier run, on another host or "
-                   "before the clock stepped back, or another node with a copy of this key file)"
-                   if ahead > 0 else "overtook ours: another node runs with a copy of this node's key file "
-                   "(give each node its own --key-file)")
-            log.warning("%s %s; signing our record above it", what, why)
-        if now - self._overtaken >= self.options.ttl / 3:
+        other = self.table.get(self.peer_id)  # None: a departure overtook us
+        ahead = (held - seq_now()) / 1e6
+        now = time.monotonic()
+        copy_now = other is not None and ahead <= 0  # a live record signed in our past
+        resign = not copy_now or now - self._overtaken >= self.options.ttl / 3
+        if copy_now and resign:
             self._overtaken = now
+        what = (f"a departure of this node's identity ({self.peer_id})" if other is None else
+                f"a record of this node's identity ({self.peer_id}) at {other.address}, blocks "
+                f"{other.layers[0]}:{other.layers[1]},")
+        when = f"signed {ahead:.1f} s ahead of this node's clock" if ahead > 0 else "newer than ours"
+        if again and copy_now:
+            kind, why = "copy", ("another node runs with a copy of this node's key file (give each node its own "
+                                 "--key-file): its records keep overtaking ours")
+        else:
+            kind, why = "earlier", ("this node's earlier run (on a clock ahead of this one's), or another node with "
+                                    "a copy of this key file")
+        then = ("signing our record above it" if resign else
+                f"our next record (within {self.options.ttl / 3:g} s) signs above it")
+        if now - self._warned.get(kind, float("-inf")) >= OVERTAKEN_WARN_SECONDS:
+            self._warned[kind] = now
+            log.warning("%s %s: %s; %s", what, when, why, then)
+        if resign:
             self.refresh()
 
     def _wires(self) -> list:
@@ -305,22 +317,33 @@ class Gossip:
     def exchange_now(self, contacts: list[str], timeout: float = 3.0) -> dict[str, str | None]:
         """Push and pull with `contacts`, waiting up to `timeout` for the answers (start-up, before
         serving: the swarm knows us when `listening` is printed), or until every contact not yet
-        answered is known unreachable. Returns, for each contact asked (not our own: one list of
-        bootstraps may be given to every node), None if it answered, else why not."""
+        answered is known unreachable (after UNREACHABLE_GRACE: a bootstrap started at the same
+        moment may come up meanwhile, and ZeroMQ sends the request when it does). Returns, for each
+        contact asked (not our own: one list of bootstraps may be given to every node), None if it
+        answered, else why not."""
         sent = {contact: self._link(contact) for contact in dict.fromkeys(contacts)
                 if endpoint_of(contact) != self.address}
         for contact in sent:
             self._send(contact, self._wires(), want=True)
-        deadline = time.monotonic() + timeout
+        t0 = time.monotonic()
+        deadline, grace = t0 + timeout, t0 + min(timeout, UNREACHABLE_GRACE)
         waiting = lambda: [link for link in sent.values() if link is not None and link.pending]  # noqa: E731
-        while time.monotonic() < deadline and any(not link.conn.dropped for link in waiting()):
+        while time.monotonic() < deadline and (time.monotonic() < grace and waiting()
+                                               or any(not link.conn.dropped for link in waiting())):
             self.drain()
             time.sleep(0.01)
         self.drain()
-        return {contact: None if link is not None and link.answers else
-                "not a contact to link to" if link is None else
-                link.conn.drop_reason or f"timeout: no answer within {timeout:g}s"
-                for contact, link in sent.items()}
+        return {contact: self._unanswered(contact, link, timeout) for contact, link in sent.items()}
+
+    def _unanswered(self, contact: str, link: _Link | None, timeout: float) -> str | None:
+        """Why `contact` did not answer exchange_now's request (None if it did)."""
+        if link is None:
+            return "not a contact to link to"
+        if link.answers:
+            return None
+        if self._links.get(contact) is not link and not link.pending:  # _send gave up on it at once
+            return "no connection to send the request on"
+        return link.conn.drop_reason or f"timeout: no answer within {timeout:g}s"
 
     def _link(self, contact: str) -> _Link | None:
         if endpoint_of(contact) == self.address:

@@ -337,15 +337,16 @@ def test_shard_writes_into_a_full_directory_only_when_asked(tmp_path):
     (tmp_path / "full" / "notes.txt").write_text("mine")
     (tmp_path / "full" / "blocks-0-9.safetensors").write_bytes(b"an earlier model's")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     refusals = {"afile": "afile is not a directory: give a new or empty directory as OUT_DIR",
+                "dangling": "dangling is a symbolic link to nothing",
                 "full": "full is not empty: pass --overwrite to write the model there",
                 "ckpt.pt/m": "ckpt.pt is not a directory"}
     for out_dir, why in refusals.items():
         out = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / out_dir))
         line = one_error_line(out, logs=True)
         assert why in line and "reading checkpoint" not in out.stderr, out.stderr
-    assert os.listdir(tmp_path / "full") == ["notes.txt", "blocks-0-9.safetensors"] or sorted(
-        os.listdir(tmp_path / "full")) == ["blocks-0-9.safetensors", "notes.txt"]
+    assert sorted(os.listdir(tmp_path / "full")) == ["blocks-0-9.safetensors", "notes.txt"]
     for out_dir, extra in (("empty", ()), ("new/m", ()), ("full", ("--overwrite",))):
         out = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / out_dir), *extra)
         assert out.returncode == 0, out.stderr

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -751,13 +753,14 @@ def test_a_peer_flooding_its_gossip_link_is_read_a_batch_at_a_time():
         peer.close(linger=0)
 
 
-@pytest.mark.parametrize("earlier", ["departure", "record elsewhere", "record here"])
+@pytest.mark.parametrize("earlier", ["departure", "record elsewhere", "record here", "record, then departure"])
 def test_a_node_signs_above_its_earlier_run_on_a_clock_ahead_of_its_own(earlier, caplog):
     """Restarted with the same key on a clock 60 s behind its earlier run's (another host, or
     the clock stepped back), a node's records had lower seqs than the earlier run's departure or
     last record: every table refused them as stale, and the node was hidden from the swarm for
     minutes, its log saying only `stale_seq` (a review). It signs above them, says why, and the
-    other nodes take its new record."""
+    other nodes take its new record; also when the earlier run's record and its departure come
+    in separate messages (the second was left to the timed refresh: a diff review)."""
     from nanoswarm.keys.records import seq_now, sign_departure
     from nanoswarm.node.gossip import Gossip
 
@@ -766,22 +769,24 @@ def test_a_node_signs_above_its_earlier_run_on_a_clock_ahead_of_its_own(earlier,
     ahead = seq_now() + 60_000_000
     old = sign_record(me, address=address, model_id="m", layers=(2, 4), seq=ahead - 5_000_000,
                       expires=time.time() + 60)
-    wires = [old, sign_departure(me, verify_record(old), seq=ahead)] if earlier == "departure" else [
+    wires = [old, sign_departure(me, verify_record(old), seq=ahead)] if "departure" in earlier else [
         sign_record(me, address=address, model_id="m", layers=(2, 4), seq=ahead, expires=time.time() + 60)]
     other = RecordTable()  # a peer that learnt of the earlier run
-    assert [other.offer(w) for w in wires][-1] == ("departed" if earlier == "departure" else "accepted")
+    assert [other.offer(w) for w in wires][-1] == ("departed" if "departure" in earlier else "accepted")
     gossip = Gossip(me, _StubHandler(), here)
     try:
         gossip.refresh()
         assert other.offer(gossip.own) == "stale_seq"  # what hid the node
         with caplog.at_level(logging.WARNING, logger="nanoswarm.node.gossip"):
-            gossip.offer_all(wires)
+            for batch in ([[w] for w in wires] if "then" in earlier else [wires]):
+                gossip.offer_all(batch)
         mine = gossip.table.get(me.peer_id)
         assert mine is not None and mine.address == here and mine.seq == ahead + 1
         assert other.offer(gossip.own) == "accepted" and other.get(me.peer_id).address == here
-        assert gossip.stats["overtaken"] == 1
-        [warning] = [r.getMessage() for r in caplog.records]
-        assert "ahead of this node's clock" in warning and "signing our record above it" in warning
+        assert gossip.stats["overtaken"] == (2 if "then" in earlier else 1)
+        [warning] = [r.getMessage() for r in caplog.records]  # one a minute
+        assert ("ahead of this node's clock: this node's earlier run (on a clock ahead of this one's), or another "
+                "node with a copy of this key file; signing our record above it") in warning
         assert warning.startswith("a departure of this node's identity" if earlier == "departure" else
                                   f"a record of this node's identity ({me.peer_id}) at {address}")
         gossip.refresh()  # and later records stay above it, though the clock is behind
@@ -792,8 +797,9 @@ def test_a_node_signs_above_its_earlier_run_on_a_clock_ahead_of_its_own(earlier,
 
 def test_two_nodes_with_one_key_say_so_and_take_turns_slowly(caplog):
     """A copy of a key file run as a second node: each one's records replaced the other's in
-    every table, silently (a review). Each says what overtook it, signs above it at once, then
-    at most once per ttl/3 (not at every exchange), and warns at most once a minute."""
+    every table, silently (a review). Each signs above the first record of the copy at once, then
+    at most once per ttl/3 (not at every exchange), and says it is a copy once it keeps coming
+    (warnings of each kind at most once a minute)."""
     from nanoswarm.keys.records import seq_now
     from nanoswarm.node.gossip import Gossip
 
@@ -809,8 +815,12 @@ def test_two_nodes_with_one_key_say_so_and_take_turns_slowly(caplog):
                 assert gossip.table.held_seq(me.peer_id) <= seq_now()
         assert gossip.stats["overtaken"] == 3
         assert gossip.table.get(me.peer_id).address == "tcp://127.0.0.1:9"  # the second and third waited
-        [warning] = [r.getMessage() for r in caplog.records]
-        assert "at tcp://127.0.0.1:9, blocks 0:2, overtook ours: another node runs with a copy" in warning
+        first, copy = [r.getMessage() for r in caplog.records]
+        assert ("at tcp://127.0.0.1:9, blocks 0:2, newer than ours: this node's earlier run (on a clock ahead of "
+                "this one's), or another node with a copy of this key file; signing our record above it") in first
+        assert copy.endswith("newer than ours: another node runs with a copy of this node's key file (give each "
+                             "node its own --key-file): its records keep overtaking ours; our next record "
+                             "(within 20 s) signs above it")
         gossip.refresh()  # the next timed refresh takes the table back
         assert gossip.table.get(me.peer_id).address == "tcp://127.0.0.1:1"
     finally:
@@ -830,8 +840,9 @@ def test_a_node_started_with_a_copy_of_anothers_key_file_is_named(tiny_model_dir
         cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--key-file", str(tmp_path / "a.key")]),
                                          NodeSpec((2, 4), args=["--key-file", str(tmp_path / "copy.key")])],
                         args=FAST, stderr=log_file)
-        wait_for(lambda: "another node runs with a copy of this node's key file" in
-                 (tmp_path / "nodes.log").read_text(), 20, "a warning naming the copied key file")
+        wait_for(lambda: "newer than ours: this node's earlier run (on a clock ahead of this one's), or another "
+                 "node with a copy of this key file" in (tmp_path / "nodes.log").read_text(), 20,
+                 "a warning naming the copied key file")
 
 
 def test_a_peer_that_answers_is_not_timed_out_for_a_request_it_lost():
@@ -862,6 +873,7 @@ def test_a_peer_that_answers_is_not_timed_out_for_a_request_it_lost():
         assert router.poll(5000)
         who, *frames = router.recv_multipart(copy=False)
         router.send_multipart([who.bytes, *encode("records_reply", decode(frames).id, {"records": []})])
+        assert gossip._links[contact].conn.socket.poll(5000)  # the answer waits to be read
         time.sleep(0.4)  # the first request is past peer_timeout now
         wait_for(lambda: gossip.drain(), 5, "the answer")
         gossip.drain()
@@ -913,7 +925,7 @@ def test_a_node_says_why_each_bootstrap_did_not_answer_and_waits_only_for_live_o
         assert none == (f"no bootstrap node answered ({dead}: unreachable: connection refused: nothing listens "
                         f"there; {quiet}: timeout: no answer within 0.5s); serving anyway and retrying "
                         "in the background")
-        assert some.startswith(f"a bootstrap node did not answer ({quiet}: disconnected: connection closed "
+        assert some.startswith(f"1 of 2 bootstrap nodes did not answer ({quiet}: disconnected: connection closed "
                                "by the peer; a node that closes the handshake may be of a private swarm")
     finally:
         gossip.close()
@@ -938,10 +950,23 @@ def test_bootstraps_are_asked_at_once(tiny_model_dir, cluster_factory):
         silent.append(s)
     try:
         t0 = time.monotonic()
-        fetched = fetch_table([*contacts, live], 1.0)
-        assert time.monotonic() - t0 < 2.5  # asked in turn: 3 s at least
+        fetched = fetch_table([*contacts, live], 2.0)
+        assert time.monotonic() - t0 < 5.0  # asked in turn: 6 s at least
         assert fetched.answered == [live] and len(fetched.table.records()) == 1
-        assert all("timeout: no answer within 1.0s" in fetched.errors[c] for c in contacts)
+        assert all("timeout: no answer within 2.0s" in fetched.errors[c] for c in contacts)
+        # Ctrl-C while they are asked ends the process at once, not after the timeout (the
+        # threads of a pool, joined at exit, kept it until then: a diff review).
+        script = ("import os, signal, threading, time\n"
+                  "from nanoswarm.client.discovery import fetch_table\n"
+                  "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                  "threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+                  "t0 = time.monotonic()\n"
+                  f"try:\n    fetch_table({contacts!r}, 60.0)\n"
+                  "except KeyboardInterrupt:\n    print(round(time.monotonic() - t0, 1))\n")
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and float(out.stdout) < 5, out.stderr
+        assert time.monotonic() - t0 < 30  # the import and the interrupt, not the 60 s timeout
     finally:
         for s in silent:
             s.close()
