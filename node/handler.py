@@ -198,6 +198,11 @@ class RequestHandler:
         while self._seen_total > MAX_SEEN_IDS or len(self._seen) > MAX_SEEN_PEERS:  # however many peers come
             _, oldest = self._seen.popitem(last=False)
             self._seen_total -= len(oldest)
+        if msg.type == "close":
+            # Cheap, and it frees what the limit protects: a client closing more sessions at once
+            # than the limit (its closes go out together, their replies unread) had the rest
+            # refused `busy`, and their slots and KV budget held until the idle timeout (a review).
+            return
         # A relaying node carries the steps of many sessions (not its own; their replies go to
         # their owners: _reply_route): those count per session. A session's owner counts as one
         # peer however it marks its steps.

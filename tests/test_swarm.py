@@ -176,3 +176,31 @@ def test_harness_swarms_split_blocks_then_heads():
                       ((4, 4, 1, 0), "--head-groups 0")):
         with pytest.raises(ValueError, match=why):
             swarm_specs(*args)
+
+
+def test_closing_more_sessions_at_once_than_a_peer_may_have_in_flight_frees_them_all(tiny_model_dir,
+                                                                                     cluster_factory):
+    """A client's closes go out together, their replies unread: past --max-inflight the rest
+    were refused `busy`, and their slots and KV budget held until the idle timeout (a review:
+    24 of 40 left open). Closes do not count toward the limit."""
+    import time
+
+    from nanoswarm.client.transport import PeerConnection
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--max-inflight", "4"])])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    probe = PeerConnection(swarm.addresses[0], timeout=10)
+    try:
+        n_embd = read_manifest(tiny_model_dir).config.n_embd
+        sessions = [model.session(16) for _ in range(12)]
+        for s in sessions:
+            s.step(torch.randn(1, 2, n_embd))
+        assert probe.request("info").fields["sessions"] == 12
+        model.close()
+        deadline = time.monotonic() + 10
+        while probe.request("info").fields["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        info = probe.request("info").fields
+        assert info["sessions"] == 0 and "busy" not in info["errors"], info["errors"]
+    finally:
+        probe.close()
