@@ -148,6 +148,7 @@ class SessionRelay:
         self._chains: dict[tuple, Chain] = {}  # by their stages
         self._pinned: tuple | None = None  # the route (stages, sessions, no_relay) last pinned
         self._failures = 0  # rounds of pinning in a row that failed
+        self._closed = 0  # of those, refused `session_closed` with no reopen since (see pin)
         self._failed_this_step = False
         # A stage whose connection dropped while pinning, with why: ZeroMQ reports a drop once,
         # so the session fails it over at its next stage rather than wait a step's timeout on it.
@@ -169,6 +170,7 @@ class SessionRelay:
 
     def forget_chains(self) -> None:
         self._chains = {}  # after stages were reopened: the chains name their old session ids
+        self._closed = 0  # a reclaim was taken: the pins it refused were honest (see pin)
 
     def chain(self, stages: list, i: int) -> Chain | None:
         """Stages i.. that one relayed step can run (consecutive layer stages, none leaving, each
@@ -207,8 +209,17 @@ class SessionRelay:
         if refused is None:
             self._pinned, self._failures = route, 0
             return True
-        self._failed_this_step, self._failures = True, self._failures + 1
+        self._failed_this_step = True
         log.info("pinning relayed steps on %s: %s", ", ".join(refused[0].peers), refused[1])
+        if refused[1].code == "session_closed" and self._closed < PIN_TRIES:
+            # The node reclaimed the session while the reader paused (a session reopened after a
+            # reclaim is pinned at its next step, after the next pause too): this step goes stage
+            # by stage, where the reclaim is taken and the session reopened (forget_chains), or,
+            # if that step finds the session there, the refusals count after PIN_TRIES of them.
+            # Counted at once, three such pauses stopped a session's relaying (a review).
+            self._closed += 1
+            return False
+        self._failures += 1
         if refused[1].code == "disconnected":
             self.dropped = refused
         if self._failures >= PIN_TRIES:
