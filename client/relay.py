@@ -51,6 +51,11 @@ class Chain:
             return 0
         return min(positions_per_request(stage.opened, width) for stage in self.stages)
 
+    def max_trailed(self, width: int) -> int:
+        """The most positions one relayed step with its trail may carry: what every node of the
+        chain takes, in a message that holds up to one output of each hop."""
+        return min(positions_per_request(stage.opened, width * len(self.stages)) for stage in self.stages)
+
     def step(self, hidden: torch.Tensor, pos: int, timeout: float, trail: bool = True) -> list[torch.Tensor]:
         """Positions pos.. of `hidden` through every stage; returns each stage's output (the
         last one a tensor, the others read from the reply's frames when first used), or with

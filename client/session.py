@@ -160,7 +160,8 @@ class InferenceSession(Failover):
                 i = self._replace(i, PeerError(stage.leaving_peer, "leaving", "peer announced it is leaving"))
                 continue
             chain = self.relaying.chain(self.stages, i) if relay else None
-            if chain is not None and T > TRAIL_MAX_POSITIONS and T > chain.max_untrailed(hidden.shape[2]):
+            if chain is not None and T > 1 and T > (chain.max_untrailed(hidden.shape[2]) if T > TRAIL_MAX_POSITIONS
+                                                    else chain.max_trailed(hidden.shape[2])):
                 chain = None  # a node takes fewer positions a step: stage by stage, in pieces
             if chain is not None:
                 trail = T <= TRAIL_MAX_POSITIONS

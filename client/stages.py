@@ -194,6 +194,11 @@ class RemoteLayerStage(Stage):
         self.conn.sessions.add(self.session)
 
     def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
+        T = hidden.shape[1]
+        if T > 1 and T > (n := positions_per_request(self.opened, hidden.shape[-1])):
+            # Pieces the node's stated limits take (`opened`), not a refusal per halving: a
+            # 500-token prompt to a node taking 100 was sent 7 times before (a review).
+            return torch.cat([self.step(hidden[:, a:a + n], pos + a, rewind) for a in range(0, T, n)], dim=1)
         try:
             return self._step(hidden, pos, rewind)
         except PeerError as e:

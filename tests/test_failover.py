@@ -403,19 +403,25 @@ def test_a_reclaim_is_taken_only_after_the_idle_timeout_the_node_stated():
         assert stated_idle_timeout(fields) == stated
 
 def test_nodes_that_take_fewer_positions_a_step_get_the_prompt_in_pieces(small12_model_dir, cluster_factory):
-    """A node's --max-tokens-per-step below the prompt (or a replay chunk) answers too_large,
-    which leaves its session as it was: the client sends the positions in halves instead of
-    banning an honest node (it used to end with 'no peer serves layers')."""
+    """A node's --max-tokens-per-step below the prompt (or a replay chunk) answered too_large,
+    which leaves its session as it was: the client sent the positions in halves instead of
+    banning an honest node (it used to end with 'no peer serves layers'). It now sends them in
+    pieces of the size the node stated at `open`, relayed or not, with no refusal first (each
+    refusal had the whole piece sent again: a review)."""
     prompt = "Once upon a time there was a little swarm of nodes that served a model"
     expected = SwarmModel.local(small12_model_dir).generate(prompt, 4, SEEDED).ids
     swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((6, 12))],
                             args=["--max-tokens-per-step", "5"])
-    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=TIMEOUT))
-    try:
-        assert model.generate(prompt, 4, SEEDED).ids == expected
-        assert not model.swarm.bans
-    finally:
-        model.close()
+    for relay in (True, False):
+        model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
+                                   options=SwarmOptions(timeout=TIMEOUT, relay=relay))
+        try:
+            assert model.generate(prompt, 4, SEEDED).ids == expected
+            assert not model.swarm.bans
+            for contact in swarm.addresses:
+                assert "too_large" not in model.swarm.connection(contact).request("info").fields["errors"]
+        finally:
+            model.close()
 
 
 def test_a_replay_into_a_node_that_takes_fewer_positions_a_step(small12_model_dir, cluster_factory, expected_ids):
