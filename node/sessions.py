@@ -163,6 +163,9 @@ class SessionStore:
         self.pool = MapPool(limits.kv_budget_bytes // 4)
 
     def reserve_check(self, nbytes: int) -> None:
+        if nbytes > self.limits.kv_budget_bytes:  # never, however many sessions close: not `busy`
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"a session of this length needs {nbytes} bytes of KV cache, "
+                                f"more than this node's whole budget ({self.limits.kv_budget_bytes} bytes)")
         if len(self.sessions) >= self.limits.max_sessions:
             raise ProtocolError(ErrorCode.BUSY, f"node holds its maximum of {self.limits.max_sessions} sessions")
         if self.kv_bytes + nbytes > self.limits.kv_budget_bytes:

@@ -107,6 +107,15 @@ def test_each_limit_refuses_cleanly_and_spares_other_sessions(blocks):
     assert d.h.info()["errors"] == {"too_large": 6, "busy": 3}
 
 
+def test_a_session_larger_than_the_whole_kv_budget_is_too_large_not_busy(blocks):
+    """`busy` says "later": a session that needs more than the node's whole KV budget never fits
+    (a review), so a client asks another node at once rather than this one again."""
+    d = make_driver(blocks, kv_budget_bytes=8 * KV_PER_POSITION, max_session_length=32)
+    d.refuses("too_large", "more than this node's whole budget", "open", {"max_length": 16})
+    d.open(8)  # the whole budget: fits
+    d.refuses("busy", "KV cache budget exhausted", "open", {"max_length": 1})
+
+
 def test_requests_in_flight_per_peer(blocks):
     d = make_driver(blocks, max_inflight_per_peer=4)
     batch = [(b"greedy", d.frames("info")) for _ in range(6)] + [(b"polite", d.frames("info"))]
