@@ -479,6 +479,19 @@ def test_a_client_bans_a_peer_it_cannot_connect_to_and_routes_around_it(swarm, t
         model.close()
 
 
+def _curve_router(public: bytes | None = None, secret: bytes | None = None):
+    """A CURVE ROUTER on a free loopback port (a fresh key pair unless given) and its contact: it
+    takes the handshake; the test decides whether it ever answers."""
+    import zmq
+
+    if public is None:
+        public, secret = zmq.curve_keypair()
+    s = zmq.Context.instance().socket(zmq.ROUTER)
+    s.curve_server, s.curve_publickey, s.curve_secretkey = True, public, secret
+    s.setsockopt(zmq.LINGER, 0)
+    return s, format_contact(f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}", public)
+
+
 def _signed_at(identity, address: str) -> dict:
     return sign_record(identity, address=address, model_id="m", layers=(0, 1), seq=1, expires=time.time() + 60)
 
@@ -625,20 +638,12 @@ def test_disputed_contacts_are_asked_at_once_and_dropped_when_silent():
     """Records of several peer ids naming one contact cost one info round for all such contacts
     together, and a contact that does not answer is dropped with its link (a review: each cost a
     full timeout in turn, and a peer known from before stayed routable)."""
-    import zmq
 
     from nanoswarm.client.discovery import _owners
     from nanoswarm.client.route import PeerInfo
     from nanoswarm.client.swarm import Swarm
 
-    silent, contacts = [], []
-    for _ in range(3):  # CURVE servers that take the handshake and never answer
-        public, secret = zmq.curve_keypair()
-        s = zmq.Context.instance().socket(zmq.ROUTER)
-        s.curve_server, s.curve_publickey, s.curve_secretkey = True, public, secret
-        s.setsockopt(zmq.LINGER, 0)
-        contacts.append(format_contact(f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}", public))
-        silent.append(s)
+    silent, contacts = zip(*(_curve_router() for _ in range(3)))  # they never answer
     swarm = Swarm("m" * 64, 4, 4)
     swarm.peers[contacts[0]] = PeerInfo(contacts[0], "earlier", "m" * 64, (0, 4), None)  # from a refresh
     a, b = generate_identity(), generate_identity()
@@ -850,17 +855,13 @@ def test_a_peer_that_answers_is_not_timed_out_for_a_request_it_lost():
     run took; the link's oldest one timed the answering peer out, and its new record was
     forgotten for up to ttl/3 (a churn review: 14 s, every time after a hang). An answer to a later
     request on the link shows the peer is there."""
-    import zmq
 
     from nanoswarm.node.gossip import Gossip, GossipOptions
     from nanoswarm.protocol.messages import decode, encode
 
     peer = generate_identity()
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.curve_server, router.curve_publickey, router.curve_secretkey = True, peer.curve_public, peer.curve_secret
-    router.setsockopt(zmq.LINGER, 0)
-    address = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
-    contact = format_contact(address, peer.curve_public)
+    router, contact = _curve_router(peer.curve_public, peer.curve_secret)
+    address = contact.partition("#")[0]
     gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1", GossipOptions(peer_timeout=0.5))
     try:
         gossip.refresh()
@@ -891,19 +892,13 @@ def test_a_node_says_why_each_bootstrap_did_not_answer_and_waits_only_for_live_o
     each one's reason."""
     import socket
 
-    import zmq
-
     from nanoswarm.node.daemon import _warn_unanswered
     from nanoswarm.node.gossip import Gossip
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         dead = format_contact(f"tcp://127.0.0.1:{s.getsockname()[1]}", generate_identity().curve_public)
-    public, secret = zmq.curve_keypair()
-    silent = zmq.Context.instance().socket(zmq.ROUTER)  # takes the handshake, never answers
-    silent.curve_server, silent.curve_publickey, silent.curve_secretkey = True, public, secret
-    silent.setsockopt(zmq.LINGER, 0)
-    quiet = format_contact(f"tcp://127.0.0.1:{silent.bind_to_random_port('tcp://127.0.0.1')}", public)
+    silent, quiet = _curve_router()  # never answers
     me = generate_identity()
     gossip = Gossip(me, _StubHandler(), "tcp://127.0.0.1:1")
     try:
@@ -935,19 +930,11 @@ def test_a_node_says_why_each_bootstrap_did_not_answer_and_waits_only_for_live_o
 def test_bootstraps_are_asked_at_once(tiny_model_dir, cluster_factory):
     """A frozen bootstrap listed first cost a client its whole timeout before the next one was
     asked (a churn review); all are asked at once, so three silent ones cost one timeout."""
-    import zmq
 
     from nanoswarm.client.discovery import fetch_table
 
     live = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
-    silent, contacts = [], []
-    for _ in range(3):  # take the handshake, never answer
-        public, secret = zmq.curve_keypair()
-        s = zmq.Context.instance().socket(zmq.ROUTER)
-        s.curve_server, s.curve_publickey, s.curve_secretkey = True, public, secret
-        s.setsockopt(zmq.LINGER, 0)
-        contacts.append(format_contact(f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}", public))
-        silent.append(s)
+    silent, contacts = zip(*(_curve_router() for _ in range(3)))  # they never answer
     try:
         t0 = time.monotonic()
         fetched = fetch_table([*contacts, live], 2.0)
