@@ -162,7 +162,7 @@ class _Worker:
 
     def _step(self, stage: Stage, hidden: torch.Tensor, pos: int) -> torch.Tensor:
         """One stage's step; an overloaded node refuses it (`busy`) untouched, so wait and retry.
-        A stage's step may be several node requests (a prompt split after `too_large`): a layer
+        A stage's step may be several node requests (a prompt in pieces the node takes): a layer
         stage's retry drops what the first ones stored (rewind), as a session's does; a head group
         asks its busy member again itself (retries_busy), and its `busy` ends the session as a
         refusal. (Those inner requests and retries are not counted here: `served` and `refused`

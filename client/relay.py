@@ -153,7 +153,7 @@ class SessionRelay:
         self._chains: dict[tuple, Chain] = {}  # by their stages
         self._pinned: tuple | None = None  # the route (stages, sessions, no_relay) last pinned
         self._failures = 0  # rounds of pinning in a row that failed
-        self._closed = 0  # of those, refused `session_closed` with no reopen since (see pin)
+        self.changed = False  # stages were reopened or replaced this step (pin_changed)
         self._failed_this_step = False
         # A stage whose connection dropped while pinning, with why: ZeroMQ reports a drop once,
         # so the session fails it over at its next stage rather than wait a step's timeout on it.
@@ -172,10 +172,20 @@ class SessionRelay:
         step finds that out again."""
         if i > 0:
             self.no_relay.discard(stages[i - 1])
+        self.changed = True
 
     def forget_chains(self) -> None:
         self._chains = {}  # after stages were reopened: the chains name their old session ids
-        self._closed = 0  # a reclaim was taken: the pins it refused were honest (see pin)
+        self.changed = True
+
+    def pin_changed(self, stages: list) -> None:
+        """At the end of a step that reopened or replaced stages: pin the new route now, while
+        its sessions are fresh. Pinned at the next step instead, after a reader's pause past the
+        idle timeout, the pin found them reclaimed, and three such pauses stopped the session's
+        relaying (a review); a `session_closed` to a pin is a failed round like any other."""
+        if self.on and self.changed:
+            self.changed = False
+            self.pin(stages)
 
     def chain(self, stages: list, i: int) -> Chain | None:
         """Stages i.. that one relayed step can run (consecutive layer stages, none leaving, each
@@ -214,17 +224,8 @@ class SessionRelay:
         if refused is None:
             self._pinned, self._failures = route, 0
             return True
-        self._failed_this_step = True
+        self._failed_this_step, self._failures = True, self._failures + 1
         log.info("pinning relayed steps on %s: %s", ", ".join(refused[0].peers), refused[1])
-        if refused[1].code == "session_closed" and self._closed < PIN_TRIES:
-            # The node reclaimed the session while the reader paused (a session reopened after a
-            # reclaim is pinned at its next step, after the next pause too): this step goes stage
-            # by stage, where the reclaim is taken and the session reopened (forget_chains), or,
-            # if that step finds the session there, the refusals count after PIN_TRIES of them.
-            # Counted at once, three such pauses stopped a session's relaying (a review).
-            self._closed += 1
-            return False
-        self._failures += 1
         if refused[1].code == "disconnected":
             self.dropped = refused
         if self._failures >= PIN_TRIES:

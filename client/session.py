@@ -212,6 +212,7 @@ class InferenceSession(Failover):
             self.history[i].append(hidden, T)
             hidden = out
             i += 1
+        self.relaying.pin_changed(self.stages)
         self.pos += T
         if self.checker is not None:
             self.outputs.append(hidden, T)

@@ -99,7 +99,8 @@ class RequestHandler:
                 to, req_id = self._reply_route(peer, msg, frames)
                 self._admit(peer, msg, per_peer, reply_to=to)
                 if pending and (msg.type == "forward" or msg.type in ("step", "close") and any(
-                        p.msg.fields["session"] == msg.fields["session"] for p in pending)):
+                        p.msg.fields["session"] == msg.fields["session"] for p in pending)
+                        and (msg.type == "step" or self._owns(peer, msg.fields["session"]))):
                     # Run the steps read so far first: a forward is computed as it is read, and
                     # computing it ahead of earlier steps let a flood of forwards use up the
                     # batch's time and get other clients' steps refused `busy`; a pipelined step
@@ -174,6 +175,12 @@ class RequestHandler:
             if session is not None and (peer == session.peer or self._admitted(session, msg, frames)):
                 return session.peer, reply
         return peer, msg.id
+
+    def _owns(self, peer: bytes, session_id: str) -> bool:
+        """Whether `peer` opened the session: another peer's `close` of it is a no-op (it must not
+        split the batch's forward pass either; closes are not counted toward --max-inflight)."""
+        session = self.sessions.sessions.get(session_id)
+        return session is not None and session.peer == peer
 
     def _admitted(self, session: Session, msg: Message, frames: list) -> bool:
         """Whether a relayed step comes from the hop before that the session's owner admitted:

@@ -519,25 +519,32 @@ def test_relay_comes_back_after_a_reclaimed_session_is_reopened(tiny_model_dir, 
 
 
 def test_a_reader_pausing_past_the_idle_timeout_again_and_again_keeps_relaying(tiny_model_dir, cluster_factory):
-    """A session reopened after a reclaim is pinned at its next step: after the reader's next
-    pause, when the node has reclaimed it again, and its `session_closed` to the pin counted as a
-    failed pin round; three pauses stopped the session's relaying for good (a review). Such a
-    refusal does not count when the step then finds the reclaim."""
+    """A session reopened after a reclaim was pinned at its next step: after the reader's next
+    pause, when the node had reclaimed it again, so the pin was refused `session_closed`, a
+    failed pin round; three pauses stopped the session's relaying for good (a review). The step
+    that reopens pins the new route at its end, while its sessions are fresh."""
     from nanoswarm.client import relay as relay_module
 
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--idle-timeout", "1"]),
                                              NodeSpec((2, 4), args=["--idle-timeout", "1"])])
     model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=TIMEOUT))
     local = SwarmModel.local(tiny_model_dir)
+
+    def relayed() -> int:
+        return model.swarm.connection(nodes.addresses[0]).request("info").fields["stats"]["relayed"]
+
     try:
         s, ref = model.session(24), local.session(24)
-        for pos in range(2):
-            s.step(model.client.embed([pos + 1], pos)), ref.step(local.client.embed([pos + 1], pos))
-        for pos in range(2, 2 + relay_module.PIN_TRIES + 2):
-            time.sleep(1.6)  # both nodes reclaim the session
+        pauses = relay_module.PIN_TRIES + 2
+        for pos in range(2 + pauses + 2):
+            if 2 <= pos < 2 + pauses:
+                time.sleep(1.6)  # both nodes reclaim the session
+            if pos == 2 + pauses:
+                before = relayed()
             got, want = s.step(model.client.embed([pos + 1], pos)), ref.step(local.client.embed([pos + 1], pos))
             assert (got - want).abs().max() < 1e-4
-        assert s.relay and s.failovers == 0 and not model.swarm.bans
+        assert s.relay and relayed() - before == 2  # the steps after the pauses went relayed
+        assert s.failovers == 0 and not model.swarm.bans
     finally:
         model.close()
 
