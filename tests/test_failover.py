@@ -492,16 +492,22 @@ def test_a_ban_closes_the_other_sessions_on_that_peer_and_strikes_once(tiny_mode
         model.close()
 
 
-def test_relay_comes_back_after_a_reclaimed_session_is_reopened(tiny_model_dir, cluster_factory):
-    """A hop whose next hop had reclaimed the session (idle timeout) gets relay_failed; once the
-    session there is reopened, relaying resumes (it stayed off for the rest of the session)."""
-    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4), args=["--idle-timeout", "1"])])
+def _relaying_pair(tiny_model_dir, cluster_factory, first: list[str], second: list[str]):
+    """Two nodes (blocks 0:2 and 2:4, started with these options), a model connected to them, the
+    local model, and a reader of how many steps the first node has relayed."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=first), NodeSpec((2, 4), args=second)])
     model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=TIMEOUT))
-    local = SwarmModel.local(tiny_model_dir)
 
     def relayed() -> int:
         return model.swarm.connection(nodes.addresses[0]).request("info").fields["stats"]["relayed"]
 
+    return nodes, model, SwarmModel.local(tiny_model_dir), relayed
+
+
+def test_relay_comes_back_after_a_reclaimed_session_is_reopened(tiny_model_dir, cluster_factory):
+    """A hop whose next hop had reclaimed the session (idle timeout) gets relay_failed; once the
+    session there is reopened, relaying resumes (it stayed off for the rest of the session)."""
+    nodes, model, local, relayed = _relaying_pair(tiny_model_dir, cluster_factory, [], ["--idle-timeout", "1"])
     try:
         s, ref = model.session(24), local.session(24)
         for pos in range(6):
@@ -525,14 +531,8 @@ def test_a_reader_pausing_past_the_idle_timeout_again_and_again_keeps_relaying(t
     that reopens pins the new route at its end, while its sessions are fresh."""
     from nanoswarm.client import relay as relay_module
 
-    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--idle-timeout", "1"]),
-                                             NodeSpec((2, 4), args=["--idle-timeout", "1"])])
-    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=TIMEOUT))
-    local = SwarmModel.local(tiny_model_dir)
-
-    def relayed() -> int:
-        return model.swarm.connection(nodes.addresses[0]).request("info").fields["stats"]["relayed"]
-
+    short = ["--idle-timeout", "1"]
+    _, model, local, relayed = _relaying_pair(tiny_model_dir, cluster_factory, short, short)
     try:
         s, ref = model.session(24), local.session(24)
         pauses = relay_module.PIN_TRIES + 2
