@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from .params import SECONDS, client_keys, peer_list
 @click.option("--insecure", is_flag=True, help="Allow unencrypted links to nodes that run without a key.")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=50, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="0 is greedy.")
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--top-k", type=int, default=None, help="Sample among the K likeliest tokens only.")
+@click.option("--top-p", type=float, default=None,
+              help="Sample among the likeliest tokens that together hold this share of probability (0 to 1].")
+@click.option("--seed", type=int, default=None, help="Seed the sampling: the same seed gives the same text.")
 @click.option("--timeout", type=SECONDS, default=30.0, show_default=True,
               help="Seconds per peer answer; a peer that stops answering heartbeats for a third of it "
                    "(at least 5 s) counts as gone sooner.")
@@ -55,7 +57,11 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
         raise click.UsageError("--local runs without a swarm: give it no --peers or --bootstrap")
     if not addresses and not bootstraps and not local:
         raise click.UsageError("give --bootstrap or --peers (or --local)")
-    sampling = SamplingParams(temperature, top_k, top_p, seed)  # bad values fail before connecting
+    try:  # bad values fail before connecting, as usage errors naming the option
+        sampling = SamplingParams(temperature, top_k, top_p, seed)
+    except ValueError as e:
+        raise click.UsageError(re.sub(r"^(temperature|top_k|top_p|seed)\b",
+                                      lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
     head_device = resolve_device(device)
     if local:
         model = SwarmModel.local(model_dir, device=head_device)
@@ -135,7 +141,10 @@ def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | N
     from nanoswarm.client.discovery import fetch_table
     from nanoswarm.client.peers_report import format_report, swarm_report
 
-    fetched = fetch_table(peer_list(",".join(bootstrap)), timeout, client_keys(key_file))
+    contacts = peer_list(",".join(bootstrap))
+    if not contacts:
+        raise click.UsageError("--bootstrap: no contact given")
+    fetched = fetch_table(contacts, timeout, client_keys(key_file))
     if not fetched.answered:
         raise click.ClickException("no bootstrap node answered: " + "; ".join(fetched.errors.values()))
     fetched.warn_unanswered()

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from nanoswarm.client.swarm import MAX_SECONDS
+
 
 def parse_range(value: str | None, what: str) -> tuple[int, int] | None:
     """'4:8' -> (4, 8): half-open, like a Python slice."""
@@ -21,10 +23,10 @@ def parse_range(value: str | None, what: str) -> tuple[int, int] | None:
 
 
 class _Positive(click.ParamType):
-    """A positive, finite number (a float option would take 0, -1, nan and inf)."""
+    """A positive, finite number (a float option would take 0, -1, nan and inf), at most `most`."""
 
-    def __init__(self, what: str):
-        self.what = what
+    def __init__(self, what: str, most: float = float("inf")):
+        self.what, self.most = what, most
         self.name = what.split()[-1]
 
     def convert(self, value, param, ctx) -> float:
@@ -34,10 +36,12 @@ class _Positive(click.ParamType):
             self.fail(f"{value!r} is not a {self.what}", param, ctx)
         if not 0 < number < float("inf"):
             self.fail(f"{value!r} must be a positive, finite {self.what}", param, ctx)
+        if number > self.most:
+            self.fail(f"{value!r} is too large: at most {self.most:.0f}", param, ctx)
         return number
 
 
-SECONDS = _Positive("number of seconds")
+SECONDS = _Positive("number of seconds", MAX_SECONDS)
 POSITIVE = _Positive("number")
 
 

@@ -152,11 +152,14 @@ class SwarmModel:
             result.route = session.describe()
             result.stop_reason = ""  # until it ends as it should: not after an error, nor if stopped
             reason = "context" if max_new_tokens < requested else "length"
+            first = True
             while True:
                 with self._lock:  # one step: the swarm's sockets are this thread's meanwhile
                     if self.closed:
                         raise RuntimeError("this SwarmModel was closed during the generation")
                     token = next(tokens, None)
+                    if first:  # the route that served the prompt (a stage may have failed in it)
+                        result.route, first = session.describe(), False
                 if token is None:
                     break
                 result.ids.append(token)

@@ -20,6 +20,7 @@ after it rebuilt from the client's own outputs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 
@@ -33,6 +34,13 @@ from .relay import Chain, ChainBroken, SessionRelay, stalled_stage
 from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause
 from .swarm import Swarm
 from .transport import PeerError
+
+log = logging.getLogger(__name__)
+
+# Errors of a relayed step that a hop may cause by what it passes on: a malformed result (the
+# client's bad_reply), or a next hop refusing what it got (a bad_value only if the client's own
+# input was fine).
+PASSED_ON_WRONG = ("bad_reply", "bad_shape", "bad_tensor", "malformed")
 
 __all__ = ["CANNOT_TAKE", "REPLAY_CHUNK", "TRAIL_MAX_POSITIONS", "InferenceSession", "SessionError"]
 
@@ -172,7 +180,7 @@ class InferenceSession(Failover):
                 except ChainBroken as e:
                     relay = False  # the rest of this step one stage at a time
                     rewind.update(chain.stages)
-                    self._chain_broken(chain, e.error)
+                    self._chain_broken(chain, e.error, hidden)
                     i = self._at(stage.start)  # failover may have replaced stages before it too
                     continue
                 self.history[i].append(hidden, T)
@@ -290,12 +298,13 @@ class InferenceSession(Failover):
         self._reopen_from(k)
         return self.outputs.tensor()
 
-    def _chain_broken(self, chain: Chain, error: PeerError) -> None:
+    def _chain_broken(self, chain: Chain, error: PeerError, hidden: torch.Tensor) -> None:
         """A relayed step did not come back; its stages will be asked one by one. A node that will
         not relay is not asked again (not_served: it does not know the next hop; relay_failed: it
         could not reach it). A dropped stage is replaced now (its drop was seen once, while
         waiting for the chain); after a timeout, the stage that does not answer `info` is
-        (stalled_stage).
+        (stalled_stage). Where every hop answers, or the step came back malformed (a hop passed
+        on garbage), the chain stops relaying (`_stop_relaying`).
         Other errors show again when the stage is asked alone, and are handled there."""
         by = next((s for s in chain.stages if error.address in s.peers), None)
         if error.code in ("relay_failed", "not_served") and by is not None:
@@ -306,6 +315,22 @@ class InferenceSession(Failover):
             stalled = stalled_stage(chain.stages, self.swarm.options.timeout)
             if stalled is not None:
                 self._replace(self.stages.index(stalled[0]), stalled[1])
+            else:
+                self._stop_relaying(chain, "timed out while every hop answers")
+        elif error.code in PASSED_ON_WRONG or (
+                error.code == "bad_value" and fits_wire(hidden, self.swarm.options.wire)):
+            self._stop_relaying(chain, f"came back malformed ({error})")
+
+    def _stop_relaying(self, chain: Chain, why: str) -> None:
+        """The chain's relayed step failed though no hop can be blamed: one of them computes but
+        does not pass steps on, passes them wrongly or passes on garbage, or the chain is too slow
+        for one timeout. Tried again, it would cost every token the timeout (a review): its
+        boundaries stop relaying for the session; a stage replaced later is tried again
+        (SessionRelay.retry_before)."""
+        log.warning("a relayed step through %s %s: these stages go one by one from now on",
+                    ", ".join(p for s in chain.stages for p in s.peers), why)
+        for stage in chain.stages[:-1]:
+            self.relaying.refused(stage)
 
     def _unfit(self, stage: Stage) -> str:
         return (f"hidden states for layers {stage.start}:{stage.stop} hold NaN or Inf, or do not fit the "

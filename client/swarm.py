@@ -44,6 +44,7 @@ DRAIN_SECONDS = 5.0  # the most time between two reads of every connection's eve
 # a node's I/O thread on a loaded machine must get a core; tests run with short step timeouts.
 HEARTBEAT_MIN_SECONDS = 5.0
 MAX_HEARTBEAT_SECONDS = 3600.0  # libzmq takes the heartbeat in ms as a C int
+MAX_SECONDS = 1e6  # any timeout: ZeroMQ's poll takes milliseconds as a C int (and 11 days is forever)
 REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answers
 
 
@@ -62,12 +63,14 @@ class SwarmOptions:
 
     def __post_init__(self) -> None:
         def seconds(value: object) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_SECONDS
 
         if not seconds(self.timeout):
-            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+            raise ValueError(f"timeout must be a positive number of seconds up to {MAX_SECONDS:g}, "
+                             f"got {self.timeout!r}")
         if not seconds(self.ban_seconds):
-            raise ValueError(f"ban_seconds must be a positive number of seconds, got {self.ban_seconds!r}")
+            raise ValueError(f"ban_seconds must be a positive number of seconds up to {MAX_SECONDS:g}, "
+                             f"got {self.ban_seconds!r}")
         if self.wire not in WIRE_FORMATS:
             raise ValueError(f"wire must be one of {', '.join(WIRE_FORMATS)}, got {self.wire!r}")
         for name in ("insecure", "relay"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import secrets
 import time
@@ -79,9 +80,21 @@ def why_dropped(contact: str) -> str:
             "since this contact was taken)")
 
 
+def unreachable_why(endpoint: str) -> str:
+    """Why a connect to `endpoint` is retried before it ever connected: ZeroMQ says the same for a
+    refused connect and for a host name that does not resolve."""
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return f"connection refused, or no address for the host name {host[:80]!r}"
+    return "connection refused: nothing listens there"
+
+
 class PeerTimeout(PeerError):
     def __init__(self, address: str, seconds: float, what: str = "no answer"):
-        super().__init__(address, "timeout", f"{what} within {seconds:.1f}s")
+        shown = f"{seconds:.1f}" if seconds >= 0.1 else f"{seconds:.2g}"  # not "0.0s" for a tiny --timeout
+        super().__init__(address, "timeout", f"{what} within {shown}s")
 
 
 class PeerConnection:
@@ -121,6 +134,7 @@ class PeerConnection:
         self._connected = False  # once: a later refusal is a drop, reported as one
         self._handshaken = False  # the current connection finished its handshake: heartbeats run
         self._dropped: tuple[str, str] | None = None  # what the monitor said, until take() reports it
+        self._unreachable = unreachable_why(endpoint)
         self._poller = zmq.Poller()
         self.register(self._poller)
         allow_ipv6(self.socket, endpoint)
@@ -216,7 +230,7 @@ class PeerConnection:
                 self._handshaken = True
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 if not self._connected and self._dropped is None:  # never reached: nothing listens there
-                    self._dropped = ("unreachable", "connection refused: nothing listens there")
+                    self._dropped = ("unreachable", self._unreachable)
             else:  # the first drop until reported: reconnects to a frozen peer drop again, in the handshake
                 self._dropped = self._dropped or ("disconnected", self._why_dropped())
                 self._handshaken = False

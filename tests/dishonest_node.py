@@ -8,7 +8,9 @@ error on every step), --wrong-heads-prompt (only on steps of more than one posit
 --wrong-heads-of N (only on steps of exactly N positions). With --reclaim-held it computes right
 but answers `session_closed` to the second request that finds a session holding positions, as
 if it had reclaimed it idle: every other token its client replays the whole history into it;
-with --late too it answers that 1.1 s late, and states an idle timeout of 1 ms at `open`."""
+with --late too it answers that 1.1 s late, and states an idle timeout of 1 ms at `open`. With
+--drop-relay it computes right but never passes a relayed step on (it says it did); with
+--misshape-relay it passes relayed steps on without its output."""
 
 import dataclasses
 import sys
@@ -16,7 +18,7 @@ import time
 
 import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
 from nanoswarm.cli import main
-from nanoswarm.node import handler, sessions, steps
+from nanoswarm.node import handler, relay, sessions, steps
 from nanoswarm.shards.model import Block, Blocks
 
 _forward = Blocks.forward
@@ -77,6 +79,17 @@ def wrong_partial(when):
         return y + 0.5 * y.roll(1, dims=-1) if not self.full and when(x) else y
     return attn_partial
 
+
+if "--drop-relay" in sys.argv:
+    sys.argv.remove("--drop-relay")
+    lies = lambda x: False  # noqa: E731
+    relay.RelayLinks.send = lambda self, to, frames: None
+if "--misshape-relay" in sys.argv:
+    sys.argv.remove("--misshape-relay")
+    lies = lambda x: False  # noqa: E731
+    _encode = steps.encode_frames
+    steps.encode_frames = lambda kind, rid, fields, specs, frames: _encode(
+        kind, rid, fields, *((specs[:-1], frames[:-1]) if kind == "step" else (specs, frames)))
 
 _attn_partial = Block.attn_partial
 Blocks.forward = wrong

@@ -250,12 +250,18 @@ def test_bad_ranges_fail_in_one_line(tiny_model_dir, tmp_path):
 def test_generate_checks_its_settings_before_connecting(tiny_model_dir):
     """One line and nothing else: connecting would log about the (keyless) peer first."""
     cases = (("--max-new-tokens", "-1", "'--max-new-tokens': -1 is not in the range"),
-             ("--temperature", "nan", "temperature must be a finite number >= 0, got nan"),
-             ("--top-p", "inf", "top_p must be in (0, 1], got inf"))
+             ("--temperature", "nan", "--temperature must be a finite number >= 0, got nan"),
+             ("--top-p", "inf", "--top-p must be in (0, 1], got inf"),
+             ("--top-k", "0", "--top-k must be >= 1"),
+             ("--seed", "-1", "--seed must be from 0 to 2**64 - 1, got -1"),
+             # ZeroMQ's poll takes milliseconds as a C int: this overflowed it (a review)
+             ("--timeout", "2200000", "'2200000' is too large: at most 1000000"))
     outs = [invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9", option, value)
             for option, value, _ in cases]
     for (_, _, message), out in zip(cases, outs):
-        assert message in one_error_line(out)
+        assert message in one_error_line(out) and out.returncode == 2  # a usage error, as click's own are
+    out = invoke_cli("peers", "--bootstrap", "", "--timeout", "1")
+    assert one_error_line(out) == "error: --bootstrap: no contact given" and out.returncode == 2
 
 
 def test_a_bad_contact_fails_in_one_line_without_a_log_line_repeating_it(tiny_model_dir):

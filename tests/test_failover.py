@@ -10,6 +10,7 @@ import time
 import pytest
 from conftest import SwarmWithALiar
 
+from nanoswarm.client import relay as relay_module
 from nanoswarm.client.api import GenerationResult, SwarmModel
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.route import RouteError
@@ -529,8 +530,6 @@ def test_a_reader_pausing_past_the_idle_timeout_again_and_again_keeps_relaying(t
     pause, when the node had reclaimed it again, so the pin was refused `session_closed`, a
     failed pin round; three pauses stopped the session's relaying for good (a review). The step
     that reopens pins the new route at its end, while its sessions are fresh."""
-    from nanoswarm.client import relay as relay_module
-
     short = ["--idle-timeout", "1"]
     _, model, local, relayed = _relaying_pair(tiny_model_dir, cluster_factory, short, short)
     try:
@@ -547,6 +546,60 @@ def test_a_reader_pausing_past_the_idle_timeout_again_and_again_keeps_relaying(t
         assert s.failovers == 0 and not model.swarm.bans
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("fault", ["--drop-relay", "--misshape-relay"])
+def test_a_hop_that_does_not_pass_relayed_steps_on_rightly_stops_relaying_there(tiny_model_dir, cluster_factory,
+                                                                                fault, monkeypatch):
+    """A first hop that computes but never passes a relayed step on (or passes it on without its
+    output) answers `info` like a healthy node: nothing was failed over, and each token was asked
+    relayed again, costing the whole timeout each (a review). After the first such step the
+    session goes stage by stage across it, with the same results."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest", fault]), NodeSpec((2, 4))],
+                            cluster=SwarmWithALiar)
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=1.0))
+    local = SwarmModel.local(tiny_model_dir)
+    try:
+        s, ref = model.session(24), local.session(24)
+        chains = 0
+        real_step = relay_module.Chain.step
+
+        def counted(self, *args, **kwargs):
+            nonlocal chains
+            chains += 1
+            return real_step(self, *args, **kwargs)
+
+        monkeypatch.setattr(relay_module.Chain, "step", counted)
+        for pos in range(5):
+            got, want = s.step(model.client.embed([pos + 1], pos)), ref.step(local.client.embed([pos + 1], pos))
+            assert (got - want).abs().max() < 1e-4
+        assert chains == 1 and s.failovers == 0  # asked relayed once, then stage by stage
+    finally:
+        model.close()
+
+
+def test_the_route_given_with_the_first_token_is_the_one_that_served_the_prompt(tiny_model_dir, cluster_factory,
+                                                                                monkeypatch):
+    """A stage that failed during the prompt's step was still named in the route `generate`
+    printed with the first token (and in `result.route` then): it was read before the first step."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((0, 2)), NodeSpec((2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    first, spare, _ = swarm.addresses
+    model.swarm.peers[spare].rtt = 1.0  # the first node on the route
+    opened = model.session
+
+    def killing_after_open(*args, **kwargs):  # the session is open there: its first step fails
+        session = opened(*args, **kwargs)
+        swarm.kill(0)
+        return session
+
+    monkeypatch.setattr(model, "session", killing_after_open)
+    result = GenerationResult(PROMPT)
+    try:
+        routes = [[stage["peers"] for stage in result.route] for _ in model.stream(PROMPT, 3, SEEDED, result)]
+    finally:
+        model.close()
+    assert result.failovers == 1 and routes[0] == [[spare], [swarm.addresses[2]]]
 
 
 def test_a_busy_answer_while_replaying_into_a_replacement_is_asked_again(monkeypatch):
