@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 MAX_SEEN_IDS = 65536  # request ids remembered for duplicate detection, all peers together
 MAX_SEEN_PEERS = 4096  # peers they are remembered for (each costs a map of its own): ~12 MiB in all
+# Stateless forwards computed in one turn of the server loop, after the turn's steps; the rest
+# are refused `busy`. One forward may carry 64 rows of the whole context.
+MAX_FORWARDS_PER_BATCH = 2
 
 
 def memory_usage(device: torch.device | None = None) -> dict[str, int | None]:
@@ -87,9 +90,11 @@ class RequestHandler:
 
     # ----- entry points -------------------------------------------------------------------
     def handle_batch(self, batch: list[tuple[bytes, list]]) -> list[Reply]:
-        """Handle every message of `batch`; decode steps of different sessions run together."""
+        """Handle every message of `batch`; decode steps of different sessions run together, and
+        then at most MAX_FORWARDS_PER_BATCH stateless forwards (the rest are refused `busy`)."""
         replies: list[Reply] = []
         pending: list[PendingStep] = []
+        forwards: list[tuple[bytes, Message]] = []
         per_peer: dict[bytes, int] = defaultdict(int)
         self.steps.begin_batch()
         for peer, frames in batch:
@@ -98,14 +103,21 @@ class RequestHandler:
                 msg = decode(frames, self.limits.max_message_bytes, types=REQUEST_TYPES)
                 to, req_id = self._reply_route(peer, msg, frames)
                 self._admit(peer, msg, per_peer, reply_to=to)
-                if pending and (msg.type == "forward" or msg.type in ("step", "close") and any(
-                        p.msg.fields["session"] == msg.fields["session"] for p in pending)
-                        and (msg.type == "step" or self._owns(peer, msg.fields["session"]))):
-                    # Run the steps read so far first: a forward is computed as it is read, and
-                    # computing it ahead of earlier steps let a flood of forwards use up the
-                    # batch's time and get other clients' steps refused `busy`; a pipelined step
-                    # (or close) of a session already in this batch is only valid once the
-                    # earlier step has run.
+                if msg.type == "forward":
+                    # Sessions' steps first: a forward is a one-off of any size, a step part of
+                    # someone's generation. A flood of forwards from many connections (each within
+                    # --max-inflight) made a generation's steps wait behind them until it timed
+                    # out, and its client banned the honest node (a review).
+                    if len(forwards) >= MAX_FORWARDS_PER_BATCH:
+                        raise ProtocolError(ErrorCode.BUSY, "node busy with other stateless forwards; "
+                                            "retry the same request later")
+                    forwards.append((peer, msg))
+                    continue
+                if pending and msg.type in ("step", "close") and any(
+                        p.msg.fields["session"] == msg.fields["session"] for p in pending) and (
+                        msg.type == "step" or self._owns(peer, msg.fields["session"])):
+                    # A pipelined step (or close) of a session already in this batch is only valid
+                    # once the earlier step has run.
                     replies.extend(self.steps.run(pending))
                     pending = []
                 if msg.type == "step":
@@ -113,18 +125,27 @@ class RequestHandler:
                     pending.append(self.steps.validate((to, req_id), msg, pinned=to != peer and self.checks_senders))
                 else:
                     replies.append((peer, self._handle_simple(peer, msg)))
-            except ProtocolError as e:
+            except Exception as e:
                 req_id = req_id or (peek_id(frames[0]) if frames else 0)
-                replies.append((to, self._error(req_id, e.code, e.message)))
-            except torch.cuda.OutOfMemoryError:  # copying a step's input to the device, or a forward
-                replies.append((to, self._error(req_id, ErrorCode.BUSY, self.steps.out_of_memory())))
-            except Exception as e:  # a bug must not take the node down
-                log.exception("internal error handling a request")
-                self.steps.note_error(e)
-                replies.append((to, self._error(req_id, ErrorCode.INTERNAL, type(e).__name__)))
+                replies.append((to, self._refusal(req_id, e)))
         if pending:
             replies.extend(self.steps.run(pending))
+        for peer, msg in forwards:
+            try:
+                replies.append((peer, self._forward(msg)))
+            except Exception as e:
+                replies.append((peer, self._refusal(msg.id, e)))
         return replies
+
+    def _refusal(self, req_id: int, e: Exception) -> list:
+        """The error reply for what handling a request raised: a bug must not take the node down."""
+        if isinstance(e, ProtocolError):
+            return self._error(req_id, e.code, e.message)
+        if isinstance(e, torch.cuda.OutOfMemoryError):  # copying a step's input to the device, or a forward
+            return self._error(req_id, ErrorCode.BUSY, self.steps.out_of_memory())
+        log.error("internal error handling a request", exc_info=e)
+        self.steps.note_error(e)
+        return self._error(req_id, ErrorCode.INTERNAL, type(e).__name__)
 
     def handle(self, peer: bytes, frames: list) -> list:
         """One message, one reply (tests and the fuzzer)."""
@@ -237,8 +258,6 @@ class RequestHandler:
             return encode("closed", msg.id, {"session": msg.fields["session"]})
         if msg.type == "admit":
             return self._admit_relays(peer, msg)
-        if msg.type == "forward":
-            return self._forward(msg)
         if msg.type == "records":
             if self.on_records is None:
                 raise ProtocolError(ErrorCode.NOT_SERVED, "this node keeps no swarm table")

@@ -186,8 +186,8 @@ def test_a_flood_of_small_requests_is_held_back_not_buffered(tiny_model_dir, clu
 
 def test_overloaded_batch_refuses_the_rest_busy_and_leaves_sessions_untouched(blocks):
     """Work queued behind max_batch_seconds of compute is refused at once, not left to time out;
-    requests are computed in arrival order, so a forward that came later cannot push earlier
-    steps over the limit (another peer's flood of forwards starved them that way)."""
+    steps are computed in arrival order and stateless forwards after them, so a forward cannot
+    push steps over the limit (another peer's flood of forwards starved them that way)."""
     d = make_driver(blocks, max_batch_seconds=1e-6)
     sessions = [d.open(8) for _ in range(3)]
     batch = [(b"p", d.frames("step", {"session": sid, "pos": 0}, [hidden(2, i)])) for i, sid in enumerate(sessions)]
@@ -200,10 +200,31 @@ def test_overloaded_batch_refuses_the_rest_busy_and_leaves_sessions_untouched(bl
     forward_first = [(b"q", d.frames("forward", {}, [hidden(2)]))]
     forward_first += [(b"p", d.frames("step", {"session": sid, "pos": 0}, [hidden(2, i)]))
                       for i, sid in enumerate(sessions[1:])]
-    assert [decode(f).fields.get("code", "result") for _, f in d.h.handle_batch(forward_first)] == \
-        ["result", "busy", "busy"]
-    y = d.ok("step", {"session": sessions[1], "pos": 0}, [hidden(2, 1)]).tensors[0]  # the retry is served
+    assert [(peer, decode(f).fields.get("code", "result")) for peer, f in d.h.handle_batch(forward_first)] == \
+        [(b"p", "result"), (b"p", "busy"), (b"q", "busy")]  # the forward after the steps
+    y = d.ok("step", {"session": sessions[2], "pos": 0}, [hidden(2, 2)]).tensors[0]  # the retry is served
     assert y.shape == (1, 2, N_EMBD)
+
+
+def test_a_flood_of_forwards_from_many_peers_does_not_hold_back_steps(blocks):
+    """Many connections, each within --max-inflight, sent stateless forwards together: computed
+    as read, they made the steps of a generation wait behind them until its client timed out
+    and banned the node (a review). A turn computes its steps first, then at most
+    MAX_FORWARDS_PER_BATCH forwards, refusing the rest `busy` at once."""
+    from nanoswarm.node.handler import MAX_FORWARDS_PER_BATCH
+
+    d = make_driver(blocks)
+    sid = d.open(8)
+    batch = [(f"flood-{i}".encode(), d.frames("forward", {}, [hidden(2, i)])) for i in range(6)]
+    batch.insert(3, (b"p", d.frames("step", {"session": sid, "pos": 0}, [hidden(2)])))  # the session's owner
+    replies = [(peer, decode(f)) for peer, f in d.h.handle_batch(batch)]
+    assert [m.type for peer, m in replies if peer == b"p"] == ["result"]
+    codes = [m.fields.get("code", m.type) for peer, m in replies if peer != b"p"]
+    assert sorted(codes) == ["busy"] * (6 - MAX_FORWARDS_PER_BATCH) + ["result"] * MAX_FORWARDS_PER_BATCH
+    order = [peer for peer, m in replies if m.type == "result"]
+    assert order[0] == b"p"  # computed before the forwards that came before it
+    busy = next(m for peer, m in replies if m.fields.get("code") == "busy")
+    assert "stateless forwards" in busy.fields["message"]
 
 
 def test_specific_codes_for_bad_requests(blocks):
