@@ -48,20 +48,23 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
              relay: bool, device: str, verify: float, local: bool, as_json: bool) -> None:
     """Generate text from PROMPT through the swarm, streaming it to stdout."""
     from nanoswarm.client.api import SwarmModel
-    from nanoswarm.client.generate import SamplingParams
     from nanoswarm.client.swarm import SwarmOptions
     from nanoswarm.shards.device import resolve_device
 
     addresses, bootstraps = peer_list(peers), peer_list(",".join(bootstrap))
     if local and (addresses or bootstraps):
         raise click.UsageError("--local runs without a swarm: give it no --peers or --bootstrap")
+    ctx = click.get_current_context()
+    swarm_only = [f"--{name.replace('_', '-')}" for name in ("verify", "key_file", "wire", "timeout", "insecure",
+                                                              "relay")
+                  if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+    if local and swarm_only:
+        raise click.UsageError(f"--local runs without a swarm: {', '.join(swarm_only)} do not apply")
+    if not 0 <= verify <= 1:  # nan passes click's range
+        raise click.UsageError(f"--verify must be a share of steps from 0 to 1, got {verify}")
     if not addresses and not bootstraps and not local:
         raise click.UsageError("give --bootstrap or --peers (or --local)")
-    try:  # bad values fail before connecting, as usage errors naming the option
-        sampling = SamplingParams(temperature, top_k, top_p, seed)
-    except ValueError as e:
-        raise click.UsageError(re.sub(r"^(temperature|top_k|top_p|seed)\b",
-                                      lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
+    sampling = sampling_params(temperature, top_k, top_p, seed)  # bad values fail before connecting
     head_device = resolve_device(device)
     if local:
         model = SwarmModel.local(model_dir, device=head_device)
@@ -74,6 +77,17 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
         run_generation(model, prompt, max_new_tokens, sampling, as_json)
     finally:
         model.close()
+
+
+def sampling_params(temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
+    """SamplingParams of the command's options; a bad value is a usage error naming the option."""
+    from nanoswarm.client.generate import SamplingParams
+
+    try:
+        return SamplingParams(temperature, top_k, top_p, seed)
+    except ValueError as e:
+        raise click.UsageError(re.sub(r"^(temperature|top_k|top_p|seed)\b",
+                                      lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
 
 def run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: bool) -> None:
@@ -122,7 +136,7 @@ def _route_line(route: list[dict]) -> str:
     parts = []
     for stage in route:  # endpoints only: the keys are in --json
         a, b = stage["layers"]
-        heads = f" heads {stage['heads']}" if stage.get("heads") else ""
+        heads = f" heads {','.join(f'{h}:{k}' for h, k in stage['heads'])}" if stage.get("heads") else ""
         parts.append(f"{a}:{b} @ {','.join(endpoint_of(p) for p in stage['peers'])}{heads}")
     return "route: " + " -> ".join(parts)
 

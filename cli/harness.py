@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .client import run_generation
+from .client import run_generation, sampling_params
 from .params import POSITIVE, SECONDS, client_keys, peer_list
 
 
@@ -26,7 +26,8 @@ from .params import POSITIVE, SECONDS, client_keys, peer_list
 @click.option("--json", "as_json", is_flag=True,
               help="Once every node serves, print one JSON object (nodes: contact, layers, heads, pid), not lines.")
 def cluster(model_dir: Path, nodes: int, head_groups: int, threads: int, as_json: bool) -> None:
-    """Start local node processes for NODES even spans of the blocks; Ctrl-C stops them."""
+    """Start local node processes for --nodes even spans of the blocks (--head-groups nodes each);
+    Ctrl-C stops them."""
     from nanoswarm.node.cluster import LocalCluster, span_of
 
     harness = LocalCluster(model_dir, _specs(model_dir, nodes, head_groups), threads)
@@ -79,19 +80,22 @@ def _specs(model_dir: Path, nodes: int, head_groups: int) -> list:
               help="Nodes that split each span's attention heads and MLP (a head group); 1: whole blocks.")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=120, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True)
-@click.option("--top-k", type=int, default=40, show_default=True)
-@click.option("--seed", type=int, default=None)
+@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
+              help="Sample among the K likeliest tokens only; 0: among all.")
+@click.option("--top-p", type=float, default=None,
+              help="Sample among the likeliest tokens that together hold this share of probability (0 to 1].")
+@click.option("--seed", type=int, default=None, help="Seed the sampling: the same seed gives the same text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
 def demo(prompt: str, model_dir: Path | None, nodes: int, head_groups: int, max_new_tokens: int, temperature: float,
-         top_k: int, seed: int | None, as_json: bool) -> None:
-    """Start a local swarm of NODES nodes on the demo model and generate from PROMPT (default "ROMEO:")."""
+         top_k: int, top_p: float | None, seed: int | None, as_json: bool) -> None:
+    """Start a local swarm on the demo model (--nodes layer spans, each served by one node, or by
+    --head-groups nodes that split its heads) and generate from PROMPT (default "ROMEO:")."""
     from nanoswarm.client.api import SwarmModel
-    from nanoswarm.client.generate import SamplingParams
     from nanoswarm.keys.contact import endpoint_of
     from nanoswarm.node.cluster import LocalCluster, span_of
     from nanoswarm.shards.demo import demo_model_dir
 
-    sampling = SamplingParams(temperature, top_k, None, seed)  # bad values fail before any node starts
+    sampling = sampling_params(temperature, top_k or None, top_p, seed)  # bad values fail before any node starts
     model_dir = model_dir or demo_model_dir()
     # The nodes' own logs would drown the text on the terminal: they go to a file unless -v.
     verbose = logging.getLogger().level < logging.WARNING

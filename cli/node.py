@@ -59,7 +59,7 @@ from .params import SECONDS, parse_range, peer_list
 @click.option("--rebalance-interval", type=SECONDS, default=30.0, show_default=True,
               help="Without --layers: seconds between checks whether to serve other blocks.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Once serving, print one JSON object (listening, peer_id, model_id, layers, heads) "
+              help="Once serving, print one JSON object (contact, listening, peer_id, model_id, layers, heads) "
                    "instead of `listening CONTACT`.")
 def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, advertise: str | None, device: str,
          dtype: str, threads: int | None, max_sessions, kv_budget_mb, max_session_length,

@@ -199,8 +199,8 @@ class SwarmModel:
         # sampled: a prompt of `context` tokens still gets one.
         room = context - len(ids) + 1
         if max_new_tokens > room:
-            log.warning("generating %d tokens, not %d: the model's context is %d and the prompt is %d",
-                        room, max_new_tokens, context, len(ids))
+            log.warning("generating %d token%s, not %d: the model's context is %d and the prompt is %d",
+                        room, "" if room == 1 else "s", max_new_tokens, context, len(ids))
         return min(max_new_tokens, room)
 
     def generate(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,

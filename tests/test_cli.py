@@ -262,6 +262,22 @@ def test_generate_checks_its_settings_before_connecting(tiny_model_dir):
         assert message in one_error_line(out) and out.returncode == 2  # a usage error, as click's own are
     out = invoke_cli("peers", "--bootstrap", "", "--timeout", "1")
     assert one_error_line(out) == "error: --bootstrap: no contact given" and out.returncode == 2
+    out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9", "--verify", "nan")
+    assert "--verify must be a share of steps from 0 to 1, got nan" in one_error_line(out) and out.returncode == 2
+    # --local has no peers: options of the swarm are refused, not silently ignored (a review)
+    out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--local", "--wire", "q80", "--no-relay")
+    assert one_error_line(out) == "error: --local runs without a swarm: --wire, --relay do not apply"
+    out = invoke_cli("demo", "x", "--model", str(tiny_model_dir), "--top-p", "2")
+    assert one_error_line(out) == "error: --top-p must be in (0, 1], got 2.0" and out.returncode == 2
+
+
+def test_the_route_line_names_head_ranges_as_the_options_do():
+    from nanoswarm.cli.client import _route_line
+
+    route = [{"layers": [0, 2], "peers": ["tcp://127.0.0.1:1#k", "tcp://127.0.0.1:2#k"], "heads": [[0, 2], [2, 4]]},
+             {"layers": [2, 4], "peers": ["tcp://127.0.0.1:3#k"], "heads": None}]
+    assert _route_line(route) == ("route: 0:2 @ tcp://127.0.0.1:1,tcp://127.0.0.1:2 heads 0:2,2:4 -> "
+                                  "2:4 @ tcp://127.0.0.1:3")
 
 
 def test_a_bad_contact_fails_in_one_line_without_a_log_line_repeating_it(tiny_model_dir):
