@@ -23,7 +23,8 @@ from .params import SECONDS, client_keys, peer_list
 @click.option("--insecure", is_flag=True, help="Allow unencrypted links to nodes that run without a key.")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=50, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="0 is greedy.")
-@click.option("--top-k", type=int, default=None, help="Sample among the K likeliest tokens only.")
+@click.option("--top-k", type=click.IntRange(min=0), default=None,
+              help="Sample among the K likeliest tokens only; 0: among all.")
 @click.option("--top-p", type=float, default=None,
               help="Sample among the likeliest tokens that together hold this share of probability (0 to 1].")
 @click.option("--seed", type=int, default=None, help="Seed the sampling: the same seed gives the same text.")
@@ -59,12 +60,13 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
                                                               "relay")
                   if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
     if local and swarm_only:
-        raise click.UsageError(f"--local runs without a swarm: {', '.join(swarm_only)} do not apply")
+        raise click.UsageError(f"--local runs without a swarm: {', '.join(swarm_only)} "
+                               f"{'does' if len(swarm_only) == 1 else 'do'} not apply")
     if not 0 <= verify <= 1:  # nan passes click's range
         raise click.UsageError(f"--verify must be a share of steps from 0 to 1, got {verify}")
     if not addresses and not bootstraps and not local:
         raise click.UsageError("give --bootstrap or --peers (or --local)")
-    sampling = sampling_params(temperature, top_k, top_p, seed)  # bad values fail before connecting
+    sampling = sampling_params(temperature, top_k or None, top_p, seed)  # bad values fail before connecting
     head_device = resolve_device(device)
     if local:
         model = SwarmModel.local(model_dir, device=head_device)

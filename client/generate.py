@@ -65,7 +65,8 @@ class Sampler:
             if p.top_k is not None:  # topk output is sorted already, but be explicit
                 probs, order = torch.sort(probs, descending=True)
                 ids = ids[order]
-            keep = torch.cumsum(probs, dim=-1) - probs < p.top_p  # always keeps the first
+            keep = torch.cumsum(probs, dim=-1) - probs < p.top_p
+            keep[0] = True  # a top_p below float32's smallest number compares as 0 (a review)
             probs = probs * keep
         choice = torch.multinomial(probs, 1, generator=self.generator)
         return int(ids[choice])

@@ -138,6 +138,10 @@ def pin_route(stages: list, no_relay: set, timeout: float) -> tuple[RemoteLayerS
 # costs the timeout.
 PIN_TRIES = 3
 UNPIN_SECONDS = 1.0  # for dropping the pins when a session stops relaying
+# Relayed steps in a row that time out while every hop answers before a chain stops relaying for
+# the session: one is a stall (a loaded machine), two a hop that does not pass steps on, or a
+# chain too slow for one timeout.
+RELAY_STALLS = 2
 
 
 class SessionRelay:
@@ -155,6 +159,7 @@ class SessionRelay:
         self._failures = 0  # rounds of pinning in a row that failed
         self.changed = False  # stages were reopened or replaced this step (pin_changed)
         self._failed_this_step = False
+        self.stalls = 0  # relayed steps in a row that timed out while every hop answered
         # A stage whose connection dropped while pinning, with why: ZeroMQ reports a drop once,
         # so the session fails it over at its next stage rather than wait a step's timeout on it.
         self.dropped: tuple[RemoteLayerStage, PeerError] | None = None

@@ -26,11 +26,12 @@ from collections.abc import Callable
 
 import torch
 
+from nanoswarm.keys.contact import endpoint_of
 from nanoswarm.protocol.tensors import fits_wire
 
 from .failover import CANNOT_TAKE, REPLAY_CHUNK, Failover, SessionError
 from .history import History, Unkept
-from .relay import Chain, ChainBroken, SessionRelay, stalled_stage
+from .relay import RELAY_STALLS, Chain, ChainBroken, SessionRelay, stalled_stage
 from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause
 from .swarm import Swarm
 from .transport import PeerError
@@ -183,6 +184,7 @@ class InferenceSession(Failover):
                     self._chain_broken(chain, e.error, hidden)
                     i = self._at(stage.start)  # failover may have replaced stages before it too
                     continue
+                self.relaying.stalls = 0
                 self.history[i].append(hidden, T)
                 for k in range(1, len(chain.stages)):
                     self.history[i + k].append(outputs[k - 1] if trail else Unkept(T), T)
@@ -303,8 +305,8 @@ class InferenceSession(Failover):
         not relay is not asked again (not_served: it does not know the next hop; relay_failed: it
         could not reach it). A dropped stage is replaced now (its drop was seen once, while
         waiting for the chain); after a timeout, the stage that does not answer `info` is
-        (stalled_stage). Where every hop answers, or the step came back malformed (a hop passed
-        on garbage), the chain stops relaying (`_stop_relaying`).
+        (stalled_stage). Where every hop answers (RELAY_STALLS steps in a row), or the step came
+        back malformed (a hop passed on garbage), the chain stops relaying (`_stop_relaying`).
         Other errors show again when the stage is asked alone, and are handled there."""
         by = next((s for s in chain.stages if error.address in s.peers), None)
         if error.code in ("relay_failed", "not_served") and by is not None:
@@ -315,8 +317,13 @@ class InferenceSession(Failover):
             stalled = stalled_stage(chain.stages, self.swarm.options.timeout)
             if stalled is not None:
                 self._replace(self.stages.index(stalled[0]), stalled[1])
+                return
+            self.relaying.stalls += 1
+            if self.relaying.stalls >= RELAY_STALLS:
+                self._stop_relaying(chain, f"timed out {self.relaying.stalls} times in a row while every hop answers")
             else:
-                self._stop_relaying(chain, "timed out while every hop answers")
+                log.info("a relayed step through %s timed out while every hop answers: done stage by stage, "
+                         "relayed again next step", _endpoints(chain))
         elif error.code in PASSED_ON_WRONG or (
                 error.code == "bad_value" and fits_wire(hidden, self.swarm.options.wire)):
             self._stop_relaying(chain, f"came back malformed ({error})")
@@ -327,8 +334,7 @@ class InferenceSession(Failover):
         for one timeout. Tried again, it would cost every token the timeout (a review): its
         boundaries stop relaying for the session; a stage replaced later is tried again
         (SessionRelay.retry_before)."""
-        log.warning("a relayed step through %s %s: these stages go one by one from now on",
-                    ", ".join(p for s in chain.stages for p in s.peers), why)
+        log.warning("a relayed step through %s %s: these stages go one by one from now on", _endpoints(chain), why)
         for stage in chain.stages[:-1]:
             self.relaying.refused(stage)
 
@@ -347,3 +353,8 @@ class InferenceSession(Failover):
             self.closed = True
             for stage in self.stages:
                 stage.close()
+
+
+def _endpoints(chain: Chain) -> str:
+    """The chain's peers for a log line: endpoints, without their 64-digit keys."""
+    return ", ".join(endpoint_of(p) for s in chain.stages for p in s.peers)

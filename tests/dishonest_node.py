@@ -9,8 +9,9 @@ error on every step), --wrong-heads-prompt (only on steps of more than one posit
 but answers `session_closed` to the second request that finds a session holding positions, as
 if it had reclaimed it idle: every other token its client replays the whole history into it;
 with --late too it answers that 1.1 s late, and states an idle timeout of 1 ms at `open`. With
---drop-relay it computes right but never passes a relayed step on (it says it did); with
---misshape-relay it passes relayed steps on without its output."""
+--drop-relay it computes right but never passes a relayed step on (it says it did), with
+--drop-relay-once only its first; with --misshape-relay it passes relayed steps on without its
+output."""
 
 import dataclasses
 import sys
@@ -84,6 +85,12 @@ if "--drop-relay" in sys.argv:
     sys.argv.remove("--drop-relay")
     lies = lambda x: False  # noqa: E731
     relay.RelayLinks.send = lambda self, to, frames: None
+if "--drop-relay-once" in sys.argv:
+    sys.argv.remove("--drop-relay-once")
+    lies = lambda x: False  # noqa: E731
+    _send, dropped = relay.RelayLinks.send, []
+    relay.RelayLinks.send = lambda self, to, frames: None if not dropped and not dropped.append(1) else _send(
+        self, to, frames)
 if "--misshape-relay" in sys.argv:
     sys.argv.remove("--misshape-relay")
     lies = lambda x: False  # noqa: E731

@@ -252,7 +252,7 @@ def test_generate_checks_its_settings_before_connecting(tiny_model_dir):
     cases = (("--max-new-tokens", "-1", "'--max-new-tokens': -1 is not in the range"),
              ("--temperature", "nan", "--temperature must be a finite number >= 0, got nan"),
              ("--top-p", "inf", "--top-p must be in (0, 1], got inf"),
-             ("--top-k", "0", "--top-k must be >= 1"),
+             ("--top-k", "-1", "'--top-k': -1 is not in the range x>=0"),
              ("--seed", "-1", "--seed must be from 0 to 2**64 - 1, got -1"),
              # ZeroMQ's poll takes milliseconds as a C int: this overflowed it (a review)
              ("--timeout", "2200000", "'2200000' is too large: at most 1000000"))
@@ -267,6 +267,11 @@ def test_generate_checks_its_settings_before_connecting(tiny_model_dir):
     # --local has no peers: options of the swarm are refused, not silently ignored (a review)
     out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--local", "--wire", "q80", "--no-relay")
     assert one_error_line(out) == "error: --local runs without a swarm: --wire, --relay do not apply"
+    out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--local", "--verify", "0")
+    assert one_error_line(out) == "error: --local runs without a swarm: --verify does not apply"
+    with_k, off = (invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--local", "--seed", "1",
+                              "--max-new-tokens", "8", "--top-k", k) for k in ("1", "0"))
+    assert with_k.returncode == off.returncode == 0 and with_k.stdout != off.stdout  # 0: no top-k, as in demo
     out = invoke_cli("demo", "x", "--model", str(tiny_model_dir), "--top-p", "2")
     assert one_error_line(out) == "error: --top-p must be in (0, 1], got 2.0" and out.returncode == 2
 

@@ -193,3 +193,14 @@ def test_threads_may_share_a_model_and_close_ends_their_generations(tiny_model_d
 def test_sampling_params_refuse_bad_values(kwargs, what):
     with pytest.raises(ValueError, match=what):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_a_top_p_too_small_for_float32_keeps_the_likeliest_token(top_k):
+    """A top_p below float32's smallest number compared as 0, kept no token, and the sampler
+    failed ("invalid multinomial distribution"): a review's `--top-p 1e-300`."""
+    from nanoswarm.client.generate import Sampler
+
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    sampler = Sampler(SamplingParams(temperature=1.0, top_k=top_k, top_p=1e-300, seed=1))
+    assert [sampler(logits) for _ in range(3)] == [int(torch.argmax(logits))] * 3
