@@ -87,6 +87,10 @@ def main(verbose: int) -> None:
     if threading.current_thread() is threading.main_thread():  # (click's test runner may call us elsewhere)
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _interrupt)
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # A script's background job starts with SIGINT ignored, and Python then leaves it so:
+            # `kill -INT` did nothing to a cluster, generate or load started that way (a review).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _quiet_exit() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -47,8 +48,9 @@ def cluster(model_dir: Path, nodes: int, head_groups: int, threads: int, as_json
         while True:  # until Ctrl-C (or SIGTERM): the normal way to stop a cluster, exit code 0
             dead = next((n for n in harness.nodes if n.proc.poll() is not None), None)
             if dead is not None:
-                raise click.ClickException(f"node {span_of(dead.spec)} (pid {dead.pid}) exited with code "
-                                           f"{dead.proc.returncode}; stopping the cluster")
+                code = dead.proc.returncode
+                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                raise click.ClickException(f"node {span_of(dead.spec)} (pid {dead.pid}) {how}; stopping the cluster")
             time.sleep(0.5)
     except KeyboardInterrupt:
         if not ready:  # interrupted while starting: not a cluster that ran

@@ -36,13 +36,12 @@ def keys_generate(out: Path | None, force: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({**info, "key_file": str(path)}))
     else:
-        click.echo(f"peer id     {info['peer_id']}\ncurve key   {info['curve_public_hex']} (z85 "
-                   f"{info['curve_public']})\nkey file    {path}")
+        click.echo(f"{_public_lines(info)}\nkey file        {path}")
 
 
 @keys.command("show")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the public parts as JSON.")
 def keys_show(file: Path, as_json: bool) -> None:
     """Print the public parts of a key file (peer id, Ed25519 and CURVE public keys)."""
     from nanoswarm.keys.identity import describe_identity, load_identity
@@ -51,5 +50,10 @@ def keys_show(file: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info))
     else:
-        click.echo(f"peer id         {info['peer_id']}\ned25519 public  {info['ed25519_public']}\n"
-                   f"curve public    {info['curve_public_hex']} (z85 {info['curve_public']})")
+        click.echo(_public_lines(info))
+
+
+def _public_lines(info: dict) -> str:
+    """The public parts of an identity, as `keys generate` and `keys show` print them."""
+    return (f"peer id         {info['peer_id']}\ned25519 public  {info['ed25519_public']}\n"
+            f"curve public    {info['curve_public_hex']} (z85 {info['curve_public']})")

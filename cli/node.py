@@ -70,7 +70,7 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
     """Serve blocks of MODEL_DIR to the swarm until SIGTERM or Ctrl-C."""
     import dataclasses
 
-    from nanoswarm.node.daemon import NodeOptions, check_span, run_node
+    from nanoswarm.node.daemon import NodeOptions, check_contacts, check_span, run_node
     from nanoswarm.node.sessions import NodeLimits
     from nanoswarm.shards.manifest import ManifestError
 
@@ -89,8 +89,13 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
                        ttl=ttl, gossip_interval=gossip_interval, num_blocks=num_blocks,
                        memory_budget_mb=memory_budget_mb, rebalance_interval=rebalance_interval,
                        advertise=advertise)
-    try:  # a range beyond the model is a usage error (exit code 2), as a malformed one is
+    # A range beyond the model, an address no peer could use, or options that contradict each
+    # other are usage errors (exit code 2), as a malformed range is.
+    if allow_keys and insecure:
+        raise click.UsageError("--allow-keys needs encrypted links; it cannot be combined with --insecure")
+    try:
         check_span(opts)
+        check_contacts(opts)
     except ManifestError:
         raise
     except ValueError as e:

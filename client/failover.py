@@ -126,11 +126,7 @@ class Failover:
         notice = (f"failover: {error.address} (layers {old.start}:{old.stop}{heads}) {error.code}; "
                   f"replayed {self.pos} positions to {', '.join(p for s in new_stages for p in s.peers)} "
                   f"in {ms:.0f} ms")
-        if self.on_failover:  # the user's own notice (the CLI's stderr line): not logged twice
-            log.info(notice)
-            self.on_failover(notice)
-        else:
-            log.warning(notice)
+        self._announce(notice)
         if diverged:
             self._reopen_after(k)
         return i
@@ -177,12 +173,21 @@ class Failover:
     def _refused_or_strike(self, e: PeerError, refused: dict[str, str]) -> None:
         """A peer that cannot take this session now (CANNOT_TAKE: full, or too short) is left out
         of this planning, with no ban and no failover counted: it is honest, and other sessions
-        may still use it. Anything else is a fault (_strike)."""
+        may still use it. Anything else is a fault (_strike), announced as every failover is (a
+        peer killed while the session opened was counted in `failovers` but never named)."""
         if e.code in CANNOT_TAKE and e.address not in refused:
             refused[e.address] = f"{e.code}: {e.message}"
             log.info("peer %s", e)
         else:
             self._strike(e)
+            self._announce(f"failover: {e.address} {e.code} before it served this session a step; planned without it")
+
+    def _announce(self, notice: str) -> None:
+        if self.on_failover:  # the user's own notice (the CLI's stderr line): not logged twice
+            log.info(notice)
+            self.on_failover(notice)
+        else:
+            log.warning(notice)
 
     def _reopen(self, i: int, reclaimed: bool = True) -> PeerError | None:
         """A new session for stage i on the same peers, replayed from its history; None if that

@@ -390,7 +390,8 @@ def read_manifest(model_dir: str | Path) -> Manifest:
     try:
         text = read_regular_file(path).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"cannot read {path}: {exc}") from exc
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # the path only once
+        raise ManifestError(f"cannot read {path}: {why}") from exc
     try:
         return Manifest.from_json(text)
     except ManifestError as exc:

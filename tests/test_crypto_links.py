@@ -290,7 +290,7 @@ def test_allow_lists_that_admit_no_one_are_refused_before_a_key_file_is_made(tin
     listed = tmp_path / "listed.txt"
     listed.write_text(generate_identity().curve_public.decode() + "\n")
     out = invoke_cli(*node, "--allow-keys", str(listed), "--insecure")
-    assert out.returncode == 1 and "cannot be combined with --insecure" in out.stderr
+    assert out.returncode == 2 and "cannot be combined with --insecure" in out.stderr  # a usage error
     assert not key.exists()
 
 

@@ -603,6 +603,25 @@ def test_the_route_given_with_the_first_token_is_the_one_that_served_the_prompt(
     assert result.failovers == 1 and routes[0] == [[spare], [swarm.addresses[2]]]
 
 
+def test_a_peer_that_fails_while_the_session_opens_is_announced_as_a_failover(tiny_model_dir, cluster_factory):
+    """A peer killed between discovery and the session's `open` was struck and counted in
+    `failovers`, but no notice named it (a review: `"failovers": 1` and an empty stderr)."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((0, 2)), NodeSpec((2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    first, spare, last = swarm.addresses
+    model.swarm.peers[spare].rtt = 1.0  # the route's first choice is the node killed
+    swarm.kill(0)
+    notices: list[str] = []
+    try:
+        result = GenerationResult(PROMPT)
+        for _ in model.stream(PROMPT, 3, SEEDED, result, on_failover=notices.append):
+            pass
+    finally:
+        model.close()
+    assert result.failovers == 1 and len(notices) == 1 and notices[0].startswith(f"failover: {first} ")
+    assert [stage["peers"] for stage in result.route] == [[spare], [last]]
+
+
 def test_a_busy_answer_while_replaying_into_a_replacement_is_asked_again(monkeypatch):
     """Replay into a replacement retries `busy` as a step does (a review: one `busy` from a
     briefly loaded spare banned it, and with no other spare the generation ended)."""
