@@ -48,8 +48,7 @@ def cluster(model_dir: Path, nodes: int, head_groups: int, threads: int, as_json
         while True:  # until Ctrl-C (or SIGTERM): the normal way to stop a cluster, exit code 0
             dead = next((n for n in harness.nodes if n.proc.poll() is not None), None)
             if dead is not None:
-                code = dead.proc.returncode
-                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                how = _ended(dead.proc.returncode)
                 raise click.ClickException(f"node {span_of(dead.spec)} (pid {dead.pid}) {how}; stopping the cluster")
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -57,6 +56,16 @@ def cluster(model_dir: Path, nodes: int, head_groups: int, threads: int, as_json
             raise
     finally:
         harness.stop()
+
+
+def _ended(code: int) -> str:
+    """How a process ended, from its return code (negative: the signal that killed it)."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"was killed by signal {-code}"
 
 
 def _specs(model_dir: Path, nodes: int, head_groups: int) -> list:
