@@ -56,8 +56,8 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
     if local and (addresses or bootstraps):
         raise click.UsageError("--local runs without a swarm: give it no --peers or --bootstrap")
     ctx = click.get_current_context()
-    swarm_only = [f"--{name.replace('_', '-')}" for name in ("verify", "key_file", "wire", "timeout", "insecure",
-                                                              "relay")
+    swarm_only = [f"--{name.replace('_', '-')}" + ("/--no-relay" if name == "relay" else "")
+                  for name in ("verify", "key_file", "wire", "timeout", "insecure", "relay")
                   if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
     if local and swarm_only:
         raise click.UsageError(f"--local runs without a swarm: {', '.join(swarm_only)} "

@@ -39,6 +39,9 @@ class Chain:
 
     def __init__(self, stages: list[RemoteLayerStage]):
         self.stages = stages
+        # Its relayed steps in a row that timed out while every hop answered (RELAY_STALLS). Per
+        # chain: a route of two chains reset one count with the other's steps (a review).
+        self.stalls = 0
         self.next = [[stage.conn.address, stage.session] for stage in stages[1:]]
         self.poller = zmq.Poller()
         for stage in stages:  # any hop may answer with an error; a dropped link shows on its monitor
@@ -159,7 +162,6 @@ class SessionRelay:
         self._failures = 0  # rounds of pinning in a row that failed
         self.changed = False  # stages were reopened or replaced this step (pin_changed)
         self._failed_this_step = False
-        self.stalls = 0  # relayed steps in a row that timed out while every hop answered
         # A stage whose connection dropped while pinning, with why: ZeroMQ reports a drop once,
         # so the session fails it over at its next stage rather than wait a step's timeout on it.
         self.dropped: tuple[RemoteLayerStage, PeerError] | None = None

@@ -33,7 +33,7 @@ from .failover import CANNOT_TAKE, REPLAY_CHUNK, Failover, SessionError
 from .history import History, Unkept
 from .relay import RELAY_STALLS, Chain, ChainBroken, SessionRelay, stalled_stage
 from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause
-from .swarm import Swarm
+from .swarm import MAX_SECONDS, Swarm
 from .transport import PeerError
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class InferenceSession(Failover):
             if chain is not None:
                 trail = T <= TRAIL_MAX_POSITIONS
                 # A prefill's hops each compute for a while: each gets the time a stage step gets.
-                timeout = self.swarm.options.timeout * (1 if trail else len(chain.stages))
+                timeout = min(MAX_SECONDS, self.swarm.options.timeout * (1 if trail else len(chain.stages)))
                 try:
                     outputs = chain.step(hidden, self.pos, timeout, trail)
                 except ChainBroken as e:
@@ -184,7 +184,7 @@ class InferenceSession(Failover):
                     self._chain_broken(chain, e.error, hidden)
                     i = self._at(stage.start)  # failover may have replaced stages before it too
                     continue
-                self.relaying.stalls = 0
+                chain.stalls = 0
                 self.history[i].append(hidden, T)
                 for k in range(1, len(chain.stages)):
                     self.history[i + k].append(outputs[k - 1] if trail else Unkept(T), T)
@@ -318,9 +318,9 @@ class InferenceSession(Failover):
             if stalled is not None:
                 self._replace(self.stages.index(stalled[0]), stalled[1])
                 return
-            self.relaying.stalls += 1
-            if self.relaying.stalls >= RELAY_STALLS:
-                self._stop_relaying(chain, f"timed out {self.relaying.stalls} times in a row while every hop answers")
+            chain.stalls += 1
+            if chain.stalls >= RELAY_STALLS:
+                self._stop_relaying(chain, f"timed out {chain.stalls} times in a row while every hop answers")
             else:
                 log.info("a relayed step through %s timed out while every hop answers: done stage by stage, "
                          "relayed again next step", _endpoints(chain))

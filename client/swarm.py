@@ -66,10 +66,10 @@ class SwarmOptions:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_SECONDS
 
         if not seconds(self.timeout):
-            raise ValueError(f"timeout must be a positive number of seconds up to {MAX_SECONDS:g}, "
+            raise ValueError(f"timeout must be a positive number of seconds up to {MAX_SECONDS:.0f}, "
                              f"got {self.timeout!r}")
         if not seconds(self.ban_seconds):
-            raise ValueError(f"ban_seconds must be a positive number of seconds up to {MAX_SECONDS:g}, "
+            raise ValueError(f"ban_seconds must be a positive number of seconds up to {MAX_SECONDS:.0f}, "
                              f"got {self.ban_seconds!r}")
         if self.wire not in WIRE_FORMATS:
             raise ValueError(f"wire must be one of {', '.join(WIRE_FORMATS)}, got {self.wire!r}")

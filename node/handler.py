@@ -98,7 +98,7 @@ class RequestHandler:
         per_peer: dict[bytes, int] = defaultdict(int)
         self.steps.begin_batch()
         for peer, frames in batch:
-            req_id, to = 0, peer
+            req_id, to = None, peer
             try:
                 msg = decode(frames, self.limits.max_message_bytes, types=REQUEST_TYPES)
                 to, req_id = self._reply_route(peer, msg, frames)
@@ -126,7 +126,8 @@ class RequestHandler:
                 else:
                     replies.append((peer, self._handle_simple(peer, msg)))
             except Exception as e:
-                req_id = req_id or (peek_id(frames[0]) if frames else 0)
+                if req_id is None:  # (a relayed step's reply id may be 0)
+                    req_id = peek_id(frames[0]) if frames else 0
                 replies.append((to, self._refusal(req_id, e)))
         if pending:
             replies.extend(self.steps.run(pending))

@@ -274,7 +274,7 @@ def test_generate_checks_its_settings_before_connecting(tiny_model_dir):
     assert "--verify must be a share of steps from 0 to 1, got nan" in one_error_line(out) and out.returncode == 2
     # --local has no peers: options of the swarm are refused, not silently ignored (a review)
     out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--local", "--wire", "q80", "--no-relay")
-    assert one_error_line(out) == "error: --local runs without a swarm: --wire, --relay do not apply"
+    assert one_error_line(out) == "error: --local runs without a swarm: --wire, --relay/--no-relay do not apply"
     out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--local", "--verify", "0")
     assert one_error_line(out) == "error: --local runs without a swarm: --verify does not apply"
     with_k, off = (invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--local", "--seed", "1",

@@ -579,6 +579,50 @@ def test_a_hop_that_does_not_pass_relayed_steps_on_rightly_stops_relaying_there(
         model.close()
 
 
+def test_a_hop_that_drops_relayed_steps_in_a_second_chain_stops_relaying_there(tiny_model_dir, cluster_factory,
+                                                                                monkeypatch):
+    """The count of relayed steps in a row that timed out was the session's: on a route of two
+    chains, the first chain's steps reset it each token, and a dropping hop of the second cost
+    every token the timeout (a review). It is each chain's own."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 2)),
+                                             NodeSpec((2, 3), args=["--dishonest", "--drop-relay"]), NodeSpec((3, 4))],
+                            cluster=SwarmWithALiar)
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=1.0))
+    local = SwarmModel.local(tiny_model_dir)
+    try:
+        s, ref = model.session(24), local.session(24)
+        s.relaying.refused(s.stages[1])  # two chains: 0:1 -> 1:2, then 2:3 -> 3:4
+        starts = []
+        real_step = relay_module.Chain.step
+
+        def counted(self, *args, **kwargs):
+            starts.append(self.stages[0].start)
+            return real_step(self, *args, **kwargs)
+
+        monkeypatch.setattr(relay_module.Chain, "step", counted)
+        for pos in range(5):
+            got, want = s.step(model.client.embed([pos + 1], pos)), ref.step(local.client.embed([pos + 1], pos))
+            assert (got - want).abs().max() < 1e-4
+        assert starts.count(0) == 5 and starts.count(2) == relay_module.RELAY_STALLS and s.failovers == 0
+    finally:
+        model.close()
+
+
+def test_a_relayed_prompt_with_the_largest_timeout_does_not_overflow_the_poll(tiny_model_dir, cluster_factory):
+    """A prompt relayed without its trail gets the timeout once per hop: with --timeout 1e6 and
+    three hops that passed ZeroMQ's poll more milliseconds than a C int holds (a review)."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 2)), NodeSpec((2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=1e6))
+    local = SwarmModel.local(tiny_model_dir)
+    try:
+        ids = list(range(1, 41))  # more positions than a relayed step brings back the trail of
+        got = model.session(48).step(model.client.embed(ids, 0))
+        want = local.session(48).step(local.client.embed(ids, 0))
+        assert (got - want).abs().max() < 1e-4
+    finally:
+        model.close()
+
+
 def test_the_route_given_with_the_first_token_is_the_one_that_served_the_prompt(tiny_model_dir, cluster_factory,
                                                                                 monkeypatch):
     """A stage that failed during the prompt's step was still named in the route `generate`
