@@ -13,7 +13,7 @@ import torch
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from nanoswarm.keys.contact import allow_ipv6, split_contact
+from nanoswarm.keys.contact import allow_ipv6, endpoint_of, split_contact
 from nanoswarm.protocol.errors import ProtocolError
 from nanoswarm.protocol.messages import Message, decode, encode
 
@@ -134,7 +134,6 @@ class PeerConnection:
         self._connected = False  # once: a later refusal is a drop, reported as one
         self._handshaken = False  # the current connection finished its handshake: heartbeats run
         self._dropped: tuple[str, str] | None = None  # what the monitor said, until take() reports it
-        self._unreachable = unreachable_why(endpoint)
         self._poller = zmq.Poller()
         self.register(self._poller)
         allow_ipv6(self.socket, endpoint)
@@ -230,7 +229,7 @@ class PeerConnection:
                 self._handshaken = True
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 if not self._connected and self._dropped is None:  # never reached: nothing listens there
-                    self._dropped = ("unreachable", self._unreachable)
+                    self._dropped = ("unreachable", unreachable_why(endpoint_of(self.address)))
             else:  # the first drop until reported: reconnects to a frozen peer drop again, in the handshake
                 self._dropped = self._dropped or ("disconnected", self._why_dropped())
                 self._handshaken = False
