@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 import click
 
@@ -46,7 +47,8 @@ def _help(e: click.UsageError) -> None:
 class _CleanErrors(click.Group):
     """Expected failures print one line, not a traceback or a usage block."""
 
-    def make_context(self, info_name, args, parent=None, **extra):
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
         # The top-level options are parsed here, before invoke(): `nanoswarm --bogus`.
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
@@ -55,7 +57,7 @@ class _CleanErrors(click.Group):
         except click.ClickException as e:
             _fail(e.format_message(), e.exit_code)
 
-    def invoke(self, ctx):
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             try:
                 return super().invoke(ctx)

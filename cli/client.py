@@ -6,10 +6,15 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .params import SECONDS, client_keys, peer_list
+
+if TYPE_CHECKING:  # (imported when used: torch is slow to import for --help)
+    from nanoswarm.client.api import SwarmModel
+    from nanoswarm.client.generate import SamplingParams
 
 
 @click.command()
@@ -81,7 +86,8 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
         model.close()
 
 
-def sampling_params(temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
+def sampling_params(temperature: float, top_k: int | None, top_p: float | None,
+                    seed: int | None) -> SamplingParams:
     """SamplingParams of the command's options; a bad value is a usage error naming the option."""
     from nanoswarm.client.generate import SamplingParams
 
@@ -92,7 +98,8 @@ def sampling_params(temperature: float, top_k: int | None, top_p: float | None, 
                                       lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
 
-def run_generation(model, prompt: str, max_new_tokens: int, sampling, as_json: bool) -> None:
+def run_generation(model: SwarmModel, prompt: str, max_new_tokens: int, sampling: SamplingParams,
+                   as_json: bool) -> None:
     from nanoswarm.client.api import GenerationResult
 
     result = GenerationResult(prompt)

@@ -62,8 +62,9 @@ from .params import SECONDS, parse_range, peer_list
               help="Once serving, print one JSON object (contact, listening, peer_id, model_id, layers, heads) "
                    "instead of `listening CONTACT`.")
 def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, advertise: str | None, device: str,
-         dtype: str, threads: int | None, max_sessions, kv_budget_mb, max_session_length,
-         max_tokens_per_step, max_message_mb, max_inflight, idle_timeout, max_batch_seconds, key_file: Path | None,
+         dtype: str, threads: int | None, max_sessions: int | None, kv_budget_mb: int | None,
+         max_session_length: int | None, max_tokens_per_step: int | None, max_message_mb: int | None,
+         max_inflight: int | None, idle_timeout: float | None, max_batch_seconds: float | None, key_file: Path | None,
          bootstrap: tuple[str, ...], allow_keys: tuple[Path, ...], insecure: bool, num_blocks: int | None,
          memory_budget_mb: int | None, ttl: float, gossip_interval: float, rebalance_interval: float,
          as_json: bool) -> None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from .params import POSITIVE
+
+_T = TypeVar("_T")
 
 
 @click.command()
@@ -50,7 +54,7 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
         click.echo(f"{out_dir}: model {manifest.model_id[:16]}, {len(manifest.files)} weight files")
 
 
-def _head_option_errors(check, spec: str | None, groups: int | None, *more):
+def _head_option_errors(check: Callable[..., _T], spec: str | None, groups: int | None, *more: Any) -> _T:
     """`check(spec, groups, ...)`, its refusals worded as option errors (exit 2, like click's)."""
     try:
         return check(spec, groups, *more)

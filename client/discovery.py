@@ -211,7 +211,7 @@ def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0)
     return len(added)
 
 
-def _owners(swarm, disputed: dict[str, list[Record]], timeout: float) -> dict[str, Record]:
+def _owners(swarm: Swarm, disputed: dict[str, list[Record]], timeout: float) -> dict[str, Record]:
     """For each contact that records of several peer ids name, the node's own record: anyone can
     copy a node's public endpoint and CURVE key into a record they sign, to make clients take it
     for a node serving other blocks. Only the node holding that key's secret can answer `info`

@@ -26,7 +26,7 @@ import torch
 
 from .history import History
 from .relay import SessionRelay
-from .route import RouteError
+from .route import RouteError, StagePlan
 from .stages import RemoteLayerStage, Stage, idle_clock, step_retrying_busy
 from .swarm import Swarm
 from .transport import PeerConnection, PeerError
@@ -142,7 +142,8 @@ class Failover:
             return self._replace(i, failed, strike=False)
         return self._replace(i, failed if failed.code == "wrong_result" else error)
 
-    def _rebuild(self, plans, history: History) -> tuple[list[Stage], list[History], torch.Tensor | None]:
+    def _rebuild(self, plans: list[StagePlan],
+                 history: History) -> tuple[list[Stage], list[History], torch.Tensor | None]:
         """New stages for `plans`, each replayed into from `history`; with the last one's output
         for every position (None when there are none)."""
         hidden = history.tensor() if history.positions else None

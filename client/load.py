@@ -20,15 +20,17 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.node.placement import block_bytes
 from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.model import ModelConfig
 from nanoswarm.shards.tokenizer import N_VOCAB
 from nanoswarm.shards.weights import load_embeddings, load_head
 
@@ -41,6 +43,7 @@ from .swarm import Swarm, SwarmOptions
 from .transport import PeerError
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 REFUSALS = (*CANNOT_TAKE, "leaving")  # clean refusals: the client may retry or go elsewhere
 SOLO_ATTEMPTS = 3  # a solo run refused (busy) or cut by a node that died (then routed around) is run again
@@ -106,7 +109,7 @@ class _Worker:
         self.out.failed[code] += 1
         self.out.failure_samples.append(f"{code}: {message}"[:200])
 
-    def _timed(self, fn):
+    def _timed(self, fn: Callable[[], _T]) -> _T:
         t0 = time.perf_counter()
         result = fn()
         self.out.request_latency.append(time.perf_counter() - t0)
@@ -229,7 +232,8 @@ def _peer_infos(opts: LoadOptions, meta: tuple[str, int, int]) -> dict[str, dict
         probe.close()
 
 
-def _solo_logits(opts: LoadOptions, infos: dict[str, dict], client: ClientModel, meta) -> dict[int, torch.Tensor]:
+def _solo_logits(opts: LoadOptions, infos: dict[str, dict], client: ClientModel,
+                 meta: tuple[str, int, int]) -> dict[int, torch.Tensor]:
     """Every distinct input through the swarm alone, before the load: [steps, vocab] each."""
     worker = _Worker(0, opts, infos, client, meta, {}, float("inf"))
     captured: list[torch.Tensor] = []
@@ -254,7 +258,8 @@ def _solo_logits(opts: LoadOptions, infos: dict[str, dict], client: ClientModel,
     return solo
 
 
-def _node_reports(opts: LoadOptions, meta, before: dict[str, dict], pids: dict[str, int], config) -> list[NodeReport]:
+def _node_reports(opts: LoadOptions, meta: tuple[str, int, int], before: dict[str, dict], pids: dict[str, int],
+                  config: ModelConfig) -> list[NodeReport]:
     """Each node's state after the load; a node that no longer answers keeps what it served
     before (its blocks and weights) and is reported gone (a leave and a crash look the same)."""
     reports = []

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +42,9 @@ from nanoswarm.shards.weights import load_blocks
 
 from .history import History
 from .transport import PeerError
+
+if TYPE_CHECKING:
+    from .stages import HeadGroupStage
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +113,7 @@ class SpotChecker:
         scale = max(float(reference.abs().max()), 0.01 * float(sent.abs().max()), 1e-6)
         return float((reference - got).abs().max()) / scale
 
-    def wrong_member(self, group, dtypes: list[str | None], wire: str) -> PeerError | None:
+    def wrong_member(self, group: HeadGroupStage, dtypes: list[str | None], wire: str) -> PeerError | None:
         """Every member's partial sums of a head group's last step (client/stages.py
         HeadGroupStage, its `record`) against the client's own, from the inputs the client sent;
         the error to fail the group over with for the first member found wrong, if any (blamed
@@ -150,7 +155,7 @@ class SpotChecker:
         scale = max(1.0, float(reference.abs().max()))
         return float((reference - got).abs().max()) / scale
 
-    def dtype_of(self, address: str, known: dict, ask) -> str | None:
+    def dtype_of(self, address: str, known: dict, ask: Callable[[], dict[str, Any]]) -> str | None:
         """A peer's dtype: from what the swarm knows of it (`known`: its `info`), else asked once
         (`ask()`: its `info` reply's fields); None when it answered without one, or with one that
         makes no sense (the check then uses the strictest tolerance). A PeerError from `ask` (no

@@ -163,13 +163,13 @@ class RequestHandler:
         self.steps.blocks = blocks
 
     @property
-    def can_relay(self):
+    def can_relay(self) -> Callable[[str], bool] | None:
         """callable(contact) -> bool: whether a relayed step may go on to `contact` (node/relay.py);
         set by the gossip layer."""
         return self.steps.can_relay
 
     @can_relay.setter
-    def can_relay(self, fn) -> None:
+    def can_relay(self, fn: Callable[[str], bool] | None) -> None:
         self.steps.can_relay = fn
 
     # ----- admission ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import MAX_HOPS, Message, encode_frames, error_frames, parse_next
-from nanoswarm.protocol.tensors import WIRE_FORMATS, all_finite, fits_wire, frame_dtype, frame_finite, to_frame
+from nanoswarm.protocol.tensors import WIRE_FORMATS, Buffer, all_finite, fits_wire, frame_dtype, frame_finite, to_frame
 from nanoswarm.shards.model import Blocks
 
 from .relay import Relay, next_hop_id
@@ -32,7 +33,7 @@ Reply = tuple[bytes | Relay, list]  # (peer identity, or the next hop of a relay
 WARM_UP = 2  # untimed one-token steps before the throughput a node advertises is measured
 
 
-def _unsendable(x: torch.Tensor, y: torch.Tensor, wire: str, frame) -> str | None:
+def _unsendable(x: torch.Tensor, y: torch.Tensor, wire: str, frame: Buffer) -> str | None:
     """Why the result `y` of input `x`, encoded as `frame`, cannot be sent, or None when it can.
 
     Inputs are checked here, after the forward pass, not before it: a NaN or Inf in an input row
@@ -100,7 +101,8 @@ class StepRunner:
         self._batch_started = time.perf_counter()  # when the current batch began (see _overloaded)
         self._batch_computed = False                # whether this batch has run any blocks yet
         self._last_busy = 0.0                       # seconds of the last forward pass
-        self.can_relay = None   # callable(contact) -> bool, set by the gossip layer (node/relay.py)
+        # whether a relayed step may go on to a contact; set by the gossip layer (node/relay.py)
+        self.can_relay: Callable[[str], bool] | None = None
         self.device_failure: str | None = None  # why the device can compute no more (DEVICE_ERRORS)
 
     def begin_batch(self) -> None:
@@ -372,7 +374,7 @@ class StepRunner:
                 s.next_block = 0
             return [y]
 
-    def _timed(self, fn, tokens: int) -> torch.Tensor:
+    def _timed(self, fn: Callable[[], torch.Tensor], tokens: int) -> torch.Tensor:
         t0 = time.perf_counter()
         y = fn()
         if self.device.type != "cpu":

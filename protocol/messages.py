@@ -18,6 +18,7 @@ import torch
 from .errors import ErrorCode, ProtocolError
 from .tensors import (
     WIRE_FORMATS,
+    Buffer,
     all_finite,
     check_frame,
     frame_finite,
@@ -121,7 +122,7 @@ def encode_frames(msg_type: str, req_id: int, fields: dict[str, Any] | None,
     return [msgpack.packb(header, use_bin_type=True), *(part for f in tensor_frames for part in _parts(f))]
 
 
-def _parts(buf) -> list:
+def _parts(buf: Buffer) -> list:
     """A tensor's frame as the frames it is sent in: itself up to PART_BYTES, else views of
     PART_BYTES (no copies)."""
     view = memoryview(buf)

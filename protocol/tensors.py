@@ -113,7 +113,7 @@ def _q80_encode(t: torch.Tensor) -> memoryview:
     return memoryview(out)
 
 
-def _q80_decode(buf, shape: tuple[int, ...]) -> torch.Tensor:
+def _q80_decode(buf: Buffer, shape: tuple[int, ...]) -> torch.Tensor:
     n = 1
     for d in shape:
         n *= d

@@ -165,7 +165,7 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
     @staticmethod
-    def _attend_cached(q, k, v, cache: KVCache, block: int) -> torch.Tensor:
+    def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, block: int) -> torch.Tensor:
         start, T = cache.length, q.shape[2]
         end = start + T
         cache.k[block, :, :, start:end] = k
@@ -214,7 +214,7 @@ class Block(nn.Module):
     def mlp_partial(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.ln_2(x))
 
-    def forward(self, x: torch.Tensor, caches: list[KVCache] | None = None, block: int = 0):
+    def forward(self, x: torch.Tensor, caches: list[KVCache] | None = None, block: int = 0) -> torch.Tensor:
         x = x + self.attn_partial(x, caches, block)
         return x + self.mlp_partial(x)
 

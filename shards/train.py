@@ -135,7 +135,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    def forward(ctx: torch.autograd.function.FunctionCtx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
         n = h.shape[0]
         w, hl = weight.to(dtype), h.to(dtype)
@@ -162,7 +162,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         return (total / n).to(h.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx: torch.autograd.function.FunctionCtx,
+                 grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_out, grad_w * grad_out, None, None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load as st_load
@@ -26,6 +27,8 @@ from .manifest import (
     slice_block_weights,
 )
 from .model import GPT, Blocks, Embeddings, Head, ModelConfig
+
+_M = TypeVar("_M", bound=torch.nn.Module)
 
 
 def _read_exactly(path: Path, size: int) -> bytes:
@@ -95,7 +98,7 @@ def _check_tensors(entry: FileEntry, sd: StateDict, manifest: Manifest) -> None:
         raise ShardIntegrityError(f"{entry.name}: tensors do not match the manifest: {'; '.join(problems)}")
 
 
-def _materialize(module: torch.nn.Module, sd: StateDict, device, dtype: torch.dtype):
+def _materialize(module: _M, sd: StateDict, device: torch.device | str, dtype: torch.dtype) -> _M:
     # Modules are built on the meta device and take the loaded tensors by assignment: no random
     # init and no second copy of the weights, which matters for the big layers.
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
@@ -104,13 +107,15 @@ def _materialize(module: torch.nn.Module, sd: StateDict, device, dtype: torch.dt
     return module
 
 
-def _embeddings_from(sd: StateDict, config: ModelConfig, device, dtype) -> Embeddings:
+def _embeddings_from(sd: StateDict, config: ModelConfig, device: torch.device | str,
+                     dtype: torch.dtype) -> Embeddings:
     with torch.device("meta"):
         module = Embeddings(config)
     return _materialize(module, sd, device, dtype)
 
 
-def _head_from(sd: StateDict, wte: torch.Tensor, config: ModelConfig, device, dtype) -> Head:
+def _head_from(sd: StateDict, wte: torch.Tensor, config: ModelConfig, device: torch.device | str,
+               dtype: torch.dtype) -> Head:
     with torch.device("meta"):
         module = Head(config)
     sd = sd if "lm_head.weight" in sd else {**sd, "lm_head.weight": wte}  # tied to wte
