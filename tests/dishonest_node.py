@@ -10,8 +10,10 @@ but answers `session_closed` to the second request that finds a session holding 
 if it had reclaimed it idle: every other token its client replays the whole history into it;
 with --late too it answers that 1.1 s late, and states an idle timeout of 1 ms at `open`. With
 --drop-relay it computes right but never passes a relayed step on (it says it did), with
---drop-relay-once only its first; with --misshape-relay it passes relayed steps on without its
-output."""
+--drop-relay-once only its first, with --drop-relay-alternate every other one (the first, third,
+...); with --misshape-relay it passes relayed steps on without its output. With --nan its blocks
+output NaN, which the node's own check refuses (`bad_value`); with --send-nan they output NaN
+and the node sends them on."""
 
 import dataclasses
 import sys
@@ -28,10 +30,18 @@ _measure = steps.StepRunner.measure_throughput
 
 def wrong(self, x, caches=None, start=None, stop=None):
     y = _forward(self, x, caches, start, stop)
+    if poison:
+        return y * float("nan")
     return y + 0.5 * y.roll(1, dims=-1) if lies(x) else y
 
 
 lies = lambda x: True  # noqa: E731
+poison = "--nan" in sys.argv or "--send-nan" in sys.argv
+for flag in ("--nan", "--send-nan"):
+    if flag in sys.argv:
+        sys.argv.remove(flag)
+        if flag == "--send-nan":
+            steps._unsendable = lambda *args: None
 if "--wrong-decode" in sys.argv:
     sys.argv.remove("--wrong-decode")
     lies = lambda x: x.shape[1] == 1  # noqa: E731
@@ -90,6 +100,12 @@ if "--drop-relay-once" in sys.argv:
     lies = lambda x: False  # noqa: E731
     _send, dropped = relay.RelayLinks.send, []
     relay.RelayLinks.send = lambda self, to, frames: None if not dropped and not dropped.append(1) else _send(
+        self, to, frames)
+if "--drop-relay-alternate" in sys.argv:
+    sys.argv.remove("--drop-relay-alternate")
+    lies = lambda x: False  # noqa: E731
+    _send_every, sent = relay.RelayLinks.send, []
+    relay.RelayLinks.send = lambda self, to, frames: None if sent.append(1) or len(sent) % 2 else _send_every(
         self, to, frames)
 if "--misshape-relay" in sys.argv:
     sys.argv.remove("--misshape-relay")

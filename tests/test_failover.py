@@ -87,6 +87,30 @@ def generate_with_a_frozen_peer(model_dir, swarm: LocalCluster, notices: list[st
     return result, frozen[0], time.monotonic() - t0
 
 
+def test_a_request_nobody_answers_times_out_when_asked():
+    """The client's timeout is what bounds a frozen peer's cost (the generation tests below allow
+    far more for the rest of their work): a ROUTER that reads but never answers."""
+    import zmq
+
+    from nanoswarm.client.transport import PeerConnection, PeerTimeout
+
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    conn = PeerConnection(f"tcp://127.0.0.1:{port}", timeout=1.0, ctx=ctx)
+    try:
+        req_id = conn.send("info")
+        t0 = time.monotonic()
+        with pytest.raises(PeerTimeout):
+            conn.recv(req_id)
+        waited = time.monotonic() - t0
+        assert silent.poll(0) and 0.95 <= waited < 1.4, waited  # the request arrived; one timeout, not more
+    finally:
+        conn.close()
+        silent.close(linger=0)
+        ctx.term()
+
+
 @pytest.mark.slow
 def test_frozen_peer_times_out_and_fails_over(small12_model_dir, cluster_factory, expected_ids):
     swarm = cluster_factory(small12_model_dir, two_by_two())
@@ -548,14 +572,15 @@ def test_a_reader_pausing_past_the_idle_timeout_again_and_again_keeps_relaying(t
         model.close()
 
 
-@pytest.mark.parametrize("fault,relayed", [("--drop-relay", 2), ("--misshape-relay", 1), ("--drop-relay-once", 5)])
+@pytest.mark.parametrize("fault,relayed", [("--drop-relay", 2), ("--misshape-relay", 1), ("--drop-relay-once", 5),
+                                           ("--drop-relay-alternate", 5)])
 def test_a_hop_that_does_not_pass_relayed_steps_on_rightly_stops_relaying_there(tiny_model_dir, cluster_factory,
                                                                                 fault, relayed, monkeypatch):
     """A first hop that computes but never passes a relayed step on (or passes it on without its
     output) answers `info` like a healthy node: nothing was failed over, and each token was asked
     relayed again, costing the whole timeout each (a review). After two such timeouts in a row (a
     malformed result: one) the session goes stage by stage across it, with the same results; one
-    timeout alone (a stall) costs the session no relaying."""
+    timeout alone (a stall) costs the session no relaying, nor do stalls with good steps between."""
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest", fault]), NodeSpec((2, 4))],
                             cluster=SwarmWithALiar)
     model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=1.0))
@@ -577,6 +602,27 @@ def test_a_hop_that_does_not_pass_relayed_steps_on_rightly_stops_relaying_there(
         assert chains == relayed and s.failovers == 0  # then stage by stage
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relayed", "stage by stage"])
+@pytest.mark.parametrize("fault", ["--nan", "--send-nan"])
+def test_a_node_whose_results_are_nan_is_failed_over_and_the_text_is_exact(tiny_model_dir, cluster_factory,
+                                                                           fault, relay):
+    """A node whose blocks give NaN either refuses its own result (`bad_value` though the client's
+    input was finite: the node's fault, not the caller's) or sends it on: the client's reply check
+    (client/transport.py) or, relayed, the next hop refuses it. Either way that node is failed
+    over, no honest one, and the text is the one-process text."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest", fault]), NodeSpec((0, 2)),
+                                             NodeSpec((2, 4))], cluster=SwarmWithALiar)
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=5, relay=relay))
+    try:
+        model.swarm.peers[nodes.addresses[1]].rtt = 1.0  # routes prefer the lowest round trip: the liar first
+        result = model.generate(PROMPT, 6, SamplingParams(temperature=0))
+    finally:
+        model.close()
+    assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, 6, SamplingParams(temperature=0)).ids
+    assert result.failovers == 1
+    assert [stage["peers"] for stage in result.route] == [[nodes.addresses[1]], [nodes.addresses[2]]]  # not the liar
 
 
 def test_a_hop_that_drops_relayed_steps_in_a_second_chain_stops_relaying_there(tiny_model_dir, cluster_factory,

@@ -258,10 +258,13 @@ def test_specific_codes_for_bad_requests(blocks):
     assert d.code("step", {"session": sid, "pos": 0}, [hidden(1)]) == "session_closed"
 
 
-def test_overflowing_values_are_refused_and_the_step_undone(blocks):
+@pytest.mark.parametrize("wire,big", [("float16", 1e30), ("q80", 1e8)])  # q80: up to 65504 x 127
+def test_overflowing_values_are_refused_and_the_step_undone(blocks, wire, big):
     d = make_driver(blocks)
     sid = d.open(16)
-    assert d.code("step", {"session": sid, "pos": 0, "wire": "float16"}, [hidden(2) * 1e30]) == "bad_value"
+    x = hidden(2)
+    x[0, 1] *= big  # one position past the format's range
+    assert d.code("step", {"session": sid, "pos": 0, "wire": wire}, [x]) == "bad_value"
     assert d.h.sessions.sessions[sid].length == 0  # the refused step left no trace
     y = d.ok("step", {"session": sid, "pos": 0}, [hidden(2)]).tensors[0]
     assert bool(torch.isfinite(y).all())
@@ -592,6 +595,13 @@ def test_hostile_frames_to_a_node_process(tiny_model_dir, cluster_factory):
                             bytes(memoryview(nan.numpy()).cast("B"))], "bad_value", True),
             "negative position": ([peer.header("step", session=sid, pos=-1, tensors=spec)[1], raw],
                                   "bad_position", True),
+            "negative position, rewinding": ([peer.header("step", session=sid, pos=-1, rewind=True,
+                                                          tensors=spec)[1], raw], "bad_position", True),
+            "more tensors than a step can carry": ([peer.header("step", session=sid, pos=0, tensors=spec * 66)[1],
+                                                    *[raw] * 66], "bad_tensor", True),
+            "more dimensions than a tensor has": ([peer.header("step", session=sid, pos=0,
+                                                               tensors=[["float32", [1, 1, 1, 1, N_EMBD]]])[1], raw],
+                                                  "bad_tensor", True),
             "position out of order": ([peer.header("step", session=sid, pos=4, tensors=spec)[1], raw],
                                       "bad_position", True),
             "too many tokens": (encode("step", 9001, {"session": sid, "pos": 0}, [hidden(17)]), "too_large", True),
@@ -600,11 +610,14 @@ def test_hostile_frames_to_a_node_process(tiny_model_dir, cluster_factory):
                                          "session_closed", True),
             "id reused": ([peer.header("info", req_id=1001)[1]], "duplicate_request", True),  # ask() used 1001
         }
+        said = {"more tensors than a step can carry": "'tensors' must be a list of at most 65",  # not a later check's
+                "more dimensions than a tensor has": "bad tensor shape"}
         for name, (frames, code, has_id) in cases.items():
             peer.send(frames)
             reply = peer.recv()
             assert reply is not None, f"{name}: no reply"
             assert reply.type == "error" and reply.fields["code"] == code, f"{name}: {reply.fields}"
+            assert said.get(name, "") in reply.fields["message"], f"{name}: {reply.fields}"
             if has_id:
                 assert reply.id == msgpack.unpackb(frames[0])["id"], name
         _check_inflight_limit(node.pid, peer)
@@ -614,7 +627,7 @@ def test_hostile_frames_to_a_node_process(tiny_model_dir, cluster_factory):
         assert bystander.ask("step", [hidden(1)], session=victim, pos=2).type == "result"
         assert_serves_exact_logits(tiny_model_dir, swarm.addresses)
         info = peer.ask("info").fields
-        assert info["sessions"] == 2 and info["errors"]["bad_tensor"] == 3
+        assert info["sessions"] == 2 and info["errors"]["bad_tensor"] == 5
     finally:
         peer.close()
         bystander.close()

@@ -202,6 +202,17 @@ def test_verify_is_a_fraction(tiny_model_dir):
     assert out.returncode == 2 and "'--verify': -0.1 is not in the range 0<=x<=1" in out.stderr
 
 
+def test_verify_checks_that_share_of_steps(tiny_model_dir):
+    from nanoswarm.client.verify import SpotChecker
+    from nanoswarm.shards.manifest import read_manifest
+
+    manifest = read_manifest(tiny_model_dir)
+    checkers = {f: SpotChecker(tiny_model_dir, manifest, f) for f in (0.0, 0.25, 1.0)}
+    draws = {f: sum(checker.due() for _ in range(4000)) for f, checker in checkers.items()}
+    assert draws[0.0] == 0 and draws[1.0] == 4000
+    assert 850 <= draws[0.25] <= 1150, draws  # binomial: 1000 +- 27 (one sd)
+
+
 def test_the_difference_is_relative_to_the_reference_s_scale(tiny_model_dir):
     from nanoswarm.client.verify import SpotChecker
     from nanoswarm.shards.manifest import read_manifest
@@ -366,21 +377,22 @@ def test_a_peer_that_does_not_say_its_dtype_in_time_is_not_judged_on_float32_s_s
     assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, N_TOKENS, GREEDY).ids
 
 
+@pytest.mark.parametrize("checked", [0, -1], ids=["the replacement checked", "the stage after it checked"])
 def test_the_stages_after_a_replacement_that_computes_otherwise_are_rebuilt_before_they_are_judged(
-        tiny_model_dir, cluster_factory):
+        tiny_model_dir, cluster_factory, checked):
     """A bfloat16 first stage dies and a float32 one replaces it. Its outputs become what the next
     stage is judged on, but that stage's cache was built on the bfloat16 ones: checks banned the
     honest float32 stage as wrong (and with no other peer for its blocks, the generation ended).
-    It is now reopened from the replacement's outputs first."""
+    It is now reopened from the replacement's outputs first. The replacement itself is judged on
+    its own outputs, not the bfloat16 node's (client/failover.py `_replayed_outputs`)."""
     import signal
-
 
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dtype", "bfloat16"]), NodeSpec((2, 4)),
                                              NodeSpec((0, 2))])
     model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=10, verify=1.0))
     try:
         model.swarm.peers[swarm.addresses[2]].rtt = 1.0  # the bfloat16 node first
-        model.swarm.checker.pick = lambda choices: choices[-1]  # the stage after it, every step
+        model.swarm.checker.pick = lambda choices: choices[checked]  # the same stage every step
         result = interrupted(model, lambda: swarm.kill(0, signal.SIGKILL))
     finally:
         model.close()

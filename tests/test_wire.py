@@ -18,6 +18,7 @@ from nanoswarm.protocol.tensors import (
     WIRE_FORMATS,
     abs_max,
     all_finite,
+    fits_wire,
     from_frame,
     nbytes_for,
     q80_error_bound,
@@ -207,3 +208,18 @@ def test_a_half_precision_nodes_own_overflow_is_not_blamed_on_the_wire():
     big = torch.full((1, 1, 8), 1e6)  # a float32 node's finite result that float16 cannot carry
     assert _unsendable(big, big, "float16", to_frame(big, "float16")) == \
         "the result does not fit float16 (overflow to NaN or Inf)"
+
+
+@pytest.mark.parametrize("wire,limit", [("float16", FP16_MAX), ("q80", FP16_MAX * 127), ("float32", None),
+                                        ("bfloat16", None)])
+def test_fits_wire_is_the_range_a_format_carries(wire, limit):
+    """What a node refuses to send (bad_value): q80 carries a float16 scale times 127, so its
+    range is 127x float16's; float32 and bfloat16 carry any finite float32."""
+    assert fits_wire(torch.full((1, 1, 8), 3.0e38), wire) is (limit is None)
+    if limit is not None:
+        assert fits_wire(torch.full((1, 1, 8), -limit), wire)
+        assert not fits_wire(torch.full((1, 1, 8), -limit * 1.01), wire)
+    for bad in (math.nan, math.inf):
+        x = torch.ones(1, 1, 8)
+        x[0, 0, 5] = bad
+        assert not fits_wire(x, wire)
