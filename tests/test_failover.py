@@ -87,6 +87,22 @@ def generate_with_a_frozen_peer(model_dir, swarm: LocalCluster, notices: list[st
     return result, frozen[0], time.monotonic() - t0
 
 
+def test_a_ban_doubles_with_every_strike_and_ends():
+    """A peer banned again stays out twice as long (client/swarm.py `ban`), and comes back when
+    its ban runs out."""
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("0" * 64, 4, 4, SwarmOptions(ban_seconds=10))
+    address = "tcp://127.0.0.1:9"
+    swarm.add_info(address, {"model_id": "0" * 64, "layers": [0, 4]})
+    for seconds in (10, 20, 40):
+        swarm.ban(address, "a test")
+        assert abs(swarm.bans[address].until - time.monotonic() - seconds) < 1
+        assert swarm.available() == []
+        swarm.bans[address].until = time.monotonic()  # as if it had run out
+        assert [p.address for p in swarm.available()] == [address]
+
+
 def test_a_request_nobody_answers_times_out_when_asked():
     """The client's timeout is what bounds a frozen peer's cost (the generation tests below allow
     far more for the rest of their work): a ROUTER that reads but never answers."""

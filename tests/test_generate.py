@@ -204,3 +204,27 @@ def test_a_top_p_too_small_for_float32_keeps_the_likeliest_token(top_k):
     logits = torch.randn(100, generator=torch.Generator().manual_seed(0))
     sampler = Sampler(SamplingParams(temperature=1.0, top_k=top_k, top_p=1e-300, seed=1))
     assert [sampler(logits) for _ in range(3)] == [int(torch.argmax(logits))] * 3
+
+
+def test_the_sampler_draws_from_the_distribution_its_options_leave():
+    """Tokens of probabilities 0.4, 0.3, 0.15, 0.1, 0.05: top_k and top_p keep the likeliest few
+    (top_p: while the mass before a token is under it), temperature sharpens, and a seed repeats."""
+    from collections import Counter
+
+    from nanoswarm.client.generate import Sampler
+
+    logits = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05]).log()
+
+    def drawn(**params) -> Counter:
+        sampler = Sampler(SamplingParams(seed=5, **params))
+        return Counter(sampler(logits) for _ in range(2000))
+
+    plain = drawn()
+    assert set(plain) == {0, 1, 2, 3, 4} and 690 <= plain[0] <= 910  # 0.4 of 2000, sd 22
+    for kept in (drawn(top_k=2), drawn(top_p=0.5)):  # 0.4 + 0.3: renormalised to 4:3
+        assert set(kept) == {0, 1} and 1030 <= kept[0] <= 1260, kept
+    assert set(drawn(top_p=0.75)) == {0, 1, 2}  # the mass before token 2 is 0.7
+    sharp = drawn(temperature=0.5)  # p squared, renormalised: token 0 at 0.16 / 0.285 = 0.56
+    assert 1010 <= sharp[0] <= 1240, sharp
+    a, b = Sampler(SamplingParams(seed=9)), Sampler(SamplingParams(seed=9))
+    assert [a(logits) for _ in range(50)] == [b(logits) for _ in range(50)]
