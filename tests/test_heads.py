@@ -91,6 +91,21 @@ def test_route_prefers_fewer_round_trips():
     assert route[1].heads == [(0, 6), (6, 12)]
 
 
+def test_route_cost_after_round_trips_is_time_then_load_and_a_group_takes_the_fewest_members():
+    """client/route.py: among routes of as many round trips, the lowest summed round trip time,
+    then the lowest load; a head group is the fewest members that tile the heads."""
+    def first(peers, n_layer=12):
+        return [q.address for q in build_route(peers, n_layer, 12)[0].peers]
+
+    assert first([PeerInfo("slow", "slow", "m", (0, 12), rtt=0.002),
+                  PeerInfo("fast", "fast", "m", (0, 12), rtt=0.001)]) == ["fast"]
+    assert first([PeerInfo("busy", "busy", "m", (0, 12), rtt=0.001, load=0.9),
+                  PeerInfo("idle", "idle", "m", (0, 12), rtt=0.001, load=0.1)]) == ["idle"]
+    assert first([PeerInfo("h1", "h1", "m", (0, 12), (0, 6), rtt=0.001),
+                  PeerInfo("all", "all", "m", (0, 12), (0, 12), rtt=0.002),
+                  PeerInfo("h2", "h2", "m", (0, 12), (6, 12), rtt=0.001)]) == ["all"]
+
+
 def test_route_groups_members_that_serve_different_blocks():
     """A node opens a session on any part of its blocks, so members need only share the group's."""
     def peer(addr, layers, heads=None):
