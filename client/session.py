@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -84,12 +85,15 @@ class InferenceSession(Failover):
         # model's lock, so hand-stepped sessions take turns with other threads' generations.
         self.lock: threading.RLock | contextlib.nullcontext = contextlib.nullcontext()
         self.closed = False
+        self._finalizer: weakref.finalize | None = None  # set by `open`
 
     @classmethod
     def open(cls, swarm: Swarm, max_length: int, **kwargs) -> InferenceSession:
         """Open a session on a route over all blocks; a peer that cannot take it (CANNOT_TAKE) is
         left out, one that fails is banned, and the rest of the route is planned again without it."""
         session = cls([], max_length, swarm, **kwargs)
+        # A session dropped without `close` gets its stages closed all the same (Swarm.abandon).
+        session._finalizer = weakref.finalize(session, swarm.abandon, session.stages)
         try:
             session._open_route(max_length)
             if session.relay:
@@ -351,6 +355,8 @@ class InferenceSession(Failover):
     def close(self) -> None:
         with self.lock:
             self.closed = True
+            if self._finalizer is not None:
+                self._finalizer.detach()
             for stage in self.stages:
                 stage.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -106,6 +107,7 @@ class Swarm:
     _refreshed: float = -REFRESH_SECONDS
     _drained: float = -DRAIN_SECONDS
     checker: SpotChecker | None = None  # set by SwarmModel.connect when options.verify > 0
+    _abandoned: deque[list[Stage]] = field(default_factory=deque)  # stages of sessions dropped unclosed
 
     # ----- discovery ----------------------------------------------------------------------
     def add_addresses(self, addresses: list[str], timeout: float = 5.0) -> None:
@@ -211,11 +213,22 @@ class Swarm:
             self._conns[address] = conn
         return conn
 
+    def abandon(self, stages: list[Stage]) -> None:
+        """The stages of a session dropped without `close` (InferenceSession's finalizer): closed
+        at the next step or session of this swarm (drain_events), on the thread that holds its
+        sockets then; a finalizer may run on any thread, even in the middle of another step. Left
+        open, each held a session slot and its KV cache on its node until the idle timeout."""
+        self._abandoned.append(stages)
+
     def drain_events(self) -> None:
-        """Read every connection's monitor events (PeerConnection.drain_events), at most every
-        DRAIN_SECONDS (each session step asks): a connection to a peer that is on no route is read
-        by nothing else, and a dead peer's unread reconnect events would end up blocking ZeroMQ's
-        I/O thread, and with it every link of this client."""
+        """Close what sessions dropped unclosed left open (`abandon`). Read every connection's
+        monitor events (PeerConnection.drain_events), at most every DRAIN_SECONDS (each session
+        step asks): a connection to a peer that is on no route is read by nothing else, and a dead
+        peer's unread reconnect events would end up blocking ZeroMQ's I/O thread, and with it every
+        link of this client."""
+        while self._abandoned:
+            for stage in self._abandoned.popleft():
+                stage.close()
         now = time.monotonic()
         if now - self._drained < DRAIN_SECONDS:
             return

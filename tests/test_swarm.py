@@ -204,3 +204,44 @@ def test_closing_more_sessions_at_once_than_a_peer_may_have_in_flight_frees_them
         assert info["sessions"] == 0 and "busy" not in info["errors"], info["errors"]
     finally:
         probe.close()
+
+
+@pytest.mark.parametrize("specs", [[NodeSpec((0, 2)), NodeSpec((2, 4))],
+                                   [NodeSpec((0, 4), (0, 2)), NodeSpec((0, 4), (2, 4))]],
+                         ids=["layer stages", "a head group"])
+def test_a_session_dropped_without_close_is_closed_on_its_nodes(tiny_model_dir, cluster_factory, specs):
+    """A hand-stepped session that its caller forgets (no `close`) held a session slot and its KV
+    cache on every node until the idle timeout (300 s by default), and its ids in the client until
+    the model closed (a soak review). Its stages are closed at the swarm's next step."""
+    import gc
+    import time
+
+    from nanoswarm.client.transport import PeerConnection
+
+    nodes = cluster_factory(tiny_model_dir, specs)
+
+    def sessions_on_nodes() -> list[int]:
+        counts = []
+        for address in nodes.addresses:
+            conn = PeerConnection(address, timeout=5)
+            try:
+                counts.append(conn.request("info").fields["sessions"])
+            finally:
+                conn.close()
+        return counts
+
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses)
+    try:
+        forgotten = model.session(16)
+        forgotten.step(model.client.embed([1, 2, 3], 0))
+        assert sessions_on_nodes() == [1, 1]
+        del forgotten
+        gc.collect()
+        model.generate("x", 2, SamplingParams(temperature=0))  # closes its own session too
+        deadline = time.monotonic() + 5
+        while sessions_on_nodes() != [0, 0] and time.monotonic() < deadline:
+            time.sleep(0.1)  # a close is a message: the node reads it soon after
+        assert sessions_on_nodes() == [0, 0]
+        assert not any(conn.sessions for conn in model.swarm._conns.values())
+    finally:
+        model.close()
