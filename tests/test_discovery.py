@@ -295,6 +295,8 @@ def test_move_only_when_it_helps_a_lot_and_uncovers_nothing():
     assert plan_move(others, 3, 3, 5.0) == 9
     # Leaving would uncover 3:6: stay, even though 9:12 is a gap.
     assert plan_move([5, 5, 5, 0, 0, 0, 5, 5, 5, 0, 0, 0], 3, 3, 5.0) is None
+    # Blocks 9:11 are a larger gap than block 3, which only we cover: still stay.
+    assert plan_move([5, 5, 5, 0, 5, 5, 5, 5, 5, 0, 0, 5], 3, 3, 5.0) is None
     # Covered everywhere; moving gains less than 1.5x on the weakest block: stay.
     assert plan_move([10, 10, 10, 8, 8, 8], 0, 3, 5.0) is None
     # Weakest block 4 -> 10 by moving to where it is weak: a move.
