@@ -311,6 +311,7 @@ class Swarm:
                                 self.model_id, self.options.wire, self.options.timeout)
 
     def close(self) -> None:
+        self._abandoned.clear()  # their sessions are among those closed below
         for conn in self._conns.values():
             conn.close_sessions()  # whatever a caller left open: its nodes free the KV caches now
             conn.close(linger_ms=200 if conn.closes_queued else 0)

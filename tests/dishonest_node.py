@@ -12,8 +12,8 @@ with --late too it answers that 1.1 s late, and states an idle timeout of 1 ms a
 --drop-relay it computes right but never passes a relayed step on (it says it did), with
 --drop-relay-once only its first, with --drop-relay-alternate every other one (the first, third,
 ...); with --misshape-relay it passes relayed steps on without its output. With --nan its blocks
-output NaN, which the node's own check refuses (`bad_value`); with --send-nan they output NaN
-and the node sends them on."""
+output NaN, which the node's own check refuses (`bad_value`); with --send-nan they output NaN and
+the node sends them on (both for whole blocks only, not a head shard's partial sums)."""
 
 import dataclasses
 import sys

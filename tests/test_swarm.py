@@ -212,7 +212,7 @@ def test_closing_more_sessions_at_once_than_a_peer_may_have_in_flight_frees_them
 def test_a_session_dropped_without_close_is_closed_on_its_nodes(tiny_model_dir, cluster_factory, specs):
     """A hand-stepped session that its caller forgets (no `close`) held a session slot and its KV
     cache on every node until the idle timeout (300 s by default), and its ids in the client until
-    the model closed (a soak review). Its stages are closed at the swarm's next step."""
+    the model closed (a soak review). Its stages are closed at the swarm's next step or session."""
     import gc
     import time
 
