@@ -123,6 +123,12 @@ def test_requests_in_flight_per_peer(blocks):
     codes = [m.fields.get("code", m.type) for peer, m in replies if peer == b"greedy"]
     assert sorted(codes) == ["busy", "busy"] + ["info_reply"] * 4
     assert [m.type for peer, m in replies if peer == b"polite"] == ["info_reply"]
+    # Closes do not count: a client closing more sessions at once than the limit had the rest
+    # refused, their slots and caches held until the idle timeout.
+    sids = [d.open(16) for _ in range(6)]
+    closes = [(b"p", d.frames("close", {"session": sid})) for sid in sids]
+    assert [decode(frames).type for _, frames in d.h.handle_batch(closes)] == ["closed"] * 6
+    assert not d.h.sessions.sessions
 
 
 def test_request_ids_remembered_stay_bounded_however_many_peers_come(blocks, monkeypatch):
