@@ -407,6 +407,19 @@ def test_relay_fields_are_checked(handler):
     assert handler.sessions.sessions[sid].length == 0
 
 
+def test_relayed_steps_count_in_flight_per_session_not_per_relaying_node(handler):
+    """One relaying node carries many clients' sessions: their steps in one batch are not its
+    own requests in flight (node/handler.py), so none is refused busy for the relayer's count."""
+    import dataclasses
+
+    handler.limits = dataclasses.replace(handler.limits, max_inflight_per_peer=2)
+    sids = [ask(handler, b"owner", "open", {"max_length": 16})[1].fields["session"] for _ in range(4)]
+    batch = [(b"relayer", encode("step", next(_ids), {"session": sid, "pos": 0, "reply": 5 + i}, [x(seed=i)]))
+             for i, sid in enumerate(sids)]
+    replies = [(to, decode(frames)) for to, frames in handler.handle_batch(batch)]
+    assert [(to, m.type, m.id) for to, m in replies] == [(b"owner", "result", 5 + i) for i in range(4)]
+
+
 def test_admit_pins_where_a_sessions_relayed_steps_come_from_and_go(handler):
     """A node with CURVE (here: the sender's key as ZAP would give it) takes a session's relayed
     steps from its owner, and from the hop before that the owner pinned (its key, relaying its
