@@ -37,6 +37,17 @@ class SwarmWithALiar(LocalCluster):
         return cmd
 
 
+def sessions_on(address: str) -> int:
+    """The sessions a node holds, from its `info`."""
+    from nanoswarm.client.transport import PeerConnection
+
+    conn = PeerConnection(address, timeout=5.0)
+    try:
+        return conn.request("info").fields["sessions"]
+    finally:
+        conn.close()
+
+
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`nanoswarm ARGS` as a user runs it: a subprocess, its output and exit code."""
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,

@@ -91,22 +91,21 @@ def wrong_partial(when):
     return attn_partial
 
 
-if "--drop-relay" in sys.argv:
-    sys.argv.remove("--drop-relay")
-    lies = lambda x: False  # noqa: E731
-    relay.RelayLinks.send = lambda self, to, frames: None
-if "--drop-relay-once" in sys.argv:
-    sys.argv.remove("--drop-relay-once")
-    lies = lambda x: False  # noqa: E731
-    _send, dropped = relay.RelayLinks.send, []
-    relay.RelayLinks.send = lambda self, to, frames: None if not dropped and not dropped.append(1) else _send(
-        self, to, frames)
-if "--drop-relay-alternate" in sys.argv:
-    sys.argv.remove("--drop-relay-alternate")
-    lies = lambda x: False  # noqa: E731
-    _send_every, sent = relay.RelayLinks.send, []
-    relay.RelayLinks.send = lambda self, to, frames: None if sent.append(1) or len(sent) % 2 else _send_every(
-        self, to, frames)
+def dropping(drops):
+    """RelayLinks.send that drops the relayed steps whose count (from 1) `drops` says."""
+    def send(self, to, frames):
+        sent.append(1)
+        return None if drops(len(sent)) else _send(self, to, frames)
+    return send
+
+
+_send, sent = relay.RelayLinks.send, []
+for flag, drops in (("--drop-relay", lambda n: True), ("--drop-relay-once", lambda n: n == 1),
+                    ("--drop-relay-alternate", lambda n: n % 2 == 1)):
+    if flag in sys.argv:
+        sys.argv.remove(flag)
+        lies = lambda x: False  # noqa: E731
+        relay.RelayLinks.send = dropping(drops)
 if "--misshape-relay" in sys.argv:
     sys.argv.remove("--misshape-relay")
     lies = lambda x: False  # noqa: E731

@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from conftest import SwarmWithALiar
+from conftest import SwarmWithALiar, sessions_on
 
 from nanoswarm.client import relay as relay_module
 from nanoswarm.client.api import GenerationResult, SwarmModel
@@ -338,13 +338,6 @@ def test_a_failed_open_closes_the_stages_it_opened(small12_model_dir, cluster_fa
         model.close()
         squatter.close()
 
-    def sessions_on(address: str) -> int:
-        conn = PeerConnection(address, timeout=5)
-        try:
-            return conn.request("info").fields["sessions"]
-        finally:
-            conn.close()
-
     deadline = time.monotonic() + 5
     while sessions_on(swarm.addresses[0]) and time.monotonic() < deadline:
         time.sleep(0.1)  # the close is a message: give the node a moment to read it
@@ -498,16 +491,6 @@ def test_a_peer_that_joined_after_connecting_takes_over(small12_model_dir, clust
     assert result.failovers == 1 and result.route[0]["peers"] == [spare.address]
 
 
-def _sessions_on(address: str) -> int:
-    from nanoswarm.client.transport import PeerConnection
-
-    conn = PeerConnection(address, 5.0)
-    try:
-        return conn.request("info").fields["sessions"]
-    finally:
-        conn.close()
-
-
 def test_a_ban_closes_the_other_sessions_on_that_peer_and_strikes_once(tiny_model_dir, cluster_factory):
     """A failover bans its peer and drops the swarm's link to it, which other sessions on that peer
     also used: their sessions are closed with it (a review found them held on the live node until
@@ -521,12 +504,12 @@ def test_a_ban_closes_the_other_sessions_on_that_peer_and_strikes_once(tiny_mode
         a, b = model.session(16), model.session(16)
         for s in (a, b):
             s.step(model.client.embed([1, 2, 3], 0))
-        assert _sessions_on(x) == 2
+        assert sessions_on(x) == 2
         model.swarm.ban(x, "a failover of another session")
         deadline = time.monotonic() + 5
-        while _sessions_on(x) and time.monotonic() < deadline:
+        while sessions_on(x) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _sessions_on(x) == 0
+        assert sessions_on(x) == 0
         b._strike(PeerError(x, "disconnected", "the connection was closed (its peer was banned)"))
         assert model.swarm.bans[x].strikes == 1 and b.failovers == 1
     finally:
@@ -776,9 +759,9 @@ def test_a_replaced_stage_s_close_reaches_its_live_peer_before_the_ban_drops_the
             model.swarm.ban(x, "a failover")
             model.swarm.bans.clear()  # usable again for the next attempt
             deadline = time.monotonic() + 3
-            while _sessions_on(x) and time.monotonic() < deadline:
+            while sessions_on(x) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert _sessions_on(x) == 0, f"attempt {attempt}: the close was dropped with the socket"
+            assert sessions_on(x) == 0, f"attempt {attempt}: the close was dropped with the socket"
     finally:
         model.close()
 

@@ -216,19 +216,12 @@ def test_a_session_dropped_without_close_is_closed_on_its_nodes(tiny_model_dir, 
     import gc
     import time
 
-    from nanoswarm.client.transport import PeerConnection
+    from conftest import sessions_on
 
     nodes = cluster_factory(tiny_model_dir, specs)
 
     def sessions_on_nodes() -> list[int]:
-        counts = []
-        for address in nodes.addresses:
-            conn = PeerConnection(address, timeout=5)
-            try:
-                counts.append(conn.request("info").fields["sessions"])
-            finally:
-                conn.close()
-        return counts
+        return [sessions_on(address) for address in nodes.addresses]
 
     model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses)
     try:
