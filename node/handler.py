@@ -31,7 +31,7 @@ from nanoswarm.protocol.messages import (
 )
 from nanoswarm.shards.model import Blocks
 
-from .sessions import NodeLimits, Session, SessionStore
+from .sessions import DROPPED, NodeLimits, Session, SessionStore
 from .steps import NodeStats, PendingStep, Reply, StepRunner
 
 log = logging.getLogger(__name__)
@@ -350,6 +350,18 @@ class RequestHandler:
         self._check_model(msg)
         a, b = self._layers(msg)
         return self.steps.forward(msg, a, b)
+
+    def peers_gone(self, peers: set[bytes]) -> list[str]:
+        """Close the sessions of peers whose connections dropped (node/connections.py): no step
+        can reach them again. Their request ids are forgotten too."""
+        gone = [s.id for s in self.sessions.sessions.values() if s.peer in peers]
+        for session_id in gone:
+            self.sessions.close(session_id, DROPPED)
+        for peer in peers:
+            self._seen_total -= len(self._seen.pop(peer, ()))
+        if gone:
+            log.info("closed %d sessions whose clients' connections dropped", len(gone))
+        return gone
 
     def expire_idle(self) -> list[str]:
         expired = self.sessions.expire_idle()

@@ -26,6 +26,7 @@ from nanoswarm.keys.identity import curve_key_hex
 from nanoswarm.protocol.errors import ErrorCode
 from nanoswarm.protocol.messages import encode, error_frames
 
+from .connections import ConnectionWatch
 from .handler import RequestHandler
 from .relay import Relay, RelayLinks
 from .sessions import NodeLimits
@@ -110,10 +111,13 @@ class NodeServer:
             self.socket.curve_secretkey = curve_secret
             self.socket.curve_publickey = curve_public
             self.socket.curve_server = True
+        # A client's connection that drops takes its sessions with it (node/connections.py).
+        self.connections = ConnectionWatch(self.socket, handler.limits)
         allow_ipv6(self.socket, listen)
         try:
             self.socket.bind(listen)
         except zmq.ZMQError:  # taken, or not ours: nothing of this node may stay (a next one binds ZAP)
+            self.connections.close()
             self.socket.close(linger=0)
             if self._auth is not None:
                 self._auth.stop()
@@ -133,6 +137,7 @@ class NodeServer:
         self._wake_w.setblocking(False)
         self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self._signal_wakeups = False
+        self.watch(self.connections.monitor, self._drop_connections)
         self.add_timer(min(5.0, max(0.1, handler.limits.idle_timeout / 4)), handler.expire_idle)
         self.failure: str | None = None  # why serve_forever stopped, if the node cannot go on
         if self._auth is not None:
@@ -220,6 +225,8 @@ class NodeServer:
         batch: list = []
         self._drain(batch)
         self._gather(batch)
+        self._drop_connections()  # before the batch's peers are noted: node/connections.py
+        self.connections.note(batch)
         self._send_all(self.handler.handle_batch(batch))
         if self.handler.device_failure is not None and self.failure is None:
             # Its clients got `internal` and fail over; without leaving, the node would stay in
@@ -251,6 +258,11 @@ class NodeServer:
             if not self.socket.poll(GATHER_GAP_MS):
                 break  # the burst is over
             self._drain(batch)
+
+    def _drop_connections(self) -> None:
+        gone = self.connections.dropped()
+        if gone:
+            self.handler.peers_gone(gone)
 
     def _send_all(self, replies: list) -> None:
         for to, frames in replies:
@@ -305,6 +317,7 @@ class NodeServer:
         self._wake_r.close()
         self._wake_w.close()
         self.relays.close()
+        self.connections.close()
         self.socket.close(linger=200)
         if self._auth is not None:
             self._auth.stop()

@@ -111,6 +111,10 @@ def mapped_cache(blocks: Blocks, max_length: int, n_blocks: int, pool: MapPool) 
     return cache, maps
 
 
+# Why a session ended, as a late step is told (`session_closed`: "session ... was <why>").
+DROPPED = "closed: its client's connection dropped"
+
+
 @dataclass(frozen=True)
 class NodeLimits:
     """Each limit is enforced before any work is done; exceeding one is an error reply."""
@@ -210,10 +214,11 @@ class SessionStore:
         if session is not None:
             self.kv_bytes -= session.cache.nbytes
             # The tensors go (a stale reference fails loudly instead of writing into a map that
-            # another session uses); a closed session's maps wait in the pool for the next one, an
-            # expired session's go back to the OS: its client vanished, and the node is idle.
+            # another session uses); a closed session's maps wait in the pool for the next one
+            # (one whose client's connection dropped too: the client may come again), an expired
+            # session's go back to the OS: its client vanished, and the node is idle.
             session.cache.k = session.cache.v = None
-            for m in session.maps if why == "closed" else ():
+            for m in session.maps if why != "expired" else ():
                 self.pool.give(m, self.limits.kv_budget_bytes - self.kv_bytes, self.clock())
             self._ended[session_id] = why
             while len(self._ended) > 4096:
