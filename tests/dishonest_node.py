@@ -11,7 +11,8 @@ if it had reclaimed it idle: every other token its client replays the whole hist
 with --late too it answers that 1.1 s late, and states an idle timeout of 1 ms at `open`. With
 --drop-relay it computes right but never passes a relayed step on (it says it did), with
 --drop-relay-once only its first, with --drop-relay-alternate every other one (the first, third,
-...); with --misshape-relay it passes relayed steps on without its output. With --nan its blocks
+...); with --misshape-relay it passes relayed steps on without its output, with --answer-relay it
+answers them to the client itself (a success, as if it were the last hop) instead. With --nan its blocks
 output NaN, which the node's own check refuses (`bad_value`); with --send-nan they output NaN and
 the node sends them on (both for whole blocks only, not a head shard's partial sums)."""
 
@@ -21,7 +22,8 @@ import time
 
 import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
 from nanoswarm.cli import main
-from nanoswarm.node import handler, relay, sessions, steps
+from nanoswarm.node import handler, relay, server, sessions, steps
+from nanoswarm.protocol.messages import encode
 from nanoswarm.shards.model import Block, Blocks
 
 _forward = Blocks.forward
@@ -106,6 +108,13 @@ for flag, drops in (("--drop-relay", lambda n: True), ("--drop-relay-once", lamb
         sys.argv.remove(flag)
         lies = lambda x: False  # noqa: E731
         relay.RelayLinks.send = dropping(drops)
+if "--answer-relay" in sys.argv:  # a hop that answers the client itself instead of passing the step on
+    sys.argv.remove("--answer-relay")
+    lies = lambda x: False  # noqa: E731
+    _send_all = server.NodeServer._send_all
+    server.NodeServer._send_all = lambda self, replies: _send_all(self, [
+        (to.owner, encode("result", to.reply, {"busy_us": 1})) if isinstance(to, relay.Relay) else (to, frames)
+        for to, frames in replies])
 if "--misshape-relay" in sys.argv:
     sys.argv.remove("--misshape-relay")
     lies = lambda x: False  # noqa: E731

@@ -571,14 +571,15 @@ def test_a_reader_pausing_past_the_idle_timeout_again_and_again_keeps_relaying(t
         model.close()
 
 
-@pytest.mark.parametrize("fault,relayed", [("--drop-relay", 2), ("--misshape-relay", 1), ("--drop-relay-once", 5),
-                                           ("--drop-relay-alternate", 5)])
+@pytest.mark.parametrize("fault,relayed", [("--drop-relay", 2), ("--misshape-relay", 1), ("--answer-relay", 1),
+                                           ("--drop-relay-once", 5), ("--drop-relay-alternate", 5)])
 def test_a_hop_that_does_not_pass_relayed_steps_on_rightly_stops_relaying_there(tiny_model_dir, cluster_factory,
                                                                                 fault, relayed, monkeypatch):
     """A first hop that computes but never passes a relayed step on (or passes it on without its
-    output) answers `info` like a healthy node: nothing was failed over, and each token was asked
-    relayed again, costing the whole timeout each (a review). After two such timeouts in a row (a
-    malformed result: one) the session goes stage by stage across it, with the same results; one
+    output, or answers the client itself) answers `info` like a healthy node: nothing was failed
+    over, and each token was asked relayed again, costing the whole timeout each (a review). After
+    two such timeouts in a row (a malformed result or a reply from the middle of the chain: one,
+    with no timeout) the session goes stage by stage across it, with the same results; one
     timeout alone (a stall) costs the session no relaying, nor do stalls with good steps between."""
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest", fault]), NodeSpec((2, 4))],
                             cluster=SwarmWithALiar)
