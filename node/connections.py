@@ -8,10 +8,11 @@ held a slot and their KV cache until the idle timeout (300 s by default) all the
 Every message carries the file descriptor of the TCP connection it came over (ZMQ_SRCFD), and
 the socket monitor reports each drop with that descriptor. Descriptors are reused, so the order
 matters: libzmq reports a drop before it closes the descriptor, hence before a new connection
-can get the same number and send anything. The server reads a batch of messages, then the drops
-reported so far (`dropped`), and only then notes the batch's new peers (`note`): every drop it
-reads belongs to a connection it noted earlier, never to one of the batch (node/server.py
-`_serve_ready`). The cost of the rule: a client that opens a session and drops within one batch
+can get the same number and send anything. The server reads a batch of messages; when one comes
+from a peer not seen before, `note` reads the drops reported so far and only then notes the new
+peers: every drop it reads belongs to a connection noted earlier, never to one of the batch
+(node/server.py `_serve_ready`; drops read at other times, when the monitor wakes the server's
+loop, are older still). The cost of the rule: a client that opens a session and drops within one batch
 (milliseconds) leaves it to the idle timeout.
 
 A connection that goes silent without closing (a machine asleep or cut off) is dropped by
@@ -55,11 +56,16 @@ class ConnectionWatch:
         self._fd_of: dict[bytes, int] = {}   # peer -> its connection's descriptor
         self._peer_of: dict[int, bytes] = {}  # descriptor -> the peer whose connection has it now
 
-    def note(self, batch: list[tuple[bytes, list]]) -> None:
+    def note(self, batch: list[tuple[bytes, list]]) -> set[bytes]:
         """Remember the connection of each peer of `batch` not seen before (one lookup a message
-        for the rest)."""
-        for peer, frames in batch:
-            if peer in self._fd_of:
+        for the rest). Returns the peers whose connections dropped, read first when a peer is new
+        (the order above); the caller closes their sessions before it handles the batch."""
+        new = [(peer, frames) for peer, frames in batch if peer not in self._fd_of]
+        if not new:
+            return set()
+        gone = self.dropped()
+        for peer, frames in new:
+            if peer in self._fd_of:  # (twice in the batch)
                 continue
             try:
                 fd = frames[0].get(zmq.SRCFD)
@@ -70,6 +76,7 @@ class ConnectionWatch:
                 del self._fd_of[stale]
             self._fd_of[peer] = fd
             self._peer_of[fd] = peer
+        return gone
 
     def dropped(self) -> set[bytes]:
         """The peers whose connections the monitor reported dropped since the last call."""

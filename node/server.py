@@ -225,8 +225,9 @@ class NodeServer:
         batch: list = []
         self._drain(batch)
         self._gather(batch)
-        self._drop_connections()  # before the batch's peers are noted: node/connections.py
-        self.connections.note(batch)
+        gone = self.connections.note(batch)  # (new peers: drops read first, node/connections.py)
+        if gone:
+            self.handler.peers_gone(gone)
         self._send_all(self.handler.handle_batch(batch))
         if self.handler.device_failure is not None and self.failure is None:
             # Its clients got `internal` and fail over; without leaving, the node would stay in
