@@ -96,20 +96,26 @@ def test_a_frozen_clients_sessions_close_after_its_silence(tiny_model_dir, clust
 
 def test_an_idle_live_client_keeps_its_session_past_the_silence(tiny_model_dir, cluster_factory):
     """A client that only waits (no steps) still answers heartbeats: its session stays, and its
-    tokens are the ones of a session that never waited."""
+    tokens are the ones of a session that never waited. Also a client whose connection sends no
+    heartbeats of its own (libzmq answers the node's)."""
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--idle-timeout", "25"])])
+    node = swarm.addresses[0]
     model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
     local = SwarmModel.local(tiny_model_dir)
+    quiet = PeerConnection(node, timeout=5.0)  # heartbeat None: only answers
     try:
         s, ref = model.session(8), local.session(8)
         x = model.client.embed([1, 2, 3], 0)
         s.step(x), ref.step(x)
+        quiet_id = quiet.request("open", {"max_length": 8}).fields["session"]
         time.sleep(8)  # past the node's 5 s of silence, within its 25 s idle timeout
         x = model.client.embed([4], 3)
         assert (s.step(x) - ref.step(x)).abs().max() <= 1e-5
-        assert s.failovers == 0 and sessions_on(swarm.addresses[0]) == 1
+        assert s.failovers == 0 and sessions_on(node) == 2
+        assert quiet.request("step", {"session": quiet_id, "pos": 0}, [x]).type == "result"
         s.close()
     finally:
+        quiet.close()
         model.close()
 
 
