@@ -62,6 +62,12 @@ class SessionError(Exception):
     pass
 
 
+class CallerError(SessionError, ValueError):
+    """A step the caller got wrong (past the session's max_length, or hidden states that hold NaN
+    or Inf or do not fit the wire): no peer is blamed. A ValueError, as the other arguments a node
+    would refuse are."""
+
+
 # Answers to `open`, or to the replay into a new stage or a reopened one, that say a peer cannot
 # take this session now (at its session count or KV budget, or a session longer than it takes),
 # not that it failed. (`leaving` is not one: that peer is going, and is banned like one that went.)

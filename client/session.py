@@ -30,7 +30,7 @@ import torch
 from nanoswarm.keys.contact import endpoint_of
 from nanoswarm.protocol.tensors import fits_wire
 
-from .failover import CANNOT_TAKE, REPLAY_CHUNK, Failover, SessionError
+from .failover import CANNOT_TAKE, REPLAY_CHUNK, CallerError, Failover, SessionError
 from .history import History, Unkept
 from .relay import RELAY_STALLS, Chain, ChainBroken, SessionRelay, stalled_stage
 from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # input was fine).
 PASSED_ON_WRONG = ("bad_reply", "bad_shape", "bad_tensor", "malformed")
 
-__all__ = ["CANNOT_TAKE", "REPLAY_CHUNK", "TRAIL_MAX_POSITIONS", "InferenceSession", "SessionError"]
+__all__ = ["CANNOT_TAKE", "REPLAY_CHUNK", "TRAIL_MAX_POSITIONS", "CallerError", "InferenceSession", "SessionError"]
 
 # A relayed step of up to this many positions brings back every hop's output (client/relay.py):
 # 3 KB a hop for a decode step of the GPT-2-small shape. A longer one (a prefill) brings back only
@@ -152,12 +152,12 @@ class InferenceSession(Failover):
             self.swarm.drain_events()
         T = hidden.shape[1]
         if self.pos + T > self.max_length:
-            raise SessionError(f"session is full: {self.pos + T} positions > max_length {self.max_length}")
+            raise CallerError(f"session is full: {self.pos + T} positions > max_length {self.max_length}")
         if T > 1 and self.swarm is not None and not fits_wire(hidden, self.swarm.options.wire):
             # Checked first for a step a stage may send in pieces (a refused half, a head group's
             # pieces): a bad later piece would leave an earlier one stored. A one-position step
             # (the per-token path) is checked only if a node refuses it, below.
-            raise SessionError(self._unfit(self.stages[0]))
+            raise CallerError(self._unfit(self.stages[0]))
         i, busy_retries, reopened = 0, 0, set()
         relay, rewind = self.relay, set()  # rewind: stages that may hold this position already
         self.relaying.new_step()
@@ -202,7 +202,7 @@ class InferenceSession(Failover):
                 if e.code == "bad_value" and not fits_wire(hidden, self.swarm.options.wire):
                     # The caller's input, not the peer: nothing to fail over, and the node left the
                     # session as it was.
-                    raise SessionError(f"{self._unfit(stage)} ({e.message})") from e
+                    raise CallerError(f"{self._unfit(stage)} ({e.message})") from e
                 if e.code == "busy" and busy_retries < BUSY_RETRIES and not stage.retries_busy:
                     # An overloaded peer left the session as it was: wait a little and ask again
                     # before giving its blocks to someone else.

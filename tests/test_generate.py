@@ -78,6 +78,11 @@ def test_a_callers_mistakes_are_refused_before_any_peer_is_asked(tiny_model_dir,
             with pytest.raises(ValueError, match=r"a step takes hidden states of shape \[1, positions >= 1, 64\]"):
                 session.step(bad)
         assert session.step(x).shape == x.shape
+        with pytest.raises(ValueError, match=r"session is full: 9 positions > max_length 8"):
+            session.step(torch.cat([x, x], dim=1))  # 3 + 6 positions
+        with pytest.raises(ValueError, match="hold NaN or Inf"):
+            session.step(x[:, :2] * float("nan"))
+        assert session.step(x).shape == x.shape  # (the session goes on as it was)
         session.close()
         with pytest.raises(RuntimeError, match="this session is closed"):
             session.step(model.client.embed([4], 3))
