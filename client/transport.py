@@ -76,8 +76,8 @@ def why_dropped(contact: str) -> str:
     answer) most likely meant, for the user's error line."""
     if split_contact(contact)[1] is None:
         return " (the contact has no #KEY: give the whole contact the node printed)"
-    return (" (a private swarm that does not allow this client's key? --key-file; or the node's key changed "
-            "since this contact was taken)")
+    return (" (a private swarm that does not allow this client's key? --key-file, in Python "
+            "SwarmOptions(client_keys=...); or the node's key changed since this contact was taken)")
 
 
 def unreachable_why(endpoint: str) -> str:

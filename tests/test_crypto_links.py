@@ -15,6 +15,9 @@ import pytest
 import torch
 from conftest import invoke_cli
 
+from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.swarm import SwarmOptions
 from nanoswarm.client.transport import PeerConnection, PeerError
 from nanoswarm.keys.contact import format_contact, split_contact
 from nanoswarm.keys.identity import generate_identity, save_identity
@@ -131,6 +134,11 @@ def test_allow_keys_admits_listed_clients_only(tiny_model_dir, tmp_path):
                 assert conn.request("info").fields["layers"] == [0, 4]
             finally:
                 conn.close()
+        # the Python API as docs/discovery.md shows it
+        options = SwarmOptions(client_keys=(friend.curve_public, friend.curve_secret))
+        with SwarmModel.connect(tiny_model_dir, peers=[contact], options=options) as model:
+            assert model.generate("x", 3, SamplingParams(temperature=0)).ids == \
+                SwarmModel.local(tiny_model_dir).generate("x", 3, SamplingParams(temperature=0)).ids
         strangers = (stranger.curve_public, stranger.curve_secret)
         for keys in [strangers, strangers, None]:  # listed nowhere (twice: retries); ephemeral
             conn = PeerConnection(contact, timeout=2, client_keys=keys)
