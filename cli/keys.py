@@ -21,6 +21,7 @@ def keys() -> None:
 def keys_generate(out: Path | None, force: bool, as_json: bool) -> None:
     """Create a new identity and print its public parts."""
     from nanoswarm.keys.identity import (
+        KeyFileError,
         create_key_dir,
         default_key_path,
         describe_identity,
@@ -29,7 +30,11 @@ def keys_generate(out: Path | None, force: bool, as_json: bool) -> None:
     )
 
     path = out or default_key_path()
-    create_key_dir(path)
+    if out is None:
+        create_key_dir(path)  # (the default's directory, ~/.config/nanoswarm, is ours to make)
+    elif not path.parent.is_dir():  # a typo in a directory makes none (as ssh-keygen)
+        why = "a file is in the way" if path.parent.exists() else f"there is no directory {path.parent}"
+        raise KeyFileError(f"cannot write key file {path}: {why}")
     identity = generate_identity()
     save_identity(identity, path, overwrite=force)
     info = describe_identity(identity)

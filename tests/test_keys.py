@@ -703,6 +703,10 @@ def test_a_key_file_that_cannot_be_created_says_why_in_one_line(tmp_path: Path, 
     out = invoke_cli("keys", "generate", "--out", str(tmp_path / "afile" / "new.key"))
     assert out.returncode == 1
     assert out.stderr.strip().endswith("new.key: a file is in the way") and "Errno" not in out.stderr
+    missing = tmp_path / "no" / "such" / "new.key"  # --out makes no directories (a typo would)
+    out = invoke_cli("keys", "generate", "--out", str(missing))
+    assert out.returncode == 1 and out.stderr.strip().endswith(f"there is no directory {missing.parent}")
+    assert not (tmp_path / "no").exists()
     with pytest.raises(KeyFileError, match=r"^cannot write key file /proc/self/x\.key: ") as info:
         save_identity(generate_identity(), "/proc/self/x.key")  # no file can be made there, even by root
     assert ".tmp" not in str(info.value)
