@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # (imported when used: torch is slow to import for --help)
 @click.command()
 @click.argument("prompt")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--peers", default=None, help="Comma-separated node contacts (ADDRESS#KEY, as nodes print them).")
+@click.option("--peers", default=None, help="Comma-separated node contacts (ADDRESS#KEY, as nodes print them); "
+              "with --bootstrap, used beside the peers its table names.")
 @click.option("--bootstrap", multiple=True, help="Contact of any swarm node: the route comes from its table.")
 @click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Use this identity's CURVE key, the one a private swarm's --allow-keys lists (every run: "
@@ -169,7 +170,7 @@ def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | N
         raise click.UsageError("--bootstrap: no contact given")
     fetched = fetch_table(contacts, timeout, client_keys(key_file))
     if not fetched.answered:
-        raise click.ClickException("no bootstrap node answered: " + "; ".join(fetched.errors.values()))
+        raise click.ClickException(f"no bootstrap node answered ({'; '.join(fetched.errors.values())})")
     fetched.warn_unanswered()
     n_layers, n_heads, model_id = None, None, None
     if model_dir is not None:

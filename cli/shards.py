@@ -147,7 +147,10 @@ def _check_writable(out_path: Path) -> None:
 def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_embd: int, block_size: int,
           max_iters: int, batch_size: int, lr: float, warmup: int, eval_interval: int, seed: int, threads: int,
           overwrite: bool, resume: bool, as_json: bool) -> None:
-    """Train a small GPT-2-architecture model on a text file, on the CPU (progress on stderr)."""
+    """Train a small GPT-2-architecture model on a text file, on the CPU (progress on stderr).
+
+    It ends with the best checkpoint's loss over the whole training text, which for a tiny model
+    and a long text can take longer than the training (the 50257-wide head on every token)."""
     from nanoswarm.shards import train as training
     from nanoswarm.shards.model import ModelConfig
 

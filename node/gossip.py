@@ -170,7 +170,8 @@ class Gossip:
         targets = list(dict.fromkeys(sample + self.options.bootstrap[:DEPART_FANOUT]))
         for contact in targets:
             self._send(contact, [departure], want=False)
-        log.info("announced departure to %d peers", len(targets))
+        log.info("announced departure to %d peer%s (bootstraps included)", len(targets),
+                 "" if len(targets) == 1 else "s")
 
     # ----- serving the records request ----------------------------------------------------
     def on_records(self, msg: Message) -> dict:

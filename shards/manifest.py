@@ -208,7 +208,7 @@ def _check_files(m: Manifest) -> None:
 def validate_head_splits(splits: list[Range], n_head: int) -> list[Range]:
     """The splits sorted; they must partition heads 0..n_head into non-empty ranges."""
     ordered = sorted((int(a), int(b)) for a, b in splits)
-    written = ",".join(f"{a}:{b}" for a, b in ordered)  # as the CLI takes them
+    written = ",".join(f"{int(a)}:{int(b)}" for a, b in splits)  # as given, in the CLI's form
     pos = 0
     for a, b in ordered:
         if a != pos or b <= a:

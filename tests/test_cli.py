@@ -350,11 +350,11 @@ def test_shard_refuses_bad_input_in_one_line(tmp_path):
     # option errors name the option and exit 2, as click's own do; the last in a process of its
     # own, as a user runs it (its stderr holds the progress lines)
     heads = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--head-groups", "5")
-    overlap = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--heads", "0:2,1:4")
+    overlap = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--heads", "1:4,0:2")
     syntax = run_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--heads", "0:2,x")
     assert [o.returncode for o in (heads, overlap, syntax)] == [2, 2, 2]
     assert "'--head-groups': head groups must be from 1 to 4, got 5" in one_error_line(heads, logs=True)
-    assert ("'--heads': head splits 0:2,1:4 must partition 0:4 into non-empty ranges"
+    assert ("'--heads': head splits 1:4,0:2 must partition 0:4 into non-empty ranges"  # as given
             in one_error_line(overlap, logs=True))
     assert "'--heads': head splits '0:2,x' must look like 0:6,6:12" in one_error_line(syntax, logs=True)
     assert "reading checkpoint" not in syntax.stderr  # refused before the checkpoint is read
