@@ -39,8 +39,8 @@ from .params import SECONDS, parse_range, peer_list
               help="Requests in flight per peer.")
 @click.option("--idle-timeout", type=SECONDS, default=None, show_default="300",
               help="Seconds before an idle session is reclaimed (stated to clients at open; "
-                   "under 1, clients take its reclaims as faults). A client's connection silent for "
-                   "a fifth of it (5 to 60 s) is dropped, with its sessions.")
+                   "under 1, clients take its reclaims as faults). A client whose connection closes "
+                   "loses its sessions at once.")
 @click.option("--max-batch-seconds", type=SECONDS, default=None, show_default="5",
               help="Compute per batch before its remaining requests are refused busy.")
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -1,58 +1,62 @@
 """Which clients' connections dropped, so that a node closes their sessions at once.
 
 A session belongs to the ROUTER identity of the connection that opened it (node/sessions.py),
-and libzmq gives a connection that comes again a new identity: once a client's connection drops
-(its process killed or crashed, its machine gone), no step can reach its sessions again. They
-held a slot and their KV cache until the idle timeout (300 s by default) all the same.
+and libzmq gives a connection that comes again a new identity: once a client's connection closes
+(its process killed or crashed), no step can reach its sessions again. They held a slot and their
+KV cache until the idle timeout (300 s by default) all the same.
 
 Every message carries the file descriptor of the TCP connection it came over (ZMQ_SRCFD), and
 the socket monitor reports each drop with that descriptor. Descriptors are reused, so the order
 matters: libzmq reports a drop before it closes the descriptor, hence before a new connection
 can get the same number and send anything. The server reads a batch of messages; when one comes
 from a peer not seen before, `note` reads the drops reported so far and only then notes the new
-peers: every drop it reads belongs to a connection noted earlier, never to one of the batch
-(node/server.py `_serve_ready`; drops read at other times, when the monitor wakes the server's
-loop, are older still). The cost of the rule: a client that opens a session and drops within one batch
-(milliseconds) leaves it to the idle timeout.
+peers: a drop it reads belongs to a connection noted earlier, never to one of the batch
+(node/server.py `_serve_ready`). A message can still be read after its connection's drop (a
+batch takes at most 64 messages; the rest wait): its peer, new to us, then claims a descriptor
+that a later connection may hold. libzmq numbers a socket's connections in order, so of two
+peers on one descriptor the later number is the live one, and the other is closed as gone
+(`_later`).
 
-A connection that goes silent without closing (a machine asleep or cut off) is dropped by
-ZeroMQ's heartbeats (`silence`): libzmq answers them in its own thread, however busy the
-client's program is.
+A connection that goes silent without closing (a machine asleep or cut off, a process stopped)
+is not dropped here: no heartbeats from the node. A client paused past them would have lost its
+whole generation, and banned honest nodes for it, where before its sessions waited for it up to
+the idle timeout (a review). Such sessions still end at the idle timeout.
+
+The monitor's queue has no bound: a flood of bare TCP connects during a long batch filled
+libzmq's default of 1,000 events, and then libzmq's I/O thread, which writes them, blocked: no
+connection of the node was served until the batch ended, and a node told to stop then hung in
+`close` (a review). Each event is ~100 bytes, and the server reads them after every batch.
 """
 
 from __future__ import annotations
 
-import logging
+import itertools
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .sessions import NodeLimits
-
-log = logging.getLogger(__name__)
-
-MIN_SILENCE_SECONDS = 5.0   # a loaded machine must not drop its clients' connections
-MAX_SILENCE_SECONDS = 60.0
+_endpoints = itertools.count()  # each monitor's inproc endpoint gets a name of its own
 
 
-def silence(limits: NodeLimits) -> float:
-    """Seconds a client's connection may stay silent, its heartbeats unanswered, before the node
-    drops it and its sessions: a fifth of the idle timeout, from 5 to 60 s. (A connection that
-    carries steps is never silent; only a vanished peer fails to answer libzmq's pings.)"""
-    return min(MAX_SILENCE_SECONDS, max(MIN_SILENCE_SECONDS, limits.idle_timeout / 5))
+def _later(a: bytes, b: bytes) -> bool | None:
+    """Whether libzmq gave routing id `a` after `b` (its ids: a zero byte, then a 32-bit count
+    that wraps); None when either was chosen by its client (ZMQ_ROUTING_ID)."""
+    if len(a) != 5 or len(b) != 5 or a[0] or b[0]:
+        return None
+    return 0 < (int.from_bytes(a[1:], "big") - int.from_bytes(b[1:], "big")) % 2**32 < 2**31
 
 
 class ConnectionWatch:
     """The peers (ROUTER identities) of a socket's connections, and which of them dropped."""
 
-    def __init__(self, socket: zmq.Socket, limits: NodeLimits):
-        seconds = silence(limits)
-        socket.setsockopt(zmq.HEARTBEAT_IVL, int(seconds * 1000 / 4))
-        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(seconds * 1000))
+    def __init__(self, socket: zmq.Socket):
         self.socket = socket
-        # Read by the server's loop whenever it has input (and before every batch), so libzmq's
-        # I/O thread never blocks on a full monitor queue (docs/reliability.md).
-        self.monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        endpoint = f"inproc://nanoswarm-connections-{next(_endpoints)}"
+        socket.monitor(endpoint, zmq.EVENT_DISCONNECTED)
+        self.monitor = socket.context.socket(zmq.PAIR)
+        self.monitor.setsockopt(zmq.RCVHWM, 0)  # unbounded: libzmq's I/O thread never waits on us
+        self.monitor.setsockopt(zmq.LINGER, 0)
+        self.monitor.connect(endpoint)
         self._fd_of: dict[bytes, int] = {}   # peer -> its connection's descriptor
         self._peer_of: dict[int, bytes] = {}  # descriptor -> the peer whose connection has it now
 
@@ -71,9 +75,15 @@ class ConnectionWatch:
                 fd = frames[0].get(zmq.SRCFD)
             except (AttributeError, zmq.ZMQError):  # bytes (in-process callers), or no such property
                 continue
-            stale = self._peer_of.get(fd)
-            if stale is not None:  # (a drop not reported: libzmq always reports it first)
-                del self._fd_of[stale]
+            held = self._peer_of.get(fd)
+            if held is not None:  # one of the two is gone; its drop was read before it was noted
+                later = _later(peer, held)
+                if later is False:  # a late message of a connection that is gone
+                    gone.add(peer)
+                    continue
+                del self._fd_of[held]
+                if later:
+                    gone.add(held)
             self._fd_of[peer] = fd
             self._peer_of[fd] = peer
         return gone
@@ -93,8 +103,8 @@ class ConnectionWatch:
 
     def close(self) -> None:
         """Stop monitoring (before the socket closes)."""
+        self.monitor.close(linger=0)
         try:
             self.socket.disable_monitor()
         except zmq.ZMQError:
             pass
-        self.monitor.close(linger=0)

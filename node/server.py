@@ -112,7 +112,7 @@ class NodeServer:
             self.socket.curve_publickey = curve_public
             self.socket.curve_server = True
         # A client's connection that drops takes its sessions with it (node/connections.py).
-        self.connections = ConnectionWatch(self.socket, handler.limits)
+        self.connections = ConnectionWatch(self.socket)
         allow_ipv6(self.socket, listen)
         try:
             self.socket.bind(listen)
@@ -226,9 +226,9 @@ class NodeServer:
         self._drain(batch)
         self._gather(batch)
         gone = self.connections.note(batch)  # (new peers: drops read first, node/connections.py)
-        if gone:
-            self.handler.peers_gone(gone)
         self._send_all(self.handler.handle_batch(batch))
+        if gone:  # after the batch: a late message of a gone peer may have opened a session
+            self.handler.peers_gone(gone)
         if self.handler.device_failure is not None and self.failure is None:
             # Its clients got `internal` and fail over; without leaving, the node would stay in
             # every peer's table and on new routes, failing every step it is sent.
