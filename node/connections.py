@@ -13,9 +13,10 @@ from a peer not seen before, `note` reads the drops reported so far and only the
 peers: a drop it reads belongs to a connection noted earlier, never to one of the batch
 (node/server.py `_serve_ready`). A message can still be read after its connection's drop (a
 batch takes at most 64 messages; the rest wait): its peer, new to us, then claims a descriptor
-that a later connection may hold. libzmq numbers a socket's connections in order, so of two
-peers on one descriptor the later number is the live one, and the other is closed as gone
-(`_later`).
+that a later connection may hold. The last peer to claim a descriptor holds it, and the other is
+forgotten, not closed: which of the two is gone cannot be known for sure (libzmq numbers the
+connections it names in order, but a peer may name itself), so one of them keeps its sessions
+until the idle timeout, as every client did before. A session is never closed on a guess.
 
 A connection that goes silent without closing (a machine asleep or cut off, a process stopped)
 is not dropped here: no heartbeats from the node. A client paused past them would have lost its
@@ -36,14 +37,6 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 _endpoints = itertools.count()  # each monitor's inproc endpoint gets a name of its own
-
-
-def _later(a: bytes, b: bytes) -> bool | None:
-    """Whether libzmq gave routing id `a` after `b` (its ids: a zero byte, then a 32-bit count
-    that wraps); None when either was chosen by its client (ZMQ_ROUTING_ID)."""
-    if len(a) != 5 or len(b) != 5 or a[0] or b[0]:
-        return None
-    return 0 < (int.from_bytes(a[1:], "big") - int.from_bytes(b[1:], "big")) % 2**32 < 2**31
 
 
 class ConnectionWatch:
@@ -76,14 +69,8 @@ class ConnectionWatch:
             except (AttributeError, zmq.ZMQError):  # bytes (in-process callers), or no such property
                 continue
             held = self._peer_of.get(fd)
-            if held is not None:  # one of the two is gone; its drop was read before it was noted
-                later = _later(peer, held)
-                if later is False:  # a late message of a connection that is gone
-                    gone.add(peer)
-                    continue
+            if held is not None:  # one of the two is gone (a late message): forgotten, not closed
                 del self._fd_of[held]
-                if later:
-                    gone.add(held)
             self._fd_of[peer] = fd
             self._peer_of[fd] = peer
         return gone

@@ -215,23 +215,21 @@ class _Frame:
         return self.fd
 
 
-def test_of_two_peers_on_one_descriptor_the_later_connection_is_the_live_one():
+def test_of_two_peers_on_one_descriptor_neither_is_closed_on_a_guess():
     """A message read after its connection's drop (a batch takes at most 64) claims a descriptor
-    that a later connection may hold: by libzmq's numbering of connections, the earlier peer is
-    the gone one, whichever came first to the watch."""
+    that a later connection may hold. Which one is gone cannot be known for sure (libzmq numbers
+    the connections it names, but a peer may name itself, and so could have a live client's
+    sessions closed): the last claim holds the descriptor, and nobody's sessions are closed."""
     import zmq
 
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     watch = ConnectionWatch(router)
     try:
-        ident = lambda n: b"\0" + (n % 2**32).to_bytes(4, "big")  # noqa: E731
-        live, late, later = ident(2**32 - 1), ident(2**32 - 3), ident(2)  # (the count wraps)
-        assert watch.note([(live, [_Frame(7)])]) == set()
-        assert watch.note([(late, [_Frame(7)])]) == {late}  # a gone connection's late message
-        assert watch.note([(live, [_Frame(7)])]) == set()  # still the live one
-        assert watch.note([(later, [_Frame(7)])]) == {live}  # a later connection: live went
-        assert watch.note([(b"chosen", [_Frame(8)]), (b"by hand", [_Frame(8)])]) == set()  # unknown order
+        ident = lambda n: b"\0" + n.to_bytes(4, "big")  # noqa: E731
+        assert watch.note([(ident(5), [_Frame(7)])]) == set()
+        assert watch.note([(ident(9), [_Frame(7)]), (ident(2), [_Frame(7)])]) == set()
+        assert watch._peer_of == {7: ident(2)} and watch._fd_of == {ident(2): 7}
     finally:
         watch.close()
         router.close(linger=0)
