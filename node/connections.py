@@ -10,8 +10,8 @@ the socket monitor reports each drop with that descriptor. Descriptors are reuse
 matters: libzmq reports a drop before it closes the descriptor, hence before a new connection
 can get the same number and send anything. The server reads a batch of messages; when one comes
 from a peer not seen before, `note` reads the drops reported so far and only then notes the new
-peers: a drop it reads belongs to a connection noted earlier, never to one of the batch
-(node/server.py `_serve_ready`). A message can still be read after its connection's drop (a
+peers: a drop it reads belongs to a connection noted earlier, never to a connection whose first
+message comes after it (node/server.py `_serve_ready`). A message can still be read after its connection's drop (a
 batch takes at most 64 messages; the rest wait): its peer, new to us, then claims a descriptor
 that a later connection may hold. The last peer to claim a descriptor holds it, and the other is
 forgotten, not closed: which of the two is gone cannot be known for sure (libzmq numbers the
@@ -89,9 +89,11 @@ class ConnectionWatch:
         return gone
 
     def close(self) -> None:
-        """Stop monitoring (before the socket closes)."""
-        self.monitor.close(linger=0)
+        """Stop monitoring (before the socket closes): the monitor first, then its reader. The
+        other order let a drop in between block libzmq's I/O thread on a send nobody would read,
+        and `disable_monitor` then waited for it for ever (a review)."""
         try:
             self.socket.disable_monitor()
         except zmq.ZMQError:
             pass
+        self.monitor.close(linger=0)

@@ -226,9 +226,9 @@ class NodeServer:
         self._drain(batch)
         self._gather(batch)
         gone = self.connections.note(batch)  # (new peers: drops read first, node/connections.py)
-        if gone:
-            self.handler.peers_gone(gone)
         self._send_all(self.handler.handle_batch(batch))
+        if gone:  # after the batch: an `open` a dropped client sent just before would stay open
+            self.handler.peers_gone(gone)
         if self.handler.device_failure is not None and self.failure is None:
             # Its clients got `internal` and fail over; without leaving, the node would stay in
             # every peer's table and on new routes, failing every step it is sent.
