@@ -11,9 +11,9 @@ matters: libzmq reports a drop before it closes the descriptor, hence before a n
 can get the same number and send anything. The server reads a batch of messages; when one comes
 from a peer not seen before, `note` reads the drops reported so far and only then notes the new
 peers: a drop it reads belongs to a connection noted earlier, never to a connection whose first
-message comes after it (node/server.py `_serve_ready`). A message can still be read after its connection's drop (a
-batch takes at most 64 messages; the rest wait): its peer, new to us, then claims a descriptor
-that a later connection may hold. The last peer to claim a descriptor holds it, and the other is
+message comes after it (node/server.py `_serve_ready`). A message can still be read after its
+connection's drop (a batch takes at most 64 messages; the rest wait): its peer, new to us, then
+claims a descriptor that a later connection may hold. The last peer to claim a descriptor holds it, and the other is
 forgotten, not closed: which of the two is gone cannot be known for sure (libzmq numbers the
 connections it names in order, but a peer may name itself), so one of them keeps its sessions
 until the idle timeout, as every client did before. A session is never closed on a guess.
@@ -56,7 +56,7 @@ class ConnectionWatch:
     def note(self, batch: list[tuple[bytes, list]]) -> set[bytes]:
         """Remember the connection of each peer of `batch` not seen before (one lookup a message
         for the rest). Returns the peers whose connections dropped, read first when a peer is new
-        (the order above); the caller closes their sessions before it handles the batch."""
+        (the order above); the caller closes their sessions once it has handled the batch."""
         new = [(peer, frames) for peer, frames in batch if peer not in self._fd_of]
         if not new:
             return set()

@@ -1,6 +1,7 @@
-"""A client's connection that drops takes its sessions on the nodes with it (node/connections.py):
-a killed or frozen client no longer holds slots and KV caches until the idle timeout. Real node
-processes, and clients in processes of their own, killed and stopped."""
+"""A client's connection that closes takes its sessions on the nodes with it (node/connections.py):
+a killed or crashed client no longer holds slots and KV caches until the idle timeout, and a
+stopped or idle one keeps them. Real node processes, and clients in processes of their own,
+killed and stopped; the watch's rules in one process, on real sockets."""
 
 from __future__ import annotations
 
@@ -147,7 +148,8 @@ def test_an_idle_live_client_keeps_its_session(tiny_model_dir, cluster_factory):
 
 def test_connections_that_come_and_go_take_only_their_own_sessions(tiny_model_dir, cluster_factory):
     """Descriptors are reused: a connection that drops must close its sessions only, never those
-    of a later connection that got its descriptor (node/connections.py, on the order of reads)."""
+    of a later connection that got its descriptor, with real node processes (the order of reads
+    itself: the last test)."""
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
     node = swarm.addresses[0]
     kept = PeerConnection(node, timeout=5.0)
