@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 import zmq
 
+from nanoswarm.keys.allowed import read_allowed_keys
 from nanoswarm.keys.contact import endpoint_of, format_contact, split_contact
 from nanoswarm.keys.identity import (
     Identity,
     curve_key_hex,
     default_key_path,
     load_or_create_identity,
-    read_allowed_keys,
 )
 from nanoswarm.keys.records import check_endpoint
 from nanoswarm.shards.device import check_dtype, resolve_device

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zmq.utils import z85
 
+from nanoswarm.keys.allowed import read_allowed_keys
 from nanoswarm.keys.contact import allow_ipv6, format_contact
 from nanoswarm.keys.identity import (
     Identity,
@@ -28,7 +29,6 @@ from nanoswarm.keys.identity import (
     load_identity,
     load_or_create_identity,
     peer_id_for,
-    read_allowed_keys,
     save_identity,
 )  # fmt: skip
 from nanoswarm.keys.records import (
