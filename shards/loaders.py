@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from .tokenizer import N_VOCAB
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
+ConfigCheck = Callable[[ModelConfig], None]  # load_checkpoint's early look at a config
 
 GPT2_VOCAB = N_VOCAB  # the tokenizer's ids
 # The most rows a vocabulary padded for speed has: 50257 rounded up to a multiple of 1024
@@ -227,7 +229,8 @@ def _torch_load(path: Path) -> dict:
                               f"{first_line(exc)}") from exc
 
 
-def load_nanogpt(path: Path, gelu: str | None = None) -> tuple[ModelConfig, StateDict]:
+def load_nanogpt(path: Path, gelu: str | None = None,
+                 check: ConfigCheck | None = None) -> tuple[ModelConfig, StateDict]:
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise CheckpointError(f"{path}: not a nanoGPT checkpoint (needs 'model' and 'model_args')")
@@ -242,6 +245,8 @@ def load_nanogpt(path: Path, gelu: str | None = None) -> tuple[ModelConfig, Stat
     form = gelu or ckpt.get("gelu") or "exact"
     config = _config(str(path), **{k: args[k] for k in needed}, bias=bool(args.get("bias", True)),
                      gelu=form)
+    if check is not None:
+        check(config)
     return _finish(config, ckpt["model"], str(path), transpose_conv1d=False)
 
 
@@ -308,8 +313,11 @@ def _index_files(index: Path) -> list[str]:
     return files
 
 
-def load_hf(directory: Path, gelu: str | None = None) -> tuple[ModelConfig, StateDict]:
+def load_hf(directory: Path, gelu: str | None = None,
+            check: ConfigCheck | None = None) -> tuple[ModelConfig, StateDict]:
     config = _hf_config(directory / "config.json", gelu)
+    if check is not None:  # before the weights, which may be gigabytes
+        check(config)
     weights = _hf_weights(directory)
     if not _hf_tied(directory / "config.json") and not any(
             _strip(k, ("_orig_mod.", "module.", "transformer.")) == "lm_head.weight" for k in weights):
@@ -324,9 +332,12 @@ def _hf_tied(path: Path) -> bool:
     return json.loads(read_regular_file(path)).get("tie_word_embeddings", True) is not False
 
 
-def load_checkpoint(source: str | Path, gelu: str | None = None) -> tuple[ModelConfig, StateDict]:
+def load_checkpoint(source: str | Path, gelu: str | None = None,
+                    check: ConfigCheck | None = None) -> tuple[ModelConfig, StateDict]:
     """Config and flat float32 weights of a nanoGPT ckpt.pt (or its out_dir) or a Hugging Face
-    GPT-2 directory. `gelu` overrides the GELU form the layout implies."""
+    GPT-2 directory. `gelu` overrides the GELU form the layout implies. `check(config)` runs as
+    soon as the config is known, before the weights are read (a Hugging Face directory) or
+    converted (a ckpt.pt, whose config is inside it), so that what it raises comes early."""
     path = Path(source)
     if gelu is not None and gelu not in ("tanh", "exact"):
         raise CheckpointError(f"gelu must be 'tanh' or 'exact', got {gelu!r}")
@@ -335,13 +346,13 @@ def load_checkpoint(source: str | Path, gelu: str | None = None) -> tuple[ModelC
         path = path.parent  # a file of a Hugging Face directory: take the directory
     if path.is_dir():
         if (path / "config.json").is_file():
-            return load_hf(path, gelu)
+            return load_hf(path, gelu, check)
         if (path / "ckpt.pt").is_file():
-            return load_nanogpt(path / "ckpt.pt", gelu)
+            return load_nanogpt(path / "ckpt.pt", gelu, check)
         raise CheckpointError(f"{path}: neither a Hugging Face GPT-2 directory (config.json) "
                               "nor a nanoGPT out_dir (ckpt.pt)")
     if path.is_file():
-        return load_nanogpt(path, gelu)
+        return load_nanogpt(path, gelu, check)
     if path.exists():  # a FIFO, a device: reading one may never end
         raise CheckpointError(f"{source}: not a regular file or a directory")
     raise CheckpointError(f"{source}: no such checkpoint file or directory")

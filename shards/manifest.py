@@ -378,8 +378,7 @@ def shard_checkpoint(source: str | Path, out_dir: str | Path, layers_per_shard: 
                      head_splits: list[Range] | None = None, dtype: torch.dtype = torch.float32,
                      gelu: str | None = None, progress: bool = True) -> Manifest:
     """A nanoGPT or Hugging Face checkpoint turned into a model directory."""
-    config, flat_sd = load_checkpoint(source, gelu=gelu)
-    check_tokenizer_vocab(config, str(source))
+    config, flat_sd = load_checkpoint(source, gelu=gelu, check=lambda c: check_tokenizer_vocab(c, str(source)))
     return write_model_dir(config, flat_sd, out_dir, layers_per_shard, head_splits, dtype, progress)
 
 

@@ -361,6 +361,29 @@ def test_shard_refuses_bad_input_in_one_line(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_shard_checks_heads_and_vocabulary_against_the_config_before_reading_weights(tmp_path):
+    """A Hugging Face directory's config.json is enough to refuse a head split or a vocabulary:
+    the weights (gigabytes for a large GPT-2) are not read first. Here they are junk, so a check
+    made after reading them would fail on the junk instead."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    config = {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 50257, "n_positions": 32}
+    (hf / "config.json").write_text(json.dumps(config))
+    (hf / "model.safetensors").write_bytes(b"not safetensors at all")
+    heads = invoke_cli("shard", str(hf), str(tmp_path / "m"), "--heads", "0:2,2:6")
+    groups = invoke_cli("shard", str(hf), str(tmp_path / "m"), "--head-groups", "5")
+    assert [heads.returncode, groups.returncode] == [2, 2]
+    assert "'--heads': head splits 0:2,2:6 must cover all heads 0:4" in one_error_line(heads, logs=True)
+    assert "'--head-groups': head groups must be from 1 to 4, got 5" in one_error_line(groups, logs=True)
+    (hf / "config.json").write_text(json.dumps({**config, "vocab_size": 65}))
+    vocab = invoke_cli("shard", str(hf), str(tmp_path / "m"))
+    assert "vocab_size 65 is smaller than the GPT-2 tokenizer's 50257 ids" in one_error_line(vocab, logs=True)
+    (hf / "config.json").write_text(json.dumps(config))  # the weights are read only now
+    assert "not a readable safetensors file" in one_error_line(invoke_cli("shard", str(hf), str(tmp_path / "m")),
+                                                              logs=True)
+    assert not (tmp_path / "m").exists()
+
+
 def test_shard_writes_into_a_full_directory_only_when_asked(tmp_path):
     """OUT_DIR is checked before the checkpoint is read: a file, or a directory with anything in
     it, is refused without --overwrite (an earlier model's files would go, or shards would land
