@@ -180,7 +180,7 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
             sent = [st.conn.send("step", {"session": st.session, "pos": s.pos, "wire": st.wire}, [h], st.wire,
                                  timeout=st.timeout)
                     for st, s, h in zip(stages, sessions, hidden)]
-            hidden = [check_reply(st.conn, st.conn.recv(req_id, st.timeout), h)
+            hidden = [check_reply(st.conn, st.conn.recv(req_id, "result", st.timeout), h)
                       for st, req_id, h in zip(stages, sent, hidden)]
         with torch.inference_mode():
             logits = client.head(torch.cat(hidden))[:, -1]

@@ -83,19 +83,23 @@ class SwarmModel:
         manifest = read_manifest(model_dir)
         swarm = Swarm(manifest.model_id, manifest.config.n_layer, manifest.config.n_head,
                       options or SwarmOptions())
-        # Asking who serves what is quick work for a peer: at most DISCOVERY_SECONDS, or the
-        # (shorter) time the options give a peer for any answer.
-        timeout = min(DISCOVERY_SECONDS, swarm.options.timeout)
-        if bootstrap:
-            from .discovery import add_from_bootstrap
-            swarm.bootstraps = list(bootstrap)
-            add_from_bootstrap(swarm, bootstrap, timeout)
-        if peers:
-            swarm.add_addresses(peers, timeout)
-        swarm.warn_rejected()
-        if swarm.options.verify > 0:
-            swarm.checker = SpotChecker(model_dir, manifest, swarm.options.verify)
-        return cls(model_dir, manifest, swarm, device=device)
+        try:
+            # Asking who serves what is quick work for a peer: at most DISCOVERY_SECONDS, or the
+            # (shorter) time the options give a peer for any answer.
+            timeout = min(DISCOVERY_SECONDS, swarm.options.timeout)
+            if bootstrap:
+                from .discovery import add_from_bootstrap
+                swarm.bootstraps = list(bootstrap)
+                add_from_bootstrap(swarm, bootstrap, timeout)
+            if peers:
+                swarm.add_addresses(peers, timeout)
+            swarm.warn_rejected()
+            if swarm.options.verify > 0:
+                swarm.checker = SpotChecker(model_dir, manifest, swarm.options.verify)
+            return cls(model_dir, manifest, swarm, device=device)
+        except BaseException:  # a device that is not there, Ctrl-C: the links made so far
+            swarm.close()
+            raise
 
     @classmethod
     def local(cls, model_dir: str | Path, device: torch.device | str = "cpu") -> SwarmModel:

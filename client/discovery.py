@@ -180,7 +180,9 @@ def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0)
         detail = "; ".join(fetched.errors.values())  # each names its contact
         raise DiscoveryError(f"no bootstrap node answered ({detail})")
     fetched.warn_unanswered()
-    rtt = min(fetched.rtt.values())  # a stand-in until the first real exchange with each peer
+    # Every peer of the table gets the bootstraps' round trip: theirs are not measured, so the
+    # route's tie-break on round trips (client/route.py) does not tell them apart.
+    rtt = min(fetched.rtt.values())
     claims: dict[str, list[Record]] = {}
     for record in fetched.table.records(swarm.model_id):
         claims.setdefault(record_contact(record), []).append(record)
@@ -230,7 +232,7 @@ def _owners(swarm: Swarm, disputed: dict[str, list[Record]], timeout: float) -> 
         for contact, (conn, req_id, records) in list(asked.items()):
             why = f"records of {len(records)} peer ids name this contact"
             try:
-                reply = conn.take(req_id)
+                reply = conn.take(req_id, "info_reply")
             except PeerError as e:
                 del asked[contact]
                 swarm.forget(contact, f"{why}, and it did not answer info ({e.code})")

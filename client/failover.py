@@ -34,8 +34,8 @@ from .verify import WIRE_TOLERANCE, SpotChecker
 
 log = logging.getLogger(__name__)
 
-# Positions per replay step: half the default --max-tokens-per-step; a node with a lower limit
-# refuses the step too_large and it is sent again in halves.
+# Positions per replay step: half the default --max-tokens-per-step. A stage cuts it further to
+# the limits its node stated at open (RemoteLayerStage.step), or, refused too_large, in halves.
 REPLAY_CHUNK = 512
 # After a failover or a reopen in a checking session, replayed outputs that differ from what the
 # next stage was sent by more than this (relative, as spot checks measure) or a tenth of the

@@ -125,8 +125,8 @@ class _Worker:
             # Not planned by max_length: the nodes are asked, and their refusals counted (too_large).
             for plan in self.swarm.plan():
                 stage = self.swarm.make_stage(plan)
+                stages.append(stage)  # before it opens: a head group's members that opened are closed below
                 self._timed(lambda s=stage: s.open(opts.max_length or len(ids)))
-                stages.append(stage)
             pos, chunk = 0, ids[:opts.prompt_tokens]
             for step in range(opts.new_tokens + 1):
                 if time.monotonic() >= self.deadline:
@@ -186,7 +186,7 @@ class _Worker:
 
     def _reset(self) -> None:
         """After a failure, fresh sockets (made again on first use): no late replies."""
-        self.swarm.close()
+        self.swarm.close_links()
 
     def _check(self, k: int, step: int, logits: torch.Tensor) -> None:
         if not self.opts.verify:

@@ -17,7 +17,7 @@ class NodeReport:
     heads: list[int] | None       # a head shard's heads, None for whole blocks
     alive: bool
     peak_rss_bytes: int | None
-    source: str                   # "VmHWM" (process we started) or "info"
+    source: str                   # "VmHWM" (process we started), "info", or "device" (a GPU node's)
     weight_bytes: int
     kv_budget_bytes: int | None
     errors: dict = field(default_factory=dict)

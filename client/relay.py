@@ -1,9 +1,10 @@
 """One step through a chain of layer stages by node-to-node relay (node/relay.py has the node's
 side): the client sends the step to the chain's first node with the rest of the chain, each node
-sends it on to the next, and the last node returns the result together with the output of every
-hop before it. A stage boundary then costs one link instead of a reply plus a new request, and
-the client sleeps until the token is through: on cores shared with the nodes, a client woken at
-every hop takes them from the node computing next.
+sends it on to the next, and the last node returns the result, for a short step together with
+the output of every hop before it (its `trail`; a long prefill goes without). A stage boundary
+then costs one link instead of a reply plus a new request, and the client sleeps until the token
+is through: on cores shared with the nodes, a client woken at every hop takes them from the node
+computing next.
 
 The hops' outputs are what failover needs: every stage's input for every position
 (client/failover.py replays them into a replacement). When a relayed step breaks off, the session
@@ -73,14 +74,14 @@ class Chain:
         try:
             first.conn.send("step", fields, [hidden], first.wire, req_id=rid, timeout=timeout)
             while True:
-                msg = last.conn.take(rid)  # an error reply, or a dropped link, raises PeerError
+                msg = last.conn.take(rid, "result")  # an error reply, or a dropped link, raises PeerError
                 if msg is not None:
                     outputs = reply_tensors(last.conn, msg, hidden, len(self.stages) if trail else 1)
                     for stage, at in zip(self.stages, sent):
                         stage.sent_at = at
                     return outputs
                 for stage in self.stages[:-1]:  # the hops before answer only to refuse
-                    if stage.conn.take(rid) is not None:
+                    if stage.conn.take(rid, "result") is not None:
                         raise PeerError(stage.conn.address, "bad_reply", "a reply from the middle of a relayed step")
                 left = deadline - time.monotonic()
                 if left <= 0:  # which hop holds the step is unknown: the caller finds out stage by stage
@@ -129,7 +130,7 @@ def pin_route(stages: list, no_relay: set, timeout: float) -> tuple[RemoteLayerS
             failed = failed or (stage, e)
     for stage, pins, rid, sent in asked:  # every answer read, so that each stage's pins are known
         try:
-            stage.conn.recv(rid, max(0.0, deadline - time.monotonic()))
+            stage.conn.recv(rid, "admitted", max(0.0, deadline - time.monotonic()))
             stage.pins, stage.sent_at = pins, sent
         except PeerError as e:
             failed = failed or (stage, e)
@@ -266,7 +267,7 @@ def stalled_stage(stages: list[RemoteLayerStage], timeout: float) -> tuple[Remot
     while asked:
         for stage, req_id in list(asked.items()):
             try:
-                answered = stage.conn.take(req_id) is not None
+                answered = stage.conn.take(req_id, "info_reply") is not None
             except PeerError as e:
                 if e.code == "disconnected":
                     return stage, e

@@ -7,9 +7,10 @@ its peer, has a replacement for exactly that stage's blocks rebuilt from that hi
 outside the stages, so the tokens are those of a run without the failure.
 
 Consecutive layer stages are driven by relay (client/relay.py): one request, the nodes pass the
-step along, and the result of a decode step carries every hop's output for the history. A
-prefill's does not (it would cross every link again): those positions are recomputed by the stage
-before when a failover needs them. A relayed step that breaks off is done again one stage at a
+step along, and the result of a step of up to TRAIL_MAX_POSITIONS positions (a decode step, a
+short prompt) carries every hop's output for the history. A longer prefill's does not (it would
+cross every link again): those positions are recomputed by the stage before when a failover
+needs them. A relayed step that breaks off is done again one stage at a
 time, the stages redoing the position if they hold it.
 
 With spot checks on (client/verify.py) the session does not relay, and after a share of the steps
@@ -30,7 +31,7 @@ import torch
 from nanoswarm.keys.contact import endpoint_of
 from nanoswarm.protocol.tensors import fits_wire
 
-from .failover import CANNOT_TAKE, REPLAY_CHUNK, CallerError, Failover, SessionError
+from .failover import CANNOT_TAKE, CallerError, Failover, SessionError
 from .history import History, Unkept
 from .relay import RELAY_STALLS, Chain, ChainBroken, SessionRelay, stalled_stage
 from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 # input was fine).
 PASSED_ON_WRONG = ("bad_reply", "bad_shape", "bad_tensor", "malformed")
 
-__all__ = ["CANNOT_TAKE", "REPLAY_CHUNK", "TRAIL_MAX_POSITIONS", "CallerError", "InferenceSession", "SessionError"]
+__all__ = ["CANNOT_TAKE", "TRAIL_MAX_POSITIONS", "CallerError", "InferenceSession", "SessionError"]
 
 # A relayed step of up to this many positions brings back every hop's output (client/relay.py):
 # 3 KB a hop for a decode step of the GPT-2-small shape. A longer one (a prefill) brings back only
@@ -134,6 +135,8 @@ class InferenceSession(Failover):
         with self.lock:
             if self.closed:
                 raise RuntimeError("this session is closed")
+            if self.swarm is not None and self.swarm.closed:  # its links are: a failover would make new ones
+                raise RuntimeError("this session's SwarmModel is closed")
             return self._step(hidden)
 
     def _check_input(self, hidden: object) -> None:

@@ -54,7 +54,6 @@ def step_retrying_busy(stage: Stage, hidden: torch.Tensor, pos: int, rewind: boo
 class Stage:
     start: int
     stop: int
-    max_length: int = 0
     # A stage whose step is several requests retries a `busy` one itself: the rest of the step
     # has already been stored by its other peers, so asking for the whole step again would fail.
     retries_busy: bool = False
@@ -108,16 +107,14 @@ class Stage:
 
 
 class LocalStage(Stage):
-    """Blocks run in this process: the single-process reference and a fallback."""
+    """Blocks run in this process: the single-process reference (`SwarmModel.local`, the bench)."""
 
-    def __init__(self, blocks: Blocks, start: int | None = None, stop: int | None = None):
+    def __init__(self, blocks: Blocks):
         self.blocks = blocks
-        self.start = blocks.start if start is None else start
-        self.stop = blocks.stop if stop is None else stop
+        self.start, self.stop = blocks.start, blocks.stop
         self.cache = None
 
     def open(self, max_length: int) -> None:
-        self.max_length = max_length
         self.cache = self.blocks.new_cache(max_length, self.stop - self.start)
 
     def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
@@ -185,7 +182,6 @@ class RemoteLayerStage(Stage):
         self.pins: tuple | None = (None, None)  # its relayed steps' hops before and after (client/relay.py)
 
     def open(self, max_length: int) -> None:
-        self.max_length = max_length
         sent = idle_clock()
         reply = self.conn.request("open", {"model_id": self.model_id, "max_length": max_length,
                                            "layers": [self.start, self.stop]}, timeout=self.timeout)
@@ -266,7 +262,6 @@ class HeadGroupStage(Stage):
         self._open(max_length)
 
     def _open(self, max_length: int) -> None:
-        self.max_length = max_length
         self.sessions, self.limits = [], []
         sent = idle_clock()
         for conn, _ in self.members:
@@ -290,7 +285,7 @@ class HeadGroupStage(Stage):
             for k in waiting:
                 conn = self.members[k][0]
                 try:
-                    partials[k] = check_reply(conn, conn.recv(ids[k], self.timeout), hidden)
+                    partials[k] = check_reply(conn, conn.recv(ids[k], "result", self.timeout), hidden)
                 except PeerError as e:
                     # An overloaded member left its session as it was, while the others have
                     # stored this block: ask it alone again, a little later.

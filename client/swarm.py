@@ -37,6 +37,7 @@ def takes(peer: PeerInfo, max_length: int) -> bool:
 class Ban:
     until: float
     strikes: int
+    why: str = ""
 
 
 REFRESH_SECONDS = 2.0  # the least time between two refreshes of the peer table (Swarm.refresh)
@@ -77,7 +78,7 @@ class SwarmOptions:
         for name in ("insecure", "relay"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if not (isinstance(self.verify, (int, float)) and 0 <= self.verify <= 1):
+        if not (isinstance(self.verify, (int, float)) and not isinstance(self.verify, bool) and 0 <= self.verify <= 1):
             raise ValueError(f"verify must be a fraction of steps from 0 to 1, got {self.verify}")
         if self.heartbeat is not None and not (isinstance(self.heartbeat, (int, float))
                                                and not isinstance(self.heartbeat, bool)
@@ -108,6 +109,7 @@ class Swarm:
     _drained: float = -DRAIN_SECONDS
     checker: SpotChecker | None = None  # set by SwarmModel.connect when options.verify > 0
     _abandoned: deque[list[Stage]] = field(default_factory=deque)  # stages of sessions dropped unclosed
+    closed: bool = False  # by close(): no new link, so no session may step on (SwarmModel.close)
 
     # ----- discovery ----------------------------------------------------------------------
     def add_addresses(self, addresses: list[str], timeout: float = 5.0) -> None:
@@ -123,6 +125,8 @@ class Swarm:
                 if e.code == "disconnected":  # the node dropped our handshake
                     self.rejected[address] += why_dropped(address)
                 log.info("peer %s", e)  # the error names the address; warn_rejected tells the user
+                if address not in self.peers:  # never taken (a refresh asks the known peers only)
+                    self._close_link(address)
                 continue
             self.add_info(address, reply.fields, rtt, curve_key=split_contact(address)[1])
 
@@ -139,7 +143,7 @@ class Swarm:
 
     def add_info(self, address: str, info: dict, rtt: float = 0.0, curve_key: bytes | None = None) -> None:
         if info.get("model_id") != self.model_id:
-            self.rejected[address] = f"serves model {str(info.get('model_id'))[:12]}, not ours"
+            self.forget(address, f"serves model {str(info.get('model_id'))[:12]}, not ours")
             return
         try:  # a peer's own `info` is untrusted: what it claims must make sense before it is used
             layers = parse_range(info.get("layers"), self.n_layer, "layers")
@@ -149,8 +153,7 @@ class Swarm:
             if not (finite_float(throughput) and finite_float(load) and throughput >= 0 and load >= 0):
                 raise ProtocolError(ErrorCode.MALFORMED, "throughput and load must be numbers >= 0")
         except ProtocolError as e:
-            self.rejected[address] = f"bad_reply: its info is malformed: {e.message}"
-            self.peers.pop(address, None)
+            self.forget(address, f"bad_reply: its info is malformed: {e.message}")
             log.info("peer %s: %s", address, self.rejected[address])
             return
         self.rejected.pop(address, None)  # it answered this time (a refresh asks again)
@@ -170,30 +173,33 @@ class Swarm:
     def ban(self, address: str, why: str) -> None:
         strikes = self.bans[address].strikes + 1 if address in self.bans else 1
         seconds = self.options.ban_seconds * 2 ** (strikes - 1)
-        self.bans[address] = Ban(time.monotonic() + seconds, strikes)
+        self.bans[address] = Ban(time.monotonic() + seconds, strikes, why)
         log.info("banned %s for %.0fs: %s", address, seconds, why)
-        conn = self._conns.pop(address, None)
-        if conn is not None:  # a fresh socket later: no stale replies, no queued requests
-            # Other sessions on this peer (of other InferenceSessions sharing the swarm) lose
-            # their link with it: close them now, or a live peer holds their KV cache until its
-            # idle timeout (a stalled one reads the closes when it resumes). The socket lingers
-            # for those and for any close queued before (Failover._replace closes the
-            # failed stage first).
-            conn.close_sessions()
-            conn.close(linger_ms=200 if conn.closes_queued else 0)
+        self._close_link(address)  # a fresh socket later: no stale replies, no queued requests
 
     def forget(self, address: str, why: str) -> None:
         """Stop using `address` (not a ban: it did nothing wrong we know of) and close our link."""
         self.rejected[address] = why
         self.peers.pop(address, None)
+        self._close_link(address)
+
+    def _close_link(self, address: str) -> None:
+        """Close the link to `address` and the sessions still open over it: other sessions on
+        the peer (of other InferenceSessions sharing the swarm) lose their link with it, and a
+        live peer would hold their KV caches until its idle timeout (a stalled one reads the
+        closes when it resumes). The socket lingers for those closes and for any queued before
+        (Failover._replace closes the failed stage first)."""
         conn = self._conns.pop(address, None)
         if conn is not None:
-            conn.close()
+            conn.close_sessions()
+            conn.close(linger_ms=200 if conn.closes_queued else 0)
 
     # ----- connections and stages ---------------------------------------------------------
     def connection(self, address: str) -> PeerConnection:
         """The link to `address` (a contact string, endpoint#key): CURVE with the peer's key from
         its signed record or its contact; a peer without a key only with options.insecure."""
+        if self.closed:  # a link made now would outlive close(), with whatever it opened
+            raise RuntimeError("this SwarmModel is closed")
         conn = self._conns.get(address)
         if conn is None:
             info = self.peers.get(address)
@@ -207,7 +213,8 @@ class Swarm:
                                 "(ADDRESS#KEY, printed by the node) or allow unencrypted links with --insecure")
             try:
                 conn = PeerConnection(address, self.options.timeout, server_key=key,
-                                      client_keys=self.options.client_keys, heartbeat=self.options.silence)
+                                      client_keys=self.options.client_keys, heartbeat=self.options.silence,
+                                      forgive_idle_drops=True)
             except (ValueError, zmq.ZMQError) as e:  # an endpoint ZeroMQ cannot connect to
                 raise PeerError(address, "bad_contact", f"cannot connect: {e}") from None
             self._conns[address] = conn
@@ -290,7 +297,10 @@ class Swarm:
             return build_route(self.available(max_length, refused), self.n_layer, self.n_head, start, stop)
         except RouteError as e:
             # The peers we were given but could not use are the likely cause: say why.
+            now = time.monotonic()
             unused = {**self.rejected, **refused}
+            unused.update((a, f"banned for {b.until - now:.0f}s more ({b.why})") for a, b in self.bans.items()
+                          if b.until > now and a in self.peers)
             unused.update((p.address, f"takes sessions of at most {p.extra['max_length']} positions, "
                            f"not {max_length}") for p in self.available() if max_length and not takes(p, max_length))
             if not unused:
@@ -311,8 +321,12 @@ class Swarm:
                                 self.model_id, self.options.wire, self.options.timeout)
 
     def close(self) -> None:
-        self._abandoned.clear()  # their sessions are among those closed below
-        for conn in self._conns.values():
-            conn.close_sessions()  # whatever a caller left open: its nodes free the KV caches now
-            conn.close(linger_ms=200 if conn.closes_queued else 0)
-        self._conns.clear()
+        self.closed = True
+        self.close_links()
+
+    def close_links(self) -> None:
+        """Close every link, and the sessions still open over them (their nodes free the KV
+        caches now); links are made again on first use."""
+        self._abandoned.clear()  # their sessions are among those closed here
+        for address in list(self._conns):
+            self._close_link(address)

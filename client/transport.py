@@ -15,7 +15,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from nanoswarm.keys.contact import allow_ipv6, endpoint_of, split_contact
 from nanoswarm.protocol.errors import ProtocolError
-from nanoswarm.protocol.messages import Message, decode, encode
+from nanoswarm.protocol.messages import REPLY_TYPES, Message, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class PeerConnection:
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT,
                  server_key: bytes | None = None, client_keys: tuple[bytes, bytes] | None = None,
                  ctx: zmq.Context | None = None, max_frame: int = MAX_FRAME_BYTES,
-                 heartbeat: float | None = None):
+                 heartbeat: float | None = None, forgive_idle_drops: bool = False):
         self.address = address
         self.heartbeat = heartbeat  # seconds of silence after which the link counts as dropped
         self.timeout = timeout
@@ -133,7 +133,16 @@ class PeerConnection:
             self.socket.setsockopt(zmq.HANDSHAKE_IVL, int(heartbeat * 1000))
         self._connected = False  # once: a later refusal is a drop, reported as one
         self._handshaken = False  # the current connection finished its handshake: heartbeats run
+        self._ever_handshaken = False  # some connection did: a drop in a later handshake is no refusal
         self._dropped: tuple[str, str] | None = None  # what the monitor said, until take() reports it
+        # With `forgive_idle_drops` (a swarm's links, where a reported drop strikes the peer), a
+        # drop that lost nothing (no session open over the link, no reply awaited) is held back
+        # while the link reconnects, reported only if the peer is not back at once, and
+        # forgotten when it is (drain_events).
+        self.forgive_idle_drops = forgive_idle_drops
+        self._held_drop: tuple[str, str] | None = None
+        self._retries = 0  # reconnects tried since the held drop
+        self._harmless = False  # the drop held or to report lost nothing
         self._poller = zmq.Poller()
         self.register(self._poller)
         allow_ipv6(self.socket, endpoint)
@@ -161,6 +170,8 @@ class PeerConnection:
         dropped a connection whose handshake the peer refused (a key not on its allow list, a
         wrong server key), and a plain send would then block forever."""
         self._check_open()
+        if self.forgive_idle_drops:  # drops from before this request, read as such
+            self.drain_events()
         req_id = next_request_id() if req_id is None else req_id
         frames = encode(msg_type, req_id, fields, tensors, wire)
         if not self._queue(frames):
@@ -178,8 +189,9 @@ class PeerConnection:
             return False
         return True
 
-    def recv(self, req_id: int, timeout: float | None = None) -> Message:
-        """The reply to `req_id`; raises PeerError for an error reply, PeerTimeout after timeout."""
+    def recv(self, req_id: int, expect: str, timeout: float | None = None) -> Message:
+        """The reply to `req_id`, of type `expect`; raises PeerError for an error reply or one of
+        another type, PeerTimeout after timeout."""
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
@@ -187,14 +199,15 @@ class PeerConnection:
             if left > 0:
                 self._check_open()  # polling a closed socket would raise ZMQError
                 self._poller.poll(max(1, int(left * 1000)))
-            msg = self.take(req_id)
+            msg = self.take(req_id, expect)
             if msg is not None:
                 return msg
             if left <= 0:
                 raise PeerTimeout(self.address, timeout)
 
-    def take(self, req_id: int) -> Message | None:
-        """The reply to `req_id` if it has come (an error reply raises PeerError), without waiting;
+    def take(self, req_id: int, expect: str) -> Message | None:
+        """The reply to `req_id` if it has come (an error reply, or one that is not of type
+        `expect`, raises PeerError), without waiting;
         other messages read meanwhile are notices or late replies, and are dropped. A drop of the
         connection raises PeerError("disconnected") once (the socket reconnects by itself), after
         the replies that came before it."""
@@ -205,20 +218,23 @@ class PeerConnection:
                 if msg is not None and msg.id == req_id:  # else a late reply to a request we gave up on
                     if msg.type == "error":
                         raise PeerError(self.address, msg.fields["code"], msg.fields["message"])
+                    if msg.type != expect:  # its fields are not the ones the caller reads (a review)
+                        raise PeerError(self.address, "bad_reply", f"answered {msg.type!r} where {expect!r} was due")
                     return msg
                 continue
-            self.drain_events()
+            self.drain_events(awaiting=True)
             if self.socket.get(zmq.EVENTS) & zmq.POLLIN:  # replies that came first still count
                 continue
             if self._dropped is not None:
-                (code, message), self._dropped = self._dropped, None
+                (code, message), self._dropped, self._harmless = self._dropped, None, False
                 raise PeerError(self.address, code, message)
             return None
 
-    def drain_events(self) -> None:
-        """Read the monitor's events, keeping a drop for take() to report. Holders of connections
-        that may sit unused call this now and then: unread events fill the monitor's queue, and
-        then libzmq's I/O thread blocks (RECONNECT_MAX_MS)."""
+    def drain_events(self, awaiting: bool = False) -> None:
+        """Read the monitor's events, keeping a drop for take() to report (`awaiting`: take()'s,
+        a reply is awaited, which the drop may have lost). Holders of connections that may sit
+        unused call this now and then: unread events fill the monitor's queue, and then libzmq's
+        I/O thread blocks (RECONNECT_MAX_MS)."""
         if self.socket.closed:
             return
         while self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
@@ -226,13 +242,32 @@ class PeerConnection:
             if event == zmq.EVENT_CONNECTED:
                 self._connected = True
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshaken = True
+                self._handshaken = self._ever_handshaken = True
+                if self._harmless:  # back, and the drop lost nothing: no failure to report
+                    # (Reported, it struck and banned a healthy peer that restarted, or that a
+                    # pause of either side cut off, while the client sat idle: a review. A notice
+                    # of leaving came over the connection before: the peer may be a new process.)
+                    self._dropped = self._held_drop = None
+                    self._harmless = self.leaving = False
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 if not self._connected and self._dropped is None:  # never reached: nothing listens there
                     self._dropped = ("unreachable", unreachable_why(endpoint_of(self.address)))
-            else:  # the first drop until reported: reconnects to a frozen peer drop again, in the handshake
-                self._dropped = self._dropped or ("disconnected", self._why_dropped())
-                self._handshaken = False
+                elif self._held_drop is not None:
+                    # libzmq reports one retry as it starts reconnecting after a drop, and one
+                    # for each connect refused after that: the peer is not back at once.
+                    self._retries += 1
+                    if self._retries > 1:
+                        self._dropped, self._held_drop = self._held_drop, None
+            else:  # a drop: the first until reported (reconnects to a frozen peer drop again, in the handshake)
+                why, self._handshaken = ("disconnected", self._why_dropped()), False
+                idle = self.forgive_idle_drops and self._ever_handshaken and not (awaiting or self.sessions)
+                if self._dropped is None and self._held_drop is None:
+                    self._harmless = idle
+                    if idle:
+                        self._held_drop, self._retries = why, 0
+                        continue
+                self._harmless = self._harmless and idle
+                self._dropped, self._held_drop = self._dropped or self._held_drop or why, None
 
     def _why_dropped(self) -> str:
         if self.heartbeat is None:
@@ -266,8 +301,12 @@ class PeerConnection:
         except ProtocolError as e:
             raise PeerError(self.address, "bad_reply", e.message) from None
         if msg.type == "leaving":
-            self.leaving = True
-            log.info("%s announced it is leaving", self.address)
+            listed = msg.fields.get("sessions")
+            # A notice naming only sessions closed since is stale: read after a reconnect, it
+            # came from the process before, and banned the one that now listens (a review).
+            if listed is None or any(isinstance(s, str) and s in self.sessions for s in listed):
+                self.leaving = True
+                log.info("%s announced it is leaving", self.address)
             return None
         busy = msg.fields.get("busy")  # a relayed step's result: every hop's busy_us
         if isinstance(busy, list):
@@ -283,7 +322,7 @@ class PeerConnection:
         deadline = time.monotonic() + timeout  # one timeout for queueing and answering together
         req_id = self.send(msg_type, fields, tensors, wire, timeout=timeout)
         try:
-            return self.recv(req_id, max(0.0, deadline - time.monotonic()))
+            return self.recv(req_id, REPLY_TYPES[msg_type], max(0.0, deadline - time.monotonic()))
         except PeerTimeout:
             raise PeerTimeout(self.address, timeout) from None
 

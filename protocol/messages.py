@@ -156,6 +156,9 @@ def peek_id(header_bytes: bytes) -> int:
 
 # What a node takes; every other type is a reply (or a notice) and is `unknown_type` there.
 REQUEST_TYPES = frozenset({"info", "forward", "open", "step", "close", "admit", "records"})
+# The reply each request takes (besides `error`): a reply of another type is the peer's nonsense.
+REPLY_TYPES = {"info": "info_reply", "forward": "result", "open": "opened", "step": "result",
+               "close": "closed", "admit": "admitted", "records": "records_reply"}
 
 
 def decode(frames: list, max_message_bytes: int | None = None, finite: bool = False,

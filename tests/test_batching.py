@@ -85,7 +85,7 @@ def test_concurrent_sessions_through_real_nodes(tiny_model_dir, cluster_factory)
                                                       [h])) for route, h, n in zip(routes, hidden, PROMPTS)]
                 if t == 0:
                     cluster.kill(j, signal.SIGCONT)
-                hidden = [stage.conn.recv(req_id).tensors[0] for stage, req_id in sent]
+                hidden = [stage.conn.recv(req_id, "result").tensors[0] for stage, req_id in sent]
             for i, h in enumerate(hidden):
                 got[i].append(client.logits(h))
         for i, (seq, n) in enumerate(zip(seqs, PROMPTS)):

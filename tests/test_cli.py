@@ -261,7 +261,7 @@ def test_generate_checks_its_settings_before_connecting(tiny_model_dir):
              ("--temperature", "nan", "--temperature must be a finite number >= 0, got nan"),
              ("--top-p", "inf", "--top-p must be in (0, 1], got inf"),
              ("--top-k", "-1", "'--top-k': -1 is not in the range x>=0"),
-             ("--seed", "-1", "--seed must be from 0 to 2**64 - 1, got -1"),
+             ("--seed", "-1", "--seed must be a whole number from 0 to 2**64 - 1, got -1"),
              # ZeroMQ's poll takes milliseconds as a C int: this overflowed it (a review)
              ("--timeout", "2200000", "'2200000' is too large: at most 1000000"))
     outs = [invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9", option, value)

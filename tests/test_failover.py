@@ -118,7 +118,7 @@ def test_a_request_nobody_answers_times_out_when_asked():
         req_id = conn.send("info")
         t0 = time.monotonic()
         with pytest.raises(PeerTimeout):
-            conn.recv(req_id)
+            conn.recv(req_id, "info_reply")
         waited = time.monotonic() - t0
         assert silent.poll(0) and 0.95 <= waited < 1.4, waited  # the request arrived; one timeout, not more
     finally:
@@ -895,7 +895,7 @@ def test_peers_that_reclaim_and_refuse_in_turn_are_struck_after_one_free_move():
     plans = []
 
     class TwoPeers:
-        n_layer, bans, checker = 1, {}, None
+        n_layer, bans, checker, closed = 1, {}, None, False
         options = SimpleNamespace(relay=False, wire="float32", timeout=1.0, verify=0.0)
 
         def ban(self, address, why):
@@ -976,6 +976,8 @@ def test_an_address_where_nothing_listens_fails_at_once_not_after_the_timeout(ti
     assert time.monotonic() - t0 < 5.0
     model = SwarmModel.connect(tiny_model_dir, peers=[live], options=SwarmOptions(timeout=20.0))
     try:
+        model.swarm.add_addresses([dead], 5.0)  # not taken: its link is not kept, retrying for ever
+        assert model.swarm.rejected[dead].startswith("unreachable") and dead not in model.swarm._conns
         info = model.swarm.peers[live]
         model.swarm.add_info(dead, info.extra, rtt=0.0, curve_key=info.curve_key)  # as a stale record would
         model.swarm.peers[live].rtt = 1.0  # the dead address is the cheaper choice
@@ -1067,7 +1069,7 @@ def test_heartbeats_drop_an_idle_link_to_a_frozen_peer_and_say_so():
         conn = PeerConnection(f"tcp://127.0.0.1:{peer.stdout.readline().strip()}", timeout=30.0,
                               heartbeat=0.5)
         assert conn.socket.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 500
-        assert conn.request("info").type == "info"  # echoed: the link is up
+        assert conn.recv(conn.send("info"), "info").type == "info"  # echoed: the link is up
         os.kill(peer.pid, signal.SIGSTOP)
         time.sleep(1.5)  # idle: no request waits on the link
         assert conn.dropped or conn.monitor.poll(0)
@@ -1091,3 +1093,120 @@ def test_heartbeats_drop_an_idle_link_to_a_frozen_peer_and_say_so():
         peer.wait()
         if conn is not None:
             conn.close()
+
+
+def _echo_peer(port: int):
+    """A ROUTER on 127.0.0.1:`port` that sends every message back, in a process of its own."""
+    import subprocess
+    import sys
+
+    peer = subprocess.Popen([sys.executable, "-c", "import sys, zmq\n"
+                             "s = zmq.Context().socket(zmq.ROUTER)\n"
+                             f"s.bind('tcp://127.0.0.1:{port}')\n"
+                             "print('up', flush=True)\n"
+                             "while True: s.send_multipart(s.recv_multipart())"],
+                            stdout=subprocess.PIPE, text=True)
+    assert peer.stdout.readline().strip() == "up"
+    return peer
+
+
+def test_a_drop_that_lost_nothing_is_forgotten_once_the_link_is_back():
+    """A swarm's link with no session open over it and no reply awaited that drops (its peer
+    restarted, or paused past the heartbeat, while the client sat idle) lost nothing: once it
+    reconnects, its next request goes through. Reported, the drop failed that request and got
+    the healthy peer struck and banned (a review). A drop that took sessions with it is still
+    reported after the reconnect, one while a reply is awaited at once, and a peer that does
+    not come back within a retry."""
+    import os
+    import socket
+
+    import torch
+
+    from nanoswarm.client.transport import PeerConnection, PeerError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def back(conn: PeerConnection) -> None:
+        """Until the link's drop was read and it has reconnected (its handshake done)."""
+        deadline = time.monotonic() + 20
+        conn.monitor.poll(1000)
+        conn.drain_events()
+        while not conn._handshaken and time.monotonic() < deadline:
+            conn.monitor.poll(100)
+            conn.drain_events()
+        assert conn._handshaken
+
+    def echoed(conn: PeerConnection) -> bool:
+        """A request answered, and no drop left to report (a reply read first hides one)."""
+        return conn.recv(conn.send("info"), "info", timeout=5).type == "info" and conn.take(0, "info") is None
+
+    peer = _echo_peer(port)
+    conn = PeerConnection(f"tcp://127.0.0.1:{port}", timeout=10, heartbeat=0.5, forgive_idle_drops=True)
+    try:
+        assert echoed(conn)
+        peer.kill()  # restarted on the same port
+        peer.wait()
+        time.sleep(0.5)
+        peer = _echo_peer(port)
+        back(conn)
+        assert echoed(conn)
+        os.kill(peer.pid, signal.SIGSTOP)  # paused past the heartbeat, and its reconnects' handshakes
+        time.sleep(2.0)
+        os.kill(peer.pid, signal.SIGCONT)
+        back(conn)
+        assert echoed(conn)
+        conn.sessions.add("s")  # a session over the link: the node closes it with the connection
+        peer.kill()
+        peer.wait()
+        peer = _echo_peer(port)
+        back(conn)
+        with pytest.raises(PeerError, match="disconnected"):
+            conn.take(0, "info")  # (the next read that finds no reply waiting)
+        conn.sessions.clear()
+        assert echoed(conn)  # (reported once)
+        other = PeerConnection(conn.address, timeout=10, forgive_idle_drops=True, max_frame=1024)
+        try:  # dropped while a reply is awaited (it came over max_frame): lost with the drop
+            assert echoed(other)
+            t0 = time.monotonic()
+            with pytest.raises(PeerError, match="disconnected"):
+                other.recv(other.send("info", tensors=[torch.zeros(1024)]), "info")
+            assert time.monotonic() - t0 < 2
+        finally:
+            other.close()
+        peer.kill()  # gone for good: the refused reconnect says so within a retry
+        peer.wait()
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match="disconnected"):
+            echoed(conn)
+        assert time.monotonic() - t0 < 2
+    finally:
+        peer.kill()
+        peer.wait()
+        conn.close()
+
+
+def test_a_leaving_notice_for_sessions_closed_since_is_stale():
+    """A node that leaves tells each client the sessions it held for it. A notice naming only
+    sessions the client has closed since (read after a reconnect, it came from the process
+    before) no longer marks the peer leaving: it banned the new process that listened there."""
+    import socket
+
+    from nanoswarm.client.transport import PeerConnection, PeerTimeout
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    peer = _echo_peer(port)  # it sends back the notices the client sends it
+    conn = PeerConnection(f"tcp://127.0.0.1:{port}", timeout=10)
+    try:
+        conn.sessions.add("open")
+        for listed, leaving in ((["closed"], False), (["closed", "open"], True)):
+            with pytest.raises(PeerTimeout):  # a notice is no reply
+                conn.recv(conn.send("leaving", {"sessions": listed}), "info", timeout=0.5)
+            assert conn.leaving is leaving
+    finally:
+        peer.kill()
+        peer.wait()
+        conn.close()

@@ -11,7 +11,7 @@ from conftest import TINY, make_model_dir
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
-from nanoswarm.client.swarm import SwarmOptions
+from nanoswarm.client.swarm import Swarm, SwarmOptions
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.shards.model import ModelConfig
 from nanoswarm.shards.tokenizer import EOT_TOKEN
@@ -57,7 +57,7 @@ def test_negative_new_tokens_are_refused(tiny):
         tiny.generate("ROMEO:", -5, GREEDY)
 
 
-def test_a_callers_mistakes_are_refused_before_any_peer_is_asked(tiny_model_dir, cluster_factory):
+def test_a_callers_mistakes_are_refused_before_any_peer_is_asked(tiny_model_dir, cluster_factory, monkeypatch):
     """Sent, a node would refuse them, and the client would fail its honest peer over and ban
     it: the model stopped working for the ban's 30 s after one `generate(prompt, 5.5)` (a review)."""
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
@@ -93,10 +93,22 @@ def test_a_callers_mistakes_are_refused_before_any_peer_is_asked(tiny_model_dir,
                 SwarmOptions(**args)
         with pytest.raises(TypeError, match="peers must be a list of contacts, got a single str"):
             SwarmModel.connect(tiny_model_dir, peers=swarm.addresses[0])
+        closed = []  # a connect that fails after connecting closes the links it made (a review)
+        monkeypatch.setattr(Swarm, "close", lambda self, close=Swarm.close: (closed.append(self), close(self))[1])
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, device="cuda:99")
+        assert len(closed) == 1 and closed[0].closed and closed[0]._conns == {}
         with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as other, other.session(4) as alone:
             alone.step(x[:, :1])
         assert alone.closed and other.closed
         assert model.generate("x", 3, GREEDY).ids == SwarmModel.local(tiny_model_dir).generate("x", 3, GREEDY).ids
+        # A session stepped after its model closed: its links are gone, and a failover would
+        # have made new ones (and banned the honest peer), outliving close() (a review)
+        session = model.session(4)
+        model.close()
+        with pytest.raises(RuntimeError, match="this session's SwarmModel is closed"):
+            session.step(x[:, :1])
+        assert model.swarm.bans == {} and model.swarm._conns == {}
     finally:
         model.close()
 
@@ -193,7 +205,8 @@ def test_threads_may_share_a_model_and_close_ends_their_generations(tiny_model_d
 @pytest.mark.parametrize("kwargs,what", [
     ({"temperature": math.nan}, "temperature"), ({"temperature": math.inf}, "temperature"),
     ({"temperature": -1.0}, "temperature"), ({"top_p": math.nan}, "top_p"), ({"top_p": 0.0}, "top_p"),
-    ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"),
+    ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": True}, "seed"),
+    ({"top_k": 0}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"top_k": True}, "top_k"),
 ])
 def test_sampling_params_refuse_bad_values(kwargs, what):
     with pytest.raises(ValueError, match=what):

@@ -664,7 +664,7 @@ def _check_over_maxmsgsize(contact: str) -> None:
         header = msgpack.packb({"v": PROTOCOL_VERSION, "id": 7, "type": "info", "tensors": [["float32", [size]]]})
         conn.socket.send_multipart([header, bytes(4 * size)])
         with pytest.raises(PeerError) as e:
-            conn.recv(7, timeout=3.0)
+            conn.recv(7, "info_reply", timeout=3.0)
         assert e.value.code in ("disconnected", "timeout")
         # Split into parts, the same bytes are a message like any other: refused, as too large
         with pytest.raises(PeerError, match="too_large"):
@@ -744,10 +744,64 @@ def test_a_peer_whose_info_makes_no_sense_is_rejected_with_a_reason(claims):
         t.start()
         swarm.add_addresses([contact], timeout=10.0)
         t.join()
-        assert contact not in swarm.peers
+        assert contact not in swarm.peers and contact not in swarm._conns  # (its link closed)
         assert swarm.rejected[contact].startswith("bad_reply: its info is malformed")
     finally:
         swarm.close()
+        server.close()
+
+
+def test_a_reply_of_another_type_is_the_peers_fault_not_a_crash(tiny_model_dir, tmp_path):
+    """A peer that answers a request with a well-formed reply of another type (`result` for
+    `open` or `records`): its fields are not the ones the caller reads. The client raised a bare
+    KeyError, and a node whose bootstrap answered so exited; now the peer is blamed (bad_reply),
+    banned like any peer that answers nonsense, and the node starts on its own (a review)."""
+    import subprocess
+
+    from conftest import CLI
+
+    from nanoswarm.client.discovery import DiscoveryError
+    from nanoswarm.client.route import RouteError
+    from nanoswarm.keys.contact import format_contact
+
+    model_id = read_manifest(tiny_model_dir).model_id
+    public, secret = zmq.curve_keypair()
+    server = zmq.Context.instance().socket(zmq.ROUTER)
+    server.curve_server, server.curve_publickey, server.curve_secretkey = True, public, secret
+    server.setsockopt(zmq.LINGER, 0)
+    contact = format_contact(f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}", public)
+    stop = threading.Event()
+
+    def serve() -> None:  # `info` answered as a node would, anything else with an empty `result`
+        while not stop.is_set():
+            if server.poll(50):
+                peer, header, *_ = server.recv_multipart()
+                req = msgpack.unpackb(header)
+                reply = ({"type": "info_reply", "peer_id": "p", "model_id": model_id, "layers": [0, 4]}
+                         if req["type"] == "info" else {"type": "result"})
+                server.send_multipart([peer, msgpack.packb({"v": PROTOCOL_VERSION, "id": req["id"], **reply})])
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        model = SwarmModel.connect(tiny_model_dir, peers=[contact])
+        with model, pytest.raises(RouteError, match="bad_reply: answered 'result' where 'opened' was due"):
+            model.generate("x", 2)
+        assert model.swarm.bans[contact].strikes == 1
+        with pytest.raises(DiscoveryError, match="answered 'result' where 'records_reply' was due"):
+            SwarmModel.connect(tiny_model_dir, bootstrap=[contact])
+        node = subprocess.Popen([*CLI, "node", str(tiny_model_dir), "--num-blocks", "2", "--bootstrap", contact,
+                                 "--listen", "tcp://127.0.0.1:*", "--key-file", str(tmp_path / "node.key")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        try:
+            assert node.stdout.readline().startswith("listening tcp://127.0.0.1:")
+        finally:
+            node.terminate()
+            _, err = node.communicate(timeout=60)
+        assert "answered 'result' where 'records_reply' was due" in err and node.returncode == 0
+    finally:
+        stop.set()
+        t.join()
         server.close()
 
 
@@ -869,6 +923,7 @@ def test_a_node_whose_device_failed_leaves_with_the_reason(tiny_model_dir, monke
     conn = PeerConnection(node.address, timeout=5.0)
     try:
         session = conn.request("open", {"max_length": 8}).fields["session"]
+        conn.sessions.add(session)  # as a stage notes it: a notice of leaving names it
         assert conn.request("step", {"session": session, "pos": 0}, [hidden(1)]).type == "result"
         serving.join(0.3)
         assert serving.is_alive() and node.failure is None  # a step that went well: nothing to report
@@ -885,7 +940,7 @@ def test_a_node_whose_device_failed_leaves_with_the_reason(tiny_model_dir, monke
         serving.join(10)
         assert not serving.is_alive()
         try:
-            conn.take(0)  # reads its notice (and perhaps its close)
+            conn.take(0, "result")  # reads its notice (and perhaps its close)
         except PeerError:
             pass
         assert conn.leaving  # told, as on SIGTERM

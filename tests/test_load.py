@@ -11,7 +11,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from conftest import invoke_cli
+from conftest import invoke_cli, sessions_on
 
 from nanoswarm.cli import main
 from nanoswarm.client.load import LoadOptions, run_load
@@ -198,3 +198,39 @@ def test_overloaded_nodes_under_split_prompts_are_refusals_not_failures(tiny_mod
     assert not report.failed, report.failure_samples[:3]
     assert report.sessions_completed > 0 and report.mismatches == 0
     assert len(report.prefill_latency) >= report.sessions_completed
+
+
+def test_a_head_group_member_that_refuses_leaves_no_session_open_on_the_others(tiny_model_dir, cluster_factory):
+    """A head group whose second member refuses `open` (busy: at its --max-sessions): the session
+    its first member opened was never closed, and held its slot and cache there until the
+    worker ended (a review)."""
+    from nanoswarm.client.generate import ClientModel
+    from nanoswarm.client.load import _Worker
+    from nanoswarm.shards.manifest import read_manifest
+    from nanoswarm.shards.weights import load_embeddings, load_head
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), (0, 2)),
+                                             NodeSpec((0, 4), (2, 4), ["--max-sessions", "1"])])
+    manifest = read_manifest(tiny_model_dir)
+    full = PeerConnection(swarm.addresses[1], 5.0)  # another client takes the second member's only slot
+    worker = None
+    try:
+        full.request("open", {"model_id": manifest.model_id, "max_length": 8, "layers": [0, 4]})
+        opts = LoadOptions(tiny_model_dir, peers=swarm.addresses, timeout=5)
+        infos = {}
+        for address in swarm.addresses:
+            conn = PeerConnection(address, 5.0)
+            infos[address] = conn.request("info").fields
+            conn.close()
+        client = ClientModel(load_embeddings(tiny_model_dir, manifest), load_head(tiny_model_dir, manifest))
+        meta = (manifest.model_id, manifest.config.n_layer, manifest.config.n_head)
+        worker = _Worker(0, opts, infos, client, meta, {}, time.monotonic() + 60)
+        for _ in range(3):
+            worker._session(0)
+        assert worker.out.refused["busy"] == 3 and not worker.out.failed
+        time.sleep(0.2)  # the closes are queued: let them arrive
+        assert [sessions_on(a) for a in swarm.addresses] == [0, 1]
+    finally:
+        full.close()
+        if worker is not None:
+            worker.swarm.close()

@@ -181,7 +181,7 @@ def test_a_next_hop_that_refuses_reaches_the_client_as_relay_failed(tiny_model_d
         rid = conn.send("step", {"session": sid, "pos": 0, "reply": 7777, "next": [[swarm.addresses[1], "nope"]]},
                         [torch.randn(1, 1, 64)])
         with pytest.raises(PeerError) as e:
-            conn.recv(7777)
+            conn.recv(7777, "result")
         assert e.value.code == "relay_failed" and "unknown_session" in e.value.message and rid != 7777
         # The step ran on the first node (it relayed it): a rewind lets the client redo it.
         redo = conn.request("step", {"session": sid, "pos": 0, "rewind": True}, [torch.randn(1, 1, 64)])
@@ -213,7 +213,7 @@ def test_relayed_steps_come_and_go_only_as_the_owner_pinned_them(tiny_model_dir,
                 rid = conn.send("step", {"session": c.session, "pos": session.pos, "reply": 99, "hop": 1,
                                          "busy": [1], "from": b.session}, [torch.randn(1, 1, 64)])
                 with pytest.raises(PeerError) as e:  # answered to the sender, under its own id
-                    conn.recv(rid)
+                    conn.recv(rid, "result")
                 assert e.value.code == "unknown_session"
                 with pytest.raises(PeerError) as e:  # nor may it pin the session
                     conn.request("admit", {"session": c.session, "relay_from": [keys[0].decode(), "s"],

@@ -188,7 +188,7 @@ def test_with_no_honest_peer_for_the_blocks_the_generation_ends_with_the_reason(
     swarm = SwarmWithALiar(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest"]), NodeSpec((2, 4))])
     swarm.start()
     try:
-        with pytest.raises(SessionError, match="no peer serves layers 0:2 .*failed: wrong_result"):
+        with pytest.raises(SessionError, match="no peer serves layers 0:2.*banned .*failed: wrong_result"):
             generate(tiny_model_dir, swarm, verify=1.0)
     finally:
         swarm.stop()
