@@ -253,6 +253,7 @@ def _owners(swarm: Swarm, disputed: dict[str, list[Record]], timeout: float) -> 
         poller = zmq.Poller()
         for conn, _, _ in asked.values():
             conn.register(poller)
+            left = conn.poll_limit(left)
         poller.poll(max(1, int(left * 1000)))
     for contact, (_, _, records) in asked.items():
         swarm.forget(contact, f"records of {len(records)} peer ids name this contact, and it did not "

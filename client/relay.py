@@ -286,5 +286,6 @@ def stalled_stage(stages: list[RemoteLayerStage], timeout: float) -> tuple[Remot
             poller = zmq.Poller()
             for stage in asked:
                 stage.conn.register(poller)
+                left = stage.conn.poll_limit(left)
             poller.poll(max(1, int(left * 1000)))
     return None

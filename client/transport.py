@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import math
 import secrets
 import time
 from typing import Any
@@ -38,6 +39,11 @@ RECONNECT_MAX_MS = 10_000
 # 256 KiB (protocol/messages.py PART_BYTES): 2 s at 1 Mbit/s, well within a heartbeat of 5 s or
 # more (SwarmOptions.silence). Pings go every quarter heartbeat: a peer that stops is noticed
 # within 1-1.25 heartbeats.
+# A request on a swarm's link whose drop lost nothing (forgive_idle_drops) waits this long for
+# the link to come back before the drop is reported: a peer whose reconnect hangs (a machine that
+# left the network: no answer to the SYN) or never finishes its handshake (a frozen process)
+# would otherwise cost the request its whole timeout (a review).
+HOLD_SECONDS = 0.5
 
 
 @functools.cache
@@ -137,11 +143,13 @@ class PeerConnection:
         self._dropped: tuple[str, str] | None = None  # what the monitor said, until take() reports it
         # With `forgive_idle_drops` (a swarm's links, where a reported drop strikes the peer), a
         # drop that lost nothing (no session open over the link, no reply awaited) is held back
-        # while the link reconnects, reported only if the peer is not back at once, and
-        # forgotten when it is (drain_events).
+        # while the link reconnects, reported if the peer is not back (a refused reconnect, a
+        # second drop, or HOLD_SECONDS that a request waited), and forgotten when it is
+        # (drain_events, take).
         self.forgive_idle_drops = forgive_idle_drops
         self._held_drop: tuple[str, str] | None = None
         self._retries = 0  # reconnects tried since the held drop
+        self._hold_until = math.inf  # when a request waits for it: HOLD_SECONDS after that request
         self._harmless = False  # the drop held or to report lost nothing
         self._poller = zmq.Poller()
         self.register(self._poller)
@@ -172,6 +180,8 @@ class PeerConnection:
         self._check_open()
         if self.forgive_idle_drops:  # drops from before this request, read as such
             self.drain_events()
+            if self._held_drop is not None:  # this request waits a little for the link to come back
+                self._hold_until = min(self._hold_until, time.monotonic() + HOLD_SECONDS)
         req_id = next_request_id() if req_id is None else req_id
         frames = encode(msg_type, req_id, fields, tensors, wire)
         if not self._queue(frames):
@@ -195,15 +205,21 @@ class PeerConnection:
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left > 0:
-                self._check_open()  # polling a closed socket would raise ZMQError
-                self._poller.poll(max(1, int(left * 1000)))
+            # take() first: a drop that send() read has no event left to wake the poll (a review)
             msg = self.take(req_id, expect)
             if msg is not None:
                 return msg
+            left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerTimeout(self.address, timeout)
+            self._poller.poll(max(1, int(self.poll_limit(left) * 1000)))
+
+    def poll_limit(self, seconds: float) -> float:
+        """`seconds`, cut to when take() must look again: a held drop is reported when its hold
+        ends, with no event to wake a poll then. Callers that poll this link themselves take it."""
+        if self._held_drop is None:
+            return seconds
+        return max(0.0, min(seconds, self._hold_until - time.monotonic()))
 
     def take(self, req_id: int, expect: str) -> Message | None:
         """The reply to `req_id` if it has come (an error reply, or one that is not of type
@@ -225,6 +241,8 @@ class PeerConnection:
             self.drain_events(awaiting=True)
             if self.socket.get(zmq.EVENTS) & zmq.POLLIN:  # replies that came first still count
                 continue
+            if self._held_drop is not None and time.monotonic() >= self._hold_until:  # not back in time
+                self._dropped, self._held_drop = self._held_drop, None
             if self._dropped is not None:
                 (code, message), self._dropped, self._harmless = self._dropped, None, False
                 raise PeerError(self.address, code, message)
@@ -264,7 +282,7 @@ class PeerConnection:
                 if self._dropped is None and self._held_drop is None:
                     self._harmless = idle
                     if idle:
-                        self._held_drop, self._retries = why, 0
+                        self._held_drop, self._retries, self._hold_until = why, 0, math.inf
                         continue
                 self._harmless = self._harmless and idle
                 self._dropped, self._held_drop = self._dropped or self._held_drop or why, None
