@@ -43,7 +43,7 @@ RECONNECT_MAX_MS = 10_000
 # the link to come back before the drop is reported: a peer whose reconnect hangs (a machine that
 # left the network: no answer to the SYN) or never finishes its handshake (a frozen process)
 # would otherwise cost the request its whole timeout (a review).
-HOLD_SECONDS = 0.5
+HOLD_SECONDS = 1.0  # a reconnect's first try (0.1-0.2 s) and 3-4 round trips of handshake, with room
 
 
 @functools.cache
@@ -155,6 +155,7 @@ class PeerConnection:
         self.register(self._poller)
         allow_ipv6(self.socket, endpoint)
         self.socket.connect(endpoint)
+        self._endpoint = endpoint
         self.leaving = False  # set when the peer announced it is going away
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -180,6 +181,13 @@ class PeerConnection:
         self._check_open()
         if self.forgive_idle_drops:  # drops from before this request, read as such
             self.drain_events()
+            if self._dropped is not None and self._harmless:
+                # Reported while idle (the peer was down then), but it may be back, with libzmq's
+                # next reconnect up to RECONNECT_MAX_MS away: a restarted node was banned while
+                # it served (a review). Reconnect now; the drop is held for this request.
+                self._held_drop, self._dropped, self._retries = self._dropped, None, 0
+                self.socket.disconnect(self._endpoint)
+                self.socket.connect(self._endpoint)
             if self._held_drop is not None:  # this request waits a little for the link to come back
                 self._hold_until = min(self._hold_until, time.monotonic() + HOLD_SECONDS)
         req_id = next_request_id() if req_id is None else req_id

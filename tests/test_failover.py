@@ -1152,6 +1152,13 @@ def test_a_drop_that_lost_nothing_is_forgotten_once_the_link_is_back():
         peer = _echo_peer(port)
         back(conn)
         assert echoed(conn)
+        peer.kill()  # down long enough that the refused reconnects report the drop and back off
+        peer.wait()
+        time.sleep(3.0)
+        conn.drain_events()
+        assert conn.dropped
+        peer = _echo_peer(port)
+        assert echoed(conn)  # back: asked at once, not after libzmq's next try (seconds away)
         os.kill(peer.pid, signal.SIGSTOP)  # paused past the heartbeat, and its reconnects' handshakes
         time.sleep(2.0)
         os.kill(peer.pid, signal.SIGCONT)
