@@ -185,7 +185,7 @@ class PeerConnection:
                 # Reported while idle (the peer was down then), but it may be back, with libzmq's
                 # next reconnect up to RECONNECT_MAX_MS away: a restarted node was banned while
                 # it served (a review). Reconnect now; the drop is held for this request.
-                self._held_drop, self._dropped, self._retries = self._dropped, None, 0
+                self._held_drop, self._dropped, self._retries, self._hold_until = self._dropped, None, 0, math.inf
                 self.socket.disconnect(self._endpoint)
                 self.socket.connect(self._endpoint)
             if self._held_drop is not None:  # this request waits a little for the link to come back
