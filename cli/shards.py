@@ -45,14 +45,14 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
     _check_out_dir(out_dir, overwrite)
     shards_log = logging.getLogger("nanoswarm.shards")  # its progress lines, -v or not
     shards_log.setLevel(min(shards_log.getEffectiveLevel(), logging.INFO))
-    splits: list = []
 
     def check(config: ModelConfig) -> None:  # before the weights are read: a large model takes minutes
         check_tokenizer_vocab(config, str(source))
-        splits.append(_head_option_errors(parse_head_splits, heads_spec, head_groups, config.n_head))
+        _head_option_errors(parse_head_splits, heads_spec, head_groups, config.n_head)
 
     config, state = load_checkpoint(source, check=check)
-    manifest = write_model_dir(config, state, out_dir, layers_per_shard, splits[0], getattr(torch, dtype))
+    splits = parse_head_splits(heads_spec, head_groups, config.n_head)  # (checked above)
+    manifest = write_model_dir(config, state, out_dir, layers_per_shard, splits, getattr(torch, dtype))
     if as_json:
         click.echo(json.dumps({"model_id": manifest.model_id, **json.loads(manifest.to_json())}))
     else:

@@ -29,16 +29,12 @@ class SamplingParams:
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         # Whole numbers, checked here: torch would refuse 2.5 only after the prompt had run.
-        if self.top_k is not None and not (_whole(self.top_k) and self.top_k >= 1):
+        if self.top_k is not None and not (type(self.top_k) is int and self.top_k >= 1):
             raise ValueError(f"top_k must be a whole number >= 1, got {self.top_k!r}")
         if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not (_whole(self.seed) and 0 <= self.seed < 2**64):  # torch's generator: 64 bits
+        if self.seed is not None and not (type(self.seed) is int and 0 <= self.seed < 2**64):  # torch: 64 bits
             raise ValueError(f"seed must be a whole number from 0 to 2**64 - 1, got {self.seed!r}")
-
-
-def _whole(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 MIN_TEMPERATURE = 1e-30  # below it sampling is greedy: float32 logits over it overflow to inf

@@ -1045,8 +1045,6 @@ def test_heartbeats_drop_an_idle_link_to_a_frozen_peer_and_say_so():
     alone, and its next request fails at once with why; the default heartbeat is a third of the
     step timeout, at least HEARTBEAT_MIN_SECONDS."""
     import os
-    import subprocess
-    import sys
 
     import zmq
 
@@ -1059,15 +1057,10 @@ def test_heartbeats_drop_an_idle_link_to_a_frozen_peer_and_say_so():
     for bad in (0, -1, float("nan"), "5", True, 1e7):
         with pytest.raises(ValueError, match="heartbeat must be"):
             SwarmOptions(heartbeat=bad)
-    peer = subprocess.Popen([sys.executable, "-c", "import sys, zmq\n"
-                             "s = zmq.Context().socket(zmq.ROUTER)\n"
-                             "print(s.bind_to_random_port('tcp://127.0.0.1'), flush=True)\n"
-                             "while True: s.send_multipart(s.recv_multipart())"],
-                            stdout=subprocess.PIPE, text=True)
+    peer = _echo_peer(_free_port())
     conn = None
     try:
-        conn = PeerConnection(f"tcp://127.0.0.1:{peer.stdout.readline().strip()}", timeout=30.0,
-                              heartbeat=0.5)
+        conn = PeerConnection(f"tcp://127.0.0.1:{peer.port}", timeout=30.0, heartbeat=0.5)
         assert conn.socket.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 500
         assert conn.recv(conn.send("info"), "info").type == "info"  # echoed: the link is up
         os.kill(peer.pid, signal.SIGSTOP)
@@ -1107,7 +1100,17 @@ def _echo_peer(port: int):
                              "while True: s.send_multipart(s.recv_multipart())"],
                             stdout=subprocess.PIPE, text=True)
     assert peer.stdout.readline().strip() == "up"
+    peer.port = port
     return peer
+
+
+def _free_port() -> int:
+    """A port of 127.0.0.1 nothing listens on (a moment ago)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_a_drop_that_lost_nothing_is_forgotten_once_the_link_is_back():
@@ -1118,15 +1121,12 @@ def test_a_drop_that_lost_nothing_is_forgotten_once_the_link_is_back():
     reported after the reconnect, one while a reply is awaited at once, and a peer that does
     not come back within a retry."""
     import os
-    import socket
 
     import torch
 
     from nanoswarm.client.transport import PeerConnection, PeerError
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
 
     def back(conn: PeerConnection) -> None:
         """Until the link's drop was read and it has reconnected (its handshake done)."""
@@ -1203,13 +1203,10 @@ def test_a_leaving_notice_for_sessions_closed_since_is_stale():
     """A node that leaves tells each client the sessions it held for it. A notice naming only
     sessions the client has closed since (read after a reconnect, it came from the process
     before) no longer marks the peer leaving: it banned the new process that listened there."""
-    import socket
 
     from nanoswarm.client.transport import PeerConnection, PeerTimeout
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     peer = _echo_peer(port)  # it sends back the notices the client sends it
     conn = PeerConnection(f"tcp://127.0.0.1:{port}", timeout=10)
     try:
@@ -1234,9 +1231,7 @@ def test_a_drop_is_reported_at_once_when_the_reconnect_hangs():
 
     from nanoswarm.client.transport import HOLD_SECONDS, PeerConnection, PeerError
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     peer = _echo_peer(port)
     links = [PeerConnection(f"tcp://127.0.0.1:{port}", timeout=10, heartbeat=1.0, forgive_idle_drops=True)
              for _ in range(2)]
