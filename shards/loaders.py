@@ -1,4 +1,4 @@
-"""Read (and write) GPT-2 checkpoints in the two layouts people have: nanoGPT's ckpt.pt and a
+"""Read GPT-2 checkpoints in the two layouts people have: nanoGPT's ckpt.pt and a
 Hugging Face GPT-2 directory. Both come out as one "flat" form: GPT-2 names without prefixes
 (wte.weight, h.0.attn.c_attn.weight, ln_f.bias, ...), nn.Linear layout ([out, in]), float32;
 lm_head.weight only when it is not tied to wte. That is what GPT.load_flat_state_dict and the
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import re
 import warnings
@@ -357,68 +356,3 @@ def load_checkpoint(source: str | Path, gelu: str | None = None,
         raise CheckpointError(f"{source}: not a regular file or a directory")
     raise CheckpointError(f"{source}: no such checkpoint file or directory")
 
-
-# ---- writers: create checkpoints in both layouts (tests, and the training script) ----
-
-def save_nanogpt_checkpoint(config: ModelConfig, flat_sd: StateDict, path: str | Path,
-                            extra: dict | None = None) -> Path:
-    """Write nanoGPT's ckpt.pt layout. `extra` adds top-level entries (iter_num, optimizer, ...).
-    The GELU form goes in a top-level "gelu" key: nanoGPT's own GPTConfig(**model_args) would
-    reject an unknown model_args field, while it ignores extra top-level keys."""
-    validate_flat_state_dict(config, flat_sd, "state dict to save")
-    model = {f"transformer.{k}": v for k, v in flat_sd.items() if k != "lm_head.weight"}
-    model["lm_head.weight"] = flat_sd.get("lm_head.weight", flat_sd["wte.weight"])
-    args = {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias",
-                                             "vocab_size")}
-    ckpt = {**(extra or {}), "model": model, "model_args": {**args, "dropout": 0.0}, "gelu": config.gelu}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Whole or not at all: training rewrites its checkpoint at every new best, and a run killed
-    # mid-write must leave the previous best, not a truncated file.
-    partial = path.with_name(f".{path.name}.partial")
-    torch.save(ckpt, partial)
-    os.replace(partial, path)
-    return path
-
-
-def _hf_buffers(config: ModelConfig, i: int) -> StateDict:
-    n = config.block_size
-    mask = torch.tril(torch.ones(n, n, dtype=torch.bool)).view(1, 1, n, n)
-    return {f"h.{i}.attn.bias": mask, f"h.{i}.attn.masked_bias": torch.tensor(-1e4)}
-
-
-def save_hf_checkpoint(config: ModelConfig, flat_sd: StateDict, directory: str | Path,
-                       use_transformer_prefix: bool = True, safetensors: bool = True,
-                       include_buffers: bool = False) -> Path:
-    """Write a Hugging Face GPT-2 directory: config.json plus model.safetensors (tied lm_head left
-    out, as HF does) or pytorch_model.bin (lm_head saved, as HF did). Conv1D weights [in, out]."""
-    if not config.bias:
-        raise CheckpointError("Hugging Face GPT-2 has no bias-free variant")
-    validate_flat_state_dict(config, flat_sd, "state dict to save")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    prefix = "transformer." if use_transformer_prefix else ""
-    out: StateDict = {}
-    for k, v in flat_sd.items():
-        if k == "lm_head.weight":
-            continue
-        v = v.t() if k.endswith(CONV1D_WEIGHTS) else v
-        out[prefix + k] = v.detach().contiguous().clone()
-    for i in range(config.n_layer) if include_buffers else []:
-        out.update({prefix + k: v for k, v in _hf_buffers(config, i).items()})
-    head = flat_sd.get("lm_head.weight")
-    if head is not None or not safetensors:
-        out["lm_head.weight"] = (head if head is not None else flat_sd["wte.weight"]).detach().clone()
-    cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": config.n_layer,
-           "n_head": config.n_head, "n_embd": config.n_embd, "vocab_size": config.vocab_size,
-           "n_positions": config.block_size, "n_ctx": config.block_size, "n_inner": None,
-           "layer_norm_epsilon": 1e-5, "tie_word_embeddings": head is None,
-           "activation_function": "gelu_new" if config.gelu == "tanh" else "gelu"}
-    (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    if safetensors:
-        from safetensors.torch import save_file
-
-        save_file(out, directory / "model.safetensors", metadata={"format": "pt"})
-    else:
-        torch.save(out, directory / "pytorch_model.bin")
-    return directory

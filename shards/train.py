@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .loaders import check_size_limits, save_nanogpt_checkpoint
+from .loaders import check_size_limits
 from .model import GPT, ModelConfig, linear, onednn_linear
 from .tokenizer import get_encoding
+from .writers import save_nanogpt_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.cluster import NodeSpec
-from nanoswarm.shards.loaders import save_nanogpt_checkpoint
 from nanoswarm.shards.model import GPT
+from nanoswarm.shards.writers import save_nanogpt_checkpoint
 
 
 def test_shard_command_writes_a_model_dir(tmp_path):

@@ -14,12 +14,7 @@ from safetensors.torch import load_file
 
 from nanoswarm.shards import manifest as mf
 from nanoswarm.shards import model, weights
-from nanoswarm.shards.loaders import (
-    CheckpointError,
-    load_checkpoint,
-    save_hf_checkpoint,
-    save_nanogpt_checkpoint,
-)
+from nanoswarm.shards.loaders import CheckpointError, load_checkpoint
 from nanoswarm.shards.model import GPT, ModelConfig
 from nanoswarm.shards.tokenizer import (
     EOT_TOKEN,
@@ -29,6 +24,7 @@ from nanoswarm.shards.tokenizer import (
     get_encoding,
     load_bpe_ranks,
 )
+from nanoswarm.shards.writers import save_hf_checkpoint, save_nanogpt_checkpoint
 
 SMALL = ModelConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=1000, block_size=64, gelu="tanh")
 TWELVE_HEADS = ModelConfig(n_layer=2, n_head=12, n_embd=96, vocab_size=500, block_size=32, gelu="exact")
