@@ -13,7 +13,10 @@ A node relays only to peers in its own table of signed records (node/gossip.py):
 cannot make it connect anywhere else. The links are DEALER sockets owned by the server thread,
 with the node's own CURVE keys (so private swarms, whose allow lists hold node keys, work).
 Whatever a next hop sends back on a link is an error it could not route to the owner (an
-unknown session, a malformed message): it reaches the client as `relay_failed`.
+unknown session, a malformed message): it reaches the client as `relay_failed`. So do the steps
+queued on a link whose handshake the next hop refused (its `--allow-keys` lacks this node's
+key), read from the link's socket monitor: ZeroMQ drops them without a word, and the client
+would otherwise wait its whole timeout for each session's first relayed step.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from nanoswarm.client.transport import RECONNECT_MAX_MS
 from nanoswarm.keys.contact import allow_ipv6, split_contact
@@ -37,6 +42,9 @@ MAX_LINKS = 64        # links kept open; the least recently used one closes beyo
 LINK_QUEUE = 64       # relayed steps queued on one link before sends fail
 MAX_READS = 64       # messages read from one link (relay or gossip) per turn of the server loop
 MAX_REMEMBERED = 4096  # relayed steps whose bounced errors can still be routed to their owner
+REFUSED_WARN_SECONDS = 3600.0  # how often a node names again a next hop that refuses its handshake
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,18 @@ class Relay:
     owner: bytes      # ROUTER identity of the session's client
     reply: int        # the id the client's replies for this chain carry
     hop_id: int       # the id of the relayed message on the link
+
+
+@dataclass(eq=False)
+class RelayLink:
+    """A DEALER to one next hop, and its socket monitor."""
+
+    contact: str
+    socket: zmq.Socket
+    monitor: zmq.Socket
+    up: bool = False  # a handshake succeeded and no drop was read since
+    # _sent keys of the steps queued while the link was not up: lost if the handshake fails.
+    queued: list[tuple[str, int]] = field(default_factory=list)
 
 
 _hop_ids = itertools.count(random.randrange(1, 2**31))
@@ -62,28 +82,32 @@ class RelayLinks:
     def __init__(self, ctx: zmq.Context, curve_keys: tuple[bytes, bytes] | None):
         self.ctx = ctx
         self.curve_keys = curve_keys  # (public, secret) of this node, or None when --insecure
-        self._links: OrderedDict[str, zmq.Socket] = OrderedDict()
+        self._links: OrderedDict[str, RelayLink] = OrderedDict()
         self._sent: OrderedDict[tuple[str, int], Relay] = OrderedDict()
-        self.on_open = None   # callable(socket), set by the server to watch a new link
-        self.on_close = None  # callable(socket)
+        self._warned: dict[str, float] = {}  # refusing contact -> when last named in the log
+        self.on_open = None   # callable(RelayLink), set by the server to watch a new link
+        self.on_close = None  # callable(RelayLink)
 
     def send(self, relay: Relay, frames: list) -> str | None:
         """Queue `frames` for the next hop; returns why it could not be, or None."""
         try:
             link = self._link(relay.contact)
-            link.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            link.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except (zmq.ZMQError, ValueError) as e:  # queue full, or a link that cannot be made
             if isinstance(e, zmq.Again):
                 # Full (the next hop is not reading), or dropped for good by ZeroMQ after a refused
                 # handshake: the next step to this hop gets a fresh link.
                 self._close(relay.contact, self._links.pop(relay.contact))
             return f"cannot reach the next hop {relay.contact[:80]}: {e}"
-        self._sent[(relay.contact, relay.hop_id)] = relay
+        key = (relay.contact, relay.hop_id)
+        self._sent[key] = relay
+        if not link.up:
+            link.queued.append(key)
         while len(self._sent) > MAX_REMEMBERED:
             self._sent.popitem(last=False)
         return None
 
-    def _link(self, contact: str) -> zmq.Socket:
+    def _link(self, contact: str) -> RelayLink:
         link = self._links.get(contact)
         if link is not None:
             self._links.move_to_end(contact)
@@ -101,39 +125,74 @@ class RelayLinks:
             public, secret = self.curve_keys or zmq.curve_keypair()
             link.curve_serverkey, link.curve_publickey, link.curve_secretkey = server_key, public, secret
         allow_ipv6(link, endpoint)
+        monitor = link.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         link.connect(endpoint)
-        self._links[contact] = link
+        link = self._links[contact] = RelayLink(contact, link, monitor)
         if self.on_open:
             self.on_open(link)
         while len(self._links) > MAX_LINKS:
             self._close(*self._links.popitem(last=False))
         return link
 
-    def bounced(self, link: zmq.Socket) -> list[tuple[bytes, list]]:
+    def bounced(self, link: RelayLink) -> list[tuple[bytes, list]]:
         """Errors a next hop sent back on `link`, turned into `relay_failed` for their owners; at
         most MAX_READS a call (the server loop comes back for the rest after serving its own
         socket: a next hop flooding the link must not hold the node's loop)."""
-        contact = next((c for c, s in self._links.items() if s is link), None)
+        contact = link.contact
         out = []
         for _ in range(MAX_READS):
-            if not link.get(zmq.EVENTS) & zmq.POLLIN:
+            if not link.socket.get(zmq.EVENTS) & zmq.POLLIN:
                 break
-            frames = link.recv_multipart(zmq.NOBLOCK, copy=False)
+            frames = link.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             try:
                 msg = decode(frames)
             except ProtocolError:
                 continue
-            relay = self._sent.pop((contact, msg.id), None) if contact else None
+            relay = self._sent.pop((contact, msg.id), None)
             if relay is None or msg.type != "error":
                 continue
             why = f"the next hop {contact[:80]} refused the step: {msg.get('code')}: {msg.get('message')}"
             out.append((relay.owner, error_frames(relay.reply, ErrorCode.RELAY_FAILED, why[:500])))
         return out
 
-    def _close(self, contact: str, link: zmq.Socket) -> None:
+    def events(self, link: RelayLink) -> list[tuple[bytes, list]]:
+        """Read `link`'s monitor (at most MAX_READS events a call). A refused handshake ends the
+        link: the steps queued on it since it was last up are answered `relay_failed`, and the
+        next step to that hop gets a fresh link (the refusal may have been a restart's moment)."""
+        for _ in range(MAX_READS):
+            if not link.monitor.get(zmq.EVENTS) & zmq.POLLIN:
+                return []
+            event = parse_monitor_message(link.monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                link.up, link.queued = True, []  # what was queued went out
+            elif event == zmq.EVENT_DISCONNECTED:
+                link.up = False
+            elif event & HANDSHAKE_FAILED:
+                return self._refused(link)
+        return []
+
+    def _refused(self, link: RelayLink) -> list[tuple[bytes, list]]:
+        contact = link.contact
+        if self._links.get(contact) is link:
+            del self._links[contact]
+        self._close(contact, link)
+        now = time.monotonic()
+        if now - self._warned.get(contact, float("-inf")) >= REFUSED_WARN_SECONDS:
+            if len(self._warned) >= MAX_LINKS:
+                self._warned.clear()
+            self._warned[contact] = now
+            log.warning("the next hop %s refused this node's handshake (is this node's key on its --allow-keys?): "
+                        "relayed steps to it fail, and their clients send them stage by stage", contact[:120])
+        why = f"the next hop {contact[:80]} refused this node's handshake"
+        lost = [self._sent.pop(key, None) for key in link.queued]
+        return [(r.owner, error_frames(r.reply, ErrorCode.RELAY_FAILED, why)) for r in lost if r is not None]
+
+    def _close(self, contact: str, link: RelayLink) -> None:
         if self.on_close:
             self.on_close(link)
-        link.close(linger=0)
+        link.socket.disable_monitor()
+        link.monitor.close(linger=0)
+        link.socket.close(linger=0)
 
     def close(self) -> None:
         while self._links:

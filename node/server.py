@@ -28,7 +28,7 @@ from nanoswarm.protocol.messages import encode, error_frames
 
 from .connections import ConnectionWatch
 from .handler import RequestHandler
-from .relay import Relay, RelayLinks
+from .relay import Relay, RelayLink, RelayLinks
 from .sessions import NodeLimits
 from .zap import ZapHandler
 
@@ -143,8 +143,8 @@ class NodeServer:
         if self._auth is not None:
             self.add_timer(ZAP_CHECK_SECONDS, self._check_zap)
         self.relays = RelayLinks(self.ctx, (curve_public, curve_secret) if curve_secret is not None else None)
-        self.relays.on_open = lambda link: self.watch(link, lambda: self._send_all(self.relays.bounced(link)))
-        self.relays.on_close = self.unwatch
+        self.relays.on_open = self._watch_relay
+        self.relays.on_close = self._unwatch_relay
 
     def add_timer(self, every: float, fn: Callable[[], object]) -> None:
         self._timers.append((every, fn, [time.monotonic() + every]))
@@ -157,6 +157,14 @@ class NodeServer:
     def unwatch(self, sock: zmq.Socket) -> None:
         if self._watched.pop(sock, None) is not None:
             self._poller.unregister(sock)
+
+    def _watch_relay(self, link: RelayLink) -> None:
+        self.watch(link.socket, lambda: self._send_all(self.relays.bounced(link)))
+        self.watch(link.monitor, lambda: self._send_all(self.relays.events(link)))
+
+    def _unwatch_relay(self, link: RelayLink) -> None:
+        self.unwatch(link.socket)
+        self.unwatch(link.monitor)
 
     def stop(self) -> None:
         """Stop at once (tests, Ctrl-C)."""
@@ -199,7 +207,7 @@ class NodeServer:
                 if self.socket in ready:
                     self._serve_ready()
                 for sock, on_readable in list(self._watched.items()):
-                    if sock in ready:
+                    if sock in ready and sock in self._watched:  # an earlier callback may have closed it
                         on_readable()
                 if self._wake_r.fileno() in ready:
                     self._drain_wakeups()

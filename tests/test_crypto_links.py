@@ -197,6 +197,46 @@ def test_a_private_swarm_keeps_outsiders_records_out(tiny_model_dir, tmp_path):
         harness.stop()
 
 
+def test_a_next_hop_that_refuses_the_relaying_nodes_key_fails_its_relayed_steps_at_once(tiny_model_dir, tmp_path):
+    """A private swarm whose second node's allow list lacks the first's key (a key rotation half
+    done): the first node's relay link is refused, and ZeroMQ dropped the steps queued on it
+    without a word. Every session's first relayed step then cost the client its whole timeout (a
+    review: 10 s a generation with --timeout 10). Now the node reads the refusal from the link's
+    monitor and answers relay_failed; the client goes stage by stage at once, with the same ids."""
+    a, b, client = generate_identity(), generate_identity(), generate_identity()
+    for who, name in ((a, "a.key"), (b, "b.key")):
+        save_identity(who, tmp_path / name)
+    keys = {who: f"{who.curve_public.decode()}\n" for who in (a, b, client)}
+    (tmp_path / "a.txt").write_text(keys[a] + keys[b] + keys[client])
+    (tmp_path / "b.txt").write_text(keys[b] + keys[client])  # a is missing
+    log = tmp_path / "nodes.log"
+    stderr = open(log, "w")  # noqa: SIM115 (the nodes write to it until the end)
+    # the harness's own checks would be refused: nodes started one by one
+    harness = LocalCluster(tiny_model_dir, [], bootstrap=False, stderr=stderr)
+    try:
+        harness.start_node(NodeSpec((0, 2), args=["--key-file", str(tmp_path / "a.key"),
+                                                  "--allow-keys", str(tmp_path / "a.txt")]))
+        harness.start_node(NodeSpec((2, 4), args=["--key-file", str(tmp_path / "b.key"), "--allow-keys",
+                                                  str(tmp_path / "b.txt"), "--bootstrap", harness.addresses[0]]))
+    except BaseException:  # b's start-up exchange pushed its record to a, which relays only to peers it knows
+        harness.stop()
+        stderr.close()
+        raise
+    timeout = 20.0
+    options = SwarmOptions(client_keys=(client.curve_public, client.curve_secret), relay=True, timeout=timeout)
+    try:
+        expected = SwarmModel.local(tiny_model_dir).generate("x", 4, SamplingParams(temperature=0)).ids
+        with SwarmModel.connect(tiny_model_dir, peers=harness.addresses, options=options) as model:
+            for _ in range(2):  # each generation opens new sessions, and a's link to b anew
+                result = model.generate("x", 4, SamplingParams(temperature=0))
+                assert result.ids == expected and not result.failovers
+                assert result.stats.time_to_first_token < timeout / 2
+        assert "refused this node's handshake" in log.read_text()
+    finally:
+        harness.stop()
+        stderr.close()
+
+
 def test_a_wrong_server_key_gets_no_answer(tiny_model_dir):
     """Whoever lacks the node's secret key cannot answer for it: a client holding another key for
     the same address (an impostor's, say) never completes the handshake."""

@@ -593,14 +593,14 @@ def test_a_next_hop_flooding_its_link_is_read_a_batch_at_a_time():
             hop.send_multipart([who, encode("error", 10_000 + i, {"code": "x", "message": "y"})[0]])
         (link,) = links._links.values()
         deadline = time.monotonic() + 5
-        while link.get(zmq.EVENTS) & zmq.POLLIN == 0 and time.monotonic() < deadline:
+        while link.socket.get(zmq.EVENTS) & zmq.POLLIN == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.2)  # all of them queued on the link
         assert links.bounced(link) == []  # replies to nothing it sent: dropped
-        assert link.get(zmq.EVENTS) & zmq.POLLIN  # the rest waits for the next turn
+        assert link.socket.get(zmq.EVENTS) & zmq.POLLIN  # the rest waits for the next turn
         for _ in range(2):
             links.bounced(link)
-        assert not link.get(zmq.EVENTS) & zmq.POLLIN
+        assert not link.socket.get(zmq.EVENTS) & zmq.POLLIN
     finally:
         links.close()
         hop.close(linger=0)
