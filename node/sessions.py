@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import mmap
 import secrets
 import time
@@ -161,9 +162,13 @@ class SessionStore:
         self.clock = clock
         self.sessions: dict[str, Session] = {}
         self.kv_bytes = 0
-        # Ids of sessions that ended recently, so a late step gets `session_closed`, not
-        # `unknown_session`: the client then knows to replay rather than suspect a bad id.
+        # Why sessions that ended recently did, for the `session_closed` a late step gets. Ids
+        # are signed with a secret of this process (new_session_id), so an id of ours that ended
+        # longer ago than this remembers still gets `session_closed`, not `unknown_session`: the
+        # client then replays, where `unknown_session` is a fault it bans the node for (a review:
+        # a client that paused past the idle timeout on a busy node, 4,096 closes later).
         self._ended: OrderedDict[str, str] = OrderedDict()
+        self._id_key = secrets.token_bytes(32)
         self.pool = MapPool(limits.kv_budget_bytes // 4)
 
     def reserve_check(self, nbytes: int) -> None:
@@ -186,11 +191,24 @@ class SessionStore:
         except torch.cuda.OutOfMemoryError:  # a GPU whose memory other work took: a refusal, not a fault
             raise ProtocolError(ErrorCode.BUSY, f"no {p.device} memory for a KV cache of {max_length} "
                                 "positions now; retry later or elsewhere") from None
-        session = Session(secrets.token_hex(12), start, stop, cache, peer, self.clock(), maps=maps)
+        session = Session(self.new_session_id(), start, stop, cache, peer, self.clock(), maps=maps)
         self.sessions[session.id] = session
         self.kv_bytes += cache.nbytes
         self.pool.trim(self.limits.kv_budget_bytes - self.kv_bytes)  # live caches come first
         return session
+
+    def new_session_id(self) -> str:
+        """96 random bits and 64 bits of their HMAC under this process's key: unguessable, and
+        recognisable as this process's own once the session is gone (issued_here)."""
+        nonce = secrets.token_bytes(12)
+        return (nonce + hmac.digest(self._id_key, nonce, "sha256")[:8]).hex()
+
+    def issued_here(self, session_id: str) -> bool:
+        try:
+            raw = bytes.fromhex(session_id)
+        except ValueError:
+            return False
+        return len(raw) == 20 and hmac.compare_digest(raw[12:], hmac.digest(self._id_key, raw[:12], "sha256")[:8])
 
     def get(self, session_id: str, peer: bytes | None = None) -> Session:
         """The open session `session_id`; with `peer`, only if that peer opened it (others get
@@ -200,9 +218,11 @@ class SessionStore:
             session = None
         if session is None:
             why = self._ended.get(session_id)
+            if why is None and session_id not in self.sessions and self.issued_here(session_id):
+                why = "closed (long enough ago that this node no longer keeps why)"
             if why is not None:
-                raise ProtocolError(ErrorCode.SESSION_CLOSED, f"session {session_id[:32]} was {why}")
-            raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no session {session_id[:32]!r} on this node")
+                raise ProtocolError(ErrorCode.SESSION_CLOSED, f"session {session_id[:40]} was {why}")
+            raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no session {session_id[:40]!r} on this node")
         session.last_used = self.clock()
         return session
 

@@ -264,6 +264,24 @@ def test_specific_codes_for_bad_requests(blocks):
     assert d.code("step", {"session": sid, "pos": 0}, [hidden(1)]) == "session_closed"
 
 
+def test_a_session_that_ended_long_ago_is_still_session_closed(blocks):
+    """Why sessions ended is kept for the last 4,096 only; after that a reclaimed session's id got
+    `unknown_session`, which a client takes for a fault and bans the node for (a review: a client
+    pausing past the idle timeout on a busy node). Ids carry an HMAC under the node's secret, so
+    the node knows its own; other ids, and ours altered, are still unknown."""
+    d = make_driver(blocks, max_sessions=8)
+    old = d.open(4)
+    d.ok("close", {"session": old})
+    for _ in range(4100):
+        d.h.sessions.close(d.h.sessions.open(d.h.blocks, 0, 4, 1, b"p").id)
+    assert old not in d.h.sessions._ended
+    d.refuses("session_closed", "no longer keeps why", "step", {"session": old, "pos": 0}, [hidden(1)])
+    forged = old[:-1] + ("0" if old[-1] != "0" else "1")
+    for sid in (forged, old[:24], "zz" * 20, "a" * 40):
+        assert d.code("step", {"session": sid, "pos": 0}, [hidden(1)]) == "unknown_session", sid
+    assert RequestHandler(blocks[0], blocks[1], "t", NodeLimits()).sessions.issued_here(old) is False  # another process
+
+
 @pytest.mark.parametrize("wire,big", [("float16", 1e30), ("q80", 1e8)])  # q80: up to 65504 x 127
 def test_overflowing_values_are_refused_and_the_step_undone(blocks, wire, big):
     d = make_driver(blocks)
