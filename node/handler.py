@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 MAX_SEEN_IDS = 65536  # request ids remembered for duplicate detection, all peers together
 MAX_SEEN_PEERS = 4096  # peers they are remembered for (each costs a map of its own): ~12 MiB in all
 # Stateless forwards computed in one turn of the server loop, after the turn's steps; the rest
-# are refused `busy`. One forward may carry 64 rows of the whole context.
+# are refused `busy`. One forward carries at most --max-tokens-per-step rows x positions.
 MAX_FORWARDS_PER_BATCH = 2
 
 
@@ -107,11 +107,14 @@ class RequestHandler:
                     # Sessions' steps first: a forward is a one-off of any size, a step part of
                     # someone's generation. A flood of forwards from many connections (each within
                     # --max-inflight) made a generation's steps wait behind them until it timed
-                    # out, and its client banned the honest node (a review).
+                    # out, and its client banned the honest node (a review). A forward this node
+                    # would refuse anyway is refused as such first: `busy` says "again later".
+                    checked = self._check_forward(msg)
                     if len(forwards) >= MAX_FORWARDS_PER_BATCH:
+                        self._unsee(peer, msg.id)  # the same request may come again
                         raise ProtocolError(ErrorCode.BUSY, "node busy with other stateless forwards; "
                                             "retry the same request later")
-                    forwards.append((peer, msg))
+                    forwards.append((peer, msg, checked))
                     continue
                 if pending and msg.type in ("step", "close") and any(
                         p.msg.fields["session"] == msg.fields["session"] for p in pending) and (
@@ -131,9 +134,9 @@ class RequestHandler:
                 replies.append((to, self._refusal(req_id, e)))
         if pending:
             replies.extend(self.steps.run(pending))
-        for peer, msg in forwards:
+        for peer, msg, checked in forwards:
             try:
-                replies.append((peer, self._forward(msg)))
+                replies.append((peer, self.steps.forward(msg, *checked)))
             except Exception as e:
                 replies.append((peer, self._refusal(msg.id, e)))
         return replies
@@ -221,6 +224,20 @@ class RequestHandler:
         self._seen.move_to_end(peer)
         if msg.id in seen:
             raise ProtocolError(ErrorCode.DUPLICATE_REQUEST, f"request id {msg.id} was already used")
+        # Closes do not count: cheap, and they free what the limit protects. A client closing more
+        # sessions at once than the limit (its closes go out together, their replies unread) had
+        # the rest refused `busy`, and their slots and KV budget held until the idle timeout (a review).
+        if msg.type != "close":
+            # A relaying node carries the steps of many sessions (not its own; their replies go to
+            # their owners: _reply_route): those count per session. A session's owner counts as
+            # one peer however it marks its steps.
+            key = msg.fields["session"] if reply_to != peer else peer
+            if per_peer[key] >= self.limits.max_inflight_per_peer:
+                # Refused before its id is kept: `busy` says "send it again", and the same
+                # request sent again got `duplicate_request` (a review).
+                raise ProtocolError(ErrorCode.BUSY, f"more than {self.limits.max_inflight_per_peer} "
+                                    "requests in flight from this peer")
+            per_peer[key] += 1
         seen[msg.id] = None
         self._seen_total += 1
         if len(seen) > 1024:
@@ -229,19 +246,12 @@ class RequestHandler:
         while self._seen_total > MAX_SEEN_IDS or len(self._seen) > MAX_SEEN_PEERS:  # however many peers come
             _, oldest = self._seen.popitem(last=False)
             self._seen_total -= len(oldest)
-        if msg.type == "close":
-            # Cheap, and it frees what the limit protects: a client closing more sessions at once
-            # than the limit (its closes go out together, their replies unread) had the rest
-            # refused `busy`, and their slots and KV budget held until the idle timeout (a review).
-            return
-        # A relaying node carries the steps of many sessions (not its own; their replies go to
-        # their owners: _reply_route): those count per session. A session's owner counts as one
-        # peer however it marks its steps.
-        key = msg.fields["session"] if reply_to != peer else peer
-        per_peer[key] += 1
-        if per_peer[key] > self.limits.max_inflight_per_peer:
-            raise ProtocolError(ErrorCode.BUSY, f"more than {self.limits.max_inflight_per_peer} "
-                                "requests in flight from this peer")
+
+    def _unsee(self, peer: bytes, req_id: int) -> None:
+        """Forget a request id _admit kept, for a request refused `busy` after it."""
+        seen = self._seen.get(peer)
+        if seen is not None and seen.pop(req_id, 0) is None:
+            self._seen_total -= 1
 
     def _error(self, req_id: int, code: ErrorCode, message: str) -> list:
         return self.steps.error(req_id, code, message)
@@ -343,13 +353,14 @@ class RequestHandler:
         session.relay_to = relay_to
         return encode("admitted", msg.id, {"session": session.id})
 
-    def _forward(self, msg: Message) -> list:
+    def _check_forward(self, msg: Message) -> tuple[int, int, str, torch.Tensor]:
+        """What a stateless forward asks for, checked: its blocks [a, b), reply format and input."""
         if self.head_shard:
             raise ProtocolError(ErrorCode.NOT_SERVED, "stateless forward runs whole blocks; this node "
                                 "serves a head shard")
         self._check_model(msg)
         a, b = self._layers(msg)
-        return self.steps.forward(msg, a, b)
+        return a, b, self.steps.reply_wire(msg), self.steps.hidden(msg, max_batch=64)
 
     def peers_gone(self, peers: set[bytes]) -> list[str]:
         """Close the sessions of peers whose connections dropped (node/connections.py): no step

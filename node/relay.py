@@ -26,6 +26,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
@@ -79,9 +80,11 @@ def next_hop_id() -> int:
 class RelayLinks:
     """The server thread's DEALER links to next hops. `send` never blocks."""
 
-    def __init__(self, ctx: zmq.Context, curve_keys: tuple[bytes, bytes] | None):
+    def __init__(self, ctx: zmq.Context, curve_keys: tuple[bytes, bytes] | None,
+                 error: Callable[[int, ErrorCode, str], list] = error_frames):
         self.ctx = ctx
         self.curve_keys = curve_keys  # (public, secret) of this node, or None when --insecure
+        self.error = error  # makes an error reply (the node's counts it in `info`)
         self._links: OrderedDict[str, RelayLink] = OrderedDict()
         self._sent: OrderedDict[tuple[str, int], Relay] = OrderedDict()
         self._warned: dict[str, float] = {}  # refusing contact -> when last named in the log
@@ -152,7 +155,7 @@ class RelayLinks:
             if relay is None or msg.type != "error":
                 continue
             why = f"the next hop {contact[:80]} refused the step: {msg.get('code')}: {msg.get('message')}"
-            out.append((relay.owner, error_frames(relay.reply, ErrorCode.RELAY_FAILED, why[:500])))
+            out.append((relay.owner, self.error(relay.reply, ErrorCode.RELAY_FAILED, why[:500])))
         return out
 
     def events(self, link: RelayLink) -> list[tuple[bytes, list]]:
@@ -185,7 +188,7 @@ class RelayLinks:
                         "relayed steps to it fail, and their clients send them stage by stage", contact[:120])
         why = f"the next hop {contact[:80]} refused this node's handshake"
         lost = [self._sent.pop(key, None) for key in link.queued]
-        return [(r.owner, error_frames(r.reply, ErrorCode.RELAY_FAILED, why)) for r in lost if r is not None]
+        return [(r.owner, self.error(r.reply, ErrorCode.RELAY_FAILED, why)) for r in lost if r is not None]
 
     def _close(self, contact: str, link: RelayLink) -> None:
         if self.on_close:

@@ -2,10 +2,10 @@
 
 Everything readable is drained before computing, so decode steps of several sessions that
 arrive together run as one batch (node/steps.py). Timers (idle-session expiry, gossip) and
-other watched sockets (gossip links) are served between polls, on the same thread, so no socket
-is ever shared between threads. An idle node sleeps until its next timer is due or something
-arrives: on a machine shared with other nodes, every needless wake-up takes a core from the one
-that computes (docs/performance.md).
+other watched sockets (gossip and relay links and their monitors, the connection monitor) are
+served between polls, on the same thread, so no socket is ever shared between threads. An idle
+node sleeps until its next timer is due or something arrives: on a machine shared with other
+nodes, every needless wake-up takes a core from the one that computes (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import zmq
 from nanoswarm.keys.contact import allow_ipv6
 from nanoswarm.keys.identity import curve_key_hex
 from nanoswarm.protocol.errors import ErrorCode
-from nanoswarm.protocol.messages import encode, error_frames
+from nanoswarm.protocol.messages import encode
 
 from .connections import ConnectionWatch
 from .handler import RequestHandler
@@ -142,7 +142,8 @@ class NodeServer:
         self.failure: str | None = None  # why serve_forever stopped, if the node cannot go on
         if self._auth is not None:
             self.add_timer(ZAP_CHECK_SECONDS, self._check_zap)
-        self.relays = RelayLinks(self.ctx, (curve_public, curve_secret) if curve_secret is not None else None)
+        self.relays = RelayLinks(self.ctx, (curve_public, curve_secret) if curve_secret is not None else None,
+                                 error=handler.steps.error)
         self.relays.on_open = self._watch_relay
         self.relays.on_close = self._unwatch_relay
 
@@ -278,7 +279,7 @@ class NodeServer:
             if isinstance(to, Relay):  # a relayed step on to its next hop (node/relay.py)
                 why = self.relays.send(to, frames)
                 if why is not None:
-                    self._send(to.owner, error_frames(to.reply, ErrorCode.RELAY_FAILED, why))
+                    self._send(to.owner, self.handler.steps.error(to.reply, ErrorCode.RELAY_FAILED, why))
             else:
                 self._send(to, frames)
 

@@ -118,7 +118,8 @@ DROPPED = "closed: its client's connection dropped"
 
 @dataclass(frozen=True)
 class NodeLimits:
-    """Each limit is enforced before any work is done; exceeding one is an error reply."""
+    """Exceeding a limit is an error reply. Each is checked before any work is done, except
+    max_batch_seconds (checked as a batch computes) and idle_timeout (a session reclaimed)."""
 
     max_message_bytes: int = 64 * 1024 * 1024
     max_tokens_per_step: int = 1024

@@ -55,6 +55,11 @@ def _unsendable(x: torch.Tensor, y: torch.Tensor, wire: str, frame: Buffer) -> s
     return f"the result does not fit {wire} (overflow to NaN or Inf)"
 
 
+def _rewound(p: PendingStep) -> str:
+    """What a refused step's error adds when the step had rewound its session."""
+    return f"; the session now holds {p.length} positions (this step rewound it)" if p.rewound else ""
+
+
 @dataclass
 class PendingStep:
     """A validated step waiting for its batch."""
@@ -66,6 +71,7 @@ class PendingStep:
     wire: str
     length: int = 0        # the session's state before the step, restored if the step fails
     next_block: int = 0
+    rewound: bool = False  # the step dropped positions from `length` on (rewind): not restored
     hops: list[tuple[str, str]] | None = None  # a relayed step: the rest of the chain
 
 
@@ -86,7 +92,8 @@ class StepRunner:
     """Runs the blocks for a node's requests: validates steps (`validate`), runs those of a batch
     (`run`: decode steps of different sessions over the same blocks share one forward pass), and
     stateless forwards (`forward`). Every refusal is a ProtocolError or an error reply, never a
-    changed session: a step that fails after its forward pass is undone."""
+    changed session: a step that fails after its forward pass is undone, except that a rewinding
+    step has dropped the positions it was to rewrite (its error says so)."""
 
     def __init__(self, blocks: Blocks, sessions: SessionStore, limits: NodeLimits, stats: NodeStats):
         self.blocks = blocks
@@ -148,11 +155,9 @@ class StepRunner:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"unknown reply format {str(wire)[:32]!r}")
         return wire
 
-    def forward(self, msg: Message, a: int, b: int) -> list:
-        """A stateless forward through blocks [a, b) (whole blocks: the caller checked that this
-        node serves them whole); its reply."""
-        wire = self.reply_wire(msg)
-        x = self.hidden(msg, max_batch=64)
+    def forward(self, msg: Message, a: int, b: int, wire: str, x: torch.Tensor) -> list:
+        """A stateless forward of `x` through blocks [a, b) (whole blocks: the caller checked that
+        this node serves them whole, and made `x` with `hidden`); its reply in `wire`."""
         if self._overloaded():
             raise ProtocolError(ErrorCode.BUSY, self._overload_message())
         if x.shape[1] > self.max_length():
@@ -272,7 +277,8 @@ class StepRunner:
                 for p, y in zip(group, outputs):
                     replies.extend(self._result(p, y))
             except torch.cuda.OutOfMemoryError:  # device memory taken meanwhile: the sessions are untouched
-                replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.BUSY, self.out_of_memory()))
+                replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.BUSY,
+                                                          self.out_of_memory() + _rewound(p)))
                                for p in group)
             except Exception as e:
                 log.exception("internal error in a step")
@@ -324,7 +330,7 @@ class StepRunner:
         problem = _unsendable(p.x, y, p.wire, frame)
         if problem:  # undo the step, so the session can carry on
             p.session.cache.length, p.session.next_block = p.length, p.next_block
-            return [(to, self.error(reply_id, ErrorCode.BAD_VALUE, problem))]
+            return [(to, self.error(reply_id, ErrorCode.BAD_VALUE, problem + _rewound(p)))]
         # busy_us: the compute of the forward pass this step ran in, so a client can tell the
         # node's compute from the time on the wire (nanoswarm bench's per-stage overhead).
         busy_us = int(self._last_busy * 1e6)
@@ -352,6 +358,7 @@ class StepRunner:
         with torch.inference_mode():
             if phase is None:
                 for p in group:  # a rewinding step drops what the session held from its position on
+                    p.rewound = p.session.cache.length > p.length
                     p.session.cache.length = p.length
                 x = torch.cat([p.x for p in group]) if len(group) > 1 else first.x
                 caches = [p.session.cache for p in group]

@@ -232,6 +232,11 @@ def test_a_next_hop_that_refuses_the_relaying_nodes_key_fails_its_relayed_steps_
                 assert result.ids == expected and not result.failovers
                 assert result.stats.time_to_first_token < timeout / 2
         assert "refused this node's handshake" in log.read_text()
+        conn = PeerConnection(harness.addresses[0], timeout=10, client_keys=options.client_keys)
+        try:  # counted with the node's other error replies (a review: relay_failed never was)
+            assert conn.request("info").fields["errors"].get("relay_failed", 0) >= 2
+        finally:
+            conn.close()
     finally:
         harness.stop()
         stderr.close()

@@ -231,6 +231,27 @@ def test_a_flood_of_forwards_from_many_peers_does_not_hold_back_steps(blocks):
     assert order[0] == b"p"  # computed before the forwards that came before it
     busy = next(m for peer, m in replies if m.fields.get("code") == "busy")
     assert "stateless forwards" in busy.fields["message"]
+    # A forward the node would refuse anyway is refused as such, not `busy` ("again later"), and
+    # one refused `busy` may be sent again as it was (its id was kept: `duplicate_request`).
+    forwards = [d.frames("forward", {}, [hidden(2, i)]) for i in range(MAX_FORWARDS_PER_BATCH)]
+    wrong = d.frames("forward", {}, [torch.randn(1, 2, N_EMBD + 1)])
+    last = d.frames("forward", {}, [hidden(2)])
+    sent = [*forwards, wrong, last]
+    replies = {(m := decode(f)).id: m for _, f in d.h.handle_batch([(b"q", f) for f in sent])}
+    codes = [replies[decode(f).id].fields.get("code", replies[decode(f).id].type) for f in sent]
+    assert codes == ["result"] * MAX_FORWARDS_PER_BATCH + ["bad_shape", "busy"]
+    assert decode(d.h.handle(b"q", last)).type == "result"
+
+
+def test_a_request_refused_busy_may_be_sent_again_as_it_was(blocks):
+    """`busy` says "retry the same request later"; its id was kept before the refusal, so the
+    same frames sent again got `duplicate_request` and were never served (a review)."""
+    d = make_driver(blocks, max_inflight_per_peer=2)
+    batch = [d.frames("info") for _ in range(3)]
+    codes = [decode(f).fields.get("code", decode(f).type) for _, f in d.h.handle_batch([(b"p", f) for f in batch])]
+    assert codes == ["info_reply", "info_reply", "busy"]
+    assert decode(d.h.handle(b"p", batch[2])).type == "info_reply"
+    assert decode(d.h.handle(b"p", batch[2])).fields["code"] == "duplicate_request"  # once served, it is kept
 
 
 def test_specific_codes_for_bad_requests(blocks):
@@ -292,6 +313,13 @@ def test_overflowing_values_are_refused_and_the_step_undone(blocks, wire, big):
     assert d.h.sessions.sessions[sid].length == 0  # the refused step left no trace
     y = d.ok("step", {"session": sid, "pos": 0}, [hidden(2)]).tensors[0]
     assert bool(torch.isfinite(y).all())
+    # A rewinding step cannot be undone (the positions it was to rewrite are gone): its error says
+    # what the session holds now, where the docs said "undone" (a review).
+    d.ok("step", {"session": sid, "pos": 2}, [hidden(4)])
+    d.refuses("bad_value", "the session now holds 1 positions", "step",
+              {"session": sid, "pos": 1, "wire": wire, "rewind": True}, [x])
+    assert d.h.sessions.sessions[sid].length == 1
+    d.ok("step", {"session": sid, "pos": 1}, [hidden(1)])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
