@@ -71,8 +71,8 @@ class PendingStep:
     wire: str
     length: int = 0        # the session's state before the step, restored if the step fails
     next_block: int = 0
-    rewound: bool = False  # the step dropped positions from `length` on (rewind): not restored
     hops: list[tuple[str, str]] | None = None  # a relayed step: the rest of the chain
+    rewound: bool = False  # the step dropped positions from `length` on (rewind): not restored
 
 
 @dataclass
@@ -218,8 +218,8 @@ class StepRunner:
             raise ProtocolError(ErrorCode.BAD_POSITION, f"position {session.length} is half stored "
                                 f"(attention of block {session.start + session.next_block} comes next); "
                                 "finish it with attn steps")
-        return PendingStep(reply_to, msg, session, x, wire, pos if rewind else session.cache.length,
-                        session.next_block, hops)
+        return PendingStep(reply_to, msg, session, x, wire, length=pos if rewind else session.cache.length,
+                           next_block=session.next_block, hops=hops)
 
     def _chain(self, msg: Message) -> tuple[list[tuple[str, str]] | None, int]:
         """A relayed step's hops after this node and this node's place in the chain (node/relay.py);
