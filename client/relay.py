@@ -20,7 +20,7 @@ import time
 import torch
 import zmq
 
-from .stages import RemoteLayerStage, positions_per_request, reply_tensors
+from .stages import RemoteLayerStage, check_magnitude, positions_per_request, reply_tensors
 from .transport import PeerError, PeerTimeout, next_request_id
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ class Chain:
                 msg = last.conn.take(rid, "result")  # an error reply, or a dropped link, raises PeerError
                 if msg is not None:
                     outputs = reply_tensors(last.conn, msg, hidden, len(self.stages) if trail else 1)
+                    # Which hop grew it is unknown: the chain's step goes stage by stage, where
+                    # each stage's output is checked (a `bad_reply`: _chain_broken).
+                    check_magnitude(last.conn.address, hidden, outputs[-1])
                     for stage, at in zip(self.stages, sent):
                         stage.sent_at = at
                     return outputs

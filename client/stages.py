@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanoswarm.protocol.messages import Message
+from nanoswarm.protocol.tensors import abs_max
 from nanoswarm.shards.model import Blocks
 
 from .transport import MAX_FRAME_BYTES, PeerConnection, PeerError
@@ -133,10 +134,31 @@ def stated_idle_timeout(opened: dict) -> float:
     return float(t) if type(t) in (int, float) and 0 < t < float("inf") else 0.0
 
 
+# Far beyond any honest model's hidden states (GPT-2's largest are a few thousand), far below
+# what LayerNorm takes in float32 (~1e19). A stage answering 1e20s made the honest stage after it
+# compute NaN, refuse `bad_value` and be banned, while the liar was never blamed (a review).
+HIDDEN_LIMIT = 1e15
+
+
+def check_magnitude(address: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """A stage's output `y` (or a head-group member's partial sum) for input `x` may not pass
+    HIDDEN_LIMIT + 2 |x|: an honest block adds to its input what its weights make of the
+    LayerNorm of it, bounded whatever the input, so only a stage that lies grows it so. (Relative
+    to the input, so that an honest stage handed values near the limit by a liar before it is
+    not the one blamed.) Costs one pass over `y`; `x` is read only when `y` passes the limit."""
+    m = abs_max(y)
+    if m > HIDDEN_LIMIT and m > HIDDEN_LIMIT + 2 * abs_max(x):
+        raise PeerError(address, "bad_reply", f"answered hidden states of magnitude {m:.3g} for an input of "
+                        f"{abs_max(x):.3g}: no honest block grows them so")
+
+
 def check_reply(conn: PeerConnection, msg: Message, like: torch.Tensor) -> torch.Tensor:
-    """A peer's tensor must have the shape we sent: peers are untrusted. (Finiteness was checked
-    when the reply was read: PeerConnection._read decodes with finite=True.)"""
-    return reply_tensors(conn, msg, like, 1)[0]
+    """A peer's tensor must have the shape we sent, and a magnitude an honest block could give
+    (check_magnitude; `like` is what we sent): peers are untrusted. (Finiteness was checked when
+    the reply was read: PeerConnection._read decodes with finite=True.)"""
+    y = reply_tensors(conn, msg, like, 1)[0]
+    check_magnitude(conn.address, like, y)
+    return y
 
 
 def reply_tensors(conn: PeerConnection, msg: Message, like: torch.Tensor, count: int) -> list:

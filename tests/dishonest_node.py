@@ -14,7 +14,9 @@ with --late too it answers that 1.1 s late, and states an idle timeout of 1 ms a
 ...); with --misshape-relay it passes relayed steps on without its output, with --answer-relay it
 answers them to the client itself (a success, as if it were the last hop) instead. With --nan its blocks
 output NaN, which the node's own check refuses (`bad_value`); with --send-nan they output NaN and
-the node sends them on (both for whole blocks only, not a head shard's partial sums)."""
+the node sends them on, with --huge they output 1e20 times the right values (finite, absurd: the
+next stage's LayerNorm overflows; with --wrong-decode on one-position steps only) and send them on
+(all three for whole blocks only, not a head shard's partial sums)."""
 
 import dataclasses
 import sys
@@ -34,11 +36,16 @@ def wrong(self, x, caches=None, start=None, stop=None):
     y = _forward(self, x, caches, start, stop)
     if poison:
         return y * float("nan")
+    if huge:
+        return y * 1e20 if lies(x) else y
     return y + 0.5 * y.roll(1, dims=-1) if lies(x) else y
 
 
 lies = lambda x: True  # noqa: E731
 poison = "--nan" in sys.argv or "--send-nan" in sys.argv
+huge = "--huge" in sys.argv
+if huge:
+    sys.argv.remove("--huge")
 for flag in ("--nan", "--send-nan"):
     if flag in sys.argv:
         sys.argv.remove(flag)

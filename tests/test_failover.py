@@ -605,13 +605,16 @@ def test_a_hop_that_does_not_pass_relayed_steps_on_rightly_stops_relaying_there(
 
 
 @pytest.mark.parametrize("relay", [True, False], ids=["relayed", "stage by stage"])
-@pytest.mark.parametrize("fault", ["--nan", "--send-nan"])
+@pytest.mark.parametrize("fault", ["--nan", "--send-nan", "--huge"])
 def test_a_node_whose_results_are_nan_is_failed_over_and_the_text_is_exact(tiny_model_dir, cluster_factory,
                                                                            fault, relay):
     """A node whose blocks give NaN either refuses its own result (`bad_value` though the client's
     input was finite: the node's fault, not the caller's) or sends it on: the client's reply check
     (client/transport.py) or, relayed, the next hop refuses it. Either way that node is failed
-    over, no honest one, and the text is the one-process text."""
+    over, no honest one, and the text is the one-process text. So for one that sends finite
+    values no honest block gives (1e20s): the next stage's LayerNorm made NaN of them, and that
+    honest stage was failed over and banned, never the liar (a review); the client's magnitude
+    check (client/stages.py check_magnitude) blames the stage that grew them."""
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest", fault]), NodeSpec((0, 2)),
                                              NodeSpec((2, 4))], cluster=SwarmWithALiar)
     model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=5, relay=relay))
@@ -623,6 +626,25 @@ def test_a_node_whose_results_are_nan_is_failed_over_and_the_text_is_exact(tiny_
     assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, 6, SamplingParams(temperature=0)).ids
     assert result.failovers == 1
     assert [stage["peers"] for stage in result.route] == [[nodes.addresses[1]], [nodes.addresses[2]]]  # not the liar
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relayed", "stage by stage"])
+def test_a_last_stage_that_answers_absurd_hidden_states_is_failed_over(tiny_model_dir, cluster_factory, relay):
+    """The last stage's output goes to the client's head, whose LayerNorm would make NaN logits of
+    1e20s: the magnitude check fails it over, relayed (the chain's result) or not. It lies on
+    decode steps only, which are relayed once the prompt has pinned the route."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)),
+                                             NodeSpec((2, 4), args=["--dishonest", "--huge", "--wrong-decode"]),
+                                             NodeSpec((2, 4))], cluster=SwarmWithALiar)
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=5, relay=relay))
+    try:
+        model.swarm.peers[nodes.addresses[2]].rtt = 1.0  # the liar first
+        result = model.generate(PROMPT, 6, SamplingParams(temperature=0))
+    finally:
+        model.close()
+    assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, 6, SamplingParams(temperature=0)).ids
+    assert result.failovers == 1
+    assert [stage["peers"] for stage in result.route] == [[nodes.addresses[0]], [nodes.addresses[2]]]
 
 
 def test_a_hop_that_drops_relayed_steps_in_a_second_chain_stops_relaying_there(tiny_model_dir, cluster_factory,
