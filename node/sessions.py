@@ -209,7 +209,9 @@ class SessionStore:
             raw = bytes.fromhex(session_id)
         except ValueError:
             return False
-        return len(raw) == 20 and hmac.compare_digest(raw[12:], hmac.digest(self._id_key, raw[:12], "sha256")[:8])
+        # Only as new_session_id spells it: fromhex also takes spaces and upper case.
+        return (len(raw) == 20 and raw.hex() == session_id
+                and hmac.compare_digest(raw[12:], hmac.digest(self._id_key, raw[:12], "sha256")[:8]))
 
     def get(self, session_id: str, peer: bytes | None = None) -> Session:
         """The open session `session_id`; with `peer`, only if that peer opened it (others get

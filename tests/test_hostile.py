@@ -298,7 +298,7 @@ def test_a_session_that_ended_long_ago_is_still_session_closed(blocks):
     assert old not in d.h.sessions._ended
     d.refuses("session_closed", "no longer keeps why", "step", {"session": old, "pos": 0}, [hidden(1)])
     forged = old[:-1] + ("0" if old[-1] != "0" else "1")
-    for sid in (forged, old[:24], "zz" * 20, "a" * 40):
+    for sid in (forged, old[:24], "zz" * 20, "a" * 40, old.upper(), " ".join([old[:20], old[20:]])):
         assert d.code("step", {"session": sid, "pos": 0}, [hidden(1)]) == "unknown_session", sid
     assert RequestHandler(blocks[0], blocks[1], "t", NodeLimits()).sessions.issued_here(old) is False  # another process
 
