@@ -14,9 +14,11 @@ cannot make it connect anywhere else. The links are DEALER sockets owned by the 
 with the node's own CURVE keys (so private swarms, whose allow lists hold node keys, work).
 Whatever a next hop sends back on a link is an error it could not route to the owner (an
 unknown session, a malformed message): it reaches the client as `relay_failed`. So do the steps
-queued on a link whose handshake the next hop refused (its `--allow-keys` lacks this node's
-key), read from the link's socket monitor: ZeroMQ drops them without a word, and the client
-would otherwise wait its whole timeout for each session's first relayed step.
+that may wait on a link that closes: one whose handshake the next hop refused (its
+`--allow-keys` lacks this node's key: read from the link's socket monitor), one whose queue is
+full, one closed for links to other hops. ZeroMQ drops those steps without a word, and the
+client would otherwise wait its whole timeout (for each session's first relayed step, where a
+next hop refuses this node).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import itertools
 import logging
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,8 +46,10 @@ LINK_QUEUE = 64       # relayed steps queued on one link before sends fail
 MAX_READS = 64       # messages read from one link (relay or gossip) per turn of the server loop
 MAX_REMEMBERED = 4096  # relayed steps whose bounced errors can still be routed to their owner
 REFUSED_WARN_SECONDS = 3600.0  # how often a node names again a next hop that refuses its handshake
-HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+# A refusal: libzmq does not try that connection again. (EVENT_HANDSHAKE_FAILED_NO_DETAIL is
+# a connection that dropped mid-handshake, a restart say: ZeroMQ reconnects and sends what is
+# queued, so it is no refusal; a review saw a step so delivered answered relay_failed.)
+HANDSHAKE_REFUSED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,11 @@ class RelayLink:
     contact: str
     socket: zmq.Socket
     monitor: zmq.Socket
-    up: bool = False  # a handshake succeeded and no drop was read since
-    # _sent keys of the steps queued while the link was not up: lost if the handshake fails.
-    queued: list[tuple[str, int]] = field(default_factory=list)
+    # _sent keys of the steps sent since the link's last handshake was read to succeed, the
+    # latest 2 x LINK_QUEUE: those that may still wait on the link (and some that went out).
+    # When the link fails they are answered relay_failed; a late answer to a step that was
+    # delivered is dropped by its client, and one that was not no longer costs its timeout.
+    recent: deque = field(default_factory=lambda: deque(maxlen=2 * LINK_QUEUE))
 
 
 _hop_ids = itertools.count(random.randrange(1, 2**31))
@@ -88,6 +94,7 @@ class RelayLinks:
         self._links: OrderedDict[str, RelayLink] = OrderedDict()
         self._sent: OrderedDict[tuple[str, int], Relay] = OrderedDict()
         self._warned: dict[str, float] = {}  # refusing contact -> when last named in the log
+        self._failed: list[tuple[bytes, list]] = []  # relay_failed for owners, until take_failed
         self.on_open = None   # callable(RelayLink), set by the server to watch a new link
         self.on_close = None  # callable(RelayLink)
 
@@ -100,12 +107,12 @@ class RelayLinks:
             if isinstance(e, zmq.Again):
                 # Full (the next hop is not reading), or dropped for good by ZeroMQ after a refused
                 # handshake: the next step to this hop gets a fresh link.
-                self._close(relay.contact, self._links.pop(relay.contact))
+                why = f"cannot reach the next hop {relay.contact[:80]}: {e}"
+                self._close(relay.contact, self._links.pop(relay.contact), lost=why)
             return f"cannot reach the next hop {relay.contact[:80]}: {e}"
         key = (relay.contact, relay.hop_id)
         self._sent[key] = relay
-        if not link.up:
-            link.queued.append(key)
+        link.recent.append(key)
         while len(self._sent) > MAX_REMEMBERED:
             self._sent.popitem(last=False)
         return None
@@ -128,13 +135,14 @@ class RelayLinks:
             public, secret = self.curve_keys or zmq.curve_keypair()
             link.curve_serverkey, link.curve_publickey, link.curve_secretkey = server_key, public, secret
         allow_ipv6(link, endpoint)
-        monitor = link.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
+        monitor = link.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_REFUSED)
         link.connect(endpoint)
         link = self._links[contact] = RelayLink(contact, link, monitor)
         if self.on_open:
             self.on_open(link)
         while len(self._links) > MAX_LINKS:
-            self._close(*self._links.popitem(last=False))
+            old, evicted = self._links.popitem(last=False)
+            self._close(old, evicted, lost=f"the link to the next hop {old[:80]} was closed for links to others")
         return link
 
     def bounced(self, link: RelayLink) -> list[tuple[bytes, list]]:
@@ -158,27 +166,30 @@ class RelayLinks:
             out.append((relay.owner, self.error(relay.reply, ErrorCode.RELAY_FAILED, why[:500])))
         return out
 
-    def events(self, link: RelayLink) -> list[tuple[bytes, list]]:
+    def events(self, link: RelayLink) -> None:
         """Read `link`'s monitor (at most MAX_READS events a call). A refused handshake ends the
-        link: the steps queued on it since it was last up are answered `relay_failed`, and the
-        next step to that hop gets a fresh link (the refusal may have been a restart's moment)."""
+        link, its steps answered `relay_failed` (take_failed), and the next step to that hop gets
+        a fresh link (the refusal may have been a restart's moment)."""
         for _ in range(MAX_READS):
             if not link.monitor.get(zmq.EVENTS) & zmq.POLLIN:
-                return []
+                return
             event = parse_monitor_message(link.monitor.recv_multipart())["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                link.up, link.queued = True, []  # what was queued went out
-            elif event == zmq.EVENT_DISCONNECTED:
-                link.up = False
-            elif event & HANDSHAKE_FAILED:
-                return self._refused(link)
-        return []
+                link.recent.clear()  # what was queued went out
+            elif event & HANDSHAKE_REFUSED:
+                self._refused(link)
+                return
 
-    def _refused(self, link: RelayLink) -> list[tuple[bytes, list]]:
+    def take_failed(self) -> list[tuple[bytes, list]]:
+        """The `relay_failed` answers for steps lost with links closed since the last call."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _refused(self, link: RelayLink) -> None:
         contact = link.contact
         if self._links.get(contact) is link:
             del self._links[contact]
-        self._close(contact, link)
+        self._close(contact, link, lost=f"the next hop {contact[:80]} refused this node's handshake")
         now = time.monotonic()
         if now - self._warned.get(contact, float("-inf")) >= REFUSED_WARN_SECONDS:
             if len(self._warned) >= MAX_LINKS:
@@ -186,11 +197,14 @@ class RelayLinks:
             self._warned[contact] = now
             log.warning("the next hop %s refused this node's handshake (is this node's key on its --allow-keys?): "
                         "relayed steps to it fail, and their clients send them stage by stage", contact[:120])
-        why = f"the next hop {contact[:80]} refused this node's handshake"
-        lost = [self._sent.pop(key, None) for key in link.queued]
-        return [(r.owner, self.error(r.reply, ErrorCode.RELAY_FAILED, why)) for r in lost if r is not None]
 
-    def _close(self, contact: str, link: RelayLink) -> None:
+    def _close(self, contact: str, link: RelayLink, lost: str | None = None) -> None:
+        """Close a link; with `lost` (why), answer the steps that may wait on it `relay_failed`:
+        ZeroMQ drops them with the link, and their clients would wait their whole timeout."""
+        for key in link.recent if lost is not None else ():
+            relay = self._sent.pop(key, None)
+            if relay is not None:
+                self._failed.append((relay.owner, self.error(relay.reply, ErrorCode.RELAY_FAILED, lost[:500])))
         if self.on_close:
             self.on_close(link)
         link.socket.disable_monitor()

@@ -161,7 +161,7 @@ class NodeServer:
 
     def _watch_relay(self, link: RelayLink) -> None:
         self.watch(link.socket, lambda: self._send_all(self.relays.bounced(link)))
-        self.watch(link.monitor, lambda: self._send_all(self.relays.events(link)))
+        self.watch(link.monitor, lambda: (self.relays.events(link), self._send_all([])))
 
     def _unwatch_relay(self, link: RelayLink) -> None:
         self.unwatch(link.socket)
@@ -282,6 +282,8 @@ class NodeServer:
                     self._send(to.owner, self.handler.steps.error(to.reply, ErrorCode.RELAY_FAILED, why))
             else:
                 self._send(to, frames)
+        for owner, frames in self.relays.take_failed():  # steps lost with a link closed meanwhile
+            self._send(owner, frames)
 
     def _send(self, peer: bytes, frames: list) -> None:
         try:

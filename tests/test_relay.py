@@ -10,7 +10,14 @@ import time
 import pytest
 import torch
 import zmq
-from test_failover import FAIL_AT, N_TOKENS, PROMPT, SEEDED, TIMEOUT, generate_with_fault  # the same fault harness
+from test_failover import (  # the same fault harness
+    FAIL_AT,
+    N_TOKENS,
+    PROMPT,
+    SEEDED,
+    TIMEOUT,
+    generate_with_fault,
+)
 
 import nanoswarm.client.relay as relay_module
 from nanoswarm.client.api import SwarmModel
@@ -572,6 +579,89 @@ def test_the_stalled_stage_is_the_silent_one_even_behind_a_slow_one(tiny_model_d
             swarm.kill(i, signal.SIGCONT)
         for stage in stages:
             stage.conn.close()
+
+
+def test_steps_waiting_on_a_relay_link_that_closes_are_answered_relay_failed():
+    """ZeroMQ drops what waits on a link it closes, and each such step's client waited its whole
+    timeout (a review: a link closed when its queue was full, or for links to other hops). The
+    steps sent since the link's last handshake are answered relay_failed instead; a link whose
+    handshake succeeded answers none of what it delivered."""
+    import zmq
+
+    from nanoswarm.node.relay import MAX_LINKS, RelayLinks, next_hop_id
+
+    ctx = zmq.Context.instance()
+    hop = ctx.socket(zmq.ROUTER)
+    live = hop.bind_to_random_port("tcp://127.0.0.1")
+    links = RelayLinks(ctx, None)
+    try:
+        assert links.send(Relay(f"tcp://127.0.0.1:{live}", b"delivered", 1, next_hop_id()), [b"x"]) is None
+        assert hop.poll(5000)
+        (link,) = links._links.values()
+        assert link.monitor.poll(5000)
+        links.events(link)  # its handshake succeeded: what it sent went out
+        dead = list(range(1, MAX_LINKS + 2))  # low ports where nothing listens: steps wait on each link
+        for i, port in enumerate(dead[:-1]):
+            assert links.send(Relay(f"tcp://127.0.0.1:{port}", b"waiting", 100 + i, next_hop_id()), [b"x"]) is None
+        # The live link was the least recently used: closed for the 64th dead one, nothing lost
+        assert links.take_failed() == [] and len(links._links) == MAX_LINKS
+        assert links.send(Relay(f"tcp://127.0.0.1:{dead[-1]}", b"waiting", 999, next_hop_id()), [b"x"]) is None
+        failed = links.take_failed()  # the first dead link closed: its step is answered
+        assert [(owner, decode(frames).id, decode(frames).fields["code"]) for owner, frames in failed] == \
+            [(b"waiting", 100, "relay_failed")]
+        assert "closed for links to others" in decode(failed[0][1]).fields["message"]
+    finally:
+        links.close()
+        hop.close(linger=0)
+
+
+def test_a_connection_that_drops_mid_handshake_is_no_refusal():
+    """libzmq reports a connection dropped during its handshake (a next hop restarting, a loaded
+    host) as HANDSHAKE_FAILED_NO_DETAIL, then reconnects and sends what waits. Taken for a
+    refusal, the link was closed, its step lost and answered relay_failed, and a false warning
+    logged (a review). Only an authentication or protocol failure is a refusal."""
+    import socket
+    import threading
+
+    from nanoswarm.node.relay import RelayLinks, next_hop_id
+
+    ctx = zmq.Context.instance()
+    server_public, server_secret = zmq.curve_keypair()
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.1)
+    port = listener.getsockname()[1]
+
+    def drop_connections(until: float) -> None:  # accept each connection and close it at once
+        while time.monotonic() < until:
+            try:
+                listener.accept()[0].close()
+            except OSError:
+                pass
+        listener.close()
+
+    dropper = threading.Thread(target=drop_connections, args=(time.monotonic() + 1.0,))
+    dropper.start()
+    links = RelayLinks(ctx, zmq.curve_keypair())
+    hop = ctx.socket(zmq.ROUTER)
+    try:
+        contact = f"tcp://127.0.0.1:{port}#{server_public.decode()}"
+        assert links.send(Relay(contact, b"owner", 7, next_hop_id()), [b"step"]) is None
+        (link,) = links._links.values()
+        dropper.join()
+        hop.curve_secretkey, hop.curve_publickey, hop.curve_server = server_secret, server_public, True
+        hop.bind(f"tcp://127.0.0.1:{port}")
+        deadline = time.monotonic() + 10
+        while not hop.poll(10) and time.monotonic() < deadline:
+            if link.monitor.poll(0):
+                links.events(link)
+        assert hop.poll(0) and hop.recv_multipart()[1] == b"step"  # delivered after the drops
+        assert links.take_failed() == [] and list(links._links.values()) == [link]
+    finally:
+        links.close()
+        hop.close(linger=0)
 
 
 def test_a_next_hop_flooding_its_link_is_read_a_batch_at_a_time():
