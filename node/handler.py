@@ -98,7 +98,7 @@ class RequestHandler:
         per_peer: dict[bytes, int] = defaultdict(int)
         self.steps.begin_batch()
         for peer, frames in batch:
-            req_id, to = None, peer
+            req_id, to, msg = None, peer, None
             try:
                 msg = decode(frames, self.limits.max_message_bytes, types=REQUEST_TYPES)
                 to, req_id = self._reply_route(peer, msg, frames)
@@ -111,7 +111,6 @@ class RequestHandler:
                     # would refuse anyway is refused as such first: `busy` says "again later".
                     checked = self._check_forward(msg)
                     if len(forwards) >= MAX_FORWARDS_PER_BATCH:
-                        self._unsee(peer, msg.id)  # the same request may come again
                         raise ProtocolError(ErrorCode.BUSY, "node busy with other stateless forwards; "
                                             "retry the same request later")
                     forwards.append((peer, msg, checked))
@@ -121,28 +120,40 @@ class RequestHandler:
                         msg.type == "step" or self._owns(peer, msg.fields["session"])):
                     # A pipelined step (or close) of a session already in this batch is only valid
                     # once the earlier step has run.
-                    replies.extend(self.steps.run(pending))
+                    replies.extend(self._run(pending))
                     pending = []
                 if msg.type == "step":
                     # Steps relayed by the hop before go on only as the owner pinned (`admit`).
                     pending.append(self.steps.validate((to, req_id), msg, pinned=to != peer and self.checks_senders))
+                    pending[-1].sender = peer
                 else:
                     replies.append((peer, self._handle_simple(peer, msg)))
             except Exception as e:
                 if req_id is None:  # (a relayed step's reply id may be 0)
                     req_id = peek_id(frames[0]) if frames else 0
-                replies.append((to, self._refusal(req_id, e)))
+                replies.append((to, self._refusal(req_id, e, peer, msg)))
         if pending:
-            replies.extend(self.steps.run(pending))
+            replies.extend(self._run(pending))
         for peer, msg, checked in forwards:
             try:
                 replies.append((peer, self.steps.forward(msg, *checked)))
             except Exception as e:
-                replies.append((peer, self._refusal(msg.id, e)))
+                replies.append((peer, self._refusal(msg.id, e, peer, msg)))
         return replies
 
-    def _refusal(self, req_id: int, e: Exception) -> list:
-        """The error reply for what handling a request raised: a bug must not take the node down."""
+    def _run(self, pending: list[PendingStep]) -> list[Reply]:
+        replies = self.steps.run(pending)
+        for p in self.steps.take_refused_busy():  # as _refusal does
+            self._unsee(p.sender, p.msg.id)
+        return replies
+
+    def _refusal(self, req_id: int, e: Exception, peer: bytes, msg: Message | None) -> list:
+        """The error reply for what handling a request raised: a bug must not take the node down.
+        A request refused `busy` is forgotten: "busy" says "send it again", and the same request
+        sent again got `duplicate_request` (a review)."""
+        if msg is not None and (isinstance(e, torch.cuda.OutOfMemoryError)
+                                or isinstance(e, ProtocolError) and e.code is ErrorCode.BUSY):
+            self._unsee(peer, msg.id)
         if isinstance(e, ProtocolError):
             return self._error(req_id, e.code, e.message)
         if isinstance(e, torch.cuda.OutOfMemoryError):  # copying a step's input to the device, or a forward
@@ -233,8 +244,6 @@ class RequestHandler:
             # one peer however it marks its steps.
             key = msg.fields["session"] if reply_to != peer else peer
             if per_peer[key] >= self.limits.max_inflight_per_peer:
-                # Refused before its id is kept: `busy` says "send it again", and the same
-                # request sent again got `duplicate_request` (a review).
                 raise ProtocolError(ErrorCode.BUSY, f"more than {self.limits.max_inflight_per_peer} "
                                     "requests in flight from this peer")
             per_peer[key] += 1
@@ -248,7 +257,7 @@ class RequestHandler:
             self._seen_total -= len(oldest)
 
     def _unsee(self, peer: bytes, req_id: int) -> None:
-        """Forget a request id _admit kept, for a request refused `busy` after it."""
+        """Forget a request id _admit kept (if it did), for a request refused `busy`."""
         seen = self._seen.get(peer)
         if seen is not None and seen.pop(req_id, 0) is None:
             self._seen_total -= 1
@@ -353,14 +362,15 @@ class RequestHandler:
         session.relay_to = relay_to
         return encode("admitted", msg.id, {"session": session.id})
 
-    def _check_forward(self, msg: Message) -> tuple[int, int, str, torch.Tensor]:
-        """What a stateless forward asks for, checked: its blocks [a, b), reply format and input."""
+    def _check_forward(self, msg: Message) -> tuple[int, int, str]:
+        """What a stateless forward asks for, checked: its blocks [a, b) and reply format, and its
+        input's header (the tensor is made only for a forward that runs)."""
         if self.head_shard:
             raise ProtocolError(ErrorCode.NOT_SERVED, "stateless forward runs whole blocks; this node "
                                 "serves a head shard")
         self._check_model(msg)
         a, b = self._layers(msg)
-        return a, b, self.steps.reply_wire(msg), self.steps.hidden(msg, max_batch=64)
+        return a, b, self.steps.check_forward(msg)
 
     def peers_gone(self, peers: set[bytes]) -> list[str]:
         """Close the sessions of peers whose connections dropped (node/connections.py): no step

@@ -73,6 +73,7 @@ class PendingStep:
     next_block: int = 0
     hops: list[tuple[str, str]] | None = None  # a relayed step: the rest of the chain
     rewound: bool = False  # the step dropped positions from `length` on (rewind): not restored
+    sender: bytes = b""    # the connection it came on (its request id is that peer's)
 
 
 @dataclass
@@ -108,12 +109,18 @@ class StepRunner:
         self._batch_started = time.perf_counter()  # when the current batch began (see _overloaded)
         self._batch_computed = False                # whether this batch has run any blocks yet
         self._last_busy = 0.0                       # seconds of the last forward pass
+        self._refused_busy: list[PendingStep] = []  # steps run() refused busy, for take_refused_busy
         # whether a relayed step may go on to a contact; set by the gossip layer (node/relay.py)
         self.can_relay: Callable[[str], bool] | None = None
         self.device_failure: str | None = None  # why the device can compute no more (DEVICE_ERRORS)
 
     def begin_batch(self) -> None:
         self._batch_started, self._batch_computed = time.perf_counter(), False
+
+    def take_refused_busy(self) -> list[PendingStep]:
+        """The steps `run` refused `busy` since the last call."""
+        refused, self._refused_busy = self._refused_busy, []
+        return refused
 
     def error(self, req_id: int, code: ErrorCode, message: str) -> list:
         """An error reply, counted in the node's stats."""
@@ -128,6 +135,22 @@ class StepRunner:
         """The hidden states of a request, shape-checked (finiteness: see _unsendable): its last
         tensor of `count`. The ones before it, the outputs of a relayed step's earlier hops, must
         have the same shape; they are passed on, never made into tensors here."""
+        wire = self.check_hidden(msg, max_batch, count)
+        x = msg.tensor(count - 1)
+        if not (self._cpu and frame_dtype(wire) is self.dtype):
+            x = x.to(self.device, self.dtype)
+        return x
+
+    def check_forward(self, msg: Message) -> str:
+        """A stateless forward's input and reply format, checked on the header; the reply format."""
+        self.check_hidden(msg, max_batch=64)
+        positions = msg.specs[-1][1][1]
+        if positions > self.max_length():
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{positions} positions exceed {self.max_length()}")
+        return self.reply_wire(msg)
+
+    def check_hidden(self, msg: Message, max_batch: int, count: int = 1) -> str:
+        """`hidden`'s checks, on the header alone; the wire format of the tensor."""
         if len(msg.frames) != count:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"expected {count} tensors, got {len(msg.frames)}")
         wire, shape = msg.specs[-1]
@@ -143,10 +166,7 @@ class StepRunner:
         if shape[0] * shape[1] > self.limits.max_tokens_per_step:  # bounds the work of one request
             raise ProtocolError(ErrorCode.TOO_LARGE, f"{shape[0] * shape[1]} tokens in one request; "
                                 f"the limit is {self.limits.max_tokens_per_step}")
-        x = msg.tensor(count - 1)
-        if not (self._cpu and frame_dtype(wire) is self.dtype):
-            x = x.to(self.device, self.dtype)
-        return x
+        return wire
 
     @staticmethod
     def reply_wire(msg: Message) -> str:
@@ -155,13 +175,12 @@ class StepRunner:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"unknown reply format {str(wire)[:32]!r}")
         return wire
 
-    def forward(self, msg: Message, a: int, b: int, wire: str, x: torch.Tensor) -> list:
-        """A stateless forward of `x` through blocks [a, b) (whole blocks: the caller checked that
-        this node serves them whole, and made `x` with `hidden`); its reply in `wire`."""
+    def forward(self, msg: Message, a: int, b: int, wire: str) -> list:
+        """A stateless forward through blocks [a, b) (whole blocks: the caller checked that this
+        node serves them whole, and the request with check_forward); its reply in `wire`."""
         if self._overloaded():
             raise ProtocolError(ErrorCode.BUSY, self._overload_message())
-        if x.shape[1] > self.max_length():
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"{x.shape[1]} positions exceed {self.max_length()}")
+        x = self.hidden(msg, max_batch=64)
         with torch.inference_mode():
             y = self._timed(lambda: self.blocks(x, None, a, b), x.shape[0] * x.shape[1])
         frame = to_frame(y, wire)
@@ -269,6 +288,7 @@ class StepRunner:
             groups[key].append(p)
         for group in groups.values():
             if self._overloaded():  # refuse what cannot start in time; the sessions are untouched
+                self._refused_busy.extend(group)
                 replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.BUSY, self._overload_message()))
                                for p in group)
                 continue
@@ -277,6 +297,7 @@ class StepRunner:
                 for p, y in zip(group, outputs):
                     replies.extend(self._result(p, y))
             except torch.cuda.OutOfMemoryError:  # device memory taken meanwhile: the sessions are untouched
+                self._refused_busy.extend(group)
                 replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.BUSY,
                                                           self.out_of_memory() + _rewound(p)))
                                for p in group)

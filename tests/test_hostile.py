@@ -252,6 +252,18 @@ def test_a_request_refused_busy_may_be_sent_again_as_it_was(blocks):
     assert codes == ["info_reply", "info_reply", "busy"]
     assert decode(d.h.handle(b"p", batch[2])).type == "info_reply"
     assert decode(d.h.handle(b"p", batch[2])).fields["code"] == "duplicate_request"  # once served, it is kept
+    # The other `busy` refusals: an open at the session limit, a step past the batch's time
+    d = make_driver(blocks, max_sessions=2, max_batch_seconds=1e-9)
+    first, second = d.open(8), d.open(8)
+    opening = d.frames("open", {"max_length": 8})
+    assert decode(d.h.handle(b"p", opening)).fields["code"] == "busy"
+    d.ok("close", {"session": first})
+    assert decode(d.h.handle(b"p", opening)).type == "opened"
+    steps = [d.frames("step", {"session": second, "pos": 0}, [hidden(2)]),
+             d.frames("step", {"session": second, "pos": 2}, [hidden(3)])]  # two groups: the second waits
+    replies = [decode(f) for _, f in d.h.handle_batch([(b"p", f) for f in steps])]
+    assert [m.fields.get("code", m.type) for m in replies] == ["result", "busy"]
+    assert decode(d.h.handle(b"p", steps[1])).type == "result"
 
 
 def test_specific_codes_for_bad_requests(blocks):
