@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 from nanoswarm.keys.contact import endpoint_of
-from nanoswarm.protocol.tensors import fits_wire
+from nanoswarm.protocol.tensors import WIRE_MAX, abs_max, fits_wire
 
 from .failover import CANNOT_TAKE, CallerError, Failover, SessionError
 from .history import History, Unkept
@@ -206,6 +206,12 @@ class InferenceSession(Failover):
                     # The caller's input, not the peer: nothing to fail over, and the node left the
                     # session as it was.
                     raise CallerError(f"{self._unfit(stage)} ({e.message})") from e
+                if e.code == "bad_value" and abs_max(hidden) > WIRE_MAX["float16"]:
+                    # Beyond float16's range: a float16 node cannot take it (a refusal, not its
+                    # fault). A liar before it that sent 1e6s had this honest node banned (a
+                    # review); other nodes for its blocks may take the input.
+                    i = self._replace(self.stages.index(stage), e, strike=False)
+                    continue
                 if e.code == "busy" and busy_retries < BUSY_RETRIES and not stage.retries_busy:
                     # An overloaded peer left the session as it was: wait a little and ask again
                     # before giving its blocks to someone else.

@@ -15,7 +15,8 @@ with --late too it answers that 1.1 s late, and states an idle timeout of 1 ms a
 answers them to the client itself (a success, as if it were the last hop) instead. With --nan its blocks
 output NaN, which the node's own check refuses (`bad_value`); with --send-nan they output NaN and
 the node sends them on, with --huge they output 1e20 times the right values (finite, absurd: the
-next stage's LayerNorm overflows; with --wrong-decode on one-position steps only) and send them on
+next stage's LayerNorm overflows; with --wrong-decode on one-position steps only; --large: 1e6
+times, past float16's range) and send them on
 (all three for whole blocks only, not a head shard's partial sums)."""
 
 import dataclasses
@@ -37,15 +38,15 @@ def wrong(self, x, caches=None, start=None, stop=None):
     if poison:
         return y * float("nan")
     if huge:
-        return y * 1e20 if lies(x) else y
+        return y * huge if lies(x) else y
     return y + 0.5 * y.roll(1, dims=-1) if lies(x) else y
 
 
 lies = lambda x: True  # noqa: E731
 poison = "--nan" in sys.argv or "--send-nan" in sys.argv
-huge = "--huge" in sys.argv
+huge = {"--huge": 1e20, "--large": 1e6}.get(next((a for a in sys.argv if a in ("--huge", "--large")), ""))
 if huge:
-    sys.argv.remove("--huge")
+    sys.argv.remove("--huge" if huge == 1e20 else "--large")
 for flag in ("--nan", "--send-nan"):
     if flag in sys.argv:
         sys.argv.remove(flag)

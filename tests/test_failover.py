@@ -647,6 +647,27 @@ def test_a_last_stage_that_answers_absurd_hidden_states_is_failed_over(tiny_mode
     assert [stage["peers"] for stage in result.route] == [[nodes.addresses[0]], [nodes.addresses[2]]]
 
 
+@pytest.mark.parametrize("relay", [True, False], ids=["relayed", "stage by stage"])
+def test_a_float16_node_handed_values_past_its_range_is_not_banned(tiny_model_dir, cluster_factory, relay):
+    """A stage before it that sends 1e6s (within the magnitude check, past float16's 65504) made an
+    honest float16 node's input overflow: it refused `bad_value`, and the client banned it as at
+    fault for an input that fits the float32 wire (a review). Such a refusal now moves the stage
+    to a node that can take the input, unstruck and uncounted; the liar stays unseen, as any
+    plausible liar does without spot checks."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest", "--large"]),
+                                             NodeSpec((2, 4), args=["--dtype", "float16"]), NodeSpec((2, 4))],
+                            cluster=SwarmWithALiar)
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=5, relay=relay))
+    try:
+        model.swarm.peers[nodes.addresses[2]].rtt = 1.0  # the float16 node first
+        result = model.generate(PROMPT, 4, SamplingParams(temperature=0))
+        assert nodes.addresses[1] not in model.swarm.bans
+    finally:
+        model.close()
+    assert result.failovers == 0
+    assert [stage["peers"] for stage in result.route] == [[nodes.addresses[0]], [nodes.addresses[2]]]
+
+
 def test_a_hop_that_drops_relayed_steps_in_a_second_chain_stops_relaying_there(tiny_model_dir, cluster_factory,
                                                                                 monkeypatch):
     """The count of relayed steps in a row that timed out was the session's: on a route of two
