@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from nanoswarm.protocol.tensors import WIRE_MAX, abs_max
+
 from .history import History
 from .relay import SessionRelay
 from .route import RouteError, StagePlan
@@ -74,6 +76,12 @@ class CallerError(SessionError, ValueError):
 CANNOT_TAKE = ("busy", "too_large")
 
 
+def beyond_float16(history: History) -> bool:
+    """Whether hidden states replayed from `history` pass float16's range, which a float16 node
+    cannot take (its `bad_value` for them is a refusal, not a fault)."""
+    return bool(history.positions) and abs_max(history.tensor()) > WIRE_MAX["float16"]
+
+
 class Failover:
     """The failover half of InferenceSession (its base class): replacing, reopening and
     recovering stages. It works on the session's state, set by InferenceSession.__init__:"""
@@ -91,6 +99,7 @@ class Failover:
     wrong_results: int
     on_failover: Callable[[str], None] | None
     _moved_unstruck: set[str]
+    _left_out: dict[str, str]
 
     def _replace(self, i: int, error: PeerError, strike: bool = True, reopen_after: bool = True) -> int:
         """Swap stage i for fresh stages over the same blocks, rebuilt from its history; returns
@@ -102,7 +111,7 @@ class Failover:
         ones were banned as wrong."""
         old = self.stages[i]
         old.close()  # before the ban closes its socket: a live peer frees the KV cache at once
-        refused: dict[str, str] = {}
+        refused: dict[str, str] = dict(self._left_out)  # peers that cannot take this session's inputs
         if strike:
             self._strike(error)
         else:
@@ -119,7 +128,10 @@ class Failover:
                 new_stages, new_history, out = self._rebuild(plans, self.history[i])
                 break
             except PeerError as e:  # the replacement failed or refused too: plan again without it
-                self._refused_or_strike(e, refused)
+                if e.code == "bad_value" and beyond_float16(self.history[i]):  # as InferenceSession._step
+                    refused[e.address] = self._left_out[e.address] = f"{e.code}: {e.message}"
+                else:
+                    self._refused_or_strike(e, refused)
         self.stages[i:i + 1] = new_stages
         self.history[i:i + 1] = new_history
         k = i + len(new_stages)

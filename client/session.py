@@ -75,6 +75,7 @@ class InferenceSession(Failover):
         self.relaying = SessionRelay(swarm is not None and swarm.options.relay and swarm.checker is None,
                                      swarm.options.timeout if swarm is not None else 0.0)
         self._moved_unstruck: set[str] = set()  # peers replaced without a strike (_replace_unreopened)
+        self._left_out: dict[str, str] = {}  # peers that cannot take this session's inputs: why
         self.checker = swarm.checker if swarm is not None else None
         if swarm is not None and swarm.options.verify and self.checker is None:
             raise ValueError("SwarmOptions.verify needs the client's own blocks: connect with SwarmModel.connect")
@@ -209,7 +210,9 @@ class InferenceSession(Failover):
                 if e.code == "bad_value" and abs_max(hidden) > WIRE_MAX["float16"]:
                     # Beyond float16's range: a float16 node cannot take it (a refusal, not its
                     # fault). A liar before it that sent 1e6s had this honest node banned (a
-                    # review); other nodes for its blocks may take the input.
+                    # review); other nodes for its blocks may take the input. Left out for the
+                    # rest of the session: two such nodes passed the stage back and forth.
+                    self._left_out[e.address] = f"{e.code}: {e.message}"
                     i = self._replace(self.stages.index(stage), e, strike=False)
                     continue
                 if e.code == "busy" and busy_retries < BUSY_RETRIES and not stage.retries_busy:

@@ -668,6 +668,27 @@ def test_a_float16_node_handed_values_past_its_range_is_not_banned(tiny_model_di
     assert [stage["peers"] for stage in result.route] == [[nodes.addresses[0]], [nodes.addresses[2]]]
 
 
+def test_float16_nodes_that_cannot_take_the_input_end_the_session_instead_of_passing_it_around(
+        tiny_model_dir, cluster_factory):
+    """Left out only of the one replacement, two float16 nodes passed the stage back and forth
+    without end, unstruck and uncounted (a review: 14,072 moves in 40 s of one step). A node that
+    cannot take the session's inputs is left out for the rest of the session: with no other node
+    for its blocks the step ends with SessionError naming them, and neither is banned."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest", "--large"]),
+                                             NodeSpec((2, 4), args=["--dtype", "float16"]),
+                                             NodeSpec((2, 4), args=["--dtype", "float16"])], cluster=SwarmWithALiar)
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=5))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(SessionError) as raised, model.session(16) as session:
+            session.step(model.client.embed([1, 2, 3], 0))
+        assert time.monotonic() - t0 < 30
+        assert all(a in str(raised.value) for a in nodes.addresses[1:])
+        assert not set(nodes.addresses[1:]) & set(model.swarm.bans)
+    finally:
+        model.close()
+
+
 def test_a_hop_that_drops_relayed_steps_in_a_second_chain_stops_relaying_there(tiny_model_dir, cluster_factory,
                                                                                 monkeypatch):
     """The count of relayed steps in a row that timed out was the session's: on a route of two
