@@ -76,10 +76,10 @@ class CallerError(SessionError, ValueError):
 CANNOT_TAKE = ("busy", "too_large")
 
 
-def beyond_float16(history: History) -> bool:
-    """Whether hidden states replayed from `history` pass float16's range, which a float16 node
-    cannot take (its `bad_value` for them is a refusal, not a fault)."""
-    return bool(history.positions) and abs_max(history.tensor()) > WIRE_MAX["float16"]
+def past_float16(hidden: torch.Tensor) -> bool:
+    """Whether hidden states pass float16's range, which a float16 node cannot take (its
+    `bad_value` for them is a refusal, not a fault)."""
+    return abs_max(hidden) > WIRE_MAX["float16"]
 
 
 class Failover:
@@ -128,7 +128,7 @@ class Failover:
                 new_stages, new_history, out = self._rebuild(plans, self.history[i])
                 break
             except PeerError as e:  # the replacement failed or refused too: plan again without it
-                if e.code == "bad_value" and beyond_float16(self.history[i]):  # as InferenceSession._step
+                if e.code == "bad_value" and self.history[i].positions and past_float16(self.history[i].tensor()):
                     refused[e.address] = self._left_out[e.address] = f"{e.code}: {e.message}"
                 else:
                     self._refused_or_strike(e, refused)

@@ -29,9 +29,9 @@ from collections.abc import Callable
 import torch
 
 from nanoswarm.keys.contact import endpoint_of
-from nanoswarm.protocol.tensors import WIRE_MAX, abs_max, fits_wire
+from nanoswarm.protocol.tensors import fits_wire
 
-from .failover import CANNOT_TAKE, CallerError, Failover, SessionError
+from .failover import CANNOT_TAKE, CallerError, Failover, SessionError, past_float16
 from .history import History, Unkept
 from .relay import RELAY_STALLS, Chain, ChainBroken, SessionRelay, stalled_stage
 from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause
@@ -207,7 +207,7 @@ class InferenceSession(Failover):
                     # The caller's input, not the peer: nothing to fail over, and the node left the
                     # session as it was.
                     raise CallerError(f"{self._unfit(stage)} ({e.message})") from e
-                if e.code == "bad_value" and abs_max(hidden) > WIRE_MAX["float16"]:
+                if e.code == "bad_value" and past_float16(hidden):
                     # Beyond float16's range: a float16 node cannot take it (a refusal, not its
                     # fault). A liar before it that sent 1e6s had this honest node banned (a
                     # review); other nodes for its blocks may take the input. Left out for the

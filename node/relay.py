@@ -90,7 +90,7 @@ class RelayLinks:
                  error: Callable[[int, ErrorCode, str], list] = error_frames):
         self.ctx = ctx
         self.curve_keys = curve_keys  # (public, secret) of this node, or None when --insecure
-        self.error = error  # makes an error reply (the node's counts it in `info`)
+        self.error = error  # makes an error reply (the node counts it in `info`)
         self._links: OrderedDict[str, RelayLink] = OrderedDict()
         self._sent: OrderedDict[tuple[str, int], Relay] = OrderedDict()
         self._warned: dict[str, float] = {}  # refusing contact -> when last named in the log
@@ -104,12 +104,12 @@ class RelayLinks:
             link = self._link(relay.contact)
             link.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except (zmq.ZMQError, ValueError) as e:  # queue full, or a link that cannot be made
+            why = f"cannot reach the next hop {relay.contact[:80]}: {e}"
             if isinstance(e, zmq.Again):
                 # Full (the next hop is not reading), or dropped for good by ZeroMQ after a refused
                 # handshake: the next step to this hop gets a fresh link.
-                why = f"cannot reach the next hop {relay.contact[:80]}: {e}"
                 self._close(relay.contact, self._links.pop(relay.contact), lost=why)
-            return f"cannot reach the next hop {relay.contact[:80]}: {e}"
+            return why
         key = (relay.contact, relay.hop_id)
         self._sent[key] = relay
         link.recent.append(key)
