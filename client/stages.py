@@ -147,9 +147,9 @@ def check_magnitude(address: str, x: torch.Tensor, y: torch.Tensor) -> None:
     to the input, so that an honest stage handed values near the limit by a liar before it is
     not the one blamed.) Costs one pass over `y`; `x` is read only when `y` passes the limit."""
     m = abs_max(y)
-    if m > HIDDEN_LIMIT and m > HIDDEN_LIMIT + 2 * abs_max(x):
+    if m > HIDDEN_LIMIT and m > HIDDEN_LIMIT + 2 * (mx := abs_max(x)):
         raise PeerError(address, "bad_reply", f"answered hidden states of magnitude {m:.3g} for an input of "
-                        f"{abs_max(x):.3g}: no honest block grows them so")
+                        f"{mx:.3g}: no honest block grows them so")
 
 
 def check_reply(conn: PeerConnection, msg: Message, like: torch.Tensor) -> torch.Tensor:

@@ -235,18 +235,6 @@ class RequestHandler:
         self._seen.move_to_end(peer)
         if msg.id in seen:
             raise ProtocolError(ErrorCode.DUPLICATE_REQUEST, f"request id {msg.id} was already used")
-        # Closes do not count: cheap, and they free what the limit protects. A client closing more
-        # sessions at once than the limit (its closes go out together, their replies unread) had
-        # the rest refused `busy`, and their slots and KV budget held until the idle timeout (a review).
-        if msg.type != "close":
-            # A relaying node carries the steps of many sessions (not its own; their replies go to
-            # their owners: _reply_route): those count per session. A session's owner counts as
-            # one peer however it marks its steps.
-            key = msg.fields["session"] if reply_to != peer else peer
-            if per_peer[key] >= self.limits.max_inflight_per_peer:
-                raise ProtocolError(ErrorCode.BUSY, f"more than {self.limits.max_inflight_per_peer} "
-                                    "requests in flight from this peer")
-            per_peer[key] += 1
         seen[msg.id] = None
         self._seen_total += 1
         if len(seen) > 1024:
@@ -255,9 +243,22 @@ class RequestHandler:
         while self._seen_total > MAX_SEEN_IDS or len(self._seen) > MAX_SEEN_PEERS:  # however many peers come
             _, oldest = self._seen.popitem(last=False)
             self._seen_total -= len(oldest)
+        if msg.type == "close":
+            # Cheap, and it frees what the limit protects: a client closing more sessions at once
+            # than the limit (its closes go out together, their replies unread) had the rest
+            # refused `busy`, and their slots and KV budget held until the idle timeout (a review).
+            return
+        # A relaying node carries the steps of many sessions (not its own; their replies go to
+        # their owners: _reply_route): those count per session. A session's owner counts as one
+        # peer however it marks its steps.
+        key = msg.fields["session"] if reply_to != peer else peer
+        per_peer[key] += 1
+        if per_peer[key] > self.limits.max_inflight_per_peer:  # (its id is forgotten: _refusal)
+            raise ProtocolError(ErrorCode.BUSY, f"more than {self.limits.max_inflight_per_peer} "
+                                "requests in flight from this peer")
 
     def _unsee(self, peer: bytes, req_id: int) -> None:
-        """Forget a request id _admit kept (if it did), for a request refused `busy`."""
+        """Forget a request id _admit kept, for a request refused `busy`."""
         seen = self._seen.get(peer)
         if seen is not None and seen.pop(req_id, 0) is None:
             self._seen_total -= 1

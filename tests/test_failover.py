@@ -604,6 +604,17 @@ def test_a_hop_that_does_not_pass_relayed_steps_on_rightly_stops_relaying_there(
         model.close()
 
 
+def _generate_preferring_others(model_dir, nodes, slow: int, relay: bool, tokens: int) -> tuple:
+    """Generate greedily with peer `slow` given a high round trip (routes prefer the lowest, so
+    the peers listed before it come first); the result and the peers banned at the end."""
+    model = SwarmModel.connect(model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=5, relay=relay))
+    try:
+        model.swarm.peers[nodes.addresses[slow]].rtt = 1.0
+        return model.generate(PROMPT, tokens, SamplingParams(temperature=0)), set(model.swarm.bans)
+    finally:
+        model.close()
+
+
 @pytest.mark.parametrize("relay", [True, False], ids=["relayed", "stage by stage"])
 @pytest.mark.parametrize("fault", ["--nan", "--send-nan", "--huge"])
 def test_a_node_whose_results_are_nan_is_failed_over_and_the_text_is_exact(tiny_model_dir, cluster_factory,
@@ -617,12 +628,7 @@ def test_a_node_whose_results_are_nan_is_failed_over_and_the_text_is_exact(tiny_
     check (client/stages.py check_magnitude) blames the stage that grew them."""
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest", fault]), NodeSpec((0, 2)),
                                              NodeSpec((2, 4))], cluster=SwarmWithALiar)
-    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=5, relay=relay))
-    try:
-        model.swarm.peers[nodes.addresses[1]].rtt = 1.0  # routes prefer the lowest round trip: the liar first
-        result = model.generate(PROMPT, 6, SamplingParams(temperature=0))
-    finally:
-        model.close()
+    result, _ = _generate_preferring_others(tiny_model_dir, nodes, 1, relay, 6)  # the liar first
     assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, 6, SamplingParams(temperature=0)).ids
     assert result.failovers == 1
     assert [stage["peers"] for stage in result.route] == [[nodes.addresses[1]], [nodes.addresses[2]]]  # not the liar
@@ -636,12 +642,7 @@ def test_a_last_stage_that_answers_absurd_hidden_states_is_failed_over(tiny_mode
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)),
                                              NodeSpec((2, 4), args=["--dishonest", "--huge", "--wrong-decode"]),
                                              NodeSpec((2, 4))], cluster=SwarmWithALiar)
-    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=5, relay=relay))
-    try:
-        model.swarm.peers[nodes.addresses[2]].rtt = 1.0  # the liar first
-        result = model.generate(PROMPT, 6, SamplingParams(temperature=0))
-    finally:
-        model.close()
+    result, _ = _generate_preferring_others(tiny_model_dir, nodes, 2, relay, 6)  # the liar first
     assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, 6, SamplingParams(temperature=0)).ids
     assert result.failovers == 1
     assert [stage["peers"] for stage in result.route] == [[nodes.addresses[0]], [nodes.addresses[2]]]
@@ -657,13 +658,8 @@ def test_a_float16_node_handed_values_past_its_range_is_not_banned(tiny_model_di
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dishonest", "--large"]),
                                              NodeSpec((2, 4), args=["--dtype", "float16"]), NodeSpec((2, 4))],
                             cluster=SwarmWithALiar)
-    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=5, relay=relay))
-    try:
-        model.swarm.peers[nodes.addresses[2]].rtt = 1.0  # the float16 node first
-        result = model.generate(PROMPT, 4, SamplingParams(temperature=0))
-        assert nodes.addresses[1] not in model.swarm.bans
-    finally:
-        model.close()
+    result, bans = _generate_preferring_others(tiny_model_dir, nodes, 2, relay, 4)  # the float16 node first
+    assert nodes.addresses[1] not in bans
     assert result.failovers == 0
     assert [stage["peers"] for stage in result.route] == [[nodes.addresses[0]], [nodes.addresses[2]]]
 
