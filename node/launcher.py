@@ -77,7 +77,10 @@ class ForkedNode:
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:  # as Popen: never signal a pid that may have been reused
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # exited and reaped by the launcher before it told us (as Popen)
+                pass
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
