@@ -16,8 +16,8 @@ answers them to the client itself (a success, as if it were the last hop) instea
 output NaN, which the node's own check refuses (`bad_value`); with --send-nan they output NaN and
 the node sends them on, with --huge they output 1e20 times the right values (finite, absurd: the
 next stage's LayerNorm overflows; with --wrong-decode on one-position steps only; --large: 1e6
-times, past float16's range) and send them on
-(all three for whole blocks only, not a head shard's partial sums)."""
+times, past float16's range) and send them on; as a head shard, its attention partial sums do
+the same."""
 
 import dataclasses
 import sys
@@ -94,10 +94,10 @@ def claimed(self, seconds=0.3):
     return 1e6
 
 
-def wrong_partial(when):
+def wrong_partial(when, change=lambda y: y + 0.5 * y.roll(1, dims=-1)):
     def attn_partial(self, x, caches, block):
         y = _attn_partial(self, x, caches, block)
-        return y + 0.5 * y.roll(1, dims=-1) if not self.full and when(x) else y
+        return change(y) if not self.full and when(x) else y
     return attn_partial
 
 
@@ -132,6 +132,8 @@ if "--misshape-relay" in sys.argv:
 
 _attn_partial = Block.attn_partial
 Blocks.forward = wrong
+if poison or huge:  # a head shard's attention partial sums too
+    Block.attn_partial = wrong_partial(lambda x: lies(x), lambda y: y * (float("nan") if poison else huge))
 for flag, when in (("--wrong-heads", lambda x: True), ("--wrong-heads-prompt", lambda x: x.shape[1] > 1)):
     if flag in sys.argv:
         sys.argv.remove(flag)

@@ -634,6 +634,23 @@ def test_a_node_whose_results_are_nan_is_failed_over_and_the_text_is_exact(tiny_
     assert [stage["peers"] for stage in result.route] == [[nodes.addresses[1]], [nodes.addresses[2]]]  # not the liar
 
 
+@pytest.mark.parametrize("fault", ["--nan", "--send-nan", "--huge"])
+def test_a_head_group_member_whose_partial_sums_are_nan_or_absurd_is_failed_over(tiny_model_dir, cluster_factory,
+                                                                                 fault):
+    """The same for a head shard's attention partial sums: the member refuses its own NaN
+    (`bad_value`), or sends it and the client's reply check refuses it, or sends 1e20s and the
+    magnitude check (applied to each member's partial) does. Only that member is replaced: the
+    other member serves on, and the text is exact."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), (0, 2), args=["--dishonest", fault]),
+                                             NodeSpec((0, 4), (2, 4)), NodeSpec((0, 4), (0, 2))],
+                            cluster=SwarmWithALiar)
+    result, bans = _generate_preferring_others(tiny_model_dir, nodes, 2, False, 6)  # the liar first
+    assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, 6, SamplingParams(temperature=0)).ids
+    assert result.failovers == 1 and bans == {nodes.addresses[0]}
+    assert result.route == [{"layers": [0, 4], "peers": [nodes.addresses[2], nodes.addresses[1]],
+                             "heads": [[0, 2], [2, 4]]}]
+
+
 @pytest.mark.parametrize("relay", [True, False], ids=["relayed", "stage by stage"])
 def test_a_last_stage_that_answers_absurd_hidden_states_is_failed_over(tiny_model_dir, cluster_factory, relay):
     """The last stage's output goes to the client's head, whose LayerNorm would make NaN logits of
