@@ -9,7 +9,9 @@ import gc
 import logging
 import os
 import re
+import signal
 import socket
+import threading
 from collections.abc import Callable
 
 try:
@@ -208,6 +210,32 @@ def _check_port_free(host: str, port: int) -> None:
                              "addresses, and --advertise the one peers reach it at)") from None
 
 
+def _harness_pid() -> int | None:
+    """The process that started this node, when the local harness did (node/cluster.py)."""
+    harness = os.environ.get(HARNESS_ENV, "")
+    return int(harness) if harness.isdigit() else None
+
+
+def _watch_harness_while_starting(harness_pid: int) -> threading.Event:
+    """Until the returned event is set (the server's timer takes over, _leave_without_harness):
+    a node whose harness is gone stops starting. A harness interrupted while the launcher forked
+    a node had stopped its other nodes and removed their key files, and that node loaded, bound
+    a port and served until it first looked (a review). SIGTERM is how the CLI stops a start-up."""
+    if os.getppid() != harness_pid:
+        raise RuntimeError(f"the local harness (pid {harness_pid}) that started this node is gone")
+    serving = threading.Event()
+
+    def watch() -> None:
+        while not serving.wait(0.25):
+            if os.getppid() != harness_pid:
+                log.warning("the local harness (pid %d) is gone: not starting", harness_pid)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="nanoswarm-harness-watch", daemon=True).start()
+    return serving
+
+
 def _leave_without_harness(server: NodeServer, harness_pid: int) -> None:
     if os.getppid() != harness_pid and not server.leaving:
         log.warning("the local harness (pid %d) is gone: leaving", harness_pid)
@@ -291,6 +319,8 @@ def run_node(opts: NodeOptions, on_ready: Callable[[dict], None] | None = None) 
     `contact` (ADDRESS#CURVEKEY, keys/contact.py: how peers reach it, with the port chosen for a
     listen address ending in `:*`), peer_id, model_id, layers and heads; the CLI prints them
     for the harness."""
+    harness = _harness_pid()
+    starting = _watch_harness_while_starting(harness) if harness is not None else threading.Event()
     float_io_threads(zmq.Context.instance())  # before any socket of ours
     raise_fd_limit()
     check_contacts(opts)
@@ -303,15 +333,18 @@ def run_node(opts: NodeOptions, on_ready: Callable[[dict], None] | None = None) 
     identity = load_or_create_identity(opts.key_file)  # before anything is loaded: a bad key file fails at once
     key_lock = hold_key_file(opts.key_file or default_key_path(), identity)
     try:  # released however we end: a caller in this process may start a node with the file again
-        _serve(opts, identity, allow, on_ready, gossip_options)
+        _serve(opts, identity, allow, on_ready, gossip_options, starting)
     finally:
+        starting.set()
         if key_lock is not None:
             os.close(key_lock)
 
 
 def _serve(opts: NodeOptions, identity: Identity, allow: set[bytes] | None,
-           on_ready: Callable[[dict], None] | None, gossip_options: GossipOptions) -> None:
-    """run_node once the node's identity is settled: load, announce, serve until told to stop."""
+           on_ready: Callable[[dict], None] | None, gossip_options: GossipOptions,
+           starting: threading.Event) -> None:
+    """run_node once the node's identity is settled: load, announce, serve until told to stop
+    (`starting` is set once the server watches the harness, if any)."""
     if allow is not None and identity.curve_public not in allow:
         log.warning("this node's own key (%s) is not on its --allow-keys list: nodes that share that list "
                     "will refuse it", curve_key_hex(identity.curve_public))
@@ -345,9 +378,10 @@ def _serve(opts: NodeOptions, identity: Identity, allow: set[bytes] | None,
     handler.extra_info.update(address=address, contact=contact, insecure=opts.insecure,
                               curve_key=None if public is None else public.decode("ascii"))
     server.install_signal_handlers()
-    harness = os.environ.get(HARNESS_ENV, "")
-    if harness.isdigit():  # started by LocalCluster: leave with it, however it ended (SIGKILL too)
-        server.add_timer(0.5, functools.partial(_leave_without_harness, server, int(harness)))
+    harness = _harness_pid()
+    if harness is not None:  # started by LocalCluster: leave with it, however it ended (SIGKILL too)
+        server.add_timer(0.5, functools.partial(_leave_without_harness, server, harness))
+    starting.set()
     info = handler.info()
     log.info("listening %s", contact)
     if on_ready is not None:

@@ -107,6 +107,7 @@ class Launcher:
         self._cond = threading.Condition()
         self._spawned: dict[int, int | str] = {}  # request number -> pid, or why it was not forked
         self._exits: dict[int, int] = {}  # request number -> exit code (negative: the signal)
+        self._abandoned: set[int] = set()  # request numbers spawn() gave up on: stopped once forked
         self._next_request = 0
         self.alive = True
         threading.Thread(target=self._read_reports, name="nanoswarm-launcher", daemon=True).start()
@@ -129,16 +130,37 @@ class Launcher:
         finally:
             os.close(write_end)  # the node holds its own copy: its end of the pipe ends with it
         stdout = os.fdopen(read_end, "r")
-        with self._cond:
-            if not self._cond.wait_for(lambda: number in self._spawned or not self.alive, timeout):
-                stdout.close()
-                raise TimeoutError(f"the node launcher did not fork within {timeout:.0f}s")
-            pid = self._spawned.pop(number, None)
+        pid: int | str | None = None
+        try:
+            with self._cond:
+                forked = self._cond.wait_for(lambda: number in self._spawned or not self.alive, timeout)
+                pid = self._spawned.pop(number, None)
+        except BaseException:  # Ctrl-C or SIGTERM while the launcher forks: the node must not outlive us
+            self._abandon(number, pid)
+            stdout.close()
+            raise
+        if not forked:
+            self._abandon(number, pid)
+            stdout.close()
+            raise TimeoutError(f"the node launcher did not fork within {timeout:.0f}s")
         if not isinstance(pid, int):
             stdout.close()
             raise RuntimeError(f"could not fork a node: {pid}" if pid else
                                f"the node launcher exited with code {self.proc.poll()}")
         return ForkedNode(self, args, number, pid, stdout)
+
+    def _abandon(self, number: int, pid: int | str | None) -> None:
+        """A node that spawn() stopped waiting for (interrupted, or timed out) is stopped when it
+        is forked, since no caller will: a harness interrupted as it started a swarm left such a
+        node serving after the harness had stopped the others and removed the node's key file."""
+        with self._cond:
+            pid = self._spawned.pop(number, pid)
+            if isinstance(pid, int):
+                if self._exits.pop(number, None) is None:  # not ended (so the pid is still the node's)
+                    _terminate(pid)
+                    self._abandoned.add(number)  # its exit is no one's to read
+            elif pid is None and self.alive:  # not forked yet: _read_reports stops it when it is
+                self._abandoned.add(number)
 
     def exit_code(self, node: ForkedNode) -> int | None:
         with self._cond:
@@ -174,10 +196,26 @@ class Launcher:
                     return
                 report = json.loads(data)
                 if "exited" in report:
-                    self._exits[report["exited"]] = report["code"]
+                    if report["exited"] in self._abandoned:
+                        self._abandoned.discard(report["exited"])
+                    else:
+                        self._exits[report["exited"]] = report["code"]
+                elif report["request"] in self._abandoned:  # forked after spawn() gave up on it
+                    if "pid" in report:
+                        _terminate(report["pid"])
+                    else:
+                        self._abandoned.discard(report["request"])
                 else:
                     self._spawned[report["request"]] = report.get("pid", report.get("error"))
                 self._cond.notify_all()
+
+
+def _terminate(pid: int) -> None:
+    """SIGTERM a node the launcher forked and has not reported ended (so its pid is still its)."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
 
 
 def _ignore_ctrl_c() -> None:
@@ -264,6 +302,8 @@ def _serve(sock: socket.socket, harness: int) -> None:
                     continue
                 data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 2)
                 if not data:
+                    return
+                if os.getppid() != harness:  # gone since we looked: fork nothing more for it
                     return
                 request = None
                 try:

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import all_gone, pid_alive
+from conftest import all_gone, children_of, pid_alive
 
 from nanoswarm import START_CPUS, runtime_defaults
 from nanoswarm.client.api import SwarmModel
@@ -183,6 +183,69 @@ def test_a_harness_gone_before_its_launcher_started_gets_no_node(tiny_model_dir,
         assert not key_file.exists(), "the launcher forked a node for a harness that was gone"
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_node_the_harness_stopped_waiting_for_is_stopped_once_forked(tiny_model_dir, tmp_path):
+    """spawn() given up (Ctrl-C or SIGTERM to a starting cluster; here its timeout) while the
+    launcher forks: the harness then stopped the nodes it knew of and removed their key files,
+    and that node loaded, bound a port and served on (a review). It is stopped when it is forked."""
+    launcher = Launcher(_default_env())  # a fresh one: it imports torch for ~2 s before it forks
+    cmd = [*NODE, str(tiny_model_dir), "--layers", "0:4", "--listen", "tcp://127.0.0.1:*", "--insecure",
+           "--key-file", str(tmp_path / "node.key")]
+    try:
+        with open(os.devnull, "w") as devnull, pytest.raises(TimeoutError):
+            launcher.spawn(cmd, {**launcher.env, HARNESS_ENV: str(launcher.pid)}, devnull.fileno(), timeout=0.05)
+        deadline = time.monotonic() + 30
+        while launcher._abandoned and time.monotonic() < deadline:  # until its exit is reported
+            time.sleep(0.1)
+        assert not launcher._abandoned, "the node given up on was not stopped"
+        assert not [p for p in children_of(launcher.pid) if pid_alive(p)] and not launcher._exits
+    finally:
+        for p in children_of(launcher.pid):
+            os.kill(p, signal.SIGKILL)
+        launcher.proc.kill()
+        launcher.proc.wait(10)
+
+
+HARNESS_GONE_WHILE_ITS_NODE_STARTS = """
+import os, subprocess, sys, time
+from nanoswarm.node.cluster import HARNESS_ENV
+model, bootstrap, out, err, key = sys.argv[1:]
+with open(out, "w") as stdout, open(err, "w") as stderr:
+    node = subprocess.Popen([sys.executable, "-m", "nanoswarm", "node", model, "--layers", "0:4",
+                             "--listen", "tcp://127.0.0.1:*", "--key-file", key, "--bootstrap", bootstrap],
+                            stdout=stdout, stderr=stderr, env={**os.environ, HARNESS_ENV: str(os.getpid())})
+while "loaded blocks" not in open(err).read():  # it now waits up to 3 s for the silent bootstrap
+    time.sleep(0.02)
+print(node.pid, flush=True)
+os._exit(0)  # the harness is gone, its node still starting
+"""
+
+
+def test_a_node_whose_harness_goes_while_it_starts_never_serves(tiny_model_dir, tmp_path):
+    """A node looked for its harness only once serving: one forked as the harness was being
+    stopped loaded its blocks, bound a port and served under init until then (a review). It
+    watches from its first step; here the harness goes while the node waits for a bootstrap
+    that never answers."""
+    from nanoswarm.keys.contact import format_contact
+    from nanoswarm.keys.identity import generate_identity
+
+    with socket.socket() as silent:  # takes connections, never speaks
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        bootstrap = format_contact(f"tcp://127.0.0.1:{silent.getsockname()[1]}", generate_identity().curve_public)
+        out, err = tmp_path / "out", tmp_path / "err"
+        harness = subprocess.run([sys.executable, "-c", HARNESS_GONE_WHILE_ITS_NODE_STARTS, str(tiny_model_dir),
+                                  bootstrap, str(out), str(err), str(tmp_path / "node.key")],
+                                 capture_output=True, text=True, timeout=60)
+        node = int(harness.stdout)
+        try:
+            assert all_gone([node], 10)
+        finally:
+            if pid_alive(node):
+                os.kill(node, signal.SIGKILL)
+    assert "listening" not in out.read_text()
+    assert "is gone: not starting" in err.read_text() and "Traceback" not in err.read_text()
 
 
 def test_the_harness_puts_its_own_options_before_the_caller_s(tiny_model_dir):
