@@ -2,7 +2,7 @@
 
 from .models import SHAPES, make_random_model_dir
 from .report import format_report, targets
-from .runner import BenchOptions, parse_ints, parse_names, run_bench
+from .runner import BenchOptions, check_options, parse_ints, parse_names, run_bench
 
-__all__ = ["SHAPES", "BenchOptions", "format_report", "make_random_model_dir", "parse_ints", "parse_names",
-           "run_bench", "targets"]
+__all__ = ["SHAPES", "BenchOptions", "check_options", "format_report", "make_random_model_dir", "parse_ints",
+           "parse_names", "run_bench", "targets"]

@@ -342,7 +342,7 @@ class Bench:
 
 def run_bench(opts: BenchOptions) -> dict:
     """Measure everything `opts` asks for; the dict `--json` prints."""
-    _check_options(opts)  # before any model is made or measured
+    check_options(opts)  # before any model is made or measured
     torch.set_num_threads(opts.threads)
     started = time.time()
     busy0, own0 = _busy_cpu_seconds(), _own_cpu_seconds()
@@ -369,7 +369,7 @@ def run_bench(opts: BenchOptions) -> dict:
     return out
 
 
-def _check_options(opts: BenchOptions) -> None:
+def check_options(opts: BenchOptions) -> None:
     """ValueError, in the CLI's terms, for options no run can use."""
     if opts.head_groups == 1:
         raise ValueError("--head-groups 1 would be a plain layer stage: give 0 (none) or 2 or more members")

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from .client import run_generation, sampling_params
-from .params import POSITIVE, SECONDS, client_keys, peer_list
+from .params import POSITIVE, SECONDS, THREADS, client_keys, echo_or_serve_on, peer_list
 
 
 @click.command()
@@ -23,7 +23,7 @@ from .params import POSITIVE, SECONDS, client_keys, peer_list
               help="Layer spans: an even split of the blocks, each served by one node (or a head group).")
 @click.option("--head-groups", type=click.IntRange(min=1), default=1, show_default=True,
               help="Nodes that split each span's attention heads and MLP (a head group); 1: whole blocks.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per node.")
+@click.option("--threads", type=THREADS, default=1, show_default=True, help="torch threads per node.")
 @click.option("--json", "as_json", is_flag=True,
               help="Once every node serves, print one JSON object (nodes: contact, layers, heads, pid), not lines.")
 def cluster(model_dir: Path, nodes: int, head_groups: int, threads: int, as_json: bool) -> None:
@@ -36,14 +36,12 @@ def cluster(model_dir: Path, nodes: int, head_groups: int, threads: int, as_json
     try:
         harness.start()
         if as_json:
-            click.echo(json.dumps({"nodes": [{"contact": n.address, "layers": list(n.spec.layers),
-                                              "heads": list(n.spec.heads) if n.spec.heads else None, "pid": n.pid}
-                                             for n in harness.nodes]}))
+            report = json.dumps({"nodes": [{"contact": n.address, "layers": list(n.spec.layers),
+                                            "heads": list(n.spec.heads) if n.spec.heads else None, "pid": n.pid}
+                                           for n in harness.nodes]})
         else:
-            for n in harness.nodes:
-                click.echo(f"{n.address} {span_of(n.spec)} pid {n.pid}")
-            click.echo("ready")
-        sys.stdout.flush()
+            report = "\n".join([*(f"{n.address} {span_of(n.spec)} pid {n.pid}" for n in harness.nodes), "ready"])
+        echo_or_serve_on(report, "the nodes' contacts")  # `| head -1` does not stop the swarm
         ready = True
         while True:  # until Ctrl-C (or SIGTERM): the normal way to stop a cluster, exit code 0
             dead = next((n for n in harness.nodes if n.proc.poll() is not None), None)
@@ -158,7 +156,7 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, head_groups: int, max_
 @click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Rounds per side and route.")
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--threads", type=THREADS, default=2, show_default=True,
               help="torch threads, here and per node.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep random-weight model dirs here (reused next time) instead of a temp dir.")
@@ -169,7 +167,7 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
           links: str, tokens: int, prompt_len: int, repeats: int, threads: int, work_dir: Path | None, quick: bool,
           as_json: bool) -> None:
     """Local vs swarm speed on loopback: decode, prefill, per-stage overhead, bytes, batching."""
-    from nanoswarm.bench import BenchOptions, format_report, parse_ints, parse_names, run_bench
+    from nanoswarm.bench import BenchOptions, check_options, format_report, parse_ints, parse_names, run_bench
 
     given = click.get_current_context().get_parameter_source
     default = click.core.ParameterSource.DEFAULT
@@ -187,6 +185,10 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
     opts = BenchOptions(model_dir, shape, *counts, head_groups,
                         wire_names, patterns, tokens, prompt_len, repeats, session_tokens=4 if quick else 16,
                         threads=threads, work_dir=work_dir, progress=lambda line: click.echo(line, err=True))
+    try:
+        check_options(opts)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     result = run_bench(opts)
     if quick:  # its figures say nothing about the targets
         result["quick"] = True

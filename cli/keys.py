@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .params import NEW_FILE
+
 
 @click.group()
 def keys() -> None:
@@ -14,15 +16,14 @@ def keys() -> None:
 
 
 @keys.command("generate")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", type=NEW_FILE, default=None,
               help="Key file to write (default: the node's default key file).")
 @click.option("--force", is_flag=True, help="Replace an existing file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the public parts and the file as JSON.")
 def keys_generate(out: Path | None, force: bool, as_json: bool) -> None:
     """Create a new identity and print its public parts."""
     from nanoswarm.keys.identity import (
-        KeyFileError,
-        create_key_dir,
+        check_new_key_path,
         default_key_path,
         describe_identity,
         generate_identity,
@@ -30,11 +31,7 @@ def keys_generate(out: Path | None, force: bool, as_json: bool) -> None:
     )
 
     path = out or default_key_path()
-    if out is None:
-        create_key_dir(path)  # (the default's directory, ~/.config/nanoswarm, is ours to make)
-    elif not path.parent.is_dir():  # a typo in a directory makes none (as ssh-keygen)
-        why = "a file is in the way" if path.parent.exists() else f"there is no directory {path.parent}"
-        raise KeyFileError(f"cannot write key file {path}: {why}")
+    check_new_key_path(path, make_dir=out is None)
     identity = generate_identity()
     save_identity(identity, path, overwrite=force)
     info = describe_identity(identity)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-import sys
 from pathlib import Path
 
 import click
 
-from .params import SECONDS, parse_range, peer_list
+from .params import COUNT, INTERVAL, NEW_FILE, SECONDS, THREADS, echo_or_serve_on, parse_range, peer_list
 
 
 @click.command()
@@ -26,16 +24,17 @@ from .params import SECONDS, parse_range, peer_list
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's choice).")
+@click.option("--threads", type=THREADS, default=None, help="torch threads (default: torch's choice).")
 # Limits (node/sessions.py NodeLimits; the shown defaults are its own, tests/test_cli.py checks).
-@click.option("--max-sessions", type=click.IntRange(min=1), default=None, show_default="128")
-@click.option("--kv-budget-mb", type=click.IntRange(min=1), default=None, show_default="2048",
+@click.option("--max-sessions", type=COUNT, default=None, show_default="128")
+@click.option("--kv-budget-mb", type=COUNT, default=None, show_default="2048",
               help="Total KV-cache memory for sessions.")
-@click.option("--max-session-length", type=click.IntRange(min=1), default=None,
+@click.option("--max-session-length", type=COUNT, default=None,
               show_default="4096, at most the context", help="Positions one session may hold.")
-@click.option("--max-tokens-per-step", type=click.IntRange(min=1), default=None, show_default="1024")
-@click.option("--max-message-mb", type=click.IntRange(min=1), default=None, show_default="64")
-@click.option("--max-inflight", type=click.IntRange(min=1), default=None, show_default="16",
+@click.option("--max-tokens-per-step", type=COUNT, default=None, show_default="1024")
+@click.option("--max-message-mb", type=COUNT, default=None, show_default="64")
+@click.option("--max-inflight", type=click.IntRange(1, 1 << 20),  # (x4: a socket option, a C int)
+              default=None, show_default="16",
               help="Requests in flight per peer.")
 @click.option("--idle-timeout", type=SECONDS, default=None, show_default="300",
               help="Seconds before an idle session is reclaimed (stated to clients at open; "
@@ -43,21 +42,21 @@ from .params import SECONDS, parse_range, peer_list
                    "loses its sessions at once.")
 @click.option("--max-batch-seconds", type=SECONDS, default=None, show_default="5",
               help="Compute per batch before its remaining requests are refused busy.")
-@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--key-file", type=NEW_FILE, default=None,
               help="Node identity (default: one in the user config dir, created on first run).")
 @click.option("--bootstrap", multiple=True, help="Contact (ADDRESS#KEY) of a swarm node; repeat or comma-separate.")
 @click.option("--allow-keys", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
               help="Private swarm: accept only the CURVE public keys in this file (one a line: the nodes' "
                    "and the clients'); repeat for several files.")
 @click.option("--insecure", is_flag=True, help="No encryption on this node's socket (ZeroMQ CURVE off).")
-@click.option("--num-blocks", type=click.IntRange(min=1), default=None,
+@click.option("--num-blocks", type=COUNT, default=None,
               help="Without --layers: serve this many blocks.")
-@click.option("--memory-budget-mb", type=click.IntRange(min=1), default=None,
+@click.option("--memory-budget-mb", type=COUNT, default=None,
               help="Without --layers: memory for weights (default: a quarter of available RAM; on a GPU, "
                    "45% of its free memory less the KV budget).")
 @click.option("--ttl", type=SECONDS, default=60.0, show_default=True, help="Lifetime of the node's signed record.")
-@click.option("--gossip-interval", type=SECONDS, default=1.0, show_default=True, help="Seconds between gossip rounds.")
-@click.option("--rebalance-interval", type=SECONDS, default=30.0, show_default=True,
+@click.option("--gossip-interval", type=INTERVAL, default=1.0, show_default=True, help="Seconds between gossip rounds.")
+@click.option("--rebalance-interval", type=INTERVAL, default=30.0, show_default=True,
               help="Without --layers: seconds between checks whether to serve other blocks.")
 @click.option("--json", "as_json", is_flag=True,
               help="Once serving, print one JSON object (contact, listening, peer_id, model_id, layers, heads) "
@@ -110,13 +109,6 @@ def _print_ready(as_json: bool, ready: dict) -> None:
     if as_json:
         # `contact`, as `cluster --json` names it; `listening` too, as the plain line says it
         ready = {"listening": ready["contact"], **ready}
-    try:
-        click.echo(json.dumps(ready) if as_json else f"listening {ready['contact']}")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # No one reads it any more (a harness stopped by Ctrl-C while this node started): the
-        # node serves on, and stays quiet there. (It ended with "error: [Errno 32] Broken pipe".)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        logging.getLogger(__name__).warning("stdout is closed: the line with the node's contact went nowhere")
+    # No one may read it any more (a harness stopped by Ctrl-C while this node started): the node
+    # serves on. (It ended with "error: [Errno 32] Broken pipe".)
+    echo_or_serve_on(json.dumps(ready) if as_json else f"listening {ready['contact']}", "the node's contact")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from nanoswarm.client.swarm import MAX_SECONDS
+from nanoswarm.node.gossip import MIN_INTERVAL
 
 
 def parse_range(value: str | None, what: str) -> tuple[int, int] | None:
@@ -24,10 +28,11 @@ def parse_range(value: str | None, what: str) -> tuple[int, int] | None:
 
 
 class _Positive(click.ParamType):
-    """A positive, finite number (a float option would take 0, -1, nan and inf), at most `most`."""
+    """A positive, finite number (a float option would take 0, -1, nan and inf), from `least` to
+    `most`."""
 
-    def __init__(self, what: str, most: float = float("inf")):
-        self.what, self.most = what, most
+    def __init__(self, what: str, most: float = float("inf"), least: float = 0.0):
+        self.what, self.most, self.least = what, most, least
         self.name = what.split()[-1]
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
@@ -39,11 +44,49 @@ class _Positive(click.ParamType):
             self.fail(f"{value!r} must be a positive, finite {self.what}", param, ctx)
         if number > self.most:
             self.fail(f"{value!r} is too large: at most {self.most:.0f}", param, ctx)
+        if number < self.least:
+            self.fail(f"{value!r} is too small: at least {self.least:g}", param, ctx)
         return number
 
 
+class _NewFilePath(click.Path):
+    """A file that may not exist yet: `dir/` is refused (Path drops the slash, and the file
+    `dir` was written where the directory was meant)."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.endswith(("/", os.sep)):
+            self.fail(f"{value!r} names a directory, not a file", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+NEW_FILE = _NewFilePath()
 SECONDS = _Positive("number of seconds", MAX_SECONDS)
+# A timer's period (node/gossip.py MIN_INTERVAL): 1e-9 s kept a node's loop busy.
+INTERVAL = _Positive("number of seconds", MAX_SECONDS, least=MIN_INTERVAL)
+# libgomp crashed (SIGSEGV, no word said) asked for a million threads; 5,000 ran.
+THREADS = click.IntRange(1, 1024)
+# A limit: an unbounded one failed after the model loaded with "Python int too large to convert
+# to C long" (a review).
+COUNT = click.IntRange(1, 2**31 - 1)
 POSITIVE = _Positive("number")
+
+
+def echo_or_serve_on(text: str, what: str) -> None:
+    """Print what a serving command (node, cluster) reports once it serves; a stdout whose
+    reader has gone (`| head -1`) is pointed at /dev/null with a warning, and the command serves
+    on rather than end the swarm over it."""
+    try:
+        click.echo(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        logging.getLogger(__name__).warning("stdout is closed: the line%s with %s went nowhere",
+                                            "s" if "\n" in text else "", what)
 
 
 def peer_list(peers: str | None) -> list[str]:

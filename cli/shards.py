@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .params import POSITIVE
+from .params import POSITIVE, THREADS
 
 _T = TypeVar("_T")
 
@@ -142,7 +142,7 @@ def _check_writable(out_path: Path) -> None:
                    "which is where --resume continues from.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=1337, show_default=True,
               help="Seed of the weights and batches: the same settings give the same model.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--threads", type=THREADS, default=1, show_default=True,
               help="torch threads (speed; other counts may change the last bits of the results).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing --out (the run writes its first checkpoint at its first eval).")

@@ -140,7 +140,7 @@ def describe_identity(identity: Identity) -> dict[str, str]:
 def _encode_key_file(identity: Identity) -> bytes:
     doc = {
         "version": KEY_FILE_VERSION,
-        "peer_id": identity.peer_id,  # informational only; recomputed on load
+        "peer_id": identity.peer_id,  # for people (keys show computes it); checked on load
         "ed25519_private": base64.b64encode(_raw_private(identity.signing_key)).decode("ascii"),
         "curve_secret": identity.curve_secret.decode("ascii"),
         "curve_public": identity.curve_public.decode("ascii"),
@@ -233,6 +233,7 @@ def _link_new(tmp: Path, path: Path, data: bytes) -> None:
         except OSError:  # a file system without hard links: create it in place, still exclusively
             _write_new(path, data, os.O_EXCL)
     except FileExistsError:
+        _refuse_dangling_link(path)
         raise KeyFileError(f"key file {path} already exists; refusing to overwrite it (--force replaces it)") from None
 
 
@@ -291,7 +292,7 @@ def _parse_key_file(data: bytes) -> Identity:
         raise ValueError("not a JSON object")
     if _is_public_listing(data):
         raise ValueError(_PUBLIC_LISTING)
-    if doc.get("version") != KEY_FILE_VERSION:
+    if type(doc.get("version")) is not int or doc["version"] != KEY_FILE_VERSION:  # (True == 1)
         raise ValueError(f"unsupported version {doc.get('version')!r} (expected {KEY_FILE_VERSION})")
     try:
         raw = base64.b64decode(_field(doc, "ed25519_private"), validate=True)
@@ -301,7 +302,13 @@ def _parse_key_file(data: bytes) -> Identity:
         raise ValueError(f"ed25519_private is {len(raw)} bytes, expected 32")
     secret = _field(doc, "curve_secret").encode("utf-8")
     public = _field(doc, "curve_public").encode("utf-8")
-    return Identity(Ed25519PrivateKey.from_private_bytes(raw), secret, public)  # checks the CURVE pair
+    identity = Identity(Ed25519PrivateKey.from_private_bytes(raw), secret, public)  # checks the CURVE pair
+    # What the file states of its public parts must be what its secrets give: an altered secret
+    # otherwise made a node serve as a peer id other than the one its file (and its operator) named.
+    for name, derived in (("peer_id", identity.peer_id), ("curve_public_hex", curve_key_hex(identity.curve_public))):
+        if name in doc and doc[name] != derived:
+            raise ValueError(f"its {name} {str(doc[name])[:80]!r} is not the one its private keys give ({derived})")
+    return identity
 
 
 def load_identity(path: str | os.PathLike[str]) -> Identity:
@@ -325,12 +332,33 @@ def default_key_path() -> Path:
     return base / "nanoswarm" / "node.key"
 
 
+def check_new_key_path(path: Path, make_dir: bool) -> None:
+    """Where a new key file is to go: its directory made (0700) with `make_dir` (the default
+    path's, ~/.config/nanoswarm, is ours to make), else it must exist, as ssh-keygen has it: a
+    typo in a directory made a new identity there, a node serving under a peer id no one knew
+    (a review). KeyFileError when it cannot go there."""
+    _refuse_dangling_link(path)
+    if make_dir:
+        create_key_dir(path)
+    elif not path.parent.is_dir():
+        why = "a file is in the way" if path.parent.exists() else f"there is no directory {path.parent}"
+        raise KeyFileError(f"cannot write key file {path}: {why}")
+
+
+def _refuse_dangling_link(path: Path) -> None:
+    """A link to nothing: os.link says "exists" of it, and open would write through it."""
+    if path.is_symlink() and not path.exists():
+        raise KeyFileError(f"key file {path} is a symbolic link to {os.readlink(path)}, which does not exist")
+
+
 def load_or_create_identity(path: str | os.PathLike[str] | None = None) -> Identity:
-    """Load the node's key file, generating and saving a new identity on first use."""
-    path = Path(path) if path is not None else default_key_path()
+    """Load the node's key file, generating and saving a new identity on first use (in the
+    directory of an explicit `path` only if it exists: check_new_key_path)."""
+    explicit = path is not None
+    path = Path(path) if explicit else default_key_path()
     if path.exists():
         return load_identity(path)
-    create_key_dir(path)
+    check_new_key_path(path, make_dir=not explicit)
     identity = generate_identity()
     try:
         save_identity(identity, path)

@@ -214,7 +214,26 @@ def test_node_refuses_a_zero_limit(tiny_model_dir):
     outs = run_clis(*(["node", str(tiny_model_dir), "--layers", "0:4", "--insecure", option, "0"]
                       for option in options), timeout=60)
     for option, out in zip(options, outs):
-        assert one_error_line(out) == f"error: Invalid value for '{option}': 0 is not in the range x>=1."
+        assert one_error_line(out) == f"error: Invalid value for '{option}': 0 is not in the range 1<=x<=2147483647."
+
+
+@pytest.mark.parametrize("command", ["node", "cluster", "train", "bench"])
+def test_numbers_no_node_could_use_are_refused_before_anything_loads(tiny_model_dir, tmp_path, command):
+    """A million torch threads crashed libgomp (SIGSEGV, no word said) in node, train, bench and
+    cluster's nodes; a limit past a C long failed after the blocks had loaded, with a line that
+    named no option (a review). Each is a usage error now."""
+    cases = [("--threads", "1025", "1025 is not in the range 1<=x<=1024")]
+    if command == "node":
+        cases += [("--max-sessions", str(2**31), f"{2**31} is not in the range 1<=x<=2147483647"),
+                  ("--max-message-mb", str(2**50), f"{2**50} is not in the range 1<=x<=2147483647"),
+                  ("--max-inflight", str(2**20 + 1), f"{2**20 + 1} is not in the range 1<=x<=1048576"),
+                  ("--gossip-interval", "1e-9", "'1e-9' is too small: at least 0.05")]
+    first = {"node": [str(tiny_model_dir), "--key-file", str(tmp_path / "k.key")], "cluster": [str(tiny_model_dir)],
+             "train": ["--out", str(tmp_path / "ckpt.pt")], "bench": ["--quick"]}[command]
+    for option, value, why in cases:
+        out = invoke_cli(command, *first, option, value)
+        assert out.returncode == 2 and why in one_error_line(out) and out.stdout == "", out.stderr
+    assert not (tmp_path / "k.key").exists() and not (tmp_path / "ckpt.pt").exists()
 
 
 def test_node_help_shows_the_limits_defaults():
@@ -476,7 +495,7 @@ def test_harness_counts_are_checked_before_any_node_starts(tiny_model_dir):
     """--threads 0 was passed on to each node, which refused it: cluster then blamed the node."""
     model = str(tiny_model_dir)
     cases = ((["cluster", model, "--nodes", "0"], "'--nodes': 0 is not in the range x>=1"),
-             (["cluster", model, "--threads", "0"], "'--threads': 0 is not in the range x>=1"),
+             (["cluster", model, "--threads", "0"], "'--threads': 0 is not in the range 1<=x<=1024"),
              (["demo", "--model", model, "--nodes", "0"], "'--nodes': 0 is not in the range x>=1"))
     for (_, why), out in zip(cases, run_clis(*(args for args, _ in cases), timeout=60)):
         assert why in one_error_line(out) and out.stdout == "", out.stderr
@@ -663,8 +682,9 @@ def test_node_placement_and_gossip_options_are_checked(tiny_model_dir, tmp_path)
              ("--ttl", "nan", "must be a positive, finite number of seconds"),
              ("--ttl", "1000", "--ttl must be in (0, 300] seconds"),
              ("--ttl", "2", "--ttl 2 is shorter than three gossip intervals (3 s)"),
-             ("--num-blocks", "0", "0 is not in the range x>=1"),
-             ("--memory-budget-mb", "0", "0 is not in the range x>=1"))
+             ("--gossip-interval", "0.01", "'0.01' is too small: at least 0.05"),
+             ("--num-blocks", "0", "0 is not in the range 1<=x<=2147483647"),
+             ("--memory-budget-mb", "0", "0 is not in the range 1<=x<=2147483647"))
     outs = [invoke_cli("node", str(tiny_model_dir), "--key-file", str(tmp_path / "k.key"), option, value)
             for option, value, _ in cases]
     for (_, _, why), out in zip(cases, outs):
@@ -793,3 +813,29 @@ def test_a_node_whose_stdout_is_closed_serves_on_quietly(tiny_model_dir, tmp_pat
     watchdog.cancel()
     err = "".join(err) + proc.stderr.read()
     assert "stdout is closed: the line with the node's contact went nowhere" in err and "Broken pipe" not in err
+
+
+def test_a_cluster_whose_stdout_is_closed_serves_on(tiny_model_dir):
+    """`cluster | head -1`: the reader gone, the cluster ended with "error: [Errno 32] Broken
+    pipe" and stopped every node, where a node serves on (a review). It serves on too."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.Popen([*CLI, "cluster", str(tiny_model_dir), "--nodes", "2"], stdout=write_end,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    os.close(write_end)
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    try:
+        err = []
+        for line in proc.stderr:
+            err.append(line)
+            if "stdout is closed" in line:
+                break
+        time.sleep(1.0)
+        assert proc.poll() is None, "".join(err)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    watchdog.cancel()
+    err = "".join(err) + proc.stderr.read()
+    assert "stdout is closed: the lines with the nodes' contacts went nowhere" in err and "Broken pipe" not in err

@@ -23,6 +23,7 @@ from nanoswarm.keys.contact import allow_ipv6, format_contact
 from nanoswarm.keys.identity import (
     Identity,
     KeyFileError,
+    _encode_key_file,
     default_key_path,
     describe_identity,
     generate_identity,
@@ -129,6 +130,13 @@ CORRUPTIONS = {
     "bad_base64": _with(ed25519_private="!!!!"),
     "missing_field": _with(curve_secret=None),
     "version": _with(version=99),
+    "version_true": _with(version=True),  # (True == 1 in Python)
+    # What the file states must be what its secrets give: an altered secret made a node serve as
+    # a peer id other than the one its file named (a review).
+    "other_ed25519": lambda text: _with(ed25519_private=json.loads(
+        _encode_key_file(generate_identity()))["ed25519_private"])(text),
+    "other_peer_id": _with(peer_id="ns-aaaaaaaaaaaaaaaa"),
+    "other_curve_hex": _with(curve_public_hex="00" * 32),
 }
 
 
@@ -710,6 +718,40 @@ def test_a_key_file_that_cannot_be_created_says_why_in_one_line(tmp_path: Path, 
     with pytest.raises(KeyFileError, match=r"^cannot write key file /proc/self/x\.key: ") as info:
         save_identity(generate_identity(), "/proc/self/x.key")  # no file can be made there, even by root
     assert ".tmp" not in str(info.value)
+
+
+def test_a_new_key_file_goes_only_where_it_was_meant(tmp_path: Path, monkeypatch, tiny_model_dir) -> None:
+    """`node --key-file` made every missing directory (0755 but the last) and a new identity in
+    it, where `keys generate --out` refuses (a typo in a directory: a node serving as a peer id
+    no one knew); `--out dir/` wrote the file `dir`; a link to nothing was "already exists" (a
+    review). The default path's directory is still made."""
+    from conftest import invoke_cli, run_cli
+
+    missing = tmp_path / "no" / "such" / "n.key"
+    with pytest.raises(KeyFileError, match=f"^cannot write key file {missing}: there is no directory"):
+        load_or_create_identity(missing)
+    out = run_cli("node", str(tiny_model_dir), "--layers", "0:4", "--listen", "tcp://127.0.0.1:*",
+                  "--key-file", str(missing), timeout=60)  # (a subprocess: were it to serve, it is stopped)
+    assert out.returncode == 1 and out.stderr.strip().endswith(f"there is no directory {missing.parent}")
+    assert not (tmp_path / "no").exists()
+
+    for args in (["keys", "generate", "--out", f"{tmp_path}/newdir/"], ["node", str(tmp_path), "--key-file",
+                                                                       f"{tmp_path}/newdir/"]):
+        out = invoke_cli(*args)
+        assert out.returncode == 2 and "names a directory, not a file" in out.stderr, out.stderr
+    assert not (tmp_path / "newdir").exists()
+
+    link = tmp_path / "dangling.key"
+    link.symlink_to(tmp_path / "gone.key")
+    for make in (lambda: load_or_create_identity(link), lambda: save_identity(generate_identity(), link)):
+        with pytest.raises(KeyFileError, match="is a symbolic link to .*gone.key, which does not exist"):
+            make()
+    out = invoke_cli("keys", "generate", "--out", str(link))
+    assert out.returncode == 1 and "which does not exist" in out.stderr and "--force" not in out.stderr
+    assert not (tmp_path / "gone.key").exists()
+
+    monkeypatch.setenv("NANOSWARM_KEY_FILE", str(tmp_path / "made" / "node.key"))  # the default: made
+    assert load_or_create_identity().peer_id == load_identity(tmp_path / "made" / "node.key").peer_id
 
 
 def test_an_empty_key_file_and_a_key_file_as_an_allow_list_are_named(tmp_path: Path, alice: Identity) -> None:
