@@ -10,8 +10,7 @@ from typing import Any
 
 import click
 
-from nanoswarm.client.swarm import MAX_SECONDS
-from nanoswarm.node.gossip import MIN_INTERVAL
+from nanoswarm.protocol.bounds import MAX_SECONDS, MIN_GOSSIP_INTERVAL
 
 
 def parse_range(value: str | None, what: str) -> tuple[int, int] | None:
@@ -64,8 +63,8 @@ class _NewFilePath(click.Path):
 
 NEW_FILE = _NewFilePath()
 SECONDS = _Positive("number of seconds", MAX_SECONDS)
-# A timer's period (node/gossip.py MIN_INTERVAL): 1e-9 s kept a node's loop busy.
-INTERVAL = _Positive("number of seconds", MAX_SECONDS, least=MIN_INTERVAL)
+# A timer's period: 1e-9 s kept a node's loop busy.
+INTERVAL = _Positive("number of seconds", MAX_SECONDS, least=MIN_GOSSIP_INTERVAL)
 # libgomp crashed (SIGSEGV, no word said) asked for a million threads; 5,000 ran.
 THREADS = click.IntRange(1, 1024)
 # A limit: an unbounded one failed after the model loaded with "Python int too large to convert

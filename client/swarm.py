@@ -14,6 +14,7 @@ import zmq
 
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import check_endpoint
+from nanoswarm.protocol.bounds import MAX_SECONDS
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import finite_float, parse_range
 from nanoswarm.protocol.tensors import WIRE_FORMATS
@@ -46,7 +47,6 @@ DRAIN_SECONDS = 5.0  # the most time between two reads of every connection's eve
 # a node's I/O thread on a loaded machine must get a core; tests run with short step timeouts.
 HEARTBEAT_MIN_SECONDS = 5.0
 MAX_HEARTBEAT_SECONDS = 3600.0  # libzmq takes the heartbeat in ms as a C int
-MAX_SECONDS = 1e6  # any timeout: ZeroMQ's poll takes milliseconds as a C int (and 11 days is forever)
 REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answers
 
 

@@ -35,6 +35,7 @@ from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.identity import Identity
 from nanoswarm.keys.records import DEFAULT_MAX_TTL, record_contact, seq_now, sign_departure, sign_record
 from nanoswarm.keys.table import RecordTable
+from nanoswarm.protocol.bounds import MIN_GOSSIP_INTERVAL
 from nanoswarm.protocol.errors import ProtocolError
 from nanoswarm.protocol.messages import MAX_HEADER_BYTES, Message, decode
 
@@ -53,7 +54,6 @@ WIRE_BUDGET = 48 * 1024  # bytes of records per message, under the 64 KiB header
 LINK_MAX_FRAME = 2 * MAX_HEADER_BYTES  # gossip messages are one header frame: nothing larger is read
 UNREACHABLE_GRACE = 1.0  # seconds a start-up exchange still waits for a contact that refused to connect
 OVERTAKEN_WARN_SECONDS = 60.0  # how often a node says again that records of its identity overtake its own
-MIN_INTERVAL = 0.05  # seconds: the shortest gossip round (--gossip-interval; shorter kept the loop busy)
 
 
 @dataclass
@@ -69,8 +69,8 @@ class GossipOptions:
         """ValueError naming the option that cannot hold (the node checks before it loads blocks)."""
         if not 0 < self.ttl <= self.max_ttl:
             raise ValueError(f"--ttl must be in (0, {self.max_ttl:.0f}] seconds")
-        if not self.interval >= MIN_INTERVAL:  # each round asks peers for records
-            raise ValueError(f"--gossip-interval must be at least {MIN_INTERVAL:g} s")
+        if not self.interval >= MIN_GOSSIP_INTERVAL:  # each round asks peers for records
+            raise ValueError(f"--gossip-interval must be at least {MIN_GOSSIP_INTERVAL:g} s")
         if self.ttl < 3 * self.interval:  # tables came up mostly empty with --ttl 2 --gossip-interval 3
             raise ValueError(f"--ttl {self.ttl:g} is shorter than three gossip intervals ({3 * self.interval:g} s): "
                              "records would expire before they spread")

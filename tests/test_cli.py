@@ -491,6 +491,14 @@ def test_option_errors_of_the_top_level_command_fail_in_one_line():
         assert out.returncode == 0 and "Commands:" in out.stdout and out.stderr == "", args
 
 
+def test_the_command_line_imports_torch_only_for_a_command_that_uses_it():
+    """`nanoswarm --help`, `keys` and every option error took ~2.5 s here: cli/params.py took two
+    bounds from modules that import torch (protocol/bounds.py holds them now)."""
+    code = "import sys, nanoswarm.cli; print(sorted(m for m in ('torch', 'numpy', 'zmq') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "torch" not in out.stdout, out.stdout + out.stderr
+
+
 def test_harness_counts_are_checked_before_any_node_starts(tiny_model_dir):
     """--threads 0 was passed on to each node, which refused it: cluster then blamed the node."""
     model = str(tiny_model_dir)
