@@ -31,7 +31,7 @@ def keys_generate(out: Path | None, force: bool, as_json: bool) -> None:
     )
 
     path = out or default_key_path()
-    check_new_key_path(path, make_dir=out is None)
+    check_new_key_path(path, make_dir=out is None, overwrite=force)
     identity = generate_identity()
     save_identity(identity, path, overwrite=force)
     info = describe_identity(identity)

@@ -50,14 +50,19 @@ class _Positive(click.ParamType):
 
 class _NewFilePath(click.Path):
     """A file that may not exist yet: `dir/` is refused (Path drops the slash, and the file
-    `dir` was written where the directory was meant)."""
+    `dir` was written where the directory was meant), as is an empty path; `~` is the home
+    directory (`--key-file=~/x` reaches us unexpanded)."""
 
     def __init__(self) -> None:
         super().__init__(dir_okay=False, path_type=Path)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, str) and value.endswith(("/", os.sep)):
-            self.fail(f"{value!r} names a directory, not a file", param, ctx)
+        if isinstance(value, str):
+            if not value:
+                self.fail("an empty path names no file", param, ctx)
+            if value.endswith(("/", os.sep)):
+                self.fail(f"{value!r} names a directory, not a file", param, ctx)
+            value = os.path.expanduser(value)
         return super().convert(value, param, ctx)
 
 

@@ -332,12 +332,14 @@ def default_key_path() -> Path:
     return base / "nanoswarm" / "node.key"
 
 
-def check_new_key_path(path: Path, make_dir: bool) -> None:
+def check_new_key_path(path: Path, make_dir: bool, overwrite: bool = False) -> None:
     """Where a new key file is to go: its directory made (0700) with `make_dir` (the default
     path's, ~/.config/nanoswarm, is ours to make), else it must exist, as ssh-keygen has it: a
     typo in a directory made a new identity there, a node serving under a peer id no one knew
-    (a review). KeyFileError when it cannot go there."""
-    _refuse_dangling_link(path)
+    (a review). With `overwrite` a link is replaced, never written through. KeyFileError when it
+    cannot go there."""
+    if not overwrite:
+        _refuse_dangling_link(path)
     if make_dir:
         create_key_dir(path)
     elif not path.parent.is_dir():

@@ -19,7 +19,7 @@ from typing import IO
 from nanoswarm import runtime_defaults
 
 from .affinity import bind_openmp, child_cpus
-from .launcher import ForkedNode, launcher_for
+from .launcher import ForkedNode, launcher_for, settle_launchers
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,8 @@ class LocalCluster:
         cmd[at:at] = ours
         node = NodeProcess(spec, self._fork(cmd, env, default_env) or self._exec(cmd, env),
                            key_file=key_file)
+        self.nodes.append(node)  # first: stop() must find it, should Ctrl-C come next
         threading.Thread(target=self._pump, args=(node,), daemon=True).start()
-        self.nodes.append(node)
         return node
 
     def _fork(self, cmd: list[str], env: dict, default_env: dict) -> ForkedNode | None:
@@ -292,6 +292,7 @@ class LocalCluster:
                     node.proc.kill()
                     node.proc.wait()
         finally:  # a second Ctrl-C while waiting: the nodes still go (they watch us), the keys too
+            settle_launchers(2.0)  # a node whose start was interrupted is forked and stopped first
             if self._key_dir is not None:
                 shutil.rmtree(self._key_dir, ignore_errors=True)
                 self._key_dir = None

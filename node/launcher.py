@@ -108,6 +108,7 @@ class Launcher:
         self._spawned: dict[int, int | str] = {}  # request number -> pid, or why it was not forked
         self._exits: dict[int, int] = {}  # request number -> exit code (negative: the signal)
         self._abandoned: set[int] = set()  # request numbers spawn() gave up on: stopped once forked
+        self._unforked: set[int] = set()   # those of them not forked yet (settle)
         self._next_request = 0
         self.alive = True
         threading.Thread(target=self._read_reports, name="nanoswarm-launcher", daemon=True).start()
@@ -117,37 +118,36 @@ class Launcher:
         """Fork `python -m nanoswarm ARGS[3:]` with `env`, its stdout a new pipe (returned as the
         node's `stdout`), its stderr the descriptor `stderr`, on the calling thread's cores."""
         read_end, write_end = os.pipe()
+        sent, pid, stdout = 0, None, None
         try:
-            with self._send_lock:
-                self._next_request += 1
-                number = self._next_request
-                request = {"request": number, "argv": ["nanoswarm", *args[3:]], "env": env,
-                           "cwd": os.getcwd(), "cpus": sorted(os.sched_getaffinity(0))}
-                socket.send_fds(self._sock, [json.dumps(request).encode()], [write_end, stderr])
-        except BaseException:
-            os.close(read_end)
-            raise
-        finally:
-            os.close(write_end)  # the node holds its own copy: its end of the pipe ends with it
-        stdout = os.fdopen(read_end, "r")
-        pid: int | str | None = None
-        try:
+            try:
+                with self._send_lock:
+                    self._next_request += 1
+                    number = self._next_request
+                    request = {"request": number, "argv": ["nanoswarm", *args[3:]], "env": env,
+                               "cwd": os.getcwd(), "cpus": sorted(os.sched_getaffinity(0))}
+                    socket.send_fds(self._sock, [json.dumps(request).encode()], [write_end, stderr])
+                    sent = number
+            finally:
+                os.close(write_end)  # the node holds its own copy: its end of the pipe ends with it
+            stdout = os.fdopen(read_end, "r")
             with self._cond:
                 forked = self._cond.wait_for(lambda: number in self._spawned or not self.alive, timeout)
                 pid = self._spawned.pop(number, None)
-        except BaseException:  # Ctrl-C or SIGTERM while the launcher forks: the node must not outlive us
-            self._abandon(number, pid)
-            stdout.close()
+            if not forked:
+                raise TimeoutError(f"the node launcher did not fork within {timeout:.0f}s")
+            if not isinstance(pid, int):
+                raise RuntimeError(f"could not fork a node: {pid}" if pid else
+                                   f"the node launcher exited with code {self.proc.poll()}")
+            return ForkedNode(self, args, number, pid, stdout)
+        except BaseException:  # Ctrl-C or SIGTERM (or a timeout) once the request is on its way:
+            if sent:           # the node must not outlive us
+                self._abandon(sent, pid)
+            if stdout is not None:
+                stdout.close()
+            else:
+                os.close(read_end)
             raise
-        if not forked:
-            self._abandon(number, pid)
-            stdout.close()
-            raise TimeoutError(f"the node launcher did not fork within {timeout:.0f}s")
-        if not isinstance(pid, int):
-            stdout.close()
-            raise RuntimeError(f"could not fork a node: {pid}" if pid else
-                               f"the node launcher exited with code {self.proc.poll()}")
-        return ForkedNode(self, args, number, pid, stdout)
 
     def _abandon(self, number: int, pid: int | str | None) -> None:
         """A node that spawn() stopped waiting for (interrupted, or timed out) is stopped when it
@@ -161,6 +161,14 @@ class Launcher:
                     self._abandoned.add(number)  # its exit is no one's to read
             elif pid is None and self.alive:  # not forked yet: _read_reports stops it when it is
                 self._abandoned.add(number)
+                self._unforked.add(number)
+
+    def settle(self, timeout: float) -> None:
+        """Wait up to `timeout` for the requests spawn() gave up on before they were forked to be
+        forked (and so stopped): the harness removes its key files after this, and a node forked
+        later failed on its missing key with an `error:` line after the harness had gone."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._unforked or not self.alive, timeout)
 
     def exit_code(self, node: ForkedNode) -> int | None:
         with self._cond:
@@ -201,6 +209,7 @@ class Launcher:
                     else:
                         self._exits[report["exited"]] = report["code"]
                 elif report["request"] in self._abandoned:  # forked after spawn() gave up on it
+                    self._unforked.discard(report["request"])
                     if "pid" in report:
                         _terminate(report["pid"])
                     else:
@@ -251,6 +260,13 @@ _launcher_lock = threading.Lock()
 LOAD_TIME_VARS = ("PYTHON", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "ONEDNN_", "DNNL_",
                   "LRU_CACHE_CAPACITY", "TORCH", "PYTORCH", "CUDA", "NVIDIA", "LD_", "GLIBC_",
                   "MALLOC_", "LC_", "LANG", "NANOSWARM_")
+
+
+def settle_launchers(timeout: float) -> None:
+    """Launcher.settle for every launcher of this process, within `timeout` in all."""
+    deadline = time.monotonic() + timeout
+    for launcher in list(_launchers.values()):
+        launcher.settle(max(0.0, deadline - time.monotonic()))
 
 
 def _load_time(env: dict[str, str], harness_key: str) -> dict[str, str]:

@@ -749,6 +749,14 @@ def test_a_new_key_file_goes_only_where_it_was_meant(tmp_path: Path, monkeypatch
     out = invoke_cli("keys", "generate", "--out", str(link))
     assert out.returncode == 1 and "which does not exist" in out.stderr and "--force" not in out.stderr
     assert not (tmp_path / "gone.key").exists()
+    assert invoke_cli("keys", "generate", "--out", str(link), "--force").returncode == 0  # the link replaced
+    assert not link.is_symlink() and load_identity(link) and not (tmp_path / "gone.key").exists()
+    from nanoswarm.cli.params import NEW_FILE
+
+    assert NEW_FILE.convert("~/n.key", None, None) == Path.home() / "n.key"  # `--key-file=~/n.key`: unexpanded
+    for args in (["keys", "generate", "--out", ""], ["node", str(tmp_path), "--key-file", ""]):
+        out = invoke_cli(*args)
+        assert out.returncode == 2 and "an empty path names no file" in out.stderr, out.stderr
 
     monkeypatch.setenv("NANOSWARM_KEY_FILE", str(tmp_path / "made" / "node.key"))  # the default: made
     assert load_or_create_identity().peer_id == load_identity(tmp_path / "made" / "node.key").peer_id

@@ -130,11 +130,13 @@ time.sleep(60)
 """
 
 
-def test_the_launcher_goes_with_the_harness_even_while_a_child_of_the_harness_lives(tiny_model_dir):
+def test_the_launcher_goes_with_the_harness_even_while_a_child_of_the_harness_lives(tiny_model_dir, tmp_path):
     """The child holds a copy of the harness's end of the launcher's socket, so the launcher saw
-    no end of it and kept its nodes for as long as the child lived (a review)."""
+    no end of it and kept its nodes for as long as the child lived (a review). (Its own TMPDIR:
+    a harness killed so leaves its key directory.)"""
     harness = subprocess.Popen([sys.executable, "-c", HARNESS_THAT_FORKS, str(tiny_model_dir)],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env={**os.environ, "TMPDIR": str(tmp_path)})
     *pids, child = (int(p) for p in harness.stdout.readline().split())
     try:
         assert len(pids) == 2 and all(pid_alive(p) for p in pids)
@@ -195,6 +197,8 @@ def test_a_node_the_harness_stopped_waiting_for_is_stopped_once_forked(tiny_mode
     try:
         with open(os.devnull, "w") as devnull, pytest.raises(TimeoutError):
             launcher.spawn(cmd, {**launcher.env, HARNESS_ENV: str(launcher.pid)}, devnull.fileno(), timeout=0.05)
+        launcher.settle(30)  # what LocalCluster.stop() waits for before it removes the key files
+        assert not launcher._unforked
         deadline = time.monotonic() + 30
         while launcher._abandoned and time.monotonic() < deadline:  # until its exit is reported
             time.sleep(0.1)
