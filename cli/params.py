@@ -1,4 +1,5 @@
-"""Click parameters and small parsers the commands share."""
+"""Click parameters and small parsers the commands share, and how a serving command prints
+what it reports once it serves."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ NEW_FILE = _NewFilePath()
 SECONDS = _Positive("number of seconds", MAX_SECONDS)
 # A timer's period: 1e-9 s kept a node's loop busy.
 INTERVAL = _Positive("number of seconds", MAX_SECONDS, least=MIN_GOSSIP_INTERVAL)
-# libgomp crashed (SIGSEGV, no word said) asked for a million threads; 5,000 ran.
+# Asked for a million threads, libgomp crashed (SIGSEGV, not a word said); 5,000 ran.
 THREADS = click.IntRange(1, 1024)
 # A limit: an unbounded one failed after the model loaded with "Python int too large to convert
 # to C long" (a review).
