@@ -135,11 +135,19 @@ def bench_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
     return torch.randint(0, vocab_size, (n,), generator=gen).tolist()
 
 
-def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
+def _stages(opts: BenchOptions, n_layer: int, n_head: int) -> list[int]:
+    """The layer-stage counts to try; ValueError for counts (or a head group) the model cannot take."""
     stages = [s for s in DEFAULT_STAGES if s <= n_layer] if opts.stages is None else list(opts.stages)
     if not all(1 <= s <= n_layer for s in stages):
         raise ValueError(f"--stages {','.join(map(str, stages))}: the model has {n_layer} blocks, "
                          f"so from 1 to {n_layer}")
+    if opts.head_groups > n_head:
+        raise ValueError(f"--head-groups {opts.head_groups}: the model has {n_head} heads, so from 2 to {n_head}")
+    return stages
+
+
+def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
+    stages = _stages(opts, n_layer, n_head)
     links = opts.links[0] if opts.links else "relay"
     groups = [_Group("layers", [NodeSpec(r) for r in even_split(n_layer, s)], [("float32", links)], s)
               for s in stages]
@@ -149,8 +157,6 @@ def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
             longest.variants += [("float32", x) for x in opts.links[1:]]
         longest.variants += [(w, links) for w in opts.wires if w != "float32"]
     if opts.head_groups:
-        if opts.head_groups > n_head:
-            raise ValueError(f"--head-groups {opts.head_groups}: the model has {n_head} heads, so from 2 to {n_head}")
         groups.append(_Group("heads", swarm_specs(n_layer, n_head, 1, opts.head_groups), [("float32", links)], 1))
     return groups
 
@@ -378,6 +384,9 @@ def check_options(opts: BenchOptions) -> None:
     unknown = set(opts.wires) - set(WIRE_FORMATS)
     if unknown:
         raise ValueError(f"--wires: unknown {', '.join(sorted(unknown))}; formats are {', '.join(WIRE_FORMATS)}")
+    # Against the shape too, known before anything is made (--stages 99 was refused after ~12 s).
+    config = read_manifest(opts.model_dir).config if opts.model_dir is not None else SHAPES[opts.shape]
+    _stages(opts, config.n_layer, config.n_head)
 
 
 def parse_ints(text: str, what: str = "the list") -> tuple[int, ...]:
