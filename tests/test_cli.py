@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -791,59 +792,52 @@ def test_a_signal_while_a_command_exits_ends_it_without_a_traceback(tiny_model_d
     assert why in out.stderr.strip().splitlines()[-1], out.stderr
 
 
+@contextlib.contextmanager
+def _stdout_closed(*args: str):
+    """`nanoswarm ARGS` whose stdout no one reads, until it warns so; yields (process, stderr
+    lines so far), then SIGTERMs it, which must end it with code 0. The stderr lines grow by the
+    rest of its stderr. (A watchdog: a command that serves without that warning hangs no run.)"""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.Popen([*CLI, *args], stdout=write_end, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True)
+    os.close(write_end)
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    err: list[str] = []
+    try:
+        for line in proc.stderr:
+            err.append(line)
+            if "stdout is closed" in line:
+                break
+        yield proc, err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    watchdog.cancel()
+    err.append(proc.stderr.read())
+    assert "Broken pipe" not in "".join(err)
+
+
 def test_a_node_whose_stdout_is_closed_serves_on_quietly(tiny_model_dir, tmp_path):
     """A harness stopped by Ctrl-C while its nodes started closed the pipe a node was about to
     print its contact to: the node ended with "error: [Errno 32] Broken pipe" (a review). The
     line goes nowhere now, with a warning, and the node serves."""
-    read_end, write_end = os.pipe()
-    os.close(read_end)  # no one will read the node's stdout
-    proc = subprocess.Popen([*CLI, "node", str(tiny_model_dir), "--layers", "0:4", "--key-file", str(tmp_path / "k"),
-                             "--listen", "tcp://127.0.0.1:*"], stdout=write_end, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True)
-    os.close(write_end)
-    watchdog = threading.Timer(60, proc.kill)  # (a node that serves without that warning: no hang here)
-    watchdog.start()
-    try:
-        err = []
-        for line in proc.stderr:  # its log has the contact too
-            err.append(line)
-            if "stdout is closed" in line:
-                break
-        contact = next(x.split("listening ")[1].strip() for x in err if "daemon: listening " in x)
+    with _stdout_closed("node", str(tiny_model_dir), "--layers", "0:4", "--key-file", str(tmp_path / "k"),
+                        "--listen", "tcp://127.0.0.1:*") as (_, err):
+        contact = next(x.split("listening ")[1].strip() for x in err if "daemon: listening " in x)  # its log has it
         probe = PeerConnection(contact, timeout=30)
         try:
             assert probe.request("info").fields["layers"] == [0, 4]  # serving
         finally:
             probe.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
-    watchdog.cancel()
-    err = "".join(err) + proc.stderr.read()
-    assert "stdout is closed: the line with the node's contact went nowhere" in err and "Broken pipe" not in err
+    assert "stdout is closed: the line with the node's contact went nowhere" in "".join(err)
 
 
 def test_a_cluster_whose_stdout_is_closed_serves_on(tiny_model_dir):
     """`cluster | head -1`: the reader gone, the cluster ended with "error: [Errno 32] Broken
     pipe" and stopped every node, where a node serves on (a review). It serves on too."""
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    proc = subprocess.Popen([*CLI, "cluster", str(tiny_model_dir), "--nodes", "2"], stdout=write_end,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    os.close(write_end)
-    watchdog = threading.Timer(60, proc.kill)
-    watchdog.start()
-    try:
-        err = []
-        for line in proc.stderr:
-            err.append(line)
-            if "stdout is closed" in line:
-                break
+    with _stdout_closed("cluster", str(tiny_model_dir), "--nodes", "2") as (proc, err):
         time.sleep(1.0)
         assert proc.poll() is None, "".join(err)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
-    watchdog.cancel()
-    err = "".join(err) + proc.stderr.read()
-    assert "stdout is closed: the lines with the nodes' contacts went nowhere" in err and "Broken pipe" not in err
+    assert "stdout is closed: the lines with the nodes' contacts went nowhere" in "".join(err)
