@@ -15,7 +15,7 @@ import zmq
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import check_endpoint
 from nanoswarm.protocol.bounds import MAX_SECONDS
-from nanoswarm.protocol.errors import ErrorCode, ProtocolError
+from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
 from nanoswarm.protocol.messages import finite_float, parse_range
 from nanoswarm.protocol.tensors import WIRE_FORMATS
 
@@ -143,7 +143,7 @@ class Swarm:
 
     def add_info(self, address: str, info: dict, rtt: float = 0.0, curve_key: bytes | None = None) -> None:
         if info.get("model_id") != self.model_id:
-            self.forget(address, f"serves model {str(info.get('model_id'))[:12]}, not ours")
+            self.forget(address, f"serves model {shown(info.get('model_id'), 12)}, not ours")
             return
         try:  # a peer's own `info` is untrusted: what it claims must make sense before it is used
             layers = parse_range(info.get("layers"), self.n_layer, "layers")

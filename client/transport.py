@@ -15,7 +15,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from nanoswarm.keys.contact import allow_ipv6, endpoint_of, split_contact
-from nanoswarm.protocol.errors import ProtocolError
+from nanoswarm.protocol.errors import ProtocolError, shown
 from nanoswarm.protocol.messages import REPLY_TYPES, Message, decode, encode
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class PeerError(Exception):
     """A peer answered with an error, answered nonsense, or did not answer."""
 
     def __init__(self, address: str, code: str, message: str):
+        code, message = shown(code, 64), shown(message)  # a peer's words, for a terminal (a review)
         super().__init__(f"{address}: {code}: {message}")
         self.address, self.code, self.message = address, code, message
 

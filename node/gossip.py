@@ -36,7 +36,7 @@ from nanoswarm.keys.identity import Identity
 from nanoswarm.keys.records import DEFAULT_MAX_TTL, record_contact, seq_now, sign_departure, sign_record
 from nanoswarm.keys.table import RecordTable
 from nanoswarm.protocol.bounds import MIN_GOSSIP_INTERVAL
-from nanoswarm.protocol.errors import ProtocolError
+from nanoswarm.protocol.errors import ProtocolError, shown
 from nanoswarm.protocol.messages import MAX_HEADER_BYTES, Message, decode
 
 from .relay import MAX_READS  # the same bound for every link the server thread reads
@@ -426,7 +426,7 @@ class Gossip:
                 if msg.type == "records_reply":
                     self.offer_all(msg.fields["records"])
                 elif msg.type == "error":
-                    log.debug("gossip to %s refused: %s", contact, msg.fields.get("message"))
+                    log.debug("gossip to %s refused: %s", contact, shown(msg.fields.get("message")))
             link.conn.drain_events()
             if link.conn.dropped and not link.pending:  # gone, or never there: a later round links again
                 self._close_link(contact, link)

@@ -25,6 +25,21 @@ class ErrorCode(str, Enum):
     INTERNAL = "internal"                  # a bug on the node; the node keeps serving
 
 
+MAX_SHOWN = 300  # characters of a peer's text shown to the user (a header may hold ~64 KiB of it)
+
+
+def shown(text: object, limit: int = MAX_SHOWN) -> str:
+    """A peer's text (an error's code and message, a field of its `info`) made safe for a
+    terminal and a log line: at most `limit` characters, and any character that is not printable
+    (ESC, which starts a terminal's escape sequences; newlines that would forge log lines; bidi
+    overrides) written as its escape, so `\\x1b[2J` is shown and not obeyed."""
+    text = str(text)
+    cut = text[:limit]
+    if not cut.isprintable():
+        cut = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in cut)
+    return cut + ("..." if len(text) > limit else "")
+
+
 class ProtocolError(Exception):
     """A request (or reply) that cannot be served, with the code to send back."""
 

@@ -863,6 +863,49 @@ def test_a_reply_of_another_type_is_the_peers_fault_not_a_crash(tiny_model_dir, 
         server.close()
 
 
+EVIL = "\x1b[2J\x1b]0;owned\x07\nerror: forged line\u202e"  # clear the screen, set the title, forge a line
+
+
+@pytest.mark.parametrize("reply", [{"type": "error", "code": "busy" + EVIL, "message": EVIL + "x" * 50_000},
+                                   {"type": "info_reply", "peer_id": "p", "model_id": EVIL, "layers": [0, 4]}],
+                         ids=["error", "model_id"])
+def test_a_peers_words_reach_the_terminal_escaped_and_cut(tiny_model_dir, reply):
+    """What a peer says (an error's code and message, its `info`'s model id) is shown to the user
+    in the client's error line and failover notices. Raw, a hostile peer's ESC sequences were
+    obeyed by the user's terminal (clearing it, forging lines) and a 50 KB message filled it
+    (a review): now control characters are shown as escapes and a message is cut at 300 characters."""
+    from conftest import run_cli
+
+    from nanoswarm.keys.contact import format_contact
+
+    public, secret = zmq.curve_keypair()
+    server = zmq.Context.instance().socket(zmq.ROUTER)
+    server.curve_server, server.curve_publickey, server.curve_secretkey = True, public, secret
+    server.setsockopt(zmq.LINGER, 0)
+    contact = format_contact(f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}", public)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if server.poll(50):
+                peer, header, *_ = server.recv_multipart()
+                req = msgpack.unpackb(header)
+                server.send_multipart([peer, msgpack.packb({"v": PROTOCOL_VERSION, "id": req["id"], **reply})])
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        done = run_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", contact, "--max-new-tokens", "2",
+                       "--timeout", "5")
+    finally:
+        stop.set()
+        t.join()
+        server.close()
+    assert done.returncode != 0 and "error:" in done.stderr
+    assert "\x1b" not in done.stderr and "\u202e" not in done.stderr and "\nerror: forged" not in done.stderr
+    assert "\\x1b[2J" in done.stderr and len(done.stderr) < 4000, done.stderr[:4000]
+
+
 def test_a_peer_that_answers_with_an_oversized_frame_is_dropped_unread():
     """Clients and gossip links cap the frames they accept (MAXMSGSIZE: client/transport.py,
     node/gossip.py), so a peer cannot make them buffer a frame of any size."""
