@@ -152,6 +152,7 @@ class SwarmModel:
         text = TextStream(self.encoding)
         tokens = generate_ids(self.client, session, ids, max_new_tokens, sampling or SamplingParams(),
                               EOT_TOKEN, result.stats, result.logits if keep_logits else None)
+        stopped = False
         try:
             result.route = session.describe()
             result.stop_reason = ""  # until it ends as it should: not after an error, nor if stopped
@@ -179,13 +180,29 @@ class SwarmModel:
             result.stop_reason = reason
             if tail:
                 yield tail
+        except GeneratorExit:  # closed before its end, by the caller or by the garbage collector
+            stopped = True
+            raise
         finally:
-            with self._lock:
-                tokens.close()
-                result.route = session.describe()
-                result.failovers = session.failovers
-                result.spot_checks, result.wrong_results = session.spot_checks, session.wrong_results
-                session.close()
+            tokens.close()
+            result.route = session.describe()
+            result.failovers = session.failovers
+            result.spot_checks, result.wrong_results = session.spot_checks, session.wrong_results
+            # The collector closes an unfinished stream caught in a reference cycle on whichever
+            # thread allocates, even inside another thread's step, which holds this lock (an RLock)
+            # and may be between the frames of its request: a `close` sent then went out between
+            # them, and the node that refused the torn message was banned (a review). So a stream
+            # stopped while the lock is this thread's already, or another's, is closed on its
+            # nodes by the model's next step, session or close() (InferenceSession.abandon).
+            if stopped and (self._lock._is_owned() or not self._lock.acquire(blocking=False)):
+                session.abandon()
+            else:
+                if not stopped:
+                    self._lock.acquire()
+                try:
+                    session.close()
+                finally:
+                    self._lock.release()
 
     def _new_tokens(self, ids: list[int], max_new_tokens: int) -> int:
         """How many tokens to generate: max_new_tokens, capped by the context. ValueError for a

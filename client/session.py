@@ -372,6 +372,17 @@ class InferenceSession(Failover):
             for stage in self.stages:
                 stage.close()
 
+    def abandon(self) -> None:
+        """Close it without touching a socket: its stages are closed on their nodes at the
+        swarm's next step, session or close (Swarm.abandon), as a dropped session's are. For
+        callers that may run as a finalizer, on any thread, even inside another step."""
+        self.closed = True
+        if self._finalizer is not None:
+            self._finalizer()  # Swarm.abandon(stages), once
+        else:  # local stages: no sockets
+            for stage in self.stages:
+                stage.close()
+
 
 def _endpoints(chain: Chain) -> str:
     """The chain's peers for a log line: endpoints, without their 64-digit keys."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -141,6 +143,48 @@ def test_threads_share_one_model_and_close_frees_the_nodes_sessions(tiny_model_d
         assert probe.request("info").fields["sessions"] == 0
     finally:
         probe.close()
+
+
+def test_a_stream_collected_inside_another_step_touches_no_socket(tiny_model_dir, cluster_factory):
+    """An unfinished stream caught in a reference cycle is closed by the garbage collector on
+    whichever thread allocates, even inside another thread's step, which holds the model's lock
+    and may be between the frames of its request. Its cleanup sent `close` there: the node got a
+    torn request, refused it bad_tensor and was banned (a review, with real threads). Now such a
+    stream is closed on its nodes at the model's next step; one the caller closes, at once."""
+    import gc
+
+    from nanoswarm.client.transport import PeerConnection
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    greedy = SamplingParams(temperature=0)
+    expected = SwarmModel.local(tiny_model_dir).generate("To be", 8, greedy).ids
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    probe = PeerConnection(swarm.addresses[0], timeout=10)
+    sessions = lambda: probe.request("info").fields["sessions"]  # noqa: E731
+
+    def closed_soon() -> bool:  # a close on the model's link may be read after the probe's info
+        return any(sessions() == 0 or time.sleep(0.05) for _ in range(50))
+    try:
+        stream = model.stream("To be", 8, greedy)
+        next(stream)
+        cycle: list = [stream]
+        cycle.append(cycle)
+        del stream
+        with model._lock:  # as another thread's step holds it
+            del cycle
+            gc.collect()  # the stream's cleanup runs here, on this thread
+            time.sleep(0.3)
+            assert sessions() == 1  # nothing sent on the step's sockets
+        assert model.generate("To be", 8, greedy).ids == expected  # whose first step closes it
+        assert closed_soon() and not model.swarm.bans
+
+        stream = model.stream("To be", 8, greedy)
+        next(stream)
+        stream.close()  # by the caller, the lock free: closed on the node at once
+        assert closed_soon()
+    finally:
+        probe.close()
+        model.close()
 
 
 def test_a_client_process_may_hold_more_than_a_thousand_sockets():
