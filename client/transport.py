@@ -204,9 +204,30 @@ class PeerConnection:
         """Hand `frames` to ZeroMQ without blocking; False when it has no room for them."""
         try:
             self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        except zmq.Again:  # only ever for the first frame: libzmq takes a message's other parts with it
             return False
+        except zmq.ZMQError:
+            raise
+        except BaseException:  # an interrupt (Ctrl-C, the CLI's SIGTERM) between the frames
+            self._end_message()
+            raise
         return True
+
+    def _end_message(self) -> None:
+        """End a message a signal's exception cut short: pyzmq sends a message's frames one call
+        each, and what was sent waits on the socket for the rest, so the next request (the
+        session's `close` in a stream's cleanup, a step sent again) went out as its tail: the node
+        refused the whole, the close was lost and a healthy node was banned (a review). An empty
+        last frame makes it a message of its own that the node refuses (its reply is a late one,
+        dropped); if the message had ended, the frame alone is one."""
+        for _ in range(8):
+            try:
+                self.socket.send(b"", zmq.NOBLOCK)
+                return
+            except zmq.ZMQError:  # Again: the message had ended and the queue is full; or closed
+                return
+            except BaseException:  # a second interrupt: the first is raised once this is sent
+                continue
 
     def recv(self, req_id: int, expect: str, timeout: float | None = None) -> Message:
         """The reply to `req_id`, of type `expect`; raises PeerError for an error reply or one of

@@ -187,6 +187,56 @@ def test_a_stream_collected_inside_another_step_touches_no_socket(tiny_model_dir
         model.close()
 
 
+def test_an_interrupt_between_a_requests_frames_tears_no_later_request(tiny_model_dir, cluster_factory, monkeypatch):
+    """pyzmq sends a message's frames one call each, so Ctrl-C (or the CLI's SIGTERM) can land
+    between them, and the frames sent wait on the socket for the rest. The next request went out
+    as their tail: a stream's cleanup lost its `close` (the session held its node's cache until
+    the idle timeout), and a hand-stepped step sent again waited out its timeout and got a
+    healthy node banned (a review). The cut message is now ended by itself; pyzmq's send is
+    made to raise where a signal handler would."""
+    import zmq
+
+    from nanoswarm.client.transport import PeerConnection
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    greedy = SamplingParams(temperature=0)
+    expected = SwarmModel.local(tiny_model_dir).generate("To be", 8, greedy).ids
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    probe = PeerConnection(swarm.addresses[0], timeout=10)
+    send, armed = zmq.Socket.send, []
+
+    def send_or_interrupt(socket: zmq.Socket, *args, **kwargs):
+        if socket in armed and len(args) > 1 and args[1] & zmq.SNDMORE == 0:  # the step's last frame
+            armed.remove(socket)
+            raise KeyboardInterrupt
+        return send(socket, *args, **kwargs)
+
+    monkeypatch.setattr(zmq.Socket, "send", send_or_interrupt)
+    try:
+        (conn,) = model.swarm._conns.values()
+        stream = model.stream("To be", 8, greedy)
+        next(stream)
+        armed.append(conn.socket)
+        with pytest.raises(KeyboardInterrupt):
+            next(stream)  # its cleanup sends `close` on the same socket
+        assert any(probe.request("info").fields["sessions"] == 0 or time.sleep(0.05) for _ in range(50))
+
+        session = model.session(4)
+        hidden = torch.randn(1, 2, model.config.n_embd)
+        armed.append(conn.socket)
+        with pytest.raises(KeyboardInterrupt):
+            session.step(hidden)
+        reference = SwarmModel.local(tiny_model_dir).session(4).step(hidden)
+        assert (session.step(hidden) - reference).abs().max() < 1e-5  # sent again: no failover
+        session.close()
+        assert model.generate("To be", 8, greedy).ids == expected
+        assert not model.swarm.bans and session.failovers == 0
+    finally:
+        monkeypatch.undo()
+        probe.close()
+        model.close()
+
+
 def test_a_client_process_may_hold_more_than_a_thousand_sockets():
     """libzmq's default of 1,023 sockets a context stopped `load --sessions 200` on 3 nodes with
     "Too many open files" (a review): client links come from a context allowed libzmq's limit."""
