@@ -194,11 +194,12 @@ class SwarmModel:
             # them, and the node that refused the torn message was banned (a review). So a stream
             # stopped while the lock is this thread's already, or another's, is closed on its
             # nodes by the model's next step, session or close() (InferenceSession.abandon).
-            if stopped and (self._lock._is_owned() or not self._lock.acquire(blocking=False)):
+            if not stopped:
+                with self._lock:
+                    session.close()
+            elif self._lock._is_owned() or not self._lock.acquire(blocking=False):
                 session.abandon()
             else:
-                if not stopped:
-                    self._lock.acquire()
                 try:
                     session.close()
                 finally:

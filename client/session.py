@@ -118,6 +118,10 @@ class InferenceSession(Failover):
                     stage.close()
                 self._refused_or_strike(e, refused)
                 continue
+            except BaseException:  # Ctrl-C: a head group's members opened so far are closed too
+                if stage is not None:
+                    stage.close()
+                raise
             self.stages.append(stage)
             self.history.append(History())
             pos = plan.stop
@@ -367,10 +371,15 @@ class InferenceSession(Failover):
     def close(self) -> None:
         with self.lock:
             self.closed = True
+            try:
+                for stage in self.stages:
+                    stage.close()
+            except BaseException:  # Ctrl-C midway: the stages not closed yet go at the next step
+                if self._finalizer is not None:
+                    self._finalizer()  # Swarm.abandon(stages): closing a closed stage sends nothing
+                raise
             if self._finalizer is not None:
                 self._finalizer.detach()
-            for stage in self.stages:
-                stage.close()
 
     def abandon(self) -> None:
         """Close it without touching a socket: its stages are closed on their nodes at the

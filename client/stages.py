@@ -205,11 +205,10 @@ class RemoteLayerStage(Stage):
 
     def open(self, max_length: int) -> None:
         sent = idle_clock()
-        reply = self.conn.request("open", {"model_id": self.model_id, "max_length": max_length,
-                                           "layers": [self.start, self.stop]}, timeout=self.timeout)
+        reply = self.conn.open_session({"model_id": self.model_id, "max_length": max_length,
+                                        "layers": [self.start, self.stop]}, timeout=self.timeout)
         self.session, self.pins, self.sent_at = reply.fields["session"], (None, None), sent
         self.opened = reply.fields  # its limits: positions_per_request
-        self.conn.sessions.add(self.session)
 
     def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
         T = hidden.shape[1]
@@ -287,11 +286,10 @@ class HeadGroupStage(Stage):
         self.sessions, self.limits = [], []
         sent = idle_clock()
         for conn, _ in self.members:
-            reply = conn.request("open", {"model_id": self.model_id, "max_length": max_length,
-                                          "layers": [self.start, self.stop]}, timeout=self.timeout)
+            reply = conn.open_session({"model_id": self.model_id, "max_length": max_length,
+                                       "layers": [self.start, self.stop]}, timeout=self.timeout)
             self.sessions.append(reply.fields["session"])
             self.limits.append(reply.fields)
-            conn.sessions.add(reply.fields["session"])
         self.sent_at = sent
 
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:
@@ -345,9 +343,10 @@ class HeadGroupStage(Stage):
         return hidden
 
     def close(self) -> None:
-        for (conn, _), sid in zip(self.members, self.sessions):
-            conn.close_session(sid)
-        self.sessions = []
+        while self.sessions:  # one at a time: a close cut short leaves the rest to a second call
+            conn, _ = self.members[len(self.sessions) - 1]
+            conn.close_session(self.sessions[-1])
+            self.sessions.pop()
 
     @property
     def peers(self) -> list[str]:

@@ -44,6 +44,7 @@ RECONNECT_MAX_MS = 10_000
 # left the network: no answer to the SYN) or never finishes its handshake (a frozen process)
 # would otherwise cost the request its whole timeout (a review).
 HOLD_SECONDS = 1.0  # a reconnect's first try (0.1-0.2 s) and 3-4 round trips of handshake, with room
+MAX_ORPHANS = 256  # opens given up on, remembered per connection for their late answers
 
 
 @functools.cache
@@ -165,6 +166,9 @@ class PeerConnection:
         # connection can close them (a node takes `close` from a session's own client), so a
         # ban that drops it closes them first (Swarm.ban).
         self.sessions: set[str] = set()
+        # Opens given up on (interrupted, timed out) by request id: the session each may have
+        # opened on the node is closed when its late `opened` is read (take, open_session).
+        self._orphans: dict[int, None] = {}
         self.closes_queued = False  # a `close` was sent: closing the socket must let it leave
 
     def register(self, poller: zmq.Poller) -> None:
@@ -267,6 +271,8 @@ class PeerConnection:
                     if msg.type != expect:  # its fields are not the ones the caller reads (a review)
                         raise PeerError(self.address, "bad_reply", f"answered {msg.type!r} where {expect!r} was due")
                     return msg
+                if msg is not None and msg.id in self._orphans:
+                    self._orphan_answered(msg)
                 continue
             self.drain_events(awaiting=True)
             if self.socket.get(zmq.EVENTS) & zmq.POLLIN:  # replies that came first still count
@@ -365,23 +371,47 @@ class PeerConnection:
 
     def request(self, msg_type: str, fields: dict[str, Any] | None = None,
                 tensors: list[torch.Tensor] | tuple = (), wire: str = "float32",
-                timeout: float | None = None) -> Message:
+                timeout: float | None = None, req_id: int | None = None) -> Message:
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout  # one timeout for queueing and answering together
-        req_id = self.send(msg_type, fields, tensors, wire, timeout=timeout)
+        req_id = self.send(msg_type, fields, tensors, wire, req_id, timeout=timeout)
         try:
             return self.recv(req_id, REPLY_TYPES[msg_type], max(0.0, deadline - time.monotonic()))
         except PeerTimeout:
             raise PeerTimeout(self.address, timeout) from None
 
+    def open_session(self, fields: dict[str, Any], timeout: float | None = None) -> Message:
+        """`open` a session, kept in `sessions` until closed. Once the request may have gone out,
+        an open given up on (Ctrl-C, a timeout) is remembered: the node may open the session
+        anyway, and only this connection can close it. Its late `opened` closes it (take). Left
+        unknown, each such session held its node's cache until the idle timeout (a review's
+        interrupts, 32 in 60 interrupted generations)."""
+        req_id = next_request_id()
+        try:
+            reply = self.request("open", fields, timeout=timeout, req_id=req_id)
+        except BaseException:
+            self._orphans[req_id] = None
+            while len(self._orphans) > MAX_ORPHANS:  # those never answered: the oldest go
+                del self._orphans[next(iter(self._orphans))]
+            raise
+        self.sessions.add(reply.fields["session"])
+        return reply
+
+    def _orphan_answered(self, msg: Message) -> None:
+        del self._orphans[msg.id]
+        if msg.type == "opened" and isinstance(session := msg.fields.get("session"), str):
+            log.debug("%s: closing session %s, opened after its open was given up on", self.address, session[:16])
+            self.close_session(session)
+
     def close_session(self, session: str) -> None:
-        """Queue `close` for `session` (best effort: a node reclaims idle sessions anyway)."""
-        self.sessions.discard(session)
+        """Queue `close` for `session` (best effort: a node reclaims idle sessions anyway). Kept in
+        `sessions` until it is queued: a close cut short is sent when the link closes."""
         try:
             self.send("close", {"session": session}, timeout=0)
             self.closes_queued = True
         except (PeerError, zmq.ZMQError):  # closed, or no room: the node reclaims idle sessions anyway
             pass
+        self.sessions.discard(session)
 
     def close_sessions(self) -> None:
         """Queue `close` for every session still open over this connection."""
