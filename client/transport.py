@@ -70,6 +70,27 @@ def next_request_id() -> int:
     return secrets.randbits(62) + 1
 
 
+def recv_whole(socket: zmq.Socket, copy: bool = False) -> list:
+    """One message's frames. pyzmq reads them one call each: Ctrl-C after the first left the
+    others to be read as the next message, nonsense from a healthy peer (bad_reply, a ban: a
+    review) or a monitor event pyzmq cannot parse, so the rest of a message cut short is skipped."""
+    try:
+        return socket.recv_multipart(copy=copy)
+    except zmq.ZMQError:
+        raise
+    except BaseException:
+        for _ in range(8):  # a second interrupt: the first is raised once the rest is read
+            try:
+                while socket.getsockopt(zmq.RCVMORE):
+                    socket.recv(copy=False)
+                break
+            except zmq.ZMQError:
+                break
+            except BaseException:
+                continue
+        raise
+
+
 class PeerError(Exception):
     """A peer answered with an error, answered nonsense, or did not answer."""
 
@@ -169,6 +190,7 @@ class PeerConnection:
         # Opens given up on (interrupted, timed out) by request id: the session each may have
         # opened on the node is closed when its late `opened` is read (take, open_session).
         self._orphans: dict[int, None] = {}
+        self._unread: list | None = None  # a reply whose reading Ctrl-C cut short (_read)
         self.closes_queued = False  # a `close` was sent: closing the socket must let it leave
 
     def register(self, poller: zmq.Poller) -> None:
@@ -263,7 +285,7 @@ class PeerConnection:
         the replies that came before it."""
         self._check_open()
         while True:
-            if self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+            if self._unread is not None or self.socket.get(zmq.EVENTS) & zmq.POLLIN:
                 msg = self._read()
                 if msg is not None and msg.id == req_id:  # else a late reply to a request we gave up on
                     if msg.type == "error":
@@ -292,7 +314,7 @@ class PeerConnection:
         if self.socket.closed:
             return
         while self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
-            event = parse_monitor_message(self.monitor.recv_multipart())["event"]
+            event = parse_monitor_message(recv_whole(self.monitor, copy=True))["event"]
             if event == zmq.EVENT_CONNECTED:
                 self._connected = True
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -348,12 +370,15 @@ class PeerConnection:
             raise PeerError(self.address, "disconnected", "the connection was closed (its peer was banned)")
 
     def _read(self) -> Message | None:
-        frames = self.socket.recv_multipart(copy=False)
-        self.bytes_received += sum(len(f) for f in frames)
+        frames, self._unread = self._unread or recv_whole(self.socket), None
         try:
             msg = decode(frames, finite=True)  # peers are untrusted: no NaN or Inf gets past here
         except ProtocolError as e:
             raise PeerError(self.address, "bad_reply", e.message) from None
+        except BaseException:  # Ctrl-C while decoding: the reply is read again (a late `opened`)
+            self._unread = frames
+            raise
+        self.bytes_received += sum(len(f) for f in frames)
         if msg.type == "leaving":
             listed = msg.fields.get("sessions")
             # A notice naming only sessions closed since is stale: read after a reconnect, it

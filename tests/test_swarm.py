@@ -274,13 +274,14 @@ def _sessions_become(contacts: list[str], want: int) -> bool:
             p.close()
 
 
-@pytest.mark.parametrize("where", ["open sent", "second member's open", "close"])
+@pytest.mark.parametrize("where", ["open sent", "opened read", "second member's open", "close"])
 def test_ctrl_c_while_sessions_open_or_close_leaves_none_open(tiny_model_dir, cluster_factory, monkeypatch, where):
     """A notebook user's Ctrl-C at any moment, then the same model used on (a review fuzzed real
     signals: 9 of 197 interrupted generations left a session open on a node until its 300 s idle
     timeout, or until the model was closed):
     - after an `open` went out: the node opened a session whose id the client never learnt;
       it is closed when its late `opened` is read;
+    - while its `opened` was decoded: it is read again;
     - between a head group's members' opens: the members opened so far are closed;
     - in a session's `close`, at its first stage: the rest are closed at the model's next step."""
     greedy = SamplingParams(temperature=0)
@@ -290,7 +291,22 @@ def test_ctrl_c_while_sessions_open_or_close_leaves_none_open(tiny_model_dir, cl
     swarm = cluster_factory(tiny_model_dir, specs)
     model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
     try:
-        if where == "close":
+        if where == "opened read":
+            from nanoswarm.client import transport
+
+            decode, done = transport.decode, []
+
+            def interrupted(frames: list, *args, **kwargs):
+                msg = decode(frames, *args, **kwargs)
+                if msg.type == "opened" and not done:
+                    done.append(1)
+                    raise KeyboardInterrupt
+                return msg
+
+            monkeypatch.setattr(transport, "decode", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                model.generate("To be", 6, greedy)
+        elif where == "close":
             session = model.session(4)
             session.step(torch.randn(1, 2, model.config.n_embd))
             _interrupt_at(monkeypatch, "close", after=False)
@@ -303,6 +319,39 @@ def test_ctrl_c_while_sessions_open_or_close_leaves_none_open(tiny_model_dir, cl
         monkeypatch.undo()
         assert model.generate("To be", 6, greedy).ids == expected  # the model's next step
         assert _sessions_become(swarm.addresses, 0) and not model.swarm.bans
+    finally:
+        monkeypatch.undo()
+        model.close()
+
+
+def test_ctrl_c_between_a_replys_frames_leaves_no_frame_for_the_next_read(tiny_model_dir, cluster_factory,
+                                                                           monkeypatch):
+    """The receiving side of the same: Ctrl-C inside pyzmq's recv_multipart, after a reply's
+    first frame. Its other frames stayed on the socket and were read as the next reply, which made
+    no sense: a healthy node struck for bad_reply. The rest of a message cut short is skipped."""
+    import zmq
+
+    greedy = SamplingParams(temperature=0)
+    expected = SwarmModel.local(tiny_model_dir).generate("To be", 6, greedy).ids
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    recv, armed = zmq.Socket.recv, [1]
+
+    def recv_or_interrupt(socket: zmq.Socket, *args, **kwargs):
+        frame = recv(socket, *args, **kwargs)
+        if armed and socket.getsockopt(zmq.RCVMORE) and socket.type == zmq.DEALER:
+            armed.clear()
+            raise KeyboardInterrupt
+        return frame
+
+    monkeypatch.setattr(zmq.Socket, "recv", recv_or_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.generate("To be", 6, greedy)  # in its first step's reply, a header and a tensor
+        assert not armed
+        monkeypatch.undo()
+        assert model.generate("To be", 6, greedy).ids == expected
+        assert not model.swarm.bans and _sessions_become(swarm.addresses, 0)
     finally:
         monkeypatch.undo()
         model.close()
