@@ -13,6 +13,8 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
@@ -775,12 +777,10 @@ def test_idle_sessions_reclaimed_by_a_node_process(small12_model_dir, cluster_fa
         peer.close()
 
 
-@pytest.mark.parametrize("claims", [{"throughput": "x"}, {"layers": [3, 9]}, {"layers": ["a", "b"]},
-                                    {"heads": [0, 99]}, {"load": float("nan")}])
-def test_a_peer_whose_info_makes_no_sense_is_rejected_with_a_reason(claims):
-    """A `--peers` contact answering `info` with claims outside the model (or not numbers) is not
-    used, and says why; it used to stop the client with a bare Python error."""
-    from nanoswarm.client.swarm import Swarm
+@contextmanager
+def _fake_node(answer: Callable[[dict], dict]) -> Iterator[str]:
+    """A CURVE ROUTER on 127.0.0.1 playing a node: each request (its header) is answered with the
+    fields `answer` gives, in a thread, until the block ends. Yields its contact."""
     from nanoswarm.keys.contact import format_contact
 
     public, secret = zmq.curve_keypair()
@@ -788,25 +788,41 @@ def test_a_peer_whose_info_makes_no_sense_is_rejected_with_a_reason(claims):
     server.curve_server, server.curve_publickey, server.curve_secretkey = True, public, secret
     server.setsockopt(zmq.LINGER, 0)
     contact = format_contact(f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}", public)
-    swarm = Swarm("m" * 64, 4, 4)
-    try:
-        def answer() -> None:
-            if server.poll(10000):
-                peer, header = server.recv_multipart()
-                req = msgpack.unpackb(header)
-                fields = {"peer_id": "p", "model_id": "m" * 64, "layers": [0, 4], **claims}
-                server.send_multipart([peer, msgpack.packb({"v": PROTOCOL_VERSION, "id": req["id"],
-                                                           "type": "info_reply", **fields})])
+    stop = threading.Event()
 
-        t = threading.Thread(target=answer)
-        t.start()
-        swarm.add_addresses([contact], timeout=10.0)
+    def serve() -> None:
+        while not stop.is_set():
+            if server.poll(50):
+                peer, header, *_ = server.recv_multipart()
+                req = msgpack.unpackb(header)
+                server.send_multipart([peer, msgpack.packb({"v": PROTOCOL_VERSION, "id": req["id"], **answer(req)})])
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        yield contact
+    finally:
+        stop.set()
         t.join()
-        assert contact not in swarm.peers and contact not in swarm._conns  # (its link closed)
-        assert swarm.rejected[contact].startswith("bad_reply: its info is malformed")
+        server.close()
+
+
+@pytest.mark.parametrize("claims", [{"throughput": "x"}, {"layers": [3, 9]}, {"layers": ["a", "b"]},
+                                    {"heads": [0, 99]}, {"load": float("nan")}])
+def test_a_peer_whose_info_makes_no_sense_is_rejected_with_a_reason(claims):
+    """A `--peers` contact answering `info` with claims outside the model (or not numbers) is not
+    used, and says why; it used to stop the client with a bare Python error."""
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("m" * 64, 4, 4)
+    info = {"type": "info_reply", "peer_id": "p", "model_id": "m" * 64, "layers": [0, 4], **claims}
+    try:
+        with _fake_node(lambda req: info) as contact:
+            swarm.add_addresses([contact], timeout=10.0)
+            assert contact not in swarm.peers and contact not in swarm._conns  # (its link closed)
+            assert swarm.rejected[contact].startswith("bad_reply: its info is malformed")
     finally:
         swarm.close()
-        server.close()
 
 
 def test_a_reply_of_another_type_is_the_peers_fault_not_a_crash(tiny_model_dir, tmp_path):
@@ -820,28 +836,11 @@ def test_a_reply_of_another_type_is_the_peers_fault_not_a_crash(tiny_model_dir, 
 
     from nanoswarm.client.discovery import DiscoveryError
     from nanoswarm.client.route import RouteError
-    from nanoswarm.keys.contact import format_contact
 
     model_id = read_manifest(tiny_model_dir).model_id
-    public, secret = zmq.curve_keypair()
-    server = zmq.Context.instance().socket(zmq.ROUTER)
-    server.curve_server, server.curve_publickey, server.curve_secretkey = True, public, secret
-    server.setsockopt(zmq.LINGER, 0)
-    contact = format_contact(f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}", public)
-    stop = threading.Event()
-
-    def serve() -> None:  # `info` answered as a node would, anything else with an empty `result`
-        while not stop.is_set():
-            if server.poll(50):
-                peer, header, *_ = server.recv_multipart()
-                req = msgpack.unpackb(header)
-                reply = ({"type": "info_reply", "peer_id": "p", "model_id": model_id, "layers": [0, 4]}
-                         if req["type"] == "info" else {"type": "result"})
-                server.send_multipart([peer, msgpack.packb({"v": PROTOCOL_VERSION, "id": req["id"], **reply})])
-
-    t = threading.Thread(target=serve)
-    t.start()
-    try:
+    info = {"type": "info_reply", "peer_id": "p", "model_id": model_id, "layers": [0, 4]}
+    # `info` answered as a node would, anything else with an empty `result`
+    with _fake_node(lambda req: info if req["type"] == "info" else {"type": "result"}) as contact:
         model = SwarmModel.connect(tiny_model_dir, peers=[contact])
         with model, pytest.raises(RouteError, match="bad_reply: answered 'result' where 'opened' was due"):
             model.generate("x", 2)
@@ -857,10 +856,6 @@ def test_a_reply_of_another_type_is_the_peers_fault_not_a_crash(tiny_model_dir, 
             node.terminate()
             _, err = node.communicate(timeout=60)
         assert "answered 'result' where 'records_reply' was due" in err and node.returncode == 0
-    finally:
-        stop.set()
-        t.join()
-        server.close()
 
 
 EVIL = "\x1b[2J\x1b]0;owned\x07\nerror: forged line\u202e"  # clear the screen, set the title, forge a line
@@ -876,31 +871,9 @@ def test_a_peers_words_reach_the_terminal_escaped_and_cut(tiny_model_dir, reply)
     (a review): now control characters are shown as escapes and a message is cut at 300 characters."""
     from conftest import run_cli
 
-    from nanoswarm.keys.contact import format_contact
-
-    public, secret = zmq.curve_keypair()
-    server = zmq.Context.instance().socket(zmq.ROUTER)
-    server.curve_server, server.curve_publickey, server.curve_secretkey = True, public, secret
-    server.setsockopt(zmq.LINGER, 0)
-    contact = format_contact(f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}", public)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            if server.poll(50):
-                peer, header, *_ = server.recv_multipart()
-                req = msgpack.unpackb(header)
-                server.send_multipart([peer, msgpack.packb({"v": PROTOCOL_VERSION, "id": req["id"], **reply})])
-
-    t = threading.Thread(target=serve)
-    t.start()
-    try:
+    with _fake_node(lambda req: reply) as contact:
         done = run_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", contact, "--max-new-tokens", "2",
                        "--timeout", "5")
-    finally:
-        stop.set()
-        t.join()
-        server.close()
     assert done.returncode != 0 and "error:" in done.stderr
     assert "\x1b" not in done.stderr and "\u202e" not in done.stderr and "\nerror: forged" not in done.stderr
     assert "\\x1b[2J" in done.stderr and len(done.stderr) < 4000, done.stderr[:4000]
