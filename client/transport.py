@@ -411,15 +411,20 @@ class PeerConnection:
         anyway, and only this connection can close it. Its late `opened` closes it (take). Left
         unknown, each such session held its node's cache until the idle timeout (a review's
         interrupts, 32 in 60 interrupted generations)."""
-        req_id = next_request_id()
+        req_id, reply = next_request_id(), None
         try:
             reply = self.request("open", fields, timeout=timeout, req_id=req_id)
+            # A signal that came while the reply was awaited is raised at the first call after it:
+            # here, while the session is known to be closed (a review's fuzz: 1 in ~200).
+            self.sessions.add(reply.fields["session"])
         except BaseException:
+            if reply is not None:
+                self.close_session(reply.fields["session"])
+                raise
             self._orphans[req_id] = None
             while len(self._orphans) > MAX_ORPHANS:  # those never answered: the oldest go
                 del self._orphans[next(iter(self._orphans))]
             raise
-        self.sessions.add(reply.fields["session"])
         return reply
 
     def _orphan_answered(self, msg: Message) -> None:

@@ -274,7 +274,7 @@ def _sessions_become(contacts: list[str], want: int) -> bool:
             p.close()
 
 
-@pytest.mark.parametrize("where", ["open sent", "opened read", "second member's open", "close"])
+@pytest.mark.parametrize("where", ["open sent", "opened read", "opened recorded", "second member's open", "close"])
 def test_ctrl_c_while_sessions_open_or_close_leaves_none_open(tiny_model_dir, cluster_factory, monkeypatch, where):
     """A notebook user's Ctrl-C at any moment, then the same model used on (a review fuzzed real
     signals: 9 of 197 interrupted generations left a session open on a node until its 300 s idle
@@ -282,6 +282,7 @@ def test_ctrl_c_while_sessions_open_or_close_leaves_none_open(tiny_model_dir, cl
     - after an `open` went out: the node opened a session whose id the client never learnt;
       it is closed when its late `opened` is read;
     - while its `opened` was decoded: it is read again;
+    - at the first call after the reply (where a signal that came meanwhile is raised): closed;
     - between a head group's members' opens: the members opened so far are closed;
     - in a session's `close`, at its first stage: the rest are closed at the model's next step."""
     greedy = SamplingParams(temperature=0)
@@ -304,6 +305,19 @@ def test_ctrl_c_while_sessions_open_or_close_leaves_none_open(tiny_model_dir, cl
                 return msg
 
             monkeypatch.setattr(transport, "decode", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                model.generate("To be", 6, greedy)
+        elif where == "opened recorded":
+            class Interrupting(set):
+                armed = True
+
+                def add(self, session: str) -> None:
+                    super().add(session)
+                    if self.armed:
+                        self.armed = False
+                        raise KeyboardInterrupt
+
+            model.swarm.connection(swarm.addresses[0]).sessions = Interrupting()
             with pytest.raises(KeyboardInterrupt):
                 model.generate("To be", 6, greedy)
         elif where == "close":
