@@ -415,7 +415,7 @@ class PeerConnection:
         try:
             reply = self.request("open", fields, timeout=timeout, req_id=req_id)
             # A signal that came while the reply was awaited is raised at the first call after it:
-            # here, while the session is known to be closed (a review's fuzz: 1 in ~200).
+            # here, where the session's id is known, so it is closed below (a review's fuzz: 1 in ~200).
             self.sessions.add(reply.fields["session"])
         except BaseException:
             if reply is not None:
