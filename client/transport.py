@@ -8,6 +8,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,24 +71,52 @@ def next_request_id() -> int:
     return secrets.randbits(62) + 1
 
 
+# pyzmq sends and reads a message's frames one call each, so Ctrl-C (or the CLI's SIGTERM) can
+# land between them. Cut short, a sent message waited on the socket for the rest and the next
+# request went out as its tail (the node refused the whole: a stream's `close` lost, a step sent
+# again timed out and a healthy node was banned); a read one left the rest to be read as the next
+# reply (nonsense: bad_reply, a ban), or as the next monitor event, which pyzmq cannot parse
+# (reviews). So the message is finished before the interrupt goes on.
+
+def _finish(rest: Callable[[], object]) -> None:
+    """Do `rest` of a message an interrupt cut short, through further interrupts (the first is
+    raised once it is done); a ZeroMQ error (a closed socket, no room) ends it."""
+    for _ in range(8):
+        try:
+            rest()
+            return
+        except zmq.ZMQError:
+            return
+        except BaseException:
+            continue
+
+
+def send_whole(socket: zmq.Socket, frames: list) -> None:
+    """send_multipart without blocking (zmq.Again: no room, nothing sent: libzmq takes a
+    message's other parts with its first). One cut short is ended by an empty last frame, a
+    message the node refuses on its own (its reply is a late one, dropped); if it had ended, the
+    frame alone is one."""
+    try:
+        socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+    except zmq.ZMQError:
+        raise
+    except BaseException:
+        _finish(lambda: socket.send(b"", zmq.NOBLOCK))
+        raise
+
+
 def recv_whole(socket: zmq.Socket, copy: bool = False) -> list:
-    """One message's frames. pyzmq reads them one call each: Ctrl-C after the first left the
-    others to be read as the next message, nonsense from a healthy peer (bad_reply, a ban: a
-    review) or a monitor event pyzmq cannot parse, so the rest of a message cut short is skipped."""
+    """One message's frames; the rest of one cut short is skipped."""
+    def skip_rest() -> None:
+        while socket.getsockopt(zmq.RCVMORE):
+            socket.recv(copy=False)
+
     try:
         return socket.recv_multipart(copy=copy)
     except zmq.ZMQError:
         raise
     except BaseException:
-        for _ in range(8):  # a second interrupt: the first is raised once the rest is read
-            try:
-                while socket.getsockopt(zmq.RCVMORE):
-                    socket.recv(copy=False)
-                break
-            except zmq.ZMQError:
-                break
-            except BaseException:
-                continue
+        _finish(skip_rest)
         raise
 
 
@@ -229,31 +258,10 @@ class PeerConnection:
     def _queue(self, frames: list) -> bool:
         """Hand `frames` to ZeroMQ without blocking; False when it has no room for them."""
         try:
-            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # only ever for the first frame: libzmq takes a message's other parts with it
+            send_whole(self.socket, frames)
+        except zmq.Again:
             return False
-        except zmq.ZMQError:
-            raise
-        except BaseException:  # an interrupt (Ctrl-C, the CLI's SIGTERM) between the frames
-            self._end_message()
-            raise
         return True
-
-    def _end_message(self) -> None:
-        """End a message a signal's exception cut short: pyzmq sends a message's frames one call
-        each, and what was sent waits on the socket for the rest, so the next request (the
-        session's `close` in a stream's cleanup, a step sent again) went out as its tail: the node
-        refused the whole, the close was lost and a healthy node was banned (a review). An empty
-        last frame makes it a message of its own that the node refuses (its reply is a late one,
-        dropped); if the message had ended, the frame alone is one."""
-        for _ in range(8):
-            try:
-                self.socket.send(b"", zmq.NOBLOCK)
-                return
-            except zmq.ZMQError:  # Again: the message had ended and the queue is full; or closed
-                return
-            except BaseException:  # a second interrupt: the first is raised once this is sent
-                continue
 
     def recv(self, req_id: int, expect: str, timeout: float | None = None) -> Message:
         """The reply to `req_id`, of type `expect`; raises PeerError for an error reply or one of
