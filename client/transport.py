@@ -8,7 +8,6 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +17,8 @@ from zmq.utils.monitor import parse_monitor_message
 from nanoswarm.keys.contact import allow_ipv6, endpoint_of, split_contact
 from nanoswarm.protocol.errors import ProtocolError, shown
 from nanoswarm.protocol.messages import REPLY_TYPES, Message, decode, encode
+
+from .frames import recv_whole, send_whole
 
 log = logging.getLogger(__name__)
 
@@ -69,55 +70,6 @@ def next_request_id() -> int:
     let any node that had seen one id name the client's next: a stranger holding a session id
     could then send a relayed step whose result the client took for its own (a review)."""
     return secrets.randbits(62) + 1
-
-
-# pyzmq sends and reads a message's frames one call each, so Ctrl-C (or the CLI's SIGTERM) can
-# land between them. Cut short, a sent message waited on the socket for the rest and the next
-# request went out as its tail (the node refused the whole: a stream's `close` lost, a step sent
-# again timed out and a healthy node was banned); a read one left the rest to be read as the next
-# reply (nonsense: bad_reply, a ban), or as the next monitor event, which pyzmq cannot parse
-# (reviews). So the message is finished before the interrupt goes on.
-
-def _finish(rest: Callable[[], object]) -> None:
-    """Do `rest` of a message an interrupt cut short, through further interrupts (the first is
-    raised once it is done); a ZeroMQ error (a closed socket, no room) ends it."""
-    for _ in range(8):
-        try:
-            rest()
-            return
-        except zmq.ZMQError:
-            return
-        except BaseException:
-            continue
-
-
-def send_whole(socket: zmq.Socket, frames: list) -> None:
-    """send_multipart without blocking (zmq.Again: no room, nothing sent: libzmq takes a
-    message's other parts with its first). One cut short is ended by an empty last frame, a
-    message the node refuses on its own (its reply is a late one, dropped); if it had ended, the
-    frame alone is one."""
-    try:
-        socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
-    except zmq.ZMQError:
-        raise
-    except BaseException:
-        _finish(lambda: socket.send(b"", zmq.NOBLOCK))
-        raise
-
-
-def recv_whole(socket: zmq.Socket, copy: bool = False) -> list:
-    """One message's frames; the rest of one cut short is skipped."""
-    def skip_rest() -> None:
-        while socket.getsockopt(zmq.RCVMORE):
-            socket.recv(copy=False)
-
-    try:
-        return socket.recv_multipart(copy=copy)
-    except zmq.ZMQError:
-        raise
-    except BaseException:
-        _finish(skip_rest)
-        raise
 
 
 class PeerError(Exception):
