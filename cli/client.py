@@ -168,10 +168,6 @@ def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | N
     contacts = peer_list(",".join(bootstrap))
     if not contacts:
         raise click.UsageError("--bootstrap: no contact given")
-    fetched = fetch_table(contacts, timeout, client_keys(key_file))
-    if not fetched.answered:
-        raise click.ClickException(f"no bootstrap node answered ({'; '.join(fetched.errors.values())})")
-    fetched.warn_unanswered()
     n_layers, n_heads, model_id = None, None, None
     if model_dir is not None:
         from nanoswarm.shards.manifest import read_manifest
@@ -179,6 +175,12 @@ def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | N
         manifest = read_manifest(model_dir)
         model_id, n_layers = manifest.model_id, {manifest.model_id: manifest.config.n_layer}
         n_heads = {manifest.model_id: manifest.config.n_head}
+    # With the model's id a node sends all of that model's records, page by page; without, the
+    # sample it gossips (at most 128 records), so a large swarm's list is not whole (a review).
+    fetched = fetch_table(contacts, timeout, client_keys(key_file), model_id=model_id)
+    if not fetched.answered:
+        raise click.ClickException(f"no bootstrap node answered ({'; '.join(fetched.errors.values())})")
+    fetched.warn_unanswered()
     report = swarm_report(fetched.table, n_layers, model_id, n_heads=n_heads)
     if as_json:
         click.echo(json.dumps({"models": report, "rejected": dict(fetched.table.rejected),

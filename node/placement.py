@@ -105,7 +105,7 @@ def _head_group_cover(shards: list[tuple[int, int, float]], n_head: int) -> floa
     if not shards or n_head < 1:  # no head shards (n_head unknown then): no group, not an endless one
         return 0.0
     best = {0: float("inf")}  # first head not yet held -> the best group's slowest member so far
-    for h in range(n_head):
+    for h in sorted({a for a, _, _ in shards}):  # shard starts only: n_head may be a stranger's claim
         if h in best:
             for a, b, tps in shards:
                 if a == h:

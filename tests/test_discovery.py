@@ -13,6 +13,8 @@ import time
 import pytest
 import torch
 from conftest import SMALL12, run_clis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
@@ -302,6 +304,60 @@ def test_move_only_when_it_helps_a_lot_and_uncovers_nothing():
     # Weakest block 4 -> 10 by moving to where it is weak: a move.
     assert plan_move([10, 10, 10, 4, 4, 4], 0, 3, 6.0) == 3
     assert plan_move([10, 10, 10, 4, 4, 4], 3, 3, 6.0) is None  # already there
+
+
+_SPAN = st.tuples(st.integers(-1, 9), st.integers(0, 10)).filter(lambda s: s[0] < s[1])
+_SHARD = st.tuples(_SPAN, st.none() | st.tuples(st.integers(0, 5), st.integers(1, 6)).filter(lambda h: h[0] < h[1]),
+                   st.sampled_from([1.0, 2.5, 7.0]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_SHARD, max_size=6), st.integers(1, 10), st.integers(1, 6))
+def test_gaps_and_coverage_by_span_edges_agree_with_block_by_block(shards, n_layer, n_head):
+    """`peers` decides gaps once per run of blocks between span edges, with a one-block stage, and
+    a head group's throughput from the shards' starts only: block by block with every stage to
+    its end it took minutes for records claiming 65,536 blocks (a review). Both must still say
+    what the planner's rule says block by block."""
+    from nanoswarm.client.peers_report import routable_blocks
+    from nanoswarm.client.route import PeerInfo, candidate_stages
+
+    ident = generate_identity()
+    records = [Record(peer_id=f"p{i}", sign_key=ident.sign_public, curve_key=ident.curve_public, address="tcp://x:1",
+                      model_id="m", layers=layers, heads=heads, throughput=tps, load=0.0, seq=1, expires=0.0)
+               for i, (layers, heads, tps) in enumerate(shards)]
+    peers = [PeerInfo(r.address, r.peer_id, "m", r.layers, r.heads) for r in records]
+    assert routable_blocks(records, n_layer, n_head) == [bool(candidate_stages(peers, i, n_layer, n_head))
+                                                         for i in range(n_layer)]
+
+    def group(tiles: list) -> float:  # the best tiling of heads 0..n_head, head by head
+        best = {0: float("inf")}
+        for h in range(n_head):
+            for a, b, tps in tiles:
+                if a == h and h in best:
+                    best[b] = max(best.get(b, 0.0), min(best[h], tps))
+        return best.get(n_head, 0.0)
+
+    expected = [sum(r.throughput for r in records if r.heads is None and r.layers[0] <= i < r.layers[1])
+                + group([(*r.heads, r.throughput) for r in records if r.heads and r.layers[0] <= i < r.layers[1]
+                         and r.heads[1] <= n_head]) for i in range(n_layer)]
+    assert coverage(records, n_layer, n_head) == pytest.approx(expected)
+
+
+def test_peers_of_a_huge_claimed_model_are_reported_whole():
+    """Records claiming 65,536 blocks and heads (no --model bounds them): a report in a moment,
+    not minutes, with the coverage the claims give."""
+    def signed(heads: tuple[int, int] | None, throughput: float = 1.0) -> dict:
+        return sign_record(generate_identity(), address="tcp://127.0.0.1:5", model_id="m", layers=(0, 65536),
+                           heads=heads, throughput=throughput, seq=1)
+
+    for records, tps in [([signed(None)], 1.0), ([signed((0, 65536))], 1.0),
+                         ([signed((0, 1), 4.0), signed((1, 2), 2.0), signed((2, 3), 3.0)], 2.0)]:
+        table = RecordTable()
+        for record in records:
+            table.offer(record)
+        [model] = swarm_report(table)
+        assert (model["n_layer"], model["gaps"], len(model["coverage"])) == (65536, [], 65536)
+        assert {c["throughput"] for c in model["coverage"]} == {tps}
 
 
 def test_memory_budget_sets_the_number_of_blocks():
