@@ -29,6 +29,8 @@ import torch
 
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.node.placement import block_bytes
+from nanoswarm.protocol.errors import ProtocolError, shown
+from nanoswarm.protocol.messages import parse_range
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.model import ModelConfig
 from nanoswarm.shards.tokenizer import N_VOCAB
@@ -271,24 +273,45 @@ def _node_reports(opts: LoadOptions, meta: tuple[str, int, int], before: dict[st
             except PeerError as e:
                 log.warning("node %s did not answer info after the load: %s", address, e)
                 info, alive = {}, False
-            now = info or earlier  # a node may have moved to other blocks meanwhile (placement)
-            layers, heads = now["layers"], now.get("heads")
-            dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(now.get("dtype", ""), torch.float32)
+            try:  # a node may have moved to other blocks meanwhile (placement)
+                layers = parse_range(info.get("layers", earlier["layers"]), config.n_layer, "layers")
+                heads = info.get("heads", earlier.get("heads"))
+                heads = parse_range(heads, config.n_head, "heads") if heads else None
+            except ProtocolError as e:  # its figures are a peer's claims: none used unchecked (a review)
+                log.warning("node %s answered a malformed info after the load: %s", address, e.message)
+                info = {}
+                layers, heads = earlier["layers"], earlier.get("heads")  # checked before the load
+            now = info or earlier
+            dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(now.get("dtype")), torch.float32)
             weights = (layers[1] - layers[0]) * block_bytes(config, dtype)
             if heads:  # a head shard holds its heads' columns and rows of every matrix
                 weights = weights * (heads[1] - heads[0]) // config.n_head
-            peak, source = info.get("peak_rss_bytes"), "info"
+            peak, source = _bytes(info.get("peak_rss_bytes")), "info"
             pid = pids.get(address)
             if str(earlier.get("device", "")).startswith("cuda"):  # weights and caches are on the GPU
-                peak, source = info.get("device_peak_bytes"), "device"
+                peak, source = _bytes(info.get("device_peak_bytes")), "device"
             elif pid is not None:
                 peak, source = _vm_hwm(pid) or peak, "VmHWM"
             reports.append(NodeReport(address, list(layers), list(heads) if heads else None, alive, peak, source,
-                                      weights, info.get("kv_budget", earlier.get("kv_budget")),
-                                      info.get("errors", {})))
+                                      weights, _bytes(info.get("kv_budget", earlier.get("kv_budget"))),
+                                      _error_counts(info.get("errors"))))
     finally:
         probe.close()
     return reports
+
+
+def _bytes(claim: object) -> int | None:
+    """A byte count from a node's `info`: a whole number >= 0, else unknown (None). A NaN peak
+    passed the memory check and made `--json` print NaN; a string stopped the report (a review)."""
+    ok = isinstance(claim, int) and not isinstance(claim, bool) and 0 <= claim < 2**63
+    return claim if ok else None  # type: ignore[return-value]
+
+
+def _error_counts(claim: object) -> dict[str, int]:
+    """A node's error counts from its `info` (code -> count), what makes sense of them."""
+    if not isinstance(claim, dict):
+        return {}
+    return {shown(str(code), 64): n for code, n in list(claim.items())[:64] if _bytes(n) is not None}
 
 
 def _vm_hwm(pid: int) -> int | None:

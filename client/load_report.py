@@ -61,7 +61,7 @@ class LoadReport:
         if not self.sessions_completed:
             out.append("no session completed")
         if self.failed:
-            out.append(_count(sum(self.failed.values()), "request") + " failed")
+            out.append(_count(sum(self.failed.values()), "failure"))  # requests, and sessions no route could take
         if self.crashed:
             out.append(_count(len(self.crashed), "node") + " gone (no answer after the load: crashed or left)")
         if self.mismatches:

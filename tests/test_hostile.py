@@ -7,6 +7,7 @@ checks that the node still serves a session with exact logits. docs/reliability.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import signal
@@ -1024,3 +1025,50 @@ def test_a_node_whose_device_failed_leaves_with_the_reason(tiny_model_dir, monke
         conn.close()
         node.stop()
         serving.join(5)
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("claims", [{"peak_rss_bytes": NAN}, {"peak_rss_bytes": "big"}, {"peak_rss_bytes": -5},
+                                    {"layers": [0, "x"]}, {"dtype": ["x"]}, {"kv_budget": "lots"},
+                                    {"errors": {EVIL: NAN, "busy": 3, "x\x1b": 1}}],
+                         ids=["nan", "str", "negative", "layers", "dtype", "kv_budget", "errors"])
+def test_a_nodes_info_after_the_load_is_checked_before_the_report(tiny_model_dir, claims):
+    """`load --peers` asks every node's `info` again after the load for its memory and errors.
+    Taken as sent, a NaN peak passed the memory check (NaN > bound is False: "OK") and made
+    `--json` print NaN; a string or a malformed range stopped the report with a Python error
+    (a review). Now a figure that is not a byte count is unknown, and a malformed range keeps
+    what the node served before the load."""
+    from nanoswarm.client.load import LoadOptions, _node_reports
+    from nanoswarm.client.load_report import LoadReport
+
+    manifest = read_manifest(tiny_model_dir)
+    meta, config = (manifest.model_id, manifest.config.n_layer, manifest.config.n_head), manifest.config
+    before = {"peer_id": "p", "model_id": manifest.model_id, "layers": [0, 4], "kv_budget": 2**20}
+    info = {"type": "info_reply", **before, "peak_rss_bytes": 3 * 2**20, **claims}
+    with _fake_node(lambda req: info) as contact:
+        before = {contact: {**before, **({"kv_budget": claims["kv_budget"]} if "kv_budget" in claims else {})}}
+        report = LoadReport(1, 1.0)
+        report.nodes = _node_reports(LoadOptions(tiny_model_dir, peers=[contact], timeout=5.0), meta, before, {},
+                                     config)
+    [node] = report.nodes
+    assert node.alive and node.layers == [0, 4] and node.heads is None
+    assert node.peak_rss_bytes == (3 * 2**20 if set(claims) <= {"dtype", "kv_budget", "errors"} else None)
+    assert node.kv_budget_bytes == (None if "kv_budget" in claims else 2**20)
+    assert node.errors == ({"busy": 3, "x\\x1b": 1} if "errors" in claims else {})  # a NaN count is none
+    json.dumps(report.to_json(), allow_nan=False)  # no NaN, nothing that is not JSON
+
+
+def test_peers_with_a_model_asks_for_that_models_records(tiny_model_dir):
+    """Without a model id a node answers `records` with the sample it gossips (at most 128
+    records), so `peers --model` listed a random part of a large swarm (a review); with it, all
+    of that model's live records, page by page."""
+    from conftest import run_cli
+
+    asked: list[dict] = []
+    with _fake_node(lambda req: asked.append(req) or {"type": "records_reply", "records": []}) as contact:
+        done = run_cli("peers", "--bootstrap", contact, "--model", str(tiny_model_dir), "--json")
+    assert done.returncode == 0, done.stderr
+    assert [req.get("model_id") for req in asked] == [read_manifest(tiny_model_dir).model_id]
+    assert json.loads(done.stdout)["models"][0]["peers"] == []

@@ -181,7 +181,7 @@ def test_the_text_report_says_what_the_json_says():
     assert "bound 676 MiB" in text[6] and text[-1] == "OK"
     node.alive = False
     report.failed["timeout"] = 1
-    last = "NOT OK: 1 request failed; 1 node gone (no answer after the load: crashed or left)"
+    last = "NOT OK: 1 failure; 1 node gone (no answer after the load: crashed or left)"
     assert format_report(report).splitlines()[-1] == last
     assert "layers 0:4: GONE, peak RSS" in format_report(report)
     report.elapsed = 4.0  # the rate is over the time the load ran
