@@ -273,35 +273,34 @@ def _node_reports(opts: LoadOptions, meta: tuple[str, int, int], before: dict[st
             except PeerError as e:
                 log.warning("node %s did not answer info after the load: %s", address, e)
                 info, alive = {}, False
+            now = info or earlier  # a gone node: what it served before the load
             try:  # a node may have moved to other blocks meanwhile (placement)
-                layers = parse_range(info.get("layers", earlier["layers"]), config.n_layer, "layers")
-                heads = info.get("heads", earlier.get("heads"))
-                heads = parse_range(heads, config.n_head, "heads") if heads else None
+                layers = parse_range(now.get("layers"), config.n_layer, "layers")
+                heads = parse_range(now["heads"], config.n_head, "heads") if now.get("heads") else None
             except ProtocolError as e:  # its figures are a peer's claims: none used unchecked (a review)
                 log.warning("node %s answered a malformed info after the load: %s", address, e.message)
-                info = {}
+                info, now = {}, earlier
                 layers, heads = earlier["layers"], earlier.get("heads")  # checked before the load
-            now = info or earlier
             dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(now.get("dtype")), torch.float32)
             weights = (layers[1] - layers[0]) * block_bytes(config, dtype)
             if heads:  # a head shard holds its heads' columns and rows of every matrix
                 weights = weights * (heads[1] - heads[0]) // config.n_head
-            peak, source = _bytes(info.get("peak_rss_bytes")), "info"
+            peak, source = _whole(info.get("peak_rss_bytes")), "info"
             pid = pids.get(address)
             if str(earlier.get("device", "")).startswith("cuda"):  # weights and caches are on the GPU
-                peak, source = _bytes(info.get("device_peak_bytes")), "device"
+                peak, source = _whole(info.get("device_peak_bytes")), "device"
             elif pid is not None:
                 peak, source = _vm_hwm(pid) or peak, "VmHWM"
             reports.append(NodeReport(address, list(layers), list(heads) if heads else None, alive, peak, source,
-                                      weights, _bytes(info.get("kv_budget", earlier.get("kv_budget"))),
+                                      weights, _whole(info.get("kv_budget", earlier.get("kv_budget"))),
                                       _error_counts(info.get("errors"))))
     finally:
         probe.close()
     return reports
 
 
-def _bytes(claim: object) -> int | None:
-    """A byte count from a node's `info`: a whole number >= 0, else unknown (None). A NaN peak
+def _whole(claim: object) -> int | None:
+    """A byte count or a count from a node's `info`: a whole number >= 0, else unknown (None). A NaN peak
     passed the memory check and made `--json` print NaN; a string stopped the report (a review)."""
     ok = isinstance(claim, int) and not isinstance(claim, bool) and 0 <= claim < 2**63
     return claim if ok else None  # type: ignore[return-value]
@@ -311,7 +310,7 @@ def _error_counts(claim: object) -> dict[str, int]:
     """A node's error counts from its `info` (code -> count), what makes sense of them."""
     if not isinstance(claim, dict):
         return {}
-    return {shown(str(code), 64): n for code, n in list(claim.items())[:64] if _bytes(n) is not None}
+    return {shown(str(code), 64): n for code, n in list(claim.items())[:64] if _whole(n) is not None}
 
 
 def _vm_hwm(pid: int) -> int | None:
