@@ -30,7 +30,6 @@ import torch
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.node.placement import block_bytes
 from nanoswarm.protocol.errors import ProtocolError, shown
-from nanoswarm.protocol.messages import parse_range
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.model import ModelConfig
 from nanoswarm.shards.tokenizer import N_VOCAB
@@ -41,7 +40,7 @@ from .load_report import LoadReport, NodeReport
 from .route import RouteError
 from .session import CANNOT_TAKE
 from .stages import RemoteLayerStage, Stage
-from .swarm import Swarm, SwarmOptions
+from .swarm import Swarm, SwarmOptions, claimed_span
 from .transport import PeerError
 
 log = logging.getLogger(__name__)
@@ -275,8 +274,7 @@ def _node_reports(opts: LoadOptions, meta: tuple[str, int, int], before: dict[st
                 info, alive = {}, False
             now = info or earlier  # a gone node: what it served before the load
             try:  # a node may have moved to other blocks meanwhile (placement)
-                layers = parse_range(now.get("layers"), config.n_layer, "layers")
-                heads = parse_range(now["heads"], config.n_head, "heads") if now.get("heads") else None
+                layers, heads = claimed_span(now, config.n_layer, config.n_head)
             except ProtocolError as e:  # its figures are a peer's claims: none used unchecked (a review)
                 log.warning("node %s answered a malformed info after the load: %s", address, e.message)
                 info, now = {}, earlier
@@ -300,8 +298,9 @@ def _node_reports(opts: LoadOptions, meta: tuple[str, int, int], before: dict[st
 
 
 def _whole(claim: object) -> int | None:
-    """A byte count or a count from a node's `info`: a whole number >= 0, else unknown (None). A NaN peak
-    passed the memory check and made `--json` print NaN; a string stopped the report (a review)."""
+    """A byte count or a count from a node's `info`: a whole number >= 0, else unknown (None).
+    A NaN peak passed the memory check and made `--json` print NaN; a string stopped the report
+    (a review)."""
     ok = isinstance(claim, int) and not isinstance(claim, bool) and 0 <= claim < 2**63
     return claim if ok else None  # type: ignore[return-value]
 

@@ -34,6 +34,14 @@ def takes(peer: PeerInfo, max_length: int) -> bool:
     return not (type(limit) is int and limit < max_length)
 
 
+def claimed_span(info: dict, n_layer: int, n_head: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """The blocks and heads (None: all) a peer's `info` says it serves, checked against the
+    model; ProtocolError if they make no sense."""
+    heads = info.get("heads")
+    return (parse_range(info.get("layers"), n_layer, "layers"),
+            parse_range(heads, n_head, "heads") if heads else None)
+
+
 @dataclass
 class Ban:
     until: float
@@ -146,9 +154,7 @@ class Swarm:
             self.forget(address, f"serves model {shown(info.get('model_id'), 12)}, not ours")
             return
         try:  # a peer's own `info` is untrusted: what it claims must make sense before it is used
-            layers = parse_range(info.get("layers"), self.n_layer, "layers")
-            heads = info.get("heads")
-            heads = parse_range(heads, self.n_head, "heads") if heads else None
+            layers, heads = claimed_span(info, self.n_layer, self.n_head)
             throughput, load = info.get("throughput") or 0.0, info.get("load") or 0.0
             if not (finite_float(throughput) and finite_float(load) and throughput >= 0 and load >= 0):
                 raise ProtocolError(ErrorCode.MALFORMED, "throughput and load must be numbers >= 0")

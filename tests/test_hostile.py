@@ -1045,13 +1045,14 @@ def test_a_nodes_info_after_the_load_is_checked_before_the_report(tiny_model_dir
 
     manifest = read_manifest(tiny_model_dir)
     meta, config = (manifest.model_id, manifest.config.n_layer, manifest.config.n_head), manifest.config
-    before = {"peer_id": "p", "model_id": manifest.model_id, "layers": [0, 4], "kv_budget": 2**20}
-    info = {"type": "info_reply", **before, "peak_rss_bytes": 3 * 2**20, **claims}
+    earlier = {"peer_id": "p", "model_id": manifest.model_id, "layers": [0, 4], "kv_budget": 2**20}
+    info = {"type": "info_reply", **earlier, "peak_rss_bytes": 3 * 2**20, **claims}
+    if "kv_budget" in claims:  # the info before the load said it too
+        earlier["kv_budget"] = claims["kv_budget"]
     with _fake_node(lambda req: info) as contact:
-        before = {contact: {**before, **({"kv_budget": claims["kv_budget"]} if "kv_budget" in claims else {})}}
         report = LoadReport(1, 1.0)
-        report.nodes = _node_reports(LoadOptions(tiny_model_dir, peers=[contact], timeout=5.0), meta, before, {},
-                                     config)
+        report.nodes = _node_reports(LoadOptions(tiny_model_dir, peers=[contact], timeout=5.0), meta,
+                                     {contact: earlier}, {}, config)
     [node] = report.nodes
     assert node.alive and node.layers == [0, 4] and node.heads is None
     assert node.peak_rss_bytes == (3 * 2**20 if set(claims) <= {"dtype", "kv_budget", "errors"} else None)
