@@ -32,10 +32,13 @@ def random_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.Ten
 
 
 def make_random_model_dir(path: str | Path, config: ModelConfig, seed: int = 0, layers_per_shard: int = 1,
-                          head_splits: list[tuple[int, int]] | None = None) -> Path:
-    """A model directory of random weights at `path`; reused when one of the same config is there."""
+                          head_splits: list[tuple[int, int]] | None = None, reuse: bool = True) -> Path:
+    """A model directory of random weights at `path`; with `reuse`, one of the same config there
+    is kept (its files are checked as they load)."""
     path = Path(path)
-    if (path / MANIFEST_NAME).exists():
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is not a directory; the benchmark keeps its random {path.name} model there")
+    if reuse and (path / MANIFEST_NAME).exists():
         try:
             if read_manifest(path).config == config:
                 return path

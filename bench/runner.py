@@ -16,8 +16,7 @@ import platform
 import random
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,54 +26,17 @@ from nanoswarm.client.session import InferenceSession
 from nanoswarm.client.stages import LocalStage
 from nanoswarm.client.swarm import Swarm, SwarmOptions
 from nanoswarm.node.affinity import BINDING_VARS, bind_openmp
-from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split, swarm_specs
-from nanoswarm.protocol.tensors import WIRE_FORMATS
-from nanoswarm.shards.manifest import Manifest, read_manifest
+from nanoswarm.node.cluster import LocalCluster
+from nanoswarm.shards.manifest import Manifest, ShardIntegrityError, read_manifest
 from nanoswarm.shards.model import onednn_linear
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
 from .measure import RoundResult, median, node_stats, percentile, run_concurrent, run_lockstep, run_round
 from .models import SHAPES, make_random_model_dir
+from .options import BenchOptions, Group, check_lengths, check_options, concurrent_prompts, run_groups
 from .report import targets
 
 log = logging.getLogger(__name__)
-
-
-DEFAULT_STAGES = (1, 2, 4)
-
-
-@dataclass
-class BenchOptions:
-    model_dir: Path | None = None       # a model directory; else random weights of `shape`
-    shape: str = "gpt2-small"
-    stages: tuple[int, ...] | None = None  # None: 1, 2 and 4, as many of them as the model has blocks for
-    sessions: tuple[int, ...] = (1, 8)
-    head_groups: int = 2                # one stage of this many head-shard nodes; 0 skips it
-    wires: tuple[str, ...] = ("float16", "bfloat16", "q80")  # also run the largest route with these
-    links: tuple[str, ...] = ("relay", "star")  # the first on every route, the others on the largest too
-    tokens: int = 32                    # decode steps per round
-    prompt_len: int = 128
-    repeats: int = 3                    # rounds per side and run
-    session_tokens: int = 16            # decode steps per session in the concurrent runs
-    session_threads: int | None = None  # torch threads here during concurrent runs (default: threads)
-    threads: int = 2                    # torch threads, here and in every node
-    node_args: tuple[str, ...] = ()     # further `nanoswarm node` options
-    work_dir: Path | None = None        # where random model dirs are written (default: a temp dir)
-    seed: int = 0
-    progress: Callable[[str], object] | None = None  # a line per cluster and run (the CLI: stderr)
-
-
-@dataclass
-class _Group:
-    """One cluster and the runs made on it."""
-
-    route: str                          # "layers" or "heads"
-    specs: list[NodeSpec]
-    variants: list[tuple[str, str]]     # (wire, links) of each run
-    stages: int
-
-    def __str__(self) -> str:
-        return f"{self.route}, {self.stages} stage{'s' * (self.stages > 1)}"
 
 
 def machine_info(threads: int) -> dict:
@@ -135,38 +97,6 @@ def bench_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
     return torch.randint(0, vocab_size, (n,), generator=gen).tolist()
 
 
-def _stages(opts: BenchOptions, n_layer: int, n_head: int) -> list[int]:
-    """The layer-stage counts to try; ValueError for counts (or a head group) the model cannot take."""
-    stages = [s for s in DEFAULT_STAGES if s <= n_layer] if opts.stages is None else list(opts.stages)
-    if not all(1 <= s <= n_layer for s in stages):
-        raise ValueError(f"--stages {','.join(map(str, stages))}: the model has {n_layer} blocks, "
-                         f"so from 1 to {n_layer}")
-    if opts.head_groups > n_head:
-        raise ValueError(f"--head-groups {opts.head_groups}: the model has {n_head} heads, so from 2 to {n_head}")
-    return stages
-
-
-def _groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[_Group]:
-    stages = _stages(opts, n_layer, n_head)
-    links = opts.links[0] if opts.links else "relay"
-    groups = [_Group("layers", [NodeSpec(r) for r in even_split(n_layer, s)], [("float32", links)], s)
-              for s in stages]
-    if groups:  # the other links and wires: on the longest route, where they matter most
-        longest = max(groups, key=lambda g: g.stages)
-        if longest.stages > 1:  # one stage always answers the client itself: no relay to compare
-            longest.variants += [("float32", x) for x in opts.links[1:]]
-        longest.variants += [(w, links) for w in opts.wires if w != "float32"]
-    if opts.head_groups:
-        groups.append(_Group("heads", swarm_specs(n_layer, n_head, 1, opts.head_groups), [("float32", links)], 1))
-    return groups
-
-
-def concurrent_prompts(ids: list[int], n: int) -> list[list[int]]:
-    """The prompts of n concurrent sessions: different lengths (8-12) and contents, whatever
-    --prompt-len is. `ids` needs n + 12 entries."""
-    return [ids[i:i + 8 + i % 5] for i in range(n)]
-
-
 class Bench:
     def __init__(self, opts: BenchOptions, model_dir: Path):
         self.opts = opts
@@ -174,13 +104,7 @@ class Bench:
         self.manifest: Manifest = read_manifest(model_dir)
         self.config = self.manifest.config
         self.max_length = opts.prompt_len + opts.tokens
-        if self.max_length > self.config.block_size:
-            raise ValueError(f"prompt {opts.prompt_len} + {opts.tokens} tokens exceed the context "
-                             f"of {self.config.block_size}")
-        longest = max((len(p) for n in opts.sessions for p in concurrent_prompts([0] * (n + 12), n)), default=0)
-        if longest and longest + opts.session_tokens > self.config.block_size:
-            raise ValueError(f"concurrent sessions need {longest} prompt + {opts.session_tokens} tokens, more "
-                             f"than the context of {self.config.block_size}")
+        check_lengths(opts, self.config)
         self.client = ClientModel(load_embeddings(model_dir, self.manifest), load_head(model_dir, self.manifest))
         self.local_stage = LocalStage(load_blocks(model_dir, 0, self.config.n_layer, manifest=self.manifest))
         self.ids = bench_ids(self.max_length, self.config.vocab_size, opts.seed)
@@ -201,6 +125,10 @@ class Bench:
         swarm.add_addresses(addresses, timeout=30.0)
         return swarm
 
+    @property
+    def warm_up_steps(self) -> int:
+        return min(2, self.opts.tokens)  # a round has room for --tokens decode steps, no more
+
     def swarm_round(self, swarm: Swarm, keep_logits: bool = False, steps: int | None = None) -> RoundResult:
         gc.collect()  # before the session opens (run_round)
         session = InferenceSession.open(swarm, self.max_length)
@@ -218,8 +146,8 @@ class Bench:
     # ----- runs -------------------------------------------------------------------------------
     def run(self) -> dict:
         opts = self.opts
-        groups = _groups(opts, self.config.n_layer, self.config.n_head)  # bad --stages: before any round
-        self.local_round(steps=2)  # warm-up
+        groups = run_groups(opts, self.config.n_layer, self.config.n_head)  # bad --stages: before any round
+        self.local_round(steps=self.warm_up_steps)  # warm-up
         self.reference = self.local_round(keep_logits=True)
         runs = []
         for group in groups:
@@ -236,7 +164,7 @@ class Bench:
             "runs": runs,
         }
 
-    def _measure(self, group: _Group, cluster: LocalCluster) -> list[dict]:
+    def _measure(self, group: Group, cluster: LocalCluster) -> list[dict]:
         """Every variant (wire, links) of `group` on its cluster. The variants take turns within
         each repeat, in a new (seeded) order each repeat, each swarm round next to a local round:
         measured one after another, whichever ran first on a fresh cluster tended to lose a few
@@ -247,7 +175,7 @@ class Bench:
             for wire, links in group.variants:
                 swarms.append(self.swarm(cluster.addresses, wire, links))
             for swarm in swarms:
-                self.swarm_round(swarm, steps=2)  # warm-up: first steps allocate on the nodes
+                self.swarm_round(swarm, steps=self.warm_up_steps)  # first steps allocate on the nodes
             local: list[list[RoundResult]] = [[] for _ in swarms]
             remote: list[list[RoundResult]] = [[] for _ in swarms]
             order, rng = list(range(len(swarms))), random.Random(opts.seed)
@@ -274,7 +202,7 @@ class Bench:
             for swarm in swarms:
                 swarm.close()
 
-    def _summary(self, group: _Group, wire: str, links: str, local: list[RoundResult],
+    def _summary(self, group: Group, wire: str, links: str, local: list[RoundResult],
                  remote: list[RoundResult]) -> dict:
         opts = self.opts
         l_step = median([t for r in local for t in r.step_seconds])
@@ -360,7 +288,14 @@ def run_bench(opts: BenchOptions) -> dict:
             root = opts.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nanoswarm-bench-")))
             model_dir = make_random_model_dir(Path(root) / opts.shape, SHAPES[opts.shape], seed=opts.seed)
         machine = machine_info(opts.threads)
-        bench = Bench(opts, Path(model_dir))
+        try:
+            bench = Bench(opts, Path(model_dir))
+        except (ShardIntegrityError, ValueError, OSError) as e:  # a kept random model damaged: write it again
+            if opts.model_dir is not None or opts.work_dir is None:
+                raise
+            log.warning("rewriting the random model in %s: %s", model_dir, e)
+            model_dir = make_random_model_dir(model_dir, SHAPES[opts.shape], seed=opts.seed, reuse=False)
+            bench = Bench(opts, Path(model_dir))
         result = bench.run()
     machine["loadavg_end"] = os.getloadavg()[0]
     busy1, own1, wall = _busy_cpu_seconds(), _own_cpu_seconds(), time.time() - started
@@ -373,50 +308,3 @@ def run_bench(opts: BenchOptions) -> dict:
            "options": options, "machine": machine, "seconds": time.time() - started, **result}
     out["targets"] = targets(out)  # the issue's targets this run has figures for, met or not
     return out
-
-
-def check_options(opts: BenchOptions) -> None:
-    """ValueError, in the CLI's terms, for options no run can use."""
-    if opts.head_groups == 1:
-        raise ValueError("--head-groups 1 would be a plain layer stage: give 0 (none) or 2 or more members")
-    if not opts.links or set(opts.links) - {"relay", "star"}:
-        raise ValueError("--links takes relay and/or star, e.g. relay,star")
-    unknown = set(opts.wires) - set(WIRE_FORMATS)
-    if unknown:
-        raise ValueError(f"--wires: unknown {', '.join(sorted(unknown))}; formats are {', '.join(WIRE_FORMATS)}")
-    # Against the shape too, known before anything is made (--stages 99 was refused after ~12 s).
-    config = read_manifest(opts.model_dir).config if opts.model_dir is not None else SHAPES[opts.shape]
-    _stages(opts, config.n_layer, config.n_head)
-
-
-def parse_ints(text: str, what: str = "the list") -> tuple[int, ...]:
-    """'1,2,4' -> (1, 2, 4): at least one, each positive; ValueError naming `what` otherwise."""
-    items = _items(text, what)
-    try:
-        values = tuple(int(x) for x in items)
-    except ValueError:
-        raise ValueError(f"{what} {text!r} must be comma-separated whole numbers, e.g. 1,2,4") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{what} {text!r} must name at least one number, each 1 or more")
-    return _once(values, what, text)
-
-
-def parse_names(text: str, what: str = "the list") -> tuple[str, ...]:
-    return _once(_items(text, what), what, text)
-
-
-def _items(text: str, what: str) -> tuple[str, ...]:
-    """'a, b' -> ('a', 'b'); an empty item ('1,,2', '1,') is refused, as a likely typo."""
-    items = tuple(x.strip() for x in text.split(","))
-    if len(items) > 1 and not all(items):
-        raise ValueError(f"{what} {text!r} has an empty item")
-    return tuple(x for x in items if x)
-
-
-def _once(values: tuple, what: str, text: str) -> tuple:
-    """Each value once: a repeat would run the same row twice (and compare a run with itself)."""
-    repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
-    if repeated is not None:
-        raise ValueError(f"{what} {text!r} names {repeated} twice")
-    return values
-

@@ -140,10 +140,12 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, head_groups: int, max_
 @click.command()
 @click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Benchmark this model directory instead of random weights of --shape.")
-@click.option("--shape", type=click.Choice(["gpt2-small", "tiny"]), default="gpt2-small", show_default=True)
+@click.option("--shape", type=click.Choice(["gpt2-small", "tiny"]), default="gpt2-small", show_default=True,
+              help="Random weights of this shape: gpt2-small (12 blocks, 768 wide) or tiny (4 blocks, 128 wide).")
 @click.option("--stages", default=None, show_default="1,2,4, as many as the model has blocks for",
               help="Layer stages (nodes) to try.")
-@click.option("--sessions", default="1,8", show_default=True, help="Concurrent sessions to try.")
+@click.option("--sessions", default="1,8", show_default=True,
+              help="Concurrent sessions to try (at most 128, a node's default limit).")
 @click.option("--head-groups", type=click.IntRange(min=0), default=2, show_default=True,
               help="Head-shard nodes in a group; 0 skips.")
 @click.option("--wires", default="float16,bfloat16,q80", show_default=True,
@@ -153,7 +155,8 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, head_groups: int, max_
                    "every route, the others on the largest too.")
 @click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Decode steps per round.")
-@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Prompt tokens each round prefills.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Rounds per side and route.")
 @click.option("--threads", type=THREADS, default=2, show_default=True,

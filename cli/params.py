@@ -77,6 +77,9 @@ THREADS = click.IntRange(1, 1024)
 # to C long" (a review).
 COUNT = click.IntRange(1, 2**31 - 1)
 POSITIVE = _Positive("number")
+# AdamW's: above 1 a run only diverges, and above float32's range it failed inside torch's
+# optimizer, in its words, after the first checkpoint was written (a review).
+LEARNING_RATE = _Positive("learning rate", most=1.0)
 
 
 def echo_or_serve_on(text: str, what: str) -> None:

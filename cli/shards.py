@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .params import POSITIVE, THREADS
+from .params import LEARNING_RATE, NEW_FILE, THREADS
 
 _T = TypeVar("_T")
 
@@ -41,6 +41,8 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
     from nanoswarm.shards.manifest import head_split_pairs, parse_head_splits, write_model_dir
     from nanoswarm.shards.model import ModelConfig
 
+    if heads_spec is not None and not heads_spec.strip():  # (an empty --heads was taken as none given)
+        raise click.BadParameter("names no head range; give ranges such as 0:6,6:12", param_hint="'--heads'")
     _head_option_errors(head_split_pairs, heads_spec, head_groups)  # before a checkpoint is read
     _check_out_dir(out_dir, overwrite)
     shards_log = logging.getLogger("nanoswarm.shards")  # its progress lines, -v or not
@@ -119,7 +121,7 @@ def _check_writable(out_path: Path) -> None:
 
 
 @click.command()
-@click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("out/ckpt.pt"), show_default=True,
+@click.option("--out", "out_path", type=NEW_FILE, default=Path("out/ckpt.pt"), show_default=True,
               help="Where to write the nanoGPT-style checkpoint (the best by validation loss).")
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Training text, UTF-8 (default: tiny Shakespeare shipped with nanoswarm).")
@@ -133,7 +135,7 @@ def _check_writable(out_path: Path) -> None:
               help="Training steps (the defaults take ~30 min on one core).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Sequences a step.")
-@click.option("--lr", type=POSITIVE, default=2e-3, show_default=True,
+@click.option("--lr", type=LEARNING_RATE, default=2e-3, show_default=True,
               help="Peak learning rate, after --warmup steps; cosine decay to a tenth of it at --max-iters.")
 @click.option("--warmup", type=click.IntRange(min=0), default=50, show_default=True,
               help="Steps of linear warmup (lower it for short runs).")
@@ -159,9 +161,6 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
     from nanoswarm.shards import train as training
     from nanoswarm.shards.model import ModelConfig
 
-    if out_path.is_dir():
-        raise click.ClickException(f"--out {out_path} is a directory; give the checkpoint file, e.g. "
-                                   f"{out_path / 'ckpt.pt'}")
     if resume and overwrite:
         raise click.UsageError("--resume continues --out; --overwrite replaces it: give one")
     if resume and not out_path.is_file():
@@ -169,6 +168,10 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
     if out_path.exists() and not (overwrite or resume):
         raise click.ClickException(f"{out_path} exists: pass --resume to continue it or --overwrite to replace it")
 
+    if text_path is not None and out_path.exists() and out_path.samefile(text_path):
+        raise click.UsageError(f"--out {out_path} is the training text (--text)")
+    if n_embd % n_head:
+        raise click.UsageError(f"--n-embd {n_embd} must be a multiple of --n-head {n_head}")
     config = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, gelu="exact")
     training.check_fits(config, batch_size)
     _check_writable(out_path)

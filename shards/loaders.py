@@ -242,8 +242,10 @@ def load_nanogpt(path: Path, gelu: str | None = None,
         raise CheckpointError(f"{path}: model_args lacks {', '.join(missing)}")
     # nanoGPT's MLP uses nn.GELU() (exact erf); our own writer records the form it trained with.
     form = gelu or ckpt.get("gelu") or "exact"
-    config = _config(str(path), **{k: args[k] for k in needed}, bias=bool(args.get("bias", True)),
-                     gelu=form)
+    bias = args.get("bias", True)
+    if not isinstance(bias, bool):  # bool("no") would be True
+        raise CheckpointError(f"{path}: model_args bias must be True or False, got {bias!r:.40}")
+    config = _config(str(path), **{k: args[k] for k in needed}, bias=bias, gelu=form)
     if check is not None:
         check(config)
     return _finish(config, ckpt["model"], str(path), transpose_conv1d=False)
@@ -260,17 +262,22 @@ def _hf_config(path: Path, gelu: str | None) -> ModelConfig:
     if missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}")
     act = cfg.get("activation_function", "gelu_new")
-    if gelu is None and act not in HF_ACTIVATIONS:
-        raise CheckpointError(f"{path}: unsupported activation_function {act!r}")
+    if not isinstance(act, str) or (gelu is None and act not in HF_ACTIVATIONS):
+        raise CheckpointError(f"{path}: unsupported activation_function {act!r:.60}")
     # Architecture switches our Block does not implement: refuse rather than compute wrong logits.
-    if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
-        raise CheckpointError(f"{path}: n_inner {cfg['n_inner']} is not 4 * n_embd")
+    n_inner, n_embd = cfg.get("n_inner"), cfg["n_embd"]
+    if n_inner is not None and type(n_embd) is int and n_inner != 4 * n_embd:  # (a bad n_embd: _config says)
+        raise CheckpointError(f"{path}: n_inner {n_inner!r:.40} is not 4 * n_embd")
     if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights") is False:
         raise CheckpointError(f"{path}: non-standard attention scaling is not supported")
     eps = cfg.get("layer_norm_epsilon", 1e-5)
-    if type(eps) not in (int, float) or abs(eps - 1e-5) > 1e-12:
+    if type(eps) is not float or not abs(eps - 1e-5) <= 1e-12:  # (NaN compares false)
         raise CheckpointError(f"{path}: layer_norm_epsilon must be 1e-5")
+    if not isinstance(cfg.get("tie_word_embeddings", True), bool):  # the string "false" is not False
+        raise CheckpointError(f"{path}: tie_word_embeddings must be true or false")
     block_size = cfg.get("n_positions", cfg.get("n_ctx"))
+    if block_size is None:
+        raise CheckpointError(f"{path}: lacks n_positions (the context length)")
     return _config(str(path), n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
                    vocab_size=cfg["vocab_size"], block_size=block_size, bias=True,
                    gelu=gelu or HF_ACTIVATIONS[act])

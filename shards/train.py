@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nanoswarm.files import read_regular_file
+
 from .head_loss import HEAD_CHUNK, head_matmul_dtype, training_loss
 from .loaders import check_size_limits
 from .model import GPT, ModelConfig, linear, onednn_linear
@@ -45,10 +47,17 @@ DEFAULT_CONFIG = ModelConfig(n_layer=4, n_head=4, n_embd=192, vocab_size=50257, 
 
 # ---- data ----
 
+# Far more text than a CPU trains on in a day; the ids take twice its size in memory.
+MAX_TEXT_BYTES = 1 << 30
+
+
 def tokenize_file(path: str | Path) -> torch.Tensor:
-    """GPT-2 BPE ids of a UTF-8 text file, as int64 (what nn.Embedding and cross_entropy take)."""
+    """GPT-2 BPE ids of a UTF-8 text file, as int64 (what nn.Embedding and cross_entropy take).
+    A regular file only, of at most MAX_TEXT_BYTES: a FIFO hung the command, /dev/zero filled memory."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_regular_file(path, MAX_TEXT_BYTES).decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it as training text: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return torch.tensor(get_encoding().encode_ordinary(text), dtype=torch.long)

@@ -70,6 +70,30 @@ def test_quick_bench_json_has_every_field(tmp_path):
 
 
 @pytest.mark.slow
+def test_one_token_rounds_and_a_damaged_kept_model(tmp_path):
+    """Review77: --tokens 1 always failed (the warm-up took two steps), and a kept random model
+    with a file damaged or gone failed every later run in --work-dir; it is written again."""
+    args = ["bench", "--shape", "tiny", "--quick", "--json", "--stages", "1", "--sessions", "1", "--head-groups",
+            "0", "--wires", "", "--threads", "1", "--work-dir", str(tmp_path)]
+    assert invoke_cli(*args).returncode == 0
+    kept = tmp_path / "tiny"
+    (kept / "head.safetensors").unlink()
+    with open(kept / "blocks-0-1.safetensors", "r+b") as f:
+        f.seek(200)
+        f.write(b"xx")
+    out = invoke_cli(*args, "--tokens", "1")
+    assert out.returncode == 0, out.stderr
+    assert "rewriting the random model in" in out.stderr
+    result = json.loads(out.stdout)
+    assert result["options"]["tokens"] == 1 and result["runs"][0]["max_logit_error"] <= 1e-4
+    (tmp_path / "file").mkdir()
+    (tmp_path / "file" / "tiny").write_text("")
+    out = invoke_cli(*args[:-1], str(tmp_path / "file"))
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'file' / 'tiny'} is not a directory; the benchmark keeps its random tiny model there")
+
+
+@pytest.mark.slow
 def test_bare_pipeline_floor_runs(tmp_path):
     """scripts/bench_floor.py (the floor a bare pipeline reaches on this machine, and nanoswarm in
     the same run) runs end to end, and every route computes what one process computes."""
@@ -111,6 +135,10 @@ def test_bad_options_fail_in_one_line_before_anything_starts(tmp_path):
                           (["--head-groups", "5"], "--head-groups 5: the model has 4 heads, so from 2 to 4"),
                           (["--stages", "1,,2"], "--stages '1,,2' has an empty item"),
                           (["--links", "relay,"], "--links 'relay,' has an empty item"),
+                          # Both failed at the end of a run, every figure lost (review77).
+                          (["--sessions", "1,129"], "--sessions: at most 128 concurrent sessions"),
+                          (["--prompt-len", "1000", "--tokens", "25"],
+                           "--prompt-len 1000 + --tokens 25 exceed the model's context of 1024"),
                           (["--model", str(tmp_path)], "--shape is for random weights; --model benchmarks")):
         runs.append((["bench", "--shape", "tiny", "--quick", "--work-dir", str(tmp_path), *args], message))
     # In this process (the same click group and failure reporting as the command's): nine
@@ -126,22 +154,22 @@ def test_bad_options_fail_in_one_line_before_anything_starts(tmp_path):
 
 def test_one_stage_is_measured_once_whatever_the_links():
     """One stage always answers the client: relay and star would be the same run twice."""
-    from nanoswarm.bench.runner import BenchOptions, _groups
+    from nanoswarm.bench.options import BenchOptions, run_groups
 
-    groups = _groups(BenchOptions(stages=(1,), wires=(), head_groups=0), 4, 4)
+    groups = run_groups(BenchOptions(stages=(1,), wires=(), head_groups=0), 4, 4)
     assert [g.variants for g in groups] == [[("float32", "relay")]]
-    groups = _groups(BenchOptions(stages=(1, 2), wires=("q80",), head_groups=0), 4, 4)
+    groups = run_groups(BenchOptions(stages=(1, 2), wires=("q80",), head_groups=0), 4, 4)
     assert [g.variants for g in groups] == [[("float32", "relay")],
                                             [("float32", "relay"), ("float32", "star"), ("q80", "relay")]]
 
     # not given: 1, 2 and 4 stages, as many as the model has blocks for
-    assert [g.stages for g in _groups(BenchOptions(wires=(), head_groups=0), 2, 4)] == [1, 2]
+    assert [g.stages for g in run_groups(BenchOptions(wires=(), head_groups=0), 2, 4)] == [1, 2]
 
 
 def test_other_links_and_wires_go_on_the_longest_route():
-    from nanoswarm.bench.runner import BenchOptions, _groups
+    from nanoswarm.bench.options import BenchOptions, run_groups
 
-    groups = _groups(BenchOptions(stages=(2, 1), wires=("q80",), head_groups=0), 4, 4)
+    groups = run_groups(BenchOptions(stages=(2, 1), wires=("q80",), head_groups=0), 4, 4)
     assert [(g.stages, g.variants) for g in groups] == [
         (2, [("float32", "relay"), ("float32", "star"), ("q80", "relay")]), (1, [("float32", "relay")])]
 
@@ -164,6 +192,6 @@ def test_concurrent_sessions_must_fit_the_context(tmp_path):
     out = subprocess.run([sys.executable, "-m", "nanoswarm", "bench", "--model", str(model_dir), "--prompt-len", "8",
                           "--tokens", "4", "--stages", "1", "--sessions", "8", "--head-groups", "0", "--wires", ""],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and out.stdout == ""
+    assert out.returncode == 2 and out.stdout == ""  # an option error, found before the model loads
     assert out.stderr.strip().splitlines()[-1] == ("error: concurrent sessions need 12 prompt + 16 tokens, more "
-                                                  "than the context of 16"), out.stderr
+                                                  "than the model's context of 16"), out.stderr

@@ -378,6 +378,8 @@ def test_shard_refuses_bad_input_in_one_line(tmp_path):
             in one_error_line(overlap, logs=True))
     assert "'--heads': head splits '0:2,x' must look like 0:6,6:12" in one_error_line(syntax, logs=True)
     assert "reading checkpoint" not in syntax.stderr  # refused before the checkpoint is read
+    empty = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "--heads", " ")  # was: none given
+    assert empty.returncode == 2 and "'--heads': names no head range" in one_error_line(empty, logs=True)
     assert not (tmp_path / "m").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -687,9 +688,27 @@ def test_malformed_checkpoint_parts_are_named_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
         load_checkpoint(hf)
     config = json.loads((hf / "config.json").read_text())
-    (hf / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": "1e-5"}))
-    with pytest.raises(CheckpointError, match=r"config\.json: layer_norm_epsilon must be 1e-5"):
-        load_checkpoint(hf)
+    for change, message in (({"layer_norm_epsilon": "1e-5"}, "layer_norm_epsilon must be 1e-5"),
+                            # Each of these failed in Python's words without the file's name, or
+                            # (NaN) passed the check (review77).
+                            ({"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon must be 1e-5"),
+                            ({"layer_norm_epsilon": 10**400}, "layer_norm_epsilon must be 1e-5"),
+                            ({"activation_function": []}, "unsupported activation_function"),
+                            ({"n_embd": None, "n_inner": None}, "bad model config"),
+                            ({"n_embd": {}}, "bad model config"),
+                            ({"n_positions": None, "n_ctx": None}, "lacks n_positions"),
+                            # The string "false" counted as tied: wte would have served as the head.
+                            ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false")):
+        (hf / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(CheckpointError, match=r"config\.json: " + re.escape(message)):
+            load_checkpoint(hf)
+    # nanoGPT's model_args: bool("no") was True.
+    ckpt = tmp_path / "bias.pt"
+    save_nanogpt_checkpoint(SMALL, make_gpt(SMALL).flat_state_dict(), ckpt)
+    saved = torch.load(ckpt, weights_only=True)
+    torch.save({**saved, "model_args": {**saved["model_args"], "bias": "no"}}, ckpt)
+    with pytest.raises(CheckpointError, match=r"bias\.pt: model_args bias must be True or False"):
+        load_checkpoint(ckpt)
 
 
 def test_gpu_settings_checked_without_a_gpu(tiny_model_dir, monkeypatch):

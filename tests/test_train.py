@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -102,6 +103,33 @@ def test_a_run_that_cannot_fit_or_write_fails_before_any_work(tmp_path):
     out = invoke_cli(*args, "--n-layer", "1025", "--out", str(tmp_path / "new" / "sub" / "ckpt.pt"))
     assert out.returncode == 1 and "n_layer 1025" in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no directory made, no probe left
+
+
+def test_bad_train_options_and_texts_are_refused_in_one_line(tmp_path):
+    """Review77: --out dir/ wrote a file named dir; --lr 1e300 failed in torch's optimizer after
+    the first checkpoint; a FIFO as --text hung and /dev/zero filled memory; --out the --text
+    replaced the text with a checkpoint."""
+    from conftest import invoke_cli
+
+    args = ["train", "--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--block-size", "8", "--max-iters", "1"]
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 20)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for more, code, why in (
+            (["--out", f"{tmp_path / 'dir'}/"], 2, "names a directory, not a file"),
+            (["--out", ""], 2, "an empty path names no file"),
+            (["--lr", "1e300"], 2, "'1e300' is too large: at most 1"),
+            (["--n-embd", "7", "--n-head", "2"], 2, "--n-embd 7 must be a multiple of --n-head 2"),
+            (["--text", str(fifo)], 1, f"{fifo}: cannot read it as training text: not a regular file"),
+            (["--text", "/dev/zero"], 1, "/dev/zero: cannot read it as training text: not a regular file"),
+            (["--text", str(text), "--out", str(text), "--overwrite"], 2, "is the training text (--text)")):
+        if "--out" not in more:
+            more = [*more, "--out", str(tmp_path / "ckpt.pt")]
+        out = invoke_cli(*args, *more)
+        assert out.returncode == code and why in out.stderr.strip().splitlines()[-1], (more, out.stderr)
+    assert text.read_text().startswith("To be")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "text.txt"]
 
 
 def test_a_run_whose_loss_diverges_says_so(tmp_path):
