@@ -292,10 +292,12 @@ class StepRunner:
                 replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.BUSY, self._overload_message()))
                                for p in group)
                 continue
+            answered = 0
             try:
                 outputs = self._compute(group)
                 for p, y in zip(group, outputs):
                     replies.extend(self._result(p, y))
+                    answered += 1
             except torch.cuda.OutOfMemoryError:  # device memory taken meanwhile: the sessions are untouched
                 self._refused_busy.extend(group)
                 replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.BUSY,
@@ -304,14 +306,21 @@ class StepRunner:
             except Exception as e:
                 log.exception("internal error in a step")
                 self.note_error(e)
-                replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.INTERNAL, type(e).__name__))
-                               for p in group)
+                # The sessions as they were before the step: a GPU's error comes out when the result
+                # is copied back, after the caches counted the new positions.
+                for p in group[answered:]:
+                    p.session.cache.length, p.session.next_block = p.length, p.next_block
+                replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.INTERNAL,
+                                                          type(e).__name__ + _rewound(p)))
+                               for p in group[answered:])
         return replies
 
     def note_error(self, e: Exception) -> None:
         """Keep why the device failed, if `e` says it did: the node then has to stop (its server
-        reads `device_failure`), or it would stay on every route and answer `internal` forever."""
-        if isinstance(e, DEVICE_ERRORS) and self.device_failure is None and not self.device_works():
+        reads `device_failure`), or it would stay on every route and answer `internal` forever.
+        On a GPU any RuntimeError asks: cuBLAS's and cuDNN's failures are plain ones."""
+        maybe = isinstance(e, DEVICE_ERRORS) or (not self._cpu and isinstance(e, RuntimeError))
+        if maybe and self.device_failure is None and not self.device_works():
             first = str(e).strip().splitlines()[:1]
             self.device_failure = f"{type(e).__name__} on {self.device}" + (f": {first[0]}" if first else "")
 

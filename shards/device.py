@@ -52,13 +52,16 @@ def exact_float32() -> None:
     must match one process's within ~1e-5, and clients spot-check nodes' float32 work against
     their own to 1e-4; TF32 errs by ~1e-3. torch's default already, pinned here against a
     changed default or a library that turns it on; a driver override (NVIDIA_TF32_OVERRIDE=1)
-    still wins, and is warned of."""
+    still wins, and is warned of.
+
+    Matrix products only: our model runs no convolution or RNN, and cuDNN's attention takes
+    float16 and bfloat16 only. Setting cuDNN's precision too made torch refuse, in the whole
+    process, a later read of `cudnn.allow_tf32` or a `cudnn.flags()` block (a mix of its old and
+    new APIs, it said): an application's own cuDNN code, or torch.compile's, failed."""
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.fp32_precision = "ieee"
     else:  # older torch
         torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
     if os.environ.get("NVIDIA_TF32_OVERRIDE", "") not in ("", "0"):
         log.warning("NVIDIA_TF32_OVERRIDE is set: float32 on the GPU runs as TF32, and its results differ "
                     "from float32 by ~1e-3 (spot checks count that as wrong)")

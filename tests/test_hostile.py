@@ -979,6 +979,33 @@ def test_a_client_marking_its_own_steps_relayed_still_counts_as_one_peer(tiny_mo
         peer.close()
 
 
+def test_a_step_that_fails_after_computing_leaves_its_session_as_it_was(blocks, monkeypatch):
+    """Review78: a GPU's error comes out when the result is copied back (`_timed`), after the
+    caches counted the step's positions; the `internal` reply then left the session one step
+    ahead of what it holds. Decode steps of two sessions in one batch, as a node batches them."""
+    d = make_driver(blocks)
+    sessions = [d.open(8), d.open(8)]
+    for s in sessions:
+        d.ok("step", {"session": s, "pos": 0}, [hidden(3)])
+    timed = d.h.steps._timed
+
+    def fails_when_copied_back(fn, tokens):
+        timed(fn, tokens)  # the caches have counted the step
+        raise RuntimeError("CUDA error: unspecified launch failure")
+
+    monkeypatch.setattr(d.h.steps, "_timed", fails_when_copied_back)
+    batch = [(b"p", d.frames("step", {"session": s, "pos": 3}, [hidden(1)])) for s in sessions]
+    replies = [decode(frames) for _, frames in d.h.handle_batch(batch)]
+    assert [m.fields.get("code") for m in replies] == ["internal", "internal"]
+    assert [d.h.sessions.get(s).length for s in sessions] == [3, 3]
+    # On a GPU a plain RuntimeError (cuBLAS's, cuDNN's) is asked about too: is the device lost?
+    assert d.h.device_failure is None  # (a CPU's errors are the step's own)
+    monkeypatch.setattr(d.h.steps, "_cpu", False)
+    monkeypatch.setattr(d.h.steps, "device_works", lambda: False)
+    assert d.ask("step", {"session": sessions[0], "pos": 3}, [hidden(1)]).fields.get("code") == "internal"
+    assert d.h.device_failure == "RuntimeError on cpu: CUDA error: unspecified launch failure"
+
+
 def test_a_node_whose_device_failed_leaves_with_the_reason(tiny_model_dir, monkeypatch):
     """A lost CUDA context (an illegal memory access, a device-side assert) fails every later
     kernel: the step that met it is answered `internal`, the node tells its clients it leaves and

@@ -711,6 +711,23 @@ def test_malformed_checkpoint_parts_are_named_in_one_line(tmp_path):
         load_checkpoint(ckpt)
 
 
+def test_exact_float32_leaves_cudnns_flags_usable():
+    """Review78: setting cuDNN's float32 precision too (resolve_device does this for every GPU)
+    made torch refuse `cudnn.allow_tf32` and `cudnn.flags()` for the rest of the process."""
+    from nanoswarm.shards.device import exact_float32
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        exact_float32()
+        assert matmul.fp32_precision == "ieee" and matmul.allow_tf32 is False
+        assert isinstance(torch.backends.cudnn.allow_tf32, bool)
+        with torch.backends.cudnn.flags(enabled=True):
+            pass
+    finally:
+        matmul.fp32_precision = before
+
+
 def test_gpu_settings_checked_without_a_gpu(tiny_model_dir, monkeypatch):
     """What only a GPU would show, with torch.cuda's answers given by hand: bfloat16 on a GPU
     without it is refused in one line; an idle GPU node gives the cache memory of closed sessions
