@@ -11,7 +11,8 @@ alone ("solo"); every served step's logits are compared to the solo run's.
 
 The report (client/load_report.py): requests served, refused by reason, failed by reason, request and step latency
 (p50/p99), sessions completed, logits checked and the largest difference from solo, and each
-node's peak resident memory: VmHWM from /proc for nodes this run started, else the `info` reply.
+node's peak memory: on a GPU node its device memory from the `info` reply, else resident
+memory, VmHWM from /proc for nodes this run started, the `info` reply otherwise.
 """
 
 from __future__ import annotations
@@ -208,8 +209,9 @@ TOLERANCE = {("cpu", "float32"): 1e-5, ("cuda", "float32"): 1e-4, "float16": 2e-
 
 
 def default_tolerance(infos: Iterable[dict]) -> float:
-    """The largest logit difference from a solo run that counts as the same result, for the
-    loosest node of the route (by its device and dtype, from `info`)."""
+    """The largest logit difference from a solo run, over the largest solo logit (at least 1),
+    that counts as the same result, for the loosest node of the route (by its device and dtype,
+    from `info`)."""
     worst = 1e-5
     for info in infos:
         device, dtype = str(info.get("device", "cpu")).split(":")[0], str(info.get("dtype", "float32"))

@@ -38,9 +38,9 @@ RECONNECT_MAX_MS = 10_000
 # middle of a forward pass) and drops the connection when nothing at all has come back for the
 # heartbeat, as a closed one: the monitor reports it at once. Nothing counts while one frame is
 # still arriving (libzmq cancels the wait per whole frame), so tensors travel in frames of at most
-# 256 KiB (protocol/messages.py PART_BYTES): 2 s at 1 Mbit/s, well within a heartbeat of 5 s or
-# more (SwarmOptions.silence). Pings go every quarter heartbeat: a peer that stops is noticed
-# within 1-1.25 heartbeats.
+# 256 KiB (protocol/messages.py PART_BYTES): 2 s at 1 Mbit/s, well within the default heartbeat
+# of 5 s or more (SwarmOptions.silence; a heartbeat set shorter by hand is the user's choice).
+# Pings go every quarter heartbeat: a peer that stops is noticed within 1-1.25 heartbeats.
 # A request on a swarm's link whose drop lost nothing (forgive_idle_drops) waits this long for
 # the link to come back before the drop is reported: a peer whose reconnect hangs (a machine that
 # left the network: no answer to the SYN) or never finishes its handshake (a frozen process)

@@ -12,7 +12,7 @@ class ErrorCode(str, Enum):
     BAD_TENSOR = "bad_tensor"              # tensor frame count, dtype or byte length does not match
     BAD_SHAPE = "bad_shape"                # tensor shape does not fit the model or the request
     BAD_VALUE = "bad_value"                # NaN or Inf in a tensor
-    BAD_POSITION = "bad_position"          # position negative, out of order, or past the session
+    BAD_POSITION = "bad_position"          # position negative, a gap, or a repeat (past max_length: too_large)
     UNKNOWN_SESSION = "unknown_session"    # no such session on this node
     SESSION_CLOSED = "session_closed"      # the session was closed or expired
     WRONG_MODEL = "wrong_model"            # request names another model id

@@ -5,7 +5,10 @@ Wire formats:
 - float32, float16, bfloat16: the tensor's bytes, little-endian, C order. float32 is exact.
 - q80: blockwise int8 like distributed-llama's Q80: groups of 32 values share one float16 scale
   (absmax / 127). The frame is all scales (float16) followed by all int8 values; the element
-  count is padded to a multiple of 32 with zeros. Error per element <= absmax(group) / 127.
+  count is padded to a multiple of 32 with zeros. Error per element <= absmax(group) / 127 +
+  2**-17 (Q80_ABS_ERROR: a float16 scale below 2**-14 loses precision and one under 2**-25 is
+  0, so a group of values all below ~4e-6 decodes to zeros); for activations the first term
+  dominates.
 """
 
 from __future__ import annotations
@@ -170,6 +173,11 @@ def fits_wire(t: torch.Tensor, wire: str) -> bool:
     return math.isfinite(m) and m <= limit
 
 
+# What q80's float16 scales add to its error for groups of small values (module docstring).
+Q80_ABS_ERROR = 2.0**-17
+
+
 def q80_error_bound(t: torch.Tensor) -> float:
-    """The largest error q80 may cause for `t`: one quantisation step of its widest group."""
-    return float(t.detach().float().abs().max()) / 127.0 if t.numel() else 0.0
+    """The largest error q80 may cause for `t`: one quantisation step of its widest group, plus
+    what a float16 scale loses for small ones (Q80_ABS_ERROR)."""
+    return float(t.detach().float().abs().max()) / 127.0 + Q80_ABS_ERROR if t.numel() else 0.0

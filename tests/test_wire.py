@@ -14,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 from nanoswarm.protocol.errors import ProtocolError
 from nanoswarm.protocol.messages import decode, encode
 from nanoswarm.protocol.tensors import (
+    Q80_ABS_ERROR,
     Q80_GROUP,
     WIRE_FORMATS,
     abs_max,
@@ -26,10 +27,6 @@ from nanoswarm.protocol.tensors import (
 )
 
 FP16_MAX = 65504.0
-# q80 scales are float16: one below 2**-14 loses precision (float16 subnormals are 2**-24 apart)
-# and one under 2**-25 rounds to 0. An absolute 2**-17 covers both; for activations (groups
-# with absmax above ~1e-3) the relative bound absmax / 127 alone holds.
-Q80_ABS_SLACK = 2.0**-17
 Q80_MAX = float(np.float32(FP16_MAX * 126))  # beyond ~FP16_MAX * 127 the scale overflows float16
 
 
@@ -105,9 +102,9 @@ def test_q80_within_one_step_of_its_group(a):
     y = roundtrip(x, "q80")
     assert y.shape == x.shape
     err = _q80_groups(y - x).abs()
-    bound = _q80_groups(x).abs().amax(dim=1, keepdim=True) / 127 + Q80_ABS_SLACK
+    bound = _q80_groups(x).abs().amax(dim=1, keepdim=True) / 127 + Q80_ABS_ERROR
     assert bool((err <= bound).all())
-    assert float((y - x).abs().max()) <= q80_error_bound(x) + Q80_ABS_SLACK
+    assert float((y - x).abs().max()) <= q80_error_bound(x)
 
 
 @settings(max_examples=100, deadline=None)
