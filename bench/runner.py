@@ -290,7 +290,7 @@ def run_bench(opts: BenchOptions) -> dict:
         machine = machine_info(opts.threads)
         try:
             bench = Bench(opts, Path(model_dir))
-        except (ShardIntegrityError, ValueError, OSError) as e:  # a kept random model damaged: write it again
+        except (ShardIntegrityError, OSError) as e:  # a file of a kept random model damaged: write it again
             if opts.model_dir is not None or opts.work_dir is None:
                 raise
             log.warning("rewriting the random model in %s: %s", model_dir, e)

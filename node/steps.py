@@ -299,10 +299,10 @@ class StepRunner:
                     replies.extend(self._result(p, y))
                     answered += 1
             except torch.cuda.OutOfMemoryError:  # device memory taken meanwhile: the sessions are untouched
-                self._refused_busy.extend(group)
+                self._refused_busy.extend(group[answered:])
                 replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.BUSY,
                                                           self.out_of_memory() + _rewound(p)))
-                               for p in group)
+                               for p in group[answered:])
             except Exception as e:
                 log.exception("internal error in a step")
                 self.note_error(e)
