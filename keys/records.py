@@ -38,7 +38,7 @@ from .contact import format_contact
 from .identity import SIGN_PUBLIC_LEN, Identity, is_z85_key, peer_id_for
 
 RECORD_VERSION = 1
-DEFAULT_TTL = 120.0
+DEFAULT_TTL = 60.0  # a node's default (--ttl, GossipOptions.ttl)
 DEFAULT_MAX_TTL = 300.0
 SIG_LEN = 64
 MAX_BODY_BYTES = 4096

@@ -224,6 +224,7 @@ class RecordTable:
 
         Its current record is remembered as a tombstone until it expires, so the same record
         gossiped back by others does not re-add it; a newer announcement from the peer does.
+        With no room for another tombstone it is forgotten only, and taken again if offered.
         """
         entry = self._pop(peer_id)
         if entry is None:

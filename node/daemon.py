@@ -127,8 +127,10 @@ def _choose_layers(opts: NodeOptions, identity: Identity) -> tuple[tuple[int, in
         return (0, config.n_layer), config.n_layer, []
     from nanoswarm.client.discovery import fetch_table
 
-    fetched = fetch_table(opts.bootstrap, timeout=5.0,
-                          client_keys=(identity.curve_public, identity.curve_secret)) if opts.bootstrap else None
+    # This model's records, all pages: without the id a bootstrap answers with the sample it
+    # gossips (at most 128 records of every model), which junk or other models can crowd out.
+    fetched = fetch_table(opts.bootstrap, timeout=5.0, client_keys=(identity.curve_public, identity.curve_secret),
+                          model_id=manifest.model_id) if opts.bootstrap else None
     records = fetched.table.records(manifest.model_id) if fetched else []
     others = [r for r in records if r.peer_id != identity.peer_id]
     guess = min(sum(r.throughput for r in others) / len(others), MAX_COVER) if others else 1.0

@@ -149,7 +149,8 @@ class Gossip:
         self._update_stats()
 
     def depart(self) -> None:
-        """On SIGTERM: sign a departure (expires now) and push it to every peer we know.
+        """On SIGTERM: sign a departure (expires now) and push it to up to DEPART_FANOUT random
+        peers we know and our bootstraps (the rest hear of it by gossip).
 
         Not waiting here: the server keeps polling through its leave grace period, during which
         the messages go out and their acknowledgements are read (other nodes may be leaving too,
@@ -428,10 +429,12 @@ class Gossip:
                 elif msg.type == "error":
                     log.debug("gossip to %s refused: %s", contact, shown(msg.fields.get("message")))
             link.conn.drain_events()
+            # A dropped connection alone forgets nothing (the peer may reconnect and answer); a
+            # peer that leaves an exchange unanswered past the timeout is forgotten (_drop).
             if link.conn.dropped and not link.pending:  # gone, or never there: a later round links again
                 self._close_link(contact, link)
             elif link.pending and now - min(link.pending.values()) > self.options.peer_timeout:
-                self._drop(contact, link)  # a drop alone forgets nothing: it may reconnect and answer
+                self._drop(contact, link)
         return got
 
     def _close_link(self, contact: str, link: _Link) -> None:

@@ -5,7 +5,7 @@ Importing torch and the node's modules takes ~2 s of CPU on the 2-core test VM, 
 started every node as `python -m nanoswarm node ...` paid it once per node: 3.5 s to start a
 4-node swarm of a 4-block model. A launcher process pays it once; the harness hands it each
 node's command line, environment and output descriptors, and it forks a child that runs the
-same `nanoswarm node` command as a fresh process would (docs/architecture.md, "Harness").
+same `nanoswarm node` command as a fresh process would (docs/architecture.md, "Harness start-up").
 
 A fork inherits what the launcher read as it started and as torch loaded: Python's settings,
 libgomp's (OpenMP binding, spin count), oneDNN's. So a node is forked only when those variables

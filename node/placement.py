@@ -152,8 +152,8 @@ def plan_move(cov_others: list[float], start: int, n_blocks: int, throughput: fl
 class Rebalancer:
     """Timer body: now and then, check whether this node should serve other blocks, and move.
 
-    A move loads the new blocks, then swaps them into the handler only while no session is open
-    (a session's KV cache belongs to the old blocks); otherwise it waits for the next check.
+    A check that finds a session open does nothing (a session's KV cache belongs to the old
+    blocks) and the next check decides again; a move loads the new blocks and swaps them in.
     Decisions are taken only on a settled view (the layers of this model's peers unchanged for
     `settle` seconds plus a random part of `interval`), so that two nodes rarely leave the same
     blocks at once; if they do, the next checks repair it.

@@ -78,7 +78,7 @@ class PendingStep:
 
 @dataclass
 class NodeStats:
-    throughput: float = 0.0          # tokens/s through all served blocks, measured at start-up
+    throughput: float = 0.0          # tokens/s through all served blocks, measured at start-up and after a move
     steps: int = 0
     tokens: int = 0
     busy_seconds: float = 0.0

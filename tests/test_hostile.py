@@ -1088,6 +1088,21 @@ def test_a_nodes_info_after_the_load_is_checked_before_the_report(tiny_model_dir
     json.dumps(report.to_json(), allow_nan=False)  # no NaN, nothing that is not JSON
 
 
+def test_a_node_placing_itself_asks_for_its_models_records(tiny_model_dir):
+    """A node started without --layers chose its blocks from the gossip sample a bootstrap sends
+    without a model id (at most 128 records of every model: junk or other models crowd it out),
+    not from the model's table as docs/discovery.md says (review80)."""
+    from nanoswarm.keys.identity import generate_identity
+    from nanoswarm.node.daemon import NodeOptions, _choose_layers
+
+    asked: list[dict] = []
+    with _fake_node(lambda req: asked.append(req) or {"type": "records_reply", "records": []}) as contact:
+        span, n_blocks, _ = _choose_layers(NodeOptions(tiny_model_dir, bootstrap=[contact], num_blocks=2),
+                                           generate_identity())
+    assert [req.get("model_id") for req in asked] == [read_manifest(tiny_model_dir).model_id]
+    assert n_blocks == 2 and span[1] - span[0] == 2
+
+
 def test_peers_with_a_model_asks_for_that_models_records(tiny_model_dir):
     """Without a model id a node answers `records` with the sample it gossips (at most 128
     records), so `peers --model` listed a random part of a large swarm (a review); with it, all
