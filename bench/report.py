@@ -74,7 +74,7 @@ def format_report(result: dict) -> str:
 
 
 def _find(result: dict, route: str, stages: int | None = None, wire: str = "float32") -> dict | None:
-    """The first such run: measured with the default links (bench/runner.py _groups)."""
+    """The first such run: measured with the default links (bench/options.py run_groups)."""
     for r in result["runs"]:
         if r["route"] == route and r["wire"] == wire and (stages is None or r["stages"] == stages):
             return r

@@ -235,7 +235,7 @@ class Bench:
 
     def _sessions(self, swarm: Swarm, route: str) -> list[dict]:
         """Aggregate decode speed of n sessions at once, two ways: `independent` clients (a thread,
-        socket and lm_head of their own each, so their steps reach a node whenever they come),
+        socket and unbatched lm_head pass of their own each, so their steps reach a node whenever they come),
         and `one_client` driving them in step (its steps arrive together; one batched lm_head)."""
         out = []
         modes = ["independent", "one_client"] if route == "layers" else ["independent"]

@@ -164,7 +164,7 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, head_groups: int, max_
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep random-weight model dirs here (reused next time) instead of a temp dir.")
 @click.option("--quick", is_flag=True, help="A smoke test, not a measurement: --tokens 4 --prompt-len 16 "
-              "--repeats 1 unless given.")
+              "--repeats 1 unless given, and 4 tokens per concurrent session (16 otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str, head_groups: int, wires: str,
           links: str, tokens: int, prompt_len: int, repeats: int, threads: int, work_dir: Path | None, quick: bool,

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "tinyshakespeare.txt"
 # The demo model's shape: 4 blocks x 4 heads, 192 wide. Stored in float16 its weights take about
-# 25 MB, 19.3 MB of it the token embedding (50257 x 192), which fits the 40 MB budget for the
+# 23 MB, 19.3 MB of it the token embedding (50257 x 192), which fits the 40 MB budget for the
 # demo shards with room for the manifest; wider models cost more CPU time per token in the
 # 50257-wide output layer than they win in loss within a ~20 minute single-thread budget.
 DEFAULT_CONFIG = ModelConfig(n_layer=4, n_head=4, n_embd=192, vocab_size=50257, block_size=128,
@@ -193,7 +193,8 @@ class TrainingDiverged(ValueError):
     """The loss went to NaN or Inf: the run's result is not a model worth using."""
 
 
-# Settings a resumed run may change: they do not alter the numbers (threads only the speed).
+# Settings a resumed run may change: the thread count sets the speed, and may change the last bits
+# of the results (said when it changed).
 _RESUMABLE_CHANGES = {"threads"}
 
 
@@ -220,6 +221,9 @@ def _resume(out_path: Path, model: GPT, optimizer: torch.optim.Optimizer, genera
     config, flat = load_nanogpt(out_path)
     if config != model.config:
         changed.append(f"model shape ({config} there)")
+    if "threads" in settings and settings["threads"] != ckpt["config"].get("threads", settings["threads"]):
+        log.warning("resuming with %s threads where the run had %s: the weights may differ in their last bits "
+                    "from an uninterrupted run's", settings["threads"], ckpt["config"]["threads"])
     if changed:
         raise ValueError(f"{out_path} was trained with other settings: {', '.join(changed)}; resume with "
                          "the same ones, or start afresh with --overwrite")

@@ -42,7 +42,7 @@ def test_short_training_run_learns_and_shards(tmp_path):
     assert math.isfinite(loss)
 
 
-def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, caplog):
     """Killed after its eval at iteration 4 wrote a checkpoint, a run resumed from that checkpoint
     ends with the weights an uninterrupted run ends with, exactly; other settings are refused."""
     import pytest
@@ -67,6 +67,7 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
         train.train(text, tmp_path / "cut.pt", config, **kwargs)
     monkeypatch.setattr(train, "training_loss", real_loss)
     assert torch.load(tmp_path / "cut.pt", weights_only=True)["iter_num"] == 4
+    (tmp_path / "other.pt").write_bytes((tmp_path / "cut.pt").read_bytes())
     with pytest.raises(ValueError, match=r"other settings: lr \(0.003 there, 0.001 now\), min_lr"):
         train.train(text, tmp_path / "cut.pt", config, **{**kwargs, "lr": 1e-3}, resume=True)
     original = text.read_text()
@@ -81,6 +82,10 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     assert resumed["resumed_from"] == 4 and resumed["best_iter"] == whole["best_iter"]
     assert resumed["history"] == [{**h, "elapsed_s": r["elapsed_s"]} for h, r in zip(whole["history"],
                                                                                       resumed["history"])]
+    # Another thread count is allowed, and said to maybe change the last bits (review81).
+    with caplog.at_level("WARNING", logger="nanoswarm.shards.train"):
+        train.train(text, tmp_path / "other.pt", config, **{**kwargs, "threads": 2}, resume=True)
+    assert "resuming with 2 threads where the run had 1" in caplog.text
     a, b = load_checkpoint(tmp_path / "whole.pt")[1], load_checkpoint(tmp_path / "cut.pt")[1]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
