@@ -123,12 +123,14 @@ def run_generation(model: SwarmModel, prompt: str, max_new_tokens: int, sampling
             for piece in stream:
                 if first:
                     click.echo(_route_line(result.route), err=True)
-                    click.echo(prompt, nl=False)
+                    click.echo(prompt, nl=False, color=True)
                     first = False
-                click.echo(piece, nl=False)
+                # color=True: click strips escape sequences when stdout is no terminal, and the
+                # output is the prompt and the text exactly, in a file as on a screen.
+                click.echo(piece, nl=False, color=True)
                 sys.stdout.flush()
             if first:  # no new text (--max-new-tokens 0): the output is still prompt + new text
-                click.echo(prompt, nl=False)
+                click.echo(prompt, nl=False, color=True)
                 first = False
         finally:  # the text's line ends, however the generation did
             if not first:

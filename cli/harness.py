@@ -99,13 +99,18 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, head_groups: int, max_
          top_k: int, top_p: float | None, seed: int | None, as_json: bool) -> None:
     """Start a local swarm on the demo model (--nodes layer spans, each served by one node, or by
     --head-groups nodes that split its heads) and generate from PROMPT (default "ROMEO:")."""
-    from nanoswarm.client.api import SwarmModel
+    from nanoswarm.client.api import SwarmModel, check_prompt_length, prompt_ids
     from nanoswarm.keys.contact import endpoint_of
     from nanoswarm.node.cluster import LocalCluster, span_of
     from nanoswarm.shards.demo import demo_model_dir
+    from nanoswarm.shards.manifest import read_manifest
 
     sampling = sampling_params(temperature, top_k or None, top_p, seed)  # bad values fail before any node starts
     model_dir = model_dir or demo_model_dir()
+    try:  # a prompt past the context too (it was found with the swarm up, and the nodes' log kept)
+        check_prompt_length(prompt_ids(prompt), read_manifest(model_dir).config.block_size)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     # The nodes' own logs would drown the text on the terminal: they go to a file unless -v.
     verbose = logging.getLogger().level < logging.WARNING
     specs = _specs(model_dir, nodes, head_groups)  # a bad --nodes or --head-groups fails before the log exists

@@ -53,6 +53,18 @@ log = logging.getLogger(__name__)
 DISCOVERY_SECONDS = 5.0  # the longest wait for a peer's `info` or a bootstrap's records
 
 
+def prompt_ids(prompt: str) -> list[int]:
+    """The token ids a prompt is generated from: "<|endoftext|>" in it is plain text (an
+    application's users cannot end a document early), and an empty prompt starts from it."""
+    return encode(prompt) or [EOT_TOKEN]
+
+
+def check_prompt_length(ids: list[int], context: int) -> None:
+    """ValueError unless a prompt of `ids` fits a model of `context` positions."""
+    if len(ids) > context:
+        raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {context}")
+
+
 class SwarmModel:
     """A model whose blocks run on peers (or, with `local`, in this process)."""
 
@@ -133,13 +145,11 @@ class SwarmModel:
                on_failover: Callable[[str], None] | None = None) -> Iterator[str]:
         """Yields text pieces as tokens arrive; fills `result` if given. Several threads may
         stream from one SwarmModel at once (their steps take turns); `close` ends them all."""
-        # "<|endoftext|>" in the prompt is plain text: text an application passes on from its
-        # users cannot end a document early. An empty prompt starts from the special token.
         if not isinstance(prompt, str):
             raise TypeError(f"the prompt must be text (str), got {type(prompt).__name__}")
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
-        ids = encode(prompt) or [EOT_TOKEN]
+        ids = prompt_ids(prompt)
         requested, max_new_tokens = max_new_tokens, self._new_tokens(ids, max_new_tokens)
         result = result if result is not None else GenerationResult(prompt, ids)
         result.prompt, result.prompt_ids = prompt, ids
@@ -215,8 +225,7 @@ class SwarmModel:
         if bad is not None:  # the embedding has no row for it: say so before any peer is asked
             raise ValueError(f"prompt token {bad} ({self.encoding.decode([bad])!r}) is outside the "
                              f"model's vocabulary of {vocab} ids")
-        if len(ids) > context:
-            raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {context}")
+        check_prompt_length(ids, context)
         # Positions 0..context-1 hold the prompt and all new tokens but the last, which is only
         # sampled: a prompt of `context` tokens still gets one.
         room = context - len(ids) + 1

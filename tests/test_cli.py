@@ -302,6 +302,14 @@ def test_generate_checks_its_settings_before_connecting(tiny_model_dir):
     assert with_k.returncode == off.returncode == 0 and with_k.stdout != off.stdout  # 0: no top-k, as in demo
     out = invoke_cli("demo", "x", "--model", str(tiny_model_dir), "--top-p", "2")
     assert one_error_line(out) == "error: --top-p must be in (0, 1], got 2.0" and out.returncode == 2
+    # A prompt past the context: refused before any node starts (review82: the swarm started, two
+    # error lines came, and the nodes' log was kept)
+    out = invoke_cli("demo", " a" * 129, "--model", str(tiny_model_dir))
+    assert out.stderr.strip() == "error: prompt is 129 tokens; the model's context is 128" and out.returncode == 1
+    # stdout is the prompt and the text exactly, escape sequences too (click drops them from a
+    # stdout that is no terminal, as here)
+    out = invoke_cli("generate", "\x1b[31mred", "--model", str(tiny_model_dir), "--local", "--max-new-tokens", "2")
+    assert out.returncode == 0 and out.stdout.startswith("\x1b[31mred"), out.stdout
 
 
 def test_the_route_line_names_head_ranges_as_the_options_do():
