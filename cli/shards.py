@@ -170,9 +170,10 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
 
     if text_path is not None and out_path.exists() and out_path.samefile(text_path):
         raise click.UsageError(f"--out {out_path} is the training text (--text)")
-    if n_embd % n_head:
-        raise click.UsageError(f"--n-embd {n_embd} must be a multiple of --n-head {n_head}")
-    config = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, gelu="exact")
+    try:  # a shape the options cannot make (n_embd not a multiple of n_head): an option error
+        config = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, gelu="exact")
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     training.check_fits(config, batch_size)
     _check_writable(out_path)
     before = out_path.stat().st_mtime_ns if out_path.exists() else None

@@ -125,7 +125,7 @@ def test_bad_train_options_and_texts_are_refused_in_one_line(tmp_path):
             (["--out", f"{tmp_path / 'dir'}/"], 2, "names a directory, not a file"),
             (["--out", ""], 2, "an empty path names no file"),
             (["--lr", "1e300"], 2, "'1e300' is too large: at most 1"),
-            (["--n-embd", "7", "--n-head", "2"], 2, "--n-embd 7 must be a multiple of --n-head 2"),
+            (["--n-embd", "7", "--n-head", "2"], 2, "n_embd 7 is not divisible by n_head 2"),
             (["--text", str(fifo)], 1, f"{fifo}: cannot read it as training text: not a regular file"),
             (["--text", "/dev/zero"], 1, "/dev/zero: cannot read it as training text: not a regular file"),
             (["--text", str(text), "--out", str(text), "--overwrite"], 2, "is the training text (--text)")):
