@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -72,6 +73,13 @@ class _CleanErrors(click.Group):
             sys.exit(128 + getattr(e, "signum", signal.SIGINT))  # the shell's convention: 130 for Ctrl-C
         except (click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError as e:  # `generate | head -c 100`: the reader has what it wanted
+            if not _stdout_reader_gone():  # another pipe (a node launcher's): an error as any other
+                _fail(str(e), 1)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)  # the exit's flush of what is left goes nowhere
+            os.close(devnull)
+            _fail("stdout's reader has gone (broken pipe): output stopped", 1)
         except Exception as e:  # noqa: BLE001 - the top of the program
             if os.environ.get("NANOSWARM_DEBUG"):
                 raise
@@ -82,6 +90,7 @@ class _CleanErrors(click.Group):
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """nanoswarm: run a GPT across peers that each hold a slice of it."""
+    _null_closed_stdout()
     _setup_logging(verbose)
     # `kill`, `timeout`, a service manager or a closed terminal end a command as Ctrl-C does, so
     # its cleanup runs: nodes stopped, key files and temporary models removed, sessions closed
@@ -93,6 +102,28 @@ def main(verbose: int) -> None:
             # A script's background job starts with SIGINT ignored, and Python then leaves it so:
             # `kill -INT` did nothing to a cluster, generate or load started that way (a review).
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _null_closed_stdout() -> None:
+    """A command started with stdout closed (`>&-`) writes it to /dev/null, as `> /dev/null`
+    does: `generate` failed after generating with "'NoneType' object has no attribute 'flush'"
+    (a review). Taking descriptor 1 also keeps the next file or socket opened from becoming it."""
+    if sys.stdout is None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        if devnull != 1:
+            os.dup2(devnull, 1)
+            os.close(devnull)
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the process's stdout, never closed
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe with no reader left (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(1, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except OSError:
+        return False
 
 
 def _quiet_exit() -> None:

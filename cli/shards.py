@@ -38,7 +38,7 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
     import torch
 
     from nanoswarm.shards.loaders import check_tokenizer_vocab, load_checkpoint
-    from nanoswarm.shards.manifest import head_split_pairs, parse_head_splits, write_model_dir
+    from nanoswarm.shards.manifest import check_storable, head_split_pairs, parse_head_splits, write_model_dir
     from nanoswarm.shards.model import ModelConfig
 
     if heads_spec is not None and not heads_spec.strip():  # (an empty --heads was taken as none given)
@@ -54,6 +54,10 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
 
     config, state = load_checkpoint(source, check=check)
     splits = parse_head_splits(heads_spec, head_groups, config.n_head)  # (checked above)
+    try:  # (write_model_dir checks too; here the line names the checkpoint the weight came from)
+        check_storable(state, getattr(torch, dtype))
+    except ValueError as e:
+        raise click.ClickException(f"{source}: {e}") from None
     manifest = write_model_dir(config, state, out_dir, layers_per_shard, splits, getattr(torch, dtype))
     if as_json:
         click.echo(json.dumps({"model_id": manifest.model_id, **json.loads(manifest.to_json())}))

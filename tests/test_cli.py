@@ -38,6 +38,15 @@ def test_shard_command_writes_a_model_dir(tmp_path):
     assert (tmp_path / "m" / "manifest.json").exists()
     # progress on stderr without -v: long work shows it
     assert "reading checkpoint" in out.stderr and "[4/4] wrote" in out.stderr
+    # A weight float16 cannot hold: the line names the checkpoint too, not only the weight
+    big = model.flat_state_dict()
+    big["h.1.mlp.c_fc.weight"][0, 0] = 1e5
+    save_nanogpt_checkpoint(TINY, big, tmp_path / "big.pt")
+    out = invoke_cli("shard", str(tmp_path / "big.pt"), str(tmp_path / "half"), "--dtype", "float16")
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'big.pt'}: h.1.mlp.c_fc.weight holds 100000, which float16 cannot hold: "
+        "shard it as float32 or bfloat16"), out.stderr
+    assert not (tmp_path / "half").exists()
 
 
 @pytest.mark.slow
@@ -851,3 +860,23 @@ def test_a_cluster_whose_stdout_is_closed_serves_on(tiny_model_dir):
         time.sleep(1.0)
         assert proc.poll() is None, "".join(err)
     assert "stdout is closed: the lines with the nodes' contacts went nowhere" in "".join(err)
+
+
+def test_generate_with_stdout_gone_says_so_in_one_line_or_writes_to_nowhere(tiny_model_dir):
+    """A reader gone (`| head -c 3`) ends generate with one line that says so; stdout closed
+    (`>&-`) is /dev/null. Each had failed in Python's words: "[Errno 32] Broken pipe" and "'NoneType'
+    object has no attribute 'flush'"."""
+    args = [*CLI, "generate", "x", "--model", str(tiny_model_dir), "--local", "--max-new-tokens", "4"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before the first word, so the test does not race the generation
+    try:
+        gone = subprocess.run(args, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert gone.returncode == 1, gone.stderr
+    assert gone.stderr.splitlines()[-1] == "error: stdout's reader has gone (broken pipe): output stopped"
+    assert "Exception ignored" not in gone.stderr and gone.stderr.count("error:") == 1
+    closed = subprocess.run(args, stdout=None, stderr=subprocess.PIPE, text=True, timeout=120,
+                            preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 0 and "error" not in closed.stderr, closed.stderr
+    assert closed.stderr.splitlines()[-1].startswith("[4 tokens, first after"), closed.stderr
