@@ -138,8 +138,10 @@ def run_generation(model: SwarmModel, prompt: str, max_new_tokens: int, sampling
         s = result.stats
         checks = (f", {result.spot_checks} spot checks, {result.wrong_results} found wrong"
                   if result.spot_checks else "")
+        # Fewer tokens than asked for: why (--max-new-tokens reached needs no word)
+        ended = {"eot": ", the model ended the text", "context": ", the context is full"}.get(result.stop_reason, "")
         click.echo(f"[{s.new_tokens} tokens, first after {s.time_to_first_token * 1000:.0f} ms, "
-                   f"{s.tokens_per_second:.1f} tokens/s{checks}]", err=True)
+                   f"{s.tokens_per_second:.1f} tokens/s{checks}{ended}]", err=True)
 
 
 def _route_line(route: list[dict]) -> str:

@@ -880,3 +880,12 @@ def test_generate_with_stdout_gone_says_so_in_one_line_or_writes_to_nowhere(tiny
                             preexec_fn=lambda: os.close(1))
     assert closed.returncode == 0 and "error" not in closed.stderr, closed.stderr
     assert closed.stderr.splitlines()[-1].startswith("[4 tokens, first after"), closed.stderr
+
+
+def test_generates_summary_line_says_why_it_stopped_short(tiny_model_dir):
+    """126 prompt tokens and 3 new ones fill a context of 128 (the last is sampled, not fed)."""
+    out = invoke_cli("generate", " a" * 126, "--model", str(tiny_model_dir), "--local", "--max-new-tokens", "9")
+    assert out.returncode == 0 and out.stderr.splitlines()[-1].startswith("[3 tokens, first after")
+    assert out.stderr.splitlines()[-1].endswith(" tokens/s, the context is full]"), out.stderr
+    out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--local", "--max-new-tokens", "3")
+    assert out.returncode == 0 and out.stderr.splitlines()[-1].endswith(" tokens/s]"), out.stderr
