@@ -6,17 +6,9 @@ peers, plus the bootstrap nodes while we know few peers (and every tenth round a
 `records` request with want=True; the reply carries their table, offered to ours.  Both sides
 learn from one exchange, so a record reaches all N nodes in about log(N) rounds.
 
-Everything here runs on the server thread (server timers), so the DEALER sockets are never
-shared between threads.  Requests are sent without blocking and replies are read when the server
-loop sees them arrive (each link's socket is watched, and its connection's events): a dead peer
-never stalls serving; after `peer_timeout` without an answer its link is closed and its record
-forgotten locally (a newer record from it brings it back). A link that drops with nothing waiting
-is closed only: the next round to it links again.
-
-Links are keyed by contact (endpoint and CURVE key), not by endpoint: a record that claims another
-node's endpoint with a key of its own gets a link of its own, whose failure forgets only that
-record. At most MAX_LINKS stay open (the least recently used one closes), so a large table cannot
-use up the process's sockets.
+Links to peers (node/gossip_links.py) are sent on without blocking and read by the server loop:
+a dead peer never stalls serving, and one silent past `peer_timeout` is forgotten locally (a newer
+record from it brings it back).
 """
 
 from __future__ import annotations
@@ -24,22 +16,17 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import zmq
-
-from nanoswarm.client.transport import PeerConnection, PeerError
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.identity import Identity
 from nanoswarm.keys.records import DEFAULT_MAX_TTL, record_contact, seq_now, sign_departure, sign_record
 from nanoswarm.keys.table import RecordTable
 from nanoswarm.protocol.bounds import MIN_GOSSIP_INTERVAL
-from nanoswarm.protocol.errors import ProtocolError, shown
-from nanoswarm.protocol.messages import MAX_HEADER_BYTES, Message, decode
+from nanoswarm.protocol.messages import Message
 
-from .relay import MAX_READS  # the same bound for every link the server thread reads
+from .gossip_links import GossipLinks
 
 if TYPE_CHECKING:
     from .handler import RequestHandler
@@ -48,10 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_WIRES = 128  # records sent in one message (twice as many are taken from one: offer_all)
-MAX_LINKS = 64   # gossip links kept open (a round uses `fanout` of them)
 DEPART_FANOUT = 16  # known peers told directly of our departure; gossip carries it on
 WIRE_BUDGET = 48 * 1024  # bytes of records per message, under the 64 KiB header limit
-LINK_MAX_FRAME = 2 * MAX_HEADER_BYTES  # gossip messages are one header frame: nothing larger is read
 UNREACHABLE_GRACE = 1.0  # seconds a start-up exchange still waits for a contact that refused to connect
 OVERTAKEN_WARN_SECONDS = 60.0  # how often a node says again that records of its identity overtake its own
 
@@ -74,14 +59,6 @@ class GossipOptions:
         if self.ttl < 3 * self.interval:  # tables came up mostly empty with --ttl 2 --gossip-interval 3
             raise ValueError(f"--ttl {self.ttl:g} is shorter than three gossip intervals ({3 * self.interval:g} s): "
                              "records would expire before they spread")
-
-
-@dataclass
-class _Link:
-    conn: PeerConnection
-    peer_id: str | None = None
-    pending: dict[int, float] = field(default_factory=dict)  # request id -> time sent
-    answers: int = 0
 
 
 class Gossip:
@@ -107,8 +84,8 @@ class Gossip:
         self._warned: dict[str, float] = {}  # warning kind -> when last logged
         self.departed = False
         self.rounds = 0
-        self._links: OrderedDict[str, _Link] = OrderedDict()  # by contact, least recently used first
-        self._server: NodeServer | None = None  # watches the links' sockets once attached
+        self.links = GossipLinks(address, (identity.curve_public, identity.curve_secret),
+                                 self.options.peer_timeout, on_records=self.offer_all, on_silent=self._forget)
         self.stats: dict[str, Any] = {}
         self._known: set[tuple[str, bytes | None]] = set()  # (endpoint, CURVE key) of live records
         self._knows: dict[str, bool] = {}  # knows() by contact string, until the table changes
@@ -121,9 +98,7 @@ class Gossip:
         return self.identity.peer_id
 
     def attach(self, server: NodeServer) -> None:
-        self._server = server
-        for link in self._links.values():
-            self._watch(link)
+        self.links.attach(server)
         server.add_timer(self.options.interval, self.round)
         server.add_timer(self.options.ttl / 3, self.refresh)
         server.on_leave.append(self.depart)
@@ -286,7 +261,7 @@ class Gossip:
             self._known, self._knows = known, {}
         self.stats.update(records=len(self.table), rounds=self.rounds, accepted=self.table.accepted,
                           departed=self.table.departed, rejected=dict(self.table.rejected),
-                          links=len(self._links))
+                          links=len(self.links))
 
     # ----- rounds -------------------------------------------------------------------------
     def _known_contacts(self) -> list[str]:
@@ -324,7 +299,7 @@ class Gossip:
         moment may come up meanwhile, and ZeroMQ sends the request when it does). Returns, for each
         contact asked (not our own: one list of bootstraps may be given to every node), None if it
         answered, else why not."""
-        sent = {contact: self._link(contact) for contact in dict.fromkeys(contacts)
+        sent = {contact: self.links.get(contact) for contact in dict.fromkeys(contacts)
                 if endpoint_of(contact) != self.address}
         for contact in sent:
             self._send(contact, self._wires(), want=True)
@@ -336,116 +311,19 @@ class Gossip:
             self.drain()
             time.sleep(0.01)
         self.drain()
-        return {contact: self._unanswered(contact, link, timeout) for contact, link in sent.items()}
-
-    def _unanswered(self, contact: str, link: _Link | None, timeout: float) -> str | None:
-        """Why `contact` did not answer exchange_now's request (None if it did)."""
-        if link is None:
-            return "not a contact to link to"
-        if link.answers:
-            return None
-        if self._links.get(contact) is not link and not link.pending:  # _send gave up on it at once
-            return "no connection to send the request on"
-        return link.conn.drop_reason or f"timeout: no answer within {timeout:g}s"
-
-    def _link(self, contact: str) -> _Link | None:
-        if endpoint_of(contact) == self.address:
-            return None
-        link = self._links.get(contact)
-        if link is not None:
-            self._links.move_to_end(contact)
-            return link
-        try:
-            conn = PeerConnection(contact, timeout=self.options.peer_timeout,
-                                  client_keys=(self.identity.curve_public, self.identity.curve_secret),
-                                  max_frame=LINK_MAX_FRAME)
-        except (ValueError, zmq.ZMQError) as e:  # a contact ZeroMQ cannot connect to: skip only it
-            log.warning("cannot gossip with %s: %s", contact[:120], e)
-            return None
-        link = self._links[contact] = _Link(conn)
-        self._watch(link)
-        while len(self._links) > MAX_LINKS:
-            self._close_link(*next(iter(self._links.items())))
-        return link
+        return {contact: self.links.unanswered(contact, link, timeout) for contact, link in sent.items()}
 
     def _send(self, contact: str, wires: list, want: bool) -> None:
-        link = self._link(contact)
-        if link is None:
-            return
-        try:
-            # timeout=0: never block the server thread on a send
-            req_id = link.conn.send("records", {"records": wires, "want": want}, timeout=0)
-        except (zmq.ZMQError, PeerError) as e:
-            # The queue is full (the peer is not reading), or ZeroMQ dropped the connection for
-            # good after a refused handshake: the next round starts a fresh one.
-            log.debug("gossip to %s not sent: %s", contact, e)
-            self._close_link(contact, link)
-            return
-        if want or self.departed:
-            link.pending[req_id] = time.monotonic()
-
-    def _watch(self, link: _Link) -> None:
-        """The server loop reads a link's replies and its monitor's events as they come: a link
-        to a departed peer retries its connection, and unread retry events end up blocking ZeroMQ's
-        I/O thread, and with it the whole node (client/transport.py RECONNECT_MAX_MS)."""
-        if self._server is not None:
-            self._server.watch(link.conn.socket, self.drain)
-            self._server.watch(link.conn.monitor, self.drain)
-
-    def _unwatch(self, link: _Link) -> None:
-        if self._server is not None:
-            self._server.unwatch(link.conn.socket)
-            self._server.unwatch(link.conn.monitor)
+        # A departure's acknowledgement is awaited too: the server's leave grace reads it
+        self.links.send(contact, wires, want, await_answer=want or self.departed)
 
     def drain(self) -> int:
-        """Read the replies that have arrived, at most MAX_READS a link (the server loop comes back
-        for the rest after serving its own socket: a peer flooding its link must not hold the
-        node's loop); drop links silent for too long.  Returns replies read."""
-        got = 0
-        now = time.monotonic()
-        for contact, link in list(self._links.items()):
-            for _ in range(MAX_READS):
-                if not link.conn.socket.poll(0):
-                    break
-                frames = link.conn.socket.recv_multipart(copy=False)
-                try:
-                    msg = decode(frames)
-                except ProtocolError as e:
-                    log.debug("bad gossip reply from %s: %s", contact, e.message)
-                    continue
-                if msg.id not in link.pending:
-                    continue  # a notice, or a reply to a link we gave up on
-                # Replies come in order on a link: requests sent before this one and still waiting
-                # were lost (the peer restarted at the same address, say). Left pending, they timed
-                # the answering peer out and forgot its new record (a churn review).
-                for req_id in list(link.pending):  # in the order sent
-                    del link.pending[req_id]
-                    if req_id == msg.id:
-                        break
-                got += 1
-                link.answers += 1
-                if msg.type == "records_reply":
-                    self.offer_all(msg.fields["records"])
-                elif msg.type == "error":
-                    log.debug("gossip to %s refused: %s", contact, shown(msg.fields.get("message")))
-            link.conn.drain_events()
-            # A dropped connection alone forgets nothing (the peer may reconnect and answer); a
-            # peer that leaves an exchange unanswered past the timeout is forgotten (_drop).
-            if link.conn.dropped and not link.pending:  # gone, or never there: a later round links again
-                self._close_link(contact, link)
-            elif link.pending and now - min(link.pending.values()) > self.options.peer_timeout:
-                self._drop(contact, link)
-        return got
+        """Read the gossip replies that have arrived (GossipLinks.drain); returns replies read."""
+        return self.links.drain()
 
-    def _close_link(self, contact: str, link: _Link) -> None:
-        self._unwatch(link)
-        link.conn.close()
-        del self._links[contact]
-
-    def _drop(self, contact: str, link: _Link) -> None:
+    def _forget(self, contact: str) -> None:
         """Forget the records behind a contact that stopped answering: those with its endpoint
         and its key, not others that merely claim the same endpoint."""
-        self._close_link(contact, link)
         try:
             silent = split_contact(contact)
         except ValueError:
@@ -458,7 +336,4 @@ class Gossip:
         self._update_stats()
 
     def close(self) -> None:
-        for link in self._links.values():
-            self._unwatch(link)
-            link.conn.close()
-        self._links.clear()
+        self.links.close()

@@ -565,7 +565,7 @@ def test_a_gossip_round_survives_contacts_zeromq_cannot_connect_to():
         for _ in range(3):
             gossip.round()
         gossip.depart()
-        assert list(gossip._links) == [good]
+        assert list(gossip.links.open) == [good]
     finally:
         gossip.close()
 
@@ -582,9 +582,9 @@ def test_a_record_claiming_another_nodes_endpoint_gets_a_link_of_its_own():
                                  _signed_at(impostor, "tcp://127.0.0.1:2")]) == {"accepted": 2}
         b_contact = format_contact("tcp://127.0.0.1:2", b.curve_public)
         fake_contact = format_contact("tcp://127.0.0.1:2", impostor.curve_public)
-        fake_link = gossip._link(fake_contact)
-        assert gossip._link(b_contact) is not fake_link
-        gossip._drop(fake_contact, fake_link)  # what drain() does after peer_timeout of silence
+        fake_link = gossip.links.get(fake_contact)
+        assert gossip.links.get(b_contact) is not fake_link
+        gossip.links.drop(fake_contact, fake_link)  # what drain() does after peer_timeout of silence
         assert b.peer_id in gossip.table and impostor.peer_id not in gossip.table
         assert gossip.knows(b_contact) and not gossip.knows(fake_contact)
     finally:
@@ -605,10 +605,10 @@ def test_a_peer_that_takes_gossip_but_never_answers_is_forgotten_after_peer_time
         gossip._send(contact, gossip._wires(), want=True)
         assert router.poll(5000)  # the request arrived: the link is up, and never answered
         gossip.drain()
-        assert contact in gossip._links and silent.peer_id in gossip.table  # not yet
+        assert contact in gossip.links.open and silent.peer_id in gossip.table  # not yet
         time.sleep(1.1)
         gossip.drain()
-        assert contact not in gossip._links and silent.peer_id not in gossip.table
+        assert contact not in gossip.links.open and silent.peer_id not in gossip.table
     finally:
         gossip.close()
         router.close()
@@ -617,7 +617,8 @@ def test_a_peer_that_takes_gossip_but_never_answers_is_forgotten_after_peer_time
 def test_links_and_a_departure_stay_bounded_with_a_large_table():
     """A node knowing many peers keeps at most MAX_LINKS gossip links and tells a sample of them
     that it leaves (each link is two ZeroMQ sockets; a process has about a thousand)."""
-    from nanoswarm.node.gossip import DEPART_FANOUT, MAX_LINKS, Gossip
+    from nanoswarm.node.gossip import DEPART_FANOUT, Gossip
+    from nanoswarm.node.gossip_links import MAX_LINKS
 
     gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
     try:
@@ -625,12 +626,12 @@ def test_links_and_a_departure_stay_bounded_with_a_large_table():
         gossip.offer_all([_signed_at(p, f"tcp://127.0.0.1:{20000 + i}") for i, p in enumerate(others)])
         gossip.refresh()
         for r in gossip.table.records():
-            gossip._link(format_contact(r.address, r.curve_key))
-        assert len(gossip._links) == MAX_LINKS
+            gossip.links.get(format_contact(r.address, r.curve_key))
+        assert len(gossip.links.open) == MAX_LINKS
         gossip.close()
         gossip.depart()
-        assert len(gossip._links) == DEPART_FANOUT
-        assert all(link.pending for link in gossip._links.values())  # each was sent the departure
+        assert len(gossip.links.open) == DEPART_FANOUT
+        assert all(link.pending for link in gossip.links.open.values())  # each was sent the departure
     finally:
         gossip.close()
 
@@ -812,7 +813,8 @@ def test_a_peer_flooding_its_gossip_link_is_read_a_batch_at_a_time():
     not hold the node's loop: a drain reads at most MAX_READS a link, the loop comes back."""
     import zmq
 
-    from nanoswarm.node.gossip import MAX_READS, Gossip
+    from nanoswarm.node.gossip import Gossip
+    from nanoswarm.node.gossip_links import MAX_READS
     from nanoswarm.protocol.messages import encode
 
     peer = zmq.Context.instance().socket(zmq.ROUTER)
@@ -824,7 +826,7 @@ def test_a_peer_flooding_its_gossip_link_is_read_a_batch_at_a_time():
         who = peer.recv_multipart()[0]
         for i in range(3 * MAX_READS):
             peer.send_multipart([who, *encode("records_reply", 10_000 + i, {"records": []})])
-        (link,) = gossip._links.values()
+        (link,) = gossip.links.open.values()
         deadline = time.monotonic() + 5
         while not link.conn.socket.poll(0) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -955,12 +957,12 @@ def test_a_peer_that_answers_is_not_timed_out_for_a_request_it_lost():
         assert router.poll(5000)
         who, *frames = router.recv_multipart(copy=False)
         router.send_multipart([who.bytes, *encode("records_reply", decode(frames).id, {"records": []})])
-        assert gossip._links[contact].conn.socket.poll(5000)  # the answer waits to be read
+        assert gossip.links.open[contact].conn.socket.poll(5000)  # the answer waits to be read
         time.sleep(0.4)  # the first request is past peer_timeout now
         wait_for(lambda: gossip.drain(), 5, "the answer")
         gossip.drain()
-        assert peer.peer_id in gossip.table and contact in gossip._links
-        assert not gossip._links[contact].pending
+        assert peer.peer_id in gossip.table and contact in gossip.links.open
+        assert not gossip.links.open[contact].pending
     finally:
         gossip.close()
         router.close()
