@@ -58,7 +58,7 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
     from nanoswarm.client.swarm import SwarmOptions
     from nanoswarm.shards.device import resolve_device
 
-    addresses, bootstraps = peer_list(peers), peer_list(",".join(bootstrap))
+    addresses, bootstraps = peer_list(peers, "--peers"), peer_list(",".join(bootstrap), "--bootstrap")
     if local and (addresses or bootstraps):
         raise click.UsageError("--local runs without a swarm: give it no --peers or --bootstrap")
     ctx = click.get_current_context()
@@ -169,7 +169,7 @@ def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | N
     from nanoswarm.client.discovery import fetch_table
     from nanoswarm.client.peers_report import format_report, swarm_report
 
-    contacts = peer_list(",".join(bootstrap))
+    contacts = peer_list(",".join(bootstrap), "--bootstrap")
     if not contacts:
         raise click.UsageError("--bootstrap: no contact given")
     n_layers, n_heads, model_id = None, None, None

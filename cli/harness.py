@@ -241,7 +241,7 @@ def load(model_dir: Path, peers: str | None, nodes: int, head_groups: int, node_
     import shlex
 
     if peers is not None:
-        if not peer_list(peers):
+        if not peer_list(peers, "--peers"):
             raise click.ClickException("--peers: no contact given (leave it out to start a local swarm)")
         if click.get_current_context().get_parameter_source("nodes") != click.core.ParameterSource.DEFAULT:
             raise click.ClickException("--nodes applies to the swarm load starts, not to --peers")

@@ -27,11 +27,12 @@ def keys_generate(out: Path | None, force: bool, as_json: bool) -> None:
         default_key_path,
         describe_identity,
         generate_identity,
+        makes_key_dir,
         save_identity,
     )
 
     path = out or default_key_path()
-    check_new_key_path(path, make_dir=out is None, overwrite=force)
+    check_new_key_path(path, make_dir=out is None and makes_key_dir(), overwrite=force)
     identity = generate_identity()
     save_identity(identity, path, overwrite=force)
     info = describe_identity(identity)

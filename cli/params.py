@@ -61,6 +61,8 @@ class _NewFilePath(click.Path):
         if isinstance(value, str):
             if not value:
                 self.fail("an empty path names no file", param, ctx)
+            if value == "-":  # stdout, by the usual convention: a file named "-" was written (a review)
+                self.fail("'-' is not stdout here: give a file's path (./- for a file named -)", param, ctx)
             if value.endswith(("/", os.sep)):
                 self.fail(f"{value!r} names a directory, not a file", param, ctx)
             value = os.path.expanduser(value)
@@ -97,9 +99,22 @@ def echo_or_serve_on(text: str, what: str) -> None:
                                             "s" if "\n" in text else "", what)
 
 
-def peer_list(peers: str | None) -> list[str]:
-    """Comma-separated contacts -> a list (empty items dropped)."""
-    return [p.strip() for p in (peers or "").split(",") if p.strip()]
+def peer_list(peers: str | None, option: str | None = None) -> list[str]:
+    """Comma-separated contacts -> a list (empty items dropped). With `option`, a contact that is
+    not tcp://HOST:PORT[#KEY] is that option's error, before anything loads (a typo in a key had
+    been found only after the model loaded, as "no peer serves layers ...")."""
+    contacts = [p.strip() for p in (peers or "").split(",") if p.strip()]
+    if option is not None:
+        from nanoswarm.keys.contact import endpoint_of, split_contact
+        from nanoswarm.keys.records import check_endpoint
+
+        for contact in contacts:
+            try:
+                check_endpoint(endpoint_of(contact))
+                split_contact(contact)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint=f"'{option}'") from None
+    return contacts
 
 
 def client_keys(key_file: Path | None) -> tuple[bytes, bytes] | None:

@@ -69,7 +69,7 @@ class LoadOptions:
     wire: str = "float32"
     verify: bool = True
     tolerance: float | None = None  # largest |logit - solo logit| / max(1, |solo logits|); None: by node dtype
-    client_keys: tuple[bytes, bytes] | None = None       # CURVE identity (private swarms); None: ephemeral
+    client_keys: tuple[bytes, bytes] | None = field(default=None, repr=False)  # CURVE identity (private swarms)
     insecure: bool = False                               # allow nodes that run without a key
 
     def swarm_options(self) -> SwarmOptions:

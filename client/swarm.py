@@ -63,7 +63,8 @@ class SwarmOptions:
     timeout: float = 30.0        # seconds a peer may take to answer one step
     wire: str = "float32"        # format of hidden states on the wire
     ban_seconds: float = 30.0    # first ban; doubles with every further strike
-    client_keys: tuple[bytes, bytes] | None = None  # (public, secret); None: ephemeral per link
+    # (public, secret); None: ephemeral per link. Not in repr: a log line or traceback would show the secret
+    client_keys: tuple[bytes, bytes] | None = field(default=None, repr=False)
     insecure: bool = False       # allow unencrypted links to peers that have no CURVE key
     relay: bool = True           # consecutive layer stages pass steps node to node (client/relay.py)
     verify: float = 0.0          # share of steps after which one stage's work is redone here (client/verify.py)

@@ -23,12 +23,12 @@ def _allowed_key(token: str) -> bytes | None:
     key = token.encode("utf-8")
     if is_z85_key(key):
         return key
-    if len(token) == _HEX_KEY_LEN:  # the form nodes print after the '#' of their contacts
+    if len(token) == _HEX_KEY_LEN and "://" not in token:  # the form nodes print after the '#' of their contacts
         try:
             return z85.encode(binascii.unhexlify(token))
         except ValueError:  # binascii.Error, or non-ASCII text
             return None
-    if "://" in token and "#" in token:  # a whole contact, as a node prints it
+    if "://" in token and "#" in token:  # a whole contact, as a node prints it (64 characters long too)
         try:
             return split_contact(token)[1]
         except ValueError:

@@ -33,7 +33,7 @@ def split_contact(contact: str) -> tuple[str, bytes | None]:
     if len(key) == _HEX_LEN:
         try:
             raw = binascii.unhexlify(key)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a character not ASCII (a look-alike letter pasted)
             raise ValueError(f"contact {contact!r}: the key after '#' is not valid hex") from None
         return endpoint, z85.encode(raw)
     z = key.encode("ascii", "replace")

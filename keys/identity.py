@@ -190,6 +190,7 @@ def save_identity(identity: Identity, path: str | os.PathLike[str], overwrite: b
     second node could take the path, and the old secret (its peer id) would be gone."""
     path = Path(path)
     data = _encode_key_file(identity)
+    _refuse_non_file(path)
     if overwrite and key_file_in_use(path):
         raise KeyFileError(f"key file {path} is in use by a running node: stop it before replacing its identity")
     try:
@@ -244,7 +245,7 @@ def _is_public_listing(data: bytes) -> bool:
     """`keys show --json` saved to a file: public parts, no private key."""
     try:
         doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # (60,000 '[' fit in 64 KiB)
         return False
     return isinstance(doc, dict) and "peer_id" in doc and "ed25519_private" not in doc
 
@@ -288,6 +289,8 @@ def _parse_key_file(data: bytes) -> Identity:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"not valid JSON ({e.__class__.__name__})") from None
+    except RecursionError:  # arrays nested deeper than Python's stack: no key file is
+        raise ValueError("not a key file (JSON nested too deep)") from None
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     if _is_public_listing(data):
@@ -325,11 +328,20 @@ def default_key_path() -> Path:
     """$NANOSWARM_KEY_FILE, else ${XDG_CONFIG_HOME:-~/.config}/nanoswarm/node.key."""
     explicit = os.environ.get("NANOSWARM_KEY_FILE")
     if explicit:
+        if explicit.endswith(("/", os.sep)):  # Path() drops the slash: a file was written there
+            raise KeyFileError(f"$NANOSWARM_KEY_FILE {explicit!r} names a directory, not a key file")
         return Path(explicit).expanduser()
     # The XDG spec says a relative XDG_CONFIG_HOME is invalid and must be ignored.
     xdg = os.environ.get("XDG_CONFIG_HOME", "")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".config"
     return base / "nanoswarm" / "node.key"
+
+
+def makes_key_dir() -> bool:
+    """Whether the default key path's directory is ours to make: the XDG one is; one named by
+    $NANOSWARM_KEY_FILE must exist, as for any path a user gives (a typo made a new identity
+    in a new directory: a review)."""
+    return not os.environ.get("NANOSWARM_KEY_FILE")
 
 
 def check_new_key_path(path: Path, make_dir: bool, overwrite: bool = False) -> None:
@@ -340,11 +352,24 @@ def check_new_key_path(path: Path, make_dir: bool, overwrite: bool = False) -> N
     cannot go there."""
     if not overwrite:
         _refuse_dangling_link(path)
+    _refuse_non_file(path)
     if make_dir:
         create_key_dir(path)
     elif not path.parent.is_dir():
         why = "a file is in the way" if path.parent.exists() else f"there is no directory {path.parent}"
         raise KeyFileError(f"cannot write key file {path}: {why}")
+
+
+def _refuse_non_file(path: Path) -> None:
+    """A key file replaces a file or a link, never what else a path can name: `--force` had made
+    /dev/null a key file, as root (a review)."""
+    try:
+        mode = path.lstat().st_mode
+    except OSError:  # nothing there (or nothing we can see): the write says what is wrong
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
+        raise KeyFileError(f"{path} is {kind}: give a key file's path")
 
 
 def _refuse_dangling_link(path: Path) -> None:
@@ -360,7 +385,7 @@ def load_or_create_identity(path: str | os.PathLike[str] | None = None) -> Ident
     path = Path(path) if explicit else default_key_path()
     if path.exists():
         return load_identity(path)
-    check_new_key_path(path, make_dir=not explicit)
+    check_new_key_path(path, make_dir=not explicit and makes_key_dir())
     identity = generate_identity()
     try:
         save_identity(identity, path)

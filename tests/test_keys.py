@@ -255,6 +255,12 @@ def test_read_allowed_keys_takes_hex_keys_and_contacts(tmp_path: Path, alice: Id
     path = tmp_path / "allowed"
     path.write_text(f"{z85.decode(alice.curve_public).hex().upper()} alice\n{contact}  bob's box\n")
     assert read_allowed_keys(path) == {alice.curve_public, bob.curve_public}
+    # A contact with its key in z85 that is 64 characters long as a whole went down the hex path
+    # and was refused (review83)
+    z85_contact = f"tcp://node-abc.lan:5555#{alice.curve_public.decode()}"
+    assert len(z85_contact) == 64
+    path.write_text(z85_contact + "\n")
+    assert read_allowed_keys(path) == {alice.curve_public}
 
 
 @pytest.mark.parametrize("bad", [
@@ -758,8 +764,58 @@ def test_a_new_key_file_goes_only_where_it_was_meant(tmp_path: Path, monkeypatch
         out = invoke_cli(*args)
         assert out.returncode == 2 and "an empty path names no file" in out.stderr, out.stderr
 
-    monkeypatch.setenv("NANOSWARM_KEY_FILE", str(tmp_path / "made" / "node.key"))  # the default: made
+    # $NANOSWARM_KEY_FILE is a path a user gave as well (a typo made a directory and a new
+    # identity: review83); only the XDG default's directory is ours to make
+    monkeypatch.setenv("NANOSWARM_KEY_FILE", str(tmp_path / "made" / "node.key"))
+    with pytest.raises(KeyFileError, match="there is no directory"):
+        load_or_create_identity()
+    out = invoke_cli("keys", "generate")
+    assert out.returncode == 1 and "there is no directory" in out.stderr and not (tmp_path / "made").exists()
+    (tmp_path / "made").mkdir()
     assert load_or_create_identity().peer_id == load_identity(tmp_path / "made" / "node.key").peer_id
+    # ending in '/': a directory meant, where a file had been written (Path() drops the slash)
+    monkeypatch.setenv("NANOSWARM_KEY_FILE", f"{tmp_path}/envdir/")
+    with pytest.raises(KeyFileError, match="names a directory, not a key file"):
+        load_or_create_identity()
+    assert "names a directory, not a key file" in invoke_cli("keys", "generate").stderr
+    assert not (tmp_path / "envdir").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_force_replaces_a_key_file_or_a_link_and_nothing_else(tmp_path: Path, monkeypatch) -> None:
+    """`keys generate --out /dev/null --force` made /dev/null a 0600 file holding a secret (as
+    root, review83); a FIFO and a directory were replaced or misnamed the same way."""
+    from conftest import invoke_cli
+
+    fifo, directory = tmp_path / "fifo", tmp_path / "dir"
+    os.mkfifo(fifo)
+    directory.mkdir()
+    for force in ((), ("--force",)):
+        out = invoke_cli("keys", "generate", "--out", str(fifo), *force)
+        assert out.returncode == 1 and out.stderr.strip() == (
+            f"error: {fifo} is not a regular file (a device, FIFO or socket): give a key file's path"), out.stderr
+        assert "is a directory" in invoke_cli("keys", "generate", "--out", str(directory), *force).stderr  # (click's)
+    for path, kind in ((fifo, "is not a regular file"), (directory, "is a directory")):
+        with pytest.raises(KeyFileError, match=kind):
+            save_identity(generate_identity(), path, overwrite=True)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and directory.is_dir()
+    monkeypatch.setenv("NANOSWARM_KEY_FILE", str(directory))  # "already exists ... (--force replaces it)" was said
+    assert "is a directory: give a key file's path" in invoke_cli("keys", "generate").stderr
+    monkeypatch.chdir(tmp_path)
+    out = invoke_cli("keys", "generate", "--out", "-")  # a file named "-" was written
+    assert out.returncode == 2 and "'-' is not stdout here" in out.stderr and not (tmp_path / "-").exists()
+
+
+def test_a_key_file_nested_too_deep_for_the_json_parser_is_named_corrupt(tmp_path: Path) -> None:
+    """60,000 '[' (under the size limit) raised RecursionError through load_identity (review83)."""
+    path = tmp_path / "deep.key"
+    path.write_text("[" * 60_000)
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError, match=f"^corrupt key file {path}: not a key file"):
+        load_identity(path)
+    path.chmod(0o644)
+    with pytest.raises(KeyFileError, match="UNPROTECTED PRIVATE KEY FILE"):
+        load_identity(path)
 
 
 def test_an_empty_key_file_and_a_key_file_as_an_allow_list_are_named(tmp_path: Path, alice: Identity) -> None:
@@ -771,3 +827,14 @@ def test_an_empty_key_file_and_a_key_file_as_an_allow_list_are_named(tmp_path: P
     save_identity(alice, tmp_path / "a.key")
     with pytest.raises(KeyFileError, match="a.key:1: JSON, not a list of keys: give each node's curve public key"):
         read_allowed_keys(tmp_path / "a.key")
+
+
+def test_options_holding_a_client_identity_do_not_show_its_secret(alice: Identity, tmp_path: Path) -> None:
+    """Identity keeps its secrets out of repr; the options that carry its CURVE pair showed both
+    (a log line or a traceback away from a leak: review83)."""
+    from nanoswarm.client.load import LoadOptions
+    from nanoswarm.client.swarm import SwarmOptions
+
+    keys = (alice.curve_public, alice.curve_secret)
+    for options in (SwarmOptions(client_keys=keys), LoadOptions(tmp_path, client_keys=keys)):
+        assert options.client_keys == keys and alice.curve_secret.decode() not in repr(options)
