@@ -563,8 +563,9 @@ def test_generate_says_why_the_peers_it_was_given_were_not_used(tiny_model_dir):
             out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), option, f"tcp://127.0.0.1:9,{contact}")
             line = one_error_line(out)
             assert out.returncode == 2 and line.startswith(f"error: Invalid value for '{option}': ") and why in line
-    out = invoke_cli("peers", "--bootstrap", "tcp://127.0.0.1:9#" + "\u0435" * 64)
-    assert out.returncode == 2 and "the key after '#' is not valid hex" in one_error_line(out)
+    for args in (["peers", "--bootstrap"], ["load", str(tiny_model_dir), "--peers"]):
+        out = invoke_cli(*args, "tcp://127.0.0.1:9#" + "\u0435" * 64)
+        assert out.returncode == 2 and "the key after '#' is not valid hex" in one_error_line(out)
     for bad in ("0", "-1", "nan", "inf"):
         out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9",
                          "--timeout", bad)
