@@ -59,7 +59,6 @@ def test_load_refuses_what_it_cannot_run_in_one_line(tiny_model_dir, cluster_fac
     for args, why in ((["--max-length", "3"], "--max-length 3 is shorter than a session's 12 positions"),
                       (["--peers", swarm.addresses[0], "--node-args", "--max-sessions 2"], "--node-args applies"),
                       (["--peers", swarm.addresses[0], "--head-groups", "2"], "--head-groups applies"),
-                      (["--peers", "garbage"], "garbage"),
                       (["--peers", swarm.addresses[0]], "--insecure"),
                       (["--peers", swarm.addresses[0], "--insecure", "--no-verify"], "no peer serves layers 1:4"),
                       (["--max-length", "129"], "--max-length 129 is longer than the model's context, 128"),
@@ -72,6 +71,9 @@ def test_load_refuses_what_it_cannot_run_in_one_line(tiny_model_dir, cluster_fac
         lines = result.output.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
         assert why in lines[0], lines[0]
+    result = CliRunner().invoke(main, [*base, "--peers", "garbage"])  # an option error, before anything runs
+    assert result.exit_code == 2 and result.output.strip() == (
+        "error: Invalid value for '--peers': 'garbage' is not a TCP endpoint tcp://HOST:PORT"), result.output
     # Checked by the command (exit 1, as --node-args and --head-groups with --peers).
     for args, why in ((["--peers", ""], "--peers: no contact given (leave it out to start a local swarm)"),
                       (["--peers", swarm.addresses[0], "--nodes", "3"],
