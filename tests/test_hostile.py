@@ -882,9 +882,9 @@ def test_a_peers_words_reach_the_terminal_escaped_and_cut(tiny_model_dir, reply)
 
 def test_a_peer_that_answers_with_an_oversized_frame_is_dropped_unread():
     """Clients and gossip links cap the frames they accept (MAXMSGSIZE: client/transport.py,
-    node/gossip.py), so a peer cannot make them buffer a frame of any size."""
+    node/gossip_links.py), so a peer cannot make them buffer a frame of any size."""
     from nanoswarm.client.transport import MAX_FRAME_BYTES
-    from nanoswarm.node.gossip import LINK_MAX_FRAME
+    from nanoswarm.node.gossip_links import LINK_MAX_FRAME
 
     server = zmq.Context.instance().socket(zmq.ROUTER)
     server.setsockopt(zmq.LINGER, 0)
