@@ -20,6 +20,8 @@ import time
 import torch
 import zmq
 
+from nanoswarm.protocol.messages import MAX_HOPS
+
 from .stages import RemoteLayerStage, check_magnitude, positions_per_request, reply_tensors
 from .transport import PeerError, PeerTimeout, next_request_id
 
@@ -207,6 +209,8 @@ class SessionRelay:
             if not isinstance(stage, RemoteLayerStage) or stage.leaving:
                 break
             run.append(stage)
+            if len(run) == MAX_HOPS + 1:  # the most one relayed step names; the next chain goes on
+                break
             if not relays(stage, stages[k + 1] if k + 1 < len(stages) else None, self.no_relay):
                 break
         if not self.pin(stages) or len(run) < 2:

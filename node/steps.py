@@ -257,6 +257,9 @@ class StepRunner:
         if msg.get("phase") is not None or self.head_shard:
             raise ProtocolError(ErrorCode.MALFORMED, "head-shard steps are not relayed")
         hops = parse_next(msg.get("next") or [])
+        if hop + len(hops) > MAX_HOPS:  # the step would go on with hop 65 (or end past 65 tensors), refused there
+            raise ProtocolError(ErrorCode.MALFORMED, f"a chain of at most {MAX_HOPS + 1} hops: 'hop' plus the "
+                                f"hops in 'next' must be at most {MAX_HOPS}")
         if hops and not (self.can_relay and self.can_relay(hops[0][0])):
             raise ProtocolError(ErrorCode.NOT_SERVED, f"this node does not relay to {hops[0][0][:80]!r}: "
                                 "it relays only to peers in its table of signed records")

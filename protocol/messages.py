@@ -38,6 +38,8 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_DIMS = 4
 MAX_HOPS = 64  # entries of a relayed step's `next`
 MAX_TENSORS = MAX_HOPS + 1  # a relayed step carries the outputs of the hops before it
+MAX_ID_CHARS = 64  # a session id (nodes issue 40 hex digits); a reply that repeats one stays small
+_ID_FIELDS = ("session", "from")
 
 _INT = (int,)
 _STR = (str,)
@@ -216,6 +218,9 @@ def _check_fields(msg_type: str, schema: dict, fields: dict) -> None:
             names = "/".join(t.__name__ for t in types)
             raise ProtocolError(ErrorCode.MALFORMED,
                                 f"{msg_type}: field {name!r} must be {names}, got {type(value).__name__}")
+        if name in _ID_FIELDS and isinstance(value, str) and len(value) > MAX_ID_CHARS:
+            raise ProtocolError(ErrorCode.MALFORMED, f"{msg_type}: field {name!r} is a session id, at most "
+                                f"{MAX_ID_CHARS} characters")
 
 
 def _check_tensors(specs: Any, frames: list, finite: bool) -> tuple[list, list]:
@@ -274,7 +279,7 @@ def parse_next(value: Any, why: str = "a hop in 'next' must be [contact, session
     hops = []
     for hop in value:
         if not (isinstance(hop, list) and len(hop) == 2 and isinstance(hop[0], str) and isinstance(hop[1], str)
-                and len(hop[0]) <= 512 and len(hop[1]) <= 64):
+                and len(hop[0]) <= 512 and len(hop[1]) <= MAX_ID_CHARS):
             raise ProtocolError(ErrorCode.MALFORMED, why)
         hops.append((hop[0], hop[1]))
     return hops

@@ -29,7 +29,7 @@ from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.relay import Relay
 from nanoswarm.node.sessions import NodeLimits
 from nanoswarm.protocol.errors import ErrorCode
-from nanoswarm.protocol.messages import PROTOCOL_VERSION, decode, encode
+from nanoswarm.protocol.messages import MAX_HEADER_BYTES, MAX_HOPS, MAX_ID_CHARS, PROTOCOL_VERSION, decode, encode
 from nanoswarm.protocol.tensors import WIRE_FORMATS
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head, load_model
@@ -142,7 +142,11 @@ def draw_request(data, node: Node) -> tuple[str, dict, list[torch.Tensor], str]:
     elif kind in ("step", "close", "admit"):
         sessions = list(h.sessions.sessions.values())
         session = data.draw(st.sampled_from(sessions)) if sessions and data.draw(st.integers(0, 7)) else None
-        sid = session.id if session else data.draw(st.text(max_size=24))
+        # Ids near and past the 64 characters of an id, and one near the header limit: `closed`
+        # repeated it, a reply past that limit (review84)
+        sid = session.id if session else data.draw(st.one_of(
+            st.text(max_size=24), st.text(max_size=24), st.integers(60, 66).map("a".__mul__),
+            st.integers(65_490, 65_520).map("x".__mul__)))
         fields = {"session": sid}
         if kind == "admit":  # pins: from a sender's key relaying its session "sa", on to the known peer
             good = st.sampled_from([[k, "sa"] for k in SENDER_KEYS] + [None])
@@ -173,7 +177,9 @@ def draw_request(data, node: Node) -> tuple[str, dict, list[torch.Tensor], str]:
                 fields.update({k: v for k, v in {
                     "reply": data.draw(st.one_of(st.integers(0, 2**63 - 1), ANY_VALUE)),
                     "next": data.draw(st.one_of(st.just([]), st.just([[KNOWN_PEER, "next-session"]]),
-                                                st.just([["tcp://10.0.0.9:1", "s"]]), ANY_VALUE)),
+                                                st.just([["tcp://10.0.0.9:1", "s"]]), ANY_VALUE,
+                                                # chains near 64 hops: with `hop`, one past (review84)
+                                                st.integers(60, 66).map(lambda n: [[KNOWN_PEER, "s"]] * n))),
                     "hop": hop, "rewind": data.draw(st.one_of(st.booleans(), ANY_VALUE)),
                     "trail": data.draw(st.one_of(st.booleans(), ANY_VALUE)),
                     "busy": data.draw(st.one_of(st.lists(st.integers(0, 10**6), max_size=4), ANY_VALUE)),
@@ -256,7 +262,7 @@ def draw_message(data, node: Node) -> tuple[list[bytes], set[int] | None]:
     header = msgpack.unpackb(frames[0], raw=False)
     frames, intact = mutate(data, frames, header)
     node.used.append(req_id)
-    if not intact:
+    if not intact or len(frames[0]) > MAX_HEADER_BYTES:  # (a header past the limit is not read)
         return frames, None
     return frames, {req_id, header["reply"]} if isinstance(header.get("reply"), int) else {req_id}
 
@@ -271,6 +277,8 @@ def check_reply(frames: list, n_embd: int, seen: Counter) -> dict:
     else:
         assert msg.type in REPLY_TYPE.values(), msg.type
         seen[msg.type] += 1
+        # An id a node issued, never one repeated from a request however long (review84)
+        assert len(msg.fields.get("session", "")) <= MAX_ID_CHARS
         if msg.type == "result":  # a relayed step's last hop also returns the hops before it
             assert 1 <= len(msg.tensors) <= 65
             y = msg.tensors[-1]
@@ -331,6 +339,8 @@ def test_fuzz_request_handling(served, tiny_model_dir):
                 if isinstance(to, Relay):  # passed on: a well-formed step for the known next hop
                     msg = decode(f)
                     assert msg.type == "step" and to.contact == KNOWN_PEER and msg.fields["hop"] >= 1
+                    # ... that the next hop can take: within the chain's limits (review84)
+                    assert msg.fields["hop"] + len(msg.fields.get("next") or []) <= MAX_HOPS, msg.fields["hop"]
                     got_ids[to.reply] += 1
                     seen["relayed"] += 1
                 else:

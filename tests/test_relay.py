@@ -405,6 +405,10 @@ def test_relay_fields_are_checked(handler):
         ({"reply": 5, "hop": 2}, [x(2), x(1)], "bad_shape", True),
         ({"reply": 5, "hop": 2, "trail": False}, [x(), x()], "bad_tensor", True),  # no trail: one tensor
         ({"trail": False}, [x()], "malformed", False),                         # trail without reply
+        # A chain longer than 64 hops after the first: computed, then passed on with hop 65,
+        # which the next hop refused (review84)
+        ({"reply": 5, "hop": 64, "trail": False, "next": [[KNOWN, "s"]]}, [x()], "malformed", True),
+        ({"reply": 5, "hop": 1, "next": [[KNOWN, "s"]] * 64}, [x()], "malformed", True),
     ]
     for extra, tensors, code, to_owner in cases:
         to, reply = ask(handler, b"relayer", "step", {**step, **extra}, tensors)
@@ -412,6 +416,44 @@ def test_relay_fields_are_checked(handler):
         # A relayed step of a session held here: its owner hears of the refusal, with its id.
         assert ((to, reply.id) == (b"owner", 5)) is to_owner, extra
     assert handler.sessions.sessions[sid].length == 0
+    # A session id longer than any a node issues, repeated in `closed`, made a reply past the
+    # header limit (review84): refused, as `next` and `admit` refuse such ids
+    for msg_type in ("close", "step", "admit"):
+        to, reply = ask(handler, b"owner", msg_type, {"session": "s" * 65, "pos": 0, "relay_from": None,
+                                                      "relay_to": None}, [x()] if msg_type == "step" else ())
+        assert reply.type == "error" and reply.fields["code"] == "malformed", reply.fields
+        assert "'session'" in reply.fields["message"] and "64" in reply.fields["message"]
+    _, closed = ask(handler, b"owner", "close", {"session": "s" * 64})
+    assert closed.type == "closed"
+
+
+def test_a_route_of_more_stages_than_one_relayed_step_names_runs_in_several_chains():
+    """A relayed step names at most MAX_HOPS hops after the first: a longer run of stages that
+    all relay goes in chains of MAX_HOPS + 1 stages (a node refuses longer ones: review84)."""
+    from nanoswarm.client.relay import SessionRelay
+    from nanoswarm.protocol.messages import MAX_HOPS
+
+    class Link:  # what a Chain reads of a stage's connection
+        server_key, leaving = None, False
+
+        def __init__(self, k):
+            self.address = f"tcp://127.0.0.1:{5000 + k}"
+
+        def register(self, poller):
+            pass
+
+    stages = []
+    for k in range(2 * MAX_HOPS + 5):
+        stage = object.__new__(RemoteLayerStage)
+        stage.conn, stage.opened, stage.session, stage.pins = Link(k), {}, f"s{k}", (None, None)
+        stages.append(stage)
+    relay = SessionRelay(True, 1.0)
+    lengths, i = [], 0
+    while i < len(stages):
+        chain = relay.chain(stages, i)
+        lengths.append(len(chain.stages) if chain else 1)
+        i += lengths[-1]
+    assert lengths == [MAX_HOPS + 1, MAX_HOPS + 1, 3] and all(len(c.next) <= MAX_HOPS for c in relay._chains.values())
 
 
 def test_relayed_steps_count_in_flight_per_session_not_per_relaying_node(handler):
