@@ -451,3 +451,62 @@ def _request(node: Node, msg_type: str, fields: dict, tensors=()) -> dict:
 
 def _step(node: Node, sid: str, pos: int, x: torch.Tensor) -> torch.Tensor:
     return _request(node, "step", {"session": sid, "pos": pos}, [x])["tensors"][0]
+
+
+@pytest.mark.fuzz
+def test_fuzz_records_requests_against_a_real_table(served):
+    """`records` requests through the handler to a real Gossip (the request fuzzer's node has no
+    table: review84): pushed wires of every kind (signed records of this model and another, junk),
+    `want`, `model_id` and `after` drawn. Every request gets one well-formed reply, and paging a
+    model's records from the start returns each live one exactly once, in peer-id order."""
+    from nanoswarm.keys.identity import generate_identity
+    from nanoswarm.keys.records import DEFAULT_MAX_TTL, sign_record, verify_record
+    from nanoswarm.node.gossip import Gossip
+
+    blocks, model_id = served[0]
+    # Live for the whole run (a record past max_ttl is refused too_far_future), however long:
+    # a record that lapsed between two pages would be missing from the second
+    expires = time.time() + DEFAULT_MAX_TTL - 1
+    signed = [sign_record(generate_identity(), address=f"tcp://127.0.0.1:{3000 + i}", layers=(0, 1),
+                          model_id=model_id if i % 4 else "another-model", seq=1, expires=expires)
+              for i in range(300)]  # this model's alone fill more than a page (MAX_WIRES)
+    peer_ids = [verify_record(w).peer_id for w in signed]
+    wire = st.one_of(st.sampled_from(signed), ANY_VALUE, st.fixed_dictionaries(
+        {"body": st.one_of(st.binary(max_size=200), st.sampled_from([w["body"] for w in signed])),
+         "sig": st.one_of(st.binary(max_size=70), st.sampled_from([w["sig"] for w in signed]))}))
+    fields = st.fixed_dictionaries({}, optional={
+        "want": st.one_of(st.booleans(), ANY_VALUE), "records": st.one_of(st.lists(wire, max_size=30), ANY_VALUE),
+        "model_id": st.one_of(st.none(), st.just(model_id), st.just("another-model"), st.text(max_size=70), ANY_VALUE),
+        "after": st.one_of(st.none(), st.just(""), st.sampled_from(peer_ids), st.text(max_size=45), ANY_VALUE)})
+    seen: Counter = Counter()
+
+    @settings(max_examples=max(20, CASES // 4), deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(fields, min_size=1, max_size=6), st.integers(0, len(signed)))
+    def one_case(requests: list[dict], known: int) -> None:
+        node = Node(blocks, model_id)
+        gossip = Gossip(generate_identity(), node.handler, "tcp://127.0.0.1:7001")
+        gossip.refresh()
+        accepted = sum(gossip.offer_all(signed[i:min(i + 200, known)]).get("accepted", 0) for i in range(0, known, 200))
+        assert accepted == known or time.time() > expires - 5  # (one message's records are at most 256)
+        try:
+            for f in requests:
+                (to, frames), = node.handler.handle_batch([(b"peer", encode("records", node.fresh_id(), f))])
+                assert to == b"peer"
+                reply = check_reply(frames, N_EMBD, seen)
+                assert reply["type"] in ("records_reply", "error"), reply
+            live = sorted(r.peer_id for r in gossip.table.records(model_id))
+            got, after, pages = [], "", 0
+            for _ in range(len(live) + 2):
+                page = _request(node, "records", {"want": True, "model_id": model_id, "after": after})["fields"]
+                got += [verify_record(w).peer_id for w in page["records"]]
+                after = page.get("after")
+                pages += 1
+                if not after:
+                    break
+            assert got == live
+            seen["pages"] = max(seen["pages"], pages)
+        finally:
+            gossip.close()
+
+    one_case()
+    assert seen["records_reply"] > 0 and seen["malformed"] > 0 and seen["pages"] > 1, seen
