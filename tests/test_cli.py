@@ -133,8 +133,13 @@ def test_signals_end_commands_as_ctrl_c_does(tiny_model_dir, tmp_path):
                                 "--max-new-tokens", "100000", "--temperature", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         gen.stdout.read(20)  # generating
+        # Frozen where it is: the tiny model's context ends a generation within a fraction of a
+        # second, and on a loaded machine one ended before the signal came (exit 0). The signal
+        # waits for SIGCONT, and the handler runs at once then.
+        gen.send_signal(signal.SIGSTOP)
         assert probe.request("info").fields["sessions"] == 1
         gen.send_signal(signal.SIGHUP)
+        gen.send_signal(signal.SIGCONT)
         assert gen.wait(30) == 128 + signal.SIGHUP
         assert gen.stdout.read().endswith("\n")  # the text's line ends
         # closed on the way out, not in 300 s (queued as it exits: the node may read it a moment later)
@@ -143,13 +148,16 @@ def test_signals_end_commands_as_ctrl_c_does(tiny_model_dir, tmp_path):
             time.sleep(0.05)
         assert probe.request("info").fields["sessions"] == 0
         # --json prints what came so far, with an empty stop_reason (it printed nothing)
+        before = probe.request("info").fields["stats"]["tokens"]  # (the node's count since it started)
         gen = subprocess.Popen([*CLI, "generate", "To be", "--model", str(tiny_model_dir), "--peers", contact,
                                 "--max-new-tokens", "100000", "--temperature", "0", "--json"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         deadline = time.monotonic() + 30
-        while probe.request("info").fields["stats"]["tokens"] < 50 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while probe.request("info").fields["stats"]["tokens"] < before + 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gen.send_signal(signal.SIGSTOP)
         gen.send_signal(signal.SIGTERM)
+        gen.send_signal(signal.SIGCONT)
         assert gen.wait(30) == 128 + signal.SIGTERM
         partial = json.loads(gen.stdout.read())
         assert partial["stop_reason"] == "" and partial["ids"] and partial["text"] and "error" not in partial
