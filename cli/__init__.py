@@ -73,14 +73,12 @@ class _CleanErrors(click.Group):
             sys.exit(128 + getattr(e, "signum", signal.SIGINT))  # the shell's convention: 130 for Ctrl-C
         except (click.exceptions.Exit, click.Abort):
             raise
-        except BrokenPipeError as e:  # `generate | head -c 100`: the reader has what it wanted
-            if not _stdout_reader_gone():  # another pipe (a node launcher's): an error as any other
-                _fail(str(e), 1)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)  # the exit's flush of what is left goes nowhere
-            os.close(devnull)
-            _fail("stdout's reader has gone (broken pipe): output stopped", 1)
         except Exception as e:  # noqa: BLE001 - the top of the program
+            if isinstance(e, BrokenPipeError) and _stdout_reader_gone():  # `generate | head -c 100`
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)  # the exit's flush of what is left goes nowhere
+                os.close(devnull)
+                _fail("stdout's reader has gone (broken pipe): output stopped", 1)
             if os.environ.get("NANOSWARM_DEBUG"):
                 raise
             _fail(str(e) or type(e).__name__, 1)
