@@ -139,6 +139,22 @@ CORRUPTIONS = {
     "other_curve_hex": _with(curve_public_hex="00" * 32),
 }
 
+# Each refusal says what is wrong, not only that the file is corrupt.
+CORRUPTION_REASONS = {
+    "garbage": "not valid JSON",
+    "truncated": "not valid JSON",
+    "not_object": "not a JSON object",
+    "wrong_curve_public": "CURVE public key does not match the secret key",
+    "short_ed25519": "ed25519_private is 3 bytes, expected 32",
+    "bad_base64": "ed25519_private is not valid base64",
+    "missing_field": "field 'curve_secret' is missing or not a string",
+    "version": "unsupported version 99 (expected 1)",
+    "version_true": "unsupported version True (expected 1)",
+    "other_ed25519": "is not the one its private keys give (ns-",
+    "other_peer_id": "its peer_id 'ns-aaaaaaaaaaaaaaaa' is not the one its private keys give",
+    "other_curve_hex": f"its curve_public_hex '{'00' * 32}' is not the one its private keys give",
+}
+
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
 def test_corrupt_key_file_refused(tmp_path: Path, alice: Identity, corruption: str) -> None:
@@ -149,6 +165,7 @@ def test_corrupt_key_file_refused(tmp_path: Path, alice: Identity, corruption: s
         load_identity(path)
     message = str(info.value)
     assert message.startswith(f"corrupt key file {path}:") and "\n" not in message
+    assert CORRUPTION_REASONS[corruption] in message
 
 
 def _unblock_fifo(path: Path) -> None:

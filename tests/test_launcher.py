@@ -187,18 +187,25 @@ def test_a_harness_gone_before_its_launcher_started_gets_no_node(tiny_model_dir,
         os.kill(child, signal.SIGKILL)
 
 
-def test_a_node_the_harness_stopped_waiting_for_is_stopped_once_forked(tiny_model_dir, tmp_path):
+def test_a_node_the_harness_stopped_waiting_for_is_stopped_once_forked(tiny_model_dir, tmp_path, monkeypatch):
     """spawn() given up (Ctrl-C or SIGTERM to a starting cluster; here its timeout) while the
     launcher forks: the harness then stopped the nodes it knew of and removed their key files,
-    and that node loaded, bound a port and served on (a review). It is stopped when it is forked."""
+    and that node loaded, bound a port and served on (a review). It is stopped when it is forked,
+    and settle() waits for that."""
+    import nanoswarm.node.launcher as launcher_module
+
+    terminated: list[int] = []
+    real_terminate = launcher_module._terminate
+    monkeypatch.setattr(launcher_module, "_terminate", lambda pid: (terminated.append(pid), real_terminate(pid)))
     launcher = Launcher(_default_env())  # a fresh one: it imports torch for ~2 s before it forks
     cmd = [*NODE, str(tiny_model_dir), "--layers", "0:4", "--listen", "tcp://127.0.0.1:*", "--insecure",
            "--key-file", str(tmp_path / "node.key")]
     try:
         with open(os.devnull, "w") as devnull, pytest.raises(TimeoutError):
             launcher.spawn(cmd, {**launcher.env, HARNESS_ENV: str(launcher.pid)}, devnull.fileno(), timeout=0.05)
+        assert launcher._unforked, "the request given up on before its fork is not waited for"
         launcher.settle(30)  # what LocalCluster.stop() waits for before it removes the key files
-        assert not launcher._unforked
+        assert not launcher._unforked and len(terminated) == 1, "settle() returned before the node was stopped"
         deadline = time.monotonic() + 30
         while launcher._abandoned and time.monotonic() < deadline:  # until its exit is reported
             time.sleep(0.1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -166,12 +167,39 @@ def test_a_stream_collected_inside_another_step_touches_no_socket(tiny_model_dir
         cycle: list = [stream]
         cycle.append(cycle)
         del stream
-        with model._lock:  # as another thread's step holds it
+        with model._lock:  # as this thread's own step holds it
             del cycle
             gc.collect()  # the stream's cleanup runs here, on this thread
             time.sleep(0.3)
             assert probe.request("info").fields["sessions"] == 1  # nothing sent on the step's sockets
         assert model.generate("To be", 8, greedy).ids == expected  # whose first step closes it
+        assert _sessions_become(swarm.addresses, 0) and not model.swarm.bans
+
+        # The same while another thread's step holds the lock: the cleanup may not wait for it.
+        stream = model.stream("To be", 8, greedy)
+        next(stream)
+        cycle = [stream]
+        cycle.append(cycle)
+        del stream
+        held, release = threading.Event(), threading.Event()
+
+        def step_of_another_thread() -> None:
+            with model._lock:
+                held.set()
+                release.wait(30)
+
+        other = threading.Thread(target=step_of_another_thread, daemon=True)
+        other.start()
+        assert held.wait(10)
+        try:
+            del cycle
+            gc.collect()  # on this thread, which does not hold the lock
+            time.sleep(0.3)
+            assert probe.request("info").fields["sessions"] == 1
+        finally:
+            release.set()
+            other.join(10)
+        assert model.generate("To be", 8, greedy).ids == expected
         assert _sessions_become(swarm.addresses, 0) and not model.swarm.bans
 
         stream = model.stream("To be", 8, greedy)
