@@ -1,7 +1,7 @@
 """Request handling on a node: decode and admit every message, answer the simple ones (info, open,
-close, admit, records) and hand steps and forwards to the StepRunner (node/steps.py), which validates
-and computes them. No sockets here, so the fuzz tests can drive it directly; node/server.py feeds
-it from the ROUTER socket."""
+close, admit, records) and hand steps and forwards to the StepRunner (node/steps.py), whose checks
+(node/step_checks.py) validate them before it computes them. No sockets here, so the fuzz tests can
+drive it directly; node/server.py feeds it from the ROUTER socket."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from nanoswarm.protocol.messages import (
 from nanoswarm.shards.model import Blocks
 
 from .sessions import DROPPED, NodeLimits, Session, SessionStore
-from .steps import NodeStats, PendingStep, Reply, StepRunner
+from .step_checks import PendingStep
+from .steps import NodeStats, Reply, StepRunner
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ class RequestHandler:
                     pending = []
                 if msg.type == "step":
                     # Steps relayed by the hop before go on only as the owner pinned (`admit`).
-                    pending.append(self.steps.validate((to, req_id), msg, pinned=to != peer and self.checks_senders))
+                    pinned = to != peer and self.checks_senders
+                    pending.append(self.steps.checks.validate((to, req_id), msg, pinned=pinned))
                     pending[-1].sender = peer
                 else:
                     replies.append((peer, self._handle_simple(peer, msg)))
@@ -180,11 +182,11 @@ class RequestHandler:
     def can_relay(self) -> Callable[[str], bool] | None:
         """callable(contact) -> bool: whether a relayed step may go on to `contact` (node/relay.py);
         set by the gossip layer."""
-        return self.steps.can_relay
+        return self.steps.checks.can_relay
 
     @can_relay.setter
     def can_relay(self, fn: Callable[[str], bool] | None) -> None:
-        self.steps.can_relay = fn
+        self.steps.checks.can_relay = fn
 
     # ----- admission ----------------------------------------------------------------------
     @property
@@ -204,7 +206,7 @@ class RequestHandler:
         hop before that the owner admitted: to the owner, with the id the owner gave the chain
         (node/relay.py). Nobody else can be made to receive them, and a relayed step from anyone
         else is answered to its sender as a step of a session it does not own
-        (StepRunner.validate: `unknown_session`)."""
+        (StepChecks.validate: `unknown_session`)."""
         reply = msg.get("reply")
         if msg.type == "step" and type(reply) is int and 0 <= reply < 2**63:
             session = self.sessions.sessions.get(msg.fields["session"])
@@ -298,7 +300,7 @@ class RequestHandler:
             "kv_bytes": self.sessions.kv_bytes,
             "kv_pool_bytes": self.sessions.pool.nbytes,  # closed sessions' cache memory kept for reuse
             "kv_budget": self.limits.kv_budget_bytes,
-            "max_length": self.steps.max_length(),
+            "max_length": self.steps.checks.max_length(),
             "leaving": self.leaving,
             "stats": {"steps": self.stats.steps, "tokens": self.stats.tokens,
                       "busy_seconds": self.stats.busy_seconds, "batched_steps": self.stats.batched_steps,
@@ -330,9 +332,9 @@ class RequestHandler:
         self._check_model(msg)
         a, b = self._layers(msg)
         max_length = msg.fields["max_length"]
-        if not 1 <= max_length <= self.steps.max_length():
+        if not 1 <= max_length <= self.steps.checks.max_length():
             raise ProtocolError(ErrorCode.TOO_LARGE,
-                                f"max_length {max_length} is not from 1 to {self.steps.max_length()}")
+                                f"max_length {max_length} is not from 1 to {self.steps.checks.max_length()}")
         session = self.sessions.open(self.blocks, a, b, max_length, peer)
         return encode("opened", msg.id, {"session": session.id, "layers": [a, b],
                                          "kv_bytes": session.cache.nbytes,
@@ -371,7 +373,7 @@ class RequestHandler:
                                 "serves a head shard")
         self._check_model(msg)
         a, b = self._layers(msg)
-        return a, b, self.steps.check_forward(msg)
+        return a, b, self.steps.checks.check_forward(msg)
 
     def peers_gone(self, peers: set[bytes]) -> list[str]:
         """Close the sessions of peers whose connections dropped (node/connections.py): no step

@@ -181,7 +181,7 @@ class _BusyOnce(RequestHandler):
     def __init__(self, *args, block: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.block, self.refused = block, 0
-        validate = self.steps.validate
+        validate = self.steps.checks.validate
 
         def validate_or_refuse(reply_to, msg, **kwargs):
             if msg.get("phase") == "attn" and msg.get("block") == self.block and not self.refused:
@@ -189,7 +189,7 @@ class _BusyOnce(RequestHandler):
                 raise ProtocolError(ErrorCode.BUSY, "node overloaded (test)")
             return validate(reply_to, msg, **kwargs)
 
-        self.steps.validate = validate_or_refuse
+        self.steps.checks.validate = validate_or_refuse
 
 
 def test_a_busy_head_group_member_is_asked_again_alone(tiny_model_dir):

@@ -428,7 +428,7 @@ def test_device_memory_running_out_is_busy_and_leaves_the_session_as_it_was(bloc
         d.refuses("busy", "memory", "step", {"session": sid, "pos": 1}, [x[1]])
         d.refuses("busy", "memory", "forward", {}, [x[1]])
     with monkeypatch.context() as m:
-        m.setattr(d.h.steps, "hidden", out_of_memory)
+        m.setattr(d.h.steps.checks, "hidden", out_of_memory)
         d.refuses("busy", "memory", "step", {"session": sid, "pos": 1}, [x[1]])
     assert d.h.sessions.sessions[sid].length == 1
     got = d.ok("step", {"session": sid, "pos": 1}, [x[1]]).tensors[0]
