@@ -1088,6 +1088,15 @@ def test_a_nodes_info_after_the_load_is_checked_before_the_report(tiny_model_dir
     json.dumps(report.to_json(), allow_nan=False)  # no NaN, nothing that is not JSON
 
 
+def _two_pages(asked: list[dict]) -> Callable[[dict], dict]:
+    """A bootstrap's `records` answers: an empty first page that says more follow after "m",
+    then the last; `asked` gets every request."""
+    def answer(req: dict) -> dict:
+        asked.append(req)
+        return {"type": "records_reply", "records": [], **({} if req.get("after") else {"after": "m"})}
+    return answer
+
+
 def test_a_node_placing_itself_asks_for_its_models_records(tiny_model_dir):
     """A node started without --layers chose its blocks from the gossip sample a bootstrap sends
     without a model id (at most 128 records of every model: junk or other models crowd it out),
@@ -1096,10 +1105,11 @@ def test_a_node_placing_itself_asks_for_its_models_records(tiny_model_dir):
     from nanoswarm.node.daemon import NodeOptions, _choose_layers
 
     asked: list[dict] = []
-    with _fake_node(lambda req: asked.append(req) or {"type": "records_reply", "records": []}) as contact:
+    with _fake_node(_two_pages(asked)) as contact:
         span, n_blocks, _ = _choose_layers(NodeOptions(tiny_model_dir, bootstrap=[contact], num_blocks=2),
                                            generate_identity())
-    assert [req.get("model_id") for req in asked] == [read_manifest(tiny_model_dir).model_id]
+    model_id = read_manifest(tiny_model_dir).model_id
+    assert [(req.get("model_id"), req.get("after")) for req in asked] == [(model_id, None), (model_id, "m")]
     assert n_blocks == 2 and span[1] - span[0] == 2
 
 
@@ -1110,8 +1120,9 @@ def test_peers_with_a_model_asks_for_that_models_records(tiny_model_dir):
     from conftest import run_cli
 
     asked: list[dict] = []
-    with _fake_node(lambda req: asked.append(req) or {"type": "records_reply", "records": []}) as contact:
+    with _fake_node(_two_pages(asked)) as contact:
         done = run_cli("peers", "--bootstrap", contact, "--model", str(tiny_model_dir), "--json")
     assert done.returncode == 0, done.stderr
-    assert [req.get("model_id") for req in asked] == [read_manifest(tiny_model_dir).model_id]
+    model_id = read_manifest(tiny_model_dir).model_id
+    assert [(req.get("model_id"), req.get("after")) for req in asked] == [(model_id, None), (model_id, "m")]
     assert json.loads(done.stdout)["models"][0]["peers"] == []
