@@ -109,7 +109,13 @@ def format_report(report: list[dict]) -> str:
             lines.append(f"    blocks {i}:{j + 1:<4} {cov[i]['throughput']:>8.1f} tokens/s  "
                          f"{n} peer{'' if n == 1 else 's'}")
             i = j + 1
-        guessed = "" if m["n_head_known"] or not any(p["heads"] for p in m["peers"]) else (
-            f" (if the model has {m['n_head']} heads, the most any head shard serves: --model to know)")
+        # Counts guessed from the records leave gaps unseen: say so (a review read "gaps: none"
+        # of a swarm that served blocks 0:2 of a 4-block model).
+        guesses = []
+        if not m["n_layer_known"]:
+            guesses.append(f"in blocks 0:{m['n_layer']}, the most any peer serves")
+        if not m["n_head_known"] and any(p["heads"] for p in m["peers"]):
+            guesses.append(f"if the model has {m['n_head']} heads, the most any head shard serves")
+        guessed = f" ({'; '.join(guesses)}: --model to know)" if guesses else ""
         lines.append(f"  gaps: {', '.join(m['gaps']) if m['gaps'] else 'none'}{guessed}")
     return "\n".join(lines) if lines else "no records"

@@ -239,14 +239,19 @@ def test_peers_counts_head_shards_only_when_they_cover_every_head():
     # Overlapping head ranges do not tile 0:12 either.
     assert _report_of([whole, ((6, 12), (0, 6)), ((6, 12), (4, 12))], n_heads={"m": 12})["gaps"] == ["6:12"]
     # Ranges that tile every head cover the block, even from members with different block ranges.
-    tiled = _report_of([whole, ((6, 12), (0, 6)), ((6, 9), (6, 12)), ((9, 12), (6, 12))], n_heads={"m": 12})
+    tiled = _report_of([whole, ((6, 12), (0, 6)), ((6, 9), (6, 12)), ((9, 12), (6, 12))], n_layers={"m": 12},
+                       n_heads={"m": 12})
     assert tiled["gaps"] == [] and "gaps: none\n" in format_report([tiled]) + "\n"
     # Without the head count a group that stops short of the last head looks whole: the text says
     # the count is a guess (a review read "gaps: none" for a swarm no route could pass).
     guessed = _report_of([((0, 4), (0, 2))])
     assert guessed["gaps"] == [] and (guessed["n_head"], guessed["n_head_known"]) == (2, False)
-    assert "gaps: none (if the model has 2 heads, the most any head shard serves: --model to know)" in \
-        format_report([guessed])
+    assert ("gaps: none (in blocks 0:4, the most any peer serves; if the model has 2 heads, the most any head "
+            "shard serves: --model to know)") in format_report([guessed])
+    # The block count too: blocks after the last one served are not seen without it.
+    assert "gaps: none (in blocks 0:2, the most any peer serves: --model to know)" in \
+        format_report([_report_of([((0, 2), None)])])
+    assert "gaps: none\n" in format_report([_report_of([((0, 2), None)], n_layers={"m": 2})]) + "\n"
     assert _report_of([((0, 4), (0, 2))], n_heads={"m": 4})["gaps"] == ["0:4"]
     assert _report_of([whole, ((6, 9), (0, 12))], n_layers={"m": 12}, n_heads={"m": 12})["gaps"] == ["9:12"]
 
