@@ -19,6 +19,8 @@ from typing import Any
 
 import click
 
+from nanoswarm import __version__
+
 from . import client, harness, keys, node, shards
 
 
@@ -85,6 +87,7 @@ class _CleanErrors(click.Group):
 
 
 @click.group(cls=_CleanErrors)
+@click.version_option(__version__, prog_name="nanoswarm")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """nanoswarm: run a GPT across peers that each hold a slice of it."""
