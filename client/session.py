@@ -90,10 +90,11 @@ class InferenceSession(Failover):
         self._finalizer: weakref.finalize | None = None  # set by `open`
 
     @classmethod
-    def open(cls, swarm: Swarm, max_length: int, **kwargs) -> InferenceSession:
+    def open(cls, swarm: Swarm, max_length: int, max_failovers: int = 8,
+             on_failover: Callable[[str], None] | None = None) -> InferenceSession:
         """Open a session on a route over all blocks; a peer that cannot take it (CANNOT_TAKE) is
         left out, one that fails is banned, and the rest of the route is planned again without it."""
-        session = cls([], max_length, swarm, **kwargs)
+        session = cls([], max_length, swarm, max_failovers=max_failovers, on_failover=on_failover)
         # A session dropped without `close` gets its stages closed all the same (Swarm.abandon).
         session._finalizer = weakref.finalize(session, swarm.abandon, session.stages)
         try:
@@ -185,59 +186,19 @@ class InferenceSession(Failover):
                                                     else chain.max_trailed(hidden.shape[2])):
                 chain = None  # a node takes fewer positions a step: stage by stage, in pieces
             if chain is not None:
-                trail = T <= TRAIL_MAX_POSITIONS
-                # A prefill's hops each compute for a while: each gets the time a stage step gets.
-                timeout = min(MAX_SECONDS, self.swarm.options.timeout * (1 if trail else len(chain.stages)))
-                try:
-                    outputs = chain.step(hidden, self.pos, timeout, trail)
-                except ChainBroken as e:
-                    relay = False  # the rest of this step one stage at a time
-                    rewind.update(chain.stages)
-                    self._chain_broken(chain, e.error, hidden)
+                done = self._step_chain(chain, i, hidden, rewind)
+                if done is None:  # the chain broke: the rest of this step one stage at a time
+                    relay = False
                     i = self._at(stage.start)  # failover may have replaced stages before it too
-                    continue
-                chain.stalls = 0
-                self.history[i].append(hidden, T)
-                for k in range(1, len(chain.stages)):
-                    self.history[i + k].append(outputs[k - 1] if trail else Unkept(T), T)
-                hidden, i = outputs[-1], i + len(chain.stages)
+                else:
+                    hidden, i = done
                 continue
             try:
                 out = stage.step(hidden, self.pos, rewind=stage in rewind)
             except PeerError as e:
                 if self.swarm is None:
                     raise
-                if e.code == "bad_value" and not fits_wire(hidden, self.swarm.options.wire):
-                    # The caller's input, not the peer: nothing to fail over, and the node left the
-                    # session as it was.
-                    raise CallerError(f"{self._unfit(stage)} ({e.message})") from e
-                if e.code == "bad_value" and past_float16(hidden):
-                    # Beyond float16's range: a float16 node cannot take it (a refusal, not its
-                    # fault). A liar before it that sent 1e6s had this honest node banned (a
-                    # review); other nodes for its blocks may take the input. Left out for the
-                    # rest of the session: two such nodes passed the stage back and forth.
-                    self._left_out[e.address] = f"{e.code}: {e.message}"
-                    i = self._replace(self.stages.index(stage), e, strike=False)
-                    continue
-                if e.code == "busy" and busy_retries < BUSY_RETRIES and not stage.retries_busy:
-                    # An overloaded peer left the session as it was: wait a little and ask again
-                    # before giving its blocks to someone else.
-                    busy_retries += 1
-                    busy_pause(busy_retries)
-                    if isinstance(stage, RemoteLayerStage):
-                        rewind.add(stage)  # a split step's first half may be stored (step_retrying_busy)
-                    continue
-                if e.code == "session_closed" and self._takes_reclaim(stage, e, reopened):
-                    # The node reclaimed our session after its idle timeout (the reader paused):
-                    # nothing failed. Open a new one there, rebuilt from the history, no strike.
-                    failed = self._reopen(i)
-                    if failed is None:
-                        i = self._at(stage.start)
-                        continue
-                    # A failed reopen may have replaced stages before this one: its index moved.
-                    i = self._replace_unreopened(self.stages.index(stage), failed, e)
-                    continue
-                i = self._replace(self.stages.index(stage), e)
+                i, busy_retries = self._after_error(i, stage, e, hidden, rewind, reopened, busy_retries)
                 continue
             self.history[i].append(hidden, T)
             hidden = out
@@ -254,6 +215,60 @@ class InferenceSession(Failover):
                     if isinstance(stage, HeadGroupStage) and stage.record is not None:
                         stage.record.drop_step()
         return hidden
+
+    def _step_chain(self, chain: Chain, i: int, hidden: torch.Tensor,
+                    rewind: set[Stage]) -> tuple[torch.Tensor, int] | None:
+        """A relayed step through `chain`, which starts at stages[i]: the last hop's output and the
+        index after the chain, or None when the chain broke (its stages then failed over where
+        they must, and may hold the position already: `rewind`)."""
+        T = hidden.shape[1]
+        trail = T <= TRAIL_MAX_POSITIONS
+        # A prefill's hops each compute for a while: each gets the time a stage step gets.
+        timeout = min(MAX_SECONDS, self.swarm.options.timeout * (1 if trail else len(chain.stages)))
+        try:
+            outputs = chain.step(hidden, self.pos, timeout, trail)
+        except ChainBroken as e:
+            rewind.update(chain.stages)
+            self._chain_broken(chain, e.error, hidden)
+            return None
+        chain.stalls = 0
+        self.history[i].append(hidden, T)
+        for k in range(1, len(chain.stages)):
+            self.history[i + k].append(outputs[k - 1] if trail else Unkept(T), T)
+        return outputs[-1], i + len(chain.stages)
+
+    def _after_error(self, i: int, stage: Stage, e: PeerError, hidden: torch.Tensor, rewind: set[Stage],
+                     reopened: set, busy_retries: int) -> tuple[int, int]:
+        """Where a step goes on after `stage` (stages[i]) refused it or failed: the index of the
+        stage to ask next, and the busy retries so far. CallerError for the caller's own input;
+        SessionError when failover cannot go on."""
+        if e.code == "bad_value" and not fits_wire(hidden, self.swarm.options.wire):
+            # The caller's input, not the peer: nothing to fail over, and the node left the
+            # session as it was.
+            raise CallerError(f"{self._unfit(stage)} ({e.message})") from e
+        if e.code == "bad_value" and past_float16(hidden):
+            # Beyond float16's range: a float16 node cannot take it (a refusal, not its fault).
+            # A liar before it that sent 1e6s had this honest node banned (a review); other nodes
+            # for its blocks may take the input. Left out for the rest of the session: two such
+            # nodes passed the stage back and forth.
+            self._left_out[e.address] = f"{e.code}: {e.message}"
+            return self._replace(self.stages.index(stage), e, strike=False), busy_retries
+        if e.code == "busy" and busy_retries < BUSY_RETRIES and not stage.retries_busy:
+            # An overloaded peer left the session as it was: wait a little and ask again before
+            # giving its blocks to someone else.
+            busy_pause(busy_retries + 1)
+            if isinstance(stage, RemoteLayerStage):
+                rewind.add(stage)  # a split step's first half may be stored (step_retrying_busy)
+            return i, busy_retries + 1
+        if e.code == "session_closed" and self._takes_reclaim(stage, e, reopened):
+            # The node reclaimed our session after its idle timeout (the reader paused): nothing
+            # failed. Open a new one there, rebuilt from the history, no strike.
+            failed = self._reopen(i)
+            if failed is None:
+                return self._at(stage.start), busy_retries
+            # A failed reopen may have replaced stages before this one: its index moved.
+            return self._replace_unreopened(self.stages.index(stage), failed, e), busy_retries
+        return self._replace(self.stages.index(stage), e), busy_retries
 
     def _spot_check(self, T: int, hidden: torch.Tensor) -> torch.Tensor:
         """Redo one random stage's work here (client/verify.py): a layer stage's for every position
