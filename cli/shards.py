@@ -184,7 +184,8 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
     try:
         summary = training.train(text_path or training.DEFAULT_TEXT, out_path, config, max_iters=max_iters,
                                  batch_size=batch_size, lr=lr, warmup=warmup, eval_interval=eval_interval,
-                                 seed=seed, threads=threads, resume=resume)
+                                 seed=seed, threads=threads, resume=resume,
+                                 progress=lambda line: click.echo(line, err=True))
     except KeyboardInterrupt:
         if out_path.is_file() and (resume or out_path.stat().st_mtime_ns != before):  # this run wrote it
             # the next step a user takes

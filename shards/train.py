@@ -19,8 +19,8 @@ import hashlib
 import logging
 import math
 import os
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from .head_loss import HEAD_CHUNK, head_matmul_dtype, training_loss
 from .loaders import check_size_limits
 from .model import GPT, ModelConfig, linear, onednn_linear
 from .tokenizer import get_encoding
-from .writers import save_nanogpt_checkpoint
+from .train_checkpoint import resume_run, save_eval_point
 
 log = logging.getLogger(__name__)
 
@@ -171,66 +171,40 @@ def estimate_train_loss(model: GPT, ids: torch.Tensor, eval_iters: int, batch_si
     return sum(losses) / len(losses)
 
 
-def _progress(enabled: bool, message: str) -> None:
+def _progress(progress: Callable[[str], None] | None, message: str) -> None:
     # One line per report (not a \r-redrawn line), so the progress reads well in a log file too.
-    if enabled:
-        print(message, file=sys.stderr, flush=True)
+    # The CLI shows it on stderr; a library caller without a callback finds it in the log.
+    if progress is not None:
+        progress(message)
+    else:
+        log.info("%s", message)
 
 
-def _save(model: GPT, out_path: Path, it: int, best_val: float, settings: dict,
-          optimizer: torch.optim.Optimizer, generator: torch.Generator, history: list[dict]) -> None:
-    """The checkpoint at eval point `it`, taken before that iteration's training step: weights
-    (nanoGPT's layout), and what a resumed run needs to continue exactly as this one would have
-    (optimizer moments, the batch generator's state, the settings it must keep)."""
-    # torch.save writes the tensors out before returning, so no copy of the weights is needed.
-    save_nanogpt_checkpoint(model.config, model.flat_state_dict(), out_path,
-                            extra={"iter_num": it, "best_val_loss": best_val, "config": settings,
-                                   "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                                   "history": history})
+def _evaluate(model: GPT, it: int, train_ids: torch.Tensor, val_ids: torch.Tensor, eval_iters: int,
+              batch_size: int, generator: torch.Generator, elapsed: float) -> dict:
+    """An eval point's history entry: the validation loss over the whole split, and the train
+    loss estimated from `eval_iters` batches (drawn from the training generator: part of the recipe)."""
+    val = eval_loss(model, val_ids, model.config.block_size)
+    est = estimate_train_loss(model, train_ids, eval_iters, batch_size, generator)
+    return {"iter": it, "train_loss_est": est, "val_loss": val, "elapsed_s": elapsed}
+
+
+def _train_step(model: GPT, optimizer: torch.optim.Optimizer, train_ids: torch.Tensor, generator: torch.Generator,
+                lr: float, batch_size: int, head_dtype: torch.dtype, grad_clip: float) -> tuple[float, int]:
+    """One optimizer step on a random batch at learning rate `lr`: its loss and its token count."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    x, y = get_batch(train_ids, batch_size, model.config.block_size, generator)
+    loss = training_loss(model, x, y, head_dtype)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item(), x.numel()
 
 
 class TrainingDiverged(ValueError):
     """The loss went to NaN or Inf: the run's result is not a model worth using."""
-
-
-# Settings a resumed run may change: the thread count sets the speed, and may change the last bits
-# of the results (said when it changed).
-_RESUMABLE_CHANGES = {"threads"}
-
-
-def _resume(out_path: Path, model: GPT, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-            settings: dict) -> tuple[int, float, list[dict]]:
-    """Load the checkpoint a run of the same settings left at `out_path` (weights, optimizer,
-    generator); returns (its eval iteration, its validation loss, the history so far)."""
-    from .loaders import CheckpointError, _torch_load, load_nanogpt
-
-    ckpt = _torch_load(out_path)  # weights_only: plain tensors and settings, nothing that runs
-    needed = ("optimizer", "generator", "iter_num", "best_val_loss", "config")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
-        raise CheckpointError(f"{out_path}: not a checkpoint `nanoswarm train` can resume (it keeps no "
-                              "optimizer state)")
-    unchecked = {"text_sha256"} - ckpt["config"].keys()  # a checkpoint from before texts were hashed
-    if unchecked:
-        log.warning("%s predates text hashing: resuming without checking that --text is the same text", out_path)
-    # The text is its token ids' hash: the same text under another path (or from another
-    # directory) is the same run.
-    free = _RESUMABLE_CHANGES | unchecked | ({"text_path"} if not unchecked else set())
-    changed = [f"{k} ({ckpt['config'].get(k)!r} there, {settings.get(k)!r} now)"
-               for k in sorted(settings.keys() | ckpt["config"].keys())
-               if k not in free and settings.get(k) != ckpt["config"].get(k)]
-    config, flat = load_nanogpt(out_path)
-    if config != model.config:
-        changed.append(f"model shape ({config} there)")
-    if "threads" in settings and settings["threads"] != ckpt["config"].get("threads", settings["threads"]):
-        log.warning("resuming with %s threads where the run had %s: the weights may differ in their last bits "
-                    "from an uninterrupted run's", settings["threads"], ckpt["config"]["threads"])
-    if changed:
-        raise ValueError(f"{out_path} was trained with other settings: {', '.join(changed)}; resume with "
-                         "the same ones, or start afresh with --overwrite")
-    model.load_flat_state_dict(flat)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    generator.set_state(ckpt["generator"])
-    return int(ckpt["iter_num"]), float(ckpt["best_val_loss"]), list(ckpt.get("history") or [])
 
 
 def training_bytes(config: ModelConfig, batch_size: int) -> int:
@@ -267,7 +241,8 @@ def check_fits(config: ModelConfig, batch_size: int) -> None:
 def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo-ckpt.pt",
           config: ModelConfig = DEFAULT_CONFIG, max_iters: int = 700, batch_size: int = 16,
           lr: float = 2e-3, warmup: int = 50, eval_interval: int = 100, eval_iters: int = 5,
-          seed: int = 1337, threads: int = 1, val_fraction: float = 0.1, progress: bool = True,
+          seed: int = 1337, threads: int = 1, val_fraction: float = 0.1,
+          progress: Callable[[str], None] | None = None,
           weight_decay: float = 0.1, min_lr: float | None = None, log_interval: int = 10,
           grad_clip: float = 1.0, resume: bool = False) -> dict:
     """Train a GPT of shape `config` on `text_path` and write the best checkpoint (lowest
@@ -282,6 +257,7 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
     The defaults are the run that produced the demo model (docs/demo-model.md). The train-loss
     estimate draws its batches from the same seeded generator as training, so eval_interval and
     eval_iters are part of the recipe: change them and the training batches change too.
+    `progress` gets a line at each eval and log point (without it, the lines are logged).
     """
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -310,7 +286,7 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
                 "betas": [0.9, 0.99], "grad_clip": grad_clip, "eval_interval": eval_interval,
                 "eval_iters": eval_iters, "seed": seed, "threads": threads,
                 "val_fraction": val_fraction, "head_matmul_dtype": str(head_dtype)}
-    log.info("training %s (%d parameters) on %d train / %d val tokens; unigram val loss %.4f",
+    log.debug("training %s (%d parameters) on %d train / %d val tokens; unigram val loss %.4f",
              config, n_params, len(train_ids), len(val_ids), unigram)
     _progress(progress, f"{n_params / 1e6:.2f}M parameters, {len(train_ids)} train / {len(val_ids)} "
                         f"val tokens, unigram val loss {unigram:.4f}, head matmuls in {head_dtype}")
@@ -319,7 +295,7 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
     history: list[dict] = []
     first = 0
     if resume:
-        first, best_val, history = _resume(out_path, model, optimizer, generator, settings)
+        first, best_val, history = resume_run(out_path, model, optimizer, generator, settings)
         best_iter, best_state = first, {k: v.detach().clone() for k, v in model.state_dict().items()}
         _progress(progress, f"resuming at iter {first} (val {best_val:.4f}) from {out_path}")
     start = time.monotonic()
@@ -327,10 +303,9 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
     window_time, window_tokens, loss_sum, loss_n = 0.0, 0, 0.0, 0
     for it in range(first, max_iters + 1):
         if (it % eval_interval == 0 or it == max_iters) and not (resume and it == first):  # done before
-            val = eval_loss(model, val_ids, config.block_size)
-            est = estimate_train_loss(model, train_ids, eval_iters, batch_size, generator)
-            history.append({"iter": it, "train_loss_est": est, "val_loss": val,
-                            "elapsed_s": time.monotonic() - start})
+            history.append(_evaluate(model, it, train_ids, val_ids, eval_iters, batch_size, generator,
+                                     time.monotonic() - start))
+            val, est = history[-1]["val_loss"], history[-1]["train_loss_est"]
             if not math.isfinite(val):  # NaN weights never recover: stop now, not at --max-iters
                 _progress(progress, f"iter {it:5d} | eval: val {val}")
                 raise TrainingDiverged(
@@ -340,25 +315,19 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
             if val < best_val:
                 best_val, best_iter = val, it
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                _save(model, out_path, it, best_val, settings, optimizer, generator, history)
+                save_eval_point(model, out_path, it, best_val, settings, optimizer, generator, history)
             _progress(progress, f"iter {it:5d} | eval: train~{est:.4f} val {val:.4f} "
                                 f"(best {best_val:.4f} @ {best_iter}) | {time.monotonic() - start:7.1f}s")
         if it == max_iters:
             break
 
         step_start = time.monotonic()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, lr, warmup, max_iters, min_lr)
-        x, y = get_batch(train_ids, batch_size, config.block_size, generator)
-        loss = training_loss(model, x, y, head_dtype)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        loss, tokens = _train_step(model, optimizer, train_ids, generator, lr_at(it, lr, warmup, max_iters, min_lr),
+                                   batch_size, head_dtype, grad_clip)
         step_time = time.monotonic() - step_start
         train_time, window_time = train_time + step_time, window_time + step_time
-        window_tokens += x.numel()
-        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        window_tokens += tokens
+        loss_sum, loss_n = loss_sum + loss, loss_n + 1
 
         if (it + 1) % log_interval == 0:
             _progress(progress, f"iter {it + 1:5d} | loss {loss_sum / loss_n:.4f} | "
@@ -380,7 +349,7 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
                "resumed_from": first if resume else None,
                "train_time_s": train_time, "wall_time_s": wall, "settings": settings,
                "history": history}
-    log.info("done in %.1fs: best val loss %.4f at iter %d (unigram %.4f), train loss %.4f; wrote %s",
+    log.debug("done in %.1fs: best val loss %.4f at iter %d (unigram %.4f), train loss %.4f; wrote %s",
              wall, best_val, best_iter, unigram, train_loss, out_path)
     _progress(progress, f"done in {wall:.1f}s: val {best_val:.4f} (iter {best_iter}), "
                         f"train {train_loss:.4f}, unigram {unigram:.4f} -> {out_path}")

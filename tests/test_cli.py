@@ -672,6 +672,8 @@ def test_train_prints_one_line_or_json(tmp_path):
                                    "--overwrite to replace it")
     out = run_cli(*args, "--json", "--overwrite")
     assert out.returncode == 0 and json.loads(out.stdout)["out_path"] == str(tmp_path / "ckpt.pt")
+    # progress on stderr without -v: each eval point, and the end
+    assert "iter     0 | eval: " in out.stderr and "done in " in out.stderr.splitlines()[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "text.txt"]  # no partial file left
     cases = ((["--max-iters", "-1"], "--max-iters"), (["--batch-size", "0"], "--batch-size"),
              (["--lr", "inf"], "--lr"), (["--n-embd", "0"], "--n-embd"))

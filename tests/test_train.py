@@ -28,8 +28,11 @@ def test_short_training_run_learns_and_shards(tmp_path):
     text.write_text(train.DEFAULT_TEXT.read_text()[:40_000])
     config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, gelu="exact")
     ckpt = tmp_path / "ckpt.pt"
+    lines: list[str] = []
     summary = train.train(text, ckpt, config, max_iters=30, batch_size=8, lr=3e-3, warmup=5,
-                          eval_interval=10, eval_iters=1, seed=0, threads=1, progress=False)
+                          eval_interval=10, eval_iters=1, seed=0, threads=1, progress=lines.append)
+    assert sum(line.startswith("iter ") and "| eval: " in line for line in lines) == 4  # iters 0, 10, 20, 30
+    assert lines[-1].startswith("done in ") and str(ckpt) in lines[-1]
     history = [h["val_loss"] for h in summary["history"]]
     assert history[-1] < history[0] - 1.0  # it learned something from the text
     loaded_config, state = load_checkpoint(ckpt)
@@ -51,7 +54,7 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, cap
     text.write_text(train.DEFAULT_TEXT.read_text()[:20_000])
     config = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, gelu="exact")
     kwargs = dict(max_iters=8, batch_size=4, lr=3e-3, warmup=2, eval_interval=2, eval_iters=1, seed=0,
-                  threads=1, progress=False)
+                  threads=1)
     whole = train.train(text, tmp_path / "whole.pt", config, **kwargs)
 
     real_loss, steps = train.training_loss, []
@@ -83,7 +86,7 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, cap
     assert resumed["history"] == [{**h, "elapsed_s": r["elapsed_s"]} for h, r in zip(whole["history"],
                                                                                       resumed["history"])]
     # Another thread count is allowed, and said to maybe change the last bits (review81).
-    with caplog.at_level("WARNING", logger="nanoswarm.shards.train"):
+    with caplog.at_level("WARNING", logger="nanoswarm.shards"):
         train.train(text, tmp_path / "other.pt", config, **{**kwargs, "threads": 2}, resume=True)
     assert "resuming with 2 threads where the run had 1" in caplog.text
     a, b = load_checkpoint(tmp_path / "whole.pt")[1], load_checkpoint(tmp_path / "cut.pt")[1]
@@ -144,7 +147,7 @@ def test_a_run_whose_loss_diverges_says_so(tmp_path):
     with pytest.raises(train.TrainingDiverged, match=r"validation loss nan at iter 2; start afresh with --overwrite "
                                                      r"and a lower --lr \(.* holds the best eval point, iter 0"):
         train.train(text, tmp_path / "ckpt.pt", config, max_iters=400, batch_size=2, lr=1e30, warmup=0,
-                    eval_interval=2, eval_iters=1, seed=0, progress=False)  # (stops at once, not at 400)
+                    eval_interval=2, eval_iters=1, seed=0)  # (stops at once, not at 400)
     assert (tmp_path / "ckpt.pt").exists()
 
 
