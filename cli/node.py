@@ -71,7 +71,8 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
     """Serve blocks of MODEL_DIR to the swarm until SIGTERM or Ctrl-C."""
     import dataclasses
 
-    from nanoswarm.node.daemon import NodeOptions, check_contacts, check_span, run_node
+    from nanoswarm.node.daemon import run_node
+    from nanoswarm.node.options import NodeOptions, check_contacts, check_span
     from nanoswarm.node.sessions import NodeLimits
     from nanoswarm.shards.manifest import ManifestError
 

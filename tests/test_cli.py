@@ -687,7 +687,7 @@ def test_train_prints_one_line_or_json(tmp_path):
 
 
 def test_node_takes_every_address_form_peers_can_use(tmp_path, caplog):
-    from nanoswarm.node.daemon import NodeOptions, check_contacts
+    from nanoswarm.node.options import NodeOptions, check_contacts
 
     key = "ab" * 32
     with socket.socket() as s:  # a port nothing listens on (checked forms bind it for a moment)
@@ -708,7 +708,7 @@ def test_node_takes_every_address_form_peers_can_use(tmp_path, caplog):
 
 def test_advertised_address_is_what_records_and_contacts_name(tiny_model_dir, cluster_factory, tmp_path):
     from nanoswarm.node.cluster import NodeSpec
-    from nanoswarm.node.daemon import NodeOptions, advertised_address, check_contacts
+    from nanoswarm.node.options import NodeOptions, advertised_address, check_contacts
 
     bound = "tcp://127.0.0.1:40001"
     assert advertised_address(None, bound) == bound

@@ -1102,7 +1102,8 @@ def test_a_node_placing_itself_asks_for_its_models_records(tiny_model_dir):
     without a model id (at most 128 records of every model: junk or other models crowd it out),
     not from the model's table as docs/discovery.md says (review80)."""
     from nanoswarm.keys.identity import generate_identity
-    from nanoswarm.node.daemon import NodeOptions, _choose_layers
+    from nanoswarm.node.daemon import _choose_layers
+    from nanoswarm.node.options import NodeOptions
 
     asked: list[dict] = []
     with _fake_node(_two_pages(asked)) as contact:
