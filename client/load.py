@@ -29,19 +29,17 @@ from typing import TypeVar
 import torch
 
 from nanoswarm.keys.contact import split_contact
-from nanoswarm.node.placement import block_bytes
-from nanoswarm.protocol.errors import ProtocolError, shown
 from nanoswarm.shards.manifest import read_manifest
-from nanoswarm.shards.model import ModelConfig
 from nanoswarm.shards.tokenizer import N_VOCAB
 from nanoswarm.shards.weights import load_embeddings, load_head
 
 from .generate import ClientModel
-from .load_report import LoadReport, NodeReport
+from .load_nodes import node_reports
+from .load_report import LoadReport
 from .route import RouteError
 from .session import CANNOT_TAKE
 from .stages import RemoteLayerStage, Stage
-from .swarm import Swarm, SwarmOptions, claimed_span
+from .swarm import Swarm, SwarmOptions
 from .transport import PeerError
 
 log = logging.getLogger(__name__)
@@ -261,70 +259,6 @@ def _solo_logits(opts: LoadOptions, infos: dict[str, dict], client: ClientModel,
     return solo
 
 
-def _node_reports(opts: LoadOptions, meta: tuple[str, int, int], before: dict[str, dict], pids: dict[str, int],
-                  config: ModelConfig) -> list[NodeReport]:
-    """Each node's state after the load; a node that no longer answers keeps what it served
-    before (its blocks and weights) and is reported gone (a leave and a crash look the same)."""
-    reports = []
-    probe = Swarm(*meta, opts.swarm_options())
-    try:
-        for address, earlier in before.items():
-            try:
-                info, alive = probe.connection(address).request("info", timeout=min(opts.timeout, 10.0)).fields, True
-            except PeerError as e:
-                log.warning("node %s did not answer info after the load: %s", address, e)
-                info, alive = {}, False
-            now = info or earlier  # a gone node: what it served before the load
-            try:  # a node may have moved to other blocks meanwhile (placement)
-                layers, heads = claimed_span(now, config.n_layer, config.n_head)
-            except ProtocolError as e:  # its figures are a peer's claims: none used unchecked (a review)
-                log.warning("node %s answered a malformed info after the load: %s", address, e.message)
-                info, now = {}, earlier
-                layers, heads = earlier["layers"], earlier.get("heads")  # checked before the load
-            dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(now.get("dtype")), torch.float32)
-            weights = (layers[1] - layers[0]) * block_bytes(config, dtype)
-            if heads:  # a head shard holds its heads' columns and rows of every matrix
-                weights = weights * (heads[1] - heads[0]) // config.n_head
-            peak, source = _whole(info.get("peak_rss_bytes")), "info"
-            pid = pids.get(address)
-            if str(earlier.get("device", "")).startswith("cuda"):  # weights and caches are on the GPU
-                peak, source = _whole(info.get("device_peak_bytes")), "device"
-            elif pid is not None:
-                peak, source = _vm_hwm(pid) or peak, "VmHWM"
-            reports.append(NodeReport(address, list(layers), list(heads) if heads else None, alive, peak, source,
-                                      weights, _whole(info.get("kv_budget", earlier.get("kv_budget"))),
-                                      _error_counts(info.get("errors"))))
-    finally:
-        probe.close()
-    return reports
-
-
-def _whole(claim: object) -> int | None:
-    """A byte count or a count from a node's `info`: a whole number >= 0, else unknown (None).
-    A NaN peak passed the memory check and made `--json` print NaN; a string stopped the report
-    (a review)."""
-    ok = isinstance(claim, int) and not isinstance(claim, bool) and 0 <= claim < 2**63
-    return claim if ok else None  # type: ignore[return-value]
-
-
-def _error_counts(claim: object) -> dict[str, int]:
-    """A node's error counts from its `info` (code -> count), what makes sense of them."""
-    if not isinstance(claim, dict):
-        return {}
-    return {shown(str(code), 64): n for code, n in list(claim.items())[:64] if _whole(n) is not None}
-
-
-def _vm_hwm(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def run_load(opts: LoadOptions) -> LoadReport:
     """Start a local swarm unless peers are given, run the load, report."""
     manifest = read_manifest(opts.model_dir)
@@ -369,7 +303,7 @@ def run_load(opts: LoadOptions) -> LoadReport:
             t.join(opts.duration + 10 * opts.timeout)
         report = _merge(opts, workers)
         report.elapsed = time.monotonic() - start  # (steps under way at the deadline finish; sessions close)
-        report.nodes = _node_reports(opts, meta, infos, pids, config)
+        report.nodes = node_reports(opts.swarm_options(), opts.timeout, meta, infos, pids, config)
         if cluster is not None:
             for node in cluster.nodes:  # a node that died shows in its exit code too
                 if node.proc.poll() is not None:

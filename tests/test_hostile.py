@@ -1067,7 +1067,8 @@ def test_a_nodes_info_after_the_load_is_checked_before_the_report(tiny_model_dir
     `--json` print NaN; a string or a malformed range stopped the report with a Python error
     (a review). Now a figure that is not a byte count is unknown, and a malformed range keeps
     what the node served before the load."""
-    from nanoswarm.client.load import LoadOptions, _node_reports
+    from nanoswarm.client.load import LoadOptions
+    from nanoswarm.client.load_nodes import node_reports
     from nanoswarm.client.load_report import LoadReport
 
     manifest = read_manifest(tiny_model_dir)
@@ -1078,8 +1079,8 @@ def test_a_nodes_info_after_the_load_is_checked_before_the_report(tiny_model_dir
         earlier["kv_budget"] = claims["kv_budget"]
     with _fake_node(lambda req: info) as contact:
         report = LoadReport(1, 1.0)
-        report.nodes = _node_reports(LoadOptions(tiny_model_dir, peers=[contact], timeout=5.0), meta,
-                                     {contact: earlier}, {}, config)
+        opts = LoadOptions(tiny_model_dir, peers=[contact], timeout=5.0)
+        report.nodes = node_reports(opts.swarm_options(), opts.timeout, meta, {contact: earlier}, {}, config)
     [node] = report.nodes
     assert node.alive and node.layers == [0, 4] and node.heads is None
     assert node.peak_rss_bytes == (3 * 2**20 if set(claims) <= {"dtype", "kv_budget", "errors"} else None)

@@ -92,7 +92,8 @@ def test_a_run_that_completes_no_session_is_not_ok(tiny_model_dir):
 def test_a_node_that_died_keeps_its_blocks_in_the_report(tiny_model_dir, cluster_factory):
     import signal
 
-    from nanoswarm.client.load import _node_reports, _peer_infos
+    from nanoswarm.client.load import _peer_infos
+    from nanoswarm.client.load_nodes import node_reports
     from nanoswarm.shards.manifest import read_manifest
 
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 4))])
@@ -102,7 +103,7 @@ def test_a_node_that_died_keeps_its_blocks_in_the_report(tiny_model_dir, cluster
     infos = _peer_infos(opts, meta)
     swarm.kill(1, signal.SIGKILL)
     swarm.nodes[1].proc.wait()
-    reports = _node_reports(opts, meta, infos, {}, manifest.config)
+    reports = node_reports(opts.swarm_options(), opts.timeout, meta, infos, {}, manifest.config)
     assert [(n.layers, n.alive) for n in reports] == [([0, 1], True), ([1, 4], False)]
     assert reports[1].weight_bytes == 3 * reports[0].weight_bytes > 0
 
