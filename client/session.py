@@ -165,7 +165,7 @@ class InferenceSession(Failover):
         if T > 1 and self.swarm is not None and not fits_wire(hidden, self.swarm.options.wire):
             # Checked first for a step a stage may send in pieces (a refused half, a head group's
             # pieces): a bad later piece would leave an earlier one stored. A one-position step
-            # (the per-token path) is checked only if a node refuses it, below.
+            # (the per-token path) is checked only if a node refuses it (_after_error).
             raise CallerError(self._unfit(self.stages[0]))
         i, busy_retries, reopened = 0, 0, set()
         relay, rewind = self.relay, set()  # rewind: stages that may hold this position already

@@ -181,12 +181,13 @@ def _progress(progress: Callable[[str], None] | None, message: str) -> None:
 
 
 def _evaluate(model: GPT, it: int, train_ids: torch.Tensor, val_ids: torch.Tensor, eval_iters: int,
-              batch_size: int, generator: torch.Generator, elapsed: float) -> dict:
-    """An eval point's history entry: the validation loss over the whole split, and the train
-    loss estimated from `eval_iters` batches (drawn from the training generator: part of the recipe)."""
+              batch_size: int, generator: torch.Generator, start: float) -> dict:
+    """An eval point's history entry: the validation loss over the whole split, the train loss
+    estimated from `eval_iters` batches (drawn from the training generator: part of the recipe),
+    and the run's time so far (since `start`, this evaluation included)."""
     val = eval_loss(model, val_ids, model.config.block_size)
     est = estimate_train_loss(model, train_ids, eval_iters, batch_size, generator)
-    return {"iter": it, "train_loss_est": est, "val_loss": val, "elapsed_s": elapsed}
+    return {"iter": it, "train_loss_est": est, "val_loss": val, "elapsed_s": time.monotonic() - start}
 
 
 def _train_step(model: GPT, optimizer: torch.optim.Optimizer, train_ids: torch.Tensor, generator: torch.Generator,
@@ -259,6 +260,8 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
     eval_iters are part of the recipe: change them and the training batches change too.
     `progress` gets a line at each eval and log point (without it, the lines are logged).
     """
+    if progress is not None and not callable(progress):  # (it was a flag once: refused now, not at the first line)
+        raise TypeError(f"progress must be a callable taking a line, or None, not {progress!r}")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -287,7 +290,7 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
                 "eval_iters": eval_iters, "seed": seed, "threads": threads,
                 "val_fraction": val_fraction, "head_matmul_dtype": str(head_dtype)}
     log.debug("training %s (%d parameters) on %d train / %d val tokens; unigram val loss %.4f",
-             config, n_params, len(train_ids), len(val_ids), unigram)
+              config, n_params, len(train_ids), len(val_ids), unigram)
     _progress(progress, f"{n_params / 1e6:.2f}M parameters, {len(train_ids)} train / {len(val_ids)} "
                         f"val tokens, unigram val loss {unigram:.4f}, head matmuls in {head_dtype}")
 
@@ -303,8 +306,7 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
     window_time, window_tokens, loss_sum, loss_n = 0.0, 0, 0.0, 0
     for it in range(first, max_iters + 1):
         if (it % eval_interval == 0 or it == max_iters) and not (resume and it == first):  # done before
-            history.append(_evaluate(model, it, train_ids, val_ids, eval_iters, batch_size, generator,
-                                     time.monotonic() - start))
+            history.append(_evaluate(model, it, train_ids, val_ids, eval_iters, batch_size, generator, start))
             val, est = history[-1]["val_loss"], history[-1]["train_loss_est"]
             if not math.isfinite(val):  # NaN weights never recover: stop now, not at --max-iters
                 _progress(progress, f"iter {it:5d} | eval: val {val}")
@@ -350,7 +352,7 @@ def train(text_path: str | Path = DEFAULT_TEXT, out_path: str | Path = "out/demo
                "train_time_s": train_time, "wall_time_s": wall, "settings": settings,
                "history": history}
     log.debug("done in %.1fs: best val loss %.4f at iter %d (unigram %.4f), train loss %.4f; wrote %s",
-             wall, best_val, best_iter, unigram, train_loss, out_path)
+              wall, best_val, best_iter, unigram, train_loss, out_path)
     _progress(progress, f"done in {wall:.1f}s: val {best_val:.4f} (iter {best_iter}), "
                         f"train {train_loss:.4f}, unigram {unigram:.4f} -> {out_path}")
     return summary

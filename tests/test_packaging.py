@@ -22,8 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def _pyproject() -> dict:
     if sys.version_info >= (3, 11):
         import tomllib
-    else:  # pip carries the same parser for 3.10
-        from pip._vendor import tomli as tomllib
+    else:  # tomllib's origin, or the copy pip carries, on 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            from pip._vendor import tomli as tomllib
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
@@ -34,7 +37,8 @@ def _shipped(package: str, relative: str) -> bool:
 
 def test_every_data_file_of_the_package_is_package_data():
     shards = ROOT / "shards"
-    files = [p for d in ("data", "demo") for p in (shards / d).iterdir() if p.is_file()]
+    files = [p for d in ("data", "demo") for p in (shards / d).rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts]
     assert len(files) > 10  # the vocabulary, the text and the demo model's manifest and shards
     relative = [str(p.relative_to(shards)) for p in files]
     assert [r for r in relative if not _shipped("nanoswarm.shards", r)] == []

@@ -186,7 +186,7 @@ def test_a_stream_collected_inside_another_step_touches_no_socket(tiny_model_dir
         def step_of_another_thread() -> None:
             with model._lock:
                 held.set()
-                release.wait(30)
+                release.wait(10)  # (a cleanup that waited for the lock would wait this long)
 
         other = threading.Thread(target=step_of_another_thread, daemon=True)
         other.start()

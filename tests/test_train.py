@@ -93,6 +93,13 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, cap
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_progress_is_a_callable_or_none(tmp_path):
+    """`progress` was a flag once: a bool is refused before any work, not at the first line."""
+    with pytest.raises(TypeError, match="progress must be a callable"):
+        train.train(tmp_path / "no-text.txt", tmp_path / "ckpt.pt", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_run_that_cannot_fit_or_write_fails_before_any_work(tmp_path):
     """A review's runs allocated for 25-87 s before torch failed (n_layer 100000, batch 10^8), or
     failed at the first eval with torch's words for a bad --out; a shape `shard` refuses trained."""
