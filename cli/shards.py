@@ -192,6 +192,11 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
             click.echo(f"interrupted: the same command with --resume continues from {out_path}'s eval point",
                        err=True)
         raise
+    except OSError as e:  # a full disk at a later eval point: the best one so far is kept
+        if out_path.is_file() and (resume or out_path.stat().st_mtime_ns != before):
+            raise click.ClickException(f"{e}; {out_path} holds the best eval point so far: the same command "
+                                       "with --resume continues from it") from None
+        raise
     if as_json:
         click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     else:

@@ -311,14 +311,22 @@ def check_storable(flat_sd: StateDict, dtype: torch.dtype) -> None:
             raise ValueError(f"{k} holds {m:g}, which {_dtype_name(dtype)} cannot hold{instead.get(dtype, '')}")
 
 
-def _write_file(out_dir: Path, name: str, tensors: StateDict, dtype: torch.dtype) -> tuple[str, int]:
-    # clone(): safetensors refuses tensors that share storage (views of one parameter).
-    data = st_save({k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in tensors.items()},
-                   metadata={"format": "pt"})
+def _write_tmp(out_dir: Path, name: str, data: bytes, written: list[Path]) -> None:
+    """`data` to the hidden temporary file of `name` (moved into place once every file is
+    written), listed in `written`. A failure (a full disk) names the file: Python's OSError of
+    a write names none."""
     tmp = out_dir / f".{name}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, out_dir / name)  # a reader never sees a half-written shard
-    return hashlib.sha256(data).hexdigest(), len(data)
+    written.append(tmp)
+    try:
+        tmp.write_bytes(data)
+    except OSError as e:
+        raise OSError(f"cannot write {out_dir / name}: {e.strerror or e}") from e
+
+
+def _shard_bytes(tensors: StateDict, dtype: torch.dtype) -> bytes:
+    # clone(): safetensors refuses tensors that share storage (views of one parameter).
+    return st_save({k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in tensors.items()},
+                   metadata={"format": "pt"})
 
 
 def write_model_dir(config: ModelConfig, flat_sd: StateDict, out_dir: str | Path, layers_per_shard: int,
@@ -348,15 +356,24 @@ def write_model_dir(config: ModelConfig, flat_sd: StateDict, out_dir: str | Path
         for i, j in splits:
             plan.append((f"blocks-{a}-{b}-heads-{i}-{j}.safetensors", "blocks", (a, b), (i, j),
                          slice_block_weights(block_sd, config, (i, j))))
-    files = []
-    for n, (name, role, layers, heads, tensors) in enumerate(plan, start=1):
-        sha, size = _write_file(out, name, tensors, dtype)
-        log.log(level, "[%d/%d] wrote %s (%.1f MB)", n, len(plan), name, size / 1e6)
-        files.append(FileEntry(name, role, layers, heads, sha, size))
-    manifest = Manifest(config=config, dtype=_dtype_name(dtype), files=files)
-    tmp = out / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, out / MANIFEST_NAME)
+    # Every file goes to a hidden temporary name first and is moved into place only once all of
+    # them, the manifest too, are written: a full disk (or Ctrl-C) midway left the directory's
+    # earlier model with some of its files replaced, and the partial file behind (a review).
+    files, written = [], []
+    try:
+        for n, (name, role, layers, heads, tensors) in enumerate(plan, start=1):
+            data = _shard_bytes(tensors, dtype)
+            _write_tmp(out, name, data, written)
+            log.log(level, "[%d/%d] wrote %s (%.1f MB)", n, len(plan), name, len(data) / 1e6)
+            files.append(FileEntry(name, role, layers, heads, hashlib.sha256(data).hexdigest(), len(data)))
+        manifest = Manifest(config=config, dtype=_dtype_name(dtype), files=files)
+        _write_tmp(out, MANIFEST_NAME, manifest.to_json().encode(), written)
+    except BaseException:
+        for tmp in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp in written:  # renames: no space needed, and a reader never sees a half-written file
+        os.replace(tmp, out / tmp.name[1:].removesuffix(".tmp"))  # the manifest last
     log.log(level, "wrote %s: model id %s", out / MANIFEST_NAME, manifest.model_id)
     _remove_stale_shards(out, {f.name for f in files})
     return manifest

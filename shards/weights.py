@@ -50,7 +50,8 @@ def read_verified(model_dir: str | Path, entry: FileEntry, manifest: Manifest | 
     try:
         data = _read_exactly(Path(model_dir) / entry.name, entry.size)
     except OSError as exc:
-        raise ShardIntegrityError(f"{entry.name}: cannot read it from {model_dir}: {exc}") from exc
+        why = exc.strerror if exc.strerror else exc  # (the path once, not again in the OSError's words)
+        raise ShardIntegrityError(f"{entry.name}: cannot read it from {model_dir}: {why}") from exc
     actual = hashlib.sha256(data).hexdigest()
     if actual != entry.sha256:
         raise ShardIntegrityError(f"{entry.name}: sha256 {actual[:16]}... does not match the manifest's "

@@ -5,6 +5,7 @@ the flat form loaders.py produces.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -30,8 +31,18 @@ def save_nanogpt_checkpoint(config: ModelConfig, flat_sd: StateDict, path: str |
     path.parent.mkdir(parents=True, exist_ok=True)
     # Whole or not at all: training rewrites its checkpoint at every new best, and a run killed
     # mid-write must leave the previous best, not a truncated file.
+    # Serialised in memory first: torch.save to a file reports a full disk as an internal
+    # "enforce fail ... unexpected pos", without the path or the reason (a review).
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
     partial = path.with_name(f".{path.name}.partial")
-    torch.save(ckpt, partial)
+    try:
+        partial.write_bytes(buffer.getbuffer())
+    except BaseException as e:  # a full disk, Ctrl-C: no partial file left to fill the disk
+        partial.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+        raise
     os.replace(partial, path)
     return path
 

@@ -275,6 +275,10 @@ def test_tampered_shard_is_refused(tmp_path):
     weights.load_blocks(tmp_path, 0, 2)  # only the files a load needs are checked
     weights.load_embeddings(tmp_path)
     weights.load_head(tmp_path)
+    path.unlink()  # named once, with the reason (the OSError's words repeated the path)
+    with pytest.raises(mf.ShardIntegrityError) as missing:
+        weights.load_blocks(tmp_path, 2, 4)
+    assert str(missing.value) == f"blocks-2-4.safetensors: cannot read it from {tmp_path}: No such file or directory"
 
 
 def test_missing_layer_is_a_clear_error(tmp_path):
@@ -771,3 +775,44 @@ def test_gpu_settings_checked_without_a_gpu(tiny_model_dir, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
             SwarmModel.connect(tiny_model_dir, device="cuda")
+
+
+def _fail_writing(monkeypatch, name: str, error: BaseException, nth: int = 1) -> None:
+    """Path.write_bytes raises `error` on its `nth` write of a file called `name` (a full disk,
+    or Ctrl-C, as the write goes on)."""
+    from pathlib import Path
+
+    real, seen = Path.write_bytes, []
+
+    def write_bytes(self, data):
+        if self.name == name:
+            seen.append(self)
+            if len(seen) == nth:
+                raise error
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk_full", "ctrl_c"])
+def test_a_model_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, error):
+    """A full disk midway through `shard --overwrite` left the directory's earlier model with some
+    files replaced (its manifest then refused them), a hidden partial file filling the disk, and
+    an error that named no file (a review). Every file is now written under a temporary name and
+    moved into place once all are."""
+    from conftest import TINY, invoke_cli
+
+    out = tmp_path / "m"
+    mf.write_model_dir(TINY, GPT(TINY).flat_state_dict(), out, 1, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    torch.manual_seed(1)
+    save_nanogpt_checkpoint(TINY, GPT(TINY).flat_state_dict(), tmp_path / "other.pt")
+    _fail_writing(monkeypatch, ".blocks-2-3.safetensors.tmp", error)
+    done = invoke_cli("shard", str(tmp_path / "other.pt"), str(out), "--layers-per-shard", "1", "--overwrite")
+    assert done.returncode != 0
+    if isinstance(error, OSError):
+        assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+            f"error: cannot write {out / 'blocks-2-3.safetensors'}: No space left on device")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier model, whole
+    weights.load_blocks(out, 0, 4)  # (every file checked against its manifest)

@@ -178,3 +178,40 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train", interrupted_at_once)
     out = invoke_cli("train", "--out", str(tmp_path / "ckpt.pt"), "--overwrite")
     assert out.returncode == 130 and out.stderr == ""
+
+
+def test_a_full_disk_keeps_the_best_checkpoint_and_says_how_to_go_on(tmp_path, monkeypatch):
+    """A full disk at a later eval point printed torch's "[enforce fail at inline_container.cc]
+    ... unexpected pos" and left a hidden .partial file filling the disk (a review). The error now
+    names the checkpoint and the reason, the partial file is gone, the best eval point so far
+    stays, and the line says that --resume continues from it."""
+    from pathlib import Path
+
+    from conftest import invoke_cli
+
+    text = tmp_path / "text.txt"
+    text.write_text(train.DEFAULT_TEXT.read_text()[:20_000])
+    out = tmp_path / "ckpt.pt"
+    real, saves = Path.write_bytes, []
+
+    def write_bytes(self, data):
+        if self.name == ".ckpt.pt.partial":
+            saves.append(self)
+            if len(saves) == 2:
+                raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    done = invoke_cli("train", "--text", str(text), "--out", str(out), "--n-layer", "1", "--n-head", "1",
+                      "--n-embd", "16", "--block-size", "16", "--max-iters", "4", "--batch-size", "2",
+                      "--eval-interval", "1", "--warmup", "0")
+    assert len(saves) == 2 and done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write checkpoint {out}: No space left on device; {out} holds the best eval point so far: "
+        "the same command with --resume continues from it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "text.txt"]
+    monkeypatch.setattr(Path, "write_bytes", real)
+    done = invoke_cli("train", "--text", str(text), "--out", str(out), "--n-layer", "1", "--n-head", "1",
+                      "--n-embd", "16", "--block-size", "16", "--max-iters", "4", "--batch-size", "2",
+                      "--eval-interval", "1", "--warmup", "0", "--resume")
+    assert done.returncode == 0, done.stderr
