@@ -80,13 +80,16 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     a directory (or none yet, under one that can be written), and an empty one unless
     --overwrite. Writing into a full directory unasked removed an earlier model's files or put
     shards beside the checkpoint they were cut from (a review)."""
+    from nanoswarm.shards.manifest import is_leftover
+
     try:
         if out_dir.is_symlink() and not out_dir.exists():
             raise click.ClickException(f"{out_dir} is a symbolic link to nothing: give a new or empty directory")
         if out_dir.exists() and not out_dir.is_dir():
             raise click.ClickException(f"{out_dir} is not a directory: give a new or empty directory as OUT_DIR")
         if out_dir.is_dir():
-            if any(out_dir.iterdir()) and not overwrite:
+            # (what a shard run killed midway left is no model: the write removes it)
+            if any(not is_leftover(p.name) for p in out_dir.iterdir()) and not overwrite:
                 raise click.ClickException(f"{out_dir} is not empty: pass --overwrite to write the model there "
                                            "(an earlier model's shard files in it are removed)")
             _probe(out_dir, f"{out_dir}:")

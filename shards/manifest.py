@@ -380,13 +380,22 @@ def write_model_dir(config: ModelConfig, flat_sd: StateDict, out_dir: str | Path
 
 
 _SHARD_NAME = re.compile(r"^(embeddings|head|blocks-\d+-\d+(-heads-\d+-\d+)?)\.safetensors$")
+# What a writer killed midway (SIGKILL, a power cut) leaves: our temporary names, nothing else.
+_LEFTOVER_NAME = re.compile(r"^\.((embeddings|head|blocks-\d+-\d+(-heads-\d+-\d+)?)\.safetensors|manifest\.json)\.tmp$")
+
+
+def is_leftover(name: str) -> bool:
+    """Whether `name` is a temporary file that write_model_dir left when it was killed midway
+    (removed by the next write into the directory)."""
+    return _LEFTOVER_NAME.match(name) is not None
 
 
 def _remove_stale_shards(out: Path, keep: set[str]) -> None:
     """Shard files of an earlier model written to the same directory: the manifest no longer
-    names them, and left there they look like part of this one. Only our own file names."""
+    names them, and left there they look like part of this one; and the temporary files of a
+    write that was killed. Only our own file names."""
     for path in out.iterdir():
-        if _SHARD_NAME.match(path.name) and path.name not in keep and path.is_file():
+        if (is_leftover(path.name) or _SHARD_NAME.match(path.name) and path.name not in keep) and path.is_file():
             path.unlink()
             log.info("removed %s: not part of the new model", path)
 

@@ -816,3 +816,23 @@ def test_a_model_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch
             f"error: cannot write {out / 'blocks-2-3.safetensors'}: No space left on device")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier model, whole
     weights.load_blocks(out, 0, 4)  # (every file checked against its manifest)
+
+
+def test_what_a_killed_shard_run_left_is_no_model(tmp_path):
+    """A shard run killed midway (SIGKILL: no cleanup runs) leaves its temporary files: the next
+    run into the directory takes it as empty and removes them, and keeps anything else."""
+    from conftest import TINY, invoke_cli
+
+    out = tmp_path / "m"
+    out.mkdir()
+    for name in (".blocks-0-1.safetensors.tmp", ".manifest.json.tmp", ".embeddings.safetensors.tmp"):
+        (out / name).write_bytes(b"partial")
+    save_nanogpt_checkpoint(TINY, GPT(TINY).flat_state_dict(), tmp_path / "ckpt.pt")
+    done = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(out), "--layers-per-shard", "2")
+    assert done.returncode == 0, done.stderr
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    (out / ".notes.tmp").write_text("mine")  # not a name of ours: kept, and the directory is not empty
+    done = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(out), "--layers-per-shard", "2")
+    assert done.returncode == 1 and "is not empty" in done.stderr
+    done = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(out), "--layers-per-shard", "2", "--overwrite")
+    assert done.returncode == 0 and (out / ".notes.tmp").read_text() == "mine"
