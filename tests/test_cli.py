@@ -121,21 +121,27 @@ def _cluster(model_dir, tmp: Path, *args: str) -> tuple[subprocess.Popen, dict]:
     return proc, json.loads(proc.stdout.readline())
 
 
-def test_signals_end_commands_as_ctrl_c_does(tiny_model_dir, tmp_path):
+def test_signals_end_commands_as_ctrl_c_does(tmp_path):
     """SIGTERM or SIGHUP (kill, timeout, a closed terminal) skipped every command's cleanup but
     cluster's and demo's: key files and bench's models were left, and generate's sessions stayed
     open on the nodes (a review). Now each ends as Ctrl-C does, exit code 128 + the signal."""
-    proc, ready = _cluster(tiny_model_dir, tmp_path / "a", "--nodes", "1")
+    from dataclasses import replace
+
+    from conftest import make_model_dir
+
+    # A context of 2,048 positions: the tiny model's 128 ended a generation within a fraction of
+    # a second, and on a loaded machine one ended before the signal came (exit 0, twice in CI).
+    model_dir = make_model_dir(tmp_path / "long", replace(TINY, block_size=2048), layers_per_shard=4)
+    proc, ready = _cluster(model_dir, tmp_path / "a", "--nodes", "1")
     contact, pids = ready["nodes"][0]["contact"], [n["pid"] for n in ready["nodes"]]
     probe = PeerConnection(contact, timeout=10)
     try:
-        gen = subprocess.Popen([*CLI, "generate", "To be", "--model", str(tiny_model_dir), "--peers", contact,
+        gen = subprocess.Popen([*CLI, "generate", "To be", "--model", str(model_dir), "--peers", contact,
                                 "--max-new-tokens", "100000", "--temperature", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         gen.stdout.read(20)  # generating
-        # Frozen where it is: the tiny model's context ends a generation within a fraction of a
-        # second, and on a loaded machine one ended before the signal came (exit 0). The signal
-        # waits for SIGCONT, and the handler runs at once then.
+        # Frozen where it is, mid-generation: the signal waits for SIGCONT, and the handler runs
+        # at once then.
         gen.send_signal(signal.SIGSTOP)
         assert probe.request("info").fields["sessions"] == 1
         gen.send_signal(signal.SIGHUP)
@@ -149,11 +155,11 @@ def test_signals_end_commands_as_ctrl_c_does(tiny_model_dir, tmp_path):
         assert probe.request("info").fields["sessions"] == 0
         # --json prints what came so far, with an empty stop_reason (it printed nothing)
         before = probe.request("info").fields["stats"]["tokens"]  # (the node's count since it started)
-        gen = subprocess.Popen([*CLI, "generate", "To be", "--model", str(tiny_model_dir), "--peers", contact,
+        gen = subprocess.Popen([*CLI, "generate", "To be", "--model", str(model_dir), "--peers", contact,
                                 "--max-new-tokens", "100000", "--temperature", "0", "--json"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        # Stopped as soon as it has generated (the prompt's 2 positions and 2 more): the context
-        # leaves it ~120 tokens, a fraction of a second, before it would end on its own.
+        # Stopped once it has generated (the prompt's 2 positions and 2 more), seconds before
+        # the context would end it.
         deadline = time.monotonic() + 30
         while probe.request("info").fields["stats"]["tokens"] < before + 4 and time.monotonic() < deadline:
             time.sleep(0.002)
