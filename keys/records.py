@@ -144,8 +144,10 @@ def _text(value: object, name: str, max_len: int) -> str:
 # transport, a `#` that makes the contact string ambiguous, a port of `*`) would fail in every
 # node and client that picks the record; ipc:// and inproc:// would point into the receiver's
 # own machine or process.
-# Hostnames may hold `_` (container and compose service names do).
-_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*):([0-9]{1,5})")
+# Hostnames may hold `_` (container and compose service names do), but not begin with it, `-` or
+# `.`: ZeroMQ refuses those (EINVAL), and a record naming one had every node of the swarm warn
+# that it could not gossip with it, once a round, for as long as the record lived (a review).
+_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):([0-9]{1,5})")
 
 
 def _address(value: object) -> str:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_LINKS = 64   # gossip links kept open (a round uses `fanout` of them)
+MAX_UNREACHABLE = 4096  # contacts ZeroMQ refused, remembered so that each is warned about once
 LINK_MAX_FRAME = 2 * MAX_HEADER_BYTES  # gossip messages are one header frame: nothing larger is read
 
 
@@ -60,6 +61,7 @@ class GossipLinks:
         self.on_silent = on_silent    # a contact left a request unanswered past peer_timeout
         self.open: OrderedDict[str, GossipLink] = OrderedDict()
         self._server: NodeServer | None = None  # watches the links' sockets once attached
+        self._unreachable: OrderedDict[str, None] = OrderedDict()  # contacts ZeroMQ refused, warned about once
 
     def __len__(self) -> int:
         return len(self.open)
@@ -82,7 +84,13 @@ class GossipLinks:
             conn = PeerConnection(contact, timeout=self.peer_timeout, client_keys=self.client_keys,
                                   max_frame=LINK_MAX_FRAME)
         except (ValueError, zmq.ZMQError) as e:  # a contact ZeroMQ cannot connect to: skip only it
-            log.warning("cannot gossip with %s: %s", contact[:120], e)
+            # Said once a contact (a record names it every round while it lives), not every round.
+            if contact not in self._unreachable:
+                log.warning("cannot gossip with %s: %s", contact[:120], e)
+            self._unreachable[contact] = None
+            self._unreachable.move_to_end(contact)
+            while len(self._unreachable) > MAX_UNREACHABLE:
+                self._unreachable.popitem(last=False)
             return None
         link = self.open[contact] = GossipLink(conn)
         self._watch(link)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from nanoswarm.keys.identity import is_z85_key
-from nanoswarm.protocol.errors import ErrorCode, ProtocolError
+from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
 from nanoswarm.protocol.messages import (
     PROTOCOL_VERSION,
     REQUEST_TYPES,
@@ -157,6 +157,9 @@ class RequestHandler:
                                 or isinstance(e, ProtocolError) and e.code is ErrorCode.BUSY):
             self._unsee(peer, msg.id)
         if isinstance(e, ProtocolError):
+            # -vv shows who was refused what (a review: a misconfigured client was invisible).
+            log.debug("refused %s from connection %s: %s: %s", msg.type if msg is not None else "a message",
+                      peer.hex()[:16], e.code.value, shown(e.message))
             return self._error(req_id, e.code, e.message)
         if isinstance(e, torch.cuda.OutOfMemoryError):  # copying a step's input to the device, or a forward
             return self._error(req_id, ErrorCode.BUSY, self.steps.out_of_memory())
@@ -384,7 +387,9 @@ class RequestHandler:
         for peer in peers:
             self._seen_total -= len(self._seen.pop(peer, ()))
         if gone:
-            log.info("closed %d sessions whose clients' connections dropped", len(gone))
+            log.info("closed %s whose client's connection dropped" if len(gone) == 1 else
+                     "closed %s whose clients' connections dropped",
+                     "1 session" if len(gone) == 1 else f"{len(gone)} sessions")
         return gone
 
     def expire_idle(self) -> list[str]:

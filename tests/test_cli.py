@@ -135,18 +135,23 @@ def test_signals_end_commands_as_ctrl_c_does(tmp_path):
     proc, ready = _cluster(model_dir, tmp_path / "a", "--nodes", "1")
     contact, pids = ready["nodes"][0]["contact"], [n["pid"] for n in ready["nodes"]]
     probe = PeerConnection(contact, timeout=10)
+    errors = tmp_path / "generate.err"  # what generate said, for a failure's message
+
+    def said() -> str:
+        return f"generate's stderr: {errors.read_text()!r}"
+
     try:
         gen = subprocess.Popen([*CLI, "generate", "To be", "--model", str(model_dir), "--peers", contact,
                                 "--max-new-tokens", "100000", "--temperature", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                               stdout=subprocess.PIPE, stderr=errors.open("w"), text=True)
         gen.stdout.read(20)  # generating
         # Frozen where it is, mid-generation: the signal waits for SIGCONT, and the handler runs
         # at once then.
         gen.send_signal(signal.SIGSTOP)
-        assert probe.request("info").fields["sessions"] == 1
+        assert probe.request("info").fields["sessions"] == 1, said()
         gen.send_signal(signal.SIGHUP)
         gen.send_signal(signal.SIGCONT)
-        assert gen.wait(30) == 128 + signal.SIGHUP
+        assert gen.wait(30) == 128 + signal.SIGHUP, said()
         assert gen.stdout.read().endswith("\n")  # the text's line ends
         # closed on the way out, not in 300 s (queued as it exits: the node may read it a moment later)
         deadline = time.monotonic() + 5
@@ -157,7 +162,7 @@ def test_signals_end_commands_as_ctrl_c_does(tmp_path):
         before = probe.request("info").fields["stats"]["tokens"]  # (the node's count since it started)
         gen = subprocess.Popen([*CLI, "generate", "To be", "--model", str(model_dir), "--peers", contact,
                                 "--max-new-tokens", "100000", "--temperature", "0", "--json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                               stdout=subprocess.PIPE, stderr=errors.open("w"), text=True)
         # Stopped once it has generated (the prompt's 2 positions and 2 more), seconds before
         # the context would end it.
         deadline = time.monotonic() + 30
@@ -166,7 +171,7 @@ def test_signals_end_commands_as_ctrl_c_does(tmp_path):
         gen.send_signal(signal.SIGSTOP)
         gen.send_signal(signal.SIGTERM)
         gen.send_signal(signal.SIGCONT)
-        assert gen.wait(30) == 128 + signal.SIGTERM
+        assert gen.wait(30) == 128 + signal.SIGTERM, said()
         partial = json.loads(gen.stdout.read())
         assert partial["stop_reason"] == "" and partial["ids"] and partial["text"] and "error" not in partial
     finally:
@@ -886,6 +891,9 @@ def test_a_node_whose_stdout_is_closed_serves_on_quietly(tiny_model_dir, tmp_pat
         finally:
             probe.close()
     assert "stdout is closed: the line with the node's contact went nowhere" in "".join(err)
+    # every log line names its level (an operator greps a long-running node's log for WARNING)
+    assert any(" WARNING nanoswarm." in x and "stdout is closed" in x for x in err)
+    assert any(" INFO nanoswarm.node.daemon: listening " in x for x in err)
 
 
 def test_a_cluster_whose_stdout_is_closed_serves_on(tiny_model_dir):

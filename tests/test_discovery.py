@@ -1045,3 +1045,21 @@ def test_bootstraps_are_asked_at_once(tiny_model_dir, cluster_factory):
     finally:
         for s in silent:
             s.close()
+
+
+def test_a_contact_zeromq_refuses_is_warned_about_once(caplog):
+    """A record naming a host ZeroMQ refuses (tcp://_:5, signed and pushed by anyone) had every
+    node warn "cannot gossip with" once a gossip round, for as long as the record lived (a
+    review: 27 lines in 27 s on each of three nodes). Records refuse such hosts now; a contact
+    that ZeroMQ still refuses is warned about once."""
+    import zmq
+
+    from nanoswarm.node.gossip_links import GossipLinks
+
+    links = GossipLinks("tcp://127.0.0.1:1", zmq.curve_keypair(), 1.0, lambda wires: None, lambda contact: None)
+    with caplog.at_level(logging.WARNING, logger="nanoswarm.node.gossip_links"):
+        for _ in range(3):
+            assert links.get("tcp://_:5") is None and links.get("tcp://-a:5") is None
+    warned = [r.getMessage() for r in caplog.records if "cannot gossip with" in r.getMessage()]
+    assert len(warned) == 2 and "tcp://_:5" in warned[0] and "tcp://-a:5" in warned[1]
+    links.close()

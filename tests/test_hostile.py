@@ -1128,3 +1128,15 @@ def test_peers_with_a_model_asks_for_that_models_records(tiny_model_dir):
     model_id = read_manifest(tiny_model_dir).model_id
     assert [(req.get("model_id"), req.get("after")) for req in asked] == [(model_id, None), (model_id, "m")]
     assert json.loads(done.stdout)["models"][0]["peers"] == []
+
+
+def test_a_refusal_is_logged_at_debug_with_its_code(blocks, caplog):
+    """A node logged no refusal at any level, so a misconfigured client was invisible to its
+    operator (a review). -vv shows each one: the request, the connection, the code and the
+    message, a peer's words escaped."""
+    d = make_driver(blocks)
+    with caplog.at_level("DEBUG", logger="nanoswarm.node.handler"):
+        d.refuses("bad_tensor", "", "step", {"session": d.open(), "pos": 0, "wire": "\x1b[2Jq99"}, [hidden(1)])
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused ")]
+    assert line.startswith("refused step from connection ") and ": bad_tensor: unknown reply format " in line
+    assert "\x1b" not in line and "\\x1b[2Jq99" in line
