@@ -42,3 +42,20 @@ def read_regular_file(path: str | os.PathLike[str], limit: int = SMALL_FILE_BYTE
     if len(data) > limit:
         raise OSError(f"more than {limit} bytes: not a file of this kind")
     return data
+
+
+def write_beside(path: str | os.PathLike[str], data: bytes | memoryview, what: str = "") -> Path:
+    """`data` written to the hidden temporary file beside `path` (`.NAME.tmp`), for the caller
+    to move into place (os.replace) once it may: readers never see a half-written file. On any
+    failure (a full disk, Ctrl-C) the temporary file is removed, and an OSError names `path`
+    (Python's OSError of a write names no file): "cannot write WHAT PATH: REASON"."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write {what + ' ' if what else ''}{path}: {e.strerror or e}") from e
+        raise
+    return tmp

@@ -189,17 +189,16 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
                                  batch_size=batch_size, lr=lr, warmup=warmup, eval_interval=eval_interval,
                                  seed=seed, threads=threads, resume=resume,
                                  progress=lambda line: click.echo(line, err=True))
-    except KeyboardInterrupt:
-        if out_path.is_file() and (resume or out_path.stat().st_mtime_ns != before):  # this run wrote it
-            # the next step a user takes
+    except (KeyboardInterrupt, OSError) as e:
+        if not (out_path.is_file() and (resume or out_path.stat().st_mtime_ns != before)):
+            raise  # this run wrote no checkpoint: nothing to resume from
+        if isinstance(e, KeyboardInterrupt):  # the next step a user takes
             click.echo(f"interrupted: the same command with --resume continues from {out_path}'s eval point",
                        err=True)
-        raise
-    except OSError as e:  # a full disk at a later eval point: the best one so far is kept
-        if out_path.is_file() and (resume or out_path.stat().st_mtime_ns != before):
-            raise click.ClickException(f"{e}; {out_path} holds the best eval point so far: the same command "
-                                       "with --resume continues from it") from None
-        raise
+            raise
+        # a full disk at a later eval point: the best one so far is kept
+        raise click.ClickException(f"{e}; {out_path} holds the best eval point so far: the same command "
+                                   "with --resume continues from it") from None
     if as_json:
         click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     else:

@@ -158,8 +158,9 @@ class RequestHandler:
             self._unsee(peer, msg.id)
         if isinstance(e, ProtocolError):
             # -vv shows who was refused what (a review: a misconfigured client was invisible).
-            log.debug("refused %s from connection %s: %s: %s", msg.type if msg is not None else "a message",
-                      peer.hex()[:16], e.code.value, shown(e.message))
+            if log.isEnabledFor(logging.DEBUG):  # (its arguments cost a refusal flood otherwise)
+                log.debug("refused %s from connection %s: %s: %s", msg.type if msg is not None else "a message",
+                          peer.hex()[:16], e.code.value, shown(e.message))
             return self._error(req_id, e.code, e.message)
         if isinstance(e, torch.cuda.OutOfMemoryError):  # copying a step's input to the device, or a forward
             return self._error(req_id, ErrorCode.BUSY, self.steps.out_of_memory())

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
-from nanoswarm.files import read_regular_file
+from nanoswarm.files import read_regular_file, write_beside
 from nanoswarm.protocol.tensors import abs_max
 
 from .loaders import (
@@ -311,18 +311,6 @@ def check_storable(flat_sd: StateDict, dtype: torch.dtype) -> None:
             raise ValueError(f"{k} holds {m:g}, which {_dtype_name(dtype)} cannot hold{instead.get(dtype, '')}")
 
 
-def _write_tmp(out_dir: Path, name: str, data: bytes, written: list[Path]) -> None:
-    """`data` to the hidden temporary file of `name` (moved into place once every file is
-    written), listed in `written`. A failure (a full disk) names the file: Python's OSError of
-    a write names none."""
-    tmp = out_dir / f".{name}.tmp"
-    written.append(tmp)
-    try:
-        tmp.write_bytes(data)
-    except OSError as e:
-        raise OSError(f"cannot write {out_dir / name}: {e.strerror or e}") from e
-
-
 def _shard_bytes(tensors: StateDict, dtype: torch.dtype) -> bytes:
     # clone(): safetensors refuses tensors that share storage (views of one parameter).
     return st_save({k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in tensors.items()},
@@ -363,11 +351,11 @@ def write_model_dir(config: ModelConfig, flat_sd: StateDict, out_dir: str | Path
     try:
         for n, (name, role, layers, heads, tensors) in enumerate(plan, start=1):
             data = _shard_bytes(tensors, dtype)
-            _write_tmp(out, name, data, written)
+            written.append(write_beside(out / name, data))
             log.log(level, "[%d/%d] wrote %s (%.1f MB)", n, len(plan), name, len(data) / 1e6)
             files.append(FileEntry(name, role, layers, heads, hashlib.sha256(data).hexdigest(), len(data)))
         manifest = Manifest(config=config, dtype=_dtype_name(dtype), files=files)
-        _write_tmp(out, MANIFEST_NAME, manifest.to_json().encode(), written)
+        written.append(write_beside(out / MANIFEST_NAME, manifest.to_json().encode()))
     except BaseException:
         for tmp in written:
             tmp.unlink(missing_ok=True)

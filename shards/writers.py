@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from nanoswarm.files import write_beside
+
 from .loaders import CONV1D_WEIGHTS, CheckpointError, StateDict, validate_flat_state_dict
 from .model import ModelConfig
 
@@ -35,15 +37,7 @@ def save_nanogpt_checkpoint(config: ModelConfig, flat_sd: StateDict, path: str |
     # "enforce fail ... unexpected pos", without the path or the reason (a review).
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        partial.write_bytes(buffer.getbuffer())
-    except BaseException as e:  # a full disk, Ctrl-C: no partial file left to fill the disk
-        partial.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OSError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
-        raise
-    os.replace(partial, path)
+    os.replace(write_beside(path, buffer.getbuffer(), "checkpoint"), path)
     return path
 
 

@@ -182,7 +182,7 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch):
 
 def test_a_full_disk_keeps_the_best_checkpoint_and_says_how_to_go_on(tmp_path, monkeypatch):
     """A full disk at a later eval point printed torch's "[enforce fail at inline_container.cc]
-    ... unexpected pos" and left a hidden .partial file filling the disk (a review). The error now
+    ... unexpected pos" and left a hidden partial file filling the disk (a review). The error now
     names the checkpoint and the reason, the partial file is gone, the best eval point so far
     stays, and the line says that --resume continues from it."""
     from pathlib import Path
@@ -195,7 +195,7 @@ def test_a_full_disk_keeps_the_best_checkpoint_and_says_how_to_go_on(tmp_path, m
     real, saves = Path.write_bytes, []
 
     def write_bytes(self, data):
-        if self.name == ".ckpt.pt.partial":
+        if self.name == ".ckpt.pt.tmp":
             saves.append(self)
             if len(saves) == 2:
                 raise OSError(28, "No space left on device")
