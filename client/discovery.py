@@ -20,7 +20,8 @@ from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import Record, check_endpoint, record_contact
 from nanoswarm.keys.table import STALE_SEQ, RecordTable
 
-from .transport import PeerConnection, PeerError, why_dropped
+from .peer_errors import PeerError, why_dropped
+from .transport import PeerConnection
 
 if TYPE_CHECKING:
     from .swarm import Swarm

@@ -27,11 +27,12 @@ import torch
 from nanoswarm.protocol.tensors import WIRE_MAX, abs_max
 
 from .history import History
+from .peer_errors import PeerError
 from .relay import SessionRelay
 from .route import RouteError, StagePlan
 from .stages import RemoteLayerStage, Stage, idle_clock, step_retrying_busy
 from .swarm import Swarm
-from .transport import PeerConnection, PeerError
+from .transport import PeerConnection
 from .verify import WIRE_TOLERANCE, SpotChecker
 
 log = logging.getLogger(__name__)

@@ -36,11 +36,11 @@ from nanoswarm.shards.weights import load_embeddings, load_head
 from .generate import ClientModel
 from .load_nodes import node_reports
 from .load_report import LoadReport
+from .peer_errors import PeerError
 from .route import RouteError
 from .session import CANNOT_TAKE
 from .stages import RemoteLayerStage, Stage
 from .swarm import Swarm, SwarmOptions
-from .transport import PeerError
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

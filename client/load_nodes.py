@@ -13,8 +13,8 @@ from nanoswarm.protocol.errors import ProtocolError, shown
 from nanoswarm.shards.model import ModelConfig
 
 from .load_report import NodeReport
+from .peer_errors import PeerError
 from .swarm import Swarm, SwarmOptions, claimed_span
-from .transport import PeerError
 
 log = logging.getLogger(__name__)
 

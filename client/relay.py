@@ -22,8 +22,9 @@ import zmq
 
 from nanoswarm.protocol.messages import MAX_HOPS
 
+from .peer_errors import PeerError, PeerTimeout
 from .stages import RemoteLayerStage, check_magnitude, positions_per_request, reply_tensors
-from .transport import PeerError, PeerTimeout, next_request_id
+from .transport import next_request_id
 
 log = logging.getLogger(__name__)
 

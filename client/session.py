@@ -33,10 +33,10 @@ from nanoswarm.protocol.tensors import fits_wire
 
 from .failover import CANNOT_TAKE, CallerError, Failover, SessionError, past_float16
 from .history import History, Unkept
+from .peer_errors import PeerError
 from .relay import RELAY_STALLS, Chain, ChainBroken, SessionRelay, stalled_stage
 from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause
 from .swarm import MAX_SECONDS, Swarm
-from .transport import PeerError
 
 log = logging.getLogger(__name__)
 

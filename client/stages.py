@@ -13,7 +13,8 @@ from nanoswarm.protocol.messages import Message
 from nanoswarm.protocol.tensors import abs_max
 from nanoswarm.shards.model import Blocks
 
-from .transport import MAX_FRAME_BYTES, PeerConnection, PeerError
+from .peer_errors import PeerError
+from .transport import MAX_FRAME_BYTES, PeerConnection
 
 if TYPE_CHECKING:
     from .verify import FanOutRecord

@@ -19,9 +19,10 @@ from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
 from nanoswarm.protocol.messages import finite_float, parse_range
 from nanoswarm.protocol.tensors import WIRE_FORMATS
 
+from .peer_errors import PeerError, why_dropped
 from .route import PeerInfo, RouteError, StagePlan, build_route
 from .stages import HeadGroupStage, RemoteLayerStage, Stage
-from .transport import PeerConnection, PeerError, why_dropped
+from .transport import PeerConnection
 from .verify import FanOutRecord, SpotChecker
 
 log = logging.getLogger(__name__)

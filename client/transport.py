@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import math
 import secrets
@@ -15,10 +14,11 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from nanoswarm.keys.contact import allow_ipv6, endpoint_of, split_contact
-from nanoswarm.protocol.errors import ProtocolError, shown
+from nanoswarm.protocol.errors import ProtocolError
 from nanoswarm.protocol.messages import REPLY_TYPES, Message, decode, encode
 
 from .frames import recv_whole, send_whole
+from .peer_errors import PeerError, PeerTimeout, unreachable_why
 
 log = logging.getLogger(__name__)
 
@@ -70,41 +70,6 @@ def next_request_id() -> int:
     let any node that had seen one id name the client's next: a stranger holding a session id
     could then send a relayed step whose result the client took for its own (a review)."""
     return secrets.randbits(62) + 1
-
-
-class PeerError(Exception):
-    """A peer answered with an error, answered nonsense, or did not answer."""
-
-    def __init__(self, address: str, code: str, message: str):
-        code, message = shown(code, 64), shown(message)  # a peer's words, for a terminal (a review)
-        super().__init__(f"{address}: {code}: {message}")
-        self.address, self.code, self.message = address, code, message
-
-
-def why_dropped(contact: str) -> str:
-    """What a node that closed the connection during our handshake (`disconnected` before any
-    answer) most likely meant, for the user's error line."""
-    if split_contact(contact)[1] is None:
-        return " (the contact has no #KEY: give the whole contact the node printed)"
-    return (" (a private swarm that does not allow this client's key? --key-file, in Python "
-            "SwarmOptions(client_keys=...); or the node's key changed since this contact was taken)")
-
-
-def unreachable_why(endpoint: str) -> str:
-    """Why a connect to `endpoint` is retried before it ever connected: ZeroMQ says the same for a
-    refused connect and for a host name that does not resolve."""
-    host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return f"connection refused, or no address for the host name {host[:80]!r}"
-    return "connection refused: nothing listens there"
-
-
-class PeerTimeout(PeerError):
-    def __init__(self, address: str, seconds: float, what: str = "no answer"):
-        shown = f"{seconds:.1f}" if seconds >= 0.1 else f"{seconds:.2g}"  # not "0.0s" for a tiny --timeout
-        super().__init__(address, "timeout", f"{what} within {shown}s")
 
 
 class PeerConnection:

@@ -41,7 +41,7 @@ from nanoswarm.shards.model import Block, Blocks
 from nanoswarm.shards.weights import load_blocks
 
 from .history import History
-from .transport import PeerError
+from .peer_errors import PeerError
 
 if TYPE_CHECKING:
     from .stages import HeadGroupStage

@@ -70,6 +70,9 @@ class RecordTable:
         self._signed: dict[bytes, bytes] = {}  # body -> signature of every entry (see offer)
         self._tombstones: dict[str, _Tombstone] = {}
         self._full_since = float("-inf")  # when a full table last dropped its expired entries
+        # Called with each record whose peer the table did not hold live: a join, or a return
+        # after expiry or departure (a node logs it; a refresh of a live record is not one).
+        self.on_join: Callable[[Record], None] | None = None
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -100,7 +103,7 @@ class RecordTable:
             return self._reject(TABLE_FULL, f"{len(self._entries)} peers, {len(self._tombstones)} tombstones")
         if record.departing:
             return self._depart(entry, now)
-        self._pop(record.peer_id)
+        old = self._pop(record.peer_id)
         self._entries[record.peer_id] = entry
         self._signed[entry.wire["body"]] = entry.wire["sig"]
         stone = self._tombstones.get(record.peer_id)
@@ -109,6 +112,8 @@ class RecordTable:
             # tombstone would have lapsed anyway.
             self._tombstones[record.peer_id] = _Tombstone(stone.seq, stone.until, None)
         self.accepted += 1
+        if self.on_join is not None and (old is None or old.record.is_expired(now)):
+            self.on_join(record)
         return ACCEPTED
 
     def _has_room(self, record: Record, now: float) -> bool:

@@ -248,7 +248,8 @@ class LocalCluster:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Every node answers `info` (the same request a client starts with)."""
-        from nanoswarm.client.transport import PeerConnection, PeerError
+        from nanoswarm.client.peer_errors import PeerError
+        from nanoswarm.client.transport import PeerConnection
         for node in self.nodes:
             conn = PeerConnection(node.address, timeout=timeout)
             try:

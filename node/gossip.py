@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.identity import Identity
-from nanoswarm.keys.records import DEFAULT_MAX_TTL, record_contact, seq_now, sign_departure, sign_record
+from nanoswarm.keys.records import DEFAULT_MAX_TTL, Record, record_contact, seq_now, sign_departure, sign_record
 from nanoswarm.keys.table import RecordTable
 from nanoswarm.protocol.bounds import MIN_GOSSIP_INTERVAL
 from nanoswarm.protocol.messages import Message
@@ -77,6 +77,7 @@ class Gossip:
         admits = None if allow_keys is None else (
             lambda r: r.peer_id == identity.peer_id or (not r.insecure and r.curve_key in allow_keys))
         self.table = RecordTable(max_ttl=self.options.max_ttl, admits=admits)
+        self.table.on_join = self._joined
         self.own: dict[str, bytes] | None = None
         self._own_seq = -1  # the seq of self.own
         self._overtaken = float("-inf")  # when a live copy's record last made us sign above it
@@ -320,6 +321,17 @@ class Gossip:
     def drain(self) -> int:
         """Read the gossip replies that have arrived (GossipLinks.drain); returns replies read."""
         return self.links.drain()
+
+    def _joined(self, record: Record) -> None:
+        """Log a peer that joined (or came back), as departures and silent peers are logged."""
+        if record.peer_id == self.peer_id:
+            return
+        served = f"layers {record.layers[0]}:{record.layers[1]}"
+        if record.heads is not None:
+            served += f", heads {record.heads[0]}:{record.heads[1]}"
+        if record.model_id != self.handler.model_id:
+            served += f" of another model ({record.model_id[:16]})"
+        log.info("peer %s at %s joined: %s", record.peer_id, record.address, served)
 
     def _forget(self, contact: str) -> None:
         """Forget the records behind a contact that stopped answering: those with its endpoint

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from nanoswarm.client.transport import PeerConnection, PeerError
+from nanoswarm.client.peer_errors import PeerError
+from nanoswarm.client.transport import PeerConnection
 from nanoswarm.keys.contact import endpoint_of
 from nanoswarm.protocol.errors import ProtocolError, shown
 from nanoswarm.protocol.messages import MAX_HEADER_BYTES, decode

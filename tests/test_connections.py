@@ -15,7 +15,8 @@ import pytest
 from conftest import sessions_on
 
 from nanoswarm.client.api import SwarmModel
-from nanoswarm.client.transport import PeerConnection, PeerError
+from nanoswarm.client.peer_errors import PeerError
+from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.connections import ConnectionWatch
 from nanoswarm.node.sessions import DROPPED

@@ -17,8 +17,9 @@ from conftest import invoke_cli
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.peer_errors import PeerError
 from nanoswarm.client.swarm import SwarmOptions
-from nanoswarm.client.transport import PeerConnection, PeerError
+from nanoswarm.client.transport import PeerConnection
 from nanoswarm.keys.contact import format_contact, split_contact
 from nanoswarm.keys.identity import generate_identity, save_identity
 from nanoswarm.node.cluster import LocalCluster, NodeSpec

@@ -1063,3 +1063,42 @@ def test_a_contact_zeromq_refuses_is_warned_about_once(caplog):
     warned = [r.getMessage() for r in caplog.records if "cannot gossip with" in r.getMessage()]
     assert len(warned) == 2 and "tcp://_:5" in warned[0] and "tcp://-a:5" in warned[1]
     links.close()
+
+
+def test_a_node_logs_the_peers_that_join_once_each(caplog):
+    """Departures and silent peers were logged, joins were not: a node logs a peer whose record
+    it did not hold live (a join, or a return after departure or expiry), not each refresh, and
+    not itself."""
+    import logging
+
+    from nanoswarm.keys.records import sign_departure
+    from nanoswarm.node.gossip import Gossip
+
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
+    peer, stranger = generate_identity(), generate_identity()
+
+    def record(identity, seq: int, model_id: str = "m", heads=None, expires: float = 60) -> dict:
+        return sign_record(identity, address="tcp://127.0.0.1:2000", model_id=model_id, layers=(2, 4),
+                           heads=heads, seq=seq, expires=time.time() + expires)
+
+    def joins() -> list[str]:
+        return [r.getMessage() for r in caplog.records if " joined: " in r.getMessage()]
+
+    try:
+        with caplog.at_level(logging.INFO, logger="nanoswarm.node.gossip"):
+            gossip.refresh()
+            assert joins() == []  # our own record
+            assert gossip.table.offer(record(peer, 1, heads=(0, 2))) == "accepted"
+            assert joins() == [f"peer {peer.peer_id} at tcp://127.0.0.1:2000 joined: layers 2:4, heads 0:2"]
+            assert gossip.table.offer(record(peer, 2, heads=(0, 2))) == "accepted"  # a refresh
+            assert len(joins()) == 1
+            assert gossip.table.offer(sign_departure(peer, verify_record(record(peer, 3)), seq=4)) == "departed"
+            assert gossip.table.offer(record(peer, 5)) == "accepted"  # back after its departure
+            assert joins()[1:] == [f"peer {peer.peer_id} at tcp://127.0.0.1:2000 joined: layers 2:4"]
+            assert gossip.table.offer(record(stranger, 1, model_id="other-model", expires=0.3)) == "accepted"
+            assert joins()[2].endswith("joined: layers 2:4 of another model (other-model)")
+            time.sleep(0.4)
+            assert gossip.table.offer(record(stranger, 2, model_id="other-model")) == "accepted"  # back after expiry
+            assert len(joins()) == 4
+    finally:
+        gossip.close()

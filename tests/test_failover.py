@@ -108,7 +108,8 @@ def test_a_request_nobody_answers_times_out_when_asked():
     far more for the rest of their work): a ROUTER that reads but never answers."""
     import zmq
 
-    from nanoswarm.client.transport import PeerConnection, PeerTimeout
+    from nanoswarm.client.peer_errors import PeerTimeout
+    from nanoswarm.client.transport import PeerConnection
 
     ctx = zmq.Context()
     silent = ctx.socket(zmq.ROUTER)
@@ -409,8 +410,8 @@ def test_a_reclaim_is_taken_only_after_the_idle_timeout_the_node_stated():
     step, and only when the stage sent it nothing for the idle timeout its node stated when it
     opened the session (bad or missing statements count as none), and for at least a second."""
     from nanoswarm.client.failover import RECLAIM_MIN_IDLE, Failover
+    from nanoswarm.client.peer_errors import PeerError
     from nanoswarm.client.stages import Stage, idle_clock, stated_idle_timeout
-    from nanoswarm.client.transport import PeerError
 
     class Reclaimed(Stage):
         idle_timeout = 0.0
@@ -495,7 +496,7 @@ def test_a_ban_closes_the_other_sessions_on_that_peer_and_strikes_once(tiny_mode
     """A failover bans its peer and drops the swarm's link to it, which other sessions on that peer
     also used: their sessions are closed with it (a review found them held on the live node until
     its idle timeout), and their own failover then adds no second strike."""
-    from nanoswarm.client.transport import PeerError
+    from nanoswarm.client.peer_errors import PeerError
 
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
     x = nodes.addresses[0]
@@ -797,8 +798,8 @@ def test_a_busy_answer_while_replaying_into_a_replacement_is_asked_again(monkeyp
 
     from nanoswarm.client import session as session_mod
     from nanoswarm.client import stages as stages_mod
+    from nanoswarm.client.peer_errors import PeerError
     from nanoswarm.client.stages import BUSY_RETRIES, Stage
-    from nanoswarm.client.transport import PeerError
 
     monkeypatch.setattr(stages_mod, "busy_pause", lambda retry: None)
 
@@ -943,9 +944,9 @@ def test_peers_that_reclaim_and_refuse_in_turn_are_struck_after_one_free_move():
 
     import torch
 
+    from nanoswarm.client.peer_errors import PeerError
     from nanoswarm.client.session import InferenceSession
     from nanoswarm.client.stages import Stage
-    from nanoswarm.client.transport import PeerError
 
     class Reclaiming(Stage):  # serves position 0, then reclaims; every later open is refused busy
         start, stop, retries_busy, leaving = 0, 1, False, False
@@ -1013,7 +1014,8 @@ def test_a_client_reads_the_events_of_connections_it_does_not_use(tiny_model_dir
 
     import zmq
 
-    from nanoswarm.client.transport import RECONNECT_MAX_MS, PeerError
+    from nanoswarm.client.peer_errors import PeerError
+    from nanoswarm.client.transport import RECONNECT_MAX_MS
 
     live = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
     with socket.socket() as s:
@@ -1040,7 +1042,8 @@ def test_an_address_where_nothing_listens_fails_at_once_not_after_the_timeout(ti
     session routed there fails over to the live peer without that wait."""
     import socket
 
-    from nanoswarm.client.transport import PeerConnection, PeerError
+    from nanoswarm.client.peer_errors import PeerError
+    from nanoswarm.client.transport import PeerConnection
 
     live = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
     with socket.socket() as s:
@@ -1126,8 +1129,9 @@ def test_heartbeats_drop_an_idle_link_to_a_frozen_peer_and_say_so():
 
     import zmq
 
+    from nanoswarm.client.peer_errors import PeerError
     from nanoswarm.client.swarm import HEARTBEAT_MIN_SECONDS
-    from nanoswarm.client.transport import PeerConnection, PeerError
+    from nanoswarm.client.transport import PeerConnection
 
     assert SwarmOptions(timeout=30).silence == 10 and SwarmOptions(heartbeat=2).silence == 2
     assert SwarmOptions(timeout=3).silence == HEARTBEAT_MIN_SECONDS
@@ -1202,7 +1206,8 @@ def test_a_drop_that_lost_nothing_is_forgotten_once_the_link_is_back():
 
     import torch
 
-    from nanoswarm.client.transport import PeerConnection, PeerError
+    from nanoswarm.client.peer_errors import PeerError
+    from nanoswarm.client.transport import PeerConnection
 
     port = _free_port()
 
@@ -1282,7 +1287,8 @@ def test_a_leaving_notice_for_sessions_closed_since_is_stale():
     sessions the client has closed since (read after a reconnect, it came from the process
     before) no longer marks the peer leaving: it banned the new process that listened there."""
 
-    from nanoswarm.client.transport import PeerConnection, PeerTimeout
+    from nanoswarm.client.peer_errors import PeerTimeout
+    from nanoswarm.client.transport import PeerConnection
 
     port = _free_port()
     peer = _echo_peer(port)  # it sends back the notices the client sends it
@@ -1307,7 +1313,8 @@ def test_a_drop_is_reported_at_once_when_the_reconnect_hangs():
     HOLD_SECONDS for the link to come back."""
     import socket
 
-    from nanoswarm.client.transport import HOLD_SECONDS, PeerConnection, PeerError
+    from nanoswarm.client.peer_errors import PeerError
+    from nanoswarm.client.transport import HOLD_SECONDS, PeerConnection
 
     port = _free_port()
     peer = _echo_peer(port)

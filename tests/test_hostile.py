@@ -24,7 +24,8 @@ import torch
 import zmq
 
 from nanoswarm.client.api import SwarmModel
-from nanoswarm.client.transport import PeerConnection, PeerError
+from nanoswarm.client.peer_errors import PeerError
+from nanoswarm.client.transport import PeerConnection
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler

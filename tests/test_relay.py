@@ -22,10 +22,11 @@ from test_failover import (  # the same fault harness
 import nanoswarm.client.relay as relay_module
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.peer_errors import PeerError
 from nanoswarm.client.relay import pin_route
 from nanoswarm.client.stages import RemoteLayerStage
 from nanoswarm.client.swarm import SwarmOptions
-from nanoswarm.client.transport import PeerConnection, PeerError
+from nanoswarm.client.transport import PeerConnection
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.keys.identity import load_identity
 from nanoswarm.node.cluster import NodeSpec

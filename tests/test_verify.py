@@ -350,7 +350,8 @@ def test_a_peer_that_does_not_say_its_dtype_in_time_is_not_judged_on_float32_s_s
     """A bfloat16 node known from a record (no dtype there) whose `info` times out is failed over
     as a timeout, not judged with float32's tolerance, which banned it as wrong (a review), nor
     left unchecked, which a liar could use. The text stays exact."""
-    from nanoswarm.client.transport import PeerConnection, PeerTimeout
+    from nanoswarm.client.peer_errors import PeerTimeout
+    from nanoswarm.client.transport import PeerConnection
 
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--dtype", "bfloat16"]), NodeSpec((0, 4))])
     model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=10, verify=1.0))
