@@ -20,7 +20,7 @@ from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import Record, check_endpoint, record_contact
 from nanoswarm.keys.table import STALE_SEQ, RecordTable
 
-from .peer_errors import PeerError, why_dropped
+from .peer_errors import PeerError
 from .transport import PeerConnection
 
 if TYPE_CHECKING:
@@ -145,8 +145,6 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
             wires, rtt = result
         except (PeerError, ValueError) as e:
             fetched.errors[contact] = str(e) if isinstance(e, PeerError) else f"{contact}: bad_contact: {e}"
-            if isinstance(e, PeerError) and e.code == "disconnected":  # the node dropped our handshake
-                fetched.errors[contact] += why_dropped(contact)
             log.info("bootstrap %s", fetched.errors[contact])  # a PeerError names the contact
             continue
         fetched.answered.append(contact)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from nanoswarm.keys.contact import split_contact
+import zmq
+
 from nanoswarm.protocol.errors import shown
 
 
@@ -17,13 +18,38 @@ class PeerError(Exception):
         self.address, self.code, self.message = address, code, message
 
 
-def why_dropped(contact: str) -> str:
-    """What a node that closed the connection during our handshake (`disconnected` before any
-    answer) most likely meant, for the user's error line."""
-    if split_contact(contact)[1] is None:
-        return " (the contact has no #KEY: give the whole contact the node printed)"
-    return (" (a private swarm that does not allow this client's key? --key-file, in Python "
-            "SwarmOptions(client_keys=...); or the node's key changed since this contact was taken)")
+# What libzmq's monitor says of a handshake that failed (client/transport.py reads it): a refusal
+# of our key by the node's ZAP handler (node/zap.py, status 400), a ZMTP error (a peer that does
+# not speak CURVE with us: a mechanism mismatch), or neither (closed or timed out midway).
+HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def handshake_why(failure: int | None, status: int, keyed: bool, heartbeat: float | None) -> str:
+    """Why a connection closed before its handshake finished, for the user's error line: from the
+    monitor's `failure` event and its value (`status`), whether the contact named the peer's key
+    (`keyed`: CURVE) and how long the handshake may take (`heartbeat`; None: libzmq's default).
+    A refused key is always told apart (the node says so before it closes); a mechanism mismatch
+    only when the node's greeting is read before its close."""
+    if failure == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        if status == 400:
+            return ("the node refused this client's key (a private swarm that does not allow this client's key: "
+                    "--key-file picks the key, in Python SwarmOptions(client_keys=...))")
+        return f"the node could not check this client's key (ZAP status {status})"
+    if failure == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if not keyed:
+            return ("the handshake failed: the peer encrypts its links and the contact has no #KEY: "
+                    "give the whole contact the node printed")
+        return ("the handshake failed: the peer does not take encrypted links (a node started with --insecure? "
+                "give its contact without #KEY), or is not a nanoswarm node")
+    # Neither: a node whose key is not the contact's closes the connection without a word, and
+    # one that finds the other side's mechanism not its own may close before its greeting is read.
+    waited = "" if heartbeat is None else f" for {heartbeat:g}s"
+    if keyed:
+        hint = "the node's key may have changed since this contact was taken, or something else listens there now"
+    else:
+        hint = "the contact has no #KEY: a node that encrypts its links needs the whole contact it printed"
+    return f"connection closed during the handshake: refused by the peer, or no answer{waited} ({hint})"
 
 
 def unreachable_why(endpoint: str) -> str:

@@ -19,7 +19,7 @@ from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
 from nanoswarm.protocol.messages import finite_float, parse_range
 from nanoswarm.protocol.tensors import WIRE_FORMATS
 
-from .peer_errors import PeerError, why_dropped
+from .peer_errors import PeerError
 from .route import PeerInfo, RouteError, StagePlan, build_route
 from .stages import HeadGroupStage, RemoteLayerStage, Stage
 from .transport import PeerConnection
@@ -132,8 +132,6 @@ class Swarm:
                 rtt = time.perf_counter() - t0
             except PeerError as e:
                 self.rejected[address] = f"{e.code}: {e.message}"
-                if e.code == "disconnected":  # the node dropped our handshake
-                    self.rejected[address] += why_dropped(address)
                 log.info("peer %s", e)  # the error names the address; warn_rejected tells the user
                 if address not in self.peers:  # never taken (a refresh asks the known peers only)
                     self._close_link(address)

@@ -18,7 +18,7 @@ from nanoswarm.protocol.errors import ProtocolError
 from nanoswarm.protocol.messages import REPLY_TYPES, Message, decode, encode
 
 from .frames import recv_whole, send_whole
-from .peer_errors import PeerError, PeerTimeout, unreachable_why
+from .peer_errors import HANDSHAKE_FAILURES, PeerError, PeerTimeout, handshake_why, unreachable_why
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ class PeerConnection:
         # killed peer costs milliseconds, not the whole timeout. So does an address where nothing
         # listens (a record of a peer that died or moved): its connect is refused and retried.
         self.monitor = self.socket.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | HANDSHAKE_FAILURES)
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         if heartbeat is not None:
             self.socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat * 1000 / 4))
@@ -109,6 +110,7 @@ class PeerConnection:
         self._connected = False  # once: a later refusal is a drop, reported as one
         self._handshaken = False  # the current connection finished its handshake: heartbeats run
         self._ever_handshaken = False  # some connection did: a drop in a later handshake is no refusal
+        self._handshake_failed: tuple[int, int] | None = None  # the current connection's: (event, value)
         self._dropped: tuple[str, str] | None = None  # what the monitor said, until take() reports it
         # With `forgive_idle_drops` (a swarm's links, where a reported drop strikes the peer), a
         # drop that lost nothing (no session open over the link, no reply awaited) is held back
@@ -239,9 +241,12 @@ class PeerConnection:
         if self.socket.closed:
             return
         while self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
-            event = parse_monitor_message(recv_whole(self.monitor, copy=True))["event"]
+            said = parse_monitor_message(recv_whole(self.monitor, copy=True))
+            event = said["event"]
             if event == zmq.EVENT_CONNECTED:
-                self._connected = True
+                self._connected, self._handshake_failed = True, None
+            elif event & HANDSHAKE_FAILURES:  # the drop that follows says why (_why_dropped)
+                self._handshake_failed = (event, said["value"])
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshaken = self._ever_handshaken = True
                 if self._harmless:  # back, and the drop lost nothing: no failure to report
@@ -271,11 +276,12 @@ class PeerConnection:
                 self._dropped, self._held_drop = self._dropped or self._held_drop or why, None
 
     def _why_dropped(self) -> str:
-        if self.heartbeat is None:
-            return "connection closed by the peer"
         if self._handshaken:
+            if self.heartbeat is None:
+                return "connection closed by the peer"
             return f"connection lost: closed by the peer, or no answer to heartbeats for {self.heartbeat:g}s"
-        return f"connection closed during the handshake: refused by the peer, or no answer for {self.heartbeat:g}s"
+        event, status = self._handshake_failed or (None, 0)
+        return handshake_why(event, status, self.server_key is not None, self.heartbeat)
 
     @property
     def dropped(self) -> bool:
