@@ -48,7 +48,7 @@ def handshake_why(failure: int | None, status: int, keyed: bool, heartbeat: floa
     if keyed:
         hint = "the node's key may have changed since this contact was taken, or something else listens there now"
     else:
-        hint = "the contact has no #KEY: a node that encrypts its links needs the whole contact it printed"
+        hint = "the contact has no #KEY: give the whole contact the node printed, if it encrypts its links"
     return f"connection closed during the handshake: refused by the peer, or no answer{waited} ({hint})"
 
 

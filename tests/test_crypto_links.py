@@ -388,7 +388,7 @@ def test_a_failed_handshake_says_which_of_its_causes_it_was(tiny_model_dir, tmp_
                                                         (friend.curve_public, friend.curve_secret))
         # A mechanism mismatch is named when the node's greeting is read before it closes, which
         # is a race: otherwise the line gives the likely cause.
-        assert "the contact has no #KEY" in why(endpoint)
+        assert "the contact has no #KEY: give the whole contact the node printed" in why(endpoint)
         mismatch = why(format_contact(split_contact(open_node.addresses[0])[0], wrong_key))
         assert ("the peer does not take encrypted links (a node started with --insecure?" in mismatch
                 or "or something else listens there now" in mismatch), mismatch
@@ -425,4 +425,4 @@ def test_each_handshake_failure_has_its_own_words():
         assert keyed.startswith("connection closed during the handshake: refused by the peer, or no answer for 2.5s (")
         assert "the node's key may have changed since this contact was taken" in keyed
         assert unkeyed == ("connection closed during the handshake: refused by the peer, or no answer (the contact "
-                           "has no #KEY: a node that encrypts its links needs the whole contact it printed)")
+                           "has no #KEY: give the whole contact the node printed, if it encrypts its links)")
