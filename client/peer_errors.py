@@ -52,9 +52,13 @@ def handshake_why(failure: int | None, status: int, keyed: bool, heartbeat: floa
     return f"connection closed during the handshake: refused by the peer, or no answer{waited} ({hint})"
 
 
-def unreachable_why(endpoint: str) -> str:
+def unreachable_why(endpoint: str, timed_out: float | None = None) -> str:
     """Why a connect to `endpoint` is retried before it ever connected: ZeroMQ says the same for a
-    refused connect and for a host name that does not resolve."""
+    refused connect and for a host name that does not resolve; `timed_out`: the seconds of a
+    connect that nothing answered."""
+    if timed_out is not None:
+        return (f"no answer to the connect within {timed_out:g}s: the address drops packets "
+                "(a firewall, a wrong --advertise, or a machine that left the network)")
     host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
     try:
         ipaddress.ip_address(host)

@@ -109,8 +109,9 @@ class InferenceSession(Failover):
     def _open_route(self, max_length: int) -> None:
         pos, refused = 0, {}
         while pos < self.swarm.n_layer:
-            plan = self.swarm.plan(pos, max_length=max_length, refused=refused)[0]
-            stage = None
+            plans = self.swarm.plan(pos, max_length=max_length, refused=refused)
+            self.swarm.connect_ahead(plans)
+            plan, stage = plans[0], None
             try:
                 stage = self.swarm.make_stage(plan)
                 stage.open(max_length)

@@ -44,8 +44,10 @@ RECONNECT_MAX_MS = 10_000
 # A request on a swarm's link whose drop lost nothing (forgive_idle_drops) waits this long for
 # the link to come back before the drop is reported: a peer whose reconnect hangs (a machine that
 # left the network: no answer to the SYN) or never finishes its handshake (a frozen process)
-# would otherwise cost the request its whole timeout (a review).
-HOLD_SECONDS = 1.0  # a reconnect's first try (0.1-0.2 s) and 3-4 round trips of handshake, with room
+# would otherwise cost the request its whole timeout (a review). A reconnect and its CURVE
+# handshake are ~5 round trips (1.5 s at a 300 ms RTT): a hold of 1 s got a healthy node that
+# restarted while its clients sat idle banned by each of them on such a link (review92).
+HOLD_SECONDS = 2.5  # ~5 round trips of 300 ms, or one SYN lost (Linux sends it again after 1 s) and a few of 200 ms
 MAX_ORPHANS = 256  # opens given up on, remembered per connection for their late answers
 
 
@@ -105,9 +107,14 @@ class PeerConnection:
             self.socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat * 1000 / 4))
             self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat * 1000))
             # Heartbeats start after the handshake: a peer frozen before it (its kernel still
-            # takes the TCP connection) gets as long to finish the handshake, not 30 s.
+            # takes the TCP connection) gets as long to finish the handshake, not 30 s; and a
+            # connect that nothing answers (an address that drops packets: a wrong --advertise)
+            # as long, not the kernel's ~2 minutes of SYN retries, which cost every client that
+            # picked such a record its whole timeout (review92).
             self.socket.setsockopt(zmq.HANDSHAKE_IVL, int(heartbeat * 1000))
+            self.socket.setsockopt(zmq.CONNECT_TIMEOUT, int(heartbeat * 1000))
         self._connected = False  # once: a later refusal is a drop, reported as one
+        self._started = time.monotonic()  # when the first connect began
         self._handshaken = False  # the current connection finished its handshake: heartbeats run
         self._ever_handshaken = False  # some connection did: a drop in a later handshake is no refusal
         self._handshake_failed: tuple[int, int] | None = None  # the current connection's: (event, value)
@@ -226,8 +233,9 @@ class PeerConnection:
             self.drain_events(awaiting=True)
             if self.socket.get(zmq.EVENTS) & zmq.POLLIN:  # replies that came first still count
                 continue
-            if self._held_drop is not None and time.monotonic() >= self._hold_until:  # not back in time
-                self._dropped, self._held_drop = self._held_drop, None
+            if self._held_drop is not None and time.monotonic() >= self._hold_until:
+                (code, why), self._held_drop = self._held_drop, None  # not back in time
+                self._dropped = (code, f"{why}; not back within {HOLD_SECONDS:g}s")
             if self._dropped is not None:
                 (code, message), self._dropped, self._harmless = self._dropped, None, False
                 raise PeerError(self.address, code, message)
@@ -257,7 +265,11 @@ class PeerConnection:
                     self._harmless = self.leaving = False
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 if not self._connected and self._dropped is None:  # never reached: nothing listens there
-                    self._dropped = ("unreachable", unreachable_why(endpoint_of(self.address)))
+                    # libzmq says the same after CONNECT_TIMEOUT (the heartbeat) as after a refusal:
+                    # told apart by when (a refusal comes at once; one read a heartbeat late reads as a timeout)
+                    timed_out = self.heartbeat is not None and time.monotonic() - self._started >= 0.9 * self.heartbeat
+                    self._dropped = ("unreachable", unreachable_why(endpoint_of(self.address),
+                                                                    self.heartbeat if timed_out else None))
                 elif self._held_drop is not None:
                     # libzmq reports one retry as it starts reconnecting after a drop, and one
                     # for each connect refused after that: the peer is not back at once.

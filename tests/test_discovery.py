@@ -1102,3 +1102,33 @@ def test_a_node_logs_the_peers_that_join_once_each(caplog):
             assert len(joins()) == 4
     finally:
         gossip.close()
+
+
+def test_a_session_starts_every_planned_peers_link_before_its_first_open(tiny_model_dir, cluster_factory,
+                                                                         monkeypatch):
+    """Peers learnt from a bootstrap's records have no link yet: each stage's open made its own,
+    one handshake after another (~5 round trips each: 1.85 s a stage at a 300 ms round trip,
+    review92). The route's links are all started before its first open, so the handshakes
+    overlap; the text is the local model's."""
+    from nanoswarm.client.stages import RemoteLayerStage
+    from nanoswarm.keys.contact import endpoint_of
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4))], args=FAST)
+    wait_for(lambda: len(table_of(nodes.addresses[0])) == 3, 15, "every record on the first node")
+    linked_at_open: list[set[str]] = []
+    opened = RemoteLayerStage.open
+
+    def open_noting_links(stage, *args, **kwargs):
+        linked_at_open.append({endpoint_of(a) for a in model.swarm._conns})
+        return opened(stage, *args, **kwargs)
+
+    monkeypatch.setattr(RemoteLayerStage, "open", open_noting_links)
+    greedy = SamplingParams(temperature=0)
+    model = SwarmModel.connect(tiny_model_dir, bootstrap=[nodes.addresses[0]])
+    try:
+        assert model.generate("Overlap", 4, greedy).ids == SwarmModel.local(tiny_model_dir).generate(
+            "Overlap", 4, greedy).ids
+    finally:
+        model.close()
+    assert len(linked_at_open) == 3
+    assert linked_at_open[0] >= {endpoint_of(a) for a in nodes.addresses}

@@ -1345,3 +1345,110 @@ def test_a_drop_is_reported_at_once_when_the_reconnect_hangs():
         if filler is not None:
             filler.close()
         listener.close()
+
+
+def test_a_connect_that_nothing_answers_is_reported_after_a_heartbeat():
+    """An address that drops packets (a wrong --advertise, a firewall) answers no SYN: the kernel
+    retries for ~2 minutes, and each client that picked such a record waited its whole timeout
+    (review92). A swarm's link gives the connect a heartbeat, as it gives the handshake, and says
+    why. Modelled on 127.0.0.1 by a listener whose accept queue is full."""
+    import socket
+
+    from nanoswarm.client.peer_errors import PeerError
+    from nanoswarm.client.transport import PeerConnection
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    filler = socket.create_connection(listener.getsockname())  # the queue is full: later SYNs are dropped
+    conn = PeerConnection(f"tcp://127.0.0.1:{listener.getsockname()[1]}", timeout=20, heartbeat=1.0)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match=r"unreachable: no answer to the connect within 1s: the address "
+                                            r"drops packets \(a firewall, a wrong --advertise"):
+            conn.request("info")
+        assert time.monotonic() - t0 < 5
+    finally:
+        conn.close()
+        filler.close()
+        listener.close()
+
+
+class _SlowLink:
+    """A TCP relay on 127.0.0.1 to `port` that holds every chunk `delay` seconds, each way: a
+    long round trip, without a network namespace."""
+
+    def __init__(self, port: int, delay: float):
+        import socket
+        import threading
+
+        self.port, self.delay = port, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                far = socket.create_connection(("127.0.0.1", self.port))
+            except OSError:
+                near.close()
+                continue
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src, dst) -> None:
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_peer_that_restarted_behind_a_long_round_trip_is_not_reported():
+    """A peer that restarted while the client sat idle is asked again at the next request, which
+    waits HOLD_SECONDS for the link to come back. Behind a 300 ms round trip the reconnect and
+    its handshake took longer than the 1 s it waited then, and every idle client banned the
+    healthy node (review92)."""
+    from nanoswarm.client.transport import HOLD_SECONDS, PeerConnection
+
+    port = _free_port()
+    peer = _echo_peer(port)
+    link = _SlowLink(port, 0.0)
+    conn = PeerConnection(link.address, timeout=20, heartbeat=5.0, forgive_idle_drops=True)
+    try:
+        assert conn.recv(conn.send("info"), "info").type == "info"
+        peer.kill()
+        peer.wait()
+        deadline = time.monotonic() + 10
+        while not conn.dropped and time.monotonic() < deadline:  # its reconnects refused: reported while idle
+            conn.monitor.poll(100)
+            conn.drain_events()
+        assert conn.dropped
+        peer = _echo_peer(port)
+        link.delay = 0.25  # a 0.5 s round trip: the greeting, the handshake and the answer take ~1.5 s
+        t0 = time.monotonic()
+        assert conn.recv(conn.send("info"), "info").type == "info"
+        took = time.monotonic() - t0
+        assert 1.0 < took < HOLD_SECONDS + 1, took
+    finally:
+        conn.close()
+        link.close()
+        peer.kill()
+        peer.wait()
