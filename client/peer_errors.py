@@ -33,7 +33,7 @@ def handshake_why(failure: int | None, status: int, keyed: bool, heartbeat: floa
     only when the node's greeting is read before its close."""
     if failure == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         if status == 400:
-            return ("the node refused this client's key (a private swarm that does not allow this client's key: "
+            return ("the node refused this client's key (a private swarm whose allow list does not hold it: "
                     "--key-file picks the key, in Python SwarmOptions(client_keys=...))")
         return f"the node could not check this client's key (ZAP status {status})"
     if failure == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
