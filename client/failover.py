@@ -200,7 +200,9 @@ class Failover:
             log.info("peer %s", e)
         else:
             self._strike(e)
-            self._announce(f"failover: {e.address} {e.code} before it served this session a step; planned without it")
+            # with why: the one line the user sees of a peer that cost the session's start its wait
+            self._announce(f"failover: {e.address} {e.code} before it served this session a step ({e.message}); "
+                           "planned without it")
 
     def _announce(self, notice: str) -> None:
         if self.on_failover:  # the user's own notice (the CLI's stderr line): not logged twice

@@ -74,6 +74,7 @@ class RelayLink:
     # When the link fails they are answered relay_failed; a late answer to a step that was
     # delivered is dropped by its client, and one that was not no longer costs its timeout.
     recent: deque = field(default_factory=lambda: deque(maxlen=2 * LINK_QUEUE))
+    down: bool = False  # its connection dropped, and no handshake has succeeded since
 
 
 _hop_ids = itertools.count(random.randrange(1, 2**31))
@@ -100,6 +101,14 @@ class RelayLinks:
 
     def send(self, relay: Relay, frames: list) -> str | None:
         """Queue `frames` for the next hop; returns why it could not be, or None."""
+        dropped = self._links.get(relay.contact)
+        if dropped is not None and dropped.down:
+            # The next hop went (or restarted): libzmq's reconnects to it back off to
+            # RECONNECT_MAX_MS, and a step queued now waited up to that long for a node that had
+            # come back (review92b: the first token after a restart, ~7 s). A fresh link connects
+            # at once; the steps that may have been lost with the drop are answered relay_failed.
+            del self._links[relay.contact]
+            self._close(relay.contact, dropped, lost=f"the link to the next hop {relay.contact[:80]} dropped")
         try:
             link = self._link(relay.contact)
             link.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
@@ -135,7 +144,7 @@ class RelayLinks:
             public, secret = self.curve_keys or zmq.curve_keypair()
             link.curve_serverkey, link.curve_publickey, link.curve_secretkey = server_key, public, secret
         allow_ipv6(link, endpoint)
-        monitor = link.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_REFUSED)
+        monitor = link.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_REFUSED)
         link.connect(endpoint)
         link = self._links[contact] = RelayLink(contact, link, monitor)
         if self.on_open:
@@ -176,6 +185,9 @@ class RelayLinks:
             event = parse_monitor_message(link.monitor.recv_multipart())["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 link.recent.clear()  # what was queued went out
+                link.down = False
+            elif event == zmq.EVENT_DISCONNECTED:
+                link.down = True
             elif event & HANDSHAKE_REFUSED:
                 self._refused(link)
                 return

@@ -788,6 +788,7 @@ def test_a_peer_that_fails_while_the_session_opens_is_announced_as_a_failover(ti
     finally:
         model.close()
     assert result.failovers == 1 and len(notices) == 1 and notices[0].startswith(f"failover: {first} ")
+    assert " before it served this session a step (connection " in notices[0], notices  # and why
     assert [stage["peers"] for stage in result.route] == [[spare], [last]]
 
 
