@@ -58,6 +58,9 @@ class RequestHandler:
         self.leaving = False
         self.extra_info: dict[str, Any] = {}  # set by the server: address, keys, records
         self.on_records = None  # callable(Message) -> records_reply fields, set by the gossip layer
+        # callable(contact), set by the server: a pinned next hop's link starts its handshake at
+        # `admit`, not at the session's first relayed step (a few round trips each, review92b)
+        self.on_relay_to: Callable[[str], None] | None = None
         # callable(frames) -> the sender's CURVE key (z85 text, from ZAP), set by a server with
         # CURVE: relayed steps are then taken only as a session's owner pinned them (`admit`).
         self.sender_key: Callable[[list], str | None] | None = None
@@ -344,6 +347,8 @@ class RequestHandler:
                                     "40 z85 characters")
         if relay_to is not None:
             [relay_to] = parse_next([relay_to], "'relay_to' must be [contact, session]")
+            if self.on_relay_to is not None and self.can_relay is not None and self.can_relay(relay_to[0]):
+                self.on_relay_to(relay_to[0])
         session.relay_from = None if relay_from is None else tuple(relay_from)
         session.relay_to = relay_to
         return encode("admitted", msg.id, {"session": session.id})

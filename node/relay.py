@@ -101,14 +101,6 @@ class RelayLinks:
 
     def send(self, relay: Relay, frames: list) -> str | None:
         """Queue `frames` for the next hop; returns why it could not be, or None."""
-        dropped = self._links.get(relay.contact)
-        if dropped is not None and dropped.down:
-            # The next hop went (or restarted): libzmq's reconnects to it back off to
-            # RECONNECT_MAX_MS, and a step queued now waited up to that long for a node that had
-            # come back (review92b: the first token after a restart, ~7 s). A fresh link connects
-            # at once; the steps that may have been lost with the drop are answered relay_failed.
-            del self._links[relay.contact]
-            self._close(relay.contact, dropped, lost=f"the link to the next hop {relay.contact[:80]} dropped")
         try:
             link = self._link(relay.contact)
             link.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
@@ -126,9 +118,23 @@ class RelayLinks:
             self._sent.popitem(last=False)
         return None
 
+    def connect(self, contact: str) -> None:
+        """Start the link to `contact` (a pinned next hop) before its first step."""
+        try:
+            self._link(contact)
+        except (zmq.ZMQError, ValueError) as e:  # the step that goes there says why
+            log.debug("no link to the next hop %s: %s", contact[:80], e)
+
     def _link(self, contact: str) -> RelayLink:
         link = self._links.get(contact)
-        if link is not None:
+        if link is not None and link.down:
+            # The next hop went (or restarted): libzmq's reconnects to it back off to
+            # RECONNECT_MAX_MS, and a step queued now waited up to that long for a node that had
+            # come back (review92b: the first token after a restart, ~7 s). A fresh link connects
+            # at once; the steps that may have been lost with the drop are answered relay_failed.
+            del self._links[contact]
+            self._close(contact, link, lost=f"the link to the next hop {contact[:80]} dropped")
+        elif link is not None:
             self._links.move_to_end(contact)
             return link
         endpoint, server_key = split_contact(contact)

@@ -146,6 +146,7 @@ class NodeServer:
                                  error=handler.steps.error)
         self.relays.on_open = self._watch_relay
         self.relays.on_close = self._unwatch_relay
+        handler.on_relay_to = self.relays.connect
 
     def add_timer(self, every: float, fn: Callable[[], object]) -> None:
         self._timers.append((every, fn, [time.monotonic() + every]))
