@@ -39,6 +39,11 @@ DEPART_FANOUT = 16  # known peers told directly of our departure; gossip carries
 WIRE_BUDGET = 48 * 1024  # bytes of records per message, under the 64 KiB header limit
 UNREACHABLE_GRACE = 1.0  # seconds a start-up exchange still waits for a contact that refused to connect
 OVERTAKEN_WARN_SECONDS = 60.0  # how often a node says again that records of its identity overtake its own
+# Rounds a node that knows peers may go with none of them (nor a client) sending it records before
+# it warns that its advertised address may not reach it: peers push to ~fanout random others a
+# round, so a reachable node goes 30 rounds unreached about never. A wrong --advertise showed
+# only in the other nodes' logs (review92).
+UNREACHED_ROUNDS = 30
 
 
 @dataclass
@@ -85,6 +90,8 @@ class Gossip:
         self._warned: dict[str, float] = {}  # warning kind -> when last logged
         self.departed = False
         self.rounds = 0
+        self._reached = time.monotonic()  # when a peer or client last sent us records: we are reachable
+        self._unreached_warned = False
         self.links = GossipLinks(address, (identity.curve_public, identity.curve_secret),
                                  self.options.peer_timeout, on_records=self.offer_all, on_silent=self._forget)
         self.stats: dict[str, Any] = {}
@@ -158,6 +165,7 @@ class Gossip:
         model only, in pages by peer id from `after`; `after` in the reply is where the next page
         starts, absent after the last one. Without it (gossip), a sample of every record: a table
         of many peers (or of many throw-away records) would otherwise crowd a client's peers out."""
+        self._reached, self._unreached_warned = time.monotonic(), False
         self.offer_all(msg.get("records") or [])
         if not msg.get("want"):
             return {"records": []}
@@ -285,6 +293,7 @@ class Gossip:
         self.rounds += 1
         self.table.expire()
         known = self._known_contacts()
+        self._check_reached(known)
         targets = self._round_targets(known)
         if len(known) < self.options.fanout or self.rounds % 10 == 1:
             targets += self.options.bootstrap
@@ -292,6 +301,18 @@ class Gossip:
         for contact in dict.fromkeys(targets):
             self._send(contact, wires, want=True)
         self._update_stats()
+
+    def _check_reached(self, known: list[str]) -> None:
+        """Warn once when peers this node knows have not reached it for UNREACHED_ROUNDS rounds
+        (the count starts when it first knows one)."""
+        now = time.monotonic()
+        if not known:
+            self._reached = now
+        elif not self._unreached_warned and now - self._reached > UNREACHED_ROUNDS * self.options.interval:
+            self._unreached_warned = True
+            log.warning("no peer has reached this node at %s for %.0f s, though it knows %d: peers and "
+                        "clients connect to the address a node advertises (check --advertise, --listen "
+                        "and the firewall)", self.address, now - self._reached, len(known))
 
     def exchange_now(self, contacts: list[str], timeout: float = 3.0) -> dict[str, str | None]:
         """Push and pull with `contacts`, waiting up to `timeout` for the answers (start-up, before

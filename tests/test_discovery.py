@@ -1132,3 +1132,28 @@ def test_a_session_starts_every_planned_peers_link_before_its_first_open(tiny_mo
         model.close()
     assert len(linked_at_open) == 3
     assert linked_at_open[0] >= {endpoint_of(a) for a in nodes.addresses}
+
+
+def test_a_node_no_peer_reaches_says_so(tiny_model_dir, cluster_factory, tmp_path):
+    """A node whose --advertise names an address where peers cannot reach it served on in
+    silence: only the other nodes logged that it stopped answering (review92). Once it knows
+    peers and none has reached it for UNREACHED_ROUNDS rounds, it warns, naming the address; a
+    node that is reached does not."""
+    import socket
+
+    from nanoswarm.keys.contact import endpoint_of
+    from nanoswarm.node.gossip import UNREACHED_ROUNDS
+
+    with socket.socket() as s:  # a port of 127.0.0.1 where nothing listens
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    log = tmp_path / "nodes.log"
+    with open(log, "w") as stderr:
+        swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2))], args=FAST, stderr=stderr)
+        swarm.start_node(NodeSpec((2, 4), args=["--advertise", nowhere]))  # bootstraps from the first
+    warning = "no peer has reached this node at {} for "
+    wait_for(lambda: warning.format(nowhere) in log.read_text(), UNREACHED_ROUNDS * 0.3 + 20,
+             "the unreached node's warning")
+    text = log.read_text()
+    assert text.count(warning.format(nowhere)) == 1 and "check --advertise" in text
+    assert warning.format(endpoint_of(swarm.addresses[0])) not in text
