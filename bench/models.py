@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from nanoswarm.shards.manifest import MANIFEST_NAME, read_manifest, write_model_dir
+from nanoswarm.shards.cut import write_model_dir
+from nanoswarm.shards.manifest import MANIFEST_NAME, read_manifest
 from nanoswarm.shards.model import GPT, ModelConfig
 
 log = logging.getLogger(__name__)

@@ -37,8 +37,9 @@ def shard(source: Path, out_dir: Path, layers_per_shard: int, head_groups: int |
     OUT_DIR is made if needed; one that is not empty is refused without --overwrite."""
     import torch
 
+    from nanoswarm.shards.cut import check_storable, write_model_dir
     from nanoswarm.shards.loaders import check_tokenizer_vocab, load_checkpoint
-    from nanoswarm.shards.manifest import check_storable, head_split_pairs, parse_head_splits, write_model_dir
+    from nanoswarm.shards.manifest import head_split_pairs, parse_head_splits
     from nanoswarm.shards.model import ModelConfig
 
     if heads_spec is not None and not heads_spec.strip():  # (an empty --heads was taken as none given)
@@ -80,7 +81,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     a directory (or none yet, under one that can be written), and an empty one unless
     --overwrite. Writing into a full directory unasked removed an earlier model's files or put
     shards beside the checkpoint they were cut from (a review)."""
-    from nanoswarm.shards.manifest import is_leftover
+    from nanoswarm.shards.cut import is_leftover
 
     try:
         if out_dir.is_symlink() and not out_dir.exists():

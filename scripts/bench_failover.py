@@ -29,7 +29,7 @@ import torch
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.swarm import SwarmOptions
 from nanoswarm.node.cluster import LocalCluster, NodeSpec
-from nanoswarm.shards.manifest import write_model_dir
+from nanoswarm.shards.cut import write_model_dir
 from nanoswarm.shards.model import GPT, ModelConfig
 
 SHAPES = {

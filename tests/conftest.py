@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from nanoswarm.node.cluster import LocalCluster, NodeSpec
-from nanoswarm.shards.manifest import write_model_dir
+from nanoswarm.shards.cut import write_model_dir
 from nanoswarm.shards.model import GPT, ModelConfig
 
 TINY = ModelConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=50257, block_size=128, gelu="tanh")

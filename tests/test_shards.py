@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanoswarm.shards import cut, model, weights
 from nanoswarm.shards import manifest as mf
-from nanoswarm.shards import model, weights
 from nanoswarm.shards.loaders import CheckpointError, load_checkpoint
 from nanoswarm.shards.model import GPT, ModelConfig
 from nanoswarm.shards.tokenizer import (
@@ -217,7 +217,7 @@ def test_checkpoint_errors(tmp_path):
 
 def test_model_dir_round_trip(tmp_path):
     model = make_gpt(SMALL)
-    manifest = mf.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=3)
+    manifest = cut.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=3)
     names = sorted(f.name for f in manifest.files)
     assert names == ["blocks-0-3.safetensors", "blocks-3-4.safetensors", "embeddings.safetensors",
                      "head.safetensors"]
@@ -229,9 +229,9 @@ def test_model_dir_round_trip(tmp_path):
 
 def test_sharding_again_into_a_directory_removes_the_old_shards(tmp_path):
     model = make_gpt(SMALL)
-    mf.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=1, head_splits=[(0, 2), (2, 4)])
+    cut.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=1, head_splits=[(0, 2), (2, 4)])
     (tmp_path / "notes.txt").write_text("mine")
-    manifest = mf.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=3)
+    manifest = cut.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=3)
     on_disk = sorted(p.name for p in tmp_path.iterdir())
     assert on_disk == sorted([f.name for f in manifest.files] + ["manifest.json", "notes.txt"])
 
@@ -242,7 +242,7 @@ def test_untied_head_round_trips(tmp_path):
     save_hf_checkpoint(SMALL, sd, tmp_path / "hf")
     config, loaded_sd = load_checkpoint(tmp_path / "hf")
     assert torch.equal(loaded_sd["lm_head.weight"], sd["lm_head.weight"])
-    mf.write_model_dir(config, loaded_sd, tmp_path / "dir", layers_per_shard=2)
+    cut.write_model_dir(config, loaded_sd, tmp_path / "dir", layers_per_shard=2)
     head = weights.load_head(tmp_path / "dir")
     assert torch.equal(head.lm_head.weight, sd["lm_head.weight"])
     gpt = weights.load_model(tmp_path / "dir")
@@ -252,7 +252,7 @@ def test_untied_head_round_trips(tmp_path):
 
 def test_load_blocks_across_file_boundary(tmp_path):
     model = make_gpt(SMALL)
-    mf.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=2)
+    cut.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=2)
     blocks = weights.load_blocks(tmp_path, 1, 3)
     assert not blocks.training and not any(p.requires_grad for p in blocks.parameters())
     x = torch.randn(2, 10, 64)
@@ -263,7 +263,7 @@ def test_load_blocks_across_file_boundary(tmp_path):
 
 def test_tampered_shard_is_refused(tmp_path):
     model = make_gpt(SMALL)
-    mf.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=2)
+    cut.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=2)
     path = tmp_path / "blocks-2-4.safetensors"
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01
@@ -282,7 +282,7 @@ def test_tampered_shard_is_refused(tmp_path):
 
 
 def test_missing_layer_is_a_clear_error(tmp_path):
-    manifest = mf.write_model_dir(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path, layers_per_shard=2)
+    manifest = cut.write_model_dir(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path, layers_per_shard=2)
     manifest.files = [f for f in manifest.files if f.name != "blocks-2-4.safetensors"]
     with pytest.raises(mf.ManifestError, match="layer 2"):
         weights.load_blocks(tmp_path, 1, 3, manifest=manifest)
@@ -303,7 +303,7 @@ def assert_slices_sum_to_blocks(model: GPT, slices: list, config: ModelConfig) -
 @pytest.mark.parametrize("from_files", [True, False])
 def test_head_slices_sum_to_full_block(tmp_path, config, splits, from_files):
     model = make_gpt(config)
-    manifest = mf.write_model_dir(config, model.flat_state_dict(), tmp_path, layers_per_shard=1,
+    manifest = cut.write_model_dir(config, model.flat_state_dict(), tmp_path, layers_per_shard=1,
                                   head_splits=splits if from_files else None)
     sliced = {f.name for f in manifest.files if f.heads}
     if from_files:
@@ -321,7 +321,7 @@ def test_head_slices_sum_to_full_block(tmp_path, config, splits, from_files):
 
 def test_float16_storage_round_trip(tmp_path):
     model = make_gpt(SMALL)
-    manifest = mf.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=2,
+    manifest = cut.write_model_dir(SMALL, model.flat_state_dict(), tmp_path, layers_per_shard=2,
                                   dtype=torch.float16)
     assert manifest.dtype == "float16"
     assert load_file(tmp_path / "blocks-0-2.safetensors")["h.0.ln_1.weight"].dtype == torch.float16
@@ -334,10 +334,10 @@ def test_float16_storage_round_trip(tmp_path):
 
 def test_model_id_depends_on_weights_only(tmp_path):
     sd = make_gpt(SMALL).flat_state_dict()
-    a = mf.write_model_dir(SMALL, sd, tmp_path / "a", layers_per_shard=2)
-    b = mf.write_model_dir(SMALL, sd, tmp_path / "b", layers_per_shard=2, progress=False)
+    a = cut.write_model_dir(SMALL, sd, tmp_path / "a", layers_per_shard=2)
+    b = cut.write_model_dir(SMALL, sd, tmp_path / "b", layers_per_shard=2, progress=False)
     other = make_gpt(SMALL, seed=9).flat_state_dict()
-    c = mf.write_model_dir(SMALL, other, tmp_path / "c", layers_per_shard=2)
+    c = cut.write_model_dir(SMALL, other, tmp_path / "c", layers_per_shard=2)
     assert a.model_id == b.model_id != c.model_id
     assert len(a.model_id) == 64
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["model_id"] == a.model_id
@@ -345,7 +345,7 @@ def test_model_id_depends_on_weights_only(tmp_path):
 
 
 def test_manifest_validation(tmp_path):
-    manifest = mf.write_model_dir(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path, layers_per_shard=2)
+    manifest = cut.write_model_dir(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path, layers_per_shard=2)
     good = json.loads(manifest.to_json())
 
     def broken(change) -> str:
@@ -382,7 +382,7 @@ def test_parse_head_splits():
 
 def test_shard_checkpoint_from_nanogpt(tmp_path, padded_nanogpt):
     path, model = padded_nanogpt
-    manifest = mf.shard_checkpoint(path, tmp_path, layers_per_shard=1, head_splits=[(0, 1), (1, 4)])
+    manifest = cut.shard_checkpoint(path, tmp_path, layers_per_shard=1, head_splits=[(0, 1), (1, 4)])
     assert manifest.config.vocab_size == 50257 and manifest.config.gelu == "exact"
     assert max_diff(weights.load_model(tmp_path), model, ids_for(manifest.config)) <= 1e-5
 
@@ -404,7 +404,7 @@ def rewrite_file(model_dir, name: str, data: bytes) -> None:
 
 @pytest.fixture
 def small_dir(tmp_path):
-    mf.write_model_dir(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path, layers_per_shard=2,
+    cut.write_model_dir(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path, layers_per_shard=2,
                        head_splits=[(0, 2), (2, 4)])
     return tmp_path
 
@@ -443,7 +443,7 @@ def test_untied_head_and_bias_free_dirs_pass_the_tensor_checks(tmp_path):
     config = ModelConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=300, block_size=32, bias=False)
     model = make_gpt(config)
     sd = {**model.flat_state_dict(), "lm_head.weight": torch.randn(300, 64)}
-    mf.write_model_dir(config, sd, tmp_path, layers_per_shard=1, head_splits=[(0, 1), (1, 4)])
+    cut.write_model_dir(config, sd, tmp_path, layers_per_shard=1, head_splits=[(0, 1), (1, 4)])
     assert torch.equal(weights.load_model(tmp_path).head.lm_head.weight, sd["lm_head.weight"])
     weights.load_blocks(tmp_path, 0, 2, heads=(1, 4))
 
@@ -495,7 +495,7 @@ def test_manifest_config_is_bounded_and_its_layers_covered(small_dir):
     (small_dir / "manifest.json").write_text(json.dumps(explicit))
     assert mf.read_manifest(small_dir).config.n_layer == good["config"]["n_layer"]
     with pytest.raises(ValueError, match="vocab_size 50304"):
-        mf.write_model_dir(ModelConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=50304, block_size=8),
+        cut.write_model_dir(ModelConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=50304, block_size=8),
                            GPT(ModelConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=50304,
                                            block_size=8)).flat_state_dict(), small_dir / "x", 1)
 
@@ -514,7 +514,7 @@ def test_shard_refuses_a_vocabulary_the_tokenizer_does_not_fit(tmp_path):
     config = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=65, block_size=16, gelu="exact")
     save_nanogpt_checkpoint(config, make_gpt(config).flat_state_dict(), tmp_path / "ckpt.pt")
     with pytest.raises(CheckpointError, match="vocab_size 65 is smaller than the GPT-2 tokenizer's 50257"):
-        mf.shard_checkpoint(tmp_path / "ckpt.pt", tmp_path / "m", 1, progress=False)
+        cut.shard_checkpoint(tmp_path / "ckpt.pt", tmp_path / "m", 1, progress=False)
     assert not (tmp_path / "m").exists()
 
 
@@ -632,17 +632,17 @@ def test_checkpoint_weights_that_are_not_finite_floats_are_refused(tmp_path, cha
 
 def test_a_weight_float16_cannot_hold_is_refused_not_stored_as_inf(tmp_path):
     sd = make_gpt(SMALL).flat_state_dict()
-    good = mf.write_model_dir(SMALL, sd, tmp_path / "half", layers_per_shard=2, dtype=torch.float16)
+    good = cut.write_model_dir(SMALL, sd, tmp_path / "half", layers_per_shard=2, dtype=torch.float16)
     sd["h.3.mlp.c_fc.weight"][0, 0] = 1e5
     with pytest.raises(ValueError, match=r"h\.3\.mlp\.c_fc\.weight holds 100000, which float16 cannot hold: "
                                          "shard it as float32 or bfloat16"):
-        mf.write_model_dir(SMALL, sd, tmp_path / "half", layers_per_shard=2, dtype=torch.float16)
+        cut.write_model_dir(SMALL, sd, tmp_path / "half", layers_per_shard=2, dtype=torch.float16)
     weights.load_model(tmp_path / "half")  # refused before any file was written: still whole
     assert mf.read_manifest(tmp_path / "half").model_id == good.model_id
-    mf.write_model_dir(SMALL, sd, tmp_path / "bf16", layers_per_shard=2, dtype=torch.bfloat16)
+    cut.write_model_dir(SMALL, sd, tmp_path / "bf16", layers_per_shard=2, dtype=torch.bfloat16)
     sd["h.0.ln_1.weight"][0] = float("nan")
     with pytest.raises(ValueError, match=r"h\.0\.ln_1\.weight holds NaN or Inf"):
-        mf.write_model_dir(SMALL, sd, tmp_path / "f32", layers_per_shard=2)
+        cut.write_model_dir(SMALL, sd, tmp_path / "f32", layers_per_shard=2)
 
 
 def test_pickled_checkpoints_need_a_torch_whose_weights_only_load_is_safe(tmp_path, monkeypatch):
@@ -804,7 +804,7 @@ def test_a_model_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch
     from conftest import TINY, invoke_cli
 
     out = tmp_path / "m"
-    mf.write_model_dir(TINY, GPT(TINY).flat_state_dict(), out, 1, progress=False)
+    cut.write_model_dir(TINY, GPT(TINY).flat_state_dict(), out, 1, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     torch.manual_seed(1)
     save_nanogpt_checkpoint(TINY, GPT(TINY).flat_state_dict(), tmp_path / "other.pt")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nanoswarm.shards import train
+from nanoswarm.shards.cut import write_model_dir
 from nanoswarm.shards.loaders import load_checkpoint
-from nanoswarm.shards.manifest import write_model_dir
 from nanoswarm.shards.model import ModelConfig
 from nanoswarm.shards.weights import load_model
 
