@@ -20,6 +20,7 @@ import time
 import torch
 import zmq
 
+from nanoswarm.keys.contact import endpoint_of
 from nanoswarm.protocol.messages import MAX_HOPS
 
 from .peer_errors import PeerError, PeerTimeout
@@ -50,6 +51,10 @@ class Chain:
         self.poller = zmq.Poller()
         for stage in stages:  # any hop may answer with an error; a dropped link shows on its monitor
             stage.conn.register(self.poller)
+
+    def endpoints(self) -> str:
+        """The chain's peers for a log line: endpoints, without their 64-digit keys."""
+        return ", ".join(endpoint_of(p) for s in self.stages for p in s.peers)
 
     def max_untrailed(self, width: int) -> int:
         """The most positions one relayed step without trail may carry: what every node of the

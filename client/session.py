@@ -28,7 +28,6 @@ from collections.abc import Callable
 
 import torch
 
-from nanoswarm.keys.contact import endpoint_of
 from nanoswarm.protocol.tensors import fits_wire
 
 from .failover import CANNOT_TAKE, CallerError, Failover, SessionError, past_float16
@@ -359,7 +358,7 @@ class InferenceSession(Failover):
                 self._stop_relaying(chain, f"timed out {chain.stalls} times in a row while every hop answers")
             else:
                 log.info("a relayed step through %s timed out while every hop answers: done stage by stage, "
-                         "relayed again next step", _endpoints(chain))
+                         "relayed again next step", chain.endpoints())
         elif error.code in PASSED_ON_WRONG or (
                 error.code == "bad_value" and fits_wire(hidden, self.swarm.options.wire)):
             self._stop_relaying(chain, f"came back malformed ({error})")
@@ -370,7 +369,7 @@ class InferenceSession(Failover):
         for one timeout. Tried again, it would cost every token the timeout (a review): its
         boundaries stop relaying for the session; a stage replaced later is tried again
         (SessionRelay.retry_before)."""
-        log.warning("a relayed step through %s %s: these stages go one by one from now on", _endpoints(chain), why)
+        log.warning("a relayed step through %s %s: these stages go one by one from now on", chain.endpoints(), why)
         for stage in chain.stages[:-1]:
             self.relaying.refused(stage)
 
@@ -407,8 +406,3 @@ class InferenceSession(Failover):
         else:  # local stages: no sockets
             for stage in self.stages:
                 stage.close()
-
-
-def _endpoints(chain: Chain) -> str:
-    """The chain's peers for a log line: endpoints, without their 64-digit keys."""
-    return ", ".join(endpoint_of(p) for s in chain.stages for p in s.peers)
