@@ -45,6 +45,11 @@ MAX_LINKS = 64        # links kept open; the least recently used one closes beyo
 LINK_QUEUE = 64       # relayed steps queued on one link before sends fail
 MAX_READS = 64       # messages read from one link (relay or gossip) per turn of the server loop
 MAX_REMEMBERED = 4096  # relayed steps whose bounced errors can still be routed to their owner
+# A link whose connection dropped keeps, of its steps sent since its last handshake, those sent
+# this long before the drop was read: they may have been on their way, or queued after the drop
+# while the server thread computed; earlier ones went out (review92c: a link made anew answered
+# relay_failed for every step since its handshake, long-answered ones too).
+DROP_WINDOW = 1.0
 REFUSED_WARN_SECONDS = 3600.0  # how often a node names again a next hop that refuses its handshake
 # A refusal: libzmq does not try that connection again. (EVENT_HANDSHAKE_FAILED_NO_DETAIL is
 # a connection that dropped mid-handshake, a restart say: ZeroMQ reconnects and sends what is
@@ -69,8 +74,9 @@ class RelayLink:
     contact: str
     socket: zmq.Socket
     monitor: zmq.Socket
-    # _sent keys of the steps sent since the link's last handshake was read to succeed, the
-    # latest 2 x LINK_QUEUE: those that may still wait on the link (and some that went out).
+    # (_sent key, when sent) of the steps sent since the link's last handshake was read to
+    # succeed (since DROP_WINDOW before a drop was read), the latest 2 x LINK_QUEUE: those that
+    # may still wait on the link (and some that went out).
     # When the link fails they are answered relay_failed; a late answer to a step that was
     # delivered is dropped by its client, and one that was not no longer costs its timeout.
     recent: deque = field(default_factory=lambda: deque(maxlen=2 * LINK_QUEUE))
@@ -113,7 +119,7 @@ class RelayLinks:
             return why
         key = (relay.contact, relay.hop_id)
         self._sent[key] = relay
-        link.recent.append(key)
+        link.recent.append((key, time.monotonic()))
         while len(self._sent) > MAX_REMEMBERED:
             self._sent.popitem(last=False)
         return None
@@ -194,6 +200,8 @@ class RelayLinks:
                 link.down = False
             elif event == zmq.EVENT_DISCONNECTED:
                 link.down = True
+                since = time.monotonic() - DROP_WINDOW
+                link.recent = deque(((k, t) for k, t in link.recent if t >= since), maxlen=link.recent.maxlen)
             elif event & HANDSHAKE_REFUSED:
                 self._refused(link)
                 return
@@ -219,7 +227,7 @@ class RelayLinks:
     def _close(self, contact: str, link: RelayLink, lost: str | None = None) -> None:
         """Close a link; with `lost` (why), answer the steps that may wait on it `relay_failed`:
         ZeroMQ drops them with the link, and their clients would wait their whole timeout."""
-        for key in link.recent if lost is not None else ():
+        for key, _ in link.recent if lost is not None else ():
             relay = self._sent.pop(key, None)
             if relay is not None:
                 self._failed.append((relay.owner, self.error(relay.reply, ErrorCode.RELAY_FAILED, lost[:500])))

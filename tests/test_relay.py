@@ -743,10 +743,12 @@ def test_a_next_hop_flooding_its_link_is_read_a_batch_at_a_time():
 def test_a_relay_link_that_dropped_connects_again_at_its_next_step():
     """A next hop that went and came back (a restart) was reached again only at libzmq's next
     reconnect, which backs off to 10 s: the first relayed token after a restart took ~7 s
-    (review92b). A link that dropped is made anew at its next step, which goes out at once; a step
-    that was delivered before the drop is not answered relay_failed."""
+    (review92b). A link that dropped is made anew at its next step, which goes out at once. Of
+    the old link's steps, those sent within DROP_WINDOW of the drop are answered relay_failed
+    (they may have been lost with it); earlier ones are not (review92c: every step since the
+    link's handshake was, long-answered ones too)."""
     from nanoswarm.client.transport import shared_context
-    from nanoswarm.node.relay import RelayLinks, next_hop_id
+    from nanoswarm.node.relay import DROP_WINDOW, RelayLinks, next_hop_id
 
     ctx = shared_context()
     port = _free_port()
@@ -757,9 +759,10 @@ def test_a_relay_link_that_dropped_connects_again_at_its_next_step():
         hop.bind(f"tcp://127.0.0.1:{port}")
         return hop
 
-    def step(links: RelayLinks, payload: bytes) -> None:
-        relay = Relay(f"tcp://127.0.0.1:{port}", b"owner", 1, next_hop_id())
+    def step(payload: bytes, reply: int) -> None:
+        relay = Relay(f"tcp://127.0.0.1:{port}", b"owner", reply, next_hop_id())
         assert links.send(relay, [payload]) is None
+        assert hop.poll(5000) and hop.recv_multipart()[-1] == payload
 
     def read_events(link, until, seconds: float = 10) -> None:
         deadline = time.monotonic() + seconds
@@ -770,19 +773,22 @@ def test_a_relay_link_that_dropped_connects_again_at_its_next_step():
 
     links, hop = RelayLinks(ctx, None), next_hop()
     try:
-        step(links, b"one")
-        assert hop.poll(5000) and hop.recv_multipart()[-1] == b"one"
+        step(b"one", 1)
         [first] = links._links.values()
         read_events(first, lambda: not first.recent)  # its handshake was read: "one" went out
+        step(b"two", 2)
+        time.sleep(DROP_WINDOW + 0.2)  # "two" is answered long before the drop
+        step(b"three", 3)  # (on its way when the drop comes, for all the link can tell)
         hop.close()
         read_events(first, lambda: first.down)
         time.sleep(4)  # refused reconnects back off (0.1, 0.2 ... 3.2 s): the next try is ~2 s away
         hop = next_hop()
         t0 = time.monotonic()
-        step(links, b"two")
-        assert hop.poll(5000) and hop.recv_multipart()[-1] == b"two"
+        step(b"four", 4)
         assert time.monotonic() - t0 < 1.0, time.monotonic() - t0
-        assert list(links._links.values()) != [first] and links.take_failed() == []
+        assert list(links._links.values()) != [first]
+        assert [(owner, decode(frames).id, decode(frames).fields["code"]) for owner, frames in links.take_failed()] \
+            == [(b"owner", 3, "relay_failed")]
     finally:
         links.close()
         hop.close()
