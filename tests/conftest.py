@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -184,3 +186,56 @@ def cluster_factory():
             if node.proc.poll() is None:
                 node.proc.kill()
         c.stop()
+
+
+class TcpRelay:
+    """A plain TCP relay on 127.0.0.1 to `upstream_port` that records every byte passing through,
+    both ways (`captured`, under `lock`), and holds each chunk `delay` seconds (settable later:
+    a long round trip without a network namespace). A connection whose upstream refuses it is
+    closed."""
+
+    def __init__(self, upstream_port: int, delay: float = 0.0):
+        self.upstream, self.delay = upstream_port, delay
+        self.captured = bytearray()
+        self.lock = threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.sockets: list[socket.socket] = [self.server]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                client.close()
+                continue
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                with self.lock:
+                    self.captured += data
+                if self.delay:
+                    time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close()

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import torch
-from conftest import invoke_cli
+from conftest import TcpRelay, invoke_cli
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
@@ -39,52 +37,9 @@ def start_node(model_dir, *args: str, stderr=None) -> LocalCluster:
     return harness
 
 
-class Relay:
-    """A plain TCP relay on 127.0.0.1 that records every byte passing through, both ways."""
-
-    def __init__(self, upstream_port: int):
-        self.upstream = upstream_port
-        self.captured = bytearray()
-        self.lock = threading.Lock()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.sockets: list[socket.socket] = [self.server]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:  # closed
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream))
-            self.sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                with self.lock:
-                    self.captured += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        for s in self.sockets:
-            s.close()
-
-
 def forward_through_relay(model_dir, harness: LocalCluster, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
     endpoint, key = split_contact(harness.addresses[0])
-    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    relay = TcpRelay(int(endpoint.rsplit(":", 1)[1]))
     conn = PeerConnection(format_contact(f"tcp://127.0.0.1:{relay.port}", key), timeout=20)
     try:
         reply = conn.request("forward", {"model_id": read_manifest(model_dir).model_id}, [x])

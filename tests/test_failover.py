@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from conftest import SwarmWithALiar, sessions_on
+from conftest import SwarmWithALiar, TcpRelay, sessions_on
 
 from nanoswarm.client import relay as relay_module
 from nanoswarm.client.api import GenerationResult, SwarmModel
@@ -1373,55 +1373,6 @@ def test_a_connect_that_nothing_answers_is_reported_after_a_heartbeat():
         listener.close()
 
 
-class _SlowLink:
-    """A TCP relay on 127.0.0.1 to `port` that holds every chunk `delay` seconds, each way: a
-    long round trip, without a network namespace."""
-
-    def __init__(self, port: int, delay: float):
-        import socket
-        import threading
-
-        self.port, self.delay = port, delay
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                near, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                far = socket.create_connection(("127.0.0.1", self.port))
-            except OSError:
-                near.close()
-                continue
-            for a, b in ((near, far), (far, near)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def _pipe(self, src, dst) -> None:
-        import socket
-
-        try:
-            while data := src.recv(65536):
-                time.sleep(self.delay)
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_a_peer_that_restarted_behind_a_long_round_trip_is_not_reported():
     """A peer that restarted while the client sat idle is asked again at the next request, which
     waits HOLD_SECONDS for the link to come back. Behind a 300 ms round trip the reconnect and
@@ -1431,7 +1382,7 @@ def test_a_peer_that_restarted_behind_a_long_round_trip_is_not_reported():
 
     port = _free_port()
     peer = _echo_peer(port)
-    link = _SlowLink(port, 0.0)
+    link = TcpRelay(port)
     conn = PeerConnection(link.address, timeout=20, heartbeat=5.0, forgive_idle_drops=True)
     try:
         assert conn.recv(conn.send("info"), "info").type == "info"
