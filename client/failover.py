@@ -142,7 +142,7 @@ class Failover:
         ms = (time.perf_counter() - t0) * 1000
         heads = next((f" heads {h[0]}:{h[1]}" for conn, h in getattr(old, "members", ())
                       if conn.address == error.address), "")  # a head group's member: which heads it held
-        notice = (f"failover: {error.address} (layers {old.start}:{old.stop}{heads}) {error.code}; "
+        notice = (f"failover: {error.address} (layers {old.start}:{old.stop}{heads}) {error.code} ({error.message}); "
                   f"replayed {self.pos} positions to {', '.join(p for s in new_stages for p in s.peers)} "
                   f"in {ms:.0f} ms")
         self._announce(notice)

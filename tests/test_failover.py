@@ -200,7 +200,7 @@ def test_dead_head_group_member_is_replaced(small12_model_dir, cluster_factory, 
     result = generate_with_fault(small12_model_dir, swarm, lambda i: swarm.kill(i, signal.SIGKILL), notices,
                                  pick=lambda route: route[0]["peers"][1])  # the member with heads 6:12
     assert result.ids == expected_ids
-    assert result.failovers == 1 and "(layers 0:12 heads 6:12) disconnected" in notices[0]
+    assert result.failovers == 1 and "(layers 0:12 heads 6:12) disconnected (connection " in notices[0], notices
     assert result.route[0]["heads"] == [[0, 6], [6, 12]]
 
 
