@@ -1109,7 +1109,7 @@ def test_a_session_starts_every_planned_peers_link_before_its_first_open(tiny_mo
     """Peers learnt from a bootstrap's records have no link yet: each stage's open made its own,
     one handshake after another (~5 round trips each: 1.85 s a stage at a 300 ms round trip,
     review92). The route's links are all started before its first open, so the handshakes
-    overlap; the text is the local model's."""
+    overlap, and the bootstrap's as its records are fetched; the text is the local model's."""
     from nanoswarm.client.stages import RemoteLayerStage
     from nanoswarm.keys.contact import endpoint_of
 
@@ -1126,6 +1126,7 @@ def test_a_session_starts_every_planned_peers_link_before_its_first_open(tiny_mo
     greedy = SamplingParams(temperature=0)
     model = SwarmModel.connect(tiny_model_dir, bootstrap=[nodes.addresses[0]])
     try:
+        assert list(model.swarm._conns) == [nodes.addresses[0]]  # the bootstrap's, made as its records came
         assert model.generate("Overlap", 4, greedy).ids == SwarmModel.local(tiny_model_dir).generate(
             "Overlap", 4, greedy).ids
     finally:
