@@ -177,11 +177,7 @@ def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0)
     # A bootstrap is usually a peer of the route too: the swarm's link to it starts its handshake
     # now, beside the fetch's own link, not at the first open after it (review92b: 1.7 s for the
     # fetch, then 1.8 s for the open, at a 300 ms round trip).
-    for contact in bootstrap:
-        try:
-            swarm.connection(contact)
-        except PeerError:  # a contact it cannot use: the fetch says why
-            pass
+    swarm.connect_ahead(bootstrap)  # a contact it cannot use: the fetch says why
     fetched = fetch_table(bootstrap, timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
     if not fetched.answered:
         detail = "; ".join(fetched.errors.values())  # each names its contact

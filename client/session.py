@@ -109,7 +109,7 @@ class InferenceSession(Failover):
         pos, refused = 0, {}
         while pos < self.swarm.n_layer:
             plans = self.swarm.plan(pos, max_length=max_length, refused=refused)
-            self.swarm.connect_ahead(plans)
+            self.swarm.connect_ahead(p.address for plan in plans for p in plan.peers)
             plan, stage = plans[0], None
             try:
                 stage = self.swarm.make_stage(plan)

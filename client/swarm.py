@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import zmq
@@ -315,17 +315,16 @@ class Swarm:
             more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
             raise RouteError(e.uncovered, f"{e.detail}; not used: {'; '.join(why)}{more}") from None
 
-    def connect_ahead(self, plans: list[StagePlan]) -> None:
-        """Start the link to every peer of `plans` now: their handshakes (a few round trips each)
+    def connect_ahead(self, addresses: Iterable[str]) -> None:
+        """Start the link to each of `addresses` now: their handshakes (a few round trips each)
         run together, not one after another as the stages open (review92: 1.85 s a stage at a
         300 ms round trip, for peers learnt from a bootstrap's records). A link that cannot be
-        made is left to the stage's own open to report."""
-        for plan in plans:
-            for peer in plan.peers:
-                try:
-                    self.connection(peer.address)
-                except PeerError:
-                    pass
+        made is left to its first request to report."""
+        for address in addresses:
+            try:
+                self.connection(address)
+            except PeerError:
+                pass
 
     def make_stage(self, plan: StagePlan) -> Stage:
         if plan.is_head_group:
