@@ -106,6 +106,7 @@ class SwarmModel:
             if peers:
                 swarm.add_addresses(peers, timeout)
             swarm.warn_rejected()
+            swarm.connect_route_ahead()  # handshakes overlap the head's load below
             if swarm.options.verify > 0:
                 swarm.checker = SpotChecker(model_dir, manifest, swarm.options.verify)
             return cls(model_dir, manifest, swarm, device=device)
