@@ -238,8 +238,8 @@ def _serve(opts: NodeOptions, identity: Identity, allow: set[bytes] | None,
     address = advertised_address(opts.advertise, server.address)
     gossip = Gossip(identity, handler, address, gossip_options, opts.insecure, allow_keys=allow)
     gossip.refresh()  # first: what `learned` holds of our own identity is then checked (_check_overtaken)
+    gossip.attach(server)  # before the records learned: a next hop among them gets its relay link
     gossip.offer_all(learned)
-    gossip.attach(server)
     if auto and n_blocks < handler.config.n_layer:
         manifest = read_manifest(opts.model_dir)
         rebalancer = Rebalancer(handler, gossip, n_blocks, lambda a, b: load_blocks(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,9 @@ class Gossip:
         self.rounds = 0
         self._reached = time.monotonic()  # when a peer or client last sent us records: we are reachable
         self._unreached_warned = False
+        # callable(contact), set by attach: starts the relay link to a peer that joined with
+        # blocks that begin where ours end, before any session pins it (RelayLinks.warm)
+        self.on_next_hop: Callable[[str], None] | None = None
         self.links = GossipLinks(address, (identity.curve_public, identity.curve_secret),
                                  self.options.peer_timeout, on_records=self.offer_all, on_silent=self._forget)
         self.stats: dict[str, Any] = {}
@@ -107,6 +111,7 @@ class Gossip:
 
     def attach(self, server: NodeServer) -> None:
         self.links.attach(server)
+        self.on_next_hop = server.relays.warm
         server.add_timer(self.options.interval, self.round)
         server.add_timer(self.options.ttl / 3, self.refresh)
         server.on_leave.append(self.depart)
@@ -353,6 +358,10 @@ class Gossip:
         if record.model_id != self.handler.model_id:
             served += f" of another model ({record.model_id[:16]})"
         log.info("peer %s at %s joined: %s", record.peer_id, record.address, served)
+        if (self.on_next_hop is not None and record.model_id == self.handler.model_id and record.heads is None
+                and not self.handler.head_shard and record.layers[0] == self.handler.blocks.stop
+                and (self.insecure or not record.insecure)):
+            self.on_next_hop(record_contact(record))  # a likely next hop of relayed steps
 
     def _forget(self, contact: str) -> None:
         """Forget the records behind a contact that stopped answering: those with its endpoint

@@ -42,6 +42,7 @@ from nanoswarm.protocol.messages import MAX_HEADER_BYTES, decode, error_frames
 log = logging.getLogger(__name__)
 
 MAX_LINKS = 64        # links kept open; the least recently used one closes beyond that
+WARM_LINKS = MAX_LINKS // 2  # links started ahead of any session (warm) only while fewer are open
 LINK_QUEUE = 64       # relayed steps queued on one link before sends fail
 MAX_READS = 64       # messages read from one link (relay or gossip) per turn of the server loop
 MAX_REMEMBERED = 4096  # relayed steps whose bounced errors can still be routed to their owner
@@ -130,6 +131,19 @@ class RelayLinks:
             self._link(contact)
         except (zmq.ZMQError, ValueError) as e:  # the step that goes there says why
             log.debug("no link to the next hop %s: %s", contact[:80], e)
+
+    def warm(self, contact: str) -> None:
+        """Start the link to a likely next hop (a peer whose blocks begin where ours end) before
+        any session pins it: its handshake, a few round trips, is then done before the first
+        relayed step of a fresh route (review92: the first token through fresh nodes trailed
+        stage by stage by ~0.9 s at a 300 ms round trip). Only while links are few: a warm link
+        never closes another to make room."""
+        link = self._links.get(contact)
+        if (link is None or link.down) and len(self._links) < WARM_LINKS:
+            self.connect(contact)
+
+    def __len__(self) -> int:
+        return len(self._links)
 
     def _link(self, contact: str) -> RelayLink:
         link = self._links.get(contact)

@@ -163,10 +163,12 @@ class NodeServer:
     def _watch_relay(self, link: RelayLink) -> None:
         self.watch(link.socket, lambda: self._send_all(self.relays.bounced(link)))
         self.watch(link.monitor, lambda: (self.relays.events(link), self._send_all([])))
+        self.handler.extra_info["relay_links"] = len(self.relays)
 
     def _unwatch_relay(self, link: RelayLink) -> None:
         self.unwatch(link.socket)
         self.unwatch(link.monitor)
+        self.handler.extra_info["relay_links"] = len(self.relays)
 
     def stop(self) -> None:
         """Stop at once (tests, Ctrl-C)."""

@@ -1104,6 +1104,82 @@ def test_a_node_logs_the_peers_that_join_once_each(caplog):
         gossip.close()
 
 
+def test_a_node_starts_the_relay_link_to_a_next_hop_that_joins():
+    """A relay link started at `admit`, one round trip before the session's first relayed step,
+    and its CURVE handshake takes several: the first token through fresh nodes trailed stage by
+    stage by ~0.9 s at a 300 ms round trip (review92). A node starts the link to a peer of its
+    model whose whole blocks begin where its own end as the peer joins (or returns), not for a
+    refresh, a head shard, a span elsewhere, another model, or an --insecure peer of a node that
+    encrypts."""
+    from nanoswarm.keys.records import record_contact, sign_departure
+    from nanoswarm.node.gossip import Gossip
+
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")  # serves 0:2 of "m"
+    warmed: list[str] = []
+    gossip.on_next_hop = warmed.append
+    nxt, others = generate_identity(), [generate_identity() for _ in range(4)]
+
+    def record(identity, seq: int, layers=(2, 4), model_id: str = "m", heads=None, insecure=False) -> dict:
+        return sign_record(identity, address=f"tcp://127.0.0.1:{2000 + seq}", model_id=model_id, layers=layers,
+                           heads=heads, seq=seq, expires=time.time() + 60, insecure=insecure)
+
+    try:
+        gossip.refresh()
+        assert gossip.table.offer(record(nxt, 1)) == "accepted"
+        assert warmed == [record_contact(verify_record(record(nxt, 1)))]
+        assert gossip.table.offer(record(nxt, 2)) == "accepted"  # a refresh
+        for identity, kwargs in zip(others, [{"heads": (0, 2)}, {"layers": (1, 3)}, {"model_id": "other"},
+                                             {"insecure": True}]):
+            assert gossip.table.offer(record(identity, 1, **kwargs)) == "accepted"
+        assert len(warmed) == 1
+        assert gossip.table.offer(sign_departure(nxt, verify_record(record(nxt, 2)), seq=3)) == "departed"
+        assert gossip.table.offer(record(nxt, 4)) == "accepted"  # back after its departure: a new link
+        assert warmed[1:] == [record_contact(verify_record(record(nxt, 4)))]
+    finally:
+        gossip.close()
+
+
+def test_warm_relay_links_stay_few_and_never_close_another():
+    """A warm link is a guess (a client may route elsewhere): it is started only while fewer
+    than WARM_LINKS are open, so it never pushes out a link that sessions use."""
+    import zmq
+
+    from nanoswarm.node.relay import WARM_LINKS, RelayLinks
+
+    ctx = zmq.Context()
+    links = RelayLinks(ctx, zmq.curve_keypair())
+    contacts = [format_contact(f"tcp://127.0.0.1:{5000 + i}", zmq.curve_keypair()[0]) for i in range(WARM_LINKS + 2)]
+    try:
+        links.connect(contacts[0])
+        links.warm(contacts[0])  # already linked: the same link
+        for c in contacts[1:]:
+            links.warm(c)
+        assert len(links) == WARM_LINKS and list(links._links) == contacts[:WARM_LINKS]
+        links.connect(contacts[-1])  # a pinned next hop is linked whatever the count
+        assert len(links) == WARM_LINKS + 1
+    finally:
+        links.close()
+        ctx.term()
+
+
+def test_nodes_link_to_their_next_hops_before_any_session(tiny_model_dir, cluster_factory):
+    """End to end: each node's relay link to the node after it is open before a client comes
+    (`info` counts a node's relay links), and the route the client pins uses it: no second link."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4))], args=FAST)
+    linked = lambda: [request(a, "info").fields.get("relay_links", 0) for a in nodes.addresses]  # noqa: E731
+    wait_for(lambda: linked() == [1, 1, 0], 15, "a relay link from each node to the next")
+    greedy = SamplingParams(temperature=0)
+    model = SwarmModel.connect(tiny_model_dir, bootstrap=[nodes.addresses[0]])
+    try:
+        assert model.generate("Warm", 4, greedy).ids == SwarmModel.local(tiny_model_dir).generate(
+            "Warm", 4, greedy).ids
+        # steps passed on by the first two nodes: over the warm links
+        assert [request(a, "info").fields["stats"]["relayed"] > 0 for a in nodes.addresses] == [True, True, False]
+    finally:
+        model.close()
+    assert linked() == [1, 1, 0]
+
+
 def test_the_routes_links_start_before_the_client_loads_its_head(tiny_model_dir, cluster_factory, monkeypatch):
     """Peers learnt from a bootstrap's records have no link yet: each stage's open made its own,
     one handshake after another (~5 round trips each: 1.85 s a stage at a 300 ms round trip,
