@@ -63,7 +63,8 @@ def unreachable_why(endpoint: str, timed_out: float | None = None) -> str:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return f"connection refused, or no address for the host name {host[:80]!r}"
+        return (f"connection refused, or no IPv4 address for the host name {host[:80]!r} (a name is "
+                "reached at its IPv4 address: for IPv6 give the address in brackets, tcp://[ADDRESS]:PORT)")
     return "connection refused: nothing listens there"
 
 

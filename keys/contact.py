@@ -55,7 +55,10 @@ def endpoint_of(contact: str) -> str:
 
 
 def allow_ipv6(sock: zmq.Socket, endpoint: str) -> None:
-    """Let `sock` bind or connect to `endpoint` if its host is an IPv6 address (tcp://[::1]:5555):
-    ZeroMQ sockets take IPv4 only unless told otherwise. Call it before bind/connect."""
-    if endpoint.strip().startswith("tcp://["):
+    """Let `sock` bind or connect to `endpoint` if its host is an IPv6 address (tcp://[::1]:5555),
+    and bind on both IPv4 and IPv6 for the wildcard `*`: ZeroMQ sockets take IPv4 only unless
+    told otherwise. A host name stays IPv4 (review94): with IPv6 on, ZeroMQ takes only a name's
+    IPv6 addresses where it has any, with no fallback, so a name with both would stop reaching
+    nodes that listen on IPv4 (`localhost` is ::1 on some systems). Call it before bind/connect."""
+    if endpoint.strip().startswith(("tcp://[", "tcp://*:")):
         sock.setsockopt(zmq.IPV6, 1)

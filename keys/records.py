@@ -24,6 +24,7 @@ Lifetime rules
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import time
@@ -163,10 +164,27 @@ def check_endpoint(text: str) -> str:
     1-65535); ValueError saying so otherwise. For contacts given on the command line."""
     m = _ADDRESS.fullmatch(text)
     if m is None or len(text) > MAX_ADDRESS_LEN:
+        if text.startswith("tcp://[") and "%" in text:
+            raise ValueError(f"{text[:MAX_ADDRESS_LEN]!r}: {_LINK_LOCAL}")
         raise ValueError(f"{text[:MAX_ADDRESS_LEN]!r} is not a TCP endpoint tcp://HOST:PORT")
     if not 0 < int(m.group(2)) < 65536:
         raise ValueError(f"{text!r}: the port must be 1-65535")
+    if m.group(1).startswith("[") and _is_link_local(m.group(1)[1:-1]):
+        raise ValueError(f"{text!r}: {_LINK_LOCAL}")
     return text
+
+
+# A link-local address (fe80::/10) is reached only through a zone naming the connecting
+# machine's own interface (fe80::1%eth0), which no record or contact can know (review94).
+_LINK_LOCAL = ("a link-local IPv6 address (fe80::/10) is usable only with a zone naming an interface of "
+               "the connecting machine: give a global or unique-local (fd00::/8) address")
+
+
+def _is_link_local(host: str) -> bool:
+    try:
+        return ipaddress.IPv6Address(host).is_link_local
+    except ValueError:
+        return False
 
 
 def _span(value: object, name: str, limit: int) -> tuple[int, int]:

@@ -5,6 +5,7 @@ allow list that admits no one (node/daemon.py starts the node from them)."""
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import re
@@ -87,13 +88,13 @@ def check_contacts(opts: NodeOptions) -> None:
     elif host in WILDCARDS:
         raise ValueError(f"--listen {opts.listen}: peers connect to the address a node advertises; give "
                          "the address they reach this machine at, or --advertise it")
+    _check_families(opts.listen, host, opts.advertise)
     if host in WILDCARDS:
         host = "127.0.0.1"  # to check the port alone
-    if port not in ("*", "0"):  # both let the system choose a free port
-        try:
-            check_endpoint(f"tcp://{host}:{port}")
-        except ValueError as e:
-            raise ValueError(f"--listen: {e}") from None
+    try:  # * and 0 let the system choose a free port: the host is checked with another
+        check_endpoint(f"tcp://{host}:{1 if port in ('*', '0') else port}")
+    except ValueError as e:
+        raise ValueError(f"--listen: {e}") from None
     _check_port_free(host, 0 if port in ("*", "0") else int(port))
     for contact in opts.bootstrap:
         try:
@@ -104,6 +105,31 @@ def check_contacts(opts: NodeOptions) -> None:
         if key is None and not opts.insecure:  # a node started --insecure prints no key
             log.warning("--bootstrap %s has no key: gossip with it is not encrypted (a node that "
                         "runs with encryption prints its contact as tcp://HOST:PORT#KEY)", contact)
+
+
+def _check_families(listen: str, host: str, advertise: str | None) -> None:
+    """Refuse an --advertise of one address family on a --listen that takes only the other: no
+    peer could connect (review94: a node on 0.0.0.0 advertising an IPv6 address started without
+    a word, and every peer found it refused). `*`, [::] and host names in --advertise pass."""
+    m = None if advertise is None else _ADVERTISE.fullmatch(advertise)
+    if m is None or host in ("*", "[::]", "[::0]"):
+        return
+    listens, advertised = _family(host, name=4), _family(m.group(1), name=None)
+    if advertised is not None and advertised != listens:
+        raise ValueError(f"--advertise {advertise} is an IPv{advertised} address, but --listen {listen} takes "
+                         f"IPv{listens} connections only: listen on tcp://[::]:PORT (both) or on an "
+                         f"IPv{advertised} address of this machine")
+
+
+def _family(host: str, name: int | None) -> int | None:
+    """6 for a bracketed host, 4 for an IPv4 address, `name` for a host name."""
+    if host.startswith("["):
+        return 6
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return name  # ZeroMQ binds a name over IPv4 (keys/contact.py allow_ipv6)
+    return 4
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -118,14 +144,18 @@ def _check_port_free(host: str, port: int) -> None:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
             probe.bind((host, port))
-    except socket.gaierror as e:
-        raise ValueError(f"--listen: host {host!r} does not resolve ({e.strerror})") from None
+    except socket.gaierror as e:  # a name with IPv6 addresses only, too (review94)
+        raise ValueError(f"--listen: host {host!r} does not resolve to an IPv4 address ({e.strerror}); "
+                         "a host name is bound over IPv4: give an IPv6 address in brackets, "
+                         "tcp://[ADDRESS]:PORT") from None
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise ValueError(f"--listen tcp://{host}:{port}: the port is in use by another process") from None
         if e.errno == errno.EADDRNOTAVAIL:
             raise ValueError(f"--listen: {host} is not an address of this machine (give one of its own "
                              "addresses, and --advertise the one peers reach it at)") from None
+        # anything else ZeroMQ's bind would meet after the blocks had loaded (an invalid address)
+        raise ValueError(f"--listen tcp://{host}:{port}: cannot bind it ({e.strerror})") from None
 
 
 def read_allow_lists(paths: tuple[Path, ...] | str | os.PathLike[str], insecure: bool) -> set[bytes] | None:

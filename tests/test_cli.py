@@ -717,6 +717,39 @@ def test_node_takes_every_address_form_peers_can_use(tmp_path, caplog):
     assert "gossip with it is not encrypted" in caplog.text
 
 
+def test_node_refuses_an_advertise_its_listen_cannot_take(tmp_path, monkeypatch):
+    """A node on 0.0.0.0 advertising an IPv6 address started without a word, and every peer found
+    it refused (review94): an --advertise of one address family on a --listen that takes only the
+    other is refused before anything loads. `*` and [::] take both; a name's family is not known
+    here. A link-local --listen and any bind error are refused before the blocks load too."""
+    import errno
+    import re
+
+    from nanoswarm.node.options import NodeOptions, check_contacts
+
+    for listen, advertise, family in [("tcp://0.0.0.0:*", "tcp://[::1]:5555", 6),
+                                      ("tcp://127.0.0.1:*", "tcp://[fd77::1]", 6),
+                                      ("tcp://localhost:*", "tcp://[::1]", 6),
+                                      ("tcp://[::1]:*", "tcp://127.0.0.1:5555", 4)]:
+        with pytest.raises(ValueError, match=re.escape(f"--advertise {advertise} is an IPv{family} address, but "
+                                                       f"--listen {listen} takes IPv{10 - family} connections only")):
+            check_contacts(NodeOptions(tmp_path, listen=listen, advertise=advertise))
+    for listen, advertise in [("tcp://*:*", "tcp://[::1]:5555"), ("tcp://[::]:*", "tcp://127.0.0.1:5555"),
+                              ("tcp://0.0.0.0:*", "tcp://node-a:5555"), ("tcp://[::1]:*", "tcp://[::1]:5555"),
+                              ("tcp://127.0.0.1:*", "tcp://192.0.2.7")]:
+        check_contacts(NodeOptions(tmp_path, listen=listen, advertise=advertise))
+    for listen in ("tcp://[fe80::1]:*", "tcp://[fe80::1%lo]:*"):
+        with pytest.raises(ValueError, match="--listen: .* a link-local IPv6 address"):
+            check_contacts(NodeOptions(tmp_path, listen=listen))
+
+    def refused(sock, address):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(socket.socket, "bind", refused)
+    with pytest.raises(ValueError, match=r"--listen tcp://127.0.0.1:0: cannot bind it \(Invalid argument\)"):
+        check_contacts(NodeOptions(tmp_path, listen="tcp://127.0.0.1:*"))
+
+
 def test_advertised_address_is_what_records_and_contacts_name(tiny_model_dir, cluster_factory, tmp_path):
     from nanoswarm.node.cluster import NodeSpec
     from nanoswarm.node.options import NodeOptions, advertised_address, check_contacts

@@ -656,6 +656,42 @@ def test_sockets_take_ipv6_endpoints_when_the_contact_has_one():
         v6.close(linger=0)
 
 
+def test_a_wildcard_bind_takes_ipv6_too_and_a_host_name_stays_ipv4():
+    """`*` bound IPv4 only, so a node listening on it could not be reached at the IPv6 address it
+    advertised (review94); now it takes both. A host name stays IPv4: with IPv6 on, ZeroMQ takes
+    only a name's IPv6 addresses where it has any, and `localhost` is ::1 on some systems. No
+    socket is bound here: nothing listens on any interface."""
+    ctx = zmq.Context.instance()
+    endpoints = ["tcp://*:5555", "tcp://[::]:5555", "tcp://0.0.0.0:5555", "tcp://localhost:5555", "tcp://node-a:5"]
+    sockets = [ctx.socket(zmq.ROUTER) for _ in endpoints]
+    try:
+        for s, e in zip(sockets, endpoints):
+            allow_ipv6(s, e)
+        assert [s.getsockopt(zmq.IPV6) for s in sockets] == [1, 1, 0, 0, 0]
+    finally:
+        for s in sockets:
+            s.close(linger=0)
+    from nanoswarm.client.peer_errors import unreachable_why  # what a client is told of a name
+
+    assert "no IPv4 address for the host name 'node-a' (a name is reached at its IPv4 address: for IPv6 " \
+        "give the address in brackets" in unreachable_why("tcp://node-a:5")
+
+
+def test_link_local_addresses_are_refused_with_the_reason():
+    """fe80::/10 is reached only with a zone naming the connecting machine's interface, which no
+    record or contact can know: refused as such, not as "not a TCP endpoint" (with a zone) or
+    not at all (without one: every peer then found the node refused, review94)."""
+    from nanoswarm.keys.records import check_endpoint
+
+    for endpoint in ("tcp://[fe80::1]:5555", "tcp://[FE80::a:b]:5555", "tcp://[fe80::1%eth0]:5555"):
+        with pytest.raises(ValueError, match="a link-local IPv6 address"):
+            check_endpoint(endpoint)
+    for endpoint in ("tcp://[fd77::1]:5555", "tcp://[::1]:5555", "tcp://[2001:db8::1]:5555", "tcp://10.0.0.1:5"):
+        assert check_endpoint(endpoint) == endpoint
+    with pytest.raises(ValueError, match="is not a TCP endpoint"):
+        check_endpoint("tcp://fe80::1%eth0:5555")
+
+
 def test_a_process_starting_while_another_writes_a_new_key_file_never_reads_it_half_written(tmp_path, monkeypatch):
     """Two nodes starting together on one new key file: while the first is still writing, the
     second must not find the file there half-written ("corrupt key file": the review's repro, 8
