@@ -11,11 +11,12 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import zmq
 
+from nanoswarm.keys.clock import CLOCK_WARN_SECONDS, reply_offset, skew_words
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import Record, check_endpoint, record_contact
 from nanoswarm.keys.table import STALE_SEQ, RecordTable
@@ -34,6 +35,7 @@ class DiscoveryError(Exception):
 
 
 NO_PEER_OF_MODEL = "knows no peer of model"
+CLOCK_OFF = "this machine's clock is"
 MAX_PARALLEL_FETCHES = 8  # bootstrap contacts asked at once
 
 
@@ -43,6 +45,17 @@ class Fetched:
     answered: list[str]  # bootstrap contacts that replied
     rtt: dict[str, float]  # contact -> seconds for the records request
     errors: dict[str, str]  # contact -> why it failed
+    clock: dict[str, float] = field(default_factory=dict)  # contact -> its clock minus ours (keys/clock.py)
+
+    def clock_off(self, contact: str) -> str | None:
+        """How far this machine's clock is off `contact`'s, when it is too far for records to
+        live through it (review93: every record then looks expired, or signed too far ahead)."""
+        offset = self.clock.get(contact)
+        if offset is None or abs(offset) <= CLOCK_WARN_SECONDS:
+            return None
+        return (f"{CLOCK_OFF} {skew_words(offset)} this bootstrap's: records live by wall-clock "
+                "time, so they look " + (f"{offset:.0f} s younger" if offset > 0 else f"{-offset:.0f} s older")
+                + " here; set the clock (NTP)")
 
     def warn_unanswered(self) -> None:
         """Log, as warnings, the bootstraps that failed when others answered. When none answered,
@@ -56,8 +69,9 @@ MAX_PAGES = 64  # pages of one model's records asked of a bootstrap (a table hol
 
 
 def fetch_wires(contact: str, timeout: float = 5.0, client_keys: tuple[bytes, bytes] | None = None,
-                model_id: str | None = None) -> tuple[list, float]:
-    """The raw wires of a bootstrap's table (nothing pushed) and the first request's rtt. With
+                model_id: str | None = None) -> tuple[list, float, float | None]:
+    """The raw wires of a bootstrap's table (nothing pushed), the first request's rtt, and the
+    contact's clock minus ours (None from a node that does not send its `now`). With
     `model_id`, that model's live records, page after page (node/gossip.py on_records): all of
     them, however many other records (of other models, or thrown in to crowd ours out) the table
     holds; without, the sample a node gossips. A contact that is not tcp://HOST:PORT[#KEY]
@@ -72,25 +86,26 @@ def fetch_wires(contact: str, timeout: float = 5.0, client_keys: tuple[bytes, by
     if model_id is not None:
         fields["model_id"] = model_id
     wires: list = []
-    rtt = 0.0
+    rtt, offset = 0.0, None
     try:
         for page in range(MAX_PAGES):
             t0 = time.perf_counter()
             reply = conn.request("records", fields)
             if page == 0:
                 rtt = time.perf_counter() - t0
+                offset = reply_offset(reply.fields.get("now"), t0, t0 + rtt)
             wires += reply.fields["records"]
             after = reply.fields.get("after")
             if model_id is None or not after or after <= (fields.get("after") or ""):
                 break  # the last page (or a node that does not page, or a cursor that does not move on)
             fields["after"] = after
-        return wires, rtt
+        return wires, rtt, offset
     finally:
         conn.close()
 
 
 def _fetch_all(contacts: list[str], timeout: float, client_keys: tuple[bytes, bytes] | None,
-               model_id: str | None) -> dict[str, tuple[list, float] | BaseException]:
+               model_id: str | None) -> dict[str, tuple[list, float, float | None] | BaseException]:
     """`fetch_wires` of every contact, MAX_PARALLEL_FETCHES at a time, each on a thread (and a
     socket) of its own: asked in turn, a frozen bootstrap listed first cost its whole timeout
     before the next was asked (a churn review). Daemon threads, waited on from this one: Ctrl-C
@@ -104,7 +119,7 @@ def _fetch_all(contacts: list[str], timeout: float, client_keys: tuple[bytes, by
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, raised there
             results.put((contact, e))
 
-    out: dict[str, tuple[list, float] | BaseException] = {}
+    out: dict[str, tuple[list, float, float | None] | BaseException] = {}
     for i in range(0, len(contacts), MAX_PARALLEL_FETCHES):
         batch = contacts[i:i + MAX_PARALLEL_FETCHES]
         for contact in batch:
@@ -142,19 +157,24 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
             result = results[contact]
             if isinstance(result, BaseException):
                 raise result
-            wires, rtt = result
+            wires, rtt, offset = result
         except (PeerError, ValueError) as e:
             fetched.errors[contact] = str(e) if isinstance(e, PeerError) else f"{contact}: bad_contact: {e}"
             log.info("bootstrap %s", fetched.errors[contact])  # a PeerError names the contact
             continue
         fetched.answered.append(contact)
         fetched.rtt[contact] = rtt
+        if offset is not None:
+            fetched.clock[contact] = offset
         for wire in wires:
             table.offer(wire)  # verifies; a bad record is counted in table.rejected and dropped
     # stale_seq is no failure: a second bootstrap's copy of a record, or an older one during churn.
     failed = {why: n for why, n in table.rejected.items() if why != STALE_SEQ}
     if failed:
         log.warning("bootstrap sent records that failed verification: %s", failed)
+    for contact in fetched.answered:
+        if fetched.clock_off(contact):
+            log.warning("bootstrap %s: %s", contact, fetched.clock_off(contact))
     return fetched
 
 
@@ -190,11 +210,13 @@ def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0)
     for record in fetched.table.records(swarm.model_id):
         claims.setdefault(record_contact(record), []).append(record)
     for contact in fetched.answered:
-        if not claims:  # the likely mistake: bootstraps of another model's swarm (or --model of another one)
+        if not claims and fetched.clock_off(contact):  # its records are dropped here for the clock
+            swarm.rejected.setdefault(contact, fetched.clock_off(contact))
+        elif not claims:  # the likely mistake: bootstraps of another model's swarm (or --model of another one)
             swarm.rejected.setdefault(contact, f"{NO_PEER_OF_MODEL} {swarm.model_id[:12]} "
                                       "(`nanoswarm peers --bootstrap` lists what it knows; the same "
                                       "checkpoint sharded with other options has another model id)")
-        elif swarm.rejected.get(contact, "").startswith(NO_PEER_OF_MODEL):  # a refresh found some
+        elif swarm.rejected.get(contact, "").startswith((NO_PEER_OF_MODEL, CLOCK_OFF)):  # a refresh found some
             del swarm.rejected[contact]
     for contact in [c for c, records in claims.items() if records[0].insecure and not swarm.options.insecure]:
         swarm.rejected[contact] = "node runs without encryption (--insecure); not used"

@@ -27,6 +27,7 @@ import zmq
 
 from nanoswarm.client.peer_errors import PeerError
 from nanoswarm.client.transport import PeerConnection
+from nanoswarm.keys.clock import reply_offset
 from nanoswarm.keys.contact import endpoint_of
 from nanoswarm.protocol.errors import ProtocolError, shown
 from nanoswarm.protocol.messages import MAX_HEADER_BYTES, decode
@@ -60,6 +61,7 @@ class GossipLinks:
         self.peer_timeout = peer_timeout
         self.on_records = on_records  # the records of a `records_reply`
         self.on_silent = on_silent    # a contact left a request unanswered past peer_timeout
+        self.on_clock: Callable[[str, float], None] | None = None  # a contact's clock minus ours
         self.open: OrderedDict[str, GossipLink] = OrderedDict()
         self._server: NodeServer | None = None  # watches the links' sockets once attached
         self._unreachable: OrderedDict[str, None] = OrderedDict()  # contacts ZeroMQ refused, warned about once
@@ -156,7 +158,8 @@ class GossipLinks:
                 except ProtocolError as e:
                     log.debug("bad gossip reply from %s: %s", contact, e.message)
                     continue
-                if msg.id not in link.pending:
+                sent = link.pending.get(msg.id)
+                if sent is None:
                     continue  # a notice, or a reply to a link we gave up on
                 # Replies come in order on a link: requests sent before this one and still waiting
                 # were lost (the peer restarted at the same address, say). Left pending, they timed
@@ -168,6 +171,9 @@ class GossipLinks:
                 got += 1
                 link.answers += 1
                 if msg.type == "records_reply":
+                    offset = reply_offset(msg.fields.get("now"), sent, time.monotonic())
+                    if offset is not None and self.on_clock is not None:
+                        self.on_clock(contact, offset)
                     self.on_records(msg.fields["records"])
                 elif msg.type == "error":
                     log.debug("gossip to %s refused: %s", contact, shown(msg.fields.get("message")))

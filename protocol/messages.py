@@ -79,7 +79,9 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "result": {"busy_us": ((int, type(None)), False), "busy": (_OPT_LIST, False)},
     "closed": {"session": (_STR, True)},
     "admitted": {"session": (_STR, True)},
-    "records_reply": {"records": (_LIST, True), "after": (_OPT_STR, False)},
+    # now: the answering node's wall clock (keys/clock.py), so that skewed clocks are told
+    "records_reply": {"records": (_LIST, True), "after": (_OPT_STR, False),
+                      "now": ((float, int, type(None)), False)},
     "leaving": {"sessions": (_LIST, False)},
     "error": {"code": (_STR, True), "message": (_STR, True)},
 }

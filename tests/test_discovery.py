@@ -790,11 +790,11 @@ def test_a_client_gets_all_of_its_models_records_in_pages(tiny_model_dir, cluste
         request(contact, "records", {"records": wires[i:i + 100], "want": False})
     first = request(contact, "records", {"records": [], "want": True, "model_id": model_id})
     assert first.fields.get("after") and len(first.fields["records"]) < 301  # more than one page
-    got, _ = fetch_wires(contact, 5.0, model_id=model_id)
+    got, _, _ = fetch_wires(contact, 5.0, model_id=model_id)
     records = [verify_record(w, max_ttl=600) for w in got]
     assert len(records) == 301 and {r.model_id for r in records} == {model_id}
     assert {r.peer_id for r in records} >= {verify_record(w).peer_id for w in ours}
-    sample, _ = fetch_wires(contact, 5.0)  # gossip's unfiltered sample, as before
+    sample, _, _ = fetch_wires(contact, 5.0)  # gossip's unfiltered sample, as before
     assert len(sample) < 601
 
 
@@ -1227,6 +1227,69 @@ def test_the_routes_links_start_before_the_client_loads_its_head(tiny_model_dir,
         model.close()
     assert len(linked["open"]) == 3
     assert linked["open"][0] == every
+
+
+SHIFTED_CLOCK = """import os, time
+_offset = float(os.environ["NANOSWARM_TEST_CLOCK_OFFSET"])
+_time, _time_ns = time.time, time.time_ns
+time.time = lambda: _time() + _offset
+time.time_ns = lambda: _time_ns() + int(_offset * 1e9)
+"""
+
+
+def test_a_node_or_client_whose_clock_is_off_is_told(tiny_model_dir, cluster_factory, tmp_path):
+    """Records live by wall-clock time: a node whose clock is 70 s behind its peers' signed records
+    they all dropped as expired, and it served on unused, its only warning blaming --advertise; a
+    client 70 s ahead found every record expired and was told the bootstrap "knows no peer of
+    model" (review93). A records reply carries the answering node's `now`: the node is told its
+    clock is off (and `info` shows by how much), and so is the client. The processes get their
+    own clocks from a sitecustomize that shifts time.time."""
+    import json
+    import os
+
+    from conftest import CLI
+
+    from nanoswarm.client.discovery import NO_PEER_OF_MODEL as NO_PEER
+    from nanoswarm.node.gossip import UNREACHED_ROUNDS
+
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SHIFTED_CLOCK)
+
+    def shifted(seconds: float) -> dict[str, str]:
+        path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
+        return {**os.environ, "PYTHONPATH": path, "NANOSWARM_TEST_CLOCK_OFFSET": str(seconds)}
+
+    log = tmp_path / "nodes.log"
+    with open(log, "w") as stderr:
+        nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((0, 2))], args=FAST, stderr=stderr)
+    out, err = tmp_path / "behind.out", tmp_path / "behind.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        behind = subprocess.Popen(
+            [*CLI, "node", str(tiny_model_dir), "--layers", "2:4", "--bootstrap", nodes.addresses[0], *FAST,
+             "--threads", "1", "--key-file", str(tmp_path / "behind.key"), "--json"],
+            stdout=o, stderr=e, env=shifted(-70))
+    try:
+        wait_for(lambda: "this node's clock is 70 s behind its peers' (the median of 2 measured)" in err.read_text(),
+                 30, "the warning of the node whose clock is behind")
+        contact = json.loads(out.read_text().splitlines()[0])["contact"]
+        assert 69 < request(contact, "info").fields["gossip"]["clock_offset"] < 71
+        assert contact.partition("#")[0] not in {r.address for r in table_of(nodes.addresses[0]).values()}
+        client = subprocess.run([*CLI, "generate", "Clocks", "--model", str(tiny_model_dir), "--bootstrap",
+                                 nodes.addresses[0], "--max-new-tokens", "2"],
+                                capture_output=True, text=True, timeout=60, env=shifted(70))
+        assert client.returncode != 0
+        assert "this machine's clock is 70 s ahead of this bootstrap's" in client.stderr.splitlines()[-1]
+        assert NO_PEER not in client.stderr
+        unreached = "no peer has reached this node at {} for "
+        wait_for(lambda: unreached.format(contact.partition("#")[0]) in err.read_text(), UNREACHED_ROUNDS * 0.3 + 20,
+                 "the unreached warning")
+        assert "this node's clock is off its peers' (above)" in err.read_text()
+        assert "check --advertise" not in err.read_text()
+    finally:
+        behind.kill()
+        behind.wait()
+    assert "clock" not in log.read_text()  # the nodes whose clocks agree
 
 
 def test_a_node_no_peer_reaches_says_so(tiny_model_dir, cluster_factory, tmp_path):

@@ -677,6 +677,38 @@ def test_a_wildcard_bind_takes_ipv6_too_and_a_host_name_stays_ipv4():
         "give the address in brackets" in unreachable_why("tcp://node-a:5")
 
 
+def test_clock_offsets_from_replies_and_their_median(monkeypatch):
+    """A reply's `now` is taken as of the middle of its round trip; anything but a finite float
+    (a node from before `now`, a hostile value) is no time. Of two middle offsets the one nearer
+    zero counts: one skewed peer of two must not put half its skew on this node's clock. Old
+    offsets are not used, and the contacts kept are bounded."""
+    import time
+
+    import nanoswarm.keys.clock as clock
+    from nanoswarm.keys.clock import ClockOffsets, node_clock_warning, reply_offset, skew_words
+
+    assert reply_offset(1070.0, sent=5.0, received=7.0, our_now=1001.0) == 70.0  # ours then: 1000
+    for bad in (None, 1070, True, float("nan"), float("inf"), "1070"):
+        assert reply_offset(bad, 5.0, 7.0, 1001.0) is None
+    assert (skew_words(70.4), skew_words(-400)) == ("70 s behind", "400 s ahead of")
+    offsets = ClockOffsets()
+    assert offsets.median() is None
+    offsets.add("a", -70.0)
+    offsets.add("b", 0.5)
+    assert offsets.median() == (0.5, 2)
+    offsets.add("c", -69.0)
+    assert offsets.median() == (-69.0, 3)
+    offsets.add("a", 1.0)  # measured again: the latest counts
+    assert offsets.median() == (0.5, 3)
+    monkeypatch.setattr(clock, "MAX_SAMPLES", 2)
+    offsets.add("d", 2.0)
+    assert offsets.median() == (1.0, 2)  # b and c, the oldest, dropped
+    later = time.monotonic() + clock.SAMPLE_SECONDS + 1
+    assert offsets.median(now=later) is None
+    assert "its peers' (the median of 3 measured)" in node_clock_warning(70.0, 3, 60.0)
+    assert "one of the two machines' clocks is off" in node_clock_warning(-70.0, 1, 60.0)
+
+
 def test_link_local_addresses_are_refused_with_the_reason():
     """fe80::/10 is reached only with a zone naming the connecting machine's interface, which no
     record or contact can know: refused as such, not as "not a TCP endpoint" (with a zone) or
