@@ -110,6 +110,7 @@ class InferenceSession(Failover):
         while pos < self.swarm.n_layer:
             plans = self.swarm.plan(pos, max_length=max_length, refused=refused)
             self.swarm.connect_ahead(p.address for plan in plans for p in plan.peers)
+            self.swarm.open_ahead(plans, max_length)
             plan, stage = plans[0], None
             try:
                 stage = self.swarm.make_stage(plan)

@@ -13,19 +13,16 @@ from nanoswarm.protocol.messages import Message
 from nanoswarm.protocol.tensors import abs_max
 from nanoswarm.shards.model import Blocks
 
+from .link_sessions import idle_clock
 from .peer_errors import PeerError
 from .transport import MAX_FRAME_BYTES, PeerConnection
 
 if TYPE_CHECKING:
     from .verify import FanOutRecord
 
-# Idle times (Failover._takes_reclaim) run on a clock that counts a suspended machine's sleep
-# where there is one (Linux): a laptop that slept past a node's idle timeout was idle that long.
-_IDLE_CLOCK = getattr(time, "CLOCK_BOOTTIME", None)
-
-
-def idle_clock() -> float:
-    return time.clock_gettime(_IDLE_CLOCK) if _IDLE_CLOCK is not None else time.monotonic()
+def open_fields(model_id: str, max_length: int, start: int, stop: int) -> dict:
+    """An `open` request's fields for blocks [start, stop) (Swarm.open_ahead sends the same)."""
+    return {"model_id": model_id, "max_length": max_length, "layers": [start, stop]}
 
 
 BUSY_RETRIES = 3  # a `busy` step is retried on the same peer this often (0.1, 0.2, 0.4 s) before failover
@@ -205,10 +202,9 @@ class RemoteLayerStage(Stage):
         self.pins: tuple | None = (None, None)  # its relayed steps' hops before and after (client/relay.py)
 
     def open(self, max_length: int) -> None:
-        sent = idle_clock()
-        reply = self.conn.open_session({"model_id": self.model_id, "max_length": max_length,
-                                        "layers": [self.start, self.stop]}, timeout=self.timeout)
-        self.session, self.pins, self.sent_at = reply.fields["session"], (None, None), sent
+        reply = self.conn.open_session(open_fields(self.model_id, max_length, self.start, self.stop),
+                                       timeout=self.timeout)
+        self.session, self.pins, self.sent_at = reply.fields["session"], (None, None), self.conn.open_sent
         self.opened = reply.fields  # its limits: positions_per_request
 
     def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
@@ -285,13 +281,14 @@ class HeadGroupStage(Stage):
 
     def _open(self, max_length: int) -> None:
         self.sessions, self.limits = [], []
-        sent = idle_clock()
+        sent = []
         for conn, _ in self.members:
-            reply = conn.open_session({"model_id": self.model_id, "max_length": max_length,
-                                       "layers": [self.start, self.stop]}, timeout=self.timeout)
+            reply = conn.open_session(open_fields(self.model_id, max_length, self.start, self.stop),
+                                      timeout=self.timeout)
             self.sessions.append(reply.fields["session"])
             self.limits.append(reply.fields)
-        self.sent_at = sent
+            sent.append(conn.open_sent)  # earlier than now for an open sent ahead (Swarm.open_ahead)
+        self.sent_at = min(sent)
 
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:
         partials: list[torch.Tensor | None] = [None] * len(self.members)

@@ -21,7 +21,7 @@ from nanoswarm.protocol.tensors import WIRE_FORMATS
 
 from .peer_errors import PeerError
 from .route import PeerInfo, RouteError, StagePlan, build_route
-from .stages import HeadGroupStage, RemoteLayerStage, Stage
+from .stages import HeadGroupStage, RemoteLayerStage, Stage, open_fields
 from .transport import PeerConnection
 from .verify import FanOutRecord, SpotChecker
 
@@ -336,6 +336,22 @@ class Swarm:
         except RouteError:
             return
         self.connect_ahead(p.address for plan in plans for p in plan.peers)
+
+    def open_ahead(self, plans: list[StagePlan], max_length: int) -> None:
+        """Queue the `open` of every peer of `plans` now (PeerConnection.open_early): each stage's
+        open then finds its answer on the way, and a route of n stages opens in about one round
+        trip, not n (1.2 s for 3 stages at a 300 ms round trip). Opens queued before for plans
+        not among these are left to be closed as their answers come. One that cannot be queued
+        is left to the stage's own open."""
+        wanted: dict[str, list[dict]] = {}
+        for plan in plans:
+            for p in plan.peers:
+                wanted.setdefault(p.address, []).append(open_fields(self.model_id, max_length, plan.start, plan.stop))
+        for address in [*wanted, *(a for a in self._conns if a not in wanted)]:
+            try:
+                self.connection(address).open_early(wanted.get(address, []))
+            except PeerError:
+                pass
 
     def make_stage(self, plan: StagePlan) -> Stage:
         if plan.is_head_group:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import secrets
 import time
 from typing import Any
 
@@ -18,6 +17,7 @@ from nanoswarm.protocol.errors import ProtocolError
 from nanoswarm.protocol.messages import REPLY_TYPES, Message, decode, encode
 
 from .frames import recv_whole, send_whole
+from .link_sessions import LinkSessions, next_request_id
 from .peer_errors import HANDSHAKE_FAILURES, PeerError, PeerTimeout, handshake_why, unreachable_why
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ RECONNECT_MAX_MS = 10_000
 # handshake are ~5 round trips (1.5 s at a 300 ms RTT): a hold of 1 s got a healthy node that
 # restarted while its clients sat idle banned by each of them on such a link (review92).
 HOLD_SECONDS = 2.5  # ~5 round trips of 300 ms, or one SYN lost (Linux sends it again after 1 s) and a few of 200 ms
-MAX_ORPHANS = 256  # opens given up on, remembered per connection for their late answers
 
 
 @functools.cache
@@ -65,16 +64,7 @@ def shared_context() -> zmq.Context:
     return ctx
 
 
-def next_request_id() -> int:
-    """A request id no peer can predict, unique across all connections of this process (the
-    replies of a relayed step arrive on several connections with the id of its first request;
-    62 random bits make a repeat among the requests in flight vanishingly unlikely). A counter
-    let any node that had seen one id name the client's next: a stranger holding a session id
-    could then send a relayed step whose result the client took for its own (a review)."""
-    return secrets.randbits(62) + 1
-
-
-class PeerConnection:
+class PeerConnection(LinkSessions):
     """Requests to one peer. Not thread-safe: one connection per thread, as ZeroMQ wants."""
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT,
@@ -145,6 +135,8 @@ class PeerConnection:
         # Opens given up on (interrupted, timed out) by request id: the session each may have
         # opened on the node is closed when its late `opened` is read (take, open_session).
         self._orphans: dict[int, None] = {}
+        self._early: dict[tuple, tuple[int, float]] = {}  # opens sent ahead (client/link_sessions.py)
+        self.open_sent = 0.0  # when the open of the last session opened went out (idle_clock)
         self._unread: list | None = None  # a reply whose reading Ctrl-C cut short (_read)
         self.closes_queued = False  # a `close` was sent: closing the socket must let it leave
 
@@ -348,49 +340,6 @@ class PeerConnection:
         except PeerTimeout:
             raise PeerTimeout(self.address, timeout) from None
 
-    def open_session(self, fields: dict[str, Any], timeout: float | None = None) -> Message:
-        """`open` a session, kept in `sessions` until closed. Once the request may have gone out,
-        an open given up on (Ctrl-C, a timeout) is remembered: the node may open the session
-        anyway, and only this connection can close it. Its late `opened` closes it (take). Left
-        unknown, each such session held its node's cache until the idle timeout (a review's
-        interrupts, 32 in 60 interrupted generations)."""
-        req_id, reply = next_request_id(), None
-        try:
-            reply = self.request("open", fields, timeout=timeout, req_id=req_id)
-            # A signal that came while the reply was awaited is raised at the first call after it:
-            # here, where the session's id is known, so it is closed below (a review's fuzz: 1 in ~200).
-            self.sessions.add(reply.fields["session"])
-        except BaseException:
-            if reply is not None:
-                self.close_session(reply.fields["session"])
-                raise
-            self._orphans[req_id] = None
-            while len(self._orphans) > MAX_ORPHANS:  # those never answered: the oldest go
-                del self._orphans[next(iter(self._orphans))]
-            raise
-        return reply
-
-    def _orphan_answered(self, msg: Message) -> None:
-        del self._orphans[msg.id]
-        if msg.type == "opened" and isinstance(session := msg.fields.get("session"), str):
-            log.debug("%s: closing session %s, opened after its open was given up on", self.address, session[:16])
-            self.close_session(session)
-
-    def close_session(self, session: str) -> None:
-        """Queue `close` for `session` (best effort: a node reclaims idle sessions anyway). Kept in
-        `sessions` until it is queued: a close cut short is sent when the link closes."""
-        try:
-            self.send("close", {"session": session}, timeout=0)
-            self.closes_queued = True
-        except (PeerError, zmq.ZMQError):  # closed, or no room: the node reclaims idle sessions anyway
-            pass
-        self.sessions.discard(session)
-
-    def close_sessions(self) -> None:
-        """Queue `close` for every session still open over this connection."""
-        for session in list(self.sessions):
-            self.close_session(session)
-
     def close(self, linger_ms: int = 0) -> None:
         """Close the socket; with `linger_ms`, messages still queued get that long to leave."""
         if self.socket.closed:
@@ -398,3 +347,4 @@ class PeerConnection:
         self.socket.disable_monitor()
         self.monitor.close(linger=0)
         self.socket.close(linger=linger_ms)
+

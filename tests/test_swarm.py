@@ -108,6 +108,51 @@ def test_peer_of_another_model_is_ignored(tiny_model_dir, small12_model_dir, clu
         model.close()
 
 
+def test_a_routes_opens_cross_the_network_together(tiny_model_dir, cluster_factory, monkeypatch):
+    """Each stage's open waited for the one before: a route of n stages took n round trips to
+    open (1.2 s for 3 stages at a 300 ms round trip, of which 0.6 s waited for the first two).
+    Every stage's open, a head group member's too, is queued before the first answer is awaited;
+    each stage claims its own, and no other is sent; a stage's idle time counts from when its
+    open went out. The text is the local model's, and every session is closed after."""
+    from nanoswarm.client.link_sessions import idle_clock
+    from nanoswarm.client.transport import PeerConnection
+
+    events: list[tuple[str, int, float]] = []
+    send, recv = PeerConnection.send, PeerConnection.recv
+
+    def noting_send(conn, msg_type, *args, **kwargs):
+        req_id = send(conn, msg_type, *args, **kwargs)
+        if msg_type == "open":
+            events.append(("sent", req_id, idle_clock()))
+        return req_id
+
+    def noting_recv(conn, req_id, expect, *args, **kwargs):
+        msg = recv(conn, req_id, expect, *args, **kwargs)
+        if expect == "opened":
+            events.append(("opened", req_id, idle_clock()))
+        return msg
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3), (0, 2)), NodeSpec((1, 3), (2, 4)),
+                                             NodeSpec((3, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    monkeypatch.setattr(PeerConnection, "send", noting_send)
+    monkeypatch.setattr(PeerConnection, "recv", noting_recv)
+    try:
+        session = model.session(8)
+        assert [kind for kind, _, _ in events] == ["sent"] * 4 + ["opened"] * 4
+        assert {i for kind, i, _ in events if kind == "sent"} == {i for kind, i, _ in events if kind == "opened"}
+        first_read = events[4][2]
+        assert all(stage.sent_at <= first_read for stage in session.stages)
+        session.close()
+        greedy = SamplingParams(temperature=0)
+        assert model.generate("Together", 4, greedy).ids == SwarmModel.local(tiny_model_dir).generate(
+            "Together", 4, greedy).ids
+        assert _sessions_become(swarm.addresses, 0)
+    finally:
+        monkeypatch.undo()
+        model.close()
+
+
 def test_threads_share_one_model_and_close_frees_the_nodes_sessions(tiny_model_dir, cluster_factory):
     """Sessions share the swarm's sockets: several threads' generations take turns a step each
     (a review: two threads on one model failed, banned a healthy peer and left sessions open).
