@@ -37,6 +37,7 @@ class DiscoveryError(Exception):
 NO_PEER_OF_MODEL = "knows no peer of model"
 CLOCK_OFF = "this machine's clock is"
 MAX_PARALLEL_FETCHES = 8  # bootstrap contacts asked at once
+_clock_warned: set[str] = set()  # bootstraps whose clock this process has warned about
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Fetched:
             return None
         return (f"{CLOCK_OFF} {skew_words(offset)} this bootstrap's: records live by wall-clock "
                 "time, so they look " + (f"{offset:.0f} s younger" if offset > 0 else f"{-offset:.0f} s older")
-                + " here; set the clock (NTP)")
+                + " here; one of the two clocks is off (NTP sets it)")
 
     def warn_unanswered(self) -> None:
         """Log, as warnings, the bootstraps that failed when others answered. When none answered,
@@ -173,7 +174,8 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
     if failed:
         log.warning("bootstrap sent records that failed verification: %s", failed)
     for contact in fetched.answered:
-        if fetched.clock_off(contact):
+        if fetched.clock_off(contact) and contact not in _clock_warned:  # once: a client fetches again on a refresh
+            _clock_warned.add(contact)
             log.warning("bootstrap %s: %s", contact, fetched.clock_off(contact))
     return fetched
 

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from nanoswarm.keys.clock import CLOCK_WARN_SECONDS, ClockOffsets, node_clock_warning
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.identity import Identity
 from nanoswarm.keys.records import DEFAULT_MAX_TTL, Record, record_contact, seq_now, sign_departure, sign_record
@@ -28,6 +27,7 @@ from nanoswarm.keys.table import RecordTable
 from nanoswarm.protocol.bounds import MIN_GOSSIP_INTERVAL
 from nanoswarm.protocol.messages import Message
 
+from .clock_watch import ClockWatch
 from .gossip_links import GossipLinks
 
 if TYPE_CHECKING:
@@ -46,8 +46,6 @@ OVERTAKEN_WARN_SECONDS = 60.0  # how often a node says again that records of its
 # round, so a reachable node goes 30 rounds unreached about never. A wrong --advertise showed
 # only in the other nodes' logs (review92).
 UNREACHED_ROUNDS = 30
-CLOCK_WARN_INTERVAL = 60.0  # how often a node says again that its clock is off its peers'
-CLOCK_WARN_ROUNDS = 5  # gossip rounds before the first such warning: the peers measured first
 
 
 @dataclass
@@ -101,7 +99,7 @@ class Gossip:
         self.on_next_hop: Callable[[str], None] | None = None
         self.links = GossipLinks(address, (identity.curve_public, identity.curve_secret),
                                  self.options.peer_timeout, on_records=self.offer_all, on_silent=self._forget)
-        self.clock = ClockOffsets()  # each peer's clock against ours, from its replies' `now`
+        self.clock = ClockWatch(self.options.ttl, self.options.interval)  # ours against our peers'
         self.links.on_clock = self.clock.add
         self.stats: dict[str, Any] = {}
         self._known: set[tuple[str, bytes | None]] = set()  # (endpoint, CURVE key) of live records
@@ -137,6 +135,7 @@ class Gossip:
             throughput=float(self.handler.stats.throughput), load=float(info.get("load") or 0.0),
             seq=self._own_seq, expires=time.time() + self.options.ttl, insecure=self.insecure)
         result = self.table.offer(self.own)
+        self.clock.own_taken += result == "accepted"
         if result != "accepted":
             log.warning("our own record was not accepted by our table: %s", result)
         self._update_stats()
@@ -304,7 +303,7 @@ class Gossip:
         self.rounds += 1
         self.table.expire()
         known = self._known_contacts()
-        self._check_clock()
+        self.clock.check(self.rounds, self.table, self.stats)
         self._check_reached(known)
         targets = self._round_targets(known)
         if len(known) < self.options.fanout or self.rounds % 10 == 1:
@@ -314,21 +313,6 @@ class Gossip:
             self._send(contact, wires, want=True)
         self._update_stats()
 
-    def _check_clock(self) -> None:
-        """Warn, once a minute, while this node's clock is more than CLOCK_WARN_SECONDS off the
-        median of its peers' (review93: a node 45 s behind dropped out of its peers' tables a
-        quarter of the time, 70 s behind for good, 70 s ahead it refused every relayed step,
-        and nothing said why). `info` shows the offset (`gossip.clock_offset`, theirs - ours)."""
-        measured = self.clock.median()
-        self.stats["clock_offset"] = None if measured is None else round(measured[0], 1)
-        # Not in the first rounds: the bootstrap's offset alone cannot tell which clock is off.
-        if measured is None or abs(measured[0]) <= CLOCK_WARN_SECONDS or self.rounds < CLOCK_WARN_ROUNDS:
-            return
-        now = time.monotonic()
-        if now - self._warned.get("clock", float("-inf")) >= CLOCK_WARN_INTERVAL:
-            self._warned["clock"] = now
-            log.warning("%s", node_clock_warning(*measured, self.options.ttl))
-
     def _check_reached(self, known: list[str]) -> None:
         """Warn once when peers this node knows have not reached it for UNREACHED_ROUNDS rounds
         (the count starts when it first knows one)."""
@@ -337,11 +321,8 @@ class Gossip:
             self._reached = now
         elif not self._unreached_warned and now - self._reached > UNREACHED_ROUNDS * self.options.interval:
             self._unreached_warned = True
-            clock = self.stats.get("clock_offset")
-            why = ("this node's clock is off its peers' (above): they drop its records"
-                   if clock is not None and abs(clock) > CLOCK_WARN_SECONDS else
-                   "peers and clients connect to the address a node advertises (check --advertise, --listen "
-                   "and the firewall)")
+            why = self.clock.unreached_why() or ("peers and clients connect to the address a node advertises "
+                                                 "(check --advertise, --listen and the firewall)")
             log.warning("no peer has reached this node at %s for %.0f s, though it knows %d: %s",
                         self.address, now - self._reached, len(known), why)
 

@@ -1281,6 +1281,7 @@ def test_a_node_or_client_whose_clock_is_off_is_told(tiny_model_dir, cluster_fac
         assert client.returncode != 0
         assert "this machine's clock is 70 s ahead of this bootstrap's" in client.stderr.splitlines()[-1]
         assert NO_PEER not in client.stderr
+        assert client.stderr.count("ahead of this bootstrap's") == 2  # warned once (it fetches again), then the error
         unreached = "no peer has reached this node at {} for "
         wait_for(lambda: unreached.format(contact.partition("#")[0]) in err.read_text(), UNREACHED_ROUNDS * 0.3 + 20,
                  "the unreached warning")
@@ -1290,6 +1291,47 @@ def test_a_node_or_client_whose_clock_is_off_is_told(tiny_model_dir, cluster_fac
         behind.kill()
         behind.wait()
     assert "clock" not in log.read_text()  # the nodes whose clocks agree
+
+
+def test_a_node_that_takes_no_record_for_its_lifetime_suspects_its_clock(caplog):
+    """A bootstrap whose clock was far ahead dropped every record pushed to it as expired: it
+    linked to no peer, so it measured no clock and said nothing (review93b). Over one ttl in
+    which records of others came and every one was dropped for its lifetime, a node warns; one
+    taken in that time, and it does not. With a single peer measured, its unreached warning
+    does not say whose clock is off."""
+    from nanoswarm.node.clock_watch import CLOCK_WARN_ROUNDS, ClockWatch
+
+    peer = generate_identity()
+
+    def offer(table: RecordTable, expires_in: float, seq: int) -> str:
+        return table.offer(sign_record(peer, address="tcp://127.0.0.1:2000", model_id="m", layers=(0, 2),
+                                       seq=seq, expires=time.time() + expires_in))
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "dropped as expired" in r.getMessage()]
+
+    for taken_now_and_then in (False, True):
+        table, watch, stats = RecordTable(), ClockWatch(ttl=3.0, interval=1.0), {}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nanoswarm.node.clock_watch"):
+            for r in range(1, CLOCK_WARN_ROUNDS + 3):
+                assert offer(table, -1.0, r) == "expired"
+                if taken_now_and_then and r % 3 == 0:
+                    assert offer(table, 60.0, 1000 + r) == "accepted"
+                watch.check(r, table, stats)
+        if taken_now_and_then:
+            assert warnings() == []
+        else:
+            assert len(warnings()) == 1 and "that came in the last 3 s was dropped as expired or signed too far " \
+                "ahead by this node's clock (3, none taken)" in warnings()[0]
+    assert stats["clock_offset"] is None and watch.unreached_why() is None
+    watch.add("tcp://127.0.0.1:1", 70.0)
+    watch.check(10, table, stats)
+    assert stats["clock_offset"] == 70.0 and "its one measured peer's disagree" in watch.unreached_why()
+    watch.add("tcp://127.0.0.1:2", -0.04)
+    watch.add("tcp://127.0.0.1:3", -0.03)
+    watch.check(11, table, stats)
+    assert str(stats["clock_offset"]) == "0.0" and watch.unreached_why() is None  # one peer off of three: not us
 
 
 def test_a_node_no_peer_reaches_says_so(tiny_model_dir, cluster_factory, tmp_path):

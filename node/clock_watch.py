@@ -1,0 +1,66 @@
+"""A node's watch on its own wall clock against its peers' (review93): records live by
+wall-clock time, so a node whose clock is far off loses its peers' records, or they lose its,
+and nothing else says why. keys/clock.py measures; this says so, at most once a minute."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+from nanoswarm.keys.clock import CLOCK_WARN_SECONDS, ClockOffsets, node_clock_warning
+from nanoswarm.keys.records import EXPIRED, TOO_FAR_FUTURE
+from nanoswarm.keys.table import RecordTable
+
+log = logging.getLogger(__name__)
+
+CLOCK_WARN_INTERVAL = 60.0  # how often a node says again that its clock is off
+CLOCK_WARN_ROUNDS = 5  # gossip rounds before the first warning: the bootstrap's offset alone tells little
+LOST_RECORDS = 3  # records of others dropped for their lifetime, none taken, over one ttl: a clock off
+
+
+class ClockWatch:
+    """Offsets measured from peers' gossip replies (`add`), and a check each gossip round."""
+
+    def __init__(self, ttl: float, interval: float):
+        self.offsets = ClockOffsets()
+        self.ttl = ttl
+        self.own_taken = 0  # our own records our table took: not records of others
+        self.measured: tuple[float, int] | None = None  # (median offset, peers), as of the last check
+        # (records dropped as expired or too far ahead, others' records taken) at each of the
+        # last rounds of one ttl: a node far ahead drops every record pushed to it, so it links to
+        # no peer and measures no clock (a bootstrap that no one else bootstraps from, review93b)
+        self._counts: deque[tuple[int, int]] = deque(maxlen=max(2, round(ttl / interval)) + 1)
+        self._warned = float("-inf")
+
+    def add(self, contact: str, offset: float) -> None:
+        self.offsets.add(contact, offset)
+
+    def check(self, rounds: int, table: RecordTable, stats: dict) -> None:
+        """Update `stats["clock_offset"]` (theirs - ours) and warn while the clock looks off."""
+        self.measured = self.offsets.median()
+        stats["clock_offset"] = None if self.measured is None else round(self.measured[0], 1) + 0.0  # not -0.0
+        lost = table.rejected.get(EXPIRED, 0) + table.rejected.get(TOO_FAR_FUTURE, 0)
+        self._counts.append((lost, table.accepted - self.own_taken))
+        why = None
+        if self.measured is not None and abs(self.measured[0]) > CLOCK_WARN_SECONDS:
+            why = node_clock_warning(*self.measured, self.ttl)
+        elif len(self._counts) == self._counts.maxlen:
+            (lost_then, taken_then), (lost_now, taken_now) = self._counts[0], self._counts[-1]
+            if lost_now - lost_then >= LOST_RECORDS and taken_now == taken_then:
+                why = (f"every record of another peer that came in the last {self.ttl:g} s was dropped as expired "
+                       f"or signed too far ahead by this node's clock ({lost_now - lost_then}, none taken): this "
+                       "node's clock is likely off its peers'; set it (NTP)")
+        now = time.monotonic()
+        if why is not None and rounds >= CLOCK_WARN_ROUNDS and now - self._warned >= CLOCK_WARN_INTERVAL:
+            self._warned = now
+            log.warning("%s", why)
+
+    def unreached_why(self) -> str | None:
+        """Why peers may not reach this node, when its clock is what is off (the warning above)."""
+        if self.measured is None or abs(self.measured[0]) <= CLOCK_WARN_SECONDS:
+            return None
+        if self.measured[1] == 1:
+            return ("this node's clock and its one measured peer's disagree (above): records signed on one "
+                    "are dropped by the other")
+        return "this node's clock is off its peers' (above): they drop its records"
