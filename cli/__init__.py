@@ -146,8 +146,24 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+# Signals whose Interrupted was raised, for raise_swallowed: pyzmq checks for signals as it frees
+# a message frame, and an exception raised there is only printed ("Exception ignored in
+# Frame.__dealloc__"): a SIGHUP then left a generation running to its end, exit code 0.
+_raised: list[int] = []
+
+
 def _interrupt(signum: int, frame: object) -> None:
+    _raised.append(signum)
     raise Interrupted(signum)
+
+
+def raise_swallowed() -> None:
+    """Raise again, once, a signal's Interrupted that a destructor may have swallowed: for loops
+    that would otherwise run on (generate's, at each token). Only one that got away comes here."""
+    if _raised:
+        signum = _raised.pop()
+        _raised.clear()
+        raise Interrupted(signum)
 
 
 for command in (shards.shard, shards.train, node.node, client.generate, client.peers, keys.keys,

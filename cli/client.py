@@ -101,6 +101,7 @@ def sampling_params(temperature: float, top_k: int | None, top_p: float | None,
 
 def run_generation(model: SwarmModel, prompt: str, max_new_tokens: int, sampling: SamplingParams,
                    as_json: bool) -> None:
+    from nanoswarm.cli import raise_swallowed  # (the cli package imports this module)
     from nanoswarm.client.api import GenerationResult
 
     result = GenerationResult(prompt)
@@ -110,11 +111,12 @@ def run_generation(model: SwarmModel, prompt: str, max_new_tokens: int, sampling
         error = None
         try:
             for _ in stream:
-                pass
+                raise_swallowed()
         except Exception as e:
             error = " ".join((str(e) or type(e).__name__).split())  # as the command's error line says it
             raise
         finally:  # stopped (Ctrl-C, SIGTERM) or failed midway too: what came so far, stop_reason ""
+            stream.close()  # its sessions closed now, also when the signal came here (raise_swallowed)
             if result.route or result.stop_reason:  # a generation began (not a bad prompt, no route)
                 click.echo(json.dumps(result.to_json() | ({"error": error} if error else {})))
     else:
@@ -128,11 +130,13 @@ def run_generation(model: SwarmModel, prompt: str, max_new_tokens: int, sampling
                 # color=True: click strips escape sequences when stdout is no terminal, and the
                 # output is the prompt and the text exactly, in a file as on a screen.
                 click.echo(piece, nl=False, color=True)
+                raise_swallowed()
                 sys.stdout.flush()
             if first:  # no new text (--max-new-tokens 0): the output is still prompt + new text
                 click.echo(prompt, nl=False, color=True)
                 first = False
         finally:  # the text's line ends, however the generation did
+            stream.close()
             if not first:
                 click.echo()
         s = result.stats
