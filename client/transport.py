@@ -167,11 +167,26 @@ class PeerConnection(LinkSessions):
         req_id = next_request_id() if req_id is None else req_id
         frames = encode(msg_type, req_id, fields, tensors, wire)
         if not self._queue(frames):
-            wait = self.timeout if timeout is None else timeout
-            if not (wait > 0 and self.socket.poll(max(1, int(wait * 1000)), zmq.POLLOUT) and self._queue(frames)):
-                raise PeerTimeout(self.address, wait, "no connection to queue the request on")
+            self._wait_to_queue(frames, self.timeout if timeout is None else timeout)
         self.bytes_sent += sum(len(f) for f in frames)
         return req_id
+
+    def _wait_to_queue(self, frames: list, wait: float) -> None:
+        """Queue `frames` within `wait` seconds, or raise why not: the drop the monitor read (a
+        refused handshake, once its retries have dropped the connection: a client whose send
+        came after it was told only "no connection to queue the request on", a CI run), else
+        PeerTimeout. The monitor is read every 0.1 s meanwhile."""
+        deadline = time.monotonic() + wait
+        while True:
+            self.drain_events(awaiting=True)
+            if self._dropped is not None:
+                (code, message), self._dropped, self._harmless = self._dropped, None, False
+                raise PeerError(self.address, code, message)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerTimeout(self.address, wait, "no connection to queue the request on")
+            if self.socket.poll(max(1, int(min(left, 0.1) * 1000)), zmq.POLLOUT) and self._queue(frames):
+                return
 
     def _queue(self, frames: list) -> bool:
         """Hand `frames` to ZeroMQ without blocking; False when it has no room for them."""
