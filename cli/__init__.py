@@ -157,6 +157,11 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+def forget_signals() -> None:
+    """Forget the signals raised so far: raise_swallowed is for those of the command running."""
+    _raised.clear()
+
+
 def raise_swallowed() -> None:
     """Raise again, once, a signal's Interrupted that a destructor may have swallowed: for loops
     that would otherwise run on (generate's, at each token). Only one that got away comes here."""

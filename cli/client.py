@@ -101,9 +101,10 @@ def sampling_params(temperature: float, top_k: int | None, top_p: float | None,
 
 def run_generation(model: SwarmModel, prompt: str, max_new_tokens: int, sampling: SamplingParams,
                    as_json: bool) -> None:
-    from nanoswarm.cli import raise_swallowed  # (the cli package imports this module)
+    from nanoswarm.cli import forget_signals, raise_swallowed  # (the cli package imports this module)
     from nanoswarm.client.api import GenerationResult
 
+    forget_signals()  # those of an earlier command in this process (one that ran to its end)
     result = GenerationResult(prompt)
     notices = lambda line: click.echo(line, err=True)  # noqa: E731
     stream = model.stream(prompt, max_new_tokens, sampling, result, on_failover=notices)
@@ -116,9 +117,11 @@ def run_generation(model: SwarmModel, prompt: str, max_new_tokens: int, sampling
             error = " ".join((str(e) or type(e).__name__).split())  # as the command's error line says it
             raise
         finally:  # stopped (Ctrl-C, SIGTERM) or failed midway too: what came so far, stop_reason ""
-            stream.close()  # its sessions closed now, also when the signal came here (raise_swallowed)
-            if result.route or result.stop_reason:  # a generation began (not a bad prompt, no route)
-                click.echo(json.dumps(result.to_json() | ({"error": error} if error else {})))
+            try:
+                if result.route or result.stop_reason:  # a generation began (not a bad prompt, no route)
+                    click.echo(json.dumps(result.to_json() | ({"error": error} if error else {})))
+            finally:
+                stream.close()  # its sessions closed now, also when the signal came here (raise_swallowed)
     else:
         first = True
         try:
@@ -136,9 +139,11 @@ def run_generation(model: SwarmModel, prompt: str, max_new_tokens: int, sampling
                 click.echo(prompt, nl=False, color=True)
                 first = False
         finally:  # the text's line ends, however the generation did
-            stream.close()
-            if not first:
-                click.echo()
+            try:
+                if not first:
+                    click.echo()
+            finally:
+                stream.close()
         s = result.stats
         checks = (f", {result.spot_checks} spot checks, {result.wrong_results} found wrong"
                   if result.spot_checks else "")

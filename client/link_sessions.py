@@ -91,6 +91,22 @@ class LinkSessions:
                 self.send("open", fields, req_id=req_id, timeout=0)
                 self._early[key] = req_id, sent
 
+    def settle_early(self: PeerConnection, deadline: float) -> None:
+        """Read the answers of opens sent ahead and not claimed, until monotonic `deadline`,
+        closing each session they opened; the rest stay orphans, closed when read later. None
+        is left to be claimed: an old answer (`busy`, or a session the node has since
+        reclaimed) would be taken for a new open's."""
+        early, self._early = list(self._early.values()), {}
+        for req_id, _ in early:
+            if req_id not in self._orphans:  # read meanwhile, and closed if it opened one
+                continue
+            try:
+                msg = self.recv(req_id, "opened", max(0.0, deadline - time.monotonic()))
+            except PeerError:  # refused, or not come yet (an orphan still: closed when read)
+                continue
+            del self._orphans[req_id]
+            self.close_session(msg.fields["session"])
+
     def _orphan(self: PeerConnection, req_id: int) -> None:
         self._orphans[req_id] = None
         while len(self._orphans) > MAX_ORPHANS:  # those never answered: the oldest go

@@ -97,7 +97,12 @@ class InferenceSession(Failover):
         # A session dropped without `close` gets its stages closed all the same (Swarm.abandon).
         session._finalizer = weakref.finalize(session, swarm.abandon, session.stages)
         try:
-            session._open_route(max_length)
+            try:  # then the opens sent ahead that no stage took (a plan that changed, a refusal)
+                session._open_route(max_length)
+            except BaseException as e:
+                swarm.settle_early(wait=not isinstance(e, KeyboardInterrupt))
+                raise
+            swarm.settle_early()
             if session.relay:
                 session.relaying.pin(session.stages)  # now, not in the prompt's step
         except BaseException:  # close what was opened: each holds a KV reservation on its node

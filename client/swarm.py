@@ -52,6 +52,7 @@ class Ban:
 
 REFRESH_SECONDS = 2.0  # the least time between two refreshes of the peer table (Swarm.refresh)
 DRAIN_SECONDS = 5.0  # the most time between two reads of every connection's events (Swarm.drain_events)
+EARLY_SETTLE_SECONDS = 2.0  # the most a failed route's open waits for its unclaimed early opens' answers
 # The least heartbeat by default: one reply frame must arrive within it (client/transport.py), and
 # a node's I/O thread on a loaded machine must get a core; tests run with short step timeouts.
 HEARTBEAT_MIN_SECONDS = 5.0
@@ -352,6 +353,16 @@ class Swarm:
                 self.connection(address).open_early(wanted.get(address, []))
             except PeerError:
                 pass
+
+    def settle_early(self, wait: bool = True) -> None:
+        """Close the sessions of opens sent ahead that no stage took (open_ahead: a plan that
+        changed, a route that failed). Nothing else reads their answers: each held a session
+        and its KV reservation on its node until the link closed or the idle timeout (review95).
+        With `wait`, answers not yet come are awaited up to EARLY_SETTLE_SECONDS in all; without
+        (Ctrl-C), or past that, they are left to be closed when read."""
+        deadline = time.monotonic() + (EARLY_SETTLE_SECONDS if wait else 0.0)
+        for conn in list(self._conns.values()):
+            conn.settle_early(deadline)
 
     def make_stage(self, plan: StagePlan) -> Stage:
         if plan.is_head_group:

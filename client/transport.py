@@ -285,7 +285,8 @@ class PeerConnection(LinkSessions):
                         self._dropped, self._held_drop = self._held_drop, None
             else:  # a drop: the first until reported (reconnects to a frozen peer drop again, in the handshake)
                 why, self._handshaken = ("disconnected", self._why_dropped()), False
-                idle = self.forgive_idle_drops and self._ever_handshaken and not (awaiting or self.sessions)
+                busy = awaiting or self.sessions or self._early  # (opens sent ahead: a session coming)
+                idle = self.forgive_idle_drops and self._ever_handshaken and not busy
                 if self._dropped is None and self._held_drop is None:
                     self._harmless = idle
                     if idle:

@@ -139,8 +139,8 @@ class RelayLinks:
         stage by stage by ~0.9 s at a 300 ms round trip). Only while links are few: a warm link
         never closes another to make room."""
         link = self._links.get(contact)
-        if (link is None or link.down) and len(self._links) < WARM_LINKS:
-            self.connect(contact)
+        if (link is None or link.down) and sum(not k.down for k in self._links.values()) < WARM_LINKS:
+            self.connect(contact)  # (links to hops that went do not count: they would stop warming for good)
 
     def __len__(self) -> int:
         return len(self._links)

@@ -1157,6 +1157,10 @@ def test_warm_relay_links_stay_few_and_never_close_another():
         assert len(links) == WARM_LINKS and list(links._links) == contacts[:WARM_LINKS]
         links.connect(contacts[-1])  # a pinned next hop is linked whatever the count
         assert len(links) == WARM_LINKS + 1
+        for c in contacts[1:3]:  # hops that went: no longer counted (31 live links)
+            links._links[c].down = True
+        links.warm(contacts[-2])
+        assert contacts[-2] in links._links and len(links) == WARM_LINKS + 2
     finally:
         links.close()
         ctx.term()

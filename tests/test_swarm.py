@@ -153,6 +153,32 @@ def test_a_routes_opens_cross_the_network_together(tiny_model_dir, cluster_facto
         model.close()
 
 
+def test_a_route_that_fails_to_open_leaves_no_session_opened_ahead(tiny_model_dir, cluster_factory):
+    """Opens are sent to every stage ahead of the first answer; when the route then failed (its
+    first node full), the later stages' sessions were left open, unread, one more per try, each
+    holding its node's slot and KV reservation until the client's link closed (review95). They
+    are closed as the open fails, and an old answer is never taken for a later open's."""
+    from nanoswarm.client.peer_errors import PeerError
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--max-sessions", "1"]), NodeSpec((2, 4))])
+    holder = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    other = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    try:
+        held = holder.session(8)
+        for max_length in (10, 11, 12, 10):
+            with pytest.raises((PeerError, RouteError)):
+                other.session(max_length)
+        assert _sessions_become([swarm.addresses[1]], 1)  # the holder's alone
+        held.close()
+        greedy = SamplingParams(temperature=0)
+        assert other.generate("Ahead", 3, greedy).ids == SwarmModel.local(tiny_model_dir).generate(
+            "Ahead", 3, greedy).ids
+        assert _sessions_become(swarm.addresses, 0)
+    finally:
+        holder.close()
+        other.close()
+
+
 def test_threads_share_one_model_and_close_frees_the_nodes_sessions(tiny_model_dir, cluster_factory):
     """Sessions share the swarm's sockets: several threads' generations take turns a step each
     (a review: two threads on one model failed, banned a healthy peer and left sessions open).
