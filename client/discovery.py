@@ -174,9 +174,9 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
     if failed:
         log.warning("bootstrap sent records that failed verification: %s", failed)
     for contact in fetched.answered:
-        if fetched.clock_off(contact) and contact not in _clock_warned:  # once: a client fetches again on a refresh
+        if (off := fetched.clock_off(contact)) and contact not in _clock_warned:  # once: a client fetches again
             _clock_warned.add(contact)
-            log.warning("bootstrap %s: %s", contact, fetched.clock_off(contact))
+            log.warning("bootstrap %s: %s", contact, off)
     return fetched
 
 
@@ -212,8 +212,8 @@ def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0)
     for record in fetched.table.records(swarm.model_id):
         claims.setdefault(record_contact(record), []).append(record)
     for contact in fetched.answered:
-        if not claims and fetched.clock_off(contact):  # its records are dropped here for the clock
-            swarm.rejected.setdefault(contact, fetched.clock_off(contact))
+        if not claims and (off := fetched.clock_off(contact)):  # its records are dropped here for the clock
+            swarm.rejected.setdefault(contact, off)
         elif not claims:  # the likely mistake: bootstraps of another model's swarm (or --model of another one)
             swarm.rejected.setdefault(contact, f"{NO_PEER_OF_MODEL} {swarm.model_id[:12]} "
                                       "(`nanoswarm peers --bootstrap` lists what it knows; the same "

@@ -58,15 +58,3 @@ class ClockOffsets:
         low, high = recent[(len(recent) - 1) // 2], recent[len(recent) // 2]
         return (low if abs(low) <= abs(high) else high), len(recent)
 
-
-def node_clock_warning(offset: float, peers: int, ttl: float) -> str:
-    """What a node whose clock is `offset` off the median of `peers` peers' is told."""
-    if peers == 1:  # which of the two is off cannot be told
-        return (f"this node's clock is {skew_words(offset)} the one peer's it measured: records live by "
-                f"wall-clock time (--ttl {ttl:g} s), and those signed on one of the two clocks look "
-                f"{abs(offset):.0f} s older on the other, so they are dropped early; one of the two machines' "
-                "clocks is off (NTP)")
-    effect = (f"the records it signs look {offset:.0f} s older to them, so they drop them early" if offset > 0 else
-              f"their records look {-offset:.0f} s older here, so it drops them early (and relays to none)")
-    return (f"this node's clock is {skew_words(offset)} its peers' (the median of {peers} measured): records "
-            f"live by wall-clock time (--ttl {ttl:g} s), and {effect}; set this machine's clock (NTP)")

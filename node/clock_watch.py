@@ -8,7 +8,7 @@ import logging
 import time
 from collections import deque
 
-from nanoswarm.keys.clock import CLOCK_WARN_SECONDS, ClockOffsets, node_clock_warning
+from nanoswarm.keys.clock import CLOCK_WARN_SECONDS, ClockOffsets, skew_words
 from nanoswarm.keys.records import EXPIRED, TOO_FAR_FUTURE
 from nanoswarm.keys.table import RecordTable
 
@@ -17,6 +17,19 @@ log = logging.getLogger(__name__)
 CLOCK_WARN_INTERVAL = 60.0  # how often a node says again that its clock is off
 CLOCK_WARN_ROUNDS = 5  # gossip rounds before the first warning: the bootstrap's offset alone tells little
 LOST_RECORDS = 3  # records of others dropped for their lifetime, none taken, over one ttl: a clock off
+
+
+def node_clock_warning(offset: float, peers: int, ttl: float) -> str:
+    """What a node whose clock is `offset` off the median of `peers` peers' is told."""
+    if peers == 1:  # which of the two is off cannot be told
+        return (f"this node's clock is {skew_words(offset)} the one peer's it measured: records live by "
+                f"wall-clock time (--ttl {ttl:g} s), and those signed on one of the two clocks look "
+                f"{abs(offset):.0f} s older on the other, so they are dropped early; one of the two machines' "
+                "clocks is off (NTP)")
+    effect = (f"the records it signs look {offset:.0f} s older to them, so they drop them early" if offset > 0 else
+              f"their records look {-offset:.0f} s older here, so it drops them early (and relays to none)")
+    return (f"this node's clock is {skew_words(offset)} its peers' (the median of {peers} measured): records "
+            f"live by wall-clock time (--ttl {ttl:g} s), and {effect}; set this machine's clock (NTP)")
 
 
 class ClockWatch:
@@ -32,9 +45,6 @@ class ClockWatch:
         # no peer and measures no clock (a bootstrap that no one else bootstraps from, review93b)
         self._counts: deque[tuple[int, int]] = deque(maxlen=max(2, round(ttl / interval)) + 1)
         self._warned = float("-inf")
-
-    def add(self, contact: str, offset: float) -> None:
-        self.offsets.add(contact, offset)
 
     def check(self, rounds: int, table: RecordTable, stats: dict) -> None:
         """Update `stats["clock_offset"]` (theirs - ours) and warn while the clock looks off."""

@@ -100,7 +100,7 @@ class Gossip:
         self.links = GossipLinks(address, (identity.curve_public, identity.curve_secret),
                                  self.options.peer_timeout, on_records=self.offer_all, on_silent=self._forget)
         self.clock = ClockWatch(self.options.ttl, self.options.interval)  # ours against our peers'
-        self.links.on_clock = self.clock.add
+        self.links.on_clock = self.clock.offsets.add
         self.stats: dict[str, Any] = {}
         self._known: set[tuple[str, bytes | None]] = set()  # (endpoint, CURVE key) of live records
         self._knows: dict[str, bool] = {}  # knows() by contact string, until the table changes

@@ -1329,11 +1329,11 @@ def test_a_node_that_takes_no_record_for_its_lifetime_suspects_its_clock(caplog)
             assert len(warnings()) == 1 and "that came in the last 3 s was dropped as expired or signed too far " \
                 "ahead by this node's clock (3, none taken)" in warnings()[0]
     assert stats["clock_offset"] is None and watch.unreached_why() is None
-    watch.add("tcp://127.0.0.1:1", 70.0)
+    watch.offsets.add("tcp://127.0.0.1:1", 70.0)
     watch.check(10, table, stats)
     assert stats["clock_offset"] == 70.0 and "its one measured peer's disagree" in watch.unreached_why()
-    watch.add("tcp://127.0.0.1:2", -0.04)
-    watch.add("tcp://127.0.0.1:3", -0.03)
+    watch.offsets.add("tcp://127.0.0.1:2", -0.04)
+    watch.offsets.add("tcp://127.0.0.1:3", -0.03)
     watch.check(11, table, stats)
     assert str(stats["clock_offset"]) == "0.0" and watch.unreached_why() is None  # one peer off of three: not us
 

@@ -685,7 +685,8 @@ def test_clock_offsets_from_replies_and_their_median(monkeypatch):
     import time
 
     import nanoswarm.keys.clock as clock
-    from nanoswarm.keys.clock import ClockOffsets, node_clock_warning, reply_offset, skew_words
+    from nanoswarm.keys.clock import ClockOffsets, reply_offset, skew_words
+    from nanoswarm.node.clock_watch import node_clock_warning
 
     assert reply_offset(1070.0, sent=5.0, received=7.0, our_now=1001.0) == 70.0  # ours then: 1000
     for bad in (None, 1070, True, float("nan"), float("inf"), "1070"):
