@@ -161,8 +161,9 @@ def run_concurrent(client: ClientModel, sessions: list[InferenceSession], prompt
 def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts: list[list[int]],
                  steps: int, on_start: Callable[[], None] | None = None) -> dict:
     """One client drives all sessions in step: each stage gets every session's step at once (sent
-    back to back, replies collected after), and ln_f + lm_head run once for all sessions, as a
-    client serving several users would. Layer stages only (a head group fans out per block)."""
+    back to back, replies collected after; a head group: every session's fan-out of a block's
+    phase at once), and ln_f + lm_head run once for all sessions, as a client serving several
+    users would."""
     n = len(sessions)
     for session, prompt in zip(sessions, prompts):
         session.step(client.embed(prompt, 0))
@@ -176,13 +177,12 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
         hidden = [client.embed([tok], s.pos) for tok, s in zip(tokens, sessions)]
         for j in range(n_stages):
             stages = [s.stages[j] for s in sessions]
-            if not all(isinstance(st, RemoteLayerStage) for st in stages):
-                raise ValueError("lockstep runs drive layer stages only")
-            sent = [st.conn.send("step", {"session": st.session, "pos": s.pos, "wire": st.wire}, [h], st.wire,
-                                 timeout=st.timeout)
-                    for st, s, h in zip(stages, sessions, hidden)]
-            hidden = [check_reply(st.conn, st.conn.recv(req_id, "result", st.timeout), h)
-                      for st, req_id, h in zip(stages, sent, hidden)]
+            if all(isinstance(st, RemoteLayerStage) for st in stages):
+                hidden = _lockstep_layers(stages, [s.pos for s in sessions], hidden)
+            elif all(isinstance(st, HeadGroupStage) for st in stages):
+                hidden = _lockstep_head_group(stages, [s.pos for s in sessions], hidden)
+            else:
+                raise ValueError("lockstep runs drive remote layer stages and head groups only")
         with torch.inference_mode():
             logits = client.head(torch.cat(hidden))[:, -1]
         tokens = logits.argmax(dim=-1).tolist()
@@ -191,6 +191,38 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
     wall = time.perf_counter() - t0
     return {"sessions": n, "tokens": n * steps, "seconds": wall, "aggregate_tps": n * steps / wall,
             "per_session_tps": steps / wall}
+
+
+def _lockstep_layers(stages: list[RemoteLayerStage], positions: list[int],
+                     hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One decode step of every session through its layer stage: all sent, then all read."""
+    sent = [st.conn.send("step", {"session": st.session, "pos": pos, "wire": st.wire}, [h], st.wire,
+                         timeout=st.timeout)
+            for st, pos, h in zip(stages, positions, hidden)]
+    return [check_reply(st.conn, st.conn.recv(req_id, "result", st.timeout), h)
+            for st, req_id, h in zip(stages, sent, hidden)]
+
+
+def _lockstep_head_group(stages: list[HeadGroupStage], positions: list[int],
+                         hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One decode step of every session through its head group (the same members): each block's
+    attention, then its MLP, fanned out for all sessions before any partial is read, and summed
+    in member order as HeadGroupStage does (the same sums)."""
+    first = stages[0]
+    for block in range(first.start, first.stop):
+        for phase in ("attn", "mlp"):
+            sent = [[conn.send("step", {"session": st.sessions[k], "pos": pos, "phase": phase, "block": block,
+                                        "wire": st.wire}, [h], st.wire, timeout=st.timeout)
+                     for k, (conn, _) in enumerate(st.members)]
+                    for st, pos, h in zip(stages, positions, hidden)]
+            summed = []
+            for st, ids, h in zip(stages, sent, hidden):
+                total = h
+                for (conn, _), req_id in zip(st.members, ids):
+                    total = total + check_reply(conn, conn.recv(req_id, "result", st.timeout), h)
+                summed.append(total)
+            hidden = summed
+    return hidden
 
 
 def median(values: list[float]) -> float:

@@ -193,7 +193,7 @@ class Bench:
                 results.append(result)
             # Concurrent sessions on the first variant (the default links, exact wire).
             self._progress(f"{group}: concurrent sessions {','.join(map(str, opts.sessions))}")
-            results[0]["sessions"] = self._sessions(swarms[0], group.route)
+            results[0]["sessions"] = self._sessions(swarms[0])
             stats = [node_stats(swarms[0].connection(a)) for a in cluster.addresses]
             results[0]["node_max_batch"] = max((s.get("max_batch", 0) for s in stats), default=0)
             results[0]["node_batched_steps"] = sum(s.get("batched_steps", 0) for s in stats)
@@ -233,13 +233,12 @@ class Bench:
     def _node_stats(swarm: Swarm) -> list[dict]:
         return [node_stats(swarm.connection(address)) for address in swarm.peers]
 
-    def _sessions(self, swarm: Swarm, route: str) -> list[dict]:
+    def _sessions(self, swarm: Swarm) -> list[dict]:
         """Aggregate decode speed of n sessions at once, two ways: `independent` clients (a thread,
         socket and unbatched lm_head pass of their own each, so their steps reach a node whenever they come),
         and `one_client` driving them in step (its steps arrive together; one batched lm_head)."""
         out = []
-        modes = ["independent", "one_client"] if route == "layers" else ["independent"]
-        for mode in modes:
+        for mode in ("independent", "one_client"):
             for n in self.opts.sessions:
                 out.append({"mode": mode, **self._concurrent(swarm, n, mode)})
         for r in out:

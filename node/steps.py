@@ -19,7 +19,7 @@ from nanoswarm.protocol.tensors import Buffer, all_finite, fits_wire, frame_fini
 from nanoswarm.shards.model import Blocks
 
 from .relay import Relay, next_hop_id
-from .sessions import NodeLimits, SessionStore
+from .sessions import NodeLimits, Session, SessionStore
 from .step_checks import PendingStep, StepChecks
 
 # An illegal memory access, a device-side assert or a hardware fault poisons the process's CUDA
@@ -53,6 +53,31 @@ def _unsendable(x: torch.Tensor, y: torch.Tensor, wire: str, frame: Buffer) -> s
     if x.dtype in (torch.float16, torch.bfloat16) and not all_finite(y):  # not the wire's doing
         return f"this node's {str(x.dtype).removeprefix('torch.')} computation overflowed to NaN or Inf"
     return f"the result does not fit {wire} (overflow to NaN or Inf)"
+
+
+def _batch_key(p: PendingStep) -> tuple:
+    """Steps with the same key run as one forward pass: one-position steps (decode, which is bound
+    by reading the weights, so a batch of N costs little more than one) over the same blocks, or,
+    on a head shard, the same phase of the same block (attention: with the sessions' caches at
+    the same offset). Anything else runs alone."""
+    if p.x.shape[1] != 1:
+        return (id(p),)
+    phase = p.msg.get("phase")
+    if phase is None:
+        return (None, p.session.start, p.session.stop)
+    if phase == "mlp":
+        return ("mlp", p.msg.fields["block"])
+    return ("attn", p.msg.fields["block"], p.session.start)
+
+
+def _stored_block(s: Session, tokens: int) -> None:
+    """A head shard's session after the attention of its next block stored `tokens` positions."""
+    if s.next_block == 0:
+        s.pending_tokens = tokens
+    s.next_block += 1
+    if s.start + s.next_block == s.stop:  # every block has stored this position
+        s.cache.length += tokens
+        s.next_block = 0
 
 
 def _rewound(p: PendingStep) -> str:
@@ -125,13 +150,10 @@ class StepRunner:
 
     def run(self, pending: list[PendingStep]) -> list[Reply]:
         replies: list[Reply] = []
-        # Decode steps of different sessions over the same blocks share one forward pass:
-        # decode is bound by reading the weights, so a batch of N costs little more than one.
+        # Decode steps of different sessions share one forward pass where they can (_batch_key).
         groups: dict[tuple, list[PendingStep]] = defaultdict(list)
         for p in pending:
-            batchable = p.x.shape[1] == 1 and p.msg.get("phase") is None
-            key = (p.session.start, p.session.stop) if batchable else (id(p),)
-            groups[key].append(p)
+            groups[_batch_key(p)].append(p)
         for group in groups.values():
             if self._overloaded():  # refuse what cannot start in time; the sessions are untouched
                 self._refused_busy.extend(group)
@@ -229,33 +251,29 @@ class StepRunner:
         return [(relay, encode_frames("step", relay.hop_id, fields, specs, tensors))]
 
     def _compute(self, group: list[PendingStep]) -> list[torch.Tensor]:
+        """The outputs of a group (`_batch_key`): one forward pass for all its steps."""
         first = group[0]
         phase = first.msg.get("phase")
+        x = torch.cat([p.x for p in group]) if len(group) > 1 else first.x
+        caches = [p.session.cache for p in group]
+        self.stats.max_batch = max(self.stats.max_batch, len(group))
+        self.stats.batched_steps += len(group) > 1
+        tokens = len(group) * x.shape[1]
         with torch.inference_mode():
             if phase is None:
                 for p in group:  # a rewinding step drops what the session held from its position on
                     p.rewound = p.session.cache.length > p.length
                     p.session.cache.length = p.length
-                x = torch.cat([p.x for p in group]) if len(group) > 1 else first.x
-                caches = [p.session.cache for p in group]
-                self.stats.max_batch = max(self.stats.max_batch, len(group))
-                self.stats.batched_steps += len(group) > 1
-                y = self._timed(lambda: self.blocks(x, caches, first.session.start,
-                                                    first.session.stop), len(group) * x.shape[1])
-                return list(y.split(1)) if len(group) > 1 else [y]
-            s, block = first.session, first.msg.fields["block"]
-            layer = self.blocks.h[str(block)]
-            if phase == "mlp":
-                return [self._timed(lambda: layer.mlp_partial(first.x), first.x.shape[1])]
-            y = self._timed(lambda: layer.attn_partial(first.x, [s.cache], block - s.start),
-                            first.x.shape[1])
-            if s.next_block == 0:
-                s.pending_tokens = first.x.shape[1]
-            s.next_block += 1
-            if s.start + s.next_block == s.stop:  # every block has stored this position
-                s.cache.length += first.x.shape[1]
-                s.next_block = 0
-            return [y]
+                y = self._timed(lambda: self.blocks(x, caches, first.session.start, first.session.stop), tokens)
+            elif phase == "mlp":  # stateless: any sessions' partials of one block together
+                y = self._timed(lambda: self.blocks.h[str(first.msg.fields["block"])].mlp_partial(x), tokens)
+            else:
+                block = first.msg.fields["block"]
+                y = self._timed(lambda: self.blocks.h[str(block)].attn_partial(x, caches, block - first.session.start),
+                                tokens)
+                for p in group:
+                    _stored_block(p.session, p.x.shape[1])
+        return list(y.split(1)) if len(group) > 1 else [y]
 
     def _timed(self, fn: Callable[[], torch.Tensor], tokens: int) -> torch.Tensor:
         t0 = time.perf_counter()

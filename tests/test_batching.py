@@ -8,7 +8,7 @@ import signal
 import torch
 
 from nanoswarm.client.generate import ClientModel
-from nanoswarm.client.stages import RemoteLayerStage
+from nanoswarm.client.stages import HeadGroupStage, RemoteLayerStage
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
@@ -59,6 +59,52 @@ def test_handler_batches_decode_steps_exactly(tiny_model_dir):
     assert handler.info()["stats"]["max_batch"] == len(PROMPTS)
 
 
+def test_head_shard_batches_each_phase_of_a_block_exactly(tiny_model_dir):
+    """A head shard's attention (and MLP) steps of one block from different sessions share a
+    forward pass, and each session gets what it gets stepped alone. One session covers blocks 1:3
+    of the shard's 0:4, so its cache rows of a block sit at another offset: it must not join the
+    others' attention of that block."""
+    manifest = read_manifest(tiny_model_dir)
+    width, heads = manifest.config.n_embd, (0, 2)
+    batched = RequestHandler(load_blocks(tiny_model_dir, 0, 4, heads=heads, manifest=manifest), manifest.model_id, "b")
+    alone = RequestHandler(load_blocks(tiny_model_dir, 0, 4, heads=heads, manifest=manifest), manifest.model_id, "a")
+    spans = [(0, 4), (0, 4), (1, 3), (0, 4)]
+    ids = iter(range(1, 10**6))
+    clients = [f"client{i}".encode() for i in range(len(spans))]
+
+    def request(handler, client, kind, fields, tensors=()):
+        return decode(handler.handle(client, encode(kind, next(ids), fields, list(tensors))))
+
+    sessions = {}  # (handler, client) -> session id
+    for h in (batched, alone):
+        for client, (a, b) in zip(clients, spans):
+            sessions[h, client] = request(h, client, "open", {"max_length": 32, "layers": [a, b]}).fields["session"]
+    torch.manual_seed(0)
+    positions = PROMPTS[:]
+    for step in range(3):  # a prefill of each prompt alone, then two decode steps in batches
+        for block in range(4):
+            for phase in ("attn", "mlp"):
+                inside = [i for i, (a, b) in enumerate(spans) if a <= block < b]
+                xs = {i: torch.randn(1, positions[i] if step == 0 else 1, width) for i in inside}
+                fields = {(h, i): {"session": sessions[h, clients[i]], "pos": 0 if step == 0 else positions[i],
+                                   "phase": phase, "block": block} for h in (batched, alone) for i in inside}
+                want = {i: request(alone, clients[i], "step", fields[alone, i], [xs[i]]).tensors[0] for i in inside}
+                if step == 0:
+                    got = {i: request(batched, clients[i], "step", fields[batched, i], [xs[i]]).tensors[0]
+                           for i in inside}
+                else:
+                    replies = batched.handle_batch([(clients[i], encode("step", next(ids), fields[batched, i],
+                                                                        [xs[i]])) for i in inside])
+                    got = {clients.index(peer): decode(frames).tensors[0] for peer, frames in replies}
+                for i in inside:
+                    assert (got[i] - want[i]).abs().max().item() <= 1e-5, (step, block, phase, i)
+        if step:
+            positions = [n + 1 for n in positions]
+    # three of the four sessions in every decode pass of a block: 2 decode steps x 4 blocks x 2 phases
+    assert batched.stats.max_batch == len(spans) and batched.stats.batched_steps == 16
+    assert alone.stats.batched_steps == 0
+
+
 def test_concurrent_sessions_through_real_nodes(tiny_model_dir, cluster_factory):
     """Several clients (a socket each) send their decode steps at the same moment to two real
     node processes; the nodes batch them, and each client's logits match a solo run."""
@@ -100,3 +146,51 @@ def test_concurrent_sessions_through_real_nodes(tiny_model_dir, cluster_factory)
             for stage in route:
                 stage.close()
                 stage.conn.close()
+
+
+def test_concurrent_sessions_through_a_real_head_group(tiny_model_dir, cluster_factory):
+    """Clients (a socket each) fan out their decode steps to a head group of two real nodes at
+    the same moment, each block's attention and then its MLP; both members batch them, and each
+    client's logits match a solo run."""
+    heads = [(0, 2), (2, 4)]
+    cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), h) for h in heads])
+    manifest = read_manifest(tiny_model_dir)
+    client = ClientModel(load_embeddings(tiny_model_dir, manifest), load_head(tiny_model_dir, manifest))
+    seqs = [token_ids(n + DECODE_STEPS, seed) for seed, n in enumerate(PROMPTS)]
+    groups = [HeadGroupStage([(PeerConnection(a, timeout=30), h) for a, h in zip(cluster.addresses, heads)],
+                             0, 4, manifest.model_id) for _ in PROMPTS]
+    try:
+        got: list[list[torch.Tensor]] = [[] for _ in PROMPTS]
+        for i, (group, seq, n) in enumerate(zip(groups, seqs, PROMPTS)):  # prefills one by one
+            group.open(len(seq))
+            got[i].append(client.logits(group.step(client.embed(seq[:n], 0), 0)))
+        for t in range(DECODE_STEPS):
+            hidden = [client.embed([seq[n + t]], n + t) for seq, n in zip(seqs, PROMPTS)]
+            for block in range(4):
+                for phase in ("attn", "mlp"):
+                    paused = t == 0 and block == 0  # the members find every fan-out queued: a sure batch
+                    for j in range(len(heads)):
+                        if paused:
+                            cluster.kill(j, signal.SIGSTOP)
+                    sent = [[conn.send("step", {"session": g.sessions[k], "pos": n + t, "phase": phase, "block": block},
+                                       [h]) for k, (conn, _) in enumerate(g.members)]
+                            for g, h, n in zip(groups, hidden, PROMPTS)]
+                    for j in range(len(heads)):
+                        if paused:
+                            cluster.kill(j, signal.SIGCONT)
+                    hidden = [h + sum(conn.recv(req_id, "result").tensors[0]
+                                      for (conn, _), req_id in zip(g.members, ids))
+                              for g, ids, h in zip(groups, sent, hidden)]
+            for i, h in enumerate(hidden):
+                got[i].append(client.logits(h))
+        for i, (seq, n) in enumerate(zip(seqs, PROMPTS)):
+            want = reference_logits(tiny_model_dir, seq)[n - 1:n + DECODE_STEPS]
+            assert (torch.stack(got[i]) - want).abs().max().item() <= 1e-5
+        for conn, _ in groups[0].members:
+            stats = conn.request("info").fields["stats"]
+            assert stats["max_batch"] == len(PROMPTS) and stats["batched_steps"] >= 2
+    finally:
+        for group in groups:
+            group.close()
+            for conn, _ in group.members:
+                conn.close()
