@@ -1,15 +1,24 @@
 """Route building: choose stages that cover blocks [start, stop) in order.
 
 Cost of a route, compared in this order: round trips per token (a layer stage is one; a head
-group is two per block, its members answering in parallel), then the summed measured round
-trip time, then the fewest stages (each holds a session on its peers), then the lowest load.
+group is two per block, its members answering in parallel), then the time a token is expected
+to take (each stage's measured round trips plus its compute, from the throughput its peers
+measured: a GPU peer beats a CPU peer serving the same blocks), compared in steps of
+TIME_STEP so that peers that measured about the same tie, then the fewest stages (each holds a
+session on its peers), then the lowest load (which spreads sessions over peers that tie).
 Shortest path over block boundaries; the swarm is small enough (blocks x peers) that a plain
 dynamic program is instant.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Expected token times compare equal within a factor of about this much: measured throughputs
+# and round trips of like peers differ by a few percent from run to run, and within that noise
+# the lower load should decide, not the last digit of a measurement.
+TIME_STEP = 1.25
 
 
 @dataclass
@@ -47,6 +56,19 @@ class StagePlan:
         rounded per round trip so that sums compare exactly."""
         return round(max(p.rtt for p in self.peers) * 1e6) * self.round_trips()
 
+    def compute_us(self) -> int:
+        """The stage's compute a token, in whole microseconds, from its peers' throughput (tokens/s
+        through all the blocks each serves, so k of a peer's n blocks take k/n of a token's time);
+        a head group waits for its slowest member. A peer that states none counts 0, as an
+        unknown round trip does."""
+        blocks = self.stop - self.start
+        return max(round(1e6 * blocks / ((p.layers[1] - p.layers[0]) * p.throughput)) if p.throughput > 0 else 0
+                   for p in self.peers)
+
+    def expected_us(self) -> int:
+        """What a token is expected to spend in this stage: its round trips and its compute."""
+        return self.rtt_us() + self.compute_us()
+
 
 class RouteError(Exception):
     """No set of peers covers the asked blocks; names the uncovered layers."""
@@ -69,16 +91,18 @@ def format_layers(layers: list[int]) -> str:
 
 
 def _head_partition(peers: list[PeerInfo], n_head: int) -> tuple[list[PeerInfo], list[tuple[int, int]]] | None:
-    """Fewest peers whose head ranges exactly tile 0..n_head, lowest rtt among equals."""
+    """Fewest peers whose head ranges exactly tile 0..n_head; among equals, the group whose
+    slowest member (its round trip plus its compute a block) is fastest."""
     best: dict[int, tuple[tuple[int, float], list[PeerInfo]]] = {0: ((0, 0.0), [])}
     for h in range(n_head):
         if h not in best:
             continue
-        (count, rtt), chosen = best[h]
+        (count, slowest), chosen = best[h]
         for p in peers:
             if p.heads and p.heads[0] == h:
                 end = p.heads[1]
-                cand = ((count + 1, max(rtt, p.rtt)), chosen + [p])
+                block = 1 / ((p.layers[1] - p.layers[0]) * p.throughput) if p.throughput > 0 else 0.0
+                cand = ((count + 1, max(slowest, p.rtt + block)), chosen + [p])
                 if end not in best or cand[0] < best[end][0]:
                     best[end] = cand
     if n_head not in best:
@@ -132,14 +156,24 @@ def _uncovered_detail(peers: list[PeerInfo], uncovered: list[int], n_head: int) 
     return f" (head shards of layers {format_layers(partial)} do not cover every head{why})"
 
 
+def time_step(us: int) -> int:
+    """Which step of TIME_STEP an expected time of `us` microseconds falls in (0 for none)."""
+    return math.floor(math.log(us) / math.log(TIME_STEP)) if us >= 1 else 0
+
+
+def _ranked(cost: tuple) -> tuple:
+    """A route's cost (round trips, expected us, stages, load) as compared: the time in steps."""
+    return cost[0], time_step(cost[1]), cost[2], cost[3]
+
+
 def build_route(peers: list[PeerInfo], n_layer: int, n_head: int,
                 start: int = 0, stop: int | None = None) -> list[StagePlan]:
     """The cheapest list of stages covering [start, stop); RouteError names any gap."""
     stop = n_layer if stop is None else stop
     starts = stage_starts(peers)
-    # Round trip times compare in whole microseconds: summed as floats, one stage over blocks
-    # 0:12 and the same peers as two stages 0:6 and 6:12 would differ by rounding alone, and
-    # the fewer stages (sessions held on the peers, requests to open them) must win that tie.
+    # Times add in whole microseconds: summed as floats, one stage over blocks 0:12 and the same
+    # peers as two stages 0:6 and 6:12 would differ by rounding alone, and the fewer stages
+    # (sessions held on the peers, requests to open them) must win that tie.
     best: dict[int, tuple[tuple, list[StagePlan]]] = {start: ((0, 0, 0, 0.0), [])}
     for pos in range(start, stop):
         if pos not in best:
@@ -147,8 +181,8 @@ def build_route(peers: list[PeerInfo], n_layer: int, n_head: int,
         cost, stages = best[pos]
         for plan in candidate_stages(peers, pos, stop, n_head, starts):
             load = max(p.load for p in plan.peers)
-            new = (cost[0] + plan.round_trips(), cost[1] + plan.rtt_us(), cost[2] + 1, cost[3] + load)
-            if plan.stop not in best or new < best[plan.stop][0]:
+            new = (cost[0] + plan.round_trips(), cost[1] + plan.expected_us(), cost[2] + 1, cost[3] + load)
+            if plan.stop not in best or _ranked(new) < _ranked(best[plan.stop][0]):
                 best[plan.stop] = (new, stages + [plan])
     if stop in best:
         return best[stop][1]

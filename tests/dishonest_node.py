@@ -17,7 +17,8 @@ output NaN, which the node's own check refuses (`bad_value`); with --send-nan th
 the node sends them on, with --huge they output 1e20 times the right values (finite, absurd: the
 next stage's LayerNorm overflows; with --wrong-decode on one-position steps only; --large: 1e6
 times, past float16's range) and send them on; as a head shard, its attention partial sums do
-the same."""
+the same. With --slow S it computes right but sleeps S seconds in every forward pass, and
+states the throughput it measures (an honest peer on a slow machine)."""
 
 import dataclasses
 import sys
@@ -144,6 +145,16 @@ if "--wrong-heads-of" in sys.argv:
     del sys.argv[at:at + 2]
     Block.attn_partial = wrong_partial(lambda x: x.shape[1] == positions)
 steps.StepRunner.measure_throughput = claimed
+if "--slow" in sys.argv:
+    at = sys.argv.index("--slow")
+    pause = float(sys.argv[at + 1])
+    del sys.argv[at:at + 2]
+
+    def slow(self, x, caches=None, start=None, stop=None):
+        time.sleep(pause)
+        return _forward(self, x, caches, start, stop)
+    Blocks.forward = slow
+    steps.StepRunner.measure_throughput = _measure
 if "--hide-dtype" in sys.argv:
     sys.argv.remove("--hide-dtype")
     _info = handler.RequestHandler.info

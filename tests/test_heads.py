@@ -92,8 +92,9 @@ def test_route_prefers_fewer_round_trips():
 
 
 def test_route_cost_after_round_trips_is_time_then_load_and_a_group_takes_the_fewest_members():
-    """client/route.py: among routes of as many round trips, the lowest summed round trip time,
-    then the lowest load; a head group is the fewest members that tile the heads."""
+    """client/route.py: among routes of as many round trips, the lowest expected time (round trips
+    plus compute from the peers' throughput, in steps of TIME_STEP), then the lowest load; a head
+    group is the fewest members that tile the heads, the fastest such."""
     def first(peers, n_layer=12):
         return [q.address for q in build_route(peers, n_layer, 12)[0].peers]
 
@@ -101,6 +102,26 @@ def test_route_cost_after_round_trips_is_time_then_load_and_a_group_takes_the_fe
                   PeerInfo("fast", "fast", "m", (0, 12), rtt=0.001)]) == ["fast"]
     assert first([PeerInfo("busy", "busy", "m", (0, 12), rtt=0.001, load=0.9),
                   PeerInfo("idle", "idle", "m", (0, 12), rtt=0.001, load=0.1)]) == ["idle"]
+    # Compute counts as a round trip does: a peer that measured 30x the tokens/s wins, either way
+    # round; peers that measured about the same tie, and the lower load decides.
+    cpu, gpu = (PeerInfo(a, a, "m", (0, 12), rtt=0.001, throughput=t) for a, t in (("cpu", 3.0), ("gpu", 90.0)))
+    assert first([cpu, gpu]) == first([gpu, cpu]) == ["gpu"]
+    for busy_tps, idle_tps in ((100.0, 104.0), (104.0, 100.0)):
+        assert first([PeerInfo("busy", "busy", "m", (0, 12), rtt=0.001, load=0.9, throughput=busy_tps),
+                      PeerInfo("idle", "idle", "m", (0, 12), rtt=0.001, load=0.1, throughput=idle_tps)]) == ["idle"]
+    # Round trips still come first: one slow stage against two fast ones.
+    assert first([PeerInfo("a", "a", "m", (0, 6), rtt=0.001, throughput=1000.0),
+                  PeerInfo("b", "b", "m", (6, 12), rtt=0.001, throughput=1000.0), cpu]) == ["cpu"]
+    # A stage over part of a peer's blocks takes that share of its time: a peer serving 0:12 at
+    # 10 tok/s takes 50 ms for 0:6, against 30 ms for a peer serving 0:6 at 33 tok/s.
+    halves = [PeerInfo("whole", "whole", "m", (0, 12), rtt=0.001, throughput=10.0),
+              PeerInfo("half", "half", "m", (0, 6), rtt=0.001, throughput=33.0)]
+    assert [(p.start, p.stop, [q.address for q in p.peers]) for p in build_route(halves, 6, 12)] == [
+        (0, 6, ["half"])]
+    # A head group waits for its slowest member.
+    group = [PeerInfo(a, a, "m", (0, 12), h, rtt=0.001, throughput=t)
+             for a, h, t in (("h1", (0, 6), 50.0), ("h2", (6, 12), 2.0), ("h3", (6, 12), 40.0))]
+    assert first(group) == ["h1", "h3"]
     assert first([PeerInfo("h1", "h1", "m", (0, 12), (0, 6), rtt=0.001),
                   PeerInfo("all", "all", "m", (0, 12), (0, 12), rtt=0.002),
                   PeerInfo("h2", "h2", "m", (0, 12), (6, 12), rtt=0.001)]) == ["all"]

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import SwarmWithALiar
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
@@ -85,6 +86,25 @@ def test_greedy_and_seeded_generation(tiny_model_dir, cluster_factory):
         assert other != first  # the seed matters: the check above can fail
     finally:
         model.close()
+
+
+def test_routes_take_the_peer_that_computes_faster(tiny_model_dir, cluster_factory):
+    """Two peers serve every block; one is an honest peer on a slow machine (50 ms a forward pass,
+    tests/dishonest_node.py --slow), started first and the bootstrap. Whether the client learns
+    the peers from that bootstrap (records) or asks each (`--peers`, in either order), its route
+    goes through the fast one, and the tokens are the local ones."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--dishonest", "--slow", "0.05"]),
+                                             NodeSpec((0, 4))], cluster=SwarmWithALiar)
+    slow, fast = swarm.addresses
+    want = SwarmModel.local(tiny_model_dir).generate("The swarm", 6, SamplingParams(temperature=0)).ids
+    for how in ({"bootstrap": [slow]}, {"peers": [slow, fast]}, {"peers": [fast, slow]}):
+        model = SwarmModel.connect(tiny_model_dir, **how)
+        try:
+            result = model.generate("The swarm", 6, SamplingParams(temperature=0))
+            assert result.ids == want
+            assert [s["peers"] for s in result.route] == [[fast]], how
+        finally:
+            model.close()
 
 
 def test_missing_layers_named(tiny_model_dir, cluster_factory):
