@@ -254,12 +254,12 @@ class StepRunner:
         """The outputs of a group (`_batch_key`): one forward pass for all its steps."""
         first = group[0]
         phase = first.msg.get("phase")
-        x = torch.cat([p.x for p in group]) if len(group) > 1 else first.x
         caches = [p.session.cache for p in group]
         self.stats.max_batch = max(self.stats.max_batch, len(group))
         self.stats.batched_steps += len(group) > 1
-        tokens = len(group) * x.shape[1]
         with torch.inference_mode():
+            x = torch.cat([p.x for p in group]) if len(group) > 1 else first.x
+            tokens = len(group) * x.shape[1]
             if phase is None:
                 for p in group:  # a rewinding step drops what the session held from its position on
                     p.rewound = p.session.cache.length > p.length
@@ -273,7 +273,7 @@ class StepRunner:
                                 tokens)
                 for p in group:
                     _stored_block(p.session, p.x.shape[1])
-        return list(y.split(1)) if len(group) > 1 else [y]
+            return list(y.split(1)) if len(group) > 1 else [y]
 
     def _timed(self, fn: Callable[[], torch.Tensor], tokens: int) -> torch.Tensor:
         t0 = time.perf_counter()
