@@ -3,9 +3,9 @@
 Cost of a route, compared in this order: round trips per token (a layer stage is one; a head
 group is two per block, its members answering in parallel), then the time a token is expected
 to take (each stage's measured round trips plus its compute, from the throughput its peers
-measured: a GPU peer beats a CPU peer serving the same blocks), compared in steps of
-TIME_STEP so that peers that measured about the same tie, then the fewest stages (each holds a
-session on its peers), then the lowest load (which spreads sessions over peers that tie).
+state: a GPU peer beats a CPU peer serving the same blocks), where every route within TIME_STEP
+of the fastest ties, then the fewest stages (each holds a session on its peers), then the
+lowest load (which spreads sessions over peers that tie), then the exact time.
 Shortest path over block boundaries; the swarm is small enough (blocks x peers) that a plain
 dynamic program is instant.
 """
@@ -15,10 +15,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-# Expected token times compare equal within a factor of about this much: measured throughputs
-# and round trips of like peers differ by a few percent from run to run, and within that noise
-# the lower load should decide, not the last digit of a measurement.
+# Routes whose expected token times are within this factor of the fastest's tie: measured
+# throughputs and round trips of like peers differ by a few percent from run to run, and within
+# that noise the lower load should decide, not the last digit of a measurement.
 TIME_STEP = 1.25
+MAX_BLOCK_US = 10**9  # a block's compute counts at most this: a stated throughput near 0 is not infinite
 
 
 @dataclass
@@ -56,18 +57,23 @@ class StagePlan:
         rounded per round trip so that sums compare exactly."""
         return round(max(p.rtt for p in self.peers) * 1e6) * self.round_trips()
 
-    def compute_us(self) -> int:
-        """The stage's compute a token, in whole microseconds, from its peers' throughput (tokens/s
-        through all the blocks each serves, so k of a peer's n blocks take k/n of a token's time);
-        a head group waits for its slowest member. A peer that states none counts 0, as an
-        unknown round trip does."""
-        blocks = self.stop - self.start
-        return max(round(1e6 * blocks / ((p.layers[1] - p.layers[0]) * p.throughput)) if p.throughput > 0 else 0
-                   for p in self.peers)
+    def expected_us(self, block_us: dict[int, int]) -> int:
+        """What a token is expected to spend in this stage: its round trips and its compute, the
+        blocks times its slowest peer's `block_us` (by id of the PeerInfo: `blocks_us`). Whole
+        microseconds a block, so that one stage over blocks 0:12 and the same peer as 0:6 and
+        6:12 cost the same (the fewer stages then win)."""
+        return self.rtt_us() + (self.stop - self.start) * max(block_us[id(p)] for p in self.peers)
 
-    def expected_us(self) -> int:
-        """What a token is expected to spend in this stage: its round trips and its compute."""
-        return self.rtt_us() + self.compute_us()
+
+def blocks_us(peers: list[PeerInfo]) -> dict[int, int]:
+    """Each peer's compute for one of its blocks (by id of its PeerInfo), in whole microseconds,
+    from the throughput it states: tokens/s through all the blocks it serves, so one of its n
+    blocks takes 1/n of its token time. A peer that states none counts as the slowest that does
+    (a fast claim is believed anyway: docs/discovery.md)."""
+    known = {id(p): round(min(MAX_BLOCK_US, 1e6 / ((p.layers[1] - p.layers[0]) * p.throughput)))
+             for p in peers if p.throughput > 0}
+    unknown = max(known.values(), default=0)
+    return {id(p): known.get(id(p), unknown) for p in peers}
 
 
 class RouteError(Exception):
@@ -90,9 +96,10 @@ def format_layers(layers: list[int]) -> str:
     return ", ".join(spans)
 
 
-def _head_partition(peers: list[PeerInfo], n_head: int) -> tuple[list[PeerInfo], list[tuple[int, int]]] | None:
+def _head_partition(peers: list[PeerInfo], n_head: int,
+                    block_us: dict[int, int]) -> tuple[list[PeerInfo], list[tuple[int, int]]] | None:
     """Fewest peers whose head ranges exactly tile 0..n_head; among equals, the group whose
-    slowest member (its round trip plus its compute a block) is fastest."""
+    slowest member is fastest a block (its two round trips plus its compute)."""
     best: dict[int, tuple[tuple[int, float], list[PeerInfo]]] = {0: ((0, 0.0), [])}
     for h in range(n_head):
         if h not in best:
@@ -101,8 +108,7 @@ def _head_partition(peers: list[PeerInfo], n_head: int) -> tuple[list[PeerInfo],
         for p in peers:
             if p.heads and p.heads[0] == h:
                 end = p.heads[1]
-                block = 1 / ((p.layers[1] - p.layers[0]) * p.throughput) if p.throughput > 0 else 0.0
-                cand = ((count + 1, max(slowest, p.rtt + block)), chosen + [p])
+                cand = ((count + 1, max(slowest, 2e6 * p.rtt + block_us[id(p)])), chosen + [p])
                 if end not in best or cand[0] < best[end][0]:
                     best[end] = cand
     if n_head not in best:
@@ -117,7 +123,7 @@ def stage_starts(peers: list[PeerInfo]) -> set[int]:
 
 
 def candidate_stages(peers: list[PeerInfo], pos: int, stop: int, n_head: int,
-                     starts: set[int] | None = None) -> list[StagePlan]:
+                     starts: set[int] | None = None, block_us: dict[int, int] | None = None) -> list[StagePlan]:
     """Every stage that can start at block `pos`: a layer peer as far as it goes (<= stop); a head
     group as far as its members all reach, or ending early where another stage could take over
     (a group costs two round trips a block, a layer stage one for all its blocks)."""
@@ -132,9 +138,10 @@ def candidate_stages(peers: list[PeerInfo], pos: int, stop: int, n_head: int,
         return out
     reach = sorted({min(p.layers[1], stop) for p in heads})
     starts = stage_starts(peers) if starts is None else starts
+    block_us = blocks_us(peers) if block_us is None else block_us
     lo = pos + 1
     for end in reach:  # the members reaching `end` are those that reach every block up to it
-        found = _head_partition([p for p in heads if p.layers[1] >= end], n_head)
+        found = _head_partition([p for p in heads if p.layers[1] >= end], n_head, block_us)
         if found:
             out.extend(StagePlan(pos, e, found[0], found[1]) for e in range(lo, end + 1)
                        if e == end or e in starts)
@@ -156,36 +163,39 @@ def _uncovered_detail(peers: list[PeerInfo], uncovered: list[int], n_head: int) 
     return f" (head shards of layers {format_layers(partial)} do not cover every head{why})"
 
 
-def time_step(us: int) -> int:
-    """Which step of TIME_STEP an expected time of `us` microseconds falls in (0 for none)."""
-    return math.floor(math.log(us) / math.log(TIME_STEP)) if us >= 1 else 0
+def _kept(arrived: list[tuple[tuple, list[StagePlan]]]) -> tuple[tuple, list[StagePlan]]:
+    """Of the routes that reach one block boundary, (cost, stages), the one to go on from: the
+    fewest round trips; among those, every one within TIME_STEP of the fastest ties, and the
+    fewest stages, the lowest load, then the exact time decide. Cost: (round trips, expected
+    microseconds, stages, load)."""
+    trips = min(cost[0] for cost, _ in arrived)
+    fastest = max(1, min(cost[1] for cost, _ in arrived if cost[0] == trips))
 
-
-def _ranked(cost: tuple) -> tuple:
-    """A route's cost (round trips, expected us, stages, load) as compared: the time in steps."""
-    return cost[0], time_step(cost[1]), cost[2], cost[3]
+    def ranked(item: tuple[tuple, list[StagePlan]]) -> tuple:
+        cost = item[0]
+        steps = math.floor(math.log(max(1, cost[1]) / fastest) / math.log(TIME_STEP))
+        return cost[0], steps, cost[2], cost[3], cost[1]
+    return min(arrived, key=ranked)
 
 
 def build_route(peers: list[PeerInfo], n_layer: int, n_head: int,
                 start: int = 0, stop: int | None = None) -> list[StagePlan]:
     """The cheapest list of stages covering [start, stop); RouteError names any gap."""
     stop = n_layer if stop is None else stop
-    starts = stage_starts(peers)
-    # Times add in whole microseconds: summed as floats, one stage over blocks 0:12 and the same
-    # peers as two stages 0:6 and 6:12 would differ by rounding alone, and the fewer stages
-    # (sessions held on the peers, requests to open them) must win that tie.
-    best: dict[int, tuple[tuple, list[StagePlan]]] = {start: ((0, 0, 0, 0.0), [])}
-    for pos in range(start, stop):
-        if pos not in best:
+    starts, block_us = stage_starts(peers), blocks_us(peers)
+    # Every route that reaches a boundary is kept until the boundary is reached from every
+    # earlier one: the fastest of them is what "within TIME_STEP" is measured from.
+    arrived: dict[int, list[tuple[tuple, list[StagePlan]]]] = {start: [((0, 0, 0, 0.0), [])]}
+    for pos in range(start, stop + 1):
+        if pos not in arrived:
             continue
-        cost, stages = best[pos]
-        for plan in candidate_stages(peers, pos, stop, n_head, starts):
+        cost, stages = _kept(arrived.pop(pos))
+        if pos == stop:
+            return stages
+        for plan in candidate_stages(peers, pos, stop, n_head, starts, block_us):
             load = max(p.load for p in plan.peers)
-            new = (cost[0] + plan.round_trips(), cost[1] + plan.expected_us(), cost[2] + 1, cost[3] + load)
-            if plan.stop not in best or _ranked(new) < _ranked(best[plan.stop][0]):
-                best[plan.stop] = (new, stages + [plan])
-    if stop in best:
-        return best[stop][1]
+            new = (cost[0] + plan.round_trips(), cost[1] + plan.expected_us(block_us), cost[2] + 1, cost[3] + load)
+            arrived.setdefault(plan.stop, []).append((new, stages + [plan]))
     # Every servable block starts some stage, so blocks are reachable exactly when covered.
     uncovered = [i for i in range(start, stop) if not candidate_stages(peers, i, stop, n_head)]
     raise RouteError(uncovered, _uncovered_detail(peers, uncovered, n_head))

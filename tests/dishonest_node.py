@@ -17,8 +17,8 @@ output NaN, which the node's own check refuses (`bad_value`); with --send-nan th
 the node sends them on, with --huge they output 1e20 times the right values (finite, absurd: the
 next stage's LayerNorm overflows; with --wrong-decode on one-position steps only; --large: 1e6
 times, past float16's range) and send them on; as a head shard, its attention partial sums do
-the same. With --slow S it computes right but sleeps S seconds in every forward pass, and
-states the throughput it measures (an honest peer on a slow machine)."""
+the same. With --slow S (a layer node) it computes right but sleeps S seconds in every forward
+pass, and states the throughput it measures (an honest peer on a slow machine)."""
 
 import dataclasses
 import sys

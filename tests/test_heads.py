@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -106,9 +107,15 @@ def test_route_cost_after_round_trips_is_time_then_load_and_a_group_takes_the_fe
     # round; peers that measured about the same tie, and the lower load decides.
     cpu, gpu = (PeerInfo(a, a, "m", (0, 12), rtt=0.001, throughput=t) for a, t in (("cpu", 3.0), ("gpu", 90.0)))
     assert first([cpu, gpu]) == first([gpu, cpu]) == ["gpu"]
-    for busy_tps, idle_tps in ((100.0, 104.0), (104.0, 100.0)):
-        assert first([PeerInfo("busy", "busy", "m", (0, 12), rtt=0.001, load=0.9, throughput=busy_tps),
-                      PeerInfo("idle", "idle", "m", (0, 12), rtt=0.001, load=0.1, throughput=idle_tps)]) == ["idle"]
+    # (review97: steps counted from zero put 93.46 and 92.59 tok/s, or a 1.000 and a 1.010 ms round
+    # trip, on either side of an edge: they are counted from the fastest route now)
+    for (busy_tps, busy_rtt), (idle_tps, idle_rtt) in itertools.permutations(
+            [(100.0, 0.001), (104.0, 0.001), (93.46, 0.001), (92.59, 0.001), (100.0, 0.00101)], 2):
+        assert first([PeerInfo("busy", "busy", "m", (0, 12), rtt=busy_rtt, load=0.9, throughput=busy_tps),
+                      PeerInfo("idle", "idle", "m", (0, 12), rtt=idle_rtt, load=0.1, throughput=idle_tps)]) == ["idle"]
+    # A throughput that states nothing counts as the slowest stated; one near 0 is not infinite.
+    assert first([PeerInfo("unknown", "unknown", "m", (0, 12), rtt=0.001), gpu, cpu]) == ["gpu"]
+    assert first([PeerInfo("tiny", "tiny", "m", (0, 12), rtt=0.001, throughput=1e-320), cpu]) == ["cpu"]
     # Round trips still come first: one slow stage against two fast ones.
     assert first([PeerInfo("a", "a", "m", (0, 6), rtt=0.001, throughput=1000.0),
                   PeerInfo("b", "b", "m", (6, 12), rtt=0.001, throughput=1000.0), cpu]) == ["cpu"]
@@ -122,6 +129,12 @@ def test_route_cost_after_round_trips_is_time_then_load_and_a_group_takes_the_fe
     group = [PeerInfo(a, a, "m", (0, 12), h, rtt=0.001, throughput=t)
              for a, h, t in (("h1", (0, 6), 50.0), ("h2", (6, 12), 2.0), ("h3", (6, 12), 40.0))]
     assert first(group) == ["h1", "h3"]
+    # ... a member's round trip counts twice a block (attention and MLP): 2 x 1 ms against
+    # 2 x 0.5 ms + 0.6 ms of compute (review97)
+    group = [PeerInfo("h1", "h1", "m", (0, 1), (0, 6), rtt=0.0005, throughput=10**6),
+             PeerInfo("far", "far", "m", (0, 1), (6, 12), rtt=0.001, throughput=10**6),
+             PeerInfo("near", "near", "m", (0, 1), (6, 12), rtt=0.0005, throughput=1e6 / 600)]
+    assert first(group, n_layer=1) == ["h1", "near"]
     assert first([PeerInfo("h1", "h1", "m", (0, 12), (0, 6), rtt=0.001),
                   PeerInfo("all", "all", "m", (0, 12), (0, 12), rtt=0.002),
                   PeerInfo("h2", "h2", "m", (0, 12), (6, 12), rtt=0.001)]) == ["all"]
