@@ -46,8 +46,9 @@ def _open_key(fields: dict[str, Any]) -> tuple:
 
 class LinkSessions:
     """PeerConnection's sessions: `sessions` (opened and not closed), `_orphans` (request ids of
-    opens whose answers nobody awaits) and `_early` (opens sent ahead: fields -> (request id,
-    idle_clock when sent)), all set up in PeerConnection.__init__."""
+    opens whose answers nobody awaits), `_early` (opens sent ahead: fields -> (request id,
+    idle_clock when sent)) and `_unwanted` (request ids of opens sent ahead that a later plan
+    did not want), all set up in PeerConnection.__init__."""
 
     def open_session(self: PeerConnection, fields: dict[str, Any], timeout: float | None = None) -> Message:
         """`open` a session, kept in `sessions` until closed; `open_sent` is when the open that
@@ -80,10 +81,11 @@ class LinkSessions:
         """Queue an `open` for each of `wanted` (its fields) not queued yet, which `open_session`
         with the same fields claims later: the opens of a route's stages then cross the network
         together, one round trip for the route and not one a stage. Those queued before and not
-        wanted now are left as orphans: their sessions are closed when their answers are read."""
+        wanted now are orphans, whose sessions `settle_early` closes (or any read of their
+        answers: a link off the route may not be read again for the whole generation, review96)."""
         keys = [_open_key(fields) for fields in wanted]
         for key in [k for k in self._early if k not in keys]:
-            del self._early[key]
+            self._unwanted.append(self._early.pop(key)[0])
         for key, fields in zip(keys, wanted):
             if key not in self._early:
                 req_id, sent = next_request_id(), idle_clock()
@@ -96,8 +98,9 @@ class LinkSessions:
         closing each session they opened; the rest stay orphans, closed when read later. None
         is left to be claimed: an old answer (`busy`, or a session the node has since
         reclaimed) would be taken for a new open's."""
-        early, self._early = list(self._early.values()), {}
-        for req_id, _ in early:
+        early = [req_id for req_id, _ in self._early.values()] + self._unwanted
+        self._early, self._unwanted = {}, []
+        for req_id in early:
             if req_id not in self._orphans:  # read meanwhile, and closed if it opened one
                 continue
             try:

@@ -136,6 +136,7 @@ class PeerConnection(LinkSessions):
         # opened on the node is closed when its late `opened` is read (take, open_session).
         self._orphans: dict[int, None] = {}
         self._early: dict[tuple, tuple[int, float]] = {}  # opens sent ahead (client/link_sessions.py)
+        self._unwanted: list[int] = []  # request ids of opens sent ahead for a plan that changed since
         self.open_sent = 0.0  # when the open of the last session opened went out (idle_clock)
         self._unread: list | None = None  # a reply whose reading Ctrl-C cut short (_read)
         self.closes_queued = False  # a `close` was sent: closing the socket must let it leave

@@ -199,6 +199,33 @@ def test_a_route_that_fails_to_open_leaves_no_session_opened_ahead(tiny_model_di
         other.close()
 
 
+def test_opens_sent_ahead_for_a_plan_that_changed_are_closed(tiny_model_dir, cluster_factory):
+    """A route's opens go out ahead (Swarm.open_ahead); when the plan changes before they are
+    claimed (a refusal re-plans the route), the opens to peers no longer on it were left to be
+    closed whenever their link was next read: a node off the route held a session for the whole
+    generation (review96). `settle_early`, after the route opened, reads and closes them."""
+    from nanoswarm.client.route import StagePlan
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4)), NodeSpec((2, 4))])
+    first, dropped, taken = swarm.addresses
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    try:
+        peers = model.swarm.peers
+        model.swarm.open_ahead([StagePlan(0, 2, [peers[first]]), StagePlan(2, 4, [peers[dropped]])], 16)
+        plans = [StagePlan(0, 2, [peers[first]]), StagePlan(2, 4, [peers[taken]])]
+        model.swarm.open_ahead(plans, 16)
+        stages = [model.swarm.make_stage(plan) for plan in plans]
+        for stage in stages:
+            stage.open(16)
+        model.swarm.settle_early()
+        assert _sessions_become([dropped], 0) and _sessions_become([first, taken], 1)
+        for stage in stages:
+            stage.close()
+        assert _sessions_become(swarm.addresses, 0)
+    finally:
+        model.close()
+
+
 def test_threads_share_one_model_and_close_frees_the_nodes_sessions(tiny_model_dir, cluster_factory):
     """Sessions share the swarm's sockets: several threads' generations take turns a step each
     (a review: two threads on one model failed, banned a healthy peer and left sessions open).
