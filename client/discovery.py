@@ -18,7 +18,7 @@ import zmq
 
 from nanoswarm.keys.clock import CLOCK_WARN_SECONDS, reply_offset, skew_words
 from nanoswarm.keys.contact import endpoint_of, split_contact
-from nanoswarm.keys.records import Record, check_endpoint, record_contact
+from nanoswarm.keys.records import EXPIRED, TOO_FAR_FUTURE, Record, check_endpoint, record_contact
 from nanoswarm.keys.table import STALE_SEQ, RecordTable
 
 from .peer_errors import PeerError
@@ -172,7 +172,12 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
     # stale_seq is no failure: a second bootstrap's copy of a record, or an older one during churn.
     failed = {why: n for why, n in table.rejected.items() if why != STALE_SEQ}
     if failed:
-        log.warning("bootstrap sent records that failed verification: %s", failed)
+        # A record's lifetime runs on its signer's clock: expired (or too far ahead) here says that
+        # its signer's clock or this machine's is off, where no bootstrap's clock was measured (an
+        # earlier version's reply carries none, review96) to name it below.
+        lifetime = (" (records live by their signers' wall clocks: this machine's clock or theirs is off)"
+                    if failed.keys() & {EXPIRED, TOO_FAR_FUTURE} else "")
+        log.warning("bootstrap sent records that failed verification: %s%s", failed, lifetime)
     for contact in fetched.answered:
         if (off := fetched.clock_off(contact)) and contact not in _clock_warned:  # once: a client fetches again
             _clock_warned.add(contact)

@@ -58,9 +58,13 @@ class ClockWatch:
         elif len(self._counts) == self._counts.maxlen:
             (lost_then, taken_then), (lost_now, taken_now) = self._counts[0], self._counts[-1]
             if lost_now - lost_then >= LOST_RECORDS and taken_now == taken_then:
+                # Nothing measured says whose clock it is: a node far ahead of all its peers (the
+                # bootstrap of review93b), or one peer far off that sends no clock (an earlier
+                # version's records_reply has no `now`: review96 saw this node blamed).
                 why = (f"every record of another peer that came in the last {self.ttl:g} s was dropped as expired "
-                       f"or signed too far ahead by this node's clock ({lost_now - lost_then}, none taken): this "
-                       "node's clock is likely off its peers'; set it (NTP)")
+                       f"or signed too far ahead by this node's clock ({lost_now - lost_then}, none taken), and no "
+                       "peer's clock was measured (a peer of an earlier version sends none): this node's clock or "
+                       "its peers' is off; check both (NTP)")
         now = time.monotonic()
         if why is not None and rounds >= CLOCK_WARN_ROUNDS and now - self._warned >= CLOCK_WARN_INTERVAL:
             self._warned = now
