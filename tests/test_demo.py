@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,18 +23,19 @@ from nanoswarm.shards.weights import load_model, read_verified
 HELD_OUT_TOKENS = 4096
 
 
-def demo_node_pids() -> set[int]:
-    """Node processes serving the demo model, found through /proc."""
+def marked_pids(mark: bytes) -> set[int]:
+    """Processes whose environment holds `mark` (a NAME=VALUE the test gave the demo): its nodes and
+    their launcher inherit it, whatever their command line says, and no one else's nodes (a
+    review's nodes on the same demo model made a count by command line fail)."""
     pids = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            if mark in (proc / "environ").read_bytes().split(b"\0"):
+                pids.add(int(proc.name))
         except OSError:
             continue
-        if b"node" in cmd and any(arg.endswith(b"shards/demo") for arg in cmd):
-            pids.add(int(proc.name))
     return pids
 
 
@@ -65,16 +67,19 @@ def test_demo_command_streams_text_and_matches_single_process(tmp_path):
     failed) and no key files behind."""
     import signal
 
-    before = demo_node_pids()
+    mark = f"NANOSWARM_TEST_DEMO={os.getpid()}.{time.monotonic_ns()}"
+    marked = {**os.environ, mark.partition("=")[0]: mark.partition("=")[2]}
     demo = [sys.executable, "-m", "nanoswarm", "demo"]
     # Both at once: each is mostly its start (torch's import, three nodes)
     with_json = subprocess.Popen([*demo, "ROMEO:", "--seed", "3", "--max-new-tokens", "40", "--json"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                                 env=marked)
     plain = subprocess.Popen([*demo, "--seed", "3", "--max-new-tokens", "40"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                             env={**os.environ, "TMPDIR": str(tmp_path)})
+                             env={**marked, "TMPDIR": str(tmp_path)})
     try:
         first = plain.stdout.read(len("ROMEO:") + 1)  # the default prompt, then text as it streams
+        assert len(marked_pids(mark.encode())) >= 4  # its nodes (and launcher) carry the mark: the check can fail
         plain.send_signal(signal.SIGINT)
         rest, err = plain.communicate(timeout=60)
         out, out_err = with_json.communicate(timeout=180)
@@ -97,4 +102,7 @@ def test_demo_command_streams_text_and_matches_single_process(tmp_path):
     log_file = re.search(r"\(node logs: (\S+)\)", err.decode()).group(1)
     assert not os.path.exists(log_file), "the user stopped it: no log kept"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("nanoswarm")] == []  # no key files
-    assert demo_node_pids() <= before, "the demo left a node process behind"
+    deadline = time.monotonic() + 10  # (its launcher sees its parent gone within a second)
+    while marked_pids(mark.encode()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not marked_pids(mark.encode()), "the demo left a node process behind"
