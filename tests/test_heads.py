@@ -113,6 +113,14 @@ def test_route_cost_after_round_trips_is_time_then_load_and_a_group_takes_the_fe
             [(100.0, 0.001), (104.0, 0.001), (93.46, 0.001), (92.59, 0.001), (100.0, 0.00101)], 2):
         assert first([PeerInfo("busy", "busy", "m", (0, 12), rtt=busy_rtt, load=0.9, throughput=busy_tps),
                       PeerInfo("idle", "idle", "m", (0, 12), rtt=idle_rtt, load=0.1, throughput=idle_tps)]) == ["idle"]
+    # The window is measured from the fastest route of all at every boundary: kept for its load at
+    # block 1 (124 against 100 ms), a prefix must not make the next block's window 1.25 x 124 ms
+    # (review98: 154 ms chosen against 101 ms).
+    blockwise = [PeerInfo(a, a, "m", (b, b + 1), rtt=0.0, load=load, throughput=1e3 / ms)
+                 for a, b, load, ms in (("busy0", 0, 0.9, 100), ("idle0", 0, 0.1, 124),
+                                        ("busy1", 1, 0.9, 1), ("idle1", 1, 0.1, 30))]
+    route = build_route(blockwise, 2, 12)
+    assert sum(1e3 / p.throughput for plan in route for p in plan.peers) <= 1.25 * 101
     # A throughput that states nothing counts as the slowest stated; one near 0 is not infinite.
     assert first([PeerInfo("unknown", "unknown", "m", (0, 12), rtt=0.001), gpu, cpu]) == ["gpu"]
     assert first([PeerInfo("tiny", "tiny", "m", (0, 12), rtt=0.001, throughput=1e-320), cpu]) == ["cpu"]
