@@ -60,11 +60,19 @@ class ClockWatch:
             if lost_now - lost_then >= LOST_RECORDS and taken_now == taken_then:
                 # Nothing measured says whose clock it is: a node far ahead of all its peers (the
                 # bootstrap of review93b), or one peer far off that sends no clock (an earlier
-                # version's records_reply has no `now`: review96 saw this node blamed).
-                why = (f"every record of another peer that came in the last {self.ttl:g} s was dropped as expired "
-                       f"or signed too far ahead by this node's clock ({lost_now - lost_then}, none taken), and no "
-                       "peer's clock was measured (a peer of an earlier version sends none): this node's clock or "
-                       "its peers' is off; check both (NTP)")
+                # version's records_reply has no `now`: review96 saw this node blamed). Or the
+                # peers measured are within CLOCK_WARN_SECONDS, but a --ttl shorter than their
+                # offset lets no record live (review98).
+                lost = (f"every record of another peer that came in the last {self.ttl:g} s was dropped as expired "
+                        f"or signed too far ahead by this node's clock ({lost_now - lost_then}, none taken)")
+                if self.measured is None:
+                    why = (f"{lost}, and no peer's clock was measured (a peer of an earlier version sends none): "
+                           "this node's clock or its peers' is off; check both (NTP)")
+                else:
+                    why = (f"{lost}; this node's clock is {skew_words(self.measured[0])} the peers measured "
+                           f"(the median of {self.measured[1]}), more than a record's ttl of {self.ttl:g} s "
+                           "allows, or a peer of an earlier version (which sends no clock) is off: check the clocks "
+                           "(NTP), or give a longer --ttl")
         now = time.monotonic()
         if why is not None and rounds >= CLOCK_WARN_ROUNDS and now - self._warned >= CLOCK_WARN_INTERVAL:
             self._warned = now

@@ -1336,6 +1336,18 @@ def test_a_node_that_takes_no_record_for_its_lifetime_suspects_its_clock(caplog)
             # nothing measured says whose clock it is (review96: a correct clock was blamed)
             assert "this node's clock or its peers' is off" in warnings()[0]
     assert stats["clock_offset"] is None and watch.unreached_why() is None
+    # Peers measured within CLOCK_WARN_SECONDS, 15 s behind, but a ttl of 3 s lets none of their
+    # records live: the warning says what was measured, not that nothing was (review98).
+    table, watch = RecordTable(), ClockWatch(ttl=3.0, interval=1.0)
+    watch.offsets.add("tcp://127.0.0.1:1", -15.0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nanoswarm.node.clock_watch"):
+        for r in range(1, CLOCK_WARN_ROUNDS + 3):
+            offer(table, -1.0, r)
+            watch.check(r, table, stats)
+    assert len(warnings()) == 1 and "no peer's clock was measured" not in warnings()[0]
+    assert "this node's clock is 15 s ahead of the peers measured (the median of 1), more than a record's ttl " \
+        "of 3 s allows" in warnings()[0]
     watch.offsets.add("tcp://127.0.0.1:1", 70.0)
     watch.check(10, table, stats)
     assert stats["clock_offset"] == 70.0 and "its one measured peer's disagree" in watch.unreached_why()
