@@ -94,7 +94,7 @@ def test_route_prefers_fewer_round_trips():
 
 def test_route_cost_after_round_trips_is_time_then_load_and_a_group_takes_the_fewest_members():
     """client/route.py: among routes of as many round trips, the lowest expected time (round trips
-    plus compute from the peers' throughput, in steps of TIME_STEP), then the lowest load; a head
+    plus compute from the peers' throughput; those within TIME_STEP of the fastest tie), then the lowest load; a head
     group is the fewest members that tile the heads, the fastest such."""
     def first(peers, n_layer=12):
         return [q.address for q in build_route(peers, n_layer, 12)[0].peers]
