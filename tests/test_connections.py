@@ -269,8 +269,12 @@ def test_a_drop_left_unread_when_a_new_connection_takes_its_descriptor_closes_th
         assert watch.monitor.poll(5000)  # A's drop is queued, unread
         fillers = take_descriptors_below(frames_a[0].get(zmq.SRCFD))  # so that B's accept gets A's
         try:
-            b = subprocess.run([sys.executable, "-c", SENDER, str(port)], timeout=60)  # (no fd of ours)
-            peer_b, frames_b = receive(router)
+            b = subprocess.Popen([sys.executable, "-c", SENDER, str(port)])  # (no fd of ours once it runs)
+            try:
+                peer_b, frames_b = receive(router)
+                router.send_multipart([peer_b, b"read"])  # B stays connected until its message is read
+            finally:
+                b.wait(60)
         finally:
             for fd in fillers:
                 os.close(fd)
@@ -289,7 +293,10 @@ import sys, zmq
 b = zmq.Context().socket(zmq.DEALER)
 b.connect(f"tcp://127.0.0.1:{sys.argv[1]}")
 b.send(b"b")
-b.close(linger=2000)
+# Connected until the test has read it: a sender that closed at once had its message lost now and
+# then when the ROUTER's thread attached its connection after the connection had ended (a CI run)
+b.poll(30000)
+b.close(linger=0)
 """
 
 
