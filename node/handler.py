@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -274,14 +273,13 @@ class RequestHandler:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unhandled type {msg.type!r}")
 
     def info(self) -> dict[str, Any]:
-        uptime = max(time.monotonic() - self.stats.started, 1e-9)
         return {
             "peer_id": self.peer_id, "model_id": self.model_id, "protocol": PROTOCOL_VERSION,
             "layers": [self.blocks.start, self.blocks.stop],
             "heads": list(self.blocks.heads) if self.head_shard else None,
             "config": self.config.to_dict(),
             "throughput": self.stats.throughput,
-            "load": min(1.0, self.stats.busy_seconds / uptime),
+            "load": self.stats.load(),  # busy fraction over about the last minute
             "sessions": len(self.sessions.sessions),
             "kv_bytes": self.sessions.kv_bytes,
             "kv_pool_bytes": self.sessions.pool.nbytes,  # closed sessions' cache memory kept for reuse

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -85,17 +85,38 @@ def _rewound(p: PendingStep) -> str:
     return f"; the session now holds {p.length} positions (this step rewound it)" if p.rewound else ""
 
 
+# A node's stated load is its busy fraction over about the last minute: over its whole life, a
+# node that served a crowd for an hour and then nothing looked busy for hours, and one that took
+# a crowd after a quiet day looked idle, so routes spread sessions by history, not by now.
+LOAD_WINDOW = 60.0
+LOAD_MARK_EVERY = LOAD_WINDOW / 12  # how often a (time, busy seconds) mark is kept, at most
+
+
 @dataclass
 class NodeStats:
     throughput: float = 0.0          # tokens/s through all served blocks, measured at start-up and after a move
     steps: int = 0
     tokens: int = 0
-    busy_seconds: float = 0.0
+    busy_seconds: float = 0.0        # in forward passes, over the node's life
     batched_steps: int = 0           # forward passes that ran decode steps of several sessions
     max_batch: int = 0               # most sessions in one forward pass so far
     relayed: int = 0                 # steps passed on to a next hop (node/relay.py)
     started: float = field(default_factory=time.monotonic)
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    _marks: deque[tuple[float, float]] = field(default_factory=deque, repr=False)
+
+    def load(self, now: float | None = None) -> float:
+        """The fraction of the last LOAD_WINDOW seconds (up to LOAD_MARK_EVERY more, or the time
+        since the last call where calls are rarer) spent in forward passes; of the node's whole
+        life while it is younger. Called on the server thread (info, and every record's refresh)."""
+        now = time.monotonic() if now is None else now
+        marks = self._marks
+        while len(marks) > 1 and marks[1][0] <= now - LOAD_WINDOW:
+            marks.popleft()  # the newest mark at least a window old is the one measured from
+        since, busy = marks[0] if marks and marks[0][0] <= now - LOAD_WINDOW else (self.started, 0.0)
+        if not marks or now - marks[-1][0] >= LOAD_MARK_EVERY:
+            marks.append((now, self.busy_seconds))
+        return min(1.0, max(0.0, self.busy_seconds - busy) / max(now - since, 1e-9))
 
 
 class StepRunner:

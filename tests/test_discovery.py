@@ -228,6 +228,28 @@ def test_peers_coverage_of_whole_block_peers_alone_is_their_throughput():
     assert not re.search(r"\binf\b", format_report([model]))  # a word: random peer ids may hold "inf"
 
 
+def test_a_nodes_load_is_its_busy_fraction_over_about_the_last_minute():
+    """What a node states as its load (info, and every record it signs) is recent: a node that
+    served a crowd long ago reads idle, and one that took a crowd after a quiet hour reads busy."""
+    from nanoswarm.node.steps import LOAD_MARK_EVERY, LOAD_WINDOW, NodeStats
+    stats = NodeStats(started=0.0)
+    stats.busy_seconds = 30.0
+    assert stats.load(now=40.0) == pytest.approx(0.75)  # younger than a window: its whole life
+    assert stats.load(now=40.0 + LOAD_WINDOW - 1) == pytest.approx(30.0 / (39.0 + LOAD_WINDOW))
+    for t in range(100, 1000, 20):  # a quiet hour's records, refreshed every 20 s
+        assert stats.load(now=float(t)) == 0.0
+    stats.busy_seconds += 30.0  # then 30 s of forward passes, up to t = 1010
+    assert stats.load(now=1010.0) == pytest.approx(30.0 / 70.0)  # over its life: 60 / 1010
+    stats.busy_seconds += 10.0
+    assert stats.load(now=1020.0) == pytest.approx(40.0 / 60.0)  # from the mark at 960
+    assert stats.load(now=1020.0 + LOAD_MARK_EVERY) == pytest.approx(40.0 / (60.0 + LOAD_MARK_EVERY))
+    assert stats.load(now=1030.0 + LOAD_WINDOW + LOAD_MARK_EVERY) == 0.0  # a window later: idle again
+    assert stats.load(now=5000.0) == 0.0  # and after no call for an hour
+    for k in range(1000):  # clients asking `info` as often as they like
+        stats.load(now=5000.0 + k / 10)
+    assert len(stats._marks) <= 2 + LOAD_WINDOW / LOAD_MARK_EVERY  # what it keeps stays small
+
+
 def test_peers_counts_head_shards_only_when_they_cover_every_head():
     whole = ((0, 6), None)
     # Only heads 0:6 of 12 serve blocks 6:12: no route passes them, whatever the peer count says.
