@@ -8,7 +8,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import zmq
 
@@ -58,6 +58,11 @@ EARLY_SETTLE_SECONDS = 2.0  # the most a failed route's open waits for its uncla
 HEARTBEAT_MIN_SECONDS = 5.0
 MAX_HEARTBEAT_SECONDS = 3600.0  # libzmq takes the heartbeat in ms as a C int
 REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answers
+# A session this client holds on a peer counts as this much of the peer's load when a route is
+# built (Swarm.available): a peer states its load a minute late, so a program's sessions, opened
+# one after another, all took the same peer among like ones. A tenth: they spread over like
+# peers, and a peer that others keep busy still loses to an idle one for a few of them.
+SESSION_LOAD = 0.1
 
 
 @dataclass
@@ -171,10 +176,17 @@ class Swarm:
 
     def available(self, max_length: int | None = None, refused: Collection[str] = ()) -> list[PeerInfo]:
         """Peers a route may use: not banned, not among `refused`, and, for a session of
-        `max_length` positions, not one whose `info` said it takes fewer."""
+        `max_length` positions, not one whose `info` said it takes fewer; each one's load counting
+        the sessions this client holds on it."""
         now = time.monotonic()
-        return [p for a, p in self.peers.items() if (a not in self.bans or self.bans[a].until <= now)
+        return [self._with_held(p) for a, p in self.peers.items() if (a not in self.bans or self.bans[a].until <= now)
                 and a not in refused and (max_length is None or takes(p, max_length))]
+
+    def _with_held(self, peer: PeerInfo) -> PeerInfo:
+        """`peer`, its load counting the sessions this client holds on it (SESSION_LOAD each)."""
+        conn = self._conns.get(peer.address)
+        held = len(conn.sessions) if conn is not None else 0
+        return replace(peer, load=peer.load + SESSION_LOAD * held) if held else peer
 
     # ----- failure bookkeeping ------------------------------------------------------------
     def ban(self, address: str, why: str) -> None:
