@@ -13,6 +13,7 @@ dynamic program is instant.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Routes whose expected token times are within this factor of the fastest's tie: measured
@@ -98,23 +99,38 @@ def format_layers(layers: list[int]) -> str:
 
 def _head_partition(peers: list[PeerInfo], n_head: int,
                     block_us: dict[int, int]) -> tuple[list[PeerInfo], list[tuple[int, int]]] | None:
-    """Fewest peers whose head ranges exactly tile 0..n_head; among equals, the group whose
-    slowest member is fastest a block (its two round trips plus its compute)."""
-    best: dict[int, tuple[tuple[int, float], list[PeerInfo]]] = {0: ((0, 0.0), [])}
+    """Fewest peers whose head ranges exactly tile 0..n_head. Among equals, groups whose slowest
+    member (a block: its two round trips plus its compute) is within TIME_STEP of the fastest
+    group's tie, and the lowest summed load wins (a program's sessions spread over like members,
+    as over like layer peers), then the fastest."""
+    def member_us(p: PeerInfo) -> float:
+        return 2e6 * p.rtt + block_us[id(p)]
+
+    fastest = _tiling(peers, n_head, member_us, with_load=False)
+    if fastest is None:
+        return None
+    near = [p for p in peers if member_us(p) <= TIME_STEP * fastest[0][-1]]  # fastest's members among them
+    chosen = _tiling(near, n_head, member_us, with_load=True)[1]  # type: ignore[index]
+    return chosen, [p.heads for p in chosen]  # type: ignore[misc]
+
+
+def _tiling(peers: list[PeerInfo], n_head: int, member_us: Callable[[PeerInfo], float],
+            with_load: bool) -> tuple[tuple[float, ...], list[PeerInfo]] | None:
+    """The best tiling of heads 0..n_head by (members, summed load if `with_load`, slowest
+    member's time): a dynamic program over head boundaries (count and load add up, so a prefix
+    best to its boundary is best in every tiling it starts)."""
+    best: dict[int, tuple[tuple[float, ...], list[PeerInfo]]] = {0: ((0, 0.0, 0.0), [])}
     for h in range(n_head):
         if h not in best:
             continue
-        (count, slowest), chosen = best[h]
+        (count, load, slowest), chosen = best[h]
         for p in peers:
             if p.heads and p.heads[0] == h:
+                cand = ((count + 1, load + p.load if with_load else 0.0, max(slowest, member_us(p))), chosen + [p])
                 end = p.heads[1]
-                cand = ((count + 1, max(slowest, 2e6 * p.rtt + block_us[id(p)])), chosen + [p])
                 if end not in best or cand[0] < best[end][0]:
                     best[end] = cand
-    if n_head not in best:
-        return None
-    chosen = best[n_head][1]
-    return chosen, [p.heads for p in chosen]  # type: ignore[misc]
+    return best.get(n_head)
 
 
 def stage_starts(peers: list[PeerInfo]) -> set[int]:

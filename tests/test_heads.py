@@ -143,6 +143,14 @@ def test_route_cost_after_round_trips_is_time_then_load_and_a_group_takes_the_fe
              PeerInfo("far", "far", "m", (0, 1), (6, 12), rtt=0.001, throughput=10**6),
              PeerInfo("near", "near", "m", (0, 1), (6, 12), rtt=0.0005, throughput=1e6 / 600)]
     assert first(group, n_layer=1) == ["h1", "near"]
+    # Like members tie within TIME_STEP, and the less loaded ones make the group; a member that is
+    # less loaded but much slower still loses.
+    like = [PeerInfo(a, a, "m", (0, 12), h, rtt=rtt, load=load, throughput=100.0)
+            for a, h, rtt, load in (("a-busy", (0, 6), 0.0010, 0.3), ("a-idle", (0, 6), 0.0011, 0.0),
+                                    ("b-idle", (6, 12), 0.0011, 0.0), ("b-busy", (6, 12), 0.0010, 0.2))]
+    assert first(like) == first(like[::-1]) == ["a-idle", "b-idle"]
+    like[1].throughput = 10.0  # 10.5 against 2.8 ms a block
+    assert first(like) == first(like[::-1]) == ["a-busy", "b-idle"]
     assert first([PeerInfo("h1", "h1", "m", (0, 12), (0, 6), rtt=0.001),
                   PeerInfo("all", "all", "m", (0, 12), (0, 12), rtt=0.002),
                   PeerInfo("h2", "h2", "m", (0, 12), (6, 12), rtt=0.001)]) == ["all"]

@@ -108,24 +108,26 @@ def test_routes_take_the_peer_that_computes_faster(tiny_model_dir, cluster_facto
             model.close()
 
 
-def test_a_programs_sessions_spread_over_like_peers(tiny_model_dir, cluster_factory):
+@pytest.mark.parametrize("heads", [None, [(0, 2), (2, 4)]], ids=["layers", "head-groups"])
+def test_a_programs_sessions_spread_over_like_peers(tiny_model_dir, cluster_factory, heads):
     """The sessions of one program (one SwarmModel), opened one after another, spread over two
-    peers that serve the same blocks as fast as each other. A peer states its load a minute late,
-    so all of them took the same peer. Each session's output is the local one."""
-    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4))])
+    peers that serve the same blocks as fast as each other (or two head groups' like members). A
+    peer states its load a minute late, so all of them took the same peer. Each session's output
+    is the local one."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), h) for h in heads or [None]] * 2)
     model, local = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses), SwarmModel.local(tiny_model_dir)
     try:
         for address, peer in model.swarm.peers.items():  # like peers: no measuring noise decides
             model.swarm.peers[address] = dataclasses.replace(peer, rtt=0.001, throughput=1000.0, load=0.0)
         sessions = [model.session(8) for _ in range(4)]
-        assert sorted(sessions_on(a) for a in swarm.addresses) == [2, 2]
+        assert [sessions_on(a) for a in swarm.addresses] == [2] * len(swarm.addresses)
         for i, s in enumerate(sessions):
             x = model.client.embed([1 + i, 2, 3], 0)
             assert (s.step(x) - local.session(8).step(x)).abs().max() <= 1e-5
-        assert sorted(p.load for p in model.swarm.available()) == pytest.approx([0.2, 0.2])
+        assert [p.load for p in model.swarm.available()] == pytest.approx([0.2] * len(swarm.addresses))
         for s in sessions:
             s.close()
-        assert [p.load for p in model.swarm.available()] == [0.0, 0.0]  # closed: not counted
+        assert [p.load for p in model.swarm.available()] == [0.0] * len(swarm.addresses)  # closed: not counted
     finally:
         model.close()
 
