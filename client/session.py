@@ -14,8 +14,8 @@ needs them. A relayed step that breaks off is done again one stage at a
 time, the stages redoing the position if they hold it.
 
 With spot checks on (client/verify.py) the session does not relay, and after a share of the steps
-redoes one stage's work itself (`_spot_check`); a stage found wrong is failed over and every stage
-after it rebuilt from the client's own outputs.
+redoes one stage's work itself (client/spot_checks.py); a stage found wrong is failed over and
+every stage after it rebuilt from the client's own outputs.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ import torch
 
 from nanoswarm.protocol.tensors import fits_wire
 
-from .failover import CANNOT_TAKE, CallerError, Failover, SessionError, past_float16
+from .failover import CANNOT_TAKE, CallerError, SessionError, past_float16
 from .history import History, Unkept
 from .peer_errors import PeerError
 from .relay import RELAY_STALLS, Chain, ChainBroken, SessionRelay, stalled_stage
+from .spot_checks import SpotChecks
 from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause
 from .swarm import MAX_SECONDS, Swarm
 
@@ -53,7 +54,7 @@ __all__ = ["CANNOT_TAKE", "TRAIL_MAX_POSITIONS", "CallerError", "InferenceSessio
 TRAIL_MAX_POSITIONS = 32
 
 
-class InferenceSession(Failover):
+class InferenceSession(SpotChecks):
     """One generation's KV caches on a route: its stages, what each was sent, and how many
     positions are in. `step` sends the next positions through every stage; the base class
     (client/failover.py) rebuilds stages that fail, leave or are found wrong."""
@@ -275,71 +276,6 @@ class InferenceSession(Failover):
             # A failed reopen may have replaced stages before this one: its index moved.
             return self._replace_unreopened(self.stages.index(stage), failed, e), busy_retries
         return self._replace(self.stages.index(stage), e), busy_retries
-
-    def _spot_check(self, T: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Redo one random stage's work here (client/verify.py): a layer stage's for every position
-        so far, a head group's members' for this step. Returns this step's output, redone from
-        that stage on if the stage's was wrong."""
-        checkable = [k for k, s in enumerate(self.stages) if isinstance(s, RemoteLayerStage)
-                     or isinstance(s, HeadGroupStage) and s.record is not None and s.record.has_step]
-        if not checkable:
-            return hidden
-        stage = self.stages[self.checker.pick(checkable)]
-        group = isinstance(stage, HeadGroupStage)
-        try:  # the tolerance follows the dtypes the peers state
-            dtypes = [self._dtype_of(conn) for conn in ([c for c, _ in stage.members] if group else [stage.conn])]
-        except PeerError as e:
-            # A peer that does not answer (or answers with an error) is failed over like one whose
-            # step failed. Judged on float32's slack instead, an honest bfloat16 node was banned as
-            # wrong (a review); left unchecked, a liar that never answers `info` would never be checked.
-            self._replace(self.stages.index(stage), e)
-            return self.outputs.tensor()[:, -T:]  # redone if the replacement's outputs differ
-        self._recover_for(stage)  # its inputs, whole
-        i = self.stages.index(stage)
-        reference = None  # the stage's right outputs for every position, once computed
-        if group:
-            error = self.checker.wrong_member(stage, dtypes, self.swarm.options.wire)
-        else:
-            error, reference = self._wrong_layers(i, stage, dtypes[0])
-            if stage not in self.stages:  # it failed while its outputs were recovered, and was failed over
-                return hidden
-            i = self.stages.index(stage)
-        self.spot_checks += 1
-        if error is None:
-            return hidden
-        self.wrong_results += 1
-        if reference is None:
-            reference = self.checker.reference(stage.start, stage.stop, self.history[i].tensor())
-        return self._redo_after_wrong(i, error, reference)[:, -T:]
-
-    def _wrong_layers(self, i: int, stage: RemoteLayerStage,
-                      dtype: str | None) -> tuple[PeerError | None, torch.Tensor | None]:
-        """Stage i's outputs for every position so far against the client's own: the error to fail
-        it over with if they differ beyond what its `dtype` and the wire explain, and the client's."""
-        last = i + 1 == len(self.stages)
-        if not last:
-            self._recover_for(self.stages[i + 1])  # its outputs, whole (asked of the stage itself)
-            if stage not in self.stages:
-                return None, None
-            i = self.stages.index(stage)
-        reference = self.checker.reference(stage.start, stage.stop, self.history[i].tensor())
-        got = self.outputs.tensor() if last else self.history[i + 1].tensor()
-        return self.checker.judge(stage.conn.address, f"layers {stage.start}:{stage.stop}", dtype,
-                                  self.swarm.options.wire, self.checker.difference(reference, got)), reference
-
-    def _redo_after_wrong(self, i: int, error: PeerError, reference: torch.Tensor) -> torch.Tensor:
-        """Stage i computed wrong: ban its peer, give its blocks to others, and rebuild every stage
-        after it from the right inputs (the client's own `reference`; their caches hold the wrong
-        ones), failing over any that fails meanwhile. Returns the last stage's output for every
-        position."""
-        stop = self.stages[i].stop
-        self._replace(i, error, reopen_after=False)  # reopened here, from the client's own outputs
-        k = self._after(stop)
-        if k is None:
-            return reference
-        self.history[k] = History.of(reference)
-        self._reopen_from(k)
-        return self.outputs.tensor()
 
     def _chain_broken(self, chain: Chain, error: PeerError, hidden: torch.Tensor) -> None:
         """A relayed step did not come back; its stages will be asked one by one. A node that will

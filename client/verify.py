@@ -7,8 +7,8 @@ picks one of its stages at random and recomputes, from that stage's inputs, its 
 for every position so far, with the blocks from the client's own model directory. A stage
 whose outputs differ by more than its node's dtype and the wire can explain is failed over like
 a dead one: banned, its blocks on other peers, and everything after it redone
-(InferenceSession._spot_check). Which steps are checked is drawn from the OS's randomness, so a
-peer cannot tell a checked step from another.
+(client/spot_checks.py). Which steps are checked is drawn from the OS's randomness, so a peer
+cannot tell a checked step from another.
 
 The cost is the client's: the checked stage's blocks in memory (loaded on first use) and one
 pass over all positions per check. A checking session does not relay: each stage answers the
