@@ -47,12 +47,18 @@ class ClockOffsets:
         while len(self._samples) > MAX_SAMPLES:
             self._samples.popitem(last=False)
 
-    def median(self, now: float | None = None) -> tuple[float, int] | None:
+    def of(self, contact: str, now: float | None = None) -> float | None:
+        """The offset last measured to `contact`, if within the SAMPLE_SECONDS before `now`."""
+        offset, when = self._samples.get(contact, (0.0, -math.inf))
+        return offset if when >= (time.monotonic() if now is None else now) - SAMPLE_SECONDS else None
+
+    def median(self, now: float | None = None, but: str | None = None) -> tuple[float, int] | None:
         """(median offset, contacts it is taken over) of those measured in the SAMPLE_SECONDS
-        before `now` (monotonic); None if none was. Of two middle values, the one nearer zero: with one
-        peer of two skewed, the mean would put half its skew on this node's clock."""
+        before `now` (monotonic), `but` that contact; None if none was. Of two middle values, the
+        one nearer zero: with one peer of two skewed, the mean would put half its skew on this
+        node's clock."""
         since = (time.monotonic() if now is None else now) - SAMPLE_SECONDS
-        recent = sorted(offset for offset, when in self._samples.values() if when >= since)
+        recent = sorted(offset for contact, (offset, when) in self._samples.items() if when >= since and contact != but)
         if not recent:
             return None
         low, high = recent[(len(recent) - 1) // 2], recent[len(recent) // 2]

@@ -78,6 +78,23 @@ class ClockWatch:
             self._warned = now
             log.warning("%s", why)
 
+    def peer_note(self, contact: str) -> str:
+        """What a log line about peer `contact` adds when its clock is off: its records lapse
+        early, so others log it joining again and again (a node 45 s behind, every 20 s: review93)
+        and, without this, said nothing of its clock. Measured against the median of the peers
+        (with one peer measured, against this node's clock, and which of the two is off cannot
+        be told). Empty when its clock is near theirs, or not measured lately."""
+        offset, others = self.offsets.of(contact), self.offsets.median(but=contact)
+        if offset is None:
+            return ""
+        off = offset - others[0] if others else offset
+        if abs(off) <= CLOCK_WARN_SECONDS:
+            return ""
+        against = "the other peers' (their median)" if others else "this node's"
+        return (f"; its clock is {abs(off):.0f} s {'ahead of' if off > 0 else 'behind'} {against}: records live "
+                "by wall-clock time, so those signed on one clock lapse early by the other; "
+                + ("its machine's clock is off (NTP)" if others else "one of the two clocks is off (NTP)"))
+
     def unreached_why(self) -> str | None:
         """Why peers may not reach this node, when its clock is what is off (the warning above)."""
         if self.measured is None or abs(self.measured[0]) <= CLOCK_WARN_SECONDS:

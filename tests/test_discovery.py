@@ -1324,6 +1324,41 @@ def test_a_node_or_client_whose_clock_is_off_is_told(tiny_model_dir, cluster_fac
     assert "clock" not in log.read_text()  # the nodes whose clocks agree
 
 
+def test_a_peer_whose_clock_is_off_is_named_so_when_it_joins(caplog):
+    """A peer 45 s behind signs records that lapse 45 s early here: the others logged it joining
+    again every 20 s and said nothing of its clock, though they had measured it (review93). Its
+    join line now says how far off it is, against the other peers' median (with it the only peer
+    measured, against this node's clock, not saying whose is off)."""
+    from nanoswarm.keys.records import record_contact
+    from nanoswarm.node.gossip import Gossip
+
+    def joins(others: dict[str, float], offset: float) -> str:
+        gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
+        try:
+            record = _signed_at(generate_identity(), "tcp://127.0.0.1:2000")
+            for contact, theirs in {**others, record_contact(verify_record(record)): offset}.items():
+                gossip.clock.offsets.add(contact, theirs)
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="nanoswarm.node.gossip"):
+                gossip.offer_all([record])
+            (line,) = [r.getMessage() for r in caplog.records if "joined" in r.getMessage()]
+            return line
+        finally:
+            gossip.close()
+
+    near = {"tcp://127.0.0.1:3000": 0.0, "tcp://127.0.0.1:3001": 2.0}
+    assert joins(near, -45.0).endswith(
+        "; its clock is 45 s behind the other peers' (their median): records live by wall-clock time, so those "
+        "signed on one clock lapse early by the other; its machine's clock is off (NTP)")
+    assert "its clock is 30 s ahead of the other peers'" in joins(near, 30.0)
+    assert "clock" not in joins(near, 15.0)  # within CLOCK_WARN_SECONDS
+    assert "clock" not in joins({}, 0.0)
+    assert "its clock is 45 s behind this node's" in joins({}, -45.0)
+    assert joins({}, -45.0).endswith("one of the two clocks is off (NTP)")
+    # this node 45 s behind everyone: its peers are not the ones named
+    assert "clock" not in joins({"tcp://127.0.0.1:3000": 45.0, "tcp://127.0.0.1:3001": 44.0}, 45.0)
+
+
 def test_a_node_that_takes_no_record_for_its_lifetime_suspects_its_clock(caplog):
     """A bootstrap whose clock was far ahead dropped every record pushed to it as expired: it
     linked to no peer, so it measured no clock and said nothing (review93b). Over one ttl in
