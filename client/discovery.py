@@ -90,11 +90,11 @@ def fetch_wires(contact: str, timeout: float = 5.0, client_keys: tuple[bytes, by
     rtt, offset = 0.0, None
     try:
         for page in range(MAX_PAGES):
-            t0 = time.perf_counter()
-            reply = conn.request("records", fields)
             if page == 0:
-                rtt = time.perf_counter() - t0
-                offset = reply_offset(reply.fields.get("now"), t0, t0 + rtt)
+                reply, rtt = conn.timed_request("records", fields)
+                offset = reply_offset(reply.fields.get("now"), 0.0, rtt)
+            else:
+                reply = conn.request("records", fields)
             wires += reply.fields["records"]
             after = reply.fields.get("after")
             if model_id is None or not after or after <= (fields.get("after") or ""):

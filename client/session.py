@@ -112,6 +112,7 @@ class InferenceSession(SpotChecks):
         return session
 
     def _open_route(self, max_length: int) -> None:
+        self.swarm.refresh_stale()
         pos, refused = 0, {}
         while pos < self.swarm.n_layer:
             plans = self.swarm.plan(pos, max_length=max_length, refused=refused)

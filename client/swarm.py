@@ -51,6 +51,7 @@ class Ban:
 
 
 REFRESH_SECONDS = 2.0  # the least time between two refreshes of the peer table (Swarm.refresh)
+TABLE_SECONDS = 60.0  # a session opened on an older peer table asks again first (Swarm.refresh_stale)
 DRAIN_SECONDS = 5.0  # the most time between two reads of every connection's events (Swarm.drain_events)
 EARLY_SETTLE_SECONDS = 2.0  # the most a failed route's open waits for its unclaimed early opens' answers
 # The least heartbeat by default: one reply frame must arrive within it (client/transport.py), and
@@ -122,6 +123,7 @@ class Swarm:
     rejected: dict[str, str] = field(default_factory=dict)       # address -> why it was not used
     bootstraps: list[str] = field(default_factory=list)          # asked again when no route is found
     _refreshed: float = -REFRESH_SECONDS
+    _asked: float = field(default_factory=time.monotonic)  # when a peer's info or record was last taken
     _drained: float = -DRAIN_SECONDS
     checker: SpotChecker | None = None  # set by SwarmModel.connect when options.verify > 0
     _abandoned: deque[list[Stage]] = field(default_factory=deque)  # stages of sessions dropped unclosed
@@ -132,10 +134,7 @@ class Swarm:
         """Ask each address for `info`; keep those serving our model."""
         for address in addresses:
             try:
-                conn = self.connection(address)
-                t0 = time.perf_counter()
-                reply = conn.request("info", timeout=timeout)
-                rtt = time.perf_counter() - t0
+                reply, rtt = self.connection(address).timed_request("info", timeout=timeout)
             except PeerError as e:
                 self.rejected[address] = f"{e.code}: {e.message}"
                 log.info("peer %s", e)  # the error names the address; warn_rejected tells the user
@@ -169,6 +168,7 @@ class Swarm:
             log.info("peer %s: %s", address, self.rejected[address])
             return
         self.rejected.pop(address, None)  # it answered this time (a refresh asks again)
+        self._asked = time.monotonic()
         self.peers[address] = PeerInfo(
             address=address, peer_id=str(info.get("peer_id")), model_id=self.model_id,
             layers=layers, heads=heads, throughput=float(throughput), load=float(load),
@@ -298,6 +298,14 @@ class Swarm:
         log.info("refreshed the peer table: %d peers (%d new, %d moved)", len(self.peers),
                  len(set(self.peers) - set(before)), len(moved))
         return True
+
+    def refresh_stale(self) -> None:
+        """Ask again who serves what when the table is older than TABLE_SECONDS (at a session's
+        open). A long-lived program (one SwarmModel) learned the peers, their load and their
+        round trips once, at connect, and again only when no route was found: peers that joined
+        later went unused, and the load a peer stated then steered sessions for hours (review99)."""
+        if time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS:
+            self.refresh()
 
     def plan(self, start: int = 0, stop: int | None = None, max_length: int | None = None,
              refused: dict[str, str] | None = None) -> list[StagePlan]:

@@ -249,6 +249,35 @@ class PeerConnection(LinkSessions):
                 raise PeerError(self.address, code, message)
             return None
 
+    def timed_request(self, msg_type: str, fields: dict[str, Any] | None = None,
+                      timeout: float | None = None) -> tuple[Message, float]:
+        """`request`, and its round trip in seconds, timed once the connection's handshake is
+        done: the first request on a fresh connection also waits for the TCP connect and CURVE's
+        handshake, 0.7-9 ms on loopback against 0.35 ms after it, which put like peers outside
+        the time that routes tie within (review99). One `timeout` for both waits."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        self.wait_handshake(timeout)
+        t0 = time.perf_counter()
+        try:
+            reply = self.request(msg_type, fields, timeout=max(0.0, deadline - time.monotonic()))
+        except PeerTimeout:
+            raise PeerTimeout(self.address, timeout) from None  # the whole wait, not what was left of it
+        return reply, time.perf_counter() - t0
+
+    def wait_handshake(self, timeout: float) -> bool:
+        """Wait at most `timeout` seconds for the connection's handshake (reading the monitor);
+        True once it is done, False on a drop (the next request reports it) or the timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.drain_events()
+            if self._handshaken or self._dropped is not None or self.socket.closed:
+                return self._handshaken
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.monitor.poll(max(1, int(min(left, 0.1) * 1000)))
+
     def drain_events(self, awaiting: bool = False) -> None:
         """Read the monitor's events, keeping a drop for take() to report (`awaiting`: take()'s,
         a reply is awaited, which the drop may have lost). Holders of connections that may sit

@@ -18,7 +18,9 @@ the node sends them on, with --huge they output 1e20 times the right values (fin
 next stage's LayerNorm overflows; with --wrong-decode on one-position steps only; --large: 1e6
 times, past float16's range) and send them on; as a head shard, its attention partial sums do
 the same. With --slow S (a layer node) it computes right but sleeps S seconds in every forward
-pass, and states the throughput it measures (an honest peer on a slow machine)."""
+pass, and states the throughput it measures (an honest peer on a slow machine). With
+--slow-handshake S it computes right and states what it measures, but answers each CURVE
+handshake's ZAP request S seconds late (a link whose set-up is slow)."""
 
 import dataclasses
 import sys
@@ -26,7 +28,7 @@ import time
 
 import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
 from nanoswarm.cli import main
-from nanoswarm.node import handler, relay, server, sessions, steps
+from nanoswarm.node import handler, relay, server, sessions, steps, zap
 from nanoswarm.protocol.messages import encode
 from nanoswarm.shards.model import Block, Blocks
 
@@ -155,6 +157,17 @@ if "--slow" in sys.argv:
         return _forward(self, x, caches, start, stop)
     Blocks.forward = slow
     steps.StepRunner.measure_throughput = _measure
+if "--slow-handshake" in sys.argv:
+    at = sys.argv.index("--slow-handshake")
+    handshake_pause = float(sys.argv[at + 1])
+    del sys.argv[at:at + 2]
+    Blocks.forward, steps.StepRunner.measure_throughput = _forward, _measure
+    _answer = zap.ZapHandler.answer
+
+    def slow_answer(self, request):
+        time.sleep(handshake_pause)
+        return _answer(self, request)
+    zap.ZapHandler.answer = slow_answer
 if "--hide-dtype" in sys.argv:
     sys.argv.remove("--hide-dtype")
     _info = handler.RequestHandler.info

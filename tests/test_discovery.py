@@ -99,6 +99,27 @@ def test_five_nodes_converge_and_a_bootstrap_client_generates(swarm, tiny_model_
         model.close()
 
 
+def test_a_long_lived_client_learns_peers_that_joined_later(tiny_model_dir, cluster_factory, monkeypatch):
+    """A program that keeps one SwarmModel learned who serves what at connect, and again only
+    when no route was found: a peer that joined later went unused, and the load each peer stated
+    then steered its sessions for good (review99). A session opened on a table older than
+    TABLE_SECONDS asks again first."""
+    from nanoswarm.client import swarm as swarm_module
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))], args=FAST)
+    model = SwarmModel.connect(tiny_model_dir, bootstrap=nodes.addresses)
+    try:
+        joined = nodes.start_node(NodeSpec((0, 4))).address
+        wait_for(lambda: len(table_of(nodes.addresses[0])) == 2, 15, "the new peer in the bootstrap's table")
+        model.session(8).close()  # within TABLE_SECONDS of connect: the table is not asked again
+        assert list(model.swarm.peers) == nodes.addresses[:1]
+        monkeypatch.setattr(swarm_module, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)  # as if a minute on
+        model.session(8).close()
+        assert set(model.swarm.peers) == {nodes.addresses[0], joined}
+    finally:
+        model.close()
+
+
 def test_forged_records_are_rejected_over_the_socket(swarm):
     contact = swarm[0].address
     forger, other = generate_identity(), generate_identity()
