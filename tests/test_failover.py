@@ -306,6 +306,8 @@ def test_a_ban_by_one_session_fails_the_other_over_too(small12_model_dir, cluste
     model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
                                options=SwarmOptions(timeout=TIMEOUT, ban_seconds=60))
     r1, r2 = (GenerationResult(PROMPT) for _ in range(2))
+    for spare in swarm.addresses[1::2]:  # both sessions on the first two peers (like ones would spread them)
+        model.swarm.peers[spare].rtt = 1.0
     try:
         g1, g2 = model.stream(PROMPT, SHORT, SEEDED, r1), model.stream(PROMPT, SHORT, SEEDED, r2)
         while len(r1.ids) < 8:
