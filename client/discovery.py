@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -209,6 +209,33 @@ def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0)
     if not fetched.answered:
         detail = "; ".join(fetched.errors.values())  # each names its contact
         raise DiscoveryError(f"no bootstrap node answered ({detail})")
+    return add_fetched(swarm, fetched, timeout)
+
+
+class BackgroundFetch:
+    """`fetch_table` on a daemon thread (with sockets of its own, none of the swarm's): a
+    long-lived client's periodic refresh (Swarm.refresh_stale), which no session's open waits
+    for. A frozen bootstrap cost every such open its timeout (review100), and a refresh over the
+    swarm's own links read, and used up, the report of a link that had dropped."""
+
+    def __init__(self, swarm: Swarm, timeout: float):
+        self.result: Fetched | BaseException | None = None
+        self.done = threading.Event()
+        args = (list(swarm.bootstraps), timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
+        threading.Thread(target=self._run, args=args, daemon=True, name="nanoswarm-refresh").start()
+
+    def _run(self, *args: Any) -> None:
+        try:
+            self.result = fetch_table(*args)
+        except BaseException as e:  # noqa: BLE001 - read by the swarm's thread
+            self.result = e
+        finally:
+            self.done.set()
+
+
+def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0) -> int:
+    """Fill `swarm` from bootstrap tables that `fetch_table` read (at least one answered): see
+    add_from_bootstrap. Returns how many peers were added."""
     fetched.warn_unanswered()
     # Every peer of the table gets the bootstraps' round trip: theirs are not measured, so the
     # route's tie-break on round trips (client/route.py) does not tell them apart.

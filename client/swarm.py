@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -24,6 +25,9 @@ from .route import PeerInfo, RouteError, StagePlan, build_route
 from .stages import HeadGroupStage, RemoteLayerStage, Stage, open_fields
 from .transport import PeerConnection
 from .verify import FanOutRecord, SpotChecker
+
+if TYPE_CHECKING:
+    from .discovery import BackgroundFetch
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +128,7 @@ class Swarm:
     bootstraps: list[str] = field(default_factory=list)          # asked again when no route is found
     _refreshed: float = -REFRESH_SECONDS
     _asked: float = field(default_factory=time.monotonic)  # when a peer's info or record was last taken
+    _fetching: BackgroundFetch | None = None  # the bootstraps' tables, read for refresh_stale
     _drained: float = -DRAIN_SECONDS
     checker: SpotChecker | None = None  # set by SwarmModel.connect when options.verify > 0
     _abandoned: deque[list[Stage]] = field(default_factory=deque)  # stages of sessions dropped unclosed
@@ -271,7 +276,7 @@ class Swarm:
         if now - self._refreshed < REFRESH_SECONDS:
             return False
         self._refreshed = now
-        before = {a: (p.layers, p.heads) for a, p in self.peers.items()}
+        before = self._spans()
         if self.bootstraps:
             from .discovery import DiscoveryError, add_from_bootstrap
 
@@ -291,21 +296,48 @@ class Swarm:
                     log.warning("refreshing the peer table: %s", again)
         else:
             self.add_addresses(list(self.peers), min(1.0, self.options.timeout))
+        self._unban_moved(before)
+        return True
+
+    def _spans(self) -> dict[str, tuple]:
+        return {a: (p.layers, p.heads) for a, p in self.peers.items()}
+
+    def _unban_moved(self, before: dict[str, tuple]) -> None:
+        """Lift the bans of peers whose blocks changed since `before` (_spans): they moved, they
+        did not fail."""
         moved = [a for a, p in self.peers.items() if a in self.bans and before.get(a, (p.layers, p.heads))
                  != (p.layers, p.heads)]
         for address in moved:
             del self.bans[address]
         log.info("refreshed the peer table: %d peers (%d new, %d moved)", len(self.peers),
                  len(set(self.peers) - set(before)), len(moved))
-        return True
 
     def refresh_stale(self) -> None:
-        """Ask again who serves what when the table is older than TABLE_SECONDS (at a session's
-        open). A long-lived program (one SwarmModel) learned the peers, their load and their
-        round trips once, at connect, and again only when no route was found: peers that joined
-        later went unused, and the load a peer stated then steered sessions for hours (review99)."""
-        if time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS:
-            self.refresh()
+        """At a session's open: when the table is older than TABLE_SECONDS, read the bootstraps'
+        tables again, in the background, and take them in at the first open after they came. A
+        long-lived program (one SwarmModel) learned the peers, their load and their round trips
+        once, at connect, and again only when no route was found: peers that joined later went
+        unused, and the load a peer stated then steered sessions for hours (review99). Nothing
+        waits on it (review100: a frozen bootstrap held every such open for its timeout). A
+        client of `--peers` contacts asks them again only when no route is found: asked over
+        the swarm's links, a refresh would read, and use up, the report of one that dropped."""
+        from .discovery import BackgroundFetch, add_fetched
+
+        fetch = self._fetching
+        if fetch is not None and fetch.done.is_set():
+            self._fetching, self._asked = None, time.monotonic()  # tried: the next in TABLE_SECONDS
+            if isinstance(fetch.result, BaseException) or fetch.result is None:
+                log.warning("refreshing the peer table failed: %r", fetch.result)
+            elif fetch.result.answered:
+                before = self._spans()
+                add_fetched(self, fetch.result, min(5.0, self.options.timeout))
+                self._unban_moved(before)
+            else:
+                log.info("refreshing the peer table: no bootstrap answered (%s)",
+                         "; ".join(fetch.result.errors.values()))
+        elif (fetch is None and self.bootstraps and not self.closed
+              and time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS):
+            self._fetching = BackgroundFetch(self, min(5.0, self.options.timeout))
 
     def plan(self, start: int = 0, stop: int | None = None, max_length: int | None = None,
              refused: dict[str, str] | None = None) -> list[StagePlan]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -103,7 +104,8 @@ def test_a_long_lived_client_learns_peers_that_joined_later(tiny_model_dir, clus
     """A program that keeps one SwarmModel learned who serves what at connect, and again only
     when no route was found: a peer that joined later went unused, and the load each peer stated
     then steered its sessions for good (review99). A session opened on a table older than
-    TABLE_SECONDS asks again first."""
+    TABLE_SECONDS has the bootstraps' tables read again, in the background (no open waits for
+    it: review100), and the next open takes them in."""
     from nanoswarm.client import swarm as swarm_module
 
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))], args=FAST)
@@ -114,8 +116,20 @@ def test_a_long_lived_client_learns_peers_that_joined_later(tiny_model_dir, clus
         model.session(8).close()  # within TABLE_SECONDS of connect: the table is not asked again
         assert list(model.swarm.peers) == nodes.addresses[:1]
         monkeypatch.setattr(swarm_module, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)  # as if a minute on
+        model.session(8).close()  # reads the tables in the background
+        assert model.swarm._fetching is not None and model.swarm._fetching.done.wait(10)
         model.session(8).close()
         assert set(model.swarm.peers) == {nodes.addresses[0], joined}
+        assert model.swarm._fetching is None  # and the next read a TABLE_SECONDS later
+        # A frozen bootstrap: the open does not wait for its table (it waited its timeout, 5 s)
+        model.swarm.peers[nodes.addresses[0]].rtt = 1.0  # the route on the other peer
+        nodes.kill(0, signal.SIGSTOP)
+        monkeypatch.setattr(swarm_module, "TABLE_SECONDS", 0.0)
+        session = model.session(8)
+        assert model.swarm._fetching is not None and not model.swarm._fetching.done.is_set()
+        x = model.client.embed([1, 2, 3], 0)
+        assert (session.step(x) - SwarmModel.local(tiny_model_dir).session(8).step(x)).abs().max() <= 1e-5
+        session.close()
     finally:
         model.close()
 
