@@ -55,7 +55,7 @@ class Ban:
 
 
 REFRESH_SECONDS = 2.0  # the least time between two refreshes of the peer table (Swarm.refresh)
-TABLE_SECONDS = 60.0  # a session opened on an older peer table asks again first (Swarm.refresh_stale)
+TABLE_SECONDS = 60.0  # a session opened on an older table has the bootstraps read again (Swarm.refresh_stale)
 DRAIN_SECONDS = 5.0  # the most time between two reads of every connection's events (Swarm.drain_events)
 EARLY_SETTLE_SECONDS = 2.0  # the most a failed route's open waits for its unclaimed early opens' answers
 # The least heartbeat by default: one reply frame must arrive within it (client/transport.py), and
