@@ -126,6 +126,7 @@ class Swarm:
     _conns: dict[str, PeerConnection] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)       # address -> why it was not used
     bootstraps: list[str] = field(default_factory=list)          # asked again when no route is found
+    contacts: dict[str, None] = field(default_factory=dict)      # every address asked for its info, in order
     _refreshed: float = -REFRESH_SECONDS
     _asked: float = field(default_factory=time.monotonic)  # when a peer's info or record was last taken
     _fetching: BackgroundFetch | None = None  # the bootstraps' tables, read for refresh_stale
@@ -136,14 +137,16 @@ class Swarm:
 
     # ----- discovery ----------------------------------------------------------------------
     def add_addresses(self, addresses: list[str], timeout: float = 5.0) -> None:
-        """Ask each address for `info`; keep those serving our model."""
+        """Ask each address for `info`; keep those serving our model. Each is remembered
+        (`contacts`): one that does not answer now is asked again by a refresh."""
         for address in addresses:
+            self.contacts[address] = None
             try:
                 reply, rtt = self.connection(address).timed_request("info", timeout=timeout)
             except PeerError as e:
                 self.rejected[address] = f"{e.code}: {e.message}"
                 log.info("peer %s", e)  # the error names the address; warn_rejected tells the user
-                if address not in self.peers:  # never taken (a refresh asks the known peers only)
+                if address not in self.peers:  # never taken (a refresh makes a new link)
                     self._close_link(address)
                 continue
             self.add_info(address, reply.fields, rtt, curve_key=split_contact(address)[1])
@@ -295,7 +298,9 @@ class Swarm:
                 except DiscoveryError as again:
                     log.warning("refreshing the peer table: %s", again)
         else:
-            self.add_addresses(list(self.peers), min(1.0, self.options.timeout))
+            # The known peers and every contact given: one down at connect (restarting, say) was
+            # never asked again, and when the others went no route was left (review100).
+            self.add_addresses(list(dict.fromkeys([*self.peers, *self.contacts])), min(1.0, self.options.timeout))
         self._unban_moved(before)
         return True
 

@@ -1075,6 +1075,31 @@ def test_an_address_where_nothing_listens_fails_at_once_not_after_the_timeout(ti
         model.close()
 
 
+def test_a_peers_contact_that_was_down_at_connect_is_asked_again(tiny_model_dir, cluster_factory, tmp_path):
+    """`--peers A,B` with B down when the client connected (restarting, say): a refresh asked only
+    the peers it knew, so B was never used, and when A went no route was left though B served
+    (review100). A refresh asks every contact given again."""
+    from nanoswarm.keys.contact import format_contact
+    from nanoswarm.keys.identity import generate_identity, save_identity
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    key = generate_identity()
+    key_file = save_identity(key, tmp_path / "b.key")
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    b = format_contact(endpoint, key.curve_public)
+    model = SwarmModel.connect(tiny_model_dir, peers=[nodes.addresses[0], b], options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        assert list(model.swarm.peers) == nodes.addresses and b in model.swarm.rejected
+        started = nodes.start_node(NodeSpec((0, 4), args=["--listen", endpoint, "--key-file", str(key_file)]))
+        assert started.address == b
+        nodes.kill(0)
+        result = model.generate(PROMPT, 4, SEEDED)
+        assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, 4, SEEDED).ids
+        assert result.route[0]["peers"] == [b]
+    finally:
+        model.close()
+
+
 def test_a_peer_restarted_at_a_new_port_replaces_its_old_contact_on_refresh(tiny_model_dir, cluster_factory):
     """Same key, new port: the bootstrap's table has the new signed record, and a client's refresh
     forgets the old contact (it kept it, and failed over from it each time its ban ran out)."""
