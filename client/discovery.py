@@ -20,8 +20,9 @@ from nanoswarm.keys.clock import CLOCK_WARN_SECONDS, reply_offset, skew_words
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import EXPIRED, TOO_FAR_FUTURE, Record, check_endpoint, record_contact
 from nanoswarm.keys.table import STALE_SEQ, RecordTable
+from nanoswarm.protocol.messages import REPLY_TYPES, Message
 
-from .peer_errors import PeerError
+from .peer_errors import PeerError, PeerTimeout
 from .transport import PeerConnection
 
 if TYPE_CHECKING:
@@ -58,12 +59,13 @@ class Fetched:
                 "time, so they look " + (f"{offset:.0f} s younger" if offset > 0 else f"{-offset:.0f} s older")
                 + " here; one of the two clocks is off (NTP sets it)")
 
-    def warn_unanswered(self) -> None:
-        """Log, as warnings, the bootstraps that failed when others answered. When none answered,
-        the caller's one error line says why for each, so they are not also logged above INFO."""
+    def warn_unanswered(self, level: int = logging.WARNING) -> None:
+        """Log, as warnings (or at `level`), the bootstraps that failed when others answered. When
+        none answered, the caller's one error line says why for each, so they are not also logged
+        above INFO."""
         if self.answered:
             for why in self.errors.values():
-                log.warning("bootstrap %s", why)  # a PeerError names the contact
+                log.log(level, "bootstrap %s", why)  # a PeerError names the contact
 
 
 MAX_PAGES = 64  # pages of one model's records asked of a bootstrap (a table holds <= 4,096 peers)
@@ -220,6 +222,7 @@ class BackgroundFetch:
 
     def __init__(self, swarm: Swarm, timeout: float):
         self.result: Fetched | BaseException | None = None
+        self.finished = 0.0  # monotonic, when it was read
         self.done = threading.Event()
         args = (list(swarm.bootstraps), timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
         threading.Thread(target=self._run, args=args, daemon=True, name="nanoswarm-refresh").start()
@@ -227,16 +230,22 @@ class BackgroundFetch:
     def _run(self, *args: Any) -> None:
         try:
             self.result = fetch_table(*args)
+            # The records as they were when read: a record has 40-60 s of life left when fetched,
+            # and read at a later open by the table's own clock, none was left (review101).
+            read = time.time()
+            self.result.table.clock = lambda: read
         except BaseException as e:  # noqa: BLE001 - read by the swarm's thread
             self.result = e
         finally:
+            self.finished = time.monotonic()
             self.done.set()
 
 
-def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0) -> int:
+def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: bool = False) -> int:
     """Fill `swarm` from bootstrap tables that `fetch_table` read (at least one answered): see
-    add_from_bootstrap. Returns how many peers were added."""
-    fetched.warn_unanswered()
+    add_from_bootstrap. Returns how many peers were added. `quiet`: bootstraps that did not
+    answer are logged at INFO (a periodic refresh would warn about a dead one every minute)."""
+    fetched.warn_unanswered(logging.INFO if quiet else logging.WARNING)
     # Every peer of the table gets the bootstraps' round trip: theirs are not measured, so the
     # route's tie-break on round trips (client/route.py) does not tell them apart.
     rtt = min(fetched.rtt.values())
@@ -272,49 +281,63 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0) -> int:
     return len(added)
 
 
+def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float) -> dict[str, Message | PeerError]:
+    """Send `msg_type` on every connection at once and read the replies within one `timeout`:
+    each contact's reply, or the PeerError it failed with (PeerTimeout: none in time). Asked in
+    turn, each contact that drops packets cost the others' wait its whole timeout."""
+    out: dict[str, Message | PeerError] = {}
+    asked: dict[str, tuple[PeerConnection, int]] = {}
+    for contact, conn in conns.items():
+        try:
+            asked[contact] = (conn, conn.send(msg_type, timeout=0))
+        except PeerError as e:
+            out[contact] = e
+    deadline = time.monotonic() + timeout
+    while asked:
+        for contact, (conn, req_id) in list(asked.items()):
+            try:
+                reply: Message | PeerError | None = conn.take(req_id, REPLY_TYPES[msg_type])
+            except PeerError as e:
+                reply = e
+            if reply is not None:
+                out[contact] = reply
+                del asked[contact]
+        left = deadline - time.monotonic()
+        if not asked or left <= 0:
+            break
+        poller = zmq.Poller()
+        for conn, _ in asked.values():
+            conn.register(poller)
+            left = conn.poll_limit(left)
+        poller.poll(max(1, int(left * 1000)))
+    out.update((contact, PeerTimeout(conn.address, timeout)) for contact, (conn, _) in asked.items())
+    return out
+
+
 def _owners(swarm: Swarm, disputed: dict[str, list[Record]], timeout: float) -> dict[str, Record]:
     """For each contact that records of several peer ids name, the node's own record: anyone can
     copy a node's public endpoint and CURVE key into a record they sign, to make clients take it
     for a node serving other blocks. Only the node holding that key's secret can answer `info`
     over it, so its answer says whose record it is. All are asked at once, within one `timeout`;
     a contact that does not answer, or names none of its records, is not used."""
-    asked: dict[str, tuple] = {}
+    conns: dict[str, PeerConnection] = {}
     for contact, records in disputed.items():
         try:
-            conn = swarm.connection(contact)
-            asked[contact] = (conn, conn.send("info", timeout=0), records)
+            conns[contact] = swarm.connection(contact)
         except PeerError as e:
             swarm.forget(contact, f"records of {len(records)} peer ids name this contact; {e.code}")
     owners: dict[str, Record] = {}
-    deadline = time.monotonic() + timeout
-    while asked:
-        for contact, (conn, req_id, records) in list(asked.items()):
-            why = f"records of {len(records)} peer ids name this contact"
-            try:
-                reply = conn.take(req_id, "info_reply")
-            except PeerError as e:
-                del asked[contact]
-                swarm.forget(contact, f"{why}, and it did not answer info ({e.code})")
-                continue
-            if reply is None:
-                continue
-            del asked[contact]
-            owner = next((r for r in records if r.peer_id == reply.fields.get("peer_id")), None)
-            if owner is None:
-                swarm.forget(contact, f"{why}, and none is the peer id it gives")
-            else:
-                owners[contact] = owner
-                log.warning("bootstrap: %d records claim %s; kept the one of %s, which it confirmed",
-                            len(records), contact, owner.peer_id)
-        left = deadline - time.monotonic()
-        if not asked or left <= 0:
-            break
-        poller = zmq.Poller()
-        for conn, _, _ in asked.values():
-            conn.register(poller)
-            left = conn.poll_limit(left)
-        poller.poll(max(1, int(left * 1000)))
-    for contact, (_, _, records) in asked.items():
-        swarm.forget(contact, f"records of {len(records)} peer ids name this contact, and it did not "
-                              f"answer info within {timeout:g}s")
+    for contact, reply in ask_all(conns, "info", timeout).items():
+        records = disputed[contact]
+        why = f"records of {len(records)} peer ids name this contact"
+        if isinstance(reply, PeerTimeout):
+            swarm.forget(contact, f"{why}, and it did not answer info within {timeout:g}s")
+        elif isinstance(reply, PeerError):
+            swarm.forget(contact, f"{why}, and it did not answer info ({reply.code})")
+        elif (owner := next((r for r in records if r.peer_id == reply.fields.get("peer_id")), None)) is None:
+            swarm.forget(contact, f"{why}, and none is the peer id it gives")
+        else:
+            owners[contact] = owner
+            log.warning("bootstrap: %d records claim %s; kept the one of %s, which it confirmed",
+                        len(records), contact, owner.peer_id)
     return owners

@@ -4,6 +4,7 @@ signed records of a bootstrap peer's table."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -273,12 +274,14 @@ class Swarm:
     def refresh(self) -> bool:
         """Ask again who serves what: peers join after we connected, and move to other blocks
         (node/placement.py). From the bootstraps' tables when we came through one, else from
-        each known peer. A banned peer whose blocks changed is banned no more: it moved, it did
-        not fail. False, asking nothing, if we asked less than REFRESH_SECONDS ago."""
+        each known peer and every contact given (`contacts`). A banned peer whose blocks changed
+        is banned no more: it moved, it did not fail. False, asking nothing, if we asked less
+        than REFRESH_SECONDS ago."""
         now = time.monotonic()
         if now - self._refreshed < REFRESH_SECONDS:
             return False
         self._refreshed = now
+        self._fetching = None  # a table read before this one is not taken in after it (review101)
         before = self._spans()
         if self.bootstraps:
             from .discovery import DiscoveryError, add_from_bootstrap
@@ -298,9 +301,21 @@ class Swarm:
                 except DiscoveryError as again:
                     log.warning("refreshing the peer table: %s", again)
         else:
-            # The known peers and every contact given: one down at connect (restarting, say) was
-            # never asked again, and when the others went no route was left (review100).
-            self.add_addresses(list(dict.fromkeys([*self.peers, *self.contacts])), min(1.0, self.options.timeout))
+            # The known peers, and every contact given: one down at connect (restarting, say) was
+            # never asked again, and when the others went no route was left (review100). Those
+            # are asked all at once first, so that many dead ones cost one wait, not one each
+            # (review101); the ones that answer are then timed one by one.
+            from .discovery import ask_all
+
+            timeout = min(1.0, self.options.timeout)
+            others: dict[str, PeerConnection] = {}
+            for contact in (c for c in self.contacts if c not in self.peers):
+                with contextlib.suppress(PeerError):  # one it cannot link to (no key): connect said why
+                    others[contact] = self.connection(contact)
+            answered = [c for c, reply in ask_all(others, "info", timeout).items() if not isinstance(reply, PeerError)]
+            for contact in set(others) - set(answered):
+                self._close_link(contact)
+            self.add_addresses([*self.peers, *answered], timeout)
         self._unban_moved(before)
         return True
 
@@ -329,13 +344,15 @@ class Swarm:
         from .discovery import BackgroundFetch, add_fetched
 
         fetch = self._fetching
+        if fetch is not None and fetch.done.is_set() and time.monotonic() - fetch.finished >= TABLE_SECONDS:
+            fetch = self._fetching = None  # read too long ago to be taken in: read again below
         if fetch is not None and fetch.done.is_set():
             self._fetching, self._asked = None, time.monotonic()  # tried: the next in TABLE_SECONDS
             if isinstance(fetch.result, BaseException) or fetch.result is None:
                 log.warning("refreshing the peer table failed: %r", fetch.result)
             elif fetch.result.answered:
                 before = self._spans()
-                add_fetched(self, fetch.result, min(5.0, self.options.timeout))
+                add_fetched(self, fetch.result, min(5.0, self.options.timeout), quiet=True)
                 self._unban_moved(before)
             else:
                 log.info("refreshing the peer table: no bootstrap answered (%s)",

@@ -1100,6 +1100,37 @@ def test_a_peers_contact_that_was_down_at_connect_is_asked_again(tiny_model_dir,
         model.close()
 
 
+def test_a_refresh_asks_the_contacts_it_does_not_know_all_at_once(tiny_model_dir, cluster_factory):
+    """Contacts given that never answer (TCP taken, no handshake: a frozen host) are asked again
+    by each refresh; one after another, each cost the refresh (and every thread of the program)
+    a second (review101). They are asked at once, so four cost one wait."""
+    import socket
+
+    from nanoswarm.keys.contact import format_contact
+    from nanoswarm.keys.identity import generate_identity
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    listeners = []
+    for _ in range(4):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)  # the kernel takes the connection; nothing ever speaks on it
+        listeners.append(s)
+    dead = [format_contact(f"tcp://127.0.0.1:{s.getsockname()[1]}", generate_identity().curve_public)
+            for s in listeners]
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        model.swarm.contacts.update(dict.fromkeys(dead))  # as if given with --peers, silent at connect
+        t0 = time.monotonic()
+        assert model.swarm.refresh()
+        assert time.monotonic() - t0 < 3.0  # asked in turn: at least 4 s
+        assert list(model.swarm.peers) == nodes.addresses and not set(dead) & set(model.swarm._conns)
+    finally:
+        model.close()
+        for s in listeners:
+            s.close()
+
+
 def test_a_peer_restarted_at_a_new_port_replaces_its_old_contact_on_refresh(tiny_model_dir, cluster_factory):
     """Same key, new port: the bootstrap's table has the new signed record, and a client's refresh
     forgets the old contact (it kept it, and failed over from it each time its ban ran out)."""
