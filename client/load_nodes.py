@@ -14,7 +14,8 @@ from nanoswarm.shards.model import ModelConfig
 
 from .load_report import NodeReport
 from .peer_errors import PeerError
-from .swarm import Swarm, SwarmOptions, claimed_span
+from .peer_table import claimed_span
+from .swarm import Swarm, SwarmOptions
 
 log = logging.getLogger(__name__)
 

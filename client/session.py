@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from nanoswarm.protocol.bounds import MAX_SECONDS
 from nanoswarm.protocol.tensors import fits_wire
 
 from .failover import CANNOT_TAKE, CallerError, SessionError, past_float16
@@ -36,7 +37,7 @@ from .peer_errors import PeerError
 from .relay import RELAY_STALLS, Chain, ChainBroken, SessionRelay, stalled_stage
 from .spot_checks import SpotChecks
 from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause
-from .swarm import MAX_SECONDS, Swarm
+from .swarm import Swarm
 
 log = logging.getLogger(__name__)
 

@@ -106,7 +106,7 @@ def test_a_long_lived_client_learns_peers_that_joined_later(tiny_model_dir, clus
     then steered its sessions for good (review99). A session opened on a table older than
     TABLE_SECONDS has the bootstraps' tables read again, in the background (no open waits for
     it: review100), and the next open takes them in."""
-    from nanoswarm.client import swarm as swarm_module
+    from nanoswarm.client import peer_table as swarm_module
 
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))], args=[*FAST, "--ttl", "3"])
     model = SwarmModel.connect(tiny_model_dir, bootstrap=nodes.addresses)

@@ -88,7 +88,7 @@ def generate_with_a_frozen_peer(model_dir, swarm: LocalCluster, notices: list[st
 
 
 def test_a_ban_doubles_with_every_strike_and_ends():
-    """A peer banned again stays out twice as long (client/swarm.py `ban`), and comes back when
+    """A peer banned again stays out twice as long (client/peer_table.py `ban`), and comes back when
     its ban runs out."""
     from nanoswarm.client.swarm import Swarm
 
@@ -1188,8 +1188,8 @@ def test_heartbeats_drop_an_idle_link_to_a_frozen_peer_and_say_so():
 
     import zmq
 
+    from nanoswarm.client.options import HEARTBEAT_MIN_SECONDS
     from nanoswarm.client.peer_errors import PeerError
-    from nanoswarm.client.swarm import HEARTBEAT_MIN_SECONDS
     from nanoswarm.client.transport import PeerConnection
 
     assert SwarmOptions(timeout=30).silence == 10 and SwarmOptions(heartbeat=2).silence == 2

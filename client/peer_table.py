@@ -1,0 +1,283 @@
+"""Who serves what, as a client knows it: the peers of its model, from `--peers` contacts (asked
+for `info`) or from the signed records of bootstrap peers' tables, asked again as the swarm
+changes; who is banned or was not taken, and why; the cheapest route over them (`plan`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from nanoswarm.keys.contact import split_contact
+from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
+from nanoswarm.protocol.messages import finite_float, parse_range
+
+from .options import SwarmOptions
+from .peer_errors import PeerError
+from .route import PeerInfo, RouteError, StagePlan, build_route
+
+if TYPE_CHECKING:
+    from .discovery import BackgroundFetch
+    from .transport import PeerConnection
+
+log = logging.getLogger(__name__)
+
+REFRESH_SECONDS = 2.0  # the least time between two refreshes of the peer table (PeerTable.refresh)
+TABLE_SECONDS = 60.0  # a session opened on an older table has the bootstraps read again (refresh_stale)
+REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answers
+# A session this client holds on a peer counts as this much of the peer's load when a route is
+# built (PeerTable.available): a peer states its load a minute late, so a program's sessions, opened
+# one after another, all took the same peer among like ones. A tenth: they spread over like
+# peers, and a peer that others keep busy still loses to an idle one for a few of them.
+SESSION_LOAD = 0.1
+
+
+def takes(peer: PeerInfo, max_length: int) -> bool:
+    """Whether `peer` opens sessions of `max_length` positions, as far as its `info` said (a
+    peer known only from its signed record did not say: it is asked)."""
+    limit = peer.extra.get("max_length")
+    return not (type(limit) is int and limit < max_length)
+
+
+def claimed_span(info: dict, n_layer: int, n_head: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """The blocks and heads (None: all) a peer's `info` says it serves, checked against the
+    model; ProtocolError if they make no sense."""
+    heads = info.get("heads")
+    return (parse_range(info.get("layers"), n_layer, "layers"),
+            parse_range(heads, n_head, "heads") if heads else None)
+
+
+@dataclass
+class Ban:
+    until: float
+    strikes: int
+    why: str = ""
+
+
+@dataclass
+class PeerTable:
+    """The peer table of a `Swarm` (client/swarm.py), its base class: the links it asks over,
+    and the sessions held on them, are the Swarm's (`connection`, `_close_link`, `held`)."""
+    model_id: str
+    n_layer: int
+    n_head: int
+    options: SwarmOptions = field(default_factory=SwarmOptions)
+    peers: dict[str, PeerInfo] = field(default_factory=dict)     # by address
+    bans: dict[str, Ban] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)       # address -> why it was not used
+    bootstraps: list[str] = field(default_factory=list)          # asked again when no route is found
+    contacts: dict[str, None] = field(default_factory=dict)      # every address asked for its info, in order
+    _refreshed: float = -REFRESH_SECONDS
+    _asked: float = field(default_factory=time.monotonic)  # when a peer's info or record was last taken
+    _fetching: BackgroundFetch | None = None  # the bootstraps' tables, read for refresh_stale
+    closed: bool = False  # by close(): no new link, so no session may step on (SwarmModel.close)
+
+    # The Swarm's: links and the sessions held over them.
+    def connection(self, address: str) -> PeerConnection:
+        raise NotImplementedError
+
+    def _close_link(self, address: str) -> None:
+        raise NotImplementedError
+
+    def held(self, address: str) -> int:
+        """Sessions this client holds on the peer at `address`."""
+        raise NotImplementedError
+
+    def drain_events(self) -> None:
+        raise NotImplementedError
+
+    # ----- discovery ----------------------------------------------------------------------
+    def add_addresses(self, addresses: list[str], timeout: float = 5.0) -> None:
+        """Ask each address for `info`; keep those serving our model. Each is remembered
+        (`contacts`): one that does not answer now is asked again by a refresh."""
+        for address in addresses:
+            self.contacts[address] = None
+            try:
+                reply, rtt = self.connection(address).timed_request("info", timeout=timeout)
+            except PeerError as e:
+                self.rejected[address] = f"{e.code}: {e.message}"
+                log.info("peer %s", e)  # the error names the address; warn_rejected tells the user
+                if address not in self.peers:  # never taken (a refresh makes a new link)
+                    self._close_link(address)
+                continue
+            self.add_info(address, reply.fields, rtt, curve_key=split_contact(address)[1])
+
+    def warn_rejected(self) -> None:
+        """Log, as warnings, the peers that were not taken while the others cover every block.
+        Otherwise the error that no route exists says why for each, so they are not also logged
+        above INFO."""
+        try:
+            build_route(self.available(), self.n_layer, self.n_head)
+        except RouteError:
+            return
+        for address, why in self.rejected.items():
+            log.warning("peer %s: %s", address, why)
+
+    def add_info(self, address: str, info: dict, rtt: float = 0.0, curve_key: bytes | None = None) -> None:
+        if info.get("model_id") != self.model_id:
+            self.forget(address, f"serves model {shown(info.get('model_id'), 12)}, not ours")
+            return
+        try:  # a peer's own `info` is untrusted: what it claims must make sense before it is used
+            layers, heads = claimed_span(info, self.n_layer, self.n_head)
+            throughput, load = info.get("throughput") or 0.0, info.get("load") or 0.0
+            if not (finite_float(throughput) and finite_float(load) and throughput >= 0 and load >= 0):
+                raise ProtocolError(ErrorCode.MALFORMED, "throughput and load must be numbers >= 0")
+        except ProtocolError as e:
+            self.forget(address, f"bad_reply: its info is malformed: {e.message}")
+            log.info("peer %s: %s", address, self.rejected[address])
+            return
+        self.rejected.pop(address, None)  # it answered this time (a refresh asks again)
+        self._asked = time.monotonic()
+        self.peers[address] = PeerInfo(
+            address=address, peer_id=str(info.get("peer_id")), model_id=self.model_id,
+            layers=layers, heads=heads, throughput=float(throughput), load=float(load),
+            rtt=rtt, curve_key=curve_key, extra=info)
+
+    def available(self, max_length: int | None = None, refused: Collection[str] = ()) -> list[PeerInfo]:
+        """Peers a route may use: not banned, not among `refused`, and, for a session of
+        `max_length` positions, not one whose `info` said it takes fewer; each one's load counting
+        the sessions this client holds on it."""
+        now = time.monotonic()
+        return [self._with_held(p) for a, p in self.peers.items() if (a not in self.bans or self.bans[a].until <= now)
+                and a not in refused and (max_length is None or takes(p, max_length))]
+
+    def _with_held(self, peer: PeerInfo) -> PeerInfo:
+        """`peer`, its load counting the sessions this client holds on it (SESSION_LOAD each)."""
+        held = self.held(peer.address)
+        return replace(peer, load=peer.load + SESSION_LOAD * held) if held else peer
+
+    # ----- failure bookkeeping ------------------------------------------------------------
+    def ban(self, address: str, why: str) -> None:
+        strikes = self.bans[address].strikes + 1 if address in self.bans else 1
+        seconds = self.options.ban_seconds * 2 ** (strikes - 1)
+        self.bans[address] = Ban(time.monotonic() + seconds, strikes, why)
+        log.info("banned %s for %.0fs: %s", address, seconds, why)
+        self._close_link(address)  # a fresh socket later: no stale replies, no queued requests
+
+    def forget(self, address: str, why: str) -> None:
+        """Stop using `address` (not a ban: it did nothing wrong we know of) and close our link."""
+        self.rejected[address] = why
+        self.peers.pop(address, None)
+        self._close_link(address)
+
+    def refresh(self) -> bool:
+        """Ask again who serves what: peers join after we connected, and move to other blocks
+        (node/placement.py). From the bootstraps' tables when we came through one, else from
+        each known peer and every contact given (`contacts`). A banned peer whose blocks changed
+        is banned no more: it moved, it did not fail. False, asking nothing, if we asked less
+        than REFRESH_SECONDS ago."""
+        now = time.monotonic()
+        if now - self._refreshed < REFRESH_SECONDS:
+            return False
+        self._refreshed = now
+        self._fetching = None  # a table read before this one is not taken in after it (review101)
+        before = self._spans()
+        if self.bootstraps:
+            from .discovery import DiscoveryError, add_from_bootstrap
+
+            try:
+                add_from_bootstrap(self, self.bootstraps, min(5.0, self.options.timeout))
+            except DiscoveryError as e:
+                # Every node keeps the swarm's table: with the bootstraps gone, the peers still
+                # in use know the swarm as well (a churn review: the only bootstrap died, and a
+                # spare that joined later was never learned).
+                others = [p.address for p in self.available() if p.address not in self.bootstraps][:REFRESH_PEERS]
+                try:
+                    if not others:
+                        raise
+                    add_from_bootstrap(self, others, min(5.0, self.options.timeout))
+                    log.info("refreshed the peer table from %d known peers: %s", len(others), e)
+                except DiscoveryError as again:
+                    log.warning("refreshing the peer table: %s", again)
+        else:
+            # The known peers, and every contact given: one down at connect (restarting, say) was
+            # never asked again, and when the others went no route was left (review100). Those
+            # are asked all at once first, so that many dead ones cost one wait, not one each
+            # (review101); the ones that answer are then timed one by one.
+            from .discovery import ask_all
+
+            timeout = min(1.0, self.options.timeout)
+            others: dict[str, PeerConnection] = {}
+            for contact in (c for c in self.contacts if c not in self.peers):
+                with contextlib.suppress(PeerError):  # one it cannot link to (no key): connect said why
+                    others[contact] = self.connection(contact)
+            answered = [c for c, reply in ask_all(others, "info", timeout).items() if not isinstance(reply, PeerError)]
+            for contact in set(others) - set(answered):
+                self._close_link(contact)
+            self.add_addresses([*self.peers, *answered], timeout)
+        self._unban_moved(before)
+        return True
+
+    def _spans(self) -> dict[str, tuple]:
+        return {a: (p.layers, p.heads) for a, p in self.peers.items()}
+
+    def _unban_moved(self, before: dict[str, tuple]) -> None:
+        """Lift the bans of peers whose blocks changed since `before` (_spans): they moved, they
+        did not fail."""
+        moved = [a for a, p in self.peers.items() if a in self.bans and before.get(a, (p.layers, p.heads))
+                 != (p.layers, p.heads)]
+        for address in moved:
+            del self.bans[address]
+        log.info("refreshed the peer table: %d peers (%d new, %d moved)", len(self.peers),
+                 len(set(self.peers) - set(before)), len(moved))
+
+    def refresh_stale(self) -> None:
+        """At a session's open: when the table is older than TABLE_SECONDS, read the bootstraps'
+        tables again, in the background, and take them in at the first open after they came. A
+        long-lived program (one SwarmModel) learned the peers, their load and their round trips
+        once, at connect, and again only when no route was found: peers that joined later went
+        unused, and the load a peer stated then steered sessions for hours (review99). Nothing
+        waits on it (review100: a frozen bootstrap held every such open for its timeout). A
+        client of `--peers` contacts asks them again only when no route is found: asked over
+        the swarm's links, a refresh would read, and use up, the report of one that dropped."""
+        from .discovery import BackgroundFetch, add_fetched
+
+        fetch = self._fetching
+        if fetch is not None and fetch.done.is_set() and time.monotonic() - fetch.finished >= TABLE_SECONDS:
+            fetch = self._fetching = None  # read too long ago to be taken in: read again below
+        if fetch is not None and fetch.done.is_set():
+            self._fetching, self._asked = None, time.monotonic()  # tried: the next in TABLE_SECONDS
+            if isinstance(fetch.result, BaseException) or fetch.result is None:
+                log.warning("refreshing the peer table failed: %r", fetch.result)
+            elif fetch.result.answered:
+                before = self._spans()
+                add_fetched(self, fetch.result, min(5.0, self.options.timeout), quiet=True)
+                self._unban_moved(before)
+            else:
+                log.info("refreshing the peer table: no bootstrap answered (%s)",
+                         "; ".join(fetch.result.errors.values()))
+        elif (fetch is None and self.bootstraps and not self.closed
+              and time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS):
+            self._fetching = BackgroundFetch(self, min(5.0, self.options.timeout))
+
+    def plan(self, start: int = 0, stop: int | None = None, max_length: int | None = None,
+             refused: dict[str, str] | None = None) -> list[StagePlan]:
+        """The cheapest route over blocks [start, stop) for a session of `max_length` positions,
+        leaving out the peers that `refused` it (address -> why) as well as banned ones."""
+        self.drain_events()
+        try:
+            return self._plan(start, stop, max_length, refused or {})
+        except RouteError:
+            if not self.refresh():
+                raise
+            return self._plan(start, stop, max_length, refused or {})
+
+    def _plan(self, start: int, stop: int | None, max_length: int | None, refused: dict[str, str]) -> list[StagePlan]:
+        try:
+            return build_route(self.available(max_length, refused), self.n_layer, self.n_head, start, stop)
+        except RouteError as e:
+            # The peers we were given but could not use are the likely cause: say why.
+            now = time.monotonic()
+            unused = {**self.rejected, **refused}
+            unused.update((a, f"banned for {b.until - now:.0f}s more ({b.why})") for a, b in self.bans.items()
+                          if b.until > now and a in self.peers)
+            unused.update((p.address, f"takes sessions of at most {p.extra['max_length']} positions, "
+                           f"not {max_length}") for p in self.available() if max_length and not takes(p, max_length))
+            if not unused:
+                raise
+            why = [f"{a}: {r}" for a, r in list(unused.items())[:3]]
+            more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+            raise RouteError(e.uncovered, f"{e.detail}; not used: {'; '.join(why)}{more}") from None
