@@ -15,12 +15,12 @@ from nanoswarm.keys.contact import split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
 from nanoswarm.protocol.messages import finite_float, parse_range
 
+from .discovery import BackgroundFetch, DiscoveryError, add_fetched, add_from_bootstrap, ask_all
 from .options import SwarmOptions
 from .peer_errors import PeerError
 from .route import PeerInfo, RouteError, StagePlan, build_route
 
 if TYPE_CHECKING:
-    from .discovery import BackgroundFetch
     from .transport import PeerConnection
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,6 @@ class PeerTable:
         self._fetching = None  # a table read before this one is not taken in after it (review101)
         before = self._spans()
         if self.bootstraps:
-            from .discovery import DiscoveryError, add_from_bootstrap
-
             try:
                 add_from_bootstrap(self, self.bootstraps, min(5.0, self.options.timeout))
             except DiscoveryError as e:
@@ -197,8 +195,6 @@ class PeerTable:
             # never asked again, and when the others went no route was left (review100). Those
             # are asked all at once first, so that many dead ones cost one wait, not one each
             # (review101); the ones that answer are then timed one by one.
-            from .discovery import ask_all
-
             timeout = min(1.0, self.options.timeout)
             others: dict[str, PeerConnection] = {}
             for contact in (c for c in self.contacts if c not in self.peers):
@@ -233,8 +229,6 @@ class PeerTable:
         waits on it (review100: a frozen bootstrap held every such open for its timeout). A
         client of `--peers` contacts asks them again only when no route is found: asked over
         the swarm's links, a refresh would read, and use up, the report of one that dropped."""
-        from .discovery import BackgroundFetch, add_fetched
-
         fetch = self._fetching
         if fetch is not None and fetch.done.is_set() and time.monotonic() - fetch.finished >= TABLE_SECONDS:
             fetch = self._fetching = None  # read too long ago to be taken in: read again below
