@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -102,6 +103,34 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # a bug, not a failure the command reports
     return subprocess.CompletedProcess(["nanoswarm", *args], result.exit_code, result.stdout, result.stderr)
+
+
+_ports = random.SystemRandom()  # not the random module's: a test may seed that, alike in both workers
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on, for a test that binds it later or needs it
+    dead: from below the kernel's ephemeral range, where the other xdist worker's nodes (which
+    listen on port 0) and every outgoing connection take theirs, so none of them can take it
+    between this check and its use, as one from bind(0) could (review102)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    if low <= 2048:  # no room below it: a port the kernel picks, as before
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    for _ in range(100):
+        port = _ports.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken (another worker's, or the machine's)
+        return port
+    raise RuntimeError(f"no free port of 127.0.0.1 below {low}")
 
 
 def pid_alive(pid: int) -> bool:

@@ -279,7 +279,7 @@ def test_a_refused_handshake_never_blocks_a_send(tiny_model_dir, tmp_path):
                 conn.send("close", {"session": "x"}, timeout=0)
             except PeerError:
                 pass
-            assert time.monotonic() - t0 < 0.5
+            assert time.monotonic() - t0 < 2.0  # (the bug it guards against blocked for good)
         finally:
             conn.close()
     finally:

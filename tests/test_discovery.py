@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import SMALL12, run_clis
+from conftest import SMALL12, free_port, run_clis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -212,7 +212,9 @@ def test_a_node_closes_its_gossip_link_to_a_peer_that_left(tiny_model_dir, clust
         extra.start()
         leaver = request(extra.addresses[0], "info").fields["peer_id"]
         wait_for(lambda: leaver in table_of(contact), 15, "the new node in the first one's table")
-        time.sleep(1.0)  # the first node's gossip rounds (0.3 s) link to it
+        # The first node's gossip rounds (0.3 s) link to it: else the count below proves nothing.
+        wait_for(lambda: request(contact, "info").fields["gossip"]["links"] >= 1, 15,
+                 "the first node's gossip link to the new one")
         port = int(endpoint_of(extra.addresses[0]).rsplit(":", 1)[1])
     finally:
         extra.stop()
@@ -797,8 +799,8 @@ def test_disputed_contacts_are_asked_at_once_and_dropped_when_silent():
                     verify_record(_signed_at(b, c.partition("#")[0]), max_ttl=600)] for c in contacts}
     try:
         t0 = time.monotonic()
-        assert _owners(swarm, disputed, timeout=0.5) == {}
-        assert time.monotonic() - t0 < 1.2  # one timeout for all three, not three in turn
+        assert _owners(swarm, disputed, timeout=1.0) == {}
+        assert time.monotonic() - t0 < 2.5  # one timeout for all three (in turn: 3 s or more)
         assert not swarm.peers and not swarm._conns
         assert all("did not answer info" in swarm.rejected[c] for c in contacts)
     finally:
@@ -1037,14 +1039,11 @@ def test_a_node_says_why_each_bootstrap_did_not_answer_and_waits_only_for_live_o
     every cause it could think of, --allow-keys included (a churn review); a client said
     `connection refused`. The node now stops waiting for a contact known unreachable and names
     each one's reason."""
-    import socket
 
     from nanoswarm.node.daemon import _warn_unanswered
     from nanoswarm.node.gossip import Gossip
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        dead = format_contact(f"tcp://127.0.0.1:{s.getsockname()[1]}", generate_identity().curve_public)
+    dead = format_contact(f"tcp://127.0.0.1:{free_port()}", generate_identity().curve_public)  # nothing listens
     silent, quiet = _curve_router()  # never answers
     me = generate_identity()
     gossip = Gossip(me, _StubHandler(), "tcp://127.0.0.1:1")
@@ -1456,14 +1455,11 @@ def test_a_node_no_peer_reaches_says_so(tiny_model_dir, cluster_factory, tmp_pat
     silence: only the other nodes logged that it stopped answering (review92). Once it knows
     peers and none has reached it for UNREACHED_ROUNDS rounds, it warns, naming the address; a
     node that is reached does not."""
-    import socket
 
     from nanoswarm.keys.contact import endpoint_of
     from nanoswarm.node.gossip import UNREACHED_ROUNDS
 
-    with socket.socket() as s:  # a port of 127.0.0.1 where nothing listens
-        s.bind(("127.0.0.1", 0))
-        nowhere = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    nowhere = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
     log = tmp_path / "nodes.log"
     with open(log, "w") as stderr:
         swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2))], args=FAST, stderr=stderr)

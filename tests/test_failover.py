@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from conftest import SwarmWithALiar, TcpRelay, sessions_on
+from conftest import SwarmWithALiar, TcpRelay, free_port, sessions_on
 
 from nanoswarm.client import relay as relay_module
 from nanoswarm.client.api import GenerationResult, SwarmModel
@@ -121,7 +121,7 @@ def test_a_request_nobody_answers_times_out_when_asked():
         with pytest.raises(PeerTimeout):
             conn.recv(req_id, "info_reply")
         waited = time.monotonic() - t0
-        assert silent.poll(0) and 0.95 <= waited < 1.4, waited  # the request arrived; one timeout, not more
+        assert silent.poll(0) and 0.95 <= waited < 1.9, waited  # the request arrived; one timeout, not two
     finally:
         conn.close()
         silent.close(linger=0)
@@ -557,7 +557,7 @@ def test_a_reader_pausing_past_the_idle_timeout_again_and_again_keeps_relaying(t
     failed pin round; three pauses stopped the session's relaying for good (a review). The step
     that reopens pins the new route at its end, while its sessions are fresh."""
     short = ["--idle-timeout", "1"]
-    _, model, local, relayed = _relaying_pair(tiny_model_dir, cluster_factory, short, short)
+    nodes, model, local, relayed = _relaying_pair(tiny_model_dir, cluster_factory, short, short)
     try:
         s, ref = model.session(24), local.session(24)
         pauses = relay_module.PIN_TRIES + 2
@@ -570,6 +570,9 @@ def test_a_reader_pausing_past_the_idle_timeout_again_and_again_keeps_relaying(t
             assert (got - want).abs().max() < 1e-4
         assert s.relay and relayed() - before == 2  # the steps after the pauses went relayed
         assert s.failovers == 0 and not model.swarm.bans
+        closed = sum(model.swarm.connection(a).request("info").fields["errors"].get("session_closed", 0)
+                     for a in nodes.addresses)
+        assert closed >= pauses  # every pause did end in a reclaim (review102: else this proves nothing)
     finally:
         model.close()
 
@@ -1013,7 +1016,6 @@ def test_a_client_reads_the_events_of_connections_it_does_not_use(tiny_model_dir
     client with it (a node froze so: tests/test_discovery.py). Session steps read every
     connection's events (at most every DRAIN_SECONDS), a connection keeps a drop so read for its
     next request, and retries back off."""
-    import socket
 
     import zmq
 
@@ -1021,9 +1023,7 @@ def test_a_client_reads_the_events_of_connections_it_does_not_use(tiny_model_dir
     from nanoswarm.client.transport import RECONNECT_MAX_MS
 
     live = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}#{live.partition('#')[2]}"
+    dead = f"tcp://127.0.0.1:{free_port()}#{live.partition('#')[2]}"
     model = SwarmModel.connect(tiny_model_dir, peers=[live], options=SwarmOptions(timeout=20.0))
     try:
         idle = model.swarm.connection(dead)  # on no route: nothing asks it anything
@@ -1043,15 +1043,12 @@ def test_an_address_where_nothing_listens_fails_at_once_not_after_the_timeout(ti
     """A record of a peer that died or moved names an address nobody listens at: its refused
     connect is reported at once (it cost the whole 30 s timeout: a churn review's repro), and a
     session routed there fails over to the live peer without that wait."""
-    import socket
 
     from nanoswarm.client.peer_errors import PeerError
     from nanoswarm.client.transport import PeerConnection
 
     live = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}#{live.partition('#')[2]}"
+    dead = f"tcp://127.0.0.1:{free_port()}#{live.partition('#')[2]}"
     conn = PeerConnection(dead, timeout=20.0)
     t0 = time.monotonic()
     with pytest.raises(PeerError, match="unreachable"):
@@ -1085,7 +1082,7 @@ def test_a_peers_contact_that_was_down_at_connect_is_asked_again(tiny_model_dir,
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
     key = generate_identity()
     key_file = save_identity(key, tmp_path / "b.key")
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     b = format_contact(endpoint, key.curve_public)
     model = SwarmModel.connect(tiny_model_dir, peers=[nodes.addresses[0], b], options=SwarmOptions(timeout=TIMEOUT))
     try:
@@ -1123,7 +1120,7 @@ def test_a_refresh_asks_the_contacts_it_does_not_know_all_at_once(tiny_model_dir
         model.swarm.contacts.update(dict.fromkeys(dead))  # as if given with --peers, silent at connect
         t0 = time.monotonic()
         assert model.swarm.refresh()
-        assert time.monotonic() - t0 < 3.0  # asked in turn: at least 4 s
+        assert time.monotonic() - t0 < 3.5  # asked in turn: at least 4 s
         assert list(model.swarm.peers) == nodes.addresses and not set(dead) & set(model.swarm._conns)
     finally:
         model.close()
@@ -1198,19 +1195,21 @@ def test_heartbeats_drop_an_idle_link_to_a_frozen_peer_and_say_so():
     for bad in (0, -1, float("nan"), "5", True, 1e7):
         with pytest.raises(ValueError, match="heartbeat must be"):
             SwarmOptions(heartbeat=bad)
-    peer = _echo_peer(_free_port())
+    peer = _echo_peer(free_port())
     conn = None
     try:
         conn = PeerConnection(f"tcp://127.0.0.1:{peer.port}", timeout=30.0, heartbeat=0.5)
         assert conn.socket.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 500
         assert conn.recv(conn.send("info"), "info").type == "info"  # echoed: the link is up
         os.kill(peer.pid, signal.SIGSTOP)
-        time.sleep(1.5)  # idle: no request waits on the link
+        deadline = time.monotonic() + 10  # idle: no request waits on the link; its heartbeats go unanswered
+        while not (conn.dropped or conn.monitor.poll(0)) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert conn.dropped or conn.monitor.poll(0)
         t0 = time.monotonic()
         with pytest.raises(PeerError, match="no answer to heartbeats for 0.5s") as e:
             conn.request("info")
-        assert e.value.code == "disconnected" and time.monotonic() - t0 < 1.0
+        assert e.value.code == "disconnected" and time.monotonic() - t0 < 2.5  # not the 30 s timeout
         # A link made after the peer froze: its kernel takes the TCP connection, the handshake
         # never ends, and heartbeats would start only after it: it gets as long as a heartbeat.
         late = PeerConnection(conn.address, timeout=30.0, heartbeat=0.5)
@@ -1245,15 +1244,6 @@ def _echo_peer(port: int):
     return peer
 
 
-def _free_port() -> int:
-    """A port of 127.0.0.1 nothing listens on (a moment ago)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_drop_that_lost_nothing_is_forgotten_once_the_link_is_back():
     """A swarm's link with no session open over it and no reply awaited that drops (its peer
     restarted, or paused past the heartbeat, while the client sat idle) lost nothing: once it
@@ -1268,7 +1258,7 @@ def test_a_drop_that_lost_nothing_is_forgotten_once_the_link_is_back():
     from nanoswarm.client.peer_errors import PeerError
     from nanoswarm.client.transport import PeerConnection
 
-    port = _free_port()
+    port = free_port()
 
     def back(conn: PeerConnection) -> None:
         """Until the link's drop was read and it has reconnected (its handshake done)."""
@@ -1321,7 +1311,7 @@ def test_a_drop_that_lost_nothing_is_forgotten_once_the_link_is_back():
             t0 = time.monotonic()
             with pytest.raises(PeerError, match="disconnected"):
                 other.recv(other.send("info", tensors=[torch.zeros(1024)]), "info")
-            assert time.monotonic() - t0 < 2
+            assert time.monotonic() - t0 < 4  # not the 10 s timeout
         finally:
             other.close()
         peer.kill()  # gone for good: its refused reconnect reports the drop, even on an idle link
@@ -1334,7 +1324,7 @@ def test_a_drop_that_lost_nothing_is_forgotten_once_the_link_is_back():
         t0 = time.monotonic()
         with pytest.raises(PeerError, match="disconnected"):
             echoed(conn)
-        assert time.monotonic() - t0 < 1
+        assert time.monotonic() - t0 < 2.0  # at once, not held for HOLD_SECONDS (2.5)
     finally:
         peer.kill()
         peer.wait()
@@ -1349,7 +1339,7 @@ def test_a_leaving_notice_for_sessions_closed_since_is_stale():
     from nanoswarm.client.peer_errors import PeerTimeout
     from nanoswarm.client.transport import PeerConnection
 
-    port = _free_port()
+    port = free_port()
     peer = _echo_peer(port)  # it sends back the notices the client sends it
     conn = PeerConnection(f"tcp://127.0.0.1:{port}", timeout=10)
     try:
@@ -1375,7 +1365,7 @@ def test_a_drop_is_reported_at_once_when_the_reconnect_hangs():
     from nanoswarm.client.peer_errors import PeerError
     from nanoswarm.client.transport import HOLD_SECONDS, PeerConnection
 
-    port = _free_port()
+    port = free_port()
     peer = _echo_peer(port)
     links = [PeerConnection(f"tcp://127.0.0.1:{port}", timeout=10, heartbeat=1.0, forgive_idle_drops=True)
              for _ in range(2)]
@@ -1391,7 +1381,9 @@ def test_a_drop_is_reported_at_once_when_the_reconnect_hangs():
         listener.listen(0)
         filler = socket.create_connection(("127.0.0.1", port))  # the queue is full: later SYNs are dropped
         time.sleep(0.5)
-        for conn, most in zip(links, (0.3, HOLD_SECONDS + 0.5)):
+        # At once (the link held a session), and within the hold (the 10 s timeout otherwise);
+        # each with room for a loaded machine's stalls (review102).
+        for conn, most in zip(links, (1.5, HOLD_SECONDS + 2.0)):
             t0 = time.monotonic()
             with pytest.raises(PeerError, match="disconnected"):
                 conn.recv(conn.send("info"), "info")
@@ -1438,7 +1430,7 @@ def test_a_peer_that_restarted_behind_a_long_round_trip_is_not_reported():
     healthy node (review92)."""
     from nanoswarm.client.transport import HOLD_SECONDS, PeerConnection
 
-    port = _free_port()
+    port = free_port()
     peer = _echo_peer(port)
     link = TcpRelay(port)
     conn = PeerConnection(link.address, timeout=20, heartbeat=5.0, forgive_idle_drops=True)

@@ -707,7 +707,7 @@ def _check_inflight_limit(pid: int, peer: RawPeer) -> None:
     try:
         for _ in range(12):
             peer.send([peer.header("info")[1]])
-        time.sleep(0.5)  # all 12 reach the frozen node's queue, so they arrive as one batch
+        time.sleep(1.5)  # all 12 reach the frozen node's queue, so they arrive as one batch
     finally:
         os.kill(pid, signal.SIGCONT)
     replies = [peer.recv() for _ in range(12)]
@@ -968,7 +968,7 @@ def test_a_client_marking_its_own_steps_relayed_still_counts_as_one_peer(tiny_mo
                 peer.next_id += 1
                 peer.send(encode("step", peer.next_id, {"session": sid, "pos": 0, "reply": peer.next_id},
                                  [hidden(1)]))
-            time.sleep(0.5)  # all 12 reach the frozen node's queue: mostly one batch
+            time.sleep(1.5)  # all 12 reach the frozen node's queue: mostly one batch
         finally:
             os.kill(nodes.nodes[0].pid, signal.SIGCONT)
         replies = [peer.recv() for _ in range(12)]

@@ -10,13 +10,13 @@ import time
 import pytest
 import torch
 import zmq
+from conftest import free_port
 from test_failover import (  # the same fault harness
     FAIL_AT,
     N_TOKENS,
     PROMPT,
     SEEDED,
     TIMEOUT,
-    _free_port,
     generate_with_fault,
 )
 
@@ -751,7 +751,7 @@ def test_a_relay_link_that_dropped_connects_again_at_its_next_step():
     from nanoswarm.node.relay import DROP_WINDOW, RelayLinks, next_hop_id
 
     ctx = shared_context()
-    port = _free_port()
+    port = free_port()
 
     def next_hop() -> zmq.Socket:
         hop = ctx.socket(zmq.ROUTER)
@@ -785,7 +785,7 @@ def test_a_relay_link_that_dropped_connects_again_at_its_next_step():
         hop = next_hop()
         t0 = time.monotonic()
         step(b"four", 4)
-        assert time.monotonic() - t0 < 1.0, time.monotonic() - t0
+        assert time.monotonic() - t0 < 1.5, time.monotonic() - t0  # the old link's next retry: ~2 s
         assert list(links._links.values()) != [first]
         assert [(owner, decode(frames).id, decode(frames).fields["code"]) for owner, frames in links.take_failed()] \
             == [(b"owner", 3, "relay_failed")]
