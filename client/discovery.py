@@ -7,8 +7,10 @@ key from its own signed record, so a bootstrap cannot send us to an impostor.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +40,8 @@ class DiscoveryError(Exception):
 NO_PEER_OF_MODEL = "knows no peer of model"
 CLOCK_OFF = "this machine's clock is"
 MAX_PARALLEL_FETCHES = 8  # bootstrap contacts asked at once
+PROBE_PEERS = 32  # peers of a table whose round trips are measured at once (measure_round_trips)
+PROBE_SECONDS = 2.0  # the most a measure of round trips waits, handshakes and answers together
 _clock_warned: set[str] = set()  # bootstraps whose clock this process has warned about
 
 
@@ -246,9 +250,11 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
     add_from_bootstrap. Returns how many peers were added. `quiet`: bootstraps that did not
     answer are logged at INFO (a periodic refresh would warn about a dead one every minute)."""
     fetched.warn_unanswered(logging.INFO if quiet else logging.WARNING)
-    # Every peer of the table gets the bootstraps' round trip: theirs are not measured, so the
-    # route's tie-break on round trips (client/route.py) does not tell them apart.
+    # A peer's round trip is the bootstraps' until measured (measure_round_trips, below); a
+    # bootstrap's own is the one its table's fetch took.
     rtt = min(fetched.rtt.values())
+    for contact, took in fetched.rtt.items():
+        swarm.timed.setdefault(contact, took)
     claims: dict[str, list[Record]] = {}
     for record in fetched.table.records(swarm.model_id):
         claims.setdefault(record_contact(record), []).append(record)
@@ -270,7 +276,8 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
         record = records[0] if len(records) == 1 else owners.get(contact)
         if record is None:
             continue
-        swarm.add_info(contact, record_info(record), rtt, curve_key=None if record.insecure else record.curve_key)
+        swarm.add_info(contact, record_info(record), swarm.timed.get(contact) or rtt,
+                       curve_key=None if record.insecure else record.curve_key)
         added[record.peer_id] = contact
     # A peer that restarted elsewhere (its signed record, newer, names a new contact): its old
     # contact is forgotten, not kept to fail over from whenever its ban runs out.
@@ -278,18 +285,55 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
         if added.get(peer.peer_id, address) != address:
             swarm.forget(address, f"peer {peer.peer_id} is now at {added[peer.peer_id]}")
     log.info("bootstrap: %d records, %d peers for model %s", len(fetched.table), len(added), swarm.model_id[:12])
+    measure_round_trips(swarm, [c for c in added.values() if c in swarm.peers], min(timeout, PROBE_SECONDS))
     return len(added)
 
 
-def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float) -> dict[str, Message | PeerError]:
+def measure_round_trips(swarm: Swarm, contacts: list[str], timeout: float) -> None:
+    """Time one `info` to each of `contacts` (peers known from their records) not timed before,
+    all at once over the swarm's links once their handshakes are done, within one `timeout`; at
+    most PROBE_PEERS of them (a sample of more). Every peer of a bootstrap's table had the
+    bootstrap's round trip, so a route could not tell a peer across an ocean from one next door.
+    One that does not answer in time keeps the bootstrap's and is not asked again (a frozen peer
+    would cost every refresh its wait); its link is closed, unless sessions use it."""
+    todo = [c for c in dict.fromkeys(contacts) if c not in swarm.timed]
+    if len(todo) > PROBE_PEERS:
+        todo = random.sample(todo, PROBE_PEERS)
+    conns: dict[str, PeerConnection] = {}
+    for contact in todo:
+        swarm.timed[contact] = None  # tried
+        with contextlib.suppress(PeerError):  # (the route's open says why)
+            conns[contact] = swarm.connection(contact)
+    deadline = time.monotonic() + timeout
+    ready = {c: conn for c, conn in conns.items() if conn.wait_handshake(max(0.0, deadline - time.monotonic()))}
+    rtts: dict[str, float] = {}
+    ask_all(ready, "info", max(0.0, deadline - time.monotonic()), rtts)
+    for contact in conns:
+        rtt = rtts.get(contact)
+        if rtt is not None:
+            swarm.timed[contact] = rtt
+            if contact in swarm.peers:
+                swarm.peers[contact].rtt = rtt
+        elif not swarm.held(contact):
+            swarm._close_link(contact)  # a fresh one if a route takes it: no stale drop to report
+    if todo:
+        log.info("round trips of %d peers measured, %d in time: %s", len(todo), len(rtts),
+                 ", ".join(f"{c[:40]} {1e3 * t:.1f} ms" for c, t in sorted(rtts.items(), key=lambda x: x[1])[:8]))
+
+
+def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float,
+            rtts: dict[str, float] | None = None) -> dict[str, Message | PeerError]:
     """Send `msg_type` on every connection at once and read the replies within one `timeout`:
     each contact's reply, or the PeerError it failed with (PeerTimeout: none in time). Asked in
-    turn, each contact that drops packets cost the others' wait its whole timeout."""
+    turn, each contact that drops packets cost the others' wait its whole timeout. `rtts`, if
+    given, gets each reply's seconds from its request's send to its reading."""
     out: dict[str, Message | PeerError] = {}
     asked: dict[str, tuple[PeerConnection, int]] = {}
+    sent: dict[str, float] = {}
     for contact, conn in conns.items():
         try:
             asked[contact] = (conn, conn.send(msg_type, timeout=0))
+            sent[contact] = time.perf_counter()
         except PeerError as e:
             out[contact] = e
     deadline = time.monotonic() + timeout
@@ -302,6 +346,8 @@ def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float) -> 
             if reply is not None:
                 out[contact] = reply
                 del asked[contact]
+                if rtts is not None and not isinstance(reply, PeerError):
+                    rtts[contact] = time.perf_counter() - sent[contact]
         left = deadline - time.monotonic()
         if not asked or left <= 0:
             break

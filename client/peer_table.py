@@ -70,6 +70,9 @@ class PeerTable:
     rejected: dict[str, str] = field(default_factory=dict)       # address -> why it was not used
     bootstraps: list[str] = field(default_factory=list)          # asked again when no route is found
     contacts: dict[str, None] = field(default_factory=dict)      # every address asked for its info, in order
+    # Round trips measured after the handshake, by address (None: tried, no answer in time):
+    # add_addresses, a bootstrap's fetch, discovery.measure_round_trips; kept over refreshes.
+    timed: dict[str, float | None] = field(default_factory=dict)
     _refreshed: float = -REFRESH_SECONDS
     _asked: float = field(default_factory=time.monotonic)  # when a peer's info or record was last taken
     _fetching: BackgroundFetch | None = None  # the bootstraps' tables, read for refresh_stale
@@ -103,6 +106,7 @@ class PeerTable:
                 if address not in self.peers:  # never taken (a refresh makes a new link)
                     self._close_link(address)
                 continue
+            self.timed[address] = rtt
             self.add_info(address, reply.fields, rtt, curve_key=split_contact(address)[1])
 
     def warn_rejected(self) -> None:

@@ -136,6 +136,39 @@ def test_a_long_lived_client_learns_peers_that_joined_later(tiny_model_dir, clus
         model.close()
 
 
+def test_a_bootstrap_client_measures_the_round_trip_of_each_peer(tiny_model_dir, cluster_factory):
+    """Every peer known from a bootstrap's records had the bootstrap's round trip, so a route
+    could not tell a peer across an ocean from one next door: like peers tied, and a client's
+    sessions went half to the far one. Each peer's round trip is now measured at connect
+    (discovery.measure_round_trips), and the near peer takes every session."""
+    from conftest import TcpRelay, sessions_on
+
+    port = free_port()
+    relay = TcpRelay(port, delay=0.025)  # every chunk held 25 ms: a round trip of 50 ms or more
+    try:
+        nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec(
+            (0, 4), args=["--listen", f"tcp://127.0.0.1:{port}", "--advertise", relay.address])], args=FAST)
+        near = nodes.addresses[0]
+        wait_for(lambda: len(table_of(near)) == 2, 15, "both peers in the bootstrap's table")
+        model = SwarmModel.connect(tiny_model_dir, bootstrap=[near])
+        try:
+            (far,) = set(model.swarm.peers) - {near}
+            assert far.startswith(relay.address + "#")  # the far peer's contact from its record
+            assert model.swarm.peers[far].rtt >= 0.05 > 0.02 > model.swarm.peers[near].rtt
+            sessions = [model.session(8) for _ in range(4)]
+            x = model.client.embed([1, 2, 3], 0)
+            want = SwarmModel.local(tiny_model_dir).session(8).step(x)
+            for session in sessions:
+                assert (session.step(x) - want).abs().max() <= 1e-5
+            assert (sessions_on(near), sessions_on(far)) == (4, 0)  # like peers: they split 2/2
+            for session in sessions:
+                session.close()
+        finally:
+            model.close()
+    finally:
+        relay.close()
+
+
 def test_forged_records_are_rejected_over_the_socket(swarm):
     contact = swarm[0].address
     forger, other = generate_identity(), generate_identity()
@@ -807,6 +840,33 @@ def test_disputed_contacts_are_asked_at_once_and_dropped_when_silent():
         swarm.close()
         for s in silent:
             s.close()
+
+
+def test_a_round_trip_not_measured_in_time_keeps_the_estimate_and_is_not_asked_again():
+    """A peer that takes the handshake but never answers, and one whose handshake never ends
+    (nothing listens), cost one wait for both, keep the bootstrap's round trip, have their links
+    closed, and are not asked again: a frozen peer in the table would cost every refresh."""
+    from nanoswarm.client.discovery import measure_round_trips
+    from nanoswarm.client.route import PeerInfo
+    from nanoswarm.client.swarm import Swarm
+
+    silent, mute = _curve_router()
+    dead = format_contact(f"tcp://127.0.0.1:{free_port()}", generate_identity().curve_public)
+    swarm = Swarm("m" * 64, 4, 4)
+    for contact in (mute, dead):
+        swarm.peers[contact] = PeerInfo(contact, contact[-8:], "m" * 64, (0, 4), None, rtt=0.004)
+    try:
+        t0 = time.monotonic()
+        measure_round_trips(swarm, [mute, dead], timeout=1.0)
+        assert 0.9 < time.monotonic() - t0 < 2.5  # one wait for both
+        assert swarm.timed == {mute: None, dead: None} and not swarm._conns
+        assert [p.rtt for p in swarm.peers.values()] == [0.004, 0.004]
+        t0 = time.monotonic()
+        measure_round_trips(swarm, [mute, dead], timeout=1.0)
+        assert time.monotonic() - t0 < 0.5 and not swarm._conns  # not asked again
+    finally:
+        swarm.close()
+        silent.close()
 
 
 def test_a_leaving_node_stops_offering_its_record_even_when_its_table_refuses_the_departure():
