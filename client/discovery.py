@@ -7,14 +7,12 @@ key from its own signed record, so a bootstrap cannot send us to an impostor.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
-import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -22,9 +20,9 @@ from nanoswarm.keys.clock import CLOCK_WARN_SECONDS, reply_offset, skew_words
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import EXPIRED, TOO_FAR_FUTURE, Record, check_endpoint, record_contact
 from nanoswarm.keys.table import STALE_SEQ, RecordTable
-from nanoswarm.protocol.messages import REPLY_TYPES, Message
 
 from .peer_errors import PeerError, PeerTimeout
+from .round_trips import PROBE_SECONDS, ask_all, measure_round_trips, time_records
 from .transport import PeerConnection
 
 if TYPE_CHECKING:
@@ -40,8 +38,6 @@ class DiscoveryError(Exception):
 NO_PEER_OF_MODEL = "knows no peer of model"
 CLOCK_OFF = "this machine's clock is"
 MAX_PARALLEL_FETCHES = 8  # bootstrap contacts asked at once
-PROBE_PEERS = 32  # peers of a table whose round trips are measured at once (measure_round_trips)
-PROBE_SECONDS = 2.0  # the most a measure of round trips waits, handshakes and answers together
 _clock_warned: set[str] = set()  # bootstraps whose clock this process has warned about
 
 
@@ -52,6 +48,9 @@ class Fetched:
     rtt: dict[str, float]  # contact -> seconds for the records request
     errors: dict[str, str]  # contact -> why it failed
     clock: dict[str, float] = field(default_factory=dict)  # contact -> its clock minus ours (keys/clock.py)
+    # Round trips of its peers timed with the read, in the background (time_records; None: no
+    # answer in time), so that taking the read in does not wait to time them (BackgroundFetch).
+    timed: dict[str, float | None] = field(default_factory=dict)
 
     def clock_off(self, contact: str) -> str | None:
         """How far this machine's clock is off `contact`'s, when it is too far for records to
@@ -229,15 +228,21 @@ class BackgroundFetch:
         self.finished = 0.0  # monotonic, when it was read
         self.done = threading.Event()
         args = (list(swarm.bootstraps), timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
-        threading.Thread(target=self._run, args=args, daemon=True, name="nanoswarm-refresh").start()
+        timed = set(swarm.timed)  # (a copy: the swarm's thread goes on changing its own)
+        threading.Thread(target=self._run, args=(args, timed), daemon=True, name="nanoswarm-refresh").start()
 
-    def _run(self, *args: Any) -> None:
+    def _run(self, args: tuple, timed: set[str]) -> None:
         try:
             self.result = fetch_table(*args)
             # The records as they were when read: a record has 40-60 s of life left when fetched,
             # and read at a later open by the table's own clock, none was left (review101).
             read = time.time()
             self.result.table.clock = lambda: read
+            # New peers are timed here, not when the read is taken in: that holds a session's
+            # open, and the model's lock.
+            _, timeout, client_keys, model_id, insecure = args
+            self.result.timed = time_records(self.result.table, model_id, timed, min(timeout, PROBE_SECONDS),
+                                             client_keys, insecure)
         except BaseException as e:  # noqa: BLE001 - read by the swarm's thread
             self.result = e
         finally:
@@ -253,7 +258,7 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
     # A peer's round trip is the bootstraps' until measured (measure_round_trips, below); a
     # bootstrap's own is the one its table's fetch took.
     rtt = min(fetched.rtt.values())
-    for contact, took in fetched.rtt.items():
+    for contact, took in [*fetched.rtt.items(), *fetched.timed.items()]:
         swarm.timed.setdefault(contact, took)
     claims: dict[str, list[Record]] = {}
     for record in fetched.table.records(swarm.model_id):
@@ -287,77 +292,6 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
     log.info("bootstrap: %d records, %d peers for model %s", len(fetched.table), len(added), swarm.model_id[:12])
     measure_round_trips(swarm, [c for c in added.values() if c in swarm.peers], min(timeout, PROBE_SECONDS))
     return len(added)
-
-
-def measure_round_trips(swarm: Swarm, contacts: list[str], timeout: float) -> None:
-    """Time one `info` to each of `contacts` (peers known from their records) not timed before,
-    all at once over the swarm's links once their handshakes are done, within one `timeout`; at
-    most PROBE_PEERS of them (a sample of more). Every peer of a bootstrap's table had the
-    bootstrap's round trip, so a route could not tell a peer across an ocean from one next door.
-    One that does not answer in time keeps the bootstrap's and is not asked again (a frozen peer
-    would cost every refresh its wait); its link is closed, unless sessions use it."""
-    todo = [c for c in dict.fromkeys(contacts) if c not in swarm.timed]
-    if len(todo) > PROBE_PEERS:
-        todo = random.sample(todo, PROBE_PEERS)
-    conns: dict[str, PeerConnection] = {}
-    for contact in todo:
-        swarm.timed[contact] = None  # tried
-        with contextlib.suppress(PeerError):  # (the route's open says why)
-            conns[contact] = swarm.connection(contact)
-    deadline = time.monotonic() + timeout
-    ready = {c: conn for c, conn in conns.items() if conn.wait_handshake(max(0.0, deadline - time.monotonic()))}
-    rtts: dict[str, float] = {}
-    ask_all(ready, "info", max(0.0, deadline - time.monotonic()), rtts)
-    for contact in conns:
-        rtt = rtts.get(contact)
-        if rtt is not None:
-            swarm.timed[contact] = rtt
-            if contact in swarm.peers:
-                swarm.peers[contact].rtt = rtt
-        elif not swarm.held(contact):
-            swarm._close_link(contact)  # a fresh one if a route takes it: no stale drop to report
-    if todo:
-        log.info("round trips of %d peers measured, %d in time: %s", len(todo), len(rtts),
-                 ", ".join(f"{c[:40]} {1e3 * t:.1f} ms" for c, t in sorted(rtts.items(), key=lambda x: x[1])[:8]))
-
-
-def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float,
-            rtts: dict[str, float] | None = None) -> dict[str, Message | PeerError]:
-    """Send `msg_type` on every connection at once and read the replies within one `timeout`:
-    each contact's reply, or the PeerError it failed with (PeerTimeout: none in time). Asked in
-    turn, each contact that drops packets cost the others' wait its whole timeout. `rtts`, if
-    given, gets each reply's seconds from its request's send to its reading."""
-    out: dict[str, Message | PeerError] = {}
-    asked: dict[str, tuple[PeerConnection, int]] = {}
-    sent: dict[str, float] = {}
-    for contact, conn in conns.items():
-        try:
-            asked[contact] = (conn, conn.send(msg_type, timeout=0))
-            sent[contact] = time.perf_counter()
-        except PeerError as e:
-            out[contact] = e
-    deadline = time.monotonic() + timeout
-    while asked:
-        for contact, (conn, req_id) in list(asked.items()):
-            try:
-                reply: Message | PeerError | None = conn.take(req_id, REPLY_TYPES[msg_type])
-            except PeerError as e:
-                reply = e
-            if reply is not None:
-                out[contact] = reply
-                del asked[contact]
-                if rtts is not None and not isinstance(reply, PeerError):
-                    rtts[contact] = time.perf_counter() - sent[contact]
-        left = deadline - time.monotonic()
-        if not asked or left <= 0:
-            break
-        poller = zmq.Poller()
-        for conn, _ in asked.values():
-            conn.register(poller)
-            left = conn.poll_limit(left)
-        poller.poll(max(1, int(left * 1000)))
-    out.update((contact, PeerTimeout(conn.address, timeout)) for contact, (conn, _) in asked.items())
-    return out
 
 
 def _owners(swarm: Swarm, disputed: dict[str, list[Record]], timeout: float) -> dict[str, Record]:

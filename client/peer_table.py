@@ -15,9 +15,10 @@ from nanoswarm.keys.contact import split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
 from nanoswarm.protocol.messages import finite_float, parse_range
 
-from .discovery import BackgroundFetch, DiscoveryError, add_fetched, add_from_bootstrap, ask_all
+from .discovery import BackgroundFetch, DiscoveryError, add_fetched, add_from_bootstrap
 from .options import SwarmOptions
 from .peer_errors import PeerError
+from .round_trips import ask_all
 from .route import PeerInfo, RouteError, StagePlan, build_route
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class PeerTable:
     bootstraps: list[str] = field(default_factory=list)          # asked again when no route is found
     contacts: dict[str, None] = field(default_factory=dict)      # every address asked for its info, in order
     # Round trips measured after the handshake, by address (None: tried, no answer in time):
-    # add_addresses, a bootstrap's fetch, discovery.measure_round_trips; kept over refreshes.
+    # add_addresses, a bootstrap's fetch, round_trips.measure_round_trips; kept over refreshes.
     timed: dict[str, float | None] = field(default_factory=dict)
     _refreshed: float = -REFRESH_SECONDS
     _asked: float = field(default_factory=time.monotonic)  # when a peer's info or record was last taken

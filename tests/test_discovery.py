@@ -117,11 +117,14 @@ def test_a_long_lived_client_learns_peers_that_joined_later(tiny_model_dir, clus
         assert list(model.swarm.peers) == nodes.addresses[:1]
         monkeypatch.setattr(swarm_module, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)  # as if a minute on
         model.session(8).close()  # reads the tables in the background
-        assert model.swarm._fetching is not None and model.swarm._fetching.done.wait(10)
+        fetch = model.swarm._fetching
+        assert fetch is not None and fetch.done.wait(10)
+        assert list(fetch.result.timed) == [joined] and fetch.result.timed[joined] > 0  # timed there too
         monkeypatch.setattr(swarm_module, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
         time.sleep(3.5)  # past the records' 3 s ttl: taken in as they were when read (review101)
         model.session(8).close()
         assert set(model.swarm.peers) == {nodes.addresses[0], joined}
+        assert model.swarm.peers[joined].rtt == fetch.result.timed[joined]  # not timed again in the open
         assert model.swarm._fetching is None  # and the next read a TABLE_SECONDS later
         # A frozen bootstrap: the open does not wait for its table (it waited its timeout, 5 s)
         model.swarm.peers[nodes.addresses[0]].rtt = 1.0  # the route on the other peer
@@ -140,7 +143,7 @@ def test_a_bootstrap_client_measures_the_round_trip_of_each_peer(tiny_model_dir,
     """Every peer known from a bootstrap's records had the bootstrap's round trip, so a route
     could not tell a peer across an ocean from one next door: like peers tied, and a client's
     sessions went half to the far one. Each peer's round trip is now measured at connect
-    (discovery.measure_round_trips), and the near peer takes every session."""
+    (round_trips.measure_round_trips), and the near peer takes every session."""
     from conftest import TcpRelay, sessions_on
 
     port = free_port()
@@ -846,7 +849,7 @@ def test_a_round_trip_not_measured_in_time_keeps_the_estimate_and_is_not_asked_a
     """A peer that takes the handshake but never answers, and one whose handshake never ends
     (nothing listens), cost one wait for both, keep the bootstrap's round trip, have their links
     closed, and are not asked again: a frozen peer in the table would cost every refresh."""
-    from nanoswarm.client.discovery import measure_round_trips
+    from nanoswarm.client.round_trips import measure_round_trips
     from nanoswarm.client.route import PeerInfo
     from nanoswarm.client.swarm import Swarm
 

@@ -1,0 +1,129 @@
+"""Asking many peers at once: one request to each, the replies read within one wait (`ask_all`),
+and the round trip of each peer measured that way (`measure_round_trips` over a swarm's links,
+`time_records` over links of its own)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING
+
+import zmq
+
+from nanoswarm.keys.records import record_contact
+from nanoswarm.keys.table import RecordTable
+from nanoswarm.protocol.messages import REPLY_TYPES, Message
+
+from .peer_errors import PeerError, PeerTimeout
+from .transport import PeerConnection
+
+if TYPE_CHECKING:
+    from .swarm import Swarm
+
+log = logging.getLogger(__name__)
+
+PROBE_PEERS = 32  # peers of a table whose round trips are measured at once (measure_round_trips)
+PROBE_SECONDS = 2.0  # the most a measure of round trips waits, handshakes and answers together
+
+
+def measure_round_trips(swarm: Swarm, contacts: list[str], timeout: float) -> None:
+    """Time one `info` to each of `contacts` (peers known from their records) not timed before,
+    all at once over the swarm's links once their handshakes are done, within one `timeout`; at
+    most PROBE_PEERS of them (a sample of more). Every peer of a bootstrap's table had the
+    bootstrap's round trip, so a route could not tell a peer across an ocean from one next door.
+    One that does not answer in time keeps the bootstrap's and is not asked again (a frozen peer
+    would cost every refresh its wait); its link is closed, unless sessions use it."""
+    todo = _untimed(contacts, swarm.timed)
+    conns: dict[str, PeerConnection] = {}
+    for contact in todo:
+        swarm.timed[contact] = None  # tried
+        with contextlib.suppress(PeerError):  # (the route's open says why)
+            conns[contact] = swarm.connection(contact)
+    rtts = time_links(conns, timeout)
+    for contact in conns:
+        rtt = rtts.get(contact)
+        if rtt is not None:
+            swarm.timed[contact] = rtt
+            if contact in swarm.peers:
+                swarm.peers[contact].rtt = rtt
+        elif not swarm.held(contact):
+            swarm._close_link(contact)  # a fresh one if a route takes it: no stale drop to report
+    if todo:
+        log.info("round trips of %d peers measured, %d in time: %s", len(todo), len(rtts),
+                 ", ".join(f"{c[:40]} {1e3 * t:.1f} ms" for c, t in sorted(rtts.items(), key=lambda x: x[1])[:8]))
+
+
+def time_records(table: RecordTable, model_id: str, timed: Collection[str], timeout: float,
+                 client_keys: tuple[bytes, bytes] | None, insecure: bool) -> dict[str, float | None]:
+    """`time_links` to the peers of `table`'s records of `model_id` not among `timed`, over
+    links of its own, closed after (None: no answer in time): for a read on a thread other than
+    the swarm's, whose links are not this thread's to use."""
+    keys = {record_contact(r): None if r.insecure else r.curve_key for r in table.records(model_id)
+            if insecure or not r.insecure}
+    conns: dict[str, PeerConnection] = {}
+    try:
+        for contact in _untimed(keys, timed):
+            with contextlib.suppress(ValueError, zmq.ZMQError):  # a contact ZeroMQ cannot connect to
+                conns[contact] = PeerConnection(contact, timeout, server_key=keys[contact], client_keys=client_keys)
+        return {**dict.fromkeys(conns), **time_links(conns, timeout)}
+    finally:
+        for conn in conns.values():
+            conn.close()
+
+
+def _untimed(contacts: Iterable[str], timed: Collection[str]) -> list[str]:
+    """Those of `contacts` not among `timed`: at most PROBE_PEERS, a sample of more."""
+    todo = [c for c in dict.fromkeys(contacts) if c not in timed]
+    return random.sample(todo, PROBE_PEERS) if len(todo) > PROBE_PEERS else todo
+
+
+def time_links(conns: dict[str, PeerConnection], timeout: float) -> dict[str, float]:
+    """Seconds of one `info` round trip on each of `conns` that answers within `timeout`, timed
+    once its handshake is done (review99), all at once."""
+    deadline = time.monotonic() + timeout
+    ready = {c: conn for c, conn in conns.items() if conn.wait_handshake(max(0.0, deadline - time.monotonic()))}
+    rtts: dict[str, float] = {}
+    ask_all(ready, "info", max(0.0, deadline - time.monotonic()), rtts)
+    return rtts
+
+
+def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float,
+            rtts: dict[str, float] | None = None) -> dict[str, Message | PeerError]:
+    """Send `msg_type` on every connection at once and read the replies within one `timeout`:
+    each contact's reply, or the PeerError it failed with (PeerTimeout: none in time). Asked in
+    turn, each contact that drops packets cost the others' wait its whole timeout. `rtts`, if
+    given, gets each reply's seconds from its request's send to its reading."""
+    out: dict[str, Message | PeerError] = {}
+    asked: dict[str, tuple[PeerConnection, int]] = {}
+    sent: dict[str, float] = {}
+    for contact, conn in conns.items():
+        try:
+            asked[contact] = (conn, conn.send(msg_type, timeout=0))
+            sent[contact] = time.perf_counter()
+        except PeerError as e:
+            out[contact] = e
+    deadline = time.monotonic() + timeout
+    while asked:
+        for contact, (conn, req_id) in list(asked.items()):
+            try:
+                reply: Message | PeerError | None = conn.take(req_id, REPLY_TYPES[msg_type])
+            except PeerError as e:
+                reply = e
+            if reply is not None:
+                out[contact] = reply
+                del asked[contact]
+                if rtts is not None and not isinstance(reply, PeerError):
+                    rtts[contact] = time.perf_counter() - sent[contact]
+        left = deadline - time.monotonic()
+        if not asked or left <= 0:
+            break
+        poller = zmq.Poller()
+        for conn, _ in asked.values():
+            conn.register(poller)
+            left = conn.poll_limit(left)
+        poller.poll(max(1, int(left * 1000)))
+    out.update((contact, PeerTimeout(conn.address, timeout)) for contact, (conn, _) in asked.items())
+    return out
