@@ -102,7 +102,7 @@ class SwarmModel:
             if bootstrap:
                 from .discovery import add_from_bootstrap
                 swarm.bootstraps = list(bootstrap)
-                add_from_bootstrap(swarm, bootstrap, timeout)
+                add_from_bootstrap(swarm, bootstrap, timeout, time_peers=True)
             if peers:
                 swarm.add_addresses(peers, timeout)
             swarm.warn_rejected()

@@ -198,8 +198,9 @@ def record_info(record: Record) -> dict:
             "seq": record.seq, "source": "record"}
 
 
-def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0) -> int:
-    """Fill `swarm` (client/swarm.py) with the peers of its model from the bootstraps' tables.
+def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0, time_peers: bool = False) -> int:
+    """Fill `swarm` (client/swarm.py) with the peers of its model from the bootstraps' tables;
+    with `time_peers` (a connect), time the round trip of each (round_trips.measure_round_trips).
 
     Peers are keyed by their contact string (endpoint#key); where records of several peer ids
     name one contact, the node behind it says which is its own (`_owners`). Records of --insecure
@@ -214,7 +215,7 @@ def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0)
     if not fetched.answered:
         detail = "; ".join(fetched.errors.values())  # each names its contact
         raise DiscoveryError(f"no bootstrap node answered ({detail})")
-    return add_fetched(swarm, fetched, timeout)
+    return add_fetched(swarm, fetched, timeout, time_peers=time_peers)
 
 
 class BackgroundFetch:
@@ -228,7 +229,9 @@ class BackgroundFetch:
         self.finished = 0.0  # monotonic, when it was read
         self.done = threading.Event()
         args = (list(swarm.bootstraps), timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
-        timed = set(swarm.timed)  # (a copy: the swarm's thread goes on changing its own)
+        # Peers timed already (a copy: the swarm's thread goes on changing its own); those silent
+        # then are timed again.
+        timed = {c for c, seconds in swarm.timed.items() if seconds is not None}
         threading.Thread(target=self._run, args=(args, timed), daemon=True, name="nanoswarm-refresh").start()
 
     def _run(self, args: tuple, timed: set[str]) -> None:
@@ -250,16 +253,20 @@ class BackgroundFetch:
             self.done.set()
 
 
-def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: bool = False) -> int:
+def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: bool = False,
+                time_peers: bool = False) -> int:
     """Fill `swarm` from bootstrap tables that `fetch_table` read (at least one answered): see
     add_from_bootstrap. Returns how many peers were added. `quiet`: bootstraps that did not
-    answer are logged at INFO (a periodic refresh would warn about a dead one every minute)."""
+    answer are logged at INFO (a periodic refresh would warn about a dead one every minute).
+    `time_peers`: time those not timed yet, here (a connect); a refresh does not wait for it (a
+    frozen peer would hold a failover, or an open and the model's lock: review103)."""
     fetched.warn_unanswered(logging.INFO if quiet else logging.WARNING)
-    # A peer's round trip is the bootstraps' until measured (measure_round_trips, below); a
-    # bootstrap's own is the one its table's fetch took.
+    # A peer's round trip is the bootstraps' until it is timed (PeerTable.rtt_of): by the
+    # connect, or with a read in the background (fetched.timed), whose fresh times come first.
     rtt = min(fetched.rtt.values())
-    for contact, took in [*fetched.rtt.items(), *fetched.timed.items()]:
-        swarm.timed.setdefault(contact, took)
+    for contact, seconds in fetched.timed.items():
+        if seconds is not None or contact not in swarm.timed:
+            swarm.timed[contact] = seconds
     claims: dict[str, list[Record]] = {}
     for record in fetched.table.records(swarm.model_id):
         claims.setdefault(record_contact(record), []).append(record)
@@ -281,7 +288,7 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
         record = records[0] if len(records) == 1 else owners.get(contact)
         if record is None:
             continue
-        swarm.add_info(contact, record_info(record), swarm.timed.get(contact) or rtt,
+        swarm.add_info(contact, record_info(record), swarm.rtt_of(contact, rtt),
                        curve_key=None if record.insecure else record.curve_key)
         added[record.peer_id] = contact
     # A peer that restarted elsewhere (its signed record, newer, names a new contact): its old
@@ -290,7 +297,10 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
         if added.get(peer.peer_id, address) != address:
             swarm.forget(address, f"peer {peer.peer_id} is now at {added[peer.peer_id]}")
     log.info("bootstrap: %d records, %d peers for model %s", len(fetched.table), len(added), swarm.model_id[:12])
-    measure_round_trips(swarm, [c for c in added.values() if c in swarm.peers], min(timeout, PROBE_SECONDS))
+    for contact in [c for c in swarm.timed if c not in swarm.peers and c not in swarm.contacts]:
+        del swarm.timed[contact]  # (peers gone: the table is all there is to time)
+    if time_peers:
+        measure_round_trips(swarm, [c for c in added.values() if c in swarm.peers], min(timeout, PROBE_SECONDS))
     return len(added)
 
 

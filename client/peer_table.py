@@ -18,7 +18,7 @@ from nanoswarm.protocol.messages import finite_float, parse_range
 from .discovery import BackgroundFetch, DiscoveryError, add_fetched, add_from_bootstrap
 from .options import SwarmOptions
 from .peer_errors import PeerError
-from .round_trips import ask_all
+from .round_trips import PROBE_SECONDS, ask_all
 from .route import PeerInfo, RouteError, StagePlan, build_route
 
 if TYPE_CHECKING:
@@ -71,8 +71,8 @@ class PeerTable:
     rejected: dict[str, str] = field(default_factory=dict)       # address -> why it was not used
     bootstraps: list[str] = field(default_factory=list)          # asked again when no route is found
     contacts: dict[str, None] = field(default_factory=dict)      # every address asked for its info, in order
-    # Round trips measured after the handshake, by address (None: tried, no answer in time):
-    # add_addresses, a bootstrap's fetch, round_trips.measure_round_trips; kept over refreshes.
+    # Round trips measured after the handshake, by address (None: no answer in time), kept over
+    # refreshes: add_addresses, round_trips.measure_round_trips, a background read (rtt_of).
     timed: dict[str, float | None] = field(default_factory=dict)
     _refreshed: float = -REFRESH_SECONDS
     _asked: float = field(default_factory=time.monotonic)  # when a peer's info or record was last taken
@@ -148,6 +148,16 @@ class PeerTable:
         now = time.monotonic()
         return [self._with_held(p) for a, p in self.peers.items() if (a not in self.bans or self.bans[a].until <= now)
                 and a not in refused and (max_length is None or takes(p, max_length))]
+
+    def rtt_of(self, address: str, estimate: float) -> float:
+        """The round trip to count for `address`: as timed; if silent when timed, as slow as the
+        wait (a frozen peer tied with like ones and took sessions, each then costing a failover),
+        still usable where nothing else serves its blocks; not timed yet, `estimate` (a
+        bootstrap's round trip)."""
+        if address not in self.timed:
+            return estimate
+        seconds = self.timed[address]
+        return seconds if seconds is not None else max(estimate, PROBE_SECONDS)
 
     def _with_held(self, peer: PeerInfo) -> PeerInfo:
         """`peer`, its load counting the sessions this client holds on it (SESSION_LOAD each)."""

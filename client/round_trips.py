@@ -25,47 +25,51 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROBE_PEERS = 32  # peers of a table whose round trips are measured at once (measure_round_trips)
-PROBE_SECONDS = 2.0  # the most a measure of round trips waits, handshakes and answers together
+PROBE_PEERS = 32  # peers a connect times itself (measure_round_trips; of more, a sample)
+BACKGROUND_PEERS = 128  # peers a background read of a table times (time_records; nothing waits on it)
+PROBE_SECONDS = 2.0  # the most a timing waits, handshakes and answers together
+# Requests a peer is timed by, the fastest kept: one alone, on a fresh link, came out 2-5x the
+# round trip and noisy on loopback, enough to part like peers (review103).
+PROBE_ROUNDS = 3
 
 
 def measure_round_trips(swarm: Swarm, contacts: list[str], timeout: float) -> None:
-    """Time one `info` to each of `contacts` (peers known from their records) not timed before,
-    all at once over the swarm's links once their handshakes are done, within one `timeout`; at
-    most PROBE_PEERS of them (a sample of more). Every peer of a bootstrap's table had the
+    """Time each of `contacts` (peers known from their records) not timed before, over the
+    swarm's links once their handshakes are done, all at once within one `timeout`: at a
+    connect (nothing waits on a session yet). Every peer of a bootstrap's table had the
     bootstrap's round trip, so a route could not tell a peer across an ocean from one next door.
-    One that does not answer in time keeps the bootstrap's and is not asked again (a frozen peer
-    would cost every refresh its wait); its link is closed, unless sessions use it."""
-    todo = _untimed(contacts, swarm.timed)
+    At most PROBE_PEERS (a sample of more: a background read times the rest). One silent in time
+    counts as slow as the wait (`PeerTable.rtt_of`) until a background read times it, and its
+    link is closed. Links that sessions use are not asked: a drop report read here would be lost
+    to them (review103)."""
+    todo = [c for c in _untimed(contacts, swarm.timed, PROBE_PEERS) if not swarm.held(c)]
     conns: dict[str, PeerConnection] = {}
     for contact in todo:
         swarm.timed[contact] = None  # tried
         with contextlib.suppress(PeerError):  # (the route's open says why)
             conns[contact] = swarm.connection(contact)
     rtts = time_links(conns, timeout)
-    for contact in conns:
-        rtt = rtts.get(contact)
-        if rtt is not None:
-            swarm.timed[contact] = rtt
-            if contact in swarm.peers:
-                swarm.peers[contact].rtt = rtt
-        elif not swarm.held(contact):
+    for contact in todo:
+        swarm.timed[contact] = rtts.get(contact)
+        if contact in swarm.peers:
+            swarm.peers[contact].rtt = swarm.rtt_of(contact, swarm.peers[contact].rtt)
+        if contact not in rtts:
             swarm._close_link(contact)  # a fresh one if a route takes it: no stale drop to report
     if todo:
         log.info("round trips of %d peers measured, %d in time: %s", len(todo), len(rtts),
-                 ", ".join(f"{c[:40]} {1e3 * t:.1f} ms" for c, t in sorted(rtts.items(), key=lambda x: x[1])[:8]))
+                 ", ".join(f"{c[:40]} {1e3 * t:.2f} ms" for c, t in sorted(rtts.items(), key=lambda x: x[1])[:8]))
 
 
 def time_records(table: RecordTable, model_id: str, timed: Collection[str], timeout: float,
                  client_keys: tuple[bytes, bytes] | None, insecure: bool) -> dict[str, float | None]:
-    """`time_links` to the peers of `table`'s records of `model_id` not among `timed`, over
-    links of its own, closed after (None: no answer in time): for a read on a thread other than
-    the swarm's, whose links are not this thread's to use."""
+    """`time_links` to the peers of `table`'s records of `model_id` not among `timed` (at most
+    BACKGROUND_PEERS), over links of its own, closed after (None: no answer in time): for a read
+    on a thread other than the swarm's, whose links are not this thread's to use."""
     keys = {record_contact(r): None if r.insecure else r.curve_key for r in table.records(model_id)
             if insecure or not r.insecure}
     conns: dict[str, PeerConnection] = {}
     try:
-        for contact in _untimed(keys, timed):
+        for contact in _untimed(keys, timed, BACKGROUND_PEERS):
             with contextlib.suppress(ValueError, zmq.ZMQError):  # a contact ZeroMQ cannot connect to
                 conns[contact] = PeerConnection(contact, timeout, server_key=keys[contact], client_keys=client_keys)
         return {**dict.fromkeys(conns), **time_links(conns, timeout)}
@@ -74,19 +78,25 @@ def time_records(table: RecordTable, model_id: str, timed: Collection[str], time
             conn.close()
 
 
-def _untimed(contacts: Iterable[str], timed: Collection[str]) -> list[str]:
-    """Those of `contacts` not among `timed`: at most PROBE_PEERS, a sample of more."""
+def _untimed(contacts: Iterable[str], timed: Collection[str], most: int) -> list[str]:
+    """Those of `contacts` not among `timed`: at most `most`, a sample of more."""
     todo = [c for c in dict.fromkeys(contacts) if c not in timed]
-    return random.sample(todo, PROBE_PEERS) if len(todo) > PROBE_PEERS else todo
+    return random.sample(todo, most) if len(todo) > most else todo
 
 
 def time_links(conns: dict[str, PeerConnection], timeout: float) -> dict[str, float]:
-    """Seconds of one `info` round trip on each of `conns` that answers within `timeout`, timed
-    once its handshake is done (review99), all at once."""
+    """The round trip in seconds of each of `conns` that answers `info` within `timeout`: the
+    fastest of PROBE_ROUNDS, timed once its handshake is done (review99), all links at once."""
     deadline = time.monotonic() + timeout
     ready = {c: conn for c, conn in conns.items() if conn.wait_handshake(max(0.0, deadline - time.monotonic()))}
     rtts: dict[str, float] = {}
-    ask_all(ready, "info", max(0.0, deadline - time.monotonic()), rtts)
+    for _ in range(PROBE_ROUNDS):
+        took: dict[str, float] = {}
+        if ready and (left := deadline - time.monotonic()) > 0:
+            ask_all(ready, "info", left, took)
+        for contact, seconds in took.items():
+            rtts[contact] = min(seconds, rtts.get(contact, seconds))
+        ready = {c: ready[c] for c in took}  # one silent now is not asked again
     return rtts
 
 

@@ -4,7 +4,7 @@ Cost of a route, compared in this order: round trips per token (a layer stage is
 group is two per block, its members answering in parallel), then the time a token is expected
 to take (each stage's measured round trips plus its compute, from the throughput its peers
 state: a GPU peer beats a CPU peer serving the same blocks), where every route within TIME_STEP
-of the fastest ties, then the fewest stages (each holds a session on its peers), then the
+of the fastest (and TIE_SLACK_US more) ties, then the fewest stages (each holds a session on its peers), then the
 lowest load (which spreads sessions over peers that tie), then the exact time.
 Shortest path over block boundaries; the swarm is small enough (blocks x peers) that a plain
 dynamic program is instant.
@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 # throughputs and round trips of like peers differ by a few percent from run to run, and within
 # that noise the lower load should decide, not the last digit of a measurement.
 TIME_STEP = 1.25
+# ... and this much more (microseconds): timing a peer's round trip on a busy machine is noisy by
+# about that much, which parted like peers of a fast route (loopback, a small model) past the
+# factor alone (review103: 0.5-2 ms for like peers of 2 ms compute).
+TIE_SLACK_US = 1000
 MAX_BLOCK_US = 10**9  # a block's compute counts at most this: a stated throughput near 0 is not infinite
 
 
@@ -101,7 +105,7 @@ def _head_partition(peers: list[PeerInfo], n_head: int,
                     block_us: dict[int, int]) -> tuple[list[PeerInfo], list[tuple[int, int]]] | None:
     """Fewest peers whose head ranges exactly tile 0..n_head. Among equals, groups whose slowest
     member (a block: its two round trips plus its compute) is within TIME_STEP of the fastest
-    group's tie, and the lowest summed load wins (a program's sessions spread over like members,
+    group's (and TIE_SLACK_US) tie, and the lowest summed load wins (a program's sessions spread over like members,
     as over like layer peers), then the fastest."""
     def member_us(p: PeerInfo) -> float:
         return 2e6 * p.rtt + block_us[id(p)]
@@ -109,7 +113,7 @@ def _head_partition(peers: list[PeerInfo], n_head: int,
     fastest = _tiling(peers, n_head, member_us, with_load=False)
     if fastest is None:
         return None
-    near = [p for p in peers if member_us(p) <= TIME_STEP * fastest[0][-1]]  # fastest's members among them
+    near = [p for p in peers if member_us(p) - TIE_SLACK_US <= TIME_STEP * fastest[0][-1]]  # fastest's among them
     chosen = _tiling(near, n_head, member_us, with_load=True)[1]  # type: ignore[index]
     return chosen, [p.heads for p in chosen]  # type: ignore[misc]
 
@@ -182,14 +186,14 @@ def _uncovered_detail(peers: list[PeerInfo], uncovered: list[int], n_head: int) 
 def _kept(arrived: list[tuple[tuple, list[StagePlan]]], fastest: int) -> tuple[tuple, list[StagePlan]]:
     """Of the routes that reach one block boundary, (cost, stages), the one to go on from: the
     fewest round trips; among those, every one within TIME_STEP of `fastest` (microseconds: the
-    fastest route to this boundary of all, not only of those that arrived) ties, and the fewest
+    fastest route to this boundary of all, not only of those that arrived), and TIE_SLACK_US, ties, and the fewest
     stages, the lowest load, then the exact time decide. Cost: (round trips, expected
     microseconds, stages, load)."""
     fastest = max(1, fastest)
 
     def ranked(item: tuple[tuple, list[StagePlan]]) -> tuple:
         cost = item[0]
-        steps = math.floor(math.log(max(1, cost[1]) / fastest) / math.log(TIME_STEP))
+        steps = max(0, math.floor(math.log(max(1, cost[1] - TIE_SLACK_US) / fastest) / math.log(TIME_STEP)))
         return cost[0], steps, cost[2], cost[3], cost[1]
     return min(arrived, key=ranked)
 

@@ -47,6 +47,9 @@ RECONNECT_MAX_MS = 10_000
 # would otherwise cost the request its whole timeout (a review). A reconnect and its CURVE
 # handshake are ~5 round trips (1.5 s at a 300 ms RTT): a hold of 1 s got a healthy node that
 # restarted while its clients sat idle banned by each of them on such a link (review92).
+# The most messages one take() reads: a peer that sends without end (late replies, notices)
+# kept its reader in take() past any deadline of its caller (review103).
+MAX_TAKE_READS = 1024
 HOLD_SECONDS = 2.5  # ~5 round trips of 300 ms, or one SYN lost (Linux sends it again after 1 s) and a few of 200 ms
 
 
@@ -224,9 +227,10 @@ class PeerConnection(LinkSessions):
         `expect`, raises PeerError), without waiting;
         other messages read meanwhile are notices or late replies, and are dropped. A drop of the
         connection raises PeerError("disconnected") once (the socket reconnects by itself), after
-        the replies that came before it."""
+        the replies that came before it. None, too, after MAX_TAKE_READS messages that were not
+        it: the caller's deadline decides whether to look again."""
         self._check_open()
-        while True:
+        for _ in range(MAX_TAKE_READS):
             if self._unread is not None or self.socket.get(zmq.EVENTS) & zmq.POLLIN:
                 msg = self._read()
                 if msg is not None and msg.id == req_id:  # else a late reply to a request we gave up on
@@ -248,6 +252,7 @@ class PeerConnection(LinkSessions):
                 (code, message), self._dropped, self._harmless = self._dropped, None, False
                 raise PeerError(self.address, code, message)
             return None
+        return None  # a flood: the caller's deadline comes first
 
     def timed_request(self, msg_type: str, fields: dict[str, Any] | None = None,
                       timeout: float | None = None) -> tuple[Message, float]:

@@ -847,9 +847,11 @@ def test_disputed_contacts_are_asked_at_once_and_dropped_when_silent():
 
 def test_a_round_trip_not_measured_in_time_keeps_the_estimate_and_is_not_asked_again():
     """A peer that takes the handshake but never answers, and one whose handshake never ends
-    (nothing listens), cost one wait for both, keep the bootstrap's round trip, have their links
-    closed, and are not asked again: a frozen peer in the table would cost every refresh."""
-    from nanoswarm.client.round_trips import measure_round_trips
+    (nothing listens), cost one wait for both, count as slow as the wait (a frozen peer tied
+    with like ones and took sessions), have their links closed, and are not asked again by the
+    swarm's thread (a frozen peer in the table would cost every refresh; a background read of
+    the table times them again)."""
+    from nanoswarm.client.round_trips import PROBE_SECONDS, measure_round_trips
     from nanoswarm.client.route import PeerInfo
     from nanoswarm.client.swarm import Swarm
 
@@ -863,13 +865,47 @@ def test_a_round_trip_not_measured_in_time_keeps_the_estimate_and_is_not_asked_a
         measure_round_trips(swarm, [mute, dead], timeout=1.0)
         assert 0.9 < time.monotonic() - t0 < 2.5  # one wait for both
         assert swarm.timed == {mute: None, dead: None} and not swarm._conns
-        assert [p.rtt for p in swarm.peers.values()] == [0.004, 0.004]
+        assert [p.rtt for p in swarm.peers.values()] == [PROBE_SECONDS, PROBE_SECONDS]
         t0 = time.monotonic()
         measure_round_trips(swarm, [mute, dead], timeout=1.0)
         assert time.monotonic() - t0 < 0.5 and not swarm._conns  # not asked again
     finally:
         swarm.close()
         silent.close()
+
+
+def test_a_peer_flooding_its_link_does_not_hold_a_timing_past_its_wait():
+    """A peer that sends without end kept its reader in `PeerConnection.take` for as long as the
+    flood lasted, past any deadline (review103: a 1 s timing returned after 3.8 s); any record's
+    signer is timed at a connect. take() now gives up after MAX_TAKE_READS messages."""
+    from nanoswarm.client.round_trips import time_links
+
+    flood = """
+import sys, time, zmq
+from nanoswarm.protocol.messages import encode
+flooder = zmq.Context().socket(zmq.ROUTER)
+print(flooder.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+ident = flooder.recv_multipart()[0]  # the first request: then late "replies", without end
+frames = encode("error", 12345, {"code": "x", "message": "y"}, (), "float32")
+until = time.monotonic() + 6.0
+while time.monotonic() < until:
+    try:
+        flooder.send_multipart([ident, *frames], zmq.NOBLOCK)
+    except zmq.Again:
+        time.sleep(0.0001)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", flood], stdout=subprocess.PIPE, text=True)
+    conn = None
+    try:
+        conn = PeerConnection(f"tcp://127.0.0.1:{int(proc.stdout.readline())}", 10.0)
+        t0 = time.monotonic()
+        assert time_links({"flood": conn}, 1.0) == {}
+        assert time.monotonic() - t0 < 3.0  # its 1 s wait, not the 6 s flood
+    finally:
+        if conn is not None:
+            conn.close()
+        proc.kill()
+        proc.wait()
 
 
 def test_a_leaving_node_stops_offering_its_record_even_when_its_table_refuses_the_departure():
