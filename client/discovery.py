@@ -22,7 +22,7 @@ from nanoswarm.keys.records import EXPIRED, TOO_FAR_FUTURE, Record, check_endpoi
 from nanoswarm.keys.table import STALE_SEQ, RecordTable
 
 from .peer_errors import PeerError, PeerTimeout
-from .round_trips import PROBE_SECONDS, ask_all, measure_round_trips, time_records
+from .round_trips import PROBE_SECONDS, RETIME_SECONDS, ask_all, measure_round_trips, time_records
 from .transport import PeerConnection
 
 if TYPE_CHECKING:
@@ -230,8 +230,8 @@ class BackgroundFetch:
         self.done = threading.Event()
         args = (list(swarm.bootstraps), timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
         # Peers timed already (a copy: the swarm's thread goes on changing its own); those silent
-        # then are timed again.
-        timed = {c for c, seconds in swarm.timed.items() if seconds is not None}
+        # then, or whose answer came late in the wait (a long batch ending), are timed again.
+        timed = {c for c, seconds in swarm.timed.items() if seconds is not None and seconds < RETIME_SECONDS}
         threading.Thread(target=self._run, args=(args, timed), daemon=True, name="nanoswarm-refresh").start()
 
     def _run(self, args: tuple, timed: set[str]) -> None:
@@ -264,9 +264,7 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
     # A peer's round trip is the bootstraps' until it is timed (PeerTable.rtt_of): by the
     # connect, or with a read in the background (fetched.timed), whose fresh times come first.
     rtt = min(fetched.rtt.values())
-    for contact, seconds in fetched.timed.items():
-        if seconds is not None or contact not in swarm.timed:
-            swarm.timed[contact] = seconds
+    take_timed(swarm, fetched)
     claims: dict[str, list[Record]] = {}
     for record in fetched.table.records(swarm.model_id):
         claims.setdefault(record_contact(record), []).append(record)
@@ -302,6 +300,17 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
     if time_peers:
         measure_round_trips(swarm, [c for c in added.values() if c in swarm.peers], min(timeout, PROBE_SECONDS))
     return len(added)
+
+
+def take_timed(swarm: Swarm, fetched: Fetched) -> None:
+    """The round trips a background read timed (fresh ones over older), also where its records
+    are not taken in (read too long ago: review104, a program opening a session less than once a
+    minute never took one in, so its peers stayed untimed)."""
+    for contact, seconds in fetched.timed.items():
+        if seconds is not None or contact not in swarm.timed:
+            swarm.timed[contact] = seconds
+            if contact in swarm.peers:
+                swarm.peers[contact].rtt = swarm.rtt_of(contact, swarm.peers[contact].rtt)
 
 
 def _owners(swarm: Swarm, disputed: dict[str, list[Record]], timeout: float) -> dict[str, Record]:

@@ -15,7 +15,7 @@ from nanoswarm.keys.contact import split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
 from nanoswarm.protocol.messages import finite_float, parse_range
 
-from .discovery import BackgroundFetch, DiscoveryError, add_fetched, add_from_bootstrap
+from .discovery import BackgroundFetch, DiscoveryError, Fetched, add_fetched, add_from_bootstrap, take_timed
 from .options import SwarmOptions
 from .peer_errors import PeerError
 from .round_trips import PROBE_SECONDS, ask_all
@@ -246,6 +246,8 @@ class PeerTable:
         the swarm's links, a refresh would read, and use up, the report of one that dropped."""
         fetch = self._fetching
         if fetch is not None and fetch.done.is_set() and time.monotonic() - fetch.finished >= TABLE_SECONDS:
+            if isinstance(fetch.result, Fetched):
+                take_timed(self, fetch.result)  # its round trips hold yet
             fetch = self._fetching = None  # read too long ago to be taken in: read again below
         if fetch is not None and fetch.done.is_set():
             self._fetching, self._asked = None, time.monotonic()  # tried: the next in TABLE_SECONDS

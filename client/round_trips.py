@@ -18,7 +18,7 @@ from nanoswarm.keys.table import RecordTable
 from nanoswarm.protocol.messages import REPLY_TYPES, Message
 
 from .peer_errors import PeerError, PeerTimeout
-from .transport import PeerConnection
+from .transport import MAX_TAKE_READS, PeerConnection
 
 if TYPE_CHECKING:
     from .swarm import Swarm
@@ -31,6 +31,7 @@ PROBE_SECONDS = 2.0  # the most a timing waits, handshakes and answers together
 # Requests a peer is timed by, the fastest kept: one alone, on a fresh link, came out 2-5x the
 # round trip and noisy on loopback, enough to part like peers (review103).
 PROBE_ROUNDS = 3
+RETIME_SECONDS = PROBE_SECONDS / 4  # a round trip this long may have been a late answer: timed again
 
 
 def measure_round_trips(swarm: Swarm, contacts: list[str], timeout: float) -> None:
@@ -86,18 +87,54 @@ def _untimed(contacts: Iterable[str], timed: Collection[str], most: int) -> list
 
 def time_links(conns: dict[str, PeerConnection], timeout: float) -> dict[str, float]:
     """The round trip in seconds of each of `conns` that answers `info` within `timeout`: the
-    fastest of PROBE_ROUNDS, timed once its handshake is done (review99), all links at once."""
+    fastest of PROBE_ROUNDS, timed once its handshake is done (review99). Each link is asked as
+    soon as its own handshake is done and again as soon as it answers: waiting for all at each
+    step, one frozen peer left every other untimed, and one that never answered left the others
+    a single sample (review104). A link that floods (MAX_TAKE_READS messages, none its answer)
+    is timed no more: its flood would delay the reading, and so inflate the timing, of
+    every other reply (and one that flooded and answered fast would look the nearest)."""
     deadline = time.monotonic() + timeout
-    ready = {c: conn for c, conn in conns.items() if conn.wait_handshake(max(0.0, deadline - time.monotonic()))}
     rtts: dict[str, float] = {}
-    for _ in range(PROBE_ROUNDS):
-        took: dict[str, float] = {}
-        if ready and (left := deadline - time.monotonic()) > 0:
-            ask_all(ready, "info", left, took)
-        for contact, seconds in took.items():
-            rtts[contact] = min(seconds, rtts.get(contact, seconds))
-        ready = {c: ready[c] for c in took}  # one silent now is not asked again
-    return rtts
+    rounds = dict.fromkeys(conns, 0)
+    shaking = dict(conns)  # handshake not done yet
+    asked: dict[str, tuple[int, float]] = {}  # contact -> (request id, when it was sent)
+    strays = {contact: conn.strays for contact, conn in conns.items()}
+
+    def ask(contact: str) -> None:
+        with contextlib.suppress(PeerError):  # gone meanwhile: nothing to time
+            asked[contact] = (conns[contact].send("info", timeout=0), time.perf_counter())
+
+    while True:
+        for contact, conn in list(shaking.items()):
+            if conn.wait_handshake(0):
+                del shaking[contact]
+                ask(contact)
+            elif conn.dropped or conn.socket.closed:  # never came up (nothing listens): nothing to time
+                del shaking[contact]
+        for contact, (req_id, sent) in list(asked.items()):
+            conn = conns[contact]
+            try:
+                reply = conn.take(req_id, "info_reply")
+            except PeerError:
+                reply = None
+            else:
+                if reply is None and conn.strays - strays[contact] < MAX_TAKE_READS:
+                    continue  # not come yet
+            del asked[contact]
+            if reply is None:  # an error, or a flood
+                rtts.pop(contact, None)
+                continue
+            took = time.perf_counter() - sent
+            rtts[contact], rounds[contact] = min(took, rtts.get(contact, took)), rounds[contact] + 1
+            if rounds[contact] < PROBE_ROUNDS:
+                ask(contact)
+        left = deadline - time.monotonic()
+        if left <= 0 or not (shaking or asked):
+            return rtts
+        poller = zmq.Poller()
+        for contact in [*shaking, *asked]:
+            conns[contact].register(poller)
+        poller.poll(max(1, int(min(left, 0.05) * 1000)))
 
 
 def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float,

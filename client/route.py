@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 # throughputs and round trips of like peers differ by a few percent from run to run, and within
 # that noise the lower load should decide, not the last digit of a measurement.
 TIME_STEP = 1.25
-# ... and this much more (microseconds): timing a peer's round trip on a busy machine is noisy by
-# about that much, which parted like peers of a fast route (loopback, a small model) past the
-# factor alone (review103: 0.5-2 ms for like peers of 2 ms compute).
+# ... and this much more (microseconds), at most the fastest's own time (else a peer 10x slower
+# tied with a GPU peer of a small model, review104): timing a peer's round trip on a busy
+# machine is noisy by about that much, which parted like peers of a fast route (loopback, a
+# small model) past the factor alone (review103: 0.5-2 ms for like peers of 2 ms compute).
 TIE_SLACK_US = 1000
 MAX_BLOCK_US = 10**9  # a block's compute counts at most this: a stated throughput near 0 is not infinite
 
@@ -101,19 +102,22 @@ def format_layers(layers: list[int]) -> str:
     return ", ".join(spans)
 
 
-def _head_partition(peers: list[PeerInfo], n_head: int,
-                    block_us: dict[int, int]) -> tuple[list[PeerInfo], list[tuple[int, int]]] | None:
+def _head_partition(peers: list[PeerInfo], n_head: int, block_us: dict[int, int],
+                    blocks: int = 1) -> tuple[list[PeerInfo], list[tuple[int, int]]] | None:
     """Fewest peers whose head ranges exactly tile 0..n_head. Among equals, groups whose slowest
     member (a block: its two round trips plus its compute) is within TIME_STEP of the fastest
-    group's (and TIE_SLACK_US) tie, and the lowest summed load wins (a program's sessions spread over like members,
-    as over like layer peers), then the fastest."""
+    group's (and TIE_SLACK_US over the group's `blocks`) tie, and the lowest summed load wins (a
+    program's sessions spread over like members, as over like layer peers), then the fastest."""
     def member_us(p: PeerInfo) -> float:
         return 2e6 * p.rtt + block_us[id(p)]
 
     fastest = _tiling(peers, n_head, member_us, with_load=False)
     if fastest is None:
         return None
-    near = [p for p in peers if member_us(p) - TIE_SLACK_US <= TIME_STEP * fastest[0][-1]]  # fastest's among them
+    # The slack is the stage's, over all its blocks (review104: counted a block, 4.2x slower
+    # members tied over 12), and at most the fastest's own time, as in _kept.
+    slack = min(TIE_SLACK_US / blocks, fastest[0][-1])
+    near = [p for p in peers if member_us(p) - slack <= TIME_STEP * fastest[0][-1]]  # fastest's among them
     chosen = _tiling(near, n_head, member_us, with_load=True)[1]  # type: ignore[index]
     return chosen, [p.heads for p in chosen]  # type: ignore[misc]
 
@@ -161,7 +165,7 @@ def candidate_stages(peers: list[PeerInfo], pos: int, stop: int, n_head: int,
     block_us = blocks_us(peers) if block_us is None else block_us
     lo = pos + 1
     for end in reach:  # the members reaching `end` are those that reach every block up to it
-        found = _head_partition([p for p in heads if p.layers[1] >= end], n_head, block_us)
+        found = _head_partition([p for p in heads if p.layers[1] >= end], n_head, block_us, end - pos)
         if found:
             out.extend(StagePlan(pos, e, found[0], found[1]) for e in range(lo, end + 1)
                        if e == end or e in starts)
@@ -186,14 +190,16 @@ def _uncovered_detail(peers: list[PeerInfo], uncovered: list[int], n_head: int) 
 def _kept(arrived: list[tuple[tuple, list[StagePlan]]], fastest: int) -> tuple[tuple, list[StagePlan]]:
     """Of the routes that reach one block boundary, (cost, stages), the one to go on from: the
     fewest round trips; among those, every one within TIME_STEP of `fastest` (microseconds: the
-    fastest route to this boundary of all, not only of those that arrived), and TIE_SLACK_US, ties, and the fewest
+    fastest route to this boundary of all, not only of those that arrived), and TIE_SLACK_US (at
+    most `fastest`) more, ties, and the fewest
     stages, the lowest load, then the exact time decide. Cost: (round trips, expected
     microseconds, stages, load)."""
     fastest = max(1, fastest)
+    slack = min(TIE_SLACK_US, fastest)
 
     def ranked(item: tuple[tuple, list[StagePlan]]) -> tuple:
         cost = item[0]
-        steps = max(0, math.floor(math.log(max(1, cost[1] - TIE_SLACK_US) / fastest) / math.log(TIME_STEP)))
+        steps = max(0, math.floor(math.log(max(1, cost[1] - slack) / fastest) / math.log(TIME_STEP)))
         return cost[0], steps, cost[2], cost[3], cost[1]
     return min(arrived, key=ranked)
 

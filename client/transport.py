@@ -143,6 +143,7 @@ class PeerConnection(LinkSessions):
         self.open_sent = 0.0  # when the open of the last session opened went out (idle_clock)
         self._unread: list | None = None  # a reply whose reading Ctrl-C cut short (_read)
         self.closes_queued = False  # a `close` was sent: closing the socket must let it leave
+        self.strays = 0  # messages take() read that were not the reply it looked for
 
     def register(self, poller: zmq.Poller) -> None:
         """Have `poller` wake for this connection's replies and for its drop."""
@@ -241,6 +242,7 @@ class PeerConnection(LinkSessions):
                     return msg
                 if msg is not None and msg.id in self._orphans:
                     self._orphan_answered(msg)
+                self.strays += 1
                 continue
             self.drain_events(awaiting=True)
             if self.socket.get(zmq.EVENTS) & zmq.POLLIN:  # replies that came first still count

@@ -874,11 +874,44 @@ def test_a_round_trip_not_measured_in_time_keeps_the_estimate_and_is_not_asked_a
         silent.close()
 
 
-def test_a_peer_flooding_its_link_does_not_hold_a_timing_past_its_wait():
+def test_a_timing_is_held_back_by_no_frozen_or_silent_peer(tiny_model_dir, cluster_factory):
+    """Review104: handshakes were waited for one after another, so a peer whose handshake never
+    ends (frozen) used up the whole wait and no peer was timed; and each round waited for every
+    peer, so one that never answered left the others a single sample. Each link is now asked as
+    soon as its own handshake is done, and again as soon as it answers."""
+    import socket
+
+    from nanoswarm.client.round_trips import PROBE_ROUNDS, time_links
+
+    node = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
+    silent, mute = _curve_router()  # takes the handshake, never answers
+    frozen = socket.create_server(("127.0.0.1", 0))  # takes the TCP connection, never speaks
+    stuck = format_contact(f"tcp://127.0.0.1:{frozen.getsockname()[1]}", generate_identity().curve_public)
+    conns = {c: PeerConnection(c, 10.0) for c in (node, mute, stuck)}
+    asked = []
+    send = conns[node].send
+    conns[node].send = lambda *args, **kw: asked.append(args[0]) or send(*args, **kw)
+    try:
+        t0 = time.monotonic()
+        rtts = time_links(conns, 1.0)
+        assert 0.9 < time.monotonic() - t0 < 2.5
+        assert list(rtts) == [node] and 0 < rtts[node] < 0.1
+        assert asked == ["info"] * PROBE_ROUNDS
+    finally:
+        for conn in conns.values():
+            conn.close()
+        silent.close()
+        frozen.close()
+
+
+def test_a_peer_flooding_its_link_does_not_hold_a_timing_past_its_wait(tiny_model_dir, cluster_factory):
     """A peer that sends without end kept its reader in `PeerConnection.take` for as long as the
     flood lasted, past any deadline (review103: a 1 s timing returned after 3.8 s); any record's
-    signer is timed at a connect. take() now gives up after MAX_TAKE_READS messages."""
+    signer is timed at a connect. take() now gives up after MAX_TAKE_READS messages, and the
+    timing drops a link that floods: reading its flood first, every other peer's timing came out
+    16-24 ms on loopback (review104; one that flooded and answered fast would look the nearest)."""
     from nanoswarm.client.round_trips import time_links
+    from nanoswarm.client.transport import MAX_TAKE_READS
 
     flood = """
 import sys, time, zmq
@@ -894,15 +927,19 @@ while time.monotonic() < until:
     except zmq.Again:
         time.sleep(0.0001)
 """
+    node = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
     proc = subprocess.Popen([sys.executable, "-c", flood], stdout=subprocess.PIPE, text=True)
-    conn = None
+    conns = {}
     try:
-        conn = PeerConnection(f"tcp://127.0.0.1:{int(proc.stdout.readline())}", 10.0)
+        conns = {"flood": PeerConnection(f"tcp://127.0.0.1:{int(proc.stdout.readline())}", 10.0),
+                 node: PeerConnection(node, 10.0)}
         t0 = time.monotonic()
-        assert time_links({"flood": conn}, 1.0) == {}
-        assert time.monotonic() - t0 < 3.0  # its 1 s wait, not the 6 s flood
+        rtts = time_links(conns, 1.0)
+        assert time.monotonic() - t0 < 3.0  # its 1 s wait at most, not the 6 s flood
+        assert list(rtts) == [node] and rtts[node] < 0.012
+        assert conns["flood"].strays <= 2 * MAX_TAKE_READS  # dropped from the timing once seen flooding
     finally:
-        if conn is not None:
+        for conn in conns.values():
             conn.close()
         proc.kill()
         proc.wait()

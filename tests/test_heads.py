@@ -118,6 +118,17 @@ def test_route_cost_after_round_trips_is_time_then_load_and_a_group_takes_the_fe
     for idle_rtt, chosen in ((0.0013, "idle"), (0.004, "busy")):
         assert first([PeerInfo("busy", "busy", "m", (0, 12), rtt=0.0004, load=0.9, throughput=500.0),
                       PeerInfo("idle", "idle", "m", (0, 12), rtt=idle_rtt, load=0.1, throughput=500.0)]) == [chosen]
+    # ... but at most the fastest's own time (review104: a CPU peer 3-10x slower than a GPU peer of
+    # a small model tied with it, and took its sessions for a lower load)
+    for rtt, gpu_tps in ((0.0002, 5000.0), (0.00005, 20000.0)):
+        assert first([PeerInfo("gpu", "gpu", "m", (0, 4), rtt=rtt, load=0.1, throughput=gpu_tps),
+                      PeerInfo("cpu", "cpu", "m", (0, 4), rtt=rtt, throughput=1000.0)], 4) == ["gpu"]
+    # ... and a head group's is over all its blocks, not each (review104: members 4.2x slower over
+    # 12 blocks tied, for a lower load)
+    members = [PeerInfo(a, a, "m", (0, 12), heads, rtt=rtt, load=load, throughput=1e6 / (12 * 50))
+               for a, heads, rtt, load in (("A", (0, 6), 0.0001, 0.5), ("B", (6, 12), 0.0001, 0.5),
+                                           ("C", (0, 6), 0.0005, 0.0), ("D", (6, 12), 0.0005, 0.0))]
+    assert first(members) == ["A", "B"]
     # The window is measured from the fastest route of all at every boundary: kept for its load at
     # block 1 (124 against 100 ms), a prefix must not make the next block's window 1.25 x 124 ms
     # (review98: 154 ms chosen against 101 ms).
