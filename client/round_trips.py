@@ -137,19 +137,15 @@ def time_links(conns: dict[str, PeerConnection], timeout: float) -> dict[str, fl
         poller.poll(max(1, int(min(left, 0.05) * 1000)))
 
 
-def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float,
-            rtts: dict[str, float] | None = None) -> dict[str, Message | PeerError]:
+def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float) -> dict[str, Message | PeerError]:
     """Send `msg_type` on every connection at once and read the replies within one `timeout`:
     each contact's reply, or the PeerError it failed with (PeerTimeout: none in time). Asked in
-    turn, each contact that drops packets cost the others' wait its whole timeout. `rtts`, if
-    given, gets each reply's seconds from its request's send to its reading."""
+    turn, each contact that drops packets cost the others' wait its whole timeout."""
     out: dict[str, Message | PeerError] = {}
     asked: dict[str, tuple[PeerConnection, int]] = {}
-    sent: dict[str, float] = {}
     for contact, conn in conns.items():
         try:
             asked[contact] = (conn, conn.send(msg_type, timeout=0))
-            sent[contact] = time.perf_counter()
         except PeerError as e:
             out[contact] = e
     deadline = time.monotonic() + timeout
@@ -162,8 +158,6 @@ def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float,
             if reply is not None:
                 out[contact] = reply
                 del asked[contact]
-                if rtts is not None and not isinstance(reply, PeerError):
-                    rtts[contact] = time.perf_counter() - sent[contact]
         left = deadline - time.monotonic()
         if not asked or left <= 0:
             break
