@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,15 @@ from nanoswarm.keys.records import EXPIRED, TOO_FAR_FUTURE, Record, check_endpoi
 from nanoswarm.keys.table import STALE_SEQ, RecordTable
 
 from .peer_errors import PeerError, PeerTimeout
-from .round_trips import PROBE_SECONDS, RETIME_SECONDS, ask_all, measure_round_trips, time_records
+from .round_trips import (
+    BACKGROUND_PEERS,
+    PROBE_SECONDS,
+    RETIME_SECONDS,
+    ask_all,
+    measure_round_trips,
+    time_links,
+    time_records,
+)
 from .transport import PeerConnection
 
 if TYPE_CHECKING:
@@ -51,6 +60,8 @@ class Fetched:
     # Round trips of its peers timed with the read, in the background (time_records; None: no
     # answer in time), so that taking the read in does not wait to time them (BackgroundFetch).
     timed: dict[str, float | None] = field(default_factory=dict)
+    # `--peers` contacts' own `info` and the seconds it took, read in the background (read_contacts).
+    infos: dict[str, tuple[dict, float]] = field(default_factory=dict)
 
     def clock_off(self, contact: str) -> str | None:
         """How far this machine's clock is off `contact`'s, when it is too far for records to
@@ -219,10 +230,11 @@ def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0,
 
 
 class BackgroundFetch:
-    """`fetch_table` on a daemon thread (with sockets of its own, none of the swarm's): a
-    long-lived client's periodic refresh (Swarm.refresh_stale), which no session's open waits
-    for. A frozen bootstrap cost every such open its timeout (review100), and a refresh over the
-    swarm's own links read, and used up, the report of a link that had dropped."""
+    """`fetch_table` of the bootstraps, and `read_contacts` of the `--peers` contacts, on a
+    daemon thread (with sockets of its own, none of the swarm's): a long-lived client's
+    periodic refresh (Swarm.refresh_stale), which no session's open waits for. A frozen
+    bootstrap cost every such open its timeout (review100), and a refresh over the swarm's own
+    links read, and used up, the report of a link that had dropped."""
 
     def __init__(self, swarm: Swarm, timeout: float):
         self.result: Fetched | BaseException | None = None
@@ -232,25 +244,58 @@ class BackgroundFetch:
         # Peers timed already (a copy: the swarm's thread goes on changing its own); those silent
         # then, or whose answer came late in the wait (a long batch ending), are timed again.
         timed = {c for c, seconds in swarm.timed.items() if seconds is not None and seconds < RETIME_SECONDS}
-        threading.Thread(target=self._run, args=(args, timed), daemon=True, name="nanoswarm-refresh").start()
+        threading.Thread(target=self._run, args=(args, list(swarm.contacts), timed), daemon=True,
+                         name="nanoswarm-refresh").start()
 
-    def _run(self, args: tuple, timed: set[str]) -> None:
+    def _run(self, args: tuple, contacts: list[str], timed: set[str]) -> None:
         try:
-            self.result = fetch_table(*args)
+            bootstraps, timeout, client_keys, model_id, insecure = args
+            self.result = fetch_table(*args) if bootstraps else Fetched(RecordTable(), [], {}, {})
             # The records as they were when read: a record has 40-60 s of life left when fetched,
             # and read at a later open by the table's own clock, none was left (review101).
             read = time.time()
             self.result.table.clock = lambda: read
             # New peers are timed here, not when the read is taken in: that holds a session's
             # open, and the model's lock.
-            _, timeout, client_keys, model_id, insecure = args
             self.result.timed = time_records(self.result.table, model_id, timed, min(timeout, PROBE_SECONDS),
                                              client_keys, insecure)
+            if contacts:
+                read_contacts(self.result, contacts, timeout, client_keys, insecure, timed)
         except BaseException as e:  # noqa: BLE001 - read by the swarm's thread
             self.result = e
         finally:
             self.finished = time.monotonic()
             self.done.set()
+
+
+def read_contacts(fetched: Fetched, contacts: list[str], timeout: float,
+                  client_keys: tuple[bytes, bytes] | None, insecure: bool, timed: Collection[str]) -> None:
+    """Into `fetched`: each of `contacts` (given with `--peers`) asked for `info` at once, over
+    links of its own, within one `timeout` (`infos`; `errors` for those that did not answer),
+    and those that answered and are not among `timed` timed (`timed`, as time_records): a
+    long-lived client of `--peers` contacts asked them again only when no route was found, so
+    one down at connect went unused while it served, and the load each stated then steered its
+    sessions for good."""
+    conns: dict[str, PeerConnection] = {}
+    try:
+        for contact in contacts:
+            try:
+                key = split_contact(contact)[1]
+                if key is not None or insecure:  # (one without a key was refused at connect)
+                    conns[contact] = PeerConnection(contact, timeout, server_key=key, client_keys=client_keys)
+            except (ValueError, zmq.ZMQError) as e:
+                fetched.errors[contact] = f"{contact}: bad_contact: {e}"
+        took: dict[str, float] = {}
+        for contact, reply in ask_all(conns, "info", timeout, took).items():
+            if isinstance(reply, PeerError):
+                fetched.errors[contact] = str(reply)
+            else:
+                fetched.infos[contact] = (reply.fields, took[contact])
+        todo = {c: conns[c] for c in list(fetched.infos)[:BACKGROUND_PEERS] if c not in timed}
+        fetched.timed.update({**dict.fromkeys(todo), **time_links(todo, min(timeout, PROBE_SECONDS))})
+    finally:
+        for conn in conns.values():
+            conn.close()
 
 
 def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: bool = False,

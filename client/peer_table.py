@@ -4,7 +4,6 @@ changes; who is banned or was not taken, and why; the cheapest route over them (
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Collection
@@ -18,7 +17,7 @@ from nanoswarm.protocol.messages import finite_float, parse_range
 from .discovery import BackgroundFetch, DiscoveryError, Fetched, add_fetched, add_from_bootstrap, take_timed
 from .options import SwarmOptions
 from .peer_errors import PeerError
-from .round_trips import PROBE_SECONDS, ask_all
+from .round_trips import PROBE_SECONDS, ask_all, measure_round_trips
 from .route import PeerInfo, RouteError, StagePlan, build_route
 
 if TYPE_CHECKING:
@@ -95,20 +94,32 @@ class PeerTable:
 
     # ----- discovery ----------------------------------------------------------------------
     def add_addresses(self, addresses: list[str], timeout: float = 5.0) -> None:
-        """Ask each address for `info`; keep those serving our model. Each is remembered
-        (`contacts`): one that does not answer now is asked again by a refresh."""
-        for address in addresses:
+        """Ask each address for `info`, all at once within one `timeout` (in turn, each frozen
+        contact cost a connect its own wait), and keep those serving our model; time those not
+        timed before (round_trips.measure_round_trips: one `info` alone was 2-5x the round trip
+        on a fresh link). Each is remembered (`contacts`): one that does not answer now is asked
+        again by a refresh, and by a background read (refresh_stale)."""
+        conns: dict[str, PeerConnection] = {}
+        for address in dict.fromkeys(addresses):
             self.contacts[address] = None
             try:
-                reply, rtt = self.connection(address).timed_request("info", timeout=timeout)
+                conns[address] = self.connection(address)
             except PeerError as e:
-                self.rejected[address] = f"{e.code}: {e.message}"
-                log.info("peer %s", e)  # the error names the address; warn_rejected tells the user
-                if address not in self.peers:  # never taken (a refresh makes a new link)
-                    self._close_link(address)
-                continue
-            self.timed[address] = rtt
-            self.add_info(address, reply.fields, rtt, curve_key=split_contact(address)[1])
+                self._not_taken(address, e)
+        took: dict[str, float] = {}
+        for address, reply in ask_all(conns, "info", timeout, took).items():
+            if isinstance(reply, PeerError):
+                self._not_taken(address, reply)
+            else:
+                self.add_info(address, reply.fields, self.rtt_of(address, took[address]),
+                              curve_key=split_contact(address)[1])
+        measure_round_trips(self, [a for a in conns if a in self.peers], min(timeout, PROBE_SECONDS))
+
+    def _not_taken(self, address: str, e: PeerError) -> None:
+        self.rejected[address] = f"{e.code}: {e.message}"
+        log.info("peer %s", e)  # the error names the address; warn_rejected tells the user
+        if address not in self.peers:  # never taken (a refresh makes a new link)
+            self._close_link(address)
 
     def warn_rejected(self) -> None:
         """Log, as warnings, the peers that were not taken while the others cover every block.
@@ -207,18 +218,9 @@ class PeerTable:
                     log.warning("refreshing the peer table: %s", again)
         else:
             # The known peers, and every contact given: one down at connect (restarting, say) was
-            # never asked again, and when the others went no route was left (review100). Those
-            # are asked all at once first, so that many dead ones cost one wait, not one each
-            # (review101); the ones that answer are then timed one by one.
-            timeout = min(1.0, self.options.timeout)
-            others: dict[str, PeerConnection] = {}
-            for contact in (c for c in self.contacts if c not in self.peers):
-                with contextlib.suppress(PeerError):  # one it cannot link to (no key): connect said why
-                    others[contact] = self.connection(contact)
-            answered = [c for c, reply in ask_all(others, "info", timeout).items() if not isinstance(reply, PeerError)]
-            for contact in set(others) - set(answered):
-                self._close_link(contact)
-            self.add_addresses([*self.peers, *answered], timeout)
+            # never asked again, and when the others went no route was left (review100). All at
+            # once: many dead ones cost one wait, not one each (review101).
+            self.add_addresses([*self.peers, *self.contacts], min(1.0, self.options.timeout))
         self._unban_moved(before)
         return True
 
@@ -237,13 +239,14 @@ class PeerTable:
 
     def refresh_stale(self) -> None:
         """At a session's open: when the table is older than TABLE_SECONDS, read the bootstraps'
-        tables again, in the background, and take them in at the first open after they came. A
-        long-lived program (one SwarmModel) learned the peers, their load and their round trips
-        once, at connect, and again only when no route was found: peers that joined later went
+        tables, and ask the `--peers` contacts for their `info`, again, in the background, and
+        take them in at the first open after they came. A long-lived program (one SwarmModel)
+        learned the peers, their load and their round trips once, at connect, and again only
+        when no route was found: peers that joined later (or a contact down at connect) went
         unused, and the load a peer stated then steered sessions for hours (review99). Nothing
-        waits on it (review100: a frozen bootstrap held every such open for its timeout). A
-        client of `--peers` contacts asks them again only when no route is found: asked over
-        the swarm's links, a refresh would read, and use up, the report of one that dropped."""
+        waits on it (review100: a frozen bootstrap held every such open for its timeout), and it
+        asks over links of its own: over the swarm's, it would read, and use up, the report of
+        one that dropped."""
         fetch = self._fetching
         if fetch is not None and fetch.done.is_set() and time.monotonic() - fetch.finished >= TABLE_SECONDS:
             if isinstance(fetch.result, Fetched):
@@ -253,16 +256,24 @@ class PeerTable:
             self._fetching, self._asked = None, time.monotonic()  # tried: the next in TABLE_SECONDS
             if isinstance(fetch.result, BaseException) or fetch.result is None:
                 log.warning("refreshing the peer table failed: %r", fetch.result)
-            elif fetch.result.answered:
+            elif fetch.result.answered or fetch.result.infos:
                 before = self._spans()
-                add_fetched(self, fetch.result, min(5.0, self.options.timeout), quiet=True)
+                if fetch.result.answered:
+                    add_fetched(self, fetch.result, min(5.0, self.options.timeout), quiet=True)
+                self._take_infos(fetch.result)
                 self._unban_moved(before)
             else:
-                log.info("refreshing the peer table: no bootstrap answered (%s)",
-                         "; ".join(fetch.result.errors.values()))
-        elif (fetch is None and self.bootstraps and not self.closed
+                log.info("refreshing the peer table: nothing answered (%s)", "; ".join(fetch.result.errors.values()))
+        elif (fetch is None and (self.bootstraps or self.contacts) and not self.closed
               and time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS):
             self._fetching = BackgroundFetch(self, min(5.0, self.options.timeout))
+
+    def _take_infos(self, fetched: Fetched) -> None:
+        """The `info` of each contact that a background read asked (discovery.read_contacts)."""
+        take_timed(self, fetched)
+        for contact, (info, seconds) in fetched.infos.items():
+            if contact in self.contacts:
+                self.add_info(contact, info, self.rtt_of(contact, seconds), curve_key=split_contact(contact)[1])
 
     def plan(self, start: int = 0, stop: int | None = None, max_length: int | None = None,
              refused: dict[str, str] | None = None) -> list[StagePlan]:

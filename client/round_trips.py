@@ -137,10 +137,12 @@ def time_links(conns: dict[str, PeerConnection], timeout: float) -> dict[str, fl
         poller.poll(max(1, int(min(left, 0.05) * 1000)))
 
 
-def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float) -> dict[str, Message | PeerError]:
+def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float,
+            took: dict[str, float] | None = None) -> dict[str, Message | PeerError]:
     """Send `msg_type` on every connection at once and read the replies within one `timeout`:
     each contact's reply, or the PeerError it failed with (PeerTimeout: none in time). Asked in
-    turn, each contact that drops packets cost the others' wait its whole timeout."""
+    turn, each contact that drops packets cost the others' wait its whole timeout. `took`, if
+    given, gets the seconds each reply took (a fresh link's handshake included)."""
     out: dict[str, Message | PeerError] = {}
     asked: dict[str, tuple[PeerConnection, int]] = {}
     for contact, conn in conns.items():
@@ -148,6 +150,7 @@ def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float) -> 
             asked[contact] = (conn, conn.send(msg_type, timeout=0))
         except PeerError as e:
             out[contact] = e
+    sent = time.perf_counter()
     deadline = time.monotonic() + timeout
     while asked:
         for contact, (conn, req_id) in list(asked.items()):
@@ -158,6 +161,8 @@ def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float) -> 
             if reply is not None:
                 out[contact] = reply
                 del asked[contact]
+                if took is not None:
+                    took[contact] = time.perf_counter() - sent
         left = deadline - time.monotonic()
         if not asked or left <= 0:
             break

@@ -1097,10 +1097,11 @@ def test_a_peers_contact_that_was_down_at_connect_is_asked_again(tiny_model_dir,
         model.close()
 
 
-def test_a_refresh_asks_the_contacts_it_does_not_know_all_at_once(tiny_model_dir, cluster_factory):
-    """Contacts given that never answer (TCP taken, no handshake: a frozen host) are asked again
-    by each refresh; one after another, each cost the refresh (and every thread of the program)
-    a second (review101). They are asked at once, so four cost one wait."""
+def test_a_connect_and_a_refresh_ask_the_contacts_all_at_once(tiny_model_dir, cluster_factory):
+    """Contacts given that never answer (TCP taken, no handshake: a frozen host) cost a connect
+    its discovery wait each, one after another (fortieth session: 2 s each here, 10 s at the
+    default timeout); and each refresh asks them again, which cost it (and every thread of the
+    program) a second each (review101). They are asked at once, so four cost one wait."""
     import socket
 
     from nanoswarm.keys.contact import format_contact
@@ -1115,9 +1116,13 @@ def test_a_refresh_asks_the_contacts_it_does_not_know_all_at_once(tiny_model_dir
         listeners.append(s)
     dead = [format_contact(f"tcp://127.0.0.1:{s.getsockname()[1]}", generate_identity().curve_public)
             for s in listeners]
-    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    t0 = time.monotonic()
+    model = SwarmModel.connect(tiny_model_dir, peers=[dead[0], *nodes.addresses, *dead[1:]],
+                               options=SwarmOptions(timeout=2.0))
     try:
-        model.swarm.contacts.update(dict.fromkeys(dead))  # as if given with --peers, silent at connect
+        assert time.monotonic() - t0 < 3.5  # asked in turn: at least 8 s
+        assert list(model.swarm.peers) == nodes.addresses and set(model.swarm.rejected) == set(dead)
+        assert model.swarm.peers[nodes.addresses[0]].rtt == model.swarm.timed[nodes.addresses[0]] < 0.1
         t0 = time.monotonic()
         assert model.swarm.refresh()
         assert time.monotonic() - t0 < 3.5  # asked in turn: at least 4 s
@@ -1126,6 +1131,46 @@ def test_a_refresh_asks_the_contacts_it_does_not_know_all_at_once(tiny_model_dir
         model.close()
         for s in listeners:
             s.close()
+
+
+def test_a_long_lived_peers_client_asks_its_contacts_again_in_the_background(tiny_model_dir, cluster_factory,
+                                                                               tmp_path, monkeypatch):
+    """A program that keeps one SwarmModel of `--peers A,B`, with B down at connect, used B only
+    once no route was left without it: a refresh came only then. Like a bootstrap client's
+    tables, the contacts are asked for their `info` again, in the background (no open waits),
+    after TABLE_SECONDS, and the next open takes in what they said: B serves, and the route
+    takes it while A is still there."""
+    from nanoswarm.client import peer_table
+    from nanoswarm.keys.contact import format_contact
+    from nanoswarm.keys.identity import generate_identity, save_identity
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    a = nodes.addresses[0]
+    key = generate_identity()
+    key_file = save_identity(key, tmp_path / "b.key")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    b = format_contact(endpoint, key.curve_public)
+    model = SwarmModel.connect(tiny_model_dir, peers=[a, b], options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        assert list(model.swarm.peers) == [a] and b in model.swarm.rejected
+        assert nodes.start_node(NodeSpec((0, 4), args=["--listen", endpoint, "--key-file", str(key_file)])).address == b
+        model.session(8).close()  # within TABLE_SECONDS of connect: nobody is asked again
+        assert list(model.swarm.peers) == [a] and model.swarm._fetching is None
+        monkeypatch.setattr(peer_table, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)  # as if a minute on
+        model.session(8).close()  # asks the contacts in the background
+        fetch = model.swarm._fetching
+        assert fetch is not None and fetch.done.wait(10)
+        assert set(fetch.result.infos) == {a, b} and list(fetch.result.timed) == [b] and fetch.result.timed[b] > 0
+        monkeypatch.setattr(peer_table, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
+        model.swarm.peers[a].rtt = 1.0  # the route on B, once known
+        refreshed = model.swarm._refreshed
+        result = model.generate(PROMPT, 4, SEEDED)
+        assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, 4, SEEDED).ids
+        assert result.route[0]["peers"] == [b] and result.failovers == 0 and model.swarm._refreshed == refreshed
+        assert model.swarm.peers[b].rtt == fetch.result.timed[b] and b not in model.swarm.rejected
+        assert model.swarm.peers[a].rtt == model.swarm.timed[a]  # its `info` taken in, its round trip kept
+    finally:
+        model.close()
 
 
 def test_a_peer_restarted_at_a_new_port_replaces_its_old_contact_on_refresh(tiny_model_dir, cluster_factory):
