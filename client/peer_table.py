@@ -107,8 +107,9 @@ class PeerTable:
             except PeerError as e:
                 self._not_taken(address, e)
         took: dict[str, float] = {}
-        for address, reply in ask_all(conns, "info", timeout, took).items():
-            if isinstance(reply, PeerError):
+        replies = ask_all(conns, "info", timeout, took)
+        for address in conns:  # in the order given (the route's last tie-break), not of the replies
+            if isinstance(reply := replies[address], PeerError):
                 self._not_taken(address, reply)
             else:
                 self.add_info(address, reply.fields, self.rtt_of(address, took[address]),
@@ -219,8 +220,11 @@ class PeerTable:
         else:
             # The known peers, and every contact given: one down at connect (restarting, say) was
             # never asked again, and when the others went no route was left (review100). All at
-            # once: many dead ones cost one wait, not one each (review101).
-            self.add_addresses([*self.peers, *self.contacts], min(1.0, self.options.timeout))
+            # once: many dead ones cost one wait, not one each (review101). Not those this client
+            # holds sessions on: their drop report, read here, was lost to the sessions, whose
+            # next step waited out its timeout (review105).
+            self.add_addresses([a for a in [*self.peers, *self.contacts] if not self.held(a)],
+                               min(1.0, self.options.timeout))
         self._unban_moved(before)
         return True
 

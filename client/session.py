@@ -191,6 +191,8 @@ class InferenceSession(SpotChecks):
                 i = self._replace(i, PeerError(stage.leaving_peer, "leaving", "peer announced it is leaving"))
                 continue
             chain = self.relaying.chain(self.stages, i) if relay else None
+            if self.relaying.dropped is not None:  # found by the pin chain() asked for: replaced above
+                continue  # (stepped alone, the stage whose drop the pin read waited out the timeout: review105)
             if chain is not None and T > 1 and T > (chain.max_untrailed(hidden.shape[2]) if T > TRAIL_MAX_POSITIONS
                                                     else chain.max_trailed(hidden.shape[2])):
                 chain = None  # a node takes fewer positions a step: stage by stage, in pieces

@@ -1133,6 +1133,37 @@ def test_a_connect_and_a_refresh_ask_the_contacts_all_at_once(tiny_model_dir, cl
             s.close()
 
 
+def test_a_refresh_leaves_the_links_that_sessions_hold_to_them(tiny_model_dir, cluster_factory):
+    """A refresh asked every known peer for its `info` over the swarm's links, those that
+    sessions held too: where a peer had died, the refresh read its drop report, and the session
+    on it then waited out its whole step timeout (review105: 20 s at a 10 s timeout, against
+    none). Peers this client holds sessions on are not asked."""
+    from nanoswarm.client.route import RouteError
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((0, 2)),
+                                             NodeSpec((2, 4), args=["--max-session-length", "16"])])
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=10.0))
+    local = SwarmModel.local(tiny_model_dir).session(8)
+    try:
+        session = model.session(8)
+        x, y = model.client.embed([1, 2, 3], 0), model.client.embed([4], 3)
+        assert (session.step(x) - local.step(x)).abs().max() <= 1e-5
+        first = session.describe()[0]["peers"][0]
+        nodes.kill(nodes.addresses.index(first))
+        nodes.nodes[nodes.addresses.index(first)].proc.wait(10)
+        time.sleep(0.5)  # the drop reaches the client's link
+        model.swarm._refreshed = -1e9
+        with pytest.raises(RouteError):
+            model.session(64)  # no peer of blocks 2:4 takes it: the table is refreshed first
+        assert model.swarm._refreshed > 0 and first not in model.swarm.rejected  # not asked
+        t0 = time.monotonic()
+        assert (session.step(y) - local.step(y)).abs().max() <= 1e-5
+        assert time.monotonic() - t0 < 5.0 and session.failovers == 1
+        session.close()
+    finally:
+        model.close()
+
+
 def test_a_long_lived_peers_client_asks_its_contacts_again_in_the_background(tiny_model_dir, cluster_factory,
                                                                                tmp_path, monkeypatch):
     """A program that keeps one SwarmModel of `--peers A,B`, with B down at connect, used B only
@@ -1162,13 +1193,13 @@ def test_a_long_lived_peers_client_asks_its_contacts_again_in_the_background(tin
         assert fetch is not None and fetch.done.wait(10)
         assert set(fetch.result.infos) == {a, b} and list(fetch.result.timed) == [b] and fetch.result.timed[b] > 0
         monkeypatch.setattr(peer_table, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
-        model.swarm.peers[a].rtt = 1.0  # the route on B, once known
+        model.swarm.timed[a] = model.swarm.peers[a].rtt = 1.0  # the route on B, once known (A is not timed again)
         refreshed = model.swarm._refreshed
         result = model.generate(PROMPT, 4, SEEDED)
         assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, 4, SEEDED).ids
         assert result.route[0]["peers"] == [b] and result.failovers == 0 and model.swarm._refreshed == refreshed
         assert model.swarm.peers[b].rtt == fetch.result.timed[b] and b not in model.swarm.rejected
-        assert model.swarm.peers[a].rtt == model.swarm.timed[a]  # its `info` taken in, its round trip kept
+        assert model.swarm.peers[a].rtt == 1.0  # its `info` taken in, its round trip kept
     finally:
         model.close()
 

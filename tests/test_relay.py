@@ -807,3 +807,29 @@ def test_admit_starts_the_link_to_a_pinned_next_hop_it_knows(handler):
         pins = {"session": sid, "relay_from": None, "relay_to": None if hop is None else [hop, "s-next"]}
         assert ask(handler, b"owner", "admit", pins)[1].type == "admitted"
         assert started == linked
+
+
+def test_a_peer_killed_before_a_pin_is_asked_again_is_replaced_at_once(tiny_model_dir, cluster_factory):
+    """Nodes that do not know each other (no gossip between them) refuse to relay a session's
+    first step, which then goes stage by stage, and the next step pins the route again (the
+    refusal changed it). With a peer killed in between, that pin read the drop, and the stage was
+    then stepped alone and waited out the whole step timeout (review105: 10 s of 10). It is
+    replaced at once."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((0, 2)), NodeSpec((2, 4))], bootstrap=False)
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=10.0))
+    local = SwarmModel.local(tiny_model_dir).session(8)
+    try:
+        session = model.session(8)
+        x, y = model.client.embed([1, 2, 3], 0), model.client.embed([4], 3)
+        assert (session.step(x) - local.step(x)).abs().max() <= 1e-5
+        assert session.relaying.no_relay  # the premise: the first step's relay was refused
+        first = session.describe()[0]["peers"][0]
+        nodes.kill(nodes.addresses.index(first))
+        nodes.nodes[nodes.addresses.index(first)].proc.wait(10)
+        t0 = time.monotonic()
+        assert (session.step(y) - local.step(y)).abs().max() <= 1e-5
+        assert time.monotonic() - t0 < 5.0 and session.failovers == 1
+        assert session.describe()[0]["peers"] != [first]
+        session.close()
+    finally:
+        model.close()
