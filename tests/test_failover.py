@@ -87,6 +87,26 @@ def generate_with_a_frozen_peer(model_dir, swarm: LocalCluster, notices: list[st
     return result, frozen[0], time.monotonic() - t0
 
 
+def step_past_a_killed_first_peer(model_dir, nodes: LocalCluster, model: SwarmModel, trigger=None) -> None:
+    """A session's first step; its first stage's peer SIGKILLed; `trigger(session, killed)`; the
+    next step: exact, and failed over at once. A drop report that some other reader of the link
+    took made the step wait out its timeout (10 s in the callers' options)."""
+    local = SwarmModel.local(model_dir).session(8)
+    session = model.session(8)
+    x, y = model.client.embed([1, 2, 3], 0), model.client.embed([4], 3)
+    assert (session.step(x) - local.step(x)).abs().max() <= 1e-5
+    killed = session.describe()[0]["peers"][0]
+    nodes.kill(nodes.addresses.index(killed))
+    nodes.nodes[nodes.addresses.index(killed)].proc.wait(10)
+    if trigger is not None:
+        trigger(session, killed)
+    t0 = time.monotonic()
+    assert (session.step(y) - local.step(y)).abs().max() <= 1e-5
+    assert time.monotonic() - t0 < 5.0 and session.failovers == 1
+    assert session.describe()[0]["peers"] != [killed]
+    session.close()
+
+
 def test_a_ban_doubles_with_every_strike_and_ends():
     """A peer banned again stays out twice as long (client/peer_table.py `ban`), and comes back when
     its ban runs out."""
@@ -1138,28 +1158,19 @@ def test_a_refresh_leaves_the_links_that_sessions_hold_to_them(tiny_model_dir, c
     sessions held too: where a peer had died, the refresh read its drop report, and the session
     on it then waited out its whole step timeout (review105: 20 s at a 10 s timeout, against
     none). Peers this client holds sessions on are not asked."""
-    from nanoswarm.client.route import RouteError
-
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((0, 2)),
                                              NodeSpec((2, 4), args=["--max-session-length", "16"])])
     model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=10.0))
-    local = SwarmModel.local(tiny_model_dir).session(8)
-    try:
-        session = model.session(8)
-        x, y = model.client.embed([1, 2, 3], 0), model.client.embed([4], 3)
-        assert (session.step(x) - local.step(x)).abs().max() <= 1e-5
-        first = session.describe()[0]["peers"][0]
-        nodes.kill(nodes.addresses.index(first))
-        nodes.nodes[nodes.addresses.index(first)].proc.wait(10)
+
+    def refresh(session, killed: str) -> None:
         time.sleep(0.5)  # the drop reaches the client's link
         model.swarm._refreshed = -1e9
         with pytest.raises(RouteError):
             model.session(64)  # no peer of blocks 2:4 takes it: the table is refreshed first
-        assert model.swarm._refreshed > 0 and first not in model.swarm.rejected  # not asked
-        t0 = time.monotonic()
-        assert (session.step(y) - local.step(y)).abs().max() <= 1e-5
-        assert time.monotonic() - t0 < 5.0 and session.failovers == 1
-        session.close()
+        assert model.swarm._refreshed > 0 and killed not in model.swarm.rejected  # not asked
+
+    try:
+        step_past_a_killed_first_peer(tiny_model_dir, nodes, model, refresh)
     finally:
         model.close()
 

@@ -18,6 +18,7 @@ from test_failover import (  # the same fault harness
     SEEDED,
     TIMEOUT,
     generate_with_fault,
+    step_past_a_killed_first_peer,
 )
 
 import nanoswarm.client.relay as relay_module
@@ -817,19 +818,11 @@ def test_a_peer_killed_before_a_pin_is_asked_again_is_replaced_at_once(tiny_mode
     replaced at once."""
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((0, 2)), NodeSpec((2, 4))], bootstrap=False)
     model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=10.0))
-    local = SwarmModel.local(tiny_model_dir).session(8)
+
+    def premise(session, killed: str) -> None:
+        assert session.relaying.no_relay  # the first step's relay was refused
+
     try:
-        session = model.session(8)
-        x, y = model.client.embed([1, 2, 3], 0), model.client.embed([4], 3)
-        assert (session.step(x) - local.step(x)).abs().max() <= 1e-5
-        assert session.relaying.no_relay  # the premise: the first step's relay was refused
-        first = session.describe()[0]["peers"][0]
-        nodes.kill(nodes.addresses.index(first))
-        nodes.nodes[nodes.addresses.index(first)].proc.wait(10)
-        t0 = time.monotonic()
-        assert (session.step(y) - local.step(y)).abs().max() <= 1e-5
-        assert time.monotonic() - t0 < 5.0 and session.failovers == 1
-        assert session.describe()[0]["peers"] != [first]
-        session.close()
+        step_past_a_killed_first_peer(tiny_model_dir, nodes, model, premise)
     finally:
         model.close()
