@@ -105,7 +105,8 @@ class LinkSessions:
                 continue
             try:
                 msg = self.recv(req_id, "opened", max(0.0, deadline - time.monotonic()))
-            except PeerError:  # refused, or not come yet (an orphan still: closed when read)
+            except PeerError as e:  # refused, or not come yet (an orphan still: closed when read)
+                self.put_back(e)  # a drop is the sessions' over this link to read (review106)
                 continue
             del self._orphans[req_id]
             self.close_session(msg.fields["session"])

@@ -68,6 +68,16 @@ def unreachable_why(endpoint: str, timed_out: float | None = None) -> str:
     return "connection refused: nothing listens there"
 
 
+class LinkDropped(PeerError):
+    """The link's connection dropped (its socket monitor said so), or never came up. A link
+    reports it once: a reader that is not the sessions' own puts it back (PeerConnection.put_back).
+    `harmless`: it lost nothing (no session open over the link, no reply awaited)."""
+
+    def __init__(self, address: str, code: str, message: str, harmless: bool = False):
+        super().__init__(address, code, message)
+        self.harmless = harmless
+
+
 class PeerTimeout(PeerError):
     """A peer did not answer (or take a request) in time."""
 

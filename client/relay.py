@@ -120,7 +120,9 @@ def pin_route(stages: list, no_relay: set, timeout: float) -> tuple[RemoteLayerS
     the client (node/handler.py), so an earlier hop reaches a later session only along this
     route, every result going to the client. Asked only where the pins changed (a new route, a
     replaced or reopened stage: one whose old peer keeps no way in), all at once, within one
-    `timeout`. Returns the first stage that did not take them, with why (the others' are taken)."""
+    `timeout`. Returns the first stage that did not take them, with why (the others' are taken).
+    A drop read here is put back on its link (PeerConnection.put_back): the sessions over it, this
+    one's or another's, find it at their next step, not after its timeout (review106)."""
     asked, deadline, failed = [], time.monotonic() + timeout, None
     for k, stage in enumerate(stages):
         if not isinstance(stage, RemoteLayerStage) or stage.opened.get("admits") is not True:
@@ -138,12 +140,14 @@ def pin_route(stages: list, no_relay: set, timeout: float) -> tuple[RemoteLayerS
                                   timeout=max(0.0, deadline - time.monotonic()))
             asked.append((stage, pins, rid, sent))
         except PeerError as e:
+            stage.conn.put_back(e)
             failed = failed or (stage, e)
     for stage, pins, rid, sent in asked:  # every answer read, so that each stage's pins are known
         try:
             stage.conn.recv(rid, "admitted", max(0.0, deadline - time.monotonic()))
             stage.pins, stage.sent_at = pins, sent
         except PeerError as e:
+            stage.conn.put_back(e)
             failed = failed or (stage, e)
     return failed
 
@@ -174,9 +178,6 @@ class SessionRelay:
         self._failures = 0  # rounds of pinning in a row that failed
         self.changed = False  # stages were reopened or replaced this step (pin_changed)
         self._failed_this_step = False
-        # A stage whose connection dropped while pinning, with why: ZeroMQ reports a drop once,
-        # so the session fails it over at its next stage rather than wait a step's timeout on it.
-        self.dropped: tuple[RemoteLayerStage, PeerError] | None = None
 
     def new_step(self) -> None:
         self._failed_this_step = False  # pinning is tried at most once a step
@@ -234,8 +235,8 @@ class SessionRelay:
         False if a node did not take it: the rest of this step goes stage by stage, and the next
         step asks again; after PIN_TRIES such rounds in a row (the one at open counts) the session
         stops relaying and drops its pins (a stage in trouble shows it when stepped alone, and is
-        failed over then; one whose connection dropped meanwhile, at the next stage of the step:
-        `dropped`)."""
+        failed over then; one whose connection dropped meanwhile too: pin_route put the drop back
+        on its link)."""
         route = tuple((s, getattr(s, "session", None)) for s in stages), frozenset(self.no_relay)
         if route == self._pinned:
             return True
@@ -247,8 +248,6 @@ class SessionRelay:
             return True
         self._failed_this_step, self._failures = True, self._failures + 1
         log.info("pinning relayed steps on %s: %s", ", ".join(refused[0].peers), refused[1])
-        if refused[1].code == "disconnected":
-            self.dropped = refused
         if self._failures >= PIN_TRIES:
             log.warning("this session stops relaying: %d rounds in a row could not pin its relayed steps",
                         self._failures)

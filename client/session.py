@@ -181,18 +181,10 @@ class InferenceSession(SpotChecks):
         self.relaying.new_step()
         while i < len(self.stages):
             stage = self.stages[i]
-            if self.relaying.dropped is not None:  # a stage's connection dropped while pinning
-                (dropped, error), self.relaying.dropped = self.relaying.dropped, None
-                if dropped in self.stages:
-                    self._replace(self.stages.index(dropped), error)
-                    i = self._at(stage.start)  # a replacement starts where the stage it replaced did
-                continue
             if self.swarm is not None and stage.leaving:
                 i = self._replace(i, PeerError(stage.leaving_peer, "leaving", "peer announced it is leaving"))
                 continue
             chain = self.relaying.chain(self.stages, i) if relay else None
-            if self.relaying.dropped is not None:  # found by the pin chain() asked for: replaced above
-                continue  # (stepped alone, the stage whose drop the pin read waited out the timeout: review105)
             if chain is not None and T > 1 and T > (chain.max_untrailed(hidden.shape[2]) if T > TRAIL_MAX_POSITIONS
                                                     else chain.max_trailed(hidden.shape[2])):
                 chain = None  # a node takes fewer positions a step: stage by stage, in pieces

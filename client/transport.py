@@ -18,7 +18,7 @@ from nanoswarm.protocol.messages import REPLY_TYPES, Message, decode, encode
 
 from .frames import recv_whole, send_whole
 from .link_sessions import LinkSessions, next_request_id
-from .peer_errors import HANDSHAKE_FAILURES, PeerError, PeerTimeout, handshake_why, unreachable_why
+from .peer_errors import HANDSHAKE_FAILURES, LinkDropped, PeerError, PeerTimeout, handshake_why, unreachable_why
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +185,7 @@ class PeerConnection(LinkSessions):
         while True:
             self.drain_events(awaiting=True)
             if self._dropped is not None:
-                (code, message), self._dropped, self._harmless = self._dropped, None, False
-                raise PeerError(self.address, code, message)
+                raise self._report_drop()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerTimeout(self.address, wait, "no connection to queue the request on")
@@ -251,10 +250,21 @@ class PeerConnection(LinkSessions):
                 (code, why), self._held_drop = self._held_drop, None  # not back in time
                 self._dropped = (code, f"{why}; not back within {HOLD_SECONDS:g}s")
             if self._dropped is not None:
-                (code, message), self._dropped, self._harmless = self._dropped, None, False
-                raise PeerError(self.address, code, message)
+                raise self._report_drop()
             return None
         return None  # a flood: the caller's deadline comes first
+
+    def _report_drop(self) -> LinkDropped:
+        """The drop the monitor read, as the error to raise: reported once."""
+        (code, message), harmless, self._dropped, self._harmless = self._dropped, self._harmless, None, False
+        return LinkDropped(self.address, code, message, harmless)
+
+    def put_back(self, error: PeerError) -> None:
+        """Report `error` again, if it is this link's drop: read by something other than the
+        sessions over the link (a pin of another session's route, an early open's answer), the
+        one report was used up, and their next step waited out its whole timeout (review106)."""
+        if isinstance(error, LinkDropped) and error.address == self.address and self._dropped is None:
+            self._dropped, self._harmless = (error.code, error.message), error.harmless
 
     def timed_request(self, msg_type: str, fields: dict[str, Any] | None = None,
                       timeout: float | None = None) -> tuple[Message, float]:

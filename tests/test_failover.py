@@ -1175,6 +1175,37 @@ def test_a_refresh_leaves_the_links_that_sessions_hold_to_them(tiny_model_dir, c
         model.close()
 
 
+def test_a_failed_open_leaves_a_drop_to_the_session_that_holds_the_peer(tiny_model_dir, cluster_factory):
+    """An open that fails reads the answers of the opens it sent ahead (settle_early) over the
+    swarm's links, which other sessions use too: a dead peer's drop read there was lost, and the
+    session that held the peer waited out its step timeout (review106: 10 s of 10). It is put
+    back on the link."""
+    nodes = cluster_factory(tiny_model_dir, [
+        NodeSpec((0, 2)), NodeSpec((0, 2), args=["--max-session-length", "16"]), NodeSpec((2, 4)), NodeSpec((2, 4))])
+    long, short, held, spare = nodes.addresses
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=10.0))
+    local = SwarmModel.local(tiny_model_dir).session(16)
+    try:
+        for address in (long, spare):
+            model.swarm.timed[address] = model.swarm.peers[address].rtt = 1.0
+        session = model.session(16)
+        x, y = model.client.embed([1, 2, 3], 0), model.client.embed([4], 3)
+        assert (session.step(x) - local.step(x)).abs().max() <= 1e-5
+        assert [d["peers"] for d in session.describe()] == [[short], [held]]
+        for address in (long, held):  # one machine: the only peer of blocks 0:2 that takes 32
+            nodes.kill(nodes.addresses.index(address))
+            nodes.nodes[nodes.addresses.index(address)].proc.wait(10)
+        time.sleep(0.5)  # the drops reach the client's links
+        with pytest.raises(RouteError):
+            model.session(32)  # its opens went ahead to both; the one to `held` is read when it fails
+        t0 = time.monotonic()
+        assert (session.step(y) - local.step(y)).abs().max() <= 1e-5
+        assert time.monotonic() - t0 < 5.0 and [d["peers"] for d in session.describe()] == [[short], [spare]]
+        session.close()
+    finally:
+        model.close()
+
+
 def test_a_long_lived_peers_client_asks_its_contacts_again_in_the_background(tiny_model_dir, cluster_factory,
                                                                                tmp_path, monkeypatch):
     """A program that keeps one SwarmModel of `--peers A,B`, with B down at connect, used B only

@@ -826,3 +826,45 @@ def test_a_peer_killed_before_a_pin_is_asked_again_is_replaced_at_once(tiny_mode
         step_past_a_killed_first_peer(tiny_model_dir, nodes, model, premise)
     finally:
         model.close()
+
+
+def test_a_drop_that_another_sessions_pin_reads_is_left_to_the_sessions_it_dropped(tiny_model_dir, cluster_factory):
+    """A session's open pins its route (pin_route) over the swarm's links, which other sessions
+    use too. Two peers that one session holds, killed together just before another session's
+    open pins them: the pin read both drops, kept the first for its own session and lost the
+    other, and the session that held them then waited out a pin's and a step's timeout (review106:
+    20 s at a 10 s timeout). A pin now puts each drop back on its link."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4)), NodeSpec((0, 2)), NodeSpec((2, 4))])
+    a, b, *spares = nodes.addresses
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=10.0))
+    local1, local2 = (SwarmModel.local(tiny_model_dir).session(8) for _ in range(2))
+    try:
+        for spare in spares:  # used only to fail over to
+            model.swarm.timed[spare] = model.swarm.peers[spare].rtt = 1.0
+        first = model.session(8)
+        x, y = model.client.embed([1, 2, 3], 0), model.client.embed([4], 3)
+        assert (first.step(x) - local1.step(x)).abs().max() <= 1e-5
+        assert [d["peers"] for d in first.describe()] == [[a], [b]]
+        settle = model.swarm.settle_early
+
+        def settle_then_kill(wait: bool = True) -> None:  # right before the second open's pin
+            settle(wait)
+            for address in (a, b):
+                nodes.kill(nodes.addresses.index(address))
+                nodes.nodes[nodes.addresses.index(address)].proc.wait(10)
+            time.sleep(0.5)  # the drops reach the client's links
+
+        model.swarm.settle_early = settle_then_kill
+        second = model.session(8)
+        model.swarm.settle_early = settle
+        assert [d["peers"] for d in second.describe()] == [[a], [b]]
+        t0 = time.monotonic()
+        assert (first.step(y) - local1.step(y)).abs().max() <= 1e-5
+        assert time.monotonic() - t0 < 5.0 and first.failovers == 2
+        t0 = time.monotonic()
+        assert (second.step(x) - local2.step(x)).abs().max() <= 1e-5
+        assert time.monotonic() - t0 < 5.0 and [d["peers"] for d in second.describe()] == [[p] for p in spares]
+        first.close()
+        second.close()
+    finally:
+        model.close()
