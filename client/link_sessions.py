@@ -128,7 +128,9 @@ class LinkSessions:
         try:
             self.send("close", {"session": session}, timeout=0)
             self.closes_queued = True
-        except (PeerError, zmq.ZMQError):  # closed, or no room: the node reclaims idle sessions anyway
+        except PeerError as e:  # closed, or no room: the node reclaims idle sessions anyway
+            self.put_back(e)  # a drop is the other sessions' over this link to read (review106)
+        except zmq.ZMQError:
             pass
         self.sessions.discard(session)
 

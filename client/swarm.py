@@ -135,9 +135,13 @@ class Swarm(PeerTable):
                 wanted.setdefault(p.address, []).append(open_fields(self.model_id, max_length, plan.start, plan.stop))
         for address in [*wanted, *(a for a in self._conns if a not in wanted)]:
             try:
-                self.connection(address).open_early(wanted.get(address, []))
+                conn = self.connection(address)
             except PeerError:
-                pass
+                continue
+            try:
+                conn.open_early(wanted.get(address, []))
+            except PeerError as e:
+                conn.put_back(e)  # a drop is the sessions' over this link to read (review106)
 
     def settle_early(self, wait: bool = True) -> None:
         """Close the sessions of opens sent ahead that no stage took (open_ahead: a plan that

@@ -1206,6 +1206,39 @@ def test_a_failed_open_leaves_a_drop_to_the_session_that_holds_the_peer(tiny_mod
         model.close()
 
 
+def test_a_drop_put_back_is_reported_again_as_it_was(tiny_model_dir, cluster_factory):
+    """A link reports its drop once; a reader that is not its sessions' own puts it back
+    (review106), and the next reader gets the same drop; an error that is no drop is not put
+    back."""
+    from nanoswarm.client.peer_errors import LinkDropped, PeerTimeout
+    from nanoswarm.client.stages import open_fields
+    from nanoswarm.client.transport import PeerConnection
+    from nanoswarm.shards.manifest import read_manifest
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    conn = PeerConnection(nodes.addresses[0], timeout=5.0, forgive_idle_drops=True)
+    try:
+        conn.open_session(open_fields(read_manifest(tiny_model_dir).model_id, 8, 0, 4))
+        conn.put_back(PeerTimeout(conn.address, 1.0))
+        assert not conn.dropped
+        nodes.kill(0)
+        nodes.nodes[0].proc.wait(10)
+        deadline = time.monotonic() + 10
+        while not conn.dropped and time.monotonic() < deadline:
+            conn.monitor.poll(100)
+            conn.drain_events()
+        with pytest.raises(LinkDropped) as first:
+            conn.take(0, "result")
+        assert conn.take(0, "result") is None and not first.value.harmless  # once; a session lost
+        conn.put_back(first.value)
+        with pytest.raises(LinkDropped) as again:
+            conn.take(0, "result")
+        assert (again.value.code, again.value.message, again.value.harmless) == (
+            first.value.code, first.value.message, False)
+    finally:
+        conn.close()
+
+
 def test_a_long_lived_peers_client_asks_its_contacts_again_in_the_background(tiny_model_dir, cluster_factory,
                                                                                tmp_path, monkeypatch):
     """A program that keeps one SwarmModel of `--peers A,B`, with B down at connect, used B only
