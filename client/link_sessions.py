@@ -133,6 +133,7 @@ class LinkSessions:
         except zmq.ZMQError:
             pass
         self.sessions.discard(session)
+        self.forgive_if_idle()
 
     def close_sessions(self: PeerConnection) -> None:
         """Queue `close` for every session still open over this connection."""

@@ -101,8 +101,10 @@ def time_links(conns: dict[str, PeerConnection], timeout: float) -> dict[str, fl
     strays = {contact: conn.strays for contact, conn in conns.items()}
 
     def ask(contact: str) -> None:
-        with contextlib.suppress(PeerError):  # gone meanwhile: nothing to time
+        try:
             asked[contact] = (conns[contact].send("info", timeout=0), time.perf_counter())
+        except PeerError as e:  # gone meanwhile: nothing to time
+            conns[contact].put_back(e)
 
     while True:
         for contact, conn in list(shaking.items()):
@@ -115,7 +117,8 @@ def time_links(conns: dict[str, PeerConnection], timeout: float) -> dict[str, fl
             conn = conns[contact]
             try:
                 reply = conn.take(req_id, "info_reply")
-            except PeerError:
+            except PeerError as e:
+                conn.put_back(e)  # a drop is the sessions' over the link to read (review106)
                 reply = None
             else:
                 if reply is None and conn.strays - strays[contact] < MAX_TAKE_READS:
@@ -149,6 +152,7 @@ def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float,
         try:
             asked[contact] = (conn, conn.send(msg_type, timeout=0))
         except PeerError as e:
+            conn.put_back(e)
             out[contact] = e
     sent = time.perf_counter()
     deadline = time.monotonic() + timeout
@@ -157,6 +161,7 @@ def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float,
             try:
                 reply: Message | PeerError | None = conn.take(req_id, REPLY_TYPES[msg_type])
             except PeerError as e:
+                conn.put_back(e)  # a drop is the sessions' over the link to read (review106)
                 reply = e
             if reply is not None:
                 out[contact] = reply

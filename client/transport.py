@@ -265,6 +265,17 @@ class PeerConnection(LinkSessions):
         one report was used up, and their next step waited out its whole timeout (review106)."""
         if isinstance(error, LinkDropped) and error.address == self.address and self._dropped is None:
             self._dropped, self._harmless = (error.code, error.message), error.harmless
+            self.forgive_if_idle()
+
+    def forgive_if_idle(self) -> None:
+        """A drop not reported yet, on a link that holds no session and no open sent ahead any
+        more, lost nothing that anyone still holds: the next request waits for the link to come
+        back (a restarted peer) rather than report it. Reported, it struck and banned the healthy
+        restarted peer where the last session closed, or an early open's answer was read, after
+        the drop (review107)."""
+        if (self._dropped is not None and self.forgive_idle_drops and self._ever_handshaken
+                and not (self.sessions or self._early)):
+            self._harmless = True
 
     def timed_request(self, msg_type: str, fields: dict[str, Any] | None = None,
                       timeout: float | None = None) -> tuple[Message, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 
@@ -1237,6 +1238,58 @@ def test_a_drop_put_back_is_reported_again_as_it_was(tiny_model_dir, cluster_fac
             first.value.code, first.value.message, False)
     finally:
         conn.close()
+
+
+def test_a_peer_restarted_after_what_it_held_was_let_go_is_not_struck(tiny_model_dir, cluster_factory):
+    """A drop left unread on a link that then held nothing (its last session closed, or the
+    answers of its opens sent ahead read and given up on) was reported to the next session's
+    open after the peer had restarted (same key and port), and the healthy peer was struck and
+    banned (review107). Such a drop lost nothing anyone still holds: the open waits for the link
+    to come back instead."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--listen", endpoint]), NodeSpec((0, 4))])
+    a, b = nodes.addresses
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=10.0))
+    x = model.client.embed([1, 2, 3], 0)
+    want = SwarmModel.local(tiny_model_dir).session(8).step(x)
+
+    a_now, key_file = [nodes.nodes[0]], str(nodes.nodes[0].key_file)  # A's process, and its key
+
+    def restart() -> None:
+        a_now[0].proc.kill()
+        a_now[0].proc.wait(10)
+        a_now[0] = nodes.start_node(NodeSpec((0, 4), args=["--listen", endpoint, "--key-file", key_file]))
+        assert a_now[0].address == a
+        conn, deadline = model.swarm._conns[a], time.monotonic() + 15
+        conn.monitor.poll(1000)
+        conn.drain_events()
+        while not conn._handshaken and time.monotonic() < deadline:  # the client's link is back
+            conn.monitor.poll(100)
+            conn.drain_events()
+        assert conn._handshaken and conn.dropped  # and the drop not read yet
+
+    def open_on_a() -> None:
+        session = model.session(8)
+        assert (session.step(x) - want).abs().max() <= 1e-5
+        assert session.failovers == 0 and session.describe()[0]["peers"] == [a] and a not in model.swarm.bans
+        session.close()
+
+    try:
+        model.swarm.timed[b] = model.swarm.peers[b].rtt = 1.0
+        first = model.session(8)
+        assert (first.step(x) - want).abs().max() <= 1e-5 and first.describe()[0]["peers"] == [a]
+        restart()
+        first.close()  # the last session on A: its drop is left unread
+        open_on_a()
+        # Opens sent ahead to A, unanswered (A stopped), then A killed and restarted: the open
+        # that gives them up (settle_early) reads the drop.
+        os.kill(a_now[0].pid, signal.SIGSTOP)
+        model.swarm.open_ahead(model.swarm.plan(0, max_length=8), 8)
+        restart()
+        model.swarm.settle_early()
+        open_on_a()
+    finally:
+        model.close()
 
 
 def test_a_long_lived_peers_client_asks_its_contacts_again_in_the_background(tiny_model_dir, cluster_factory,
