@@ -120,20 +120,24 @@ class LinkSessions:
         del self._orphans[msg.id]
         if msg.type == "opened" and isinstance(session := msg.fields.get("session"), str):
             log.debug("%s: closing session %s, opened after its open was given up on", self.address, session[:16])
-            self.close_session(session)
+            self._send_close(session)  # (within a take(), whose reply a drop may have lost: none is forgiven)
 
     def close_session(self: PeerConnection, session: str) -> None:
         """Queue `close` for `session` (best effort: a node reclaims idle sessions anyway). Kept in
-        `sessions` until it is queued: a close cut short is sent when the link closes."""
+        `sessions` until it is queued: a close cut short is sent when the link closes. The last
+        one closed, a drop the link has come back from is forgotten (forgive_if_back)."""
+        self._send_close(session)
+        self.forgive_if_back()
+
+    def _send_close(self: PeerConnection, session: str) -> None:
         try:
             self.send("close", {"session": session}, timeout=0)
             self.closes_queued = True
         except PeerError as e:  # closed, or no room: the node reclaims idle sessions anyway
-            self.put_back(e)  # a drop is the other sessions' over this link to read (review106)
+            self._rearm(e)  # a drop is the other sessions' over this link to read (review106)
         except zmq.ZMQError:
             pass
         self.sessions.discard(session)
-        self.forgive_if_idle()
 
     def close_sessions(self: PeerConnection) -> None:
         """Queue `close` for every session still open over this connection."""

@@ -262,20 +262,33 @@ class PeerConnection(LinkSessions):
     def put_back(self, error: PeerError) -> None:
         """Report `error` again, if it is this link's drop: read by something other than the
         sessions over the link (a pin of another session's route, an early open's answer), the
-        one report was used up, and their next step waited out its whole timeout (review106)."""
+        one report was used up, and their next step waited out its whole timeout (review106).
+        On a link that holds nothing now (no session, no open sent ahead) the drop lost nothing
+        that anyone still holds: forgotten if the link is back already (a restarted peer, struck
+        and banned when it was reported: review107), else held while the link reconnects, as
+        the drop of an idle link is (send)."""
+        if (self._rearm(error) and self.forgive_idle_drops and self._ever_handshaken
+                and not (self.sessions or self._early)):
+            if self._handshaken:
+                self._dropped = None
+            else:
+                self._harmless = True
+
+    def _rearm(self, error: PeerError) -> bool:
         if isinstance(error, LinkDropped) and error.address == self.address and self._dropped is None:
             self._dropped, self._harmless = (error.code, error.message), error.harmless
-            self.forgive_if_idle()
+            return True
+        return False
 
-    def forgive_if_idle(self) -> None:
-        """A drop not reported yet, on a link that holds no session and no open sent ahead any
-        more, lost nothing that anyone still holds: the next request waits for the link to come
-        back (a restarted peer) rather than report it. Reported, it struck and banned the healthy
-        restarted peer where the last session closed, or an early open's answer was read, after
-        the drop (review107)."""
-        if (self._dropped is not None and self.forgive_idle_drops and self._ever_handshaken
+    def forgive_if_back(self) -> None:
+        """Forget a drop not reported yet on a link that holds no session and no open sent ahead
+        any more, and that has come back since (a restarted peer): its last session closed, it
+        lost nothing that anyone still holds (reported, it struck and banned the healthy peer:
+        review107). One not back yet is reported as it is: held while the link reconnected, it
+        cost the next open on a frozen or vanished peer 2.5 s (review108)."""
+        if (self._dropped is not None and self.forgive_idle_drops and self._handshaken
                 and not (self.sessions or self._early)):
-            self._harmless = True
+            self._dropped = None
 
     def timed_request(self, msg_type: str, fields: dict[str, Any] | None = None,
                       timeout: float | None = None) -> tuple[Message, float]:

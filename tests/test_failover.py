@@ -1292,6 +1292,36 @@ def test_a_peer_restarted_after_what_it_held_was_let_go_is_not_struck(tiny_model
         model.close()
 
 
+def test_a_frozen_peer_whose_last_session_closed_is_reported_at_once(tiny_model_dir, cluster_factory):
+    """The drop of a frozen peer (heartbeats unanswered) left unread when the last session on its
+    link closed: held while the link reconnected, as one that lost nothing, it cost the next
+    open 2.5 s (review108). It lost that session: the next open reports it at once."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4))])
+    a, b = nodes.addresses
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=6.0))
+    x = model.client.embed([1, 2, 3], 0)
+    want = SwarmModel.local(tiny_model_dir).session(8).step(x)
+    try:
+        model.swarm.timed[b] = model.swarm.peers[b].rtt = 1.0
+        first = model.session(8)
+        assert (first.step(x) - want).abs().max() <= 1e-5 and first.describe()[0]["peers"] == [a]
+        nodes.kill(0, signal.SIGSTOP)
+        conn, deadline = model.swarm._conns[a], time.monotonic() + model.swarm.options.silence + 10
+        while not conn.dropped and time.monotonic() < deadline:
+            conn.monitor.poll(100)
+            conn.drain_events()
+        assert conn.dropped
+        first.close()
+        t0 = time.monotonic()
+        second = model.session(8)
+        assert (second.step(x) - want).abs().max() <= 1e-5
+        assert time.monotonic() - t0 < 1.5 and second.failovers == 1 and second.describe()[0]["peers"] == [b]
+        second.close()
+    finally:
+        nodes.kill(0, signal.SIGCONT)
+        model.close()
+
+
 def test_a_long_lived_peers_client_asks_its_contacts_again_in_the_background(tiny_model_dir, cluster_factory,
                                                                                tmp_path, monkeypatch):
     """A program that keeps one SwarmModel of `--peers A,B`, with B down at connect, used B only
