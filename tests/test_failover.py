@@ -1244,8 +1244,8 @@ def test_a_peer_restarted_after_what_it_held_was_let_go_is_not_struck(tiny_model
     """A drop left unread on a link that then held nothing (its last session closed, or the
     answers of its opens sent ahead read and given up on) was reported to the next session's
     open after the peer had restarted (same key and port), and the healthy peer was struck and
-    banned (review107). Such a drop lost nothing anyone still holds: the open waits for the link
-    to come back instead."""
+    banned (review107). Such a drop, once the link is back, lost nothing anyone still holds: it
+    is forgotten."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--listen", endpoint]), NodeSpec((0, 4))])
     a, b = nodes.addresses
