@@ -284,7 +284,8 @@ class PeerConnection(LinkSessions):
         """Forget a drop not reported yet on a link that holds no session and no open sent ahead
         any more, and that has come back since (a restarted peer): its last session closed, it
         lost nothing that anyone still holds (reported, it struck and banned the healthy peer:
-        review107). One not back yet is reported as it is: held while the link reconnected, it
+        review107). At a close, and when the link comes back while no reply is awaited
+        (drain_events). One not back is reported as it is: held while the link reconnected, it
         cost the next open on a frozen or vanished peer 2.5 s (review108)."""
         if (self._dropped is not None and self.forgive_idle_drops and self._handshaken
                 and not (self.sessions or self._early)):
@@ -341,6 +342,8 @@ class PeerConnection(LinkSessions):
                     # of leaving came over the connection before: the peer may be a new process.)
                     self._dropped = self._held_drop = None
                     self._harmless = self.leaving = False
+                elif not awaiting:  # back after the last session it lost was closed (review109)
+                    self.forgive_if_back()
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 if not self._connected and self._dropped is None:  # never reached: nothing listens there
                     # libzmq says the same after CONNECT_TIMEOUT (the heartbeat) as after a refusal:
