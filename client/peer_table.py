@@ -220,11 +220,9 @@ class PeerTable:
         else:
             # The known peers, and every contact given: one down at connect (restarting, say) was
             # never asked again, and when the others went no route was left (review100). All at
-            # once: many dead ones cost one wait, not one each (review101). Not those this client
-            # holds sessions on: their drop report, read here, was lost to the sessions, whose
-            # next step waited out its timeout (review105).
-            self.add_addresses([a for a in [*self.peers, *self.contacts] if not self.held(a)],
-                               min(1.0, self.options.timeout))
+            # once: many dead ones cost one wait, not one each (review101). A drop read here is
+            # put back for the sessions over the link (ask_all; review105, review106).
+            self.add_addresses([*self.peers, *self.contacts], min(1.0, self.options.timeout))
         self._unban_moved(before)
         return True
 

@@ -267,8 +267,7 @@ class PeerConnection(LinkSessions):
         that anyone still holds: forgotten if the link is back already (a restarted peer, struck
         and banned when it was reported: review107), else held while the link reconnects, as
         the drop of an idle link is (send)."""
-        if (self._rearm(error) and self.forgive_idle_drops and self._ever_handshaken
-                and not (self.sessions or self._early)):
+        if self._rearm(error) and self._ever_handshaken and self._holds_nothing():
             if self._handshaken:
                 self._dropped = None
             else:
@@ -287,9 +286,13 @@ class PeerConnection(LinkSessions):
         review107). At a close, and when the link comes back while no reply is awaited
         (drain_events). One not back is reported as it is: held while the link reconnected, it
         cost the next open on a frozen or vanished peer 2.5 s (review108)."""
-        if (self._dropped is not None and self.forgive_idle_drops and self._handshaken
-                and not (self.sessions or self._early)):
+        if self._dropped is not None and self._handshaken and self._holds_nothing():
             self._dropped = None
+
+    def _holds_nothing(self) -> bool:
+        """Whether a drop now would lose nothing anyone holds (with `forgive_idle_drops`): no
+        session open over the link, no open sent ahead (a session coming)."""
+        return self.forgive_idle_drops and not (self.sessions or self._early)
 
     def timed_request(self, msg_type: str, fields: dict[str, Any] | None = None,
                       timeout: float | None = None) -> tuple[Message, float]:
@@ -359,8 +362,7 @@ class PeerConnection(LinkSessions):
                         self._dropped, self._held_drop = self._held_drop, None
             else:  # a drop: the first until reported (reconnects to a frozen peer drop again, in the handshake)
                 why, self._handshaken = ("disconnected", self._why_dropped()), False
-                busy = awaiting or self.sessions or self._early  # (opens sent ahead: a session coming)
-                idle = self.forgive_idle_drops and self._ever_handshaken and not busy
+                idle = self._ever_handshaken and not awaiting and self._holds_nothing()
                 if self._dropped is None and self._held_drop is None:
                     self._harmless = idle
                     if idle:
