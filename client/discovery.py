@@ -22,6 +22,7 @@ from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import EXPIRED, TOO_FAR_FUTURE, Record, check_endpoint, record_contact
 from nanoswarm.keys.table import STALE_SEQ, RecordTable
 
+from .introduce import introduce
 from .peer_errors import PeerError, PeerTimeout
 from .round_trips import (
     BACKGROUND_PEERS,
@@ -29,6 +30,8 @@ from .round_trips import (
     RETIME_SECONDS,
     ask_all,
     measure_round_trips,
+    send_all,
+    take_all,
     time_links,
     time_records,
 )
@@ -244,10 +247,10 @@ class BackgroundFetch:
         # Peers timed already (a copy: the swarm's thread goes on changing its own); those silent
         # then, or whose answer came late in the wait (a long batch ending), are timed again.
         timed = {c for c, seconds in swarm.timed.items() if seconds is not None and seconds < RETIME_SECONDS}
-        threading.Thread(target=self._run, args=(args, list(swarm.contacts), timed), daemon=True,
+        threading.Thread(target=self._run, args=(args, list(swarm.contacts), timed, swarm.introduces), daemon=True,
                          name="nanoswarm-refresh").start()
 
-    def _run(self, args: tuple, contacts: list[str], timed: set[str]) -> None:
+    def _run(self, args: tuple, contacts: list[str], timed: set[str], introduces: bool) -> None:
         try:
             bootstraps, timeout, client_keys, model_id, insecure = args
             self.result = fetch_table(*args) if bootstraps else Fetched(RecordTable(), [], {}, {})
@@ -260,7 +263,8 @@ class BackgroundFetch:
             self.result.timed = time_records(self.result.table, model_id, timed, min(timeout, PROBE_SECONDS),
                                              client_keys, insecure)
             if contacts:
-                read_contacts(self.result, contacts, timeout, client_keys, insecure, timed)
+                read_contacts(self.result, contacts, timeout, client_keys, insecure, timed,
+                              model_id if introduces else None)
         except BaseException as e:  # noqa: BLE001 - read by the swarm's thread
             self.result = e
         finally:
@@ -269,13 +273,15 @@ class BackgroundFetch:
 
 
 def read_contacts(fetched: Fetched, contacts: list[str], timeout: float,
-                  client_keys: tuple[bytes, bytes] | None, insecure: bool, timed: Collection[str]) -> None:
+                  client_keys: tuple[bytes, bytes] | None, insecure: bool, timed: Collection[str],
+                  introduce_model: str | None = None) -> None:
     """Into `fetched`: each of `contacts` (given with `--peers`) asked for `info` at once, over
     links of its own, within one `timeout` (`infos`; `errors` for those that did not answer),
     and those that answered and are not among `timed` timed (`timed`, as time_records): a
     long-lived client of `--peers` contacts asked them again only when no route was found, so
     one down at connect went unused while it served, and the load each stated then steered its
-    sessions for good."""
+    sessions for good. Those serving `introduce_model`, if given, are told of each other, as at
+    a connect (client/introduce.py): one that came up since knows no one."""
     conns: dict[str, PeerConnection] = {}
     try:
         for contact in contacts:
@@ -286,11 +292,18 @@ def read_contacts(fetched: Fetched, contacts: list[str], timeout: float,
             except (ValueError, zmq.ZMQError) as e:
                 fetched.errors[contact] = f"{contact}: bad_contact: {e}"
         took: dict[str, float] = {}
-        for contact, reply in ask_all(conns, "info", timeout, took).items():
+        infos = send_all(conns, "info")
+        tables = send_all(conns, "records", dict.fromkeys(conns, {"want": True})) if introduce_model else None
+        for contact, reply in take_all(infos, timeout, took).items():
             if isinstance(reply, PeerError):
                 fetched.errors[contact] = str(reply)
             else:
                 fetched.infos[contact] = (reply.fields, took[contact])
+        if tables is not None:
+            ours = {c: str(info.get("peer_id")) for c, (info, _) in fetched.infos.items()
+                    if info.get("model_id") == introduce_model}
+            if len(ours) > 1:
+                introduce(conns, tables, ours, min(timeout, PROBE_SECONDS))
         todo = {c: conns[c] for c in list(fetched.infos)[:BACKGROUND_PEERS] if c not in timed}
         fetched.timed.update({**dict.fromkeys(todo), **time_links(todo, min(timeout, PROBE_SECONDS))})
     finally:

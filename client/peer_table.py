@@ -15,9 +15,10 @@ from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
 from nanoswarm.protocol.messages import finite_float, parse_range
 
 from .discovery import BackgroundFetch, DiscoveryError, Fetched, add_fetched, add_from_bootstrap, take_timed
+from .introduce import introduce
 from .options import SwarmOptions
 from .peer_errors import PeerError
-from .round_trips import PROBE_SECONDS, ask_all, measure_round_trips
+from .round_trips import PROBE_SECONDS, measure_round_trips, send_all, take_all
 from .route import PeerInfo, RouteError, StagePlan, build_route
 
 if TYPE_CHECKING:
@@ -107,14 +108,28 @@ class PeerTable:
             except PeerError as e:
                 self._not_taken(address, e)
         took: dict[str, float] = {}
-        replies = ask_all(conns, "info", timeout, took)
+        infos = send_all(conns, "info")
+        # Their tables too, in the same round trip: contacts that do not know each other are
+        # told of each other (client/introduce.py), or no step is relayed between them.
+        tables = (send_all(conns, "records", dict.fromkeys(conns, {"want": True}))
+                  if self.introduces and len(conns) > 1 else None)
+        replies = take_all(infos, timeout, took)
         for address in conns:  # in the order given (the route's last tie-break), not of the replies
             if isinstance(reply := replies[address], PeerError):
                 self._not_taken(address, reply)
             else:
                 self.add_info(address, reply.fields, self.rtt_of(address, took[address]),
                               curve_key=split_contact(address)[1])
+        if tables is not None:
+            introduce(conns, tables, {a: self.peers[a].peer_id for a in conns if a in self.peers},
+                      min(timeout, PROBE_SECONDS))
         measure_round_trips(self, [a for a in conns if a in self.peers], min(timeout, PROBE_SECONDS))
+
+    @property
+    def introduces(self) -> bool:
+        """Whether contacts are told of each other (client/introduce.py): only where steps may be
+        relayed between them."""
+        return self.options.relay and self.options.introduce
 
     def _not_taken(self, address: str, e: PeerError) -> None:
         self.rejected[address] = f"{e.code}: {e.message}"

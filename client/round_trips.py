@@ -8,8 +8,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Collection, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -140,41 +141,68 @@ def time_links(conns: dict[str, PeerConnection], timeout: float) -> dict[str, fl
         poller.poll(max(1, int(min(left, 0.05) * 1000)))
 
 
-def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float,
-            took: dict[str, float] | None = None) -> dict[str, Message | PeerError]:
-    """Send `msg_type` on every connection at once and read the replies within one `timeout`:
-    each contact's reply, or the PeerError it failed with (PeerTimeout: none in time). Asked in
-    turn, each contact that drops packets cost the others' wait its whole timeout. `took`, if
-    given, gets the seconds each reply took (a fresh link's handshake included)."""
-    out: dict[str, Message | PeerError] = {}
-    asked: dict[str, tuple[PeerConnection, int]] = {}
+@dataclass
+class Asked:
+    """Requests of one type sent at once (`send_all`), read by `take_all`."""
+    msg_type: str
+    pending: dict[str, tuple[PeerConnection, int]]  # contact -> (its link, the request's id)
+    failed: dict[str, PeerError]  # contacts the request could not be queued to
+    sent: float  # perf_counter, once all were queued
+
+
+def send_all(conns: dict[str, PeerConnection], msg_type: str,
+             fields: Mapping[str, dict[str, Any]] | None = None) -> Asked:
+    """Queue `msg_type` on every connection (with the `fields` of its contact, if any), without
+    waiting: `take_all` reads the replies. Requests of several types queued one after another are
+    answered within one round trip (a `--peers` connect asks `info` and `records` so)."""
+    asked = Asked(msg_type, {}, {}, 0.0)
     for contact, conn in conns.items():
         try:
-            asked[contact] = (conn, conn.send(msg_type, timeout=0))
+            asked.pending[contact] = (conn, conn.send(msg_type, (fields or {}).get(contact), timeout=0))
         except PeerError as e:
             conn.put_back(e)
-            out[contact] = e
-    sent = time.perf_counter()
+            asked.failed[contact] = e
+    asked.sent = time.perf_counter()
+    return asked
+
+
+def take_all(asked: Asked, timeout: float, took: dict[str, float] | None = None,
+             only: Collection[str] | None = None) -> dict[str, Message | PeerError]:
+    """The replies to `asked` (of the contacts in `only`, if given), read within one `timeout`:
+    each contact's reply, or the PeerError it failed with (PeerTimeout: none in time). `took`,
+    if given, gets the seconds each reply took since it was sent (a fresh link's handshake
+    included)."""
+    out: dict[str, Message | PeerError] = {c: e for c, e in asked.failed.items() if only is None or c in only}
+    waiting = {c: p for c, p in asked.pending.items() if only is None or c in only}
     deadline = time.monotonic() + timeout
-    while asked:
-        for contact, (conn, req_id) in list(asked.items()):
+    while waiting:
+        for contact, (conn, req_id) in list(waiting.items()):
             try:
-                reply: Message | PeerError | None = conn.take(req_id, REPLY_TYPES[msg_type])
+                reply: Message | PeerError | None = conn.take(req_id, REPLY_TYPES[asked.msg_type])
             except PeerError as e:
                 conn.put_back(e)  # a drop is the sessions' over the link to read (review106)
                 reply = e
             if reply is not None:
                 out[contact] = reply
-                del asked[contact]
+                del waiting[contact]
                 if took is not None:
-                    took[contact] = time.perf_counter() - sent
+                    took[contact] = time.perf_counter() - asked.sent
         left = deadline - time.monotonic()
-        if not asked or left <= 0:
+        if not waiting or left <= 0:
             break
         poller = zmq.Poller()
-        for conn, _ in asked.values():
+        for conn, _ in waiting.values():
             conn.register(poller)
             left = conn.poll_limit(left)
         poller.poll(max(1, int(left * 1000)))
-    out.update((contact, PeerTimeout(conn.address, timeout)) for contact, (conn, _) in asked.items())
+    out.update((contact, PeerTimeout(conn.address, timeout)) for contact, (conn, _) in waiting.items())
     return out
+
+
+def ask_all(conns: dict[str, PeerConnection], msg_type: str, timeout: float,
+            took: dict[str, float] | None = None,
+            fields: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Message | PeerError]:
+    """Send `msg_type` on every connection at once and read the replies within one `timeout`
+    (`send_all`, `take_all`). Asked in turn, each contact that drops packets cost the others'
+    wait its whole timeout."""
+    return take_all(send_all(conns, msg_type, fields), timeout, took)

@@ -311,6 +311,16 @@ def verify_record(wire: object, now: float | None = None, max_ttl: float = DEFAU
     return verify_wire(wire, now, max_ttl).record
 
 
+def unverified_peer_id(wire: object) -> str | None:
+    """The peer id a wire's body names, its signature unchecked (None: not a well-formed record):
+    only to tell which records a peer says it holds, never to trust one (a client offers a node
+    the records it lacks, client/introduce.py; the node verifies what it is offered)."""
+    try:
+        return _decode_body(_unpack_wire(wire)[0]).peer_id
+    except _Malformed:
+        return None
+
+
 def sign_record(
     identity: Identity,
     *,

@@ -24,13 +24,16 @@ from test_failover import (  # the same fault harness
 import nanoswarm.client.relay as relay_module
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.introduce import introduce
 from nanoswarm.client.peer_errors import PeerError
 from nanoswarm.client.relay import pin_route
+from nanoswarm.client.round_trips import send_all
 from nanoswarm.client.stages import RemoteLayerStage
 from nanoswarm.client.swarm import SwarmOptions
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.keys.identity import load_identity
+from nanoswarm.keys.records import unverified_peer_id
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.relay import Relay
@@ -144,15 +147,101 @@ def test_frozen_middle_hop_is_found_and_replaced(small12_model_dir, cluster_fact
 
 
 def test_nodes_relay_only_to_peers_they_know(small12_model_dir, cluster_factory, expected):
-    """Nodes started without introductions know no one: the first hop refuses to relay
-    (not_served), the client asks it no more and goes stage by stage, with the same tokens."""
+    """Nodes started without introductions know no one, and a client that does not tell them of
+    each other (SwarmOptions.introduce off): the first hop refuses to relay (not_served), the
+    client asks it no more and goes stage by stage, with the same tokens."""
     swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((6, 12))], bootstrap=False)
-    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses)
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses, options=SwarmOptions(introduce=False))
     try:
         assert model.generate(PROMPT, N_TOKENS, SEEDED).ids == expected
         first = model.swarm.connection(swarm.addresses[0]).request("info").fields
         assert first["stats"]["relayed"] == 0
         assert first["errors"] == {"not_served": 1}  # refused once; never asked again
+    finally:
+        model.close()
+
+
+def test_a_peers_client_tells_nodes_that_know_no_one_of_each_other(tiny_model_dir, cluster_factory):
+    """Nodes started without a bootstrap relay to no one; a client of them as --peers contacts
+    offers each the others' signed records at connect (client/introduce.py), so its steps are
+    relayed from the first, exact, with no hop refusing one. Before, every session's first relayed
+    step was refused at each hop (not_served) and the session went stage by stage."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 3)), NodeSpec((3, 4))], bootstrap=False)
+    ids = torch.randint(0, 50257, (8,), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0]
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    try:
+        session = model.session(len(ids))
+        got = [model.client.logits(session.step(model.client.embed([int(ids[t])], t))) for t in range(len(ids))]
+        assert (torch.stack([g.reshape(-1) for g in got]) - want).abs().max().item() <= 1e-5
+        for address in swarm.addresses[:2]:
+            info = model.swarm.connection(address).request("info").fields
+            assert info["stats"]["relayed"] == len(ids) and "not_served" not in info["errors"]
+    finally:
+        model.close()
+
+
+def test_contacts_are_offered_only_the_records_they_lack(tiny_model_dir, cluster_factory):
+    """introduce offers a contact only the others' own records that its table does not name:
+    strangers get each other's, and asked again, or nodes that gossip with each other, nothing."""
+    strangers = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))], bootstrap=False)
+    acquainted = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+
+    def told(addresses: list[str]) -> list[str]:
+        conns = {a: PeerConnection(a, timeout=10) for a in addresses}
+        try:
+            peer_ids = {a: c.request("info").fields["peer_id"] for a, c in conns.items()}
+            return introduce(conns, send_all(conns, "records", dict.fromkeys(conns, {"want": True})), peer_ids, 10)
+        finally:
+            for conn in conns.values():
+                conn.close()
+
+    assert sorted(told(strangers.addresses)) == sorted(strangers.addresses)
+    assert told(strangers.addresses) == []
+    assert told(acquainted.addresses) == []
+    # A contact of another swarm is offered the others' records, and they its own.
+    mixed = [strangers.addresses[0], acquainted.addresses[1]]
+    assert sorted(told(mixed)) == sorted(mixed)
+
+
+def test_a_contact_that_came_up_later_is_introduced_by_the_background_read(tiny_model_dir, cluster_factory,
+                                                                             tmp_path, monkeypatch):
+    """A long-lived client of `--peers A,B,C`, B down at connect and started later knowing no
+    one: the contacts' background read (TABLE_SECONDS after connect) tells B and A of each other
+    too, so a session routed through B is relayed from A to it."""
+    from nanoswarm.client import peer_table
+    from nanoswarm.keys.contact import format_contact
+    from nanoswarm.keys.identity import generate_identity, save_identity
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))], bootstrap=False)
+    a, c = nodes.addresses
+    key = generate_identity()
+    key_file = save_identity(key, tmp_path / "b.key")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    b = format_contact(endpoint, key.curve_public)
+
+    def names(address: str) -> set:
+        wires = model.swarm.connection(address).request("records", {"want": True}).fields["records"]
+        return {unverified_peer_id(w) for w in wires}
+
+    model = SwarmModel.connect(tiny_model_dir, peers=[a, b, c], options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        assert b in model.swarm.rejected and model.swarm.peers[c].peer_id in names(a)  # told at connect
+        started = nodes.start_node(NodeSpec((2, 4), args=["--listen", endpoint, "--key-file", str(key_file)]))
+        assert started.address == b and names(b) == {key.peer_id}
+        monkeypatch.setattr(peer_table, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)  # as if a minute on
+        model.session(8).close()  # asks the contacts in the background
+        fetch = model.swarm._fetching
+        assert fetch is not None and fetch.done.wait(10) and b in fetch.result.infos
+        assert model.swarm.peers[a].peer_id in names(b) and key.peer_id in names(a)
+        monkeypatch.setattr(peer_table, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
+        model.swarm.timed[c] = model.swarm.peers[c].rtt = 1.0  # the route on B, once known
+        result = model.generate(PROMPT, 4, SEEDED)
+        assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, 4, SEEDED).ids
+        assert [s["peers"] for s in result.route] == [[a], [b]] and result.failovers == 0
+        info = model.swarm.connection(a).request("info").fields
+        assert info["stats"]["relayed"] >= 4 and "not_served" not in info["errors"]
     finally:
         model.close()
 
@@ -166,7 +255,7 @@ def test_a_hop_that_would_not_relay_to_a_replaced_stage_is_asked_again(tiny_mode
     ids = torch.randint(0, 50257, (16,), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         want = load_model(tiny_model_dir)(ids[None])[0]
-    model = SwarmModel.connect(tiny_model_dir, peers=[a, c], options=SwarmOptions(timeout=TIMEOUT))
+    model = SwarmModel.connect(tiny_model_dir, peers=[a, c], options=SwarmOptions(timeout=TIMEOUT, introduce=False))
     try:
         session = model.session(len(ids))  # B told A about itself before it printed `listening`
         got = [model.client.logits(session.step(model.client.embed([int(ids[t])], t))) for t in range(4)]
@@ -811,13 +900,14 @@ def test_admit_starts_the_link_to_a_pinned_next_hop_it_knows(handler):
 
 
 def test_a_peer_killed_before_a_pin_is_asked_again_is_replaced_at_once(tiny_model_dir, cluster_factory):
-    """Nodes that do not know each other (no gossip between them) refuse to relay a session's
-    first step, which then goes stage by stage, and the next step pins the route again (the
-    refusal changed it). With a peer killed in between, that pin read the drop, and the stage was
-    then stepped alone and waited out the whole step timeout (review105: 10 s of 10). It is
-    replaced at once."""
+    """Nodes that do not know each other (no gossip between them, and a client that does not
+    introduce them) refuse to relay a session's first step, which then goes stage by stage, and
+    the next step pins the route again (the refusal changed it). With a peer killed in between,
+    that pin read the drop, and the stage was then stepped alone and waited out the whole step
+    timeout (review105: 10 s of 10). It is replaced at once."""
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((0, 2)), NodeSpec((2, 4))], bootstrap=False)
-    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=10.0))
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses,
+                               options=SwarmOptions(timeout=10.0, introduce=False))
 
     def premise(session, killed: str) -> None:
         assert session.relaying.no_relay  # the first step's relay was refused
