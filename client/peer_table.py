@@ -14,7 +14,8 @@ from nanoswarm.keys.contact import split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
 from nanoswarm.protocol.messages import finite_float, parse_range
 
-from .discovery import BackgroundFetch, DiscoveryError, Fetched, add_fetched, add_from_bootstrap, take_timed
+from .background import BackgroundFetch
+from .discovery import DiscoveryError, Fetched, add_fetched, add_from_bootstrap, take_timed
 from .introduce import introduce
 from .options import SwarmOptions
 from .peer_errors import PeerError
@@ -74,6 +75,7 @@ class PeerTable:
     # Round trips measured after the handshake, by address (None: no answer in time), kept over
     # refreshes: add_addresses, round_trips.measure_round_trips, a background read (rtt_of).
     timed: dict[str, float | None] = field(default_factory=dict)
+    timed_at: dict[str, float] = field(default_factory=dict)  # when (monotonic): timed again after TIMING_LIFE
     _refreshed: float = -REFRESH_SECONDS
     _asked: float = field(default_factory=time.monotonic)  # when a peer's info or record was last taken
     _fetching: BackgroundFetch | None = None  # the bootstraps' tables, read for refresh_stale
@@ -286,7 +288,7 @@ class PeerTable:
             self._fetching = BackgroundFetch(self, min(5.0, self.options.timeout))
 
     def _take_infos(self, fetched: Fetched) -> None:
-        """The `info` of each contact that a background read asked (discovery.read_contacts)."""
+        """The `info` of each contact that a background read asked (background.read_contacts)."""
         take_timed(self, fetched)
         for contact, (info, seconds) in fetched.infos.items():
             if contact in self.contacts:

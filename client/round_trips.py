@@ -33,6 +33,9 @@ PROBE_SECONDS = 2.0  # the most a timing waits, handshakes and answers together
 # round trip and noisy on loopback, enough to part like peers (review103).
 PROBE_ROUNDS = 3
 RETIME_SECONDS = PROBE_SECONDS / 4  # a round trip this long may have been a late answer: timed again
+# Seconds a round trip is kept before a long-lived client's background read times it again: a
+# peer whose network changed (a laptop that moved, a congested link) kept its first one for good.
+TIMING_LIFE = 300.0
 
 
 def measure_round_trips(swarm: Swarm, contacts: list[str], timeout: float) -> None:
@@ -52,7 +55,7 @@ def measure_round_trips(swarm: Swarm, contacts: list[str], timeout: float) -> No
             conns[contact] = swarm.connection(contact)
     rtts = time_links(conns, timeout)
     for contact in todo:
-        swarm.timed[contact] = rtts.get(contact)
+        swarm.timed[contact], swarm.timed_at[contact] = rtts.get(contact), time.monotonic()
         if contact in swarm.peers:
             swarm.peers[contact].rtt = swarm.rtt_of(contact, swarm.peers[contact].rtt)
         if contact not in rtts:

@@ -172,6 +172,47 @@ def test_a_bootstrap_client_measures_the_round_trip_of_each_peer(tiny_model_dir,
         relay.close()
 
 
+def test_a_long_lived_client_times_its_peers_again(tiny_model_dir, cluster_factory, monkeypatch):
+    """A round trip, once timed, was kept for good: a peer whose link got slower kept its first
+    one and went on taking sessions. A long-lived client's background read times a peer again
+    once its round trip is TIMING_LIFE old, and the sessions opened after it go to the near one."""
+    from conftest import TcpRelay, sessions_on
+
+    from nanoswarm.client import background, peer_table
+
+    port = free_port()
+    relay = TcpRelay(port)  # no delay yet
+    try:
+        nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec(
+            (0, 4), args=["--listen", f"tcp://127.0.0.1:{port}", "--advertise", relay.address])], args=FAST)
+        near = nodes.addresses[0]
+        wait_for(lambda: len(table_of(near)) == 2, 15, "both peers in the bootstrap's table")
+        model = SwarmModel.connect(tiny_model_dir, bootstrap=[near])
+        try:
+            (far,) = set(model.swarm.peers) - {near}
+            assert model.swarm.peers[far].rtt < 0.02
+            relay.delay = 0.025  # the far peer's link gets slow: a round trip of 50 ms or more
+            monkeypatch.setattr(background, "TIMING_LIFE", 0.0)  # as if timed long ago
+            monkeypatch.setattr(peer_table, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)
+            model.session(8).close()  # reads the table, and times its peers, in the background
+            fetch = model.swarm._fetching
+            assert fetch is not None and fetch.done.wait(15)
+            assert fetch.result.timed[far] >= 0.05
+            monkeypatch.setattr(peer_table, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
+            sessions = [model.session(8) for _ in range(4)]  # the first takes the read in
+            assert model.swarm.peers[far].rtt >= 0.05 > 0.02 > model.swarm.peers[near].rtt
+            x = model.client.embed([1, 2, 3], 0)
+            for session in sessions:
+                session.step(x)
+            assert (sessions_on(near), sessions_on(far)) == (4, 0)
+            for session in sessions:
+                session.close()
+        finally:
+            model.close()
+    finally:
+        relay.close()
+
+
 def test_forged_records_are_rejected_over_the_socket(swarm):
     contact = swarm[0].address
     forger, other = generate_identity(), generate_identity()

@@ -1,0 +1,116 @@
+"""A long-lived client's peer table read again in the background (`BackgroundFetch`): the
+bootstraps' tables (discovery.fetch_table) and the `--peers` contacts' `info` (`read_contacts`),
+on a thread and links of its own, with the round trips of the peers it finds timed, and of
+those timed more than TIMING_LIFE ago timed again; taken in by PeerTable.refresh_stale."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+import zmq
+
+from nanoswarm.keys.contact import split_contact
+from nanoswarm.keys.table import RecordTable
+
+from .discovery import Fetched, fetch_table
+from .introduce import introduce
+from .peer_errors import PeerError
+from .round_trips import (
+    BACKGROUND_PEERS,
+    PROBE_SECONDS,
+    RETIME_SECONDS,
+    TIMING_LIFE,
+    send_all,
+    take_all,
+    time_links,
+    time_records,
+)
+from .transport import PeerConnection
+
+if TYPE_CHECKING:
+    from .swarm import Swarm
+
+
+class BackgroundFetch:
+    """`fetch_table` of the bootstraps, and `read_contacts` of the `--peers` contacts, on a
+    daemon thread (with sockets of its own, none of the swarm's): a long-lived client's
+    periodic refresh (Swarm.refresh_stale), which no session's open waits for. A frozen
+    bootstrap cost every such open its timeout (review100), and a refresh over the swarm's own
+    links read, and used up, the report of a link that had dropped."""
+
+    def __init__(self, swarm: Swarm, timeout: float):
+        self.result: Fetched | BaseException | None = None
+        self.finished = 0.0  # monotonic, when it was read
+        self.done = threading.Event()
+        args = (list(swarm.bootstraps), timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
+        # Peers timed already (a copy: the swarm's thread goes on changing its own); those silent
+        # then, or whose answer came late in the wait (a long batch ending), or timed more than
+        # TIMING_LIFE ago, are timed again.
+        now = time.monotonic()
+        timed = {c for c, seconds in swarm.timed.items() if seconds is not None and seconds < RETIME_SECONDS
+                 and now - swarm.timed_at.get(c, now) < TIMING_LIFE}
+        threading.Thread(target=self._run, args=(args, list(swarm.contacts), timed, swarm.introduces), daemon=True,
+                         name="nanoswarm-refresh").start()
+
+    def _run(self, args: tuple, contacts: list[str], timed: set[str], introduces: bool) -> None:
+        try:
+            bootstraps, timeout, client_keys, model_id, insecure = args
+            self.result = fetch_table(*args) if bootstraps else Fetched(RecordTable(), [], {}, {})
+            # The records as they were when read: a record has 40-60 s of life left when fetched,
+            # and read at a later open by the table's own clock, none was left (review101).
+            read = time.time()
+            self.result.table.clock = lambda: read
+            # New peers are timed here, not when the read is taken in: that holds a session's
+            # open, and the model's lock.
+            self.result.timed = time_records(self.result.table, model_id, timed, min(timeout, PROBE_SECONDS),
+                                             client_keys, insecure)
+            if contacts:
+                read_contacts(self.result, contacts, timeout, client_keys, insecure, timed,
+                              model_id if introduces else None)
+        except BaseException as e:  # noqa: BLE001 - read by the swarm's thread
+            self.result = e
+        finally:
+            self.finished = time.monotonic()
+            self.done.set()
+
+
+def read_contacts(fetched: Fetched, contacts: list[str], timeout: float,
+                  client_keys: tuple[bytes, bytes] | None, insecure: bool, timed: Collection[str],
+                  introduce_model: str | None = None) -> None:
+    """Into `fetched`: each of `contacts` (given with `--peers`) asked for `info` at once, over
+    links of its own, within one `timeout` (`infos`; `errors` for those that did not answer),
+    and those that answered and are not among `timed` timed (`timed`, as time_records): a
+    long-lived client of `--peers` contacts asked them again only when no route was found, so
+    one down at connect went unused while it served, and the load each stated then steered its
+    sessions for good. Those serving `introduce_model`, if given, are told of each other, as at
+    a connect (client/introduce.py): one that came up since knows no one."""
+    conns: dict[str, PeerConnection] = {}
+    try:
+        for contact in contacts:
+            try:
+                key = split_contact(contact)[1]
+                if key is not None or insecure:  # (one without a key was refused at connect)
+                    conns[contact] = PeerConnection(contact, timeout, server_key=key, client_keys=client_keys)
+            except (ValueError, zmq.ZMQError) as e:
+                fetched.errors[contact] = f"{contact}: bad_contact: {e}"
+        took: dict[str, float] = {}
+        infos = send_all(conns, "info")
+        tables = send_all(conns, "records", dict.fromkeys(conns, {"want": True})) if introduce_model else None
+        for contact, reply in take_all(infos, timeout, took).items():
+            if isinstance(reply, PeerError):
+                fetched.errors[contact] = str(reply)
+            else:
+                fetched.infos[contact] = (reply.fields, took[contact])
+        if tables is not None:
+            ours = {c: str(info.get("peer_id")) for c, (info, _) in fetched.infos.items()
+                    if info.get("model_id") == introduce_model}
+            if len(ours) > 1:
+                introduce(conns, tables, ours, min(timeout, PROBE_SECONDS))
+        todo = {c: conns[c] for c in list(fetched.infos)[:BACKGROUND_PEERS] if c not in timed}
+        fetched.timed.update({**dict.fromkeys(todo), **time_links(todo, min(timeout, PROBE_SECONDS))})
+    finally:
+        for conn in conns.values():
+            conn.close()
