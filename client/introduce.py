@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from nanoswarm.keys.records import unverified_peer_id
+from nanoswarm.keys.records import Record, record_contact, unverified_record
 from nanoswarm.protocol.messages import Message
 
 from .peer_errors import PeerError
@@ -34,27 +34,32 @@ def introduce(conns: dict[str, PeerConnection], tables: Asked, peer_ids: dict[st
               timeout: float) -> list[str]:
     """Read the `records` replies of `tables` (asked with want=True) of the contacts in
     `peer_ids` (address -> the peer id its `info` gave), and offer each contact the own records
-    of the others that its reply does not name, all at once within one `timeout`. Returns the
-    contacts that took an offer."""
-    own: dict[str, dict] = {}   # address -> its own signed record, as it sent it
-    holds: dict[str, set[str | None]] = {}  # address -> the peer ids its table names
+    of the others that it does not hold, all at once within one `timeout`. Returns the contacts
+    that answered the offer (a node answers one whose records it all refused too)."""
+    own: dict[str, tuple[dict, Record]] = {}  # address -> its own signed record, as it sent it
+    holds: dict[str, set[tuple[str, str]]] = {}  # address -> (peer id, contact) of what its table holds
     for address, reply in take_all(tables, timeout, only=peer_ids).items():
         wires = _wires(reply)
         if wires is None:
-            continue  # (an old node, a slow one: it relays as it did)
-        holds[address] = {unverified_peer_id(w) for w in wires}
-        if wires and unverified_peer_id(wires[0]) == peer_ids[address]:  # a node gossips its own first
-            own[address] = wires[0]
-    offers = {address: _offer(address, own, peer_ids, known) for address, known in holds.items()}
+            continue  # (a slow node: it relays as it did)
+        records = [unverified_record(w) for w in wires]
+        # A departure (a peer that left, and may be back since) or an old contact of the peer
+        # is not what a relay needs: review110 found a restarted node not offered to a contact
+        # that held its departure, which then refused to relay to it.
+        holds[address] = {(r.peer_id, record_contact(r)) for r in records if r is not None and not r.departing}
+        first = records[0] if records else None
+        if first is not None and first.peer_id == peer_ids[address] and not first.departing:  # own first
+            own[address] = (wires[0], first)
+    offers = {address: _offer(address, own, peer_ids[address], known) for address, known in holds.items()}
     offers = {address: wires for address, wires in offers.items() if wires}
     if not offers:
         return []
     replies = ask_all({a: conns[a] for a in offers}, "records", timeout,
                       fields={a: {"records": wires, "want": False} for a, wires in offers.items()})
-    told = [a for a, reply in replies.items() if not isinstance(reply, PeerError)]
-    log.info("told %d of %d contacts of the others (%d records)", len(told), len(peer_ids),
-             sum(len(offers[a]) for a in told))
-    return told
+    answered = [a for a, reply in replies.items() if not isinstance(reply, PeerError)]
+    log.info("offered %d of %d contacts the others' records (%d records)", len(answered), len(peer_ids),
+             sum(len(offers[a]) for a in answered))
+    return answered
 
 
 def _wires(reply: Message | PeerError) -> list | None:
@@ -64,12 +69,14 @@ def _wires(reply: Message | PeerError) -> list | None:
     return wires[:TABLE_RECORDS] if isinstance(wires, list) else None
 
 
-def _offer(address: str, own: dict[str, dict], peer_ids: dict[str, str], known: set[str | None]) -> list[dict]:
-    """The records to offer `address`: the others' own ones whose peer id its table lacks (its
-    own id is in it: a contact of the same id is never offered it)."""
+def _offer(address: str, own: dict[str, tuple[dict, Record]], peer_id: str,
+           known: set[tuple[str, str]]) -> list[dict]:
+    """The records to offer `address` (of `peer_id`): the others' own ones that its table does
+    not hold at that contact; never one of its own peer id (a copy of its key file elsewhere is
+    gossip's to name, docs/discovery.md)."""
     offer, size = [], 0
-    for other, wire in own.items():
-        if other == address or peer_ids[other] in known:
+    for other, (wire, record) in own.items():
+        if other == address or record.peer_id == peer_id or (record.peer_id, record_contact(record)) in known:
             continue
         size += len(wire["body"]) + len(wire["sig"]) + 16  # msgpack framing
         if size > OFFER_BYTES or len(offer) == OFFER_RECORDS:

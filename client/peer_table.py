@@ -122,9 +122,9 @@ class PeerTable:
             else:
                 self.add_info(address, reply.fields, self.rtt_of(address, took[address]),
                               curve_key=split_contact(address)[1])
-        if tables is not None:
-            introduce(conns, tables, {a: self.peers[a].peer_id for a in conns if a in self.peers},
-                      min(timeout, PROBE_SECONDS))
+        if tables is not None:  # of those that answered now (review110: a held peer, frozen, cost a refresh 1 s more)
+            answered = [a for a in conns if a in self.peers and not isinstance(replies[a], PeerError)]
+            introduce(conns, tables, {a: self.peers[a].peer_id for a in answered}, min(timeout, PROBE_SECONDS))
         measure_round_trips(self, [a for a in conns if a in self.peers], min(timeout, PROBE_SECONDS))
 
     @property

@@ -311,12 +311,12 @@ def verify_record(wire: object, now: float | None = None, max_ttl: float = DEFAU
     return verify_wire(wire, now, max_ttl).record
 
 
-def unverified_peer_id(wire: object) -> str | None:
-    """The peer id a wire's body names, its signature unchecked (None: not a well-formed record):
-    only to tell which records a peer says it holds, never to trust one (a client offers a node
-    the records it lacks, client/introduce.py; the node verifies what it is offered)."""
+def unverified_record(wire: object) -> Record | None:
+    """The record a wire's body holds, its signature and lifetime unchecked (None: not a
+    well-formed record): only to tell which records a peer says it holds, never to trust one (a
+    client offers a node the records it lacks, client/introduce.py; the node verifies them)."""
     try:
-        return _decode_body(_unpack_wire(wire)[0]).peer_id
+        return _decode_body(_unpack_wire(wire)[0])
     except _Malformed:
         return None
 

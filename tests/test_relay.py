@@ -33,7 +33,7 @@ from nanoswarm.client.swarm import SwarmOptions
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.keys.identity import load_identity
-from nanoswarm.keys.records import unverified_peer_id
+from nanoswarm.keys.records import unverified_record
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.relay import Relay
@@ -205,6 +205,54 @@ def test_contacts_are_offered_only_the_records_they_lack(tiny_model_dir, cluster
     assert sorted(told(mixed)) == sorted(mixed)
 
 
+def test_a_restarted_contact_is_offered_to_one_that_holds_its_departure(tiny_model_dir, cluster_factory):
+    """B leaves (SIGTERM: its departure reaches A, which it was told of) and comes back with the
+    same key and port, knowing no one; gossip is slow. A's table names B's departure, which the
+    first version counted as knowing B: A was offered nothing and refused to relay to B
+    (review110). A live record of B at its contact is what A needs, so it is offered one."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))], bootstrap=False,
+                            args=["--gossip-interval", "20"])
+    a, b = nodes.addresses
+    SwarmModel.connect(tiny_model_dir, peers=[a, b]).close()  # introduces them
+    old = nodes.nodes[1]
+    old.proc.terminate()
+    assert old.proc.wait(15) == 0
+    conn = PeerConnection(a, timeout=10)
+    try:
+        held = [unverified_record(w) for w in conn.request("records", {"want": True}).fields["records"]]
+    finally:
+        conn.close()
+    assert any(r.departing and r.address == b.partition("#")[0] for r in held)  # the premise
+    back = nodes.start_node(NodeSpec((2, 4), args=["--key-file", str(old.key_file),
+                                                   "--listen", b.partition("#")[0]]))
+    assert back.address == b
+    model = SwarmModel.connect(tiny_model_dir, peers=[a, b])
+    try:
+        model.generate(PROMPT, 4, SEEDED)
+        info = model.swarm.connection(a).request("info").fields
+        assert info["stats"]["relayed"] >= 4 and "not_served" not in info["errors"]
+    finally:
+        model.close()
+
+
+def test_a_refresh_waits_for_no_table_of_a_contact_that_did_not_answer(tiny_model_dir, cluster_factory):
+    """A refresh asks every contact for its `info` and its table at once; a held peer that froze
+    is still in the peer table when its `info` times out, and the first version then waited for
+    its table too: a refresh (when no route is left, so often after a freeze) took twice its
+    1 s (review110). Only the tables of contacts that answered are awaited."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4)), NodeSpec((0, 4))], bootstrap=False)
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses)
+    try:
+        nodes.kill(2, signal.SIGSTOP)
+        t0 = time.monotonic()
+        model.swarm.add_addresses(nodes.addresses, 1.0)
+        assert time.monotonic() - t0 < 1.7  # 2.0 s before
+        assert nodes.addresses[2] in model.swarm.rejected
+    finally:
+        nodes.kill(2, signal.SIGCONT)
+        model.close()
+
+
 def test_a_contact_that_came_up_later_is_introduced_by_the_background_read(tiny_model_dir, cluster_factory,
                                                                              tmp_path, monkeypatch):
     """A long-lived client of `--peers A,B,C`, B down at connect and started later knowing no
@@ -223,7 +271,7 @@ def test_a_contact_that_came_up_later_is_introduced_by_the_background_read(tiny_
 
     def names(address: str) -> set:
         wires = model.swarm.connection(address).request("records", {"want": True}).fields["records"]
-        return {unverified_peer_id(w) for w in wires}
+        return {unverified_record(w).peer_id for w in wires}
 
     model = SwarmModel.connect(tiny_model_dir, peers=[a, b, c], options=SwarmOptions(timeout=TIMEOUT))
     try:
