@@ -5,6 +5,7 @@ those timed more than TIMING_LIFE ago timed again; taken in by PeerTable.refresh
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Collection
@@ -48,10 +49,10 @@ class BackgroundFetch:
         args = (list(swarm.bootstraps), timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
         # Peers timed already (a copy: the swarm's thread goes on changing its own); those silent
         # then, or whose answer came late in the wait (a long batch ending), or timed more than
-        # TIMING_LIFE ago, are timed again.
+        # TIMING_LIFE ago (or at no known time), are timed again.
         now = time.monotonic()
         timed = {c for c, seconds in swarm.timed.items() if seconds is not None and seconds < RETIME_SECONDS
-                 and now - swarm.timed_at.get(c, now) < TIMING_LIFE}
+                 and now - swarm.timed_at.get(c, -math.inf) < TIMING_LIFE}
         threading.Thread(target=self._run, args=(args, list(swarm.contacts), timed, swarm.introduces), daemon=True,
                          name="nanoswarm-refresh").start()
 
@@ -70,6 +71,7 @@ class BackgroundFetch:
             if contacts:
                 read_contacts(self.result, contacts, timeout, client_keys, insecure, timed,
                               model_id if introduces else None)
+            self.result.timed_when = time.monotonic()
         except BaseException as e:  # noqa: BLE001 - read by the swarm's thread
             self.result = e
         finally:

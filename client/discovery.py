@@ -8,9 +8,9 @@ key from its own signed record, so a bootstrap cannot send us to an impostor.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +24,7 @@ from nanoswarm.keys.table import STALE_SEQ, RecordTable
 from .peer_errors import PeerError, PeerTimeout
 from .round_trips import (
     PROBE_SECONDS,
+    TIMING_LIFE,
     ask_all,
     measure_round_trips,
 )
@@ -55,6 +56,7 @@ class Fetched:
     # Round trips of its peers timed with the read, in the background (time_records; None: no
     # answer in time), so that taking the read in does not wait to time them (BackgroundFetch).
     timed: dict[str, float | None] = field(default_factory=dict)
+    timed_when: float = 0.0  # monotonic, when those were timed (PeerTable.timed_at)
     # `--peers` contacts' own `info` and the seconds it took, read in the background (read_contacts).
     infos: dict[str, tuple[dict, float]] = field(default_factory=dict)
 
@@ -277,10 +279,14 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
 def take_timed(swarm: Swarm, fetched: Fetched) -> None:
     """The round trips a background read timed (fresh ones over older), also where its records
     are not taken in (read too long ago: review104, a program opening a session less than once a
-    minute never took one in, so its peers stayed untimed)."""
+    minute never took one in, so its peers stayed untimed), stamped with when they were timed
+    (review111: stamped when taken in, a read taken in late made them look fresh). No answer in
+    time replaces a round trip TIMING_LIFE old too, as slow as the wait (rtt_of), as at connect:
+    a peer whose link got that slow kept its first, fast one (review111)."""
     for contact, seconds in fetched.timed.items():
-        if seconds is not None or contact not in swarm.timed:
-            swarm.timed[contact], swarm.timed_at[contact] = seconds, time.monotonic()
+        if (seconds is not None or contact not in swarm.timed
+                or fetched.timed_when - swarm.timed_at.get(contact, -math.inf) >= TIMING_LIFE):
+            swarm.timed[contact], swarm.timed_at[contact] = seconds, fetched.timed_when
             if contact in swarm.peers:
                 swarm.peers[contact].rtt = swarm.rtt_of(contact, swarm.peers[contact].rtt)
 

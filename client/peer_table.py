@@ -75,7 +75,7 @@ class PeerTable:
     # Round trips measured after the handshake, by address (None: no answer in time), kept over
     # refreshes: add_addresses, round_trips.measure_round_trips, a background read (rtt_of).
     timed: dict[str, float | None] = field(default_factory=dict)
-    timed_at: dict[str, float] = field(default_factory=dict)  # when (monotonic): timed again after TIMING_LIFE
+    timed_at: dict[str, float] = field(default_factory=dict)  # when timed (monotonic): again after TIMING_LIFE
     _refreshed: float = -REFRESH_SECONDS
     _asked: float = field(default_factory=time.monotonic)  # when a peer's info or record was last taken
     _fetching: BackgroundFetch | None = None  # the bootstraps' tables, read for refresh_stale
@@ -122,8 +122,9 @@ class PeerTable:
             else:
                 self.add_info(address, reply.fields, self.rtt_of(address, took[address]),
                               curve_key=split_contact(address)[1])
-        if tables is not None:  # of those that answered now (review110: a held peer, frozen, cost a refresh 1 s more)
-            answered = [a for a in conns if a in self.peers and not isinstance(replies[a], PeerError)]
+        # The tables of those that answered now (review110: a frozen peer's cost a refresh 1 s more).
+        answered = [a for a in conns if a in self.peers and not isinstance(replies[a], PeerError)]
+        if tables is not None and len(answered) > 1:
             introduce(conns, tables, {a: self.peers[a].peer_id for a in answered}, min(timeout, PROBE_SECONDS))
         measure_round_trips(self, [a for a in conns if a in self.peers], min(timeout, PROBE_SECONDS))
 

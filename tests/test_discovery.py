@@ -175,10 +175,22 @@ def test_a_bootstrap_client_measures_the_round_trip_of_each_peer(tiny_model_dir,
 def test_a_long_lived_client_times_its_peers_again(tiny_model_dir, cluster_factory, monkeypatch):
     """A round trip, once timed, was kept for good: a peer whose link got slower kept its first
     one and went on taking sessions. A long-lived client's background read times a peer again
-    once its round trip is TIMING_LIFE old, and the sessions opened after it go to the near one."""
+    once its round trip is TIMING_LIFE old (only that one), and the sessions opened after it go
+    to the near one. A peer that got too slow to answer the timing at all counts as slow as the
+    wait, as at connect (review111: it kept its first, fast one)."""
     from conftest import TcpRelay, sessions_on
 
-    from nanoswarm.client import background, peer_table
+    from nanoswarm.client import peer_table
+    from nanoswarm.client.round_trips import PROBE_SECONDS, TIMING_LIFE
+
+    def read_again() -> object:
+        """A background read (as if a minute on), and the open that takes it in."""
+        monkeypatch.setattr(peer_table, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)
+        model.session(8).close()  # reads the table, and times its peers, in the background
+        fetch = model.swarm._fetching
+        assert fetch is not None and fetch.done.wait(15)
+        monkeypatch.setattr(peer_table, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
+        return fetch.result
 
     port = free_port()
     relay = TcpRelay(port)  # no delay yet
@@ -192,21 +204,24 @@ def test_a_long_lived_client_times_its_peers_again(tiny_model_dir, cluster_facto
             (far,) = set(model.swarm.peers) - {near}
             assert model.swarm.peers[far].rtt < 0.02
             relay.delay = 0.025  # the far peer's link gets slow: a round trip of 50 ms or more
-            monkeypatch.setattr(background, "TIMING_LIFE", 0.0)  # as if timed long ago
-            monkeypatch.setattr(peer_table, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)
-            model.session(8).close()  # reads the table, and times its peers, in the background
-            fetch = model.swarm._fetching
-            assert fetch is not None and fetch.done.wait(15)
-            assert fetch.result.timed[far] >= 0.05
-            monkeypatch.setattr(peer_table, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
+            model.swarm.timed_at[far] -= TIMING_LIFE + 1  # as if timed long ago
+            fetched = read_again()
+            assert fetched.timed[far] >= 0.05 and near not in fetched.timed  # near's is recent
             sessions = [model.session(8) for _ in range(4)]  # the first takes the read in
             assert model.swarm.peers[far].rtt >= 0.05 > 0.02 > model.swarm.peers[near].rtt
+            assert model.swarm.timed_at[far] == fetched.timed_when  # when timed, not when taken in
             x = model.client.embed([1, 2, 3], 0)
             for session in sessions:
                 session.step(x)
             assert (sessions_on(near), sessions_on(far)) == (4, 0)
             for session in sessions:
                 session.close()
+            relay.delay = 3.0  # no handshake within the timing's wait
+            model.swarm.timed_at[far] -= TIMING_LIFE + 1
+            fetched = read_again()
+            assert fetched.timed[far] is None
+            model.session(8).close()  # takes it in
+            assert model.swarm.peers[far].rtt >= PROBE_SECONDS
         finally:
             model.close()
     finally:

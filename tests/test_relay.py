@@ -236,7 +236,7 @@ def test_a_restarted_contact_is_offered_to_one_that_holds_its_departure(tiny_mod
 
 
 def test_a_refresh_waits_for_no_table_of_a_contact_that_did_not_answer(tiny_model_dir, cluster_factory):
-    """A refresh asks every contact for its `info` and its table at once; a held peer that froze
+    """A refresh asks every contact for its `info` and its table at once; a known peer that froze
     is still in the peer table when its `info` times out, and the first version then waited for
     its table too: a refresh (when no route is left, so often after a freeze) took twice its
     1 s (review110). Only the tables of contacts that answered are awaited."""
