@@ -3,6 +3,7 @@ and automatic block choice (plus unit tests of the placement rule)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -13,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import SMALL12, free_port, run_clis
+from conftest import SMALL12, TcpRelay, free_port, run_clis, sessions_on
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -139,37 +140,45 @@ def test_a_long_lived_client_learns_peers_that_joined_later(tiny_model_dir, clus
         model.close()
 
 
+@contextlib.contextmanager
+def near_and_far(model_dir, cluster_factory, delay: float = 0.0):
+    """Two like nodes, the far one behind a TcpRelay that holds each chunk `delay` seconds (its
+    record names the relay), and a client of the near one as its bootstrap: (relay, model, near,
+    far)."""
+    port = free_port()
+    relay = TcpRelay(port, delay=delay)
+    try:
+        nodes = cluster_factory(model_dir, [NodeSpec((0, 4)), NodeSpec(
+            (0, 4), args=["--listen", f"tcp://127.0.0.1:{port}", "--advertise", relay.address])], args=FAST)
+        near = nodes.addresses[0]
+        wait_for(lambda: len(table_of(near)) == 2, 15, "both peers in the bootstrap's table")
+        model = SwarmModel.connect(model_dir, bootstrap=[near])
+        try:
+            (far,) = set(model.swarm.peers) - {near}
+            yield relay, model, near, far
+        finally:
+            model.close()
+    finally:
+        relay.close()
+
+
 def test_a_bootstrap_client_measures_the_round_trip_of_each_peer(tiny_model_dir, cluster_factory):
     """Every peer known from a bootstrap's records had the bootstrap's round trip, so a route
     could not tell a peer across an ocean from one next door: like peers tied, and a client's
     sessions went half to the far one. Each peer's round trip is now measured at connect
     (round_trips.measure_round_trips), and the near peer takes every session."""
-    from conftest import TcpRelay, sessions_on
-
-    port = free_port()
-    relay = TcpRelay(port, delay=0.025)  # every chunk held 25 ms: a round trip of 50 ms or more
-    try:
-        nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec(
-            (0, 4), args=["--listen", f"tcp://127.0.0.1:{port}", "--advertise", relay.address])], args=FAST)
-        near = nodes.addresses[0]
-        wait_for(lambda: len(table_of(near)) == 2, 15, "both peers in the bootstrap's table")
-        model = SwarmModel.connect(tiny_model_dir, bootstrap=[near])
-        try:
-            (far,) = set(model.swarm.peers) - {near}
-            assert far.startswith(relay.address + "#")  # the far peer's contact from its record
-            assert model.swarm.peers[far].rtt >= 0.05 > 0.02 > model.swarm.peers[near].rtt
-            sessions = [model.session(8) for _ in range(4)]
-            x = model.client.embed([1, 2, 3], 0)
-            want = SwarmModel.local(tiny_model_dir).session(8).step(x)
-            for session in sessions:
-                assert (session.step(x) - want).abs().max() <= 1e-5
-            assert (sessions_on(near), sessions_on(far)) == (4, 0)  # like peers: they split 2/2
-            for session in sessions:
-                session.close()
-        finally:
-            model.close()
-    finally:
-        relay.close()
+    # Every chunk to the far peer held 25 ms: a round trip of 50 ms or more.
+    with near_and_far(tiny_model_dir, cluster_factory, delay=0.025) as (relay, model, near, far):
+        assert far.startswith(relay.address + "#")  # the far peer's contact from its record
+        assert model.swarm.peers[far].rtt >= 0.05 > 0.02 > model.swarm.peers[near].rtt
+        sessions = [model.session(8) for _ in range(4)]
+        x = model.client.embed([1, 2, 3], 0)
+        want = SwarmModel.local(tiny_model_dir).session(8).step(x)
+        for session in sessions:
+            assert (session.step(x) - want).abs().max() <= 1e-5
+        assert (sessions_on(near), sessions_on(far)) == (4, 0)  # like peers: they split 2/2
+        for session in sessions:
+            session.close()
 
 
 def test_a_long_lived_client_times_its_peers_again(tiny_model_dir, cluster_factory, monkeypatch):
@@ -178,8 +187,6 @@ def test_a_long_lived_client_times_its_peers_again(tiny_model_dir, cluster_facto
     once its round trip is TIMING_LIFE old (only that one), and the sessions opened after it go
     to the near one. A peer that got too slow to answer the timing at all counts as slow as the
     wait, as at connect (review111: it kept its first, fast one)."""
-    from conftest import TcpRelay, sessions_on
-
     from nanoswarm.client import peer_table
     from nanoswarm.client.round_trips import PROBE_SECONDS, TIMING_LIFE
 
@@ -192,40 +199,27 @@ def test_a_long_lived_client_times_its_peers_again(tiny_model_dir, cluster_facto
         monkeypatch.setattr(peer_table, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
         return fetch.result
 
-    port = free_port()
-    relay = TcpRelay(port)  # no delay yet
-    try:
-        nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec(
-            (0, 4), args=["--listen", f"tcp://127.0.0.1:{port}", "--advertise", relay.address])], args=FAST)
-        near = nodes.addresses[0]
-        wait_for(lambda: len(table_of(near)) == 2, 15, "both peers in the bootstrap's table")
-        model = SwarmModel.connect(tiny_model_dir, bootstrap=[near])
-        try:
-            (far,) = set(model.swarm.peers) - {near}
-            assert model.swarm.peers[far].rtt < 0.02
-            relay.delay = 0.025  # the far peer's link gets slow: a round trip of 50 ms or more
-            model.swarm.timed_at[far] -= TIMING_LIFE + 1  # as if timed long ago
-            fetched = read_again()
-            assert fetched.timed[far] >= 0.05 and near not in fetched.timed  # near's is recent
-            sessions = [model.session(8) for _ in range(4)]  # the first takes the read in
-            assert model.swarm.peers[far].rtt >= 0.05 > 0.02 > model.swarm.peers[near].rtt
-            assert model.swarm.timed_at[far] == fetched.timed_when  # when timed, not when taken in
-            x = model.client.embed([1, 2, 3], 0)
-            for session in sessions:
-                session.step(x)
-            assert (sessions_on(near), sessions_on(far)) == (4, 0)
-            for session in sessions:
-                session.close()
-            relay.delay = 3.0  # no handshake within the timing's wait
-            model.swarm.timed_at[far] -= TIMING_LIFE + 1
-            fetched = read_again()
-            assert fetched.timed[far] is None
-            model.session(8).close()  # takes it in
-            assert model.swarm.peers[far].rtt >= PROBE_SECONDS
-        finally:
-            model.close()
-    finally:
-        relay.close()
+    with near_and_far(tiny_model_dir, cluster_factory) as (relay, model, near, far):
+        assert model.swarm.peers[far].rtt < 0.02
+        relay.delay = 0.025  # the far peer's link gets slow: a round trip of 50 ms or more
+        model.swarm.timed_at[far] -= TIMING_LIFE + 1  # as if timed long ago
+        fetched = read_again()
+        assert fetched.timed[far] >= 0.05 and near not in fetched.timed  # near's is recent
+        sessions = [model.session(8) for _ in range(4)]  # the first takes the read in
+        assert model.swarm.peers[far].rtt >= 0.05 > 0.02 > model.swarm.peers[near].rtt
+        assert model.swarm.timed_at[far] == fetched.timed_when  # when timed, not when taken in
+        x = model.client.embed([1, 2, 3], 0)
+        for session in sessions:
+            session.step(x)
+        assert (sessions_on(near), sessions_on(far)) == (4, 0)
+        for session in sessions:
+            session.close()
+        relay.delay = 3.0  # no handshake within the timing's wait
+        model.swarm.timed_at[far] -= TIMING_LIFE + 1
+        fetched = read_again()
+        assert fetched.timed[far] is None
+        model.session(8).close()  # takes it in
+        assert model.swarm.peers[far].rtt >= PROBE_SECONDS
 
 
 def test_forged_records_are_rejected_over_the_socket(swarm):
