@@ -131,8 +131,8 @@ class PeerTable:
     @property
     def introduces(self) -> bool:
         """Whether contacts are told of each other (client/introduce.py): only where steps may be
-        relayed between them."""
-        return self.options.relay and self.options.introduce
+        relayed between them (a client that spot-checks relays none: client/verify.py)."""
+        return self.options.relay and self.options.introduce and not self.options.verify
 
     def _not_taken(self, address: str, e: PeerError) -> None:
         self.rejected[address] = f"{e.code}: {e.message}"

@@ -182,6 +182,19 @@ def test_a_peers_client_tells_nodes_that_know_no_one_of_each_other(tiny_model_di
         model.close()
 
 
+def test_a_client_that_relays_nothing_introduces_no_one(tiny_model_dir, cluster_factory):
+    """Contacts are told of each other only for relaying: a client with --no-relay, or one that
+    spot-checks (its sessions relay nothing), leaves nodes that know no one as they were."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))], bootstrap=False)
+    for options in (SwarmOptions(relay=False), SwarmOptions(verify=0.5)):
+        model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=options)
+        try:
+            for address in swarm.addresses:
+                assert model.swarm.connection(address).request("info").fields["gossip"]["records"] == 1
+        finally:
+            model.close()
+
+
 def test_contacts_are_offered_only_the_records_they_lack(tiny_model_dir, cluster_factory):
     """introduce offers a contact only the others' own records that its table does not name:
     strangers get each other's, and asked again, or nodes that gossip with each other, nothing."""
