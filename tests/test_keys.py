@@ -39,6 +39,7 @@ from nanoswarm.keys.records import (
     encode_record,
     sign_departure,
     sign_record,
+    unverified_record,
     verify_record,
     verify_wire,
 )  # fmt: skip
@@ -445,6 +446,9 @@ def test_fuzz_only_record_rejected(junk: object, body: bytes, sig: object) -> No
             verify_record(candidate, now=NOW)
         assert info.value.reason in REASONS
         assert RecordTable(clock=lambda: NOW).offer(candidate) == info.value.reason
+        # What a client reads of a peer's table unverified (client/introduce.py): never raises,
+        # and a record exactly where the signature check is what rejects it.
+        assert (unverified_record(candidate) is None) == (info.value.reason == "malformed")
 
 
 FIELD_NAMES = sorted(BAD_FIELDS)
@@ -465,8 +469,9 @@ def test_fuzz_validly_signed_junk_fields(name: str, value: object, flip: int) ->
         record = verify_record(wire, now=NOW)
     except RecordRejected as e:
         assert e.reason in REASONS
+        assert (unverified_record(wire) is None) == (e.reason == "malformed")
     else:
-        assert record.peer_id == _SIGNER.peer_id
+        assert record.peer_id == _SIGNER.peer_id and unverified_record(wire) == record
     assert RecordTable(clock=Clock()).offer(wire) in (*REASONS, "accepted", "departed")
 
 
