@@ -188,7 +188,7 @@ class Failover:
         ban = self.swarm.bans.get(e.address)
         if ban is not None and ban.until > time.monotonic():
             return  # banned already (another session's failover dropped the link): one fault, one strike
-        self.swarm.ban(e.address, f"{e.code}: {e.message}")
+        self.swarm.ban(e.address, f"{e.code}: {e.message}", e.code)
 
     def _refused_or_strike(self, e: PeerError, refused: dict[str, str]) -> None:
         """A peer that cannot take this session now (CANNOT_TAKE: full, or too short) is left out

@@ -151,7 +151,7 @@ class _Worker:
                 self._fail(e.code, str(e))
                 # Routed around from now on, as a client's failover does: new sessions went
                 # straight back to a killed node, ~600 failures a second (a review).
-                self.swarm.ban(e.address, f"{e.code}: {e.message}")
+                self.swarm.ban(e.address, f"{e.code}: {e.message}", e.code)
                 failed = True
         except RouteError as e:  # the peers stopped covering the model (one died, or moved)
             self._fail("no_route", str(e))

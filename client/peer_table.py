@@ -52,11 +52,20 @@ def claimed_span(info: dict, n_layer: int, n_head: int) -> tuple[tuple[int, int]
             parse_range(heads, n_head, "heads") if heads else None)
 
 
+# Faults that say a peer was gone or silent, not that it answered wrong: a peer banned for one
+# that answers again is used once no route is left without it (review112: a long-lived client
+# whose peers had restarted failed every session for minutes while all of them served).
+GONE_CODES = ("disconnected", "unreachable", "timeout", "leaving")
+
+
 @dataclass
 class Ban:
     until: float
     strikes: int
     why: str = ""
+    code: str = ""  # the fault's code (GONE_CODES: the peer was gone)
+    seq: int | None = None  # the seq of the peer's signed record when banned, if known from one
+    back: bool = False  # gone when banned, it answered since (its info, or a record signed since)
 
 
 @dataclass
@@ -137,7 +146,10 @@ class PeerTable:
     def _not_taken(self, address: str, e: PeerError) -> None:
         self.rejected[address] = f"{e.code}: {e.message}"
         log.info("peer %s", e)  # the error names the address; warn_rejected tells the user
-        if address not in self.peers:  # never taken (a refresh makes a new link)
+        # A fresh link if it is asked again: on this one every refresh would queue its requests
+        # for when the peer is back, which then refused the burst busy (review112). Kept while
+        # sessions hold it: a drop report there is theirs.
+        if not self.held(address):
             self._close_link(address)
 
     def warn_rejected(self) -> None:
@@ -165,6 +177,7 @@ class PeerTable:
             log.info("peer %s: %s", address, self.rejected[address])
             return
         self.rejected.pop(address, None)  # it answered this time (a refresh asks again)
+        self._seen_again(address, info)
         self._asked = time.monotonic()
         self.peers[address] = PeerInfo(
             address=address, peer_id=str(info.get("peer_id")), model_id=self.model_id,
@@ -195,12 +208,48 @@ class PeerTable:
         return replace(peer, load=peer.load + SESSION_LOAD * held) if held else peer
 
     # ----- failure bookkeeping ------------------------------------------------------------
-    def ban(self, address: str, why: str) -> None:
-        strikes = self.bans[address].strikes + 1 if address in self.bans else 1
-        seconds = self.options.ban_seconds * 2 ** (strikes - 1)
-        self.bans[address] = Ban(time.monotonic() + seconds, strikes, why)
+    def ban(self, address: str, why: str, code: str = "") -> None:
+        """Leave `address` out of routes for a while: ban_seconds, doubled for each fault in a
+        row. A fault while banned, or within the last ban's length after it ended, is in a row;
+        a later one starts over (review112: strikes never ran out, and a peer that restarted now
+        and then was banned for minutes at its fifth)."""
+        now, old = time.monotonic(), self.bans.get(address)
+        in_a_row = old is not None and now < old.until + self._ban_length(old.strikes)
+        strikes = old.strikes + 1 if in_a_row else 1
+        seconds = self._ban_length(strikes)
+        peer = self.peers.get(address)
+        seq = peer.extra.get("seq") if peer is not None and peer.extra.get("source") == "record" else None
+        self.bans[address] = Ban(now + seconds, strikes, why, code, seq if type(seq) is int else None)
         log.info("banned %s for %.0fs: %s", address, seconds, why)
         self._close_link(address)  # a fresh socket later: no stale replies, no queued requests
+
+    def _ban_length(self, strikes: int) -> float:
+        return self.options.ban_seconds * 2 ** (strikes - 1)
+
+    def _seen_again(self, address: str, info: dict) -> None:
+        """`address` answered, or a record of it came: a ban for being gone (GONE_CODES) is marked
+        `back` if the answer is the peer's own `info`, or a record it signed after the ban."""
+        ban = self.bans.get(address)
+        if ban is None or ban.code not in GONE_CODES or ban.back:
+            return
+        if info.get("source") != "record":
+            ban.back = True
+        else:
+            seq = info.get("seq")
+            ban.back = type(seq) is int and ban.seq is not None and seq > ban.seq
+
+    def _lift_bans_of_peers_back(self) -> bool:
+        """No route is left: lift the bans of the peers that were gone when banned and have
+        answered since (`Ban.back`). They keep their strikes, so failing again bans them longer.
+        False if there are none."""
+        now = time.monotonic()
+        back = [a for a, b in self.bans.items() if b.back and b.until > now]
+        for address in back:
+            self.bans[address].until = now
+        if back:
+            log.warning("no route without them: using again %d banned peer%s that answered since (%s)", len(back),
+                        "" if len(back) == 1 else "s", ", ".join(a[:40] for a in back))
+        return bool(back)
 
     def forget(self, address: str, why: str) -> None:
         """Stop using `address` (not a ban: it did nothing wrong we know of) and close our link."""
@@ -300,12 +349,19 @@ class PeerTable:
         """The cheapest route over blocks [start, stop) for a session of `max_length` positions,
         leaving out the peers that `refused` it (address -> why) as well as banned ones."""
         self.drain_events()
+        refused = refused or {}
         try:
-            return self._plan(start, stop, max_length, refused or {})
-        except RouteError:
-            if not self.refresh():
-                raise
-            return self._plan(start, stop, max_length, refused or {})
+            return self._plan(start, stop, max_length, refused)
+        except RouteError as e:
+            error = e
+        if self.refresh():
+            try:
+                return self._plan(start, stop, max_length, refused)
+            except RouteError as e:
+                error = e
+        if not self._lift_bans_of_peers_back():
+            raise error
+        return self._plan(start, stop, max_length, refused)
 
     def _plan(self, start: int, stop: int | None, max_length: int | None, refused: dict[str, str]) -> list[StagePlan]:
         try:

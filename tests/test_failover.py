@@ -1703,3 +1703,82 @@ def test_a_peer_that_restarted_behind_a_long_round_trip_is_not_reported():
         link.close()
         peer.kill()
         peer.wait()
+
+
+def test_a_banned_peer_back_at_its_contact_is_used_when_no_route_is_left(tiny_model_dir, cluster_factory):
+    """B is killed under a session (banned: gone) and restarts with its key and port. Its ban
+    kept a long-lived client from every route until it ran out, each session failing with all
+    blocks served (review112: minutes, at its fourth and fifth strikes). With no route left, a
+    peer banned for being gone that answers the refresh is used again; one banned for a wrong
+    answer is not."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))], bootstrap=False)
+    a, b = nodes.addresses
+    want = SwarmModel.local(tiny_model_dir).generate(PROMPT, 4, SEEDED).ids
+    model = SwarmModel.connect(tiny_model_dir, peers=[a, b], options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        assert model.generate(PROMPT, 4, SEEDED).ids == want
+        old = nodes.nodes[1]
+        old.proc.kill()
+        old.proc.wait(15)
+        with pytest.raises((RouteError, SessionError), match="no peer serves layers 2:4"):
+            model.generate(PROMPT, 4, SEEDED)
+        assert model.swarm.bans[b].code in ("disconnected", "unreachable", "timeout")
+        nodes.start_node(NodeSpec((2, 4), args=["--key-file", str(old.key_file), "--listen", b.partition("#")[0]]))
+        model.swarm._refreshed = -1e9  # as if the last refresh were long ago
+        assert model.generate(PROMPT, 4, SEEDED).ids == want  # banned for 30 s, back now
+        assert model.swarm.bans[b].until <= time.monotonic() and model.swarm.bans[b].strikes == 1
+        model.swarm.ban(b, "wrong_result: a spot check", "wrong_result")
+        model.swarm._refreshed = -1e9
+        with pytest.raises(RouteError, match="banned"):
+            model.generate(PROMPT, 4, SEEDED)
+    finally:
+        model.close()
+
+
+def test_a_peers_strikes_run_out(tiny_model_dir):
+    """A ban doubles for each fault in a row (while banned, or within the last ban's length after
+    it ended); a fault later starts over at the first ban's length (review112: strikes never ran
+    out, and a peer that restarted now and then was banned for minutes)."""
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("model", 4, 4, options=SwarmOptions(ban_seconds=10))
+    swarm.ban("tcp://127.0.0.1:9#x", "timeout: 1", "timeout")
+    swarm.ban("tcp://127.0.0.1:9#x", "timeout: 2", "timeout")
+    ban = swarm.bans["tcp://127.0.0.1:9#x"]
+    assert ban.strikes == 2 and 19 < ban.until - time.monotonic() <= 20
+    ban.until -= 25  # ended 5 s ago: within its 20 s
+    swarm.ban("tcp://127.0.0.1:9#x", "timeout: 3", "timeout")
+    assert swarm.bans["tcp://127.0.0.1:9#x"].strikes == 3
+    swarm.bans["tcp://127.0.0.1:9#x"].until -= 40 + 41  # ended 41 s ago: past its 40 s
+    swarm.ban("tcp://127.0.0.1:9#x", "timeout: 4", "timeout")
+    ban = swarm.bans["tcp://127.0.0.1:9#x"]
+    assert ban.strikes == 1 and 9 < ban.until - time.monotonic() <= 10
+
+
+def test_refreshes_while_a_peer_is_down_queue_nothing_for_its_return(tiny_model_dir, cluster_factory):
+    """A known peer that does not answer a refresh kept its link, on which ZeroMQ queued every
+    later refresh's requests while it had never connected (a fresh link, after a ban closed
+    the last): a node back at its contact after a while got them in one burst and refused it
+    busy (review112: 8 of 24 refused), and the first ask after it came back could still find
+    that link unreachable (libzmq's reconnect backoff). Its link is closed now (none of its
+    sessions are held), and a later ask makes a fresh one."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))], bootstrap=False)
+    a, b = nodes.addresses
+    model = SwarmModel.connect(tiny_model_dir, peers=[a, b], options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        old = nodes.nodes[1]
+        old.proc.kill()
+        old.proc.wait(15)
+        with pytest.raises((RouteError, SessionError)):  # B banned, its link closed
+            model.generate(PROMPT, 4, SEEDED)
+        for _ in range(10):  # 20 requests (info and records) where a node takes 16 in flight
+            model.swarm.add_addresses([a, b], 0.2)
+        assert b in model.swarm.rejected
+        nodes.start_node(NodeSpec((2, 4), args=["--key-file", str(old.key_file), "--listen", b.partition("#")[0]]))
+        model.swarm.add_addresses([a, b], TIMEOUT)
+        assert b not in model.swarm.rejected
+        time.sleep(0.5)  # what was queued, if anything, has come by now
+        errors = model.swarm.connection(b).request("info").fields["errors"]
+        assert "busy" not in errors, errors
+    finally:
+        model.close()
