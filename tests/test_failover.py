@@ -1004,7 +1004,7 @@ def test_peers_that_reclaim_and_refuse_in_turn_are_struck_after_one_free_move():
         n_layer, bans, checker, closed = 1, {}, None, False
         options = SimpleNamespace(relay=False, wire="float32", timeout=1.0, verify=0.0)
 
-        def ban(self, address, why):
+        def ban(self, address, why, code=""):
             self.bans[address] = SimpleNamespace(until=float("inf"), strikes=1)
 
         def drain_events(self):
