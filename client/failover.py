@@ -27,7 +27,7 @@ import torch
 from nanoswarm.protocol.tensors import WIRE_MAX, abs_max
 
 from .history import History
-from .peer_errors import PeerError
+from .peer_errors import LinkClosed, PeerError
 from .relay import SessionRelay
 from .route import RouteError, StagePlan
 from .stages import RemoteLayerStage, Stage, idle_clock, step_retrying_busy
@@ -186,7 +186,7 @@ class Failover:
         if self.failovers > self.max_failovers:
             raise SessionError(f"gave up after {self.max_failovers} failovers; last: {e}") from e
         ban = self.swarm.bans.get(e.address)
-        if ban is not None and ban.until > time.monotonic():
+        if ban is not None and ban.until > time.monotonic() or isinstance(e, LinkClosed):
             return  # banned already (another session's failover dropped the link): one fault, one strike
         self.swarm.ban(e.address, f"{e.code}: {e.message}", e.code)
 

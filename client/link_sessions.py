@@ -50,6 +50,12 @@ class LinkSessions:
     idle_clock when sent)) and `_unwanted` (request ids of opens sent ahead that a later plan
     did not want), all set up in PeerConnection.__init__."""
 
+    @property
+    def in_use(self: PeerConnection) -> bool:
+        """Whether closing the link now would lose what only it can close: a session open over
+        it, an open sent ahead, or one given up on whose late answer is to be closed."""
+        return bool(self.sessions or self._early or self._orphans or self._unwanted)
+
     def open_session(self: PeerConnection, fields: dict[str, Any], timeout: float | None = None) -> Message:
         """`open` a session, kept in `sessions` until closed; `open_sent` is when the open that
         it answered went out (idle_clock), earlier than now for one sent ahead (open_early). Once

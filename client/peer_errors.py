@@ -78,6 +78,16 @@ class LinkDropped(PeerError):
         self.harmless = harmless
 
 
+class LinkClosed(PeerError):
+    """Our own link to the peer was closed here, its peer banned or forgotten (perhaps by another
+    session of the same swarm): the stage on it fails over, with no strike of its own (the fault
+    that closed it was struck then; review113: after a lifted ban, a stale link's error banned the
+    peer again and closed the lifting session's new link)."""
+
+    def __init__(self, address: str):
+        super().__init__(address, "disconnected", "the connection was closed (its peer was banned)")
+
+
 class PeerTimeout(PeerError):
     """A peer did not answer (or take a request) in time."""
 

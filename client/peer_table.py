@@ -52,10 +52,11 @@ def claimed_span(info: dict, n_layer: int, n_head: int) -> tuple[tuple[int, int]
             parse_range(heads, n_head, "heads") if heads else None)
 
 
-# Faults that say a peer was gone or silent, not that it answered wrong: a peer banned for one
-# that answers again is used once no route is left without it (review112: a long-lived client
-# whose peers had restarted failed every session for minutes while all of them served).
-GONE_CODES = ("disconnected", "unreachable", "timeout", "leaving")
+# Faults that say a peer was gone, not that it answered wrong or slowly: a peer banned for one
+# that answers a refresh's `info` again is used once no route is left without it (review112: a
+# long-lived client whose peers had restarted failed every session for minutes while all of them
+# served). Not `timeout`: a peer slow to step answers `info` between its batches (review113).
+GONE_CODES = ("disconnected", "unreachable", "leaving")
 
 
 @dataclass
@@ -64,8 +65,7 @@ class Ban:
     strikes: int
     why: str = ""
     code: str = ""  # the fault's code (GONE_CODES: the peer was gone)
-    seq: int | None = None  # the seq of the peer's signed record when banned, if known from one
-    back: bool = False  # gone when banned, it answered since (its info, or a record signed since)
+    back: bool = False  # gone when banned, it answered a refresh's `info` since
 
 
 @dataclass
@@ -104,6 +104,10 @@ class PeerTable:
     def drain_events(self) -> None:
         raise NotImplementedError
 
+    def _link_in_use(self, address: str) -> bool:
+        """Whether the link to `address` holds a session or an open sent ahead."""
+        raise NotImplementedError
+
     # ----- discovery ----------------------------------------------------------------------
     def add_addresses(self, addresses: list[str], timeout: float = 5.0) -> None:
         """Ask each address for `info`, all at once within one `timeout` (in turn, each frozen
@@ -131,6 +135,7 @@ class PeerTable:
             else:
                 self.add_info(address, reply.fields, self.rtt_of(address, took[address]),
                               curve_key=split_contact(address)[1])
+                self._answered(address, reply.fields)
         # The tables of those that answered now (review110: a frozen peer's cost a refresh 1 s more).
         answered = [a for a in conns if a in self.peers and not isinstance(replies[a], PeerError)]
         if tables is not None and len(answered) > 1:
@@ -146,10 +151,12 @@ class PeerTable:
     def _not_taken(self, address: str, e: PeerError) -> None:
         self.rejected[address] = f"{e.code}: {e.message}"
         log.info("peer %s", e)  # the error names the address; warn_rejected tells the user
+        if (ban := self.bans.get(address)) is not None:
+            ban.back = False  # (it answered once since its ban, but not now: review113)
         # A fresh link if it is asked again: on this one every refresh would queue its requests
         # for when the peer is back, which then refused the burst busy (review112). Kept while
-        # sessions hold it: a drop report there is theirs.
-        if not self.held(address):
+        # sessions hold it, or opens sent ahead on it (review113): a drop report there is theirs.
+        if not self._link_in_use(address):
             self._close_link(address)
 
     def warn_rejected(self) -> None:
@@ -177,7 +184,6 @@ class PeerTable:
             log.info("peer %s: %s", address, self.rejected[address])
             return
         self.rejected.pop(address, None)  # it answered this time (a refresh asks again)
-        self._seen_again(address, info)
         self._asked = time.monotonic()
         self.peers[address] = PeerInfo(
             address=address, peer_id=str(info.get("peer_id")), model_id=self.model_id,
@@ -217,33 +223,28 @@ class PeerTable:
         in_a_row = old is not None and now < old.until + self._ban_length(old.strikes)
         strikes = old.strikes + 1 if in_a_row else 1
         seconds = self._ban_length(strikes)
-        peer = self.peers.get(address)
-        seq = peer.extra.get("seq") if peer is not None and peer.extra.get("source") == "record" else None
-        self.bans[address] = Ban(now + seconds, strikes, why, code, seq if type(seq) is int else None)
+        self.bans[address] = Ban(now + seconds, strikes, why, code)
         log.info("banned %s for %.0fs: %s", address, seconds, why)
         self._close_link(address)  # a fresh socket later: no stale replies, no queued requests
 
     def _ban_length(self, strikes: int) -> float:
         return self.options.ban_seconds * 2 ** (strikes - 1)
 
-    def _seen_again(self, address: str, info: dict) -> None:
-        """`address` answered, or a record of it came: a ban for being gone (GONE_CODES) is marked
-        `back` if the answer is the peer's own `info`, or a record it signed after the ban."""
+    def _answered(self, address: str, info: dict) -> None:
+        """`address` answered a refresh's `info` now: a ban for being gone (GONE_CODES) is marked
+        `back`, unless the peer says it is leaving. (A background read's `info` may be from before
+        the ban, and a bootstrap's record of a peer from before it died: neither counts.)"""
         ban = self.bans.get(address)
-        if ban is None or ban.code not in GONE_CODES or ban.back:
-            return
-        if info.get("source") != "record":
-            ban.back = True
-        else:
-            seq = info.get("seq")
-            ban.back = type(seq) is int and ban.seq is not None and seq > ban.seq
+        if ban is not None and ban.code in GONE_CODES:
+            ban.back = info.get("leaving") is not True
 
-    def _lift_bans_of_peers_back(self) -> bool:
+    def _lift_bans_of_peers_back(self, uncovered: list[int]) -> bool:
         """No route is left: lift the bans of the peers that were gone when banned and have
-        answered since (`Ban.back`). They keep their strikes, so failing again bans them longer.
-        False if there are none."""
-        now = time.monotonic()
-        back = [a for a, b in self.bans.items() if b.back and b.until > now]
+        answered since (`Ban.back`), of those that serve some of the `uncovered` blocks. They keep
+        their strikes, so failing again soon bans them longer. False if there are none."""
+        now, wanted = time.monotonic(), set(uncovered)
+        back = [a for a, b in self.bans.items() if b.back and b.until > now and a in self.peers
+                and wanted.intersection(range(*self.peers[a].layers))]
         for address in back:
             self.bans[address].until = now
         if back:
@@ -359,7 +360,7 @@ class PeerTable:
                 return self._plan(start, stop, max_length, refused)
             except RouteError as e:
                 error = e
-        if not self._lift_bans_of_peers_back():
+        if not self._lift_bans_of_peers_back(error.uncovered):
             raise error
         return self._plan(start, stop, max_length, refused)
 

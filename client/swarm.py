@@ -41,6 +41,10 @@ class Swarm(PeerTable):
         conn = self._conns.get(address)
         return len(conn.sessions) if conn is not None else 0
 
+    def _link_in_use(self, address: str) -> bool:
+        conn = self._conns.get(address)
+        return conn is not None and conn.in_use
+
     def _close_link(self, address: str) -> None:
         """Close the link to `address` and the sessions still open over it: other sessions on
         the peer (of other InferenceSessions sharing the swarm) lose their link with it, and a

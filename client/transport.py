@@ -18,7 +18,15 @@ from nanoswarm.protocol.messages import REPLY_TYPES, Message, decode, encode
 
 from .frames import recv_whole, send_whole
 from .link_sessions import LinkSessions, next_request_id
-from .peer_errors import HANDSHAKE_FAILURES, LinkDropped, PeerError, PeerTimeout, handshake_why, unreachable_why
+from .peer_errors import (
+    HANDSHAKE_FAILURES,
+    LinkClosed,
+    LinkDropped,
+    PeerError,
+    PeerTimeout,
+    handshake_why,
+    unreachable_why,
+)
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +402,7 @@ class PeerConnection(LinkSessions):
         """A connection closed here (its peer was banned, by another session of the same swarm
         perhaps) fails like a dropped one, so the session that still uses it fails over."""
         if self.socket.closed:
-            raise PeerError(self.address, "disconnected", "the connection was closed (its peer was banned)")
+            raise LinkClosed(self.address)
 
     def _read(self) -> Message | None:
         frames, self._unread = self._unread or recv_whole(self.socket), None
