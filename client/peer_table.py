@@ -105,7 +105,7 @@ class PeerTable:
         raise NotImplementedError
 
     def _link_in_use(self, address: str) -> bool:
-        """Whether the link to `address` holds a session or an open sent ahead."""
+        """Whether the link to `address` holds what only it can close (LinkSessions.in_use)."""
         raise NotImplementedError
 
     # ----- discovery ----------------------------------------------------------------------
