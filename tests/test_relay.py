@@ -196,8 +196,9 @@ def test_a_client_that_relays_nothing_introduces_no_one(tiny_model_dir, cluster_
 
 
 def test_contacts_are_offered_only_the_records_they_lack(tiny_model_dir, cluster_factory):
-    """introduce offers a contact only the others' own records that its table does not name:
-    strangers get each other's, and asked again, or nodes that gossip with each other, nothing."""
+    """introduce offers a contact only the others' own records that its table does not hold at
+    that contact: strangers get each other's; asked again, or nodes that gossip with each other,
+    nothing; contacts of two swarms, each other's."""
     strangers = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))], bootstrap=False)
     acquainted = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
 
