@@ -17,15 +17,13 @@ from nanoswarm.keys.contact import split_contact
 from nanoswarm.keys.table import RecordTable
 
 from .discovery import Fetched, fetch_table
-from .introduce import introduce
+from .introduce import ask_info
 from .peer_errors import PeerError
 from .round_trips import (
     BACKGROUND_PEERS,
     PROBE_SECONDS,
     RETIME_SECONDS,
     TIMING_LIFE,
-    send_all,
-    take_all,
     time_links,
     time_records,
 )
@@ -99,18 +97,11 @@ def read_contacts(fetched: Fetched, contacts: list[str], timeout: float,
             except (ValueError, zmq.ZMQError) as e:
                 fetched.errors[contact] = f"{contact}: bad_contact: {e}"
         took: dict[str, float] = {}
-        infos = send_all(conns, "info")
-        tables = send_all(conns, "records", dict.fromkeys(conns, {"want": True})) if introduce_model else None
-        for contact, reply in take_all(infos, timeout, took).items():
+        for contact, reply in ask_info(conns, timeout, took, introduce_model).items():
             if isinstance(reply, PeerError):
                 fetched.errors[contact] = str(reply)
             else:
                 fetched.infos[contact] = (reply.fields, took[contact])
-        if tables is not None:
-            ours = {c: str(info.get("peer_id")) for c, (info, _) in fetched.infos.items()
-                    if info.get("model_id") == introduce_model}
-            if len(ours) > 1:
-                introduce(conns, tables, ours, min(timeout, PROBE_SECONDS))
         todo = {c: conns[c] for c in list(fetched.infos)[:BACKGROUND_PEERS] if c not in timed}
         fetched.timed.update({**dict.fromkeys(todo), **time_links(todo, min(timeout, PROBE_SECONDS))})
     finally:

@@ -18,7 +18,7 @@ from nanoswarm.keys.records import Record, record_contact, unverified_record
 from nanoswarm.protocol.messages import Message
 
 from .peer_errors import PeerError
-from .round_trips import Asked, ask_all, take_all
+from .round_trips import PROBE_SECONDS, Asked, ask_all, send_all, take_all
 from .transport import PeerConnection
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,23 @@ log = logging.getLogger(__name__)
 OFFER_RECORDS = 128
 OFFER_BYTES = 32 * 1024
 TABLE_RECORDS = 256  # of a contact's reply, read at most (a node gossips 128)
+
+
+def ask_info(conns: dict[str, PeerConnection], timeout: float, took: dict[str, float] | None = None,
+             introduce_model: str | None = None) -> dict[str, Message | PeerError]:
+    """Each contact's `info`, all asked at once within one `timeout` (round_trips.ask_all); with
+    `introduce_model`, their tables too, in the same round trip, and those that answered as
+    peers of that model are told of each other (`introduce`)."""
+    infos = send_all(conns, "info")
+    tables = (send_all(conns, "records", dict.fromkeys(conns, {"want": True}))
+              if introduce_model and len(conns) > 1 else None)
+    replies = take_all(infos, timeout, took)
+    if tables is not None:  # the tables of those that answered now (review110: a frozen one's cost 1 s more)
+        ours = {c: str(r.fields.get("peer_id")) for c, r in replies.items()
+                if not isinstance(r, PeerError) and r.fields.get("model_id") == introduce_model}
+        if len(ours) > 1:
+            introduce(conns, tables, ours, min(timeout, PROBE_SECONDS))
+    return replies
 
 
 def introduce(conns: dict[str, PeerConnection], tables: Asked, peer_ids: dict[str, str],

@@ -16,10 +16,10 @@ from nanoswarm.protocol.messages import finite_float, parse_range
 
 from .background import BackgroundFetch
 from .discovery import DiscoveryError, Fetched, add_fetched, add_from_bootstrap, take_timed
-from .introduce import introduce
+from .introduce import ask_info
 from .options import SwarmOptions
 from .peer_errors import PeerError
-from .round_trips import PROBE_SECONDS, measure_round_trips, send_all, take_all
+from .round_trips import PROBE_SECONDS, measure_round_trips
 from .route import PeerInfo, RouteError, StagePlan, build_route
 
 if TYPE_CHECKING:
@@ -123,12 +123,9 @@ class PeerTable:
             except PeerError as e:
                 self._not_taken(address, e)
         took: dict[str, float] = {}
-        infos = send_all(conns, "info")
-        # Their tables too, in the same round trip: contacts that do not know each other are
-        # told of each other (client/introduce.py), or no step is relayed between them.
-        tables = (send_all(conns, "records", dict.fromkeys(conns, {"want": True}))
-                  if self.introduces and len(conns) > 1 else None)
-        replies = take_all(infos, timeout, took)
+        # Contacts that do not know each other are told of each other too, or no step is relayed
+        # between them (client/introduce.py).
+        replies = ask_info(conns, timeout, took, self.model_id if self.introduces else None)
         for address in conns:  # in the order given (the route's last tie-break), not of the replies
             if isinstance(reply := replies[address], PeerError):
                 self._not_taken(address, reply)
@@ -136,10 +133,6 @@ class PeerTable:
                 self.add_info(address, reply.fields, self.rtt_of(address, took[address]),
                               curve_key=split_contact(address)[1])
                 self._answered(address, reply.fields)
-        # The tables of those that answered now (review110: a frozen peer's cost a refresh 1 s more).
-        answered = [a for a in conns if a in self.peers and not isinstance(replies[a], PeerError)]
-        if tables is not None and len(answered) > 1:
-            introduce(conns, tables, {a: self.peers[a].peer_id for a in answered}, min(timeout, PROBE_SECONDS))
         measure_round_trips(self, [a for a in conns if a in self.peers], min(timeout, PROBE_SECONDS))
 
     @property
