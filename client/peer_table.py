@@ -11,8 +11,9 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from nanoswarm.keys.contact import split_contact
+from nanoswarm.keys.records import check_endpoint
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
-from nanoswarm.protocol.messages import finite_float, parse_range
+from nanoswarm.protocol.messages import MAX_CONTACT_CHARS, finite_float, parse_range
 
 from .background import BackgroundFetch
 from .discovery import DiscoveryError, Fetched, add_fetched, add_from_bootstrap, take_timed
@@ -35,6 +36,24 @@ REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answer
 # one after another, all took the same peer among like ones. A tenth: they spread over like
 # peers, and a peer that others keep busy still loses to an idle one for a few of them.
 SESSION_LOAD = 0.1
+
+
+def own_contact(address: str, info: dict) -> str | None:
+    """The contact `info` says the peer at `address` is known by, where it names the same CURVE
+    key in another form (`localhost` for the 127.0.0.1 its signed record names): the peer's
+    table names it so, and a node relays only to a contact of its table (a client given
+    `localhost` had every hop refuse its relayed steps `not_served`). Untrusted: one that is no
+    contact, or names another key, is not used (the hop before would refuse the step malformed)."""
+    contact = info.get("contact")
+    if not isinstance(contact, str) or contact == address or len(contact) > MAX_CONTACT_CHARS:
+        return None
+    try:
+        endpoint, key = split_contact(contact)
+        check_endpoint(endpoint)
+        same_key = key == split_contact(address)[1]
+    except ValueError:
+        return None
+    return contact if same_key else None
 
 
 def takes(peer: PeerInfo, max_length: int) -> bool:
@@ -181,7 +200,7 @@ class PeerTable:
         self.peers[address] = PeerInfo(
             address=address, peer_id=str(info.get("peer_id")), model_id=self.model_id,
             layers=layers, heads=heads, throughput=float(throughput), load=float(load),
-            rtt=rtt, curve_key=curve_key, extra=info)
+            rtt=rtt, curve_key=curve_key, extra=info, relay_name=own_contact(address, info))
 
     def available(self, max_length: int | None = None, refused: Collection[str] = ()) -> list[PeerInfo]:
         """Peers a route may use: not banned, not among `refused`, and, for a session of
@@ -370,6 +389,12 @@ class PeerTable:
                            f"not {max_length}") for p in self.available() if max_length and not takes(p, max_length))
             if not unused:
                 raise
-            why = [f"{a}: {r}" for a, r in list(unused.items())[:3]]
+            # Those that serve a missing block first, then those whose blocks are unknown (a
+            # contact that did not answer): why a block is missing (review112 read a list of
+            # other blocks' peers, the cause past its "and N more").
+            wanted = set(e.uncovered)
+            first = sorted(unused, key=lambda a: 1 if a not in self.peers
+                           else 0 if wanted.intersection(range(*self.peers[a].layers)) else 2)
+            why = [f"{a}: {unused[a]}" for a in first[:3]]
             more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
             raise RouteError(e.uncovered, f"{e.detail}; not used: {'; '.join(why)}{more}") from None

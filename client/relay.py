@@ -47,7 +47,7 @@ class Chain:
         # Its relayed steps in a row that timed out while every hop answered (RELAY_STALLS). Per
         # chain: a route of two chains reset one count with the other's steps (a review).
         self.stalls = 0
-        self.next = [[stage.conn.address, stage.session] for stage in stages[1:]]
+        self.next = [[stage.relay_name, stage.session] for stage in stages[1:]]
         self.poller = zmq.Poller()
         for stage in stages:  # any hop may answer with an error; a dropped link shows on its monitor
             stage.conn.register(self.poller)
@@ -130,7 +130,7 @@ def pin_route(stages: list, no_relay: set, timeout: float) -> tuple[RemoteLayerS
         before, after = stages[k - 1] if k else None, stages[k + 1] if k + 1 < len(stages) else None
         pins = ([before.conn.server_key.decode(), before.session] if relays(before, stage, no_relay)
                 else None,
-                [after.conn.address, after.session] if relays(stage, after, no_relay) else None)
+                [after.relay_name, after.session] if relays(stage, after, no_relay) else None)
         if pins == stage.pins:
             continue
         stage.pins = None  # unknown until the node says it took them: asked again next time

@@ -42,6 +42,10 @@ class PeerInfo:
     rtt: float = 0.0                 # seconds, measured by the client; 0 when unknown
     curve_key: bytes | None = None   # CURVE public key from the signed record
     extra: dict = field(default_factory=dict)
+    # The contact its `info` says it is known by (its signed record's), where it was given in
+    # another form (`localhost` for 127.0.0.1): the name relayed steps give it, since a node
+    # relays only to the contacts of its table (PeerTable.add_info).
+    relay_name: str | None = None
 
 
 @dataclass

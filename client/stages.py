@@ -195,9 +195,12 @@ class RemoteLayerStage(Stage):
     """One peer running whole blocks [start, stop) in a session on its side."""
 
     def __init__(self, conn: PeerConnection, start: int, stop: int, model_id: str,
-                 wire: str = "float32", timeout: float | None = None):
+                 wire: str = "float32", timeout: float | None = None, relay_name: str | None = None):
         self.conn, self.start, self.stop = conn, start, stop
         self.model_id, self.wire, self.timeout = model_id, wire, timeout
+        # The contact relayed steps name this stage's peer by: the one its signed record names,
+        # which the hop before knows it by (PeerInfo.relay_name); its link's address by default.
+        self.relay_name = relay_name or conn.address
         self.session: str | None = None
         self.pins: tuple | None = (None, None)  # its relayed steps' hops before and after (client/relay.py)
 

@@ -165,8 +165,9 @@ class Swarm(PeerTable):
             if self.checker is not None:  # spot checks need each member's partials (client/verify.py)
                 group.record = FanOutRecord()
             return group
-        return RemoteLayerStage(self.connection(plan.peers[0].address), plan.start, plan.stop,
-                                self.model_id, self.options.wire, self.options.timeout)
+        peer = plan.peers[0]
+        return RemoteLayerStage(self.connection(peer.address), plan.start, plan.stop, self.model_id,
+                                self.options.wire, self.options.timeout, peer.relay_name)
 
     def close(self) -> None:
         self.closed = True

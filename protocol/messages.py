@@ -39,6 +39,7 @@ MAX_DIMS = 4
 MAX_HOPS = 64  # entries of a relayed step's `next`
 MAX_TENSORS = MAX_HOPS + 1  # a relayed step carries the outputs of the hops before it
 MAX_ID_CHARS = 64  # a session id (nodes issue 40 hex digits); a reply that repeats one stays small
+MAX_CONTACT_CHARS = 512  # a contact named in a relayed step's `next` or an `admit`'s pin
 _ID_FIELDS = ("session", "from")
 
 _INT = (int,)
@@ -283,7 +284,7 @@ def parse_next(value: Any, why: str = "a hop in 'next' must be [contact, session
     hops = []
     for hop in value:
         if not (isinstance(hop, list) and len(hop) == 2 and isinstance(hop[0], str) and isinstance(hop[1], str)
-                and len(hop[0]) <= 512 and len(hop[1]) <= MAX_ID_CHARS):
+                and len(hop[0]) <= MAX_CONTACT_CHARS and len(hop[1]) <= MAX_ID_CHARS):
             raise ProtocolError(ErrorCode.MALFORMED, why)
         hops.append((hop[0], hop[1]))
     return hops

@@ -1829,3 +1829,23 @@ def test_bans_lifted_are_those_of_peers_gone_and_back_for_the_missing_blocks():
     now = time.monotonic()
     assert [a for a, ban in swarm.bans.items() if ban.until <= now] == ["B"]
     assert not swarm._lift_bans_of_peers_back([2, 3])
+
+
+def test_a_route_error_names_the_peers_of_the_missing_blocks_first():
+    """The error line of a route that cannot be built names at most three unused peers: those
+    that serve a missing block first, then contacts of unknown blocks, then other blocks' peers
+    (review112 read three of other blocks, the cause past "and 3 more")."""
+    from nanoswarm.client.route import PeerInfo, RouteError
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("model", 4, 4)
+    for address, layers in {"A": (0, 2), "B": (0, 2), "C": (0, 2), "D": (2, 4), "Z": (0, 2)}.items():
+        swarm.peers[address] = PeerInfo(address, address, "model", layers)
+        if address != "Z":  # Z serves blocks 0:2: only 2:4 are missing
+            swarm.ban(address, "disconnected: test", "disconnected")
+    swarm.rejected["E"] = "unreachable: no answer"
+    with pytest.raises(RouteError) as caught:
+        swarm._plan(0, None, None, {})
+    assert str(caught.value).startswith("no peer serves layers 2:4; not used: D: banned")
+    assert str(caught.value).index("E: unreachable") < str(caught.value).index("A: banned")
+    assert str(caught.value).endswith("and 2 more")

@@ -26,6 +26,7 @@ from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.introduce import introduce
 from nanoswarm.client.peer_errors import PeerError
+from nanoswarm.client.peer_table import own_contact
 from nanoswarm.client.relay import pin_route
 from nanoswarm.client.round_trips import send_all
 from nanoswarm.client.stages import RemoteLayerStage
@@ -180,6 +181,48 @@ def test_a_peers_client_tells_nodes_that_know_no_one_of_each_other(tiny_model_di
             assert info["stats"]["relayed"] == len(ids) and "not_served" not in info["errors"]
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("bootstrap", [False, True], ids=["strangers", "acquainted"])
+def test_contacts_given_by_another_name_than_their_records_relay(tiny_model_dir, cluster_factory, bootstrap):
+    """A node knows its peers by the contacts their own records name (127.0.0.1 here), and relays
+    only to those: a client given them as `localhost` names each next hop by the contact its
+    `info` gives (PeerInfo.relay_name), so its steps are relayed, exact. Before, every hop
+    refused the session's first relayed step `not_served` and the session went star."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 3)), NodeSpec((3, 4))],
+                            bootstrap=bootstrap)
+    named = [a.replace("tcp://127.0.0.1:", "tcp://localhost:") for a in swarm.addresses]
+    assert named != swarm.addresses
+    ids = torch.randint(0, 50257, (6,), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0]
+    model = SwarmModel.connect(tiny_model_dir, peers=named)
+    try:
+        assert {a: p.relay_name for a, p in model.swarm.peers.items()} == dict(zip(named, swarm.addresses))
+        session = model.session(len(ids))
+        got = [model.client.logits(session.step(model.client.embed([int(ids[t])], t))) for t in range(len(ids))]
+        assert (torch.stack([g.reshape(-1) for g in got]) - want).abs().max().item() <= 1e-5
+        for address in named[:2]:
+            info = model.swarm.connection(address).request("info").fields
+            assert info["stats"]["relayed"] == len(ids) and "not_served" not in info["errors"]
+    finally:
+        model.close()
+
+
+def test_a_peers_own_contact_is_taken_only_for_its_own_key():
+    """`info`'s contact is untrusted: it names a next hop only when it is a contact of the same
+    CURVE key in another form; anything else (no contact, another key, no endpoint, too long for a
+    hop's `next`) is not used, and the hop is named as given."""
+    key = "ab" * 32
+    given = f"tcp://localhost:7000#{key}"
+    assert own_contact(given, {"contact": f"tcp://127.0.0.1:7000#{key}"}) == f"tcp://127.0.0.1:7000#{key}"
+    assert own_contact(given, {"contact": given}) is None  # as given already
+    for contact in [None, 7, ["x"], f"tcp://127.0.0.1:7000#{'cd' * 32}", "tcp://127.0.0.1:7000", f"junk#{key}",
+                    f"tcp://127.0.0.1:7000#{key[:-2]}", f"tcp://{'h' * 600}:7000#{key}",
+                    f"tcp://127.0.0.1:7000#{key}" + " " * 600, f"udp://127.0.0.1:7000#{key}"]:
+        assert own_contact(given, {"contact": contact}) is None, contact
+    insecure = "tcp://127.0.0.1:7000"  # --insecure nodes' contacts carry no key
+    assert own_contact("tcp://localhost:7000", {"contact": insecure}) == insecure
 
 
 def test_a_client_that_relays_nothing_introduces_no_one(tiny_model_dir, cluster_factory):
