@@ -643,6 +643,7 @@ def test_a_route_of_more_stages_than_one_relayed_step_names_runs_in_several_chai
     for k in range(2 * MAX_HOPS + 5):
         stage = object.__new__(RemoteLayerStage)
         stage.conn, stage.opened, stage.session, stage.pins = Link(k), {}, f"s{k}", (None, None)
+        stage.relay_name = stage.conn.address
         stages.append(stage)
     relay = SessionRelay(True, 1.0)
     lengths, i = [], 0
