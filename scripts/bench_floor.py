@@ -306,18 +306,27 @@ def main() -> None:
                                                              insecure=mode == "insecure")
             results = rotate(routes, embed, head, ids, args)
         finally:
-            for name, route in routes.items():
-                try:  # every route's processes are stopped, even if one route's close fails
-                    route.close()
-                except Exception as e:
-                    print(f"closing {name}: {type(e).__name__}: {e}", file=sys.stderr)
+            close_routes(routes)
+    print_results(results, args.prompt_len)
+
+
+def close_routes(routes: dict) -> None:
+    for name, route in routes.items():
+        try:  # every route's processes are stopped, even if one route's close fails
+            route.close()
+        except Exception as e:
+            print(f"closing {name}: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def print_results(results: dict[str, list], prompt_len: int) -> None:
+    """One line a route: its median decode token and prefill against the one process's."""
     local = results["one process"]
     lp, ld = (statistics.median(r[i] for r in local) for i in (0, 1))
     for name, rounds in results.items():
         p, d = (statistics.median(r[i] for r in rounds) for i in (0, 1))
         # The same blocks: the same logits, of the prefill and of the last token.
         err = max(float((a - b).abs().max()) for a, b in zip(local[-1][2], rounds[-1][2]))
-        print(f"{name:24s} decode {d * 1e3:6.2f} ms, ratio {ld / d:.3f} | prefill {args.prompt_len}: "
+        print(f"{name:24s} decode {d * 1e3:6.2f} ms, ratio {ld / d:.3f} | prefill {prompt_len}: "
               f"{p * 1e3:6.1f} ms, ratio {lp / p:.3f} | max |dlogit| {err:.1e}")
 
 

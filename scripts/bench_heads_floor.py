@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import statistics
 import struct
 import sys
 import tempfile
@@ -38,7 +37,15 @@ import torch
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_floor import WAIT_MS, BareSwarm, LocalRoute, NanoswarmRoute, rotate  # noqa: E402
+from bench_floor import (  # noqa: E402
+    WAIT_MS,
+    BareSwarm,
+    LocalRoute,
+    NanoswarmRoute,
+    close_routes,
+    print_results,
+    rotate,
+)
 
 from nanoswarm.bench.models import SHAPES, make_random_model_dir  # noqa: E402
 from nanoswarm.client.session import InferenceSession  # noqa: E402
@@ -225,18 +232,8 @@ def main() -> None:
                 routes["nanoswarm head group"] = NanoswarmGroup(model_dir, args.members)
             results = rotate(routes, embed, head, ids, args)
         finally:
-            for name, route in routes.items():
-                try:
-                    route.close()
-                except Exception as e:
-                    print(f"closing {name}: {type(e).__name__}: {e}", file=sys.stderr)
-    local = results["one process"]
-    lp, ld = (statistics.median(r[i] for r in local) for i in (0, 1))
-    for name, rounds in results.items():
-        p, d = (statistics.median(r[i] for r in rounds) for i in (0, 1))
-        err = max(float((a - b).abs().max()) for a, b in zip(local[-1][2], rounds[-1][2]))
-        print(f"{name:22s} decode {d * 1e3:6.2f} ms, ratio {ld / d:.3f} | prefill {args.prompt_len}: "
-              f"{p * 1e3:6.1f} ms, ratio {lp / p:.3f} | max |dlogit| {err:.1e}")
+            close_routes(routes)
+    print_results(results, args.prompt_len)
 
 
 if __name__ == "__main__":
