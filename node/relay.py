@@ -66,6 +66,7 @@ class Relay:
     owner: bytes      # ROUTER identity of the session's client
     reply: int        # the id the client's replies for this chain carry
     hop_id: int       # the id of the relayed message on the link
+    session: str = ""  # this node's session that relayed it: its next relayed step ends this one's wait
 
 
 @dataclass(eq=False)
@@ -77,7 +78,8 @@ class RelayLink:
     monitor: zmq.Socket
     # (_sent key, when sent) of the steps sent since the link's last handshake was read to
     # succeed (since DROP_WINDOW before a drop was read), the latest 2 x LINK_QUEUE: those that
-    # may still wait on the link (and some that went out).
+    # may still wait on the link (and some that went out; of a session, only its latest step
+    # stays in RelayLinks._sent, so only that one may be answered).
     # When the link fails they are answered relay_failed; a late answer to a step that was
     # delivered is dropped by its client, and one that was not no longer costs its timeout.
     recent: deque = field(default_factory=lambda: deque(maxlen=2 * LINK_QUEUE))
@@ -101,6 +103,11 @@ class RelayLinks:
         self.error = error  # makes an error reply (the node counts it in `info`)
         self._links: OrderedDict[str, RelayLink] = OrderedDict()
         self._sent: OrderedDict[tuple[str, int], Relay] = OrderedDict()
+        # Each session's latest relayed step (its _sent key). A session's next step reaches this
+        # node only after its client had the last one's result, so that one is answered: it is
+        # not answered relay_failed when its link drops (review112 saw 16 such answers after a
+        # kill, for one step lost).
+        self._latest: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._warned: dict[str, float] = {}  # refusing contact -> when last named in the log
         self._failed: list[tuple[bytes, list]] = []  # relay_failed for owners, until take_failed
         self.on_open = None   # callable(RelayLink), set by the server to watch a new link
@@ -121,6 +128,13 @@ class RelayLinks:
         key = (relay.contact, relay.hop_id)
         self._sent[key] = relay
         link.recent.append((key, time.monotonic()))
+        if relay.session:
+            before = self._latest.pop(relay.session, None)
+            if before is not None:
+                self._sent.pop(before, None)
+            self._latest[relay.session] = key
+            while len(self._latest) > MAX_REMEMBERED:
+                self._latest.popitem(last=False)
         while len(self._sent) > MAX_REMEMBERED:
             self._sent.popitem(last=False)
         return None

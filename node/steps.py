@@ -263,7 +263,7 @@ class StepRunner:
         if not p.hops:  # the last hop
             return [(to, encode_frames("result", reply_id, {"busy_us": busy_us, "busy": busy}, specs, tensors))]
         (contact, session), rest = p.hops[0], p.hops[1:]
-        relay = Relay(contact, to, reply_id, next_hop_id())
+        relay = Relay(contact, to, reply_id, next_hop_id(), p.session.id)
         self.stats.relayed += 1
         fields = {"session": session, "pos": p.msg.fields["pos"], "wire": p.wire, "reply": reply_id,
                   "next": [list(h) for h in rest], "hop": hop + 1, "busy": busy, "from": p.session.id}
