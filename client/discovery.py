@@ -255,9 +255,15 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
         del claims[contact]
     owners = _owners(swarm, {c: r for c, r in claims.items() if len(r) > 1}, timeout)
     added: dict[str, str] = {}  # peer id -> its contact now
+    # `--peers` contacts given in another form than their records (PeerInfo.relay_name): such a
+    # peer stays under the name it was given, not added twice (PeerTable.add_info, the other way).
+    given = {p.relay_name: a for a, p in swarm.peers.items() if p.relay_name}
     for contact, records in claims.items():
         record = records[0] if len(records) == 1 else owners.get(contact)
         if record is None:
+            continue
+        if contact in given and swarm.peers[given[contact]].peer_id == record.peer_id:
+            added[record.peer_id] = given[contact]
             continue
         swarm.add_info(contact, record_info(record), swarm.rtt_of(contact, rtt),
                        curve_key=None if record.insecure else record.curve_key)

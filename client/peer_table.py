@@ -11,9 +11,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from nanoswarm.keys.contact import split_contact
-from nanoswarm.keys.records import check_endpoint
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
-from nanoswarm.protocol.messages import MAX_CONTACT_CHARS, finite_float, parse_range
+from nanoswarm.protocol.messages import finite_float, parse_range
 
 from .background import BackgroundFetch
 from .discovery import DiscoveryError, Fetched, add_fetched, add_from_bootstrap, take_timed
@@ -21,7 +20,7 @@ from .introduce import ask_info
 from .options import SwarmOptions
 from .peer_errors import PeerError
 from .round_trips import PROBE_SECONDS, measure_round_trips
-from .route import PeerInfo, RouteError, StagePlan, build_route
+from .route import PeerInfo, RouteError, StagePlan, build_route, own_contact
 
 if TYPE_CHECKING:
     from .transport import PeerConnection
@@ -36,24 +35,6 @@ REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answer
 # one after another, all took the same peer among like ones. A tenth: they spread over like
 # peers, and a peer that others keep busy still loses to an idle one for a few of them.
 SESSION_LOAD = 0.1
-
-
-def own_contact(address: str, info: dict) -> str | None:
-    """The contact `info` says the peer at `address` is known by, where it names the same CURVE
-    key in another form (`localhost` for the 127.0.0.1 its signed record names): the peer's
-    table names it so, and a node relays only to a contact of its table (a client given
-    `localhost` had every hop refuse its relayed steps `not_served`). Untrusted: one that is no
-    contact, or names another key, is not used (the hop before would refuse the step malformed)."""
-    contact = info.get("contact")
-    if not isinstance(contact, str) or contact == address or len(contact) > MAX_CONTACT_CHARS:
-        return None
-    try:
-        endpoint, key = split_contact(contact)
-        check_endpoint(endpoint)
-        same_key = key == split_contact(address)[1]
-    except ValueError:
-        return None
-    return contact if same_key else None
 
 
 def takes(peer: PeerInfo, max_length: int) -> bool:
@@ -197,10 +178,17 @@ class PeerTable:
             return
         self.rejected.pop(address, None)  # it answered this time (a refresh asks again)
         self._asked = time.monotonic()
+        peer_id, relay_name = str(info.get("peer_id")), own_contact(address, info)
+        twin = self.peers.get(relay_name) if relay_name else None
+        if twin is not None and twin.peer_id == peer_id:
+            # Known already by its record's contact (a bootstrap's table): one entry, not two
+            # that a bootstrap's refresh took for a peer that moved, closing the sessions over
+            # the given name's link every minute (review114; discovery.add_fetched, the other way).
+            return
         self.peers[address] = PeerInfo(
-            address=address, peer_id=str(info.get("peer_id")), model_id=self.model_id,
+            address=address, peer_id=peer_id, model_id=self.model_id,
             layers=layers, heads=heads, throughput=float(throughput), load=float(load),
-            rtt=rtt, curve_key=curve_key, extra=info, relay_name=own_contact(address, info))
+            rtt=rtt, curve_key=curve_key, extra=info, relay_name=relay_name)
 
     def available(self, max_length: int | None = None, refused: Collection[str] = ()) -> list[PeerInfo]:
         """Peers a route may use: not banned, not among `refused`, and, for a session of

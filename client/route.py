@@ -16,6 +16,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from nanoswarm.keys.contact import format_contact, same_endpoint, split_contact
+from nanoswarm.keys.records import check_endpoint
+from nanoswarm.protocol.messages import MAX_CONTACT_CHARS
+
 # Routes whose expected token times are within this factor of the fastest's tie: measured
 # throughputs and round trips of like peers differ by a few percent from run to run, and within
 # that noise the lower load should decide, not the last digit of a measurement.
@@ -46,6 +50,28 @@ class PeerInfo:
     # another form (`localhost` for 127.0.0.1): the name relayed steps give it, since a node
     # relays only to the contacts of its table (PeerTable.add_info).
     relay_name: str | None = None
+
+
+def own_contact(address: str, info: dict) -> str | None:
+    """The contact `info` says the peer at `address` is known by, where it names the same
+    endpoint in another form (`localhost` for the 127.0.0.1 its signed record names, a host name
+    for its IP) with the same CURVE key: the peer's table names it so, and a node relays only to a
+    contact of its table (a client given `localhost` had every hop refuse its relayed steps
+    `not_served`). Untrusted: anything else is not used (review114: a record's address that the
+    hop before could not reach made every session wait out two step timeouts before going
+    stage by stage, where `not_served` sends it so at once)."""
+    contact = info.get("contact")
+    if not isinstance(contact, str) or len(contact) > MAX_CONTACT_CHARS:
+        return None
+    try:
+        given, key = split_contact(address)
+        endpoint, own_key = split_contact(contact)
+        check_endpoint(endpoint)
+    except ValueError:
+        return None
+    if own_key != key or endpoint == given or not same_endpoint(given, endpoint):
+        return None
+    return format_contact(endpoint, key)
 
 
 @dataclass

@@ -13,6 +13,9 @@ prints one per node; `--peers` and `--bootstrap` take them.
 from __future__ import annotations
 
 import binascii
+import functools
+import ipaddress
+import socket
 
 import zmq
 from zmq.utils import z85
@@ -52,6 +55,31 @@ def format_contact(endpoint: str, curve_key: bytes | None) -> str:
 def endpoint_of(contact: str) -> str:
     """The ZeroMQ endpoint part of a contact string (no validation of the key)."""
     return contact.strip().partition("#")[0]
+
+
+def same_endpoint(given: str, other: str) -> bool:
+    """Whether endpoint `other` (tcp://IP:PORT, from a peer) is endpoint `given` (tcp://HOST:PORT,
+    from the user) in another form: the same port, and an IP that `given`'s host resolves to
+    (`localhost` for 127.0.0.1, a host name for its IP). A host name in `other` is never looked
+    up: a peer's words must not make this machine ask DNS for names it chose."""
+    host, _, port = given.removeprefix("tcp://").rpartition(":")
+    other_host, _, other_port = other.removeprefix("tcp://").rpartition(":")
+    try:
+        ip = ipaddress.ip_address(other_host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return port == other_port and ip in _addresses_of(host.removeprefix("[").removesuffix("]"))
+
+
+@functools.lru_cache(maxsize=64)
+def _addresses_of(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The IPs `host` resolves to (none if it does not): asked once a process, for hosts the
+    user gave."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        return frozenset(ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos)
+    except (OSError, UnicodeError, ValueError):
+        return frozenset()
 
 
 def allow_ipv6(sock: zmq.Socket, endpoint: str) -> None:

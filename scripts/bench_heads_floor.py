@@ -78,6 +78,10 @@ def member_main(model_dir: str, heads: tuple[int, int], index: int, mode: str, r
         others.append(out)
     members = len(others) + 1
     cache = None
+    # A later phase's partial that came first (3+ members), kept across steps: the next step's
+    # first partial may come before another member's last of this one (review114: dropped with
+    # the step, it left every member waiting). No member is more than a phase ahead of another.
+    early: dict[tuple[int, int], zmq.Frame] = {}
     with torch.inference_mode():
         while True:
             if not inbox.poll(1000):
@@ -102,7 +106,6 @@ def member_main(model_dir: str, heads: tuple[int, int], index: int, mode: str, r
                     cache.length += n
                 inbox.send_multipart([peer.bytes, memoryview(y.numpy()).cast("B")], copy=False)
                 continue
-            early: dict[tuple[int, int], zmq.Frame] = {}  # a later phase's partial, come first (3+ members)
             for block in range(n_layer):  # all-reduce: every phase's partials exchanged here
                 b = blocks.h[str(block)]
                 for phase in (0, 1):

@@ -23,14 +23,15 @@ from test_failover import (  # the same fault harness
 
 import nanoswarm.client.relay as relay_module
 from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.discovery import add_from_bootstrap
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.introduce import introduce
 from nanoswarm.client.peer_errors import PeerError
-from nanoswarm.client.peer_table import own_contact
 from nanoswarm.client.relay import pin_route
 from nanoswarm.client.round_trips import send_all
+from nanoswarm.client.route import own_contact
 from nanoswarm.client.stages import RemoteLayerStage
-from nanoswarm.client.swarm import SwarmOptions
+from nanoswarm.client.swarm import Swarm, SwarmOptions
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.keys.identity import load_identity
@@ -209,20 +210,65 @@ def test_contacts_given_by_another_name_than_their_records_relay(tiny_model_dir,
         model.close()
 
 
-def test_a_peers_own_contact_is_taken_only_for_its_own_key():
-    """`info`'s contact is untrusted: it names a next hop only when it is a contact of the same
-    CURVE key in another form; anything else (no contact, another key, no endpoint, too long for a
-    hop's `next`) is not used, and the hop is named as given."""
+def test_contacts_given_by_another_name_beside_a_bootstrap_are_one_peer_each(tiny_model_dir, cluster_factory):
+    """`--peers` in another form than the records of `--bootstrap`'s table: each node is one
+    peer, not two, and a refresh from the bootstrap keeps it. Before, the table held each node
+    under both names, and every refresh took the given one for a peer that had moved: it closed
+    those links, and each session over them failed over (review114)."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    named = [a.replace("tcp://127.0.0.1:", "tcp://localhost:") for a in swarm.addresses]
+    ids = torch.randint(0, 50257, (4,), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0]
+    model = SwarmModel.connect(tiny_model_dir, peers=named, bootstrap=swarm.addresses[:1])
+    try:
+        assert sorted(model.swarm.peers) == sorted(swarm.addresses)
+        failovers: list[str] = []
+        session = model.session(len(ids), on_failover=failovers.append)
+        got = []
+        for t in range(len(ids)):
+            got.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
+            model.swarm._refreshed = float("-inf")  # a refresh from the bootstrap between steps
+            assert model.swarm.refresh()
+            assert sorted(model.swarm.peers) == sorted(swarm.addresses)
+        assert (torch.stack([g.reshape(-1) for g in got]) - want).abs().max().item() <= 1e-5
+        assert failovers == []
+    finally:
+        model.close()
+    # The other way: the given names first (a bootstrap's table that lacked them then), its
+    # records after: each peer stays under its given name, its link kept.
+    manifest = read_manifest(tiny_model_dir)
+    table = Swarm(manifest.model_id, manifest.config.n_layer, manifest.config.n_head)
+    try:
+        table.add_addresses(named)
+        links = [table.connection(a) for a in named]
+        add_from_bootstrap(table, swarm.addresses[:1])
+        assert sorted(table.peers) == sorted(named) and table.rejected == {}
+        assert [table.connection(a) for a in named] == links
+    finally:
+        table.close()
+
+
+def test_a_peers_own_contact_is_taken_only_for_the_same_endpoint_and_key():
+    """`info`'s contact is untrusted: it names a next hop only when it is the given contact's
+    endpoint in another form (an IP the given host resolves to, the same port) with the same
+    CURVE key, written as a node prints contacts. Anything else (no contact, another key or
+    port, an address elsewhere, which the hop before may not reach (review114: two step
+    timeouts a session), a host name, which is not looked up, too long for a hop's `next`) is not
+    used, and the hop is named as given."""
     key = "ab" * 32
     given = f"tcp://localhost:7000#{key}"
     assert own_contact(given, {"contact": f"tcp://127.0.0.1:7000#{key}"}) == f"tcp://127.0.0.1:7000#{key}"
+    assert own_contact(given, {"contact": f" tcp://127.0.0.1:7000#{key.upper()}"}) == f"tcp://127.0.0.1:7000#{key}"
     assert own_contact(given, {"contact": given}) is None  # as given already
     for contact in [None, 7, ["x"], f"tcp://127.0.0.1:7000#{'cd' * 32}", "tcp://127.0.0.1:7000", f"junk#{key}",
+                    f"tcp://127.0.0.1:7001#{key}", f"tcp://10.9.9.9:7000#{key}", f"tcp://otherhost:7000#{key}",
                     f"tcp://127.0.0.1:7000#{key[:-2]}", f"tcp://{'h' * 600}:7000#{key}",
                     f"tcp://127.0.0.1:7000#{key}" + " " * 600, f"udp://127.0.0.1:7000#{key}"]:
         assert own_contact(given, {"contact": contact}) is None, contact
     insecure = "tcp://127.0.0.1:7000"  # --insecure nodes' contacts carry no key
     assert own_contact("tcp://localhost:7000", {"contact": insecure}) == insecure
+    assert own_contact("tcp://localhost:7000", {"contact": "tcp://10.9.9.9:7000"}) is None
 
 
 def test_a_client_that_relays_nothing_introduces_no_one(tiny_model_dir, cluster_factory):
