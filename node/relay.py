@@ -52,6 +52,12 @@ MAX_REMEMBERED = 4096  # relayed steps whose bounced errors can still be routed 
 # relay_failed for every step since its handshake, long-answered ones too).
 DROP_WINDOW = 1.0
 REFUSED_WARN_SECONDS = 3600.0  # how often a node names again a next hop that refuses its handshake
+# A link whose handshake has not succeeded this long after it was made, with steps waiting on it:
+# the next hop is unreachable from here at that address (a record's address behind NAT, a
+# firewall), while the client reaches it. ZeroMQ waits for it without a word, and each session's
+# client waited two step timeouts (RELAY_STALLS) before going stage by stage (review114). Its
+# steps are answered relay_failed, and further steps to it at once, until a handshake succeeds.
+UNREACHED_SECONDS = 5.0
 # A refusal: libzmq does not try that connection again. (EVENT_HANDSHAKE_FAILED_NO_DETAIL is
 # a connection that dropped mid-handshake, a restart say: ZeroMQ reconnects and sends what is
 # queued, so it is no refusal; a review saw a step so delivered answered relay_failed.)
@@ -84,6 +90,8 @@ class RelayLink:
     # delivered is dropped by its client, and one that was not no longer costs its timeout.
     recent: deque = field(default_factory=lambda: deque(maxlen=2 * LINK_QUEUE))
     down: bool = False  # its connection dropped, and no handshake has succeeded since
+    reached: bool = False  # a handshake has succeeded
+    started: float = field(default_factory=time.monotonic)  # when the link was made
 
 
 _hop_ids = itertools.count(random.randrange(1, 2**31))
@@ -109,6 +117,7 @@ class RelayLinks:
         # kill, for one step lost).
         self._latest: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._warned: dict[str, float] = {}  # refusing contact -> when last named in the log
+        self._unreached: set[str] = set()  # contacts whose links never reached them (UNREACHED_SECONDS)
         self._failed: list[tuple[bytes, list]] = []  # relay_failed for owners, until take_failed
         self.on_open = None   # callable(RelayLink), set by the server to watch a new link
         self.on_close = None  # callable(RelayLink)
@@ -117,6 +126,8 @@ class RelayLinks:
         """Queue `frames` for the next hop; returns why it could not be, or None."""
         try:
             link = self._link(relay.contact)
+            if relay.contact in self._unreached and not link.reached:
+                return self._unreached_why(relay.contact)  # not queued: the link goes on trying
             link.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except (zmq.ZMQError, ValueError) as e:  # queue full, or a link that cannot be made
             why = f"cannot reach the next hop {relay.contact[:80]}: {e}"
@@ -158,6 +169,30 @@ class RelayLinks:
 
     def __len__(self) -> int:
         return len(self._links)
+
+    def expire_unreached(self, now: float | None = None) -> None:
+        """Close the links that have held steps for UNREACHED_SECONDS without a handshake: their
+        steps are answered relay_failed (take_failed), and so are further steps to that hop at
+        once (`send`), while the link the next of them makes tries it, until one succeeds.
+        Called on a timer."""
+        now = time.monotonic() if now is None else now
+        for contact, link in list(self._links.items()):
+            if link.reached or not link.recent or now - link.started <= UNREACHED_SECONDS:
+                continue
+            self.events(link)  # a handshake not read yet (the loop computed meanwhile) counts
+            if self._links.get(contact) is link and not link.reached:
+                del self._links[contact]
+                self._close(contact, link, lost=self._unreached_why(contact))
+                if len(self._unreached) >= MAX_LINKS:
+                    self._unreached.clear()
+                self._unreached.add(contact)
+                log.info("the next hop %s is not reached from here: relayed steps to it fail until it is",
+                         contact[:120])
+
+    @staticmethod
+    def _unreached_why(contact: str) -> str:
+        return (f"the next hop {contact[:80]} is not reached from this node (no handshake in "
+                f"{UNREACHED_SECONDS:g} s): is its address reachable from here?")
 
     def _link(self, contact: str) -> RelayLink:
         link = self._links.get(contact)
@@ -225,7 +260,8 @@ class RelayLinks:
             event = parse_monitor_message(link.monitor.recv_multipart())["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 link.recent.clear()  # what was queued went out
-                link.down = False
+                link.down, link.reached = False, True
+                self._unreached.discard(link.contact)
             elif event == zmq.EVENT_DISCONNECTED:
                 link.down = True
                 since = time.monotonic() - DROP_WINDOW

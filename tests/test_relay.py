@@ -938,6 +938,45 @@ def test_a_dropped_relay_link_answers_only_each_sessions_latest_step():
         hop.close(linger=0)
 
 
+def test_steps_to_a_next_hop_not_reached_are_answered_relay_failed():
+    """A next hop whose address this node cannot reach (its record's address behind NAT, where
+    the client reaches it) takes no handshake, and ZeroMQ holds the steps for it without a
+    word: each session's client waited two step timeouts (review114). Past UNREACHED_SECONDS
+    they are answered relay_failed, and further steps to it at once, until a link reaches it."""
+    from nanoswarm.node.relay import UNREACHED_SECONDS, RelayLinks, next_hop_id
+
+    ctx = zmq.Context.instance()
+    port = free_port()  # nothing listens there yet
+    contact = f"tcp://127.0.0.1:{port}"
+    links = RelayLinks(ctx, None)
+    hop = None
+    try:
+        assert links.send(Relay(contact, b"a", 1, next_hop_id(), "s-a"), [b"x"]) is None
+        links.expire_unreached()
+        assert links.take_failed() == []  # not yet
+        links.expire_unreached(time.monotonic() + UNREACHED_SECONDS + 0.1)
+        failed = links.take_failed()
+        assert [(owner, decode(frames).id, decode(frames).fields["code"]) for owner, frames in failed] == \
+            [(b"a", 1, "relay_failed")]
+        assert "not reached from this node" in decode(failed[0][1]).fields["message"]
+        why = links.send(Relay(contact, b"b", 2, next_hop_id(), "s-b"), [b"x"])
+        assert why is not None and "not reached" in why  # at once, not queued
+        hop = ctx.socket(zmq.ROUTER)
+        hop.bind(contact)  # the hop is reached now: the link that refused at once finds it
+        (link,) = links._links.values()
+        deadline = time.monotonic() + 10
+        while not link.reached and time.monotonic() < deadline:
+            link.monitor.poll(100)
+            links.events(link)
+        assert link.reached
+        assert links.send(Relay(contact, b"c", 3, next_hop_id(), "s-c"), [b"x"]) is None
+        assert hop.poll(5000) and hop.recv_multipart()[1:] == [b"x"]
+    finally:
+        links.close()
+        if hop is not None:
+            hop.close(linger=0)
+
+
 def test_a_connection_that_drops_mid_handshake_is_no_refusal():
     """libzmq reports a connection dropped during its handshake (a next hop restarting, a loaded
     host) as HANDSHAKE_FAILED_NO_DETAIL, then reconnects and sends what waits. Taken for a
