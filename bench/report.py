@@ -39,8 +39,9 @@ def format_report(result: dict) -> str:
         f"{m.get('loadavg_end', float('nan')):.2f}, other processes used {_other(m)} cores meanwhile",
         f"rounds: {o['repeats']} x (prefill {o['prompt_len']} + decode {o['tokens']}) per side and route, "
         f"local and swarm alternating; {o['session_tokens']} tokens per session in the concurrent runs",
-        f"local (one process): decode {local['decode_tps']:.1f} tok/s ({local['decode_ms']:.2f} ms/token), "
-        f"prefill {local['prefill_tps']:.0f} tok/s ({local['prefill_ms']:.1f} ms for {o['prompt_len']} tokens)",
+        f"local (one process, all its rounds): decode {local['decode_tps']:.1f} tok/s ({local['decode_ms']:.2f} "
+        f"ms/token), prefill {local['prefill_tps']:.0f} tok/s ({local['prefill_ms']:.1f} ms for {o['prompt_len']} "
+        "tokens); each route's ratio is against the local rounds run beside it",
         "",
     ]
     rows = [["route", "links", "wire", "decode tok/s", "ratio", "prefill tok/s", "ratio", "overhead/stage ms med/p99",

@@ -118,7 +118,7 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, head_groups: int, max_
                                                                 delete=False)
     harness = LocalCluster(model_dir, specs, threads=1, stderr=log_file)
     click.echo(f"starting {len(specs)} local node{'s' * (len(specs) > 1)} for {model_dir}"
-               + (f" (node logs: {log_file.name})" if log_file else "") + " ...", err=True)
+               + (f" (node logs: {log_file.name}, kept if it fails)" if log_file else "") + " ...", err=True)
     done = False
     try:
         with harness:

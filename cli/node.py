@@ -97,7 +97,7 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
         raise click.UsageError("--allow-keys needs encrypted links; it cannot be combined with --insecure")
     try:
         check_span(opts)
-        check_contacts(opts)
+        check_contacts(opts, warn=False)  # (node.daemon checks again, and warns)
     except ManifestError:
         raise
     except ValueError as e:

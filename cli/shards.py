@@ -171,13 +171,13 @@ def train(out_path: Path, text_path: Path | None, n_layer: int, n_head: int, n_e
 
     if resume and overwrite:
         raise click.UsageError("--resume continues --out; --overwrite replaces it: give one")
+    # Before the next two: they would point to --overwrite or --resume, both refused here (review115).
+    if text_path is not None and out_path.exists() and out_path.samefile(text_path):
+        raise click.UsageError(f"--out {out_path} is the training text (--text)")
     if resume and not out_path.is_file():
         raise click.ClickException(f"--resume: no checkpoint at {out_path}")
     if out_path.exists() and not (overwrite or resume):
         raise click.ClickException(f"{out_path} exists: pass --resume to continue it or --overwrite to replace it")
-
-    if text_path is not None and out_path.exists() and out_path.samefile(text_path):
-        raise click.UsageError(f"--out {out_path} is the training text (--text)")
     try:  # a shape the options cannot make (n_embd not a multiple of n_head): an option error
         config = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, gelu="exact")
     except ValueError as e:

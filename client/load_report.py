@@ -141,10 +141,15 @@ def format_report(report: LoadReport) -> str:
         peak = "?" if n.peak_rss_bytes is None else f"{n.peak_rss_bytes / 2**20:.0f} MiB"
         what = "peak device memory" if n.source == "device" else "peak RSS"
         bound = "" if n.memory_bound is None else f" (bound {n.memory_bound / 2**20:.0f} MiB = KV budget " \
-            f"{n.kv_budget_bytes / 2**20:.0f} + weights {n.weight_bytes / 2**20:.0f} + overhead " \
+            f"{n.kv_budget_bytes / 2**20:.0f} + weights {_mib(n.weight_bytes)} + overhead " \
             f"{MEMORY_OVERHEAD / 2**20:.0f})"
         heads = "" if n.heads is None else f" heads {n.heads[0]}:{n.heads[1]}"
         lines.append(f"node {n.address.partition('#')[0]} layers {n.layers[0]}:{n.layers[1]}{heads}: "
                      f"{'alive' if n.alive else 'GONE'}, {what} {peak} [{n.source}]{bound}")
     lines.append("OK" if report.ok else f"NOT OK: {'; '.join(report.problems)}")
     return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    """Whole MiB, or "<1" for less (review115: a tiny model's weights read "0")."""
+    return f"{n / 2**20:.0f}" if n >= 2**20 or n == 0 else "<1"

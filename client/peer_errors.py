@@ -44,7 +44,7 @@ def handshake_why(failure: int | None, status: int, keyed: bool, heartbeat: floa
                 "give its contact without #KEY), or is not a nanoswarm node")
     # Neither: a node whose key is not the contact's closes the connection without a word, and
     # one that finds the other side's mechanism not its own may close before its greeting is read.
-    waited = "" if heartbeat is None else f" for {heartbeat:g}s"
+    waited = "" if heartbeat is None else f" within {heartbeat:g}s"
     if keyed:
         hint = "the node's key may have changed since this contact was taken, or something else listens there now"
     else:

@@ -165,7 +165,9 @@ class PeerTable:
 
     def add_info(self, address: str, info: dict, rtt: float = 0.0, curve_key: bytes | None = None) -> None:
         if info.get("model_id") != self.model_id:
-            self.forget(address, f"serves model {shown(info.get('model_id'), 12)}, not ours")
+            self.forget(address, f"serves model {shown(info.get('model_id'), 12)}, not ours "
+                        f"({self.model_id[:12]}; the same checkpoint sharded with other options has "
+                        "another model id)")
             return
         try:  # a peer's own `info` is untrusted: what it claims must make sense before it is used
             layers, heads = claimed_span(info, self.n_layer, self.n_head)
@@ -375,8 +377,11 @@ class PeerTable:
                           if b.until > now and a in self.peers)
             unused.update((p.address, f"takes sessions of at most {p.extra['max_length']} positions, "
                            f"not {max_length}") for p in self.available() if max_length and not takes(p, max_length))
+            # A `--peers` client uses only its contacts, even where they know the rest (review115).
+            hint = ("" if self.bootstraps or not self.contacts else
+                    " (--peers uses only the contacts given; --bootstrap learns the rest from their tables)")
             if not unused:
-                raise
+                raise RouteError(e.uncovered, e.detail + hint) from None
             # Those that serve a missing block first, then those whose blocks are unknown (a
             # contact that did not answer): why a block is missing (review112 read a list of
             # other blocks' peers, the cause past its "and N more").
@@ -385,4 +390,4 @@ class PeerTable:
                            else 0 if wanted.intersection(range(*self.peers[a].layers)) else 2)
             why = [f"{a}: {unused[a]}" for a in first[:3]]
             more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
-            raise RouteError(e.uncovered, f"{e.detail}; not used: {'; '.join(why)}{more}") from None
+            raise RouteError(e.uncovered, f"{e.detail}; not used: {'; '.join(why)}{more}{hint}") from None

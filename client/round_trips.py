@@ -61,7 +61,7 @@ def measure_round_trips(swarm: Swarm, contacts: list[str], timeout: float) -> No
         if contact not in rtts:
             swarm._close_link(contact)  # a fresh one if a route takes it: no stale drop to report
     if todo:
-        log.info("round trips of %d peers measured, %d in time: %s", len(todo), len(rtts),
+        log.info("round trips of %d peer%s measured, %d in time: %s", len(todo), "s" * (len(todo) != 1), len(rtts),
                  ", ".join(f"{c[:40]} {1e3 * t:.2f} ms" for c, t in sorted(rtts.items(), key=lambda x: x[1])[:8]))
 
 

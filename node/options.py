@@ -73,10 +73,12 @@ def advertised_address(advertise: str | None, bound: str) -> str:
     return check_endpoint(f"tcp://{m.group(1)}:{port}")
 
 
-def check_contacts(opts: NodeOptions) -> None:
+def check_contacts(opts: NodeOptions, warn: bool = True) -> None:
     """Refuse, before anything loads, addresses no peer could use: ours is advertised in our
     record (so a wildcard host or a port ZeroMQ would wrap is no use to anyone), and a bootstrap
-    ZeroMQ cannot connect to would be retried every gossip round for as long as we run."""
+    ZeroMQ cannot connect to would be retried every gossip round for as long as we run. `warn`:
+    log a bootstrap without a key (the command line checks early without it: the node's start
+    checks again, review115 read the warning twice)."""
     host, _, port = opts.listen.removeprefix("tcp://").rpartition(":")
     if not opts.listen.startswith("tcp://") or not host:  # peers reach nodes by the endpoint in the record
         raise ValueError(f"--listen must be a TCP endpoint (tcp://HOST:PORT or tcp://HOST:*), not {opts.listen!r}")
@@ -102,7 +104,7 @@ def check_contacts(opts: NodeOptions) -> None:
             key = split_contact(contact)[1]
         except ValueError as e:
             raise ValueError(f"--bootstrap: {e}") from None
-        if key is None and not opts.insecure:  # a node started --insecure prints no key
+        if key is None and not opts.insecure and warn:  # a node started --insecure prints no key
             log.warning("--bootstrap %s has no key: gossip with it is not encrypted (a node that "
                         "runs with encryption prints its contact as tcp://HOST:PORT#KEY)", contact)
 

@@ -254,6 +254,8 @@ def test_generate_names_uncovered_layers(tiny_model_dir, cluster_factory):
     assert out.returncode != 0
     # A peer slow to answer the refresh (Swarm.refresh) would add "; not used: ..." to the line.
     assert out.stderr.strip().splitlines()[-1].startswith("error: no peer serves layers 2:4")
+    # --peers uses only the contacts given, even where they know the rest (review115)
+    assert out.stderr.strip().splitlines()[-1].endswith("--bootstrap learns the rest from their tables)")
 
 
 def test_node_refuses_a_tampered_shard(tiny_model_dir, tmp_path):

@@ -385,7 +385,8 @@ def test_each_handshake_failure_has_its_own_words():
     assert "the contact has no #KEY: give the whole contact" in handshake_why(protocol, 1, False, 5)
     for failure in (other, None):  # closed midway (EPIPE), or dropped before any handshake event
         keyed, unkeyed = handshake_why(failure, 32, True, 2.5), handshake_why(failure, 32, False, None)
-        assert keyed.startswith("connection closed during the handshake: refused by the peer, or no answer for 2.5s (")
+        assert keyed.startswith("connection closed during the handshake: refused by the peer, "
+                                "or no answer within 2.5s (")
         assert "the node's key may have changed since this contact was taken" in keyed
         assert unkeyed == ("connection closed during the handshake: refused by the peer, or no answer (the contact "
                            "has no #KEY: give the whole contact the node printed, if it encrypts its links)")

@@ -94,12 +94,12 @@ def test_demo_command_streams_text_and_matches_single_process(tmp_path):
         "ROMEO:", 40, SamplingParams(temperature=0.8, top_k=40, seed=3))
     assert result["ids"] == local.ids and result["text"] == local.text and len(local.text) > 20
     assert [s["layers"] for s in result["route"]] == [[0, 2], [2, 3], [3, 4]]
-    log_file = re.search(r"\(node logs: (\S+)\)", out_err).group(1)
+    log_file = re.search(r"\(node logs: (\S+), kept if it fails\)", out_err).group(1)
     assert not os.path.exists(log_file), "a demo that went well keeps no log file"
 
     assert plain.returncode == 130, err
     assert ("ROMEO:" + local.text).startswith((first + rest).decode().rstrip("\n"))
-    log_file = re.search(r"\(node logs: (\S+)\)", err.decode()).group(1)
+    log_file = re.search(r"\(node logs: (\S+), kept if it fails\)", err.decode()).group(1)
     assert not os.path.exists(log_file), "the user stopped it: no log kept"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("nanoswarm")] == []  # no key files
     deadline = time.monotonic() + 10  # (its launcher sees its parent gone within a second)

@@ -1465,7 +1465,7 @@ def test_heartbeats_drop_an_idle_link_to_a_frozen_peer_and_say_so():
         t0 = time.monotonic()
         try:
             with pytest.raises(PeerError, match="closed during the handshake: refused by the peer, or no answer "
-                                                "for 0.5s") as e:
+                                                "within 0.5s") as e:
                 late.request("info")
         finally:
             late.close()
