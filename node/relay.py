@@ -177,8 +177,8 @@ class RelayLinks:
         Called on a timer."""
         now = time.monotonic() if now is None else now
         for contact, link in list(self._links.items()):
-            if link.reached or not link.recent or now - link.started <= UNREACHED_SECONDS:
-                continue
+            if link.reached or not link.recent or now - link.recent[0][1] <= UNREACHED_SECONDS:
+                continue  # (recent[0]: its oldest waiting step)
             self.events(link)  # a handshake not read yet (the loop computed meanwhile) counts
             if self._links.get(contact) is link and not link.reached:
                 del self._links[contact]
@@ -203,6 +203,12 @@ class RelayLinks:
             # at once; the steps that may have been lost with the drop are answered relay_failed.
             del self._links[contact]
             self._close(contact, link, lost=f"the link to the next hop {contact[:80]} dropped")
+        elif link is not None and not link.reached and not link.recent and time.monotonic() - link.started > 1.0:
+            # Never reached, nothing waiting: a link started ahead (warm, admit) while the hop was
+            # down, whose retries have backed off as above; a fresh one connects at once
+            # (review116: such a link held the first step until UNREACHED_SECONDS failed it).
+            del self._links[contact]
+            self._close(contact, link)
         elif link is not None:
             self._links.move_to_end(contact)
             return link
@@ -263,6 +269,12 @@ class RelayLinks:
                 link.down, link.reached = False, True
                 self._unreached.discard(link.contact)
             elif event == zmq.EVENT_DISCONNECTED:
+                if not link.reached:
+                    # Nothing went out on it: its steps wait for a handshake (a hop that closes
+                    # each connection before one succeeds, a wrong key say, drops it every ~100
+                    # ms; taken for a drop, the steps were forgotten a second later and never
+                    # answered: review116). expire_unreached answers them.
+                    continue
                 link.down = True
                 since = time.monotonic() - DROP_WINDOW
                 link.recent = deque(((k, t) for k, t in link.recent if t >= since), maxlen=link.recent.maxlen)

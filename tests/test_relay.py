@@ -977,6 +977,65 @@ def test_steps_to_a_next_hop_not_reached_are_answered_relay_failed():
             hop.close(linger=0)
 
 
+def test_a_next_hop_that_drops_every_handshake_is_not_reached(monkeypatch):
+    """A hop that closes each connection before its handshake succeeds (a wrong key here) makes
+    libzmq report a drop every ~100 ms: taken for drops, the waiting steps were forgotten a second
+    later and never answered, and the client waited its whole timeout (review116). They are
+    answered relay_failed once they have waited UNREACHED_SECONDS."""
+    from nanoswarm.keys.contact import format_contact
+    from nanoswarm.node import relay as node_relay
+    from nanoswarm.node.relay import RelayLinks, next_hop_id
+
+    monkeypatch.setattr(node_relay, "UNREACHED_SECONDS", 1.5)  # longer than a drop's DROP_WINDOW
+    ctx = zmq.Context.instance()
+    hop = ctx.socket(zmq.ROUTER)
+    hop.curve_server = True
+    hop.curve_publickey, hop.curve_secretkey = zmq.curve_keypair()
+    port = hop.bind_to_random_port("tcp://127.0.0.1")
+    contact = format_contact(f"tcp://127.0.0.1:{port}", zmq.curve_keypair()[0])  # not the hop's key
+    links = RelayLinks(ctx, zmq.curve_keypair())
+    try:
+        assert links.send(Relay(contact, b"a", 1, next_hop_id(), "s-a"), [b"x"]) is None
+        (link,) = links._links.values()
+        deadline, failed = time.monotonic() + 6, []
+        while not failed and time.monotonic() < deadline:
+            link.monitor.poll(100)
+            links.events(link)
+            links.expire_unreached()
+            failed = links.take_failed()
+        assert [(owner, decode(frames).fields["code"]) for owner, frames in failed] == [(b"a", "relay_failed")]
+    finally:
+        links.close()
+        hop.close(linger=0)
+
+
+def test_a_link_started_ahead_while_its_hop_was_down_is_made_anew_for_a_step():
+    """A link started ahead (warm, admit) to a hop that was down has its retries backed off
+    (up to RECONNECT_MAX_MS): the first step to the hop, back since, waited for the next retry
+    and was failed as not reached (review116). Holding no step and never reached, it is made
+    anew for the step, and connects at once."""
+    from nanoswarm.node.relay import RelayLinks, next_hop_id
+
+    ctx = zmq.Context.instance()
+    port = free_port()
+    contact = f"tcp://127.0.0.1:{port}"
+    links = RelayLinks(ctx, None)
+    hop = None
+    try:
+        links.warm(contact)
+        old = links._links[contact]
+        time.sleep(1.1)
+        hop = ctx.socket(zmq.ROUTER)
+        hop.bind(contact)
+        assert links.send(Relay(contact, b"a", 1, next_hop_id(), "s-a"), [b"x"]) is None
+        assert links._links[contact] is not old
+        assert hop.poll(2000) and hop.recv_multipart()[1:] == [b"x"]
+    finally:
+        links.close()
+        if hop is not None:
+            hop.close(linger=0)
+
+
 def test_a_connection_that_drops_mid_handshake_is_no_refusal():
     """libzmq reports a connection dropped during its handshake (a next hop restarting, a loaded
     host) as HANDSHAKE_FAILED_NO_DETAIL, then reconnects and sends what waits. Taken for a
