@@ -65,15 +65,7 @@ def node_main(model_dir: str, start: int, stop: int, threads: int, to: tuple[str
     cache = None
     ready.put(port)
     with torch.inference_mode():
-        while True:
-            if not inbox.poll(1000):
-                if os.getppid() != parent:  # the client is gone (killed): do not linger
-                    break
-                continue
-            frames = inbox.recv_multipart(copy=False)
-            if len(frames) != 3:  # the client's stop message
-                break
-            peer, header, data = frames
+        for peer, header, data in bare_requests(inbox, parent):
             n, fresh = HEADER.unpack(header.bytes)
             if fresh:  # a new cache, allocated before the timed steps (like a session's open)
                 cache = blocks.new_cache(fresh)
@@ -88,6 +80,20 @@ def node_main(model_dir: str, start: int, stop: int, threads: int, to: tuple[str
                 out.send_multipart([header, y], copy=False)
             else:
                 out.send(y, copy=False)
+
+
+def bare_requests(inbox: zmq.Socket, parent: int):
+    """A bare node's requests, [peer, header, data] each, until the client's stop message or
+    until the client process `parent` is gone (killed: the node must not linger)."""
+    while True:
+        if not inbox.poll(1000):
+            if os.getppid() != parent:
+                return
+            continue
+        frames = inbox.recv_multipart(copy=False)
+        if len(frames) != 3:  # the client's stop message
+            return
+        yield frames
 
 
 class BareSwarm:
@@ -288,12 +294,7 @@ def main() -> None:
             ap.error(f"unknown nanoswarm route {name!r}")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="nanoswarm-floor-") as tmp:
-        model_dir = args.model or make_random_model_dir((args.work_dir or Path(tmp)) / args.shape, SHAPES[args.shape])
-        manifest = read_manifest(model_dir)
-        config = manifest.config
-        embed, head = load_embeddings(model_dir, manifest), load_head(model_dir, manifest)
-        ids = torch.randint(0, config.vocab_size, (args.prompt_len + args.tokens,),
-                            generator=torch.Generator().manual_seed(0)).tolist()
+        model_dir, config, embed, head, ids = client_parts(args, Path(tmp))
         print(f"{config.n_layer} blocks, {config.n_embd} wide; {args.stages} stages, "
               f"{args.threads} torch threads per process, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
         routes = {"one process": LocalRoute(model_dir)}
@@ -308,6 +309,17 @@ def main() -> None:
         finally:
             close_routes(routes)
     print_results(results, args.prompt_len)
+
+
+def client_parts(args, tmp: Path) -> tuple:
+    """The model dir (`--model`, or random weights of `--shape` under `--work-dir` or `tmp`), its
+    config, the client's embeddings and head, and the token ids every route is fed."""
+    model_dir = args.model or make_random_model_dir((args.work_dir or tmp) / args.shape, SHAPES[args.shape])
+    manifest = read_manifest(model_dir)
+    config = manifest.config
+    ids = torch.randint(0, config.vocab_size, (args.prompt_len + args.tokens,),
+                        generator=torch.Generator().manual_seed(0)).tolist()
+    return model_dir, config, load_embeddings(model_dir, manifest), load_head(model_dir, manifest), ids
 
 
 def close_routes(routes: dict) -> None:

@@ -42,18 +42,20 @@ from bench_floor import (  # noqa: E402
     BareSwarm,
     LocalRoute,
     NanoswarmRoute,
+    bare_requests,
+    client_parts,
     close_routes,
     print_results,
     rotate,
 )
 
-from nanoswarm.bench.models import SHAPES, make_random_model_dir  # noqa: E402
+from nanoswarm.bench.models import SHAPES  # noqa: E402
 from nanoswarm.client.session import InferenceSession  # noqa: E402
 from nanoswarm.client.swarm import Swarm, SwarmOptions  # noqa: E402
 from nanoswarm.node.affinity import float_io_threads  # noqa: E402
 from nanoswarm.node.cluster import LocalCluster, NodeSpec  # noqa: E402
 from nanoswarm.shards.manifest import read_manifest  # noqa: E402
-from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head  # noqa: E402
+from nanoswarm.shards.weights import load_blocks  # noqa: E402
 
 # positions in this step; the length of a new cache, or 0; block (fan-out) or -1; phase 0 attn, 1 mlp
 HEADER = struct.Struct("<iiii")
@@ -83,15 +85,7 @@ def member_main(model_dir: str, heads: tuple[int, int], index: int, mode: str, r
     # the step, it left every member waiting). No member is more than a phase ahead of another.
     early: dict[tuple[int, int], zmq.Frame] = {}
     with torch.inference_mode():
-        while True:
-            if not inbox.poll(1000):
-                if os.getppid() != parent:
-                    break
-                continue
-            frames = inbox.recv_multipart(copy=False)
-            if len(frames) != 3:  # the client's stop message
-                break
-            peer, header, data = frames
+        for peer, header, data in bare_requests(inbox, parent):
             n, fresh, block, phase = HEADER.unpack(header.bytes)
             if fresh:
                 cache = blocks.new_cache(fresh)
@@ -217,14 +211,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="nanoswarm-heads-floor-") as tmp:
-        model_dir = args.model or make_random_model_dir((args.work_dir or Path(tmp)) / args.shape, SHAPES[args.shape])
-        manifest = read_manifest(model_dir)
-        config = manifest.config
+        model_dir, config, embed, head, ids = client_parts(args, Path(tmp))
         if not 2 <= args.members <= config.n_head:
             ap.error(f"--members must be from 2 to {config.n_head}")
-        embed, head = load_embeddings(model_dir, manifest), load_head(model_dir, manifest)
-        ids = torch.randint(0, config.vocab_size, (args.prompt_len + args.tokens,),
-                            generator=torch.Generator().manual_seed(0)).tolist()
         print(f"{config.n_layer} blocks, {config.n_embd} wide, {config.n_head} heads; {args.members} members "
               f"of 1 torch thread; {args.threads} in the one process")
         routes = {"one process": LocalRoute(model_dir)}
