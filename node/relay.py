@@ -52,8 +52,8 @@ MAX_REMEMBERED = 4096  # relayed steps whose bounced errors can still be routed 
 # relay_failed for every step since its handshake, long-answered ones too).
 DROP_WINDOW = 1.0
 REFUSED_WARN_SECONDS = 3600.0  # how often a node names again a next hop that refuses its handshake
-# A link whose handshake has not succeeded this long after it was made, with steps waiting on it:
-# the next hop is unreachable from here at that address (a record's address behind NAT, a
+# A link on which a step has waited this long with no handshake ever succeeding: the next hop is
+# unreachable from here at that address (a record's address behind NAT, a
 # firewall), while the client reaches it. ZeroMQ waits for it without a word, and each session's
 # client waited two step timeouts (RELAY_STALLS) before going stage by stage (review114). Its
 # steps are answered relay_failed, and further steps to it at once, until a handshake succeeds.
