@@ -225,6 +225,11 @@ class PeerTable:
         in_a_row = old is not None and now < old.until + self._ban_length(old.strikes)
         strikes = old.strikes + 1 if in_a_row else 1
         seconds = self._ban_length(strikes)
+        if code == "leaving" and in_a_row:
+            # A peer that said it leaves did nothing wrong: no strike more (review117: a node
+            # restarted gracefully now and then was banned 240 s and sat idle once back). Its
+            # strikes and ban for faults stay.
+            strikes, seconds = old.strikes, max(self.options.ban_seconds, old.until - now)
         self.bans[address] = Ban(now + seconds, strikes, why, code)
         log.info("banned %s for %.0fs: %s", address, seconds, why)
         self._close_link(address)  # a fresh socket later: no stale replies, no queued requests
@@ -245,14 +250,33 @@ class PeerTable:
         answered since (`Ban.back`), of those that serve some of the `uncovered` blocks. They keep
         their strikes, so failing again soon bans them longer. False if there are none."""
         now, wanted = time.monotonic(), set(uncovered)
-        back = [a for a, b in self.bans.items() if b.back and b.until > now and a in self.peers
-                and wanted.intersection(range(*self.peers[a].layers))]
+        serving = [a for a, b in self.bans.items() if b.code in GONE_CODES and b.until > now and a in self.peers
+                   and wanted.intersection(range(*self.peers[a].layers))]
+        if self.bootstraps:  # a refresh read the bootstraps' records, which say nothing of `back`
+            self._ask_banned([a for a in serving if not self.bans[a].back])
+        back = [a for a in serving if self.bans[a].back]
         for address in back:
             self.bans[address].until = now
         if back:
             log.warning("no route without them: using again %d banned peer%s that answered since (%s)", len(back),
                         "" if len(back) == 1 else "s", ", ".join(a[:40] for a in back))
         return bool(back)
+
+    def _ask_banned(self, addresses: list[str]) -> None:
+        """Ask banned peers for `info` themselves, within a second: those that answer, not
+        leaving, are `back` (a bootstrap client's peer restarted at its address stayed banned
+        while no route was left: review117, every generation failing for 17 s)."""
+        conns: dict[str, PeerConnection] = {}
+        for address in addresses:
+            try:
+                conns[address] = self.connection(address)
+            except PeerError:
+                continue
+        for address, reply in ask_info(conns, min(1.0, self.options.timeout)).items():
+            if not isinstance(reply, PeerError):
+                self._answered(address, reply.fields)
+            elif not self._link_in_use(address):
+                self._close_link(address)  # (a fresh one if asked again)
 
     def forget(self, address: str, why: str) -> None:
         """Stop using `address` (not a ban: it did nothing wrong we know of) and close our link."""

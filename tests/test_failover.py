@@ -1735,6 +1735,40 @@ def test_a_banned_peer_back_at_its_contact_is_used_when_no_route_is_left(tiny_mo
         model.close()
 
 
+def test_a_bootstrap_clients_banned_peer_that_answers_is_used_when_no_route_is_left(tiny_model_dir, cluster_factory):
+    """A bootstrap client's refresh reads the bootstraps' records, which say nothing of whether a
+    banned peer is back: one restarted at its address stayed banned while no route was left, and
+    every generation failed (review117: 17 s of them). With no route left, the banned peers of
+    the missing blocks are asked themselves; one that answers, not leaving, is used again."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    a, b = nodes.addresses
+    want = SwarmModel.local(tiny_model_dir).generate(PROMPT, 4, SEEDED).ids
+    model = SwarmModel.connect(tiny_model_dir, bootstrap=[a], options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        model.swarm.ban(b, "disconnected: a test", "disconnected")  # as if it had gone and come back
+        model.swarm._refreshed = -1e9
+        assert model.generate(PROMPT, 4, SEEDED).ids == want
+        assert model.swarm.bans[b].until <= time.monotonic() and model.swarm.bans[b].back
+    finally:
+        model.close()
+
+
+def test_a_peer_that_leaves_again_and_again_gets_no_strike_for_it():
+    """A graceful leave is no fault: a peer banned for leaving keeps the strikes it had and its
+    ban grows no longer (review117: a node restarted gracefully three times sat banned 240 s)."""
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("model", 4, 4, options=SwarmOptions(ban_seconds=10))
+    for _ in range(3):
+        swarm.ban("tcp://127.0.0.1:9#x", "leaving: announced", "leaving")
+    ban = swarm.bans["tcp://127.0.0.1:9#x"]
+    assert ban.strikes == 1 and 9 < ban.until - time.monotonic() <= 10
+    swarm.ban("tcp://127.0.0.1:9#x", "timeout: 1", "timeout")  # a fault still counts
+    swarm.ban("tcp://127.0.0.1:9#x", "leaving: announced", "leaving")  # and its ban stays
+    ban = swarm.bans["tcp://127.0.0.1:9#x"]
+    assert ban.strikes == 2 and 19 < ban.until - time.monotonic() <= 20
+
+
 def test_a_peers_strikes_run_out(tiny_model_dir):
     """A ban doubles for each fault in a row (while banned, or within the last ban's length after
     it ended); a fault later starts over at the first ban's length (review112: strikes never ran
