@@ -6,6 +6,7 @@ import ipaddress
 
 import zmq
 
+from nanoswarm.keys.contact import host_and_port
 from nanoswarm.protocol.errors import shown
 
 
@@ -59,7 +60,7 @@ def unreachable_why(endpoint: str, timed_out: float | None = None) -> str:
     if timed_out is not None:
         return (f"no answer to the connect within {timed_out:g}s: the address drops packets "
                 "(a firewall, a wrong --advertise, or a machine that left the network)")
-    host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    host = host_and_port(endpoint)[0]
     try:
         ipaddress.ip_address(host)
     except ValueError:

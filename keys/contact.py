@@ -62,13 +62,18 @@ def same_endpoint(given: str, other: str) -> bool:
     from the user) in another form: the same port, and an IP that `given`'s host resolves to
     (`localhost` for 127.0.0.1, a host name for its IP). A host name in `other` is never looked
     up: a peer's words must not make this machine ask DNS for names it chose."""
-    host, _, port = given.removeprefix("tcp://").rpartition(":")
-    other_host, _, other_port = other.removeprefix("tcp://").rpartition(":")
+    (host, port), (other_host, other_port) = host_and_port(given), host_and_port(other)
     try:
-        ip = ipaddress.ip_address(other_host.removeprefix("[").removesuffix("]"))
+        ip = ipaddress.ip_address(other_host)
     except ValueError:
         return False
-    return port == other_port and ip in _addresses_of(host.removeprefix("[").removesuffix("]"))
+    return port == other_port and ip in _addresses_of(host)
+
+
+def host_and_port(endpoint: str) -> tuple[str, str]:
+    """'tcp://[::1]:5555' -> ('::1', '5555'): the host without an IPv6 address's brackets."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), port
 
 
 @functools.lru_cache(maxsize=64)
