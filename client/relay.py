@@ -15,6 +15,7 @@ finishes it one stage at a time, and the stages, which may hold the position alr
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -161,6 +162,10 @@ UNPIN_SECONDS = 1.0  # for dropping the pins when a session stops relaying
 # the session: one is a stall (a loaded machine), two a hop that does not pass steps on, or a
 # chain too slow for one timeout.
 RELAY_STALLS = 2
+# A hop that did not know the next (not_served) is asked to relay again after this, doubled at each
+# refusal up to RELAY_AGAIN_MAX_SECONDS: a refusal costs one round trip, made before any compute.
+RELAY_AGAIN_SECONDS = 2.0
+RELAY_AGAIN_MAX_SECONDS = 120.0
 
 
 class SessionRelay:
@@ -173,6 +178,7 @@ class SessionRelay:
         self.on = on  # off for good once PIN_TRIES rounds of pinning in a row failed
         self.timeout = timeout
         self.no_relay: set = set()  # stages whose node would not relay to the next
+        self._again: dict = {}  # stage -> (when it is asked to relay again, refusals so far): `refused`
         self._chains: dict[tuple, Chain] = {}  # by their stages
         self._pinned: tuple | None = None  # the route (stages, sessions, no_relay) last pinned
         self._failures = 0  # rounds of pinning in a row that failed
@@ -181,10 +187,24 @@ class SessionRelay:
 
     def new_step(self) -> None:
         self._failed_this_step = False  # pinning is tried at most once a step
+        now = time.monotonic()
+        for stage, (when, refusals) in self._again.items():
+            if when <= now:
+                self.no_relay.discard(stage)
+                self._again[stage] = (math.inf, refusals)  # once a refusal; kept for the next one's wait
 
-    def refused(self, stage: object) -> None:
-        """`stage`'s node would not relay to the next (not_served, relay_failed): not asked again."""
+    def refused(self, stage: object, code: str = "") -> None:
+        """`stage`'s node would not relay to the next (not_served, relay_failed): not asked again,
+        but for `not_served`, the node not knowing the next hop: that one is asked again
+        RELAY_AGAIN_SECONDS on, doubled at each refusal, since the client has it told of the
+        others meanwhile (Swarm.introduce_soon; a node restarted without a bootstrap knows no one)."""
         self.no_relay.add(stage)
+        if code != "not_served":
+            self._again.pop(stage, None)
+        else:
+            refusals = self._again.get(stage, (0.0, 0))[1] + 1
+            wait = min(RELAY_AGAIN_SECONDS * 2 ** (refusals - 1), RELAY_AGAIN_MAX_SECONDS)
+            self._again[stage] = (time.monotonic() + wait, refusals)
 
     def retry_before(self, stages: list, i: int) -> None:
         """Stage i is new (replaced, or a reopened session): the hop before may have refused to

@@ -275,15 +275,18 @@ class InferenceSession(SpotChecks):
 
     def _chain_broken(self, chain: Chain, error: PeerError, hidden: torch.Tensor) -> None:
         """A relayed step did not come back; its stages will be asked one by one. A node that will
-        not relay is not asked again (not_served: it does not know the next hop; relay_failed: it
-        could not reach it). A dropped stage is replaced now (its drop was seen once, while
-        waiting for the chain); after a timeout, the stage that does not answer `info` is
-        (stalled_stage). Where every hop answers (RELAY_STALLS steps in a row), or the step came
-        back malformed (a hop passed on garbage), the chain stops relaying (`_stop_relaying`).
+        not relay is not asked again (relay_failed: it could not reach the next hop), or not for a
+        while (not_served: it does not know the next hop, and is told of it: introduce_soon). A
+        dropped stage is replaced now (its drop was seen once, while waiting for the chain); after
+        a timeout, the stage that does not answer `info` is (stalled_stage). Where every hop answers
+        (RELAY_STALLS steps in a row), or the step came back malformed (a hop passed on garbage), the
+        chain stops relaying (`_stop_relaying`).
         Other errors show again when the stage is asked alone, and are handled there."""
         by = next((s for s in chain.stages if error.address in s.peers), None)
         if error.code in ("relay_failed", "not_served") and by is not None:
-            self.relaying.refused(by)
+            self.relaying.refused(by, error.code)
+            if error.code == "not_served":
+                self.swarm.introduce_soon()  # asked to relay again later, once told of the next
         elif error.code == "disconnected" and by is not None:
             self._replace(self.stages.index(by), error)
         elif error.code == "timeout":

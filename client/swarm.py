@@ -14,6 +14,7 @@ import zmq
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import check_endpoint
 
+from .background import BackgroundFetch
 from .options import SwarmOptions as SwarmOptions  # applications import it from here
 from .peer_errors import PeerError
 from .peer_table import PeerTable
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 5.0  # the most time between two reads of every connection's events (Swarm.drain_events)
 EARLY_SETTLE_SECONDS = 2.0  # the most a failed route's open waits for its unclaimed early opens' answers
+INTRODUCE_SECONDS = 5.0  # the least time between two introductions asked for by hops that knew no next (introduce_soon)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Swarm(PeerTable):
     _drained: float = -DRAIN_SECONDS
     checker: SpotChecker | None = None  # set by SwarmModel.connect when options.verify > 0
     _abandoned: deque[list[Stage]] = field(default_factory=deque)  # stages of sessions dropped unclosed
+    _introduced: float = -INTRODUCE_SECONDS  # when introduce_soon last started a background read
 
     def held(self, address: str) -> int:
         conn = self._conns.get(address)
@@ -168,6 +171,24 @@ class Swarm(PeerTable):
         peer = plan.peers[0]
         return RemoteLayerStage(self.connection(peer.address), plan.start, plan.stop, self.model_id,
                                 self.options.wire, self.options.timeout, peer.relay_name)
+
+    def introduce_soon(self) -> bool:
+        """A hop refused to relay to the next (`not_served`): it does not know it. A node that
+        restarted without a bootstrap knows no one, and was told of the others only at the
+        contacts' next background read, up to TABLE_SECONDS on; the sessions opened meanwhile went
+        stage by stage at that hop. The read starts now (client/background.py), telling the
+        `--peers` contacts of each other (client/introduce.py), at most once every
+        INTRODUCE_SECONDS; its `info` replies are taken in at a later open, as refresh_stale's.
+        False where it did not start: nothing to introduce, or too soon."""
+        now = time.monotonic()
+        fetch = self._fetching
+        if (not self.introduces or not self.contacts or self.closed or now - self._introduced < INTRODUCE_SECONDS
+                or fetch is not None and not fetch.done.is_set()):
+            return False
+        self._introduced = now
+        self._fetching = BackgroundFetch(self, min(5.0, self.options.timeout))
+        log.info("a hop did not know the next: telling the %d contacts of each other again", len(self.contacts))
+        return True
 
     def close(self) -> None:
         self.closed = True

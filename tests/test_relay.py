@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import time
+import types
 
 import pytest
 import torch
@@ -148,10 +149,11 @@ def test_frozen_middle_hop_is_found_and_replaced(small12_model_dir, cluster_fact
     assert time.monotonic() - t0 < 4 * TIMEOUT + 20  # one timeout and a short probe, not one per stage
 
 
-def test_nodes_relay_only_to_peers_they_know(small12_model_dir, cluster_factory, expected):
+def test_nodes_relay_only_to_peers_they_know(small12_model_dir, cluster_factory, expected, monkeypatch):
     """Nodes started without introductions know no one, and a client that does not tell them of
     each other (SwarmOptions.introduce off): the first hop refuses to relay (not_served), the
-    client asks it no more and goes stage by stage, with the same tokens."""
+    client asks it no more (for RELAY_AGAIN_SECONDS) and goes stage by stage, with the same tokens."""
+    monkeypatch.setattr(relay_module, "RELAY_AGAIN_SECONDS", 3600.0)  # not within a slow generation
     swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 6)), NodeSpec((6, 12))], bootstrap=False)
     model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses, options=SwarmOptions(introduce=False))
     try:
@@ -395,6 +397,62 @@ def test_a_contact_that_came_up_later_is_introduced_by_the_background_read(tiny_
         assert info["stats"]["relayed"] >= 4 and "not_served" not in info["errors"]
     finally:
         model.close()
+
+
+def test_a_hop_restarted_knowing_no_one_is_told_of_the_next_and_relays_again(tiny_model_dir, cluster_factory,
+                                                                             monkeypatch):
+    """A `--peers` client's first node, restarted without a bootstrap at its address and key,
+    knows no one and refuses the session's first relayed step (not_served). The client tells the
+    contacts of each other again at once (Swarm.introduce_soon) and asks that hop to relay again
+    later (RELAY_AGAIN_SECONDS): the session relays again, exact. Before, the session went stage
+    by stage for good, and the node learnt of the others only at the contacts' next background
+    read, a minute on."""
+    monkeypatch.setattr(relay_module, "RELAY_AGAIN_SECONDS", 0.0)  # at the next step, once told
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))], bootstrap=False)
+    a, c = nodes.addresses
+    ids = torch.randint(0, 50257, (8,), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0]
+    model = SwarmModel.connect(tiny_model_dir, peers=[a, c], options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        first = nodes.nodes[0]
+        nodes.kill(0)
+        first.proc.wait(10)
+        nodes.start_node(NodeSpec((0, 2), args=["--listen", split_contact(a)[0], "--key-file", str(first.key_file)]))
+        session = model.session(len(ids))
+        got = [model.client.logits(session.step(model.client.embed([int(ids[0])], 0)))]
+        assert stats(model, a)["relayed"] == 0 and session.relaying.no_relay  # refused: it knows no one
+        fetch = model.swarm._fetching
+        assert fetch is not None and fetch.done.wait(10)  # the contacts told of each other again
+        got += [model.client.logits(session.step(model.client.embed([int(ids[t])], t))) for t in range(1, len(ids))]
+        assert (torch.stack([g.reshape(-1) for g in got]) - want).abs().max().item() <= 1e-5
+        info = model.swarm.connection(a).request("info").fields
+        assert info["stats"]["relayed"] == len(ids) - 1 and info["errors"] == {"not_served": 1}
+    finally:
+        model.close()
+
+
+def test_a_hop_that_did_not_know_the_next_is_asked_again_later_and_one_that_failed_is_not(monkeypatch):
+    """not_served (the hop does not know the next, and is told of it) is asked again after
+    RELAY_AGAIN_SECONDS, twice that after a second refusal; relay_failed (the hop could not reach
+    the next) and a chain stopped for good are not asked again in the session."""
+    clock = [100.0]
+    monkeypatch.setattr(relay_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    relaying, a, b = relay_module.SessionRelay(True, 1.0), object(), object()
+    wait = relay_module.RELAY_AGAIN_SECONDS
+
+    def after(seconds: float) -> set:
+        clock[0] += seconds
+        relaying.new_step()
+        return relaying.no_relay
+
+    relaying.refused(a, "not_served")
+    relaying.refused(b, "relay_failed")
+    assert after(wait - 0.1) == {a, b} and after(0.2) == {b}
+    relaying.refused(a, "not_served")  # refused again: twice the wait
+    assert after(2 * wait - 0.1) == {a, b} and after(0.2) == {b}
+    relaying.refused(a)  # a chain stopped (_stop_relaying)
+    assert after(1000.0) == {a, b}
 
 
 def test_a_hop_that_would_not_relay_to_a_replaced_stage_is_asked_again(tiny_model_dir, cluster_factory):
