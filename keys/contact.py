@@ -13,9 +13,9 @@ prints one per node; `--peers` and `--bootstrap` take them.
 from __future__ import annotations
 
 import binascii
-import functools
 import ipaddress
 import socket
+import time
 
 import zmq
 from zmq.utils import z85
@@ -76,15 +76,29 @@ def host_and_port(endpoint: str) -> tuple[str, str]:
     return host.removeprefix("[").removesuffix("]"), port
 
 
-@functools.lru_cache(maxsize=64)
+# A host's lookup is used for this long (a failed one for LOOKUP_FAILED_SECONDS): a name that
+# moved to another IP, or that did not resolve while DNS was down, was held for the process's life.
+LOOKUP_SECONDS = 300.0
+LOOKUP_FAILED_SECONDS = 30.0
+_lookups: dict[str, tuple[float, frozenset]] = {}  # host -> (when it is looked up again, its IPs)
+
+
 def _addresses_of(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The IPs `host` resolves to (none if it does not): asked once a process, for hosts the
-    user gave."""
+    """The IPs `host` resolves to (none if it does not), for hosts the user gave: looked up again
+    LOOKUP_SECONDS on (LOOKUP_FAILED_SECONDS after a failure), at most 64 kept."""
+    now = time.monotonic()
+    known = _lookups.get(host)
+    if known is not None and now < known[0]:
+        return known[1]
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        return frozenset(ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos)
+        ips = frozenset(ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos)
     except (OSError, UnicodeError, ValueError):
-        return frozenset()
+        ips = frozenset()
+    if len(_lookups) >= 64:
+        _lookups.clear()
+    _lookups[host] = (now + (LOOKUP_SECONDS if ips else LOOKUP_FAILED_SECONDS), ips)
+    return ips
 
 
 def allow_ipv6(sock: zmq.Socket, endpoint: str) -> None:

@@ -942,3 +942,38 @@ def test_a_record_offered_again_is_counted_not_logged(alice: Identity, caplog) -
     with caplog.at_level("DEBUG", logger="nanoswarm.keys.table"):
         assert [table.offer(wire) for _ in range(3)] == ["stale_seq"] * 3
     assert table.rejected["stale_seq"] == 3 and not caplog.records
+
+
+def test_a_given_hosts_lookup_is_made_again_after_a_while(monkeypatch):
+    """same_endpoint looks a given host up (keys/contact.py): once for LOOKUP_SECONDS, a failed
+    lookup for LOOKUP_FAILED_SECONDS. Before, a host that did not resolve once (DNS down) or that
+    moved to another IP was held as it was for the process's life."""
+    import socket
+    import types
+
+    from nanoswarm.keys import contact
+
+    clock, answers, asked = [1000.0], {"example.test": []}, []
+
+    def lookup(host, port, type=0):
+        asked.append(host)
+        if not answers[host]:
+            raise socket.gaierror("no such host")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 0)) for ip in answers[host]]
+
+    monkeypatch.setattr(contact, "socket", types.SimpleNamespace(getaddrinfo=lookup, SOCK_STREAM=socket.SOCK_STREAM))
+    monkeypatch.setattr(contact, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(contact, "_lookups", {})
+    given, record = "tcp://example.test:7000", "tcp://10.1.2.3:7000"
+
+    def after(seconds: float) -> bool:
+        clock[0] += seconds
+        return contact.same_endpoint(given, record)
+
+    assert not after(0) and asked == ["example.test"]  # DNS down
+    answers["example.test"] = ["10.1.2.3"]
+    assert not after(contact.LOOKUP_FAILED_SECONDS - 1) and len(asked) == 1  # held a while
+    assert after(2) and len(asked) == 2
+    answers["example.test"] = ["10.9.9.9"]  # the name moved
+    assert after(contact.LOOKUP_SECONDS - 1) and len(asked) == 2
+    assert not after(2) and len(asked) == 3
