@@ -41,7 +41,8 @@ def next_request_id() -> int:
 
 
 def _open_key(fields: dict[str, Any]) -> tuple:
-    return fields.get("model_id"), fields.get("max_length"), tuple(fields.get("layers") or ())
+    return (fields.get("model_id"), fields.get("max_length"), tuple(fields.get("layers") or ()),
+            tuple(fields.get("heads") or ()))
 
 
 class LinkSessions:

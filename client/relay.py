@@ -163,7 +163,8 @@ UNPIN_SECONDS = 1.0  # for dropping the pins when a session stops relaying
 # chain too slow for one timeout.
 RELAY_STALLS = 2
 # A hop that did not know the next (not_served) is asked to relay again after this, doubled at each
-# refusal up to RELAY_AGAIN_MAX_SECONDS: a refusal costs one round trip, made before any compute.
+# refusal up to RELAY_AGAIN_MAX_SECONDS: a refusal costs a round trip, the compute of the hops before
+# it (redone stage by stage) and a pin round (review119: 7 refusals in a 127-token session).
 RELAY_AGAIN_SECONDS = 2.0
 RELAY_AGAIN_MAX_SECONDS = 120.0
 

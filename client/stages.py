@@ -20,9 +20,13 @@ from .transport import MAX_FRAME_BYTES, PeerConnection
 if TYPE_CHECKING:
     from .verify import FanOutRecord
 
-def open_fields(model_id: str, max_length: int, start: int, stop: int) -> dict:
-    """An `open` request's fields for blocks [start, stop) (Swarm.open_ahead sends the same)."""
-    return {"model_id": model_id, "max_length": max_length, "layers": [start, stop]}
+def open_fields(model_id: str, max_length: int, start: int, stop: int, heads: tuple[int, int] | None = None) -> dict:
+    """An `open` request's fields for blocks [start, stop), and for a head group's member the
+    heads it is summed for, which the node checks (Swarm.open_ahead sends the same)."""
+    fields = {"model_id": model_id, "max_length": max_length, "layers": [start, stop]}
+    if heads is not None:
+        fields["heads"] = list(heads)
+    return fields
 
 
 BUSY_RETRIES = 3  # a `busy` step is retried on the same peer this often (0.1, 0.2, 0.4 s) before failover
@@ -285,8 +289,8 @@ class HeadGroupStage(Stage):
     def _open(self, max_length: int) -> None:
         self.sessions, self.limits = [], []
         sent = []
-        for conn, _ in self.members:
-            reply = conn.open_session(open_fields(self.model_id, max_length, self.start, self.stop),
+        for conn, heads in self.members:
+            reply = conn.open_session(open_fields(self.model_id, max_length, self.start, self.stop, heads),
                                       timeout=self.timeout)
             self.sessions.append(reply.fields["session"])
             self.limits.append(reply.fields)

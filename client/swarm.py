@@ -138,8 +138,10 @@ class Swarm(PeerTable):
         is left to the stage's own open."""
         wanted: dict[str, list[dict]] = {}
         for plan in plans:
-            for p in plan.peers:
-                wanted.setdefault(p.address, []).append(open_fields(self.model_id, max_length, plan.start, plan.stop))
+            for k, p in enumerate(plan.peers):
+                heads = plan.heads[k] if plan.heads is not None else None
+                wanted.setdefault(p.address, []).append(open_fields(self.model_id, max_length, plan.start, plan.stop,
+                                                                    heads))
         for address in [*wanted, *(a for a in self._conns if a not in wanted)]:
             try:
                 conn = self.connection(address)

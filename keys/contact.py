@@ -84,8 +84,9 @@ _lookups: dict[str, tuple[float, frozenset]] = {}  # host -> (when it is looked 
 
 
 def _addresses_of(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The IPs `host` resolves to (none if it does not), for hosts the user gave: looked up again
-    LOOKUP_SECONDS on (LOOKUP_FAILED_SECONDS after a failure), at most 64 kept."""
+    """The IPs `host` resolves to (none if it never did), for hosts the user gave: looked up again
+    LOOKUP_SECONDS on (LOOKUP_FAILED_SECONDS after a failure, the last answer kept meanwhile), at
+    most 64 kept."""
     now = time.monotonic()
     known = _lookups.get(host)
     if known is not None and now < known[0]:
@@ -94,10 +95,15 @@ def _addresses_of(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         ips = frozenset(ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos)
     except (OSError, UnicodeError, ValueError):
-        ips = frozenset()
+        # DNS down: the last answer holds until a lookup works (review119: an empty one made
+        # every hop named so go stage by stage while DNS was down).
+        ips = known[1] if known is not None else frozenset()
+        good = False
+    else:
+        good = bool(ips)
     if len(_lookups) >= 64:
         _lookups.clear()
-    _lookups[host] = (now + (LOOKUP_SECONDS if ips else LOOKUP_FAILED_SECONDS), ips)
+    _lookups[host] = (now + (LOOKUP_SECONDS if good else LOOKUP_FAILED_SECONDS), ips)
     return ips
 
 

@@ -310,11 +310,26 @@ class RequestHandler:
                                 f"{self.blocks.start}:{self.blocks.stop}")
         return a, b
 
+    def _check_heads(self, msg: Message) -> None:
+        """A head group's member is opened for the heads the client will sum it for: a node that
+        serves others (restarted at the same address and key with other `--heads`, or as whole
+        blocks) refuses, or the client summed its partials as the old heads' and every output
+        was wrong until its table was read again (review118: ~55 s). An open without `heads` (a
+        layer stage's, or a client of an earlier version) is not checked."""
+        if msg.get("heads") is None:
+            return
+        h = parse_range(msg.fields["heads"], self.config.n_head, "heads")
+        served = tuple(self.blocks.heads)  # all of them on a whole-block node
+        if h != served:
+            raise ProtocolError(ErrorCode.NOT_SERVED, f"heads {h[0]}:{h[1]} are not the served "
+                                f"{served[0]}:{served[1]}")
+
     def _open(self, peer: bytes, msg: Message) -> list:
         if self.leaving:
             raise ProtocolError(ErrorCode.LEAVING, "node is leaving the swarm")
         self._check_model(msg)
         a, b = self._layers(msg)
+        self._check_heads(msg)
         max_length = msg.fields["max_length"]
         if not 1 <= max_length <= self.steps.checks.max_length():
             raise ProtocolError(ErrorCode.TOO_LARGE,

@@ -55,7 +55,9 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "info": {},
     "forward": {"model_id": (_OPT_STR, False), "layers": (_OPT_LIST, False), "wire": (_OPT_STR, False)},
     "open": {"model_id": (_OPT_STR, False), "max_length": (_INT, True),
-             "layers": (_OPT_LIST, False)},
+             "layers": (_OPT_LIST, False),
+             # a head group's member: the heads the client sums it for (node/handler.py `_open`)
+             "heads": (_OPT_LIST, False)},
     "step": {"session": (_STR, True), "pos": (_INT, True),
              "phase": (_OPT_STR, False), "block": ((int, type(None)), False),
              "wire": (_OPT_STR, False),

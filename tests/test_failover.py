@@ -109,7 +109,7 @@ def step_past_a_killed_first_peer(model_dir, nodes: LocalCluster, model: SwarmMo
 
 
 def test_a_ban_doubles_with_every_strike_and_ends():
-    """A peer banned again stays out twice as long (client/peer_table.py `ban`), and comes back when
+    """A peer banned again stays out twice as long (client/bans.py `ban`), and comes back when
     its ban runs out."""
     from nanoswarm.client.swarm import Swarm
 

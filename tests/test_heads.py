@@ -11,6 +11,7 @@ from test_swarm import DECODE_STEPS, PROMPT_LEN, random_ids, reference_logits, s
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.peer_errors import PeerError
 from nanoswarm.client.route import PeerInfo, RouteError, build_route
 from nanoswarm.client.stages import HeadGroupStage
 from nanoswarm.client.transport import PeerConnection
@@ -288,3 +289,40 @@ def test_a_busy_head_group_member_is_asked_again_alone(tiny_model_dir):
             s.stop()
         for t in threads:
             t.join(5)
+
+
+def test_a_member_restarted_with_other_heads_is_not_summed_for_its_old_ones(tiny_model_dir, cluster_factory):
+    """A head group's member opens for the heads the client sums it for, and a node serving
+    others refuses (`not_served`). Review118: a member restarted at the same address and key
+    with `--heads 2:4` instead of 0:2 was still summed as 0:2 by a client whose table predated it
+    (heads 2:4 twice, 0:2 never): every output wrong, no failover, for ~55 s. Now the route goes
+    through the spare that serves 0:2, exact; and a whole-block node refuses a member's open."""
+    from nanoswarm.keys.contact import split_contact
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), (0, 2)), NodeSpec((0, 4), (2, 4)),
+                                             NodeSpec((0, 4), (0, 2)), NodeSpec((0, 4))], bootstrap=False)
+    a, b, spare, whole = nodes.addresses
+    model = SwarmModel.connect(tiny_model_dir, peers=[a, b, spare])
+    greedy = SamplingParams(temperature=0)
+    want = SwarmModel.local(tiny_model_dir).generate("Split heads", 8, greedy).ids
+    try:
+        model.swarm.timed[spare] = model.swarm.peers[spare].rtt = 1.0  # the route takes A while it can
+        assert model.generate("Split heads", 8, greedy).ids == want
+        first = nodes.nodes[0]
+        nodes.kill(0)
+        first.proc.wait(10)
+        nodes.start_node(NodeSpec((0, 4), (2, 4), args=["--listen", split_contact(a)[0],
+                                                        "--key-file", str(first.key_file)]))
+        result = model.generate("Split heads", 8, greedy)
+        assert result.ids == want
+        assert [s["peers"] for s in result.route] == [[spare, b]] and a in model.swarm.bans
+        conn = PeerConnection(whole, 10.0, server_key=split_contact(whole)[1])
+        try:
+            with pytest.raises(PeerError) as e:
+                conn.request("open", {"max_length": 8, "layers": [0, 4], "heads": [0, 2]})
+            assert e.value.code == "not_served" and "heads 0:2 are not the served 0:4" in e.value.message
+            assert conn.request("open", {"max_length": 8, "layers": [0, 4], "heads": [0, 4]}).type == "opened"
+        finally:
+            conn.close()
+    finally:
+        model.close()

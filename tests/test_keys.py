@@ -946,8 +946,9 @@ def test_a_record_offered_again_is_counted_not_logged(alice: Identity, caplog) -
 
 def test_a_given_hosts_lookup_is_made_again_after_a_while(monkeypatch):
     """same_endpoint looks a given host up (keys/contact.py): once for LOOKUP_SECONDS, a failed
-    lookup for LOOKUP_FAILED_SECONDS. Before, a host that did not resolve once (DNS down) or that
-    moved to another IP was held as it was for the process's life."""
+    lookup for LOOKUP_FAILED_SECONDS, keeping the last answer meanwhile. Before, a host that did
+    not resolve once (DNS down) or that moved to another IP was held as it was for the process's
+    life."""
     import socket
     import types
 
@@ -977,3 +978,8 @@ def test_a_given_hosts_lookup_is_made_again_after_a_while(monkeypatch):
     answers["example.test"] = ["10.9.9.9"]  # the name moved
     assert after(contact.LOOKUP_SECONDS - 1) and len(asked) == 2
     assert not after(2) and len(asked) == 3
+    answers["example.test"] = []  # DNS down again: the last answer holds (review119)
+    record = "tcp://10.9.9.9:7000"
+    assert after(contact.LOOKUP_SECONDS + 1) and len(asked) == 4
+    assert after(contact.LOOKUP_FAILED_SECONDS - 1) and len(asked) == 4
+    assert after(2) and len(asked) == 5  # asked again, still held
