@@ -191,13 +191,20 @@ class Failover:
         self.swarm.ban(e.address, f"{e.code}: {e.message}", e.code)
 
     def _refused_or_strike(self, e: PeerError, refused: dict[str, str]) -> None:
-        """A peer that cannot take this session now (CANNOT_TAKE: full, or too short) is left out
-        of this planning, with no ban and no failover counted: it is honest, and other sessions
-        may still use it. Anything else is a fault (_strike), announced as every failover is (a
+        """A peer that cannot take this session now (CANNOT_TAKE: full, or too short), or that
+        serves other blocks or heads than the table says (`not_served`: its `info` is read again),
+        is left out of this planning, with no ban and no failover counted: it is honest, and other
+        sessions may still use it. Anything else is a fault (_strike), announced as every failover is (a
         peer killed while the session opened was counted in `failovers` but never named)."""
         if e.code in CANNOT_TAKE and e.address not in refused:
             refused[e.address] = f"{e.code}: {e.message}"
             log.info("peer %s", e)
+        elif e.code == "not_served" and e.address not in refused:
+            # It serves other blocks or heads than the table says (it restarted with others): no
+            # fault of its own. What it serves now is asked, and used from the next plan on.
+            refused[e.address] = f"{e.code}: {e.message}"
+            log.info("peer %s", e)
+            self.swarm.reread(e.address)
         else:
             self._strike(e)
             # with why: the one line the user sees of a peer that cost the session's start its wait

@@ -121,6 +121,26 @@ class PeerTable(Bans):
                 self._answered(address, reply.fields)
         measure_round_trips(self, [a for a in conns if a in self.peers], min(timeout, PROBE_SECONDS))
 
+    def reread(self, address: str) -> None:
+        """`address` refused an open `not_served`: it does not serve the blocks or heads the table
+        says (restarted with others, or known from an old record). Its `info` is asked now, within
+        a second, and taken in, lifting a ban if its span changed (review120: such a member, struck
+        for it, stayed banned while it served those heads again, and every generation of the
+        client failed for 30 s)."""
+        try:
+            conn = self.connection(address)
+        except PeerError:
+            return
+        took: dict[str, float] = {}
+        reply = ask_info({address: conn}, min(1.0, self.options.timeout), took)[address]
+        if isinstance(reply, PeerError):
+            if not self._link_in_use(address):
+                self._close_link(address)  # (a fresh one if asked again)
+            return
+        before = self._spans()
+        self.add_info(address, reply.fields, self.rtt_of(address, took[address]), curve_key=split_contact(address)[1])
+        self._unban_moved(before)
+
     @property
     def introduces(self) -> bool:
         """Whether contacts are told of each other (client/introduce.py): only where steps may be

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from .verify import FanOutRecord
 
 def open_fields(model_id: str, max_length: int, start: int, stop: int, heads: tuple[int, int] | None = None) -> dict:
-    """An `open` request's fields for blocks [start, stop), and for a head group's member the
-    heads it is summed for, which the node checks (Swarm.open_ahead sends the same)."""
+    """An `open` request's fields for blocks [start, stop), and the heads the client takes from
+    that peer (a head group's member's, or all of them for whole blocks), which the node checks
+    (Swarm.open_ahead sends the same)."""
     fields = {"model_id": model_id, "max_length": max_length, "layers": [start, stop]}
     if heads is not None:
         fields["heads"] = list(heads)
@@ -199,8 +200,10 @@ class RemoteLayerStage(Stage):
     """One peer running whole blocks [start, stop) in a session on its side."""
 
     def __init__(self, conn: PeerConnection, start: int, stop: int, model_id: str,
-                 wire: str = "float32", timeout: float | None = None, relay_name: str | None = None):
+                 wire: str = "float32", timeout: float | None = None, relay_name: str | None = None,
+                 heads: tuple[int, int] | None = None):
         self.conn, self.start, self.stop = conn, start, stop
+        self.heads = heads  # all of the model's, named at open: a head shard at that address refuses it
         self.model_id, self.wire, self.timeout = model_id, wire, timeout
         # The contact relayed steps name this stage's peer by: the one its signed record names,
         # which the hop before knows it by (PeerInfo.relay_name); its link's address by default.
@@ -209,7 +212,7 @@ class RemoteLayerStage(Stage):
         self.pins: tuple | None = (None, None)  # its relayed steps' hops before and after (client/relay.py)
 
     def open(self, max_length: int) -> None:
-        reply = self.conn.open_session(open_fields(self.model_id, max_length, self.start, self.stop),
+        reply = self.conn.open_session(open_fields(self.model_id, max_length, self.start, self.stop, self.heads),
                                        timeout=self.timeout)
         self.session, self.pins, self.sent_at = reply.fields["session"], (None, None), self.conn.open_sent
         self.opened = reply.fields  # its limits: positions_per_request

@@ -139,7 +139,7 @@ class Swarm(PeerTable):
         wanted: dict[str, list[dict]] = {}
         for plan in plans:
             for k, p in enumerate(plan.peers):
-                heads = plan.heads[k] if plan.heads is not None else None
+                heads = plan.heads[k] if plan.heads is not None else (0, self.n_head)
                 wanted.setdefault(p.address, []).append(open_fields(self.model_id, max_length, plan.start, plan.stop,
                                                                     heads))
         for address in [*wanted, *(a for a in self._conns if a not in wanted)]:
@@ -172,7 +172,7 @@ class Swarm(PeerTable):
             return group
         peer = plan.peers[0]
         return RemoteLayerStage(self.connection(peer.address), plan.start, plan.stop, self.model_id,
-                                self.options.wire, self.options.timeout, peer.relay_name)
+                                self.options.wire, self.options.timeout, peer.relay_name, heads=(0, self.n_head))
 
     def introduce_soon(self) -> bool:
         """A hop refused to relay to the next (`not_served`): it does not know it. A node that

@@ -311,11 +311,12 @@ class RequestHandler:
         return a, b
 
     def _check_heads(self, msg: Message) -> None:
-        """A head group's member is opened for the heads the client will sum it for: a node that
-        serves others (restarted at the same address and key with other `--heads`, or as whole
-        blocks) refuses, or the client summed its partials as the old heads' and every output
-        was wrong until its table was read again (review118: ~55 s). An open without `heads` (a
-        layer stage's, or a client of an earlier version) is not checked."""
+        """A session is opened for the heads the client takes from this node (a head group's
+        member's, all of them for a layer stage): a node that serves others (restarted at the same
+        address and key with other `--heads`, or as whole blocks, or as a head shard) refuses.
+        Review118: a member restarted with other heads was summed for its old ones, every output
+        wrong until the client's table was read again (~55 s). An open without `heads` (a client
+        of an earlier version) is not checked."""
         if msg.get("heads") is None:
             return
         h = parse_range(msg.fields["heads"], self.config.n_head, "heads")

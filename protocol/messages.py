@@ -56,7 +56,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "forward": {"model_id": (_OPT_STR, False), "layers": (_OPT_LIST, False), "wire": (_OPT_STR, False)},
     "open": {"model_id": (_OPT_STR, False), "max_length": (_INT, True),
              "layers": (_OPT_LIST, False),
-             # a head group's member: the heads the client sums it for (node/handler.py `_open`)
+             # the heads the client takes from the node, all for a layer stage (handler `_check_heads`)
              "heads": (_OPT_LIST, False)},
     "step": {"session": (_STR, True), "pos": (_INT, True),
              "phase": (_OPT_STR, False), "block": ((int, type(None)), False),

@@ -315,7 +315,10 @@ def test_a_member_restarted_with_other_heads_is_not_summed_for_its_old_ones(tiny
                                                         "--key-file", str(first.key_file)]))
         result = model.generate("Split heads", 8, greedy)
         assert result.ids == want
-        assert [s["peers"] for s in result.route] == [[spare, b]] and a in model.swarm.bans
+        assert [s["peers"] for s in result.route] == [[spare, b]] and result.failovers == 0
+        # No fault of its own (review120: struck, it stayed banned while it served 0:2 again):
+        # what it serves now was read at the refusal.
+        assert a not in model.swarm.bans and model.swarm.peers[a].heads == (2, 4)
         conn = PeerConnection(whole, 10.0, server_key=split_contact(whole)[1])
         try:
             with pytest.raises(PeerError) as e:
@@ -324,5 +327,32 @@ def test_a_member_restarted_with_other_heads_is_not_summed_for_its_old_ones(tiny
             assert conn.request("open", {"max_length": 8, "layers": [0, 4], "heads": [0, 4]}).type == "opened"
         finally:
             conn.close()
+    finally:
+        model.close()
+
+
+def test_a_whole_block_node_restarted_as_a_head_shard_refuses_a_layer_stages_open(tiny_model_dir, cluster_factory):
+    """A layer stage's `open` names all heads: a node restarted at that address and key as a
+    head shard refuses it (`not_served`), and the client plans without it and reads what it serves
+    now, with no strike. Review120: opened without heads, it took the session, refused its first
+    step `malformed`, and was banned for it."""
+    from nanoswarm.keys.contact import split_contact
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4))], bootstrap=False)
+    a, spare = nodes.addresses
+    model = SwarmModel.connect(tiny_model_dir, peers=[a, spare])
+    greedy = SamplingParams(temperature=0)
+    want = SwarmModel.local(tiny_model_dir).generate("Split heads", 6, greedy).ids
+    try:
+        model.swarm.timed[spare] = model.swarm.peers[spare].rtt = 1.0  # the route takes A while it can
+        assert model.generate("Split heads", 6, greedy).ids == want
+        first = nodes.nodes[0]
+        nodes.kill(0)
+        first.proc.wait(10)
+        nodes.start_node(NodeSpec((0, 4), (0, 2), args=["--listen", split_contact(a)[0],
+                                                        "--key-file", str(first.key_file)]))
+        result = model.generate("Split heads", 6, greedy)
+        assert result.ids == want and [s["peers"] for s in result.route] == [[spare]] and result.failovers == 0
+        assert a not in model.swarm.bans and model.swarm.peers[a].heads == (0, 2)
     finally:
         model.close()
