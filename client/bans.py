@@ -98,14 +98,24 @@ class Bans:
         """Ask banned peers for `info` themselves, within a second: those that answer, not
         leaving, are `back` (a bootstrap client's peer restarted at its address stayed banned
         while no route was left: review117, every generation failing for 17 s)."""
+        for address, (info, _) in self._ask_now(addresses).items():
+            self._answered(address, info)
+
+    def _ask_now(self, addresses: list[str]) -> dict[str, tuple[dict, float]]:
+        """Ask `addresses` for `info` over the swarm's links, all at once within a second: the
+        `info` and the time it took of each that answered. The link of one that did not is
+        closed, unless sessions hold it (a fresh one if asked again)."""
         conns: dict[str, PeerConnection] = {}
         for address in addresses:
             try:
                 conns[address] = self.connection(address)
             except PeerError:
                 continue
-        for address, reply in ask_info(conns, min(1.0, self.options.timeout)).items():
+        took: dict[str, float] = {}
+        answered = {}
+        for address, reply in ask_info(conns, min(1.0, self.options.timeout), took).items():
             if not isinstance(reply, PeerError):
-                self._answered(address, reply.fields)
+                answered[address] = (reply.fields, took[address])
             elif not self._link_in_use(address):
-                self._close_link(address)  # (a fresh one if asked again)
+                self._close_link(address)
+        return answered

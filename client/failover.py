@@ -159,6 +159,8 @@ class Failover:
         if failed.code in CANNOT_TAKE and failed.address not in self._moved_unstruck:
             self._moved_unstruck.add(failed.address)
             return self._replace(i, failed, strike=False)
+        if self._moved(failed):
+            return self._replace(i, failed, strike=False)
         return self._replace(i, failed if failed.code == "wrong_result" else error)
 
     def _rebuild(self, plans: list[StagePlan],
@@ -191,25 +193,26 @@ class Failover:
         self.swarm.ban(e.address, f"{e.code}: {e.message}", e.code)
 
     def _refused_or_strike(self, e: PeerError, refused: dict[str, str]) -> None:
-        """A peer that cannot take this session now (CANNOT_TAKE: full, or too short), or that
-        serves other blocks or heads than the table says (`not_served`: its `info` is read again),
-        is left out of this planning, with no ban and no failover counted: it is honest, and other
-        sessions may still use it. Anything else is a fault (_strike), announced as every failover is (a
-        peer killed while the session opened was counted in `failovers` but never named)."""
-        if e.code in CANNOT_TAKE and e.address not in refused:
+        """A peer that cannot take this session now (CANNOT_TAKE: full, or too short), or that serves
+        other blocks or heads than the table said (`_moved`), is left out of this planning, with no ban
+        and no failover counted: it is honest, and other sessions may still use it. Anything else is a
+        fault (_strike), announced as every failover is (a peer killed while the session opened was
+        counted in `failovers` but never named)."""
+        if e.address not in refused and (e.code in CANNOT_TAKE or self._moved(e)):
             refused[e.address] = f"{e.code}: {e.message}"
             log.info("peer %s", e)
-        elif e.code == "not_served" and e.address not in refused:
-            # It serves other blocks or heads than the table says (it restarted with others): no
-            # fault of its own. What it serves now is asked, and used from the next plan on.
-            refused[e.address] = f"{e.code}: {e.message}"
-            log.info("peer %s", e)
-            self.swarm.reread(e.address)
         else:
             self._strike(e)
             # with why: the one line the user sees of a peer that cost the session's start its wait
             self._announce(f"failover: {e.address} {e.code} before it served this session a step ({e.message}); "
                            "planned without it")
+
+    def _moved(self, e: PeerError) -> bool:
+        """Whether `e`, an answer to an `open`, says only that the peer serves other blocks or
+        heads than the table said (`not_served`, and its `info` now says others: PeerTable.reread),
+        which is no fault of its own: it restarted with others (review120: struck, such a member
+        stayed banned while it served the wanted heads again)."""
+        return e.code == "not_served" and self.swarm.reread(e.address)
 
     def _announce(self, notice: str) -> None:
         if self.on_failover:  # the user's own notice (the CLI's stderr line): not logged twice
@@ -301,8 +304,8 @@ class Failover:
             stage = self.stages[k]
             failed = self._reopen(k, reclaimed=False)
             if failed is not None:  # its blocks to other peers, rebuilt from the same history
-                self._replace(self.stages.index(stage), failed, strike=failed.code not in CANNOT_TAKE,
-                              reopen_after=False)
+                self._replace(self.stages.index(stage), failed,
+                              strike=failed.code not in CANNOT_TAKE and not self._moved(failed), reopen_after=False)
             k = self._after(stage.stop)
 
     def _diverged(self, k: int, out: torch.Tensor | None) -> bool:

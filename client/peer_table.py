@@ -37,6 +37,7 @@ REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answer
 # one after another, all took the same peer among like ones. A tenth: they spread over like
 # peers, and a peer that others keep busy still loses to an idle one for a few of them.
 SESSION_LOAD = 0.1
+REREAD_SECONDS = 5.0  # the least time between two `reread`s of a peer
 
 
 def takes(peer: PeerInfo, max_length: int) -> bool:
@@ -74,6 +75,7 @@ class PeerTable(Bans):
     _refreshed: float = -REFRESH_SECONDS
     _asked: float = field(default_factory=time.monotonic)  # when a peer's info or record was last taken
     _fetching: BackgroundFetch | None = None  # the bootstraps' tables, read for refresh_stale
+    _reread: dict[str, float] = field(default_factory=dict)  # address -> when `reread` last asked it
     closed: bool = False  # by close(): no new link, so no session may step on (SwarmModel.close)
 
     # The Swarm's: links and the sessions held over them.
@@ -121,25 +123,31 @@ class PeerTable(Bans):
                 self._answered(address, reply.fields)
         measure_round_trips(self, [a for a in conns if a in self.peers], min(timeout, PROBE_SECONDS))
 
-    def reread(self, address: str) -> None:
-        """`address` refused an open `not_served`: it does not serve the blocks or heads the table
-        says (restarted with others, or known from an old record). Its `info` is asked now, within
-        a second, and taken in, lifting a ban if its span changed (review120: such a member, struck
-        for it, stayed banned while it served those heads again, and every generation of the
-        client failed for 30 s)."""
-        try:
-            conn = self.connection(address)
-        except PeerError:
-            return
-        took: dict[str, float] = {}
-        reply = ask_info({address: conn}, min(1.0, self.options.timeout), took)[address]
-        if isinstance(reply, PeerError):
-            if not self._link_in_use(address):
-                self._close_link(address)  # (a fresh one if asked again)
-            return
-        before = self._spans()
-        self.add_info(address, reply.fields, self.rtt_of(address, took[address]), curve_key=split_contact(address)[1])
-        self._unban_moved(before)
+    def reread(self, address: str) -> bool:
+        """`address` refused an open `not_served`: it may serve other blocks or heads than the
+        table says (restarted with others). Its `info` is asked now, within a second, and taken
+        in. True if it answered with another span (the refusal is explained: no fault, and a ban
+        of it is lifted); False if it did not answer, claims the same span, or was asked less
+        than REREAD_SECONDS ago: its `info` and its `open` disagree, a fault (review121: with no
+        strike, a peer refusing every open cost each session a round trip and this wait)."""
+        now = time.monotonic()
+        if now - self._reread.get(address, -REREAD_SECONDS) < REREAD_SECONDS:
+            return False
+        self._reread[address] = now
+        answered = self._ask_now([address]).get(address)
+        if answered is None:
+            return False
+        old = self.peers.get(address)
+        info, took = answered
+        self.add_info(address, info, self.rtt_of(address, took), curve_key=split_contact(address)[1])
+        new = self.peers.get(address)
+        if old is not None and new is not None and (old.layers, old.heads) == (new.layers, new.heads):
+            return False
+        self.bans.pop(address, None)
+        log.info("peer %s serves %s now, not what the table said", address,
+                 "another model" if new is None else f"layers {new.layers[0]}:{new.layers[1]}"
+                 + (f" heads {new.heads[0]}:{new.heads[1]}" if new.heads else ""))
+        return True
 
     @property
     def introduces(self) -> bool:

@@ -76,17 +76,19 @@ def host_and_port(endpoint: str) -> tuple[str, str]:
     return host.removeprefix("[").removesuffix("]"), port
 
 
-# A host's lookup is used for this long (a failed one for LOOKUP_FAILED_SECONDS): a name that
-# moved to another IP, or that did not resolve while DNS was down, was held for the process's life.
+# A host's lookup is used for this long: a name that moved to another IP, or that did not resolve
+# while DNS was down, was held for the process's life. A failed lookup keeps the last answer and is
+# made again LOOKUP_FAILED_SECONDS on, doubled at each failure up to LOOKUP_SECONDS: it runs on
+# the caller's thread, which a DNS that does not answer holds for its timeout (review121).
 LOOKUP_SECONDS = 300.0
 LOOKUP_FAILED_SECONDS = 30.0
-_lookups: dict[str, tuple[float, frozenset]] = {}  # host -> (when it is looked up again, its IPs)
+LOOKUPS_KEPT = 64
+_lookups: dict[str, tuple[float, frozenset, int]] = {}  # host -> (when looked up again, its IPs, failures in a row)
 
 
 def _addresses_of(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The IPs `host` resolves to (none if it never did), for hosts the user gave: looked up again
-    LOOKUP_SECONDS on (LOOKUP_FAILED_SECONDS after a failure, the last answer kept meanwhile), at
-    most 64 kept."""
+    """The IPs `host` resolves to (none if it never did), for hosts the user gave, looked up
+    again as above; at most LOOKUPS_KEPT hosts kept, the oldest given way."""
     now = time.monotonic()
     known = _lookups.get(host)
     if known is not None and now < known[0]:
@@ -95,15 +97,15 @@ def _addresses_of(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         ips = frozenset(ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos)
     except (OSError, UnicodeError, ValueError):
-        # DNS down: the last answer holds until a lookup works (review119: an empty one made
-        # every hop named so go stage by stage while DNS was down).
-        ips = known[1] if known is not None else frozenset()
-        good = False
-    else:
-        good = bool(ips)
-    if len(_lookups) >= 64:
-        _lookups.clear()
-    _lookups[host] = (now + (LOOKUP_SECONDS if good else LOOKUP_FAILED_SECONDS), ips)
+        ips = frozenset()
+    failures = 0 if ips else (known[2] + 1 if known is not None else 1)
+    if not ips and known is not None:
+        ips = known[1]  # DNS down: the last answer holds (review119: every hop named so went star)
+    wait = min(LOOKUP_FAILED_SECONDS * 2 ** (failures - 1), LOOKUP_SECONDS) if failures else LOOKUP_SECONDS
+    _lookups.pop(host, None)  # (re)inserted last: the oldest is first
+    if len(_lookups) >= LOOKUPS_KEPT:
+        del _lookups[next(iter(_lookups))]
+    _lookups[host] = (now + wait, ips, failures)
     return ips
 
 

@@ -319,6 +319,14 @@ def test_a_member_restarted_with_other_heads_is_not_summed_for_its_old_ones(tiny
         # No fault of its own (review120: struck, it stayed banned while it served 0:2 again):
         # what it serves now was read at the refusal.
         assert a not in model.swarm.bans and model.swarm.peers[a].heads == (2, 4)
+        # A peer that refuses an open `not_served` while its `info` claims the same span is
+        # struck (review121: never struck, it cost every session a round trip and a wait).
+        session = model.session(8)
+        try:
+            session._refused_or_strike(PeerError(b, "not_served", "heads 2:4 are not the served 2:4"), {})
+            assert b in model.swarm.bans and session.failovers == 1
+        finally:
+            session.close()
         conn = PeerConnection(whole, 10.0, server_key=split_contact(whole)[1])
         try:
             with pytest.raises(PeerError) as e:

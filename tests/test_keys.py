@@ -983,3 +983,13 @@ def test_a_given_hosts_lookup_is_made_again_after_a_while(monkeypatch):
     assert after(contact.LOOKUP_SECONDS + 1) and len(asked) == 4
     assert after(contact.LOOKUP_FAILED_SECONDS - 1) and len(asked) == 4
     assert after(2) and len(asked) == 5  # asked again, still held
+    assert after(2 * contact.LOOKUP_FAILED_SECONDS - 1) and len(asked) == 5  # twice the wait (review121)
+    assert after(2) and len(asked) == 6
+    # More hosts than are kept: the oldest gives way, the rest keep their answers (review121: all
+    # were dropped, last answers too).
+    for n in range(contact.LOOKUPS_KEPT):
+        answers[f"h{n}.test"] = ["10.0.0.1"]
+        assert contact.same_endpoint(f"tcp://h{n}.test:1", "tcp://10.0.0.1:1")
+    assert "example.test" not in contact._lookups and len(contact._lookups) == contact.LOOKUPS_KEPT
+    assert len(asked) == 6 + contact.LOOKUPS_KEPT
+    assert contact.same_endpoint("tcp://h1.test:1", "tcp://10.0.0.1:1") and len(asked) == 6 + contact.LOOKUPS_KEPT
