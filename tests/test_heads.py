@@ -291,6 +291,26 @@ def test_a_busy_head_group_member_is_asked_again_alone(tiny_model_dir):
             t.join(5)
 
 
+def generate_around_a_restart(model_dir, nodes, model: SwarmModel, spare: str, heads: tuple[int, int]):
+    """Generate on the first node (the spare timed slow, so routes take it while they can),
+    restart that node at its address and key serving blocks 0:4 `heads`, and generate again:
+    both exactly as one process. Returns the second generation."""
+    from nanoswarm.keys.contact import split_contact
+
+    greedy = SamplingParams(temperature=0)
+    want = SwarmModel.local(model_dir).generate("Split heads", 6, greedy).ids
+    model.swarm.timed[spare] = model.swarm.peers[spare].rtt = 1.0
+    assert model.generate("Split heads", 6, greedy).ids == want
+    first = nodes.nodes[0]
+    nodes.kill(0)
+    first.proc.wait(10)
+    nodes.start_node(NodeSpec((0, 4), heads, args=["--listen", split_contact(first.address)[0],
+                                                   "--key-file", str(first.key_file)]))
+    result = model.generate("Split heads", 6, greedy)
+    assert result.ids == want
+    return result
+
+
 def test_a_member_restarted_with_other_heads_is_not_summed_for_its_old_ones(tiny_model_dir, cluster_factory):
     """A head group's member opens for the heads the client sums it for, and a node serving
     others refuses (`not_served`). Review118: a member restarted at the same address and key
@@ -303,18 +323,8 @@ def test_a_member_restarted_with_other_heads_is_not_summed_for_its_old_ones(tiny
                                              NodeSpec((0, 4), (0, 2)), NodeSpec((0, 4))], bootstrap=False)
     a, b, spare, whole = nodes.addresses
     model = SwarmModel.connect(tiny_model_dir, peers=[a, b, spare])
-    greedy = SamplingParams(temperature=0)
-    want = SwarmModel.local(tiny_model_dir).generate("Split heads", 8, greedy).ids
     try:
-        model.swarm.timed[spare] = model.swarm.peers[spare].rtt = 1.0  # the route takes A while it can
-        assert model.generate("Split heads", 8, greedy).ids == want
-        first = nodes.nodes[0]
-        nodes.kill(0)
-        first.proc.wait(10)
-        nodes.start_node(NodeSpec((0, 4), (2, 4), args=["--listen", split_contact(a)[0],
-                                                        "--key-file", str(first.key_file)]))
-        result = model.generate("Split heads", 8, greedy)
-        assert result.ids == want
+        result = generate_around_a_restart(tiny_model_dir, nodes, model, spare, (2, 4))
         assert [s["peers"] for s in result.route] == [[spare, b]] and result.failovers == 0
         # No fault of its own (review120: struck, it stayed banned while it served 0:2 again):
         # what it serves now was read at the refusal.
@@ -344,23 +354,12 @@ def test_a_whole_block_node_restarted_as_a_head_shard_refuses_a_layer_stages_ope
     head shard refuses it (`not_served`), and the client plans without it and reads what it serves
     now, with no strike. Review120: opened without heads, it took the session, refused its first
     step `malformed`, and was banned for it."""
-    from nanoswarm.keys.contact import split_contact
-
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4))], bootstrap=False)
     a, spare = nodes.addresses
     model = SwarmModel.connect(tiny_model_dir, peers=[a, spare])
-    greedy = SamplingParams(temperature=0)
-    want = SwarmModel.local(tiny_model_dir).generate("Split heads", 6, greedy).ids
     try:
-        model.swarm.timed[spare] = model.swarm.peers[spare].rtt = 1.0  # the route takes A while it can
-        assert model.generate("Split heads", 6, greedy).ids == want
-        first = nodes.nodes[0]
-        nodes.kill(0)
-        first.proc.wait(10)
-        nodes.start_node(NodeSpec((0, 4), (0, 2), args=["--listen", split_contact(a)[0],
-                                                        "--key-file", str(first.key_file)]))
-        result = model.generate("Split heads", 6, greedy)
-        assert result.ids == want and [s["peers"] for s in result.route] == [[spare]] and result.failovers == 0
+        result = generate_around_a_restart(tiny_model_dir, nodes, model, spare, (0, 2))
+        assert [s["peers"] for s in result.route] == [[spare]] and result.failovers == 0
         assert a not in model.swarm.bans and model.swarm.peers[a].heads == (0, 2)
     finally:
         model.close()
