@@ -144,7 +144,9 @@ class _Worker:
                     chunk = [ids[pos]]
             self.out.sessions_completed += 1
         except PeerError as e:
-            if e.code in REFUSALS:
+            # `not_served` from a node whose `info` now names another span (restarted with other
+            # blocks or heads) is a refusal, as a client's open takes it (client/failover.py _moved).
+            if e.code in REFUSALS or e.code == "not_served" and self.swarm.reread(e.address):
                 self.out.refused[e.code] += 1
                 time.sleep(self.rng.uniform(0.05, 0.25))  # back off, then try a new session
             else:

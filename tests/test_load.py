@@ -207,27 +207,15 @@ def test_a_head_group_member_that_refuses_leaves_no_session_open_on_the_others(t
     """A head group whose second member refuses `open` (busy: at its --max-sessions): the session
     its first member opened was never closed, and held its slot and cache there until the
     worker ended (a review)."""
-    from nanoswarm.client.generate import ClientModel
-    from nanoswarm.client.load import _Worker
     from nanoswarm.shards.manifest import read_manifest
-    from nanoswarm.shards.weights import load_embeddings, load_head
 
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), (0, 2)),
                                              NodeSpec((0, 4), (2, 4), ["--max-sessions", "1"])])
-    manifest = read_manifest(tiny_model_dir)
     full = PeerConnection(swarm.addresses[1], 5.0)  # another client takes the second member's only slot
     worker = None
     try:
-        full.request("open", {"model_id": manifest.model_id, "max_length": 8, "layers": [0, 4]})
-        opts = LoadOptions(tiny_model_dir, peers=swarm.addresses, timeout=5)
-        infos = {}
-        for address in swarm.addresses:
-            conn = PeerConnection(address, 5.0)
-            infos[address] = conn.request("info").fields
-            conn.close()
-        client = ClientModel(load_embeddings(tiny_model_dir, manifest), load_head(tiny_model_dir, manifest))
-        meta = (manifest.model_id, manifest.config.n_layer, manifest.config.n_head)
-        worker = _Worker(0, opts, infos, client, meta, {}, time.monotonic() + 60)
+        full.request("open", {"model_id": read_manifest(tiny_model_dir).model_id, "max_length": 8, "layers": [0, 4]})
+        worker = load_worker(tiny_model_dir, swarm.addresses)
         for _ in range(3):
             worker._session(0)
         assert worker.out.refused["busy"] == 3 and not worker.out.failed
@@ -237,3 +225,42 @@ def test_a_head_group_member_that_refuses_leaves_no_session_open_on_the_others(t
         full.close()
         if worker is not None:
             worker.swarm.close()
+
+
+def load_worker(model_dir, addresses: list[str], stale: dict[str, dict] | None = None, verify: bool = True):
+    """A load worker (client/load.py `_Worker`) of the nodes at `addresses`, their `info` asked
+    now, with the fields of `stale` (address -> fields) over it: what its table says. (With
+    `verify`, it has no solo runs to compare with: for sessions that end before a step.)"""
+    from nanoswarm.client.generate import ClientModel
+    from nanoswarm.client.load import _Worker
+    from nanoswarm.shards.manifest import read_manifest
+    from nanoswarm.shards.weights import load_embeddings, load_head
+
+    manifest = read_manifest(model_dir)
+    infos = {}
+    for address in addresses:
+        conn = PeerConnection(address, 5.0)
+        infos[address] = {**conn.request("info").fields, **(stale or {}).get(address, {})}
+        conn.close()
+    client = ClientModel(load_embeddings(model_dir, manifest), load_head(model_dir, manifest))
+    meta = (manifest.model_id, manifest.config.n_layer, manifest.config.n_head)
+    return _Worker(0, LoadOptions(model_dir, peers=addresses, timeout=5, verify=verify), infos, client, meta, {},
+                   time.monotonic() + 60)
+
+
+def test_a_node_that_serves_other_heads_than_the_table_says_is_a_refusal(tiny_model_dir, cluster_factory):
+    """A load worker's table says a whole-block node serves heads 0:2 (as if it restarted since
+    with other `--heads`): its open is refused `not_served`, and its `info`, read again, names
+    another span, so that is a refusal, as a client's open takes it, not a failure and a ban
+    (review121); the next session goes through it as whole blocks."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4), (2, 4))])
+    whole, member = swarm.addresses
+    worker = load_worker(tiny_model_dir, swarm.addresses, stale={whole: {"heads": [0, 2]}}, verify=False)
+    try:
+        worker._session(0)
+        assert worker.out.refused == {"not_served": 1} and not worker.out.failed and whole not in worker.swarm.bans
+        assert worker.swarm.peers[whole].heads is None
+        worker._session(1)
+        assert worker.out.sessions_completed == 1 and not worker.out.failed
+    finally:
+        worker.swarm.close()
