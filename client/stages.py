@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nanoswarm.protocol.errors import shown
 from nanoswarm.protocol.messages import Message
 from nanoswarm.protocol.tensors import abs_max
 from nanoswarm.shards.model import Blocks
@@ -265,6 +266,17 @@ class RemoteLayerStage(Stage):
         return self.conn.address if self.conn.leaving else None
 
 
+def check_heads_served(conn: PeerConnection, heads: tuple[int, int], timeout: float | None) -> None:
+    """A member of an earlier version does not check the heads an `open` names (node/handler.py
+    `_check_heads`), so its `info` is asked instead, at each open: review122 saw one restarted at
+    its address and key with other heads summed for its old ones for ~53 s, every output wrong.
+    PeerError `not_served` if it names others."""
+    served = conn.request("info", timeout=timeout).fields.get("heads")
+    if served != list(heads):
+        raise PeerError(conn.address, "not_served", f"its info names heads {shown(served, 20)}, not "
+                        f"{heads[0]}:{heads[1]} (a node of an earlier version, which does not check them at open)")
+
+
 class HeadGroupStage(Stage):
     """Peers whose head ranges partition all heads of blocks [start, stop).
 
@@ -298,6 +310,8 @@ class HeadGroupStage(Stage):
             self.sessions.append(reply.fields["session"])
             self.limits.append(reply.fields)
             sent.append(conn.open_sent)  # earlier than now for an open sent ahead (Swarm.open_ahead)
+            if "heads" not in reply.fields:  # a node of an earlier version: it did not check them
+                check_heads_served(conn, heads, self.timeout)
         self.sent_at = min(sent)
 
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:

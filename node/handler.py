@@ -337,6 +337,7 @@ class RequestHandler:
                                 f"max_length {max_length} is not from 1 to {self.steps.checks.max_length()}")
         session = self.sessions.open(self.blocks, a, b, max_length, peer)
         return encode("opened", msg.id, {"session": session.id, "layers": [a, b],
+                                         "heads": list(self.blocks.heads),  # as checked (_check_heads)
                                          "kv_bytes": session.cache.nbytes,
                                          "max_tokens_per_step": self.limits.max_tokens_per_step,
                                          "max_message_bytes": self.limits.max_message_bytes,

@@ -78,7 +78,9 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                    "heads": (_OPT_LIST, False)},
     "opened": {"session": (_STR, True), "layers": (_LIST, True),
                "max_tokens_per_step": (_INT, False), "max_message_bytes": (_INT, False),
-               "trail_optional": (_BOOL, False), "admits": (_BOOL, False)},
+               "trail_optional": (_BOOL, False), "admits": (_BOOL, False),
+               # the node's heads; a node of an earlier version says none, nor checks `open`'s
+               "heads": (_OPT_LIST, False)},
     "result": {"busy_us": ((int, type(None)), False), "busy": (_OPT_LIST, False)},
     "closed": {"session": (_STR, True)},
     "admitted": {"session": (_STR, True)},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.server import NodeServer
 from nanoswarm.node.sessions import NodeLimits
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
+from nanoswarm.protocol.messages import decode, encode
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.model import KVCache
 from nanoswarm.shards.weights import load_blocks
@@ -363,3 +365,52 @@ def test_a_whole_block_node_restarted_as_a_head_shard_refuses_a_layer_stages_ope
         assert a not in model.swarm.bans and model.swarm.peers[a].heads == (0, 2)
     finally:
         model.close()
+
+
+class _EarlierVersion(RequestHandler):
+    """A node of an earlier version: it neither checks the heads an `open` names nor says its
+    own in `opened`."""
+
+    def _check_heads(self, msg) -> None:
+        pass
+
+    def _open(self, peer, msg):
+        opened = decode(super()._open(peer, msg))
+        fields = {k: v for k, v in opened.fields.items() if k != "heads"}
+        return encode("opened", opened.id, fields)
+
+
+def test_a_member_of_an_earlier_version_is_asked_its_heads_at_open(tiny_model_dir):
+    """A member of an earlier version does not check `open`'s heads: its `info` is asked at each
+    open, and one that serves other heads (restarted with them) is refused `not_served` with its
+    session closed. Review122: one such was summed for its old heads for ~53 s, every output
+    wrong. A member that serves the named heads opens as before."""
+    model_id = read_manifest(tiny_model_dir).model_id
+    handlers = [RequestHandler(load_blocks(tiny_model_dir, 0, 4, heads=(0, 2)), model_id, "a", NodeLimits()),
+                _EarlierVersion(load_blocks(tiny_model_dir, 0, 4, heads=(2, 4)), model_id, "b", NodeLimits()),
+                RequestHandler(load_blocks(tiny_model_dir, 0, 4, heads=(2, 4)), model_id, "c", NodeLimits())]
+    servers = [NodeServer(h, "tcp://127.0.0.1:*") for h in handlers]  # real sockets, in threads
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    conns = [PeerConnection(s.address, 10.0) for s in servers]
+    try:
+        stage = HeadGroupStage([(conns[0], (0, 2)), (conns[1], (2, 4))], 0, 4, model_id)
+        stage.open(8)  # the old member serves 2:4, as named
+        assert "heads" not in stage.limits[1] and [len(h.sessions.sessions) for h in handlers] == [1, 1, 0]
+        stage.close()
+        wrong = HeadGroupStage([(conns[1], (0, 2)), (conns[2], (2, 4))], 0, 4, model_id)  # as if B had restarted
+        with pytest.raises(PeerError) as e:
+            wrong.open(8)
+        assert e.value.code == "not_served" and e.value.address == conns[1].address
+        assert "its info names heads [2, 4], not 0:2" in e.value.message
+        wrong.close()  # as the session's open does on an error: the old member's session is closed
+        time.sleep(0.2)
+        assert [len(h.sessions.sessions) for h in handlers] == [0, 0, 0]
+    finally:
+        for conn in conns:
+            conn.close()
+        for s in servers:
+            s.stop()
+        for t in threads:
+            t.join(5)
