@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -261,18 +262,33 @@ class _BusyOnce(RequestHandler):
         self.steps.checks.validate = validate_or_refuse
 
 
+@contextlib.contextmanager
+def in_process_nodes(handlers: list[RequestHandler]):
+    """Each handler served on a real socket by a NodeServer in a thread of this process; yields a
+    connection to each."""
+    servers = [NodeServer(h, "tcp://127.0.0.1:*") for h in handlers]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    conns = [PeerConnection(s.address, 10.0) for s in servers]
+    try:
+        yield conns
+    finally:
+        for conn in conns:
+            conn.close()
+        for s in servers:
+            s.stop()
+        for t in threads:
+            t.join(5)
+
+
 def test_a_busy_head_group_member_is_asked_again_alone(tiny_model_dir):
     """The other member has stored the block's attention by then: asking the whole group for the
     step again would be refused (`bad_position`) and end in a failover of an honest member."""
     model_id = read_manifest(tiny_model_dir).model_id
     handlers = [RequestHandler(load_blocks(tiny_model_dir, 0, 4, heads=(0, 2)), model_id, "a", NodeLimits()),
                 _BusyOnce(load_blocks(tiny_model_dir, 0, 4, heads=(2, 4)), model_id, "b", NodeLimits(), block=2)]
-    servers = [NodeServer(h, "tcp://127.0.0.1:*") for h in handlers]  # real sockets, in threads
-    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
-    for t in threads:
-        t.start()
-    conns = [PeerConnection(s.address, 10.0) for s in servers]
-    try:
+    with in_process_nodes(handlers) as conns:
         stage = HeadGroupStage([(conns[0], (0, 2)), (conns[1], (2, 4))], 0, 4, model_id)
         stage.open(8)
         blocks = load_blocks(tiny_model_dir, 0, 4)
@@ -284,13 +300,6 @@ def test_a_busy_head_group_member_is_asked_again_alone(tiny_model_dir):
                 want = blocks(x[:, a:b], [cache])
             assert (got - want).abs().max().item() <= 1e-5
         assert handlers[1].refused == 1
-    finally:
-        for conn in conns:
-            conn.close()
-        for s in servers:
-            s.stop()
-        for t in threads:
-            t.join(5)
 
 
 def generate_around_a_restart(model_dir, nodes, model: SwarmModel, spare: str, heads: tuple[int, int]):
@@ -389,12 +398,7 @@ def test_a_member_of_an_earlier_version_is_asked_its_heads_at_open(tiny_model_di
     handlers = [RequestHandler(load_blocks(tiny_model_dir, 0, 4, heads=(0, 2)), model_id, "a", NodeLimits()),
                 _EarlierVersion(load_blocks(tiny_model_dir, 0, 4, heads=(2, 4)), model_id, "b", NodeLimits()),
                 RequestHandler(load_blocks(tiny_model_dir, 0, 4, heads=(2, 4)), model_id, "c", NodeLimits())]
-    servers = [NodeServer(h, "tcp://127.0.0.1:*") for h in handlers]  # real sockets, in threads
-    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
-    for t in threads:
-        t.start()
-    conns = [PeerConnection(s.address, 10.0) for s in servers]
-    try:
+    with in_process_nodes(handlers) as conns:
         stage = HeadGroupStage([(conns[0], (0, 2)), (conns[1], (2, 4))], 0, 4, model_id)
         stage.open(8)  # the old member serves 2:4, as named
         assert "heads" not in stage.limits[1] and [len(h.sessions.sessions) for h in handlers] == [1, 1, 0]
@@ -407,10 +411,3 @@ def test_a_member_of_an_earlier_version_is_asked_its_heads_at_open(tiny_model_di
         wrong.close()  # as the session's open does on an error: the old member's session is closed
         time.sleep(0.2)
         assert [len(h.sessions.sessions) for h in handlers] == [0, 0, 0]
-    finally:
-        for conn in conns:
-            conn.close()
-        for s in servers:
-            s.stop()
-        for t in threads:
-            t.join(5)
