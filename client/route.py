@@ -85,6 +85,11 @@ class StagePlan:
     def is_head_group(self) -> bool:
         return self.heads is not None
 
+    def peer_heads(self, n_head: int) -> list[tuple[int, int]]:
+        """The heads taken from each of `peers`, as its `open` names them: a member's, or all
+        `n_head` of a layer stage's (Swarm.make_stage and open_ahead must name the same)."""
+        return list(self.heads) if self.heads is not None else [(0, n_head)]
+
     def round_trips(self) -> int:
         return 2 * (self.stop - self.start) if self.is_head_group else 1
 

@@ -138,8 +138,7 @@ class Swarm(PeerTable):
         is left to the stage's own open."""
         wanted: dict[str, list[dict]] = {}
         for plan in plans:
-            for k, p in enumerate(plan.peers):
-                heads = plan.heads[k] if plan.heads is not None else (0, self.n_head)
+            for p, heads in zip(plan.peers, plan.peer_heads(self.n_head)):
                 wanted.setdefault(p.address, []).append(open_fields(self.model_id, max_length, plan.start, plan.stop,
                                                                     heads))
         for address in [*wanted, *(a for a in self._conns if a not in wanted)]:
@@ -164,7 +163,7 @@ class Swarm(PeerTable):
 
     def make_stage(self, plan: StagePlan) -> Stage:
         if plan.is_head_group:
-            members = [(self.connection(p.address), h) for p, h in zip(plan.peers, plan.heads)]
+            members = [(self.connection(p.address), h) for p, h in zip(plan.peers, plan.peer_heads(self.n_head))]
             group = HeadGroupStage(members, plan.start, plan.stop, self.model_id,
                                    self.options.wire, self.options.timeout)
             if self.checker is not None:  # spot checks need each member's partials (client/verify.py)
@@ -172,7 +171,8 @@ class Swarm(PeerTable):
             return group
         peer = plan.peers[0]
         return RemoteLayerStage(self.connection(peer.address), plan.start, plan.stop, self.model_id,
-                                self.options.wire, self.options.timeout, peer.relay_name, heads=(0, self.n_head))
+                                self.options.wire, self.options.timeout, peer.relay_name,
+                                heads=plan.peer_heads(self.n_head)[0])
 
     def introduce_soon(self) -> bool:
         """A hop refused to relay to the next (`not_served`): it does not know it. A node that
