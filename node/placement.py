@@ -12,7 +12,10 @@ at MAX_COVER.  The rules:
   ties go to the lowest start.  An empty swarm therefore gets 0:n, the next node n:2n, ...;
 * moving (checked now and then): only to the leximin-best window, only if no block we leave
   would become uncovered, and only if it helps a lot: fewer uncovered blocks when some are
-  uncovered, else the weakest block's coverage rising by at least `gain` (1.5x).
+  uncovered, else the weakest block's coverage rising by at least `gain` (1.5x);
+* taking turns: nodes sharing blocks that see the same swarm decide as if those with a lower
+  peer id had already made their moves (`after_earlier_moves`), so that two twins do not both
+  leave their blocks, or both move into the same gap, at once.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,6 +44,9 @@ DEFAULT_BUDGET_FRACTION = 0.25
 # blocks before it lets the old ones go, Rebalancer.move) still fits.
 GPU_BUDGET_FRACTION = 0.45
 MOVE_GAIN = 1.5
+# A node takes turns (after_earlier_moves) on a view this many intervals old at most (past
+# the settling time); then the peers before it had their turn and did not take it.
+YIELD_INTERVALS = 3
 _MIN_COVER = 1e-3  # a record advertising 0 tokens/s still covers its blocks
 MAX_COVER = 1e6   # tokens/s: a record claiming more counts as this much (sums stay finite)
 
@@ -148,6 +155,31 @@ def plan_move(cov_others: list[float], start: int, n_blocks: int, throughput: fl
     return target if min(after) >= gain * min(now) else None
 
 
+# Peers simulated by after_earlier_moves, at most: each costs a coverage pass, and peer ids are
+# anyone's to choose (a stranger's many records only make us wait, YIELD_INTERVALS intervals at most).
+MAX_EARLIER = 8
+
+
+def after_earlier_moves(records: list[Record], me: str, span: tuple[int, int], n_layer: int,
+                        n_head: int) -> list[Record]:
+    """`records` as they will be once the peers that share a block of `span` with us and whose
+    peer id is lower than ours have moved as plan_move tells them, in peer-id order: each node
+    takes its turn after those before it, so two that see the same swarm do not both leave the
+    same blocks (uncovering them) or both take the same gap."""
+    ahead = [r for r in records if not r.departing]
+    earlier = sorted((r for r in ahead if r.peer_id < me and r.heads is None
+                      and 0 <= r.layers[0] < r.layers[1] <= n_layer
+                      and r.layers[0] < span[1] and span[0] < r.layers[1]), key=lambda r: r.peer_id)
+    for r in earlier[-MAX_EARLIER:]:
+        n_blocks = r.layers[1] - r.layers[0]
+        cov = coverage(ahead, n_layer, n_head, exclude=r.peer_id)
+        target = plan_move(cov, r.layers[0], n_blocks, min(r.throughput, MAX_COVER))
+        if target is not None:
+            ahead = [replace(x, layers=(target, target + n_blocks)) if x.peer_id == r.peer_id else x
+                     for x in ahead]
+    return ahead
+
+
 # ----- moving a running node --------------------------------------------------------------
 class Rebalancer:
     """Timer body: now and then, check whether this node should serve other blocks, and move.
@@ -155,8 +187,9 @@ class Rebalancer:
     A check that finds a session open does nothing (a session's KV cache belongs to the old
     blocks) and the next check decides again; a move loads the new blocks and swaps them in.
     Decisions are taken only on a settled view (the layers of this model's peers unchanged for
-    `settle` seconds plus a random part of `interval`), so that two nodes rarely leave the same
-    blocks at once; if they do, the next checks repair it.
+    `settle` seconds plus a random part of `interval`), and peers sharing blocks take turns
+    (`plan`), so that two nodes rarely leave the same blocks at once; if they do (views that
+    differ), the next checks repair it.
     """
 
     def __init__(self, handler: RequestHandler, gossip: Gossip, n_blocks: int,
@@ -171,6 +204,7 @@ class Rebalancer:
         self.failures = 0  # loads that failed in a row (each doubles the wait before the next check)
         self._next = time.monotonic() + self._jitter()
         self._view: frozenset = frozenset()
+        self._view_since = time.monotonic()
 
     def _jitter(self) -> float:
         # Randomized, so that two nodes seeing the same gap rarely move into it together.
@@ -184,20 +218,37 @@ class Rebalancer:
         if view != self._view:
             # The swarm changed: decide again once it has settled, each node at its own random
             # moment, so that the first mover's new record reaches the others before they decide.
-            self._view = view
+            self._view, self._view_since = view, now
             self._next = now + self.settle + random.uniform(0, self.interval)
         if now < self._next or self.gossip.departed or self.handler.leaving:
             return None
         self._next = now + self._jitter()
         if self.handler.sessions.sessions:
             return None  # moving would strand open sessions; try again later
-        cfg = self.handler.config
-        cov = coverage(records, cfg.n_layer, cfg.n_head, exclude=self.gossip.peer_id)
-        start = self.handler.blocks.start
-        target = plan_move(cov, start, self.n_blocks, self.handler.stats.throughput)
+        target = self.plan(records, now)
         if target is None or not self.move(target):
             return None
         return target
+
+    def plan(self, records: list[Record], now: float) -> int | None:
+        """Where to move on this view, if anywhere: on a recent view, after the moves of the peers
+        before us (after_earlier_moves); on one that has not changed for a while, as if they
+        stayed (a peer of fixed --layers, or one with sessions open, never takes its turn)."""
+        cfg = self.handler.config
+        me, start = self.gossip.peer_id, self.handler.blocks.start
+        throughput = self.handler.stats.throughput
+        cov = coverage(records, cfg.n_layer, cfg.n_head, exclude=me)
+        target = plan_move(cov, start, self.n_blocks, throughput)
+        if now - self._view_since >= self.settle + YIELD_INTERVALS * self.interval:
+            return target
+        ahead = after_earlier_moves(records, me, (start, start + self.n_blocks), cfg.n_layer, cfg.n_head)
+        turn = plan_move(coverage(ahead, cfg.n_layer, cfg.n_head, exclude=me), start, self.n_blocks, throughput)
+        if turn is not None and any(cov[i] <= 0 for i in range(start, start + self.n_blocks)
+                                    if not turn <= i < turn + self.n_blocks):
+            turn = None  # it counts on a peer moving into blocks we leave: not before it has
+        if turn != target:
+            log.debug("taking turns: %s rather than %s", turn, target)
+        return turn
 
     def move(self, start: int) -> bool:
         old = self.handler.blocks

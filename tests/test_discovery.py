@@ -552,6 +552,42 @@ def test_a_node_does_not_move_off_the_only_whole_copy_of_some_heads():
     assert choose_start(coverage(records, 4, 12), 2) == 2  # a new node fills the heads that are missing
 
 
+def test_nodes_sharing_blocks_take_turns_to_move():
+    """Nodes that see the same swarm decide as if those before them (by peer id) had moved: of two
+    twins on 0:3 with 9:12 uncovered, one moves and the other stays (CI once saw both go, which
+    left 0:3 to nobody), and four nodes on 0:3 spread in one round. A peer that does not take its
+    turn (fixed --layers, sessions open) holds the next one back for a while only."""
+    from types import SimpleNamespace
+
+    from nanoswarm.node.placement import YIELD_INTERVALS, Rebalancer, after_earlier_moves
+
+    ident = generate_identity()
+
+    def rec(peer, layers, throughput=5.0):
+        return Record(peer_id=peer, sign_key=ident.sign_public, curve_key=ident.curve_public, address="tcp://x:1",
+                      model_id="m", layers=layers, heads=None, throughput=throughput, load=0.0, seq=1, expires=0.0)
+
+    def plan(records, me, after=0.0, n_layer=12):
+        mine = next(r for r in records if r.peer_id == me)
+        handler = SimpleNamespace(config=SimpleNamespace(n_layer=n_layer, n_head=4),
+                                  blocks=SimpleNamespace(start=mine.layers[0]), stats=SimpleNamespace(throughput=5.0))
+        rebalancer = Rebalancer(handler, SimpleNamespace(peer_id=me), 3, lambda a, b: None, interval=2.0)
+        return rebalancer.plan(records, rebalancer._view_since + after)
+
+    twins = [rec("a", (0, 3)), rec("b", (0, 3)), rec("c", (3, 6)), rec("d", (6, 9))]
+    assert plan(twins, "a") == 9 and plan(twins, "b") is None
+    assert plan_move(coverage(twins, 12, 4, exclude="b"), 0, 3, 5.0) == 9  # what "b" did before
+    four = [rec(p, (0, 3)) for p in "abcd"]
+    assert [plan(four, p) for p in "abcd"] == [3, 6, 9, None]
+    # "a" never moves: once the view has stood still past its turn, "b" fills the gap.
+    assert plan(twins, "b", after=1.0 + YIELD_INTERVALS * 2.0) == 9
+    # A turn never counts on a peer moving into blocks we leave before it has: "d" alone holds
+    # block 0, which "c" would take on its turn; "d" would then be better on 1:4.
+    alone = [rec("a", (1, 4)), rec("b", (1, 4)), rec("c", (1, 3), 20.0), rec("d", (0, 3))]
+    assert [r.layers for r in after_earlier_moves(alone, "d", (0, 3), 4, 4)][2] == (0, 2)
+    assert plan(alone, "d", n_layer=4) is None
+
+
 def test_contact_strings_round_trip():
     ident = generate_identity()
     contact = format_contact("tcp://127.0.0.1:5555", ident.curve_public)
