@@ -14,7 +14,7 @@ at MAX_COVER.  The rules:
   would become uncovered, and only if it helps a lot: fewer uncovered blocks when some are
   uncovered, else the weakest block's coverage rising by at least `gain` (1.5x);
 * taking turns: nodes sharing blocks that see the same swarm decide as if those with a lower
-  peer id had already made their moves (`after_earlier_moves`), so that two twins do not both
+  peer id had already made their moves (`earlier_turns`), so that two twins do not both
   leave their blocks, or both move into the same gap, at once.
 """
 
@@ -25,7 +25,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,9 +44,10 @@ DEFAULT_BUDGET_FRACTION = 0.25
 # blocks before it lets the old ones go, Rebalancer.move) still fits.
 GPU_BUDGET_FRACTION = 0.45
 MOVE_GAIN = 1.5
-# A node takes turns (after_earlier_moves) on a view this many intervals old at most (past
-# the settling time); then the peers before it had their turn and did not take it.
-YIELD_INTERVALS = 3
+# A node waits its turn (earlier_turns) for the same move this many intervals at most, plus one
+# for each peer before it: by then they have had their turn and not taken it (fixed --layers,
+# sessions open), and the nodes that waited on them go one after another, not together.
+YIELD_INTERVALS = 2
 _MIN_COVER = 1e-3  # a record advertising 0 tokens/s still covers its blocks
 MAX_COVER = 1e6   # tokens/s: a record claiming more counts as this much (sums stay finite)
 
@@ -155,29 +156,44 @@ def plan_move(cov_others: list[float], start: int, n_blocks: int, throughput: fl
     return target if min(after) >= gain * min(now) else None
 
 
-# Peers simulated by after_earlier_moves, at most: each costs a coverage pass, and peer ids are
-# anyone's to choose (a stranger's many records only make us wait, YIELD_INTERVALS intervals at most).
+# Peers simulated by earlier_turns, at most: each costs two coverage passes, and peer ids are
+# anyone's to choose (a stranger's many records only make us wait, a few intervals at most).
 MAX_EARLIER = 8
 
 
-def after_earlier_moves(records: list[Record], me: str, span: tuple[int, int], n_layer: int,
-                        n_head: int) -> list[Record]:
-    """`records` as they will be once the peers that share a block of `span` with us and whose
-    peer id is lower than ours have moved as plan_move tells them, in peer-id order: each node
-    takes its turn after those before it, so two that see the same swarm do not both leave the
-    same blocks (uncovering them) or both take the same gap."""
-    ahead = [r for r in records if not r.departing]
-    earlier = sorted((r for r in ahead if r.peer_id < me and r.heads is None
+@dataclass
+class Turns:
+    """The turns of the peers before us on one view (earlier_turns)."""
+
+    ahead: list[Record]  # the records once those peers have made their moves
+    held: list[float]  # per block, the coverage of the others less every peer before us that may move
+    before: int  # how many peers come before us
+
+
+def earlier_turns(records: list[Record], me: str, span: tuple[int, int], n_layer: int,
+                  n_head: int) -> Turns:
+    """The moves of the peers that share a block of `span` with us and whose peer id is lower than
+    ours, each made as plan_move tells it, in peer-id order: a node takes its turn after those
+    before it, so two that see the same swarm do not both leave the same blocks (uncovering
+    them) or both take the same gap. A peer before us may decide otherwise (it waits on peers we
+    do not simulate): `held` counts it for nothing if it would move by either reckoning."""
+    live = [r for r in records if not r.departing]
+    earlier = sorted((r for r in live if r.peer_id < me and r.heads is None
                       and 0 <= r.layers[0] < r.layers[1] <= n_layer
                       and r.layers[0] < span[1] and span[0] < r.layers[1]), key=lambda r: r.peer_id)
-    for r in earlier[-MAX_EARLIER:]:
-        n_blocks = r.layers[1] - r.layers[0]
-        cov = coverage(ahead, n_layer, n_head, exclude=r.peer_id)
-        target = plan_move(cov, r.layers[0], n_blocks, min(r.throughput, MAX_COVER))
+    earlier = earlier[-MAX_EARLIER:]
+    ahead, movers = live, set()
+    for r in earlier:
+        n_blocks, throughput = r.layers[1] - r.layers[0], min(r.throughput, MAX_COVER)
+        alone = plan_move(coverage(live, n_layer, n_head, exclude=r.peer_id), r.layers[0], n_blocks, throughput)
+        target = plan_move(coverage(ahead, n_layer, n_head, exclude=r.peer_id), r.layers[0], n_blocks, throughput)
+        if alone is not None or target is not None:
+            movers.add(r.peer_id)
         if target is not None:
             ahead = [replace(x, layers=(target, target + n_blocks)) if x.peer_id == r.peer_id else x
                      for x in ahead]
-    return ahead
+    held = coverage([r for r in live if r.peer_id not in movers], n_layer, n_head, exclude=me)
+    return Turns(ahead, held, len(earlier))
 
 
 # ----- moving a running node --------------------------------------------------------------
@@ -204,7 +220,8 @@ class Rebalancer:
         self.failures = 0  # loads that failed in a row (each doubles the wait before the next check)
         self._next = time.monotonic() + self._jitter()
         self._view: frozenset = frozenset()
-        self._view_since = time.monotonic()
+        self._waiting: tuple[int | None, int | None] | None = None  # (our turn's move, the plain one)
+        self._waiting_since = 0.0
 
     def _jitter(self) -> float:
         # Randomized, so that two nodes seeing the same gap rarely move into it together.
@@ -218,7 +235,7 @@ class Rebalancer:
         if view != self._view:
             # The swarm changed: decide again once it has settled, each node at its own random
             # moment, so that the first mover's new record reaches the others before they decide.
-            self._view, self._view_since = view, now
+            self._view = view
             self._next = now + self.settle + random.uniform(0, self.interval)
         if now < self._next or self.gossip.departed or self.handler.leaving:
             return None
@@ -231,23 +248,34 @@ class Rebalancer:
         return target
 
     def plan(self, records: list[Record], now: float) -> int | None:
-        """Where to move on this view, if anywhere: on a recent view, after the moves of the peers
-        before us (after_earlier_moves); on one that has not changed for a while, as if they
-        stayed (a peer of fixed --layers, or one with sessions open, never takes its turn)."""
+        """Where to move on this view, if anywhere: after the moves of the peers before us
+        (earlier_turns), leaving no block that one of them might leave too; or, once we have
+        waited for the same move for a while, as if they stayed (a peer of fixed --layers, or
+        one with sessions open, never takes its turn)."""
         cfg = self.handler.config
         me, start = self.gossip.peer_id, self.handler.blocks.start
         throughput = self.handler.stats.throughput
-        cov = coverage(records, cfg.n_layer, cfg.n_head, exclude=me)
-        target = plan_move(cov, start, self.n_blocks, throughput)
-        if now - self._view_since >= self.settle + YIELD_INTERVALS * self.interval:
-            return target
-        ahead = after_earlier_moves(records, me, (start, start + self.n_blocks), cfg.n_layer, cfg.n_head)
-        turn = plan_move(coverage(ahead, cfg.n_layer, cfg.n_head, exclude=me), start, self.n_blocks, throughput)
-        if turn is not None and any(cov[i] <= 0 for i in range(start, start + self.n_blocks)
+        target = plan_move(coverage(records, cfg.n_layer, cfg.n_head, exclude=me), start, self.n_blocks, throughput)
+        if target is None:  # nothing to take turns for (and no cost: the peers' moves are not simulated)
+            self._waiting = None
+            return None
+        turns = earlier_turns(records, me, (start, start + self.n_blocks), cfg.n_layer, cfg.n_head)
+        turn = plan_move(coverage(turns.ahead, cfg.n_layer, cfg.n_head, exclude=me), start, self.n_blocks,
+                         throughput)
+        if turn is not None and any(turns.held[i] <= 0 for i in range(start, start + self.n_blocks)
                                     if not turn <= i < turn + self.n_blocks):
-            turn = None  # it counts on a peer moving into blocks we leave: not before it has
-        if turn != target:
-            log.debug("taking turns: %s rather than %s", turn, target)
+            turn = None  # a block we would leave is held only by peers that may leave it too
+        if turn == target:
+            self._waiting = None
+            return target
+        if self._waiting != (turn, target):
+            # Timed from the first wait for this move, not from the last change to the swarm:
+            # churn elsewhere would otherwise hold a gap open for as long as it lasts.
+            self._waiting, self._waiting_since = (turn, target), now
+        if now - self._waiting_since >= (YIELD_INTERVALS + turns.before) * self.interval:
+            self._waiting = None
+            return target
+        log.debug("waiting our turn: %s rather than %s", turn, target)
         return turn
 
     def move(self, start: int) -> bool:

@@ -556,10 +556,11 @@ def test_nodes_sharing_blocks_take_turns_to_move():
     """Nodes that see the same swarm decide as if those before them (by peer id) had moved: of two
     twins on 0:3 with 9:12 uncovered, one moves and the other stays (CI once saw both go, which
     left 0:3 to nobody), and four nodes on 0:3 spread in one round. A peer that does not take its
-    turn (fixed --layers, sessions open) holds the next one back for a while only."""
+    turn (fixed --layers, sessions open) holds the next one back for a few intervals only, however
+    the rest of the swarm changes meanwhile (review123)."""
     from types import SimpleNamespace
 
-    from nanoswarm.node.placement import YIELD_INTERVALS, Rebalancer, after_earlier_moves
+    from nanoswarm.node.placement import YIELD_INTERVALS, Rebalancer, earlier_turns
 
     ident = generate_identity()
 
@@ -567,25 +568,42 @@ def test_nodes_sharing_blocks_take_turns_to_move():
         return Record(peer_id=peer, sign_key=ident.sign_public, curve_key=ident.curve_public, address="tcp://x:1",
                       model_id="m", layers=layers, heads=None, throughput=throughput, load=0.0, seq=1, expires=0.0)
 
-    def plan(records, me, after=0.0, n_layer=12):
+    def rebalancer(records, me, n_layer=12):
         mine = next(r for r in records if r.peer_id == me)
         handler = SimpleNamespace(config=SimpleNamespace(n_layer=n_layer, n_head=4),
-                                  blocks=SimpleNamespace(start=mine.layers[0]), stats=SimpleNamespace(throughput=5.0))
-        rebalancer = Rebalancer(handler, SimpleNamespace(peer_id=me), 3, lambda a, b: None, interval=2.0)
-        return rebalancer.plan(records, rebalancer._view_since + after)
+                                  blocks=SimpleNamespace(start=mine.layers[0]),
+                                  stats=SimpleNamespace(throughput=mine.throughput))
+        return Rebalancer(handler, SimpleNamespace(peer_id=me), mine.layers[1] - mine.layers[0],
+                          lambda a, b: None, interval=2.0)
+
+    def plan(records, me, n_layer=12):
+        return rebalancer(records, me, n_layer).plan(records, 0.0)
 
     twins = [rec("a", (0, 3)), rec("b", (0, 3)), rec("c", (3, 6)), rec("d", (6, 9))]
     assert plan(twins, "a") == 9 and plan(twins, "b") is None
     assert plan_move(coverage(twins, 12, 4, exclude="b"), 0, 3, 5.0) == 9  # what "b" did before
     four = [rec(p, (0, 3)) for p in "abcd"]
     assert [plan(four, p) for p in "abcd"] == [3, 6, 9, None]
-    # "a" never moves: once the view has stood still past its turn, "b" fills the gap.
-    assert plan(twins, "b", after=1.0 + YIELD_INTERVALS * 2.0) == 9
+    # "a" never moves: "b" fills the gap once it has waited its turn, "a" and itself, two
+    # intervals each, though another node came and went meanwhile.
+    b = rebalancer(twins, "b")
+    deadline = (YIELD_INTERVALS + 1) * 2.0
+    assert b.plan(twins, 0.0) is None and b.plan(twins + [rec("e", (3, 6))], deadline - 0.1) is None
+    assert b.plan(twins, deadline) == 9
     # A turn never counts on a peer moving into blocks we leave before it has: "d" alone holds
     # block 0, which "c" would take on its turn; "d" would then be better on 1:4.
     alone = [rec("a", (1, 4)), rec("b", (1, 4)), rec("c", (1, 3), 20.0), rec("d", (0, 3))]
-    assert [r.layers for r in after_earlier_moves(alone, "d", (0, 3), 4, 4)][2] == (0, 2)
+    assert [r.layers for r in earlier_turns(alone, "d", (0, 3), 4, 4).ahead][2] == (0, 2)
     assert plan(alone, "d", n_layer=4) is None
+    # Nor on a peer before us staying where it may move: "p05" simulates "p00" moving first,
+    # after which "p01" would stay; but "p01" does not wait on "p00" (they share no block) and
+    # moves 3:6 -> 4:7, so block 3 would be left to nobody (review123).
+    six = [rec("p00", (0, 3), 20.0), rec("p01", (3, 6)), rec("p02", (0, 3), 1.0), rec("p03", (0, 3), 20.0),
+           rec("p04", (8, 11), 1.0), rec("p05", (1, 4))]
+    moves = {r.peer_id: plan(six, r.peer_id) for r in six}
+    assert moves["p01"] == 4 and moves["p05"] != 9
+    after = [rec(r.peer_id, (m, m + 3) if m is not None else r.layers) for r, m in zip(six, moves.values())]
+    assert all(c > 0 for c, was in zip(coverage(after, 12, 4), coverage(six, 12, 4)) if was > 0)
 
 
 def test_contact_strings_round_trip():
