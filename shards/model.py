@@ -254,10 +254,16 @@ class Blocks(nn.Module):
 
 
 class Embeddings(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, init: bool = True):
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if init:
+            self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            # To take loaded weights (shards/weights.py): no random init, which on the meta device
+            # imports torch._dynamo, ~1 s of every client's first connect (review124).
+            self.wte = nn.Embedding.from_pretrained(torch.empty(config.vocab_size, config.n_embd))
+            self.wpe = nn.Embedding.from_pretrained(torch.empty(config.block_size, config.n_embd))
 
     def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         pos = torch.arange(start, start + ids.shape[-1], device=ids.device)
@@ -290,13 +296,15 @@ class Head(nn.Module):
 class GPT(nn.Module):
     """The whole model in one process: for training and as the swarm's reference."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, init: bool = True):
         super().__init__()
         self.config = config
-        self.embeddings = Embeddings(config)
+        self.embeddings = Embeddings(config, init)
         self.blocks = Blocks(config, 0, config.n_layer)
         self.head = Head(config)
         self.head.lm_head.weight = self.embeddings.wte.weight  # tied, as in GPT-2
+        if not init:  # weights to be loaded (shards/weights.py): see Embeddings
+            return
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("c_proj.weight"):

@@ -111,7 +111,7 @@ def _materialize(module: _M, sd: StateDict, device: torch.device | str, dtype: t
 def _embeddings_from(sd: StateDict, config: ModelConfig, device: torch.device | str,
                      dtype: torch.dtype) -> Embeddings:
     with torch.device("meta"):
-        module = Embeddings(config)
+        module = Embeddings(config, init=False)
     return _materialize(module, sd, device, dtype)
 
 
@@ -195,6 +195,6 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
     head = _head_from(head_sd, embeddings.wte.weight, config, device, dtype)
     blocks = load_blocks(model_dir, 0, config.n_layer, manifest=manifest, device=device, dtype=dtype)
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config, init=False)
     model.embeddings, model.blocks, model.head = embeddings, blocks, head
     return model.eval().requires_grad_(False)

@@ -1141,7 +1141,10 @@ def test_a_connect_and_a_refresh_ask_the_contacts_all_at_once(tiny_model_dir, cl
     model = SwarmModel.connect(tiny_model_dir, peers=[dead[0], *nodes.addresses, *dead[1:]],
                                options=SwarmOptions(timeout=2.0))
     try:
-        assert time.monotonic() - t0 < 3.5  # asked in turn: at least 8 s
+        # One wait is 2 s; the rest is building the client (review124 saw 4.4-7.4 s in all with
+        # a busy loop and a worker starting 12-block nodes beside it, ~1 s of it an import of
+        # torch._dynamo by the embeddings' random init, gone since).
+        assert time.monotonic() - t0 < 6.0  # asked in turn: at least 8 s
         assert list(model.swarm.peers) == nodes.addresses and set(model.swarm.rejected) == set(dead)
         assert model.swarm.peers[nodes.addresses[0]].rtt == model.swarm.timed[nodes.addresses[0]] < 0.1
         t0 = time.monotonic()
