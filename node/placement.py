@@ -181,8 +181,11 @@ def earlier_turns(records: list[Record], me: str, span: tuple[int, int], n_layer
     earlier = sorted((r for r in live if r.peer_id < me and r.heads is None
                       and 0 <= r.layers[0] < r.layers[1] <= n_layer
                       and r.layers[0] < span[1] and span[0] < r.layers[1]), key=lambda r: r.peer_id)
+    # The peers right before us are simulated; those before them are taken to move (review125:
+    # dropped, the lowest ids, surest to move, counted as staying, and 12 nodes on 0:1 all left).
+    movers = {r.peer_id for r in earlier[:-MAX_EARLIER]}
     earlier = earlier[-MAX_EARLIER:]
-    ahead, movers = live, set()
+    ahead = live
     for r in earlier:
         n_blocks, throughput = r.layers[1] - r.layers[0], min(r.throughput, MAX_COVER)
         alone = plan_move(coverage(live, n_layer, n_head, exclude=r.peer_id), r.layers[0], n_blocks, throughput)
@@ -220,8 +223,7 @@ class Rebalancer:
         self.failures = 0  # loads that failed in a row (each doubles the wait before the next check)
         self._next = time.monotonic() + self._jitter()
         self._view: frozenset = frozenset()
-        self._waiting: tuple[int | None, int | None] | None = None  # (our turn's move, the plain one)
-        self._waiting_since = 0.0
+        self._waiting_since: float | None = None  # when we began to wait for our turn
 
     def _jitter(self) -> float:
         # Randomized, so that two nodes seeing the same gap rarely move into it together.
@@ -250,14 +252,14 @@ class Rebalancer:
     def plan(self, records: list[Record], now: float) -> int | None:
         """Where to move on this view, if anywhere: after the moves of the peers before us
         (earlier_turns), leaving no block that one of them might leave too; or, once we have
-        waited for the same move for a while, as if they stayed (a peer of fixed --layers, or
+        waited a while, as if they stayed (a peer of fixed --layers, or
         one with sessions open, never takes its turn)."""
         cfg = self.handler.config
         me, start = self.gossip.peer_id, self.handler.blocks.start
         throughput = self.handler.stats.throughput
         target = plan_move(coverage(records, cfg.n_layer, cfg.n_head, exclude=me), start, self.n_blocks, throughput)
         if target is None:  # nothing to take turns for (and no cost: the peers' moves are not simulated)
-            self._waiting = None
+            self._waiting_since = None
             return None
         turns = earlier_turns(records, me, (start, start + self.n_blocks), cfg.n_layer, cfg.n_head)
         turn = plan_move(coverage(turns.ahead, cfg.n_layer, cfg.n_head, exclude=me), start, self.n_blocks,
@@ -265,18 +267,18 @@ class Rebalancer:
         if turn is not None and any(turns.held[i] <= 0 for i in range(start, start + self.n_blocks)
                                     if not turn <= i < turn + self.n_blocks):
             turn = None  # a block we would leave is held only by peers that may leave it too
-        if turn == target:
-            self._waiting = None
-            return target
-        if self._waiting != (turn, target):
-            # Timed from the first wait for this move, not from the last change to the swarm:
-            # churn elsewhere would otherwise hold a gap open for as long as it lasts.
-            self._waiting, self._waiting_since = (turn, target), now
+        if turn is not None:  # our turn (the plain move, or another): now
+            self._waiting_since = None
+            return turn
+        # Timed from the first wait, not from the last change to the swarm or to where we would
+        # go: churn elsewhere would otherwise hold a gap open for as long as it lasts.
+        if self._waiting_since is None:
+            self._waiting_since = now
         if now - self._waiting_since >= (YIELD_INTERVALS + turns.before) * self.interval:
-            self._waiting = None
+            self._waiting_since = None
             return target
-        log.debug("waiting our turn: %s rather than %s", turn, target)
-        return turn
+        log.debug("waiting our turn to move to %d:%d", target, target + self.n_blocks)
+        return None
 
     def move(self, start: int) -> bool:
         old = self.handler.blocks

@@ -260,8 +260,9 @@ class Embeddings(nn.Module):
             self.wte = nn.Embedding(config.vocab_size, config.n_embd)
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         else:
-            # To take loaded weights (shards/weights.py): no random init, which on the meta device
-            # imports torch._dynamo, ~1 s of every client's first connect (review124).
+            # Built on the meta device to take loaded weights (shards/weights.py), and only so:
+            # elsewhere the weights would be uninitialised memory. No random init, which on the
+            # meta device imports torch._dynamo, ~1 s of every client's first connect (review124).
             self.wte = nn.Embedding.from_pretrained(torch.empty(config.vocab_size, config.n_embd))
             self.wpe = nn.Embedding.from_pretrained(torch.empty(config.block_size, config.n_embd))
 
@@ -303,7 +304,7 @@ class GPT(nn.Module):
         self.blocks = Blocks(config, 0, config.n_layer)
         self.head = Head(config)
         self.head.lm_head.weight = self.embeddings.wte.weight  # tied, as in GPT-2
-        if not init:  # weights to be loaded (shards/weights.py): see Embeddings
+        if not init:  # on the meta device, weights to be loaded (shards/weights.py): see Embeddings
             return
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections

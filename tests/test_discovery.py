@@ -584,12 +584,20 @@ def test_nodes_sharing_blocks_take_turns_to_move():
     assert plan_move(coverage(twins, 12, 4, exclude="b"), 0, 3, 5.0) == 9  # what "b" did before
     four = [rec(p, (0, 3)) for p in "abcd"]
     assert [plan(four, p) for p in "abcd"] == [3, 6, 9, None]
-    # "a" never moves: "b" fills the gap once it has waited its turn, "a" and itself, two
-    # intervals each, though another node came and went meanwhile.
+    # "a" never moves: "b" fills the gap once it has waited its turn, though another node came
+    # and went meanwhile, making 8:11 the better window for a while (review125).
     b = rebalancer(twins, "b")
     deadline = (YIELD_INTERVALS + 1) * 2.0
-    assert b.plan(twins, 0.0) is None and b.plan(twins + [rec("e", (3, 6))], deadline - 0.1) is None
+    assert b.plan(twins, 0.0) is None and b.plan(twins + [rec("e", (11, 12))], deadline - 0.1) is None
     assert b.plan(twins, deadline) == 9
+    # Twelve nodes on block 0 (one each, started together on an empty swarm): more than
+    # MAX_EARLIER before the last ones, who take those they do not simulate to move (review125).
+    twelve = [rec(f"p{i:02d}", (0, 1)) for i in range(12)]
+    handler = SimpleNamespace(config=SimpleNamespace(n_layer=12, n_head=4), blocks=SimpleNamespace(start=0),
+                              stats=SimpleNamespace(throughput=5.0))
+    moves = [Rebalancer(handler, SimpleNamespace(peer_id=r.peer_id), 1, lambda a, b: None, interval=2.0)
+             .plan(twelve, 0.0) for r in twelve]
+    assert moves[:8] == list(range(1, 9)) and moves[-1] is None
     # A turn never counts on a peer moving into blocks we leave before it has: "d" alone holds
     # block 0, which "c" would take on its turn; "d" would then be better on 1:4.
     alone = [rec("a", (1, 4)), rec("b", (1, 4)), rec("c", (1, 3), 20.0), rec("d", (0, 3))]
