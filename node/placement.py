@@ -44,8 +44,8 @@ DEFAULT_BUDGET_FRACTION = 0.25
 # blocks before it lets the old ones go, Rebalancer.move) still fits.
 GPU_BUDGET_FRACTION = 0.45
 MOVE_GAIN = 1.5
-# A node waits its turn (earlier_turns) for the same move this many intervals at most, plus one
-# for each peer before it: by then they have had their turn and not taken it (fixed --layers,
+# A node waits its turn (earlier_turns) this many rebalance intervals at most, plus one for each
+# peer simulated before it: by then they have had their turn and not taken it (fixed --layers,
 # sessions open), and the nodes that waited on them go one after another, not together.
 YIELD_INTERVALS = 2
 _MIN_COVER = 1e-3  # a record advertising 0 tokens/s still covers its blocks
@@ -167,7 +167,7 @@ class Turns:
 
     ahead: list[Record]  # the records once those peers have made their moves
     held: list[float]  # per block, the coverage of the others less every peer before us that may move
-    before: int  # how many peers come before us
+    before: int  # how many peers before us were simulated
 
 
 def earlier_turns(records: list[Record], me: str, span: tuple[int, int], n_layer: int,
@@ -252,8 +252,8 @@ class Rebalancer:
     def plan(self, records: list[Record], now: float) -> int | None:
         """Where to move on this view, if anywhere: after the moves of the peers before us
         (earlier_turns), leaving no block that one of them might leave too; or, once we have
-        waited a while, as if they stayed (a peer of fixed --layers, or
-        one with sessions open, never takes its turn)."""
+        waited a while, as if they stayed (a peer of fixed --layers, or one with sessions open,
+        never takes its turn)."""
         cfg = self.handler.config
         me, start = self.gossip.peer_id, self.handler.blocks.start
         throughput = self.handler.stats.throughput
