@@ -223,7 +223,8 @@ class Rebalancer:
         self.failures = 0  # loads that failed in a row (each doubles the wait before the next check)
         self._next = time.monotonic() + self._jitter()
         self._view: frozenset = frozenset()
-        self._waiting_since: float | None = None  # when we began to wait for our turn
+        self._latest: float | None = None  # the latest the next check may be put off to
+        self._waiting_until: float | None = None  # when we stop waiting for our turn
 
     def _jitter(self) -> float:
         # Randomized, so that two nodes seeing the same gap rarely move into it together.
@@ -236,12 +237,17 @@ class Rebalancer:
         now = time.monotonic()
         if view != self._view:
             # The swarm changed: decide again once it has settled, each node at its own random
-            # moment, so that the first mover's new record reaches the others before they decide.
+            # moment, so that the first mover's new record reaches the others before they decide;
+            # but one interval late at most, or churn elsewhere would put the check off for as
+            # long as it lasts (review126: a gap unfilled for 120 s under a join a second).
             self._view = view
-            self._next = now + self.settle + random.uniform(0, self.interval)
-        if now < self._next or self.gossip.departed or self.handler.leaving:
+            if self._latest is None:
+                self._latest = self._next + self.interval
+            self._next = min(now + self.settle + random.uniform(0, self.interval), self._latest)
+        due = self._next if self._waiting_until is None else min(self._next, self._waiting_until)
+        if now < due or self.gossip.departed or self.handler.leaving:
             return None
-        self._next = now + self._jitter()
+        self._next, self._latest = now + self._jitter(), None
         if self.handler.sessions.sessions:
             return None  # moving would strand open sessions; try again later
         target = self.plan(records, now)
@@ -259,7 +265,7 @@ class Rebalancer:
         throughput = self.handler.stats.throughput
         target = plan_move(coverage(records, cfg.n_layer, cfg.n_head, exclude=me), start, self.n_blocks, throughput)
         if target is None:  # nothing to take turns for (and no cost: the peers' moves are not simulated)
-            self._waiting_since = None
+            self._waiting_until = None
             return None
         turns = earlier_turns(records, me, (start, start + self.n_blocks), cfg.n_layer, cfg.n_head)
         turn = plan_move(coverage(turns.ahead, cfg.n_layer, cfg.n_head, exclude=me), start, self.n_blocks,
@@ -268,14 +274,15 @@ class Rebalancer:
                                     if not turn <= i < turn + self.n_blocks):
             turn = None  # a block we would leave is held only by peers that may leave it too
         if turn is not None:  # our turn (the plain move, or another): now
-            self._waiting_since = None
+            self._waiting_until = None
             return turn
         # Timed from the first wait, not from the last change to the swarm or to where we would
-        # go: churn elsewhere would otherwise hold a gap open for as long as it lasts.
-        if self._waiting_since is None:
-            self._waiting_since = now
-        if now - self._waiting_since >= (YIELD_INTERVALS + turns.before) * self.interval:
-            self._waiting_since = None
+        # go: churn elsewhere would otherwise hold a gap open for as long as it lasts (check()
+        # comes back at this time, whatever the swarm does meanwhile).
+        if self._waiting_until is None:
+            self._waiting_until = now + (YIELD_INTERVALS + turns.before) * self.interval
+        if now >= self._waiting_until:
+            self._waiting_until = None
             return target
         log.debug("waiting our turn to move to %d:%d", target, target + self.n_blocks)
         return None

@@ -614,6 +614,41 @@ def test_nodes_sharing_blocks_take_turns_to_move():
     assert all(c > 0 for c, was in zip(coverage(after, 12, 4), coverage(six, 12, 4)) if was > 0)
 
 
+def test_a_node_waiting_its_turn_is_not_put_off_by_churn(monkeypatch):
+    """A change to the swarm puts a node's next check off until the view settles, but one
+    interval late at most, and never past the end of a wait for its turn: with a node joining
+    and leaving elsewhere every second, "b" (behind a twin "a" that never moves) filled the gap
+    after 11 s, where it had not in 120 s (review126)."""
+    from types import SimpleNamespace
+
+    from nanoswarm.node import placement
+
+    clock = [100.0]
+    monkeypatch.setattr(placement.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(placement.random, "uniform", lambda a, b: b)  # every delay at its longest
+    ident = generate_identity()
+
+    def rec(peer, layers):
+        return Record(peer_id=peer, sign_key=ident.sign_public, curve_key=ident.curve_public, address="tcp://x:1",
+                      model_id="m", layers=layers, heads=None, throughput=5.0, load=0.0, seq=1, expires=0.0)
+
+    twins = [rec("a", (0, 3)), rec("b", (0, 3)), rec("c", (3, 6)), rec("d", (6, 9))]
+    view = [twins]
+    handler = SimpleNamespace(config=SimpleNamespace(n_layer=12, n_head=4), blocks=SimpleNamespace(start=0),
+                              stats=SimpleNamespace(throughput=5.0), model_id="m", leaving=False,
+                              sessions=SimpleNamespace(sessions={}))
+    gossip = SimpleNamespace(peer_id="b", departed=False, table=SimpleNamespace(records=lambda model_id: view[0]))
+    rebalancer = placement.Rebalancer(handler, gossip, 3, lambda a, b: None, interval=2.0, settle=1.0)
+    moved = []
+    rebalancer.move = lambda start: moved.append((clock[0], start)) or True
+    while not moved and clock[0] < 160.0:
+        view[0] = twins + [rec("e", (3, 6))] if int(clock[0]) % 2 else twins  # a join or a leave a second
+        rebalancer.check()
+        clock[0] += 0.25
+    # The first check at 105 (due at 103, put off one interval), a wait of 3 intervals to 111.
+    assert moved == [(111.0, 9)]
+
+
 def test_contact_strings_round_trip():
     ident = generate_identity()
     contact = format_contact("tcp://127.0.0.1:5555", ident.curve_public)
