@@ -629,31 +629,38 @@ def test_generate_says_why_the_peers_it_was_given_were_not_used(tiny_model_dir):
 
 
 
-def test_a_route_that_fails_for_a_peer_it_could_not_use_says_so_once(tiny_model_dir, cluster_factory):
+def test_a_route_that_fails_for_a_peer_it_could_not_use_says_so_once(tmp_path, cluster_factory):
     """A peer left out while the others do not cover every block is named in the error line only:
     it was also logged as a warning before, two lines saying the same (a walkthrough review)."""
+    from dataclasses import replace
+
+    from conftest import make_model_dir
+
     from nanoswarm.keys.contact import endpoint_of
 
-    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    # A context of 2,048 positions, so that the generation killed midway below is still running
+    # when its node dies: the tiny model's 128 took well under a second (review127; the same
+    # race failed test_signals_end_commands_as_ctrl_c_does twice in CI).
+    model_dir = make_model_dir(tmp_path / "long", replace(TINY, block_size=2048), layers_per_shard=2)
+    swarm = cluster_factory(model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
     keyless = endpoint_of(swarm.addresses[0])
-    out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--timeout", "5",
+    out = invoke_cli("generate", "x", "--model", str(model_dir), "--timeout", "5",
                      "--peers", f"{keyless},{swarm.addresses[1]}")  # (its log lines go to its stderr too)
     line = one_error_line(out)
     assert line.startswith("error: no peer serves layers 0:2") and f"{keyless}: insecure: no CURVE key" in line
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     # --json prints a generation's partial result only once it began: not for a bad prompt
-    out = invoke_cli("generate", "x " * 200, "--model", str(tiny_model_dir), "--json",
+    out = invoke_cli("generate", "x " * 2100, "--model", str(model_dir), "--json",
                      "--peers", ",".join(swarm.addresses))
     assert "tokens; the model's context is" in one_error_line(out) and out.stdout == ""
     # Failed midway (the only peer of blocks 2:4 killed): what came so far, and why it ended
     probe = PeerConnection(swarm.addresses[1], timeout=10)
     try:
         before = probe.request("info").fields["stats"]["tokens"]
-        gen = subprocess.Popen([*CLI, "generate", "To be", "--model", str(tiny_model_dir), "--json", "--peers",
+        gen = subprocess.Popen([*CLI, "generate", "To be", "--model", str(model_dir), "--json", "--peers",
                                 ",".join(swarm.addresses), "--max-new-tokens", "100000", "--temperature", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
-        # (closely watched: its 125 tokens take the tiny model well under a second)
         while probe.request("info").fields["stats"]["tokens"] < before + 3 and time.monotonic() < deadline:
             time.sleep(0.002)
     finally:
