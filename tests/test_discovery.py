@@ -593,10 +593,7 @@ def test_nodes_sharing_blocks_take_turns_to_move():
     # Twelve nodes on block 0 (one each, started together on an empty swarm): more than
     # MAX_EARLIER before the last ones, who take those they do not simulate to move (review125).
     twelve = [rec(f"p{i:02d}", (0, 1)) for i in range(12)]
-    handler = SimpleNamespace(config=SimpleNamespace(n_layer=12, n_head=4), blocks=SimpleNamespace(start=0),
-                              stats=SimpleNamespace(throughput=5.0))
-    moves = [Rebalancer(handler, SimpleNamespace(peer_id=r.peer_id), 1, lambda a, b: None, interval=2.0)
-             .plan(twelve, 0.0) for r in twelve]
+    moves = [plan(twelve, r.peer_id) for r in twelve]
     assert moves[:8] == list(range(1, 9)) and moves[-1] is None
     # A turn never counts on a peer moving into blocks we leave before it has: "d" alone holds
     # block 0, which "c" would take on its turn; "d" would then be better on 1:4.
