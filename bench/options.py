@@ -74,7 +74,9 @@ def run_groups(opts: BenchOptions, n_layer: int, n_head: int) -> list[Group]:
             longest.variants += [("float32", x) for x in opts.links[1:]]
         longest.variants += [(w, links) for w in opts.wires if w != "float32"]
     if opts.head_groups:
-        groups.append(Group("heads", swarm_specs(n_layer, n_head, 1, opts.head_groups), [("float32", links)], 1))
+        # relay: its members all-reduce among themselves; star: the client meets them (fan-out)
+        groups.append(Group("heads", swarm_specs(n_layer, n_head, 1, opts.head_groups),
+                            [("float32", x) for x in opts.links], 1))
     return groups
 
 

@@ -121,7 +121,8 @@ class Bench:
 
     def swarm(self, addresses: list[str], wire: str, links: str = "relay") -> Swarm:
         swarm = Swarm(self.manifest.model_id, self.config.n_layer, self.config.n_head,
-                      SwarmOptions(timeout=60.0, wire=wire, relay=links == "relay"))
+                      # "relay": nodes pass steps on, and a head group's members all-reduce
+                      SwarmOptions(timeout=60.0, wire=wire, relay=links == "relay", all_reduce=links == "relay"))
         swarm.add_addresses(addresses, timeout=30.0)
         return swarm
 
@@ -216,8 +217,10 @@ class Bench:
         return {
             "route": group.route, "stages": group.stages, "nodes": len(group.specs), "wire": wire,
             # relay: consecutive layer stages pass each step on (client/relay.py); star: every
-            # stage answers the client. The same with one stage, or a head group.
-            "links": links if group.route == "layers" and group.stages > 1 else "star",
+            # stage answers the client. The same with one stage. A head group's members all-reduce
+            # (with relay) or are met by the client (fan-out).
+            "links": (links if group.stages > 1 else "star") if group.route == "layers"
+            else "all-reduce" if links == "relay" else "fan-out",
             "decode_tps": 1 / s_step, "decode_ms": 1000 * s_step, "local_decode_tps": 1 / l_step,
             "decode_ratio": l_step / s_step,
             "prefill_tps": opts.prompt_len / s_pre, "prefill_ms": 1000 * s_pre,

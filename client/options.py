@@ -23,6 +23,9 @@ class SwarmOptions:
     client_keys: tuple[bytes, bytes] | None = field(default=None, repr=False)
     insecure: bool = False       # allow unencrypted links to peers that have no CURVE key
     relay: bool = True           # consecutive layer stages pass steps node to node (client/relay.py)
+    # a head group's members exchange their partial sums themselves (node/all_reduce.py), where
+    # all of them take it; off, the client meets them twice a block (client/stages.py)
+    all_reduce: bool = True
     # --peers contacts are told of each other, so that nodes started without a bootstrap relay
     # (client/introduce.py); off, they relay only to the peers they already know.
     introduce: bool = True
@@ -43,7 +46,7 @@ class SwarmOptions:
                              f"got {self.ban_seconds!r}")
         if self.wire not in WIRE_FORMATS:
             raise ValueError(f"wire must be one of {', '.join(WIRE_FORMATS)}, got {self.wire!r}")
-        for name in ("insecure", "relay", "introduce"):
+        for name in ("insecure", "relay", "introduce", "all_reduce"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not (isinstance(self.verify, (int, float)) and not isinstance(self.verify, bool) and 0 <= self.verify <= 1):

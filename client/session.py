@@ -36,7 +36,7 @@ from .history import History, Unkept
 from .peer_errors import PeerError
 from .relay import RELAY_STALLS, Chain, ChainBroken, SessionRelay, stalled_stage
 from .spot_checks import SpotChecks
-from .stages import BUSY_RETRIES, HeadGroupStage, RemoteLayerStage, Stage, busy_pause
+from .stages import BUSY_RETRIES, AllReduceFailed, HeadGroupStage, RemoteLayerStage, Stage, busy_pause
 from .swarm import Swarm
 
 log = logging.getLogger(__name__)
@@ -263,6 +263,16 @@ class InferenceSession(SpotChecks):
             if isinstance(stage, RemoteLayerStage):
                 rewind.add(stage)  # a split step's first half may be stored (step_retrying_busy)
             return i, busy_retries + 1
+        if isinstance(e, AllReduceFailed) and stage not in reopened:
+            # The group's members may hold the step in part: new sessions on them, replayed,
+            # met one by one (the stage turned its all-reduce off). No one is struck for it.
+            reopened.add(stage)
+            log.info("%s: reopening the group", e)
+            failed = self._reopen(i, reclaimed=False)
+            if failed is None:
+                return self._at(stage.start), busy_retries
+            return self._replace(self.stages.index(stage), failed, strike=failed.code not in CANNOT_TAKE
+                                 and not self._moved(failed)), busy_retries
         if e.code == "session_closed" and self._takes_reclaim(stage, e, reopened):
             # The node reclaimed our session after its idle timeout (the reader paused): nothing
             # failed. Open a new one there, rebuilt from the history, no strike.

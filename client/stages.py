@@ -4,10 +4,12 @@ new positions and keeps its own KV cache (remote or local); all expose the same 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from typing import TYPE_CHECKING
 
 import torch
+import zmq
 
 from nanoswarm.protocol.errors import shown
 from nanoswarm.protocol.messages import Message
@@ -15,11 +17,13 @@ from nanoswarm.protocol.tensors import abs_max
 from nanoswarm.shards.model import Blocks
 
 from .link_sessions import idle_clock
-from .peer_errors import PeerError
+from .peer_errors import PeerError, PeerTimeout
 from .transport import MAX_FRAME_BYTES, PeerConnection
 
 if TYPE_CHECKING:
     from .verify import FanOutRecord
+
+log = logging.getLogger(__name__)
 
 def open_fields(model_id: str, max_length: int, start: int, stop: int, heads: tuple[int, int] | None = None) -> dict:
     """An `open` request's fields for blocks [start, stop), and the heads the client takes from
@@ -277,29 +281,62 @@ def check_heads_served(conn: PeerConnection, heads: tuple[int, int], timeout: fl
                         f"{heads[0]}:{heads[1]} (a node of an earlier version, which does not check them at open)")
 
 
+class AllReduceFailed(PeerError):
+    """A head group's all-reduce step failed with no member at fault (one could not reach another,
+    was busy, or their outputs differed): the group's sessions may hold the step in part, so it is
+    reopened (InferenceSession), its members met by the client from then on."""
+
+
+# Answers of a member to an all-reduce step that blame no one: it could not send to another member
+# (not_served, relay_failed), had no room for the step now (busy), or its sums overflowed
+# (bad_value: another member's partial may have been NaN or absurd, which the fan-out shows).
+NO_FAULT = ("relay_failed", "not_served", "busy", "bad_value")
+
+
+def all_reduce_wait(timeout: float | None) -> float:
+    """How long a member waits for another's partial: well within the client's own wait for the
+    step, so that a member that stopped is the one that times out here."""
+    return min(10.0, max(0.1, (timeout or 30.0) / 4))
+
+
 class HeadGroupStage(Stage):
     """Peers whose head ranges partition all heads of blocks [start, stop).
 
     Per block the hidden states fan out to every member twice: after attention and after the
     MLP the members' partial sums are added to the residual here. The member holding head 0
     carries the output biases, so the plain sum is the block's exact output.
+
+    With `all_reduce` (every member says it takes them at open, and no spot check needs the
+    partials), a step goes to every member once, naming the others (`names`: the contacts they
+    know each other by), and the members exchange their partial sums themselves
+    (node/all_reduce.py): one round trip a step instead of two a block. Every member answers with
+    the output, and they must agree. Where that fails with no member at fault, the group goes
+    back to the fan-out for good.
     """
 
     retries_busy = True
 
     def __init__(self, members: list[tuple[PeerConnection, tuple[int, int]]], start: int, stop: int,
-                 model_id: str, wire: str = "float32", timeout: float | None = None):
+                 model_id: str, wire: str = "float32", timeout: float | None = None,
+                 names: dict[str, str] | None = None, all_reduce: bool = False):
         self.members = sorted(members, key=lambda m: m[1][0])  # fixed order: same sums every time
         self.start, self.stop, self.model_id = start, stop, model_id
         self.wire, self.timeout = wire, timeout
+        self.names = names or {}  # member address -> the contact the others know it by
         self.sessions: list[str] = []
         self.limits: list[dict] = []  # the members' `opened` replies
         self.record: FanOutRecord | None = None  # what members were sent and answered, if spot-checked
+        self.wants_all_reduce = all_reduce  # off for good once an all-reduce failed with no one at fault
+        self.all_reduce = False  # whether this session's steps go by all-reduce
+        self.max_length = 0
 
     def open(self, max_length: int) -> None:
         if self.record is not None:
             self.record.reset()
         self._open(max_length)
+        self.max_length = max_length
+        self.all_reduce = (self.wants_all_reduce and self.record is None and len(self.members) > 1
+                           and all(fields.get("all_reduce") is True for fields in self.limits))
 
     def _open(self, max_length: int) -> None:
         self.sessions, self.limits = [], []
@@ -359,10 +396,77 @@ class HeadGroupStage(Stage):
         return torch.cat([self._step_piece(hidden[:, i:i + n], pos + i) for i in range(0, hidden.shape[1], n)], dim=1)
 
     def _step_piece(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        if self.all_reduce:
+            try:
+                return self._all_reduce(hidden, pos)
+            except AllReduceFailed as e:
+                if pos:  # the session reopens the group and replays what it holds
+                    raise
+                log.info("%s; the group's members are met one by one from now on", e)
+                self.close()  # nothing held yet: new sessions here, and the fan-out
+                self.open(self.max_length)
         for block in range(self.start, self.stop):
             hidden = self._fan_out(hidden, pos, "attn", block)
             hidden = self._fan_out(hidden, pos, "mlp", block)
         return hidden
+
+    def _all_reduce(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        """One step by all-reduce: every member's output, which must agree. The first error
+        ends it: a member's fault raises as it is, any other (NO_FAULT) AllReduceFailed, with the
+        all-reduce off for good."""
+        group = [[self.names.get(conn.address, conn.address), sid]
+                 for (conn, _), sid in zip(self.members, self.sessions)]
+        sent = self.asking()
+        ids = [conn.send("step", {"session": self.sessions[k], "pos": pos, "wire": self.wire, "group": group,
+                                  "member": k, "wait": all_reduce_wait(self.timeout)},
+                         [hidden], self.wire, timeout=self.timeout)
+               for k, (conn, _) in enumerate(self.members)]
+        try:
+            replies = self._answers(ids)
+        except PeerError as e:
+            if e.code not in NO_FAULT:
+                raise
+            self.wants_all_reduce = self.all_reduce = False
+            raise AllReduceFailed(e.address, e.code, f"all-reduce through {len(self.members)} members failed "
+                                  f"({e.message})") from e
+        self.sent_at = sent
+        # A result of the wrong shape is its member's own; NaN too (every member checks its own
+        # sums before it sends them: PeerConnection reads replies with finite=True).
+        outputs = [reply_tensors(conn, msg, hidden, 1)[0] for (conn, _), msg in zip(self.members, replies)]
+        first = self.members[0][0].address
+        if any(not torch.equal(outputs[0], y) for y in outputs[1:]):
+            # One sent the others a partial it did not keep, or one's output is a lie: the fan-out
+            # shows every partial (and spot checks, which member).
+            self.wants_all_reduce = self.all_reduce = False
+            raise AllReduceFailed(first, "bad_reply", "the members of a head group answered different outputs "
+                                  "for one all-reduce step")
+        try:
+            check_magnitude(first, hidden, outputs[0])
+        except PeerError as e:  # some member's partial made it so: the fan-out shows whose
+            self.wants_all_reduce = self.all_reduce = False
+            raise AllReduceFailed(first, e.code, f"the all-reduce step's output: {e.message}") from e
+        return outputs[0]
+
+    def _answers(self, ids: list[int]) -> list[Message]:
+        """The members' `result`s to requests `ids`, read as they come within one timeout; the
+        first error raises (PeerTimeout for the first member that has not answered)."""
+        replies: list[Message | None] = [None] * len(ids)
+        deadline = time.monotonic() + (self.timeout or 30.0)
+        while True:
+            for k, (conn, _) in enumerate(self.members):
+                if replies[k] is None:
+                    replies[k] = conn.take(ids[k], "result")
+            waiting = [conn for (conn, _), r in zip(self.members, replies) if r is None]
+            left = deadline - time.monotonic()
+            if not waiting:
+                return replies
+            if left <= 0:
+                raise PeerTimeout(waiting[0].address, self.timeout or 30.0)
+            poller = zmq.Poller()
+            for conn in waiting:
+                conn.register(poller)
+                left = conn.poll_limit(left)
+            poller.poll(max(1, int(left * 1000)))
 
     def close(self) -> None:
         while self.sessions:  # one at a time: a close cut short leaves the rest to a second call
@@ -383,5 +487,5 @@ class HeadGroupStage(Stage):
         return next((conn.address for conn, _ in self.members if conn.leaving), None)
 
     def describe(self) -> dict:
-        return {"layers": [self.start, self.stop],
-                "peers": self.peers, "heads": [list(h) for _, h in self.members]}
+        return {"layers": [self.start, self.stop], "peers": self.peers,
+                "heads": [list(h) for _, h in self.members], "all_reduce": self.all_reduce}

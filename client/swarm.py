@@ -165,7 +165,9 @@ class Swarm(PeerTable):
         if plan.is_head_group:
             members = [(self.connection(p.address), h) for p, h in zip(plan.peers, plan.peer_heads(self.n_head))]
             group = HeadGroupStage(members, plan.start, plan.stop, self.model_id,
-                                   self.options.wire, self.options.timeout)
+                                   self.options.wire, self.options.timeout,
+                                   names={p.address: p.relay_name or p.address for p in plan.peers},
+                                   all_reduce=self.options.all_reduce)
             if self.checker is not None:  # spot checks need each member's partials (client/verify.py)
                 group.record = FanOutRecord()
             return group

@@ -27,6 +27,7 @@ from nanoswarm.protocol.messages import (
 )
 from nanoswarm.shards.model import Blocks
 
+from .all_reduce import AllReduces
 from .memory import memory_usage
 from .sessions import DROPPED, NodeLimits, Session, SessionStore
 from .step_checks import PendingStep
@@ -53,6 +54,7 @@ class RequestHandler:
         self.stats = NodeStats()
         self.steps = StepRunner(blocks, self.sessions, self.limits, self.stats)
         self.head_shard = self.steps.head_shard
+        self.groups = AllReduces(self.steps, self.sessions)  # a head group's all-reduce steps
         self.device, self.dtype = self.steps.device, self.steps.dtype
         self.leaving = False
         self.extra_info: dict[str, Any] = {}  # set by the server: address, keys, records
@@ -97,6 +99,14 @@ class RequestHandler:
                                             "retry the same request later")
                     forwards.append((peer, msg, checked))
                     continue
+                if msg.type == "partial":  # another member's partial sum of an all-reduce step
+                    self.groups.take(msg, self.sender_key(frames) if self.sender_key is not None else None)
+                    continue
+                if msg.type == "step" and msg.get("group") is not None:
+                    replies.extend(self.groups.start(peer, msg, self.can_relay))
+                    continue
+                if msg.type == "step" and msg.fields["session"] in self.groups.steps:
+                    raise ProtocolError(ErrorCode.BAD_POSITION, "an all-reduce step of this session is still running")
                 if pending and msg.type in ("step", "close") and any(
                         p.msg.fields["session"] == msg.fields["session"] for p in pending) and (
                         msg.type == "step" or self._owns(peer, msg.fields["session"])):
@@ -117,6 +127,7 @@ class RequestHandler:
                 replies.append((to, self._refusal(req_id, e, peer, msg)))
         if pending:
             replies.extend(self._run(pending))
+        replies.extend(self.groups.advance())
         for peer, msg, checked in forwards:
             try:
                 replies.append((peer, self.steps.forward(msg, *checked)))
@@ -238,7 +249,7 @@ class RequestHandler:
         # A relaying node carries the steps of many sessions (not its own; their replies go to
         # their owners: _reply_route): those count per session. A session's owner counts as one
         # peer however it marks its steps.
-        key = msg.fields["session"] if reply_to != peer else peer
+        key = msg.fields["session"] if reply_to != peer or msg.type == "partial" else peer
         per_peer[key] += 1
         if per_peer[key] > self.limits.max_inflight_per_peer:  # (its id is forgotten: _refusal)
             raise ProtocolError(ErrorCode.BUSY, f"more than {self.limits.max_inflight_per_peer} "
@@ -345,7 +356,9 @@ class RequestHandler:
                                          "idle_timeout": self.limits.idle_timeout,
                                          "trail_optional": True,  # relayed steps may keep no trail
                                          # relayed steps only as the client pins them (`admit`)
-                                         "admits": self.checks_senders})
+                                         "admits": self.checks_senders,
+                                         # a head shard takes a group's all-reduce steps (node/all_reduce.py)
+                                         "all_reduce": self.head_shard})
 
     def _admit_relays(self, peer: bytes, msg: Message) -> list:
         """The session's owner pins its relayed steps: they come from the stage before on its

@@ -108,6 +108,7 @@ class NodeServer:
         if curve_secret is not None:
             self.socket.zap_domain = b"nanoswarm"
             handler.sender_key = sender_key
+            handler.groups.checks_keys = True  # a member's partials only with its key (node/all_reduce.py)
             self.socket.curve_secretkey = curve_secret
             self.socket.curve_publickey = curve_public
             self.socket.curve_server = True
@@ -216,6 +217,8 @@ class NodeServer:
                         on_readable()
                 if self._wake_r.fileno() in ready:
                     self._drain_wakeups()
+                if self.handler.groups.steps:  # all-reduce steps that waited too long for a partial
+                    self._send_all(self.handler.groups.expire())
                 self._run_timers()
         finally:
             self.close()
@@ -225,6 +228,9 @@ class NodeServer:
         due = min((d[0] for _, _, d in self._timers), default=time.monotonic() + MAX_SLEEP_MS / 1000)
         if deadline is not None:
             due = min(due, deadline)
+        waiting = self.handler.groups.next_deadline()
+        if waiting is not None:
+            due = min(due, waiting)
         return max(0, min(MAX_SLEEP_MS, int((due - time.monotonic()) * 1000) + 1))
 
     def _drain_wakeups(self) -> None:

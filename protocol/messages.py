@@ -65,7 +65,14 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
              # and this node's place in the chain
              "reply": ((int, type(None)), False), "next": (_OPT_LIST, False),
              "hop": ((int, type(None)), False), "busy": (_OPT_LIST, False), "rewind": (_BOOL, False),
-             "trail": (_BOOL, False), "from": (_OPT_STR, False)},
+             "trail": (_BOOL, False), "from": (_OPT_STR, False),
+             # a head group's all-reduce (node/all_reduce.py): every member's [contact, session],
+             # in member order, this member's index, and how long it waits for another's partial
+             "group": (_OPT_LIST, False), "member": ((int, type(None)), False),
+             "wait": ((float, int, type(None)), False)},
+    # a member's partial sum of one phase of an all-reduce step, to another member of its group
+    "partial": {"session": (_STR, True), "pos": (_INT, True), "block": (_INT, True), "phase": (_STR, True),
+                "member": (_INT, True)},
     "close": {"session": (_STR, True)},
     # the hop before (its CURVE key, z85, and its session) whose relayed steps the session
     # takes, and the hop after ([contact, session]) it passes them on to; null: none
@@ -80,7 +87,9 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                "max_tokens_per_step": (_INT, False), "max_message_bytes": (_INT, False),
                "trail_optional": (_BOOL, False), "admits": (_BOOL, False),
                # the node's heads; a node of an earlier version says none, nor checks `open`'s
-               "heads": (_OPT_LIST, False)},
+               "heads": (_OPT_LIST, False),
+               # it takes a head group's all-reduce steps (`group`); an earlier version says nothing
+               "all_reduce": (_BOOL, False)},
     "result": {"busy_us": ((int, type(None)), False), "busy": (_OPT_LIST, False)},
     "closed": {"session": (_STR, True)},
     "admitted": {"session": (_STR, True)},
@@ -164,7 +173,7 @@ def peek_id(header_bytes: bytes) -> int:
 
 
 # What a node takes; every other type is a reply (or a notice) and is `unknown_type` there.
-REQUEST_TYPES = frozenset({"info", "forward", "open", "step", "close", "admit", "records"})
+REQUEST_TYPES = frozenset({"info", "forward", "open", "step", "close", "admit", "records", "partial"})
 # The reply each request takes (besides `error`): a reply of another type is the peer's nonsense.
 REPLY_TYPES = {"info": "info_reply", "forward": "result", "open": "opened", "step": "result",
                "close": "closed", "admit": "admitted", "records": "records_reply"}

@@ -28,7 +28,7 @@ import time
 
 import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
 from nanoswarm.cli import main
-from nanoswarm.node import handler, relay, server, sessions, steps, zap
+from nanoswarm.node import all_reduce, handler, relay, server, sessions, steps, zap
 from nanoswarm.protocol.messages import encode
 from nanoswarm.shards.model import Block, Blocks
 
@@ -54,7 +54,7 @@ for flag in ("--nan", "--send-nan"):
     if flag in sys.argv:
         sys.argv.remove(flag)
         if flag == "--send-nan":
-            steps._unsendable = lambda *args: None
+            steps._unsendable = all_reduce._unsendable = lambda *args: None
 if "--wrong-decode" in sys.argv:
     sys.argv.remove("--wrong-decode")
     lies = lambda x: x.shape[1] == 1  # noqa: E731

@@ -38,7 +38,7 @@ def test_quick_bench_json_has_every_field(tmp_path):
     assert all(out["local"][k] > 0 for k in ("decode_tps", "prefill_tps", "decode_ms", "prefill_ms"))
     assert [(r["route"], r["wire"], r["links"]) for r in out["runs"]] == [
         ("layers", "float32", "relay"), ("layers", "float32", "star"), ("layers", "float16", "relay"),
-        ("layers", "q80", "relay"), ("heads", "float32", "star")]
+        ("layers", "q80", "relay"), ("heads", "float32", "all-reduce"), ("heads", "float32", "fan-out")]
     runs = {(r["route"], r["stages"], r["wire"]): r for r in out["runs"][::-1]}  # the first run of each wins
     for key, run in runs.items():
         assert RUN_FIELDS <= set(run), key
@@ -58,7 +58,8 @@ def test_quick_bench_json_has_every_field(tmp_path):
         assert sessions[-1]["node_mean_batch"] > 1, key
     progress = result.stderr.splitlines()  # a line per cluster and run, as the runs go
     assert "layers, 2 stages: starting 2 nodes" in progress and "heads, 1 stage: starting 2 nodes" in progress
-    assert any(line.startswith("heads, 1 stage, float32, star: decode ratio") for line in progress)
+    assert any(line.startswith("heads, 1 stage, float32, all-reduce: decode ratio") for line in progress)
+    assert any(line.startswith("heads, 1 stage, float32, fan-out: decode ratio") for line in progress)
     assert sum(line.startswith("layers, 2 stages, ") and "decode ratio" in line for line in progress) == 4
     table = format_report(out)
     assert "2 stages" in table and "head group x2" in table and "q80" in table and "relay" in table

@@ -245,7 +245,7 @@ def test_a_dead_member_is_replaced_by_one_serving_more_blocks(small12_model_dir,
     assert result.ids == expected_ids
     assert result.failovers == 1
     assert result.route[0] == {"layers": [0, 6], "peers": [swarm.addresses[0], swarm.addresses[3]],
-                               "heads": [[0, 6], [6, 12]]}
+                               "heads": [[0, 6], [6, 12]], "all_reduce": True}
 
 
 def test_restarted_node_with_same_key_is_used_again(small12_model_dir, cluster_factory, expected_ids):
@@ -661,21 +661,27 @@ def test_a_node_whose_results_are_nan_is_failed_over_and_the_text_is_exact(tiny_
     assert [stage["peers"] for stage in result.route] == [[nodes.addresses[1]], [nodes.addresses[2]]]  # not the liar
 
 
+@pytest.mark.parametrize("liar", [(0, 2), (2, 4)], ids=["member 0", "member 1"])
 @pytest.mark.parametrize("fault", ["--nan", "--send-nan", "--huge"])
 def test_a_head_group_member_whose_partial_sums_are_nan_or_absurd_is_failed_over(tiny_model_dir, cluster_factory,
-                                                                                 fault):
+                                                                                 fault, liar):
     """The same for a head shard's attention partial sums: the member refuses its own NaN
     (`bad_value`), or sends it and the client's reply check refuses it, or sends 1e20s and the
     magnitude check (applied to each member's partial) does. Only that member is replaced: the
-    other member serves on, and the text is exact."""
-    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), (0, 2), args=["--dishonest", fault]),
-                                             NodeSpec((0, 4), (2, 4)), NodeSpec((0, 4), (0, 2))],
+    other member serves on, and the text is exact. The group starts as an all-reduce, where the
+    liar's partial goes to the other member, whose sums then overflow (`bad_value`) or whose output
+    is absurd: that blames no one (the other member would be struck for the liar's partial), so the
+    group goes back to the fan-out, where the liar is seen."""
+    other = (2, 4) if liar == (0, 2) else (0, 2)
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), liar, args=["--dishonest", fault]),
+                                             NodeSpec((0, 4), other), NodeSpec((0, 4), liar)],
                             cluster=SwarmWithALiar)
     result, bans = _generate_preferring_others(tiny_model_dir, nodes, 2, False, 6)  # the liar first
     assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, 6, SamplingParams(temperature=0)).ids
     assert result.failovers == 1 and bans == {nodes.addresses[0]}
-    assert result.route == [{"layers": [0, 4], "peers": [nodes.addresses[2], nodes.addresses[1]],
-                             "heads": [[0, 2], [2, 4]]}]
+    members = sorted([(liar, nodes.addresses[2]), (other, nodes.addresses[1])])
+    assert result.route == [{"layers": [0, 4], "peers": [p for _, p in members], "heads": [list(h) for h, _ in members],
+                             "all_reduce": True}]  # the replacement's group all-reduces again
 
 
 @pytest.mark.parametrize("relay", [True, False], ids=["relayed", "stage by stage"])

@@ -270,7 +270,7 @@ def test_a_head_group_member_that_computes_wrong_is_caught_and_blamed_alone(tiny
     assert result.wrong_results == 1 and result.failovers == 1 and result.spot_checks == N_TOKENS
     members = sorted([(liar, replacement), ((2, 4) if liar == (0, 2) else (0, 2), honest)])
     assert result.route == [{"layers": [0, 4], "peers": [p for _, p in members],
-                             "heads": [list(h) for h, _ in members]}]
+                             "heads": [list(h) for h, _ in members], "all_reduce": False}]  # checks need partials
     assert result.ids == expected.ids
     diff = max(float((a - b).abs().max()) for a, b in zip(result.logits, expected.logits))
     assert diff < 1e-4, diff

@@ -1,0 +1,305 @@
+"""A head group's all-reduce, on one of its members.
+
+A head group's members each hold a share of the heads (and of the MLP) of the same blocks. Met by
+the client (client/stages.py, fan-out), a token costs two round trips to every member a block.
+In an all-reduce the client sends a step once to every member, naming the whole group (`group`:
+each member's [contact, session], in member order; `member`: this one's index). Each member then,
+block by block and phase by phase (attention, MLP):
+
+- computes its partial sum and sends it to every other member (`partial`, over the node's relay
+  links: node/relay.py), as the wire format carries it;
+- waits, without holding the node's loop, for the others' partials of that phase;
+- adds every member's partial to the residual in member order, in float32 on the CPU: the sums
+  the client adds in a fan-out, so the output is the same to the bit (on a float32 wire);
+- goes on to the next phase.
+
+After the last block every member answers the client with the output. A partial is taken only
+from the member the step names, by its CURVE key (from its contact, as ZAP gives each message's:
+node/server.py); a member may be one phase ahead of another, and a partial may come before the
+step it belongs to, so partials of this phase and the next are kept until used. A member that
+has not had every partial of a phase within the step's `wait` answers `relay_failed`, its session
+as before the step (the client then reopens the group, meeting its members itself:
+client/stages.py). A member runs one session's phases at a time: phases of several sessions are
+not batched into one forward pass, as a fan-out's are (node/steps.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from nanoswarm.keys.contact import split_contact
+from nanoswarm.protocol.errors import ErrorCode, ProtocolError
+from nanoswarm.protocol.messages import Message, encode_frames, parse_next
+from nanoswarm.protocol.tensors import frame_tensor, to_frame
+
+from .relay import Relay, next_hop_id
+from .sessions import Session, SessionStore
+from .steps import Reply, StepRunner, _stored_block, _unsendable
+
+log = logging.getLogger(__name__)
+
+MAX_MEMBERS = 64     # members of one group
+DEFAULT_WAIT = 5.0   # seconds a member waits for another's partial, when the step names none
+MAX_WAIT = 60.0
+MIN_WAIT = 0.05
+# Partials kept for one session: of the phase waited on and the next, from each other member.
+MAX_KEPT = 2 * MAX_MEMBERS
+
+
+@dataclass(eq=False)
+class GroupStep:
+    """An all-reduce step in progress on this member."""
+
+    reply_to: tuple[bytes, int]  # the session's owner, and its request's id
+    session: Session
+    members: list[tuple[str, str]]  # each member's [contact, session], in member order
+    keys: list[str | None]  # the CURVE key (z85) each member's partials must come with (None: unchecked)
+    me: int
+    pos: int
+    wire: str
+    wait: float
+    x: torch.Tensor  # the residual so far: float32, on the CPU
+    length: int  # the session's length before the step, restored if it fails
+    block: int = 0
+    phase: str = "attn"
+    own: torch.Tensor | None = None  # this member's partial of the phase waited on, as the wire carries it
+    deadline: float = 0.0
+    busy_us: int = 0  # compute of the step so far
+
+
+def _as_sent(y: torch.Tensor, frame: object, wire: str) -> torch.Tensor:
+    """`y` as a member that is sent `frame` reads it: float32 on the CPU."""
+    if wire == "float32" and y.dtype is torch.float32 and y.is_cpu:
+        return y
+    return frame_tensor(frame, wire, tuple(y.shape)).to(torch.float32)
+
+
+class AllReduces:
+    """The all-reduce steps in progress on a node (one a session) and the partials kept for them.
+    `start` takes a step, `take` a partial, `advance` goes on with the steps whose partials came,
+    `expire` fails those that waited too long. Every call returns the replies to send: results,
+    errors, and partials to other members (as Relay destinations: node/server.py sends them)."""
+
+    def __init__(self, runner: StepRunner, sessions: SessionStore):
+        self.runner = runner
+        self.sessions = sessions
+        self.steps: dict[str, GroupStep] = {}  # session id -> its step in progress
+        self._kept: dict[str, dict[tuple, torch.Tensor]] = {}  # session id -> partials come
+        self._touched: set[str] = set()  # sessions that got partials since the last advance
+        self.checks_keys = False  # set by the handler when the node knows senders' keys (CURVE)
+
+    # ----- a step ----------------------------------------------------------------------------
+    def start(self, peer: bytes, msg: Message, can_relay: Callable[[str], bool] | None) -> list[Reply]:
+        """An all-reduce step from its session's owner: checked (ProtocolError otherwise, the
+        session unchanged), its first phase computed and sent to the others."""
+        g = self._check(peer, msg, can_relay)
+        self.steps[g.session.id] = g
+        try:
+            out = self._compute(g)
+            out.extend(self._advance(g))
+        except ProtocolError as e:
+            return self._fail(g, e.code, e.message)
+        except Exception as e:  # a bug must not leave the session half stepped
+            log.exception("internal error in an all-reduce step")
+            self.runner.note_error(e)
+            return self._fail(g, ErrorCode.INTERNAL, type(e).__name__)
+        return out
+
+    def _check(self, peer: bytes, msg: Message, can_relay: Callable[[str], bool] | None) -> GroupStep:
+        f = msg.fields
+        if any(f.get(k) is not None for k in ("reply", "next", "hop", "phase", "block", "trail", "from")) \
+                or f.get("rewind") is True:
+            raise ProtocolError(ErrorCode.MALFORMED, "an all-reduce step ('group') is not relayed, phased or "
+                                "rewound")
+        if not self.runner.head_shard:
+            raise ProtocolError(ErrorCode.NOT_SERVED, "all-reduce steps are for head shards; this node serves "
+                                "whole blocks")
+        session = self.sessions.get(f["session"], peer)
+        members = parse_next(f["group"], "a group's member must be [contact, session]")
+        me = f.get("member")
+        if not 2 <= len(members) <= MAX_MEMBERS or not isinstance(me, int) or not 0 <= me < len(members) \
+                or members[me][1] != session.id:
+            raise ProtocolError(ErrorCode.MALFORMED, f"'group' must name 2 to {MAX_MEMBERS} members and "
+                                "'member' this session's place among them")
+        keys: list[str | None] = []
+        for j, (contact, _) in enumerate(members):
+            try:
+                key = split_contact(contact)[1]
+            except ValueError:
+                raise ProtocolError(ErrorCode.MALFORMED, f"member {j}'s contact is not tcp://HOST:PORT#KEY") from None
+            if j != me and not (can_relay and can_relay(contact)):
+                raise ProtocolError(ErrorCode.NOT_SERVED, f"this node does not send to member {j} "
+                                    f"({contact[:80]!r}): it sends only to peers in its table of signed records")
+            if self.checks_keys and key is None:
+                raise ProtocolError(ErrorCode.MALFORMED, f"member {j}'s contact names no CURVE key")
+            keys.append(key.decode("ascii") if self.checks_keys else None)
+        if session.id in self.steps:
+            raise ProtocolError(ErrorCode.BAD_POSITION, "an all-reduce step of this session is still running")
+        pos = f["pos"]
+        if pos != session.length or session.next_block:
+            raise ProtocolError(ErrorCode.BAD_POSITION, f"step at position {pos}, but the session holds "
+                                f"{session.length} positions" + (" (one half stored)" if session.next_block else ""))
+        self.runner.checks.check_hidden(msg, max_batch=1)
+        x = msg.tensor(0).to(torch.float32)  # the residual as the client holds it (not in this node's dtype)
+        T = x.shape[1]
+        if pos + T > session.cache.max_length:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"positions {pos}:{pos + T} exceed the session's "
+                                f"max_length {session.cache.max_length}")
+        wait = f.get("wait")
+        wait = DEFAULT_WAIT if wait is None else min(MAX_WAIT, max(MIN_WAIT, float(wait)))
+        wire = self.runner.checks.reply_wire(msg)
+        return GroupStep((peer, msg.id), session, members, keys, me, pos, wire, wait, x,
+                         length=session.length, block=session.start)
+
+    def _compute(self, g: GroupStep) -> list[Reply]:
+        """This member's partial of g's phase, kept (`own`) and sent to the others."""
+        runner, s, T = self.runner, g.session, g.x.shape[1]
+        x = g.x if g.wire == "float32" else _as_sent(g.x, to_frame(g.x, g.wire), g.wire)  # as a fan-out sends it
+        if not (x.is_cpu and runner._cpu and x.dtype is runner.dtype):
+            x = x.to(runner.device, runner.dtype)
+        layer = runner.blocks.h[str(g.block)]
+        with torch.inference_mode():
+            if g.phase == "attn":
+                y = runner._timed(lambda: layer.attn_partial(x, [s.cache], g.block - s.start), T)
+                _stored_block(s, T)
+            else:
+                y = runner._timed(lambda: layer.mlp_partial(x), T)
+        g.busy_us += int(runner._last_busy * 1e6)
+        frame = to_frame(y, g.wire)
+        problem = _unsendable(x, y, g.wire, frame)
+        if problem:
+            raise ProtocolError(ErrorCode.BAD_VALUE, problem)
+        g.own = _as_sent(y, frame, g.wire)
+        g.deadline = time.monotonic() + g.wait
+        s.last_used = time.monotonic()
+        out: list[Reply] = []
+        spec = [(g.wire, tuple(y.shape))]
+        for j, (contact, session) in enumerate(g.members):
+            if j != g.me:
+                relay = Relay(contact, g.reply_to[0], g.reply_to[1], next_hop_id())
+                out.append((relay, encode_frames("partial", relay.hop_id, {
+                    "session": session, "pos": g.pos, "block": g.block, "phase": g.phase, "member": g.me},
+                    spec, [frame])))
+        return out
+
+    def _advance(self, g: GroupStep) -> list[Reply]:
+        """Go on with `g` as far as the partials kept allow; the replies."""
+        out: list[Reply] = []
+        kept = self._kept.get(g.session.id, {})
+        while True:
+            wanted = [(g.pos, g.block, g.phase, j, g.keys[j]) for j in range(len(g.members)) if j != g.me]
+            if any(w not in kept for w in wanted):
+                return out
+            total = g.x
+            for j in range(len(g.members)):  # in member order: the client's sums, to the bit
+                partial = g.own if j == g.me else kept.pop(wanted[j - (j > g.me)])
+                if partial.shape != total.shape:
+                    raise ProtocolError(ErrorCode.RELAY_FAILED, f"member {j} sent a partial of shape "
+                                        f"{list(partial.shape)} for hidden states {list(total.shape)}")
+                total = total + partial
+            g.x = total
+            if g.phase == "attn":
+                g.phase = "mlp"
+            else:
+                g.block, g.phase = g.block + 1, "attn"
+                if g.block == g.session.stop:
+                    out.append(self._result(g))
+                    return out
+            out.extend(self._compute(g))
+
+    def _result(self, g: GroupStep) -> Reply:
+        self._end(g)
+        frame = to_frame(g.x, g.wire)
+        problem = _unsendable(g.x, g.x, g.wire, frame)
+        if problem:
+            self._undo(g)
+            return g.reply_to[0], self.runner.error(g.reply_to[1], ErrorCode.BAD_VALUE, problem)
+        return g.reply_to[0], encode_frames("result", g.reply_to[1], {"busy_us": g.busy_us},
+                                            [(g.wire, tuple(g.x.shape))], [frame])
+
+    def _end(self, g: GroupStep) -> None:
+        self.steps.pop(g.session.id, None)
+        self._kept.pop(g.session.id, None)
+
+    def _undo(self, g: GroupStep) -> None:
+        g.session.cache.length, g.session.next_block = g.length, 0
+
+    def _fail(self, g: GroupStep, code: ErrorCode, why: str) -> list[Reply]:
+        self._end(g)
+        if self.sessions.sessions.get(g.session.id) is not g.session:
+            return []  # closed meanwhile: its cache may serve another session now, and nobody waits
+        self._undo(g)
+        return [(g.reply_to[0], self.runner.error(g.reply_to[1], code, why[:500]))]
+
+    # ----- partials --------------------------------------------------------------------------
+    def take(self, msg: Message, key: str | None) -> None:
+        """A partial from another member, kept until its phase is summed (ProtocolError when it
+        cannot belong to a step of that session's, now or next)."""
+        f = msg.fields
+        session = self.sessions.sessions.get(f["session"])
+        if session is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no session {f['session'][:40]!r} on this node")
+        g = self.steps.get(session.id)
+        pos, block, phase, member = f["pos"], f["block"], f["phase"], f["member"]
+        if g is None:  # before its step came: only the first phase of the session's next position
+            ok = pos == session.length and block == session.start and phase == "attn" and not session.next_block
+        else:  # the phase waited on, or the next (a member that has all of this one's is ahead)
+            nxt = (g.block, "mlp") if g.phase == "attn" else (g.block + 1, "attn")
+            ok = pos == g.pos and (block, phase) in ((g.block, g.phase), nxt)
+        if not ok or not 0 <= member < MAX_MEMBERS:
+            raise ProtocolError(ErrorCode.BAD_POSITION, f"no all-reduce of this session waits for block {block} "
+                                f"{str(phase)[:8]} at position {pos}")
+        if len(msg.frames) != 1 or msg.specs[0][1][:1] != (1,) or len(msg.specs[0][1]) != 3 \
+                or msg.specs[0][1][2] != self.runner.config.n_embd:
+            raise ProtocolError(ErrorCode.BAD_SHAPE, f"a partial is one tensor [1, tokens, "
+                                f"{self.runner.config.n_embd}]")
+        kept = self._kept.setdefault(session.id, {})
+        k = (pos, block, phase, member, key if self.checks_keys else None)
+        if k in kept or len(kept) >= MAX_KEPT:
+            raise ProtocolError(ErrorCode.BAD_POSITION, "this partial came already, or too many did")
+        kept[k] = msg.tensor(0).to(torch.float32)
+        self._touched.add(session.id)
+
+    def advance(self) -> list[Reply]:
+        """Go on with the steps that got partials since the last call."""
+        out: list[Reply] = []
+        touched, self._touched = self._touched, set()
+        for sid in touched:
+            g = self.steps.get(sid)
+            if g is None:
+                continue
+            if self.sessions.sessions.get(sid) is not g.session:
+                self._end(g)
+                continue
+            try:
+                out.extend(self._advance(g))
+            except ProtocolError as e:
+                out.extend(self._fail(g, e.code, e.message))
+            except Exception as e:
+                log.exception("internal error in an all-reduce step")
+                self.runner.note_error(e)
+                out.extend(self._fail(g, ErrorCode.INTERNAL, type(e).__name__))
+        return out
+
+    def expire(self, now: float | None = None) -> list[Reply]:
+        """Fail the steps that waited past their deadline for a partial (`relay_failed`: the
+        session as before the step), and forget partials kept for sessions that are gone."""
+        now = time.monotonic() if now is None else now
+        out: list[Reply] = []
+        for g in [g for g in self.steps.values() if g.deadline <= now]:
+            missing = [j for j in range(len(g.members)) if j != g.me and (g.pos, g.block, g.phase, j, g.keys[j])
+                       not in self._kept.get(g.session.id, {})]
+            out.extend(self._fail(g, ErrorCode.RELAY_FAILED, f"no partial of block {g.block} {g.phase} from member"
+                                  f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "
+                                  f"({', '.join(g.members[j][0][:80] for j in missing)}) within {g.wait:g} s"))
+        for sid in [sid for sid in self._kept if sid not in self.sessions.sessions]:
+            del self._kept[sid]
+        return out
+
+    def next_deadline(self) -> float | None:
+        return min((g.deadline for g in self.steps.values()), default=None)

@@ -1,0 +1,224 @@
+"""A head group's all-reduce (node/all_reduce.py, client/stages.py): the members exchange their
+partial sums themselves, and the client sends a step once to each. Exact against the fan-out,
+which meets every member twice a block; partials taken only from the members the step names;
+failures with no one at fault go back to the fan-out, and a member that dies is failed over."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+import zmq
+from test_heads import in_process_nodes
+from test_swarm import DECODE_STEPS, PROMPT_LEN, random_ids, reference_logits, swarm_logits
+
+from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.options import SwarmOptions
+from nanoswarm.client.session import InferenceSession
+from nanoswarm.client.stages import HeadGroupStage
+from nanoswarm.client.swarm import Swarm
+from nanoswarm.node.cluster import NodeSpec
+from nanoswarm.node.handler import RequestHandler
+from nanoswarm.node.relay import Relay
+from nanoswarm.node.sessions import NodeLimits
+from nanoswarm.protocol.messages import decode, encode
+from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.weights import load_blocks
+
+
+def group_stages(model: SwarmModel, session: InferenceSession) -> list[HeadGroupStage]:
+    return [s for s in session.stages if isinstance(s, HeadGroupStage)]
+
+
+@pytest.mark.parametrize("splits", [[(0, 6), (6, 12)], [(0, 5), (5, 9), (9, 12)]], ids=["2 members", "3 members"])
+def test_an_all_reduce_gives_the_fan_outs_logits_to_the_bit(small12_model_dir, cluster_factory, splits):
+    swarm = cluster_factory(small12_model_dir, [NodeSpec((0, 12), h) for h in splits])
+    ids = random_ids(PROMPT_LEN + DECODE_STEPS, seed=11)
+    logits = {}
+    for all_reduce in (True, False):
+        model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses,
+                                   options=SwarmOptions(all_reduce=all_reduce))
+        try:
+            session = model.session(8)
+            session.step(model.client.embed([1, 2, 3], 0))
+            assert [s.all_reduce for s in group_stages(model, session)] == [all_reduce]
+            session.close()
+            logits[all_reduce] = swarm_logits(model, ids)
+            assert not model.swarm.bans
+        finally:
+            model.close()
+    assert torch.equal(logits[True], logits[False])
+    want = reference_logits(small12_model_dir, ids)[PROMPT_LEN - 1:]
+    assert (logits[True] - want).abs().max().item() <= 1e-5
+
+
+def test_an_all_reduce_through_a_mixed_route_generates_what_one_process_does(small12_model_dir, cluster_factory):
+    specs = [NodeSpec((0, 4)), NodeSpec((4, 8), (0, 6)), NodeSpec((4, 8), (6, 12)), NodeSpec((8, 12))]
+    swarm = cluster_factory(small12_model_dir, specs)
+    model = SwarmModel.connect(small12_model_dir, peers=swarm.addresses)
+    try:
+        greedy = SamplingParams(temperature=0)
+        want = SwarmModel.local(small12_model_dir).generate("All together", 24, greedy).ids
+        with model.session(64) as session:
+            session.step(model.client.embed([5], 0))
+            assert [s.all_reduce for s in group_stages(model, session)] == [True]
+        assert model.generate("All together", 24, greedy).ids == want
+    finally:
+        model.close()
+
+
+def _handlers(model_dir, limits: NodeLimits | None = None) -> tuple[list[RequestHandler], str]:
+    model_id = read_manifest(model_dir).model_id
+    return [RequestHandler(load_blocks(model_dir, 0, 4, heads=h), model_id, f"m{k}", limits or NodeLimits())
+            for k, h in enumerate([(0, 2), (2, 4)])], model_id
+
+
+def test_members_that_cannot_send_to_each_other_are_met_by_the_client(tiny_model_dir):
+    """A member that does not send partials to another (it does not know it: `not_served`) makes
+    the group go back to the fan-out, with no one struck: at the first step, in place; later in
+    the session, with the group reopened and replayed. Every output exact."""
+    handlers, model_id = _handlers(tiny_model_dir)
+    sends = [True]
+    for h in handlers:
+        h.can_relay = lambda contact: sends[0]
+    blocks = load_blocks(tiny_model_dir, 0, 4)
+    x = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(7))
+    with in_process_nodes(handlers) as conns:
+        swarm = Swarm(model_id, 4, 4, SwarmOptions(timeout=4.0, insecure=True))
+        swarm.add_addresses([c.address for c in conns], timeout=5.0)
+        try:
+            for refuse_at in (0, 6):  # the prompt's step; a decode step
+                sends[0] = refuse_at != 0
+                session = InferenceSession.open(swarm, 12)
+                [group] = session.stages
+                assert group.all_reduce
+                cache = blocks.new_cache(12)
+                for a, b in ((0, 5), *((t, t + 1) for t in range(5, 12))):
+                    if a == refuse_at:
+                        sends[0] = False
+                    got = session.step(x[:, a:b])
+                    with torch.inference_mode():
+                        want = blocks(x[:, a:b], [cache])
+                    assert torch.equal(got, want) or (got - want).abs().max().item() <= 1e-5
+                    assert group.all_reduce == (a < refuse_at), (a, refuse_at)
+                assert session.stages == [group] and session.failovers == 0
+                session.close()
+            assert not swarm.bans
+        finally:
+            swarm.close()
+
+
+KEY_B = zmq.curve_keypair()[0].decode()
+FORGED = zmq.curve_keypair()[0].decode()
+
+
+def _member_step(handler: RequestHandler, session: str, x: torch.Tensor, req_id: int = 10, **fields) -> list:
+    group = [["tcp://127.0.0.1:1#" + zmq.curve_keypair()[0].decode(), session],
+             ["tcp://127.0.0.1:2#" + KEY_B, "their-session"]]
+    return handler.handle_batch([(b"owner", encode("step", req_id, {"session": session, "pos": 0, "group": group,
+                                                                   "member": 0, "wait": 1.0, **fields}, [x]))])
+
+
+def _partial(handler: RequestHandler, session: str, y: torch.Tensor, key: str, req_id: int, block: int = 0,
+             phase: str = "attn", **fields) -> list:
+    frames = encode("partial", req_id, {"session": session, "pos": 0, "block": block, "phase": phase,
+                                        "member": 1, **fields}, [y])
+    handler.sender_key = lambda _frames: key
+    return handler.handle_batch([(b"member-b", frames)])
+
+
+def test_a_member_takes_partials_only_from_the_member_the_step_names(tiny_model_dir):
+    """Driven directly (no sockets): member 0 of two, whose partner's key is KEY_B. A partial from
+    any other key is kept apart and never summed; garbage is refused with a code, the session
+    untouched; a step whose partials do not come fails `relay_failed` with the session as before;
+    and with the partner's partials (computed here) the output is the whole block's."""
+    [a, b], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    a.groups.checks_keys = True
+    a.sender_key = lambda frames: None
+    opened = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8})))
+    sid = opened.fields["session"]
+    assert opened.fields["all_reduce"] is True
+    x = torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(1))
+
+    # a step whose partner never answers: relay_failed, the session as before
+    replies = _member_step(a, sid, x)
+    assert [type(to) for to, _ in replies] == [Relay]  # its first partial, to member 1
+    assert decode(replies[0][1]).type == "partial"
+    [(to, frames)] = a.groups.expire(now=float("inf"))
+    err = decode(frames)
+    assert to == b"owner" and err.fields["code"] == "relay_failed" and "member 1" in err.fields["message"]
+    session = a.sessions.sessions[sid]
+    assert session.length == 0 and session.next_block == 0 and not a.groups.steps
+
+    # garbage partials: each refused with a code, nothing kept
+    y = torch.zeros(1, 2, 64)
+    for rid, (fields, tensor, code) in enumerate((
+            ({"pos": 5}, y, "bad_position"), ({"block": 3}, y, "bad_position"), ({"phase": "mlp"}, y, "bad_position"),
+            ({"session": "nope"}, y, "unknown_session"), ({}, torch.zeros(1, 2, 65), "bad_shape")), start=100):
+        f = {"session": sid, **fields}
+        [(to, frames)] = _partial(a, f.pop("session"), tensor, KEY_B, req_id=rid, **f)
+        assert decode(frames).fields["code"] == code, fields
+    assert not a.groups._kept
+
+    # the partner's partials, computed by member b itself (a's own session there), and forged ones
+    opened_b = decode(b.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8})))
+    sid_b, rid = opened_b.fields["session"], 200
+    full = load_blocks(tiny_model_dir, 0, 4)
+    with torch.inference_mode():
+        want = full(x, [full.new_cache(8)])
+    h = x
+    replies = _member_step(a, sid, x, req_id=11)
+    for block in range(4):
+        for phase in ("attn", "mlp"):
+            [(to, frames)] = replies  # a's own partial of this phase, to member 1
+            sent = decode(frames)
+            assert isinstance(to, Relay) and sent.type == "partial" and sent.fields["session"] == "their-session"
+            assert (sent.fields["block"], sent.fields["phase"], sent.fields["member"]) == (block, phase, 0)
+            theirs = decode(b.handle(b"owner", encode("step", rid, {"session": sid_b, "pos": 0, "phase": phase,
+                                                                    "block": block}, [h]))).tensor(0)
+            assert _partial(a, sid, torch.full_like(theirs, 1e3), FORGED, rid + 1, block, phase) == []
+            replies = _partial(a, sid, theirs, KEY_B, rid + 2, block, phase)
+            rid += 3
+            h = h + sent.tensor(0) + theirs
+    [(to, frames)] = replies
+    result = decode(frames)
+    assert to == b"owner" and result.type == "result" and result.id == 11
+    assert torch.equal(result.tensor(0), h)  # the sums the client would make, to the bit
+    assert (result.tensor(0) - want).abs().max().item() <= 1e-5
+    assert a.sessions.sessions[sid].length == 2 and not a.groups.steps and not a.groups._kept
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_member_that_dies_or_freezes_midway_is_failed_over_exactly(tiny_model_dir, cluster_factory, how):
+    """Killed: its link drops, and it is the one struck (the other member, waiting for its partial,
+    is not). Frozen (SIGSTOP): the other member gives up on its partial first, so the group is
+    reopened once with no strike and met by the client; the frozen member then times out there
+    and is failed over. Either way the session goes on through a spare, every output exact."""
+    specs = [NodeSpec((0, 4), (0, 2)), NodeSpec((0, 4), (2, 4)), NodeSpec((0, 4), (0, 2)), NodeSpec((0, 4), (2, 4))]
+    nodes = cluster_factory(tiny_model_dir, specs)
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=3.0))
+    ids = random_ids(PROMPT_LEN + DECODE_STEPS, seed=3)
+    want = reference_logits(tiny_model_dir, ids)[PROMPT_LEN - 1:]
+    try:
+        session = model.session(len(ids))
+        out = [model.client.logits(session.step(model.client.embed(ids[:PROMPT_LEN].tolist(), 0)))]
+        [group] = session.stages
+        assert group.all_reduce
+        victim = group.peers[0]
+        k = nodes.addresses.index(victim)
+        for t in range(PROMPT_LEN, len(ids)):
+            if t == PROMPT_LEN + 2:
+                os.kill(nodes.nodes[k].proc.pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+            out.append(model.client.logits(session.step(model.client.embed([int(ids[t])], t))))
+        assert (torch.stack(out) - want).abs().max().item() <= 1e-5
+        assert session.failovers == 1 and victim not in session.stages[0].peers
+        assert set(model.swarm.bans) == {victim}
+        session.close()
+    finally:
+        if how == "stop":
+            os.kill(nodes.nodes[k].proc.pid, signal.SIGCONT)
+        model.close()
