@@ -205,10 +205,15 @@ def _lockstep_layers(stages: list[RemoteLayerStage], positions: list[int],
 
 def _lockstep_head_group(stages: list[HeadGroupStage], positions: list[int],
                          hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One decode step of every session through its head group (the same members): each block's
-    attention, then its MLP, fanned out for all sessions before any partial is read, and summed
-    in member order as HeadGroupStage does (the same sums)."""
+    """One decode step of every session through its head group (the same members): by
+    all-reduce, every session's step sent before any is read (the members then batch the
+    sessions' phases that meet); else each block's attention, then its MLP, fanned out for all
+    sessions before any partial is read, and summed in member order as HeadGroupStage does (the
+    same sums)."""
     first = stages[0]
+    if all(st.all_reduce for st in stages):
+        asked = [st.send_all_reduce(h, pos) for st, pos, h in zip(stages, positions, hidden)]
+        return [st.all_reduce_result(a, h) for st, a, h in zip(stages, asked, hidden)]
     for block in range(first.start, first.stop):
         for phase in ("attn", "mlp"):
             sent = [[conn.send("step", {"session": st.sessions[k], "pos": pos, "phase": phase, "block": block,

@@ -32,7 +32,8 @@ def format_report(result: dict) -> str:
     what = f"model {result['model']}" if result.get("model") else f"{result['shape']} shape, random weights"
     lines = [
         f"{what}: {c['n_layer']} blocks, {c['n_embd']} wide, {c['n_head']} heads, vocab {c['vocab_size']}, float32",
-        f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} torch threads per process, "
+        f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} torch threads per process "
+        "(a head group's members share them), "
         f"OMP_WAIT_POLICY={m['omp_wait_policy'] or 'default'}, GOMP_SPINCOUNT={m.get('gomp_spincount') or 'default'}, "
         f"linear layers through {m.get('linear', 'F.linear')}, nodes' OpenMP threads bound: "
         f"{m.get('node_binding', 'none')}, load {m['loadavg_start']:.2f} -> "

@@ -153,7 +153,7 @@ class Bench:
         runs = []
         for group in groups:
             self._progress(f"{group}: starting {len(group.specs)} node{'s' * (len(group.specs) > 1)}")
-            with LocalCluster(self.model_dir, group.specs, threads=opts.threads,
+            with LocalCluster(self.model_dir, group.specs, threads=group.node_threads(opts.threads),
                               args=list(opts.node_args)) as cluster:
                 runs += self._measure(group, cluster)
         local_steps = [t for r in self.local_rounds for t in r.step_seconds]

@@ -411,16 +411,24 @@ class HeadGroupStage(Stage):
         return hidden
 
     def _all_reduce(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
-        """One step by all-reduce: every member's output, which must agree. The first error
-        ends it: a member's fault raises as it is, any other (NO_FAULT) AllReduceFailed, with the
-        all-reduce off for good."""
+        return self.all_reduce_result(self.send_all_reduce(hidden, pos), hidden)
+
+    def send_all_reduce(self, hidden: torch.Tensor, pos: int) -> tuple[float, list[int]]:
+        """Send one step by all-reduce to every member, naming the group; `all_reduce_result`
+        reads it (a client stepping several sessions at once sends all first: bench/measure.py)."""
         group = [[self.names.get(conn.address, conn.address), sid]
                  for (conn, _), sid in zip(self.members, self.sessions)]
         sent = self.asking()
-        ids = [conn.send("step", {"session": self.sessions[k], "pos": pos, "wire": self.wire, "group": group,
-                                  "member": k, "wait": all_reduce_wait(self.timeout)},
-                         [hidden], self.wire, timeout=self.timeout)
-               for k, (conn, _) in enumerate(self.members)]
+        return sent, [conn.send("step", {"session": self.sessions[k], "pos": pos, "wire": self.wire, "group": group,
+                                         "member": k, "wait": all_reduce_wait(self.timeout)},
+                                [hidden], self.wire, timeout=self.timeout)
+                      for k, (conn, _) in enumerate(self.members)]
+
+    def all_reduce_result(self, asked: tuple[float, list[int]], hidden: torch.Tensor) -> torch.Tensor:
+        """The output of the all-reduce step `asked` (send_all_reduce) of input `hidden`: every
+        member's, which must agree. The first error ends it: a member's fault raises as it is,
+        any other (NO_FAULT) AllReduceFailed, with the all-reduce off for good."""
+        sent, ids = asked
         try:
             replies = self._answers(ids)
         except PeerError as e:

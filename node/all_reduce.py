@@ -91,24 +91,17 @@ class AllReduces:
         self.steps: dict[str, GroupStep] = {}  # session id -> its step in progress
         self._kept: dict[str, dict[tuple, torch.Tensor]] = {}  # session id -> partials come
         self._touched: set[str] = set()  # sessions that got partials since the last advance
+        self._due: list[GroupStep] = []  # steps started since the last advance
         self.checks_keys = False  # set by the handler when the node knows senders' keys (CURVE)
 
     # ----- a step ----------------------------------------------------------------------------
-    def start(self, peer: bytes, msg: Message, can_relay: Callable[[str], bool] | None) -> list[Reply]:
+    def start(self, peer: bytes, msg: Message, can_relay: Callable[[str], bool] | None) -> None:
         """An all-reduce step from its session's owner: checked (ProtocolError otherwise, the
-        session unchanged), its first phase computed and sent to the others."""
+        session unchanged); its first phase is computed at the end of the batch (`advance`), with
+        the other sessions' due then."""
         g = self._check(peer, msg, can_relay)
         self.steps[g.session.id] = g
-        try:
-            out = self._compute(g)
-            out.extend(self._advance(g))
-        except ProtocolError as e:
-            return self._fail(g, e.code, e.message)
-        except Exception as e:  # a bug must not leave the session half stepped
-            log.exception("internal error in an all-reduce step")
-            self.runner.note_error(e)
-            return self._fail(g, ErrorCode.INTERNAL, type(e).__name__)
-        return out
+        self._due.append(g)
 
     def _check(self, peer: bytes, msg: Message, can_relay: Callable[[str], bool] | None) -> GroupStep:
         f = msg.fields
@@ -156,27 +149,73 @@ class AllReduces:
         return GroupStep((peer, msg.id), session, members, keys, me, pos, wire, wait, x,
                          length=session.length, block=session.start)
 
-    def _compute(self, g: GroupStep) -> list[Reply]:
-        """This member's partial of g's phase, kept (`own`) and sent to the others."""
-        runner, s, T = self.runner, g.session, g.x.shape[1]
-        x = g.x if g.wire == "float32" else _as_sent(g.x, to_frame(g.x, g.wire), g.wire)  # as a fan-out sends it
-        if not (x.is_cpu and runner._cpu and x.dtype is runner.dtype):
-            x = x.to(runner.device, runner.dtype)
-        layer = runner.blocks.h[str(g.block)]
+    def _compute(self, due: list[GroupStep]) -> list[Reply]:
+        """This member's partials of the steps `due`, each kept (`own`) and sent to the other
+        members; the one-position steps at the same block and phase in one forward pass (decode
+        reads every weight either way), as a fan-out's phase steps are (node/steps.py)."""
+        groups: dict[tuple, list[GroupStep]] = {}
+        for g in due:
+            if self.sessions.sessions.get(g.session.id) is not g.session:
+                self._end(g)  # closed since (a `close` later in its batch): its cache may be another's now
+                continue
+            key = (g.block, g.phase, g.session.start if g.phase == "attn" else 0) if g.x.shape[1] == 1 else (id(g),)
+            groups.setdefault(key, []).append(g)
+        out: list[Reply] = []
+        for batch in groups.values():
+            try:
+                ys = self._forward(batch)
+            except ProtocolError as e:
+                for g in batch:
+                    out.extend(self._fail(g, e.code, e.message))
+                continue
+            except Exception as e:  # a bug must not leave the sessions half stepped
+                log.exception("internal error in an all-reduce step")
+                self.runner.note_error(e)
+                for g in batch:
+                    out.extend(self._fail(g, ErrorCode.INTERNAL, type(e).__name__))
+                continue
+            for g, (x, y) in zip(batch, ys):
+                try:
+                    out.extend(self._send(g, x, y))
+                except ProtocolError as e:
+                    out.extend(self._fail(g, e.code, e.message))
+        return out
+
+    def _forward(self, batch: list[GroupStep]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The partials of `batch` (steps at one block and phase), each with its input."""
+        runner, first = self.runner, batch[0]
+        xs = []
+        for g in batch:
+            x = g.x if g.wire == "float32" else _as_sent(g.x, to_frame(g.x, g.wire), g.wire)  # as a fan-out sends it
+            xs.append(x if x.is_cpu and runner._cpu and x.dtype is runner.dtype else x.to(runner.device, runner.dtype))
+        x = torch.cat(xs) if len(xs) > 1 else xs[0]
+        tokens = x.shape[0] * x.shape[1]
+        layer = runner.blocks.h[str(first.block)]
         with torch.inference_mode():
-            if g.phase == "attn":
-                y = runner._timed(lambda: layer.attn_partial(x, [s.cache], g.block - s.start), T)
-                _stored_block(s, T)
+            if first.phase == "attn":
+                caches = [g.session.cache for g in batch]
+                y = runner._timed(lambda: layer.attn_partial(x, caches, first.block - first.session.start), tokens)
+                for g in batch:
+                    _stored_block(g.session, g.x.shape[1])
             else:
-                y = runner._timed(lambda: layer.mlp_partial(x), T)
-        g.busy_us += int(runner._last_busy * 1e6)
+                y = runner._timed(lambda: layer.mlp_partial(x), tokens)
+        if len(batch) > 1:
+            runner.stats.batched_steps += 1
+            runner.stats.max_batch = max(runner.stats.max_batch, len(batch))
+        busy = int(runner._last_busy * 1e6)
+        for g in batch:
+            g.busy_us += busy
+        return list(zip(xs, y.split(1) if len(batch) > 1 else [y]))
+
+    def _send(self, g: GroupStep, x: torch.Tensor, y: torch.Tensor) -> list[Reply]:
+        """g's partial `y` (of input `x`) kept, and sent to every other member."""
         frame = to_frame(y, g.wire)
         problem = _unsendable(x, y, g.wire, frame)
         if problem:
             raise ProtocolError(ErrorCode.BAD_VALUE, problem)
         g.own = _as_sent(y, frame, g.wire)
-        g.deadline = time.monotonic() + g.wait
-        s.last_used = time.monotonic()
+        now = time.monotonic()
+        g.session.last_used, g.deadline = now, now + g.wait
         out: list[Reply] = []
         spec = [(g.wire, tuple(y.shape))]
         for j, (contact, session) in enumerate(g.members):
@@ -187,30 +226,26 @@ class AllReduces:
                     spec, [frame])))
         return out
 
-    def _advance(self, g: GroupStep) -> list[Reply]:
-        """Go on with `g` as far as the partials kept allow; the replies."""
-        out: list[Reply] = []
+    def _sum(self, g: GroupStep) -> Reply | bool:
+        """Add every member's partial of g's phase to its residual, if all have come (False if
+        not), and go on: True when its next phase is due, or the reply when the step is done."""
         kept = self._kept.get(g.session.id, {})
-        while True:
-            wanted = [(g.pos, g.block, g.phase, j, g.keys[j]) for j in range(len(g.members)) if j != g.me]
-            if any(w not in kept for w in wanted):
-                return out
-            total = g.x
-            for j in range(len(g.members)):  # in member order: the client's sums, to the bit
-                partial = g.own if j == g.me else kept.pop(wanted[j - (j > g.me)])
-                if partial.shape != total.shape:
-                    raise ProtocolError(ErrorCode.RELAY_FAILED, f"member {j} sent a partial of shape "
-                                        f"{list(partial.shape)} for hidden states {list(total.shape)}")
-                total = total + partial
-            g.x = total
-            if g.phase == "attn":
-                g.phase = "mlp"
-            else:
-                g.block, g.phase = g.block + 1, "attn"
-                if g.block == g.session.stop:
-                    out.append(self._result(g))
-                    return out
-            out.extend(self._compute(g))
+        wanted = [(g.pos, g.block, g.phase, j, g.keys[j]) for j in range(len(g.members)) if j != g.me]
+        if any(w not in kept for w in wanted):
+            return False
+        total = g.x
+        for j in range(len(g.members)):  # in member order: the client's sums, to the bit
+            partial = g.own if j == g.me else kept.pop(wanted[j - (j > g.me)])
+            if partial.shape != total.shape:
+                raise ProtocolError(ErrorCode.RELAY_FAILED, f"member {j} sent a partial of shape "
+                                    f"{list(partial.shape)} for hidden states {list(total.shape)}")
+            total = total + partial
+        g.x = total
+        if g.phase == "attn":
+            g.phase = "mlp"
+            return True
+        g.block, g.phase = g.block + 1, "attn"
+        return self._result(g) if g.block == g.session.stop else True
 
     def _result(self, g: GroupStep) -> Reply:
         self._end(g)
@@ -266,24 +301,34 @@ class AllReduces:
         self._touched.add(session.id)
 
     def advance(self) -> list[Reply]:
-        """Go on with the steps that got partials since the last call."""
+        """Go on with the steps started or sent partials since the last call, as far as they can
+        go now: each phase whose partials have all come summed, and the next phases due computed
+        (one forward pass for several sessions' where they can share one)."""
         out: list[Reply] = []
+        due, self._due = self._due, []
         touched, self._touched = self._touched, set()
-        for sid in touched:
-            g = self.steps.get(sid)
-            if g is None:
-                continue
-            if self.sessions.sessions.get(sid) is not g.session:
-                self._end(g)
-                continue
-            try:
-                out.extend(self._advance(g))
-            except ProtocolError as e:
-                out.extend(self._fail(g, e.code, e.message))
-            except Exception as e:
-                log.exception("internal error in an all-reduce step")
-                self.runner.note_error(e)
-                out.extend(self._fail(g, ErrorCode.INTERNAL, type(e).__name__))
+        while due or touched:
+            waiting = {g.session.id for g in due}
+            for sid in touched - waiting:  # (a step still to compute its own partial cannot sum)
+                g = self.steps.get(sid)
+                if g is None:
+                    continue
+                if self.sessions.sessions.get(sid) is not g.session:  # closed meanwhile: nobody waits
+                    self._end(g)
+                    continue
+                try:
+                    done = self._sum(g)
+                except ProtocolError as e:
+                    out.extend(self._fail(g, e.code, e.message))
+                    continue
+                if done is True:
+                    due.append(g)
+                elif done:
+                    out.append(done)
+            out.extend(self._compute(due))
+            # partials of the phases just computed may have come already
+            touched = {g.session.id for g in due if g.session.id in self.steps}
+            due = []
         return out
 
     def expire(self, now: float | None = None) -> list[Reply]:

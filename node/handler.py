@@ -103,7 +103,7 @@ class RequestHandler:
                     self.groups.take(msg, self.sender_key(frames) if self.sender_key is not None else None)
                     continue
                 if msg.type == "step" and msg.get("group") is not None:
-                    replies.extend(self.groups.start(peer, msg, self.can_relay))
+                    self.groups.start(peer, msg, self.can_relay)  # computed after the batch's steps
                     continue
                 if msg.type == "step" and msg.fields["session"] in self.groups.steps:
                     raise ProtocolError(ErrorCode.BAD_POSITION, "an all-reduce step of this session is still running")

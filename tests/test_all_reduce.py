@@ -20,6 +20,7 @@ from nanoswarm.client.options import SwarmOptions
 from nanoswarm.client.session import InferenceSession
 from nanoswarm.client.stages import HeadGroupStage
 from nanoswarm.client.swarm import Swarm
+from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.relay import Relay
@@ -222,3 +223,35 @@ def test_a_member_that_dies_or_freezes_midway_is_failed_over_exactly(tiny_model_
         if how == "stop":
             os.kill(nodes.nodes[k].proc.pid, signal.SIGCONT)
         model.close()
+
+
+def test_sessions_stepped_together_share_the_members_forward_passes(tiny_model_dir):
+    """Three sessions' all-reduce steps sent before any is read: the members compute their
+    phases in shared forward passes (`batched_steps`), and each session's outputs are those of
+    the whole blocks run for it alone."""
+    handlers, model_id = _handlers(tiny_model_dir)
+    for h in handlers:
+        h.can_relay = lambda contact: True
+    blocks = load_blocks(tiny_model_dir, 0, 4)
+    gen = torch.Generator().manual_seed(5)
+    with in_process_nodes(handlers) as conns:
+        # a link of its own for each session, as separate clients have (a link's reader takes
+        # only the reply it waits for: another session's, come first, would be dropped)
+        links = [[PeerConnection(c.address, 10.0) for c in conns] for _ in range(3)]
+        stages = [HeadGroupStage([(a, (0, 2)), (b, (2, 4))], 0, 4, model_id, all_reduce=True) for a, b in links]
+        caches = [blocks.new_cache(10) for _ in stages]
+        try:
+            for stage in stages:
+                stage.open(10)
+                assert stage.all_reduce
+            for a, b in ((0, 4), *((t, t + 1) for t in range(4, 10))):
+                xs = [torch.randn(1, b - a, 64, generator=gen) for _ in stages]
+                asked = [st.send_all_reduce(x, a) for st, x in zip(stages, xs)]
+                got = [st.all_reduce_result(q, x) for st, q, x in zip(stages, asked, xs)]
+                for y, x, cache in zip(got, xs, caches):
+                    with torch.inference_mode():
+                        assert (y - blocks(x, [cache])).abs().max().item() <= 1e-5
+        finally:
+            for link in (c for pair in links for c in pair):
+                link.close()
+    assert all(h.stats.batched_steps > 0 and h.stats.max_batch >= 2 for h in handlers)
