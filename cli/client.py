@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # (imported when used: torch is slow to import for --help)
 @click.option("--wire", type=click.Choice(["float32", "float16", "bfloat16", "q80"]), default="float32",
               show_default=True, help="Format of hidden states on the wire (float32 is exact).")
 @click.option("--relay/--no-relay", default=True, show_default=True,
-              help="Nodes pass steps (prompts too) on to the next stage themselves (one link per stage boundary).")
+              help="Nodes pass steps (prompts too) on to the next stage themselves (one link per stage "
+                   "boundary), and a head group's members exchange their partial sums themselves (all-reduce).")
 @click.option("--device", default="cpu", show_default=True,
               help="Where this client runs the model's head: cpu, cuda or cuda:N (nodes choose their own).")
 @click.option("--verify", type=click.FloatRange(0, 1), default=0.0, show_default=True,
@@ -78,7 +79,7 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
         model = SwarmModel.local(model_dir, device=head_device)
     else:
         options = SwarmOptions(timeout=timeout, wire=wire, client_keys=client_keys(key_file), insecure=insecure,
-                               relay=relay, verify=verify)
+                               relay=relay, all_reduce=relay, verify=verify)
         model = SwarmModel.connect(model_dir, peers=addresses, bootstrap=bootstraps, options=options,
                                    device=head_device)
     try:

@@ -30,7 +30,7 @@ from .history import History
 from .peer_errors import LinkClosed, PeerError
 from .relay import SessionRelay
 from .route import RouteError, StagePlan
-from .stages import RemoteLayerStage, Stage, idle_clock, step_retrying_busy
+from .stages import HeadGroupStage, RemoteLayerStage, Stage, idle_clock, step_retrying_busy
 from .swarm import Swarm
 from .transport import PeerConnection
 from .verify import WIRE_TOLERANCE, SpotChecker
@@ -378,9 +378,18 @@ class Failover:
     @staticmethod
     def _replay(stage: Stage, hidden: torch.Tensor, start: int = 0, rewind: bool = False) -> torch.Tensor:
         """Positions start.. of `hidden` into `stage`, in pieces; its output. With `rewind` the stage
-        drops what it holds from `start` on first."""
-        outs = [step_retrying_busy(stage, hidden[:, a:a + REPLAY_CHUNK], start + a, rewind)
-                for a in range(0, hidden.shape[1], REPLAY_CHUNK)]
+        drops what it holds from `start` on first. A head group is replayed by fan-out: an
+        all-reduce that failed midway would blame no one, and leave the replay's new stage to be
+        struck for it (review128); it all-reduces again from the next step."""
+        fan_out = isinstance(stage, HeadGroupStage) and stage.all_reduce
+        if fan_out:
+            stage.all_reduce = False
+        try:
+            outs = [step_retrying_busy(stage, hidden[:, a:a + REPLAY_CHUNK], start + a, rewind)
+                    for a in range(0, hidden.shape[1], REPLAY_CHUNK)]
+        finally:
+            if fan_out:
+                stage.all_reduce = stage.wants_all_reduce
         return torch.cat(outs, dim=1)
 
     def _dtype_of(self, conn: PeerConnection) -> str | None:

@@ -263,9 +263,10 @@ class InferenceSession(SpotChecks):
             if isinstance(stage, RemoteLayerStage):
                 rewind.add(stage)  # a split step's first half may be stored (step_retrying_busy)
             return i, busy_retries + 1
-        if isinstance(e, AllReduceFailed) and stage not in reopened:
+        if isinstance(e, AllReduceFailed):
             # The group's members may hold the step in part: new sessions on them, replayed,
-            # met one by one (the stage turned its all-reduce off). No one is struck for it.
+            # met one by one (the stage turned its all-reduce off for good, so this comes once
+            # a stage). No one is struck for it.
             reopened.add(stage)
             log.info("%s: reopening the group", e)
             failed = self._reopen(i, reclaimed=False)

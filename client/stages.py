@@ -17,7 +17,7 @@ from nanoswarm.protocol.tensors import abs_max
 from nanoswarm.shards.model import Blocks
 
 from .link_sessions import idle_clock
-from .peer_errors import PeerError, PeerTimeout
+from .peer_errors import PeerError
 from .transport import MAX_FRAME_BYTES, PeerConnection
 
 if TYPE_CHECKING:
@@ -457,7 +457,7 @@ class HeadGroupStage(Stage):
 
     def _answers(self, ids: list[int]) -> list[Message]:
         """The members' `result`s to requests `ids`, read as they come within one timeout; the
-        first error raises (PeerTimeout for the first member that has not answered)."""
+        first error raises (AllReduceFailed when some have not answered in time)."""
         replies: list[Message | None] = [None] * len(ids)
         deadline = time.monotonic() + (self.timeout or 30.0)
         while True:
@@ -469,7 +469,13 @@ class HeadGroupStage(Stage):
             if not waiting:
                 return replies
             if left <= 0:
-                raise PeerTimeout(waiting[0].address, self.timeout or 30.0)
+                # Not the member's own fault, as far as anyone knows: each waits for the others'
+                # partials, so one slow member makes all late (review128: the first was banned for
+                # another's slowness). The group goes back to the fan-out, where each phase has
+                # its own timeout; a member that is gone fails its open there.
+                self.wants_all_reduce = self.all_reduce = False
+                raise AllReduceFailed(waiting[0].address, "timeout", f"no answer to an all-reduce step within "
+                                      f"{self.timeout or 30.0:g}s from {len(waiting)} of {len(ids)} members")
             poller = zmq.Poller()
             for conn in waiting:
                 conn.register(poller)

@@ -43,12 +43,13 @@ from .steps import Reply, StepRunner, _stored_block, _unsendable
 
 log = logging.getLogger(__name__)
 
-MAX_MEMBERS = 64     # members of one group
 DEFAULT_WAIT = 5.0   # seconds a member waits for another's partial, when the step names none
 MAX_WAIT = 60.0
 MIN_WAIT = 0.05
-# Partials kept for one session: of the phase waited on and the next, from each other member.
-MAX_KEPT = 2 * MAX_MEMBERS
+# Partials kept for all sessions together, at most, in units of the node's message limit: a
+# member's partials wait for its step, or for the next phase, and a peer that knows a session id
+# must not fill the node's memory with them (review128). Past it partials are refused `busy`.
+KEPT_MESSAGES = 4
 
 
 @dataclass(eq=False)
@@ -89,7 +90,9 @@ class AllReduces:
         self.runner = runner
         self.sessions = sessions
         self.steps: dict[str, GroupStep] = {}  # session id -> its step in progress
-        self._kept: dict[str, dict[tuple, torch.Tensor]] = {}  # session id -> partials come
+        # session id -> {(pos, block, phase, member): (when it came, its sender's key, the partial)}
+        self._kept: dict[str, dict[tuple, tuple[float, str | None, torch.Tensor]]] = {}
+        self._kept_bytes = 0
         self._touched: set[str] = set()  # sessions that got partials since the last advance
         self._due: list[GroupStep] = []  # steps started since the last advance
         self.checks_keys = False  # set by the handler when the node knows senders' keys (CURVE)
@@ -115,10 +118,11 @@ class AllReduces:
         session = self.sessions.get(f["session"], peer)
         members = parse_next(f["group"], "a group's member must be [contact, session]")
         me = f.get("member")
-        if not 2 <= len(members) <= MAX_MEMBERS or not isinstance(me, int) or not 0 <= me < len(members) \
-                or members[me][1] != session.id:
-            raise ProtocolError(ErrorCode.MALFORMED, f"'group' must name 2 to {MAX_MEMBERS} members and "
-                                "'member' this session's place among them")
+        n_head = self.runner.config.n_head
+        if not 2 <= len(members) <= n_head or not isinstance(me, int) or not 0 <= me < len(members) \
+                or members[me][1] != session.id or len({c for c, _ in members}) != len(members):
+            raise ProtocolError(ErrorCode.MALFORMED, f"'group' must name 2 to {n_head} members (the model's "
+                                "heads), each once, and 'member' this session's place among them")
         keys: list[str | None] = []
         for j, (contact, _) in enumerate(members):
             try:
@@ -167,6 +171,10 @@ class AllReduces:
             except ProtocolError as e:
                 for g in batch:
                     out.extend(self._fail(g, e.code, e.message))
+                continue
+            except torch.cuda.OutOfMemoryError:  # device memory taken meanwhile: as a phase step's
+                for g in batch:
+                    out.extend(self._fail(g, ErrorCode.BUSY, self.runner.out_of_memory()))
                 continue
             except Exception as e:  # a bug must not leave the sessions half stepped
                 log.exception("internal error in an all-reduce step")
@@ -220,7 +228,9 @@ class AllReduces:
         spec = [(g.wire, tuple(y.shape))]
         for j, (contact, session) in enumerate(g.members):
             if j != g.me:
-                relay = Relay(contact, g.reply_to[0], g.reply_to[1], next_hop_id())
+                # (keyed by the receiver's session: only a latest partial is answered relay_failed
+                # when its link drops, node/relay.py)
+                relay = Relay(contact, g.reply_to[0], g.reply_to[1], next_hop_id(), session)
                 out.append((relay, encode_frames("partial", relay.hop_id, {
                     "session": session, "pos": g.pos, "block": g.block, "phase": g.phase, "member": g.me},
                     spec, [frame])))
@@ -230,15 +240,21 @@ class AllReduces:
         """Add every member's partial of g's phase to its residual, if all have come (False if
         not), and go on: True when its next phase is due, or the reply when the step is done."""
         kept = self._kept.get(g.session.id, {})
-        wanted = [(g.pos, g.block, g.phase, j, g.keys[j]) for j in range(len(g.members)) if j != g.me]
-        if any(w not in kept for w in wanted):
+        others = [j for j in range(len(g.members)) if j != g.me]
+        if any((g.pos, g.block, g.phase, j) not in kept for j in others):
             return False
         total = g.x
         for j in range(len(g.members)):  # in member order: the client's sums, to the bit
-            partial = g.own if j == g.me else kept.pop(wanted[j - (j > g.me)])
-            if partial.shape != total.shape:
-                raise ProtocolError(ErrorCode.RELAY_FAILED, f"member {j} sent a partial of shape "
-                                    f"{list(partial.shape)} for hidden states {list(total.shape)}")
+            if j == g.me:
+                partial = g.own
+            else:
+                _, key, partial = self._pop(g.session.id, (g.pos, g.block, g.phase, j))
+                if key != g.keys[j]:  # (came before the step, whose group names another key for j)
+                    raise ProtocolError(ErrorCode.RELAY_FAILED, f"the partial for member {j} came from another "
+                                        "CURVE key than its contact names")
+                if partial.shape != total.shape:
+                    raise ProtocolError(ErrorCode.RELAY_FAILED, f"member {j} sent a partial of shape "
+                                        f"{list(partial.shape)} for hidden states {list(total.shape)}")
             total = total + partial
         g.x = total
         if g.phase == "attn":
@@ -259,7 +275,16 @@ class AllReduces:
 
     def _end(self, g: GroupStep) -> None:
         self.steps.pop(g.session.id, None)
-        self._kept.pop(g.session.id, None)
+        self._forget(g.session.id)
+
+    def _pop(self, sid: str, k: tuple) -> tuple[float, str | None, torch.Tensor]:
+        entry = self._kept[sid].pop(k)
+        self._kept_bytes -= entry[2].nbytes
+        return entry
+
+    def _forget(self, sid: str) -> None:
+        for _, _, t in self._kept.pop(sid, {}).values():
+            self._kept_bytes -= t.nbytes
 
     def _undo(self, g: GroupStep) -> None:
         g.session.cache.length, g.session.next_block = g.length, 0
@@ -267,37 +292,54 @@ class AllReduces:
     def _fail(self, g: GroupStep, code: ErrorCode, why: str) -> list[Reply]:
         self._end(g)
         if self.sessions.sessions.get(g.session.id) is not g.session:
-            return []  # closed meanwhile: its cache may serve another session now, and nobody waits
-        self._undo(g)
+            # Closed meanwhile (its cache may serve another session now): by its client, or with
+            # its client's connection, nobody waits; reclaimed idle, its client hears so.
+            if self.sessions.why_ended(g.session.id) != "expired":
+                return []
+            code, why = ErrorCode.SESSION_CLOSED, f"session {g.session.id[:40]} was expired"
+        else:
+            self._undo(g)
         return [(g.reply_to[0], self.runner.error(g.reply_to[1], code, why[:500]))]
 
     # ----- partials --------------------------------------------------------------------------
     def take(self, msg: Message, key: str | None) -> None:
         """A partial from another member, kept until its phase is summed (ProtocolError when it
-        cannot belong to a step of that session's, now or next)."""
+        cannot belong to a step of that session's, now or next). Before its step comes, one per
+        member is kept, whoever sent it (its key is checked when the step names the member's)."""
         f = msg.fields
         session = self.sessions.sessions.get(f["session"])
         if session is None:
             raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no session {f['session'][:40]!r} on this node")
         g = self.steps.get(session.id)
         pos, block, phase, member = f["pos"], f["block"], f["phase"], f["member"]
+        shape = msg.specs[0][1] if len(msg.frames) == 1 else ()
+        if len(shape) != 3 or shape[0] != 1 or shape[2] != self.runner.config.n_embd \
+                or not 1 <= shape[1] <= self.runner.limits.max_tokens_per_step \
+                or g is not None and shape[1] != g.x.shape[1]:
+            raise ProtocolError(ErrorCode.BAD_SHAPE, f"a partial is one tensor [1, tokens, "
+                                f"{self.runner.config.n_embd}], of the step's tokens")
         if g is None:  # before its step came: only the first phase of the session's next position
-            ok = pos == session.length and block == session.start and phase == "attn" and not session.next_block
+            ok = pos == session.length and block == session.start and phase == "attn" and not session.next_block \
+                and 0 <= member < self.runner.config.n_head
         else:  # the phase waited on, or the next (a member that has all of this one's is ahead)
             nxt = (g.block, "mlp") if g.phase == "attn" else (g.block + 1, "attn")
-            ok = pos == g.pos and (block, phase) in ((g.block, g.phase), nxt)
-        if not ok or not 0 <= member < MAX_MEMBERS:
+            ok = pos == g.pos and (block, phase) in ((g.block, g.phase), nxt) and 0 <= member < len(g.members) \
+                and member != g.me
+        if not ok:
             raise ProtocolError(ErrorCode.BAD_POSITION, f"no all-reduce of this session waits for block {block} "
-                                f"{str(phase)[:8]} at position {pos}")
-        if len(msg.frames) != 1 or msg.specs[0][1][:1] != (1,) or len(msg.specs[0][1]) != 3 \
-                or msg.specs[0][1][2] != self.runner.config.n_embd:
-            raise ProtocolError(ErrorCode.BAD_SHAPE, f"a partial is one tensor [1, tokens, "
-                                f"{self.runner.config.n_embd}]")
+                                f"{str(phase)[:8]} at position {pos} from member {member}")
+        key = key if self.checks_keys else None
+        if g is not None and key != g.keys[member]:
+            raise ProtocolError(ErrorCode.NOT_SERVED, f"a partial for member {member} comes only from its key")
         kept = self._kept.setdefault(session.id, {})
-        k = (pos, block, phase, member, key if self.checks_keys else None)
-        if k in kept or len(kept) >= MAX_KEPT:
-            raise ProtocolError(ErrorCode.BAD_POSITION, "this partial came already, or too many did")
-        kept[k] = msg.tensor(0).to(torch.float32)
+        k = (pos, block, phase, member)
+        if k in kept:
+            raise ProtocolError(ErrorCode.BAD_POSITION, f"member {member}'s partial of this phase came already")
+        partial = msg.tensor(0).to(torch.float32)
+        if self._kept_bytes + partial.nbytes > KEPT_MESSAGES * self.runner.limits.max_message_bytes:
+            raise ProtocolError(ErrorCode.BUSY, "this node keeps as many partials as it takes; again later")
+        kept[k] = (time.monotonic(), key, partial)
+        self._kept_bytes += partial.nbytes
         self._touched.add(session.id)
 
     def advance(self) -> list[Reply]:
@@ -337,14 +379,25 @@ class AllReduces:
         now = time.monotonic() if now is None else now
         out: list[Reply] = []
         for g in [g for g in self.steps.values() if g.deadline <= now]:
-            missing = [j for j in range(len(g.members)) if j != g.me and (g.pos, g.block, g.phase, j, g.keys[j])
+            missing = [j for j in range(len(g.members)) if j != g.me and (g.pos, g.block, g.phase, j)
                        not in self._kept.get(g.session.id, {})]
             out.extend(self._fail(g, ErrorCode.RELAY_FAILED, f"no partial of block {g.block} {g.phase} from member"
                                   f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "
                                   f"({', '.join(g.members[j][0][:80] for j in missing)}) within {g.wait:g} s"))
-        for sid in [sid for sid in self._kept if sid not in self.sessions.sessions]:
-            del self._kept[sid]
         return out
+
+    def forget_stale(self, now: float | None = None) -> None:
+        """Forget the partials kept for sessions that are gone, and those that waited MAX_WAIT for
+        a step that never came (its member refused it, say). Called on a timer."""
+        now = time.monotonic() if now is None else now
+        for sid in list(self._kept):
+            if sid not in self.sessions.sessions:
+                self._forget(sid)
+            elif sid not in self.steps:
+                for k in [k for k, (came, _, _) in self._kept[sid].items() if now - came > MAX_WAIT]:
+                    self._pop(sid, k)
+                if not self._kept[sid]:
+                    del self._kept[sid]
 
     def next_deadline(self) -> float | None:
         return min((g.deadline for g in self.steps.values()), default=None)

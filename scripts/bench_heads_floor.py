@@ -4,20 +4,22 @@ heads of every block, against one process, in the two ways a group's members can
     .venv/bin/python scripts/bench_heads_floor.py [--shape gpt2-small|tiny | --model DIR]
         [--members 2] [--rounds 3] [--tokens 32] [--nanoswarm]
 
-- `fan-out`, what nanoswarm's HeadGroupStage does (client/stages.py): the client sends each
-  block's input to every member and adds their partial sums to the residual, first of the
-  block's attention, then of its MLP: 2 x n_layer round trips a token.
-- `all-reduce`, which nanoswarm does not have: the client sends a step's input to every member
-  once; each member sends each partial sum straight to the others, adds all of them to the
+- `fan-out`, what nanoswarm's HeadGroupStage did before the forty-fifth session, and does with
+  `SwarmOptions.all_reduce` off (client/stages.py): the client sends each block's input to every
+  member and adds their partial sums to the residual, first of the block's attention, then of
+  its MLP: 2 x n_layer round trips a token.
+- `all-reduce`, what nanoswarm's head groups do since (node/all_reduce.py): the client sends a
+  step's input to every member once; each member sends each partial sum straight to the others, adds all of them to the
   residual in member order (the same sums on every member) and goes on to the next phase; the
   first member answers the client. One round trip a token, and 2 x n_layer one-way exchanges
   between the members.
 
 Bare members read raw ZeroMQ frames (an 8-byte header and float32 activations: no msgpack, no
 CURVE, no sessions), one torch thread each (unbound, as nanoswarm's harness leaves a node of
-one thread). With `--nanoswarm`, nanoswarm's own head group (real nodes, CURVE,
-the client's HeadGroupStage) runs in the same rotation. The client embeds, runs ln_f + lm_head
-and argmax as `nanoswarm bench` does; routes take turns round by round (scripts/bench_floor.py).
+one thread). With `--nanoswarm`, nanoswarm's own head groups (real nodes, CURVE, the client's
+HeadGroupStage), one all-reducing and one met by fan-out, run in the same rotation. The client
+embeds, runs ln_f + lm_head and argmax as `nanoswarm bench` does; routes take turns round by
+round (scripts/bench_floor.py).
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ class BareGroup(BareSwarm):
 class NanoswarmGroup(NanoswarmRoute):
     """nanoswarm's own head group: real head-shard nodes, one torch thread each."""
 
-    def __init__(self, model_dir: Path, members: int):
+    def __init__(self, model_dir: Path, members: int, all_reduce: bool):
         config = read_manifest(model_dir).config
         per = config.n_head // members
         specs = [NodeSpec((0, config.n_layer), (k * per, config.n_head if k == members - 1 else (k + 1) * per))
@@ -189,7 +191,7 @@ class NanoswarmGroup(NanoswarmRoute):
         self.cluster = LocalCluster(model_dir, specs, threads=1).start()
         try:
             self.swarm = Swarm(read_manifest(model_dir).model_id, config.n_layer, config.n_head,
-                               SwarmOptions(timeout=WAIT_MS / 1000))
+                               SwarmOptions(timeout=WAIT_MS / 1000, all_reduce=all_reduce))
             self.swarm.add_addresses(self.cluster.addresses, timeout=30.0)
         except BaseException:
             self.cluster.stop()
@@ -221,7 +223,8 @@ def main() -> None:
             for mode in ("fan-out", "all-reduce"):
                 routes[f"bare {mode}"] = BareGroup(model_dir, args.members, mode)
             if args.nanoswarm:
-                routes["nanoswarm head group"] = NanoswarmGroup(model_dir, args.members)
+                for mode in ("fan-out", "all-reduce"):
+                    routes[f"nanoswarm {mode}"] = NanoswarmGroup(model_dir, args.members, mode == "all-reduce")
             results = rotate(routes, embed, head, ids, args)
         finally:
             close_routes(routes)

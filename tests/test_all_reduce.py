@@ -5,8 +5,10 @@ failures with no one at fault go back to the fan-out, and a member that dies is 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -133,9 +135,10 @@ def _partial(handler: RequestHandler, session: str, y: torch.Tensor, key: str, r
 
 def test_a_member_takes_partials_only_from_the_member_the_step_names(tiny_model_dir):
     """Driven directly (no sockets): member 0 of two, whose partner's key is KEY_B. A partial from
-    any other key is kept apart and never summed; garbage is refused with a code, the session
-    untouched; a step whose partials do not come fails `relay_failed` with the session as before;
-    and with the partner's partials (computed here) the output is the whole block's."""
+    any other key is refused while the step runs, and one that came before it fails the step
+    when it names another key; garbage is refused with a code, the session untouched; a step
+    whose partials do not come fails `relay_failed` with the session as before; and with the
+    partner's partials (computed here) the output is the whole block's."""
     [a, b], model_id = _handlers(tiny_model_dir)
     a.can_relay = lambda contact: True
     a.groups.checks_keys = True
@@ -155,15 +158,46 @@ def test_a_member_takes_partials_only_from_the_member_the_step_names(tiny_model_
     session = a.sessions.sessions[sid]
     assert session.length == 0 and session.next_block == 0 and not a.groups.steps
 
+    # a group that names a member twice, or more members than the model has heads: refused
+    for group in ([["tcp://127.0.0.1:2#" + KEY_B, sid], ["tcp://127.0.0.1:2#" + KEY_B, "theirs"]],
+                  [[f"tcp://127.0.0.1:{k + 1}#" + KEY_B, sid if k == 0 else "s"] for k in range(5)]):
+        [(_, frames)] = a.handle_batch([(b"owner", encode("step", 90 + len(group), {
+            "session": sid, "pos": 0, "group": group, "member": 0}, [x]))])
+        assert decode(frames).fields["code"] == "malformed"
+
     # garbage partials: each refused with a code, nothing kept
     y = torch.zeros(1, 2, 64)
     for rid, (fields, tensor, code) in enumerate((
             ({"pos": 5}, y, "bad_position"), ({"block": 3}, y, "bad_position"), ({"phase": "mlp"}, y, "bad_position"),
-            ({"session": "nope"}, y, "unknown_session"), ({}, torch.zeros(1, 2, 65), "bad_shape")), start=100):
+            ({"member": 4}, y, "bad_position"), ({"session": "nope"}, y, "unknown_session"),
+            ({}, torch.zeros(1, 2, 65), "bad_shape"), ({}, torch.zeros(1, 1025, 64), "bad_shape")), start=100):
         f = {"session": sid, **fields}
         [(to, frames)] = _partial(a, f.pop("session"), tensor, KEY_B, req_id=rid, **f)
         assert decode(frames).fields["code"] == code, fields
     assert not a.groups._kept
+
+    # one partial a member before its step; one from another key than the step then names fails it
+    assert _partial(a, sid, y, FORGED, req_id=120) == []
+    [(_, frames)] = _partial(a, sid, y, KEY_B, req_id=121)
+    assert decode(frames).fields["code"] == "bad_position"  # member 1's came already
+    replies = _member_step(a, sid, x, req_id=122)
+    [err] = [decode(f) for to, f in replies if not isinstance(to, Relay)]
+    assert err.fields["code"] == "relay_failed" and "another CURVE key" in err.fields["message"]
+    assert session.length == 0 and session.next_block == 0 and not a.groups.steps and not a.groups._kept
+
+    # kept partials are bounded in bytes, and forgotten with their session, or when no step comes
+    limits = a.groups.runner.limits
+    a.groups.runner.limits = dataclasses.replace(limits, max_message_bytes=300)  # 4 x 300 B: 2 partials of 512 B
+    other = decode(a.handle(b"owner", encode("open", 2, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    assert _partial(a, sid, y, KEY_B, req_id=130) == [] and _partial(a, other, y, KEY_B, req_id=131) == []
+    [(_, frames)] = _partial(a, sid, y, KEY_B, req_id=132, member=2)
+    assert decode(frames).fields["code"] == "busy"
+    a.groups.runner.limits = limits
+    a.handle(b"owner", encode("close", 3, {"session": other}))
+    a.groups.forget_stale()
+    assert list(a.groups._kept) == [sid] and a.groups._kept_bytes == y.nbytes
+    a.groups.forget_stale(now=float("inf"))
+    assert not a.groups._kept and a.groups._kept_bytes == 0
 
     # the partner's partials, computed by member b itself (a's own session there), and forged ones
     opened_b = decode(b.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8})))
@@ -181,7 +215,8 @@ def test_a_member_takes_partials_only_from_the_member_the_step_names(tiny_model_
             assert (sent.fields["block"], sent.fields["phase"], sent.fields["member"]) == (block, phase, 0)
             theirs = decode(b.handle(b"owner", encode("step", rid, {"session": sid_b, "pos": 0, "phase": phase,
                                                                     "block": block}, [h]))).tensor(0)
-            assert _partial(a, sid, torch.full_like(theirs, 1e3), FORGED, rid + 1, block, phase) == []
+            [(_, frames)] = _partial(a, sid, torch.full_like(theirs, 1e3), FORGED, rid + 1, block, phase)
+            assert decode(frames).fields["code"] == "not_served"
             replies = _partial(a, sid, theirs, KEY_B, rid + 2, block, phase)
             rid += 3
             h = h + sent.tensor(0) + theirs
@@ -255,3 +290,58 @@ def test_sessions_stepped_together_share_the_members_forward_passes(tiny_model_d
             for link in (c for pair in links for c in pair):
                 link.close()
     assert all(h.stats.batched_steps > 0 and h.stats.max_batch >= 2 for h in handlers)
+
+
+def test_a_member_slow_in_every_phase_is_no_ones_fault_and_replays_go_by_fan_out(tiny_model_dir):
+    """Review128: a member slower than the others in every phase, though within each phase's
+    wait, made the whole step miss the client's timeout, and the first member was banned for it.
+    Now a step that times out blames no one: the group goes back to the fan-out, where each phase
+    has a timeout of its own, and the session goes on exact. And a replay into a group (failover,
+    reopen) goes by fan-out, the group all-reducing again after it: an all-reduce that failed
+    midway through a replay left the replay's new stage struck for it."""
+    handlers, model_id = _handlers(tiny_model_dir)
+    slow = [0.0]
+    forward = handlers[1].groups._forward
+
+    def slow_forward(batch):
+        time.sleep(slow[0])
+        return forward(batch)
+
+    handlers[1].groups._forward = slow_forward
+    starts = []
+    for h in handlers:
+        h.can_relay = lambda contact: True
+        start = h.groups.start
+        h.groups.start = lambda *args, _start=start: (starts.append(1), _start(*args))[1]
+    blocks = load_blocks(tiny_model_dir, 0, 4)
+    x = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(9))
+    with in_process_nodes(handlers) as conns:
+        swarm = Swarm(model_id, 4, 4, SwarmOptions(timeout=2.0, insecure=True))
+        swarm.add_addresses([c.address for c in conns], timeout=5.0)
+        try:
+            session = InferenceSession.open(swarm, 12)
+            [group] = session.stages
+            cache = blocks.new_cache(12)
+            for a, b in ((0, 5), *((t, t + 1) for t in range(5, 12))):
+                slow[0] = 0.35 if a == 7 else 0.0  # 8 phases of 0.35 s: within each wait (0.5 s), past 2 s
+                got = session.step(x[:, a:b])
+                with torch.inference_mode():
+                    assert (got - blocks(x[:, a:b], [cache])).abs().max().item() <= 1e-5
+                assert group.all_reduce == (a < 7)
+            assert session.failovers == 0 and not swarm.bans
+            session.close()
+
+            # a replay goes by fan-out: no all-reduce step reaches a member while it runs
+            stage = HeadGroupStage([(swarm.connection(c.address), h) for c, h in zip(conns, [(0, 2), (2, 4)])],
+                                   0, 4, model_id, timeout=2.0, all_reduce=True)
+            stage.open(12)
+            starts.clear()
+            out = InferenceSession._replay(stage, x[:, :6])
+            with torch.inference_mode():
+                assert (out - blocks(x[:, :6], [blocks.new_cache(12)])).abs().max().item() <= 1e-5
+            assert starts == [] and stage.all_reduce
+            stage.step(x[:, 6:7], 6)
+            assert len(starts) == 2  # the next step all-reduces, to both members
+            stage.close()
+        finally:
+            swarm.close()

@@ -114,17 +114,19 @@ def test_bare_pipeline_floor_runs(tmp_path):
 @pytest.mark.slow
 def test_bare_head_group_floor_runs(tmp_path):
     """scripts/bench_heads_floor.py (a bare head group fan-out and all-reduce against one
-    process) runs end to end with 3 members (a later phase's partial may come before an earlier
-    one's), and both ways compute what one process computes, the same sums in member order."""
+    process, and nanoswarm's both ways) runs end to end with 3 members (a later phase's partial
+    may come before an earlier one's), and every way computes what one process computes, the
+    same sums in member order."""
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench_heads_floor.py"
     out = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--work-dir", str(tmp_path),
-                          "--members", "3", "--rounds", "1", "--tokens", "4", "--prompt-len", "8", "--threads", "1"],
-                         capture_output=True, text=True, timeout=300)
+                          "--members", "3", "--rounds", "1", "--tokens", "4", "--prompt-len", "8", "--threads", "1",
+                          "--nanoswarm"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if "ratio" in line]
-    assert [line.split(" decode")[0].strip() for line in lines] == ["one process", "bare fan-out", "bare all-reduce"]
+    assert [line.split(" decode")[0].strip() for line in lines] == [
+        "one process", "bare fan-out", "bare all-reduce", "nanoswarm fan-out", "nanoswarm all-reduce"]
     errors = [float(re.search(r"max \|dlogit\| (\S+)", line).group(1)) for line in lines]
-    assert errors[0] == 0 and errors[1] == errors[2] <= 1e-4
+    assert errors[0] == 0 and errors[1] == errors[2] == errors[3] == errors[4] <= 1e-4
 
 
 def test_bench_curve_runs(tmp_path):
