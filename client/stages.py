@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -328,6 +329,7 @@ class HeadGroupStage(Stage):
         self.record: FanOutRecord | None = None  # what members were sent and answered, if spot-checked
         self.wants_all_reduce = all_reduce  # off for good once an all-reduce failed with no one at fault
         self.all_reduce = False  # whether this session's steps go by all-reduce
+        self.on_fan_out: Callable[[str], None] | None = None  # told why, when an all-reduce failed
         self.max_length = 0
 
     def open(self, max_length: int) -> None:
@@ -419,9 +421,13 @@ class HeadGroupStage(Stage):
         group = [[self.names.get(conn.address, conn.address), sid]
                  for (conn, _), sid in zip(self.members, self.sessions)]
         sent = self.asking()
+        # In float32 whatever the wire, and answered so: the members start from the residual the
+        # client keeps, as a fan-out's sums do (review129: on a float16 wire the all-reduce began
+        # from a rounded residual, and its tokens differed from the fan-out's at a near tie).
+        # The wire is the partials' between members.
         return sent, [conn.send("step", {"session": self.sessions[k], "pos": pos, "wire": self.wire, "group": group,
                                          "member": k, "wait": all_reduce_wait(self.timeout)},
-                                [hidden], self.wire, timeout=self.timeout)
+                                [hidden], "float32", timeout=self.timeout)
                       for k, (conn, _) in enumerate(self.members)]
 
     def all_reduce_result(self, asked: tuple[float, list[int]], hidden: torch.Tensor) -> torch.Tensor:
@@ -434,7 +440,7 @@ class HeadGroupStage(Stage):
         except PeerError as e:
             if e.code not in NO_FAULT:
                 raise
-            self.wants_all_reduce = self.all_reduce = False
+            self._fan_out_from_now(e.code)
             raise AllReduceFailed(e.address, e.code, f"all-reduce through {len(self.members)} members failed "
                                   f"({e.message})") from e
         self.sent_at = sent
@@ -445,15 +451,21 @@ class HeadGroupStage(Stage):
         if any(not torch.equal(outputs[0], y) for y in outputs[1:]):
             # One sent the others a partial it did not keep, or one's output is a lie: the fan-out
             # shows every partial (and spot checks, which member).
-            self.wants_all_reduce = self.all_reduce = False
+            self._fan_out_from_now("bad_reply")
             raise AllReduceFailed(first, "bad_reply", "the members of a head group answered different outputs "
                                   "for one all-reduce step")
         try:
             check_magnitude(first, hidden, outputs[0])
         except PeerError as e:  # some member's partial made it so: the fan-out shows whose
-            self.wants_all_reduce = self.all_reduce = False
+            self._fan_out_from_now(e.code)
             raise AllReduceFailed(first, e.code, f"the all-reduce step's output: {e.message}") from e
         return outputs[0]
+
+    def _fan_out_from_now(self, why: str) -> None:
+        """This stage meets its members itself from now on; the swarm hears why (`on_fan_out`)."""
+        self.wants_all_reduce = self.all_reduce = False
+        if self.on_fan_out is not None:
+            self.on_fan_out(why)
 
     def _answers(self, ids: list[int]) -> list[Message]:
         """The members' `result`s to requests `ids`, read as they come within one timeout; the
@@ -473,7 +485,7 @@ class HeadGroupStage(Stage):
                 # partials, so one slow member makes all late (review128: the first was banned for
                 # another's slowness). The group goes back to the fan-out, where each phase has
                 # its own timeout; a member that is gone fails its open there.
-                self.wants_all_reduce = self.all_reduce = False
+                self._fan_out_from_now("timeout")
                 raise AllReduceFailed(waiting[0].address, "timeout", f"no answer to an all-reduce step within "
                                       f"{self.timeout or 30.0:g}s from {len(waiting)} of {len(ids)} members")
             poller = zmq.Poller()

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 DRAIN_SECONDS = 5.0  # the most time between two reads of every connection's events (Swarm.drain_events)
 EARLY_SETTLE_SECONDS = 2.0  # the most a failed route's open waits for its unclaimed early opens' answers
 INTRODUCE_SECONDS = 5.0  # the least time between two introductions asked for by hops that knew no next (introduce_soon)
+FAN_OUT_SECONDS = 120.0  # how long head-group members whose all-reduce failed with no one at fault fan out
 
 
 @dataclass
@@ -39,6 +40,9 @@ class Swarm(PeerTable):
     checker: SpotChecker | None = None  # set by SwarmModel.connect when options.verify > 0
     _abandoned: deque[list[Stage]] = field(default_factory=deque)  # stages of sessions dropped unclosed
     _introduced: float = -INTRODUCE_SECONDS  # when introduce_soon last started a background read
+    # head-group members (their addresses) whose all-reduce failed with no one at fault: until when
+    # their groups fan out (make_stage)
+    _fan_out_until: dict[frozenset[str], float] = field(default_factory=dict)
 
     def held(self, address: str) -> int:
         conn = self._conns.get(address)
@@ -164,10 +168,12 @@ class Swarm(PeerTable):
     def make_stage(self, plan: StagePlan) -> Stage:
         if plan.is_head_group:
             members = [(self.connection(p.address), h) for p, h in zip(plan.peers, plan.peer_heads(self.n_head))]
+            together = frozenset(p.address for p in plan.peers)
             group = HeadGroupStage(members, plan.start, plan.stop, self.model_id,
                                    self.options.wire, self.options.timeout,
                                    names={p.address: p.relay_name or p.address for p in plan.peers},
-                                   all_reduce=self.options.all_reduce)
+                                   all_reduce=self.options.all_reduce and not self._fans_out(together))
+            group.on_fan_out = lambda why: self._fan_out(together, why)
             if self.checker is not None:  # spot checks need each member's partials (client/verify.py)
                 group.record = FanOutRecord()
             return group
@@ -175,6 +181,20 @@ class Swarm(PeerTable):
         return RemoteLayerStage(self.connection(peer.address), plan.start, plan.stop, self.model_id,
                                 self.options.wire, self.options.timeout, peer.relay_name,
                                 heads=plan.peer_heads(self.n_head)[0])
+
+    def _fans_out(self, members: frozenset[str]) -> bool:
+        """Whether these members' all-reduce failed with no one at fault in the last
+        FAN_OUT_SECONDS: their groups are met by the client meanwhile (review129: a member that
+        could not send to another cost every new session a failed step and a reopen)."""
+        return self._fan_out_until.get(members, 0.0) > time.monotonic()
+
+    def _fan_out(self, members: frozenset[str], why: str) -> None:
+        now = time.monotonic()
+        if len(self._fan_out_until) >= 256:
+            self._fan_out_until = {k: t for k, t in self._fan_out_until.items() if t > now}
+        self._fan_out_until[members] = now + FAN_OUT_SECONDS
+        if why == "not_served":  # a member that does not know another: tell the contacts of each other
+            self.introduce_soon()
 
     def introduce_soon(self) -> bool:
         """A hop refused to relay to the next (`not_served`): it does not know it. A node that

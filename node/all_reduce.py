@@ -7,10 +7,12 @@ each member's [contact, session], in member order; `member`: this one's index). 
 block by block and phase by phase (attention, MLP):
 
 - computes its partial sum and sends it to every other member (`partial`, over the node's relay
-  links: node/relay.py), as the wire format carries it;
+  links: node/relay.py), in the step's wire format;
 - waits, without holding the node's loop, for the others' partials of that phase;
 - adds every member's partial to the residual in member order, in float32 on the CPU: the sums
-  the client adds in a fan-out, so the output is the same to the bit (on a float32 wire);
+  the client adds in a fan-out (the step's input and output travel in float32 whatever the wire,
+  as the client's residual is kept; a phase's input is rounded to the wire as a fan-out sends
+  it), so the output is the same to the bit;
 - goes on to the next phase.
 
 After the last block every member answers the client with the output. A partial is taken only
@@ -135,8 +137,6 @@ class AllReduces:
             if self.checks_keys and key is None:
                 raise ProtocolError(ErrorCode.MALFORMED, f"member {j}'s contact names no CURVE key")
             keys.append(key.decode("ascii") if self.checks_keys else None)
-        if session.id in self.steps:
-            raise ProtocolError(ErrorCode.BAD_POSITION, "an all-reduce step of this session is still running")
         pos = f["pos"]
         if pos != session.length or session.next_block:
             raise ProtocolError(ErrorCode.BAD_POSITION, f"step at position {pos}, but the session holds "
@@ -265,13 +265,13 @@ class AllReduces:
 
     def _result(self, g: GroupStep) -> Reply:
         self._end(g)
-        frame = to_frame(g.x, g.wire)
-        problem = _unsendable(g.x, g.x, g.wire, frame)
+        frame = to_frame(g.x, "float32")  # the residual as the client keeps it (review129)
+        problem = _unsendable(g.x, g.x, "float32", frame)
         if problem:
             self._undo(g)
             return g.reply_to[0], self.runner.error(g.reply_to[1], ErrorCode.BAD_VALUE, problem)
         return g.reply_to[0], encode_frames("result", g.reply_to[1], {"busy_us": g.busy_us},
-                                            [(g.wire, tuple(g.x.shape))], [frame])
+                                            [("float32", tuple(g.x.shape))], [frame])
 
     def _end(self, g: GroupStep) -> None:
         self.steps.pop(g.session.id, None)

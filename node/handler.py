@@ -102,11 +102,6 @@ class RequestHandler:
                 if msg.type == "partial":  # another member's partial sum of an all-reduce step
                     self.groups.take(msg, self.sender_key(frames) if self.sender_key is not None else None)
                     continue
-                if msg.type == "step" and msg.get("group") is not None:
-                    self.groups.start(peer, msg, self.can_relay)  # computed after the batch's steps
-                    continue
-                if msg.type == "step" and msg.fields["session"] in self.groups.steps:
-                    raise ProtocolError(ErrorCode.BAD_POSITION, "an all-reduce step of this session is still running")
                 if pending and msg.type in ("step", "close") and any(
                         p.msg.fields["session"] == msg.fields["session"] for p in pending) and (
                         msg.type == "step" or self._owns(peer, msg.fields["session"])):
@@ -114,6 +109,11 @@ class RequestHandler:
                     # once the earlier step has run.
                     replies.extend(self._run(pending))
                     pending = []
+                if msg.type == "step" and msg.fields["session"] in self.groups.steps:
+                    raise ProtocolError(ErrorCode.BAD_POSITION, "an all-reduce step of this session is still running")
+                if msg.type == "step" and msg.get("group") is not None:
+                    self.groups.start(peer, msg, self.can_relay)  # computed after the batch's steps
+                    continue
                 if msg.type == "step":
                     # Steps relayed by the hop before go on only as the owner pinned (`admit`).
                     pinned = to != peer and self.checks_senders
