@@ -5,6 +5,7 @@ failures with no one at fault go back to the fan-out, and a member that dies is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -79,6 +80,19 @@ def test_an_all_reduce_through_a_mixed_route_generates_what_one_process_does(sma
         model.close()
 
 
+@contextlib.contextmanager
+def in_process_swarm(handlers: list[RequestHandler], timeout: float):
+    """Each handler served in this process (test_heads.in_process_nodes), and an insecure Swarm of
+    them with step timeout `timeout`; yields (connections, swarm)."""
+    with in_process_nodes(handlers) as conns:
+        swarm = Swarm(handlers[0].model_id, 4, 4, SwarmOptions(timeout=timeout, insecure=True))
+        swarm.add_addresses([c.address for c in conns], timeout=5.0)
+        try:
+            yield conns, swarm
+        finally:
+            swarm.close()
+
+
 def _handlers(model_dir, limits: NodeLimits | None = None) -> tuple[list[RequestHandler], str]:
     model_id = read_manifest(model_dir).model_id
     return [RequestHandler(load_blocks(model_dir, 0, 4, heads=h), model_id, f"m{k}", limits or NodeLimits())
@@ -97,32 +111,27 @@ def test_members_that_cannot_send_to_each_other_are_met_by_the_client(tiny_model
         h.can_relay = lambda contact: sends[0]
     blocks = load_blocks(tiny_model_dir, 0, 4)
     x = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(7))
-    with in_process_nodes(handlers) as conns:
-        swarm = Swarm(model_id, 4, 4, SwarmOptions(timeout=4.0, insecure=True))
-        swarm.add_addresses([c.address for c in conns], timeout=5.0)
-        try:
-            for refuse_at in (0, 6):  # the prompt's step; a decode step
-                sends[0] = refuse_at != 0
-                session = InferenceSession.open(swarm, 12)
-                [group] = session.stages
-                assert group.all_reduce
-                cache = blocks.new_cache(12)
-                for a, b in ((0, 5), *((t, t + 1) for t in range(5, 12))):
-                    if a == refuse_at:
-                        sends[0] = False
-                    got = session.step(x[:, a:b])
-                    with torch.inference_mode():
-                        want = blocks(x[:, a:b], [cache])
-                    assert torch.equal(got, want) or (got - want).abs().max().item() <= 1e-5
-                    assert group.all_reduce == (a < refuse_at), (a, refuse_at)
-                assert session.stages == [group] and session.failovers == 0
-                session.close()
-                with InferenceSession.open(swarm, 12) as again:  # remembered: fan-out from the start
-                    assert not again.stages[0].all_reduce
-                swarm._fan_out_until.clear()  # (forgotten after FAN_OUT_SECONDS)
-            assert not swarm.bans
-        finally:
-            swarm.close()
+    with in_process_swarm(handlers, timeout=4.0) as (conns, swarm):
+        for refuse_at in (0, 6):  # the prompt's step; a decode step
+            sends[0] = refuse_at != 0
+            session = InferenceSession.open(swarm, 12)
+            [group] = session.stages
+            assert group.all_reduce
+            cache = blocks.new_cache(12)
+            for a, b in ((0, 5), *((t, t + 1) for t in range(5, 12))):
+                if a == refuse_at:
+                    sends[0] = False
+                got = session.step(x[:, a:b])
+                with torch.inference_mode():
+                    want = blocks(x[:, a:b], [cache])
+                assert torch.equal(got, want) or (got - want).abs().max().item() <= 1e-5
+                assert group.all_reduce == (a < refuse_at), (a, refuse_at)
+            assert session.stages == [group] and session.failovers == 0
+            session.close()
+            with InferenceSession.open(swarm, 12) as again:  # remembered: fan-out from the start
+                assert not again.stages[0].all_reduce
+            swarm._fan_out_until.clear()  # (forgotten after FAN_OUT_SECONDS)
+        assert not swarm.bans
 
 
 KEY_B = zmq.curve_keypair()[0].decode()
@@ -326,33 +335,28 @@ def test_a_member_slow_in_every_phase_is_no_ones_fault_and_replays_go_by_fan_out
         h.groups.start = lambda *args, _start=start: (starts.append(1), _start(*args))[1]
     blocks = load_blocks(tiny_model_dir, 0, 4)
     x = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(9))
-    with in_process_nodes(handlers) as conns:
-        swarm = Swarm(model_id, 4, 4, SwarmOptions(timeout=2.0, insecure=True))
-        swarm.add_addresses([c.address for c in conns], timeout=5.0)
-        try:
-            session = InferenceSession.open(swarm, 12)
-            [group] = session.stages
-            cache = blocks.new_cache(12)
-            for a, b in ((0, 5), *((t, t + 1) for t in range(5, 12))):
-                slow[0] = 0.35 if a == 7 else 0.0  # 8 phases of 0.35 s: within each wait (0.5 s), past 2 s
-                got = session.step(x[:, a:b])
-                with torch.inference_mode():
-                    assert (got - blocks(x[:, a:b], [cache])).abs().max().item() <= 1e-5
-                assert group.all_reduce == (a < 7)
-            assert session.failovers == 0 and not swarm.bans
-            session.close()
-
-            # a replay goes by fan-out: no all-reduce step reaches a member while it runs
-            stage = HeadGroupStage([(swarm.connection(c.address), h) for c, h in zip(conns, [(0, 2), (2, 4)])],
-                                   0, 4, model_id, timeout=2.0, all_reduce=True)
-            stage.open(12)
-            starts.clear()
-            out = InferenceSession._replay(stage, x[:, :6])
+    with in_process_swarm(handlers, timeout=2.0) as (conns, swarm):
+        session = InferenceSession.open(swarm, 12)
+        [group] = session.stages
+        cache = blocks.new_cache(12)
+        for a, b in ((0, 5), *((t, t + 1) for t in range(5, 12))):
+            slow[0] = 0.35 if a == 7 else 0.0  # 8 phases of 0.35 s: within each wait (0.5 s), past 2 s
+            got = session.step(x[:, a:b])
             with torch.inference_mode():
-                assert (out - blocks(x[:, :6], [blocks.new_cache(12)])).abs().max().item() <= 1e-5
-            assert starts == [] and stage.all_reduce
-            stage.step(x[:, 6:7], 6)
-            assert len(starts) == 2  # the next step all-reduces, to both members
-            stage.close()
-        finally:
-            swarm.close()
+                assert (got - blocks(x[:, a:b], [cache])).abs().max().item() <= 1e-5
+            assert group.all_reduce == (a < 7)
+        assert session.failovers == 0 and not swarm.bans
+        session.close()
+
+        # a replay goes by fan-out: no all-reduce step reaches a member while it runs
+        stage = HeadGroupStage([(swarm.connection(c.address), h) for c, h in zip(conns, [(0, 2), (2, 4)])],
+                               0, 4, model_id, timeout=2.0, all_reduce=True)
+        stage.open(12)
+        starts.clear()
+        out = InferenceSession._replay(stage, x[:, :6])
+        with torch.inference_mode():
+            assert (out - blocks(x[:, :6], [blocks.new_cache(12)])).abs().max().item() <= 1e-5
+        assert starts == [] and stage.all_reduce
+        stage.step(x[:, 6:7], 6)
+        assert len(starts) == 2  # the next step all-reduces, to both members
+        stage.close()
