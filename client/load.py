@@ -39,7 +39,7 @@ from .load_report import LoadReport
 from .peer_errors import PeerError
 from .route import RouteError
 from .session import CANNOT_TAKE
-from .stages import RemoteLayerStage, Stage
+from .stages import AllReduceFailed, RemoteLayerStage, Stage
 from .swarm import Swarm, SwarmOptions
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,12 @@ class _Worker:
                 if step < opts.new_tokens:
                     chunk = [ids[pos]]
             self.out.sessions_completed += 1
+        except AllReduceFailed:
+            # A head group's all-reduce failed with no member at fault (client/stages.py): no ban
+            # (review130: the member that answered first, a healthy one, was banned for a frozen
+            # one); the swarm meets those members by fan-out for a while, so a new session goes on.
+            self.out.refused["all_reduce"] += 1
+            time.sleep(self.rng.uniform(0.05, 0.25))
         except PeerError as e:
             # `not_served` from a node whose `info` now names another span (restarted with other
             # blocks or heads) is a refusal, as a client's open takes it (client/failover.py _moved).

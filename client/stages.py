@@ -405,8 +405,12 @@ class HeadGroupStage(Stage):
                 if pos:  # the session reopens the group and replays what it holds
                     raise
                 log.info("%s; the group's members are met one by one from now on", e)
-                self.close()  # nothing held yet: new sessions here, and the fan-out
-                self.open(self.max_length)
+                try:
+                    self.close()  # nothing held yet: new sessions here, and the fan-out
+                    self.open(self.max_length)
+                except PeerError as again:  # the session reopens it, and strikes only a fault (review130)
+                    raise AllReduceFailed(again.address, again.code, f"reopening the group after an all-reduce "
+                                          f"failed: {again.message}") from again
         for block in range(self.start, self.stop):
             hidden = self._fan_out(hidden, pos, "attn", block)
             hidden = self._fan_out(hidden, pos, "mlp", block)

@@ -21,8 +21,8 @@ node/server.py); a member may be one phase ahead of another, and a partial may c
 step it belongs to, so partials of this phase and the next are kept until used. A member that
 has not had every partial of a phase within the step's `wait` answers `relay_failed`, its session
 as before the step (the client then reopens the group, meeting its members itself:
-client/stages.py). A member runs one session's phases at a time: phases of several sessions are
-not batched into one forward pass, as a fan-out's are (node/steps.py).
+client/stages.py). The one-position phases of several sessions at the same block and phase run
+in one forward pass, as a fan-out's phase steps do (node/steps.py).
 """
 
 from __future__ import annotations

@@ -410,6 +410,8 @@ class RequestHandler:
         return gone
 
     def expire_idle(self) -> list[str]:
+        for g in self.groups.steps.values():  # waiting for other members' partials is not idle (review130)
+            g.session.last_used = max(g.session.last_used, self.sessions.clock())
         expired = self.sessions.expire_idle()
         if expired:
             log.info("reclaimed %d idle sessions", len(expired))
