@@ -84,9 +84,11 @@ def _as_sent(y: torch.Tensor, frame: object, wire: str) -> torch.Tensor:
 
 class AllReduces:
     """The all-reduce steps in progress on a node (one a session) and the partials kept for them.
-    `start` takes a step, `take` a partial, `advance` goes on with the steps whose partials came,
-    `expire` fails those that waited too long. Every call returns the replies to send: results,
-    errors, and partials to other members (as Relay destinations: node/server.py sends them)."""
+    `start` takes a step and `take` a partial (both raise ProtocolError for what they refuse);
+    `advance`, after each batch, goes on with the steps started or sent partials; `expire` fails
+    those that waited too long, `forget_stale` drops partials nobody will use. `advance` and
+    `expire` return the replies to send: results, errors, and partials to other members (as
+    Relay destinations: node/server.py sends them)."""
 
     def __init__(self, runner: StepRunner, sessions: SessionStore):
         self.runner = runner
@@ -375,7 +377,7 @@ class AllReduces:
 
     def expire(self, now: float | None = None) -> list[Reply]:
         """Fail the steps that waited past their deadline for a partial (`relay_failed`: the
-        session as before the step), and forget partials kept for sessions that are gone."""
+        session as before the step). Called from the server's loop while steps run."""
         now = time.monotonic() if now is None else now
         out: list[Reply] = []
         for g in [g for g in self.steps.values() if g.deadline <= now]:
