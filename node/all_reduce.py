@@ -12,7 +12,7 @@ block by block and phase by phase (attention, MLP):
 - adds every member's partial to the residual in member order, in float32 on the CPU: the sums
   the client adds in a fan-out (the step's input and output travel in float32 whatever the wire,
   as the client's residual is kept; a phase's input is rounded to the wire as a fan-out sends
-  it), so the output is the same to the bit;
+  it), so the output is the same to the bit (batched with the same other sessions);
 - goes on to the next phase.
 
 After the last block every member answers the client with the output. A partial is taken only

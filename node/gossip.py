@@ -366,6 +366,7 @@ class Gossip:
             served += f" of another model ({record.model_id[:16]})"
         log.info("peer %s at %s joined: %s%s", record.peer_id, record.address, served,
                  self.clock.peer_note(record_contact(record)))
+        self.links.joined(record_contact(record))
         if (self.on_next_hop is not None and record.model_id == self.handler.model_id and record.heads is None
                 and not self.handler.head_shard and record.layers[0] == self.handler.blocks.stop
                 and (self.insecure or not record.insecure)):

@@ -186,6 +186,17 @@ class GossipLinks:
                 self.drop(contact, link)
         return got
 
+    def joined(self, contact: str) -> None:
+        """A peer joined, or came back (its record new here): the requests to it still waiting
+        (sent to an earlier process at its address, or while it was away, and queued on a link
+        whose reconnects had backed off) are timed from now. Review131: a node restarted at the
+        same address was forgotten again a second after it joined, by those requests' timeout,
+        and stayed so for 14-39 s, its peers refusing to relay or all-reduce with it."""
+        link = self.open.get(contact)
+        if link is not None:
+            now = time.monotonic()
+            link.pending = dict.fromkeys(link.pending, now)
+
     def close_link(self, contact: str, link: GossipLink) -> None:
         self._unwatch(link)
         link.conn.close()

@@ -1406,6 +1406,36 @@ def test_a_contact_zeromq_refuses_is_warned_about_once(caplog):
     links.close()
 
 
+def test_requests_waiting_on_a_peer_that_joins_again_are_timed_from_its_return():
+    """Review131: a node restarted at the same address was forgotten again a second after it
+    joined, by the timeout of gossip requests sent to it while it was away (queued on a link whose
+    reconnects had backed off), and stayed forgotten 14-39 s: its peers refused to relay or
+    all-reduce with it meanwhile. A join now times the requests still waiting from then on; a
+    peer that leaves them unanswered is forgotten as before."""
+    import zmq
+
+    from nanoswarm.node.gossip_links import GossipLinks
+
+    silent_peer = zmq.Context.instance().socket(zmq.ROUTER)  # takes requests, never answers
+    port = silent_peer.bind_to_random_port("tcp://127.0.0.1")
+    contact, forgotten = f"tcp://127.0.0.1:{port}", []
+    links = GossipLinks("tcp://127.0.0.1:1", zmq.curve_keypair(), 1.0, lambda wires: None, forgotten.append)
+    try:
+        links.send(contact, [], want=True, await_answer=True)
+        link = links.open[contact]
+        link.pending = dict.fromkeys(link.pending, time.monotonic() - 0.9)  # sent while it was away
+        links.joined(contact)
+        time.sleep(0.3)
+        links.drain()
+        assert forgotten == [] and link.pending  # 0.3 s after its join, not 1.2 s after the request
+        time.sleep(0.8)
+        links.drain()
+        assert forgotten == [contact]  # still unanswered a whole timeout after the join
+    finally:
+        links.close()
+        silent_peer.close(linger=0)
+
+
 def test_a_node_logs_the_peers_that_join_once_each(caplog):
     """Departures and silent peers were logged, joins were not: a node logs a peer whose record
     it did not hold live (a join, or a return after departure or expiry), not each refresh, and
