@@ -161,6 +161,7 @@ def _route_line(route: list[dict]) -> str:
     for stage in route:  # endpoints only: the keys are in --json
         a, b = stage["layers"]
         heads = f" heads {','.join(f'{h}:{k}' for h, k in stage['heads'])}" if stage.get("heads") else ""
+        heads += " (all-reduce)" if stage.get("all_reduce") else ""
         parts.append(f"{a}:{b} @ {','.join(endpoint_of(p) for p in stage['peers'])}{heads}")
     return "route: " + " -> ".join(parts)
 

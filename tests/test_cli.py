@@ -380,10 +380,13 @@ def test_generate_checks_its_settings_before_connecting(tiny_model_dir):
 def test_the_route_line_names_head_ranges_as_the_options_do():
     from nanoswarm.cli.client import _route_line
 
-    route = [{"layers": [0, 2], "peers": ["tcp://127.0.0.1:1#k", "tcp://127.0.0.1:2#k"], "heads": [[0, 2], [2, 4]]},
+    route = [{"layers": [0, 2], "peers": ["tcp://127.0.0.1:1#k", "tcp://127.0.0.1:2#k"], "heads": [[0, 2], [2, 4]],
+              "all_reduce": True},
              {"layers": [2, 4], "peers": ["tcp://127.0.0.1:3#k"], "heads": None}]
-    assert _route_line(route) == ("route: 0:2 @ tcp://127.0.0.1:1,tcp://127.0.0.1:2 heads 0:2,2:4 -> "
+    assert _route_line(route) == ("route: 0:2 @ tcp://127.0.0.1:1,tcp://127.0.0.1:2 heads 0:2,2:4 (all-reduce) -> "
                                   "2:4 @ tcp://127.0.0.1:3")
+    route[0]["all_reduce"] = False  # met by the client (fan-out)
+    assert _route_line(route).startswith("route: 0:2 @ tcp://127.0.0.1:1,tcp://127.0.0.1:2 heads 0:2,2:4 -> ")
 
 
 def test_a_bad_contact_fails_in_one_line_without_a_log_line_repeating_it(tiny_model_dir):
