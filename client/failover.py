@@ -226,7 +226,8 @@ class Failover:
         worked, else why not (the caller then replaces the stage). `reclaimed`: the node reclaimed
         the old session and the history is the one the stage was stepped with; otherwise the
         history changed (the stage before was redone: `_reopen_from`) and the caller reopens the
-        stages after. In a checking session a reclaimed stage's replay is held against what it
+        stages after, or the group's all-reduce failed (InferenceSession._after_error), whose
+        history did not change. In a checking session a reclaimed stage's replay is held against what it
         returned before, for the same inputs: differing beyond its dtype's and the wire's slack,
         it lied on one of them (else a liar could erase the record of its lies by answering
         `session_closed`), and the error is `wrong_result`; differing at all (`_diverged`), the

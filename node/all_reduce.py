@@ -136,8 +136,9 @@ class AllReduces:
             if j != me and not (can_relay and can_relay(contact)):
                 raise ProtocolError(ErrorCode.NOT_SERVED, f"this node does not send to member {j} "
                                     f"({contact[:80]!r}): it sends only to peers in its table of signed records")
-            if self.checks_keys and key is None:
-                raise ProtocolError(ErrorCode.MALFORMED, f"member {j}'s contact names no CURVE key")
+            if self.checks_keys and key is None:  # (an --insecure node: no exchange with it; no one's fault)
+                raise ProtocolError(ErrorCode.NOT_SERVED, f"member {j}'s contact names no CURVE key: this node "
+                                    "exchanges partials only over CURVE")
             keys.append(key.decode("ascii") if self.checks_keys else None)
         pos = f["pos"]
         if pos != session.length or session.next_block:
@@ -294,13 +295,10 @@ class AllReduces:
     def _fail(self, g: GroupStep, code: ErrorCode, why: str) -> list[Reply]:
         self._end(g)
         if self.sessions.sessions.get(g.session.id) is not g.session:
-            # Closed meanwhile (its cache may serve another session now): by its client, or with
-            # its client's connection, nobody waits; reclaimed idle, its client hears so.
-            if self.sessions.why_ended(g.session.id) != "expired":
-                return []
-            code, why = ErrorCode.SESSION_CLOSED, f"session {g.session.id[:40]} was expired"
-        else:
-            self._undo(g)
+            # Closed meanwhile (its cache may serve another session now), by its client or with its
+            # client's connection: nobody waits. (Not reclaimed idle: RequestHandler.expire_idle.)
+            return []
+        self._undo(g)
         return [(g.reply_to[0], self.runner.error(g.reply_to[1], code, why[:500]))]
 
     # ----- partials --------------------------------------------------------------------------

@@ -248,10 +248,6 @@ class SessionStore:
                 self._ended.popitem(last=False)
         return session
 
-    def why_ended(self, session_id: str) -> str | None:
-        """Why a session that ended recently did ("expired": reclaimed idle), if it is remembered."""
-        return self._ended.get(session_id)
-
     def expire_idle(self) -> list[str]:
         cutoff = self.clock() - self.limits.idle_timeout
         stale = [s.id for s in self.sessions.values() if s.last_used < cutoff]

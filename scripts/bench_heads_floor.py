@@ -11,7 +11,8 @@ heads of every block, against one process, in the two ways a group's members can
 - `all-reduce`, what nanoswarm's head groups do since (node/all_reduce.py): the client sends a
   step's input to every member once; each member sends each partial sum straight to the others, adds all of them to the
   residual in member order (the same sums on every member) and goes on to the next phase; the
-  first member answers the client. One round trip a token, and 2 x n_layer one-way exchanges
+  first member answers the client (in nanoswarm every member does, and the client checks that
+  they agree). One round trip a token, and 2 x n_layer one-way exchanges
   between the members.
 
 Bare members read raw ZeroMQ frames (an 8-byte header and float32 activations: no msgpack, no

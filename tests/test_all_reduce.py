@@ -184,6 +184,11 @@ def test_a_member_takes_partials_only_from_the_member_the_step_names(tiny_model_
         [(_, frames)] = a.handle_batch([(b"owner", encode("step", 90 + len(group), {
             "session": sid, "pos": 0, "group": group, "member": 0}, [x]))])
         assert decode(frames).fields["code"] == "malformed"
+    # a partner without a CURVE key (an --insecure node): no exchange with it, and no one's fault
+    [(_, frames)] = a.handle_batch([(b"owner", encode("step", 98, {
+        "session": sid, "pos": 0, "group": [["tcp://127.0.0.1:1#" + KEY_B, sid], ["tcp://127.0.0.1:2", "s"]],
+        "member": 0}, [x]))])
+    assert decode(frames).fields["code"] == "not_served"
 
     # garbage partials: each refused with a code, nothing kept
     y = torch.zeros(1, 2, 64)
