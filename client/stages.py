@@ -333,6 +333,7 @@ class HeadGroupStage(Stage):
         self.all_reduce = False  # whether this session's steps go by all-reduce
         self.on_fan_out: Callable[[str], None] | None = None  # told why, when an all-reduce failed
         self.max_length = 0
+        self.group: list[list[str]] = []  # set at open (send_all_reduce)
 
     def open(self, max_length: int) -> None:
         if self.record is not None:
@@ -341,6 +342,9 @@ class HeadGroupStage(Stage):
         self.max_length = max_length
         self.all_reduce = (self.wants_all_reduce and self.record is None and len(self.members) > 1
                            and all(fields.get("all_reduce") is True for fields in self.limits))
+        # what an all-reduce step names: each member's contact (as the others know it) and session
+        self.group = [[self.names.get(conn.address, conn.address), sid]
+                      for (conn, _), sid in zip(self.members, self.sessions)]
 
     def _open(self, max_length: int) -> None:
         self.sessions, self.limits = [], []
@@ -424,15 +428,13 @@ class HeadGroupStage(Stage):
     def send_all_reduce(self, hidden: torch.Tensor, pos: int) -> tuple[float, list[int]]:
         """Send one step by all-reduce to every member, naming the group; `all_reduce_result`
         reads it (a client stepping several sessions at once sends all first: bench/measure.py)."""
-        group = [[self.names.get(conn.address, conn.address), sid]
-                 for (conn, _), sid in zip(self.members, self.sessions)]
         sent = self.asking()
         # In float32 whatever the wire, and answered so: the members start from the residual the
         # client keeps, as a fan-out's sums do (review129: on a float16 wire the all-reduce began
         # from a rounded residual, and its tokens differed from the fan-out's at a near tie).
         # The wire is the partials' between members.
-        return sent, [conn.send("step", {"session": self.sessions[k], "pos": pos, "wire": self.wire, "group": group,
-                                         "member": k, "wait": all_reduce_wait(self.timeout)},
+        return sent, [conn.send("step", {"session": self.sessions[k], "pos": pos, "wire": self.wire,
+                                         "group": self.group, "member": k, "wait": all_reduce_wait(self.timeout)},
                                 [hidden], "float32", timeout=self.timeout)
                       for k, (conn, _) in enumerate(self.members)]
 

@@ -63,11 +63,10 @@ class GroupStep:
     members: list[tuple[str, str]]  # each member's [contact, session], in member order
     keys: list[str | None]  # the CURVE key (z85) each member's partials must come with (None: unchecked)
     me: int
-    pos: int
+    pos: int  # the session's length before the step (checked), restored if it fails
     wire: str
     wait: float
     x: torch.Tensor  # the residual so far: float32, on the CPU
-    length: int  # the session's length before the step, restored if it fails
     block: int = 0
     phase: str = "attn"
     own: torch.Tensor | None = None  # this member's partial of the phase waited on, as the wire carries it
@@ -153,8 +152,7 @@ class AllReduces:
         wait = f.get("wait")
         wait = DEFAULT_WAIT if wait is None else min(MAX_WAIT, max(MIN_WAIT, float(wait)))
         wire = self.runner.checks.reply_wire(msg)
-        return GroupStep((peer, msg.id), session, members, keys, me, pos, wire, wait, x,
-                         length=session.length, block=session.start)
+        return GroupStep((peer, msg.id), session, members, keys, me, pos, wire, wait, x, block=session.start)
 
     def _compute(self, due: list[GroupStep]) -> list[Reply]:
         """This member's partials of the steps `due`, each kept (`own`) and sent to the other
@@ -290,7 +288,7 @@ class AllReduces:
             self._kept_bytes -= t.nbytes
 
     def _undo(self, g: GroupStep) -> None:
-        g.session.cache.length, g.session.next_block = g.length, 0
+        g.session.cache.length, g.session.next_block = g.pos, 0
 
     def _fail(self, g: GroupStep, code: ErrorCode, why: str) -> list[Reply]:
         self._end(g)
