@@ -73,6 +73,9 @@ class RecordTable:
         # Called with each record whose peer the table did not hold live: a join, or a return
         # after expiry or departure (a node logs it; a refresh of a live record is not one).
         self.on_join: Callable[[Record], None] | None = None
+        # Called with every record accepted, a refresh or a join, before on_join: the peer signed
+        # it after what the table held (gossip takes it as a sign of life: GossipLinks.renewed).
+        self.on_accept: Callable[[Record], None] | None = None
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -112,6 +115,8 @@ class RecordTable:
             # tombstone would have lapsed anyway.
             self._tombstones[record.peer_id] = _Tombstone(stone.seq, stone.until, None)
         self.accepted += 1
+        if self.on_accept is not None:
+            self.on_accept(record)
         if self.on_join is not None and (old is None or old.record.is_expired(now)):
             self.on_join(record)
         return ACCEPTED

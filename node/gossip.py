@@ -85,6 +85,7 @@ class Gossip:
             lambda r: r.peer_id == identity.peer_id or (not r.insecure and r.curve_key in allow_keys))
         self.table = RecordTable(max_ttl=self.options.max_ttl, admits=admits)
         self.table.on_join = self._joined
+        self.table.on_accept = self._renewed
         self.own: dict[str, bytes] | None = None
         self._own_seq = -1  # the seq of self.own
         self._overtaken = float("-inf")  # when a live copy's record last made us sign above it
@@ -354,6 +355,12 @@ class Gossip:
     def drain(self) -> int:
         """Read the gossip replies that have arrived (GossipLinks.drain); returns replies read."""
         return self.links.drain()
+
+    def _renewed(self, record: Record) -> None:
+        """A newer record of a peer: a link to it that dropped, with requests waiting, is started
+        afresh (GossipLinks.renewed), so that their timeout does not forget the peer just heard from."""
+        if record.peer_id != self.peer_id:
+            self.links.renewed(record_contact(record))
 
     def _joined(self, record: Record) -> None:
         """Log a peer that joined (or came back), as departures and silent peers are logged."""

@@ -186,6 +186,21 @@ class GossipLinks:
                 self.drop(contact, link)
         return got
 
+    def renewed(self, contact: str) -> None:
+        """A newer record of `contact` came (signed after its process was last heard from, or by a
+        new process at its address): a link whose connection dropped, with requests still waiting,
+        is closed, forgetting nothing; the next round links afresh, at once. Those requests went to
+        an earlier process, or wait on a reconnect that libzmq has backed off to RECONNECT_MAX_MS,
+        and their timeout forgot the peer just renewed: a node restarted within `peer_timeout` was
+        forgotten as it listened, its new record held as the tombstone's floor, and was not known
+        again until its next refresh (~20 s; review131, the forty-sixth session's repro)."""
+        link = self.open.get(contact)
+        if link is None or not link.pending:
+            return
+        link.conn.drain_events()
+        if link.conn.dropped:
+            self.close_link(contact, link)
+
     def joined(self, contact: str) -> None:
         """A peer joined, or came back (its record new here): the requests to it still waiting
         (sent to an earlier process at its address, or while it was away, and queued on a link

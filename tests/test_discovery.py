@@ -1436,6 +1436,82 @@ def test_requests_waiting_on_a_peer_that_joins_again_are_timed_from_its_return()
         silent_peer.close(linger=0)
 
 
+def test_a_renewed_peer_whose_link_dropped_gets_a_fresh_link_and_is_not_forgotten():
+    """A newer record of a peer whose link dropped with requests waiting (sent to its earlier
+    process, or queued behind a reconnect backed off to 10 s) closes that link, forgetting nothing;
+    the next round links afresh. Left, the requests' timeout forgot the peer just renewed. A link
+    that did not drop keeps its requests, and a peer that leaves them unanswered is forgotten."""
+    import zmq
+
+    from nanoswarm.node.gossip_links import GossipLinks
+
+    gone = zmq.Context.instance().socket(zmq.ROUTER)
+    port = gone.bind_to_random_port("tcp://127.0.0.1")
+    silent = zmq.Context.instance().socket(zmq.ROUTER)  # takes requests, never answers
+    silent_port = silent.bind_to_random_port("tcp://127.0.0.1")
+    contact, silent_contact, forgotten = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{silent_port}", []
+    links = GossipLinks("tcp://127.0.0.1:1", zmq.curve_keypair(), 1.0, lambda wires: None, forgotten.append)
+    try:
+        links.send(contact, [], want=True, await_answer=True)
+        links.send(silent_contact, [], want=True, await_answer=True)
+        link, kept = links.open[contact], links.open[silent_contact]
+        assert link.conn.wait_handshake(5) and kept.conn.wait_handshake(5)
+        gone.close(linger=0)  # the peer's process ends with a request unanswered
+        deadline = time.monotonic() + 5
+        while not link.conn.dropped and time.monotonic() < deadline:
+            link.conn.monitor.poll(100)
+            link.conn.drain_events()
+        assert link.conn.dropped and link.pending
+        links.renewed(contact)  # its new process's record
+        links.renewed(silent_contact)  # a refresh of a peer whose link holds
+        assert contact not in links.open and silent_contact in links.open and kept.pending
+        time.sleep(1.2)
+        links.drain()
+        assert forgotten == [silent_contact]
+    finally:
+        links.close()
+        silent.close(linger=0)
+        with contextlib.suppress(zmq.ZMQError):
+            gone.close(linger=0)
+
+
+@pytest.mark.slow
+def test_a_node_restarted_within_the_gossip_timeout_stays_known(tiny_model_dir, cluster_factory):
+    """A node killed and restarted at its address (same key) before its peers' gossip timeout
+    (10 s): its bootstrap took the new record at once, then forgot it by the timeout of requests
+    sent to the dead process, and held the new record as the floor, so that it did not know the
+    node again until its next refresh (~20 s; review131, whose repro saw 17 s). Meanwhile its peers
+    refused to relay or all-reduce with it. It now stays known throughout."""
+    from nanoswarm.keys.records import unverified_record
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4), args=["--listen", endpoint])])
+    a = nodes.addresses[0]
+    key_file = str(nodes.nodes[1].key_file)
+    conn = PeerConnection(a, timeout=5.0)
+
+    def held() -> set[str]:
+        wires = conn.request("records", {"want": True}).fields["records"]
+        return {unverified_record(w).address for w in wires}
+
+    try:
+        deadline = time.monotonic() + 10
+        while endpoint not in held() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert endpoint in held()
+        nodes.nodes[1].proc.kill()
+        nodes.nodes[1].proc.wait(10)
+        killed = time.monotonic()
+        time.sleep(8.0)  # A's rounds go on sending to it, unanswered (its reconnects back off: the next at ~12.7 s)
+        nodes.start_node(NodeSpec((2, 4), args=["--listen", endpoint, "--key-file", key_file]))
+        assert endpoint in held()  # its start-up exchange renewed its record on A, its bootstrap
+        while time.monotonic() < killed + 17:  # past A's timeout of the requests sent while it was away
+            assert endpoint in held()
+            time.sleep(0.25)
+    finally:
+        conn.close()
+
+
 def test_a_node_logs_the_peers_that_join_once_each(caplog):
     """Departures and silent peers were logged, joins were not: a node logs a peer whose record
     it did not hold live (a join, or a return after departure or expiry), not each refresh, and
