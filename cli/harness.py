@@ -207,7 +207,9 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
 
 @click.command()
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--peers", default=None, help="Comma-separated node contacts; default: start a local swarm.")
+@click.option("--peers", default=None, help="Comma-separated node contacts; default: start a local swarm. "
+              "One that does not answer at the start is left out (the run is then NOT OK) if the others cover "
+              "the model.")
 @click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True,
               help="Layer spans of the local swarm, each served by one node (or a head group).")
 @click.option("--head-groups", type=click.IntRange(min=1), default=1, show_default=True,

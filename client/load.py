@@ -225,16 +225,26 @@ def default_tolerance(infos: Iterable[dict]) -> float:
     return worst
 
 
-def _peer_infos(opts: LoadOptions, meta: tuple[str, int, int]) -> dict[str, dict]:
-    """Every peer's `info`, asked once for all workers; a peer that cannot be used (a bad
-    contact, no key, another model, no answer) stops the run before the load."""
+# A contact that gave one of these at the start did not answer (down, restarting, frozen): the load
+# runs without it if the others cover the model (review131 saw a run during churn stop for one).
+UNANSWERED = ("timeout: ", "unreachable: ")
+
+
+def _peer_infos(opts: LoadOptions, meta: tuple[str, int, int]) -> tuple[dict[str, dict], dict[str, str]]:
+    """Every peer's `info`, asked once for all workers, and the contacts that did not answer (why,
+    by contact), left out of the run. A peer that cannot be used (a bad contact, no key, another
+    model), or peers that do not cover the model without those left out, stop the run before the
+    load."""
     probe = Swarm(*meta, opts.swarm_options())
     try:
         probe.add_addresses(opts.peers, min(opts.timeout, 10.0))
-        if probe.rejected:
-            raise ValueError("; ".join(f"{a}: {why}" for a, why in probe.rejected.items()))
+        skipped = {a: why for a, why in probe.rejected.items() if why.startswith(UNANSWERED)}
+        if bad := {a: why for a, why in probe.rejected.items() if a not in skipped}:
+            raise ValueError("; ".join(f"{a}: {why}" for a, why in bad.items()))
         probe.plan()  # the peers must cover the model: one clear error, not one per session
-        return {address: p.extra for address, p in probe.peers.items()}
+        for address, why in skipped.items():
+            log.warning("peer %s did not answer at the start; the load runs without it (%s)", address, why)
+        return {address: p.extra for address, p in probe.peers.items()}, skipped
     except RouteError as e:
         raise ValueError(str(e)) from None
     finally:
@@ -298,7 +308,7 @@ def run_load(opts: LoadOptions) -> LoadReport:
         client = ClientModel(load_embeddings(opts.model_dir, manifest), load_head(opts.model_dir, manifest))
         client.head.freeze_for_inference()  # as fast as a client can be: the nodes get the load
         meta = (manifest.model_id, config.n_layer, config.n_head)
-        infos = _peer_infos(replace(opts, peers=contacts), meta)
+        infos, skipped = _peer_infos(replace(opts, peers=contacts), meta)
         if opts.tolerance is None:  # once for the run, from the nodes' device and dtype
             opts = replace(opts, tolerance=default_tolerance(infos.values()))
         solo = _solo_logits(opts, infos, client, meta) if opts.verify else {}
@@ -312,6 +322,7 @@ def run_load(opts: LoadOptions) -> LoadReport:
         report = _merge(opts, workers)
         report.elapsed = time.monotonic() - start  # (steps under way at the deadline finish; sessions close)
         report.nodes = node_reports(opts.swarm_options(), opts.timeout, meta, infos, pids, config)
+        report.skipped = skipped
         if cluster is not None:
             for node in cluster.nodes:  # a node that died shows in its exit code too
                 if node.proc.poll() is not None:

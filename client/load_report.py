@@ -48,6 +48,7 @@ class LoadReport:
     max_relative_diff: float = 0.0  # the same, over the largest solo logit (at least 1): what the tolerance bounds
     tolerance: float | None = None
     nodes: list[NodeReport] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # --peers contacts that did not answer at the start: why
 
     @property
     def crashed(self) -> list[str]:
@@ -62,6 +63,8 @@ class LoadReport:
             out.append("no session completed")
         if self.failed:
             out.append(_count(sum(self.failed.values()), "failure"))  # requests, and sessions no route could take
+        if self.skipped:
+            out.append(_count(len(self.skipped), "contact") + " left out (no answer at the start)")
         if self.crashed:
             out.append(_count(len(self.crashed), "node") + " gone (no answer after the load: crashed or left)")
         if self.mismatches:
@@ -95,7 +98,7 @@ class LoadReport:
             "sessions_completed": self.sessions_completed, "steps_checked": self.steps_checked,
             "mismatches": self.mismatches, "max_logit_diff": self.max_logit_diff,
             "max_relative_diff": self.max_relative_diff, "tolerance": self.tolerance,
-            "crashed": self.crashed, "ok": self.ok, "problems": self.problems,
+            "crashed": self.crashed, "skipped": dict(self.skipped), "ok": self.ok, "problems": self.problems,
             "nodes": [{"address": n.address, "layers": n.layers, "heads": n.heads, "alive": n.alive,
                        "peak_rss_bytes": n.peak_rss_bytes, "peak_rss_source": n.source,
                        "weight_bytes": n.weight_bytes, "kv_budget_bytes": n.kv_budget_bytes,
@@ -146,6 +149,8 @@ def format_report(report: LoadReport) -> str:
         heads = "" if n.heads is None else f" heads {n.heads[0]}:{n.heads[1]}"
         lines.append(f"node {n.address.partition('#')[0]} layers {n.layers[0]}:{n.layers[1]}{heads}: "
                      f"{'alive' if n.alive else 'GONE'}, {what} {peak} [{n.source}]{bound}")
+    for address, why in report.skipped.items():
+        lines.append(f"node {address.partition('#')[0]}: left out, no answer at the start ({why})")
     lines.append("OK" if report.ok else f"NOT OK: {'; '.join(report.problems)}")
     return "\n".join(lines)
 

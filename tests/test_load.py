@@ -51,6 +51,38 @@ def test_load_command_against_given_peers(tiny_model_dir, cluster_factory):
     assert all(p.proc.poll() is None for p in swarm.nodes)
 
 
+def test_a_given_peer_down_at_the_start_is_left_out_and_reported(tiny_model_dir, cluster_factory):
+    """A `--peers` contact that does not answer at the start (down, or frozen) stopped the run
+    (review131: 2 of 5 runs during churn). The load now runs on the others when they cover the
+    model, and the report names the contacts left out and is not OK; when they do not cover it,
+    the run stops with one line that says why for the one that did not answer."""
+    import signal
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 4)), NodeSpec((1, 4)), NodeSpec((0, 1))])
+    swarm.kill(2, signal.SIGKILL)
+    swarm.nodes[2].proc.wait()
+    swarm.kill(3, signal.SIGSTOP)
+    try:
+        base = ["load", str(tiny_model_dir), "--sessions", "2", "--duration", "2", "--new-tokens", "4",
+                "--timeout", "2"]
+        result = invoke_cli(*base, "--peers", ",".join(swarm.addresses), "--json")
+        assert result.returncode == 1, result.stderr
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        dead, frozen = swarm.addresses[2], swarm.addresses[3]
+        assert sorted(report["skipped"]) == sorted([dead, frozen])
+        assert report["skipped"][dead].startswith("unreachable: ") and report["skipped"][frozen].startswith("timeout: ")
+        assert report["problems"] == ["2 contacts left out (no answer at the start)"]
+        assert report["served"] > 0 and report["failed"] == {} and report["mismatches"] == 0
+        assert [n["address"] for n in report["nodes"]] == swarm.addresses[:2]
+        assert f"peer {dead} did not answer at the start; the load runs without it" in result.stderr
+        result = invoke_cli(*base, "--peers", f"{swarm.addresses[0]},{dead}")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and lines[-1].startswith("error: ") and "1:4" in lines[-1], result.stderr
+        assert dead in lines[-1] and "unreachable" in lines[-1], lines[-1]
+    finally:
+        swarm.kill(3, signal.SIGCONT)
+
+
 def test_load_refuses_what_it_cannot_run_in_one_line(tiny_model_dir, cluster_factory):
     """Checked before any load: options that cannot hold, a keyless node without --insecure,
     peers that do not cover the model (with --no-verify too: one line, not a traceback a session)."""
@@ -100,7 +132,8 @@ def test_a_node_that_died_keeps_its_blocks_in_the_report(tiny_model_dir, cluster
     manifest = read_manifest(tiny_model_dir)
     meta = (manifest.model_id, manifest.config.n_layer, manifest.config.n_head)
     opts = LoadOptions(tiny_model_dir, peers=swarm.addresses, timeout=2.0)
-    infos = _peer_infos(opts, meta)
+    infos, skipped = _peer_infos(opts, meta)
+    assert skipped == {}
     swarm.kill(1, signal.SIGKILL)
     swarm.nodes[1].proc.wait()
     reports = node_reports(opts.swarm_options(), opts.timeout, meta, infos, {}, manifest.config)
@@ -187,6 +220,13 @@ def test_the_text_report_says_what_the_json_says():
     last = "NOT OK: 1 failure; 1 node gone (no answer after the load: crashed or left)"
     assert format_report(report).splitlines()[-1] == last
     assert "layers 0:4: GONE, peak RSS" in format_report(report)
+    report.skipped = {"tcp://127.0.0.1:5001#key": "unreachable: connection refused: nothing listens there"}
+    text = format_report(report).splitlines()
+    assert text[-2] == ("node tcp://127.0.0.1:5001: left out, no answer at the start "
+                        "(unreachable: connection refused: nothing listens there)")
+    assert text[-1].startswith("NOT OK: 1 failure; 1 contact left out (no answer at the start); 1 node gone")
+    assert report.to_json()["skipped"] == report.skipped
+    report.skipped = {}
     report.elapsed = 4.0  # the rate is over the time the load ran
     assert format_report(report).splitlines()[:2] == ["4 sessions for 2 s (ran 4.00 s)", "requests served: 10 (2.5/s)"]
 
