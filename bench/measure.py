@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoswarm.client.generate import ClientModel
+from nanoswarm.client.head_group import HeadGroupStage
 from nanoswarm.client.peer_errors import PeerError
 from nanoswarm.client.session import InferenceSession
-from nanoswarm.client.stages import HeadGroupStage, RemoteLayerStage, Stage, check_reply
+from nanoswarm.client.stages import RemoteLayerStage, Stage, check_reply
 from nanoswarm.client.transport import PeerConnection
 
 log = logging.getLogger(__name__)

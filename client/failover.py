@@ -26,11 +26,12 @@ import torch
 
 from nanoswarm.protocol.tensors import WIRE_MAX, abs_max
 
+from .head_group import HeadGroupStage
 from .history import History
 from .peer_errors import LinkClosed, PeerError
 from .relay import SessionRelay
 from .route import RouteError, StagePlan
-from .stages import HeadGroupStage, RemoteLayerStage, Stage, idle_clock, step_retrying_busy
+from .stages import RemoteLayerStage, Stage, idle_clock, step_retrying_busy
 from .swarm import Swarm
 from .transport import PeerConnection
 from .verify import WIRE_TOLERANCE, SpotChecker

@@ -34,12 +34,13 @@ from nanoswarm.shards.tokenizer import N_VOCAB
 from nanoswarm.shards.weights import load_embeddings, load_head
 
 from .generate import ClientModel
+from .head_group import AllReduceFailed
 from .load_nodes import node_reports
 from .load_report import LoadReport
 from .peer_errors import PeerError
 from .route import RouteError
 from .session import CANNOT_TAKE
-from .stages import AllReduceFailed, RemoteLayerStage, Stage
+from .stages import RemoteLayerStage, Stage
 from .swarm import Swarm, SwarmOptions
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class _Worker:
                     chunk = [ids[pos]]
             self.out.sessions_completed += 1
         except AllReduceFailed:
-            # A head group's all-reduce failed with no member at fault (client/stages.py): no ban
+            # A head group's all-reduce failed with no member at fault (client/head_group.py): no ban
             # (review130: the member that answered first, a healthy one, was banned for a frozen
             # one); the swarm meets those members by fan-out for a while, so a new session goes on.
             self.out.refused["all_reduce"] += 1

@@ -24,7 +24,7 @@ class SwarmOptions:
     insecure: bool = False       # allow unencrypted links to peers that have no CURVE key
     relay: bool = True           # consecutive layer stages pass steps node to node (client/relay.py)
     # a head group's members exchange their partial sums themselves (node/all_reduce.py), where
-    # all of them take it; off, the client meets them twice a block (client/stages.py)
+    # all of them take it; off, the client meets them twice a block (client/head_group.py)
     all_reduce: bool = True
     # --peers contacts are told of each other, so that nodes started without a bootstrap relay
     # (client/introduce.py); off, they relay only to the peers they already know.

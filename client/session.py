@@ -32,11 +32,12 @@ from nanoswarm.protocol.bounds import MAX_SECONDS
 from nanoswarm.protocol.tensors import fits_wire
 
 from .failover import CANNOT_TAKE, CallerError, SessionError, past_float16
+from .head_group import AllReduceFailed, HeadGroupStage
 from .history import History, Unkept
 from .peer_errors import PeerError
 from .relay import RELAY_STALLS, Chain, ChainBroken, SessionRelay, stalled_stage
 from .spot_checks import SpotChecks
-from .stages import BUSY_RETRIES, AllReduceFailed, HeadGroupStage, RemoteLayerStage, Stage, busy_pause
+from .stages import BUSY_RETRIES, RemoteLayerStage, Stage, busy_pause
 from .swarm import Swarm
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from .failover import Failover
+from .head_group import HeadGroupStage
 from .history import History
 from .peer_errors import PeerError
-from .stages import HeadGroupStage, RemoteLayerStage
+from .stages import RemoteLayerStage
 
 
 class SpotChecks(Failover):

@@ -15,11 +15,12 @@ from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import check_endpoint
 
 from .background import BackgroundFetch
+from .head_group import HeadGroupStage
 from .options import SwarmOptions as SwarmOptions  # applications import it from here
 from .peer_errors import PeerError
 from .peer_table import PeerTable
 from .route import RouteError, StagePlan
-from .stages import HeadGroupStage, RemoteLayerStage, Stage, open_fields
+from .stages import RemoteLayerStage, Stage, open_fields
 from .transport import PeerConnection
 from .verify import FanOutRecord, SpotChecker
 

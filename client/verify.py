@@ -44,7 +44,7 @@ from .history import History
 from .peer_errors import PeerError
 
 if TYPE_CHECKING:
-    from .stages import HeadGroupStage
+    from .head_group import HeadGroupStage
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class SpotChecker:
         return float((reference - got).abs().max()) / scale
 
     def wrong_member(self, group: HeadGroupStage, dtypes: list[str | None], wire: str) -> PeerError | None:
-        """Every member's partial sums of a head group's last step (client/stages.py
+        """Every member's partial sums of a head group's last step (client/head_group.py
         HeadGroupStage, its `record`) against the client's own, from the inputs the client sent;
         the error to fail the group over with for the first member found wrong, if any (blamed
         alone: what it returned depends only on what it was sent and holds). `dtypes`: what each
@@ -172,7 +172,7 @@ class SpotChecker:
 class FanOutRecord:
     """What a head group of a checking session sent its members and got back: every block's
     attention inputs for every position so far, and for its last step (every piece of it) the MLP
-    inputs and every member's partial sums, by block and phase (client/stages.py HeadGroupStage
+    inputs and every member's partial sums, by block and phase (client/head_group.py HeadGroupStage
     fills it; SpotChecker.wrong_member reads it). The session drops the last step's part once
     that step's check is over, or at once when it has none (`drop_step`)."""
 

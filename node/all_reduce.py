@@ -1,7 +1,7 @@
 """A head group's all-reduce, on one of its members.
 
 A head group's members each hold a share of the heads (and of the MLP) of the same blocks. Met by
-the client (client/stages.py, fan-out), a token costs two round trips to every member a block.
+the client (client/head_group.py, fan-out), a token costs two round trips to every member a block.
 In an all-reduce the client sends a step once to every member, naming the whole group (`group`:
 each member's [contact, session], in member order; `member`: this one's index). Each member then,
 block by block and phase by phase (attention, MLP):
@@ -21,7 +21,7 @@ node/server.py); a member may be one phase ahead of another, and a partial may c
 step it belongs to, so partials of this phase and the next are kept until used. A member that
 has not had every partial of a phase within the step's `wait` answers `relay_failed`, its session
 as before the step (the client then reopens the group, meeting its members itself:
-client/stages.py). The one-position phases of several sessions at the same block and phase run
+client/head_group.py). The one-position phases of several sessions at the same block and phase run
 in one forward pass, as a fan-out's phase steps do (node/steps.py).
 """
 

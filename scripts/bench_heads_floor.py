@@ -5,7 +5,7 @@ heads of every block, against one process, in the two ways a group's members can
         [--members 2] [--rounds 3] [--tokens 32] [--nanoswarm]
 
 - `fan-out`, what nanoswarm's HeadGroupStage did before the forty-fifth session, and does with
-  `SwarmOptions.all_reduce` off (client/stages.py): the client sends each block's input to every
+  `SwarmOptions.all_reduce` off (client/head_group.py): the client sends each block's input to every
   member and adds their partial sums to the residual, first of the block's attention, then of
   its MLP: 2 x n_layer round trips a token.
 - `all-reduce`, what nanoswarm's head groups do since (node/all_reduce.py): the client sends a

@@ -196,7 +196,7 @@ class Block(nn.Module):
     """A transformer block, or the share of one that serves heads [a, b).
 
     A full block is `x + attn(ln_1(x))`, then `+ mlp(ln_2(x))`. A head slice computes only the
-    two partial sums; whoever holds all slices adds them to the residual (see client/stages.py).
+    two partial sums; whoever holds all slices adds them to the residual (see client/head_group.py).
     """
 
     def __init__(self, config: ModelConfig, heads: tuple[int, int] | None = None):

@@ -1,4 +1,4 @@
-"""A head group's all-reduce (node/all_reduce.py, client/stages.py): the members exchange their
+"""A head group's all-reduce (node/all_reduce.py, client/head_group.py): the members exchange their
 partial sums themselves, and the client sends a step once to each. Exact against the fan-out,
 which meets every member twice a block; partials taken only from the members the step names;
 failures with no one at fault go back to the fan-out, and a member that dies is failed over."""
@@ -19,9 +19,9 @@ from test_swarm import DECODE_STEPS, PROMPT_LEN, random_ids, reference_logits, s
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.head_group import HeadGroupStage
 from nanoswarm.client.options import SwarmOptions
 from nanoswarm.client.session import InferenceSession
-from nanoswarm.client.stages import HeadGroupStage
 from nanoswarm.client.swarm import Swarm
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.cluster import NodeSpec

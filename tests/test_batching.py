@@ -8,7 +8,8 @@ import signal
 import torch
 
 from nanoswarm.client.generate import ClientModel
-from nanoswarm.client.stages import HeadGroupStage, RemoteLayerStage
+from nanoswarm.client.head_group import HeadGroupStage
+from nanoswarm.client.stages import RemoteLayerStage
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler

@@ -13,9 +13,9 @@ from test_swarm import DECODE_STEPS, PROMPT_LEN, random_ids, reference_logits, s
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.head_group import HeadGroupStage
 from nanoswarm.client.peer_errors import PeerError
 from nanoswarm.client.route import PeerInfo, RouteError, build_route
-from nanoswarm.client.stages import HeadGroupStage
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
