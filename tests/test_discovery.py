@@ -1475,6 +1475,53 @@ def test_a_renewed_peer_whose_link_dropped_gets_a_fresh_link_and_is_not_forgotte
             gone.close(linger=0)
 
 
+def test_a_link_closed_by_a_record_read_earlier_in_the_same_pass_is_not_read():
+    """Review134: a reply read from one peer carried a restarted peer's newer record, which closed
+    that peer's link (renewed) while the same pass over the links had yet to reach it; the closed
+    socket's poll raised ENOTSUP, and the node exited (3 of 4 nodes, a peer killed and restarted
+    at its address 6 times). Such a link is now passed over."""
+    import zmq
+
+    from nanoswarm.node.gossip_links import GossipLinks
+    from nanoswarm.protocol.messages import decode, encode
+
+    ctx = zmq.Context.instance()
+    answering, gone = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    answering_contact = f"tcp://127.0.0.1:{answering.bind_to_random_port('tcp://127.0.0.1')}"
+    gone_contact = f"tcp://127.0.0.1:{gone.bind_to_random_port('tcp://127.0.0.1')}"
+    read = []
+
+    def on_records(wires: list) -> None:  # as Gossip.offer_all: the gone peer's newer record is in them
+        read.append(wires)
+        links.renewed(gone_contact)
+
+    links = GossipLinks("tcp://127.0.0.1:1", zmq.curve_keypair(), 5.0, on_records, lambda contact: None)
+    try:
+        links.send(answering_contact, [], want=True, await_answer=True)  # first in the pass
+        links.send(gone_contact, [], want=True, await_answer=True)
+        asked, dropping = links.open[answering_contact], links.open[gone_contact]
+        assert asked.conn.wait_handshake(5) and dropping.conn.wait_handshake(5)
+        gone.close(linger=0)
+        deadline = time.monotonic() + 5
+        while not dropping.conn.dropped and time.monotonic() < deadline:
+            dropping.conn.monitor.poll(100)
+            dropping.conn.drain_events()
+        assert dropping.conn.dropped and dropping.pending
+        assert answering.poll(5000)
+        peer, *frames = answering.recv_multipart()
+        answering.send_multipart([peer, *encode("records_reply", decode(frames).id, {"records": [], "now": time.time()})])
+        deadline = time.monotonic() + 5
+        while not read and time.monotonic() < deadline:
+            asked.conn.socket.poll(100)
+            assert links.drain() in (0, 1)  # raised ZMQError (ENOTSUP) on the closed link before
+        assert read == [[]] and list(links.open) == [answering_contact] and not asked.pending
+    finally:
+        links.close()
+        answering.close(linger=0)
+        with contextlib.suppress(zmq.ZMQError):
+            gone.close(linger=0)
+
+
 @pytest.mark.slow
 def test_a_node_restarted_within_the_gossip_timeout_stays_known(tiny_model_dir, cluster_factory):
     """A node killed and restarted at its address (same key) before its peers' gossip timeout
