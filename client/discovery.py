@@ -246,8 +246,8 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
             swarm.rejected.setdefault(contact, off)
         elif not claims:  # the likely mistake: bootstraps of another model's swarm (or --model of another one)
             swarm.rejected.setdefault(contact, f"{NO_PEER_OF_MODEL} {swarm.model_id[:12]} "
-                                      "(`nanoswarm peers --bootstrap` lists what it knows; the same "
-                                      "checkpoint sharded with other options has another model id)")
+                                      "(`nanoswarm peers --bootstrap` lists what it knows; if it is the "
+                                      "same checkpoint, it was sharded with other options)")
         elif swarm.rejected.get(contact, "").startswith((NO_PEER_OF_MODEL, CLOCK_OFF)):  # a refresh found some
             del swarm.rejected[contact]
     for contact in [c for c, records in claims.items() if records[0].insecure and not swarm.options.insecure]:

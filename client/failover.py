@@ -209,11 +209,11 @@ class Failover:
                            "planned without it")
 
     def _moved(self, e: PeerError) -> bool:
-        """Whether `e`, an answer to an `open`, says only that the peer serves other blocks or
-        heads than the table said (`not_served`, and its `info` now says others: PeerTable.reread),
-        which is no fault of its own: it restarted with others (review120: struck, such a member
-        stayed banned while it served the wanted heads again)."""
-        return e.code == "not_served" and self.swarm.reread(e.address)
+        """Whether `e`, an answer to an `open`, says only that the peer serves other blocks, heads
+        or model than the table said (PeerTable.moved), which is no fault of its own: it restarted
+        with others (review120: struck, such a member stayed banned while it served the wanted
+        heads again)."""
+        return self.swarm.moved(e)
 
     def _announce(self, notice: str) -> None:
         if self.on_failover:  # the user's own notice (the CLI's stderr line): not logged twice

@@ -151,9 +151,9 @@ class _Worker:
             self.out.refused["all_reduce"] += 1
             time.sleep(self.rng.uniform(0.05, 0.25))
         except PeerError as e:
-            # `not_served` from a node whose `info` now names another span (restarted with other
-            # blocks or heads) is a refusal, as a client's open takes it (client/failover.py _moved).
-            if e.code in REFUSALS or e.code == "not_served" and self.swarm.reread(e.address):
+            # `not_served` or `wrong_model` from a node whose `info` now names another span or
+            # model (restarted with others) is a refusal, as a client's open takes it (PeerTable.moved).
+            if e.code in REFUSALS or self.swarm.moved(e):
                 self.out.refused[e.code] += 1
                 time.sleep(self.rng.uniform(0.05, 0.25))  # back off, then try a new session
             else:

@@ -38,6 +38,7 @@ REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answer
 # peers, and a peer that others keep busy still loses to an idle one for a few of them.
 SESSION_LOAD = 0.1
 REREAD_SECONDS = 5.0  # the least time between two `reread`s of a peer
+MOVED_CODES = ("not_served", "wrong_model")  # an open's refusals that a peer which changed what it serves gives
 
 
 def takes(peer: PeerInfo, max_length: int) -> bool:
@@ -123,6 +124,14 @@ class PeerTable(Bans):
                 self._answered(address, reply.fields)
         measure_round_trips(self, [a for a in conns if a in self.peers], min(timeout, PROBE_SECONDS))
 
+    def moved(self, error: PeerError) -> bool:
+        """Whether `error`, an answer to an `open`, says only that its peer serves something other
+        than the table said: other blocks or heads (`not_served`), or another model (`wrong_model`:
+        restarted at its address with another checkpoint, review134; struck, it was banned again
+        each time its ban ran out), and its `info` now says so (reread; another model's peer is
+        forgotten by it). No fault of the peer's."""
+        return error.code in MOVED_CODES and self.reread(error.address)
+
     def reread(self, address: str) -> bool:
         """`address` refused an open `not_served`: it may serve other blocks or heads than the
         table says (restarted with others). Its `info` is asked now, within a second, and taken
@@ -180,8 +189,8 @@ class PeerTable(Bans):
     def add_info(self, address: str, info: dict, rtt: float = 0.0, curve_key: bytes | None = None) -> None:
         if info.get("model_id") != self.model_id:
             self.forget(address, f"serves model {shown(info.get('model_id'), 12)}, not ours "
-                        f"({self.model_id[:12]}; the same checkpoint sharded with other options has "
-                        "another model id)")
+                        f"({self.model_id[:12]}; if it is the same checkpoint, it was sharded with other "
+                        "options)")
             return
         try:  # a peer's own `info` is untrusted: what it claims must make sense before it is used
             layers, heads = claimed_span(info, self.n_layer, self.n_head)

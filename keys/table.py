@@ -153,7 +153,10 @@ class RecordTable:
             until = max(until, old.record.expires)
         self._tombstones[record.peer_id] = _Tombstone(record.seq, until, departure)
         self.departed += 1
-        log.info("peer %s departed (seq %d)", record.peer_id, record.seq)
+        # Logged for a peer the table held: a new node takes in every departure its peers still
+        # gossip, of peers it never knew, other models' too (review134).
+        log.log(logging.INFO if old is not None else logging.DEBUG, "peer %s departed (seq %d)",
+                record.peer_id, record.seq)
         return DEPARTED
 
     def held_seq(self, peer_id: str) -> int | None:

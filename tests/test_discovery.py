@@ -1509,7 +1509,8 @@ def test_a_link_closed_by_a_record_read_earlier_in_the_same_pass_is_not_read():
         assert dropping.conn.dropped and dropping.pending
         assert answering.poll(5000)
         peer, *frames = answering.recv_multipart()
-        answering.send_multipart([peer, *encode("records_reply", decode(frames).id, {"records": [], "now": time.time()})])
+        reply = encode("records_reply", decode(frames).id, {"records": [], "now": time.time()})
+        answering.send_multipart([peer, *reply])
         deadline = time.monotonic() + 5
         while not read and time.monotonic() < deadline:
             asked.conn.socket.poll(100)

@@ -1412,6 +1412,34 @@ def test_a_peer_restarted_at_a_new_port_replaces_its_old_contact_on_refresh(tiny
         model.close()
 
 
+def test_a_peer_restarted_with_another_model_is_forgotten_not_banned(tiny_model_dir, small12_model_dir,
+                                                                     cluster_factory):
+    """Review134: a peer killed and started again at its address and key with another model's
+    blocks answered the next session's open `wrong_model`, which struck it as a fault: banned, and
+    met again (a `failover:` line, another ban twice as long) each time its ban ran out. Its `info`
+    is now asked, as for `not_served`: it serves another model, so it is forgotten, with no ban
+    and no failover."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--listen", endpoint]), NodeSpec((0, 4))])
+    a, b = swarm.addresses
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        model.swarm.timed[b] = model.swarm.peers[b].rtt = 1.0  # A is the route's while it serves
+        first = model.generate(PROMPT, 4, SEEDED)
+        assert first.route[0]["peers"] == [a]
+        swarm.nodes[0].proc.kill()
+        swarm.nodes[0].proc.wait(15)
+        other = cluster_factory(small12_model_dir, [NodeSpec((0, 4), args=[
+            "--listen", endpoint, "--key-file", str(swarm.nodes[0].key_file)])])
+        assert other.addresses == [a]  # the same contact: endpoint and key
+        result = model.generate(PROMPT, 4, SEEDED)
+        assert result.ids == first.ids and result.failovers == 0 and result.route[0]["peers"] == [b]
+        assert a not in model.swarm.bans and a not in model.swarm.peers
+        assert "another model" in model.swarm.rejected[a]
+    finally:
+        model.close()
+
+
 def test_with_its_only_bootstrap_gone_a_client_learns_the_swarm_from_its_peers(tiny_model_dir, cluster_factory):
     """The bootstrap died; a spare joined after the client connected. A refresh asks the known
     peers for their tables instead (every node keeps one), so the client learns the spare (it
