@@ -103,7 +103,7 @@ class Gossip:
         self.clock = ClockWatch(self.options.ttl, self.options.interval)  # ours against our peers'
         self.links.on_clock = self.clock.offsets.add
         self.stats: dict[str, Any] = {}
-        self._known: set[tuple[str, bytes | None]] = set()  # (endpoint, CURVE key) of live records
+        self._known: set[tuple[str, bytes | None]] = set()  # (endpoint, CURVE key) of our model's live records
         self._knows: dict[str, bool] = {}  # knows() by contact string, until the table changes
         handler.on_records = self.on_records
         handler.can_relay = self.knows
@@ -262,8 +262,10 @@ class Gossip:
         return out
 
     def knows(self, contact: str) -> bool:
-        """Whether `contact` is a peer of our table: the only peers we relay steps to. Asked for
-        every relayed step: answered from a cache, as parsing a contact's key takes a Python loop."""
+        """Whether `contact` is a peer of our table serving our model: the only peers we relay
+        steps to and all-reduce with (review134: one of another model sharing the swarm counted
+        too). Asked for every relayed step: answered from a cache, as parsing a contact's key
+        takes a Python loop."""
         known = self._knows.get(contact)
         if known is None:
             try:
@@ -276,7 +278,8 @@ class Gossip:
         return known
 
     def _update_stats(self) -> None:
-        known = {(r.address, None if r.insecure else r.curve_key) for r in self.table.records()}
+        known = {(r.address, None if r.insecure else r.curve_key) for r in self.table.records()
+                 if r.model_id == self.handler.model_id}
         if known != self._known:
             self._known, self._knows = known, {}
         self.stats.update(records=len(self.table), rounds=self.rounds, accepted=self.table.accepted,

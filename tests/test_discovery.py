@@ -728,7 +728,8 @@ def test_gossip_messages_stay_small_and_lead_with_our_record():
 
 
 def test_relay_targets_follow_the_table():
-    """A node relays only to peers of its table; its cached answers change when the table does."""
+    """A node relays only to peers of its table that serve its model; its cached answers change
+    when the table does."""
     from nanoswarm.keys.records import sign_departure
     from nanoswarm.node.gossip import Gossip
 
@@ -746,6 +747,19 @@ def test_relay_targets_follow_the_table():
         assert not gossip.knows("tcp://127.0.0.1:2000#not-a-key")
     gossip.offer_all([sign_departure(peer, verify_record(wire))])
     assert not gossip.knows(contact)
+    # A peer of another model sharing the swarm is no relay target (review134), nor one that
+    # came back serving another model.
+    other = generate_identity()
+    other_contact = format_contact("tcp://127.0.0.1:2001", other.curve_public)
+    assert gossip.offer_all([sign_record(other, address="tcp://127.0.0.1:2001", model_id="other", layers=(0, 1),
+                                         seq=1, expires=time.time() + 60)]) == {"accepted": 1}
+    assert not gossip.knows(other_contact)
+    assert gossip.offer_all([sign_record(other, address="tcp://127.0.0.1:2001", model_id="m", layers=(0, 1),
+                                         seq=2, expires=time.time() + 60)]) == {"accepted": 1}
+    assert gossip.knows(other_contact)
+    assert gossip.offer_all([sign_record(other, address="tcp://127.0.0.1:2001", model_id="other", layers=(0, 1),
+                                         seq=3, expires=time.time() + 60)]) == {"accepted": 1}
+    assert not gossip.knows(other_contact)
 
 
 def test_gossip_rounds_pick_among_contacts_not_records():
