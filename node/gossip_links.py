@@ -193,12 +193,20 @@ class GossipLinks:
 
     def renewed(self, contact: str) -> None:
         """A newer record of `contact` came (signed after its process was last heard from, or by a
-        new process at its address): a link whose connection dropped, with requests still waiting,
-        is closed, forgetting nothing; the next round links afresh, at once. Those requests went to
-        an earlier process, or wait on a reconnect that libzmq has backed off to RECONNECT_MAX_MS,
-        and their timeout forgot the peer just renewed: a node restarted within `peer_timeout` was
-        forgotten as it listened, its new record held as the tombstone's floor, and was not known
-        again until its next refresh (~20 s; review131, the forty-sixth session's repro)."""
+        new process at its address): a link whose connection has dropped (it may have reconnected
+        since), with requests still waiting, is closed, forgetting nothing; the next round links
+        afresh, at once. Those requests went to an earlier process, or wait on a reconnect that
+        libzmq has backed off to RECONNECT_MAX_MS, and their timeout forgot the peer just renewed:
+        a node restarted within `peer_timeout` was forgotten as it listened, its new record held as
+        the tombstone's floor, and was not known again until its next refresh (~20 s; review131,
+        the forty-sixth session's repro). A link to the dead process is often a fresh
+        one that never connected (the old one closed when it dropped with nothing waiting), so
+        "dropped" includes never connected. A peer that signs records but cannot be reached from
+        here is therefore forgotten only between refreshes, as before, and with a --ttl under 3 x
+        peer_timeout not at all (review133): it is alive, and others may reach it; relayed steps
+        to it fail `relay_failed` as before.
+
+        Called from drain() (a record in a reply): drain passes over a link closed here."""
         link = self.open.get(contact)
         if link is None or not link.pending:
             return
