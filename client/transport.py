@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import time
@@ -61,6 +62,17 @@ MAX_TAKE_READS = 1024
 HOLD_SECONDS = 2.5  # ~5 round trips of 300 ms, or one SYN lost (Linux sends it again after 1 s) and a few of 200 ms
 
 
+_monitors = itertools.count()  # each link monitor's inproc endpoint gets a name of its own
+
+
+def monitor_socket(socket: zmq.Socket, events: int) -> zmq.Socket:
+    """A PAIR socket reading `socket`'s monitor events. pyzmq's own name for the monitor's inproc
+    endpoint is the socket's descriptor number, which a new socket may take while the endpoint of
+    a closed one is still bound (libzmq unbinds it when it reaps the monitor, later): CI's suite
+    saw a link fail to open with "Address already in use" (the forty-sixth session)."""
+    return socket.get_monitor_socket(events, addr=f"inproc://nanoswarm-monitor-{next(_monitors)}")
+
+
 @functools.cache
 def shared_context() -> zmq.Context:
     """The process's ZeroMQ context, allowed as many sockets as libzmq can hold. Its default of
@@ -100,9 +112,8 @@ class PeerConnection(LinkSessions):
         # A peer that dies closes its TCP connection: the monitor reports that at once, so a
         # killed peer costs milliseconds, not the whole timeout. So does an address where nothing
         # listens (a record of a peer that died or moved): its connect is refused and retried.
-        self.monitor = self.socket.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-            | HANDSHAKE_FAILURES)
+        self.monitor = monitor_socket(self.socket, zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED
+                                      | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILURES)
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         if heartbeat is not None:
             self.socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat * 1000 / 4))

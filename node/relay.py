@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from nanoswarm.client.transport import RECONNECT_MAX_MS
+from nanoswarm.client.transport import RECONNECT_MAX_MS, monitor_socket
 from nanoswarm.keys.contact import allow_ipv6, split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import MAX_HEADER_BYTES, decode, error_frames
@@ -225,7 +225,7 @@ class RelayLinks:
             public, secret = self.curve_keys or zmq.curve_keypair()
             link.curve_serverkey, link.curve_publickey, link.curve_secretkey = server_key, public, secret
         allow_ipv6(link, endpoint)
-        monitor = link.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_REFUSED)
+        monitor = monitor_socket(link, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_REFUSED)
         link.connect(endpoint)
         link = self._links[contact] = RelayLink(contact, link, monitor)
         if self.on_open:

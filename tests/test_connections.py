@@ -313,3 +313,26 @@ def take_descriptors_below(fd: int) -> list[int]:
         if got == fd or time.monotonic() > deadline:
             return taken
         time.sleep(0.01)
+
+
+def test_a_link_opens_while_a_closed_sockets_monitor_endpoint_is_still_bound():
+    """pyzmq names a socket's monitor endpoint after the socket's descriptor number, which a new
+    socket may take while libzmq still holds a closed one's endpoint: CI's suite saw a gossip link
+    fail to open with "Address already in use" (the forty-sixth session). Links name their
+    monitors themselves (client/transport.py monitor_socket)."""
+    import zmq
+
+    from nanoswarm.client.transport import monitor_socket, shared_context
+
+    ctx = shared_context()
+    socket, squatter = ctx.socket(zmq.DEALER), ctx.socket(zmq.PAIR)
+    try:
+        squatter.bind(f"inproc://monitor.s-{socket.FD}")  # what a closed socket's monitor may still hold
+        with pytest.raises(zmq.ZMQError, match="Address already in use"):
+            socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # pyzmq's own name
+        monitor = monitor_socket(socket, zmq.EVENT_DISCONNECTED)  # a name of its own
+        socket.disable_monitor()
+        monitor.close(linger=0)
+    finally:
+        socket.close(linger=0)
+        squatter.close(linger=0)
