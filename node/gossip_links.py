@@ -199,10 +199,10 @@ class GossipLinks:
         libzmq has backed off to RECONNECT_MAX_MS, and their timeout forgot the peer just renewed:
         a node restarted within `peer_timeout` was forgotten as it listened, its new record held as
         the tombstone's floor, and was not known again until its next refresh (~20 s; review131,
-        the forty-sixth session's repro). A link to the dead process is often a fresh
-        one that never connected (the old one closed when it dropped with nothing waiting), so
-        "dropped" includes never connected. A peer that signs records but cannot be reached from
-        here is therefore forgotten only between refreshes, as before, and with a --ttl under 3 x
+        the forty-sixth session's repro). A link to the dead process is often a fresh one that
+        never connected (the old one closed when it dropped with nothing waiting), so "dropped"
+        includes never connected. A peer that signs records but cannot be reached from here is
+        therefore forgotten only between refreshes, as before, and with a --ttl under 3 x
         peer_timeout not at all (review133): it is alive, and others may reach it; relayed steps
         to it fail `relay_failed` as before.
 
