@@ -133,10 +133,11 @@ class PeerTable(Bans):
         return error.code in MOVED_CODES and self.reread(error.address)
 
     def reread(self, address: str) -> bool:
-        """`address` refused an open `not_served`: it may serve other blocks or heads than the
-        table says (restarted with others). Its `info` is asked now, within a second, and taken
-        in. True if it answered with another span (the refusal is explained: no fault, and a ban
-        of it is lifted); False if it did not answer, claims the same span, or was asked less
+        """`address` refused an open `not_served` or `wrong_model`: it may serve other blocks,
+        heads or model than the table says (restarted with others). Its `info` is asked now,
+        within a second, and taken in. True if it answered with another span or model (the
+        refusal is explained: no fault, and a ban of it is lifted; a peer of another model is
+        forgotten); False if it did not answer, claims the same span, or was asked less
         than REREAD_SECONDS ago: its `info` and its `open` disagree, a fault (review121: with no
         strike, a peer refusing every open cost each session a round trip and this wait)."""
         now = time.monotonic()
