@@ -137,7 +137,7 @@ class PeerTable(Bans):
         heads or model than the table says (restarted with others). Its `info` is asked now,
         within a second, and taken in. True if it answered with another span or model (the
         refusal is explained: no fault, and a ban of it is lifted; a peer of another model is
-        forgotten); False if it did not answer, claims the same span, or was asked less
+        forgotten, its ban kept); False if it did not answer, claims the same span, or was asked less
         than REREAD_SECONDS ago: its `info` and its `open` disagree, a fault (review121: with no
         strike, a peer refusing every open cost each session a round trip and this wait)."""
         now = time.monotonic()
@@ -153,7 +153,10 @@ class PeerTable(Bans):
         new = self.peers.get(address)
         if old is not None and new is not None and (old.layers, old.heads) == (new.layers, new.heads):
             return False
-        self.bans.pop(address, None)
+        if new is not None:  # it serves us other blocks or heads now: its ban is lifted
+            self.bans.pop(address, None)
+        # (Forgotten, another model's peer keeps its ban and strikes: review135 saw that a peer
+        # banned for faults could erase them by naming another model once.)
         log.info("peer %s serves %s now, not what the table said", address,
                  "another model" if new is None else f"layers {new.layers[0]}:{new.layers[1]}"
                  + (f" heads {new.heads[0]}:{new.heads[1]}" if new.heads else ""))

@@ -1436,6 +1436,14 @@ def test_a_peer_restarted_with_another_model_is_forgotten_not_banned(tiny_model_
         assert result.ids == first.ids and result.failovers == 0 and result.route[0]["peers"] == [b]
         assert a not in model.swarm.bans and a not in model.swarm.peers
         assert "not ours" in model.swarm.rejected[a]  # it serves another model
+        # A peer banned for faults keeps its ban and strikes when it names another model (review135:
+        # one wrong_model answer and one info erased them, and it came back at strike 1).
+        from nanoswarm.client.peer_errors import PeerError
+
+        model.swarm.ban(a, "a fault", "wrong_result")
+        model.swarm._reread.clear()
+        assert model.swarm.moved(PeerError(a, "wrong_model", "this node serves another model"))
+        assert model.swarm.bans[a].strikes == 1 and a not in model.swarm.peers
     finally:
         model.close()
 
