@@ -226,9 +226,12 @@ def default_tolerance(infos: Iterable[dict]) -> float:
     return worst
 
 
-# A contact that gave one of these at the start did not answer (down, restarting, frozen): the load
-# runs without it if the others cover the model (review131 saw a run during churn stop for one).
-UNANSWERED = ("timeout: ", "unreachable: ")
+# A contact that gave one of these at the start did not answer (down, restarting, frozen), or went
+# after its handshake (client/transport.py _why_dropped): the load runs without it if the others
+# cover the model (review131 saw a run during churn stop for one). Not a drop in the handshake:
+# that may be a refused key or a wrong contact, for the user to mend.
+UNANSWERED = ("timeout: ", "unreachable: ", "disconnected: connection closed by the peer",
+              "disconnected: connection lost: ")
 
 
 def _peer_infos(opts: LoadOptions, meta: tuple[str, int, int]) -> tuple[dict[str, dict], dict[str, str]]:

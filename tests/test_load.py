@@ -83,6 +83,39 @@ def test_a_given_peer_down_at_the_start_is_left_out_and_reported(tiny_model_dir,
         swarm.kill(3, signal.SIGCONT)
 
 
+def test_a_given_peer_that_goes_during_the_start_up_check_is_left_out(tiny_model_dir, cluster_factory):
+    """A contact whose connection closes after its handshake, while load asks its `info` (a node
+    killed then), is left out as one that did not answer; a drop in the handshake (a refused key,
+    a wrong contact) still stops the run."""
+    import threading
+
+    import zmq
+
+    from nanoswarm.keys.contact import format_contact
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    public, secret = zmq.curve_keypair()
+    goes = zmq.Context.instance().socket(zmq.ROUTER)  # takes the handshake, reads the request, closes
+    goes.curve_server, goes.curve_publickey, goes.curve_secretkey = True, public, secret
+    goes.setsockopt(zmq.LINGER, 0)
+    contact = format_contact(f"tcp://127.0.0.1:{goes.bind_to_random_port('tcp://127.0.0.1')}", public)
+
+    def go() -> None:
+        if goes.poll(20_000):
+            goes.recv_multipart()
+        goes.close(linger=0)
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    result = invoke_cli("load", str(tiny_model_dir), "--sessions", "1", "--duration", "1", "--new-tokens", "2",
+                        "--peers", f"{swarm.addresses[0]},{contact}", "--json")
+    thread.join(5)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert list(report["skipped"]) == [contact], result.stderr
+    assert report["skipped"][contact].startswith("disconnected: connection lost: closed by the peer")
+    assert report["problems"] == ["1 contact left out (no answer at the start)"] and report["served"] > 0
+
+
 def test_load_refuses_what_it_cannot_run_in_one_line(tiny_model_dir, cluster_factory):
     """Checked before any load: options that cannot hold, a keyless node without --insecure,
     peers that do not cover the model (with --no-verify too: one line, not a traceback a session)."""
