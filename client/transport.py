@@ -93,7 +93,8 @@ class PeerConnection(LinkSessions):
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT,
                  server_key: bytes | None = None, client_keys: tuple[bytes, bytes] | None = None,
                  ctx: zmq.Context | None = None, max_frame: int = MAX_FRAME_BYTES,
-                 heartbeat: float | None = None, forgive_idle_drops: bool = False):
+                 heartbeat: float | None = None, forgive_idle_drops: bool = False,
+                 reconnect_max_ms: int = RECONNECT_MAX_MS):
         self.address = address
         self.heartbeat = heartbeat  # seconds of silence after which the link counts as dropped
         self.timeout = timeout
@@ -114,7 +115,7 @@ class PeerConnection(LinkSessions):
         # listens (a record of a peer that died or moved): its connect is refused and retried.
         self.monitor = monitor_socket(self.socket, zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED
                                       | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILURES)
-        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
+        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_max_ms)
         if heartbeat is not None:
             self.socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat * 1000 / 4))
             self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat * 1000))

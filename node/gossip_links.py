@@ -42,6 +42,13 @@ log = logging.getLogger(__name__)
 MAX_LINKS = 64   # gossip links kept open (a round uses `fanout` of them)
 MAX_UNREACHABLE = 4096  # contacts ZeroMQ refused, remembered so that each is warned about once
 LINK_MAX_FRAME = 2 * MAX_HEADER_BYTES  # gossip messages are one header frame: nothing larger is read
+# A link to a peer that went retries its connection at most this far apart (libzmq backs off from
+# 0.1 s), not RECONNECT_MAX_MS: the requests queued meanwhile reach a process restarted at its
+# address within a second of its listening, and are answered before their timeout forgets it.
+# At 10 s, a swarm's first node (no --bootstrap: it tells no one of its new record) restarted
+# 8-10 s after it went was forgotten by its peers for 1-3 s (review133). A link that went holds
+# requests for at most peer_timeout, and the server loop reads its retries' events.
+RECONNECT_MS = 1000
 
 
 @dataclass
@@ -85,7 +92,7 @@ class GossipLinks:
             return link
         try:
             conn = PeerConnection(contact, timeout=self.peer_timeout, client_keys=self.client_keys,
-                                  max_frame=LINK_MAX_FRAME)
+                                  max_frame=LINK_MAX_FRAME, reconnect_max_ms=RECONNECT_MS)
         except (ValueError, zmq.ZMQError) as e:  # a contact ZeroMQ cannot connect to: skip only it
             # Said once a contact (a record names it every round while it lives), not every round.
             if contact not in self._unreachable:

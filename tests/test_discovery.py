@@ -1574,6 +1574,38 @@ def test_a_node_restarted_within_the_gossip_timeout_stays_known(tiny_model_dir, 
         conn.close()
 
 
+@pytest.mark.slow
+def test_a_swarms_first_node_restarted_within_the_gossip_timeout_stays_known(tiny_model_dir, cluster_factory):
+    """A node started without a bootstrap (a swarm's first) tells no one of its new record when it
+    restarts: its peers forgot it when their requests to the dead process timed out, and knew it
+    again 1-3 s later (review133). Their gossip links now retry the connection every second at
+    most (not every 10 s), so the requests queued for it reach the new process within a second
+    of its listening, and are answered before they time it out."""
+    from nanoswarm.keys.records import unverified_record
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--listen", endpoint]), NodeSpec((2, 4))])
+    first, other = nodes.nodes
+    conn = PeerConnection(other.address, timeout=5.0)
+
+    def held() -> set[str]:
+        wires = conn.request("records", {"want": True}).fields["records"]
+        return {unverified_record(w).address for w in wires}
+
+    try:
+        assert endpoint in held()
+        first.proc.kill()
+        first.proc.wait(10)
+        killed = time.monotonic()
+        time.sleep(8.0)  # the other's rounds go on sending to it (it knows fewer peers than it asks a round)
+        nodes.start_node(NodeSpec((0, 2), args=["--listen", endpoint, "--key-file", str(first.key_file)]))
+        while time.monotonic() < killed + 17:  # past the other's timeout of the requests sent while it was away
+            assert endpoint in held()
+            time.sleep(0.25)
+    finally:
+        conn.close()
+
+
 def test_a_node_logs_the_peers_that_join_once_each(caplog):
     """Departures and silent peers were logged, joins were not: a node logs a peer whose record
     it did not hold live (a join, or a return after departure or expiry), not each refresh, and
