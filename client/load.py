@@ -239,9 +239,13 @@ def _peer_infos(opts: LoadOptions, meta: tuple[str, int, int]) -> tuple[dict[str
     by contact), left out of the run. A peer that cannot be used (a bad contact, no key, another
     model), or peers that do not cover the model without those left out, stop the run before the
     load."""
-    probe = Swarm(*meta, opts.swarm_options())
+    wait, options = min(opts.timeout, 10.0), opts.swarm_options()
+    # A frozen peer's kernel takes the connection, and nothing answers the handshake: with the
+    # heartbeat (the handshake's limit too) under the wait, it read as a drop in the handshake,
+    # which stops the run, not as a contact that did not answer (review136: --timeout 12).
+    probe = Swarm(*meta, replace(options, heartbeat=max(options.silence, wait + 1.0)))
     try:
-        probe.add_addresses(opts.peers, min(opts.timeout, 10.0))
+        probe.add_addresses(opts.peers, wait)
         skipped = {a: why for a, why in probe.rejected.items() if why.startswith(UNANSWERED)}
         if bad := {a: why for a, why in probe.rejected.items() if a not in skipped}:
             raise ValueError("; ".join(f"{a}: {why}" for a, why in bad.items()))

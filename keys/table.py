@@ -73,9 +73,10 @@ class RecordTable:
         # Called with each record whose peer the table did not hold live: a join, or a return
         # after expiry or departure (a node logs it; a refresh of a live record is not one).
         self.on_join: Callable[[Record], None] | None = None
-        # Called with every record accepted, a refresh or a join, before on_join: the peer signed
-        # it after what the table held (gossip takes it as a sign of life: GossipLinks.renewed).
-        self.on_accept: Callable[[Record], None] | None = None
+        # Called with each newer record of a peer the table held live (a refresh, not a join): the
+        # peer signed it after what the table held (gossip takes it as a sign of life:
+        # GossipLinks.renewed).
+        self.on_refresh: Callable[[Record], None] | None = None
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -115,10 +116,11 @@ class RecordTable:
             # tombstone would have lapsed anyway.
             self._tombstones[record.peer_id] = _Tombstone(stone.seq, stone.until, None)
         self.accepted += 1
-        if self.on_accept is not None:
-            self.on_accept(record)
-        if self.on_join is not None and (old is None or old.record.is_expired(now)):
-            self.on_join(record)
+        if old is None or old.record.is_expired(now):
+            if self.on_join is not None:
+                self.on_join(record)
+        elif self.on_refresh is not None:
+            self.on_refresh(record)
         return ACCEPTED
 
     def _has_room(self, record: Record, now: float) -> bool:

@@ -85,7 +85,7 @@ class Gossip:
             lambda r: r.peer_id == identity.peer_id or (not r.insecure and r.curve_key in allow_keys))
         self.table = RecordTable(max_ttl=self.options.max_ttl, admits=admits)
         self.table.on_join = self._joined
-        self.table.on_accept = self._renewed
+        self.table.on_refresh = self._renewed
         self.own: dict[str, bytes] | None = None
         self._own_seq = -1  # the seq of self.own
         self._overtaken = float("-inf")  # when a live copy's record last made us sign above it
@@ -360,8 +360,12 @@ class Gossip:
         return self.links.drain()
 
     def _renewed(self, record: Record) -> None:
-        """A newer record of a peer: a link to it that dropped, with requests waiting, is started
-        afresh (GossipLinks.renewed), so that their timeout does not forget the peer just heard from."""
+        """A newer record of a peer held live: a link to it that dropped, with requests waiting, is
+        started afresh (GossipLinks.renewed), so that their timeout does not forget the peer just
+        heard from. Not at a join (the first record of a peer, or one back after it was forgotten:
+        _joined re-dates the requests instead): at start-up every record is one, and a bootstrap
+        whose connect was refused had its link closed by another's reply, and was warned about
+        as not answering even when it came up within the grace (review136)."""
         if record.peer_id != self.peer_id:
             self.links.renewed(record_contact(record))
 

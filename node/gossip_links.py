@@ -203,10 +203,11 @@ class GossipLinks:
         new process at its address): a link whose connection has dropped (it may have reconnected
         since), with requests still waiting, is closed, forgetting nothing; the next round links
         afresh, at once. Those requests went to an earlier process, or wait on a reconnect that
-        libzmq has backed off to RECONNECT_MAX_MS, and their timeout forgot the peer just renewed:
-        a node restarted within `peer_timeout` was forgotten as it listened, its new record held as
-        the tombstone's floor, and was not known again until its next refresh (~20 s; review131,
-        the forty-sixth session's repro). A link to the dead process is often a fresh one that
+        libzmq has backed off (to RECONNECT_MS; to 10 s before), and their timeout forgot the peer
+        just renewed: a node restarted within `peer_timeout` was forgotten as it listened, its new
+        record held as the tombstone's floor, and was not known again until its next refresh (~20
+        s; review131, the forty-sixth session's repro). Called for a refresh of a record held live,
+        not a join (Gossip._renewed). A link to the dead process is often a fresh one that
         never connected (the old one closed when it dropped with nothing waiting), so "dropped"
         includes never connected. A peer that signs records but cannot be reached from here is
         therefore forgotten only between refreshes, as before, and with a --ttl under 3 x

@@ -51,11 +51,14 @@ def test_load_command_against_given_peers(tiny_model_dir, cluster_factory):
     assert all(p.proc.poll() is None for p in swarm.nodes)
 
 
+@pytest.mark.slow
 def test_a_given_peer_down_at_the_start_is_left_out_and_reported(tiny_model_dir, cluster_factory):
     """A `--peers` contact that does not answer at the start (down, or frozen) stopped the run
     (review131: 2 of 5 runs during churn). The load now runs on the others when they cover the
     model, and the report names the contacts left out and is not OK; when they do not cover it,
-    the run stops with one line that says why for the one that did not answer."""
+    the run stops with one line that says why for the one that did not answer. With --timeout 12
+    the start-up check waits 10 s, past the heartbeat that bounded a handshake (5 s): the frozen
+    one read as a drop in the handshake and stopped the run (review136)."""
     import signal
 
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 4)), NodeSpec((1, 4)), NodeSpec((0, 1))])
@@ -64,7 +67,7 @@ def test_a_given_peer_down_at_the_start_is_left_out_and_reported(tiny_model_dir,
     swarm.kill(3, signal.SIGSTOP)
     try:
         base = ["load", str(tiny_model_dir), "--sessions", "2", "--duration", "2", "--new-tokens", "4",
-                "--timeout", "2"]
+                "--timeout", "12"]
         result = invoke_cli(*base, "--peers", ",".join(swarm.addresses), "--json")
         assert result.returncode == 1, result.stderr
         report = json.loads(result.stdout.strip().splitlines()[-1])
