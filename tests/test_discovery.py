@@ -1450,6 +1450,16 @@ def test_requests_waiting_on_a_peer_that_joins_again_are_timed_from_its_return()
         silent_peer.close(linger=0)
 
 
+def _dropped_within(seconds: float, conn: PeerConnection) -> bool:
+    """Whether `conn`'s monitor says its connection dropped within `seconds` (its events read as
+    the server loop reads a gossip link's)."""
+    deadline = time.monotonic() + seconds
+    while not conn.dropped and time.monotonic() < deadline:
+        conn.monitor.poll(100)
+        conn.drain_events()
+    return conn.dropped
+
+
 def test_a_renewed_peer_whose_link_dropped_gets_a_fresh_link_and_is_not_forgotten():
     """A newer record of a peer whose link dropped with requests waiting (sent to its earlier
     process, or queued behind a backed-off reconnect) closes that link, forgetting nothing;
@@ -1471,11 +1481,7 @@ def test_a_renewed_peer_whose_link_dropped_gets_a_fresh_link_and_is_not_forgotte
         link, kept = links.open[contact], links.open[silent_contact]
         assert link.conn.wait_handshake(5) and kept.conn.wait_handshake(5)
         gone.close(linger=0)  # the peer's process ends with a request unanswered
-        deadline = time.monotonic() + 5
-        while not link.conn.dropped and time.monotonic() < deadline:
-            link.conn.monitor.poll(100)
-            link.conn.drain_events()
-        assert link.conn.dropped and link.pending
+        assert _dropped_within(5.0, link.conn) and link.pending
         links.renewed(contact)  # its new process's record
         links.renewed(silent_contact)  # a refresh of a peer whose link holds
         assert contact not in links.open and silent_contact in links.open and kept.pending
@@ -1532,11 +1538,7 @@ def test_only_a_refreshed_record_starts_a_dropped_link_afresh_not_a_first_one():
     try:
         gossip._send(contact, [], want=True)
         link = gossip.links.open[contact]
-        deadline = time.monotonic() + 5
-        while not link.conn.dropped and time.monotonic() < deadline:
-            link.conn.monitor.poll(100)
-            link.conn.drain_events()
-        assert link.conn.dropped and link.pending
+        assert _dropped_within(5.0, link.conn) and link.pending
         assert gossip.offer_all([_signed_at(peer, endpoint)]) == {"accepted": 1}  # a join
         assert gossip.links.open.get(contact) is link and link.pending
         newer = sign_record(peer, address=endpoint, model_id="m", layers=(0, 1), seq=2, expires=time.time() + 60)
@@ -1573,11 +1575,7 @@ def test_a_link_closed_by_a_record_read_earlier_in_the_same_pass_is_not_read():
         asked, dropping = links.open[answering_contact], links.open[gone_contact]
         assert asked.conn.wait_handshake(5) and dropping.conn.wait_handshake(5)
         gone.close(linger=0)
-        deadline = time.monotonic() + 5
-        while not dropping.conn.dropped and time.monotonic() < deadline:
-            dropping.conn.monitor.poll(100)
-            dropping.conn.drain_events()
-        assert dropping.conn.dropped and dropping.pending
+        assert _dropped_within(5.0, dropping.conn) and dropping.pending
         assert answering.poll(5000)
         peer, *frames = answering.recv_multipart()
         reply = encode("records_reply", decode(frames).id, {"records": [], "now": time.time()})
