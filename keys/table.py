@@ -119,7 +119,13 @@ class RecordTable:
         if old is None or old.record.is_expired(now):
             if self.on_join is not None:
                 self.on_join(record)
-        elif self.on_refresh is not None:
+            return ACCEPTED
+        if old.record.model_id != record.model_id:
+            # The same identity restarted with another model: its joins are logged, and so is this
+            # (review135: peers said nothing of it).
+            log.info("peer %s at %s now serves model %s (was %s)", record.peer_id, record.address,
+                     record.model_id[:16], old.record.model_id[:16])
+        if self.on_refresh is not None:
             self.on_refresh(record)
         return ACCEPTED
 

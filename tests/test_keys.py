@@ -508,6 +508,19 @@ def test_table_accepts_replaces_and_rejects_stale(alice: Identity, bob: Identity
     assert (table.accepted, table.rejected["stale_seq"]) == (3, 2)
 
 
+def test_a_peer_that_switches_model_under_its_identity_is_logged(alice: Identity, caplog: pytest.LogCaptureFixture) -> None:
+    table = RecordTable(clock=Clock())
+    refreshed = []
+    table.on_refresh = refreshed.append
+    table.offer(make_wire(alice, seq=1))
+    with caplog.at_level("INFO", logger="nanoswarm.keys.table"):
+        assert table.offer(make_wire(alice, seq=2, load=0.5)) == "accepted"  # a plain refresh: quiet
+        assert "now serves model" not in caplog.text
+        assert table.offer(make_wire(alice, seq=3, model_id="other")) == "accepted"
+    assert f"peer {alice.peer_id} at tcp://127.0.0.1:5555 now serves model other (was gpt2)" in caplog.text
+    assert [r.seq for r in refreshed] == [2, 3]  # still a refresh for gossip (GossipLinks.renewed)
+
+
 def test_table_wire_is_exact_and_independent(alice: Identity) -> None:
     table = RecordTable(clock=Clock())
     wire = make_wire(alice)
