@@ -66,7 +66,9 @@ def unreachable_why(endpoint: str, timed_out: float | None = None) -> str:
     except ValueError:
         return (f"connection refused, or no IPv4 address for the host name {host[:80]!r} (a name is "
                 "reached at its IPv4 address: for IPv6 give the address in brackets, tcp://[ADDRESS]:PORT)")
-    return "connection refused: nothing listens there"
+    # (ZeroMQ retries a connect with no route to its address the same way: a review saw this
+    # line for an --advertise no route led to)
+    return "connection refused: nothing listens there (or no route to the address)"
 
 
 class LinkDropped(PeerError):

@@ -508,7 +508,8 @@ def test_table_accepts_replaces_and_rejects_stale(alice: Identity, bob: Identity
     assert (table.accepted, table.rejected["stale_seq"]) == (3, 2)
 
 
-def test_a_peer_that_switches_model_under_its_identity_is_logged(alice: Identity, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_peer_that_switches_model_under_its_identity_is_logged(alice: Identity,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     table = RecordTable(clock=Clock())
     refreshed = []
     table.on_refresh = refreshed.append
