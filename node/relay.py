@@ -58,6 +58,14 @@ REFUSED_WARN_SECONDS = 3600.0  # how often a node names again a next hop that re
 # client waited two step timeouts (RELAY_STALLS) before going stage by stage (review114). Its
 # steps are answered relay_failed, and further steps to it at once, until a handshake succeeds.
 UNREACHED_SECONDS = 5.0
+# A link whose hop went (its connection dropped, no handshake since) or that never reached its hop,
+# with nothing sent on it since, closes after this long: its hop may never come back, and libzmq
+# retries it for as long as it is open. A node that took the hop's address with another key
+# answers each retry's TCP connect and fails its handshake, after which libzmq retries in 100 ms:
+# review137 saw each such link handshake 7-10 times a second, for good (a node of 12 stale links
+# gave a node new at that address 72 failed handshakes a second). A next step to the hop makes a
+# fresh link, as it does for a down link anyway (_link).
+STALE_SECONDS = 10.0
 # A refusal: libzmq does not try that connection again. (EVENT_HANDSHAKE_FAILED_NO_DETAIL is
 # a connection that dropped mid-handshake, a restart say: ZeroMQ reconnects and sends what is
 # queued, so it is no refusal; a review saw a step so delivered answered relay_failed.)
@@ -90,6 +98,7 @@ class RelayLink:
     # delivered is dropped by its client, and one that was not no longer costs its timeout.
     recent: deque = field(default_factory=lambda: deque(maxlen=2 * LINK_QUEUE))
     down: bool = False  # its connection dropped, and no handshake has succeeded since
+    down_since: float = 0.0  # when it was last read to drop (monotonic)
     reached: bool = False  # a handshake has succeeded
     started: float = field(default_factory=time.monotonic)  # when the link was made
 
@@ -170,12 +179,13 @@ class RelayLinks:
     def __len__(self) -> int:
         return len(self._links)
 
-    def expire_unreached(self, now: float | None = None) -> None:
+    def expire(self, now: float | None = None) -> None:
         """Close the links that have held steps for UNREACHED_SECONDS without a handshake: their
         steps are answered relay_failed (take_failed), and so are further steps to that hop at
-        once (`send`), while the link the next of them makes tries it, until one succeeds.
-        Called on a timer."""
+        once (`send`), while the link the next of them makes tries it, until one succeeds. Close
+        the stale links too (STALE_SECONDS). Called on a timer."""
         now = time.monotonic() if now is None else now
+        self._close_stale(now)
         for contact, link in list(self._links.items()):
             if link.reached or not link.recent or now - link.recent[0][1] <= UNREACHED_SECONDS:
                 continue  # (recent[0]: its oldest waiting step)
@@ -188,6 +198,24 @@ class RelayLinks:
                 self._unreached.add(contact)
                 log.info("the next hop %s is not reached from here: relayed steps to it fail until it is",
                          contact[:120])
+
+    def _close_stale(self, now: float) -> None:
+        """Close the links down for STALE_SECONDS with no step sent since the drop, and those never
+        reached and sent nothing within STALE_SECONDS of their start (warm links to a hop that
+        is gone). A down link's steps from just before its drop are answered relay_failed."""
+        for contact, link in list(self._links.items()):
+            if link.reached and not link.down or not link.reached and link.recent:
+                continue  # (a step waiting for a first handshake: the loop below answers it)
+            # (no step goes on a down link: the next step to its hop makes a fresh one, _link)
+            since = link.down_since if link.down else link.started
+            if now - since <= STALE_SECONDS:
+                continue
+            self.events(link)  # a handshake not read yet (the loop computed meanwhile) counts
+            if self._links.get(contact) is link and (link.down or not link.reached):
+                del self._links[contact]
+                self._close(contact, link, lost=f"the link to the next hop {contact[:80]} dropped")
+                log.debug("closed the link to %s: %s for %.0f s", contact[:120],
+                          "down" if link.down else "never reached", now - since)
 
     @staticmethod
     def _unreached_why(contact: str) -> str:
@@ -273,9 +301,10 @@ class RelayLinks:
                     # Nothing went out on it: its steps wait for a handshake (a hop that closes
                     # each connection before one succeeds, a wrong key say, drops it every ~100
                     # ms; taken for a drop, the steps were forgotten a second later and never
-                    # answered: review116). expire_unreached answers them.
+                    # answered: review116). expire answers them.
                     continue
-                link.down = True
+                if not link.down:
+                    link.down, link.down_since = True, time.monotonic()
                 since = time.monotonic() - DROP_WINDOW
                 link.recent = deque(((k, t) for k, t in link.recent if t >= since), maxlen=link.recent.maxlen)
             elif event & HANDSHAKE_REFUSED:

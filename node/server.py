@@ -147,7 +147,7 @@ class NodeServer:
                                  error=handler.steps.error)
         self.relays.on_open = self._watch_relay
         self.relays.on_close = self._unwatch_relay
-        self.add_timer(1.0, lambda: (self.relays.expire_unreached(), self._send_all([]), handler.groups.forget_stale()))
+        self.add_timer(1.0, lambda: (self.relays.expire(), self._send_all([]), handler.groups.forget_stale()))
         handler.on_relay_to = self.relays.connect
 
     def add_timer(self, every: float, fn: Callable[[], object]) -> None:
