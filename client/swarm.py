@@ -102,7 +102,7 @@ class Swarm(PeerTable):
         monitor events (PeerConnection.drain_events), at most every DRAIN_SECONDS (each session
         step asks): a connection to a peer that is on no route is read by nothing else, and a dead
         peer's unread reconnect events would end up blocking ZeroMQ's I/O thread, and with it every
-        link of this client."""
+        link of this client. Connections that dropped and hold nothing are closed."""
         while self._abandoned:
             for stage in self._abandoned.popleft():
                 stage.close()
@@ -110,8 +110,13 @@ class Swarm(PeerTable):
         if now - self._drained < DRAIN_SECONDS:
             return
         self._drained = now
-        for conn in list(self._conns.values()):
+        for address, conn in list(self._conns.items()):
             conn.drain_events()
+            if conn.down and not conn.in_use:
+                # libzmq retries it for as long as it is open, every 10 s at most, and every 100 ms
+                # where a node with another key took the address (review137); a fresh link, if it
+                # is asked again, connects at once.
+                self._close_link(address)
 
     def connect_ahead(self, addresses: Iterable[str]) -> None:
         """Start the link to each of `addresses` now: their handshakes (a few round trips each)

@@ -405,6 +405,12 @@ class PeerConnection(LinkSessions):
         return self._dropped is not None
 
     @property
+    def down(self) -> bool:
+        """Whether the monitor said the connection dropped (or never came up) and it is not back,
+        reported or held back (a drop that lost nothing) alike."""
+        return self._dropped is not None or self._held_drop is not None
+
+    @property
     def drop_reason(self) -> str | None:
         """What the monitor said of a drop not yet reported ("unreachable: connection refused: ..."),
         or None; unlike take(), it leaves the drop to be reported."""
