@@ -26,6 +26,9 @@ from .verify import FanOutRecord, SpotChecker
 
 log = logging.getLogger(__name__)
 
+# Drops of links closed while down and holding nothing, kept for the next link to the same peer
+# (Swarm.drain_events), at most this many: the oldest go first.
+MAX_DROPS_KEPT = 1024
 DRAIN_SECONDS = 5.0  # the most time between two reads of every connection's events (Swarm.drain_events)
 EARLY_SETTLE_SECONDS = 2.0  # the most a failed route's open waits for its unclaimed early opens' answers
 INTRODUCE_SECONDS = 5.0  # the least time between two introductions asked for by hops that knew no next (introduce_soon)
@@ -37,6 +40,8 @@ class Swarm(PeerTable):
     """A client's peer table and its links to those peers: one PeerConnection a peer, made on
     first use, closed when the peer is banned or forgotten."""
     _conns: dict[str, PeerConnection] = field(default_factory=dict)
+    # drops of links closed while down and holding nothing, for the next link to each peer (drain_events)
+    _drops: dict[str, tuple[tuple[str, str], bool]] = field(default_factory=dict)
     _drained: float = -DRAIN_SECONDS
     checker: SpotChecker | None = None  # set by SwarmModel.connect when options.verify > 0
     _abandoned: deque[list[Stage]] = field(default_factory=deque)  # stages of sessions dropped unclosed
@@ -59,6 +64,7 @@ class Swarm(PeerTable):
         live peer would hold their KV caches until its idle timeout (a stalled one reads the
         closes when it resumes). The socket lingers for those closes and for any queued before
         (Failover._replace closes the failed stage first)."""
+        self._drops.pop(address, None)
         conn = self._conns.pop(address, None)
         if conn is not None:
             conn.close_sessions()
@@ -87,6 +93,8 @@ class Swarm(PeerTable):
                                       forgive_idle_drops=True)
             except (ValueError, zmq.ZMQError) as e:  # an endpoint ZeroMQ cannot connect to
                 raise PeerError(address, "bad_contact", f"cannot connect: {e}") from None
+            if (drop := self._drops.pop(address, None)) is not None:
+                conn.take_over_drop(drop)
             self._conns[address] = conn
         return conn
 
@@ -114,9 +122,14 @@ class Swarm(PeerTable):
             conn.drain_events()
             if conn.down and not conn.in_use:
                 # libzmq retries it for as long as it is open, every 10 s at most, and every 100 ms
-                # where a node with another key took the address (review137); a fresh link, if it
-                # is asked again, connects at once.
+                # where a node with another key took the address (review137). A fresh link, if it
+                # is asked again, connects at once, and reports this one's drop in its place.
+                drop = conn.unreported_drop()
                 self._close_link(address)
+                if drop is not None:
+                    self._drops[address] = drop
+                    while len(self._drops) > MAX_DROPS_KEPT:
+                        del self._drops[next(iter(self._drops))]
 
     def connect_ahead(self, addresses: Iterable[str]) -> None:
         """Start the link to each of `addresses` now: their handshakes (a few round trips each)

@@ -410,6 +410,19 @@ class PeerConnection(LinkSessions):
         reported or held back (a drop that lost nothing) alike."""
         return self._dropped is not None or self._held_drop is not None
 
+    def unreported_drop(self) -> tuple[tuple[str, str], bool] | None:
+        """The drop not reported yet (held back or not) and whether it lost nothing: what a link
+        that replaces this one reports in its place (`take_over_drop`)."""
+        if self._dropped is not None:
+            return self._dropped, self._harmless
+        return None if self._held_drop is None else (self._held_drop, True)
+
+    def take_over_drop(self, drop: tuple[tuple[str, str], bool]) -> None:
+        """Report, as this link's, the drop of the link to the same peer that this one replaces
+        (`unreported_drop`): a drop that lost something at its next request, one that lost
+        nothing only if the peer is not back by then (`send`)."""
+        self._dropped, self._harmless = drop
+
     @property
     def drop_reason(self) -> str | None:
         """What the monitor said of a drop not yet reported ("unreachable: connection refused: ..."),
