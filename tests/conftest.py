@@ -17,6 +17,7 @@ import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's
 # isort: split
 import pytest
 import torch
+import zmq
 
 from nanoswarm.node.cluster import LocalCluster, NodeSpec
 from nanoswarm.shards.cut import write_model_dir
@@ -131,6 +132,48 @@ def free_port() -> int:
                 continue  # taken (another worker's, or the machine's)
         return port
     raise RuntimeError(f"no free port of 127.0.0.1 below {low}")
+
+
+def curve_router(ctx: zmq.Context) -> tuple[zmq.Socket, bytes]:
+    """A ROUTER that takes CURVE clients, with a fresh key pair: (the socket, its public key)."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.curve_server = True
+    public, sock.curve_secretkey = zmq.curve_keypair()
+    sock.curve_publickey = public
+    return sock, public
+
+
+def take_over_port(ctx: zmq.Context, port: int, seconds: float = 10.0) -> tuple[zmq.Socket, zmq.Socket]:
+    """A CURVE ROUTER of a fresh key at `port` of 127.0.0.1 (another node taking a departed one's
+    address), bound once the socket that held it lets it go (ZeroMQ closes a listener on its I/O
+    thread, a moment after close()), and a monitor of the connections it accepts."""
+    sock, _ = curve_router(ctx)
+    monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            sock.bind(f"tcp://127.0.0.1:{port}")
+            return sock, monitor
+        except zmq.ZMQError:
+            if time.monotonic() > deadline:
+                sock.close(linger=0)
+                monitor.close(linger=0)
+                raise
+            time.sleep(0.05)
+
+
+def accepted(monitor: zmq.Socket, seconds: float, settle: float = 0.0) -> int:
+    """Connections `monitor` (take_over_port's) reports accepted within `seconds`, after reading
+    for `settle` seconds those already under way."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    while settle and monitor.poll(int(settle * 1000)):
+        recv_monitor_message(monitor)
+    n, deadline = 0, time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if monitor.poll(int(left * 1000) + 1):
+            n += recv_monitor_message(monitor)["event"] == zmq.EVENT_ACCEPTED
+    return n
 
 
 def pid_alive(pid: int) -> bool:

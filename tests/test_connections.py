@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import sessions_on
+from conftest import accepted, curve_router, sessions_on, take_over_port
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.peer_errors import PeerError
@@ -343,16 +343,12 @@ def test_a_client_closes_a_link_that_dropped_and_holds_nothing():
     with another key took the address, every 100 ms (review137: 10 a second from an idle
     SwarmModel). Read dropped while it holds nothing, it is closed; asked again, a fresh link."""
     import zmq
-    from zmq.utils.monitor import recv_monitor_message
 
     from nanoswarm.client.swarm import Swarm, SwarmOptions
     from nanoswarm.keys.contact import format_contact
 
     ctx = zmq.Context.instance()
-    hop = ctx.socket(zmq.ROUTER)
-    hop.curve_server = True
-    public, hop.curve_secretkey = zmq.curve_keypair()
-    hop.curve_publickey = public
+    hop, public = curve_router(ctx)
     port = hop.bind_to_random_port("tcp://127.0.0.1")
     address = format_contact(f"tcp://127.0.0.1:{port}", public)
     swarm = Swarm("model", 4, 4, SwarmOptions(timeout=5.0))
@@ -368,17 +364,7 @@ def test_a_client_closes_a_link_that_dropped_and_holds_nothing():
         swarm.drain_events()
         assert swarm._conns.get(address) is conn  # up: kept
         hop.close(linger=0)  # the peer goes, and a node with another key takes its address
-        newcomer = ctx.socket(zmq.ROUTER)
-        newcomer.curve_server = True
-        newcomer.curve_publickey, newcomer.curve_secretkey = zmq.curve_keypair()
-        monitor = newcomer.get_monitor_socket(zmq.EVENT_ACCEPTED)
-        while True:  # (the old listener closes on ZeroMQ's I/O thread, a moment later)
-            try:
-                newcomer.bind(f"tcp://127.0.0.1:{port}")
-                break
-            except zmq.ZMQError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        newcomer, monitor = take_over_port(ctx, port)
         while not conn.down and time.monotonic() < deadline:
             conn.monitor.poll(100)
             conn.drain_events()
@@ -386,13 +372,7 @@ def test_a_client_closes_a_link_that_dropped_and_holds_nothing():
         swarm._drained = float("-inf")
         swarm.drain_events()
         assert address not in swarm._conns and conn.socket.closed
-        while monitor.poll(300):  # a retry already under way may still come
-            recv_monitor_message(monitor)
-        knocks, end = 0, time.monotonic() + 1.0
-        while (left := end - time.monotonic()) > 0:
-            if monitor.poll(int(left * 1000) + 1):
-                knocks += recv_monitor_message(monitor)["event"] == zmq.EVENT_ACCEPTED
-        assert knocks == 0
+        assert accepted(monitor, 1.0, settle=0.3) == 0  # (a retry already under way may still come first)
         assert swarm.connection(address) is not conn  # asked again: a fresh link
     finally:
         swarm.close()

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 import zmq
-from conftest import free_port
+from conftest import accepted, curve_router, free_port, take_over_port
 from test_failover import (  # the same fault harness
     FAIL_AT,
     N_TOKENS,
@@ -1094,17 +1094,6 @@ def test_a_link_started_ahead_while_its_hop_was_down_is_made_anew_for_a_step():
             hop.close(linger=0)
 
 
-def _accepted(monitor: zmq.Socket, seconds: float) -> int:
-    """Connections a socket's monitor reports accepted within `seconds`."""
-    from zmq.utils.monitor import recv_monitor_message
-
-    n, deadline = 0, time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        if monitor.poll(int(left * 1000) + 1):
-            n += recv_monitor_message(monitor)["event"] == zmq.EVENT_ACCEPTED
-    return n
-
-
 def test_links_to_a_hop_that_went_close_and_stop_knocking_at_its_address():
     """A link whose hop went stayed open, retried by libzmq for good: where a node with another
     key took the address, each retry's handshake failed and the next came 100 ms later (review137:
@@ -1114,10 +1103,7 @@ def test_links_to_a_hop_that_went_close_and_stop_knocking_at_its_address():
     from nanoswarm.node.relay import STALE_SECONDS, RelayLinks, next_hop_id
 
     ctx = zmq.Context.instance()
-    hop = ctx.socket(zmq.ROUTER)
-    hop.curve_server = True
-    hop_public, hop.curve_secretkey = zmq.curve_keypair()
-    hop.curve_publickey = hop_public
+    hop, hop_public = curve_router(ctx)
     port = hop.bind_to_random_port("tcp://127.0.0.1")
     contact = format_contact(f"tcp://127.0.0.1:{port}", hop_public)
     quiet = f"tcp://127.0.0.1:{free_port()}"  # nothing ever listens there
@@ -1129,19 +1115,7 @@ def test_links_to_a_hop_that_went_close_and_stop_knocking_at_its_address():
         links.warm(quiet)
         link = links._links[contact]
         hop.close(linger=0)  # the hop goes, and another node takes its address with its own key
-        newcomer = ctx.socket(zmq.ROUTER)
-        newcomer.curve_server = True
-        newcomer.curve_publickey, newcomer.curve_secretkey = zmq.curve_keypair()
-        monitor = newcomer.get_monitor_socket(zmq.EVENT_ACCEPTED)
-        deadline = time.monotonic() + 10
-        while True:  # (the hop's listener closes on ZeroMQ's I/O thread, a moment later)
-            try:
-                newcomer.bind(f"tcp://127.0.0.1:{port}")
-                break
-            except zmq.ZMQError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        newcomer, monitor = take_over_port(ctx, port)
         deadline = time.monotonic() + 10
         while not link.down and time.monotonic() < deadline:
             link.monitor.poll(100)
@@ -1149,11 +1123,11 @@ def test_links_to_a_hop_that_went_close_and_stop_knocking_at_its_address():
         assert link.down
         links.expire()
         assert set(links._links) == {contact, quiet}  # not yet
-        knocks = _accepted(monitor, 1.0)  # (the repro: 7-10; not asserted, libzmq's to time)
+        knocks = accepted(monitor, 1.0)  # (the repro: 7-10; not asserted, libzmq's to time)
         links.expire(time.monotonic() + STALE_SECONDS + 0.1)
         assert links._links == {} and link.socket.closed
         assert links.take_failed() == []  # the step was answered before the drop: nothing to fail
-        assert _accepted(monitor, 1.0) == 0, f"still knocking after the close ({knocks} in the second before)"
+        assert accepted(monitor, 1.0, settle=0.3) == 0, f"still knocking ({knocks} in the second before the close)"
         assert links.send(Relay(contact, b"b", 2, next_hop_id(), "s-b"), [b"x"]) is None  # a fresh link
     finally:
         links.close()
