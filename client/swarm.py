@@ -21,7 +21,7 @@ from .peer_errors import PeerError
 from .peer_table import PeerTable
 from .route import RouteError, StagePlan
 from .stages import RemoteLayerStage, Stage, open_fields
-from .transport import PeerConnection
+from .transport import RECONNECT_MAX_MS, PeerConnection
 from .verify import FanOutRecord, SpotChecker
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 # Drops of links closed while down and holding nothing, kept for the next link to the same peer
 # (Swarm.drain_events), at most this many: the oldest go first.
 MAX_DROPS_KEPT = 1024
+# The link closed would have been back this long after its peer, at most (libzmq's reconnects
+# back off to RECONNECT_MAX_MS), and its drop then forgiven (PeerConnection.forgive_if_back): a
+# drop kept longer is passed on as one that lost nothing, reported only if the peer is not back
+# by the next link's first request (review140: a peer restarted since was struck and banned).
+DROP_FRESH_SECONDS = RECONNECT_MAX_MS / 1000
 DRAIN_SECONDS = 5.0  # the most time between two reads of every connection's events (Swarm.drain_events)
 EARLY_SETTLE_SECONDS = 2.0  # the most a failed route's open waits for its unclaimed early opens' answers
 INTRODUCE_SECONDS = 5.0  # the least time between two introductions asked for by hops that knew no next (introduce_soon)
@@ -41,7 +46,7 @@ class Swarm(PeerTable):
     first use, closed when the peer is banned or forgotten."""
     _conns: dict[str, PeerConnection] = field(default_factory=dict)
     # drops of links closed while down and holding nothing, for the next link to each peer (drain_events)
-    _drops: dict[str, tuple[tuple[str, str], bool]] = field(default_factory=dict)
+    _drops: dict[str, tuple[tuple[tuple[str, str], bool], float]] = field(default_factory=dict)  # (drop, when)
     _drained: float = -DRAIN_SECONDS
     checker: SpotChecker | None = None  # set by SwarmModel.connect when options.verify > 0
     _abandoned: deque[list[Stage]] = field(default_factory=deque)  # stages of sessions dropped unclosed
@@ -93,8 +98,9 @@ class Swarm(PeerTable):
                                       forgive_idle_drops=True)
             except (ValueError, zmq.ZMQError) as e:  # an endpoint ZeroMQ cannot connect to
                 raise PeerError(address, "bad_contact", f"cannot connect: {e}") from None
-            if (drop := self._drops.pop(address, None)) is not None:
-                conn.take_over_drop(drop)
+            if (kept := self._drops.pop(address, None)) is not None:
+                (why, harmless), when = kept
+                conn.take_over_drop((why, harmless or time.monotonic() - when > DROP_FRESH_SECONDS))
             self._conns[address] = conn
         return conn
 
@@ -127,7 +133,7 @@ class Swarm(PeerTable):
                 drop = conn.unreported_drop()
                 self._close_link(address)
                 if drop is not None:
-                    self._drops[address] = drop
+                    self._drops[address] = (drop, time.monotonic())
                     while len(self._drops) > MAX_DROPS_KEPT:
                         del self._drops[next(iter(self._drops))]
 
@@ -243,3 +249,4 @@ class Swarm(PeerTable):
         self._abandoned.clear()  # their sessions are among those closed here
         for address in list(self._conns):
             self._close_link(address)
+        self._drops.clear()  # (fresh links: `load` resets so between runs)

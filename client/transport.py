@@ -185,8 +185,9 @@ class PeerConnection(LinkSessions):
                 # next reconnect up to RECONNECT_MAX_MS away: a restarted node was banned while
                 # it served (a review). Reconnect now; the drop is held for this request.
                 self._held_drop, self._dropped, self._retries, self._hold_until = self._dropped, None, 0, math.inf
-                self.socket.disconnect(self._endpoint)
-                self.socket.connect(self._endpoint)
+                if self._connected:  # (a link's first connect, under way, is not begun again)
+                    self.socket.disconnect(self._endpoint)
+                    self.socket.connect(self._endpoint)
             if self._held_drop is not None:  # this request waits a little for the link to come back
                 self._hold_until = min(self._hold_until, time.monotonic() + HOLD_SECONDS)
         req_id = next_request_id() if req_id is None else req_id
@@ -406,8 +407,8 @@ class PeerConnection(LinkSessions):
 
     @property
     def down(self) -> bool:
-        """Whether the monitor said the connection dropped (or never came up) and it is not back,
-        reported or held back (a drop that lost nothing) alike."""
+        """Whether the link holds a drop (or a connect that never came up) not reported yet, held
+        back or not; one reported since is not counted (its reader handled it)."""
         return self._dropped is not None or self._held_drop is not None
 
     def unreported_drop(self) -> tuple[tuple[str, str], bool] | None:
@@ -419,8 +420,10 @@ class PeerConnection(LinkSessions):
 
     def take_over_drop(self, drop: tuple[tuple[str, str], bool]) -> None:
         """Report, as this link's, the drop of the link to the same peer that this one replaces
-        (`unreported_drop`): a drop that lost something at its next request, one that lost
-        nothing only if the peer is not back by then (`send`)."""
+        (`unreported_drop`): one that lost something at its first request, one that lost nothing
+        only if the peer is not back within HOLD_SECONDS of it (`send`). (Swarm.connection
+        passes an old drop on as one that lost nothing: the old link would have been back by
+        then, and forgiven it.)"""
         self._dropped, self._harmless = drop
 
     @property

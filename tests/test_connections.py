@@ -379,3 +379,27 @@ def test_a_client_closes_a_link_that_dropped_and_holds_nothing():
         for s in (monitor, newcomer):
             if s is not None:
                 s.close(linger=0)
+
+
+def test_a_drop_passed_on_to_the_next_link_is_forgiven_once_old_if_the_peer_is_back(tiny_model_dir, cluster_factory):
+    """A link closed while down passes its drop on to the next link to that peer (Swarm.drain_events).
+    A drop that lost something is reported at that link's first request while it is fresh; an old
+    one, which the closed link would have been back from and forgiven, is reported only if the peer
+    is not back (review140: a peer restarted since was struck and banned for it)."""
+    from nanoswarm.client.peer_errors import LinkDropped
+    from nanoswarm.client.swarm import DROP_FRESH_SECONDS, Swarm, SwarmOptions
+
+    address = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
+    swarm = Swarm("model", 4, 4, SwarmOptions(timeout=5.0))
+    lost = (("disconnected", "connection lost: closed by the peer"), False)  # a session went with it
+    try:
+        swarm._drops[address] = (lost, time.monotonic())
+        with pytest.raises(LinkDropped, match="connection lost"):
+            swarm.connection(address).request("info")
+        swarm._close_link(address)
+        swarm._drops[address] = (lost, time.monotonic() - DROP_FRESH_SECONDS - 1)
+        assert swarm.connection(address).request("info").type == "info_reply"  # back: forgiven
+        swarm.close_links()
+        assert swarm._drops == {}
+    finally:
+        swarm.close()

@@ -1043,8 +1043,8 @@ def test_a_client_reads_the_events_of_connections_it_does_not_use(tiny_model_dir
     client with it (a node froze so: tests/test_discovery.py). Session steps read every
     connection's events (at most every DRAIN_SECONDS), and retries back off. A connection so read
     to have dropped, holding nothing, is closed (review137: retried for good, it knocked at the
-    address 10 times a second where another key listened), and the next link to that peer reports
-    its drop at its first request."""
+    address 10 times a second where another key listened); the next link to that address says
+    what happened at its first request. (The drop passed on: tests/test_connections.py.)"""
 
     import zmq
 
