@@ -43,7 +43,8 @@ FAN_OUT_SECONDS = 120.0  # how long head-group members whose all-reduce failed w
 @dataclass
 class Swarm(PeerTable):
     """A client's peer table and its links to those peers: one PeerConnection a peer, made on
-    first use, closed when the peer is banned or forgotten."""
+    first use, closed when the peer is banned or forgotten, or when it dropped and holds nothing
+    (drain_events)."""
     _conns: dict[str, PeerConnection] = field(default_factory=dict)
     # drops of links closed while down and holding nothing, for the next link to each peer (drain_events)
     _drops: dict[str, tuple[tuple[tuple[str, str], bool], float]] = field(default_factory=dict)  # (drop, when)

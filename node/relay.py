@@ -98,7 +98,7 @@ class RelayLink:
     # delivered is dropped by its client, and one that was not no longer costs its timeout.
     recent: deque = field(default_factory=lambda: deque(maxlen=2 * LINK_QUEUE))
     down: bool = False  # its connection dropped, and no handshake has succeeded since
-    down_since: float = 0.0  # when it was last read to drop (monotonic)
+    down_since: float = 0.0  # when it was read to drop, the first time since its last handshake (monotonic)
     reached: bool = False  # a handshake has succeeded
     started: float = field(default_factory=time.monotonic)  # when the link was made
 
