@@ -21,6 +21,7 @@ from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import EXPIRED, TOO_FAR_FUTURE, Record, check_endpoint, record_contact
 from nanoswarm.keys.table import STALE_SEQ, RecordTable
 
+from .bans import GONE_CODES
 from .peer_errors import PeerError, PeerTimeout
 from .round_trips import (
     PROBE_SECONDS,
@@ -273,6 +274,7 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
     for address, peer in list(swarm.peers.items()):
         if added.get(peer.peer_id, address) != address:
             swarm.forget(address, f"peer {peer.peer_id} is now at {added[peer.peer_id]}")
+    _drop_unlisted(swarm, {r.peer_id for records in claims.values() for r in records})
     log.info("bootstrap: %d records, %d peers for model %s", len(fetched.table), len(added), swarm.model_id[:12])
     for contact in [c for c in swarm.timed if c not in swarm.peers and c not in swarm.contacts]:
         del swarm.timed[contact]  # (peers gone: the table is all there is to time)
@@ -280,6 +282,25 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
     if time_peers:
         measure_round_trips(swarm, [c for c in added.values() if c in swarm.peers], min(timeout, PROBE_SECONDS))
     return len(added)
+
+
+def _drop_unlisted(swarm: Swarm, listed: set[str]) -> None:
+    """Drop from the table the peers that went away and that no answering bootstrap lists any
+    more (`listed`: the peer ids of its records): they left, a departure removing their records,
+    or went silent for their records' lifetime. Kept, one that had left was planned again each
+    time its ban for going ran out, a failover each time (review139). Only peers banned for being
+    gone (GONE_CODES): a bootstrap that restarted a moment ago lists few peers until gossip fills
+    its table, and the peers that serve must not go with that. Not a contact the user gave (it is
+    asked itself), nor a peer this client's sessions or opens hold (they find out at their next
+    step). The ban goes too: a peer that comes back has a fresh record, and over a long uptime of
+    peers that came and went the bans would only grow."""
+    for address, peer in list(swarm.peers.items()):
+        ban = swarm.bans.get(address)
+        if (ban is not None and ban.code in GONE_CODES and peer.peer_id not in listed
+                and address not in swarm.contacts and not swarm.held(address) and not swarm._link_in_use(address)):
+            del swarm.peers[address], swarm.bans[address]
+            swarm._close_link(address)
+            log.info("peer %s went (%s) and no bootstrap lists it any more: dropped from the table", address, ban.why)
 
 
 def take_timed(swarm: Swarm, fetched: Fetched) -> None:

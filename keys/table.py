@@ -204,13 +204,22 @@ class RecordTable:
         Departures are included so that a leave spreads through the swarm like a join does;
         receivers handle both through `offer`.
         """
+        ours, rest = self.wires_split(None)
+        return ours + rest
+
+    def wires_split(self, model_id: str | None) -> tuple[list[dict[str, bytes]], list[dict[str, bytes]]]:
+        """`wires()` in two parts: those of `model_id` (records and departures), and the rest;
+        each in no order (gossip shuffles them)."""
         now = self.clock()
-        out = [dict(e.wire) for e in self._live(now, ordered=False)]  # in no order: gossip shuffles them
+        ours: list[dict[str, bytes]] = []
+        rest: list[dict[str, bytes]] = []
+        for e in self._live(now, ordered=False):
+            (ours if e.record.model_id == model_id else rest).append(dict(e.wire))
         for stone in self._tombstones.values():
             # Same window verify_wire applies to departures, so we never gossip one peers reject.
             if stone.departure is not None and stone.departure.record.expires > now - self.max_ttl:
-                out.append(dict(stone.departure.wire))
-        return out
+                (ours if stone.departure.record.model_id == model_id else rest).append(dict(stone.departure.wire))
+        return ours, rest
 
     def get(self, peer_id: str) -> Record | None:
         entry = self._entries.get(peer_id)

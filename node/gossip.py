@@ -247,14 +247,18 @@ class Gossip:
             self.refresh()
 
     def _wires(self) -> list:
-        """What we gossip: our own record first, then the others (a random part of them when they
-        would not fit one message; other rounds carry the rest)."""
-        wires = self.table.wires()
-        own = [w for w in wires if self.own is not None and w["body"] == self.own["body"]]
-        others = [w for w in wires if not own or w["body"] != own[0]["body"]]
-        random.shuffle(others)
+        """What we gossip: our own record first, then the others of our model, then the rest (a
+        random part of each when they would not fit one message; other rounds carry the rest).
+        Our model's come before the rest because its nodes need one another's records most (relay
+        targets, placement), and a table shared with other models' peers can hold more records
+        than one message carries."""
+        ours, rest = self.table.wires_split(self.handler.model_id)
+        own = [w for w in ours if self.own is not None and w["body"] == self.own["body"]]
+        ours = [w for w in ours if not own or w["body"] != own[0]["body"]]
+        random.shuffle(ours)
+        random.shuffle(rest)
         out, size = [], 0
-        for wire in own + others:
+        for wire in own + ours + rest:
             size += len(wire["body"]) + len(wire["sig"]) + 16  # msgpack framing
             if size > WIRE_BUDGET or len(out) == MAX_WIRES:
                 break

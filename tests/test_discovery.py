@@ -725,6 +725,15 @@ def test_gossip_messages_stay_small_and_lead_with_our_record():
     assert sum(len(w["body"]) + len(w["sig"]) for w in wires) <= WIRE_BUDGET
     assert handler.extra_info["gossip"]["records"] == 257
     assert handler.on_records is not None
+    # Our model's records come next, before the other models' that crowd the table: its nodes
+    # need them most (relay targets, placement).
+    ours = [sign_record(generate_identity(), address=f"tcp://127.0.0.1:{2000 + i}", model_id="m",
+                        layers=(0, 1), seq=1, expires=now + 60) for i in range(40)]
+    assert gossip.offer_all(ours) == {"accepted": 40}
+    for _ in range(3):
+        wires = gossip._wires()
+        assert wires[0]["body"] == gossip.own["body"]
+        assert {w["body"] for w in wires[1:41]} == {w["body"] for w in ours}
 
 
 def test_relay_targets_follow_the_table():
@@ -2007,3 +2016,57 @@ def test_a_node_no_peer_reaches_says_so(tiny_model_dir, cluster_factory, tmp_pat
     text = log.read_text()
     assert text.count(warning.format(nowhere)) == 1 and "check --advertise" in text
     assert warning.format(endpoint_of(swarm.addresses[0])) not in text
+
+
+def test_a_client_drops_a_peer_that_left_once_no_bootstrap_lists_it(tiny_model_dir, cluster_factory):
+    """Review139: a peer that left gracefully stayed in a client's table, and was planned again
+    each time its ban for leaving ran out, a failover each time. A refresh that finds it in no
+    bootstrap's table now drops it, and its ban."""
+    from nanoswarm.client.api import GenerationResult
+    from nanoswarm.client.bans import GONE_CODES
+    from nanoswarm.client.options import SwarmOptions
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4)), NodeSpec((2, 4))], args=FAST)
+    first = nodes.addresses[0]
+    wait_for(lambda: len(table_of(first)) == 3, 15, "every record in the bootstrap's table")
+    model = SwarmModel.connect(tiny_model_dir, bootstrap=[first], options=SwarmOptions(ban_seconds=60))
+    result, leaver = GenerationResult("The swarm"), None
+    try:
+        assert set(model.swarm.peers) == set(nodes.addresses)
+        for _ in model.stream("The swarm", 8, SamplingParams(temperature=0), result):
+            if len(result.ids) == 3 and leaver is None:
+                leaver = result.route[1]["peers"][0]
+                nodes.kill(nodes.addresses.index(leaver), signal.SIGTERM)  # it signs a departure and goes
+        assert result.failovers == 1 and model.swarm.bans[leaver].code in GONE_CODES
+        wait_for(lambda: len(table_of(first)) == 2, 15, "the departure in the bootstrap's table")
+        model.swarm._refreshed -= 60  # a refresh is due
+        assert model.swarm.refresh()
+        assert set(model.swarm.peers) == set(nodes.addresses) - {leaver} and leaver not in model.swarm.bans
+        assert model.generate("The swarm", 4, SamplingParams(temperature=0)).failovers == 0
+    finally:
+        model.close()
+
+
+def test_only_a_peer_that_went_is_dropped_for_being_unlisted():
+    """What a bootstrap's table no longer lists is dropped only if it also went (banned for
+    GONE_CODES): a bootstrap restarted a moment ago lists few peers, and those that serve stay.
+    Nor a contact the user gave, nor a peer this client's sessions hold."""
+    from nanoswarm.client.discovery import _drop_unlisted
+    from nanoswarm.client.route import PeerInfo
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("m" * 64, 4, 4)
+    names = ["listed", "gone", "slow", "serving", "given", "held"]
+    for name in names:
+        swarm.peers[name] = PeerInfo(name, name + "-id", "m" * 64, (0, 4), None)
+    for name in ("listed", "gone", "given", "held"):
+        swarm.ban(name, "leaving: announced", "leaving")
+    swarm.ban("slow", "timeout: 5 s", "timeout")
+    swarm.contacts["given"] = None
+    swarm.held = lambda address: 1 if address == "held" else 0
+    try:
+        _drop_unlisted(swarm, {"listed-id"})
+        assert list(swarm.peers) == ["listed", "slow", "serving", "given", "held"]
+        assert set(swarm.bans) == {"listed", "slow", "given", "held"}
+    finally:
+        swarm.close()
