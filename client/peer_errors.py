@@ -26,17 +26,22 @@ HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAIL
                       | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
-def handshake_why(failure: int | None, status: int, keyed: bool, heartbeat: float | None) -> str:
+def handshake_why(failure: int | None, status: int, keyed: bool, heartbeat: float | None,
+                  node: bool = False) -> str:
     """Why a connection closed before its handshake finished, for the user's error line: from the
     monitor's `failure` event and its value (`status`), whether the contact named the peer's key
     (`keyed`: CURVE) and how long the handshake may take (`heartbeat`; None: libzmq's default).
     A refused key is always told apart (the node says so before it closes); a mechanism mismatch
-    only when the node's greeting is read before its close."""
+    only when the node's greeting is read before its close. `node`: the link is a node's own (its
+    gossip), whose key and whose fix are not a client's."""
     if failure == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        if node and status == 400:
+            return ("the node refused this node's key (a private swarm whose allow list does not hold it: every "
+                    "node's --allow-keys file must list every node's key; `nanoswarm keys show KEY_FILE` prints one)")
         if status == 400:
             return ("the node refused this client's key (a private swarm whose allow list does not hold it: "
                     "--key-file picks the key, in Python SwarmOptions(client_keys=...))")
-        return f"the node could not check this client's key (ZAP status {status})"
+        return f"the node could not check this {'node' if node else 'client'}'s key (ZAP status {status})"
     if failure == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         if not keyed:
             return ("the handshake failed: the peer encrypts its links and the contact has no #KEY: "

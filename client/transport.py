@@ -94,8 +94,9 @@ class PeerConnection(LinkSessions):
                  server_key: bytes | None = None, client_keys: tuple[bytes, bytes] | None = None,
                  ctx: zmq.Context | None = None, max_frame: int = MAX_FRAME_BYTES,
                  heartbeat: float | None = None, forgive_idle_drops: bool = False,
-                 reconnect_max_ms: int = RECONNECT_MAX_MS):
+                 reconnect_max_ms: int = RECONNECT_MAX_MS, node_side: bool = False):
         self.address = address
+        self.node_side = node_side  # a node's own link (gossip): its refused key is a node's
         self.heartbeat = heartbeat  # seconds of silence after which the link counts as dropped
         self.timeout = timeout
         # `address` may be a contact string (endpoint#key, keys/contact.py): it carries the key.
@@ -398,7 +399,7 @@ class PeerConnection(LinkSessions):
                 return "connection closed by the peer"
             return f"connection lost: closed by the peer, or no answer to heartbeats for {self.heartbeat:g}s"
         event, status = self._handshake_failed or (None, 0)
-        return handshake_why(event, status, self.server_key is not None, self.heartbeat)
+        return handshake_why(event, status, self.server_key is not None, self.heartbeat, self.node_side)
 
     @property
     def dropped(self) -> bool:

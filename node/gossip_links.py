@@ -92,7 +92,7 @@ class GossipLinks:
             return link
         try:
             conn = PeerConnection(contact, timeout=self.peer_timeout, client_keys=self.client_keys,
-                                  max_frame=LINK_MAX_FRAME, reconnect_max_ms=RECONNECT_MS)
+                                  max_frame=LINK_MAX_FRAME, reconnect_max_ms=RECONNECT_MS, node_side=True)
         except (ValueError, zmq.ZMQError) as e:  # a contact ZeroMQ cannot connect to: skip only it
             # Said once a contact (a record names it every round while it lives), not every round.
             if contact not in self._unreachable:

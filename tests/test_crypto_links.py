@@ -327,8 +327,8 @@ def test_a_failed_handshake_says_which_of_its_causes_it_was(tiny_model_dir, tmp_
     endpoint, _ = split_contact(private.addresses[0])
     wrong_key = generate_identity().curve_public
 
-    def why(contact: str, keys=None, later: float = 0.0) -> str:
-        conn = PeerConnection(contact, timeout=5, heartbeat=5, client_keys=keys)
+    def why(contact: str, keys=None, later: float = 0.0, node_side: bool = False) -> str:
+        conn = PeerConnection(contact, timeout=5, heartbeat=5, client_keys=keys, node_side=node_side)
         try:
             time.sleep(later)
             with pytest.raises(PeerError) as e:
@@ -340,6 +340,9 @@ def test_a_failed_handshake_says_which_of_its_causes_it_was(tiny_model_dir, tmp_
     try:
         stranger_keys = (stranger.curve_public, stranger.curve_secret)
         assert "the node refused this client's key (a private swarm" in why(private.addresses[0], stranger_keys)
+        # A node's own link (its gossip) is told a node's fix, not a client's (review138)
+        refused = why(private.addresses[0], stranger_keys, node_side=True)
+        assert "the node refused this node's key (a private swarm" in refused and "SwarmOptions" not in refused
         # A request sent after the refusal had dropped the connection found nowhere to queue:
         # "no connection to queue the request on", after the whole timeout (a CI run)
         for later in (1.0, 2.0):
@@ -381,6 +384,7 @@ def test_each_handshake_failure_has_its_own_words():
                              zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
     assert handshake_why(auth, 400, True, 5).startswith("the node refused this client's key (a private swarm")
     assert handshake_why(auth, 500, True, 5) == "the node could not check this client's key (ZAP status 500)"
+    assert handshake_why(auth, 500, True, 5, node=True) == "the node could not check this node's key (ZAP status 500)"
     assert "(a node started with --insecure? give its contact without #KEY)" in handshake_why(protocol, 1, True, 5)
     assert "the contact has no #KEY: give the whole contact" in handshake_why(protocol, 1, False, 5)
     for failure in (other, None):  # closed midway (EPIPE), or dropped before any handshake event
