@@ -76,7 +76,7 @@ class RecordTable:
         # Called with each newer record of a peer the table held live (a refresh, not a join): the
         # peer signed it after what the table held (gossip takes it as a sign of life:
         # GossipLinks.renewed).
-        self.on_refresh: Callable[[Record], None] | None = None
+        self.on_refresh: Callable[[Record, Record], None] | None = None  # (the new record, the old)
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -126,7 +126,7 @@ class RecordTable:
             log.info("peer %s at %s now serves model %s (was %s)", record.peer_id, record.address,
                      record.model_id[:16], old.record.model_id[:16])
         if self.on_refresh is not None:
-            self.on_refresh(record)
+            self.on_refresh(record, old.record)
         return ACCEPTED
 
     def _has_room(self, record: Record, now: float) -> bool:

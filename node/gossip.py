@@ -363,15 +363,21 @@ class Gossip:
         """Read the gossip replies that have arrived (GossipLinks.drain); returns replies read."""
         return self.links.drain()
 
-    def _renewed(self, record: Record) -> None:
-        """A newer record of a peer held live: a link to it that dropped, with requests waiting, is
-        started afresh (GossipLinks.renewed), so that their timeout does not forget the peer just
-        heard from. Not at a join (the first record of a peer, or one back after it was forgotten:
-        _joined re-dates the requests instead): at start-up every record is one, and a bootstrap
-        whose connect was refused had its link closed by another's reply, and was warned about
-        as not answering even when it came up within the grace (review136)."""
-        if record.peer_id != self.peer_id:
-            self.links.renewed(record_contact(record))
+    def _renewed(self, record: Record, old: Record) -> None:
+        """A newer record of a peer held live (`old`: the one it replaces): a link to it that
+        dropped, with requests waiting, is started afresh (GossipLinks.renewed), so that their
+        timeout does not forget the peer just heard from. Not at a join (the first record of a
+        peer, or one back after it was forgotten: _joined re-dates the requests instead): at
+        start-up every record is one, and a bootstrap whose connect was refused had its link
+        closed by another's reply, and was warned about as not answering even when it came up
+        within the grace (review136). A peer that has just become a likely next hop (it moved to
+        the blocks after ours, or switched to our model under its identity) is linked ahead, as
+        at a join."""
+        if record.peer_id == self.peer_id:
+            return
+        self.links.renewed(record_contact(record))
+        if self._next_hop(record) and not (self._next_hop(old) and record_contact(old) == record_contact(record)):
+            self.on_next_hop(record_contact(record))  # (_next_hop: only where on_next_hop is set)
 
     def _joined(self, record: Record) -> None:
         """Log a peer that joined (or came back), as departures and silent peers are logged."""
@@ -385,10 +391,22 @@ class Gossip:
         log.info("peer %s at %s joined: %s%s", record.peer_id, record.address, served,
                  self.clock.peer_note(record_contact(record)))
         self.links.joined(record_contact(record))
-        if (self.on_next_hop is not None and record.model_id == self.handler.model_id and record.heads is None
+        if self._next_hop(record):
+            self.on_next_hop(record_contact(record))
+
+    def warm_next_hops(self) -> None:
+        """Link ahead to the likely next hops of the table: after this node moved to other blocks
+        (node/placement.py), its next hops are other peers than at their joins."""
+        for record in self.table.records(self.handler.model_id):
+            if record.peer_id != self.peer_id and self._next_hop(record):
+                self.on_next_hop(record_contact(record))
+
+    def _next_hop(self, record: Record) -> bool:
+        """Whether `record`'s peer is a likely next hop of relayed steps (whole blocks of our model
+        that begin where ours end, and a link we may use), and someone wants to know."""
+        return (self.on_next_hop is not None and record.model_id == self.handler.model_id and record.heads is None
                 and not self.handler.head_shard and record.layers[0] == self.handler.blocks.stop
-                and (self.insecure or not record.insecure)):
-            self.on_next_hop(record_contact(record))  # a likely next hop of relayed steps
+                and (self.insecure or not record.insecure))
 
     def _forget(self, contact: str) -> None:
         """Forget the records behind a contact that stopped answering: those with its endpoint

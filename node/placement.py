@@ -316,4 +316,5 @@ class Rebalancer:
                      time.perf_counter() - t0, self.handler.stats.throughput)
             self.gossip.refresh()
             self.gossip.round()  # tell the swarm at once, so nobody else moves into the same place
+            self.gossip.warm_next_hops()
         return True

@@ -939,10 +939,11 @@ def test_a_move_whose_speed_cannot_be_measured_still_tells_the_swarm(caplog):
     new = SimpleNamespace(start=2, stop=4)
     handler = SimpleNamespace(blocks=SimpleNamespace(start=0, stop=2), device=torch.device("cpu"),
                               measure_throughput=measure, stats=SimpleNamespace(throughput=50.0))
-    gossip = SimpleNamespace(refresh=lambda: told.append("refresh"), round=lambda: told.append("round"))
+    gossip = SimpleNamespace(refresh=lambda: told.append("refresh"), round=lambda: told.append("round"),
+                             warm_next_hops=lambda: told.append("warm"))
     rebalancer = Rebalancer(handler, gossip, 2, lambda a, b: new, interval=10.0)
     assert rebalancer.move(2) is True and handler.blocks is new and rebalancer.moves == 1
-    assert told == ["refresh", "round"]
+    assert told == ["refresh", "round", "warm"]  # and links ahead to its new next hops
     assert "measuring blocks 2:4 failed: OutOfMemoryError" in caplog.text
     assert "moved from blocks 0:2 to 2:4" in caplog.text
 
@@ -1723,22 +1724,58 @@ def test_a_node_starts_the_relay_link_to_a_next_hop_that_joins():
     gossip.on_next_hop = warmed.append
     nxt, others = generate_identity(), [generate_identity() for _ in range(4)]
 
-    def record(identity, seq: int, layers=(2, 4), model_id: str = "m", heads=None, insecure=False) -> dict:
-        return sign_record(identity, address=f"tcp://127.0.0.1:{2000 + seq}", model_id=model_id, layers=layers,
+    def record(identity, seq: int, layers=(2, 4), model_id: str = "m", heads=None, insecure=False,
+               port: int | None = None) -> dict:
+        return sign_record(identity, address=f"tcp://127.0.0.1:{port or 2000 + seq}", model_id=model_id, layers=layers,
                            heads=heads, seq=seq, expires=time.time() + 60, insecure=insecure)
 
     try:
         gossip.refresh()
         assert gossip.table.offer(record(nxt, 1)) == "accepted"
         assert warmed == [record_contact(verify_record(record(nxt, 1)))]
-        assert gossip.table.offer(record(nxt, 2)) == "accepted"  # a refresh
+        assert gossip.table.offer(record(nxt, 2, port=2001)) == "accepted"  # a refresh
         for identity, kwargs in zip(others, [{"heads": (0, 2)}, {"layers": (1, 3)}, {"model_id": "other"},
                                              {"insecure": True}]):
             assert gossip.table.offer(record(identity, 1, **kwargs)) == "accepted"
         assert len(warmed) == 1
-        assert gossip.table.offer(sign_departure(nxt, verify_record(record(nxt, 2)), seq=3)) == "departed"
+        assert gossip.table.offer(sign_departure(nxt, verify_record(record(nxt, 2, port=2001)), seq=3)) == "departed"
         assert gossip.table.offer(record(nxt, 4)) == "accepted"  # back after its departure: a new link
         assert warmed[1:] == [record_contact(verify_record(record(nxt, 4)))]
+        # A peer that becomes a next hop by a refresh is linked too: it moved to the blocks after
+        # ours, or switched to our model under its identity (review135); once, not at each refresh.
+        moved, switched = others[1], others[2]
+        assert gossip.table.offer(record(moved, 2, layers=(2, 4))) == "accepted"
+        assert gossip.table.offer(record(switched, 2)) == "accepted"
+        assert gossip.table.offer(record(switched, 3, port=2002)) == "accepted"  # a refresh of a next hop
+        assert gossip.table.offer(record(nxt, 5)) == "accepted"  # a next hop at a new contact
+        assert warmed[2:] == [record_contact(verify_record(record(moved, 2))),
+                              record_contact(verify_record(record(switched, 2))),
+                              record_contact(verify_record(record(nxt, 5)))]
+    finally:
+        gossip.close()
+
+
+def test_a_node_that_moved_links_ahead_to_its_new_next_hops():
+    """After a move (node/placement.py) the likely next hops are the peers whose blocks begin
+    where the new span ends; they joined long before, so no join links to them."""
+    from nanoswarm.keys.records import record_contact
+    from nanoswarm.node.gossip import Gossip
+
+    handler = _StubHandler()  # serves 0:2 of "m"
+    gossip = Gossip(generate_identity(), handler, "tcp://127.0.0.1:1")
+    warmed: list[str] = []
+    gossip.on_next_hop = warmed.append
+    peers = {layers: generate_identity() for layers in ((2, 4), (4, 6), (6, 8))}
+    try:
+        gossip.refresh()
+        for i, (layers, identity) in enumerate(peers.items()):
+            wire = sign_record(identity, address=f"tcp://127.0.0.1:{3000 + i}", model_id="m", layers=layers,
+                               seq=1, expires=time.time() + 60)
+            assert gossip.table.offer(wire) == "accepted"
+        assert warmed == [record_contact(gossip.table.get(peers[(2, 4)].peer_id))]  # at its join
+        handler.blocks.start, handler.blocks.stop = 2, 4  # moved
+        gossip.warm_next_hops()
+        assert warmed[1:] == [record_contact(gossip.table.get(peers[(4, 6)].peer_id))]
     finally:
         gossip.close()
 

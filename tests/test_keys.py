@@ -512,7 +512,7 @@ def test_a_peer_that_switches_model_under_its_identity_is_logged(alice: Identity
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     table = RecordTable(clock=Clock())
     refreshed = []
-    table.on_refresh = refreshed.append
+    table.on_refresh = lambda record, old: refreshed.append(record)
     table.offer(make_wire(alice, seq=1))
     with caplog.at_level("INFO", logger="nanoswarm.keys.table"):
         assert table.offer(make_wire(alice, seq=2, load=0.5)) == "accepted"  # a plain refresh: quiet
