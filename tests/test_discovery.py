@@ -2107,3 +2107,52 @@ def test_only_a_peer_that_went_is_dropped_for_being_unlisted():
         assert set(swarm.bans) == {"listed", "slow", "given", "held"}
     finally:
         swarm.close()
+
+
+def test_a_node_that_did_not_run_for_a_while_signs_its_record_again(caplog):
+    """Its peers forgot it meanwhile, holding its record as the floor (review139); a fresh record
+    brings it back to them at once, not at its next refresh. The wall clock counts too: a
+    suspended machine's monotonic clock stands still."""
+    from nanoswarm.node.gossip import Gossip
+
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
+    caplog.set_level(logging.INFO, "nanoswarm.node.gossip")
+    peer = sign_record(generate_identity(), address="tcp://127.0.0.1:2", model_id="m", layers=(2, 4), seq=1,
+                       expires=time.time() + 60)
+    try:
+        gossip.refresh()
+        assert gossip.table.offer(peer) == "accepted"
+        seq = gossip._own_seq
+        gossip.round()
+        gossip.round()
+        assert gossip._own_seq == seq  # rounds in time: nothing signed
+        for stalled in ((40.0, 0.0), (0.0, 40.0)):  # stopped; suspended
+            mono, wall = gossip._last_round
+            gossip._last_round = (mono - stalled[0], wall - stalled[1])
+            gossip._reached -= stalled[0]  # no one reached it meanwhile: it did not run
+            gossip.round()
+            assert gossip._own_seq > seq and gossip.table.get(gossip.peer_id).seq == gossip._own_seq
+            seq = gossip._own_seq
+        assert caplog.text.count("did not run for 40 s") == 2
+        assert "no peer has reached this node" not in caplog.text  # not the address's fault
+    finally:
+        gossip.close()
+
+
+@pytest.mark.slow
+def test_a_hop_stopped_past_the_gossip_timeout_is_known_again_as_soon_as_it_runs(tiny_model_dir, cluster_factory):
+    """A node stopped for longer than its peers' gossip timeout (10 s) is forgotten by them; back,
+    it signs a fresh record and they know it again within a few rounds, not at its next refresh
+    (ttl/3: 20 s here), so relayed steps go to it again at once (review139)."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))], args=FAST)
+    first, hop = nodes.addresses
+    hop_id = request(hop, "info").fields["peer_id"]
+    wait_for(lambda: hop_id in table_of(first), 15, "the hop in the first node's table")
+    nodes.kill(1, signal.SIGSTOP)
+    try:
+        wait_for(lambda: hop_id not in table_of(first), 20, "the stopped hop forgotten")
+    finally:
+        nodes.kill(1, signal.SIGCONT)
+    t0 = time.monotonic()
+    wait_for(lambda: hop_id in table_of(first), 15, "the hop known again")
+    assert time.monotonic() - t0 < 5  # its next refresh would have been ~20 s after its start
