@@ -11,6 +11,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -285,22 +286,28 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
 
 
 def _drop_unlisted(swarm: Swarm, listed: set[str]) -> None:
-    """Drop from the table the peers that went away and that no answering bootstrap lists any
-    more (`listed`: the peer ids of its records): they left, a departure removing their records,
-    or went silent for their records' lifetime. Kept, one that had left was planned again each
-    time its ban for going ran out, a failover each time (review139). Only peers banned for being
-    gone (GONE_CODES): a bootstrap that restarted a moment ago lists few peers until gossip fills
-    its table, and the peers that serve must not go with that. Not a contact the user gave (it is
-    asked itself), nor a peer this client's sessions or opens hold (they find out at their next
-    step). The ban goes too: a peer that comes back has a fresh record, and over a long uptime of
-    peers that came and went the bans would only grow."""
+    """Drop from the table the peers that went and that no answering bootstrap lists any more
+    (`listed`: the peer ids of its records): they left, a departure removing their records, or
+    went silent for their records' lifetime. Kept, one that had left was planned again each time
+    its ban for going ran out, a failover each time (review139). Only a peer whose ban for being
+    gone (GONE_CODES) is in force and that has not answered since (`Ban.back`): a bootstrap that
+    restarted a moment ago lists few peers until gossip fills its table, and a peer back and
+    serving must not go with that (review142: a peer gone once, hours ago, was dropped so, and
+    with it the only copy of its blocks). Not a contact the user gave (it is asked itself). The
+    ban goes too, and so do the bans of peers no longer in the table that lapsed long enough ago to
+    count for nothing: over a long uptime of peers that came and went they would only grow."""
+    now = time.monotonic()
     for address, peer in list(swarm.peers.items()):
         ban = swarm.bans.get(address)
-        if (ban is not None and ban.code in GONE_CODES and peer.peer_id not in listed
-                and address not in swarm.contacts and not swarm.held(address) and not swarm._link_in_use(address)):
+        if (ban is not None and ban.code in GONE_CODES and ban.until > now and not ban.back
+                and peer.peer_id not in listed and address not in swarm.contacts):
             del swarm.peers[address], swarm.bans[address]
-            swarm._close_link(address)
+            swarm._close_link(address)  # (a ban closed it already: sessions on it find out at their next step)
             log.info("peer %s went (%s) and no bootstrap lists it any more: dropped from the table", address, ban.why)
+    # (Lapsed past its own length, a ban no longer counts for the next fault either: Bans.ban.)
+    for address in [a for a, b in swarm.bans.items()
+                    if a not in swarm.peers and now >= b.until + swarm._ban_length(b.strikes)]:
+        del swarm.bans[address]
 
 
 def take_timed(swarm: Swarm, fetched: Fetched) -> None:

@@ -159,7 +159,8 @@ def _warn_unanswered(asked: dict[str, str | None], identity: Identity) -> None:
     if not why:
         return
     reasons = "; ".join(f"{contact[:120]}: {reason}" for contact, reason in why.items())
-    if any(reason.startswith("disconnected") for reason in why.values()):  # the handshake was closed
+    if any(reason.startswith("disconnected") and "refused this node's key" not in reason
+           for reason in why.values()):  # the handshake was closed, and not said why
         reasons += (f"; a node that closes the handshake may be of a private swarm whose --allow-keys lacks "
                     f"this node's key {curve_key_hex(identity.curve_public)}")
     if len(why) < len(asked):

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_WIRES = 128  # records sent in one message (twice as many are taken from one: offer_all)
+OURS_SHARE = 0.75  # of a gossip message, at most this share goes first to our model's records
 DEPART_FANOUT = 16  # known peers told directly of our departure; gossip carries it on
 WIRE_BUDGET = 48 * 1024  # bytes of records per message, under the 64 KiB header limit
 UNREACHABLE_GRACE = 1.0  # seconds a start-up exchange still waits for a contact that refused to connect
@@ -253,14 +254,16 @@ class Gossip:
         random part of each when they would not fit one message; other rounds carry the rest).
         Our model's come before the rest because its nodes need one another's records most (relay
         targets, placement), and a table shared with other models' peers can hold more records
-        than one message carries."""
+        than one message carries; but at most OURS_SHARE of a message while others' wait, or a
+        node of many of our model's peers would never pass the other models' on (review142)."""
         ours, rest = self.table.wires_split(self.handler.model_id)
         own = [w for w in ours if self.own is not None and w["body"] == self.own["body"]]
         ours = [w for w in ours if not own or w["body"] != own[0]["body"]]
         random.shuffle(ours)
         random.shuffle(rest)
+        first = int(MAX_WIRES * OURS_SHARE)
         out, size = [], 0
-        for wire in own + ours + rest:
+        for wire in own + ours[:first] + rest + ours[first:]:
             size += len(wire["body"]) + len(wire["sig"]) + 16  # msgpack framing
             if size > WIRE_BUDGET or len(out) == MAX_WIRES:
                 break
