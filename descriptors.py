@@ -12,7 +12,10 @@ hard one (`raise_limit`), as servers commonly do, and what still runs out is nam
 from __future__ import annotations
 
 import errno
+import logging
+import math
 import os
+import time
 
 try:
     import resource
@@ -24,6 +27,9 @@ except ImportError:  # Windows: no such limits to raise
 RAISE_TO = 1 << 16
 # Descriptors this close to the limit count as none left (a connect takes a few: socket, pipes).
 MARGIN = 4
+WARN_EVERY = 60.0  # seconds between a node's warnings that its descriptors ran out
+
+log = logging.getLogger(__name__)
 
 
 class OutOfDescriptors(OSError):
@@ -50,16 +56,16 @@ def usage() -> tuple[int, int] | None:
     """(descriptors open, soft limit) of this process, or None where either cannot be read."""
     if resource is None:
         return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return None
     for folder in ("/proc/self/fd", "/dev/fd"):
         try:
-            count = len(os.listdir(folder)) - 1  # less the one listdir itself opened
-            break
-        except OSError:
-            continue
-    else:
-        return None
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return (count, soft) if soft != resource.RLIM_INFINITY else None
+            return len(os.listdir(folder)) - 1, soft  # less the one listdir itself opened
+        except OSError as e:
+            if out_of_descriptors(e):  # not even one left to list them with
+                return soft, soft
+    return None
 
 
 def shortage() -> str | None:
@@ -80,5 +86,22 @@ def check(e: BaseException) -> None:
     if out_of_descriptors(e):
         used = usage()
         detail = f" ({used[0]} open, the limit is {used[1]})" if used else ""
-        raise OutOfDescriptors(e.errno, f"this process is out of file descriptors{detail}: raise its limit "
-                               "(ulimit -n)") from e
+        out = OutOfDescriptors(f"this process is out of file descriptors{detail}: raise its limit (ulimit -n)")
+        out.errno = e.errno  # (its text without OSError's "[Errno 24]": the user reads it as the error line)
+        raise out from e
+
+
+class ShortageWatch:
+    """A node's check, on a timer, that it has descriptors left: at its limit it accepts no
+    connection more, libzmq retries the accept at once (a core's worth of CPU while connections
+    wait), and nothing else says so. Warned at most once a WARN_EVERY."""
+
+    def __init__(self) -> None:
+        self._warned = -math.inf
+
+    def check(self) -> None:
+        short = shortage()
+        if short is not None and time.monotonic() - self._warned >= WARN_EVERY:
+            self._warned = time.monotonic()
+            log.warning("%s; connections past the limit wait unaccepted, and ZeroMQ spins a core retrying them",
+                        short)

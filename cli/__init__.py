@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from nanoswarm import __version__
+from nanoswarm import __version__, descriptors
 
 from . import client, harness, keys, node, shards
 
@@ -94,6 +94,10 @@ def main(verbose: int) -> None:
     """nanoswarm: run a GPT across peers that each hold a slice of it."""
     _null_closed_stdout()
     _setup_logging(verbose)
+    # Every link is a socket: a soft limit of 1,024 under a higher hard one is raised to it (a node
+    # at its limit accepted no one more, review141). Nodes a harness starts inherit it.
+    if (raised := descriptors.raise_limit()) is not None:
+        logging.getLogger(__name__).debug("file descriptor limit raised from %d to %d", *raised)
     # `kill`, `timeout`, a service manager or a closed terminal end a command as Ctrl-C does, so
     # its cleanup runs: nodes stopped, key files and temporary models removed, sessions closed
     # on the nodes. (A node installs its own handlers: it leaves the swarm gracefully.)

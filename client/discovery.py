@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from nanoswarm import descriptors
 from nanoswarm.keys.clock import CLOCK_WARN_SECONDS, reply_offset, skew_words
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import EXPIRED, TOO_FAR_FUTURE, Record, check_endpoint, record_contact
@@ -97,6 +98,7 @@ def fetch_wires(contact: str, timeout: float = 5.0, client_keys: tuple[bytes, by
     try:
         conn = PeerConnection(contact, timeout, client_keys=client_keys)
     except zmq.ZMQError as e:
+        descriptors.check(e)  # none left here for a socket: no fault of the contact's (review141)
         raise ValueError(f"cannot connect: {e}") from None
     fields: dict = {"records": [], "want": True}
     if model_id is not None:

@@ -6,6 +6,7 @@ import ipaddress
 
 import zmq
 
+from nanoswarm import descriptors
 from nanoswarm.keys.contact import host_and_port
 from nanoswarm.protocol.errors import shown
 
@@ -52,7 +53,8 @@ def handshake_why(failure: int | None, status: int, keyed: bool, heartbeat: floa
     # one that finds the other side's mechanism not its own may close before its greeting is read.
     waited = "" if heartbeat is None else f" within {heartbeat:g}s"
     if keyed:
-        hint = "the node's key may have changed since this contact was taken, or something else listens there now"
+        hint = ("the node's key may have changed since this contact was taken, something else listens there now, "
+                "or the node takes no more connections")
     else:
         hint = "the contact has no #KEY: give the whole contact the node printed, if it encrypts its links"
     return f"connection closed during the handshake: refused by the peer, or no answer{waited} ({hint})"
@@ -72,7 +74,11 @@ def unreachable_why(endpoint: str, timed_out: float | None = None) -> str:
         return (f"connection refused, or no IPv4 address for the host name {host[:80]!r} (a name is "
                 "reached at its IPv4 address: for IPv6 give the address in brackets, tcp://[ADDRESS]:PORT)")
     # (ZeroMQ retries a connect with no route to its address the same way: a review saw this
-    # line for an --advertise no route led to)
+    # line for an --advertise no route led to; and a connect this process had no descriptor for,
+    # review141)
+    short = descriptors.shortage()
+    if short is not None:
+        return f"no connection: {short} (or nothing listens there)"
     return "connection refused: nothing listens there (or no route to the address)"
 
 

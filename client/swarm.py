@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from nanoswarm import descriptors
 from nanoswarm.keys.contact import endpoint_of, split_contact
 from nanoswarm.keys.records import check_endpoint
 
@@ -98,6 +99,7 @@ class Swarm(PeerTable):
                                       client_keys=self.options.client_keys, heartbeat=self.options.silence,
                                       forgive_idle_drops=True)
             except (ValueError, zmq.ZMQError) as e:  # an endpoint ZeroMQ cannot connect to
+                descriptors.check(e)  # or none left here for a socket: no fault of the peer's (review141)
                 raise PeerError(address, "bad_contact", f"cannot connect: {e}") from None
             if (kept := self._drops.pop(address, None)) is not None:
                 (why, harmless), when = kept

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import zmq
 
+from nanoswarm.descriptors import ShortageWatch
 from nanoswarm.keys.contact import allow_ipv6
 from nanoswarm.keys.identity import curve_key_hex
 from nanoswarm.protocol.errors import ErrorCode
@@ -148,6 +149,7 @@ class NodeServer:
         self.relays.on_open = self._watch_relay
         self.relays.on_close = self._unwatch_relay
         self.add_timer(1.0, lambda: (self.relays.expire(), self._send_all([]), handler.groups.forget_stale()))
+        self.add_timer(5.0, ShortageWatch().check)  # out of file descriptors: said, at most once a minute
         handler.on_relay_to = self.relays.connect
 
     def add_timer(self, every: float, fn: Callable[[], object]) -> None:

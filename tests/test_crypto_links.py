@@ -357,7 +357,7 @@ def test_a_failed_handshake_says_which_of_its_causes_it_was(tiny_model_dir, tmp_
         assert "the contact has no #KEY: give the whole contact the node printed" in why(endpoint)
         mismatch = why(format_contact(split_contact(open_node.addresses[0])[0], wrong_key))
         assert ("the peer does not take encrypted links (a node started with --insecure?" in mismatch
-                or "or something else listens there now" in mismatch), mismatch
+                or "something else listens there now" in mismatch), mismatch
         # the friend still gets in, and `peers` words a refusal the same way
         ok = PeerConnection(private.addresses[0], timeout=10, client_keys=(friend.curve_public, friend.curve_secret))
         try:

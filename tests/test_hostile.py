@@ -1141,3 +1141,51 @@ def test_a_refusal_is_logged_at_debug_with_its_code(blocks, caplog):
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused ")]
     assert line.startswith("refused step from connection ") and ": bad_tensor: unknown reply format " in line
     assert "\x1b" not in line and "\\x1b[2Jq99" in line
+
+
+_OUT_OF_DESCRIPTORS = r"""
+import logging, resource, sys
+import nanoswarm
+from nanoswarm import descriptors
+from nanoswarm.client.peer_errors import unreachable_why
+from nanoswarm.client.swarm import Swarm
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(message)s")
+contact = sys.argv[1]
+swarm = Swarm("m" * 64, 4, 4)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (descriptors.usage()[0] + 1, hard))
+try:
+    swarm.connection(contact)
+    print("connected")
+except descriptors.OutOfDescriptors as e:
+    print("out:", e)
+print("unreachable:", unreachable_why("tcp://127.0.0.1:9"))
+watch = descriptors.ShortageWatch()
+watch.check()
+watch.check()  # once a minute at most
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+print("raised:", descriptors.raise_limit() == (256, min(hard, descriptors.RAISE_TO)))
+print("at hard:", resource.getrlimit(resource.RLIMIT_NOFILE)[0] == min(hard, descriptors.RAISE_TO))
+"""
+
+
+def test_a_process_out_of_file_descriptors_says_so(tiny_model_dir, cluster_factory):
+    """Review141: a client out of descriptors called its peers' contacts bad ("bad_contact:
+    cannot connect: Too many open files") or said nothing listened at them, and a node at its
+    limit spun a core on connections it could not accept, saying nothing. A client now fails with
+    what ran out, a drop while short says so, a node warns (once a minute), and the command line
+    raises its soft limit to the hard one."""
+    import subprocess
+    import sys
+
+    contact = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
+    out = subprocess.run([sys.executable, "-c", _OUT_OF_DESCRIPTORS, contact], capture_output=True, text=True,
+                         timeout=60)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0, out.stderr
+    assert lines[0].startswith("out: this process is out of file descriptors (") and "ulimit -n" in lines[0]
+    assert lines[1].startswith("unreachable: no connection: this process has ") and "raise its limit" in lines[1]
+    warned = [line for line in lines if line.startswith("WARNING")]
+    assert len(warned) == 1 and "connections past the limit wait unaccepted" in warned[0], lines
+    assert lines[-2:] == ["raised: True", "at hard: True"]
