@@ -28,8 +28,10 @@ RAISE_TO = 1 << 16
 # Descriptors this close to the limit count as none left (a connect takes a few: socket, pipes).
 MARGIN = 4
 WARN_EVERY = 60.0  # seconds between a node's warnings that its descriptors ran out
+NOTED_FOR = 60.0  # seconds a shortage seen counts for an error that follows it (`explain`)
 
 log = logging.getLogger(__name__)
+_noted = -math.inf  # when this process last found itself out of descriptors
 
 
 class OutOfDescriptors(OSError):
@@ -70,9 +72,11 @@ def usage() -> tuple[int, int] | None:
 
 def shortage() -> str | None:
     """Words for this process being out of descriptors, if it is (within MARGIN of its limit)."""
+    global _noted
     used = usage()
     if used is None or used[0] < used[1] - MARGIN:
         return None
+    _noted = time.monotonic()
     return f"this process has {used[0]} of its {used[1]} file descriptors open: raise its limit (ulimit -n)"
 
 
@@ -81,9 +85,25 @@ def out_of_descriptors(e: BaseException) -> bool:
     return getattr(e, "errno", None) in (errno.EMFILE, errno.ENFILE)
 
 
+def explain(e: BaseException) -> str | None:
+    """What to put before `e`'s line for the user when this process ran out of descriptors on the
+    way to it: `e` was caused by it, or a shortage was seen within NOTED_FOR (review143: a route
+    that failed for it began "no peer serves layers 3:4", the cause only further on)."""
+    if isinstance(e, OutOfDescriptors):
+        return None  # it says so itself
+    cause: BaseException | None = e
+    while cause is not None and not out_of_descriptors(cause):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None and time.monotonic() - _noted > NOTED_FOR:
+        return None
+    return "this process ran out of file descriptors: raise its limit (ulimit -n)"
+
+
 def check(e: BaseException) -> None:
     """Raise OutOfDescriptors for an error that says no descriptor is left (`e` as its cause)."""
+    global _noted
     if out_of_descriptors(e):
+        _noted = time.monotonic()
         used = usage()
         detail = f" ({used[0]} open, the limit is {used[1]})" if used else ""
         out = OutOfDescriptors(f"this process is out of file descriptors{detail}: raise its limit (ulimit -n)")

@@ -84,7 +84,10 @@ class _CleanErrors(click.Group):
                 _fail("stdout's reader has gone (broken pipe): output stopped", 1)
             if os.environ.get("NANOSWARM_DEBUG"):
                 raise
-            _fail(str(e) or type(e).__name__, 1)
+            message = str(e) or type(e).__name__
+            if (short := descriptors.explain(e)) is not None:  # the cause first (review143)
+                message = f"{short}; {message}"
+            _fail(message, 1)
 
 
 @click.group(cls=_CleanErrors)

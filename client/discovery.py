@@ -292,17 +292,22 @@ def _drop_unlisted(swarm: Swarm, listed: set[str]) -> None:
     (`listed`: the peer ids of its records): they left, a departure removing their records, or
     went silent for their records' lifetime. Kept, one that had left was planned again each time
     its ban for going ran out, a failover each time (review139). Only a peer whose ban for being
-    gone (GONE_CODES) is in force and that has not answered since (`Ban.back`): a bootstrap that
-    restarted a moment ago lists few peers until gossip fills its table, and a peer back and
-    serving must not go with that (review142: a peer gone once, hours ago, was dropped so, and
-    with it the only copy of its blocks). Not a contact the user gave (it is asked itself). The
-    ban goes too, and so do the bans of peers no longer in the table that lapsed long enough ago to
-    count for nothing: over a long uptime of peers that came and went they would only grow."""
+    gone (GONE_CODES) is in force and that does not answer `info` now, asked within a second: a
+    bootstrap that restarted a moment ago lists few peers until gossip fills its table, and a peer
+    back and serving must not go with that (review142: a peer gone once, hours ago, was dropped
+    so, with the only copy of its blocks; review143: one back a few seconds after its ban, which a
+    bootstrap client does not ask, so `Ban.back` alone could not tell). Not a contact the user gave
+    (it is asked itself). The ban goes too, and so do the bans of peers no longer in the table that
+    lapsed long enough ago to count for nothing: over a long uptime of peers that came and went
+    they would only grow."""
     now = time.monotonic()
-    for address, peer in list(swarm.peers.items()):
-        ban = swarm.bans.get(address)
-        if (ban is not None and ban.code in GONE_CODES and ban.until > now and not ban.back
-                and peer.peer_id not in listed and address not in swarm.contacts):
+    gone = [a for a, p in swarm.peers.items() if (ban := swarm.bans.get(a)) is not None and ban.code in GONE_CODES
+            and ban.until > now and not ban.back and p.peer_id not in listed and a not in swarm.contacts]
+    if gone:
+        swarm._ask_banned(gone)  # those that answer, not leaving, are `back`
+    for address in gone:
+        ban = swarm.bans[address]
+        if not ban.back:
             del swarm.peers[address], swarm.bans[address]
             swarm._close_link(address)  # (a ban closed it already: sessions on it find out at their next step)
             log.info("peer %s went (%s) and no bootstrap lists it any more: dropped from the table", address, ban.why)

@@ -94,7 +94,7 @@ class Gossip:
         self._warned: dict[str, float] = {}  # warning kind -> when last logged
         self.departed = False
         self.rounds = 0
-        self._last_round: tuple[float, float] | None = None  # (monotonic, wall clock) at the last round, or attach
+        self._last_tick: tuple[float, float] | None = None  # (monotonic, wall clock) at the last check_stalled
         self._reached = time.monotonic()  # when a peer or client last sent us records: we are reachable
         self._unreached_warned = False
         # callable(contact), set by attach: starts the relay link to a peer that joined with
@@ -119,7 +119,8 @@ class Gossip:
         self.links.attach(server)
         self.on_next_hop = server.relays.warm
         server.add_timer(self.options.interval, self.round)
-        self._last_round = (time.monotonic(), time.time())  # a node stopped before its first round stalled too
+        server.each_second.append(self.check_stalled)
+        self.check_stalled()  # from now: a node stopped before its first second stalled too
         server.add_timer(self.options.ttl / 3, self.refresh)
         server.on_leave.append(self.depart)
 
@@ -317,8 +318,6 @@ class Gossip:
         self.table.expire()
         known = self._known_contacts()
         self.clock.check(self.rounds, self.table, self.stats)
-        if self._check_stalled():
-            self._reached = time.monotonic()  # not reached while not running: that says nothing of the address
         self._check_reached(known)
         targets = self._round_targets(known)
         if len(known) < self.options.fanout or self.rounds % 10 == 1:
@@ -328,27 +327,27 @@ class Gossip:
             self._send(contact, wires, want=True)
         self._update_stats()
 
-    def _check_stalled(self) -> bool:
-        """A node that did not run for longer than `peer_timeout` (stopped, its machine suspended,
-        or starved of CPU) has been forgotten by the peers that asked it meanwhile, and its record
-        held as their floor: they took it again only at its next refresh, up to ttl/3 later, and
-        relayed no step to it until then (review139: a hop stopped for 12 s). It signs a fresh
-        record at once instead. Both clocks count: a suspended machine's monotonic clock stands
-        still, and a wall clock stepped forward costs one record more. Whether it did not run."""
+    def check_stalled(self) -> None:
+        """Called every second (NodeServer.each_second). A node that did not run for longer than
+        `peer_timeout` (stopped, its machine suspended, starved of CPU, or its loop held by long
+        work such as a move's load) has been forgotten by the peers that asked it meanwhile, its
+        record held as their floor: they took it again only at its next refresh, up to ttl/3
+        later, and relayed no step to it until then (review139: a hop stopped for 12 s). It signs
+        a fresh record and sends it at once instead, and does not warn that no peer reached it
+        for that gap. Both clocks count: a suspended machine's monotonic clock stands still, and a
+        wall clock stepped forward costs one record more. Timed by this second's check, not by the
+        rounds: a stop shorter than a long --gossip-interval looked like a round's gap (review143)."""
         now = (time.monotonic(), time.time())
-        last, self._last_round = self._last_round, now
-        if last is None:
-            return False
-        # A peer forgets us when we leave a request of its unanswered past peer_timeout, which
-        # takes a gap of at least that between two of our rounds (rounds of a long --gossip-interval
-        # are that far apart anyway).
+        last, self._last_tick = self._last_tick, now
+        if last is None or self.departed:
+            return
         gap = max(now[0] - last[0], now[1] - last[1])
-        if gap > max(self.options.peer_timeout, 1.5 * self.options.interval):
-            log.info("this node did not run for %.0f s (stopped, suspended or starved of CPU): its peers may "
-                     "have forgotten it; signing its record again", gap)
+        if gap > self.options.peer_timeout:
+            log.info("this node did not run for %.0f s (stopped, suspended, starved of CPU, or its loop held): its "
+                     "peers may have forgotten it; signing its record again", gap)
+            self._reached = now[0]  # not reached while not running: that says nothing of its address
             self.refresh()
-            return True
-        return False
+            self.round()
 
     def _check_reached(self, known: list[str]) -> None:
         """Warn once when peers this node knows have not reached it for UNREACHED_ROUNDS rounds

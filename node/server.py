@@ -148,7 +148,8 @@ class NodeServer:
                                  error=handler.steps.error)
         self.relays.on_open = self._watch_relay
         self.relays.on_close = self._unwatch_relay
-        self.add_timer(1.0, lambda: (self.relays.expire(), self._send_all([]), handler.groups.forget_stale()))
+        self.each_second: list[Callable[[], object]] = []  # e.g. the gossip's check that the node ran
+        self.add_timer(1.0, self._each_second)
         self.add_timer(5.0, ShortageWatch().check)  # out of file descriptors: said, at most once a minute
         handler.on_relay_to = self.relays.connect
 
@@ -311,6 +312,13 @@ class NodeServer:
             self.failure = (f"the ZAP handler thread ended ({self._auth.why_ended}): this node can take no "
                             "new connection")
             self.leave()  # its clients and peers are told, as on SIGTERM
+
+    def _each_second(self) -> None:
+        self.relays.expire()
+        self._send_all([])
+        self.handler.groups.forget_stale()
+        for fn in self.each_second:
+            fn()
 
     def _run_timers(self) -> None:
         now = time.monotonic()

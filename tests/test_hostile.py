@@ -1154,6 +1154,14 @@ logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelnam
 contact = sys.argv[1]
 swarm = Swarm("m" * 64, 4, 4)
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+print("explained before:", descriptors.explain(RuntimeError("no peer serves layers 0:4")))
+try:
+    try:
+        raise OSError(24, "Too many open files")
+    except OSError as e:
+        raise ValueError("embeddings.safetensors: cannot read it") from e
+except ValueError as e:
+    print("explained cause:", descriptors.explain(e))
 resource.setrlimit(resource.RLIMIT_NOFILE, (descriptors.usage()[0] + 1, hard))
 try:
     swarm.connection(contact)
@@ -1161,6 +1169,7 @@ try:
 except descriptors.OutOfDescriptors as e:
     print("out:", e)
 print("unreachable:", unreachable_why("tcp://127.0.0.1:9"))
+print("explained after:", descriptors.explain(RuntimeError("no peer serves layers 0:4")) is not None)
 watch = descriptors.ShortageWatch()
 watch.check()
 watch.check()  # once a minute at most
@@ -1184,8 +1193,27 @@ def test_a_process_out_of_file_descriptors_says_so(tiny_model_dir, cluster_facto
                          timeout=60)
     lines = out.stdout.splitlines()
     assert out.returncode == 0, out.stderr
+    # An error on the way is told its cause first (the CLI's line): caused by it, or soon after it
+    assert lines[:2] == ["explained before: None", "explained cause: this process ran out of file descriptors: "
+                         "raise its limit (ulimit -n)"]
+    del lines[:2]
+    assert lines[2] == "explained after: True"
+    del lines[2]
     assert lines[0].startswith("out: this process is out of file descriptors (") and "ulimit -n" in lines[0]
     assert lines[1].startswith("unreachable: no connection: this process has ") and "raise its limit" in lines[1]
     warned = [line for line in lines if line.startswith("WARNING")]
     assert len(warned) == 1 and "connections past the limit wait unaccepted" in warned[0], lines
     assert lines[-2:] == ["raised: True", "at hard: True"]
+    # The command line, as a user meets it: one line that names the cause
+    import resource
+
+    from conftest import CLI
+
+    def ten_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (10, 10))
+
+    gen = subprocess.run([*CLI, "generate", "hi", "--model", str(tiny_model_dir), "--bootstrap", contact,
+                          "--max-new-tokens", "2"], capture_output=True, text=True, timeout=120,
+                         preexec_fn=ten_descriptors)
+    last = gen.stderr.strip().splitlines()[-1]
+    assert gen.returncode == 1 and last.startswith("error: this process ") and "out of file descriptors" in last, last
