@@ -5,8 +5,9 @@ Every link is a ZeroMQ socket, and every connection a node accepts takes a descr
 its limit accepted nothing more, and libzmq retried the failed accept at once, a core's worth of
 CPU for as long as connections waited, with nothing logged; a client at its limit was told that
 its peers' contacts were bad, or that nothing listened at them (review141). Many systems start
-a process with a soft limit of 1,024 under a hard limit far above it: the command line takes the
-hard one (`raise_limit`), as servers commonly do, and what still runs out is named for what it is.
+a process with a soft limit of 1,024 under a hard limit far above it: a node (and, since the
+forty-eighth session, every command) takes the hard one (`raise_limit`), as servers commonly do,
+and what still runs out is named for what it is.
 """
 
 from __future__ import annotations
@@ -22,9 +23,6 @@ try:
 except ImportError:  # Windows: no such limits to raise
     resource = None  # type: ignore[assignment]
 
-# A soft limit raised this far at most: far above a node's 64 gossip links, 64 relay links and
-# thousands of clients, and below what an "unlimited" hard limit would let a runaway take.
-RAISE_TO = 1 << 16
 # Descriptors this close to the limit count as none left (a connect takes a few: socket, pipes).
 MARGIN = 4
 WARN_EVERY = 60.0  # seconds between a node's warnings that its descriptors ran out
@@ -39,19 +37,25 @@ class OutOfDescriptors(OSError):
 
 
 def raise_limit() -> tuple[int, int] | None:
-    """Raise this process's soft RLIMIT_NOFILE to its hard limit (at most RAISE_TO); (old, new)
-    when raised, else None. Its children inherit it (a local swarm's nodes)."""
+    """Take the hard limit on open files as the soft one: every connection is a descriptor, and at
+    the common soft limit of 1024 a thousand idle TCP connections (no handshake needed) left
+    libzmq retrying a failed accept at full speed and new clients unanswered (docs/reliability.md).
+    (old, new) when raised, else None. Its children inherit it (a local swarm's nodes)."""
     if resource is None:
         return None
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        target = RAISE_TO if hard == resource.RLIM_INFINITY else min(hard, RAISE_TO)
-        if soft == resource.RLIM_INFINITY or soft >= target:
-            return None
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        return soft, target
-    except (OSError, ValueError):  # a sandbox that refuses: the limit stays
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
         return None
+    # An infinite hard limit is not a soft one every kernel takes (macOS caps it near 10,240).
+    for want in ([hard] if hard != resource.RLIM_INFINITY else [1 << 20, 1 << 16, 10240]):
+        if want <= soft:
+            return None
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return soft, want
+        except (ValueError, OSError) as e:
+            log.debug("open-file limit %d refused: %s", want, e)
+    return None
 
 
 def usage() -> tuple[int, int] | None:
@@ -92,8 +96,12 @@ def explain(e: BaseException) -> str | None:
     if isinstance(e, OutOfDescriptors):
         return None  # it says so itself
     cause: BaseException | None = e
-    while cause is not None and not out_of_descriptors(cause):
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen and not out_of_descriptors(cause):
+        seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
+    if cause is not None and not out_of_descriptors(cause):
+        cause = None  # (a chain that loops: nothing found)
     if cause is None and time.monotonic() - _noted > NOTED_FOR:
         return None
     return "this process ran out of file descriptors: raise its limit (ulimit -n)"

@@ -250,9 +250,8 @@ def load(model_dir: Path, peers: str | None, nodes: int, head_groups: int, node_
 
     from nanoswarm.client.load import LoadOptions, run_load
     from nanoswarm.client.load_report import format_report
-    from nanoswarm.node.daemon import raise_fd_limit
-
-    raise_fd_limit()  # every session holds a link (and its monitor) to each node of its route
+    # (Every session holds a link, and its monitor, to each node of its route: the command line
+    # raised the open-file limit to the hard one, descriptors.raise_limit.)
     report = run_load(LoadOptions(model_dir, peer_list(peers), nodes, head_groups, shlex.split(node_args),
                                   sessions=sessions, duration=duration, prompt_tokens=prompt_tokens,
                                   new_tokens=new_tokens, max_length=max_length, timeout=timeout,

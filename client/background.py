@@ -16,7 +16,7 @@ import zmq
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.keys.table import RecordTable
 
-from .discovery import Fetched, fetch_table
+from .discovery import Fetched, fetch_table, gone_candidates
 from .introduce import ask_info
 from .peer_errors import PeerError
 from .round_trips import (
@@ -51,10 +51,14 @@ class BackgroundFetch:
         now = time.monotonic()
         timed = {c for c, seconds in swarm.timed.items() if seconds is not None and seconds < RETIME_SECONDS
                  and now - swarm.timed_at.get(c, -math.inf) < TIMING_LIFE}
-        threading.Thread(target=self._run, args=(args, list(swarm.contacts), timed, swarm.introduces), daemon=True,
-                         name="nanoswarm-refresh").start()
+        # Peers that went, asked here whether they answer: one no bootstrap lists that does not is
+        # dropped when the read is taken in (discovery._drop_unlisted), with no wait at that open.
+        gone = {a: swarm.peers[a].curve_key for a in gone_candidates(swarm)} if swarm.bootstraps else {}
+        threading.Thread(target=self._run, args=(args, list(swarm.contacts), timed, swarm.introduces, gone),
+                         daemon=True, name="nanoswarm-refresh").start()
 
-    def _run(self, args: tuple, contacts: list[str], timed: set[str], introduces: bool) -> None:
+    def _run(self, args: tuple, contacts: list[str], timed: set[str], introduces: bool,
+             gone: dict[str, bytes | None]) -> None:
         try:
             bootstraps, timeout, client_keys, model_id, insecure = args
             self.result = fetch_table(*args) if bootstraps else Fetched(RecordTable(), [], {}, {})
@@ -69,6 +73,8 @@ class BackgroundFetch:
             if contacts:
                 read_contacts(self.result, contacts, timeout, client_keys, insecure, timed,
                               model_id if introduces else None)
+            if bootstraps:
+                self.result.gone = ask_gone(gone, min(timeout, 1.0), client_keys)
             self.result.timed_when = time.monotonic()
         except BaseException as e:  # noqa: BLE001 - read by the swarm's thread
             self.result = e
@@ -104,6 +110,23 @@ def read_contacts(fetched: Fetched, contacts: list[str], timeout: float,
                 fetched.infos[contact] = (reply.fields, took[contact])
         todo = {c: conns[c] for c in list(fetched.infos)[:BACKGROUND_PEERS] if c not in timed}
         fetched.timed.update({**dict.fromkeys(todo), **time_links(todo, min(timeout, PROBE_SECONDS))})
+    finally:
+        for conn in conns.values():
+            conn.close()
+
+
+def ask_gone(gone: dict[str, bytes | None], timeout: float, client_keys: tuple[bytes, bytes] | None) -> dict[str, bool]:
+    """Whether each peer that went (`gone`: address -> its CURVE key) answers `info` now, not
+    leaving, all asked at once within `timeout` over links of its own."""
+    conns: dict[str, PeerConnection] = {}
+    try:
+        for address, key in gone.items():
+            try:
+                conns[address] = PeerConnection(address, timeout, server_key=key, client_keys=client_keys)
+            except (ValueError, zmq.ZMQError):
+                pass  # (not asked: kept for the next read, as one banned since)
+        return {address: not isinstance(reply, PeerError) and reply.fields.get("leaving") is not True
+                for address, reply in ask_info(conns, timeout).items()}
     finally:
         for conn in conns.values():
             conn.close()

@@ -62,6 +62,9 @@ class Fetched:
     timed_when: float = 0.0  # monotonic, when those were timed (PeerTable.timed_at)
     # `--peers` contacts' own `info` and the seconds it took, read in the background (read_contacts).
     infos: dict[str, tuple[dict, float]] = field(default_factory=dict)
+    # Peers that went (gone_candidates), asked for `info` in the background: address -> whether it
+    # answered, not leaving. None: not asked with the read (_drop_unlisted asks them itself).
+    gone: dict[str, bool] | None = None
 
     def clock_off(self, contact: str) -> str | None:
         """How far this machine's clock is off `contact`'s, when it is too far for records to
@@ -277,7 +280,7 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
     for address, peer in list(swarm.peers.items()):
         if added.get(peer.peer_id, address) != address:
             swarm.forget(address, f"peer {peer.peer_id} is now at {added[peer.peer_id]}")
-    _drop_unlisted(swarm, {r.peer_id for records in claims.values() for r in records})
+    _drop_unlisted(swarm, {r.peer_id for records in claims.values() for r in records}, fetched.gone)
     log.info("bootstrap: %d records, %d peers for model %s", len(fetched.table), len(added), swarm.model_id[:12])
     for contact in [c for c in swarm.timed if c not in swarm.peers and c not in swarm.contacts]:
         del swarm.timed[contact]  # (peers gone: the table is all there is to time)
@@ -287,31 +290,46 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
     return len(added)
 
 
-def _drop_unlisted(swarm: Swarm, listed: set[str]) -> None:
-    """Drop from the table the peers that went and that no answering bootstrap lists any more
-    (`listed`: the peer ids of its records): they left, a departure removing their records, or
-    went silent for their records' lifetime. Kept, one that had left was planned again each time
-    its ban for going ran out, a failover each time (review139). Only a peer whose ban for being
-    gone (GONE_CODES) is in force and that does not answer `info` now, asked within a second: a
-    bootstrap that restarted a moment ago lists few peers until gossip fills its table, and a peer
-    back and serving must not go with that (review142: a peer gone once, hours ago, was dropped
-    so, with the only copy of its blocks; review143: one back a few seconds after its ban, which a
-    bootstrap client does not ask, so `Ban.back` alone could not tell). Not a contact the user gave
-    (it is asked itself). The ban goes too, and so do the bans of peers no longer in the table that
-    lapsed long enough ago to count for nothing: over a long uptime of peers that came and went
-    they would only grow."""
+def gone_candidates(swarm: Swarm) -> list[str]:
+    """Peers of the table that went: banned for being gone (GONE_CODES), the ban in force or
+    ended so lately that a fault now would count in a row (Bans.ban), not heard from since
+    (`Ban.back`), and not contacts the user gave (those are asked themselves). _drop_unlisted
+    drops those no bootstrap lists that do not answer `info` either."""
     now = time.monotonic()
-    gone = [a for a, p in swarm.peers.items() if (ban := swarm.bans.get(a)) is not None and ban.code in GONE_CODES
-            and ban.until > now and not ban.back and p.peer_id not in listed and a not in swarm.contacts]
-    if gone:
-        swarm._ask_banned(gone)  # those that answer, not leaving, are `back`
-    for address in gone:
+    return [a for a in swarm.peers if (ban := swarm.bans.get(a)) is not None and ban.code in GONE_CODES
+            and now < ban.until + swarm._ban_length(ban.strikes) and not ban.back and a not in swarm.contacts]
+
+
+def _drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None = None) -> None:
+    """Drop from the table the peers that went (gone_candidates) that no answering bootstrap
+    lists any more (`listed`: the peer ids of its records) and that do not answer `info`: they
+    left, a departure removing their records, or went silent for their records' lifetime. Kept,
+    one that had left was planned again each time its ban for going ran out, a failover each
+    time (review139). Asked, because a bootstrap that restarted a moment ago lists few peers
+    until gossip fills its table, and a peer back and serving must not go with that (review142:
+    a peer gone once, hours ago, was dropped so, with the only copy of its blocks; review143: one
+    back a few seconds after its ban, which a bootstrap client never asks). `asked`: the answers
+    a background read got (Fetched.gone), so that taking it in at a session's open waits for no
+    one (review144); a peer banned since is left to the next read. None: asked here, within a
+    second (a refresh, which waits anyway). Its ban goes too, and so do the bans of peers no
+    longer in the table that count for nothing now: over a long uptime of peers that came and
+    went they would only grow."""
+    unlisted = [a for a in gone_candidates(swarm) if swarm.peers[a].peer_id not in listed]
+    if asked is None:
+        if unlisted:
+            swarm._ask_banned(unlisted)  # those that answer, not leaving, are `back`
+    else:
+        for address in unlisted:
+            if asked.get(address):
+                swarm.bans[address].back = True
+    for address in unlisted:
         ban = swarm.bans[address]
-        if not ban.back:
+        if not ban.back and (asked is None or address in asked):
             del swarm.peers[address], swarm.bans[address]
             swarm._close_link(address)  # (a ban closed it already: sessions on it find out at their next step)
             log.info("peer %s went (%s) and no bootstrap lists it any more: dropped from the table", address, ban.why)
     # (Lapsed past its own length, a ban no longer counts for the next fault either: Bans.ban.)
+    now = time.monotonic()
     for address in [a for a, b in swarm.bans.items()
                     if a not in swarm.peers and now >= b.until + swarm._ban_length(b.strikes)]:
         del swarm.bans[address]

@@ -15,15 +15,12 @@ try:
     import fcntl
 except ImportError:  # not on Windows: there two nodes sharing a key file are not caught
     fcntl = None  # type: ignore[assignment]
-try:
-    import resource
-except ImportError:  # Windows
-    resource = None  # type: ignore[assignment]
 from pathlib import Path
 
 import torch
 import zmq
 
+from nanoswarm import descriptors
 from nanoswarm.keys.contact import format_contact
 from nanoswarm.keys.identity import (
     Identity,
@@ -132,26 +129,6 @@ def _leave_without_harness(server: NodeServer, harness_pid: int) -> None:
         server.leave()
 
 
-def raise_fd_limit() -> None:
-    """Take the hard limit on open files as the soft one: every connection is a descriptor, and at
-    the common soft limit of 1024 a thousand idle TCP connections (no handshake needed) left
-    libzmq retrying a failed accept at full speed and new clients unanswered (docs/reliability.md)."""
-    if resource is None:
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return
-    # An infinite hard limit is not a soft one every kernel takes (macOS caps it near 10,240).
-    for want in ([hard] if hard != resource.RLIM_INFINITY else [1 << 20, 1 << 16, 10240]):
-        if want <= soft:
-            return
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            return
-        except (ValueError, OSError) as e:
-            log.debug("open-file limit %d refused: %s", want, e)
-
-
 def _warn_unanswered(asked: dict[str, str | None], identity: Identity) -> None:
     """One warning for the bootstrap nodes that did not answer at start-up (`asked`: contact ->
     None if it answered, else why not), each with its reason."""
@@ -197,7 +174,7 @@ def run_node(opts: NodeOptions, on_ready: Callable[[dict], None] | None = None) 
     harness = _harness_pid()
     starting = _watch_harness_while_starting(harness) if harness is not None else threading.Event()
     float_io_threads(zmq.Context.instance())  # before any socket of ours
-    raise_fd_limit()
+    descriptors.raise_limit()  # (the command line did already; run_node may be called from Python)
     check_contacts(opts)
     gossip_options = GossipOptions(list(opts.bootstrap), opts.ttl, opts.gossip_interval)
     gossip_options.check()

@@ -11,6 +11,7 @@ nodes, every needless wake-up takes a core from the one that computes (docs/perf
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -314,11 +315,15 @@ class NodeServer:
             self.leave()  # its clients and peers are told, as on SIGTERM
 
     def _each_second(self) -> None:
-        self.relays.expire()
-        self._send_all([])
-        self.handler.groups.forget_stale()
-        for fn in self.each_second:
-            fn()
+        """The node's one-second chores, each on its own: one that fails (logged) stops no other,
+        the gossip's check that the node ran among them (review144)."""
+        # (_send_all of nothing: the steps of relay links that expire closed, answered relay_failed)
+        for fn in (self.relays.expire, functools.partial(self._send_all, []), self.handler.groups.forget_stale,
+                   *self.each_second):
+            try:
+                fn()
+            except Exception:
+                log.exception("%s failed", getattr(fn, "__name__", fn))
 
     def _run_timers(self) -> None:
         now = time.monotonic()

@@ -2066,10 +2066,11 @@ def test_a_node_no_peer_reaches_says_so(tiny_model_dir, cluster_factory, tmp_pat
     assert warning.format(endpoint_of(swarm.addresses[0])) not in text
 
 
-def test_a_client_drops_a_peer_that_left_once_no_bootstrap_lists_it(tiny_model_dir, cluster_factory):
+def test_a_client_drops_a_peer_that_left_once_no_bootstrap_lists_it(tiny_model_dir, cluster_factory, monkeypatch):
     """Review139: a peer that left gracefully stayed in a client's table, and was planned again
     each time its ban for leaving ran out, a failover each time. A refresh that finds it in no
     bootstrap's table now drops it, and its ban."""
+    from nanoswarm.client import peer_table as swarm_module
     from nanoswarm.client.api import GenerationResult
     from nanoswarm.client.bans import GONE_CODES
     from nanoswarm.client.options import SwarmOptions
@@ -2087,8 +2088,13 @@ def test_a_client_drops_a_peer_that_left_once_no_bootstrap_lists_it(tiny_model_d
                 nodes.kill(nodes.addresses.index(leaver), signal.SIGTERM)  # it signs a departure and goes
         assert result.failovers == 1 and model.swarm.bans[leaver].code in GONE_CODES
         wait_for(lambda: len(table_of(first)) == 2, 15, "the departure in the bootstrap's table")
-        model.swarm._refreshed -= 60  # a refresh is due
-        assert model.swarm.refresh()
+        # A long-lived program's background read (review144: asked there, not at the open)
+        monkeypatch.setattr(swarm_module, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)
+        model.session(8).close()  # reads the table, and asks the peers that went, in the background
+        fetch = model.swarm._fetching
+        assert fetch is not None and fetch.done.wait(10) and fetch.result.gone == {leaver: False}
+        monkeypatch.setattr(swarm_module, "TABLE_SECONDS", 60.0)
+        model.session(8).close()  # takes the read in
         assert set(model.swarm.peers) == set(nodes.addresses) - {leaver} and leaver not in model.swarm.bans
         assert model.generate("The swarm", 4, SamplingParams(temperature=0)).failovers == 0
     finally:
@@ -2120,31 +2126,41 @@ def test_an_unlisted_peer_banned_for_going_is_kept_if_it_answers(tiny_model_dir,
 
 
 def test_only_a_peer_that_went_is_dropped_for_being_unlisted():
-    """What a bootstrap's table no longer lists is dropped only if it went and is still gone: its
-    ban for GONE_CODES in force, and no answer since. A bootstrap restarted a moment ago lists few
+    """What a bootstrap's table no longer lists is dropped only if it went (a ban for GONE_CODES in
+    force, or ended so lately that a fault now would count in a row: review144, a read seldom came
+    within the ban) and does not answer `info`. A bootstrap restarted a moment ago lists few
     peers, and those that serve stay: one back after an earlier ban (review142: a peer gone once,
     long ago, was dropped with the only copy of its blocks). Nor a contact the user gave. Bans of
-    peers no longer in the table go once they count for nothing."""
+    peers no longer in the table go once they count for nothing. A background read's answers
+    (Fetched.gone) are taken as they are: no one is asked at the open that takes it in."""
     from nanoswarm.client.discovery import _drop_unlisted
     from nanoswarm.client.route import PeerInfo
     from nanoswarm.client.swarm import Swarm
 
     swarm = Swarm("m" * 64, 4, 4)
-    names = ["listed", "gone", "lapsed", "back", "slow", "serving", "given"]
+    long_ago = time.monotonic() - 2 * swarm.options.ban_seconds - 1
+    names = ["listed", "gone", "lately", "long-ago", "back", "slow", "serving", "given"]
     for name in names:
         swarm.peers[name] = PeerInfo(name, name + "-id", "m" * 64, (0, 4), None)
-    for name in ("listed", "gone", "lapsed", "back", "given", "old", "recent"):
+    for name in ("listed", "gone", "lately", "long-ago", "back", "given", "old", "recent"):
         swarm.ban(name, "leaving: announced", "leaving")
     swarm.ban("slow", "timeout: 5 s", "timeout")
-    swarm.bans["lapsed"].until = time.monotonic() - 1  # gone once, serving since
+    swarm.bans["lately"].until = time.monotonic() - 1  # ended a second ago: a fault now is in a row
+    swarm.bans["long-ago"].until = long_ago  # gone once, serving since
     swarm.bans["back"].back = True  # answered a refresh's info since
-    swarm.bans["old"].until = time.monotonic() - 2 * swarm.options.ban_seconds - 1  # not in the table
+    swarm.bans["old"].until = long_ago  # not in the table
     swarm.bans["recent"].until = time.monotonic() - 1  # not in the table; still counts for a fault
     swarm.contacts["given"] = None
     try:
-        _drop_unlisted(swarm, {"listed-id"})
-        assert list(swarm.peers) == ["listed", "lapsed", "back", "slow", "serving", "given"]
-        assert set(swarm.bans) == {"listed", "lapsed", "back", "slow", "given", "recent"}
+        _drop_unlisted(swarm, {"listed-id"})  # asked here: none of these names answers
+        assert list(swarm.peers) == ["listed", "long-ago", "back", "slow", "serving", "given"]
+        assert set(swarm.bans) == {"listed", "long-ago", "back", "slow", "given", "recent"}
+        for name in ("answered", "silent", "unasked"):
+            swarm.peers[name] = PeerInfo(name, name + "-id", "m" * 64, (0, 4), None)
+            swarm.ban(name, "disconnected: connection closed by the peer", "disconnected")
+        _drop_unlisted(swarm, {"listed-id"}, {"answered": True, "silent": False})  # as a background read
+        assert {"answered", "unasked"} <= set(swarm.peers) and "silent" not in swarm.peers
+        assert swarm.bans["answered"].back and not swarm.bans["unasked"].back
     finally:
         swarm.close()
 
@@ -2153,7 +2169,7 @@ def test_a_node_that_did_not_run_for_a_while_signs_its_record_again(caplog):
     """Its peers forgot it meanwhile, holding its record as the floor (review139); a fresh record
     brings it back to them at once, not at its next refresh. The wall clock counts too: a
     suspended machine's monotonic clock stands still."""
-    from nanoswarm.node.gossip import Gossip
+    from nanoswarm.node.gossip import Gossip, GossipOptions
 
     gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
     caplog.set_level(logging.INFO, "nanoswarm.node.gossip")
@@ -2181,6 +2197,19 @@ def test_a_node_that_did_not_run_for_a_while_signs_its_record_again(caplog):
         assert "no peer has reached this node" not in caplog.text  # not the address's fault
     finally:
         gossip.close()
+    # Checked each second, not between rounds: a 15 s stop between two rounds 20 s apart too
+    # (review143: the gap between rounds hid it)
+    slow = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1", GossipOptions(interval=20.0, ttl=300))
+    try:
+        slow.refresh()
+        seq = slow._own_seq
+        slow.check_stalled()
+        mono, wall = slow._last_tick
+        slow._last_tick = (mono - 15.0, wall - 15.0)
+        slow.check_stalled()
+        assert slow._own_seq > seq
+    finally:
+        slow.close()
 
 
 @pytest.mark.slow

@@ -559,8 +559,8 @@ def test_a_client_process_may_hold_more_than_a_thousand_sockets():
     code = """
 import resource, zmq
 from nanoswarm.client.transport import shared_context
-from nanoswarm.node.daemon import raise_fd_limit
-raise_fd_limit()
+from nanoswarm.descriptors import raise_limit
+raise_limit()
 ctx = shared_context()
 assert ctx.get(zmq.MAX_SOCKETS) == ctx.get(zmq.SOCKET_LIMIT) > 1023
 if resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 1300:  # a descriptor each (their mailboxes)
