@@ -14,6 +14,7 @@ record from it brings it back).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -96,6 +97,7 @@ class Gossip(TablePeers):
         self.departed = False
         self.rounds = 0
         self._last_tick: tuple[float, float] | None = None  # (monotonic, wall clock) at the last check_stalled
+        self._signed_at = -math.inf  # monotonic, when refresh last signed our record
         self._reached = time.monotonic()  # when a peer or client last sent us records: we are reachable
         self._unreached_warned = False
         # callable(contact), set by attach: starts the relay link to a peer that joined with
@@ -130,6 +132,7 @@ class Gossip(TablePeers):
         """Sign a fresh record of what we serve now; it replaces the old one everywhere."""
         if self.departed:
             return
+        self._signed_at = time.monotonic()
         blocks, info = self.handler.blocks, self.handler.info()
         # Above any seq held for our identity: wall-clock microseconds grow across restarts only
         # while the clock does (see _check_overtaken).
@@ -321,16 +324,20 @@ class Gossip(TablePeers):
         a fresh record and sends it at once instead, and does not warn that no peer reached it
         for that gap. Both clocks count: a suspended machine's monotonic clock stands still, and a
         wall clock stepped forward costs one record more. Timed by this second's check, not by the
-        rounds: a stop shorter than a long --gossip-interval looked like a round's gap (review143)."""
+        rounds: a stop shorter than a long --gossip-interval looked like a round's gap (review143).
+        Not again where a record was signed since the last check: a move whose load held the loop
+        signs and gossips its new blocks itself (review144: it signed twice)."""
         now = (time.monotonic(), time.time())
         last, self._last_tick = self._last_tick, now
         if last is None or self.departed:
             return
         gap = max(now[0] - last[0], now[1] - last[1])
-        if gap > self.options.peer_timeout:
+        if gap <= self.options.peer_timeout:
+            return
+        self._reached = now[0]  # not reached while not running: that says nothing of its address
+        if self._signed_at <= last[0]:
             log.info("this node did not run for %.0f s (stopped, suspended, starved of CPU, or its loop held): its "
                      "peers may have forgotten it; signing its record again", gap)
-            self._reached = now[0]  # not reached while not running: that says nothing of its address
             self.refresh()
             self.round()
 

@@ -2187,12 +2187,19 @@ def test_a_node_that_did_not_run_for_a_while_signs_its_record_again(caplog):
         for stalled in ((40.0, 0.0), (0.0, 40.0)):  # stopped; suspended
             mono, wall = gossip._last_tick
             gossip._last_tick = (mono - stalled[0], wall - stalled[1])
+            gossip._signed_at = mono - stalled[0] - 1  # (its last record from before)
             gossip._reached -= stalled[0]  # no one reached it meanwhile: it did not run
             gossip.check_stalled()
             assert gossip._own_seq > seq and gossip.table.get(gossip.peer_id).seq == gossip._own_seq
             seq = gossip._own_seq
             gossip.round()
         assert gossip.rounds == rounds + 4  # a round of its own at once, whatever --gossip-interval is
+        mono, wall = gossip._last_tick
+        gossip._last_tick = (mono - 40.0, wall - 40.0)
+        gossip.refresh()  # signed since the last check (a move that held the loop does so)
+        seq = gossip._own_seq
+        gossip.check_stalled()
+        assert gossip._own_seq == seq and caplog.text.count("did not run for") == 2  # not twice
         assert caplog.text.count("did not run for 40 s") == 2
         assert "no peer has reached this node" not in caplog.text  # not the address's fault
     finally:
@@ -2206,6 +2213,7 @@ def test_a_node_that_did_not_run_for_a_while_signs_its_record_again(caplog):
         slow.check_stalled()
         mono, wall = slow._last_tick
         slow._last_tick = (mono - 15.0, wall - 15.0)
+        slow._signed_at = mono - 16.0
         slow.check_stalled()
         assert slow._own_seq > seq
     finally:
