@@ -311,9 +311,10 @@ def _drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None
     back a few seconds after its ban, which a bootstrap client never asks). `asked`: the answers
     a background read got (Fetched.gone), so that taking it in at a session's open waits for no
     one (review144); a peer banned since is left to the next read. None: asked here, within a
-    second (a refresh, which waits anyway). Its ban goes too, and so do the bans of peers no
-    longer in the table that count for nothing now: over a long uptime of peers that came and
-    went they would only grow."""
+    second (a refresh, which waits anyway). Its ban stays, with its strikes, should it be listed
+    again (review145: dropped with it, a peer failing again and again lost its escalation); the
+    bans of peers no longer in the table go once they count for nothing: over a long uptime of
+    peers that came and went they would only grow."""
     unlisted = [a for a in gone_candidates(swarm) if swarm.peers[a].peer_id not in listed]
     if asked is None:
         if unlisted:
@@ -325,7 +326,7 @@ def _drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None
     for address in unlisted:
         ban = swarm.bans[address]
         if not ban.back and (asked is None or address in asked):
-            del swarm.peers[address], swarm.bans[address]
+            del swarm.peers[address]  # (its ban stays, pruned below once it counts for nothing)
             swarm._close_link(address)  # (a ban closed it already: sessions on it find out at their next step)
             log.info("peer %s went (%s) and no bootstrap lists it any more: dropped from the table", address, ban.why)
     # (Lapsed past its own length, a ban no longer counts for the next fault either: Bans.ban.)

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 2.0  # the least time between two refreshes of the peer table (PeerTable.refresh)
 TABLE_SECONDS = 60.0  # a session opened on an older table has the bootstraps read again (refresh_stale)
+# A background read is taken in at the next open up to this old: a program that opened a session
+# once a minute or less threw each read away as too old, and read again (review145)
+READ_KEPT_SECONDS = 5 * TABLE_SECONDS
 REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answers
 # A session this client holds on a peer counts as this much of the peer's load when a route is
 # built (PeerTable.available): a peer states its load a minute late, so a program's sessions, opened
@@ -308,12 +311,14 @@ class PeerTable(Bans):
         asks over links of its own: over the swarm's, it would read, and use up, the report of
         one that dropped."""
         fetch = self._fetching
-        if fetch is not None and fetch.done.is_set() and time.monotonic() - fetch.finished >= TABLE_SECONDS:
+        if fetch is not None and fetch.done.is_set() and time.monotonic() - fetch.finished >= READ_KEPT_SECONDS:
             if isinstance(fetch.result, Fetched):
                 take_timed(self, fetch.result)  # its round trips hold yet
             fetch = self._fetching = None  # read too long ago to be taken in: read again below
         if fetch is not None and fetch.done.is_set():
             self._fetching, self._asked = None, time.monotonic()  # tried: the next in TABLE_SECONDS
+            if isinstance(fetch.result, Fetched) and time.monotonic() - fetch.finished >= TABLE_SECONDS:
+                fetch.result.gone = {}  # who answered then says too little now: nobody is dropped on it
             if isinstance(fetch.result, BaseException) or fetch.result is None:
                 log.warning("refreshing the peer table failed: %r", fetch.result)
             elif fetch.result.answered or fetch.result.infos:
