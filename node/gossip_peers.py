@@ -63,8 +63,8 @@ class TablePeers:
         start-up every record is one, and a bootstrap whose connect was refused had its link
         closed by another's reply, and was warned about as not answering even when it came up
         within the grace (review136). A peer that has just become a likely next hop (it moved to
-        the blocks after ours, or switched to our model under its identity) is linked ahead, as
-        at a join."""
+        the blocks after ours, switched to our model under its identity, or is one at a new
+        contact) is linked ahead, as at a join."""
         if record.peer_id == self.peer_id:
             return
         self.links.renewed(record_contact(record))
