@@ -99,6 +99,9 @@ class AllReduces:
         self._touched: set[str] = set()  # sessions that got partials since the last advance
         self._due: list[GroupStep] = []  # steps started since the last advance
         self.checks_keys = False  # set by the handler when the node knows senders' keys (CURVE)
+        # Sends partials the moment they are computed (node/server.py sets it); None: `advance`
+        # returns them with the rest.
+        self.send: Callable[[list[Reply]], None] | None = None
 
     # ----- a step ----------------------------------------------------------------------------
     def start(self, peer: bytes, msg: Message, can_relay: Callable[[str], bool] | None) -> None:
@@ -365,7 +368,15 @@ class AllReduces:
                     due.append(g)
                 elif done:
                     out.append(done)
-            out.extend(self._compute(due))
+            computed = self._compute(due)
+            if self.send is not None:
+                # Sent before the next phase is computed: a member whose partials came before its
+                # own were done (it woke later for the step) goes on to the next phase in this
+                # loop, and held back, its partial kept every other member waiting for that
+                # phase's compute too; the members then took turns instead of computing at once.
+                self.send([r for r in computed if isinstance(r[0], Relay)])
+                computed = [r for r in computed if not isinstance(r[0], Relay)]
+            out.extend(computed)
             # partials of the phases just computed may have come already
             touched = {g.session.id for g in due if g.session.id in self.steps}
             due = []

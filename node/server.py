@@ -153,6 +153,7 @@ class NodeServer:
         self.add_timer(1.0, self._each_second)
         self.add_timer(5.0, ShortageWatch().check)  # out of file descriptors: said, at most once a minute
         handler.on_relay_to = self.relays.connect
+        handler.groups.send = self._send_all  # a member's partials, each as soon as it is computed
 
     def add_timer(self, every: float, fn: Callable[[], object]) -> None:
         self._timers.append((every, fn, [time.monotonic() + every]))

@@ -285,6 +285,36 @@ def test_a_member_that_dies_or_freezes_midway_is_failed_over_exactly(tiny_model_
         model.close()
 
 
+def test_a_member_sends_each_partial_before_it_computes_the_next_phase(tiny_model_dir):
+    """A member whose partner is a phase ahead (its partials of this phase and the next came in
+    one batch) computes two phases in that batch: the first one's partial goes out before the
+    second is computed. Held back to the end of the batch, it kept the partner idle for that
+    compute too, and the members took turns, each phase's compute after the other's, for the
+    rest of the step: a head group x2 decoded at 0.66 of one process instead of 0.75."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    a.sender_key = lambda frames: None
+    events: list = []
+    a.groups.send = lambda replies: events.extend(
+        ("sent", decode(f).fields["block"], decode(f).fields["phase"]) for to, f in replies if isinstance(to, Relay))
+    forward = a.groups._forward
+    a.groups._forward = lambda batch: events.append(("computed", batch[0].block, batch[0].phase)) or forward(batch)
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3))
+    assert _member_step(a, sid, x) == []  # its first partial went out at once, not with the replies
+    assert events == [("computed", 0, "attn"), ("sent", 0, "attn")]
+    y = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(4))
+    events.clear()
+    both = [(b"member-b", encode("partial", 20 + k, {"session": sid, "pos": 0, "block": 0, "phase": phase,
+                                                     "member": 1}, [y])) for k, phase in enumerate(("attn", "mlp"))]
+    assert a.handle_batch(both) == []
+    assert events == [("computed", 0, "mlp"), ("sent", 0, "mlp"), ("computed", 1, "attn"), ("sent", 1, "attn")]
+    a.groups.send = None  # driven without a server: the partials come back with the batch's replies
+    events.clear()
+    replies = _partial(a, sid, y, None, req_id=30, block=1)
+    assert [type(to) for to, _ in replies] == [Relay] and events == [("computed", 1, "mlp")]
+
+
 def test_sessions_stepped_together_share_the_members_forward_passes(tiny_model_dir):
     """Three sessions' all-reduce steps sent before any is read: the members compute their
     phases in shared forward passes (`batched_steps`), and each session's outputs are those of
