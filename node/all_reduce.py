@@ -247,7 +247,7 @@ class AllReduces:
         others = [j for j in range(len(g.members)) if j != g.me]
         if any((g.pos, g.block, g.phase, j) not in kept for j in others):
             return False
-        total = g.x
+        total = None
         for j in range(len(g.members)):  # in member order: the client's sums, to the bit
             if j == g.me:
                 partial = g.own
@@ -256,10 +256,12 @@ class AllReduces:
                 if key != g.keys[j]:  # (came before the step, whose group names another key for j)
                     raise ProtocolError(ErrorCode.RELAY_FAILED, f"the partial for member {j} came from another "
                                         "CURVE key than its contact names")
-                if partial.shape != total.shape:
+                if partial.shape != g.x.shape:
                     raise ProtocolError(ErrorCode.RELAY_FAILED, f"member {j} sent a partial of shape "
-                                        f"{list(partial.shape)} for hidden states {list(total.shape)}")
-            total = total + partial
+                                        f"{list(partial.shape)} for hidden states {list(g.x.shape)}")
+            # A new tensor for the first sum (g.x may be a view of the step's message), the rest
+            # added in place: the same float32 additions in the same order, one allocation.
+            total = g.x + partial if total is None else total.add_(partial)
         g.x = total
         if g.phase == "attn":
             g.phase = "mlp"
@@ -368,6 +370,8 @@ class AllReduces:
                     due.append(g)
                 elif done:
                     out.append(done)
+            if not due:  # (nothing summed: the partials waited on have not all come)
+                break
             computed = self._compute(due)
             if self.send is not None:
                 # Sent before the next phase is computed: a member whose partials came before its
