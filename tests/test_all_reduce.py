@@ -19,8 +19,9 @@ from test_swarm import DECODE_STEPS, PROMPT_LEN, random_ids, reference_logits, s
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
-from nanoswarm.client.head_group import HeadGroupStage
+from nanoswarm.client.head_group import HeadGroupStage, all_reduce_wait
 from nanoswarm.client.options import SwarmOptions
+from nanoswarm.client.peer_errors import PeerError
 from nanoswarm.client.session import InferenceSession
 from nanoswarm.client.swarm import Swarm
 from nanoswarm.client.transport import PeerConnection
@@ -313,6 +314,57 @@ def test_a_member_sends_each_partial_before_it_computes_the_next_phase(tiny_mode
     events.clear()
     replies = _partial(a, sid, y, None, req_id=30, block=1)
     assert [type(to) for to, _ in replies] == [Relay] and events == [("computed", 1, "mlp")]
+
+
+def test_a_step_whose_input_holds_nan_fails_bad_value_with_the_sessions_as_before(tiny_model_dir):
+    """An all-reduce step whose input holds NaN: each member answers `bad_value` (the sums went
+    non-finite), at once rather than after a member's wait for partials; the client's group then
+    goes by fan-out, and the members' sessions are as before the step: a finite step at the same
+    position gives the whole blocks' output. On a float16 wire a partial beyond its range is
+    refused as the phase's own (`does not fit float16`)."""
+    handlers, model_id = _handlers(tiny_model_dir)
+    for h in handlers:
+        h.can_relay = lambda contact: True
+    blocks = load_blocks(tiny_model_dir, 0, 4)
+    x = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(11))
+    with in_process_nodes(handlers) as conns:
+        links = [PeerConnection(c.address, 10.0) for c in conns]
+        try:
+            stage = HeadGroupStage([(links[0], (0, 2)), (links[1], (2, 4))], 0, 4, model_id, timeout=20.0,
+                                   all_reduce=True)
+            stage.open(8)
+            cache = blocks.new_cache(8)
+            stage.step(x[:, :4], 0)
+            with torch.inference_mode():
+                blocks(x[:, :4], [cache])
+            bad = x[:, 4:5].clone()
+            bad[0, 0, 3] = float("nan")
+            t0 = time.monotonic()
+            with pytest.raises(PeerError) as e:
+                stage.all_reduce_result(stage.send_all_reduce(bad, 4), bad)
+            assert e.value.code == "bad_value"
+            while any(h.groups.steps for h in handlers):  # (the client read the first answer only)
+                assert time.monotonic() - t0 < all_reduce_wait(20.0), "a member waited out its wait"
+                time.sleep(0.01)
+            assert [h.sessions.sessions[sid].length for h, sid in zip(handlers, stage.sessions)] == [4, 4]
+            stage.all_reduce = True  # (the client went back to the fan-out: ask the members again)
+            got = stage.all_reduce_result(stage.send_all_reduce(x[:, 4:5], 4), x[:, 4:5])
+            with torch.inference_mode():
+                assert (got - blocks(x[:, 4:5], [cache])).abs().max().item() <= 1e-5
+            stage.close()
+        finally:
+            for link in links:
+                link.close()
+    # float16 between the members: a partial beyond 65504 is refused where it is made
+    [a, _], _ = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    forward = a.groups._forward
+    a.groups._forward = lambda batch: [(x, y * 1e6) for x, y in forward(batch)]  # finite, past float16
+    [(to, frames)] = _member_step(a, sid, torch.randn(1, 1, 64), wire="float16")
+    err = decode(frames)
+    assert to == b"owner" and err.fields["code"] == "bad_value" and "float16" in err.fields["message"]
+    assert a.sessions.sessions[sid].length == 0 and not a.groups.steps
 
 
 def test_sessions_stepped_together_share_the_members_forward_passes(tiny_model_dir):
