@@ -22,7 +22,9 @@ step it belongs to, so partials of this phase and the next are kept until used. 
 has not had every partial of a phase within the step's `wait` answers `relay_failed`, its session
 as before the step (the client then reopens the group, meeting its members itself:
 client/head_group.py). The one-position phases of several sessions at the same block and phase run
-in one forward pass, as a fan-out's phase steps do (node/steps.py).
+in one forward pass, as a fan-out's phase steps do (node/steps.py); a session whose phase was summed
+waits a little (at most HOLD_SECONDS) for those of its group a phase behind, so that sessions stepped
+together go on sharing passes (`_hold_back`). Each partial is sent the moment it is computed.
 """
 
 from __future__ import annotations
@@ -30,48 +32,30 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from nanoswarm.keys.contact import split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
-from nanoswarm.protocol.messages import Message, encode_frames, parse_next
+from nanoswarm.protocol.messages import Message, encode_frames
 from nanoswarm.protocol.tensors import frame_tensor, to_frame
 
+from .group_step import MAX_WAIT, GroupStep, check_step
 from .relay import Relay, next_hop_id
-from .sessions import Session, SessionStore
+from .sessions import SessionStore
 from .steps import Reply, StepRunner, _stored_block, _unsendable
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WAIT = 5.0   # seconds a member waits for another's partial, when the step names none
-MAX_WAIT = 60.0
-MIN_WAIT = 0.05
 # Partials kept for all sessions together, at most, in units of the node's message limit: a
 # member's partials wait for its step, or for the next phase, and a peer that knows a session id
 # must not fill the node's memory with them (review128). Past it partials are refused `busy`.
 KEPT_MESSAGES = 4
-
-
-@dataclass(eq=False)
-class GroupStep:
-    """An all-reduce step in progress on this member."""
-
-    reply_to: tuple[bytes, int]  # the session's owner, and its request's id
-    session: Session
-    members: list[tuple[str, str]]  # each member's [contact, session], in member order
-    keys: list[str | None]  # the CURVE key (z85) each member's partials must come with (None: unchecked)
-    me: int
-    pos: int  # the session's length before the step (checked), restored if it fails
-    wire: str
-    wait: float
-    x: torch.Tensor  # the residual so far: float32, on the CPU
-    block: int = 0
-    phase: str = "attn"
-    own: torch.Tensor | None = None  # this member's partial of the phase waited on, as the wire carries it
-    deadline: float = 0.0
-    busy_us: int = 0  # compute of the step so far
+# A phase's sums, come in, wait at most this long (or two forward passes) for those of steps of the
+# same group one phase behind, so that the next phase runs as one pass for all (`_hold_back`).
+HOLD_SECONDS = 0.003
+# Steps that sent their partial this long ago and still wait are not waited for (a member that
+# stopped, or a step its client gave up): those of a phase-mate come within a pass or two.
+BEHIND_SECONDS = 0.02
 
 
 def _as_sent(y: torch.Tensor, frame: object, wire: str) -> torch.Tensor:
@@ -98,6 +82,8 @@ class AllReduces:
         self._kept_bytes = 0
         self._touched: set[str] = set()  # sessions that got partials since the last advance
         self._due: list[GroupStep] = []  # steps started since the last advance
+        self._held: list[GroupStep] = []  # steps whose next phase waits for phase-mates (_hold_back)
+        self._hold_until = 0.0
         self.checks_keys = False  # set by the handler when the node knows senders' keys (CURVE)
         # Sends partials the moment they are computed (node/server.py sets it); None: `advance`
         # returns them with the rest.
@@ -108,54 +94,9 @@ class AllReduces:
         """An all-reduce step from its session's owner: checked (ProtocolError otherwise, the
         session unchanged); its first phase is computed at the end of the batch (`advance`), with
         the other sessions' due then."""
-        g = self._check(peer, msg, can_relay)
+        g = check_step(self.runner, self.sessions, peer, msg, can_relay, self.checks_keys)
         self.steps[g.session.id] = g
         self._due.append(g)
-
-    def _check(self, peer: bytes, msg: Message, can_relay: Callable[[str], bool] | None) -> GroupStep:
-        f = msg.fields
-        if any(f.get(k) is not None for k in ("reply", "next", "hop", "phase", "block", "trail", "from")) \
-                or f.get("rewind") is True:
-            raise ProtocolError(ErrorCode.MALFORMED, "an all-reduce step ('group') is not relayed, phased or "
-                                "rewound")
-        if not self.runner.head_shard:
-            raise ProtocolError(ErrorCode.NOT_SERVED, "all-reduce steps are for head shards; this node serves "
-                                "whole blocks")
-        session = self.sessions.get(f["session"], peer)
-        members = parse_next(f["group"], "a group's member must be [contact, session]")
-        me = f.get("member")
-        n_head = self.runner.config.n_head
-        if not 2 <= len(members) <= n_head or not isinstance(me, int) or not 0 <= me < len(members) \
-                or members[me][1] != session.id or len({c for c, _ in members}) != len(members):
-            raise ProtocolError(ErrorCode.MALFORMED, f"'group' must name 2 to {n_head} members (the model's "
-                                "heads), each once, and 'member' this session's place among them")
-        keys: list[str | None] = []
-        for j, (contact, _) in enumerate(members):
-            try:
-                key = split_contact(contact)[1]
-            except ValueError:
-                raise ProtocolError(ErrorCode.MALFORMED, f"member {j}'s contact is not tcp://HOST:PORT#KEY") from None
-            if j != me and not (can_relay and can_relay(contact)):
-                raise ProtocolError(ErrorCode.NOT_SERVED, f"this node does not send to member {j} "
-                                    f"({contact[:80]!r}): it sends only to peers in its table of signed records")
-            if self.checks_keys and key is None:  # (an --insecure node: no exchange with it; no one's fault)
-                raise ProtocolError(ErrorCode.NOT_SERVED, f"member {j}'s contact names no CURVE key: this node "
-                                    "exchanges partials only over CURVE")
-            keys.append(key.decode("ascii") if self.checks_keys else None)
-        pos = f["pos"]
-        if pos != session.length or session.next_block:
-            raise ProtocolError(ErrorCode.BAD_POSITION, f"step at position {pos}, but the session holds "
-                                f"{session.length} positions" + (" (one half stored)" if session.next_block else ""))
-        self.runner.checks.check_hidden(msg, max_batch=1)
-        x = msg.tensor(0).to(torch.float32)  # the residual as the client holds it (not in this node's dtype)
-        T = x.shape[1]
-        if pos + T > session.cache.max_length:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"positions {pos}:{pos + T} exceed the session's "
-                                f"max_length {session.cache.max_length}")
-        wait = f.get("wait")
-        wait = DEFAULT_WAIT if wait is None else min(MAX_WAIT, max(MIN_WAIT, float(wait)))
-        wire = self.runner.checks.reply_wire(msg)
-        return GroupStep((peer, msg.id), session, members, keys, me, pos, wire, wait, x, block=session.start)
 
     def _compute(self, due: list[GroupStep]) -> list[Reply]:
         """This member's partials of the steps `due`, each kept (`own`) and sent to the other
@@ -358,8 +299,8 @@ class AllReduces:
         out: list[Reply] = []
         due, self._due = self._due, []
         touched, self._touched = self._touched, set()
-        while due or touched:
-            waiting = {g.session.id for g in due}
+        while due or touched or self._held:  # (held steps: computed once their hold ends)
+            waiting = {g.session.id for g in (*due, *self._held)}
             for sid in touched - waiting:  # (a step still to compute its own partial cannot sum)
                 g = self.steps.get(sid)
                 if g is None:
@@ -376,7 +317,8 @@ class AllReduces:
                     due.append(g)
                 elif done:
                     out.append(done)
-            if not due:  # (nothing summed: the partials waited on have not all come)
+            due = self._hold_back(due)
+            if not due:  # (nothing summed, or held: the partials waited on have not all come)
                 break
             computed = self._compute(due)
             if self.send is not None:
@@ -392,12 +334,54 @@ class AllReduces:
             due = []
         return out
 
+    def _hold_back(self, due: list[GroupStep]) -> list[GroupStep]:
+        """Of the steps `due` and those held before, the ones to compute now. A step whose phase
+        was summed waits for steps of its group (the same members) one phase behind it, for a
+        while: their partials come from members computing them now, and the two then share the
+        next phase's forward pass, and every one after. Without it, sessions whose steps reached
+        the members a little apart (a client sends them one by one) kept the split they started
+        with through every phase: 8 sessions stepped together ran ~3 to a pass (2.4-2.8x one
+        session), not 8. A step computed for the first time is never held, nor one of several
+        positions (it runs alone anyway), nor any once the hold runs out."""
+        if self._held:
+            due, self._held = [g for g in self._held if self.steps.get(g.session.id) is g] + due, []
+        now = time.monotonic()
+        if len(self.steps) < 2 or not due or (self._hold_until and now >= self._hold_until):
+            self._hold_until = 0.0
+            return due
+        behind = self._behind(now)
+        go: list[GroupStep] = []
+        for g in due:
+            summed = (g.block, "attn") if g.phase == "mlp" else (g.block - 1, "mlp")  # the phase before g's next
+            held = g.own is not None and g.x.shape[1] == 1 and (g.contacts, *summed, g.session.start) in behind
+            (self._held if held else go).append(g)
+        if not self._held:
+            self._hold_until = 0.0
+        elif not self._hold_until:
+            stats = self.runner.stats
+            mean = stats.busy_seconds / stats.steps if stats.steps else HOLD_SECONDS
+            self._hold_until = now + min(HOLD_SECONDS, 2 * mean)
+        return go
+
+    def _behind(self, now: float) -> set[tuple]:
+        """Where one-position steps are that a phase-mate may wait for: (group, block, phase,
+        the session's first block) of each about to compute that phase (started now), or waiting
+        for its partials since lately (BEHIND_SECONDS), its session open. A step summed the phase
+        before waits for those of its group at the phase it has just summed."""
+        return {(h.contacts, h.block, h.phase, h.session.start) for h in self.steps.values()
+                if h.x.shape[1] == 1 and (h.own is None or h.deadline - h.wait > now - BEHIND_SECONDS)
+                and self.sessions.sessions.get(h.session.id) is h.session}
+
     def expire(self, now: float | None = None) -> list[Reply]:
         """Fail the steps that waited past their deadline for a partial (`relay_failed`: the
-        session as before the step). Called from the server's loop while steps run."""
+        session as before the step), and go on with those held (`_hold_back`) once their hold
+        runs out. Called from the server's loop while steps run."""
         now = time.monotonic() if now is None else now
         out: list[Reply] = []
-        for g in [g for g in self.steps.values() if g.deadline <= now]:
+        if self._held and now >= self._hold_until:
+            out.extend(self.advance())
+        held = {id(g) for g in self._held}  # (their partials came: computed once their hold ends)
+        for g in [g for g in self.steps.values() if g.deadline <= now and id(g) not in held]:
             missing = [j for j in range(len(g.members)) if j != g.me and (g.pos, g.block, g.phase, j)
                        not in self._kept.get(g.session.id, {})]
             out.extend(self._fail(g, ErrorCode.RELAY_FAILED, f"no partial of block {g.block} {g.phase} from member"
@@ -419,4 +403,5 @@ class AllReduces:
                     del self._kept[sid]
 
     def next_deadline(self) -> float | None:
-        return min((g.deadline for g in self.steps.values()), default=None)
+        held = [self._hold_until] if self._held else []
+        return min([*held, *(g.deadline for g in self.steps.values())], default=None)

@@ -25,6 +25,7 @@ from nanoswarm.client.peer_errors import PeerError
 from nanoswarm.client.session import InferenceSession
 from nanoswarm.client.swarm import Swarm
 from nanoswarm.client.transport import PeerConnection
+from nanoswarm.node.all_reduce import BEHIND_SECONDS, HOLD_SECONDS
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.relay import Relay
@@ -365,6 +366,56 @@ def test_a_step_whose_input_holds_nan_fails_bad_value_with_the_sessions_as_befor
     err = decode(frames)
     assert to == b"owner" and err.fields["code"] == "bad_value" and "float16" in err.fields["message"]
     assert a.sessions.sessions[sid].length == 0 and not a.groups.steps
+
+
+def test_a_member_holds_a_summed_phase_for_its_phase_mates_a_little(tiny_model_dir):
+    """Two sessions of one group (the same members) at the same phase: the partials of the one
+    come first, and its next phase waits for the other's, so both run it in one forward pass
+    (sessions whose steps reached the members a little apart kept their split through every
+    phase: 8 stepped together ran ~3 to a pass). Not for long: once the hold runs out the one
+    goes on alone; and a phase-mate whose session closed, or that has waited long, is not waited for."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    a.sender_key = lambda frames: None
+    passes: list = []
+    forward = a.groups._forward
+    a.groups._forward = lambda batch: passes.append((batch[0].block, batch[0].phase, len(batch))) or forward(batch)
+    a.groups.send = lambda replies: None
+    opened = [decode(a.handle(b"owner", encode("open", k, {"model_id": model_id, "max_length": 8})))
+              for k in range(6)]
+    s1, s2, s3, s4, s5, s6 = (o.fields["session"] for o in opened)
+    me = "tcp://127.0.0.1:1#" + zmq.curve_keypair()[0].decode()
+    ids = iter(range(100, 200))
+
+    def step(*sids: str) -> None:
+        a.handle_batch([(b"owner", encode("step", next(ids), {
+            "session": sid, "pos": 0, "group": [[me, sid], ["tcp://127.0.0.1:2#" + KEY_B, "b" + sid]],
+            "member": 0, "wait": 5.0}, [torch.randn(1, 1, 64)])) for sid in sids])
+
+    def partial(sid: str, block: int, phase: str) -> list:
+        return a.handle_batch([(b"member-b", encode("partial", next(ids), {
+            "session": sid, "pos": 0, "block": block, "phase": phase, "member": 1}, [torch.randn(1, 1, 64)]))])
+
+    step(s1, s2)
+    assert passes == [(0, "attn", 2)]
+    partial(s1, 0, "attn")
+    partial(s1, 0, "mlp")  # (its partner a phase ahead: kept for the phase s1 has yet to compute)
+    assert passes == [(0, "attn", 2)]  # s1 waits for s2's partials of that phase
+    partial(s2, 0, "attn")
+    assert passes == [(0, "attn", 2), (0, "mlp", 2)]  # then one pass for both
+    # s1's partials of that phase had all come: it waits for s2's again, a little
+    assert len(passes) == 2 and a.groups.next_deadline() <= time.monotonic() + HOLD_SECONDS
+    time.sleep(HOLD_SECONDS + 0.002)
+    assert a.groups.expire() == [] and passes[2:] == [(1, "attn", 1)]  # s2's never came: s1 alone
+    # nor a phase-mate whose session closed, or one that has waited for its partials for a while
+    step(s3, s4)
+    a.handle(b"owner", encode("close", next(ids), {"session": s4}))
+    partial(s3, 0, "attn")
+    assert passes[3:] == [(0, "attn", 2), (0, "mlp", 1)]
+    step(s5, s6)
+    time.sleep(BEHIND_SECONDS + 0.005)
+    partial(s5, 0, "attn")
+    assert passes[5:] == [(0, "attn", 2), (0, "mlp", 1)]
 
 
 def test_sessions_stepped_together_share_the_members_forward_passes(tiny_model_dir):
