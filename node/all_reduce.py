@@ -23,8 +23,9 @@ has not had every partial of a phase within the step's `wait` answers `relay_fai
 as before the step (the client then reopens the group, meeting its members itself:
 client/head_group.py). The one-position phases of several sessions at the same block and phase run
 in one forward pass, as a fan-out's phase steps do (node/steps.py); a session whose phase was summed
-waits a little (at most HOLD_SECONDS) for those of its group a phase behind, so that sessions stepped
-together go on sharing passes (`_hold_back`). Each partial is sent the moment it is computed.
+waits a little (HOLD_SECONDS, to the server poll's next whole millisecond) for those of its group a
+phase behind, so that sessions stepped together go on sharing passes (`_hold_back`). Each partial
+is sent the moment it is computed.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import Message, encode_frames
-from nanoswarm.protocol.tensors import frame_tensor, to_frame
+from nanoswarm.protocol.tensors import all_finite, frame_finite, frame_tensor, to_frame
 
 from .group_step import MAX_WAIT, GroupStep, check_step
 from .relay import Relay, next_hop_id
@@ -217,10 +218,11 @@ class AllReduces:
     def _result(self, g: GroupStep) -> Reply:
         self._end(g)
         frame = to_frame(g.x, "float32")  # the residual as the client keeps it (review129)
-        problem = _unsendable(g.x, g.x, "float32", frame)
-        if problem:
+        if not frame_finite(frame, "float32"):
             self._undo(g)
-            return g.reply_to[0], self.runner.error(g.reply_to[1], ErrorCode.BAD_VALUE, problem)
+            why = ("tensor holds NaN or Inf" if not all_finite(g.input) else "the step's sums overflowed to NaN "
+                   "or Inf (its input was finite)")  # (review146: a finite input's overflow was blamed on it)
+            return g.reply_to[0], self.runner.error(g.reply_to[1], ErrorCode.BAD_VALUE, why)
         return g.reply_to[0], encode_frames("result", g.reply_to[1], {"busy_us": g.busy_us},
                                             [("float32", tuple(g.x.shape))], [frame])
 

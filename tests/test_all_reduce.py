@@ -348,7 +348,7 @@ def test_a_step_whose_input_holds_nan_fails_bad_value_with_the_sessions_as_befor
                 assert time.monotonic() - t0 < all_reduce_wait(20.0), "a member waited out its wait"
                 time.sleep(0.01)
             assert [h.sessions.sessions[sid].length for h, sid in zip(handlers, stage.sessions)] == [4, 4]
-            stage.all_reduce = True  # (the client went back to the fan-out: ask the members again)
+            assert stage.all_reduce  # the caller's own NaN: no reason to meet the members one by one (review146)
             got = stage.all_reduce_result(stage.send_all_reduce(x[:, 4:5], 4), x[:, 4:5])
             with torch.inference_mode():
                 assert (got - blocks(x[:, 4:5], [cache])).abs().max().item() <= 1e-5
@@ -359,12 +359,24 @@ def test_a_step_whose_input_holds_nan_fails_bad_value_with_the_sessions_as_befor
     # float16 between the members: a partial beyond 65504 is refused where it is made
     [a, _], _ = _handlers(tiny_model_dir)
     a.can_relay = lambda contact: True
+    a.sender_key = lambda frames: None
     sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
     forward = a.groups._forward
-    a.groups._forward = lambda batch: [(x, y * 1e6) for x, y in forward(batch)]  # finite, past float16
+    scale = [1e6]
+    a.groups._forward = lambda batch: [(x, y * scale[0]) for x, y in forward(batch)]  # finite, past float16
     [(to, frames)] = _member_step(a, sid, torch.randn(1, 1, 64), wire="float16")
     err = decode(frames)
     assert to == b"owner" and err.fields["code"] == "bad_value" and "float16" in err.fields["message"]
+    assert a.sessions.sessions[sid].length == 0 and not a.groups.steps
+    # on float32, sums that overflow from a finite input are said to be the sums' (review146: "tensor
+    # holds NaN or Inf", as if the input had)
+    scale[0] = 1e38
+    _member_step(a, sid, torch.randn(1, 1, 64), req_id=11)
+    replies = [_partial(a, sid, torch.zeros(1, 1, 64), None, req_id=20 + 2 * b + (p == "mlp"), block=b, phase=p)
+               for b in range(4) for p in ("attn", "mlp")]
+    [(to, frames)] = replies[-1]
+    err = decode(frames)
+    assert to == b"owner" and err.fields["code"] == "bad_value" and "sums overflowed" in err.fields["message"]
     assert a.sessions.sessions[sid].length == 0 and not a.groups.steps
 
 
