@@ -143,7 +143,8 @@ class PeerConnection(LinkSessions):
         self._retries = 0  # reconnects tried since the held drop
         self._hold_until = math.inf  # when a request waits for it: HOLD_SECONDS after that request
         self._harmless = False  # the drop held or to report lost nothing
-        self._taken_over = False  # `_dropped` is a replaced link's, to report at the first request (send)
+        # `_dropped` came before the next request (a replaced link's, or one put back): send() reports it
+        self._report_at_send = False
         self._poller = zmq.Poller()
         self.register(self._poller)
         allow_ipv6(self.socket, endpoint)
@@ -180,11 +181,11 @@ class PeerConnection(LinkSessions):
         dropped a connection whose handshake the peer refused (a key not on its allow list, a
         wrong server key), and a plain send would then block forever."""
         self._check_open()
-        if self._taken_over:
-            # A replaced link's drop that lost something fails the first request, before it goes
-            # out: its reply, come before take() looked, let the drop go unreported (under load)
-            # and fail some later, unrelated request instead.
-            self._taken_over = False
+        if self._report_at_send:
+            # A drop that lost something, from before this request (a replaced link's, or one put
+            # back), fails this request before it goes out: its reply, come before take() looked,
+            # let the drop go unreported (under load) and fail some later, unrelated request.
+            self._report_at_send = False
             if self._dropped is not None and not self._harmless:
                 raise self._report_drop()
         if self.forgive_idle_drops:  # drops from before this request, read as such
@@ -306,6 +307,7 @@ class PeerConnection(LinkSessions):
     def _rearm(self, error: PeerError) -> bool:
         if isinstance(error, LinkDropped) and error.address == self.address and self._dropped is None:
             self._dropped, self._harmless = (error.code, error.message), error.harmless
+            self._report_at_send = True  # (review147: put back after send() raised it, it was lost again)
             return True
         return False
 
@@ -434,7 +436,7 @@ class PeerConnection(LinkSessions):
         passes an old drop on as one that lost nothing: the old link would have been back by
         then, and forgiven it.)"""
         self._dropped, self._harmless = drop
-        self._taken_over = True
+        self._report_at_send = True
 
     @property
     def drop_reason(self) -> str | None:

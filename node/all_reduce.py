@@ -133,6 +133,15 @@ class AllReduces:
                     out.extend(self._send(g, x, y))
                 except ProtocolError as e:
                     out.extend(self._fail(g, e.code, e.message))
+            if self.send is not None:
+                # Sent before anything else is computed: a member whose partials came before its
+                # own were done (it woke later for the step) goes on to the next phase in this
+                # loop, and held back, its partial kept every other member waiting for that
+                # phase's compute too; the members then took turns instead of computing at once.
+                # (Review147: sent after the whole `due`, they waited for another batch's pass, a
+                # prefill's say.)
+                self.send([r for r in out if isinstance(r[0], Relay)])
+                out = [r for r in out if not isinstance(r[0], Relay)]
         return out
 
     def _forward(self, batch: list[GroupStep]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -220,8 +229,8 @@ class AllReduces:
         frame = to_frame(g.x, "float32")  # the residual as the client keeps it (review129)
         if not frame_finite(frame, "float32"):
             self._undo(g)
-            why = ("tensor holds NaN or Inf" if not all_finite(g.input) else "the step's sums overflowed to NaN "
-                   "or Inf (its input was finite)")  # (review146: a finite input's overflow was blamed on it)
+            why = ("tensor holds NaN or Inf" if not all_finite(g.input) else "the step's sums are not finite (its "
+                   "input was: a member's partial was not, or they overflowed)")  # (review146: blamed on the input)
             return g.reply_to[0], self.runner.error(g.reply_to[1], ErrorCode.BAD_VALUE, why)
         return g.reply_to[0], encode_frames("result", g.reply_to[1], {"busy_us": g.busy_us},
                                             [("float32", tuple(g.x.shape))], [frame])
@@ -322,15 +331,7 @@ class AllReduces:
             due = self._hold_back(due)
             if not due:  # (nothing summed, or held: the partials waited on have not all come)
                 break
-            computed = self._compute(due)
-            if self.send is not None:
-                # Sent before the next phase is computed: a member whose partials came before its
-                # own were done (it woke later for the step) goes on to the next phase in this
-                # loop, and held back, its partial kept every other member waiting for that
-                # phase's compute too; the members then took turns instead of computing at once.
-                self.send([r for r in computed if isinstance(r[0], Relay)])
-                computed = [r for r in computed if not isinstance(r[0], Relay)]
-            out.extend(computed)
+            out.extend(self._compute(due))  # (partials sent in it, where `send` is set)
             # partials of the phases just computed may have come already
             touched = {g.session.id for g in due if g.session.id in self.steps}
             due = []
@@ -405,5 +406,8 @@ class AllReduces:
                     del self._kept[sid]
 
     def next_deadline(self) -> float | None:
-        held = [self._hold_until] if self._held else []
-        return min([*held, *(g.deadline for g in self.steps.values())], default=None)
+        # (only while steps run: the server calls expire(), which ends a hold, only then; a hold
+        # left with none would make its poll spin)
+        held = [self._hold_until] if self._held and self.steps else []
+        waiting = {id(g) for g in self._held}  # (a held step's own deadline may be past: expire() skips it)
+        return min([*held, *(g.deadline for g in self.steps.values() if id(g) not in waiting)], default=None)

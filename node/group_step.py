@@ -11,6 +11,7 @@ import torch
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import Message, parse_next
+from nanoswarm.protocol.tensors import all_finite
 
 from .sessions import Session, SessionStore
 from .steps import StepRunner
@@ -82,6 +83,8 @@ def check_step(runner: StepRunner, sessions: SessionStore, peer: bytes, msg: Mes
                             f"{session.length} positions" + (" (one half stored)" if session.next_block else ""))
     runner.checks.check_hidden(msg, max_batch=1)
     x = msg.tensor(0).to(torch.float32)  # the residual as the client holds it (not in this node's dtype)
+    if not all_finite(x):  # refused by every member at once, whatever each computes in (review147)
+        raise ProtocolError(ErrorCode.BAD_VALUE, "tensor holds NaN or Inf")
     T = x.shape[1]
     if pos + T > session.cache.max_length:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"positions {pos}:{pos + T} exceed the session's "

@@ -352,6 +352,14 @@ def test_a_step_whose_input_holds_nan_fails_bad_value_with_the_sessions_as_befor
             got = stage.all_reduce_result(stage.send_all_reduce(x[:, 4:5], 4), x[:, 4:5])
             with torch.inference_mode():
                 assert (got - blocks(x[:, 4:5], [cache])).abs().max().item() <= 1e-5
+            # nor an input past the wire's range (review147: float16 partials between the members)
+            stage.wire = "float16"
+            with pytest.raises(PeerError) as e:
+                stage.all_reduce_result(stage.send_all_reduce(x[:, 5:6] * 1e5, 5), x[:, 5:6] * 1e5)
+            assert e.value.code == "bad_value" and stage.all_reduce
+            while any(h.groups.steps for h in handlers):
+                time.sleep(0.01)
+            assert [h.sessions.sessions[sid].length for h, sid in zip(handlers, stage.sessions)] == [5, 5]
             stage.close()
         finally:
             for link in links:
@@ -368,6 +376,12 @@ def test_a_step_whose_input_holds_nan_fails_bad_value_with_the_sessions_as_befor
     err = decode(frames)
     assert to == b"owner" and err.fields["code"] == "bad_value" and "float16" in err.fields["message"]
     assert a.sessions.sessions[sid].length == 0 and not a.groups.steps
+    # an input that holds NaN is refused before the step starts, whatever the member computes in
+    # (review147: a float32 member ran on, and held the session, while a float16 one had refused it)
+    nan = torch.randn(1, 1, 64)
+    nan[0, 0, 0] = float("nan")
+    [(to, frames)] = _member_step(a, sid, nan, req_id=9)
+    assert decode(frames).fields["code"] == "bad_value" and not a.groups.steps
     # on float32, sums that overflow from a finite input are said to be the sums' (review146: "tensor
     # holds NaN or Inf", as if the input had)
     scale[0] = 1e38
@@ -376,7 +390,7 @@ def test_a_step_whose_input_holds_nan_fails_bad_value_with_the_sessions_as_befor
                for b in range(4) for p in ("attn", "mlp")]
     [(to, frames)] = replies[-1]
     err = decode(frames)
-    assert to == b"owner" and err.fields["code"] == "bad_value" and "sums overflowed" in err.fields["message"]
+    assert to == b"owner" and err.fields["code"] == "bad_value" and "sums are not finite" in err.fields["message"]
     assert a.sessions.sessions[sid].length == 0 and not a.groups.steps
 
 
