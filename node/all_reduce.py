@@ -38,7 +38,7 @@ import torch
 
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import Message, encode_frames
-from nanoswarm.protocol.tensors import all_finite, frame_finite, frame_tensor, to_frame
+from nanoswarm.protocol.tensors import frame_finite, frame_tensor, to_frame
 
 from .group_step import MAX_WAIT, GroupStep, check_step
 from .relay import Relay, next_hop_id
@@ -229,9 +229,9 @@ class AllReduces:
         frame = to_frame(g.x, "float32")  # the residual as the client keeps it (review129)
         if not frame_finite(frame, "float32"):
             self._undo(g)
-            why = ("tensor holds NaN or Inf" if not all_finite(g.input) else "the step's sums are not finite (its "
-                   "input was: a member's partial was not, or they overflowed)")  # (review146: blamed on the input)
-            return g.reply_to[0], self.runner.error(g.reply_to[1], ErrorCode.BAD_VALUE, why)
+            # (its input was finite: check_step refuses one that is not; review146: this blamed the input)
+            return g.reply_to[0], self.runner.error(g.reply_to[1], ErrorCode.BAD_VALUE, "the step's sums are "
+                                                    "not finite (a member's partial was not, or they overflowed)")
         return g.reply_to[0], encode_frames("result", g.reply_to[1], {"busy_us": g.busy_us},
                                             [("float32", tuple(g.x.shape))], [frame])
 

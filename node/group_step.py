@@ -34,7 +34,6 @@ class GroupStep:
     wire: str
     wait: float
     x: torch.Tensor  # the residual so far: float32, on the CPU
-    input: torch.Tensor  # the step's input (what `_result` blames when the sums are not finite)
     block: int = 0
     phase: str = "attn"
     own: torch.Tensor | None = None  # this member's partial of the phase waited on, as the wire carries it
@@ -92,5 +91,5 @@ def check_step(runner: StepRunner, sessions: SessionStore, peer: bytes, msg: Mes
     wait = f.get("wait")
     wait = DEFAULT_WAIT if wait is None else min(MAX_WAIT, max(MIN_WAIT, float(wait)))
     wire = runner.checks.reply_wire(msg)
-    return GroupStep((peer, msg.id), session, members, keys, me, pos, wire, wait, x, x, block=session.start,
+    return GroupStep((peer, msg.id), session, members, keys, me, pos, wire, wait, x, block=session.start,
                      contacts=tuple(c for c, _ in members))
