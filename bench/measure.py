@@ -85,6 +85,25 @@ def node_stats(conn: PeerConnection) -> dict:
         return {}
 
 
+def settle_threads(conns: list[PeerConnection], timeout: float = 6.0) -> None:
+    """Wait, at most `timeout` seconds, until every node computes with its own torch threads
+    again: one that found the cores contended (a run of independent clients) computes with one
+    for a while after (node/threads.py), and the next run would measure that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            states = [conn.request("info", timeout=10.0).fields.get("threads") for conn in conns]
+        except PeerError as e:
+            log.warning("no thread counts from the nodes: %s", e)
+            return
+        if all(not isinstance(t, dict) or t.get("now") == t.get("own") for t in states):
+            return
+        if time.monotonic() > deadline:
+            log.warning("nodes still compute with fewer threads than their own: %s", states)
+            return
+        time.sleep(0.25)
+
+
 def _next_token(client: ClientModel, hidden: torch.Tensor, keep: list | None) -> int:
     logits = client.logits(hidden)
     if keep is not None:

@@ -31,7 +31,16 @@ from nanoswarm.shards.manifest import Manifest, ShardIntegrityError, read_manife
 from nanoswarm.shards.model import onednn_linear
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
-from .measure import RoundResult, median, node_stats, percentile, run_concurrent, run_lockstep, run_round
+from .measure import (
+    RoundResult,
+    median,
+    node_stats,
+    percentile,
+    run_concurrent,
+    run_lockstep,
+    run_round,
+    settle_threads,
+)
 from .models import SHAPES, make_random_model_dir
 from .options import BenchOptions, Group, check_lengths, check_options, concurrent_prompts, run_groups
 from .report import targets
@@ -252,6 +261,7 @@ class Bench:
     def _concurrent(self, swarm: Swarm, n: int, mode: str) -> dict:
         sessions, swarms = [], []
         prompts = concurrent_prompts(bench_ids(n + 12, self.config.vocab_size, self.opts.seed + 1), n)
+        settle_threads([swarm.connection(address) for address in swarm.peers])
         try:
             for prompt in prompts:
                 own = Swarm(swarm.model_id, swarm.n_layer, swarm.n_head, swarm.options)

@@ -47,6 +47,7 @@ from .placement import (
     default_memory_budget,
 )
 from .server import NodeServer
+from .threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,14 @@ def _serve(opts: NodeOptions, identity: Identity, allow: set[bytes] | None,
     handler = build_handler(opts)
     secret, public = (None, None) if opts.insecure else (identity.curve_secret, identity.curve_public)
     server = NodeServer(handler, opts.listen, curve_secret=secret, curve_public=public, allow_keys=allow)
+    governor = ThreadGovernor(torch.get_num_threads())
+    on_main = threading.current_thread() is threading.main_thread()
+    adapt = os.environ.get("NANOSWARM_ADAPT_THREADS", "1") != "0"
+    if adapt and governor.enabled and resolve_device(opts.device).type == "cpu" and on_main:
+        # (a node run in a thread of another program leaves that program's threads alone)
+        server.after_batch.append(governor.check)
+        server.each_second.append(governor.check)  # (idle: back to its own threads)
+        handler.extra_info["threads"] = governor.state
     address = advertised_address(opts.advertise, server.address)
     gossip = Gossip(identity, handler, address, gossip_options, opts.insecure, allow_keys=allow)
     gossip.refresh()  # first: what `learned` holds of our own identity is then checked (_check_overtaken)

@@ -150,6 +150,7 @@ class NodeServer:
         self.relays.on_open = self._watch_relay
         self.relays.on_close = self._unwatch_relay
         self.each_second: list[Callable[[], object]] = []  # e.g. the gossip's check that the node ran
+        self.after_batch: list[Callable[[], object]] = []  # e.g. the torch threads' check (node/threads.py)
         self.add_timer(1.0, self._each_second)
         self.add_timer(5.0, ShortageWatch().check)  # out of file descriptors: said, at most once a minute
         handler.on_relay_to = self.relays.connect
@@ -259,6 +260,11 @@ class NodeServer:
             self.failure = f"the device failed ({self.handler.device_failure}): this node can compute no more"
             log.error("%s; leaving", self.failure)
             self.leave()
+        for fn in self.after_batch:
+            try:
+                fn()
+            except Exception:
+                log.exception("%s failed", getattr(fn, "__name__", fn))
 
     def _drain(self, batch: list) -> None:
         # Asking for EVENTS, not reading until zmq.Again: an exception per batch is slow to raise

@@ -78,6 +78,9 @@ def _exact(model_dir, addresses: list[str]) -> None:
         model.close()
 
 
+# (a node on contended cores computes with one thread, unbound, for a while: node/threads.py)
+FIXED_THREADS = {"NANOSWARM_ADAPT_THREADS": "0"}
+
 needs_two_cpus = pytest.mark.skipif(sys.platform != "linux" or len(START_CPUS) < 2,
                                     reason="needs Linux affinity and 2 CPUs")
 
@@ -88,7 +91,8 @@ def test_nodes_bind_openmp_threads_and_float_zeromq_threads(tiny_model_dir, clus
     bound node's main thread and OpenMP worker on the cores openmp_places gives it, ZeroMQ's
     I/O threads on all, exact logits."""
     cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4)),
-                                               NodeSpec((0, 4), args=["--threads", "1"])], threads=2)
+                                               NodeSpec((0, 4), args=["--threads", "1"])], threads=2,
+                              env=FIXED_THREADS)
     _exact(tiny_model_dir, cluster.addresses[:2])
     for index, node in enumerate(cluster.nodes[:2]):
         _check_node(node.pid, _places(index, 2))
@@ -107,7 +111,7 @@ def test_a_bound_harness_starts_nodes_on_every_core(tiny_model_dir, cluster_fact
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpus[-1]})
     try:
-        cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))], threads=2)
+        cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))], threads=2, env=FIXED_THREADS)
     finally:
         os.sched_setaffinity(0, before)
     _exact(tiny_model_dir, cluster.addresses)

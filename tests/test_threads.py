@@ -1,0 +1,167 @@
+"""A node's torch threads under contention (node/threads.py): fewer while its main thread waits
+for a core most of the time it wants one, its own again once the cores are free."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from nanoswarm import START_CPUS
+from nanoswarm.node import threads as th
+from nanoswarm.node.cluster import NodeSpec
+from nanoswarm.node.threads import ThreadGovernor, read_schedstat
+
+
+class Fake:
+    """A thread's schedstat, advanced window by window, and what the governor set."""
+
+    def __init__(self, own: set[int] | None = None):
+        self.run = self.wait = 0
+        self.now = 100.0
+        self.threads: list[int] = []
+        self.cpus: list[set[int]] = []
+        self.own = own
+
+    def governor(self, threads: int = 2) -> ThreadGovernor:
+        g = ThreadGovernor(threads, read=lambda: (self.run, self.wait), set_threads=self.threads.append,
+                           set_cpus=self.cpus.append, own_cpus=lambda: self.own)
+        g.check(self.now)  # the first reading: no window yet
+        return g
+
+    def window(self, g: ThreadGovernor, ran_ms: float, waited_ms: float, seconds: float = th.CHECK_SECONDS) -> None:
+        self.run += int(ran_ms * 1e6)
+        self.wait += int(waited_ms * 1e6)
+        self.now += seconds
+        g.check(self.now)
+
+
+def test_a_contended_node_computes_with_one_thread_and_its_own_again_once_the_cores_are_free():
+    f = Fake(own={0})
+    g = f.governor(2)
+    assert g.enabled and g.state == {"now": 2, "own": 2}
+    # Waiting for a core 75% of the time it wants one: one thread once that lasted REDUCE_SECONDS.
+    windows = round(th.REDUCE_SECONDS / th.CHECK_SECONDS)
+    for _ in range(windows - 1):
+        f.window(g, 50, 150)
+    assert f.threads == [] and g.current == 2
+    f.window(g, 50, 150)
+    assert f.threads == [1] and g.current == 1 and g.state == {"now": 1, "own": 2}
+    assert f.cpus == [set(START_CPUS)]  # off the core every node's first thread shares
+    # Still contended with one thread (half the time waiting): it stays there.
+    for _ in range(20):
+        f.window(g, 100, 100)
+    assert f.threads == [1]
+    # Free: its own threads and cores again after RESTORE_SECONDS, not before.
+    for _ in range(round(th.RESTORE_SECONDS / th.CHECK_SECONDS) - 1):
+        f.window(g, 50, 5)
+    assert f.threads == [1]
+    f.window(g, 50, 5)
+    assert f.threads == [1, 2] and g.state == {"now": 2, "own": 2} and f.cpus == [set(START_CPUS), {0}]
+
+
+def test_a_short_spell_of_waiting_or_an_idle_node_behind_a_busy_neighbour_changes_nothing():
+    f = Fake()
+    g = f.governor(2)
+    for _ in range(40):  # one contended window in three: never REDUCE_SECONDS in a row
+        f.window(g, 50, 150)
+        f.window(g, 50, 150)
+        f.window(g, 100, 5)
+    # An idle node whose few wake-ups wait behind another process's compute: 3 ms run, 7 ms
+    # waited in a second (a whole window, from the 1 s timer) is no evidence of contention.
+    for _ in range(10):
+        f.window(g, 3, 7, seconds=1.0)
+    assert f.threads == [] and g.current == 2
+    assert f.cpus == []  # (and nothing to unbind where OpenMP bound nothing: own None)
+
+
+def test_an_idle_node_goes_back_to_its_own_threads():
+    f = Fake()
+    g = f.governor(4)
+    for _ in range(round(th.REDUCE_SECONDS / th.CHECK_SECONDS)):
+        f.window(g, 20, 200)
+    assert g.current == 1
+    f.window(g, 0, 0, seconds=1.0)  # the 1 s timer of an idle node
+    assert g.current == 1
+    f.window(g, 1, 1, seconds=1.0)  # RESTORE_SECONDS since the first idle window began
+    assert f.threads == [1, 4] and g.current == 4
+
+
+def test_checks_are_rate_limited_and_off_for_one_thread_or_without_schedstat():
+    f = Fake()
+    g = f.governor(2)
+    reads = []
+    g._read = lambda: reads.append(1) or (f.run, f.wait)
+    g.check(f.now + th.CHECK_SECONDS / 2)  # a batch right after the last check: not read
+    assert reads == []
+    g.check(f.now + th.CHECK_SECONDS)
+    assert reads == [1]
+    assert not ThreadGovernor(1, read=lambda: (0, 0)).enabled  # nothing to reduce
+    assert not ThreadGovernor(2, read=lambda: None).enabled  # no schedstat (not Linux, or hidden)
+    gone = Fake()
+    h = gone.governor(2)
+    h._read = lambda: None  # schedstat gone meanwhile: the governor stops, the threads stay
+    gone.window(h, 50, 150)
+    assert not h.enabled and gone.threads == []
+
+
+@pytest.mark.skipif(not os.path.exists(th.SCHEDSTAT), reason="the kernel exposes no schedstat here")
+def test_schedstat_is_read_from_the_kernel_for_the_calling_thread():
+    first = read_schedstat()
+    assert first is not None and all(isinstance(v, int) and v >= 0 for v in first)
+    end = time.thread_time() + 0.05
+    while time.thread_time() < end:  # 50 ms on a core
+        pass
+    second = read_schedstat()
+    assert second is not None and second[0] - first[0] >= 40e6
+    assert read_schedstat("/nonexistent/schedstat") is None
+
+
+def _info(address: str) -> dict:
+    from nanoswarm.client.transport import PeerConnection
+
+    conn = PeerConnection(address, timeout=10.0)
+    try:
+        return conn.request("info").fields
+    finally:
+        conn.close()
+
+
+def test_a_node_of_several_threads_says_how_many_it_computes_with(tiny_model_dir, cluster_factory):
+    """Real nodes: one of 2 threads watches its cores and says so in `info` (its own count, here
+    uncontended); one of a single thread, or started with NANOSWARM_ADAPT_THREADS=0, does not."""
+    cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4), args=["--threads", "1"])],
+                              threads=2)
+    watching, single = (_info(a) for a in cluster.addresses)
+    if os.path.exists(th.SCHEDSTAT):
+        assert watching["threads"] == {"now": 2, "own": 2}
+    assert "threads" not in single
+    fixed = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))], threads=2, env={"NANOSWARM_ADAPT_THREADS": "0"})
+    assert "threads" not in _info(fixed.addresses[0])
+
+
+class _Info:
+    """A node's `info` as `settle_threads` reads it: `threads` from a list, one a request."""
+
+    def __init__(self, states: list):
+        self.states = states
+        self.asked = 0
+
+    def request(self, msg_type: str, timeout: float):
+        self.asked += 1
+        state = self.states[min(self.asked, len(self.states)) - 1]
+        return type("Reply", (), {"fields": {} if state is None else {"threads": state}})()
+
+
+def test_the_bench_waits_for_the_nodes_to_compute_with_their_own_threads_before_a_concurrent_run():
+    from nanoswarm.bench.measure import settle_threads
+
+    back = _Info([{"now": 1, "own": 2}, {"now": 1, "own": 2}, {"now": 2, "own": 2}])
+    plain = _Info([None])  # a node that does not say (one thread, another version)
+    settle_threads([back, plain])
+    assert back.asked == 3 and plain.asked == 3
+    stuck = _Info([{"now": 1, "own": 2}])
+    t0 = time.monotonic()
+    settle_threads([stuck], timeout=0.6)  # never back: the run goes on after the timeout
+    assert 0.6 <= time.monotonic() - t0 < 2.0 and stuck.asked >= 3
