@@ -11,8 +11,9 @@ one client alone: 27-28 against 22-23 (docs/performance.md, fiftieth session).
 
 So a node watches how long its main thread (the team's first) waits for a core while it wants
 one, from the kernel's schedstat: past REDUCE_ABOVE of the time for REDUCE_SECONDS it computes with
-one thread, unbound from the core OpenMP gave it (node/affinity.py: every node's first thread has
-the same one), and once under RESTORE_BELOW for RESTORE_SECONDS it goes back to its own.
+half its threads (one, from two; halved again after as long if that is still too many), its main
+thread unbound from the core OpenMP gave it (node/affinity.py: every node's first thread has the
+same one), and once under RESTORE_BELOW for RESTORE_SECONDS it goes back to its own.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def read_schedstat(path: str = SCHEDSTAT) -> tuple[int, int] | None:
 
 
 class ThreadGovernor:
-    """Switches the calling thread's torch threads between `threads` and 1 by contention (the
-    module's doc). `check` is called from the node's loop thread, the OpenMP team's first."""
+    """Halves the calling thread's torch threads (down to 1) while the cores are contended, and
+    gives it back its own `threads` once they are free (the module's doc). `check` is called from
+    the node's loop thread, the OpenMP team's first."""
 
     def __init__(self, threads: int, read: Callable[[], tuple[int, int] | None] = read_schedstat,
                  set_threads: Callable[[int], None] = torch.set_num_threads,
@@ -68,7 +70,8 @@ class ThreadGovernor:
         self.enabled = threads > 1 and read() is not None
         self.state = {"now": threads, "own": threads}  # for the node's `info` (`threads`), kept current
         self._last: tuple[float, int, int] | None = None  # when, run ns, wait ns
-        self._since: float | None = None  # since when the windows have pointed to the other count
+        self._toward: int | None = None  # the count the windows have pointed to, since `_since`
+        self._since = 0.0
 
     def check(self, now: float | None = None) -> None:
         if not self.enabled:
@@ -85,29 +88,27 @@ class ThreadGovernor:
             return
         ran, waited = (stat[0] - last[1]) / 1e9, (stat[1] - last[2]) / 1e9
         share = waited / (ran + waited) if ran + waited >= MIN_WANTED * (now - last[0]) else None
-        if self.current == self.full:
-            toward = share is not None and share > REDUCE_ABOVE
-            hold = REDUCE_SECONDS
+        if share is not None and share > REDUCE_ABOVE and self.current > 1:
+            toward, hold = max(1, self.current // 2), REDUCE_SECONDS
+        elif (share is None or share < RESTORE_BELOW) and self.current < self.full:
+            toward, hold = self.full, RESTORE_SECONDS
         else:
-            toward = share is None or share < RESTORE_BELOW
-            hold = RESTORE_SECONDS
-        if not toward:
-            self._since = None
-            return
-        if self._since is None:
-            self._since = last[0]  # (the window began then)
-        if now - self._since >= hold:
-            self._switch(1 if self.current == self.full else self.full, share)
+            toward, hold = None, 0.0
+        if toward != self._toward:  # (a new direction, or none: the time held starts again)
+            self._toward, self._since = toward, last[0]  # (the window began then)
+        if toward is not None and now - self._since >= hold:
+            self._switch(toward, share)
 
     def _switch(self, threads: int, share: float | None) -> None:
-        self._since = None
+        self._toward = None
         self._set_threads(threads)
         if self._own_cpus is not None:
-            self._set_cpus(set(START_CPUS) if threads == 1 else self._own_cpus)
+            self._set_cpus(set(START_CPUS) if threads < self.full else self._own_cpus)
         self.current = self.state["now"] = threads
-        if threads == 1:
+        if threads < self.full:
             log.info("the cores are contended (this node waited for one %.0f%% of the time it wanted one): "
-                     "computing with 1 torch thread instead of %d until they are free", 100 * (share or 0), self.full)
+                     "computing with %d torch thread%s instead of %d until they are free", 100 * (share or 0),
+                     threads, "s" * (threads > 1), self.full)
         else:
             log.info("the cores are free again: computing with %d torch threads", threads)
 

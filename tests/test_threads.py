@@ -76,16 +76,29 @@ def test_a_short_spell_of_waiting_or_an_idle_node_behind_a_busy_neighbour_change
     assert f.cpus == []  # (and nothing to unbind where OpenMP bound nothing: own None)
 
 
-def test_an_idle_node_goes_back_to_its_own_threads():
-    f = Fake()
-    g = f.governor(4)
-    for _ in range(round(th.REDUCE_SECONDS / th.CHECK_SECONDS)):
+def test_a_node_of_many_threads_halves_them_while_contended_and_an_idle_one_takes_them_back():
+    f = Fake(own={0})
+    g = f.governor(8)
+    per_step = round(th.REDUCE_SECONDS / th.CHECK_SECONDS)
+    for _ in range(per_step):
         f.window(g, 20, 200)
-    assert g.current == 1
+    assert f.threads == [4] and g.state == {"now": 4, "own": 8}  # halved, not down to one at once
+    for _ in range(per_step):
+        f.window(g, 20, 200)
+    assert f.threads == [4, 2]
+    f.window(g, 100, 100)  # 50%: neither contended enough to halve again nor free: the clock restarts
+    for _ in range(per_step - 1):
+        f.window(g, 20, 200)
+    assert f.threads == [4, 2]
+    f.window(g, 20, 200)
+    assert f.threads == [4, 2, 1] and f.cpus == [set(START_CPUS)] * 3
+    for _ in range(10):
+        f.window(g, 20, 200)  # one thread: nothing left to halve
+    assert f.threads == [4, 2, 1]
     f.window(g, 0, 0, seconds=1.0)  # the 1 s timer of an idle node
     assert g.current == 1
     f.window(g, 1, 1, seconds=1.0)  # RESTORE_SECONDS since the first idle window began
-    assert f.threads == [1, 4] and g.current == 4
+    assert f.threads == [4, 2, 1, 8] and g.state == {"now": 8, "own": 8} and f.cpus[-1] == {0}
 
 
 def test_checks_are_rate_limited_and_off_for_one_thread_or_without_schedstat():
