@@ -214,11 +214,9 @@ def _serve(opts: NodeOptions, identity: Identity, allow: set[bytes] | None,
     handler = build_handler(opts)
     secret, public = (None, None) if opts.insecure else (identity.curve_secret, identity.curve_public)
     server = NodeServer(handler, opts.listen, curve_secret=secret, curve_public=public, allow_keys=allow)
-    governor = ThreadGovernor(torch.get_num_threads())
-    on_main = threading.current_thread() is threading.main_thread()
-    adapt = os.environ.get("NANOSWARM_ADAPT_THREADS", "1") != "0"
-    if adapt and governor.enabled and resolve_device(opts.device).type == "cpu" and on_main:
-        # (a node run in a thread of another program leaves that program's threads alone)
+    governor = ThreadGovernor(torch.get_num_threads(), name=f"node {opts.peer_id[:16]}")
+    if os.environ.get("NANOSWARM_ADAPT_THREADS", "1") != "0" and governor.enabled \
+            and resolve_device(opts.device).type == "cpu":
         server.after_batch.append(governor.check)
         server.each_second.append(governor.check)  # (idle: back to its own threads)
         handler.extra_info["threads"] = governor.state
@@ -256,6 +254,7 @@ def _serve(opts: NodeOptions, identity: Identity, allow: set[bytes] | None,
         server.serve_forever()
     finally:
         gossip.close()
+        governor.restore()  # (a program that ran the node goes on with its own threads)
     if server.failure is not None:
         raise RuntimeError(server.failure)
     log.info("node stopped")

@@ -6,14 +6,22 @@ at once. That is right while the node has its cores to itself. When more threads
 than there are (a local swarm's nodes and its clients on one machine, or a volunteer's own
 programs), each region waits for its slowest thread, the spinning takes CPU the others need, and
 the node gets less done per second of CPU than one thread would. 8 independent clients on a
-4-stage local swarm here (2 cores): 38-41 tok/s with nodes of 2 threads, 52-55 with nodes of one;
-one client alone: 27-28 against 22-23 (docs/performance.md, fiftieth session).
+4-stage local swarm here (2 cores): 39.0-40.7 tok/s with nodes of 2 threads, 55.0-55.4 with nodes
+of one; one client alone: 27.0-28.2 against 22.5-22.9 (docs/performance.md, fiftieth session).
 
 So a node watches how long its main thread (the team's first) waits for a core while it wants
 one, from the kernel's schedstat: past REDUCE_ABOVE of the time for REDUCE_SECONDS it computes with
 half its threads (one, from two; halved again after as long if that is still too many), its main
-thread unbound from the core OpenMP gave it (node/affinity.py: every node's first thread has the
-same one), and once under RESTORE_BELOW for RESTORE_SECONDS it goes back to its own.
+thread unbound from the core OpenMP bound it to (node/affinity.py: on a small machine other
+nodes' first threads share it), and once under RESTORE_BELOW for RESTORE_SECONDS it goes back to
+its own. Each switch empties oneDNN's kernel cache (torch.set_num_threads does): ~1.5 ms a prompt
+shape to build again, not measurable in decode.
+
+What it sees is the main thread's wait: more threads than cores among the nodes and clients
+(review148: 8 independent clients, all four nodes of a local swarm switched within 2 s). Not
+yet a program that takes one core from the node's OpenMP worker only: the main thread, spinning
+at the barrier for that worker, counts as running (review148: one busy loop beside a 4-stage
+swarm, 10.1-10.9 tok/s with nodes of 2 threads, no switch, against 18.5-18.7 with nodes of one).
 """
 
 from __future__ import annotations
@@ -60,8 +68,9 @@ class ThreadGovernor:
     def __init__(self, threads: int, read: Callable[[], tuple[int, int] | None] = read_schedstat,
                  set_threads: Callable[[int], None] = torch.set_num_threads,
                  set_cpus: Callable[[set[int]], None] | None = None,
-                 own_cpus: Callable[[], set[int] | None] | None = None):
+                 own_cpus: Callable[[], set[int] | None] | None = None, name: str = "this node"):
         self.full = threads
+        self.name = name  # (in its log lines: a local swarm's nodes share one stderr)
         self.current = threads
         self._read = read
         self._set_threads = set_threads
@@ -99,6 +108,11 @@ class ThreadGovernor:
         if toward is not None and now - self._since >= hold:
             self._switch(toward, share)
 
+    def restore(self) -> None:
+        """Its own threads and cores again (the node stops: a program that ran it goes on)."""
+        if self.current != self.full:
+            self._switch(self.full, None)
+
     def _switch(self, threads: int, share: float | None) -> None:
         self._toward = None
         self._set_threads(threads)
@@ -106,11 +120,11 @@ class ThreadGovernor:
             self._set_cpus(set(START_CPUS) if threads < self.full else self._own_cpus)
         self.current = self.state["now"] = threads
         if threads < self.full:
-            log.info("the cores are contended (this node waited for one %.0f%% of the time it wanted one): "
-                     "computing with %d torch thread%s instead of %d until they are free", 100 * (share or 0),
-                     threads, "s" * (threads > 1), self.full)
+            log.info("the cores are contended (%s waited for one %.0f%% of the time it wanted one): "
+                     "computing with %d torch thread%s instead of %d until they are free", self.name,
+                     100 * (share or 0), threads, "s" * (threads > 1), self.full)
         else:
-            log.info("the cores are free again: computing with %d torch threads", threads)
+            log.info("%s: computing with its %d torch threads again", self.name, threads)
 
 
 def _own_cpus() -> set[int] | None:

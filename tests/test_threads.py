@@ -59,6 +59,12 @@ def test_a_contended_node_computes_with_one_thread_and_its_own_again_once_the_co
     assert f.threads == [1]
     f.window(g, 50, 5)
     assert f.threads == [1, 2] and g.state == {"now": 2, "own": 2} and f.cpus == [set(START_CPUS), {0}]
+    g.restore()  # (the node stops: already its own)
+    assert f.threads == [1, 2]
+    for _ in range(windows):
+        f.window(g, 50, 150)
+    g.restore()  # the node stops while reduced: the program that ran it gets its threads back
+    assert f.threads == [1, 2, 1, 2] and f.cpus[-1] == {0} and g.current == 2
 
 
 def test_a_short_spell_of_waiting_or_an_idle_node_behind_a_busy_neighbour_changes_nothing():
