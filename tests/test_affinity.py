@@ -78,7 +78,7 @@ def _exact(model_dir, addresses: list[str]) -> None:
         model.close()
 
 
-# (a node on contended cores computes with one thread, unbound, for a while: node/threads.py)
+# (a node on contended cores halves its threads, its main thread unbound, for a while: node/threads.py)
 FIXED_THREADS = {"NANOSWARM_ADAPT_THREADS": "0"}
 
 needs_two_cpus = pytest.mark.skipif(sys.platform != "linux" or len(START_CPUS) < 2,
