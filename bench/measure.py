@@ -87,7 +87,7 @@ def node_stats(conn: PeerConnection) -> dict:
 
 def settle_threads(conns: list[PeerConnection], timeout: float = 6.0) -> None:
     """Wait, at most `timeout` seconds, until every node computes with its own torch threads
-    again: one that found the cores contended (a run of independent clients) computes with one
+    again: one that found the cores contended (a run of independent clients) computes with fewer
     for a while after (node/threads.py), and the next run would measure that."""
     deadline = time.monotonic() + timeout
     while True:

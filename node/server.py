@@ -18,7 +18,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import zmq
 
@@ -260,11 +260,7 @@ class NodeServer:
             self.failure = f"the device failed ({self.handler.device_failure}): this node can compute no more"
             log.error("%s; leaving", self.failure)
             self.leave()
-        for fn in self.after_batch:
-            try:
-                fn()
-            except Exception:
-                log.exception("%s failed", getattr(fn, "__name__", fn))
+        _call_each(self.after_batch)
 
     def _drain(self, batch: list) -> None:
         # Asking for EVENTS, not reading until zmq.Again: an exception per batch is slow to raise
@@ -325,12 +321,8 @@ class NodeServer:
         """The node's one-second chores, each on its own: one that fails (logged) stops no other,
         the gossip's check that the node ran among them (review144)."""
         # (_send_all of nothing: the steps of relay links that expire closed, answered relay_failed)
-        for fn in (self.relays.expire, functools.partial(self._send_all, []), self.handler.groups.forget_stale,
-                   *self.each_second):
-            try:
-                fn()
-            except Exception:
-                log.exception("%s failed", getattr(fn, "__name__", fn))
+        _call_each((self.relays.expire, functools.partial(self._send_all, []), self.handler.groups.forget_stale,
+                    *self.each_second))
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -408,3 +400,12 @@ class _ClientKeys:
         log.warning("refused CURVE key %s: not in --allow-keys (its refusals this hour are not logged again%s)",
                     curve_key_hex(key), f"; nor other keys': that makes {self.MAX_LOGGED}"
                     if len(self.refused) == self.MAX_LOGGED else "")
+
+
+def _call_each(fns: Iterable[Callable[[], object]]) -> None:
+    """Call each of `fns` on its own: one that fails (logged) stops no other."""
+    for fn in fns:
+        try:
+            fn()
+        except Exception:
+            log.exception("%s failed", getattr(fn, "__name__", fn))
