@@ -9,25 +9,32 @@ the node gets less done per second of CPU than one thread would. 8 independent c
 4-stage local swarm here (2 cores): 39.0-40.7 tok/s with nodes of 2 threads, 55.0-55.4 with nodes
 of one; one client alone: 27.0-28.2 against 22.5-22.9 (docs/performance.md, fiftieth session).
 
-So a node watches how long its main thread (the team's first) waits for a core while it wants
-one, from the kernel's schedstat: past REDUCE_ABOVE of the time for REDUCE_SECONDS it computes with
-half its threads (one, from two; halved again after as long if that is still too many), its main
-thread unbound from the core OpenMP bound it to (node/affinity.py: on a small machine other
-nodes' first threads share it), and once under RESTORE_BELOW for RESTORE_SECONDS it goes back to
-its own. Each switch empties oneDNN's kernel cache (torch.set_num_threads does): ~1.5 ms a prompt
-shape to build again, not measurable in decode.
+So a node watches how long the threads of its team (its main thread and OpenMP's workers) wait
+for a core while they want one, from the kernel's schedstat. Once one of them waits more than
+REDUCE_ABOVE of that time for REDUCE_SECONDS, the node computes with half its threads (one, from
+two; halved again after as long if that is still too many), its main thread unbound from the core
+OpenMP bound it to (node/affinity.py: on a small machine other nodes' first threads share it).
+Once under RESTORE_BELOW for RESTORE_SECONDS, or idle, it goes back to its own. Each switch
+empties oneDNN's kernel cache (torch.set_num_threads does): ~1.5 ms a prompt shape to build
+again, not measurable in decode.
 
-What it sees is the main thread's wait: more threads than cores among the nodes and clients
-(review148: 8 independent clients, all four nodes of a local swarm switched within 2 s). Not
-yet a program that takes one core from the node's OpenMP worker only: the main thread, spinning
-at the barrier for that worker, counts as running (review148: one busy loop beside a 4-stage
-swarm, 10.1-10.9 tok/s with nodes of 2 threads, no switch, against 18.5-18.7 with nodes of one).
+The team's worst thread, not the main thread alone: a program that takes a core from a worker
+only leaves the main thread spinning at the barrier, which counts as running (review148: one busy
+loop beside a 4-stage swarm, 10.1-10.9 tok/s with nodes of 2 threads and no switch while the
+governor read the main thread alone, 18.5-18.7 with nodes of one).
+
+Fewer threads can end the contention they were the answer to: one node of 2 threads beside a
+busy loop waits ~47% with both and ~0 with one, so it went back and forth every ~3 s (21.1 tok/s
+against 23.4 with one thread throughout, 18.4 with two). So a node contended again within
+REBOUND_SECONDS of taking its threads back waits twice as long before the next try (up to
+RESTORE_MAX_SECONDS); an idle spell, or contention that comes back later, starts over.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -38,12 +45,19 @@ from nanoswarm import START_CPUS
 log = logging.getLogger(__name__)
 
 SCHEDSTAT = "/proc/thread-self/schedstat"  # run ns, wait-for-a-core ns, timeslices (Linux)
+TASKS = "/proc/self/task"  # the process's threads, by kernel thread id
 CHECK_SECONDS = 0.25  # judged at most this often (after a batch; idle, on the 1 s timer)
-REDUCE_ABOVE = 0.6    # of the time the main thread wanted a core (ran or waited), it waited this much
+# Of the time a team thread wanted a core (ran or waited), it waited this much. Measured in 0.25 s
+# windows on a 4-stage local swarm of 2-thread nodes (2 cores): one client alone, the worst
+# thread 0-28%; beside one busy loop 40-62%; 8 independent clients 55-75%; reduced to one thread
+# beside the loop 4-56% (mostly under 40%), beside 8 clients 31-65%.
+REDUCE_ABOVE = 0.4
 REDUCE_SECONDS = 1.0
 RESTORE_BELOW = 0.25
 RESTORE_SECONDS = 2.0
-# A window in which the thread wanted a core (ran or waited) for less than this share of it says
+REBOUND_SECONDS = 4.0  # contended again this soon after taking its threads back: that was too soon
+RESTORE_MAX_SECONDS = 32.0
+# A window in which no team thread wanted a core (ran or waited) for this share of it says
 # nothing of contention: an idle node, whose few wake-ups wait behind a busy neighbour (a
 # one-process round of the bench held both cores for a second: 3 ms run, 7 ms waited). It counts
 # toward restoring, never toward reducing.
@@ -60,12 +74,43 @@ def read_schedstat(path: str = SCHEDSTAT) -> tuple[int, int] | None:
         return None
 
 
+def read_team() -> dict[int, tuple[int, int]] | None:
+    """schedstat (`read_schedstat`) of the calling thread and of the process's threads that are
+    neither Python's nor ZeroMQ's, by thread id: the OpenMP team the caller leads (torch's other
+    native helpers sleep and want no core). None where the kernel does not say."""
+    own = read_schedstat()
+    if own is None:
+        return None
+    team = {threading.get_native_id(): own}
+    python = {t.native_id for t in threading.enumerate()}
+    try:
+        tids = [int(name) for name in os.listdir(TASKS)]
+    except (OSError, ValueError):
+        return team
+    for tid in tids:
+        if tid in team or tid in python or _comm(tid).startswith("ZMQbg"):  # (its I/O and reaper)
+            continue
+        stat = read_schedstat(f"{TASKS}/{tid}/schedstat")
+        if stat is not None:  # (None: it ended meanwhile)
+            team[tid] = stat
+    return team
+
+
+def _comm(tid: int) -> str:
+    try:
+        with open(f"{TASKS}/{tid}/comm") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 class ThreadGovernor:
     """Halves the calling thread's torch threads (down to 1) while the cores are contended, and
     gives it back its own `threads` once they are free (the module's doc). `check` is called from
-    the node's loop thread, the OpenMP team's first."""
+    the node's loop thread, the OpenMP team's first. `read` gives each team thread's ns run and
+    ns waited, by thread id."""
 
-    def __init__(self, threads: int, read: Callable[[], tuple[int, int] | None] = read_schedstat,
+    def __init__(self, threads: int, read: Callable[[], dict[int, tuple[int, int]] | None] = read_team,
                  set_threads: Callable[[int], None] = torch.set_num_threads,
                  set_cpus: Callable[[set[int]], None] | None = None,
                  own_cpus: Callable[[], set[int] | None] | None = None, name: str = "this node"):
@@ -78,9 +123,12 @@ class ThreadGovernor:
         self._own_cpus = (own_cpus or _own_cpus)()
         self.enabled = threads > 1 and read() is not None
         self.state = {"now": threads, "own": threads}  # for the node's `info` (`threads`), kept current
-        self._last: tuple[float, int, int] | None = None  # when, run ns, wait ns
+        self._last: tuple[float, dict[int, tuple[int, int]]] | None = None  # when, each thread's reading
         self._toward: int | None = None  # the count the windows have pointed to, since `_since`
         self._since = 0.0
+        self._busy = False  # a window since `_since` in which the team wanted a core
+        self.restore_seconds = RESTORE_SECONDS  # doubled after each restore that came too soon
+        self._restored: float | None = None  # when it last took its threads back while busy
 
     def check(self, now: float | None = None) -> None:
         if not self.enabled:
@@ -92,39 +140,65 @@ class ThreadGovernor:
         if stat is None:
             self.enabled = False
             return
-        last, self._last = self._last, (now, *stat)
+        last, self._last = self._last, (now, stat)
         if last is None:
             return
-        ran, waited = (stat[0] - last[1]) / 1e9, (stat[1] - last[2]) / 1e9
-        share = waited / (ran + waited) if ran + waited >= MIN_WANTED * (now - last[0]) else None
+        share = _worst_share(last[1], stat, now - last[0])
         if share is not None and share > REDUCE_ABOVE and self.current > 1:
-            toward, hold = max(1, self.current // 2), REDUCE_SECONDS
+            toward = max(1, self.current // 2)
         elif (share is None or share < RESTORE_BELOW) and self.current < self.full:
-            toward, hold = self.full, RESTORE_SECONDS
+            toward = self.full
         else:
-            toward, hold = None, 0.0
+            toward = None
         if toward != self._toward:  # (a new direction, or none: the time held starts again)
-            self._toward, self._since = toward, last[0]  # (the window began then)
-        if toward is not None and now - self._since >= hold:
-            self._switch(toward, share)
+            self._toward, self._since, self._busy = toward, last[0], False  # (the window began then)
+        self._busy |= share is not None
+        if toward is None:
+            return
+        if toward < self.current:
+            hold = REDUCE_SECONDS
+        else:  # (an idle node goes back soon: whatever comes next is new work)
+            hold = self.restore_seconds if self._busy else RESTORE_SECONDS
+        if now - self._since >= hold:
+            self._switch(toward, share, now)
 
     def restore(self) -> None:
         """Its own threads and cores again (the node stops: a program that ran it goes on)."""
         if self.current != self.full:
-            self._switch(self.full, None)
+            self._switch(self.full, None, None)
 
-    def _switch(self, threads: int, share: float | None) -> None:
+    def _switch(self, threads: int, share: float | None, now: float | None) -> None:
+        if threads < self.current == self.full and now is not None:
+            rebound = self._restored is not None and now - self._restored < REBOUND_SECONDS
+            self.restore_seconds = min(2 * self.restore_seconds, RESTORE_MAX_SECONDS) if rebound \
+                else RESTORE_SECONDS
+        elif threads == self.full:
+            self._restored = now if self._busy else None  # (idle: the next contention starts over)
         self._toward = None
         self._set_threads(threads)
         if self._own_cpus is not None:
             self._set_cpus(set(START_CPUS) if threads < self.full else self._own_cpus)
         self.current = self.state["now"] = threads
         if threads < self.full:
-            log.info("the cores are contended (%s waited for one %.0f%% of the time it wanted one): "
-                     "computing with %d torch thread%s instead of %d until they are free", self.name,
-                     100 * (share or 0), threads, "s" * (threads > 1), self.full)
+            log.info("the cores are contended (a thread of %s waited for one %.0f%% of the time it wanted "
+                     "one): computing with %d torch thread%s instead of %d until the cores have been "
+                     "free for %.0f s", self.name, 100 * (share or 0), threads, "s" * (threads > 1), self.full,
+                     self.restore_seconds)
         else:
             log.info("%s: computing with its %d torch threads again", self.name, threads)
+
+
+def _worst_share(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]],
+                 seconds: float) -> float | None:
+    """The largest share of its wanted time (ran + waited) a team thread waited in the window;
+    None where none wanted a core for MIN_WANTED of it (no evidence)."""
+    shares = []
+    for tid, (run, wait) in after.items():
+        if tid in before:
+            ran, waited = (run - before[tid][0]) / 1e9, (wait - before[tid][1]) / 1e9
+            if ran + waited >= MIN_WANTED * seconds:
+                shares.append(waited / (ran + waited))
+    return max(shares, default=None)
 
 
 def _own_cpus() -> set[int] | None:

@@ -1,9 +1,10 @@
-"""A node's torch threads under contention (node/threads.py): fewer while its main thread waits
-for a core most of the time it wants one, its own again once the cores are free."""
+"""A node's torch threads under contention (node/threads.py): fewer while a thread of its OpenMP
+team waits for a core most of the time it wants one, its own again once the cores are free."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -11,28 +12,37 @@ import pytest
 from nanoswarm import START_CPUS
 from nanoswarm.node import threads as th
 from nanoswarm.node.cluster import NodeSpec
-from nanoswarm.node.threads import ThreadGovernor, read_schedstat
+from nanoswarm.node.threads import ThreadGovernor, read_schedstat, read_team
 
 
 class Fake:
-    """A thread's schedstat, advanced window by window, and what the governor set."""
+    """The team's schedstat (its main thread's, and an OpenMP worker's once `worker` is set),
+    advanced window by window, and what the governor set."""
 
     def __init__(self, own: set[int] | None = None):
         self.run = self.wait = 0
+        self.worker: list[int] | None = None  # ns run, ns waited
         self.now = 100.0
         self.threads: list[int] = []
         self.cpus: list[set[int]] = []
         self.own = own
 
     def governor(self, threads: int = 2) -> ThreadGovernor:
-        g = ThreadGovernor(threads, read=lambda: (self.run, self.wait), set_threads=self.threads.append,
+        g = ThreadGovernor(threads, read=self.read, set_threads=self.threads.append,
                            set_cpus=self.cpus.append, own_cpus=lambda: self.own)
         g.check(self.now)  # the first reading: no window yet
         return g
 
-    def window(self, g: ThreadGovernor, ran_ms: float, waited_ms: float, seconds: float = th.CHECK_SECONDS) -> None:
+    def read(self) -> dict[int, tuple[int, int]]:
+        return {1: (self.run, self.wait)} | ({} if self.worker is None else {2: tuple(self.worker)})
+
+    def window(self, g: ThreadGovernor, ran_ms: float, waited_ms: float, seconds: float = th.CHECK_SECONDS,
+               worker: tuple[float, float] = (0, 0)) -> None:
         self.run += int(ran_ms * 1e6)
         self.wait += int(waited_ms * 1e6)
+        if self.worker is not None:
+            self.worker[0] += int(worker[0] * 1e6)
+            self.worker[1] += int(worker[1] * 1e6)
         self.now += seconds
         g.check(self.now)
 
@@ -82,6 +92,71 @@ def test_a_short_spell_of_waiting_or_an_idle_node_behind_a_busy_neighbour_change
     assert f.cpus == []  # (and nothing to unbind where OpenMP bound nothing: own None)
 
 
+def test_a_worker_kept_off_its_core_counts_though_the_main_thread_spins_for_it():
+    """A program that takes a core from the node's OpenMP worker only: the main thread, spinning at
+    the barrier for the worker, counts as running; the worker's wait is the evidence."""
+    f = Fake()
+    f.worker = [0, 0]
+    g = f.governor(2)
+    windows = round(th.REDUCE_SECONDS / th.CHECK_SECONDS)
+    # A worker that wants little (the spin after a pass) waits behind others: no evidence.
+    for _ in range(2 * windows):
+        f.window(g, 200, 20, worker=(2, 20))
+    assert f.threads == []
+    for _ in range(windows - 1):
+        f.window(g, 200, 20, worker=(100, 150))  # main 9% waiting, the worker 60%
+    assert f.threads == []
+    f.window(g, 200, 20, worker=(100, 150))
+    assert f.threads == [1]
+    # Reduced, the worker sleeps (wants nothing) and the main thread computes with a core free.
+    for _ in range(round(th.RESTORE_SECONDS / th.CHECK_SECONDS)):
+        f.window(g, 150, 10)
+    assert f.threads == [1, 2]
+
+
+def test_a_node_contended_again_soon_after_taking_its_threads_back_waits_longer_before_the_next_try():
+    """One node beside a busy loop: with one thread the cores are free, with two contended."""
+    f = Fake()
+    g = f.governor(2)
+    reduce, restore = (round(s / th.CHECK_SECONDS) for s in (th.REDUCE_SECONDS, th.RESTORE_SECONDS))
+    holds = []
+    for _ in range(6):
+        for _ in range(reduce):
+            f.window(g, 50, 100)
+        assert g.current == 1
+        holds.append(g.restore_seconds)
+        windows = 0
+        while g.current == 1:
+            f.window(g, 150, 10)
+            windows += 1
+        assert windows == round(holds[-1] / th.CHECK_SECONDS)
+    assert holds == [2.0, 4.0, 8.0, 16.0, 32.0, 32.0]  # doubled each time, up to RESTORE_MAX_SECONDS
+    assert th.RESTORE_SECONDS == 2.0 and th.RESTORE_MAX_SECONDS == 32.0
+    # Idle: its own threads after RESTORE_SECONDS however long the last wait, and the next
+    # contention starts over.
+    for _ in range(reduce):
+        f.window(g, 50, 100)
+    for _ in range(restore):
+        f.window(g, 0, 0)
+    assert g.current == 2
+    for _ in range(reduce):
+        f.window(g, 50, 100)
+    assert g.current == 1 and g.restore_seconds == th.RESTORE_SECONDS
+    # Contended again long after a restore that held: that restore was right, start over too.
+    while g.current == 1:
+        f.window(g, 150, 10)
+    for _ in range(reduce):
+        f.window(g, 50, 100)
+    assert g.current == 1 and g.restore_seconds == 2 * th.RESTORE_SECONDS  # (a rebound)
+    while g.current == 1:
+        f.window(g, 150, 10)
+    for _ in range(round(th.REBOUND_SECONDS / th.CHECK_SECONDS)):
+        f.window(g, 150, 60)  # (neither contended nor free)
+    for _ in range(reduce):
+        f.window(g, 50, 100)
+    assert g.current == 1 and g.restore_seconds == th.RESTORE_SECONDS
+
+
 def test_a_node_of_many_threads_halves_them_while_contended_and_an_idle_one_takes_them_back():
     f = Fake(own={0})
     g = f.governor(8)
@@ -92,7 +167,7 @@ def test_a_node_of_many_threads_halves_them_while_contended_and_an_idle_one_take
     for _ in range(per_step):
         f.window(g, 20, 200)
     assert f.threads == [4, 2]
-    f.window(g, 100, 100)  # 50%: neither contended enough to halve again nor free: the clock restarts
+    f.window(g, 100, 50)  # 33%: neither contended enough to halve again nor free: the clock restarts
     for _ in range(per_step - 1):
         f.window(g, 20, 200)
     assert f.threads == [4, 2]
@@ -111,12 +186,12 @@ def test_checks_are_rate_limited_and_off_for_one_thread_or_without_schedstat():
     f = Fake()
     g = f.governor(2)
     reads = []
-    g._read = lambda: reads.append(1) or (f.run, f.wait)
+    g._read = lambda: reads.append(1) or f.read()
     g.check(f.now + th.CHECK_SECONDS / 2)  # a batch right after the last check: not read
     assert reads == []
     g.check(f.now + th.CHECK_SECONDS)
     assert reads == [1]
-    assert not ThreadGovernor(1, read=lambda: (0, 0)).enabled  # nothing to reduce
+    assert not ThreadGovernor(1, read=lambda: {1: (0, 0)}).enabled  # nothing to reduce
     assert not ThreadGovernor(2, read=lambda: None).enabled  # no schedstat (not Linux, or hidden)
     gone = Fake()
     h = gone.governor(2)
@@ -135,6 +210,38 @@ def test_schedstat_is_read_from_the_kernel_for_the_calling_thread():
     second = read_schedstat()
     assert second is not None and second[0] - first[0] >= 40e6
     assert read_schedstat("/nonexistent/schedstat") is None
+
+
+@pytest.mark.skipif(not os.path.exists(th.SCHEDSTAT), reason="the kernel exposes no schedstat here")
+def test_the_team_read_from_the_kernel_is_the_caller_and_openmp_workers_not_python_or_zeromq_threads():
+    import torch
+    import zmq
+
+    torch.set_num_threads(2)  # (conftest gives the test's count back)
+    a = torch.randn(256, 256)
+    for _ in range(20):
+        a @ a  # OpenMP's worker exists once a parallel region ran
+    idle = threading.Event()
+    python = threading.Thread(target=idle.wait, daemon=True)
+    python.start()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)  # (its I/O thread and reaper)
+    try:
+        before = read_team()
+        for _ in range(200):
+            a @ a
+        after = read_team()
+        assert before is not None and after is not None
+        own = threading.get_native_id()
+        assert own in after and python.native_id not in after
+        zmq_threads = {int(t) for t in os.listdir(th.TASKS) if th._comm(int(t)).startswith("ZMQbg")}
+        assert len(zmq_threads) >= 2 and not zmq_threads & set(after)  # (ours, and any earlier context's)
+        workers = [t for t in after if t != own and t in before and after[t][0] > before[t][0]]
+        assert workers  # the worker computed its half of the matmuls
+    finally:
+        idle.set()
+        sock.close(linger=0)
+        ctx.term()
 
 
 def _info(address: str) -> dict:
