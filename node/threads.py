@@ -14,9 +14,10 @@ for a core while they want one, from the kernel's schedstat. Once one of them wa
 REDUCE_ABOVE of that time for REDUCE_SECONDS, the node computes with half its threads (one, from
 two; halved again after as long if that is still too many), its main thread unbound from the core
 OpenMP bound it to (node/affinity.py: on a small machine other nodes' first threads share it).
-Once under RESTORE_BELOW for RESTORE_SECONDS, or idle, it goes back to its own. Each switch
-empties oneDNN's kernel cache (torch.set_num_threads does): ~1.5 ms a prompt shape to build
-again, not measurable in decode.
+Once under RESTORE_BELOW for RESTORE_SECONDS it doubles them again, a step at a time up to its
+own (a node of 4 on 2 cores went from one straight to 4, contended at once: review149); idle for
+RESTORE_SECONDS, it takes its own at once. Each switch empties oneDNN's kernel cache
+(torch.set_num_threads does): ~1.5 ms a prompt shape to build again, not measurable in decode.
 
 The team's worst thread, not the main thread alone: a program that takes a core from a worker
 only leaves the main thread spinning at the barrier, which counts as running (review148: one busy
@@ -26,8 +27,10 @@ governor read the main thread alone, 18.5-18.7 with nodes of one).
 Fewer threads can end the contention they were the answer to: one node of 2 threads beside a
 busy loop waits ~47% with both and ~0 with one, so it went back and forth every ~3 s (21.1 tok/s
 against 23.4 with one thread throughout, 18.4 with two). So a node contended again within
-REBOUND_SECONDS of taking its threads back waits twice as long before the next try (up to
-RESTORE_MAX_SECONDS); an idle spell, or contention that comes back later, starts over.
+REBOUND_SECONDS of taking threads back waits twice as long before the next try (up to
+RESTORE_MAX_SECONDS); an idle spell, or contention that comes back later, starts over. The price:
+with fewer threads a node cannot tell whether the program that contended is gone, so a node that
+stays busy after it went keeps fewer threads for up to RESTORE_MAX_SECONDS.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ REDUCE_SECONDS = 1.0
 RESTORE_BELOW = 0.25
 RESTORE_SECONDS = 2.0
 REBOUND_SECONDS = 4.0  # contended again this soon after taking its threads back: that was too soon
-RESTORE_MAX_SECONDS = 32.0
+RESTORE_MAX_SECONDS = 16.0
 # A window in which no team thread wanted a core (ran or waited) for this share of it says
 # nothing of contention: an idle node, whose few wake-ups wait behind a busy neighbour (a
 # one-process round of the bench held both cores for a second: 3 ms run, 7 ms waited). It counts
@@ -126,9 +129,9 @@ class ThreadGovernor:
         self._last: tuple[float, dict[int, tuple[int, int]]] | None = None  # when, each thread's reading
         self._toward: int | None = None  # the count the windows have pointed to, since `_since`
         self._since = 0.0
-        self._busy = False  # a window since `_since` in which the team wanted a core
+        self._idle_since: float | None = None  # the windows since then said nothing (no evidence)
         self.restore_seconds = RESTORE_SECONDS  # doubled after each restore that came too soon
-        self._restored: float | None = None  # when it last took its threads back while busy
+        self._restored: float | None = None  # when it last took threads back while busy
 
     def check(self, now: float | None = None) -> None:
         if not self.enabled:
@@ -144,22 +147,26 @@ class ThreadGovernor:
         if last is None:
             return
         share = _worst_share(last[1], stat, now - last[0])
+        if share is not None:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = last[0]
         if share is not None and share > REDUCE_ABOVE and self.current > 1:
             toward = max(1, self.current // 2)
         elif (share is None or share < RESTORE_BELOW) and self.current < self.full:
-            toward = self.full
+            toward = min(self.full, 2 * self.current)  # (a step at a time, each tried like the first)
         else:
             toward = None
         if toward != self._toward:  # (a new direction, or none: the time held starts again)
-            self._toward, self._since, self._busy = toward, last[0], False  # (the window began then)
-        self._busy |= share is not None
+            self._toward, self._since = toward, last[0]  # (the window began then)
         if toward is None:
             return
         if toward < self.current:
-            hold = REDUCE_SECONDS
-        else:  # (an idle node goes back soon: whatever comes next is new work)
-            hold = self.restore_seconds if self._busy else RESTORE_SECONDS
-        if now - self._since >= hold:
+            if now - self._since >= REDUCE_SECONDS:
+                self._switch(toward, share, now)
+        elif self._idle_since is not None and now - self._idle_since >= RESTORE_SECONDS:
+            self._switch(self.full, None, None)  # idle: whatever comes next is new work
+        elif now - self._since >= self.restore_seconds:
             self._switch(toward, share, now)
 
     def restore(self) -> None:
@@ -168,22 +175,31 @@ class ThreadGovernor:
             self._switch(self.full, None, None)
 
     def _switch(self, threads: int, share: float | None, now: float | None) -> None:
-        if threads < self.current == self.full and now is not None:
-            rebound = self._restored is not None and now - self._restored < REBOUND_SECONDS
-            self.restore_seconds = min(2 * self.restore_seconds, RESTORE_MAX_SECONDS) if rebound \
-                else RESTORE_SECONDS
-        elif threads == self.full:
-            self._restored = now if self._busy else None  # (idle: the next contention starts over)
+        """`now` is None for a restore that says nothing of contention (idle, stopping): the next
+        contention starts the back-off over."""
+        down = threads < self.current
+        if down:
+            if self._restored is not None and now is not None:  # (the first reduction since a restore)
+                rebound = now - self._restored < REBOUND_SECONDS
+                self.restore_seconds = min(2 * self.restore_seconds, RESTORE_MAX_SECONDS) if rebound \
+                    else RESTORE_SECONDS
+                self._restored = None
+        elif now is None:
+            self._restored, self.restore_seconds = None, RESTORE_SECONDS
+        else:
+            self._restored = now
         self._toward = None
         self._set_threads(threads)
         if self._own_cpus is not None:
             self._set_cpus(set(START_CPUS) if threads < self.full else self._own_cpus)
         self.current = self.state["now"] = threads
-        if threads < self.full:
+        if down:
             log.info("the cores are contended (a thread of %s waited for one %.0f%% of the time it wanted "
                      "one): computing with %d torch thread%s instead of %d until the cores have been "
                      "free for %.0f s", self.name, 100 * (share or 0), threads, "s" * (threads > 1), self.full,
                      self.restore_seconds)
+        elif threads < self.full:
+            log.info("%s: computing with %d of its %d torch threads", self.name, threads, self.full)
         else:
             log.info("%s: computing with its %d torch threads again", self.name, threads)
 
@@ -194,7 +210,7 @@ def _worst_share(before: dict[int, tuple[int, int]], after: dict[int, tuple[int,
     None where none wanted a core for MIN_WANTED of it (no evidence)."""
     shares = []
     for tid, (run, wait) in after.items():
-        if tid in before:
+        if tid in before and run >= before[tid][0] and wait >= before[tid][1]:  # (else a new thread, its id reused)
             ran, waited = (run - before[tid][0]) / 1e9, (wait - before[tid][1]) / 1e9
             if ran + waited >= MIN_WANTED * seconds:
                 shares.append(waited / (ran + waited))

@@ -108,6 +108,8 @@ def test_a_worker_kept_off_its_core_counts_though_the_main_thread_spins_for_it()
     assert f.threads == []
     f.window(g, 200, 20, worker=(100, 150))
     assert f.threads == [1]
+    # A thread id the kernel gave a new thread meanwhile (its counters went down): not a window.
+    assert th._worst_share({5: (100_000_000, 0)}, {5: (90_000_000, 300_000_000)}, 0.25) is None
     # Reduced, the worker sleeps (wants nothing) and the main thread computes with a core free.
     for _ in range(round(th.RESTORE_SECONDS / th.CHECK_SECONDS)):
         f.window(g, 150, 10)
@@ -130,8 +132,8 @@ def test_a_node_contended_again_soon_after_taking_its_threads_back_waits_longer_
             f.window(g, 150, 10)
             windows += 1
         assert windows == round(holds[-1] / th.CHECK_SECONDS)
-    assert holds == [2.0, 4.0, 8.0, 16.0, 32.0, 32.0]  # doubled each time, up to RESTORE_MAX_SECONDS
-    assert th.RESTORE_SECONDS == 2.0 and th.RESTORE_MAX_SECONDS == 32.0
+    assert holds == [2.0, 4.0, 8.0, 16.0, 16.0, 16.0]  # doubled each time, up to RESTORE_MAX_SECONDS
+    assert th.RESTORE_SECONDS == 2.0 and th.RESTORE_MAX_SECONDS == 16.0
     # Idle: its own threads after RESTORE_SECONDS however long the last wait, and the next
     # contention starts over.
     for _ in range(reduce):
@@ -155,6 +157,64 @@ def test_a_node_contended_again_soon_after_taking_its_threads_back_waits_longer_
     for _ in range(reduce):
         f.window(g, 50, 100)
     assert g.current == 1 and g.restore_seconds == th.RESTORE_SECONDS
+
+
+def test_an_idle_spell_gives_a_backed_off_node_its_threads_after_restore_seconds():
+    """review149: busy windows with the cores free, then idle ones (a client finished while the
+    node waited out a long back-off): its own threads RESTORE_SECONDS into the idle spell."""
+    f = Fake()
+    g = f.governor(2)
+    reduce = round(th.REDUCE_SECONDS / th.CHECK_SECONDS)
+    for _ in range(3):  # three restores that came too soon: 16 s now
+        for _ in range(reduce):
+            f.window(g, 50, 100)
+        while g.current == 1:
+            f.window(g, 150, 10)
+    for _ in range(reduce):
+        f.window(g, 50, 100)
+    assert g.current == 1 and g.restore_seconds == 16.0
+    for _ in range(4):
+        f.window(g, 150, 10)  # a second of free cores, still busy
+    for _ in range(round(th.RESTORE_SECONDS / th.CHECK_SECONDS) - 1):
+        f.window(g, 0, 0)
+    assert g.current == 1
+    f.window(g, 0, 0)
+    assert g.current == 2
+    for _ in range(reduce):  # the next contention starts the back-off over
+        f.window(g, 50, 100)
+    assert g.current == 1 and g.restore_seconds == th.RESTORE_SECONDS
+
+
+def test_a_node_of_many_threads_takes_them_back_a_doubling_at_a_time_while_busy():
+    """review149: a node of 4 threads on 2 cores went from one straight back to 4, contended at
+    once; now 1 -> 2 -> 4, each step held like the first, and contention right after a step is
+    a rebound."""
+    f = Fake(own={0})
+    g = f.governor(4)
+    reduce, restore = (round(s / th.CHECK_SECONDS) for s in (th.REDUCE_SECONDS, th.RESTORE_SECONDS))
+    for _ in range(2 * reduce):
+        f.window(g, 50, 100)
+    assert f.threads == [2, 1]
+    for _ in range(restore):
+        f.window(g, 150, 10)
+    assert f.threads == [2, 1, 2] and f.cpus[-1] == set(START_CPUS)  # (not its own core yet)
+    for _ in range(restore):
+        f.window(g, 150, 10)
+    assert f.threads == [2, 1, 2, 4] and f.cpus[-1] == {0}
+    for _ in range(reduce):
+        f.window(g, 50, 100)  # contended at once: that step came too soon
+    assert f.threads == [2, 1, 2, 4, 2] and g.restore_seconds == 2 * th.RESTORE_SECONDS
+    for _ in range(reduce):
+        f.window(g, 50, 100)  # the same contention: one rebound, not two
+    assert f.threads == [2, 1, 2, 4, 2, 1] and g.restore_seconds == 2 * th.RESTORE_SECONDS
+    for _ in range(2 * restore):
+        f.window(g, 150, 10)
+    assert g.current == 2
+    for _ in range(2 * restore - 1):
+        f.window(g, 150, 10)
+    assert g.current == 2
+    f.window(g, 150, 10)
+    assert g.current == 4
 
 
 def test_a_node_of_many_threads_halves_them_while_contended_and_an_idle_one_takes_them_back():
