@@ -27,10 +27,12 @@ governor read the main thread alone, 18.5-18.7 with nodes of one).
 Fewer threads can end the contention they were the answer to: one node of 2 threads beside a
 busy loop waits ~47% with both and ~0 with one, so it went back and forth every ~3 s (21.1 tok/s
 against 23.4 with one thread throughout, 18.4 with two). So a node contended again within
-REBOUND_SECONDS of taking threads back waits twice as long before the next try (up to
-RESTORE_MAX_SECONDS); an idle spell, or contention that comes back later, starts over. The price:
-with fewer threads a node cannot tell whether the program that contended is gone, so a node that
-stays busy after it went keeps fewer threads for up to RESTORE_MAX_SECONDS.
+REBOUND_SECONDS of taking threads back waits twice as long before it tries that count again
+(up to RESTORE_MAX_SECONDS; the counts below it after RESTORE_SECONDS); an idle spell of
+RESTORE_SECONDS, or contention that comes back later, starts over. The price: with fewer threads
+a node cannot tell whether the program that contended is gone, so a node that stays busy after
+it went keeps fewer threads for up to about RESTORE_MAX_SECONDS. A hold counts seconds of
+contention: the first window after an idle spell (the 1 s timer's) counts as one check's worth.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ REDUCE_ABOVE = 0.4
 REDUCE_SECONDS = 1.0
 RESTORE_BELOW = 0.25
 RESTORE_SECONDS = 2.0
-REBOUND_SECONDS = 4.0  # contended again this soon after taking its threads back: that was too soon
+REBOUND_SECONDS = 4.0  # contention that began this soon after taking threads back: that was too soon
 RESTORE_MAX_SECONDS = 16.0
 # A window in which no team thread wanted a core (ran or waited) for this share of it says
 # nothing of contention: an idle node, whose few wake-ups wait behind a busy neighbour (a
@@ -132,6 +134,7 @@ class ThreadGovernor:
         self._idle_since: float | None = None  # the windows since then said nothing (no evidence)
         self.restore_seconds = RESTORE_SECONDS  # doubled after each restore that came too soon
         self._restored: float | None = None  # when it last took threads back while busy
+        self._tried: int | None = None  # the count whose restore came too soon: steps below it wait less
 
     def check(self, now: float | None = None) -> None:
         if not self.enabled:
@@ -140,7 +143,8 @@ class ThreadGovernor:
         if self._last is not None and now - self._last[0] < CHECK_SECONDS:
             return
         stat = self._read()
-        if stat is None:
+        if stat is None:  # (schedstat gone: its own threads, and no more checks)
+            self.restore()
             self.enabled = False
             return
         last, self._last = self._last, (now, stat)
@@ -158,15 +162,19 @@ class ThreadGovernor:
         else:
             toward = None
         if toward != self._toward:  # (a new direction, or none: the time held starts again)
-            self._toward, self._since = toward, last[0]  # (the window began then)
+            # From the window's start, but no further back than a check: a window after an idle
+            # spell is long, and its few busy moments are not seconds of contention (review150).
+            self._toward, self._since = toward, max(last[0], now - CHECK_SECONDS)
+        idle = self._idle_since is not None and now - self._idle_since >= RESTORE_SECONDS
         if toward is None:
-            return
-        if toward < self.current:
+            if idle:  # (its own threads, idle: whatever comes next is new work)
+                self._start_over()
+        elif toward < self.current:
             if now - self._since >= REDUCE_SECONDS:
                 self._switch(toward, share, now)
-        elif self._idle_since is not None and now - self._idle_since >= RESTORE_SECONDS:
-            self._switch(self.full, None, None)  # idle: whatever comes next is new work
-        elif now - self._since >= self.restore_seconds:
+        elif idle:
+            self._switch(self.full, None, None)
+        elif now - self._since >= self._hold(toward):
             self._switch(toward, share, now)
 
     def restore(self) -> None:
@@ -174,18 +182,28 @@ class ThreadGovernor:
         if self.current != self.full:
             self._switch(self.full, None, None)
 
+    def _hold(self, toward: int) -> float:
+        """How long the cores must be free before it takes `toward` threads: the back-off for the
+        count that came too soon and above, RESTORE_SECONDS for the steps below it."""
+        return self.restore_seconds if self._tried is None or toward >= self._tried else RESTORE_SECONDS
+
+    def _start_over(self) -> None:
+        self._restored, self._tried, self.restore_seconds = None, None, RESTORE_SECONDS
+
     def _switch(self, threads: int, share: float | None, now: float | None) -> None:
         """`now` is None for a restore that says nothing of contention (idle, stopping): the next
         contention starts the back-off over."""
         down = threads < self.current
         if down:
-            if self._restored is not None and now is not None:  # (the first reduction since a restore)
-                rebound = now - self._restored < REBOUND_SECONDS
-                self.restore_seconds = min(2 * self.restore_seconds, RESTORE_MAX_SECONDS) if rebound \
-                    else RESTORE_SECONDS
+            if self._restored is not None:  # (the first reduction since a restore)
+                if self._since - self._restored < REBOUND_SECONDS:  # (contended again that soon)
+                    self.restore_seconds = min(2 * self.restore_seconds, RESTORE_MAX_SECONDS)
+                    self._tried = self.current
+                else:
+                    self._start_over()
                 self._restored = None
         elif now is None:
-            self._restored, self.restore_seconds = None, RESTORE_SECONDS
+            self._start_over()
         else:
             self._restored = now
         self._toward = None
@@ -194,10 +212,10 @@ class ThreadGovernor:
             self._set_cpus(set(START_CPUS) if threads < self.full else self._own_cpus)
         self.current = self.state["now"] = threads
         if down:
-            log.info("the cores are contended (a thread of %s waited for one %.0f%% of the time it wanted "
-                     "one): computing with %d torch thread%s instead of %d until the cores have been "
-                     "free for %.0f s", self.name, 100 * (share or 0), threads, "s" * (threads > 1), self.full,
-                     self.restore_seconds)
+            log.info("the cores are contended (a thread of %s waited for one %.1f%% of the time it wanted "
+                     "one): computing with %d torch thread%s instead of %d, %d once the cores have been "
+                     "free for %.0f s", self.name, 100 * (share or 0), threads, "s" * (threads > 1),
+                     self.full, min(self.full, 2 * threads), self._hold(min(self.full, 2 * threads)))
         elif threads < self.full:
             log.info("%s: computing with %d of its %d torch threads", self.name, threads, self.full)
         else:
