@@ -14,6 +14,11 @@ from nanoswarm.node import threads as th
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.threads import ThreadGovernor, read_schedstat, read_team
 
+# Linux with schedstats only; elsewhere the governor is off (tested below with a reader that
+# returns nothing).
+needs_schedstat = pytest.mark.skipif(not os.path.exists(th.SCHEDSTAT),
+                                     reason="needs Linux's per-thread schedstat (/proc/thread-self/schedstat)")
+
 
 class Fake:
     """The team's schedstat (its main thread's, and an OpenMP worker's once `worker` is set),
@@ -302,7 +307,7 @@ def test_checks_are_rate_limited_and_off_for_one_thread_or_without_schedstat():
     assert not h.enabled and reduced.threads == [1, 2] and h.state == {"now": 2, "own": 2}
 
 
-@pytest.mark.skipif(not os.path.exists(th.SCHEDSTAT), reason="the kernel exposes no schedstat here")
+@needs_schedstat
 def test_schedstat_is_read_from_the_kernel_for_the_calling_thread():
     first = read_schedstat()
     assert first is not None and all(isinstance(v, int) and v >= 0 for v in first)
@@ -314,7 +319,7 @@ def test_schedstat_is_read_from_the_kernel_for_the_calling_thread():
     assert read_schedstat("/nonexistent/schedstat") is None
 
 
-@pytest.mark.skipif(not os.path.exists(th.SCHEDSTAT), reason="the kernel exposes no schedstat here")
+@needs_schedstat
 def test_the_team_read_from_the_kernel_is_the_caller_and_openmp_workers_not_python_or_zeromq_threads():
     import torch
     import zmq
