@@ -23,16 +23,19 @@ def openmp_defaults(env: dict | None = None) -> dict:
 
     libgomp reads them once, when torch loads, so they are set on import of this package (before
     any torch import of ours). An idle OpenMP worker spins for GOMP_SPINCOUNT iterations (here
-    10,000: ~0.35 ms) before it sleeps. Long enough to stay awake between the parallel regions of
-    one forward pass: a worker woken from sleep for every region made a 3-block decode step take
-    ~9 ms instead of ~6.3 (docs/performance.md). Short enough that a node idle between tokens gives
-    its core back: libgomp's own default (300,000, ~10 ms) kept every idle node spinning, and
-    OMP_WAIT_POLICY=PASSIVE (sleep at once) pays a wake-up per region. Values the user set win.
+    30,000) before it sleeps: ~0.4 ms on the Intel test VM (~13 ns an iteration), ~1 ms on the
+    AMD one. Long enough to stay awake between the parallel regions of one forward pass, which in a
+    node woken with cold caches can be a few tenths of a millisecond apart: with 10,000 (~0.13 ms
+    on the Intel VM) a node's worker was put to sleep and woken again 8-16 times in a 3-block
+    decode step, and a swarm's token took ~5% longer (docs/performance.md). Short enough that a
+    node idle between tokens gives its core back: libgomp's own default (300,000) kept every idle
+    node spinning, and OMP_WAIT_POLICY=PASSIVE (sleep at once) pays a wake-up per region. Values
+    the user set win.
     """
     env = _os.environ if env is None else env
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # runtimes other than libgomp: sleep when idle
     if "GOMP_SPINCOUNT" not in env and env.get("OMP_WAIT_POLICY") == "PASSIVE":
-        env["GOMP_SPINCOUNT"] = "10000"
+        env["GOMP_SPINCOUNT"] = "30000"
     return env
 
 

@@ -398,3 +398,14 @@ def test_the_bench_waits_for_the_nodes_to_compute_with_their_own_threads_before_
     t0 = time.monotonic()
     settle_threads([stuck], timeout=0.6)  # never back: the run goes on after the timeout
     assert 0.6 <= time.monotonic() - t0 < 2.0 and stuck.asked >= 3
+
+
+def test_openmp_defaults_keep_a_worker_spinning_between_regions_and_leave_the_users_values():
+    from nanoswarm import openmp_defaults
+
+    # ~0.4 ms on the Intel test VM: 10,000 (~0.13 ms) let a node's worker fall asleep between the
+    # parallel regions of one decode step 8-16 times (docs/performance.md, fifty-second session).
+    assert openmp_defaults({}) == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "30000"}
+    assert openmp_defaults({"GOMP_SPINCOUNT": "5"})["GOMP_SPINCOUNT"] == "5"
+    # Another policy the user chose: libgomp's own spin for it, not ours.
+    assert openmp_defaults({"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_WAIT_POLICY": "ACTIVE"}
