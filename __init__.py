@@ -23,14 +23,18 @@ def openmp_defaults(env: dict | None = None) -> dict:
 
     libgomp reads them once, when torch loads, so they are set on import of this package (before
     any torch import of ours). An idle OpenMP worker spins for GOMP_SPINCOUNT iterations (here
-    30,000) before it sleeps: ~0.4 ms on the Intel test VM (~13 ns an iteration), ~1 ms on the
-    AMD one. Long enough to stay awake between the parallel regions of one forward pass, which in a
-    node woken with cold caches can be a few tenths of a millisecond apart: with 10,000 (~0.13 ms
-    on the Intel VM) a node's worker was put to sleep and woken again 8-16 times in a 3-block
-    decode step, and a swarm's token took ~5% longer (docs/performance.md). Short enough that a
-    node idle between tokens gives its core back: libgomp's own default (300,000) kept every idle
-    node spinning, and OMP_WAIT_POLICY=PASSIVE (sleep at once) pays a wake-up per region. Values
-    the user set win.
+    30,000) before it sleeps: ~0.4 ms on the Intel test VM (~13 ns an iteration; longer on the
+    AMD one, where 10,000 took ~0.35 ms). Long enough to stay awake between the parallel regions
+    of one forward pass, which in a node woken with cold caches can be a few tenths of a
+    millisecond apart: with 10,000 (~0.13 ms on the Intel VM) a node's worker was put to sleep and
+    woken again 8-16 times in a 3-block decode step, and a 4-stage swarm's token took ~6% longer
+    (one process ~4%: docs/performance.md). Short enough that a node idle between tokens gives its
+    core back: libgomp's own default (300,000) kept every idle node spinning, and
+    OMP_WAIT_POLICY=PASSIVE (sleep at once) pays a wake-up per region. The price: a worker spins
+    where it slept before, within a pass and for that long after it, CPU that other processes on
+    the same cores do not get (~1 ms more a decode step a node here; a local swarm of stages that
+    compute for less than the spin, such as the tiny test shape's, decoded 3-8% slower than with
+    10,000). Values the user set win.
     """
     env = _os.environ if env is None else env
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # runtimes other than libgomp: sleep when idle

@@ -400,7 +400,7 @@ def test_the_bench_waits_for_the_nodes_to_compute_with_their_own_threads_before_
     assert 0.6 <= time.monotonic() - t0 < 2.0 and stuck.asked >= 3
 
 
-def test_openmp_defaults_keep_a_worker_spinning_between_regions_and_leave_the_users_values():
+def test_openmp_defaults_set_a_spin_for_passive_workers_and_leave_the_users_values():
     from nanoswarm import openmp_defaults
 
     # ~0.4 ms on the Intel test VM: 10,000 (~0.13 ms) let a node's worker fall asleep between the
