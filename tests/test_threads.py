@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from nanoswarm import START_CPUS
+from nanoswarm import START_CPUS, openmp_defaults
 from nanoswarm.node import threads as th
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.threads import ThreadGovernor, read_schedstat, read_team
@@ -401,8 +401,6 @@ def test_the_bench_waits_for_the_nodes_to_compute_with_their_own_threads_before_
 
 
 def test_openmp_defaults_set_a_spin_for_passive_workers_and_leave_the_users_values():
-    from nanoswarm import openmp_defaults
-
     # ~0.4 ms on the Intel test VM: 10,000 (~0.13 ms) let a node's worker fall asleep between the
     # parallel regions of one decode step 8-16 times (docs/performance.md, fifty-second session).
     assert openmp_defaults({}) == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "30000"}
