@@ -122,7 +122,7 @@ def run_round(client: ClientModel, session: InferenceSession, ids: list[int], pr
     keep: list | None = [] if keep_logits else None
     b0 = wire_bytes(session)
     t0 = time.perf_counter()
-    _next_token(client, session.step(client.embed(ids[:prompt_len], 0)), keep)
+    _next_token(client, session.step(client.embed(ids[:prompt_len], 0), last=1), keep)
     prefill = time.perf_counter() - t0
     b1 = wire_bytes(session)
     step_seconds, route_seconds, route_busy = [], [], []
@@ -146,7 +146,7 @@ def run_concurrent(client: ClientModel, sessions: list[InferenceSession], prompt
     `on_start` runs after the prefills, before the decoding starts."""
     n = len(sessions)
     for session, prompt in zip(sessions, prompts):
-        session.step(client.embed(prompt, 0))
+        session.step(client.embed(prompt, 0), last=1)
     if on_start is not None:
         on_start()
     start = threading.Barrier(n + 1)
@@ -186,7 +186,7 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
     users would."""
     n = len(sessions)
     for session, prompt in zip(sessions, prompts):
-        session.step(client.embed(prompt, 0))
+        session.step(client.embed(prompt, 0), last=1)
     if on_start is not None:
         on_start()
     tokens = [p[-1] for p in prompts]

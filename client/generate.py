@@ -125,7 +125,7 @@ def generate_ids(model: ClientModel, session: InferenceSession, prompt: list[int
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt)
     t0 = time.perf_counter()
-    hidden = session.step(model.embed(prompt, 0))
+    hidden = session.step(model.embed(prompt, 0), last=1)  # the next token's row: the nodes send no more
     for i in range(max_new_tokens):
         logits = model.logits(hidden)
         if logits_out is not None:

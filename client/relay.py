@@ -64,31 +64,42 @@ class Chain:
             return 0
         return min(positions_per_request(stage.opened, width) for stage in self.stages)
 
+    def keeps(self) -> bool:
+        """Whether every node of the chain takes `last` (an earlier version would ignore it,
+        and its whole answer would be refused as the wrong shape)."""
+        return all(stage.opened.get("last_positions") is True for stage in self.stages)
+
     def max_trailed(self, width: int) -> int:
         """The most positions one relayed step with its trail may carry: what every node of the
         chain takes, in a message that holds up to one output of each hop."""
         return min(positions_per_request(stage.opened, width * len(self.stages)) for stage in self.stages)
 
-    def step(self, hidden: torch.Tensor, pos: int, timeout: float, trail: bool = True) -> list[torch.Tensor]:
+    def step(self, hidden: torch.Tensor, pos: int, timeout: float, trail: bool = True,
+             last: int | None = None) -> list[torch.Tensor]:
         """Positions pos.. of `hidden` through every stage; returns each stage's output (the
         last one a tensor, the others read from the reply's frames when first used), or with
-        `trail` off only the last stage's: the nodes pass on only their own output."""
-        first, last = self.stages[0], self.stages[-1]
+        `trail` off only the last stage's: the nodes pass on only their own output. With `last`
+        too (from 1 to T - 1; `keeps` says whether the chain takes it) the last stage's output
+        comes back as its last `last` positions only."""
+        first, end = self.stages[0], self.stages[-1]
         rid = next_request_id()
         deadline = time.monotonic() + timeout
         fields = {"session": first.session, "pos": pos, "wire": first.wire, "reply": rid, "next": self.next}
         if not trail:
             fields["trail"] = False
+            if last is not None:
+                fields["last"] = last
         sent = [stage.asking() for stage in self.stages]  # each before its hop's request arrives
         try:
             first.conn.send("step", fields, [hidden], first.wire, req_id=rid, timeout=timeout)
             while True:
-                msg = last.conn.take(rid, "result")  # an error reply, or a dropped link, raises PeerError
+                msg = end.conn.take(rid, "result")  # an error reply, or a dropped link, raises PeerError
                 if msg is not None:
-                    outputs = reply_tensors(last.conn, msg, hidden, len(self.stages) if trail else 1)
+                    outputs = reply_tensors(end.conn, msg, hidden if trail or last is None else hidden[:, -last:],
+                                            len(self.stages) if trail else 1)
                     # Which hop grew it is unknown: the chain's step goes stage by stage, where
                     # each stage's output is checked (a `bad_reply`: _chain_broken).
-                    check_magnitude(last.conn.address, hidden, outputs[-1])
+                    check_magnitude(end.conn.address, hidden, outputs[-1])
                     for stage, at in zip(self.stages, sent):
                         stage.sent_at = at
                     return outputs
@@ -97,7 +108,7 @@ class Chain:
                         raise PeerError(stage.conn.address, "bad_reply", "a reply from the middle of a relayed step")
                 left = deadline - time.monotonic()
                 if left <= 0:  # which hop holds the step is unknown: the caller finds out stage by stage
-                    raise PeerTimeout(last.conn.address, timeout)
+                    raise PeerTimeout(end.conn.address, timeout)
                 self.poller.poll(max(1, int(left * 1000)))
         except PeerError as e:
             raise ChainBroken(e) from e

@@ -145,15 +145,20 @@ class InferenceSession(SpotChecks):
     def describe(self) -> list[dict]:
         return [s.describe() for s in self.stages]
 
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Positions pos..pos+T-1 through every stage; returns the last stage's output."""
+    def step(self, hidden: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """Positions pos..pos+T-1 through every stage; returns the last stage's output, or with
+        `last` only its last `last` positions (all a caller that samples the next token needs:
+        the route's last node then sends those alone, where it can). Every stage stores all T."""
         self._check_input(hidden)
+        if last is not None and (type(last) is not int or last < 1):
+            raise ValueError(f"last must be a positive int or None, got {last!r}")
         with self.lock:
             if self.closed:
                 raise RuntimeError("this session is closed")
             if self.swarm is not None and self.swarm.closed:  # its links are: a failover would make new ones
                 raise RuntimeError("this session's SwarmModel is closed")
-            return self._step(hidden)
+            out = self._step(hidden, last if last is not None and last < hidden.shape[1] else None)
+            return out if last is None else out[:, -last:]
 
     def _check_input(self, hidden: object) -> None:
         """A caller's mistake is the caller's, refused here: sent, a node would refuse it, and its
@@ -166,7 +171,7 @@ class InferenceSession(SpotChecks):
             raise ValueError(f"a step takes hidden states of shape [1, positions >= 1, {width}] "
                              f"(floating point), got {got}")
 
-    def _step(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _step(self, hidden: torch.Tensor, last: int | None) -> torch.Tensor:
         if self.swarm is not None:
             self.swarm.drain_events()
         T = hidden.shape[1]
@@ -179,6 +184,8 @@ class InferenceSession(SpotChecks):
             raise CallerError(self._unfit(self.stages[0]))
         i, busy_retries, reopened = 0, 0, set()
         relay, rewind = self.relay, set()  # rewind: stages that may hold this position already
+        if self.checker is not None:
+            last = None  # a spot check of the last stage compares its whole output
         self.relaying.new_step()
         while i < len(self.stages):
             stage = self.stages[i]
@@ -190,7 +197,8 @@ class InferenceSession(SpotChecks):
                                                     else chain.max_trailed(hidden.shape[2])):
                 chain = None  # a node takes fewer positions a step: stage by stage, in pieces
             if chain is not None:
-                done = self._step_chain(chain, i, hidden, rewind)
+                done = self._step_chain(chain, i, hidden, rewind,
+                                        last if i + len(chain.stages) == len(self.stages) and chain.keeps() else None)
                 if done is None:  # the chain broke: the rest of this step one stage at a time
                     relay = False
                     i = self._at(stage.start)  # failover may have replaced stages before it too
@@ -198,7 +206,10 @@ class InferenceSession(SpotChecks):
                     hidden, i = done
                 continue
             try:
-                out = stage.step(hidden, self.pos, rewind=stage in rewind)
+                if last is not None and i + 1 == len(self.stages) and isinstance(stage, RemoteLayerStage):
+                    out = stage.step(hidden, self.pos, rewind=stage in rewind, last=last)
+                else:
+                    out = stage.step(hidden, self.pos, rewind=stage in rewind)
             except PeerError as e:
                 if self.swarm is None:
                     raise
@@ -220,17 +231,18 @@ class InferenceSession(SpotChecks):
                         stage.record.drop_step()
         return hidden
 
-    def _step_chain(self, chain: Chain, i: int, hidden: torch.Tensor,
-                    rewind: set[Stage]) -> tuple[torch.Tensor, int] | None:
-        """A relayed step through `chain`, which starts at stages[i]: the last hop's output and the
-        index after the chain, or None when the chain broke (its stages then failed over where
-        they must, and may hold the position already: `rewind`)."""
+    def _step_chain(self, chain: Chain, i: int, hidden: torch.Tensor, rewind: set[Stage],
+                    last: int | None = None) -> tuple[torch.Tensor, int] | None:
+        """A relayed step through `chain`, which starts at stages[i]: the last hop's output (of a
+        step without trail, its last `last` positions if given) and the index after the chain, or
+        None when the chain broke (its stages then failed over where they must, and may hold the
+        position already: `rewind`)."""
         T = hidden.shape[1]
         trail = T <= TRAIL_MAX_POSITIONS
         # A prefill's hops each compute for a while: each gets the time a stage step gets.
         timeout = min(MAX_SECONDS, self.swarm.options.timeout * (1 if trail else len(chain.stages)))
         try:
-            outputs = chain.step(hidden, self.pos, timeout, trail)
+            outputs = chain.step(hidden, self.pos, timeout, trail, last)
         except ChainBroken as e:
             rewind.update(chain.stages)
             self._chain_broken(chain, e.error, hidden)

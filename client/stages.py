@@ -157,11 +157,12 @@ def check_magnitude(address: str, x: torch.Tensor, y: torch.Tensor) -> None:
                         f"{mx:.3g}: no honest block grows them so")
 
 
-def check_reply(conn: PeerConnection, msg: Message, like: torch.Tensor) -> torch.Tensor:
-    """A peer's tensor must have the shape we sent, and a magnitude an honest block could give
-    (check_magnitude; `like` is what we sent): peers are untrusted. (Finiteness was checked when
-    the reply was read: PeerConnection._read decodes with finite=True.)"""
-    y = reply_tensors(conn, msg, like, 1)[0]
+def check_reply(conn: PeerConnection, msg: Message, like: torch.Tensor, last: int | None = None) -> torch.Tensor:
+    """A peer's tensor must have the shape we sent (its last `last` positions, if asked so), and
+    a magnitude an honest block could give (check_magnitude; `like` is what we sent): peers are
+    untrusted. (Finiteness was checked when the reply was read: PeerConnection._read decodes with
+    finite=True.)"""
+    y = reply_tensors(conn, msg, like if last is None else like[:, -last:], 1)[0]
     check_magnitude(conn.address, like, y)
     return y
 
@@ -198,6 +199,12 @@ def positions_per_request(opened: dict, width: int) -> int:
     return max(1, n)
 
 
+def _piece_last(last: int | None, T: int, end: int) -> int | None:
+    """The rows to ask of the piece of a T-position step that ends at `end`, when the caller keeps
+    the step's last `last`: those of its own in that tail, and one at least (a reply has rows)."""
+    return None if last is None else max(1, last - (T - end))
+
+
 class RemoteLayerStage(Stage):
     """One peer running whole blocks [start, stop) in a session on its side."""
 
@@ -219,32 +226,39 @@ class RemoteLayerStage(Stage):
         self.session, self.pins, self.sent_at = reply.fields["session"], (None, None), self.conn.open_sent
         self.opened = reply.fields  # its limits: positions_per_request
 
-    def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False, last: int | None = None) -> torch.Tensor:
+        """With `last`, the node answers fewer rows where it says it can (`last_positions`): a
+        prompt whose next token the caller samples needs 3 KB back, not T times that. The rows
+        returned then end with the output's last `last` positions; the caller keeps those."""
         T = hidden.shape[1]
         if T > 1 and T > (n := positions_per_request(self.opened, hidden.shape[-1])):
             # Pieces the node's stated limits take (`opened`), not a refusal per halving: a
             # 500-token prompt to a node taking 100 was sent 7 times before (a review).
-            return torch.cat([self.step(hidden[:, a:a + n], pos + a, rewind) for a in range(0, T, n)], dim=1)
+            return torch.cat([self.step(hidden[:, a:a + n], pos + a, rewind, _piece_last(last, T, min(a + n, T)))
+                              for a in range(0, T, n)], dim=1)
         try:
-            return self._step(hidden, pos, rewind)
+            return self._step(hidden, pos, rewind,
+                              last if last is not None and last < T and self.opened.get("last_positions") is True
+                              else None)
         except PeerError as e:
-            T = hidden.shape[1]
             if e.code != "too_large" or T < 2:
                 raise
             # The node takes fewer positions a step (its --max-tokens-per-step, or its message
             # limit): a refusal leaves the session as it was, so send the positions in halves.
             h = T // 2
-            first = self.step(hidden[:, :h], pos, rewind)
-            return torch.cat([first, self.step(hidden[:, h:], pos + h, rewind)], dim=1)
+            first = self.step(hidden[:, :h], pos, rewind, _piece_last(last, T, h))
+            return torch.cat([first, self.step(hidden[:, h:], pos + h, rewind, last)], dim=1)
 
-    def _step(self, hidden: torch.Tensor, pos: int, rewind: bool) -> torch.Tensor:
+    def _step(self, hidden: torch.Tensor, pos: int, rewind: bool, last: int | None = None) -> torch.Tensor:
         fields = {"session": self.session, "pos": pos, "wire": self.wire}
         if rewind:
             fields["rewind"] = True
+        if last is not None:
+            fields["last"] = last
         sent = self.asking()
         reply = self.conn.request("step", fields, [hidden], self.wire, timeout=self.timeout)
         self.sent_at = sent
-        return check_reply(self.conn, reply, hidden)
+        return check_reply(self.conn, reply, hidden, last)
 
     def close(self) -> None:
         if self.session is not None:

@@ -48,10 +48,10 @@ def check_step(runner: StepRunner, sessions: SessionStore, peer: bytes, msg: Mes
     session unchanged). `checks_keys`: the node knows senders' CURVE keys, and takes a member's
     partials only with its key."""
     f = msg.fields
-    if any(f.get(k) is not None for k in ("reply", "next", "hop", "phase", "block", "trail", "from")) \
+    if any(f.get(k) is not None for k in ("reply", "next", "hop", "phase", "block", "trail", "from", "last")) \
             or f.get("rewind") is True:
-        raise ProtocolError(ErrorCode.MALFORMED, "an all-reduce step ('group') is not relayed, phased or "
-                            "rewound")
+        raise ProtocolError(ErrorCode.MALFORMED, "an all-reduce step ('group') is not relayed, phased, "
+                            "rewound or cut to its last positions")
     if not runner.head_shard:
         raise ProtocolError(ErrorCode.NOT_SERVED, "all-reduce steps are for head shards; this node serves "
                             "whole blocks")

@@ -139,6 +139,10 @@ class StepChecks:
         if pos + T > session.cache.max_length:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"positions {pos}:{pos + T} exceed the "
                                 f"session's max_length {session.cache.max_length}")
+        last = msg.get("last")
+        if last is not None and (phase is not None or self.head_shard or not 1 <= last <= T):
+            raise ProtocolError(ErrorCode.MALFORMED, f"'last' must be from 1 to the step's {T} positions, "
+                                "on a step of whole blocks")
         if self.head_shard or phase is not None:
             self._check_head_step(session, phase, block, T)
         elif session.next_block:

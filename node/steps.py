@@ -253,6 +253,12 @@ class StepRunner:
         # busy_us: the compute of the forward pass this step ran in, so a client can tell the
         # node's compute from the time on the wire (nanoswarm bench's per-stage overhead).
         busy_us = int(self._last_busy * 1e6)
+        last = p.msg.get("last")
+        if not p.hops and last is not None and last < y.shape[1]:
+            # The client asked for the last positions only (a prompt's, whose next token it
+            # samples): checked whole above, since a NaN in any input row must be refused.
+            y = y[:, -last:]
+            frame = to_frame(y, p.wire)
         if p.hops is None:
             return [(to, encode_frames("result", reply_id, {"busy_us": busy_us}, [(p.wire, tuple(y.shape))], [frame]))]
         hop = p.msg.get("hop") or 0
@@ -269,6 +275,8 @@ class StepRunner:
                   "next": [list(h) for h in rest], "hop": hop + 1, "busy": busy, "from": p.session.id}
         if not trail:
             fields["trail"] = False
+        if last is not None:
+            fields["last"] = last
         return [(relay, encode_frames("step", relay.hop_id, fields, specs, tensors))]
 
     def _compute(self, group: list[PendingStep]) -> list[torch.Tensor]:

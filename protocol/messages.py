@@ -66,6 +66,9 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
              "reply": ((int, type(None)), False), "next": (_OPT_LIST, False),
              "hop": ((int, type(None)), False), "busy": (_OPT_LIST, False), "rewind": (_BOOL, False),
              "trail": (_BOOL, False), "from": (_OPT_STR, False),
+             # the reply to the client carries only the last `last` positions of the output (of
+             # the last hop's, if relayed): all a client sampling the next token needs
+             "last": ((int, type(None)), False),
              # a head group's all-reduce (node/all_reduce.py): every member's [contact, session],
              # in member order, this member's index, and how long it waits for another's partial
              "group": (_OPT_LIST, False), "member": ((int, type(None)), False),
@@ -86,6 +89,8 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "opened": {"session": (_STR, True), "layers": (_LIST, True),
                "max_tokens_per_step": (_INT, False), "max_message_bytes": (_INT, False),
                "trail_optional": (_BOOL, False), "admits": (_BOOL, False),
+               # it takes a layer step's `last`; an earlier version says nothing
+               "last_positions": (_BOOL, False),
                # the node's heads; a node of an earlier version says none, nor checks `open`'s
                "heads": (_OPT_LIST, False),
                # it takes a head group's all-reduce steps (`group`); an earlier version says nothing

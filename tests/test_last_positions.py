@@ -1,0 +1,128 @@
+"""A step's `last` (protocol/messages.py): the reply to the client carries only the output's last
+positions, what a client sampling the next token needs, while every stage stores them all. Node
+checks on the handler; the session's use of it over real node processes and sockets, relayed and
+stage by stage, exact against the single-process model and with fewer bytes back."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_relay import KNOWN, ask, x
+
+from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.relay import Chain
+from nanoswarm.client.session import TRAIL_MAX_POSITIONS
+from nanoswarm.client.swarm import SwarmOptions
+from nanoswarm.node.cluster import NodeSpec
+from nanoswarm.node.handler import RequestHandler
+from nanoswarm.node.relay import Relay
+from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.weights import load_blocks, load_model
+
+
+@pytest.fixture
+def handler(tiny_model_dir):
+    h = RequestHandler(load_blocks(tiny_model_dir, 0, 4), read_manifest(tiny_model_dir).model_id, "t")
+    h.can_relay = lambda contact: contact == KNOWN
+    return h
+
+
+def _open(h: RequestHandler) -> str:
+    _, opened = ask(h, b"owner", "open", {"max_length": 16})
+    assert opened.fields["last_positions"] is True
+    return opened.fields["session"]
+
+
+def test_a_step_answers_its_last_positions_and_stores_them_all(handler):
+    whole, cut = _open(handler), _open(handler)
+    want = ask(handler, b"owner", "step", {"session": whole, "pos": 0}, [x(5)])[1].tensors[0]
+    _, got = ask(handler, b"owner", "step", {"session": cut, "pos": 0, "last": 2}, [x(5)])
+    assert got.type == "result" and got.specs[0][1] == (1, 2, 64)
+    assert torch.equal(got.tensors[0], want[:, -2:])
+    assert handler.sessions.sessions[cut].length == 5
+    # The next position attends to all five: the same as the session answered whole.
+    a = ask(handler, b"owner", "step", {"session": whole, "pos": 5}, [x(1, 7)])[1].tensors[0]
+    b = ask(handler, b"owner", "step", {"session": cut, "pos": 5}, [x(1, 7)])[1].tensors[0]
+    assert torch.equal(a, b)
+    _, all_of_it = ask(handler, b"owner", "step", {"session": cut, "pos": 6, "last": 3}, [x(3, 8)])
+    assert all_of_it.specs[0][1] == (1, 3, 64)  # `last` equal to the positions: the whole output
+
+
+def test_a_relayed_step_passes_last_on_and_the_last_hop_answers_only_those(handler):
+    sid = _open(handler)
+    chain = {"reply": 45, "next": [[KNOWN, "s2"]], "trail": False, "last": 1}
+    to, out = ask(handler, b"owner", "step", {"session": sid, "pos": 0, **chain}, [x(4)])
+    assert isinstance(to, Relay) and out.fields["last"] == 1 and out.specs[0][1] == (1, 4, 64)
+    sid2, sid3 = _open(handler), _open(handler)
+    to, res = ask(handler, b"node-before", "step", {"session": sid2, "pos": 0, "reply": 45, "hop": 1,
+                                                    "trail": False, "last": 1}, [x(4, 1)])
+    assert (to, res.type) == (b"owner", "result") and res.specs[0][1] == (1, 1, 64)
+    alone = ask(handler, b"owner", "step", {"session": sid3, "pos": 0}, [x(4, 1)])[1].tensors[0]
+    assert torch.equal(res.tensors[0], alone[:, -1:])
+
+
+@pytest.mark.parametrize("last", [0, -1, 5, True], ids=["zero", "negative", "more than the step", "bool"])
+def test_a_wrong_last_is_refused_and_the_session_left_as_it_was(handler, last):
+    sid = _open(handler)
+    _, reply = ask(handler, b"owner", "step", {"session": sid, "pos": 0, "last": last}, [x(4)])
+    assert reply.type == "error" and reply.fields["code"] == "malformed"
+    assert handler.sessions.sessions[sid].length == 0
+
+
+def test_head_shards_say_they_do_not_take_last_and_refuse_it(tiny_model_dir):
+    h = RequestHandler(load_blocks(tiny_model_dir, 0, 2, heads=(0, 2)), read_manifest(tiny_model_dir).model_id, "t")
+    _, opened = ask(h, b"c", "open", {"max_length": 8})
+    assert opened.fields["last_positions"] is False
+    step = {"session": opened.fields["session"], "pos": 0, "phase": "attn", "block": 0, "last": 1}
+    assert ask(h, b"c", "step", step, [x(2)])[1].fields["code"] == "malformed"
+
+
+def test_a_chain_with_a_node_that_does_not_say_last_positions_is_not_asked_for_them():
+    now = SimpleNamespace(opened={"last_positions": True})
+    earlier = SimpleNamespace(opened={})  # a node of an earlier version would answer every position
+    assert Chain.keeps(SimpleNamespace(stages=[now, now]))
+    assert not Chain.keeps(SimpleNamespace(stages=[now, earlier]))
+
+
+P = TRAIL_MAX_POSITIONS + 8  # a prompt relayed without trail
+
+
+@pytest.mark.parametrize("relay,limit", [(True, []), (False, []), (False, ["--max-tokens-per-step", "16"])],
+                         ids=["relayed", "stage by stage", "in pieces"])
+def test_a_prompts_last_position_alone_comes_back_exact_and_the_session_goes_on(tiny_model_dir, cluster_factory,
+                                                                                relay, limit):
+    """Through real nodes: the prompt's last row equals the single-process model's, the route's
+    last node sends ~1/P of the bytes it sent for the whole output (a node taking 16 positions a
+    step: a row for each of its first two pieces, then the last's), and decode steps after it
+    stay exact (every stage stored every position)."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4), args=limit)])
+    ids = torch.randint(0, 50257, (P + 4,), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0]
+    received = []
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(relay=relay)) as model:
+        client = model.client
+        for last in (None, 1):
+            with model.session(P + 4) as session:
+                end = model.swarm.connection(session.stages[-1].peers[0])
+                before = end.bytes_received
+                hidden = session.step(client.embed(ids[:P].tolist(), 0), last=last)
+                received.append(end.bytes_received - before)
+                assert hidden.shape[1] == (P if last is None else 1)
+                got = [client.logits(hidden)]
+                for t in range(P, P + 4):
+                    got.append(client.logits(session.step(client.embed([int(ids[t])], t))))
+                assert (torch.stack(got) - want[P - 1:]).abs().max().item() <= 1e-5
+    width = read_manifest(tiny_model_dir).config.n_embd
+    assert received[0] - received[1] >= (P - 3) * width * 4  # the rest of the rows stayed on the node
+
+
+def test_a_session_refuses_a_last_that_is_not_a_positive_int():
+    from nanoswarm.client.session import InferenceSession
+
+    session = InferenceSession([], max_length=8)
+    for bad in (0, -2, 1.0, True):
+        with pytest.raises(ValueError, match="last"):
+            session.step(torch.zeros(1, 2, 4), last=bad)
