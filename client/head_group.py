@@ -24,6 +24,7 @@ from .stages import (
     check_magnitude,
     check_reply,
     open_fields,
+    piece_last,
     positions_per_request,
     reply_tensors,
     stated_idle_timeout,
@@ -157,21 +158,28 @@ class HeadGroupStage(Stage):
             total = total + partial
         return total
 
-    def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False, last: int | None = None) -> torch.Tensor:
+        """With `last`, an all-reduce step's members answer fewer rows where they all say they can
+        (`last_positions`), as RemoteLayerStage.step: the rows returned end with the output's last
+        `last` positions. (The fan-out's partials are every row's: the block's next phase needs them.)"""
         # Never part of a relayed step, so never holds a position it is asked for. Positions go in
         # pieces every member takes: halving after a refusal (as a layer stage does) cannot work
         # here, because the members that took the first block have stored it.
         if self.record is not None:  # every piece of the step is kept: a check covers them all
             self.record.begin(hidden.shape[1])
+        if not all(fields.get("last_positions") is True for fields in self.limits):
+            last = None
+        T = hidden.shape[1]
         n = min(positions_per_request(fields, hidden.shape[2]) for fields in self.limits)
-        if hidden.shape[1] <= n:  # a decode step: no copy
-            return self._step_piece(hidden, pos)
-        return torch.cat([self._step_piece(hidden[:, i:i + n], pos + i) for i in range(0, hidden.shape[1], n)], dim=1)
+        if T <= n:  # a decode step: no copy
+            return self._step_piece(hidden, pos, last)
+        return torch.cat([self._step_piece(hidden[:, i:i + n], pos + i, piece_last(last, T, min(i + n, T)))
+                          for i in range(0, T, n)], dim=1)
 
-    def _step_piece(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+    def _step_piece(self, hidden: torch.Tensor, pos: int, last: int | None = None) -> torch.Tensor:
         if self.all_reduce:
             try:
-                return self._all_reduce(hidden, pos)
+                return self._all_reduce(hidden, pos, last)
             except AllReduceFailed as e:
                 if pos:  # the session reopens the group and replays what it holds
                     raise
@@ -187,23 +195,29 @@ class HeadGroupStage(Stage):
             hidden = self._fan_out(hidden, pos, "mlp", block)
         return hidden
 
-    def _all_reduce(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.all_reduce_result(self.send_all_reduce(hidden, pos), hidden)
+    def _all_reduce(self, hidden: torch.Tensor, pos: int, last: int | None = None) -> torch.Tensor:
+        if last is not None and last >= hidden.shape[1]:
+            last = None
+        return self.all_reduce_result(self.send_all_reduce(hidden, pos, last), hidden, last)
 
-    def send_all_reduce(self, hidden: torch.Tensor, pos: int) -> tuple[float, list[int]]:
-        """Send one step by all-reduce to every member, naming the group; `all_reduce_result`
-        reads it (a client stepping several sessions at once sends all first: bench/measure.py)."""
+    def send_all_reduce(self, hidden: torch.Tensor, pos: int, last: int | None = None) -> tuple[float, list[int]]:
+        """Send one step by all-reduce to every member, naming the group (and with `last`, from 1
+        to T - 1, asking for the output's last rows only); `all_reduce_result` reads it, with the
+        same `last` (a client stepping several sessions at once sends all first: bench/measure.py)."""
         sent = self.asking()
+        fields = {"group": self.group, "wait": all_reduce_wait(self.timeout)}
+        if last is not None:
+            fields["last"] = last
         # In float32 whatever the wire, and answered so: the members start from the residual the
         # client keeps, as a fan-out's sums do (review129: on a float16 wire the all-reduce began
         # from a rounded residual, and its tokens differed from the fan-out's at a near tie).
         # The wire is the partials' between members.
         return sent, [conn.send("step", {"session": self.sessions[k], "pos": pos, "wire": self.wire,
-                                         "group": self.group, "member": k, "wait": all_reduce_wait(self.timeout)},
-                                [hidden], "float32", timeout=self.timeout)
+                                         "member": k, **fields}, [hidden], "float32", timeout=self.timeout)
                       for k, (conn, _) in enumerate(self.members)]
 
-    def all_reduce_result(self, asked: tuple[float, list[int]], hidden: torch.Tensor) -> torch.Tensor:
+    def all_reduce_result(self, asked: tuple[float, list[int]], hidden: torch.Tensor,
+                          last: int | None = None) -> torch.Tensor:
         """The output of the all-reduce step `asked` (send_all_reduce) of input `hidden`: every
         member's, which must agree. The first error ends it: a member's fault raises as it is,
         any other (NO_FAULT) AllReduceFailed, with the all-reduce off for good."""
@@ -222,7 +236,8 @@ class HeadGroupStage(Stage):
         self.sent_at = sent
         # A result of the wrong shape is its member's own; NaN too (every member checks its own
         # sums before it sends them: PeerConnection reads replies with finite=True).
-        outputs = [reply_tensors(conn, msg, hidden, 1)[0] for (conn, _), msg in zip(self.members, replies)]
+        like = hidden if last is None else hidden[:, -last:]
+        outputs = [reply_tensors(conn, msg, like, 1)[0] for (conn, _), msg in zip(self.members, replies)]
         first = self.members[0][0].address
         if any(not torch.equal(outputs[0], y) for y in outputs[1:]):
             # One sent the others a partial it did not keep, or one's output is a lie: the fan-out

@@ -206,7 +206,8 @@ class InferenceSession(SpotChecks):
                     hidden, i = done
                 continue
             try:
-                if last is not None and i + 1 == len(self.stages) and isinstance(stage, RemoteLayerStage):
+                if last is not None and i + 1 == len(self.stages) and isinstance(stage, (RemoteLayerStage,
+                                                                                        HeadGroupStage)):
                     out = stage.step(hidden, self.pos, rewind=stage in rewind, last=last)
                 else:
                     out = stage.step(hidden, self.pos, rewind=stage in rewind)

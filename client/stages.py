@@ -199,7 +199,7 @@ def positions_per_request(opened: dict, width: int) -> int:
     return max(1, n)
 
 
-def _piece_last(last: int | None, T: int, end: int) -> int | None:
+def piece_last(last: int | None, T: int, end: int) -> int | None:
     """The rows to ask of the piece of a T-position step that ends at `end`, when the caller keeps
     the step's last `last`: those of its own in that tail, and one at least (a reply has rows)."""
     return None if last is None else max(1, last - (T - end))
@@ -234,7 +234,7 @@ class RemoteLayerStage(Stage):
         if T > 1 and T > (n := positions_per_request(self.opened, hidden.shape[-1])):
             # Pieces the node's stated limits take (`opened`), not a refusal per halving: a
             # 500-token prompt to a node taking 100 was sent 7 times before (a review).
-            return torch.cat([self.step(hidden[:, a:a + n], pos + a, rewind, _piece_last(last, T, min(a + n, T)))
+            return torch.cat([self.step(hidden[:, a:a + n], pos + a, rewind, piece_last(last, T, min(a + n, T)))
                               for a in range(0, T, n)], dim=1)
         try:
             return self._step(hidden, pos, rewind,
@@ -246,7 +246,7 @@ class RemoteLayerStage(Stage):
             # The node takes fewer positions a step (its --max-tokens-per-step, or its message
             # limit): a refusal leaves the session as it was, so send the positions in halves.
             h = T // 2
-            first = self.step(hidden[:, :h], pos, rewind, _piece_last(last, T, h))
+            first = self.step(hidden[:, :h], pos, rewind, piece_last(last, T, h))
             return torch.cat([first, self.step(hidden[:, h:], pos + h, rewind, last)], dim=1)
 
     def _step(self, hidden: torch.Tensor, pos: int, rewind: bool, last: int | None = None) -> torch.Tensor:

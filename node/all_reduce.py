@@ -232,8 +232,12 @@ class AllReduces:
             # (its input was finite: check_step refuses one that is not; review146: this blamed the input)
             return g.reply_to[0], self.runner.error(g.reply_to[1], ErrorCode.BAD_VALUE, "the step's sums are "
                                                     "not finite (a member's partial was not, or they overflowed)")
+        y = g.x
+        if g.last is not None and g.last < y.shape[1]:  # (checked whole above: any row may be the bad one)
+            y = y[:, -g.last:]
+            frame = to_frame(y, "float32")
         return g.reply_to[0], encode_frames("result", g.reply_to[1], {"busy_us": g.busy_us},
-                                            [("float32", tuple(g.x.shape))], [frame])
+                                            [("float32", tuple(y.shape))], [frame])
 
     def _end(self, g: GroupStep) -> None:
         self.steps.pop(g.session.id, None)

@@ -40,6 +40,7 @@ class GroupStep:
     contacts: tuple[str, ...] = ()  # the members' contacts: steps of one group (whatever their sessions)
     deadline: float = 0.0
     busy_us: int = 0  # compute of the step so far
+    last: int | None = None  # the client takes the output's last rows only (a step's `last`)
 
 
 def check_step(runner: StepRunner, sessions: SessionStore, peer: bytes, msg: Message,
@@ -48,10 +49,10 @@ def check_step(runner: StepRunner, sessions: SessionStore, peer: bytes, msg: Mes
     session unchanged). `checks_keys`: the node knows senders' CURVE keys, and takes a member's
     partials only with its key."""
     f = msg.fields
-    if any(f.get(k) is not None for k in ("reply", "next", "hop", "phase", "block", "trail", "from", "last")) \
+    if any(f.get(k) is not None for k in ("reply", "next", "hop", "phase", "block", "trail", "from")) \
             or f.get("rewind") is True:
-        raise ProtocolError(ErrorCode.MALFORMED, "an all-reduce step ('group') is not relayed, phased, "
-                            "rewound or cut to its last positions")
+        raise ProtocolError(ErrorCode.MALFORMED, "an all-reduce step ('group') is not relayed, phased or "
+                            "rewound")
     if not runner.head_shard:
         raise ProtocolError(ErrorCode.NOT_SERVED, "all-reduce steps are for head shards; this node serves "
                             "whole blocks")
@@ -85,6 +86,9 @@ def check_step(runner: StepRunner, sessions: SessionStore, peer: bytes, msg: Mes
     if not all_finite(x):  # refused by every member at once, whatever each computes in (review147)
         raise ProtocolError(ErrorCode.BAD_VALUE, "tensor holds NaN or Inf")
     T = x.shape[1]
+    last = f.get("last")
+    if last is not None and not 1 <= last <= T:
+        raise ProtocolError(ErrorCode.MALFORMED, f"'last' must be from 1 to the step's {T} positions")
     if pos + T > session.cache.max_length:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"positions {pos}:{pos + T} exceed the session's "
                             f"max_length {session.cache.max_length}")
@@ -92,4 +96,4 @@ def check_step(runner: StepRunner, sessions: SessionStore, peer: bytes, msg: Mes
     wait = DEFAULT_WAIT if wait is None else min(MAX_WAIT, max(MIN_WAIT, float(wait)))
     wire = runner.checks.reply_wire(msg)
     return GroupStep((peer, msg.id), session, members, keys, me, pos, wire, wait, x, block=session.start,
-                     contacts=tuple(c for c, _ in members))
+                     contacts=tuple(c for c, _ in members), last=last)

@@ -359,8 +359,9 @@ class RequestHandler:
                                          # how long it keeps the session idle (client/failover.py)
                                          "idle_timeout": self.limits.idle_timeout,
                                          "trail_optional": True,  # relayed steps may keep no trail
-                                         # a layer step's reply may carry only its last positions
-                                         "last_positions": not self.head_shard,
+                                         # a step's reply may carry only its last positions (a
+                                         # head shard's all-reduce steps; not its phase steps)
+                                         "last_positions": True,
                                          # relayed steps only as the client pins them (`admit`)
                                          "admits": self.checks_senders,
                                          # a head shard takes a group's all-reduce steps (node/all_reduce.py)

@@ -18,6 +18,7 @@ from nanoswarm.client.swarm import SwarmOptions
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.relay import Relay
+from nanoswarm.protocol.messages import decode, encode
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_blocks, load_model
 
@@ -71,12 +72,15 @@ def test_a_wrong_last_is_refused_and_the_session_left_as_it_was(handler, last):
     assert handler.sessions.sessions[sid].length == 0
 
 
-def test_head_shards_say_they_do_not_take_last_and_refuse_it(tiny_model_dir):
+def test_a_head_shards_phase_steps_refuse_last(tiny_model_dir):
+    """A phase's partial is every row's (the block's next phase needs them); only an all-reduce
+    step's output, the residual itself, may come back cut (below)."""
     h = RequestHandler(load_blocks(tiny_model_dir, 0, 2, heads=(0, 2)), read_manifest(tiny_model_dir).model_id, "t")
     _, opened = ask(h, b"c", "open", {"max_length": 8})
-    assert opened.fields["last_positions"] is False
+    assert opened.fields["last_positions"] is True
     step = {"session": opened.fields["session"], "pos": 0, "phase": "attn", "block": 0, "last": 1}
     assert ask(h, b"c", "step", step, [x(2)])[1].fields["code"] == "malformed"
+    assert h.sessions.sessions[opened.fields["session"]].length == 0
 
 
 def test_a_chain_with_a_node_that_does_not_say_last_positions_is_not_asked_for_them():
@@ -126,3 +130,47 @@ def test_a_session_refuses_a_last_that_is_not_a_positive_int():
     for bad in (0, -2, 1.0, True):
         with pytest.raises(ValueError, match="last"):
             session.step(torch.zeros(1, 2, 4), last=bad)
+
+
+@pytest.mark.parametrize("all_reduce", [True, False], ids=["all-reduce", "fan-out"])
+def test_a_head_group_as_the_last_stage_answers_a_prompts_last_position(tiny_model_dir, cluster_factory,
+                                                                        all_reduce):
+    """All-reduce: every member answers the prompt's last row only (each sends ~1/P of the
+    bytes), and they agree; the fan-out's partials are every row's, and the session cuts. Exact
+    against the single-process model either way, and so are the decode steps after."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4), (0, 2)), NodeSpec((2, 4), (2, 4))])
+    ids = torch.randint(0, 50257, (P + 3,), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0]
+    received = []
+    options = SwarmOptions(all_reduce=all_reduce)
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=options) as model:
+        client = model.client
+        for last in (None, 1):
+            with model.session(P + 3) as session:
+                group = session.stages[-1]
+                assert group.all_reduce is all_reduce and len(group.peers) == 2
+                members = [model.swarm.connection(p) for p in group.peers]
+                before = [c.bytes_received for c in members]
+                hidden = session.step(client.embed(ids[:P].tolist(), 0), last=last)
+                received.append([c.bytes_received - b for c, b in zip(members, before)])
+                assert hidden.shape[1] == (P if last is None else 1)
+                got = [client.logits(hidden)]
+                for t in range(P, P + 3):
+                    got.append(client.logits(session.step(client.embed([int(ids[t])], t))))
+                assert (torch.stack(got) - want[P - 1:]).abs().max().item() <= 1e-5
+    row = read_manifest(tiny_model_dir).config.n_embd * 4
+    for whole, cut in zip(*received):
+        assert (whole - cut >= (P - 1) * row) is all_reduce
+
+
+@pytest.mark.parametrize("last", [0, 3, True], ids=["zero", "more than the step", "bool"])
+def test_an_all_reduce_step_refuses_a_wrong_last_with_the_session_untouched(tiny_model_dir, last):
+    from test_all_reduce import _handlers, _member_step
+
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    [(to, frames)] = _member_step(a, sid, x(2), last=last)
+    assert to == b"owner" and decode(frames).fields["code"] == "malformed"
+    assert a.sessions.sessions[sid].length == 0 and not a.groups.steps
