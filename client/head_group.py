@@ -236,8 +236,7 @@ class HeadGroupStage(Stage):
         self.sent_at = sent
         # A result of the wrong shape is its member's own; NaN too (every member checks its own
         # sums before it sends them: PeerConnection reads replies with finite=True).
-        like = hidden if last is None else hidden[:, -last:]
-        outputs = [reply_tensors(conn, msg, like, 1)[0] for (conn, _), msg in zip(self.members, replies)]
+        outputs = [reply_tensors(conn, msg, hidden, 1, last)[0] for (conn, _), msg in zip(self.members, replies)]
         first = self.members[0][0].address
         if any(not torch.equal(outputs[0], y) for y in outputs[1:]):
             # One sent the others a partial it did not keep, or one's output is a lie: the fan-out

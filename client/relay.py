@@ -79,24 +79,23 @@ class Chain:
         """Positions pos.. of `hidden` through every stage; returns each stage's output (the
         last one a tensor, the others read from the reply's frames when first used), or with
         `trail` off only the last stage's: the nodes pass on only their own output. With `last`
-        too (from 1 to T - 1; `keeps` says whether the chain takes it) the last stage's output
-        comes back as its last `last` positions only."""
+        (from 1 to T - 1; `keeps` says whether the chain takes it) the last stage's output comes
+        back as its last `last` positions only (the earlier hops' whole: they are the history)."""
         first, end = self.stages[0], self.stages[-1]
         rid = next_request_id()
         deadline = time.monotonic() + timeout
         fields = {"session": first.session, "pos": pos, "wire": first.wire, "reply": rid, "next": self.next}
         if not trail:
             fields["trail"] = False
-            if last is not None:
-                fields["last"] = last
+        if last is not None:
+            fields["last"] = last
         sent = [stage.asking() for stage in self.stages]  # each before its hop's request arrives
         try:
             first.conn.send("step", fields, [hidden], first.wire, req_id=rid, timeout=timeout)
             while True:
                 msg = end.conn.take(rid, "result")  # an error reply, or a dropped link, raises PeerError
                 if msg is not None:
-                    outputs = reply_tensors(end.conn, msg, hidden if trail or last is None else hidden[:, -last:],
-                                            len(self.stages) if trail else 1)
+                    outputs = reply_tensors(end.conn, msg, hidden, len(self.stages) if trail else 1, last)
                     # Which hop grew it is unknown: the chain's step goes stage by stage, where
                     # each stage's output is checked (a `bad_reply`: _chain_broken).
                     check_magnitude(end.conn.address, hidden, outputs[-1])

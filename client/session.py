@@ -234,8 +234,8 @@ class InferenceSession(SpotChecks):
 
     def _step_chain(self, chain: Chain, i: int, hidden: torch.Tensor, rewind: set[Stage],
                     last: int | None = None) -> tuple[torch.Tensor, int] | None:
-        """A relayed step through `chain`, which starts at stages[i]: the last hop's output (of a
-        step without trail, its last `last` positions if given) and the index after the chain, or
+        """A relayed step through `chain`, which starts at stages[i]: the last hop's output (its
+        last `last` positions, if given) and the index after the chain, or
         None when the chain broke (its stages then failed over where they must, and may hold the
         position already: `rewind`)."""
         T = hidden.shape[1]

@@ -162,18 +162,21 @@ def check_reply(conn: PeerConnection, msg: Message, like: torch.Tensor, last: in
     a magnitude an honest block could give (check_magnitude; `like` is what we sent): peers are
     untrusted. (Finiteness was checked when the reply was read: PeerConnection._read decodes with
     finite=True.)"""
-    y = reply_tensors(conn, msg, like if last is None else like[:, -last:], 1)[0]
+    y = reply_tensors(conn, msg, like, 1, last)[0]
     check_magnitude(conn.address, like, y)
     return y
 
 
-def reply_tensors(conn: PeerConnection, msg: Message, like: torch.Tensor, count: int) -> list:
-    """The `count` tensors of a reply, each of `like`'s shape, in `like`'s dtype and device. All
-    but the last come as functions that make the tensor: a relayed step's outputs of its earlier
-    hops are kept for failover replay only, so they need not cost torch calls now."""
+def reply_tensors(conn: PeerConnection, msg: Message, like: torch.Tensor, count: int,
+                  last: int | None = None) -> list:
+    """The `count` tensors of a reply, each of `like`'s shape (the last one's `last` rows only,
+    if given), in `like`'s dtype and device. All but the last come as functions that make the
+    tensor: a relayed step's outputs of its earlier hops are kept for failover replay only, so
+    they need not cost torch calls now."""
     shape = tuple(like.shape)
-    if len(msg.specs) != count or any(s != shape for _, s in msg.specs):
-        raise PeerError(conn.address, "bad_reply", f"expected {count} tensors {list(shape)}, "
+    shapes = [shape] * (count - 1) + [shape if last is None else (shape[0], last, *shape[2:])]
+    if [s for _, s in msg.specs] != shapes:
+        raise PeerError(conn.address, "bad_reply", f"expected tensors {[list(s) for s in shapes]}, "
                         f"got {[list(s) for _, s in msg.specs]}")
 
     def tensor(i: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ stage by stage, exact against the single-process model and with fewer bytes back
 
 from __future__ import annotations
 
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -93,34 +94,99 @@ def test_a_chain_with_a_node_that_does_not_say_last_positions_is_not_asked_for_t
 P = TRAIL_MAX_POSITIONS + 8  # a prompt relayed without trail
 
 
-@pytest.mark.parametrize("relay,limit", [(True, []), (False, []), (False, ["--max-tokens-per-step", "16"])],
-                         ids=["relayed", "stage by stage", "in pieces"])
-def test_a_prompts_last_position_alone_comes_back_exact_and_the_session_goes_on(tiny_model_dir, cluster_factory,
-                                                                                relay, limit):
-    """Through real nodes: the prompt's last row equals the single-process model's, the route's
-    last node sends ~1/P of the bytes it sent for the whole output (a node taking 16 positions a
-    step: a row for each of its first two pieces, then the last's), and decode steps after it
-    stay exact (every stage stored every position)."""
+def _rows(client, hidden: torch.Tensor) -> torch.Tensor:
+    """Every row's logits (ClientModel.logits takes the last row's only)."""
+    with torch.inference_mode():
+        return client.head(hidden)[0]
+
+
+@pytest.mark.parametrize("relay,limit,prompt,last", [
+    (True, [], P, 1), (True, [], P, 3), (True, [], 20, 1), (False, [], P, 1),
+    (False, ["--max-tokens-per-step", "16"], P, 20)],
+    ids=["relayed", "relayed, 3 rows", "relayed with the trail", "stage by stage", "in pieces, 20 rows"])
+def test_a_prompts_last_positions_alone_come_back_exact_and_the_session_goes_on(tiny_model_dir, cluster_factory,
+                                                                                relay, limit, prompt, last):
+    """Through real nodes: the rows that come back equal the single-process model's last ones;
+    the route's last node sends at least (prompt - last) rows' bytes fewer than for the whole
+    output (a node taking 16 positions a step answers its pieces' parts of the tail; a relayed
+    step with its trail still brings every earlier hop's output whole, the failover history);
+    and decode steps after it stay exact (every stage stored every position)."""
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4), args=limit)])
-    ids = torch.randint(0, 50257, (P + 4,), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 50257, (prompt + 4,), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         want = load_model(tiny_model_dir)(ids[None])[0]
     received = []
     with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(relay=relay)) as model:
         client = model.client
-        for last in (None, 1):
-            with model.session(P + 4) as session:
+        for ask_for in (None, last):
+            with model.session(prompt + 4) as session:
                 end = model.swarm.connection(session.stages[-1].peers[0])
                 before = end.bytes_received
-                hidden = session.step(client.embed(ids[:P].tolist(), 0), last=last)
+                hidden = session.step(client.embed(ids[:prompt].tolist(), 0), last=ask_for)
                 received.append(end.bytes_received - before)
-                assert hidden.shape[1] == (P if last is None else 1)
-                got = [client.logits(hidden)]
-                for t in range(P, P + 4):
-                    got.append(client.logits(session.step(client.embed([int(ids[t])], t))))
-                assert (torch.stack(got) - want[P - 1:]).abs().max().item() <= 1e-5
+                assert hidden.shape[1] == (ask_for or prompt)
+                assert (_rows(client, hidden) - want[prompt - hidden.shape[1]:prompt]).abs().max().item() <= 1e-5
+                got = [client.logits(session.step(client.embed([int(ids[t])], t))) for t in range(prompt, prompt + 4)]
+                assert (torch.stack(got) - want[prompt:]).abs().max().item() <= 1e-5
     width = read_manifest(tiny_model_dir).config.n_embd
-    assert received[0] - received[1] >= (P - 3) * width * 4  # the rest of the rows stayed on the node
+    pieces = 2 if limit else 0  # a row at least from each piece before the tail's
+    assert received[0] - received[1] >= (prompt - last - pieces) * width * 4  # the rest stayed on the node
+
+
+def test_a_step_halved_after_too_large_answers_each_half_its_part_of_the_tail(tiny_model_dir, cluster_factory):
+    """A node that takes fewer positions than it said (here: the client forgot its stated limit)
+    refuses `too_large`; the halves each ask for their part of the tail, and the rows are exact."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--max-tokens-per-step", "7"])])
+    ids = torch.randint(0, 50257, (P,), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0]
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model, model.session(P) as session:
+        stage = session.stages[0]
+        stage.opened = {k: v for k, v in stage.opened.items() if k != "max_tokens_per_step"}
+        hidden = session.step(model.client.embed(ids.tolist(), 0), last=9)
+        assert hidden.shape[1] == 9
+        assert (_rows(model.client, hidden) - want[P - 9:]).abs().max().item() <= 1e-5
+
+
+def test_a_last_node_killed_between_prompts_is_replaced_and_the_next_rows_are_exact(tiny_model_dir,
+                                                                                     cluster_factory):
+    """Two long steps with `last`, relayed; the last node dies between them: the replacement is
+    rebuilt from what the stage before recomputes (the relayed step kept no trail), and the
+    second step's rows equal the single-process model's."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4)), NodeSpec((3, 4))])
+    ids = torch.randint(0, 50257, (2 * P,), generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0]
+    options = SwarmOptions(timeout=5.0, ban_seconds=60)
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=options) as model, \
+            model.session(2 * P) as session:
+        client = model.client
+        first = session.step(client.embed(ids[:P].tolist(), 0), last=1)
+        assert (_rows(client, first) - want[P - 1:P]).abs().max().item() <= 1e-5
+        dead = session.stages[-1].peers[0]
+        swarm.kill(swarm.addresses.index(dead), signal.SIGKILL)
+        second = session.step(client.embed(ids[P:].tolist(), P), last=3)
+        assert session.failovers == 1 and session.stages[-1].peers[0] != dead
+        assert (_rows(client, second) - want[2 * P - 3:]).abs().max().item() <= 1e-5
+
+
+def test_an_overflow_in_an_early_row_is_refused_though_only_the_last_was_asked_for(handler):
+    """The whole output is checked before it is cut (review152): a row that leaves float16's
+    range is refused `bad_value` with the session untouched, whichever rows were asked for."""
+    sid = _open(handler)
+    h = x(5)
+    h[0, 0] *= 1e6
+    _, reply = ask(handler, b"owner", "step", {"session": sid, "pos": 0, "wire": "float16", "last": 1}, [h])
+    assert reply.type == "error" and reply.fields["code"] == "bad_value"
+    assert handler.sessions.sessions[sid].length == 0
+
+
+def test_a_relayed_step_with_its_trail_cuts_only_the_last_hops_own_output(handler):
+    sid = _open(handler)
+    to, res = ask(handler, b"node-before", "step", {"session": sid, "pos": 0, "reply": 46, "hop": 1, "last": 1},
+                  [x(4, 1)])
+    assert (to, res.type) == (b"owner", "result") and [s for _, s in res.specs] == [(1, 4, 64), (1, 1, 64)]
+    assert torch.equal(res.tensors[0], x(4, 1))  # the hop before's output, passed on whole
 
 
 def test_a_session_refuses_a_last_that_is_not_a_positive_int():
