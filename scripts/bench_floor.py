@@ -4,15 +4,17 @@ one process, with nothing of nanoswarm's between them, and nanoswarm's own route
     .venv/bin/python scripts/bench_floor.py [--shape gpt2-small|tiny | --model DIR] [--stages 4]
         [--links ring,star] [--nanoswarm relay,star] [--rounds 3] [--tokens 48]
 
-Each bare node holds its blocks and one KV cache, reads raw ZeroMQ frames (an 8-byte header and
+Each bare node holds its blocks and one KV cache, reads raw ZeroMQ frames (a 12-byte header and
 the float32 activations: no msgpack, no CURVE, no validation, no sessions), runs its blocks and
 sends the output on: to the next node (ring: the last one pushes to the client) or back to the
-client (star). The client embeds, runs ln_f + lm_head and argmax like `nanoswarm bench`, with the
-same torch threads and OpenMP settings in every process. nanoswarm's routes (real nodes, CURVE,
-sessions; relayed or stage by stage) run beside them, and all routes take turns round by round,
-so each waits as long between its rounds: what nanoswarm loses against the bare pipeline is the
-cost of nanoswarm itself (protocol, checks, encryption); what the bare pipeline loses against
-one process is the machine's (docs/performance.md, "The floor on this machine").
+client (star); to the client, a prompt's last row only, as nanoswarm's nodes answer a step's
+`last` (since the fifty-third session; before, every row). The client embeds, runs ln_f + lm_head
+and argmax like `nanoswarm bench`, with the same torch threads and OpenMP settings in every
+process. nanoswarm's routes (real nodes, CURVE, sessions; relayed or stage by stage) run beside
+them, and all routes take turns round by round, so each waits as long between its rounds: what
+nanoswarm loses against the bare pipeline is the cost of nanoswarm itself (protocol, checks,
+encryption); what the bare pipeline loses against one process is the machine's
+(docs/performance.md, "The floor on this machine").
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
-HEADER = struct.Struct("<ii")  # positions in this step; the length of a new cache, or 0
+# Positions in this step; the length of a new cache, or 0; the rows the client takes back (0: all).
+HEADER = struct.Struct("<iii")
 WAIT_MS = 120_000  # the longest the client waits for a node (start-up, a prefill on a slow machine)
 
 
@@ -66,12 +69,15 @@ def node_main(model_dir: str, start: int, stop: int, threads: int, to: tuple[str
     ready.put(port)
     with torch.inference_mode():
         for peer, header, data in bare_requests(inbox, parent):
-            n, fresh = HEADER.unpack(header.bytes)
+            n, fresh, keep = HEADER.unpack(header.bytes)
             if fresh:  # a new cache, allocated before the timed steps (like a session's open)
                 cache = blocks.new_cache(fresh)
             if n:
                 x = torch.frombuffer(data.buffer, dtype=torch.float32).view(1, n, -1)
-                y = memoryview(blocks(x, [cache]).numpy()).cast("B")
+                y = blocks(x, [cache])
+                if keep and (to is None or to[0] == "client"):  # to the client: its rows only, as nanoswarm's `last`
+                    y = y[:, -keep:]
+                y = memoryview(y.numpy()).cast("B")
             else:
                 y = data
             if out is None:
@@ -160,19 +166,23 @@ class BareSwarm:
 
     def open(self, length: int) -> None:
         """A new cache of `length` positions on every node (a step of no positions)."""
-        self._pass(HEADER.pack(0, length), b"")
+        self._pass(HEADER.pack(0, length, 0), b"")
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        data = self._pass(HEADER.pack(x.shape[1], 0), memoryview(x.numpy()).cast("B"))
-        return torch.frombuffer(data.buffer, dtype=torch.float32).view(x.shape)
+    def step(self, x: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """The last node's output; with `last`, its last `last` rows only (the others stay there)."""
+        keep = last if last is not None and last < x.shape[1] else 0
+        data = self._pass(HEADER.pack(x.shape[1], 0, keep), memoryview(x.numpy()).cast("B"))
+        return torch.frombuffer(data.buffer, dtype=torch.float32).view(1, -1, x.shape[2])
 
     def _pass(self, header: bytes, payload) -> zmq.Frame:
-        """`payload` through every node, in a ring or one node at a time; the last one's output."""
+        """`payload` through every node, in a ring or one node at a time; the last one's output
+        (in a star, only the last node is told how many rows to answer)."""
         if self.back is not None:
             self.socks[0].send_multipart([header, payload], copy=False)
             return self.back.recv(copy=False)
-        for s in self.socks:
-            s.send_multipart([header, payload], copy=False)
+        whole = HEADER.pack(*HEADER.unpack(header)[:2], 0)
+        for i, s in enumerate(self.socks):
+            s.send_multipart([header if i + 1 == len(self.socks) else whole, payload], copy=False)
             payload = s.recv(copy=False)
         return payload
 
@@ -200,8 +210,9 @@ class LocalRoute:
     def open(self, length: int) -> None:
         self.cache = self.blocks.new_cache(length)
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x, [self.cache])
+    def step(self, x: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        y = self.blocks(x, [self.cache])
+        return y if last is None else y[:, -last:]
 
     def close(self) -> None:
         pass
@@ -237,8 +248,8 @@ class NanoswarmRoute:
             self.session.close()
         self.session = InferenceSession.open(self.swarm, length)
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        return self.session.step(x)
+    def step(self, x: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        return self.session.step(x, last=last)
 
     def close(self) -> None:
         if self.session is not None:
@@ -257,7 +268,7 @@ def run_round(route, embed, head, ids: list[int], prompt_len: int,
         a, b = (0, prompt_len) if t == 0 else (prompt_len + t - 1, prompt_len + t)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            hidden = route.step(embed(torch.tensor([ids[a:b]]), a))
+            hidden = route.step(embed(torch.tensor([ids[a:b]]), a), last=1)  # the next token's row, as generate
             logits = head(hidden[:, -1:])
             int(logits.argmax())
         times.append(time.perf_counter() - t0)

@@ -15,8 +15,9 @@ heads of every block, against one process, in the two ways a group's members can
   they agree). One round trip a token, and 2 x n_layer one-way exchanges
   between the members.
 
-Bare members read raw ZeroMQ frames (an 8-byte header and float32 activations: no msgpack, no
-CURVE, no sessions), one torch thread each (unbound, as nanoswarm's harness leaves a node of
+Bare members read raw ZeroMQ frames (a 20-byte header and float32 activations: no msgpack, no
+CURVE, no sessions; an all-reduce answers a prompt's last row only, as nanoswarm's members answer
+a step's `last`), one torch thread each (unbound, as nanoswarm's harness leaves a node of
 one thread). With `--nanoswarm`, nanoswarm's own head groups (real nodes, CURVE, the client's
 HeadGroupStage), one all-reducing and one met by fan-out, run in the same rotation. The client
 embeds, runs ln_f + lm_head and argmax as `nanoswarm bench` does; routes take turns round by
@@ -61,7 +62,9 @@ from nanoswarm.shards.manifest import read_manifest  # noqa: E402
 from nanoswarm.shards.weights import load_blocks  # noqa: E402
 
 # positions in this step; the length of a new cache, or 0; block (fan-out) or -1; phase 0 attn, 1 mlp
-HEADER = struct.Struct("<iiii")
+# Positions; a new cache's length, or 0; the block and phase of a fan-out step (-1, 0 for an
+# all-reduce); the rows the client takes back from an all-reduce (0: all).
+HEADER = struct.Struct("<iiiii")
 PARTIAL = struct.Struct("<ii")  # the sending member's index, the phase's number in the step (all-reduce)
 
 
@@ -89,7 +92,7 @@ def member_main(model_dir: str, heads: tuple[int, int], index: int, mode: str, r
     early: dict[tuple[int, int], zmq.Frame] = {}
     with torch.inference_mode():
         for peer, header, data in bare_requests(inbox, parent):
-            n, fresh, block, phase = HEADER.unpack(header.bytes)
+            n, fresh, block, phase, keep = HEADER.unpack(header.bytes)
             if fresh:
                 cache = blocks.new_cache(fresh)
             if not n:
@@ -122,8 +125,9 @@ def member_main(model_dir: str, heads: tuple[int, int], index: int, mode: str, r
                         x = x + (mine if k == index else
                                  torch.frombuffer(raws[k].buffer, dtype=torch.float32).view(1, n, -1))
             cache.length += n
-            if index == 0:
-                inbox.send_multipart([peer.bytes, memoryview(x.numpy()).cast("B")], copy=False)
+            if index == 0:  # (a prompt's last row only, as nanoswarm's members answer a step's `last`)
+                y = x[:, -keep:] if keep else x
+                inbox.send_multipart([peer.bytes, memoryview(y.numpy()).cast("B")], copy=False)
 
 
 class BareGroup(BareSwarm):
@@ -157,28 +161,32 @@ class BareGroup(BareSwarm):
 
     def open(self, length: int) -> None:
         for s in self.socks:
-            s.send_multipart([HEADER.pack(0, length, -1, 0), b""])
+            s.send_multipart([HEADER.pack(0, length, -1, 0, 0), b""])
         for s in self.socks:
             s.recv()
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """The group's output; with `last`, its last `last` rows (all-reduce: member 0 sends
+        those alone; a fan-out's partials are every row's, as nanoswarm's)."""
         n = x.shape[1]
         if self.mode == "all-reduce":
+            keep = last if last is not None and last < n else 0
             for s in self.socks:
-                s.send_multipart([HEADER.pack(n, 0, -1, 0), memoryview(x.numpy()).cast("B")], copy=False)
+                s.send_multipart([HEADER.pack(n, 0, -1, 0, keep), memoryview(x.numpy()).cast("B")], copy=False)
             return self._tensor(self.socks[0].recv(copy=False), x)
         for block in range(self.config.n_layer):
             for phase in (0, 1):
                 for s in self.socks:
-                    s.send_multipart([HEADER.pack(n, 0, block, phase), memoryview(x.numpy()).cast("B")], copy=False)
+                    s.send_multipart([HEADER.pack(n, 0, block, phase, 0), memoryview(x.numpy()).cast("B")],
+                                     copy=False)
                 parts = [self._tensor(s.recv(copy=False), x) for s in self.socks]
                 for part in parts:  # in member order, as HeadGroupStage adds them
                     x = x + part
-        return x
+        return x if last is None else x[:, -last:]
 
     @staticmethod
     def _tensor(frame: zmq.Frame, like: torch.Tensor) -> torch.Tensor:
-        return torch.frombuffer(frame.buffer, dtype=torch.float32).view(like.shape)
+        return torch.frombuffer(frame.buffer, dtype=torch.float32).view(1, -1, like.shape[2])
 
 
 class NanoswarmGroup(NanoswarmRoute):
