@@ -89,7 +89,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "opened": {"session": (_STR, True), "layers": (_LIST, True),
                "max_tokens_per_step": (_INT, False), "max_message_bytes": (_INT, False),
                "trail_optional": (_BOOL, False), "admits": (_BOOL, False),
-               # it takes a layer step's `last`; an earlier version says nothing
+               # it takes `last` (a layer step's, an all-reduce step's); an earlier version says nothing
                "last_positions": (_BOOL, False),
                # the node's heads; a node of an earlier version says none, nor checks `open`'s
                "heads": (_OPT_LIST, False),

@@ -240,3 +240,42 @@ def test_an_all_reduce_step_refuses_a_wrong_last_with_the_session_untouched(tiny
     [(to, frames)] = _member_step(a, sid, x(2), last=last)
     assert to == b"owner" and decode(frames).fields["code"] == "malformed"
     assert a.sessions.sessions[sid].length == 0 and not a.groups.steps
+
+
+@pytest.mark.parametrize("case", ["pieces, last 3", "pieces, last 6", "fall-back to the fan-out", "an older member"])
+def test_a_head_groups_rows_are_exact_in_every_way_it_is_asked_for_the_tail(tiny_model_dir, case):
+    """In-process members (review153): a prompt of 10 in pieces of 4 asks each piece for its part
+    of the tail (fewer rows come back); members that cannot reach each other fall back to the
+    fan-out at position 0 (every row comes back); a member that does not say `last_positions`
+    is not asked. The rows the session keeps equal the whole blocks' either way."""
+    from test_all_reduce import _handlers
+    from test_heads import in_process_nodes
+
+    from nanoswarm.client.head_group import HeadGroupStage
+    from nanoswarm.client.transport import PeerConnection
+    from nanoswarm.node.sessions import NodeLimits
+
+    last = 6 if case == "pieces, last 6" else 3
+    handlers, model_id = _handlers(tiny_model_dir, NodeLimits(max_tokens_per_step=4) if "pieces" in case else None)
+    for h in handlers:
+        h.can_relay = lambda contact, ok=(case != "fall-back to the fan-out"): ok
+    hidden = torch.randn(1, 10, 64, generator=torch.Generator().manual_seed(12))
+    blocks = load_blocks(tiny_model_dir, 0, 4)
+    with torch.inference_mode():
+        want = blocks(hidden, [blocks.new_cache(16)])
+    with in_process_nodes(handlers) as conns:
+        links = [PeerConnection(c.address, 10.0) for c in conns]
+        try:
+            stage = HeadGroupStage([(links[0], (0, 2)), (links[1], (2, 4))], 0, 4, model_id, timeout=20.0,
+                                   all_reduce=True)
+            stage.open(16)
+            if case == "an older member":
+                del stage.limits[1]["last_positions"]
+            got = stage.step(hidden, 0, last=last)
+            assert (got[:, -last:] - want[:, -last:]).abs().max().item() <= 1e-5
+            rows = {"pieces, last 3": 1 + 1 + 2, "pieces, last 6": 1 + 4 + 2}.get(case, 10)
+            assert got.shape[1] == rows and stage.all_reduce is (case != "fall-back to the fan-out")
+            stage.close()
+        finally:
+            for link in links:
+                link.close()
