@@ -55,6 +55,9 @@ __all__ = ["CANNOT_TAKE", "TRAIL_MAX_POSITIONS", "CallerError", "InferenceSessio
 # 4 relayed stages slower than stage by stage (docs/performance.md).
 TRAIL_MAX_POSITIONS = 32
 
+# The stages whose step takes `last` (the route's last one is asked for a prompt's last rows only).
+CUTS_LAST = (RemoteLayerStage, HeadGroupStage)
+
 
 class InferenceSession(SpotChecks):
     """One generation's KV caches on a route: its stages, what each was sent, and how many
@@ -206,8 +209,7 @@ class InferenceSession(SpotChecks):
                     hidden, i = done
                 continue
             try:
-                if last is not None and i + 1 == len(self.stages) and isinstance(stage, (RemoteLayerStage,
-                                                                                        HeadGroupStage)):
+                if last is not None and i + 1 == len(self.stages) and isinstance(stage, CUTS_LAST):
                     out = stage.step(hidden, self.pos, rewind=stage in rewind, last=last)
                 else:
                     out = stage.step(hidden, self.pos, rewind=stage in rewind)
@@ -235,9 +237,9 @@ class InferenceSession(SpotChecks):
     def _step_chain(self, chain: Chain, i: int, hidden: torch.Tensor, rewind: set[Stage],
                     last: int | None = None) -> tuple[torch.Tensor, int] | None:
         """A relayed step through `chain`, which starts at stages[i]: the last hop's output (its
-        last `last` positions, if given) and the index after the chain, or
-        None when the chain broke (its stages then failed over where they must, and may hold the
-        position already: `rewind`)."""
+        last `last` positions, if given) and the index after the chain, or None when the chain
+        broke (its stages then failed over where they must, and may hold the position already:
+        `rewind`)."""
         T = hidden.shape[1]
         trail = T <= TRAIL_MAX_POSITIONS
         # A prefill's hops each compute for a while: each gets the time a stage step gets.
