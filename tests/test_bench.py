@@ -129,6 +129,23 @@ def test_bare_head_group_floor_runs(tmp_path):
     assert errors[0] == 0 and errors[1] == errors[2] == errors[3] == errors[4] <= 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("route", [["--stages", "2"], ["--head-group", "2", "--links", "star"]])
+def test_decode_loop_runs_and_names_its_processes(tmp_path, route):
+    """scripts/decode_loop.py (decode steps in a loop for a profiler to watch) names the client's
+    and every node's pid before it loops, and steps tokens through layer stages and a head
+    group."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "decode_loop.py"
+    out = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--work-dir", str(tmp_path),
+                          "--seconds", "1", "--threads", "1", "--json", *route],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    pids = re.search(r"pids: client (\d+) nodes ([\d ]+)", out.stderr)
+    assert pids is not None and len(pids.group(2).split()) == 2, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["tokens"] > 0 and result["median_ms"] > 0
+
+
 def test_bench_curve_runs(tmp_path):
     """scripts/bench_curve.py (what CURVE costs a link here) runs end to end."""
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench_curve.py"

@@ -1,0 +1,115 @@
+"""Decode steps in a loop through a local swarm, for a profiler to watch: the client and every
+node process are named by pid on stderr before the loop starts.
+
+    .venv/bin/python scripts/decode_loop.py [--shape tiny|gpt2-small | --model DIR] [--stages 4]
+        [--head-group 2] [--links relay|star] [--seconds 20] [--threads 2] [--insecure] [--json]
+    py-spy record -p PID -r 1000 -d 12 --nonblocking -f raw -o node.txt   # while it runs
+
+A route of `--stages` layer stages, or (with `--head-group N`) one stage of N head-shard members
+of one torch thread each, all-reducing with `--links relay` and met by the client with `star`.
+Sessions of 512 positions, a 16-token prompt, then one-token steps fed fixed ids, the client's
+head and argmax as `generate` runs them; a fresh session when one is full. The tiny shape's
+blocks keep the caches warm, so what a token costs beyond its compute shows at its plainest
+(docs/performance.md, fifty-fourth session: py-spy is not a dependency; `pip install py-spy`
+into the venv). Prints the tokens stepped and the median ms a token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nanoswarm  # noqa: F401  (first: its OpenMP defaults must precede torch's import)
+
+# isort: split
+import torch
+
+from nanoswarm.bench.models import SHAPES, make_random_model_dir
+from nanoswarm.client.session import InferenceSession
+from nanoswarm.client.swarm import Swarm, SwarmOptions
+from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
+from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.weights import load_embeddings, load_head
+
+SESSION = 512
+PROMPT = 16
+
+
+def specs(n_layer: int, n_head: int, stages: int, members: int) -> tuple[list[NodeSpec], int | None]:
+    """The nodes of the route, and the torch threads each runs (None: the caller's --threads)."""
+    if members > 1:
+        return [NodeSpec((0, n_layer), h) for h in even_split(n_head, members, "heads")], 1
+    return [NodeSpec(r) for r in even_split(n_layer, stages)], None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--model", type=Path, help="a model dir instead of random weights of --shape")
+    ap.add_argument("--work-dir", type=Path, help="where the random-weight model dir is kept")
+    ap.add_argument("--stages", type=int, default=4)
+    ap.add_argument("--head-group", type=int, default=1,
+                    help="members of one head group instead of layer stages (2 or more)")
+    ap.add_argument("--links", default="relay", choices=("relay", "star"))
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--insecure", action="store_true", help="no CURVE (its share of the cost)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="nanoswarm-loop-") as tmp:
+        model_dir = args.model or make_random_model_dir((args.work_dir or Path(tmp)) / args.shape, SHAPES[args.shape])
+        run(args, ap, model_dir)
+
+
+def run(args: argparse.Namespace, ap: argparse.ArgumentParser, model_dir: Path) -> None:
+    manifest = read_manifest(model_dir)
+    config = manifest.config
+    if not 1 <= args.head_group <= config.n_head or not 1 <= args.stages <= config.n_layer:
+        ap.error(f"--stages from 1 to {config.n_layer}, --head-group from 1 to {config.n_head}")
+    torch.set_num_threads(args.threads)
+    embed, head = load_embeddings(model_dir, manifest), load_head(model_dir, manifest)
+    ids = torch.randint(0, config.vocab_size, (SESSION,), generator=torch.Generator().manual_seed(0))
+    nodes, threads = specs(config.n_layer, config.n_head, args.stages, args.head_group)
+    cluster = LocalCluster(model_dir, nodes, threads=threads or args.threads,
+                           args=["--insecure"] if args.insecure else []).start()
+    times: list[float] = []
+    try:
+        swarm = Swarm(manifest.model_id, config.n_layer, config.n_head,
+                      SwarmOptions(timeout=60.0, relay=args.links == "relay", all_reduce=args.links == "relay",
+                                   insecure=args.insecure))
+        try:
+            swarm.add_addresses(cluster.addresses, timeout=30.0)
+            print(f"pids: client {os.getpid()} nodes {' '.join(str(n.pid) for n in cluster.nodes)}",
+                  file=sys.stderr, flush=True)
+            end = time.monotonic() + args.seconds
+            while time.monotonic() < end:
+                session = InferenceSession.open(swarm, SESSION)
+                with torch.inference_mode():
+                    session.step(embed(ids[None, :PROMPT], 0), last=1)
+                    for pos in range(PROMPT, SESSION):
+                        t0 = time.perf_counter()
+                        hidden = session.step(embed(ids[None, pos:pos + 1], pos))
+                        int(head(hidden[:, -1:]).argmax())
+                        times.append(time.perf_counter() - t0)
+                        if time.monotonic() >= end:
+                            break
+                session.close()
+        finally:
+            swarm.close()
+    finally:
+        cluster.stop()
+    median_ms = statistics.median(times) * 1e3 if times else None
+    if args.json:
+        print(json.dumps({"tokens": len(times), "median_ms": median_ms}))
+    else:
+        print(f"{len(times)} tokens, median {median_ms:.3f} ms a token" if times else "no tokens")
+
+
+if __name__ == "__main__":
+    main()
