@@ -154,14 +154,13 @@ class AllReduces:
         x = torch.cat(xs) if len(xs) > 1 else xs[0]
         tokens = x.shape[0] * x.shape[1]
         layer = runner.blocks.h[str(first.block)]
-        with torch.inference_mode():
-            if first.phase == "attn":
-                caches = [g.session.cache for g in batch]
-                y = runner._timed(lambda: layer.attn_partial(x, caches, first.block - first.session.start), tokens)
-                for g in batch:
-                    _stored_block(g.session, g.x.shape[1])
-            else:
-                y = runner._timed(lambda: layer.mlp_partial(x), tokens)
+        if first.phase == "attn":  # (in advance()'s inference mode)
+            caches = [g.session.cache for g in batch]
+            y = runner._timed(lambda: layer.attn_partial(x, caches, first.block - first.session.start), tokens)
+            for g in batch:
+                _stored_block(g.session, g.x.shape[1])
+        else:
+            y = runner._timed(lambda: layer.mlp_partial(x), tokens)
         if len(batch) > 1:
             runner.stats.batched_steps += 1
             runner.stats.max_batch = max(runner.stats.max_batch, len(batch))
@@ -311,6 +310,12 @@ class AllReduces:
         """Go on with the steps started or sent partials since the last call, as far as they can
         go now: each phase whose partials have all come summed, and the next phases due computed
         (one forward pass for several sessions' where they can share one)."""
+        if not (self._due or self._touched or self._held):
+            return []
+        with torch.inference_mode():
+            return self._advance()
+
+    def _advance(self) -> list[Reply]:
         out: list[Reply] = []
         due, self._due = self._due, []
         touched, self._touched = self._touched, set()
