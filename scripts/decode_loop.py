@@ -2,10 +2,10 @@
 node process are named by pid on stderr before the loop starts.
 
     .venv/bin/python scripts/decode_loop.py [--shape tiny|gpt2-small | --model DIR] [--stages 4]
-        [--head-group 2] [--links relay|star] [--seconds 20] [--threads 2] [--insecure] [--json]
+        [--head-groups 2] [--links relay|star] [--seconds 20] [--threads 2] [--insecure] [--json]
     py-spy record -p PID -r 1000 -d 12 --nonblocking -f raw -o node.txt   # while it runs
 
-A route of `--stages` layer stages, or (with `--head-group N`) one stage of N head-shard members
+A route of `--stages` layer stages, or (with `--head-groups N`) one stage of N head-shard members
 of one torch thread each, all-reducing with `--links relay` and met by the client with `star`.
 Sessions of 512 positions, a 16-token prompt, then one-token steps fed fixed ids, the client's
 head and argmax as `generate` runs them; a fresh session when one is full. The tiny shape's
@@ -33,19 +33,12 @@ import torch
 from nanoswarm.bench.models import SHAPES, make_random_model_dir
 from nanoswarm.client.session import InferenceSession
 from nanoswarm.client.swarm import Swarm, SwarmOptions
-from nanoswarm.node.cluster import LocalCluster, NodeSpec, even_split
+from nanoswarm.node.cluster import LocalCluster, swarm_specs
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_embeddings, load_head
 
 SESSION = 512
 PROMPT = 16
-
-
-def specs(n_layer: int, n_head: int, stages: int, members: int) -> tuple[list[NodeSpec], int | None]:
-    """The nodes of the route, and the torch threads each runs (None: the caller's --threads)."""
-    if members > 1:
-        return [NodeSpec((0, n_layer), h) for h in even_split(n_head, members, "heads")], 1
-    return [NodeSpec(r) for r in even_split(n_layer, stages)], None
 
 
 def main() -> None:
@@ -54,8 +47,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="a model dir instead of random weights of --shape")
     ap.add_argument("--work-dir", type=Path, help="where the random-weight model dir is kept")
     ap.add_argument("--stages", type=int, default=4)
-    ap.add_argument("--head-group", type=int, default=1,
-                    help="members of one head group instead of layer stages (2 or more)")
+    ap.add_argument("--head-groups", type=int, default=1,
+                    help="members of one head group (as the bench: 2 or more) instead of layer stages")
     ap.add_argument("--links", default="relay", choices=("relay", "star"))
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=2)
@@ -70,13 +63,16 @@ def main() -> None:
 def run(args: argparse.Namespace, ap: argparse.ArgumentParser, model_dir: Path) -> None:
     manifest = read_manifest(model_dir)
     config = manifest.config
-    if not 1 <= args.head_group <= config.n_head or not 1 <= args.stages <= config.n_layer:
-        ap.error(f"--stages from 1 to {config.n_layer}, --head-group from 1 to {config.n_head}")
+    members = args.head_groups
+    try:  # (the harness's own layout: a head group is one span of `members` head shards)
+        nodes = swarm_specs(config.n_layer, config.n_head, 1 if members > 1 else args.stages, members)
+    except ValueError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     embed, head = load_embeddings(model_dir, manifest), load_head(model_dir, manifest)
     ids = torch.randint(0, config.vocab_size, (SESSION,), generator=torch.Generator().manual_seed(0))
-    nodes, threads = specs(config.n_layer, config.n_head, args.stages, args.head_group)
-    cluster = LocalCluster(model_dir, nodes, threads=threads or args.threads,
+    # A head group's members one torch thread each, as the bench's (they compute at once).
+    cluster = LocalCluster(model_dir, nodes, threads=1 if members > 1 else args.threads,
                            args=["--insecure"] if args.insecure else []).start()
     times: list[float] = []
     try:

@@ -130,7 +130,7 @@ def test_bare_head_group_floor_runs(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("route", [["--stages", "2"], ["--head-group", "2", "--links", "star"]])
+@pytest.mark.parametrize("route", [["--stages", "2"], ["--head-groups", "2", "--links", "star"]])
 def test_decode_loop_runs_and_names_its_processes(tmp_path, route):
     """scripts/decode_loop.py (decode steps in a loop for a profiler to watch) names the client's
     and every node's pid before it loops, and steps tokens through layer stages and a head
