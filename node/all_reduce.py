@@ -43,7 +43,7 @@ from nanoswarm.protocol.tensors import frame_finite, frame_tensor, to_frame
 from .group_step import MAX_WAIT, GroupStep, check_step
 from .relay import Relay, next_hop_id
 from .sessions import SessionStore
-from .steps import Reply, StepRunner, _stored_block, _unsendable
+from .steps import Reply, StepRunner, _stored_block, _unsendable, inference
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ class AllReduces:
         (one forward pass for several sessions' where they can share one)."""
         if not (self._due or self._touched or self._held):
             return []
-        with torch.inference_mode():
+        with inference():
             return self._advance()
 
     def _advance(self) -> list[Reply]:

@@ -251,7 +251,12 @@ def _serve(opts: NodeOptions, identity: Identity, allow: set[bytes] | None,
     # many objects (a 64 KiB header of empty arrays cost ~70 ms of collection, ~4 ms after this).
     gc.freeze()
     try:
-        server.serve_forever()
+        # Every tensor the loop makes is for inference: one guard for the node's life instead of
+        # entering it for every step with the caches cold (node/steps.py `inference`; 4-stage
+        # decode ~0.7 ms a token faster here, docs/performance.md). Blocks loaded on a move are
+        # inference tensors too (never trained here, nor touched by another thread).
+        with torch.inference_mode():
+            server.serve_forever()
     finally:
         gossip.close()
         governor.restore()  # (a program that ran the node goes on with its own threads)

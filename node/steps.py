@@ -5,6 +5,7 @@ relayed on to the next hop: node/relay.py); also the stateless forward. No socke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict, deque
@@ -53,6 +54,17 @@ def _unsendable(x: torch.Tensor, y: torch.Tensor, wire: str, frame: Buffer) -> s
     if x.dtype in (torch.float16, torch.bfloat16) and not all_finite(y):  # not the wire's doing
         return f"this node's {str(x.dtype).removeprefix('torch.')} computation overflowed to NaN or Inf"
     return f"the result does not fit {wire} (overflow to NaN or Inf)"
+
+
+_IN_IT_ALREADY = contextlib.nullcontext()
+
+
+def inference() -> contextlib.AbstractContextManager:
+    """torch.inference_mode(), or nothing where this thread runs in it already (a node's loop
+    does, node/daemon.py): entering and leaving it took ~40 us after a matmul had evicted the
+    caches, and more in a node woken after the other stages' passes (docs/performance.md,
+    fifty-fifth session)."""
+    return _IN_IT_ALREADY if torch.is_inference_mode_enabled() else torch.inference_mode()
 
 
 def _batch_key(p: PendingStep) -> tuple:
@@ -161,7 +173,7 @@ class StepRunner:
         if self._overloaded():
             raise ProtocolError(ErrorCode.BUSY, self._overload_message())
         x = self.checks.hidden(msg, max_batch=64)
-        with torch.inference_mode():
+        with inference():
             y = self._timed(lambda: self.blocks(x, None, a, b), x.shape[0] * x.shape[1])
         frame = to_frame(y, wire)
         problem = _unsendable(x, y, wire, frame)
@@ -286,7 +298,7 @@ class StepRunner:
         caches = [p.session.cache for p in group]
         self.stats.max_batch = max(self.stats.max_batch, len(group))
         self.stats.batched_steps += len(group) > 1
-        with torch.inference_mode():
+        with inference():
             x = torch.cat([p.x for p in group]) if len(group) > 1 else first.x
             tokens = len(group) * x.shape[1]
             if phase is None:

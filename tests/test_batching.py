@@ -3,6 +3,7 @@ every session gets the logits it would get alone."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 import torch
@@ -13,6 +14,7 @@ from nanoswarm.client.stages import RemoteLayerStage
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
+from nanoswarm.node.steps import inference
 from nanoswarm.protocol.messages import decode, encode
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head, load_model
@@ -58,6 +60,37 @@ def test_handler_batches_decode_steps_exactly(tiny_model_dir):
             want = solo(x, [cache])
         assert (decode(frames).tensors[0] - want).abs().max().item() <= 1e-5
     assert handler.info()["stats"]["max_batch"] == len(PROMPTS)
+
+
+def test_a_handler_in_one_inference_mode_steps_as_one_outside_it(tiny_model_dir):
+    """A node's loop runs in one inference mode (node/daemon.py) and its steps then enter none of
+    their own (node/steps.py `inference`); unit tests drive the handler outside it. Both step a
+    session alike: a prompt, then decode steps on the cache the first made (an inference tensor
+    in the loop), whole and two sessions batched."""
+    manifest = read_manifest(tiny_model_dir)
+    width = manifest.config.n_embd
+    torch.manual_seed(0)
+    prompts = [torch.randn(1, n, width) for n in (5, 3)]
+    steps = [[torch.randn(1, 1, width) for _ in prompts] for _ in range(3)]
+    assert isinstance(inference(), torch.inference_mode)
+    outputs = []
+    for in_loop in (False, True):
+        handler = RequestHandler(load_blocks(tiny_model_dir, 0, 4, manifest=manifest), manifest.model_id, "t")
+        ids = iter(range(1, 100))
+        clients = [f"client{i}".encode() for i in range(len(prompts))]
+        with torch.inference_mode() if in_loop else contextlib.nullcontext():
+            assert isinstance(inference(), torch.inference_mode) is not in_loop
+            sessions = [decode(handler.handle(c, encode("open", next(ids), {"max_length": 16}))).fields["session"]
+                        for c in clients]
+            outs = [decode(handler.handle(c, encode("step", next(ids), {"session": s, "pos": 0}, [x]))).tensors[0]
+                    for c, s, x in zip(clients, sessions, prompts)]
+            for k, xs in enumerate(steps):
+                batch = [(c, encode("step", next(ids), {"session": s, "pos": x.shape[1] + k}, [h]))
+                         for c, s, x, h in zip(clients, sessions, prompts, xs)]
+                outs += [decode(frames).tensors[0] for _, frames in handler.handle_batch(batch)]
+            assert handler.stats.batched_steps == len(steps)
+        outputs.append([t.clone() for t in outs])
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
 
 
 def test_head_shard_batches_each_phase_of_a_block_exactly(tiny_model_dir):
