@@ -1,8 +1,9 @@
-"""Decode steps in a loop through a local swarm, for a profiler to watch: the client and every
-node process are named by pid on stderr before the loop starts.
+"""Decode steps (or prompts) in a loop through a local swarm, for a profiler to watch: the
+client and every node process are named by pid on stderr before the loop starts.
 
     .venv/bin/python scripts/decode_loop.py [--shape tiny|gpt2-small | --model DIR] [--stages 4]
-        [--head-groups 2] [--links relay|star] [--seconds 20] [--threads 2] [--insecure] [--json]
+        [--head-groups 2] [--links relay|star] [--seconds 20] [--threads 2] [--insecure]
+        [--prefill 128] [--json]
     py-spy record -p PID -r 1000 -d 12 --nonblocking -f raw -o node.txt   # while it runs
 
 A route of `--stages` layer stages, or (with `--head-groups N`) one stage of N head-shard members
@@ -11,7 +12,10 @@ Sessions of 512 positions, a 16-token prompt, then one-token steps fed fixed ids
 head and argmax as `generate` runs them; a fresh session when one is full. The tiny shape's
 blocks keep the caches warm, so what a token costs beyond its compute shows at its plainest
 (docs/performance.md, fifty-fourth session: py-spy is not a dependency; `pip install py-spy`
-into the venv). Prints the tokens stepped and the median ms a token.
+into the venv). Prints the tokens stepped and the median ms a token. With `--prefill N`, prompts
+of N positions instead, each in a fresh session (its last row asked for, as `generate` asks), a
+50 ms pause between them (a prompt comes after the user's pause): the prompts and the median ms
+of one, embedding to the first token's argmax.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from nanoswarm.shards.weights import load_embeddings, load_head
 
 SESSION = 512
 PROMPT = 16
+PAUSE = 0.05  # between two prompts of --prefill
 
 
 def main() -> None:
@@ -53,6 +58,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--insecure", action="store_true", help="no CURVE (its share of the cost)")
+    ap.add_argument("--prefill", type=int, metavar="N", help="prompts of N positions in a loop, not decode steps")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="nanoswarm-loop-") as tmp:
@@ -68,6 +74,8 @@ def run(args: argparse.Namespace, ap: argparse.ArgumentParser, model_dir: Path) 
         nodes = swarm_specs(config.n_layer, config.n_head, 1 if members > 1 else args.stages, members)
     except ValueError as e:
         ap.error(str(e))
+    if args.prefill is not None and not 1 <= args.prefill <= SESSION:
+        ap.error(f"--prefill takes 1 to {SESSION} positions")
     torch.set_num_threads(args.threads)
     embed, head = load_embeddings(model_dir, manifest), load_head(model_dir, manifest)
     ids = torch.randint(0, config.vocab_size, (SESSION,), generator=torch.Generator().manual_seed(0))
@@ -84,7 +92,16 @@ def run(args: argparse.Namespace, ap: argparse.ArgumentParser, model_dir: Path) 
             print(f"pids: client {os.getpid()} nodes {' '.join(str(n.pid) for n in cluster.nodes)}",
                   file=sys.stderr, flush=True)
             end = time.monotonic() + args.seconds
-            while time.monotonic() < end:
+            while args.prefill is not None and time.monotonic() < end:
+                session = InferenceSession.open(swarm, SESSION)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    hidden = session.step(embed(ids[None, :args.prefill], 0), last=1)
+                    int(head(hidden[:, -1:]).argmax())
+                times.append(time.perf_counter() - t0)
+                session.close()
+                time.sleep(PAUSE)
+            while args.prefill is None and time.monotonic() < end:
                 session = InferenceSession.open(swarm, SESSION)
                 with torch.inference_mode():
                     session.step(embed(ids[None, :PROMPT], 0), last=1)
@@ -101,10 +118,11 @@ def run(args: argparse.Namespace, ap: argparse.ArgumentParser, model_dir: Path) 
     finally:
         cluster.stop()
     median_ms = statistics.median(times) * 1e3 if times else None
+    what = "tokens" if args.prefill is None else "prompts"
     if args.json:
-        print(json.dumps({"tokens": len(times), "median_ms": median_ms}))
+        print(json.dumps({what: len(times), "median_ms": median_ms}))
     else:
-        print(f"{len(times)} tokens, median {median_ms:.3f} ms a token" if times else "no tokens")
+        print(f"{len(times)} {what}, median {median_ms:.3f} ms a {what[:-1]}" if times else f"no {what}")
 
 
 if __name__ == "__main__":

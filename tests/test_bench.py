@@ -130,11 +130,12 @@ def test_bare_head_group_floor_runs(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("route", [["--stages", "2"], ["--head-groups", "2", "--links", "star"]])
+@pytest.mark.parametrize("route", [["--stages", "2"], ["--head-groups", "2", "--links", "star"],
+                                   ["--stages", "2", "--prefill", "8"]])
 def test_decode_loop_runs_and_names_its_processes(tmp_path, route):
-    """scripts/decode_loop.py (decode steps in a loop for a profiler to watch) names the client's
-    and every node's pid before it loops, and steps tokens through layer stages and a head
-    group."""
+    """scripts/decode_loop.py (decode steps, or prompts, in a loop for a profiler to watch) names
+    the client's and every node's pid before it loops, and steps tokens through layer stages and
+    a head group, or prompts through layer stages."""
     script = Path(__file__).resolve().parent.parent / "scripts" / "decode_loop.py"
     out = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--work-dir", str(tmp_path),
                           "--seconds", "1", "--threads", "1", "--json", *route],
@@ -143,7 +144,7 @@ def test_decode_loop_runs_and_names_its_processes(tmp_path, route):
     pids = re.search(r"pids: client (\d+) nodes ([\d ]+)", out.stderr)
     assert pids is not None and len(pids.group(2).split()) == 2, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["tokens"] > 0 and result["median_ms"] > 0
+    assert result["prompts" if "--prefill" in route else "tokens"] > 0 and result["median_ms"] > 0
 
 
 def test_bench_curve_runs(tmp_path):
