@@ -107,7 +107,9 @@ class KVCache:
     """Keys and values of one session for a run of consecutive blocks, preallocated.
 
     Preallocating to the session's max length makes the memory a session costs known when it
-    opens (so a node can refuse it up front) and keeps allocations off the per-token path.
+    opens (so a node can refuse it up front) and keeps allocations off the per-token path. A
+    node makes its caches inside its loop's inference mode (node/daemon.py): they are inference
+    tensors, written only in inference mode (in-place writes outside it raise).
     """
 
     def __init__(self, n_blocks: int, n_heads: int, head_dim: int, max_length: int,
