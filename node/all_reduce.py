@@ -38,7 +38,7 @@ import torch
 
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import Message, encode_frames
-from nanoswarm.protocol.tensors import frame_finite, frame_tensor, to_frame
+from nanoswarm.protocol.tensors import frame_dtype, frame_finite, frame_tensor, to_frame
 
 from .group_step import MAX_WAIT, GroupStep, check_step
 from .relay import Relay, next_hop_id
@@ -78,9 +78,11 @@ class AllReduces:
         self.runner = runner
         self.sessions = sessions
         self.steps: dict[str, GroupStep] = {}  # session id -> its step in progress
-        # session id -> {(pos, block, phase, member): (when it came, its sender's key, the partial)}
-        self._kept: dict[str, dict[tuple, tuple[float, str | None, torch.Tensor]]] = {}
+        # session id -> {(pos, block, phase, member): (when it came, its sender's key, the partial
+        # (float32), its positions)}
+        self._kept: dict[str, dict[tuple, tuple[float, str | None, torch.Tensor, int]]] = {}
         self._kept_bytes = 0
+        self._row_bytes = 4 * runner.config.n_embd  # a kept partial's bytes a position
         self._touched: set[str] = set()  # sessions that got partials since the last advance
         self._due: list[GroupStep] = []  # steps started since the last advance
         self._held: list[GroupStep] = []  # steps whose next phase waits for phase-mates (_hold_back)
@@ -108,7 +110,7 @@ class AllReduces:
             if self.sessions.sessions.get(g.session.id) is not g.session:
                 self._end(g)  # closed since (a `close` later in its batch): its cache may be another's now
                 continue
-            key = (g.block, g.phase, g.session.start if g.phase == "attn" else 0) if g.x.shape[1] == 1 else (id(g),)
+            key = (g.block, g.phase, g.session.start if g.phase == "attn" else 0) if g.shape[1] == 1 else (id(g),)
             groups.setdefault(key, []).append(g)
         out: list[Reply] = []
         for batch in groups.values():
@@ -147,18 +149,19 @@ class AllReduces:
     def _forward(self, batch: list[GroupStep]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The partials of `batch` (steps at one block and phase), each with its input."""
         runner, first = self.runner, batch[0]
+        as_is = runner._cpu and runner.dtype is torch.float32  # (every step's x is float32 on the CPU)
         xs = []
         for g in batch:
             x = g.x if g.wire == "float32" else _as_sent(g.x, to_frame(g.x, g.wire), g.wire)  # as a fan-out sends it
-            xs.append(x if x.is_cpu and runner._cpu and x.dtype is runner.dtype else x.to(runner.device, runner.dtype))
+            xs.append(x if as_is else x.to(runner.device, runner.dtype))
         x = torch.cat(xs) if len(xs) > 1 else xs[0]
-        tokens = x.shape[0] * x.shape[1]
+        tokens = len(batch) * first.shape[1]  # (several steps: one position each)
         layer = runner.blocks.h[str(first.block)]
         if first.phase == "attn":  # (in advance()'s inference mode)
             caches = [g.session.cache for g in batch]
             y = runner._timed(lambda: layer.attn_partial(x, caches, first.block - first.session.start), tokens)
             for g in batch:
-                _stored_block(g.session, g.x.shape[1])
+                _stored_block(g.session, g.shape[1])
         else:
             y = runner._timed(lambda: layer.mlp_partial(x), tokens)
         if len(batch) > 1:
@@ -175,15 +178,16 @@ class AllReduces:
         # Computed and sent in float32, a value that is not finite makes the residual so, which
         # _result refuses (every member's, each at once). Else the phase says what overflowed:
         # the wire, or this node's float16. (Not checked twice: ~20 us a phase, cold.)
-        if g.wire != "float32" or self.runner.dtype is not torch.float32:
+        exact = g.wire == "float32" and self.runner.dtype is torch.float32  # (y goes as computed)
+        if not exact:
             problem = _unsendable(x, y, g.wire, frame)
             if problem:
                 raise ProtocolError(ErrorCode.BAD_VALUE, problem)
-        g.own = _as_sent(y, frame, g.wire)
+        g.own = y if exact else _as_sent(y, frame, g.wire)
         now = time.monotonic()
         g.session.last_used, g.deadline = now, now + g.wait
         out: list[Reply] = []
-        spec = [(g.wire, tuple(y.shape))]
+        spec = [(g.wire, g.shape)]  # (a partial has its input's shape)
         for j, (contact, session) in enumerate(g.members):
             if j != g.me:
                 # (keyed by the receiver's session: only a latest partial is answered relay_failed
@@ -198,21 +202,21 @@ class AllReduces:
         """Add every member's partial of g's phase to its residual, if all have come (False if
         not), and go on: True when its next phase is due, or the reply when the step is done."""
         kept = self._kept.get(g.session.id, {})
-        others = [j for j in range(len(g.members)) if j != g.me]
-        if any((g.pos, g.block, g.phase, j) not in kept for j in others):
-            return False
+        for j in range(len(g.members)):
+            if j != g.me and (g.pos, g.block, g.phase, j) not in kept:
+                return False
         total = None
         for j in range(len(g.members)):  # in member order: the client's sums, to the bit
             if j == g.me:
                 partial = g.own
             else:
-                _, key, partial = self._pop(g.session.id, (g.pos, g.block, g.phase, j))
+                _, key, partial, tokens = self._pop(g.session.id, (g.pos, g.block, g.phase, j))
                 if key != g.keys[j]:  # (came before the step, whose group names another key for j)
                     raise ProtocolError(ErrorCode.RELAY_FAILED, f"the partial for member {j} came from another "
                                         "CURVE key than its contact names")
-                if partial.shape != g.x.shape:
+                if tokens != g.shape[1]:  # (came before the step: `take` did not know its positions)
                     raise ProtocolError(ErrorCode.RELAY_FAILED, f"member {j} sent a partial of shape "
-                                        f"{list(partial.shape)} for hidden states {list(g.x.shape)}")
+                                        f"{[1, tokens, g.shape[2]]} for hidden states {list(g.shape)}")
             # A new tensor for the first sum (g.x may be a view of the step's message), the rest
             # added in place: the same float32 additions in the same order, one allocation.
             total = g.x + partial if total is None else total.add_(partial)
@@ -242,14 +246,14 @@ class AllReduces:
         self.steps.pop(g.session.id, None)
         self._forget(g.session.id)
 
-    def _pop(self, sid: str, k: tuple) -> tuple[float, str | None, torch.Tensor]:
+    def _pop(self, sid: str, k: tuple) -> tuple[float, str | None, torch.Tensor, int]:
         entry = self._kept[sid].pop(k)
-        self._kept_bytes -= entry[2].nbytes
+        self._kept_bytes -= entry[3] * self._row_bytes
         return entry
 
     def _forget(self, sid: str) -> None:
-        for _, _, t in self._kept.pop(sid, {}).values():
-            self._kept_bytes -= t.nbytes
+        for _, _, _, tokens in self._kept.pop(sid, {}).values():
+            self._kept_bytes -= tokens * self._row_bytes
 
     def _undo(self, g: GroupStep) -> None:
         g.session.cache.length, g.session.next_block = g.pos, 0
@@ -277,7 +281,7 @@ class AllReduces:
         shape = msg.specs[0][1] if len(msg.frames) == 1 else ()
         if len(shape) != 3 or shape[0] != 1 or shape[2] != self.runner.config.n_embd \
                 or not 1 <= shape[1] <= self.runner.limits.max_tokens_per_step \
-                or g is not None and shape[1] != g.x.shape[1]:
+                or g is not None and shape[1] != g.shape[1]:
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"a partial is one tensor [1, tokens, "
                                 f"{self.runner.config.n_embd}], of the step's tokens")
         if g is None:  # before its step came: only the first phase of the session's next position
@@ -297,13 +301,14 @@ class AllReduces:
         k = (pos, block, phase, member)
         if k in kept:
             raise ProtocolError(ErrorCode.BAD_POSITION, f"member {member}'s partial of this phase came already")
-        partial = msg.tensor(0)
-        if partial.dtype is not torch.float32:  # (a call less on the float32 wire's hot path)
-            partial = partial.to(torch.float32)
-        if self._kept_bytes + partial.nbytes > KEPT_MESSAGES * self.runner.limits.max_message_bytes:
+        nbytes = shape[1] * self._row_bytes  # kept in float32
+        if self._kept_bytes + nbytes > KEPT_MESSAGES * self.runner.limits.max_message_bytes:
             raise ProtocolError(ErrorCode.BUSY, "this node keeps as many partials as it takes; again later")
-        kept[k] = (time.monotonic(), key, partial)
-        self._kept_bytes += partial.nbytes
+        partial = msg.tensor(0)
+        if frame_dtype(msg.specs[0][0]) is not torch.float32:  # (no call on the float32 wire's hot path)
+            partial = partial.to(torch.float32)
+        kept[k] = (time.monotonic(), key, partial, shape[1])
+        self._kept_bytes += nbytes
         self._touched.add(session.id)
 
     def advance(self) -> list[Reply]:
@@ -341,8 +346,9 @@ class AllReduces:
             if not due:  # (nothing summed, or held: the partials waited on have not all come)
                 break
             out.extend(self._compute(due))  # (partials sent in it, where `send` is set)
-            # partials of the phases just computed may have come already
-            touched = {g.session.id for g in due if g.session.id in self.steps}
+            # partials of the phases just computed may have come already (a member that woke
+            # later for the step); else `take` touches the session when they come
+            touched = {g.session.id for g in due if self._kept.get(g.session.id) and g.session.id in self.steps}
             due = []
         return out
 
@@ -365,7 +371,7 @@ class AllReduces:
         go: list[GroupStep] = []
         for g in due:
             summed = (g.block, "attn") if g.phase == "mlp" else (g.block - 1, "mlp")  # the phase before g's next
-            held = g.own is not None and g.x.shape[1] == 1 and (g.contacts, *summed, g.session.start) in behind
+            held = g.own is not None and g.shape[1] == 1 and (g.contacts, *summed, g.session.start) in behind
             (self._held if held else go).append(g)
         if not self._held:
             self._hold_until = 0.0
@@ -381,7 +387,7 @@ class AllReduces:
         for its partials since lately (BEHIND_SECONDS), its session open. A step summed the phase
         before waits for those of its group at the phase it has just summed."""
         return {(h.contacts, h.block, h.phase, h.session.start) for h in self.steps.values()
-                if h.x.shape[1] == 1 and (h.own is None or h.deadline - h.wait > now - BEHIND_SECONDS)
+                if h.shape[1] == 1 and (h.own is None or h.deadline - h.wait > now - BEHIND_SECONDS)
                 and self.sessions.sessions.get(h.session.id) is h.session}
 
     def expire(self, now: float | None = None) -> list[Reply]:
@@ -409,7 +415,7 @@ class AllReduces:
             if sid not in self.sessions.sessions:
                 self._forget(sid)
             elif sid not in self.steps:
-                for k in [k for k, (came, _, _) in self._kept[sid].items() if now - came > MAX_WAIT]:
+                for k in [k for k, (came, *_) in self._kept[sid].items() if now - came > MAX_WAIT]:
                     self._pop(sid, k)
                 if not self._kept[sid]:
                     del self._kept[sid]
@@ -417,6 +423,8 @@ class AllReduces:
     def next_deadline(self) -> float | None:
         # (only while steps run: the server calls expire(), which ends a hold, only then; a hold
         # left with none would make its poll spin)
-        held = [self._hold_until] if self._held and self.steps else []
+        if not self._held:  # (every turn of the loop while steps run)
+            return min((g.deadline for g in self.steps.values()), default=None)
+        held = [self._hold_until] if self.steps else []
         waiting = {id(g) for g in self._held}  # (a held step's own deadline may be past: expire() skips it)
         return min([*held, *(g.deadline for g in self.steps.values() if id(g) not in waiting)], default=None)

@@ -34,6 +34,9 @@ class GroupStep:
     wire: str
     wait: float
     x: torch.Tensor  # the residual so far: float32, on the CPU
+    # x's shape, [1, positions, n_embd], as ints: a tensor's `shape` is a call, tens of us in a
+    # member woken with cold caches (docs/performance.md, fifty-sixth session)
+    shape: tuple[int, int, int]
     block: int = 0
     phase: str = "attn"
     own: torch.Tensor | None = None  # this member's partial of the phase waited on, as the wire carries it
@@ -95,5 +98,5 @@ def check_step(runner: StepRunner, sessions: SessionStore, peer: bytes, msg: Mes
     wait = f.get("wait")
     wait = DEFAULT_WAIT if wait is None else min(MAX_WAIT, max(MIN_WAIT, float(wait)))
     wire = runner.checks.reply_wire(msg)
-    return GroupStep((peer, msg.id), session, members, keys, me, pos, wire, wait, x, block=session.start,
-                     contacts=tuple(c for c, _ in members), last=last)
+    return GroupStep((peer, msg.id), session, members, keys, me, pos, wire, wait, x, tuple(x.shape),
+                     block=session.start, contacts=tuple(c for c, _ in members), last=last)

@@ -130,6 +130,7 @@ class NodeServer:
         self._stop = threading.Event()
         self._leave_requested = threading.Event()
         self._timers: list[tuple[float, Callable[[], None], list[float]]] = []
+        self._next_timer = float("inf")  # the earliest due of _timers (the loop looks at it every turn)
         self.on_leave: list[Callable[[], None]] = []  # e.g. publish a departure record
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
@@ -158,6 +159,7 @@ class NodeServer:
 
     def add_timer(self, every: float, fn: Callable[[], object]) -> None:
         self._timers.append((every, fn, [time.monotonic() + every]))
+        self._next_timer = min(self._next_timer, self._timers[-1][2][0])
 
     def watch(self, sock: zmq.Socket, on_readable: Callable[[], object]) -> None:
         """Call `on_readable` from the loop whenever `sock` (owned by this thread) has input."""
@@ -218,8 +220,9 @@ class NodeServer:
                 ready = dict(self._poller.poll(self._sleep_ms(deadline)))
                 if self.socket in ready:
                     self._serve_ready()
-                for sock, on_readable in list(self._watched.items()):
-                    if sock in ready and sock in self._watched:  # an earlier callback may have closed it
+                for sock in ready:  # (in the order registered: zmq_poll answers so)
+                    on_readable = self._watched.get(sock)  # (an earlier callback may have closed it)
+                    if on_readable is not None:
                         on_readable()
                 if self._wake_r.fileno() in ready:
                     self._drain_wakeups()
@@ -231,7 +234,7 @@ class NodeServer:
 
     def _sleep_ms(self, deadline: float | None) -> int:
         """Until the next timer (or the end of a leave), in whole ms, rounded up."""
-        due = min((d[0] for _, _, d in self._timers), default=time.monotonic() + MAX_SLEEP_MS / 1000)
+        due = min(self._next_timer, time.monotonic() + MAX_SLEEP_MS / 1000)
         if deadline is not None:
             due = min(due, deadline)
         waiting = self.handler.groups.next_deadline()
@@ -276,6 +279,8 @@ class NodeServer:
         stepping several sessions, or a previous stage answering a batch) reach us a little
         apart, and one forward pass for all costs about what one costs for one (decode reads
         every weight either way)."""
+        if len(batch) >= len(self.handler.sessions.sessions):  # (one session's step: nothing to wait for)
+            return
         since = time.monotonic() - ACTIVE_SECONDS
         active = sum(1 for s in self.handler.sessions.sessions.values() if s.last_used > since)
         stats = self.handler.stats
@@ -326,6 +331,8 @@ class NodeServer:
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        if now < self._next_timer:  # (most turns: a step's, before any timer is due)
+            return
         for every, fn, due in self._timers:
             if now >= due[0]:
                 due[0] = now + every
@@ -333,6 +340,7 @@ class NodeServer:
                     fn()
                 except Exception:
                     log.exception("timer %s failed", getattr(fn, "__name__", fn))
+        self._next_timer = min(d[0] for _, _, d in self._timers)
 
     def _begin_leaving(self) -> float:
         """Tell every client with an open session that we are going; returns the grace time."""

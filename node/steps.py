@@ -319,7 +319,7 @@ class StepRunner:
     def _timed(self, fn: Callable[[], torch.Tensor], tokens: int) -> torch.Tensor:
         t0 = time.perf_counter()
         y = fn()
-        if self.device.type != "cpu":
+        if not self._cpu:
             # Replies leave from host memory: one copy for the whole batch (not one a session),
             # and it waits for the kernels, so the busy time is the time to finish.
             y = y.cpu()

@@ -158,7 +158,7 @@ def _partial(handler: RequestHandler, session: str, y: torch.Tensor, key: str, r
 def test_a_member_takes_partials_only_from_the_member_the_step_names(tiny_model_dir):
     """Driven directly (no sockets): member 0 of two, whose partner's key is KEY_B. A partial from
     any other key is refused while the step runs, and one that came before it fails the step
-    when it names another key; garbage is refused with a code, the session untouched; a step
+    when it names another key or holds other positions; garbage is refused with a code, the session untouched; a step
     whose partials do not come fails `relay_failed` with the session as before; and with the
     partner's partials (computed here) the output is the whole block's."""
     [a, b], model_id = _handlers(tiny_model_dir)
@@ -211,6 +211,14 @@ def test_a_member_takes_partials_only_from_the_member_the_step_names(tiny_model_
     [err] = [decode(f) for to, f in replies if not isinstance(to, Relay)]
     assert err.fields["code"] == "relay_failed" and "another CURVE key" in err.fields["message"]
     assert session.length == 0 and session.next_block == 0 and not a.groups.steps and not a.groups._kept
+    # one that came before the step, of other positions than the step's: the step fails too
+    assert _partial(a, sid, torch.zeros(1, 1, 64), KEY_B, req_id=123) == []
+    replies = _member_step(a, sid, x, req_id=124)
+    [err] = [decode(f) for to, f in replies if not isinstance(to, Relay)]
+    assert err.fields["code"] == "relay_failed"
+    assert "a partial of shape [1, 1, 64] for hidden states [1, 2, 64]" in err.fields["message"]
+    assert session.length == 0 and session.next_block == 0 and not a.groups.steps and not a.groups._kept
+    assert a.groups._kept_bytes == 0
 
     # kept partials are bounded in bytes, and forgotten with their session, or when no step comes
     limits = a.groups.runner.limits

@@ -1055,6 +1055,58 @@ def test_a_node_whose_device_failed_leaves_with_the_reason(tiny_model_dir, monke
         serving.join(5)
 
 
+def test_a_nodes_timers_run_when_due_between_the_steps_it_serves(tiny_model_dir):
+    """The loop keeps its timers' next due time instead of looking at every timer each turn
+    (docs/performance.md, fifty-sixth session): each timer still runs when due and not before,
+    while steps are served in between and while the node is idle; one added by another timer runs
+    too, and one that fails stops no other."""
+    from nanoswarm.node.server import NodeServer
+
+    handler = RequestHandler(load_blocks(tiny_model_dir, 0, 4), read_manifest(tiny_model_dir).model_id, "a",
+                             NodeLimits())
+    node = NodeServer(handler, "tcp://127.0.0.1:*")
+    calls: dict[str, list[float]] = {"fast": [], "slow": [], "added": [], "failing": []}
+
+    def slow() -> None:
+        calls["slow"].append(time.monotonic())
+        if len(calls["slow"]) == 1:
+            node.add_timer(0.05, lambda: calls["added"].append(time.monotonic()))
+
+    def failing() -> None:
+        calls["failing"].append(time.monotonic())
+        raise RuntimeError("a timer's bug")
+
+    start = time.monotonic()
+    node.add_timer(0.05, lambda: calls["fast"].append(time.monotonic()))
+    node.add_timer(0.2, slow)
+    node.add_timer(0.1, failing)
+    serving = threading.Thread(target=node.serve_forever, daemon=True)
+    serving.start()
+    conn = PeerConnection(node.address, timeout=5.0)
+    try:
+        session, pos, steps = None, 0, 0
+        while time.monotonic() - start < 1.0:
+            if pos % 128 == 0:  # (the tiny model's block_size: a fresh session when one is full)
+                session, pos = conn.request("open", {"max_length": 128}).fields["session"], 0
+            assert conn.request("step", {"session": session, "pos": pos}, [hidden(1)]).type == "result"
+            pos, steps = pos + 1, steps + 1
+        idle = time.monotonic()
+        time.sleep(0.4)  # nothing to serve: the loop sleeps until the next timer is due, no longer
+    finally:
+        conn.close()
+        node.stop()
+        serving.join(5)
+    assert steps > 10  # steps were served all along
+    assert sum(t > idle for t in calls["fast"]) >= 4
+    fast = calls["fast"]
+    assert len(fast) >= 5 and fast[0] >= start + 0.05
+    assert all(b - a >= 0.05 for a, b in zip(fast, fast[1:]))  # never before due
+    assert len(calls["slow"]) >= 2 and all(b - a >= 0.2 for a, b in zip(calls["slow"], calls["slow"][1:]))
+    assert len(calls["failing"]) >= 3  # its failure is logged; it and the others go on
+    added = calls["added"]
+    assert len(added) >= 3 and added[0] >= calls["slow"][0] + 0.05
+
+
 NAN = float("nan")
 
 
