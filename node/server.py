@@ -279,7 +279,7 @@ class NodeServer:
         stepping several sessions, or a previous stage answering a batch) reach us a little
         apart, and one forward pass for all costs about what one costs for one (decode reads
         every weight either way)."""
-        if len(batch) >= len(self.handler.sessions.sessions):  # (one session's step: nothing to wait for)
+        if len(batch) >= len(self.handler.sessions.sessions):  # (a message a session already: no more to come)
             return
         since = time.monotonic() - ACTIVE_SECONDS
         active = sum(1 for s in self.handler.sessions.sessions.values() if s.last_used > since)
