@@ -158,9 +158,9 @@ def _partial(handler: RequestHandler, session: str, y: torch.Tensor, key: str, r
 def test_a_member_takes_partials_only_from_the_member_the_step_names(tiny_model_dir):
     """Driven directly (no sockets): member 0 of two, whose partner's key is KEY_B. A partial from
     any other key is refused while the step runs, and one that came before it fails the step
-    when it names another key or holds other positions; garbage is refused with a code, the session untouched; a step
-    whose partials do not come fails `relay_failed` with the session as before; and with the
-    partner's partials (computed here) the output is the whole block's."""
+    when it names another key or holds other positions; garbage is refused with a code, the
+    session untouched; a step whose partials do not come fails `relay_failed` with the session as
+    before; and with the partner's partials (computed here) the output is the whole block's."""
     [a, b], model_id = _handlers(tiny_model_dir)
     a.can_relay = lambda contact: True
     a.groups.checks_keys = True
