@@ -147,6 +147,37 @@ def test_decode_loop_runs_and_names_its_processes(tmp_path, route):
     assert result["prompts" if "--prefill" in route else "tokens"] > 0 and result["median_ms"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("route", [["--stages", "2"], ["--head-groups", "2"]])
+def test_trace_hops_times_every_node_on_a_probed_copy(tmp_path, route):
+    """scripts/trace_hops.py runs decode_loop.py on a copy of the package with probes in the node
+    loop (its anchors are found in today's code, or it fails saying which), and gives each node's
+    turn in segments, a pass's blocks and the links between layer stages, or a member's phase gap;
+    the package's own files are left as they were."""
+    root = Path(__file__).resolve().parent.parent
+    probed = ["node/server.py", "node/handler.py", "node/steps.py", "shards/model.py"]
+    before = {name: (root / name).read_bytes() for name in probed}
+    out = subprocess.run([sys.executable, str(root / "scripts" / "trace_hops.py"), "--shape", "tiny",
+                          "--work-dir", str(tmp_path), "--seconds", "1", "--threads", "1", "--json", *route],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["tokens"] > 0 and len(result["nodes"]) == 2
+    for node in result["nodes"]:
+        assert node["turns"] > 0 and node["segments"]["pass"] > 0 and node["segments"]["wake->read"] > 0
+        if route[0] == "--stages":
+            assert list(node["segments"]) == ["wake->read", "read->decoded", "decoded->checked", "checked->pass",
+                                              "pass", "pass->replies", "send"]
+            assert len(node["blocks"]) == 2 and all(b > 0 for b in node["blocks"])
+            assert node["phase_gap"] is None  # (a layer node's passes are a token apart)
+        else:  # a member computes its phases (attention, MLP) of each of the 4 blocks a token
+            assert node["phase_gap"] > 0 and node["passes"] >= 8 * result["tokens"]
+    assert (len(result["links_us"]) == 1 and result["links_us"][0] > 0) if route[0] == "--stages" else \
+        result["links_us"] == []
+    assert {name: (root / name).read_bytes() for name in probed} == before
+    assert not (root / "node" / "_probes.py").exists()
+
+
 def test_bench_curve_runs(tmp_path):
     """scripts/bench_curve.py (what CURVE costs a link here) runs end to end."""
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench_curve.py"

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from nanoswarm.protocol.errors import ProtocolError
-from nanoswarm.protocol.messages import decode, encode
+from nanoswarm.protocol.errors import ErrorCode, ProtocolError
+from nanoswarm.protocol.messages import SCHEMAS, decode, encode
 from nanoswarm.protocol.tensors import (
     Q80_ABS_ERROR,
     Q80_GROUP,
@@ -220,3 +220,60 @@ def test_fits_wire_is_the_range_a_format_carries(wire, limit):
         x = torch.ones(1, 1, 8)
         x[0, 0, 5] = bad
         assert not fits_wire(x, wire)
+
+
+# Values a msgpack header can hold, of every type a schema names and some it names nowhere.
+_FIELD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=False),
+                          st.text(max_size=8), st.binary(max_size=4), st.lists(st.integers(0, 3), max_size=2),
+                          st.dictionaries(st.text(max_size=2), st.integers(-2**63, 2**63), max_size=1))
+# Strings short and near the 64 characters a session id may have.
+_TEXT = st.one_of(st.text(max_size=8), st.text(min_size=63, max_size=66))
+_VALID = {int: st.integers(0, 2**31), str: _TEXT, list: st.lists(st.integers(0, 3), max_size=2),
+          bool: st.booleans(), float: st.floats(allow_nan=False), type(None): st.none()}
+
+
+@st.composite
+def _headers(draw) -> tuple[str, dict]:
+    """A message type and fields its schema takes (every required one, some optional ones), then
+    up to two of them broken: dropped, or given a value of any type."""
+    msg_type = draw(st.sampled_from(["step", "step", "step", "partial", "open", "admit", "result", "error"]))
+    fields = {name: draw(st.one_of([_VALID[t] for t in types]))
+              for name, (types, required) in SCHEMAS[msg_type].items() if required or draw(st.booleans())}
+    for name in draw(st.lists(st.sampled_from([*sorted(fields), "other"]), max_size=2)):
+        if draw(st.booleans()):
+            fields.pop(name, None)
+        else:
+            fields[name] = draw(st.one_of(_FIELD_VALUES, _TEXT))
+    return msg_type, fields
+
+
+def _schema_says(msg_type: str, fields: dict) -> str | None:
+    """What the schema refuses in `fields`: the first wrong field in the schema's order, or None."""
+    for name, (types, required) in SCHEMAS[msg_type].items():
+        if name not in fields:
+            if required:
+                return f"field {name!r} is missing"
+            continue
+        value = fields[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return f"field {name!r} must be"
+    for name in ("session", "from"):
+        if isinstance(fields.get(name), str) and len(fields[name]) > 64 and name in SCHEMAS[msg_type]:
+            return f"field {name!r} is a session id"
+    return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(_headers())
+def test_a_headers_fields_are_refused_exactly_as_their_schema_says(header):
+    """What decode takes and refuses of a header's fields, and with which words, is what the
+    message type's schema says (protocol/messages.py): a missing required field, a value of a type
+    the schema does not name (a bool where an int is asked for), a session id over 64 characters."""
+    msg_type, fields = header
+    expected = _schema_says(msg_type, fields)
+    try:
+        decode(encode(msg_type, 7, fields))
+    except ProtocolError as e:
+        assert e.code is ErrorCode.MALFORMED and expected is not None and expected in e.message, (e.message, expected)
+    else:
+        assert expected is None
