@@ -9,9 +9,9 @@ them when it stops; CLOCK_MONOTONIC is one clock for every process, so one node'
 set against the next node's wake-up. Printed per node (route order), medians over its turns
 that ran a forward pass, in us: wake-up (its poll's return) to the batch read (`_drain`,
 `_gather`), to its first message decoded, to its first step checked (with one session a batch,
-the step), to the pass; the pass; the
-pass's blocks one by one (a relayed decode step's node: the first block of a pass is the slowest,
-docs/performance.md, fifty-seventh session); the pass's end to the replies made; the sends. Then
+the step), to the pass; the pass; the pass's blocks one by one (a relayed decode step's node:
+the first block of a pass is the slowest, docs/performance.md, fifty-seventh session); the pass's
+end to the replies made; the sends. Then
 each link: a node's replies made (its send) to the next node's wake-up. For a head group's
 members, the phase gap: the end of one forward pass to the start of the next, gaps of 2 ms or
 more (a token's end to the next token's start) left out (the fifty-sixth session's measure: it
@@ -191,6 +191,8 @@ def main() -> None:
                "--head-groups", str(args.head_groups)]
         cmd += ["--work-dir", str(args.work_dir)] if args.work_dir else []
         cmd += ["--insecure"] if args.insecure else []
+        print(f"trace_hops: decode_loop.py for {args.seconds:g} s on a probed copy of the package",
+              file=sys.stderr, flush=True)
         try:
             run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.seconds + 600)
         except subprocess.TimeoutExpired:
