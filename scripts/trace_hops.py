@@ -109,11 +109,15 @@ def _replace(path: Path, text: str, new: str) -> None:
     path.write_text(source.replace(text, new))
 
 
-def turns(path: Path) -> list[dict[int, int]]:
+def read_marks(path: Path) -> list[tuple[int, int]]:
+    """A node's (probe, time) marks, in the order they were made."""
+    return [(int(p), int(t)) for p, t in (line.split() for line in path.read_text().splitlines())]
+
+
+def turns(marks: list[tuple[int, int]]) -> list[dict[int, int]]:
     """A node's loop turns that ran a forward pass: probe -> its first time in the turn."""
     found, turn = [], None
-    for line in path.read_text().splitlines():
-        probe, t = map(int, line.split())
+    for probe, t in marks:
         if probe == WAKE:
             if turn is not None and PASS in turn:
                 found.append(turn)
@@ -129,9 +133,8 @@ def median_us(values: list[int]) -> float | None:
     return round(statistics.median(values) / 1e3, 1) if values else None
 
 
-def node_figures(path: Path) -> dict:
-    """One node's medians (us) from its probes' file."""
-    ts = turns(path)
+def node_figures(pid: int, marks: list[tuple[int, int]], ts: list[dict[int, int]]) -> dict:
+    """One node's medians (us) from its marks and its turns (`turns(marks)`)."""
     segments = {}
     for name, a, b in SEGMENTS:
         values = [t[b] - t[a] for t in ts if a in t and b in t and t[b] >= t[a]]
@@ -147,19 +150,19 @@ def node_figures(path: Path) -> dict:
         blocks.append(median_us(values))
     # Every pass (a member's phases too), not only a turn's first: end -> next start, within a
     # token (a layer node's passes are a token apart: none of its gaps count).
-    marks = [tuple(map(int, line.split())) for line in path.read_text().splitlines()]
     passes = [(p, t) for p, t in marks if p in (PASS, PASSED)]
     gaps = [b[1] - a[1] for a, b in zip(passes, passes[1:]) if a[0] == PASSED and b[0] == PASS
             and b[1] - a[1] < 2_000_000]
-    return {"pid": int(path.stem), "turns": len(ts), "segments": segments, "blocks": blocks,
+    return {"pid": pid, "turns": len(ts), "segments": segments, "blocks": blocks,
             "passes": sum(p == PASS for p, _ in passes),
             "phase_gap": median_us(gaps) if len(gaps) >= len(ts) / 2 else None}
 
 
-def link_us(sender: Path, receiver: Path) -> float | None:
-    """Median time from the sender's replies made (its send) to the receiver's next wake-up."""
-    sends = [t[REPLIES] for t in turns(sender) if REPLIES in t]
-    wakes = sorted(t for p, t in (map(int, line.split()) for line in receiver.read_text().splitlines()) if p == WAKE)
+def link_us(sender: list[dict[int, int]], receiver: list[tuple[int, int]]) -> float | None:
+    """Median time from the sender's replies made (its send; its turns) to the receiver's next
+    wake-up (its marks)."""
+    sends = [t[REPLIES] for t in sender if REPLIES in t]
+    wakes = sorted(t for p, t in receiver if p == WAKE)
     values, j = [], 0
     for sent in sends:
         while j < len(wakes) and wakes[j] < sent:
@@ -209,9 +212,10 @@ def main() -> None:
                      "were the nodes run from the probed copy, and did they stop on their own?")
         if not loop["tokens"]:
             sys.exit("trace_hops: decode_loop.py stepped no tokens")
-        files = [files[pid] for pid in order]
-        nodes = [node_figures(f) for f in files]
-        links = [link_us(a, b) for a, b in zip(files, files[1:])] if args.head_groups < 2 else []
+        marks = [read_marks(files[pid]) for pid in order]  # (each file read once)
+        node_turns = [turns(m) for m in marks]
+        nodes = [node_figures(pid, m, ts) for pid, m, ts in zip(order, marks, node_turns)]
+        links = [link_us(ts, m) for ts, m in zip(node_turns, marks[1:])] if args.head_groups < 2 else []
     result = {"tokens": loop["tokens"], "median_ms": loop["median_ms"], "nodes": nodes, "links_us": links}
     if args.json:
         print(json.dumps(result))
