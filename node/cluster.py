@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -64,7 +65,7 @@ def swarm_specs(n_layer: int, n_head: int, spans: int, head_groups: int = 1) -> 
     return [NodeSpec(r, h) for r in even_split(n_layer, spans) for h in heads]
 
 
-def _child_setup(cpus: frozenset[int] | None):
+def _child_setup(cpus: frozenset[int] | None) -> Callable[[], None]:
     """What a node's process runs after the fork, before exec: start on `cpus` if given
     (node/affinity.py `child_cpus`). (Linux's PR_SET_PDEATHSIG, used before to stop nodes with
     the harness, fires when the *thread* that started the node ends: a cluster started from a

@@ -18,6 +18,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -119,7 +120,7 @@ def _require(ok: bool, message: str) -> None:
         raise ManifestError(message)
 
 
-def _as(value: object, kind: type, message: str):
+def _as(value: object, kind: type, message: str) -> Any:
     """`value` if it is a `kind`, else a ManifestError (JSON from elsewhere can hold anything)."""
     _require(isinstance(value, kind), message)
     return value
