@@ -156,6 +156,8 @@ class SwarmModel:
         result.prompt, result.prompt_ids = prompt, ids
         result.stats.prompt_tokens = len(ids)
         if max_new_tokens == 0:
+            if self.closed:  # as any other generation of a closed model (review160)
+                raise RuntimeError("this SwarmModel is closed")
             result.stop_reason = "length"
             return  # nothing to compute: no session, no peer asked for one
         # The last sampled token is never fed back (generate_ids), so it needs no position.

@@ -68,8 +68,8 @@ class SessionError(Exception):
 
 class CallerError(SessionError, ValueError):
     """A step the caller got wrong (past the session's max_length, or hidden states that hold NaN
-    or Inf or do not fit the wire): no peer is blamed. A ValueError, as the other arguments a node
-    would refuse are."""
+    or Inf, values past HIDDEN_LIMIT, or do not fit the wire): no peer is blamed, and the session
+    goes on. A ValueError, as the other arguments a node would refuse are."""
 
 
 # Answers to `open`, or to the replay into a new stage or a reopened one, that say a peer cannot

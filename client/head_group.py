@@ -14,7 +14,6 @@ import zmq
 
 from nanoswarm.protocol.errors import shown
 from nanoswarm.protocol.messages import Message
-from nanoswarm.protocol.tensors import fits_wire
 
 from .peer_errors import PeerError
 from .stages import (
@@ -28,6 +27,7 @@ from .stages import (
     positions_per_request,
     reply_tensors,
     stated_idle_timeout,
+    takes_input,
 )
 from .transport import PeerConnection
 
@@ -225,8 +225,8 @@ class HeadGroupStage(Stage):
         try:
             replies = self._answers(ids)
         except PeerError as e:
-            if e.code not in NO_FAULT or e.code == "bad_value" and not fits_wire(hidden, self.wire):
-                # (the caller's own input, NaN, Inf or past the wire: the session says so,
+            if e.code not in NO_FAULT or e.code == "bad_value" and not takes_input(hidden, self.wire):
+                # (the caller's own input, NaN, Inf, past HIDDEN_LIMIT or past the wire: the session says so,
                 # CallerError; review146: the group went by fan-out for it, and the swarm's new
                 # sessions for 2 minutes)
                 raise
@@ -289,6 +289,10 @@ class HeadGroupStage(Stage):
             conn, _ = self.members[len(self.sessions) - 1]
             conn.close_session(self.sessions[-1])
             self.sessions.pop()
+
+    @property
+    def closed(self) -> bool:
+        return len(self.sessions) < len(self.members)
 
     @property
     def peers(self) -> list[str]:

@@ -29,7 +29,6 @@ from collections.abc import Callable
 import torch
 
 from nanoswarm.protocol.bounds import MAX_SECONDS
-from nanoswarm.protocol.tensors import fits_wire
 
 from .failover import CANNOT_TAKE, CallerError, SessionError, past_float16
 from .head_group import AllReduceFailed, HeadGroupStage
@@ -37,7 +36,7 @@ from .history import History, Unkept
 from .peer_errors import PeerError
 from .relay import RELAY_STALLS, Chain, ChainBroken, SessionRelay, stalled_stage
 from .spot_checks import SpotChecks
-from .stages import BUSY_RETRIES, RemoteLayerStage, Stage, busy_pause
+from .stages import BUSY_RETRIES, HIDDEN_LIMIT, RemoteLayerStage, Stage, busy_pause, takes_input
 from .swarm import Swarm
 
 log = logging.getLogger(__name__)
@@ -92,6 +91,7 @@ class InferenceSession(SpotChecks):
         # model's lock, so hand-stepped sessions take turns with other threads' generations.
         self.lock: threading.RLock | contextlib.nullcontext = contextlib.nullcontext()
         self.closed = False
+        self.failed: str | None = None  # why this session cannot go on, once it cannot (`step`)
         self._finalizer: weakref.finalize | None = None  # set by `open`
 
     @classmethod
@@ -160,7 +160,19 @@ class InferenceSession(SpotChecks):
                 raise RuntimeError("this session is closed")
             if self.swarm is not None and self.swarm.closed:  # its links are: a failover would make new ones
                 raise RuntimeError("this session's SwarmModel is closed")
-            out = self._step(hidden, last if last is not None and last < hidden.shape[1] else None)
+            if self.failed is not None:
+                raise SessionError(f"this session cannot go on: {self.failed}")
+            try:
+                out = self._step(hidden, last if last is not None and last < hidden.shape[1] else None)
+            except BaseException as e:
+                # A failover that gave up, or was cut short (Ctrl-C), may leave a stage closed on
+                # its node: stepped again, it would send a step of no session, and its honest node
+                # would be banned for the `malformed` answer (review160). A caller's error, or a
+                # step cut short before any failover, leaves the session as it was.
+                if not isinstance(e, CallerError) and (isinstance(e, SessionError)
+                                                       or any(stage.closed for stage in self.stages)):
+                    self.failed = str(e) or type(e).__name__
+                raise
             return out if last is None else out[:, -last:]
 
     def _check_input(self, hidden: object) -> None:
@@ -180,7 +192,7 @@ class InferenceSession(SpotChecks):
         T = hidden.shape[1]
         if self.pos + T > self.max_length:
             raise CallerError(f"session is full: {self.pos + T} positions > max_length {self.max_length}")
-        if T > 1 and self.swarm is not None and not fits_wire(hidden, self.swarm.options.wire):
+        if T > 1 and self.swarm is not None and not takes_input(hidden, self.swarm.options.wire):
             # Checked first for a step a stage may send in pieces (a refused half, a head group's
             # pieces): a bad later piece would leave an earlier one stored. A one-position step
             # (the per-token path) is checked only if a node refuses it (_after_error).
@@ -261,7 +273,7 @@ class InferenceSession(SpotChecks):
         """Where a step goes on after `stage` (stages[i]) refused it or failed: the index of the
         stage to ask next, and the busy retries so far. CallerError for the caller's own input;
         SessionError when failover cannot go on."""
-        if e.code == "bad_value" and not fits_wire(hidden, self.swarm.options.wire):
+        if e.code == "bad_value" and not takes_input(hidden, self.swarm.options.wire):
             # The caller's input, not the peer: nothing to fail over, and the node left the
             # session as it was.
             raise CallerError(f"{self._unfit(stage)} ({e.message})") from e
@@ -328,7 +340,7 @@ class InferenceSession(SpotChecks):
                 log.info("a relayed step through %s timed out while every hop answers: done stage by stage, "
                          "relayed again next step", chain.endpoints())
         elif error.code in PASSED_ON_WRONG or (
-                error.code == "bad_value" and fits_wire(hidden, self.swarm.options.wire)):
+                error.code == "bad_value" and takes_input(hidden, self.swarm.options.wire)):
             self._stop_relaying(chain, f"came back malformed ({error})")
 
     def _stop_relaying(self, chain: Chain, why: str) -> None:
@@ -342,8 +354,8 @@ class InferenceSession(SpotChecks):
             self.relaying.refused(stage)
 
     def _unfit(self, stage: Stage) -> str:
-        return (f"hidden states for layers {stage.start}:{stage.stop} hold NaN or Inf, or do not fit the "
-                f"{self.swarm.options.wire} wire")
+        return (f"hidden states for layers {stage.start}:{stage.stop} hold NaN or Inf, values past "
+                f"{HIDDEN_LIMIT:g} (no model's), or do not fit the {self.swarm.options.wire} wire")
 
     def __enter__(self) -> InferenceSession:
         return self

@@ -5,13 +5,14 @@ head group, a stage of several peers, is in head_group.py."""
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import TYPE_CHECKING
 
 import torch
 
 from nanoswarm.protocol.messages import Message
-from nanoswarm.protocol.tensors import abs_max
+from nanoswarm.protocol.tensors import WIRE_MAX, abs_max
 from nanoswarm.shards.model import Blocks
 
 from .link_sessions import idle_clock
@@ -91,6 +92,11 @@ class Stage:
         pass
 
     @property
+    def closed(self) -> bool:
+        """Whether this stage holds no session on its nodes (closed, or a failover closed it)."""
+        return False
+
+    @property
     def peers(self) -> list[str]:
         return []
 
@@ -143,6 +149,13 @@ def stated_idle_timeout(opened: dict) -> float:
 # what LayerNorm takes in float32 (~1e19). A stage answering 1e20s made the honest stage after it
 # compute NaN, refuse `bad_value` and be banned, while the liar was never blamed (a review).
 HIDDEN_LIMIT = 1e15
+
+
+def takes_input(hidden: torch.Tensor, wire: str) -> bool:
+    """Whether honest nodes compute from the caller's `hidden`: finite, within `wire`'s range and
+    not past HIDDEN_LIMIT. Past it is no model's hidden state, and from ~1e19 on a float32
+    LayerNorm makes NaN of it: the node refuses `bad_value`, and the fault is the caller's."""
+    return abs_max(hidden) <= min(HIDDEN_LIMIT, WIRE_MAX.get(wire, math.inf))  # (NaN compares False)
 
 
 def check_magnitude(address: str, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -267,6 +280,10 @@ class RemoteLayerStage(Stage):
         if self.session is not None:
             self.conn.close_session(self.session)
             self.session = None
+
+    @property
+    def closed(self) -> bool:
+        return self.session is None
 
     @property
     def peers(self) -> list[str]:

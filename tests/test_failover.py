@@ -912,16 +912,18 @@ def test_a_peer_that_cannot_take_a_session_is_left_out_not_banned(tiny_model_dir
 
 
 def test_a_callers_non_finite_input_is_its_own_error_not_a_peers(tiny_model_dir, cluster_factory):
-    """Hidden states holding NaN, or beyond float16 on a float16 wire, are refused `bad_value` by the
-    node; the session raises SessionError instead of banning honest peers one after another, and
-    stays usable."""
+    """Hidden states holding NaN, beyond float16 on a float16 wire, or past HIDDEN_LIMIT, are
+    refused `bad_value` by the node or by the client first; the session raises SessionError
+    (CallerError) instead of banning honest peers one after another, and stays usable."""
     # One position a step on the first stage: two go in pieces, and a bad second piece would leave
     # the first stored (the next step there was refused bad_position: a failover). Two positions
     # are checked before sending; one after the node's refusal.
     one_a_step = ["--max-tokens-per-step", "1"]
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=one_a_step), NodeSpec((0, 2), args=one_a_step),
                                              NodeSpec((2, 4))])
-    for wire, bad, tokens in (("float32", math.nan, [1, 2]), ("float16", 1e6, [1, 2]),
+    # (1e30 in one place is no model's hidden state, though a node computes from it: refused as
+    # such before sending, as a prompt that went in pieces would leave its first piece stored.)
+    for wire, bad, tokens in (("float32", math.nan, [1, 2]), ("float16", 1e6, [1, 2]), ("float32", 1e30, [1, 2]),
                               ("float32", math.inf, [1]), ("float16", -1e6, [1])):
         # No relay: a relayed step that breaks off is sent again with rewind, which would hide it.
         model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses,
@@ -931,7 +933,8 @@ def test_a_callers_non_finite_input_is_its_own_error_not_a_peers(tiny_model_dir,
             x = model.client.embed(tokens, 0)
             y = x.clone()
             y[0, -1, 3] = bad
-            with pytest.raises(SessionError, match="layers 0:2 hold NaN or Inf, or do not fit"):
+            with pytest.raises(SessionError, match=r"layers 0:2 hold NaN or Inf, values past 1e\+15 \(no model's\), "
+                                                   r"or do not fit"):
                 session.step(y)
             assert session.failovers == 0 and model.swarm.bans == {} and session.pos == 0
             session.step(x)
@@ -940,6 +943,78 @@ def test_a_callers_non_finite_input_is_its_own_error_not_a_peers(tiny_model_dir,
         finally:
             model.close()
 
+
+
+@pytest.mark.parametrize("layout", ["relayed stages", "head group"])
+def test_hidden_states_past_any_models_are_the_callers_error(tiny_model_dir, cluster_factory, caplog, layout):
+    """A row of 1e30s (finite, but a float32 LayerNorm makes NaN of it) is the caller's error
+    (CallerError, a ValueError), whether the node refuses it (one position) or the client does
+    before sending (two): no failover, no ban, a relayed route still relays, and the session goes
+    on. (Review160: SessionError, the relay stopped for the session, and the next step banned the
+    honest node.)"""
+    import torch
+
+    from nanoswarm.client.session import CallerError
+
+    specs = ([NodeSpec((0, 2)), NodeSpec((2, 4))] if layout == "relayed stages"
+             else [NodeSpec((0, 4), (0, 2)), NodeSpec((0, 4), (2, 4))])
+    nodes = cluster_factory(tiny_model_dir, specs)
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    local = SwarmModel.local(tiny_model_dir)
+    try:
+        session, alone = model.session(8), local.session(8)
+        x = model.client.embed([1, 2, 3], 0)
+        with caplog.at_level(logging.INFO):
+            for positions in (1, 2):
+                with pytest.raises(CallerError, match=r"values past 1e\+15"):
+                    session.step(torch.full((1, positions, x.shape[2]), 1e30))
+            assert session.pos == 0 and session.failovers == 0 and model.swarm.bans == {}
+            assert (session.step(x) - alone.step(x)).abs().max() < 1e-5
+        assert session.failovers == 0 and model.swarm.bans == {} and session.failed is None
+        assert "one by one" not in caplog.text and not session.relaying.no_relay
+        session.close()
+    finally:
+        model.close()
+        local.close()
+
+
+@pytest.mark.parametrize("how", ["no peer left", "failover cut short"])
+def test_a_session_that_cannot_go_on_refuses_its_next_step_without_asking_a_peer(tiny_model_dir, cluster_factory,
+                                                                                  monkeypatch, how):
+    """After a failover that found no peer (SessionError) or was cut short by Ctrl-C, the stage it
+    closed has no session on its node: a next step raises SessionError here and reaches no node.
+    (Review160: it was sent with no session id, and the honest node's `malformed` answer banned it
+    for 30 s: every generation of the model failed meanwhile.)"""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        session = model.session(8)
+        x = model.client.embed([1, 2, 3], 0)
+        session.step(x[:, :1])
+        nodes.kill(1, signal.SIGKILL)
+        if how == "no peer left":
+            with pytest.raises(SessionError, match="no peer serves layers 2:4"):
+                session.step(x[:, 1:2])
+        else:
+            def interrupted(*args, **kwargs):
+                raise KeyboardInterrupt
+
+            monkeypatch.setattr(model.swarm, "plan", interrupted)  # in the failover, once it closed the stage
+            with pytest.raises(KeyboardInterrupt):
+                session.step(x[:, 1:2])
+            monkeypatch.undo()
+        bans = dict(model.swarm.bans)
+        assert nodes.addresses[0] not in bans
+        with pytest.raises(SessionError, match="this session cannot go on"):
+            session.step(x[:, 1:2])
+        assert model.swarm.bans.keys() == bans.keys() and sessions_on(nodes.addresses[0]) == 1
+        session.close()
+        deadline = time.monotonic() + 5
+        while sessions_on(nodes.addresses[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sessions_on(nodes.addresses[0]) == 0
+    finally:
+        model.close()
 
 def test_a_reclaimed_session_whose_node_filled_up_meanwhile_goes_elsewhere_without_a_ban(
         tiny_model_dir, cluster_factory):

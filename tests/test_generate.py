@@ -50,6 +50,9 @@ def test_zero_new_tokens_generate_nothing_and_open_no_session(tiny_model_dir):
     result = model.generate("ROMEO:", 0, GREEDY)
     assert result.ids == [] and result.text == "" and opened == []
     assert result.prompt_ids == model.encoding.encode("ROMEO:")
+    model.close()
+    with pytest.raises(RuntimeError, match="this SwarmModel is closed"):  # as with any tokens (review160)
+        model.generate("ROMEO:", 0, GREEDY)
 
 
 def test_negative_new_tokens_are_refused(tiny):
