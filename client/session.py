@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from nanoswarm.protocol.bounds import MAX_SECONDS
+from nanoswarm.protocol.tensors import fits_wire
 
 from .failover import CANNOT_TAKE, CallerError, SessionError, past_float16
 from .head_group import AllReduceFailed, HeadGroupStage
@@ -167,8 +168,8 @@ class InferenceSession(SpotChecks):
             except BaseException as e:
                 # A failover that gave up, or was cut short (Ctrl-C), may leave a stage closed on
                 # its node: stepped again, it would send a step of no session, and its honest node
-                # would be banned for the `malformed` answer (review160). A caller's error, or a
-                # step cut short before any failover, leaves the session as it was.
+                # would be banned for the `malformed` answer (review160). A caller's error leaves
+                # the session as it was.
                 if not isinstance(e, CallerError) and (isinstance(e, SessionError)
                                                        or any(stage.closed for stage in self.stages)):
                     self.failed = str(e) or type(e).__name__
@@ -273,7 +274,7 @@ class InferenceSession(SpotChecks):
         """Where a step goes on after `stage` (stages[i]) refused it or failed: the index of the
         stage to ask next, and the busy retries so far. CallerError for the caller's own input;
         SessionError when failover cannot go on."""
-        if e.code == "bad_value" and not takes_input(hidden, self.swarm.options.wire):
+        if e.code == "bad_value" and not self._input_fits(hidden, first=i == 0):
             # The caller's input, not the peer: nothing to fail over, and the node left the
             # session as it was.
             raise CallerError(f"{self._unfit(stage)} ({e.message})") from e
@@ -340,7 +341,7 @@ class InferenceSession(SpotChecks):
                 log.info("a relayed step through %s timed out while every hop answers: done stage by stage, "
                          "relayed again next step", chain.endpoints())
         elif error.code in PASSED_ON_WRONG or (
-                error.code == "bad_value" and takes_input(hidden, self.swarm.options.wire)):
+                error.code == "bad_value" and self._input_fits(hidden, first=chain.stages[0] is self.stages[0])):
             self._stop_relaying(chain, f"came back malformed ({error})")
 
     def _stop_relaying(self, chain: Chain, why: str) -> None:
@@ -352,6 +353,16 @@ class InferenceSession(SpotChecks):
         log.warning("a relayed step through %s %s: these stages go one by one from now on", chain.endpoints(), why)
         for stage in chain.stages[:-1]:
             self.relaying.refused(stage)
+
+    def _input_fits(self, hidden: torch.Tensor, first: bool) -> bool:
+        """Whether `hidden`, a stage's input that a node refused `bad_value`, was fit to compute
+        from, so that the refusal is no fault of the caller's. The first stage's input is the
+        caller's own, held to `takes_input` (past HIDDEN_LIMIT it is no model's). A later stage's
+        is an earlier stage's output, stored there already: held to the wire alone, as before
+        (calling it the caller's error would leave that position stored, and the next step's
+        `bad_position` would ban the honest earlier node: review161)."""
+        wire = self.swarm.options.wire
+        return takes_input(hidden, wire) if first else fits_wire(hidden, wire)
 
     def _unfit(self, stage: Stage) -> str:
         return (f"hidden states for layers {stage.start}:{stage.stop} hold NaN or Inf, values past "
