@@ -93,6 +93,7 @@ class InferenceSession(SpotChecks):
         self.lock: threading.RLock | contextlib.nullcontext = contextlib.nullcontext()
         self.closed = False
         self.failed: str | None = None  # why this session cannot go on, once it cannot (`step`)
+        self._rewind_next = False  # a step was cut short: its stages may hold it (`step`)
         self._finalizer: weakref.finalize | None = None  # set by `open`
 
     @classmethod
@@ -173,6 +174,10 @@ class InferenceSession(SpotChecks):
                 if not isinstance(e, CallerError) and (isinstance(e, SessionError)
                                                        or any(stage.closed for stage in self.stages)):
                     self.failed = str(e) or type(e).__name__
+                elif not isinstance(e, CallerError):
+                    # Cut short (Ctrl-C) after some stages stored it: asked again without `rewind`,
+                    # they would refuse it `bad_position` and be failed over (review161).
+                    self._rewind_next = True
                 raise
             return out if last is None else out[:, -last:]
 
@@ -199,7 +204,8 @@ class InferenceSession(SpotChecks):
             # (the per-token path) is checked only if a node refuses it (_after_error).
             raise CallerError(self._unfit(self.stages[0]))
         i, busy_retries, reopened = 0, 0, set()
-        relay, rewind = self.relay, set()  # rewind: stages that may hold this position already
+        # rewind: stages that may hold this position already (all of them after a step cut short)
+        relay, rewind = self.relay, set(self.stages) if self._rewind_next else set()
         if self.checker is not None:
             last = None  # a spot check of the last stage compares its whole output
         self.relaying.new_step()
@@ -236,6 +242,7 @@ class InferenceSession(SpotChecks):
             i += 1
         self.relaying.pin_changed(self.stages)
         self.pos += T
+        self._rewind_next = False
         if self.checker is not None:
             self.outputs.append(hidden, T)
             try:

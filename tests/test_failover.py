@@ -1038,6 +1038,44 @@ def test_a_session_that_cannot_go_on_refuses_its_next_step_without_asking_a_peer
         probe.close()
         model.close()
 
+
+@pytest.mark.parametrize("relay", [False, True])
+def test_a_step_cut_short_after_its_stages_stored_it_is_done_again_without_a_failover(
+        tiny_model_dir, cluster_factory, monkeypatch, relay):
+    """Ctrl-C after the route's stages stored a step: the next step asks them to drop it first
+    (`rewind`), and gives the output a local session gives, with no failover and no ban. (Review161:
+    stage by stage, the stages refused it `bad_position`, and the honest first node was failed
+    over and struck. A relayed route recovered already: its broken chain is done again stage by
+    stage with `rewind`.)"""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses,
+                               options=SwarmOptions(timeout=TIMEOUT, relay=relay))
+    local = SwarmModel.local(tiny_model_dir)
+    try:
+        session, alone = model.session(8), local.session(8)
+        x = model.client.embed([1, 2, 3], 0)
+        session.step(x[:, :1])
+        alone.step(x[:, :1])
+        owner, name = (relay_module.Chain, "step") if relay else (session.stages[-1], "step")
+        real = getattr(owner, name)
+
+        def stored_then_cut_short(*args, **kwargs):
+            real(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(owner, name, stored_then_cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            session.step(x[:, 1:2])
+        monkeypatch.undo()
+        assert session.pos == 1 and session.failed is None
+        assert (session.step(x[:, 1:2]) - alone.step(x[:, 1:2])).abs().max() < 1e-5
+        assert (session.step(x[:, 2:3]) - alone.step(x[:, 2:3])).abs().max() < 1e-5
+        assert session.pos == 3 and session.failovers == 0 and model.swarm.bans == {}
+        session.close()
+    finally:
+        model.close()
+        local.close()
+
 def test_a_reclaimed_session_whose_node_filled_up_meanwhile_goes_elsewhere_without_a_ban(
         tiny_model_dir, cluster_factory):
     """The node reclaimed our idle session and gave its one slot to someone else: reopening there
