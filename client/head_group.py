@@ -226,9 +226,9 @@ class HeadGroupStage(Stage):
             replies = self._answers(ids)
         except PeerError as e:
             if e.code not in NO_FAULT or e.code == "bad_value" and not takes_input(hidden, self.wire):
-                # (the caller's own input, NaN, Inf, past HIDDEN_LIMIT or past the wire: the session says so,
-                # CallerError; review146: the group went by fan-out for it, and the swarm's new
-                # sessions for 2 minutes)
+                # (the caller's own input, NaN, Inf, past HIDDEN_LIMIT or past the wire: the
+                # session says so, CallerError; review146: the group went by fan-out for it, and
+                # the swarm's new sessions for 2 minutes)
                 raise
             self._fan_out_from_now(e.code)
             raise AllReduceFailed(e.address, e.code, f"all-reduce through {len(self.members)} members failed "

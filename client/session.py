@@ -166,15 +166,15 @@ class InferenceSession(SpotChecks):
                 raise SessionError(f"this session cannot go on: {self.failed}")
             try:
                 out = self._step(hidden, last if last is not None and last < hidden.shape[1] else None)
+            except CallerError:
+                raise  # the session as it was
             except BaseException as e:
-                # A failover that gave up, or was cut short (Ctrl-C), may leave a stage closed on
-                # its node: stepped again, it would send a step of no session, and its honest node
-                # would be banned for the `malformed` answer (review160). A caller's error leaves
-                # the session as it was.
-                if not isinstance(e, CallerError) and (isinstance(e, SessionError)
-                                                       or any(stage.closed for stage in self.stages)):
+                if isinstance(e, SessionError) or any(stage.closed for stage in self.stages):
+                    # A failover that gave up, or was cut short (Ctrl-C), may leave a stage closed
+                    # on its node: stepped again, it would send a step of no session, and its
+                    # honest node would be banned for the `malformed` answer (review160).
                     self.failed = str(e) or type(e).__name__
-                elif not isinstance(e, CallerError):
+                else:
                     # Cut short (Ctrl-C) after some stages stored it: asked again without `rewind`,
                     # they would refuse it `bad_position` and be failed over (review161).
                     self._rewind_next = True
