@@ -227,6 +227,13 @@ class InferenceSession(SpotChecks):
                 else:
                     hidden, i = done
                 continue
+            if isinstance(stage, HeadGroupStage) and stage in rewind:
+                # A step cut short (Ctrl-C) may have left some of its members holding this
+                # position, or part of it: a head-shard session cannot rewind, so the group is
+                # reopened (review161: its honest member was refused, failed over and banned).
+                rewind.discard(stage)
+                i = self._reopen_group(i)
+                continue
             try:
                 if last is not None and i + 1 == len(self.stages) and isinstance(stage, CUTS_LAST):
                     out = stage.step(hidden, self.pos, rewind=stage in rewind, last=last)
@@ -305,11 +312,7 @@ class InferenceSession(SpotChecks):
             # a stage). No one is struck for it.
             reopened.add(stage)
             log.info("%s: reopening the group", e)
-            failed = self._reopen(i, reclaimed=False)
-            if failed is None:
-                return self._at(stage.start), busy_retries
-            return self._replace(self.stages.index(stage), failed, strike=failed.code not in CANNOT_TAKE
-                                 and not self._moved(failed)), busy_retries
+            return self._reopen_group(i), busy_retries
         if e.code == "session_closed" and self._takes_reclaim(stage, e, reopened):
             # The node reclaimed our session after its idle timeout (the reader paused): nothing
             # failed. Open a new one there, rebuilt from the history, no strike.
@@ -319,6 +322,17 @@ class InferenceSession(SpotChecks):
             # A failed reopen may have replaced stages before this one: its index moved.
             return self._replace_unreopened(self.stages.index(stage), failed, e), busy_retries
         return self._replace(self.stages.index(stage), e), busy_retries
+
+    def _reopen_group(self, i: int) -> int:
+        """New sessions for the head group stages[i] on the same members, replayed from its history
+        (its members may hold part of a step: they cannot drop it one by one), no one struck; a
+        member that fails the reopen is failed over. The index of the stage to ask next."""
+        stage = self.stages[i]
+        failed = self._reopen(i, reclaimed=False)
+        if failed is None:
+            return self._at(stage.start)
+        return self._replace(self.stages.index(stage), failed,
+                             strike=failed.code not in CANNOT_TAKE and not self._moved(failed))
 
     def _chain_broken(self, chain: Chain, error: PeerError, hidden: torch.Tensor) -> None:
         """A relayed step did not come back; its stages will be asked one by one. A node that will

@@ -1076,6 +1076,50 @@ def test_a_step_cut_short_after_its_stages_stored_it_is_done_again_without_a_fai
         model.close()
         local.close()
 
+@pytest.mark.parametrize("all_reduce", [False, True], ids=["fan_out", "all_reduce"])
+@pytest.mark.parametrize("cut", ["after", "within"])
+def test_a_step_cut_short_in_a_head_group_is_done_again_without_a_failover(
+        tiny_model_dir, cluster_factory, monkeypatch, all_reduce, cut):
+    """Ctrl-C after a head group's members stored a step, whole (`after`) or in part (`within`:
+    a fan-out's first phase, or an all-reduce step sent and not read): a head-shard session
+    cannot rewind, so the next step reopens the group on the same members and replays it, and
+    gives the output a local session gives, with no failover and no ban. (Review161's case for a
+    head group: its members refused the step `bad_position`, one was banned, and the session
+    ended in SessionError.)"""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4), (0, 2)), NodeSpec((2, 4), (2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses,
+                               options=SwarmOptions(timeout=TIMEOUT, all_reduce=all_reduce))
+    local = SwarmModel.local(tiny_model_dir)
+    try:
+        session, alone = model.session(8), local.session(8)
+        group = session.stages[-1]
+        assert len(group.peers) == 2 and group.all_reduce is all_reduce
+        x = model.client.embed([1, 2, 3], 0)
+        session.step(x[:, :1])
+        alone.step(x[:, :1])
+        name = "step" if cut == "after" else "all_reduce_result" if all_reduce else "_fan_out"
+        real = getattr(group, name)
+
+        def cut_short(*args, **kwargs):
+            if cut == "after" or not all_reduce:
+                real(*args, **kwargs)  # (within an all-reduce step: sent, its answers left unread)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(group, name, cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            session.step(x[:, 1:2])
+        monkeypatch.undo()
+        assert session.pos == 1 and session.failed is None
+        assert (session.step(x[:, 1:2]) - alone.step(x[:, 1:2])).abs().max() < 1e-5
+        assert (session.step(x[:, 2:3]) - alone.step(x[:, 2:3])).abs().max() < 1e-5
+        assert session.pos == 3 and session.failovers == 0 and model.swarm.bans == {}
+        assert session.stages[-1].peers == group.peers and session.stages[-1].all_reduce is all_reduce
+        session.close()
+    finally:
+        model.close()
+        local.close()
+
+
 def test_a_reclaimed_session_whose_node_filled_up_meanwhile_goes_elsewhere_without_a_ban(
         tiny_model_dir, cluster_factory):
     """The node reclaimed our idle session and gave its one slot to someone else: reopening there
