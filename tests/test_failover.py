@@ -1039,6 +1039,34 @@ def test_a_session_that_cannot_go_on_refuses_its_next_step_without_asking_a_peer
         model.close()
 
 
+def cut_short_then_go_on(model: SwarmModel, local: SwarmModel, monkeypatch, owner_of, name: str,
+                         stores: bool = True):
+    """A session's second step cut short (KeyboardInterrupt) where `owner_of(session)`'s `name` is
+    called (after the call returns, or with `stores` off before it), then done again and one more:
+    both equal to a local session's, with no failover and no ban. The session, for more checks."""
+    session, alone = model.session(8), local.session(8)
+    x = model.client.embed([1, 2, 3], 0)
+    session.step(x[:, :1])
+    alone.step(x[:, :1])
+    owner = owner_of(session)
+    real = getattr(owner, name)
+
+    def cut_short(*args, **kwargs):
+        if stores:
+            real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner, name, cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        session.step(x[:, 1:2])
+    monkeypatch.undo()
+    assert session.pos == 1 and session.failed is None
+    assert (session.step(x[:, 1:2]) - alone.step(x[:, 1:2])).abs().max() < 1e-5
+    assert (session.step(x[:, 2:3]) - alone.step(x[:, 2:3])).abs().max() < 1e-5
+    assert session.pos == 3 and session.failovers == 0 and model.swarm.bans == {}
+    return session
+
+
 @pytest.mark.parametrize("relay", [False, True])
 def test_a_step_cut_short_after_its_stages_stored_it_is_done_again_without_a_failover(
         tiny_model_dir, cluster_factory, monkeypatch, relay):
@@ -1052,29 +1080,12 @@ def test_a_step_cut_short_after_its_stages_stored_it_is_done_again_without_a_fai
                                options=SwarmOptions(timeout=TIMEOUT, relay=relay))
     local = SwarmModel.local(tiny_model_dir)
     try:
-        session, alone = model.session(8), local.session(8)
-        x = model.client.embed([1, 2, 3], 0)
-        session.step(x[:, :1])
-        alone.step(x[:, :1])
-        owner, name = (relay_module.Chain, "step") if relay else (session.stages[-1], "step")
-        real = getattr(owner, name)
-
-        def stored_then_cut_short(*args, **kwargs):
-            real(*args, **kwargs)
-            raise KeyboardInterrupt
-
-        monkeypatch.setattr(owner, name, stored_then_cut_short)
-        with pytest.raises(KeyboardInterrupt):
-            session.step(x[:, 1:2])
-        monkeypatch.undo()
-        assert session.pos == 1 and session.failed is None
-        assert (session.step(x[:, 1:2]) - alone.step(x[:, 1:2])).abs().max() < 1e-5
-        assert (session.step(x[:, 2:3]) - alone.step(x[:, 2:3])).abs().max() < 1e-5
-        assert session.pos == 3 and session.failovers == 0 and model.swarm.bans == {}
-        session.close()
+        owner_of = (lambda s: relay_module.Chain) if relay else (lambda s: s.stages[-1])
+        cut_short_then_go_on(model, local, monkeypatch, owner_of, "step").close()
     finally:
         model.close()
         local.close()
+
 
 @pytest.mark.parametrize("all_reduce", [False, True], ids=["fan_out", "all_reduce"])
 @pytest.mark.parametrize("cut", ["after", "within"])
@@ -1091,29 +1102,18 @@ def test_a_step_cut_short_in_a_head_group_is_done_again_without_a_failover(
                                options=SwarmOptions(timeout=TIMEOUT, all_reduce=all_reduce))
     local = SwarmModel.local(tiny_model_dir)
     try:
-        session, alone = model.session(8), local.session(8)
-        group = session.stages[-1]
-        assert len(group.peers) == 2 and group.all_reduce is all_reduce
-        x = model.client.embed([1, 2, 3], 0)
-        session.step(x[:, :1])
-        alone.step(x[:, :1])
         name = "step" if cut == "after" else "all_reduce_result" if all_reduce else "_fan_out"
-        real = getattr(group, name)
+        groups = []
 
-        def cut_short(*args, **kwargs):
-            if cut == "after" or not all_reduce:
-                real(*args, **kwargs)  # (within an all-reduce step: sent, its answers left unread)
-            raise KeyboardInterrupt
+        def group_of(session):
+            groups.append(session.stages[-1])
+            assert len(groups[0].peers) == 2 and groups[0].all_reduce is all_reduce
+            return groups[0]
 
-        monkeypatch.setattr(group, name, cut_short)
-        with pytest.raises(KeyboardInterrupt):
-            session.step(x[:, 1:2])
-        monkeypatch.undo()
-        assert session.pos == 1 and session.failed is None
-        assert (session.step(x[:, 1:2]) - alone.step(x[:, 1:2])).abs().max() < 1e-5
-        assert (session.step(x[:, 2:3]) - alone.step(x[:, 2:3])).abs().max() < 1e-5
-        assert session.pos == 3 and session.failovers == 0 and model.swarm.bans == {}
-        assert session.stages[-1].peers == group.peers and session.stages[-1].all_reduce is all_reduce
+        # (within an all-reduce step: sent, its answers left unread)
+        session = cut_short_then_go_on(model, local, monkeypatch, group_of, name,
+                                       stores=cut == "after" or not all_reduce)
+        assert session.stages[-1].peers == groups[0].peers and session.stages[-1].all_reduce is all_reduce
         session.close()
     finally:
         model.close()
