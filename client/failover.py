@@ -102,6 +102,7 @@ class Failover:
     on_failover: Callable[[str], None] | None
     _moved_unstruck: set[str]
     _left_out: dict[str, str]
+    _unsettled: set[Stage]
 
     def _replace(self, i: int, error: PeerError, strike: bool = True, reopen_after: bool = True) -> int:
         """Swap stage i for fresh stages over the same blocks, rebuilt from its history; returns
@@ -138,6 +139,8 @@ class Failover:
         self.history[i:i + 1] = new_history
         k = i + len(new_stages)
         diverged = reopen_after and self._diverged(k, out)
+        if diverged:  # (reopened below: `_reopen_after`; cut short, at the next step)
+            self._unsettled.update(self.stages[k:])
         self._replayed_outputs(k, out)
         self.relaying.retry_before(self.stages, i)
         ms = (time.perf_counter() - t0) * 1000
@@ -178,7 +181,7 @@ class Failover:
                 histories.append(History.of(hidden))
                 if hidden is not None:
                     hidden = self._replay(stage, hidden)
-        except PeerError:
+        except BaseException:  # a refusal, or Ctrl-C: each holds a KV reservation on its node
             for stage in stages:
                 stage.close()
             raise
@@ -237,6 +240,8 @@ class Failover:
         self._recover_for(stage)
         i = self.stages.index(stage)
         diverged = False
+        # Until its replay is whole: cut short (Ctrl-C), it is reopened at the next step (`_settle`).
+        self._unsettled.add(stage)
         try:
             stage.close()  # whatever of the old session is left (a head group's other members)
             stage.open(self.max_length)
@@ -246,11 +251,15 @@ class Failover:
                     wrong = self._contradicts(stage, i + 1, out)
                     if wrong is not None:
                         self.wrong_results += 1
+                        self._unsettled.discard(stage)  # replaced by the caller
                         return wrong
+                    self._unsettled.update(self.stages[i + 1:])  # (reopened below: `_reopen_after`)
                 self._replayed_outputs(i + 1, out)
         except PeerError as e:
             log.info("reopening a session on %s failed: %s", ", ".join(stage.peers), e)
+            self._unsettled.discard(stage)  # replaced by the caller
             return e
+        self._unsettled.discard(stage)
         self.relaying.forget_chains()  # they name the old session ids
         self.relaying.retry_before(self.stages, i)
         log.info("reopened a session on %s (%d positions replayed)", ", ".join(stage.peers), self.pos)
@@ -302,6 +311,8 @@ class Failover:
         outputs become the next one's history), failing over any that fails meanwhile: their
         caches were built on inputs other than the ones their histories now hold."""
         self.relaying.forget_chains()  # they name the old session ids
+        if k is not None:  # cut short (Ctrl-C), the rest are reopened at the next step (`_settle`)
+            self._unsettled.update(self.stages[k:])
         while k is not None:  # each one reopened here: none of them reopens those after it
             stage = self.stages[k]
             failed = self._reopen(k, reclaimed=False)

@@ -67,6 +67,18 @@ class History:
         del self.entries[k:], self.sizes[k:]
         self.append(hidden[:, :n], n)
 
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` positions only (the rest were sent in a step that did not complete)."""
+        at = 0
+        for k, size in enumerate(self.sizes):
+            if at + size > n:
+                entry, keep = self.entries[k], n - at
+                del self.entries[k:], self.sizes[k:]
+                if keep:
+                    self.append(_first(entry, keep), keep)
+                return
+            at += size
+
     @classmethod
     def of(cls, hidden: torch.Tensor | None) -> History:
         """A history holding `hidden` (None: no positions)."""
@@ -74,3 +86,12 @@ class History:
         if hidden is not None:
             history.append(hidden, hidden.shape[1])
         return history
+
+
+def _first(entry: Entry, n: int) -> Entry:
+    """The first `n` positions of `entry`."""
+    if isinstance(entry, Unkept):
+        return Unkept(n)
+    if callable(entry):
+        return lambda: entry()[:, :n]
+    return entry[:, :n]

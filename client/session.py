@@ -94,6 +94,7 @@ class InferenceSession(SpotChecks):
         self.closed = False
         self.failed: str | None = None  # why this session cannot go on, once it cannot (`step`)
         self._rewind_next = False  # a step was cut short: its stages may hold it (`step`)
+        self._unsettled: set[Stage] = set()  # stages to reopen before the next step (`_settle`)
         self._finalizer: weakref.finalize | None = None  # set by `open`
 
     @classmethod
@@ -164,22 +165,38 @@ class InferenceSession(SpotChecks):
                 raise RuntimeError("this session's SwarmModel is closed")
             if self.failed is not None:
                 raise SessionError(f"this session cannot go on: {self.failed}")
+            pos = self.pos
             try:
                 out = self._step(hidden, last if last is not None and last < hidden.shape[1] else None)
-            except CallerError:
-                raise  # the session as it was
             except BaseException as e:
-                if isinstance(e, SessionError) or any(stage.closed for stage in self.stages):
-                    # A failover that gave up, or was cut short (Ctrl-C), may leave a stage closed
-                    # on its node: stepped again, it would send a step of no session, and its
-                    # honest node would be banned for the `malformed` answer (review160).
-                    self.failed = str(e) or type(e).__name__
+                if isinstance(e, CallerError) and not self._sent_past(pos):
+                    raise  # the session as it was
+                if isinstance(e, SessionError) and not isinstance(e, CallerError):
+                    # A failover that gave up may leave a stage closed on its node: stepped again,
+                    # it would send a step of no session, and its honest node would be banned
+                    # for the `malformed` answer (review160).
+                    self.failed = str(e)
                 else:
-                    # Cut short (Ctrl-C) after some stages stored it: asked again without `rewind`,
-                    # they would refuse it `bad_position` and be failed over (review161).
-                    self._rewind_next = True
+                    self._undo_step(pos)
                 raise
             return out if last is None else out[:, -last:]
+
+    def _sent_past(self, pos: int) -> bool:
+        """Whether some stage was sent positions from `pos` on (a step that did not complete)."""
+        return any(h.positions > pos for h in self.history)
+
+    def _undo_step(self, pos: int) -> None:
+        """A step cut short (Ctrl-C, a spot check's failover interrupted) did not happen: the
+        session is back at `pos`, and the next step asks the stages to drop what they hold from
+        there first (`rewind`; head groups, which cannot, are reopened: `_settle`). Asked again
+        without it, they refused it `bad_position` and were failed over (review161); replayed from
+        histories past `pos`, a reopened or replacing stage held positions twice (review162)."""
+        self.pos = pos
+        for history in self.history:
+            history.truncate(pos)
+        if self.checker is not None:
+            self.outputs.truncate(pos)
+        self._rewind_next = True
 
     def _check_input(self, hidden: object) -> None:
         """A caller's mistake is the caller's, refused here: sent, a node would refuse it, and its
@@ -203,6 +220,8 @@ class InferenceSession(SpotChecks):
             # pieces): a bad later piece would leave an earlier one stored. A one-position step
             # (the per-token path) is checked only if a node refuses it (_after_error).
             raise CallerError(self._unfit(self.stages[0]))
+        if self._rewind_next:
+            self._settle()
         i, busy_retries, reopened = 0, 0, set()
         # rewind: stages that may hold this position already (all of them after a step cut short)
         relay, rewind = self.relay, set(self.stages) if self._rewind_next else set()
@@ -226,13 +245,6 @@ class InferenceSession(SpotChecks):
                     i = self._at(stage.start)  # failover may have replaced stages before it too
                 else:
                     hidden, i = done
-                continue
-            if isinstance(stage, HeadGroupStage) and stage in rewind:
-                # A step cut short (Ctrl-C) may have left some of its members holding this
-                # position, or part of it: a head-shard session cannot rewind, so the group is
-                # reopened (review161: its honest member was refused, failed over and banned).
-                rewind.discard(stage)
-                i = self._reopen_group(i)
                 continue
             try:
                 if last is not None and i + 1 == len(self.stages) and isinstance(stage, CUTS_LAST):
@@ -312,7 +324,7 @@ class InferenceSession(SpotChecks):
             # a stage). No one is struck for it.
             reopened.add(stage)
             log.info("%s: reopening the group", e)
-            return self._reopen_group(i), busy_retries
+            return self._reopen_or_replace(i), busy_retries
         if e.code == "session_closed" and self._takes_reclaim(stage, e, reopened):
             # The node reclaimed our session after its idle timeout (the reader paused): nothing
             # failed. Open a new one there, rebuilt from the history, no strike.
@@ -323,10 +335,30 @@ class InferenceSession(SpotChecks):
             return self._replace_unreopened(self.stages.index(stage), failed, e), busy_retries
         return self._replace(self.stages.index(stage), e), busy_retries
 
-    def _reopen_group(self, i: int) -> int:
-        """New sessions for the head group stages[i] on the same members, replayed from its history
-        (its members may hold part of a step: they cannot drop it one by one), no one struck; a
-        member that fails the reopen is failed over. The index of the stage to ask next."""
+    def _settle(self) -> None:
+        """After a step cut short (Ctrl-C), before the next one, in route order: every head group
+        is reopened (a head-shard session cannot drop a position, and its members may hold the
+        step, or part of it: review161's case, where the honest member was refused `bad_position`,
+        banned, and the session ended), so is a stage whose reopen was cut short (client/failover.py
+        `_reopen`), and a stage that a failover cut short left closed is replaced (the failover
+        goes on: stepped, it would send a step of no session, and its honest node be banned for
+        the `malformed` answer, review160; till the fifty-ninth session the session ended)."""
+        self._unsettled.update(s for s in self.stages if isinstance(s, HeadGroupStage))
+        while True:
+            self._unsettled.intersection_update(self.stages)
+            k = next((k for k, s in enumerate(self.stages) if s in self._unsettled or s.closed), None)
+            if k is None:
+                return
+            stage = self.stages[k]
+            if stage in self._unsettled:
+                self._reopen_or_replace(k)
+            else:  # (peers banned by the failover are left out by the plan)
+                self._replace(k, PeerError(", ".join(stage.peers), "interrupted", "the failover cut short goes on"),
+                              strike=False)
+
+    def _reopen_or_replace(self, i: int) -> int:
+        """New sessions for stages[i] on the same peers, replayed from its history, no one struck;
+        a peer that fails the reopen is failed over. The index of the stage to ask next."""
         stage = self.stages[i]
         failed = self._reopen(i, reclaimed=False)
         if failed is None:

@@ -48,6 +48,25 @@ def test_history_keeps_recovers_and_refuses_what_it_lacks():
     assert torch.equal(h.tensor()[0, :, 0], torch.tensor([0, 0, 5, 5, 5, 5, 5.0]))
 
 
+def test_history_truncates_to_the_positions_a_session_holds():
+    """A step cut short is taken back out of every stage's history (InferenceSession._undo_step),
+    whatever its entries: a tensor, a function that makes one, unkept positions."""
+    h = History()
+    h.append(torch.arange(3.0).view(1, 3, 1), 3)
+    h.append(lambda: torch.arange(3.0, 5.0).view(1, 2, 1), 2)
+    h.append(Unkept(2), 2)
+    h.truncate(8)  # past the end: nothing to drop
+    assert h.sizes == [3, 2, 2]
+    h.truncate(6)
+    assert h.sizes == [3, 2, 1] and h.entries[-1] == Unkept(1)
+    h.truncate(4)
+    assert h.sizes == [3, 1] and torch.equal(h.tensor()[0, :, 0], torch.tensor([0, 1, 2, 3.0]))
+    h.truncate(3)
+    assert h.sizes == [3]
+    h.truncate(0)
+    assert h.positions == 0 and h.entries == []
+
+
 def _index(swarm, address: str) -> int:
     return swarm.addresses.index(address)
 
