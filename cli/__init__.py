@@ -71,7 +71,10 @@ class _CleanErrors(click.Group):
         except _NO_ARGS_HELP as e:
             _help(e)
         except click.ClickException as e:  # bad options of a subcommand (exit code 2, as click's), or ours
-            _fail(e.format_message(), e.exit_code)
+            message = e.format_message()
+            if isinstance(e, click.NoSuchOption) and e.option_name in ("-v", "-vv", "-vvv", "--verbose"):
+                message += " (it is the program's: put it before the command, `nanoswarm -v generate ...`)"
+            _fail(message, e.exit_code)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (Interrupted): cleaned up on the way
             sys.exit(128 + getattr(e, "signum", signal.SIGINT))  # the shell's convention: 130 for Ctrl-C
         except (click.exceptions.Exit, click.Abort):

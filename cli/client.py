@@ -146,7 +146,8 @@ def run_generation(model: SwarmModel, prompt: str, max_new_tokens: int, sampling
             finally:
                 stream.close()
         s = result.stats
-        checks = (f", {result.spot_checks} spot checks, {result.wrong_results} found wrong"
+        checks = (f", {result.spot_checks} spot check{'s' * (result.spot_checks != 1)}, "
+                  f"{result.wrong_results} found wrong"
                   if result.spot_checks else "")
         # Fewer tokens than asked for: why (--max-new-tokens reached needs no word)
         ended = {"eot": ", the model ended the text", "context": ", the context is full"}.get(result.stop_reason, "")
@@ -194,7 +195,7 @@ def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | N
     # sample it gossips (at most 128 records), so a large swarm's list is not whole (a review).
     fetched = fetch_table(contacts, timeout, client_keys(key_file), model_id=model_id)
     if not fetched.answered:
-        raise click.ClickException(f"no bootstrap node answered ({'; '.join(fetched.errors.values())})")
+        raise click.ClickException(fetched.no_answer())
     fetched.warn_unanswered()
     report = swarm_report(fetched.table, n_layers, model_id, n_heads=n_heads)
     if as_json:

@@ -176,6 +176,7 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
           as_json: bool) -> None:
     """Local vs swarm speed on loopback: decode, prefill, per-stage overhead, bytes, batching."""
     from nanoswarm.bench import BenchOptions, check_options, format_report, parse_ints, parse_names, run_bench
+    from nanoswarm.shards.manifest import ManifestError
 
     given = click.get_current_context().get_parameter_source
     default = click.core.ParameterSource.DEFAULT
@@ -195,6 +196,8 @@ def bench(model_dir: Path | None, shape: str, stages: str | None, sessions: str,
                         threads=threads, work_dir=work_dir, progress=lambda line: click.echo(line, err=True))
     try:
         check_options(opts)
+    except ManifestError as e:  # not a usage error: the same exit status as every command's
+        raise click.ClickException(str(e)) from None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     result = run_bench(opts)

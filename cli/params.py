@@ -23,7 +23,8 @@ def parse_range(value: str | None, what: str) -> tuple[int, int] | None:
     except ValueError:
         raise click.UsageError(f"{what} {value} must look like START:STOP, e.g. 4:8") from None
     if not 0 <= a < b:
-        raise click.UsageError(f"{what} {value} is empty or negative")
+        raise click.UsageError(f"{what} {value} is empty or negative (START:STOP, half-open like a Python slice: "
+                               "0 <= START < STOP)")
     return a, b
 
 

@@ -66,6 +66,15 @@ class Fetched:
     # answered, not leaving. None: not asked with the read (_drop_unlisted asks them itself).
     gone: dict[str, bool] | None = None
 
+    def no_answer(self) -> str:
+        """Why no bootstrap answered, in one line: each reason names its contact. Where none could
+        even be asked (no key given, a malformed contact), it says so (review163: "no bootstrap
+        node answered" of a contact never asked)."""
+        unasked = self.errors and all(why.startswith((f"{c}: bad_contact:", f"{c}: insecure:"))
+                                      for c, why in self.errors.items())
+        return (f"{'no bootstrap contact could be used' if unasked else 'no bootstrap node answered'} "
+                f"({'; '.join(self.errors.values())})")
+
     def clock_off(self, contact: str) -> str | None:
         """How far this machine's clock is off `contact`'s, when it is too far for records to
         live through it (review93: every record then looks expired, or signed too far ahead)."""
@@ -228,8 +237,7 @@ def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0,
     swarm.connect_ahead(bootstrap)  # a contact it cannot use: the fetch says why
     fetched = fetch_table(bootstrap, timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
     if not fetched.answered:
-        detail = "; ".join(fetched.errors.values())  # each names its contact
-        raise DiscoveryError(f"no bootstrap node answered ({detail})")
+        raise DiscoveryError(fetched.no_answer())
     return add_fetched(swarm, fetched, timeout, time_peers=time_peers)
 
 

@@ -98,8 +98,9 @@ def format_report(report: list[dict]) -> str:
             lines.append(f"  {p['peer_id']:<28} {p['address']:<24} {p['layers'][0]}:{p['layers'][1]:<5} "
                          f"{heads:<6} {_rate(p['throughput'])} {p['load']:>5.2f} {p['age']:>5.0f}s")
         head_guess = not m["n_head_known"] and any(p["heads"] for p in m["peers"])
+        heads = f"{m['n_head']} head{'s' * (m['n_head'] != 1)}"
         lines.append("  coverage (tokens/s through each block: whole-block peers plus the slowest member of a "
-                     "head group holding every head" + (f", if the model has {m['n_head']} heads" if head_guess
+                     "head group holding every head" + (f", if the model has {heads} (--model to know)" if head_guess
                                                         else "") + "; peers serving any of it):")
         cov, i = m["coverage"], 0
         while i < len(cov):  # group runs of blocks with the same coverage
@@ -117,7 +118,7 @@ def format_report(report: list[dict]) -> str:
         if not m["n_layer_known"]:
             guesses.append(f"in blocks 0:{m['n_layer']}, the most any peer serves")
         if head_guess:
-            guesses.append(f"if the model has {m['n_head']} heads, the most any head shard serves")
+            guesses.append(f"if the model has {heads}, the most any head shard serves")
         guessed = f" ({'; '.join(guesses)}: --model to know)" if guesses else ""
         lines.append(f"  gaps: {', '.join(m['gaps']) if m['gaps'] else 'none'}{guessed}")
     return "\n".join(lines) if lines else "no records"

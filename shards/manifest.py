@@ -291,6 +291,9 @@ def read_manifest(model_dir: str | Path) -> Manifest:
     path = Path(model_dir) / MANIFEST_NAME
     try:
         text = read_regular_file(path).decode("utf-8")
+    except (FileNotFoundError, NotADirectoryError) as exc:  # a new user's first mistake: say what to do
+        raise ManifestError(f"{model_dir} is not a model directory (it has no {MANIFEST_NAME}): make one from a "
+                            "checkpoint with `nanoswarm shard CHECKPOINT DIR`") from exc
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # the path only once
         raise ManifestError(f"cannot read {path}: {why}") from exc

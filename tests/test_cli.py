@@ -337,7 +337,8 @@ def test_bad_ranges_fail_in_one_line(tiny_model_dir, tmp_path):
     outs = [invoke_cli("node", str(tiny_model_dir), "--layers", value, "--insecure", "--key-file",
                        str(tmp_path / f"k{i}.key")) for i, (value, _) in enumerate(cases)]
     for (value, why), out in zip(cases, outs):
-        assert one_error_line(out) == f"error: --layers {value} {why}" + (", e.g. 4:8" if "look" in why else "")
+        assert one_error_line(out) == f"error: --layers {value} {why}" + (
+            ", e.g. 4:8" if "look" in why else " (START:STOP, half-open like a Python slice: 0 <= START < STOP)")
 
 
 def test_generate_checks_its_settings_before_connecting(tiny_model_dir):
@@ -399,9 +400,18 @@ def test_a_bad_contact_fails_in_one_line_without_a_log_line_repeating_it(tiny_mo
         assert "garbage" in one_error_line(out) and out.stdout == "", (args, out.stderr)
 
 
+def test_verbose_after_the_command_says_where_it_goes(tiny_model_dir):
+    """`-v` is the program's option, not a command's: the error says where it goes (review163)."""
+    for flag in ("-v", "-vv"):
+        out = invoke_cli("generate", flag, "x", "--model", str(tiny_model_dir))
+        assert one_error_line(out) == ("error: No such option '-v'. (it is the program's: put it before the "
+                                       "command, `nanoswarm -v generate ...`)") and out.returncode == 2
+
+
 def test_generate_refuses_a_keyless_bootstrap_without_insecure_at_once(tiny_model_dir):
     out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--bootstrap", "tcp://127.0.0.1:9")
-    assert "tcp://127.0.0.1:9: insecure: no CURVE key for this bootstrap" in one_error_line(out)
+    assert one_error_line(out).startswith("error: no bootstrap contact could be used (tcp://127.0.0.1:9: insecure: "
+                                          "no CURVE key for this bootstrap")
 
 
 def test_generate_for_another_model_than_the_swarm_s_says_so(tiny_model_dir, small12_model_dir, cluster_factory):
@@ -687,6 +697,20 @@ def test_node_refuses_addresses_no_peer_could_use(tiny_model_dir, tmp_path):
             for i, (args, _) in enumerate(cases)]
     for (_, why), out in zip(cases, outs):
         assert one_error_line(out, logs=True).startswith(why) and out.returncode == 2, out.stderr  # usage errors
+
+
+def test_a_directory_that_is_not_a_model_is_named_so_with_what_to_do(tmp_path):
+    """Every command that takes a model directory says the same of one without a manifest, with
+    the command that makes one, and exits 1 (review163: the bare file error, and bench exited 2)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    why = (f"error: {empty} is not a model directory (it has no manifest.json): make one from a checkpoint "
+           "with `nanoswarm shard CHECKPOINT DIR`")
+    for args in (["node", str(empty), "--layers", "0:2", "--key-file", str(tmp_path / "k.key")],
+                 ["cluster", str(empty), "--nodes", "2"], ["bench", "--model", str(empty), "--quick"],
+                 ["generate", "--model", str(empty), "--peers", "tcp://127.0.0.1:9#" + "0" * 64, "hi"]):
+        out = invoke_cli(*args)
+        assert one_error_line(out, logs=True) == why and out.returncode == 1, (args, out.stderr)
 
 
 def test_node_refuses_a_device_or_span_it_cannot_use_before_anything_else(tiny_model_dir, tmp_path):
