@@ -103,6 +103,7 @@ class Failover:
     _moved_unstruck: set[str]
     _left_out: dict[str, str]
     _unsettled: set[Stage]
+    _building: list[Stage]
 
     def _replace(self, i: int, error: PeerError, strike: bool = True, reopen_after: bool = True) -> int:
         """Swap stage i for fresh stages over the same blocks, rebuilt from its history; returns
@@ -129,14 +130,15 @@ class Failover:
                 raise SessionError(f"{e} (after {error.address} failed: {error.code})") from e
             try:
                 new_stages, new_history, out = self._rebuild(plans, self.history[i])
+                self.stages[i:i + 1] = new_stages
+                self.history[i:i + 1] = new_history
+                self._building = []  # (`_rebuild`)
                 break
             except PeerError as e:  # the replacement failed or refused too: plan again without it
                 if e.code == "bad_value" and self.history[i].positions and past_float16(self.history[i].tensor()):
                     refused[e.address] = self._left_out[e.address] = f"{e.code}: {e.message}"
                 else:
                     self._refused_or_strike(e, refused)
-        self.stages[i:i + 1] = new_stages
-        self.history[i:i + 1] = new_history
         k = i + len(new_stages)
         diverged = reopen_after and self._diverged(k, out)
         if diverged:  # (reopened below: `_reopen_after`; cut short, at the next step)
@@ -170,9 +172,12 @@ class Failover:
     def _rebuild(self, plans: list[StagePlan],
                  history: History) -> tuple[list[Stage], list[History], torch.Tensor | None]:
         """New stages for `plans`, each replayed into from `history`; with the last one's output
-        for every position (None when there are none)."""
+        for every position (None when there are none). Till the caller puts them on the route
+        they are `_building`: a failover cut short (Ctrl-C) right after this returns has them
+        closed at the next step (`InferenceSession._settle`) or at `close` (review164)."""
         hidden = history.tensor() if history.positions else None
         stages, histories = [], []
+        self._building = stages
         try:
             for plan in plans:
                 stage = self.swarm.make_stage(plan)
@@ -184,6 +189,7 @@ class Failover:
         except BaseException:  # a refusal, or Ctrl-C: each holds a KV reservation on its node
             for stage in stages:
                 stage.close()
+            self._building = []
             raise
         return stages, histories, hidden
 
@@ -383,7 +389,16 @@ class Failover:
             raise SessionError(f"internal: stage {i} has unkept positions but no layer stage before it")
         self._recover(i - 1)
         t0 = time.perf_counter()
-        out = self._replay(before, self.history[i - 1].tensor()[:, start:], start, rewind=True)
+        try:
+            out = self._replay(before, self.history[i - 1].tensor()[:, start:], start, rewind=True)
+        except PeerError:
+            raise
+        except BaseException:
+            # Cut short (Ctrl-C): the stage before holds part of the replay, and would refuse the
+            # next step `bad_position` (review164): stage i is reopened at the next step (`_settle`),
+            # which recovers its history again first.
+            self._unsettled.add(self.stages[i])
+            raise
         self.history[i].recovered(start, out)
         log.info("recomputed positions %d.. of layers %d:%d on %s in %.0f ms", start, before.start, before.stop,
                  before.conn.address, (time.perf_counter() - t0) * 1000)

@@ -76,6 +76,9 @@ class LinkSessions:
             # here, where the session's id is known, so it is closed below (a review's fuzz: 1 in ~200).
             self.sessions.add(reply.fields["session"])
         except BaseException:
+            if reply is None and self.last_opened is not None and self.last_opened[0] == req_id:
+                self.close_session(self.last_opened[1])  # read, and cut short before it came back here
+                raise
             if reply is not None:
                 self.close_session(reply.fields["session"])
                 raise

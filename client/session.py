@@ -95,6 +95,7 @@ class InferenceSession(SpotChecks):
         self.failed: str | None = None  # why this session cannot go on, once it cannot (`step`)
         self._rewind_next = False  # a step was cut short: its stages may hold it (`step`)
         self._unsettled: set[Stage] = set()  # stages to reopen before the next step (`_settle`)
+        self._building: list[Stage] = []  # a failover's new stages, not on the route yet (`_rebuild`)
         self._finalizer: weakref.finalize | None = None  # set by `open`
 
     @classmethod
@@ -224,7 +225,9 @@ class InferenceSession(SpotChecks):
             self._settle()
         i, busy_retries, reopened = 0, 0, set()
         # rewind: stages that may hold this position already (all of them after a step cut short)
-        relay, rewind = self.relay, set(self.stages) if self._rewind_next else set()
+        # (after one cut short, not relayed: a relayed step cannot rewind, and its first hop
+        # would refuse it `bad_position`, a round trip for nothing: review164)
+        relay, rewind = self.relay and not self._rewind_next, set(self.stages) if self._rewind_next else set()
         if self.checker is not None:
             last = None  # a spot check of the last stage compares its whole output
         self.relaying.new_step()
@@ -343,7 +346,10 @@ class InferenceSession(SpotChecks):
         `_reopen`), and a stage that a failover cut short left closed is replaced (the failover
         goes on: stepped, it would send a step of no session, and its honest node be banned for
         the `malformed` answer, review160; till the fifty-ninth session the session ended)."""
-        self._unsettled.update(s for s in self.stages if isinstance(s, HeadGroupStage))
+        self._close_building()
+        # (a group that a failover cut short left closed is replaced below, not reopened: the
+        # reopen would fail on the member failed over, and count that failover twice: review164)
+        self._unsettled.update(s for s in self.stages if isinstance(s, HeadGroupStage) and not s.closed)
         while True:
             self._unsettled.intersection_update(self.stages)
             k = next((k for k, s in enumerate(self.stages) if s in self._unsettled or s.closed), None)
@@ -355,6 +361,12 @@ class InferenceSession(SpotChecks):
             else:  # (peers banned by the failover are left out by the plan)
                 self._replace(k, PeerError(", ".join(stage.peers), "interrupted", "the failover cut short goes on"),
                               strike=False)
+
+    def _close_building(self) -> None:
+        """Close the stages a failover cut short opened and did not put on the route (`_rebuild`)."""
+        while self._building:
+            self._building[-1].close()
+            self._building.pop()
 
     def _reopen_or_replace(self, i: int) -> int:
         """New sessions for stages[i] on the same peers, replayed from its history, no one struck;
@@ -431,6 +443,7 @@ class InferenceSession(SpotChecks):
         with self.lock:
             self.closed = True
             try:
+                self._close_building()
                 for stage in self.stages:
                     stage.close()
             except BaseException:  # Ctrl-C midway: the stages not closed yet go at the next step

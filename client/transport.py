@@ -165,6 +165,9 @@ class PeerConnection(LinkSessions):
         self._unwanted: list[int] = []  # request ids of opens sent ahead for a plan that changed since
         self.open_sent = 0.0  # when the open of the last session opened went out (idle_clock)
         self._unread: list | None = None  # a reply whose reading Ctrl-C cut short (_read)
+        # The last `opened` read, (request id, session): one read and then cut short (Ctrl-C) on
+        # its way back to open_session is closed there (review164: it stayed open on the node).
+        self.last_opened: tuple[int, str] | None = None
         self.closes_queued = False  # a `close` was sent: closing the socket must let it leave
         self.strays = 0  # messages take() read that were not the reply it looked for
 
@@ -460,6 +463,8 @@ class PeerConnection(LinkSessions):
             self._unread = frames
             raise
         self.bytes_received += sum(len(f) for f in frames)
+        if msg.type == "opened" and isinstance(session := msg.fields.get("session"), str):
+            self.last_opened = (msg.id, session)
         if msg.type == "leaving":
             listed = msg.fields.get("sessions")
             # A notice naming only sessions closed since is stale: read after a reconnect, it

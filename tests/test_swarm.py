@@ -453,7 +453,8 @@ def _sessions_become(contacts: list[str], want: int) -> bool:
             p.close()
 
 
-@pytest.mark.parametrize("where", ["open sent", "opened read", "opened recorded", "second member's open", "close"])
+@pytest.mark.parametrize("where", ["open sent", "opened read", "opened taken", "opened recorded",
+                                   "second member's open", "close"])
 def test_ctrl_c_while_sessions_open_or_close_leaves_none_open(tiny_model_dir, cluster_factory, monkeypatch, where):
     """A notebook user's Ctrl-C at any moment, then the same model used on (a review fuzzed real
     signals: 9 of 197 interrupted generations left a session open on a node until its 300 s idle
@@ -461,6 +462,7 @@ def test_ctrl_c_while_sessions_open_or_close_leaves_none_open(tiny_model_dir, cl
     - after an `open` went out: the node opened a session whose id the client never learnt;
       it is closed when its late `opened` is read;
     - while its `opened` was decoded: it is read again;
+    - once its `opened` was read, on its way back to the open (review164: left open): closed;
     - at the first call after the reply (where a signal that came meanwhile is raised): closed;
     - between a head group's members' opens: the members opened so far are closed;
     - in a session's `close`, at its first stage: the rest are closed at the model's next step."""
@@ -484,6 +486,21 @@ def test_ctrl_c_while_sessions_open_or_close_leaves_none_open(tiny_model_dir, cl
                 return msg
 
             monkeypatch.setattr(transport, "decode", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                model.generate("To be", 6, greedy)
+        elif where == "opened taken":
+            from nanoswarm.client.transport import PeerConnection
+
+            take, done = PeerConnection.take, []
+
+            def taken_then_interrupted(conn: PeerConnection, *args, **kwargs):
+                msg = take(conn, *args, **kwargs)
+                if msg is not None and msg.type == "opened" and not done:
+                    done.append(1)
+                    raise KeyboardInterrupt
+                return msg
+
+            monkeypatch.setattr(PeerConnection, "take", taken_then_interrupted)
             with pytest.raises(KeyboardInterrupt):
                 model.generate("To be", 6, greedy)
         elif where == "opened recorded":
