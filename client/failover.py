@@ -102,7 +102,7 @@ class Failover:
     on_failover: Callable[[str], None] | None
     _moved_unstruck: set[str]
     _left_out: dict[str, str]
-    _unsettled: set[Stage]
+    _unsettled: dict[Stage, bool]  # stage -> whether its history is the one it was stepped with
     _building: list[Stage]
 
     def _replace(self, i: int, error: PeerError, strike: bool = True, reopen_after: bool = True) -> int:
@@ -132,7 +132,7 @@ class Failover:
                 new_stages, new_history, out = self._rebuild(plans, self.history[i])
                 self.stages[i:i + 1] = new_stages
                 self.history[i:i + 1] = new_history
-                self._building = []  # (`_rebuild`)
+                self._building.clear()  # (`_rebuild`)
                 break
             except PeerError as e:  # the replacement failed or refused too: plan again without it
                 if e.code == "bad_value" and self.history[i].positions and past_float16(self.history[i].tensor()):
@@ -142,7 +142,7 @@ class Failover:
         k = i + len(new_stages)
         diverged = reopen_after and self._diverged(k, out)
         if diverged:  # (reopened below: `_reopen_after`; cut short, at the next step)
-            self._unsettled.update(self.stages[k:])
+            self._unsettled.update(dict.fromkeys(self.stages[k:], False))
         self._replayed_outputs(k, out)
         self.relaying.retry_before(self.stages, i)
         ms = (time.perf_counter() - t0) * 1000
@@ -176,8 +176,9 @@ class Failover:
         they are `_building`: a failover cut short (Ctrl-C) right after this returns has them
         closed at the next step (`InferenceSession._settle`) or at `close` (review164)."""
         hidden = history.tensor() if history.positions else None
-        stages, histories = [], []
-        self._building = stages
+        histories = []
+        stages = self._building  # (one list, kept: the session's finalizer holds it too)
+        stages.clear()
         try:
             for plan in plans:
                 stage = self.swarm.make_stage(plan)
@@ -189,9 +190,9 @@ class Failover:
         except BaseException:  # a refusal, or Ctrl-C: each holds a KV reservation on its node
             for stage in stages:
                 stage.close()
-            self._building = []
+            stages.clear()
             raise
-        return stages, histories, hidden
+        return list(stages), histories, hidden
 
     def _strike(self, e: PeerError) -> None:
         self.failovers += 1
@@ -236,9 +237,11 @@ class Failover:
         worked, else why not (the caller then replaces the stage). `reclaimed`: the node reclaimed
         the old session and the history is the one the stage was stepped with; otherwise the
         history changed (the stage before was redone: `_reopen_from`) and the caller reopens the
-        stages after, or the group's all-reduce failed (InferenceSession._after_error), whose
-        history did not change. In a checking session a reclaimed stage's replay is held against what it
-        returned before, for the same inputs: differing beyond its dtype's and the wire's slack,
+        stages after, or the group's all-reduce failed (InferenceSession._after_error), or a step
+        was cut short (InferenceSession._settle: its `_unsettled` says which of the two the
+        history is), whose history did not change. In a checking session a reclaimed stage's
+        replay is held against what it returned before, for the same inputs: differing beyond its
+        dtype's and the wire's slack,
         it lied on one of them (else a liar could erase the record of its lies by answering
         `session_closed`), and the error is `wrong_result`; differing at all (`_diverged`), the
         stages after it are reopened too (their caches hold results of its old outputs)."""
@@ -247,7 +250,7 @@ class Failover:
         i = self.stages.index(stage)
         diverged = False
         # Until its replay is whole: cut short (Ctrl-C), it is reopened at the next step (`_settle`).
-        self._unsettled.add(stage)
+        self._unsettled[stage] = reclaimed and self._unsettled.get(stage, True)
         try:
             stage.close()  # whatever of the old session is left (a head group's other members)
             stage.open(self.max_length)
@@ -257,15 +260,15 @@ class Failover:
                     wrong = self._contradicts(stage, i + 1, out)
                     if wrong is not None:
                         self.wrong_results += 1
-                        self._unsettled.discard(stage)  # replaced by the caller
+                        self._unsettled.pop(stage, None)  # replaced by the caller
                         return wrong
-                    self._unsettled.update(self.stages[i + 1:])  # (reopened below: `_reopen_after`)
+                    self._unsettled.update(dict.fromkeys(self.stages[i + 1:], False))  # (`_reopen_after` below)
                 self._replayed_outputs(i + 1, out)
         except PeerError as e:
             log.info("reopening a session on %s failed: %s", ", ".join(stage.peers), e)
-            self._unsettled.discard(stage)  # replaced by the caller
+            self._unsettled.pop(stage, None)  # replaced by the caller
             return e
-        self._unsettled.discard(stage)
+        self._unsettled.pop(stage, None)
         self.relaying.forget_chains()  # they name the old session ids
         self.relaying.retry_before(self.stages, i)
         log.info("reopened a session on %s (%d positions replayed)", ", ".join(stage.peers), self.pos)
@@ -318,7 +321,7 @@ class Failover:
         caches were built on inputs other than the ones their histories now hold."""
         self.relaying.forget_chains()  # they name the old session ids
         if k is not None:  # cut short (Ctrl-C), the rest are reopened at the next step (`_settle`)
-            self._unsettled.update(self.stages[k:])
+            self._unsettled.update(dict.fromkeys(self.stages[k:], False))
         while k is not None:  # each one reopened here: none of them reopens those after it
             stage = self.stages[k]
             failed = self._reopen(k, reclaimed=False)
@@ -396,8 +399,10 @@ class Failover:
         except BaseException:
             # Cut short (Ctrl-C): the stage before holds part of the replay, and would refuse the
             # next step `bad_position` (review164): stage i is reopened at the next step (`_settle`),
-            # which recovers its history again first.
-            self._unsettled.add(self.stages[i])
+            # which recovers its history again first. (A closed one is a failover's, which the
+            # next step goes on with: reopened, it would fail and count the failover twice.)
+            if not self.stages[i].closed:
+                self._unsettled.setdefault(self.stages[i], False)
             raise
         self.history[i].recovered(start, out)
         log.info("recomputed positions %d.. of layers %d:%d on %s in %.0f ms", start, before.start, before.stop,

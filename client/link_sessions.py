@@ -77,7 +77,10 @@ class LinkSessions:
             self.sessions.add(reply.fields["session"])
         except BaseException:
             if reply is None and self.last_opened is not None and self.last_opened[0] == req_id:
-                self.close_session(self.last_opened[1])  # read, and cut short before it came back here
+                # read, and cut short before it came back here; in `sessions` first: a close cut
+                # short too (a second Ctrl-C) is sent when the link closes
+                self.sessions.add(self.last_opened[1])
+                self.close_session(self.last_opened[1])
                 raise
             if reply is not None:
                 self.close_session(reply.fields["session"])
@@ -130,6 +133,7 @@ class LinkSessions:
         del self._orphans[msg.id]
         if msg.type == "opened" and isinstance(session := msg.fields.get("session"), str):
             log.debug("%s: closing session %s, opened after its open was given up on", self.address, session[:16])
+            self.sessions.add(session)  # first: a close cut short (Ctrl-C) is sent when the link closes
             self._send_close(session)  # (within a take(), whose reply a drop may have lost: none is forgiven)
 
     def close_session(self: PeerConnection, session: str) -> None:

@@ -94,7 +94,9 @@ class InferenceSession(SpotChecks):
         self.closed = False
         self.failed: str | None = None  # why this session cannot go on, once it cannot (`step`)
         self._rewind_next = False  # a step was cut short: its stages may hold it (`step`)
-        self._unsettled: set[Stage] = set()  # stages to reopen before the next step (`_settle`)
+        # stages to reopen before the next step (`_settle`): whether each one's history is the one
+        # it was stepped with (a reopen then holds its replay against its earlier outputs)
+        self._unsettled: dict[Stage, bool] = {}
         self._building: list[Stage] = []  # a failover's new stages, not on the route yet (`_rebuild`)
         self._finalizer: weakref.finalize | None = None  # set by `open`
 
@@ -105,7 +107,7 @@ class InferenceSession(SpotChecks):
         left out, one that fails is banned, and the rest of the route is planned again without it."""
         session = cls([], max_length, swarm, max_failovers=max_failovers, on_failover=on_failover)
         # A session dropped without `close` gets its stages closed all the same (Swarm.abandon).
-        session._finalizer = weakref.finalize(session, swarm.abandon, session.stages)
+        session._finalizer = weakref.finalize(session, swarm.abandon, session.stages, session._building)
         try:
             try:  # then the opens sent ahead that no stage took (a plan that changed, a refusal)
                 session._open_route(max_length)
@@ -192,12 +194,15 @@ class InferenceSession(SpotChecks):
         there first (`rewind`; head groups, which cannot, are reopened: `_settle`). Asked again
         without it, they refused it `bad_position` and were failed over (review161); replayed from
         histories past `pos`, a reopened or replacing stage held positions twice (review162)."""
+        self._rewind_next = True  # first: a second Ctrl-C below leaves the rest to `_settle`
         self.pos = pos
+        self._truncate_histories()
+
+    def _truncate_histories(self) -> None:
         for history in self.history:
-            history.truncate(pos)
+            history.truncate(self.pos)
         if self.checker is not None:
-            self.outputs.truncate(pos)
-        self._rewind_next = True
+            self.outputs.truncate(self.pos)
 
     def _check_input(self, hidden: object) -> None:
         """A caller's mistake is the caller's, refused here: sent, a node would refuse it, and its
@@ -342,22 +347,29 @@ class InferenceSession(SpotChecks):
         """After a step cut short (Ctrl-C), before the next one, in route order: every head group
         is reopened (a head-shard session cannot drop a position, and its members may hold the
         step, or part of it: review161's case, where the honest member was refused `bad_position`,
-        banned, and the session ended), so is a stage whose reopen was cut short (client/failover.py
-        `_reopen`), and a stage that a failover cut short left closed is replaced (the failover
-        goes on: stepped, it would send a step of no session, and its honest node be banned for
-        the `malformed` answer, review160; till the fifty-ninth session the session ended)."""
+        banned, and the session ended), so is a stage whose reopen or recomputation was cut short
+        (client/failover.py `_reopen`, `_recover`), and every stage after a replacement whose
+        outputs differed from what they were sent (`_reopen_from`, a spot check's redo); a stage
+        that a failover cut short left closed is replaced (the failover goes on: stepped, it would
+        send a step of no session, and its honest node be banned for the `malformed` answer,
+        review160; till the fifty-ninth session the session ended), and the replacements such a
+        failover built and did not put on the route are closed (`_building`)."""
+        self._truncate_histories()  # (again: a second Ctrl-C may have cut `_undo_step` short)
         self._close_building()
         # (a group that a failover cut short left closed is replaced below, not reopened: the
         # reopen would fail on the member failed over, and count that failover twice: review164)
-        self._unsettled.update(s for s in self.stages if isinstance(s, HeadGroupStage) and not s.closed)
+        for group in self.stages:
+            if isinstance(group, HeadGroupStage) and not group.closed:
+                self._unsettled.setdefault(group, False)
         while True:
-            self._unsettled.intersection_update(self.stages)
+            for gone in [s for s in self._unsettled if s not in self.stages]:
+                del self._unsettled[gone]
             k = next((k for k, s in enumerate(self.stages) if s in self._unsettled or s.closed), None)
             if k is None:
                 return
             stage = self.stages[k]
             if stage in self._unsettled:
-                self._reopen_or_replace(k)
+                self._reopen_or_replace(k, reclaimed=self._unsettled[stage])
             else:  # (peers banned by the failover are left out by the plan)
                 self._replace(k, PeerError(", ".join(stage.peers), "interrupted", "the failover cut short goes on"),
                               strike=False)
@@ -368,11 +380,12 @@ class InferenceSession(SpotChecks):
             self._building[-1].close()
             self._building.pop()
 
-    def _reopen_or_replace(self, i: int) -> int:
-        """New sessions for stages[i] on the same peers, replayed from its history, no one struck;
-        a peer that fails the reopen is failed over. The index of the stage to ask next."""
+    def _reopen_or_replace(self, i: int, reclaimed: bool = False) -> int:
+        """New sessions for stages[i] on the same peers, replayed from its history (`reclaimed`:
+        Failover._reopen), no one struck; a peer that fails the reopen is failed over. The index
+        of the stage to ask next."""
         stage = self.stages[i]
-        failed = self._reopen(i, reclaimed=False)
+        failed = self._reopen(i, reclaimed=reclaimed)
         if failed is None:
             return self._at(stage.start)
         return self._replace(self.stages.index(stage), failed,

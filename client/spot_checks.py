@@ -76,6 +76,9 @@ class SpotChecks(Failover):
         ones), failing over any that fails meanwhile. Returns the last stage's output for every
         position."""
         stop = self.stages[i].stop
+        if i + 1 < len(self.stages):  # cut short (Ctrl-C) from here on, they are rebuilt at the next step
+            self.history[i + 1] = History.of(reference)
+            self._unsettled.update(dict.fromkeys(self.stages[i + 1:], False))
         self._replace(i, error, reopen_after=False)  # reopened here, from the client's own outputs
         k = self._after(stop)
         if k is None:

@@ -107,12 +107,13 @@ class Swarm(PeerTable):
             self._conns[address] = conn
         return conn
 
-    def abandon(self, stages: list[Stage]) -> None:
-        """The stages of a session dropped without `close` (InferenceSession's finalizer): closed
+    def abandon(self, *stages: list[Stage]) -> None:
+        """The stage lists of a session dropped without `close` (InferenceSession's finalizer: its
+        route, and a failover's replacements not on it yet): closed
         at the next step or session of this swarm (drain_events), on the thread that holds its
         sockets then; a finalizer may run on any thread, even in the middle of another step. Left
         open, each held a session slot and its KV cache on its node until the idle timeout."""
-        self._abandoned.append(stages)
+        self._abandoned.extend(stages)
 
     def drain_events(self) -> None:
         """Close what sessions dropped unclosed left open (`abandon`). Read every connection's

@@ -1207,6 +1207,43 @@ def test_a_failover_cut_short_goes_on_at_the_next_step(tiny_model_dir, cluster_f
         local.close()
 
 
+def test_a_failovers_recomputation_cut_short_counts_one_failover(tiny_model_dir, cluster_factory, monkeypatch):
+    """A relayed prompt leaves the later stages' inputs unkept; the last stage's node dies, and
+    its failover has the stages before recompute them: Ctrl-C in that. The next step goes on with
+    the failover, one failover counted (review165: the dead stage was marked to be reopened, which
+    failed on its closed link and struck it again)."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 2)), NodeSpec((2, 4)), NodeSpec((2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    local = SwarmModel.local(tiny_model_dir)
+    try:
+        session, alone = model.session(64), local.session(64)
+        x = model.client.embed(list(range(1, 60)), 0)
+        session.step(x[:, :40])  # relayed without its trail: later stages' inputs unkept
+        alone.step(x[:, :40])
+        assert session.history[2].first_unkept() == 0
+        used = session.stages[2].peers[0]
+        nodes.kill(nodes.addresses.index(used), signal.SIGKILL)
+        replay, calls = type(session)._replay, []
+
+        def second_replay_interrupted(*args, **kwargs):  # the first recomputes stage 1's inputs
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return replay(*args, **kwargs)
+
+        monkeypatch.setattr(type(session), "_replay", staticmethod(second_replay_interrupted))
+        with pytest.raises(KeyboardInterrupt):
+            session.step(x[:, 40:41])
+        monkeypatch.undo()
+        for p in (40, 41):
+            assert (session.step(x[:, p:p + 1]) - alone.step(x[:, p:p + 1])).abs().max() < 1e-5
+        assert session.failovers == 1 and list(model.swarm.bans) == [used] and session.failed is None
+        session.close()
+    finally:
+        model.close()
+        local.close()
+
+
 def test_a_recomputation_cut_short_is_done_again_at_the_next_step(tiny_model_dir, cluster_factory, monkeypatch):
     """A relayed prompt leaves the later stages' inputs unkept; the last node reclaims the idle
     session, and its reopen has the stage before recompute them (rewinding it from 0, in
