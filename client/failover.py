@@ -114,12 +114,14 @@ class Failover:
         new outputs unless `reopen_after` is off: judged on outputs they were never sent, honest
         ones were banned as wrong."""
         old = self.stages[i]
-        old.close()  # before the ban closes its socket: a live peer frees the KV cache at once
         refused: dict[str, str] = dict(self._left_out)  # peers that cannot take this session's inputs
-        if strike:
-            self._strike(error)
-        else:
-            refused[error.address] = f"{error.code}: {error.message}"
+        try:
+            old.close()  # before the ban closes its socket: a live peer frees the KV cache at once
+        finally:  # struck even if the close is cut short (Ctrl-C): a liar would go on unbanned (review166)
+            if strike:
+                self._strike(error)
+            else:
+                refused[error.address] = f"{error.code}: {error.message}"
         t0 = time.perf_counter()
         self._recover_for(old)
         i = self.stages.index(old)

@@ -377,7 +377,8 @@ class InferenceSession(SpotChecks):
     def _close_building(self) -> None:
         """Close the stages a failover cut short opened and did not put on the route (`_rebuild`)."""
         while self._building:
-            self._building[-1].close()
+            if self._building[-1] not in self.stages:  # (cut short just after it was put on the route)
+                self._building[-1].close()
             self._building.pop()
 
     def _reopen_or_replace(self, i: int, reclaimed: bool = False) -> int:

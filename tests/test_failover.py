@@ -1207,6 +1207,42 @@ def test_a_failover_cut_short_goes_on_at_the_next_step(tiny_model_dir, cluster_f
         local.close()
 
 
+def test_a_failover_cut_short_in_closing_the_failed_stage_still_bans_its_peer(tiny_model_dir, cluster_factory,
+                                                                              monkeypatch):
+    """Ctrl-C in the close that starts a failover: the failed peer is banned all the same (review166:
+    a liar a spot check caught went on unbanned), and the next step goes on without it."""
+    from nanoswarm.client.stages import RemoteLayerStage
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4)), NodeSpec((2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=SwarmOptions(timeout=TIMEOUT))
+    local = SwarmModel.local(tiny_model_dir)
+    try:
+        session, alone = model.session(8), local.session(8)
+        x = model.client.embed([1, 2, 3], 0)
+        session.step(x[:, :2])
+        alone.step(x[:, :2])
+        failing = session.stages[1]
+        nodes.kill(nodes.addresses.index(failing.peers[0]), signal.SIGKILL)
+        close = RemoteLayerStage.close
+
+        def interrupted(stage):
+            if stage is failing:
+                raise KeyboardInterrupt
+            close(stage)
+
+        monkeypatch.setattr(RemoteLayerStage, "close", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            session.step(x[:, 2:3])
+        monkeypatch.undo()
+        assert failing.peers[0] in model.swarm.bans
+        assert (session.step(x[:, 2:3]) - alone.step(x[:, 2:3])).abs().max() < 1e-5
+        assert session.stages[1].peers[0] != failing.peers[0]
+        session.close()
+    finally:
+        model.close()
+        local.close()
+
+
 def test_a_failovers_recomputation_cut_short_counts_one_failover(tiny_model_dir, cluster_factory, monkeypatch):
     """A relayed prompt leaves the later stages' inputs unkept; the last stage's node dies, and
     its failover has the stages before recompute them: Ctrl-C in that. The next step goes on with
