@@ -325,12 +325,20 @@ class Failover:
         if k is not None:  # cut short (Ctrl-C), the rest are reopened at the next step (`_settle`)
             self._unsettled.update(dict.fromkeys(self.stages[k:], False))
         while k is not None:  # each one reopened here: none of them reopens those after it
-            stage = self.stages[k]
-            failed = self._reopen(k, reclaimed=False)
-            if failed is not None:  # its blocks to other peers, rebuilt from the same history
-                self._replace(self.stages.index(stage), failed,
-                              strike=failed.code not in CANNOT_TAKE and not self._moved(failed), reopen_after=False)
-            k = self._after(stage.stop)
+            stop = self.stages[k].stop
+            self._reopen_or_replace(k, reopen_after=False)  # failed: rebuilt elsewhere from the same history
+            k = self._after(stop)
+
+    def _reopen_or_replace(self, i: int, reclaimed: bool = False, reopen_after: bool = True) -> int:
+        """New sessions for stages[i] on the same peers, replayed from its history (`reclaimed`:
+        `_reopen`), no one struck; a peer that fails the reopen is failed over (`reopen_after`:
+        `_replace`). The index of the stage to ask next."""
+        stage = self.stages[i]
+        failed = self._reopen(i, reclaimed=reclaimed)
+        if failed is None:
+            return self._at(stage.start)
+        return self._replace(self.stages.index(stage), failed, reopen_after=reopen_after,
+                             strike=failed.code not in CANNOT_TAKE and not self._moved(failed))
 
     def _diverged(self, k: int, out: torch.Tensor | None) -> bool:
         """Whether `out`, the replayed outputs of the stage before stage k (a replacement, or a

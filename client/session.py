@@ -381,17 +381,6 @@ class InferenceSession(SpotChecks):
                 self._building[-1].close()
             self._building.pop()
 
-    def _reopen_or_replace(self, i: int, reclaimed: bool = False) -> int:
-        """New sessions for stages[i] on the same peers, replayed from its history (`reclaimed`:
-        Failover._reopen), no one struck; a peer that fails the reopen is failed over. The index
-        of the stage to ask next."""
-        stage = self.stages[i]
-        failed = self._reopen(i, reclaimed=reclaimed)
-        if failed is None:
-            return self._at(stage.start)
-        return self._replace(self.stages.index(stage), failed,
-                             strike=failed.code not in CANNOT_TAKE and not self._moved(failed))
-
     def _chain_broken(self, chain: Chain, error: PeerError, hidden: torch.Tensor) -> None:
         """A relayed step did not come back; its stages will be asked one by one. A node that will
         not relay is not asked again (relay_failed: it could not reach the next hop), or not for a

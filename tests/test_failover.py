@@ -1085,16 +1085,10 @@ def test_a_step_cut_short_after_its_stages_stored_it_is_done_again_without_a_fai
     try:
         owner_of = (lambda s: relay_module.Chain) if relay else (lambda s: s.stages[-1])
         cut_short_then_go_on(model, local, monkeypatch, owner_of, "step").close()
-        from nanoswarm.client.transport import PeerConnection
-
         # the step after the cut one goes stage by stage: relayed, it cannot rewind, and its first
         # hop refused it (review164: a round trip for nothing)
         for address in nodes.addresses:
-            conn = PeerConnection(address, timeout=5.0)
-            try:
-                assert "bad_position" not in conn.request("info").fields["errors"]
-            finally:
-                conn.close()
+            assert "bad_position" not in model.swarm.connection(address).request("info").fields["errors"]
     finally:
         model.close()
         local.close()
