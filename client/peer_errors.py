@@ -10,6 +10,11 @@ from nanoswarm import descriptors
 from nanoswarm.keys.contact import host_and_port
 from nanoswarm.protocol.errors import shown
 
+# Answers to `open`, or to the replay into a new stage or a reopened one, that say a peer cannot
+# take this session now (at its session count or KV budget, or a session longer than it takes),
+# not that it failed. (`leaving` is not one: that peer is going, and is banned like one that went.)
+CANNOT_TAKE = ("busy", "too_large")
+
 
 class PeerError(Exception):
     """A peer answered with an error, answered nonsense, or did not answer."""

@@ -432,8 +432,9 @@ def test_a_reclaim_is_taken_only_after_the_idle_timeout_the_node_stated():
     """The rule behind the test above: `session_closed` reopens the session, unstruck, only once a
     step, and only when the stage sent it nothing for the idle timeout its node stated when it
     opened the session (bad or missing statements count as none), and for at least a second."""
-    from nanoswarm.client.failover import RECLAIM_MIN_IDLE, Failover
+    from nanoswarm.client.failover import Failover
     from nanoswarm.client.peer_errors import PeerError
+    from nanoswarm.client.reopen import RECLAIM_MIN_IDLE
     from nanoswarm.client.stages import Stage, idle_clock, stated_idle_timeout
 
     class Reclaimed(Stage):
@@ -2036,8 +2037,9 @@ def test_a_drop_is_reported_at_once_when_the_reconnect_hangs():
     HOLD_SECONDS for the link to come back."""
     import socket
 
+    from nanoswarm.client.link_drops import HOLD_SECONDS
     from nanoswarm.client.peer_errors import PeerError
-    from nanoswarm.client.transport import HOLD_SECONDS, PeerConnection
+    from nanoswarm.client.transport import PeerConnection
 
     port = free_port()
     peer = _echo_peer(port)
@@ -2102,7 +2104,8 @@ def test_a_peer_that_restarted_behind_a_long_round_trip_is_not_reported():
     waits HOLD_SECONDS for the link to come back. Behind a 300 ms round trip the reconnect and
     its handshake took longer than the 1 s it waited then, and every idle client banned the
     healthy node (review92)."""
-    from nanoswarm.client.transport import HOLD_SECONDS, PeerConnection
+    from nanoswarm.client.link_drops import HOLD_SECONDS
+    from nanoswarm.client.transport import PeerConnection
 
     port = free_port()
     peer = _echo_peer(port)
