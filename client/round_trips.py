@@ -105,8 +105,9 @@ def time_links(conns: dict[str, PeerConnection], timeout: float) -> dict[str, fl
     strays = {contact: conn.strays for contact, conn in conns.items()}
 
     def ask(contact: str) -> None:
+        sent = time.perf_counter()  # before send(): the request may be on its way before it returns
         try:
-            asked[contact] = (conns[contact].send("info", timeout=0), time.perf_counter())
+            asked[contact] = (conns[contact].send("info", timeout=0), sent)
         except PeerError as e:  # gone meanwhile: nothing to time
             conns[contact].put_back(e)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 
 import torch
 
@@ -163,7 +164,8 @@ def test_concurrent_sessions_through_real_nodes(tiny_model_dir, cluster_factory)
                     cluster.kill(j, signal.SIGSTOP)
                 sent = [(route[j], route[j].conn.send("step", {"session": route[j].session, "pos": n + t},
                                                       [h])) for route, h, n in zip(routes, hidden, PROMPTS)]
-                if t == 0:
+                if t == 0:  # (once the client's I/O thread has written them all: review167)
+                    time.sleep(0.2)
                     cluster.kill(j, signal.SIGCONT)
                 hidden = [stage.conn.recv(req_id, "result").tensors[0] for stage, req_id in sent]
             for i, h in enumerate(hidden):
@@ -209,6 +211,8 @@ def test_concurrent_sessions_through_a_real_head_group(tiny_model_dir, cluster_f
                     sent = [[conn.send("step", {"session": g.sessions[k], "pos": n + t, "phase": phase, "block": block},
                                        [h]) for k, (conn, _) in enumerate(g.members)]
                             for g, h, n in zip(groups, hidden, PROMPTS)]
+                    if paused:  # (once the client's I/O thread has written them all: review167)
+                        time.sleep(0.2)
                     for j in range(len(heads)):
                         if paused:
                             cluster.kill(j, signal.SIGCONT)

@@ -344,14 +344,15 @@ def test_a_refresh_waits_for_no_table_of_a_contact_that_did_not_answer(tiny_mode
     """A refresh asks every contact for its `info` and its table at once; a known peer that froze
     is still in the peer table when its `info` times out, and the first version then waited for
     its table too: a refresh (when no route is left, so often after a freeze) took twice its
-    1 s (review110). Only the tables of contacts that answered are awaited."""
+    wait (review110). Only the tables of contacts that answered are awaited. (A wait of 2 s, not
+    1: a loaded machine took 1.25 s of the 1.7 s bound that 1 s allowed: review167.)"""
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4)), NodeSpec((0, 4))], bootstrap=False)
     model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses)
     try:
         nodes.kill(2, signal.SIGSTOP)
         t0 = time.monotonic()
-        model.swarm.add_addresses(nodes.addresses, 1.0)
-        assert time.monotonic() - t0 < 1.7  # 2.0 s before
+        model.swarm.add_addresses(nodes.addresses, 2.0)
+        assert time.monotonic() - t0 < 3.4  # 4.0 s before
         assert nodes.addresses[2] in model.swarm.rejected
     finally:
         nodes.kill(2, signal.SIGCONT)

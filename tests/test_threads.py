@@ -397,7 +397,7 @@ def test_the_bench_waits_for_the_nodes_to_compute_with_their_own_threads_before_
     stuck = _Info([{"now": 1, "own": 2}])
     t0 = time.monotonic()
     settle_threads([stuck], timeout=0.6)  # never back: the run goes on after the timeout
-    assert 0.6 <= time.monotonic() - t0 < 2.0 and stuck.asked >= 3
+    assert 0.6 <= time.monotonic() - t0 < 2.0 and stuck.asked >= 2  # asked again (3 when no sleep overshoots)
 
 
 def test_openmp_defaults_set_a_spin_for_passive_workers_and_leave_the_users_values():
