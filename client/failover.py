@@ -126,7 +126,7 @@ class Failover(Reopening):
         """New stages for `plans`, each replayed into from `history`; with the last one's output
         for every position (None when there are none). Till the caller puts them on the route
         they are `_building`: a failover cut short (Ctrl-C) right after this returns has them
-        closed at the next step (`InferenceSession._settle`) or at `close` (review164)."""
+        closed at the next step (`Mending._settle`) or at `close` (review164)."""
         hidden = history.tensor() if history.positions else None
         histories = []
         stages = self._building  # (one list, kept: the session's finalizer holds it too)

@@ -75,8 +75,8 @@ class Reopening:
         worked, else why not (the caller then replaces the stage). `reclaimed`: the node reclaimed
         the old session and the history is the one the stage was stepped with; otherwise the
         history changed (the stage before was redone: `_reopen_from`) and the caller reopens the
-        stages after, or the group's all-reduce failed (InferenceSession._after_error), or a step
-        was cut short (InferenceSession._settle: its `_unsettled` says which of the two the
+        stages after, or the group's all-reduce failed (Mending._after_error), or a step
+        was cut short (Mending._settle: its `_unsettled` says which of the two the
         history is), whose history did not change. In a checking session a reclaimed stage's
         replay is held against what it returned before, for the same inputs: differing beyond its
         dtype's and the wire's slack,
