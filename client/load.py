@@ -227,7 +227,7 @@ def default_tolerance(infos: Iterable[dict]) -> float:
 
 
 # A contact that gave one of these at the start did not answer (down, restarting, frozen), or went
-# after its handshake (client/transport.py _why_dropped): the load runs without it if the others
+# after its handshake (client/link_drops.py _why_dropped): the load runs without it if the others
 # cover the model (review131 saw a run during churn stop for one). Not a drop in the handshake:
 # that may be a refused key or a wrong contact, for the user to mend.
 UNANSWERED = ("timeout: ", "unreachable: ", "disconnected: connection closed by the peer",

@@ -95,12 +95,12 @@ class Mending(SpotChecks):
         is reopened (a head-shard session cannot drop a position, and its members may hold the
         step, or part of it: review161's case, where the honest member was refused `bad_position`,
         banned, and the session ended), so is a stage whose reopen or recomputation was cut short
-        (client/failover.py `_reopen`, `_recover`), and every stage after a replacement whose
-        outputs differed from what they were sent (`_reopen_from`, a spot check's redo); a stage
-        that a failover cut short left closed is replaced (the failover goes on: stepped, it would
-        send a step of no session, and its honest node be banned for the `malformed` answer,
-        review160; till the fifty-ninth session the session ended), and the replacements such a
-        failover built and did not put on the route are closed (`_building`)."""
+        (client/reopen.py `_reopen`, client/failover.py `_recover`), and every stage after a
+        replacement whose outputs differed from what they were sent (`_reopen_from`, a spot
+        check's redo); a stage that a failover cut short left closed is replaced (the failover goes
+        on: stepped, it would send a step of no session, and its honest node be banned for the
+        `malformed` answer, review160; till the fifty-ninth session the session ended), and the
+        replacements such a failover built and did not put on the route are closed (`_building`)."""
         self._truncate_histories()  # (again: a second Ctrl-C may have cut `_undo_step` short)
         self._close_building()
         # (a group that a failover cut short left closed is replaced below, not reopened: the

@@ -31,7 +31,7 @@ class SwarmOptions:
     introduce: bool = True
     verify: float = 0.0          # share of steps after which one stage's work is redone here (client/verify.py)
     # Seconds a peer's connection may stay silent, heartbeats unanswered, before it counts as
-    # dropped (client/transport.py); None: a third of `timeout`, at least HEARTBEAT_MIN_SECONDS.
+    # dropped (client/link_drops.py); None: a third of `timeout`, at least HEARTBEAT_MIN_SECONDS.
     heartbeat: float | None = None
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """What a client's request costs before it leaves: `PeerConnection.send` of an `info` request to a
 ROUTER on loopback, on a plain link and on a swarm's link (`forgive_idle_drops`: it reads its
-socket monitor first, client/transport.py), and `drain_events` alone.
+socket monitor first, client/link_drops.py), and `drain_events` alone.
 
     .venv/bin/python scripts/bench_send.py [--sends 2000] [--runs 5]
 
