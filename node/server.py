@@ -24,7 +24,6 @@ import zmq
 
 from nanoswarm.descriptors import ShortageWatch
 from nanoswarm.keys.contact import allow_ipv6
-from nanoswarm.keys.identity import curve_key_hex
 from nanoswarm.protocol.errors import ErrorCode
 from nanoswarm.protocol.messages import encode
 
@@ -32,7 +31,7 @@ from .connections import ConnectionWatch
 from .handler import RequestHandler
 from .relay import Relay, RelayLink, RelayLinks
 from .sessions import NodeLimits
-from .zap import ZapHandler
+from .zap import ClientKeys, ZapHandler, sender_key
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ class NodeServer:
             # exists; every message then carries its sender's key as "User-Id", which is how a
             # session knows that a relayed step comes from the hop its owner pinned
             # (handler._admitted).
-            self._auth = ZapHandler(self.ctx, _ClientKeys(allow_keys))
+            self._auth = ZapHandler(self.ctx, ClientKeys(allow_keys))
             self._auth.start()
         seed_routing_ids()  # before the ROUTER draws its first id
         self.socket = self.ctx.socket(zmq.ROUTER)
@@ -365,49 +364,6 @@ class NodeServer:
         self.socket.close(linger=200)
         if self._auth is not None:
             self._auth.stop()
-
-
-def sender_key(frames: list) -> str | None:
-    """The CURVE key (z85) a message came with, as ZAP gave it (None without ZAP, or for frames
-    that are not ZeroMQ's)."""
-    try:
-        return frames[0].get("User-Id")
-    except (AttributeError, zmq.ZMQError):  # bytes (in-process callers), or no such property
-        return None
-
-
-class _ClientKeys:
-    """Which clients ZAP lets connect: exactly the listed CURVE public keys (z85), or any key
-    when there is no list (then ZAP only names each connection's key)."""
-
-    MAX_LOGGED = 64  # refused keys named in the log an hour: a flood of fresh keys must not flood it
-    FORGET_SECONDS = 3600.0
-
-    def __init__(self, keys: set[bytes] | None):
-        self.keys = None if keys is None else set(keys)
-        self.refused: dict[bytes, float] = {}  # key -> when it was logged
-
-    def __call__(self, key: bytes) -> bool:
-        ok = self.keys is None or key in self.keys
-        if not ok:
-            self._log_refusal(key)
-        return ok
-
-    def _log_refusal(self, key: bytes) -> None:
-        """Once per key an hour (a refused peer retries every few seconds), named as lists write
-        it: how an operator finds the typo, or the member missing from the list. Clients without
-        --key-file bring a fresh key per link, so the names are capped, and forgotten in time."""
-        now = time.monotonic()
-        if key in self.refused and now - self.refused[key] < self.FORGET_SECONDS:
-            return
-        if len(self.refused) >= self.MAX_LOGGED:
-            self.refused = {k: t for k, t in self.refused.items() if now - t < self.FORGET_SECONDS}
-            if len(self.refused) >= self.MAX_LOGGED:
-                return
-        self.refused[key] = now
-        log.warning("refused CURVE key %s: not in --allow-keys (its refusals this hour are not logged again%s)",
-                    curve_key_hex(key), f"; nor other keys': that makes {self.MAX_LOGGED}"
-                    if len(self.refused) == self.MAX_LOGGED else "")
 
 
 def _call_each(fns: Iterable[Callable[[], object]]) -> None:

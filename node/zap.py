@@ -1,6 +1,7 @@
 """ZAP (ZeroMQ RFC 27) for a node's CURVE socket: which client keys may connect, and the
-"User-Id" every message of a connection then carries (its sender's CURVE key, z85), which is how
-a session knows that a relayed step comes from the hop its owner pinned (node/handler.py).
+"User-Id" every message of a connection then carries (its sender's CURVE key, z85: `sender_key`),
+which is how a session knows that a relayed step comes from the hop its owner pinned
+(node/handler.py). `ClientKeys` is the allow list (--allow-keys) a handler asks.
 
 libzmq asks the handler bound at inproc://zeromq.zap.01 of the socket's context about every CURVE
 handshake, and the connection waits until it answers. The handler here is the ZeroMQ guide's
@@ -15,10 +16,13 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import zmq
 from zmq.utils import z85
+
+from nanoswarm.keys.identity import curve_key_hex
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +141,46 @@ class ZapHandler:
         if not allowed:
             return _reply(request_id, b"400", b"Unknown key")
         return _reply(request_id, b"200", b"OK", key)
+
+
+def sender_key(frames: list) -> str | None:
+    """The CURVE key (z85) a message came with, as ZAP gave it (None without ZAP, or for frames
+    that are not ZeroMQ's)."""
+    try:
+        return frames[0].get("User-Id")
+    except (AttributeError, zmq.ZMQError):  # bytes (in-process callers), or no such property
+        return None
+
+
+class ClientKeys:
+    """Which clients ZAP lets connect: exactly the listed CURVE public keys (z85), or any key
+    when there is no list (then ZAP only names each connection's key)."""
+
+    MAX_LOGGED = 64  # refused keys named in the log an hour: a flood of fresh keys must not flood it
+    FORGET_SECONDS = 3600.0
+
+    def __init__(self, keys: set[bytes] | None):
+        self.keys = None if keys is None else set(keys)
+        self.refused: dict[bytes, float] = {}  # key -> when it was logged
+
+    def __call__(self, key: bytes) -> bool:
+        ok = self.keys is None or key in self.keys
+        if not ok:
+            self._log_refusal(key)
+        return ok
+
+    def _log_refusal(self, key: bytes) -> None:
+        """Once per key an hour (a refused peer retries every few seconds), named as lists write
+        it: how an operator finds the typo, or the member missing from the list. Clients without
+        --key-file bring a fresh key per link, so the names are capped, and forgotten in time."""
+        now = time.monotonic()
+        if key in self.refused and now - self.refused[key] < self.FORGET_SECONDS:
+            return
+        if len(self.refused) >= self.MAX_LOGGED:
+            self.refused = {k: t for k, t in self.refused.items() if now - t < self.FORGET_SECONDS}
+            if len(self.refused) >= self.MAX_LOGGED:
+                return
+        self.refused[key] = now
+        log.warning("refused CURVE key %s: not in --allow-keys (its refusals this hour are not logged again%s)",
+                    curve_key_hex(key), f"; nor other keys': that makes {self.MAX_LOGGED}"
+                    if len(self.refused) == self.MAX_LOGGED else "")

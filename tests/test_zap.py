@@ -183,10 +183,10 @@ def test_a_node_that_cannot_bind_leaves_no_zap_handler_behind(tiny_model_dir):
 def test_refused_keys_are_named_once_an_hour_and_at_most_64(caplog):
     """How an operator finds a mistyped or missing key; clients without --key-file bring a fresh
     key per link, so the names are capped (and forgotten after an hour)."""
-    from nanoswarm.node.server import _ClientKeys
+    from nanoswarm.node.zap import ClientKeys
 
     keys = [zmq.curve_keypair()[0] for _ in range(70)]
-    check = _ClientKeys({keys[0]})
+    check = ClientKeys({keys[0]})
     with caplog.at_level(logging.WARNING, logger="nanoswarm.node.server"):
         assert check(keys[0])
         assert not any(check(k) for k in keys[1:] + keys[1:3])  # 69 strangers, two of them again
