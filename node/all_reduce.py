@@ -284,9 +284,10 @@ class AllReduces:
                 or g is not None and shape[1] != g.shape[1]:
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"a partial is one tensor [1, tokens, "
                                 f"{self.runner.config.n_embd}], of the step's tokens")
-        if g is None:  # before its step came: only the first phase of the session's next position
+        if g is None:  # before its step came: only the first phase of the session's next position,
+            # of positions the session can still take (review168: one of 48 was kept for a session of 1)
             ok = pos == session.length and block == session.start and phase == "attn" and not session.next_block \
-                and 0 <= member < self.runner.config.n_head
+                and 0 <= member < self.runner.config.n_head and pos + shape[1] <= session.cache.max_length
         else:  # the phase waited on, or the next (a member that has all of this one's is ahead)
             nxt = (g.block, "mlp") if g.phase == "attn" else (g.block + 1, "attn")
             ok = pos == g.pos and (block, phase) in ((g.block, g.phase), nxt) and 0 <= member < len(g.members) \

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -29,14 +29,13 @@ from nanoswarm.shards.model import Blocks
 
 from .all_reduce import AllReduces
 from .memory import memory_usage
+from .seen_ids import SeenIds
 from .sessions import DROPPED, NodeLimits, Session, SessionStore
 from .step_checks import PendingStep
 from .steps import NodeStats, Reply, StepRunner
 
 log = logging.getLogger(__name__)
 
-MAX_SEEN_IDS = 65536  # request ids remembered for duplicate detection, all peers together
-MAX_SEEN_PEERS = 4096  # peers they are remembered for (each costs a map of its own): ~12 MiB in all
 # Stateless forwards computed in one turn of the server loop, after the turn's steps; the rest
 # are refused `busy`. One forward carries at most --max-tokens-per-step rows x positions.
 MAX_FORWARDS_PER_BATCH = 2
@@ -65,12 +64,7 @@ class RequestHandler:
         # callable(frames) -> the sender's CURVE key (z85 text, from ZAP), set by a server with
         # CURVE: relayed steps are then taken only as a session's owner pinned them (`admit`).
         self.sender_key: Callable[[list], str | None] | None = None
-        # Recently seen request ids per peer, to refuse duplicates (a replayed request must not
-        # run a step twice and corrupt a KV cache): the last 1,024 of each peer, at most
-        # MAX_SEEN_IDS in all (peers that reconnect get new identities: the least recently
-        # active ones are forgotten first).
-        self._seen: OrderedDict[bytes, OrderedDict[int, None]] = OrderedDict()
-        self._seen_total = 0
+        self.seen = SeenIds()  # recent request ids per peer: a duplicate is refused (node/seen_ids.py)
 
     # ----- entry points -------------------------------------------------------------------
     def handle_batch(self, batch: list[tuple[bytes, list]]) -> list[Reply]:
@@ -138,7 +132,7 @@ class RequestHandler:
     def _run(self, pending: list[PendingStep]) -> list[Reply]:
         replies = self.steps.run(pending)
         for p in self.steps.take_refused_busy():  # as _refusal does
-            self._unsee(p.sender, p.msg.id)
+            self.seen.forget(p.sender, p.msg.id)
         return replies
 
     def _refusal(self, req_id: int, e: Exception, peer: bytes, msg: Message | None) -> list:
@@ -147,7 +141,7 @@ class RequestHandler:
         sent again got `duplicate_request` (a review)."""
         if msg is not None and (isinstance(e, torch.cuda.OutOfMemoryError)
                                 or isinstance(e, ProtocolError) and e.code is ErrorCode.BUSY):
-            self._unsee(peer, msg.id)
+            self.seen.forget(peer, msg.id)
         if isinstance(e, ProtocolError):
             # -vv shows who was refused what (a review: a misconfigured client was invisible).
             if log.isEnabledFor(logging.DEBUG):  # (its arguments cost a refusal flood otherwise)
@@ -204,7 +198,9 @@ class RequestHandler:
         else is answered to its sender as a step of a session it does not own
         (StepChecks.validate: `unknown_session`)."""
         reply = msg.get("reply")
-        if msg.type == "step" and type(reply) is int and 0 <= reply < 2**63:
+        # (not a head group's all-reduce step: one is never relayed, and its refusal went with the
+        # `reply` id instead of its own: review168)
+        if msg.type == "step" and type(reply) is int and 0 <= reply < 2**63 and "group" not in msg.fields:
             session = self.sessions.sessions.get(msg.fields["session"])
             if session is not None and (peer == session.peer or self._admitted(session, msg, frames)):
                 return session.peer, reply
@@ -227,20 +223,7 @@ class RequestHandler:
                 and self.sender_key(frames) == session.relay_from[0])
 
     def _admit(self, peer: bytes, msg: Message, per_peer: dict, reply_to: bytes) -> None:
-        seen = self._seen.get(peer)
-        if seen is None:
-            seen = self._seen[peer] = OrderedDict()
-        self._seen.move_to_end(peer)
-        if msg.id in seen:
-            raise ProtocolError(ErrorCode.DUPLICATE_REQUEST, f"request id {msg.id} was already used")
-        seen[msg.id] = None
-        self._seen_total += 1
-        if len(seen) > 1024:
-            seen.popitem(last=False)
-            self._seen_total -= 1
-        while self._seen_total > MAX_SEEN_IDS or len(self._seen) > MAX_SEEN_PEERS:  # however many peers come
-            _, oldest = self._seen.popitem(last=False)
-            self._seen_total -= len(oldest)
+        self.seen.add(peer, msg.id)
         if msg.type == "partial":
             # Not a request of the peer's own: each other member of each group sends one a phase
             # (review128: a group of 9 tripped the limit), bounded by what a node keeps of them.
@@ -258,12 +241,6 @@ class RequestHandler:
         if per_peer[key] > self.limits.max_inflight_per_peer:  # (its id is forgotten: _refusal)
             raise ProtocolError(ErrorCode.BUSY, f"more than {self.limits.max_inflight_per_peer} "
                                 "requests in flight from this peer")
-
-    def _unsee(self, peer: bytes, req_id: int) -> None:
-        """Forget a request id _admit kept, for a request refused `busy`."""
-        seen = self._seen.get(peer)
-        if seen is not None and seen.pop(req_id, 0) is None:
-            self._seen_total -= 1
 
     def _error(self, req_id: int, code: ErrorCode, message: str) -> list:
         return self.steps.error(req_id, code, message)
@@ -405,7 +382,7 @@ class RequestHandler:
         for session_id in gone:
             self.sessions.close(session_id, DROPPED)
         for peer in peers:
-            self._seen_total -= len(self._seen.pop(peer, ()))
+            self.seen.forget_peer(peer)
         if gone:
             log.info("closed %s whose client's connection dropped" if len(gone) == 1 else
                      "closed %s whose clients' connections dropped",

@@ -26,7 +26,7 @@ from nanoswarm.client.peer_errors import PeerError
 from nanoswarm.client.session import InferenceSession
 from nanoswarm.client.swarm import Swarm
 from nanoswarm.client.transport import PeerConnection
-from nanoswarm.node.all_reduce import BEHIND_SECONDS, HOLD_SECONDS
+from nanoswarm.node.all_reduce import BEHIND_SECONDS, HOLD_SECONDS, KEPT_MESSAGES
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.relay import Relay
@@ -540,3 +540,48 @@ def test_a_member_slow_in_every_phase_is_no_ones_fault_and_replays_go_by_fan_out
         stage.step(x[:, 6:7], 6)
         assert len(starts) == 2  # the next step all-reduces, to both members
         stage.close()
+
+
+def test_what_a_member_keeps_or_answers_for_steps_that_cannot_be(tiny_model_dir):
+    """review168's fuzzing of all-reduce steps and partials: a partial that comes before its step
+    is kept only for positions its session can still take (one of 48 positions was kept for a
+    session of 1, till its bytes were needed elsewhere), and an all-reduce step that carries a
+    relayed step's `reply` is refused with its own id (the `reply` id went back instead: its
+    client, waiting on its own, would have waited out its timeout)."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 1}))).fields["session"]
+
+    def partial(req_id: int, positions: int) -> list:
+        return a.handle_batch([(b"member-b", encode("partial", req_id, {
+            "session": sid, "pos": 0, "block": 0, "phase": "attn", "member": 1}, [torch.randn(1, positions, 64)]))])
+
+    [(_, refused)] = partial(2, 2)
+    assert decode(refused).fields["code"] == "bad_position" and a.groups._kept_bytes == 0
+    assert partial(3, 1) == [] and a.groups._kept_bytes > 0  # one it can take: kept, no answer yet
+    me = "tcp://127.0.0.1:1#" + zmq.curve_keypair()[0].decode()
+    [(to, frames)] = a.handle_batch([(b"owner", encode("step", 77, {
+        "session": sid, "pos": 0, "reply": 5, "member": 0,
+        "group": [[me, sid], ["tcp://127.0.0.1:2#" + KEY_B, "b" + sid]]}, [torch.randn(1, 1, 64)]))])
+    msg = decode(frames)
+    assert to == b"owner" and msg.id == 77 and msg.fields["code"] == "malformed", msg.fields
+
+
+def test_a_member_keeps_partials_up_to_its_limit_and_refuses_the_rest_busy(tiny_model_dir):
+    """Partials that come before their steps are kept up to KEPT_MESSAGES messages' bytes in all;
+    past that a partial is refused `busy`, and what is kept stays counted (no test held that limit
+    till review168's fuzzing reached it)."""
+    limits = NodeLimits(max_message_bytes=16 * 1024)
+    [a, _], model_id = _handlers(tiny_model_dir, limits)
+    a.can_relay = lambda contact: True
+    positions, per = 16, 16 * 64 * 4  # a partial of 16 positions, kept in float32
+    room = KEPT_MESSAGES * limits.max_message_bytes // per
+    ids = iter(range(100, 300))
+    sids = [decode(a.handle(b"owner", encode("open", next(ids), {"model_id": model_id, "max_length": positions})))
+            .fields["session"] for _ in range(room // 4 + 1)]
+    answered = [decode(frames) for sid in sids for member in range(4)
+                for _, frames in a.handle_batch([(b"member-b", encode("partial", next(ids), {
+                    "session": sid, "pos": 0, "block": 0, "phase": "attn", "member": member},
+                    [torch.randn(1, positions, 64)]))])]
+    assert [m.fields["code"] for m in answered] == ["busy"] * (4 * len(sids) - room)
+    assert a.groups._kept_bytes == room * per

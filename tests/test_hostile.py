@@ -139,28 +139,29 @@ def test_request_ids_remembered_stay_bounded_however_many_peers_come(blocks, mon
     """Every reconnect is a new ROUTER identity: duplicate detection keeps at most MAX_SEEN_IDS
     ids in all (4,096 peers x 1,024 ids took a node 440 MiB past its memory bound), forgetting
     the least recently active peers, and still refuses the active peer's repeats."""
-    from nanoswarm.node import handler as handler_module
+    from nanoswarm.node import seen_ids
 
-    monkeypatch.setattr(handler_module, "MAX_SEEN_IDS", 500)
+    monkeypatch.setattr(seen_ids, "MAX_SEEN_IDS", 500)
     d = make_driver(blocks)
     for i in range(60):
         for _ in range(20):
             assert decode(d.h.handle(f"peer-{i}".encode(), d.frames("info"))).type == "info_reply"
-    assert d.h._seen_total == sum(len(v) for v in d.h._seen.values()) <= 500
-    assert b"peer-59" in d.h._seen and b"peer-0" not in d.h._seen
+    assert d.h.seen.total == sum(len(v) for v in d.h.seen.by_peer.values()) <= 500
+    assert b"peer-59" in d.h.seen.by_peer and b"peer-0" not in d.h.seen.by_peer
     repeat = d.frames("info", req_id=d.next_id)  # the id peer-59 used last
     assert decode(d.h.handle(b"peer-59", repeat)).fields["code"] == "duplicate_request"
 
 
 def test_peers_remembered_stay_bounded_too(blocks, monkeypatch):
     """Each peer costs a map of its own: 65,536 peers of one request each took 34 MiB."""
-    from nanoswarm.node import handler as handler_module
+    from nanoswarm.node import seen_ids
 
-    monkeypatch.setattr(handler_module, "MAX_SEEN_PEERS", 50)
+    monkeypatch.setattr(seen_ids, "MAX_SEEN_PEERS", 50)
     d = make_driver(blocks)
     for i in range(80):
         assert decode(d.h.handle(f"peer-{i}".encode(), d.frames("info"))).type == "info_reply"
-    assert len(d.h._seen) == 50 and b"peer-79" in d.h._seen and b"peer-29" not in d.h._seen
+    by_peer = d.h.seen.by_peer
+    assert len(by_peer) == 50 and b"peer-79" in by_peer and b"peer-29" not in by_peer
 
 
 def test_a_flood_of_small_requests_is_held_back_not_buffered(tiny_model_dir, cluster_factory):
