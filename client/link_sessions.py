@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 MAX_ORPHANS = 256  # opens given up on, remembered per connection for their late answers
 
-# Idle times (Failover._takes_reclaim) run on a clock that counts a suspended machine's sleep
+# Idle times (Reopening._takes_reclaim) run on a clock that counts a suspended machine's sleep
 # where there is one (Linux): a laptop that slept past a node's idle timeout was idle that long.
 _IDLE_CLOCK = getattr(time, "CLOCK_BOOTTIME", None)
 

@@ -25,7 +25,7 @@ class PeerError(Exception):
         self.address, self.code, self.message = address, code, message
 
 
-# What libzmq's monitor says of a handshake that failed (client/transport.py reads it): a refusal
+# What libzmq's monitor says of a handshake that failed (client/link_drops.py reads it): a refusal
 # of our key by the node's ZAP handler (node/zap.py, status 400), a ZMTP error (a peer that does
 # not speak CURVE with us: a mechanism mismatch), or neither (closed or timed out midway).
 HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL

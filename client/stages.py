@@ -67,7 +67,7 @@ class Stage:
     # idle_clock() when this stage sent the last request its session answered (open, step, a
     # relayed step or `admit`), and when it sent the first one since that is not answered yet (a
     # retry does not move it): a node reclaims a session only when no request came for its idle
-    # timeout, so a `session_closed` to a request sent sooner is a fault (Failover._takes_reclaim).
+    # timeout, so a `session_closed` to a request sent sooner is a fault (Reopening._takes_reclaim).
     sent_at: float = 0.0
     asked_at: float = 0.0
 

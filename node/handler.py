@@ -200,7 +200,7 @@ class RequestHandler:
         reply = msg.get("reply")
         # (not a head group's all-reduce step: one is never relayed, and its refusal went with the
         # `reply` id instead of its own: review168)
-        if msg.type == "step" and type(reply) is int and 0 <= reply < 2**63 and "group" not in msg.fields:
+        if msg.type == "step" and type(reply) is int and 0 <= reply < 2**63 and msg.get("group") is None:
             session = self.sessions.sessions.get(msg.fields["session"])
             if session is not None and (peer == session.peer or self._admitted(session, msg, frames)):
                 return session.peer, reply

@@ -49,7 +49,7 @@ def test_history_keeps_recovers_and_refuses_what_it_lacks():
 
 
 def test_history_truncates_to_the_positions_a_session_holds():
-    """A step cut short is taken back out of every stage's history (InferenceSession._undo_step),
+    """A step cut short is taken back out of every stage's history (Mending._undo_step),
     whatever its entries: a tensor, a function that makes one, unkept positions."""
     h = History()
     h.append(torch.arange(3.0).view(1, 3, 1), 3)

@@ -385,7 +385,7 @@ def test_the_stages_after_a_replacement_that_computes_otherwise_are_rebuilt_befo
     stage is judged on, but that stage's cache was built on the bfloat16 ones: checks banned the
     honest float32 stage as wrong (and with no other peer for its blocks, the generation ended).
     It is now reopened from the replacement's outputs first. The replacement itself is judged on
-    its own outputs, not the bfloat16 node's (client/failover.py `_replayed_outputs`)."""
+    its own outputs, not the bfloat16 node's (client/reopen.py `_replayed_outputs`)."""
     import signal
 
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dtype", "bfloat16"]), NodeSpec((2, 4)),

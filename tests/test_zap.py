@@ -187,13 +187,13 @@ def test_refused_keys_are_named_once_an_hour_and_at_most_64(caplog):
 
     keys = [zmq.curve_keypair()[0] for _ in range(70)]
     check = ClientKeys({keys[0]})
-    with caplog.at_level(logging.WARNING, logger="nanoswarm.node.server"):
+    with caplog.at_level(logging.WARNING, logger="nanoswarm.node.zap"):
         assert check(keys[0])
         assert not any(check(k) for k in keys[1:] + keys[1:3])  # 69 strangers, two of them again
     named = [r.getMessage() for r in caplog.records if "refused CURVE key" in r.getMessage()]
     assert len(named) == 64 and "that makes 64" in named[-1] and "that makes" not in named[0]
     caplog.clear()
     check.refused = {k: t - 3601 for k, t in check.refused.items()}  # an hour later
-    with caplog.at_level(logging.WARNING, logger="nanoswarm.node.server"):
+    with caplog.at_level(logging.WARNING, logger="nanoswarm.node.zap"):
         assert not check(keys[1])
     assert len(caplog.records) == 1
