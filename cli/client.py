@@ -177,7 +177,10 @@ def _route_line(route: list[dict]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | None, timeout: float,
           as_json: bool) -> None:
-    """Print the swarm as a bootstrap node sees it: peers, coverage per block, gaps."""
+    """Print the swarm as a bootstrap node sees it: peers, coverage per block, gaps.
+
+    Without --model, each model's block and head counts come from a manifest one of its peers
+    sends, checked against the model's id; where none does, they are guessed from the records."""
     from nanoswarm.client.discovery import fetch_table
     from nanoswarm.client.peers_report import format_report, swarm_report
 
@@ -197,6 +200,13 @@ def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | N
     if not fetched.answered:
         raise click.ClickException(fetched.no_answer())
     fetched.warn_unanswered()
+    if model_dir is None:  # each model's counts from its peers' manifests, checked against its id
+        from nanoswarm.client.manifests import manifests_from_peers
+
+        models = {r.model_id for r in fetched.table.records()}
+        manifests = manifests_from_peers(fetched.table, sorted(models), timeout, client_keys(key_file))
+        n_layers = {mid: m.config.n_layer for mid, m in manifests.items()}
+        n_heads = {mid: m.config.n_head for mid, m in manifests.items()}
     report = swarm_report(fetched.table, n_layers, model_id, n_heads=n_heads)
     if as_json:
         click.echo(json.dumps({"models": report, "rejected": dict(fetched.table.rejected),

@@ -17,6 +17,7 @@ except ImportError:  # not on Windows: there two nodes sharing a key file are no
     fcntl = None  # type: ignore[assignment]
 from pathlib import Path
 
+import msgpack
 import torch
 import zmq
 
@@ -28,8 +29,9 @@ from nanoswarm.keys.identity import (
     default_key_path,
     load_or_create_identity,
 )
+from nanoswarm.protocol.messages import MAX_HEADER_BYTES
 from nanoswarm.shards.device import check_dtype, resolve_device
-from nanoswarm.shards.manifest import read_manifest
+from nanoswarm.shards.manifest import Manifest, read_manifest
 from nanoswarm.shards.weights import load_blocks
 
 from .affinity import float_io_threads
@@ -51,6 +53,8 @@ from .threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
 
+MAX_MANIFEST_BYTES = MAX_HEADER_BYTES // 2  # the rest of an `info` reply is ~2 KB
+
 
 def build_handler(opts: NodeOptions) -> RequestHandler:
     if opts.threads:
@@ -62,11 +66,19 @@ def build_handler(opts: NodeOptions) -> RequestHandler:
                          device=resolve_device(opts.device), dtype=dtype)
     peer_id = opts.peer_id or f"anon-{os.getpid()}"
     handler = RequestHandler(blocks, manifest.model_id, peer_id, opts.limits)
+    handler.manifest = shareable_manifest(manifest)
     tps = handler.measure_throughput()
     log.info("loaded blocks %d:%d%s of %s on %s/%s: %.1f tokens/s", start, stop,
              f" heads {opts.heads[0]}:{opts.heads[1]}" if opts.heads else "", manifest.model_id[:12],
              opts.device, opts.dtype, tps)
     return handler
+
+
+def shareable_manifest(manifest: Manifest) -> dict | None:
+    """The manifest as `info` sends it, or None for one that would not fit an `info` reply's
+    header (MAX_HEADER_BYTES, with room for the rest of the reply): thousands of files."""
+    d = manifest.to_dict()
+    return d if len(msgpack.packb(d)) <= MAX_MANIFEST_BYTES else None
 
 
 def _choose_layers(opts: NodeOptions, identity: Identity) -> tuple[tuple[int, int], int, list]:

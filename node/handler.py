@@ -57,6 +57,10 @@ class RequestHandler:
         self.device, self.dtype = self.steps.device, self.steps.dtype
         self.leaving = False
         self.extra_info: dict[str, Any] = {}  # set by the server: address, keys, records
+        # The model's manifest (set by the daemon), sent in `info` to whoever asks for it: its
+        # hash is the model id, so an asker without the model's files (`nanoswarm peers`) learns
+        # the model's shape from it and can check that it is the model's.
+        self.manifest: dict[str, Any] | None = None
         self.on_records = None  # callable(Message) -> records_reply fields, set by the gossip layer
         # callable(contact), set by the server: a pinned next hop's link starts its handshake at
         # `admit`, not at the session's first relayed step (a few round trips each, review92b)
@@ -248,7 +252,7 @@ class RequestHandler:
     # ----- simple requests ----------------------------------------------------------------
     def _handle_simple(self, peer: bytes, msg: Message) -> list:
         if msg.type == "info":
-            return encode("info_reply", msg.id, self.info())
+            return encode("info_reply", msg.id, self.info(manifest=msg.get("manifest") is True))
         if msg.type == "open":
             return self._open(peer, msg)
         if msg.type == "close":
@@ -264,7 +268,8 @@ class RequestHandler:
             return encode("records_reply", msg.id, self.on_records(msg))
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unhandled type {msg.type!r}")
 
-    def info(self) -> dict[str, Any]:
+    def info(self, manifest: bool = False) -> dict[str, Any]:
+        """What `info` answers; with `manifest`, the model's manifest too (None if not set)."""
         return {
             "peer_id": self.peer_id, "model_id": self.model_id, "protocol": PROTOCOL_VERSION,
             "layers": [self.blocks.start, self.blocks.stop],
@@ -285,6 +290,7 @@ class RequestHandler:
             "limits": dataclasses.asdict(self.limits), "errors": dict(self.stats.errors),
             **memory_usage(self.device),
             **self.extra_info,
+            **({"manifest": self.manifest} if manifest else {}),
         }
 
     def _check_model(self, msg: Message) -> None:

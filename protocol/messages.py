@@ -52,7 +52,7 @@ _OPT_LIST = (list, type(None))
 # type -> {field: (allowed python types, required)}. Checked before anything reads the fields.
 SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     # requests
-    "info": {},
+    "info": {"manifest": (_BOOL, False)},  # true: the reply carries the model's manifest
     "forward": {"model_id": (_OPT_STR, False), "layers": (_OPT_LIST, False), "wire": (_OPT_STR, False)},
     "open": {"model_id": (_OPT_STR, False), "max_length": (_INT, True),
              "layers": (_OPT_LIST, False),

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import msgpack
 import pytest
 import torch
 from conftest import SMALL12, TcpRelay, free_port, run_clis, sessions_on
@@ -20,13 +21,16 @@ from hypothesis import strategies as st
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.manifests import checked_manifest, manifests_from_peers
 from nanoswarm.client.peers_report import format_report, swarm_report
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.keys.contact import format_contact, split_contact
 from nanoswarm.keys.identity import generate_identity
 from nanoswarm.keys.records import Record, encode_record, sign_record, verify_record
 from nanoswarm.keys.table import RecordTable
+from nanoswarm.node import daemon
 from nanoswarm.node.cluster import LocalCluster, NodeSpec
+from nanoswarm.node.daemon import shareable_manifest
 from nanoswarm.node.placement import (
     MAX_COVER,
     block_bytes,
@@ -420,6 +424,61 @@ def test_peers_command_shows_blocks_of_partial_head_shards_as_a_gap(cluster_fact
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["models"][0]["gaps"] == ["2:4"]
     assert table.returncode == 0 and "gaps: 2:4" in table.stdout
+
+
+def test_peers_without_the_model_counts_its_blocks_and_heads_from_a_peers_manifest(cluster_factory,
+                                                                                  tiny_model_dir):
+    """A lone `heads 0:2` shard of blocks 0:2 of the 4-block, 4-head model: from the records alone
+    `peers` would take the model for 2 blocks of 2 heads and print "gaps: none". Without
+    --model it asks the node for the model's manifest, checks it against the model id, and
+    knows the model (no route passes any block)."""
+    contact = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), heads=(0, 2))], args=FAST).addresses[0]
+    wait_for(lambda: len(table_of(contact)) == 1, 30, "the node's own record")
+    cli = ["peers", "--bootstrap", contact]
+    out, table = run_clis([*cli, "--json"], cli, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (model,) = json.loads(out.stdout)["models"]
+    assert (model["n_layer"], model["n_layer_known"], model["n_head"], model["n_head_known"]) == (4, True, 4, True)
+    assert model["gaps"] == ["0:4"]
+    assert table.returncode == 0 and "gaps: 0:4\n" in table.stdout and "--model to know" not in table.stdout
+    # The manifest goes only to who asks for it (`info` is asked often: a relay's stall, a reopen).
+    assert "manifest" not in request(contact, "info").fields
+    assert request(contact, "info", {"manifest": True}).fields["manifest"] == read_manifest(tiny_model_dir).to_dict()
+
+
+def test_a_peers_manifest_counts_only_if_its_hash_is_the_model_id(tiny_model_dir, monkeypatch):
+    """What a peer sends for a manifest is taken only if it is one and hashes to the model id;
+    a peer that does not answer leaves its model's counts unknown, within the timeout."""
+    manifest = read_manifest(tiny_model_dir)
+    sent = manifest.to_dict()
+    assert checked_manifest(manifest.model_id, sent).config.n_head == manifest.config.n_head
+    assert checked_manifest(manifest.model_id, {**sent, "model_id": manifest.model_id}) is not None
+    lied = {**sent, "config": {**sent["config"], "n_head": 2}}  # another model's manifest
+    assert checked_manifest(manifest.model_id, lied) is None
+    for junk in (None, 7, "x", [], {}, {"format": sent["format"]}, {**sent, "files": "x"},
+                 {**sent, "config": {**sent["config"], "n_head": "4"}}, {**sent, "extra": 1}, b"\x00"):
+        assert checked_manifest(manifest.model_id, junk) is None
+    table = RecordTable()  # a record of a node that is not there
+    table.offer(sign_record(generate_identity(), address=f"tcp://127.0.0.1:{free_port()}",
+                            model_id=manifest.model_id, layers=(0, 4), heads=None, throughput=1.0, seq=1))
+    started = time.monotonic()
+    assert manifests_from_peers(table, [manifest.model_id], timeout=0.5) == {}
+    assert time.monotonic() - started < 5
+    # A node offers none too large for an `info` reply's header (it would be refused unread).
+    assert shareable_manifest(manifest) == sent
+    monkeypatch.setattr(daemon, "MAX_MANIFEST_BYTES", len(msgpack.packb(sent)) - 1)
+    assert shareable_manifest(manifest) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+                    | st.binary(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.sampled_from(["format", "config", "tokenizer", "dtype", "files", "model_id",
+                                                       "n_head", "n_layer", "n_embd", "name", "role", "layers"]),
+                                      inner, max_size=6), max_leaves=20))
+def test_anything_a_peer_sends_for_a_manifest_is_a_manifest_or_none(sent):
+    assert checked_manifest("0" * 64, sent) is None
 
 
 # ----- automatic block choice ---------------------------------------------------------------
