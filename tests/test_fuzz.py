@@ -65,6 +65,7 @@ LIMITS = NodeLimits(max_message_bytes=64 * 1024, max_tokens_per_step=48, max_ses
                     kv_budget_bytes=2 * 96 * 512, max_session_length=96,
                     max_inflight_per_peer=4, idle_timeout=60.0)
 KNOWN_CODES = {c.value for c in ErrorCode} - {ErrorCode.INTERNAL.value}
+MANIFEST = {"format": "what a node's info sends when asked", "files": []}  # (the handler sends it as set)
 REPLY_TYPE = {"info": "info_reply", "open": "opened", "step": "result", "forward": "result",
               "close": "closed", "admit": "admitted", "records": "records_reply"}
 SENDER_KEYS = ["a" * 40, "b" * 40]  # CURVE keys (z85) that messages come with, as ZAP names them
@@ -95,6 +96,7 @@ class Node:
 
     def __init__(self, blocks, model_id: str):
         self.handler = RequestHandler(blocks, model_id, "fuzz", LIMITS)
+        self.handler.manifest = MANIFEST
         self.handler.can_relay = lambda contact: contact in KNOWN
         self.clock = FakeClock()
         self.clock.now = time.monotonic()  # (an all-reduce step marks its session used on time.monotonic)
@@ -184,6 +186,8 @@ def draw_request(data, node: Node) -> tuple[str, dict, list[torch.Tensor], str]:
     tensors: list[torch.Tensor] = []
     wire = "float32"
     layers = [h.blocks.start, h.blocks.stop]
+    if kind == "info" and data.draw(st.booleans()):  # the model's manifest asked for, or junk for the flag
+        fields = {"manifest": data.draw(st.one_of(st.just(True), st.just(False), ANY_VALUE))}
     if kind == "open":
         fields = {"model_id": h.model_id, "layers": layers,
                   "max_length": data.draw(st.one_of(st.integers(1, 40), st.integers(-2, 2000)))}
@@ -610,6 +614,8 @@ def check_reply(frames: list, n_embd: int, seen: Counter, now: float | None = No
             y = msg.tensors[-1]
             assert y.dim() == 3 and y.shape[2] == n_embd
             assert bool(torch.isfinite(y).all())
+        if msg.type == "info_reply" and "manifest" in msg.fields:  # asked for: the model's, as set
+            assert msg.fields["manifest"] == MANIFEST
         if msg.type == "records_reply":  # a table's records: each one verifies, pages at most MAX_WIRES
             from nanoswarm.keys.records import verify_record
             from nanoswarm.node.gossip import MAX_WIRES
