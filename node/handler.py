@@ -252,7 +252,10 @@ class RequestHandler:
     # ----- simple requests ----------------------------------------------------------------
     def _handle_simple(self, peer: bytes, msg: Message) -> list:
         if msg.type == "info":
-            return encode("info_reply", msg.id, self.info(manifest=msg.get("manifest") is True))
+            info = self.info()
+            if msg.get("manifest") is True:  # asked for (its sha256 is the model id)
+                info["manifest"] = self.manifest
+            return encode("info_reply", msg.id, info)
         if msg.type == "open":
             return self._open(peer, msg)
         if msg.type == "close":
@@ -268,8 +271,7 @@ class RequestHandler:
             return encode("records_reply", msg.id, self.on_records(msg))
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unhandled type {msg.type!r}")
 
-    def info(self, manifest: bool = False) -> dict[str, Any]:
-        """What `info` answers; with `manifest`, the model's manifest too (None if not set)."""
+    def info(self) -> dict[str, Any]:
         return {
             "peer_id": self.peer_id, "model_id": self.model_id, "protocol": PROTOCOL_VERSION,
             "layers": [self.blocks.start, self.blocks.stop],
@@ -290,7 +292,6 @@ class RequestHandler:
             "limits": dataclasses.asdict(self.limits), "errors": dict(self.stats.errors),
             **memory_usage(self.device),
             **self.extra_info,
-            **({"manifest": self.manifest} if manifest else {}),
         }
 
     def _check_model(self, msg: Message) -> None:
