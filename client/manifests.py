@@ -10,6 +10,7 @@ whichever peer it came; one that is not, or is not a manifest at all, is dropped
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import zmq
@@ -18,13 +19,14 @@ from nanoswarm.keys.records import record_contact
 from nanoswarm.keys.table import RecordTable
 from nanoswarm.shards.manifest import Manifest, ManifestError
 
-from .peer_errors import PeerError
-from .round_trips import ask_all
+from .peer_errors import PeerError, PeerTimeout
+from .round_trips import send_all, take_all
 from .transport import PeerConnection
 
 log = logging.getLogger(__name__)
 
 PEERS_ASKED = 2  # a model's peers asked at once (its newest records'), so one gone costs no retry
+SLICE_SECONDS = 0.1  # how long replies are read before the models answered for are checked
 MAX_LINKS = 64  # links opened at once in all; models past them stay unasked (their counts guessed)
 
 
@@ -49,24 +51,30 @@ def manifests_from_peers(table: RecordTable, model_ids: Iterable[str], timeout: 
             if len(asked) < MAX_LINKS:
                 asked.setdefault(record_contact(record), model_id)
     conns: dict[str, PeerConnection] = {}
+    found: dict[str, Manifest] = {}
     try:
         for contact in asked:
             try:
                 conns[contact] = PeerConnection(contact, timeout, client_keys=client_keys)
             except (ValueError, zmq.ZMQError) as e:  # (records' contacts were checked: rare)
                 log.info("%s: cannot ask it for its model's manifest: %s", contact, e)
-        replies = ask_all(conns, "info", timeout, fields={c: {"manifest": True} for c in conns})
+        sent = send_all(conns, "info", {c: {"manifest": True} for c in conns})
+        deadline, pending = time.monotonic() + timeout, set(conns)
+        # In slices, so that a model one peer answered for does not wait out another that is gone.
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for contact, reply in take_all(sent, min(left, SLICE_SECONDS), only=pending).items():
+                if isinstance(reply, PeerTimeout):
+                    continue  # (only this slice's: read again in the next)
+                pending.discard(contact)
+                if isinstance(reply, PeerError) or asked[contact] in found:
+                    continue
+                manifest = checked_manifest(asked[contact], reply.fields.get("manifest"))
+                if manifest is not None:
+                    found[asked[contact]] = manifest
+                elif reply.fields.get("manifest") is not None:
+                    log.warning("%s sent a manifest that is not model %s's: not used", contact, asked[contact][:16])
+            pending = {c for c in pending if asked[c] not in found}
     finally:
         for conn in conns.values():
             conn.close()
-    found: dict[str, Manifest] = {}
-    for contact, reply in replies.items():
-        model_id = asked[contact]
-        if isinstance(reply, PeerError) or model_id in found:
-            continue
-        manifest = checked_manifest(model_id, reply.fields.get("manifest"))
-        if manifest is not None:
-            found[model_id] = manifest
-        elif reply.fields.get("manifest") is not None:
-            log.warning("%s sent a manifest that is not model %s's: not used", contact, model_id[:16])
     return found

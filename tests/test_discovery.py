@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.discovery import fetch_table
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.manifests import checked_manifest, manifests_from_peers
 from nanoswarm.client.peers_report import format_report, swarm_report
@@ -444,6 +446,17 @@ def test_peers_without_the_model_counts_its_blocks_and_heads_from_a_peers_manife
     # The manifest goes only to who asks for it (`info` is asked often: a relay's stall, a reopen).
     assert "manifest" not in request(contact, "info").fields
     assert request(contact, "info", {"manifest": True}).fields["manifest"] == read_manifest(tiny_model_dir).to_dict()
+    # A newer record of a peer that never answers (a listening socket no one accepts from) does
+    # not make it wait out the timeout for a model another peer answered for.
+    table = fetch_table([contact]).table
+    model_id = read_manifest(tiny_model_dir).model_id
+    with socket.create_server(("127.0.0.1", 0)) as mute:
+        assert table.offer(sign_record(generate_identity(), address=f"tcp://127.0.0.1:{mute.getsockname()[1]}",
+                                       model_id=model_id, layers=(0, 4), heads=None, throughput=1.0,
+                                       seq=2**40)) == "accepted"
+        started = time.monotonic()
+        assert manifests_from_peers(table, [model_id], timeout=10)[model_id].model_id == model_id
+        assert time.monotonic() - started < 5
 
 
 def test_a_peers_manifest_counts_only_if_its_hash_is_the_model_id(tiny_model_dir, monkeypatch):
