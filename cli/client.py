@@ -204,7 +204,8 @@ def peers(bootstrap: tuple[str, ...], model_dir: Path | None, key_file: Path | N
         from nanoswarm.client.manifests import manifests_from_peers
 
         models = {r.model_id for r in fetched.table.records()}
-        manifests = manifests_from_peers(fetched.table, sorted(models), timeout, client_keys(key_file))
+        manifests = manifests_from_peers(fetched.table, models, timeout, client_keys(key_file),
+                                         first=fetched.answered)
         n_layers = {mid: m.config.n_layer for mid, m in manifests.items()}
         n_heads = {mid: m.config.n_head for mid, m in manifests.items()}
     report = swarm_report(fetched.table, n_layers, model_id, n_heads=n_heads)

@@ -10,6 +10,7 @@ whichever peer it came; one that is not, or is not a manifest at all, is dropped
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Iterable
 
@@ -25,31 +26,37 @@ from .transport import PeerConnection
 
 log = logging.getLogger(__name__)
 
-PEERS_ASKED = 2  # a model's peers asked at once (its newest records'), so one gone costs no retry
+PEERS_ASKED = 2  # a model's peers asked at once (drawn at random), so one gone costs no retry
 SLICE_SECONDS = 0.1  # how long replies are read before the models answered for are checked
 MAX_LINKS = 64  # links opened at once in all; models past them stay unasked (their counts guessed)
 
 
 def checked_manifest(model_id: str, sent: object) -> Manifest | None:
     """The manifest a peer `sent` in `info`, if it is one and its hash is `model_id`."""
-    try:
-        manifest = Manifest.from_dict(sent)
-    except (ManifestError, TypeError, ValueError, RecursionError):  # a peer's bytes: anything
-        return None
-    return manifest if manifest.model_id == model_id else None
+    return _wanted_manifest({model_id}, sent)
 
 
 def manifests_from_peers(table: RecordTable, model_ids: Iterable[str], timeout: float,
-                         client_keys: tuple[bytes, bytes] | None = None) -> dict[str, Manifest]:
+                         client_keys: tuple[bytes, bytes] | None = None,
+                         first: Iterable[str] = ()) -> dict[str, Manifest]:
     """Per model of `model_ids`, its manifest as one of its peers in `table` sends it in `info`,
     checked against the id; the models no peer sent one for within `timeout` are left out (a
-    node of an earlier version sends none)."""
-    asked: dict[str, str] = {}  # contact -> the model asked of it
-    for model_id in model_ids:
-        newest = sorted(table.records(model_id), key=lambda r: -r.seq)
-        for record in newest[:PEERS_ASKED]:
+    node of an earlier version sends none). Contacts in `first` (the bootstraps that answered)
+    are asked before others for the models their records name; the rest are drawn at random,
+    not by anything a record states (a record's `seq` is its signer's to choose: review171's
+    records that outranked every honest one and never answered). A manifest counts for
+    whichever wanted model it is, whoever sent it (a made-up model's record may name a real
+    node's contact)."""
+    wanted = set(model_ids)
+    first = list(first)
+    asked: dict[str, str] = {}  # contact -> the model it was asked for (it may send another's)
+    for model_id in sorted(wanted):
+        contacts = list(dict.fromkeys(record_contact(r) for r in table.records(model_id)))
+        random.shuffle(contacts)
+        contacts.sort(key=lambda c: c not in first)  # (a stable sort: the rest stay shuffled)
+        for contact in [c for c in contacts if c not in asked][:PEERS_ASKED]:
             if len(asked) < MAX_LINKS:
-                asked.setdefault(record_contact(record), model_id)
+                asked[contact] = model_id
     conns: dict[str, PeerConnection] = {}
     found: dict[str, Manifest] = {}
     try:
@@ -66,15 +73,24 @@ def manifests_from_peers(table: RecordTable, model_ids: Iterable[str], timeout: 
                 if isinstance(reply, PeerTimeout):
                     continue  # (only this slice's: read again in the next)
                 pending.discard(contact)
-                if isinstance(reply, PeerError) or asked[contact] in found:
+                if isinstance(reply, PeerError):
                     continue
-                manifest = checked_manifest(asked[contact], reply.fields.get("manifest"))
+                manifest = _wanted_manifest(wanted, reply.fields.get("manifest"))
                 if manifest is not None:
-                    found[asked[contact]] = manifest
+                    found.setdefault(manifest.model_id, manifest)
                 elif reply.fields.get("manifest") is not None:
-                    log.warning("%s sent a manifest that is not model %s's: not used", contact, asked[contact][:16])
+                    log.warning("%s sent a manifest that is not of a model its records name: not used", contact)
             pending = {c for c in pending if asked[c] not in found}
     finally:
         for conn in conns.values():
             conn.close()
     return found
+
+
+def _wanted_manifest(wanted: set[str], sent: object) -> Manifest | None:
+    """`sent` as a manifest, if it is one of a model in `wanted`."""
+    try:
+        manifest = Manifest.from_dict(sent)
+    except (ManifestError, TypeError, ValueError, RecursionError):  # a peer's bytes: anything
+        return None
+    return manifest if manifest.model_id in wanted else None
