@@ -476,6 +476,7 @@ def test_peers_without_the_model_counts_its_blocks_and_heads_from_a_peers_manife
         object.__setattr__(impostor, "curve_public", key if isinstance(key, bytes) else key.encode())
         assert table.offer(sign_record(impostor, address=endpoint, model_id="0" * 64, layers=(0, 1),
                                        seq=seq_now())) == "accepted"
+        assert [record_contact(r) for r in table.records("0" * 64)] == [contact]
         for _ in range(3):  # asked for the made-up model, the node's manifest counts for its own
             started = time.monotonic()
             assert list(manifests_from_peers(table, ["0" * 64, model_id], timeout=5)) == [model_id]
