@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import zmq
 
@@ -29,11 +29,6 @@ log = logging.getLogger(__name__)
 PEERS_ASKED = 2  # a model's peers asked at once (drawn at random), so one gone costs no retry
 SLICE_SECONDS = 0.1  # how long replies are read before the models answered for are checked
 MAX_LINKS = 64  # links opened at once in all; models past them stay unasked (their counts guessed)
-
-
-def checked_manifest(model_id: str, sent: object) -> Manifest | None:
-    """The manifest a peer `sent` in `info`, if it is one and its hash is `model_id`."""
-    return _wanted_manifest({model_id}, sent)
 
 
 def manifests_from_peers(table: RecordTable, model_ids: Iterable[str], timeout: float,
@@ -75,7 +70,7 @@ def manifests_from_peers(table: RecordTable, model_ids: Iterable[str], timeout: 
                 pending.discard(contact)
                 if isinstance(reply, PeerError):
                     continue
-                manifest = _wanted_manifest(wanted, reply.fields.get("manifest"))
+                manifest = checked_manifest(reply.fields.get("manifest"), wanted)
                 if manifest is not None:
                     found.setdefault(manifest.model_id, manifest)
                 elif reply.fields.get("manifest") is not None:
@@ -87,10 +82,10 @@ def manifests_from_peers(table: RecordTable, model_ids: Iterable[str], timeout: 
     return found
 
 
-def _wanted_manifest(wanted: set[str], sent: object) -> Manifest | None:
-    """`sent` as a manifest, if it is one of a model in `wanted`."""
+def checked_manifest(sent: object, model_ids: Collection[str]) -> Manifest | None:
+    """What a peer `sent` for a manifest in `info`, if it is one and its hash is one of `model_ids`."""
     try:
         manifest = Manifest.from_dict(sent)
     except (ManifestError, TypeError, ValueError, RecursionError):  # a peer's bytes: anything
         return None
-    return manifest if manifest.model_id in wanted else None
+    return manifest if manifest.model_id in model_ids else None

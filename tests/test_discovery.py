@@ -488,13 +488,13 @@ def test_a_peers_manifest_counts_only_if_its_hash_is_the_model_id(tiny_model_dir
     a peer that does not answer leaves its model's counts unknown, within the timeout."""
     manifest = read_manifest(tiny_model_dir)
     sent = manifest.to_dict()
-    assert checked_manifest(manifest.model_id, sent).config.n_head == manifest.config.n_head
-    assert checked_manifest(manifest.model_id, {**sent, "model_id": manifest.model_id}) is not None
+    assert checked_manifest(sent, {manifest.model_id}).config.n_head == manifest.config.n_head
+    assert checked_manifest({**sent, "model_id": manifest.model_id}, {manifest.model_id}) is not None
     lied = {**sent, "config": {**sent["config"], "n_head": 2}}  # another model's manifest
-    assert checked_manifest(manifest.model_id, lied) is None
+    assert checked_manifest(lied, {manifest.model_id}) is None
     for junk in (None, 7, "x", [], {}, {"format": sent["format"]}, {**sent, "files": "x"},
                  {**sent, "config": {**sent["config"], "n_head": "4"}}, {**sent, "extra": 1}, b"\x00"):
-        assert checked_manifest(manifest.model_id, junk) is None
+        assert checked_manifest(junk, {manifest.model_id}) is None
     table = RecordTable()  # a record of a node that is not there
     table.offer(sign_record(generate_identity(), address=f"tcp://127.0.0.1:{free_port()}",
                             model_id=manifest.model_id, layers=(0, 4), heads=None, throughput=1.0, seq=1))
@@ -529,7 +529,7 @@ def test_a_manifest_changed_anywhere_is_not_the_models(tiny_model_dir, data):
         place = place[key]
     place[path[-1]] = data.draw(st.none() | st.booleans() | st.integers(-2, 2**40) | st.floats()
                                 | st.text(max_size=70) | st.lists(st.integers(0, 8), max_size=3))
-    assert checked_manifest(manifest.model_id, changed) is None or changed == sent
+    assert checked_manifest(changed, {manifest.model_id}) is None or changed == sent
 
 
 @settings(max_examples=200, deadline=None)
@@ -540,7 +540,7 @@ def test_a_manifest_changed_anywhere_is_not_the_models(tiny_model_dir, data):
                                                        "n_head", "n_layer", "n_embd", "name", "role", "layers"]),
                                       inner, max_size=6), max_leaves=20))
 def test_anything_a_peer_sends_for_a_manifest_is_a_manifest_or_none(sent):
-    assert checked_manifest("0" * 64, sent) is None
+    assert checked_manifest(sent, {"0" * 64}) is None
 
 
 # ----- automatic block choice ---------------------------------------------------------------
