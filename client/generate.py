@@ -4,6 +4,7 @@ sampling here. Peers only ever see hidden states; all sampling state stays with 
 from __future__ import annotations
 
 import codecs
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -12,9 +13,12 @@ from dataclasses import dataclass, field
 import tiktoken
 import torch
 
+from nanoswarm.shards.device import tf32_on
 from nanoswarm.shards.model import Embeddings, Head
 
 from .session import InferenceSession
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,10 @@ class ClientModel:
         self.embeddings, self.head = embeddings, head
         # Where the head's weights are (load_head's device): a bare "cuda" would name the current
         # device of whichever thread asks, which need not be the one the head was loaded on.
-        self.device = next(head.parameters()).device
+        weight = next(head.parameters())
+        self.device = weight.device
+        # A float32 head on a GPU is warned of once if TF32 comes on in this process (`logits`).
+        self._watch_tf32 = self.device.type == "cuda" and weight.dtype is torch.float32
 
     def embed(self, ids: list[int], start: int) -> torch.Tensor:
         with torch.inference_mode():
@@ -108,7 +115,16 @@ class ClientModel:
         with torch.inference_mode():
             if self.device.type == "cpu":
                 return self.head(hidden[:, -1:, :])[0, -1]
+            if self._watch_tf32 and tf32_on():
+                self._warn_tf32()
             return self.head(hidden[:, -1:, :].to(self.device))[0, -1].float().cpu()
+
+    def _warn_tf32(self) -> None:
+        # Not turned off again here: the setting is the whole process's, and its owner chose it.
+        self._watch_tf32 = False
+        log.warning("TF32 is on in this process (torch.set_float32_matmul_precision): the head's float32 "
+                    "logits on %s differ from float32's by ~1e-3; torch.set_float32_matmul_precision('highest') "
+                    "makes them exact", self.device)
 
 
 def generate_ids(model: ClientModel, session: InferenceSession, prompt: list[int],

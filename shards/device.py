@@ -65,3 +65,10 @@ def exact_float32() -> None:
     if os.environ.get("NVIDIA_TF32_OVERRIDE", "") not in ("", "0"):
         log.warning("NVIDIA_TF32_OVERRIDE is set: float32 on the GPU runs as TF32, and its results differ "
                     "from float32 by ~1e-3 (spot checks count that as wrong)")
+
+
+def tf32_on() -> bool:
+    """Whether float32 matrix products on a GPU run as TF32 now: something in this process (an
+    application's `torch.set_float32_matmul_precision("high")`, a library) turned it back on after
+    `exact_float32`. `allow_tf32` reads the effective setting in torch's old and new APIs alike."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
