@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoswarm.client.generate import ClientModel
+from nanoswarm.client.head_batch import BatchStopped, HeadBatch
 from nanoswarm.client.head_group import HeadGroupStage
 from nanoswarm.client.peer_errors import PeerError
 from nanoswarm.client.session import InferenceSession
-from nanoswarm.client.stages import RemoteLayerStage, Stage, check_reply
+from nanoswarm.client.stages import RemoteLayerStage, Stage
 from nanoswarm.client.transport import PeerConnection
 
 log = logging.getLogger(__name__)
@@ -180,74 +181,45 @@ def run_concurrent(client: ClientModel, sessions: list[InferenceSession], prompt
 
 def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts: list[list[int]],
                  steps: int, on_start: Callable[[], None] | None = None) -> dict:
-    """One client drives all sessions in step: each stage gets every session's step at once (sent
-    back to back, replies collected after; a head group: every session's fan-out of a block's
-    phase at once), and ln_f + lm_head run once for all sessions, as a client serving several
-    users would."""
+    """One client drives all sessions in step, as SwarmModel.generate_batch does: a thread a
+    session (each session here has a Swarm, so links, of its own), and ln_f + lm_head run once
+    for all of them each token (client/head_batch.py), after which every session's next step
+    leaves at once and reaches each node with the others' (a client serving several users).
+    The steps go through InferenceSession.step, failover and relay included."""
     n = len(sessions)
     for session, prompt in zip(sessions, prompts):
         session.step(client.embed(prompt, 0), last=1)
     if on_start is not None:
         on_start()
-    tokens = [p[-1] for p in prompts]
-    n_stages = len(sessions[0].stages)
+    batch = HeadBatch(client, n)
+    start = threading.Barrier(n + 1)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        session, member, token = sessions[k], batch.member(k), prompts[k][-1]
+        start.wait()
+        try:
+            for _ in range(steps):
+                token = int(member.logits(session.step(client.embed([token], session.pos))).argmax())
+        except BaseException as e:  # re-raised in the caller
+            errors.append(e)
+            batch.stop()
+        finally:
+            batch.leave(k)
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(n)]
+    for t in threads:
+        t.start()
     gc.collect()
+    start.wait()
     t0 = time.perf_counter()
-    for _ in range(steps):
-        hidden = [client.embed([tok], s.pos) for tok, s in zip(tokens, sessions)]
-        for j in range(n_stages):
-            stages = [s.stages[j] for s in sessions]
-            if all(isinstance(st, RemoteLayerStage) for st in stages):
-                hidden = _lockstep_layers(stages, [s.pos for s in sessions], hidden)
-            elif all(isinstance(st, HeadGroupStage) for st in stages):
-                hidden = _lockstep_head_group(stages, [s.pos for s in sessions], hidden)
-            else:
-                raise ValueError("lockstep runs drive remote layer stages and head groups only")
-        with torch.inference_mode():
-            logits = client.head(torch.cat(hidden))[:, -1]
-        tokens = logits.argmax(dim=-1).tolist()
-        for s in sessions:
-            s.pos += 1
+    for t in threads:
+        t.join()
     wall = time.perf_counter() - t0
+    if errors:
+        raise next((e for e in errors if not isinstance(e, BatchStopped)), errors[0])
     return {"sessions": n, "tokens": n * steps, "seconds": wall, "aggregate_tps": n * steps / wall,
             "per_session_tps": steps / wall}
-
-
-def _lockstep_layers(stages: list[RemoteLayerStage], positions: list[int],
-                     hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One decode step of every session through its layer stage: all sent, then all read."""
-    sent = [st.conn.send("step", {"session": st.session, "pos": pos, "wire": st.wire}, [h], st.wire,
-                         timeout=st.timeout)
-            for st, pos, h in zip(stages, positions, hidden)]
-    return [check_reply(st.conn, st.conn.recv(req_id, "result", st.timeout), h)
-            for st, req_id, h in zip(stages, sent, hidden)]
-
-
-def _lockstep_head_group(stages: list[HeadGroupStage], positions: list[int],
-                         hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One decode step of every session through its head group (the same members): by
-    all-reduce, every session's step sent before any is read (the members then batch the
-    sessions' phases that meet); else each block's attention, then its MLP, fanned out for all
-    sessions before any partial is read, and summed in member order as HeadGroupStage does (the
-    same sums)."""
-    first = stages[0]
-    if all(st.all_reduce for st in stages):
-        asked = [st.send_all_reduce(h, pos) for st, pos, h in zip(stages, positions, hidden)]
-        return [st.all_reduce_result(a, h) for st, a, h in zip(stages, asked, hidden)]
-    for block in range(first.start, first.stop):
-        for phase in ("attn", "mlp"):
-            sent = [[conn.send("step", {"session": st.sessions[k], "pos": pos, "phase": phase, "block": block,
-                                        "wire": st.wire}, [h], st.wire, timeout=st.timeout)
-                     for k, (conn, _) in enumerate(st.members)]
-                    for st, pos, h in zip(stages, positions, hidden)]
-            summed = []
-            for st, ids, h in zip(stages, sent, hidden):
-                total = h
-                for (conn, _), req_id in zip(st.members, ids):
-                    total = total + check_reply(conn, conn.recv(req_id, "result", st.timeout), h)
-                summed.append(total)
-            hidden = summed
-    return hidden
 
 
 def median(values: list[float]) -> float:

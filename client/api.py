@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from nanoswarm.shards.tokenizer import EOT_TOKEN, encode, get_encoding
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
 from .generate import ClientModel, GenerationStats, SamplingParams, TextStream, generate_ids
+from .head_batch import BatchStopped, HeadBatch
 from .session import InferenceSession
 from .stages import LocalStage
 from .swarm import Swarm, SwarmOptions
@@ -218,7 +220,7 @@ class SwarmModel:
                 finally:
                     self._lock.release()
 
-    def _new_tokens(self, ids: list[int], max_new_tokens: int) -> int:
+    def _new_tokens(self, ids: list[int], max_new_tokens: int, warn: bool = True) -> int:
         """How many tokens to generate: max_new_tokens, capped by the context. ValueError for a
         prompt the model cannot take."""
         if type(max_new_tokens) is not int or max_new_tokens < 0:
@@ -232,7 +234,7 @@ class SwarmModel:
         # Positions 0..context-1 hold the prompt and all new tokens but the last, which is only
         # sampled: a prompt of `context` tokens still gets one.
         room = context - len(ids) + 1
-        if max_new_tokens > room:
+        if max_new_tokens > room and warn:
             log.warning("generating %d token%s, not %d: the model's context is %d and the prompt is %d",
                         room, "" if room == 1 else "s", max_new_tokens, context, len(ids))
         return min(max_new_tokens, room)
@@ -243,6 +245,77 @@ class SwarmModel:
         for _ in self.stream(prompt, max_new_tokens, sampling, result, keep_logits):
             pass
         return result
+
+    def generate_batch(self, prompts: list[str], max_new_tokens: int = 50,
+                       sampling: SamplingParams | None = None, keep_logits: bool = False) -> list[GenerationResult]:
+        """Generations of several prompts at once, in step: each the generation `generate` would
+        give alone (its own session, failover, spot checks; with the same `sampling`, seed
+        included), their decode steps sent together so that the nodes run them in one forward
+        pass, and the head run once a token for all (client/head_batch.py). Logits are within
+        float32 rounding (~2e-6) of a lone generation's: greedy tokens differ only where two
+        logits tie that closely. Raises the first generation's error once every one has
+        stopped; Ctrl-C stops them all, each after its step under way."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) \
+                or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a list of texts (str)")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
+        for prompt in prompts:  # every prompt checked before any is sent
+            self._new_tokens(prompt_ids(prompt), max_new_tokens, warn=False)
+        if self.swarm is None or len(prompts) < 2:
+            return [self.generate(p, max_new_tokens, sampling, keep_logits) for p in prompts]
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("this SwarmModel is closed")
+            siblings = [self._sibling(self.swarm.sibling()) for _ in prompts]
+        batch = HeadBatch(self.client, len(prompts))
+        results = [GenerationResult(p) for p in prompts]
+        errors: list[BaseException | None] = [None] * len(prompts)
+
+        def run(k: int) -> None:
+            model = siblings[k]
+            model.client = batch.member(k)
+            stream = model.stream(prompts[k], max_new_tokens, sampling, results[k], keep_logits)
+            try:
+                for _ in stream:
+                    if self.closed:
+                        raise RuntimeError("this SwarmModel was closed during the generation")
+            except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+                errors[k] = e
+                batch.stop()  # the others end too: the batch fails as a whole
+            finally:
+                stream.close()  # its session closed now, on this thread
+                batch.leave(k)
+                model.swarm.close()  # here: its sockets are this thread's
+
+        threads = [threading.Thread(target=run, args=(k,), name=f"nanoswarm-batch-{k}", daemon=True)
+                   for k in range(len(prompts))]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        except BaseException:  # Ctrl-C: every generation stops after its step under way
+            batch.stop()
+            for thread in threads:
+                if thread.ident is not None:
+                    thread.join()
+            raise
+        finally:
+            with self._lock:  # what the generations learned of peers, for the next ones
+                for model, thread in zip(siblings, threads):
+                    if not thread.is_alive():
+                        self.swarm.take_bans(model.swarm)
+        failed = next((e for e in errors if e is not None and not isinstance(e, BatchStopped)), None)
+        if failed is not None:
+            raise failed
+        return results
+
+    def _sibling(self, swarm: Swarm) -> SwarmModel:
+        """A model over `swarm` sharing this one's weights and tokenizer (generate_batch)."""
+        other = copy.copy(self)
+        other.swarm, other._lock, other.closed = swarm, threading.RLock(), False
+        return other
 
     def __enter__(self) -> SwarmModel:
         return self

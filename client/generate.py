@@ -119,6 +119,17 @@ class ClientModel:
                 self._warn_tf32()
             return self.head(hidden[:, -1:, :].to(self.device))[0, -1].float().cpu()
 
+    def logits_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits of several generations' last positions at once, `rows` [n, 1, C] -> [n, vocab]
+        float32 on the CPU: the head's weight is read once for all n (client/head_batch.py). Each
+        row is within float32 rounding (~2e-6) of `logits` of that row alone, not equal to the bit."""
+        with torch.inference_mode():
+            if self.device.type == "cpu":
+                return self.head(rows)[:, -1]
+            if self._watch_tf32 and tf32_on():
+                self._warn_tf32()
+            return self.head(rows.to(self.device))[:, -1].float().cpu()
+
     def _warn_tf32(self) -> None:
         # Not turned off again here: the setting is the whole process's, and its owner chose it.
         self._watch_tf32 = False

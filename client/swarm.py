@@ -3,6 +3,7 @@ banned, the route to take), and the links to those peers, with the sessions open
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -242,6 +243,26 @@ class Swarm(PeerTable):
         self._fetching = BackgroundFetch(self, min(5.0, self.options.timeout))
         log.info("a hop did not know the next: telling the %d contacts of each other again", len(self.contacts))
         return True
+
+    def sibling(self) -> Swarm:
+        """A swarm of the same peers, bans, bootstraps, round trips and spot checker, with links
+        of its own: for another thread (ZeroMQ sockets are one thread's at a time), as
+        SwarmModel.generate_batch runs one generation a thread. What it learns of peers stays its
+        own until `take_bans`."""
+        other = Swarm(self.model_id, self.n_layer, self.n_head, self.options)
+        other.peers.update(self.peers)
+        other.bans.update({a: dataclasses.replace(b) for a, b in self.bans.items()})
+        other.bootstraps, other.checker = list(self.bootstraps), self.checker
+        other.timed.update(self.timed)
+        other.timed_at.update(self.timed_at)
+        return other
+
+    def take_bans(self, other: Swarm) -> None:
+        """The bans `other` (a sibling) made or lengthened, made here too."""
+        for address, ban in other.bans.items():
+            mine = self.bans.get(address)
+            if mine is None or ban.until > mine.until:
+                self.bans[address] = dataclasses.replace(ban)
 
     def close(self) -> None:
         self.closed = True

@@ -1,0 +1,100 @@
+"""Several generations run at once, one thread each, in step (SwarmModel.generate_batch).
+
+Each generation keeps everything a lone one has (its own session, links, failover, spot checks);
+what they share is the head. A generation's thread asks for its next logits and waits until every
+generation still running has asked too; the last to ask runs ln_f + lm_head once for all of them.
+So the next decode steps of all of them leave together and reach each node together, where they
+share a forward pass (node/steps.py batches steps that arrive together), and the head's big
+matrix (154 MB for GPT-2 small) is read once a token, not once a generation. A generation that
+ends leaves the batch, and the rest go on without waiting for it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .generate import ClientModel
+
+
+class BatchStopped(Exception):
+    """The batch was stopped (`HeadBatch.stop`) while a generation waited for its logits."""
+
+
+class HeadBatch:
+    def __init__(self, client: ClientModel, members: int):
+        self.client = client
+        self._cond = threading.Condition()
+        self._running = members  # generations that have not left
+        self._asked: dict[int, torch.Tensor] = {}  # member -> its last position's hidden state [1, 1, C]
+        self._answers: dict[int, torch.Tensor] = {}
+        self._failed: BaseException | None = None  # the head's error, or BatchStopped: every waiter raises it
+        self.rounds = 0  # head passes run
+        self.widest = 0  # the most generations one pass served
+
+    def member(self, k: int) -> HeadMember:
+        return HeadMember(self, k)
+
+    def logits(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Member k's logits for the last position of `hidden` [1, T, C], once every member still
+        running has asked for its own."""
+        with self._cond:
+            if self._failed is not None:
+                raise self._failed
+            self._asked[k] = hidden[:, -1:, :]
+            self._run_if_all_asked()
+            while k not in self._answers:
+                if self._failed is not None:
+                    raise self._failed
+                self._cond.wait()
+            return self._answers.pop(k)
+
+    def leave(self, k: int) -> None:
+        """Member k has ended (done, failed or stopped): the others no longer wait for it."""
+        with self._cond:
+            self._running -= 1
+            self._asked.pop(k, None)
+            try:
+                self._run_if_all_asked()
+            except Exception:  # noqa: BLE001 - kept in _failed: the members waiting for it raise it
+                pass
+
+    def stop(self) -> None:
+        """Wake every member waiting for its logits with BatchStopped; later asks raise it too."""
+        with self._cond:
+            if self._failed is None:
+                self._failed = BatchStopped("the batch was stopped")
+            self._cond.notify_all()
+
+    def _run_if_all_asked(self) -> None:
+        # Under the lock: the members that asked wait for this pass anyway.
+        if not self._asked or len(self._asked) < self._running or self._failed is not None:
+            return
+        members = sorted(self._asked)
+        try:
+            rows = self.client.logits_rows(torch.cat([self._asked[k] for k in members]))
+        except BaseException as e:  # every member's generation ends with it, not only this thread's
+            self._failed = e
+            self._cond.notify_all()
+            raise
+        self._asked.clear()
+        self._answers.update(zip(members, rows))
+        self.rounds += 1
+        self.widest = max(self.widest, len(members))
+        self._cond.notify_all()
+
+
+class HeadMember:
+    """What a generation of the batch takes for its ClientModel (generate_ids): its own embeddings,
+    the batch's head."""
+
+    def __init__(self, batch: HeadBatch, k: int):
+        self.batch, self.k = batch, k
+        self.device = batch.client.device
+
+    def embed(self, ids: list[int], start: int) -> torch.Tensor:
+        return self.batch.client.embed(ids, start)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.batch.logits(self.k, hidden)

@@ -1,0 +1,139 @@
+"""SwarmModel.generate_batch: several prompts at once, in step, through real node processes; each
+prompt's generation as it is alone, the head run once a token for all of them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from conftest import sessions_on
+
+import nanoswarm.client.api as api
+from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.head_batch import HeadBatch
+from nanoswarm.client.swarm import SwarmOptions
+from nanoswarm.node.cluster import NodeSpec
+
+PROMPTS = ["ROMEO:", "Once upon a time there was", "", "JULIET: O Romeo, Romeo! wherefore art thou"]
+SEEDED = SamplingParams(temperature=0.9, top_k=100, seed=7)
+
+
+class RecordedBatch(HeadBatch):
+    """A HeadBatch that keeps itself (`made`) and runs `at_round(batch)` before each head pass."""
+    made: list[RecordedBatch] = []
+    at_round = staticmethod(lambda batch: None)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        RecordedBatch.made.append(self)
+
+    def _run_if_all_asked(self) -> None:
+        if self._asked and len(self._asked) >= self._running:
+            RecordedBatch.at_round(self)
+        super()._run_if_all_asked()
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    RecordedBatch.made = []
+    RecordedBatch.at_round = staticmethod(lambda batch: None)
+    monkeypatch.setattr(api, "HeadBatch", RecordedBatch)
+    return RecordedBatch
+
+
+def open_descriptors() -> int:
+    time.sleep(0.3)  # closed sockets' descriptors go once ZeroMQ's I/O thread has let them go
+    return len(os.listdir("/proc/self/fd"))
+
+
+def no_batch_threads() -> bool:
+    return not any(t.name.startswith("nanoswarm-batch-") and t.is_alive() for t in threading.enumerate())
+
+
+def test_each_prompt_of_a_batch_gets_what_it_gets_alone(tiny_model_dir, cluster_factory, recorded):
+    """Ids, text, stop reason and logits (within 1e-5) as `generate` gives each prompt alone,
+    seeded sampling included; the head ran once a token for every generation still running."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        alone = [model.generate(p, 20, SEEDED, keep_logits=True) for p in PROMPTS]
+        descriptors = open_descriptors()
+        together = model.generate_batch(PROMPTS, 20, SEEDED, keep_logits=True)
+        assert open_descriptors() <= descriptors + 2  # every sibling's links closed with it
+        [batch] = recorded.made
+        assert batch.widest == len(PROMPTS) and batch.rounds >= 20
+        for a, b in zip(alone, together):
+            assert (b.prompt, b.ids, b.text, b.stop_reason) == (a.prompt, a.ids, a.text, a.stop_reason)
+            assert len(b.logits) == len(a.logits) and b.route and b.failovers == 0
+            assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits)) < 1e-5
+        # Uneven lengths: a generation that ends leaves the batch, the others go on.
+        short = model.generate_batch(["ROMEO:", "JULIET:"], 3, SEEDED)
+        assert [len(r.ids) for r in short] == [3, 3]
+        mixed = model.generate_batch(PROMPTS[:2], 0, SEEDED)  # nothing to compute: no session
+        assert [r.ids for r in mixed] == [[], []] and [r.stop_reason for r in mixed] == ["length", "length"]
+    assert no_batch_threads()
+    assert sum(sessions_on(a) for a in swarm.addresses) == 0
+
+
+def test_a_batch_is_refused_before_any_peer_is_asked(tiny_model_dir, cluster_factory):
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        with pytest.raises(TypeError, match="list of texts"):
+            model.generate_batch("ROMEO:", 4)
+        with pytest.raises(TypeError, match="list of texts"):
+            model.generate_batch(["ROMEO:", 3], 4)
+        with pytest.raises(ValueError, match="the model's context is 128"):
+            model.generate_batch(["ROMEO:", "word " * 200], 4)
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            model.generate_batch(["ROMEO:"], -1)
+        assert model.generate_batch([], 4) == []
+        assert sessions_on(swarm.addresses[0]) == 0
+    local = SwarmModel.local(tiny_model_dir)
+    assert [r.ids for r in local.generate_batch(PROMPTS[:2], 6, SEEDED)] == \
+        [local.generate(p, 6, SEEDED).ids for p in PROMPTS[:2]]
+
+
+def test_a_batch_fails_over_a_node_killed_midway(tiny_model_dir, cluster_factory, recorded):
+    """Each generation fails over by itself; every prompt's tokens still those of a lone run, and
+    the bans its sibling learned are the model's afterwards."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((0, 2)), NodeSpec((2, 4))])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
+                            options=SwarmOptions(timeout=5.0, ban_seconds=60)) as model:
+        alone = [model.generate(p, 16, SEEDED).ids for p in PROMPTS]
+        killed: list[str] = []
+
+        def kill_the_busiest_first_stage(batch: HeadBatch) -> None:
+            if batch.rounds == 4 and not killed:  # every generation has a session open by now
+                address = max(swarm.addresses[:2], key=sessions_on)
+                killed.append(address)
+                swarm.kill(swarm.addresses.index(address), signal.SIGKILL)
+                swarm.nodes[swarm.addresses.index(address)].proc.wait(10)
+        recorded.at_round = staticmethod(kill_the_busiest_first_stage)
+        together = model.generate_batch(PROMPTS, 16, SEEDED)
+        assert killed and [r.ids for r in together] == alone
+        assert sum(r.failovers for r in together) >= 1
+        assert killed[0] in model.swarm.bans  # learned by a sibling, kept by the model
+    assert no_batch_threads()
+
+
+def test_a_batch_stopped_by_close_ends_every_generation_and_session(tiny_model_dir, cluster_factory, recorded):
+    """The model closed from another thread midway: generate_batch raises, no thread of it is left,
+    and every node's sessions are closed."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+
+    def close_at_round_5(batch: HeadBatch) -> None:
+        if batch.rounds == 5:
+            threading.Thread(target=model.close).start()  # as another thread of the application would
+            time.sleep(0.2)
+    recorded.at_round = staticmethod(close_at_round_5)
+    with pytest.raises(RuntimeError, match="closed"):
+        model.generate_batch(PROMPTS, 40, SEEDED)
+    assert no_batch_threads()
+    deadline = time.monotonic() + 5
+    while sum(sessions_on(a) for a in swarm.addresses) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(sessions_on(a) for a in swarm.addresses) == 0
