@@ -56,18 +56,20 @@ def no_batch_threads() -> bool:
 
 def test_each_prompt_of_a_batch_gets_what_it_gets_alone(tiny_model_dir, cluster_factory, recorded):
     """Ids, text, stop reason and logits (within 1e-5) as `generate` gives each prompt alone,
-    seeded sampling included; the head ran once a token for every generation still running."""
+    seeded sampling included; the head ran once a token for every generation still running. The
+    generations' spot checks share the model's checker, from their threads."""
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
-    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(verify=0.5)) as model:
         alone = [model.generate(p, 20, SEEDED, keep_logits=True) for p in PROMPTS]
         descriptors = open_descriptors()
         together = model.generate_batch(PROMPTS, 20, SEEDED, keep_logits=True)
         assert open_descriptors() <= descriptors + 2  # every sibling's links closed with it
         [batch] = recorded.made
+        assert sum(r.spot_checks for r in together) > 0
         assert batch.widest == len(PROMPTS) and batch.rounds >= 20
         for a, b in zip(alone, together):
             assert (b.prompt, b.ids, b.text, b.stop_reason) == (a.prompt, a.ids, a.text, a.stop_reason)
-            assert len(b.logits) == len(a.logits) and b.route and b.failovers == 0
+            assert len(b.logits) == len(a.logits) and b.route and b.failovers == 0 and b.wrong_results == 0
             assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits)) < 1e-5
         # Uneven lengths: a generation that ends leaves the batch, the others go on.
         short = model.generate_batch(["ROMEO:", "JULIET:"], 3, SEEDED)
