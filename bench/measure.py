@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoswarm.client.batch import BatchStopped, HeadBatch
 from nanoswarm.client.generate import ClientModel
-from nanoswarm.client.head_batch import BatchStopped, HeadBatch
 from nanoswarm.client.head_group import HeadGroupStage
 from nanoswarm.client.peer_errors import PeerError
 from nanoswarm.client.session import InferenceSession
@@ -183,7 +183,7 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
                  steps: int, on_start: Callable[[], None] | None = None) -> dict:
     """One client drives all sessions in step, as SwarmModel.generate_batch does: a thread a
     session (each session here has a Swarm, so links, of its own), and ln_f + lm_head run once
-    for all of them each token (client/head_batch.py), after which every session's next step
+    for all of them each token (client/batch.py), after which every session's next step
     leaves at once and reaches each node with the others' (a client serving several users).
     The steps go through InferenceSession.step, failover and relay included."""
     n = len(sessions)

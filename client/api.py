@@ -20,8 +20,8 @@ from nanoswarm.shards.manifest import Manifest, read_manifest
 from nanoswarm.shards.tokenizer import EOT_TOKEN, encode, get_encoding
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
+from .batch import generate_in_step
 from .generate import ClientModel, GenerationStats, SamplingParams, TextStream, generate_ids
-from .head_batch import BatchStopped, HeadBatch
 from .session import InferenceSession
 from .stages import LocalStage
 from .swarm import Swarm, SwarmOptions
@@ -246,69 +246,28 @@ class SwarmModel:
             pass
         return result
 
-    def generate_batch(self, prompts: list[str], max_new_tokens: int = 50,
-                       sampling: SamplingParams | None = None, keep_logits: bool = False) -> list[GenerationResult]:
-        """Generations of several prompts at once, in step: each the generation `generate` would
-        give alone (its own session, failover, spot checks; with the same `sampling`, seed
-        included), their decode steps sent together so that the nodes run them in one forward
-        pass, and the head run once a token for all (client/head_batch.py). Logits are within
-        float32 rounding (~2e-6) of a lone generation's: greedy tokens differ only where two
-        logits tie that closely. Raises the first generation's error once every one has
-        stopped; Ctrl-C stops them all, each after its step under way."""
+    def generate_batch(self, prompts: list[str], max_new_tokens: int = 50, sampling: SamplingParams | None = None,
+                       keep_logits: bool = False, at_once: int = 16) -> list[GenerationResult]:
+        """Generations of several prompts, up to `at_once` of them at a time, in step: each the
+        generation `generate` would give alone (its own session, failover, spot checks; with the
+        same `sampling`, seed included), their decode steps sent together so that the nodes run
+        them in one forward pass, and the head run once a token for all (client/batch.py).
+        Logits are within float32 rounding (~2e-6) of a lone generation's: greedy tokens differ
+        only where two logits tie that closely. Raises the first generation's error once every
+        one has stopped; Ctrl-C stops them all, each after its step under way."""
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) \
                 or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a list of texts (str)")
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
+        if type(at_once) is not int or at_once < 1:
+            raise ValueError(f"at_once must be a whole number >= 1, got {at_once!r}")
         for prompt in prompts:  # every prompt checked before any is sent
             self._new_tokens(prompt_ids(prompt), max_new_tokens, warn=False)
-        if self.swarm is None or len(prompts) < 2:
+        if self.swarm is None or len(prompts) < 2 or at_once == 1:
             return [self.generate(p, max_new_tokens, sampling, keep_logits) for p in prompts]
-        with self._lock:
-            if self.closed:
-                raise RuntimeError("this SwarmModel is closed")
-            siblings = [self._sibling(self.swarm.sibling()) for _ in prompts]
-        batch = HeadBatch(self.client, len(prompts))
         results = [GenerationResult(p) for p in prompts]
-        errors: list[BaseException | None] = [None] * len(prompts)
-
-        def run(k: int) -> None:
-            model = siblings[k]
-            model.client = batch.member(k)
-            stream = model.stream(prompts[k], max_new_tokens, sampling, results[k], keep_logits)
-            try:
-                for _ in stream:
-                    if self.closed:
-                        raise RuntimeError("this SwarmModel was closed during the generation")
-            except BaseException as e:  # noqa: BLE001 - re-raised by the caller
-                errors[k] = e
-                batch.stop()  # the others end too: the batch fails as a whole
-            finally:
-                stream.close()  # its session closed now, on this thread
-                batch.leave(k)
-                model.swarm.close()  # here: its sockets are this thread's
-
-        threads = [threading.Thread(target=run, args=(k,), name=f"nanoswarm-batch-{k}", daemon=True)
-                   for k in range(len(prompts))]
-        try:
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        except BaseException:  # Ctrl-C: every generation stops after its step under way
-            batch.stop()
-            for thread in threads:
-                if thread.ident is not None:
-                    thread.join()
-            raise
-        finally:
-            with self._lock:  # what the generations learned of peers, for the next ones
-                for model, thread in zip(siblings, threads):
-                    if not thread.is_alive():
-                        self.swarm.take_bans(model.swarm)
-        failed = next((e for e in errors if e is not None and not isinstance(e, BatchStopped)), None)
-        if failed is not None:
-            raise failed
+        generate_in_step(self, prompts, results, max_new_tokens, sampling, keep_logits, at_once)
         return results
 
     def _sibling(self, swarm: Swarm) -> SwarmModel:

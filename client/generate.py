@@ -121,7 +121,7 @@ class ClientModel:
 
     def logits_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Logits of several generations' last positions at once, `rows` [n, 1, C] -> [n, vocab]
-        float32 on the CPU: the head's weight is read once for all n (client/head_batch.py). Each
+        float32 on the CPU: the head's weight is read once for all n (client/batch.py). Each
         row is within float32 rounding (~2e-6) of `logits` of that row alone, not equal to the bit."""
         with torch.inference_mode():
             if self.device.type == "cpu":

@@ -11,10 +11,10 @@ import time
 import pytest
 from conftest import sessions_on
 
-import nanoswarm.client.api as api
+import nanoswarm.client.batch as batch_module
 from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.batch import HeadBatch
 from nanoswarm.client.generate import SamplingParams
-from nanoswarm.client.head_batch import HeadBatch
 from nanoswarm.client.swarm import SwarmOptions
 from nanoswarm.node.cluster import NodeSpec
 
@@ -41,7 +41,7 @@ class RecordedBatch(HeadBatch):
 def recorded(monkeypatch):
     RecordedBatch.made = []
     RecordedBatch.at_round = staticmethod(lambda batch: None)
-    monkeypatch.setattr(api, "HeadBatch", RecordedBatch)
+    monkeypatch.setattr(batch_module, "HeadBatch", RecordedBatch)
     return RecordedBatch
 
 
@@ -74,6 +74,12 @@ def test_each_prompt_of_a_batch_gets_what_it_gets_alone(tiny_model_dir, cluster_
         # Uneven lengths: a generation that ends leaves the batch, the others go on.
         short = model.generate_batch(["ROMEO:", "JULIET:"], 3, SEEDED)
         assert [len(r.ids) for r in short] == [3, 3]
+        # Two at a time: a thread that has finished one prompt takes the next.
+        pairs = model.generate_batch(PROMPTS, 20, SEEDED, at_once=2)
+        assert [r.ids for r in pairs] == [r.ids for r in alone] and [r.text for r in pairs] == [r.text for r in alone]
+        assert recorded.made[-1].widest == 2
+        with pytest.raises(ValueError, match="at_once"):
+            model.generate_batch(PROMPTS, 4, at_once=0)
         mixed = model.generate_batch(PROMPTS[:2], 0, SEEDED)  # nothing to compute: no session
         assert [r.ids for r in mixed] == [[], []] and [r.stop_reason for r in mixed] == ["length", "length"]
     assert no_batch_threads()

@@ -1,21 +1,28 @@
 """Several generations run at once, one thread each, in step (SwarmModel.generate_batch).
 
-Each generation keeps everything a lone one has (its own session, links, failover, spot checks);
-what they share is the head. A generation's thread asks for its next logits and waits until every
+Each generation keeps everything a lone one has (its own session, failover, spot checks, and
+links: a thread's own `Swarm.sibling`, since ZeroMQ sockets are one thread's at a time); what
+they share is the head. A generation's thread asks for its next logits and waits until every
 generation still running has asked too; the last to ask runs ln_f + lm_head once for all of them.
 So the next decode steps of all of them leave together and reach each node together, where they
 share a forward pass (node/steps.py batches steps that arrive together), and the head's big
 matrix (154 MB for GPT-2 small) is read once a token, not once a generation. A generation that
-ends leaves the batch, and the rest go on without waiting for it.
+ends leaves the batch, and the rest go on without waiting for it. At most `at_once` run at a
+time (threads, links and node sessions stay bounded); a thread that has finished one prompt takes
+the next.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 
-from .generate import ClientModel
+from .generate import ClientModel, SamplingParams
+
+if TYPE_CHECKING:
+    from .api import GenerationResult, SwarmModel
 
 
 class BatchStopped(Exception):
@@ -60,6 +67,10 @@ class HeadBatch:
             except Exception:  # noqa: BLE001 - kept in _failed: the members waiting for it raise it
                 pass
 
+    @property
+    def stopped(self) -> bool:
+        return self._failed is not None
+
     def stop(self) -> None:
         """Wake every member waiting for its logits with BatchStopped; later asks raise it too."""
         with self._cond:
@@ -98,3 +109,65 @@ class HeadMember:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.batch.logits(self.k, hidden)
+
+
+def generate_in_step(model: SwarmModel, prompts: list[str], results: list[GenerationResult],
+                     max_new_tokens: int, sampling: SamplingParams | None, keep_logits: bool,
+                     at_once: int) -> None:
+    """Fill `results` (one a prompt) by generating the prompts in step, `at_once` at a time, on
+    `model`'s swarm (its peers, bans and spot checker; the bans its threads made are the
+    model's afterwards). Raises the first generation's error once all have stopped."""
+    with model._lock:
+        if model.closed:
+            raise RuntimeError("this SwarmModel is closed")
+        siblings = [model._sibling(model.swarm.sibling()) for _ in range(min(at_once, len(prompts)))]
+    batch = HeadBatch(model.client, len(siblings))
+    order = iter(range(len(prompts)))
+    order_lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def run(w: int) -> None:
+        sibling = siblings[w]
+        sibling.client = batch.member(w)
+        try:
+            while not batch.stopped:
+                with order_lock:
+                    k = next(order, None)
+                if k is None:
+                    break
+                stream = sibling.stream(prompts[k], max_new_tokens, sampling, results[k], keep_logits)
+                try:
+                    for _ in stream:
+                        if model.closed:
+                            raise RuntimeError("this SwarmModel was closed during the generation")
+                finally:
+                    stream.close()  # its session closed now, on this thread
+        except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+            errors.append(e)
+            batch.stop()  # the others end too: the batch fails as a whole
+        finally:
+            batch.leave(w)
+            sibling.swarm.close()  # here: its sockets are this thread's
+
+    threads = [threading.Thread(target=run, args=(w,), name=f"nanoswarm-batch-{w}", daemon=True)
+               for w in range(len(siblings))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    except BaseException:  # Ctrl-C: every generation stops after its step under way
+        batch.stop()
+        for thread in threads:
+            if thread.ident is not None:
+                thread.join()
+        raise
+    finally:
+        with model._lock:  # what the generations learned of peers, for the next ones
+            for sibling, thread in zip(siblings, threads):
+                if not thread.is_alive():
+                    model.swarm.take_bans(sibling.swarm)
+    failed = next((e for e in errors if not isinstance(e, BatchStopped)), None)
+    if failed is not None:
+        raise failed
+
