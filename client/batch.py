@@ -155,7 +155,8 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            while thread.is_alive():
+                thread.join(0.1)  # in slices: a signal's handler runs between them
     except BaseException:  # Ctrl-C: every generation stops after its step under way
         batch.stop()
         for thread in threads:

@@ -145,3 +145,26 @@ def test_a_batch_stopped_by_close_ends_every_generation_and_session(tiny_model_d
     while sum(sessions_on(a) for a in swarm.addresses) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sum(sessions_on(a) for a in swarm.addresses) == 0
+
+
+def test_ctrl_c_stops_every_generation_of_a_batch_and_closes_its_sessions(tiny_model_dir, cluster_factory, recorded):
+    """SIGINT to the process midway (the main thread waits for the generations): KeyboardInterrupt
+    comes out once every generation has stopped after its step, and no session is left open."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        def interrupt_at_round_5(batch: HeadBatch) -> None:
+            if batch.rounds == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+        recorded.at_round = staticmethod(interrupt_at_round_5)
+        with pytest.raises(KeyboardInterrupt):
+            model.generate_batch(PROMPTS, 60, SEEDED)
+        assert no_batch_threads()
+        [batch] = recorded.made
+        assert 5 <= batch.rounds < 60
+        recorded.at_round = staticmethod(lambda batch: None)
+        assert [len(r.ids) for r in model.generate_batch(PROMPTS[:2], 3, SEEDED)] == [3, 3]  # the model goes on
+    deadline = time.monotonic() + 5
+    while sum(sessions_on(a) for a in swarm.addresses) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(sessions_on(a) for a in swarm.addresses) == 0
+
