@@ -585,3 +585,128 @@ def test_a_member_keeps_partials_up_to_its_limit_and_refuses_the_rest_busy(tiny_
                     [torch.randn(1, positions, 64)]))])]
     assert [m.fields["code"] for m in answered] == ["busy"] * (4 * len(sids) - room)
     assert a.groups._kept_bytes == room * per
+
+
+def _group_step(handler, peer: bytes, sid: str, x, req_id: int, **fields):
+    me = "tcp://127.0.0.1:1#" + zmq.curve_keypair()[0].decode()
+    return handler.handle_batch([(peer, encode("step", req_id, {
+        "session": sid, "pos": 0, "member": 0, "wait": 1.0,
+        "group": [[me, sid], ["tcp://127.0.0.1:2#" + KEY_B, "their-session"]], **fields}, [x]))])
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_only_a_sessions_owner_starts_an_all_reduce_step_on_it(tiny_model_dir):
+    """`group_step.check_step` looks the session up with its owner: another peer (a group's
+    members learn each other's session ids from `group`) is answered unknown_session, no partial
+    goes out, and the session holds nothing."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    replies = _group_step(a, b"stranger", sid, torch.randn(1, 1, 64), 2)
+    assert [type(to) for to, _ in replies] == [bytes]
+    (to, frames), = replies
+    assert to == b"stranger" and decode(frames).fields["code"] == "unknown_session"
+    assert not a.groups.steps and a.sessions.sessions[sid].length == 0
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_an_all_reduce_step_is_refused_on_a_half_stored_position_and_past_max_length(tiny_model_dir):
+    """After a fan-out's attention of block 0 the position is half stored: an all-reduce
+    step there is bad_position; one past the session's max_length is too_large (not an internal
+    error from writing past the cache)."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 2}))).fields["session"]
+    (_, frames), = _group_step(a, b"owner", sid, torch.randn(1, 3, 64), 2)
+    assert decode(frames).fields["code"] == "too_large"
+    out = decode(a.handle(b"owner", encode("step", 3, {"session": sid, "pos": 0, "phase": "attn", "block": 0},
+                                           [torch.randn(1, 1, 64)])))
+    assert out.type == "result"
+    (_, frames), = _group_step(a, b"owner", sid, torch.randn(1, 1, 64), 4)
+    msg = decode(frames)
+    assert msg.fields["code"] == "bad_position" and "half stored" in msg.fields["message"]
+    assert a.sessions.sessions[sid].next_block == 1 and not a.groups.steps
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_a_step_closed_later_in_its_batch_is_not_computed(tiny_model_dir):
+    """An all-reduce step whose session a `close` later in the same batch ended is dropped
+    before its forward pass: no internal error (the closed cache's tensors are gone), no partial
+    sent, no answer."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    errors = []
+    a.groups.runner.note_error = lambda e: errors.append(e)
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    me = "tcp://127.0.0.1:1#" + zmq.curve_keypair()[0].decode()
+    replies = a.handle_batch([
+        (b"owner", encode("step", 2, {"session": sid, "pos": 0, "member": 0, "wait": 1.0,
+                                      "group": [[me, sid], ["tcp://127.0.0.1:2#" + KEY_B, "b"]]},
+                          [torch.randn(1, 1, 64)])),
+        (b"owner", encode("close", 3, {"session": sid}))])
+    assert [decode(f).type for _, f in replies] == ["closed"] and not errors and not a.groups.steps
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_members_whose_all_reduce_outputs_differ_are_met_by_fan_out_and_the_output_is_exact(tiny_model_dir):
+    """A member that sends the others another partial than the one it keeps makes the
+    members' outputs differ: the client must not take the first member's, but go by fan-out
+    (where each partial is seen), the output exact."""
+
+    from nanoswarm.client.session import InferenceSession
+
+    handlers, model_id = _handlers(tiny_model_dir)
+    for h in handlers:
+        h.can_relay = lambda contact: True
+    liar = handlers[1].groups
+    honest_send = liar._send
+
+    def lying_send(g, x, y):
+        out = []
+        for to, frames in honest_send(g, x, y):
+            msg = decode([bytes(f) for f in frames])
+            out.append((to, encode("partial", msg.id, msg.fields, [msg.tensor(0) * 1.5])))
+        return out
+
+    liar._send = lying_send
+    blocks = load_blocks(tiny_model_dir, 0, 4)
+    x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        want = blocks(x, [blocks.new_cache(8)])
+    with in_process_swarm(handlers, timeout=4.0) as (_, swarm):
+        session = InferenceSession.open(swarm, 8)
+        [group] = session.stages
+        assert group.all_reduce
+        got = session.step(x)
+        assert not group.all_reduce
+        assert (got - want).abs().max().item() <= 1e-5
+        session.close()
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_a_member_whose_partner_is_silent_gives_up_before_the_client_does(tiny_model_dir):
+    """A member waits for a partner's partial `wait` (all_reduce_wait: a quarter of the
+    client's timeout) and answers relay_failed, so the group goes by fan-out after that wait,
+    not after the client's whole timeout; the output exact."""
+    import time
+
+    from nanoswarm.client.session import InferenceSession
+
+    handlers, model_id = _handlers(tiny_model_dir)
+    for h in handlers:
+        h.can_relay = lambda contact: True
+    blocks = load_blocks(tiny_model_dir, 0, 4)
+    x = torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        want = blocks(x, [blocks.new_cache(8)])
+    with in_process_swarm(handlers, timeout=2.0) as (_, swarm):
+        handlers[1].groups.send = lambda replies: None  # member 1's partials never leave it
+        session = InferenceSession.open(swarm, 8)
+        [group] = session.stages
+        reasons = []
+        group.on_fan_out = reasons.append
+        t0 = time.monotonic()
+        got = session.step(x)
+        assert reasons == ["relay_failed"] and time.monotonic() - t0 < 1.8
+        assert (got - want).abs().max().item() <= 1e-5
+        session.close()

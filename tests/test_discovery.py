@@ -17,10 +17,11 @@ import time
 import msgpack
 import pytest
 import torch
-from conftest import SMALL12, TcpRelay, free_port, run_clis, sessions_on
+from conftest import SMALL12, SwarmWithALiar, TcpRelay, free_port, run_clis, sessions_on
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nanoswarm.client import manifests
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.discovery import fetch_table
 from nanoswarm.client.generate import SamplingParams
@@ -2399,3 +2400,46 @@ def test_a_program_that_opens_sessions_a_minute_apart_takes_its_background_reads
         assert result.gone == {}  # too old to drop anyone on
     finally:
         swarm.close()
+
+
+@pytest.fixture
+def one_node_table(tiny_model_dir, cluster_factory):
+    contact = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
+    model_id = read_manifest(tiny_model_dir).model_id
+    for _ in range(100):
+        table = fetch_table([contact]).table
+        if table.records(model_id):
+            return table, contact, model_id
+        import time
+        time.sleep(0.2)
+    raise AssertionError("no record")
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_a_peer_slower_than_a_slice_still_gives_its_manifest(tiny_model_dir, cluster_factory):
+    """Replies are read in SLICE_SECONDS slices; a peer that has not answered within one
+    (a PeerTimeout of that slice only) is read again in the next, not dropped: here its CURVE
+    handshake alone takes 0.5 s (a peer far away)."""
+    import time
+
+    contact = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--dishonest", "--slow-handshake", "0.5"])],
+                              cluster=SwarmWithALiar).addresses[0]
+    model_id = read_manifest(tiny_model_dir).model_id
+    deadline = time.monotonic() + 30
+    while not (table := fetch_table([contact]).table).records(model_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert manifests.SLICE_SECONDS < 0.5
+    assert list(manifests_from_peers(table, [model_id], timeout=5)) == [model_id]
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_a_model_with_one_dead_peer_and_one_live_is_learned(one_node_table, monkeypatch):
+    """PEERS_ASKED peers of a model are asked at once, so one that is gone costs nothing:
+    the dead one drawn first, the live one is asked beside it."""
+    table, contact, model_id = one_node_table
+    with socket.create_server(("127.0.0.1", 0)) as mute:
+        dead = f"tcp://127.0.0.1:{mute.getsockname()[1]}"
+        assert table.offer(sign_record(generate_identity(), address=dead, model_id=model_id, layers=(0, 4),
+                                       seq=1)) == "accepted"
+        monkeypatch.setattr(manifests.random, "shuffle", lambda cs: cs.sort(key=lambda c: contact in c))
+        assert list(manifests_from_peers(table, [model_id], timeout=3)) == [model_id]

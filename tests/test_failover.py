@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+import torch
 from conftest import SwarmWithALiar, TcpRelay, free_port, sessions_on
 
 from nanoswarm.client import relay as relay_module
@@ -2311,3 +2312,131 @@ def test_a_route_error_names_the_peers_of_the_missing_blocks_first():
     assert str(caught.value).startswith("no peer serves layers 2:4; not used: D: banned")
     assert str(caught.value).index("E: unreachable") < str(caught.value).index("A: banned")
     assert str(caught.value).endswith("and 2 more")
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_a_busy_stage_is_asked_again_not_failed_over():
+    """A layer stage's `busy` (an overloaded honest node, its session as it was) is asked
+    again after a pause, up to BUSY_RETRIES times, with no plan, no ban, no failover."""
+    from types import SimpleNamespace
+
+    from nanoswarm.client.peer_errors import PeerError
+    from nanoswarm.client.session import InferenceSession
+    from nanoswarm.client.stages import Stage
+
+    class BusyOnce(Stage):
+        start, stop, retries_busy, leaving = 0, 1, False, False
+
+        def __init__(self):
+            self.steps = 0
+
+        @property
+        def peers(self):
+            return ["A"]
+
+        def open(self, max_length: int) -> None:
+            pass
+
+        def step(self, hidden, pos, rewind=False):
+            self.steps += 1
+            if self.steps == 1:
+                raise PeerError("A", "busy", "overloaded")
+            return hidden + 1
+
+        def close(self) -> None:
+            pass
+
+    class Swarm:
+        n_layer, bans, checker, closed = 1, {}, None, False
+        options = SimpleNamespace(relay=False, wire="float32", timeout=1.0, verify=0.0)
+
+        def ban(self, address, why, code=""):
+            self.bans[address] = why
+
+        def drain_events(self):
+            pass
+
+        def plan(self, *args, **kwargs):
+            raise AssertionError("a busy stage was failed over")
+
+    stage, swarm = BusyOnce(), Swarm()
+    session = InferenceSession([stage], 8, swarm)
+    out = session.step(torch.zeros(1, 1, 4))
+    assert torch.equal(out, torch.ones(1, 1, 4)) and stage.steps == 2
+    assert session.stages == [stage] and session.failovers == 0 and not swarm.bans
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_peers_that_reclaim_and_refuse_are_struck_after_one_free_move_each():
+    """A peer whose reclaimed session's reopen is refused `busy` is moved off free once a
+    session; the next time it is struck. Fake stages that are idle long enough that every
+    session_closed is taken as a reclaim (the existing test's fakes never are: asked_at ==
+    sent_at, so they are struck as faults and the free move is never reached)."""
+    from types import SimpleNamespace
+
+    from nanoswarm.client.peer_errors import PeerError
+    from nanoswarm.client.route import RouteError
+    from nanoswarm.client.session import InferenceSession, SessionError
+    from nanoswarm.client.stages import Stage
+
+    class Reclaiming(Stage):  # serves position 0, then reclaims as if idle 100 s; reopens refused busy
+        start, stop, retries_busy, leaving = 0, 1, False, False
+
+        def __init__(self, address: str):
+            self.address, self.opens = address, 0
+
+        @property
+        def peers(self):
+            return [self.address]
+
+        def open(self, max_length: int) -> None:
+            self.opens += 1
+            if self.opens > 1:
+                raise PeerError(self.address, "busy", "full")
+
+        def step(self, hidden, pos, rewind=False):
+            if pos > 0:
+                self.asked_at = self.sent_at + 100.0
+                raise PeerError(self.address, "session_closed", "reclaimed")
+            return hidden
+
+        def close(self) -> None:
+            pass
+
+    plans, struck = [], []
+
+    class TwoPeers:
+        n_layer, bans, checker, closed = 1, {}, None, False
+        options = SimpleNamespace(relay=False, wire="float32", timeout=1.0, verify=0.0)
+
+        def ban(self, address, why, code=""):
+            struck.append((address, len(plans)))
+            self.bans[address] = SimpleNamespace(until=float("inf"), strikes=1)
+
+        def moved(self, e):
+            return False
+
+        def drain_events(self):
+            pass
+
+        def plan(self, start=0, stop=None, max_length=None, refused=None):
+            plans.append(1)
+            assert len(plans) < 20, "the stage went back and forth without end"
+            free = [a for a in ("A", "B") if a not in (refused or {}) and a not in self.bans]
+            if not free:
+                raise RouteError([0], "")
+            return [free[0]]
+
+        def make_stage(self, address):
+            return Reclaiming(address)
+
+    import torch
+    swarm = TwoPeers()
+    session = InferenceSession([Reclaiming("A")], 8, swarm)
+    session.stages[0].opens = 1
+    session.step(torch.zeros(1, 1, 4))
+    try:
+        session.step(torch.zeros(1, 1, 4))
+    except SessionError:
+        pass
+    assert [a for a, _ in struck] == ["A", "B"] and len(plans) <= 5, (struck, len(plans))

@@ -411,3 +411,60 @@ def test_a_member_of_an_earlier_version_is_asked_its_heads_at_open(tiny_model_di
         wrong.close()  # as the session's open does on an error: the old member's session is closed
         time.sleep(0.2)
         assert [len(h.sessions.sessions) for h in handlers] == [0, 0, 0]
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_closing_a_head_group_closes_each_members_own_session(tiny_model_dir):
+    """Each member's session is closed on that member's connection: a close sent elsewhere
+    leaves the member's KV cache held till its idle timeout (other clients are refused busy)."""
+    import time
+
+    from nanoswarm.client.head_group import HeadGroupStage
+
+    handlers, model_id = _members(tiny_model_dir)
+    with in_process_nodes(handlers) as conns:
+        stage = HeadGroupStage([(conns[0], (0, 2)), (conns[1], (2, 4))], 0, 4, model_id)
+        stage.open(8)
+        assert all(len(h.sessions.sessions) == 1 for h in handlers)
+        stage.close()
+        deadline = time.monotonic() + 5
+        while any(h.sessions.sessions for h in handlers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(h.sessions.sessions for h in handlers)
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_a_member_busy_through_every_retry_fails_the_step_busy(tiny_model_dir):
+    """A fan-out member still busy after BUSY_RETRIES retries raises its PeerError (the
+    session fails it over), not a TypeError from summing a partial that never came."""
+
+    from nanoswarm.client.head_group import HeadGroupStage
+    from nanoswarm.client.peer_errors import PeerError
+    from nanoswarm.node.sessions import NodeLimits
+
+    model_id = read_manifest(tiny_model_dir).model_id
+    busy = _BusyOnce(load_blocks(tiny_model_dir, 0, 4, heads=(2, 4)), model_id, "b", NodeLimits(), block=2)
+    from nanoswarm.protocol.errors import ErrorCode, ProtocolError
+    handlers = [_members(tiny_model_dir)[0][0], busy]
+
+    def always_busy(reply_to, msg, **kwargs):
+        if msg.get("phase") == "attn" and msg.get("block") == 2:
+            raise ProtocolError(ErrorCode.BUSY, "node overloaded (test)")
+        return plain(reply_to, msg, **kwargs)
+
+    plain = type(busy.steps.checks).validate.__get__(busy.steps.checks)
+    busy.steps.checks.validate = always_busy
+    with in_process_nodes(handlers) as conns:
+        stage = HeadGroupStage([(conns[0], (0, 2)), (conns[1], (2, 4))], 0, 4, model_id)
+        stage.open(8)
+        with pytest.raises(PeerError) as e:
+            stage.step(torch.randn(1, 1, 64), 0)
+        assert e.value.code == "busy"
+
+
+def _members(model_dir) -> tuple[list[RequestHandler], str]:
+    """Two head-shard handlers of the tiny model, heads 0:2 and 2:4 of every block."""
+    model_id = read_manifest(model_dir).model_id
+    return [RequestHandler(load_blocks(model_dir, 0, 4, heads=h), model_id, f"m{k}", NodeLimits())
+            for k, h in enumerate([(0, 2), (2, 4)])], model_id
+

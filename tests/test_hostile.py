@@ -1279,3 +1279,18 @@ def test_a_process_out_of_file_descriptors_says_so(tiny_model_dir, cluster_facto
                          preexec_fn=ten_descriptors)
     last = gen.stderr.strip().splitlines()[-1]
     assert gen.returncode == 1 and last.startswith("error: this process ") and "out of file descriptors" in last, last
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_a_head_shard_attention_step_at_another_position_is_refused(tiny_model_dir):
+    """A phase step's attention must be at the session's length (an mlp partial is
+    stateless): one at a stale position would be stored at the length and answered for it."""
+    d = make_driver((load_blocks(tiny_model_dir, 0, 2, heads=(0, 2)), read_manifest(tiny_model_dir).model_id))
+    sid = d.open(8)
+    for block in (0, 1):
+        d.ok("step", {"session": sid, "pos": 0, "phase": "attn", "block": block}, [hidden(1)])
+    for pos in (0, 2):  # held already; ahead
+        d.refuses("bad_position", "holds 1", "step", {"session": sid, "pos": pos, "phase": "attn", "block": 0},
+                  [hidden(1)])
+    d.ok("step", {"session": sid, "pos": 0, "phase": "mlp", "block": 0}, [hidden(1)])  # stateless: any position
+    assert d.h.sessions.sessions[sid].length == 1 and d.h.sessions.sessions[sid].next_block == 0

@@ -21,6 +21,7 @@ from test_failover import (  # the same fault harness
     generate_with_fault,
     step_past_a_killed_first_peer,
 )
+from test_hostile import hidden
 
 import nanoswarm.client.relay as relay_module
 from nanoswarm.client.api import SwarmModel
@@ -1352,3 +1353,87 @@ def test_a_drop_that_another_sessions_pin_reads_is_left_to_the_sessions_it_dropp
         second.close()
     finally:
         model.close()
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_a_relayed_step_goes_on_only_to_a_first_hop_the_node_knows(handler):
+    """`can_relay` is asked of the next hop (next[0]), the one the node connects to: a known
+    contact later in the chain does not make a stranger reachable."""
+    sid = ask(handler, b"owner", "open", {"max_length": 16})[1].fields["session"]
+    stranger = "tcp://10.0.0.1:1#" + "cd" * 32
+    to, reply = ask(handler, b"owner", "step", {"session": sid, "pos": 0, "reply": 5,
+                                                "next": [[stranger, "s"], [KNOWN, "s2"]]}, [hidden(1)])
+    assert (to, reply.fields["code"]) == (b"owner", "not_served")
+    assert handler.sessions.sessions[sid].length == 0
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_a_link_not_reached_fails_once_its_oldest_step_waited_though_new_ones_keep_coming():
+    """UNREACHED_SECONDS counts from the oldest step waiting on a link that never had a
+    handshake: a step sent every few seconds (a busy node) must not keep the link waiting."""
+    import time
+
+    from nanoswarm.node.relay import UNREACHED_SECONDS, RelayLinks, next_hop_id
+
+    links = RelayLinks(zmq.Context.instance(), None)
+    try:
+        contact = "tcp://127.0.0.1:1"  # nothing listens
+        for reply in (1, 2):
+            assert links.send(Relay(contact, b"owner", reply, next_hop_id()), [b"x"]) is None
+        (link,) = links._links.values()
+        now = time.monotonic()
+        (k0, _), (k1, _) = link.recent
+        link.recent.clear()
+        link.recent.extend([(k0, now - UNREACHED_SECONDS - 1), (k1, now - 0.5)])
+        links.expire(now)
+        failed = sorted(decode(f).id for _, f in links.take_failed())
+        assert failed == [1, 2] and contact not in links._links
+    finally:
+        links.close()
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_a_relay_link_reads_nothing_larger_than_a_bounced_error():
+    """What comes back on a relay link is only a bounced error's header: the link's socket
+    caps messages (a next hop anyone can sign a record for must not make the node buffer a huge
+    one)."""
+    from nanoswarm.node.relay import RelayLinks, next_hop_id
+    from nanoswarm.protocol.messages import MAX_HEADER_BYTES
+
+    links = RelayLinks(zmq.Context.instance(), None)
+    try:
+        links.send(Relay("tcp://127.0.0.1:1", b"owner", 1, next_hop_id()), [b"x"])
+        (link,) = links._links.values()
+        assert link.socket.get(zmq.MAXMSGSIZE) == 2 * MAX_HEADER_BYTES
+    finally:
+        links.close()
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_a_link_whose_queue_fills_is_closed_and_its_waiting_steps_answered():
+    """A next hop that does not read fills the link's queue: the send that fails closes the
+    link (its waiting steps are answered relay_failed at once, not after their clients' timeouts)
+    and the next step to that hop gets a fresh link (one ZeroMQ dropped for good is not kept)."""
+    from nanoswarm.node.relay import RelayLinks, next_hop_id
+
+    ctx = zmq.Context.instance()
+    hop = ctx.socket(zmq.ROUTER)
+    hop.setsockopt(zmq.RCVHWM, 1)
+    hop.setsockopt(zmq.RCVBUF, 4096)
+    port = hop.bind_to_random_port("tcp://127.0.0.1")
+    contact = f"tcp://127.0.0.1:{port}"
+    links = RelayLinks(ctx, None)
+    big = b"x" * (256 * 1024)
+    try:
+        why = None
+        for reply in range(1, 2000):
+            why = links.send(Relay(contact, b"owner", reply, next_hop_id()), [big])
+            if why is not None:
+                break
+        assert why is not None and "cannot reach" in why
+        assert contact not in links._links
+        failed = links.take_failed()
+        assert failed and all(decode(f).fields["code"] == "relay_failed" for _, f in failed)
+    finally:
+        links.close()
+        hop.close(linger=0)

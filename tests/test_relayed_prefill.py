@@ -330,3 +330,40 @@ def test_killed_hops_after_a_relayed_prefill_give_the_same_tokens(small12_model_
     assert result.ids == expected_long
     assert result.failovers == len(picks) and len(notices) == len(picks)
     assert not set(killed) & {p for stage in result.route for p in stage["peers"]}  # spares took over
+
+
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_a_relayed_prompt_after_a_kept_one_is_recovered_from_its_own_position(tiny_model_dir, cluster_factory):
+    """A short prompt (kept: its trail came back), then a long one relayed without trail
+    from position 3: the later stages' histories lack positions 3.. only. Killing the last stage
+    recomputes them through the stage before from position 3 (a replay sent at position 0 would
+    rewind that stage's cache to 0 and store them there), and the logits stay exact."""
+    import signal
+
+    from nanoswarm.client.api import SwarmModel
+    from nanoswarm.client.swarm import SwarmOptions
+    from nanoswarm.shards.weights import load_model
+
+    specs = [NodeSpec((0, 1)), NodeSpec((1, 3)), NodeSpec((3, 4)), NodeSpec((3, 4))]
+    swarm = cluster_factory(tiny_model_dir, specs)
+    ids = torch.randint(0, 50257, (3 + P + 2,), generator=torch.Generator().manual_seed(11))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0]
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=3.0, ban_seconds=60))
+    try:
+        session = model.session(len(ids))
+
+        def step(a: int, b: int) -> torch.Tensor:
+            out = model.client.logits(session.step(model.client.embed(ids[a:b].tolist(), a)))
+            return out.reshape(-1, out.shape[-1])[-1]
+
+        step(0, 3)
+        step(3, 3 + P)
+        assert [h.first_unkept() for h in session.history] == [None, 3, 3]
+        swarm.kill(_index(swarm, session.stages[2].peers[0]), signal.SIGKILL)
+        got = step(3 + P, 4 + P)
+        assert session.failovers == 1
+        assert (got - want[3 + P]).abs().max().item() <= 1e-5
+        session.close()
+    finally:
+        model.close()
