@@ -14,15 +14,23 @@ the next.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections import deque
 from typing import TYPE_CHECKING
 
 import torch
 
 from .generate import ClientModel, SamplingParams
+from .route import RouteError
 
 if TYPE_CHECKING:
     from .api import GenerationResult, SwarmModel
+
+log = logging.getLogger(__name__)
+
+
+WAKE_SECONDS = 0.1  # the longest a member waiting for its logits goes without looking whether the batch stopped
 
 
 class BatchStopped(Exception):
@@ -54,7 +62,7 @@ class HeadBatch:
             while k not in self._answers:
                 if self._failed is not None:
                     raise self._failed
-                self._cond.wait()
+                self._cond.wait(WAKE_SECONDS)  # `stop` may set _failed without the lock
             return self._answers.pop(k)
 
     def leave(self, k: int) -> None:
@@ -72,11 +80,17 @@ class HeadBatch:
         return self._failed is not None
 
     def stop(self) -> None:
-        """Wake every member waiting for its logits with BatchStopped; later asks raise it too."""
-        with self._cond:
-            if self._failed is None:
-                self._failed = BatchStopped("the batch was stopped")
-            self._cond.notify_all()
+        """Wake every member waiting for its logits with BatchStopped; later asks raise it too.
+        Stopped first without the lock (a head pass may hold it for a while, and a second Ctrl-C
+        in the wait for it must not leave the batch running: review174); the members waiting
+        see it within WAKE_SECONDS, or at once if the lock comes free."""
+        if self._failed is None:
+            self._failed = BatchStopped("the batch was stopped")
+        if self._cond.acquire(timeout=WAKE_SECONDS):
+            try:
+                self._cond.notify_all()
+            finally:
+                self._cond.release()
 
     def _run_if_all_asked(self) -> None:
         # Under the lock: the members that asked wait for this pass anyway.
@@ -116,36 +130,65 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
                      at_once: int) -> None:
     """Fill `results` (one a prompt) by generating the prompts in step, `at_once` at a time, on
     `model`'s swarm (its peers, bans and spot checker; the bans its threads made are the
-    model's afterwards). Raises the first generation's error once all have stopped."""
+    model's afterwards). Raises the first generation's error once all have stopped.
+
+    A generation that finds no route at its start while others of the batch run (their sessions
+    may be what fills the nodes: `--max-sessions`, `busy`) gives its prompt back and its thread
+    ends: the batch goes on narrower. The last thread left raises it."""
+    from .api import GenerationResult
+
     with model._lock:
         if model.closed:
             raise RuntimeError("this SwarmModel is closed")
         siblings = [model._sibling(model.swarm.sibling()) for _ in range(min(at_once, len(prompts)))]
     batch = HeadBatch(model.client, len(siblings))
-    order = iter(range(len(prompts)))
-    order_lock = threading.Lock()
+    queue = deque(range(len(prompts)))
+    state = threading.Lock()  # the queue and the count of threads still taking prompts
+    taking = [len(siblings)]
     errors: list[BaseException] = []
+
+    def next_prompt() -> int | None:
+        with state:  # an empty queue and this thread's leaving, at once (a prompt given back meanwhile is taken)
+            if queue and not batch.stopped:
+                return queue.popleft()
+            taking[0] -= 1
+            return None
+
+    def give_back(k: int, e: RouteError) -> None:
+        """Prompt k found no route at its start: back to the queue, and this thread takes no more,
+        unless it is the last one taking prompts (then the error is the batch's)."""
+        with state:
+            if results[k].route or taking[0] == 1:
+                raise e
+            queue.appendleft(k)
+            results[k] = GenerationResult(prompts[k])
+            taking[0] -= 1
+        log.info("batch: no route for one more generation at once; going on with %d", taking[0])
 
     def run(w: int) -> None:
         sibling = siblings[w]
         sibling.client = batch.member(w)
+        taken = False  # whether this thread has left `taking`
         try:
-            while not batch.stopped:
-                with order_lock:
-                    k = next(order, None)
-                if k is None:
-                    break
+            while (k := next_prompt()) is not None:
                 stream = sibling.stream(prompts[k], max_new_tokens, sampling, results[k], keep_logits)
                 try:
                     for _ in stream:
                         if model.closed:
                             raise RuntimeError("this SwarmModel was closed during the generation")
+                except RouteError as e:
+                    give_back(k, e)
+                    break
                 finally:
                     stream.close()  # its session closed now, on this thread
+            taken = True
         except BaseException as e:  # noqa: BLE001 - re-raised by the caller
             errors.append(e)
             batch.stop()  # the others end too: the batch fails as a whole
         finally:
+            if not taken:
+                with state:
+                    taking[0] -= 1
             batch.leave(w)
             sibling.swarm.close()  # here: its sockets are this thread's
 
@@ -154,14 +197,9 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
     try:
         for thread in threads:
             thread.start()
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.1)  # in slices: a signal's handler runs between them
+        _wait_for(threads)
     except BaseException:  # Ctrl-C: every generation stops after its step under way
-        batch.stop()
-        for thread in threads:
-            if thread.ident is not None:
-                thread.join()
+        stop_and_wait(batch, threads)
         raise
     finally:
         with model._lock:  # what the generations learned of peers, for the next ones
@@ -172,3 +210,25 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
     if failed is not None:
         raise failed
 
+
+def _wait_for(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(WAKE_SECONDS)  # in slices: a signal's handler runs between them
+
+
+def stop_and_wait(batch: HeadBatch, threads: list[threading.Thread]) -> None:
+    """Stop the batch and wait for every thread of it: each ends after its step under way. Further
+    Ctrl-Cs meanwhile only wait on (review174: a second one left the batch running behind the
+    raised KeyboardInterrupt, holding its sessions, and a program that then exited could abort
+    with threads still in ZeroMQ)."""
+    told = False
+    while True:
+        try:
+            batch.stop()
+            _wait_for([t for t in threads if t.ident is not None])
+            return
+        except KeyboardInterrupt:
+            if not told:
+                log.warning("stopping: waiting for the batch's steps under way (at most the step timeout)")
+                told = True

@@ -245,12 +245,15 @@ class Swarm(PeerTable):
         return True
 
     def sibling(self) -> Swarm:
-        """A swarm of the same peers, bans, bootstraps, round trips and spot checker, with links
-        of its own: for another thread (ZeroMQ sockets are one thread's at a time), as
+        """A swarm of the same peers, contacts, bans, bootstraps, round trips and spot checker,
+        with links of its own: for another thread (ZeroMQ sockets are one thread's at a time), as
         SwarmModel.generate_batch runs one generation a thread. What it learns of peers stays its
-        own until `take_bans`."""
+        own until `take_bans`. (The contacts too: a `--peers` swarm asks them again when no route
+        is left, review174.)"""
         other = Swarm(self.model_id, self.n_layer, self.n_head, self.options)
         other.peers.update(self.peers)
+        other.contacts.update(self.contacts)
+        other.rejected.update(self.rejected)
         other.bans.update({a: dataclasses.replace(b) for a, b in self.bans.items()})
         other.bootstraps, other.checker = list(self.bootstraps), self.checker
         other.timed.update(self.timed)

@@ -168,3 +168,44 @@ def test_ctrl_c_stops_every_generation_of_a_batch_and_closes_its_sessions(tiny_m
         time.sleep(0.05)
     assert sum(sessions_on(a) for a in swarm.addresses) == 0
 
+
+def test_a_second_ctrl_c_still_stops_the_batch(tiny_model_dir, cluster_factory, recorded):
+    """Review174: two SIGINTs 0.1 s apart while a head pass holds the batch's lock (0.3 s): the
+    first stop's wait for that lock was cut by the second, and the batch ran on behind the raised
+    KeyboardInterrupt (every prompt to its end, holding its sessions). Now the batch is stopped
+    before its lock is taken, and the wait for its threads outlasts further Ctrl-Cs."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        def interrupt_twice_at_round_3(batch: HeadBatch) -> None:
+            if batch.rounds == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+        recorded.at_round = staticmethod(interrupt_twice_at_round_3)
+        with pytest.raises(KeyboardInterrupt):
+            model.generate_batch(PROMPTS * 4, 60, SEEDED, at_once=4)
+        assert no_batch_threads()
+        [batch] = recorded.made
+        assert batch.stopped and batch.rounds < 10
+    deadline = time.monotonic() + 5
+    while sum(sessions_on(a) for a in swarm.addresses) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(sessions_on(a) for a in swarm.addresses) == 0
+
+
+def test_a_batch_wider_than_the_nodes_session_limit_goes_on_narrower(tiny_model_dir, cluster_factory, recorded):
+    """Review174: nodes that hold 2 sessions each, 6 prompts 4 at a time: a generation whose open
+    is refused (the batch's own sessions fill the nodes) gives its prompt back and its thread
+    ends; every prompt still gets what it gets alone."""
+    limit = ["--max-sessions", "2"]
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=limit), NodeSpec((2, 4), args=limit)])
+    prompts = [*PROMPTS, "ROMEO: a second", "JULIET: a second"]
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        alone = [model.generate(p, 8, SEEDED).ids for p in prompts]
+        assert model.swarm.sibling().contacts == model.swarm.contacts  # (a sibling asks them again too)
+        together = model.generate_batch(prompts, 8, SEEDED, at_once=4)
+        assert [r.ids for r in together] == alone and all(r.stop_reason == "length" for r in together)
+        assert recorded.made[-1].widest <= 2
+    assert no_batch_threads()
+
