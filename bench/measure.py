@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoswarm.client.batch import BatchStopped, HeadBatch
+from nanoswarm.client.batch import BatchStopped, HeadBatch, join_all, stop_and_wait
 from nanoswarm.client.generate import ClientModel
 from nanoswarm.client.head_group import HeadGroupStage
 from nanoswarm.client.peer_errors import PeerError
@@ -213,8 +213,11 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
     gc.collect()
     start.wait()
     t0 = time.perf_counter()
-    for t in threads:
-        t.join()
+    try:
+        join_all(threads)
+    except BaseException:  # Ctrl-C: the sessions stop after their steps under way
+        stop_and_wait(batch, threads)
+        raise
     wall = time.perf_counter() - t0
     if errors:
         raise next((e for e in errors if not isinstance(e, BatchStopped)), errors[0])

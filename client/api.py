@@ -252,9 +252,11 @@ class SwarmModel:
         generation `generate` would give alone (its own session, failover, spot checks; with the
         same `sampling`, seed included), their decode steps sent together so that the nodes run
         them in one forward pass, and the head run once a token for all (client/batch.py).
-        Logits are within float32 rounding (~2e-6) of a lone generation's: greedy tokens differ
-        only where two logits tie that closely. Raises the first generation's error once every
-        one has stopped; Ctrl-C stops them all, each after its step under way."""
+        Logits are within float32 rounding (~2e-6) of a lone generation's, so a token differs
+        from a lone run's only where that rounding turns the sampler's order of two candidates
+        (greedy: a tie that close; sampling: two logits that close swap places in its sort).
+        Raises the first generation's error once every one has stopped; Ctrl-C stops them all,
+        each after its step under way."""
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) \
                 or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a list of texts (str)")

@@ -197,7 +197,7 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
     try:
         for thread in threads:
             thread.start()
-        _wait_for(threads)
+        join_all(threads)
     except BaseException:  # Ctrl-C: every generation stops after its step under way
         stop_and_wait(batch, threads)
         raise
@@ -211,7 +211,8 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
         raise failed
 
 
-def _wait_for(threads: list[threading.Thread]) -> None:
+def join_all(threads: list[threading.Thread]) -> None:
+    """Wait for every thread of `threads`."""
     for thread in threads:
         while thread.is_alive():
             thread.join(WAKE_SECONDS)  # in slices: a signal's handler runs between them
@@ -226,7 +227,7 @@ def stop_and_wait(batch: HeadBatch, threads: list[threading.Thread]) -> None:
     while True:
         try:
             batch.stop()
-            _wait_for([t for t in threads if t.ident is not None])
+            join_all([t for t in threads if t.ident is not None])
             return
         except KeyboardInterrupt:
             if not told:
