@@ -50,6 +50,14 @@ def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def sessions_left(swarm, seconds: float = 5.0) -> int:
+    """The sessions the swarm's nodes hold, once closes sent have had `seconds` to arrive."""
+    deadline = time.monotonic() + seconds
+    while (held := sum(sessions_on(a) for a in swarm.addresses)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return held
+
+
 def no_batch_threads() -> bool:
     return not any(t.name.startswith("nanoswarm-batch-") and t.is_alive() for t in threading.enumerate())
 
@@ -83,7 +91,7 @@ def test_each_prompt_of_a_batch_gets_what_it_gets_alone(tiny_model_dir, cluster_
         mixed = model.generate_batch(PROMPTS[:2], 0, SEEDED)  # nothing to compute: no session
         assert [r.ids for r in mixed] == [[], []] and [r.stop_reason for r in mixed] == ["length", "length"]
     assert no_batch_threads()
-    assert sum(sessions_on(a) for a in swarm.addresses) == 0
+    assert sessions_left(swarm) == 0
 
 
 def test_a_batch_is_refused_before_any_peer_is_asked(tiny_model_dir, cluster_factory):
@@ -141,10 +149,7 @@ def test_a_batch_stopped_by_close_ends_every_generation_and_session(tiny_model_d
     with pytest.raises(RuntimeError, match="closed"):
         model.generate_batch(PROMPTS, 40, SEEDED)
     assert no_batch_threads()
-    deadline = time.monotonic() + 5
-    while sum(sessions_on(a) for a in swarm.addresses) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sum(sessions_on(a) for a in swarm.addresses) == 0
+    assert sessions_left(swarm) == 0
 
 
 def test_ctrl_c_stops_every_generation_of_a_batch_and_closes_its_sessions(tiny_model_dir, cluster_factory, recorded):
@@ -163,10 +168,7 @@ def test_ctrl_c_stops_every_generation_of_a_batch_and_closes_its_sessions(tiny_m
         assert 5 <= batch.rounds < 60
         recorded.at_round = staticmethod(lambda batch: None)
         assert [len(r.ids) for r in model.generate_batch(PROMPTS[:2], 3, SEEDED)] == [3, 3]  # the model goes on
-    deadline = time.monotonic() + 5
-    while sum(sessions_on(a) for a in swarm.addresses) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sum(sessions_on(a) for a in swarm.addresses) == 0
+    assert sessions_left(swarm) == 0
 
 
 def test_a_second_ctrl_c_still_stops_the_batch(tiny_model_dir, cluster_factory, recorded, monkeypatch):
@@ -195,10 +197,7 @@ def test_a_second_ctrl_c_still_stops_the_batch(tiny_model_dir, cluster_factory, 
         assert cut and no_batch_threads()
         [batch] = recorded.made
         assert batch.stopped and batch.rounds < 60  # of 240 (16 prompts of 60 tokens, 4 at a time)
-    deadline = time.monotonic() + 5
-    while sum(sessions_on(a) for a in swarm.addresses) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sum(sessions_on(a) for a in swarm.addresses) == 0
+    assert sessions_left(swarm) == 0
 
 
 def test_a_batch_wider_than_the_nodes_session_limit_goes_on_narrower(tiny_model_dir, cluster_factory, recorded):
