@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
@@ -18,7 +19,12 @@ if TYPE_CHECKING:  # (imported when used: torch is slow to import for --help)
 
 
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option("--prompts-file", type=click.File("r", encoding="utf-8"), default=None,
+              help="Generate for every line of this file (`-`: stdin; empty lines skipped) at once, in step, "
+                   "instead of PROMPT; the results at the end, in the file's order.")
+@click.option("--at-once", type=click.IntRange(min=1), default=16, show_default=True,
+              help="With --prompts-file: at most this many generations at a time.")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--peers", default=None, help="Comma-separated node contacts (ADDRESS#KEY, as nodes print them); "
               "with --bootstrap, used beside the peers its table names.")
@@ -49,12 +55,14 @@ if TYPE_CHECKING:  # (imported when used: torch is slow to import for --help)
                    "that computed wrong is banned and its work redone.")
 @click.option("--local", is_flag=True,
               help="Run every block in this process, no swarm: the reference a swarm's output must match.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead.")
-def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[str, ...], key_file: Path | None,
-             insecure: bool, max_new_tokens: int, temperature: float,
-             top_k: int | None, top_p: float | None, seed: int | None, timeout: float, wire: str,
-             relay: bool, device: str, verify: float, local: bool, as_json: bool) -> None:
-    """Generate text from PROMPT through the swarm, streaming it to stdout."""
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object at the end instead (with --prompts-file, one a line).")
+def generate(prompt: str | None, prompts_file: TextIO | None, at_once: int, model_dir: Path, peers: str | None,
+             bootstrap: tuple[str, ...], key_file: Path | None, insecure: bool, max_new_tokens: int,
+             temperature: float, top_k: int | None, top_p: float | None, seed: int | None, timeout: float,
+             wire: str, relay: bool, device: str, verify: float, local: bool, as_json: bool) -> None:
+    """Generate text from PROMPT through the swarm, streaming it to stdout (or, with
+    --prompts-file, from every line of a file at once: SwarmModel.generate_batch)."""
     from nanoswarm.client.api import SwarmModel
     from nanoswarm.client.swarm import SwarmOptions
     from nanoswarm.shards.device import resolve_device
@@ -74,6 +82,15 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
     if not addresses and not bootstraps and not local:
         raise click.UsageError("give --bootstrap or --peers (or --local)")
     sampling = sampling_params(temperature, top_k or None, top_p, seed)  # bad values fail before connecting
+    if (prompt is None) == (prompts_file is None):
+        raise click.UsageError("give a PROMPT or --prompts-file, one of them")
+    if prompts_file is None and ctx.get_parameter_source("at_once") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--at-once goes with --prompts-file")
+    prompts = None if prompts_file is None else [line.rstrip("\r\n") for line in prompts_file]
+    if prompts is not None:
+        prompts = [p for p in prompts if p.strip()]
+        if not prompts:
+            raise click.UsageError("--prompts-file holds no prompt (empty lines are skipped)")
     head_device = resolve_device(device)
     if local:
         model = SwarmModel.local(model_dir, device=head_device)
@@ -83,9 +100,29 @@ def generate(prompt: str, model_dir: Path, peers: str | None, bootstrap: tuple[s
         model = SwarmModel.connect(model_dir, peers=addresses, bootstrap=bootstraps, options=options,
                                    device=head_device)
     try:
-        run_generation(model, prompt, max_new_tokens, sampling, as_json)
+        if prompts is not None:
+            run_batch(model, prompts, max_new_tokens, sampling, at_once, as_json)
+        else:
+            run_generation(model, prompt, max_new_tokens, sampling, as_json)
     finally:
         model.close()
+
+
+def run_batch(model: SwarmModel, prompts: list[str], max_new_tokens: int, sampling: SamplingParams,
+              at_once: int, as_json: bool) -> None:
+    """The prompts' generations in step; each result printed once all are done (a failure of any
+    is the command's: its one line, no result)."""
+    t0 = time.perf_counter()
+    results = model.generate_batch(prompts, max_new_tokens, sampling, at_once=at_once)
+    seconds = time.perf_counter() - t0
+    for k, result in enumerate(results):
+        if as_json:
+            click.echo(json.dumps(result.to_json()))
+        else:  # each prompt and its text, an empty line between two
+            click.echo(("\n" if k else "") + result.prompt + result.text, color=True)
+    tokens = sum(len(r.ids) for r in results)
+    click.echo(f"[{len(results)} prompts, {tokens} tokens in {seconds:.1f} s, "
+               f"{tokens / seconds if seconds > 0 else 0:.1f} tokens/s in all]", err=True)
 
 
 def sampling_params(temperature: float, top_k: int | None, top_p: float | None,

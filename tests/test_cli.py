@@ -433,6 +433,39 @@ def test_generate_zero_new_tokens_asks_no_peer(tiny_model_dir):
     assert json.loads(out.stdout)["ids"] == []
 
 
+def test_generate_takes_a_file_of_prompts_at_once(tiny_model_dir, cluster_factory, tmp_path):
+    """--prompts-file: every non-empty line a prompt, generated in step (generate_batch); with
+    --json one object a line in the file's order, each as the prompt alone gives it; without,
+    each prompt and its text, an empty line between two. PROMPT and the file, or neither, or a
+    file of no prompt, are usage errors before any peer is asked."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    prompts = ["ROMEO:", "JULIET: O Romeo", "To be"]
+    path = tmp_path / "prompts.txt"
+    path.write_text(prompts[0] + "\n\n" + "\n".join(prompts[1:]) + "\n")
+    common = ["--model", str(tiny_model_dir), "--peers", ",".join(swarm.addresses), "--temperature", "0",
+              "--max-new-tokens", "6"]
+    out, text = run_clis(["generate", "--prompts-file", str(path), "--at-once", "2", "--json", *common],
+                         ["generate", "--prompts-file", str(path), *common])
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.splitlines()]
+    local = SwarmModel.local(tiny_model_dir)
+    alone = [local.generate(p, 6, SamplingParams(temperature=0)) for p in prompts]
+    assert [r["prompt"] for r in results] == prompts
+    assert [r["ids"] for r in results] == [a.ids for a in alone] and all(r["route"] for r in results)
+    assert "3 prompts, 18 tokens" in out.stderr
+    assert text.returncode == 0, text.stderr
+    assert text.stdout == "\n\n".join(p + a.text for p, a in zip(prompts, alone)) + "\n"
+    for args, said in [(["generate", "ROMEO:", "--prompts-file", str(path)], "one of them"),
+                       (["generate"], "one of them"),
+                       (["generate", "ROMEO:", "--at-once", "2"], "--at-once goes with --prompts-file")]:
+        refused = invoke_cli(*args, "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9")
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    refused = invoke_cli("generate", "--prompts-file", str(tmp_path / "empty.txt"), "--model", str(tiny_model_dir),
+                         "--peers", "tcp://127.0.0.1:9")
+    assert refused.returncode == 2 and "holds no prompt" in refused.stderr
+
+
 def test_shard_refuses_bad_input_in_one_line(tmp_path):
     import pickle
 
