@@ -28,6 +28,7 @@ from nanoswarm.client.swarm import Swarm
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.all_reduce import BEHIND_SECONDS, HOLD_SECONDS, KEPT_MESSAGES
 from nanoswarm.node.cluster import NodeSpec
+from nanoswarm.node.group_step import MAX_WAIT
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.relay import Relay
 from nanoswarm.node.sessions import NodeLimits
@@ -232,7 +233,9 @@ def test_a_member_takes_partials_only_from_the_member_the_step_names(tiny_model_
     a.handle(b"owner", encode("close", 3, {"session": other}))
     a.groups.forget_stale()
     assert list(a.groups._kept) == [sid] and a.groups._kept_bytes == y.nbytes
-    a.groups.forget_stale(now=float("inf"))
+    a.groups.forget_stale(now=time.monotonic() + MAX_WAIT - 5)  # kept MAX_WAIT (review173: pinned at inf only)
+    assert list(a.groups._kept) == [sid]
+    a.groups.forget_stale(now=time.monotonic() + MAX_WAIT + 1)
     assert not a.groups._kept and a.groups._kept_bytes == 0
 
     # the partner's partials, computed by member b itself (a's own session there), and forged ones

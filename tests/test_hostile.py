@@ -87,6 +87,15 @@ def make_driver(blocks, **limits) -> Driver:
     return Driver(RequestHandler(blocks[0], blocks[1], "test", NodeLimits(**limits)))
 
 
+# Review173 (sixty-second session): a mutation of the code that no test caught before.
+def test_a_forward_takes_up_to_the_longest_session_and_no_more(blocks):
+    """A stateless forward's positions are bounded as a session's are: the node's
+    max_session_length (here 3) passes, one more is too_large."""
+    d = make_driver(blocks, max_session_length=3)
+    assert d.ok("forward", {}, [hidden(3)]).tensors[0].shape == (1, 3, N_EMBD)
+    d.refuses("too_large", "4 positions exceed 3", "forward", {}, [hidden(4)])
+
+
 def test_each_limit_refuses_cleanly_and_spares_other_sessions(blocks):
     d = make_driver(blocks, max_sessions=4, kv_budget_bytes=34 * KV_PER_POSITION, max_session_length=32,
                     max_tokens_per_step=4, max_message_bytes=2048)
