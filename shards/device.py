@@ -70,5 +70,13 @@ def exact_float32() -> None:
 def tf32_on() -> bool:
     """Whether float32 matrix products on a GPU run as TF32 now: something in this process (an
     application's `torch.set_float32_matmul_precision("high")`, a library) turned it back on after
-    `exact_float32`. `allow_tf32` reads the effective setting in torch's old and new APIs alike."""
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+    `exact_float32`. Read through torch's new API where it has one: once that API has set a
+    precision (as `exact_float32` does), torch 2.13 refuses reads of the old one (`allow_tf32`,
+    `get_float32_matmul_precision`) with a RuntimeError about mixing them."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # an older torch
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # not set for cuBLAS: the backends' own setting holds
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"

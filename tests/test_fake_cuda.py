@@ -21,6 +21,7 @@ from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.server import NodeServer
 from nanoswarm.node.sessions import NodeLimits
 from nanoswarm.protocol.messages import decode, encode
+from nanoswarm.shards.device import exact_float32, tf32_on
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
@@ -158,11 +159,16 @@ def test_a_gpu_head_gives_cpu_logits_and_says_when_tf32_came_on(tiny_model_dir, 
     """The client's head on a GPU: the hidden state goes to it, float32 logits come back to the CPU
     for the sampler, equal to a CPU head's. TF32 turned on later in the process (an application's
     `torch.set_float32_matmul_precision("high")`) is warned of once (review172); the head does not
-    turn it off, the process's owner chose it."""
+    turn it off, the process's owner chose it. Set here through torch's new API, as `exact_float32`
+    sets it (which `set_float32_matmul_precision("high")` also sets, and the old API cannot be
+    read after it), and put back after: the setting is the whole worker process's (review175), and
+    a oneDNN that honours it would change later tests' float32 results. Also: `tf32_on` reads the
+    new API only, where a read of the old one raises once the new one has been set."""
     embeddings, cpu_head = load_embeddings(tiny_model_dir), load_head(tiny_model_dir)
     hidden = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(9))
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
+    exact_float32()  # as resolve_device("cuda") does
     try:
         with FakeCuda():
             model = ClientModel(embeddings, to_gpu(load_head(tiny_model_dir)))
@@ -172,12 +178,13 @@ def test_a_gpu_head_gives_cpu_logits_and_says_when_tf32_came_on(tiny_model_dir, 
             with torch.inference_mode():
                 assert torch.allclose(logits, cpu_head(hidden[:, -1:])[0, -1], atol=1e-6)
             assert "TF32" not in caplog.text
-            torch.set_float32_matmul_precision("high")
+            assert not tf32_on()
+            matmul.fp32_precision = "tf32"  # the application turns it on
             with caplog.at_level(logging.WARNING, logger="nanoswarm.client.generate"):
                 model.logits(hidden)
-                model.logits(hidden)
+                model.logits_rows(hidden[:, -1:].expand(2, 1, 64))
         assert caplog.text.count("TF32 is on") == 1
-        assert matmul.allow_tf32  # left as its owner set it
+        assert tf32_on() and matmul.fp32_precision == "tf32"  # left as its owner set it
     finally:
         matmul.fp32_precision = before
 
