@@ -112,12 +112,8 @@ class ClientModel:
             return self.embeddings(torch.tensor([ids], dtype=torch.long), start)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            if self.device.type == "cpu":
-                return self.head(hidden[:, -1:, :])[0, -1]
-            if self._watch_tf32 and tf32_on():
-                self._warn_tf32()
-            return self.head(hidden[:, -1:, :].to(self.device))[0, -1].float().cpu()
+        """The logits of the last position of `hidden` [1, T, C]: [vocab], float32 on the CPU."""
+        return self.logits_rows(hidden[:, -1:, :])[0]
 
     def logits_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Logits of several generations' last positions at once, `rows` [n, 1, C] -> [n, vocab]
