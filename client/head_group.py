@@ -222,13 +222,20 @@ class HeadGroupStage(Stage):
         member's, which must agree. The first error ends it: a member's fault raises as it is,
         any other (NO_FAULT) AllReduceFailed, with the all-reduce off for good."""
         sent, ids = asked
+        replies: list[Message | None] = [None] * len(ids)
         try:
-            replies = self._answers(ids)
+            self._answers(ids, replies)
         except PeerError as e:
-            if e.code not in NO_FAULT or e.code == "bad_value" and not takes_input(hidden, self.wire):
-                # (the caller's own input, NaN, Inf, past HIDDEN_LIMIT or past the wire: the
-                # session says so, CallerError; review146: the group went by fan-out for it, and
-                # the swarm's new sessions for 2 minutes)
+            if e.code == "bad_value" and not takes_input(hidden, self.wire):
+                # The caller's own input, NaN, Inf, past HIDDEN_LIMIT or past the wire: the
+                # session says so, CallerError (review146: the group went by fan-out for it, and
+                # the swarm's new sessions for 2 minutes). The other members may still be running
+                # the step, waiting for the refusing one's partial: their answers first, or the
+                # session's next step finds one "still running" and bans it (a flaky test's cause).
+                self._drain(ids, [r is not None or conn.address == e.address
+                                  for (conn, _), r in zip(self.members, replies)])
+                raise
+            if e.code not in NO_FAULT:
                 raise
             self._fan_out_from_now(e.code)
             raise AllReduceFailed(e.address, e.code, f"all-reduce through {len(self.members)} members failed "
@@ -257,10 +264,9 @@ class HeadGroupStage(Stage):
         if self.on_fan_out is not None:
             self.on_fan_out(why)
 
-    def _answers(self, ids: list[int]) -> list[Message]:
-        """The members' `result`s to requests `ids`, read as they come within one timeout; the
-        first error raises (AllReduceFailed when some have not answered in time)."""
-        replies: list[Message | None] = [None] * len(ids)
+    def _answers(self, ids: list[int], replies: list[Message | None]) -> list[Message]:
+        """The members' `result`s to requests `ids`, read into `replies` as they come within one
+        timeout; the first error raises (AllReduceFailed when some have not answered in time)."""
         deadline = time.monotonic() + (self.timeout or 30.0)
         while True:
             for k, (conn, _) in enumerate(self.members):
@@ -283,6 +289,21 @@ class HeadGroupStage(Stage):
                 conn.register(poller)
                 left = conn.poll_limit(left)
             poller.poll(max(1, int(left * 1000)))
+
+    def _drain(self, ids: list[int], done: list[bool]) -> None:
+        """Read what the members not `done` still owe for requests `ids` (results or errors alike),
+        within the step's timeout: each waits at most the step's `wait` for a partial that will
+        not come."""
+        deadline = time.monotonic() + (self.timeout or 30.0)
+        while not all(done) and time.monotonic() < deadline:
+            for k, (conn, _) in enumerate(self.members):
+                if not done[k]:
+                    try:
+                        done[k] = conn.take(ids[k], "result") is not None
+                    except PeerError:
+                        done[k] = True
+            if not all(done):
+                time.sleep(0.005)
 
     def close(self) -> None:
         while self.sessions:  # one at a time: a close cut short leaves the rest to a second call

@@ -713,3 +713,29 @@ def test_a_member_whose_partner_is_silent_gives_up_before_the_client_does(tiny_m
         assert reasons == ["relay_failed"] and time.monotonic() - t0 < 1.8
         assert (got - want).abs().max().item() <= 1e-5
         session.close()
+
+
+def test_a_callers_bad_input_to_an_all_reduce_leaves_no_member_still_running_it(tiny_model_dir):
+    """A row of 1e30s (the caller's error): the first member to refuse it ends the step with a
+    CallerError, but the other may still be running it; its answer is read first (so none is
+    left to come in the next step's read). Before, the
+    session's next step could reach that member while the refused one still ran there: refused
+    `bad_position` ("still running"), the honest member was banned, and with no other member the
+    session ended (a flaky run of test_hidden_states_past_any_models_are_the_callers_error)."""
+    from nanoswarm.client.session import CallerError
+
+    handlers, model_id = _handlers(tiny_model_dir)
+    for h in handlers:
+        h.can_relay = lambda contact: True
+    with in_process_swarm(handlers, timeout=3.0) as (_, swarm):
+        session = InferenceSession.open(swarm, 8)
+        with pytest.raises(CallerError):
+            session.step(torch.full((1, 1, 64), 1e30))
+        [group] = session.stages
+        strays = [conn.strays for conn, _ in group.members]  # replies read that no request awaited
+        x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(4))
+        assert session.step(x).shape == (1, 1, 64) and session.failovers == 0 and not swarm.bans
+        # Every member's answer to the refused step was read before the CallerError: none came
+        # in the next step's read as a stray (the old code's did, always, however it raced).
+        assert [conn.strays for conn, _ in group.members] == strays
+        session.close()
