@@ -20,7 +20,9 @@ times, past float16's range) and send them on; as a head shard, its attention pa
 the same. With --slow S (a layer node) it computes right but sleeps S seconds in every forward
 pass, and states the throughput it measures (an honest peer on a slow machine). With
 --slow-handshake S it computes right and states what it measures, but answers each CURVE
-handshake's ZAP request S seconds late (a link whose set-up is slow)."""
+handshake's ZAP request S seconds late (a link whose set-up is slow). With --refuse-info-after N it
+computes right but answers `info` with an internal error after its first N answers (a live node
+whose `info` fails)."""
 
 import dataclasses
 import sys
@@ -168,6 +170,21 @@ if "--slow-handshake" in sys.argv:
         time.sleep(handshake_pause)
         return _answer(self, request)
     zap.ZapHandler.answer = slow_answer
+if "--refuse-info-after" in sys.argv:  # a live node whose `info` fails (an internal error) after N answers
+    at = sys.argv.index("--refuse-info-after")
+    answered_info = int(sys.argv[at + 1])
+    del sys.argv[at:at + 2]
+    Blocks.forward, steps.StepRunner.measure_throughput = _forward, _measure
+    _simple = handler.RequestHandler._handle_simple
+
+    def refusing_simple(self, peer, msg):
+        global answered_info
+        if msg.type == "info":
+            answered_info -= 1
+            if answered_info < 0:
+                raise RuntimeError("info refused (tests/dishonest_node.py --refuse-info-after)")
+        return _simple(self, peer, msg)
+    handler.RequestHandler._handle_simple = refusing_simple
 if "--hide-dtype" in sys.argv:
     sys.argv.remove("--hide-dtype")
     _info = handler.RequestHandler.info

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 import zmq
-from conftest import accepted, curve_router, free_port, take_over_port
+from conftest import SwarmWithALiar, accepted, curve_router, free_port, take_over_port
 from test_failover import (  # the same fault harness
     FAIL_AT,
     N_TOKENS,
@@ -923,6 +923,36 @@ def test_the_stalled_stage_is_the_silent_one_even_behind_a_slow_one(tiny_model_d
     finally:
         for i in range(3):
             swarm.kill(i, signal.SIGCONT)
+        for stage in stages:
+            stage.conn.close()
+
+
+def test_a_stage_that_answers_info_with_an_error_is_not_the_stalled_one(tiny_model_dir, cluster_factory):
+    """An error reply to the probe shows a live node (it was there to send it): after a timed-out
+    relayed step, a hop whose `info` fails is not struck as the frozen one; a dropped connection
+    would be (review173 C7: nothing pinned that)."""
+    from nanoswarm.client.peer_errors import PeerError
+    from nanoswarm.client.relay import stalled_stage
+
+    spans = [(0, 1), (1, 3), (3, 4)]
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec(spans[0]), NodeSpec(spans[1], args=[
+        "--dishonest", "--refuse-info-after", "1"]), NodeSpec(spans[2])],  # the one answer: wait_ready's
+                            cluster=SwarmWithALiar)
+    model_id = read_manifest(tiny_model_dir).model_id
+    stages = [RemoteLayerStage(PeerConnection(a, timeout=10.0), *span, model_id)
+              for a, span in zip(swarm.addresses, spans)]
+    try:
+        with pytest.raises(PeerError) as refused:
+            stages[1].conn.request("info")
+        assert refused.value.code == "internal"
+        assert stalled_stage(stages, 20.0) is None
+        swarm.kill(2, signal.SIGSTOP)  # the probe still finds the silent one behind it
+        try:
+            stage, error = stalled_stage(stages, 20.0)
+        finally:
+            swarm.kill(2, signal.SIGCONT)
+        assert stage is stages[2] and error.code == "timeout"
+    finally:
         for stage in stages:
             stage.conn.close()
 
