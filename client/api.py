@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from nanoswarm.shards.tokenizer import EOT_TOKEN, encode, get_encoding
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
 from .batch import generate_in_step
+from .batcher import Batcher
 from .generate import ClientModel, GenerationStats, SamplingParams, TextStream, generate_ids
 from .session import InferenceSession
 from .stages import LocalStage
@@ -85,6 +87,7 @@ class SwarmModel:
         # generations of several threads take turns, a step each (stream).
         self._lock = threading.RLock()
         self.closed = False
+        self._batchers: weakref.WeakSet[Batcher] = weakref.WeakSet()  # stopped by close
 
     @classmethod
     def connect(cls, model_dir: str | Path, peers: list[str] | None = None,
@@ -272,10 +275,21 @@ class SwarmModel:
         generate_in_step(self, prompts, results, max_new_tokens, sampling, keep_logits, at_once)
         return results
 
+    def batcher(self, at_once: int = 16) -> Batcher:
+        """A `Batcher`: generations asked for from any thread at any time, up to `at_once` at a time,
+        run in step as `generate_batch`'s are (client/batcher.py). Close it (or use it in a `with`)
+        when done; `close` of this model closes it too."""
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("this SwarmModel is closed")
+            batcher = Batcher(self, at_once)
+            self._batchers.add(batcher)
+            return batcher
+
     def _sibling(self, swarm: Swarm) -> SwarmModel:
         """A model over `swarm` sharing this one's weights and tokenizer (generate_batch)."""
         other = copy.copy(self)
-        other.swarm, other._lock, other.closed = swarm, threading.RLock(), False
+        other.swarm, other._lock, other.closed, other._batchers = swarm, threading.RLock(), False, weakref.WeakSet()
         return other
 
     def __enter__(self) -> SwarmModel:
@@ -289,5 +303,9 @@ class SwarmModel:
         KV caches at once); a generation still running ends with RuntimeError."""
         with self._lock:
             self.closed = True
+            batchers = list(self._batchers)
+        for batcher in batchers:  # their workers close their own links (one thread's sockets)
+            batcher.stop()
+        with self._lock:
             if self.swarm is not None:
                 self.swarm.close()

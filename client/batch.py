@@ -65,6 +65,11 @@ class HeadBatch:
                 self._cond.wait(WAKE_SECONDS)  # `stop` may set _failed without the lock
             return self._answers.pop(k)
 
+    def join(self, k: int) -> None:
+        """Member k has started a generation (Batcher): the others wait for its asks too."""
+        with self._cond:
+            self._running += 1
+
     def leave(self, k: int) -> None:
         """Member k has ended (done, failed or stopped): the others no longer wait for it."""
         with self._cond:

@@ -1,6 +1,7 @@
 """What an application gets from one SwarmModel with several prompts: one after another, from
-several threads at once (their steps take turns on the model's sockets), and `generate_batch`
-(in step, the nodes batching the prompts' steps). A local swarm of `--stages` layer stages.
+several threads at once (their steps take turns on the model's sockets), `generate_batch` (in
+step, the nodes batching the prompts' steps), and threads each asking one `batcher` (in step
+too, as requests come). A local swarm of `--stages` layer stages.
 
     .venv/bin/python scripts/bench_batch.py --work-dir /tmp/nsbench        # GPT-2-small shape
     .venv/bin/python scripts/bench_batch.py --shape tiny --prompts 4 --tokens 8 --json
@@ -18,6 +19,7 @@ import torch
 
 from nanoswarm.bench.models import SHAPES, make_random_model_dir
 from nanoswarm.client.api import SwarmModel
+from nanoswarm.client.batcher import Batcher
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.node.cluster import LocalCluster, NodeSpec
 from nanoswarm.shards.manifest import read_manifest
@@ -30,7 +32,8 @@ def spans(n_layer: int, stages: int) -> list[NodeSpec]:
     return [NodeSpec((a, b)) for a, b in zip(cuts, cuts[1:])]
 
 
-def in_threads(model: SwarmModel, prompts: list[str], tokens: int) -> list:
+def in_threads(model: SwarmModel | Batcher, prompts: list[str], tokens: int) -> list:
+    """Each prompt's `generate` from a thread of its own, all started at once."""
     results: list = [None] * len(prompts)
 
     def run(k: int) -> None:
@@ -64,7 +67,9 @@ def main() -> None:
         model.generate("Warm up", 4, GREEDY)
         runs = {"one after another": lambda: [model.generate(p, args.tokens, GREEDY) for p in prompts],
                 "threads, one model": lambda: in_threads(model, prompts, args.tokens),
-                "generate_batch": lambda: model.generate_batch(prompts, args.tokens, GREEDY)}
+                "generate_batch": lambda: model.generate_batch(prompts, args.tokens, GREEDY),
+                "threads, one batcher": lambda: in_threads(batcher, prompts, args.tokens)}
+        batcher = model.batcher()
         ids = {}
         for name, run in runs.items():
             t0 = time.perf_counter()
@@ -72,7 +77,8 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             figures[name] = sum(len(r.ids) for r in results) / seconds
             ids[name] = [r.ids for r in results]
-    same = ids["generate_batch"] == ids["one after another"]
+        batcher.close()
+    same = ids["generate_batch"] == ids["threads, one batcher"] == ids["one after another"]
     if args.json:
         print(json.dumps({"tokens_per_second": figures, "batch_ids_as_alone": same, "prompts": args.prompts,
                           "tokens": args.tokens, "stages": args.stages}))
@@ -80,8 +86,8 @@ def main() -> None:
         print(f"{args.prompts} prompts x {args.tokens} greedy tokens, {args.stages} stages "
               "(session opens and prompts included)")
         for name, tps in figures.items():
-            print(f"  {name:<20} {tps:7.1f} tokens/s in all")
-        print(f"  generate_batch's tokens as one after another's: {same}")
+            print(f"  {name:<21} {tps:7.1f} tokens/s in all")
+        print(f"  generate_batch's and the batcher's tokens as one after another's: {same}")
 
 
 if __name__ == "__main__":

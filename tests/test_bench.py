@@ -130,16 +130,18 @@ def test_bare_head_group_floor_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_batch_compares_an_applications_three_ways(tmp_path):
-    """scripts/bench_batch.py (prompts one after another, from threads on one model, and by
-    generate_batch) runs end to end, and the batch's tokens are the lone runs'."""
+def test_bench_batch_compares_an_applications_four_ways(tmp_path):
+    """scripts/bench_batch.py (prompts one after another, from threads on one model, by
+    generate_batch, and from threads on one batcher) runs end to end, and the batched tokens are
+    the lone runs'."""
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench_batch.py"
     out = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--work-dir", str(tmp_path),
                           "--stages", "2", "--prompts", "3", "--tokens", "4", "--threads", "1", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(result["tokens_per_second"]) == {"one after another", "threads, one model", "generate_batch"}
+    assert set(result["tokens_per_second"]) == {"one after another", "threads, one model", "generate_batch",
+                                                "threads, one batcher"}
     assert all(v > 0 for v in result["tokens_per_second"].values()) and result["batch_ids_as_alone"] is True
 
 

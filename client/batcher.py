@@ -1,0 +1,217 @@
+"""Generations asked for from any thread, at any time, run in step (SwarmModel.batcher).
+
+What `generate_batch` does for a list of prompts known at the start, a `Batcher` does for
+requests that come and go: an application serving many users (a chat server, a queue worker)
+gives each its own `Batcher.stream`, from its own thread, and the generations running at the
+same moment meet at the head (client/batch.py HeadBatch) so that their decode steps reach the
+nodes together and share a forward pass, as a batch's do.
+
+A request is served by one of up to `at_once` worker threads, each with links of its own (a
+`Swarm.sibling`, kept from one request to the next) and its own session per request (failover,
+relay and spot checks as a lone generation's). The caller's thread only reads what its worker
+sends back, so a caller that is slow to read (a slow network client) holds up no one but itself
+for as long as its pieces queue. Requests beyond `at_once` wait their turn. A request's error is
+that request's alone: the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .batch import WAKE_SECONDS, BatchStopped, HeadBatch, stop_and_wait
+from .generate import SamplingParams
+
+if TYPE_CHECKING:
+    from .api import GenerationResult, SwarmModel
+    from .swarm import Swarm
+
+log = logging.getLogger(__name__)
+
+
+_DONE = object()  # a request's last message: its generation ended as it should
+
+
+@dataclass
+class _Request:
+    prompt: str
+    max_new_tokens: int
+    sampling: SamplingParams | None
+    result: GenerationResult
+    keep_logits: bool
+    pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # text, then _DONE or an error
+    cancelled: bool = False  # its caller stopped reading: its worker ends it at the next piece
+
+
+class Batcher:
+    """Generations from any number of threads, up to `at_once` of them at a time, in step.
+
+        with model.batcher(at_once=8) as batcher:
+            # in each user's thread:
+            for piece in batcher.stream(prompt, max_new_tokens=100):
+                send(piece)
+    """
+
+    def __init__(self, model: SwarmModel, at_once: int = 16):
+        if type(at_once) is not int or at_once < 1:
+            raise ValueError(f"at_once must be a whole number >= 1, got {at_once!r}")
+        self.model, self.at_once = model, at_once
+        self.batch = HeadBatch(model.client, 0)
+        self._cond = threading.Condition()  # the request queue, the workers and `closed`
+        self._waiting: deque[_Request] = deque()
+        self._workers: list[threading.Thread] = []
+        self._idle = 0  # workers waiting for a request
+        self.closed = False
+
+    def stream(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
+               result: GenerationResult | None = None, keep_logits: bool = False) -> Iterator[str]:
+        """Yields text pieces as tokens arrive, as `SwarmModel.stream` does; fills `result` if given.
+        Any thread may call it; closing the iterator early ends the generation (its session closed
+        after its step under way). Raises the generation's own error; RuntimeError if the batcher
+        or its model is closed before it ends."""
+        from .api import GenerationResult, prompt_ids
+
+        if not isinstance(prompt, str):
+            raise TypeError(f"the prompt must be text (str), got {type(prompt).__name__}")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
+        self.model._new_tokens(prompt_ids(prompt), max_new_tokens, warn=False)  # refused here, not in a worker
+        request = _Request(prompt, max_new_tokens, sampling,
+                           result if result is not None else GenerationResult(prompt), keep_logits)
+        self._submit(request)
+        try:
+            while True:
+                try:
+                    item = request.pieces.get(timeout=WAKE_SECONDS)  # in slices: Ctrl-C's handler runs
+                except queue.Empty:
+                    continue
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancelled = True  # (after _DONE or an error: nothing left to end)
+
+    def generate(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
+                 keep_logits: bool = False) -> GenerationResult:
+        """`stream` to its end: the GenerationResult."""
+        from .api import GenerationResult
+
+        result = GenerationResult(prompt)
+        for _ in self.stream(prompt, max_new_tokens, sampling, result, keep_logits):
+            pass
+        return result
+
+    def _submit(self, request: _Request) -> None:
+        with self._cond:
+            if self.closed or self.model.closed:
+                raise RuntimeError("this batcher is closed" if self.closed else "this SwarmModel is closed")
+            self._waiting.append(request)
+            if len(self._waiting) > self._idle and len(self._workers) < self.at_once:
+                worker = threading.Thread(target=self._work, args=(len(self._workers),),
+                                          name=f"nanoswarm-batcher-{len(self._workers)}", daemon=True)
+                self._workers.append(worker)
+                self._idle += 1  # it takes the request: the next submit does not start another for it
+                worker.start()
+            self._cond.notify()
+
+    def _take(self) -> _Request | None:
+        """The next request, waited for; None once the batcher is closed. Called idle."""
+        with self._cond:
+            while True:
+                while self._waiting and self._waiting[0].cancelled:  # its caller has gone
+                    self._waiting.popleft()
+                if self._waiting:
+                    self._idle -= 1
+                    return self._waiting.popleft()
+                if self.closed or self.model.closed:
+                    self._idle -= 1
+                    return None
+                self._cond.wait(WAKE_SECONDS)  # (a model closed without this batcher's lock)
+
+    def _work(self, w: int) -> None:
+        model = self.model
+        try:
+            with model._lock:
+                if model.closed:
+                    raise RuntimeError("this SwarmModel is closed")
+                sibling = model._sibling(model.swarm.sibling() if model.swarm is not None else None)
+        except BaseException as e:  # noqa: BLE001 - the requests waiting hear of it (close)
+            log.warning("a batcher's worker could not start: %s", e)
+            with self._cond:
+                self._idle -= 1
+            self.close_requests(e)
+            return
+        sibling.client = self.batch.member(w)
+        try:
+            while (request := self._take()) is not None:
+                self._share_bans(sibling.swarm, model.swarm)  # made meanwhile by the model or other workers
+                self.batch.join(w)
+                try:
+                    self._serve(sibling, request)
+                finally:
+                    self.batch.leave(w)
+                    self._share_bans(model.swarm, sibling.swarm)
+                    with self._cond:
+                        self._idle += 1
+        finally:
+            if sibling.swarm is not None:
+                sibling.swarm.close()  # here: its sockets are this thread's
+
+    def _share_bans(self, to: Swarm | None, source: Swarm | None) -> None:
+        if to is not None and source is not None:
+            with self.model._lock:
+                to.take_bans(source)
+
+    def _serve(self, sibling: SwarmModel, request: _Request) -> None:
+        """Run one request's generation, sending its pieces to its caller."""
+        stream = sibling.stream(request.prompt, request.max_new_tokens, request.sampling, request.result,
+                                request.keep_logits)
+        try:
+            for piece in stream:
+                if request.cancelled:
+                    return
+                if self.model.closed:
+                    raise RuntimeError("this SwarmModel was closed during the generation")
+                request.pieces.put(piece)
+            request.pieces.put(_DONE)
+        except BatchStopped:
+            request.pieces.put(RuntimeError("this SwarmModel was closed during the generation" if self.model.closed
+                                            else "the batcher was closed during the generation"))
+        except BaseException as e:  # noqa: BLE001 - the caller's to raise
+            request.pieces.put(e)
+        finally:
+            stream.close()  # its session closed now, on this thread
+
+    def close_requests(self, error: BaseException) -> None:
+        """Fail every request still waiting for a worker with `error`."""
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for request in waiting:
+            request.pieces.put(error)
+
+    def close(self) -> None:
+        """Stop: requests waiting for a worker fail, the ones running end after their step under way
+        (their callers get RuntimeError), and every worker is waited for. Idempotent."""
+        self.stop()
+        stop_and_wait(self.batch, list(self._workers))
+
+    def stop(self) -> None:
+        """`close` without waiting for the workers (SwarmModel.close calls it)."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+        self.close_requests(RuntimeError("the batcher was closed before the generation started"))
+        self.batch.stop()
+
+    def __enter__(self) -> Batcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,164 @@
+"""SwarmModel.batcher: generations asked for from several threads at different times, through
+real node processes, each as it is alone, the ones running together in step."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+from conftest import SwarmWithALiar, sessions_on
+from test_generate_batch import SEEDED, open_descriptors, sessions_left
+
+from nanoswarm.client.api import GenerationResult, SwarmModel
+from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.swarm import SwarmOptions
+from nanoswarm.node.cluster import NodeSpec
+
+PROMPTS = ["ROMEO:", "Once upon a time there was", "", "JULIET: O Romeo, Romeo! wherefore art thou",
+           "First Citizen:", "The quality of mercy"]
+GREEDY = SamplingParams(temperature=0)
+
+
+def no_workers() -> bool:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if not any(t.name.startswith("nanoswarm-batcher-") and t.is_alive() for t in threading.enumerate()):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def in_threads(work, n: int) -> list:
+    """work(i) in n threads at once; their results (or errors) in order."""
+    out: list = [None] * n
+
+    def run(i: int) -> None:
+        try:
+            out[i] = work(i)
+        except BaseException as e:  # noqa: BLE001 - the test looks at it
+            out[i] = e
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    return out
+
+
+def test_requests_from_threads_at_different_times_get_what_they_get_alone(tiny_model_dir, cluster_factory):
+    """Six requests from six threads, started a few tokens apart, through a batcher of four
+    workers: ids, text, stop reason and logits (within 1e-5) as each gets alone, seeded sampling
+    included; the ones running at once shared head passes (so their steps left together), never
+    more than four; the pieces streamed make the text; no worker, link or node session is left."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        alone = [model.generate(p, 16, SEEDED, keep_logits=True) for p in PROMPTS]
+        descriptors = open_descriptors()
+        with model.batcher(at_once=4) as batcher:
+            def ask(i: int) -> tuple[GenerationResult, str]:
+                time.sleep(0.02 * i)  # arriving while the others run
+                result = GenerationResult()
+                text = "".join(batcher.stream(PROMPTS[i], 16, SEEDED, result, keep_logits=True))
+                return result, text
+            together = in_threads(ask, len(PROMPTS))
+            assert 2 <= batcher.batch.widest <= 4 and len(batcher._workers) <= 4
+        assert no_workers() and open_descriptors() <= descriptors + 2
+        assert sessions_left(swarm) == 0
+        for a, (b, text) in zip(alone, together):
+            assert (b.prompt, b.ids, b.text, b.stop_reason) == (a.prompt, a.ids, a.text, a.stop_reason)
+            assert text == b.text and b.route and b.failovers == 0
+            assert max(float((x - y).abs().max()) for x, y in zip(a.logits, b.logits)) < 1e-5
+        # The model goes on as before, and a closed batcher takes no more.
+        assert model.generate(PROMPTS[0], 16, SEEDED).ids == alone[0].ids
+        with pytest.raises(RuntimeError, match="batcher is closed"):
+            batcher.generate(PROMPTS[0], 4)
+
+
+def test_a_caller_that_stops_reading_ends_its_generation_alone(tiny_model_dir, cluster_factory):
+    """A caller closing its stream after two pieces ends that generation (its node sessions
+    closed), the others run on to their ends; a bad request is refused in its caller's thread."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        alone = model.generate(PROMPTS[1], 24, GREEDY)
+        with model.batcher(at_once=3) as batcher:
+            with pytest.raises(ValueError, match="max_new_tokens"):
+                next(batcher.stream(PROMPTS[0], -1))
+            with pytest.raises(TypeError, match="text"):
+                batcher.generate(b"bytes", 4)
+
+            def ask(i: int):
+                if i == 0:
+                    stream = batcher.stream(PROMPTS[0], 200, GREEDY, cut_result)
+                    pieces = [next(stream), next(stream)]
+                    stream.close()
+                    return pieces
+                return batcher.generate(PROMPTS[1], 24, GREEDY)
+            cut_result = GenerationResult()
+            cut, *others = in_threads(ask, 3)
+            assert len(cut) == 2 and all(r.ids == alone.ids for r in others)
+            assert sessions_left(swarm) == 0
+        assert no_workers()
+        assert len(cut_result.ids) < 10 and cut_result.stop_reason == ""  # ended at its next piece
+
+
+def test_a_node_killed_under_a_batcher_is_failed_over_for_every_request(tiny_model_dir, cluster_factory):
+    """A node SIGKILLed while three requests run: each fails over and gets its tokens as alone;
+    the ban is the model's afterwards."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4)), NodeSpec((2, 4))])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
+                            options=SwarmOptions(timeout=5.0, ban_seconds=60)) as model:
+        alone = [model.generate(p, 24, GREEDY) for p in PROMPTS[:3]]
+        with model.batcher() as batcher:
+            results = [GenerationResult() for _ in range(3)]
+            streams = [batcher.stream(p, 24, GREEDY, r) for p, r in zip(PROMPTS[:3], results)]
+            firsts = [next(s) for s in streams]
+            used = max(swarm.addresses[1:], key=sessions_on)
+            swarm.kill(swarm.addresses.index(used), signal.SIGKILL)
+            texts = [first + "".join(s) for first, s in zip(firsts, streams)]
+        for a, b, text in zip(alone, results, texts):
+            assert b.ids == a.ids and text == a.text
+        assert sum(r.failovers for r in results) >= 1 and used in model.swarm.bans
+
+
+def test_closing_the_model_ends_its_batchers_requests(tiny_model_dir, cluster_factory):
+    """`close` of the model while two requests run and two more wait for a worker: each caller
+    gets RuntimeError (none hangs), every worker ends and the nodes hold no session."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4), args=[
+        "--dishonest", "--slow", "0.02"])], cluster=SwarmWithALiar)  # 128 tokens take seconds
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    batcher = model.batcher(at_once=2)
+    running = threading.Barrier(5)
+
+    def ask(i: int):
+        if i >= 2:  # waiting: both workers are busy
+            running.wait()
+            return batcher.generate(PROMPTS[i], 4, GREEDY)
+        stream = batcher.stream(PROMPTS[i], 1000, GREEDY)
+        next(stream)
+        running.wait()
+        return "".join(stream)
+
+    def close() -> None:
+        running.wait()
+        time.sleep(0.5)
+        model.close()
+    closer = threading.Thread(target=close)
+    closer.start()
+    outcomes = in_threads(ask, 4)
+    closer.join()
+    assert all(isinstance(e, RuntimeError) and "closed" in str(e) for e in outcomes), outcomes
+    assert "before the generation started" in str(outcomes[2]) + str(outcomes[3])
+    assert no_workers() and sessions_left(swarm) == 0
+
+
+def test_a_local_model_serves_a_batcher_too(tiny_model_dir):
+    """A model run in this process (the reference) takes the same API: each request as alone."""
+    model = SwarmModel.local(tiny_model_dir)
+    alone = [model.generate(p, 12, SEEDED) for p in PROMPTS[:3]]
+    with model.batcher() as batcher:
+        together = in_threads(lambda i: batcher.generate(PROMPTS[i], 12, SEEDED), 3)
+    assert [r.ids for r in together] == [a.ids for a in alone]
+    assert no_workers()
