@@ -38,19 +38,16 @@ import torch
 
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import Message, encode_frames
-from nanoswarm.protocol.tensors import frame_dtype, frame_finite, frame_tensor, to_frame
+from nanoswarm.protocol.tensors import frame_finite, frame_tensor, to_frame
 
-from .group_step import MAX_WAIT, GroupStep, check_step
+from .group_step import GroupStep, check_step
+from .partials import KeptPartials
 from .relay import Relay, next_hop_id
 from .sessions import SessionStore
 from .steps import Reply, StepRunner, _stored_block, _unsendable, inference
 
 log = logging.getLogger(__name__)
 
-# Partials kept for all sessions together, at most, in units of the node's message limit: a
-# member's partials wait for its step, or for the next phase, and a peer that knows a session id
-# must not fill the node's memory with them (review128). Past it partials are refused `busy`.
-KEPT_MESSAGES = 4
 # A phase's sums, come in, wait at most this long (or two forward passes) for those of steps of the
 # same group one phase behind, so that the next phase runs as one pass for all (`_hold_back`).
 HOLD_SECONDS = 0.003
@@ -78,11 +75,7 @@ class AllReduces:
         self.runner = runner
         self.sessions = sessions
         self.steps: dict[str, GroupStep] = {}  # session id -> its step in progress
-        # session id -> {(pos, block, phase, member): (when it came, its sender's key, the partial
-        # (float32), its positions)}
-        self._kept: dict[str, dict[tuple, tuple[float, str | None, torch.Tensor, int]]] = {}
-        self._kept_bytes = 0
-        self._row_bytes = 4 * runner.config.n_embd  # a kept partial's bytes a position
+        self.kept = KeptPartials(runner.config.n_embd)  # the other members' partials
         self._touched: set[str] = set()  # sessions that got partials since the last advance
         self._due: list[GroupStep] = []  # steps started since the last advance
         self._held: list[GroupStep] = []  # steps whose next phase waits for phase-mates (_hold_back)
@@ -201,7 +194,7 @@ class AllReduces:
     def _sum(self, g: GroupStep) -> Reply | bool:
         """Add every member's partial of g's phase to its residual, if all have come (False if
         not), and go on: True when its next phase is due, or the reply when the step is done."""
-        kept = self._kept.get(g.session.id, {})
+        kept = self.kept.of(g.session.id)
         for j in range(len(g.members)):
             if j != g.me and (g.pos, g.block, g.phase, j) not in kept:
                 return False
@@ -210,7 +203,7 @@ class AllReduces:
             if j == g.me:
                 partial = g.own
             else:
-                _, key, partial, tokens = self._pop(g.session.id, (g.pos, g.block, g.phase, j))
+                _, key, partial, tokens = self.kept.pop(g.session.id, (g.pos, g.block, g.phase, j))
                 if key != g.keys[j]:  # (came before the step, whose group names another key for j)
                     raise ProtocolError(ErrorCode.RELAY_FAILED, f"the partial for member {j} came from another "
                                         "CURVE key than its contact names")
@@ -244,16 +237,7 @@ class AllReduces:
 
     def _end(self, g: GroupStep) -> None:
         self.steps.pop(g.session.id, None)
-        self._forget(g.session.id)
-
-    def _pop(self, sid: str, k: tuple) -> tuple[float, str | None, torch.Tensor, int]:
-        entry = self._kept[sid].pop(k)
-        self._kept_bytes -= entry[3] * self._row_bytes
-        return entry
-
-    def _forget(self, sid: str) -> None:
-        for _, _, _, tokens in self._kept.pop(sid, {}).values():
-            self._kept_bytes -= tokens * self._row_bytes
+        self.kept.forget(g.session.id)
 
     def _undo(self, g: GroupStep) -> None:
         g.session.cache.length, g.session.next_block = g.pos, 0
@@ -298,18 +282,8 @@ class AllReduces:
         key = key if self.checks_keys else None
         if g is not None and key != g.keys[member]:
             raise ProtocolError(ErrorCode.NOT_SERVED, f"a partial for member {member} comes only from its key")
-        kept = self._kept.setdefault(session.id, {})
-        k = (pos, block, phase, member)
-        if k in kept:
-            raise ProtocolError(ErrorCode.BAD_POSITION, f"member {member}'s partial of this phase came already")
-        nbytes = shape[1] * self._row_bytes  # kept in float32
-        if self._kept_bytes + nbytes > KEPT_MESSAGES * self.runner.limits.max_message_bytes:
-            raise ProtocolError(ErrorCode.BUSY, "this node keeps as many partials as it takes; again later")
-        partial = msg.tensor(0)
-        if frame_dtype(msg.specs[0][0]) is not torch.float32:  # (no call on the float32 wire's hot path)
-            partial = partial.to(torch.float32)
-        kept[k] = (time.monotonic(), key, partial, shape[1])
-        self._kept_bytes += nbytes
+        self.kept.add(session.id, (pos, block, phase, member), key, msg.tensor(0), shape[1],
+                      self.runner.limits.max_message_bytes)
         self._touched.add(session.id)
 
     def advance(self) -> list[Reply]:
@@ -349,7 +323,7 @@ class AllReduces:
             out.extend(self._compute(due))  # (partials sent in it, where `send` is set)
             # partials of the phases just computed may have come already (a member that woke
             # later for the step); else `take` touches the session when they come
-            touched = {g.session.id for g in due if self._kept.get(g.session.id) and g.session.id in self.steps}
+            touched = {g.session.id for g in due if self.kept.of(g.session.id) and g.session.id in self.steps}
             due = []
         return out
 
@@ -402,7 +376,7 @@ class AllReduces:
         held = {id(g) for g in self._held}  # (their partials came: computed once their hold ends)
         for g in [g for g in self.steps.values() if g.deadline <= now and id(g) not in held]:
             missing = [j for j in range(len(g.members)) if j != g.me and (g.pos, g.block, g.phase, j)
-                       not in self._kept.get(g.session.id, {})]
+                       not in self.kept.of(g.session.id)]
             out.extend(self._fail(g, ErrorCode.RELAY_FAILED, f"no partial of block {g.block} {g.phase} from member"
                                   f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "
                                   f"({', '.join(g.members[j][0][:80] for j in missing)}) within {g.wait:g} s"))
@@ -411,15 +385,7 @@ class AllReduces:
     def forget_stale(self, now: float | None = None) -> None:
         """Forget the partials kept for sessions that are gone, and those that waited MAX_WAIT for
         a step that never came (its member refused it, say). Called on a timer."""
-        now = time.monotonic() if now is None else now
-        for sid in list(self._kept):
-            if sid not in self.sessions.sessions:
-                self._forget(sid)
-            elif sid not in self.steps:
-                for k in [k for k, (came, *_) in self._kept[sid].items() if now - came > MAX_WAIT]:
-                    self._pop(sid, k)
-                if not self._kept[sid]:
-                    del self._kept[sid]
+        self.kept.forget_stale(self.sessions.sessions, self.steps, time.monotonic() if now is None else now)
 
     def next_deadline(self) -> float | None:
         # (only while steps run: the server calls expire(), which ends a hold, only then; a hold

@@ -26,10 +26,11 @@ from nanoswarm.client.peer_errors import PeerError
 from nanoswarm.client.session import InferenceSession
 from nanoswarm.client.swarm import Swarm
 from nanoswarm.client.transport import PeerConnection
-from nanoswarm.node.all_reduce import BEHIND_SECONDS, HOLD_SECONDS, KEPT_MESSAGES
+from nanoswarm.node.all_reduce import BEHIND_SECONDS, HOLD_SECONDS
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.group_step import MAX_WAIT
 from nanoswarm.node.handler import RequestHandler
+from nanoswarm.node.partials import KEPT_MESSAGES
 from nanoswarm.node.relay import Relay
 from nanoswarm.node.sessions import NodeLimits
 from nanoswarm.protocol.messages import decode, encode
@@ -203,7 +204,7 @@ def test_a_member_takes_partials_only_from_the_member_the_step_names(tiny_model_
         f = {"session": sid, **fields}
         [(to, frames)] = _partial(a, f.pop("session"), tensor, KEY_B, req_id=rid, **f)
         assert decode(frames).fields["code"] == code, fields
-    assert not a.groups._kept
+    assert not a.groups.kept.by_session
 
     # one partial a member before its step; one from another key than the step then names fails it
     assert _partial(a, sid, y, FORGED, req_id=120) == []
@@ -212,15 +213,15 @@ def test_a_member_takes_partials_only_from_the_member_the_step_names(tiny_model_
     replies = _member_step(a, sid, x, req_id=122)
     [err] = [decode(f) for to, f in replies if not isinstance(to, Relay)]
     assert err.fields["code"] == "relay_failed" and "another CURVE key" in err.fields["message"]
-    assert session.length == 0 and session.next_block == 0 and not a.groups.steps and not a.groups._kept
+    assert session.length == 0 and session.next_block == 0 and not a.groups.steps and not a.groups.kept.by_session
     # one that came before the step, of other positions than the step's: the step fails too
     assert _partial(a, sid, torch.zeros(1, 1, 64), KEY_B, req_id=123) == []
     replies = _member_step(a, sid, x, req_id=124)
     [err] = [decode(f) for to, f in replies if not isinstance(to, Relay)]
     assert err.fields["code"] == "relay_failed"
     assert "a partial of shape [1, 1, 64] for hidden states [1, 2, 64]" in err.fields["message"]
-    assert session.length == 0 and session.next_block == 0 and not a.groups.steps and not a.groups._kept
-    assert a.groups._kept_bytes == 0
+    assert session.length == 0 and session.next_block == 0 and not a.groups.steps and not a.groups.kept.by_session
+    assert a.groups.kept.bytes == 0
 
     # kept partials are bounded in bytes, and forgotten with their session, or when no step comes
     limits = a.groups.runner.limits
@@ -232,11 +233,11 @@ def test_a_member_takes_partials_only_from_the_member_the_step_names(tiny_model_
     a.groups.runner.limits = limits
     a.handle(b"owner", encode("close", 3, {"session": other}))
     a.groups.forget_stale()
-    assert list(a.groups._kept) == [sid] and a.groups._kept_bytes == y.nbytes
+    assert list(a.groups.kept.by_session) == [sid] and a.groups.kept.bytes == y.nbytes
     a.groups.forget_stale(now=time.monotonic() + MAX_WAIT - 5)  # kept MAX_WAIT (review173: pinned at inf only)
-    assert list(a.groups._kept) == [sid]
+    assert list(a.groups.kept.by_session) == [sid]
     a.groups.forget_stale(now=time.monotonic() + MAX_WAIT + 1)
-    assert not a.groups._kept and a.groups._kept_bytes == 0
+    assert not a.groups.kept.by_session and a.groups.kept.bytes == 0
 
     # the partner's partials, computed by member b itself (a's own session there), and forged ones
     opened_b = decode(b.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8})))
@@ -264,7 +265,7 @@ def test_a_member_takes_partials_only_from_the_member_the_step_names(tiny_model_
     assert to == b"owner" and result.type == "result" and result.id == 11
     assert torch.equal(result.tensor(0), h)  # the sums the client would make, to the bit
     assert (result.tensor(0) - want).abs().max().item() <= 1e-5
-    assert a.sessions.sessions[sid].length == 2 and not a.groups.steps and not a.groups._kept
+    assert a.sessions.sessions[sid].length == 2 and not a.groups.steps and not a.groups.kept.by_session
 
 
 @pytest.mark.parametrize("how", ["kill", "stop"])
@@ -560,8 +561,8 @@ def test_what_a_member_keeps_or_answers_for_steps_that_cannot_be(tiny_model_dir)
             "session": sid, "pos": 0, "block": 0, "phase": "attn", "member": 1}, [torch.randn(1, positions, 64)]))])
 
     [(_, refused)] = partial(2, 2)
-    assert decode(refused).fields["code"] == "bad_position" and a.groups._kept_bytes == 0
-    assert partial(3, 1) == [] and a.groups._kept_bytes > 0  # one it can take: kept, no answer yet
+    assert decode(refused).fields["code"] == "bad_position" and a.groups.kept.bytes == 0
+    assert partial(3, 1) == [] and a.groups.kept.bytes > 0  # one it can take: kept, no answer yet
     me = "tcp://127.0.0.1:1#" + zmq.curve_keypair()[0].decode()
     [(to, frames)] = a.handle_batch([(b"owner", encode("step", 77, {
         "session": sid, "pos": 0, "reply": 5, "member": 0,
@@ -587,7 +588,7 @@ def test_a_member_keeps_partials_up_to_its_limit_and_refuses_the_rest_busy(tiny_
                     "session": sid, "pos": 0, "block": 0, "phase": "attn", "member": member},
                     [torch.randn(1, positions, 64)]))])]
     assert [m.fields["code"] for m in answered] == ["busy"] * (4 * len(sids) - room)
-    assert a.groups._kept_bytes == room * per
+    assert a.groups.kept.bytes == room * per
 
 
 def _group_step(handler, peer: bytes, sid: str, x, req_id: int, **fields):

@@ -38,8 +38,8 @@ from hypothesis import strategies as st
 from zmq.utils import z85
 
 from nanoswarm.client.generate import ClientModel
-from nanoswarm.node.all_reduce import KEPT_MESSAGES
 from nanoswarm.node.handler import RequestHandler
+from nanoswarm.node.partials import KEPT_MESSAGES
 from nanoswarm.node.relay import Relay
 from nanoswarm.node.sessions import NodeLimits
 from nanoswarm.protocol.errors import ErrorCode
@@ -675,8 +675,8 @@ def check_groups(node: Node) -> None:
     """All-reduce bookkeeping: the kept partials' bytes as counted and within the limit; a step in
     flight holds its session between its position and the end of its positions."""
     groups, h = node.handler.groups, node.handler
-    kept = sum(entry[3] for per in groups._kept.values() for entry in per.values()) * groups._row_bytes
-    assert groups._kept_bytes == kept, (groups._kept_bytes, kept)
+    kept = sum(entry[3] for per in groups.kept.by_session.values() for entry in per.values()) * groups.kept._row_bytes
+    assert groups.kept.bytes == kept, (groups.kept.bytes, kept)
     assert 0 <= kept <= KEPT_MESSAGES * LIMITS.max_message_bytes
     for sid, g in groups.steps.items():
         assert g.session.id == sid
@@ -859,7 +859,7 @@ def finish_group_steps(node: Node, seen: Counter) -> None:
         if info["started"] and not info["replies"]:
             assert info["session"] not in node.handler.sessions.sessions, f"an all-reduce step never answered: {info}"
     groups.forget_stale(now=float("inf"))
-    assert not groups._kept and groups._kept_bytes == 0
+    assert not groups.kept and groups.kept.bytes == 0
 
 
 def scripted_all_reduce(node: Node, seen: Counter) -> None:

@@ -1,0 +1,84 @@
+"""The partial sums other members of a head group sent this node (node/all_reduce.py), kept until
+the phase they belong to is summed, within a bound on their bytes.
+
+A member may be a phase ahead of another, and a partial may come before the step it belongs to,
+so partials wait here keyed by session and (position, block, phase, member), with when they came
+and the CURVE key of their sender (checked against the member's when the step names it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Container, Mapping
+from typing import NamedTuple
+
+import torch
+
+from nanoswarm.protocol.errors import ErrorCode, ProtocolError
+
+from .group_step import MAX_WAIT
+
+# Partials kept for all sessions together, at most, in units of the node's message limit: a
+# member's partials wait for its step, or for the next phase, and a peer that knows a session id
+# must not fill the node's memory with them (review128). Past it partials are refused `busy`.
+KEPT_MESSAGES = 4
+
+
+class Kept(NamedTuple):
+    came: float  # time.monotonic() when it came
+    key: str | None  # its sender's CURVE key (None where the node knows no keys)
+    partial: torch.Tensor  # float32
+    tokens: int  # its positions
+
+
+class KeptPartials:
+    """session id -> {(pos, block, phase, member): Kept}, and their bytes in all."""
+
+    def __init__(self, n_embd: int):
+        self.by_session: dict[str, dict[tuple, Kept]] = {}
+        self.bytes = 0
+        self._row_bytes = 4 * n_embd  # a kept partial's bytes a position (float32)
+
+    def __bool__(self) -> bool:
+        return bool(self.by_session)
+
+    def of(self, sid: str) -> Mapping[tuple, Kept]:
+        """What is kept for session `sid` (empty if nothing)."""
+        return self.by_session.get(sid, {})
+
+    def add(self, sid: str, k: tuple, key: str | None, partial: torch.Tensor, tokens: int,
+            max_message_bytes: int) -> None:
+        """Keep a partial (ProtocolError: one for that phase and member came already, or the
+        KEPT_MESSAGES messages' bytes are reached)."""
+        kept = self.by_session.get(sid, {})
+        if k in kept:
+            raise ProtocolError(ErrorCode.BAD_POSITION, f"member {k[3]}'s partial of this phase came already")
+        nbytes = tokens * self._row_bytes
+        if self.bytes + nbytes > KEPT_MESSAGES * max_message_bytes:
+            raise ProtocolError(ErrorCode.BUSY, "this node keeps as many partials as it takes; again later")
+        if partial.dtype is not torch.float32:  # (a float16, bfloat16 or q80 wire's)
+            partial = partial.to(torch.float32)
+        self.by_session.setdefault(sid, kept)[k] = Kept(time.monotonic(), key, partial, tokens)
+        self.bytes += nbytes
+
+    def pop(self, sid: str, k: tuple) -> Kept:
+        entry = self.by_session[sid].pop(k)
+        self.bytes -= entry.tokens * self._row_bytes
+        return entry
+
+    def forget(self, sid: str) -> None:
+        for entry in self.by_session.pop(sid, {}).values():
+            self.bytes -= entry.tokens * self._row_bytes
+
+    def forget_stale(self, open_sessions: Container[str], stepping: Container[str], now: float) -> None:
+        """Forget the partials of sessions that are gone, and those that waited MAX_WAIT for a step
+        that never came (its member refused it, say)."""
+        for sid in list(self.by_session):
+            if sid not in open_sessions:
+                self.forget(sid)
+            elif sid not in stepping:
+                for k in [k for k, entry in self.by_session[sid].items() if now - entry.came > MAX_WAIT]:
+                    self.pop(sid, k)
+                if not self.by_session[sid]:
+                    del self.by_session[sid]
+
