@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -14,7 +15,7 @@ import click
 from .params import SECONDS, client_keys, peer_list
 
 if TYPE_CHECKING:  # (imported when used: torch is slow to import for --help)
-    from nanoswarm.client.api import SwarmModel
+    from nanoswarm.client.api import GenerationResult, SwarmModel
     from nanoswarm.client.generate import SamplingParams
 
 
@@ -111,9 +112,15 @@ def generate(prompt: str | None, prompts_file: TextIO | None, at_once: int, mode
 def run_batch(model: SwarmModel, prompts: list[str], max_new_tokens: int, sampling: SamplingParams,
               at_once: int, as_json: bool) -> None:
     """The prompts' generations in step; each result printed once all are done (a failure of any
-    is the command's: its one line, no result)."""
+    is the command's: its one line, no result), a line on stderr as each prompt is done."""
+    done, lock = [0], threading.Lock()
+
+    def progress(k: int, result: GenerationResult) -> None:  # from the batch's threads
+        with lock:
+            done[0] += 1
+            click.echo(f"[{done[0]}/{len(prompts)} prompts done]", err=True)
     t0 = time.perf_counter()
-    results = model.generate_batch(prompts, max_new_tokens, sampling, at_once=at_once)
+    results = model.generate_batch(prompts, max_new_tokens, sampling, at_once=at_once, on_done=progress)
     seconds = time.perf_counter() - t0
     for k, result in enumerate(results):
         if as_json:

@@ -250,7 +250,8 @@ class SwarmModel:
         return result
 
     def generate_batch(self, prompts: list[str], max_new_tokens: int = 50, sampling: SamplingParams | None = None,
-                       keep_logits: bool = False, at_once: int = 16) -> list[GenerationResult]:
+                       keep_logits: bool = False, at_once: int = 16,
+                       on_done: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
         """Generations of several prompts, up to `at_once` of them at a time, in step: each the
         generation `generate` would give alone (its own session, failover, spot checks; with the
         same `sampling`, seed included), their decode steps sent together so that the nodes run
@@ -259,7 +260,9 @@ class SwarmModel:
         from a lone run's only where that rounding turns the sampler's order of two candidates
         (greedy: a tie that close; sampling: two logits that close swap places in its sort).
         Raises the first generation's error once every one has stopped; Ctrl-C stops them all,
-        each after its step under way."""
+        each after its step under way. `on_done(k, result)`, if given, is called as prompt k's
+        generation ends as it should (from the thread that ran it: progress, say); an error it
+        raises is the batch's."""
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) \
                 or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a list of texts (str)")
@@ -270,9 +273,14 @@ class SwarmModel:
         for prompt in prompts:  # every prompt checked before any is sent
             self._new_tokens(prompt_ids(prompt), max_new_tokens, warn=False)
         if self.swarm is None or len(prompts) < 2 or at_once == 1:
-            return [self.generate(p, max_new_tokens, sampling, keep_logits) for p in prompts]
+            results = []
+            for k, prompt in enumerate(prompts):
+                results.append(self.generate(prompt, max_new_tokens, sampling, keep_logits))
+                if on_done is not None:
+                    on_done(k, results[k])
+            return results
         results = [GenerationResult(p) for p in prompts]
-        generate_in_step(self, prompts, results, max_new_tokens, sampling, keep_logits, at_once)
+        generate_in_step(self, prompts, results, max_new_tokens, sampling, keep_logits, at_once, on_done)
         return results
 
     def batcher(self, at_once: int = 16) -> Batcher:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -132,7 +133,7 @@ class HeadMember:
 
 def generate_in_step(model: SwarmModel, prompts: list[str], results: list[GenerationResult],
                      max_new_tokens: int, sampling: SamplingParams | None, keep_logits: bool,
-                     at_once: int) -> None:
+                     at_once: int, on_done: Callable[[int, GenerationResult], None] | None = None) -> None:
     """Fill `results` (one a prompt) by generating the prompts in step, `at_once` at a time, on
     `model`'s swarm (its peers, bans and spot checker; the bans its threads made are the
     model's afterwards). Raises the first generation's error once all have stopped.
@@ -186,6 +187,8 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
                     break
                 finally:
                     stream.close()  # its session closed now, on this thread
+                if on_done is not None:
+                    on_done(k, results[k])
             taken = True
         except BaseException as e:  # noqa: BLE001 - re-raised by the caller
             errors.append(e)

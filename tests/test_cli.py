@@ -453,6 +453,7 @@ def test_generate_takes_a_file_of_prompts_at_once(tiny_model_dir, cluster_factor
     assert [r["prompt"] for r in results] == prompts
     assert [r["ids"] for r in results] == [a.ids for a in alone] and all(r["route"] for r in results)
     assert "3 prompts, 18 tokens" in out.stderr
+    assert [n for n in range(1, 4) if f"[{n}/3 prompts done]" in out.stderr] == [1, 2, 3]  # progress
     assert text.returncode == 0, text.stderr
     assert text.stdout == "\n\n".join(p + a.text for p, a in zip(prompts, alone)) + "\n"
     for args, said in [(["generate", "ROMEO:", "--prompts-file", str(path)], "one of them"),

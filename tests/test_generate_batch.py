@@ -70,7 +70,11 @@ def test_each_prompt_of_a_batch_gets_what_it_gets_alone(tiny_model_dir, cluster_
     with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(verify=0.5)) as model:
         alone = [model.generate(p, 20, SEEDED, keep_logits=True) for p in PROMPTS]
         descriptors = open_descriptors()
-        together = model.generate_batch(PROMPTS, 20, SEEDED, keep_logits=True)
+        done: list = []  # on_done: each prompt once, as its generation ends, its result filled
+        together = model.generate_batch(PROMPTS, 20, SEEDED, keep_logits=True,
+                                        on_done=lambda k, r: done.append((k, r.stop_reason, len(r.ids))))
+        assert sorted(done) == [(k, r.stop_reason, len(r.ids)) for k, r in enumerate(together)]
+        assert all(reason for _, reason, _ in done)
         assert open_descriptors() <= descriptors + 2  # every sibling's links closed with it
         [batch] = recorded.made
         assert sum(r.spot_checks for r in together) > 0
