@@ -200,34 +200,62 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
             batch.leave(w)
             sibling.swarm.close()  # here: its sockets are this thread's
 
-    threads = [threading.Thread(target=run, args=(w,), name=f"nanoswarm-batch-{w}", daemon=True)
-               for w in range(len(siblings))]
+    workers = [Worker(lambda w=w: run(w), f"nanoswarm-batch-{w}") for w in range(len(siblings))]
     try:
-        for thread in threads:
-            thread.start()
-        join_all(threads)
+        for worker in workers:
+            worker.start()
+        join_all(workers)
     except BaseException:  # Ctrl-C: every generation stops after its step under way
-        stop_and_wait(batch, threads)
+        stop_and_wait(batch, workers)
         raise
     finally:
         with model._lock:  # what the generations learned of peers, for the next ones
-            for sibling, thread in zip(siblings, threads):
-                if not thread.is_alive():
+            for sibling, worker in zip(siblings, workers):
+                if not worker.running:
                     model.swarm.take_bans(sibling.swarm)
     failed = next((e for e in errors if not isinstance(e, BatchStopped)), None)
     if failed is not None:
         raise failed
 
 
-def join_all(threads: list[threading.Thread]) -> None:
-    """Wait for every thread of `threads`."""
-    for thread in threads:
-        while thread.is_alive():
-            thread.join(WAKE_SECONDS)  # in slices: a signal's handler runs between them
+class Worker:
+    """A batch's thread, and an event it sets as it ends. Waited for on that event: a
+    `Thread.join` that Ctrl-C cuts marks a thread still running as ended (CPython 3.11's
+    `_wait_for_tstate_lock`), and `is_alive` then says False (review177: `close` returned while a
+    worker was still in ZeroMQ for 6 s)."""
+
+    def __init__(self, target: Callable[[], None], name: str):
+        self.ended = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
+
+    def _run(self, target: Callable[[], None]) -> None:
+        try:
+            target()
+        finally:
+            self.ended.set()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self.thread.ident is not None
+
+    @property
+    def running(self) -> bool:
+        return self.started and not self.ended.is_set()
 
 
-def stop_and_wait(batch: HeadBatch, threads: list[threading.Thread]) -> None:
-    """Stop the batch and wait for every thread of it: each ends after its step under way. Further
+def join_all(workers: list[Worker]) -> None:
+    """Wait for every worker of `workers` that started."""
+    for worker in workers:
+        if worker.started:
+            while not worker.ended.wait(WAKE_SECONDS):  # in slices: a signal's handler runs between them
+                pass
+
+
+def stop_and_wait(batch: HeadBatch, workers: list[Worker]) -> None:
+    """Stop the batch and wait for every worker of it: each ends after its step under way. Further
     Ctrl-Cs meanwhile only wait on (review174: a second one left the batch running behind the
     raised KeyboardInterrupt, holding its sessions, and a program that then exited could abort
     with threads still in ZeroMQ)."""
@@ -235,7 +263,7 @@ def stop_and_wait(batch: HeadBatch, threads: list[threading.Thread]) -> None:
     while True:
         try:
             batch.stop()
-            join_all([t for t in threads if t.ident is not None])
+            join_all(workers)
             return
         except KeyboardInterrupt:
             if not told:

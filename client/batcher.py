@@ -16,6 +16,7 @@ that request's alone: the others go on.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -24,8 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .batch import WAKE_SECONDS, BatchStopped, HeadBatch, stop_and_wait
+from .batch import WAKE_SECONDS, BatchStopped, HeadBatch, Worker, join_all, stop_and_wait
 from .generate import SamplingParams
+from .route import RouteError
 
 if TYPE_CHECKING:
     from .api import GenerationResult, SwarmModel
@@ -46,6 +48,7 @@ class _Request:
     keep_logits: bool
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # text, then _DONE or an error
     cancelled: bool = False  # its caller stopped reading: its worker ends it at the next piece
+    held_until_ended: int | None = None  # given back for want of a route: taken once more requests ended
 
 
 class Batcher:
@@ -62,10 +65,13 @@ class Batcher:
             raise ValueError(f"at_once must be a whole number >= 1, got {at_once!r}")
         self.model, self.at_once = model, at_once
         self.batch = HeadBatch(model.client, 0)
-        self._cond = threading.Condition()  # the request queue, the workers and `closed`
+        self._cond = threading.Condition()  # the requests, the workers' counts and `closed`
         self._waiting: deque[_Request] = deque()
-        self._workers: list[threading.Thread] = []
+        self._workers: list[Worker] = []
+        self._ids = itertools.count()  # a worker's member id in the batch: never one of a live worker's
         self._idle = 0  # workers waiting for a request
+        self._serving = 0  # requests being run
+        self._ended = 0  # requests that ended after their sessions opened (their nodes' places free)
         self.closed = False
 
     def stream(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
@@ -83,8 +89,8 @@ class Batcher:
         self.model._new_tokens(prompt_ids(prompt), max_new_tokens, warn=False)  # refused here, not in a worker
         request = _Request(prompt, max_new_tokens, sampling,
                            result if result is not None else GenerationResult(prompt), keep_logits)
-        self._submit(request)
         try:
+            self._submit(request)  # in the try: a Ctrl-C in it or just after cancels it (review177)
             while True:
                 try:
                     item = request.pieces.get(timeout=WAKE_SECONDS)  # in slices: Ctrl-C's handler runs
@@ -114,22 +120,30 @@ class Batcher:
                 raise RuntimeError("this batcher is closed" if self.closed else "this SwarmModel is closed")
             self._waiting.append(request)
             if len(self._waiting) > self._idle and len(self._workers) < self.at_once:
-                worker = threading.Thread(target=self._work, args=(len(self._workers),),
-                                          name=f"nanoswarm-batcher-{len(self._workers)}", daemon=True)
-                self._workers.append(worker)
-                self._idle += 1  # it takes the request: the next submit does not start another for it
-                worker.start()
+                w = next(self._ids)
+                worker = Worker(lambda: self._work(w), f"nanoswarm-batcher-{w}")
+                try:
+                    worker.start()  # (it takes a request once this lock is free)
+                finally:  # counted only if it runs: a thread that could not start holds no place (review177)
+                    if worker.started:
+                        self._workers.append(worker)
+                        self._idle += 1
             self._cond.notify()
 
     def _take(self) -> _Request | None:
-        """The next request, waited for; None once the batcher is closed. Called idle."""
+        """The next request, waited for; None once the batcher is closed. Called idle. A request
+        given back for want of a route waits until another request has ended, or until none runs."""
         with self._cond:
             while True:
-                while self._waiting and self._waiting[0].cancelled:  # its caller has gone
-                    self._waiting.popleft()
-                if self._waiting:
+                request = next((r for r in self._waiting if not r.cancelled and (
+                    r.held_until_ended is None or r.held_until_ended < self._ended or self._serving == 0)), None)
+                for r in [r for r in self._waiting if r.cancelled]:  # their callers have gone
+                    self._waiting.remove(r)
+                if request is not None:
+                    self._waiting.remove(request)
                     self._idle -= 1
-                    return self._waiting.popleft()
+                    self._serving += 1
+                    return request
                 if self.closed or self.model.closed:
                     self._idle -= 1
                     return None
@@ -142,11 +156,14 @@ class Batcher:
                 if model.closed:
                     raise RuntimeError("this SwarmModel is closed")
                 sibling = model._sibling(model.swarm.sibling() if model.swarm is not None else None)
-        except BaseException as e:  # noqa: BLE001 - the requests waiting hear of it (close)
+        except BaseException as e:  # noqa: BLE001 - the requests waiting hear of it if no worker is left
             log.warning("a batcher's worker could not start: %s", e)
             with self._cond:
                 self._idle -= 1
-            self.close_requests(e)
+                self._workers = [x for x in self._workers if x.thread is not threading.current_thread()]
+                alone = not self._workers
+            if alone:
+                self.close_requests(e)
             return
         sibling.client = self.batch.member(w)
         try:
@@ -160,6 +177,10 @@ class Batcher:
                     self._share_bans(model.swarm, sibling.swarm)
                     with self._cond:
                         self._idle += 1
+                        self._serving -= 1
+                        if request.result.route:  # its sessions were open: their places are free now
+                            self._ended += 1
+                        self._cond.notify_all()
         finally:
             if sibling.swarm is not None:
                 sibling.swarm.close()  # here: its sockets are this thread's
@@ -184,10 +205,26 @@ class Batcher:
         except BatchStopped:
             request.pieces.put(RuntimeError("this SwarmModel was closed during the generation" if self.model.closed
                                             else "the batcher was closed during the generation"))
+        except RouteError as e:
+            if not self._give_back(request):
+                request.pieces.put(e)
         except BaseException as e:  # noqa: BLE001 - the caller's to raise
             request.pieces.put(e)
         finally:
             stream.close()  # its session closed now, on this thread
+
+    def _give_back(self, request: _Request) -> bool:
+        """A request that found no route before its first step, while others run (their sessions
+        may be what fills the nodes: `--max-sessions`), waits for one of them to end and is tried
+        again, first in line; one that finds none alone fails (review177)."""
+        with self._cond:
+            if request.result.route or self._serving <= 1 or self.closed:
+                return False
+            request.held_until_ended = self._ended  # (its result holds its prompt alone: nothing to undo)
+            self._waiting.appendleft(request)
+        log.info("batcher: no route for one more generation at once; it waits for one of %d to end",
+                 self._serving - 1)
+        return True
 
     def close_requests(self, error: BaseException) -> None:
         """Fail every request still waiting for a worker with `error`."""
@@ -198,9 +235,15 @@ class Batcher:
 
     def close(self) -> None:
         """Stop: requests waiting for a worker fail, the ones running end after their step under way
-        (their callers get RuntimeError), and every worker is waited for. Idempotent."""
+        (their callers get RuntimeError), and every worker is waited for (a Ctrl-C meanwhile only
+        waits on, then is raised). Idempotent."""
         self.stop()
-        stop_and_wait(self.batch, list(self._workers))
+        workers = list(self._workers)
+        try:
+            join_all(workers)
+        except BaseException:
+            stop_and_wait(self.batch, workers)
+            raise
 
     def stop(self) -> None:
         """`close` without waiting for the workers (SwarmModel.close calls it)."""

@@ -3,6 +3,7 @@ real node processes, each as it is alone, the ones running together in step."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -11,8 +12,10 @@ import pytest
 from conftest import SwarmWithALiar, sessions_on
 from test_generate_batch import SEEDED, open_descriptors, sessions_left
 
+import nanoswarm.client.batcher as batcher_module
 from nanoswarm.client.api import GenerationResult, SwarmModel
 from nanoswarm.client.generate import SamplingParams
+from nanoswarm.client.route import RouteError
 from nanoswarm.client.swarm import SwarmOptions
 from nanoswarm.node.cluster import NodeSpec
 
@@ -162,3 +165,75 @@ def test_a_local_model_serves_a_batcher_too(tiny_model_dir):
         together = in_threads(lambda i: batcher.generate(PROMPTS[i], 12, SEEDED), 3)
     assert [r.ids for r in together] == [a.ids for a in alone]
     assert no_workers()
+
+
+def test_more_requests_than_the_nodes_hold_wait_for_a_place(tiny_model_dir, cluster_factory):
+    """Review177: nodes that hold 2 sessions each, 6 requests from 6 threads through a batcher of
+    6 workers: a request whose open is refused while others run (the batcher's own sessions fill
+    the nodes) waits for one of them to end and is tried again; each gets what it gets alone.
+    Alone, a request that finds no route fails with it."""
+    limit = ["--max-sessions", "2"]
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=limit), NodeSpec((2, 4), args=limit)])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        alone = [model.generate(p, 12, SEEDED).ids for p in PROMPTS]
+        with model.batcher(at_once=6) as batcher:
+            together = in_threads(lambda i: batcher.generate(PROMPTS[i], 12, SEEDED), len(PROMPTS))
+            assert [r.ids if isinstance(r, GenerationResult) else r for r in together] == alone
+            assert batcher.batch.widest <= 2
+            held = [model.session(8), model.session(8)]  # the nodes full, no request of the batcher running
+            with pytest.raises(RouteError):
+                batcher.generate(PROMPTS[0], 4)
+            for session in held:
+                session.close()
+    assert no_workers()
+
+
+def test_a_ctrl_c_in_close_waits_for_the_workers_then_is_raised(tiny_model_dir, cluster_factory):
+    """Review177: Ctrl-C while `close` waits for a worker in a slow step: `close` still waits for
+    it to end (a `Thread.join` cut by Ctrl-C marks a running thread ended in CPython 3.11), then
+    raises KeyboardInterrupt; nothing is left running."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4), args=[
+        "--dishonest", "--slow", "0.6"])], cluster=SwarmWithALiar)
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        batcher = model.batcher()
+        stream = batcher.stream(PROMPTS[0], 50, GREEDY)
+        next(stream)  # running: its next step takes 0.6 s at the slow node
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            batcher.close()
+        assert all(worker.ended.is_set() for worker in batcher._workers) and time.monotonic() - t0 > 0.3
+        with pytest.raises(RuntimeError, match="closed"):
+            "".join(stream)
+    assert no_workers() and sessions_left(swarm) == 0
+
+
+def test_a_request_cut_while_it_is_submitted_is_never_run(tiny_model_dir, cluster_factory, monkeypatch):
+    """Review177: Ctrl-C landing while a request is handed to a new worker cancels it (it was
+    left to run with no reader); a worker that cannot start holds no place, and the next request
+    is served (it hung)."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        start = batcher_module.Worker.start
+        failures = iter([KeyboardInterrupt(), RuntimeError("can't start new thread")])
+
+        def cut_start(worker) -> None:
+            e = next(failures, None)
+            if isinstance(e, KeyboardInterrupt):
+                start(worker)  # running, and then the interrupt
+            if e is not None:
+                raise e
+            start(worker)
+        monkeypatch.setattr(batcher_module.Worker, "start", cut_start)
+        with model.batcher(at_once=1) as batcher:
+            cut = GenerationResult()
+            with pytest.raises(KeyboardInterrupt):
+                next(batcher.stream(PROMPTS[0], 30, GREEDY, cut))
+            time.sleep(0.5)
+            assert cut.ids == [] and len(batcher._workers) == 1
+        with model.batcher(at_once=1) as batcher:
+            with pytest.raises(RuntimeError, match="can't start"):
+                batcher.generate(PROMPTS[1], 4)
+            assert batcher._workers == []
+            assert batcher.generate(PROMPTS[1], 4, GREEDY).ids == model.generate(PROMPTS[1], 4, GREEDY).ids
+    assert no_workers() and sessions_left(swarm) == 0
