@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoswarm.client.batch import BatchStopped, HeadBatch, join_all, stop_and_wait
+from nanoswarm.client.batch import BatchStopped, HeadBatch, Worker, join_all, stop_and_wait
 from nanoswarm.client.generate import ClientModel
 from nanoswarm.client.head_group import HeadGroupStage
 from nanoswarm.client.peer_errors import PeerError
@@ -195,7 +195,7 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
     start = threading.Barrier(n + 1)
     errors: list[BaseException] = []
 
-    def worker(k: int) -> None:
+    def run(k: int) -> None:
         session, member, token = sessions[k], batch.member(k), prompts[k][-1]
         start.wait()
         try:
@@ -207,16 +207,16 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
         finally:
             batch.leave(k)
 
-    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(n)]
-    for t in threads:
-        t.start()
+    workers = [Worker(lambda k=k: run(k), f"nanoswarm-bench-{k}") for k in range(n)]
+    for worker in workers:
+        worker.start()
     gc.collect()
     start.wait()
     t0 = time.perf_counter()
     try:
-        join_all(threads)
+        join_all(workers)
     except BaseException:  # Ctrl-C: the sessions stop after their steps under way
-        stop_and_wait(batch, threads)
+        stop_and_wait(batch, workers)
         raise
     wall = time.perf_counter() - t0
     if errors:
