@@ -63,6 +63,24 @@ def prompt_ids(prompt: str) -> list[int]:
     return encode(prompt) or [EOT_TOKEN]
 
 
+def check_types(prompt: str, sampling: SamplingParams | None) -> None:
+    """TypeError unless `prompt` is text and `sampling` SamplingParams or None."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"the prompt must be text (str), got {type(prompt).__name__}")
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
+
+
+def stream_to_end(stream: Callable[..., Iterator[str]], prompt: str, max_new_tokens: int,
+                  sampling: SamplingParams | None, keep_logits: bool) -> GenerationResult:
+    """The GenerationResult of a `stream(prompt, max_new_tokens, sampling, result, keep_logits)`
+    read to its end."""
+    result = GenerationResult(prompt)
+    for _ in stream(prompt, max_new_tokens, sampling, result, keep_logits):
+        pass
+    return result
+
+
 def check_prompt_length(ids: list[int], context: int) -> None:
     """ValueError unless a prompt of `ids` fits a model of `context` positions."""
     if len(ids) > context:
@@ -151,10 +169,7 @@ class SwarmModel:
                on_failover: Callable[[str], None] | None = None) -> Iterator[str]:
         """Yields text pieces as tokens arrive; fills `result` if given. Several threads may
         stream from one SwarmModel at once (their steps take turns); `close` ends them all."""
-        if not isinstance(prompt, str):
-            raise TypeError(f"the prompt must be text (str), got {type(prompt).__name__}")
-        if sampling is not None and not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
+        check_types(prompt, sampling)
         ids = prompt_ids(prompt)
         requested, max_new_tokens = max_new_tokens, self._new_tokens(ids, max_new_tokens)
         result = result if result is not None else GenerationResult(prompt, ids)
@@ -244,10 +259,7 @@ class SwarmModel:
 
     def generate(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
                  keep_logits: bool = False) -> GenerationResult:
-        result = GenerationResult(prompt)
-        for _ in self.stream(prompt, max_new_tokens, sampling, result, keep_logits):
-            pass
-        return result
+        return stream_to_end(self.stream, prompt, max_new_tokens, sampling, keep_logits)
 
     def generate_batch(self, prompts: list[str], max_new_tokens: int = 50, sampling: SamplingParams | None = None,
                        keep_logits: bool = False, at_once: int = 16,

@@ -38,6 +38,11 @@ class BatchStopped(Exception):
     """The batch was stopped (`HeadBatch.stop`) while a generation waited for its logits."""
 
 
+class Cancelled(Exception):
+    """A generation's caller has stopped reading it (HeadMember.cancelled): it ends before its next
+    logits."""
+
+
 class HeadBatch:
     def __init__(self, client: ClientModel, members: int):
         self.client = client
@@ -123,11 +128,14 @@ class HeadMember:
     def __init__(self, batch: HeadBatch, k: int):
         self.batch, self.k = batch, k
         self.device = batch.client.device
+        self.cancelled: Callable[[], bool] = lambda: False  # asked before every token's logits
 
     def embed(self, ids: list[int], start: int) -> torch.Tensor:
         return self.batch.client.embed(ids, start)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.cancelled():  # (a token that makes no text would not reach the caller's check)
+            raise Cancelled()
         return self.batch.logits(self.k, hidden)
 
 

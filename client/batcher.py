@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .batch import WAKE_SECONDS, BatchStopped, HeadBatch, Worker, join_all, stop_and_wait
+from .batch import WAKE_SECONDS, BatchStopped, Cancelled, HeadBatch, Worker, join_all, stop_and_wait
 from .generate import SamplingParams
 from .route import RouteError
 
@@ -70,6 +70,7 @@ class Batcher:
         self._workers: list[Worker] = []
         self._ids = itertools.count()  # a worker's member id in the batch: never one of a live worker's
         self._idle = 0  # workers waiting for a request
+        self._starting = 0  # workers started that have not counted themselves yet (_work)
         self._serving = 0  # requests being run
         self._ended = 0  # requests that ended after their sessions opened (their nodes' places free)
         self.closed = False
@@ -80,12 +81,9 @@ class Batcher:
         Any thread may call it; closing the iterator early ends the generation (its session closed
         after its step under way). Raises the generation's own error; RuntimeError if the batcher
         or its model is closed before it ends."""
-        from .api import GenerationResult, prompt_ids
+        from .api import GenerationResult, check_types, prompt_ids
 
-        if not isinstance(prompt, str):
-            raise TypeError(f"the prompt must be text (str), got {type(prompt).__name__}")
-        if sampling is not None and not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
+        check_types(prompt, sampling)
         self.model._new_tokens(prompt_ids(prompt), max_new_tokens, warn=False)  # refused here, not in a worker
         request = _Request(prompt, max_new_tokens, sampling,
                            result if result is not None else GenerationResult(prompt), keep_logits)
@@ -107,27 +105,25 @@ class Batcher:
     def generate(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
                  keep_logits: bool = False) -> GenerationResult:
         """`stream` to its end: the GenerationResult."""
-        from .api import GenerationResult
+        from .api import stream_to_end
 
-        result = GenerationResult(prompt)
-        for _ in self.stream(prompt, max_new_tokens, sampling, result, keep_logits):
-            pass
-        return result
+        return stream_to_end(self.stream, prompt, max_new_tokens, sampling, keep_logits)
 
     def _submit(self, request: _Request) -> None:
         with self._cond:
             if self.closed or self.model.closed:
                 raise RuntimeError("this batcher is closed" if self.closed else "this SwarmModel is closed")
             self._waiting.append(request)
-            if len(self._waiting) > self._idle and len(self._workers) < self.at_once:
+            if len(self._waiting) > self._idle + self._starting \
+                    and len(self._workers) + self._starting < self.at_once:
                 w = next(self._ids)
-                worker = Worker(lambda: self._work(w), f"nanoswarm-batcher-{w}")
-                try:
-                    worker.start()  # (it takes a request once this lock is free)
-                finally:  # counted only if it runs: a thread that could not start holds no place (review177)
-                    if worker.started:
-                        self._workers.append(worker)
-                        self._idle += 1
+                worker = Worker(lambda: self._work(w, worker), f"nanoswarm-batcher-{w}")
+                self._starting += 1  # the worker counts itself once it runs (_work): a Ctrl-C in
+                try:  # `start` may come before or after the thread began (review178)
+                    worker.start()
+                except Exception:  # no thread: it holds no place (review177)
+                    self._starting -= 1
+                    raise
             self._cond.notify()
 
     def _take(self) -> _Request | None:
@@ -149,8 +145,12 @@ class Batcher:
                     return None
                 self._cond.wait(WAKE_SECONDS)  # (a model closed without this batcher's lock)
 
-    def _work(self, w: int) -> None:
+    def _work(self, w: int, me: Worker) -> None:
         model = self.model
+        with self._cond:  # counted here, by the thread itself: it runs
+            self._starting -= 1
+            self._workers.append(me)
+            self._idle += 1
         try:
             with model._lock:
                 if model.closed:
@@ -160,14 +160,16 @@ class Batcher:
             log.warning("a batcher's worker could not start: %s", e)
             with self._cond:
                 self._idle -= 1
-                self._workers = [x for x in self._workers if x.thread is not threading.current_thread()]
-                alone = not self._workers
-            if alone:
-                self.close_requests(e)
+                self._workers.remove(me)
+                failed, self._waiting = ((self._waiting, deque()) if not self._workers and not self._starting
+                                         else ((), self._waiting))  # (at once: review178)
+            for request in failed:  # no worker left to take them
+                request.pieces.put(e)
             return
-        sibling.client = self.batch.member(w)
+        member = sibling.client = self.batch.member(w)
         try:
             while (request := self._take()) is not None:
+                member.cancelled = lambda r=request: r.cancelled
                 self._share_bans(sibling.swarm, model.swarm)  # made meanwhile by the model or other workers
                 self.batch.join(w)
                 try:
@@ -196,12 +198,12 @@ class Batcher:
                                 request.keep_logits)
         try:
             for piece in stream:
-                if request.cancelled:
-                    return
                 if self.model.closed:
                     raise RuntimeError("this SwarmModel was closed during the generation")
                 request.pieces.put(piece)
             request.pieces.put(_DONE)
+        except Cancelled:  # its caller has gone: its session is closed below
+            pass
         except BatchStopped:
             request.pieces.put(RuntimeError("this SwarmModel was closed during the generation" if self.model.closed
                                             else "the batcher was closed during the generation"))
@@ -237,12 +239,11 @@ class Batcher:
         """Stop: requests waiting for a worker fail, the ones running end after their step under way
         (their callers get RuntimeError), and every worker is waited for (a Ctrl-C meanwhile only
         waits on, then is raised). Idempotent."""
-        self.stop()
-        workers = list(self._workers)
         try:
-            join_all(workers)
+            self.stop()  # (in the try: a Ctrl-C in it too waits for the workers, review178)
+            join_all(list(self._workers))
         except BaseException:
-            stop_and_wait(self.batch, workers)
+            stop_and_wait(self.batch, list(self._workers))
             raise
 
     def stop(self) -> None:

@@ -282,8 +282,8 @@ class AllReduces:
         key = key if self.checks_keys else None
         if g is not None and key != g.keys[member]:
             raise ProtocolError(ErrorCode.NOT_SERVED, f"a partial for member {member} comes only from its key")
-        self.kept.add(session.id, (pos, block, phase, member), key, msg.tensor(0), shape[1],
-                      self.runner.limits.max_message_bytes)
+        self.kept.add(session.id, (pos, block, phase, member), key, shape[1], self.runner.limits.max_message_bytes,
+                      lambda: msg.tensor(0))
         self._touched.add(session.id)
 
     def advance(self) -> list[Reply]:

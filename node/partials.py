@@ -9,7 +9,7 @@ and the CURVE key of their sender (checked against the member's when the step na
 from __future__ import annotations
 
 import time
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import NamedTuple
 
 import torch
@@ -46,19 +46,21 @@ class KeptPartials:
         """What is kept for session `sid` (empty if nothing)."""
         return self.by_session.get(sid, {})
 
-    def add(self, sid: str, k: tuple, key: str | None, partial: torch.Tensor, tokens: int,
-            max_message_bytes: int) -> None:
-        """Keep a partial (ProtocolError: one for that phase and member came already, or the
-        KEPT_MESSAGES messages' bytes are reached)."""
+    def add(self, sid: str, k: tuple, key: str | None, tokens: int, max_message_bytes: int,
+            partial: Callable[[], torch.Tensor]) -> None:
+        """Keep a partial, decoded by `partial()` only once it is taken (ProtocolError: one for
+        that phase and member came already, or the KEPT_MESSAGES messages' bytes are reached; a
+        refused q80 partial would cost 8x its bytes to decode: review178)."""
         kept = self.by_session.get(sid, {})
         if k in kept:
             raise ProtocolError(ErrorCode.BAD_POSITION, f"member {k[3]}'s partial of this phase came already")
         nbytes = tokens * self._row_bytes
         if self.bytes + nbytes > KEPT_MESSAGES * max_message_bytes:
             raise ProtocolError(ErrorCode.BUSY, "this node keeps as many partials as it takes; again later")
-        if partial.dtype is not torch.float32:  # (a float16, bfloat16 or q80 wire's)
-            partial = partial.to(torch.float32)
-        self.by_session.setdefault(sid, kept)[k] = Kept(time.monotonic(), key, partial, tokens)
+        tensor = partial()
+        if tensor.dtype is not torch.float32:  # (a float16, bfloat16 or q80 wire's)
+            tensor = tensor.to(torch.float32)
+        self.by_session.setdefault(sid, kept)[k] = Kept(time.monotonic(), key, tensor, tokens)
         self.bytes += nbytes
 
     def pop(self, sid: str, k: tuple) -> Kept:
