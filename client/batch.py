@@ -15,6 +15,7 @@ the next.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+HELD_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
 WAKE_SECONDS = 0.1  # the longest a member waiting for its logits goes without looking whether the batch stopped
 
 
@@ -243,7 +245,25 @@ class Worker:
             self.ended.set()
 
     def start(self) -> None:
-        self.thread.start()
+        """Start the thread, with Ctrl-C (SIGINT, SIGTERM, SIGHUP) held back meanwhile: one that
+        lands inside `Thread.start` may come before or after the thread began, and nothing tells
+        which (review178); held back, its handler runs just after, the thread started. (Only the
+        main thread runs signal handlers, so only there is anything held back.)"""
+        if threading.current_thread() is not threading.main_thread():
+            self.thread.start()
+            return
+        came: list[int] = []
+        before = {s: signal.getsignal(s) for s in HELD_SIGNALS}
+        held = {s: h for s, h in before.items() if h is not None}  # (None: a handler not set from Python)
+        for s in held:
+            signal.signal(s, lambda signum, frame: came.append(signum))
+        try:
+            self.thread.start()
+        finally:
+            for s, handler in held.items():
+                signal.signal(s, handler)
+            for s in came:
+                signal.raise_signal(s)
 
     @property
     def started(self) -> bool:

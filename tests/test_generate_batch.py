@@ -219,3 +219,23 @@ def test_a_batch_wider_than_the_nodes_session_limit_goes_on_narrower(tiny_model_
         assert recorded.made[-1].widest <= 2
     assert no_batch_threads()
 
+
+
+def test_a_ctrl_c_inside_a_workers_start_comes_after_the_thread_began(monkeypatch):
+    """Review178: Ctrl-C landing inside `Thread.start` could come before or after the new thread
+    began, and nothing told which (a batcher counted one that ran as never started). The
+    interrupt is held back until the thread has started, then raised."""
+    ran = threading.Event()
+    worker = batch_module.Worker(ran.set, "nanoswarm-batch-test")
+    start = threading.Thread.start
+
+    def interrupted_start(thread) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # (the signal's handler would run here)
+        start(thread)
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        worker.start()
+    assert worker.started and ran.wait(2) and worker.ended.wait(2)
+    assert signal.getsignal(signal.SIGINT) is handler  # put back
