@@ -104,7 +104,9 @@ def test_a_caller_that_stops_reading_ends_its_generation_alone(tiny_model_dir, c
             assert len(cut) == 2 and all(r.ids == alone.ids for r in others)
             assert sessions_left(swarm) == 0
         assert no_workers()
-        assert len(cut_result.ids) < 10 and cut_result.stop_reason == ""  # ended at its next piece
+        # ended soon after (its worker does not wait for its reader, who may be slow to run on a
+        # loaded machine), not at its end
+        assert len(cut_result.ids) < 60 and cut_result.stop_reason == ""
 
 
 def test_a_node_killed_under_a_batcher_is_failed_over_for_every_request(tiny_model_dir, cluster_factory):
