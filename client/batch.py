@@ -15,8 +15,10 @@ the next.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -34,6 +36,11 @@ log = logging.getLogger(__name__)
 
 HELD_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
 WAKE_SECONDS = 0.1  # the longest a member waiting for its logits goes without looking whether the batch stopped
+# A generation refused a route at its start, alone, this soon after another of the batch ended is
+# tried once more after a pause: the ended one's `close` is sent without waiting, and its node may
+# read the new `open` first (its ROUTER socket takes each connection's messages in turn).
+RECENT_END_SECONDS = 2.0
+RETRY_PAUSE_SECONDS = 0.2
 
 
 class BatchStopped(Exception):
@@ -159,8 +166,8 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
         siblings = [model._sibling(model.swarm.sibling()) for _ in range(min(at_once, len(prompts)))]
     batch = HeadBatch(model.client, len(siblings))
     queue = deque(range(len(prompts)))
-    state = threading.Lock()  # the queue and the count of threads still taking prompts
-    taking = [len(siblings)]
+    state = threading.Lock()  # the queue, the count of threads still taking prompts, the last end
+    taking, last_end, retried = [len(siblings)], [-math.inf], set()
     errors: list[BaseException] = []
 
     def next_prompt() -> int | None:
@@ -170,16 +177,22 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
             taking[0] -= 1
             return None
 
-    def give_back(k: int, e: RouteError) -> None:
-        """Prompt k found no route at its start: back to the queue, and this thread takes no more,
-        unless it is the last one taking prompts (then the error is the batch's)."""
+    def give_back(k: int, e: RouteError) -> bool:
+        """Prompt k found no route at its start: back to the queue, and this thread takes no more
+        (False), unless it is the last one taking prompts: then, once, it takes it again after a
+        pause if another generation ended just before (True), else the error is the batch's."""
         with state:
-            if results[k].route or taking[0] == 1:
+            alone = taking[0] == 1
+            if results[k].route or alone and (k in retried or time.monotonic() - last_end[0] >= RECENT_END_SECONDS):
                 raise e
-            queue.appendleft(k)
             results[k] = GenerationResult(prompts[k])
+            queue.appendleft(k)
+            if alone:
+                retried.add(k)
+                return True
             taking[0] -= 1
         log.info("batch: no route for one more generation at once; going on with %d", taking[0])
+        return False
 
     def run(w: int) -> None:
         sibling = siblings[w]
@@ -193,10 +206,15 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
                         if model.closed:
                             raise RuntimeError("this SwarmModel was closed during the generation")
                 except RouteError as e:
-                    give_back(k, e)
-                    break
+                    if not give_back(k, e):
+                        break
+                    time.sleep(RETRY_PAUSE_SECONDS)
+                    continue
                 finally:
                     stream.close()  # its session closed now, on this thread
+                    if results[k].route:
+                        with state:
+                            last_end[0] = time.monotonic()
                 if on_done is not None:
                     on_done(k, results[k])
             taken = True

@@ -18,14 +18,26 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .batch import WAKE_SECONDS, BatchStopped, Cancelled, HeadBatch, Worker, join_all, stop_and_wait
+from .batch import (
+    RECENT_END_SECONDS,
+    RETRY_PAUSE_SECONDS,
+    WAKE_SECONDS,
+    BatchStopped,
+    Cancelled,
+    HeadBatch,
+    Worker,
+    join_all,
+    stop_and_wait,
+)
 from .generate import SamplingParams
 from .route import RouteError
 
@@ -49,6 +61,7 @@ class _Request:
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # text, then _DONE or an error
     cancelled: bool = False  # its caller stopped reading: its worker ends it at the next piece
     held_until_ended: int | None = None  # given back for want of a route: taken once more requests ended
+    not_before: float = 0.0  # tried again alone, a moment after a request ended (_give_back)
 
 
 class Batcher:
@@ -73,6 +86,7 @@ class Batcher:
         self._starting = 0  # workers started that have not counted themselves yet (_work)
         self._serving = 0  # requests being run
         self._ended = 0  # requests that ended after their sessions opened (their nodes' places free)
+        self._last_end = -math.inf  # when the last of them ended (time.monotonic)
         self.closed = False
 
     def stream(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
@@ -131,7 +145,8 @@ class Batcher:
         given back for want of a route waits until another request has ended, or until none runs."""
         with self._cond:
             while True:
-                request = next((r for r in self._waiting if not r.cancelled and (
+                now = time.monotonic()
+                request = next((r for r in self._waiting if not r.cancelled and r.not_before <= now and (
                     r.held_until_ended is None or r.held_until_ended < self._ended or self._serving == 0)), None)
                 for r in [r for r in self._waiting if r.cancelled]:  # their callers have gone
                     self._waiting.remove(r)
@@ -182,6 +197,7 @@ class Batcher:
                         self._serving -= 1
                         if request.result.route:  # its sessions were open: their places are free now
                             self._ended += 1
+                            self._last_end = time.monotonic()
                         self._cond.notify_all()
         finally:
             if sibling.swarm is not None:
@@ -218,14 +234,20 @@ class Batcher:
     def _give_back(self, request: _Request) -> bool:
         """A request that found no route before its first step, while others run (their sessions
         may be what fills the nodes: `--max-sessions`), waits for one of them to end and is tried
-        again, first in line; one that finds none alone fails (review177)."""
+        again, first in line (review177). Alone, it is tried once more a moment later if one ended
+        just before (its `close` is sent without waiting, and may reach a node after this
+        request's `open`); else it fails."""
         with self._cond:
-            if request.result.route or self._serving <= 1 or self.closed:
+            if request.result.route or self.closed:
                 return False
-            request.held_until_ended = self._ended  # (its result holds its prompt alone: nothing to undo)
+            if self._serving > 1:
+                request.held_until_ended = self._ended  # (its result holds its prompt alone: nothing to undo)
+            elif time.monotonic() - self._last_end < RECENT_END_SECONDS and not request.not_before:
+                request.held_until_ended, request.not_before = None, time.monotonic() + RETRY_PAUSE_SECONDS
+            else:
+                return False
             self._waiting.appendleft(request)
-        log.info("batcher: no route for one more generation at once; it waits for one of %d to end",
-                 self._serving - 1)
+        log.info("batcher: no route for one more generation at once; it waits for a place")
         return True
 
     def close_requests(self, error: BaseException) -> None:

@@ -22,7 +22,9 @@ pass, and states the throughput it measures (an honest peer on a slow machine). 
 --slow-handshake S it computes right and states what it measures, but answers each CURVE
 handshake's ZAP request S seconds late (a link whose set-up is slow). With --refuse-info-after N it
 computes right but answers `info` with an internal error after its first N answers (a live node
-whose `info` fails)."""
+whose `info` fails). With --late-close S it computes right but does a `close` S seconds after
+answering it, at the next message it reads (as if it read the close after others that came
+meanwhile on other connections)."""
 
 import dataclasses
 import sys
@@ -185,6 +187,26 @@ if "--refuse-info-after" in sys.argv:  # a live node whose `info` fails (an inte
                 raise RuntimeError("info refused (tests/dishonest_node.py --refuse-info-after)")
         return _simple(self, peer, msg)
     handler.RequestHandler._handle_simple = refusing_simple
+if "--late-close" in sys.argv:  # closes answered at once but done S seconds later, as if read after
+    at = sys.argv.index("--late-close")  # what came meanwhile on other connections
+    close_delay = float(sys.argv[at + 1])
+    del sys.argv[at:at + 2]
+    Blocks.forward, steps.StepRunner.measure_throughput = _forward, _measure
+    _simple_late, _batch_late, deferred = handler.RequestHandler._handle_simple, handler.RequestHandler.handle_batch, []
+
+    def late_simple(self, peer, msg):
+        if msg.type != "close":
+            return _simple_late(self, peer, msg)
+        deferred.append((time.monotonic() + close_delay, peer, msg.fields["session"]))
+        return encode("closed", msg.id, {"session": msg.fields["session"]})
+
+    def late_batch(self, batch):
+        now = time.monotonic()
+        for entry in [e for e in deferred if e[0] <= now]:
+            deferred.remove(entry)
+            self.sessions.close(entry[2], peer=entry[1])
+        return _batch_late(self, batch)
+    handler.RequestHandler._handle_simple, handler.RequestHandler.handle_batch = late_simple, late_batch
 if "--hide-dtype" in sys.argv:
     sys.argv.remove("--hide-dtype")
     _info = handler.RequestHandler.info

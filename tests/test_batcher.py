@@ -251,3 +251,21 @@ def test_a_request_cut_while_it_is_submitted_is_never_run(tiny_model_dir, cluste
             assert batcher._workers == []
             assert batcher.generate(PROMPTS[1], 4, GREEDY).ids == model.generate(PROMPTS[1], 4, GREEDY).ids
     assert no_workers() and sessions_left(swarm) == 0
+
+
+@pytest.mark.parametrize("way", ["batcher", "generate_batch"])
+def test_a_request_refused_just_after_another_ended_is_tried_again(tiny_model_dir, cluster_factory, way):
+    """A node of one session that does a `close` 0.1 s late (its ROUTER may read the next
+    `open`, from another link, first): the request after the one that ended, alone, is refused
+    a route once, and tried again after a pause instead of failing."""
+    late = ["--dishonest", "--late-close", "0.1", "--max-sessions", "1"]
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=late)], cluster=SwarmWithALiar)
+    local = SwarmModel.local(tiny_model_dir)  # (on the node, one generation after another would meet it too)
+    alone = [local.generate(p, 6, GREEDY).ids for p in PROMPTS[:2]]
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        if way == "batcher":
+            with model.batcher(at_once=2) as batcher:
+                together = in_threads(lambda i: batcher.generate(PROMPTS[i], 6, GREEDY), 2)
+        else:
+            together = model.generate_batch(PROMPTS[:2], 6, GREEDY, at_once=2)
+        assert [r.ids if isinstance(r, GenerationResult) else r for r in together] == alone
