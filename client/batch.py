@@ -265,23 +265,37 @@ class Worker:
     def start(self) -> None:
         """Start the thread, with Ctrl-C (SIGINT, SIGTERM, SIGHUP) held back meanwhile: one that
         lands inside `Thread.start` may come before or after the thread began, and nothing tells
-        which (review178); held back, its handler runs just after, the thread started. (Only the
-        main thread runs signal handlers, so only there is anything held back.)"""
+        which (review178); held back, each one's handler runs just after, and the first exception
+        one raises is raised (over one `Thread.start` raised). Only the main thread runs signal
+        handlers, so only there is anything held back. Each handler is put back even when another
+        signal's own handler runs and raises meanwhile (review179: one was left recording for good)."""
         if threading.current_thread() is not threading.main_thread():
             self.thread.start()
             return
         came: list[int] = []
-        before = {s: signal.getsignal(s) for s in HELD_SIGNALS}
-        held = {s: h for s, h in before.items() if h is not None}  # (None: a handler not set from Python)
-        for s in held:
-            signal.signal(s, lambda signum, frame: came.append(signum))
+        swapped: dict[int, object] = {}
+        caught: BaseException | None = None
         try:
+            for s in HELD_SIGNALS:
+                handler = signal.getsignal(s)
+                if handler is not None:  # (None: set from C, not Python's to swap)
+                    signal.signal(s, lambda signum, frame: came.append(signum))  # (checks for pending
+                    swapped[s] = handler  # signals, whose handlers may raise, before it swaps)
             self.thread.start()
         finally:
-            for s, handler in held.items():
-                signal.signal(s, handler)
+            for s, handler in swapped.items():
+                while signal.getsignal(s) is not handler:  # (a handler may raise just after the swap too)
+                    try:
+                        signal.signal(s, handler)
+                    except BaseException as e:  # noqa: BLE001 - a signal's handler ran: raised below
+                        caught = caught or e
             for s in came:
-                signal.raise_signal(s)
+                try:
+                    signal.raise_signal(s)
+                except BaseException as e:  # noqa: BLE001 - raised below, the first
+                    caught = caught or e
+            if caught is not None:
+                raise caught
 
     @property
     def started(self) -> bool:

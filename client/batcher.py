@@ -83,7 +83,6 @@ class Batcher:
         self._workers: list[Worker] = []
         self._ids = itertools.count()  # a worker's member id in the batch: never one of a live worker's
         self._idle = 0  # workers waiting for a request
-        self._starting = 0  # workers started that have not counted themselves yet (_work)
         self._serving = 0  # requests being run
         self._ended = 0  # requests that ended after their sessions opened (their nodes' places free)
         self._last_end = -math.inf  # when the last of them ended (time.monotonic)
@@ -128,16 +127,15 @@ class Batcher:
             if self.closed or self.model.closed:
                 raise RuntimeError("this batcher is closed" if self.closed else "this SwarmModel is closed")
             self._waiting.append(request)
-            if len(self._waiting) > self._idle + self._starting \
-                    and len(self._workers) + self._starting < self.at_once:
+            if len(self._waiting) > self._idle and len(self._workers) < self.at_once:
                 w = next(self._ids)
                 worker = Worker(lambda: self._work(w, worker), f"nanoswarm-batcher-{w}")
-                self._starting += 1  # the worker counts itself once it runs (_work): a Ctrl-C in
-                try:  # `start` may come before or after the thread began (review178)
-                    worker.start()
-                except Exception:  # no thread: it holds no place (review177)
-                    self._starting -= 1
-                    raise
+                try:
+                    worker.start()  # (a Ctrl-C comes after the thread began, or before: Worker.start)
+                finally:  # counted here, under the lock, only if it runs: a thread that could not
+                    if worker.started:  # start holds no place (review177), and `close` waits for
+                        self._workers.append(worker)  # every one that did (review179)
+                        self._idle += 1
             self._cond.notify()
 
     def _take(self) -> _Request | None:
@@ -162,10 +160,6 @@ class Batcher:
 
     def _work(self, w: int, me: Worker) -> None:
         model = self.model
-        with self._cond:  # counted here, by the thread itself: it runs
-            self._starting -= 1
-            self._workers.append(me)
-            self._idle += 1
         try:
             with model._lock:
                 if model.closed:
@@ -176,7 +170,7 @@ class Batcher:
             with self._cond:
                 self._idle -= 1
                 self._workers.remove(me)
-                failed, self._waiting = ((self._waiting, deque()) if not self._workers and not self._starting
+                failed, self._waiting = ((self._waiting, deque()) if not self._workers
                                          else ((), self._waiting))  # (at once: review178)
             for request in failed:  # no worker left to take them
                 request.pieces.put(e)

@@ -12,7 +12,6 @@ import pytest
 from conftest import SwarmWithALiar, sessions_on
 from test_generate_batch import SEEDED, open_descriptors, sessions_left
 
-import nanoswarm.client.batcher as batcher_module
 from nanoswarm.client.api import GenerationResult, SwarmModel
 from nanoswarm.client.generate import SamplingParams
 from nanoswarm.client.route import RouteError
@@ -224,31 +223,39 @@ def test_a_ctrl_c_in_close_waits_for_the_workers_then_is_raised(tiny_model_dir, 
 
 def test_a_request_cut_while_it_is_submitted_is_never_run(tiny_model_dir, cluster_factory, monkeypatch):
     """Review177: Ctrl-C landing while a request is handed to a new worker cancels it (it was
-    left to run with no reader); a worker that cannot start holds no place, and the next request
-    is served (it hung)."""
+    left to run with no reader), and the worker, begun (Worker.start holds the signal back until
+    then), is counted and waited for (review178, review179); a worker that cannot start holds no
+    place, and the next request is served (it hung), also when a Ctrl-C lands in that failed
+    start."""
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
     with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
-        start = batcher_module.Worker.start
-        failures = iter([KeyboardInterrupt(), RuntimeError("can't start new thread")])
+        start = threading.Thread.start
+        cuts = iter(["interrupt", "fail", "interrupt and fail"])
 
-        def cut_start(worker) -> None:
-            e = next(failures, None)
-            if isinstance(e, KeyboardInterrupt):  # the interrupt, and the thread running only after it
-                threading.Timer(0.2, start, (worker,)).start()  # (review178: it ran uncounted)
-            if e is not None:
-                raise e
-            start(worker)
-        monkeypatch.setattr(batcher_module.Worker, "start", cut_start)
+        def cut_start(thread) -> None:
+            cut = next(cuts, "") if thread.name.startswith("nanoswarm-batcher-") else ""
+            if "interrupt" in cut:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # (the signal's handler would run here)
+            if "fail" in cut:
+                raise RuntimeError("can't start new thread")
+            start(thread)
+        monkeypatch.setattr(threading.Thread, "start", cut_start)
+        held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        handlers = [signal.getsignal(s) for s in held]
         with model.batcher(at_once=1) as batcher:
             cut = GenerationResult()
             with pytest.raises(KeyboardInterrupt):
                 next(batcher.stream(PROMPTS[0], 30, GREEDY, cut))
-            time.sleep(0.6)
-            assert cut.ids == [] and len(batcher._workers) == 1 and batcher._idle == 1
+            assert len(batcher._workers) == 1 and batcher._workers[0].started  # counted at once
+            time.sleep(0.5)
+            assert cut.ids == [] and batcher._idle == 1
         with model.batcher(at_once=1) as batcher:
             with pytest.raises(RuntimeError, match="can't start"):
                 batcher.generate(PROMPTS[1], 4)
-            assert batcher._workers == []
+            with pytest.raises(KeyboardInterrupt):
+                batcher.generate(PROMPTS[1], 4)
+            assert batcher._workers == [] and [signal.getsignal(s) for s in held] == handlers
             assert batcher.generate(PROMPTS[1], 4, GREEDY).ids == model.generate(PROMPTS[1], 4, GREEDY).ids
     assert no_workers() and sessions_left(swarm) == 0
 

@@ -239,3 +239,51 @@ def test_a_ctrl_c_inside_a_workers_start_comes_after_the_thread_began(monkeypatc
         worker.start()
     assert worker.started and ran.wait(2) and worker.ended.wait(2)
     assert signal.getsignal(signal.SIGINT) is handler  # put back
+
+
+def test_a_workers_start_runs_every_held_signal_and_puts_every_handler_back(monkeypatch):
+    """Review179: with two signals held back during a start, the second was never run (its
+    handler, SIG_DFL for SIGTERM, would end the process); and a signal whose own handler ran (and
+    raised) while the handlers were put back left the rest recording for good."""
+    terms: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: terms.append(signum))
+    try:
+        start = threading.Thread.start
+
+        def interrupted_start(thread) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            start(thread)
+        monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+        handlers = {s: signal.getsignal(s) for s in batch_module.HELD_SIGNALS}
+        worker = batch_module.Worker(lambda: None, "nanoswarm-batch-test")
+        with pytest.raises(KeyboardInterrupt):
+            worker.start()
+        assert worker.started and terms == [signal.SIGTERM]
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
+        monkeypatch.setattr(threading.Thread, "start", start)
+
+        swap, first = signal.signal, [True]
+
+        def pending_at_restore(s, handler):  # as CPython does: a pending signal's handler runs first
+            if s == signal.SIGINT and handler is handlers[signal.SIGINT] and first[0]:
+                first[0] = False
+                raise KeyboardInterrupt
+            return swap(s, handler)
+        monkeypatch.setattr(signal, "signal", pending_at_restore)
+        with pytest.raises(KeyboardInterrupt):
+            batch_module.Worker(lambda: None, "nanoswarm-batch-test").start()
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+        def raising_after_restore(s, handler):  # the handler runs just after the swap: not swapped again
+            previous = swap(s, handler)
+            if s == signal.SIGINT and handler is handlers[signal.SIGINT]:
+                raise KeyboardInterrupt
+            return previous
+        monkeypatch.setattr(signal, "signal", raising_after_restore)
+        with pytest.raises(KeyboardInterrupt):
+            batch_module.Worker(lambda: None, "nanoswarm-batch-test").start()  # (it looped for good)
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
+    finally:
+        signal.signal(signal.SIGTERM, before)
