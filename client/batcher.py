@@ -59,7 +59,7 @@ class _Request:
     result: GenerationResult
     keep_logits: bool
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # text, then _DONE or an error
-    cancelled: bool = False  # its caller stopped reading: its worker ends it at the next piece
+    cancelled: bool = False  # its caller stopped reading: its worker ends it before its next logits
     held_until_ended: int | None = None  # given back for want of a route: taken once more requests ended
     not_before: float = 0.0  # tried again alone, a moment after a request ended (_give_back)
 
