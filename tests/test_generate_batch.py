@@ -156,15 +156,20 @@ def test_a_batch_stopped_by_close_ends_every_generation_and_session(tiny_model_d
     assert sessions_left(swarm) == 0
 
 
+def interrupt_at_round(n: int):
+    """A RecordedBatch.at_round that sends this process SIGINT before the head's n-th pass."""
+    def at_round(batch: HeadBatch) -> None:
+        if batch.rounds == n:
+            os.kill(os.getpid(), signal.SIGINT)
+    return at_round
+
+
 def test_ctrl_c_stops_every_generation_of_a_batch_and_closes_its_sessions(tiny_model_dir, cluster_factory, recorded):
     """SIGINT to the process midway (the main thread waits for the generations): KeyboardInterrupt
     comes out once every generation has stopped after its step, and no session is left open."""
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
     with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
-        def interrupt_at_round_5(batch: HeadBatch) -> None:
-            if batch.rounds == 5:
-                os.kill(os.getpid(), signal.SIGINT)
-        recorded.at_round = staticmethod(interrupt_at_round_5)
+        recorded.at_round = staticmethod(interrupt_at_round(5))
         with pytest.raises(KeyboardInterrupt):
             model.generate_batch(PROMPTS, 60, SEEDED)
         assert no_batch_threads()
@@ -192,10 +197,7 @@ def test_a_second_ctrl_c_still_stops_the_batch(tiny_model_dir, cluster_factory, 
             raise KeyboardInterrupt  # the second Ctrl-C, in the stop's wait
     monkeypatch.setattr(RecordedBatch, "stop", stop_cut_once)
     with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
-        def interrupt_at_round_3(batch: HeadBatch) -> None:
-            if batch.rounds == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-        recorded.at_round = staticmethod(interrupt_at_round_3)
+        recorded.at_round = staticmethod(interrupt_at_round(3))
         with pytest.raises(KeyboardInterrupt):
             model.generate_batch(PROMPTS * 4, 60, SEEDED, at_once=4)
         assert cut and no_batch_threads()
