@@ -22,7 +22,7 @@ from nanoswarm.shards.tokenizer import EOT_TOKEN, encode, get_encoding
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
 from .batch import generate_in_step
-from .batcher import Batcher
+from .batcher import IDLE_SECONDS, Batcher
 from .generate import ClientModel, GenerationStats, SamplingParams, TextStream, generate_ids
 from .session import InferenceSession
 from .stages import LocalStage
@@ -295,14 +295,15 @@ class SwarmModel:
         generate_in_step(self, prompts, results, max_new_tokens, sampling, keep_logits, at_once, on_done)
         return results
 
-    def batcher(self, at_once: int = 16) -> Batcher:
+    def batcher(self, at_once: int = 16, idle_seconds: float = IDLE_SECONDS) -> Batcher:
         """A `Batcher`: generations asked for from any thread at any time, up to `at_once` at a time,
-        run in step as `generate_batch`'s are (client/batcher.py). Close it (or use it in a `with`)
-        when done; `close` of this model closes it too."""
+        run in step as `generate_batch`'s are (client/batcher.py); a worker idle for
+        `idle_seconds` ends and closes its links. Close it (or use it in a `with`) when done;
+        `close` of this model closes it too."""
         with self._lock:
             if self.closed:
                 raise RuntimeError("this SwarmModel is closed")
-            batcher = Batcher(self, at_once)
+            batcher = Batcher(self, at_once, idle_seconds)
             self._batchers.add(batcher)
             return batcher
 

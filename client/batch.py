@@ -58,8 +58,8 @@ class HeadBatch:
         self._cond = threading.Condition()
         self._running = members  # generations that have not left
         self._asked: dict[int, torch.Tensor] = {}  # member -> its last position's hidden state [1, 1, C]
-        self._answers: dict[int, torch.Tensor] = {}
-        self._failed: BaseException | None = None  # the head's error, or BatchStopped: every waiter raises it
+        self._answers: dict[int, torch.Tensor | BaseException] = {}  # a pass's logits row, or its error
+        self._failed: BatchStopped | None = None  # set by `stop`: every member waiting raises it
         self.rounds = 0  # head passes run
         self.widest = 0  # the most generations one pass served
 
@@ -78,7 +78,10 @@ class HeadBatch:
                 if self._failed is not None:
                     raise self._failed
                 self._cond.wait(WAKE_SECONDS)  # `stop` may set _failed without the lock
-            return self._answers.pop(k)
+            answer = self._answers.pop(k)
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
 
     def join(self, k: int) -> None:
         """Member k has started a generation (Batcher): the others wait for its asks too."""
@@ -90,10 +93,7 @@ class HeadBatch:
         with self._cond:
             self._running -= 1
             self._asked.pop(k, None)
-            try:
-                self._run_if_all_asked()
-            except Exception:  # noqa: BLE001 - kept in _failed: the members waiting for it raise it
-                pass
+            self._run_if_all_asked()
 
     @property
     def stopped(self) -> bool:
@@ -117,13 +117,11 @@ class HeadBatch:
         if not self._asked or len(self._asked) < self._running or self._failed is not None:
             return
         members = sorted(self._asked)
+        hidden = [self._asked.pop(k) for k in members]
         try:
-            rows = self.client.logits_rows(torch.cat([self._asked[k] for k in members]))
-        except BaseException as e:  # every member's generation ends with it, not only this thread's
-            self._failed = e
-            self._cond.notify_all()
-            raise
-        self._asked.clear()
+            rows = list(self.client.logits_rows(torch.cat(hidden)))
+        except BaseException as e:  # noqa: BLE001 - each member this pass served raises it, and
+            rows = [e] * len(members)  # only they: a Batcher's later requests go on (a generate_batch stops)
         self._answers.update(zip(members, rows))
         self.rounds += 1
         self.widest = max(self.widest, len(members))

@@ -11,7 +11,9 @@ A request is served by one of up to `at_once` worker threads, each with links of
 relay and spot checks as a lone generation's). The caller's thread only reads what its worker
 sends back, so a caller that is slow to read (a slow network client) holds up no one but itself
 for as long as its pieces queue. Requests beyond `at_once` wait their turn. A request's error is
-that request's alone: the others go on.
+that request's alone: the others go on. A worker left idle for `idle_seconds` ends, closing its
+links (a batcher kept for a server's lifetime holds no threads or sockets through a quiet spell);
+the next request starts another.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 
 _DONE = object()  # a request's last message: its generation ended as it should
+IDLE_SECONDS = 60.0  # a worker waiting this long for a request ends (its links closed)
 
 
 @dataclass
@@ -73,14 +76,17 @@ class Batcher:
                 send(piece)
     """
 
-    def __init__(self, model: SwarmModel, at_once: int = 16):
+    def __init__(self, model: SwarmModel, at_once: int = 16, idle_seconds: float = IDLE_SECONDS):
         if type(at_once) is not int or at_once < 1:
             raise ValueError(f"at_once must be a whole number >= 1, got {at_once!r}")
-        self.model, self.at_once = model, at_once
+        if type(idle_seconds) not in (int, float) or not idle_seconds > 0:  # (NaN too)
+            raise ValueError(f"idle_seconds must be a number > 0, got {idle_seconds!r}")
+        self.model, self.at_once, self.idle_seconds = model, at_once, float(idle_seconds)
         self.batch = HeadBatch(model.client, 0)
         self._cond = threading.Condition()  # the requests, the workers' counts and `closed`
         self._waiting: deque[_Request] = deque()
-        self._workers: list[Worker] = []
+        self._workers: list[Worker] = []  # every worker started and not seen ended: `close` waits for them
+        self._live = 0  # workers taking requests (not ended, nor ending for want of work)
         self._ids = itertools.count()  # a worker's member id in the batch: never one of a live worker's
         self._idle = 0  # workers waiting for a request
         self._serving = 0  # requests being run
@@ -127,20 +133,24 @@ class Batcher:
             if self.closed or self.model.closed:
                 raise RuntimeError("this batcher is closed" if self.closed else "this SwarmModel is closed")
             self._waiting.append(request)
-            if len(self._waiting) > self._idle and len(self._workers) < self.at_once:
+            if len(self._waiting) > self._idle and self._live < self.at_once:
                 w = next(self._ids)
-                worker = Worker(lambda: self._work(w, worker), f"nanoswarm-batcher-{w}")
+                worker = Worker(lambda: self._work(w), f"nanoswarm-batcher-{w}")
+                self._workers = [x for x in self._workers if not x.ended.is_set()]
                 try:
                     worker.start()  # (a Ctrl-C comes after the thread began, or before: Worker.start)
                 finally:  # counted here, under the lock, only if it runs: a thread that could not
                     if worker.started:  # start holds no place (review177), and `close` waits for
                         self._workers.append(worker)  # every one that did (review179)
+                        self._live += 1
                         self._idle += 1
             self._cond.notify()
 
     def _take(self) -> _Request | None:
-        """The next request, waited for; None once the batcher is closed. Called idle. A request
-        given back for want of a route waits until another request has ended, or until none runs."""
+        """The next request, waited for; None once the batcher is closed, or after `idle_seconds`
+        with none waiting (the worker then ends: no longer counted). Called idle. A request given
+        back for want of a route waits until another request has ended, or until none runs."""
+        idle_until = time.monotonic() + self.idle_seconds
         with self._cond:
             while True:
                 now = time.monotonic()
@@ -156,9 +166,13 @@ class Batcher:
                 if self.closed or self.model.closed:
                     self._idle -= 1
                     return None
+                if now >= idle_until and not self._waiting:  # (not while one is held back: it would
+                    self._idle -= 1  # wait on with no worker left to take it)
+                    self._live -= 1
+                    return None
                 self._cond.wait(WAKE_SECONDS)  # (a model closed without this batcher's lock)
 
-    def _work(self, w: int, me: Worker) -> None:
+    def _work(self, w: int) -> None:
         model = self.model
         try:
             with model._lock:
@@ -169,8 +183,8 @@ class Batcher:
             log.warning("a batcher's worker could not start: %s", e)
             with self._cond:
                 self._idle -= 1
-                self._workers.remove(me)
-                failed, self._waiting = ((self._waiting, deque()) if not self._workers
+                self._live -= 1
+                failed, self._waiting = ((self._waiting, deque()) if not self._live
                                          else ((), self._waiting))  # (at once: review178)
             for request in failed:  # no worker left to take them
                 request.pieces.put(e)

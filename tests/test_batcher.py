@@ -276,3 +276,71 @@ def test_a_request_refused_just_after_another_ended_is_tried_again(tiny_model_di
         else:
             together = model.generate_batch(PROMPTS[:2], 6, GREEDY, at_once=2)
         assert [r.ids if isinstance(r, GenerationResult) else r for r in together] == alone
+
+
+class FailingHead:
+    """Wraps a model's head: its `fail_at`-th pass (counted from 1) raises, as a GPU's error would."""
+
+    def __init__(self, model: SwarmModel, fail_at: int):
+        self.rows, self.passes, self.fail_at = model.client.logits_rows, 0, fail_at
+        self.widths: list[int] = []
+        model.client.logits_rows = self
+
+    def __call__(self, rows):
+        self.passes += 1
+        self.widths.append(len(rows))
+        if self.passes == self.fail_at:
+            raise RuntimeError("CUDA error: out of memory (a test's)")
+        return self.rows(rows)
+
+
+def test_a_failed_head_pass_fails_the_requests_it_served_alone(tiny_model_dir, cluster_factory):
+    """The head's error (a GPU's) in a pass serving two requests: both callers get it, their
+    sessions closed; the batcher goes on, and the next requests get what they get alone (it
+    failed every later request of that batcher). generate_batch still fails as a whole, with the
+    head's error, no session left."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        alone = [model.generate(p, 12, GREEDY).ids for p in PROMPTS[:2]]
+        with model.batcher(at_once=2) as batcher:
+            together = threading.Barrier(2)
+
+            def ask(i: int):
+                stream = batcher.stream(PROMPTS[i], 12, GREEDY)
+                first = next(stream)  # both running before the failing pass
+                together.wait()
+                return first + "".join(stream)
+            head = FailingHead(model, fail_at=4)
+            failed = in_threads(ask, 2)
+            assert all(isinstance(e, RuntimeError) and "out of memory" in str(e) for e in failed), failed
+            assert head.widths[3] == 2 and sessions_left(swarm) == 0
+            later = in_threads(lambda i: batcher.generate(PROMPTS[i], 12, GREEDY), 2)
+            assert [getattr(r, "ids", r) for r in later] == alone
+        FailingHead(model, fail_at=3)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            model.generate_batch(PROMPTS[:3], 12, GREEDY, at_once=3)
+        assert sessions_left(swarm) == 0
+    assert no_workers()
+
+
+def test_idle_workers_end_and_the_next_request_starts_another(tiny_model_dir, cluster_factory):
+    """Workers idle for `idle_seconds` end and close their links (a batcher kept for a server's
+    life holds no threads or sockets through a quiet spell); the next request starts another and
+    gets what it gets alone."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        for bad in (0, -1.0, float("nan"), "1", True):
+            with pytest.raises(ValueError, match="idle_seconds"):
+                model.batcher(idle_seconds=bad)
+        alone = [model.generate(p, 12, SEEDED).ids for p in PROMPTS[:3]]
+        descriptors = open_descriptors()
+        with model.batcher(at_once=3, idle_seconds=0.5) as batcher:
+            assert [r.ids for r in in_threads(lambda i: batcher.generate(PROMPTS[i], 12, SEEDED), 3)] == alone
+            assert len(batcher._workers) >= 2
+            assert no_workers() and open_descriptors() <= descriptors + 2  # their links closed
+            assert (batcher._live, batcher._idle) == (0, 0)
+            assert batcher.generate(PROMPTS[1], 12, SEEDED).ids == alone[1]
+            assert batcher._live == 1 and len(batcher._workers) == 1  # the ended ones forgotten
+            assert batcher.generate(PROMPTS[2], 12, SEEDED).ids == alone[2]  # the same worker, within 0.5 s
+            assert batcher._live == 1
+        assert no_workers() and sessions_left(swarm) == 0
