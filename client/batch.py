@@ -150,8 +150,9 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
                      max_new_tokens: int, sampling: SamplingParams | None, keep_logits: bool,
                      at_once: int, on_done: Callable[[int, GenerationResult], None] | None = None) -> None:
     """Fill `results` (one a prompt) by generating the prompts in step, `at_once` at a time, on
-    `model`'s swarm (its peers, bans and spot checker; the bans its threads made are the
-    model's afterwards). Raises the first generation's error once all have stopped.
+    `model`'s swarm (its peers, bans and spot checker; the bans its threads made, and the
+    newest table one read, are the model's afterwards). Raises the first generation's error
+    once all have stopped.
 
     A generation that finds no route at its start while others of the batch run (their sessions
     may be what fills the nodes: `--max-sessions`, `busy`) gives its prompt back and its thread
@@ -238,7 +239,7 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
         with model._lock:  # what the generations learned of peers, for the next ones
             for sibling, worker in zip(siblings, workers):
                 if not worker.running:
-                    model.swarm.take_bans(sibling.swarm)
+                    model.swarm.take_learned(sibling.swarm)
     failed = next((e for e in errors if not isinstance(e, BatchStopped)), None)
     if failed is not None:
         raise failed

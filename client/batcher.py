@@ -193,13 +193,13 @@ class Batcher:
         try:
             while (request := self._take()) is not None:
                 member.cancelled = lambda r=request: r.cancelled
-                self._share_bans(sibling.swarm, model.swarm)  # made meanwhile by the model or other workers
+                self._share_learned(sibling.swarm, model.swarm)  # the model's bans, a newer table: others' too
                 self.batch.join(w)
                 try:
                     self._serve(sibling, request)
                 finally:
                     self.batch.leave(w)
-                    self._share_bans(model.swarm, sibling.swarm)
+                    self._share_learned(model.swarm, sibling.swarm)
                     with self._cond:
                         self._idle += 1
                         self._serving -= 1
@@ -211,10 +211,10 @@ class Batcher:
             if sibling.swarm is not None:
                 sibling.swarm.close()  # here: its sockets are this thread's
 
-    def _share_bans(self, to: Swarm | None, source: Swarm | None) -> None:
+    def _share_learned(self, to: Swarm | None, source: Swarm | None) -> None:
         if to is not None and source is not None:
             with self.model._lock:
-                to.take_bans(source)
+                to.take_learned(source)
 
     def _serve(self, sibling: SwarmModel, request: _Request) -> None:
         """Run one request's generation, sending its pieces to its caller."""

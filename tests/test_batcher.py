@@ -344,3 +344,30 @@ def test_idle_workers_end_and_the_next_request_starts_another(tiny_model_dir, cl
             assert batcher.generate(PROMPTS[2], 12, SEEDED).ids == alone[2]  # the same worker, within 0.5 s
             assert batcher._live == 1
         assert no_workers() and sessions_left(swarm) == 0
+
+
+@pytest.mark.parametrize("way", ["batcher", "generate_batch"])
+def test_what_a_worker_learns_of_the_swarm_is_the_models(tiny_model_dir, cluster_factory, way):
+    """A node joins and another dies after the model connected: a batcher's worker (or a batch's
+    thread) finds the dead one, reads the swarm again and takes the new one; afterwards the
+    model's table holds the new node (the table each new worker starts from stayed as it was at
+    connect), and a sibling is as old as the table it came from (one made from an hour-old table
+    took itself for fresh)."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    options = SwarmOptions(timeout=2.0, ban_seconds=60)
+    with SwarmModel.connect(tiny_model_dir, bootstrap=swarm.addresses[:1], options=options) as model:
+        alone = model.generate(PROMPTS[1], 12, GREEDY).ids
+        new = swarm.start_node(NodeSpec((2, 4))).address
+        swarm.kill(1, signal.SIGKILL)
+        assert new not in model.swarm.peers
+        if way == "batcher":
+            with model.batcher() as batcher:
+                assert batcher.generate(PROMPTS[1], 12, GREEDY).ids == alone
+        else:
+            assert [r.ids for r in model.generate_batch([PROMPTS[1]] * 2, 12, GREEDY)] == [alone] * 2
+        assert new in model.swarm.peers and swarm.addresses[1] in model.swarm.bans
+        model.swarm._asked -= 3600
+        model.swarm._refreshed -= 3600
+        sibling = model.swarm.sibling()
+        assert (sibling._asked, sibling._refreshed) == (model.swarm._asked, model.swarm._refreshed)
+        sibling.close()
