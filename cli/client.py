@@ -111,22 +111,28 @@ def generate(prompt: str | None, prompts_file: TextIO | None, at_once: int, mode
 
 def run_batch(model: SwarmModel, prompts: list[str], max_new_tokens: int, sampling: SamplingParams,
               at_once: int, as_json: bool) -> None:
-    """The prompts' generations in step; each result printed once all are done (a failure of any
-    is the command's: its one line, no result), a line on stderr as each prompt is done."""
-    done, lock = [0], threading.Lock()
+    """The prompts' generations in step; each result printed in the file's order as soon as it
+    and those before it are done (a failure of any is the command's: its one line, and no result
+    after those printed), a line on stderr as each prompt is done."""
+    done, next_up, finished, lock = [0], [0], {}, threading.Lock()
+
+    def print_result(k: int, result: GenerationResult) -> None:
+        if as_json:
+            click.echo(json.dumps(result.to_json()))
+        else:  # each prompt and its text, an empty line between two
+            click.echo(("\n" if k else "") + result.prompt + result.text, color=True)
 
     def progress(k: int, result: GenerationResult) -> None:  # from the batch's threads
         with lock:
             done[0] += 1
             click.echo(f"[{done[0]}/{len(prompts)} prompts done]", err=True)
+            finished[k] = result  # printed once every prompt before it is
+            while next_up[0] in finished:
+                print_result(next_up[0], finished.pop(next_up[0]))
+                next_up[0] += 1
     t0 = time.perf_counter()
     results = model.generate_batch(prompts, max_new_tokens, sampling, at_once=at_once, on_done=progress)
     seconds = time.perf_counter() - t0
-    for k, result in enumerate(results):
-        if as_json:
-            click.echo(json.dumps(result.to_json()))
-        else:  # each prompt and its text, an empty line between two
-            click.echo(("\n" if k else "") + result.prompt + result.text, color=True)
     tokens = sum(len(r.ids) for r in results)
     click.echo(f"[{len(results)} prompts, {tokens} tokens in {seconds:.1f} s, "
                f"{tokens / seconds if seconds > 0 else 0:.1f} tokens/s in all]", err=True)

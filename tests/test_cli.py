@@ -467,6 +467,36 @@ def test_generate_takes_a_file_of_prompts_at_once(tiny_model_dir, cluster_factor
     assert refused.returncode == 2 and "holds no prompt" in refused.stderr
 
 
+def test_generate_prints_each_prompts_result_as_soon_as_those_before_it_are_done(tiny_model_dir, cluster_factory,
+                                                                                 tmp_path):
+    """--prompts-file with --at-once 1 through a slow node: the first prompt's result is on
+    stdout while the later ones still run (it waited for every prompt), each as alone; a
+    SIGTERM then ends the command (143), the results printed standing."""
+    from conftest import SwarmWithALiar
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4), args=[
+        "--dishonest", "--slow", "0.1"])], cluster=SwarmWithALiar)
+    prompts = ["ROMEO:", "JULIET: O Romeo", "To be", "Once upon"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    gen = subprocess.Popen([*CLI, "generate", "--prompts-file", str(path), "--at-once", "1", "--json", "--model",
+                            str(tiny_model_dir), "--peers", ",".join(swarm.addresses), "--temperature", "0",
+                            "--max-new-tokens", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(gen.stdout.readline())  # each prompt takes ~0.8 s at the slow node
+        running = gen.poll() is None
+        gen.send_signal(signal.SIGTERM)
+        rest, err = gen.communicate(timeout=60)
+    finally:
+        gen.kill()
+    assert running and gen.returncode == 143, err
+    local = SwarmModel.local(tiny_model_dir)
+    printed = [first] + [json.loads(line) for line in rest.splitlines()]
+    assert 1 <= len(printed) < len(prompts)
+    assert [r["ids"] for r in printed] == [local.generate(p, 8, SamplingParams(temperature=0)).ids
+                                           for p in prompts[:len(printed)]]
+
+
 def test_shard_refuses_bad_input_in_one_line(tmp_path):
     import pickle
 
