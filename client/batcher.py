@@ -61,10 +61,13 @@ class _Request:
     sampling: SamplingParams | None
     result: GenerationResult
     keep_logits: bool
+    seq: int  # its place in line (requests given back go back to theirs)
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # text, then _DONE or an error
     cancelled: bool = False  # its caller stopped reading: its worker ends it before its next logits
-    held_until_ended: int | None = None  # given back for want of a route: taken once more requests ended
-    not_before: float = 0.0  # tried again alone, a moment after a request ended (_give_back)
+    held: bool = False  # given back for want of a route: taken when a request's end frees a place
+    released: bool = False  # taken off hold for a place an end freed (its close may come late)
+    paused: bool = False  # tried again a moment after an end, since it was last given a place (_give_back)
+    not_before: float = 0.0  # not taken before this (time.monotonic): such a pause
 
 
 class Batcher:
@@ -88,10 +91,11 @@ class Batcher:
         self._workers: list[Worker] = []  # every worker started and not seen ended: `close` waits for them
         self._live = 0  # workers taking requests (not ended, nor ending for want of work)
         self._ids = itertools.count()  # a worker's member id in the batch: never one of a live worker's
+        self._seq = itertools.count()  # requests in the order they came
         self._idle = 0  # workers waiting for a request
         self._serving = 0  # requests being run
-        self._ended = 0  # requests that ended after their sessions opened (their nodes' places free)
-        self._last_end = -math.inf  # when the last of them ended (time.monotonic)
+        self._places = 0  # places on the nodes freed by ends and not yet given to a held request
+        self._last_end = -math.inf  # when the last request that had sessions open ended (time.monotonic)
         self.closed = False
 
     def stream(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
@@ -105,7 +109,7 @@ class Batcher:
         check_types(prompt, sampling)
         self.model._new_tokens(prompt_ids(prompt), max_new_tokens, warn=False)  # refused here, not in a worker
         request = _Request(prompt, max_new_tokens, sampling,
-                           result if result is not None else GenerationResult(prompt), keep_logits)
+                           result if result is not None else GenerationResult(prompt), keep_logits, next(self._seq))
         try:
             self._submit(request)  # in the try: a Ctrl-C in it or just after cancels it (review177)
             while True:
@@ -149,16 +153,23 @@ class Batcher:
     def _take(self) -> _Request | None:
         """The next request, waited for; None once the batcher is closed, or after `idle_seconds`
         with none waiting (the worker then ends: no longer counted). Called idle. A request given
-        back for want of a route waits until another request has ended, or until none runs."""
+        back for want of a route (held) waits for a place that another request's end freed, one
+        held request an end (all of them retried at each end: 48 requests on nodes of 2 sessions
+        made 899 refused opens and 160 table reads), or until none runs."""
         idle_until = time.monotonic() + self.idle_seconds
         with self._cond:
             while True:
                 now = time.monotonic()
                 request = next((r for r in self._waiting if not r.cancelled and r.not_before <= now and (
-                    r.held_until_ended is None or r.held_until_ended < self._ended or self._serving == 0)), None)
+                    not r.held or self._places > 0 or self._serving == 0)), None)
                 for r in [r for r in self._waiting if r.cancelled]:  # their callers have gone
                     self._waiting.remove(r)
+                if not any(r.held for r in self._waiting):
+                    self._places = 0  # (a place freed with none held was there for anyone to take)
                 if request is not None:
+                    if request.held:
+                        request.held, request.released, request.paused = False, True, False
+                        self._places = max(0, self._places - 1)
                     self._waiting.remove(request)
                     self._idle -= 1
                     self._serving += 1
@@ -204,7 +215,7 @@ class Batcher:
                         self._idle += 1
                         self._serving -= 1
                         if request.result.route:  # its sessions were open: their places are free now
-                            self._ended += 1
+                            self._places += any(r.held for r in self._waiting)
                             self._last_end = time.monotonic()
                         self._cond.notify_all()
         finally:
@@ -241,20 +252,24 @@ class Batcher:
 
     def _give_back(self, request: _Request) -> bool:
         """A request that found no route before its first step, while others run (their sessions
-        may be what fills the nodes: `--max-sessions`), waits for one of them to end and is tried
-        again, first in line (review177). Alone, it is tried once more a moment later if one ended
-        just before (its `close` is sent without waiting, and may reach a node after this
-        request's `open`); else it fails."""
+        may be what fills the nodes: `--max-sessions`), is held: it waits for one of them to end
+        and is tried again, in its place in line (review177). One given a place by an end, or alone, is
+        first tried once more a moment later if a request ended just before (its `close` is sent
+        without waiting, and may reach a node after this request's `open`). Alone otherwise, it
+        fails."""
         with self._cond:
             if request.result.route or self.closed:
-                return False
-            if self._serving > 1:
-                request.held_until_ended = self._ended  # (its result holds its prompt alone: nothing to undo)
-            elif time.monotonic() - self._last_end < RECENT_END_SECONDS and not request.not_before:
-                request.held_until_ended, request.not_before = None, time.monotonic() + RETRY_PAUSE_SECONDS
+                return False  # (else its result holds its prompt alone: nothing to undo)
+            now, alone = time.monotonic(), self._serving <= 1
+            if (alone or request.released) and now - self._last_end < RECENT_END_SECONDS and not request.paused:
+                request.paused, request.not_before = True, now + RETRY_PAUSE_SECONDS
+            elif not alone:
+                request.held = True
             else:
                 return False
-            self._waiting.appendleft(request)
+            # back to its place in line: the one given back first is taken first
+            self._waiting.insert(next((i for i, r in enumerate(self._waiting) if r.seq > request.seq),
+                                      len(self._waiting)), request)
         log.info("batcher: no route for one more generation at once; it waits for a place")
         return True
 

@@ -168,19 +168,24 @@ def test_a_local_model_serves_a_batcher_too(tiny_model_dir):
     assert no_workers()
 
 
-def test_more_requests_than_the_nodes_hold_wait_for_a_place(tiny_model_dir, cluster_factory):
-    """Review177: nodes that hold 2 sessions each, 6 requests from 6 threads through a batcher of
-    6 workers: a request whose open is refused while others run (the batcher's own sessions fill
-    the nodes) waits for one of them to end and is tried again; each gets what it gets alone.
-    Alone, a request that finds no route fails with it."""
+def test_more_requests_than_the_nodes_hold_wait_for_a_place(tiny_model_dir, cluster_factory, caplog):
+    """Review177: nodes that hold 2 sessions each, 12 requests from 12 threads through a batcher
+    of 12 workers: a request whose open is refused while others run (the batcher's own sessions
+    fill the nodes) waits for one of them to end and is tried again; each gets what it gets alone.
+    Each end gives its place to one request waiting, not to all of them (38-49 refused opens where
+    10 were needed). Alone, a request that finds no route fails with it."""
     limit = ["--max-sessions", "2"]
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=limit), NodeSpec((2, 4), args=limit)])
     with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
-        alone = [model.generate(p, 12, SEEDED).ids for p in PROMPTS]
-        with model.batcher(at_once=6) as batcher:
-            together = in_threads(lambda i: batcher.generate(PROMPTS[i], 12, SEEDED), len(PROMPTS))
+        prompts = PROMPTS * 2
+        alone = [model.generate(p, 12, SEEDED).ids for p in prompts]
+        with model.batcher(at_once=12) as batcher:
+            caplog.set_level("INFO", logger="nanoswarm.client.batcher")
+            together = in_threads(lambda i: batcher.generate(prompts[i], 12, SEEDED), len(prompts))
             assert [r.ids if isinstance(r, GenerationResult) else r for r in together] == alone
             assert batcher.batch.widest <= 2
+            refused = sum("no route for one more" in r.getMessage() for r in caplog.records)
+            assert 10 <= refused <= 16, refused  # 10: each request past the first 2 refused once
             held = [model.session(8), model.session(8)]  # the nodes full, no request of the batcher running
             with pytest.raises(RouteError):
                 batcher.generate(PROMPTS[0], 4)
@@ -371,3 +376,23 @@ def test_what_a_worker_learns_of_the_swarm_is_the_models(tiny_model_dir, cluster
         sibling = model.swarm.sibling()
         assert (sibling._asked, sibling._refreshed) == (model.swarm._asked, model.swarm._refreshed)
         sibling.close()
+
+
+def test_a_request_given_back_waits_in_its_place_in_line(tiny_model_dir):
+    """A request refused a route while others run is held in the order the requests came (it
+    went to the front: under a steady overload the first held could wait for good), and only
+    as many held requests are taken as ends freed places (each end retried every one)."""
+    from nanoswarm.client.batcher import _Request
+
+    with SwarmModel.local(tiny_model_dir).batcher() as batcher:
+        made = [_Request("x", 4, None, GenerationResult("x"), False, seq) for seq in range(4)]
+        batcher._waiting.extend([made[0], made[3]])
+        batcher._serving = 3  # others run: a refused request is held
+        for r in (made[2], made[1]):
+            assert batcher._give_back(r) and r.held
+        assert [r.seq for r in batcher._waiting] == [0, 1, 2, 3]
+        batcher._waiting.popleft()
+        batcher._idle, batcher._places = 2, 1  # one end freed one place: one held request is taken
+        assert batcher._take() is made[1] and made[1].released and not made[1].held
+        assert batcher._places == 0
+        batcher._waiting.clear()
