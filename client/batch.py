@@ -14,6 +14,7 @@ the next.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import signal
@@ -121,11 +122,27 @@ class HeadBatch:
         try:
             rows = list(self.client.logits_rows(torch.cat(hidden)))
         except BaseException as e:  # noqa: BLE001 - each member this pass served raises it, and
-            rows = [e] * len(members)  # only they: a Batcher's later requests go on (a generate_batch stops)
+            # only they: a Batcher's later requests go on (a generate_batch stops)
+            log.warning("the head's pass for %d generations failed", len(members), exc_info=e)
+            rows = [own_copy(e) for _ in members]
         self._answers.update(zip(members, rows))
         self.rounds += 1
         self.widest = max(self.widest, len(members))
         self._cond.notify_all()
+
+
+def own_copy(e: BaseException) -> BaseException:
+    """`e` for one member of a failed head pass: its type and message, no traceback. One object
+    raised in several threads gathers each one's frames in its traceback, and one user's error
+    report then showed another's prompt (review180). RuntimeError where `e` will not copy."""
+    try:
+        copied = copy.copy(e)
+    except Exception:  # noqa: BLE001 - an exception class that takes other arguments than its args
+        copied = None
+    if type(copied) is not type(e) or str(copied) != str(e):
+        copied = RuntimeError(f"the head's pass failed: {type(e).__name__}: {e}")
+    copied.__traceback__ = copied.__cause__ = copied.__context__ = None
+    return copied
 
 
 class HeadMember:
@@ -150,9 +167,9 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
                      max_new_tokens: int, sampling: SamplingParams | None, keep_logits: bool,
                      at_once: int, on_done: Callable[[int, GenerationResult], None] | None = None) -> None:
     """Fill `results` (one a prompt) by generating the prompts in step, `at_once` at a time, on
-    `model`'s swarm (its peers, bans and spot checker; the bans its threads made, and the
-    newest table one read, are the model's afterwards). Raises the first generation's error
-    once all have stopped.
+    `model`'s swarm (its peers, bans and spot checker; the bans its threads made are the
+    model's afterwards; a table older than TABLE_SECONDS is read again first, since every
+    thread starts from it). Raises the first generation's error once all have stopped.
 
     A generation that finds no route at its start while others of the batch run (their sessions
     may be what fills the nodes: `--max-sessions`, `busy`) gives its prompt back and its thread
@@ -162,6 +179,7 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
     with model._lock:
         if model.closed:
             raise RuntimeError("this SwarmModel is closed")
+        model.swarm.refresh_if_stale()
         siblings = [model._sibling(model.swarm.sibling()) for _ in range(min(at_once, len(prompts)))]
     batch = HeadBatch(model.client, len(siblings))
     queue = deque(range(len(prompts)))
@@ -239,7 +257,7 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
         with model._lock:  # what the generations learned of peers, for the next ones
             for sibling, worker in zip(siblings, workers):
                 if not worker.running:
-                    model.swarm.take_learned(sibling.swarm)
+                    model.swarm.take_bans(sibling.swarm)
     failed = next((e for e in errors if not isinstance(e, BatchStopped)), None)
     if failed is not None:
         raise failed

@@ -189,6 +189,8 @@ class Batcher:
             with model._lock:
                 if model.closed:
                     raise RuntimeError("this SwarmModel is closed")
+                if model.swarm is not None:  # (a worker started after a quiet spell: its table is read again)
+                    model.swarm.refresh_if_stale()
                 sibling = model._sibling(model.swarm.sibling() if model.swarm is not None else None)
         except BaseException as e:  # noqa: BLE001 - the requests waiting hear of it if no worker is left
             log.warning("a batcher's worker could not start: %s", e)
@@ -203,14 +205,21 @@ class Batcher:
         member = sibling.client = self.batch.member(w)
         try:
             while (request := self._take()) is not None:
-                member.cancelled = lambda r=request: r.cancelled
-                self._share_learned(sibling.swarm, model.swarm)  # the model's bans, a newer table: others' too
-                self.batch.join(w)
                 try:
-                    self._serve(sibling, request)
+                    member.cancelled = lambda r=request: r.cancelled
+                    self._share_bans(sibling.swarm, model.swarm)  # made meanwhile by the model or other workers
+                    self.batch.join(w)
+                    try:
+                        self._serve(sibling, request)
+                    finally:
+                        self.batch.leave(w)
+                        self._share_bans(model.swarm, sibling.swarm)
+                except Exception as e:  # noqa: BLE001 - a fault of ours around the generation
+                    # (_serve sends the generation's own errors): its caller hears of it (it waited
+                    # for good: review180's run), and the worker goes on
+                    log.warning("batcher: a request failed outside its generation: %r", e)
+                    request.pieces.put(e)
                 finally:
-                    self.batch.leave(w)
-                    self._share_learned(model.swarm, sibling.swarm)
                     with self._cond:
                         self._idle += 1
                         self._serving -= 1
@@ -222,10 +231,10 @@ class Batcher:
             if sibling.swarm is not None:
                 sibling.swarm.close()  # here: its sockets are this thread's
 
-    def _share_learned(self, to: Swarm | None, source: Swarm | None) -> None:
+    def _share_bans(self, to: Swarm | None, source: Swarm | None) -> None:
         if to is not None and source is not None:
             with self.model._lock:
-                to.take_learned(source)
+                to.take_bans(source)
 
     def _serve(self, sibling: SwarmModel, request: _Request) -> None:
         """Run one request's generation, sending its pieces to its caller."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -249,9 +248,9 @@ class Swarm(PeerTable):
         """A swarm of the same peers, contacts, bans, bootstraps, round trips and spot checker,
         with links of its own: for another thread (ZeroMQ sockets are one thread's at a time), as
         SwarmModel.generate_batch runs one generation a thread. What it learns of peers stays its
-        own until `take_learned`. (The contacts too: a `--peers` swarm asks them again when no
-        route is left, review174.) As old as this one's table: a sibling of a table read an hour
-        ago reads it again at its first open, as this one would (refresh_stale)."""
+        own until `take_bans`. (The contacts too: a `--peers` swarm asks them again when no route
+        is left, review174.) As old as this one's table: a sibling of a table read an hour ago
+        reads it again at its first open, as this one would (refresh_stale), not a minute on."""
         other = Swarm(self.model_id, self.n_layer, self.n_head, self.options)
         other.peers.update(self.peers)
         other.contacts.update(self.contacts)
@@ -262,24 +261,6 @@ class Swarm(PeerTable):
         other.timed_at.update(self.timed_at)
         other._asked, other._refreshed = self._asked, self._refreshed
         return other
-
-    def take_learned(self, other: Swarm) -> None:
-        """What `other` (a sibling) learned: its bans (take_bans), and its peer table if it read
-        the swarm after this one last did. A batcher's workers and a batch's threads read the
-        swarm on their own, and this swarm's table, which the next of them start from, stayed as
-        it was (a batcher's new worker took a peer gone for an hour for one that served)."""
-        self.take_bans(other)
-        if max(other._asked, other._refreshed) <= max(self._asked, self._refreshed):
-            return
-        before = self._spans()
-        self.peers = dict(other.peers)
-        self.rejected = dict(other.rejected)
-        self.contacts.update(other.contacts)
-        for address, at in other.timed_at.items():
-            if at > self.timed_at.get(address, -math.inf):
-                self.timed[address], self.timed_at[address] = other.timed.get(address), at
-        self._asked, self._refreshed = max(self._asked, other._asked), max(self._refreshed, other._refreshed)
-        self._unban_moved(before)
 
     def take_bans(self, other: Swarm) -> None:
         """The bans `other` (a sibling) made or lengthened, made here too."""
