@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import queue
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # (imported when used: torch is slow to import for --help)
 @click.argument("prompt", required=False)
 @click.option("--prompts-file", type=click.File("r", encoding="utf-8"), default=None,
               help="Generate for every line of this file (`-`: stdin; empty lines skipped) at once, in step, "
-                   "instead of PROMPT; the results at the end, in the file's order.")
+                   "instead of PROMPT; each result printed in the file's order as soon as it and those "
+                   "before it are done.")
 @click.option("--at-once", type=click.IntRange(min=1), default=16, show_default=True,
               help="With --prompts-file: at most this many generations at a time.")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -112,27 +113,36 @@ def generate(prompt: str | None, prompts_file: TextIO | None, at_once: int, mode
 def run_batch(model: SwarmModel, prompts: list[str], max_new_tokens: int, sampling: SamplingParams,
               at_once: int, as_json: bool) -> None:
     """The prompts' generations in step; each result printed in the file's order as soon as it
-    and those before it are done (a failure of any is the command's: its one line, and no result
-    after those printed), a line on stderr as each prompt is done."""
-    done, next_up, finished, lock = [0], [0], {}, threading.Lock()
+    and those before it are done (a failure of any, or a signal, is the command's: its one line,
+    and no result after those printed), a line on stderr as each prompt is done."""
+    finished: queue.SimpleQueue = queue.SimpleQueue()  # (k, result) as prompt k is done: from the batch's threads
+    ready: dict[int, GenerationResult] = {}
+    done, next_up = [0], [0]
 
-    def print_result(k: int, result: GenerationResult) -> None:
-        if as_json:
-            click.echo(json.dumps(result.to_json()))
-        else:  # each prompt and its text, an empty line between two
-            click.echo(("\n" if k else "") + result.prompt + result.text, color=True)
-
-    def progress(k: int, result: GenerationResult) -> None:  # from the batch's threads
-        with lock:
+    def show() -> None:
+        """What `finished` holds, written on this (the main) thread: a write that blocks (a full
+        pipe) is cut by Ctrl-C here, where one on a batch thread held the batch for good
+        (review181)."""
+        while True:
+            try:
+                k, result = finished.get_nowait()
+            except queue.Empty:
+                return
+            ready[k] = result
             done[0] += 1
             click.echo(f"[{done[0]}/{len(prompts)} prompts done]", err=True)
-            finished[k] = result  # printed once every prompt before it is
-            while next_up[0] in finished:
-                print_result(next_up[0], finished.pop(next_up[0]))
+            while next_up[0] in ready:  # the next in the file's order
+                result = ready.pop(next_up[0])
+                if as_json:
+                    click.echo(json.dumps(result.to_json()))
+                else:  # each prompt and its text, an empty line between two
+                    click.echo(("\n" if next_up[0] else "") + result.prompt + result.text, color=True)
                 next_up[0] += 1
     t0 = time.perf_counter()
-    results = model.generate_batch(prompts, max_new_tokens, sampling, at_once=at_once, on_done=progress)
+    results = model.generate_batch(prompts, max_new_tokens, sampling, at_once=at_once,
+                                   on_done=lambda k, result: finished.put((k, result)), on_wait=show)
     seconds = time.perf_counter() - t0
+    show()
     tokens = sum(len(r.ids) for r in results)
     click.echo(f"[{len(results)} prompts, {tokens} tokens in {seconds:.1f} s, "
                f"{tokens / seconds if seconds > 0 else 0:.1f} tokens/s in all]", err=True)

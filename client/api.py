@@ -263,7 +263,8 @@ class SwarmModel:
 
     def generate_batch(self, prompts: list[str], max_new_tokens: int = 50, sampling: SamplingParams | None = None,
                        keep_logits: bool = False, at_once: int = 16,
-                       on_done: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
+                       on_done: Callable[[int, GenerationResult], None] | None = None,
+                       on_wait: Callable[[], None] | None = None) -> list[GenerationResult]:
         """Generations of several prompts, up to `at_once` of them at a time, in step: each the
         generation `generate` would give alone (its own session, failover, spot checks; with the
         same `sampling`, seed included), their decode steps sent together so that the nodes run
@@ -273,8 +274,10 @@ class SwarmModel:
         (greedy: a tie that close; sampling: two logits that close swap places in its sort).
         Raises the first generation's error once every one has stopped; Ctrl-C stops them all,
         each after its step under way. `on_done(k, result)`, if given, is called as prompt k's
-        generation ends as it should (from the thread that ran it: progress, say); an error it
-        raises is the batch's."""
+        generation ends as it should (from the thread that ran it: progress, say); `on_wait()`, if
+        given, every 0.1 s or so on the calling thread while they run (to show what `on_done`
+        noted: a write that blocks there is cut by Ctrl-C, where one on a generation's thread
+        would hold the batch, review181). An error either raises is the batch's."""
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) \
                 or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a list of texts (str)")
@@ -290,9 +293,11 @@ class SwarmModel:
                 results.append(self.generate(prompt, max_new_tokens, sampling, keep_logits))
                 if on_done is not None:
                     on_done(k, results[k])
+                if on_wait is not None:
+                    on_wait()
             return results
         results = [GenerationResult(p) for p in prompts]
-        generate_in_step(self, prompts, results, max_new_tokens, sampling, keep_logits, at_once, on_done)
+        generate_in_step(self, prompts, results, max_new_tokens, sampling, keep_logits, at_once, on_done, on_wait)
         return results
 
     def batcher(self, at_once: int = 16, idle_seconds: float = IDLE_SECONDS) -> Batcher:

@@ -64,8 +64,8 @@ class HeadBatch:
         self.rounds = 0  # head passes run
         self.widest = 0  # the most generations one pass served
 
-    def member(self, k: int) -> HeadMember:
-        return HeadMember(self, k)
+    def member(self, k: int, joined: bool = True) -> HeadMember:
+        return HeadMember(self, k, joined)
 
     def logits(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         """Member k's logits for the last position of `hidden` [1, T, C], once every member still
@@ -85,7 +85,7 @@ class HeadBatch:
             return answer
 
     def join(self, k: int) -> None:
-        """Member k has started a generation (Batcher): the others wait for its asks too."""
+        """Member k asks for its first logits (a Batcher's): the others wait for its asks too."""
         with self._cond:
             self._running += 1
 
@@ -132,15 +132,23 @@ class HeadBatch:
 
 
 def own_copy(e: BaseException) -> BaseException:
-    """`e` for one member of a failed head pass: its type and message, no traceback. One object
-    raised in several threads gathers each one's frames in its traceback, and one user's error
-    report then showed another's prompt (review180). RuntimeError where `e` will not copy."""
+    """`e` for one member of a failed head pass: its type, message and notes (a list of its
+    own), no traceback. One object raised in several threads gathers each one's frames in its
+    traceback, and one user's error report then showed another's prompt (review180); a note one
+    caller adds showed in the others' (review181). A RuntimeError saying what it was where `e`
+    will not copy; never raises (a member left without an answer would wait for good)."""
     try:
         copied = copy.copy(e)
-    except Exception:  # noqa: BLE001 - an exception class that takes other arguments than its args
-        copied = None
-    if type(copied) is not type(e) or str(copied) != str(e):
-        copied = RuntimeError(f"the head's pass failed: {type(e).__name__}: {e}")
+        if copied is e or type(copied) is not type(e) or str(copied) != str(e):
+            raise TypeError("not a copy")
+        if isinstance(getattr(e, "__notes__", None), list):
+            copied.__notes__ = list(e.__notes__)
+    except Exception:  # noqa: BLE001 - a class whose arguments are not its args, a __str__ that raises...
+        try:
+            what = f"{type(e).__name__}: {e}"
+        except Exception:  # noqa: BLE001
+            what = type(e).__name__
+        copied = RuntimeError(f"the head's pass failed: {what}")
     copied.__traceback__ = copied.__cause__ = copied.__context__ = None
     return copied
 
@@ -149,10 +157,14 @@ class HeadMember:
     """What a generation of the batch takes for its ClientModel (generate_ids): its own embeddings,
     the batch's head."""
 
-    def __init__(self, batch: HeadBatch, k: int):
+    def __init__(self, batch: HeadBatch, k: int, joined: bool = True):
         self.batch, self.k = batch, k
         self.device = batch.client.device
         self.cancelled: Callable[[], bool] = lambda: False  # asked before every token's logits
+        # Whether the batch counts it (waits for its asks). A Batcher's member joins at its first
+        # logits, not before its open and prompt: the others would wait for those, a slow open's
+        # seconds included (review181).
+        self.joined = joined
 
     def embed(self, ids: list[int], start: int) -> torch.Tensor:
         return self.batch.client.embed(ids, start)
@@ -160,16 +172,25 @@ class HeadMember:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.cancelled():  # (a token that makes no text would not reach the caller's check)
             raise Cancelled()
+        if not self.joined:
+            self.batch.join(self.k)
+            self.joined = True
         return self.batch.logits(self.k, hidden)
+
+    def leave(self) -> None:
+        """Its generation has ended: the batch no longer waits for it (if it counted it)."""
+        if self.joined:
+            self.joined = False
+            self.batch.leave(self.k)
 
 
 def generate_in_step(model: SwarmModel, prompts: list[str], results: list[GenerationResult],
                      max_new_tokens: int, sampling: SamplingParams | None, keep_logits: bool,
-                     at_once: int, on_done: Callable[[int, GenerationResult], None] | None = None) -> None:
+                     at_once: int, on_done: Callable[[int, GenerationResult], None] | None = None,
+                     on_wait: Callable[[], None] | None = None) -> None:
     """Fill `results` (one a prompt) by generating the prompts in step, `at_once` at a time, on
     `model`'s swarm (its peers, bans and spot checker; the bans its threads made are the
-    model's afterwards; a table older than TABLE_SECONDS is read again first, since every
-    thread starts from it). Raises the first generation's error once all have stopped.
+    model's afterwards). Raises the first generation's error once all have stopped.
 
     A generation that finds no route at its start while others of the batch run (their sessions
     may be what fills the nodes: `--max-sessions`, `busy`) gives its prompt back and its thread
@@ -179,7 +200,7 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
     with model._lock:
         if model.closed:
             raise RuntimeError("this SwarmModel is closed")
-        model.swarm.refresh_if_stale()
+        model.swarm.refresh_stale()  # (the siblings start from its table: see Batcher._work)
         siblings = [model._sibling(model.swarm.sibling()) for _ in range(min(at_once, len(prompts)))]
     batch = HeadBatch(model.client, len(siblings))
     queue = deque(range(len(prompts)))
@@ -249,8 +270,8 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
     try:
         for worker in workers:
             worker.start()
-        join_all(workers)
-    except BaseException:  # Ctrl-C: every generation stops after its step under way
+        join_all(workers, on_wait)
+    except BaseException:  # Ctrl-C, on_wait's error: every generation stops after its step under way
         stop_and_wait(batch, workers)
         raise
     finally:
@@ -323,12 +344,13 @@ class Worker:
         return self.started and not self.ended.is_set()
 
 
-def join_all(workers: list[Worker]) -> None:
-    """Wait for every worker of `workers` that started."""
+def join_all(workers: list[Worker], on_wait: Callable[[], None] | None = None) -> None:
+    """Wait for every worker of `workers` that started, calling `on_wait()` between slices."""
     for worker in workers:
         if worker.started:
             while not worker.ended.wait(WAKE_SECONDS):  # in slices: a signal's handler runs between them
-                pass
+                if on_wait is not None:
+                    on_wait()
 
 
 def stop_and_wait(batch: HeadBatch, workers: list[Worker]) -> None:

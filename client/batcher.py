@@ -65,7 +65,6 @@ class _Request:
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # text, then _DONE or an error
     cancelled: bool = False  # its caller stopped reading: its worker ends it before its next logits
     held: bool = False  # given back for want of a route: taken when a request's end frees a place
-    released: bool = False  # taken off hold for a place an end freed (its close may come late)
     paused: bool = False  # tried again a moment after an end, since it was last given a place (_give_back)
     not_before: float = 0.0  # not taken before this (time.monotonic): such a pause
 
@@ -168,7 +167,7 @@ class Batcher:
                     self._places = 0  # (a place freed with none held was there for anyone to take)
                 if request is not None:
                     if request.held:
-                        request.held, request.released, request.paused = False, True, False
+                        request.held, request.paused = False, False
                         self._places = max(0, self._places - 1)
                     self._waiting.remove(request)
                     self._idle -= 1
@@ -189,8 +188,12 @@ class Batcher:
             with model._lock:
                 if model.closed:
                     raise RuntimeError("this SwarmModel is closed")
-                if model.swarm is not None:  # (a worker started after a quiet spell: its table is read again)
-                    model.swarm.refresh_if_stale()
+                if model.swarm is not None:
+                    # A program that only runs batches opens no session on the model's table, so
+                    # nothing read it again, and a worker started after a quiet spell planned over
+                    # the peers of the connect: a read older than TABLE_SECONDS starts now in the
+                    # background (nothing waits: review181) and is taken in at the next start.
+                    model.swarm.refresh_stale()
                 sibling = model._sibling(model.swarm.sibling() if model.swarm is not None else None)
         except BaseException as e:  # noqa: BLE001 - the requests waiting hear of it if no worker is left
             log.warning("a batcher's worker could not start: %s", e)
@@ -202,17 +205,16 @@ class Batcher:
             for request in failed:  # no worker left to take them
                 request.pieces.put(e)
             return
-        member = sibling.client = self.batch.member(w)
+        member = sibling.client = self.batch.member(w, joined=False)
         try:
             while (request := self._take()) is not None:
                 try:
                     member.cancelled = lambda r=request: r.cancelled
                     self._share_bans(sibling.swarm, model.swarm)  # made meanwhile by the model or other workers
-                    self.batch.join(w)
                     try:
-                        self._serve(sibling, request)
+                        self._serve(sibling, request)  # (its member joins the batch at its first logits)
                     finally:
-                        self.batch.leave(w)
+                        member.leave()
                         self._share_bans(model.swarm, sibling.swarm)
                 except Exception as e:  # noqa: BLE001 - a fault of ours around the generation
                     # (_serve sends the generation's own errors): its caller hears of it (it waited
@@ -262,15 +264,16 @@ class Batcher:
     def _give_back(self, request: _Request) -> bool:
         """A request that found no route before its first step, while others run (their sessions
         may be what fills the nodes: `--max-sessions`), is held: it waits for one of them to end
-        and is tried again, in its place in line (review177). One given a place by an end, or alone, is
-        first tried once more a moment later if a request ended just before (its `close` is sent
-        without waiting, and may reach a node after this request's `open`). Alone otherwise, it
-        fails."""
+        and is tried again, in its place in line (review177). Refused within RECENT_END_SECONDS of
+        a request's end, it is first tried once more a moment later, once since it last waited
+        for a place: that end's `close` is sent without waiting and may reach a node after this
+        request's `open` (review181: a request refused so while others ran waited for the next
+        end, 3 s, with a place free). Alone otherwise, it fails."""
         with self._cond:
             if request.result.route or self.closed:
                 return False  # (else its result holds its prompt alone: nothing to undo)
             now, alone = time.monotonic(), self._serving <= 1
-            if (alone or request.released) and now - self._last_end < RECENT_END_SECONDS and not request.paused:
+            if now - self._last_end < RECENT_END_SECONDS and not request.paused:
                 request.paused, request.not_before = True, now + RETRY_PAUSE_SECONDS
             elif not alone:
                 request.held = True

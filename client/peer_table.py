@@ -333,21 +333,6 @@ class PeerTable(Bans):
               and time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS):
             self._fetching = BackgroundFetch(self, min(5.0, self.options.timeout))
 
-    def refresh_if_stale(self) -> bool:
-        """`refresh` now if the table is older than TABLE_SECONDS: before siblings are made from
-        it (client/swarm.py `sibling`: a batch's threads, a batcher's new worker), each of which
-        would start from it. A program that only ran batches never opened a session on this table,
-        so `refresh_stale` never ran on it, and a batcher's worker started an hour after the
-        connect planned over the peers of then. False where nothing was asked."""
-        if self.closed or not (self.bootstraps or self.contacts) or (
-                time.monotonic() - max(self._asked, self._refreshed) < TABLE_SECONDS):
-            return False
-        try:
-            return self.refresh()
-        except Exception as e:  # noqa: BLE001 - the table as it is still serves
-            log.warning("reading the peer table again: %s", e)
-            return False
-
     def _take_infos(self, fetched: Fetched) -> None:
         """The `info` of each contact that a background read asked (background.read_contacts)."""
         take_timed(self, fetched)

@@ -497,6 +497,39 @@ def test_generate_prints_each_prompts_result_as_soon_as_those_before_it_are_done
                                            for p in prompts[:len(printed)]]
 
 
+def test_generate_with_its_stdout_full_still_stops_on_sigterm(tiny_model_dir, cluster_factory, tmp_path):
+    """Review181: --prompts-file writing into a small pipe nobody reads: once the writes block,
+    SIGTERM still ends the command (143) within seconds; the results were written from a batch
+    thread, which no signal cuts, and the command waited for it for good."""
+    import fcntl
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"Prompt number {i} says" for i in range(40)) + "\n")
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    err_path = tmp_path / "stderr"
+    with open(err_path, "w") as err:
+        gen = subprocess.Popen([*CLI, "generate", "--prompts-file", str(path), "--at-once", "4", "--json", "--model",
+                                str(tiny_model_dir), "--peers", ",".join(swarm.addresses), "--temperature", "0",
+                                "--max-new-tokens", "24"], stdout=write_end, stderr=err, stdin=subprocess.DEVNULL)
+    os.close(write_end)
+    try:
+        said, still = "", 0.0
+        deadline = time.monotonic() + 60
+        while still < 1.5 and time.monotonic() < deadline:  # its writes blocked: nothing more said
+            time.sleep(0.25)
+            now = err_path.read_text()
+            still = still + 0.25 if now == said and "prompts done]" in now else 0.0
+            said = now
+        assert gen.poll() is None and "[40/40 prompts done]" not in said, said[-300:]
+        gen.send_signal(signal.SIGTERM)
+        assert gen.wait(timeout=20) == 143
+    finally:
+        gen.kill()
+        os.close(read_end)
+
+
 def test_shard_refuses_bad_input_in_one_line(tmp_path):
     import pickle
 
