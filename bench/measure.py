@@ -196,7 +196,7 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
     errors: list[BaseException] = []
 
     def run(k: int) -> None:
-        session, member, token = sessions[k], batch.member(k), prompts[k][-1]
+        session, member, token = sessions[k], batch.member(k, joined=True), prompts[k][-1]  # (counted: n)
         start.wait()
         try:
             for _ in range(steps):
@@ -205,7 +205,7 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
             errors.append(e)
             batch.stop()
         finally:
-            batch.leave(k)
+            member.leave()
 
     workers = [Worker(lambda k=k: run(k), f"nanoswarm-bench-{k}") for k in range(n)]
     for worker in workers:

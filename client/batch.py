@@ -6,8 +6,9 @@ they share is the head. A generation's thread asks for its next logits and waits
 generation still running has asked too; the last to ask runs ln_f + lm_head once for all of them.
 So the next decode steps of all of them leave together and reach each node together, where they
 share a forward pass (node/steps.py batches steps that arrive together), and the head's big
-matrix (154 MB for GPT-2 small) is read once a token, not once a generation. A generation that
-ends leaves the batch, and the rest go on without waiting for it. At most `at_once` run at a
+matrix (154 MB for GPT-2 small) is read once a token, not once a generation. A generation joins
+the batch at its first logits (its open and prompt hold up no one) and leaves it at its end, and
+the rest go on without waiting for it. At most `at_once` run at a
 time (threads, links and node sessions stay bounded); a thread that has finished one prompt takes
 the next.
 """
@@ -64,7 +65,7 @@ class HeadBatch:
         self.rounds = 0  # head passes run
         self.widest = 0  # the most generations one pass served
 
-    def member(self, k: int, joined: bool = True) -> HeadMember:
+    def member(self, k: int, joined: bool = False) -> HeadMember:
         return HeadMember(self, k, joined)
 
     def logits(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ class HeadBatch:
             return answer
 
     def join(self, k: int) -> None:
-        """Member k asks for its first logits (a Batcher's): the others wait for its asks too."""
+        """Member k asks for its generation's first logits: the others wait for its asks too."""
         with self._cond:
             self._running += 1
 
@@ -157,13 +158,13 @@ class HeadMember:
     """What a generation of the batch takes for its ClientModel (generate_ids): its own embeddings,
     the batch's head."""
 
-    def __init__(self, batch: HeadBatch, k: int, joined: bool = True):
+    def __init__(self, batch: HeadBatch, k: int, joined: bool = False):
         self.batch, self.k = batch, k
         self.device = batch.client.device
         self.cancelled: Callable[[], bool] = lambda: False  # asked before every token's logits
-        # Whether the batch counts it (waits for its asks). A Batcher's member joins at its first
-        # logits, not before its open and prompt: the others would wait for those, a slow open's
-        # seconds included (review181).
+        # Whether the batch counts it (waits for its asks). A member joins at its first logits,
+        # not before its open and prompt, and leaves at its generation's end: the others would
+        # wait for those, a slow open's seconds included (review181).
         self.joined = joined
 
     def embed(self, ids: list[int], start: int) -> torch.Tensor:
@@ -202,7 +203,7 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
             raise RuntimeError("this SwarmModel is closed")
         model.swarm.refresh_stale()  # (the siblings start from its table: see Batcher._work)
         siblings = [model._sibling(model.swarm.sibling()) for _ in range(min(at_once, len(prompts)))]
-    batch = HeadBatch(model.client, len(siblings))
+    batch = HeadBatch(model.client, 0)  # each member counted from its first logits to its prompt's end
     queue = deque(range(len(prompts)))
     state = threading.Lock()  # the queue, the count of threads still taking prompts, the last end
     taking, last_end, retried = [len(siblings)], [-math.inf], set()
@@ -234,7 +235,7 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
 
     def run(w: int) -> None:
         sibling = siblings[w]
-        sibling.client = batch.member(w)
+        member = sibling.client = batch.member(w, joined=False)
         taken = False  # whether this thread has left `taking`
         try:
             while (k := next_prompt()) is not None:
@@ -250,6 +251,7 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
                     continue
                 finally:
                     stream.close()  # its session closed now, on this thread
+                    member.leave()  # (the others do not wait for its next open and prompt)
                     if results[k].route:
                         with state:
                             last_end[0] = time.monotonic()
@@ -263,7 +265,7 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
             if not taken:
                 with state:
                     taking[0] -= 1
-            batch.leave(w)
+            member.leave()
             sibling.swarm.close()  # here: its sockets are this thread's
 
     workers = [Worker(lambda w=w: run(w), f"nanoswarm-batch-{w}") for w in range(len(siblings))]

@@ -205,7 +205,7 @@ class Batcher:
             for request in failed:  # no worker left to take them
                 request.pieces.put(e)
             return
-        member = sibling.client = self.batch.member(w, joined=False)
+        member = sibling.client = self.batch.member(w)
         try:
             while (request := self._take()) is not None:
                 try:
