@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import logging.handlers
 import queue
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -110,6 +114,37 @@ def generate(prompt: str | None, prompts_file: TextIO | None, at_once: int, mode
         model.close()
 
 
+@contextlib.contextmanager
+def logs_written_here() -> Iterator[Callable[[], None]]:
+    """Meanwhile every log record waits in a queue, and the function given writes those waiting
+    on the calling (main) thread, as it does once more at the end but after a signal: a batch
+    thread logging (a failover's warning) into a full stderr pipe blocked in the write holding
+    the stream's lock, and the command then outlived every signal but SIGKILL (review182)."""
+    root = logging.getLogger()
+    handlers, records = root.handlers[:], queue.SimpleQueue()
+    root.handlers = [logging.handlers.QueueHandler(records)]
+
+    def write_waiting() -> None:
+        while True:
+            try:
+                record = records.get_nowait()
+            except queue.Empty:
+                return
+            for handler in handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+    stopped = False
+    try:
+        yield write_waiting
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: what waits is dropped (stderr may be
+        stopped = True  # what is full, and the command is asked to end)
+        raise
+    finally:
+        root.handlers = handlers
+        if not stopped:
+            write_waiting()
+
+
 def run_batch(model: SwarmModel, prompts: list[str], max_new_tokens: int, sampling: SamplingParams,
               at_once: int, as_json: bool) -> None:
     """The prompts' generations in step; each result printed in the file's order as soon as it
@@ -120,9 +155,10 @@ def run_batch(model: SwarmModel, prompts: list[str], max_new_tokens: int, sampli
     done, next_up = [0], [0]
 
     def show() -> None:
-        """What `finished` holds, written on this (the main) thread: a write that blocks (a full
-        pipe) is cut by Ctrl-C here, where one on a batch thread held the batch for good
-        (review181)."""
+        """What `finished` holds, and the log records waiting, written on this (the main) thread:
+        a write that blocks (a full pipe) is cut by Ctrl-C here, where one on a batch thread held
+        the batch for good (review181)."""
+        write_logs()
         while True:
             try:
                 k, result = finished.get_nowait()
@@ -139,10 +175,11 @@ def run_batch(model: SwarmModel, prompts: list[str], max_new_tokens: int, sampli
                     click.echo(("\n" if next_up[0] else "") + result.prompt + result.text, color=True)
                 next_up[0] += 1
     t0 = time.perf_counter()
-    results = model.generate_batch(prompts, max_new_tokens, sampling, at_once=at_once,
-                                   on_done=lambda k, result: finished.put((k, result)), on_wait=show)
-    seconds = time.perf_counter() - t0
-    show()
+    with logs_written_here() as write_logs:
+        results = model.generate_batch(prompts, max_new_tokens, sampling, at_once=at_once,
+                                       on_done=lambda k, result: finished.put((k, result)), on_wait=show)
+        seconds = time.perf_counter() - t0
+        show()
     tokens = sum(len(r.ids) for r in results)
     click.echo(f"[{len(results)} prompts, {tokens} tokens in {seconds:.1f} s, "
                f"{tokens / seconds if seconds > 0 else 0:.1f} tokens/s in all]", err=True)

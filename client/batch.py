@@ -273,6 +273,8 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
         for worker in workers:
             worker.start()
         join_all(workers, on_wait)
+        if on_wait is not None:  # once more: the last generations may end within one wait's slice,
+            on_wait()  # and before an error is raised (review182: results done before it unshown)
     except BaseException:  # Ctrl-C, on_wait's error: every generation stops after its step under way
         stop_and_wait(batch, workers)
         raise

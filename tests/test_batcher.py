@@ -438,7 +438,7 @@ def test_idle_workers_end_and_the_next_request_starts_another(tiny_model_dir, cl
 
 
 @pytest.mark.parametrize("way", ["batcher", "generate_batch"])
-def test_a_stale_table_is_read_again_for_the_workers_to_come(tiny_model_dir, cluster_factory, way):
+def test_a_stale_table_is_read_again_for_the_workers_to_come(tiny_model_dir, cluster_factory, way, monkeypatch):
     """A node joins and another dies an hour (as far as the table's age says) after the model
     connected, and the program only runs batches: the model's table is read in the background
     when a batch (or a batcher's new worker) starts, and taken in at the next, whose siblings
@@ -461,8 +461,17 @@ def test_a_stale_table_is_read_again_for_the_workers_to_come(tiny_model_dir, clu
                     assert no_workers()  # (the last one idle: ended)
                     return [batcher.generate(PROMPTS[1], 12, GREEDY).ids]
                 return [r.ids for r in model.generate_batch([PROMPTS[1]] * 2, 12, GREEDY)]
+            from nanoswarm.client.background import BackgroundFetch
+
+            reads, init = [], BackgroundFetch.__init__
+
+            def counted(fetch, *args, **kwargs) -> None:
+                reads.append(1)
+                init(fetch, *args, **kwargs)
+            monkeypatch.setattr(BackgroundFetch, "__init__", counted)
             assert run() in ([alone], [alone] * 2)  # served over the stale table: a failover's work
             assert new not in model.swarm.peers and model.swarm._fetching.done.wait(10)
+            assert len(reads) == 1  # the model's: its siblings, made meanwhile, read no more (review182: 9 for 8)
             assert run() in ([alone], [alone] * 2)
             assert new in model.swarm.peers  # taken in at this start
             assert time.monotonic() - model.swarm._asked < 60

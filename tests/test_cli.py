@@ -530,6 +530,43 @@ def test_generate_with_its_stdout_full_still_stops_on_sigterm(tiny_model_dir, cl
         os.close(read_end)
 
 
+def test_generate_with_its_stderr_full_still_stops_on_sigterm(tiny_model_dir, cluster_factory, tmp_path):
+    """Review182: --prompts-file with stderr a small pipe nobody reads, and a node killed under
+    the batch, so its generations fail over and log warnings from their threads: SIGTERM still
+    ends the command (143). A batch thread blocked writing into the full pipe held the stream's
+    lock and itself, and the command outlived every signal but SIGKILL; the records now wait for
+    the main thread."""
+    import fcntl
+    import termios
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4))])
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"Prompt number {i} says" for i in range(3000)) + "\n")
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    gen = subprocess.Popen([*CLI, "generate", "--prompts-file", str(path), "--at-once", "4", "--model",
+                            str(tiny_model_dir), "--peers", ",".join(swarm.addresses), "--temperature", "0",
+                            "--max-new-tokens", "4", "--timeout", "5"], stdout=subprocess.DEVNULL, stderr=write_end,
+                           stdin=subprocess.DEVNULL)
+    os.close(write_end)
+    try:
+        deadline, waiting = time.monotonic() + 60, 0
+        while waiting < 4000 and time.monotonic() < deadline:  # its progress lines fill the pipe
+            time.sleep(0.2)
+            waiting = int.from_bytes(fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4), "little")
+        assert waiting >= 4000 and gen.poll() is None
+        from conftest import sessions_on
+
+        busiest = max(range(2), key=lambda i: sessions_on(swarm.addresses[i]))
+        swarm.kill(busiest, signal.SIGKILL)  # its sessions fail over: warnings from the batch's threads
+        time.sleep(2)
+        gen.send_signal(signal.SIGTERM)
+        assert gen.wait(timeout=20) == 143
+    finally:
+        gen.kill()
+        os.close(read_end)
+
+
 def test_shard_refuses_bad_input_in_one_line(tmp_path):
     import pickle
 

@@ -289,3 +289,30 @@ def test_a_workers_start_runs_every_held_signal_and_puts_every_handler_back(monk
         assert {s: signal.getsignal(s) for s in handlers} == handlers
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_on_wait_sees_every_result_done_before_an_error(tiny_model_dir, cluster_factory, monkeypatch):
+    """Review182: `on_wait` is called once more after the last generation has stopped, also
+    when the batch then raises: a prompt done 20 ms before another's failure was never shown
+    (both threads ended within one 0.1 s wait, and the error went out without a last call)."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    stream, first_done = SwarmModel.stream, threading.Event()
+
+    def failing_second(self, prompt, *args, **kwargs):
+        if prompt == "B":
+            first_done.wait(30)
+            time.sleep(0.02)
+            raise RuntimeError("a node failed (a test's)")
+        yield from stream(self, prompt, *args, **kwargs)
+        first_done.set()
+    monkeypatch.setattr(SwarmModel, "stream", failing_second)
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        for _ in range(3):
+            first_done.clear()
+            done: list[int] = []
+            shown: list[list[int]] = []  # what on_wait saw done, each time it was called
+            with pytest.raises(RuntimeError, match="a test's"):
+                model.generate_batch(["A", "B"], 6, SamplingParams(temperature=0), at_once=2,
+                                     on_done=lambda k, result, d=done: d.append(k),
+                                     on_wait=lambda d=done, s=shown: s.append(list(d)))
+            assert shown and shown[-1] == [0]
