@@ -9,6 +9,7 @@ import logging.handlers
 import queue
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -114,35 +115,58 @@ def generate(prompt: str | None, prompts_file: TextIO | None, at_once: int, mode
         model.close()
 
 
-@contextlib.contextmanager
-def logs_written_here() -> Iterator[Callable[[], None]]:
-    """Meanwhile every log record waits in a queue, and the function given writes those waiting
-    on the calling (main) thread, as it does once more at the end but after a signal: a batch
-    thread logging (a failover's warning) into a full stderr pipe blocked in the write holding
-    the stream's lock, and the command then outlived every signal but SIGKILL (review182)."""
-    root = logging.getLogger()
-    handlers, records = root.handlers[:], queue.SimpleQueue()
-    root.handlers = [logging.handlers.QueueHandler(records)]
+class _WrittenByTheMainThread(logging.handlers.QueueHandler):
+    """Other threads' log records wait in a queue for the main thread to write them
+    (`write_waiting`); the main thread's own are written at once, after those waiting (its
+    writes are the ones a signal cuts)."""
 
-    def write_waiting() -> None:
+    def __init__(self, handlers: list[logging.Handler]):
+        super().__init__(queue.SimpleQueue())
+        self.handlers = handlers
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return bool(super().handle(record))  # (queued, formatted: QueueHandler.prepare)
+        self.write_waiting()
+        self._pass_on(record)
+        return True
+
+    def write_waiting(self) -> None:
         while True:
             try:
-                record = records.get_nowait()
+                record = self.queue.get_nowait()
             except queue.Empty:
                 return
-            for handler in handlers:
-                if record.levelno >= handler.level:
-                    handler.handle(record)
+            self._pass_on(record)
+
+    def _pass_on(self, record: logging.LogRecord) -> None:
+        for handler in self.handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+@contextlib.contextmanager
+def logs_written_here() -> Iterator[Callable[[], None]]:
+    """Meanwhile the log records of other threads wait in a queue, and the function given
+    writes those waiting on the calling (main) thread, as it does once more at the end but
+    after a signal (stderr may be what is full: they are dropped); the main thread's own are
+    written at once (review183: the warning of a second Ctrl-C waited, unseen). A batch thread
+    logging (a failover's warning) into a full stderr pipe blocked in the write holding the
+    stream's lock, and the command then outlived every signal but SIGKILL (review182)."""
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    held = _WrittenByTheMainThread(handlers)
     stopped = False
     try:
-        yield write_waiting
-    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: what waits is dropped (stderr may be
-        stopped = True  # what is full, and the command is asked to end)
+        root.handlers = [held]  # (in the try: a signal just after it puts them back, review183)
+        yield held.write_waiting
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: the command is asked to end
+        stopped = True
         raise
     finally:
         root.handlers = handlers
         if not stopped:
-            write_waiting()
+            held.write_waiting()
 
 
 def run_batch(model: SwarmModel, prompts: list[str], max_new_tokens: int, sampling: SamplingParams,

@@ -15,6 +15,7 @@ the next.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -370,5 +371,6 @@ def stop_and_wait(batch: HeadBatch, workers: list[Worker]) -> None:
             return
         except KeyboardInterrupt:
             if not told:
-                log.warning("stopping: waiting for the batch's steps under way (at most the step timeout)")
                 told = True
+                with contextlib.suppress(KeyboardInterrupt):  # (a write to a full stderr, cut: wait on)
+                    log.warning("stopping: waiting for the batch's steps under way (at most the step timeout)")

@@ -317,18 +317,19 @@ class PeerTable(Bans):
             fetch = self._fetching = None  # read too long ago to be taken in: read again below
         if fetch is not None and fetch.done.is_set():
             self._fetching, self._asked = None, time.monotonic()  # tried: the next in TABLE_SECONDS
-            if isinstance(fetch.result, Fetched) and time.monotonic() - fetch.finished >= TABLE_SECONDS:
-                fetch.result.gone = {}  # who answered then says too little now: nobody is dropped on it
-            if isinstance(fetch.result, BaseException) or fetch.result is None:
-                log.warning("refreshing the peer table failed: %r", fetch.result)
-            elif fetch.result.answered or fetch.result.infos:
+            result = fetch.result  # (not changed here: a swarm's siblings may take in the same read)
+            if isinstance(result, Fetched) and time.monotonic() - fetch.finished >= TABLE_SECONDS:
+                result = replace(result, gone={})  # who answered then says too little now: nobody is dropped on it
+            if isinstance(result, BaseException) or result is None:
+                log.warning("refreshing the peer table failed: %r", result)
+            elif result.answered or result.infos:
                 before = self._spans()
-                if fetch.result.answered:
-                    add_fetched(self, fetch.result, min(5.0, self.options.timeout), quiet=True)
-                self._take_infos(fetch.result)
+                if result.answered:
+                    add_fetched(self, result, min(5.0, self.options.timeout), quiet=True)
+                self._take_infos(result)
                 self._unban_moved(before)
             else:
-                log.info("refreshing the peer table: nothing answered (%s)", "; ".join(fetch.result.errors.values()))
+                log.info("refreshing the peer table: nothing answered (%s)", "; ".join(result.errors.values()))
         elif (fetch is None and (self.bootstraps or self.contacts) and not self.closed
               and time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS):
             self._fetching = BackgroundFetch(self, min(5.0, self.options.timeout))

@@ -251,7 +251,7 @@ class Swarm(PeerTable):
         own until `take_bans`. (The contacts too: a `--peers` swarm asks them again when no route
         is left, review174.) As old as this one's table: a sibling of a table read an hour ago
         reads it again at its first open, as this one would (refresh_stale), not a minute on,
-        unless this one's read is under way."""
+        or takes in this one's read under way."""
         other = Swarm(self.model_id, self.n_layer, self.n_head, self.options)
         other.peers.update(self.peers)
         other.contacts.update(self.contacts)
@@ -261,11 +261,11 @@ class Swarm(PeerTable):
         other.timed.update(self.timed)
         other.timed_at.update(self.timed_at)
         other._asked, other._refreshed = self._asked, self._refreshed
-        if self._fetching is not None and not self._fetching.done.is_set():
-            # this table is being read already (taken in at its next open or batch's start): a
-            # read of the sibling's own at its first open would be one more of the same, one a
-            # sibling (review182: a stale batch of 8 read the bootstraps' tables 9 times)
-            other._asked = time.monotonic()
+        # This table's read under way is the sibling's too, taken in at its first open after it
+        # came: a read of its own would be one more of the same, one a sibling (review182: a
+        # stale batch of 8 read the bootstraps' tables 9 times), and one marked fresh instead
+        # ran the whole batch on the stale table (review183). The read is not changed by taking it in.
+        other._fetching = self._fetching
         return other
 
     def take_bans(self, other: Swarm) -> None:

@@ -503,3 +503,26 @@ def test_a_request_given_back_waits_in_its_place_in_line(tiny_model_dir):
         batcher._waiting.remove(fresh)
         assert batcher._give_back(fresh) and fresh.held  # refused once more: it waits for a place
         batcher._waiting.clear()
+
+
+def test_a_batchs_threads_take_in_the_models_read_under_way(tiny_model_dir, cluster_factory, monkeypatch):
+    """Review183: a batch started on a stale table starts the model's read in the background,
+    and its threads take that read in at their next opens (no read of their own): a node that
+    joined is in their plans from then on (marked fresh instead, they ran the whole batch on the
+    table of the connect)."""
+    from nanoswarm.client.peer_table import PeerTable
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    with SwarmModel.connect(tiny_model_dir, bootstrap=swarm.addresses[:1]) as model:
+        new = swarm.start_node(NodeSpec((0, 4))).address
+        model.swarm._asked -= 3600
+        model.swarm._refreshed -= 3600
+        knew, plan = [], PeerTable.plan
+
+        def noted(table, *args, **kwargs):
+            if table is not model.swarm:
+                knew.append(new in table.peers)
+            return plan(table, *args, **kwargs)
+        monkeypatch.setattr(PeerTable, "plan", noted)
+        model.generate_batch(PROMPTS * 2, 16, GREEDY, at_once=2)
+    assert knew[0] is False and knew[-1] is True, knew

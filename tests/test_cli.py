@@ -567,6 +567,38 @@ def test_generate_with_its_stderr_full_still_stops_on_sigterm(tiny_model_dir, cl
         os.close(read_end)
 
 
+def test_a_second_ctrl_c_in_a_batch_says_what_it_waits_for(tiny_model_dir, cluster_factory, tmp_path):
+    """Review183: --prompts-file stopped by Ctrl-C while its node is frozen (its steps wait for
+    the timeout): a second Ctrl-C is told, at once, that the command waits for the steps under
+    way (the warning waited in the queue of other threads' records, and was dropped), and the
+    command ends with 130 once they time out."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"Prompt {i} says" for i in range(500)) + "\n")
+    err_path = tmp_path / "stderr"
+    with open(err_path, "w") as err:
+        gen = subprocess.Popen([*CLI, "generate", "--prompts-file", str(path), "--at-once", "4", "--model",
+                                str(tiny_model_dir), "--peers", ",".join(swarm.addresses), "--temperature", "0",
+                                "--max-new-tokens", "20", "--timeout", "4"], stdout=subprocess.DEVNULL, stderr=err)
+    node = swarm.nodes[0].proc.pid
+    try:
+        deadline = time.monotonic() + 60
+        while "prompts done" not in err_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(node, signal.SIGSTOP)
+        time.sleep(0.3)
+        gen.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        gen.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert "stopping: waiting for the batch's steps under way" in err_path.read_text()
+        assert gen.poll() is None  # (the steps under way wait for their timeout)
+        assert gen.wait(timeout=30) == 130
+    finally:
+        os.kill(node, signal.SIGCONT)
+        gen.kill()
+
+
 def test_shard_refuses_bad_input_in_one_line(tmp_path):
     import pickle
 
