@@ -8,6 +8,7 @@ import logging
 import logging.handlers
 import queue
 import re
+import select
 import sys
 import threading
 import time
@@ -125,10 +126,25 @@ class _WrittenByTheMainThread(logging.handlers.QueueHandler):
         self.handlers = handlers
 
     def handle(self, record: logging.LogRecord) -> bool:
-        if threading.current_thread() is not threading.main_thread():
-            return bool(super().handle(record))  # (queued, formatted: QueueHandler.prepare)
+        if threading.current_thread() is not threading.main_thread() or not self._room():
+            # queued, formatted (QueueHandler.prepare); the main thread's too where a stream is
+            # full: a batch stopping after a signal would block in the write (review184)
+            return bool(super().handle(record))
         self.write_waiting()
         self._pass_on(record)
+        return True
+
+    def _room(self) -> bool:
+        """Whether every handler's stream takes a write now (a full pipe does not)."""
+        for handler in self.handlers:
+            try:
+                fd = handler.stream.fileno()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - not a file (pytest's capture, a StringIO): it takes it
+                continue
+            poll = select.poll()
+            poll.register(fd, select.POLLOUT)
+            if not poll.poll(0):
+                return False
         return True
 
     def write_waiting(self) -> None:

@@ -15,7 +15,6 @@ the next.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -370,7 +369,9 @@ def stop_and_wait(batch: HeadBatch, workers: list[Worker]) -> None:
             join_all(workers)
             return
         except KeyboardInterrupt:
-            if not told:
-                told = True
-                with contextlib.suppress(KeyboardInterrupt):  # (a write to a full stderr, cut: wait on)
+            try:  # (one more Ctrl-C in here, a write to a full stderr cut say, only waits on too)
+                if not told:
+                    told = True
                     log.warning("stopping: waiting for the batch's steps under way (at most the step timeout)")
+            except KeyboardInterrupt:
+                pass

@@ -599,6 +599,42 @@ def test_a_second_ctrl_c_in_a_batch_says_what_it_waits_for(tiny_model_dir, clust
         gen.kill()
 
 
+def test_a_second_ctrl_c_in_a_batch_with_stderr_full_ends_it_still(tiny_model_dir, cluster_factory, tmp_path):
+    """Review184: the same with stderr a small pipe nobody reads: the second Ctrl-C's warning,
+    written by the main thread, blocked in the full pipe after the batch had ended (a third was
+    needed); it is queued, and dropped, when a stream is full."""
+    import fcntl
+    import termios
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"Prompt {i} says" for i in range(3000)) + "\n")
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    gen = subprocess.Popen([*CLI, "generate", "--prompts-file", str(path), "--at-once", "4", "--model",
+                            str(tiny_model_dir), "--peers", ",".join(swarm.addresses), "--temperature", "0",
+                            "--max-new-tokens", "4", "--timeout", "4"], stdout=subprocess.DEVNULL, stderr=write_end,
+                           stdin=subprocess.DEVNULL)
+    os.close(write_end)
+    node = swarm.nodes[0].proc.pid
+    try:
+        deadline, waiting = time.monotonic() + 60, 0
+        while waiting < 4000 and time.monotonic() < deadline:  # its progress lines fill the pipe
+            time.sleep(0.2)
+            waiting = int.from_bytes(fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4), "little")
+        assert waiting >= 4000 and gen.poll() is None
+        os.kill(node, signal.SIGSTOP)
+        time.sleep(0.3)
+        gen.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        gen.send_signal(signal.SIGINT)
+        assert gen.wait(timeout=30) == 130
+    finally:
+        os.kill(node, signal.SIGCONT)
+        gen.kill()
+        os.close(read_end)
+
+
 def test_shard_refuses_bad_input_in_one_line(tmp_path):
     import pickle
 
