@@ -166,7 +166,8 @@ def logs_written_here() -> Iterator[Callable[[], None]]:
     """Meanwhile the log records of other threads wait in a queue, and the function given
     writes those waiting on the calling (main) thread, as it does once more at the end but
     after a signal (stderr may be what is full: they are dropped); the main thread's own are
-    written at once (review183: the warning of a second Ctrl-C waited, unseen). A batch thread
+    written at once but where a stream is full (review183: the warning of a second Ctrl-C
+    waited, unseen; review184: written into a full pipe, it blocked). A batch thread
     logging (a failover's warning) into a full stderr pipe blocked in the write holding the
     stream's lock, and the command then outlived every signal but SIGKILL (review182)."""
     root = logging.getLogger()

@@ -530,30 +530,38 @@ def test_generate_with_its_stdout_full_still_stops_on_sigterm(tiny_model_dir, cl
         os.close(read_end)
 
 
+def generate_into_a_full_stderr(model_dir, swarm, tmp_path, timeout: str) -> tuple[subprocess.Popen, int, int]:
+    """`generate --prompts-file` (3,000 prompts, 4 at once) with stderr a 4 KiB pipe nobody
+    reads, once its progress lines have filled it: the process, the pipe's read end, and the
+    bytes waiting in it."""
+    import fcntl
+    import termios
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"Prompt number {i} says" for i in range(3000)) + "\n")
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    gen = subprocess.Popen([*CLI, "generate", "--prompts-file", str(path), "--at-once", "4", "--model", str(model_dir),
+                            "--peers", ",".join(swarm.addresses), "--temperature", "0", "--max-new-tokens", "4",
+                            "--timeout", timeout], stdout=subprocess.DEVNULL, stderr=write_end,
+                           stdin=subprocess.DEVNULL)
+    os.close(write_end)
+    deadline, waiting = time.monotonic() + 60, 0
+    while waiting < 4000 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        waiting = int.from_bytes(fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4), "little")
+    return gen, read_end, waiting
+
+
 def test_generate_with_its_stderr_full_still_stops_on_sigterm(tiny_model_dir, cluster_factory, tmp_path):
     """Review182: --prompts-file with stderr a small pipe nobody reads, and a node killed under
     the batch, so its generations fail over and log warnings from their threads: SIGTERM still
     ends the command (143). A batch thread blocked writing into the full pipe held the stream's
     lock and itself, and the command outlived every signal but SIGKILL; the records now wait for
     the main thread."""
-    import fcntl
-    import termios
-
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4))])
-    path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(f"Prompt number {i} says" for i in range(3000)) + "\n")
-    read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-    gen = subprocess.Popen([*CLI, "generate", "--prompts-file", str(path), "--at-once", "4", "--model",
-                            str(tiny_model_dir), "--peers", ",".join(swarm.addresses), "--temperature", "0",
-                            "--max-new-tokens", "4", "--timeout", "5"], stdout=subprocess.DEVNULL, stderr=write_end,
-                           stdin=subprocess.DEVNULL)
-    os.close(write_end)
+    gen, read_end, waiting = generate_into_a_full_stderr(tiny_model_dir, swarm, tmp_path, timeout="5")
     try:
-        deadline, waiting = time.monotonic() + 60, 0
-        while waiting < 4000 and time.monotonic() < deadline:  # its progress lines fill the pipe
-            time.sleep(0.2)
-            waiting = int.from_bytes(fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4), "little")
         assert waiting >= 4000 and gen.poll() is None
         from conftest import sessions_on
 
@@ -603,25 +611,10 @@ def test_a_second_ctrl_c_in_a_batch_with_stderr_full_ends_it_still(tiny_model_di
     """Review184: the same with stderr a small pipe nobody reads: the second Ctrl-C's warning,
     written by the main thread, blocked in the full pipe after the batch had ended (a third was
     needed); it is queued, and dropped, when a stream is full."""
-    import fcntl
-    import termios
-
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
-    path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(f"Prompt {i} says" for i in range(3000)) + "\n")
-    read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-    gen = subprocess.Popen([*CLI, "generate", "--prompts-file", str(path), "--at-once", "4", "--model",
-                            str(tiny_model_dir), "--peers", ",".join(swarm.addresses), "--temperature", "0",
-                            "--max-new-tokens", "4", "--timeout", "4"], stdout=subprocess.DEVNULL, stderr=write_end,
-                           stdin=subprocess.DEVNULL)
-    os.close(write_end)
+    gen, read_end, waiting = generate_into_a_full_stderr(tiny_model_dir, swarm, tmp_path, timeout="4")
     node = swarm.nodes[0].proc.pid
     try:
-        deadline, waiting = time.monotonic() + 60, 0
-        while waiting < 4000 and time.monotonic() < deadline:  # its progress lines fill the pipe
-            time.sleep(0.2)
-            waiting = int.from_bytes(fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4), "little")
         assert waiting >= 4000 and gen.poll() is None
         os.kill(node, signal.SIGSTOP)
         time.sleep(0.3)
