@@ -191,12 +191,13 @@ def run_lockstep(client: ClientModel, sessions: list[InferenceSession], prompts:
         session.step(client.embed(prompt, 0), last=1)
     if on_start is not None:
         on_start()
-    batch = HeadBatch(client, n)
+    batch = HeadBatch(client)
+    members = [batch.member(k, joined=True) for k in range(n)]  # each counted from the start: in step at once
     start = threading.Barrier(n + 1)
     errors: list[BaseException] = []
 
     def run(k: int) -> None:
-        session, member, token = sessions[k], batch.member(k, joined=True), prompts[k][-1]  # (counted: n)
+        session, member, token = sessions[k], members[k], prompts[k][-1]
         start.wait()
         try:
             for _ in range(steps):

@@ -55,10 +55,10 @@ class Cancelled(Exception):
 
 
 class HeadBatch:
-    def __init__(self, client: ClientModel, members: int):
+    def __init__(self, client: ClientModel):
         self.client = client
         self._cond = threading.Condition()
-        self._running = members  # generations that have not left
+        self._running = 0  # members that joined and have not left
         self._asked: dict[int, torch.Tensor] = {}  # member -> its last position's hidden state [1, 1, C]
         self._answers: dict[int, torch.Tensor | BaseException] = {}  # a pass's logits row, or its error
         self._failed: BatchStopped | None = None  # set by `stop`: every member waiting raises it
@@ -66,7 +66,12 @@ class HeadBatch:
         self.widest = 0  # the most generations one pass served
 
     def member(self, k: int, joined: bool = False) -> HeadMember:
-        return HeadMember(self, k, joined)
+        """Member k; `joined`: counted from now (else from its first logits)."""
+        member = HeadMember(self, k)
+        if joined:
+            self.join(k)
+            member.joined = True
+        return member
 
     def logits(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         """Member k's logits for the last position of `hidden` [1, T, C], once every member still
@@ -158,14 +163,14 @@ class HeadMember:
     """What a generation of the batch takes for its ClientModel (generate_ids): its own embeddings,
     the batch's head."""
 
-    def __init__(self, batch: HeadBatch, k: int, joined: bool = False):
+    def __init__(self, batch: HeadBatch, k: int):
         self.batch, self.k = batch, k
         self.device = batch.client.device
         self.cancelled: Callable[[], bool] = lambda: False  # asked before every token's logits
         # Whether the batch counts it (waits for its asks). A member joins at its first logits,
         # not before its open and prompt, and leaves at its generation's end: the others would
         # wait for those, a slow open's seconds included (review181).
-        self.joined = joined
+        self.joined = False
 
     def embed(self, ids: list[int], start: int) -> torch.Tensor:
         return self.batch.client.embed(ids, start)
@@ -203,7 +208,7 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
             raise RuntimeError("this SwarmModel is closed")
         model.swarm.refresh_stale()  # (the siblings start from its table: see Batcher._work)
         siblings = [model._sibling(model.swarm.sibling()) for _ in range(min(at_once, len(prompts)))]
-    batch = HeadBatch(model.client, 0)  # each member counted from its first logits to its prompt's end
+    batch = HeadBatch(model.client)  # each member counted from its first logits to its prompt's end
     queue = deque(range(len(prompts)))
     state = threading.Lock()  # the queue, the count of threads still taking prompts, the last end
     taking, last_end, retried = [len(siblings)], [-math.inf], set()
@@ -235,7 +240,7 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
 
     def run(w: int) -> None:
         sibling = siblings[w]
-        member = sibling.client = batch.member(w, joined=False)
+        member = sibling.client = batch.member(w)
         taken = False  # whether this thread has left `taking`
         try:
             while (k := next_prompt()) is not None:

@@ -84,7 +84,7 @@ class Batcher:
         if type(idle_seconds) not in (int, float) or not idle_seconds > 0:  # (NaN too)
             raise ValueError(f"idle_seconds must be a number > 0, got {idle_seconds!r}")
         self.model, self.at_once, self.idle_seconds = model, at_once, float(idle_seconds)
-        self.batch = HeadBatch(model.client, 0)
+        self.batch = HeadBatch(model.client)
         self._cond = threading.Condition()  # the requests, the workers' counts and `closed`
         self._waiting: deque[_Request] = deque()
         self._workers: list[Worker] = []  # every worker started and not seen ended: `close` waits for them
