@@ -42,6 +42,7 @@ class BackgroundFetch:
 
     def __init__(self, swarm: Swarm, timeout: float):
         self.result: Fetched | BaseException | None = None
+        self.started = time.monotonic()
         self.finished = 0.0  # monotonic, when it was read
         self.done = threading.Event()
         args = (list(swarm.bootstraps), timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
@@ -81,6 +82,20 @@ class BackgroundFetch:
         finally:
             self.finished = time.monotonic()
             self.done.set()
+
+
+class SharedReads:
+    """The background reads of a swarm and its siblings (Swarm.sibling: a batch's threads, a
+    batcher's workers), one read serving them all: each went stale a minute after the last and
+    read the bootstraps' tables, and timed the peers, on its own (16 reads a minute for a batcher
+    of 16 workers). `latest` is the last read started (PeerTable.refresh_stale takes it when it
+    began after that swarm's own last read); `introduced`, when the last introduction was asked
+    for (Swarm.introduce_soon). Threads of one family use it: `lock`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.latest: BackgroundFetch | None = None
+        self.introduced = -math.inf
 
 
 def read_contacts(fetched: Fetched, contacts: list[str], timeout: float,

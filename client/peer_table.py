@@ -15,7 +15,7 @@ from nanoswarm.keys.contact import split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
 from nanoswarm.protocol.messages import finite_float, parse_range
 
-from .background import BackgroundFetch
+from .background import BackgroundFetch, SharedReads
 from .bans import Ban, Bans
 from .discovery import DiscoveryError, Fetched, add_fetched, add_from_bootstrap, take_timed
 from .introduce import ask_info
@@ -79,6 +79,7 @@ class PeerTable(Bans):
     _refreshed: float = -REFRESH_SECONDS
     _asked: float = field(default_factory=time.monotonic)  # when a peer's info or record was last taken
     _fetching: BackgroundFetch | None = None  # the bootstraps' tables, read for refresh_stale
+    _reads: SharedReads = field(default_factory=SharedReads)  # its siblings' reads too (refresh_stale)
     _reread: dict[str, float] = field(default_factory=dict)  # address -> when `reread` last asked it
     closed: bool = False  # by close(): no new link, so no session may step on (SwarmModel.close)
 
@@ -332,7 +333,19 @@ class PeerTable(Bans):
                 log.info("refreshing the peer table: nothing answered (%s)", "; ".join(result.errors.values()))
         elif (fetch is None and (self.bootstraps or self.contacts) and not self.closed
               and time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS):
-            self._fetching = BackgroundFetch(self, min(5.0, self.options.timeout))
+            self._fetching = self._shared_read(max(self._asked, self._refreshed))
+
+    def _shared_read(self, since: float) -> BackgroundFetch:
+        """The read a sibling of this table started after `since` (this table's own last read:
+        it is newer), to be taken in at a later open as if it were this table's, or else a read
+        started now, for the siblings to take in turn (SharedReads): a batch's threads, each
+        stale a minute after the last, each read the swarm on their own."""
+        with self._reads.lock:
+            latest, now = self._reads.latest, time.monotonic()
+            if (latest is None or latest.started <= since
+                    or latest.done.is_set() and now - latest.finished >= READ_KEPT_SECONDS):
+                latest = self._reads.latest = BackgroundFetch(self, min(5.0, self.options.timeout))
+            return latest
 
     def _take_infos(self, fetched: Fetched) -> None:
         """The `info` of each contact that a background read asked (background.read_contacts)."""

@@ -53,7 +53,6 @@ class Swarm(PeerTable):
     _drained: float = -DRAIN_SECONDS
     checker: SpotChecker | None = None  # set by SwarmModel.connect when options.verify > 0
     _abandoned: deque[list[Stage]] = field(default_factory=deque)  # stages of sessions dropped unclosed
-    _introduced: float = -INTRODUCE_SECONDS  # when introduce_soon last started a background read
     # head-group members (their addresses) whose all-reduce failed with no one at fault: until when
     # their groups fan out (make_stage)
     _fan_out_until: dict[frozenset[str], float] = field(default_factory=dict)
@@ -235,12 +234,18 @@ class Swarm(PeerTable):
         INTRODUCE_SECONDS; its `info` replies are taken in at a later open, as refresh_stale's.
         False where it did not start: nothing to introduce, or too soon."""
         now = time.monotonic()
-        fetch = self._fetching
-        if (not self.introduces or not self.contacts or self.closed or now - self._introduced < INTRODUCE_SECONDS
-                or fetch is not None and not fetch.done.is_set()):
+        if not self.introduces or not self.contacts or self.closed:
             return False
-        self._introduced = now
-        self._fetching = BackgroundFetch(self, min(5.0, self.options.timeout))
+        with self._reads.lock:  # one introduction for a swarm and its siblings (SharedReads)
+            latest = self._reads.latest
+            if latest is not None and not latest.done.is_set():  # a read under way introduces too
+                if self._fetching is None:
+                    self._fetching = latest
+                return False
+            if now - self._reads.introduced < INTRODUCE_SECONDS:
+                return False
+            self._reads.introduced = now
+            self._fetching = self._reads.latest = BackgroundFetch(self, min(5.0, self.options.timeout))
         log.info("a hop did not know the next: telling the %d contacts of each other again", len(self.contacts))
         return True
 
@@ -265,7 +270,7 @@ class Swarm(PeerTable):
         # came: a read of its own would be one more of the same, one a sibling (review182: a
         # stale batch of 8 read the bootstraps' tables 9 times), and one marked fresh instead
         # ran the whole batch on the stale table (review183). The read is not changed by taking it in.
-        other._fetching = self._fetching
+        other._fetching, other._reads = self._fetching, self._reads  # and the reads it starts later
         return other
 
     def take_bans(self, other: Swarm) -> None:

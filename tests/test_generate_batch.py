@@ -316,3 +316,55 @@ def test_on_wait_sees_every_result_done_before_an_error(tiny_model_dir, cluster_
                                      on_done=lambda k, result, d=done: d.append(k),
                                      on_wait=lambda d=done, s=shown: s.append(list(d)))
             assert shown and shown[-1] == [0]
+
+
+def test_a_swarms_siblings_share_one_background_read(tiny_model_dir, cluster_factory, monkeypatch):
+    """A batch's threads (siblings of the model's table), stale together, read the swarm once
+    between them, each taking that read in at its next open (each read it on its own: a batcher
+    of 16 workers read the bootstraps 16 times a minute); a read that began before a table's own
+    last is not taken for it, nor one that finished too long ago (PeerTable._shared_read)."""
+    from nanoswarm.client import peer_table
+    from nanoswarm.client.background import BackgroundFetch
+
+    cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    reads, init = [], BackgroundFetch.__init__
+
+    def counted(fetch, *args, **kwargs) -> None:
+        reads.append(fetch)
+        init(fetch, *args, **kwargs)
+    with SwarmModel.connect(tiny_model_dir, bootstrap=cluster.addresses[:1]) as model:
+        siblings = [model.swarm.sibling() for _ in range(3)]
+        new = cluster.start_node(NodeSpec((0, 4))).address
+        monkeypatch.setattr(BackgroundFetch, "__init__", counted)
+        try:
+            for aged in range(2):
+                for s in [*siblings, *reads]:  # an hour on
+                    for name in ("_asked", "_refreshed", "started", "finished"):
+                        if hasattr(s, name):
+                            setattr(s, name, getattr(s, name) - 3600)
+                for s in siblings:
+                    s.refresh_stale()
+                assert len(reads) == aged + 1 and all(s._fetching is reads[-1] for s in siblings)
+                assert reads[-1].done.wait(10)
+                for s in siblings:
+                    s.refresh_stale()
+                    assert new in s.peers and s._fetching is None and time.monotonic() - s._asked < 1
+            for s in (siblings[1], reads[-1]):  # a minute on: the last read began before it was taken in
+                for name in ("_asked", "started", "finished"):
+                    if hasattr(s, name):
+                        setattr(s, name, getattr(s, name) - peer_table.TABLE_SECONDS - 1)
+            siblings[1].refresh_stale()
+            assert len(reads) == 3 and siblings[1]._fetching is reads[-1] and reads[-1].done.wait(10)
+            model.swarm._asked -= 3600
+            model.swarm._refreshed -= 3600
+            model.swarm.refresh_stale()  # the model's table, stale: its siblings' last read is newer
+            assert len(reads) == 3 and model.swarm._fetching is reads[-1]
+            reads[-1].finished -= peer_table.READ_KEPT_SECONDS
+            model.swarm.refresh_stale()  # finished too long ago: not taken in, a read of its own
+            assert len(reads) == 4 and model.swarm._fetching is reads[-1] and new not in model.swarm.peers
+            siblings[0]._asked -= 3600
+            siblings[0].refresh_stale()
+            assert len(reads) == 4 and siblings[0]._fetching is reads[-1]
+        finally:
+            for s in siblings:
+                s.close()

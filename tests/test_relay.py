@@ -426,6 +426,9 @@ def test_a_hop_restarted_knowing_no_one_is_told_of_the_next_and_relays_again(tin
         assert stats(model, a)["relayed"] == 0 and session.relaying.no_relay  # refused: it knows no one
         fetch = model.swarm._fetching
         assert fetch is not None and fetch.done.wait(10)  # the contacts told of each other again
+        sibling = model.swarm.sibling()  # (a batch's thread): that introduction was its too
+        assert not sibling.introduce_soon() and sibling._fetching is fetch
+        sibling.close()
         got += [model.client.logits(session.step(model.client.embed([int(ids[t])], t))) for t in range(1, len(ids))]
         assert (torch.stack([g.reshape(-1) for g in got]) - want).abs().max().item() <= 1e-5
         info = model.swarm.connection(a).request("info").fields
