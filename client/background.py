@@ -46,15 +46,15 @@ class BackgroundFetch:
         self.finished = 0.0  # monotonic, when it was read
         self.done = threading.Event()
         args = (list(swarm.bootstraps), timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
-        # Peers timed already (a copy: the swarm's thread goes on changing its own); those silent
-        # then, or whose answer came late in the wait (a long batch ending), or timed more than
-        # TIMING_LIFE ago (or at no known time), are timed again.
-        now = time.monotonic()
-        timed = {c for c, seconds in swarm.timed.items() if seconds is not None and seconds < RETIME_SECONDS
-                 and now - swarm.timed_at.get(c, -math.inf) < TIMING_LIFE}
+        # Peers timed already (a copy: the swarm's thread goes on changing its own), not timed
+        # again: fresh_timings.
+        timed = fresh_timings(swarm)
         # Peers that went, asked here whether they answer: one no bootstrap lists that does not is
         # dropped when the read is taken in (discovery._drop_unlisted), with no wait at that open.
         gone = {a: swarm.peers[a].curve_key for a in gone_candidates(swarm)} if swarm.bootstraps else {}
+        # What this read asks that is the starting table's own: a sibling takes the read in only
+        # when it asks what the sibling would (SharedReads.serves).
+        self.untimed, self.asks_gone = frozenset(timed), frozenset(gone)
         threading.Thread(target=self._run, args=(args, list(swarm.contacts), timed, swarm.introduces, gone),
                          daemon=True, name="nanoswarm-refresh").start()
 
@@ -75,6 +75,7 @@ class BackgroundFetch:
                 read_contacts(self.result, contacts, timeout, client_keys, insecure, timed,
                               model_id if introduces else None)
             if bootstraps:
+                self.result.gone_at = time.monotonic()  # (a ban made after it: not answered by this)
                 self.result.gone = ask_gone(gone, min(timeout, 1.0), client_keys)
             self.result.timed_when = time.monotonic()
         except BaseException as e:  # noqa: BLE001 - read by the swarm's thread
@@ -84,18 +85,41 @@ class BackgroundFetch:
             self.done.set()
 
 
+def fresh_timings(swarm: Swarm) -> set[str]:
+    """The peers whose round trips a read leaves as they are: all but those silent when timed, or
+    whose answer came late in the wait (a long batch ending), or timed more than TIMING_LIFE ago
+    (or at no known time)."""
+    now = time.monotonic()
+    return {c for c, seconds in swarm.timed.items() if seconds is not None and seconds < RETIME_SECONDS
+            and now - swarm.timed_at.get(c, -math.inf) < TIMING_LIFE}
+
+
 class SharedReads:
     """The background reads of a swarm and its siblings (Swarm.sibling: a batch's threads, a
     batcher's workers), one read serving them all: each went stale a minute after the last and
     read the bootstraps' tables, and timed the peers, on its own (16 reads a minute for a batcher
-    of 16 workers). `latest` is the last read started (PeerTable.refresh_stale takes it when it
-    began after that swarm's own last read); `introduced`, when the last introduction was asked
-    for (Swarm.introduce_soon). Threads of one family use it: `lock`."""
+    of 16 workers). `latest` is the last read started (PeerTable._shared_read); `introduced`,
+    when the last introduction was asked for (Swarm.introduce_soon). Threads of one family use
+    it: `lock`."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.latest: BackgroundFetch | None = None
         self.introduced = -math.inf
+
+    def serves(self, swarm: Swarm, since: float, fresh_for: float) -> BackgroundFetch | None:
+        """`latest`, if `swarm` may take it in as its own read: begun after `since` (the table's
+        own last read: review101), under way or done less than `fresh_for` ago (review186: one
+        done four minutes before was taken for fresh another minute), and asking what the table
+        would ask itself: its peers that went (whose answers drop them or bring them back), and
+        the round trips it would time again (review186: a sibling that had banned a peer that
+        left kept it for good, another's read never asking it). Under `lock`."""
+        fetch = self.latest
+        if (fetch is None or fetch.started <= since
+                or fetch.done.is_set() and time.monotonic() - fetch.finished >= fresh_for):
+            return None
+        gone = set(gone_candidates(swarm)) if swarm.bootstraps else set()
+        return fetch if gone <= fetch.asks_gone and fetch.untimed <= fresh_timings(swarm) else None
 
 
 def read_contacts(fetched: Fetched, contacts: list[str], timeout: float,

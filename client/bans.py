@@ -33,6 +33,7 @@ class Ban:
     why: str = ""
     code: str = ""  # the fault's code (GONE_CODES: the peer was gone)
     back: bool = False  # gone when banned, it answered a refresh's `info` since
+    since: float = 0.0  # monotonic, when it was made (or renewed)
 
 
 class Bans:
@@ -62,7 +63,7 @@ class Bans:
             # restarted gracefully now and then was banned 240 s and sat idle once back). Its
             # strikes and ban for faults stay.
             strikes, seconds = old.strikes, max(self.options.ban_seconds, old.until - now)
-        self.bans[address] = Ban(now + seconds, strikes, why, code)
+        self.bans[address] = Ban(now + seconds, strikes, why, code, since=now)
         log.info("banned %s for %.0fs: %s", address, seconds, why)
         self._close_link(address)  # a fresh socket later: no stale replies, no queued requests
 

@@ -65,6 +65,7 @@ class Fetched:
     # Peers that went (gone_candidates), asked for `info` in the background: address -> whether it
     # answered, not leaving. None: not asked with the read (_drop_unlisted asks them itself).
     gone: dict[str, bool] | None = None
+    gone_at: float = 0.0  # monotonic, when they were asked (a ban made after: not answered by it)
 
     def no_answer(self) -> str:
         """Why no bootstrap answered, in one line: each reason names its contact. Where none could
@@ -288,7 +289,8 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
     for address, peer in list(swarm.peers.items()):
         if added.get(peer.peer_id, address) != address:
             swarm.forget(address, f"peer {peer.peer_id} is now at {added[peer.peer_id]}")
-    _drop_unlisted(swarm, {r.peer_id for records in claims.values() for r in records}, fetched.gone)
+    _drop_unlisted(swarm, {r.peer_id for records in claims.values() for r in records}, fetched.gone,
+                   fetched.gone_at)
     log.info("bootstrap: %d records, %d peers for model %s", len(fetched.table), len(added), swarm.model_id[:12])
     for contact in [c for c in swarm.timed if c not in swarm.peers and c not in swarm.contacts]:
         del swarm.timed[contact]  # (peers gone: the table is all there is to time)
@@ -308,7 +310,8 @@ def gone_candidates(swarm: Swarm) -> list[str]:
             and now < ban.until + swarm._ban_length(ban.strikes) and not ban.back and a not in swarm.contacts]
 
 
-def _drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None = None) -> None:
+def _drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None = None,
+                   asked_at: float = math.inf) -> None:
     """Drop from the table the peers that went (gone_candidates) that no answering bootstrap
     lists any more (`listed`: the peer ids of its records) and that do not answer `info`: they
     left, a departure removing their records, or went silent for their records' lifetime. Kept,
@@ -318,7 +321,8 @@ def _drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None
     a peer gone once, hours ago, was dropped so, with the only copy of its blocks; review143: one
     back a few seconds after its ban, which a bootstrap client never asks). `asked`: the answers
     a background read got (Fetched.gone), so that taking it in at a session's open waits for no
-    one (review144); a peer banned since is left to the next read. None: asked here, within a
+    one (review144), at `asked_at`; a peer banned since (its ban made or renewed after it: review186,
+    a sibling's read asked before this table banned it again) is left to the next read. None: asked here, within a
     second (a refresh, which waits anyway). Its ban stays, with its strikes, should it be listed
     again (review145: dropped with it, a peer failing again and again lost its escalation); the
     bans of peers no longer in the table go once they count for nothing: over a long uptime of
@@ -328,12 +332,13 @@ def _drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None
         if unlisted:
             swarm._ask_banned(unlisted)  # those that answer, not leaving, are `back`
     else:
+        unlisted = [a for a in unlisted if a in asked and swarm.bans[a].since < asked_at]  # the others: next read
         for address in unlisted:
-            if asked.get(address):
+            if asked[address]:
                 swarm.bans[address].back = True
     for address in unlisted:
         ban = swarm.bans[address]
-        if not ban.back and (asked is None or address in asked):
+        if not ban.back:
             del swarm.peers[address]  # (its ban stays, pruned below once it counts for nothing)
             swarm._close_link(address)  # (a ban closed it already: sessions on it find out at their next step)
             log.info("peer %s went (%s) and no bootstrap lists it any more: dropped from the table", address, ban.why)

@@ -334,18 +334,19 @@ class PeerTable(Bans):
         elif (fetch is None and (self.bootstraps or self.contacts) and not self.closed
               and time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS):
             self._fetching = self._shared_read(max(self._asked, self._refreshed))
+            if self._fetching.done.is_set():
+                self.refresh_stale()  # a sibling's read, done: taken in now
 
     def _shared_read(self, since: float) -> BackgroundFetch:
-        """The read a sibling of this table started after `since` (this table's own last read:
-        it is newer), to be taken in at a later open as if it were this table's, or else a read
-        started now, for the siblings to take in turn (SharedReads): a batch's threads, each
-        stale a minute after the last, each read the swarm on their own."""
+        """The read a sibling started after `since` (this table's own last read), if it serves
+        this table (SharedReads.serves), to be taken in as if it were this table's own; or else a
+        read started now, for the siblings to take in turn: a batch's threads, each stale a
+        minute after the last, each read the swarm on their own."""
         with self._reads.lock:
-            latest, now = self._reads.latest, time.monotonic()
-            if (latest is None or latest.started <= since
-                    or latest.done.is_set() and now - latest.finished >= READ_KEPT_SECONDS):
-                latest = self._reads.latest = BackgroundFetch(self, min(5.0, self.options.timeout))
-            return latest
+            fetch = self._reads.serves(self, since, TABLE_SECONDS)
+            if fetch is None:
+                fetch = self._reads.latest = BackgroundFetch(self, min(5.0, self.options.timeout))
+            return fetch
 
     def _take_infos(self, fetched: Fetched) -> None:
         """The `info` of each contact that a background read asked (background.read_contacts)."""

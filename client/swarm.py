@@ -20,7 +20,7 @@ from .background import BackgroundFetch
 from .head_group import HeadGroupStage
 from .options import SwarmOptions as SwarmOptions  # applications import it from here
 from .peer_errors import PeerError
-from .peer_table import PeerTable
+from .peer_table import TABLE_SECONDS, PeerTable
 from .route import RouteError, StagePlan
 from .stages import RemoteLayerStage, Stage, open_fields
 from .transport import RECONNECT_MAX_MS, PeerConnection
@@ -237,12 +237,13 @@ class Swarm(PeerTable):
         if not self.introduces or not self.contacts or self.closed:
             return False
         with self._reads.lock:  # one introduction for a swarm and its siblings (SharedReads)
-            latest = self._reads.latest
+            latest = self._reads.serves(self, max(self._asked, self._refreshed), TABLE_SECONDS)
             if latest is not None and not latest.done.is_set():  # a read under way introduces too
                 if self._fetching is None:
                     self._fetching = latest
                 return False
-            if now - self._reads.introduced < INTRODUCE_SECONDS:
+            own = self._fetching
+            if own is not None and not own.done.is_set() or now - self._reads.introduced < INTRODUCE_SECONDS:
                 return False
             self._reads.introduced = now
             self._fetching = self._reads.latest = BackgroundFetch(self, min(5.0, self.options.timeout))

@@ -2286,12 +2286,18 @@ def test_only_a_peer_that_went_is_dropped_for_being_unlisted():
         assert list(swarm.peers) == ["listed", "long-ago", "back", "slow", "serving", "given"]
         # A dropped peer's ban stays, strikes and all, should it be listed again (review145)
         assert set(swarm.bans) == {"listed", "gone", "lately", "long-ago", "back", "slow", "given", "recent"}
-        for name in ("answered", "silent", "unasked"):
+        for name in ("answered", "silent", "unasked", "answered-before", "silent-before"):
             swarm.peers[name] = PeerInfo(name, name + "-id", "m" * 64, (0, 4), None)
             swarm.ban(name, "disconnected: connection closed by the peer", "disconnected")
-        _drop_unlisted(swarm, {"listed-id"}, {"answered": True, "silent": False})  # as a background read
-        assert {"answered", "unasked"} <= set(swarm.peers) and "silent" not in swarm.peers
+        asked_at = time.monotonic()
+        for name in ("answered-before", "silent-before"):  # banned (again) after the read asked them
+            swarm.bans[name].since = asked_at + 0.1
+        _drop_unlisted(swarm, {"listed-id"}, {"answered": True, "silent": False, "answered-before": True,
+                                              "silent-before": False}, asked_at)  # as a background read
+        assert {"answered", "unasked", "answered-before", "silent-before"} <= set(swarm.peers)
+        assert "silent" not in swarm.peers
         assert swarm.bans["answered"].back and not swarm.bans["unasked"].back
+        assert not swarm.bans["answered-before"].back  # review186: a dead peer used again on it
         swarm.bans["gone"].until = long_ago  # once it counts for nothing, a dropped peer's ban goes
         _drop_unlisted(swarm, {"listed-id"}, {})
         assert "gone" not in swarm.bans and "lately" in swarm.bans

@@ -2372,3 +2372,31 @@ def test_peers_that_reclaim_and_refuse_in_turn_are_struck_after_one_free_move(id
         session.step(torch.zeros(1, 1, 4))
     assert sorted(struck) == ["A", "B"] and len(plans) <= 5, (struck, len(plans))
 
+
+
+def test_a_session_fails_over_max_failovers_times_and_gives_up_at_the_next(tiny_model_dir, cluster_factory):
+    """`max_failovers` failovers are taken (the node serving the session SIGKILLed, its steps
+    exact after), and the next fault ends the session with a SessionError that says so; pinned
+    after a mutation (`max_failovers` one lower) passed the suite (review173)."""
+    from nanoswarm.client.session import InferenceSession
+    from nanoswarm.shards.weights import load_model
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))] * 3)
+    ids = [5, 17, 300, 4000, 9, 12]
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(torch.tensor([ids]))[0]
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=TIMEOUT)) as model:
+        session = InferenceSession.open(model.swarm, len(ids), max_failovers=1)
+        try:
+            for t, token in enumerate(ids):
+                if t in (2, 4):
+                    swarm.kill(swarm.addresses.index(session.stages[0].peers[0]), signal.SIGKILL)
+                if t == 4:
+                    with pytest.raises(SessionError, match=r"gave up after 1 failovers"):
+                        session.step(model.client.embed([token], t))
+                    break
+                got = model.client.logits(session.step(model.client.embed([token], t)))
+                assert (got.reshape(-1) - want[t]).abs().max().item() <= 1e-5
+            assert session.failovers == 2
+        finally:
+            session.close()

@@ -321,50 +321,77 @@ def test_on_wait_sees_every_result_done_before_an_error(tiny_model_dir, cluster_
 def test_a_swarms_siblings_share_one_background_read(tiny_model_dir, cluster_factory, monkeypatch):
     """A batch's threads (siblings of the model's table), stale together, read the swarm once
     between them, each taking that read in at its next open (each read it on its own: a batcher
-    of 16 workers read the bootstraps 16 times a minute); a read that began before a table's own
-    last is not taken for it, nor one that finished too long ago (PeerTable._shared_read)."""
+    of 16 workers read the bootstraps 16 times a minute). Not taken for a table: a read begun
+    before its own last, one done a minute or more ago, one that does not ask its peers that
+    went or time again the round trips it would (review186; SharedReads.serves)."""
     from nanoswarm.client import peer_table
     from nanoswarm.client.background import BackgroundFetch
 
     cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
-    reads, init = [], BackgroundFetch.__init__
+    reads, gate, init, run = [], threading.Event(), BackgroundFetch.__init__, BackgroundFetch._run
 
     def counted(fetch, *args, **kwargs) -> None:
         reads.append(fetch)
         init(fetch, *args, **kwargs)
+
+    def held(fetch, *args) -> None:  # each read waits for the gate: none is done before all asked
+        gate.wait(30)
+        run(fetch, *args)
+
+    def later(*tables, seconds: float = 3600) -> None:  # `seconds` on for these tables and reads
+        for t in tables:
+            for name in ("_asked", "_refreshed", "started", "finished"):
+                if hasattr(t, name):
+                    setattr(t, name, getattr(t, name) - seconds)
+
+    def released(fetch) -> None:
+        gate.set()
+        assert fetch.done.wait(10)
+        gate.clear()
     with SwarmModel.connect(tiny_model_dir, bootstrap=cluster.addresses[:1]) as model:
         siblings = [model.swarm.sibling() for _ in range(3)]
         new = cluster.start_node(NodeSpec((0, 4))).address
         monkeypatch.setattr(BackgroundFetch, "__init__", counted)
+        monkeypatch.setattr(BackgroundFetch, "_run", held)
         try:
-            for aged in range(2):
-                for s in [*siblings, *reads]:  # an hour on
-                    for name in ("_asked", "_refreshed", "started", "finished"):
-                        if hasattr(s, name):
-                            setattr(s, name, getattr(s, name) - 3600)
+            for round_ in range(2):
+                later(*siblings, *reads)
                 for s in siblings:
                     s.refresh_stale()
-                assert len(reads) == aged + 1 and all(s._fetching is reads[-1] for s in siblings)
-                assert reads[-1].done.wait(10)
+                if round_ == 0:
+                    assert len(reads) == 1 and all(s._fetching is reads[0] for s in siblings)
+                else:  # siblings[0] read, [1] would ask `new`, which went, [2] time the bootstrap again
+                    assert len(reads) == 4 and [s._fetching for s in siblings] == reads[1:]
+                    assert [r.asks_gone for r in reads[1:]] == [frozenset(), frozenset([new]), frozenset()]
+                for r in reads[-(1 + 2 * round_):]:
+                    released(r)
                 for s in siblings:
                     s.refresh_stale()
-                    assert new in s.peers and s._fetching is None and time.monotonic() - s._asked < 1
-            for s in (siblings[1], reads[-1]):  # a minute on: the last read began before it was taken in
-                for name in ("_asked", "started", "finished"):
-                    if hasattr(s, name):
-                        setattr(s, name, getattr(s, name) - peer_table.TABLE_SECONDS - 1)
+                    assert s._fetching is None and time.monotonic() - s._asked < 1
+                    assert (new in s.peers) == (round_ == 0 or s is not siblings[1])  # it left: dropped by its read
+                if round_ == 0:
+                    cluster.kill(1, signal.SIGTERM)  # it leaves: no bootstrap lists it
+                    for s in siblings:
+                        s.peers[new].rtt = 0.0
+                    siblings[1].ban(new, "disconnected: connection closed by the peer", "disconnected")
+                    siblings[2].timed[cluster.addresses[0]] = None  # silent when timed: timed again
+            assert siblings[2].timed[cluster.addresses[0]] is not None  # timed again by its own read
+            later(siblings[1], reads[-1], seconds=peer_table.TABLE_SECONDS + 1)  # begun before its own last
             siblings[1].refresh_stale()
-            assert len(reads) == 3 and siblings[1]._fetching is reads[-1] and reads[-1].done.wait(10)
-            model.swarm._asked -= 3600
-            model.swarm._refreshed -= 3600
-            model.swarm.refresh_stale()  # the model's table, stale: its siblings' last read is newer
-            assert len(reads) == 3 and model.swarm._fetching is reads[-1]
-            reads[-1].finished -= peer_table.READ_KEPT_SECONDS
-            model.swarm.refresh_stale()  # finished too long ago: not taken in, a read of its own
-            assert len(reads) == 4 and model.swarm._fetching is reads[-1] and new not in model.swarm.peers
-            siblings[0]._asked -= 3600
-            siblings[0].refresh_stale()
-            assert len(reads) == 4 and siblings[0]._fetching is reads[-1]
+            assert len(reads) == 5 and siblings[1]._fetching is reads[-1]
+            released(reads[-1])
+            later(model.swarm)
+            later(reads[-1], seconds=peer_table.TABLE_SECONDS)  # done a minute ago: not taken
+            model.swarm.refresh_stale()
+            assert len(reads) == 6 and model.swarm._fetching is reads[-1]
+            later(siblings[0])
+            siblings[0].refresh_stale()  # the model's read under way
+            assert len(reads) == 6 and siblings[0]._fetching is reads[-1]
+            released(reads[-1])
+            later(siblings[2])
+            siblings[2].refresh_stale()  # done: taken in at once
+            assert len(reads) == 6 and siblings[2]._fetching is None and time.monotonic() - siblings[2]._asked < 1
         finally:
+            gate.set()
             for s in siblings:
                 s.close()

@@ -553,6 +553,19 @@ def test_the_cache_pool_stays_within_the_kv_budget_and_empties_when_idle(blocks)
     assert store.pool.nbytes == 0 and store.kv_bytes == 0  # unused for POOL_KEEP_SECONDS
 
 
+def test_an_open_makes_the_cache_pool_give_way_at_once(blocks):
+    """Live caches come first: an open that leaves the KV budget less room than the pool holds
+    trims the pool then, not at the next close (pinned after a mutation that did that passed)."""
+    session = 64 * KV_PER_POSITION
+    d = make_driver(blocks, kv_budget_bytes=4 * session)
+    store = d.h.sessions
+    a, _, _ = d.open(64), d.open(64), d.open(64)
+    d.ok("close", {"session": a})
+    assert store.pool.nbytes == session
+    d.open(128)  # another size class, the budget's last room
+    assert store.kv_bytes == 4 * session and store.pool.nbytes == 0
+
+
 @pytest.mark.skipif(not hasattr(mmap, "MADV_DONTNEED"), reason="no MADV_DONTNEED on this platform")
 def test_a_reused_maps_pages_past_the_new_cache_are_freed(blocks):
     """A session reusing a longer session's map of its size class holds only its own cache's
@@ -576,6 +589,12 @@ def test_cache_map_size_classes(nbytes):
     size = _map_size(nbytes)
     assert size >= nbytes and size % mmap.PAGESIZE == 0
     assert size <= max(65536, 1.25 * nbytes)
+
+
+def test_cache_maps_come_in_four_size_classes_a_doubling():
+    """Sessions of about the same length share maps (MapPool): four classes a doubling, no more."""
+    for doubling in (1 << 17, 1 << 20, 1 << 24):
+        assert len({_map_size(n) for n in range(doubling + 1, 2 * doubling + 1, 512)}) == 4
 
 
 # ----- over a real socket, to a real node process ------------------------------------------

@@ -1470,3 +1470,35 @@ def test_a_link_whose_queue_fills_is_closed_and_its_waiting_steps_answered():
     finally:
         links.close()
         hop.close(linger=0)
+
+
+def test_an_introduction_takes_in_no_read_begun_before_the_tables_own(monkeypatch):
+    """A swarm and its siblings (a batch's threads) ask for one introduction at a time: a read
+    under way that serves a sibling is its too (introduce_soon adopts it). Review186: one begun
+    before the sibling's own last read (a refresh when no route was left) was adopted too, and a
+    peer that had died since taken in as fresh: the sibling starts one of its own then."""
+    import threading
+
+    from nanoswarm.client import swarm as swarm_module
+
+    made = []
+
+    class Read:  # a BackgroundFetch that reads nothing
+        def __init__(self, table, timeout: float):
+            self.started, self.finished, self.done = time.monotonic(), 0.0, threading.Event()
+            self.untimed, self.asks_gone = frozenset(), frozenset()
+            made.append(self)
+    monkeypatch.setattr(swarm_module, "BackgroundFetch", Read)
+    table = Swarm("m" * 64, 4, 4)
+    table.contacts["tcp://127.0.0.1:9#x"] = None
+    sibling = table.sibling()
+    try:
+        assert table.introduces and table.introduce_soon() and made == [table._fetching]
+        assert not sibling.introduce_soon() and sibling._fetching is made[0]  # under way: its too
+        sibling._fetching, sibling._refreshed = None, time.monotonic()  # read after that one began
+        assert not sibling.introduce_soon() and sibling._fetching is None  # (within INTRODUCE_SECONDS)
+        table._reads.introduced -= swarm_module.INTRODUCE_SECONDS
+        assert sibling.introduce_soon() and len(made) == 2 and sibling._fetching is made[1]
+    finally:
+        table.close()
+        sibling.close()
