@@ -71,7 +71,7 @@ def generate(prompt: str | None, prompts_file: TextIO | None, at_once: int, mode
              wire: str, relay: bool, device: str, verify: float, local: bool, as_json: bool) -> None:
     """Generate text from PROMPT through the swarm, streaming it to stdout (or, with
     --prompts-file, from every line of a file at once: SwarmModel.generate_batch)."""
-    from nanoswarm.client.api import SwarmModel
+    from nanoswarm.client.api import PromptError, SwarmModel
     from nanoswarm.client.swarm import SwarmOptions
     from nanoswarm.shards.device import resolve_device
 
@@ -94,9 +94,10 @@ def generate(prompt: str | None, prompts_file: TextIO | None, at_once: int, mode
         raise click.UsageError("give a PROMPT or --prompts-file, one of them")
     if prompts_file is None and ctx.get_parameter_source("at_once") != click.core.ParameterSource.DEFAULT:
         raise click.UsageError("--at-once goes with --prompts-file")
-    prompts = None if prompts_file is None else [line.rstrip("\r\n") for line in prompts_file]
-    if prompts is not None:
-        prompts = [p for p in prompts if p.strip()]
+    prompts, lines = None, []  # the prompts, and the line of the file each is
+    if prompts_file is not None:
+        numbered = [(n, line.rstrip("\r\n")) for n, line in enumerate(prompts_file, 1) if line.strip()]
+        prompts, lines = [p for _, p in numbered], [n for n, _ in numbered]
         if not prompts:
             raise click.UsageError("--prompts-file holds no prompt (empty lines are skipped)")
     head_device = resolve_device(device)
@@ -109,7 +110,10 @@ def generate(prompt: str | None, prompts_file: TextIO | None, at_once: int, mode
                                    device=head_device)
     try:
         if prompts is not None:
-            run_batch(model, prompts, max_new_tokens, sampling, at_once, as_json)
+            try:
+                run_batch(model, prompts, max_new_tokens, sampling, at_once, as_json)
+            except PromptError as e:  # checked before any is sent
+                raise click.ClickException(f"--prompts-file line {lines[e.index]}: {e.why}") from None
         else:
             run_generation(model, prompt, max_new_tokens, sampling, as_json)
     finally:

@@ -245,7 +245,9 @@ def load(model_dir: Path, peers: str | None, nodes: int, head_groups: int, node_
     leave look the same), memory stayed bounded and logits matched."""
     import shlex
 
-    if peers is not None:
+    if peers is None:
+        _specs(model_dir, nodes, head_groups)  # a usage error, as cluster's and demo's (review185)
+    else:
         if not peer_list(peers, "--peers"):
             raise click.ClickException("--peers: no contact given (leave it out to start a local swarm)")
         if click.get_current_context().get_parameter_source("nodes") != click.core.ParameterSource.DEFAULT:

@@ -72,7 +72,7 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
     import dataclasses
 
     from nanoswarm.node.daemon import run_node
-    from nanoswarm.node.options import NodeOptions, check_contacts, check_span
+    from nanoswarm.node.options import NodeOptions, check_contacts, check_span, read_allow_lists
     from nanoswarm.node.sessions import NodeLimits
     from nanoswarm.shards.manifest import ManifestError
 
@@ -93,9 +93,8 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
                        advertise=advertise)
     # A range beyond the model, an address no peer could use, or options that contradict each
     # other are usage errors (exit code 2), as a malformed range is.
-    if allow_keys and insecure:
-        raise click.UsageError("--allow-keys needs encrypted links; it cannot be combined with --insecure")
     try:
+        read_allow_lists(allow_keys, insecure)  # (one that admits no one too: review185)
         check_span(opts)
         check_contacts(opts, warn=False)  # (node.daemon checks again, and warns)
     except ManifestError:

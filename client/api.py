@@ -87,6 +87,14 @@ def check_prompt_length(ids: list[int], context: int) -> None:
         raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {context}")
 
 
+class PromptError(ValueError):
+    """A prompt of a batch that the model cannot take: `index`, which one; `why`, what is wrong."""
+
+    def __init__(self, index: int, why: str):
+        super().__init__(f"prompts[{index}]: {why}")
+        self.index, self.why = index, why
+
+
 class SwarmModel:
     """A model whose blocks run on peers (or, with `local`, in this process)."""
 
@@ -285,8 +293,12 @@ class SwarmModel:
             raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
         if type(at_once) is not int or at_once < 1:
             raise ValueError(f"at_once must be a whole number >= 1, got {at_once!r}")
-        for prompt in prompts:  # every prompt checked before any is sent
-            self._new_tokens(prompt_ids(prompt), max_new_tokens, warn=False)
+        self._new_tokens([], max_new_tokens, warn=False)
+        for k, prompt in enumerate(prompts):  # every prompt checked before any is sent
+            try:
+                self._new_tokens(prompt_ids(prompt), max_new_tokens, warn=False)
+            except ValueError as e:  # which one (review185: "prompt is 71 tokens" of a file of hundreds)
+                raise PromptError(k, str(e)) from None
         if self.swarm is None or len(prompts) < 2 or at_once == 1:
             results = []
             for k, prompt in enumerate(prompts):

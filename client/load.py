@@ -45,6 +45,7 @@ from .swarm import Swarm, SwarmOptions
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+PEERS_ONLY_HINT = " (load uses only the --peers given)"  # (it has no --bootstrap: review185)
 
 REFUSALS = (*CANNOT_TAKE, "leaving")  # clean refusals: the client may retry or go elsewhere
 SOLO_ATTEMPTS = 3  # a solo run refused (busy) or cut by a node that died (then routed around) is run again
@@ -88,6 +89,7 @@ class _Worker:
                  meta: tuple[str, int, int], solo: dict[int, torch.Tensor], deadline: float):
         self.index, self.opts, self.client, self.solo, self.deadline = index, opts, client, solo, deadline
         self.swarm = Swarm(*meta, opts.swarm_options())
+        self.swarm.peers_only_hint = PEERS_ONLY_HINT
         for address, info in infos.items():  # asked once for all workers; each connects on its own
             self.swarm.add_info(address, info, curve_key=split_contact(address)[1])
         self.out = LoadReport(opts.sessions, opts.duration)
@@ -244,6 +246,7 @@ def _peer_infos(opts: LoadOptions, meta: tuple[str, int, int]) -> tuple[dict[str
     # heartbeat (the handshake's limit too) under the wait, it read as a drop in the handshake,
     # which stops the run, not as a contact that did not answer (review136: --timeout 12).
     probe = Swarm(*meta, replace(options, heartbeat=max(options.silence, wait + 1.0)))
+    probe.peers_only_hint = PEERS_ONLY_HINT
     try:
         probe.add_addresses(opts.peers, wait)
         skipped = {a: why for a, why in probe.rejected.items() if why.startswith(UNANSWERED)}

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
@@ -82,6 +82,10 @@ class PeerTable(Bans):
     _reads: SharedReads = field(default_factory=SharedReads)  # its siblings' reads too (refresh_stale)
     _reread: dict[str, float] = field(default_factory=dict)  # address -> when `reread` last asked it
     closed: bool = False  # by close(): no new link, so no session may step on (SwarmModel.close)
+    # Said where no route is left on the contacts given (`nanoswarm load`, which has no
+    # --bootstrap, says its own: review185).
+    peers_only_hint: ClassVar[str] = (" (--peers uses only the contacts given; --bootstrap learns the rest from "
+                                      "their tables)")
 
     # The Swarm's: links and the sessions held over them.
     def connection(self, address: str) -> PeerConnection:
@@ -386,8 +390,7 @@ class PeerTable(Bans):
             unused.update((p.address, f"takes sessions of at most {p.extra['max_length']} positions, "
                            f"not {max_length}") for p in self.available() if max_length and not takes(p, max_length))
             # A `--peers` client uses only its contacts, even where they know the rest (review115).
-            hint = ("" if self.bootstraps or not self.contacts else
-                    " (--peers uses only the contacts given; --bootstrap learns the rest from their tables)")
+            hint = "" if self.bootstraps or not self.contacts else self.peers_only_hint
             if not unused:
                 raise RouteError(e.uncovered, e.detail + hint) from None
             # Those that serve a missing block first, then those whose blocks are unknown (a

@@ -49,12 +49,16 @@ class NodeOptions:
 
 
 def check_span(opts: NodeOptions) -> None:
-    """--layers and --heads within the model (its manifest), before anything is made or read."""
+    """--layers, --heads and --num-blocks within the model (its manifest), before anything is made or read."""
     config = read_manifest(opts.model_dir).config
     if opts.layers is not None and not 0 <= opts.layers[0] < opts.layers[1] <= config.n_layer:
         raise ValueError(f"block range {opts.layers[0]}:{opts.layers[1]} is outside 0:{config.n_layer}")
     if opts.heads is not None and not 0 <= opts.heads[0] < opts.heads[1] <= config.n_head:
         raise ValueError(f"head range {opts.heads[0]}:{opts.heads[1]} is outside 0:{config.n_head}")
+    if opts.num_blocks is not None and opts.layers is None and opts.heads is None and opts.num_blocks > config.n_layer:
+        # (it served them all, without a word: a walkthrough review, review185)
+        raise ValueError(f"--num-blocks {opts.num_blocks}: the model has {config.n_layer} blocks, "
+                         f"so from 1 to {config.n_layer}")
 
 
 WILDCARDS = ("*", "0.0.0.0", "[::]", "[::0]")

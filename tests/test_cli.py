@@ -465,6 +465,11 @@ def test_generate_takes_a_file_of_prompts_at_once(tiny_model_dir, cluster_factor
     refused = invoke_cli("generate", "--prompts-file", str(tmp_path / "empty.txt"), "--model", str(tiny_model_dir),
                          "--peers", "tcp://127.0.0.1:9")
     assert refused.returncode == 2 and "holds no prompt" in refused.stderr
+    (tmp_path / "long.txt").write_text("ROMEO:\n\n" + "word " * 200 + "\n")  # which prompt (review185)
+    refused = invoke_cli("generate", "--prompts-file", str(tmp_path / "long.txt"), "--model", str(tiny_model_dir),
+                         "--local")
+    assert one_error_line(refused) == "error: --prompts-file line 3: prompt is 201 tokens; the model's context is 128"
+    assert refused.returncode == 1 and refused.stdout == ""
 
 
 def test_generate_prints_each_prompts_result_as_soon_as_those_before_it_are_done(tiny_model_dir, cluster_factory,
@@ -1049,6 +1054,7 @@ def test_node_placement_and_gossip_options_are_checked(tiny_model_dir, tmp_path)
              ("--ttl", "2", "--ttl 2 is shorter than three gossip intervals (3 s)"),
              ("--gossip-interval", "0.01", "'0.01' is too small: at least 0.05"),
              ("--num-blocks", "0", "0 is not in the range 1<=x<=2147483647"),
+             ("--num-blocks", "5", "--num-blocks 5: the model has 4 blocks, so from 1 to 4"),  # (review185)
              ("--memory-budget-mb", "0", "0 is not in the range 1<=x<=2147483647"))
     outs = [invoke_cli("node", str(tiny_model_dir), "--key-file", str(tmp_path / "k.key"), option, value)
             for option, value, _ in cases]

@@ -294,7 +294,7 @@ def test_allow_lists_that_admit_no_one_are_refused_before_a_key_file_is_made(tin
     comments.write_text("# the team's keys go here\n\n")
     node = ["node", str(tiny_model_dir), "--layers", "0:4", "--key-file", str(key)]
     out = invoke_cli(*node, "--allow-keys", str(empty), "--allow-keys", str(comments))
-    assert out.returncode == 1 and out.stderr.strip() == (
+    assert out.returncode == 2 and out.stderr.strip() == (  # a usage error, as with --insecure (review185)
         f"error: --allow-keys {empty}, {comments}: no key listed, so no client or peer could connect")
     listed = tmp_path / "listed.txt"
     listed.write_text(generate_identity().curve_public.decode() + "\n")

@@ -128,7 +128,8 @@ def test_load_refuses_what_it_cannot_run_in_one_line(tiny_model_dir, cluster_fac
                       (["--peers", swarm.addresses[0], "--node-args", "--max-sessions 2"], "--node-args applies"),
                       (["--peers", swarm.addresses[0], "--head-groups", "2"], "--head-groups applies"),
                       (["--peers", swarm.addresses[0]], "--insecure"),
-                      (["--peers", swarm.addresses[0], "--insecure", "--no-verify"], "no peer serves layers 1:4"),
+                      (["--peers", swarm.addresses[0], "--insecure", "--no-verify"],
+                       "no peer serves layers 1:4 (load uses only the --peers given)"),
                       (["--max-length", "129"], "--max-length 129 is longer than the model's context, 128"),
                       (["--prompt-tokens", "120", "--new-tokens", "9"],
                        "a session's 129 positions (prompt plus new tokens) is longer than the model's context"),
@@ -139,6 +140,10 @@ def test_load_refuses_what_it_cannot_run_in_one_line(tiny_model_dir, cluster_fac
         lines = result.output.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
         assert why in lines[0], lines[0]
+    for args, why in ((["--nodes", "5"], "--nodes 5: the model has 4 blocks, so from 1 to 4"),
+                      (["--head-groups", "5"], "--head-groups 5: the model has 4 heads, so from 1 to 4")):
+        result = invoke_cli(*base, *args)  # usage errors, as cluster's and demo's (review185)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {why}"], result.stderr
     result = CliRunner().invoke(main, [*base, "--peers", "garbage"])  # an option error, before anything runs
     assert result.exit_code == 2 and result.output.strip() == (
         "error: Invalid value for '--peers': 'garbage' is not a TCP endpoint tcp://HOST:PORT"), result.output
