@@ -376,10 +376,12 @@ def test_a_swarms_siblings_share_one_background_read(tiny_model_dir, cluster_fac
                     siblings[1].ban(new, "disconnected: connection closed by the peer", "disconnected")
                     siblings[2].timed[cluster.addresses[0]] = None  # silent when timed: timed again
             assert siblings[2].timed[cluster.addresses[0]] is not None  # timed again by its own read
-            later(siblings[1], reads[-1], seconds=peer_table.TABLE_SECONDS + 1)  # begun before its own last
-            siblings[1].refresh_stale()
-            assert len(reads) == 5 and siblings[1]._fetching is reads[-1]
+            later(siblings[0], seconds=peer_table.TABLE_SECONDS + 1)  # stale; the last read, done a moment
+            reads[-1].started -= peer_table.TABLE_SECONDS + 1  # ago, begun before its own last (review187)
+            siblings[0].refresh_stale()
+            assert len(reads) == 5 and siblings[0]._fetching is reads[-1]
             released(reads[-1])
+            siblings[0].refresh_stale()
             later(model.swarm)
             later(reads[-1], seconds=peer_table.TABLE_SECONDS)  # done a minute ago: not taken
             model.swarm.refresh_stale()

@@ -1499,6 +1499,9 @@ def test_an_introduction_takes_in_no_read_begun_before_the_tables_own(monkeypatc
         assert not sibling.introduce_soon() and sibling._fetching is None  # (within INTRODUCE_SECONDS)
         table._reads.introduced -= swarm_module.INTRODUCE_SECONDS
         assert sibling.introduce_soon() and len(made) == 2 and sibling._fetching is made[1]
+        table._fetching, table._refreshed = made[0], time.monotonic()  # its own under way; the
+        table._reads.introduced -= swarm_module.INTRODUCE_SECONDS  # sibling's began before its refresh
+        assert not table.introduce_soon() and len(made) == 2 and table._fetching is made[0]  # (review187)
     finally:
         table.close()
         sibling.close()
