@@ -288,6 +288,13 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
             for sibling, worker in zip(siblings, workers):
                 if not worker.running:
                     model.swarm.take_bans(sibling.swarm)
+    with model._lock:
+        # The model's read begun at the batch's start, taken in now, while its answers (whether
+        # peers that went answer) are fresh: taken in at the next batch's start, a minute or more
+        # on, they said too little to drop anyone (refresh_stale), so a program that only ran
+        # batches kept a peer that left for good (its threads dropped it, but their tables go).
+        if not model.closed:
+            model.swarm.refresh_stale()
     failed = next((e for e in errors if not isinstance(e, BatchStopped)), None)
     if failed is not None:
         raise failed

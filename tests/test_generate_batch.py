@@ -397,3 +397,33 @@ def test_a_swarms_siblings_share_one_background_read(tiny_model_dir, cluster_fac
             gate.set()
             for s in siblings:
                 s.close()
+
+
+@pytest.mark.parametrize("way", ["generate_batch", "batcher"])
+def test_a_peer_that_left_is_dropped_from_the_models_table_by_a_batch_only_program(tiny_model_dir, cluster_factory,
+                                                                                     way):
+    """Review187: a program that only runs batches (or a batcher) took the model's background
+    read in at the next batch's start (a new worker's), a minute or more on, when the read's
+    answers of peers that went say too little to drop anyone: a peer that left stayed in the
+    model's table for good, planned again (a failover) each time its ban ran out. The read begun
+    at a batch's start is taken in at its end (a batcher's: at a request's end)."""
+    cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4))])
+    with SwarmModel.connect(tiny_model_dir, bootstrap=cluster.addresses[:1]) as model:
+        left = cluster.addresses[1]
+        cluster.kill(1, signal.SIGTERM)  # it leaves: the bootstrap lists it no more
+        cluster.nodes[1].proc.wait(10)
+        model.swarm.ban(left, "disconnected: connection closed by the peer", "disconnected")
+        model.swarm._asked -= 3600
+        model.swarm._refreshed -= 3600
+        def read_done(*_) -> None:  # the model's read, begun at the start, done
+            fetch = model.swarm._fetching  # (None: taken in already)
+            assert fetch is None or fetch.done.wait(10)
+        if way == "generate_batch":
+            model.generate_batch(PROMPTS[:2], 4, SEEDED, on_done=read_done)
+        else:
+            with model.batcher() as batcher:
+                batcher.generate(PROMPTS[0], 4, SEEDED)
+                read_done()
+                batcher.generate(PROMPTS[1], 4, SEEDED)
+                assert left not in model.swarm.peers  # (at that request's end)
+        assert left not in model.swarm.peers and left in model.swarm.bans  # (its ban kept, should it come back)
