@@ -96,7 +96,7 @@ def generate(prompt: str | None, prompts_file: TextIO | None, at_once: int, mode
         raise click.UsageError("--at-once goes with --prompts-file")
     prompts, lines = None, []  # the prompts, and the line of the file each is
     if prompts_file is not None:
-        numbered = [(n, line.rstrip("\r\n")) for n, line in enumerate(prompts_file, 1) if line.strip()]
+        numbered = read_prompts(prompts_file)
         prompts, lines = [p for _, p in numbered], [n for n, _ in numbered]
         if not prompts:
             raise click.UsageError("--prompts-file holds no prompt (empty lines are skipped)")
@@ -188,6 +188,16 @@ def logs_written_here() -> Iterator[Callable[[], None]]:
         root.handlers = handlers
         if not stopped:
             held.write_waiting()
+
+
+def read_prompts(file: TextIO) -> list[tuple[int, str]]:
+    """The non-empty lines of a prompts file, each with its number; a usage error naming the
+    file where it is not UTF-8 text (review188: "'utf-8' codec can't decode byte 0xff", no file
+    named; the line is not known: the text is decoded a block at a time)."""
+    try:
+        return [(n, line.rstrip("\r\n")) for n, line in enumerate(file, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise click.UsageError(f"--prompts-file {file.name}: not UTF-8 text ({e})") from None
 
 
 def run_batch(model: SwarmModel, prompts: list[str], max_new_tokens: int, sampling: SamplingParams,

@@ -249,9 +249,9 @@ def load(model_dir: Path, peers: str | None, nodes: int, head_groups: int, node_
         _specs(model_dir, nodes, head_groups)  # a usage error, as cluster's and demo's (review185)
     else:
         if not peer_list(peers, "--peers"):
-            raise click.ClickException("--peers: no contact given (leave it out to start a local swarm)")
+            raise click.UsageError("--peers: no contact given (leave it out to start a local swarm)")
         if click.get_current_context().get_parameter_source("nodes") != click.core.ParameterSource.DEFAULT:
-            raise click.ClickException("--nodes applies to the swarm load starts, not to --peers")
+            raise click.UsageError("--nodes applies to the swarm load starts, not to --peers")
 
     from nanoswarm.client.load import LoadOptions, run_load
     from nanoswarm.client.load_report import format_report

@@ -71,6 +71,7 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
     """Serve blocks of MODEL_DIR to the swarm until SIGTERM or Ctrl-C."""
     import dataclasses
 
+    from nanoswarm.keys.identity import KeyFileError
     from nanoswarm.node.daemon import run_node
     from nanoswarm.node.options import NodeOptions, check_contacts, check_span, read_allow_lists
     from nanoswarm.node.sessions import NodeLimits
@@ -94,12 +95,12 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
     # A range beyond the model, an address no peer could use, or options that contradict each
     # other are usage errors (exit code 2), as a malformed range is.
     try:
-        read_allow_lists(allow_keys, insecure)  # (one that admits no one too: review185)
         check_span(opts)
+        read_allow_lists(allow_keys, insecure)  # (one that admits no one, or is not a list, too: review185)
         check_contacts(opts, warn=False)  # (node.daemon checks again, and warns)
     except ManifestError:
         raise
-    except ValueError as e:
+    except (ValueError, KeyFileError) as e:
         raise click.UsageError(str(e)) from None
     run_node(opts, functools.partial(_print_ready, as_json))
 

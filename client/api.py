@@ -94,6 +94,9 @@ class PromptError(ValueError):
         super().__init__(f"prompts[{index}]: {why}")
         self.index, self.why = index, why
 
+    def __reduce__(self) -> tuple:  # pickled and copied with both (review188: `args` holds the text only)
+        return type(self), (self.index, self.why)
+
 
 class SwarmModel:
     """A model whose blocks run on peers (or, with `local`, in this process)."""

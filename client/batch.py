@@ -288,16 +288,26 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
             for sibling, worker in zip(siblings, workers):
                 if not worker.running:
                     model.swarm.take_bans(sibling.swarm)
-    with model._lock:
-        # The model's read begun at the batch's start, taken in now, while its answers (whether
-        # peers that went answer) are fresh: taken in at the next batch's start, a minute or more
-        # on, they said too little to drop anyone (refresh_stale), so a program that only ran
-        # batches kept a peer that left for good (its threads dropped it, but their tables go).
-        if not model.closed:
-            model.swarm.refresh_stale()
+    take_read_in(model)
     failed = next((e for e in errors if not isinstance(e, BatchStopped)), None)
     if failed is not None:
         raise failed
+
+
+def take_read_in(model: SwarmModel) -> None:
+    """The model's read begun at a batch's start (or a new worker's), taken in at its end (a
+    request's) if done, while its answers (whether peers that went answer) are fresh: taken in at
+    the next start, a minute or more on, they said too little to drop anyone (refresh_stale), so a
+    program that only ran batches kept a peer that left for good (its threads dropped it, but
+    their tables go: review187). A batch shorter than the read (a second where a peer that went is
+    asked) leaves it to the next start, as before. Its failure is logged, not the batch's."""
+    with model._lock:
+        if model.closed or model.swarm is None:
+            return
+        try:
+            model.swarm.take_read_in()
+        except Exception as e:  # noqa: BLE001 - the batch's generations are done (review188)
+            log.warning("taking in the peer table's background read: %r", e)
 
 
 class Worker:

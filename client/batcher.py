@@ -39,6 +39,7 @@ from .batch import (
     Worker,
     join_all,
     stop_and_wait,
+    take_read_in,
 )
 from .generate import SamplingParams
 from .route import RouteError
@@ -215,7 +216,8 @@ class Batcher:
                         self._serve(sibling, request)  # (its member joins the batch at its first logits)
                     finally:
                         member.leave()
-                        self._share_bans(model.swarm, sibling.swarm, refresh=True)
+                        self._share_bans(model.swarm, sibling.swarm)
+                        take_read_in(model)  # (see generate_in_step's end)
                 except Exception as e:  # noqa: BLE001 - a fault of ours around the generation
                     # (_serve sends the generation's own errors): its caller hears of it (it waited
                     # for good: review180's run), and the worker goes on
@@ -233,14 +235,10 @@ class Batcher:
             if sibling.swarm is not None:
                 sibling.swarm.close()  # here: its sockets are this thread's
 
-    def _share_bans(self, to: Swarm | None, source: Swarm | None, refresh: bool = False) -> None:
-        """The bans `source` made, made on `to` too; with `refresh`, `to` (the model's table) takes
-        in a read done meanwhile, or starts one (refresh_stale): see generate_in_step's end."""
+    def _share_bans(self, to: Swarm | None, source: Swarm | None) -> None:
         if to is not None and source is not None:
             with self.model._lock:
                 to.take_bans(source)
-                if refresh and not self.model.closed:
-                    to.refresh_stale()
 
     def _serve(self, sibling: SwarmModel, request: _Request) -> None:
         """Run one request's generation, sending its pieces to its caller."""

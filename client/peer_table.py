@@ -315,31 +315,47 @@ class PeerTable(Bans):
         waits on it (review100: a frozen bootstrap held every such open for its timeout), and it
         asks over links of its own: over the swarm's, it would read, and use up, the report of
         one that dropped."""
+        if not self.take_read_in() and self._fetching is None and self._stale():
+            self._fetching = self._shared_read(max(self._asked, self._refreshed))  # (taken in at a later call)
+
+    def _stale(self) -> bool:
+        """Time to read the table again: a minute since the last read, where there is one to ask."""
+        return (bool(self.bootstraps or self.contacts) and not self.closed
+                and time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS)
+
+    def take_read_in(self) -> bool:
+        """A background read that is done, taken in: this table's own, or, the table stale, one a
+        sibling began that serves it (SharedReads.serves). Starts none (refresh_stale does): at a
+        batch's end, one started would be thrown away by a program that ends then (review188).
+        False where none was taken in."""
         fetch = self._fetching
+        if fetch is None and self._stale():
+            with self._reads.lock:
+                shared = self._reads.serves(self, max(self._asked, self._refreshed), TABLE_SECONDS)
+            if shared is not None and shared.done.is_set():
+                fetch = self._fetching = shared
         if fetch is not None and fetch.done.is_set() and time.monotonic() - fetch.finished >= READ_KEPT_SECONDS:
             if isinstance(fetch.result, Fetched):
                 take_timed(self, fetch.result)  # its round trips hold yet
-            fetch = self._fetching = None  # read too long ago to be taken in: read again below
-        if fetch is not None and fetch.done.is_set():
-            self._fetching, self._asked = None, time.monotonic()  # tried: the next in TABLE_SECONDS
-            result = fetch.result  # (not changed here: a swarm's siblings may take in the same read)
-            if isinstance(result, Fetched) and time.monotonic() - fetch.finished >= TABLE_SECONDS:
-                result = replace(result, gone={})  # who answered then says too little now: nobody is dropped on it
-            if isinstance(result, BaseException) or result is None:
-                log.warning("refreshing the peer table failed: %r", result)
-            elif result.answered or result.infos:
-                before = self._spans()
-                if result.answered:
-                    add_fetched(self, result, min(5.0, self.options.timeout), quiet=True)
-                self._take_infos(result)
-                self._unban_moved(before)
-            else:
-                log.info("refreshing the peer table: nothing answered (%s)", "; ".join(result.errors.values()))
-        elif (fetch is None and (self.bootstraps or self.contacts) and not self.closed
-              and time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS):
-            self._fetching = self._shared_read(max(self._asked, self._refreshed))
-            if self._fetching.done.is_set():
-                self.refresh_stale()  # a sibling's read, done: taken in now
+            self._fetching = None  # read too long ago to be taken in: read again (refresh_stale)
+            return False
+        if fetch is None or not fetch.done.is_set():
+            return False
+        self._fetching, self._asked = None, time.monotonic()  # tried: the next in TABLE_SECONDS
+        result = fetch.result  # (not changed here: a swarm's siblings may take in the same read)
+        if isinstance(result, Fetched) and time.monotonic() - fetch.finished >= TABLE_SECONDS:
+            result = replace(result, gone={})  # who answered then says too little now: nobody is dropped on it
+        if isinstance(result, BaseException) or result is None:
+            log.warning("refreshing the peer table failed: %r", result)
+        elif result.answered or result.infos:
+            before = self._spans()
+            if result.answered:
+                add_fetched(self, result, min(5.0, self.options.timeout), quiet=True)
+            self._take_infos(result)
+            self._unban_moved(before)
+        else:
+            log.info("refreshing the peer table: nothing answered (%s)", "; ".join(result.errors.values()))
+        return True
 
     def _shared_read(self, since: float) -> BackgroundFetch:
         """The read a sibling started after `since` (this table's own last read), if it serves

@@ -470,6 +470,11 @@ def test_generate_takes_a_file_of_prompts_at_once(tiny_model_dir, cluster_factor
                          "--local")
     assert one_error_line(refused) == "error: --prompts-file line 3: prompt is 201 tokens; the model's context is 128"
     assert refused.returncode == 1 and refused.stdout == ""
+    (tmp_path / "latin1.txt").write_bytes(b"ROMEO:\ncaf\xe9\n")
+    refused = invoke_cli("generate", "--prompts-file", str(tmp_path / "latin1.txt"), "--model", str(tiny_model_dir),
+                         "--local")
+    assert one_error_line(refused).startswith(f"error: --prompts-file {tmp_path / 'latin1.txt'}: not UTF-8 text")
+    assert refused.returncode == 2
 
 
 def test_generate_prints_each_prompts_result_as_soon_as_those_before_it_are_done(tiny_model_dir, cluster_factory,

@@ -300,6 +300,9 @@ def test_allow_lists_that_admit_no_one_are_refused_before_a_key_file_is_made(tin
     listed.write_text(generate_identity().curve_public.decode() + "\n")
     out = invoke_cli(*node, "--allow-keys", str(listed), "--insecure")
     assert out.returncode == 2 and "cannot be combined with --insecure" in out.stderr  # a usage error
+    (tmp_path / "bad.txt").write_text("notakey\n")
+    out = invoke_cli(*node, "--allow-keys", str(tmp_path / "bad.txt"))  # (exit 1 before review188)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "bad.txt" in out.stderr, out.stderr
     assert not key.exists()
 
 

@@ -147,12 +147,12 @@ def test_load_refuses_what_it_cannot_run_in_one_line(tiny_model_dir, cluster_fac
     result = CliRunner().invoke(main, [*base, "--peers", "garbage"])  # an option error, before anything runs
     assert result.exit_code == 2 and result.output.strip() == (
         "error: Invalid value for '--peers': 'garbage' is not a TCP endpoint tcp://HOST:PORT"), result.output
-    # Checked by the command (exit 1, as --node-args and --head-groups with --peers).
+    # Usage errors (exit 2; 1 before review188, as --node-args and --head-groups with --peers still are).
     for args, why in ((["--peers", ""], "--peers: no contact given (leave it out to start a local swarm)"),
                       (["--peers", swarm.addresses[0], "--nodes", "3"],
                        "--nodes applies to the swarm load starts, not to --peers")):
         result = invoke_cli(*base, *args)
-        assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: {why}"], result.stderr
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {why}"], result.stderr
 
 
 def test_a_run_that_completes_no_session_is_not_ok(tiny_model_dir):
