@@ -253,15 +253,18 @@ def load(model_dir: Path, peers: str | None, nodes: int, head_groups: int, node_
         if click.get_current_context().get_parameter_source("nodes") != click.core.ParameterSource.DEFAULT:
             raise click.UsageError("--nodes applies to the swarm load starts, not to --peers")
 
-    from nanoswarm.client.load import LoadOptions, run_load
+    from nanoswarm.client.load import LoadOptions, LoadOptionsError, run_load
     from nanoswarm.client.load_report import format_report
     # (Every session holds a link, and its monitor, to each node of its route: the command line
     # raised the open-file limit to the hard one, descriptors.raise_limit.)
-    report = run_load(LoadOptions(model_dir, peer_list(peers), nodes, head_groups, shlex.split(node_args),
-                                  sessions=sessions, duration=duration, prompt_tokens=prompt_tokens,
-                                  new_tokens=new_tokens, max_length=max_length, timeout=timeout,
-                                  verify=not no_verify, tolerance=tolerance, client_keys=client_keys(key_file),
-                                  insecure=insecure))
+    try:
+        report = run_load(LoadOptions(model_dir, peer_list(peers), nodes, head_groups, shlex.split(node_args),
+                                      sessions=sessions, duration=duration, prompt_tokens=prompt_tokens,
+                                      new_tokens=new_tokens, max_length=max_length, timeout=timeout,
+                                      verify=not no_verify, tolerance=tolerance, client_keys=client_keys(key_file),
+                                      insecure=insecure))
+    except LoadOptionsError as e:  # (exit 1 before, as a run's failure: review188)
+        raise click.UsageError(str(e)) from None
     click.echo(json.dumps(report.to_json()) if as_json else format_report(report))
     if not report.ok:
         sys.exit(1)

@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 PEERS_ONLY_HINT = " (load uses only the --peers given)"  # (it has no --bootstrap: review185)
 
+
+class LoadOptionsError(ValueError):
+    """Options of a load run that cannot hold together: the command line's usage errors (exit 2)."""
+
 REFUSALS = (*CANNOT_TAKE, "leaving")  # clean refusals: the client may retry or go elsewhere
 SOLO_ATTEMPTS = 3  # a solo run refused (busy) or cut by a node that died (then routed around) is run again
 
@@ -296,18 +300,19 @@ def run_load(opts: LoadOptions) -> LoadReport:
     if max(used, opts.max_length or 0) > config.block_size:
         what = (f"--max-length {opts.max_length}" if (opts.max_length or 0) > config.block_size
                 else f"a session's {used} positions (prompt plus new tokens)")
-        raise ValueError(f"{what} is longer than the model's context, {config.block_size} positions")
+        raise LoadOptionsError(f"{what} is longer than the model's context, {config.block_size} positions")
     if opts.max_length is not None and opts.max_length < used:
-        raise ValueError(f"--max-length {opts.max_length} is shorter than a session's {used} positions "
+        raise LoadOptionsError(f"--max-length {opts.max_length} is shorter than a session's {used} positions "
                          "(prompt plus new tokens)")
     if opts.peers and (opts.node_args or opts.head_groups != 1):
         given = "--node-args applies" if opts.node_args else "--head-groups applies"
-        raise ValueError(f"{given} to the swarm load starts, not to --peers")
+        raise LoadOptionsError(f"{given} to the swarm load starts, not to --peers")
     from nanoswarm.node.cluster import HARNESS_OPTIONS, LocalCluster, swarm_specs
 
     for arg in opts.node_args:
         if arg.partition("=")[0] in HARNESS_OPTIONS:
-            raise ValueError(f"--node-args {arg.partition('=')[0]}: load sets that itself for the nodes it starts")
+            raise LoadOptionsError(f"--node-args {arg.partition('=')[0]}: load sets that itself for the nodes "
+                                   "it starts")
     cluster = None
     contacts, pids = list(opts.peers), {}
     if not contacts:

@@ -124,21 +124,23 @@ def test_load_refuses_what_it_cannot_run_in_one_line(tiny_model_dir, cluster_fac
     peers that do not cover the model (with --no-verify too: one line, not a traceback a session)."""
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 1))], args=["--insecure"])
     base = ["load", str(tiny_model_dir), "--sessions", "2", "--duration", "1", "--new-tokens", "4"]
-    for args, why in ((["--max-length", "3"], "--max-length 3 is shorter than a session's 12 positions"),
-                      (["--peers", swarm.addresses[0], "--node-args", "--max-sessions 2"], "--node-args applies"),
-                      (["--peers", swarm.addresses[0], "--head-groups", "2"], "--head-groups applies"),
-                      (["--peers", swarm.addresses[0]], "--insecure"),
-                      (["--peers", swarm.addresses[0], "--insecure", "--no-verify"],
-                       "no peer serves layers 1:4 (load uses only the --peers given)"),
-                      (["--max-length", "129"], "--max-length 129 is longer than the model's context, 128"),
-                      (["--prompt-tokens", "120", "--new-tokens", "9"],
-                       "a session's 129 positions (prompt plus new tokens) is longer than the model's context"),
-                      # (the harness sets these; --json hid the line it waits for: 120 s, then "did not start")
-                      (["--node-args", "--max-sessions 4 --json"], "--node-args --json: load sets that itself"),
-                      (["--node-args", "--layers=0:4"], "--node-args --layers: load sets that itself")):
+    usage = 2  # options that cannot hold together (exit 1 before review188), then what the swarm is
+    for code, args, why in (
+            (usage, ["--max-length", "3"], "--max-length 3 is shorter than a session's 12 positions"),
+            (usage, ["--peers", swarm.addresses[0], "--node-args", "--max-sessions 2"], "--node-args applies"),
+            (usage, ["--peers", swarm.addresses[0], "--head-groups", "2"], "--head-groups applies"),
+            (1, ["--peers", swarm.addresses[0]], "--insecure"),
+            (1, ["--peers", swarm.addresses[0], "--insecure", "--no-verify"],
+             "no peer serves layers 1:4 (load uses only the --peers given)"),
+            (usage, ["--max-length", "129"], "--max-length 129 is longer than the model's context, 128"),
+            (usage, ["--prompt-tokens", "120", "--new-tokens", "9"],
+             "a session's 129 positions (prompt plus new tokens) is longer than the model's context"),
+            # (the harness sets these; --json hid the line it waits for: 120 s, then "did not start")
+            (usage, ["--node-args", "--max-sessions 4 --json"], "--node-args --json: load sets that itself"),
+            (usage, ["--node-args", "--layers=0:4"], "--node-args --layers: load sets that itself")):
         result = CliRunner().invoke(main, base + args)
         lines = result.output.strip().splitlines()
-        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+        assert result.exit_code == code and len(lines) == 1 and lines[0].startswith("error: "), result.output
         assert why in lines[0], lines[0]
     for args, why in ((["--nodes", "5"], "--nodes 5: the model has 4 blocks, so from 1 to 4"),
                       (["--head-groups", "5"], "--head-groups 5: the model has 4 heads, so from 1 to 4")):
@@ -147,7 +149,7 @@ def test_load_refuses_what_it_cannot_run_in_one_line(tiny_model_dir, cluster_fac
     result = CliRunner().invoke(main, [*base, "--peers", "garbage"])  # an option error, before anything runs
     assert result.exit_code == 2 and result.output.strip() == (
         "error: Invalid value for '--peers': 'garbage' is not a TCP endpoint tcp://HOST:PORT"), result.output
-    # Usage errors (exit 2; 1 before review188, as --node-args and --head-groups with --peers still are).
+    # Usage errors too (exit 2; 1 before review188).
     for args, why in ((["--peers", ""], "--peers: no contact given (leave it out to start a local swarm)"),
                       (["--peers", swarm.addresses[0], "--nodes", "3"],
                        "--nodes applies to the swarm load starts, not to --peers")):
