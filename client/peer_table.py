@@ -199,6 +199,9 @@ class PeerTable(Bans):
             log.warning("peer %s: %s", address, why)
 
     def add_info(self, address: str, info: dict, rtt: float = 0.0, curve_key: bytes | None = None) -> None:
+        # Asked now, whatever it answered: a sibling's read begun before is not taken in after
+        # it (SharedReads.serves; review189: one that put back a peer forgotten here).
+        self._asked = time.monotonic()
         if info.get("model_id") != self.model_id:
             self.forget(address, f"serves model {shown(info.get('model_id'), 12)}, not ours "
                         f"({self.model_id[:12]}; if it is the same checkpoint, it was sharded with other "
@@ -214,7 +217,6 @@ class PeerTable(Bans):
             log.info("peer %s: %s", address, self.rejected[address])
             return
         self.rejected.pop(address, None)  # it answered this time (a refresh asks again)
-        self._asked = time.monotonic()
         peer_id, relay_name = str(info.get("peer_id")), own_contact(address, info)
         twin = self.peers.get(relay_name) if relay_name else None
         if twin is not None and twin.peer_id == peer_id:
@@ -329,16 +331,15 @@ class PeerTable(Bans):
         batch's end, one started would be thrown away by a program that ends then (review188).
         False where none was taken in."""
         fetch = self._fetching
+        if fetch is not None and fetch.done.is_set() and time.monotonic() - fetch.finished >= READ_KEPT_SECONDS:
+            if isinstance(fetch.result, Fetched):
+                take_timed(self, fetch.result)  # its round trips hold yet
+            fetch = self._fetching = None  # read too long ago to be taken in: a sibling's, or read again
         if fetch is None and self._stale():
             with self._reads.lock:
                 shared = self._reads.serves(self, max(self._asked, self._refreshed), TABLE_SECONDS)
             if shared is not None and shared.done.is_set():
                 fetch = self._fetching = shared
-        if fetch is not None and fetch.done.is_set() and time.monotonic() - fetch.finished >= READ_KEPT_SECONDS:
-            if isinstance(fetch.result, Fetched):
-                take_timed(self, fetch.result)  # its round trips hold yet
-            self._fetching = None  # read too long ago to be taken in: read again (refresh_stale)
-            return False
         if fetch is None or not fetch.done.is_set():
             return False
         self._fetching, self._asked = None, time.monotonic()  # tried: the next in TABLE_SECONDS

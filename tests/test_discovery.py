@@ -2410,6 +2410,38 @@ def test_a_program_that_opens_sessions_a_minute_apart_takes_its_background_reads
         swarm.close()
 
 
+def test_a_table_whose_own_read_is_too_old_takes_a_siblings_read_done_since_at_once(monkeypatch):
+    """Review189: a table's own read done more than READ_KEPT_SECONDS ago is not taken in (its
+    round trips are); a read a sibling began since, done and serving it, is taken in at that same
+    open (after the split of refresh_stale, one open later)."""
+    import threading
+    from types import SimpleNamespace
+
+    from nanoswarm.client import peer_table
+    from nanoswarm.client.discovery import Fetched
+    from nanoswarm.client.swarm import Swarm
+
+    done = threading.Event()
+    done.set()
+
+    def read(done_ago: float) -> SimpleNamespace:
+        result = Fetched(RecordTable(), ["tcp://127.0.0.1:9#x"], {"tcp://127.0.0.1:9#x": 0.001}, {}, gone={})
+        return SimpleNamespace(done=done, started=time.monotonic() - done_ago - 1, result=result,
+                               finished=time.monotonic() - done_ago, untimed=frozenset(), asks_gone=frozenset())
+    swarm = Swarm("m" * 64, 4, 4, bootstraps=["tcp://127.0.0.1:9#x"])
+    swarm._fetching, swarm._asked = read(peer_table.READ_KEPT_SECONDS + 1), time.monotonic() - 1000
+    swarm._reads.latest = theirs = read(1)
+    taken, timed = [], []
+    monkeypatch.setattr(peer_table, "add_fetched", lambda into, fetched, *args, **kwargs: taken.append(fetched))
+    monkeypatch.setattr(peer_table, "take_timed", lambda into, fetched: timed.append(fetched))
+    try:
+        swarm.refresh_stale()
+        assert taken == [theirs.result] and len(timed) == 2  # (the old read's round trips, then theirs)
+        assert swarm._fetching is None and time.monotonic() - swarm._asked < 1
+    finally:
+        swarm.close()
+
+
 @pytest.fixture
 def one_node_table(tiny_model_dir, cluster_factory):
     contact = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
