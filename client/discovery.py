@@ -65,7 +65,7 @@ class Fetched:
     # Peers that went (gone_candidates), asked for `info` in the background: address -> whether it
     # answered, not leaving. None: not asked with the read (_drop_unlisted asks them itself).
     gone: dict[str, bool] | None = None
-    gone_at: float = 0.0  # monotonic, when they were asked (a ban made after: not answered by it)
+    gone_at: float = math.inf  # monotonic, when they were asked (a ban made after: not answered by it)
 
     def no_answer(self) -> str:
         """Why no bootstrap answered, in one line: each reason names its contact. Where none could

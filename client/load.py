@@ -46,13 +46,12 @@ from .swarm import Swarm, SwarmOptions
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 PEERS_ONLY_HINT = " (load uses only the --peers given)"  # (it has no --bootstrap: review185)
+REFUSALS = (*CANNOT_TAKE, "leaving")  # clean refusals: the client may retry or go elsewhere
+SOLO_ATTEMPTS = 3  # a solo run refused (busy) or cut by a node that died (then routed around) is run again
 
 
 class LoadOptionsError(ValueError):
     """Options of a load run that cannot hold together: the command line's usage errors (exit 2)."""
-
-REFUSALS = (*CANNOT_TAKE, "leaving")  # clean refusals: the client may retry or go elsewhere
-SOLO_ATTEMPTS = 3  # a solo run refused (busy) or cut by a node that died (then routed around) is run again
 
 
 @dataclass
@@ -303,7 +302,7 @@ def run_load(opts: LoadOptions) -> LoadReport:
         raise LoadOptionsError(f"{what} is longer than the model's context, {config.block_size} positions")
     if opts.max_length is not None and opts.max_length < used:
         raise LoadOptionsError(f"--max-length {opts.max_length} is shorter than a session's {used} positions "
-                         "(prompt plus new tokens)")
+                               "(prompt plus new tokens)")
     if opts.peers and (opts.node_args or opts.head_groups != 1):
         given = "--node-args applies" if opts.node_args else "--head-groups applies"
         raise LoadOptionsError(f"{given} to the swarm load starts, not to --peers")

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
@@ -77,15 +77,14 @@ class PeerTable(Bans):
     timed: dict[str, float | None] = field(default_factory=dict)
     timed_at: dict[str, float] = field(default_factory=dict)  # when timed (monotonic): again after TIMING_LIFE
     _refreshed: float = -REFRESH_SECONDS
-    _asked: float = field(default_factory=time.monotonic)  # when a peer's info or record was last taken
+    _asked: float = field(default_factory=time.monotonic)  # when a peer's info (taken or not) or record was last read
     _fetching: BackgroundFetch | None = None  # the bootstraps' tables, read for refresh_stale
     _reads: SharedReads = field(default_factory=SharedReads)  # its siblings' reads too (refresh_stale)
     _reread: dict[str, float] = field(default_factory=dict)  # address -> when `reread` last asked it
     closed: bool = False  # by close(): no new link, so no session may step on (SwarmModel.close)
     # Said where no route is left on the contacts given (`nanoswarm load`, which has no
     # --bootstrap, says its own: review185).
-    peers_only_hint: ClassVar[str] = (" (--peers uses only the contacts given; --bootstrap learns the rest from "
-                                      "their tables)")
+    peers_only_hint = " (--peers uses only the contacts given; --bootstrap learns the rest from their tables)"
 
     # The Swarm's: links and the sessions held over them.
     def connection(self, address: str) -> PeerConnection:

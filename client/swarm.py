@@ -231,8 +231,10 @@ class Swarm(PeerTable):
         contacts' next background read, up to TABLE_SECONDS on; the sessions opened meanwhile went
         stage by stage at that hop. The read starts now (client/background.py), telling the
         `--peers` contacts of each other (client/introduce.py), at most once every
-        INTRODUCE_SECONDS; its `info` replies are taken in at a later open, as refresh_stale's.
-        False where it did not start: nothing to introduce, or too soon."""
+        INTRODUCE_SECONDS for a swarm and its siblings (SharedReads); its `info` replies are taken in
+        at a later open, as refresh_stale's. False where it did not start: nothing to introduce,
+        too soon, or a read under way (this table's own, or a sibling's that serves it, then
+        adopted), which introduces as well."""
         now = time.monotonic()
         if not self.introduces or not self.contacts or self.closed:
             return False

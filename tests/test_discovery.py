@@ -2429,6 +2429,9 @@ def test_a_table_whose_own_read_is_too_old_takes_a_siblings_read_done_since_at_o
         return SimpleNamespace(done=done, started=time.monotonic() - done_ago - 1, result=result,
                                finished=time.monotonic() - done_ago, untimed=frozenset(), asks_gone=frozenset())
     swarm = Swarm("m" * 64, 4, 4, bootstraps=["tcp://127.0.0.1:9#x"])
+    swarm._asked -= 1000
+    swarm.add_info("tcp://127.0.0.1:8#y", {"model_id": "another"})  # forgotten, but asked now: a read begun
+    assert "tcp://127.0.0.1:8#y" in swarm.rejected and time.monotonic() - swarm._asked < 1  # before is not taken
     swarm._fetching, swarm._asked = read(peer_table.READ_KEPT_SECONDS + 1), time.monotonic() - 1000
     swarm._reads.latest = theirs = read(1)
     taken, timed = [], []

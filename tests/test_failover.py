@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -118,8 +119,10 @@ def test_a_ban_doubles_with_every_strike_and_ends():
     address = "tcp://127.0.0.1:9"
     swarm.add_info(address, {"model_id": "0" * 64, "layers": [0, 4]})
     for seconds in (10, 20, 40):
+        swarm.bans.get(address, SimpleNamespace()).since = -1.0
         swarm.ban(address, "a test")
         assert abs(swarm.bans[address].until - time.monotonic() - seconds) < 1
+        assert time.monotonic() - swarm.bans[address].since < 1  # when made or renewed (discovery._drop_unlisted)
         assert swarm.available() == []
         swarm.bans[address].until = time.monotonic()  # as if it had run out
         assert [p.address for p in swarm.available()] == [address]
@@ -2371,7 +2374,6 @@ def test_peers_that_reclaim_and_refuse_in_turn_are_struck_after_one_free_move(id
     with pytest.raises(SessionError):
         session.step(torch.zeros(1, 1, 4))
     assert sorted(struck) == ["A", "B"] and len(plans) <= 5, (struck, len(plans))
-
 
 
 def test_a_session_fails_over_max_failovers_times_and_gives_up_at_the_next(tiny_model_dir, cluster_factory):

@@ -423,6 +423,7 @@ def test_a_peer_that_left_is_dropped_from_the_models_table_by_a_batch_only_progr
             assert fetch is None or fetch.done.wait(10)
         if way == "generate_batch":
             model.generate_batch(PROMPTS[:2], 4, SEEDED, on_done=read_done)
+            assert left not in model.swarm.peers  # (at the batch's end: review190, not at the next start)
             read = model.swarm._reads.latest
 
             def an_hour_on(*_) -> None:
