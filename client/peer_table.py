@@ -17,24 +17,18 @@ from nanoswarm.protocol.messages import finite_float, parse_range
 
 from .background import BackgroundFetch, SharedReads
 from .bans import Ban, Bans
-from .discovery import DiscoveryError, Fetched, add_fetched, add_from_bootstrap, take_timed
 from .introduce import ask_info
 from .options import SwarmOptions
 from .peer_errors import PeerError
 from .round_trips import PROBE_SECONDS, measure_round_trips
 from .route import PeerInfo, RouteError, StagePlan, build_route, own_contact
+from .table_reads import REFRESH_SECONDS, TableReads
 
 if TYPE_CHECKING:
     from .transport import PeerConnection
 
 log = logging.getLogger(__name__)
 
-REFRESH_SECONDS = 2.0  # the least time between two refreshes of the peer table (PeerTable.refresh)
-TABLE_SECONDS = 60.0  # a session opened on an older table has the bootstraps read again (refresh_stale)
-# A background read is taken in at the next open up to this old: a program that opened a session
-# once a minute or less threw each read away as too old, and read again (review145)
-READ_KEPT_SECONDS = 5 * TABLE_SECONDS
-REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answers
 # A session this client holds on a peer counts as this much of the peer's load when a route is
 # built (PeerTable.available): a peer states its load a minute late, so a program's sessions, opened
 # one after another, all took the same peer among like ones. A tenth: they spread over like
@@ -60,7 +54,7 @@ def claimed_span(info: dict, n_layer: int, n_head: int) -> tuple[tuple[int, int]
 
 
 @dataclass
-class PeerTable(Bans):
+class PeerTable(Bans, TableReads):
     """The peer table of a `Swarm` (client/swarm.py), its base class: the links it asks over,
     and the sessions held on them, are the Swarm's (`connection`, `_close_link`, `held`)."""
     model_id: str
@@ -256,124 +250,6 @@ class PeerTable(Bans):
         self.rejected[address] = why
         self.peers.pop(address, None)
         self._close_link(address)
-
-    def refresh(self) -> bool:
-        """Ask again who serves what: peers join after we connected, and move to other blocks
-        (node/placement.py). From the bootstraps' tables when we came through one, else from
-        each known peer and every contact given (`contacts`). A banned peer whose blocks changed
-        is banned no more: it moved, it did not fail. False, asking nothing, if we asked less
-        than REFRESH_SECONDS ago."""
-        now = time.monotonic()
-        if now - self._refreshed < REFRESH_SECONDS:
-            return False
-        self._refreshed = now
-        self._fetching = None  # a table read before this one is not taken in after it (review101)
-        before = self._spans()
-        if self.bootstraps:
-            try:
-                add_from_bootstrap(self, self.bootstraps, min(5.0, self.options.timeout))
-            except DiscoveryError as e:
-                # Every node keeps the swarm's table: with the bootstraps gone, the peers still
-                # in use know the swarm as well (a churn review: the only bootstrap died, and a
-                # spare that joined later was never learned).
-                others = [p.address for p in self.available() if p.address not in self.bootstraps][:REFRESH_PEERS]
-                try:
-                    if not others:
-                        raise
-                    add_from_bootstrap(self, others, min(5.0, self.options.timeout))
-                    log.info("refreshed the peer table from %d known peers: %s", len(others), e)
-                except DiscoveryError as again:
-                    log.warning("refreshing the peer table: %s", again)
-        else:
-            # The known peers, and every contact given: one down at connect (restarting, say) was
-            # never asked again, and when the others went no route was left (review100). All at
-            # once: many dead ones cost one wait, not one each (review101). A drop read here is
-            # put back for the sessions over the link (ask_all; review105, review106).
-            self.add_addresses([*self.peers, *self.contacts], min(1.0, self.options.timeout))
-        self._unban_moved(before)
-        return True
-
-    def _spans(self) -> dict[str, tuple]:
-        return {a: (p.layers, p.heads) for a, p in self.peers.items()}
-
-    def _unban_moved(self, before: dict[str, tuple]) -> None:
-        """Lift the bans of peers whose blocks changed since `before` (_spans): they moved, they
-        did not fail."""
-        moved = [a for a, p in self.peers.items() if a in self.bans and before.get(a, (p.layers, p.heads))
-                 != (p.layers, p.heads)]
-        for address in moved:
-            del self.bans[address]
-        log.info("refreshed the peer table: %d peers (%d new, %d moved)", len(self.peers),
-                 len(set(self.peers) - set(before)), len(moved))
-
-    def refresh_stale(self) -> None:
-        """At a session's open: when the table is older than TABLE_SECONDS, read the bootstraps'
-        tables, and ask the `--peers` contacts for their `info`, again, in the background, and
-        take them in at the first open after they came. A long-lived program (one SwarmModel)
-        learned the peers, their load and their round trips once, at connect, and again only
-        when no route was found: peers that joined later (or a contact down at connect) went
-        unused, and the load a peer stated then steered sessions for hours (review99). Nothing
-        waits on it (review100: a frozen bootstrap held every such open for its timeout), and it
-        asks over links of its own: over the swarm's, it would read, and use up, the report of
-        one that dropped."""
-        if not self.take_read_in() and self._fetching is None and self._stale():
-            self._fetching = self._shared_read(max(self._asked, self._refreshed))  # (taken in at a later call)
-
-    def _stale(self) -> bool:
-        """Time to read the table again: a minute since the last read, where there is one to ask."""
-        return (bool(self.bootstraps or self.contacts) and not self.closed
-                and time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS)
-
-    def take_read_in(self) -> bool:
-        """A background read that is done, taken in: this table's own, or, the table stale, one a
-        sibling began that serves it (SharedReads.serves). Starts none (refresh_stale does): at a
-        batch's end, one started would be thrown away by a program that ends then (review188).
-        False where none was taken in."""
-        fetch = self._fetching
-        if fetch is not None and fetch.done.is_set() and time.monotonic() - fetch.finished >= READ_KEPT_SECONDS:
-            if isinstance(fetch.result, Fetched):
-                take_timed(self, fetch.result)  # its round trips hold yet
-            fetch = self._fetching = None  # read too long ago to be taken in: a sibling's, or read again
-        if fetch is None and self._stale():
-            with self._reads.lock:
-                shared = self._reads.serves(self, max(self._asked, self._refreshed), TABLE_SECONDS)
-            if shared is not None and shared.done.is_set():
-                fetch = self._fetching = shared
-        if fetch is None or not fetch.done.is_set():
-            return False
-        self._fetching, self._asked = None, time.monotonic()  # tried: the next in TABLE_SECONDS
-        result = fetch.result  # (not changed here: a swarm's siblings may take in the same read)
-        if isinstance(result, Fetched) and time.monotonic() - fetch.finished >= TABLE_SECONDS:
-            result = replace(result, gone={})  # who answered then says too little now: nobody is dropped on it
-        if isinstance(result, BaseException) or result is None:
-            log.warning("refreshing the peer table failed: %r", result)
-        elif result.answered or result.infos:
-            before = self._spans()
-            if result.answered:
-                add_fetched(self, result, min(5.0, self.options.timeout), quiet=True)
-            self._take_infos(result)
-            self._unban_moved(before)
-        else:
-            log.info("refreshing the peer table: nothing answered (%s)", "; ".join(result.errors.values()))
-        return True
-
-    def _shared_read(self, since: float) -> BackgroundFetch:
-        """The read a sibling started after `since` (this table's own last read), if it serves
-        this table (SharedReads.serves), to be taken in as if it were this table's own; or else a
-        read started now, for the siblings to take in turn: a batch's threads, each stale a
-        minute after the last, each read the swarm on their own."""
-        with self._reads.lock:
-            fetch = self._reads.serves(self, since, TABLE_SECONDS)
-            if fetch is None:
-                fetch = self._reads.latest = BackgroundFetch(self, min(5.0, self.options.timeout))
-            return fetch
-
-    def _take_infos(self, fetched: Fetched) -> None:
-        """The `info` of each contact that a background read asked (background.read_contacts)."""
-        take_timed(self, fetched)
-        for contact, (info, seconds) in fetched.infos.items():
-            if contact in self.contacts:
-                self.add_info(contact, info, self.rtt_of(contact, seconds), curve_key=split_contact(contact)[1])
 
     def plan(self, start: int = 0, stop: int | None = None, max_length: int | None = None,
              refused: dict[str, str] | None = None) -> list[StagePlan]:

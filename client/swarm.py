@@ -20,9 +20,10 @@ from .background import BackgroundFetch
 from .head_group import HeadGroupStage
 from .options import SwarmOptions as SwarmOptions  # applications import it from here
 from .peer_errors import PeerError
-from .peer_table import TABLE_SECONDS, PeerTable
+from .peer_table import PeerTable
 from .route import RouteError, StagePlan
 from .stages import RemoteLayerStage, Stage, open_fields
+from .table_reads import TABLE_SECONDS
 from .transport import RECONNECT_MAX_MS, PeerConnection
 from .verify import FanOutRecord, SpotChecker
 

@@ -123,7 +123,7 @@ def test_a_long_lived_client_learns_peers_that_joined_later(tiny_model_dir, clus
     then steered its sessions for good (review99). A session opened on a table older than
     TABLE_SECONDS has the bootstraps' tables read again, in the background (no open waits for
     it: review100), and the next open takes them in."""
-    from nanoswarm.client import peer_table as swarm_module
+    from nanoswarm.client import table_reads as swarm_module
 
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))], args=[*FAST, "--ttl", "3"])
     model = SwarmModel.connect(tiny_model_dir, bootstrap=nodes.addresses)
@@ -210,16 +210,16 @@ def test_a_long_lived_client_times_its_peers_again(tiny_model_dir, cluster_facto
     once its round trip is TIMING_LIFE old (only that one), and the sessions opened after it go
     to the near one. A peer that got too slow to answer the timing at all counts as slow as the
     wait, as at connect (review111: it kept its first, fast one)."""
-    from nanoswarm.client import peer_table
+    from nanoswarm.client import table_reads
     from nanoswarm.client.round_trips import PROBE_SECONDS, TIMING_LIFE
 
     def read_again() -> object:
         """A background read (as if a minute on), and the open that takes it in."""
-        monkeypatch.setattr(peer_table, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)
+        monkeypatch.setattr(table_reads, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)
         model.session(8).close()  # reads the table, and times its peers, in the background
         fetch = model.swarm._fetching
         assert fetch is not None and fetch.done.wait(15)
-        monkeypatch.setattr(peer_table, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
+        monkeypatch.setattr(table_reads, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
         return fetch.result
 
     with near_and_far(tiny_model_dir, cluster_factory) as (relay, model, near, far):
@@ -2200,7 +2200,7 @@ def test_a_client_drops_a_peer_that_left_once_no_bootstrap_lists_it(tiny_model_d
     """Review139: a peer that left gracefully stayed in a client's table, and was planned again
     each time its ban for leaving ran out, a failover each time. A refresh that finds it in no
     bootstrap's table now drops it, and its ban."""
-    from nanoswarm.client import peer_table as swarm_module
+    from nanoswarm.client import table_reads as swarm_module
     from nanoswarm.client.api import GenerationResult
     from nanoswarm.client.bans import GONE_CODES
     from nanoswarm.client.options import SwarmOptions
@@ -2388,7 +2388,7 @@ def test_a_program_that_opens_sessions_a_minute_apart_takes_its_background_reads
     import threading
     from types import SimpleNamespace
 
-    from nanoswarm.client import peer_table
+    from nanoswarm.client import table_reads
     from nanoswarm.client.discovery import Fetched
     from nanoswarm.client.swarm import Swarm
 
@@ -2396,11 +2396,11 @@ def test_a_program_that_opens_sessions_a_minute_apart_takes_its_background_reads
     done = threading.Event()
     done.set()
     result = Fetched(RecordTable(), ["tcp://127.0.0.1:9#x"], {"tcp://127.0.0.1:9#x": 0.001}, {}, gone={"p": False})
-    swarm._fetching = SimpleNamespace(done=done, finished=time.monotonic() - peer_table.TABLE_SECONDS - 5,
+    swarm._fetching = SimpleNamespace(done=done, finished=time.monotonic() - table_reads.TABLE_SECONDS - 5,
                                       result=result)
     swarm._asked -= 1000
     taken: list = []
-    monkeypatch.setattr(peer_table, "add_fetched", lambda into, fetched, *args, **kwargs: taken.append(fetched.gone))
+    monkeypatch.setattr(table_reads, "add_fetched", lambda into, fetched, *args, **kwargs: taken.append(fetched.gone))
     try:
         swarm.refresh_stale()
         assert swarm._fetching is None and time.monotonic() - swarm._asked < 1  # taken in, not read again
@@ -2417,7 +2417,7 @@ def test_a_table_whose_own_read_is_too_old_takes_a_siblings_read_done_since_at_o
     import threading
     from types import SimpleNamespace
 
-    from nanoswarm.client import peer_table
+    from nanoswarm.client import table_reads
     from nanoswarm.client.discovery import Fetched
     from nanoswarm.client.swarm import Swarm
 
@@ -2432,11 +2432,11 @@ def test_a_table_whose_own_read_is_too_old_takes_a_siblings_read_done_since_at_o
     swarm._asked -= 1000
     swarm.add_info("tcp://127.0.0.1:8#y", {"model_id": "another"})  # forgotten, but asked now: a read begun
     assert "tcp://127.0.0.1:8#y" in swarm.rejected and time.monotonic() - swarm._asked < 1  # before is not taken
-    swarm._fetching, swarm._asked = read(peer_table.READ_KEPT_SECONDS + 1), time.monotonic() - 1000
+    swarm._fetching, swarm._asked = read(table_reads.READ_KEPT_SECONDS + 1), time.monotonic() - 1000
     swarm._reads.latest = theirs = read(1)
     taken, timed = [], []
-    monkeypatch.setattr(peer_table, "add_fetched", lambda into, fetched, *args, **kwargs: taken.append(fetched))
-    monkeypatch.setattr(peer_table, "take_timed", lambda into, fetched: timed.append(fetched))
+    monkeypatch.setattr(table_reads, "add_fetched", lambda into, fetched, *args, **kwargs: taken.append(fetched))
+    monkeypatch.setattr(table_reads, "take_timed", lambda into, fetched: timed.append(fetched))
     try:
         swarm.refresh_stale()
         assert taken == [theirs.result] and len(timed) == 2  # (the old read's round trips, then theirs)

@@ -1670,7 +1670,7 @@ def test_a_long_lived_peers_client_asks_its_contacts_again_in_the_background(tin
     tables, the contacts are asked for their `info` again, in the background (no open waits),
     after TABLE_SECONDS, and the next open takes in what they said: B serves, and the route
     takes it while A is still there."""
-    from nanoswarm.client import peer_table
+    from nanoswarm.client import table_reads
     from nanoswarm.keys.contact import format_contact
     from nanoswarm.keys.identity import generate_identity, save_identity
 
@@ -1686,12 +1686,12 @@ def test_a_long_lived_peers_client_asks_its_contacts_again_in_the_background(tin
         assert nodes.start_node(NodeSpec((0, 4), args=["--listen", endpoint, "--key-file", str(key_file)])).address == b
         model.session(8).close()  # within TABLE_SECONDS of connect: nobody is asked again
         assert list(model.swarm.peers) == [a] and model.swarm._fetching is None
-        monkeypatch.setattr(peer_table, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)  # as if a minute on
+        monkeypatch.setattr(table_reads, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)  # as if a minute on
         model.session(8).close()  # asks the contacts in the background
         fetch = model.swarm._fetching
         assert fetch is not None and fetch.done.wait(10)
         assert set(fetch.result.infos) == {a, b} and list(fetch.result.timed) == [b] and fetch.result.timed[b] > 0
-        monkeypatch.setattr(peer_table, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
+        monkeypatch.setattr(table_reads, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
         model.swarm.timed[a] = model.swarm.peers[a].rtt = 1.0  # the route on B, once known (A is not timed again)
         refreshed = model.swarm._refreshed
         result = model.generate(PROMPT, 4, SEEDED)

@@ -327,7 +327,7 @@ def test_a_swarms_siblings_share_one_background_read(tiny_model_dir, cluster_fac
     of 16 workers read the bootstraps 16 times a minute). Not taken for a table: a read begun
     before its own last, one done a minute or more ago, one that does not ask its peers that
     went or time again the round trips it would (review186; SharedReads.serves)."""
-    from nanoswarm.client import peer_table
+    from nanoswarm.client import table_reads
     from nanoswarm.client.background import BackgroundFetch
 
     cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
@@ -379,14 +379,14 @@ def test_a_swarms_siblings_share_one_background_read(tiny_model_dir, cluster_fac
                     siblings[1].ban(new, "disconnected: connection closed by the peer", "disconnected")
                     siblings[2].timed[cluster.addresses[0]] = None  # silent when timed: timed again
             assert siblings[2].timed[cluster.addresses[0]] is not None  # timed again by its own read
-            later(siblings[0], seconds=peer_table.TABLE_SECONDS + 1)  # stale; the last read, done a moment
-            reads[-1].started -= peer_table.TABLE_SECONDS + 1  # ago, begun before its own last (review187)
+            later(siblings[0], seconds=table_reads.TABLE_SECONDS + 1)  # stale; the last read, done a moment
+            reads[-1].started -= table_reads.TABLE_SECONDS + 1  # ago, begun before its own last (review187)
             siblings[0].refresh_stale()
             assert len(reads) == 5 and siblings[0]._fetching is reads[-1]
             released(reads[-1])
             siblings[0].refresh_stale()
             later(model.swarm)
-            later(reads[-1], seconds=peer_table.TABLE_SECONDS)  # done a minute ago: not taken
+            later(reads[-1], seconds=table_reads.TABLE_SECONDS)  # done a minute ago: not taken
             model.swarm.refresh_stale()
             assert len(reads) == 6 and model.swarm._fetching is reads[-1]
             later(siblings[0])

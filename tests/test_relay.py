@@ -365,7 +365,7 @@ def test_a_contact_that_came_up_later_is_introduced_by_the_background_read(tiny_
     """A long-lived client of `--peers A,B,C`, B down at connect and started later knowing no
     one: the contacts' background read (TABLE_SECONDS after connect) tells B and A of each other
     too, so a session routed through B is relayed from A to it."""
-    from nanoswarm.client import peer_table
+    from nanoswarm.client import table_reads
     from nanoswarm.keys.contact import format_contact
     from nanoswarm.keys.identity import generate_identity, save_identity
 
@@ -385,12 +385,12 @@ def test_a_contact_that_came_up_later_is_introduced_by_the_background_read(tiny_
         assert b in model.swarm.rejected and model.swarm.peers[c].peer_id in names(a)  # told at connect
         started = nodes.start_node(NodeSpec((2, 4), args=["--listen", endpoint, "--key-file", str(key_file)]))
         assert started.address == b and names(b) == {key.peer_id}
-        monkeypatch.setattr(peer_table, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)  # as if a minute on
+        monkeypatch.setattr(table_reads, "TABLE_SECONDS", time.monotonic() - model.swarm._asked)  # as if a minute on
         model.session(8).close()  # asks the contacts in the background
         fetch = model.swarm._fetching
         assert fetch is not None and fetch.done.wait(10) and b in fetch.result.infos
         assert model.swarm.peers[a].peer_id in names(b) and key.peer_id in names(a)
-        monkeypatch.setattr(peer_table, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
+        monkeypatch.setattr(table_reads, "TABLE_SECONDS", 60.0)  # a read this recent is taken in
         model.swarm.timed[c] = model.swarm.peers[c].rtt = 1.0  # the route on B, once known
         result = model.generate(PROMPT, 4, SEEDED)
         assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, 4, SEEDED).ids
