@@ -1,5 +1,5 @@
 """How a client talks to the swarm's peers: step timeout, wire format, bans, links' keys,
-relaying, spot checks and heartbeats (`SwarmOptions`), checked when made."""
+relaying, spot checks, heartbeats and failovers (`SwarmOptions`), checked when made."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from nanoswarm.protocol.tensors import WIRE_FORMATS
 # a node's I/O thread on a loaded machine must get a core; tests run with short step timeouts.
 HEARTBEAT_MIN_SECONDS = 5.0
 MAX_HEARTBEAT_SECONDS = 3600.0  # libzmq takes the heartbeat in ms as a C int
+MAX_FAILOVERS = 1000  # (each replays the session's history into its replacement)
 
 
 @dataclass
@@ -33,6 +34,9 @@ class SwarmOptions:
     # Seconds a peer's connection may stay silent, heartbeats unanswered, before it counts as
     # dropped (client/link_drops.py); None: a third of `timeout`, at least HEARTBEAT_MIN_SECONDS.
     heartbeat: float | None = None
+    # Failovers a session takes (stages replaced on other peers, histories recovered) before it
+    # gives up with SessionError (client/failover.py): a swarm whose peers keep failing ends it.
+    max_failovers: int = 8
 
     def __post_init__(self) -> None:
         def seconds(value: object) -> bool:
@@ -51,6 +55,9 @@ class SwarmOptions:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not (isinstance(self.verify, (int, float)) and not isinstance(self.verify, bool) and 0 <= self.verify <= 1):
             raise ValueError(f"verify must be a fraction of steps from 0 to 1, got {self.verify}")
+        if type(self.max_failovers) is not int or not 0 <= self.max_failovers <= MAX_FAILOVERS:
+            raise ValueError(f"max_failovers must be a whole number from 0 to {MAX_FAILOVERS}, "
+                             f"got {self.max_failovers!r}")
         if self.heartbeat is not None and not (isinstance(self.heartbeat, (int, float))
                                                and not isinstance(self.heartbeat, bool)
                                                and 0.1 <= self.heartbeat <= MAX_HEARTBEAT_SECONDS):

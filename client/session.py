@@ -96,10 +96,13 @@ class InferenceSession(Mending):
         self._finalizer: weakref.finalize | None = None  # set by `open`
 
     @classmethod
-    def open(cls, swarm: Swarm, max_length: int, max_failovers: int = 8,
+    def open(cls, swarm: Swarm, max_length: int, max_failovers: int | None = None,
              on_failover: Callable[[str], None] | None = None) -> InferenceSession:
         """Open a session on a route over all blocks; a peer that cannot take it (CANNOT_TAKE) is
-        left out, one that fails is banned, and the rest of the route is planned again without it."""
+        left out, one that fails is banned, and the rest of the route is planned again without it.
+        It gives up after `max_failovers` failovers (default: the swarm's `SwarmOptions`)."""
+        if max_failovers is None:
+            max_failovers = swarm.options.max_failovers
         session = cls([], max_length, swarm, max_failovers=max_failovers, on_failover=on_failover)
         # A session dropped without `close` gets its stages closed all the same (Swarm.abandon).
         session._finalizer = weakref.finalize(session, swarm.abandon, session.stages, session._building)

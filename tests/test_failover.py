@@ -2377,18 +2377,25 @@ def test_peers_that_reclaim_and_refuse_in_turn_are_struck_after_one_free_move(id
 
 
 def test_a_session_fails_over_max_failovers_times_and_gives_up_at_the_next(tiny_model_dir, cluster_factory):
-    """`max_failovers` failovers are taken (the node serving the session SIGKILLed, its steps
-    exact after), and the next fault ends the session with a SessionError that says so; pinned
-    after a mutation (`max_failovers` one lower) passed the suite (review173)."""
-    from nanoswarm.client.session import InferenceSession
+    """`SwarmOptions.max_failovers` failovers are taken (the node serving the session SIGKILLed,
+    its steps exact after), and the next fault ends the session with a SessionError that says
+    so; pinned after a mutation (`max_failovers` one lower) passed the suite (review173). By
+    default 8 (a mutation of that passed too: review187); not a whole number from 0 to 1000,
+    refused."""
     from nanoswarm.shards.weights import load_model
 
+    assert SwarmOptions().max_failovers == 8
+    for bad in (-1, 1.0, True, "2", 1001):
+        with pytest.raises(ValueError, match="max_failovers must be a whole number from 0 to 1000"):
+            SwarmOptions(max_failovers=bad)
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))] * 3)
     ids = [5, 17, 300, 4000, 9, 12]
     with torch.inference_mode():
         want = load_model(tiny_model_dir)(torch.tensor([ids]))[0]
-    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=TIMEOUT)) as model:
-        session = InferenceSession.open(model.swarm, len(ids), max_failovers=1)
+    options = SwarmOptions(timeout=TIMEOUT, max_failovers=1)
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=options) as model:
+        session = model.session(len(ids))
+        assert session.max_failovers == 1
         try:
             for t, token in enumerate(ids):
                 if t in (2, 4):
