@@ -296,7 +296,7 @@ class SwarmModel:
             raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
         if type(at_once) is not int or at_once < 1:
             raise ValueError(f"at_once must be a whole number >= 1, got {at_once!r}")
-        self._new_tokens([], max_new_tokens, warn=False)
+        self._new_tokens([], max_new_tokens, warn=False)  # (first: not one prompt's error)
         for k, prompt in enumerate(prompts):  # every prompt checked before any is sent
             try:
                 self._new_tokens(prompt_ids(prompt), max_new_tokens, warn=False)

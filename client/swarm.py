@@ -23,7 +23,6 @@ from .peer_errors import PeerError
 from .peer_table import PeerTable
 from .route import RouteError, StagePlan
 from .stages import RemoteLayerStage, Stage, open_fields
-from .table_reads import TABLE_SECONDS
 from .transport import RECONNECT_MAX_MS, PeerConnection
 from .verify import FanOutRecord, SpotChecker
 
@@ -240,7 +239,7 @@ class Swarm(PeerTable):
         if not self.introduces or not self.contacts or self.closed:
             return False
         with self._reads.lock:  # one introduction for a swarm and its siblings (SharedReads)
-            latest = self._reads.serves(self, max(self._asked, self._refreshed), TABLE_SECONDS)
+            latest = self._serving_read()
             if latest is not None and not latest.done.is_set():  # a read under way introduces too
                 if self._fetching is None:
                     self._fetching = latest

@@ -112,12 +112,17 @@ class TableReads:
         asks over links of its own: over the swarm's, it would read, and use up, the report of
         one that dropped."""
         if not self.take_read_in() and self._fetching is None and self._stale():
-            self._fetching = self._shared_read(max(self._asked, self._refreshed))  # (taken in at a later call)
+            self._fetching = self._shared_read()  # (taken in at a later call)
 
     def _stale(self) -> bool:
         """Time to read the table again: a minute since the last read, where there is one to ask."""
         return (bool(self.bootstraps or self.contacts) and not self.closed
                 and time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS)
+
+    def _serving_read(self) -> BackgroundFetch | None:
+        """The read a sibling began after this table's own last (`_asked`, `_refreshed`) that
+        serves it (SharedReads.serves), if any. Under `_reads.lock`."""
+        return self._reads.serves(self, max(self._asked, self._refreshed), TABLE_SECONDS)
 
     def take_read_in(self) -> bool:
         """A background read that is done, taken in: this table's own, or, the table stale, one a
@@ -131,7 +136,7 @@ class TableReads:
             fetch = self._fetching = None  # read too long ago to be taken in: a sibling's, or read again
         if fetch is None and self._stale():
             with self._reads.lock:
-                shared = self._reads.serves(self, max(self._asked, self._refreshed), TABLE_SECONDS)
+                shared = self._serving_read()
             if shared is not None and shared.done.is_set():
                 fetch = self._fetching = shared
         if fetch is None or not fetch.done.is_set():
@@ -152,13 +157,12 @@ class TableReads:
             log.info("refreshing the peer table: nothing answered (%s)", "; ".join(result.errors.values()))
         return True
 
-    def _shared_read(self, since: float) -> BackgroundFetch:
-        """The read a sibling started after `since` (this table's own last read), if it serves
-        this table (SharedReads.serves), to be taken in as if it were this table's own; or else a
-        read started now, for the siblings to take in turn: a batch's threads, each stale a
-        minute after the last, each read the swarm on their own."""
+    def _shared_read(self) -> BackgroundFetch:
+        """The read a sibling began that serves this table (_serving_read), to be taken in as if
+        it were this table's own; or else a read started now, for the siblings to take in turn: a
+        batch's threads, each stale a minute after the last, each read the swarm on their own."""
         with self._reads.lock:
-            fetch = self._reads.serves(self, since, TABLE_SECONDS)
+            fetch = self._serving_read()
             if fetch is None:
                 fetch = self._reads.latest = BackgroundFetch(self, min(5.0, self.options.timeout))
             return fetch
