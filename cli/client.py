@@ -71,9 +71,10 @@ def generate(prompt: str | None, prompts_file: TextIO | None, at_once: int, mode
              wire: str, relay: bool, device: str, verify: float, local: bool, as_json: bool) -> None:
     """Generate text from PROMPT through the swarm, streaming it to stdout (or, with
     --prompts-file, from every line of a file at once: SwarmModel.generate_batch)."""
-    from nanoswarm.client.api import PromptError, SwarmModel
+    from nanoswarm.client.api import PromptError, SwarmModel, check_prompts, new_tokens, prompt_ids
     from nanoswarm.client.swarm import SwarmOptions
     from nanoswarm.shards.device import resolve_device
+    from nanoswarm.shards.manifest import read_manifest
 
     addresses, bootstraps = peer_list(peers, "--peers"), peer_list(",".join(bootstrap), "--bootstrap")
     if local and (addresses or bootstraps):
@@ -100,6 +101,16 @@ def generate(prompt: str | None, prompts_file: TextIO | None, at_once: int, mode
         prompts, lines = [p for _, p in numbered], [n for n, _ in numbered]
         if not prompts:
             raise click.UsageError("--prompts-file holds no prompt (empty lines are skipped)")
+    # The prompts checked against the model before a swarm is asked (a dead bootstrap was reported
+    # before a prompt too long, and a good swarm connected for nothing).
+    config = read_manifest(model_dir).config
+    try:
+        if prompts is not None:
+            check_prompts(config, prompts, max_new_tokens)
+        else:
+            new_tokens(config, prompt_ids(prompt), max_new_tokens, warn=False)
+    except PromptError as e:
+        raise click.ClickException(f"--prompts-file line {lines[e.index]}: {e.why}") from None
     head_device = resolve_device(device)
     if local:
         model = SwarmModel.local(model_dir, device=head_device)
@@ -110,10 +121,7 @@ def generate(prompt: str | None, prompts_file: TextIO | None, at_once: int, mode
                                    device=head_device)
     try:
         if prompts is not None:
-            try:
-                run_batch(model, prompts, max_new_tokens, sampling, at_once, as_json)
-            except PromptError as e:  # checked before any is sent
-                raise click.ClickException(f"--prompts-file line {lines[e.index]}: {e.why}") from None
+            run_batch(model, prompts, max_new_tokens, sampling, at_once, as_json)
         else:
             run_generation(model, prompt, max_new_tokens, sampling, as_json)
     finally:

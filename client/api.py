@@ -18,6 +18,7 @@ import torch
 
 from nanoswarm.shards.device import resolve_device
 from nanoswarm.shards.manifest import Manifest, read_manifest
+from nanoswarm.shards.model import ModelConfig
 from nanoswarm.shards.tokenizer import EOT_TOKEN, encode, get_encoding
 from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 
@@ -96,6 +97,40 @@ class PromptError(ValueError):
 
     def __reduce__(self) -> tuple:  # pickled and copied with both (review188: `args` holds the text only)
         return type(self), (self.index, self.why)
+
+
+def new_tokens(config: ModelConfig, ids: list[int], max_new_tokens: int, warn: bool = True) -> int:
+    """How many tokens to generate from a prompt of `ids` on a model of `config`: max_new_tokens,
+    capped by the context (with a warning, if `warn`). ValueError for a prompt the model cannot
+    take, or a bad max_new_tokens."""
+    if type(max_new_tokens) is not int or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    vocab, context = config.vocab_size, config.block_size
+    bad = next((t for t in ids if t >= vocab), None)
+    if bad is not None:  # the embedding has no row for it: say so before any peer is asked
+        raise ValueError(f"prompt token {bad} ({get_encoding().decode([bad])!r}) is outside the "
+                         f"model's vocabulary of {vocab} ids")
+    check_prompt_length(ids, context)
+    # Positions 0..context-1 hold the prompt and all new tokens but the last, which is only
+    # sampled: a prompt of `context` tokens still gets one.
+    room = context - len(ids) + 1
+    if max_new_tokens > room and warn:
+        log.warning("generating %d token%s, not %d: the model's context is %d and the prompt is %d",
+                    room, "" if room == 1 else "s", max_new_tokens, context, len(ids))
+    return min(max_new_tokens, room)
+
+
+def check_prompts(config: ModelConfig, prompts: list[str], max_new_tokens: int) -> None:
+    """Whether a model of `config` takes each of `prompts` (text) with `max_new_tokens`: a
+    ValueError for max_new_tokens, then a PromptError naming the first it cannot take (review185:
+    "prompt is 71 tokens" of a file of hundreds). The CLI asks before it connects: a bad prompt
+    is told without a swarm, and before a dead bootstrap is."""
+    new_tokens(config, [], max_new_tokens, warn=False)  # (first: not one prompt's error)
+    for k, prompt in enumerate(prompts):
+        try:
+            new_tokens(config, prompt_ids(prompt), max_new_tokens, warn=False)
+        except ValueError as e:
+            raise PromptError(k, str(e)) from None
 
 
 class SwarmModel:
@@ -250,23 +285,8 @@ class SwarmModel:
                     self._lock.release()
 
     def _new_tokens(self, ids: list[int], max_new_tokens: int, warn: bool = True) -> int:
-        """How many tokens to generate: max_new_tokens, capped by the context. ValueError for a
-        prompt the model cannot take."""
-        if type(max_new_tokens) is not int or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
-        vocab, context = self.config.vocab_size, self.config.block_size
-        bad = next((t for t in ids if t >= vocab), None)
-        if bad is not None:  # the embedding has no row for it: say so before any peer is asked
-            raise ValueError(f"prompt token {bad} ({self.encoding.decode([bad])!r}) is outside the "
-                             f"model's vocabulary of {vocab} ids")
-        check_prompt_length(ids, context)
-        # Positions 0..context-1 hold the prompt and all new tokens but the last, which is only
-        # sampled: a prompt of `context` tokens still gets one.
-        room = context - len(ids) + 1
-        if max_new_tokens > room and warn:
-            log.warning("generating %d token%s, not %d: the model's context is %d and the prompt is %d",
-                        room, "" if room == 1 else "s", max_new_tokens, context, len(ids))
-        return min(max_new_tokens, room)
+        """How many tokens to generate: new_tokens for this model's config."""
+        return new_tokens(self.config, ids, max_new_tokens, warn)
 
     def generate(self, prompt: str, max_new_tokens: int = 50, sampling: SamplingParams | None = None,
                  keep_logits: bool = False) -> GenerationResult:
@@ -296,12 +316,7 @@ class SwarmModel:
             raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
         if type(at_once) is not int or at_once < 1:
             raise ValueError(f"at_once must be a whole number >= 1, got {at_once!r}")
-        self._new_tokens([], max_new_tokens, warn=False)  # (first: not one prompt's error)
-        for k, prompt in enumerate(prompts):  # every prompt checked before any is sent
-            try:
-                self._new_tokens(prompt_ids(prompt), max_new_tokens, warn=False)
-            except ValueError as e:  # which one (review185: "prompt is 71 tokens" of a file of hundreds)
-                raise PromptError(k, str(e)) from None
+        check_prompts(self.config, prompts, max_new_tokens)  # every prompt checked before any is sent
         if self.swarm is None or len(prompts) < 2 or at_once == 1:
             results = []
             for k, prompt in enumerate(prompts):

@@ -466,9 +466,16 @@ def test_generate_takes_a_file_of_prompts_at_once(tiny_model_dir, cluster_factor
                          "--peers", "tcp://127.0.0.1:9")
     assert refused.returncode == 2 and "holds no prompt" in refused.stderr
     (tmp_path / "long.txt").write_text("ROMEO:\n\n" + "word " * 200 + "\n")  # which prompt (review185)
-    refused = invoke_cli("generate", "--prompts-file", str(tmp_path / "long.txt"), "--model", str(tiny_model_dir),
-                         "--local")
-    assert one_error_line(refused) == "error: --prompts-file line 3: prompt is 201 tokens; the model's context is 128"
+    for where in (["--local"], ["--bootstrap", "tcp://127.0.0.1:9", "--timeout", "1"]):
+        # checked before a swarm is asked: a peer that is not there is not what is reported
+        refused = invoke_cli("generate", "--prompts-file", str(tmp_path / "long.txt"), "--model",
+                             str(tiny_model_dir), *where)
+        assert one_error_line(refused) == ("error: --prompts-file line 3: prompt is 201 tokens; the model's "
+                                           "context is 128")
+        assert refused.returncode == 1 and refused.stdout == ""
+    refused = invoke_cli("generate", " ".join(["word"] * 129), "--model", str(tiny_model_dir), "--bootstrap",
+                         "tcp://127.0.0.1:9", "--timeout", "1")
+    assert one_error_line(refused) == "error: prompt is 129 tokens; the model's context is 128"
     assert refused.returncode == 1 and refused.stdout == ""
     (tmp_path / "latin1.txt").write_bytes(b"ROMEO:\ncaf\xe9\n")
     refused = invoke_cli("generate", "--prompts-file", str(tmp_path / "latin1.txt"), "--model", str(tiny_model_dir),
