@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
@@ -98,28 +99,46 @@ class SharedReads:
     """The background reads of a swarm and its siblings (Swarm.sibling: a batch's threads, a
     batcher's workers), one read serving them all: each went stale a minute after the last and
     read the bootstraps' tables, and timed the peers, on its own (16 reads a minute for a batcher
-    of 16 workers). `latest` is the last read started (PeerTable._shared_read); `introduced`,
-    when the last introduction was asked for (Swarm.introduce_soon). Threads of one family use
-    it: `lock`."""
+    of 16 workers). `latest` is the last read started (PeerTable._shared_read), `recent` the last
+    RECENT_READS; `introduced`, when the last introduction was asked for (Swarm.introduce_soon).
+    Threads of one family use it: `lock`."""
+
+    RECENT_READS = 8  # reads kept for siblings to take in: each sibling whose peers that went differ reads
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.latest: BackgroundFetch | None = None
+        self.recent: deque[BackgroundFetch] = deque(maxlen=self.RECENT_READS)
         self.introduced = -math.inf
 
+    @property
+    def latest(self) -> BackgroundFetch | None:
+        return self.recent[-1] if self.recent else None
+
+    @latest.setter
+    def latest(self, fetch: BackgroundFetch) -> None:
+        self.recent.append(fetch)
+
     def serves(self, swarm: Swarm, since: float, fresh_for: float) -> BackgroundFetch | None:
-        """`latest`, if `swarm` may take it in as its own read: begun after `since` (the table's
-        own last read: review101), under way or done less than `fresh_for` ago (review186: one
-        done four minutes before was taken for fresh another minute), and asking what the table
-        would ask itself: its peers that went (whose answers drop them or bring them back), and
-        the round trips it would time again (review186: a sibling that had banned a peer that
-        left kept it for good, another's read never asking it). Under `lock`."""
-        fetch = self.latest
-        if (fetch is None or fetch.started <= since
-                or fetch.done.is_set() and time.monotonic() - fetch.finished >= fresh_for):
-            return None
-        gone = set(gone_candidates(swarm)) if swarm.bootstraps else set()
-        return fetch if gone <= fetch.asks_gone and fetch.untimed <= fresh_timings(swarm) else None
+        """The newest of `recent` that `swarm` may take in as its own read: begun after `since`
+        (the table's own last read: review101), under way or done less than `fresh_for` ago
+        (review186: one done four minutes before was taken for fresh another minute), and asking
+        what the table would ask itself: its peers that went (whose answers drop them or bring
+        them back), and the round trips it would time again (review186: a sibling that had banned
+        a peer that left kept it for good, another's read never asking it). Not only the latest:
+        siblings whose peers that went differ (X, Y, X, Y) each read on their own (review187).
+        Under `lock`."""
+        now = time.monotonic()
+        asks: tuple[set[str], set[str]] | None = None  # (what the table would ask, made once)
+        for fetch in reversed(self.recent):
+            if fetch.started <= since:
+                return None  # (the older ones too)
+            if fetch.done.is_set() and now - fetch.finished >= fresh_for:
+                continue
+            if asks is None:
+                asks = set(gone_candidates(swarm)) if swarm.bootstraps else set(), fresh_timings(swarm)
+            if asks[0] <= fetch.asks_gone and fetch.untimed <= asks[1]:
+                return fetch
+        return None
 
 
 def read_contacts(fetched: Fetched, contacts: list[str], timeout: float,

@@ -2445,6 +2445,39 @@ def test_a_table_whose_own_read_is_too_old_takes_a_siblings_read_done_since_at_o
         swarm.close()
 
 
+def test_siblings_whose_peers_that_went_differ_take_in_an_earlier_read_that_asks_theirs(monkeypatch):
+    """Review187: siblings whose peers that went differ (X, Y, X, Y), stale together, each read on
+    their own, the latest read (Y's) not asking the third's X. Now a read a sibling began before
+    the latest serves it too (SharedReads.recent): two reads for the four."""
+    import threading
+
+    from nanoswarm.client.background import BackgroundFetch
+    from nanoswarm.client.route import PeerInfo
+    from nanoswarm.client.swarm import Swarm
+
+    gate = threading.Event()
+    monkeypatch.setattr(BackgroundFetch, "_run", lambda fetch, *args: gate.wait(30))  # under way throughout
+    swarm = Swarm("m" * 64, 4, 4, bootstraps=["tcp://127.0.0.1:9#x"])
+    for name in ("tcp://127.0.0.1:7#x", "tcp://127.0.0.1:8#y"):
+        swarm.peers[name] = PeerInfo(name, name[-3:], "m" * 64, (0, 4), None)
+    siblings = [swarm.sibling() for _ in range(4)]
+    try:
+        for k, s in enumerate(siblings):
+            s.ban(list(s.peers)[k % 2], "disconnected: connection closed by the peer", "disconnected")
+            s._asked -= 3600
+            s._refreshed -= 3600
+        for s in siblings:
+            s.refresh_stale()
+        first, second = siblings[0]._fetching, siblings[1]._fetching
+        assert first is not second and first.asks_gone == {"tcp://127.0.0.1:7#x"}
+        assert [s._fetching for s in siblings] == [first, second, first, second]
+        assert list(swarm._reads.recent) == [first, second]
+    finally:
+        gate.set()
+        for s in (swarm, *siblings):
+            s.close()
+
+
 @pytest.fixture
 def one_node_table(tiny_model_dir, cluster_factory):
     contact = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
