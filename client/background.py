@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from .swarm import Swarm
 
 
+REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answers
+
+
 class BackgroundFetch:
     """`fetch_table` of the bootstraps, and `read_contacts` of the `--peers` contacts, on a
     daemon thread (with sockets of its own, none of the swarm's): a long-lived client's
@@ -47,6 +50,11 @@ class BackgroundFetch:
         self.finished = 0.0  # monotonic, when it was read
         self.done = threading.Event()
         args = (list(swarm.bootstraps), timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
+        # Every node keeps the swarm's table: with no bootstrap answering, peers of the table are
+        # asked for it, as PeerTable.refresh does (review192: a client whose bootstraps had died
+        # read nothing in the background, and learned no peer that joined since).
+        others = [p.address for p in swarm.available() if p.address not in swarm.bootstraps]
+        self.others = sorted(others, key=lambda a: swarm.timed.get(a) is None)[:REFRESH_PEERS]
         # Peers timed already (a copy: the swarm's thread goes on changing its own), not timed
         # again: fresh_timings.
         timed = fresh_timings(swarm)
@@ -64,6 +72,8 @@ class BackgroundFetch:
         try:
             bootstraps, timeout, client_keys, model_id, insecure = args
             self.result = fetch_table(*args) if bootstraps else Fetched(RecordTable(), [], {}, {})
+            if bootstraps and not self.result.answered and self.others:  # (the bootstraps' failures logged)
+                self.result = fetch_table(self.others, *args[1:], role="known peer")
             # The records as they were when read: a record has 40-60 s of life left when fetched,
             # and read at a later open by the table's own clock, none was left (review101).
             read = time.time()

@@ -287,7 +287,7 @@ def generate_in_step(model: SwarmModel, prompts: list[str], results: list[Genera
         with model._lock:  # what the generations learned of peers, for the next ones
             for sibling, worker in zip(siblings, workers):
                 if not worker.running:
-                    model.swarm.take_bans(sibling.swarm)
+                    model.swarm.take_learned(sibling.swarm)
     take_read_in(model)
     failed = next((e for e in errors if not isinstance(e, BatchStopped)), None)
     if failed is not None:

@@ -211,12 +211,12 @@ class Batcher:
             while (request := self._take()) is not None:
                 try:
                     member.cancelled = lambda r=request: r.cancelled
-                    self._share_bans(sibling.swarm, model.swarm)  # made meanwhile by the model or other workers
+                    self._share_learned(sibling.swarm, model.swarm)  # what the model or other workers learned meanwhile
                     try:
                         self._serve(sibling, request)  # (its member joins the batch at its first logits)
                     finally:
                         member.leave()
-                        self._share_bans(model.swarm, sibling.swarm)
+                        self._share_learned(model.swarm, sibling.swarm)
                         take_read_in(model)  # (see generate_in_step's end)
                 except Exception as e:  # noqa: BLE001 - a fault of ours around the generation
                     # (_serve sends the generation's own errors): its caller hears of it (it waited
@@ -235,10 +235,10 @@ class Batcher:
             if sibling.swarm is not None:
                 sibling.swarm.close()  # here: its sockets are this thread's
 
-    def _share_bans(self, to: Swarm | None, source: Swarm | None) -> None:
+    def _share_learned(self, to: Swarm | None, source: Swarm | None) -> None:
         if to is not None and source is not None:
             with self.model._lock:
-                to.take_bans(source)
+                to.take_learned(source)
 
     def _serve(self, sibling: SwarmModel, request: _Request) -> None:
         """Run one request's generation, sending its pieces to its caller."""

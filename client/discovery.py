@@ -34,6 +34,7 @@ from .round_trips import (
 from .transport import PeerConnection
 
 if TYPE_CHECKING:
+    from .route import PeerInfo
     from .swarm import Swarm
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class DiscoveryError(Exception):
 NO_PEER_OF_MODEL = "knows no peer of model"
 CLOCK_OFF = "this machine's clock is"
 MAX_PARALLEL_FETCHES = 8  # bootstrap contacts asked at once
+EXPIRED_GRACE = 60.0  # seconds past its record's expiry that a peer no read listed is taken for gone
 _clock_warned: set[str] = set()  # bootstraps whose clock this process has warned about
 
 
@@ -66,6 +68,7 @@ class Fetched:
     # answered, not leaving. None: not asked with the read (_drop_unlisted asks them itself).
     gone: dict[str, bool] | None = None
     gone_at: float = math.inf  # monotonic, when they were asked (a ban made after: not answered by it)
+    role: str = "bootstrap"  # what those asked are, in messages ("known peer": PeerTable.refresh's fallback)
 
     def no_answer(self) -> str:
         """Why no bootstrap answered, in one line: each reason names its contact. Where none could
@@ -73,7 +76,7 @@ class Fetched:
         node answered" of a contact never asked)."""
         unasked = self.errors and all(why.startswith((f"{c}: bad_contact:", f"{c}: insecure:"))
                                       for c, why in self.errors.items())
-        return (f"{'no bootstrap contact could be used' if unasked else 'no bootstrap node answered'} "
+        return (f"{f'no {self.role} contact could be used' if unasked else f'no {self.role} node answered'} "
                 f"({'; '.join(self.errors.values())})")
 
     def clock_off(self, contact: str) -> str | None:
@@ -92,7 +95,7 @@ class Fetched:
         above INFO."""
         if self.answered:
             for why in self.errors.values():
-                log.log(level, "bootstrap %s", why)  # a PeerError names the contact
+                log.log(level, "%s %s", self.role, why)  # a PeerError names the contact
 
 
 MAX_PAGES = 64  # pages of one model's records asked of a bootstrap (a table holds <= 4,096 peers)
@@ -163,12 +166,13 @@ def _fetch_all(contacts: list[str], timeout: float, client_keys: tuple[bytes, by
 
 def fetch_table(bootstrap: list[str], timeout: float = 5.0,
                 client_keys: tuple[bytes, bytes] | None = None, model_id: str | None = None,
-                insecure: bool = True) -> Fetched:
+                insecure: bool = True, role: str = "bootstrap") -> Fetched:
     """Ask every bootstrap contact for its table (with `model_id`: that model's records, all
     pages); verified records from all of them, merged. Without `insecure`, a contact without a
-    key is not asked (a client's rule for every peer: client/swarm.py)."""
+    key is not asked (a client's rule for every peer: client/swarm.py). `role`: what they are,
+    in messages (review191: known peers asked when no bootstrap answered were called bootstraps)."""
     table = RecordTable()
-    fetched = Fetched(table, [], {}, {})
+    fetched = Fetched(table, [], {}, {}, role=role)
     asked = []
     for contact in dict.fromkeys(bootstrap):
         try:
@@ -191,7 +195,7 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
             wires, rtt, offset = result
         except (PeerError, ValueError) as e:
             fetched.errors[contact] = str(e) if isinstance(e, PeerError) else f"{contact}: bad_contact: {e}"
-            log.info("bootstrap %s", fetched.errors[contact])  # a PeerError names the contact
+            log.info("%s %s", role, fetched.errors[contact])  # a PeerError names the contact
             continue
         fetched.answered.append(contact)
         fetched.rtt[contact] = rtt
@@ -223,7 +227,8 @@ def record_info(record: Record) -> dict:
             "seq": record.seq, "source": "record"}
 
 
-def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0, time_peers: bool = False) -> int:
+def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0, time_peers: bool = False,
+                       role: str = "bootstrap") -> int:
     """Fill `swarm` (client/swarm.py) with the peers of its model from the bootstraps' tables;
     with `time_peers` (a connect), time the round trip of each (round_trips.measure_round_trips).
 
@@ -236,7 +241,8 @@ def add_from_bootstrap(swarm: Swarm, bootstrap: list[str], timeout: float = 5.0,
     # now, beside the fetch's own link, not at the first open after it (review92b: 1.7 s for the
     # fetch, then 1.8 s for the open, at a 300 ms round trip).
     swarm.connect_ahead(bootstrap)  # a contact it cannot use: the fetch says why
-    fetched = fetch_table(bootstrap, timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure)
+    fetched = fetch_table(bootstrap, timeout, swarm.options.client_keys, swarm.model_id, swarm.options.insecure,
+                          role)
     if not fetched.answered:
         raise DiscoveryError(fetched.no_answer())
     return add_fetched(swarm, fetched, timeout, time_peers=time_peers)
@@ -291,7 +297,7 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
             swarm.forget(address, f"peer {peer.peer_id} is now at {added[peer.peer_id]}")
     _drop_unlisted(swarm, {r.peer_id for records in claims.values() for r in records}, fetched.gone,
                    fetched.gone_at)
-    log.info("bootstrap: %d records, %d peers for model %s", len(fetched.table), len(added), swarm.model_id[:12])
+    log.info("%s: %d records, %d peers for model %s", fetched.role, len(fetched.table), len(added), swarm.model_id[:12])
     for contact in [c for c in swarm.timed if c not in swarm.peers and c not in swarm.contacts]:
         del swarm.timed[contact]  # (peers gone: the table is all there is to time)
         swarm.timed_at.pop(contact, None)
@@ -305,9 +311,20 @@ def gone_candidates(swarm: Swarm) -> list[str]:
     ended so lately that a fault now would count in a row (Bans.ban), not heard from since
     (`Ban.back`), and not contacts the user gave (those are asked themselves). _drop_unlisted
     drops those no bootstrap lists that do not answer `info` either."""
-    now = time.monotonic()
-    return [a for a in swarm.peers if (ban := swarm.bans.get(a)) is not None and ban.code in GONE_CODES
-            and now < ban.until + swarm._ban_length(ban.strikes) and not ban.back and a not in swarm.contacts]
+    now, wall = time.monotonic(), time.time()
+    return [a for a, peer in swarm.peers.items() if a not in swarm.contacts and (
+        (ban := swarm.bans.get(a)) is not None and ban.code in GONE_CODES
+        and now < ban.until + swarm._ban_length(ban.strikes) and not ban.back
+        or record_expired(peer, wall) and not (ban is not None and ban.back) and not swarm.held(a))]
+
+
+def record_expired(peer: PeerInfo, wall: float) -> bool:
+    """Whether `peer` is known from a signed record that expired more than EXPIRED_GRACE ago (by
+    its signer's clock): no read since listed it, so it left or died unheard, banned or not
+    (review191: a node that joined and left unused stayed in a long-lived client's table for
+    good, planned over, its blocks taken for served; gone_candidates)."""
+    expires = peer.extra.get("expires") if peer.extra.get("source") == "record" else None
+    return isinstance(expires, (int, float)) and wall > expires + EXPIRED_GRACE
 
 
 def _drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None = None,
@@ -329,19 +346,22 @@ def _drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None
     peers that came and went they would only grow."""
     unlisted = [a for a in gone_candidates(swarm) if swarm.peers[a].peer_id not in listed]
     if asked is None:
-        if unlisted:
-            swarm._ask_banned(unlisted)  # those that answer, not leaving, are `back`
-    else:
-        unlisted = [a for a in unlisted if a in asked and swarm.bans[a].since < asked_at]  # the others: next read
-        for address in unlisted:
-            if asked[address]:
-                swarm.bans[address].back = True
+        answered = {a for a, (info, _) in swarm._ask_now(unlisted).items()
+                    if info.get("leaving") is not True} if unlisted else set()
+    else:  # the others: next read
+        unlisted = [a for a in unlisted if a in asked and (a not in swarm.bans or swarm.bans[a].since < asked_at)]
+        answered = {a for a in unlisted if asked[a]}
     for address in unlisted:
-        ban = swarm.bans[address]
-        if not ban.back:
-            del swarm.peers[address]  # (its ban stays, pruned below once it counts for nothing)
-            swarm._close_link(address)  # (a ban closed it already: sessions on it find out at their next step)
-            log.info("peer %s went (%s) and no bootstrap lists it any more: dropped from the table", address, ban.why)
+        ban = swarm.bans.get(address)
+        if address in answered:
+            if ban is not None and ban.code in GONE_CODES:
+                ban.back = True  # (it answers: used again once no route is left without it)
+            continue
+        del swarm.peers[address]  # (its ban stays, pruned below once it counts for nothing)
+        swarm.dropped(address)
+        swarm._close_link(address)  # (a ban closed it already: sessions on it find out at their next step)
+        log.info("peer %s went (%s) and no bootstrap lists it any more: dropped from the table", address,
+                 ban.why if ban is not None else "its record expired unrenewed")
     # (Lapsed past its own length, a ban no longer counts for the next fault either: Bans.ban.)
     now = time.monotonic()
     for address in [a for a, b in swarm.bans.items()

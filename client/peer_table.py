@@ -16,7 +16,7 @@ from nanoswarm.protocol.errors import ErrorCode, ProtocolError, shown
 from nanoswarm.protocol.messages import finite_float, parse_range
 
 from .background import BackgroundFetch, SharedReads
-from .bans import Ban, Bans
+from .bans import GONE_CODES, Ban, Bans
 from .introduce import ask_info
 from .options import SwarmOptions
 from .peer_errors import PeerError
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SESSION_LOAD = 0.1
 REREAD_SECONDS = 5.0  # the least time between two `reread`s of a peer
 MOVED_CODES = ("not_served", "wrong_model")  # an open's refusals that a peer which changed what it serves gives
+DROPPED_KEPT = 1024  # peers that left a table, remembered for Swarm.take_learned
 
 
 def takes(peer: PeerInfo, max_length: int) -> bool:
@@ -75,10 +76,15 @@ class PeerTable(Bans, TableReads):
     _fetching: BackgroundFetch | None = None  # the bootstraps' tables, read for refresh_stale
     _reads: SharedReads = field(default_factory=SharedReads)  # its siblings' reads too (refresh_stale)
     _reread: dict[str, float] = field(default_factory=dict)  # address -> when `reread` last asked it
+    # address -> when it left the table (it went, or was forgotten): not taken back from a sibling
+    # that still holds it (Swarm.take_learned)
+    _dropped: dict[str, float] = field(default_factory=dict)
     closed: bool = False  # by close(): no new link, so no session may step on (SwarmModel.close)
     # Said where no route is left on the contacts given (`nanoswarm load`, which has no
     # --bootstrap, says its own: review185).
     peers_only_hint = " (--peers uses only the contacts given; --bootstrap learns the rest from their tables)"
+    all_gone_hint = ("; every peer this client knows of went, its bootstraps too: it learns of others only "
+                     "through them (one back at its address, or a connect again with a bootstrap that serves now)")
 
     # The Swarm's: links and the sessions held over them.
     def connection(self, address: str) -> PeerConnection:
@@ -249,7 +255,16 @@ class PeerTable(Bans, TableReads):
         """Stop using `address` (not a ban: it did nothing wrong we know of) and close our link."""
         self.rejected[address] = why
         self.peers.pop(address, None)
+        self.dropped(address)
         self._close_link(address)
+
+    def dropped(self, address: str) -> None:
+        """`address` left the table: noted for Swarm.take_learned (an hour, or 1,024 peers)."""
+        now = time.monotonic()
+        self._dropped[address] = now
+        if len(self._dropped) > DROPPED_KEPT:
+            for old in [a for a, when in self._dropped.items() if now - when > 3600.0] or list(self._dropped)[:1]:
+                del self._dropped[old]
 
     def plan(self, start: int = 0, stop: int | None = None, max_length: int | None = None,
              refused: dict[str, str] | None = None) -> list[StagePlan]:
@@ -283,6 +298,11 @@ class PeerTable(Bans, TableReads):
                            f"not {max_length}") for p in self.available() if max_length and not takes(p, max_length))
             # A `--peers` client uses only its contacts, even where they know the rest (review115).
             hint = "" if self.bootstraps or not self.contacts else self.peers_only_hint
+            gone = [a for a, b in self.bans.items() if b.code in GONE_CODES and b.until > now]
+            if self.bootstraps and self.peers and set(self.peers) <= set(gone):
+                # Nothing left to learn the swarm from (review192: the peers that joined since were
+                # never learned, and every call failed on for good)
+                hint += self.all_gone_hint
             if not unused:
                 raise RouteError(e.uncovered, e.detail + hint) from None
             # Those that serve a missing block first, then those whose blocks are unknown (a

@@ -256,7 +256,7 @@ class Swarm(PeerTable):
         """A swarm of the same peers, contacts, bans, bootstraps, round trips and spot checker,
         with links of its own: for another thread (ZeroMQ sockets are one thread's at a time), as
         SwarmModel.generate_batch runs one generation a thread. What it learns of peers stays its
-        own until `take_bans`. (The contacts too: a `--peers` swarm asks them again when no route
+        own until `take_learned`. (The contacts too: a `--peers` swarm asks them again when no route
         is left, review174.) As old as this one's table: a sibling of a table read an hour ago
         reads it again at its first open, as this one would (refresh_stale), not a minute on,
         or takes in this one's read under way."""
@@ -276,12 +276,29 @@ class Swarm(PeerTable):
         other._fetching, other._reads = self._fetching, self._reads  # and the reads it starts later
         return other
 
-    def take_bans(self, other: Swarm) -> None:
-        """The bans `other` (a sibling) made or lengthened, made here too."""
+    def take_learned(self, other: Swarm) -> None:
+        """What `other` (a sibling) learned, learned here too: the bans it made or lengthened, and
+        the peers it found that this table lacks (review192: a batcher's workers learned the peers
+        that joined, the model's table never did, and once its bootstraps were gone every
+        `generate` and every new worker planned over dead peers). Not one this table dropped (it
+        went, or was forgotten: `dropped`; the sibling, made before, may hold it still), nor one
+        banned here now, nor another table's version of a peer known here (which is newer is not
+        known: `reread` settles it)."""
         for address, ban in other.bans.items():
             mine = self.bans.get(address)
             if mine is None or ban.until > mine.until:
                 self.bans[address] = dataclasses.replace(ban)
+        now = time.monotonic()
+        for address, peer in other.peers.items():
+            if (address in self.peers or address in self._dropped
+                    or address in self.bans and self.bans[address].until > now):
+                continue
+            self.peers[address] = peer
+            self.rejected.pop(address, None)
+            if address in other.timed:
+                self.timed[address] = other.timed[address]
+                if address in other.timed_at:
+                    self.timed_at[address] = other.timed_at[address]
 
     def close(self) -> None:
         self.closed = True

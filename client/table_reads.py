@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from nanoswarm.keys.contact import split_contact
 
-from .background import BackgroundFetch, SharedReads
+from .background import REFRESH_PEERS, BackgroundFetch, SharedReads
+from .bans import GONE_CODES
 from .discovery import DiscoveryError, Fetched, add_fetched, add_from_bootstrap, take_timed
 
 if TYPE_CHECKING:
@@ -26,10 +27,10 @@ log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 2.0  # the least time between two refreshes of the peer table (PeerTable.refresh)
 TABLE_SECONDS = 60.0  # a session opened on an older table has the bootstraps read again (refresh_stale)
+CHURN_SECONDS = 10.0  # ... or on one this old where a peer went since
 # A background read is taken in at the next open up to this old: a program that opened a session
 # once a minute or less threw each read away as too old, and read again (review145)
 READ_KEPT_SECONDS = 5 * TABLE_SECONDS
-REFRESH_PEERS = 4  # known peers asked for their tables when no bootstrap answers
 
 
 class TableReads:
@@ -75,7 +76,7 @@ class TableReads:
                 try:
                     if not others:
                         raise
-                    add_from_bootstrap(self, others, min(5.0, self.options.timeout))
+                    add_from_bootstrap(self, others, min(5.0, self.options.timeout), role="known peer")
                     log.info("refreshed the peer table from %d known peers: %s", len(others), e)
                 except DiscoveryError as again:
                     log.warning("refreshing the peer table: %s", again)
@@ -115,9 +116,15 @@ class TableReads:
             self._fetching = self._shared_read()  # (taken in at a later call)
 
     def _stale(self) -> bool:
-        """Time to read the table again: a minute since the last read, where there is one to ask."""
-        return (bool(self.bootstraps or self.contacts) and not self.closed
-                and time.monotonic() - max(self._asked, self._refreshed) >= TABLE_SECONDS)
+        """Time to read the table again, where there is one to ask: a minute since the last read,
+        or CHURN_SECONDS where a peer went since (review192: under churn, every peer a client knew
+        died within the minute, and the peers that had joined meanwhile were never learned)."""
+        if not (self.bootstraps or self.contacts) or self.closed:
+            return False
+        last = max(self._asked, self._refreshed)
+        age = time.monotonic() - last
+        return age >= TABLE_SECONDS or age >= CHURN_SECONDS and any(
+            b.since > last and b.code in GONE_CODES for b in self.bans.values())
 
     def _serving_read(self) -> BackgroundFetch | None:
         """The read a sibling began after this table's own last (`_asked`, `_refreshed`) that

@@ -394,24 +394,52 @@ def test_a_request_that_is_slow_to_open_holds_up_no_one(tiny_model_dir, cluster_
 
 def test_a_fault_around_a_generation_is_its_callers_and_the_worker_goes_on(tiny_model_dir, cluster_factory,
                                                                             monkeypatch):
-    """A fault of the batcher's own around a generation (here the sharing of bans raising once)
+    """A fault of the batcher's own around a generation (here the sharing of what workers learned raising once)
     reaches the caller, who waited for good, and the worker serves the next request."""
     from nanoswarm.client.swarm import Swarm
 
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
     with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
         alone = model.generate(PROMPTS[0], 8, GREEDY).ids
-        take_bans, faults = Swarm.take_bans, iter([True])
+        take_learned, faults = Swarm.take_learned, iter([True])
 
         def faulty(self, other) -> None:
             if next(faults, False):
                 raise AttributeError("a bug of ours")
-            take_bans(self, other)
-        monkeypatch.setattr(Swarm, "take_bans", faulty)
+            take_learned(self, other)
+        monkeypatch.setattr(Swarm, "take_learned", faulty)
         with model.batcher(at_once=1) as batcher:
             outcome = in_threads(lambda i: batcher.generate(PROMPTS[0], 8, GREEDY), 1)[0]
             assert isinstance(outcome, AttributeError) and "a bug of ours" in str(outcome)
             assert batcher.generate(PROMPTS[0], 8, GREEDY).ids == alone and batcher._live == 1
+
+
+def test_the_peers_a_worker_learns_are_the_models_too(tiny_model_dir, cluster_factory):
+    """Review192: a batcher's worker learned a node that joined (failing over onto it), but only
+    its bans were given back to the model: once the bootstraps had died too, every `generate`
+    and `generate_batch` of the model failed with RouteError while the joined node served every
+    block. The peers a worker found are the model's after its request (Swarm.take_learned)."""
+    from nanoswarm.client.discovery import fetch_table
+    from nanoswarm.shards.manifest import read_manifest
+
+    cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    with SwarmModel.connect(tiny_model_dir, bootstrap=cluster.addresses) as model:
+        alone = model.generate(PROMPTS[0], 8, GREEDY).ids
+        with model.batcher(at_once=1) as batcher:
+            assert batcher.generate(PROMPTS[0], 8, GREEDY).ids == alone
+            joined = cluster.start_node(NodeSpec((0, 4))).address  # (bootstraps from the first node)
+            model_id, deadline = read_manifest(tiny_model_dir).model_id, time.monotonic() + 30
+            while len(fetch_table(cluster.addresses[:1]).table.records(model_id)) < 3:
+                assert time.monotonic() < deadline, "the first node never listed the joined one"
+                time.sleep(0.2)
+            assert joined not in model.swarm.peers
+            cluster.kill(1)  # the worker fails over onto the joined node, learned from the first
+            assert batcher.generate(PROMPTS[0], 8, GREEDY).ids == alone
+            assert joined in model.swarm.peers  # given back at the request's end
+        cluster.kill(0)  # the joined node alone serves; no bootstrap answers
+        assert model.generate(PROMPTS[0], 8, GREEDY).ids == alone
+        assert [r.ids for r in model.generate_batch(PROMPTS[:2], 8, GREEDY)] == [
+            model.generate(p, 8, GREEDY).ids for p in PROMPTS[:2]]
 
 
 def test_idle_workers_end_and_the_next_request_starts_another(tiny_model_dir, cluster_factory):

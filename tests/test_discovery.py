@@ -2478,6 +2478,149 @@ def test_siblings_whose_peers_that_went_differ_take_in_an_earlier_read_that_asks
             s.close()
 
 
+def test_a_table_takes_a_siblings_new_peers_but_not_one_it_dropped_or_bans():
+    """Swarm.take_learned: the peers a sibling found are the table's too, with their round trips;
+    not one the table dropped since the sibling was made (it went: the sibling's copy is older),
+    nor one banned here, nor the sibling's version of a peer the table knows."""
+    from nanoswarm.client.route import PeerInfo
+    from nanoswarm.client.swarm import Swarm
+
+    def peer(name: str, layers=(0, 4)) -> PeerInfo:
+        return PeerInfo(name, name + "-id", "m" * 64, layers, None)
+    swarm = Swarm("m" * 64, 4, 4, bootstraps=["tcp://127.0.0.1:9#x"])
+    for name in ("kept", "went"):
+        swarm.peers[name] = peer(name)
+    sibling = swarm.sibling()
+    try:
+        del swarm.peers["went"]  # as _drop_unlisted does
+        swarm.dropped("went")
+        sibling.peers["kept"] = peer("kept", (0, 2))  # (its version: not taken)
+        for name in ("new", "banned"):
+            sibling.peers[name] = peer(name)
+        sibling.timed["new"], sibling.timed_at["new"] = 0.003, 12.0
+        swarm.rejected["new"] = "did not answer"
+        swarm.ban("banned", "disconnected: connection closed by the peer", "disconnected")
+        swarm.take_learned(sibling)
+        assert sorted(swarm.peers) == ["kept", "new"] and swarm.peers["kept"].layers == (0, 4)
+        assert (swarm.timed["new"], swarm.timed_at["new"]) == (0.003, 12.0) and "new" not in swarm.rejected
+        sibling.ban("kept", "timeout: 5 s", "timeout")
+        swarm.take_learned(sibling)
+        assert swarm.bans["kept"].code == "timeout"  # bans as before
+    finally:
+        swarm.close()
+        sibling.close()
+
+
+def test_a_table_is_read_again_ten_seconds_after_a_peer_went():
+    """Review192: under churn every peer a client knew died within the minute between two reads,
+    and the peers that joined meanwhile were never learned: a table where a peer went (a ban for
+    being gone) since its last read is stale CHURN_SECONDS after that read."""
+    from nanoswarm.client import table_reads
+    from nanoswarm.client.route import PeerInfo
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("m" * 64, 4, 4, bootstraps=["tcp://127.0.0.1:9#x"])
+    for name in ("slow", "gone"):
+        swarm.peers[name] = PeerInfo(name, name + "-id", "m" * 64, (0, 4), None)
+    try:
+        swarm._asked = swarm._refreshed = time.monotonic() - table_reads.CHURN_SECONDS - 1
+        assert not swarm._stale()
+        swarm.ban("slow", "timeout: 5 s", "timeout")  # slow, not gone
+        assert not swarm._stale()
+        swarm.ban("gone", "disconnected: connection closed by the peer", "disconnected")
+        assert swarm._stale()
+        swarm._asked = time.monotonic() - table_reads.CHURN_SECONDS + 1
+        assert not swarm._stale()  # read since: not yet
+        swarm._asked = swarm.bans["gone"].since + 0.001  # read after it went
+        swarm.bans["gone"].since -= table_reads.CHURN_SECONDS
+        swarm._asked -= table_reads.CHURN_SECONDS
+        assert not swarm._stale()
+        swarm._asked = time.monotonic() - table_reads.TABLE_SECONDS
+        assert swarm._stale()  # a minute, as before
+    finally:
+        swarm.close()
+
+
+def test_no_route_where_every_peer_known_went_says_the_table_cannot_learn_others():
+    """Review192: bootstraps and peers all gone (a node that joined since never learned), every
+    call failed on for good with a RouteError that read like a passing one."""
+    from nanoswarm.client.route import PeerInfo, RouteError
+    from nanoswarm.client.swarm import Swarm
+
+    for bootstraps, code, said in [(["tcp://127.0.0.1:9#x"], "unreachable", True),
+                                   (["tcp://127.0.0.1:9#x"], "timeout", False), ([], "unreachable", False)]:
+        swarm = Swarm("m" * 64, 4, 4, bootstraps=bootstraps)
+        swarm.peers["a"] = PeerInfo("a", "a-id", "m" * 64, (0, 4), None)
+        swarm.ban("a", f"{code}: it", code)
+        try:
+            with pytest.raises(RouteError) as e:
+                swarm._plan(0, None, None, {})
+            assert str(e.value).endswith(swarm.all_gone_hint) == said, str(e.value)
+        finally:
+            swarm.close()
+
+
+def test_a_background_read_asks_known_peers_when_no_bootstrap_answers(tiny_model_dir, cluster_factory):
+    """Review192: with its bootstraps gone, a client's background read learned nothing (only the
+    synchronous refresh, when no route was left, asked the peers it knew), so the peers that
+    joined since were never learned. It asks up to REFRESH_PEERS known peers for their tables
+    then: every node keeps the swarm's."""
+    from nanoswarm.client.options import SwarmOptions
+
+    cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4))])
+    model_id = read_manifest(tiny_model_dir).model_id
+    options = SwarmOptions(timeout=2)
+    with SwarmModel.connect(tiny_model_dir, bootstrap=cluster.addresses[:1], options=options) as model:
+        deadline = time.monotonic() + 30
+        while cluster.addresses[1] not in model.swarm.peers:  # (the connect may come before the gossip)
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+            model.swarm._refreshed -= 10
+            model.swarm.refresh()
+        cluster.kill(0)
+        joined = cluster.start_node(NodeSpec((0, 4), args=["--bootstrap", cluster.addresses[1]])).address
+        while len(fetch_table(cluster.addresses[1:2]).table.records(model_id)) < 2:
+            assert time.monotonic() < deadline, "the second node never listed the joined one"
+            time.sleep(0.2)
+        model.swarm._asked -= 3600
+        model.swarm._refreshed -= 3600
+        model.swarm.refresh_stale()
+        fetch = model.swarm._fetching
+        assert fetch is not None and fetch.others == [cluster.addresses[1]]
+        assert fetch.done.wait(30)
+        assert model.swarm.take_read_in() and joined in model.swarm.peers
+
+
+def test_a_peer_whose_record_expired_unlisted_is_dropped_though_never_used(tiny_model_dir, cluster_factory):
+    """Review191: a node that joined and left before a long-lived client ever used it stayed in
+    its table for good (only peers banned for going were dropped): planned over, its blocks
+    taken for served (a RouteError named the wrong gap), and asked as a "bootstrap" at every
+    refresh. A peer whose record expired a minute ago, that no bootstrap lists and that does
+    not answer, goes as one banned for going does; one whose record is fresh stays."""
+    from nanoswarm.client.discovery import EXPIRED_GRACE
+
+    cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 2))])
+    with SwarmModel.connect(tiny_model_dir, bootstrap=cluster.addresses[:1]) as model:
+        swarm, left = model.swarm, cluster.addresses[1]
+        deadline = time.monotonic() + 30
+        while left not in swarm.peers:  # (the connect may come before the gossip)
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+            swarm._refreshed -= 10
+            swarm.refresh()
+        cluster.kill(1, signal.SIGTERM)  # it leaves, never used
+        cluster.nodes[1].proc.wait(10)
+        swarm.peers[left].extra["expires"] = time.time() - EXPIRED_GRACE + 5  # not a minute past it yet
+        for shift, kept in ((0, True), (10, False)):
+            swarm.peers[left].extra["expires"] -= shift
+            swarm._asked -= 3600
+            swarm._refreshed -= 3600
+            swarm.refresh_stale()
+            assert swarm._fetching is not None and swarm._fetching.done.wait(30)
+            assert swarm.take_read_in() and (left in swarm.peers) == kept
+        assert list(swarm.peers) == [cluster.addresses[0]] and left not in swarm.bans
+
+
 @pytest.fixture
 def one_node_table(tiny_model_dir, cluster_factory):
     contact = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
