@@ -73,6 +73,7 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
 
     from nanoswarm.keys.identity import KeyFileError
     from nanoswarm.node.daemon import run_node
+    from nanoswarm.node.gossip import GossipOptions
     from nanoswarm.node.options import NodeOptions, check_contacts, check_span, read_allow_lists
     from nanoswarm.node.sessions import NodeLimits
     from nanoswarm.shards.manifest import ManifestError
@@ -96,6 +97,7 @@ def node(model_dir: Path, layers: str | None, heads: str | None, listen: str, ad
     # other are usage errors (exit code 2), as a malformed range is.
     try:
         check_span(opts)
+        GossipOptions(ttl=ttl, interval=gossip_interval).check()  # (exit 1 before: review191)
         read_allow_lists(allow_keys, insecure)  # (one that admits no one, or is not a list, too: review185)
         check_contacts(opts, warn=False)  # (node.daemon checks again, and warns)
     except ManifestError:

@@ -273,7 +273,8 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
         elif swarm.rejected.get(contact, "").startswith((NO_PEER_OF_MODEL, CLOCK_OFF)):  # a refresh found some
             del swarm.rejected[contact]
     for contact in [c for c, records in claims.items() if records[0].insecure and not swarm.options.insecure]:
-        swarm.rejected[contact] = "node runs without encryption (--insecure); not used"
+        swarm.rejected[contact] = ("the node runs without encryption (--insecure): allow unencrypted links with "
+                                   "--insecure to use it")  # (review191: "not used" twice, no way out)
         del claims[contact]
     owners = _owners(swarm, {c: r for c, r in claims.items() if len(r) > 1}, timeout)
     added: dict[str, str] = {}  # peer id -> its contact now

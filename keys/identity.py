@@ -394,5 +394,9 @@ def load_or_create_identity(path: str | os.PathLike[str] | None = None) -> Ident
             raise
         # Another process created it between our check and our write: use theirs.
         return load_identity(path)
-    log.info("created new node identity %s in %s", identity.peer_id, path)
+    if explicit:  # a typo in --key-file makes a new peer of an old one: said where it is seen (review191)
+        log.warning("no key file at %s: created a new node identity there (peer id %s); if you meant an "
+                    "existing one, check the name", path, identity.peer_id)
+    else:
+        log.info("created new node identity %s in %s", identity.peer_id, path)
     return identity

@@ -67,8 +67,8 @@ class GossipOptions:
         if not self.interval >= MIN_GOSSIP_INTERVAL:  # each round asks peers for records
             raise ValueError(f"--gossip-interval must be at least {MIN_GOSSIP_INTERVAL:g} s")
         if self.ttl < 3 * self.interval:  # tables came up mostly empty with --ttl 2 --gossip-interval 3
-            raise ValueError(f"--ttl {self.ttl:g} is shorter than three gossip intervals ({3 * self.interval:g} s): "
-                             "records would expire before they spread")
+            raise ValueError(f"--ttl {self.ttl:g} is shorter than three --gossip-interval {self.interval:g} "
+                             f"({3 * self.interval:g} s): records would expire before they spread")
 
 
 class Gossip(TablePeers):

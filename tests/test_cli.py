@@ -1063,7 +1063,8 @@ def test_node_placement_and_gossip_options_are_checked(tiny_model_dir, tmp_path)
              ("--gossip-interval", "0", "must be a positive, finite number of seconds"),
              ("--ttl", "nan", "must be a positive, finite number of seconds"),
              ("--ttl", "1000", "--ttl must be in (0, 300] seconds"),
-             ("--ttl", "2", "--ttl 2 is shorter than three gossip intervals (3 s)"),
+             ("--ttl", "2", "--ttl 2 is shorter than three --gossip-interval 1 (3 s)"),
+             ("--gossip-interval", "30", "--ttl 60 is shorter than three --gossip-interval 30 (90 s)"),
              ("--gossip-interval", "0.01", "'0.01' is too small: at least 0.05"),
              ("--num-blocks", "0", "0 is not in the range 1<=x<=2147483647"),
              ("--num-blocks", "5", "--num-blocks 5: the model has 4 blocks, so from 1 to 4"),  # (review185)
@@ -1071,7 +1072,7 @@ def test_node_placement_and_gossip_options_are_checked(tiny_model_dir, tmp_path)
     outs = [invoke_cli("node", str(tiny_model_dir), "--key-file", str(tmp_path / "k.key"), option, value)
             for option, value, _ in cases]
     for (_, _, why), out in zip(cases, outs):
-        assert why in one_error_line(out), out.stderr
+        assert why in one_error_line(out) and out.returncode == 2, out.stderr  # usage errors (review191: 1)
     assert not (tmp_path / "k.key").exists()  # refused before a key file was made or blocks loaded
 
 

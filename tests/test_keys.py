@@ -243,9 +243,17 @@ def test_load_or_create_first_use(
     path = tmp_path / "cfg" / "nanoswarm" / "node.key"
     assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    assert first.peer_id in caplog.text
+    assert first.peer_id in caplog.text and not [r for r in caplog.records if r.levelname == "WARNING"]
     assert load_or_create_identity().peer_id == first.peer_id
     assert load_or_create_identity(path).curve_public == first.curve_public
+    # A --key-file given that names no file: a new identity, said as a warning (review191: a typo
+    # made a new peer of an old one, said at INFO)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="nanoswarm.keys.identity"):
+        typo = load_or_create_identity(path.with_suffix(".kye"))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"no key file at {path.with_suffix('.kye')}: created a new node identity there (peer id "
+                      f"{typo.peer_id}); if you meant an existing one, check the name"]
 
 
 def test_describe_identity_has_public_parts_only(alice: Identity) -> None:
