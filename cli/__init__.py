@@ -21,7 +21,7 @@ import click
 
 from nanoswarm import __version__, descriptors
 
-from . import client, harness, keys, node, shards
+from . import client, harness, info, keys, node, shards
 
 
 def _setup_logging(verbose: int) -> None:
@@ -181,6 +181,6 @@ def raise_swallowed() -> None:
         raise Interrupted(signum)
 
 
-for command in (shards.shard, shards.train, node.node, client.generate, client.peers, keys.keys,
+for command in (shards.shard, shards.train, node.node, client.generate, client.peers, info.info, keys.keys,
                 harness.cluster, harness.demo, harness.bench, harness.load):
     main.add_command(command)

@@ -357,6 +357,24 @@ def test_peers_and_generate_commands_with_one_bootstrap(swarm, tiny_model_dir):
     assert gen.stdout == "To be" + local.text + "\n"
 
 
+def test_info_command_shows_what_a_node_says_of_itself(swarm, tiny_model_dir):
+    """`nanoswarm info CONTACT` (review191: the docs point operators to `info`'s gossip counters,
+    which no command showed)."""
+    from conftest import invoke_cli
+
+    node = swarm[0]
+    as_json, text = invoke_cli("info", node.address, "--json"), invoke_cli("info", node.address)
+    assert as_json.returncode == 0 and text.returncode == 0, as_json.stderr + text.stderr
+    fields = json.loads(as_json.stdout)
+    assert fields["contact"] == node.address and fields["model_id"] == read_manifest(tiny_model_dir).model_id
+    assert "overtaken" in fields["gossip"] or "rejected" in fields["gossip"]
+    lines = text.stdout.splitlines()
+    assert f"contact: {node.address}" in lines and f"layers: {json.dumps(fields['layers'])}" in lines
+    assert invoke_cli("info", "garbage").returncode == 2
+    refused = invoke_cli("info", "tcp://127.0.0.1:9", "--timeout", "1")
+    assert refused.returncode == 1 and refused.stderr.startswith("error: tcp://127.0.0.1:9: unreachable")
+
+
 def _report_of(specs: list[tuple[tuple[int, int], tuple[int, int] | None]], **kwargs) -> dict:
     """swarm_report over signed records, one identity per (layers, heads) spec, model "m"."""
     table = RecordTable()
