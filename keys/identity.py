@@ -250,6 +250,15 @@ def _is_public_listing(data: bytes) -> bool:
     return isinstance(doc, dict) and "peer_id" in doc and "ed25519_private" not in doc
 
 
+def _holds_private_key(data: bytes) -> bool:
+    """Whether `data` reads as a key file at all: a JSON object with a private key in it."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(doc, dict) and "ed25519_private" in doc
+
+
 def _read_private_file(path: Path) -> bytes:
     """Read a key file, refusing one that others could read or write (checked on the open fd)."""
     try:
@@ -263,8 +272,11 @@ def _read_private_file(path: Path) -> bytes:
     with f:
         mode = stat.S_IMODE(st.st_mode)
         if os.name == "posix" and mode & 0o077:
-            if _is_public_listing(f.read(_MAX_KEY_FILE_BYTES + 1)):  # nothing secret to protect: say what it is
+            data = f.read(_MAX_KEY_FILE_BYTES + 1)
+            if _is_public_listing(data):  # nothing secret to protect: say what it is
                 raise KeyFileError(f"key file {path} {_PUBLIC_LISTING}")
+            if not _holds_private_key(data):  # (review191: an --allow-keys list was told to chmod 600)
+                raise KeyFileError(f"corrupt key file {path}: not a key file (no private key in it)")
             raise KeyFileError(
                 f"UNPROTECTED PRIVATE KEY FILE: permissions {mode:04o} for '{path}' are too open; "
                 f"it must not be accessible by group or others (run: chmod 600 '{path}')"

@@ -24,6 +24,7 @@ from nanoswarm.keys.identity import (
     Identity,
     KeyFileError,
     _encode_key_file,
+    curve_key_hex,
     default_key_path,
     describe_identity,
     generate_identity,
@@ -928,6 +929,21 @@ def test_a_key_file_nested_too_deep_for_the_json_parser_is_named_corrupt(tmp_pat
     path.chmod(0o600)
     with pytest.raises(KeyFileError, match=f"^corrupt key file {path}: not a key file"):
         load_identity(path)
+    path.chmod(0o644)  # (nothing secret in it: not told to chmod, review191)
+    with pytest.raises(KeyFileError, match=f"^corrupt key file {path}: not a key file \\(no private key in it\\)$"):
+        load_identity(path)
+
+
+def test_a_readable_file_that_is_no_key_file_is_not_told_to_be_protected(tmp_path: Path, alice: Identity) -> None:
+    """Review191: an --allow-keys list given as --key-file was told "UNPROTECTED PRIVATE KEY FILE
+    ... (run: chmod 600)", and after that, that it was corrupt. A key file others can read still
+    is refused so."""
+    listing = tmp_path / "keys.txt"
+    listing.write_text(curve_key_hex(alice.curve_public) + "\n")
+    listing.chmod(0o644)
+    with pytest.raises(KeyFileError, match=f"^corrupt key file {listing}: not a key file"):
+        load_identity(listing)
+    path = save_identity(alice, tmp_path / "a.key")
     path.chmod(0o644)
     with pytest.raises(KeyFileError, match="UNPROTECTED PRIVATE KEY FILE"):
         load_identity(path)
