@@ -72,7 +72,9 @@ def advertised_address(advertise: str | None, bound: str) -> str:
         return bound
     m = _ADVERTISE.fullmatch(advertise)
     if m is None or m.group(1) in WILDCARDS:
-        raise ValueError(f"{advertise!r} must look like tcp://HOST or tcp://HOST:PORT, HOST not a wildcard")
+        why = (": HOST not a wildcard, which no peer can reach" if m is not None
+               else " (tcp:// is missing)" if not advertise.startswith("tcp://") else "")  # (review191)
+        raise ValueError(f"{advertise!r} must look like tcp://HOST or tcp://HOST:PORT{why}")
     port = m.group(2) if m.group(2) not in (None, "*") else bound.rpartition(":")[2]
     return check_endpoint(f"tcp://{m.group(1)}:{port}")
 

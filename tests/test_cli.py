@@ -1045,6 +1045,11 @@ def test_advertised_address_is_what_records_and_contacts_name(tiny_model_dir, cl
     for bad in ("tcp://0.0.0.0", "203.0.113.5", "tcp://a:b:c", "tcp://h:99999"):
         with pytest.raises(ValueError, match="--advertise"):
             check_contacts(NodeOptions(tmp_path, advertise=bad))
+    for bad, why in (("203.0.113.5", r"tcp://HOST:PORT \(tcp:// is missing\)$"),  # (review191: "not a wildcard")
+                     ("tcp://0.0.0.0", r"tcp://HOST:PORT: HOST not a wildcard, which no peer can reach$"),
+                     ("tcp://a:b:c", r"tcp://HOST:PORT$")):
+        with pytest.raises(ValueError, match=why):
+            advertised_address(bad, bound)
 
     # a real node: it binds 127.0.0.1 and advertises the same machine by name
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--advertise", "tcp://localhost"])])
