@@ -6,6 +6,7 @@ those timed more than TIMING_LIFE ago timed again; taken in by PeerTable.refresh
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 from collections import deque
@@ -17,7 +18,7 @@ import zmq
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.keys.table import RecordTable
 
-from .discovery import Fetched, fetch_table, gone_candidates
+from .discovery import Fetched, fetch_table, gone_candidates, record_expired
 from .introduce import ask_info
 from .peer_errors import PeerError
 from .round_trips import (
@@ -53,14 +54,14 @@ class BackgroundFetch:
         # Every node keeps the swarm's table: with no bootstrap answering, peers of the table are
         # asked for it, as PeerTable.refresh does (review192: a client whose bootstraps had died
         # read nothing in the background, and learned no peer that joined since).
-        others = [p.address for p in swarm.available() if p.address not in swarm.bootstraps]
-        self.others = sorted(others, key=lambda a: swarm.timed.get(a) is None)[:REFRESH_PEERS]
+        self.others = known_peers_to_ask(swarm)
         # Peers timed already (a copy: the swarm's thread goes on changing its own), not timed
         # again: fresh_timings.
         timed = fresh_timings(swarm)
         # Peers that went, asked here whether they answer: one no bootstrap lists that does not is
         # dropped when the read is taken in (discovery._drop_unlisted), with no wait at that open.
-        gone = {a: swarm.peers[a].curve_key for a in gone_candidates(swarm)} if swarm.bootstraps else {}
+        gone = {a: (swarm.peers[a].curve_key, swarm.peers[a].peer_id)
+                for a in gone_candidates(swarm)} if swarm.bootstraps else {}
         # What this read asks that is the starting table's own: a sibling takes the read in only
         # when it asks what the sibling would (SharedReads.serves).
         self.untimed, self.asks_gone = frozenset(timed), frozenset(gone)
@@ -68,12 +69,16 @@ class BackgroundFetch:
                          daemon=True, name="nanoswarm-refresh").start()
 
     def _run(self, args: tuple, contacts: list[str], timed: set[str], introduces: bool,
-             gone: dict[str, bytes | None]) -> None:
+             gone: dict[str, tuple[bytes | None, str]]) -> None:
         try:
             bootstraps, timeout, client_keys, model_id, insecure = args
             self.result = fetch_table(*args) if bootstraps else Fetched(RecordTable(), [], {}, {})
-            if bootstraps and not self.result.answered and self.others:  # (the bootstraps' failures logged)
-                self.result = fetch_table(self.others, *args[1:], role="known peer")
+            if bootstraps and not self.result.answered and self.others:
+                again = fetch_table(self.others, *args[1:], role="known peer")
+                if again.answered:  # (the bootstraps' failures were logged)
+                    self.result = again
+                else:
+                    self.result.errors.update(again.errors)
             # The records as they were when read: a record has 40-60 s of life left when fetched,
             # and read at a later open by the table's own clock, none was left (review101).
             read = time.time()
@@ -85,15 +90,31 @@ class BackgroundFetch:
             if contacts:
                 read_contacts(self.result, contacts, timeout, client_keys, insecure, timed,
                               model_id if introduces else None)
-            if bootstraps:
+            if bootstraps and self.result.answered:
+                # Only those the read does not list, a bounded number (review193: once a table had
+                # gone two minutes unread, every peer was a candidate, each asked on a link of its own)
+                listed = {r.peer_id for r in self.result.table.records(model_id)}
+                unlisted = [a for a, (_, peer_id) in gone.items() if peer_id not in listed][:BACKGROUND_PEERS]
                 self.result.gone_at = time.monotonic()  # (a ban made after it: not answered by this)
-                self.result.gone = ask_gone(gone, min(timeout, 1.0), client_keys)
+                self.result.gone = ask_gone({a: gone[a][0] for a in unlisted}, min(timeout, 1.0), client_keys)
             self.result.timed_when = time.monotonic()
         except BaseException as e:  # noqa: BLE001 - read by the swarm's thread
             self.result = e
         finally:
             self.finished = time.monotonic()
             self.done.set()
+
+
+def known_peers_to_ask(swarm: Swarm) -> list[str]:
+    """Up to REFRESH_PEERS peers of the table, not bootstraps, to ask for the swarm's table when no
+    bootstrap answers: those holding this client's sessions first, then those timed lately, then
+    those whose record has not expired, in random order within each (review193: the same four,
+    dead, were asked at every read, the live ones never)."""
+    fresh, wall = fresh_timings(swarm), time.time()
+    peers = [p.address for p in swarm.available() if p.address not in swarm.bootstraps]
+    random.shuffle(peers)
+    peers.sort(key=lambda a: (not swarm.held(a), a not in fresh, record_expired(swarm.peers[a], wall)))
+    return peers[:REFRESH_PEERS]
 
 
 def fresh_timings(swarm: Swarm) -> set[str]:

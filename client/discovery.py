@@ -211,11 +211,11 @@ def fetch_table(bootstrap: list[str], timeout: float = 5.0,
         # earlier version's reply carries none, review96) to name it below.
         lifetime = (" (records live by their signers' wall clocks: this machine's clock or theirs is off)"
                     if failed.keys() & {EXPIRED, TOO_FAR_FUTURE} else "")
-        log.warning("bootstrap sent records that failed verification: %s%s", failed, lifetime)
+        log.warning("%s sent records that failed verification: %s%s", role, failed, lifetime)
     for contact in fetched.answered:
         if (off := fetched.clock_off(contact)) and contact not in _clock_warned:  # once: a client fetches again
             _clock_warned.add(contact)
-            log.warning("bootstrap %s: %s", contact, off)
+            log.warning("%s %s: %s", role, contact, off)
     return fetched
 
 
@@ -361,7 +361,7 @@ def _drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None
         del swarm.peers[address]  # (its ban stays, pruned below once it counts for nothing)
         swarm.dropped(address)
         swarm._close_link(address)  # (a ban closed it already: sessions on it find out at their next step)
-        log.info("peer %s went (%s) and no bootstrap lists it any more: dropped from the table", address,
+        log.info("peer %s went (%s) and no table read lists it any more: dropped from the table", address,
                  ban.why if ban is not None else "its record expired unrenewed")
     # (Lapsed past its own length, a ban no longer counts for the next fault either: Bans.ban.)
     now = time.monotonic()

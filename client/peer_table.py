@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 SESSION_LOAD = 0.1
 REREAD_SECONDS = 5.0  # the least time between two `reread`s of a peer
 MOVED_CODES = ("not_served", "wrong_model")  # an open's refusals that a peer which changed what it serves gives
-DROPPED_KEPT = 1024  # peers that left a table, remembered for Swarm.take_learned
+DROPPED_KEPT, DROPPED_SECONDS = 1024, 3600.0  # peers that left a table, remembered for Swarm.take_learned
 
 
 def takes(peer: PeerInfo, max_length: int) -> bool:
@@ -73,11 +73,15 @@ class PeerTable(Bans, TableReads):
     timed_at: dict[str, float] = field(default_factory=dict)  # when timed (monotonic): again after TIMING_LIFE
     _refreshed: float = -REFRESH_SECONDS
     _asked: float = field(default_factory=time.monotonic)  # when a peer's info (taken or not) or record was last read
+    _read_began: float = field(default_factory=time.monotonic)  # when the last read taken in was begun
+    _bootstraps_silent: bool = False  # no bootstrap answered the last read (all_gone_hint)
     _fetching: BackgroundFetch | None = None  # the bootstraps' tables, read for refresh_stale
     _reads: SharedReads = field(default_factory=SharedReads)  # its siblings' reads too (refresh_stale)
     _reread: dict[str, float] = field(default_factory=dict)  # address -> when `reread` last asked it
-    # address -> when it left the table (it went, or was forgotten): not taken back from a sibling
-    # that still holds it (Swarm.take_learned)
+    # address -> when its info or record was last taken in (monotonic), and when it left the
+    # table (it went, or was forgotten): a sibling's older knowledge of a peer this table dropped
+    # is not taken back (Swarm.take_learned)
+    _learned: dict[str, float] = field(default_factory=dict)
     _dropped: dict[str, float] = field(default_factory=dict)
     closed: bool = False  # by close(): no new link, so no session may step on (SwarmModel.close)
     # Said where no route is left on the contacts given (`nanoswarm load`, which has no
@@ -227,6 +231,7 @@ class PeerTable(Bans, TableReads):
             address=address, peer_id=peer_id, model_id=self.model_id,
             layers=layers, heads=heads, throughput=float(throughput), load=float(load),
             rtt=rtt, curve_key=curve_key, extra=info, relay_name=relay_name)
+        self._learned[address] = time.monotonic()
 
     def available(self, max_length: int | None = None, refused: Collection[str] = ()) -> list[PeerInfo]:
         """Peers a route may use: not banned, not among `refused`, and, for a session of
@@ -259,12 +264,17 @@ class PeerTable(Bans, TableReads):
         self._close_link(address)
 
     def dropped(self, address: str) -> None:
-        """`address` left the table: noted for Swarm.take_learned (an hour, or 1,024 peers)."""
+        """`address` left the table: noted for Swarm.take_learned (an hour, at most DROPPED_KEPT
+        peers, the oldest going first)."""
         now = time.monotonic()
+        self._learned.pop(address, None)
+        self._dropped.pop(address, None)  # (to the end: the dict stays in the order of the drops)
         self._dropped[address] = now
-        if len(self._dropped) > DROPPED_KEPT:
-            for old in [a for a, when in self._dropped.items() if now - when > 3600.0] or list(self._dropped)[:1]:
-                del self._dropped[old]
+        while self._dropped:
+            oldest, when = next(iter(self._dropped.items()))
+            if len(self._dropped) <= DROPPED_KEPT and now - when <= DROPPED_SECONDS:
+                break
+            del self._dropped[oldest]
 
     def plan(self, start: int = 0, stop: int | None = None, max_length: int | None = None,
              refused: dict[str, str] | None = None) -> list[StagePlan]:
@@ -299,7 +309,7 @@ class PeerTable(Bans, TableReads):
             # A `--peers` client uses only its contacts, even where they know the rest (review115).
             hint = "" if self.bootstraps or not self.contacts else self.peers_only_hint
             gone = [a for a, b in self.bans.items() if b.code in GONE_CODES and b.until > now]
-            if self.bootstraps and self.peers and set(self.peers) <= set(gone):
+            if self.bootstraps and self._bootstraps_silent and self.peers and set(self.peers) <= set(gone):
                 # Nothing left to learn the swarm from (review192: the peers that joined since were
                 # never learned, and every call failed on for good)
                 hint += self.all_gone_hint

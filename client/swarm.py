@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -262,13 +263,15 @@ class Swarm(PeerTable):
         or takes in this one's read under way."""
         other = Swarm(self.model_id, self.n_layer, self.n_head, self.options)
         other.peers.update(self.peers)
+        other._learned.update(self._learned)
         other.contacts.update(self.contacts)
         other.rejected.update(self.rejected)
         other.bans.update({a: dataclasses.replace(b) for a, b in self.bans.items()})
         other.bootstraps, other.checker = list(self.bootstraps), self.checker
         other.timed.update(self.timed)
         other.timed_at.update(self.timed_at)
-        other._asked, other._refreshed = self._asked, self._refreshed
+        other._asked, other._refreshed, other._read_began = self._asked, self._refreshed, self._read_began
+        other._bootstraps_silent = self._bootstraps_silent
         # This table's read under way is the sibling's too, taken in at its first open after it
         # came: a read of its own would be one more of the same, one a sibling (review182: a
         # stale batch of 8 read the bootstraps' tables 9 times), and one marked fresh instead
@@ -281,19 +284,22 @@ class Swarm(PeerTable):
         the peers it found that this table lacks (review192: a batcher's workers learned the peers
         that joined, the model's table never did, and once its bootstraps were gone every
         `generate` and every new worker planned over dead peers). Not one this table dropped (it
-        went, or was forgotten: `dropped`; the sibling, made before, may hold it still), nor one
-        banned here now, nor another table's version of a peer known here (which is newer is not
-        known: `reread` settles it)."""
+        went, or was forgotten: `dropped`) after the sibling last learned of it (review193: a
+        sibling's read since, of a peer back at its address, is taken), nor one banned here now,
+        nor another table's version of a peer known here (which is newer is not known: `reread`
+        settles it)."""
         for address, ban in other.bans.items():
             mine = self.bans.get(address)
             if mine is None or ban.until > mine.until:
                 self.bans[address] = dataclasses.replace(ban)
         now = time.monotonic()
         for address, peer in other.peers.items():
-            if (address in self.peers or address in self._dropped
+            learned = other._learned.get(address, -math.inf)
+            if (address in self.peers or address in self._dropped and self._dropped[address] >= learned
                     or address in self.bans and self.bans[address].until > now):
                 continue
             self.peers[address] = peer
+            self._learned[address] = learned if learned > -math.inf else now
             self.rejected.pop(address, None)
             if address in other.timed:
                 self.timed[address] = other.timed[address]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from nanoswarm.keys.contact import split_contact
 
-from .background import REFRESH_PEERS, BackgroundFetch, SharedReads
+from .background import BackgroundFetch, SharedReads, known_peers_to_ask
 from .bans import GONE_CODES
 from .discovery import DiscoveryError, Fetched, add_fetched, add_from_bootstrap, take_timed
 
@@ -43,6 +43,8 @@ class TableReads:
     options: SwarmOptions
     _refreshed: float
     _asked: float
+    _read_began: float
+    _bootstraps_silent: bool
     _fetching: BackgroundFetch | None
     _reads: SharedReads
     closed: bool
@@ -62,17 +64,19 @@ class TableReads:
         now = time.monotonic()
         if now - self._refreshed < REFRESH_SECONDS:
             return False
-        self._refreshed = now
+        self._refreshed = self._read_began = now
         self._fetching = None  # a table read before this one is not taken in after it (review101)
         before = self._spans()
         if self.bootstraps:
+            self._bootstraps_silent = False
             try:
                 add_from_bootstrap(self, self.bootstraps, min(5.0, self.options.timeout))
             except DiscoveryError as e:
+                self._bootstraps_silent = True
                 # Every node keeps the swarm's table: with the bootstraps gone, the peers still
                 # in use know the swarm as well (a churn review: the only bootstrap died, and a
                 # spare that joined later was never learned).
-                others = [p.address for p in self.available() if p.address not in self.bootstraps][:REFRESH_PEERS]
+                others = known_peers_to_ask(self)
                 try:
                     if not others:
                         raise
@@ -117,14 +121,15 @@ class TableReads:
 
     def _stale(self) -> bool:
         """Time to read the table again, where there is one to ask: a minute since the last read,
-        or CHURN_SECONDS where a peer went since (review192: under churn, every peer a client knew
-        died within the minute, and the peers that had joined meanwhile were never learned)."""
+        or CHURN_SECONDS where a peer went since the last read taken in was begun (review192: under
+        churn, every peer a client knew died within the minute, and the peers that had joined
+        meanwhile were never learned; review193: a peer that went while a read was under way, the
+        common case, waited the minute)."""
         if not (self.bootstraps or self.contacts) or self.closed:
             return False
-        last = max(self._asked, self._refreshed)
-        age = time.monotonic() - last
+        age = time.monotonic() - max(self._asked, self._refreshed)
         return age >= TABLE_SECONDS or age >= CHURN_SECONDS and any(
-            b.since > last and b.code in GONE_CODES for b in self.bans.values())
+            b.since > self._read_began and b.code in GONE_CODES for b in self.bans.values())
 
     def _serving_read(self) -> BackgroundFetch | None:
         """The read a sibling began after this table's own last (`_asked`, `_refreshed`) that
@@ -149,9 +154,12 @@ class TableReads:
         if fetch is None or not fetch.done.is_set():
             return False
         self._fetching, self._asked = None, time.monotonic()  # tried: the next in TABLE_SECONDS
+        self._read_began = max(self._read_began, fetch.started)
         result = fetch.result  # (not changed here: a swarm's siblings may take in the same read)
         if isinstance(result, Fetched) and time.monotonic() - fetch.finished >= TABLE_SECONDS:
             result = replace(result, gone={})  # who answered then says too little now: nobody is dropped on it
+        if self.bootstraps and isinstance(result, Fetched):  # (for PeerTable.all_gone_hint)
+            self._bootstraps_silent = not result.answered or result.role != "bootstrap"
         if isinstance(result, BaseException) or result is None:
             log.warning("refreshing the peer table failed: %r", result)
         elif result.answered or result.infos:

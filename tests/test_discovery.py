@@ -2415,7 +2415,7 @@ def test_a_program_that_opens_sessions_a_minute_apart_takes_its_background_reads
     done.set()
     result = Fetched(RecordTable(), ["tcp://127.0.0.1:9#x"], {"tcp://127.0.0.1:9#x": 0.001}, {}, gone={"p": False})
     swarm._fetching = SimpleNamespace(done=done, finished=time.monotonic() - table_reads.TABLE_SECONDS - 5,
-                                      result=result)
+                                      started=time.monotonic() - table_reads.TABLE_SECONDS - 6, result=result)
     swarm._asked -= 1000
     taken: list = []
     monkeypatch.setattr(table_reads, "add_fetched", lambda into, fetched, *args, **kwargs: taken.append(fetched.gone))
@@ -2498,32 +2498,47 @@ def test_siblings_whose_peers_that_went_differ_take_in_an_earlier_read_that_asks
 
 def test_a_table_takes_a_siblings_new_peers_but_not_one_it_dropped_or_bans():
     """Swarm.take_learned: the peers a sibling found are the table's too, with their round trips;
-    not one the table dropped since the sibling was made (it went: the sibling's copy is older),
-    nor one banned here, nor the sibling's version of a peer the table knows."""
-    from nanoswarm.client.route import PeerInfo
+    not one the table dropped after the sibling last learned of it (it went: the sibling's copy
+    is older), though one the sibling learned again since is (review193: back at its address),
+    nor one banned here or by the sibling, nor the sibling's version of a peer the table knows."""
+    from nanoswarm.client import peer_table
     from nanoswarm.client.swarm import Swarm
 
-    def peer(name: str, layers=(0, 4)) -> PeerInfo:
-        return PeerInfo(name, name + "-id", "m" * 64, layers, None)
+    def learn(table: Swarm, name: str, layers=(0, 4)) -> None:
+        table.add_info(name, {"peer_id": name + "-id", "model_id": "m" * 64, "layers": list(layers)})
     swarm = Swarm("m" * 64, 4, 4, bootstraps=["tcp://127.0.0.1:9#x"])
-    for name in ("kept", "went"):
-        swarm.peers[name] = peer(name)
+    for name in ("kept", "went", "back"):
+        learn(swarm, name)
     sibling = swarm.sibling()
     try:
-        del swarm.peers["went"]  # as _drop_unlisted does
-        swarm.dropped("went")
-        sibling.peers["kept"] = peer("kept", (0, 2))  # (its version: not taken)
-        for name in ("new", "banned"):
-            sibling.peers[name] = peer(name)
+        for name in ("went", "back"):
+            del swarm.peers[name]  # as _drop_unlisted does
+            swarm.dropped(name)
+        learn(sibling, "back")  # learned again since it was dropped here
+        learn(sibling, "kept", (0, 2))  # (its version: not taken)
+        for name in ("new", "banned", "banned-there"):
+            learn(sibling, name)
         sibling.timed["new"], sibling.timed_at["new"] = 0.003, 12.0
         swarm.rejected["new"] = "did not answer"
         swarm.ban("banned", "disconnected: connection closed by the peer", "disconnected")
+        sibling.ban("banned-there", "unreachable: it", "unreachable")
         swarm.take_learned(sibling)
-        assert sorted(swarm.peers) == ["kept", "new"] and swarm.peers["kept"].layers == (0, 4)
+        assert sorted(swarm.peers) == ["back", "kept", "new"] and swarm.peers["kept"].layers == (0, 4)
         assert (swarm.timed["new"], swarm.timed_at["new"]) == (0.003, 12.0) and "new" not in swarm.rejected
+        assert swarm._learned["back"] == sibling._learned["back"] and "banned-there" in swarm.bans
         sibling.ban("kept", "timeout: 5 s", "timeout")
         swarm.take_learned(sibling)
         assert swarm.bans["kept"].code == "timeout"  # bans as before
+        # The drops noted: an hour's, at most DROPPED_KEPT, the oldest going first (a drop again
+        # moves a peer to the end)
+        swarm._dropped = {f"p{k}": time.monotonic() for k in range(peer_table.DROPPED_KEPT)}
+        swarm._dropped["p0"] -= peer_table.DROPPED_SECONDS + 1
+        swarm.dropped("p1")
+        assert "p0" not in swarm._dropped and list(swarm._dropped)[-1] == "p1"
+        swarm.dropped("one more")
+        assert len(swarm._dropped) == peer_table.DROPPED_KEPT and "p2" in swarm._dropped
+        swarm.dropped("two more")
+        assert len(swarm._dropped) == peer_table.DROPPED_KEPT and "p2" not in swarm._dropped and "p1" in swarm._dropped
     finally:
         swarm.close()
         sibling.close()
@@ -2532,8 +2547,14 @@ def test_a_table_takes_a_siblings_new_peers_but_not_one_it_dropped_or_bans():
 def test_a_table_is_read_again_ten_seconds_after_a_peer_went():
     """Review192: under churn every peer a client knew died within the minute between two reads,
     and the peers that joined meanwhile were never learned: a table where a peer went (a ban for
-    being gone) since its last read is stale CHURN_SECONDS after that read."""
+    being gone) since the last read it took in was begun is stale CHURN_SECONDS after it took
+    that read in (review193: a peer that went while that read was under way, the common case,
+    waited the minute)."""
+    import threading
+    from types import SimpleNamespace
+
     from nanoswarm.client import table_reads
+    from nanoswarm.client.discovery import Fetched
     from nanoswarm.client.route import PeerInfo
     from nanoswarm.client.swarm import Swarm
 
@@ -2541,19 +2562,25 @@ def test_a_table_is_read_again_ten_seconds_after_a_peer_went():
     for name in ("slow", "gone"):
         swarm.peers[name] = PeerInfo(name, name + "-id", "m" * 64, (0, 4), None)
     try:
-        swarm._asked = swarm._refreshed = time.monotonic() - table_reads.CHURN_SECONDS - 1
+        swarm._asked = swarm._refreshed = swarm._read_began = time.monotonic() - table_reads.CHURN_SECONDS - 1
         assert not swarm._stale()
         swarm.ban("slow", "timeout: 5 s", "timeout")  # slow, not gone
         assert not swarm._stale()
         swarm.ban("gone", "disconnected: connection closed by the peer", "disconnected")
         assert swarm._stale()
         swarm._asked = time.monotonic() - table_reads.CHURN_SECONDS + 1
-        assert not swarm._stale()  # read since: not yet
-        swarm._asked = swarm.bans["gone"].since + 0.001  # read after it went
-        swarm.bans["gone"].since -= table_reads.CHURN_SECONDS
+        assert not swarm._stale()  # a read taken in since: not yet
+        # A read begun before it went, taken in after: it could not tell, so it counts from the take-in
+        done = threading.Event()
+        done.set()
+        swarm._fetching = SimpleNamespace(done=done, started=swarm.bans["gone"].since - 5, finished=time.monotonic(),
+                                          result=Fetched(RecordTable(), [], {}, {"tcp://127.0.0.1:9#x": "silent"}))
+        assert swarm.take_read_in() and not swarm._stale()
         swarm._asked -= table_reads.CHURN_SECONDS
+        assert swarm._stale()
+        swarm._read_began = swarm.bans["gone"].since + 0.001  # one begun after it went: not again
         assert not swarm._stale()
-        swarm._asked = time.monotonic() - table_reads.TABLE_SECONDS
+        swarm._asked = swarm._refreshed = time.monotonic() - table_reads.TABLE_SECONDS
         assert swarm._stale()  # a minute, as before
     finally:
         swarm.close()
@@ -2561,21 +2588,115 @@ def test_a_table_is_read_again_ten_seconds_after_a_peer_went():
 
 def test_no_route_where_every_peer_known_went_says_the_table_cannot_learn_others():
     """Review192: bootstraps and peers all gone (a node that joined since never learned), every
-    call failed on for good with a RouteError that read like a passing one."""
+    call failed on for good with a RouteError that read like a passing one. Said only where no
+    bootstrap answered the last read, and every peer of the table went (review193)."""
     from nanoswarm.client.route import PeerInfo, RouteError
     from nanoswarm.client.swarm import Swarm
 
-    for bootstraps, code, said in [(["tcp://127.0.0.1:9#x"], "unreachable", True),
-                                   (["tcp://127.0.0.1:9#x"], "timeout", False), ([], "unreachable", False)]:
+    boot = ["tcp://127.0.0.1:9#x"]
+    for bootstraps, silent, bans, said in [(boot, True, {"a": "unreachable", "b": "leaving"}, True),
+                                           (boot, False, {"a": "unreachable", "b": "leaving"}, False),
+                                           (boot, True, {"a": "unreachable", "b": "timeout"}, False),
+                                           (boot, True, {"a": "unreachable"}, False),
+                                           ([], True, {"a": "unreachable"}, False)]:
         swarm = Swarm("m" * 64, 4, 4, bootstraps=bootstraps)
-        swarm.peers["a"] = PeerInfo("a", "a-id", "m" * 64, (0, 4), None)
-        swarm.ban("a", f"{code}: it", code)
+        swarm._bootstraps_silent = silent
+        for name in ("a", "b"):
+            swarm.peers[name] = PeerInfo(name, name + "-id", "m" * 64, (0, 4), None)
+        for name, code in bans.items():
+            swarm.ban(name, f"{code}: it", code)
         try:
             with pytest.raises(RouteError) as e:
-                swarm._plan(0, None, None, {})
+                swarm._plan(0, 4, None, {"b": "busy"} if len(bans) == 1 else {})
             assert str(e.value).endswith(swarm.all_gone_hint) == said, str(e.value)
         finally:
             swarm.close()
+
+
+def test_peers_whose_record_expired_are_candidates_to_drop_but_those_in_use_or_back(monkeypatch):
+    """gone_candidates: a peer known from a record that expired EXPIRED_GRACE ago, banned or not,
+    unless a session of this client is on it, it answered since being banned for going, or the
+    user gave it; _drop_unlisted (a refresh's, asking them here) drops those that do not answer
+    or say they leave (review193: neither was pinned)."""
+    from nanoswarm.client.discovery import EXPIRED_GRACE, _drop_unlisted, gone_candidates
+    from nanoswarm.client.route import PeerInfo
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("m" * 64, 4, 4, bootstraps=["tcp://127.0.0.1:9#x"])
+    wall = time.time()
+    for name, expires in (("expired", wall - EXPIRED_GRACE - 1), ("fresh", wall - EXPIRED_GRACE + 30),
+                          ("held", 0), ("back", 0), ("contact", 0), ("leaving", 0), ("answers", 0)):
+        swarm.peers[name] = PeerInfo(name, name + "-id", "m" * 64, (0, 4), None,
+                                     extra={"source": "record", "expires": expires})
+    swarm.peers["by-info"] = PeerInfo("by-info", "i-id", "m" * 64, (0, 4), None, extra={"expires": 0})
+    swarm.contacts["contact"] = None
+    swarm.ban("back", "disconnected: connection closed by the peer", "disconnected")
+    swarm.bans["back"].back = True
+    monkeypatch.setattr(swarm, "held", lambda address: 1 if address == "held" else 0)
+    try:
+        assert sorted(gone_candidates(swarm)) == ["answers", "expired", "leaving"]
+        asked = []
+        monkeypatch.setattr(swarm, "_ask_now", lambda addresses: asked.extend(addresses) or {
+            "leaving": ({"leaving": True}, 0.01), "answers": ({"peer_id": "answers-id"}, 0.01)})
+        _drop_unlisted(swarm, set())
+        assert sorted(asked) == ["answers", "expired", "leaving"]
+        assert sorted(swarm.peers) == ["answers", "back", "by-info", "contact", "fresh", "held"]
+    finally:
+        swarm.close()
+
+
+def test_known_peers_asked_for_the_table_are_those_likely_alive_and_turn_about(monkeypatch):
+    """When no bootstrap answers, up to REFRESH_PEERS known peers are asked for the swarm's table:
+    those with this client's sessions on them, then those timed lately, then those whose record
+    has not expired; the rest in turn (review193: the same four dead ones at every read)."""
+    from nanoswarm.client.background import REFRESH_PEERS, known_peers_to_ask
+    from nanoswarm.client.route import PeerInfo
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("m" * 64, 4, 4, bootstraps=["boot"])
+    names = ["boot", "held", "timed", "recorded", "old-1", "old-2", "old-3", "banned"]
+    for name in names:
+        expires = time.time() + 30 if name == "recorded" else 0
+        swarm.peers[name] = PeerInfo(name, name + "-id", "m" * 64, (0, 4), None,
+                                     extra={"source": "record", "expires": expires})
+    swarm.timed["timed"], swarm.timed_at["timed"] = 0.001, time.monotonic()
+    swarm.ban("banned", "timeout: 5 s", "timeout")
+    monkeypatch.setattr(swarm, "held", lambda address: 1 if address == "held" else 0)
+    try:
+        asked = [known_peers_to_ask(swarm) for _ in range(60)]
+        assert REFRESH_PEERS == 4 and all(a[:3] == ["held", "timed", "recorded"] and len(a) == 4 for a in asked)
+        assert {a[3] for a in asked} == {"old-1", "old-2", "old-3"}
+    finally:
+        swarm.close()
+
+
+def test_a_background_read_asks_only_the_peers_that_went_it_does_not_list(monkeypatch):
+    """Review193: a table unread two minutes holds every peer as a candidate (its record
+    expired): a read asked each whether it answered, on a link of its own, though it listed
+    most. Only those it does not list are asked, at most BACKGROUND_PEERS."""
+    from types import SimpleNamespace
+
+    from nanoswarm.client import background
+    from nanoswarm.client.discovery import Fetched
+    from nanoswarm.client.route import PeerInfo
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("m" * 64, 4, 4, bootstraps=["tcp://127.0.0.1:9#x"])
+    names = [f"p{k}" for k in range(background.BACKGROUND_PEERS + 10)]
+    for name in names:
+        swarm.peers[name] = PeerInfo(name, name + "-id", "m" * 64, (0, 4), None,
+                                     extra={"source": "record", "expires": 0})
+    table = SimpleNamespace(records=lambda model_id=None: [SimpleNamespace(peer_id="p0-id")])
+    monkeypatch.setattr(background, "fetch_table", lambda *args, **kwargs: Fetched(table, ["b"], {"b": 0.001}, {}))
+    monkeypatch.setattr(background, "time_records", lambda *args: {})
+    asked = []
+    monkeypatch.setattr(background, "ask_gone", lambda gone, *args: asked.append(gone) or {})
+    try:
+        fetch = background.BackgroundFetch(swarm, 1.0)
+        assert fetch.done.wait(10) and fetch.asks_gone == set(names)
+        assert list(asked[0]) == names[1:background.BACKGROUND_PEERS + 1]
+    finally:
+        swarm.close()
 
 
 def test_a_background_read_asks_known_peers_when_no_bootstrap_answers(tiny_model_dir, cluster_factory):
