@@ -26,6 +26,7 @@ from nanoswarm.keys.table import STALE_SEQ, RecordTable
 from .bans import GONE_CODES
 from .peer_errors import PeerError, PeerTimeout
 from .round_trips import (
+    BACKGROUND_PEERS,
     PROBE_SECONDS,
     TIMING_LIFE,
     ask_all,
@@ -347,6 +348,7 @@ def _drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None
     peers that came and went they would only grow."""
     unlisted = [a for a in gone_candidates(swarm) if swarm.peers[a].peer_id not in listed]
     if asked is None:
+        unlisted = unlisted[:BACKGROUND_PEERS]  # (the others at a later read: each asked on a link)
         answered = {a for a, (info, _) in swarm._ask_now(unlisted).items()
                     if info.get("leaving") is not True} if unlisted else set()
     else:  # the others: next read

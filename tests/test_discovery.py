@@ -2619,6 +2619,7 @@ def test_peers_whose_record_expired_are_candidates_to_drop_but_those_in_use_or_b
     user gave it; _drop_unlisted (a refresh's, asking them here) drops those that do not answer
     or say they leave (review193: neither was pinned)."""
     from nanoswarm.client.discovery import EXPIRED_GRACE, _drop_unlisted, gone_candidates
+    from nanoswarm.client.round_trips import BACKGROUND_PEERS
     from nanoswarm.client.route import PeerInfo
     from nanoswarm.client.swarm import Swarm
 
@@ -2641,6 +2642,14 @@ def test_peers_whose_record_expired_are_candidates_to_drop_but_those_in_use_or_b
         _drop_unlisted(swarm, set())
         assert sorted(asked) == ["answers", "expired", "leaving"]
         assert sorted(swarm.peers) == ["answers", "back", "by-info", "contact", "fresh", "held"]
+        many = [f"p{k}" for k in range(BACKGROUND_PEERS + 5)]  # at most BACKGROUND_PEERS asked (and dropped)
+        for name in many:
+            swarm.peers[name] = PeerInfo(name, name + "-id", "m" * 64, (0, 4), None,
+                                         extra={"source": "record", "expires": 0})
+        asked.clear()
+        del swarm.peers["answers"]
+        _drop_unlisted(swarm, set())
+        assert asked == many[:BACKGROUND_PEERS] and [a for a in swarm.peers if a in many] == many[BACKGROUND_PEERS:]
     finally:
         swarm.close()
 
