@@ -109,11 +109,13 @@ def known_peers_to_ask(swarm: Swarm) -> list[str]:
     """Up to REFRESH_PEERS peers of the table, not bootstraps, to ask for the swarm's table when no
     bootstrap answers: those holding this client's sessions first, then those timed lately, then
     those whose record has not expired, in random order within each (review193: the same four,
-    dead, were asked at every read, the live ones never)."""
-    fresh, wall = fresh_timings(swarm), time.time()
-    peers = [p.address for p in swarm.available() if p.address not in swarm.bootstraps]
+    dead, were asked at every read, the live ones never), banned ones last (a table read of a
+    peer banned for a freeze does no harm: review195 saw every peer of a table banned, none asked)."""
+    fresh, wall, now = fresh_timings(swarm), time.time(), time.monotonic()
+    peers = [a for a in swarm.peers if a not in swarm.bootstraps]
     random.shuffle(peers)
-    peers.sort(key=lambda a: (not swarm.held(a), a not in fresh, record_expired(swarm.peers[a], wall)))
+    peers.sort(key=lambda a: (a in swarm.bans and swarm.bans[a].until > now,  # (a banned one last: review195)
+                              not swarm.held(a), a not in fresh, record_expired(swarm.peers[a], wall)))
     return peers[:REFRESH_PEERS]
 
 
@@ -140,6 +142,21 @@ class SharedReads:
         self.lock = threading.Lock()
         self.recent: deque[BackgroundFetch] = deque(maxlen=self.RECENT_READS)
         self.introduced = -math.inf
+        # After a refresh that no one answered, the family's next waits QUIET_SECONDS, doubled for
+        # each in a row (TableReads.refresh; review195: a batch's threads each read the dead
+        # bootstraps, 400 reads a minute through an outage)
+        self.quiet_until, self.quiet_for = -math.inf, self.QUIET_SECONDS
+
+    QUIET_SECONDS, QUIET_MAX = 2.0, 16.0
+
+    def answered(self, anyone: bool) -> None:
+        """A refresh of the family's got an answer (`anyone`), or none at all."""
+        with self.lock:
+            if anyone:
+                self.quiet_until, self.quiet_for = -math.inf, self.QUIET_SECONDS
+            else:
+                self.quiet_until = time.monotonic() + self.quiet_for
+                self.quiet_for = min(2 * self.quiet_for, self.QUIET_MAX)
 
     @property
     def latest(self) -> BackgroundFetch | None:

@@ -60,10 +60,11 @@ class TableReads:
         (node/placement.py). From the bootstraps' tables when we came through one, else from
         each known peer and every contact given (`contacts`). A banned peer whose blocks changed
         is banned no more: it moved, it did not fail. False, asking nothing, if we asked less
-        than REFRESH_SECONDS ago."""
+        than REFRESH_SECONDS ago, or the last refresh of this table's family (SharedReads) found
+        no bootstrap or known peer answering a moment ago (2 s, doubled for each in a row, to 16)."""
         now = time.monotonic()
-        if now - self._refreshed < REFRESH_SECONDS:
-            return False
+        if now - self._refreshed < REFRESH_SECONDS or self.bootstraps and now < self._reads.quiet_until:
+            return False  # (the family's last refresh, a moment ago, found no one to ask)
         self._refreshed = self._read_began = now
         self._fetching = None  # a table read before this one is not taken in after it (review101)
         before = self._spans()
@@ -71,6 +72,7 @@ class TableReads:
             self._bootstraps_silent = False
             try:
                 add_from_bootstrap(self, self.bootstraps, min(5.0, self.options.timeout))
+                self._reads.answered(True)
             except DiscoveryError as e:
                 self._bootstraps_silent = True
                 # Every node keeps the swarm's table: with the bootstraps gone, the peers still
@@ -82,8 +84,10 @@ class TableReads:
                         raise
                     add_from_bootstrap(self, others, min(5.0, self.options.timeout), role="known peer")
                     log.info("refreshed the peer table from %d known peers: %s", len(others), e)
+                    self._reads.answered(True)
                 except DiscoveryError as again:
                     log.warning("refreshing the peer table: %s", again)
+                    self._reads.answered(False)
         else:
             # The known peers, and every contact given: one down at connect (restarting, say) was
             # never asked again, and when the others went no route was left (review100). All at
@@ -163,6 +167,8 @@ class TableReads:
         if isinstance(result, BaseException) or result is None:
             log.warning("refreshing the peer table failed: %r", result)
         elif result.answered or result.infos:
+            if result.answered:
+                self._reads.answered(True)
             before = self._spans()
             if result.answered:
                 add_fetched(self, result, min(5.0, self.options.timeout), quiet=True)

@@ -2675,8 +2675,52 @@ def test_known_peers_asked_for_the_table_are_those_likely_alive_and_turn_about(m
         asked = [known_peers_to_ask(swarm) for _ in range(60)]
         assert REFRESH_PEERS == 4 and all(a[:3] == ["held", "timed", "recorded"] and len(a) == 4 for a in asked)
         assert {a[3] for a in asked} == {"old-1", "old-2", "old-3"}
+        for name in names[1:-1]:  # banned ones last, but asked (review195: a table all banned asked no one)
+            swarm.ban(name, "timeout: 5 s", "timeout")
+        assert set(known_peers_to_ask(swarm)) <= set(names[1:]) and len(known_peers_to_ask(swarm)) == 4
+        swarm.bans["banned"].until = 0  # (ran out)
+        assert known_peers_to_ask(swarm)[0] == "banned"
     finally:
         swarm.close()
+
+
+def test_a_refresh_that_no_one_answered_quiets_the_family_for_a_while():
+    """Review195: through an outage a batch's threads each read the dead bootstraps (and known
+    peers) as often as each could, 400 reads a minute. After a refresh that no one answered, the
+    family's next waits 2 s, doubled for each in a row up to 16 s; one that is answered (a
+    background read's too) ends it."""
+    import threading
+    from types import SimpleNamespace
+
+    from nanoswarm.client.background import SharedReads
+    from nanoswarm.client.discovery import Fetched
+    from nanoswarm.client.options import SwarmOptions
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("m" * 64, 4, 4, SwarmOptions(timeout=1), bootstraps=["tcp://127.0.0.1:9"])
+    swarm.options = SwarmOptions(timeout=1, insecure=True)
+    sibling = swarm.sibling()
+    try:
+        assert swarm.refresh() and swarm._bootstraps_silent  # no one answered
+        reads = swarm._reads
+        assert reads.quiet_until - time.monotonic() == pytest.approx(SharedReads.QUIET_SECONDS, abs=1)
+        refreshed = sibling._refreshed
+        assert not sibling.refresh() and sibling._refreshed == refreshed  # quiet: asked no one
+        reads.quiet_until = time.monotonic() - 1
+        assert sibling.refresh() and reads.quiet_for == 4 * SharedReads.QUIET_SECONDS
+        for _ in range(4):
+            reads.quiet_until, sibling._refreshed = time.monotonic() - 1, -10.0
+            assert sibling.refresh()
+        assert reads.quiet_for == SharedReads.QUIET_MAX
+        done = threading.Event()
+        done.set()  # a background read that was answered, taken in
+        swarm._fetching = SimpleNamespace(done=done, started=time.monotonic() - 2, finished=time.monotonic(),
+                                          result=Fetched(RecordTable(), ["b"], {"b": 0.001}, {}))
+        assert swarm.take_read_in()
+        assert reads.quiet_until < time.monotonic() and reads.quiet_for == SharedReads.QUIET_SECONDS
+    finally:
+        swarm.close()
+        sibling.close()
 
 
 def test_a_background_read_asks_only_the_peers_that_went_it_does_not_list(monkeypatch):
