@@ -1,7 +1,9 @@
 """A long-lived client's peer table read again in the background (`BackgroundFetch`): the
-bootstraps' tables (discovery.fetch_table) and the `--peers` contacts' `info` (`read_contacts`),
-on a thread and links of its own, with the round trips of the peers it finds timed, and of
-those timed more than TIMING_LIFE ago timed again; taken in by PeerTable.refresh_stale."""
+bootstraps' tables (discovery.fetch_table; known peers' where no bootstrap answers:
+`known_peers_to_ask`) and the `--peers` contacts' `info` (`read_contacts`), on a thread and
+links of its own, with the round trips of the peers it finds timed, and of those timed more
+than TIMING_LIFE ago timed again, and the peers that went asked whether they answer; taken in
+by PeerTable.refresh_stale. A swarm and its siblings share their reads (`SharedReads`)."""
 
 from __future__ import annotations
 
@@ -58,8 +60,9 @@ class BackgroundFetch:
         # Peers timed already (a copy: the swarm's thread goes on changing its own), not timed
         # again: fresh_timings.
         timed = fresh_timings(swarm)
-        # Peers that went, asked here whether they answer: one no bootstrap lists that does not is
-        # dropped when the read is taken in (discovery._drop_unlisted), with no wait at that open.
+        # Peers that went (or whose record expired), asked here whether they answer where the read
+        # does not list them: one that does not is dropped when the read is taken in
+        # (discovery._drop_unlisted), with no wait at that open.
         gone = {a: (swarm.peers[a].curve_key, swarm.peers[a].peer_id)
                 for a in gone_candidates(swarm)} if swarm.bootstraps else {}
         # What this read asks that is the starting table's own: a sibling takes the read in only
@@ -143,19 +146,40 @@ class SharedReads:
         self.recent: deque[BackgroundFetch] = deque(maxlen=self.RECENT_READS)
         self.introduced = -math.inf
         # After a refresh that no one answered, the family's next waits QUIET_SECONDS, doubled for
-        # each in a row (TableReads.refresh; review195: a batch's threads each read the dead
-        # bootstraps, 400 reads a minute through an outage)
+        # each round in a row, and one of them refreshes at a time (TableReads.refresh; review195:
+        # a batch's threads each read the dead bootstraps, 400 reads a minute through an outage;
+        # review196: those that failed together each doubled the wait, and all went again at its end)
         self.quiet_until, self.quiet_for = -math.inf, self.QUIET_SECONDS
+        self.failed_at = -math.inf  # when the last refresh no one answered was begun (-inf: none since one was)
+        self.trying = False  # a refresh of the family's under way while it fails
 
     QUIET_SECONDS, QUIET_MAX = 2.0, 16.0
 
-    def answered(self, anyone: bool) -> None:
-        """A refresh of the family's got an answer (`anyone`), or none at all."""
+    def may_refresh(self) -> bool:
+        """Whether a table of the family may refresh now: always while refreshes are answered;
+        after one no one answered, once the wait is over, and one table at a time (it then calls
+        `answered`). Under `lock`."""
+        if self.failed_at == -math.inf:
+            return True
+        if self.trying or time.monotonic() < self.quiet_until:
+            return False
+        self.trying = True
+        return True
+
+    def answered(self, anyone: bool, began: float) -> None:
+        """A read of the family's begun at `began` got an answer (`anyone`), or none at all. An
+        answer to one begun before the last that went unanswered ends no wait (review196: a read
+        from before an outage, taken in during it, did)."""
         with self.lock:
+            self.trying = False
             if anyone:
-                self.quiet_until, self.quiet_for = -math.inf, self.QUIET_SECONDS
-            else:
-                self.quiet_until = time.monotonic() + self.quiet_for
+                if began >= self.failed_at:
+                    self.quiet_until, self.quiet_for, self.failed_at = -math.inf, self.QUIET_SECONDS, -math.inf
+                return
+            now = time.monotonic()
+            self.failed_at = max(self.failed_at, began)
+            if now >= self.quiet_until:  # (once a round: those that failed together double it once)
+                self.quiet_until = now + self.quiet_for
                 self.quiet_for = min(2 * self.quiet_for, self.QUIET_MAX)
 
     @property

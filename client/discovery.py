@@ -77,7 +77,8 @@ class Fetched:
         node answered" of a contact never asked)."""
         unasked = self.errors and all(why.startswith((f"{c}: bad_contact:", f"{c}: insecure:"))
                                       for c, why in self.errors.items())
-        return (f"{f'no {self.role} contact could be used' if unasked else f'no {self.role} node answered'} "
+        who = self.role if self.role.endswith("peer") else f"{self.role} node"  # (not "known peer node")
+        return (f"{f'no {self.role} contact could be used' if unasked else f'no {who} answered'} "
                 f"({'; '.join(self.errors.values())})")
 
     def clock_off(self, contact: str) -> str | None:
@@ -309,10 +310,12 @@ def add_fetched(swarm: Swarm, fetched: Fetched, timeout: float = 5.0, quiet: boo
 
 
 def gone_candidates(swarm: Swarm) -> list[str]:
-    """Peers of the table that went: banned for being gone (GONE_CODES), the ban in force or
-    ended so lately that a fault now would count in a row (Bans.ban), not heard from since
-    (`Ban.back`), and not contacts the user gave (those are asked themselves). _drop_unlisted
-    drops those no bootstrap lists that do not answer `info` either."""
+    """Peers of the table that went, not contacts the user gave (those are asked themselves):
+    banned for being gone (GONE_CODES), the ban in force or ended so lately that a fault now
+    would count in a row (Bans.ban), not heard from since (`Ban.back`); or known from a record
+    that expired EXPIRED_GRACE ago (record_expired), banned for another fault or not, not back,
+    with no session of this client on it. _drop_unlisted drops those no read lists that do not
+    answer `info` either."""
     now, wall = time.monotonic(), time.time()
     return [a for a, peer in swarm.peers.items() if a not in swarm.contacts and (
         (ban := swarm.bans.get(a)) is not None and ban.code in GONE_CODES
@@ -331,8 +334,10 @@ def record_expired(peer: PeerInfo, wall: float) -> bool:
 
 def _drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None = None,
                    asked_at: float = math.inf) -> None:
-    """Drop from the table the peers that went (gone_candidates) that no answering bootstrap
-    lists any more (`listed`: the peer ids of its records) and that do not answer `info`: they
+    """Drop from the table the peers that went (gone_candidates: banned for going, or whose
+    record expired unrenewed) that no answering bootstrap (or known peer) lists any more
+    (`listed`: the peer ids of its records) and that do not answer `info` (at most
+    BACKGROUND_PEERS asked, the others at a later read): they
     left, a departure removing their records, or went silent for their records' lifetime. Kept,
     one that had left was planned again each time its ban for going ran out, a failover each
     time (review139). Asked, because a bootstrap that restarted a moment ago lists few peers
@@ -364,7 +369,7 @@ def _drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None
         swarm.dropped(address)
         swarm._close_link(address)  # (a ban closed it already: sessions on it find out at their next step)
         log.info("peer %s went (%s) and no table read lists it any more: dropped from the table", address,
-                 ban.why if ban is not None else "its record expired unrenewed")
+                 ban.why if ban is not None and ban.code in GONE_CODES else "its record expired unrenewed")
     # (Lapsed past its own length, a ban no longer counts for the next fault either: Bans.ban.)
     now = time.monotonic()
     for address in [a for a, b in swarm.bans.items()

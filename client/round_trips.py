@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROBE_PEERS = 32  # peers a connect times itself (measure_round_trips; of more, a sample)
-BACKGROUND_PEERS = 128  # peers a background read of a table times (time_records; nothing waits on it)
+BACKGROUND_PEERS = 128  # peers a background read of a table times (time_records), and peers that went a read asks
 PROBE_SECONDS = 2.0  # the most a timing waits, handshakes and answers together
 # Requests a peer is timed by, the fastest kept: one alone, on a fresh link, came out 2-5x the
 # round trip and noisy on loopback, enough to part like peers (review103).

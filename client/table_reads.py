@@ -61,33 +61,27 @@ class TableReads:
         each known peer and every contact given (`contacts`). A banned peer whose blocks changed
         is banned no more: it moved, it did not fail. False, asking nothing, if we asked less
         than REFRESH_SECONDS ago, or the last refresh of this table's family (SharedReads) found
-        no bootstrap or known peer answering a moment ago (2 s, doubled for each in a row, to 16)."""
+        no bootstrap or known peer answering a moment ago (2 s, doubled for each round in a row,
+        to 16), or another of the family is refreshing after such a one (SharedReads.may_refresh)."""
         now = time.monotonic()
-        if now - self._refreshed < REFRESH_SECONDS or self.bootstraps and now < self._reads.quiet_until:
-            return False  # (the family's last refresh, a moment ago, found no one to ask)
+        if now - self._refreshed < REFRESH_SECONDS:
+            return False
+        if self.bootstraps:
+            with self._reads.lock:
+                if not self._reads.may_refresh():  # (the family's last refresh found no one to ask)
+                    self._bootstraps_silent = True
+                    return False
         self._refreshed = self._read_began = now
         self._fetching = None  # a table read before this one is not taken in after it (review101)
         before = self._spans()
         if self.bootstraps:
-            self._bootstraps_silent = False
             try:
-                add_from_bootstrap(self, self.bootstraps, min(5.0, self.options.timeout))
-                self._reads.answered(True)
-            except DiscoveryError as e:
-                self._bootstraps_silent = True
-                # Every node keeps the swarm's table: with the bootstraps gone, the peers still
-                # in use know the swarm as well (a churn review: the only bootstrap died, and a
-                # spare that joined later was never learned).
-                others = known_peers_to_ask(self)
-                try:
-                    if not others:
-                        raise
-                    add_from_bootstrap(self, others, min(5.0, self.options.timeout), role="known peer")
-                    log.info("refreshed the peer table from %d known peers: %s", len(others), e)
-                    self._reads.answered(True)
-                except DiscoveryError as again:
-                    log.warning("refreshing the peer table: %s", again)
-                    self._reads.answered(False)
+                answered = self._read_bootstraps()
+            except BaseException:  # (Ctrl-C: neither answered nor not; the family waits on no one)
+                with self._reads.lock:
+                    self._reads.trying = False
+                raise
+            self._reads.answered(answered, now)
         else:
             # The known peers, and every contact given: one down at connect (restarting, say) was
             # never asked again, and when the others went no route was left (review100). All at
@@ -96,6 +90,29 @@ class TableReads:
             self.add_addresses([*self.peers, *self.contacts], min(1.0, self.options.timeout))
         self._unban_moved(before)
         return True
+
+    def _read_bootstraps(self) -> bool:
+        """refresh's read of the bootstraps' tables, or of known peers' where none answers.
+        Whether anyone answered."""
+        self._bootstraps_silent = False
+        try:
+            add_from_bootstrap(self, self.bootstraps, min(5.0, self.options.timeout))
+            return True
+        except DiscoveryError as e:
+            self._bootstraps_silent = True
+            # Every node keeps the swarm's table: with the bootstraps gone, the peers still
+            # in use know the swarm as well (a churn review: the only bootstrap died, and a
+            # spare that joined later was never learned).
+            others = known_peers_to_ask(self)
+            try:
+                if not others:
+                    raise
+                add_from_bootstrap(self, others, min(5.0, self.options.timeout), role="known peer")
+                log.info("refreshed the peer table from %d known peers: %s", len(others), e)
+                return True
+            except DiscoveryError as again:
+                log.warning("refreshing the peer table: %s", again)
+                return False
 
     def _spans(self) -> dict[str, tuple]:
         return {a: (p.layers, p.heads) for a, p in self.peers.items()}
@@ -168,7 +185,7 @@ class TableReads:
             log.warning("refreshing the peer table failed: %r", result)
         elif result.answered or result.infos:
             if result.answered:
-                self._reads.answered(True)
+                self._reads.answered(True, fetch.started)
             before = self._spans()
             if result.answered:
                 add_fetched(self, result, min(5.0, self.options.timeout), quiet=True)

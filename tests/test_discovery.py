@@ -367,9 +367,10 @@ def test_info_command_shows_what_a_node_says_of_itself(swarm, tiny_model_dir):
     assert as_json.returncode == 0 and text.returncode == 0, as_json.stderr + text.stderr
     fields = json.loads(as_json.stdout)
     assert fields["contact"] == node.address and fields["model_id"] == read_manifest(tiny_model_dir).model_id
-    assert "overtaken" in fields["gossip"] or "rejected" in fields["gossip"]
+    assert isinstance(fields["gossip"]["rejected"], dict) and fields["gossip"]["records"] >= 1
     lines = text.stdout.splitlines()
     assert f"contact: {node.address}" in lines and f"layers: {json.dumps(fields['layers'])}" in lines
+    assert any(line.startswith('gossip: {"accepted": ') for line in lines)  # (nested: compact JSON)
     assert invoke_cli("info", "garbage").returncode == 2
     refused = invoke_cli("info", "tcp://127.0.0.1:9", "--timeout", "1")
     assert refused.returncode == 1 and refused.stderr.startswith("error: tcp://127.0.0.1:9: unreachable")
@@ -2687,8 +2688,9 @@ def test_known_peers_asked_for_the_table_are_those_likely_alive_and_turn_about(m
 def test_a_refresh_that_no_one_answered_quiets_the_family_for_a_while():
     """Review195: through an outage a batch's threads each read the dead bootstraps (and known
     peers) as often as each could, 400 reads a minute. After a refresh that no one answered, the
-    family's next waits 2 s, doubled for each in a row up to 16 s; one that is answered (a
-    background read's too) ends it."""
+    family's next waits 2 s, doubled for each round in a row up to 16 s, and one of its tables
+    refreshes at a time (review196: those failing together each doubled the wait, and all went
+    again at its end); an answered read begun since ends it (review196: not one from before)."""
     import threading
     from types import SimpleNamespace
 
@@ -2697,27 +2699,50 @@ def test_a_refresh_that_no_one_answered_quiets_the_family_for_a_while():
     from nanoswarm.client.options import SwarmOptions
     from nanoswarm.client.swarm import Swarm
 
-    swarm = Swarm("m" * 64, 4, 4, SwarmOptions(timeout=1), bootstraps=["tcp://127.0.0.1:9"])
-    swarm.options = SwarmOptions(timeout=1, insecure=True)
+    swarm = Swarm("m" * 64, 4, 4, SwarmOptions(timeout=1, insecure=True), bootstraps=["tcp://127.0.0.1:9"])
     sibling = swarm.sibling()
+    reads = swarm._reads
+
+    def taken_in(started: float) -> None:  # a background read that was answered, taken in
+        done = threading.Event()
+        done.set()
+        swarm._fetching = SimpleNamespace(done=done, started=started, finished=time.monotonic(),
+                                          result=Fetched(RecordTable(), ["b"], {"b": 0.001}, {}))
+        assert swarm.take_read_in()
     try:
         assert swarm.refresh() and swarm._bootstraps_silent  # no one answered
-        reads = swarm._reads
         assert reads.quiet_until - time.monotonic() == pytest.approx(SharedReads.QUIET_SECONDS, abs=1)
         refreshed = sibling._refreshed
         assert not sibling.refresh() and sibling._refreshed == refreshed  # quiet: asked no one
+        assert sibling._bootstraps_silent
         reads.quiet_until = time.monotonic() - 1
-        assert sibling.refresh() and reads.quiet_for == 4 * SharedReads.QUIET_SECONDS
+        reads.trying = True  # another of the family refreshing
+        assert not sibling.refresh() and sibling._refreshed == refreshed
+        reads.trying = False
+        assert sibling.refresh() and reads.quiet_for == 4 * SharedReads.QUIET_SECONDS and not reads.trying
         for _ in range(4):
             reads.quiet_until, sibling._refreshed = time.monotonic() - 1, -10.0
             assert sibling.refresh()
         assert reads.quiet_for == SharedReads.QUIET_MAX
-        done = threading.Event()
-        done.set()  # a background read that was answered, taken in
-        swarm._fetching = SimpleNamespace(done=done, started=time.monotonic() - 2, finished=time.monotonic(),
-                                          result=Fetched(RecordTable(), ["b"], {"b": 0.001}, {}))
-        assert swarm.take_read_in()
+        reads.quiet_until, reads.quiet_for = time.monotonic() - 1, 4.0
+        began = time.monotonic()
+        reads.answered(False, began)
+        reads.answered(False, began)  # (two that failed together: doubled once)
+        assert reads.quiet_for == 8.0
+        taken_in(began - 30)  # begun before the outage's last unanswered refresh: no end to the wait
+        assert reads.quiet_for == 8.0 and reads.quiet_until > time.monotonic()
+        taken_in(time.monotonic())
         assert reads.quiet_until < time.monotonic() and reads.quiet_for == SharedReads.QUIET_SECONDS
+        assert reads.may_refresh() and not reads.trying  # answered: every table refreshes, as before
+        reads.answered(False, time.monotonic())
+        reads.quiet_until, sibling._refreshed = time.monotonic() - 1, -10.0
+
+        def cut(*args) -> bool:
+            raise KeyboardInterrupt
+        sibling._read_bootstraps = cut
+        with pytest.raises(KeyboardInterrupt):
+            sibling.refresh()
+        assert not reads.trying  # (left set, no table of the family would refresh again)
     finally:
         swarm.close()
         sibling.close()
