@@ -20,7 +20,8 @@ import zmq
 from nanoswarm.keys.contact import split_contact
 from nanoswarm.keys.table import RecordTable
 
-from .discovery import Fetched, fetch_table, gone_candidates, record_expired
+from .departures import gone_candidates, record_expired
+from .discovery import Fetched, fetch_table
 from .introduce import ask_info
 from .peer_errors import PeerError
 from .round_trips import (
@@ -62,7 +63,7 @@ class BackgroundFetch:
         timed = fresh_timings(swarm)
         # Peers that went (or whose record expired), asked here whether they answer where the read
         # does not list them: one that does not is dropped when the read is taken in
-        # (discovery._drop_unlisted), with no wait at that open.
+        # (departures.drop_unlisted), with no wait at that open.
         gone = {a: (swarm.peers[a].curve_key, swarm.peers[a].peer_id)
                 for a in gone_candidates(swarm)} if swarm.bootstraps else {}
         # What this read asks that is the starting table's own: a sibling takes the read in only

@@ -2255,7 +2255,7 @@ def test_an_unlisted_peer_banned_for_going_is_kept_if_it_answers(tiny_model_dir,
     at once and serving, banned still, was dropped when a bootstrap restarted a moment ago did
     not list it yet. Such peers are asked for `info` first (within a second): one that answers
     stays, one that does not is dropped."""
-    from nanoswarm.client.discovery import _drop_unlisted
+    from nanoswarm.client.departures import drop_unlisted
 
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 4))], args=FAST)
     wait_for(lambda: len(table_of(nodes.addresses[0])) == 2, 15, "both records in the bootstrap's table")
@@ -2267,7 +2267,7 @@ def test_an_unlisted_peer_banned_for_going_is_kept_if_it_answers(tiny_model_dir,
         for address in (back, dead):
             model.swarm.ban(address, "disconnected: connection closed by the peer", "disconnected")
         t0 = time.monotonic()
-        _drop_unlisted(model.swarm, set())  # as a bootstrap restarted a moment ago: it lists no one
+        drop_unlisted(model.swarm, set())  # as a bootstrap restarted a moment ago: it lists no one
         assert time.monotonic() - t0 < 1.5
         assert list(model.swarm.peers) == [back] and model.swarm.bans[back].back
     finally:
@@ -2282,7 +2282,7 @@ def test_only_a_peer_that_went_is_dropped_for_being_unlisted():
     long ago, was dropped with the only copy of its blocks). Nor a contact the user gave. Bans of
     peers no longer in the table go once they count for nothing. A background read's answers
     (Fetched.gone) are taken as they are: no one is asked at the open that takes it in."""
-    from nanoswarm.client.discovery import _drop_unlisted
+    from nanoswarm.client.departures import drop_unlisted
     from nanoswarm.client.route import PeerInfo
     from nanoswarm.client.swarm import Swarm
 
@@ -2301,7 +2301,7 @@ def test_only_a_peer_that_went_is_dropped_for_being_unlisted():
     swarm.bans["recent"].until = time.monotonic() - 1  # not in the table; still counts for a fault
     swarm.contacts["given"] = None
     try:
-        _drop_unlisted(swarm, {"listed-id"})  # asked here: none of these names answers
+        drop_unlisted(swarm, {"listed-id"})  # asked here: none of these names answers
         assert list(swarm.peers) == ["listed", "long-ago", "back", "slow", "serving", "given"]
         # A dropped peer's ban stays, strikes and all, should it be listed again (review145)
         assert set(swarm.bans) == {"listed", "gone", "lately", "long-ago", "back", "slow", "given", "recent"}
@@ -2311,14 +2311,14 @@ def test_only_a_peer_that_went_is_dropped_for_being_unlisted():
         asked_at = time.monotonic()
         for name in ("answered-before", "silent-before"):  # banned (again) after the read asked them
             swarm.bans[name].since = asked_at + 0.1
-        _drop_unlisted(swarm, {"listed-id"}, {"answered": True, "silent": False, "answered-before": True,
+        drop_unlisted(swarm, {"listed-id"}, {"answered": True, "silent": False, "answered-before": True,
                                               "silent-before": False}, asked_at)  # as a background read
         assert {"answered", "unasked", "answered-before", "silent-before"} <= set(swarm.peers)
         assert "silent" not in swarm.peers
         assert swarm.bans["answered"].back and not swarm.bans["unasked"].back
         assert not swarm.bans["answered-before"].back  # review186: a dead peer used again on it
         swarm.bans["gone"].until = long_ago  # once it counts for nothing, a dropped peer's ban goes
-        _drop_unlisted(swarm, {"listed-id"}, {})
+        drop_unlisted(swarm, {"listed-id"}, {})
         assert "gone" not in swarm.bans and "lately" in swarm.bans
     finally:
         swarm.close()
@@ -2513,7 +2513,7 @@ def test_a_table_takes_a_siblings_new_peers_but_not_one_it_dropped_or_bans():
     sibling = swarm.sibling()
     try:
         for name in ("went", "back"):
-            del swarm.peers[name]  # as _drop_unlisted does
+            del swarm.peers[name]  # as drop_unlisted does
             swarm.dropped(name)
         learn(sibling, "back")  # learned again since it was dropped here
         learn(sibling, "kept", (0, 2))  # (its version: not taken)
@@ -2617,9 +2617,9 @@ def test_no_route_where_every_peer_known_went_says_the_table_cannot_learn_others
 def test_peers_whose_record_expired_are_candidates_to_drop_but_those_in_use_or_back(monkeypatch):
     """gone_candidates: a peer known from a record that expired EXPIRED_GRACE ago, banned or not,
     unless a session of this client is on it, it answered since being banned for going, or the
-    user gave it; _drop_unlisted (a refresh's, asking them here) drops those that do not answer
+    user gave it; drop_unlisted (a refresh's, asking them here) drops those that do not answer
     or say they leave (review193: neither was pinned)."""
-    from nanoswarm.client.discovery import EXPIRED_GRACE, _drop_unlisted, gone_candidates
+    from nanoswarm.client.departures import EXPIRED_GRACE, drop_unlisted, gone_candidates
     from nanoswarm.client.round_trips import BACKGROUND_PEERS
     from nanoswarm.client.route import PeerInfo
     from nanoswarm.client.swarm import Swarm
@@ -2640,7 +2640,7 @@ def test_peers_whose_record_expired_are_candidates_to_drop_but_those_in_use_or_b
         asked = []
         monkeypatch.setattr(swarm, "_ask_now", lambda addresses: asked.extend(addresses) or {
             "leaving": ({"leaving": True}, 0.01), "answers": ({"peer_id": "answers-id"}, 0.01)})
-        _drop_unlisted(swarm, set())
+        drop_unlisted(swarm, set())
         assert sorted(asked) == ["answers", "expired", "leaving"]
         assert sorted(swarm.peers) == ["answers", "back", "by-info", "contact", "fresh", "held"]
         many = [f"p{k}" for k in range(BACKGROUND_PEERS + 5)]  # at most BACKGROUND_PEERS asked (and dropped)
@@ -2649,7 +2649,7 @@ def test_peers_whose_record_expired_are_candidates_to_drop_but_those_in_use_or_b
                                          extra={"source": "record", "expires": 0})
         asked.clear()
         del swarm.peers["answers"]
-        _drop_unlisted(swarm, set())
+        drop_unlisted(swarm, set())
         assert asked == many[:BACKGROUND_PEERS] and [a for a in swarm.peers if a in many] == many[BACKGROUND_PEERS:]
     finally:
         swarm.close()
@@ -2814,7 +2814,7 @@ def test_a_peer_whose_record_expired_unlisted_is_dropped_though_never_used(tiny_
     taken for served (a RouteError named the wrong gap), and asked as a "bootstrap" at every
     refresh. A peer whose record expired a minute ago, that no bootstrap lists and that does
     not answer, goes as one banned for going does; one whose record is fresh stays."""
-    from nanoswarm.client.discovery import EXPIRED_GRACE
+    from nanoswarm.client.departures import EXPIRED_GRACE
 
     cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 4)), NodeSpec((0, 2))])
     with SwarmModel.connect(tiny_model_dir, bootstrap=cluster.addresses[:1]) as model:

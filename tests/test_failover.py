@@ -122,7 +122,7 @@ def test_a_ban_doubles_with_every_strike_and_ends():
         swarm.bans.get(address, SimpleNamespace()).since = -1.0
         swarm.ban(address, "a test")
         assert abs(swarm.bans[address].until - time.monotonic() - seconds) < 1
-        assert time.monotonic() - swarm.bans[address].since < 1  # when made or renewed (discovery._drop_unlisted)
+        assert time.monotonic() - swarm.bans[address].since < 1  # when made or renewed (departures.drop_unlisted)
         assert swarm.available() == []
         swarm.bans[address].until = time.monotonic()  # as if it had run out
         assert [p.address for p in swarm.available()] == [address]
