@@ -45,12 +45,12 @@ def record_expired(peer: PeerInfo, wall: float) -> bool:
 
 
 def drop_unlisted(swarm: Swarm, listed: set[str], asked: dict[str, bool] | None = None,
-                   asked_at: float = math.inf) -> None:
+                  asked_at: float = math.inf) -> None:
     """Drop from the table the peers that went (gone_candidates: banned for going, or whose
     record expired unrenewed) that no answering bootstrap (or known peer) lists any more
     (`listed`: the peer ids of its records) and that do not answer `info` (at most
-    BACKGROUND_PEERS asked, the others at a later read): they
-    left, a departure removing their records, or went silent for their records' lifetime. Kept,
+    BACKGROUND_PEERS asked, the others at a later read): they left, a departure removing their
+    records, or went silent for their records' lifetime. Kept,
     one that had left was planned again each time its ban for going ran out, a failover each
     time (review139). Asked, because a bootstrap that restarted a moment ago lists few peers
     until gossip fills its table, and a peer back and serving must not go with that (review142:
