@@ -156,11 +156,17 @@ class SharedReads:
 
     QUIET_SECONDS, QUIET_MAX = 2.0, 16.0
 
+    @property
+    def failing(self) -> bool:
+        """Whether the family's last refresh was answered by no bootstrap or known peer (and none
+        begun since was): PeerTable.all_gone_hint."""
+        return self.failed_at > -math.inf
+
     def may_refresh(self) -> bool:
         """Whether a table of the family may refresh now: always while refreshes are answered;
         after one no one answered, once the wait is over, and one table at a time (it then calls
         `answered`). Under `lock`."""
-        if self.failed_at == -math.inf:
+        if not self.failing:
             return True
         if self.trying or time.monotonic() < self.quiet_until:
             return False

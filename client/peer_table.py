@@ -74,7 +74,6 @@ class PeerTable(Bans, TableReads):
     _refreshed: float = -REFRESH_SECONDS
     _asked: float = field(default_factory=time.monotonic)  # when a peer's info (taken or not) or record was last read
     _read_began: float = field(default_factory=time.monotonic)  # when the last read taken in was begun
-    _bootstraps_silent: bool = False  # no bootstrap answered the last read (all_gone_hint)
     _fetching: BackgroundFetch | None = None  # the bootstraps' tables, read for refresh_stale
     _reads: SharedReads = field(default_factory=SharedReads)  # its siblings' reads too (refresh_stale)
     _reread: dict[str, float] = field(default_factory=dict)  # address -> when `reread` last asked it
@@ -309,7 +308,7 @@ class PeerTable(Bans, TableReads):
             # A `--peers` client uses only its contacts, even where they know the rest (review115).
             hint = "" if self.bootstraps or not self.contacts else self.peers_only_hint
             gone = [a for a, b in self.bans.items() if b.code in GONE_CODES and b.until > now]
-            if self.bootstraps and self._bootstraps_silent and self.peers and set(self.peers) <= set(gone):
+            if self.bootstraps and self._reads.failing and self.peers and set(self.peers) <= set(gone):
                 # Nothing left to learn the swarm from (review192: the peers that joined since were
                 # never learned, and every call failed on for good)
                 hint += self.all_gone_hint

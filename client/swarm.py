@@ -271,7 +271,6 @@ class Swarm(PeerTable):
         other.timed.update(self.timed)
         other.timed_at.update(self.timed_at)
         other._asked, other._refreshed, other._read_began = self._asked, self._refreshed, self._read_began
-        other._bootstraps_silent = self._bootstraps_silent
         # This table's read under way is the sibling's too, taken in at its first open after it
         # came: a read of its own would be one more of the same, one a sibling (review182: a
         # stale batch of 8 read the bootstraps' tables 9 times), and one marked fresh instead

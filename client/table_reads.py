@@ -44,7 +44,6 @@ class TableReads:
     _refreshed: float
     _asked: float
     _read_began: float
-    _bootstraps_silent: bool
     _fetching: BackgroundFetch | None
     _reads: SharedReads
     closed: bool
@@ -69,7 +68,6 @@ class TableReads:
         if self.bootstraps:
             with self._reads.lock:
                 if not self._reads.may_refresh():  # (the family's last refresh found no one to ask)
-                    self._bootstraps_silent = True
                     return False
         self._refreshed = self._read_began = now
         self._fetching = None  # a table read before this one is not taken in after it (review101)
@@ -94,12 +92,10 @@ class TableReads:
     def _read_bootstraps(self) -> bool:
         """refresh's read of the bootstraps' tables, or of known peers' where none answers.
         Whether anyone answered."""
-        self._bootstraps_silent = False
         try:
             add_from_bootstrap(self, self.bootstraps, min(5.0, self.options.timeout))
             return True
         except DiscoveryError as e:
-            self._bootstraps_silent = True
             # Every node keeps the swarm's table: with the bootstraps gone, the peers still
             # in use know the swarm as well (a churn review: the only bootstrap died, and a
             # spare that joined later was never learned).
@@ -179,8 +175,6 @@ class TableReads:
         result = fetch.result  # (not changed here: a swarm's siblings may take in the same read)
         if isinstance(result, Fetched) and time.monotonic() - fetch.finished >= TABLE_SECONDS:
             result = replace(result, gone={})  # who answered then says too little now: nobody is dropped on it
-        if self.bootstraps and isinstance(result, Fetched):  # (for PeerTable.all_gone_hint)
-            self._bootstraps_silent = not result.answered or result.role != "bootstrap"
         if isinstance(result, BaseException) or result is None:
             log.warning("refreshing the peer table failed: %r", result)
         elif result.answered or result.infos:

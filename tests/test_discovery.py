@@ -2590,7 +2590,8 @@ def test_a_table_is_read_again_ten_seconds_after_a_peer_went():
 def test_no_route_where_every_peer_known_went_says_the_table_cannot_learn_others():
     """Review192: bootstraps and peers all gone (a node that joined since never learned), every
     call failed on for good with a RouteError that read like a passing one. Said only where no
-    bootstrap answered the last read, and every peer of the table went (review193)."""
+    bootstrap or known peer answered the family's last refresh (SharedReads.failing), and every
+    peer of the table went (review193)."""
     from nanoswarm.client.route import PeerInfo, RouteError
     from nanoswarm.client.swarm import Swarm
 
@@ -2601,7 +2602,7 @@ def test_no_route_where_every_peer_known_went_says_the_table_cannot_learn_others
                                            (boot, True, {"a": "unreachable"}, False),
                                            ([], True, {"a": "unreachable"}, False)]:
         swarm = Swarm("m" * 64, 4, 4, bootstraps=bootstraps)
-        swarm._bootstraps_silent = silent
+        swarm._reads.failed_at = time.monotonic() if silent else float("-inf")
         for name in ("a", "b"):
             swarm.peers[name] = PeerInfo(name, name + "-id", "m" * 64, (0, 4), None)
         for name, code in bans.items():
@@ -2710,11 +2711,11 @@ def test_a_refresh_that_no_one_answered_quiets_the_family_for_a_while():
                                           result=Fetched(RecordTable(), ["b"], {"b": 0.001}, {}))
         assert swarm.take_read_in()
     try:
-        assert swarm.refresh() and swarm._bootstraps_silent  # no one answered
+        assert swarm.refresh() and reads.failing  # no one answered
         assert reads.quiet_until - time.monotonic() == pytest.approx(SharedReads.QUIET_SECONDS, abs=1)
         refreshed = sibling._refreshed
         assert not sibling.refresh() and sibling._refreshed == refreshed  # quiet: asked no one
-        assert sibling._bootstraps_silent
+        assert reads.failing
         reads.quiet_until = time.monotonic() - 1
         reads.trying = True  # another of the family refreshing
         assert not sibling.refresh() and sibling._refreshed == refreshed
