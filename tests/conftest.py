@@ -156,10 +156,50 @@ def take_over_port(ctx: zmq.Context, port: int, seconds: float = 10.0) -> tuple[
             return sock, monitor
         except zmq.ZMQError:
             if time.monotonic() > deadline:
-                sock.close(linger=0)
-                monitor.close(linger=0)
+                close_monitored(sock, monitor)
                 raise
             time.sleep(0.05)
+
+
+def close_monitored(sock: zmq.Socket | None, monitor: zmq.Socket | None) -> None:
+    """Close a monitored socket and its monitor's reader, in the one safe order: monitoring
+    stopped, then the reader, then the socket. With the reader closed first, an event in between
+    (a connection accepted, a retry's drop) blocked libzmq's I/O thread for good on a send nobody
+    would read, and every later test of that pytest worker found the shared context dead: nodes
+    "not answering" for 120 s (CI, the sixty-fourth and sixty-sixth sessions). Either may be None."""
+    if sock is not None and not sock.closed:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:  # never monitored
+            pass
+    if monitor is not None:
+        monitor.close(linger=0)
+    if sock is not None:
+        sock.close(linger=0)
+
+
+def context_serves(ctx: zmq.Context, timeout_ms: int = 10_000) -> bool:
+    """Whether `ctx`'s I/O thread still carries a message over TCP (~0.2 ms when it does)."""
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        dealer.connect(f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}")
+        dealer.send(b"?")
+        return bool(router.poll(timeout_ms))
+    finally:
+        dealer.close(linger=0)
+        router.close(linger=0)
+
+
+@pytest.fixture(autouse=True)
+def _shared_context_still_serves():
+    """After each test, the process's shared ZeroMQ context still serves. A stuck I/O thread used
+    to show only in the worker's later tests, each failing after 120 s; this names the test that
+    left it stuck."""
+    yield
+    ctx = zmq.Context._instance
+    if ctx is not None and not ctx.closed and not context_serves(ctx):
+        pytest.fail("this test left the process's shared ZeroMQ context stuck: its I/O thread carries nothing "
+                    "(a monitored socket whose monitor's reader closed first?)")
 
 
 def accepted(monitor: zmq.Socket, seconds: float, settle: float = 0.0) -> int:

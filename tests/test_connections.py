@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import accepted, curve_router, sessions_on, take_over_port
+from conftest import accepted, close_monitored, curve_router, sessions_on, take_over_port
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.peer_errors import PeerError
@@ -202,8 +202,7 @@ def test_a_flood_of_connections_during_a_long_batch_blocks_nothing():
         closing.join(5)
         assert not closing.is_alive(), "closing the watch hung"
     finally:
-        shook.close(linger=0)
-        client.close(linger=0)
+        close_monitored(client, shook)
         other.term()
         router.close(linger=0)
         if not closing.is_alive():  # (a hung close would hang term too)
@@ -376,9 +375,7 @@ def test_a_client_closes_a_link_that_dropped_and_holds_nothing():
         assert swarm.connection(address) is not conn  # asked again: a fresh link
     finally:
         swarm.close()
-        for s in (monitor, newcomer):
-            if s is not None:
-                s.close(linger=0)
+        close_monitored(newcomer, monitor)
 
 
 def test_a_drop_passed_on_to_the_next_link_is_forgiven_once_old_if_the_peer_is_back(tiny_model_dir, cluster_factory):

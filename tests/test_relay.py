@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 import zmq
-from conftest import SwarmWithALiar, accepted, curve_router, free_port, take_over_port
+from conftest import SwarmWithALiar, accepted, close_monitored, curve_router, free_port, take_over_port
 from test_failover import (  # the same fault harness
     FAIL_AT,
     N_TOKENS,
@@ -1172,9 +1172,7 @@ def test_links_to_a_hop_that_went_close_and_stop_knocking_at_its_address():
         assert links.send(Relay(contact, b"b", 2, next_hop_id(), "s-b"), [b"x"]) is None  # a fresh link
     finally:
         links.close()
-        for s in (monitor, newcomer):
-            if s is not None:
-                s.close(linger=0)
+        close_monitored(newcomer, monitor)
 
 
 def test_a_connection_that_drops_mid_handshake_is_no_refusal():
@@ -1187,10 +1185,7 @@ def test_a_connection_that_drops_mid_handshake_is_no_refusal():
 
     from nanoswarm.node.relay import RelayLinks, next_hop_id
 
-    # A context of its own: twice in CI (sixty-fourth and sixty-sixth sessions) this test failed
-    # and every later test of its pytest worker found the worker's shared context dead (nodes
-    # "not answering" for 120 s); a stuck context here stays this test's, and is not waited for.
-    ctx = zmq.Context()
+    ctx = zmq.Context.instance()
     server_public, server_secret = zmq.curve_keypair()
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1227,9 +1222,6 @@ def test_a_connection_that_drops_mid_handshake_is_no_refusal():
     finally:
         links.close()
         hop.close(linger=0)
-        ender = threading.Thread(target=ctx.term, daemon=True)
-        ender.start()
-        ender.join(5)
 
 
 def test_a_next_hop_flooding_its_link_is_read_a_batch_at_a_time():
