@@ -125,13 +125,20 @@ class HeadGroupStage(Stage):
                 check_heads_served(conn, heads, self.timeout)
         self.sent_at = min(sent)
 
-    def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int) -> torch.Tensor:
+    @property
+    def takes_rewind(self) -> bool:
+        """Whether every member takes `rewind` on its first block's attention (`head_rewind`; an
+        earlier version refuses it): a step cut short is then redone in place, fanned out, where
+        it was reopened and replayed (InferenceSession._settle)."""
+        return bool(self.limits) and all(fields.get("head_rewind") is True for fields in self.limits)
+
+    def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int, rewind: bool = False) -> torch.Tensor:
         partials: list[torch.Tensor | None] = [None] * len(self.members)
         waiting = list(range(len(self.members)))
         sent = self.asking()  # every member's session has had a request since
+        fields = {"phase": phase, "block": block, "wire": self.wire, **({"rewind": True} if rewind else {})}
         for retry in range(BUSY_RETRIES + 1):
-            ids = {k: self.members[k][0].send("step", {"session": self.sessions[k], "pos": pos, "phase": phase,
-                                                       "block": block, "wire": self.wire},
+            ids = {k: self.members[k][0].send("step", {"session": self.sessions[k], "pos": pos, **fields},
                                               [hidden], self.wire, timeout=self.timeout)
                    for k in waiting}
             busy = []
@@ -161,23 +168,31 @@ class HeadGroupStage(Stage):
     def step(self, hidden: torch.Tensor, pos: int, rewind: bool = False, last: int | None = None) -> torch.Tensor:
         """With `last`, an all-reduce step's members answer fewer rows where they all say they can
         (`last_positions`), as RemoteLayerStage.step: the rows returned end with the output's last
-        `last` positions. (The fan-out's partials are every row's: the block's next phase needs them.)"""
-        # Never part of a relayed step, so never holds a position it is asked for. Positions go in
-        # pieces every member takes: halving after a refusal (as a layer stage does) cannot work
-        # here, because the members that took the first block have stored it.
+        `last` positions. (The fan-out's partials are every row's: the block's next phase needs them.)
+        With `rewind` (after a step cut short, where every member `takes_rewind`), the members drop
+        what they hold from `pos` on first: the first piece is fanned out, its first block's
+        attention rewinding."""
+        # Never part of a relayed step. Positions go in pieces every member takes: halving after a
+        # refusal (as a layer stage does) cannot work here, because the members that took the
+        # first block have stored it.
+        rewind = rewind and self.takes_rewind  # (a group that cannot was reopened instead: _settle)
         if self.record is not None:  # every piece of the step is kept: a check covers them all
+            if rewind:
+                self.record.truncate(pos)
             self.record.begin(hidden.shape[1])
         if not all(fields.get("last_positions") is True for fields in self.limits):
             last = None
         T = hidden.shape[1]
         n = min(positions_per_request(fields, hidden.shape[2]) for fields in self.limits)
         if T <= n:  # a decode step: no copy
-            return self._step_piece(hidden, pos, last)
-        return torch.cat([self._step_piece(hidden[:, i:i + n], pos + i, piece_last(last, T, min(i + n, T)))
+            return self._step_piece(hidden, pos, last, rewind)
+        return torch.cat([self._step_piece(hidden[:, i:i + n], pos + i, piece_last(last, T, min(i + n, T)),
+                                           rewind and i == 0)
                           for i in range(0, T, n)], dim=1)
 
-    def _step_piece(self, hidden: torch.Tensor, pos: int, last: int | None = None) -> torch.Tensor:
-        if self.all_reduce:
+    def _step_piece(self, hidden: torch.Tensor, pos: int, last: int | None = None,
+                    rewind: bool = False) -> torch.Tensor:
+        if self.all_reduce and not rewind:  # (an all-reduce step does not rewind: node/group_step.py)
             try:
                 return self._all_reduce(hidden, pos, last)
             except AllReduceFailed as e:
@@ -191,7 +206,7 @@ class HeadGroupStage(Stage):
                     raise AllReduceFailed(again.address, again.code, f"reopening the group after an all-reduce "
                                           f"failed: {again.message}") from again
         for block in range(self.start, self.stop):
-            hidden = self._fan_out(hidden, pos, "attn", block)
+            hidden = self._fan_out(hidden, pos, "attn", block, rewind and block == self.start)
             hidden = self._fan_out(hidden, pos, "mlp", block)
         return hidden
 

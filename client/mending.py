@@ -37,7 +37,7 @@ class Mending(SpotChecks):
     def _undo_step(self, pos: int) -> None:
         """A step cut short (Ctrl-C, a spot check's failover interrupted) did not happen: the
         session is back at `pos`, and the next step asks the stages to drop what they hold from
-        there first (`rewind`; head groups, which cannot, are reopened: `_settle`). Asked again
+        there first (`rewind`; head groups that cannot are reopened: `_settle`). Asked again
         without it, they refused it `bad_position` and were failed over (review161); replayed from
         histories past `pos`, a reopened or replacing stage held positions twice (review162)."""
         self._rewind_next = True  # first: a second Ctrl-C below leaves the rest to `_settle`
@@ -91,10 +91,12 @@ class Mending(SpotChecks):
         return self._replace(self.stages.index(stage), e), busy_retries
 
     def _settle(self) -> None:
-        """After a step cut short (Ctrl-C), before the next one, in route order: every head group
-        is reopened (a head-shard session cannot drop a position, and its members may hold the
-        step, or part of it: review161's case, where the honest member was refused `bad_position`,
-        banned, and the session ended), so is a stage whose reopen or recomputation was cut short
+        """After a step cut short (Ctrl-C), before the next one, in route order: a head group that
+        cannot rewind is reopened (its members may hold the step, or part of it: review161's case,
+        where the honest member was refused `bad_position`, banned, and the session ended): one
+        whose steps go by all-reduce (a member may still be waiting for the others' partials of the
+        step cut short), or with a member of an earlier version (HeadGroupStage.takes_rewind); a
+        fan-out group's next step rewinds instead. So is a stage whose reopen or recomputation was cut short
         (client/reopen.py `_reopen`, client/failover.py `_recover`), and every stage after a
         replacement whose outputs differed from what they were sent (`_reopen_from`, a spot
         check's redo); a stage that a failover cut short left closed is replaced (the failover goes
@@ -106,7 +108,7 @@ class Mending(SpotChecks):
         # (a group that a failover cut short left closed is replaced below, not reopened: the
         # reopen would fail on the member failed over, and count that failover twice: review164)
         for group in self.stages:
-            if isinstance(group, HeadGroupStage) and not group.closed:
+            if isinstance(group, HeadGroupStage) and not group.closed and (group.all_reduce or not group.takes_rewind):
                 self._unsettled.setdefault(group, False)
         while True:
             for gone in [s for s in self._unsettled if s not in self.stages]:

@@ -184,6 +184,13 @@ class FanOutRecord:
         self.attn_inputs: dict[int, History] = {}
         self.begin(0)
 
+    def truncate(self, pos: int) -> None:
+        """The group's members drop what they hold from `pos` on (a step that rewinds, after one
+        cut short): so do the attention inputs kept, or a check would compute the heads over
+        positions the members no longer hold (HeadGroupStage.step)."""
+        for history in self.attn_inputs.values():
+            history.truncate(pos)
+
     def begin(self, positions: int) -> None:
         """A step of `positions` positions starts: the last one's MLP inputs and partials go."""
         self.positions = positions

@@ -346,6 +346,8 @@ class RequestHandler:
                                          # a step's reply may carry only its last positions (a
                                          # head shard's all-reduce steps; not its phase steps)
                                          "last_positions": True,
+                                         # a phase step rewinds at its session's first block's attention
+                                         "head_rewind": True,
                                          # relayed steps only as the client pins them (`admit`)
                                          "admits": self.checks_senders,
                                          # a head shard takes a group's all-reduce steps (node/all_reduce.py)

@@ -127,9 +127,12 @@ class StepChecks:
         phase, block = msg.get("phase"), msg.get("block")
         # `rewind` lets a client redo positions the session already holds (after a relayed step
         # broke off midway, some stages may hold it and some not); without it a repeat is refused.
+        # A head shard's position begins with its first block's attention: only that step rewinds
+        # (after a step cut short, a member may hold some of its blocks' attention, or all).
         rewind = msg.get("rewind") is True
-        if rewind and (phase is not None or self.head_shard):
-            raise ProtocolError(ErrorCode.MALFORMED, "head-shard steps cannot rewind")
+        if rewind and (self.head_shard or phase is not None) and (phase != "attn" or block != session.start):
+            raise ProtocolError(ErrorCode.MALFORMED, "a head-shard step rewinds only at the attention of its "
+                                "session's first block")
         if rewind and relayed:
             raise ProtocolError(ErrorCode.MALFORMED, "a relayed step cannot rewind")
         # An MLP partial is stateless; every other step extends the cache at `pos`.
@@ -144,7 +147,8 @@ class StepChecks:
             raise ProtocolError(ErrorCode.MALFORMED, f"'last' must be from 1 to the step's {T} positions, "
                                 "on a step of whole blocks")
         if self.head_shard or phase is not None:
-            self._check_head_step(session, phase, block, T)
+            if not rewind:  # (a rewind starts the position anew)
+                self._check_head_step(session, phase, block, T)
         elif session.next_block:
             # Blocks before next_block hold this position, the rest do not: a plain step now
             # would make the session's length count positions some blocks never stored.
@@ -152,7 +156,7 @@ class StepChecks:
                                 f"(attention of block {session.start + session.next_block} comes next); "
                                 "finish it with attn steps")
         return PendingStep(reply_to, msg, session, x, wire, length=pos if rewind else session.cache.length,
-                           next_block=session.next_block, hops=hops)
+                           next_block=0 if rewind else session.next_block, hops=hops)
 
     def _chain(self, msg: Message) -> tuple[list[tuple[str, str]] | None, int]:
         """A relayed step's hops after this node and this node's place in the chain (node/relay.py);

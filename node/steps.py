@@ -310,6 +310,9 @@ class StepRunner:
                 y = self._timed(lambda: self.blocks.h[str(first.msg.fields["block"])].mlp_partial(x), tokens)
             else:
                 block = first.msg.fields["block"]
+                for p in group:  # a rewinding step (its first block's) starts the position anew
+                    p.rewound = (p.session.cache.length, p.session.next_block) != (p.length, p.next_block)
+                    p.session.cache.length, p.session.next_block = p.length, p.next_block
                 y = self._timed(lambda: self.blocks.h[str(block)].attn_partial(x, caches, block - first.session.start),
                                 tokens)
                 for p in group:

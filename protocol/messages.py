@@ -91,6 +91,8 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                "trail_optional": (_BOOL, False), "admits": (_BOOL, False),
                # it takes `last` (a layer step's, an all-reduce step's); an earlier version says nothing
                "last_positions": (_BOOL, False),
+               # an `attn` step of the session's first block takes `rewind`; an earlier version says nothing
+               "head_rewind": (_BOOL, False),
                # the node's heads; a node of an earlier version says none, nor checks `open`'s
                "heads": (_OPT_LIST, False),
                # it takes a head group's all-reduce steps (`group`); an earlier version says nothing

@@ -1105,11 +1105,14 @@ def test_a_step_cut_short_in_a_head_group_is_done_again_without_a_failover(
         tiny_model_dir, cluster_factory, monkeypatch, all_reduce, cut):
     """Ctrl-C after a head group's members stored a step, whole (`after`) or in part (`within`:
     a fan-out's first phase, or an all-reduce step sent and not read), or after the stage after
-    the group stored it: a head-shard session cannot rewind, so the next step reopens the group on
-    the same members and replays it, and gives the output a local session gives, with no failover
-    and no ban. (Review161's case for a head group: its members refused the step `bad_position`,
-    one was banned, and the session ended in SessionError. Review162's: the cut step's inputs,
-    kept in the stages' histories, were replayed into the reopened group, one position twice.)"""
+    the group stored it. A fan-out group's next step rewinds its members' sessions in place (the
+    attention of their first block, `rewind`: sixty-seventh session); an all-reduce group's
+    members may still wait for each other's partials of the cut step, so the next step reopens
+    it on the same members and replays it. Either way the output is the one a local session
+    gives, with no failover and no ban. (Review161's case for a head group: its members refused
+    the step `bad_position`, one was banned, and the session ended in SessionError. Review162's:
+    the cut step's inputs, kept in the stages' histories, were replayed into the reopened group,
+    one position twice.)"""
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3), (0, 2)), NodeSpec((1, 3), (2, 4)),
                                              NodeSpec((3, 4))])
     model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses,
@@ -1121,13 +1124,17 @@ def test_a_step_cut_short_in_a_head_group_is_done_again_without_a_failover(
 
         def owner_of(session):
             groups.append(session.stages[1])
-            assert len(groups[0].peers) == 2 and groups[0].all_reduce is all_reduce
+            assert len(groups[0].peers) == 2 and groups[0].all_reduce is all_reduce and groups[0].takes_rewind
+            held.extend(groups[0].sessions)
             return session.stages[2] if cut == "after the next stage" else groups[0]
 
+        held: list[str] = []
         # (within an all-reduce step: sent, its answers left unread)
         session = cut_short_then_go_on(model, local, monkeypatch, owner_of, name,
                                        stores=cut != "within" or not all_reduce)
         assert session.stages[1].peers == groups[0].peers and session.stages[1].all_reduce is all_reduce
+        # rewound in place (the same sessions), or reopened (new ones)
+        assert (session.stages[1].sessions == held) is not all_reduce
         assert [h.positions for h in session.history] == [3, 3, 3]
         session.close()
     finally:

@@ -989,7 +989,7 @@ def test_fuzz_sessions_read_only_cache_rows_they_wrote(served):
     if not seen["attn after the first block"]:  # 100 cases once had none: 100 more
         one_case()
     # It must get steps through, phase steps after the first block of a position included.
-    assert seen["result"] > 0 and seen["attn after the first block"] > 0, dict(seen)
+    assert seen["result"] > 0 and seen["attn after the first block"] > 0 and seen["phase rewind"] > 0, dict(seen)
 
 
 def _near_valid_request(data, node: Node, seen: Counter) -> list:
@@ -1014,6 +1014,10 @@ def _near_valid_request(data, node: Node, seen: Counter) -> list:
         fields.update(phase=data.draw(st.sampled_from(["attn", "attn", "mlp"])), block=block)
         if fields["phase"] == "attn" and s.next_block and block == expected:
             seen["attn after the first block"] += 1
+        if data.draw(st.integers(0, 7)) == 0:  # refused but at the attention of the first block
+            fields["rewind"] = True
+            held = s.length + (s.next_block > 0)  # (a position stored in part is dropped too)
+            seen["phase rewind"] += fields["phase"] == "attn" and block == s.start and pos < held
     elif data.draw(st.integers(0, 5)) == 0:
         fields["rewind"] = True
     x = torch.randn(1, T, N_EMBD, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))

@@ -879,13 +879,50 @@ def test_rewind_redoes_positions_and_only_when_asked(handler):
     assert ahead.fields["code"] == "bad_position"  # rewind goes back, never forward
 
 
-def test_head_shards_neither_relay_nor_rewind(tiny_model_dir):
+def test_head_shards_do_not_relay_and_rewind_only_at_their_first_blocks_attention(tiny_model_dir):
     h = RequestHandler(load_blocks(tiny_model_dir, 0, 2, heads=(0, 2)), read_manifest(tiny_model_dir).model_id, "t")
     h.can_relay = lambda contact: True
-    sid = ask(h, b"c", "open", {"max_length": 8})[1].fields["session"]
+    opened = ask(h, b"c", "open", {"max_length": 8})[1]
+    sid = opened.fields["session"]
+    assert opened.fields["head_rewind"] is True
     step = {"session": sid, "pos": 0, "phase": "attn", "block": 0}
     assert ask(h, b"c", "step", {**step, "reply": 1, "next": [[KNOWN, "s"]]}, [x()])[1].fields["code"] == "malformed"
-    assert ask(h, b"c", "step", {**step, "rewind": True}, [x()])[1].fields["code"] == "malformed"
+    for where in ({"phase": "mlp", "block": 0}, {"phase": "attn", "block": 1}, {"phase": None, "block": None}):
+        refused = ask(h, b"c", "step", {**step, **where, "rewind": True}, [x()])[1]
+        assert refused.fields["code"] == "malformed" and "first block" in refused.fields["message"], where
+
+
+def test_a_head_shard_rewinds_a_position_stored_whole_or_in_part(tiny_model_dir):
+    """After a step cut short, a head shard's session may hold the position whole, or the
+    attention of some of its blocks only (`next_block`): an `attn` step of its first block with
+    `rewind` drops what it holds from `pos` on and starts the position anew, its outputs those of
+    a session that never held it (sixty-seventh session; before, the client reopened the group)."""
+    h = RequestHandler(load_blocks(tiny_model_dir, 0, 2, heads=(0, 2)), read_manifest(tiny_model_dir).model_id, "t")
+
+    def position(sid: str, pos: int, seed: int, phases: int = 4, rewind: bool = False) -> list[torch.Tensor]:
+        out = []
+        for k, (phase, block) in enumerate([("attn", 0), ("mlp", 0), ("attn", 1), ("mlp", 1)][:phases]):
+            fields = {"session": sid, "pos": pos, "phase": phase, "block": block}
+            if rewind and k == 0:
+                fields["rewind"] = True
+            reply = ask(h, b"c", "step", fields, [x(2 if pos == 0 else 1, seed + k)])[1]
+            assert reply.type == "result", reply.fields
+            out.append(reply.tensors[0])
+        return out
+
+    fresh = ask(h, b"c", "open", {"max_length": 8})[1].fields["session"]
+    position(fresh, 0, 0)
+    want = position(fresh, 2, 10)  # what position 2 gives, never held before
+    for held in (4, 3, 1):  # all of position 2 stored, the attention of both blocks, of the first only
+        sid = ask(h, b"c", "open", {"max_length": 8})[1].fields["session"]
+        position(sid, 0, 0)
+        position(sid, 2, 99, phases=held)  # other inputs, cut short after `held` phases
+        session = h.sessions.sessions[sid]
+        assert (session.length, session.next_block) == {4: (3, 0), 3: (3, 0), 1: (2, 1)}[held]
+        got = position(sid, 2, 10, rewind=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)) and (session.length, session.next_block) == (3, 0)
+    back = ask(h, b"c", "step", {"session": sid, "pos": 4, "phase": "attn", "block": 0, "rewind": True}, [x()])[1]
+    assert back.fields["code"] == "bad_position"  # rewind goes back, never forward
 
 
 def test_a_relayed_step_with_busy_null_is_served(handler):
