@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import time
 from typing import Any
@@ -18,6 +17,7 @@ from nanoswarm.protocol.messages import REPLY_TYPES, Message, decode, encode
 from .frames import recv_whole, send_whole
 from .link_drops import LinkDrops
 from .link_sessions import LinkSessions, next_request_id
+from .monitors import MonitoredSocket, monitor_socket
 from .peer_errors import (
     HANDSHAKE_FAILURES,
     LinkClosed,
@@ -32,10 +32,11 @@ DEFAULT_TIMEOUT = 30.0
 # buffered. Twice a node's default message limit (64 MiB), as nodes set for what they receive.
 MAX_FRAME_BYTES = 128 * 1024 * 1024
 # A connection to an address where nothing listens is retried, and every retry is an event on its
-# monitor. Events wait in the monitor's queue until read; when it is full (1,000), libzmq's I/O
-# thread blocks on it, and every socket of the context stalls: a node with a gossip link to a
-# departed peer stopped answering anyone after a few minutes (docs/reliability.md). Retries back
-# off to this interval, and whoever holds idle connections reads their events (drain_events).
+# monitor. Events wait in the monitor's queue until read: when it had a bound (libzmq's 1,000),
+# libzmq's I/O thread blocked on it, and every socket of the context stalled: a node with a
+# gossip link to a departed peer stopped answering anyone after a few minutes
+# (docs/reliability.md). The queue has no bound now (client/monitors.py); retries back off to
+# this interval, and whoever holds idle connections reads their events (drain_events).
 RECONNECT_MAX_MS = 10_000
 # A peer that stops without closing its connection (a frozen process, a machine that left the
 # network) says nothing; a request to it would wait its whole timeout. With heartbeats, ZeroMQ's
@@ -49,17 +50,6 @@ RECONNECT_MAX_MS = 10_000
 # The most messages one take() reads: a peer that sends without end (late replies, notices)
 # kept its reader in take() past any deadline of its caller (review103).
 MAX_TAKE_READS = 1024
-
-
-_monitors = itertools.count()  # each link monitor's inproc endpoint gets a name of its own
-
-
-def monitor_socket(socket: zmq.Socket, events: int) -> zmq.Socket:
-    """A PAIR socket reading `socket`'s monitor events. pyzmq's own name for the monitor's inproc
-    endpoint is the socket's descriptor number, which a new socket may take while the endpoint of
-    a closed one is still bound (libzmq unbinds it when it reaps the monitor, later): CI's suite
-    saw a link fail to open with "Address already in use" (the forty-sixth session)."""
-    return socket.get_monitor_socket(events, addr=f"inproc://nanoswarm-monitor-{next(_monitors)}")
 
 
 @functools.cache
@@ -93,7 +83,7 @@ class PeerConnection(LinkSessions, LinkDrops):
         endpoint, contact_key = split_contact(address)
         server_key = server_key if server_key is not None else contact_key
         self.server_key = server_key  # z85, or None: no CURVE on this link
-        self.socket = (ctx or shared_context()).socket(zmq.DEALER)
+        self.socket = (ctx or shared_context()).socket(zmq.DEALER, socket_class=MonitoredSocket)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_frame)  # per frame: libzmq bounds nothing else
         if server_key is not None:  # CURVE: only the holder of the node's secret can answer
@@ -297,7 +287,5 @@ class PeerConnection(LinkSessions, LinkDrops):
         """Close the socket; with `linger_ms`, messages still queued get that long to leave."""
         if self.socket.closed:
             return
-        self.socket.disable_monitor()
-        self.monitor.close(linger=0)
-        self.socket.close(linger=linger_ms)
+        self.socket.close(linger=linger_ms)  # (its monitor stopped first: client/monitors.py)
 

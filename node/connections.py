@@ -31,12 +31,10 @@ connection of the node was served until the batch ended, and a node told to stop
 
 from __future__ import annotations
 
-import itertools
-
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-_endpoints = itertools.count()  # each monitor's inproc endpoint gets a name of its own
+from nanoswarm.client.monitors import monitor_socket, stop_monitor
 
 
 class ConnectionWatch:
@@ -44,12 +42,7 @@ class ConnectionWatch:
 
     def __init__(self, socket: zmq.Socket):
         self.socket = socket
-        endpoint = f"inproc://nanoswarm-connections-{next(_endpoints)}"
-        socket.monitor(endpoint, zmq.EVENT_DISCONNECTED)
-        self.monitor = socket.context.socket(zmq.PAIR)
-        self.monitor.setsockopt(zmq.RCVHWM, 0)  # unbounded: libzmq's I/O thread never waits on us
-        self.monitor.setsockopt(zmq.LINGER, 0)
-        self.monitor.connect(endpoint)
+        self.monitor = monitor_socket(socket, zmq.EVENT_DISCONNECTED)  # unbounded: the I/O thread never waits on us
         self._fd_of: dict[bytes, int] = {}   # peer -> its connection's descriptor
         self._peer_of: dict[int, bytes] = {}  # descriptor -> the peer whose connection has it now
 
@@ -91,9 +84,5 @@ class ConnectionWatch:
     def close(self) -> None:
         """Stop monitoring (before the socket closes): the monitor first, then its reader. The
         other order let a drop in between block libzmq's I/O thread on a send nobody would read,
-        and `disable_monitor` then waited for it for ever (a review)."""
-        try:
-            self.socket.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)
+        and `disable_monitor` then waited for it for ever (a review): client/monitors.py."""
+        stop_monitor(self.socket, self.monitor)

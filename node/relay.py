@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from nanoswarm.client.transport import RECONNECT_MAX_MS, monitor_socket
+from nanoswarm.client.monitors import MonitoredSocket, monitor_socket
+from nanoswarm.client.transport import RECONNECT_MAX_MS
 from nanoswarm.keys.contact import allow_ipv6, split_contact
 from nanoswarm.protocol.errors import ErrorCode, ProtocolError
 from nanoswarm.protocol.messages import MAX_HEADER_BYTES, decode, error_frames
@@ -242,7 +243,7 @@ class RelayLinks:
             self._links.move_to_end(contact)
             return link
         endpoint, server_key = split_contact(contact)
-        link = self.ctx.socket(zmq.DEALER)
+        link = self.ctx.socket(zmq.DEALER, socket_class=MonitoredSocket)
         link.setsockopt(zmq.LINGER, 0)
         link.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)  # a next hop that went is retried rarely
         # A next hop that does not read (anyone can sign a record for such an endpoint) must not
@@ -339,9 +340,7 @@ class RelayLinks:
                 self._failed.append((relay.owner, self.error(relay.reply, ErrorCode.RELAY_FAILED, lost[:500])))
         if self.on_close:
             self.on_close(link)
-        link.socket.disable_monitor()
-        link.monitor.close(linger=0)
-        link.socket.close(linger=0)
+        link.socket.close(linger=0)  # (its monitor stopped first: client/monitors.py)
 
     def close(self) -> None:
         while self._links:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 
 import zmq
 
+from nanoswarm.client.monitors import MonitoredSocket
 from nanoswarm.descriptors import ShortageWatch
 from nanoswarm.keys.contact import allow_ipv6
 from nanoswarm.protocol.errors import ErrorCode
@@ -89,7 +90,7 @@ class NodeServer:
             self._auth = ZapHandler(self.ctx, ClientKeys(allow_keys))
             self._auth.start()
         seed_routing_ids()  # before the ROUTER draws its first id
-        self.socket = self.ctx.socket(zmq.ROUTER)
+        self.socket = self.ctx.socket(zmq.ROUTER, socket_class=MonitoredSocket)  # (ConnectionWatch's)
         self.socket.setsockopt(zmq.LINGER, 500)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished client must not block us
         # libzmq drops the connection, without a reply, on a frame over MAXMSGSIZE; leave room

@@ -166,16 +166,15 @@ def close_monitored(sock: zmq.Socket | None, monitor: zmq.Socket | None) -> None
     stopped, then the reader, then the socket. With the reader closed first, an event in between
     (a connection accepted, a retry's drop) blocked libzmq's I/O thread for good on a send nobody
     would read, and every later test of that pytest worker found the shared context dead: nodes
-    "not answering" for 120 s (CI, the sixty-fourth and sixty-sixth sessions). Either may be None."""
+    "not answering" for 120 s (CI, the sixty-fourth and sixty-sixth sessions; client/monitors.py).
+    Either may be None."""
+    from nanoswarm.client.monitors import stop_monitor
+
     if sock is not None and not sock.closed:
-        try:
-            sock.disable_monitor()
-        except zmq.ZMQError:  # never monitored
-            pass
-    if monitor is not None:
-        monitor.close(linger=0)
-    if sock is not None:
+        stop_monitor(sock, monitor)
         sock.close(linger=0)
+    elif monitor is not None:
+        monitor.close(linger=0)
 
 
 def context_serves(ctx: zmq.Context, timeout_ms: int = 10_000) -> bool:
