@@ -169,13 +169,14 @@ class HeadGroupStage(Stage):
         """With `last`, an all-reduce step's members answer fewer rows where they all say they can
         (`last_positions`), as RemoteLayerStage.step: the rows returned end with the output's last
         `last` positions. (The fan-out's partials are every row's: the block's next phase needs them.)
-        With `rewind` (after a step cut short, where every member `takes_rewind`), the members drop
-        what they hold from `pos` on first: the first piece is fanned out, its first block's
-        attention rewinding."""
+        With `rewind` (after a step cut short, in a fan-out group whose members all `takes_rewind`),
+        the members drop what they hold from `pos` on first: the first piece's first block's
+        attention rewinds."""
         # Never part of a relayed step. Positions go in pieces every member takes: halving after a
         # refusal (as a layer stage does) cannot work here, because the members that took the
         # first block have stored it.
-        rewind = rewind and self.takes_rewind  # (a group that cannot was reopened instead: _settle)
+        # (a group that cannot, or that all-reduces, was reopened instead, holding `pos`: _settle)
+        rewind = rewind and self.takes_rewind and not self.all_reduce
         if self.record is not None:  # every piece of the step is kept: a check covers them all
             if rewind:
                 self.record.truncate(pos)
@@ -192,7 +193,7 @@ class HeadGroupStage(Stage):
 
     def _step_piece(self, hidden: torch.Tensor, pos: int, last: int | None = None,
                     rewind: bool = False) -> torch.Tensor:
-        if self.all_reduce and not rewind:  # (an all-reduce step does not rewind: node/group_step.py)
+        if self.all_reduce:
             try:
                 return self._all_reduce(hidden, pos, last)
             except AllReduceFailed as e:

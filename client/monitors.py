@@ -13,6 +13,7 @@ closes, however it closes: by our code, or by pyzmq when it is collected unclose
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import zmq
 
@@ -21,9 +22,14 @@ _monitors = itertools.count()  # each monitor's inproc endpoint gets a name of i
 
 class MonitoredSocket(zmq.Socket):
     """A socket whose monitor (`monitor_socket`) is stopped, and its reader closed, before it
-    closes."""
+    closes. It holds its reader weakly and the reader holds it: no cycle, so a socket dropped
+    unclosed is closed at once (by pyzmq's `__del__`), not at the next collection."""
 
-    reader: zmq.Socket | None = None  # (declared: pyzmq takes other attribute names for options)
+    _reader: weakref.ref | None = None  # (declared: pyzmq takes other attribute names for options)
+
+    @property
+    def reader(self) -> zmq.Socket | None:
+        return self._reader() if self._reader is not None else None
 
     def close(self, linger: int | None = None) -> None:
         if not self.closed:
@@ -33,14 +39,14 @@ class MonitoredSocket(zmq.Socket):
 
 class MonitorReader(zmq.Socket):
     """A monitor's reader that stops its socket's monitor before it closes: garbage collection
-    may close a dropped socket's reader first."""
+    may close a dropped socket's reader first (it keeps the socket alive till then)."""
 
     owner: MonitoredSocket | None = None
 
     def close(self, linger: int | None = None) -> None:
         owner, self.owner = self.owner, None
         if owner is not None and owner.reader is self and not owner.closed:
-            owner.reader = None
+            owner._reader = None
             try:
                 owner.disable_monitor()
             except zmq.ZMQError:
@@ -62,7 +68,7 @@ def monitor_socket(socket: zmq.Socket, events: int) -> zmq.Socket:
     reader.setsockopt(zmq.LINGER, 0)
     reader.connect(endpoint)
     if isinstance(socket, MonitoredSocket):
-        socket.reader, reader.owner = reader, socket
+        socket._reader, reader.owner = weakref.ref(reader), socket
     return reader
 
 
@@ -70,7 +76,7 @@ def stop_monitor(socket: zmq.Socket, reader: zmq.Socket | None = None) -> None:
     """Stop `socket`'s monitor, then close its reader (`socket.reader` by default): the one safe
     order, whatever closes `socket` next."""
     if isinstance(socket, MonitoredSocket):
-        reader, socket.reader = reader or socket.reader, None
+        reader, socket._reader = reader or socket.reader, None
     try:
         socket.disable_monitor()
     except zmq.ZMQError:  # never monitored, or closed meanwhile

@@ -199,7 +199,9 @@ class StepRunner:
                 for p, y in zip(group, outputs):
                     replies.extend(self._result(p, y))
                     answered += 1
-            except torch.cuda.OutOfMemoryError:  # device memory taken meanwhile: the sessions are untouched
+            # Device memory taken meanwhile: the sessions are untouched, but for what a rewinding
+            # step dropped (its `busy` says so: `_rewound`).
+            except torch.cuda.OutOfMemoryError:
                 self._refused_busy.extend(group[answered:])
                 replies.extend((p.reply_to[0], self.error(p.reply_to[1], ErrorCode.BUSY,
                                                           self.out_of_memory() + _rewound(p)))

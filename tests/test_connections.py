@@ -420,7 +420,7 @@ def _leave_stuck(ctx, *sockets) -> None:
     _STUCK.append((ctx, sockets))
     for socket in sockets:  # (their close then stops nothing)
         if isinstance(socket, MonitoredSocket):
-            socket.reader = None
+            socket._reader = None
         else:
             socket.owner = None
 
@@ -473,6 +473,33 @@ def test_a_monitored_socket_stops_its_monitor_however_it_closes(how):
         _leave_stuck(ctx)
         pytest.fail(f"the context stopped: a reader closed before its socket's monitor ({how})")
     ctx.term()
+
+def test_a_monitored_socket_dropped_unclosed_is_closed_at_once():
+    """A socket and its reader do not hold each other in a cycle (the socket holds its reader
+    weakly): dropped unclosed, say by a PeerConnection whose connect raised, they close at once,
+    not at the next collection (review198: till then the socket kept reconnecting, its events
+    piling up unread)."""
+    import gc
+    import weakref
+
+    import zmq
+
+    from nanoswarm.client.monitors import MonitoredSocket, monitor_socket
+
+    ctx = zmq.Context()
+    gc.disable()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)  # (pyzmq's, for the sockets collected unclosed)
+            link = ctx.socket(zmq.DEALER, socket_class=MonitoredSocket)
+            reader = monitor_socket(link, zmq.EVENT_DISCONNECTED)
+            gone = weakref.ref(link), weakref.ref(reader)
+            del link, reader
+            assert gone[0]() is None and gone[1]() is None
+    finally:
+        gc.enable()
+    ctx.term()  # (waits for every socket: none left open)
+
 
 def test_a_monitors_unread_events_wait_without_stopping_the_context():
     """A monitor's reader had libzmq's bound of 1,000 events (2,000 over inproc): once that many

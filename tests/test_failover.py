@@ -1128,10 +1128,17 @@ def test_a_step_cut_short_in_a_head_group_is_done_again_without_a_failover(
             held.extend(groups[0].sessions)
             return session.stages[2] if cut == "after the next stage" else groups[0]
 
+        from nanoswarm.client.head_group import HeadGroupStage
+
         held: list[str] = []
-        # (within an all-reduce step: sent, its answers left unread)
-        session = cut_short_then_go_on(model, local, monkeypatch, owner_of, name,
-                                       stores=cut != "within" or not all_reduce)
+        fanned: list[tuple] = []  # a reopened all-reduce group holds the position: no fan-out (review198)
+        fan_out = HeadGroupStage._fan_out
+        with pytest.MonkeyPatch.context() as counting:
+            counting.setattr(HeadGroupStage, "_fan_out", lambda *a, **k: fanned.append(a[2:]) or fan_out(*a, **k))
+            # (within an all-reduce step: sent, its answers left unread)
+            session = cut_short_then_go_on(model, local, monkeypatch, owner_of, name,
+                                           stores=cut != "within" or not all_reduce)
+        assert any(pos >= 1 for pos, *_ in fanned) is not all_reduce  # (a replay from 0 may fan out)
         assert session.stages[1].peers == groups[0].peers and session.stages[1].all_reduce is all_reduce
         # rewound in place (the same sessions), or reopened (new ones)
         assert (session.stages[1].sessions == held) is not all_reduce
