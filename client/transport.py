@@ -36,7 +36,8 @@ MAX_FRAME_BYTES = 128 * 1024 * 1024
 # libzmq's I/O thread blocked on it, and every socket of the context stalled: a node with a
 # gossip link to a departed peer stopped answering anyone after a few minutes
 # (docs/reliability.md). The queue has no bound now (client/monitors.py); retries back off to
-# this interval, and whoever holds idle connections reads their events (drain_events).
+# this interval (not those whose handshake fails: ~40 events a second), and whoever holds idle
+# connections reads their events (drain_events).
 RECONNECT_MAX_MS = 10_000
 # A peer that stops without closing its connection (a frozen process, a machine that left the
 # network) says nothing; a request to it would wait its whole timeout. With heartbeats, ZeroMQ's
