@@ -986,7 +986,7 @@ def test_fuzz_sessions_read_only_cache_rows_they_wrote(served):
             check_memory(node)
 
     one_case()
-    if not seen["attn after the first block"]:  # 100 cases once had none: 100 more
+    if not seen["attn after the first block"] or not seen["phase rewind"]:  # 100 cases once had none: 100 more
         one_case()
     # It must get steps through, phase steps after the first block of a position included.
     assert seen["result"] > 0 and seen["attn after the first block"] > 0 and seen["phase rewind"] > 0, dict(seen)
@@ -1016,8 +1016,10 @@ def _near_valid_request(data, node: Node, seen: Counter) -> list:
             seen["attn after the first block"] += 1
         if data.draw(st.integers(0, 7)) == 0:  # refused but at the attention of the first block
             fields["rewind"] = True
+            if data.draw(st.booleans()):  # (where it takes: the first block's attention, back to a held position)
+                fields.update(phase="attn", block=s.start, pos=data.draw(st.integers(0, s.length)))
             held = s.length + (s.next_block > 0)  # (a position stored in part is dropped too)
-            seen["phase rewind"] += fields["phase"] == "attn" and block == s.start and pos < held
+            seen["phase rewind"] += fields["phase"] == "attn" and fields["block"] == s.start and fields["pos"] < held
     elif data.draw(st.integers(0, 5)) == 0:
         fields["rewind"] = True
     x = torch.randn(1, T, N_EMBD, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
