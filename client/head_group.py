@@ -128,8 +128,8 @@ class HeadGroupStage(Stage):
     @property
     def takes_rewind(self) -> bool:
         """Whether every member takes `rewind` on its first block's attention (`head_rewind`; an
-        earlier version refuses it): a step cut short is then redone in place, fanned out, where
-        it was reopened and replayed (InferenceSession._settle)."""
+        earlier version refuses it): a fan-out group's step cut short is then redone in place,
+        where it was reopened and replayed (InferenceSession._settle)."""
         return bool(self.limits) and all(fields.get("head_rewind") is True for fields in self.limits)
 
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int, rewind: bool = False) -> torch.Tensor:

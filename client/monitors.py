@@ -45,7 +45,9 @@ class MonitorReader(zmq.Socket):
 
     def close(self, linger: int | None = None) -> None:
         owner, self.owner = self.owner, None
-        if owner is not None and owner.reader is self and not owner.closed:
+        # (its reader, or none: a collection of a cycle holding both clears the socket's weak
+        # reference first, then closes them in any order)
+        if owner is not None and not owner.closed and owner.reader in (self, None):
             owner._reader = None
             try:
                 owner.disable_monitor()
@@ -57,7 +59,7 @@ class MonitorReader(zmq.Socket):
 def monitor_socket(socket: zmq.Socket, events: int) -> zmq.Socket:
     """A reader of `socket`'s monitor `events`, its queue unbounded: events wait there until read,
     and whoever holds a link reads them (an idle one knocking at a refusing address makes ~40 a
-    second, a few KB). pyzmq's own name for the monitor's inproc endpoint is the socket's
+    second, ~6 KB). pyzmq's own name for the monitor's inproc endpoint is the socket's
     descriptor number, which a new socket may take while the endpoint of a closed one is still
     bound (libzmq unbinds it when it reaps the monitor, later): CI's suite saw a link fail to open
     with "Address already in use" (the forty-sixth session)."""
@@ -76,10 +78,12 @@ def stop_monitor(socket: zmq.Socket, reader: zmq.Socket | None = None) -> None:
     """Stop `socket`'s monitor, then close its reader (`socket.reader` by default): the one safe
     order, whatever closes `socket` next."""
     if isinstance(socket, MonitoredSocket):
-        reader, socket._reader = reader or socket.reader, None
+        reader, socket._reader = reader if reader is not None else socket.reader, None
     try:
         socket.disable_monitor()
     except zmq.ZMQError:  # never monitored, or closed meanwhile
         pass
     if reader is not None:
+        if isinstance(reader, MonitorReader):
+            reader.owner = None  # (stopped already)
         reader.close(linger=0)
