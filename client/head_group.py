@@ -100,12 +100,13 @@ class HeadGroupStage(Stage):
         self.on_fan_out: Callable[[str], None] | None = None  # told why, when an all-reduce failed
         self.max_length = 0
         self.group: list[list[str]] = []  # set at open (send_all_reduce)
+        self.epoch = 0  # the sessions' latest rewind by all-reduce (its steps say it: send_all_reduce)
 
     def open(self, max_length: int) -> None:
         if self.record is not None:
             self.record.reset()
         self._open(max_length)
-        self.max_length = max_length
+        self.max_length, self.epoch = max_length, 0
         self.all_reduce = (self.wants_all_reduce and self.record is None and len(self.members) > 1
                            and all(fields.get("all_reduce") is True for fields in self.limits))
         # what an all-reduce step names: each member's contact (as the others know it) and session
@@ -127,10 +128,13 @@ class HeadGroupStage(Stage):
 
     @property
     def takes_rewind(self) -> bool:
-        """Whether every member takes `rewind` on its first block's attention (`head_rewind`; an
-        earlier version refuses it): a fan-out group's step cut short is then redone in place,
-        where it was reopened and replayed (InferenceSession._settle)."""
-        return bool(self.limits) and all(fields.get("head_rewind") is True for fields in self.limits)
+        """Whether the group's next step can rewind its members' sessions, as it goes now: a
+        fan-out's on its first block's attention (`head_rewind`), an all-reduce step whole, ending
+        one still running (`group_rewind`). Members of an earlier version refuse it. A step cut
+        short is then redone in place, where the group was reopened and replayed
+        (InferenceSession._settle)."""
+        flag = "group_rewind" if self.all_reduce else "head_rewind"
+        return bool(self.limits) and all(fields.get(flag) is True for fields in self.limits)
 
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int, rewind: bool = False) -> torch.Tensor:
         partials: list[torch.Tensor | None] = [None] * len(self.members)
@@ -169,14 +173,14 @@ class HeadGroupStage(Stage):
         """With `last`, an all-reduce step's members answer fewer rows where they all say they can
         (`last_positions`), as RemoteLayerStage.step: the rows returned end with the output's last
         `last` positions. (The fan-out's partials are every row's: the block's next phase needs them.)
-        With `rewind` (after a step cut short, in a fan-out group whose members all `takes_rewind`),
-        the members drop what they hold from `pos` on first: the first piece's first block's
-        attention rewinds."""
+        With `rewind` (after a step cut short, in a group whose members all `takes_rewind`), the
+        members drop what they hold from `pos` on first: the first piece's all-reduce step, or its
+        first block's attention, rewinds."""
         # Never part of a relayed step. Positions go in pieces every member takes: halving after a
         # refusal (as a layer stage does) cannot work here, because the members that took the
         # first block have stored it.
-        # (a group that cannot, or that all-reduces, was reopened instead, holding `pos`: _settle)
-        rewind = rewind and self.takes_rewind and not self.all_reduce
+        # (a group that cannot was reopened instead, holding `pos`: _settle)
+        rewind = rewind and self.takes_rewind
         if self.record is not None:  # every piece of the step is kept: a check covers them all
             if rewind:
                 self.record.truncate(pos)
@@ -195,7 +199,7 @@ class HeadGroupStage(Stage):
                     rewind: bool = False) -> torch.Tensor:
         if self.all_reduce:
             try:
-                return self._all_reduce(hidden, pos, last)
+                return self._all_reduce(hidden, pos, last, rewind)
             except AllReduceFailed as e:
                 if pos:  # the session reopens the group and replays what it holds
                     raise
@@ -203,6 +207,7 @@ class HeadGroupStage(Stage):
                 try:
                     self.close()  # nothing held yet: new sessions here, and the fan-out
                     self.open(self.max_length)
+                    rewind = False
                 except PeerError as again:  # the session reopens it, and strikes only a fault (review130)
                     raise AllReduceFailed(again.address, again.code, f"reopening the group after an all-reduce "
                                           f"failed: {again.message}") from again
@@ -211,17 +216,27 @@ class HeadGroupStage(Stage):
             hidden = self._fan_out(hidden, pos, "mlp", block)
         return hidden
 
-    def _all_reduce(self, hidden: torch.Tensor, pos: int, last: int | None = None) -> torch.Tensor:
+    def _all_reduce(self, hidden: torch.Tensor, pos: int, last: int | None = None,
+                    rewind: bool = False) -> torch.Tensor:
         if last is not None and last >= hidden.shape[1]:
             last = None
-        return self.all_reduce_result(self.send_all_reduce(hidden, pos, last), hidden, last)
+        return self.all_reduce_result(self.send_all_reduce(hidden, pos, last, rewind), hidden, last)
 
-    def send_all_reduce(self, hidden: torch.Tensor, pos: int, last: int | None = None) -> tuple[float, list[int]]:
+    def send_all_reduce(self, hidden: torch.Tensor, pos: int, last: int | None = None,
+                        rewind: bool = False) -> tuple[float, list[int]]:
         """Send one step by all-reduce to every member, naming the group (and with `last`, from 1
         to T - 1, asking for the output's last rows only); `all_reduce_result` reads it, with the
-        same `last` (a client stepping several sessions at once sends all first: bench/measure.py)."""
+        same `last` (a client stepping several sessions at once sends all first: bench/measure.py).
+        With `rewind` each member first ends the step it may still run (cut short here) and drops
+        what it holds from `pos` on; the step names a new epoch, as its partials will, so that a
+        member refuses the late partials of the steps rewound (node/all_reduce.py)."""
         sent = self.asking()
         fields = {"group": self.group, "wait": all_reduce_wait(self.timeout)}
+        if rewind:  # (counted first: a step cut short while sent may have reached some members)
+            self.epoch += 1
+            fields["rewind"] = True
+        if self.epoch:
+            fields["epoch"] = self.epoch
         if last is not None:
             fields["last"] = last
         # In float32 whatever the wire, and answered so: the members start from the residual the

@@ -94,21 +94,22 @@ class Mending(SpotChecks):
         """After a step cut short (Ctrl-C), before the next one, in route order: a head group that
         cannot rewind is reopened (its members may hold the step, or part of it: review161's case,
         where the honest member was refused `bad_position`, banned, and the session ended): one
-        whose steps go by all-reduce (a member may still be waiting for the others' partials of the
-        step cut short), or with a member of an earlier version (HeadGroupStage.takes_rewind); a
-        fan-out group's next step rewinds instead. So is a stage whose reopen or recomputation was cut short
-        (client/reopen.py `_reopen`, client/failover.py `_recover`), and every stage after a
-        replacement whose outputs differed from what they were sent (`_reopen_from`, a spot
-        check's redo); a stage that a failover cut short left closed is replaced (the failover goes
-        on: stepped, it would send a step of no session, and its honest node be banned for the
-        `malformed` answer, review160; till the fifty-ninth session the session ended), and the
-        replacements such a failover built and did not put on the route are closed (`_building`)."""
+        with a member of an earlier version (HeadGroupStage.takes_rewind); another's next step
+        rewinds instead (an all-reduce step's ends the cut one where a member still runs it: till
+        the sixty-eighth session every all-reduce group was reopened). So is a stage whose reopen
+        or recomputation was cut short (client/reopen.py `_reopen`, client/failover.py
+        `_recover`), and every stage after a replacement whose outputs differed from what they
+        were sent (`_reopen_from`, a spot check's redo); a stage that a failover cut short left
+        closed is replaced (the failover goes on: stepped, it would send a step of no session, and
+        its honest node be banned for the `malformed` answer, review160; till the fifty-ninth
+        session the session ended), and the replacements such a failover built and did not put on
+        the route are closed (`_building`)."""
         self._truncate_histories()  # (again: a second Ctrl-C may have cut `_undo_step` short)
         self._close_building()
         # (a group that a failover cut short left closed is replaced below, not reopened: the
         # reopen would fail on the member failed over, and count that failover twice: review164)
         for group in self.stages:
-            if isinstance(group, HeadGroupStage) and not group.closed and (group.all_reduce or not group.takes_rewind):
+            if isinstance(group, HeadGroupStage) and not group.closed and not group.takes_rewind:
                 self._unsettled.setdefault(group, False)
         while True:
             for gone in [s for s in self._unsettled if s not in self.stages]:

@@ -26,6 +26,12 @@ in one forward pass, as a fan-out's phase steps do (node/steps.py); a session wh
 waits a little (HOLD_SECONDS, to the server poll's next whole millisecond) for those of its group a
 phase behind, so that sessions stepped together go on sharing passes (`_hold_back`). Each partial
 is sent the moment it is computed.
+
+After its client cut a step short (Ctrl-C), the next step comes with `rewind` and a greater
+`epoch`, the session's rewind number, which every step and partial carries (`start`): a member
+still running the cut step ends it, drops what the session holds from `pos` on, and refuses the
+cut step's partials that come late (an earlier epoch: `take`); those of the rewound step that come
+before it, while the cut one runs, are kept for it.
 """
 
 from __future__ import annotations
@@ -86,13 +92,25 @@ class AllReduces:
         self.send: Callable[[list[Reply]], None] | None = None
 
     # ----- a step ----------------------------------------------------------------------------
-    def start(self, peer: bytes, msg: Message, can_relay: Callable[[str], bool] | None) -> None:
+    def start(self, peer: bytes, msg: Message, can_relay: Callable[[str], bool] | None) -> list[Reply]:
         """An all-reduce step from its session's owner: checked (ProtocolError otherwise, the
         session unchanged); its first phase is computed at the end of the batch (`advance`), with
-        the other sessions' due then."""
+        the other sessions' due then. A rewound one (`rewind`, after its client cut a step short)
+        first ends the session's step still running, if any (its answer returned: `bad_position`),
+        and drops what the session holds from `pos` on, and the partials of earlier epochs."""
         g = check_step(self.runner, self.sessions, peer, msg, can_relay, self.checks_keys)
+        out: list[Reply] = []
+        if g.rewind:
+            s = g.session
+            old = self.steps.pop(s.id, None)
+            if old is not None:  # (its partials come late, of an earlier epoch: `take` refuses them)
+                out.append((old.reply_to[0], self.runner.error(old.reply_to[1], ErrorCode.BAD_POSITION,
+                                                               "a rewound step of this session ended this one")))
+            s.cache.length, s.next_block, s.epoch = g.pos, 0, g.epoch
+            self.kept.forget(s.id, before=g.epoch)
         self.steps[g.session.id] = g
         self._due.append(g)
+        return out
 
     def _compute(self, due: list[GroupStep]) -> list[Reply]:
         """This member's partials of the steps `due`, each kept (`own`) and sent to the other
@@ -102,6 +120,8 @@ class AllReduces:
         for g in due:
             if self.sessions.sessions.get(g.session.id) is not g.session:
                 self._end(g)  # closed since (a `close` later in its batch): its cache may be another's now
+                continue
+            if self.steps.get(g.session.id) is not g:  # ended by a rewound step later in its batch
                 continue
             key = (g.block, g.phase, g.session.start if g.phase == "attn" else 0) if g.shape[1] == 1 else (id(g),)
             groups.setdefault(key, []).append(g)
@@ -187,8 +207,8 @@ class AllReduces:
                 # when its link drops, node/relay.py)
                 relay = Relay(contact, g.reply_to[0], g.reply_to[1], next_hop_id(), session)
                 out.append((relay, encode_frames("partial", relay.hop_id, {
-                    "session": session, "pos": g.pos, "block": g.block, "phase": g.phase, "member": g.me},
-                    spec, [frame])))
+                    "session": session, "pos": g.pos, "block": g.block, "phase": g.phase, "member": g.me,
+                    **({"epoch": g.epoch} if g.epoch else {})}, spec, [frame])))
         return out
 
     def _sum(self, g: GroupStep) -> Reply | bool:
@@ -196,14 +216,14 @@ class AllReduces:
         not), and go on: True when its next phase is due, or the reply when the step is done."""
         kept = self.kept.of(g.session.id)
         for j in range(len(g.members)):
-            if j != g.me and (g.pos, g.block, g.phase, j) not in kept:
+            if j != g.me and (g.pos, g.block, g.phase, j, g.epoch) not in kept:
                 return False
         total = None
         for j in range(len(g.members)):  # in member order: the client's sums, to the bit
             if j == g.me:
                 partial = g.own
             else:
-                _, key, partial, tokens = self.kept.pop(g.session.id, (g.pos, g.block, g.phase, j))
+                _, key, partial, tokens = self.kept.pop(g.session.id, (g.pos, g.block, g.phase, j, g.epoch))
                 if key != g.keys[j]:  # (came before the step, whose group names another key for j)
                     raise ProtocolError(ErrorCode.RELAY_FAILED, f"the partial for member {j} came from another "
                                         "CURVE key than its contact names")
@@ -236,8 +256,11 @@ class AllReduces:
                                             [("float32", tuple(y.shape))], [frame])
 
     def _end(self, g: GroupStep) -> None:
-        self.steps.pop(g.session.id, None)
-        self.kept.forget(g.session.id)
+        if self.steps.get(g.session.id) is g:
+            del self.steps[g.session.id]
+        # (partials of a later epoch may have come: those of a rewound step, sent before this
+        # member got it; they wait for it)
+        self.kept.forget(g.session.id, before=g.epoch + 1)
 
     def _undo(self, g: GroupStep) -> None:
         g.session.cache.length, g.session.next_block = g.pos, 0
@@ -260,17 +283,25 @@ class AllReduces:
         session = self.sessions.sessions.get(f["session"])
         if session is None:
             raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no session {f['session'][:40]!r} on this node")
-        g = self.steps.get(session.id)
         pos, block, phase, member = f["pos"], f["block"], f["phase"], f["member"]
+        epoch = f.get("epoch") or 0
+        g = self.steps.get(session.id)
+        if epoch < (session.epoch if g is None else g.epoch):
+            raise ProtocolError(ErrorCode.BAD_POSITION, f"a partial of epoch {epoch}: the session's all-reduce "
+                                "steps of that epoch were rewound")
+        if g is not None and epoch > g.epoch:
+            g = None  # a rewound step's, sent before this member got it: kept for it as for any step to come
         shape = msg.specs[0][1] if len(msg.frames) == 1 else ()
         if len(shape) != 3 or shape[0] != 1 or shape[2] != self.runner.config.n_embd \
                 or not 1 <= shape[1] <= self.runner.limits.max_tokens_per_step \
                 or g is not None and shape[1] != g.shape[1]:
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"a partial is one tensor [1, tokens, "
                                 f"{self.runner.config.n_embd}], of the step's tokens")
-        if g is None:  # before its step came: only the first phase of the session's next position,
-            # of positions the session can still take (review168: one of 48 was kept for a session of 1)
-            ok = pos == session.length and block == session.start and phase == "attn" and not session.next_block \
+        if g is None:  # before its step came: only the first phase of the session's next position
+            # (of a rewound step's, any position it holds), of positions the session can still
+            # take (review168: one of 48 was kept for a session of 1)
+            at = pos <= session.length if epoch > session.epoch else pos == session.length and not session.next_block
+            ok = at and pos >= 0 and block == session.start and phase == "attn" \
                 and 0 <= member < self.runner.config.n_head and pos + shape[1] <= session.cache.max_length
         else:  # the phase waited on, or the next (a member that has all of this one's is ahead)
             nxt = (g.block, "mlp") if g.phase == "attn" else (g.block + 1, "attn")
@@ -282,8 +313,8 @@ class AllReduces:
         key = key if self.checks_keys else None
         if g is not None and key != g.keys[member]:
             raise ProtocolError(ErrorCode.NOT_SERVED, f"a partial for member {member} comes only from its key")
-        self.kept.add(session.id, (pos, block, phase, member), key, shape[1], self.runner.limits.max_message_bytes,
-                      lambda: msg.tensor(0))
+        self.kept.add(session.id, (pos, block, phase, member, epoch), key, shape[1],
+                      self.runner.limits.max_message_bytes, lambda: msg.tensor(0))
         self._touched.add(session.id)
 
     def advance(self) -> list[Reply]:
@@ -375,7 +406,7 @@ class AllReduces:
             out.extend(self.advance())
         held = {id(g) for g in self._held}  # (their partials came: computed once their hold ends)
         for g in [g for g in self.steps.values() if g.deadline <= now and id(g) not in held]:
-            missing = [j for j in range(len(g.members)) if j != g.me and (g.pos, g.block, g.phase, j)
+            missing = [j for j in range(len(g.members)) if j != g.me and (g.pos, g.block, g.phase, j, g.epoch)
                        not in self.kept.of(g.session.id)]
             out.extend(self._fail(g, ErrorCode.RELAY_FAILED, f"no partial of block {g.block} {g.phase} from member"
                                   f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "

@@ -44,6 +44,8 @@ class GroupStep:
     deadline: float = 0.0
     busy_us: int = 0  # compute of the step so far
     last: int | None = None  # the client takes the output's last rows only (a step's `last`)
+    epoch: int = 0  # the session's rewind number the step carries, as do its partials
+    rewind: bool = False  # the session drops what it holds from `pos` on when the step starts
 
 
 def check_step(runner: StepRunner, sessions: SessionStore, peer: bytes, msg: Message,
@@ -52,10 +54,8 @@ def check_step(runner: StepRunner, sessions: SessionStore, peer: bytes, msg: Mes
     session unchanged). `checks_keys`: the node knows senders' CURVE keys, and takes a member's
     partials only with its key."""
     f = msg.fields
-    if any(f.get(k) is not None for k in ("reply", "next", "hop", "phase", "block", "trail", "from")) \
-            or f.get("rewind") is True:
-        raise ProtocolError(ErrorCode.MALFORMED, "an all-reduce step ('group') is not relayed, phased or "
-                            "rewound")
+    if any(f.get(k) is not None for k in ("reply", "next", "hop", "phase", "block", "trail", "from")):
+        raise ProtocolError(ErrorCode.MALFORMED, "an all-reduce step ('group') is not relayed or phased")
     if not runner.head_shard:
         raise ProtocolError(ErrorCode.NOT_SERVED, "all-reduce steps are for head shards; this node serves "
                             "whole blocks")
@@ -80,8 +80,18 @@ def check_step(runner: StepRunner, sessions: SessionStore, peer: bytes, msg: Mes
             raise ProtocolError(ErrorCode.NOT_SERVED, f"member {j}'s contact names no CURVE key: this node "
                                 "exchanges partials only over CURVE")
         keys.append(key.decode("ascii") if checks_keys else None)
-    pos = f["pos"]
-    if pos != session.length or session.next_block:
+    pos, rewind, epoch = f["pos"], f.get("rewind") is True, f.get("epoch") or 0
+    if rewind:  # (a step of the session still running ends: AllReduces.start)
+        if epoch <= session.epoch:
+            raise ProtocolError(ErrorCode.BAD_POSITION, f"a rewound all-reduce step names 'epoch' {epoch}, but "
+                                f"the session's steps are at {session.epoch} already: it must be greater")
+        if not 0 <= pos <= session.length:
+            raise ProtocolError(ErrorCode.BAD_POSITION, f"rewind to position {pos}, but the session holds "
+                                f"{session.length} positions: a rewind goes back, never forward")
+    elif epoch != session.epoch:
+        raise ProtocolError(ErrorCode.BAD_POSITION, f"an all-reduce step of 'epoch' {epoch}, but the session's "
+                            f"steps are at {session.epoch} (since its latest rewind)")
+    elif pos != session.length or session.next_block:
         raise ProtocolError(ErrorCode.BAD_POSITION, f"step at position {pos}, but the session holds "
                             f"{session.length} positions" + (" (one half stored)" if session.next_block else ""))
     runner.checks.check_hidden(msg, max_batch=1)
@@ -99,4 +109,5 @@ def check_step(runner: StepRunner, sessions: SessionStore, peer: bytes, msg: Mes
     wait = DEFAULT_WAIT if wait is None else min(MAX_WAIT, max(MIN_WAIT, float(wait)))
     wire = runner.checks.reply_wire(msg)
     return GroupStep((peer, msg.id), session, members, keys, me, pos, wire, wait, x, tuple(x.shape),
-                     block=session.start, contacts=tuple(c for c, _ in members), last=last)
+                     block=session.start, contacts=tuple(c for c, _ in members), last=last, epoch=epoch,
+                     rewind=rewind)

@@ -107,10 +107,11 @@ class RequestHandler:
                     # once the earlier step has run.
                     replies.extend(self._run(pending))
                     pending = []
-                if msg.type == "step" and msg.fields["session"] in self.groups.steps:
+                if msg.type == "step" and msg.fields["session"] in self.groups.steps \
+                        and not (msg.get("group") is not None and msg.get("rewind") is True):  # (which ends it)
                     raise ProtocolError(ErrorCode.BAD_POSITION, "an all-reduce step of this session is still running")
                 if msg.type == "step" and msg.get("group") is not None:
-                    self.groups.start(peer, msg, self.can_relay)  # computed after the batch's steps
+                    replies.extend(self.groups.start(peer, msg, self.can_relay))  # computed after the batch's steps
                     continue
                 if msg.type == "step":
                     # Steps relayed by the hop before go on only as the owner pinned (`admit`).
@@ -346,8 +347,9 @@ class RequestHandler:
                                          # a step's reply may carry only its last positions (a
                                          # head shard's all-reduce steps; not its phase steps)
                                          "last_positions": True,
-                                         # a phase step rewinds at its session's first block's attention
-                                         "head_rewind": True,
+                                         # a phase step rewinds at its session's first block's
+                                         # attention; an all-reduce step anywhere (with an `epoch`)
+                                         "head_rewind": True, "group_rewind": True,
                                          # relayed steps only as the client pins them (`admit`)
                                          "admits": self.checks_senders,
                                          # a head shard takes a group's all-reduce steps (node/all_reduce.py)

@@ -2,8 +2,9 @@
 the phase they belong to is summed, within a bound on their bytes.
 
 A member may be a phase ahead of another, and a partial may come before the step it belongs to,
-so partials wait here keyed by session and (position, block, phase, member), with when they came
-and the CURVE key of their sender (checked against the member's when the step names it).
+so partials wait here keyed by session and (position, block, phase, member, epoch: the session's
+rewind number, node/all_reduce.py), with when they came and the CURVE key of their sender (checked
+against the member's when the step names it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Kept(NamedTuple):
 
 
 class KeptPartials:
-    """session id -> {(pos, block, phase, member): Kept}, and their bytes in all."""
+    """session id -> {(pos, block, phase, member, epoch): Kept}, and their bytes in all."""
 
     def __init__(self, n_embd: int):
         self.by_session: dict[str, dict[tuple, Kept]] = {}
@@ -68,9 +69,13 @@ class KeptPartials:
         self.bytes -= entry.tokens * self._row_bytes
         return entry
 
-    def forget(self, sid: str) -> None:
-        for entry in self.by_session.pop(sid, {}).values():
-            self.bytes -= entry.tokens * self._row_bytes
+    def forget(self, sid: str, before: int | None = None) -> None:
+        """Forget session `sid`'s partials: all, or those of epochs before `before`."""
+        kept = self.by_session.get(sid, {})
+        for k in [k for k in kept if before is None or k[4] < before]:
+            self.pop(sid, k)
+        if not kept:
+            self.by_session.pop(sid, None)
 
     def forget_stale(self, open_sessions: Container[str], stepping: Container[str], now: float) -> None:
         """Forget the partials of sessions that are gone, and those that waited MAX_WAIT for a step

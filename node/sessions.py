@@ -146,6 +146,9 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     next_block: int = 0    # phase steps: next block whose attention this position expects
     pending_tokens: int = 0  # phase steps: tokens of that position (every block must store as many)
+    # all-reduce steps (node/all_reduce.py): its latest rewind's number, which its steps and the
+    # partials for them carry; a partial of an earlier one is a rewound step's, come late
+    epoch: int = 0
     maps: tuple = ()       # the memory maps under the cache (mapped_cache), for the pool
     # Relayed steps (node/relay.py) as its owner pinned them (`admit`): from the hop before (its
     # CURVE key, z85, and its session) and on to the hop after (contact, session).

@@ -72,10 +72,13 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
              # a head group's all-reduce (node/all_reduce.py): every member's [contact, session],
              # in member order, this member's index, and how long it waits for another's partial
              "group": (_OPT_LIST, False), "member": ((int, type(None)), False),
-             "wait": ((float, int, type(None)), False)},
+             "wait": ((float, int, type(None)), False),
+             # an all-reduce step's rewind number (0 until its session's first rewind): a
+             # rewound one names a greater one than any before it, and its partials carry it
+             "epoch": ((int, type(None)), False)},
     # a member's partial sum of one phase of an all-reduce step, to another member of its group
     "partial": {"session": (_STR, True), "pos": (_INT, True), "block": (_INT, True), "phase": (_STR, True),
-                "member": (_INT, True)},
+                "member": (_INT, True), "epoch": ((int, type(None)), False)},
     "close": {"session": (_STR, True)},
     # the hop before (its CURVE key, z85, and its session) whose relayed steps the session
     # takes, and the hop after ([contact, session]) it passes them on to; null: none
@@ -93,6 +96,8 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                "last_positions": (_BOOL, False),
                # an `attn` step of the session's first block takes `rewind`; an earlier version says nothing
                "head_rewind": (_BOOL, False),
+               # an all-reduce step takes `rewind` (with a greater `epoch`), ending one still running
+               "group_rewind": (_BOOL, False),
                # the node's heads; a node of an earlier version says none, nor checks `open`'s
                "heads": (_OPT_LIST, False),
                # it takes a head group's all-reduce steps (`group`); an earlier version says nothing

@@ -31,7 +31,7 @@ from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.group_step import MAX_WAIT
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.partials import KEPT_MESSAGES
-from nanoswarm.node.relay import Relay
+from nanoswarm.node.relay import Relay, next_hop_id
 from nanoswarm.node.sessions import NodeLimits
 from nanoswarm.protocol.messages import Message, decode, encode
 from nanoswarm.shards.manifest import read_manifest
@@ -746,3 +746,144 @@ def test_a_callers_bad_input_to_an_all_reduce_leaves_no_member_still_running_it(
         # in the next step's read as a stray (the old code's did, always, however it raced).
         assert [conn.strays for conn, _ in group.members] == strays
         session.close()
+
+
+def _deliver(handlers: list[RequestHandler], contacts: list[str], keys: list[str], replies: list,
+             held: list | None = None) -> dict[int, Message]:
+    """Carry the members' partials in `replies` (and those they answer with) to the members they
+    name, as their relay links would, each with its sender's key; the answers to the owner, by
+    request id. With `held`, partials to the members it names stay there, undelivered."""
+    answers: dict[int, Message] = {}
+    queue = list(replies)
+    while queue:
+        to, frames = queue.pop(0)
+        msg = decode(frames)
+        if not isinstance(to, Relay):
+            answers[msg.id] = msg
+            continue
+        dest = contacts.index(to.contact)
+        if held is not None and dest in held:
+            held.append(frames)
+            continue
+        handlers[dest].sender_key = lambda _frames, k=keys[msg.fields["member"]]: k
+        queue.extend(handlers[dest].handle_batch([(b"member", frames)]))
+    return answers
+
+
+def test_a_rewound_all_reduce_step_ends_the_one_still_running_and_refuses_its_late_partials(tiny_model_dir):
+    """After its client cut a step short (Ctrl-C), an all-reduce step with `rewind` and a greater
+    `epoch`: a member still running the cut step ends it (answered `bad_position`), drops what the
+    session holds from `pos` on, and its outputs are those of a session that never held the cut
+    step, whether the cut step reached one member or both, whole or not; a late partial of the
+    cut step is refused, and a rewound step's partial that comes while the cut step still runs
+    is kept for it (sixty-eighth session: every all-reduce group was reopened and replayed)."""
+    [a, b], model_id = _handlers(tiny_model_dir)
+    handlers, pairs = [a, b], [zmq.curve_keypair() for _ in range(2)]
+    keys = [public.decode() for public, _ in pairs]
+    contacts = [f"tcp://127.0.0.1:{k + 1}#{key}" for k, key in enumerate(keys)]
+    for h in handlers:
+        h.can_relay = lambda contact: True
+        h.groups.checks_keys = True
+    opened = [decode(h.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 10})))
+              for h in handlers]
+    assert all(o.fields["group_rewind"] is True for o in opened)
+    sids = [o.fields["session"] for o in opened]
+    group = [[c, s] for c, s in zip(contacts, sids)]
+    full = load_blocks(tiny_model_dir, 0, 4)
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(1, 2, 64, generator=gen) for _ in range(6)]
+
+    def step(k: int, x: torch.Tensor, pos: int, req_id: int, **fields) -> list:
+        return handlers[k].handle_batch([(b"owner", encode("step", req_id, {
+            "session": sids[k], "pos": pos, "group": group, "member": k, "wait": 5.0, **fields}, [x]))])
+
+    def both(x: torch.Tensor, pos: int, req_id: int, **fields) -> torch.Tensor:
+        answers = _deliver(handlers, contacts, keys, step(0, x, pos, req_id, **fields) + step(1, x, pos, req_id + 1,
+                                                                                               **fields))
+        assert req_id in answers and req_id + 1 in answers, {k: (m.type, m.fields) for k, m in answers.items()}
+        out = [answers.pop(req_id), answers.pop(req_id + 1)]
+        assert all(m.type == "result" for m in out), [m.fields for m in out]
+        assert torch.equal(out[0].tensor(0), out[1].tensor(0))
+        return out[0].tensor(0)
+
+    def reference(*inputs: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return full(torch.cat(inputs, dim=1), [full.new_cache(10)])[:, -inputs[-1].shape[1]:]
+
+    assert (both(xs[0], 0, 10) - reference(xs[0])).abs().max() <= 1e-5
+
+    # The cut step reached member 0 only; its first partial reached member 1 (kept for a step to come).
+    replies = step(0, xs[1], 2, 20)
+    assert _deliver(handlers, contacts, keys, replies) == {} and sids[0] in a.groups.steps
+    assert b.groups.kept.of(sids[1])
+    # The rewound step: member 0 answers the cut one, and neither mixes its partials in.
+    got_0 = step(0, xs[2], 2, 30, rewind=True, epoch=1)
+    cut = [decode(f) for to, f in got_0 if not isinstance(to, Relay)]
+    assert [(m.id, m.fields["code"]) for m in cut] == [(20, "bad_position")]
+    answers = _deliver(handlers, contacts, keys, [r for r in got_0 if isinstance(r[0], Relay)]
+                       + step(1, xs[2], 2, 31, rewind=True, epoch=1))
+    assert torch.equal(answers[30].tensor(0), answers[31].tensor(0))
+    assert (answers[30].tensor(0) - reference(xs[0], xs[2])).abs().max() <= 1e-5
+
+    # A late partial of the cut step (epoch 0): refused, nothing kept.
+    late = encode("partial", next_hop_id(), {"session": sids[1], "pos": 4, "block": 0, "phase": "attn", "member": 0},
+                  [torch.zeros(1, 2, 64)])
+    b.sender_key = lambda _frames: keys[0]
+    [(_, frames)] = b.handle_batch([(b"member", late)])
+    assert decode(frames).fields["code"] == "bad_position" and not b.groups.kept.of(sids[1])
+    # Epochs only grow: a rewind that names the same one, and a step of an earlier one, are refused.
+    for req_id, fields in enumerate(({"rewind": True, "epoch": 1}, {}), start=41):
+        [(_, frames)] = step(0, xs[3], 4, req_id, **fields)
+        assert decode(frames).fields["code"] == "bad_position"
+
+    # The cut step ran whole on both (stored: 6 positions), and its partials of the next phase
+    # of a rewound step come to member 1 while it still runs the cut one.
+    assert (both(xs[3], 4, 50, epoch=1) - reference(xs[0], xs[2], xs[3])).abs().max() <= 1e-5
+    assert a.sessions.sessions[sids[0]].length == 6
+    held: list = [1]
+    _deliver(handlers, contacts, keys, step(1, xs[4], 6, 60, epoch=1) + step(0, xs[4], 6, 61, epoch=1), held)
+    assert sids[1] in b.groups.steps  # (member 1 waits for member 0's partial, held back)
+    replies = step(0, xs[5], 4, 70, rewind=True, epoch=3)  # member 0 ended the step cut short, and rewound
+    assert sids[0] in a.groups.steps and a.groups.steps[sids[0]].epoch == 3
+    held = [1]
+    assert _deliver(handlers, contacts, keys, replies, held)[61].fields["code"] == "bad_position"
+    [frames] = held[1:]
+    b.sender_key = lambda _frames: keys[0]
+    assert b.handle_batch([(b"member", frames)]) == []  # kept: the step it belongs to comes next
+    assert sids[1] in b.groups.steps and b.groups.steps[sids[1]].epoch == 1
+    answers = _deliver(handlers, contacts, keys, step(1, xs[5], 4, 71, rewind=True, epoch=3))
+    assert answers[60].fields["code"] == "bad_position"  # member 1's step cut short
+    got = answers[70]
+    assert got.type == "result" and torch.equal(got.tensor(0), answers[71].tensor(0))
+    assert (got.tensor(0) - reference(xs[0], xs[2], xs[5])).abs().max() <= 1e-5
+    for h, sid in zip(handlers, sids):
+        assert h.sessions.sessions[sid].length == 6 and h.sessions.sessions[sid].epoch == 3
+        assert not h.groups.steps and not h.groups.kept.by_session and h.groups.kept.bytes == 0
+
+    # Member 0 ran a step whole (member 1 waits for its last partial) and got the rewound one;
+    # both its partials come to member 1 in one batch: the step ends, and the rewound one's stays.
+    held = [1]
+    answers = _deliver(handlers, contacts, keys, step(0, xs[1], 6, 90, epoch=3) + step(1, xs[1], 6, 91, epoch=3), held)
+    while (decode(held[1]).fields["block"], decode(held[1]).fields["phase"]) != (3, "mlp"):
+        b.sender_key = lambda _frames: keys[0]  # (all but member 0's last partial, one by one)
+        answers.update(_deliver(handlers, contacts, keys, b.handle_batch([(b"member", held.pop(1))]), held))
+    assert answers[90].type == "result" and a.sessions.sessions[sids[0]].length == 8 and 91 not in answers
+    last, held = held[1], [1]
+    _deliver(handlers, contacts, keys, step(0, xs[2], 6, 92, rewind=True, epoch=4), held)
+    b.sender_key = lambda _frames: keys[0]
+    [(_, frames)] = b.handle_batch([(b"member", last), (b"member", held[1])])
+    assert decode(frames).id == 91 and decode(frames).type == "result" and b.groups.kept.of(sids[1])
+    answers = _deliver(handlers, contacts, keys, step(1, xs[2], 6, 93, rewind=True, epoch=4))
+    assert torch.equal(answers[92].tensor(0), answers[93].tensor(0))
+    assert (answers[93].tensor(0) - reference(xs[0], xs[2], xs[5], xs[2])).abs().max() <= 1e-5
+
+    # A step and its rewound one in one batch: the first is never computed (no partial of it).
+    replies = handlers[0].handle_batch([(b"owner", encode("step", req_id, {
+        "session": sids[0], "pos": 8, "group": group, "member": 0, "wait": 5.0, **fields}, [x]))
+        for req_id, x, fields in ((100, xs[3], {"epoch": 4}), (101, xs[4], {"epoch": 5, "rewind": True}))])
+    sent = [decode(f).fields for to, f in replies if isinstance(to, Relay)]
+    assert [m.get("epoch") for m in sent] == [5]
+    answers = _deliver(handlers, contacts, keys, replies + step(1, xs[4], 8, 102, rewind=True, epoch=5))
+    assert answers[100].fields["code"] == "bad_position"
+    assert (answers[101].tensor(0) - reference(xs[0], xs[2], xs[5], xs[2], xs[4])).abs().max() <= 1e-5
+    assert torch.equal(answers[101].tensor(0), answers[102].tensor(0))

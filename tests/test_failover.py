@@ -1100,32 +1100,36 @@ def test_a_step_cut_short_after_its_stages_stored_it_is_done_again_without_a_fai
 
 
 @pytest.mark.parametrize("all_reduce", [False, True], ids=["fan_out", "all_reduce"])
-@pytest.mark.parametrize("cut", ["after", "within", "after the next stage"])
+@pytest.mark.parametrize("cut", ["after", "within", "between members", "after the next stage"])
 def test_a_step_cut_short_in_a_head_group_is_done_again_without_a_failover(
         tiny_model_dir, cluster_factory, monkeypatch, all_reduce, cut):
     """Ctrl-C after a head group's members stored a step, whole (`after`) or in part (`within`:
-    a fan-out's first phase, or an all-reduce step sent and not read), or after the stage after
-    the group stored it. A fan-out group's next step rewinds its members' sessions in place (the
-    attention of their first block, `rewind`: sixty-seventh session); an all-reduce group's
-    members may still wait for each other's partials of the cut step, so the next step reopens
-    it on the same members and replays it. Either way the output is the one a local session
-    gives, with no failover and no ban. (Review161's case for a head group: its members refused
-    the step `bad_position`, one was banned, and the session ended in SessionError. Review162's:
-    the cut step's inputs, kept in the stages' histories, were replayed into the reopened group,
-    one position twice.)"""
+    a fan-out's first phase, or an all-reduce step sent and not read; `between members`: sent to
+    the first member only), or after the stage after the group stored it. The group's next step
+    rewinds its members' sessions in place: a fan-out's the attention of their first block
+    (`rewind`: sixty-seventh session), an all-reduce step whole, ending the cut one where a member
+    still runs it, waiting for the others' partials (`epoch`: sixty-eighth session; the group was
+    reopened and replayed till then). The output is the one a local session gives, with no
+    failover and no ban. (Review161's case for a head group: its members refused the step
+    `bad_position`, one was banned, and the session ended in SessionError. Review162's: the cut
+    step's inputs, kept in the stages' histories, were replayed into the reopened group, one
+    position twice.)"""
     nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3), (0, 2)), NodeSpec((1, 3), (2, 4)),
                                              NodeSpec((3, 4))])
     model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses,
                                options=SwarmOptions(timeout=TIMEOUT, all_reduce=all_reduce))
     local = SwarmModel.local(tiny_model_dir)
     try:
-        name = "step" if cut.startswith("after") else "all_reduce_result" if all_reduce else "_fan_out"
+        name = "step" if cut.startswith("after") else "send" if cut == "between members" \
+            else "all_reduce_result" if all_reduce else "_fan_out"
         groups = []
 
         def owner_of(session):
             groups.append(session.stages[1])
             assert len(groups[0].peers) == 2 and groups[0].all_reduce is all_reduce and groups[0].takes_rewind
             held.extend(groups[0].sessions)
+            if cut == "between members":  # (its connection serves this group only)
+                return groups[0].members[1][0]
             return session.stages[2] if cut == "after the next stage" else groups[0]
 
         from nanoswarm.client.head_group import HeadGroupStage
@@ -1137,11 +1141,11 @@ def test_a_step_cut_short_in_a_head_group_is_done_again_without_a_failover(
             counting.setattr(HeadGroupStage, "_fan_out", lambda *a, **k: fanned.append(a[2:]) or fan_out(*a, **k))
             # (within an all-reduce step: sent, its answers left unread)
             session = cut_short_then_go_on(model, local, monkeypatch, owner_of, name,
-                                           stores=cut != "within" or not all_reduce)
-        assert any(pos >= 1 for pos, *_ in fanned) is not all_reduce  # (a replay from 0 may fan out)
-        assert session.stages[1].peers == groups[0].peers and session.stages[1].all_reduce is all_reduce
-        # rewound in place (the same sessions), or reopened (new ones)
-        assert (session.stages[1].sessions == held) is not all_reduce
+                                           stores=not (cut == "between members" or cut == "within" and all_reduce))
+        assert bool(fanned) is not all_reduce
+        assert session.stages[1] is groups[0] and session.stages[1].all_reduce is all_reduce
+        assert session.stages[1].sessions == held  # rewound in place: the same sessions
+        assert session.stages[1].epoch == int(all_reduce)  # (the all-reduce's rewinds only: one)
         assert [h.positions for h in session.history] == [3, 3, 3]
         session.close()
     finally:

@@ -410,6 +410,19 @@ def draw_group_step(data, node: Node) -> list[dict]:
     contacts = data.draw(st.permutations([KNOWN_PEER, *MEMBERS]))[:n]
     group = [[c, sid if j == me else f"m{j}-session"] for j, c in enumerate(contacts)]
     fields: dict = {"session": sid, "pos": length, "group": group, "member": me}
+    epoch = session.epoch if session else 0
+    if epoch:
+        fields["epoch"] = epoch
+    running = [g.session for g in h.groups.steps.values() if h.sessions.sessions.get(g.session.id) is g.session]
+    rewound = session is not None and data.draw(st.integers(0, 5)) == 0 or bool(running) and data.draw(
+        st.integers(0, 3)) == 0
+    if rewound:  # after a step cut short (one may still run here): back to a held position, a new epoch
+        if running and (session is None or data.draw(st.booleans())):  # one whose step still runs: ended by it
+            session = data.draw(st.sampled_from(running))
+            sid, length, epoch = session.id, session.length, session.epoch
+            fields["session"] = group[me][1] = sid
+        epoch += data.draw(st.sampled_from([1, 1, 1, 2, 0]))  # (0: refused, not a greater one)
+        fields.update(rewind=True, epoch=epoch, pos=data.draw(st.integers(0, length)))
     if data.draw(st.booleans()):
         fields["wait"] = data.draw(st.one_of(st.floats(0.05, 2.0), st.just(5), st.none()))
     if data.draw(st.integers(0, 3)) == 0:
@@ -420,7 +433,7 @@ def draw_group_step(data, node: Node) -> list[dict]:
     wire = "float32"
     broken = data.draw(st.sampled_from(["none"] * 10 + [
         "group", "entry", "length", "member", "own_missing", "own_twice", "contact", "wait", "phase", "relay",
-        "pos", "tensor", "last", "session_twice", "drop"]))
+        "pos", "tensor", "last", "session_twice", "drop", "epoch"]))
     if broken == "group":
         fields["group"] = data.draw(ANY_VALUE)
     elif broken == "entry":
@@ -466,14 +479,18 @@ def draw_group_step(data, node: Node) -> list[dict]:
         fields["last"] = data.draw(st.one_of(st.sampled_from([0, -1, T + 1, 2**63 - 1]), ANY_VALUE))
     elif broken == "drop":
         del fields[data.draw(st.sampled_from(["session", "pos", "group", "member"]))]
+    elif broken == "epoch":
+        fields["epoch"] = data.draw(st.one_of(st.sampled_from([epoch - 1, epoch + 1, -1, 2**63 - 1, None, True]),
+                                              ANY_VALUE))
     req_id = node.group_id()
     sent = build_frames("step", req_id, fields, [x], wire)
     frames, _ = mutate(data, sent, msgpack.unpackb(sent[0], raw=False))
     # exact: sent as drawn, a valid step (its session as it was when drawn, if nothing before it
     # in the batch moved it): its outcome can be checked against what was sent
     info = {"session": sid, "pos": fields.get("pos"), "T": T, "last": fields.get("last"), "group": group,
-            "me": me, "wire": fields.get("wire") or "float32", "exact": broken == "none" and frames is sent,
-            "replies": 0, "started": False}
+            "me": me, "wire": fields.get("wire") or "float32", "replies": 0, "started": False,
+            "exact": broken == "none" and frames is sent and (not rewound or epoch > session.epoch),
+            "rewound": rewound}
     owner = session.peer if session is not None and data.draw(st.integers(0, 7)) else None
     out = [{"frames": frames, "ids": None, "kind": "group", "key": None, "peer": owner, "info": info}]
     if session is not None and broken in ("none", "wait", "pos", "last", "tensor") and data.draw(st.booleans()):
@@ -481,7 +498,8 @@ def draw_group_step(data, node: Node) -> list[dict]:
         for phase in ("attn", "mlp")[:data.draw(st.integers(1, 2))]:
             for j, (c, _) in enumerate(group):
                 if j != me:
-                    f = {"session": sid, "pos": length, "block": session.start, "phase": phase, "member": j}
+                    f = {"session": sid, "pos": fields["pos"], "block": session.start, "phase": phase, "member": j,
+                         **({"epoch": epoch} if epoch else {})}
                     out.append(_partial_message(node, f, _member_tensor(data, T), wire, _contact_key(c),
                                                 data.draw(st.sampled_from([b"member-1", b"member-2"]))))
     return out
@@ -521,6 +539,8 @@ def draw_partials(data, node: Node) -> list[dict]:
             T = data.draw(st.sampled_from([1, 1, 2, 3, LIMITS.max_tokens_per_step])) if mode == "early" \
                 else LIMITS.max_tokens_per_step
             fields = {"session": s.id, "pos": s.length, "block": s.start, "phase": "attn", "member": member}
+            if s.epoch:
+                fields["epoch"] = s.epoch
             if mode == "early" and data.draw(st.integers(0, 4)) == 0:
                 fields[data.draw(st.sampled_from(["pos", "block", "phase"]))] = data.draw(
                     st.sampled_from([s.length + 1, s.start + 1, "mlp", -1]))
@@ -534,8 +554,10 @@ def draw_partials(data, node: Node) -> list[dict]:
     key_of = {j: (g.keys[j] if g.keys[j] is not None else _contact_key(g.members[j][0])) for j in others}
     peer = data.draw(st.sampled_from([b"member-1", b"member-2"]))
 
+    epoch = {"epoch": g.epoch} if g.epoch else {}
+
     def one(j: int, block: int, phase: str) -> dict:
-        fields = {"session": g.session.id, "pos": g.pos, "block": block, "phase": phase, "member": j}
+        fields = {"session": g.session.id, "pos": g.pos, "block": block, "phase": phase, "member": j, **epoch}
         return _partial_message(node, fields, _member_tensor(data, T), wire, key_of[j], peer)
     if mode == "complete":
         out = [one(j, *phases[0]) for j in others]
@@ -554,9 +576,9 @@ def draw_partials(data, node: Node) -> list[dict]:
     if mode == "dup_id":
         return [msg, one(j, block, phase)]
     if mode == "broken":
-        fields = {"session": g.session.id, "pos": g.pos, "block": block, "phase": phase, "member": j}
+        fields = {"session": g.session.id, "pos": g.pos, "block": block, "phase": phase, "member": j, **epoch}
         x = _member_tensor(data, T)
-        how = data.draw(st.sampled_from(["member", "pos", "shape", "key", "tensors", "field"]))
+        how = data.draw(st.sampled_from(["member", "pos", "shape", "key", "tensors", "field", "epoch"]))
         key = key_of[j]
         if how == "member":
             fields["member"] = data.draw(st.sampled_from([g.me, len(g.members), -1, 2**63 - 1, 4, 5]))
@@ -569,11 +591,14 @@ def draw_partials(data, node: Node) -> list[dict]:
         elif how == "key":
             key = data.draw(st.sampled_from([None, *SENDER_KEYS, *(key_of[i] for i in others if i != j),
                                              MEMBER_KEYS[4]]))
+        elif how == "epoch":  # a rewound step's (kept for it), or one's that was rewound (refused)
+            fields["epoch"] = data.draw(st.sampled_from([g.epoch - 1, g.epoch + 1, g.epoch + 1, -1, 2**63 - 1, None]))
         elif how == "tensors":
             frames = build_frames("partial", node.group_id(), fields, data.draw(st.sampled_from([[], [x, x]])), wire)
             return [{"frames": frames, "ids": None, "kind": "partial", "key": key, "peer": peer}]
         else:
-            fields[data.draw(st.sampled_from(["session", "pos", "block", "phase", "member"]))] = data.draw(ANY_VALUE)
+            fields[data.draw(st.sampled_from(["session", "pos", "block", "phase", "member", "epoch"]))] = \
+                data.draw(ANY_VALUE)
         return [_partial_message(node, fields, x, wire, key, peer)]
     return [msg]
 
@@ -780,10 +805,13 @@ def check_group_reply(node: Node, info: dict, reply: dict, seen: Counter) -> Non
     session = node.handler.sessions.sessions.get(info["session"])
     if reply["type"] == "result":
         seen["all-reduce result"] += 1
+        seen["rewound all-reduce result"] += info.get("rewound", False)
         if info["exact"] and session is not None:
             assert session.length == info["pos"] + info["T"] and session.next_block == 0, (session.length, info)
             want = info["last"] or info["T"]
             assert reply["shape"][1] == want, (reply["shape"], info)
+    elif "a rewound step of this session ended this one" in reply["fields"]["message"]:
+        seen["all-reduce step ended by a rewind"] += 1  # (the rewound step holds the session now)
     elif info["started"] and info["exact"] and session is not None:
         assert session.length == info["pos"] and session.next_block == 0, (session.length, info, reply)
 
@@ -831,7 +859,8 @@ def complete_group_steps(node: Node, seen: Counter) -> None:
         for g in steps:
             for j in range(len(g.members)):
                 if j != g.me:
-                    f = {"session": g.session.id, "pos": g.pos, "block": g.block, "phase": g.phase, "member": j}
+                    f = {"session": g.session.id, "pos": g.pos, "block": g.block, "phase": g.phase, "member": j,
+                         **({"epoch": g.epoch} if g.epoch else {})}
                     y = torch.randn(g.shape, generator=torch.Generator().manual_seed(j))
                     descs.append(_partial_message(node, f, y, g.wire,
                                                   g.keys[j] or _contact_key(g.members[j][0]), b"member-1"))
