@@ -112,14 +112,18 @@ class BackgroundFetch:
 def known_peers_to_ask(swarm: Swarm) -> list[str]:
     """Up to REFRESH_PEERS peers of the table, not bootstraps, to ask for the swarm's table when no
     bootstrap answers: those holding this client's sessions first, then those timed lately, then
-    those whose record has not expired, in random order within each (review193: the same four,
-    dead, were asked at every read, the live ones never), banned ones last (a table read of a
-    peer banned for a freeze does no harm: review195 saw every peer of a table banned, none asked)."""
+    those not silent when timed, then those whose record has not expired, in random order within
+    each (review193: the same four, dead, were asked at every read, the live ones never), banned
+    ones last (a table read of a peer banned for a freeze does no harm: review195 saw every peer of
+    a table banned, none asked). (Till the sixty-eighth session a peer silent when timed, its
+    record not yet expired, came before one never timed whose record had: a peer just killed
+    before one that may serve, whose renewed record this client had not read.)"""
     fresh, wall, now = fresh_timings(swarm), time.time(), time.monotonic()
     peers = [a for a in swarm.peers if a not in swarm.bootstraps]
     random.shuffle(peers)
     peers.sort(key=lambda a: (a in swarm.bans and swarm.bans[a].until > now,  # (a banned one last: review195)
-                              not swarm.held(a), a not in fresh, record_expired(swarm.peers[a], wall)))
+                              not swarm.held(a), a not in fresh, swarm.timed.get(a, 0.0) is None,
+                              record_expired(swarm.peers[a], wall)))
     return peers[:REFRESH_PEERS]
 
 

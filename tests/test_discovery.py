@@ -2658,25 +2658,31 @@ def test_peers_whose_record_expired_are_candidates_to_drop_but_those_in_use_or_b
 
 def test_known_peers_asked_for_the_table_are_those_likely_alive_and_turn_about(monkeypatch):
     """When no bootstrap answers, up to REFRESH_PEERS known peers are asked for the swarm's table:
-    those with this client's sessions on them, then those timed lately, then those whose record
-    has not expired; the rest in turn (review193: the same four dead ones at every read)."""
+    those with this client's sessions on them, then those timed lately, then those not silent
+    when timed, then those whose record has not expired; the rest in turn (review193: the same
+    four dead ones at every read); a peer silent when timed after any other but a banned one,
+    whatever its record (sixty-eighth session)."""
     from nanoswarm.client.background import REFRESH_PEERS, known_peers_to_ask
     from nanoswarm.client.route import PeerInfo
     from nanoswarm.client.swarm import Swarm
 
     swarm = Swarm("m" * 64, 4, 4, bootstraps=["boot"])
-    names = ["boot", "held", "timed", "recorded", "old-1", "old-2", "old-3", "banned"]
+    names = ["boot", "held", "timed", "recorded", "old-1", "old-2", "old-3", "silent", "banned"]
     for name in names:
-        expires = time.time() + 30 if name == "recorded" else 0
+        expires = time.time() + 30 if name in ("recorded", "silent") else 0
         swarm.peers[name] = PeerInfo(name, name + "-id", "m" * 64, (0, 4), None,
                                      extra={"source": "record", "expires": expires})
     swarm.timed["timed"], swarm.timed_at["timed"] = 0.001, time.monotonic()
+    swarm.timed["silent"], swarm.timed_at["silent"] = None, time.monotonic()
     swarm.ban("banned", "timeout: 5 s", "timeout")
     monkeypatch.setattr(swarm, "held", lambda address: 1 if address == "held" else 0)
     try:
         asked = [known_peers_to_ask(swarm) for _ in range(60)]
         assert REFRESH_PEERS == 4 and all(a[:3] == ["held", "timed", "recorded"] and len(a) == 4 for a in asked)
         assert {a[3] for a in asked} == {"old-1", "old-2", "old-3"}
+        with monkeypatch.context() as all_of_them:
+            all_of_them.setattr("nanoswarm.client.background.REFRESH_PEERS", len(names))
+            assert known_peers_to_ask(swarm)[-2:] == ["silent", "banned"]
         for name in names[1:-1]:  # banned ones last, but asked (review195: a table all banned asked no one)
             swarm.ban(name, "timeout: 5 s", "timeout")
         assert set(known_peers_to_ask(swarm)) <= set(names[1:]) and len(known_peers_to_ask(swarm)) == 4
