@@ -278,15 +278,18 @@ class AllReduces:
     def take(self, msg: Message, key: str | None) -> None:
         """A partial from another member, kept until its phase is summed (ProtocolError when it
         cannot belong to a step of that session's, now or next). Before its step comes, one per
-        member is kept, whoever sent it (its key is checked when the step names the member's)."""
+        member is kept, whoever sent it (its key is checked when the step names the member's);
+        one of a rewound step (a later epoch) while a step runs, only from the member's key, and
+        one per member, of the latest epoch (review200: any number, from anyone, filled what the
+        node keeps for every session)."""
         f = msg.fields
         session = self.sessions.sessions.get(f["session"])
         if session is None:
             raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no session {f['session'][:40]!r} on this node")
         pos, block, phase, member = f["pos"], f["block"], f["phase"], f["member"]
         epoch = f.get("epoch") or 0
-        g = self.steps.get(session.id)
-        if epoch < (session.epoch if g is None else g.epoch):
+        g = running = self.steps.get(session.id)
+        if epoch < session.epoch:  # (a step runs at the session's epoch)
             raise ProtocolError(ErrorCode.BAD_POSITION, f"a partial of epoch {epoch}: the session's all-reduce "
                                 "steps of that epoch were rewound")
         if g is not None and epoch > g.epoch:
@@ -302,7 +305,8 @@ class AllReduces:
             # take (review168: one of 48 was kept for a session of 1)
             at = pos <= session.length if epoch > session.epoch else pos == session.length and not session.next_block
             ok = at and pos >= 0 and block == session.start and phase == "attn" \
-                and 0 <= member < self.runner.config.n_head and pos + shape[1] <= session.cache.max_length
+                and 0 <= member < self.runner.config.n_head and pos + shape[1] <= session.cache.max_length \
+                and (running is None or member < len(running.members) and member != running.me)
         else:  # the phase waited on, or the next (a member that has all of this one's is ahead)
             nxt = (g.block, "mlp") if g.phase == "attn" else (g.block + 1, "attn")
             ok = pos == g.pos and (block, phase) in ((g.block, g.phase), nxt) and 0 <= member < len(g.members) \
@@ -311,8 +315,10 @@ class AllReduces:
             raise ProtocolError(ErrorCode.BAD_POSITION, f"no all-reduce of this session waits for block {block} "
                                 f"{str(phase)[:8]} at position {pos} from member {member}")
         key = key if self.checks_keys else None
-        if g is not None and key != g.keys[member]:
+        if running is not None and key != running.keys[member]:  # (a rewound step names the same group)
             raise ProtocolError(ErrorCode.NOT_SERVED, f"a partial for member {member} comes only from its key")
+        if epoch > session.epoch:
+            self.kept.keep_latest(session.id, member, epoch, after=session.epoch)
         self.kept.add(session.id, (pos, block, phase, member, epoch), key, shape[1],
                       self.runner.limits.max_message_bytes, lambda: msg.tensor(0))
         self._touched.add(session.id)
@@ -416,7 +422,8 @@ class AllReduces:
     def forget_stale(self, now: float | None = None) -> None:
         """Forget the partials kept for sessions that are gone, and those that waited MAX_WAIT for
         a step that never came (its member refused it, say). Called on a timer."""
-        self.kept.forget_stale(self.sessions.sessions, self.steps, time.monotonic() if now is None else now)
+        self.kept.forget_stale(self.sessions.sessions, {sid: g.epoch for sid, g in self.steps.items()},
+                               time.monotonic() if now is None else now)
 
     def next_deadline(self) -> float | None:
         # (only while steps run: the server calls expire(), which ends a hold, only then; a hold

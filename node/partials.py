@@ -77,15 +77,30 @@ class KeptPartials:
         if not kept:
             self.by_session.pop(sid, None)
 
-    def forget_stale(self, open_sessions: Container[str], stepping: Container[str], now: float) -> None:
+    def keep_latest(self, sid: str, member: int, epoch: int, after: int) -> None:
+        """Before a partial of `epoch` from `member` is kept for a rewound step to come: forget
+        those it kept of earlier epochs past `after` (a rewind that was rewound again), or refuse it
+        (ProtocolError) where one of a later epoch came already. One a member, whoever sent it."""
+        ahead = [k for k in self.of(sid) if k[3] == member and after < k[4]]
+        if any(k[4] >= epoch for k in ahead):
+            raise ProtocolError(ErrorCode.BAD_POSITION, f"a partial of epoch {epoch} from member {member}: one of "
+                                "that epoch or a later one came already")
+        for k in ahead:
+            if k[4] < epoch:
+                self.pop(sid, k)
+
+    def forget_stale(self, open_sessions: Container[str], stepping: Mapping[str, int], now: float) -> None:
         """Forget the partials of sessions that are gone, and those that waited MAX_WAIT for a step
-        that never came (its member refused it, say)."""
+        that never came (its member refused it, say), a rewound one's too (`stepping`: the epoch of
+        each session's step under way; kept past it, they would outlive every step)."""
         for sid in list(self.by_session):
             if sid not in open_sessions:
                 self.forget(sid)
-            elif sid not in stepping:
-                for k in [k for k, entry in self.by_session[sid].items() if now - entry.came > MAX_WAIT]:
-                    self.pop(sid, k)
-                if not self.by_session[sid]:
-                    del self.by_session[sid]
+                continue
+            epoch = stepping.get(sid)
+            for k in [k for k, entry in self.by_session[sid].items()
+                      if now - entry.came > MAX_WAIT and (epoch is None or k[4] > epoch)]:
+                self.pop(sid, k)
+            if not self.by_session[sid]:
+                del self.by_session[sid]
 

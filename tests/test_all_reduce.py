@@ -887,3 +887,32 @@ def test_a_rewound_all_reduce_step_ends_the_one_still_running_and_refuses_its_la
     assert answers[100].fields["code"] == "bad_position"
     assert (answers[101].tensor(0) - reference(xs[0], xs[2], xs[5], xs[2], xs[4])).abs().max() <= 1e-5
     assert torch.equal(answers[101].tensor(0), answers[102].tensor(0))
+
+
+def test_partials_of_a_rewound_step_to_come_are_bounded_and_only_from_the_member(tiny_model_dir):
+    """Review200: while a step runs, a partial of a later epoch (a rewound step's, whose sender got
+    it first) was kept from anyone, of any epoch, size and held position, past the step's end: a
+    stranger knowing a session id filled what the node keeps of partials, and every session's
+    honest partials were refused `busy`. Now it comes only from the member's key, one a member
+    (a later epoch's replaces an earlier one's), and is forgotten after MAX_WAIT while steps run."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    a.groups.checks_keys = True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    _member_step(a, sid, torch.randn(1, 2, 64))  # member 0 of two, waiting for member 1 (KEY_B)
+    y = torch.zeros(1, 1, 64)
+    [(_, frames)] = _partial(a, sid, y, FORGED, next_hop_id(), epoch=1)
+    assert decode(frames).fields["code"] == "not_served" and not a.groups.kept
+    [(_, frames)] = _partial(a, sid, y, FORGED, next_hop_id(), epoch=1, member=0)  # (the node's own place)
+    assert decode(frames).fields["code"] == "bad_position" and not a.groups.kept
+    assert _partial(a, sid, y, KEY_B, next_hop_id(), epoch=1) == []
+    [(_, frames)] = _partial(a, sid, torch.zeros(1, 2, 64), KEY_B, next_hop_id(), epoch=1)  # (a second one)
+    assert decode(frames).fields["code"] == "bad_position"
+    assert _partial(a, sid, y, KEY_B, next_hop_id(), epoch=3) == []  # (rewound again: replaces it)
+    [(_, frames)] = _partial(a, sid, y, KEY_B, next_hop_id(), epoch=2)
+    assert decode(frames).fields["code"] == "bad_position"
+    assert [k[4] for k in a.groups.kept.of(sid)] == [3] and a.groups.kept.bytes == y.nbytes
+    a.groups.forget_stale(now=time.monotonic() + MAX_WAIT - 5)
+    assert a.groups.kept.bytes == y.nbytes and sid in a.groups.steps
+    a.groups.forget_stale(now=time.monotonic() + MAX_WAIT + 1)  # (the step still runs)
+    assert not a.groups.kept and a.groups.kept.bytes == 0 and sid in a.groups.steps
