@@ -1153,6 +1153,40 @@ def test_a_step_cut_short_in_a_head_group_is_done_again_without_a_failover(
         local.close()
 
 
+@pytest.mark.parametrize("all_reduce", [False, True], ids=["fan_out", "all_reduce"])
+def test_a_head_group_with_a_member_that_cannot_rewind_is_reopened_after_a_step_cut_short(
+        tiny_model_dir, cluster_factory, monkeypatch, all_reduce):
+    """A member of an earlier version (its `opened` without `head_rewind`, or `group_rewind` in an
+    all-reduce group) would refuse a rewound step: after a step cut short the group is reopened
+    on the same members and replayed instead, with no failover and no ban."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3), (0, 2)), NodeSpec((1, 3), (2, 4)),
+                                             NodeSpec((3, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses,
+                               options=SwarmOptions(timeout=TIMEOUT, all_reduce=all_reduce))
+    local = SwarmModel.local(tiny_model_dir)
+    try:
+        held: list[str] = []
+
+        def owner_of(session):
+            group = session.stages[1]
+            assert group.takes_rewind and group.all_reduce is all_reduce
+            group.limits[1].pop("group_rewind" if all_reduce else "head_rewind")  # as an earlier version's
+            assert not group.takes_rewind
+            held.extend(group.sessions)
+            return group
+
+        session = cut_short_then_go_on(model, local, monkeypatch, owner_of,
+                                       "all_reduce_result" if all_reduce else "_fan_out", stores=not all_reduce)
+        group = session.stages[1]
+        assert group.peers and group.sessions and set(group.sessions).isdisjoint(held)  # reopened
+        assert group.takes_rewind  # (the members' new `opened`)
+        assert group.epoch == int(all_reduce)  # (the step after the replay rewinds to where it is: a no-op)
+        session.close()
+    finally:
+        model.close()
+        local.close()
+
+
 @pytest.mark.parametrize("where", ["in the group's step", "in the spot check"])
 def test_a_step_cut_short_in_a_checking_session_did_not_happen(tiny_model_dir, cluster_factory, monkeypatch, where):
     """With spot checks on, a step cut short in a head group's step or in the spot check after
