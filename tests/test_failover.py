@@ -1099,6 +1099,15 @@ def test_a_step_cut_short_after_its_stages_stored_it_is_done_again_without_a_fai
         local.close()
 
 
+def _route_through_a_head_group(model_dir, cluster_factory, all_reduce: bool) -> tuple[SwarmModel, SwarmModel]:
+    """A swarm of block 0, a head group of two for blocks 1-2, and block 3, and one process."""
+    nodes = cluster_factory(model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3), (0, 2)), NodeSpec((1, 3), (2, 4)),
+                                        NodeSpec((3, 4))])
+    model = SwarmModel.connect(model_dir, peers=nodes.addresses,
+                               options=SwarmOptions(timeout=TIMEOUT, all_reduce=all_reduce))
+    return model, SwarmModel.local(model_dir)
+
+
 @pytest.mark.parametrize("all_reduce", [False, True], ids=["fan_out", "all_reduce"])
 @pytest.mark.parametrize("cut", ["after", "within", "between members", "after the next stage"])
 def test_a_step_cut_short_in_a_head_group_is_done_again_without_a_failover(
@@ -1114,11 +1123,7 @@ def test_a_step_cut_short_in_a_head_group_is_done_again_without_a_failover(
     `bad_position`, one was banned, and the session ended in SessionError. Review162's: the cut
     step's inputs, kept in the stages' histories, were replayed into the reopened group, one
     position twice.)"""
-    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3), (0, 2)), NodeSpec((1, 3), (2, 4)),
-                                             NodeSpec((3, 4))])
-    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses,
-                               options=SwarmOptions(timeout=TIMEOUT, all_reduce=all_reduce))
-    local = SwarmModel.local(tiny_model_dir)
+    model, local = _route_through_a_head_group(tiny_model_dir, cluster_factory, all_reduce)
     try:
         name = "step" if cut.startswith("after") else "send" if cut == "between members" \
             else "all_reduce_result" if all_reduce else "_fan_out"
@@ -1159,11 +1164,7 @@ def test_a_head_group_with_a_member_that_cannot_rewind_is_reopened_after_a_step_
     """A member of an earlier version (its `opened` without `head_rewind`, or `group_rewind` in an
     all-reduce group) would refuse a rewound step: after a step cut short the group is reopened
     on the same members and replayed instead, with no failover and no ban."""
-    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 1)), NodeSpec((1, 3), (0, 2)), NodeSpec((1, 3), (2, 4)),
-                                             NodeSpec((3, 4))])
-    model = SwarmModel.connect(tiny_model_dir, peers=nodes.addresses,
-                               options=SwarmOptions(timeout=TIMEOUT, all_reduce=all_reduce))
-    local = SwarmModel.local(tiny_model_dir)
+    model, local = _route_through_a_head_group(tiny_model_dir, cluster_factory, all_reduce)
     try:
         held: list[str] = []
 
