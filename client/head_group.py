@@ -136,6 +136,16 @@ class HeadGroupStage(Stage):
         flag = "group_rewind" if self.all_reduce else "head_rewind"
         return bool(self.limits) and all(fields.get(flag) is True for fields in self.limits)
 
+    @property
+    def _fan_out_in_place(self) -> bool:
+        """Whether, after an all-reduce failed with no member at fault, the step goes on by fan-out
+        on the same sessions: every member's first phase step rewinds, ending its all-reduce step
+        where it still runs (`group_rewind`: sixty-eighth session). Members of an earlier version
+        would refuse that phase step (the step still running): the session reopens the group and
+        replays its history instead."""
+        return bool(self.limits) and all(fields.get("group_rewind") is True and fields.get("head_rewind") is True
+                                         for fields in self.limits)
+
     def _fan_out(self, hidden: torch.Tensor, pos: int, phase: str, block: int, rewind: bool = False) -> torch.Tensor:
         partials: list[torch.Tensor | None] = [None] * len(self.members)
         waiting = list(range(len(self.members)))
@@ -201,16 +211,19 @@ class HeadGroupStage(Stage):
             try:
                 return self._all_reduce(hidden, pos, last, rewind)
             except AllReduceFailed as e:
-                if pos:  # the session reopens the group and replays what it holds
+                if pos and not self._fan_out_in_place:  # the session reopens the group and replays what it holds
                     raise
                 log.info("%s; the group's members are met one by one from now on", e)
-                try:
-                    self.close()  # nothing held yet: new sessions here, and the fan-out
-                    self.open(self.max_length)
-                    rewind = False
-                except PeerError as again:  # the session reopens it, and strikes only a fault (review130)
-                    raise AllReduceFailed(again.address, again.code, f"reopening the group after an all-reduce "
-                                          f"failed: {again.message}") from again
+                if pos:  # each member drops what it holds of the step, ending it where it still runs
+                    rewind = True
+                else:
+                    try:
+                        self.close()  # nothing held yet: new sessions here, and the fan-out
+                        self.open(self.max_length)
+                        rewind = False
+                    except PeerError as again:  # the session reopens it, and strikes only a fault (review130)
+                        raise AllReduceFailed(again.address, again.code, f"reopening the group after an "
+                                              f"all-reduce failed: {again.message}") from again
         for block in range(self.start, self.stop):
             hidden = self._fan_out(hidden, pos, "attn", block, rewind and block == self.start)
             hidden = self._fan_out(hidden, pos, "mlp", block)

@@ -112,6 +112,13 @@ class AllReduces:
         self._due.append(g)
         return out
 
+    def end(self, sid: str) -> list[Reply]:
+        """End session `sid`'s step, if one runs, answered `bad_position`, the session as before it:
+        its client goes on by fan-out (a phase step that rewinds, client/head_group.py)."""
+        g = self.steps.get(sid)
+        return [] if g is None else self._fail(g, ErrorCode.BAD_POSITION, "a rewound phase step of this session "
+                                                                          "ended this one")
+
     def _compute(self, due: list[GroupStep]) -> list[Reply]:
         """This member's partials of the steps `due`, each kept (`own`) and sent to the other
         members; the one-position steps at the same block and phase in one forward pass (decode

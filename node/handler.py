@@ -109,7 +109,13 @@ class RequestHandler:
                     pending = []
                 if msg.type == "step" and msg.fields["session"] in self.groups.steps \
                         and not (msg.get("group") is not None and msg.get("rewind") is True):  # (which ends it)
-                    raise ProtocolError(ErrorCode.BAD_POSITION, "an all-reduce step of this session is still running")
+                    if not (msg.get("phase") == "attn" and msg.get("rewind") is True
+                            and self._owns(peer, msg.fields["session"])):
+                        raise ProtocolError(ErrorCode.BAD_POSITION, "an all-reduce step of this session is still "
+                                            "running")
+                    # its client goes on by fan-out after the all-reduce failed: the step ends,
+                    # the session as before it, and the phase step rewinds from there
+                    replies.extend(self.groups.end(msg.fields["session"]))
                 if msg.type == "step" and msg.get("group") is not None:
                     replies.extend(self.groups.start(peer, msg, self.can_relay))  # computed after the batch's steps
                     continue

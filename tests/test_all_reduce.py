@@ -502,13 +502,17 @@ def test_sessions_stepped_together_share_the_members_forward_passes(tiny_model_d
     assert all(h.stats.batched_steps > 0 and h.stats.max_batch >= 2 for h in handlers)
 
 
-def test_a_member_slow_in_every_phase_is_no_ones_fault_and_replays_go_by_fan_out(tiny_model_dir):
+@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "earlier_version"])
+def test_a_member_slow_in_every_phase_is_no_ones_fault_and_replays_go_by_fan_out(tiny_model_dir, in_place):
     """Review128: a member slower than the others in every phase, though within each phase's
     wait, made the whole step miss the client's timeout, and the first member was banned for it.
     Now a step that times out blames no one: the group goes back to the fan-out, where each phase
-    has a timeout of its own, and the session goes on exact. And a replay into a group (failover,
-    reopen) goes by fan-out, the group all-reducing again after it: an all-reduce that failed
-    midway through a replay left the replay's new stage struck for it."""
+    has a timeout of its own, and the session goes on exact: on the same sessions, the fan-out's
+    first phase step rewinding each member (ending the all-reduce step where it still runs:
+    sixty-eighth session), or, with a member of an earlier version (no `group_rewind`), on new
+    ones the session opens and replays. And a replay into a group (failover, reopen) goes by
+    fan-out, the group all-reducing again after it: an all-reduce that failed midway through a
+    replay left the replay's new stage struck for it."""
     handlers, model_id = _handlers(tiny_model_dir)
     slow = [0.0]
     forward = handlers[1].groups._forward
@@ -528,6 +532,9 @@ def test_a_member_slow_in_every_phase_is_no_ones_fault_and_replays_go_by_fan_out
     with in_process_swarm(handlers, timeout=2.0) as (conns, swarm):
         session = InferenceSession.open(swarm, 12)
         [group] = session.stages
+        if not in_place:
+            group.limits[1].pop("group_rewind")  # (as an earlier version's `opened`)
+        held = list(group.sessions)
         cache = blocks.new_cache(12)
         for a, b in ((0, 5), *((t, t + 1) for t in range(5, 12))):
             slow[0] = 0.35 if a == 7 else 0.0  # 8 phases of 0.35 s: within each wait (0.5 s), past 2 s
@@ -536,6 +543,7 @@ def test_a_member_slow_in_every_phase_is_no_ones_fault_and_replays_go_by_fan_out
                 assert (got - blocks(x[:, a:b], [cache])).abs().max().item() <= 1e-5
             assert group.all_reduce == (a < 7)
         assert session.failovers == 0 and not swarm.bans
+        assert (group.sessions == held) is in_place  # no reopen, no replay
         session.close()
 
         # a replay goes by fan-out: no all-reduce step reaches a member while it runs
@@ -916,3 +924,24 @@ def test_partials_of_a_rewound_step_to_come_are_bounded_and_only_from_the_member
     assert a.groups.kept.bytes == y.nbytes and sid in a.groups.steps
     a.groups.forget_stale(now=time.monotonic() + MAX_WAIT + 1)  # (the step still runs)
     assert not a.groups.kept and a.groups.kept.bytes == 0 and sid in a.groups.steps
+
+
+def test_a_phase_step_that_rewinds_ends_the_all_reduce_step_only_from_the_owner(tiny_model_dir):
+    """After an all-reduce failed with no member at fault, its client goes on by fan-out on the
+    same sessions: the first phase step rewinds, and a member still running the all-reduce step
+    (waiting for a partial that will not come) ends it, answered `bad_position`, the session as
+    before it (sixty-eighth session; it was refused "still running", and its client reopened the
+    group and replayed its history). Only the session's owner ends it so."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    x = torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(3))
+    _member_step(a, sid, x, req_id=10)  # member 0 of two, waiting for member 1's partial
+    phase = {"session": sid, "pos": 0, "phase": "attn", "block": 0, "rewind": True}
+    [(to, frames)] = a.handle_batch([(b"stranger", encode("step", 11, phase, [x]))])
+    assert to == b"stranger" and decode(frames).fields["code"] == "bad_position" and sid in a.groups.steps
+    replies = {decode(f).id: decode(f) for _, f in a.handle_batch([(b"owner", encode("step", 12, phase, [x]))])}
+    assert replies[10].fields["code"] == "bad_position" and "ended this one" in replies[10].fields["message"]
+    assert replies[12].type == "result" and not a.groups.steps and not a.groups.kept
+    session = a.sessions.sessions[sid]
+    assert session.length == 0 and session.next_block == 1  # (the fan-out's first block stored)
