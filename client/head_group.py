@@ -51,9 +51,11 @@ def check_heads_served(conn: PeerConnection, heads: tuple[int, int], timeout: fl
 class AllReduceFailed(PeerError):
     """A head group's all-reduce step failed with no member known to be at fault (one could not
     send to another, was busy, its sums overflowed, the step ran past the client's timeout, or
-    the outputs differed or were absurd): the group's sessions may hold the step in part, so it
-    is reopened (InferenceSession), its members met by the client from then on, where each answers
-    for its own partials."""
+    the outputs differed or were absurd): the group's sessions may hold the step in part, so the
+    step goes on by fan-out with its first phase step rewinding each member (HeadGroupStage,
+    `_fan_out_in_place`), or at the session's first step, or with a member of an earlier version,
+    the group is reopened (InferenceSession); its members are met by the client from then on,
+    where each answers for its own partials."""
 
 
 # Answers of a member to an all-reduce step that blame no one: it could not send to another member

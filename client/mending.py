@@ -76,7 +76,8 @@ class Mending(SpotChecks):
         if isinstance(e, AllReduceFailed):
             # The group's members may hold the step in part: new sessions on them, replayed,
             # met one by one (the stage turned its all-reduce off for good, so this comes once
-            # a stage). No one is struck for it.
+            # a stage; a group whose members all say `group_rewind` goes on by fan-out in place
+            # instead, HeadGroupStage._fan_out_in_place). No one is struck for it.
             reopened.add(stage)
             log.info("%s: reopening the group", e)
             return self._reopen_or_replace(i), busy_retries

@@ -20,12 +20,12 @@ from the member the step names, by its CURVE key (from its contact, as ZAP gives
 node/server.py); a member may be one phase ahead of another, and a partial may come before the
 step it belongs to, so partials of this phase and the next are kept until used. A member that
 has not had every partial of a phase within the step's `wait` answers `relay_failed`, its session
-as before the step (the client then reopens the group, meeting its members itself:
-client/head_group.py). The one-position phases of several sessions at the same block and phase run
-in one forward pass, as a fan-out's phase steps do (node/steps.py); a session whose phase was summed
-waits a little (HOLD_SECONDS, to the server poll's next whole millisecond) for those of its group a
-phase behind, so that sessions stepped together go on sharing passes (`_hold_back`). Each partial
-is sent the moment it is computed.
+as before the step (the client then meets the members itself, its first phase step rewinding
+each, which ends a step still running: `end`; client/head_group.py). The one-position phases of
+several sessions at the same block and phase run in one forward pass, as a fan-out's phase steps
+do (node/steps.py); a session whose phase was summed waits a little (HOLD_SECONDS, to the server
+poll's next whole millisecond) for those of its group a phase behind, so that sessions stepped
+together go on sharing passes (`_hold_back`). Each partial is sent the moment it is computed.
 
 After its client cut a step short (Ctrl-C), the next step comes with `rewind` and a greater
 `epoch`, the session's rewind number, which every step and partial carries (`start`): a member
@@ -113,11 +113,14 @@ class AllReduces:
         return out
 
     def end(self, sid: str) -> list[Reply]:
-        """End session `sid`'s step, if one runs, answered `bad_position`, the session as before it:
-        its client goes on by fan-out (a phase step that rewinds, client/head_group.py)."""
+        """End session `sid`'s step, if one runs, answered `bad_position`, the session as before it,
+        and forget the partials kept for it: its client goes on by fan-out (a phase step that
+        rewinds, client/head_group.py)."""
         g = self.steps.get(sid)
-        return [] if g is None else self._fail(g, ErrorCode.BAD_POSITION, "a rewound phase step of this session "
-                                                                          "ended this one")
+        out = [] if g is None else self._fail(g, ErrorCode.BAD_POSITION, "a rewound phase step of this session "
+                                                                         "ended this one")
+        self.kept.forget(sid)
+        return out
 
     def _compute(self, due: list[GroupStep]) -> list[Reply]:
         """This member's partials of the steps `due`, each kept (`own`) and sent to the other

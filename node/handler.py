@@ -107,15 +107,16 @@ class RequestHandler:
                     # once the earlier step has run.
                     replies.extend(self._run(pending))
                     pending = []
-                if msg.type == "step" and msg.fields["session"] in self.groups.steps \
-                        and not (msg.get("group") is not None and msg.get("rewind") is True):  # (which ends it)
-                    if not (msg.get("phase") == "attn" and msg.get("rewind") is True
-                            and self._owns(peer, msg.fields["session"])):
-                        raise ProtocolError(ErrorCode.BAD_POSITION, "an all-reduce step of this session is still "
-                                            "running")
-                    # its client goes on by fan-out after the all-reduce failed: the step ends,
-                    # the session as before it, and the phase step rewinds from there
+                if msg.type == "step" and msg.get("phase") == "attn" and msg.get("rewind") is True \
+                        and self.head_shard and self._owns(peer, msg.fields["session"]):
+                    # Its client goes on by fan-out (an all-reduce failed, or a step was cut short):
+                    # an all-reduce step still running ends, the session as before it, and no
+                    # partial kept for the session is needed (review202: one of the ended step, come
+                    # late, was kept 60 s). The phase step is then checked as any.
                     replies.extend(self.groups.end(msg.fields["session"]))
+                elif msg.type == "step" and msg.fields["session"] in self.groups.steps \
+                        and not (msg.get("group") is not None and msg.get("rewind") is True):  # (which ends it)
+                    raise ProtocolError(ErrorCode.BAD_POSITION, "an all-reduce step of this session is still running")
                 if msg.type == "step" and msg.get("group") is not None:
                     replies.extend(self.groups.start(peer, msg, self.can_relay))  # computed after the batch's steps
                     continue

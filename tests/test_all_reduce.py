@@ -945,3 +945,9 @@ def test_a_phase_step_that_rewinds_ends_the_all_reduce_step_only_from_the_owner(
     assert replies[12].type == "result" and not a.groups.steps and not a.groups.kept
     session = a.sessions.sessions[sid]
     assert session.length == 0 and session.next_block == 1  # (the fan-out's first block stored)
+    # A partial kept for a session whose step failed (come late: review202 saw it kept 60 s) is
+    # forgotten when the fan-out's first phase step rewinds it.
+    other = decode(a.handle(b"owner", encode("open", 2, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    assert _partial(a, other, torch.zeros(1, 2, 64), KEY_B, next_hop_id()) == [] and a.groups.kept
+    [(_, frames)] = a.handle_batch([(b"owner", encode("step", 13, {**phase, "session": other}, [x]))])
+    assert decode(frames).type == "result" and not a.groups.kept and a.groups.kept.bytes == 0
