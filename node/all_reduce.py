@@ -102,10 +102,9 @@ class AllReduces:
         out: list[Reply] = []
         if g.rewind:
             s = g.session
-            old = self.steps.pop(s.id, None)
+            old = self.steps.get(s.id)
             if old is not None:  # (its partials come late, of an earlier epoch: `take` refuses them)
-                out.append((old.reply_to[0], self.runner.error(old.reply_to[1], ErrorCode.BAD_POSITION,
-                                                               "a rewound step of this session ended this one")))
+                out = self._fail(old, ErrorCode.BAD_POSITION, "a rewound step of this session ended this one")
             s.cache.length, s.next_block, s.epoch = g.pos, 0, g.epoch
             self.kept.forget(s.id, before=g.epoch)
         self.steps[g.session.id] = g
