@@ -25,6 +25,7 @@ from nanoswarm.shards.weights import load_blocks, load_embeddings, load_head
 from .batch import generate_in_step
 from .batcher import IDLE_SECONDS, Batcher
 from .generate import ClientModel, GenerationStats, SamplingParams, TextStream, generate_ids
+from .idle_reads import IdleReads
 from .session import InferenceSession
 from .stages import LocalStage
 from .swarm import Swarm, SwarmOptions
@@ -152,6 +153,7 @@ class SwarmModel:
         self._lock = threading.RLock()
         self.closed = False
         self._batchers: weakref.WeakSet[Batcher] = weakref.WeakSet()  # stopped by close
+        self._idle_reads: IdleReads | None = None  # a swarm's links read while it sits idle
 
     @classmethod
     def connect(cls, model_dir: str | Path, peers: list[str] | None = None,
@@ -178,7 +180,9 @@ class SwarmModel:
             swarm.connect_route_ahead()  # handshakes overlap the head's load below
             if swarm.options.verify > 0:
                 swarm.checker = SpotChecker(model_dir, manifest, swarm.options.verify)
-            return cls(model_dir, manifest, swarm, device=device)
+            model = cls(model_dir, manifest, swarm, device=device)
+            model._idle_reads = IdleReads(model)
+            return model
         except BaseException:  # a device that is not there, Ctrl-C: the links made so far
             swarm.close()
             raise
@@ -346,6 +350,7 @@ class SwarmModel:
         """A model over `swarm` sharing this one's weights and tokenizer (generate_batch)."""
         other = copy.copy(self)
         other.swarm, other._lock, other.closed, other._batchers = swarm, threading.RLock(), False, weakref.WeakSet()
+        other._idle_reads = None  # (its thread reads its links at each step)
         return other
 
     def __enter__(self) -> SwarmModel:
@@ -360,6 +365,8 @@ class SwarmModel:
         with self._lock:
             self.closed = True
             batchers = list(self._batchers)
+        if self._idle_reads is not None:
+            self._idle_reads.stop()
         for batcher in batchers:  # their workers close their own links (one thread's sockets)
             batcher.stop()
         with self._lock:

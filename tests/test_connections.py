@@ -379,6 +379,68 @@ def test_a_client_closes_a_link_that_dropped_and_holds_nothing():
         close_monitored(newcomer, monitor)
 
 
+def test_an_idle_model_reads_its_links_by_itself(tiny_model_dir, cluster_factory, monkeypatch):
+    """A SwarmModel read its links' events only at its steps: idle, a link to a peer that went,
+    where a node of another key took the address, knocked 10 times a second and queued ~40
+    events a second (review198: ~21 MB an hour) until its next use. A thread of the model's own
+    now reads them (client/idle_reads.py): that link is closed with no call to the model. The
+    thread never waits for the model's lock, and ends when the model is closed or collected."""
+    import gc
+    import threading
+
+    import zmq
+
+    from nanoswarm.client import idle_reads, swarm
+    from nanoswarm.keys.contact import format_contact
+
+    monkeypatch.setattr(idle_reads, "IDLE_READ_SECONDS", 0.1)
+    monkeypatch.setattr(swarm, "DRAIN_SECONDS", 0.1)
+    contacts = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses
+    ctx = zmq.Context.instance()
+    hop, public = curve_router(ctx)
+    port = hop.bind_to_random_port("tcp://127.0.0.1")
+    address = format_contact(f"tcp://127.0.0.1:{port}", public)
+    model = SwarmModel.connect(tiny_model_dir, peers=contacts)
+    newcomer = monitor = None
+
+    def link() -> PeerConnection | None:
+        with model._lock:  # (the model's sockets and links are the thread's that holds it)
+            return model.swarm._conns.get(address)
+
+    try:
+        with model._lock:
+            conn = model.swarm.connection(address)  # a link to a peer on no route: nothing steps on it
+        deadline = time.monotonic() + 10
+        while not conn._ever_handshaken and time.monotonic() < deadline:
+            time.sleep(0.05)  # (the events that say so are read by the model's thread alone)
+        assert conn._ever_handshaken and link() is conn
+        with model._lock:  # held, as a step would: the thread reads nothing meanwhile
+            hop.close(linger=0)  # the peer goes, and a node with another key takes its address
+            newcomer, monitor = take_over_port(ctx, port)
+            assert accepted(monitor, 1.0) > 0  # knocking
+            assert model.swarm._conns.get(address) is conn and not conn.socket.closed
+        deadline = time.monotonic() + 10
+        while link() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert link() is None and conn.socket.closed  # with no call to the model
+        assert accepted(monitor, 1.0, settle=0.3) == 0  # (a retry already under way may still come first)
+        reads = model._idle_reads.thread
+        model.close()
+        reads.join(5)
+        assert not reads.is_alive()
+
+        dropped = SwarmModel.connect(tiny_model_dir, peers=contacts)  # dropped unclosed
+        reads = dropped._idle_reads.thread
+        time.sleep(0.3)  # (read a few times first: the thread holds it between reads no more)
+        del dropped
+        gc.collect()
+        reads.join(5)
+        assert not reads.is_alive() and not any(t is reads for t in threading.enumerate())
+    finally:
+        model.close()
+        close_monitored(newcomer, monitor)
+
+
 def test_a_drop_passed_on_to_the_next_link_is_forgiven_once_old_if_the_peer_is_back(tiny_model_dir, cluster_factory):
     """A link closed while down passes its drop on to the next link to that peer (Swarm.drain_events).
     A drop that lost something is reported at that link's first request while it is fresh; an old

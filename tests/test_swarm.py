@@ -370,6 +370,38 @@ def test_a_stream_collected_inside_another_step_touches_no_socket(tiny_model_dir
         model.close()
 
 
+def test_a_stream_dropped_inside_another_step_is_closed_while_the_model_sits_idle(tiny_model_dir, cluster_factory,
+                                                                                  monkeypatch):
+    """A stream collected inside another thread's step is closed on its nodes later (the test
+    above): at the model's next step, session or close, and so it held its nodes' sessions and
+    KV caches for as long as the model then sat idle. The model's own thread now closes it once
+    the lock is free, with no call to the model (client/idle_reads.py)."""
+    import gc
+
+    from nanoswarm.client import idle_reads
+    from nanoswarm.client.transport import PeerConnection
+
+    monkeypatch.setattr(idle_reads, "IDLE_READ_SECONDS", 0.1)
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    probe = PeerConnection(swarm.addresses[0], timeout=10)
+    try:
+        stream = model.stream("To be", 8, SamplingParams(temperature=0))
+        next(stream)
+        cycle: list = [stream]
+        cycle.append(cycle)
+        del stream
+        with model._lock:  # as another thread's step holds it
+            del cycle
+            gc.collect()  # the stream's cleanup runs here, and leaves its session to be closed
+            time.sleep(0.5)
+            assert probe.request("info").fields["sessions"] == 1  # (the model's thread waits for no lock)
+        assert _sessions_become(swarm.addresses, 0) and not model.swarm.bans
+    finally:
+        probe.close()
+        model.close()
+
+
 def test_an_interrupt_between_a_requests_frames_tears_no_later_request(tiny_model_dir, cluster_factory, monkeypatch):
     """pyzmq sends a message's frames one call each, so Ctrl-C (or the CLI's SIGTERM) can land
     between them, and the frames sent wait on the socket for the rest. The next request went out
