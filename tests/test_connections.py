@@ -417,7 +417,7 @@ def test_an_idle_model_reads_its_links_by_itself(tiny_model_dir, cluster_factory
         with model._lock:  # held, as a step would: the thread reads nothing meanwhile
             hop.close(linger=0)  # the peer goes, and a node with another key takes its address
             newcomer, monitor = take_over_port(ctx, port)
-            assert accepted(monitor, 1.0) > 0  # knocking
+            assert accepted(monitor, 2.0) > 0  # knocking
             assert model.swarm._conns.get(address) is conn and not conn.socket.closed
         deadline = time.monotonic() + 10
         while link() is not None and time.monotonic() < deadline:
