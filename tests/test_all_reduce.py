@@ -646,6 +646,35 @@ def test_an_all_reduce_step_is_refused_on_a_half_stored_position_and_past_max_le
     assert a.sessions.sessions[sid].next_block == 1 and not a.groups.steps
 
 
+# Review203 (sixty-ninth session): mutations of check_step that no test caught before.
+def test_an_all_reduce_steps_group_rewind_and_wait_are_checked(tiny_model_dir):
+    """A group of one member, or one whose `member` entry names another session than the step's,
+    is malformed; a rewind may not go forward past what the session holds (bad_position); a
+    `wait` past MAX_WAIT is cut to it (a step would otherwise hold its session for as long as its
+    client asked). Each refusal leaves the session as it was, with no step running."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    me = "tcp://127.0.0.1:1#" + zmq.curve_keypair()[0].decode()
+    other = ["tcp://127.0.0.1:2#" + KEY_B, "their-session"]
+
+    def refused(req_id: int, **fields) -> dict:
+        (to, frames), = a.handle_batch([(b"owner", encode("step", req_id, {
+            "session": sid, "pos": 0, "member": 0, "wait": 1.0, "group": [[me, sid], other], **fields},
+            [torch.randn(1, 1, 64)]))])
+        assert to == b"owner" and not a.groups.steps and a.sessions.sessions[sid].length == 0
+        return decode(frames).fields
+
+    assert refused(2, group=[[me, sid]])["code"] == "malformed"  # a group of one: a plain stage
+    assert refused(3, group=[[me, "another-session"], other])["code"] == "malformed"
+    reply = refused(4, rewind=True, epoch=1, pos=1)  # the session holds 0 positions
+    assert reply["code"] == "bad_position" and "never forward" in reply["message"]
+    assert a.sessions.sessions[sid].epoch == 0
+    sent = _group_step(a, b"owner", sid, torch.randn(1, 1, 64), 5, wait=1e9)
+    assert [type(to) for to, _ in sent] == [Relay]  # taken: its first partial went to the other member
+    assert a.groups.steps[sid].wait == MAX_WAIT
+
+
 # Review173 (sixty-second session): a mutation of the code that no test caught before.
 def test_a_step_closed_later_in_its_batch_is_not_computed(tiny_model_dir):
     """An all-reduce step whose session a `close` later in the same batch ended is dropped
