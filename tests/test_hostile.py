@@ -31,6 +31,7 @@ from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.server import zmq_max_msgsize
 from nanoswarm.node.sessions import NodeLimits, _map_size
+from nanoswarm.protocol.errors import ProtocolError
 from nanoswarm.protocol.messages import PROTOCOL_VERSION, Message, decode, encode
 from nanoswarm.shards.manifest import read_manifest
 from nanoswarm.shards.weights import load_blocks, load_model
@@ -94,6 +95,56 @@ def test_a_forward_takes_up_to_the_longest_session_and_no_more(blocks):
     d = make_driver(blocks, max_session_length=3)
     assert d.ok("forward", {}, [hidden(3)]).tensors[0].shape == (1, 3, N_EMBD)
     d.refuses("too_large", "4 positions exceed 3", "forward", {}, [hidden(4)])
+
+
+# Review203 (sixty-ninth session): mutations that no test caught before.
+def test_a_session_is_no_longer_than_the_models_context_and_limits_are_positive(blocks):
+    """However long a session the node's limit allows, its model's context (block_size) bounds
+    it: `info` says so and a longer `open` is too_large, not a cache the model has no positions
+    for. A node limit of zero is refused where it is set."""
+    d = make_driver(blocks, max_session_length=10**6)
+    context = d.h.config.block_size
+    assert d.h.info()["max_length"] == context
+    d.refuses("too_large", "max_length", "open", {"max_length": context + 1})
+    assert d.open(context)
+    for name in ("max_sessions", "max_session_length", "idle_timeout"):
+        with pytest.raises(ValueError, match=name):
+            NodeLimits(**{name: 0})
+
+
+def test_seen_ids_keep_each_peers_latest_and_the_most_recently_active_peers(monkeypatch):
+    """Duplicate detection keeps the last PER_PEER ids of a peer (a replay of its latest request
+    is refused; its oldest ids are the ones forgotten), drops the least recently active peer
+    first (a long-lived busy client keeps its ids while peers come and go), and keeps its count
+    true through `forget` (a request refused busy) and `forget_peer` (a connection gone): a count
+    that drifted up made the node forget every peer early and then fail every request."""
+    from nanoswarm.node import seen_ids
+    from nanoswarm.node.seen_ids import SeenIds
+
+    monkeypatch.setattr(seen_ids, "PER_PEER", 4)
+    monkeypatch.setattr(seen_ids, "MAX_SEEN_PEERS", 3)
+    seen = SeenIds()
+
+    def counted() -> bool:
+        return seen.total == sum(len(ids) for ids in seen.by_peer.values())
+
+    for req_id in range(1, 7):
+        seen.add(b"old", req_id)
+    with pytest.raises(ProtocolError, match="already used"):
+        seen.add(b"old", 6)  # the latest is remembered
+    seen.add(b"old", 1)  # the oldest were forgotten
+    seen.add(b"b", 1)
+    seen.add(b"c", 1)
+    seen.add(b"old", 7)  # active again: the least recently active is now b
+    seen.add(b"d", 1)
+    assert list(seen.by_peer) == [b"c", b"old", b"d"] and counted()
+    seen.forget(b"old", 7)
+    seen.forget(b"old", 99)  # never seen: nothing to forget
+    assert counted()
+    seen.add(b"old", 7)  # sent again after busy
+    seen.forget_peer(b"c")
+    seen.forget_peer(b"gone")
+    assert list(seen.by_peer) == [b"d", b"old"] and counted()
 
 
 def test_each_limit_refuses_cleanly_and_spares_other_sessions(blocks):
@@ -293,6 +344,7 @@ def test_specific_codes_for_bad_requests(blocks):
     assert d.code("step", {"session": sid, "pos": 3}, [hidden(1)]) == "bad_position"  # out of order
     assert d.code("step", {"session": sid, "pos": 0}, [torch.randn(1, 1, N_EMBD + 1)]) == "bad_shape"
     assert d.code("step", {"session": sid, "pos": 0}, [torch.randn(2, 1, N_EMBD)]) == "bad_shape"
+    assert d.code("step", {"session": sid, "pos": 0}, [torch.randn(1, 0, N_EMBD)]) == "bad_shape"  # no position
     assert d.code("step", {"session": sid, "pos": 0}, [hidden(1), hidden(1)]) == "bad_tensor"
     assert d.code("step", {"session": "nope", "pos": 0}, [hidden(1)]) == "unknown_session"
     assert d.code("step", {"session": sid, "pos": "0"}, [hidden(1)]) == "malformed"
@@ -527,6 +579,20 @@ def test_head_shard_attention_of_one_position_stores_as_many_tokens_in_every_blo
     ys = [drv.ok("step", {"session": s, "pos": 1, "phase": "attn", "block": 0}, [hidden(2, 3)]).tensors[0]
           for s, drv in ((sid, d), (ref, fresh))]
     assert torch.equal(*ys)
+
+
+# Review203 (sixty-ninth session): a mutation of the code that no test caught before.
+def test_a_head_shard_phase_step_past_its_sessions_blocks_is_not_served(tiny_model_dir):
+    """A session opened on some of a head shard's blocks takes phase steps of those blocks only:
+    one at its end block (half-open, as every range) is not_served, not computed."""
+    shard = load_blocks(tiny_model_dir, 0, 4, heads=(0, 2)), read_manifest(tiny_model_dir).model_id
+    d = make_driver(shard)
+    sid = d.ok("open", {"max_length": 4, "layers": [0, 2], "heads": [0, 2]}).fields["session"]
+    d.ok("step", {"session": sid, "pos": 0, "phase": "attn", "block": 0}, [hidden(1)])
+    d.ok("step", {"session": sid, "pos": 0, "phase": "mlp", "block": 1}, [hidden(1)])
+    for phase in ("attn", "mlp"):
+        d.refuses("not_served", "not in this session's 0:2", "step",
+                  {"session": sid, "pos": 0, "phase": phase, "block": 2}, [hidden(1)])
 
 
 def test_the_cache_pool_stays_within_the_kv_budget_and_empties_when_idle(blocks):
