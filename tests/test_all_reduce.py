@@ -955,6 +955,30 @@ def test_partials_of_a_rewound_step_to_come_are_bounded_and_only_from_the_member
     assert not a.groups.kept and a.groups.kept.bytes == 0 and sid in a.groups.steps
 
 
+# Review203 (sixty-ninth session): mutations of keep_latest that no test caught before.
+def test_kept_partials_of_steps_to_come_are_one_a_member_of_its_latest_epoch():
+    """`keep_latest` keeps one partial a member for a rewound step to come: a second of the same
+    epoch is refused even for another phase (the test above sends one of the same key, which
+    `add` refuses first), and in a group of three one member's does not refuse or evict
+    another's (every group above has two members)."""
+    from nanoswarm.node.partials import KeptPartials
+    from nanoswarm.protocol.errors import ProtocolError
+
+    kept = KeptPartials(64)
+
+    def keep(member: int, epoch: int, phase: str = "attn") -> None:
+        kept.keep_latest("s", member, epoch, after=0)
+        kept.add("s", (0, 0, phase, member, epoch), None, 1, 1 << 20, lambda: torch.zeros(1, 1, 64))
+
+    keep(1, 2)
+    with pytest.raises(ProtocolError, match="came already"):
+        keep(1, 2, phase="mlp")
+    keep(2, 2)  # another member's of the same epoch: kept beside it
+    keep(2, 3)  # rewound again: it replaces that member's own only
+    assert sorted((k[3], k[4]) for k in kept.of("s")) == [(1, 2), (2, 3)]
+    assert kept.bytes == 2 * 64 * 4
+
+
 def test_a_phase_step_that_rewinds_ends_the_all_reduce_step_only_from_the_owner(tiny_model_dir):
     """After an all-reduce failed with no member at fault, its client goes on by fan-out on the
     same sessions: the first phase step rewinds, and a member still running the all-reduce step
