@@ -1107,6 +1107,64 @@ def test_steps_to_a_next_hop_not_reached_are_answered_relay_failed():
             hop.close(linger=0)
 
 
+# Review203 (sixty-ninth session): mutations of node/relay.py that no test caught before.
+def test_a_hop_reached_once_is_waited_for_again_after_it_restarts():
+    """A hop once not reached, then reached, is no longer marked: when it restarts, the step
+    after the drop waits for the fresh link's handshake as any new link's does, and reaches it
+    (marked still, it was refused at once, "not reached")."""
+    from nanoswarm.node.relay import UNREACHED_SECONDS, RelayLinks, next_hop_id
+
+    ctx = zmq.Context.instance()
+    port = free_port()
+    contact = f"tcp://127.0.0.1:{port}"
+    links = RelayLinks(ctx, None)
+    hop = None
+    try:
+        assert links.send(Relay(contact, b"a", 1, next_hop_id(), "s-a"), [b"x"]) is None
+        links.expire(time.monotonic() + UNREACHED_SECONDS + 0.1)  # not reached: marked
+        assert "not reached" in links.send(Relay(contact, b"b", 2, next_hop_id(), "s-b"), [b"x"])
+        hop = ctx.socket(zmq.ROUTER)
+        hop.bind(contact)
+        (link,) = links._links.values()
+        deadline = time.monotonic() + 10
+        while not link.reached and time.monotonic() < deadline:
+            link.monitor.poll(100)
+            links.events(link)
+        assert link.reached
+        hop.close(linger=0)  # the hop restarts at its address
+        hop = ctx.socket(zmq.ROUTER)
+        hop.bind(contact)
+        while not link.down and time.monotonic() < deadline:
+            link.monitor.poll(100)
+            links.events(link)
+        assert link.down
+        assert links.send(Relay(contact, b"c", 3, next_hop_id(), "s-c"), [b"y"]) is None  # a fresh link: queued
+        assert hop.poll(5000) and hop.recv_multipart()[1:] == [b"y"]
+    finally:
+        links.close()
+        if hop is not None:
+            hop.close(linger=0)
+
+
+def test_the_relayed_steps_remembered_are_the_latest(monkeypatch):
+    """A node remembers its last MAX_REMEMBERED relayed steps, to answer them relay_failed when
+    their link goes: the oldest are forgotten, never the newest (on a long-running node the
+    memory is always full, and every new step would have gone unanswered)."""
+    from nanoswarm.node import relay as node_relay
+    from nanoswarm.node.relay import UNREACHED_SECONDS, RelayLinks, next_hop_id
+
+    monkeypatch.setattr(node_relay, "MAX_REMEMBERED", 3)
+    contact = f"tcp://127.0.0.1:{free_port()}"  # nothing listens: the steps wait, then fail
+    links = RelayLinks(zmq.Context.instance(), None)
+    try:
+        for n in range(1, 6):
+            assert links.send(Relay(contact, b"owner", n, next_hop_id(), f"s-{n}"), [b"x"]) is None
+        links.expire(time.monotonic() + UNREACHED_SECONDS + 0.1)
+        assert [decode(frames).id for _, frames in links.take_failed()] == [3, 4, 5]
+    finally:
+        links.close()
+
+
 def test_a_next_hop_that_drops_every_handshake_is_not_reached(monkeypatch):
     """A hop that closes each connection before its handshake succeeds (a wrong key here) makes
     libzmq report a drop every ~100 ms: taken for drops, the waiting steps were forgotten a second
