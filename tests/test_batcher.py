@@ -451,6 +451,9 @@ def test_idle_workers_end_and_the_next_request_starts_another(tiny_model_dir, cl
         for bad in (0, -1.0, float("nan"), "1", True):
             with pytest.raises(ValueError, match="idle_seconds"):
                 model.batcher(idle_seconds=bad)
+        for bad in (0, -1, 1.5, True):  # (none would ever start a worker: review204)
+            with pytest.raises(ValueError, match="at_once"):
+                model.batcher(at_once=bad)
         alone = [model.generate(p, 12, SEEDED).ids for p in PROMPTS[:3]]
         descriptors = open_descriptors()
         with model.batcher(at_once=3, idle_seconds=0.5) as batcher:
