@@ -85,7 +85,8 @@ class LinkSessions:
             if reply is not None:
                 self.close_session(reply.fields["session"])
                 raise
-            self._orphan(req_id)
+            if self.answered != req_id:  # (refused: no session, and no answer to come)
+                self._orphan(req_id)
             raise
         self.open_sent = sent
         return reply
@@ -119,6 +120,8 @@ class LinkSessions:
             try:
                 msg = self.recv(req_id, "opened", max(0.0, deadline - time.monotonic()))
             except PeerError as e:  # refused, or not come yet (an orphan still: closed when read)
+                if self.answered == req_id:  # refused: nothing more will come for it
+                    del self._orphans[req_id]
                 self.put_back(e)  # a drop is the sessions' over this link to read (review106)
                 continue
             del self._orphans[req_id]

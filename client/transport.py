@@ -132,6 +132,9 @@ class PeerConnection(LinkSessions, LinkDrops):
         # The last `opened` read, (request id, session): one read and then cut short (Ctrl-C) on
         # its way back to open_session is closed there (review164: it stayed open on the node).
         self.last_opened: tuple[int, str] | None = None
+        # The last request whose answer take() read (an error reply too): an open refused is no
+        # orphan, nothing will come for it (review204: one refused `busy` kept its link in use).
+        self.answered: int | None = None
         self.closes_queued = False  # a `close` was sent: closing the socket must let it leave
         self.strays = 0  # messages take() read that were not the reply it looked for
 
@@ -207,6 +210,7 @@ class PeerConnection(LinkSessions, LinkDrops):
             if self._unread is not None or self.socket.get(zmq.EVENTS) & zmq.POLLIN:
                 msg = self._read()
                 if msg is not None and msg.id == req_id:  # else a late reply to a request we gave up on
+                    self.answered = req_id
                     if msg.type == "error":
                         raise PeerError(self.address, msg.fields["code"], msg.fields["message"])
                     if msg.type != expect:  # its fields are not the ones the caller reads (a review)

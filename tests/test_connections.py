@@ -16,7 +16,7 @@ import pytest
 from conftest import accepted, close_monitored, curve_router, sessions_on, take_over_port
 
 from nanoswarm.client.api import SwarmModel
-from nanoswarm.client.peer_errors import PeerError
+from nanoswarm.client.peer_errors import PeerError, PeerTimeout
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.cluster import NodeSpec
 from nanoswarm.node.connections import ConnectionWatch
@@ -439,6 +439,58 @@ def test_an_idle_model_reads_its_links_by_itself(tiny_model_dir, cluster_factory
     finally:
         model.close()
         close_monitored(newcomer, monitor)
+
+
+def test_an_open_refused_leaves_its_link_holding_nothing():
+    """An open given up on is remembered, for its late `opened` to be closed; one that was answered
+    with an error was remembered too, though nothing more comes for it (review204): its link then
+    held it for good, `in_use`, and was never closed while its peer was down. Refused, whether
+    asked at once or sent ahead and settled, it leaves the link holding nothing."""
+    import threading
+
+    import zmq
+
+    from nanoswarm.protocol.messages import decode, encode
+
+    ctx = zmq.Context.instance()
+    node = ctx.socket(zmq.ROUTER)
+    port = node.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def refuse_every_open() -> None:
+        while not stop.is_set():
+            if node.poll(50):
+                peer, *frames = node.recv_multipart()
+                msg = decode(frames)
+                node.send_multipart([peer, *(bytes(f) for f in encode("error", msg.id, {
+                    "code": "busy", "message": "no room"}))])
+
+    refuser = threading.Thread(target=refuse_every_open, daemon=True)
+    refuser.start()
+    conn = PeerConnection(f"tcp://127.0.0.1:{port}", timeout=5.0)
+    try:
+        with pytest.raises(PeerError, match="no room"):
+            conn.open_session({"max_length": 16})
+        assert not conn._orphans and not conn.in_use
+        fields = {"max_length": 8}
+        conn.open_early([fields])
+        assert conn.in_use  # (sent ahead: its answer is awaited)
+        conn.settle_early(time.monotonic() + 5)
+        assert not conn._orphans and not conn.in_use
+        conn.open_early([fields])
+        with pytest.raises(PeerError, match="no room"):
+            conn.open_session(fields)  # claimed, and refused
+        assert not conn._orphans and not conn.in_use
+        stop.set()
+        refuser.join(5)  # no answer any more: an open given up on is the link's to close when it comes
+        with pytest.raises(PeerTimeout):
+            conn.open_session({"max_length": 4}, timeout=0.2)
+        assert len(conn._orphans) == 1 and conn.in_use
+    finally:
+        stop.set()
+        refuser.join(5)
+        conn.close()
+        node.close(linger=0)
 
 
 def test_a_drop_passed_on_to_the_next_link_is_forgiven_once_old_if_the_peer_is_back(tiny_model_dir, cluster_factory):
