@@ -2184,6 +2184,15 @@ def test_a_peer_that_leaves_again_and_again_gets_no_strike_for_it():
     swarm.ban("tcp://127.0.0.1:9#x", "leaving: announced", "leaving")  # and its ban stays
     ban = swarm.bans["tcp://127.0.0.1:9#x"]
     assert ban.strikes == 2 and 19 < ban.until - time.monotonic() <= 20
+    # Review204 (sixty-ninth session): mutations no test caught before.
+    ban.until -= 25  # ended 5 s ago, within its length: a leave now is banned as any leave is
+    swarm.ban("tcp://127.0.0.1:9#x", "leaving: announced", "leaving")
+    ban = swarm.bans["tcp://127.0.0.1:9#x"]
+    assert ban.strikes == 2 and 9 < ban.until - time.monotonic() <= 10
+    ban.until -= 100  # its strikes ran out: a leave starts over, as a fault would
+    swarm.ban("tcp://127.0.0.1:9#x", "leaving: announced", "leaving")
+    ban = swarm.bans["tcp://127.0.0.1:9#x"]
+    assert ban.strikes == 1 and 9 < ban.until - time.monotonic() <= 10
 
 
 def test_a_peers_strikes_run_out(tiny_model_dir):
