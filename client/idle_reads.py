@@ -48,7 +48,10 @@ def _read_until_stopped(ref: weakref.ref, stopped: threading.Event, every: float
         model = ref()
         if model is None:
             return
-        read_idle_links(model)
+        if read_idle_links(model) and model.swarm is not None and model.swarm._abandoned:
+            # A stream stopped by its caller while this thread held the lock could not take it,
+            # and left its sessions to be closed later (review205): at once, not a read later.
+            read_idle_links(model)
         del model  # (not held between reads: the model may be collected meanwhile)
 
 
@@ -63,7 +66,9 @@ def read_idle_links(model: SwarmModel) -> bool:
         model.swarm.drain_events()
         return True
     except Exception as e:  # noqa: BLE001 - a thread of no caller's: the next step reads them again
-        log.warning("reading an idle model's links: %r", e)
+        # (its text, not the error: a handler that keeps records would keep the model alive
+        # through the error's traceback, review205)
+        log.warning("reading an idle model's links: %s", repr(e))
         return False
     finally:
         lock.release()
