@@ -215,7 +215,10 @@ def test_fits_wire_is_the_range_a_format_carries(wire, limit):
     assert fits_wire(torch.full((1, 1, 8), 3.0e38), wire) is (limit is None)
     if limit is not None:
         assert fits_wire(torch.full((1, 1, 8), -limit), wire)
-        assert not fits_wire(torch.full((1, 1, 8), -limit * 1.01), wire)
+        assert torch.isfinite(roundtrip(torch.full((1, 1, 8), -limit), wire)).all()
+        # (within a few parts in a thousand: q80 limited at 128x float16 took values whose float16
+        # scale is infinite, review204)
+        assert not fits_wire(torch.full((1, 1, 8), -limit * 1.005), wire)
     for bad in (math.nan, math.inf):
         x = torch.ones(1, 1, 8)
         x[0, 0, 5] = bad
