@@ -2215,6 +2215,25 @@ def test_a_peers_strikes_run_out(tiny_model_dir):
     assert ban.strikes == 1 and 9 < ban.until - time.monotonic() <= 10
 
 
+# Review204 (sixty-ninth session): a mutation no test caught before.
+def test_a_peer_asked_at_once_that_does_not_answer_keeps_no_link():
+    """A peer asked now (a reread, a banned peer or an unlisted one asked whether it is back) that
+    does not answer has its link closed, where it holds nothing: kept, ZeroMQ queued every later
+    ask on it for the peer's return (review112, the test below through a refresh)."""
+    import zmq
+
+    from nanoswarm.client.swarm import Swarm
+    from nanoswarm.keys.contact import format_contact
+
+    dead = format_contact(f"tcp://127.0.0.1:{free_port()}", zmq.curve_keypair()[0])
+    swarm = Swarm("model", 4, 4, options=SwarmOptions(timeout=2.0))
+    try:
+        assert swarm._ask_now([dead]) == {}
+        assert dead not in swarm._conns
+    finally:
+        swarm.close()
+
+
 def test_refreshes_while_a_peer_is_down_queue_nothing_for_its_return(tiny_model_dir, cluster_factory):
     """A known peer that does not answer a refresh kept its link, on which ZeroMQ queued every
     later refresh's requests while it had never connected (a fresh link, after a ban closed
