@@ -169,6 +169,34 @@ def test_a_local_model_serves_a_batcher_too(tiny_model_dir):
     assert no_workers()
 
 
+# Review204 (sixty-ninth session): a mutation no test caught before.
+def test_a_worker_that_cannot_start_fails_the_requests_waiting(tiny_model_dir, monkeypatch):
+    """A request's worker that cannot start (its links, say) and leaves no worker alive hands its
+    error to the requests waiting, which would otherwise wait for good."""
+    model = SwarmModel.local(tiny_model_dir)
+
+    def no_sibling(swarm):
+        raise RuntimeError("no sibling today")
+
+    monkeypatch.setattr(model, "_sibling", no_sibling)
+    with model.batcher(at_once=2) as batcher:
+        raised: list[BaseException] = []
+
+        def ask() -> None:
+            try:
+                batcher.generate(PROMPTS[0], 4, SEEDED)
+            except BaseException as e:  # noqa: BLE001 - what the caller got
+                raised.append(e)
+
+        caller = threading.Thread(target=ask, daemon=True)
+        caller.start()
+        caller.join(10)
+        assert not caller.is_alive(), "the request waited for a worker that never started"
+        assert [str(e) for e in raised] == ["no sibling today"]
+        assert batcher._live == 0 and not batcher._waiting
+    assert no_workers()
+
+
 def test_more_requests_than_the_nodes_hold_wait_for_a_place(tiny_model_dir, cluster_factory, caplog):
     """Review177: nodes that hold 2 sessions each, 12 requests from 12 threads through a batcher
     of 12 workers: a request whose open is refused while others run (the batcher's own sessions
