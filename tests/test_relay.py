@@ -4,6 +4,7 @@ in the middle or at the end of the chain dies or freezes; nodes relay only to pe
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 import types
@@ -960,9 +961,17 @@ def test_the_stalled_stage_is_the_silent_one_even_behind_a_slow_one(tiny_model_d
         swarm.kill(2, signal.SIGSTOP)
         stage, error = stalled_stage(stages, 20.0)
         assert stage is stages[2]
+        # Asked while frozen, and its connection dropped while the answer is awaited: a hop whose
+        # process died is the stalled one too, not one that answered (review204).
+        killer = threading.Timer(0.5, swarm.kill, (2, signal.SIGKILL))
+        killer.start()
+        stage, error = stalled_stage(stages, 20.0)
+        killer.join()
+        assert stage is stages[2] and error.code == "disconnected", error
     finally:
         for i in range(3):
-            swarm.kill(i, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                swarm.kill(i, signal.SIGCONT)
         for stage in stages:
             stage.conn.close()
 
