@@ -1064,17 +1064,23 @@ def test_a_dropped_relay_link_answers_only_each_sessions_latest_step():
             assert hop.poll(5000)
             hop.recv_multipart()
         hop.close(linger=0)  # the next hop dies
-        deadline = time.monotonic() + 5
-        while not link.down and time.monotonic() < deadline:
-            link.monitor.poll(100)
-            links.events(link)
-        assert link.down
+        assert _read_link_until(links, link, "down", 5)
         assert links.send(Relay(contact, b"c", 9, next_hop_id(), "session-c"), [b"x"]) is None  # a fresh link
         failed = sorted((owner, decode(frames).id) for owner, frames in links.take_failed())
         assert failed == [(b"a", 5), (b"b", 4)]
     finally:
         links.close()
         hop.close(linger=0)
+
+
+def _read_link_until(links, link, state: str, seconds: float = 10.0) -> bool:
+    """Read `link`'s monitor events (RelayLinks.events, as the node's loop does) until its
+    `state` ("reached" or "down") is true or `seconds` pass; whether it is."""
+    deadline = time.monotonic() + seconds
+    while not getattr(link, state) and time.monotonic() < deadline:
+        link.monitor.poll(100)
+        links.events(link)
+    return getattr(link, state)
 
 
 def test_steps_to_a_next_hop_not_reached_are_answered_relay_failed():
@@ -1103,11 +1109,7 @@ def test_steps_to_a_next_hop_not_reached_are_answered_relay_failed():
         hop = ctx.socket(zmq.ROUTER)
         hop.bind(contact)  # the hop is reached now: the link that refused at once finds it
         (link,) = links._links.values()
-        deadline = time.monotonic() + 10
-        while not link.reached and time.monotonic() < deadline:
-            link.monitor.poll(100)
-            links.events(link)
-        assert link.reached
+        assert _read_link_until(links, link, "reached")
         assert links.send(Relay(contact, b"c", 3, next_hop_id(), "s-c"), [b"x"]) is None
         assert hop.poll(5000) and hop.recv_multipart()[1:] == [b"x"]
     finally:
@@ -1135,13 +1137,9 @@ def test_a_hop_reached_once_is_waited_for_again_after_it_restarts():
         hop = ctx.socket(zmq.ROUTER)
         hop.bind(contact)
         (link,) = links._links.values()
-        deadline = time.monotonic() + 10
-        while not link.reached and time.monotonic() < deadline:
-            link.monitor.poll(100)
-            links.events(link)
-        assert link.reached
+        assert _read_link_until(links, link, "reached")
         hop.close(linger=0)  # the hop restarts at its address
-        hop = ctx.socket(zmq.ROUTER)
+        hop, deadline = ctx.socket(zmq.ROUTER), time.monotonic() + 10
         while True:  # (once the old listener is let go: ZeroMQ closes it on its I/O thread)
             try:
                 hop.bind(contact)
@@ -1150,10 +1148,7 @@ def test_a_hop_reached_once_is_waited_for_again_after_it_restarts():
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        while not link.down and time.monotonic() < deadline:
-            link.monitor.poll(100)
-            links.events(link)
-        assert link.down
+        assert _read_link_until(links, link, "down")
         assert links.send(Relay(contact, b"c", 3, next_hop_id(), "s-c"), [b"y"]) is None  # a fresh link: queued
         assert hop.poll(5000) and hop.recv_multipart()[1:] == [b"y"]
     finally:
@@ -1262,11 +1257,7 @@ def test_links_to_a_hop_that_went_close_and_stop_knocking_at_its_address():
         link = links._links[contact]
         hop.close(linger=0)  # the hop goes, and another node takes its address with its own key
         newcomer, monitor = take_over_port(ctx, port)
-        deadline = time.monotonic() + 10
-        while not link.down and time.monotonic() < deadline:
-            link.monitor.poll(100)
-            links.events(link)
-        assert link.down
+        assert _read_link_until(links, link, "down")
         first_down = link.down_since
         end = time.monotonic() + 1.0  # the newcomer's refused handshakes: a drop each, ~10 a second
         while time.monotonic() < end:
