@@ -438,6 +438,7 @@ def test_an_idle_model_reads_its_links_by_itself(tiny_model_dir, cluster_factory
         assert not reads.is_alive() and not any(t is reads for t in threading.enumerate())
     finally:
         model.close()
+        hop.close(linger=0)  # (closed already, unless a step before failed)
         close_monitored(newcomer, monitor)
 
 
