@@ -32,10 +32,10 @@ class IdleReads:
     model is closed (`stop`) or collected: it holds the model weakly, so a model dropped unclosed
     is not kept alive by it."""
 
-    def __init__(self, model: SwarmModel, every: float | None = None):
+    def __init__(self, model: SwarmModel):
         self._stopped = threading.Event()
-        every = IDLE_READ_SECONDS if every is None else every
-        self.thread = threading.Thread(target=_read_until_stopped, args=(weakref.ref(model), self._stopped, every),
+        self.thread = threading.Thread(target=_read_until_stopped,
+                                       args=(weakref.ref(model), self._stopped, IDLE_READ_SECONDS),
                                        name="nanoswarm-idle-reads", daemon=True)
         self.thread.start()
 
