@@ -55,6 +55,8 @@ class History:
     def recovered(self, start: int, hidden: torch.Tensor) -> None:
         """Replace positions `start`.. (from the first unkept one on) with `hidden`, recomputed;
         `hidden` may run past the positions held here, the rest is dropped."""
+        if not 0 <= start <= self.positions:
+            raise ValueError(f"position {start} is outside the {self.positions} held")
         k, at = 0, 0
         while at < start:
             at += self.sizes[k]

@@ -43,6 +43,8 @@ def test_history_keeps_recovers_and_refuses_what_it_lacks():
         h.recovered(3, torch.ones(1, 5, 3))  # not where an entry starts
     with pytest.raises(ValueError):
         h.recovered(2, torch.ones(1, 4, 3))  # fewer positions than it replaces
+    with pytest.raises(ValueError):
+        h.recovered(8, torch.ones(1, 1, 3))  # past the positions held (was an IndexError)
     h.recovered(2, torch.full((1, 9, 3), 5.0))  # more: the rest is not this stage's (yet)
     assert h.first_unkept() is None and h.positions == 7
     assert torch.equal(h.tensor()[0, :, 0], torch.tensor([0, 0, 5, 5, 5, 5, 5.0]))
