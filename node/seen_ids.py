@@ -33,6 +33,9 @@ class SeenIds:
             seen.popitem(last=False)
             self.total -= 1
         while self.total > MAX_SEEN_IDS or len(self.by_peer) > MAX_SEEN_PEERS:  # however many peers come
+            if not self.by_peer:  # a count that drifted (a bug) starts again rather than raise KeyError
+                self.total = 0
+                break
             _, oldest = self.by_peer.popitem(last=False)
             self.total -= len(oldest)
 
