@@ -48,7 +48,7 @@ def _read_until_stopped(ref: weakref.ref, stopped: threading.Event, every: float
         model = ref()
         if model is None:
             return
-        if read_idle_links(model) and model.swarm is not None and model.swarm._abandoned:
+        if read_idle_links(model) and model.swarm is not None and model.swarm.has_abandoned:
             # A stream stopped by its caller while this thread held the lock could not take it,
             # and left its sessions to be closed later (review205): at once, not a read later.
             read_idle_links(model)

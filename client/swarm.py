@@ -116,6 +116,11 @@ class Swarm(PeerTable):
         open, each held a session slot and its KV cache on its node until the idle timeout."""
         self._abandoned.extend(stages)
 
+    @property
+    def has_abandoned(self) -> bool:
+        """Whether sessions dropped unclosed wait for `drain_events` to close them."""
+        return bool(self._abandoned)
+
     def drain_events(self) -> None:
         """Close what sessions dropped unclosed left open (`abandon`). Read every connection's
         monitor events (PeerConnection.drain_events), at most every DRAIN_SECONDS (each session
