@@ -111,7 +111,7 @@ _ports = random.SystemRandom()  # not the random module's: a test may seed that,
 
 def free_port() -> int:
     """A port of 127.0.0.1 that nothing listens on, for a test that binds it later or needs it
-    dead: from below the kernel's ephemeral range, where the other xdist worker's nodes (which
+    dead: from below the kernel's ephemeral range, where other xdist workers' nodes (which
     listen on port 0) and every outgoing connection take theirs, so none of them can take it
     between this check and its use, as one from bind(0) could (review102)."""
     try:
