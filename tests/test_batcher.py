@@ -587,3 +587,51 @@ def test_a_batchs_threads_take_in_the_models_read_under_way(tiny_model_dir, clus
         monkeypatch.setattr(PeerTable, "plan", noted)
         model.generate_batch(PROMPTS * 2, 16, GREEDY, at_once=2)
     assert knew[0] is False and knew[-1] is True, knew
+
+
+def test_no_request_waits_for_good_on_a_worker_that_ends_or_a_batcher_closed(tiny_model_dir):
+    """The states a worker meets at a request's end, driven by hand (review204's survivors,
+    each a hang if wrong): a held request is taken once nothing runs, with no place freed (an
+    end that had no sessions open frees none), to be tried alone and fail; the last worker idle
+    past `idle_seconds` does not end while a request paused for a moment waits; and a request
+    given back after `close` fails at once (`close` failed those waiting, and no worker would
+    take it again)."""
+    from nanoswarm.client.batcher import _Request
+
+    def take_within(batcher, seconds: float):
+        out: list = []
+        t = threading.Thread(target=lambda: out.append(batcher._take()))
+        t.start()
+        t.join(seconds)
+        if t.is_alive():  # stuck: free it, then fail
+            with batcher._cond:
+                batcher.closed = True
+                batcher._cond.notify_all()
+            t.join(5)
+            return "stuck"
+        return out[0]
+
+    model = SwarmModel.local(tiny_model_dir)
+    try:
+        with model.batcher(idle_seconds=0.05) as batcher:
+            held = _Request("x", 4, None, GenerationResult("x"), False, 0)
+            batcher._serving = 2  # it and another
+            assert batcher._give_back(held) and held.held
+            batcher._serving, batcher._idle, batcher._places = 0, 1, 0  # the one running ended, freeing no place
+            assert take_within(batcher, 3) is held and not held.held
+
+        with model.batcher(idle_seconds=0.05) as batcher:
+            paused = _Request("x", 4, None, GenerationResult("x"), False, 1)
+            batcher._serving, batcher._last_end = 1, time.monotonic()  # it, just after another's end
+            assert batcher._give_back(paused) and paused.paused
+            batcher._serving, batcher._idle = 0, 1
+            assert take_within(batcher, 3) is paused  # not None after 0.05 s: no worker would be left
+            assert time.monotonic() >= paused.not_before
+
+        with model.batcher() as batcher:
+            late = _Request("x", 4, None, GenerationResult("x"), False, 2)
+            batcher._serving = 3
+            batcher.stop()
+            assert not batcher._give_back(late) and not batcher._waiting
+    finally:
+        model.close()
