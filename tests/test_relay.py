@@ -459,6 +459,23 @@ def test_a_hop_that_did_not_know_the_next_is_asked_again_later_and_one_that_fail
     assert after(2 * wait - 0.1) == {a, b} and after(0.2) == {b}
     relaying.refused(a)  # a chain stopped (_stop_relaying)
     assert after(1000.0) == {a, b}
+    for _ in range(12):  # refused again and again: the wait stops doubling at its cap (review204)
+        relaying.refused(b, "not_served")
+    assert relaying._again[b][0] - clock[0] == relay_module.RELAY_AGAIN_MAX_SECONDS
+
+
+def test_a_session_that_stopped_relaying_pins_no_route_again_after_a_failover(monkeypatch):
+    """Once a session stops relaying (its pins dropped), a stage replaced later pins nothing:
+    a pin would give its hops a way in for relayed steps that no longer come (review204)."""
+    pinned = []
+    monkeypatch.setattr(relay_module, "pin_route", lambda stages, no_relay, timeout: pinned.append(stages))
+    relaying = relay_module.SessionRelay(False, 1.0)
+    relaying.retry_before(["a", "b"], 1)  # a failover replaced stage 1
+    relaying.pin_changed(["a", "b"])
+    assert not pinned
+    relaying.on = True
+    relaying.pin_changed(["a", "b"])
+    assert pinned == [["a", "b"]]
 
 
 def test_a_hop_that_would_not_relay_to_a_replaced_stage_is_asked_again(tiny_model_dir, cluster_factory):

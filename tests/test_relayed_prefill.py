@@ -170,6 +170,23 @@ def test_a_chain_with_a_node_that_does_not_say_trail_optional_is_not_sent_steps_
     assert Chain.max_untrailed(SimpleNamespace(stages=[now, earlier]), 768) == 0
 
 
+def test_a_relayed_step_with_its_trail_fits_every_hops_output_in_one_message():
+    """A trailed step's answer holds an output of each hop, so a chain of three carries a third
+    of the positions one message of the nodes' limit holds (review204: the width of one hop's
+    output, a mutation, passed the tests then; a long enough step would be refused too_large)."""
+    from types import SimpleNamespace
+
+    from nanoswarm.client.relay import Chain
+    from nanoswarm.client.stages import HEADER_ROOM
+
+    limit = 8 << 20
+    hop = SimpleNamespace(opened={"max_tokens_per_step": 1 << 20, "max_message_bytes": limit})
+    chain = SimpleNamespace(stages=[hop, hop, hop])
+    n = Chain.max_trailed(chain, 768)
+    assert n == (limit - HEADER_ROOM) // (4 * 768 * 3)
+    assert HEADER_ROOM + 3 * n * 4 * 768 <= limit < HEADER_ROOM + 3 * (n + 1) * 4 * 768
+
+
 def test_a_reclaimed_session_after_a_relayed_prefill_is_reopened_exactly(tiny_model_dir, cluster_factory,
                                                                         monkeypatch):
     """The last node reclaims the session while the reader pauses; in the next step the stages
