@@ -494,6 +494,61 @@ def test_an_open_refused_leaves_its_link_holding_nothing():
         node.close(linger=0)
 
 
+def test_an_open_sent_ahead_whose_answer_another_read_took_is_sent_again():
+    """An open sent ahead (open_early) is remembered until claimed, and its `opened`, read by
+    another request's wait meanwhile, closes its session (no one would). `open_session` then
+    opens a session afresh: it had waited for that answer, which will not come again, until its
+    timeout (review204's survivor, mutation-checked)."""
+    import threading
+
+    import zmq
+
+    from nanoswarm.protocol.messages import decode, encode
+
+    ctx = zmq.Context.instance()
+    node = ctx.socket(zmq.ROUTER)
+    port = node.bind_to_random_port("tcp://127.0.0.1")
+    stop, opens, closes = threading.Event(), [], []
+
+    def serve() -> None:
+        while not stop.is_set():
+            if node.poll(50):
+                peer, *frames = node.recv_multipart()
+                msg = decode(frames)
+                if msg.type == "open":
+                    opens.append(msg.id)
+                    reply = encode("opened", msg.id, {"session": f"s{len(opens)}", "layers": [0, 4]})
+                elif msg.type == "close":
+                    closes.append(msg.fields["session"])
+                    reply = encode("closed", msg.id, {"session": msg.fields["session"]})
+                else:
+                    reply = encode("info_reply", msg.id, {"peer_id": "p", "model_id": "m", "layers": [0, 4]})
+                node.send_multipart([peer, *(bytes(f) for f in reply)])
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    conn = PeerConnection(f"tcp://127.0.0.1:{port}", timeout=5.0)
+    try:
+        fields = {"max_length": 8}
+        conn.open_early([fields])
+        deadline = time.monotonic() + 5
+        while not opens and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # (its answer on its way back)
+        conn.request("info")  # reads the `opened` first: its session is closed
+        assert conn.open_session(fields, timeout=2.0).fields["session"] == "s2"
+        assert len(opens) == 2 and conn.sessions == {"s2"}
+        deadline = time.monotonic() + 5
+        while closes != ["s1"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert closes == ["s1"]
+    finally:
+        stop.set()
+        server.join(5)
+        conn.close()
+        node.close(linger=0)
+
+
 def test_a_drop_passed_on_to_the_next_link_is_forgiven_once_old_if_the_peer_is_back(tiny_model_dir, cluster_factory):
     """A link closed while down passes its drop on to the next link to that peer (Swarm.drain_events).
     A drop that lost something is reported at that link's first request while it is fresh; an old
