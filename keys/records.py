@@ -211,12 +211,28 @@ def _flag(value: object, name: str) -> bool:
     return value
 
 
+# Ed25519 points of small order (the identity, and those of order 2, 4 and 8), by their y
+# coordinate: a signature by such a "key" verifies for many bodies without any secret (review206:
+# an all-zero sign_key and an all-zero sig verified one body in four), so a record may not name one.
+_P25519 = 2**255 - 19
+_Y_ORDER_8 = 0x5FC536D880238B13933C6D305ACDFD5F098EFF289F4C345B027B2C28F95E826
+_SMALL_ORDER_Y = frozenset({0, 1, _P25519 - 1, _Y_ORDER_8, _P25519 - _Y_ORDER_8})
+
+
+def _small_order(key: bytes) -> bool:
+    """Whether a 32-byte Ed25519 public key encodes a point of small order: its y (the sign bit
+    of x aside) taken mod p, as a lax decoder would take a non-canonical encoding."""
+    return (int.from_bytes(key, "little") & (2**255 - 1)) % _P25519 in _SMALL_ORDER_Y
+
+
 def _record_from_map(m: dict[Any, Any]) -> Record:
     if m.get("v") != RECORD_VERSION or isinstance(m.get("v"), bool):
         raise _Malformed(f"unsupported record version {m.get('v')!r}")
     sign_key, curve_key, seq = m["sign_key"], m["curve_key"], m["seq"]
     if not isinstance(sign_key, bytes) or len(sign_key) != SIGN_PUBLIC_LEN:
         raise _Malformed("sign_key must be 32 bytes")
+    if _small_order(sign_key):
+        raise _Malformed("sign_key is a point of small order (anyone can sign for it)")
     if not is_z85_key(curve_key):
         raise _Malformed("curve_key must be a 40-byte z85 key")
     if not _is_int(seq) or not 0 <= seq <= MAX_SEQ:

@@ -1031,3 +1031,85 @@ def test_a_given_hosts_lookup_is_made_again_after_a_while(monkeypatch):
     assert "example.test" not in contact._lookups and len(contact._lookups) == contact.LOOKUPS_KEPT
     assert len(asked) == 6 + contact.LOOKUPS_KEPT
     assert contact.same_endpoint("tcp://h1.test:1", "tcp://10.0.0.1:1") and len(asked) == 6 + contact.LOOKUPS_KEPT
+
+
+def test_a_record_may_not_name_a_small_order_key():
+    """An Ed25519 "key" of small order is no one's: with it an all-zero signature verified for
+    one body in four (review206: 9 of 40 forged records, no secret held). Every such point is
+    refused `malformed` before the signature is looked at, in any encoding of it."""
+    from nanoswarm.keys.records import _small_order
+
+    p = 2**255 - 19
+    y8 = 0x5FC536D880238B13933C6D305ACDFD5F098EFF289F4C345B027B2C28F95E826
+    small = [y.to_bytes(32, "little") for y in (0, 1, p - 1, y8, p - y8, p, p + 1)]  # (p, p+1: 0 and 1 again)
+    small += [k[:31] + bytes([k[31] | 0x80]) for k in small]  # x's sign bit set
+    pub, _ = zmq.curve_keypair()
+    for key in small:
+        assert _small_order(key)
+        for seq in range(1, 9):
+            body = encode_record(Record(peer_id=peer_id_for(key), sign_key=key, curve_key=pub,
+                                        address="tcp://127.0.0.1:9", model_id="m", layers=(0, 1), heads=None,
+                                        throughput=0.0, load=0.0, seq=seq, expires=NOW + 60))
+            with pytest.raises(RecordRejected) as e:
+                verify_wire({"body": body, "sig": bytes(64)}, now=NOW)
+            assert e.value.reason == "malformed" and "small order" in str(e.value)
+    assert not any(_small_order(generate_identity().sign_public) for _ in range(20))
+
+
+def test_records_and_contacts_refuse_inputs_a_mutation_each_let_through(alice):
+    """Inputs each of which a mutation of the checks let through, unnoticed by the tests before
+    (review206): every one is refused, or read, as its check says."""
+    from nanoswarm.keys.clock import ClockOffsets
+    from nanoswarm.keys.contact import host_and_port, same_endpoint, split_contact
+    from nanoswarm.keys.records import check_endpoint
+
+    def rec(**kw) -> dict:
+        return sign_record(alice, **{"address": "tcp://127.0.0.1:9", "model_id": "m", "layers": (0, 1),
+                                     "seq": 1, "expires": NOW + 60, **kw})
+
+    with pytest.raises(ValueError, match="port"):
+        check_endpoint("tcp://127.0.0.1:65536")
+    with pytest.raises(ValueError, match="malformed"):
+        rec(model_id="m" * 200)
+    with pytest.raises(ValueError, match="malformed"):
+        rec(layers=(0, 65537))
+    assert verify_record(rec(seq=0), now=NOW).seq == 0  # seq 0 is a seq
+    wire = rec()
+    for bad in ({**wire, "x": 1}, {"body": wire["body"], "sig": wire["sig"][:63]}):
+        with pytest.raises(RecordRejected) as e:
+            verify_wire(bad, now=NOW)
+        assert e.value.reason == "malformed"
+    with pytest.raises(ValueError, match="expected a CURVE key"):
+        split_contact("tcp://127.0.0.1:5555#")  # an empty key is no key-less contact
+    assert not same_endpoint("tcp://localhost:5555", "tcp://127.0.0.1:6666")
+    assert same_endpoint("tcp://localhost:5555", "tcp://127.0.0.1:5555")
+    assert host_and_port("tcp://[::1]:5555") == ("::1", "5555")
+    assert ClockOffsets().of("never asked") is None
+
+
+def test_the_table_keeps_the_checks_a_mutation_each_passed(alice, bob):
+    """The table's checks a mutation each passed unnoticed (review206): a held body with another
+    signature is bad_signature, not the usual re-offer; `max_ttl` bounds what it takes; a peer
+    that came back after its departure, then forgotten, is not taken back at the same seq; the
+    departure count; and a map or a list asked about as a peer."""
+    now = [NOW]
+    table = RecordTable(max_ttl=60, clock=lambda: now[0])
+
+    def rec(who, seq: int, expires: float = NOW + 60) -> dict:
+        return sign_record(who, address="tcp://127.0.0.1:9", model_id="m", layers=(0, 1), seq=seq,
+                           expires=expires)
+
+    wire = rec(alice, 4)
+    assert table.offer(wire) == "accepted"
+    assert table.offer({"body": wire["body"], "sig": bytes(64)}) == "bad_signature"
+    assert table.offer(rec(bob, 1, expires=NOW + 200)) == "too_far_future"
+    assert table.offer(sign_departure(alice, verify_record(wire, now=NOW), seq=5, now=NOW)) == "departed"
+    assert table.departed == 1
+    back = rec(alice, 6)
+    assert table.offer(back) == "accepted" and table.remove(alice.peer_id)
+    assert table.offer(back) == "stale_seq"
+    assert [1] not in table and "nobody" not in table
+    assert table.offer(rec(bob, 2)) == "accepted"
+    ours = table.live_wires("m")
+    ours[0][1]["sig"] = bytes(64)  # a caller's copy: what the table gossips is unchanged
+    assert all(len(w["sig"]) == 64 and any(w["sig"]) for w in table.wires())
