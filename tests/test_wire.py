@@ -280,3 +280,56 @@ def test_a_headers_fields_are_refused_exactly_as_their_schema_says(header):
         assert e.code is ErrorCode.MALFORMED and expected is not None and expected in e.message, (e.message, expected)
     else:
         assert expected is None
+
+
+def test_decode_refuses_each_input_a_mutation_of_its_checks_let_through():
+    """Untrusted headers and frames that a mutation of each check let through, unnoticed by the
+    tests before (review206): each is refused with its code."""
+    import msgpack
+
+    from nanoswarm.protocol.messages import (
+        MAX_HOPS,
+        MAX_TENSORS,
+        encode_frames,
+        finite_float,
+        parse_next,
+        parse_range,
+        peek_id,
+    )  # fmt: skip
+
+    def header(**fields) -> bytes:
+        return msgpack.packb({"v": 2, "type": "info", **fields})
+
+    def refused(frames: list, code: ErrorCode, **kw) -> None:
+        with pytest.raises(ProtocolError) as e:
+            decode(frames, **kw)
+        assert e.value.code == code, e.value
+
+    frames = encode("info", 1, {})
+    size = sum(len(f) for f in frames)
+    refused(frames, ErrorCode.TOO_LARGE, max_message_bytes=size - 1)
+    assert decode(frames, max_message_bytes=size).id == 1
+    refused([header(id=1, a="x" * 40000, b="y" * 40000)], ErrorCode.TOO_LARGE)  # each field fits, not both
+    for bad in (2**63, True, -1):
+        refused([header(id=bad)], ErrorCode.MALFORMED)
+        assert peek_id(header(id=bad)) == 0
+    assert peek_id(header(id=2**63 - 1)) == 2**63 - 1
+    nan = torch.full((1, 64), float("nan"))
+    for wire in ("float32", "bfloat16", "float16", "q80"):
+        refused(encode("result", 1, {}, [nan], wire=wire), ErrorCode.BAD_VALUE, finite=True)
+    for spec, data in ((["float32", [-1, -8]], b"\0" * 32), (["float32", [1, 1, 1, 1, 8]], b"\0" * 32),
+                       (["int8", [8]], b"\0" * 8), (["float32", [8]], b"\0" * 31)):
+        refused(encode_frames("result", 1, {}, [tuple(spec)], [data]), ErrorCode.BAD_TENSOR)
+    many = [("float32", [1])] * (MAX_TENSORS + 1)
+    refused(encode_frames("result", 1, {}, many, [b"\0" * 4] * len(many)), ErrorCode.BAD_TENSOR)
+    with pytest.raises(ProtocolError):
+        parse_range([2, 2], 4, "layers")
+    assert parse_range([0, 4], 4, "layers") == (0, 4)
+    with pytest.raises(ProtocolError):
+        parse_next([["c", "s"]] * (MAX_HOPS + 1))
+    with pytest.raises(ProtocolError):
+        parse_next([["c", "s" * 65]])
+    with pytest.raises(ProtocolError):
+        parse_next([["c" * 513, "s"]])
+    assert parse_next([["c", "s"]] * MAX_HOPS) == [("c", "s")] * MAX_HOPS
+    assert not finite_float(True) and finite_float(1) and not finite_float(math.inf)

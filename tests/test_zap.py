@@ -197,3 +197,13 @@ def test_refused_keys_are_named_once_an_hour_and_at_most_64(caplog):
     with caplog.at_level(logging.WARNING, logger="nanoswarm.node.zap"):
         assert not check(keys[1])
     assert len(caplog.records) == 1
+
+
+def test_an_empty_allow_list_admits_no_one():
+    """`ClientKeys(set())` is a list that names no one, not "no list" (None, which admits any
+    key): review206's mutation `not self.keys` passed the tests before."""
+    from nanoswarm.node.zap import ClientKeys
+
+    key = zmq.curve_keypair()[0]
+    assert not ClientKeys(set())(key)
+    assert ClientKeys(None)(key) and ClientKeys({key})(key)
