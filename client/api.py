@@ -163,9 +163,13 @@ class SwarmModel:
         for name, given in (("peers", peers), ("bootstrap", bootstrap)):
             if isinstance(given, (str, bytes)):  # a list was meant: one contact is a list of one
                 raise TypeError(f"{name} must be a list of contacts, got a single {type(given).__name__}")
+        if not peers and not bootstrap:  # (else every route failed later: no peer serves layers 0:N)
+            raise ValueError("give peers (contacts of the nodes to use) or bootstrap (nodes whose tables "
+                             "name the rest)")
         manifest = read_manifest(model_dir)
-        swarm = Swarm(manifest.model_id, manifest.config.n_layer, manifest.config.n_head,
-                      options or SwarmOptions())
+        options = options or SwarmOptions()
+        checker = SpotChecker(model_dir, manifest, options.verify) if options.verify > 0 else None  # (before any peer)
+        swarm = Swarm(manifest.model_id, manifest.config.n_layer, manifest.config.n_head, options)
         try:
             # Asking who serves what is quick work for a peer: at most DISCOVERY_SECONDS, or the
             # (shorter) time the options give a peer for any answer.
@@ -178,8 +182,7 @@ class SwarmModel:
                 swarm.add_addresses(peers, timeout)
             swarm.warn_rejected()
             swarm.connect_route_ahead()  # handshakes overlap the head's load below
-            if swarm.options.verify > 0:
-                swarm.checker = SpotChecker(model_dir, manifest, swarm.options.verify)
+            swarm.checker = checker
             model = cls(model_dir, manifest, swarm, device=device)
             model._idle_reads = IdleReads(model)
             return model

@@ -96,6 +96,9 @@ def test_a_callers_mistakes_are_refused_before_any_peer_is_asked(tiny_model_dir,
                 SwarmOptions(**args)
         with pytest.raises(TypeError, match="peers must be a list of contacts, got a single str"):
             SwarmModel.connect(tiny_model_dir, peers=swarm.addresses[0])
+        for none in ({}, {"peers": [], "bootstrap": None}):  # refused at once: every route failed later (review207)
+            with pytest.raises(ValueError, match="give peers"):
+                SwarmModel.connect(tiny_model_dir, **none)
         closed = []  # a connect that fails after connecting closes the links it made (a review)
         monkeypatch.setattr(Swarm, "close", lambda self, close=Swarm.close: (closed.append(self), close(self))[1])
         with pytest.raises(RuntimeError, match="CUDA device"):

@@ -774,7 +774,7 @@ def test_gpu_settings_checked_without_a_gpu(tiny_model_dir, monkeypatch):
 
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
-            SwarmModel.connect(tiny_model_dir, device="cuda")
+            SwarmModel.local(tiny_model_dir, device="cuda")  # (connect's head is made the same way)
 
 
 def _fail_writing(monkeypatch, name: str, error: BaseException, nth: int = 1) -> None:
