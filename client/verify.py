@@ -38,7 +38,7 @@ import torch
 
 from nanoswarm.shards.manifest import Manifest
 from nanoswarm.shards.model import Block, Blocks
-from nanoswarm.shards.weights import load_blocks
+from nanoswarm.shards.weights import check_block_files, load_blocks
 
 from .history import History
 from .peer_errors import PeerError
@@ -60,6 +60,8 @@ class SpotChecker:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"verify must be a fraction of steps from 0 to 1, got {fraction}")
         self.model_dir, self.manifest, self.fraction = Path(model_dir), manifest, fraction
+        if fraction > 0:
+            check_block_files(model_dir, manifest)  # here, not at the first check mid-generation
         self._rng = random.SystemRandom()  # peers must not predict which steps are checked
         self._blocks: dict[int, Blocks] = {}  # one module a block: routes split them differently over time
         self._slices: dict[tuple[int, tuple[int, int]], Block] = {}  # a block's heads, for head groups

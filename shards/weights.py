@@ -162,6 +162,22 @@ def _plan_blocks(manifest: Manifest, start: int, stop: int, heads: Range) -> dic
     return plan
 
 
+def check_block_files(model_dir: str | Path, manifest: Manifest) -> None:
+    """ShardIntegrityError unless every block's whole-heads file is in `model_dir` at its size:
+    a client that redoes blocks (--verify) finds a missing one before it asks the swarm, not at
+    its first check mid-generation (review207). The contents are checked as each is loaded."""
+    config = manifest.config
+    for entry in _plan_blocks(manifest, 0, config.n_layer, (0, config.n_head)):
+        path = Path(model_dir) / entry.name
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            why = exc.strerror if exc.strerror else exc
+            raise ShardIntegrityError(f"{entry.name}: cannot read it from {model_dir}: {why}") from exc
+        if size != entry.size:
+            raise ShardIntegrityError(f"{entry.name}: it is {size} bytes, the manifest says {entry.size}")
+
+
 def load_blocks(model_dir: str | Path, start: int, stop: int, heads: Range | None = None,
                 manifest: Manifest | None = None, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> Blocks:

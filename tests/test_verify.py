@@ -430,3 +430,33 @@ def test_a_stage_that_lied_then_replays_right_after_a_reclaim_is_caught_by_its_r
     assert result.stop_reason == "length" and result.spot_checks == 10
     assert result.wrong_results == 1 and result.failovers == 1 and banned == {liar}
     assert [stage["peers"] for stage in result.route] == [[spare], [honest]]
+
+
+def test_a_client_without_block_files_is_told_before_any_peer_is_asked(tiny_model_dir, tmp_path):
+    """A client's model dir may hold the manifest, embeddings and head only (enough to generate),
+    but spot checks redo blocks: asked for them, it failed at its first check, mid-generation, with
+    text printed (review207). The missing or cut file is named at connect, before any peer."""
+    import shutil
+    import time
+
+    from nanoswarm.shards.manifest import ShardIntegrityError, read_manifest
+
+    manifest = read_manifest(tiny_model_dir)
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    blocks = [e.name for e in manifest.files if e.layers is not None]
+    for entry in manifest.files:
+        if entry.name not in blocks:
+            shutil.copy(tiny_model_dir / entry.name, client_dir / entry.name)
+    shutil.copy(tiny_model_dir / "manifest.json", client_dir / "manifest.json")
+    t0 = time.monotonic()
+    with pytest.raises(ShardIntegrityError, match=f"{blocks[0]}: cannot read it"):
+        SwarmModel.connect(client_dir, peers=["tcp://127.0.0.1:1"], options=SwarmOptions(verify=0.5))
+    assert time.monotonic() - t0 < 5  # (no peer asked: one that listens nowhere would take its timeout)
+    for name in blocks:
+        shutil.copy(tiny_model_dir / name, client_dir / name)
+    cut = [e.name for e in manifest.files if e.layers is not None and e.heads is None][-1]  # (not a head slice)
+    with open(client_dir / cut, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ShardIntegrityError, match=f"{cut}: it is 100 bytes"):
+        SwarmModel.connect(client_dir, peers=["tcp://127.0.0.1:1"], options=SwarmOptions(verify=1.0))
