@@ -139,7 +139,19 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, head_groups: int, max_
             if done:
                 os.unlink(log_file.name)
             else:
-                click.echo(f"node logs kept in {log_file.name}", err=True)
+                said = _last_error(log_file.name)  # (a node that failed to start says why only there: review207)
+                click.echo(f"node logs kept in {log_file.name}" + (f" (the last error there: {said})" if said else ""),
+                           err=True)
+
+
+def _last_error(log_path: str) -> str | None:
+    """The last `error: ...` line a node wrote to the demo's log (a failed node's one line)."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.startswith("error: ")]
+    except OSError:
+        return None
+    return lines[-1][len("error: "):][:300] if lines else None
 
 
 @click.command()

@@ -106,3 +106,23 @@ def test_demo_command_streams_text_and_matches_single_process(tmp_path):
     while marked_pids(mark.encode()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not marked_pids(mark.encode()), "the demo left a node process behind"
+
+
+def test_a_demo_whose_node_cannot_start_says_why(tiny_model_dir, tmp_path):
+    """A node that fails to start writes its one line to the demo's log, not the terminal: the
+    demo named the node and the log only (review207; `cluster` shows the node's line). It now
+    quotes the log's last error line too."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    cut = [e.name for e in read_manifest(model).files if e.layers is not None and e.heads is None][-1]
+    with open(model / cut, "r+b") as f:
+        f.truncate(100)
+    out = subprocess.run([sys.executable, "-m", "nanoswarm", "demo", "--model", str(model), "--nodes", "2",
+                          "--max-new-tokens", "2"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                         timeout=180, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 1, out.stderr
+    assert f"(the last error there: {cut}: cannot read it" in out.stderr, out.stderr
+    assert "it is 100 bytes" in out.stderr.splitlines()[-2]
+    assert "Traceback" not in out.stderr
