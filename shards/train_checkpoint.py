@@ -54,7 +54,7 @@ def resume_run(out_path: Path, model: GPT, optimizer: torch.optim.Optimizer, gen
                if k not in free and settings.get(k) != ckpt["config"].get(k)]
     config, flat = load_nanogpt(out_path)
     if config != model.config:
-        changed.append(f"model shape ({config} there)")
+        changed.append(f"model shape ({config} there, {model.config} now)")
     if "threads" in settings and settings["threads"] != ckpt["config"].get("threads", settings["threads"]):
         log.warning("resuming with %s threads where the run had %s: the weights may differ in their last bits "
                     "from an uninterrupted run's", settings["threads"], ckpt["config"]["threads"])

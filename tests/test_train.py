@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -73,6 +74,10 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, cap
     (tmp_path / "other.pt").write_bytes((tmp_path / "cut.pt").read_bytes())
     with pytest.raises(ValueError, match=r"other settings: lr \(0.003 there, 0.001 now\), min_lr"):
         train.train(text, tmp_path / "cut.pt", config, **{**kwargs, "lr": 1e-3}, resume=True)
+    wider = dataclasses.replace(config, n_embd=2 * config.n_embd)  # both shapes named (review207: the old only)
+    shapes = rf"model shape \(.*n_embd={config.n_embd}.* there, .*n_embd={wider.n_embd}.* now\)"
+    with pytest.raises(ValueError, match=shapes):
+        train.train(text, tmp_path / "cut.pt", wider, **kwargs, resume=True)
     original = text.read_text()
     text.write_text(original[::-1])  # the same path, other text
     with pytest.raises(ValueError, match="other settings: text_sha256"):
