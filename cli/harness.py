@@ -267,10 +267,15 @@ def load(model_dir: Path, peers: str | None, nodes: int, head_groups: int, node_
 
     from nanoswarm.client.load import LoadOptions, LoadOptionsError, run_load
     from nanoswarm.client.load_report import format_report
+    try:
+        extra = shlex.split(node_args)
+    except ValueError as e:  # an unclosed quote
+        raise click.UsageError(f"--node-args: {e}") from None
+    _check_node_args(model_dir, extra)
     # (Every session holds a link, and its monitor, to each node of its route: the command line
     # raised the open-file limit to the hard one, descriptors.raise_limit.)
     try:
-        report = run_load(LoadOptions(model_dir, peer_list(peers), nodes, head_groups, shlex.split(node_args),
+        report = run_load(LoadOptions(model_dir, peer_list(peers), nodes, head_groups, extra,
                                       sessions=sessions, duration=duration, prompt_tokens=prompt_tokens,
                                       new_tokens=new_tokens, max_length=max_length, timeout=timeout,
                                       verify=not no_verify, tolerance=tolerance, client_keys=client_keys(key_file),
@@ -280,3 +285,14 @@ def load(model_dir: Path, peers: str | None, nodes: int, head_groups: int, node_
     click.echo(json.dumps(report.to_json()) if as_json else format_report(report))
     if not report.ok:
         sys.exit(1)
+
+
+def _check_node_args(model_dir: Path, args: list[str]) -> None:
+    """--node-args parsed as `nanoswarm node` would, here: a mistake is one line, not one from
+    each node as it exits, then the load's (review207)."""
+    from .node import node as node_command
+
+    try:  # (no --help there: it would print the node's help)
+        node_command.make_context("node", [str(model_dir), *args], help_option_names=[])
+    except click.ClickException as e:
+        raise click.UsageError(f"--node-args: {e.format_message()}") from None

@@ -137,7 +137,12 @@ def test_load_refuses_what_it_cannot_run_in_one_line(tiny_model_dir, cluster_fac
              "a session's 129 positions (prompt plus new tokens) is longer than the model's context"),
             # (the harness sets these; --json hid the line it waits for: 120 s, then "did not start")
             (usage, ["--node-args", "--max-sessions 4 --json"], "--node-args --json: load sets that itself"),
-            (usage, ["--node-args", "--layers=0:4"], "--node-args --layers: load sets that itself")):
+            (usage, ["--node-args", "--layers=0:4"], "--node-args --layers: load sets that itself"),
+            # parsed as a node would, before any starts (review207: each node's line, then the load's)
+            (usage, ["--node-args", "--bogus"], "--node-args: No such option '--bogus'"),
+            (usage, ["--node-args", "--threads 0"], "--node-args: Invalid value for '--threads'"),
+            (usage, ["--node-args", "--max-sessions '4"], "--node-args: No closing quotation"),
+            (usage, ["--node-args", "--help"], "--node-args: No such option '--help'")):
         result = CliRunner().invoke(main, base + args)
         lines = result.output.strip().splitlines()
         assert result.exit_code == code and len(lines) == 1 and lines[0].startswith("error: "), result.output
