@@ -39,6 +39,7 @@ class LinkDrops:
         self._started = time.monotonic()  # when the first connect began
         self._handshaken = False  # the current connection finished its handshake: heartbeats run
         self._ever_handshaken = False  # some connection did: a drop in a later handshake is no refusal
+        self.handshakes = 0  # connections that finished their handshake: each may be another process
         self._handshake_failed: tuple[int, int] | None = None  # the current connection's: (event, value)
         self._dropped: tuple[str, str] | None = None  # what the monitor said, until take() reports it
         # With `forgive_idle_drops` (a swarm's links, where a reported drop strikes the peer), a
@@ -162,6 +163,7 @@ class LinkDrops:
                 self._handshake_failed = (event, said["value"])
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshaken = self._ever_handshaken = True
+                self.handshakes += 1
                 if self._harmless:  # back, and the drop lost nothing: no failure to report
                     # (Reported, it struck and banned a healthy peer that restarted, or that a
                     # pause of either side cut off, while the client sat idle: a review. A notice
@@ -201,6 +203,13 @@ class LinkDrops:
             return f"connection lost: closed by the peer, or no answer to heartbeats for {self.heartbeat:g}s"
         event, status = self._handshake_failed or (None, 0)
         return handshake_why(event, status, self.server_key is not None, self.heartbeat, self.node_side)
+
+    @property
+    def peer_process(self: PeerConnection) -> tuple[str, int, int]:
+        """The peer process this link last reached, as far as the link can tell: its address, the
+        link's serial and its connections so far (read after `drain_events`). A peer restarted at
+        its address is reached by a new connection (or a new link), so by another value."""
+        return self.address, self.serial, self.handshakes
 
     @property
     def dropped(self: PeerConnection) -> bool:

@@ -209,5 +209,6 @@ class Reopening:
         sense; its check gets float32's slack, the strictest: a liar that left it out went
         unchecked). Raises PeerError when it did not answer."""
         known = self.swarm.peers.get(conn.address)
-        return self.checker.dtype_of(conn.address, known.extra if known else {},
+        conn.drain_events()  # (a connection made since the last read: another process, maybe)
+        return self.checker.dtype_of(conn.peer_process, known.extra if known else {},
                                      lambda: conn.request("info", timeout=self.swarm.options.timeout).fields)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
 from typing import Any
@@ -27,6 +28,7 @@ from .peer_errors import (
 
 log = logging.getLogger(__name__)
 
+_link_serials = itertools.count()
 DEFAULT_TIMEOUT = 30.0
 # The largest frame a peer may send us; libzmq drops the connection on a bigger one, before it is
 # buffered. Twice a node's default message limit (64 MiB), as nodes set for what they receive.
@@ -109,6 +111,7 @@ class PeerConnection(LinkSessions, LinkDrops):
             self.socket.setsockopt(zmq.HANDSHAKE_IVL, int(heartbeat * 1000))
             self.socket.setsockopt(zmq.CONNECT_TIMEOUT, int(heartbeat * 1000))
         self._init_drops(heartbeat, forgive_idle_drops)
+        self.serial = next(_link_serials)  # this link among every one made (peer_process)
         self._poller = zmq.Poller()
         self.register(self._poller)
         allow_ipv6(self.socket, endpoint)

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 # the wire's rounding of its inputs and outputs. Measured in tests/test_verify.py.
 DTYPE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 WIRE_TOLERANCE = {"float32": 0.0, "float16": 2e-2, "bfloat16": 1e-1, "q80": 1e-1}
+MAX_DTYPES_KEPT = 4096  # peer processes whose dtype is kept (then forgotten together, and asked again)
 
 
 class SpotChecker:
@@ -65,7 +66,7 @@ class SpotChecker:
         self._rng = random.SystemRandom()  # peers must not predict which steps are checked
         self._blocks: dict[int, Blocks] = {}  # one module a block: routes split them differently over time
         self._slices: dict[tuple[int, tuple[int, int]], Block] = {}  # a block's heads, for head groups
-        self._dtypes: dict[str, str | None] = {}  # by peer address: what it states, None if nothing
+        self._dtypes: dict[tuple, str | None] = {}  # by peer process (dtype_of): what it states, None if nothing
 
     def due(self) -> bool:
         return self.fraction > 0 and (self.fraction >= 1 or self._rng.random() < self.fraction)
@@ -157,18 +158,25 @@ class SpotChecker:
         scale = max(1.0, float(reference.abs().max()))
         return float((reference - got).abs().max()) / scale
 
-    def dtype_of(self, address: str, known: dict, ask: Callable[[], dict[str, Any]]) -> str | None:
+    def dtype_of(self, process: tuple, known: dict, ask: Callable[[], dict[str, Any]]) -> str | None:
         """A peer's dtype: from what the swarm knows of it (`known`: its `info`), else asked once
         (`ask()`: its `info` reply's fields); None when it answered without one, or with one that
-        makes no sense (the check then uses the strictest tolerance). A PeerError from `ask` (no
-        answer) goes to the caller, which fails the peer over."""
-        if address in self._dtypes:
-            return self._dtypes[address]
-        dtype = known.get("dtype")
+        makes no sense (the check then uses the strictest tolerance). Kept for the peer's process
+        (`process`: PeerConnection.peer_process, which changes when the link connects again): a
+        node restarted at the same address with another dtype was judged by the old one for the
+        model's life, and an honest bfloat16 node banned on float32's slack (review208). What
+        the swarm knew is taken for the first process only; a later one is asked. A PeerError from
+        `ask` (no answer) goes to the caller, which fails the peer over."""
+        if process in self._dtypes:
+            return self._dtypes[process]
+        first = not any(p[0] == process[0] for p in self._dtypes)  # (by address)
+        dtype = known.get("dtype") if first else None
         if dtype is None:
             dtype = ask().get("dtype")
-        self._dtypes[address] = dtype if isinstance(dtype, str) else None
-        return self._dtypes[address]
+        if len(self._dtypes) >= MAX_DTYPES_KEPT:
+            self._dtypes.clear()
+        self._dtypes[process] = dtype if isinstance(dtype, str) else None
+        return self._dtypes[process]
 
 
 class FanOutRecord:

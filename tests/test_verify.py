@@ -460,3 +460,26 @@ def test_a_client_without_block_files_is_told_before_any_peer_is_asked(tiny_mode
         f.truncate(100)
     with pytest.raises(ShardIntegrityError, match=f"{cut}: it is 100 bytes"):
         SwarmModel.connect(client_dir, peers=["tcp://127.0.0.1:1"], options=SwarmOptions(verify=1.0))
+
+
+def test_a_node_restarted_with_another_dtype_is_judged_by_its_new_one(tiny_model_dir, cluster_factory):
+    """A checking client kept each peer's dtype by address for its life: an honest node restarted
+    at the same address and key as bfloat16 was judged on float32's slack and banned as wrong
+    (review208's repro: 0.005 of the scale, float32's bound 1e-4). The dtype is kept for the peer
+    process a link reached (a new connection is asked again)."""
+    from conftest import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--listen", endpoint])])
+    node = swarm.nodes[0]
+    greedy = SamplingParams(temperature=0)
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(verify=1.0)) as model:
+        first = model.generate("To be, or not to be", 4, greedy)
+        assert first.spot_checks > 0 and first.wrong_results == 0
+        node.proc.kill()
+        node.proc.wait(10)
+        swarm.start_node(NodeSpec((0, 4), args=["--listen", endpoint, "--key-file", str(node.key_file),
+                                                "--dtype", "bfloat16"]))
+        again = model.generate("To be, or not to be", 4, greedy)
+        assert again.spot_checks > 0 and again.wrong_results == 0 and not model.swarm.bans
+        assert set(model.swarm.checker._dtypes.values()) == {"float32", "bfloat16"}
