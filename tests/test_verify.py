@@ -483,3 +483,25 @@ def test_a_node_restarted_with_another_dtype_is_judged_by_its_new_one(tiny_model
         again = model.generate("To be, or not to be", 4, greedy)
         assert again.spot_checks > 0 and again.wrong_results == 0 and not model.swarm.bans
         assert set(model.swarm.checker._dtypes.values()) == {"float32", "bfloat16"}
+
+
+def test_a_peers_reply_of_another_shape_or_an_impossible_magnitude_is_refused():
+    """A peer's answer must have the shape sent (its last `last` rows if asked so), and no honest
+    block grows hidden states past HIDDEN_LIMIT + 2 |input| (review208: no test had a reply of
+    another shape, and a factor of 2e6 for 2 passed the tests)."""
+    from types import SimpleNamespace
+
+    from nanoswarm.client.peer_errors import PeerError
+    from nanoswarm.client.stages import HIDDEN_LIMIT, check_magnitude, check_reply
+    from nanoswarm.protocol.messages import decode, encode
+
+    conn = SimpleNamespace(address="tcp://127.0.0.1:9")
+    x = torch.ones(1, 3, 8)
+    for y, last in ((torch.ones(1, 4, 8), None), (torch.ones(1, 3, 8), 1), (torch.ones(1, 3, 9), None)):
+        with pytest.raises(PeerError, match="expected tensors"):
+            check_reply(conn, decode(encode("result", 1, {}, [y])), x, last)
+    assert check_reply(conn, decode(encode("result", 1, {}, [x[:, -1:] * 2])), x, 1).shape == (1, 1, 8)
+    x = torch.full((1, 3, 8), 100.0, dtype=torch.float64)  # (float64: 1e15 + 150 is exact)
+    check_magnitude(conn.address, x, torch.full_like(x, HIDDEN_LIMIT + 150))  # within 2 |x| of the limit
+    with pytest.raises(PeerError, match="no honest block"):
+        check_magnitude(conn.address, x, torch.full_like(x, HIDDEN_LIMIT + 1e6))
