@@ -505,3 +505,26 @@ def test_a_peers_reply_of_another_shape_or_an_impossible_magnitude_is_refused():
     check_magnitude(conn.address, x, torch.full_like(x, HIDDEN_LIMIT + 150))  # within 2 |x| of the limit
     with pytest.raises(PeerError, match="no honest block"):
         check_magnitude(conn.address, x, torch.full_like(x, HIDDEN_LIMIT + 1e6))
+
+
+def test_the_checks_measures_take_the_largest_error_and_the_strictest_slack_for_a_peer_that_hides_its_dtype(
+        tiny_model_dir):
+    """The spot checks' arithmetic (review208's verify.py survivors): a peer that states no dtype,
+    or one the client does not know, gets float32's slack; a difference is the largest error,
+    not a mean (one position or channel changed a lot is caught); a member's partial is judged
+    against a hundredth of its input when it is small itself (a partial of 0.03 for inputs of 3
+    may not move by half)."""
+    from nanoswarm.client.verify import DTYPE_TOLERANCE, SpotChecker
+    from nanoswarm.shards.manifest import read_manifest
+
+    checker = SpotChecker(tiny_model_dir, read_manifest(tiny_model_dir), 0.0)
+    for hidden in (None, "int4", ""):
+        assert checker.tolerance(hidden, "float32") == DTYPE_TOLERANCE["float32"]
+    assert checker.tolerance("bfloat16", "float32") == DTYPE_TOLERANCE["bfloat16"]
+    reference = torch.zeros(1, 64, 8)
+    got = reference.clone()
+    got[0, 5, 3] = 0.5
+    assert SpotChecker.difference(reference, got) == 0.5
+    partial, sent = torch.full((1, 4, 8), 0.03), torch.full((1, 4, 8), 3.0)
+    assert SpotChecker.partial_difference(partial, partial * 1.5, sent) == pytest.approx(0.015 / 0.03)
+    assert SpotChecker.partial_difference(partial, partial * 1.5, sent) > DTYPE_TOLERANCE["bfloat16"]
