@@ -386,3 +386,19 @@ def test_a_relayed_prompt_after_a_kept_one_is_recovered_from_its_own_position(ti
         session.close()
     finally:
         model.close()
+
+
+def test_a_prompt_piece_fits_the_nodes_message_limit_and_the_clients_frame_limit():
+    """How many positions one request to a stage carries: what fits a message of the node's
+    stated limit, in float32 (4 bytes a value, the widest wire), and never more than the client
+    takes back in one frame however large a limit the node states (review208: 2 bytes a value,
+    and no cap at the client's frame size, passed the tests)."""
+    from nanoswarm.client.stages import HEADER_ROOM, positions_per_request
+    from nanoswarm.client.transport import MAX_FRAME_BYTES
+
+    limit, width = 8 << 20, 768
+    assert positions_per_request({"max_message_bytes": limit}, width) == (limit - HEADER_ROOM) // (4 * width)
+    most = (MAX_FRAME_BYTES - HEADER_ROOM) // (4 * width)
+    assert positions_per_request({"max_message_bytes": 1 << 40}, width) == most
+    assert positions_per_request({"max_message_bytes": limit, "max_tokens_per_step": 7}, width) == 7
+    assert positions_per_request({"max_message_bytes": 10}, width) == 1  # (at least one)
