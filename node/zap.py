@@ -94,7 +94,8 @@ class ZapHandler:
             zap.linger = pipe.linger = 0
             zap.bind(ZAP_ENDPOINT)
             pipe.connect(self._pipe_endpoint)
-        except zmq.ZMQError as e:  # another handler holds the endpoint in this context, or no sockets left
+        except BaseException as e:  # the endpoint taken in this context, no sockets left, or any other
+            # failure: start() waits for `_ready`, so every failure must set it (else start() hangs)
             self._failed = e
             for sock in (zap, pipe):
                 if sock is not None:

@@ -139,6 +139,12 @@ CORRUPTIONS = {
         _encode_key_file(generate_identity()))["ed25519_private"])(text),
     "other_peer_id": _with(peer_id="ns-aaaaaaaaaaaaaaaa"),
     "other_curve_hex": _with(curve_public_hex="00" * 32),
+    # Review206: a valid key file made too large by trailing blanks; keys of 40 characters that
+    # are not z85 (out of its alphabet, or in it but past 32 bits a group): libzmq refuses those
+    # only when a socket is made
+    "too_large": lambda text: text + " " * 64 * 1024,
+    "curve_not_z85": _with(curve_secret="," * 40),
+    "curve_overflows_z85": _with(curve_public="#" * 40),
 }
 
 # Each refusal says what is wrong, not only that the file is corrupt.
@@ -155,6 +161,9 @@ CORRUPTION_REASONS = {
     "other_ed25519": "is not the one its private keys give (ns-",
     "other_peer_id": "its peer_id 'ns-aaaaaaaaaaaaaaaa' is not the one its private keys give",
     "other_curve_hex": f"its curve_public_hex '{'00' * 32}' is not the one its private keys give",
+    "too_large": "file is too large to be a key file",
+    "curve_not_z85": "CURVE keys must be 40-character z85 bytes",
+    "curve_overflows_z85": "CURVE keys must be 40-character z85 bytes",
 }
 
 
@@ -168,6 +177,15 @@ def test_corrupt_key_file_refused(tmp_path: Path, alice: Identity, corruption: s
     message = str(info.value)
     assert message.startswith(f"corrupt key file {path}:") and "\n" not in message
     assert CORRUPTION_REASONS[corruption] in message
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev/null")
+def test_a_character_device_as_key_file_is_refused() -> None:
+    """Review206: a device is not a key file (/dev/zero would be read without end)."""
+    for device in ("/dev/null", "/dev/zero"):
+        if os.path.exists(device):
+            with pytest.raises(KeyFileError, match=f"^key file {device} is not a regular file$"):
+                load_identity(device)
 
 
 def _unblock_fifo(path: Path) -> None:

@@ -207,3 +207,38 @@ def test_an_empty_allow_list_admits_no_one():
     key = zmq.curve_keypair()[0]
     assert not ClientKeys(set())(key)
     assert ClientKeys(None)(key) and ClientKeys({key})(key)
+
+
+def test_a_handler_whose_thread_fails_to_set_up_fails_to_start_and_does_not_hang():
+    """Review206: only a ZMQError in the thread's set-up was caught; any other exception ended
+    the thread before it said it was ready, and start() waited for good."""
+
+    class Failing(zmq.Context):
+        made = 0
+
+        def socket(self, *args, **kwargs):
+            Failing.made += 1
+            if Failing.made == 2:  # the thread's first socket (the first is start()'s pipe)
+                raise MemoryError("no memory for a socket")
+            return super().socket(*args, **kwargs)
+
+    ctx = Failing()
+    zap = ZapHandler(ctx, lambda key: True)
+    outcome: list = []
+
+    def start() -> None:
+        try:
+            zap.start()
+            outcome.append("started")
+        except RuntimeError as e:
+            outcome.append(str(e))
+
+    starting = threading.Thread(target=start, daemon=True)
+    starting.start()
+    starting.join(10)
+    try:
+        assert outcome == ["ZAP handler: no memory for a socket"]
+        assert not zap.alive
+    finally:
+        zap.stop()
+        ctx.term()
