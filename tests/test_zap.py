@@ -80,7 +80,8 @@ def test_every_request_gets_an_answer_with_its_id():
     assert zap.answer(ok)[2:4] == [b"400", b"Unknown key"]
     assert zap.answer(ok)[2] == b"500"  # the check raised: answered, not lost
     for bad in ([b"1.0", b"8", b"d", b"a", b"", b"PLAIN", b"user", b"password"], [b"2.0", *ok[1:]],
-                [*ok[:6], key[:31]], [*ok, b"more"], [b"1.0", b"9"]):
+                [*ok[:6], key[:31]], [*ok, b"more"], [b"1.0", b"9"],
+                [*ok[:5], b"NULL", key]):  # another mechanism, of CURVE's shape (review206)
         reply = zap.answer(bad)
         assert reply[1] == bad[1] and reply[2] == b"400" and reply[4] == b""
     assert zap.answer([b"1.0"])[1:3] == [b"", b"400"]
