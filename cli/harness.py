@@ -130,8 +130,10 @@ def demo(prompt: str, model_dir: Path | None, nodes: int, head_groups: int, max_
             finally:
                 model.close()
         done = True
-    except KeyboardInterrupt:
-        done = True  # the user stopped it: nothing went wrong that the nodes' logs would show
+    except (KeyboardInterrupt, BrokenPipeError):
+        # The user stopped it, or stopped reading (`demo | head -1`; the CLI says so in one line):
+        # nothing went wrong that the nodes' logs would show
+        done = True
         raise
     finally:
         if log_file is not None:  # the nodes' logs matter only when something went wrong

@@ -126,3 +126,22 @@ def test_a_demo_whose_node_cannot_start_says_why(tiny_model_dir, tmp_path):
     assert f"(the last error there: {cut}: cannot read it" in out.stderr, out.stderr
     assert "it is 100 bytes" in out.stderr.splitlines()[-2]
     assert "Traceback" not in out.stderr
+
+
+def test_a_demo_whose_reader_went_keeps_no_node_log(tiny_model_dir, tmp_path):
+    """`demo | head -1`: the reader gone, the demo ends with the CLI's one line, and keeps no node
+    log (it was kept as if a node had failed: review207)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before the first word, so the test does not race the generation
+    try:
+        out = subprocess.run([sys.executable, "-m", "nanoswarm", "demo", "--model", str(tiny_model_dir),
+                              "--nodes", "2", "--max-new-tokens", "4"], stdout=write_end, stderr=subprocess.PIPE,
+                             text=True, stdin=subprocess.DEVNULL, timeout=180,
+                             env={**os.environ, "TMPDIR": str(tmp_path)})
+    finally:
+        os.close(write_end)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.splitlines()[-1] == "error: stdout's reader has gone (broken pipe): output stopped", out.stderr
+    assert "node logs kept" not in out.stderr
+    log_file = re.search(r"\(node logs: (\S+), kept if it fails\)", out.stderr).group(1)
+    assert not os.path.exists(log_file)
