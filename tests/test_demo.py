@@ -128,6 +128,7 @@ def test_a_demo_whose_node_cannot_start_says_why(tiny_model_dir, tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_a_demo_whose_reader_went_keeps_no_node_log(tiny_model_dir, tmp_path):
     """`demo | head -1`: the reader gone, the demo ends with the CLI's one line, and keeps no node
     log (it was kept as if a node had failed: review207)."""
