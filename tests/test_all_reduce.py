@@ -1004,3 +1004,33 @@ def test_a_phase_step_that_rewinds_ends_the_all_reduce_step_only_from_the_owner(
     assert _partial(a, other, torch.zeros(1, 2, 64), KEY_B, next_hop_id()) == [] and a.groups.kept
     [(_, frames)] = a.handle_batch([(b"owner", encode("step", 13, {**phase, "session": other}, [x]))])
     assert decode(frames).type == "result" and not a.groups.kept and a.groups.kept.bytes == 0
+
+
+# Review209: a mutation of node/handler.py that no test caught before.
+def test_partials_do_not_count_as_a_members_requests_in_flight(tiny_model_dir):
+    """Other members' partials are not their requests (review128: a group of 9 tripped
+    --max-inflight): however many one member sends in a batch, none is refused `busy`."""
+    [a, _], model_id = _handlers(tiny_model_dir, NodeLimits(max_inflight_per_peer=1))
+    a.can_relay = lambda contact: True
+    a.groups.checks_keys = True
+    a.sender_key = lambda frames: KEY_B
+    sids = [decode(a.handle(b"owner", encode("open", k, {"model_id": model_id, "max_length": 8}))).fields["session"]
+            for k in (1, 2, 3)]
+    y = torch.zeros(1, 2, 64)
+    batch = [(b"member-b", encode("partial", 10 + k, {"session": sid, "pos": 0, "block": 0, "phase": "attn",
+                                                      "member": 1}, [y])) for k, sid in enumerate(sids)]
+    assert a.handle_batch(batch) == []  # each kept for its step to come, none answered
+    assert sorted(a.groups.kept.by_session) == sorted(sids)
+
+
+# Review209: a mutation of node/handler.py that no test caught before.
+def test_a_session_waiting_for_its_members_partials_is_not_idle(tiny_model_dir):
+    """An all-reduce step still waiting for another member's partial keeps its session in use
+    (review130): the idle sweep does not close it under the step, however long the wait."""
+    [a, _], model_id = _handlers(tiny_model_dir, NodeLimits(idle_timeout=10.0))
+    a.can_relay = lambda contact: True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    _member_step(a, sid, torch.randn(1, 2, 64), wait=60.0)
+    assert sid in a.groups.steps
+    a.sessions.clock = lambda: time.monotonic() + 11.0  # past the idle timeout since the step began
+    assert a.expire_idle() == [] and sid in a.sessions.sessions and sid in a.groups.steps

@@ -233,3 +233,67 @@ def test_concurrent_sessions_through_a_real_head_group(tiny_model_dir, cluster_f
             group.close()
             for conn, _ in group.members:
                 conn.close()
+
+
+# Review209: mutations of node/steps.py (_batch_key) that no test caught before.
+def _twins(tiny_model_dir, heads=None):
+    """Two handlers of the same blocks: one stepped in batches, one a request at a time."""
+    manifest = read_manifest(tiny_model_dir)
+    return [RequestHandler(load_blocks(tiny_model_dir, 0, 4, heads=heads, manifest=manifest), manifest.model_id, n)
+            for n in ("batched", "alone")], manifest.config.n_embd
+
+
+def test_only_steps_over_the_same_blocks_share_a_forward_pass(tiny_model_dir):
+    """Decode steps share a forward pass only over the same blocks: a session on blocks 0:2 is not
+    run through 0:4 with the sessions beside it that start at the same block. Steps of more
+    than one position (here two sessions' at different lengths) each run alone. Every result is
+    what the session gets stepped alone."""
+    (batched, alone), width = _twins(tiny_model_dir)
+    ids = iter(range(1, 10**6))
+    spans, prompts = [(0, 4), (0, 2), (0, 4)], [3, 5, 4]
+    clients = [f"client{i}".encode() for i in range(len(spans))]
+    torch.manual_seed(0)
+    sessions = {}
+    for h in (batched, alone):
+        for c, (a, b) in zip(clients, spans):
+            sid = decode(h.handle(c, encode("open", next(ids), {"max_length": 16, "layers": [a, b]}))).fields["session"]
+            sessions[h, c] = sid
+    xs = [torch.randn(1, n, width) for n in prompts]
+    rounds = [list(zip(clients, [0] * 3, xs)),  # prompts, alone
+              [(c, n, torch.randn(1, 1, width)) for c, n in zip(clients, prompts)],  # one batch of decode steps
+              [(c, n + 1, torch.randn(1, 2, width)) for c, n in zip(clients, prompts)][::2]]  # two positions each
+    for k, steps in enumerate(rounds):
+        frames = {h: [(c, encode("step", next(ids), {"session": sessions[h, c], "pos": pos}, [x]))
+                      for c, pos, x in steps] for h in (batched, alone)}
+        want = {c: decode(alone.handle(c, f)).tensors[0] for c, f in frames[alone]}
+        got = {c: decode(f).tensors[0] for c, f in batched.handle_batch(frames[batched])}  # (in groups' order)
+        assert got.keys() == want.keys()
+        for c in want:
+            assert (got[c] - want[c]).abs().max().item() <= 1e-5, (k, c)
+    assert (batched.stats.max_batch, batched.stats.batched_steps) == (2, 1)  # sessions 0 and 2's decode steps
+
+
+def test_a_head_shards_mlp_steps_of_different_blocks_run_apart(tiny_model_dir):
+    """MLP partials share a forward pass only of the same block: one session's MLP of block 0 and
+    another's of block 1, in one batch, each get their own block's."""
+    (batched, alone), width = _twins(tiny_model_dir, heads=(0, 2))
+    ids = iter(range(1, 10**6))
+    clients = [b"client0", b"client1"]
+    torch.manual_seed(0)
+    sessions = {(h, c): decode(h.handle(c, encode("open", next(ids), {"max_length": 8}))).fields["session"]
+                for h in (batched, alone) for c in clients}
+    phases = {b"client0": [("attn", 0)], b"client1": [("attn", 0), ("mlp", 0), ("attn", 1)]}
+    for c, steps in phases.items():
+        for phase, block in steps:
+            x = torch.randn(1, 1, width)
+            for h in (batched, alone):
+                fields = {"session": sessions[h, c], "pos": 0, "phase": phase, "block": block}
+                assert decode(h.handle(c, encode("step", next(ids), fields, [x]))).type == "result"
+    xs = [torch.randn(1, 1, width) for _ in clients]
+    frames = {h: [(c, encode("step", next(ids), {"session": sessions[h, c], "pos": 0, "phase": "mlp",
+                                                 "block": block}, [x]))
+                  for c, block, x in zip(clients, (0, 1), xs)] for h in (batched, alone)}
+    want = {c: decode(alone.handle(c, f)).tensors[0] for c, f in frames[alone]}
+    got = {c: decode(f).tensors[0] for c, f in batched.handle_batch(frames[batched])}
+    assert got.keys() == want.keys() and all((got[c] - want[c]).abs().max().item() <= 1e-5 for c in want)
+    assert batched.stats.batched_steps == 0

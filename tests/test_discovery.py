@@ -2886,3 +2886,135 @@ def test_a_model_with_one_dead_peer_and_one_live_is_learned(one_node_table, monk
                                        seq=1)) == "accepted"
         monkeypatch.setattr(manifests.random, "shuffle", lambda cs: cs.sort(key=lambda c: contact in c))
         assert list(manifests_from_peers(table, [model_id], timeout=3)) == [model_id]
+
+
+# Review209: a mutation of node/steps.py that no test caught before.
+def test_a_nodes_load_is_never_more_than_all_of_its_time():
+    """A forward pass that began before the mark measured from counts whole after it: the load a
+    node states is still a fraction, at most 1."""
+    from nanoswarm.node.steps import NodeStats
+    stats = NodeStats(started=0.0)
+    stats.busy_seconds = 50.0  # a 50 s pass that ended now, 40 s after the node started
+    assert stats.load(now=40.0) == 1.0
+
+
+# Review209: mutations of node/placement.py that no test caught before.
+def _rec(peer, layers, tps, heads=None, departing=False):
+    ident = generate_identity()
+    return Record(peer_id=peer, sign_key=ident.sign_public, curve_key=ident.curve_public, address="tcp://x:1",
+                  model_id="m", layers=layers, heads=heads, throughput=tps, load=0.0, seq=1, expires=0.0,
+                  departing=departing)
+
+
+def test_a_departing_peer_covers_nothing():
+    """A departure record (the peer is leaving) keeps its blocks in the table a while: they are
+    covered by the others only, so a node fills them and does not move off them."""
+    records = [_rec("a", (0, 2), 5.0), _rec("b", (2, 4), 5.0, departing=True)]
+    assert coverage(records, 4, 12) == [5.0, 5.0, 0.0, 0.0]
+    assert choose_start(coverage(records, 4, 12), 2) == 2
+
+
+def test_a_head_group_counts_its_best_tiling_in_any_record_order():
+    """Of two shards of the same heads, the faster makes the group, whichever record comes first."""
+    halves = [_rec("a", (0, 1), 9.0, (0, 6)), _rec("b", (0, 1), 6.0, (0, 6)), _rec("c", (0, 1), 10.0, (6, 12))]
+    assert coverage(halves, 1, 12) == [9.0]
+    assert coverage(halves[::-1], 1, 12) == [9.0]
+
+
+def test_a_node_advertising_no_speed_still_fills_a_gap():
+    """A record of 0 tokens/s covers its blocks (_MIN_COVER), and so does this node's own window:
+    a node whose speed reads 0 still starts on, and moves to, the blocks nobody covers."""
+    assert choose_start([5.0, 5.0, 0.0, 0.0], 2, 0.0) == 2
+    assert plan_move([5.0, 5.0, 0.0, 0.0], 0, 2, 0.0) == 2
+
+
+def test_a_move_that_raises_the_weakest_block_exactly_the_gain_is_made():
+    """"Rising by at least `gain`": 4 -> 6 tokens/s on the weakest block is 1.5x, a move."""
+    assert plan_move([10, 10, 10, 4, 4, 4], 0, 3, 2.0) == 3
+    assert plan_move([10, 10, 10, 4, 4, 4], 0, 3, 1.9) is None
+
+
+def test_a_node_takes_no_turn_after_head_shards():
+    """Only whole-block peers take turns (earlier_turns): a head shard does not move by these
+    rules, so a node sharing its blocks with one of a lower peer id does not wait for it."""
+    from nanoswarm.node.placement import earlier_turns
+
+    records = [_rec("a", (0, 3), 5.0, heads=(0, 2)), _rec("b", (0, 3), 5.0), _rec("c", (3, 6), 5.0)]
+    turns = earlier_turns(records, "b", (0, 3), 12, 4)
+    assert turns.before == 0 and turns.ahead == records
+
+
+def test_a_node_with_sessions_open_or_leaving_does_not_move(monkeypatch):
+    """A move would strand the sessions open on the old blocks (their caches belong to them), and
+    a leaving node's record is going anyway: neither moves; the same node, once free, moves."""
+    from types import SimpleNamespace
+
+    from nanoswarm.node import placement
+
+    clock = [100.0]
+    monkeypatch.setattr(placement.time, "monotonic", lambda: clock[0])
+    twins = [_rec("a", (0, 3), 5.0), _rec("b", (0, 3), 5.0), _rec("c", (3, 6), 5.0), _rec("d", (6, 9), 5.0)]
+    handler = SimpleNamespace(config=SimpleNamespace(n_layer=12, n_head=4), blocks=SimpleNamespace(start=0),
+                              stats=SimpleNamespace(throughput=5.0), model_id="m", leaving=False,
+                              sessions=SimpleNamespace(sessions={"open": object()}))
+    gossip = SimpleNamespace(peer_id="a", departed=False, table=SimpleNamespace(records=lambda model_id: twins))
+    rebalancer = placement.Rebalancer(handler, gossip, 3, lambda a, b: None, interval=2.0, settle=1.0)
+    moved = []
+    rebalancer.move = lambda start: moved.append(start) or True
+
+    def checks(seconds: float) -> None:
+        for _ in range(int(seconds * 4)):
+            rebalancer.check()
+            clock[0] += 0.25
+
+    checks(30.0)
+    handler.sessions.sessions, handler.leaving = {}, True
+    checks(30.0)
+    assert moved == []
+    handler.leaving = False
+    checks(30.0)
+    assert moved[:1] == [9]
+
+
+def test_a_load_that_succeeds_ends_the_backoff_of_the_loads_that_failed():
+    """Each failed load doubles the wait before the next check, for loads that failed *in a row*:
+    after a move that loaded, the next failure waits one doubling again, not 2**(all failures)."""
+    from types import SimpleNamespace
+
+    from nanoswarm.node.placement import Rebalancer
+
+    results = [FileNotFoundError("gone"), FileNotFoundError("gone"), SimpleNamespace(start=2, stop=4),
+               FileNotFoundError("gone")]
+
+    def load(a, b):
+        result = results.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    handler = SimpleNamespace(blocks=SimpleNamespace(start=0, stop=2), device=torch.device("cpu"),
+                              measure_throughput=lambda: None, stats=SimpleNamespace(throughput=5.0))
+    gossip = SimpleNamespace(refresh=lambda: None, round=lambda: None, warm_next_hops=lambda: None)
+    rebalancer = Rebalancer(handler, gossip, 2, load, interval=10.0)
+    assert [rebalancer.move(2) for _ in range(4)] == [False, False, True, False]
+    assert rebalancer.failures == 1 and rebalancer._next < time.monotonic() + 10.0 * 2 + 1
+
+
+def test_a_wait_for_a_turn_ends_when_no_move_is_wanted():
+    """A node waiting its turn that then sees no move to make stops waiting: when a move is wanted
+    again later, it waits its turn afresh rather than moving at once on the old wait's end (both
+    twins would leave 0:3 together)."""
+    from types import SimpleNamespace
+
+    from nanoswarm.node.placement import YIELD_INTERVALS, Rebalancer
+
+    twins = [_rec("a", (0, 3), 5.0), _rec("b", (0, 3), 5.0), _rec("c", (3, 6), 5.0), _rec("d", (6, 9), 5.0)]
+    covered = twins + [_rec("e", (9, 12), 5.0)]
+    handler = SimpleNamespace(config=SimpleNamespace(n_layer=12, n_head=4), blocks=SimpleNamespace(start=0),
+                              stats=SimpleNamespace(throughput=5.0))
+    b = Rebalancer(handler, SimpleNamespace(peer_id="b"), 3, lambda a, b: None, interval=2.0)
+    wait = (YIELD_INTERVALS + 1) * 2.0
+    assert b.plan(twins, 0.0) is None  # "a" moves first: wait until `wait`
+    assert b.plan(covered, 1.0) is None  # "e" filled the gap: nothing to wait for
+    later = 10.0 * wait
+    assert b.plan(twins, later) is None and b.plan(twins, later + wait) == 9  # "e" left: a new wait

@@ -1393,3 +1393,229 @@ def test_a_head_shard_attention_step_at_another_position_is_refused(tiny_model_d
                   [hidden(1)])
     d.ok("step", {"session": sid, "pos": 0, "phase": "mlp", "block": 0}, [hidden(1)])  # stateless: any position
     assert d.h.sessions.sessions[sid].length == 1 and d.h.sessions.sessions[sid].next_block == 0
+
+
+# Review209: mutations of node/handler.py that no test caught before.
+def test_a_strangers_close_does_not_split_the_batchs_forward_pass(blocks):
+    """Another peer's `close` of a session is a no-op (handler._owns): between two sessions'
+    decode steps in one batch it must not make them two forward passes (a cheap way to halve a
+    node's decode throughput for anyone who learned a session id from a relayed step)."""
+    d = make_driver(blocks)
+    a, b = d.open(8), d.open(8)
+    batch = [(b"p", d.frames("step", {"session": a, "pos": 0}, [hidden(1, 1)])),
+             (b"stranger", d.frames("close", {"session": a})),
+             (b"p", d.frames("step", {"session": b, "pos": 0}, [hidden(1, 2)]))]
+    replies = [decode(f) for _, f in d.h.handle_batch(batch)]
+    assert [m.type for m in replies] == ["closed", "result", "result"]  # (the close is answered first)
+    assert (d.h.stats.steps, d.h.stats.max_batch) == (1, 2) and a in d.h.sessions.sessions
+
+
+def test_a_device_lost_outside_a_step_is_noticed_too(blocks, monkeypatch):
+    """A device error raised handling a request outside StepRunner.run (a stateless forward; a
+    step's input copied to the device) is asked about as a step's is: a node whose CUDA context
+    was lost there answered `internal` forever and stayed on every route."""
+    d = make_driver(blocks)
+    monkeypatch.setattr(d.h.steps, "_cpu", False)  # on a GPU any RuntimeError asks
+    monkeypatch.setattr(d.h.steps, "device_works", lambda: False)
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(d.h.steps.checks, "hidden", lost)
+    assert d.code("forward", {}, [hidden(1)]) == "internal"
+    assert d.h.device_failure == "RuntimeError on cpu: CUDA error: an illegal memory access was encountered"
+
+
+def test_a_leaving_node_refuses_new_sessions_and_serves_its_open_ones(blocks):
+    """A node draining after SIGTERM (handler.leaving) refuses `open` with `leaving`, so that a
+    client goes elsewhere at once, while the sessions it holds step on until the grace ends."""
+    d = make_driver(blocks)
+    sid = d.open(8)
+    d.h.leaving = True
+    d.refuses("leaving", "leaving", "open", {"max_length": 8})
+    d.ok("step", {"session": sid, "pos": 0}, [hidden(1)])
+    assert d.h.info()["leaving"] is True and list(d.h.sessions.sessions) == [sid]
+
+
+def test_a_session_or_forward_takes_any_blocks_within_the_served_ones_and_no_others(tiny_model_dir):
+    """`layers` may name any blocks of the node's own, its first and last included; a range that
+    reaches past either end is not_served, not a session over blocks the node does not hold."""
+    d = make_driver((load_blocks(tiny_model_dir, 1, 3), read_manifest(tiny_model_dir).model_id))
+    for layers in ([1, 3], [1, 2], [2, 3]):
+        opened = d.ok("open", {"max_length": 4, "layers": layers})
+        assert opened.fields["layers"] == layers
+        assert d.ok("forward", {"layers": layers}, [hidden(1)]).tensors[0].shape == (1, 1, N_EMBD)
+    for layers in ([0, 2], [2, 4], [0, 4]):
+        d.refuses("not_served", "not within the served 1:3", "open", {"max_length": 4, "layers": layers})
+        d.refuses("not_served", "not within the served 1:3", "forward", {"layers": layers}, [hidden(1)])
+
+
+def test_a_head_shard_refuses_a_stateless_forward(tiny_model_dir):
+    """A stateless forward runs whole blocks: a head shard holds some heads of its blocks, and
+    its blocks' output alone is no block's output (not_served, not a result, nor `internal`)."""
+    d = make_driver((load_blocks(tiny_model_dir, 0, 2, heads=(0, 2)), read_manifest(tiny_model_dir).model_id))
+    d.refuses("not_served", "head shard", "forward", {}, [hidden(1)])
+    assert d.h.stats.steps == 0
+
+
+def test_a_dropped_connections_request_ids_are_forgotten(blocks):
+    """peers_gone closes a dropped connection's sessions and forgets its request ids: they
+    held their share of MAX_SEEN_IDS, pushing out the ids of peers still connected."""
+    d = make_driver(blocks)
+    sid = d.ok("open", {"max_length": 8}).fields["session"]  # (from peer b"p")
+    decode(d.h.handle(b"q", d.frames("info")))
+    assert d.h.peers_gone({b"p"}) == [sid]
+    assert list(d.h.seen.by_peer) == [b"q"] and d.h.seen.total == 1
+
+
+def test_records_to_a_node_without_a_swarm_table_are_not_served(blocks):
+    """docs/protocol.md: `records` to a node that keeps no table is refused `not_served`."""
+    d = make_driver(blocks)
+    assert d.h.on_records is None
+    d.refuses("not_served", "keeps no swarm table", "records", {"records": [], "want": True})
+
+
+def test_a_step_refused_busy_for_device_memory_may_be_sent_again_as_it_was(blocks, monkeypatch):
+    """`busy` for device memory taken meanwhile says "send it again": the same frames sent again
+    are served, not refused `duplicate_request` (its id was forgotten with the refusal)."""
+    d = make_driver(blocks)
+    sid = d.open(8)
+    step = d.frames("step", {"session": sid, "pos": 0}, [hidden(2)])
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with monkeypatch.context() as m:
+        m.setattr(blocks[0], "forward", out_of_memory)
+        assert decode(d.h.handle(b"p", step)).fields["code"] == "busy"
+    assert decode(d.h.handle(b"p", step)).type == "result"
+    assert decode(d.h.handle(b"p", step)).fields["code"] == "duplicate_request"  # once served, it is kept
+
+
+def test_a_nodes_stats_count_its_forward_passes_and_their_tokens(blocks):
+    """`info`'s stats (shown by `nanoswarm info`): a step's positions and a forward's rows x
+    positions are the tokens a node computed."""
+    d = make_driver(blocks)
+    sid = d.open(8)
+    d.ok("step", {"session": sid, "pos": 0}, [hidden(3)])
+    d.ok("forward", {}, [torch.randn(2, 2, N_EMBD)])
+    stats = d.h.info()["stats"]
+    assert (stats["steps"], stats["tokens"]) == (2, 7)
+
+
+def test_a_refused_step_that_rewound_nothing_does_not_say_it_did(blocks):
+    """A refused step's error says the session was rewound only when the step dropped positions:
+    a plain step, or a `rewind` to the session's end, leaves it as it was and says nothing so."""
+    d = make_driver(blocks)
+    sid = d.open(8)
+    d.ok("step", {"session": sid, "pos": 0}, [hidden(2)])
+    bad = hidden(1)
+    bad[0, 0, 0] = float("nan")
+    for rewind in (False, True):
+        msg = d.ask("step", {"session": sid, "pos": 2, "rewind": rewind}, [bad])
+        assert msg.fields["code"] == "bad_value" and "rewound" not in msg.fields["message"], msg.fields
+    assert d.h.sessions.sessions[sid].length == 2
+
+
+# Review209: a mutation of node/server.py that no test caught before.
+def test_a_relayed_step_its_next_hop_cannot_take_is_relay_failed_to_its_owner(tiny_model_dir, monkeypatch):
+    """A relayed step the node computed but cannot pass on (its next hop not reached) is answered
+    to the session's owner `relay_failed`, under the chain's id: `internal` would say the node
+    failed, and its client would ban an honest node for a hop it could not reach."""
+    from nanoswarm.node.server import NodeServer
+
+    handler = RequestHandler(load_blocks(tiny_model_dir, 0, 4), read_manifest(tiny_model_dir).model_id, "a",
+                             NodeLimits())
+    handler.can_relay = lambda contact: True
+    node = NodeServer(handler, "tcp://127.0.0.1:*")
+    monkeypatch.setattr(node.relays, "send", lambda relay, frames: "the next hop is not reached from this node")
+    serving = threading.Thread(target=node.serve_forever, daemon=True)
+    serving.start()
+    peer = RawPeer(node.address)
+    try:
+        sid = peer.ask("open", max_length=8).fields["session"]
+        peer.send(encode("step", 500, {"session": sid, "pos": 0, "reply": 77,
+                                       "next": [["tcp://127.0.0.1:5999#" + "ab" * 32, "s-next"]]}, [hidden(1)]))
+        reply = peer.recv()
+        assert reply is not None and (reply.id, reply.fields["code"]) == (77, "relay_failed"), reply
+        assert "not reached" in reply.fields["message"]
+    finally:
+        peer.close()
+        node.stop()
+        serving.join(5)
+
+
+def test_a_drop_read_when_a_new_peer_arrives_closes_the_dropped_peers_sessions(tiny_model_dir):
+    """A batch from a new peer reads the monitor's drops first (ConnectionWatch.note): those peers'
+    sessions are closed after the batch, not left holding their KV budget until the idle timeout
+    (the monitor's events are read once)."""
+    from nanoswarm.node.server import NodeServer
+
+    handler = RequestHandler(load_blocks(tiny_model_dir, 0, 4), read_manifest(tiny_model_dir).model_id, "a",
+                             NodeLimits())
+    node = NodeServer(handler, "tcp://127.0.0.1:*")  # driven by hand: no loop reads the monitor between
+
+    def serve_one() -> None:
+        assert node.socket.poll(5000)
+        node._serve_ready()
+
+    first, second = RawPeer(node.address), None
+    try:
+        first.send(encode("open", 1, {"max_length": 8}))
+        serve_one()
+        assert first.recv().type == "opened" and len(handler.sessions.sessions) == 1
+        first.close()
+        assert node.connections.monitor.poll(10_000)  # the drop waits in the monitor, unread
+        second = RawPeer(node.address)
+        second.send(encode("info", 1, {}))
+        serve_one()
+        assert second.recv().type == "info_reply"
+        assert not handler.sessions.sessions
+    finally:
+        if second is not None:
+            second.close()
+        node.close()
+
+
+def test_a_node_draining_after_sigterm_refuses_new_sessions(tiny_model_dir):
+    """Once a node begins to leave (SIGTERM: NodeServer.leave), its clients are told and, for the
+    grace it drains, an `open` is refused `leaving` (and `info` says so), not a session that
+    the node's exit will break."""
+    from nanoswarm.node.server import NodeServer
+
+    handler = RequestHandler(load_blocks(tiny_model_dir, 0, 4), read_manifest(tiny_model_dir).model_id, "a",
+                             NodeLimits())
+    node = NodeServer(handler, "tcp://127.0.0.1:*", leave_grace=5.0)
+    serving = threading.Thread(target=node.serve_forever, daemon=True)
+    serving.start()
+    peer = RawPeer(node.address)
+    try:
+        assert peer.ask("open", max_length=8).type == "opened"
+        node.leave()
+        assert peer.recv().type == "leaving"
+        reply = peer.ask("open", max_length=8)
+        assert (reply.type, reply.fields.get("code")) == ("error", "leaving")
+        assert peer.ask("info").fields["leaving"] is True
+    finally:
+        peer.close()
+        node.stop()
+        serving.join(5)
+
+
+def test_a_node_with_curve_takes_partials_and_relayed_steps_only_with_their_keys(tiny_model_dir):
+    """A node with CURVE knows every sender's key (ZAP) and tells its handler so: a head group's
+    partials are then taken only from the member a step names, by its key, and relayed steps
+    only as their owner pinned them (tests/test_all_reduce.py, test_relay.py drive those checks);
+    without the flags, anyone who knew a session id could add a partial to a group's sums."""
+    from nanoswarm.node.server import NodeServer
+
+    public, secret = zmq.curve_keypair()
+    handlers = [RequestHandler(load_blocks(tiny_model_dir, 0, 4), read_manifest(tiny_model_dir).model_id, name)
+                for name in ("curve", "plain")]
+    nodes = [NodeServer(handlers[0], "tcp://127.0.0.1:*", curve_secret=secret, curve_public=public),
+             NodeServer(handlers[1], "tcp://127.0.0.1:*")]
+    try:
+        assert [(h.groups.checks_keys, h.checks_senders) for h in handlers] == [(True, True), (False, False)]
+    finally:
+        for node in nodes:
+            node.close()

@@ -1622,3 +1622,39 @@ def test_an_introduction_takes_in_no_read_begun_before_the_tables_own(monkeypatc
     finally:
         table.close()
         sibling.close()
+
+
+# Review209: mutations of node/handler.py that no test caught before.
+def test_a_node_without_curve_passes_on_a_step_the_hop_before_relayed(handler):
+    """A node that knows no sender's key (no CURVE) admits every holder of the session id
+    (handler._admitted): a middle hop's step, relayed by the hop before with more hops to go,
+    goes on to the next hop. Only a node that checks senders holds it to the owner's pins."""
+    assert not handler.checks_senders
+    opened = ask(handler, b"owner", "open", {"max_length": 16})[1]
+    # (so the client pins nothing here; and whole blocks take no head group's all-reduce step)
+    assert (opened.fields["admits"], opened.fields["all_reduce"]) == (False, False)
+    sid = opened.fields["session"]
+    to, out = ask(handler, b"node-before", "step", {"session": sid, "pos": 0, "reply": 46, "hop": 1, "busy": [10],
+                                                    "next": [[KNOWN, "s3"]]}, [x(2)])
+    assert isinstance(to, Relay) and (to.owner, to.reply) == (b"owner", 46)
+    assert (out.type, out.fields["session"], out.fields["hop"]) == ("step", "s3", 2)
+
+
+def test_a_relayed_steps_reply_id_may_be_zero(handler):
+    """`reply` is any id from 0 to 2**63 - 1: a chain whose owner numbered it 0 is answered to the
+    owner with id 0, its result and its refusals alike (not under the relaying hop's own id)."""
+    sid = ask(handler, b"owner", "open", {"max_length": 16})[1].fields["session"]
+    to, res = ask(handler, b"node-before", "step", {"session": sid, "pos": 0, "reply": 0, "hop": 1, "busy": [10]},
+                  [x(2)])
+    assert (to, res.type, res.id) == (b"owner", "result", 0)
+    to, err = ask(handler, b"node-before", "step", {"session": sid, "pos": 2, "reply": 0, "hop": 70}, [x()])
+    assert (to, err.fields["code"], err.id) == (b"owner", "malformed", 0)
+
+
+def test_a_relayed_step_passes_on_one_busy_figure_per_hop_before_it(handler):
+    """`busy` holds the hops' figures before this one: more than `hop` of them are cut, so the
+    chain's list stays one a hop (at hop 64, one more went past what the next hop takes)."""
+    sid = ask(handler, b"owner", "open", {"max_length": 16})[1].fields["session"]
+    to, res = ask(handler, b"node-before", "step", {"session": sid, "pos": 0, "reply": 47, "hop": 1,
+                                                    "busy": [10, 20, 30]}, [x()])
+    assert (to, res.type) == (b"owner", "result") and len(res.fields["busy"]) == 2 and res.fields["busy"][0] == 10

@@ -333,3 +333,15 @@ def test_decode_refuses_each_input_a_mutation_of_its_checks_let_through():
         parse_next([["c" * 513, "s"]])
     assert parse_next([["c", "s"]] * MAX_HOPS) == [("c", "s")] * MAX_HOPS
     assert not finite_float(True) and finite_float(1) and not finite_float(math.inf)
+
+
+# Review209: a mutation of node/steps.py that no test caught before.
+def test_a_half_precision_nodes_finite_result_the_wire_cannot_carry_blames_the_wire():
+    """A bfloat16 node's finite result past float16's range: the wire could not carry it, and the
+    refusal says so, not that the node's own computation overflowed."""
+    from nanoswarm.node.steps import _unsendable
+    from nanoswarm.protocol.tensors import to_frame
+
+    big = torch.full((1, 1, 8), 1e6, dtype=torch.bfloat16)
+    assert _unsendable(big, big, "float16", to_frame(big, "float16")) == \
+        "the result does not fit float16 (overflow to NaN or Inf)"
