@@ -1545,6 +1545,37 @@ def test_a_relayed_step_its_next_hop_cannot_take_is_relay_failed_to_its_owner(ti
         serving.join(5)
 
 
+def test_a_relayed_step_lost_with_a_link_that_never_reached_its_hop_is_answered(tiny_model_dir, monkeypatch):
+    """A step passed on to a next hop that takes no handshake (nothing listens at its address) is
+    answered `relay_failed` to its owner, under the chain's id, once the link is given up
+    (UNREACHED_SECONDS): the node's loop sends what RelayLinks.take_failed holds (review209: no
+    test had the loop send it; the owner waited out its timeout)."""
+    from conftest import free_port
+
+    from nanoswarm.node import relay as relay_module
+    from nanoswarm.node.server import NodeServer
+
+    monkeypatch.setattr(relay_module, "UNREACHED_SECONDS", 0.3)
+    handler = RequestHandler(load_blocks(tiny_model_dir, 0, 4), read_manifest(tiny_model_dir).model_id, "a",
+                             NodeLimits())
+    handler.can_relay = lambda contact: True
+    node = NodeServer(handler, "tcp://127.0.0.1:*")
+    serving = threading.Thread(target=node.serve_forever, daemon=True)
+    serving.start()
+    peer = RawPeer(node.address)
+    try:
+        sid = peer.ask("open", max_length=8).fields["session"]
+        peer.send(encode("step", 500, {"session": sid, "pos": 0, "reply": 78,
+                                       "next": [[f"tcp://127.0.0.1:{free_port()}", "s-next"]]}, [hidden(1)]))
+        reply = peer.recv(10.0)
+        assert reply is not None and (reply.id, reply.fields["code"]) == (78, "relay_failed"), reply
+        assert "not reached from this node" in reply.fields["message"]
+    finally:
+        peer.close()
+        node.stop()
+        serving.join(5)
+
+
 def test_a_drop_read_when_a_new_peer_arrives_closes_the_dropped_peers_sessions(tiny_model_dir):
     """A batch from a new peer reads the monitor's drops first (ConnectionWatch.note): those peers'
     sessions are closed after the batch, not left holding their KV budget until the idle timeout
