@@ -2330,6 +2330,109 @@ def test_a_route_error_names_the_peers_of_the_missing_blocks_first():
     assert str(caught.value).endswith("and 2 more")
 
 
+# Mutation review210: the peer table's own choices, at unit level.
+def test_a_peer_table_takes_what_a_peers_info_says_only_where_it_makes_sense():
+    """A peer that takes sessions of exactly the length asked is used; a negative load is
+    malformed (it would win every tie); a peer whose `info` names another entry's contact is one
+    entry with it only when it is that entry's peer (another peer id there, a stale record's, say:
+    it is added under the name given)."""
+    from nanoswarm.client.swarm import Swarm
+
+    model = "m" * 64
+    swarm = Swarm(model, 4, 4)
+    try:
+        swarm.add_info("A", {"model_id": model, "layers": [0, 4], "max_length": 16})
+        assert [p.address for p in swarm.available(16)] == ["A"] and swarm.available(17) == []
+        swarm.add_info("B", {"model_id": model, "layers": [0, 4], "load": -1.0})
+        assert "B" not in swarm.peers and "malformed" in swarm.rejected["B"]
+        key = "ab" * 32
+        for port, given_id, kept in ((7000, "new", True), (7001, "same", False)):
+            by_ip, by_name = f"tcp://127.0.0.1:{port}#{key}", f"tcp://localhost:{port}#{key}"
+            swarm.add_info(by_ip, {"model_id": model, "layers": [0, 4], "peer_id": "old" if kept else "same"})
+            swarm.add_info(by_name, {"model_id": model, "layers": [0, 4], "peer_id": given_id, "contact": by_ip})
+            assert (by_name in swarm.peers) == kept and by_ip in swarm.peers
+    finally:
+        swarm.close()
+
+
+def test_a_reread_asks_once_a_while_and_lifts_the_ban_of_a_peer_that_moved(monkeypatch):
+    """`reread` asks a peer at most once in REREAD_SECONDS (a peer refusing every open costs no
+    more), and a peer that serves other blocks now is banned no more: it moved, it did not fail."""
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("m" * 64, 4, 4)
+    answer = {"model_id": "m" * 64, "layers": [0, 2], "peer_id": "a"}
+    asked = []
+    monkeypatch.setattr(swarm, "_ask_now", lambda addresses: asked.append(list(addresses))
+                        or {a: (dict(answer), 0.001) for a in addresses})
+    try:
+        swarm.add_info("A", dict(answer))
+        assert not swarm.reread("A") and not swarm.reread("A")  # the same span: its fault
+        assert asked == [["A"]]
+        swarm._reread.clear()
+        swarm.ban("A", "not_served: a test", "not_served")
+        answer["layers"] = [2, 4]
+        assert swarm.reread("A") and "A" not in swarm.bans and swarm.peers["A"].layers == (2, 4)
+    finally:
+        swarm.close()
+
+
+def test_a_forgotten_peer_keeps_no_link_and_is_not_taken_back_from_a_sibling():
+    from nanoswarm.client.swarm import Swarm
+
+    model, address = "m" * 64, "tcp://127.0.0.1:9"
+    swarm, sibling = (Swarm(model, 4, 4, SwarmOptions(insecure=True)) for _ in range(2))
+    try:
+        for table in (sibling, swarm):
+            table.add_info(address, {"model_id": model, "layers": [0, 4], "peer_id": "a"})
+        swarm.connection(address)
+        swarm.forget(address, "a test")
+        assert address not in swarm._conns and address not in swarm.peers
+        swarm.take_learned(sibling)  # the sibling's knowledge is older than the forget
+        assert address not in swarm.peers
+    finally:
+        swarm.close()
+        sibling.close()
+
+
+def test_a_route_error_says_banned_only_of_known_peers_banned_now():
+    """A ban that ran out is no reason (its peer is used); a forgotten peer's ban (kept: one of
+    another model) is not its reason either: its `rejected` says why."""
+    from nanoswarm.client.route import PeerInfo
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("model", 4, 4)
+    try:
+        swarm.peers["A"] = PeerInfo("A", "A", "model", (0, 2))
+        swarm.ban("A", "disconnected: test", "disconnected")
+        swarm.bans["A"].until = time.monotonic() - 1  # ran out
+        swarm.forget("X", "serves model other, not ours")
+        swarm.ban("X", "wrong_result: test", "wrong_result")
+        with pytest.raises(RouteError) as caught:
+            swarm._plan(0, None, None, {})
+        assert str(caught.value) == "no peer serves layers 2:4; not used: X: serves model other, not ours"
+    finally:
+        swarm.close()
+
+
+def test_peers_not_taken_are_warned_about_only_where_the_others_cover_every_block(caplog):
+    from nanoswarm.client.route import PeerInfo
+    from nanoswarm.client.swarm import Swarm
+
+    swarm = Swarm("model", 4, 4)
+    try:
+        swarm.rejected["B"] = "unreachable: test"
+        for layers in ((0, 2), (0, 4)):
+            swarm.peers["A"] = PeerInfo("A", "A", "model", layers)
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="nanoswarm.client.peer_table"):
+                swarm.warn_rejected()
+            assert [(r.levelno, r.getMessage()) for r in caplog.records] == (
+                [(logging.WARNING, "peer B: unreachable: test")] if layers == (0, 4) else [])
+    finally:
+        swarm.close()
+
+
 # Review173 (sixty-second session): a mutation of the code that no test caught before.
 def test_a_busy_stage_is_asked_again_not_failed_over():
     """A layer stage's `busy` (an overloaded honest node, its session as it was) is asked

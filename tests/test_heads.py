@@ -206,6 +206,74 @@ def test_route_groups_members_that_serve_different_blocks():
         build_route([peer("A", (0, 6), (0, 7)), peer("B", (0, 6), (6, 12))], 6, 12)
 
 
+def test_route_costs_count_a_groups_round_trips_its_slowest_member_and_the_asked_blocks_only():
+    """Mutation review210: a head group is two round trips a block, its time its slowest member's
+    (round trip and compute), its members' tie window the stage's, and no stage passes `stop`."""
+    def peer(addr, layers, heads=None, rtt=0.001, load=0.0, throughput=0.0):
+        return PeerInfo(addr, addr, "m", layers, heads, rtt=rtt, load=load, throughput=throughput)
+
+    def plan(peers, n_layer, start=0, stop=None):
+        return [(p.start, p.stop, [q.address for q in p.peers])
+                for p in build_route(peers, n_layer, 12, start, stop)]
+
+    # Two layer stages (2 round trips) beat a faster group over the same 2 blocks (4).
+    assert plan([peer("a", (0, 1)), peer("b", (1, 2)), peer("g1", (0, 2), (0, 6), rtt=0.0005),
+                 peer("g2", (0, 2), (6, 12), rtt=0.0005)], 2) == [(0, 1, ["a"]), (1, 2, ["b"])]
+    # As many round trips either way: one group over 0:2 with a slow member (its round trip, or its
+    # compute) loses to two groups of fast members, though it is fewer stages.
+    fast = 1e9
+    for slow in (dict(rtt=0.01, throughput=fast), dict(rtt=0.001, throughput=10.0)):
+        peers = [peer("A", (0, 2), (0, 6), **slow), peer("B", (0, 2), (6, 12), throughput=fast),
+                 peer("C", (0, 1), (0, 6), throughput=fast), peer("D", (1, 2), (0, 6), throughput=fast)]
+        assert plan(peers, 2) == [(0, 1, ["C", "B"]), (1, 2, ["D", "B"])], slow
+    # Members 1.7x slower a block do not tie over 12 blocks for their lower load: the slack is the
+    # stage's (TIE_SLACK_US over 12 blocks), not a block's, and at most the fastest's own time.
+    members = [peer(a, (0, 12), h, rtt=rtt, load=load, throughput=fast)
+               for a, h, rtt, load in (("A", (0, 6), 0.001, 0.5), ("B", (6, 12), 0.001, 0.5),
+                                       ("C", (0, 6), 0.0017, 0.0), ("D", (6, 12), 0.0017, 0.0))]
+    assert plan(members, 12) == [(0, 12, ["A", "B"])]
+    # A route over part of the blocks ends at `stop`, whatever its peers serve past it.
+    assert plan([peer("L", (0, 12))], 12, 0, 6) == [(0, 6, ["L"])]
+    assert plan([peer("G1", (0, 12), (0, 6)), peer("G2", (0, 12), (6, 12))], 12, 0, 6) == [(0, 6, ["G1", "G2"])]
+
+
+def test_route_ties_take_the_fewest_stages_then_the_lowest_load_then_the_order_given():
+    """Mutation review210: of routes of as many round trips and like time, the fewest stages win
+    before the lowest load; among like members the first given; TIME_STEP and TIE_SLACK_US are
+    the window, not more."""
+    def peer(addr, layers, heads=None, rtt=0.001, load=0.0, throughput=0.0):
+        return PeerInfo(addr, addr, "m", layers, heads, rtt=rtt, load=load, throughput=throughput)
+
+    def plan(peers, n_layer=12):
+        return [(p.start, p.stop, [q.address for q in p.peers]) for p in build_route(peers, n_layer, 12)]
+
+    # One group over 0:12 (24 round trips, load 0.5) against two idle ones over 0:6 and 6:12 (24)
+    peers = [peer("A", (0, 12), (0, 6), load=0.5), peer("B", (0, 12), (6, 12), load=0.5),
+             peer("C", (0, 6), (0, 6)), peer("E", (0, 6), (6, 12)),
+             peer("D", (6, 12), (0, 6)), peer("F", (6, 12), (6, 12))]
+    assert plan(peers) == [(0, 12, ["A", "B"])]
+    # Like members: the first given
+    twins = [peer("a1", (0, 12), (0, 6)), peer("a2", (0, 12), (0, 6)), peer("b", (0, 12), (6, 12))]
+    assert plan(twins) == [(0, 12, ["a1", "b"])]
+    assert plan([twins[1], twins[0], twins[2]]) == [(0, 12, ["a2", "b"])]
+    # 1.4x slower is past TIME_STEP: the idle peer does not tie with the busy one
+    assert plan([peer("busy", (0, 12), rtt=0.0, load=0.9, throughput=100.0),
+                 peer("idle", (0, 12), rtt=0.0, load=0.1, throughput=100.0 / 1.4)]) == [(0, 12, ["busy"])]
+    # 2.1 ms of round trip more, over a 2.4 ms route, is past TIE_SLACK_US
+    assert plan([peer("busy", (0, 12), rtt=0.0004, load=0.9, throughput=500.0),
+                 peer("idle", (0, 12), rtt=0.0025, load=0.1, throughput=500.0)]) == [(0, 12, ["busy"])]
+
+
+def test_route_error_names_the_heads_no_one_serves_at_the_first_partial_block():
+    """Mutation review210: a head peer whose blocks end at the uncovered block does not serve it."""
+    def peer(addr, layers, heads=None):
+        return PeerInfo(addr, addr, "m", layers, heads)
+
+    with pytest.raises(RouteError, match=r"layers 3:6 \(head shards of layers 3:6 do not cover every head: "
+                                         r"heads 3:6 of layer 3 served by no one\)"):
+        build_route([peer("A", (0, 3), (0, 6)), peer("B", (0, 6), (6, 12)), peer("C", (3, 6), (0, 3))], 6, 12)
+
+
 def test_members_that_take_few_positions_a_step_get_them_in_pieces(tiny_model_dir, cluster_factory):
     """Every member states its limit when the session opens; the group sends what all take
     (a refusal cannot be halved: the members that took a block have stored it)."""

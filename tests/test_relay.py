@@ -265,6 +265,8 @@ def test_a_peers_own_contact_is_taken_only_for_the_same_endpoint_and_key():
     assert own_contact(given, {"contact": f"tcp://127.0.0.1:7000#{key}"}) == f"tcp://127.0.0.1:7000#{key}"
     assert own_contact(given, {"contact": f" tcp://127.0.0.1:7000#{key.upper()}"}) == f"tcp://127.0.0.1:7000#{key}"
     assert own_contact(given, {"contact": given}) is None  # as given already
+    by_ip = f"tcp://127.0.0.1:7000#{key}"
+    assert own_contact(by_ip, {"contact": by_ip}) is None  # as given already, by IP (mutation review210)
     for contact in [None, 7, ["x"], f"tcp://127.0.0.1:7000#{'cd' * 32}", "tcp://127.0.0.1:7000", f"junk#{key}",
                     f"tcp://127.0.0.1:7001#{key}", f"tcp://10.9.9.9:7000#{key}", f"tcp://otherhost:7000#{key}",
                     f"tcp://127.0.0.1:7000#{key[:-2]}", f"tcp://{'h' * 600}:7000#{key}",
