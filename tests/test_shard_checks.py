@@ -248,3 +248,23 @@ def test_hf_configs_that_would_change_the_logits(tmp_path):
     (hf / "config.json").write_text(json.dumps({**config, "scale_attn_weights": False}))
     with pytest.raises(CheckpointError, match="non-standard attention scaling"):
         load_checkpoint(hf)
+
+
+def test_an_hf_pytorch_bin_with_its_weights_under_state_dict_loads_as_a_flat_one(tmp_path):
+    """Review211: a `pytorch_model.bin` saved as {"state_dict": ...} (as training scripts do)
+    loads the same weights as the flat form."""
+    from safetensors.torch import load_file
+
+    from nanoswarm.shards.loaders import load_checkpoint
+    from nanoswarm.shards.writers import save_hf_checkpoint
+
+    hf = tmp_path / "hf"
+    save_hf_checkpoint(SMALL, GPT(SMALL).flat_state_dict(), hf)
+    want = load_checkpoint(hf)
+    sd = load_file(hf / "model.safetensors")
+    (hf / "model.safetensors").unlink()
+    for name, saved in (("flat", sd), ("nested", {"state_dict": sd})):
+        torch.save(saved, hf / "pytorch_model.bin")
+        config, got = load_checkpoint(hf)
+        assert config == want[0] and got.keys() == want[1].keys(), name
+        assert all(torch.equal(got[k], want[1][k]) for k in got), name
