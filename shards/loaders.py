@@ -1,8 +1,8 @@
 """Read GPT-2 checkpoints in the two layouts people have: nanoGPT's ckpt.pt and a
 Hugging Face GPT-2 directory. Both come out as one "flat" form: GPT-2 names without prefixes
 (wte.weight, h.0.attn.c_attn.weight, ln_f.bias, ...), nn.Linear layout ([out, in]), float32;
-lm_head.weight only when it is not tied to wte. That is what GPT.load_flat_state_dict and the
-shard writer (manifest.py) take.
+lm_head.weight only when it is not tied to wte. That is what the shard writer (manifest.py)
+takes, and GPT.load_flat_state_dict for a tied model (it refuses an untied head).
 """
 
 from __future__ import annotations

@@ -339,6 +339,13 @@ class GPT(nn.Module):
         return out
 
     def load_flat_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        # This model's lm_head is wte (tied): an lm_head.weight of other values would overwrite
+        # wte with the head's weights, without a word (review212). An untied model is served
+        # from its shards (shards/weights.py), never loaded here.
+        head, wte = sd.get("lm_head.weight"), sd.get("wte.weight")
+        if head is not None and wte is not None and not torch.equal(head, wte):
+            raise ValueError("the checkpoint's lm_head.weight is not its wte.weight: this model ties the two "
+                             "(GPT-2's layout) and cannot hold an untied head")
         own = self.state_dict()
         mapped = {}
         for name in own:
@@ -347,7 +354,7 @@ class GPT(nn.Module):
                 if short.startswith(prefix):
                     short = short[len(prefix):]
             if short == "lm_head.weight":
-                short = "lm_head.weight" if "lm_head.weight" in sd else "wte.weight"
+                short = "wte.weight"  # (the same tensor: checked above)
             if short not in sd:
                 raise KeyError(f"checkpoint has no weight {short!r}")
             mapped[name] = sd[short]
