@@ -41,6 +41,23 @@ class SwarmWithALiar(LocalCluster):
         return cmd
 
 
+def make_gpt(config: ModelConfig, seed: int = 0, attention_too: bool = False) -> GPT:
+    """A random GPT whose every weight matters: non-zero biases (so slicing them is tested),
+    LayerNorm gains off 1 and MLP pre-activations of order 1 (so the GELU form changes the
+    output); `attention_too`, attention scores of order 1 as well (tests/test_model.py)."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            elif "ln_" in name:
+                p.normal_(1.0, 0.1)
+            elif "c_fc.weight" in name or (attention_too and "c_attn.weight" in name):
+                p.normal_(0.0, 0.15)
+    return model.eval()
+
+
 def sessions_on(address: str) -> int:
     """The sessions a node holds, from its `info`."""
     from nanoswarm.client.transport import PeerConnection

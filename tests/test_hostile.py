@@ -1517,39 +1517,15 @@ def test_a_refused_step_that_rewound_nothing_does_not_say_it_did(blocks):
     assert d.h.sessions.sessions[sid].length == 2
 
 
-# Review209: a mutation of node/server.py that no test caught before.
-def test_a_relayed_step_its_next_hop_cannot_take_is_relay_failed_to_its_owner(tiny_model_dir, monkeypatch):
-    """A relayed step the node computed but cannot pass on (its next hop not reached) is answered
-    to the session's owner `relay_failed`, under the chain's id: `internal` would say the node
-    failed, and its client would ban an honest node for a hop it could not reach."""
-    from nanoswarm.node.server import NodeServer
-
-    handler = RequestHandler(load_blocks(tiny_model_dir, 0, 4), read_manifest(tiny_model_dir).model_id, "a",
-                             NodeLimits())
-    handler.can_relay = lambda contact: True
-    node = NodeServer(handler, "tcp://127.0.0.1:*")
-    monkeypatch.setattr(node.relays, "send", lambda relay, frames: "the next hop is not reached from this node")
-    serving = threading.Thread(target=node.serve_forever, daemon=True)
-    serving.start()
-    peer = RawPeer(node.address)
-    try:
-        sid = peer.ask("open", max_length=8).fields["session"]
-        peer.send(encode("step", 500, {"session": sid, "pos": 0, "reply": 77,
-                                       "next": [["tcp://127.0.0.1:5999#" + "ab" * 32, "s-next"]]}, [hidden(1)]))
-        reply = peer.recv()
-        assert reply is not None and (reply.id, reply.fields["code"]) == (77, "relay_failed"), reply
-        assert "not reached" in reply.fields["message"]
-    finally:
-        peer.close()
-        node.stop()
-        serving.join(5)
-
-
-def test_a_relayed_step_lost_with_a_link_that_never_reached_its_hop_is_answered(tiny_model_dir, monkeypatch):
-    """A step passed on to a next hop that takes no handshake (nothing listens at its address) is
-    answered `relay_failed` to its owner, under the chain's id, once the link is given up
-    (UNREACHED_SECONDS): the node's loop sends what RelayLinks.take_failed holds (review209: no
-    test had the loop send it; the owner waited out its timeout)."""
+# Review209: mutations of node/server.py that no test caught before.
+@pytest.mark.parametrize("lost", ["not taken", "never reached"])
+def test_a_relayed_step_its_next_hop_cannot_take_is_relay_failed_to_its_owner(tiny_model_dir, monkeypatch, lost):
+    """A relayed step the node computed but cannot pass on is answered to the session's owner
+    `relay_failed`, under the chain's id: `internal` would say the node failed, and its client
+    would ban an honest node for a hop it could not reach. Either the link refuses it at once
+    ("not taken"), or it waits on a link to an address where nothing listens until the link is
+    given up (UNREACHED_SECONDS): the node's loop then sends what RelayLinks.take_failed holds
+    (no test had the loop send it; the owner waited out its timeout)."""
     from conftest import free_port
 
     from nanoswarm.node import relay as relay_module
@@ -1560,15 +1536,17 @@ def test_a_relayed_step_lost_with_a_link_that_never_reached_its_hop_is_answered(
                              NodeLimits())
     handler.can_relay = lambda contact: True
     node = NodeServer(handler, "tcp://127.0.0.1:*")
+    if lost == "not taken":
+        monkeypatch.setattr(node.relays, "send", lambda relay, frames: "the next hop is not reached from this node")
     serving = threading.Thread(target=node.serve_forever, daemon=True)
     serving.start()
     peer = RawPeer(node.address)
     try:
         sid = peer.ask("open", max_length=8).fields["session"]
-        peer.send(encode("step", 500, {"session": sid, "pos": 0, "reply": 78,
+        peer.send(encode("step", 500, {"session": sid, "pos": 0, "reply": 77,
                                        "next": [[f"tcp://127.0.0.1:{free_port()}", "s-next"]]}, [hidden(1)]))
         reply = peer.recv(10.0)
-        assert reply is not None and (reply.id, reply.fields["code"]) == (78, "relay_failed"), reply
+        assert reply is not None and (reply.id, reply.fields["code"]) == (77, "relay_failed"), reply
         assert "not reached from this node" in reply.fields["message"]
     finally:
         peer.close()

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_gpt as shared_make_gpt
 
 from nanoswarm.shards.model import GPT, Blocks, KVCache, ModelConfig
 
@@ -15,19 +16,7 @@ CONFIGS = [ModelConfig(n_layer=3, n_head=4, n_embd=32, vocab_size=97, block_size
 
 
 def make_gpt(config: ModelConfig, seed: int = 0) -> GPT:
-    """A random GPT whose every weight matters (non-zero biases, LayerNorm gains off 1, MLP
-    pre-activations of order 1)."""
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.05)
-            elif "ln_" in name:
-                p.normal_(1.0, 0.1)
-            elif "c_fc.weight" in name or "c_attn.weight" in name:
-                p.normal_(0.0, 0.15)
-    return model.eval()
+    return shared_make_gpt(config, seed, attention_too=True)
 
 
 def reference_logits(config: ModelConfig, sd: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:

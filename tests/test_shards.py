@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import make_gpt
 from safetensors.torch import load_file
 
 from nanoswarm.shards import cut, model, weights
@@ -29,22 +30,6 @@ from nanoswarm.shards.writers import save_hf_checkpoint, save_nanogpt_checkpoint
 
 SMALL = ModelConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=1000, block_size=64, gelu="tanh")
 TWELVE_HEADS = ModelConfig(n_layer=2, n_head=12, n_embd=96, vocab_size=500, block_size=32, gelu="exact")
-
-
-def make_gpt(config: ModelConfig, seed: int = 0) -> GPT:
-    """A random GPT whose every weight matters: non-zero biases (so slicing them is tested) and
-    MLP pre-activations of order 1 (so the GELU form changes the output)."""
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.05)
-            elif "ln_" in name:
-                p.normal_(1.0, 0.1)
-            elif "c_fc.weight" in name:
-                p.normal_(0.0, 0.15)
-    return model.eval()
 
 
 def from_flat(config: ModelConfig, sd: dict[str, torch.Tensor]) -> GPT:
