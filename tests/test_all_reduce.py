@@ -470,6 +470,44 @@ def test_a_member_holds_a_summed_phase_for_its_phase_mates_a_little(tiny_model_d
     assert passes[5:] == [(0, "attn", 2), (0, "mlp", 1)]
 
 
+# Review216: a mutation of AllReduces.expire that no test caught before.
+def test_a_step_held_for_a_phase_mate_is_not_failed_for_a_deadline_its_partials_met(tiny_model_dir, monkeypatch):
+    """A member whose loop was busy past a step's deadline, then read the step's partials with a
+    phase-mate's new step in one batch: the step is summed and held for the phase-mate, and the
+    loop's expire() after the batch must not fail it `relay_failed` (its partials all came:
+    only its next phase waits, for the hold), but let it share the next pass."""
+    from nanoswarm.node import all_reduce
+
+    clock = [time.monotonic()]
+    monkeypatch.setattr(all_reduce, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    a.sender_key = lambda frames: None
+    passes: list = []
+    forward = a.groups._forward
+    a.groups._forward = lambda batch: passes.append((batch[0].block, batch[0].phase, len(batch))) or forward(batch)
+    a.groups.send = lambda replies: None
+    s1, s2 = (decode(a.handle(b"owner", encode("open", k, {"model_id": model_id, "max_length": 8}))).fields["session"]
+              for k in range(2))
+    me = "tcp://127.0.0.1:1#" + zmq.curve_keypair()[0].decode()
+
+    def step(sid: str, req_id: int):
+        return b"owner", encode("step", req_id, {
+            "session": sid, "pos": 0, "group": [[me, sid], ["tcp://127.0.0.1:2#" + KEY_B, "b" + sid]],
+            "member": 0, "wait": 0.05}, [torch.randn(1, 1, 64)])
+
+    def partial(sid: str, req_id: int, phase: str = "attn"):
+        return b"member-b", encode("partial", req_id, {
+            "session": sid, "pos": 0, "block": 0, "phase": phase, "member": 1}, [torch.randn(1, 1, 64)])
+
+    assert a.handle_batch([step(s1, 10)]) == [] and passes == [(0, "attn", 1)]
+    clock[0] += 1.0  # the loop busy meanwhile (a long prefill): no expire() ran
+    assert a.handle_batch([partial(s1, 11), step(s2, 12)]) == []
+    assert passes == [(0, "attn", 1), (0, "attn", 1)]  # s2's; s1 summed, held for it
+    assert a.groups.expire() == [] and set(a.groups.steps) == {s1, s2}
+    assert a.handle_batch([partial(s2, 13)]) == [] and passes[2:] == [(0, "mlp", 2)]
+
+
 def test_sessions_stepped_together_share_the_members_forward_passes(tiny_model_dir):
     """Three sessions' all-reduce steps sent before any is read: the members compute their
     phases in shared forward passes (`batched_steps`), and each session's outputs are those of
@@ -857,8 +895,9 @@ def test_a_rewound_all_reduce_step_ends_the_one_still_running_and_refuses_its_la
     got_0 = step(0, xs[2], 2, 30, rewind=True, epoch=1)
     cut = [decode(f) for to, f in got_0 if not isinstance(to, Relay)]
     assert [(m.id, m.fields["code"]) for m in cut] == [(20, "bad_position")]
-    answers = _deliver(handlers, contacts, keys, [r for r in got_0 if isinstance(r[0], Relay)]
-                       + step(1, xs[2], 2, 31, rewind=True, epoch=1))
+    got_1 = step(1, xs[2], 2, 31, rewind=True, epoch=1)
+    assert not b.groups.kept.of(sids[1])  # the cut step's partial kept for it went with the rewind (review216)
+    answers = _deliver(handlers, contacts, keys, [r for r in got_0 if isinstance(r[0], Relay)] + got_1)
     assert torch.equal(answers[30].tensor(0), answers[31].tensor(0))
     assert (answers[30].tensor(0) - reference(xs[0], xs[2])).abs().max() <= 1e-5
 

@@ -1081,6 +1081,20 @@ def test_node_placement_and_gossip_options_are_checked(tiny_model_dir, tmp_path)
     assert not (tmp_path / "k.key").exists()  # refused before a key file was made or blocks loaded
 
 
+# Review216: mutations of cli/params.py that no test caught before.
+def test_the_bounds_an_option_names_are_values_it_takes(tiny_model_dir, tmp_path):
+    """'at least 0.05' takes 0.05 and 'at most 1000000' takes 1000000 (the refusals name them as
+    bounds), and a half-open range may start at block 0: each gets past its option's parser, to
+    the next check or to the command's work."""
+    out = invoke_cli("node", str(tiny_model_dir), "--key-file", str(tmp_path / "k.key"), "--layers", "0:4",
+                     "--gossip-interval", "0.05", "--ttl", "0.1")
+    assert out.returncode == 2 and "--ttl 0.1 is shorter than three --gossip-interval 0.05" in one_error_line(out)
+    assert not (tmp_path / "k.key").exists()
+    out = invoke_cli("generate", "To be", "--model", str(tiny_model_dir), "--peers", "tcp://127.0.0.1:9",
+                     "--max-new-tokens", "0", "--timeout", "1000000")
+    assert out.returncode == 0 and out.stdout == "To be\n", out.stderr
+
+
 def test_node_json_ready_line_and_an_ipv6_listen_address(tiny_model_dir, tmp_path):
     """`node --json` prints one JSON object once serving; `--listen tcp://[::1]:*` binds (ZeroMQ
     needs IPV6 set for it). Nothing connects to it: no traffic goes to any address."""

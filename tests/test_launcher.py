@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -41,6 +42,30 @@ def test_only_nodes_that_would_start_the_same_are_forked():
     assert not forked(NODE, OMP_PLACES="{0},{1}", OMP_PROC_BIND="close")  # a node bound to cores
     assert not forked(NODE, NANOSWARM_FORK="0")
     assert not forked([sys.executable, "tests/dishonest_node.py"])  # not `python -m nanoswarm`
+
+
+# Review216: a mutation of node/launcher.py that no test caught before.
+def test_a_launcher_that_died_is_replaced_for_the_next_node():
+    """A harness whose launcher died (killed, say: out of memory) gets a new one for the next
+    node it starts, not the dead one, whose spawn() could only fail."""
+    default = {**_default_env(), "NANOSWARM_REVIEW216": "own"}  # a launcher of this test's own
+    first = launcher_for(NODE, default, default, HARNESS_ENV)
+    again = None
+    try:
+        assert first is not None and first.alive and launcher_for(NODE, default, default, HARNESS_ENV) is first
+        first.proc.kill()
+        first.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while first.alive and time.monotonic() < deadline:  # till its reader sees the socket end
+            time.sleep(0.02)
+        assert not first.alive
+        again = launcher_for(NODE, default, default, HARNESS_ENV)
+        assert again is not None and again is not first and again.alive and again.proc.poll() is None
+    finally:
+        for launcher in (first, again):
+            if launcher is not None and launcher.proc.poll() is None:
+                launcher.proc.kill()
+                launcher.proc.wait(10)
 
 
 def test_bound_and_other_nodes_start_on_their_own(tiny_model_dir, cluster_factory):
@@ -103,16 +128,42 @@ def test_a_request_the_launcher_cannot_serve_is_refused_and_it_serves_on(tiny_mo
     read_end, write_end = os.pipe()
     try:
         socket.send_fds(launcher._sock, [b'{"no": "request number"}'], [write_end, write_end])
+        socket.send_fds(launcher._sock, [b'{"request": 1000}'], [write_end])  # one descriptor, not 2
         cmd = [*NODE, str(tiny_model_dir), "--layers", "0:4", "--listen", "tcp://127.0.0.1:*", "--insecure",
                "--key-file", str(tmp_path / "node.key")]
         with open(os.devnull, "w") as devnull:
             node = launcher.spawn(cmd, {**launcher.env, HARNESS_ENV: str(launcher.pid)}, devnull.fileno())
         assert node.stdout.readline().startswith("listening ")
+        with launcher._cond:  # (reports come in order: that of request 1000 came before the node's)
+            assert launcher._spawned.pop(1000) == "1 descriptors with the request, not 2"
         node.terminate()
         assert node.wait(15) == 0 and launcher.proc.poll() is None
     finally:
         os.close(read_end)
         os.close(write_end)
+        launcher.proc.kill()
+        launcher.proc.wait(10)
+
+
+# Review216: mutations of node/launcher_process.py that no test caught before.
+def test_a_forked_command_has_its_own_environment_and_exit_code(tmp_path):
+    """A forked command sees the environment it was given, not what the launcher's has beside it
+    (XDG_CONFIG_HOME, read as it runs, places the default key file), and its exit code is its
+    own: 2 for a usage error, as a process of its own would end."""
+    launcher = Launcher({**_default_env(), "XDG_CONFIG_HOME": str(tmp_path / "launchers")})
+    env = {k: v for k, v in launcher.env.items() if k != "XDG_CONFIG_HOME"}
+    env.update({"HOME": str(tmp_path / "home"), HARNESS_ENV: str(launcher.pid)})
+    generate = [*NODE[:3], "keys", "generate", "--json"]
+    refused = [*NODE[:3], "keys", "generate", "--out", str(tmp_path) + "/"]  # a directory: a usage error
+    try:
+        with open(os.devnull, "w") as devnull:
+            made, bad = (launcher.spawn(cmd, env, devnull.fileno()) for cmd in (generate, refused))
+        with made.stdout, bad.stdout:
+            assert made.wait(30) == 0 and bad.wait(30) == 2
+            key_file = tmp_path / "home" / ".config" / "nanoswarm" / "node.key"
+            assert json.loads(made.stdout.read())["key_file"] == str(key_file) and key_file.exists()
+            assert not (tmp_path / "launchers").exists()
+    finally:
         launcher.proc.kill()
         launcher.proc.wait(10)
 
@@ -211,6 +262,37 @@ def test_a_node_the_harness_stopped_waiting_for_is_stopped_once_forked(tiny_mode
             time.sleep(0.1)
         assert not launcher._abandoned, "the node given up on was not stopped"
         assert not [p for p in children_of(launcher.pid) if pid_alive(p)] and not launcher._exits
+    finally:
+        for p in children_of(launcher.pid):
+            os.kill(p, signal.SIGKILL)
+        launcher.proc.kill()
+        launcher.proc.wait(10)
+
+
+# Review216: a mutation of node/launcher.py that no test caught before.
+def test_a_node_forked_as_the_harness_is_interrupted_is_stopped(tiny_model_dir, tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) in spawn() once the launcher has reported the node forked, but
+    before spawn() returned it: no caller will stop that node, so spawn() does, at once."""
+    import nanoswarm.node.launcher as launcher_module
+
+    forked: list[int] = []
+
+    def interrupted(launcher, args, number, pid, stdout):
+        forked.append(pid)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launcher_module, "ForkedNode", interrupted)
+    launcher = Launcher(_default_env())
+    cmd = [*NODE, str(tiny_model_dir), "--layers", "0:4", "--listen", "tcp://127.0.0.1:*", "--insecure",
+           "--key-file", str(tmp_path / "node.key")]
+    try:
+        with open(os.devnull, "w") as devnull, pytest.raises(KeyboardInterrupt):
+            launcher.spawn(cmd, {**launcher.env, HARNESS_ENV: str(launcher.pid)}, devnull.fileno())
+        assert len(forked) == 1 and all_gone(forked, 15), "the node spawn() was interrupted for serves on"
+        deadline = time.monotonic() + 15
+        while launcher._abandoned and time.monotonic() < deadline:  # its exit, no one's to read
+            time.sleep(0.05)
+        assert not launcher._abandoned and not launcher._exits
     finally:
         for p in children_of(launcher.pid):
             os.kill(p, signal.SIGKILL)
