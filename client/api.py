@@ -315,7 +315,9 @@ class SwarmModel:
         generation ends as it should (from the thread that ran it: progress, say); `on_wait()`, if
         given, every 0.1 s or so on the calling thread while they run (to show what `on_done`
         noted: a write that blocks there is cut by Ctrl-C, where one on a generation's thread
-        would hold the batch, review181). An error either raises is the batch's."""
+        would hold the batch, review181); where they run one after another (a local model, one
+        prompt, `at_once=1`), both on the calling thread after each prompt. An error either
+        raises is the batch's."""
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) \
                 or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a list of texts (str)")

@@ -1267,3 +1267,18 @@ def test_generates_summary_line_says_why_it_stopped_short(tiny_model_dir):
     assert out.stderr.splitlines()[-1].endswith(" tokens/s, the context is full]"), out.stderr
     out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--local", "--max-new-tokens", "3")
     assert out.returncode == 0 and out.stderr.splitlines()[-1].endswith(" tokens/s]"), out.stderr
+
+
+def test_generate_prints_a_file_of_prompts_run_locally(tiny_model_dir, tmp_path):
+    """--prompts-file with --local runs the prompts one after another (no swarm to batch them on):
+    each prompt and its text is printed still, in the file's order, with the progress lines."""
+    prompts = ["ROMEO:", "To be"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    out = invoke_cli("generate", "--prompts-file", str(path), "--model", str(tiny_model_dir), "--local",
+                     "--temperature", "0", "--max-new-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    local = SwarmModel.local(tiny_model_dir)
+    alone = [local.generate(p, 4, SamplingParams(temperature=0)) for p in prompts]
+    assert out.stdout == "\n\n".join(p + a.text for p, a in zip(prompts, alone)) + "\n"
+    assert "[1/2 prompts done]" in out.stderr and "[2 prompts, 8 tokens" in out.stderr

@@ -151,6 +151,9 @@ def test_prompt_tokens_outside_a_small_vocabulary_are_named(tmp_path):
     bad = next(t for t in ids if t >= 1000)
     with pytest.raises(ValueError, match=rf"prompt token {bad} .* vocabulary of 1000 ids"):
         model.generate("ROMEO:", 3, GREEDY)
+    assert model.encoding.encode("ale") == [1000]  # the first id past the vocabulary: refused too
+    with pytest.raises(ValueError, match=r"prompt token 1000 \('ale'\) is outside the model's vocabulary of 1000"):
+        model.generate("ale", 3, GREEDY)
     with pytest.raises(ValueError, match="prompt token 50256 .*endoftext"):
         model.generate("", 3, GREEDY)  # an empty prompt starts from <|endoftext|>
 
@@ -252,3 +255,72 @@ def test_the_sampler_draws_from_the_distribution_its_options_leave():
     assert 1010 <= sharp[0] <= 1240, sharp
     a, b = Sampler(SamplingParams(seed=9)), Sampler(SamplingParams(seed=9))
     assert [a(logits) for _ in range(50)] == [b(logits) for _ in range(50)]
+
+
+def test_sampling_options_decide_the_tokens_a_generation_draws(tiny):
+    """Through the generation path: a seed repeats its draws and another seed (0 too) draws others;
+    top_k=1, or a tiny top_p, leaves the likeliest token only (greedy, whatever the seed); a top_k
+    past the vocabulary and top_p=1 cut nothing (the draws of the same seed without them)."""
+    def drawn(**params) -> list[int]:
+        return tiny.generate("ROMEO:", 8, SamplingParams(**params)).ids
+
+    greedy = tiny.generate("ROMEO:", 8, GREEDY).ids
+    one, zero = drawn(seed=1), drawn(seed=0)
+    assert one == drawn(seed=1) and zero == drawn(seed=0)
+    assert len({tuple(one), tuple(zero), tuple(drawn(seed=2))}) == 3  # (8 draws from ~50k tokens each)
+    assert one != greedy
+    for seed in (1, 2):
+        assert drawn(top_k=1, seed=seed) == greedy and drawn(top_p=1e-9, seed=seed) == greedy
+    assert drawn(top_k=10**6, seed=1) == one and drawn(top_k=TINY.vocab_size, seed=1) == one
+    assert drawn(top_p=1.0, seed=1) == one
+
+
+def test_a_generation_times_its_first_token_and_rates_the_rest(tiny):
+    """GenerationStats as `--json` reports them: the first token's time counts the prompt, the
+    rate counts only the tokens after it, over the time after it."""
+    one = tiny.generate("ROMEO:", 1, GREEDY)
+    assert one.stats.new_tokens == 1 and one.stats.step_seconds == []
+    assert 0 < one.stats.time_to_first_token == one.stats.total_seconds
+    assert one.stats.tokens_per_second == 0.0  # no token after the first
+    result = tiny.generate("ROMEO:", 6, GREEDY)
+    stats = result.stats
+    assert stats.prompt_tokens == len(result.prompt_ids) == 3 and stats.new_tokens == 6
+    assert len(stats.step_seconds) == 5 and all(s > 0 for s in stats.step_seconds)
+    assert 0 < stats.time_to_first_token < stats.total_seconds
+    assert stats.tokens_per_second == pytest.approx(5 / (stats.total_seconds - stats.time_to_first_token))
+    shown = result.to_json()
+    assert (shown["time_to_first_token"], shown["tokens_per_second"]) == (stats.time_to_first_token,
+                                                                           stats.tokens_per_second)
+
+
+def test_a_character_split_over_tokens_is_text_once_whole_and_a_cut_one_is_marked(tiny, monkeypatch):
+    """Bytes of a UTF-8 character split over tokens are held back until it is whole; a generation
+    that ends inside one ends with U+FFFD, not silently short."""
+    from nanoswarm.client import generate as generate_mod
+
+    picks = iter([447, 247])  # b"\xe2\x80", b"\x99": "’"
+    monkeypatch.setattr(generate_mod.Sampler, "__call__", lambda self, logits: next(picks))
+    result = tiny.generate("ROMEO:", 2, GREEDY)
+    assert result.ids == [447, 247] and result.text == "\u2019"
+    picks = iter([262, 158])  # " the", then b"\xe2" alone: the generation stops inside a character
+    pieces = list(tiny.stream("ROMEO:", 2, GREEDY))
+    assert pieces == [" the", "\ufffd"]
+    picks = iter([262, 158])
+    assert tiny.generate("ROMEO:", 2, GREEDY).text == " the\ufffd"
+
+
+def test_a_prompts_step_asks_back_only_the_row_the_next_token_needs(tiny, monkeypatch):
+    """The prefill asks for its last position alone (`last=1`): the route's last node then sends
+    one row, not the whole prompt's hidden states; each decode step is one position in, one out."""
+    from nanoswarm.client.session import InferenceSession
+
+    rows: list[tuple[int, int]] = []
+    real = InferenceSession.step
+
+    def step(self, hidden, last=None):
+        out = real(self, hidden, last)
+        rows.append((hidden.shape[1], out.shape[1]))
+        return out
+    monkeypatch.setattr(InferenceSession, "step", step)
+    result = tiny.generate("ROMEO: the swarm", 3, GREEDY)
+    assert len(result.prompt_ids) > 1 and rows == [(len(result.prompt_ids), 1), (1, 1), (1, 1)]

@@ -119,6 +119,77 @@ def test_a_batch_is_refused_before_any_peer_is_asked(tiny_model_dir, cluster_fac
         [local.generate(p, 6, SEEDED).ids for p in PROMPTS[:2]]
 
 
+def test_prompts_run_one_after_another_still_report_each_as_it_ends(tiny_model_dir, cluster_factory):
+    """A local model, a batch of one prompt and at_once=1 run the prompts one after another, not
+    in step: `on_done(k, result)` is still called once for each, in order, its result filled (the
+    CLI prints each prompt's result from it), and `on_wait` once all before it are done."""
+    local = SwarmModel.local(tiny_model_dir)
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        for runs, prompts, at_once in ((local, PROMPTS[:3], 16), (model, PROMPTS[:1], 16), (model, PROMPTS[:2], 1)):
+            done: list = []
+            waits: list = []
+            results = runs.generate_batch(prompts, 4, SEEDED, at_once=at_once,
+                                          on_done=lambda k, r, d=done: d.append((k, list(r.ids), r.stop_reason)),
+                                          on_wait=lambda d=done, w=waits: w.append(len(d)))
+            assert done == [(k, r.ids, "length") for k, r in enumerate(results)]
+            assert [len(r.ids) for r in results] == [4] * len(prompts)
+            assert waits and waits[-1] == len(prompts)
+
+
+def test_a_batch_takes_its_prompts_in_order_and_stops_whole_at_a_generations_error(tiny_model_dir, cluster_factory,
+                                                                                    recorded, monkeypatch):
+    """Prompts are begun in the list's order (the CLI prints each once those before it are done),
+    and a generation's error stops the batch: the others stop after their step under way, no
+    later prompt is begun, and the error comes out."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    stream, begun = SwarmModel.stream, []
+
+    def failing_b(self, prompt, *args, **kwargs):
+        begun.append(prompt)
+        if prompt == "B":
+            raise RuntimeError("a node failed (a test's)")
+        yield from stream(self, prompt, *args, **kwargs)
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        done: list[int] = []
+        model.generate_batch(["A", "C", "D", "E"], 3, SEEDED, at_once=2, on_done=lambda k, r: done.append(k))
+        assert sorted(done[:2]) == [0, 1] and sorted(done) == [0, 1, 2, 3]
+        monkeypatch.setattr(SwarmModel, "stream", failing_b)
+        with pytest.raises(RuntimeError, match="a test's"):
+            model.generate_batch(["A", "B", "C", "D"], 60, SEEDED, at_once=2)
+        assert sorted(begun) == ["A", "B"]  # C and D never begun
+        assert recorded.made[-1].rounds < 30  # A stopped long before its 60 tokens
+    assert no_batch_threads()
+    assert sessions_left(swarm) == 0
+
+
+def test_a_generation_that_ended_holds_up_no_one_while_its_thread_opens_the_next(tiny_model_dir, cluster_factory,
+                                                                                  monkeypatch):
+    """A generation leaves the head batch as it ends: its thread's next prompt joins at its first
+    logits, so a slow open of that one (a refresh, a dead peer's timeout) holds up no generation
+    still running (review181, for generate_batch's threads)."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    session, opened, first_done, events = SwarmModel.session, [], threading.Event(), []
+
+    def third_open_slow(self, *args, **kwargs):
+        opened.append(1)
+        if len(opened) == 3:  # the third prompt's, on the thread whose first prompt has ended
+            # An open that lasts until the first generation has ended (up to 30 s): held up by
+            # this thread, it would end only at the wait's timeout.
+            events.append("first ended during the open" if first_done.wait(30) else "open timed out")
+        return session(self, *args, **kwargs)
+
+    def done(k: int, result) -> None:
+        if k == 0:
+            first_done.set()
+    short = " the" * 125  # 125 tokens: the context leaves it 4 new ones, the others 40
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        monkeypatch.setattr(SwarmModel, "session", third_open_slow)
+        results = model.generate_batch(["ROMEO:", short, "JULIET:"], 40, SEEDED, at_once=2, on_done=done)
+        assert [len(r.ids) for r in results] == [40, 4, 40] and len(opened) == 3
+        assert events == ["first ended during the open"]  # the first went on meanwhile
+
+
 def test_a_batch_fails_over_a_node_killed_midway(tiny_model_dir, cluster_factory, recorded):
     """Each generation fails over by itself; every prompt's tokens still those of a lone run, and
     the bans its sibling learned are the model's afterwards."""

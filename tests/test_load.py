@@ -352,3 +352,26 @@ def test_a_node_that_serves_other_heads_than_the_table_says_is_a_refusal(tiny_mo
         assert worker.out.sessions_completed == 1 and not worker.out.failed
     finally:
         worker.swarm.close()
+
+
+def test_a_sessions_reservation_and_checks_are_as_the_options_say(tiny_model_dir, cluster_factory):
+    """--max-length is what each session asks the nodes to reserve (a node that takes 64 positions
+    refuses 100, takes 8 = prompt plus new tokens, and a session of the whole context, 128, is the
+    node's to refuse, not a usage error); the prompt's step is timed apart from the tokens'; and
+    steps that differ from their solo runs (here: a tolerance no step meets) make the run NOT OK."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--max-session-length", "64"])])
+
+    def load(**options):
+        settings = {"sessions": 2, "duration": 1.0, "prompt_tokens": 4, "new_tokens": 4, "timeout": 10.0, **options}
+        return run_load(LoadOptions(tiny_model_dir, peers=swarm.addresses, **settings))
+    too_long = load(max_length=100, verify=False)
+    assert too_long.sessions_completed == 0 and too_long.refused["too_large"] > 0
+    whole = load(prompt_tokens=124, verify=False)  # 128 positions: the model's context, the node's limit
+    assert whole.sessions_completed == 0 and whole.refused["too_large"] > 0 and not whole.failed
+    report = load(max_length=8, tolerance=-1.0)
+    assert report.sessions_completed > 0 and not report.refused and not report.failed
+    begun = len(report.prefill_latency)  # one prompt a session begun, four tokens a session completed
+    assert report.sessions_completed <= begun <= report.sessions_completed + 2
+    assert len(report.step_latency) >= 4 * report.sessions_completed
+    assert report.steps_checked >= 5 * report.sessions_completed and report.mismatches == report.steps_checked
+    assert not report.ok and f"{report.mismatches} steps differ from their solo runs" in report.problems
