@@ -129,6 +129,8 @@ class LocalCluster:
         self.bootstrap = bootstrap
         self.nodes: list[NodeProcess] = []
         self._key_dir: str | None = None
+        self._keys_made = 0  # (not len(self.nodes): a start that failed after its key was made
+        # would have left the next one the same name, "key file ... already exists")
 
     @property
     def addresses(self) -> list[str]:
@@ -212,7 +214,8 @@ class LocalCluster:
 
         if self._key_dir is None:
             self._key_dir = tempfile.mkdtemp(prefix="nanoswarm-keys-")
-        return save_identity(generate_identity(), Path(self._key_dir) / f"node{len(self.nodes)}.key")
+        self._keys_made += 1
+        return save_identity(generate_identity(), Path(self._key_dir) / f"node{self._keys_made - 1}.key")
 
     @staticmethod
     def _pump(node: NodeProcess) -> None:

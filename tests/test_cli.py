@@ -1282,3 +1282,33 @@ def test_generate_prints_a_file_of_prompts_run_locally(tiny_model_dir, tmp_path)
     alone = [local.generate(p, 4, SamplingParams(temperature=0)) for p in prompts]
     assert out.stdout == "\n\n".join(p + a.text for p, a in zip(prompts, alone)) + "\n"
     assert "[1/2 prompts done]" in out.stderr and "[2 prompts, 8 tokens" in out.stderr
+
+
+# Mutation review213: gossip, its links, the harness, the daemon's start-up and options.
+def test_spans_are_checked_at_their_bounds(tiny_model_dir):
+    """check_span takes the whole model and refuses one past it or an empty range, before anything loads."""
+    from nanoswarm.node.options import NodeOptions, check_span
+
+    check_span(NodeOptions(tiny_model_dir, layers=(0, 4), heads=(0, 4)))
+    check_span(NodeOptions(tiny_model_dir, num_blocks=4))  # every block: allowed
+    for opts, why in ((NodeOptions(tiny_model_dir, layers=(0, 5)), "block range 0:5 is outside 0:4"),
+                      (NodeOptions(tiny_model_dir, layers=(2, 2)), "block range 2:2 is outside 0:4"),
+                      (NodeOptions(tiny_model_dir, heads=(0, 5)), "head range 0:5 is outside 0:4"),
+                      (NodeOptions(tiny_model_dir, heads=(3, 3)), "head range 3:3 is outside 0:4"),
+                      (NodeOptions(tiny_model_dir, num_blocks=5), "--num-blocks 5: the model has 4 blocks")):
+        with pytest.raises(ValueError, match=why):
+            check_span(opts)
+
+
+def test_a_keyless_bootstrap_is_warned_about_only_on_a_node_that_encrypts(tmp_path, caplog):
+    """An --insecure node's bootstraps print no key either: no warning for them."""
+    import logging
+
+    from nanoswarm.node.options import NodeOptions, check_contacts
+
+    with caplog.at_level(logging.WARNING, logger="nanoswarm.node.options"):
+        check_contacts(NodeOptions(tmp_path, bootstrap=["tcp://127.0.0.1:5555"], insecure=True))
+        assert caplog.records == []  # an --insecure node's peers print no key
+        check_contacts(NodeOptions(tmp_path, bootstrap=["tcp://127.0.0.1:5555"]))
+    [warning] = caplog.records
+    assert "--bootstrap tcp://127.0.0.1:5555 has no key" in warning.getMessage()

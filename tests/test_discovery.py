@@ -3269,3 +3269,220 @@ def test_a_wait_for_a_turn_ends_when_no_move_is_wanted():
     assert b.plan(covered, 1.0) is None  # "e" filled the gap: nothing to wait for
     later = 10.0 * wait
     assert b.plan(twins, later) is None and b.plan(twins, later + wait) == 9  # "e" left: a new wait
+
+
+# Mutation review213: gossip, its links, the harness, the daemon's start-up and options.
+def test_gossip_options_take_the_bounds_their_messages_name():
+    """--ttl up to max_ttl, --gossip-interval from MIN_GOSSIP_INTERVAL, a ttl of three intervals:
+    each bound named in a refusal is itself taken (the command line lets them through)."""
+    from nanoswarm.keys.records import DEFAULT_MAX_TTL
+    from nanoswarm.node.gossip import GossipOptions
+    from nanoswarm.protocol.bounds import MIN_GOSSIP_INTERVAL
+
+    GossipOptions(ttl=DEFAULT_MAX_TTL).check()
+    GossipOptions(interval=MIN_GOSSIP_INTERVAL, ttl=3 * MIN_GOSSIP_INTERVAL).check()
+    GossipOptions(interval=2.0, ttl=6.0).check()
+    for bad, why in ((GossipOptions(ttl=DEFAULT_MAX_TTL + 1), "--ttl must be in (0, 300] seconds"),
+                     (GossipOptions(ttl=0.0), "--ttl must be in"),
+                     (GossipOptions(interval=MIN_GOSSIP_INTERVAL * 0.9), "--gossip-interval must be at least 0.05 s"),
+                     (GossipOptions(interval=2.0, ttl=5.9), "--ttl 5.9 is shorter than three --gossip-interval 2")):
+        with pytest.raises(ValueError, match=why.replace("(", r"\(").replace(")", r"\)")):
+            bad.check()
+
+
+def test_a_departed_node_tells_its_bootstrap_and_then_neither_signs_nor_gossips_again():
+    """Its departure goes to its bootstraps though it knows no record of theirs; after it, a timed
+    refresh or round during the leave grace period signs no record above the departure (which
+    would bring the node back everywhere) and sends nothing more."""
+    from nanoswarm.node.gossip import Gossip, GossipOptions
+    from nanoswarm.protocol.messages import decode
+
+    router, contact = _curve_router()
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1", GossipOptions(bootstrap=[contact]))
+    try:
+        gossip.refresh()
+        gossip.depart()
+        assert router.poll(5000), "the departure did not reach the bootstrap"
+        _, *frames = router.recv_multipart(copy=False)
+        msg = decode(frames)
+        [wire] = msg.fields["records"]
+        departure = verify_record(wire)
+        assert msg.type == "records" and departure.departing and departure.peer_id == gossip.peer_id
+        gossip.refresh()  # the timed refresh, in the leave grace period
+        gossip.round()
+        assert gossip.table.get(gossip.peer_id) is None
+        assert not any(verify_record(w).peer_id == gossip.peer_id and not verify_record(w).departing
+                       for w in gossip._wires())
+        assert not router.poll(500), "a departed node gossiped again"
+    finally:
+        gossip.close()
+        router.close()
+
+
+def test_a_round_asks_fanout_endpoints_and_the_bootstraps_every_tenth_round():
+    """A round links to `fanout` of the endpoints it knows, not all of them; while it knows at
+    least `fanout`, its bootstraps are asked in round 1, 11, 21..."""
+    from nanoswarm.node.gossip import Gossip, GossipOptions
+
+    router, contact = _curve_router()
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1", GossipOptions(bootstrap=[contact]))
+    try:
+        gossip.refresh()
+        gossip.offer_all([_signed_at(generate_identity(), f"tcp://127.0.0.1:{free_port()}") for _ in range(8)])
+        gossip.round()
+        assert set(gossip.links.open) - {contact} and len(set(gossip.links.open) - {contact}) == 3
+        assert router.poll(5000)  # round 1 asks the bootstrap
+        router.recv_multipart()
+        for _ in range(9):  # rounds 2-10 do not
+            gossip.round()
+        assert not router.poll(300)
+        gossip.round()  # round 11 does
+        assert router.poll(5000)
+    finally:
+        gossip.close()
+        router.close()
+
+
+def test_a_node_warns_it_is_unreached_once_and_counts_from_when_it_first_knows_a_peer(caplog):
+    """The unreached warning comes once, and not for the time the node knew no peer to reach it."""
+    from nanoswarm.node.gossip import UNREACHED_ROUNDS, Gossip
+
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
+    warned = lambda: [r for r in caplog.records if "no peer has reached this node" in r.getMessage()]  # noqa: E731
+    try:
+        gossip.refresh()
+        with caplog.at_level(logging.WARNING, logger="nanoswarm.node.gossip"):
+            gossip._reached -= 10 * UNREACHED_ROUNDS  # alone for a long while: no peer to reach it
+            gossip.round()
+            gossip.offer_all([_signed_at(generate_identity(), f"tcp://127.0.0.1:{free_port()}")])
+            gossip.round()
+            assert warned() == []  # the count starts when it first knows a peer
+            gossip._reached -= 2 * UNREACHED_ROUNDS
+            for _ in range(3):
+                gossip.round()
+            assert len(warned()) == 1
+    finally:
+        gossip.close()
+
+
+def test_gossip_links_close_the_least_recently_used_and_never_ours():
+    """Past MAX_LINKS the link used longest ago closes (not one just used, nor the new one); no link
+    goes to our own endpoint, with or without a key."""
+    import zmq
+
+    from nanoswarm.node.gossip_links import MAX_LINKS, GossipLinks
+
+    links = GossipLinks("tcp://127.0.0.1:1", zmq.curve_keypair(), 5.0, lambda wires: None, lambda contact: None)
+    try:
+        assert links.get("tcp://127.0.0.1:1") is None and len(links) == 0  # our own endpoint
+        me = format_contact("tcp://127.0.0.1:1", zmq.curve_keypair()[0])
+        assert links.get(me) is None and len(links) == 0
+        contacts = [f"tcp://127.0.0.1:{20000 + i}" for i in range(MAX_LINKS + 1)]
+        first = links.get(contacts[0])
+        for c in contacts[1:MAX_LINKS]:
+            links.get(c)
+        assert links.get(contacts[0]) is first  # used again: now the most recent
+        newest = links.get(contacts[MAX_LINKS])
+        assert len(links) == MAX_LINKS and links.open.get(contacts[MAX_LINKS]) is newest
+        assert contacts[0] in links.open and contacts[1] not in links.open
+    finally:
+        links.close()
+
+
+def test_a_gossip_round_does_not_link_to_the_nodes_own_bootstrap_entry():
+    """One list of bootstraps is given to every node: a round skips its own entry."""
+    from nanoswarm.node.gossip import Gossip, GossipOptions
+
+    me = generate_identity()
+    own = format_contact("tcp://127.0.0.1:1", me.curve_public)
+    gossip = Gossip(me, _StubHandler(), "tcp://127.0.0.1:1", GossipOptions(bootstrap=[own]))
+    try:
+        gossip.refresh()
+        gossip.round()
+        assert len(gossip.links) == 0
+    finally:
+        gossip.close()
+
+
+def test_a_bootstrap_that_answers_is_said_to_have_answered(tiny_model_dir, cluster_factory):
+    """exchange_now through a real node: None for the one that answered, a reason for one that
+    did not."""
+    from nanoswarm.keys.contact import endpoint_of
+    from nanoswarm.node.gossip import Gossip
+
+    live = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
+    dead = format_contact(f"tcp://127.0.0.1:{free_port()}", generate_identity().curve_public)
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
+    try:
+        gossip.refresh()
+        why = gossip.exchange_now([live, dead], timeout=5.0)
+        assert why[live] is None and why[dead].startswith("unreachable")
+        assert endpoint_of(live) in {r.address for r in gossip.table.records()}
+    finally:
+        gossip.close()
+
+
+def test_overtaken_is_counted_once_for_each_record_that_overtook():
+    """A copy's record that waits for the next refresh is one overtaking, however many other
+    records come meanwhile (each offer checks again)."""
+    from nanoswarm.node.gossip import Gossip
+
+    me = generate_identity()
+    gossip = Gossip(me, _StubHandler(), "tcp://127.0.0.1:1")
+    try:
+        gossip.refresh()
+        for _ in range(2):  # the copy signs above whatever it last saw of ours; the second waits
+            held = gossip.table.held_seq(me.peer_id)
+            assert gossip.offer_all([sign_record(me, address="tcp://127.0.0.1:9", model_id="m", layers=(0, 2),
+                                                 seq=held + 1, expires=time.time() + 60)]) == {"accepted": 1}
+        assert gossip.stats["overtaken"] == 2 and gossip.table.get(me.peer_id).address == "tcp://127.0.0.1:9"
+        for i in range(3):  # other peers' records, while the copy's holds
+            assert gossip.offer_all([_signed_at(generate_identity(), f"tcp://127.0.0.1:{3000 + i}")]) == {
+                "accepted": 1}
+        assert gossip.stats["overtaken"] == 2
+    finally:
+        gossip.close()
+
+
+def test_a_page_of_a_models_records_holds_at_most_max_wires():
+    """A client's pages: MAX_WIRES records at most, `after` the last one's peer id, the next page the rest."""
+    from nanoswarm.node.gossip import MAX_WIRES, Gossip
+    from nanoswarm.protocol.messages import Message
+
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
+    try:
+        gossip.refresh()
+        peers = [_signed_at(generate_identity(), f"tcp://127.0.0.1:{3000 + i}") for i in range(MAX_WIRES + 20)]
+        assert gossip.offer_all(peers) == {"accepted": MAX_WIRES + 20}
+        first = gossip.on_records(Message("records", 1, {"records": [], "want": True, "model_id": "m"}))
+        assert len(first["records"]) == MAX_WIRES
+        ids = [verify_record(w).peer_id for w in first["records"]]
+        assert first["after"] == ids[-1] == max(ids)
+        second = gossip.on_records(Message("records", 2, {"records": [], "want": True, "model_id": "m",
+                                                          "after": first["after"]}))
+        assert "after" not in second and len(second["records"]) == 21  # the rest, ours included
+        assert {verify_record(w).peer_id for w in second["records"]}.isdisjoint(ids)
+    finally:
+        gossip.close()
+
+
+def test_a_node_is_in_its_bootstraps_table_when_it_says_it_listens(tiny_model_dir, cluster_factory):
+    """The start-up exchange: the swarm knows a node once it prints `listening`, not a gossip round
+    (here 5 s) later."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2))], args=["--gossip-interval", "5"])
+    second = nodes.start_node(NodeSpec((2, 4)))  # bootstraps from the first
+    assert request(second.address, "info").fields["peer_id"] in table_of(nodes.addresses[0])
+
+
+def test_a_node_choosing_its_blocks_does_not_count_its_own_earlier_record(tiny_model_dir, cluster_factory):
+    """A node restarted with its key file while its earlier run's record still lives must not take
+    that run for a peer that serves blocks 2:4: it fills the gap there itself."""
+    from nanoswarm.node.options import NodeOptions
+
+    contact = cluster_factory(tiny_model_dir, [NodeSpec((0, 2))]).addresses[0]
+    me = generate_identity()
+    earlier = sign_record(me, address=f"tcp://127.0.0.1:{free_port()}", model_id=read_manifest(tiny_model_dir).model_id,
+                          layers=(2, 4), throughput=1e6, seq=1, expires=time.time() + 60)
+    request(contact, "records", {"records": [earlier], "want": False})
+    layers, n_blocks, _ = daemon._choose_layers(NodeOptions(tiny_model_dir, num_blocks=2, bootstrap=[contact]), me)
+    assert (layers, n_blocks) == ((2, 4), 2)

@@ -362,3 +362,65 @@ def test_the_harness_puts_its_own_options_before_the_caller_s(tiny_model_dir):
     finally:
         harness.stop()
     assert cmd[-1] == "--max-sessions" and "--key-file" in cmd
+
+
+# Mutation review213: gossip, its links, the harness, the daemon's start-up and options.
+def test_the_harness_bootstraps_a_later_node_from_the_first_unless_told_otherwise(tiny_model_dir):
+    """A node added to a running harness bootstraps from its first node; one given its own
+    --bootstrap gets that one only."""
+    from types import SimpleNamespace
+
+    class Captured(Exception):
+        pass
+
+    class Recorder(LocalCluster):
+        def _fork(self, cmd, env, default_env):
+            raise Captured(cmd)
+
+    harness = Recorder(tiny_model_dir, [])
+    harness.nodes.append(SimpleNamespace(address="tcp://127.0.0.1:5", proc=SimpleNamespace(poll=lambda: 0,
+                                                                                           wait=lambda *a: 0)))
+    cmds = []
+    try:
+        for args in ([], ["--bootstrap", "tcp://127.0.0.1:6"]):
+            with pytest.raises(Captured) as e:
+                harness._spawn(NodeSpec((0, 4), args=[*args, "--key-file", "unused.key"]))
+            cmds.append(e.value.args[0])
+    finally:
+        harness.stop()
+    first, given = cmds
+    assert first[first.index("--bootstrap") + 1] == "tcp://127.0.0.1:5"
+    assert given.count("--bootstrap") == 1 and given[given.index("--bootstrap") + 1] == "tcp://127.0.0.1:6"
+
+
+def test_a_node_that_failed_to_start_leaves_the_next_one_a_key_file_of_its_own(tiny_model_dir):
+    """A start that failed once its key file was made (the process could not be made) leaves the
+    next start its real error, not "key file ... already exists" (review213)."""
+    class Refused(Exception):
+        pass
+
+    class Failing(LocalCluster):
+        def _fork(self, cmd, env, default_env):
+            raise Refused(cmd[cmd.index("--key-file") + 1])
+
+    harness = Failing(tiny_model_dir, [])
+    try:
+        made = []
+        for _ in range(2):
+            with pytest.raises(Refused) as e:
+                harness._spawn(NodeSpec((0, 4)))
+            made.append(e.value.args[0])
+        assert made[0] != made[1] and all(os.path.exists(k) for k in made)
+    finally:
+        harness.stop()
+    assert not any(os.path.exists(k) for k in made)  # the harness's keys go with it
+
+
+def test_stopping_a_harness_with_a_frozen_node_is_quick_and_lets_it_leave(tiny_model_dir, cluster_factory):
+    """A stopped (SIGSTOP) node is continued and leaves on SIGTERM, not killed after the whole wait."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    nodes.kill(0, signal.SIGSTOP)
+    t0 = time.monotonic()
+    nodes.stop(timeout=10.0)
+    assert nodes.nodes[0].proc.poll() == 0  # it left (a node that could not act on SIGTERM is killed: -9)
+    assert time.monotonic() - t0 < 9.0  # and not at the end of the 10 s wait

@@ -694,3 +694,15 @@ def test_a_session_dropped_without_close_is_closed_on_its_nodes(tiny_model_dir, 
         assert not any(conn.sessions for conn in model.swarm._conns.values())
     finally:
         model.close()
+
+
+# Mutation review213: gossip, its links, the harness, the daemon's start-up and options.
+def test_harness_splits_refuse_more_parts_than_units_and_take_one_head_each():
+    """even_split refuses more parts than blocks (bench calls it directly); a head group may split to
+    one head a node; a trailing --threads without its value is left to click."""
+    from nanoswarm.node.cluster import threads_of
+
+    with pytest.raises(ValueError, match="cannot split 4 blocks over 5 nodes"):
+        even_split(4, 5)
+    assert swarm_specs(4, 4, 1, 4) == [NodeSpec((0, 4), (h, h + 1)) for h in range(4)]
+    assert threads_of(["nanoswarm", "node", "m", "--threads", "2", "--threads"]) == 2  # click says the value is missing
