@@ -723,3 +723,36 @@ def test_a_monitors_unread_events_wait_without_stopping_the_context():
     reader.close()
     link.close(linger=0)
     ctx.term()
+
+
+def test_a_fresh_drop_that_lost_nothing_passed_on_to_the_next_link_is_forgiven_when_the_peer_is_back(
+        tiny_model_dir, cluster_factory):
+    """An idle link whose peer restarted holds its drop back (it lost nothing); closed while down
+    (Swarm.drain_events), it passes the drop on as one that lost nothing, even while fresh: the
+    next link's first request is answered by the restarted peer, not failed for the drop. Passed
+    on as one that lost something (review214's mutation), the healthy peer was failed (and a
+    session's open struck and banned it), and the suite passed."""
+    from nanoswarm.client.swarm import Swarm, SwarmOptions
+    from nanoswarm.keys.contact import split_contact
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    address, first = nodes.addresses[0], nodes.nodes[0]
+    swarm = Swarm("model", 4, 4, SwarmOptions(timeout=5.0))
+    try:
+        conn = swarm.connection(address)
+        assert conn.request("info").type == "info_reply"
+        nodes.kill(0)
+        first.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while not conn.down and time.monotonic() < deadline:
+            conn.monitor.poll(100)
+            conn.drain_events()
+        assert conn.down and not conn.dropped  # held back: it lost nothing
+        swarm._drained = 0.0  # (read at most every DRAIN_SECONDS)
+        swarm.drain_events()
+        assert address not in swarm._conns and address in swarm._drops  # closed, its drop kept for the next
+        nodes.start_node(NodeSpec((0, 4), args=["--listen", split_contact(address)[0],
+                                                "--key-file", str(first.key_file)]))
+        assert swarm.connection(address).request("info").type == "info_reply"
+    finally:
+        swarm.close()

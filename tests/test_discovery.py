@@ -3486,3 +3486,78 @@ def test_a_node_choosing_its_blocks_does_not_count_its_own_earlier_record(tiny_m
     request(contact, "records", {"records": [earlier], "want": False})
     layers, n_blocks, _ = daemon._choose_layers(NodeOptions(tiny_model_dir, num_blocks=2, bootstrap=[contact]), me)
     assert (layers, n_blocks) == ((2, 4), 2)
+
+
+def test_a_timing_keeps_the_fastest_of_its_rounds():
+    """A peer is timed by PROBE_ROUNDS requests and keeps the fastest (a lone one on a fresh link
+    came out 2-5x the round trip: review103): one late answer (a peer busy a moment) does not make
+    it look far. Keeping the slowest (review214's mutation), the suite passed."""
+    import threading
+
+    from nanoswarm.client.round_trips import PROBE_ROUNDS, time_links
+    from nanoswarm.protocol.messages import decode, encode
+
+    router, contact = _curve_router()
+    answered: list[int] = []
+
+    def answer():  # the first request answered 1 s late, the others at once
+        while len(answered) < PROBE_ROUNDS and router.poll(5000):
+            ident, *frames = router.recv_multipart()
+            if not answered:
+                time.sleep(1.0)  # (a peer busy a moment)
+            router.send_multipart([ident, *encode("info_reply", decode(frames).id,
+                                                  {"peer_id": "p", "model_id": "m" * 64, "layers": [0, 4]})])
+            answered.append(1)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    conn = PeerConnection(contact, 10.0)
+    try:
+        rtts = time_links({contact: conn}, 3.0)
+        thread.join(5)
+        assert len(answered) == PROBE_ROUNDS and list(rtts) == [contact]
+        assert rtts[contact] < 0.5  # not the 1 s of the late one
+    finally:
+        conn.close()
+        router.close()
+
+
+def test_a_peer_that_answers_once_then_floods_keeps_no_timing():
+    """A link that floods (MAX_TAKE_READS messages, none its answer) is timed no more, and keeps no
+    timing: one that answered its first round fast and then flooded would look the nearest
+    (review104). Kept (review214's mutation), the suite passed: the flood test above floods
+    from the first request."""
+    import threading
+
+    from nanoswarm.client.round_trips import time_links
+    from nanoswarm.client.transport import MAX_TAKE_READS
+    from nanoswarm.protocol.messages import decode, encode
+
+    router, contact = _curve_router()
+    flooded = threading.Event()
+
+    def answer_then_flood():
+        for k in range(2):
+            if not router.poll(5000):
+                return
+            ident, *frames = router.recv_multipart()
+            if k == 0:  # the first round answered at once
+                router.send_multipart([ident, *encode("info_reply", decode(frames).id,
+                                                      {"peer_id": "p", "model_id": "m" * 64, "layers": [0, 4]})])
+            else:  # the second: late "replies" to something else, more than a read takes
+                stray = encode("error", 12345, {"code": "x", "message": "y"})
+                for _ in range(3 * MAX_TAKE_READS):
+                    router.send_multipart([ident, *stray])
+                flooded.set()
+
+    thread = threading.Thread(target=answer_then_flood, daemon=True)
+    thread.start()
+    conn = PeerConnection(contact, 10.0)
+    try:
+        rtts = time_links({contact: conn}, 2.0)
+        thread.join(5)
+        assert flooded.is_set()
+        assert rtts == {}
+    finally:
+        conn.close()
+        router.close()

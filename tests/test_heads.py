@@ -536,3 +536,32 @@ def _members(model_dir) -> tuple[list[RequestHandler], str]:
     return [RequestHandler(load_blocks(model_dir, 0, 4, heads=h), model_id, f"m{k}", NodeLimits())
             for k, h in enumerate([(0, 2), (2, 4)])], model_id
 
+
+def test_a_member_busy_for_every_retry_but_the_last_is_still_served(tiny_model_dir):
+    """A fan-out member busy BUSY_RETRIES times in a row, then free: the last retry serves it and
+    the step's output is exact. One retry fewer (review214's mutation) failed such a member over
+    while the test above, always busy, passed."""
+    from nanoswarm.client.stages import BUSY_RETRIES
+
+    (first, second), model_id = _members(tiny_model_dir)
+    refused: list[int] = []
+    plain = second.steps.checks.validate
+
+    def busy_for_every_retry_but_the_last(reply_to, msg, **kwargs):
+        if msg.get("phase") == "attn" and msg.get("block") == 2 and len(refused) < BUSY_RETRIES:
+            refused.append(msg.get("pos"))
+            raise ProtocolError(ErrorCode.BUSY, "node overloaded (test)")
+        return plain(reply_to, msg, **kwargs)
+
+    second.steps.checks.validate = busy_for_every_retry_but_the_last
+    x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(5))
+    blocks = load_blocks(tiny_model_dir, 0, 4)
+    with torch.inference_mode():
+        want = blocks(x, [blocks.new_cache(8)])
+    with in_process_nodes([first, second]) as conns:
+        stage = HeadGroupStage([(conns[0], (0, 2)), (conns[1], (2, 4))], 0, 4, model_id)
+        stage.open(8)
+        got = stage.step(x, 0)
+        stage.close()
+    assert (got - want).abs().max().item() <= 1e-5
+    assert refused == [0] * BUSY_RETRIES
