@@ -33,6 +33,8 @@ def test_quick_bench_json_has_every_field(tmp_path):
     out = json.loads(result.stdout)
     assert {"config", "options", "machine", "local", "runs", "seconds"} <= set(out)
     assert out["shape"] == "tiny" and out["config"]["n_embd"] == 128
+    # --quick's smaller defaults (review217: a mutation keeping 3 rounds passed)
+    assert (out["options"]["repeats"], out["options"]["tokens"], out["options"]["prompt_len"]) == (1, 4, 16)
     assert {"cpu", "cores", "torch", "threads", "loadavg_start", "loadavg_end", "linear",
             "node_binding"} <= set(out["machine"])
     assert all(out["local"][k] > 0 for k in ("decode_tps", "prefill_tps", "decode_ms", "prefill_ms"))

@@ -1312,3 +1312,58 @@ def test_a_keyless_bootstrap_is_warned_about_only_on_a_node_that_encrypts(tmp_pa
         check_contacts(NodeOptions(tmp_path, bootstrap=["tcp://127.0.0.1:5555"]))
     [warning] = caplog.records
     assert "--bootstrap tcp://127.0.0.1:5555 has no key" in warning.getMessage()
+
+
+def test_local_refuses_a_bootstrap_as_it_refuses_peers(tiny_model_dir):
+    """--local runs no swarm: a --bootstrap given with it is refused, not silently ignored (the
+    text would come from this process while the user believed a swarm made it)."""
+    for where in (["--bootstrap", "tcp://127.0.0.1:9"], ["--peers", "tcp://127.0.0.1:9"]):
+        out = invoke_cli("generate", "x", "--model", str(tiny_model_dir), "--local", "--max-new-tokens", "1", *where)
+        assert one_error_line(out) == "error: --local runs without a swarm: give it no --peers or --bootstrap"
+        assert out.returncode == 2 and out.stdout == ""
+
+
+def test_a_cluster_interrupted_while_starting_exits_as_interrupted(tiny_model_dir, monkeypatch):
+    """Ctrl-C before every node serves: the nodes started so far are stopped and the command ends
+    as interrupted (130), not with 0 as a cluster that ran and was stopped does."""
+    from nanoswarm.node import cluster as node_cluster
+
+    real, started = node_cluster.LocalCluster.start, []
+
+    def start_then_ctrl_c(self):
+        real(self)
+        started.extend(n.pid for n in self.nodes)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(node_cluster.LocalCluster, "start", start_then_ctrl_c)
+    out = invoke_cli("cluster", str(tiny_model_dir), "--nodes", "2", "--json")
+    assert out.returncode == 130 and out.stdout == "", out.stderr
+    assert len(started) == 2 and all_gone(started)
+
+
+def test_how_a_node_ended_is_said_from_its_return_code():
+    """The cluster's line for a node that ended: an exit code (0 too: a node that left), or the
+    signal that killed it, by name where it has one."""
+    from nanoswarm.cli.harness import _ended
+
+    assert [_ended(c) for c in (0, 1, -signal.SIGKILL, -signal.SIGRTMIN - 1)] == [
+        "exited with code 0", "exited with code 1", "was killed by SIGKILL",
+        f"was killed by signal {signal.SIGRTMIN + 1}"]
+
+
+def test_train_json_is_the_summary_without_the_per_eval_history(tmp_path):
+    """`train --json`: one object, the run's summary (paths, losses, settings), not the history of
+    every eval point, which the progress lines on stderr already show."""
+    from nanoswarm.shards.train import DEFAULT_TEXT
+
+    text = tmp_path / "text.txt"
+    text.write_text(DEFAULT_TEXT.read_text()[:20_000])
+    out = invoke_cli("train", "--text", str(text), "--out", str(tmp_path / "ckpt.pt"), "--n-layer", "1", "--n-head",
+                     "1", "--n-embd", "16", "--block-size", "16", "--max-iters", "2", "--batch-size", "2",
+                     "--eval-interval", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert "history" not in summary and out.stdout.count("\n") == 1
+    assert summary["out_path"] == str(tmp_path / "ckpt.pt") and summary["max_iters"] == 2
+    assert {"val_loss", "train_loss", "best_iter", "settings", "n_params"} <= set(summary)
+    assert out.stderr.count("| eval: ") == 3  # iters 0, 1 and 2, on stderr

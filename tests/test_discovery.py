@@ -3561,3 +3561,65 @@ def test_a_peer_that_answers_once_then_floods_keeps_no_timing():
     finally:
         conn.close()
         router.close()
+
+
+def test_peers_report_of_a_model_no_record_serves_and_of_records_past_its_blocks():
+    """`peers --model`: a model none of the fetched records serves is still reported, every block
+    a gap (not "no records", as if the swarm were empty); a record claiming blocks past the
+    model's count (another shape under the same id) is counted within the model's blocks only;
+    and runs of blocks are grouped by throughput and peer count both."""
+    table = RecordTable()
+    assert table.offer(sign_record(generate_identity(), address="tcp://127.0.0.1:7000", model_id="m",
+                                   layers=(0, 4), heads=None, throughput=5.0, seq=1)) == "accepted"
+    (absent,) = swarm_report(table, n_layers={"x": 4}, model_id="x", n_heads={"x": 4})
+    assert (absent["model_id"], absent["peers"], absent["gaps"]) == ("x", [], ["0:4"])
+    assert [c["peers"] for c in absent["coverage"]] == [0, 0, 0, 0]
+    assert "gaps: 0:4" in format_report([absent])
+
+    model = _report_of([((0, 6), None), ((2, 4), (0, 2))], n_layers={"m": 4}, n_heads={"m": 4})
+    assert (model["n_layer"], model["gaps"]) == (4, [])
+    assert [(c["throughput"], c["peers"]) for c in model["coverage"]] == [(5.0, 1), (5.0, 1), (5.0, 2), (5.0, 2)]
+    rows = [line.split() for line in format_report([model]).splitlines() if line.strip().startswith("blocks ")]
+    assert rows == [["blocks", "0:2", "5.0", "tokens/s", "1", "peer"],
+                    ["blocks", "2:4", "5.0", "tokens/s", "2", "peers"]]
+
+
+def test_peers_json_names_what_it_rejected_and_who_answered_and_no_answer_is_a_failure(cluster_factory,
+                                                                                      tiny_model_dir):
+    """`peers --json` holds its three keys (the records rejected, by reason, and the bootstraps
+    that answered); a bootstrap that does not answer beside one that does is warned of; none
+    answering is the command's failure in one line,
+    exit 1, not an empty report of a swarm that seems to have no peers."""
+    from conftest import invoke_cli
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))], args=FAST)
+    contact = swarm.addresses[0]
+    out = invoke_cli("peers", "--bootstrap", contact, "--model", str(tiny_model_dir), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert (report["rejected"], report["bootstrap"]) == ({}, [contact])
+    assert [len(m["peers"]) for m in report["models"]] == [1]
+    # one bootstrap of two answers: the report, and a warning naming the one that did not
+    dead = format_contact(f"tcp://127.0.0.1:{free_port()}", generate_identity().curve_public)  # nothing listens
+    out = invoke_cli("peers", "--bootstrap", contact, "--bootstrap", dead, "--timeout", "1", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["bootstrap"] == [contact], out.stderr
+    assert [line for line in out.stderr.splitlines() if "WARNING" in line and dead in line], out.stderr
+    swarm.nodes[0].proc.kill()
+    swarm.nodes[0].proc.wait(10)
+    for more in ([], ["--json"]):
+        out = invoke_cli("peers", "--bootstrap", contact, "--timeout", "1", *more)
+        assert out.returncode == 1 and out.stdout == "", out.stdout
+        assert out.stderr.strip().splitlines()[-1].startswith(f"error: no bootstrap node answered ({contact}: ")
+
+
+def test_peers_table_writes_a_huge_claimed_rate_in_its_column():
+    """A peer's claimed tokens/s from 1e7 up is written in exponent form, its row as wide as any
+    other's (a figure written out pushed the LOAD and AGE columns off their headers)."""
+    table = RecordTable()
+    for port, tps in ((7000, 5.0), (7001, 1e12)):
+        assert table.offer(sign_record(generate_identity(), address=f"tcp://127.0.0.1:{port}", model_id="m",
+                                       layers=(0, 2), heads=None, throughput=tps, seq=1)) == "accepted"
+    text = format_report(swarm_report(table, n_layers={"m": 2}))
+    rows = [line for line in text.splitlines() if "tcp://127.0.0.1:700" in line]
+    assert len(rows) == 2 and len({len(row) for row in rows}) == 1, rows
+    assert " 1.0e+12 " in text and "1000000000000" not in text

@@ -222,3 +222,104 @@ def test_a_full_disk_keeps_the_best_checkpoint_and_says_how_to_go_on(tmp_path, m
                       "--n-embd", "16", "--block-size", "16", "--max-iters", "4", "--batch-size", "2",
                       "--eval-interval", "1", "--warmup", "0", "--resume")
     assert done.returncode == 0, done.stderr
+
+
+def test_a_resumed_run_interrupted_before_its_next_eval_point_says_how_to_continue(tmp_path, monkeypatch):
+    """--resume stopped before it wrote anything: the checkpoint it resumed from is still there to
+    resume from, so the line says so (as for a fresh run stopped after its first eval point)."""
+    from conftest import invoke_cli
+
+    out_path = tmp_path / "ckpt.pt"
+    out_path.write_bytes(b"an earlier run's eval point")
+
+    def interrupted_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", interrupted_at_once)
+    out = invoke_cli("train", "--out", str(out_path), "--resume")
+    assert out.returncode == 130
+    assert out.stderr.strip() == f"interrupted: the same command with --resume continues from {out_path}'s eval point"
+    assert out_path.read_bytes() == b"an earlier run's eval point"
+
+
+def test_resume_and_overwrite_together_are_refused_before_any_work(tmp_path):
+    """--resume continues --out and --overwrite replaces it: given both, neither is guessed."""
+    from conftest import invoke_cli
+
+    out_path = tmp_path / "ckpt.pt"
+    out_path.write_bytes(b"an earlier run's eval point")
+    out = invoke_cli("train", "--out", str(out_path), "--resume", "--overwrite", "--max-iters", "1")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "error: --resume continues --out; --overwrite replaces it: give one"
+    assert out_path.read_bytes() == b"an earlier run's eval point"
+
+
+def test_resume_without_a_checkpoint_is_refused_in_one_line(tmp_path):
+    """--resume of an --out that does not exist (a typo, another directory) says so at once."""
+    from conftest import invoke_cli
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 20)
+    out = invoke_cli("train", "--text", str(text), "--out", str(tmp_path / "ckpt.pt"), "--resume", "--n-layer", "1",
+                     "--n-head", "1", "--n-embd", "8", "--block-size", "8", "--max-iters", "1")
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"error: --resume: no checkpoint at {tmp_path / 'ckpt.pt'}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
+
+
+def test_a_training_split_of_exactly_one_window_is_too_few(tmp_path):
+    """A window and its shifted targets need block_size + 1 training tokens: a split of exactly
+    block_size is refused by name before the model is built (torch's randint failed at the first
+    eval point otherwise), and one token more trains."""
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 8)
+    n_train = len(train.split_ids(train.tokenize_file(text), 0.1)[0])
+    for block_size, fits in ((n_train, False), (n_train - 1, True)):
+        config = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=block_size, gelu="exact")
+        args = (text, tmp_path / "ckpt.pt", config)
+        kwargs = {"max_iters": 0, "batch_size": 1, "eval_iters": 1, "seed": 0, "progress": lambda line: None}
+        if fits:
+            assert train.train(*args, **kwargs)["best_iter"] == 0
+        else:
+            with pytest.raises(ValueError, match=f"tokens are too few for block_size {n_train}$"):
+                train.train(*args, **kwargs)
+            assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_model_past_this_machines_memory_is_refused_before_any_work(tmp_path, monkeypatch):
+    """The memory check compares the run's estimate with the memory the machine reports (here a
+    machine of 64 MiB: a 128-wide model's weights and AdamW state alone take more)."""
+    from conftest import invoke_cli
+
+    real = os.sysconf
+    monkeypatch.setattr(train.os, "sysconf", lambda name: {"SC_PHYS_PAGES": 16384, "SC_PAGE_SIZE": 4096}.get(
+        name) or real(name))
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 20)
+    config = ModelConfig(n_layer=1, n_head=1, n_embd=128, block_size=8, gelu="exact")
+    assert 64 * 2**20 < train.training_bytes(config, 1) < 2 * 64 * 2**20  # just past it, not by far
+    out = invoke_cli("train", "--text", str(text), "--out", str(tmp_path / "ckpt.pt"), "--n-layer", "1", "--n-head",
+                     "1", "--n-embd", "128", "--block-size", "8", "--batch-size", "1", "--max-iters", "0")
+    assert out.returncode == 1 and "training this model needs about" in out.stderr.strip().splitlines()[-1]
+    assert "more than this machine's 0.1 GiB" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
+
+
+def test_the_summary_reports_the_checkpoint_written_not_the_last_iterate(tmp_path):
+    """A run whose last eval point is worse than an earlier one (lr 1 overshoots): --out holds the
+    best eval point, and the summary's train loss is that checkpoint's, not the last weights'."""
+    text = tmp_path / "text.txt"
+    text.write_text(train.DEFAULT_TEXT.read_text()[:20_000])
+    config = ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=16, gelu="exact")
+    ckpt = tmp_path / "ckpt.pt"
+    summary = train.train(text, ckpt, config, max_iters=4, batch_size=2, lr=1.0, warmup=0, eval_interval=2,
+                          eval_iters=1, seed=0, progress=lambda line: None)
+    history = [h["val_loss"] for h in summary["history"]]
+    assert summary["best_iter"] == 0 and history[-1] > history[0] + 1.0  # the last iterate is not the best
+    assert summary["val_loss"] == history[0]
+    loaded_config, state = load_checkpoint(ckpt)
+    write_model_dir(loaded_config, state, tmp_path / "model", 1, progress=False)
+    train_ids = train.split_ids(train.tokenize_file(text), 0.1)[0]
+    with torch.inference_mode():
+        written = train.eval_loss(load_model(tmp_path / "model"), train_ids, config.block_size)
+    assert summary["train_loss"] == pytest.approx(written, rel=1e-5)
