@@ -12,7 +12,7 @@ from test_swarm import PROMPT_LEN, random_ids, reference_logits, swarm_logits  #
 
 from nanoswarm import START_CPUS
 from nanoswarm.client.api import SwarmModel
-from nanoswarm.node.affinity import bind_openmp, openmp_places
+from nanoswarm.node.affinity import BINDING_VARS, bind_openmp, child_cpus, openmp_places
 from nanoswarm.node.cluster import NodeSpec, threads_of
 
 
@@ -40,6 +40,26 @@ def test_binding_leaves_the_users_choice_and_single_threads_alone():
     env = bind_openmp({}, 0, 2)
     if len(os.sched_getaffinity(0)) >= 2:
         assert env["OMP_PROC_BIND"] == "close" and env["OMP_PLACES"].count("{") == 2
+
+
+def test_one_core_binds_nothing_and_a_child_told_not_to_bind_is_left_as_forked(monkeypatch):
+    """With one core a node's threads are not bound (one place would hold them all, and a bound
+    thread cannot move off a busy core). A harness whose thread OpenMP bound starts its nodes on
+    every core it started with, unless their environment says NANOSWARM_BIND=0 (the user's
+    restriction stays), and leaves them as forked where no binding is in its environment."""
+    import nanoswarm.node.affinity as affinity
+
+    monkeypatch.setattr(affinity, "START_CPUS", frozenset({3}))
+    assert bind_openmp({}, 0, 2) == {}
+    monkeypatch.setattr(affinity, "START_CPUS", frozenset({0, 1}))
+    assert bind_openmp({}, 1, 2) == {"OMP_PLACES": "{0},{1}", "OMP_PROC_BIND": "close"}
+    for var in BINDING_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(affinity.os, "sched_getaffinity", lambda pid: {1}, raising=False)  # bound to one core
+    assert child_cpus({}) is None  # no binding here: as forked
+    monkeypatch.setenv("OMP_PROC_BIND", "close")
+    assert child_cpus({}) == frozenset({0, 1})
+    assert child_cpus({"NANOSWARM_BIND": "0"}) is None
 
 
 def _affinities(pid: int) -> dict[int, tuple[str, set[int]]]:

@@ -321,6 +321,30 @@ def test_node_help_shows_the_limits_defaults():
         "idle-timeout": limits.idle_timeout, "max-batch-seconds": limits.max_batch_seconds}
 
 
+def test_a_nodes_limit_options_reach_its_limits(tiny_model_dir, cluster_factory):
+    """Each limit option given to `nanoswarm node` is the limit the node states in `info`, the
+    MiB options in bytes (no test had given --kv-budget-mb to a node)."""
+    args = ["--max-sessions", "5", "--kv-budget-mb", "3", "--max-session-length", "64", "--max-tokens-per-step", "32",
+            "--max-message-mb", "2", "--max-inflight", "7", "--idle-timeout", "30", "--max-batch-seconds", "2.5"]
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=args)])
+    conn = PeerConnection(swarm.addresses[0], 10.0)
+    try:
+        fields = conn.request("info").fields
+    finally:
+        conn.close()
+    assert fields["limits"] == {"max_sessions": 5, "kv_budget_bytes": 3 * 2**20, "max_session_length": 64,
+                                "max_tokens_per_step": 32, "max_message_bytes": 2 * 2**20, "max_inflight_per_peer": 7,
+                                "idle_timeout": 30.0, "max_batch_seconds": 2.5}
+    assert fields["kv_budget"] == 3 * 2**20
+
+
+def test_info_takes_exactly_one_contact():
+    """`nanoswarm info` with no contact in CONTACT, or two, is a usage error in one line."""
+    for contact in ("", ",", "tcp://127.0.0.1:9,tcp://127.0.0.1:10"):
+        out = invoke_cli("info", contact, "--timeout", "1")
+        assert out.returncode == 2 and "CONTACT: give one node's contact" in one_error_line(out) and not out.stdout
+
+
 def one_error_line(out: subprocess.CompletedProcess, logs: bool = False) -> str:
     """The failure's one line, last on stderr: no traceback, no usage block. With `logs`, log
     lines may come before it (a node logs that it created its key file)."""

@@ -2331,6 +2331,110 @@ def test_a_node_that_takes_no_record_for_its_lifetime_suspects_its_clock(caplog)
     assert str(stats["clock_offset"]) == "0.0" and watch.unreached_why() is None  # one peer off of three: not us
 
 
+def test_a_nodes_clock_warning_says_whose_records_are_dropped_and_waits_its_rounds(caplog):
+    """Behind its peers (theirs - ours > 0) a node's own records look old to them; ahead, theirs
+    look old here: the warning says which. Measured far off from the first round, it waits
+    CLOCK_WARN_ROUNDS rounds (the bootstrap's offset alone tells little). Records of its own that
+    its table takes are no records of others: a node that drops every other record for its
+    lifetime is warned though it takes its own at each refresh."""
+    from nanoswarm.node.clock_watch import CLOCK_WARN_ROUNDS, ClockWatch, node_clock_warning
+
+    assert "the records it signs look 70 s older to them, so they drop them early" in node_clock_warning(70.0, 3, 60.0)
+    assert "their records look 70 s older here, so it drops them early" in node_clock_warning(-70.0, 3, 60.0)
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "this node's clock" in r.getMessage()]
+
+    table, watch, stats = RecordTable(), ClockWatch(ttl=60.0, interval=1.0), {}
+    for contact in ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2"):
+        watch.offsets.add(contact, 70.0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nanoswarm.node.clock_watch"):
+        for r in range(1, CLOCK_WARN_ROUNDS):
+            watch.check(r, table, stats)
+        assert warnings() == [] and stats["clock_offset"] == 70.0
+        watch.check(CLOCK_WARN_ROUNDS, table, stats)
+    assert len(warnings()) == 1 and "this node's clock is 70 s behind its peers' (the median of 2" in warnings()[0]
+
+    me, peer = generate_identity(), generate_identity()
+    table, watch = RecordTable(), ClockWatch(ttl=3.0, interval=1.0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nanoswarm.node.clock_watch"):
+        for r in range(1, CLOCK_WARN_ROUNDS + 3):
+            assert table.offer(sign_record(peer, address="tcp://127.0.0.1:2000", model_id="m", layers=(0, 2), seq=r,
+                                           expires=time.time() - 1.0)) == "expired"
+            assert table.offer(sign_record(me, address="tcp://127.0.0.1:2001", model_id="m", layers=(2, 4), seq=r,
+                                           expires=time.time() + 60.0)) == "accepted"
+            watch.own_taken += 1  # (as Gossip.refresh counts it)
+            watch.check(r, table, stats)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "was dropped as expired or signed too far ahead" in warning
+
+
+def test_a_peers_table_cache_stays_bounded_and_forgets_only_the_silent_peer():
+    """`knows` is asked with contacts that come from clients: its cache stays bounded. A contact
+    that stopped answering is forgotten (an --insecure one too, whose contact has no key), and
+    at once no longer relayed to and no longer counted; this node's own record stays whatever
+    contact is named. A head shard links ahead to no next hop."""
+    from nanoswarm.keys.records import record_contact
+    from nanoswarm.node.gossip import Gossip
+
+    handler = _StubHandler()  # serves 0:2 of "m"
+    gossip = Gossip(generate_identity(), handler, "tcp://127.0.0.1:1", insecure=True)
+    warmed: list[str] = []
+    gossip.on_next_hop = warmed.append
+    try:
+        for i in range(1100):
+            assert not gossip.knows(f"tcp://127.0.0.1:{3000 + i}#not-a-key")
+        assert len(gossip._knows) <= 1024
+        gossip.refresh()
+        secure, plain = generate_identity(), generate_identity()
+        for identity, port, insecure in ((secure, 2000, False), (plain, 2001, True)):
+            assert gossip.table.offer(sign_record(identity, address=f"tcp://127.0.0.1:{port}", model_id="m",
+                                                  layers=(0, 1), seq=1, expires=time.time() + 60,
+                                                  insecure=insecure)) == "accepted"
+        contacts = {i.peer_id: record_contact(gossip.table.get(i.peer_id)) for i in (secure, plain)}
+        gossip._update_stats()
+        assert gossip.knows(contacts[secure.peer_id]) and gossip.stats["records"] == 3
+        gossip._forget(contacts[secure.peer_id])
+        assert gossip.table.get(secure.peer_id) is None and not gossip.knows(contacts[secure.peer_id])
+        assert gossip.stats["records"] == 2
+        gossip._forget(contacts[plain.peer_id])
+        assert gossip.table.get(plain.peer_id) is None and gossip.stats["records"] == 1
+        gossip._forget(record_contact(gossip.table.get(gossip.peer_id)))
+        assert gossip.table.get(gossip.peer_id) is not None and gossip.stats["records"] == 1
+        handler.head_shard = True
+        assert gossip.table.offer(sign_record(generate_identity(), address="tcp://127.0.0.1:2002", model_id="m",
+                                              layers=(2, 4), seq=1, expires=time.time() + 60)) == "accepted"
+        gossip.warm_next_hops()
+        assert warmed == []
+    finally:
+        gossip.close()
+
+
+def test_a_peer_that_joins_the_table_has_its_waiting_requests_timed_from_its_join():
+    """Review131 through the table: a record of a peer new here (a join, or a return) times the
+    gossip requests still waiting on its link from then on, so that their timeout does not
+    forget the peer just heard from."""
+    from nanoswarm.keys.records import record_contact
+    from nanoswarm.node.gossip import Gossip
+
+    gossip = Gossip(generate_identity(), _StubHandler(), "tcp://127.0.0.1:1")
+    wire = sign_record(generate_identity(), address=f"tcp://127.0.0.1:{free_port()}", model_id="m", layers=(0, 1),
+                       seq=1, expires=time.time() + 60)
+    contact = record_contact(verify_record(wire))
+    try:
+        gossip.links.send(contact, [], want=True, await_answer=True)  # nothing listens: it waits
+        link = gossip.links.open[contact]
+        sent = time.monotonic() - 100.0  # while the peer was away
+        link.pending = dict.fromkeys(link.pending, sent)
+        assert link.pending
+        assert gossip.offer_all([wire]) == {"accepted": 1}
+        assert link.pending and all(t > sent + 50.0 for t in link.pending.values())
+    finally:
+        gossip.close()
+
+
 def test_a_node_no_peer_reaches_says_so(tiny_model_dir, cluster_factory, tmp_path):
     """A node whose --advertise names an address where peers cannot reach it served on in
     silence: only the other nodes logged that it stopped answering (review92). Once it knows

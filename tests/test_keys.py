@@ -1130,3 +1130,20 @@ def test_the_table_keeps_the_checks_a_mutation_each_passed(alice, bob):
     ours = table.live_wires("m")
     ours[0][1]["sig"] = bytes(64)  # a caller's copy: what the table gossips is unchanged
     assert all(len(w["sig"]) == 64 and any(w["sig"]) for w in table.wires())
+
+
+def test_keys_generate_at_the_default_path_names_the_file_it_wrote(tmp_path: Path, monkeypatch) -> None:
+    """Without --out, `keys generate` writes the node's default key file and names it (plain and
+    --json), the identity `keys show` reads from it."""
+    from conftest import invoke_cli
+
+    path = tmp_path / "node.key"
+    monkeypatch.setenv("NANOSWARM_KEY_FILE", str(path))
+    out = invoke_cli("keys", "generate")
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == f"key file        {path}", out.stderr
+    shown = invoke_cli("keys", "show", str(path))
+    assert shown.returncode == 0 and out.stdout.startswith(shown.stdout.rstrip("\n"))
+    path.unlink()
+    as_json = invoke_cli("keys", "generate", "--json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["key_file"] == str(path)
+    assert json.loads(as_json.stdout)["peer_id"] == load_identity(path).peer_id

@@ -7,6 +7,7 @@ command and its figures. These check the same properties on the tiny model in se
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -49,6 +50,44 @@ def test_load_command_against_given_peers(tiny_model_dir, cluster_factory):
     assert [n["layers"] for n in report["nodes"]] == [[0, 1], [1, 4]]
     assert all(n["peak_rss_source"] == "info" and n["peak_rss_bytes"] > 0 for n in report["nodes"])
     assert all(p.proc.poll() is None for p in swarm.nodes)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="VmRSS is read from Linux's /proc")
+def test_memory_usage_is_resident_memory_in_bytes_and_keeps_its_peak():
+    """`info`'s memory figures (node/memory.py): the current figure is resident memory (VmRSS,
+    not the address space), and the peak, in bytes, stays at least what was resident once a
+    large allocation is freed."""
+    from nanoswarm.node.memory import memory_usage
+
+    def vm_rss() -> int:
+        line = next(x for x in open("/proc/self/status") if x.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+    before = memory_usage()
+    assert abs(before["rss_bytes"] - vm_rss()) < 32 * 2**20 and before["device_bytes"] is None
+    block = b"\x01" * (160 * 2**20)  # written: resident
+    during = memory_usage()
+    assert during["rss_bytes"] >= before["rss_bytes"] + 128 * 2**20
+    del block
+    after = memory_usage()
+    assert after["rss_bytes"] <= during["rss_bytes"] - 128 * 2**20  # (unmapped at once: a large allocation)
+    # (ru_maxrss, the peak, lags the current figure by a few pages: node/memory.py)
+    assert after["peak_rss_bytes"] >= during["rss_bytes"] - 8 * 2**20 > after["rss_bytes"]
+
+
+def test_memory_usage_on_a_gpu_states_what_torchs_allocator_holds(monkeypatch):
+    """On a GPU weights and KV caches live outside RSS: `info` states what torch's allocator
+    holds there now and at most, and nothing for a CPU node."""
+    import torch
+
+    from nanoswarm.node.memory import memory_usage
+
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 << 20)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 5 << 20)
+    on_gpu = memory_usage(torch.device("cuda", 0))
+    assert (on_gpu["device_bytes"], on_gpu["device_peak_bytes"]) == (3 << 20, 5 << 20)
+    on_cpu = memory_usage(torch.device("cpu"))
+    assert (on_cpu["device_bytes"], on_cpu["device_peak_bytes"]) == (None, None)
 
 
 @pytest.mark.slow
