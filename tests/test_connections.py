@@ -442,6 +442,31 @@ def test_an_idle_model_reads_its_links_by_itself(tiny_model_dir, cluster_factory
         close_monitored(newcomer, monitor)
 
 
+def test_an_idle_models_reads_end_quietly_once_it_is_collected(tiny_model_dir, cluster_factory, monkeypatch):
+    """A model dropped unclosed is collected (its idle-read thread holds it weakly) and the
+    thread then ends by itself, without an error: a thread that went on reading a model that is
+    no more died with an AttributeError traceback on the user's terminal (threading.excepthook)."""
+    import gc
+    import threading
+
+    from nanoswarm.client import idle_reads
+
+    monkeypatch.setattr(idle_reads, "IDLE_READ_SECONDS", 0.05)
+    contacts = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses
+    errors: list = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    dropped = SwarmModel.connect(tiny_model_dir, peers=contacts)
+    reads = dropped._idle_reads.thread
+    deadline = time.monotonic() + 5
+    while not reads.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    del dropped
+    gc.collect()
+    reads.join(5)
+    assert not reads.is_alive()
+    assert errors == []
+
+
 def test_an_open_refused_leaves_its_link_holding_nothing():
     """An open given up on is remembered, for its late `opened` to be closed; one that was answered
     with an error was remembered too, though nothing more comes for it (review204): its link then
@@ -756,3 +781,51 @@ def test_a_fresh_drop_that_lost_nothing_passed_on_to_the_next_link_is_forgiven_w
         assert swarm.connection(address).request("info").type == "info_reply"
     finally:
         swarm.close()
+
+
+def test_a_timeout_under_a_tenth_of_a_second_is_told_as_it_is():
+    """A peer that does not answer within a tiny --timeout is told so with the seconds it had
+    (`no answer within 0.05s`), not `0.0s`, which reads as no time given at all; from a tenth of a
+    second on, one decimal."""
+    import zmq
+
+    from nanoswarm.keys.contact import format_contact
+
+    ctx = zmq.Context.instance()
+    silent, public = curve_router(ctx)  # takes the request, never answers
+    try:
+        address = format_contact(f"tcp://127.0.0.1:{silent.bind_to_random_port('tcp://127.0.0.1')}", public)
+        for timeout, said in ((0.05, "0.05s"), (0.1, "0.1s"), (0.25, "0.2s")):
+            conn = PeerConnection(address, timeout=timeout)
+            try:
+                with pytest.raises(PeerTimeout) as timed_out:
+                    conn.request("info")
+                assert timed_out.value.code == "timeout" and timed_out.value.message.endswith(f"within {said}")
+            finally:
+                conn.close()
+    finally:
+        silent.close(linger=0)
+
+
+def test_a_monitored_sockets_reader_is_closed_with_it():
+    """stop_monitor, whichever way it runs (a MonitoredSocket closed, or called with the reader
+    of a plain socket), closes the monitor's reader too: left open, each closed link kept an
+    inproc socket (and its descriptors) until a garbage collection."""
+    import zmq
+
+    from nanoswarm.client.monitors import MonitoredSocket, monitor_socket, stop_monitor
+
+    ctx = zmq.Context.instance()
+    link = ctx.socket(zmq.DEALER, socket_class=MonitoredSocket)
+    plain = ctx.socket(zmq.DEALER)
+    try:
+        reader = monitor_socket(link, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        assert link.reader is reader and not reader.closed
+        link.close(linger=0)
+        assert reader.closed and link.reader is None
+        other = monitor_socket(plain, zmq.EVENT_DISCONNECTED)
+        stop_monitor(plain, other)
+        assert other.closed and not plain.closed
+    finally:
+        link.close(linger=0)
+        plain.close(linger=0)

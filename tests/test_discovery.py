@@ -3200,6 +3200,35 @@ def test_a_peer_whose_record_expired_unlisted_is_dropped_though_never_used(tiny_
         assert list(swarm.peers) == [cluster.addresses[0]] and left not in swarm.bans
 
 
+def test_a_peer_dropped_as_gone_loses_its_link_and_a_siblings_copy_is_not_taken_back(tiny_model_dir,
+                                                                                   cluster_factory):
+    """drop_unlisted (a background read's answers: it did not answer) drops a peer whose record
+    expired unrenewed: the link this client holds to it is closed with it (not left open to a
+    peer that went, knocking), and a sibling table (a batcher's worker) that still lists it from
+    before does not give it back (Swarm.take_learned skips what this table dropped since)."""
+    from nanoswarm.client.departures import EXPIRED_GRACE, drop_unlisted
+    from nanoswarm.client.swarm import Swarm
+
+    cluster = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    address = cluster.addresses[0]
+    with SwarmModel.connect(tiny_model_dir, bootstrap=cluster.addresses) as model:
+        swarm = model.swarm
+        assert list(swarm.peers) == [address] and not swarm.contacts  # the premise: known by its record
+        sibling = Swarm(swarm.model_id, swarm.n_layer, swarm.n_head)
+        try:
+            sibling.peers[address] = swarm.peers[address]  # learned before this table dropped it
+            swarm.connection(address).request("info")  # a link held, no session on it
+            assert address in swarm._conns and swarm.held(address) == 0
+            swarm.peers[address].extra["expires"] = time.time() - EXPIRED_GRACE - 1
+            drop_unlisted(swarm, set(), {address: False}, time.monotonic())
+            assert address not in swarm.peers
+            assert address not in swarm._conns  # its link closed with it
+            swarm.take_learned(sibling)
+            assert address not in swarm.peers  # not taken back from the sibling's older copy
+        finally:
+            sibling.close()
+
+
 @pytest.fixture
 def one_node_table(tiny_model_dir, cluster_factory):
     contact = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))]).addresses[0]
@@ -3241,6 +3270,28 @@ def test_a_model_with_one_dead_peer_and_one_live_is_learned(one_node_table, monk
                                        seq=1)) == "accepted"
         monkeypatch.setattr(manifests.random, "shuffle", lambda cs: cs.sort(key=lambda c: contact in c))
         assert list(manifests_from_peers(table, [model_id], timeout=3)) == [model_id]
+
+
+def test_asking_for_manifests_closes_every_link_it_opened(one_node_table, monkeypatch):
+    """manifests_from_peers opens a link to each peer it asks (`nanoswarm peers`, without the
+    model's files) and closes them all when it returns, the live one that answered and the dead
+    one that did not: left open, each went on knocking (a dead one's reconnects, ~40 monitor
+    events a second, unread) for as long as the process ran."""
+    table, contact, model_id = one_node_table
+    opened: list[PeerConnection] = []
+
+    class Counted(PeerConnection):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(manifests, "PeerConnection", Counted)
+    with socket.create_server(("127.0.0.1", 0)) as mute:
+        dead = f"tcp://127.0.0.1:{mute.getsockname()[1]}"
+        assert table.offer(sign_record(generate_identity(), address=dead, model_id=model_id, layers=(0, 4),
+                                       seq=1)) == "accepted"
+        assert list(manifests_from_peers(table, [model_id], timeout=3)) == [model_id]
+    assert len(opened) == 2 and all(conn.socket.closed for conn in opened)
 
 
 # Review209: a mutation of node/steps.py that no test caught before.

@@ -916,6 +916,25 @@ def test_a_peer_that_cannot_take_a_session_is_left_out_not_banned(tiny_model_dir
         model.close()
 
 
+def test_a_peer_that_answers_too_large_at_the_open_is_left_out_not_banned(tiny_model_dir, cluster_factory):
+    """A peer whose `info` did not say how long a session it takes (an older node, or a limit
+    lowered since) is planned for a long session and answers the open `too_large`: it cannot take
+    this session, it did not fail (CANNOT_TAKE), so the route error names why, no one is banned,
+    and the next session that fits uses it at once."""
+    short = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--max-session-length", "16"])]).addresses[0]
+    model = SwarmModel.connect(tiny_model_dir, peers=[short], options=SwarmOptions(timeout=TIMEOUT))
+    try:
+        assert model.swarm.peers[short].extra.pop("max_length") == 16  # as if its info had not said it
+        assert [p.address for p in model.swarm.plan(max_length=40)[0].peers] == [short]
+        with pytest.raises(RouteError, match="takes sessions of at most 16 positions, not 40"):
+            model.session(40)
+        assert model.swarm.bans == {}
+        with model.session(8) as session:
+            assert session.describe()[0]["peers"] == [short] and session.failovers == 0
+    finally:
+        model.close()
+
+
 def test_a_callers_non_finite_input_is_its_own_error_not_a_peers(tiny_model_dir, cluster_factory):
     """Hidden states holding NaN, beyond float16 on a float16 wire, or past HIDDEN_LIMIT, are
     refused `bad_value` by the node or by the client first; the session raises SessionError

@@ -324,3 +324,24 @@ def test_a_prompts_step_asks_back_only_the_row_the_next_token_needs(tiny, monkey
     monkeypatch.setattr(InferenceSession, "step", step)
     result = tiny.generate("ROMEO: the swarm", 3, GREEDY)
     assert len(result.prompt_ids) > 1 and rows == [(len(result.prompt_ids), 1), (1, 1), (1, 1)]
+
+
+def test_swarm_options_refuse_seconds_and_heartbeats_out_of_their_bounds():
+    """SwarmOptions are checked when made: a timeout or ban of 0 seconds (every request timed out
+    at once, a ban that bans nothing), one past MAX_SECONDS (ZeroMQ's poll takes milliseconds as a
+    C int) or infinite, and a heartbeat under 0.1 s are refused with the bound; the bounds
+    themselves are taken."""
+    from nanoswarm.protocol.bounds import MAX_SECONDS
+
+    for name in ("timeout", "ban_seconds"):
+        for bad in (0, 0.0, -1, MAX_SECONDS * 2, math.inf, math.nan):
+            with pytest.raises(ValueError, match=f"{name} must be a positive number of seconds up to 1000000"):
+                SwarmOptions(**{name: bad})
+        assert getattr(SwarmOptions(**{name: MAX_SECONDS}), name) == MAX_SECONDS
+    for bad in (0, 0.05, -1, 3601, math.nan):
+        with pytest.raises(ValueError, match="heartbeat must be 0.1 to 3600 seconds"):
+            SwarmOptions(heartbeat=bad)
+    assert SwarmOptions(heartbeat=0.1).silence == 0.1 and SwarmOptions(heartbeat=3600).silence == 3600
+    for name in ("insecure", "relay", "introduce", "all_reduce"):
+        with pytest.raises(ValueError, match=f"{name} must be True or False, got 1"):
+            SwarmOptions(**{name: 1})

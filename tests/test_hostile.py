@@ -981,6 +981,25 @@ def test_a_peers_words_reach_the_terminal_escaped_and_cut(tiny_model_dir, reply)
     assert "\\x1b[2J" in done.stderr and len(done.stderr) < 4000, done.stderr[:4000]
 
 
+def test_a_peers_error_code_is_cut_shorter_than_its_message():
+    """An error's code names a kind of failure (busy, timeout): a peer's code of hundreds of
+    characters is cut at 64 (then `...`), its message at 300, both escaped, in the PeerError a
+    caller gets and shows."""
+    from nanoswarm.client.peer_errors import PeerError
+    from nanoswarm.client.transport import PeerConnection
+
+    code = "busy" + "x" * 250
+    with _fake_node(lambda req: {"type": "error", "code": code, "message": "m" * 500 + EVIL}) as contact:
+        conn = PeerConnection(contact, timeout=5)
+        try:
+            with pytest.raises(PeerError) as refused:
+                conn.request("info")
+        finally:
+            conn.close()
+    assert refused.value.code == code[:64] + "..."
+    assert refused.value.message == "m" * 300 + "..."
+
+
 def test_a_peer_that_answers_with_an_oversized_frame_is_dropped_unread():
     """Clients and gossip links cap the frames they accept (MAXMSGSIZE: client/transport.py,
     node/gossip_links.py), so a peer cannot make them buffer a frame of any size."""
@@ -1249,6 +1268,30 @@ def test_a_nodes_info_after_the_load_is_checked_before_the_report(tiny_model_dir
     assert node.errors == ({"busy": 3, "x\\x1b": 1} if "errors" in claims else {})  # a NaN count is none
     json.dumps(report.to_json(), allow_nan=False)  # no NaN, nothing that is not JSON
 
+
+def test_a_nodes_counts_after_the_load_are_whole_numbers_and_a_head_shard_weighs_its_share(tiny_model_dir):
+    """`load`'s node report after the load: a count of 0 is a count (an error code seen 0 times,
+    a peak of 0), True and False are not numbers (a bool is an int in Python: True passed for
+    1 byte), and a head shard's weights are its heads' share of its blocks', not the whole."""
+    from nanoswarm.client.load import LoadOptions
+    from nanoswarm.client.load_nodes import node_reports
+    from nanoswarm.node.placement import block_bytes
+
+    manifest = read_manifest(tiny_model_dir)
+    meta, config = (manifest.model_id, manifest.config.n_layer, manifest.config.n_head), manifest.config
+    assert config.n_head >= 2  # (the premise: a head shard of fewer than all heads)
+    earlier = {"peer_id": "p", "model_id": manifest.model_id, "layers": [0, 4], "heads": [0, 1], "kv_budget": 2**20}
+    for claims, peak, kv_budget, errors in (
+            ({"peak_rss_bytes": 0, "errors": {"busy": 0, "timeout": 2}}, 0, 2**20, {"busy": 0, "timeout": 2}),
+            ({"peak_rss_bytes": True, "kv_budget": False, "errors": {"busy": True, "timeout": 2}},
+             None, None, {"timeout": 2})):
+        info = {"type": "info_reply", **earlier, **claims}
+        with _fake_node(lambda req, info=info: info) as contact:
+            opts = LoadOptions(tiny_model_dir, peers=[contact], timeout=5.0)
+            [node] = node_reports(opts.swarm_options(), opts.timeout, meta, {contact: earlier}, {}, config)
+        assert node.alive and node.layers == [0, 4] and node.heads == [0, 1]
+        assert node.peak_rss_bytes == peak and node.kv_budget_bytes == kv_budget and node.errors == errors
+        assert node.weight_bytes == 4 * block_bytes(config, torch.float32) // config.n_head
 
 def _two_pages(asked: list[dict]) -> Callable[[dict], dict]:
     """A bootstrap's `records` answers: an empty first page that says more follow after "m",

@@ -5,6 +5,7 @@ in the middle or at the end of the chain dies or freezes; nodes relay only to pe
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import time
 import types
@@ -312,6 +313,52 @@ def test_contacts_are_offered_only_the_records_they_lack(tiny_model_dir, cluster
     # A contact of another swarm is offered the others' records, and they its own.
     mixed = [strangers.addresses[0], acquainted.addresses[1]]
     assert sorted(told(mixed)) == sorted(mixed)
+
+
+def test_only_contacts_that_serve_the_model_are_told_of_each_other(tiny_model_dir, small12_model_dir,
+                                                                   cluster_factory):
+    """ask_info with `introduce_model`: the contacts whose `info` names that model are told of
+    each other; a contact of another model (a --peers list that mixes swarms) is told of no one,
+    and no one of it."""
+    from nanoswarm.client.introduce import ask_info
+
+    ours = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))], bootstrap=False).addresses
+    other = cluster_factory(small12_model_dir, [NodeSpec((0, 12))], bootstrap=False).addresses[0]
+    conns = {c: PeerConnection(c, timeout=10) for c in [*ours, other]}
+    try:
+        replies = ask_info(conns, 10, introduce_model=read_manifest(tiny_model_dir).model_id)
+        assert not any(isinstance(r, PeerError) for r in replies.values())
+        records = {c: conn.request("info").fields["gossip"]["records"] for c, conn in conns.items()}
+        assert records == {ours[0]: 2, ours[1]: 2, other: 1}
+    finally:
+        for conn in conns.values():
+            conn.close()
+
+
+def test_contacts_of_one_key_are_never_offered_each_others_records(tiny_model_dir, cluster_factory, tmp_path):
+    """Two contacts that run one key file (a copy elsewhere) are not offered each other's own
+    record: a record of a node's own peer id at another contact is gossip's to name
+    (docs/discovery.md), never the client's to hand it. A third contact of its own key is offered
+    theirs, and they its."""
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2))], bootstrap=False)
+    copy = tmp_path / "copy.key"  # (the original is locked by its node: a copy, as on another machine)
+    shutil.copy(nodes.nodes[0].key_file, copy)
+    twin = nodes.start_node(NodeSpec((2, 4), args=["--key-file", str(copy)]))
+    a, b = nodes.addresses[0], twin.address
+
+    def told(addresses: list[str]) -> list[str]:
+        conns = {c: PeerConnection(c, timeout=10) for c in addresses}
+        try:
+            peer_ids = {c: conn.request("info").fields["peer_id"] for c, conn in conns.items()}
+            assert len(set(peer_ids.values())) == len(set(addresses)) - 1  # the premise: a and b are one key
+            return introduce(conns, send_all(conns, "records", dict.fromkeys(conns, {"want": True})), peer_ids, 10)
+        finally:
+            for conn in conns.values():
+                conn.close()
+
+    assert told([a, b]) == []
+    third = nodes.start_node(NodeSpec((0, 4))).address
+    assert sorted(told([a, b, third])) == sorted([a, b, third])
 
 
 def test_a_restarted_contact_is_offered_to_one_that_holds_its_departure(tiny_model_dir, cluster_factory):

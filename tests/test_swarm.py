@@ -402,6 +402,50 @@ def test_a_stream_dropped_inside_another_step_is_closed_while_the_model_sits_idl
         model.close()
 
 
+def test_a_stream_stopped_while_the_idle_read_holds_the_lock_is_closed_at_once(tiny_model_dir, cluster_factory,
+                                                                                monkeypatch):
+    """A stream stopped by its caller while the model's idle-read thread holds the lock cannot
+    take it, and leaves its session to be closed later (review205): the thread closes it at once
+    when its read ends, not a whole IDLE_READ_SECONDS later (its nodes' sessions and KV caches
+    held meanwhile)."""
+    import threading
+
+    from nanoswarm.client import idle_reads
+    from nanoswarm.client.transport import PeerConnection
+
+    monkeypatch.setattr(idle_reads, "IDLE_READ_SECONDS", 5.0)
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    probe = PeerConnection(swarm.addresses[0], timeout=10)
+    armed, in_read, stopped = [1], threading.Event(), threading.Event()
+    drain = model.swarm.drain_events
+
+    def drain_then_wait() -> None:
+        drain()
+        if armed and threading.current_thread() is model._idle_reads.thread:
+            armed.clear()
+            in_read.set()  # the idle thread holds the lock: the stream is stopped now
+            stopped.wait(10)
+
+    monkeypatch.setattr(model.swarm, "drain_events", drain_then_wait)
+    try:
+        stream = model.stream("To be", 8, SamplingParams(temperature=0))
+        next(stream)
+        assert in_read.wait(15)
+        stream.close()  # the lock is the idle thread's: its session is abandoned, not closed
+        assert model.swarm.has_abandoned
+        stopped.set()
+        deadline = time.monotonic() + 3.5  # (the idle thread's next read: 5 s)
+        while probe.request("info").fields["sessions"] != 0:
+            assert time.monotonic() < deadline, "the stopped stream's session is still open"
+            time.sleep(0.05)
+        assert not model.swarm.bans
+    finally:
+        stopped.set()
+        probe.close()
+        model.close()
+
+
 def test_an_interrupt_between_a_requests_frames_tears_no_later_request(tiny_model_dir, cluster_factory, monkeypatch):
     """pyzmq sends a message's frames one call each, so Ctrl-C (or the CLI's SIGTERM) can land
     between them, and the frames sent wait on the socket for the rest. The next request went out
@@ -597,6 +641,43 @@ def test_ctrl_c_between_a_replys_frames_leaves_no_frame_for_the_next_read(tiny_m
     finally:
         monkeypatch.undo()
         model.close()
+
+
+def test_a_read_cut_short_skips_every_frame_left_of_its_message(monkeypatch):
+    """recv_whole: Ctrl-C after the first frame of a message of four (a reply with a header and
+    several tensors) skips all three that are left, not one: the next read is the next message,
+    never the tail of the one cut short (read as a reply, nonsense: a ban of a healthy node)."""
+    import zmq
+
+    from nanoswarm.client.frames import recv_whole
+
+    ctx = zmq.Context.instance()
+    sender, reader = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        port = reader.bind_to_random_port("tcp://127.0.0.1")
+        sender.connect(f"tcp://127.0.0.1:{port}")
+        sender.send_multipart([b"header", b"t1", b"t2", b"t3"])
+        sender.send_multipart([b"next"])
+        assert reader.poll(5000)
+        recv, armed = zmq.Socket.recv, [1]
+
+        def recv_or_interrupt(socket: zmq.Socket, *args, **kwargs):
+            frame = recv(socket, *args, **kwargs)
+            if armed and socket is reader:
+                armed.clear()
+                raise KeyboardInterrupt
+            return frame
+
+        monkeypatch.setattr(zmq.Socket, "recv", recv_or_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            recv_whole(reader, copy=True)
+        assert not armed
+        monkeypatch.undo()
+        assert reader.poll(5000)
+        assert recv_whole(reader, copy=True) == [b"next"]
+    finally:
+        sender.close(linger=0)
+        reader.close(linger=0)
 
 
 def test_a_client_process_may_hold_more_than_a_thousand_sockets():
