@@ -821,3 +821,113 @@ def test_what_a_killed_shard_run_left_is_no_model(tmp_path):
     assert done.returncode == 1 and "is not empty" in done.stderr
     done = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(out), "--layers-per-shard", "2", "--overwrite")
     assert done.returncode == 0 and (out / ".notes.tmp").read_text() == "mine"
+
+
+def test_a_bpe_file_with_a_bad_token_or_none_at_all_is_refused_and_ids_cut_mid_character_decode(tmp_path):
+    """Checked for the file read, not only its hash (review220: base64 read leniently took
+    `@@@@` as an empty token); a token cut mid-character decodes to U+FFFD, not an error."""
+    import hashlib
+
+    from nanoswarm.shards.tokenizer import _parse_bpe_ranks
+
+    assert _parse_bpe_ranks(b"IQ== 0\n\nIg== 1\n") == {b"!": 0, b'"': 1}  # a blank line is skipped
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_bytes(b"IQ== 0\n@@@@ 1\n")
+    with pytest.raises(TokenizerFileError, match="bad line 2: b'@@@@ 1'"):
+        load_bpe_ranks(bad, hashlib.sha256(bad.read_bytes()).hexdigest())
+    with pytest.raises(TokenizerFileError, match="cannot read the GPT-2 BPE file"):
+        load_bpe_ranks(tmp_path / "missing.tiktoken")
+    assert decode([158]) == "\ufffd" and decode([447, 247]) == "\u2019"  # b"\xe2" alone; b"\xe2\x80" + b"\x99"
+
+
+def test_resolve_device_checks_the_gpus_torch_sees_and_bfloat16_on_an_older_torch(monkeypatch):
+    """With torch.cuda's answers given by hand: an index past the GPUs torch sees is refused in
+    one line naming them (review220: `>` for `>=` let cuda:N with N GPUs through to torch);
+    cpu:0 is the CPU. An older torch without `including_emulation` reads the compute capability:
+    8.0 (Ampere) has bfloat16."""
+    from nanoswarm.shards.device import check_dtype, resolve_device
+
+    assert resolve_device("cpu") == resolve_device("cpu:0") == torch.device("cpu")
+    for bad in ("cpu:1", "meta", "tpu"):
+        with pytest.raises(ValueError, match="expected cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"^--device cuda:2: torch sees 2 CUDA devices \(cuda:0..cuda:1\)$"):
+        resolve_device("cuda:2")
+    chosen, matmul = [], torch.backends.cuda.matmul
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    before, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+    try:
+        assert resolve_device("cuda:0") == torch.device("cuda", 0)
+        assert resolve_device("cuda") == torch.device("cuda", 1)
+        assert chosen == [torch.device("cuda", 0), torch.device("cuda", 1)]  # the GPU's contexts and allocations
+        assert matmul.fp32_precision == "ieee"  # float32 exact on a GPU, not TF32
+    finally:
+        matmul.fp32_precision = before
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"^--device cuda:1: torch sees 1 CUDA device \(cuda:0..cuda:0\)$"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+        resolve_device("cuda")
+
+    gpu, capability = torch.device("cuda", 0), {"now": (8, 0)}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # no including_emulation: TypeError
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability["now"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    check_dtype(gpu, torch.bfloat16)
+    capability["now"] = (7, 5)
+    with pytest.raises(ValueError, match=r"cuda:0 \(Tesla T4\) has no native bfloat16"):
+        check_dtype(gpu, torch.bfloat16)
+
+
+def test_exact_float32_warns_of_a_driver_override_only_when_it_is_on(monkeypatch, caplog):
+    from nanoswarm.shards.device import exact_float32
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        for value, warned in (("0", False), ("", False), ("1", True)):
+            caplog.clear()
+            monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", value)
+            with caplog.at_level("WARNING", logger="nanoswarm.shards.device"):
+                exact_float32()
+            assert ("NVIDIA_TF32_OVERRIDE is set" in caplog.text) is warned, value
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_an_untied_head_round_trips_through_nanogpts_layout(tmp_path):
+    """nanoGPT's ckpt.pt keeps an untied lm_head of its own, not wte (review220: writing wte in
+    its place passed every test)."""
+    model = make_gpt(SMALL)
+    sd = {**model.flat_state_dict(), "lm_head.weight": torch.randn(1000, 64)}
+    save_nanogpt_checkpoint(SMALL, sd, tmp_path / "ckpt.pt")
+    _, loaded = load_checkpoint(tmp_path / "ckpt.pt")
+    assert torch.equal(loaded["lm_head.weight"], sd["lm_head.weight"])
+    assert torch.equal(loaded["wte.weight"], sd["wte.weight"])
+
+
+def test_a_hugging_face_directory_says_its_gelu_and_tying_as_transformers_reads_them(tmp_path):
+    """config.json as Hugging Face's own GPT-2 reads it, not only as our loader does: which GELU
+    (gelu is the exact form, gelu_new tanh's), and tie_word_embeddings false for a head of its own
+    (transformers would tie it to wte, dropping the saved head); no bias-free variant is written
+    (review220: each of these mutated passed every test)."""
+    exact = ModelConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, block_size=32, gelu="exact")
+    flat = make_gpt(exact).flat_state_dict()
+    save_hf_checkpoint(exact, flat, tmp_path / "tied")
+    cfg = json.loads((tmp_path / "tied" / "config.json").read_text())
+    assert cfg["activation_function"] == "gelu" and cfg["tie_word_embeddings"] is True
+    assert load_checkpoint(tmp_path / "tied")[0].gelu == "exact"
+    save_hf_checkpoint(exact, {**flat, "lm_head.weight": torch.randn(1000, 64)}, tmp_path / "untied")
+    cfg = json.loads((tmp_path / "untied" / "config.json").read_text())
+    assert cfg["activation_function"] == "gelu" and cfg["tie_word_embeddings"] is False
+    tanh = ModelConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, block_size=32, gelu="tanh")
+    save_hf_checkpoint(tanh, make_gpt(tanh).flat_state_dict(), tmp_path / "tanh")
+    assert json.loads((tmp_path / "tanh" / "config.json").read_text())["activation_function"] == "gelu_new"
+    bare = ModelConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, block_size=32, bias=False)
+    with pytest.raises(CheckpointError, match="Hugging Face GPT-2 has no bias-free variant"):
+        save_hf_checkpoint(bare, make_gpt(bare).flat_state_dict(), tmp_path / "bare")
+    assert not (tmp_path / "bare").exists()

@@ -323,3 +323,68 @@ def test_the_summary_reports_the_checkpoint_written_not_the_last_iterate(tmp_pat
     with torch.inference_mode():
         written = train.eval_loss(load_model(tmp_path / "model"), train_ids, config.block_size)
     assert summary["train_loss"] == pytest.approx(written, rel=1e-5)
+
+
+def test_the_fused_head_loss_is_cross_entropys_value_and_gradients():
+    """training_loss against F.cross_entropy(model(x), y) over more tokens than one chunk (a partial
+    last chunk too): the same loss and the same gradient of every weight, scaled as the loss is
+    (review220: a gradient n times too large, or one ignoring the loss's scale, passed every test:
+    Adam and the gradient clipping hid them)."""
+    import torch.nn.functional as F
+
+    from nanoswarm.shards.head_loss import HEAD_CHUNK, training_loss
+    from nanoswarm.shards.model import GPT
+
+    config = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, gelu="exact")
+    torch.manual_seed(0)
+    model = GPT(config)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 50257, (3, 50), generator=g), torch.randint(0, 50257, (3, 50), generator=g)
+    assert HEAD_CHUNK < x.numel() and x.numel() % HEAD_CHUNK
+
+    def grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    want, want_grads = grads(lambda: F.cross_entropy(model(x).reshape(-1, 50257), y.reshape(-1)))
+    got, got_grads = grads(lambda: training_loss(model, x, y))
+    assert abs(got - want) < 1e-5 and got_grads.keys() == want_grads.keys()
+    for k in want_grads:
+        assert torch.allclose(got_grads[k], want_grads[k], rtol=1e-4, atol=1e-7), k
+    _, doubled = grads(lambda: 2 * training_loss(model, x, y))
+    assert all(torch.allclose(doubled[k], 2 * want_grads[k], rtol=1e-4, atol=1e-7) for k in want_grads)
+
+
+def test_resume_refuses_a_checkpoint_without_optimizer_state_and_resumes_one_from_before_text_hashes(
+        tmp_path, caplog):
+    """A checkpoint with weights and eval point but no optimizer or generator state is not one to
+    resume (it said so; review220: a KeyError when that check lost its optimizer); one from
+    before texts were hashed resumes, with a warning, from the same --text path only."""
+    from nanoswarm.shards.loaders import CheckpointError
+    from nanoswarm.shards.model import GPT
+    from nanoswarm.shards.train_checkpoint import resume_run, save_eval_point
+    from nanoswarm.shards.writers import save_nanogpt_checkpoint
+
+    config = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, gelu="exact")
+    torch.manual_seed(0)
+    model = GPT(config)
+    optimizer, generator = torch.optim.AdamW(model.parameters(), lr=1e-3), torch.Generator().manual_seed(5)
+    settings = {"text_path": "a.txt", "text_sha256": "ab" * 32, "lr": 1e-3, "threads": 1}
+    bare = tmp_path / "bare.pt"
+    save_nanogpt_checkpoint(config, model.flat_state_dict(), bare,
+                            extra={"iter_num": 2, "best_val_loss": 1.5, "config": settings})
+    with pytest.raises(CheckpointError, match="not a checkpoint `nanoswarm train` can resume"):
+        resume_run(bare, model, optimizer, generator, settings)
+
+    old = tmp_path / "old.pt"
+    unhashed = {k: v for k, v in settings.items() if k != "text_sha256"}
+    saved_state = generator.get_state()
+    save_eval_point(model, old, 2, 1.5, unhashed, optimizer, generator, [{"iter": 0, "val_loss": 2.0}])
+    generator.manual_seed(99)
+    with caplog.at_level("WARNING", logger="nanoswarm.shards"):
+        assert resume_run(old, model, optimizer, generator, settings) == (2, 1.5, [{"iter": 0, "val_loss": 2.0}])
+    assert "predates text hashing" in caplog.text and torch.equal(generator.get_state(), saved_state)
+    with pytest.raises(ValueError, match=r"other settings: text_path \('a.txt' there, 'b.txt' now\)"):
+        resume_run(old, model, optimizer, generator, {**settings, "text_path": "b.txt"})
