@@ -413,6 +413,24 @@ def test_a_step_whose_input_holds_nan_fails_bad_value_with_the_sessions_as_befor
     assert a.sessions.sessions[sid].length == 0 and not a.groups.steps
 
 
+def _member_on_a_clock(model_dir, monkeypatch) -> tuple:
+    """Member 0 of a head group of two, its all-reduces on a clock the test moves (`clock[0]`),
+    its forward passes noted as (block, phase, steps) in `passes`, its replies and partials
+    sent nowhere: (handler, model_id, clock, passes)."""
+    from nanoswarm.node import all_reduce
+
+    clock = [time.monotonic()]
+    monkeypatch.setattr(all_reduce, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    [a, _], model_id = _handlers(model_dir)
+    a.can_relay = lambda contact: True
+    a.sender_key = lambda frames: None
+    passes: list = []
+    forward = a.groups._forward
+    a.groups._forward = lambda batch: passes.append((batch[0].block, batch[0].phase, len(batch))) or forward(batch)
+    a.groups.send = lambda replies: None
+    return a, model_id, clock, passes
+
+
 def test_a_member_holds_a_summed_phase_for_its_phase_mates_a_little(tiny_model_dir, monkeypatch):
     """Two sessions of one group (the same members) at the same phase: the partials of the one
     come first, and its next phase waits for the other's, so both run it in one forward pass
@@ -422,17 +440,7 @@ def test_a_member_holds_a_summed_phase_for_its_phase_mates_a_little(tiny_model_d
     The member's clock moves only when the test says: the holds are milliseconds, which a loaded
     machine's pause between two calls here outlasted (review167: 167 of 300 runs failed beside six
     busy loops)."""
-    from nanoswarm.node import all_reduce
-
-    clock = [time.monotonic()]
-    monkeypatch.setattr(all_reduce, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
-    [a, _], model_id = _handlers(tiny_model_dir)
-    a.can_relay = lambda contact: True
-    a.sender_key = lambda frames: None
-    passes: list = []
-    forward = a.groups._forward
-    a.groups._forward = lambda batch: passes.append((batch[0].block, batch[0].phase, len(batch))) or forward(batch)
-    a.groups.send = lambda replies: None
+    a, model_id, clock, passes = _member_on_a_clock(tiny_model_dir, monkeypatch)
     opened = [decode(a.handle(b"owner", encode("open", k, {"model_id": model_id, "max_length": 8})))
               for k in range(6)]
     s1, s2, s3, s4, s5, s6 = (o.fields["session"] for o in opened)
@@ -476,17 +484,7 @@ def test_a_step_held_for_a_phase_mate_is_not_failed_for_a_deadline_its_partials_
     phase-mate's new step in one batch: the step is summed and held for the phase-mate, and the
     loop's expire() after the batch must not fail it `relay_failed` (its partials all came:
     only its next phase waits, for the hold), but let it share the next pass."""
-    from nanoswarm.node import all_reduce
-
-    clock = [time.monotonic()]
-    monkeypatch.setattr(all_reduce, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
-    [a, _], model_id = _handlers(tiny_model_dir)
-    a.can_relay = lambda contact: True
-    a.sender_key = lambda frames: None
-    passes: list = []
-    forward = a.groups._forward
-    a.groups._forward = lambda batch: passes.append((batch[0].block, batch[0].phase, len(batch))) or forward(batch)
-    a.groups.send = lambda replies: None
+    a, model_id, clock, passes = _member_on_a_clock(tiny_model_dir, monkeypatch)
     s1, s2 = (decode(a.handle(b"owner", encode("open", k, {"model_id": model_id, "max_length": 8}))).fields["session"]
               for k in range(2))
     me = "tcp://127.0.0.1:1#" + zmq.curve_keypair()[0].decode()

@@ -3647,9 +3647,7 @@ def test_a_timing_keeps_the_fastest_of_its_rounds():
     """A peer is timed by PROBE_ROUNDS requests and keeps the fastest (a lone one on a fresh link
     came out 2-5x the round trip: review103): one late answer (a peer busy a moment) does not make
     it look far. Keeping the slowest (review214's mutation), the suite passed."""
-    import threading
-
-    from nanoswarm.client.round_trips import PROBE_ROUNDS, time_links
+    from nanoswarm.client.round_trips import PROBE_ROUNDS
     from nanoswarm.protocol.messages import decode, encode
 
     router, contact = _curve_router()
@@ -3664,14 +3662,24 @@ def test_a_timing_keeps_the_fastest_of_its_rounds():
                                                   {"peer_id": "p", "model_id": "m" * 64, "layers": [0, 4]})])
             answered.append(1)
 
+    rtts = _timed_by(router, contact, answer, 3.0)
+    assert len(answered) == PROBE_ROUNDS and list(rtts) == [contact]
+    assert rtts[contact] < 0.5  # not the 1 s of the late one
+
+
+def _timed_by(router, contact: str, answer, timeout: float) -> dict:
+    """time_links of one contact, a CURVE router whose thread runs `answer`; the router closed after."""
+    import threading
+
+    from nanoswarm.client.round_trips import time_links
+
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
     conn = PeerConnection(contact, 10.0)
     try:
-        rtts = time_links({contact: conn}, 3.0)
+        rtts = time_links({contact: conn}, timeout)
         thread.join(5)
-        assert len(answered) == PROBE_ROUNDS and list(rtts) == [contact]
-        assert rtts[contact] < 0.5  # not the 1 s of the late one
+        return rtts
     finally:
         conn.close()
         router.close()
@@ -3684,7 +3692,6 @@ def test_a_peer_that_answers_once_then_floods_keeps_no_timing():
     from the first request."""
     import threading
 
-    from nanoswarm.client.round_trips import time_links
     from nanoswarm.client.transport import MAX_TAKE_READS
     from nanoswarm.protocol.messages import decode, encode
 
@@ -3705,17 +3712,8 @@ def test_a_peer_that_answers_once_then_floods_keeps_no_timing():
                     router.send_multipart([ident, *stray])
                 flooded.set()
 
-    thread = threading.Thread(target=answer_then_flood, daemon=True)
-    thread.start()
-    conn = PeerConnection(contact, 10.0)
-    try:
-        rtts = time_links({contact: conn}, 2.0)
-        thread.join(5)
-        assert flooded.is_set()
-        assert rtts == {}
-    finally:
-        conn.close()
-        router.close()
+    assert _timed_by(router, contact, answer_then_flood, 2.0) == {}
+    assert flooded.is_set()
 
 
 def test_peers_report_of_a_model_no_record_serves_and_of_records_past_its_blocks():

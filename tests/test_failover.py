@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import time
 from types import SimpleNamespace
 
@@ -1605,6 +1606,16 @@ def test_a_failed_open_leaves_a_drop_to_the_session_that_holds_the_peer(tiny_mod
         model.close()
 
 
+def _kill_and_see_the_drop(nodes, conn) -> None:
+    """Kill the harness's node 0 and read `conn`'s link events until its drop is seen (up to 10 s)."""
+    nodes.kill(0)
+    nodes.nodes[0].proc.wait(10)
+    deadline = time.monotonic() + 10
+    while not conn.dropped and time.monotonic() < deadline:
+        conn.monitor.poll(100)
+        conn.drain_events()
+
+
 def test_a_drop_put_back_is_reported_again_as_it_was(tiny_model_dir, cluster_factory):
     """A link reports its drop once; a reader that is not its sessions' own puts it back
     (review106), and the next reader gets the same drop; an error that is no drop is not put
@@ -1620,12 +1631,7 @@ def test_a_drop_put_back_is_reported_again_as_it_was(tiny_model_dir, cluster_fac
         conn.open_session(open_fields(read_manifest(tiny_model_dir).model_id, 8, 0, 4))
         conn.put_back(PeerTimeout(conn.address, 1.0))
         assert not conn.dropped
-        nodes.kill(0)
-        nodes.nodes[0].proc.wait(10)
-        deadline = time.monotonic() + 10
-        while not conn.dropped and time.monotonic() < deadline:
-            conn.monitor.poll(100)
-            conn.drain_events()
+        _kill_and_see_the_drop(nodes, conn)
         with pytest.raises(LinkDropped) as first:
             conn.take(0, "result")
         assert conn.take(0, "result") is None and not first.value.harmless  # once; a session lost
@@ -1634,6 +1640,16 @@ def test_a_drop_put_back_is_reported_again_as_it_was(tiny_model_dir, cluster_fac
             conn.take(0, "result")
         assert (again.value.code, again.value.message, again.value.harmless) == (
             first.value.code, first.value.message, False)
+        # Put back again, it is raised by the next send(), before its request goes out: left to
+        # take(), a reply that came first let it go unreported, to fail some later, unrelated
+        # request (review147). Put back without that (review214's mutation), the send went out
+        # and the suite passed.
+        conn.put_back(again.value)
+        with pytest.raises(LinkDropped) as sent:
+            conn.send("info", timeout=1.0)
+        assert (sent.value.code, sent.value.message, sent.value.harmless) == (
+            first.value.code, first.value.message, False)
+        assert not conn.dropped  # reported once
     finally:
         conn.close()
 
@@ -2037,13 +2053,20 @@ def test_a_leaving_notice_for_sessions_closed_since_is_stale():
         conn.close()
 
 
+def _answering_no_syn(port: int) -> tuple[socket.socket, socket.socket]:
+    """A peer whose machine left the network, on 127.0.0.1: a listener at `port` whose accept
+    queue one connection fills, so that later SYNs are dropped and a reconnect hangs.
+    (listener, the connection that fills it)."""
+    listener = socket.create_server(("127.0.0.1", port), backlog=0)  # (SO_REUSEADDR: the peer's port)
+    return listener, socket.create_connection(("127.0.0.1", port))
+
+
 def test_a_drop_is_reported_at_once_when_the_reconnect_hangs():
     """A peer whose machine left the network answers no SYN: the reconnect hangs, and no event
     follows the drop. Modelled on 127.0.0.1 by a listener whose accept queue is full. A drop
     that took a session, read as the request is sent, is raised at once (the request waited its
     whole timeout for an event to wake it: a review); one that lost nothing is held only
     HOLD_SECONDS for the link to come back."""
-    import socket
 
     from nanoswarm.client.link_drops import HOLD_SECONDS
     from nanoswarm.client.peer_errors import PeerError
@@ -2054,16 +2077,13 @@ def test_a_drop_is_reported_at_once_when_the_reconnect_hangs():
     links = [PeerConnection(f"tcp://127.0.0.1:{port}", timeout=10, heartbeat=1.0, forgive_idle_drops=True)
              for _ in range(2)]
     links[0].sessions.add("s")
-    listener, filler = socket.socket(), None
+    listener = filler = None
     try:
         for conn in links:
             assert conn.recv(conn.send("info"), "info").type == "info"
         peer.kill()
         peer.wait()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-        listener.listen(0)
-        filler = socket.create_connection(("127.0.0.1", port))  # the queue is full: later SYNs are dropped
+        listener, filler = _answering_no_syn(port)
         time.sleep(0.5)
         # At once (the link held a session), and within the hold (the 10 s timeout otherwise);
         # each with room for a loaded machine's stalls (review102).
@@ -2077,9 +2097,9 @@ def test_a_drop_is_reported_at_once_when_the_reconnect_hangs():
         peer.wait()
         for conn in links:
             conn.close()
-        if filler is not None:
-            filler.close()
-        listener.close()
+        for sock in (filler, listener):
+            if sock is not None:
+                sock.close()
 
 
 def test_a_connect_that_nothing_answers_is_reported_after_a_heartbeat():
@@ -2452,58 +2472,6 @@ def test_peers_not_taken_are_warned_about_only_where_the_others_cover_every_bloc
         swarm.close()
 
 
-# Review173 (sixty-second session): a mutation of the code that no test caught before.
-def test_a_busy_stage_is_asked_again_not_failed_over():
-    """A layer stage's `busy` (an overloaded honest node, its session as it was) is asked
-    again after a pause, up to BUSY_RETRIES times, with no plan, no ban, no failover."""
-    from types import SimpleNamespace
-
-    from nanoswarm.client.peer_errors import PeerError
-    from nanoswarm.client.session import InferenceSession
-    from nanoswarm.client.stages import Stage
-
-    class BusyOnce(Stage):
-        start, stop, retries_busy, leaving = 0, 1, False, False
-
-        def __init__(self):
-            self.steps = 0
-
-        @property
-        def peers(self):
-            return ["A"]
-
-        def open(self, max_length: int) -> None:
-            pass
-
-        def step(self, hidden, pos, rewind=False):
-            self.steps += 1
-            if self.steps == 1:
-                raise PeerError("A", "busy", "overloaded")
-            return hidden + 1
-
-        def close(self) -> None:
-            pass
-
-    class Swarm:
-        n_layer, bans, checker, closed = 1, {}, None, False
-        options = SimpleNamespace(relay=False, wire="float32", timeout=1.0, verify=0.0)
-
-        def ban(self, address, why, code=""):
-            self.bans[address] = why
-
-        def drain_events(self):
-            pass
-
-        def plan(self, *args, **kwargs):
-            raise AssertionError("a busy stage was failed over")
-
-    stage, swarm = BusyOnce(), Swarm()
-    session = InferenceSession([stage], 8, swarm)
-    out = session.step(torch.zeros(1, 1, 4))
-    assert torch.equal(out, torch.ones(1, 1, 4)) and stage.steps == 2
-    assert session.stages == [stage] and session.failovers == 0 and not swarm.bans
-
-
 @pytest.mark.parametrize("idle", [False, True], ids=["reclaim-taken-as-a-fault", "reclaim-after-idling"])
 def test_peers_that_reclaim_and_refuse_in_turn_are_struck_after_one_free_move(idle):
     """A peer whose reopen is refused `busy` is moved off without a strike, once a session: two
@@ -2708,43 +2676,12 @@ def test_a_timed_request_to_an_address_where_nothing_listens_fails_at_once():
         conn.close()
 
 
-def test_a_drop_put_back_fails_the_next_request_before_it_goes_out(tiny_model_dir, cluster_factory):
-    """A drop that lost a session, put back by a reader that is not the session's (review106), is
-    raised by the next send(), before its request goes out: left to take(), a reply that came
-    first let it go unreported, to fail some later, unrelated request (review147). Put back
-    without that (review214's mutation), the send went out and the suite passed."""
-    from nanoswarm.client.peer_errors import LinkDropped
-    from nanoswarm.client.stages import open_fields
-    from nanoswarm.client.transport import PeerConnection
-    from nanoswarm.shards.manifest import read_manifest
-
-    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
-    conn = PeerConnection(nodes.addresses[0], timeout=5.0, forgive_idle_drops=True)
-    try:
-        conn.open_session(open_fields(read_manifest(tiny_model_dir).model_id, 8, 0, 4))
-        nodes.kill(0)
-        nodes.nodes[0].proc.wait(10)
-        deadline = time.monotonic() + 10
-        while not conn.dropped and time.monotonic() < deadline:
-            conn.monitor.poll(100)
-            conn.drain_events()
-        with pytest.raises(LinkDropped) as first:
-            conn.take(0, "result")
-        conn.put_back(first.value)
-        with pytest.raises(LinkDropped) as again:
-            conn.send("info", timeout=1.0)
-        assert (again.value.code, again.value.message, again.value.harmless) == (
-            first.value.code, first.value.message, False)
-        assert not conn.dropped  # reported once
-    finally:
-        conn.close()
-
-
 def test_a_busy_layer_stage_is_asked_again_rewinding_then_failed_over_after_its_retries(monkeypatch):
-    """A layer stage's `busy` is asked again with `rewind` (a step split in halves may have stored
-    its first: step_retrying_busy), and after BUSY_RETRIES retries still busy the stage is failed
-    over. Asked again without rewind, or once more than BUSY_RETRIES (review214's mutations), the
-    suite passed: the test above only sees a stage busy once, not how it is asked again."""
+    """A layer stage's `busy` (an overloaded honest node, its session as it was) is asked again
+    after a pause, with no plan, no ban, no failover (review173); asked with `rewind` (a step
+    split in halves may have stored its first: step_retrying_busy), and after BUSY_RETRIES
+    retries still busy the stage is failed over. Asked again without rewind, or once more than
+    BUSY_RETRIES (review214's mutations), the suite passed: it saw a stage busy once only."""
     from nanoswarm.client import mending
     from nanoswarm.client.peer_errors import PeerError
     from nanoswarm.client.session import InferenceSession
@@ -2790,10 +2727,11 @@ def test_a_busy_layer_stage_is_asked_again_rewinding_then_failed_over_after_its_
         def plan(self, *args, **kwargs):
             raise FailedOver
 
-    stage = Busy(times=1)
-    session = InferenceSession([stage], 8, Swarm())
+    stage, swarm = Busy(times=1), Swarm()
+    session = InferenceSession([stage], 8, swarm)
     assert torch.equal(session.step(torch.zeros(1, 2, 4)), torch.ones(1, 2, 4))
     assert stage.asked == [False, True] and session.failovers == 0
+    assert session.stages == [stage] and not swarm.bans
     stage = Busy(times=100)
     session = InferenceSession([stage], 8, Swarm())
     with pytest.raises(FailedOver):
@@ -2816,12 +2754,7 @@ def test_a_drop_put_back_on_a_link_that_holds_nothing_is_reported_if_the_peer_is
     try:
         assert conn.request("info").type == "info_reply"
         conn.sessions.add("s")  # a session over the link: its drop is reported, not held
-        nodes.kill(0)
-        nodes.nodes[0].proc.wait(10)
-        deadline = time.monotonic() + 10
-        while not conn.dropped and time.monotonic() < deadline:
-            conn.monitor.poll(100)
-            conn.drain_events()
+        _kill_and_see_the_drop(nodes, conn)
         with pytest.raises(LinkDropped) as read:
             conn.take(0, "result")
         conn.sessions.discard("s")  # closed since: the link holds nothing
@@ -2872,53 +2805,14 @@ def test_a_drop_while_an_open_sent_ahead_is_unanswered_fails_that_open_even_if_t
         conn.close()
 
 
-def test_a_held_drop_is_reported_when_its_hold_ends_though_no_event_wakes_the_wait():
+@pytest.mark.parametrize("asked", ["request", "ask_all"])
+def test_a_held_drop_is_reported_when_its_hold_ends_though_no_event_wakes_the_wait(asked):
     """An idle link's drop is held HOLD_SECONDS for the link to come back; where the reconnect
     hangs and nothing times the connect out (no heartbeat), no event wakes the request's wait
-    when the hold ends: the wait is cut to it (poll_limit), and the drop is reported then. The
-    test above has a heartbeat, whose connect timeouts woke the wait each second; uncut (review214's
-    mutation) this request waited out its whole timeout, and the suite passed."""
-    import socket
-
-    from nanoswarm.client.link_drops import HOLD_SECONDS
-    from nanoswarm.client.peer_errors import PeerError
-    from nanoswarm.client.transport import PeerConnection
-
-    port = free_port()
-    peer = _echo_peer(port)
-    conn = PeerConnection(f"tcp://127.0.0.1:{port}", timeout=10, heartbeat=None, forgive_idle_drops=True)
-    listener, filler = socket.socket(), None
-    try:
-        assert conn.recv(conn.send("info"), "info").type == "info"
-        peer.kill()
-        peer.wait()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-        listener.listen(0)
-        filler = socket.create_connection(("127.0.0.1", port))  # the queue is full: later SYNs are dropped
-        deadline = time.monotonic() + 10
-        while not conn.down and time.monotonic() < deadline:
-            conn.monitor.poll(100)
-            conn.drain_events()
-        assert conn.down and not conn.dropped  # held: the link lost nothing
-        t0 = time.monotonic()
-        with pytest.raises(PeerError, match="disconnected"):
-            conn.recv(conn.send("info"), "info")
-        assert time.monotonic() - t0 < HOLD_SECONDS + 2.0  # the 10 s timeout otherwise
-    finally:
-        peer.kill()
-        peer.wait()
-        conn.close()
-        if filler is not None:
-            filler.close()
-        listener.close()
-
-
-def test_a_held_drop_is_reported_to_ask_all_when_its_hold_ends():
-    """As the test above, through ask_all (a refresh's `info` to every contact at once): its wait
-    is cut to the end of a held drop's hold too. Uncut (review214's mutation), the contact waited
-    out the whole timeout, and the suite passed."""
-    import socket
+    when the hold ends: the wait is cut to it (poll_limit), and the drop is reported then; also
+    through ask_all (a refresh's `info` to every contact at once). The test above has a
+    heartbeat, whose connect timeouts woke the wait each second; uncut (review214's mutations of
+    each) the request waited out its whole timeout, and the suite passed."""
 
     from nanoswarm.client.link_drops import HOLD_SECONDS
     from nanoswarm.client.peer_errors import PeerError
@@ -2929,28 +2823,29 @@ def test_a_held_drop_is_reported_to_ask_all_when_its_hold_ends():
     peer = _echo_peer(port)
     contact = f"tcp://127.0.0.1:{port}"
     conn = PeerConnection(contact, timeout=10, heartbeat=None, forgive_idle_drops=True)
-    listener, filler = socket.socket(), None
+    listener = filler = None
     try:
         assert conn.recv(conn.send("info"), "info").type == "info"
         peer.kill()
         peer.wait()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-        listener.listen(0)
-        filler = socket.create_connection(("127.0.0.1", port))  # the queue is full: later SYNs are dropped
+        listener, filler = _answering_no_syn(port)
         deadline = time.monotonic() + 10
         while not conn.down and time.monotonic() < deadline:
             conn.monitor.poll(100)
             conn.drain_events()
         assert conn.down and not conn.dropped  # held: the link lost nothing
         t0 = time.monotonic()
-        answers = ask_all({contact: conn}, "info", 10.0)
+        if asked == "request":
+            with pytest.raises(PeerError, match="disconnected"):
+                conn.recv(conn.send("info"), "info")
+        else:
+            answer = ask_all({contact: conn}, "info", 10.0)[contact]
+            assert isinstance(answer, PeerError) and answer.code == "disconnected"
         assert time.monotonic() - t0 < HOLD_SECONDS + 2.0  # the 10 s timeout otherwise
-        assert isinstance(answers[contact], PeerError) and answers[contact].code == "disconnected"
     finally:
         peer.kill()
         peer.wait()
         conn.close()
-        if filler is not None:
-            filler.close()
-        listener.close()
+        for sock in (filler, listener):
+            if sock is not None:
+                sock.close()
