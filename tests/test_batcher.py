@@ -313,17 +313,20 @@ def test_a_request_refused_just_after_another_ended_is_tried_again(tiny_model_di
 
 
 class FailingHead:
-    """Wraps a model's head: its `fail_at`-th pass (counted from 1) raises, as a GPU's error would."""
+    """Wraps a model's head: its `fail_at`-th pass (counted from 1), or its first pass of
+    `fail_width` rows, raises, as a GPU's error would; `failed` is that pass's number."""
 
-    def __init__(self, model: SwarmModel, fail_at: int):
-        self.rows, self.passes, self.fail_at = model.client.logits_rows, 0, fail_at
+    def __init__(self, model: SwarmModel, fail_at: int | None = None, fail_width: int | None = None):
+        self.rows, self.passes, self.fail_at, self.fail_width = model.client.logits_rows, 0, fail_at, fail_width
         self.widths: list[int] = []
+        self.failed = 0
         model.client.logits_rows = self
 
     def __call__(self, rows):
         self.passes += 1
         self.widths.append(len(rows))
-        if self.passes == self.fail_at:
+        if not self.failed and (self.passes == self.fail_at or len(rows) == self.fail_width):
+            self.failed = self.passes
             raise RuntimeError("CUDA error: out of memory (a test's)")
         return self.rows(rows)
 
@@ -340,15 +343,18 @@ def test_a_failed_head_pass_fails_the_requests_it_served_alone(tiny_model_dir, c
             together = threading.Barrier(2)
 
             def ask(i: int):
-                stream = batcher.stream(PROMPTS[i], 12, GREEDY)
-                first = next(stream)  # both running before the failing pass
-                together.wait()
-                return first + "".join(stream)
-            head = FailingHead(model, fail_at=4)
+                together.wait(30)  # asked at once
+                return "".join(batcher.stream(PROMPTS[i], 12, GREEDY))
+            # The first pass that serves both fails. (Its fourth pass did, with each caller waiting
+            # for the other after its first piece: a worker runs ahead of a caller that waits, so on
+            # a loaded machine the first request could take three passes alone, and the other's
+            # first piece was the failing pass's: it raised before the wait, and the first caller
+            # waited for good.)
+            head = FailingHead(model, fail_width=2)
             failed = in_threads(ask, 2)
             assert all(isinstance(e, RuntimeError) and "out of memory" in str(e) for e in failed), failed
             assert failed[0] is not failed[1]  # (one object raised in both threads held both's frames)
-            assert head.widths[3] == 2 and sessions_left(swarm) == 0
+            assert head.failed and head.widths[head.failed - 1] == 2 and sessions_left(swarm) == 0
             later = in_threads(lambda i: batcher.generate(PROMPTS[i], 12, GREEDY), 2)
             assert [getattr(r, "ids", r) for r in later] == alone
         FailingHead(model, fail_at=3)
