@@ -69,6 +69,15 @@ def sessions_on(address: str) -> int:
         conn.close()
 
 
+def wait_for_sessions(address: str, n: int, seconds: float) -> float:
+    """Seconds until the node holds `n` sessions; fails after `seconds`."""
+    start = time.monotonic()
+    while (held := sessions_on(address)) != n:
+        assert time.monotonic() - start < seconds, f"the node still holds {held} sessions, not {n}"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`nanoswarm ARGS` as a user runs it: a subprocess, its output and exit code."""
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,

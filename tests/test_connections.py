@@ -13,7 +13,7 @@ import time
 import warnings
 
 import pytest
-from conftest import accepted, close_monitored, curve_router, sessions_on, take_over_port
+from conftest import accepted, close_monitored, curve_router, sessions_on, take_over_port, wait_for_sessions
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.peer_errors import PeerError, PeerTimeout
@@ -40,15 +40,6 @@ def hold_sessions(address: str, n: int = 2) -> tuple[subprocess.Popen, list[str]
         proc.kill()
         raise AssertionError(f"the holder opened no session (exit {proc.wait()})")
     return proc, line.split()
-
-
-def wait_for_sessions(address: str, n: int, seconds: float) -> float:
-    """Seconds until the node holds `n` sessions; fails after `seconds`."""
-    start = time.monotonic()
-    while (held := sessions_on(address)) != n:
-        assert time.monotonic() - start < seconds, f"the node still holds {held} sessions, not {n}"
-        time.sleep(0.1)
-    return time.monotonic() - start
 
 
 def why_closed(address: str, session_id: str) -> str:

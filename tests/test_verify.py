@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SwarmWithALiar, run_clis
+from conftest import SwarmWithALiar, run_clis, wait_for_sessions
 
 from nanoswarm.client.api import SwarmModel
 from nanoswarm.client.generate import SamplingParams
@@ -535,9 +535,7 @@ def test_a_reclaimed_stage_caught_by_its_replay_is_failed_over_as_wrong_not_as_c
     for its wrong replay (`wrong_result`), not for the `session_closed` that led to the reopen.
     Failed over under the reclaim's error, the notice and the ban said session_closed, and the
     suite passed (review214)."""
-    import time
 
-    from conftest import sessions_on
 
     from nanoswarm.client.api import GenerationResult
 
@@ -554,10 +552,7 @@ def test_a_reclaimed_stage_caught_by_its_replay_is_failed_over_as_wrong_not_as_c
         stream = model.stream(PROMPT, 8, GREEDY, result, on_failover=notices.append)
         for _ in range(4):
             next(stream)
-        deadline = time.monotonic() + 10
-        while sessions_on(liar) and time.monotonic() < deadline:
-            time.sleep(0.1)  # the liar reclaims the idle session; the next step reopens it
-        assert sessions_on(liar) == 0
+        wait_for_sessions(liar, 0, seconds=10)  # the liar reclaims the idle session; the next step reopens it
         list(stream)
         ban = model.swarm.bans[liar]
     finally:
@@ -599,19 +594,14 @@ def test_an_honest_bfloat16_stage_reclaimed_and_replayed_gets_no_stage_after_it_
     the stage after it holds a cache built on the old outputs, which checks now judge it on. It
     is reopened from the replay's outputs at once, and no one is blamed. Left to a later step
     (review214's mutation), the suite passed."""
-    import time
 
-    from conftest import sessions_on
 
     swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2), args=["--dtype", "bfloat16", "--idle-timeout", "1"]),
                                              NodeSpec((2, 4))])
     model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(timeout=10, verify=1.0))
 
     def reclaimed():
-        deadline = time.monotonic() + 10
-        while sessions_on(swarm.addresses[0]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert sessions_on(swarm.addresses[0]) == 0
+        wait_for_sessions(swarm.addresses[0], 0, seconds=10)
 
     try:
         model.swarm.checker.pick = lambda choices: choices[-1]  # the float32 stage after it, every step
