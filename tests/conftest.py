@@ -26,6 +26,8 @@ from nanoswarm.shards.model import GPT, ModelConfig
 TINY = ModelConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=50257, block_size=128, gelu="tanh")
 SMALL12 = ModelConfig(n_layer=12, n_head=12, n_embd=96, vocab_size=50257, block_size=256, gelu="exact")
 GPT2_SMALL = ModelConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)
+# 4 blocks, 4 heads: the shard-file tests' model (tests/test_shards.py, test_shard_checks.py).
+SMALL = ModelConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=1000, block_size=64, gelu="tanh")
 CLI = [sys.executable, "-m", "nanoswarm"]
 DISHONEST = str(Path(__file__).with_name("dishonest_node.py"))
 
@@ -289,6 +291,15 @@ def make_model_dir(path: Path, config: ModelConfig, seed: int = 0, layers_per_sh
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("tiny"), TINY, head_splits=[(0, 2), (2, 4)])
+
+
+@pytest.fixture
+def small_dir(tmp_path) -> Path:
+    """SMALL cut into files of 2 blocks and head splits 0:2 and 2:4, in the test's own folder
+    (tests that damage or rewrite the files)."""
+    write_model_dir(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path, layers_per_shard=2,
+                    head_splits=[(0, 2), (2, 4)])
+    return tmp_path
 
 
 @pytest.fixture(scope="session")

@@ -11,19 +11,11 @@ import json
 
 import pytest
 import torch
+from conftest import SMALL
 
 from nanoswarm.shards import cut, weights
 from nanoswarm.shards import manifest as mf
 from nanoswarm.shards.model import GPT, ModelConfig
-
-SMALL = ModelConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=1000, block_size=64, gelu="tanh")
-
-
-@pytest.fixture
-def small_dir(tmp_path):
-    cut.write_model_dir(SMALL, GPT(SMALL).flat_state_dict(), tmp_path, layers_per_shard=2,
-                       head_splits=[(0, 2), (2, 4)])
-    return tmp_path
 
 
 def _file(d: dict, name: str) -> dict:

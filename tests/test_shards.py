@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_gpt
+from conftest import SMALL, make_gpt
 from safetensors.torch import load_file
 
 from nanoswarm.shards import cut, model, weights
@@ -28,7 +28,6 @@ from nanoswarm.shards.tokenizer import (
 )
 from nanoswarm.shards.writers import save_hf_checkpoint, save_nanogpt_checkpoint
 
-SMALL = ModelConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=1000, block_size=64, gelu="tanh")
 TWELVE_HEADS = ModelConfig(n_layer=2, n_head=12, n_embd=96, vocab_size=500, block_size=32, gelu="exact")
 
 
@@ -385,13 +384,6 @@ def rewrite_file(model_dir, name: str, data: bytes) -> None:
     entry["sha256"], entry["size"] = hashlib.sha256(data).hexdigest(), len(data)
     d.pop("model_id")
     (model_dir / "manifest.json").write_text(json.dumps(d))
-
-
-@pytest.fixture
-def small_dir(tmp_path):
-    cut.write_model_dir(SMALL, make_gpt(SMALL).flat_state_dict(), tmp_path, layers_per_shard=2,
-                       head_splits=[(0, 2), (2, 4)])
-    return tmp_path
 
 
 @pytest.mark.parametrize("name,change,message", [
