@@ -28,7 +28,7 @@ from nanoswarm.client.swarm import Swarm
 from nanoswarm.client.transport import PeerConnection
 from nanoswarm.node.all_reduce import BEHIND_SECONDS, HOLD_SECONDS
 from nanoswarm.node.cluster import NodeSpec
-from nanoswarm.node.group_step import MAX_WAIT
+from nanoswarm.node.group_step import MAX_WAIT, MIN_WAIT
 from nanoswarm.node.handler import RequestHandler
 from nanoswarm.node.partials import KEPT_MESSAGES
 from nanoswarm.node.relay import Relay, next_hop_id
@@ -1071,3 +1071,167 @@ def test_a_session_waiting_for_its_members_partials_is_not_idle(tiny_model_dir):
     assert sid in a.groups.steps
     a.sessions.clock = lambda: time.monotonic() + 11.0  # past the idle timeout since the step began
     assert a.expire_idle() == [] and sid in a.sessions.sessions and sid in a.groups.steps
+
+
+# Review225 (a second mutation pass over the all-reduce): mutations that no test caught before.
+def test_partials_that_cannot_belong_to_the_running_step_are_refused(tiny_model_dir):
+    """While member 0's step waits for member 1's partial, a partial of another position, of the
+    member itself, of other positions than the step's, of a batch of two, or (for a rewound step
+    to come) of a member past the group is refused with its code, nothing kept and the step still
+    running (the garbage of the first test came when no step ran). A member past the group raised
+    IndexError (`internal`) under a mutation."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    _member_step(a, sid, torch.randn(1, 2, 64))  # member 0 of two, waiting for member 1's partial
+    for fields, shape, code in (({"pos": 1}, (1, 2, 64), "bad_position"), ({"member": 0}, (1, 2, 64), "bad_position"),
+                                ({}, (1, 1, 64), "bad_shape"), ({}, (2, 2, 64), "bad_shape"),
+                                ({"member": 2, "epoch": 1}, (1, 1, 64), "bad_position")):
+        [(to, frames)] = _partial(a, sid, torch.zeros(shape), None, next_hop_id(), **fields)
+        assert to == b"member-b" and decode(frames).fields["code"] == code, (fields, shape, decode(frames).fields)
+        assert not a.groups.kept and a.groups.kept.bytes == 0 and sid in a.groups.steps
+    assert a.sessions.sessions[sid].length == 0
+
+
+def test_a_partial_before_its_step_fits_the_nodes_step_limit_and_a_whole_position(tiny_model_dir):
+    """Before its step, a partial of as many positions as a step may hold is kept (one more is
+    refused `bad_shape`), and none for a session whose position is half stored (a fan-out's
+    attention of its first block done): no all-reduce step can start there."""
+    [a, _], model_id = _handlers(tiny_model_dir, NodeLimits(max_tokens_per_step=4))
+    a.can_relay = lambda contact: True
+    sid, half = (decode(a.handle(b"owner", encode("open", k, {"model_id": model_id, "max_length": 8})))
+                 .fields["session"] for k in (1, 2))
+    [(_, frames)] = _partial(a, sid, torch.zeros(1, 5, 64), None, next_hop_id())
+    assert decode(frames).fields["code"] == "bad_shape" and not a.groups.kept
+    assert _partial(a, sid, torch.zeros(1, 4, 64), None, next_hop_id()) == []  # kept for its step
+    assert a.groups.kept.bytes == 4 * 64 * 4
+    out = decode(a.handle(b"owner", encode("step", 3, {"session": half, "pos": 0, "phase": "attn", "block": 0},
+                                           [torch.randn(1, 1, 64)])))
+    assert out.type == "result" and a.sessions.sessions[half].next_block == 1
+    [(_, frames)] = _partial(a, half, torch.zeros(1, 1, 64), None, next_hop_id())
+    assert decode(frames).fields["code"] == "bad_position" and not a.groups.kept.of(half)
+
+
+def test_an_all_reduce_steps_member_epoch_batch_last_and_wait_are_checked(tiny_model_dir):
+    """More of check_step: a `member` of -1 (Python's last), an `epoch` greater than the
+    session's without `rewind`, a rewind to a negative position, a batch of two, a `last` of 0:
+    each refused, the session as it was, no step running, no partial sent; a `last` of all its
+    positions is taken, and a `wait` of 0 raised to MIN_WAIT (its step would fail at the node's
+    next turn); and a node of whole blocks serves no all-reduce step."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    me = "tcp://127.0.0.1:1#" + zmq.curve_keypair()[0].decode()
+    other = ["tcp://127.0.0.1:2#" + KEY_B, "their-session"]
+
+    def refused(req_id: int, x: torch.Tensor | None = None, handler=a, **fields) -> dict:
+        replies = handler.handle_batch([(b"owner", encode("step", req_id, {
+            "session": sid, "pos": 0, "member": 0, "wait": 1.0, "group": [[me, sid], other], **fields},
+            [torch.randn(1, 1, 64) if x is None else x]))])
+        assert [to for to, _ in replies] == [b"owner"], replies
+        assert not handler.groups.steps and handler.sessions.sessions[sid].length == 0
+        return decode(replies[0][1]).fields
+
+    assert refused(2, group=[other, [me, sid]], member=-1)["code"] == "malformed"
+    assert refused(3, epoch=1)["code"] == "bad_position"
+    assert refused(4, rewind=True, epoch=1, pos=-1)["code"] == "bad_position"
+    assert a.sessions.sessions[sid].epoch == 0
+    assert refused(5, x=torch.randn(2, 1, 64))["code"] == "bad_shape"
+    assert refused(6, last=0)["code"] == "malformed"
+    sent = _group_step(a, b"owner", sid, torch.randn(1, 1, 64), 7, wait=0, last=1)  # (a `last` of every row: taken)
+    assert [type(to) for to, _ in sent] == [Relay]
+    assert a.groups.steps[sid].wait == MIN_WAIT
+    whole = RequestHandler(load_blocks(tiny_model_dir, 0, 4), model_id, "whole", NodeLimits())
+    whole.can_relay = lambda contact: True
+    sid = decode(whole.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    assert refused(8, handler=whole)["code"] == "not_served"
+
+
+def test_a_rewound_all_reduce_step_on_a_half_stored_position_stores_it_whole(tiny_model_dir):
+    """A fan-out cut short after its first block's attention (a replay into the group goes by
+    fan-out) leaves each member's position half stored; the group's next step, an all-reduce
+    that rewinds, starts the position anew: every block stores it once, the output is the
+    blocks' and the session holds it whole (not left half stored, its length counted early)."""
+    [a, b], model_id = _handlers(tiny_model_dir)
+    for h in (a, b):
+        h.can_relay = lambda contact: True
+    sids = [decode(h.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+            for h in (a, b)]
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(12))
+    for h, sid in zip((a, b), sids):
+        out = decode(h.handle(b"owner", encode("step", 2, {"session": sid, "pos": 0, "phase": "attn", "block": 0},
+                                               [x])))
+        assert out.type == "result" and h.sessions.sessions[sid].next_block == 1
+    keys = [zmq.curve_keypair()[0].decode() for _ in range(2)]
+    contacts = [f"tcp://127.0.0.1:{k + 1}#{key}" for k, key in enumerate(keys)]
+    group = [[c, s] for c, s in zip(contacts, sids)]
+    replies = [r for k, h in enumerate((a, b)) for r in h.handle_batch([(b"owner", encode("step", 10 + k, {
+        "session": sids[k], "pos": 0, "group": group, "member": k, "wait": 5.0, "rewind": True, "epoch": 1},
+        [x]))])]
+    answers = _deliver([a, b], contacts, keys, replies)
+    full = load_blocks(tiny_model_dir, 0, 4)
+    with torch.inference_mode():
+        want = full(x, [full.new_cache(8)])
+    assert answers[10].type == "result" and torch.equal(answers[10].tensor(0), answers[11].tensor(0))
+    assert (answers[10].tensor(0) - want).abs().max().item() <= 1e-5
+    for h, sid in zip((a, b), sids):
+        assert (h.sessions.sessions[sid].length, h.sessions.sessions[sid].next_block) == (1, 0)
+
+
+def test_a_step_whose_session_closed_while_it_waits_is_answered_to_no_one(tiny_model_dir):
+    """A session closed while its all-reduce step waits for a partial: the step's end, when its
+    wait runs out, answers no one and leaves the cache alone (it may serve another session now:
+    the next session's positions are not rewound under it)."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    _member_step(a, sid, torch.randn(1, 2, 64))
+    assert decode(a.handle(b"owner", encode("close", 2, {"session": sid}))).type == "closed"
+    assert sid in a.groups.steps
+    assert a.groups.expire(now=float("inf")) == [] and not a.groups.steps
+
+
+def test_a_head_group_reopened_after_a_rewind_steps_its_new_sessions_at_their_first_epoch(tiny_model_dir):
+    """A group whose step was redone with `rewind` (epoch 1), then closed and opened again: its
+    new sessions are at epoch 0, and so are its steps (one naming epoch 1 is refused
+    `bad_position`, a member's fault to the client: a failover of an honest member)."""
+    handlers, model_id = _handlers(tiny_model_dir)
+    for h in handlers:
+        h.can_relay = lambda contact: True
+    blocks = load_blocks(tiny_model_dir, 0, 4)
+    x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(13))
+    with in_process_nodes(handlers) as conns:
+        links = [PeerConnection(c.address, 10.0) for c in conns]
+        try:
+            stage = HeadGroupStage([(links[0], (0, 2)), (links[1], (2, 4))], 0, 4, model_id, timeout=10.0,
+                                   all_reduce=True)
+            stage.open(8)
+            assert stage.all_reduce and stage.takes_rewind
+            stage.step(x[:, :2], 0)
+            stage.step(x[:, :2], 0, rewind=True)  # (a step cut short, redone)
+            assert stage.epoch == 1
+            stage.close()
+            stage.open(8)
+            got = stage.step(x, 0)
+            with torch.inference_mode():
+                assert (got - blocks(x, [blocks.new_cache(8)])).abs().max().item() <= 1e-5
+            assert stage.all_reduce
+            stage.close()
+        finally:
+            for link in links:
+                link.close()
+
+
+def test_a_step_that_fails_forgets_the_partials_kept_for_its_later_phases(tiny_model_dir):
+    """Member 1, a phase ahead, sent its partial of the MLP while member 0 still waits for its
+    attention's: the step fails (`relay_failed`, its wait run out), and the MLP's partial goes
+    with it (kept, it counted against what the node keeps for every session for a minute)."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    _member_step(a, sid, torch.randn(1, 2, 64))
+    assert _partial(a, sid, torch.zeros(1, 2, 64), None, next_hop_id(), phase="mlp") == []
+    assert a.groups.kept.bytes == 2 * 64 * 4
+    [(to, frames)] = a.groups.expire(now=float("inf"))
+    assert to == b"owner" and decode(frames).fields["code"] == "relay_failed"
+    assert not a.groups.kept and a.groups.kept.bytes == 0 and a.sessions.sessions[sid].length == 0

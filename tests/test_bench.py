@@ -422,3 +422,91 @@ def test_a_damaged_model_of_the_users_is_refused_not_rewritten(tmp_path):
     assert out.returncode == 1 and "rewriting" not in out.stderr, out.stderr
     assert block.name in out.stderr.strip().splitlines()[-1]
     assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+
+
+# ---- review221: the options' bounds and the random models (mutations of these passed every test) ----
+
+def test_options_at_their_bounds_are_taken_and_one_past_them_refused():
+    """Every bound a run can reach is taken: as many stages as blocks, a head group of every
+    head, a round that fills the context exactly, a node's most sessions; one past each is
+    refused before anything is made."""
+    from dataclasses import replace
+
+    from nanoswarm.bench.options import BenchOptions, check_options
+    from nanoswarm.node.sessions import NodeLimits
+
+    edge = BenchOptions(shape="tiny", stages=(1, 4), head_groups=4, prompt_len=1000, tokens=24,
+                        sessions=(1, NodeLimits.max_sessions), session_tokens=16)
+    check_options(edge)
+    check_options(replace(edge, sessions=(1,), session_tokens=1024 - 12))  # 12 prompt + the rest: the context
+    for past, why in ((dict(stages=(5,)), "--stages 5: the model has 4 blocks, so from 1 to 4"),
+                      (dict(head_groups=5), "--head-groups 5: the model has 4 heads, so from 2 to 4"),
+                      (dict(tokens=25), "--prompt-len 1000 + --tokens 25 exceed the model's context of 1024"),
+                      (dict(sessions=(1, 129)), "--sessions: at most 128 concurrent sessions"),
+                      (dict(sessions=(8,), session_tokens=1024 - 11), "concurrent sessions need 12 prompt + 1013"),
+                      (dict(links=()), "--links takes relay and/or star")):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            check_options(replace(edge, **past))
+
+
+def test_lists_of_options_name_at_least_one_value():
+    from nanoswarm.bench.options import parse_ints, parse_names
+
+    assert parse_ints(" 1, 2,4 ", "--stages") == (1, 2, 4) and parse_names("relay", "--links") == ("relay",)
+    for text in ("", " "):
+        with pytest.raises(ValueError, match=f"^--stages {text!r} must name at least one number, each 1 or more$"):
+            parse_ints(text, "--stages")
+    assert parse_names("", "--wires") == ()  # no other wire: the float32 runs only
+
+
+def test_float32_among_the_wires_is_not_measured_twice_and_a_head_group_tries_every_link():
+    from nanoswarm.bench.options import BenchOptions, run_groups
+
+    groups = run_groups(BenchOptions(stages=(2,), wires=("float32", "q80"), head_groups=2), 4, 4)
+    assert [(g.route, g.stages, g.variants) for g in groups] == [
+        ("layers", 2, [("float32", "relay"), ("float32", "star"), ("q80", "relay")]),
+        ("heads", 1, [("float32", "relay"), ("float32", "star")])]
+    assert [str(g) for g in groups] == ["layers, 2 stages", "heads, 1 stage"]
+    assert [g.node_threads(3) for g in groups] == [3, 1] and groups[1].node_threads(1) == 1  # shared, at least one
+
+
+def test_the_shapes_are_those_the_help_names():
+    """`--shape tiny` is "4 blocks, 128 wide", gpt2-small "12 blocks, 768 wide" (GPT-2's own),
+    both with GPT-2's vocabulary and context."""
+    from nanoswarm.bench.models import SHAPES
+
+    help_text = " ".join(invoke_cli("bench", "--help").stdout.split())
+    for name, config in SHAPES.items():
+        assert f"{name} ({config.n_layer} blocks, {config.n_embd} wide)" in help_text
+        assert (config.vocab_size, config.block_size) == (50257, 1024)
+    assert (SHAPES["gpt2-small"].n_layer, SHAPES["gpt2-small"].n_head, SHAPES["gpt2-small"].n_embd) == (12, 12, 768)
+    assert SHAPES["tiny"].n_head == 4
+
+
+def test_a_kept_random_model_is_reused_only_for_its_own_shape(tmp_path):
+    """One of the same config is kept as it is; one of another config, or one whose manifest is
+    unreadable, is written again; biases and norms are off their 0/1 defaults, so each block
+    changes the logits."""
+    from dataclasses import replace
+
+    from conftest import TINY
+
+    from nanoswarm.bench.models import make_random_model_dir, random_state_dict
+    from nanoswarm.shards.manifest import read_manifest
+
+    small = replace(TINY, n_layer=2, vocab_size=256, block_size=16)
+    path = make_random_model_dir(tmp_path / "m", small)
+    model_id = read_manifest(path).model_id
+    assert make_random_model_dir(path, small) == path and read_manifest(path).model_id == model_id
+    other = replace(small, n_layer=1)
+    make_random_model_dir(path, other)
+    assert read_manifest(path).config == other
+    (path / "manifest.json").write_text("{not json")
+    make_random_model_dir(path, other, seed=1)
+    assert read_manifest(path).config == other
+    weights = random_state_dict(small)
+    for name, tensor in weights.items():
+        if name.endswith(".bias"):
+            assert tensor.abs().max() > 0, name
+        elif "ln_" in name:
+            assert (tensor != 1).any(), name

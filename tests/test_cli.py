@@ -1391,3 +1391,109 @@ def test_train_json_is_the_summary_without_the_per_eval_history(tmp_path):
     assert summary["out_path"] == str(tmp_path / "ckpt.pt") and summary["max_iters"] == 2
     assert {"val_loss", "train_loss", "best_iter", "settings", "n_params"} <= set(summary)
     assert out.stderr.count("| eval: ") == 3  # iters 0, 1 and 2, on stderr
+
+
+# Review221: mutations of the command line's top level and of files.py that no test caught.
+def test_a_shard_that_cannot_be_written_whole_leaves_no_partial_file_and_says_why(tmp_path):
+    """A write that fails part-way (a full disk; here the file-size limit) removes the
+    temporary file it had begun, and the one error line names the file, not Python's
+    "[Errno 27]"."""
+    import resource
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt.pt"
+    save_nanogpt_checkpoint(TINY, GPT(TINY).flat_state_dict(), ckpt)
+    out_dir = tmp_path / "m"
+
+    def small_files() -> None:  # (SIGXFSZ ignored: the write fails with EFBIG instead of killing it)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+
+    out = subprocess.run([*CLI, "shard", str(ckpt), str(out_dir)], capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL, preexec_fn=small_files)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and last.startswith(f"error: cannot write {out_dir}/"), out.stderr
+    assert last.endswith(": File too large") and "Errno" not in last and ".tmp" not in last, last
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [ckpt]  # the part written went with the failure
+
+
+def test_an_errors_line_is_one_line_its_shortage_first_and_a_traceback_only_when_debugging(tmp_path, monkeypatch):
+    """A message of several lines (torch's are) is joined into one; an error a shortage of
+    descriptors caused is told so first (it began "no peer serves ..." or "cannot read"); with
+    NANOSWARM_DEBUG set the traceback is what comes out."""
+    import errno
+
+    from nanoswarm import descriptors
+    from nanoswarm.shards import loaders
+
+    def fails(*_args, **_kwargs):
+        try:
+            raise OSError(errno.EMFILE, "Too many open files")
+        except OSError as e:
+            raise RuntimeError("cannot read the checkpoint:\n    its second line\n") from e
+
+    monkeypatch.setattr(descriptors, "_noted", -float("inf"))  # (no shortage seen lately in this process)
+    monkeypatch.setattr(loaders, "load_checkpoint", fails)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    result = invoke_cli("shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m"))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == ("error: this process ran out of file descriptors: raise its limit "
+                                              "(ulimit -n); cannot read the checkpoint: its second line")
+    debug = subprocess.run([*CLI, "shard", str(tmp_path / "ckpt.pt"), str(tmp_path / "m")], capture_output=True,
+                           text=True, timeout=120, stdin=subprocess.DEVNULL, env={**os.environ, "NANOSWARM_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr, debug.stderr
+    assert "empty file" in debug.stderr and "error:" not in debug.stderr
+
+
+def test_every_command_takes_the_hard_open_file_limit_and_vv_says_so(tmp_path):
+    """Not a node's alone: a client's links are descriptors too (review141). -vv logs it at
+    debug level; -v (info) and no -v do not."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, soft)
+    want = hard if hard != resource.RLIM_INFINITY else None
+    outs = {}
+    for i, flags in enumerate(([], ["-v"], ["-vv"])):
+        out = subprocess.run([*CLI, *flags, "keys", "generate", "--out", str(tmp_path / f"k{i}.key")],
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard)))
+        assert out.returncode == 0, out.stderr
+        outs[" ".join(flags)] = [x for x in out.stderr.splitlines() if "file descriptor limit raised" in x]
+    assert outs[""] == outs["-v"] == [] and len(outs["-vv"]) == 1, outs
+    [line] = outs["-vv"]
+    assert " DEBUG nanoswarm.cli: file descriptor limit raised from " in line, line
+    assert line.endswith(f" from {low} to {want}") if want is not None else f" from {low} to " in line, line
+
+
+def test_python_m_nanoswarm_cli_is_the_command_too():
+    """`python -m nanoswarm.cli` (its docstring: the same as `nanoswarm`) runs the command."""
+    outs = run_clis(["--version"], ["--bogus"])
+    cli = [sys.executable, "-m", "nanoswarm.cli"]
+    for args, out in zip((["--version"], ["--bogus"]), outs):
+        again = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert (again.returncode, again.stdout, again.stderr) == (out.returncode, out.stdout, out.stderr), args
+    assert outs[0].returncode == 0 and "nanoswarm, version " in outs[0].stdout and outs[1].returncode == 2
+
+
+def test_a_commands_own_help_is_no_failure():
+    """`nanoswarm node --help` ends in click's Exit(0), which the top level lets through: it was
+    no "error: Exit" with exit code 1."""
+    for command in ("node", "bench", "keys generate"):
+        out = invoke_cli(*command.split(), "--help")
+        assert (out.returncode, out.stderr) == (0, "") and out.stdout.startswith("Usage: "), (command, out)
+
+
+def test_a_swallowed_signal_is_raised_again_once_whatever_came_before_it(monkeypatch):
+    """Two signals recorded (a SIGTERM, then a SIGHUP a destructor swallowed): the last is
+    raised again, and only once; what was left of the others is forgotten with it."""
+    import nanoswarm.cli as cli
+
+    monkeypatch.setattr(cli, "_raised", [signal.SIGTERM, signal.SIGHUP])
+    with pytest.raises(cli.Interrupted) as raised:
+        cli.raise_swallowed()
+    assert raised.value.signum == signal.SIGHUP and str(raised.value) == "SIGHUP"
+    cli.raise_swallowed()  # nothing left to raise
+    cli._raised[:] = [signal.SIGTERM]
+    cli.forget_signals()
+    cli.raise_swallowed()

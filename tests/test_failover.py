@@ -861,6 +861,41 @@ def test_a_busy_answer_while_replaying_into_a_replacement_is_asked_again(monkeyp
         session_mod.InferenceSession._replay(Spare(busy=BUSY_RETRIES + 1), x)
 
 
+def test_a_replay_step_refused_busy_is_asked_again_rewinding_up_to_its_retries(monkeypatch):
+    """A replay's chunk refused `busy` (step_retrying_busy) is asked again exactly BUSY_RETRIES
+    times, each retry of a layer stage rewinding (a chunk split after `too_large` may have its
+    first half stored); a stage that retries `busy` itself, or an error other than `busy`, is
+    not asked again (review224)."""
+    from nanoswarm.client import stages as stages_mod
+    from nanoswarm.client.peer_errors import PeerError
+    from nanoswarm.client.stages import BUSY_RETRIES, RemoteLayerStage, step_retrying_busy
+
+    monkeypatch.setattr(stages_mod, "busy_pause", lambda retry: None)
+
+    class Busy(RemoteLayerStage):  # no peer behind it: the retry rule alone
+        def __init__(self, busy: int, code: str = "busy", retries_busy: bool = False):
+            self.busy, self.code, self.retries_busy, self.rewinds = busy, code, retries_busy, []
+
+        def step(self, hidden, pos, rewind=False, last=None):
+            self.rewinds.append(rewind)
+            if len(self.rewinds) <= self.busy:
+                raise PeerError("tcp://127.0.0.1:9", self.code, "refused")
+            return hidden + 1
+
+    x = torch.zeros(1, 3, 4)
+    stage = Busy(BUSY_RETRIES)  # busy at every try but the last allowed
+    assert torch.equal(step_retrying_busy(stage, x, 0), x + 1)
+    assert stage.rewinds == [False] + [True] * BUSY_RETRIES
+    stage = Busy(BUSY_RETRIES + 1)
+    with pytest.raises(PeerError, match="busy"):
+        step_retrying_busy(stage, x, 0, rewind=True)
+    assert stage.rewinds == [True] * (BUSY_RETRIES + 1)
+    for stage in (Busy(1, retries_busy=True), Busy(1, code="internal")):
+        with pytest.raises(PeerError):
+            step_retrying_busy(stage, x, 0)
+        assert stage.rewinds == [False]
+
+
 def test_a_replaced_stage_s_close_reaches_its_live_peer_before_the_ban_drops_the_link(
         tiny_model_dir, cluster_factory):
     """_replace closes the old stage, then bans its peer, which closes the swarm's socket to it:

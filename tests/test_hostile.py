@@ -1671,3 +1671,74 @@ def test_a_node_with_curve_takes_partials_and_relayed_steps_only_with_their_keys
     finally:
         for node in nodes:
             node.close()
+
+
+# Review221: mutations of descriptors.py that no test caught.
+_DESCRIPTORS_AT_THE_LIMIT = r"""
+import errno, os, resource
+from nanoswarm import descriptors
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+# The limit raised once; a second time there is nothing to raise
+print("raised again:", descriptors.raise_limit() is not None, descriptors.raise_limit())
+open_now = descriptors.usage()[0]
+# `usage` counts what is open: with the limit that many and one more, one more opens and no other
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 1, hard))
+fd = os.open(os.devnull, os.O_RDONLY)
+try:
+    os.open(os.devnull, os.O_RDONLY)
+    print("opened past the limit")
+except OSError as e:
+    print("then:", errno.errorcode[e.errno])
+# Not even one left to list them with: every one is in use
+print("usage at the limit:", descriptors.usage() == (open_now + 1, open_now + 1))
+print("short at the limit:", descriptors.shortage() is not None)
+os.close(fd)
+# Within MARGIN of the limit counts as none left; one more, it does not
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + descriptors.MARGIN, hard))
+print("short within the margin:", descriptors.shortage() is not None)
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + descriptors.MARGIN + 1, hard))
+print("short past the margin:", descriptors.shortage() is not None)
+"""
+
+
+def test_descriptors_are_counted_and_found_short_at_their_bounds():
+    """usage() is the count open (at the limit, where none is left to list them, the limit);
+    shortage() starts MARGIN from the limit; raise_limit() raises once (it said "raised" again
+    from the hard limit to itself)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _DESCRIPTORS_AT_THE_LIMIT], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["raised again: True None", "then: EMFILE", "usage at the limit: True",
+                                       "short at the limit: True", "short within the margin: True",
+                                       "short past the margin: False"], out.stdout
+
+
+def test_an_error_is_explained_by_a_shortage_in_its_chain_and_only_once(monkeypatch):
+    """A shortage anywhere in an error's chain (raised `from` it or while handling it) is named
+    before the error's line, for either errno that says none is left (the process's EMFILE, the
+    system's ENFILE); an OutOfDescriptors, which says so itself, is not told it twice."""
+    import errno
+
+    from nanoswarm import descriptors
+
+    monkeypatch.setattr(descriptors, "_noted", -float("inf"))  # no shortage seen lately in this process
+    assert descriptors.explain(RuntimeError("no peer serves layers 0:4")) is None
+    for number in (errno.EMFILE, errno.ENFILE):
+        try:
+            try:
+                raise OSError(number, os.strerror(number))
+            except OSError:
+                raise ValueError("embeddings.safetensors: cannot read it")  # noqa: B904 - the implicit chain (__context__)
+        except ValueError as e:
+            assert descriptors.explain(e) == "this process ran out of file descriptors: raise its limit (ulimit -n)"
+        monkeypatch.setattr(descriptors, "_noted", -float("inf"))
+        with pytest.raises(descriptors.OutOfDescriptors) as raised:
+            descriptors.check(OSError(number, os.strerror(number)))
+        assert raised.value.errno == number and descriptors.explain(raised.value) is None
+        monkeypatch.setattr(descriptors, "_noted", -float("inf"))
+    descriptors.check(OSError(errno.ECONNREFUSED, "refused"))  # not a shortage: nothing raised

@@ -1147,3 +1147,139 @@ def test_keys_generate_at_the_default_path_names_the_file_it_wrote(tmp_path: Pat
     as_json = invoke_cli("keys", "generate", "--json")
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["key_file"] == str(path)
     assert json.loads(as_json.stdout)["peer_id"] == load_identity(path).peer_id
+
+
+# Review221: files.py's size limit on the small files a user hands us, at its bound.
+def test_an_allowed_keys_file_is_read_up_to_its_size_limit_and_no_further(tmp_path: Path, alice: Identity) -> None:
+    """A file of exactly SMALL_FILE_BYTES is read whole; one byte more is refused, not read
+    (cut short, its last line would have been taken as a key, or memory filled)."""
+    import re
+
+    from nanoswarm.files import SMALL_FILE_BYTES
+
+    line = f"{alice.curve_public.decode()} "
+    path = tmp_path / "allowed"
+    path.write_text(line + "x" * (SMALL_FILE_BYTES - len(line)))  # one key, a long label
+    assert path.stat().st_size == SMALL_FILE_BYTES
+    assert read_allowed_keys(path) == {alice.curve_public}
+    with path.open("a") as f:
+        f.write("y")
+    why = f"cannot read allowed-keys file {path}: more than {SMALL_FILE_BYTES} bytes: not a file of this kind"
+    with pytest.raises(KeyFileError, match=f"^{re.escape(why)}$"):
+        read_allowed_keys(path)
+
+
+# Review223: the table's paths a second mutation review found untested (each test fails under
+# the mutation its docstring names; checked both ways).
+def _rec(who: Identity, seq: int, expires: float = NOW + 60, model_id: str = "m") -> dict:
+    return sign_record(who, address="tcp://127.0.0.1:9", model_id=model_id, layers=(0, 1), seq=seq,
+                       expires=expires)
+
+
+def test_a_peer_back_after_its_record_expired_joins_again(alice: Identity) -> None:
+    """A record of a peer whose last one expired (still in the table until `expire()`) is a join,
+    not a refresh: nodes log joins, and gossip takes a refresh as a sign of life of a live peer
+    (mutation: `old is None or old.record.is_expired(now)` -> `old is None`)."""
+    clock = Clock()
+    table = RecordTable(max_ttl=60, clock=clock)
+    joined, refreshed = [], []
+    table.on_join = lambda record: joined.append(record.seq)
+    table.on_refresh = lambda record, old: refreshed.append(record.seq)
+    assert table.offer(_rec(alice, 1, expires=NOW + 10)) == "accepted"
+    assert table.offer(_rec(alice, 2, expires=NOW + 10)) == "accepted"
+    assert (joined, refreshed) == ([1], [2])
+    clock.now = NOW + 11  # expired, not yet dropped
+    assert alice.peer_id not in table
+    assert table.offer(_rec(alice, 3, expires=NOW + 60)) == "accepted"
+    assert (joined, refreshed) == ([1, 3], [2])
+
+
+def test_a_peers_seq_floor_is_the_highest_seq_held(alice: Identity) -> None:
+    """A peer back after its departure holds a live record above its tombstone's seq: the floor is
+    the record's, so an older record of it, signed between the two, is stale and does not roll it
+    back (mutation: `max(seqs)` -> `min(seqs)`)."""
+    table = RecordTable(max_ttl=60, clock=Clock())
+    assert table.offer(_rec(alice, 4)) == "accepted"
+    assert table.offer(sign_departure(alice, verify_record(_rec(alice, 4), now=NOW), seq=5, now=NOW)) == "departed"
+    newest = _rec(alice, 8)
+    assert table.offer(newest) == "accepted"
+    assert table.held_seq(alice.peer_id) == 8
+    assert table.offer(_rec(alice, 7)) == "stale_seq"
+    assert table.get(alice.peer_id).seq == 8 and table.wires() == [newest]
+
+
+def test_a_peer_that_came_back_departs_again_with_the_tombstones_full(alice: Identity, bob: Identity) -> None:
+    """A departure of a peer that holds a tombstone already replaces it, also when the tombstones
+    are full: a peer that left, came back and left again is gone, not listed until its record
+    expires (mutation: `peer_id in self._tombstones or` dropped from `_has_room`)."""
+    table = RecordTable(max_ttl=60, clock=Clock(), max_peers=1)
+    assert table.offer(_rec(alice, 1)) == "accepted"
+    assert table.offer(sign_departure(alice, verify_record(_rec(alice, 1), now=NOW), seq=2, now=NOW)) == "departed"
+    assert table.offer(_rec(alice, 3)) == "accepted"  # back
+    again = sign_departure(alice, verify_record(_rec(alice, 3), now=NOW), seq=4, now=NOW)
+    assert table.offer(again) == "departed"
+    assert alice.peer_id not in table and table.held_seq(alice.peer_id) == 4 and table.wires() == [again]
+    assert table.offer(_rec(alice, 3)) == "stale_seq"
+
+
+def test_a_departure_from_a_clock_ahead_blocks_its_records_until_they_expire(alice: Identity) -> None:
+    """A departure signed on a clock ahead of ours (its `expires` in our future) keeps its
+    tombstone for max_ttl past that moment, not past ours: a record the peer signed just before
+    leaving, on that clock, lives that long and must not bring it back when gossiped late
+    (mutation: `max(now, record.expires) + max_ttl` -> `now + max_ttl`)."""
+    clock = Clock()
+    table = RecordTable(max_ttl=60, clock=clock)
+    last = _rec(alice, 1, expires=NOW + 30 + 60)  # signed at NOW + 30 on its clock, ttl 60: too far ahead for us now
+    assert table.offer(last) == "too_far_future"
+    assert table.offer(sign_departure(alice, verify_record(last, now=NOW + 30), seq=2, now=NOW + 30)) == "departed"
+    clock.now = NOW + 61  # past our now + max_ttl; the record lives until NOW + 90
+    assert table.offer(last) == "stale_seq"
+    assert alice.peer_id not in table
+    clock.now = NOW + 91
+    assert table.offer(last) == "expired"
+
+
+def test_a_seq_floor_lapses_with_what_held_it(alice: Identity, bob: Identity) -> None:
+    """Review206's survivor in `_held_seq`: the floor is what blocks older records, and it lapses
+    with what holds it, before `expire()` drops it: an expired record (a node restarted with its
+    clock stepped back, signing lower seqs, is taken at once; the other side of it, left by
+    review206, is that an older record with a longer ttl still held by a peer is taken again too),
+    and a tombstone past its `until`. Mutations: `not entry.record.is_expired(now)` dropped, and
+    `stone.until > now` dropped."""
+    clock = Clock()
+    table = RecordTable(max_ttl=60, clock=clock)
+    assert table.offer(_rec(alice, 20, expires=NOW + 10)) == "accepted"
+    assert table.offer(_rec(alice, 10, expires=NOW + 50)) == "stale_seq"
+    clock.now = NOW + 11
+    assert table.held_seq(alice.peer_id) is None
+    assert table.offer(_rec(alice, 10, expires=NOW + 50)) == "accepted"  # the stepped-back restart
+    assert table.get(alice.peer_id).seq == 10
+    # A departure's tombstone: it blocks until `until` (max_ttl past the departure), then not.
+    assert table.offer(_rec(bob, 5)) == "accepted"
+    assert table.offer(sign_departure(bob, verify_record(_rec(bob, 5), now=NOW), seq=6, now=NOW + 11)) == "departed"
+    clock.now = NOW + 11 + 60 - 1
+    assert table.held_seq(bob.peer_id) == 6 and table.offer(_rec(bob, 3, expires=clock.now + 30)) == "stale_seq"
+    clock.now = NOW + 11 + 60 + 1
+    assert table.held_seq(bob.peer_id) is None
+    assert table.offer(_rec(bob, 3, expires=clock.now + 30)) == "accepted"
+
+
+def test_gossip_splits_wires_by_model_and_leaves_out_departures_peers_reject(alice: Identity, bob: Identity) -> None:
+    """`wires_split(model)`: that model's records and departures first, the rest apart; a
+    departure is gossiped only while receivers still take it (expires within max_ttl), though its
+    tombstone lasts longer. Mutations: the split's two lists swapped, and the departure's window
+    dropped."""
+    clock = Clock()
+    table = RecordTable(max_ttl=60, clock=clock)
+    carol = generate_identity()
+    ours, theirs = _rec(alice, 1), _rec(bob, 1, model_id="other")
+    assert table.offer(ours) == "accepted" and table.offer(theirs) == "accepted"
+    assert table.offer(_rec(carol, 1)) == "accepted"
+    late = sign_departure(carol, verify_record(_rec(carol, 1), now=NOW), seq=2, now=NOW - 30)  # heard late
+    assert table.offer(late) == "departed"
+    assert table.wires_split("m") == ([ours, late], [theirs]) or table.wires_split("m") == ([late, ours], [theirs])
+    assert table.wires_split("other")[0] == [theirs]
+    clock.now = NOW + 31  # the departure expired 61 s ago: receivers refuse it, its tombstone holds
+    assert RecordTable(max_ttl=60, clock=clock).offer(late) == "expired"
+    assert table.held_seq(carol.peer_id) == 2
+    assert table.wires_split("m") == ([ours], [theirs])

@@ -279,3 +279,26 @@ def test_a_head_groups_rows_are_exact_in_every_way_it_is_asked_for_the_tail(tiny
         finally:
             for link in links:
                 link.close()
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relayed", "stage by stage"])
+def test_a_last_node_that_does_not_say_it_takes_last_is_not_asked_for_it(tiny_model_dir, cluster_factory, relay):
+    """A route's last node of an earlier version (its `opened` without `last_positions`) would
+    ignore `last` and answer every row, which the client would refuse as the wrong shape and
+    blame on it: the client does not ask it, takes every row back and keeps the last ones itself.
+    (Here the node does take `last`: had it been asked, fewer bytes would come back.) Review224."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    ids = torch.randint(0, 50257, (P,), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        want = load_model(tiny_model_dir)(ids[None])[0]
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses, options=SwarmOptions(relay=relay)) as model, \
+            model.session(P) as session:
+        stage = session.stages[-1]
+        stage.opened = {k: v for k, v in stage.opened.items() if k != "last_positions"}
+        end = model.swarm.connection(stage.peers[0])
+        before = end.bytes_received
+        hidden = session.step(model.client.embed(ids.tolist(), 0), last=2)
+        assert hidden.shape[1] == 2 and (_rows(model.client, hidden) - want[P - 2:]).abs().max().item() <= 1e-5
+        width = read_manifest(tiny_model_dir).config.n_embd
+        assert end.bytes_received - before >= P * width * 4  # every row came back
+        assert session.failovers == 0 and model.swarm.bans == {}

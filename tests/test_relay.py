@@ -1707,3 +1707,30 @@ def test_a_relayed_step_passes_on_one_busy_figure_per_hop_before_it(handler):
     to, res = ask(handler, b"node-before", "step", {"session": sid, "pos": 0, "reply": 47, "hop": 1,
                                                     "busy": [10, 20, 30]}, [x()])
     assert (to, res.type) == (b"owner", "result") and len(res.fields["busy"]) == 2 and res.fields["busy"][0] == 10
+
+
+def test_a_step_the_client_refused_before_sending_leaves_the_next_one_relayed(tiny_model_dir, cluster_factory):
+    """A caller's step refused before anything was sent (a full session, hidden states no model
+    makes) is no step cut short: the next one is relayed as before, not sent stage by stage with
+    every stage told to rewind, as after a step that reached the nodes (review224)."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    try:
+        session = model.session(6)
+        x = model.client.embed([1, 2, 3], 0)
+        session.step(x)
+        first = session.stages[0].peers[0]
+        assert stats(model, first)["relayed"] == 1
+        for bad in (torch.cat([x, x], dim=1), x / x.abs().max() * 1e16):  # 9 positions > 6; past HIDDEN_LIMIT
+            with pytest.raises(ValueError):
+                session.step(bad)
+            assert stats(model, first)["relayed"] == 1  # (nothing sent)
+        y = model.client.embed([4], 3)
+        out = session.step(y)
+        assert stats(model, first)["relayed"] == 2  # relayed, not stage by stage
+        local = SwarmModel.local(tiny_model_dir).session(6)
+        local.step(x)
+        assert (out - local.step(y)).abs().max().item() <= 1e-5 and session.pos == 4
+        session.close()
+    finally:
+        model.close()

@@ -402,3 +402,8 @@ def test_a_prompt_piece_fits_the_nodes_message_limit_and_the_clients_frame_limit
     assert positions_per_request({"max_message_bytes": 1 << 40}, width) == most
     assert positions_per_request({"max_message_bytes": limit, "max_tokens_per_step": 7}, width) == 7
     assert positions_per_request({"max_message_bytes": 10}, width) == 1  # (at least one)
+    # A stated step limit that makes no sense is no limit (review224: 0 or less sent a prompt
+    # one position a request); one a node did not state at all neither.
+    for nonsense in (0, -5, 7.0, None):
+        opened = {"max_message_bytes": limit, "max_tokens_per_step": nonsense}
+        assert positions_per_request(opened, width) == (limit - HEADER_ROOM) // (4 * width), nonsense

@@ -612,3 +612,24 @@ def test_an_honest_bfloat16_stage_reclaimed_and_replayed_gets_no_stage_after_it_
     assert result.stop_reason == "length" and result.spot_checks == 10
     assert result.failovers == 0 and result.wrong_results == 0 and banned == set()
     assert [stage["peers"] for stage in result.route] == [[a] for a in swarm.addresses]
+
+
+def test_a_checking_session_relays_nothing_though_relay_is_asked_for(tiny_model_dir, cluster_factory):
+    """Spot checks judge each stage on the outputs it sent the client itself: a relayed step would
+    bring the earlier hops' outputs back through the later ones (which could alter them and have
+    an honest node blamed), and a relayed prompt's not at all. So a checking session steps stage
+    by stage, and pins no hop, with `relay=True` (review224)."""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    model = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses,
+                               options=SwarmOptions(timeout=10, verify=1.0, relay=True))
+    try:
+        session = model.session(16)
+        assert not session.relay
+        result = model.generate(PROMPT, 4, GREEDY)
+        assert result.spot_checks == 4 and result.wrong_results == 0
+        relayed = [model.swarm.connection(a).request("info").fields["stats"]["relayed"] for a in swarm.addresses]
+        assert relayed == [0, 0]
+        session.close()
+    finally:
+        model.close()
+    assert result.ids == SwarmModel.local(tiny_model_dir).generate(PROMPT, 4, GREEDY).ids
