@@ -345,3 +345,20 @@ def test_swarm_options_refuse_seconds_and_heartbeats_out_of_their_bounds():
     for name in ("insecure", "relay", "introduce", "all_reduce"):
         with pytest.raises(ValueError, match=f"{name} must be True or False, got 1"):
             SwarmOptions(**{name: 1})
+
+
+# Review227: a step of more than one sequence is the caller's mistake.
+
+
+def test_a_step_of_more_than_one_sequence_is_refused_before_any_peer_is_asked(tiny_model_dir, cluster_factory):
+    """A session holds one sequence: hidden states of batch size 2 are refused as the caller's
+    mistake, no peer asked or blamed, and the session goes on as it was. (Dropping the batch-size
+    check from InferenceSession._check_input, a review227 mutation, passed the suite: no mistake
+    of the test above has a batch size other than 1.)"""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4))])
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model, model.session(8) as session:
+        x = model.client.embed([1, 2, 3], 0)
+        with pytest.raises(ValueError, match=r"a step takes hidden states of shape \[1, positions >= 1, 64\]"):
+            session.step(torch.cat([x, x]))
+        assert session.pos == 0 and session.failovers == 0 and model.swarm.bans == {}
+        assert session.step(x).shape == x.shape

@@ -302,3 +302,26 @@ def test_a_last_node_that_does_not_say_it_takes_last_is_not_asked_for_it(tiny_mo
         width = read_manifest(tiny_model_dir).config.n_embd
         assert end.bytes_received - before >= P * width * 4  # every row came back
         assert session.failovers == 0 and model.swarm.bans == {}
+
+
+# Review227: a stage or chain whose last node does not say `last_positions` is not asked for the last rows.
+
+
+def test_a_step_halved_after_too_large_brings_back_only_the_tails_rows(tiny_model_dir, cluster_factory):
+    """A step halved after `too_large` (8 pieces of 5 positions here) asks each half for its part
+    of the tail only, so the bytes back are those of the last rows and one row a piece, not every
+    row: the point of `last`. (Asking the first half for the whole step's `last`, a review227
+    mutation of RemoteLayerStage.step, passed the suite: the rows were exact, just all sent.)"""
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 4), args=["--max-tokens-per-step", "5"])])
+    ids = torch.randint(0, 50257, (P,), generator=torch.Generator().manual_seed(6))
+    received = []
+    with SwarmModel.connect(tiny_model_dir, peers=swarm.addresses) as model:
+        for ask_for in (None, 9):
+            with model.session(P) as session:
+                stage = session.stages[0]
+                stage.opened = {k: v for k, v in stage.opened.items() if k != "max_tokens_per_step"}
+                before = stage.conn.bytes_received
+                assert session.step(model.client.embed(ids.tolist(), 0), last=ask_for).shape[1] == (ask_for or P)
+                received.append(stage.conn.bytes_received - before)
+    width = read_manifest(tiny_model_dir).config.n_embd
+    assert received[0] - received[1] >= (P - 9 - 8) * width * 4  # at most a row a piece besides the tail

@@ -722,8 +722,6 @@ def test_a_stage_dropped_while_pinning_is_failed_over_at_once(small12_model_dir,
         model.close()
 
 
-
-
 def test_an_insecure_hop_is_not_asked_to_relay_to_a_node_that_checks(tiny_model_dir, cluster_factory):
     """An --insecure node relays with a CURVE key of the moment, which no client can admit: the
     client runs that boundary stage by stage from the start, without a refused step first."""
@@ -1734,3 +1732,33 @@ def test_a_step_the_client_refused_before_sending_leaves_the_next_one_relayed(ti
         session.close()
     finally:
         model.close()
+
+
+# Review227: a step refused as the caller's mistake before anything was sent leaves the next one relayed.
+
+
+def test_a_session_stops_relaying_only_after_pin_rounds_that_fail_in_a_row(monkeypatch):
+    """PIN_TRIES rounds of pinning that fail stop a session's relaying only in a row: a round
+    that pins starts the count again. (Not resetting it, a review227 mutation of
+    SessionRelay.pin, passed the suite: a long session's scattered failures, a reclaim here and
+    a drop there, ended its relaying for good.)"""
+    from nanoswarm.client.relay import PIN_TRIES
+
+    answers = []
+    monkeypatch.setattr(relay_module, "pin_route", lambda stages, no_relay, timeout: answers.pop(0))
+    failed = (types.SimpleNamespace(peers=["a"]), PeerError("a", "timeout", "no answer to admit"))
+    relaying = relay_module.SessionRelay(True, 1.0)
+
+    class Stage:  # (hashable: the unpinning takes a set of them)
+        def __init__(self, session):
+            self.session = session
+
+    for k, ok in enumerate([False] * (PIN_TRIES - 1) + [True] + [False] * (PIN_TRIES - 1)):
+        relaying.new_step()
+        answers.append(None if ok else failed)
+        assert relaying.pin([Stage(k)]) is ok  # a route changed every step
+    assert relaying.on and answers == []
+    relaying.new_step()
+    answers.extend([failed, None])  # the last round, then the unpinning
+    assert relaying.pin([Stage("last")]) is False
+    assert not relaying.on and answers == []

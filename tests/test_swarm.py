@@ -787,3 +787,51 @@ def test_harness_splits_refuse_more_parts_than_units_and_take_one_head_each():
         even_split(4, 5)
     assert swarm_specs(4, 4, 1, 4) == [NodeSpec((0, 4), (h, h + 1)) for h in range(4)]
     assert threads_of(["nanoswarm", "node", "m", "--threads", "2", "--threads"]) == 2  # click says the value is missing
+
+
+# Review227: a float16 reply comes back in the caller's dtype; a head group that fails to open leaves none open.
+
+
+@pytest.mark.parametrize("relay", [False, True], ids=["stage by stage", "relayed"])
+def test_hidden_states_sent_in_float16_come_back_in_the_callers_dtype(tiny_model_dir, cluster_factory, relay):
+    """Over the float16 wire a step's output is the caller's dtype (float32 here), on its device,
+    close to the single-process model's: the wire narrows what crosses it, not what the caller
+    gets. (Returning the reply's float16 tensor as it was read, a review227 mutation of
+    stages.reply_tensors, passed the suite.)"""
+    from conftest import TINY
+
+    from nanoswarm.client.swarm import SwarmOptions
+
+    nodes = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4))])
+    ids = random_ids(6, seed=4)
+    options = SwarmOptions(wire="float16", relay=relay)
+    with SwarmModel.connect(tiny_model_dir, peers=nodes.addresses, options=options) as model:
+        with model.session(6) as session:
+            hidden = session.step(model.client.embed(ids.tolist(), 0))
+            assert hidden.dtype == torch.float32 and hidden.shape == (1, 6, TINY.n_embd)
+            assert session.history[1].tensor().dtype == torch.float32
+            want = reference_logits(tiny_model_dir, ids)[-1]
+            assert (model.client.logits(hidden) - want).abs().max().item() < 0.05
+
+
+def test_a_head_group_that_fails_to_open_leaves_no_member_session_open(tiny_model_dir, cluster_factory):
+    """A head group's member that is full refuses the open after the other member took it: the
+    route fails (no one else serves those heads), and the member that took it holds no session
+    for it after (the session closes the stage that failed to open: HeadGroupStage.open closes
+    nothing itself). (Not closing it, a review227 mutation of InferenceSession._open_route, passed
+    the suite: the member held the slot and KV reservation until its idle timeout.)"""
+    from nanoswarm.client.peer_errors import PeerError
+
+    swarm = cluster_factory(tiny_model_dir, [NodeSpec((0, 2)), NodeSpec((2, 4), (0, 2)),
+                                             NodeSpec((2, 4), (2, 4), args=["--max-sessions", "1"])])
+    holder = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    other = SwarmModel.connect(tiny_model_dir, peers=swarm.addresses)
+    try:
+        held = holder.session(8)
+        with pytest.raises((PeerError, RouteError)):
+            other.session(8)
+        assert _sessions_become(swarm.addresses, 1)  # the holder's alone
+        held.close()
+    finally:
+        holder.close()
+        other.close()
