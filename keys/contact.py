@@ -39,7 +39,8 @@ def split_contact(contact: str) -> tuple[str, bytes | None]:
         except ValueError:  # binascii.Error, or a character not ASCII (a look-alike letter pasted)
             raise ValueError(f"contact {contact!r}: the key after '#' is not valid hex") from None
         return endpoint, z85.encode(raw)
-    z = key.encode("ascii", "replace")
+    # A look-alike letter pasted is no key (review228: "replace" made it "?", a z85 character).
+    z = key.encode("ascii") if key.isascii() else b""
     if is_z85_key(z):
         return endpoint, z
     raise ValueError(f"contact {contact!r}: expected a CURVE key after '#' (64 hex digits or 40 z85 characters)")

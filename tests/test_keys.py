@@ -1283,3 +1283,85 @@ def test_gossip_splits_wires_by_model_and_leaves_out_departures_peers_reject(ali
     assert RecordTable(max_ttl=60, clock=clock).offer(late) == "expired"
     assert table.held_seq(carol.peer_id) == 2
     assert table.wires_split("m") == ([ours], [theirs])
+
+
+# Review228: inputs of keys/contact.py that a mutation of its checks got wrong, unnoticed before.
+def test_contact_keys_are_refused_or_read_as_their_checks_say(monkeypatch):
+    """A contact pasted with blanks around it is read (mutation: no strip()); a key of 72 hex
+    digits is no key (mutation: `len(key) >= 64` made it a 45-character "key"); a look-alike
+    letter in a hex key is "not valid hex" (mutation: `except binascii.Error` let a bare
+    ValueError out) and in a z85 key is refused (a bug, review228: `encode("ascii", "replace")`
+    made it "?", a z85 character, and the contact named another node's key); a given host whose
+    name IDNA cannot encode is no match (mutation: `except OSError` let UnicodeError out)."""
+    from nanoswarm.keys import contact
+    from nanoswarm.keys.contact import endpoint_of, same_endpoint, split_contact
+
+    pub = zmq.curve_keypair()[0]
+    hexed = format_contact("tcp://127.0.0.1:5555", pub)
+    assert split_contact(f"  {hexed}\n") == ("tcp://127.0.0.1:5555", pub)
+    assert endpoint_of(f" {hexed} ") == "tcp://127.0.0.1:5555"
+    with pytest.raises(ValueError, match="expected a CURVE key"):
+        split_contact(hexed + "00" * 4)
+    with pytest.raises(ValueError, match="not valid hex"):
+        split_contact(hexed[:-1] + "é")
+    z = pub.decode()
+    assert split_contact(f"tcp://127.0.0.1:5555#{z}") == ("tcp://127.0.0.1:5555", pub)
+    with pytest.raises(ValueError, match="expected a CURVE key"):
+        split_contact(f"tcp://127.0.0.1:5555#{z[:10]}é{z[11:]}")
+    with pytest.raises(ValueError, match="expected a CURVE key"):  # a byte not UTF-8 in argv (surrogateescape)
+        split_contact(f"tcp://127.0.0.1:5555#{z[:10]}\udcff{z[11:]}")
+    monkeypatch.setattr(contact, "_lookups", {})
+    assert not same_endpoint(f"tcp://{'a' * 64}.test:1", "tcp://10.0.0.1:1")
+
+
+def test_a_hosts_failed_lookups_wait_at_most_lookup_seconds(monkeypatch):
+    """The wait after failed lookups doubles up to LOOKUP_SECONDS, no further (mutation: without
+    the `min`, the sixth failure in a row held the name for 960 s)."""
+    import socket
+    import types
+
+    from nanoswarm.keys import contact
+
+    clock = [1000.0]
+
+    def lookup(host, port, type=0):
+        raise socket.gaierror("no such host")
+
+    monkeypatch.setattr(contact, "socket", types.SimpleNamespace(getaddrinfo=lookup, SOCK_STREAM=socket.SOCK_STREAM))
+    monkeypatch.setattr(contact, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(contact, "_lookups", {})
+    waits = []
+    for _ in range(8):
+        assert not contact.same_endpoint("tcp://down.test:1", "tcp://10.0.0.1:1")
+        waits.append(contact._lookups["down.test"][0] - clock[0])
+        clock[0] += waits[-1]
+    assert waits == [30.0, 60.0, 120.0, 240.0] + [contact.LOOKUP_SECONDS] * 4
+
+
+def test_a_host_looked_up_again_is_the_last_to_give_way(monkeypatch):
+    """When more hosts than LOOKUPS_KEPT are given, the one looked up longest ago gives way, not
+    the one first given (mutation: without the `pop` before the entry is set again, a host looked
+    up again kept its first place and was dropped first, to be asked of DNS again)."""
+    import socket
+    import types
+
+    from nanoswarm.keys import contact
+
+    clock = [1000.0]
+
+    def lookup(host, port, type=0):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.1", 0))]
+
+    monkeypatch.setattr(contact, "socket", types.SimpleNamespace(getaddrinfo=lookup, SOCK_STREAM=socket.SOCK_STREAM))
+    monkeypatch.setattr(contact, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(contact, "_lookups", {})
+
+    def given(n: int) -> bool:
+        return contact.same_endpoint(f"tcp://h{n}.test:1", "tcp://10.0.0.1:1")
+
+    assert given(0) and given(1)
+    clock[0] += contact.LOOKUP_SECONDS + 1
+    assert given(0)  # looked up again: now the latest
+    assert all(given(n) for n in range(2, contact.LOOKUPS_KEPT + 1))
+    assert "h0.test" in contact._lookups and "h1.test" not in contact._lookups
+    assert len(contact._lookups) == contact.LOOKUPS_KEPT

@@ -345,3 +345,28 @@ def test_a_half_precision_nodes_finite_result_the_wire_cannot_carry_blames_the_w
     big = torch.full((1, 1, 8), 1e6, dtype=torch.bfloat16)
     assert _unsendable(big, big, "float16", to_frame(big, "float16")) == \
         "the result does not fit float16 (overflow to NaN or Inf)"
+
+
+# Review228: mutations of protocol/messages.py that passed the tests above.
+def test_decode_takes_or_refuses_what_a_mutation_of_its_checks_got_wrong():
+    """A reply type sent to a node is `unknown_type` before its fields are looked at (mutation:
+    no `types` check, and an `opened` without its session was `malformed`); a session id field a
+    type does not have is no session id, whatever its length (mutation: without `name in
+    schema`, an `open` with a long unknown `session` was refused); a dimension of 2**31 is refused
+    even in an empty tensor (mutation: without `< 2**31`, [0, 2**31] was taken); and the id of a
+    header over MAX_HEADER_BYTES is not looked for (mutation: `peek_id` unpacked it anyway)."""
+    import msgpack
+
+    from nanoswarm.protocol.messages import MAX_HEADER_BYTES, REQUEST_TYPES, encode_frames, peek_id
+
+    with pytest.raises(ProtocolError) as e:
+        decode(encode("opened", 1, {}), types=REQUEST_TYPES)
+    assert e.value.code is ErrorCode.UNKNOWN_TYPE
+    assert decode(encode("open", 1, {"max_length": 8, "session": "s" * 65})).fields["session"] == "s" * 65
+    with pytest.raises(ProtocolError) as e:
+        decode(encode_frames("result", 1, {}, [("float32", [0, 2**31])], [b""]))
+    assert e.value.code is ErrorCode.BAD_TENSOR
+    assert decode(encode_frames("result", 1, {}, [("float32", [0, 2**31 - 1])], [b""])).specs[0][1] == (0, 2**31 - 1)
+    big = msgpack.packb({"v": 2, "id": 5, "type": "info", "pad": "x" * MAX_HEADER_BYTES})
+    assert len(big) > MAX_HEADER_BYTES and peek_id(big) == 0
+    assert peek_id(msgpack.packb({"v": 2, "id": 5, "type": "info", "pad": "x" * 100})) == 5

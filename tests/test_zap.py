@@ -243,3 +243,87 @@ def test_a_handler_whose_thread_fails_to_set_up_fails_to_start_and_does_not_hang
     finally:
         zap.stop()
         ctx.term()
+
+
+# Review228: mutations of node/zap.py that passed the tests above.
+
+
+def test_a_flood_of_refused_keys_keeps_at_most_64_names_and_says_so_once(caplog):
+    """Fresh keys past the cap are neither kept nor named (`refused` stays at MAX_LOGGED: the
+    lead of review228, dropping the check after the trim, let it grow with each key), a key
+    refused again within the hour is not named again, and only the 64th name says the cap was
+    reached (mutation: `len(...) >= MAX_LOGGED - 1` said it twice)."""
+    from nanoswarm.node.zap import ClientKeys
+
+    check = ClientKeys(set())
+    keys = [zmq.curve_keypair()[0] for _ in range(3 * ClientKeys.MAX_LOGGED)]
+    with caplog.at_level(logging.WARNING, logger="nanoswarm.node.zap"):
+        assert not any(check(k) for k in keys)
+        assert len(check.refused) == ClientKeys.MAX_LOGGED
+        caplog.clear()
+        assert not any(check(k) for k in keys[:3] + keys[-3:])  # named already; past the cap
+    assert not caplog.records and len(check.refused) == ClientKeys.MAX_LOGGED
+    assert set(check.refused) == set(keys[:ClientKeys.MAX_LOGGED])
+    with caplog.at_level(logging.WARNING, logger="nanoswarm.node.zap"):
+        check = ClientKeys(set())
+        for k in keys[:ClientKeys.MAX_LOGGED]:
+            check(k)
+    assert [i for i, r in enumerate(caplog.records) if "that makes" in r.getMessage()] == [ClientKeys.MAX_LOGGED - 1]
+
+
+def test_a_check_that_raises_any_exception_is_answered_500():
+    """Not only ValueError (the test above): a KeyError in the check is answered too (mutation:
+    `except ValueError`)."""
+    zap = ZapHandler(zmq.Context.instance(), lambda key: {}[key])
+    request = [b"1.0", b"3", b"nanoswarm", b"127.0.0.1", b"", b"CURVE", bytes(32)]
+    assert zap.answer(request)[1:4] == [b"3", b"500", b"internal error"]
+
+
+def test_a_handler_thread_that_fails_says_why_it_ended(monkeypatch):
+    """Any exception in the answering loop is kept for the node to report (NodeServer's ZAP
+    check names `why_ended`); mutation: `except zmq.ZMQError` let it out of the thread, and the
+    handler said it had merely "stopped"."""
+    ctx, clients = zmq.Context(), zmq.Context()
+    zap = ZapHandler(ctx, lambda key: True)
+
+    def broken(request):
+        raise RuntimeError("a broken answer")
+
+    monkeypatch.setattr(zap, "answer", broken)
+    zap.start()
+    server, endpoint, server_key = curve_server(ctx)
+    try:
+        hello = say_hello(clients, endpoint, server_key, ALLOWED_PUBLIC, ALLOWED_SECRET)  # a handshake to answer
+        deadline = time.monotonic() + 5
+        while zap.alive and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not zap.alive and zap.why_ended == "RuntimeError: a broken answer"
+        hello.close()
+    finally:
+        server.close()
+        zap.stop()
+        clients.destroy(linger=0)
+        ctx.term()
+
+
+def test_a_handler_that_fails_to_start_leaves_no_socket_behind():
+    """A start that fails closes the handler's pipe itself: when ZAP's endpoint is taken (the
+    thread fails; mutation: start() without its stop()) and when the pipe's own endpoint is
+    (mutation: the bind's failure without close()). The context then terminates without a
+    stop() of the failed handler."""
+    ctx = zmq.Context()
+    first = ZapHandler(ctx, lambda key: True)
+    first.start()
+    second, third = ZapHandler(ctx, lambda key: True), ZapHandler(ctx, lambda key: True)
+    third._pipe_endpoint = first._pipe_endpoint
+    try:
+        for failing in (second, third):
+            with pytest.raises(RuntimeError, match="ZAP handler"):
+                failing.start()
+            assert failing._pipe is None and not failing.alive
+    finally:
+        first.stop()
+        for failing in (second, third):
+            if failing._pipe is not None:  # a mutation's: else term() waits for it
+                failing._pipe.close()
+        ctx.term()
