@@ -1235,3 +1235,23 @@ def test_a_step_that_fails_forgets_the_partials_kept_for_its_later_phases(tiny_m
     [(to, frames)] = a.groups.expire(now=float("inf"))
     assert to == b"owner" and decode(frames).fields["code"] == "relay_failed"
     assert not a.groups.kept and a.groups.kept.bytes == 0 and a.sessions.sessions[sid].length == 0
+
+
+# Review226: a mutation of node/handler.py that no test caught before.
+def test_only_a_rewinding_phase_step_ends_a_running_all_reduce_step(tiny_model_dir):
+    """A phase step of the owner that does not rewind, sent while the session's all-reduce step
+    waits for a partial, is refused `bad_position` ("still running"); the all-reduce step goes on,
+    unanswered and untouched. Kills: ending the running step for any owner's attn phase step
+    (the `rewind is True` condition dropped in RequestHandler.handle_batch)."""
+    [a, _], model_id = _handlers(tiny_model_dir)
+    a.can_relay = lambda contact: True
+    sid = decode(a.handle(b"owner", encode("open", 1, {"model_id": model_id, "max_length": 8}))).fields["session"]
+    x = torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(3))
+    _member_step(a, sid, x, req_id=10)  # member 0 of two, waiting for member 1's partial
+    phase = {"session": sid, "pos": 0, "phase": "attn", "block": 0}
+    session = a.sessions.sessions[sid]
+    before = (session.length, session.next_block)
+    replies = [decode(f) for _, f in a.handle_batch([(b"owner", encode("step", 12, phase, [x]))])]
+    assert [(m.id, m.fields.get("code")) for m in replies] == [(12, "bad_position")]
+    assert "still running" in replies[0].fields["message"] and sid in a.groups.steps
+    assert (session.length, session.next_block) == before

@@ -297,3 +297,23 @@ def test_a_head_shards_mlp_steps_of_different_blocks_run_apart(tiny_model_dir):
     got = {c: decode(f).tensors[0] for c, f in batched.handle_batch(frames[batched])}
     assert got.keys() == want.keys() and all((got[c] - want[c]).abs().max().item() <= 1e-5 for c in want)
     assert batched.stats.batched_steps == 0
+
+
+# Review226: a mutation of node/steps.py that no test caught before.
+def test_decode_steps_of_sessions_that_end_at_the_same_block_but_start_apart_run_apart(tiny_model_dir):
+    """Sessions on blocks 0:4 and 2:4 end at the same block: their decode steps in one batch still
+    run apart, each through its own blocks, as when stepped alone. (The test above has sessions
+    that start at the same block only.) Kills: _batch_key keyed on the session's stop alone."""
+    (batched, alone), width = _twins(tiny_model_dir)
+    ids = iter(range(1, 10**6))
+    clients, spans = [b"client0", b"client1"], [(0, 4), (2, 4)]
+    sessions = {(h, c): decode(h.handle(c, encode("open", next(ids), {"max_length": 8, "layers": [a, b]})))
+                .fields["session"] for h in (batched, alone) for c, (a, b) in zip(clients, spans)}
+    xs = [torch.randn(1, 1, width, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    frames = {h: [(c, encode("step", next(ids), {"session": sessions[h, c], "pos": 0}, [x]))
+                  for c, x in zip(clients, xs)] for h in (batched, alone)}
+    want = {c: decode(alone.handle(c, f)).tensors[0] for c, f in frames[alone]}
+    got = {c: decode(f) for c, f in batched.handle_batch(frames[batched])}
+    assert [m.type for m in got.values()] == ["result", "result"], [m.fields for m in got.values()]
+    assert all((got[c].tensors[0] - want[c]).abs().max().item() <= 1e-5 for c in want)
+    assert batched.stats.batched_steps == 0

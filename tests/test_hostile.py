@@ -1742,3 +1742,33 @@ def test_an_error_is_explained_by_a_shortage_in_its_chain_and_only_once(monkeypa
         assert raised.value.errno == number and descriptors.explain(raised.value) is None
         monkeypatch.setattr(descriptors, "_noted", -float("inf"))
     descriptors.check(OSError(errno.ECONNREFUSED, "refused"))  # not a shortage: nothing raised
+
+
+# Review226: a mutation of node/handler.py that no test caught before.
+def test_a_request_refused_busy_for_memory_before_its_compute_may_be_sent_again(blocks, monkeypatch):
+    """Device memory running out while a step's input is copied to the device, or in a stateless
+    forward, is refused `busy` by the handler itself (not StepRunner.run): the same frames sent
+    again are served, not `duplicate_request`. Kills: _refusal forgetting the id of a `busy`
+    refusal only, not of an OutOfMemoryError's."""
+    d = make_driver(blocks)
+    sid = d.open(8)
+    step = d.frames("step", {"session": sid, "pos": 0}, [hidden(2)])
+    forward = d.frames("forward", {}, [hidden(1)])
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with monkeypatch.context() as m:
+        m.setattr(d.h.steps.checks, "hidden", out_of_memory)
+        assert [decode(d.h.handle(b"p", f)).fields["code"] for f in (step, forward)] == ["busy", "busy"]
+    assert [decode(d.h.handle(b"p", f)).type for f in (step, forward)] == ["result", "result"]
+
+
+# Review226: a mutation of node/sessions.py that no test caught before.
+def test_a_node_limit_of_true_or_false_is_refused_not_taken_as_one_or_zero():
+    """A bool is an int to Python: `max_inflight_per_peer=True` would be a limit of 1 request, set
+    by mistake through the Python API. NodeLimits refuses it, naming the limit. Kills: the
+    `isinstance(value, bool)` check dropped from NodeLimits.__post_init__."""
+    for name in ("max_inflight_per_peer", "max_sessions", "idle_timeout"):
+        with pytest.raises(ValueError, match=name):
+            NodeLimits(**{name: True})

@@ -1762,3 +1762,36 @@ def test_a_session_stops_relaying_only_after_pin_rounds_that_fail_in_a_row(monke
     answers.extend([failed, None])  # the last round, then the unpinning
     assert relaying.pin([Stage("last")]) is False
     assert not relaying.on and answers == []
+
+
+# Review226: a mutation of node/handler.py that no test caught before.
+def test_the_owners_own_relayed_step_is_answered_under_the_chains_id_on_a_node_with_curve(handler):
+    """On a node that checks senders (CURVE), the session's owner sending the first hop itself,
+    with no `relay_from` pinned, is answered under the chain's `reply` id, as on a node without
+    CURVE: its result, and the step it passes on. Kills: _reply_route taking a relayed step only
+    from an admitted hop before (`peer == session.peer or` dropped)."""
+    handler.sender_key = lambda frames: "o" * 40  # (the owner's key, as ZAP would give it)
+    sid = ask(handler, b"owner", "open", {"max_length": 16})[1].fields["session"]
+    to, res = ask(handler, b"owner", "step", {"session": sid, "pos": 0, "reply": 9}, [x(2)])
+    assert (to, res.type, res.id) == (b"owner", "result", 9)
+    to, out = ask(handler, b"owner", "step", {"session": sid, "pos": 2, "reply": 10, "next": [[KNOWN, "s2"]]}, [x()])
+    assert isinstance(to, Relay) and (to.owner, to.reply, out.fields["reply"]) == (b"owner", 10, 10)
+
+
+# Review226: a mutation of node/handler.py that no test caught before.
+def test_an_admit_with_no_hop_after_unpins_the_one_pinned_before(handler):
+    """The owner pins its relayed steps again with `relay_to` null (its route changed: this stage
+    is now the chain's last): a step from the hop before that names the old hop after is refused
+    `not_served`, not passed on to it. Kills: `admit` keeping the earlier relay_to when the new
+    one is null."""
+    handler.sender_key = lambda frames: "a" * 40  # (every sender here is the pinned hop before)
+    sid = ask(handler, b"owner", "open", {"max_length": 16})[1].fields["session"]
+    for relay_to in ([KNOWN, "s-next"], None):
+        pins = {"session": sid, "relay_from": ["a" * 40, "sa"], "relay_to": relay_to}
+        assert ask(handler, b"owner", "admit", pins)[1].type == "admitted"
+    to, err = ask(handler, b"node-a", "step", {"session": sid, "pos": 0, "reply": 7, "hop": 1, "busy": [1],
+                                               "from": "sa", "next": [[KNOWN, "s-next"]]}, [x()])
+    assert (to, err.fields["code"], err.id) == (b"owner", "not_served", 7)
+    to, res = ask(handler, b"node-a", "step", {"session": sid, "pos": 0, "reply": 8, "hop": 1, "busy": [1],
+                                               "from": "sa"}, [x()])
+    assert (to, res.type, res.id) == (b"owner", "result", 8)
