@@ -741,6 +741,19 @@ def test_float16_nodes_that_cannot_take_the_input_end_the_session_instead_of_pas
         model.close()
 
 
+def chain_starts(monkeypatch) -> list[int]:
+    """The first block of each relayed chain stepped from now on, in order (Chain.step counted)."""
+    starts = []
+    real_step = relay_module.Chain.step
+
+    def counted(self, *args, **kwargs):
+        starts.append(self.stages[0].start)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(relay_module.Chain, "step", counted)
+    return starts
+
+
 def test_a_hop_that_drops_relayed_steps_in_a_second_chain_stops_relaying_there(tiny_model_dir, cluster_factory,
                                                                                 monkeypatch):
     """The count of relayed steps in a row that timed out was the session's: on a route of two
@@ -754,14 +767,7 @@ def test_a_hop_that_drops_relayed_steps_in_a_second_chain_stops_relaying_there(t
     try:
         s, ref = model.session(24), local.session(24)
         s.relaying.refused(s.stages[1])  # two chains: 0:1 -> 1:2, then 2:3 -> 3:4
-        starts = []
-        real_step = relay_module.Chain.step
-
-        def counted(self, *args, **kwargs):
-            starts.append(self.stages[0].start)
-            return real_step(self, *args, **kwargs)
-
-        monkeypatch.setattr(relay_module.Chain, "step", counted)
+        starts = chain_starts(monkeypatch)
         for pos in range(5):
             got, want = s.step(model.client.embed([pos + 1], pos)), ref.step(local.client.embed([pos + 1], pos))
             assert (got - want).abs().max() < 1e-4
@@ -2984,14 +2990,7 @@ def test_a_middle_hop_that_answers_relayed_steps_itself_stops_relaying_on_the_wh
     local = SwarmModel.local(tiny_model_dir)
     try:
         s, ref = model.session(24), local.session(24)
-        starts = []
-        real_step = relay_module.Chain.step
-
-        def counted(self, *args, **kwargs):
-            starts.append(self.stages[0].start)
-            return real_step(self, *args, **kwargs)
-
-        monkeypatch.setattr(relay_module.Chain, "step", counted)
+        starts = chain_starts(monkeypatch)
         for pos in range(4):
             got, want = s.step(model.client.embed([pos + 1], pos)), ref.step(local.client.embed([pos + 1], pos))
             assert (got - want).abs().max() < 1e-4
